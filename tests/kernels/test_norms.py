@@ -1,0 +1,144 @@
+"""RMSNorm / LayerNorm / fused add+RMSNorm kernels, Triton (interpreter) and C++, against the reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tritium  # noqa: F401  (loads the C++ kernels)
+from tritium.kernels import norms as triton_norms
+from tests.util import CPU_DTYPES, KERNEL_DTYPES, WIDTHS, assert_within_torch_error, check_gpu_compile, leaf
+
+cpp = torch.ops.tritium
+IMPLS = [("triton", triton_norms, KERNEL_DTYPES), ("cpp", cpp, CPU_DTYPES)]
+CASES = [(name, impl, dtype) for name, impl, dtypes in IMPLS for dtype in dtypes]
+ROWS = 3
+
+
+def _inputs(n, dtype, offset=0.0):
+    x = torch.randn(ROWS, n, dtype=torch.float64) * 2 + offset
+    w = torch.randn(n, dtype=torch.float64)
+    b = torch.randn(n, dtype=torch.float64)
+    dy = torch.randn(ROWS, n, dtype=torch.float64)
+    return [t.to(dtype) for t in (x, w, b, dy)]
+
+
+def _torch_and_ref(fn, args, dy, dtype):
+    """fn's output and grads in dtype (torch's own error) and in float64 (the reference)."""
+    out = {}
+    for d in (dtype, torch.float64):
+        ins = [leaf(a, d) for a in args]
+        y = fn(*ins)
+        gs = torch.autograd.grad(y, ins, dy.to(d))
+        out[d] = (y.detach(), gs)
+    return out[dtype], out[torch.float64]
+
+
+@pytest.mark.parametrize("impl_name,impl,dtype", CASES, ids=[f"{n}-{str(d)[6:]}" for n, _, d in CASES])
+@pytest.mark.parametrize("n", WIDTHS)
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_rms_norm(impl_name, impl, dtype, n, with_weight):
+    x, w, _, dy = _inputs(n, dtype)
+    eps = 1e-6
+    weight = w if with_weight else None
+    y, rstd = impl.rms_norm_fwd(x, weight, eps)
+    dx, dw = impl.rms_norm_bwd(dy, x, weight, rstd, None, with_weight)
+    if with_weight:
+        fn = lambda x_, w_: F.rms_norm(x_, (n,), w_, eps)  # noqa: E731
+        (ty, tg), (ry, rg) = _torch_and_ref(fn, [x, w], dy, dtype)
+        assert_within_torch_error(dw, tg[1], rg[1], "dw")
+    else:
+        fn = lambda x_: F.rms_norm(x_, (n,), None, eps)  # noqa: E731
+        (ty, tg), (ry, rg) = _torch_and_ref(fn, [x], dy, dtype)
+        assert dw.numel() == 0
+    assert_within_torch_error(y, ty, ry, "y")
+    assert_within_torch_error(dx, tg[0], rg[0], "dx")
+    ref_rstd = torch.rsqrt(x.double().pow(2).mean(-1) + eps)
+    torch.testing.assert_close(rstd.double(), ref_rstd, rtol=1e-2 if dtype != torch.float64 else 1e-10, atol=0)
+
+
+@pytest.mark.parametrize("impl_name,impl,dtype", CASES, ids=[f"{n}-{str(d)[6:]}" for n, _, d in CASES])
+@pytest.mark.parametrize("n", WIDTHS)
+@pytest.mark.parametrize("affine", ["wb", "w", "none"])
+def test_layer_norm(impl_name, impl, dtype, n, affine):
+    # offset 3: a mean well away from zero exercises the variance computation
+    x, w, b, dy = _inputs(n, dtype, offset=3.0)
+    eps = 1e-5
+    weight = w if "w" in affine else None
+    bias = b if "b" in affine else None
+    y, mean, rstd = impl.layer_norm_fwd(x, weight, bias, eps)
+    dx, dw, db = impl.layer_norm_bwd(dy, x, weight, mean, rstd, weight is not None, bias is not None)
+    params = [p for p in (weight, bias) if p is not None]
+
+    def fn(x_, *ps):
+        it = iter(ps)
+        w_ = next(it) if weight is not None else None
+        b_ = next(it) if bias is not None else None
+        return F.layer_norm(x_, (n,), w_, b_, eps)
+
+    (ty, tg), (ry, rg) = _torch_and_ref(fn, [x] + params, dy, dtype)
+    assert_within_torch_error(y, ty, ry, "y")
+    assert_within_torch_error(dx, tg[0], rg[0], "dx")
+    k = 1
+    if weight is not None:
+        assert_within_torch_error(dw, tg[k], rg[k], "dw")
+        k += 1
+    if bias is not None:
+        assert_within_torch_error(db, tg[k], rg[k], "db")
+
+
+@pytest.mark.parametrize("impl_name,impl,dtype", CASES, ids=[f"{n}-{str(d)[6:]}" for n, _, d in CASES])
+@pytest.mark.parametrize("n", (7, 781, 65537))
+def test_fused_add_rms_norm(impl_name, impl, dtype, n):
+    x, w, _, dy = _inputs(n, dtype)
+    res = torch.randn(ROWS, n, dtype=torch.float64).to(dtype)
+    dh = torch.randn(ROWS, n, dtype=torch.float64).to(dtype)
+    eps = 1e-6
+    y, h, rstd = impl.fused_add_rms_norm_fwd(x, res, w, eps)
+    torch.testing.assert_close(h, x + res, rtol=0, atol=0)  # the same rounding as the unfused add
+    dx, dw = impl.rms_norm_bwd(dy, h, w, rstd, dh, True)
+
+    outs = {}
+    for d in (dtype, torch.float64):
+        xi, ri, wi = leaf(x, d), leaf(res, d), leaf(w, d)
+        hh = xi + ri
+        yy = F.rms_norm(hh, (n,), wi, eps)
+        g = torch.autograd.grad((yy, hh), (xi, ri, wi), (dy.to(d), dh.to(d)))
+        outs[d] = (yy.detach(), g)
+    (ty, tg), (ry, rg) = outs[dtype], outs[torch.float64]
+    assert_within_torch_error(y, ty, ry, "y")
+    assert_within_torch_error(dx, tg[0], rg[0], "dx")
+    assert_within_torch_error(dw, tg[2], rg[2], "dw")
+
+
+@pytest.mark.parametrize("impl_name,impl", [("triton", triton_norms), ("cpp", cpp)])
+def test_strided_rows(impl_name, impl):
+    """Rows with a stride larger than the row (a slice of a wider tensor) are read in place."""
+    base = torch.randn(5, 300)
+    x = base[:, :257]
+    w = torch.randn(257)
+    y, _ = impl.rms_norm_fwd(x, w, 1e-6)
+    torch.testing.assert_close(y, F.rms_norm(x.contiguous(), (257,), w, 1e-6))
+    y, _, _ = impl.layer_norm_fwd(x, w, None, 1e-5)
+    torch.testing.assert_close(y, F.layer_norm(x.contiguous(), (257,), w, None, 1e-5))
+
+
+@pytest.mark.parametrize("n", (781, 65537))
+def test_gpu_compile(n):
+    """Every norm kernel configuration the launchers pick (single block and looped) compiles for sm_80/90."""
+    x = torch.randn(4, n)
+    w, b = torch.randn(n), torch.randn(n)
+
+    def run():
+        for dtype in (torch.float32, torch.bfloat16):
+            xd, wd, bd = x.to(dtype), w.to(dtype), b.to(dtype)
+            y, rstd = triton_norms.rms_norm_fwd(xd, wd, 1e-6)
+            triton_norms.rms_norm_bwd(xd, xd, wd, rstd, xd, True)
+            _, h, rstd = triton_norms.fused_add_rms_norm_fwd(xd, xd, wd, 1e-6)
+            y, mean, rstd = triton_norms.layer_norm_fwd(xd, wd, bd, 1e-5)
+            triton_norms.layer_norm_bwd(xd, xd, wd, mean, rstd, True, True)
+
+    report = check_gpu_compile(run)
+    kernels = {r[0] for r in report}
+    assert kernels == {"_norm_fwd_kernel", "_norm_bwd_kernel"}
+    for name, arch, _, shared, regs in report:
+        assert shared <= 228 * 1024, f"{name} sm_{arch} needs {shared} B of shared memory"
+        assert regs == -1 or regs <= 255
