@@ -1,0 +1,45 @@
+"""How an op declares its benchmark: inputs, the three implementations, and its bytes formula.
+
+Every op family has a module in tritium.bench.suites defining ``CASES = [OpCase(...), ...]``; the harness
+finds them all. Adding an op is a declaration, never a new code path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+
+Shape = Tuple[int, ...]
+
+
+@dataclass
+class OpCase:
+    name: str
+    # make(shape, dtype, device) -> tuple of positional args for tritium/eager (tensors and plain values)
+    make: Callable[[Shape, torch.dtype, torch.device], tuple]
+    tritium: Callable          # tritium's op
+    eager: Callable            # the same computation as a user writes it in torch ops (what eager runs)
+    bytes_fwd: Callable[[Shape, torch.dtype], float]            # bytes the forward must move
+    bytes_fwdbwd: Optional[Callable[[Shape, torch.dtype], float]] = None  # forward + backward; None: fwd only
+    flops_fwd: Optional[Callable[[Shape, torch.dtype], float]] = None     # for compute-bound ops (TFLOP/s)
+    flops_fwdbwd: Optional[Callable[[Shape, torch.dtype], float]] = None
+    shapes: Sequence[Shape] = ((4096, 4096), (8192, 576), (1, 4096))
+    dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16)
+    # indices into make()'s args that get gradients in fwd+bwd (default: every floating tensor)
+    grad_args: Optional[Sequence[int]] = None
+    # memory: also record peak extra bytes allocated during one call (CPU, via the profiler)
+    track_memory: bool = False
+    note: str = ""
+    tags: Sequence[str] = field(default_factory=tuple)
+
+
+def elems(shape: Shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def esize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

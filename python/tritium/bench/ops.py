@@ -1,0 +1,165 @@
+"""``tritium bench ops``: every declared op case, tritium vs PyTorch eager vs torch.compile, forward and
+forward+backward, median time, achieved GB/s from the case's bytes formula and the fraction of this machine's
+measured copy bandwidth."""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import gc
+import sys
+from typing import List
+
+import torch
+
+from .case import OpCase
+from .common import copy_bandwidth, dtype_name, geomean, machine_info, parse_dtype, time_fn, write_json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--op", action="append", help="op name or glob (repeatable); default: all")
+    p.add_argument("--dtype", action="append", help="float32, bfloat16, float16 (repeatable); default: per case")
+    p.add_argument("--shape", action="append", help="e.g. 4096x4096 (repeatable); default: per case")
+    p.add_argument("--mode", choices=["fwd", "fwdbwd", "both"], default="both")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (saves minutes)")
+    p.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per measurement")
+    p.add_argument("--json", help="write machine info, versions and every figure to this path")
+    p.add_argument("--plot", help="write a PNG of the speedups to this path")
+    p.add_argument("--list", action="store_true", help="list the cases and exit")
+
+
+def _select(cases: List[OpCase], patterns) -> List[OpCase]:
+    if not patterns:
+        return cases
+    chosen = [c for c in cases if any(fnmatch.fnmatch(c.name, p) for p in patterns)]
+    if not chosen:
+        raise SystemExit(f"no op matches {patterns}; known: {', '.join(c.name for c in cases)}")
+    return chosen
+
+
+def _parse_shape(s: str):
+    return tuple(int(v) for v in s.lower().split("x"))
+
+
+def _grad_inputs(case: OpCase, args: tuple):
+    idx = case.grad_args
+    if idx is None:
+        idx = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    return idx
+
+
+def _runner(fn, args, mode, grad_idx):
+    """A zero-argument callable running fn once in the given mode."""
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return fn(*args)
+        return run
+    args = list(args)
+    for i in grad_idx:
+        args[i] = args[i].detach().requires_grad_(True)
+    inputs = [args[i] for i in grad_idx]
+    out = fn(*args)
+    outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,))
+            if isinstance(o, torch.Tensor) and o.requires_grad]
+    grads = [torch.randn_like(o) for o in outs]
+
+    def run():
+        o = fn(*args)
+        o = [t for t in (o if isinstance(o, (tuple, list)) else (o,)) if isinstance(t, torch.Tensor) and t.requires_grad]
+        return torch.autograd.grad(o, inputs, grads)
+    return run
+
+
+def run(args) -> List[dict]:
+    from .suites import all_cases
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cases = _select(all_cases(), args.op)
+    if args.list:
+        for c in cases:
+            print(f"{c.name:28s} shapes={list(c.shapes)} {c.note}")
+        return []
+    modes = ["fwd", "fwdbwd"] if args.mode == "both" else [args.mode]
+    bw = copy_bandwidth(device)
+    rows = []
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print(f"[bold]tritium bench ops[/] on {device}; measured copy bandwidth {bw / 1e9:.1f} GB/s")
+    table = Table(title="tritium vs eager vs torch.compile (median ms; speedup = baseline / tritium)")
+    for col in ("op", "shape", "dtype", "mode", "eager", "compile", "tritium", "x eager", "x compile", "GB/s",
+                "% copy BW"):
+        table.add_column(col, justify="right" if col not in ("op", "mode") else "left")
+    for case in cases:
+        shapes = [_parse_shape(s) for s in args.shape] if args.shape else case.shapes
+        dtypes = [parse_dtype(d) for d in args.dtype] if args.dtype else case.dtypes
+        for shape in shapes:
+            for dtype in dtypes:
+                inputs = case.make(shape, dtype, torch.device(device))
+                grad_idx = _grad_inputs(case, inputs)
+                for mode in modes:
+                    nbytes_fn = case.bytes_fwd if mode == "fwd" else case.bytes_fwdbwd
+                    if nbytes_fn is None:
+                        continue
+                    times = {}
+                    impls = [("eager", case.eager), ("tritium", case.tritium)]
+                    if not args.no_compile:
+                        torch._dynamo.reset()
+                        impls.insert(1, ("compile", torch.compile(case.eager, dynamic=False)))
+                    for name, fn in impls:
+                        times[name] = time_fn(_runner(fn, inputs, mode, grad_idx), args.min_time, device)
+                        gc.collect()
+                    nbytes = nbytes_fn(shape, dtype)
+                    t = times["tritium"]
+                    row = {
+                        "op": case.name, "shape": list(shape), "dtype": dtype_name(dtype), "mode": mode,
+                        "eager_ms": times["eager"] * 1e3, "compile_ms": times.get("compile", float("nan")) * 1e3,
+                        "tritium_ms": t * 1e3, "speedup_eager": times["eager"] / t,
+                        "speedup_compile": times["compile"] / t if "compile" in times else None,
+                        "bytes": nbytes, "GBps": nbytes / t / 1e9, "frac_copy_bw": nbytes / t / bw,
+                        "note": case.note,
+                    }
+                    rows.append(row)
+                    sc = f"{row['speedup_compile']:.2f}" if row["speedup_compile"] else "-"
+                    table.add_row(case.name, "x".join(map(str, shape)), row["dtype"], mode,
+                                  f"{row['eager_ms']:.3f}", f"{row['compile_ms']:.3f}", f"{row['tritium_ms']:.3f}",
+                                  f"{row['speedup_eager']:.2f}", sc, f"{row['GBps']:.1f}",
+                                  f"{100 * row['frac_copy_bw']:.0f}%")
+                    console.print(f"  {case.name} {shape} {row['dtype']} {mode}: tritium {t * 1e3:.3f} ms, "
+                                  f"{row['speedup_eager']:.2f}x eager, {sc}x compile", highlight=False)
+                del inputs
+    console.print(table)
+    console.print(f"geomean speedup vs eager {geomean([r['speedup_eager'] for r in rows]):.2f}x"
+                  + ("" if args.no_compile else
+                     f", vs torch.compile {geomean([r['speedup_compile'] for r in rows]):.2f}x"))
+    if args.json:
+        write_json(args.json, machine_info(device), rows, {"suite": "ops"})
+        console.print(f"wrote {args.json}")
+    if args.plot:
+        plot(rows, args.plot)
+        console.print(f"wrote {args.plot}")
+    return rows
+
+
+def plot(rows: List[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['op']} {'x'.join(map(str, r['shape']))} {r['dtype'][:4]} {r['mode']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(10, max(3, 0.28 * len(rows))))
+    ys = range(len(rows))
+    ax.barh([y + 0.2 for y in ys], [r["speedup_eager"] for r in rows], height=0.4, label="vs eager")
+    if any(r["speedup_compile"] for r in rows):
+        ax.barh([y - 0.2 for y in ys], [r["speedup_compile"] or 0 for r in rows], height=0.4,
+                label="vs torch.compile")
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_yticks(list(ys))
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("speedup (baseline time / tritium time)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
