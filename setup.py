@@ -35,7 +35,7 @@ def _cpu_capability() -> str:
 
 
 cap = _cpu_capability()
-cxx_flags = ["-O3", "-fopenmp", "-std=c++17", f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}"]
+cxx_flags = ["-O3", "-fopenmp", "-std=c++20", f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}"]
 cxx_flags += _CAPABILITY_FLAGS[cap]
 
 setup(

@@ -1,4 +1,10 @@
-"""tritium ops: schemas, fake kernels, autograd, validation, and the public functional API."""
-from .norms import fused_add_rms_norm, layer_norm, rms_norm  # noqa: F401
+"""tritium ops: schemas, fake kernels, autograd, validation, and the public functional API.
 
-from .. import _C  # noqa: F401,E402  (registers the C++ CPU kernels for the schemas defined above)
+One module per op family; each lists its public functions in ``__all__`` and gets one line here.
+"""
+import torch  # noqa: F401  (loads libtorch before the extension)
+from .. import _C  # noqa: F401  (the C++ CPU kernels; they register for the schemas the modules define)
+from .norms import *  # noqa: F401,F403
+from . import norms as _norms
+
+__all__ = list(_norms.__all__)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Syntax/type-check C++ files against torch's headers without building (seconds, not a minute):
+#   tools/check_cpp.sh csrc/foo.cpp [...]
+# Use it before saving a C++ change into csrc/, so the shared extension build never breaks for others.
+set -euo pipefail
+PY=${PY:-$(dirname "$0")/../.venv/bin/python}
+INC=$($PY -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I'+p for p in include_paths()))")
+PYINC=$($PY -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+for f in "$@"; do
+  g++ -fsyntax-only -std=c++20 -fopenmp -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx2 -mfma -mf16c \
+    -DCPU_CAPABILITY=AVX512 -DCPU_CAPABILITY_AVX512 -Icsrc $INC -I"$PYINC" "$f"
+  echo "ok: $f"
+done
