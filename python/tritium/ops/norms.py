@@ -141,12 +141,12 @@ def _flat(p: Optional[Tensor]) -> Optional[Tensor]:
 def rms_norm(input: Tensor, normalized_shape: _ShapeT, weight: Optional[Tensor] = None,
              eps: Optional[float] = None) -> Tensor:
     """Drop-in for ``torch.nn.functional.rms_norm``: y = x / sqrt(mean(x^2) + eps) * weight over the
-    trailing ``normalized_shape`` dims; eps defaults to ``torch.finfo(input.dtype).eps``."""
+    trailing ``normalized_shape`` dims; eps defaults to the machine epsilon of the computation dtype (float32 for 16-bit inputs), as in torch."""
     shape = _as_shape(normalized_shape)
     if not _kernel_ok(input, shape, weight):
         return reference.rms_norm(input, list(shape), weight, eps)
-    if eps is None:
-        eps = torch.finfo(input.dtype).eps
+    if eps is None:  # torch's default: the eps of the computation dtype (float32 for 16-bit inputs)
+        eps = torch.finfo(acc_dtype(input.dtype)).eps
     n = math.prod(shape)
     y, _ = rms_norm_fwd(rows(input, n), _flat(weight), eps)
     return y.view(input.shape)
@@ -176,8 +176,8 @@ def fused_add_rms_norm(input: Tensor, residual: Tensor, weight: Optional[Tensor]
     n = input.shape[-1]
     if residual.dtype != input.dtype or not _kernel_ok(input, (n,), weight):
         return reference.fused_add_rms_norm(input, residual, weight, eps)
-    if eps is None:
-        eps = torch.finfo(input.dtype).eps
+    if eps is None:  # torch's default: the eps of the computation dtype (float32 for 16-bit inputs)
+        eps = torch.finfo(acc_dtype(input.dtype)).eps
     y, h, _ = fused_add_rms_norm_fwd(rows(input, n), rows(residual, n), weight, eps)
     return y.view(input.shape), h.view(input.shape)
 
