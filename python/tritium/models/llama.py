@@ -1,0 +1,343 @@
+"""A Llama-style decoder built on tritium ops (gpt-fast style: one file, a config dataclass, named configs).
+
+Per layer: fused residual add + RMSNorm, one fused QKV projection, RoPE, attention (flash attention over a
+whole sequence for plain forwards and prefill; append_kv + paged decode attention over the paged KV cache for
+decode), the output projection, fused add + RMSNorm, one fused gate/up projection, SwiGLU, the down projection.
+GQA (n_kv_heads dividing n_heads), partial rotary, tied or untied LM head; float32 and bfloat16.
+
+The model never imports tritium.inference: a step takes the cache's pools and metadata as tensors
+(``forward_step``), and the engine owns allocation and scheduling.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+import tritium
+
+
+@dataclass
+class LlamaConfig:
+    dim: int = 576
+    n_layers: int = 30
+    n_heads: int = 9
+    n_kv_heads: int = 3
+    head_dim: int = 64
+    ffn_dim: int = 1536
+    vocab_size: int = 49152
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    rotary_dim: Optional[int] = None          # None: head_dim (partial rotary when smaller)
+    max_seq_len: int = 2048
+    tie_embeddings: bool = True
+    rope_scaling: Optional[dict] = None       # None or {"type": "linear", "factor": f} (tritium.rope_tables)
+
+    def __post_init__(self):
+        if self.rotary_dim is None:
+            self.rotary_dim = self.head_dim
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
+        if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
+            raise ValueError(f"rotary_dim must be even and <= head_dim, got {self.rotary_dim}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LlamaConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def n_params(self) -> int:
+        per_layer = (self.dim * (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+                     + self.n_heads * self.head_dim * self.dim + 3 * self.dim * self.ffn_dim + 2 * self.dim)
+        head = 0 if self.tie_embeddings else self.vocab_size * self.dim
+        return self.vocab_size * self.dim + self.n_layers * per_layer + self.dim + head
+
+
+CONFIGS: Dict[str, LlamaConfig] = {
+    "smollm2-135m": LlamaConfig(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, ffn_dim=1536,
+                                vocab_size=49152, norm_eps=1e-5, rope_base=100000.0, max_seq_len=8192,
+                                tie_embeddings=True),
+    # tiny test configs: odd sizes, GQA, MHA, partial rotary, untied head
+    "tiny": LlamaConfig(dim=48, n_layers=2, n_heads=6, n_kv_heads=2, head_dim=8, ffn_dim=72, vocab_size=97,
+                        rope_base=10000.0, max_seq_len=256, tie_embeddings=True),
+    "tiny-mha-untied": LlamaConfig(dim=40, n_layers=3, n_heads=5, n_kv_heads=5, head_dim=8, ffn_dim=56,
+                                   vocab_size=131, max_seq_len=256, tie_embeddings=False),
+    "tiny-partial-rotary": LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=1, head_dim=16, rotary_dim=8,
+                                       ffn_dim=80, vocab_size=89, max_seq_len=256, tie_embeddings=False),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Adapters: one per op another worker is building; each calls the tritium op once it exists in the tree.
+# ---------------------------------------------------------------------------------------------------------
+def _rope_tables(c: LlamaConfig, max_positions: int) -> Tuple[Tensor, Tensor]:
+    """Adapter for tritium.rope_tables: (cos, sin) (max_positions, rotary_dim // 2) float32."""
+    inv_freq = 1.0 / (c.rope_base ** (torch.arange(0, c.rotary_dim, 2, dtype=torch.int64).float() / c.rotary_dim))
+    if c.rope_scaling and c.rope_scaling.get("type") == "linear":
+        inv_freq = inv_freq / c.rope_scaling["factor"]
+    freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq
+    return freqs.cos(), freqs.sin()
+
+
+def _rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Adapter for tritium.rope (non-interleaved, partial rotary): q (..., n_heads, hd), k (..., kvh, hd);
+    positions shaped q.shape[:-2] (None: arange over the seq dim of 4-D inputs)."""
+    if positions is None:
+        positions = torch.arange(q.shape[1], device=q.device).expand(q.shape[0], q.shape[1])
+    c, s = cos[positions][..., None, :], sin[positions][..., None, :]           # (..., 1, rd/2)
+
+    def rot(x):
+        half = c.shape[-1]
+        x1, x2, xp = x[..., :half].float(), x[..., half:2 * half].float(), x[..., 2 * half:]
+        out = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+        return torch.cat((out, xp), dim=-1) if xp.shape[-1] else out
+
+    return rot(q), rot(k)
+
+
+def _flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+    """Adapter for tritium.flash_attention on (batch, heads, seq, head_dim), GQA."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+
+
+def _append_kv(k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, slot_mapping: Tensor) -> None:
+    """Adapter for tritium.inference.append_kv: write token rows into the (blocks, block_size, kvh, hd) pools."""
+    k_pool.view(-1, *k_pool.shape[2:]).index_copy_(0, slot_mapping, k)
+    v_pool.view(-1, *v_pool.shape[2:]).index_copy_(0, slot_mapping, v)
+
+
+def _paged_attention_decode(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                            scale: float) -> Tensor:
+    """Adapter for tritium.inference.paged_attention_decode: q (batch, heads, hd) -> (batch, heads, hd)."""
+    b, h, hd = q.shape
+    bs = k_pool.shape[1]
+    max_len = block_tables.shape[1] * bs
+    pos = torch.arange(max_len, device=q.device)
+    slots = block_tables.long()[:, pos // bs] * bs + pos % bs                     # (b, max_len)
+    k = k_pool.view(-1, *k_pool.shape[2:])[slots]                                # (b, max_len, kvh, hd)
+    v = v_pool.view(-1, *v_pool.shape[2:])[slots]
+    mask = pos[None, :] < seq_lens[:, None].long()                               # (b, max_len)
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None], k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None], scale=scale,
+        enable_gqa=True)
+    return o[:, :, 0]
+
+
+def _swiglu(gate_up: Tensor) -> Tensor:
+    """Adapter for tritium.swiglu(gate_up): silu(gate) * up with [gate | up] halves on the last dim."""
+    g, u = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(g) * u
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class StepInput:
+    """One engine step over a packed batch of tokens: decode tokens first (one per running sequence), then
+    the prompts being prefilled back to back (each from position 0).
+
+    tokens, positions, slot_mapping: int64 (T,); block_tables int32 (n_decode, max_blocks) and seq_lens int32
+    (n_decode,) for the decode rows (seq_lens include the token being decoded); prefill_lens: host ints (their
+    sum is T - n_decode); logits_rows int64: which rows' logits to return (the decode rows and each prefill's
+    last token)."""
+    tokens: Tensor
+    positions: Tensor
+    slot_mapping: Tensor
+    n_decode: int
+    block_tables: Optional[Tensor]
+    seq_lens: Optional[Tensor]
+    prefill_lens: List[int] = field(default_factory=list)
+    logits_rows: Optional[Tensor] = None
+
+
+class Block(nn.Module):
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        self.attn_norm = nn.Parameter(torch.ones(c.dim))
+        self.wqkv = nn.Parameter(torch.empty(q + 2 * kv, c.dim))       # (out, in): [q | k | v] rows
+        self.wo = nn.Parameter(torch.empty(c.dim, q))
+        self.mlp_norm = nn.Parameter(torch.ones(c.dim))
+        self.w_gate_up = nn.Parameter(torch.empty(2 * c.ffn_dim, c.dim))  # [gate | up] rows
+        self.w_down = nn.Parameter(torch.empty(c.dim, c.ffn_dim))
+
+
+def _linear(x: Tensor, w: Tensor) -> Tensor:
+    """x (..., in) @ w (out, in)^T. torch.matmul, not F.linear: on CPU, F.linear's 2-D path (addmm) is
+    several times slower for the skinny (few-row) products of decode."""
+    return torch.matmul(x, w.t())
+
+
+class Llama(nn.Module):
+    """model(input_ids (batch, seq)) -> logits (batch, seq, vocab); forward_step(StepInput, kv) for serving."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        c = self.config = config
+        self.embed = nn.Parameter(torch.empty(c.vocab_size, c.dim))
+        self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layers))
+        self.norm = nn.Parameter(torch.ones(c.dim))
+        self.lm_head = None if c.tie_embeddings else nn.Parameter(torch.empty(c.vocab_size, c.dim))
+        cos, sin = _rope_tables(c, c.max_seq_len)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.scale = 1.0 / math.sqrt(c.head_dim)
+        self._split = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim)
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) must not round the float32 RoPE tables: rebuild them on the (new) device instead.
+        super()._apply(fn, recurse)
+        cos, sin = _rope_tables(self.config, self.config.max_seq_len)
+        self.rope_cos, self.rope_sin = cos.to(self.embed.device), sin.to(self.embed.device)
+        return self
+
+    # ---- weights ----
+    def init_random(self, std: float = 0.05, generator: Optional[torch.Generator] = None) -> "Llama":
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if "norm" in name:
+                    p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=generator))
+                else:
+                    p.copy_(std * torch.randn(p.shape, generator=generator))
+        return self
+
+    def load_weights(self, w: Dict[str, Tensor]) -> "Llama":
+        """Load Hugging Face Llama parameter names (what tritium.models.gguf returns), fusing q/k/v and
+        gate/up into one projection each."""
+        with torch.no_grad():
+            self.embed.copy_(w["model.embed_tokens.weight"])
+            self.norm.copy_(w["model.norm.weight"])
+            if self.lm_head is not None:
+                self.lm_head.copy_(w["lm_head.weight"])
+            for i, layer in enumerate(self.layers):
+                p = f"model.layers.{i}."
+                layer.attn_norm.copy_(w[p + "input_layernorm.weight"])
+                layer.wqkv.copy_(torch.cat([w[p + f"self_attn.{n}_proj.weight"] for n in "qkv"], 0))
+                layer.wo.copy_(w[p + "self_attn.o_proj.weight"])
+                layer.mlp_norm.copy_(w[p + "post_attention_layernorm.weight"])
+                layer.w_gate_up.copy_(torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]], 0))
+                layer.w_down.copy_(w[p + "mlp.down_proj.weight"])
+        return self
+
+    def hf_state_dict(self) -> Dict[str, Tensor]:
+        """The inverse of load_weights (to build the eager twin from this model's weights)."""
+        c = self.config
+        out = {"model.embed_tokens.weight": self.embed.detach(), "model.norm.weight": self.norm.detach()}
+        if self.lm_head is not None:
+            out["lm_head.weight"] = self.lm_head.detach()
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            q, k, v = layer.wqkv.detach().split(self._split, 0)
+            gate, up = layer.w_gate_up.detach().split(c.ffn_dim, 0)
+            out.update({p + "input_layernorm.weight": layer.attn_norm.detach(),
+                        p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+                        p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": layer.wo.detach(),
+                        p + "post_attention_layernorm.weight": layer.mlp_norm.detach(),
+                        p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+                        p + "mlp.down_proj.weight": layer.w_down.detach()})
+        return out
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    def weight_bytes_per_token(self) -> int:
+        """Bytes of weights a decode step reads (every matrix once; the embedding only one row)."""
+        n = sum(p.numel() for p in self.parameters()) - self.embed.numel()
+        n += self.config.vocab_size * self.config.dim   # the LM head (tied: the embedding matrix)
+        return n * self.embed.element_size()
+
+    # ---- the pieces shared by both forwards ----
+    def _head(self, h: Tensor) -> Tensor:
+        return _linear(h, self.embed if self.lm_head is None else self.lm_head)
+
+    def _mlp(self, layer: Block, y: Tensor) -> Tensor:
+        return _linear(_swiglu(_linear(y, layer.w_gate_up)), layer.w_down)
+
+    def _layers(self, x: Tensor, attend) -> Tensor:
+        """Run the decoder stack; attend(i, layer, y) -> attention output (before wo). Returns the final
+        normalised hidden state."""
+        c = self.config
+        eps = c.norm_eps
+        y = tritium.rms_norm(x, (c.dim,), self.layers[0].attn_norm, eps)
+        h = x
+        n = len(self.layers)
+        for i, layer in enumerate(self.layers):
+            a = _linear(attend(i, layer, y), layer.wo)
+            y, h = tritium.fused_add_rms_norm(a, h, layer.mlp_norm, eps)
+            m = self._mlp(layer, y)
+            nxt = self.layers[i + 1].attn_norm if i + 1 < n else self.norm
+            y, h = tritium.fused_add_rms_norm(m, h, nxt, eps)
+        return y
+
+    # ---- plain full forward (no cache) ----
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """input_ids (batch, seq) -> logits (batch, seq, vocab); causal self-attention over the sequence."""
+        c = self.config
+        b, s = input_ids.shape
+        x = nn.functional.embedding(input_ids, self.embed)                       # (b, s, dim)
+
+        def attend(i, layer, y):
+            q, k, v = _linear(y, layer.wqkv).split(self._split, -1)
+            q = q.view(b, s, c.n_heads, c.head_dim)
+            k = k.view(b, s, c.n_kv_heads, c.head_dim)
+            q, k = _rope(q, k, self.rope_cos, self.rope_sin, None)
+            v = v.view(b, s, c.n_kv_heads, c.head_dim)
+            o = _flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), True)  # (b, h, s, hd)
+            return o.transpose(1, 2).reshape(b, s, c.n_heads * c.head_dim)
+
+        return self._head(self._layers(x, attend))
+
+    # ---- one serving step over the paged cache ----
+    def forward_step(self, step: StepInput, kv: Sequence[Tuple[Tensor, Tensor]]) -> Tensor:
+        """Logits (len(step.logits_rows), vocab) of one packed step; writes every token's K/V into the pools
+        kv[layer] = (k_pool, v_pool), each (num_blocks, block_size, n_kv_heads, head_dim)."""
+        c = self.config
+        t = step.tokens.shape[0]
+        nd = step.n_decode
+        x = nn.functional.embedding(step.tokens, self.embed)                     # (T, dim)
+
+        def attend(i, layer, y):
+            q, k, v = _linear(y, layer.wqkv).split(self._split, -1)
+            q = q.view(t, c.n_heads, c.head_dim)
+            k = k.view(t, c.n_kv_heads, c.head_dim)
+            v = v.view(t, c.n_kv_heads, c.head_dim)
+            q, k = _rope(q, k, self.rope_cos, self.rope_sin, step.positions)
+            k_pool, v_pool = kv[i]
+            _append_kv(k, v, k_pool, v_pool, step.slot_mapping)
+            if not step.prefill_lens:   # decode only: the common step
+                return _paged_attention_decode(q, k_pool, v_pool, step.block_tables, step.seq_lens,
+                                               self.scale).reshape(t, -1)
+            outs = []
+            if nd:
+                outs.append(_paged_attention_decode(q[:nd], k_pool, v_pool, step.block_tables, step.seq_lens,
+                                                    self.scale).reshape(nd, -1))
+            start = nd
+            for n in step.prefill_lens:  # each prompt attends to itself only (prefill starts at position 0)
+                sl = slice(start, start + n)
+                o = _flash_attention(q[None, sl].transpose(1, 2), k[None, sl].transpose(1, 2),
+                                     v[None, sl].transpose(1, 2), True)                     # (1, h, n, hd)
+                outs.append(o[0].transpose(0, 1).reshape(n, -1))
+                start += n
+            return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
+
+        y = self._layers(x, attend)
+        if step.logits_rows is not None:
+            y = y.index_select(0, step.logits_rows)
+        return self._head(y)
+
+
+def build(config: LlamaConfig | str, dtype: torch.dtype = torch.float32, device="cpu") -> Llama:
+    """An uninitialised model of a named or given config."""
+    if isinstance(config, str):
+        config = CONFIGS[config]
+    return Llama(config).to(device=device, dtype=dtype).requires_grad_(False)
