@@ -1,21 +1,18 @@
 // RMSNorm and LayerNorm CPU kernels (forward and backward), registered for the CPU key of the tritium ops
 // whose schemas python/tritium/ops/norms.py defines.
 //
-// Rows are independent: at::parallel_for splits rows across threads; each row is read once from memory (its
-// second and third reads come from L1/L2, a 4096-wide float row being 16 KiB) and written once.
-// Statistics (rstd, mean) are kept in the accumulation type (float for 16-bit inputs, double for double).
+// Rows are independent: at::parallel_for splits rows across threads. Each row is read once from memory; a
+// 16-bit row is converted to float once into a per-thread buffer (weight and bias once per thread), so the
+// statistics and normalisation passes run on float vectors and re-read the row from L1/L2. Statistics
+// (rstd, mean) are kept in the accumulation type (float for 16-bit inputs, double for double).
 #include "vec.h"
 
 namespace tritium {
 namespace {
 
-template <typename T>
-using acc_of = typename VecIO<T>::acc_t;
-
-template <typename T>
-inline acc_of<T> reduce(const typename VecIO<T>::Vec& v) {
-  using Vec = typename VecIO<T>::Vec;
-  return at::vec::vec_reduce_all<acc_of<T>>([](Vec& a, Vec& b) { return a + b; }, v);
+template <typename A>
+inline A reduce_sum(const Vectorized<A>& v) {
+  return at::vec::vec_reduce_all<A>([](Vectorized<A>& a, Vectorized<A>& b) { return a + b; }, v);
 }
 
 // Row reductions are cascaded: vector accumulators over chunks of kChunk elements, each chunk's sum added to a
@@ -25,11 +22,10 @@ constexpr int64_t kChunk = 1024;
 // (sum(x - c), sum((x - c)^2)) over a row in one pass (SQUARES_ONLY: the first is not computed). With the
 // shift c = x[0] the variance sum((x-c)^2)/n - (sum(x-c)/n)^2 does not suffer the cancellation of the
 // unshifted formula when the mean is large against the spread (rows after a residual stream has drifted).
-template <bool SQUARES_ONLY, typename T>
-std::pair<double, double> row_moments(const T* x, int64_t n, acc_of<T> c) {
-  using IO = VecIO<T>;
-  using Vec = typename IO::Vec;
-  constexpr int64_t K = IO::kSize;
+template <bool SQUARES_ONLY, typename A>
+std::pair<double, double> row_moments(const A* x, int64_t n, A c) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t K = Vec::size();
   const Vec vc(c);
   double s = 0, q = 0;
   for (int64_t start = 0; start < n; start += kChunk) {
@@ -37,7 +33,7 @@ std::pair<double, double> row_moments(const T* x, int64_t n, acc_of<T> c) {
     Vec s0(0), s1(0), q0(0), q1(0);
     int64_t i = start;
     for (; i + 2 * K <= stop; i += 2 * K) {
-      Vec v0 = IO::load(x + i) - vc, v1 = IO::load(x + i + K) - vc;
+      Vec v0 = Vec::loadu(x + i) - vc, v1 = Vec::loadu(x + i + K) - vc;
       if (!SQUARES_ONLY) {
         s0 = s0 + v0;
         s1 = s1 + v1;
@@ -45,14 +41,9 @@ std::pair<double, double> row_moments(const T* x, int64_t n, acc_of<T> c) {
       q0 = at::vec::fmadd(v0, v0, q0);
       q1 = at::vec::fmadd(v1, v1, q1);
     }
-    for (; i + K <= stop; i += K) {
-      Vec v = IO::load(x + i) - vc;
-      if (!SQUARES_ONLY) s0 = s0 + v;
-      q0 = at::vec::fmadd(v, v, q0);
-    }
-    acc_of<T> cs = SQUARES_ONLY ? acc_of<T>(0) : reduce<T>(s0 + s1), cq = reduce<T>(q0 + q1);
+    A cs = SQUARES_ONLY ? A(0) : reduce_sum(s0 + s1), cq = reduce_sum(q0 + q1);
     for (; i < stop; ++i) {
-      acc_of<T> v = static_cast<acc_of<T>>(x[i]) - c;
+      A v = x[i] - c;
       cs += v;
       cq += v * v;
     }
@@ -62,26 +53,48 @@ std::pair<double, double> row_moments(const T* x, int64_t n, acc_of<T> c) {
   return {s, q};
 }
 
-// y = (x - mean) * rstd * w + b, with w and b optional (nullptr)
-template <typename T>
-void row_normalize(const T* x, T* y, const T* w, const T* b, int64_t n, acc_of<T> mean, acc_of<T> rstd) {
-  using IO = VecIO<T>;
-  using Vec = typename IO::Vec;
-  constexpr int64_t K = IO::kSize;
+// y = (x - mean) * rstd (* w) (+ b); x, w, b in the accumulation type, y in T.
+template <bool HAS_W, bool HAS_B, typename T, typename A>
+void row_normalize(const A* x, T* y, const A* w, const A* b, int64_t n, A mean, A rstd) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t K = Vec::size();
   const Vec vm(mean), vr(rstd);
+  auto one = [&](int64_t i) {
+    Vec v = (Vec::loadu(x + i) - vm) * vr;
+    if constexpr (HAS_W) v = v * Vec::loadu(w + i);
+    if constexpr (HAS_B) v = v + Vec::loadu(b + i);
+    return v;
+  };
   int64_t i = 0;
-  for (; i + K <= n; i += K) {
-    Vec v = (IO::load(x + i) - vm) * vr;
-    if (w) v = v * IO::load(w + i);
-    if (b) v = v + IO::load(b + i);
-    IO::store(y + i, v);
-  }
+  for (; i + 2 * K <= n; i += 2 * K) store2(y + i, one(i), one(i + K));
   for (; i < n; ++i) {
-    acc_of<T> v = (static_cast<acc_of<T>>(x[i]) - mean) * rstd;
-    if (w) v *= static_cast<acc_of<T>>(w[i]);
-    if (b) v += static_cast<acc_of<T>>(b[i]);
+    A v = (x[i] - mean) * rstd;
+    if constexpr (HAS_W) v *= w[i];
+    if constexpr (HAS_B) v += b[i];
     y[i] = static_cast<T>(v);
   }
+}
+
+template <typename T, typename A>
+void row_normalize_any(const A* x, T* y, const A* w, const A* b, int64_t n, A mean, A rstd) {
+  if (w && b) return row_normalize<true, true>(x, y, w, b, n, mean, rstd);
+  if (w) return row_normalize<true, false>(x, y, w, b, n, mean, rstd);
+  if (b) return row_normalize<false, true>(x, y, w, b, n, mean, rstd);
+  return row_normalize<false, false>(x, y, w, b, n, mean, rstd);
+}
+
+// h = x + r, rounded to T as the unfused add would round it.
+template <typename T>
+void row_add(const T* x, const T* r, T* h, int64_t n) {
+  using A = acc_type<T>;
+  constexpr int64_t K2 = 2 * Vectorized<A>::size();
+  int64_t i = 0;
+  for (; i + K2 <= n; i += K2) {
+    auto [x0, x1] = load2(x + i);
+    auto [r0, r1] = load2(r + i);
+    store2(h + i, x0 + r0, x1 + r1);
+  }
+  for (; i < n; ++i) h[i] = static_cast<T>(static_cast<A>(x[i]) + static_cast<A>(r[i]));
 }
 
 template <typename T>
@@ -98,51 +111,48 @@ std::vector<at::Tensor> norm_fwd(const at::Tensor& x, const c10::optional<at::Te
                                  const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
                                  double eps, bool centered) {
   check_rows(x, "input");
+  if (residual.has_value()) check_rows(*residual, "residual");
   const int64_t M = x.size(0), N = x.size(1);
   auto y = empty({M, N}, x.options());
   auto h = residual.has_value() ? empty({M, N}, x.options()) : at::Tensor();
   auto stat_opts = x.options().dtype(acc_dtype(x.scalar_type()));
   auto rstd = at::empty({M}, stat_opts);
   auto mean = centered ? at::empty({M}, stat_opts) : at::Tensor();
-  if (residual.has_value()) check_rows(*residual, "residual");
   TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_norm_fwd", [&] {
-    using acc_t = acc_of<scalar_t>;
+    using A = acc_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* rp = opt_ptr<scalar_t>(residual);
     const scalar_t* wp = opt_ptr<scalar_t>(weight);
     const scalar_t* bp = opt_ptr<scalar_t>(bias);
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     scalar_t* hp = rp ? h.mutable_data_ptr<scalar_t>() : nullptr;
-    acc_t* rstd_p = rstd.mutable_data_ptr<acc_t>();
-    acc_t* mean_p = centered ? mean.mutable_data_ptr<acc_t>() : nullptr;
+    A* rstd_p = rstd.mutable_data_ptr<A>();
+    A* mean_p = centered ? mean.mutable_data_ptr<A>() : nullptr;
     const int64_t sx = x.stride(0), sr = rp ? residual->stride(0) : 0;
     at::parallel_for(0, M, row_grain(N), [&](int64_t begin, int64_t end) {
-      using IO = VecIO<scalar_t>;
-      constexpr int64_t K = IO::kSize;
+      std::vector<A> wbuf, bbuf, xbuf;
+      const A* wf = wp ? as_acc(wp, N, wbuf) : nullptr;
+      const A* bf = bp ? as_acc(bp, N, bbuf) : nullptr;
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* xr = xp + r * sx;
-        if (rp) {  // h = x + residual, rounded to the input dtype as the unfused add would be
-          const scalar_t* rr = rp + r * sr;
-          scalar_t* hr = hp + r * N;
-          int64_t i = 0;
-          for (; i + K <= N; i += K) IO::store(hr + i, IO::load(xr + i) + IO::load(rr + i));
-          for (; i < N; ++i) hr[i] = static_cast<scalar_t>(static_cast<acc_t>(xr[i]) + static_cast<acc_t>(rr[i]));
-          xr = hr;
+        if (rp) {
+          row_add(xr, rp + r * sr, hp + r * N, N);
+          xr = hp + r * N;  // normalise the rounded h, as the unfused pair does
         }
-        acc_t mu = 0, var;
+        const A* xf = as_acc(xr, N, xbuf);
+        A mu = 0, var;
         if (centered) {
-          const acc_t shift = static_cast<acc_t>(xr[0]);
-          auto [s, q] = row_moments<false>(xr, N, shift);
+          auto [s, q] = row_moments<false>(xf, N, xf[0]);
           const double d = s / N;
-          mu = static_cast<acc_t>(shift + d);
-          var = static_cast<acc_t>(std::max(q / N - d * d, 0.0));
+          mu = static_cast<A>(xf[0] + d);
+          var = static_cast<A>(std::max(q / N - d * d, 0.0));
         } else {
-          var = static_cast<acc_t>(row_moments<true>(xr, N, acc_t(0)).second / N);
+          var = static_cast<A>(row_moments<true>(xf, N, A(0)).second / N);
         }
-        acc_t rs = acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
+        const A rs = A(1) / std::sqrt(var + static_cast<A>(eps));
         rstd_p[r] = rs;
         if (centered) mean_p[r] = mu;
-        row_normalize(xr, yp + r * N, wp, bp, N, mu, rs);
+        row_normalize_any(xf, yp + r * N, wf, bf, N, mu, rs);
       }
     });
   });
@@ -183,6 +193,7 @@ std::vector<at::Tensor> norm_bwd(const at::Tensor& dy, const at::Tensor& x, cons
                                  const c10::optional<at::Tensor>& grad_residual, bool need_dw, bool need_db) {
   check_rows(dy, "grad_output");
   check_rows(x, "input");
+  if (grad_residual.has_value()) check_rows(*grad_residual, "grad_residual");
   const int64_t M = x.size(0), N = x.size(1);
   const bool centered = mean.has_value();
   need_dw = need_dw && weight.has_value();
@@ -191,68 +202,76 @@ std::vector<at::Tensor> norm_bwd(const at::Tensor& dy, const at::Tensor& x, cons
   auto acc_opts = x.options().dtype(acc_dtype(x.scalar_type()));
   auto dw_part = need_dw ? at::zeros({T, N}, acc_opts) : at::Tensor();
   auto db_part = need_db ? at::zeros({T, N}, acc_opts) : at::Tensor();
-  if (grad_residual.has_value()) check_rows(*grad_residual, "grad_residual");
   TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_norm_bwd", [&] {
-    using acc_t = acc_of<scalar_t>;
-    using IO = VecIO<scalar_t>;
-    using Vec = typename IO::Vec;
-    constexpr int64_t K = IO::kSize;
+    using A = acc_type<scalar_t>;
+    using Vec = Vectorized<A>;
+    constexpr int64_t K = Vec::size();
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* wp = opt_ptr<scalar_t>(weight);
     const scalar_t* grp = opt_ptr<scalar_t>(grad_residual);
-    const acc_t* mp = centered ? mean->const_data_ptr<acc_t>() : nullptr;
-    const acc_t* rp = rstd.const_data_ptr<acc_t>();
+    const A* mp = centered ? mean->const_data_ptr<A>() : nullptr;
+    const A* rp = rstd.const_data_ptr<A>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-    acc_t* dwp = need_dw ? dw_part.mutable_data_ptr<acc_t>() : nullptr;
-    acc_t* dbp = need_db ? db_part.mutable_data_ptr<acc_t>() : nullptr;
+    A* dwp = need_dw ? dw_part.mutable_data_ptr<A>() : nullptr;
+    A* dbp = need_db ? db_part.mutable_data_ptr<A>() : nullptr;
     const int64_t sdy = dy.stride(0), sx = x.stride(0), sgr = grp ? grad_residual->stride(0) : 0;
     at::parallel_for(0, M, row_grain(N), [&](int64_t begin, int64_t end) {
       const int64_t tid = at::get_thread_num();
-      acc_t* dw_t = dwp ? dwp + tid * N : nullptr;
-      acc_t* db_t = dbp ? dbp + tid * N : nullptr;
+      A* dw_t = dwp ? dwp + tid * N : nullptr;
+      A* db_t = dbp ? dbp + tid * N : nullptr;
+      std::vector<A> wbuf, dybuf, xbuf, ones;
+      const A* wf = wp ? as_acc(wp, N, wbuf) : nullptr;
+      if (!wf) {  // g = dy * 1: one code path for both
+        ones.assign(N, A(1));
+        wf = ones.data();
+      }
       for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* dyr = dyp + r * sdy;
-        const scalar_t* xr = xp + r * sx;
-        const acc_t mu = mp ? mp[r] : acc_t(0), rs = rp[r];
+        const A* dyf = as_acc(dyp + r * sdy, N, dybuf);
+        const A* xf = as_acc(xp + r * sx, N, xbuf);
+        const A mu = mp ? mp[r] : A(0), rs = rp[r];
         const Vec vmu(mu), vrs(rs);
         // pass 1: sum(g) and sum(g * xhat), accumulating dw/db on the way
         Vec sg(0), sgx(0);
         int64_t i = 0;
         for (; i + K <= N; i += K) {
-          Vec d = IO::load(dyr + i), xh = (IO::load(xr + i) - vmu) * vrs;
-          Vec g = wp ? d * IO::load(wp + i) : d;
+          Vec d = Vec::loadu(dyf + i), xh = (Vec::loadu(xf + i) - vmu) * vrs;
+          Vec g = d * Vec::loadu(wf + i);
           sg = sg + g;
           sgx = at::vec::fmadd(g, xh, sgx);
           if (dw_t) at::vec::fmadd(d, xh, Vec::loadu(dw_t + i)).store(dw_t + i);
           if (db_t) (Vec::loadu(db_t + i) + d).store(db_t + i);
         }
-        acc_t s_g = reduce<scalar_t>(sg), s_gx = reduce<scalar_t>(sgx);
-        for (int64_t j = i; j < N; ++j) {
-          acc_t d = static_cast<acc_t>(dyr[j]), xh = (static_cast<acc_t>(xr[j]) - mu) * rs;
-          acc_t g = wp ? d * static_cast<acc_t>(wp[j]) : d;
+        A s_g = reduce_sum(sg), s_gx = reduce_sum(sgx);
+        for (; i < N; ++i) {
+          A d = dyf[i], xh = (xf[i] - mu) * rs, g = d * wf[i];
           s_g += g;
           s_gx += g * xh;
-          if (dw_t) dw_t[j] += d * xh;
-          if (db_t) db_t[j] += d;
+          if (dw_t) dw_t[i] += d * xh;
+          if (db_t) db_t[i] += d;
         }
-        const acc_t c1 = centered ? s_g / N : acc_t(0), c2 = s_gx / N;
+        const A c1 = centered ? s_g / N : A(0), c2 = s_gx / N;
         // pass 2: dx = rstd * (g - c1 - xhat * c2) (+ grad_residual)
         const Vec vc1(c1), vc2(c2);
         scalar_t* dxr = dxp + r * N;
         const scalar_t* grr = grp ? grp + r * sgr : nullptr;
-        for (i = 0; i + K <= N; i += K) {
-          Vec d = IO::load(dyr + i), xh = (IO::load(xr + i) - vmu) * vrs;
-          Vec g = wp ? d * IO::load(wp + i) : d;
-          Vec out = (g - vc1 - xh * vc2) * vrs;
-          if (grr) out = out + IO::load(grr + i);
-          IO::store(dxr + i, out);
+        auto one = [&](int64_t j) {
+          Vec xh = (Vec::loadu(xf + j) - vmu) * vrs;
+          return (Vec::loadu(dyf + j) * Vec::loadu(wf + j) - vc1 - xh * vc2) * vrs;
+        };
+        for (i = 0; i + 2 * K <= N; i += 2 * K) {
+          Vec o0 = one(i), o1 = one(i + K);
+          if (grr) {
+            auto [g0, g1] = load2(grr + i);
+            o0 = o0 + g0;
+            o1 = o1 + g1;
+          }
+          store2(dxr + i, o0, o1);
         }
         for (; i < N; ++i) {
-          acc_t d = static_cast<acc_t>(dyr[i]), xh = (static_cast<acc_t>(xr[i]) - mu) * rs;
-          acc_t g = wp ? d * static_cast<acc_t>(wp[i]) : d;
-          acc_t out = (g - c1 - xh * c2) * rs;
-          if (grr) out += static_cast<acc_t>(grr[i]);
+          A xh = (xf[i] - mu) * rs;
+          A out = (dyf[i] * wf[i] - c1 - xh * c2) * rs;
+          if (grr) out += static_cast<A>(grr[i]);
           dxr[i] = static_cast<scalar_t>(out);
         }
       }

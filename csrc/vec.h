@@ -43,6 +43,52 @@ struct VecIO<c10::BFloat16> : VecIO16<c10::BFloat16> {};
 template <>
 struct VecIO<c10::Half> : VecIO16<c10::Half> {};
 
+template <typename T>
+using acc_type = typename VecIO<T>::acc_t;
+
+// Store 2 * kSize elements from two accumulation-type vectors (one full-width conversion for 16-bit types).
+template <typename T>
+inline void store2(T* p, const Vectorized<acc_type<T>>& a, const Vectorized<acc_type<T>>& b) {
+  if constexpr (std::is_same_v<T, acc_type<T>>) {
+    a.store(p);
+    b.store(p + Vectorized<T>::size());
+  } else {
+    at::vec::convert_from_float<T>(a, b).store(p);
+  }
+}
+
+// Load 2 * kSize elements as two accumulation-type vectors.
+template <typename T>
+inline std::pair<Vectorized<acc_type<T>>, Vectorized<acc_type<T>>> load2(const T* p) {
+  if constexpr (std::is_same_v<T, acc_type<T>>) {
+    return {Vectorized<T>::loadu(p), Vectorized<T>::loadu(p + Vectorized<T>::size())};
+  } else {
+    auto [a, b] = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p));
+    return {a, b};
+  }
+}
+
+// A row in the accumulation type: the row itself for float/double, else converted into buf (once, so that
+// kernels making several passes over a row convert it a single time).
+template <typename T>
+inline const acc_type<T>* as_acc(const T* src, int64_t n, std::vector<acc_type<T>>& buf) {
+  if constexpr (std::is_same_v<T, acc_type<T>>) {
+    return src;
+  } else {
+    buf.resize(n);
+    float* dst = buf.data();
+    constexpr int64_t K = Vectorized<T>::size();  // 16-bit lanes = 2 float vectors
+    int64_t i = 0;
+    for (; i + K <= n; i += K) {
+      auto [a, b] = at::vec::convert_to_float<T>(Vectorized<T>::loadu(src + i));
+      a.store(dst + i);
+      b.store(dst + i + K / 2);
+    }
+    for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+    return dst;
+  }
+}
+
 // at::empty for kernel outputs. Outputs of 2 MiB or more are asked to live on transparent huge pages
 // (madvise; the machine's THP policy decides): a fresh large allocation is otherwise first-touched 4 KiB
 // page by page, and at LLM shapes those page faults cost as much as the kernel itself. Nothing global
