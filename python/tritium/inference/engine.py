@@ -1,0 +1,520 @@
+"""The serving engine: continuous batching over the paged KV cache, sampling, stop conditions, beam search.
+
+Each ``step()``:
+  1. schedule: every running sequence decodes one token; waiting requests are admitted (prefilled) while the
+     cache has blocks for them and the step's prefill token budget lasts. A running sequence that cannot get a
+     block preempts the most recently admitted request, whose blocks are freed; it waits at the head of the
+     queue and is later recomputed (its prompt and generated tokens prefilled again), so others never fail.
+  2. one model call (``Llama.forward_step``) over the packed tokens of decodes and prefills together;
+  3. sampling per request (its own SamplingParams and seeded generator), stop tokens / strings / max tokens,
+     streaming callbacks with the new text.
+
+Beam search (``num_beams > 1``) keeps num_beams sequences per request that share their common prefix's
+blocks (``fork``); a beam writing into a shared, partially filled block first copies it (copy-on-write).
+Hypotheses are ranked by sum(logprobs) / t**length_penalty (t = generated tokens).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+import tritium
+from ..models.llama import StepInput
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Adapters for worker D's pieces (cache manager, sampling op) while they are being built.
+# ---------------------------------------------------------------------------------------------------------
+class CacheFullError(RuntimeError):
+    """No free block in the KV cache."""
+
+
+@dataclass
+class SamplingParams:
+    """Adapter for tritium.SamplingParams (same fields)."""
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Optional[Dict[int, float]] = None
+    seed: Optional[int] = None
+
+
+def _sample(logits: Tensor, params: SamplingParams, history: Optional[Tensor], generator: torch.Generator):
+    """Adapter for tritium.sample on one row: logits (1, vocab) -> (token (1,), logprob (1,))."""
+    x = logits.float().clone()
+    if params.logit_bias:
+        for t, b in params.logit_bias.items():
+            x[:, t] += b
+    if history is not None and history.numel():
+        h = history.view(1, -1)
+        if params.repetition_penalty != 1.0:
+            g = x.gather(1, h)
+            x.scatter_(1, h, torch.where(g > 0, g / params.repetition_penalty, g * params.repetition_penalty))
+        counts = torch.zeros_like(x).scatter_add_(1, h, torch.ones_like(h, dtype=x.dtype))
+        x -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(x.dtype)
+    logp_full = torch.log_softmax(x, -1)
+    if params.temperature == 0.0:
+        tok = x.argmax(-1)
+        return tok, logp_full.gather(1, tok[:, None])[:, 0]
+    x = x / params.temperature
+    if params.top_k > 0:
+        kth = x.topk(min(params.top_k, x.shape[-1]), -1).values[:, -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    p = torch.softmax(x, -1)
+    if params.min_p > 0:
+        x = x.masked_fill(p < params.min_p * p.max(-1, keepdim=True).values, float("-inf"))
+    if params.top_p < 1.0:
+        sp, idx = torch.softmax(x, -1).sort(-1, descending=True)
+        drop = sp.cumsum(-1) - sp > params.top_p
+        x = x.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
+    tok = torch.multinomial(torch.softmax(x, -1), 1, generator=generator)[:, 0]
+    return tok, logp_full.gather(1, tok[:, None])[:, 0]
+
+
+class _Cache:
+    """Adapter for tritium.inference.PagedKVCache: per-layer pools (num_blocks, block_size, kv_heads, head_dim),
+    a free list, block reference counts (fork shares blocks; copy-on-write before writing a shared block)."""
+
+    def __init__(self, n_layers, num_blocks, block_size, n_kv_heads, head_dim, dtype, device):
+        shape = (num_blocks, block_size, n_kv_heads, head_dim)
+        self.pools = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype,
+                                                                                  device=device))
+                      for _ in range(n_layers)]
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.free: List[int] = list(range(num_blocks - 1, -1, -1))
+        self.ref = [0] * num_blocks
+
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def _alloc(self) -> int:
+        if not self.free:
+            raise CacheFullError("KV cache is full")
+        b = self.free.pop()
+        self.ref[b] = 1
+        return b
+
+    def release(self, blocks: List[int]) -> None:
+        for b in blocks:
+            self.ref[b] -= 1
+            if self.ref[b] == 0:
+                self.free.append(b)
+        blocks.clear()
+
+    def fork(self, blocks: List[int]) -> List[int]:
+        for b in blocks:
+            self.ref[b] += 1
+        return list(blocks)
+
+    def slot(self, blocks: List[int], pos: int) -> int:
+        """The slot of position pos, allocating its block or copying a shared one first (copy-on-write).
+        Raises CacheFullError with nothing changed when no block is free."""
+        i, off = divmod(pos, self.block_size)
+        if i == len(blocks):
+            blocks.append(self._alloc())
+        elif self.ref[blocks[i]] > 1:
+            new = self._alloc()
+            old = blocks[i]
+            for k, v in self.pools:
+                k[new].copy_(k[old])
+                v[new].copy_(v[old])
+            self.ref[old] -= 1
+            blocks[i] = new
+        return blocks[i] * self.block_size + off
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Requests
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: List[int]
+    finish_reason: str               # "stop" (stop token/string), "length" (max tokens), "error"
+    prompt_token_ids: List[int] = field(default_factory=list)
+    logprobs: List[float] = field(default_factory=list)
+    score: Optional[float] = None    # beam search: sum(logprobs) / t**length_penalty
+
+
+class _Seq:
+    """One sequence in the cache: its tokens (all but possibly the last have K/V cached) and its blocks."""
+    __slots__ = ("tokens", "blocks", "n_cached", "logprobs", "n_prompt")
+
+    def __init__(self, tokens: List[int], n_prompt: int):
+        self.tokens = tokens
+        self.blocks: List[int] = []
+        self.n_cached = 0
+        self.logprobs: List[float] = []
+        self.n_prompt = n_prompt
+
+    @property
+    def generated(self) -> List[int]:
+        return self.tokens[self.n_prompt:]
+
+
+_ids = itertools.count()
+
+
+class Request:
+    """A generation request; created by Engine.add_request."""
+
+    def __init__(self, prompt_ids: List[int], params: SamplingParams, max_new_tokens: int, stop: Sequence[str],
+                 stop_token_ids: Sequence[int], on_token: Optional[Callable], num_beams: int,
+                 length_penalty: float):
+        self.id = next(_ids)
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.max_new_tokens = max_new_tokens
+        self.stop = [s for s in stop if s]
+        self.stop_token_ids = set(stop_token_ids)
+        self.on_token = on_token
+        self.num_beams = num_beams
+        self.length_penalty = length_penalty
+        self.generator = torch.Generator()
+        self.generator.manual_seed(params.seed if params.seed is not None else torch.seed() % (2 ** 63))
+        self.seqs: List[_Seq] = [_Seq(list(prompt_ids), len(prompt_ids))]
+        self.finished_beams: List[tuple] = []   # (score, tokens, logprobs)
+        self.emitted = 0                        # characters of text already streamed
+        self.result: Optional[GenerationResult] = None
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+    def reset(self) -> None:
+        """Back to the prompt (beam requests are recomputed from scratch after preemption)."""
+        self.seqs = [_Seq(list(self.prompt_ids), len(self.prompt_ids))]
+        self.finished_beams = []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The engine
+# ---------------------------------------------------------------------------------------------------------
+class Engine:
+    """Continuous batching over a paged KV cache for a tritium.models.llama.Llama.
+
+    max_batch: most sequences decoding in one step; num_blocks x block_size: cache capacity in tokens
+    (default: room for max_batch sequences of max_seq_len or 4096 tokens, whichever is less);
+    max_prefill_tokens: prompt tokens prefilled in one step (more waiting prompts wait for the next step).
+    """
+
+    def __init__(self, model, tokenizer=None, max_batch: int = 32, num_blocks: Optional[int] = None,
+                 block_size: int = 16, max_prefill_tokens: int = 2048):
+        c = model.config
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.block_size, self.max_prefill_tokens = max_batch, block_size, max_prefill_tokens
+        if num_blocks is None:
+            num_blocks = max_batch * math.ceil(min(c.max_seq_len, 4096) / block_size)
+        self.cache = _Cache(c.n_layers, num_blocks, block_size, c.n_kv_heads, c.head_dim, model.dtype,
+                            model.device)
+        self.waiting: Deque[Request] = collections.deque()
+        self.running: List[Request] = []
+        self.stats = dict(prefill_tokens=0, prefill_time=0.0, decode_tokens=0, decode_time=0.0, steps=0,
+                          preemptions=0)
+
+    # ---- requests ----
+    def add_request(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 64,
+                    params: Optional[SamplingParams] = None, stop: Sequence[str] = (),
+                    stop_token_ids: Optional[Sequence[int]] = None, on_token: Optional[Callable] = None,
+                    num_beams: int = 1, length_penalty: float = 1.0, **sampling) -> Request:
+        """Queue a request. sampling: SamplingParams fields (temperature=0.0 is greedy) unless params given.
+        stop_token_ids None: the tokenizer's (EOS and end-of-turn); on_token(request, token_id, new_text)."""
+        if params is None:
+            params = SamplingParams(**{"temperature": 0.0, **sampling})
+        elif sampling:
+            raise TypeError("pass either params or sampling keyword arguments, not both")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs the engine's tokenizer")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("prompt must have at least one token")
+        if len(ids) + max_new_tokens > self.model.config.max_seq_len:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"model's max_seq_len {self.model.config.max_seq_len}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+        if stop_token_ids is None:
+            stop_token_ids = self.tokenizer.stop_ids if self.tokenizer is not None else ()
+        if isinstance(stop, str):
+            stop = [stop]
+        req = Request(ids, params, max_new_tokens, stop, stop_token_ids, on_token, num_beams, length_penalty)
+        self.waiting.append(req)
+        return req
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def generate(self, prompts, **kwargs) -> List[GenerationResult]:
+        reqs = [self.add_request(p, **kwargs) for p in prompts]
+        while not all(r.done for r in reqs):
+            self.step()
+        return [r.result for r in reqs]
+
+    # ---- scheduling ----
+    def _free(self, req: Request) -> None:
+        for s in req.seqs:
+            self.cache.release(s.blocks)
+            s.n_cached = 0
+
+    def _preempt(self, victim: Request) -> None:
+        self._free(victim)
+        if victim.num_beams > 1:
+            victim.reset()
+        self.running.remove(victim)
+        self.waiting.appendleft(victim)
+        self.stats["preemptions"] += 1
+
+    def _blocks_needed(self, req: Request) -> int:
+        return sum(math.ceil((len(s.tokens) + 1) / self.block_size) for s in req.seqs)
+
+    def _schedule(self):
+        """(decode seqs with their slots, prefill seqs with their slots)."""
+        decode = []
+        for req in list(self.running):
+            if req not in self.running:
+                continue
+            for s in req.seqs:
+                while True:
+                    try:
+                        decode.append((req, s, self.cache.slot(s.blocks, len(s.tokens) - 1)))
+                        break
+                    except CacheFullError:
+                        victim = self.running[-1]
+                        if victim is req and len(self.running) == 1:
+                            self._finish(req, "error", "the KV cache cannot hold this request")
+                            break
+                        self._preempt(victim)
+                        decode = [d for d in decode if d[0] is not victim]
+                        if victim is req:
+                            break
+                if req not in self.running or req.done:
+                    break
+        decode = [d for d in decode if d[0] in self.running and not d[0].done]
+        prefill = []
+        budget = self.max_prefill_tokens
+        n_seqs = sum(len(r.seqs) for r in self.running)
+        while self.waiting:
+            req = self.waiting[0]
+            n = sum(len(s.tokens) for s in req.seqs)
+            need = self._blocks_needed(req)
+            if need > self.cache.num_blocks:
+                self.waiting.popleft()
+                self._finish(req, "error", "the KV cache is too small for this request")
+                continue
+            if (n_seqs + max(len(req.seqs), req.num_beams) > self.max_batch or need > self.cache.num_free()
+                    or (n > budget and (prefill or decode))):
+                break
+            self.waiting.popleft()
+            for s in req.seqs:
+                slots = [self.cache.slot(s.blocks, p) for p in range(len(s.tokens))]
+                prefill.append((req, s, slots))
+            self.running.append(req)
+            n_seqs += max(len(req.seqs), req.num_beams)
+            budget -= n
+        return decode, prefill
+
+    # ---- one step ----
+    @torch.inference_mode()
+    def step(self) -> None:
+        if not self.has_work():
+            return
+        decode, prefill = self._schedule()
+        if not decode and not prefill:
+            return
+        t0 = time.perf_counter()
+        tokens, positions, slots = [], [], []
+        for _, s, slot in decode:
+            tokens.append(s.tokens[-1])
+            positions.append(len(s.tokens) - 1)
+            slots.append(slot)
+        rows = list(range(len(decode)))
+        lens = []
+        for _, s, sl in prefill:
+            tokens.extend(s.tokens)
+            positions.extend(range(len(s.tokens)))
+            slots.extend(sl)
+            lens.append(len(s.tokens))
+            rows.append(len(tokens) - 1)
+        dev = self.model.device
+        bt = sl = None
+        if decode:
+            width = max(len(s.blocks) for _, s, _ in decode)
+            bt = torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for _, s, _ in decode], dtype=torch.int32,
+                              device=dev)
+            sl = torch.tensor([len(s.tokens) for _, s, _ in decode], dtype=torch.int32, device=dev)
+        step = StepInput(
+            tokens=torch.tensor(tokens, dtype=torch.int64, device=dev),
+            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            n_decode=len(decode), block_tables=bt, seq_lens=sl, prefill_lens=lens,
+            logits_rows=None if len(rows) == len(tokens) else torch.tensor(rows, dtype=torch.int64, device=dev))
+        logits = self.model.forward_step(step, self.cache.pools)
+        for _, s, _ in decode:
+            s.n_cached = len(s.tokens)
+        for _, s, _ in prefill:
+            s.n_cached = len(s.tokens)
+        dt = time.perf_counter() - t0
+        n_prefill = sum(lens)
+        # attribute the step's time to prefill and decode in proportion to their tokens
+        self.stats["prefill_tokens"] += n_prefill
+        self.stats["decode_tokens"] += len(decode)
+        self.stats["prefill_time"] += dt * n_prefill / len(tokens)
+        self.stats["decode_time"] += dt * len(decode) / len(tokens)
+        self.stats["steps"] += 1
+        self._process(logits, [(r, s) for r, s, _ in decode] + [(r, s) for r, s, _ in prefill])
+
+    # ---- after the model call ----
+    def _process(self, logits: Tensor, rows: List[tuple]) -> None:
+        by_req: Dict[int, List[int]] = collections.defaultdict(list)
+        reqs: Dict[int, Request] = {}
+        for i, (r, _) in enumerate(rows):
+            by_req[r.id].append(i)
+            reqs[r.id] = r
+        greedy = [i for i, (r, _) in enumerate(rows) if r.num_beams == 1 and _is_greedy(r.params)]
+        greedy_tok = {}
+        if greedy:
+            idx = torch.tensor(greedy)
+            lg = logits.index_select(0, idx).float()
+            tok = lg.argmax(-1)
+            lp = lg.gather(1, tok[:, None])[:, 0] - torch.logsumexp(lg, -1)
+            greedy_tok = dict(zip(greedy, zip(tok.tolist(), lp.tolist())))
+        for rid, idxs in by_req.items():
+            r = reqs[rid]
+            if r.done:
+                continue
+            if r.num_beams > 1:
+                self._beam_step(r, logits[idxs].float(), [rows[i][1] for i in idxs])
+                continue
+            i = idxs[0]
+            s = rows[i][1]
+            if i in greedy_tok:
+                t, lp = greedy_tok[i]
+            else:
+                hist = torch.tensor(s.tokens, dtype=torch.int64, device=logits.device)
+                t, lp = _sample(logits[i:i + 1], r.params, hist, r.generator)
+                t, lp = int(t), float(lp)
+            s.tokens.append(t)
+            s.logprobs.append(lp)
+            self._after_token(r, s, t)
+
+    def _after_token(self, r: Request, s: _Seq, t: int) -> None:
+        gen = s.generated
+        text = self.tokenizer.decode(gen) if self.tokenizer is not None else ""
+        if t in r.stop_token_ids:
+            self._finish(r, "stop", self.tokenizer.decode(gen[:-1]) if self.tokenizer is not None else "")
+            return
+        for st in r.stop:
+            k = text.find(st, max(0, r.emitted - len(st)))
+            if k >= 0:
+                self._finish(r, "stop", text[:k])
+                return
+        if len(gen) >= r.max_new_tokens:
+            self._finish(r, "length", text)
+            return
+        if r.on_token is not None:
+            # hold back an incomplete UTF-8 character and any tail that may begin a stop string
+            safe = len(text.rstrip("\ufffd"))
+            for st in r.stop:
+                for n in range(min(len(st) - 1, safe), 0, -1):
+                    if text[safe - n:safe] == st[:n]:
+                        safe -= n
+                        break
+            if safe > r.emitted:
+                r.on_token(r, t, text[r.emitted:safe])
+                r.emitted = safe
+
+    def _finish(self, r: Request, reason: str, text: str) -> None:
+        if r.num_beams > 1 and reason != "error":
+            return self._finish_beams(r)
+        s = r.seqs[0]
+        if reason == "error":
+            text = ""
+        if r.on_token is not None and len(text) > r.emitted:
+            r.on_token(r, None, text[r.emitted:])
+            r.emitted = len(text)
+        r.result = GenerationResult(text if reason != "error" else "", list(s.generated), reason,
+                                    list(r.prompt_ids), list(s.logprobs))
+        self._free(r)
+        if r in self.running:
+            self.running.remove(r)
+
+    # ---- beam search ----
+    def _beam_score(self, r: Request, logprob_sum: float, n: int) -> float:
+        return logprob_sum / (max(n, 1) ** r.length_penalty)
+
+    def _beam_step(self, r: Request, logits: Tensor, seqs: List[_Seq]) -> None:
+        k = r.num_beams
+        logp = torch.log_softmax(logits, -1)                                        # (n_beams, vocab)
+        base = torch.tensor([sum(s.logprobs) for s in seqs], dtype=logp.dtype)
+        cand = (base[:, None] + logp).view(-1)
+        top = cand.topk(min(2 * k, cand.numel()))
+        vocab = logp.shape[-1]
+        new: List[_Seq] = []
+        n_gen = len(seqs[0].generated) + 1
+        for score, flat in zip(top.values.tolist(), top.indices.tolist()):
+            parent, tok = seqs[flat // vocab], flat % vocab
+            lp = score - sum(parent.logprobs)
+            if tok in r.stop_token_ids:
+                r.finished_beams.append((self._beam_score(r, score, n_gen), parent.generated + [tok],
+                                         parent.logprobs + [lp]))
+                continue
+            child = _Seq(parent.tokens + [tok], parent.n_prompt)
+            child.blocks = self.cache.fork(parent.blocks)
+            child.n_cached = parent.n_cached
+            child.logprobs = parent.logprobs + [lp]
+            new.append(child)
+            if len(new) == k:
+                break
+        for s in seqs:
+            self.cache.release(s.blocks)
+        r.seqs = new
+        best_running = max((self._beam_score(r, sum(s.logprobs), n_gen) for s in new), default=-math.inf)
+        finished = sorted(r.finished_beams, key=lambda b: -b[0])[:k]
+        r.finished_beams = finished
+        if n_gen >= r.max_new_tokens or not new or (len(finished) >= k and finished[-1][0] >= best_running):
+            self._finish_beams(r)
+
+    def _finish_beams(self, r: Request) -> None:
+        hyps = list(r.finished_beams) + [(self._beam_score(r, sum(s.logprobs), len(s.generated)), s.generated,
+                                          s.logprobs) for s in r.seqs]
+        score, toks, lps = max(hyps, key=lambda b: b[0])
+        text = self.tokenizer.decode(toks) if self.tokenizer is not None else ""
+        reason = "stop" if toks and toks[-1] in r.stop_token_ids else "length"
+        if r.on_token is not None and text:
+            r.on_token(r, None, text)
+        r.result = GenerationResult(text, list(toks), reason, list(r.prompt_ids), list(lps), score)
+        self._free(r)
+        if r in self.running:
+            self.running.remove(r)
+
+
+def _is_greedy(p: SamplingParams) -> bool:
+    return (p.temperature == 0.0 and p.repetition_penalty == 1.0 and not p.presence_penalty
+            and not p.frequency_penalty and not p.logit_bias)
+
+
+def generate(model, tokenizer, prompts, max_new_tokens: int = 64, max_batch: Optional[int] = None,
+             **kwargs) -> List[GenerationResult]:
+    """Run prompts (a string, or a list of strings / token-id lists) together; one GenerationResult each."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    nb = kwargs.get("num_beams", 1)
+    engine = Engine(model, tokenizer, max_batch=max_batch or max(1, len(prompts) * nb))
+    return engine.generate(prompts, max_new_tokens=max_new_tokens, **kwargs)
