@@ -28,15 +28,12 @@ from torch import Tensor
 
 import tritium
 from ..models.llama import StepInput
+from .cache import CacheFullError, PagedKVCache
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Adapters for worker D's pieces (cache manager, sampling op) while they are being built.
 # ---------------------------------------------------------------------------------------------------------
-class CacheFullError(RuntimeError):
-    """No free block in the KV cache."""
-
-
 @dataclass
 class SamplingParams:
     """Adapter for tritium.SamplingParams (same fields)."""
@@ -83,58 +80,6 @@ def _sample(logits: Tensor, params: SamplingParams, history: Optional[Tensor], g
     return tok, logp_full.gather(1, tok[:, None])[:, 0]
 
 
-class _Cache:
-    """Adapter for tritium.inference.PagedKVCache: per-layer pools (num_blocks, block_size, kv_heads, head_dim),
-    a free list, block reference counts (fork shares blocks; copy-on-write before writing a shared block)."""
-
-    def __init__(self, n_layers, num_blocks, block_size, n_kv_heads, head_dim, dtype, device):
-        shape = (num_blocks, block_size, n_kv_heads, head_dim)
-        self.pools = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype,
-                                                                                  device=device))
-                      for _ in range(n_layers)]
-        self.block_size, self.num_blocks = block_size, num_blocks
-        self.free: List[int] = list(range(num_blocks - 1, -1, -1))
-        self.ref = [0] * num_blocks
-
-    def num_free(self) -> int:
-        return len(self.free)
-
-    def _alloc(self) -> int:
-        if not self.free:
-            raise CacheFullError("KV cache is full")
-        b = self.free.pop()
-        self.ref[b] = 1
-        return b
-
-    def release(self, blocks: List[int]) -> None:
-        for b in blocks:
-            self.ref[b] -= 1
-            if self.ref[b] == 0:
-                self.free.append(b)
-        blocks.clear()
-
-    def fork(self, blocks: List[int]) -> List[int]:
-        for b in blocks:
-            self.ref[b] += 1
-        return list(blocks)
-
-    def slot(self, blocks: List[int], pos: int) -> int:
-        """The slot of position pos, allocating its block or copying a shared one first (copy-on-write).
-        Raises CacheFullError with nothing changed when no block is free."""
-        i, off = divmod(pos, self.block_size)
-        if i == len(blocks):
-            blocks.append(self._alloc())
-        elif self.ref[blocks[i]] > 1:
-            new = self._alloc()
-            old = blocks[i]
-            for k, v in self.pools:
-                k[new].copy_(k[old])
-                v[new].copy_(v[old])
-            self.ref[old] -= 1
-            blocks[i] = new
-        return blocks[i] * self.block_size + off
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Requests
 # ---------------------------------------------------------------------------------------------------------
@@ -148,14 +93,18 @@ class GenerationResult:
     score: Optional[float] = None    # beam search: sum(logprobs) / t**length_penalty
 
 
+_seq_keys = itertools.count()
+
+
 class _Seq:
-    """One sequence in the cache: its tokens (all but possibly the last have K/V cached) and its blocks."""
-    __slots__ = ("tokens", "blocks", "n_cached", "logprobs", "n_prompt")
+    """One sequence: its tokens (all but the last sampled one have K/V in the cache while it runs) and its
+    key in the PagedKVCache (in_cache: whether the cache holds it)."""
+    __slots__ = ("tokens", "key", "in_cache", "logprobs", "n_prompt")
 
     def __init__(self, tokens: List[int], n_prompt: int):
         self.tokens = tokens
-        self.blocks: List[int] = []
-        self.n_cached = 0
+        self.key = next(_seq_keys)
+        self.in_cache = False
         self.logprobs: List[float] = []
         self.n_prompt = n_prompt
 
@@ -215,10 +164,11 @@ class Engine:
         c = model.config
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.block_size, self.max_prefill_tokens = max_batch, block_size, max_prefill_tokens
-        if num_blocks is None:
-            num_blocks = max_batch * math.ceil(min(c.max_seq_len, 4096) / block_size)
-        self.cache = _Cache(c.n_layers, num_blocks, block_size, c.n_kv_heads, c.head_dim, model.dtype,
-                            model.device)
+        if num_blocks is None:  # room for max_batch sequences of up to 1024 tokens, at most 16384 tokens
+            num_blocks = math.ceil(min(max_batch * min(c.max_seq_len, 1024), 16384) / block_size)
+        self.cache = PagedKVCache(c.n_layers, num_blocks, block_size, c.n_kv_heads, c.head_dim, model.dtype,
+                                  model.device)
+        self.pools = list(zip(self.cache.k_pools, self.cache.v_pools))
         self.waiting: Deque[Request] = collections.deque()
         self.running: List[Request] = []
         self.stats = dict(prefill_tokens=0, prefill_time=0.0, decode_tokens=0, decode_time=0.0, steps=0,
@@ -270,8 +220,9 @@ class Engine:
     # ---- scheduling ----
     def _free(self, req: Request) -> None:
         for s in req.seqs:
-            self.cache.release(s.blocks)
-            s.n_cached = 0
+            if s.in_cache:
+                self.cache.free(s.key)
+                s.in_cache = False
 
     def _preempt(self, victim: Request) -> None:
         self._free(victim)
@@ -281,95 +232,76 @@ class Engine:
         self.waiting.appendleft(victim)
         self.stats["preemptions"] += 1
 
-    def _blocks_needed(self, req: Request) -> int:
-        return sum(math.ceil((len(s.tokens) + 1) / self.block_size) for s in req.seqs)
-
     def _schedule(self):
-        """(decode seqs with their slots, prefill seqs with their slots)."""
-        decode = []
-        for req in list(self.running):
-            if req not in self.running:
-                continue
-            for s in req.seqs:
-                while True:
-                    try:
-                        decode.append((req, s, self.cache.slot(s.blocks, len(s.tokens) - 1)))
-                        break
-                    except CacheFullError:
-                        victim = self.running[-1]
-                        if victim is req and len(self.running) == 1:
-                            self._finish(req, "error", "the KV cache cannot hold this request")
-                            break
-                        self._preempt(victim)
-                        decode = [d for d in decode if d[0] is not victim]
-                        if victim is req:
-                            break
-                if req not in self.running or req.done:
-                    break
-        decode = [d for d in decode if d[0] in self.running and not d[0].done]
+        """(decode seqs, their slots (int64 tensor)), prefill seqs with their slots."""
+        # every running sequence gets one more slot; if the cache cannot give them all, the most recently
+        # admitted request is preempted (freed, re-queued first, recomputed later) until it can
+        while self.running:
+            keys = [s.key for r in self.running for s in r.seqs]
+            if self.cache.can_append(keys, 1):
+                break
+            if len(self.running) == 1:
+                self._finish(self.running[0], "error", "")
+                break
+            self._preempt(self.running[-1])
+        decode = [(r, s) for r in self.running for s in r.seqs]
+        dec_slots = self.cache.append([s.key for _, s in decode], 1) if decode else None
         prefill = []
         budget = self.max_prefill_tokens
-        n_seqs = sum(len(r.seqs) for r in self.running)
+        n_seqs = len(decode)
         while self.waiting:
             req = self.waiting[0]
             n = sum(len(s.tokens) for s in req.seqs)
-            need = self._blocks_needed(req)
+            need = sum(self.cache.blocks_needed(None, len(s.tokens) + 1) for s in req.seqs)
             if need > self.cache.num_blocks:
                 self.waiting.popleft()
-                self._finish(req, "error", "the KV cache is too small for this request")
+                self._finish(req, "error", "")
                 continue
-            if (n_seqs + max(len(req.seqs), req.num_beams) > self.max_batch or need > self.cache.num_free()
-                    or (n > budget and (prefill or decode))):
+            width = max(len(req.seqs), req.num_beams)
+            if n_seqs + width > self.max_batch or need > self.cache.num_free_blocks or \
+                    (n > budget and (prefill or decode)):
                 break
             self.waiting.popleft()
             for s in req.seqs:
-                slots = [self.cache.slot(s.blocks, p) for p in range(len(s.tokens))]
-                prefill.append((req, s, slots))
+                prefill.append((req, s, self.cache.allocate(s.key, len(s.tokens))))
+                s.in_cache = True
             self.running.append(req)
-            n_seqs += max(len(req.seqs), req.num_beams)
+            n_seqs += width
             budget -= n
-        return decode, prefill
+        return decode, dec_slots, prefill
 
     # ---- one step ----
     @torch.inference_mode()
     def step(self) -> None:
         if not self.has_work():
             return
-        decode, prefill = self._schedule()
+        decode, dec_slots, prefill = self._schedule()
         if not decode and not prefill:
             return
         t0 = time.perf_counter()
-        tokens, positions, slots = [], [], []
-        for _, s, slot in decode:
-            tokens.append(s.tokens[-1])
-            positions.append(len(s.tokens) - 1)
-            slots.append(slot)
+        tokens = [s.tokens[-1] for _, s in decode]
+        positions = [len(s.tokens) - 1 for _, s in decode]
+        slots = [dec_slots] if decode else []
         rows = list(range(len(decode)))
         lens = []
         for _, s, sl in prefill:
             tokens.extend(s.tokens)
             positions.extend(range(len(s.tokens)))
-            slots.extend(sl)
+            slots.append(sl)
             lens.append(len(s.tokens))
             rows.append(len(tokens) - 1)
         dev = self.model.device
         bt = sl = None
         if decode:
-            width = max(len(s.blocks) for _, s, _ in decode)
-            bt = torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for _, s, _ in decode], dtype=torch.int32,
-                              device=dev)
-            sl = torch.tensor([len(s.tokens) for _, s, _ in decode], dtype=torch.int32, device=dev)
+            keys = [s.key for _, s in decode]
+            bt, sl = self.cache.block_tables(keys), self.cache.seq_lens(keys)
         step = StepInput(
             tokens=torch.tensor(tokens, dtype=torch.int64, device=dev),
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            slot_mapping=torch.cat(slots) if len(slots) > 1 else slots[0],
             n_decode=len(decode), block_tables=bt, seq_lens=sl, prefill_lens=lens,
             logits_rows=None if len(rows) == len(tokens) else torch.tensor(rows, dtype=torch.int64, device=dev))
-        logits = self.model.forward_step(step, self.cache.pools)
-        for _, s, _ in decode:
-            s.n_cached = len(s.tokens)
-        for _, s, _ in prefill:
-            s.n_cached = len(s.tokens)
+        logits = self.model.forward_step(step, self.pools)
         dt = time.perf_counter() - t0
         n_prefill = sum(lens)
         # attribute the step's time to prefill and decode in proportion to their tokens
@@ -378,7 +310,7 @@ class Engine:
         self.stats["prefill_time"] += dt * n_prefill / len(tokens)
         self.stats["decode_time"] += dt * len(decode) / len(tokens)
         self.stats["steps"] += 1
-        self._process(logits, [(r, s) for r, s, _ in decode] + [(r, s) for r, s, _ in prefill])
+        self._process(logits, decode + [(r, s) for r, s, _ in prefill])
 
     # ---- after the model call ----
     def _process(self, logits: Tensor, rows: List[tuple]) -> None:
@@ -476,14 +408,15 @@ class Engine:
                                          parent.logprobs + [lp]))
                 continue
             child = _Seq(parent.tokens + [tok], parent.n_prompt)
-            child.blocks = self.cache.fork(parent.blocks)
-            child.n_cached = parent.n_cached
+            self.cache.fork(parent.key, child.key)   # shares the parent's blocks; copy-on-write on append
+            child.in_cache = True
             child.logprobs = parent.logprobs + [lp]
             new.append(child)
             if len(new) == k:
                 break
         for s in seqs:
-            self.cache.release(s.blocks)
+            self.cache.free(s.key)
+            s.in_cache = False
         r.seqs = new
         best_running = max((self._beam_score(r, sum(s.logprobs), n_gen) for s in new), default=-math.inf)
         finished = sorted(r.finished_beams, key=lambda b: -b[0])[:k]
@@ -516,5 +449,9 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 64, max_batch: Opt
     if isinstance(prompts, str):
         prompts = [prompts]
     nb = kwargs.get("num_beams", 1)
-    engine = Engine(model, tokenizer, max_batch=max_batch or max(1, len(prompts) * nb))
+    lens = [len(tokenizer.encode(p)) if isinstance(p, str) else len(p) for p in prompts]
+    bs = 16
+    blocks = sum(nb * (-(-(n + max_new_tokens) // bs) + 1) for n in lens)  # enough for all at once
+    engine = Engine(model, tokenizer, max_batch=max_batch or max(1, len(prompts) * nb), num_blocks=blocks,
+                    block_size=bs)
     return engine.generate(prompts, max_new_tokens=max_new_tokens, **kwargs)

@@ -75,6 +75,11 @@ def _field(reader, key, default=None):
     return f.contents()
 
 
+def _f32(v) -> float:
+    """A float32 metadata value as the decimal it was written from (9.99999974738e-06 -> 1e-05)."""
+    return float(str(np.float32(v)))
+
+
 def read_gguf_metadata(reader) -> Tuple[dict, dict]:
     """(config dict, tokenizer metadata dict) from a GGUFReader."""
     arch = _field(reader, "general.architecture", "llama")
@@ -87,9 +92,8 @@ def read_gguf_metadata(reader) -> Tuple[dict, dict]:
     n_heads = int(a("attention.head_count"))
     dim = int(a("embedding_length"))
     head_dim = int(a("attention.key_length", dim // n_heads))
-    names = {t.name for t in reader.tensors}
-    tokens = _field(reader, "tokenizer.ggml.tokens")
-    vocab = int(a("vocab_size", len(tokens) if tokens is not None else 0))
+    names = {t.name: t for t in reader.tensors}
+    vocab = int(names["token_embd.weight"].shape[-1])  # the embedding's rows (the tokenizer may have fewer)
     config = dict(
         dim=dim,
         n_layers=int(a("block_count")),
@@ -98,8 +102,8 @@ def read_gguf_metadata(reader) -> Tuple[dict, dict]:
         head_dim=head_dim,
         ffn_dim=int(a("feed_forward_length")),
         vocab_size=vocab,
-        norm_eps=float(a("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_base=float(a("rope.freq_base", 10000.0)),
+        norm_eps=_f32(a("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_base=_f32(a("rope.freq_base", 10000.0)),
         rotary_dim=int(a("rope.dimension_count", head_dim)),
         max_seq_len=int(a("context_length", 2048)),
         tie_embeddings="output.weight" not in names,
