@@ -20,3 +20,235 @@ def fused_add_rms_norm(input: Tensor, residual: Tensor, weight: Optional[Tensor]
                        eps: Optional[float] = None) -> tuple[Tensor, Tensor]:
     h = input + residual
     return F.rms_norm(h, (h.shape[-1],), weight, eps), h
+
+
+# ---- paged KV cache and sampling (tritium.ops.paged, tritium.ops.sampling) ----
+def append_kv(k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, slot_mapping: Tensor) -> None:
+    """k_pool.view(-1, H, D)[slot] = k[t] for every token t with slot = slot_mapping[t] >= 0 (in place)."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    bs = k_pool.shape[1]
+    k_pool[slots // bs, slots % bs] = k[keep].to(k_pool.dtype)
+    v_pool[slots // bs, slots % bs] = v[keep].to(v_pool.dtype)
+
+
+def paged_attention_decode(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                           scale: float, softcap: Optional[float] = None, window: Optional[int] = None) -> Tensor:
+    """One query token per sequence against its cached tokens: gather the sequence's pages, then dense
+    attention (GQA: query head h reads KV head h // (q_heads // kv_heads)); softcap: s = c * tanh(s / c) on the
+    scaled scores; window: only the last `window` tokens. Computed in float32 (float64 for float64)."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    B, Hq, D = q.shape
+    bs, Hkv = k_pool.shape[1], k_pool.shape[2]
+    out = torch.zeros(B, Hq, D, dtype=acc, device=q.device)
+    for b, n in enumerate(seq_lens.tolist()):
+        if n <= 0:
+            continue
+        blocks = block_tables[b, : (n + bs - 1) // bs].long()
+        k = k_pool[blocks].reshape(-1, Hkv, D)[:n].to(acc)
+        v = v_pool[blocks].reshape(-1, Hkv, D)[:n].to(acc)
+        if window is not None and window < n:
+            k, v = k[n - window:], v[n - window:]
+        k = k.repeat_interleave(Hq // Hkv, dim=1).transpose(0, 1)  # (Hq, n, D)
+        v = v.repeat_interleave(Hq // Hkv, dim=1).transpose(0, 1)
+        s = torch.einsum("hd,hnd->hn", q[b].to(acc), k) * scale
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
+        out[b] = torch.einsum("hn,hnd->hd", torch.softmax(s, dim=-1), v)
+    return out.to(q.dtype)
+
+
+def sampling_distribution(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                          min_p: float = 0.0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
+                          frequency_penalty: float = 0.0, logit_bias: Optional[dict] = None,
+                          history: Optional[list] = None) -> Tensor:
+    """The distribution tritium.sample draws one row from, in float64 (temperature > 0), as plain torch ops:
+    1. penalties over the row's history (each distinct token once, with c = its count): repetition
+       (z / r if z > 0 else z * r), then z -= frequency * c + presence;
+    2. z += logit_bias;  3. z /= temperature;  e = exp(z - max z);
+    4. top_k: keep e >= the k-th largest e (ties at the cut are kept);
+    5. top_p: keep token i iff the mass of kept tokens strictly more likely than i is < top_p * kept mass
+       (the smallest prefix of the sorted kept set reaching top_p, ties at the cut kept);
+    6. min_p: keep e >= min_p (i.e. p >= min_p * p_max);  7. renormalise over the kept set."""
+    z = _penalised(logits.double(), dict(repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                                         frequency_penalty=frequency_penalty, logit_bias=logit_bias), history)
+    z = z / temperature
+    e = torch.exp(z - z.max())
+    keep = torch.ones_like(e, dtype=torch.bool)
+    if 0 < top_k < e.numel():
+        keep &= e >= torch.topk(e, top_k).values[-1]
+    if top_p < 1.0:
+        ek = torch.where(keep, e, 0.0)
+        s, _ = torch.sort(ek, descending=True)
+        csum = torch.cumsum(s, 0)
+        # mass strictly above each value: cumsum up to the first occurrence of the value, minus the value
+        first = torch.searchsorted(-s, -ek, side="left")
+        above = torch.where(first > 0, csum[(first - 1).clamp(min=0)], 0.0)
+        keep &= above < top_p * ek.sum()
+    if min_p > 0.0:
+        keep &= e >= min_p
+    p = torch.where(keep, e, 0.0)
+    return p / p.sum()
+
+
+# ---- RNNs (worker F): torch's own layer implementations, the unpacked overloads torch.nn.LSTM/GRU call ----
+lstm = torch.lstm
+gru = torch.gru
+
+
+# ---- attention (worker C) ----
+scaled_dot_product_attention = F.scaled_dot_product_attention
+
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: Optional[float] = None,
+                    window: tuple = (-1, -1), softcap: Optional[float] = None, return_lse: bool = False):
+    """softmax(cap(q k^T * scale)) v with key j visible to query i when j <= i + S - L (causal, bottom-right)
+    and i + S - L - left <= j <= i + S - L + right (window, -1 unbounded); rows seeing no key give 0 and
+    lse -inf. Computed in float32 (float64 for float64 input)."""
+    L, D, S = q.shape[-2], q.shape[-1], k.shape[-2]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    group = q.shape[-3] // k.shape[-3]
+    kf = k.to(acc).repeat_interleave(group, -3)
+    vf = v.to(acc).repeat_interleave(group, -3)
+    s = (q.to(acc) @ kf.transpose(-1, -2)) * (D ** -0.5 if scale is None else scale)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    i = torch.arange(L, device=q.device)[:, None] + (S - L)
+    j = torch.arange(S, device=q.device)[None, :]
+    left, right = window
+    right = 0 if causal else right
+    visible = torch.ones(L, S, dtype=torch.bool, device=q.device)
+    if right >= 0:
+        visible &= j <= i + right
+    if left >= 0:
+        visible &= j >= i - left
+    s = s.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+    out = (p @ vf).to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+# ---- activations and gated units (worker A; tritium.ops.activations): torch's own functions ----
+relu = F.relu
+leaky_relu = F.leaky_relu
+elu = F.elu
+selu = F.selu
+celu = F.celu
+sigmoid = torch.sigmoid
+tanh = torch.tanh
+softplus = F.softplus
+gelu = F.gelu
+silu = F.silu
+mish = F.mish
+logsigmoid = F.logsigmoid
+hardswish = F.hardswish
+prelu = F.prelu
+glu = F.glu
+
+
+def swish(input: Tensor, beta=1.0) -> Tensor:
+    """x * sigmoid(beta * x); beta a float or a tensor broadcast against x."""
+    return input * torch.sigmoid(beta * input)
+
+
+def dyt(x: Tensor, alpha: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Dynamic Tanh: weight * tanh(alpha * x) + bias."""
+    return weight * torch.tanh(alpha * x) + bias
+
+
+def _halves(gate: Tensor, up: Optional[Tensor]):
+    if up is not None:
+        return gate, up
+    if gate.dim() == 0 or gate.shape[-1] % 2:
+        raise ValueError(f"gate must hold [gate | up] halves along its last dim (even size) when up is None, "
+                         f"got shape {tuple(gate.shape)}")
+    return gate.chunk(2, dim=-1)
+
+
+def swiglu(gate: Tensor, up: Optional[Tensor] = None) -> Tensor:
+    """silu(gate) * up; up None: gate holds [gate | up] along its last dim."""
+    g, u = _halves(gate, up)
+    return F.silu(g) * u
+
+
+def geglu(gate: Tensor, up: Optional[Tensor] = None, approximate: str = "none") -> Tensor:
+    """gelu(gate, approximate) * up; up None: gate holds [gate | up] along its last dim."""
+    g, u = _halves(gate, up)
+    return F.gelu(g, approximate=approximate) * u
+
+
+# ---- softmax family (worker B) ----
+softmax = F.softmax
+log_softmax = F.log_softmax
+softmin = F.softmin
+cross_entropy = F.cross_entropy
+kl_div = F.kl_div
+
+
+def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
+                               ignore_index: int = -100, reduction: str = "mean",
+                               label_smoothing: float = 0.0, chunk_size: Optional[int] = None) -> Tensor:
+    """The unfused LM head + loss: cross_entropy(linear(hidden, weight, bias), target) (chunk_size unused)."""
+    logits = F.linear(hidden, weight, bias)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=ignore_index,
+                           reduction=reduction, label_smoothing=label_smoothing).reshape(
+        target.shape if reduction == "none" else ())
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0,
+                      alpha: float = 0.5, target: Optional[Tensor] = None, ignore_index: int = -100) -> Tensor:
+    """alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) (batchmean over rows of the last dim)
+    + (1 - alpha) * cross_entropy(student, target); without target only the first term."""
+    c = student_logits.shape[-1]
+    s = F.log_softmax(student_logits.reshape(-1, c) / temperature, -1)
+    t = F.log_softmax(teacher_logits.reshape(-1, c) / temperature, -1)
+    loss = alpha * temperature ** 2 * F.kl_div(s, t, reduction="batchmean", log_target=True)
+    if target is not None:
+        loss = loss + (1 - alpha) * F.cross_entropy(student_logits.reshape(-1, c), target.reshape(-1),
+                                                    ignore_index=ignore_index)
+    return loss
+
+
+def sample(logits: Tensor, uniform: Tensor, params: list, history: Optional[list] = None) -> tuple[Tensor, Tensor]:
+    """tritium.sample's specification row by row: temperature 0 -> argmax of the penalised, biased logits; else
+    the first token (in index order) at which the cumulative sampling_distribution passes uniform[row]. Each
+    params entry is a dict of sampling_distribution's keyword arguments. Returns (tokens int64, logprobs
+    float32) with logprobs of the chosen token under the raw log_softmax(logits); a row with NaN or +inf logits,
+    or no finite logit left, gives token -1 and logprob NaN."""
+    tokens, logprobs = [], []
+    raw = torch.log_softmax(logits.double(), dim=-1)
+    for r, p in enumerate(params):
+        row = logits[r].double()
+        hist = history[r] if history is not None else None
+        bad = bool(torch.isnan(row).any() or (row == float("inf")).any() or not torch.isfinite(row).any())
+        if not bad:
+            p = dict(p)
+            if p.get("temperature", 1.0) == 0.0:
+                p["temperature"] = 1.0
+                z = _penalised(row, p, hist)
+                bad = not torch.isfinite(z.max())
+                t = int(torch.argmax(z)) if not bad else -1
+            else:
+                d = sampling_distribution(row, **p, history=hist)
+                bad = bool(torch.isnan(d).any())
+                c = torch.cumsum(d, 0)
+                t = int(torch.searchsorted(c, uniform[r].double() * c[-1], side="right").clamp(max=row.numel() - 1))
+        tokens.append(-1 if bad else t)
+        logprobs.append(float("nan") if bad else float(raw[r, t]))
+    return torch.tensor(tokens, dtype=torch.int64), torch.tensor(logprobs, dtype=torch.float32)
+
+
+def _penalised(row: Tensor, p: dict, history: Optional[list]) -> Tensor:
+    """Penalties and logit bias only (what greedy decoding takes the argmax of)."""
+    z = row.clone()
+    if history:
+        toks, counts = torch.tensor([t for t in history if 0 <= t < z.numel()], dtype=torch.long).unique(
+            return_counts=True)
+        zt = z[toks]
+        rep = p.get("repetition_penalty", 1.0)
+        zt = torch.where(zt > 0, zt / rep, zt * rep)
+        z[toks] = zt - p.get("frequency_penalty", 0.0) * counts.double() - p.get("presence_penalty", 0.0)
+    for t, bias in (p.get("logit_bias") or {}).items():
+        z[t] += bias
+    return z

@@ -8,3 +8,18 @@ from .norms import *  # noqa: F401,F403
 from . import norms as _norms
 
 __all__ = list(_norms.__all__)
+from .rnn import *  # noqa: F401,F403,E402
+from . import rnn as _rnn  # noqa: E402
+__all__ += _rnn.__all__
+from .activations import *  # noqa: F401,F403,E402
+from . import activations as _activations  # noqa: E402
+__all__ += _activations.__all__
+from .attention import *  # noqa: F401,F403,E402
+from . import attention as _attention  # noqa: E402
+__all__ += _attention.__all__
+from .paged import *  # noqa: F401,F403,E402
+from . import paged as _paged  # noqa: E402
+__all__ += _paged.__all__
+from .sampling import *  # noqa: F401,F403,E402
+from . import sampling as _sampling  # noqa: E402
+__all__ += _sampling.__all__
