@@ -23,3 +23,6 @@ __all__ += _paged.__all__
 from .sampling import *  # noqa: F401,F403,E402
 from . import sampling as _sampling  # noqa: E402
 __all__ += _sampling.__all__
+from .attention import *  # noqa: F401,F403,E402
+from . import attention as _attention  # noqa: E402
+__all__ += _attention.__all__

@@ -1,0 +1,482 @@
+// Flash attention CPU kernels (forward and backward), registered for the CPU key of the tritium ops whose
+// schemas python/tritium/ops/attention.py defines.
+//
+// One kernel covers torch's SDPA and flash_attention: query row i may attend key j when
+//   (left < 0 or j >= i + offset - left) and (right < 0 or j <= i + offset + right)
+// (causal: right = 0; offset = 0 is torch's top-left alignment, S - L flash-attn's bottom-right), scores are
+// s = q.k * scale, optionally soft-capped (cap * tanh(s / cap)), plus an optional additive mask.
+//
+// Forward: tiled online softmax (FlashAttention-2). Tasks are (batch, head, query block); each keeps a
+// BQ x BK score tile, a BQ x Dv float accumulator and row statistics, so memory is O(seq), never O(L * S).
+// The QK^T and PV tiles are blocked matrix products done by the BLAS libtorch ships with (MKL's sgemm_,
+// dgemm_ and gemm_bf16bf16f32_/gemm_f16f16f32_, found at run time; 16-bit tiles accumulate in float, as
+// torch's own CPU flash kernel does), falling back to at::matmul on tile views when a symbol is missing.
+// Saves lse = m + log(l) per row (float; double for double); fully masked rows give 0 and lse = -inf.
+//
+// Backward: recompute P = exp(s - lse) tile by tile; tasks are (batch, query head); dQ is accumulated per
+// query block, dK and dV per query head in float (then summed over the GQA group):
+//   dV += P^T dO;  dP = dO V^T;  dS = P * (dP - rowsum(dO * O)) [* (1 - tanh^2) with softcap];
+//   dQ += scale * dS K;  dK += scale * dS^T Q.
+#include "vec.h"
+
+#include <dlfcn.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace tritium {
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------
+// BLAS on row-major tiles
+// ---------------------------------------------------------------------------------------------------------
+using sgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                         const int*, const float*, const int*, const float*, float*, const int*);
+using dgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*, const double*,
+                         const double*, const int*, const double*, const int*, const double*, double*, const int*);
+using hgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*, const float*,
+                         const uint16_t*, const int*, const uint16_t*, const int*, const float*, float*, const int*);
+
+struct Blas {
+  sgemm_t s = nullptr;
+  dgemm_t d = nullptr;
+  hgemm_t bf16 = nullptr;
+  hgemm_t f16 = nullptr;
+};
+
+const Blas& blas() {
+  static const Blas b = [] {
+    Blas r;
+    if (std::getenv("TRITIUM_NO_BLAS")) return r;  // exercise the at::matmul fallback (tests)
+    void* h = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
+    if (!h) return r;
+    r.s = reinterpret_cast<sgemm_t>(dlsym(h, "sgemm_"));
+    r.d = reinterpret_cast<dgemm_t>(dlsym(h, "dgemm_"));
+    r.bf16 = reinterpret_cast<hgemm_t>(dlsym(h, "gemm_bf16bf16f32_"));
+    r.f16 = reinterpret_cast<hgemm_t>(dlsym(h, "gemm_f16f16f32_"));
+    return r;
+  }();
+  return b;
+}
+
+template <typename T>
+using acc_of = typename VecIO<T>::acc_t;
+
+// C (M x N, ldc) = alpha * op(A) op(B) + beta * C, all row-major. op(A) is M x K: A stored M x K (lda), or
+// K x M when ta. op(B) is K x N: B stored K x N (ldb), or N x K when tb. C is in the accumulation type.
+// Column-major BLAS computes the transpose: C^T = op(B)^T op(A)^T, i.e. the operands swap.
+template <typename T>
+void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, acc_of<T> alpha, const T* A, int64_t lda,
+          const T* B, int64_t ldb, acc_of<T> beta, acc_of<T>* C, int64_t ldc) {
+  using acc_t = acc_of<T>;
+  if (M == 0 || N == 0) return;
+  const char* tA = ta ? "T" : "N";
+  const char* tB = tb ? "T" : "N";
+  const int m = M, n = N, k = K, la = lda, lb = ldb, lc = ldc;
+  const Blas& bl = blas();
+  if constexpr (std::is_same_v<T, float>) {
+    if (bl.s) return bl.s(tB, tA, &n, &m, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
+  } else if constexpr (std::is_same_v<T, double>) {
+    if (bl.d) return bl.d(tB, tA, &n, &m, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
+  } else {
+    hgemm_t f = std::is_same_v<T, c10::BFloat16> ? bl.bf16 : bl.f16;
+    if (f)
+      return f(tB, tA, &n, &m, &k, &alpha, reinterpret_cast<const uint16_t*>(B), &lb,
+               reinterpret_cast<const uint16_t*>(A), &la, &beta, C, &lc);
+  }
+  // fallback: the same product through ATen on views of the tiles
+  auto st = c10::CppTypeToScalarType<T>::value;
+  auto at_ = c10::CppTypeToScalarType<acc_t>::value;
+  auto opts = at::TensorOptions().dtype(st);
+  at::Tensor a = ta ? at::from_blob(const_cast<T*>(A), {K, M}, {lda, 1}, opts).t()
+                    : at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opts);
+  at::Tensor b = tb ? at::from_blob(const_cast<T*>(B), {N, K}, {ldb, 1}, opts).t()
+                    : at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, opts);
+  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, at::TensorOptions().dtype(at_));
+  at::Tensor prod = at::matmul(a.to(at_), b.to(at_)).mul_(alpha);
+  if (beta == acc_t(0)) {
+    c.copy_(prod);
+  } else {
+    c.mul_(beta).add_(prod);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// row helpers (float/double rows of the score tile)
+// ---------------------------------------------------------------------------------------------------------
+template <typename A>
+A row_max(const A* x, int64_t n) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t K = Vec::size();
+  A m = -std::numeric_limits<A>::infinity();
+  int64_t i = 0;
+  if (n >= K) {
+    Vec vm = Vec::loadu(x);
+    for (i = K; i + K <= n; i += K) vm = at::vec::maximum(vm, Vec::loadu(x + i));
+    m = at::vec::vec_reduce_all<A>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
+  }
+  for (; i < n; ++i) m = std::max(m, x[i]);  // NaN in the tile: std::max keeps m, the exp below yields NaN
+  return m;
+}
+
+// p[i] = exp(x[i] - m) in place, returns the sum
+template <typename A>
+A exp_sum(A* x, int64_t n, A m) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t K = Vec::size();
+  const Vec vm(m);
+  Vec acc(0);
+  int64_t i = 0;
+  for (; i + K <= n; i += K) {
+    Vec e = (Vec::loadu(x + i) - vm).exp_u20();
+    e.store(x + i);
+    acc = acc + e;
+  }
+  A s = at::vec::vec_reduce_all<A>([](Vec& a, Vec& b) { return a + b; }, acc);
+  for (; i < n; ++i) {
+    x[i] = std::exp(x[i] - m);
+    s += x[i];
+  }
+  return s;
+}
+
+// cap * tanh(x) in place; keeps 1 - tanh^2 in dt (for the backward) when dt is not null
+template <typename A>
+void softcap_row(A* x, int64_t n, A cap, A* dt) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t K = Vec::size();
+  const Vec vc(cap), one(1);
+  int64_t i = 0;
+  for (; i + K <= n; i += K) {
+    Vec t = Vec::loadu(x + i).tanh();
+    (t * vc).store(x + i);
+    if (dt) (one - t * t).store(dt + i);
+  }
+  for (; i < n; ++i) {
+    A t = std::tanh(x[i]);
+    x[i] = cap * t;
+    if (dt) dt[i] = A(1) - t * t;
+  }
+}
+
+template <typename T, typename A>
+void store_row(const A* x, T* y, int64_t n) {
+  if constexpr (std::is_same_v<T, A>) {
+    if (x != y) std::copy(x, x + n, y);
+  } else {
+    using IO = VecIO<T>;
+    constexpr int64_t K = IO::kSize;
+    int64_t i = 0;
+    for (; i + K <= n; i += K) IO::store(y + i, Vectorized<A>::loadu(x + i));
+    for (; i < n; ++i) y[i] = static_cast<T>(x[i]);
+  }
+}
+
+struct Geometry {
+  int64_t B, H, Hk, L, S, D, Dv;
+  int64_t offset, left, right;
+  // the keys row i may see: [lo, hi)
+  inline int64_t lo(int64_t i) const { return left < 0 ? 0 : std::clamp<int64_t>(i + offset - left, 0, S); }
+  inline int64_t hi(int64_t i) const { return right < 0 ? S : std::clamp<int64_t>(i + offset + right + 1, 0, S); }
+};
+
+// score tile rows for query rows [i0, i0+m) and keys [j0, j0+n): softcap, mask, and -inf outside the window.
+// Returns nothing; per row r, the visible columns are [clo[r], chi[r]) (outside them the tile is not read).
+template <typename T>
+void finish_scores(acc_of<T>* s, int64_t ld, int64_t i0, int64_t m, int64_t j0, int64_t n, const Geometry& g,
+                   acc_of<T> cap, acc_of<T>* dtanh, const T* mask, int64_t msi, int64_t msj, int64_t* clo,
+                   int64_t* chi) {
+  using A = acc_of<T>;
+  for (int64_t r = 0; r < m; ++r) {
+    const int64_t i = i0 + r;
+    A* row = s + r * ld;
+    clo[r] = std::clamp<int64_t>(g.lo(i) - j0, 0, n);
+    chi[r] = std::clamp<int64_t>(g.hi(i) - j0, 0, n);
+    if (chi[r] <= clo[r]) continue;
+    if (cap > A(0)) softcap_row<A>(row, n, cap, dtanh ? dtanh + r * ld : nullptr);
+    if (mask) {
+      const T* mr = mask + i * msi + j0 * msj;
+      for (int64_t c = clo[r]; c < chi[r]; ++c) row[c] += static_cast<A>(mr[c * msj]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// forward
+// ---------------------------------------------------------------------------------------------------------
+int64_t q_block(int64_t L) { return L >= 768 ? 256 : (L >= 192 ? 64 : 32); }
+constexpr int64_t kKeyBlock = 512;
+
+template <typename T>
+void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mask,
+              at::Tensor& out, at::Tensor& lse, double scale_, const Geometry& g, double softcap_) {
+  using A = acc_of<T>;
+  constexpr bool k16 = !std::is_same_v<T, A>;
+  const A scale = static_cast<A>(scale_), cap = static_cast<A>(softcap_);
+  const int64_t BQ = std::min(q_block(g.L), g.L), BK = std::min(kKeyBlock, g.S);
+  const int64_t nqb = (g.L + BQ - 1) / BQ, group = g.H / g.Hk;
+  const T* qp = q.const_data_ptr<T>();
+  const T* kp = k.const_data_ptr<T>();
+  const T* vp = v.const_data_ptr<T>();
+  const T* mp = mask.has_value() ? mask->const_data_ptr<T>() : nullptr;
+  T* op = out.mutable_data_ptr<T>();
+  A* lp = lse.mutable_data_ptr<A>();
+  const int64_t qsb = q.stride(0), qsh = q.stride(1), qsl = q.stride(2);
+  const int64_t ksb = k.stride(0), ksh = k.stride(1), ksl = k.stride(2);
+  const int64_t vsb = v.stride(0), vsh = v.stride(1), vsl = v.stride(2);
+  int64_t msb = 0, msh = 0, msi = 0, msj = 0;
+  if (mp) msb = mask->stride(0), msh = mask->stride(1), msi = mask->stride(2), msj = mask->stride(3);
+  const A ninf = -std::numeric_limits<A>::infinity();
+
+  at::parallel_for(0, g.B * g.H * nqb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> s(BQ * BK), acc(BQ * g.Dv), mx(BQ), sum(BQ);
+    std::vector<T> p16(k16 ? BQ * BK : 0);
+    std::vector<int64_t> clo(BQ), chi(BQ);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (g.H * nqb), h = (task / nqb) % g.H, qb = task % nqb, hk = h / group;
+      const int64_t i0 = qb * BQ, m = std::min(g.L, i0 + BQ) - i0;
+      const T* Q = qp + b * qsb + h * qsh + i0 * qsl;
+      const T* Kh = kp + b * ksb + hk * ksh;
+      const T* Vh = vp + b * vsb + hk * vsh;
+      const T* M = mp ? mp + b * msb + h * msh : nullptr;
+      std::fill(acc.begin(), acc.begin() + m * g.Dv, A(0));
+      std::fill(mx.begin(), mx.end(), ninf);
+      std::fill(sum.begin(), sum.end(), A(0));
+      int64_t jlo = g.S, jhi = 0;
+      for (int64_t r = 0; r < m; ++r) {
+        jlo = std::min(jlo, g.lo(i0 + r));
+        jhi = std::max(jhi, g.hi(i0 + r));
+      }
+      for (int64_t j0 = jlo; j0 < jhi; j0 += BK) {
+        const int64_t n = std::min(jhi, j0 + BK) - j0;
+        gemm<T>(false, true, m, n, g.D, cap > A(0) ? scale / cap : scale, Q, qsl, Kh + j0 * ksl, ksl, A(0),
+                s.data(), BK);
+        finish_scores<T>(s.data(), BK, i0, m, j0, n, g, cap, nullptr, M, msi, msj, clo.data(), chi.data());
+        for (int64_t r = 0; r < m; ++r) {
+          A* row = s.data() + r * BK;
+          const int64_t c0 = clo[r], c1 = chi[r];
+          A new_m = c1 > c0 ? std::max(mx[r], row_max<A>(row + c0, c1 - c0)) : mx[r];
+          if (new_m == ninf) {  // nothing visible yet in this row: a zero row of P
+            std::fill(row, row + n, A(0));
+          } else {
+            const A corr = std::exp(mx[r] - new_m);  // 0 when mx was -inf
+            const A ps = exp_sum<A>(row + c0, c1 - c0, new_m);
+            std::fill(row, row + c0, A(0));
+            std::fill(row + c1, row + n, A(0));
+            sum[r] = sum[r] * corr + ps;
+            mx[r] = new_m;
+            if (corr != A(1)) {
+              A* ar = acc.data() + r * g.Dv;
+              at::vec::map([corr](Vectorized<A> x) { return x * Vectorized<A>(corr); }, ar, ar, g.Dv);
+            }
+          }
+          if constexpr (k16) store_row<T, A>(row, p16.data() + r * BK, n);
+        }
+        const T* P;
+        if constexpr (k16) {
+          P = p16.data();
+        } else {
+          P = s.data();
+        }
+        gemm<T>(false, false, m, g.Dv, n, A(1), P, BK, Vh + j0 * vsl, vsl, A(1), acc.data(), g.Dv);
+      }
+      T* O = op + ((b * g.H + h) * g.L + i0) * g.Dv;
+      A* Lr = lp + (b * g.H + h) * g.L + i0;
+      for (int64_t r = 0; r < m; ++r) {
+        A* ar = acc.data() + r * g.Dv;
+        const A inv = sum[r] > A(0) ? A(1) / sum[r] : A(0);
+        at::vec::map([inv](Vectorized<A> x) { return x * Vectorized<A>(inv); }, ar, ar, g.Dv);
+        store_row<T, A>(ar, O + r * g.Dv, g.Dv);
+        Lr[r] = sum[r] > A(0) ? mx[r] + std::log(sum[r]) : ninf;
+      }
+    }
+  });
+}
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "flash_attn: q, k, v must be 4-D (batch, heads, seq, dim)");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
+              "flash_attn: q, k, v must have a contiguous last dimension");
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "flash_attn: kv heads must divide query heads");
+}
+
+Geometry geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t offset, int64_t left,
+                  int64_t right) {
+  return Geometry{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3), offset, left, right};
+}
+
+std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                  const c10::optional<at::Tensor>& mask, double scale,
+                                                  int64_t offset, int64_t left, int64_t right, double softcap) {
+  check_qkv(q, k, v);
+  Geometry g = geometry(q, k, v, offset, left, right);
+  auto out = empty({g.B, g.H, g.L, g.Dv}, q.options());
+  auto lse = at::empty({g.B, g.H, g.L}, q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+  TRITIUM_DISPATCH_FLOATING(q.scalar_type(), "tritium_flash_attn_fwd", [&] {
+    fwd_impl<scalar_t>(q, k, v, mask, out, lse, scale, g, softcap);
+  });
+  return {out, lse};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// backward
+// ---------------------------------------------------------------------------------------------------------
+constexpr int64_t kBwdQBlock = 128, kBwdKBlock = 256;
+
+template <typename T>
+void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& dlse,
+              const c10::optional<at::Tensor>& mask, double scale_,
+              const Geometry& g, double softcap_, at::Tensor& dq, at::Tensor& dk_full, at::Tensor& dv_full) {
+  using A = acc_of<T>;
+  constexpr bool k16 = !std::is_same_v<T, A>;
+  const A scale = static_cast<A>(scale_), cap = static_cast<A>(softcap_);
+  const int64_t BQ = std::min(kBwdQBlock, g.L), BK = std::min(kBwdKBlock, g.S);
+  const int64_t group = g.H / g.Hk, D = g.D, Dv = g.Dv;
+  const T* qp = q.const_data_ptr<T>();
+  const T* kp = k.const_data_ptr<T>();
+  const T* vp = v.const_data_ptr<T>();
+  const T* op = out.const_data_ptr<T>();
+  const T* dop = dout.const_data_ptr<T>();
+  const A* lp = lse.const_data_ptr<A>();
+  const A* dlp = dlse.has_value() ? dlse->const_data_ptr<A>() : nullptr;
+  const T* mp = mask.has_value() ? mask->const_data_ptr<T>() : nullptr;
+  T* dqp = dq.mutable_data_ptr<T>();
+  A* dkp = dk_full.mutable_data_ptr<A>();
+  A* dvp = dv_full.mutable_data_ptr<A>();
+  const int64_t qsb = q.stride(0), qsh = q.stride(1), qsl = q.stride(2);
+  const int64_t ksb = k.stride(0), ksh = k.stride(1), ksl = k.stride(2);
+  const int64_t vsb = v.stride(0), vsh = v.stride(1), vsl = v.stride(2);
+  const int64_t dsb = dout.stride(0), dsh = dout.stride(1), dsl = dout.stride(2);
+  const int64_t osb = out.stride(0), osh = out.stride(1), osl = out.stride(2);
+  int64_t msb = 0, msh = 0, msi = 0, msj = 0;
+  if (mp) msb = mask->stride(0), msh = mask->stride(1), msi = mask->stride(2), msj = mask->stride(3);
+  const A ninf = -std::numeric_limits<A>::infinity();
+
+  at::parallel_for(0, g.B * g.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> s(BQ * BK), dp(BQ * BK), dt(cap > A(0) ? BQ * BK : 0), dqa(BQ * D), delta(BQ);
+    std::vector<T> p16(k16 ? BQ * BK : 0), ds16(k16 ? BQ * BK : 0);
+    std::vector<int64_t> clo(BQ), chi(BQ);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / g.H, h = task % g.H, hk = h / group;
+      const T* Kh = kp + b * ksb + hk * ksh;
+      const T* Vh = vp + b * vsb + hk * vsh;
+      const T* M = mp ? mp + b * msb + h * msh : nullptr;
+      A* dK = dkp + task * g.S * D;
+      A* dV = dvp + task * g.S * Dv;
+      std::fill(dK, dK + g.S * D, A(0));
+      std::fill(dV, dV + g.S * Dv, A(0));
+      for (int64_t i0 = 0; i0 < g.L; i0 += BQ) {
+        const int64_t m = std::min(g.L, i0 + BQ) - i0;
+        const T* Q = qp + b * qsb + h * qsh + i0 * qsl;
+        const T* dO = dop + b * dsb + h * dsh + i0 * dsl;
+        const T* O = op + b * osb + h * osh + i0 * osl;
+        const A* Lr = lp + (b * g.H + h) * g.L + i0;
+        for (int64_t r = 0; r < m; ++r) {
+          A d = 0;
+          for (int64_t c = 0; c < Dv; ++c) d += static_cast<A>(dO[r * dsl + c]) * static_cast<A>(O[r * osl + c]);
+          // d lse / d s = P: a gradient reaching lse shifts the row's delta
+          delta[r] = dlp ? d - dlp[(b * g.H + h) * g.L + i0 + r] : d;
+        }
+        std::fill(dqa.begin(), dqa.begin() + m * D, A(0));
+        int64_t jlo = g.S, jhi = 0;
+        for (int64_t r = 0; r < m; ++r) {
+          jlo = std::min(jlo, g.lo(i0 + r));
+          jhi = std::max(jhi, g.hi(i0 + r));
+        }
+        for (int64_t j0 = jlo; j0 < jhi; j0 += BK) {
+          const int64_t n = std::min(jhi, j0 + BK) - j0;
+          gemm<T>(false, true, m, n, D, cap > A(0) ? scale / cap : scale, Q, qsl, Kh + j0 * ksl, ksl, A(0),
+                  s.data(), BK);
+          finish_scores<T>(s.data(), BK, i0, m, j0, n, g, cap, cap > A(0) ? dt.data() : nullptr, M, msi, msj,
+                           clo.data(), chi.data());
+          // P = exp(s - lse) inside the window, 0 outside (and on rows that see nothing)
+          for (int64_t r = 0; r < m; ++r) {
+            A* row = s.data() + r * BK;
+            const int64_t c0 = clo[r], c1 = chi[r];
+            if (Lr[r] == ninf || c1 <= c0) {
+              std::fill(row, row + n, A(0));
+            } else {
+              exp_sum<A>(row + c0, c1 - c0, Lr[r]);
+              std::fill(row, row + c0, A(0));
+              std::fill(row + c1, row + n, A(0));
+            }
+            if constexpr (k16) store_row<T, A>(row, p16.data() + r * BK, n);
+          }
+          const T* P;
+          if constexpr (k16) {
+            P = p16.data();
+          } else {
+            P = s.data();
+          }
+          // dV[j0:] += P^T dO
+          gemm<T>(true, false, n, Dv, m, A(1), P, BK, dO, dsl, A(1), dV + j0 * Dv, Dv);
+          // dP = dO V^T
+          gemm<T>(false, true, m, n, Dv, A(1), dO, dsl, Vh + j0 * vsl, vsl, A(0), dp.data(), BK);
+          // dS = P * (dP - delta) (* dtanh)
+          for (int64_t r = 0; r < m; ++r) {
+            using Vec = Vectorized<A>;
+            A* pr = s.data() + r * BK;
+            A* dr = dp.data() + r * BK;
+            const Vec vd(delta[r]);
+            if (cap > A(0)) {
+              const A* tr = dt.data() + r * BK;
+              at::vec::map3([vd](Vec p, Vec d, Vec t) { return p * (d - vd) * t; }, dr, pr, dr, tr, n);
+            } else {
+              at::vec::map2([vd](Vec p, Vec d) { return p * (d - vd); }, dr, pr, dr, n);
+            }
+            if constexpr (k16) store_row<T, A>(dr, ds16.data() + r * BK, n);
+          }
+          const T* dS;
+          if constexpr (k16) {
+            dS = ds16.data();
+          } else {
+            dS = dp.data();
+          }
+          // dQ += scale dS K;  dK[j0:] += scale dS^T Q
+          gemm<T>(false, false, m, D, n, scale, dS, BK, Kh + j0 * ksl, ksl, A(1), dqa.data(), D);
+          gemm<T>(true, false, n, D, m, scale, dS, BK, Q, qsl, A(1), dK + j0 * D, D);
+        }
+        T* dQ = dqp + ((b * g.H + h) * g.L + i0) * D;
+        for (int64_t r = 0; r < m; ++r) store_row<T, A>(dqa.data() + r * D, dQ + r * D, D);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const c10::optional<at::Tensor>& dlse, const c10::optional<at::Tensor>& mask,
+    double scale, int64_t offset, int64_t left, int64_t right, double softcap) {
+  check_qkv(q, k, v);
+  TORCH_CHECK(dout.stride(3) == 1 && out.stride(3) == 1, "flash_attn_bwd: dout, out need a contiguous last dim");
+  TORCH_CHECK(lse.is_contiguous(), "flash_attn_bwd: lse must be contiguous");
+  TORCH_CHECK(!dlse.has_value() || (dlse->is_contiguous() && dlse->scalar_type() == lse.scalar_type()),
+              "flash_attn_bwd: dlse must be contiguous with lse's dtype");
+  Geometry g = geometry(q, k, v, offset, left, right);
+  auto acc = q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  auto dq = empty({g.B, g.H, g.L, g.D}, q.options());
+  auto dk_full = empty({g.B, g.H, g.S, g.D}, acc);
+  auto dv_full = empty({g.B, g.H, g.S, g.Dv}, acc);
+  TRITIUM_DISPATCH_FLOATING(q.scalar_type(), "tritium_flash_attn_bwd", [&] {
+    bwd_impl<scalar_t>(dout, q, k, v, out, lse, dlse, mask, scale, g, softcap, dq, dk_full, dv_full);
+  });
+  const int64_t group = g.H / g.Hk;
+  auto reduce = [&](const at::Tensor& full, int64_t d) {
+    at::Tensor r = group == 1 ? full : full.view({g.B, g.Hk, group, g.S, d}).sum(2);
+    return r.to(q.scalar_type());
+  };
+  return {dq, reduce(dk_full, g.D), reduce(dv_full, g.Dv)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tritium, CPU, m) {
+  m.impl("flash_attn_fwd", &flash_attn_fwd);
+  m.impl("flash_attn_bwd", &flash_attn_bwd);
+}
+
+}  // namespace tritium
