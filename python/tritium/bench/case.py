@@ -24,6 +24,7 @@ class OpCase:
     bytes_fwdbwd: Optional[Callable[[Shape, torch.dtype], float]] = None  # forward + backward; None: fwd only
     flops_fwd: Optional[Callable[[Shape, torch.dtype], float]] = None     # for compute-bound ops (TFLOP/s)
     flops_fwdbwd: Optional[Callable[[Shape, torch.dtype], float]] = None
+    # the first shape is the headline one (`tritium bench ops --headline`): put the issue's bar shape first
     shapes: Sequence[Shape] = ((4096, 4096), (8192, 576), (1, 4096))
     dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16)
     # indices into make()'s args that get gradients in fwd+bwd (default: every floating tensor)

@@ -19,6 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--op", action="append", help="op name or glob (repeatable); default: all")
     p.add_argument("--dtype", action="append", help="float32, bfloat16, float16 (repeatable); default: per case")
     p.add_argument("--shape", action="append", help="e.g. 4096x4096 (repeatable); default: per case")
+    p.add_argument("--headline", action="store_true",
+                   help="only each case's first (headline) shape: the one its issue's bar is stated at")
     p.add_argument("--mode", choices=["fwd", "fwdbwd", "both"], default="both")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (saves minutes)")
     p.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per measurement")
@@ -93,6 +95,8 @@ def run(args) -> List[dict]:
         table.add_column(col, justify="right" if col not in ("op", "mode") else "left")
     for case in cases:
         shapes = [_parse_shape(s) for s in args.shape] if args.shape else case.shapes
+        if args.headline and not args.shape:
+            shapes = shapes[:1]
         dtypes = [parse_dtype(d) for d in args.dtype] if args.dtype else case.dtypes
         for shape in shapes:
             for dtype in dtypes:
