@@ -6,7 +6,7 @@ Each ``step()``:
      block preempts the most recently admitted request, whose blocks are freed; it waits at the head of the
      queue and is later recomputed (its prompt and generated tokens prefilled again), so others never fail.
   2. one model call (``Llama.forward_step``) over the packed tokens of decodes and prefills together;
-  3. sampling per request (its own SamplingParams and seeded generator), stop tokens / strings / max tokens,
+  3. sampling (tritium.sample: one fused call, each row with its own SamplingParams and seed), stop tokens / strings / max tokens,
      streaming callbacks with the new text.
 
 Beam search (``num_beams > 1``) keeps num_beams sequences per request that share their common prefix's
@@ -16,7 +16,6 @@ Hypotheses are ranked by sum(logprobs) / t**length_penalty (t = generated tokens
 from __future__ import annotations
 
 import collections
-import dataclasses
 import itertools
 import math
 import time
@@ -28,56 +27,8 @@ from torch import Tensor
 
 import tritium
 from ..models.llama import StepInput
-from .cache import CacheFullError, PagedKVCache
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Adapters for worker D's pieces (cache manager, sampling op) while they are being built.
-# ---------------------------------------------------------------------------------------------------------
-@dataclass
-class SamplingParams:
-    """Adapter for tritium.SamplingParams (same fields)."""
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: Optional[Dict[int, float]] = None
-    seed: Optional[int] = None
-
-
-def _sample(logits: Tensor, params: SamplingParams, history: Optional[Tensor], generator: torch.Generator):
-    """Adapter for tritium.sample on one row: logits (1, vocab) -> (token (1,), logprob (1,))."""
-    x = logits.float().clone()
-    if params.logit_bias:
-        for t, b in params.logit_bias.items():
-            x[:, t] += b
-    if history is not None and history.numel():
-        h = history.view(1, -1)
-        if params.repetition_penalty != 1.0:
-            g = x.gather(1, h)
-            x.scatter_(1, h, torch.where(g > 0, g / params.repetition_penalty, g * params.repetition_penalty))
-        counts = torch.zeros_like(x).scatter_add_(1, h, torch.ones_like(h, dtype=x.dtype))
-        x -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(x.dtype)
-    logp_full = torch.log_softmax(x, -1)
-    if params.temperature == 0.0:
-        tok = x.argmax(-1)
-        return tok, logp_full.gather(1, tok[:, None])[:, 0]
-    x = x / params.temperature
-    if params.top_k > 0:
-        kth = x.topk(min(params.top_k, x.shape[-1]), -1).values[:, -1:]
-        x = x.masked_fill(x < kth, float("-inf"))
-    p = torch.softmax(x, -1)
-    if params.min_p > 0:
-        x = x.masked_fill(p < params.min_p * p.max(-1, keepdim=True).values, float("-inf"))
-    if params.top_p < 1.0:
-        sp, idx = torch.softmax(x, -1).sort(-1, descending=True)
-        drop = sp.cumsum(-1) - sp > params.top_p
-        x = x.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
-    tok = torch.multinomial(torch.softmax(x, -1), 1, generator=generator)[:, 0]
-    return tok, logp_full.gather(1, tok[:, None])[:, 0]
+from .cache import PagedKVCache
+from .sampling import SamplingParams, sample
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -131,8 +82,6 @@ class Request:
         self.on_token = on_token
         self.num_beams = num_beams
         self.length_penalty = length_penalty
-        self.generator = torch.Generator()
-        self.generator.manual_seed(params.seed if params.seed is not None else torch.seed() % (2 ** 63))
         self.seqs: List[_Seq] = [_Seq(list(prompt_ids), len(prompt_ids))]
         self.finished_beams: List[tuple] = []   # (score, tokens, logprobs)
         self.emitted = 0                        # characters of text already streamed
@@ -327,6 +276,11 @@ class Engine:
             tok = lg.argmax(-1)
             lp = lg.gather(1, tok[:, None])[:, 0] - torch.logsumexp(lg, -1)
             greedy_tok = dict(zip(greedy, zip(tok.tolist(), lp.tolist())))
+        sampled = [i for i, (r, _) in enumerate(rows) if r.num_beams == 1 and i not in greedy_tok]
+        if sampled:  # one fused call: per-row params, penalties over each row's generated tokens, seeds
+            toks, lps = sample(logits.index_select(0, torch.tensor(sampled, device=logits.device)),
+                               [rows[i][0].params for i in sampled], [rows[i][1].generated for i in sampled])
+            greedy_tok.update(zip(sampled, zip(toks.tolist(), lps.tolist())))
         for rid, idxs in by_req.items():
             r = reqs[rid]
             if r.done:
@@ -336,12 +290,7 @@ class Engine:
                 continue
             i = idxs[0]
             s = rows[i][1]
-            if i in greedy_tok:
-                t, lp = greedy_tok[i]
-            else:
-                hist = torch.tensor(s.tokens, dtype=torch.int64, device=logits.device)
-                t, lp = _sample(logits[i:i + 1], r.params, hist, r.generator)
-                t, lp = int(t), float(lp)
+            t, lp = greedy_tok[i]
             s.tokens.append(t)
             s.logprobs.append(lp)
             self._after_token(r, s, t)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 import tritium
+from tritium.ops.paged import append_kv, paged_attention_decode
 
 
 @dataclass
@@ -72,7 +73,7 @@ CONFIGS: Dict[str, LlamaConfig] = {
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Adapters: one per op another worker is building; each calls the tritium op once it exists in the tree.
+# Adapters: one per op another worker is still building (RoPE); replaced by the tritium op once it exists.
 # ---------------------------------------------------------------------------------------------------------
 def _rope_tables(c: LlamaConfig, max_positions: int) -> Tuple[Tensor, Tensor]:
     """Adapter for tritium.rope_tables: (cos, sin) (max_positions, rotary_dim // 2) float32."""
@@ -97,40 +98,6 @@ def _rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Optional[Te
         return torch.cat((out, xp), dim=-1) if xp.shape[-1] else out
 
     return rot(q), rot(k)
-
-
-def _flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
-    """Adapter for tritium.flash_attention on (batch, heads, seq, head_dim), GQA."""
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
-
-
-def _append_kv(k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, slot_mapping: Tensor) -> None:
-    """Adapter for tritium.inference.append_kv: write token rows into the (blocks, block_size, kvh, hd) pools."""
-    k_pool.view(-1, *k_pool.shape[2:]).index_copy_(0, slot_mapping, k)
-    v_pool.view(-1, *v_pool.shape[2:]).index_copy_(0, slot_mapping, v)
-
-
-def _paged_attention_decode(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, seq_lens: Tensor,
-                            scale: float) -> Tensor:
-    """Adapter for tritium.inference.paged_attention_decode: q (batch, heads, hd) -> (batch, heads, hd)."""
-    b, h, hd = q.shape
-    bs = k_pool.shape[1]
-    max_len = block_tables.shape[1] * bs
-    pos = torch.arange(max_len, device=q.device)
-    slots = block_tables.long()[:, pos // bs] * bs + pos % bs                     # (b, max_len)
-    k = k_pool.view(-1, *k_pool.shape[2:])[slots]                                # (b, max_len, kvh, hd)
-    v = v_pool.view(-1, *v_pool.shape[2:])[slots]
-    mask = pos[None, :] < seq_lens[:, None].long()                               # (b, max_len)
-    o = torch.nn.functional.scaled_dot_product_attention(
-        q[:, :, None], k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None], scale=scale,
-        enable_gqa=True)
-    return o[:, :, 0]
-
-
-def _swiglu(gate_up: Tensor) -> Tensor:
-    """Adapter for tritium.swiglu(gate_up): silu(gate) * up with [gate | up] halves on the last dim."""
-    g, u = gate_up.chunk(2, dim=-1)
-    return torch.nn.functional.silu(g) * u
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -261,7 +228,7 @@ class Llama(nn.Module):
         return _linear(h, self.embed if self.lm_head is None else self.lm_head)
 
     def _mlp(self, layer: Block, y: Tensor) -> Tensor:
-        return _linear(_swiglu(_linear(y, layer.w_gate_up)), layer.w_down)
+        return _linear(tritium.swiglu(_linear(y, layer.w_gate_up)), layer.w_down)
 
     def _layers(self, x: Tensor, attend) -> Tensor:
         """Run the decoder stack; attend(i, layer, y) -> attention output (before wo). Returns the final
@@ -292,7 +259,8 @@ class Llama(nn.Module):
             k = k.view(b, s, c.n_kv_heads, c.head_dim)
             q, k = _rope(q, k, self.rope_cos, self.rope_sin, None)
             v = v.view(b, s, c.n_kv_heads, c.head_dim)
-            o = _flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), True)  # (b, h, s, hd)
+            o = tritium.flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                        causal=True)                                  # (b, h, s, hd)
             return o.transpose(1, 2).reshape(b, s, c.n_heads * c.head_dim)
 
         return self._head(self._layers(x, attend))
@@ -313,19 +281,19 @@ class Llama(nn.Module):
             v = v.view(t, c.n_kv_heads, c.head_dim)
             q, k = _rope(q, k, self.rope_cos, self.rope_sin, step.positions)
             k_pool, v_pool = kv[i]
-            _append_kv(k, v, k_pool, v_pool, step.slot_mapping)
+            append_kv(k, v, k_pool, v_pool, step.slot_mapping)
             if not step.prefill_lens:   # decode only: the common step
-                return _paged_attention_decode(q, k_pool, v_pool, step.block_tables, step.seq_lens,
-                                               self.scale).reshape(t, -1)
+                return paged_attention_decode(q, k_pool, v_pool, step.block_tables, step.seq_lens,
+                                              self.scale).reshape(t, -1)
             outs = []
             if nd:
-                outs.append(_paged_attention_decode(q[:nd], k_pool, v_pool, step.block_tables, step.seq_lens,
-                                                    self.scale).reshape(nd, -1))
+                outs.append(paged_attention_decode(q[:nd], k_pool, v_pool, step.block_tables, step.seq_lens,
+                                                   self.scale).reshape(nd, -1))
             start = nd
             for n in step.prefill_lens:  # each prompt attends to itself only (prefill starts at position 0)
                 sl = slice(start, start + n)
-                o = _flash_attention(q[None, sl].transpose(1, 2), k[None, sl].transpose(1, 2),
-                                     v[None, sl].transpose(1, 2), True)                     # (1, h, n, hd)
+                o = tritium.flash_attention(q[None, sl].transpose(1, 2), k[None, sl].transpose(1, 2),
+                                            v[None, sl].transpose(1, 2), causal=True)         # (1, h, n, hd)
                 outs.append(o[0].transpose(0, 1).reshape(n, -1))
                 start += n
             return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
