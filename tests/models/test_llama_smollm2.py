@@ -31,6 +31,17 @@ def fixture():
 
 
 @pytest.fixture(scope="module")
+def tokenizer():
+    """The tokenizer alone (GGUF metadata only: no weights are dequantised)."""
+    import gguf
+
+    from tritium.models.gguf import read_gguf_metadata
+    from tritium.models.tokenizer import load_tokenizer
+
+    return load_tokenizer(read_gguf_metadata(gguf.GGUFReader(MODEL_PATH))[1])
+
+
+@pytest.fixture(scope="module")
 def smollm2():
     import tritium.models
 
@@ -85,15 +96,15 @@ def test_greedy_continuations_batched_match_reference(smollm2, fixture):
     "naïve café — “quotes” ✓ 日本語 한국어 🙂🚀", "<|im_start|>user\nhi<|im_end|>\n", "def f(x):\n    return x**2\n",
     "\u00a0\u200b odd spaces", "a" * 300,
 ])
-def test_tokenizer_roundtrip(smollm2, text):
-    _, tok = smollm2
+def test_tokenizer_roundtrip(tokenizer, text):
+    tok = tokenizer
     ids = tok.encode(text)
     assert tok.decode(ids) == text
     assert tok.bos_id is None or not ids or ids[0] != tok.bos_id or text.startswith("<|im_start|>")
 
 
-def test_tokenizer_specials_and_chat_template(smollm2, fixture):
-    _, tok = smollm2
+def test_tokenizer_specials_and_chat_template(tokenizer, fixture):
+    tok = tokenizer
     assert tok.encode("<|im_start|>") == [1] and tok.encode("<|im_end|>") == [2]
     assert 2 in tok.stop_ids
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]

@@ -89,7 +89,9 @@ def _rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Optional[Te
     positions shaped q.shape[:-2] (None: arange over the seq dim of 4-D inputs)."""
     if positions is None:
         positions = torch.arange(q.shape[1], device=q.device).expand(q.shape[0], q.shape[1])
-    c, s = cos[positions][..., None, :], sin[positions][..., None, :]           # (..., 1, rd/2)
+    flat = positions.reshape(-1)
+    shape = (*positions.shape, 1, cos.shape[-1])
+    c, s = cos.index_select(0, flat).view(shape), sin.index_select(0, flat).view(shape)   # (..., 1, rd/2)
 
     def rot(x):
         half = c.shape[-1]
