@@ -38,3 +38,48 @@ def patch(model: torch.nn.Module) -> List[Tuple[str, Type[torch.nn.Module]]]:
             replaced.append((name, type(module)))
             module.__class__ = twin
     return replaced
+
+
+# ---- softmax family (worker B) ----
+class Softmax(torch.nn.Softmax):
+    def forward(self, input: Tensor) -> Tensor:
+        return ops.softmax(input, self.dim, _stacklevel=5)
+
+
+class LogSoftmax(torch.nn.LogSoftmax):
+    def forward(self, input: Tensor) -> Tensor:
+        return ops.log_softmax(input, self.dim, _stacklevel=5)
+
+
+class Softmin(torch.nn.Softmin):
+    def forward(self, input: Tensor) -> Tensor:
+        return ops.softmin(input, self.dim, _stacklevel=5)
+
+
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return ops.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
+                                 reduction=self.reduction, label_smoothing=self.label_smoothing)
+
+
+class FusedLinearCrossEntropyLoss(torch.nn.Module):
+    """The LM head's loss without the logits: forward(hidden, weight, target, bias=None) =
+    cross_entropy(linear(hidden, weight, bias), target), computed chunk by chunk of tokens (torch has no twin)."""
+
+    def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                 chunk_size=None):
+        super().__init__()
+        self.ignore_index, self.reduction = ignore_index, reduction
+        self.label_smoothing, self.chunk_size = label_smoothing, chunk_size
+
+    def forward(self, hidden: Tensor, weight: Tensor, target: Tensor, bias=None) -> Tensor:
+        return ops.fused_linear_cross_entropy(hidden, weight, target, bias, self.ignore_index, self.reduction,
+                                              self.label_smoothing, self.chunk_size)
+
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+                f"label_smoothing={self.label_smoothing}, chunk_size={self.chunk_size}")
+
+
+PATCH_TABLE.update({torch.nn.Softmax: Softmax, torch.nn.LogSoftmax: LogSoftmax, torch.nn.Softmin: Softmin,
+                    torch.nn.CrossEntropyLoss: CrossEntropyLoss})

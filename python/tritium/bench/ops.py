@@ -72,6 +72,37 @@ def _runner(fn, args, mode, grad_idx):
     return run
 
 
+def _status_kib(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def peak_extra_bytes(fn, device: str = "cpu"):
+    """Peak memory one call of fn adds above what was in use before it (OpCase.track_memory). CPU: the
+    resident-set high-water mark, reset through /proc/self/clear_refs (Linux), minus the resident set before the
+    call; CUDA: the caching allocator's peak. None where neither is available."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated() - before)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_kib("VmRSS")
+        out = fn()
+        peak = _status_kib("VmHWM")
+        del out
+    except OSError:
+        return None
+    return float(peak - before) * 1024
+
+
 def run(args) -> List[dict]:
     from .suites import all_cases
 
@@ -91,7 +122,7 @@ def run(args) -> List[dict]:
     console.print(f"[bold]tritium bench ops[/] on {device}; measured copy bandwidth {bw / 1e9:.1f} GB/s")
     table = Table(title="tritium vs eager vs torch.compile (median ms; speedup = baseline / tritium)")
     for col in ("op", "shape", "dtype", "mode", "eager", "compile", "tritium", "x eager", "x compile", "GB/s",
-                "% copy BW"):
+                "% copy BW", "peak MiB e/t"):
         table.add_column(col, justify="right" if col not in ("op", "mode") else "left")
     for case in cases:
         shapes = [_parse_shape(s) for s in args.shape] if args.shape else case.shapes
@@ -114,6 +145,12 @@ def run(args) -> List[dict]:
                     for name, fn in impls:
                         times[name] = time_fn(_runner(fn, inputs, mode, grad_idx), args.min_time, device)
                         gc.collect()
+                    peaks = {}
+                    if case.track_memory:
+                        for name, fn in impls:
+                            if name != "compile":
+                                peaks[name] = peak_extra_bytes(_runner(fn, inputs, mode, grad_idx), device)
+                            gc.collect()
                     nbytes = nbytes_fn(shape, dtype)
                     t = times["tritium"]
                     row = {
@@ -124,14 +161,22 @@ def run(args) -> List[dict]:
                         "bytes": nbytes, "GBps": nbytes / t / 1e9, "frac_copy_bw": nbytes / t / bw,
                         "note": case.note,
                     }
+                    if peaks:
+                        row["peak_eager_MiB"] = peaks["eager"] / 2**20 if peaks["eager"] is not None else None
+                        row["peak_tritium_MiB"] = peaks["tritium"] / 2**20 if peaks["tritium"] is not None else None
                     rows.append(row)
                     sc = f"{row['speedup_compile']:.2f}" if row["speedup_compile"] else "-"
                     table.add_row(case.name, "x".join(map(str, shape)), row["dtype"], mode,
                                   f"{row['eager_ms']:.3f}", f"{row['compile_ms']:.3f}", f"{row['tritium_ms']:.3f}",
                                   f"{row['speedup_eager']:.2f}", sc, f"{row['GBps']:.1f}",
-                                  f"{100 * row['frac_copy_bw']:.0f}%")
+                                  f"{100 * row['frac_copy_bw']:.0f}%",
+                                  f"{row['peak_eager_MiB']:.0f}/{row['peak_tritium_MiB']:.0f}"
+                                  if row.get("peak_tritium_MiB") is not None else "-")
                     console.print(f"  {case.name} {shape} {row['dtype']} {mode}: tritium {t * 1e3:.3f} ms, "
-                                  f"{row['speedup_eager']:.2f}x eager, {sc}x compile", highlight=False)
+                                  f"{row['speedup_eager']:.2f}x eager, {sc}x compile"
+                                  + (f"; peak extra memory eager {row['peak_eager_MiB']:.0f} MiB, tritium "
+                                     f"{row['peak_tritium_MiB']:.0f} MiB" if row.get("peak_tritium_MiB") else ""),
+                                  highlight=False)
                 del inputs
     console.print(table)
     console.print(f"geomean speedup vs eager {geomean([r['speedup_eager'] for r in rows]):.2f}x"

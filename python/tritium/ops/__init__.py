@@ -20,3 +20,9 @@ __all__ += _sampling.__all__
 from .attention import *  # noqa: F401,F403,E402
 from . import attention as _attention  # noqa: E402
 __all__ += _attention.__all__
+from . import softmax as _softmax  # noqa: E402  (module first: the star import binds the name to the function)
+from .softmax import *  # noqa: F401,F403,E402
+__all__ += _softmax.__all__
+from . import cross_entropy as _cross_entropy  # noqa: E402  (module first, as above)
+from .cross_entropy import *  # noqa: F401,F403,E402
+__all__ += _cross_entropy.__all__

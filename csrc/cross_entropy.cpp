@@ -1,0 +1,201 @@
+// Cross-entropy CPU kernels for class-index targets, registered for the CPU key of the tritium ops whose schemas
+// python/tritium/ops/cross_entropy.py defines.
+//
+// Forward, per row of C logits x with target t (weights w, smoothing eps; w = 1 without weights, W = sum_c w_c):
+//   lse = log(sum_c exp(x_c)),  loss = (1 - eps) w_t (lse - x_t) + eps/C (W lse - sum_c w_c x_c)
+//   grad_j = p_j ((1 - eps) w_t + eps W / C) - eps/C w_j - [j == t] (1 - eps) w_t,   p_j = exp(x_j - lse)
+// (torch's cross_entropy with label_smoothing, its 'mean' dividing by sum of w_t over non-ignored rows). The
+// gradient rows of the per-row losses are written in the forward (no softmax is kept), so the backward is a row
+// scaling by the upstream gradient. Ignored rows (t == ignore_index) give loss 0 and gradient 0.
+// Three passes per row (max; sum of exp kept in a buffer; gradient): one read of the row from memory, one write.
+#include "vec.h"
+
+namespace tritium {
+namespace {
+
+template <typename T>
+using acc_of = typename VecIO<T>::acc_t;
+
+template <typename T>
+inline acc_of<T> hsum(const typename VecIO<T>::Vec& v) {
+  using Vec = typename VecIO<T>::Vec;
+  return at::vec::vec_reduce_all<acc_of<T>>([](Vec& a, Vec& b) { return a + b; }, v);
+}
+
+template <typename T>
+acc_of<T> row_max(const T* x, int64_t n) {
+  using IO = VecIO<T>;
+  using Vec = typename IO::Vec;
+  using acc_t = acc_of<T>;
+  constexpr int64_t K = IO::kSize;
+  Vec m0(-std::numeric_limits<acc_t>::infinity()), m1 = m0;
+  int64_t i = 0;
+  for (; i + 2 * K <= n; i += 2 * K) {
+    m0 = at::vec::maximum(m0, IO::load(x + i));
+    m1 = at::vec::maximum(m1, IO::load(x + i + K));
+  }
+  for (; i + K <= n; i += K) m0 = at::vec::maximum(m0, IO::load(x + i));
+  acc_t m = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); },
+                                           at::vec::maximum(m0, m1));
+  for (; i < n; ++i) {
+    acc_t v = static_cast<acc_t>(x[i]);
+    m = (v != v || v > m) ? v : m;
+  }
+  return m;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& x, const at::Tensor& target,
+                                                                 const c10::optional<at::Tensor>& weight,
+                                                                 int64_t ignore_index, double label_smoothing,
+                                                                 bool need_grad) {
+  check_rows(x, "input");
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == x.size(0), "target must be 1-D with one entry per row");
+  TORCH_CHECK(target.scalar_type() == at::kLong, "target must be int64");
+  const int64_t M = x.size(0), C = x.size(1);
+  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto loss = at::empty({M}, x.options().dtype(acc_type));
+  auto grad = need_grad ? empty({M, C}, x.options()) : at::empty({0}, x.options());
+  auto total = at::empty({}, x.options().dtype(acc_type));
+  TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_cross_entropy_fwd", [&] {
+    using acc_t = acc_of<scalar_t>;
+    using IO = VecIO<scalar_t>;
+    using Vec = typename IO::Vec;
+    constexpr int64_t K = IO::kSize;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const int64_t* tp = target.const_data_ptr<int64_t>();
+    const int64_t st = target.stride(0), sx = x.stride(0);
+    const scalar_t* wp = weight.has_value() ? weight->const_data_ptr<scalar_t>() : nullptr;
+    // targets are validated (as torch's nll_loss does) and the total weight summed before any row is touched
+    double tw = 0, wsum = 0;
+    for (int64_t r = 0; r < M; ++r) {
+      const int64_t t = tp[r * st];
+      if (t == ignore_index) continue;
+      TORCH_CHECK_INDEX(t >= 0 && t < C, "Target ", t, " is out of bounds.");
+      tw += wp ? static_cast<double>(static_cast<acc_t>(wp[t])) : 1.0;
+    }
+    if (wp) {
+      for (int64_t c = 0; c < C; ++c) wsum += static_cast<acc_t>(wp[c]);
+    } else {
+      wsum = static_cast<double>(C);
+    }
+    total.fill_(tw);
+    const acc_t eps = static_cast<acc_t>(label_smoothing), W = static_cast<acc_t>(wsum);
+    const acc_t b = eps / static_cast<acc_t>(C);
+    acc_t* lp = loss.mutable_data_ptr<acc_t>();
+    scalar_t* gp = need_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, M, row_grain(C), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> tmp;
+      if constexpr (!std::is_same_v<acc_t, scalar_t>) {
+        if (need_grad) tmp.resize(C);
+      }
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t t = tp[r * st];
+        scalar_t* gr = gp ? gp + r * C : nullptr;
+        if (t == ignore_index) {
+          lp[r] = 0;
+          if (gr) std::fill(gr, gr + C, scalar_t(0));
+          continue;
+        }
+        const scalar_t* xr = xp + r * sx;
+        acc_t* buf = nullptr;
+        if (gr) {
+          if constexpr (std::is_same_v<acc_t, scalar_t>) buf = reinterpret_cast<acc_t*>(gr); else buf = tmp.data();
+        }
+        const acc_t m = row_max(xr, C);
+        const Vec vm(m);
+        // pass 2: sum exp(x - m) (kept in buf for the gradient) and, with smoothing, sum w_c x_c
+        Vec s0(0), s1(0), q0(0);
+        int64_t i = 0;
+        for (; i + 2 * K <= C; i += 2 * K) {
+          Vec v0 = IO::load(xr + i), v1 = IO::load(xr + i + K);
+          Vec e0 = (v0 - vm).exp(), e1 = (v1 - vm).exp();
+          s0 = s0 + e0;
+          s1 = s1 + e1;
+          if (buf) {
+            e0.store(buf + i);
+            e1.store(buf + i + K);
+          }
+          if (eps != 0) q0 = wp ? at::vec::fmadd(v0, IO::load(wp + i), at::vec::fmadd(v1, IO::load(wp + i + K), q0))
+                                : q0 + v0 + v1;
+        }
+        for (; i + K <= C; i += K) {
+          Vec v = IO::load(xr + i), e = (v - vm).exp();
+          s0 = s0 + e;
+          if (buf) e.store(buf + i);
+          if (eps != 0) q0 = wp ? at::vec::fmadd(v, IO::load(wp + i), q0) : q0 + v;
+        }
+        acc_t s = hsum<scalar_t>(s0 + s1), q = hsum<scalar_t>(q0);
+        for (; i < C; ++i) {
+          const acc_t v = static_cast<acc_t>(xr[i]), e = std::exp(v - m);
+          s += e;
+          if (buf) buf[i] = e;
+          if (eps != 0) q += wp ? v * static_cast<acc_t>(wp[i]) : v;
+        }
+        const acc_t lse = m + std::log(s);
+        const acc_t wt = wp ? static_cast<acc_t>(wp[t]) : acc_t(1);
+        const acc_t xt = static_cast<acc_t>(xr[t]);
+        acc_t l = (1 - eps) * wt * (lse - xt);
+        if (eps != 0) l += b * (W * lse - q);
+        lp[r] = l;
+        if (!gr) continue;
+        // pass 3: grad_j = e_j / s * a - b w_j, then the target's own term
+        const acc_t a = (1 - eps) * wt + b * W, pa = a / s;
+        const Vec vpa(pa), vb(b);
+        for (i = 0; i + K <= C; i += K) {
+          Vec g = Vec::loadu(buf + i) * vpa;
+          if (eps != 0) g = wp ? at::vec::fnmadd(vb, IO::load(wp + i), g) : g - vb;
+          IO::store(gr + i, g);
+        }
+        for (; i < C; ++i) {
+          acc_t g = buf[i] * pa;
+          if (eps != 0) g -= b * (wp ? static_cast<acc_t>(wp[i]) : acc_t(1));
+          gr[i] = static_cast<scalar_t>(g);
+        }
+        acc_t gt = std::exp(xt - lse) * a - (1 - eps) * wt;
+        if (eps != 0) gt -= b * wt;
+        gr[t] = static_cast<scalar_t>(gt);
+      }
+    });
+  });
+  return {loss, grad, total};
+}
+
+// dx[r, :] = grad[r, :] * dloss[r]  (grad (M, C) from the forward; dloss (M,) in the accumulation type, any stride)
+at::Tensor cross_entropy_bwd(const at::Tensor& grad, const at::Tensor& dloss) {
+  check_rows(grad, "grad");
+  const int64_t M = grad.size(0), C = grad.size(1);
+  TORCH_CHECK(dloss.dim() == 1 && dloss.size(0) == M, "dloss must be (rows,)");
+  auto dx = empty({M, C}, grad.options());
+  TRITIUM_DISPATCH_FLOATING(grad.scalar_type(), "tritium_cross_entropy_bwd", [&] {
+    using acc_t = acc_of<scalar_t>;
+    using IO = VecIO<scalar_t>;
+    using Vec = typename IO::Vec;
+    constexpr int64_t K = IO::kSize;
+    TORCH_CHECK(dloss.scalar_type() == c10::CppTypeToScalarType<acc_t>::value, "dloss must be in the accumulation dtype");
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    const acc_t* dp = dloss.const_data_ptr<acc_t>();
+    scalar_t* xp = dx.mutable_data_ptr<scalar_t>();
+    const int64_t sg = grad.stride(0), sd = dloss.stride(0);
+    at::parallel_for(0, M, row_grain(C), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const acc_t d = dp[r * sd];
+        const Vec vd(d);
+        const scalar_t* gr = gp + r * sg;
+        scalar_t* xr = xp + r * C;
+        int64_t i = 0;
+        for (; i + K <= C; i += K) IO::store(xr + i, IO::load(gr + i) * vd);
+        for (; i < C; ++i) xr[i] = static_cast<scalar_t>(static_cast<acc_t>(gr[i]) * d);
+      }
+    });
+  });
+  return dx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tritium, CPU, m) {
+  m.impl("cross_entropy_fwd", &cross_entropy_fwd);
+  m.impl("cross_entropy_bwd", &cross_entropy_bwd);
+}
+
+}  // namespace tritium

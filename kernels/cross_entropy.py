@@ -1,0 +1,152 @@
+"""Cross-entropy with class-index targets: a forward kernel that writes each row's loss and the gradient row of
+that loss (no softmax kept), and a backward kernel that scales those rows by the upstream gradient.
+
+Per row of C logits x, target t, class weights w (1 without), W = sum_c w_c, smoothing eps, b = eps / C:
+  lse = log sum_c exp(x_c);  loss = (1 - eps) w_t (lse - x_t) + b (W lse - sum_c w_c x_c)
+  grad_j = p_j ((1 - eps) w_t + b W) - b w_j - [j == t] (1 - eps) w_t,   p_j = exp(x_j - lse)
+Ignored rows (t == ignore_index) give loss 0 and a zero gradient row.
+Traffic: forward reads MC (twice when a row does not fit one block, the second time mostly from L2), writes MC
+(gradient) + 4M; backward reads MC + 4M, writes MC.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import row_block, row_warps
+
+
+@triton.jit
+def _ce_fwd_kernel(
+    X, T, W, LOSS, GRAD, stride_x, stride_t, C, ignore_index, eps,
+    HAS_W: tl.constexpr,        # class weights
+    SMOOTH: tl.constexpr,       # label smoothing: needs sum_c w_c x_c and sum_c w_c
+    NEED_GRAD: tl.constexpr,    # write the gradient rows (skipped under no_grad)
+    BLOCK_N: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,  # the row fits one block: keep it in registers for the gradient pass
+):
+    row = tl.program_id(0).to(tl.int64)
+    X += row * stride_x
+    GRAD += row * C
+    t = tl.load(T + row * stride_t)
+    valid = t != ignore_index
+    tl.device_assert(~valid | ((t >= 0) & (t < C)), "target out of bounds")
+    t = tl.where(valid, t, 0)
+    xt = tl.load(X + t).to(tl.float32)
+    if HAS_W:
+        wt = tl.load(W + t).to(tl.float32)
+    else:
+        wt = 1.0
+    cols = tl.arange(0, BLOCK_N)
+    if SINGLE_BLOCK:
+        mask = cols < C
+        x = tl.where(mask, tl.load(X + cols, mask=mask, other=0.0).to(tl.float32), float("-inf"))
+        m = tl.max(x, axis=0)
+        e = tl.exp(x - m)
+        lse = m + tl.log(tl.sum(e, axis=0))
+        if SMOOTH:
+            if HAS_W:
+                w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            else:
+                w = tl.where(mask, 1.0, 0.0)
+            q = tl.sum(tl.where(mask, w * x, 0.0), axis=0)
+            wsum = tl.sum(w, axis=0)
+    else:
+        m_l = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        s_l = tl.zeros([BLOCK_N], dtype=tl.float32)
+        q_l = tl.zeros([BLOCK_N], dtype=tl.float32)
+        w_l = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for off in range(0, C, BLOCK_N):
+            c = off + cols
+            mask = c < C
+            x = tl.where(mask, tl.load(X + c, mask=mask, other=0.0).to(tl.float32), float("-inf"))
+            m_new = tl.maximum(m_l, x)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane with only -inf so far keeps sum 0
+            s_l = s_l * tl.exp(m_l - m_safe) + tl.exp(x - m_safe)
+            m_l = m_new
+            if SMOOTH:
+                if HAS_W:
+                    w = tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+                else:
+                    w = tl.where(mask, 1.0, 0.0)
+                q_l += tl.where(mask, w * x, 0.0)
+                w_l += w
+        m = tl.max(m_l, axis=0)
+        lse = m + tl.log(tl.sum(s_l * tl.exp(m_l - m), axis=0))
+        if SMOOTH:
+            q = tl.sum(q_l, axis=0)
+            wsum = tl.sum(w_l, axis=0)
+    b = eps / C
+    loss = (1.0 - eps) * wt * (lse - xt)
+    if SMOOTH:
+        loss += b * (wsum * lse - q)
+        a = (1.0 - eps) * wt + b * wsum
+    else:
+        a = wt
+    tl.store(LOSS + row, tl.where(valid, loss, 0.0))
+    if NEED_GRAD:
+        if SINGLE_BLOCK:
+            g = tl.exp(x - lse) * a - tl.where(cols == t, (1.0 - eps) * wt, 0.0)
+            if SMOOTH:
+                g -= b * w
+            g = tl.where(valid, g, 0.0)
+            tl.store(GRAD + cols, g.to(GRAD.dtype.element_ty), mask=mask)
+        else:
+            for off in range(0, C, BLOCK_N):
+                c = off + cols
+                mask = c < C
+                x = tl.load(X + c, mask=mask, other=0.0).to(tl.float32)
+                g = tl.exp(x - lse) * a - tl.where(c == t, (1.0 - eps) * wt, 0.0)
+                if SMOOTH:
+                    if HAS_W:
+                        g -= b * tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+                    else:
+                        g -= b
+                g = tl.where(valid, g, 0.0)
+                tl.store(GRAD + c, g.to(GRAD.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ce_bwd_kernel(G, D, DX, stride_g, stride_d, C, BLOCK_N: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    d = tl.load(D + row * stride_d).to(tl.float32)
+    cols = tl.arange(0, BLOCK_N)
+    for off in range(0, C, BLOCK_N):
+        c = off + cols
+        mask = c < C
+        g = tl.load(G + row * stride_g + c, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + row * C + c, (g * d).to(DX.dtype.element_ty), mask=mask)
+
+
+def cross_entropy_fwd(x, target, weight, ignore_index, label_smoothing, need_grad):
+    """Per-row loss and gradient rows (see the module docstring).  x (M, C) with unit column stride, target (M,)
+    int64, weight (C,) or None -> loss (M,) float32, grad (M, C) in x's dtype (or (0,) when not needed),
+    total_weight () float32 (sum of w_t over non-ignored rows: the 'mean' divisor).
+    Reads MC (+C weights), writes MC + 4M bytes."""
+    M, C = x.shape
+    loss = torch.empty((M,), device=x.device, dtype=torch.float32)
+    grad = torch.empty((M, C) if need_grad else (0,), device=x.device, dtype=x.dtype)
+    valid = target != ignore_index
+    if weight is not None:  # torch ops, no host sync: out-of-range targets are clamped here and caught in-kernel
+        total = torch.where(valid, weight.float()[target.clamp(0, C - 1)], 0.0).sum()
+    else:
+        total = valid.sum(dtype=torch.float32)
+    block, single = row_block(C, x.element_size())
+    if M > 0:
+        _ce_fwd_kernel[(M,)](
+            x, target, weight, loss, grad, x.stride(0), target.stride(0), C, ignore_index, float(label_smoothing),
+            HAS_W=weight is not None, SMOOTH=label_smoothing != 0.0, NEED_GRAD=bool(need_grad),
+            BLOCK_N=block, SINGLE_BLOCK=single, num_warps=row_warps(block),
+        )
+    return loss, grad, total
+
+
+def cross_entropy_bwd(grad, dloss):
+    """dx[r, :] = grad[r, :] * dloss[r].  grad (M, C) with unit column stride, dloss (M,) float32 (any stride)
+    -> dx (M, C).  Reads MC + 4M bytes, writes MC."""
+    M, C = grad.shape
+    dx = torch.empty((M, C), device=grad.device, dtype=grad.dtype)
+    block = min(triton.next_power_of_2(max(C, 1)), 4096)
+    if M > 0:
+        _ce_bwd_kernel[(M,)](grad, dloss, dx, grad.stride(0), dloss.stride(0), C, BLOCK_N=block,
+                             num_warps=row_warps(block))
+    return dx

@@ -1,0 +1,349 @@
+"""Cross-entropy, fused linear + cross-entropy, KL divergence and distillation loss.
+
+``cross_entropy`` is a drop-in for ``torch.nn.functional.cross_entropy``. Class-index targets run one fused
+kernel per row (``cross_entropy_fwd``) that writes the per-row loss and, when a gradient will be needed, the
+gradient row of that loss, so no softmax is kept and the backward (``cross_entropy_bwd``) only scales rows by
+the upstream gradient. The reduction is done on the per-row losses with torch ops ('mean' divides by the summed
+weight of the non-ignored targets, as torch). Class-probability targets are torch's composition on top of the
+log_softmax kernel. Anything the kernels do not cover (integer targets other than int64, mismatched weight
+dtype/device, empty inputs, invalid arguments) goes explicitly to ``tritium.reference`` (torch), so errors are
+torch's.
+
+``fused_linear_cross_entropy`` projects hidden states to logits chunk by chunk of tokens and never materialises
+the (tokens, vocab) logits: for 'mean' and 'sum' the gradients of hidden, weight and bias are accumulated in the
+forward (no second pass over the vocabulary), for 'none' the backward recomputes each chunk.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import reference
+from .._backend import use_reference
+from ._library import NAMESPACE, SUPPORTED_DTYPES, _lib, acc_dtype, define_op, rows
+from .softmax import log_softmax, scaled_log_softmax
+
+
+# ---- fake kernels: shapes only ----
+def _fake_ce_fwd(x, target, weight, ignore_index, label_smoothing, need_grad):
+    m = x.shape[0]
+    grad = x.new_empty(x.shape) if need_grad else x.new_empty((0,))
+    return x.new_empty((m,), dtype=acc_dtype(x.dtype)), grad, x.new_empty((), dtype=acc_dtype(x.dtype))
+
+
+def _fake_ce_bwd(grad, dloss):
+    return grad.new_empty(grad.shape)
+
+
+cross_entropy_bwd = define_op("cross_entropy_bwd(Tensor grad, Tensor dloss) -> Tensor", _fake_ce_bwd,
+                              "cross_entropy:cross_entropy_bwd")
+
+
+def _ce_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _ce_backward(ctx, dloss, _dgrad, _dtotal):
+    (grad,) = ctx.saved_tensors
+    if dloss is None or grad.numel() == 0 and grad.dim() == 1:
+        return None, None, None, None, None, None
+    return cross_entropy_bwd(grad, dloss), None, None, None, None, None
+
+
+cross_entropy_fwd = define_op(
+    "cross_entropy_fwd(Tensor x, Tensor target, Tensor? weight, int ignore_index, float label_smoothing,"
+    " bool need_grad) -> (Tensor, Tensor, Tensor)", _fake_ce_fwd, "cross_entropy:cross_entropy_fwd",
+    _ce_backward, _ce_setup)
+
+
+# ---- fused linear + cross-entropy: the chunk loop, shared by the CPU and CUDA keys (its per-chunk work is
+# a matmul and the cross_entropy_fwd op, each dispatched to its own kernel) ----
+def default_chunk_size(tokens: int, hidden: int, vocab: int) -> int:
+    """Tokens per chunk: the chunk's logits about as large as the hidden states (Liger's rule), at least 256
+    rows so the matmuls stay efficient."""
+    per = triton_next_pow2(math.ceil(tokens / max(1, math.ceil(vocab / max(hidden, 1)))))
+    return max(1, min(tokens, max(256, per)))
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _flce_loop(hidden, weight, target, bias, ignore_index, label_smoothing, chunk, need_grad, row_scale):
+    """Per chunk of tokens: logits = hidden @ weight.T + bias; per-row loss and (need_grad) its gradient rows,
+    scaled by row_scale[rows] when given; grad_hidden rows, and grad_weight / grad_bias accumulated in the
+    accumulation dtype. Returns (loss per row (T,), grad_hidden, grad_weight, grad_bias)."""
+    T = hidden.shape[0]
+    adt = acc_dtype(hidden.dtype)
+    loss = hidden.new_empty((T,), dtype=adt)
+    gh = torch.empty_like(hidden) if need_grad else hidden.new_empty((0,))
+    gw = torch.zeros(weight.shape, dtype=adt, device=weight.device) if need_grad else hidden.new_empty((0,))
+    gb = (torch.zeros(weight.shape[0], dtype=adt, device=weight.device) if need_grad and bias is not None
+          else hidden.new_empty((0,)))
+    for start in range(0, T, chunk):
+        stop = min(T, start + chunk)
+        h = hidden[start:stop]
+        logits = torch.addmm(bias, h, weight.t()) if bias is not None else torch.mm(h, weight.t())
+        l, g, _ = cross_entropy_fwd(logits, target[start:stop], None, ignore_index, label_smoothing, need_grad)
+        loss[start:stop] = l
+        del logits
+        if not need_grad:
+            continue
+        if row_scale is not None:
+            g = cross_entropy_bwd(g, row_scale[start:stop])
+        torch.mm(g, weight, out=gh[start:stop])
+        if adt == g.dtype:
+            gw.addmm_(g.t(), h)
+        else:  # 16-bit: the chunk's product in the input dtype (as eager's matmul), summed in float32
+            gw += torch.mm(g.t(), h)
+        if bias is not None:
+            gb += g.sum(0, dtype=adt)
+    cast = lambda t: t.to(hidden.dtype) if t.numel() else t  # noqa: E731
+    return loss, gh, cast(gw), cast(gb)
+
+
+def _fake_flce(hidden, weight, target, bias, ignore_index, label_smoothing, chunk, need_grad):
+    adt = acc_dtype(hidden.dtype)
+    e = hidden.new_empty((0,))
+    return (hidden.new_empty((), dtype=adt), hidden.new_empty((), dtype=adt),
+            hidden.new_empty(hidden.shape) if need_grad else e, weight.new_empty(weight.shape) if need_grad else e,
+            weight.new_empty((weight.shape[0],)) if need_grad and bias is not None else e)
+
+
+def _flce_impl(hidden, weight, target, bias, ignore_index, label_smoothing, chunk, need_grad):
+    loss, gh, gw, gb = _flce_loop(hidden, weight, target, bias, ignore_index, label_smoothing, chunk, need_grad,
+                                  None)
+    total = (target != ignore_index).sum().to(loss.dtype)
+    return loss.sum(), total, gh, gw, gb
+
+
+def _fake_flce_rows(hidden, weight, target, bias, ignore_index, label_smoothing, chunk):
+    return hidden.new_empty((hidden.shape[0],), dtype=acc_dtype(hidden.dtype))
+
+
+def _flce_rows_impl(hidden, weight, target, bias, ignore_index, label_smoothing, chunk):
+    return _flce_loop(hidden, weight, target, bias, ignore_index, label_smoothing, chunk, False, None)[0]
+
+
+def _fake_flce_bwd(hidden, weight, target, bias, dloss, ignore_index, label_smoothing, chunk):
+    e = hidden.new_empty((0,))
+    return (hidden.new_empty(hidden.shape), weight.new_empty(weight.shape),
+            weight.new_empty((weight.shape[0],)) if bias is not None else e)
+
+
+def _flce_bwd_impl(hidden, weight, target, bias, dloss, ignore_index, label_smoothing, chunk):
+    _, gh, gw, gb = _flce_loop(hidden, weight, target, bias, ignore_index, label_smoothing, chunk, True, dloss)
+    return gh, gw, gb
+
+
+def _define_composite(schema, fake, impl, backward=None, setup_context=None):
+    """An op whose CPU and CUDA kernel is a Python composition of other tritium ops."""
+    name = schema.split("(", 1)[0]
+    _lib.define(schema)
+    torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=_lib)
+    for key in ("CPU", "CUDA"):
+        _lib.impl(name, impl, key)
+    if backward is not None:
+        torch.library.register_autograd(f"{NAMESPACE}::{name}", backward, setup_context=setup_context, lib=_lib)
+    return getattr(torch.ops.tritium, name)
+
+
+_FLCE_ARGS = "int ignore_index, float label_smoothing, int chunk"
+flce_bwd = _define_composite(
+    f"fused_linear_cross_entropy_bwd(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, Tensor dloss, "
+    f"{_FLCE_ARGS}) -> (Tensor, Tensor, Tensor)", _fake_flce_bwd, _flce_bwd_impl)
+
+
+def _flce_setup(ctx, inputs, output):
+    ctx.has_bias = inputs[3] is not None
+    ctx.save_for_backward(output[2], output[3], output[4])
+
+
+def _flce_backward(ctx, dloss, _dtotal, _dgh, _dgw, _dgb):
+    gh, gw, gb = ctx.saved_tensors
+    g = dloss.to(gh.dtype)
+    return gh * g, gw * g, None, (gb * g if ctx.has_bias else None), None, None, None, None
+
+
+flce_fwd = _define_composite(
+    f"fused_linear_cross_entropy_fwd(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, {_FLCE_ARGS},"
+    f" bool need_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)", _fake_flce, _flce_impl, _flce_backward,
+    _flce_setup)
+
+
+def _flce_rows_setup(ctx, inputs, output):
+    hidden, weight, target, bias, ii, ls, chunk = inputs
+    ctx.args = (ii, ls, chunk)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(hidden, weight, target, bias)
+
+
+def _flce_rows_backward(ctx, dloss):
+    hidden, weight, target, bias = ctx.saved_tensors
+    gh, gw, gb = flce_bwd(hidden, weight, target, bias, dloss.contiguous(), *ctx.args)
+    return gh, gw, None, (gb if ctx.has_bias else None), None, None, None
+
+
+flce_rows = _define_composite(
+    f"fused_linear_cross_entropy_rows(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, {_FLCE_ARGS})"
+    f" -> Tensor", _fake_flce_rows, _flce_rows_impl, _flce_rows_backward, _flce_rows_setup)
+
+
+# ---- public API ----
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _device_ok(x: Tensor) -> bool:
+    return (x.dtype in SUPPORTED_DTYPES and x.device.type in ("cpu", "cuda")
+            and (x.device.type == "cpu" or x.dtype != torch.float64))
+
+
+def _index_kernel_ok(input: Tensor, target: Tensor, weight: Optional[Tensor], reduction: str,
+                     label_smoothing: float) -> bool:
+    if use_reference() or not _device_ok(input) or input.dim() == 0 or input.numel() == 0:
+        return False
+    if target.dtype != torch.int64 or target.device != input.device:
+        return False
+    expected = () if input.dim() == 1 else (input.shape[0],) + tuple(input.shape[2:])
+    if tuple(target.shape) != expected:
+        return False
+    if weight is not None and (weight.dtype != input.dtype or weight.device != input.device
+                               or tuple(weight.shape) != (input.shape[0 if input.dim() == 1 else 1],)):
+        return False
+    return reduction in _REDUCTIONS and 0.0 <= label_smoothing <= 1.0
+
+
+def _class_rows(input: Tensor) -> Tensor:
+    """input with the class dim (1, or 0 for an unbatched input) last, as (rows, C). A 2-D input is read in
+    place; (N, C, d1, ...) inputs are copied once into (N * d1 * ..., C) rows (the kernels read class rows)."""
+    if input.dim() == 1:
+        return input.unsqueeze(0)
+    c = input.shape[1]
+    if input.dim() == 2:
+        return rows(input, c)
+    return input.movedim(1, -1).reshape(-1, c)
+
+
+def _reduce(per_row: Tensor, total: Tensor, reduction: str, dtype: torch.dtype, shape) -> Tensor:
+    if reduction == "none":
+        return per_row.to(dtype).view(shape)
+    if reduction == "sum":
+        return per_row.sum().to(dtype)
+    return (per_row.sum() / total).to(dtype)  # 0 / 0 = nan when every target is ignored, as torch
+
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, size_average=None,
+                  ignore_index: int = -100, reduce=None, reduction: str = "mean",
+                  label_smoothing: float = 0.0) -> Tensor:
+    """Drop-in for ``torch.nn.functional.cross_entropy`` (class dim 1, or 0 for an unbatched input; class-index
+    or class-probability targets; weight, ignore_index, reduction, label_smoothing as torch)."""
+    if size_average is not None or reduce is not None:
+        reduction = F._Reduction.legacy_get_string(size_average, reduce)
+    if _index_kernel_ok(input, target, weight, reduction, label_smoothing):
+        x2 = _class_rows(input)
+        need_grad = torch.is_grad_enabled() and input.requires_grad
+        per_row, _, total = cross_entropy_fwd(x2, target.reshape(-1), weight, ignore_index,
+                                              float(label_smoothing), need_grad)
+        return _reduce(per_row, total, reduction, input.dtype, target.shape)
+    if (not use_reference() and _device_ok(input) and input.dim() > 0 and input.numel() > 0
+            and target.dtype == input.dtype and target.shape == input.shape and reduction in _REDUCTIONS
+            and 0.0 <= label_smoothing <= 1.0 and (weight is None or (weight.dtype == input.dtype and
+                                                                        weight.shape == (input.shape[min(1, input.dim() - 1)],)))):
+        return _prob_cross_entropy(input, target, weight, reduction, label_smoothing)
+    return reference.cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=reduction,
+                                   label_smoothing=label_smoothing)
+
+
+def _prob_cross_entropy(input, target, weight, reduction, label_smoothing):
+    """torch's class-probability cross-entropy, on the log_softmax kernel:
+    loss = -sum_c w_c t_c log_softmax(x)_c with t smoothed to t (1 - eps) + eps / C; 'mean' divides by the
+    number of rows (numel / C)."""
+    cdim = 0 if input.dim() == 1 else 1
+    c = input.shape[cdim]
+    logp = log_softmax(input, cdim)
+    if label_smoothing > 0:
+        target = target * (1 - label_smoothing) + label_smoothing / c
+    if weight is not None:
+        shape = [1] * input.dim()
+        shape[cdim] = c
+        target = target * weight.view(shape)
+    loss = -(logp * target).sum(cdim)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / (input.numel() / c)
+
+
+def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
+                               ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                               chunk_size: Optional[int] = None) -> Tensor:
+    """cross_entropy(linear(hidden, weight, bias), target) without materialising the logits.
+
+    hidden (..., H), weight (V, H), bias (V,) or None, target (...) int64 class indices -> the loss ('mean',
+    'sum': a scalar; 'none': target's shape), in hidden's dtype. Tokens are processed chunk_size at a time
+    (default: see default_chunk_size); peak extra memory is about two (chunk, V) blocks plus a float32 (V, H)
+    gradient accumulator."""
+    if hidden.dim() == 0 or hidden.shape[-1] != weight.shape[-1] or weight.dim() != 2:
+        raise ValueError(f"fused_linear_cross_entropy: hidden (..., H) and weight (V, H) must agree on H, got "
+                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if tuple(target.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"fused_linear_cross_entropy: target must have shape {tuple(hidden.shape[:-1])}, got "
+                         f"{tuple(target.shape)}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"fused_linear_cross_entropy: chunk_size must be positive, got {chunk_size}")
+    ok = (not use_reference() and _device_ok(hidden) and weight.dtype == hidden.dtype
+          and weight.device == hidden.device and target.dtype == torch.int64 and hidden.numel() > 0
+          and weight.shape[0] > 0 and (bias is None or (bias.dtype == hidden.dtype and bias.shape == weight.shape[:1]))
+          and 0.0 <= label_smoothing <= 1.0)
+    if not ok:
+        return reference.fused_linear_cross_entropy(hidden, weight, target, bias, ignore_index, reduction,
+                                                    label_smoothing)
+    H, V = hidden.shape[-1], weight.shape[0]
+    h2 = rows(hidden, H)
+    t = target.reshape(-1)
+    chunk = chunk_size or default_chunk_size(h2.shape[0], H, V)
+    ls = float(label_smoothing)
+    if reduction == "none":
+        return flce_rows(h2, weight, t, bias, ignore_index, ls, chunk).to(hidden.dtype).view(target.shape)
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
+                                             or (bias is not None and bias.requires_grad))
+    loss_sum, total, *_ = flce_fwd(h2, weight, t, bias, ignore_index, ls, chunk, need_grad)
+    return (loss_sum if reduction == "sum" else loss_sum / total).to(hidden.dtype)
+
+
+def kl_div(input: Tensor, target: Tensor, size_average=None, reduce=None, reduction: str = "mean",
+           log_target: bool = False) -> Tensor:
+    """Drop-in for ``torch.nn.functional.kl_div`` (pointwise target * (log target - input), or with log_target
+    exp(target) * (target - input); 'mean' averages over every element and warns, as torch: use 'batchmean' for
+    the mathematical KL divergence). Runs torch's own op: a pointwise op gains nothing from a custom kernel."""
+    return reference.kl_div(input, target, size_average, reduce, reduction, log_target)
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0,
+                      alpha: float = 0.5, target: Optional[Tensor] = None, ignore_index: int = -100) -> Tensor:
+    """Knowledge distillation: alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) averaged over rows
+    (the class dim is the last) + (1 - alpha) * cross_entropy(student, target); without target only the first
+    term. The temperature is fused into the log_softmax kernels; the teacher gets no gradient."""
+    if temperature <= 0:
+        raise ValueError(f"distillation_loss: temperature must be positive, got {temperature}")
+    c = student_logits.shape[-1]
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"distillation_loss: teacher_logits must have the student's shape "
+                         f"{tuple(student_logits.shape)}, got {tuple(teacher_logits.shape)}")
+    s2 = student_logits.reshape(-1, c)
+    s = scaled_log_softmax(s2, -1, 1.0 / temperature)
+    t = scaled_log_softmax(teacher_logits.detach().reshape(-1, c), -1, 1.0 / temperature)
+    loss = alpha * temperature ** 2 * F.kl_div(s, t, reduction="batchmean", log_target=True)
+    if target is not None:
+        loss = loss + (1 - alpha) * cross_entropy(s2, target.reshape(-1), ignore_index=ignore_index)
+    return loss
+
+
+__all__: List[str] = ["cross_entropy", "fused_linear_cross_entropy", "kl_div", "distillation_loss"]

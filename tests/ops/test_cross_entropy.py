@@ -1,0 +1,282 @@
+"""cross_entropy, fused_linear_cross_entropy, kl_div and distillation_loss as drop-ins / against their unfused
+torch compositions: values, every gradient, reductions, ignore_index, smoothing, weights, errors, compile."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tritium
+from tests.util import CPU_DTYPES, assert_within_torch_error, leaf
+
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+def _compare(ours, theirs, tensors, dtype, grad_idx=(0,)):
+    """ours vs torch (in dtype) vs torch in float64: value and the gradients of the tensors in grad_idx."""
+    res = {}
+    g = None
+    for name, fn, d in (("ours", ours, dtype), ("torch", theirs, dtype), ("ref", theirs, torch.float64)):
+        ins = [leaf(t, d) if i in grad_idx else (t.to(d) if t.is_floating_point() else t)
+               for i, t in enumerate(tensors)]
+        y = fn(*ins)
+        if g is None:
+            g = torch.randn(y.shape, dtype=torch.float64)
+        res[name] = (y.detach(), torch.autograd.grad(y, [ins[i] for i in grad_idx], g.to(y.dtype)))
+    assert_within_torch_error(res["ours"][0], res["torch"][0], res["ref"][0].double(), "value")
+    for i, (a, b, c) in enumerate(zip(res["ours"][1], res["torch"][1], res["ref"][1])):
+        assert_within_torch_error(a, b, c.double(), f"grad {i}")
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("weighted", [False, True], ids=["noweight", "weight"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.15])
+@pytest.mark.parametrize("shape", [(9, 13), (3, 13, 4), (2, 13, 3, 2), (13,)], ids=["2d", "3d", "4d", "1d"])
+def test_index_targets_match_torch(dtype, reduction, weighted, smoothing, shape):
+    c = shape[0] if len(shape) == 1 else shape[1]
+    x = torch.randn(shape) * 3
+    tshape = () if len(shape) == 1 else (shape[0],) + shape[2:]
+    t = torch.randint(0, c, tshape)
+    if t.dim():
+        t.view(-1)[::4] = -100  # some ignored tokens
+    w = torch.rand(c) + 0.5
+    kw = dict(reduction=reduction, label_smoothing=smoothing)
+    if weighted:
+        _compare(lambda x_, w_: tritium.cross_entropy(x_, t, w_, **kw),
+                 lambda x_, w_: F.cross_entropy(x_, t, w_, **kw), [x, w], dtype)
+    else:
+        _compare(lambda x_: tritium.cross_entropy(x_, t, **kw), lambda x_: F.cross_entropy(x_, t, **kw), [x], dtype)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_all_targets_ignored(reduction, smoothing, weighted):
+    """Mean over zero tokens is NaN with zero gradients, exactly as torch."""
+    x = torch.randn(4, 6)
+    t = torch.full((4,), 3)
+    t[:] = 7
+    w = torch.rand(6) if weighted else None
+    a, b = leaf(x), leaf(x)
+    la = tritium.cross_entropy(a, t, w, ignore_index=7, reduction=reduction, label_smoothing=smoothing)
+    lb = F.cross_entropy(b, t, w, ignore_index=7, reduction=reduction, label_smoothing=smoothing)
+    torch.testing.assert_close(la, lb, equal_nan=True)
+    la.sum().backward()
+    lb.sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("smoothing,weighted", [(0.0, False), (0.1, True)])
+def test_probability_targets_match_torch(dtype, reduction, smoothing, weighted):
+    x = torch.randn(5, 11, 3)
+    p = torch.softmax(torch.randn(5, 11, 3), 1)
+    w = torch.rand(11) + 0.5
+    kw = dict(reduction=reduction, label_smoothing=smoothing)
+    if weighted:
+        _compare(lambda x_, p_, w_: tritium.cross_entropy(x_, p_, w_, **kw),
+                 lambda x_, p_, w_: F.cross_entropy(x_, p_, w_, **kw), [x, p, w], dtype, grad_idx=(0, 1))
+    else:
+        _compare(lambda x_, p_: tritium.cross_entropy(x_, p_, **kw),
+                 lambda x_, p_: F.cross_entropy(x_, p_, **kw), [x, p], dtype, grad_idx=(0, 1))
+
+
+def test_legacy_size_average_reduce():
+    x, t = torch.randn(4, 5), torch.randint(0, 5, (4,))
+    with pytest.warns(UserWarning):
+        ours = tritium.cross_entropy(x, t, size_average=False)
+    with pytest.warns(UserWarning):
+        theirs = F.cross_entropy(x, t, size_average=False)
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_gradcheck_float64():
+    x = torch.randn(4, 7, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 7, (4, 3))
+    t[0, 0] = -100
+    w = torch.rand(7, dtype=torch.float64)
+    for red in REDUCTIONS:
+        assert torch.autograd.gradcheck(
+            lambda x_: tritium.cross_entropy(x_, t, w, reduction=red, label_smoothing=0.1), (x,))
+    h = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    tt = torch.tensor([1, 8, -100, 0, 4, 4])
+    for red in REDUCTIONS:
+        assert torch.autograd.gradcheck(
+            lambda h_, W_, b_: tritium.fused_linear_cross_entropy(h_, W_, tt, b_, reduction=red,
+                                                                   label_smoothing=0.1, chunk_size=4), (h, W, b))
+
+
+@pytest.mark.parametrize("call", [
+    lambda f: f.cross_entropy(torch.randn(3, 5), torch.tensor([0, 5, 1])),                  # out of range
+    lambda f: f.cross_entropy(torch.randn(3, 5), torch.tensor([0, -2, 1])),                 # negative
+    lambda f: f.cross_entropy(torch.randn(3, 5), torch.tensor([0, 9, 1]), label_smoothing=0.1),
+    lambda f: f.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 1], dtype=torch.int32)),
+    lambda f: f.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1])),                      # batch mismatch
+    lambda f: f.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]), torch.rand(4)),   # weight size
+    lambda f: f.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]), reduction="avg"),
+    lambda f: f.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]), label_smoothing=1.5),
+], ids=["oob", "negative", "oob-smooth", "int32", "batch", "weight", "reduction", "smoothing"])
+def test_bad_input_raises_what_torch_raises(call):
+    with pytest.raises(Exception) as theirs:
+        call(F)
+    with pytest.raises(type(theirs.value)) as ours:
+        call(tritium)
+    assert str(ours.value) == str(theirs.value)
+
+
+def test_empty_batch_matches_torch():
+    x, t = torch.randn(0, 5), torch.zeros(0, dtype=torch.long)
+    for red in REDUCTIONS:
+        torch.testing.assert_close(tritium.cross_entropy(x, t, reduction=red), F.cross_entropy(x, t, reduction=red),
+                                   equal_nan=True)
+
+
+def test_no_gradient_rows_without_grad():
+    x, t = torch.randn(4, 50), torch.randint(0, 50, (4,))
+    with torch.no_grad():
+        torch.testing.assert_close(tritium.cross_entropy(x, t), F.cross_entropy(x, t))
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+
+    def f(x, t, h, w):
+        return (tritium.cross_entropy(x, t, label_smoothing=0.1)
+                + tritium.fused_linear_cross_entropy(h, w, t, chunk_size=3))
+
+    x = torch.randn(8, 10, requires_grad=True)
+    h, w = torch.randn(8, 6, requires_grad=True), torch.randn(10, 6, requires_grad=True)
+    t = torch.randint(0, 10, (8,))
+    y = torch.compile(f, fullgraph=True)(x, t, h, w)
+    torch.testing.assert_close(y, f(x, t, h, w))
+    gs = torch.autograd.grad(y, (x, h, w))
+    gr = torch.autograd.grad(f(x, t, h, w), (x, h, w))
+    for a, b in zip(gs, gr):
+        torch.testing.assert_close(a, b)
+
+
+def test_module_is_a_drop_in():
+    w = torch.rand(6)
+    ours = tritium.nn.CrossEntropyLoss(weight=w, ignore_index=2, label_smoothing=0.1)
+    theirs = torch.nn.CrossEntropyLoss(weight=w, ignore_index=2, label_smoothing=0.1)
+    assert isinstance(ours, torch.nn.CrossEntropyLoss) and ours.state_dict().keys() == theirs.state_dict().keys()
+    x, t = torch.randn(5, 6), torch.randint(0, 6, (5,))
+    torch.testing.assert_close(ours(x, t), theirs(x, t))
+
+
+# ---- fused linear + cross-entropy ----
+def _flce_pair(bias, reduction, smoothing, chunk):
+    def ours(h, w, *b):
+        return tritium.fused_linear_cross_entropy(h, w, t_holder[0], b[0] if b else None, reduction=reduction,
+                                                  label_smoothing=smoothing, chunk_size=chunk)
+
+    def theirs(h, w, *b):
+        logits = F.linear(h, w, b[0] if b else None)
+        return F.cross_entropy(logits.flatten(0, -2), t_holder[0].flatten(), reduction=reduction,
+                               label_smoothing=smoothing).view(t_holder[0].shape if reduction == "none" else ())
+    return ours, theirs
+
+
+t_holder = [None]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("bias,smoothing,chunk", [(False, 0.0, None), (True, 0.1, 5), (True, 0.0, 64)])
+def test_fused_linear_cross_entropy_small(dtype, reduction, bias, smoothing, chunk):
+    h, w, b = torch.randn(2, 11, 16), torch.randn(37, 16) / 4, torch.randn(37)
+    t = torch.randint(0, 37, (2, 11))
+    t[0, ::3] = -100
+    t_holder[0] = t
+    ours, theirs = _flce_pair(bias, reduction, smoothing, chunk)
+    args = [h, w, b] if bias else [h, w]
+    _compare(ours, theirs, args, dtype, grad_idx=tuple(range(len(args))))
+
+
+def _chunked_lm_loss(h, w, t, chunk=1024):
+    """linear + cross_entropy ('mean') and its gradients, computed chunk by chunk with autograd (a float64
+    reference that fits in memory at LM-head sizes)."""
+    n = (t != -100).sum()
+    loss = torch.zeros((), dtype=h.dtype)
+    gh, gw = torch.empty_like(h), torch.zeros_like(w)
+    for s in range(0, h.shape[0], chunk):
+        hc, wc = leaf(h[s:s + chunk]), leaf(w)
+        lc = F.cross_entropy(F.linear(hc, wc), t[s:s + chunk], reduction="sum") / n
+        a, b = torch.autograd.grad(lc, (hc, wc))
+        loss += lc.detach()
+        gh[s:s + chunk] = a
+        gw += b
+    return loss, (gh, gw)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_linear_cross_entropy_lm_head_size(dtype):
+    """(tokens 8192, hidden 576, vocab 49152): the SmolLM-sized LM head, value and all gradients against eager
+    linear + cross_entropy in the same dtype, both measured against a float64 reference."""
+    T, H, V = 8192, 576, 49152
+    h = torch.randn(T, H).to(dtype)
+    w = (torch.randn(V, H) / H ** 0.5).to(dtype)
+    t = torch.randint(0, V, (T,))
+    t[::7] = -100
+    res = {}
+    hi, wi = leaf(h), leaf(w)
+    loss = tritium.fused_linear_cross_entropy(hi, wi, t)
+    res["ours"] = (loss.detach(), torch.autograd.grad(loss, (hi, wi)))
+    hi, wi = leaf(h), leaf(w)
+    loss = F.cross_entropy(F.linear(hi, wi), t)
+    res["torch"] = (loss.detach(), torch.autograd.grad(loss, (hi, wi)))
+    del loss
+    ref = _chunked_lm_loss(h.double(), w.double(), t)
+    assert_within_torch_error(res["ours"][0], res["torch"][0], ref[0], "loss")
+    for i in range(2):
+        assert_within_torch_error(res["ours"][1][i], res["torch"][1][i], ref[1][i], f"grad {i}")
+
+
+def test_fused_linear_cross_entropy_bad_input():
+    h, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
+    with pytest.raises(ValueError, match="agree on H"):
+        tritium.fused_linear_cross_entropy(h, torch.randn(10, 7), t)
+    with pytest.raises(ValueError, match="target must have shape"):
+        tritium.fused_linear_cross_entropy(h, w, t[:3])
+    with pytest.raises(ValueError, match="reduction"):
+        tritium.fused_linear_cross_entropy(h, w, t, reduction="avg")
+    with pytest.raises(IndexError, match="Target 10 is out of bounds"):
+        tritium.fused_linear_cross_entropy(h, w, torch.tensor([0, 10, 1, 2]))
+
+
+def test_fused_linear_cross_entropy_module():
+    h, w, t = torch.randn(6, 8), torch.randn(10, 8), torch.randint(0, 10, (6,))
+    m = tritium.nn.FusedLinearCrossEntropyLoss(label_smoothing=0.1, chunk_size=4)
+    torch.testing.assert_close(m(h, w, t), F.cross_entropy(h @ w.t(), t, label_smoothing=0.1))
+
+
+# ---- kl_div and distillation ----
+@pytest.mark.parametrize("reduction", ["mean", "batchmean", "sum", "none"])
+@pytest.mark.parametrize("log_target", [False, True])
+def test_kl_div_matches_torch(reduction, log_target):
+    x = torch.log_softmax(torch.randn(4, 9), -1)
+    p = torch.softmax(torch.randn(4, 9), -1)
+    tgt = p.log() if log_target else p
+    if reduction == "mean":
+        with pytest.warns(UserWarning, match="batchmean"):
+            ours = tritium.kl_div(x, tgt, reduction=reduction, log_target=log_target)
+    else:
+        ours = tritium.kl_div(x, tgt, reduction=reduction, log_target=log_target)
+    torch.testing.assert_close(ours, F.kl_div(x, tgt, reduction=reduction, log_target=log_target))
+
+
+@pytest.mark.parametrize("with_target", [True, False])
+def test_distillation_loss(with_target):
+    s, te = torch.randn(3, 4, 20), torch.randn(3, 4, 20)
+    t = torch.randint(0, 20, (3, 4)) if with_target else None
+    a, b = leaf(s), leaf(s)
+    ours = tritium.distillation_loss(a, te, temperature=2.0, alpha=0.7, target=t)
+    from tritium import reference
+    theirs = reference.distillation_loss(b, te, temperature=2.0, alpha=0.7, target=t)
+    torch.testing.assert_close(ours, theirs)
+    ours.backward()
+    theirs.backward()
+    torch.testing.assert_close(a.grad, b.grad)
