@@ -296,7 +296,7 @@ def test_missing_default_model_message(monkeypatch):
 def test_packed_serving_weights_bfloat16():
     """forward_step through oneDNN-packed bfloat16 weights (what the engine uses) equals the plain path."""
     model = tiny_model("tiny-mha-untied", torch.bfloat16)
-    if not model.pack_for_inference()._packed:
+    if not model.pack_for_inference(True)._packed:
         pytest.skip("oneDNN weight packing is not available in this torch build")
     seqs = [torch.randint(0, model.config.vocab_size, (n,)).tolist() for n in (9, 4)]
     with torch.no_grad():

@@ -141,19 +141,40 @@ def _linear(x: Tensor, w: Tensor) -> Tensor:
     return torch.matmul(x, w.t())
 
 
-def _packed_linear(x: Tensor, w: Tensor, packed: Dict[int, Tensor]) -> Tensor:
-    """x (T, in) @ w^T through w's oneDNN-packed copy when the model has one (serving only, no autograd)."""
+_BUCKETS = (1, 16, 512)   # rows of a product: decode batch 1, decode batch 16, a prompt
+
+
+def _bucket(rows: int) -> int:
+    return 0 if rows <= 2 else (1 if rows <= 64 else 2)
+
+
+def _packed_linear(x: Tensor, w: Tensor, packed: Dict[int, Tensor], use: Sequence[bool]) -> Tensor:
+    """x (T, in) @ w^T, through w's oneDNN-packed copy when the model has one and it is the faster kernel for
+    T rows on this machine (pack_for_inference measures that); serving only, no autograd."""
     p = packed.get(id(w))
-    if p is None:
+    if p is None or not use[_bucket(x.shape[0])]:
         return torch.matmul(x, w.t())
     return torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
 
 
-def _can_pack(dtype: torch.dtype, device: torch.device) -> bool:
-    """oneDNN's blocked weight layout streams bfloat16 weights markedly faster than torch.matmul's plain
-    layout for the few-row products of decode (measured ~1.5x on AVX-512/AMX CPUs); float32 gains nothing."""
-    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+def _can_pack(device: torch.device) -> bool:
+    return (device.type == "cpu" and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def _faster_packed(w: Tensor, p: Tensor, rows: int, reps: int = 5) -> bool:
+    """Whether the packed kernel beats torch.matmul for (rows, in) @ w^T here (best of reps, both warmed)."""
+    import time
+
+    x = torch.randn(rows, w.shape[1], dtype=w.dtype, device=w.device)
+    fns = (lambda: torch.matmul(x, w.t()), lambda: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], ""))
+    best = [float("inf"), float("inf")]
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best[1] < 0.9 * best[0]
 
 
 class Llama(nn.Module):
@@ -171,28 +192,39 @@ class Llama(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.scale = 1.0 / math.sqrt(c.head_dim)
         self._packed: Dict[int, Tensor] = {}    # id(weight) -> packed copy (pack_for_inference)
+        self._use_packed = (False,) * len(_BUCKETS)
         self._split = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim)
 
     def pack_for_inference(self, enable: Optional[bool] = None) -> "Llama":
-        """Keep oneDNN-packed copies of the projection and head weights for forward_step (the serving path;
-        the plain forward, used for training, keeps reading the parameters). enable None: where it pays
-        (bfloat16 on CPU). Call again after changing the weights."""
-        self._packed = {}
-        if enable is None:
-            enable = _can_pack(self.dtype, self.device)
-        if not enable:
+        """Keep oneDNN-packed (blocked layout) copies of the projection and head weights for forward_step, the
+        serving path (the plain forward, used for training, keeps reading the parameters). Whether the packed
+        or the plain kernel runs is measured here per product size (decode batch 1, decode batch 16, a prompt):
+        on AVX-512/AMX CPUs oneDNN streams bfloat16 weights ~1.5x faster than torch.matmul for few rows.
+        enable None: pack on CPU when oneDNN is there and wins somewhere; True: always use the packed copies;
+        False: drop them. Call again after changing the weights."""
+        self._packed, self._use_packed = {}, (False,) * len(_BUCKETS)
+        if enable is False or not _can_pack(self.device):
             return self
-        ws = [w for layer in self.layers for w in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)]
-        ws.append(self.embed if self.lm_head is None else self.lm_head)
         with torch.no_grad():
+            probe = self.layers[0].w_gate_up.detach()
+            p = torch.ops.mkldnn._reorder_linear_weight(probe, 1)
+            use = tuple(_faster_packed(probe, p, rows) for rows in _BUCKETS) if enable is None else (True,) * 3
+            if not any(use):
+                return self
+            ws = [w for layer in self.layers for w in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)]
+            ws.append(self.embed if self.lm_head is None else self.lm_head)
             for w in ws:
                 self._packed[id(w)] = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
+        self._use_packed = use
         return self
+
+    def _drop_packed(self) -> None:
+        self._packed, self._use_packed, self._pack_tuned = {}, (False,) * len(_BUCKETS), False
 
     def _apply(self, fn, recurse=True):
         # .to(dtype) must not round the float32 RoPE tables: rebuild them on the (new) device instead.
         super()._apply(fn, recurse)
-        self._packed = {}
+        self._drop_packed()
         cos, sin = _rope_tables(self.config, self.config.max_seq_len)
         self.rope_cos, self.rope_sin = cos.to(self.embed.device), sin.to(self.embed.device)
         return self
@@ -210,7 +242,7 @@ class Llama(nn.Module):
     def load_weights(self, w: Dict[str, Tensor]) -> "Llama":
         """Load Hugging Face Llama parameter names (what tritium.models.gguf returns), fusing q/k/v and
         gate/up into one projection each."""
-        self._packed = {}
+        self._drop_packed()
         with torch.no_grad():
             self.embed.copy_(w["model.embed_tokens.weight"])
             self.norm.copy_(w["model.norm.weight"])
@@ -305,10 +337,10 @@ class Llama(nn.Module):
         t = step.tokens.shape[0]
         nd = step.n_decode
         x = nn.functional.embedding(step.tokens, self.embed)                     # (T, dim)
-        packed = self._packed
+        packed, use = self._packed, self._use_packed
 
         def lin(a, w):
-            return _packed_linear(a, w, packed)
+            return _packed_linear(a, w, packed, use)
 
         def attend(i, layer, y):
             q, k, v = lin(y, layer.wqkv).split(self._split, -1)
