@@ -15,7 +15,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _scores(q, k, rows, cols, MASK, smi, smj, S, scale, softcap, offset, left, right,
+def _scores(q, k, rows, cols, MASK, smi, smj, L, S, scale, softcap, offset, left, right,
             HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
             PRECISION: tl.constexpr):
     """(scores with -inf where not visible, d softcap / d s or None) for a (rows x cols) tile."""
@@ -26,7 +26,7 @@ def _scores(q, k, rows, cols, MASK, smi, smj, S, scale, softcap, offset, left, r
         t = 1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0)
         s = softcap * t
         dt = 1.0 - t * t
-    visible = cols[None, :] < S
+    visible = (cols[None, :] < S) & (rows[:, None] < L)
     if HAS_RIGHT:
         visible = visible & (cols[None, :] <= rows[:, None] + offset + right)
     if HAS_LEFT:
@@ -80,7 +80,9 @@ def _attn_fwd_kernel(
                 mask=(rows[:, None] < L) & (offs_d[None, :] < D), other=0.0)
     Kb = K + b * skb + hk * skh
     Vb = V + b * svb + hk * svh
-    Mb = MASK + b * smb + h * smh
+    Mb = MASK
+    if HAS_MASK:  # MASK is None otherwise
+        Mb = MASK + b * smb + h * smh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -89,7 +91,7 @@ def _attn_fwd_kernel(
         cols = start_n + offs_n
         k = tl.load(Kb + cols[None, :].to(tl.int64) * skl + offs_d[:, None],
                     mask=(cols[None, :] < S) & (offs_d[:, None] < D), other=0.0)
-        s, _ = _scores(q, k, rows, cols, Mb, smi, smj, S, scale, softcap, offset, left, right,
+        s, _ = _scores(q, k, rows, cols, Mb, smi, smj, L, S, scale, softcap, offset, left, right,
                        HAS_MASK, HAS_LEFT, HAS_RIGHT, SOFTCAP, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet: p = 0, not NaN
@@ -156,7 +158,9 @@ def _attn_bwd_dkdv_kernel(
                  mask=(cols[None, :] < S) & (offs_dv[:, None] < DV), other=0.0)         # (DV, N)
     Qb = Q + b * sqb + h * sqh
     DOb = DO + b * sdb + h * sdh
-    Mb = MASK + b * smb + h * smh
+    Mb = MASK
+    if HAS_MASK:  # MASK is None otherwise
+        Mb = MASK + b * smb + h * smh
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     # the query rows that may see any key of this block
@@ -176,7 +180,7 @@ def _attn_bwd_dkdv_kernel(
                      other=0.0)
         lse = tl.load(LSE + bh.to(tl.int64) * L + rows, mask=row_ok, other=float("-inf"))
         delta = tl.load(DELTA + bh.to(tl.int64) * L + rows, mask=row_ok, other=0.0)
-        s, dt = _scores(q, kt, rows, cols, Mb, smi, smj, S, scale, softcap, offset, left, right,
+        s, dt = _scores(q, kt, rows, cols, Mb, smi, smj, L, S, scale, softcap, offset, left, right,
                         HAS_MASK, HAS_LEFT, HAS_RIGHT, SOFTCAP, PRECISION)
         lse_safe = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that saw nothing: P = 0
         p = tl.exp(s - lse_safe[:, None])
@@ -223,7 +227,9 @@ def _attn_bwd_dq_kernel(
     delta = tl.load(DELTA + bh.to(tl.int64) * L + rows, mask=row_ok, other=0.0)
     Kb = K + b * skb + hk * skh
     Vb = V + b * svb + hk * svh
-    Mb = MASK + b * smb + h * smh
+    Mb = MASK
+    if HAS_MASK:  # MASK is None otherwise
+        Mb = MASK + b * smb + h * smh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, hi = _key_range(start_m, BLOCK_M, BLOCK_N, S, offset, left, right, HAS_LEFT, HAS_RIGHT)
     for start_n in range(lo, hi, BLOCK_N):
@@ -232,7 +238,7 @@ def _attn_bwd_dq_kernel(
                      mask=(cols[None, :] < S) & (offs_d[:, None] < D), other=0.0)
         vt = tl.load(Vb + cols[None, :].to(tl.int64) * svl + offs_dv[:, None],
                      mask=(cols[None, :] < S) & (offs_dv[:, None] < DV), other=0.0)
-        s, dt = _scores(q, kt, rows, cols, Mb, smi, smj, S, scale, softcap, offset, left, right,
+        s, dt = _scores(q, kt, rows, cols, Mb, smi, smj, L, S, scale, softcap, offset, left, right,
                         HAS_MASK, HAS_LEFT, HAS_RIGHT, SOFTCAP, PRECISION)
         p = tl.exp(s - lse[:, None])
         dp = tl.dot(do, vt, input_precision=PRECISION)

@@ -83,3 +83,27 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
 
 PATCH_TABLE.update({torch.nn.Softmax: Softmax, torch.nn.LogSoftmax: LogSoftmax, torch.nn.Softmin: Softmin,
                     torch.nn.CrossEntropyLoss: CrossEntropyLoss})
+
+
+# ---- rope + attention (worker C) ----
+class RotaryEmbedding(torch.nn.Module):
+    """Rotary position embedding with its cos/sin tables built once (``tritium.rope_tables``: base, and
+    linear / ntk / llama3 / yarn ``scaling``) and kept as non-persistent buffers, so they follow ``.to()`` and
+    never enter the state_dict. ``forward(q, k, positions=None)`` -> ``tritium.rope(q, k, cos, sin, positions,
+    interleaved)``; ``rotary_dim`` may be smaller than the head dim (partial rotary)."""
+
+    def __init__(self, rotary_dim: int, max_position_embeddings: int = 2048, base: float = 10000.0,
+                 scaling=None, interleaved: bool = False, device=None):
+        super().__init__()
+        self.rotary_dim, self.max_position_embeddings, self.base = rotary_dim, max_position_embeddings, base
+        self.scaling, self.interleaved = scaling, interleaved
+        cos, sin = ops.rope_tables(max_position_embeddings, rotary_dim, base, scaling, device=device)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, q: Tensor, k: Tensor, positions=None) -> Tuple[Tensor, Tensor]:
+        return ops.rope(q, k, self.cos, self.sin, positions, self.interleaved)
+
+    def extra_repr(self) -> str:
+        return (f"rotary_dim={self.rotary_dim}, max_position_embeddings={self.max_position_embeddings}, "
+                f"base={self.base}, scaling={self.scaling}, interleaved={self.interleaved}")

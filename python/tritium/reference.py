@@ -252,3 +252,30 @@ def _penalised(row: Tensor, p: dict, history: Optional[list]) -> Tensor:
     for t, bias in (p.get("logit_bias") or {}).items():
         z[t] += bias
     return z
+
+
+# ---- rope (worker C) ----
+def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Optional[Tensor] = None,
+         interleaved: bool = False) -> tuple[Tensor, Tensor]:
+    """Rotate pairs (i, i + R/2) (or (2i, 2i+1) when interleaved) of the first R = 2 * cos.shape[1] dims of q
+    and k by position * inv_freq_i, with cos/sin rows gathered at positions (default 0..seq-1 along the seq
+    dim, shaped q.shape[:-2]); computed in float32 (float64 for float64 input)."""
+    if positions is None:
+        seq = q.shape[-3] if q.dim() == 4 else q.shape[0]
+        positions = torch.arange(seq, device=q.device).expand(q.shape[:-2])
+    c = cos[positions].unsqueeze(-2)
+    s = sin[positions].unsqueeze(-2)
+    R = 2 * cos.shape[-1]
+
+    def rot(x):
+        acc = torch.promote_types(x.dtype, torch.float32)
+        xr, rest = x[..., :R].to(acc), x[..., R:]
+        if interleaved:
+            a, b = xr[..., 0::2], xr[..., 1::2]
+            out = torch.stack((a * c - b * s, b * c + a * s), -1).flatten(-2)
+        else:
+            a, b = xr.chunk(2, -1)
+            out = torch.cat((a * c - b * s, b * c + a * s), -1)
+        return torch.cat((out.to(x.dtype), rest), -1)
+
+    return rot(q), rot(k)

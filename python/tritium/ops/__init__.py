@@ -17,12 +17,12 @@ __all__ += _paged.__all__
 from .sampling import *  # noqa: F401,F403,E402
 from . import sampling as _sampling  # noqa: E402
 __all__ += _sampling.__all__
-from .attention import *  # noqa: F401,F403,E402
-from . import attention as _attention  # noqa: E402
-__all__ += _attention.__all__
 from . import softmax as _softmax  # noqa: E402  (module first: the star import binds the name to the function)
 from .softmax import *  # noqa: F401,F403,E402
 __all__ += _softmax.__all__
 from . import cross_entropy as _cross_entropy  # noqa: E402  (module first, as above)
 from .cross_entropy import *  # noqa: F401,F403,E402
 __all__ += _cross_entropy.__all__
+from . import rope as _rope  # noqa: E402  (before the star import: the function tritium.ops.rope shadows the module)
+from .rope import *  # noqa: F401,F403,E402
+__all__ += _rope.__all__
