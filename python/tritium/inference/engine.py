@@ -104,8 +104,10 @@ class Engine:
     """Continuous batching over a paged KV cache for a tritium.models.llama.Llama.
 
     max_batch: most sequences decoding in one step; num_blocks x block_size: cache capacity in tokens
-    (default: room for max_batch sequences of max_seq_len or 4096 tokens, whichever is less);
-    max_prefill_tokens: prompt tokens prefilled in one step (more waiting prompts wait for the next step).
+    (default: max_batch sequences of min(max_seq_len, 1024) tokens, at most 16384 tokens in all);
+    max_prefill_tokens: prompt tokens prefilled in one step (more waiting prompts wait for the next step; a
+    longer prompt is prefilled alone). stats: tokens and seconds spent in prefill and decode (a mixed step's
+    time is split in proportion to its tokens), steps, preemptions.
     """
 
     def __init__(self, model, tokenizer=None, max_batch: int = 32, num_blocks: Optional[int] = None,
@@ -254,7 +256,8 @@ class Engine:
             n_decode=len(decode), block_tables=bt, seq_lens=sl, prefill_lens=lens,
             logits_rows=None if len(rows) == len(tokens) else torch.tensor(rows, dtype=torch.int64, device=dev))
         logits = self.model.forward_step(step, self.pools)
-        dt = time.perf_counter() - t0
+        self._process(logits, decode + [(r, s) for r, s, _ in prefill])
+        dt = time.perf_counter() - t0   # model, sampling and stop checks
         n_prefill = sum(lens)
         # attribute the step's time to prefill and decode in proportion to their tokens
         self.stats["prefill_tokens"] += n_prefill
@@ -262,7 +265,6 @@ class Engine:
         self.stats["prefill_time"] += dt * n_prefill / len(tokens)
         self.stats["decode_time"] += dt * len(decode) / len(tokens)
         self.stats["steps"] += 1
-        self._process(logits, decode + [(r, s) for r, s, _ in prefill])
 
     # ---- after the model call ----
     def _process(self, logits: Tensor, rows: List[tuple]) -> None:
