@@ -55,6 +55,7 @@ def _lazy(module_name):
 # generate/chat live with the models (tritium.models.cli); registered lazily so `tritium info` stays light.
 COMMANDS["generate"] = _lazy("tritium.models.cli_generate")
 COMMANDS["chat"] = _lazy("tritium.models.cli_chat")
+COMMANDS["train"] = _lazy("tritium.models.train")  # classic models on the digits (needs .[train])
 
 
 def main(argv=None) -> int:

@@ -40,6 +40,72 @@ def patch(model: torch.nn.Module) -> List[Tuple[str, Type[torch.nn.Module]]]:
     return replaced
 
 
+# ---- RNNs (worker F): torch.nn.LSTM / torch.nn.GRU whose per-step gate math is one fused kernel ----
+def _rnn_hidden(module: torch.nn.RNNBase, input: Tensor, hx, n_states: int):
+    """Torch's own input/hidden validation and defaults for unpacked input: returns (input 3-D, hx tuple,
+    is_batched). Mirrors torch.nn.LSTM/GRU.forward, error types and messages included."""
+    name = type(module).__mro__[1].__name__
+    if input.dim() not in (2, 3):
+        raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D instead")
+    is_batched = input.dim() == 3
+    if not is_batched:
+        input = input.unsqueeze(0 if module.batch_first else 1)
+    B = input.size(0) if module.batch_first else input.size(1)
+    D = 2 if module.bidirectional else 1
+    if hx is None:
+        z = torch.zeros(module.num_layers * D, B, module.hidden_size, dtype=input.dtype, device=input.device)
+        hx = (z,) * n_states
+    else:
+        hx = tuple(hx) if n_states == 2 else (hx,)
+        want = 3 if is_batched else 2
+        if any(h.dim() != want for h in hx):
+            kind = "batched 3-D" if is_batched else "unbatched 2-D"
+            if n_states == 2:
+                raise RuntimeError(f"For {kind} input, hx and cx should also be {want}-D but got "
+                                   f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+            raise RuntimeError(f"For {kind} input, hx should also be {want}-D but got {hx[0].dim()}-D tensor")
+        if not is_batched:
+            hx = tuple(h.unsqueeze(1) for h in hx)
+    module.check_forward_args(input, hx if n_states == 2 else hx[0], None)
+    return input, hx, is_batched
+
+
+class LSTM(torch.nn.LSTM):
+    """torch.nn.LSTM whose per-step cell is one fused kernel (tritium.ops.rnn). Packed sequences and
+    proj_size > 0 run torch's own implementation."""
+
+    def forward(self, input, hx=None):
+        if isinstance(input, torch.nn.utils.rnn.PackedSequence) or self.proj_size > 0:
+            return super().forward(input, hx)
+        self._update_flat_weights()
+        x, (h0, c0), is_batched = _rnn_hidden(self, input, hx, 2)
+        out, h, c = ops.lstm(x, (h0, c0), self._flat_weights, self.bias, self.num_layers, float(self.dropout),
+                             self.training, self.bidirectional, self.batch_first)
+        if not is_batched:
+            return out.squeeze(0 if self.batch_first else 1), (h.squeeze(1), c.squeeze(1))
+        return out, (h, c)
+
+
+class GRU(torch.nn.GRU):
+    """torch.nn.GRU whose per-step cell is one fused kernel (tritium.ops.rnn). Packed sequences run torch's
+    own implementation."""
+
+    def forward(self, input, hx=None):
+        if isinstance(input, torch.nn.utils.rnn.PackedSequence):
+            return super().forward(input, hx)
+        self._update_flat_weights()
+        x, (h0,), is_batched = _rnn_hidden(self, input, hx, 1)
+        out, h = ops.gru(x, h0, self._flat_weights, self.bias, self.num_layers, float(self.dropout),
+                         self.training, self.bidirectional, self.batch_first)
+        if not is_batched:
+            return out.squeeze(0 if self.batch_first else 1), h.squeeze(1)
+        return out, h
+
+
+PATCH_TABLE[torch.nn.LSTM] = LSTM
+PATCH_TABLE[torch.nn.GRU] = GRU
+
+
 # ---- softmax family (worker B) ----
 class Softmax(torch.nn.Softmax):
     def forward(self, input: Tensor) -> Tensor:

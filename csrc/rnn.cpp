@@ -1,0 +1,428 @@
+// LSTM and GRU cell CPU kernels (forward and backward), registered for the CPU key of the tritium ops whose
+// schemas python/tritium/ops/rnn.py defines.
+//
+// One call is one time step of one layer-direction: the recurrent matmul (h @ W_hh^T) and the up-front input
+// projection stay matmuls in the caller; everything elementwise between them (the gate nonlinearities, the
+// cell update, the output) is one pass over the (batch, hidden) tile here, forward and backward.
+// Gate orders follow torch.nn.LSTM (i, f, g, o) and torch.nn.GRU (r, z, n).
+//
+//   lstm fwd:  i,f,o = sigmoid(G_i,f,o); g = tanh(G_g); c' = f*c + i*g; h' = o*tanh(c')
+//   lstm bwd:  dc~ = dc' + dh*o*(1-tanh(c')^2); dG = [dc~*g*i(1-i), dc~*c*f(1-f), dc~*i*(1-g^2),
+//              dh*tanh(c')*o(1-o)]; dc = dc~*f
+//   gru fwd:   r,z = sigmoid(X_r,z + H_r,z); n = tanh(X_n + r*H_n); h' = n + z*(h - n)
+//   gru bwd:   dn~ = dh*(1-z)*(1-n^2); dz~ = dh*(h-n)*z(1-z); dr~ = dn~*H_n*r(1-r);
+//              dX = [dr~, dz~, dn~]; dH = [dr~, dz~, dn~*r]; dh_direct = dh*z
+// Rows (batch entries) are independent: at::parallel_for splits them; each row is read and written once.
+// The scan ops (lstm_scan_fwd/bwd, gru_scan_fwd/bwd) run a whole layer-direction through time here, so a step
+// costs one matmul and one cell pass, with no Python, allocation or copy in between.
+#include "vec.h"
+
+namespace tritium {
+namespace {
+
+template <typename T>
+using acc_of = typename VecIO<T>::acc_t;
+
+template <typename V>
+inline V vsigmoid(const V& x) {
+  return V(1) / (V(1) + x.neg().exp());
+}
+template <typename A>
+inline A ssigmoid(A x) {
+  return A(1) / (A(1) + std::exp(-x));
+}
+
+
+// A (rows, cols) operand: base pointer and row stride (the column stride is 1).
+template <typename T>
+struct Mat {
+  T* p;
+  int64_t s;
+  T* row(int64_t b) const { return p + b * s; }
+};
+template <typename T>
+Mat<const T> cmat(const at::Tensor& t) {
+  return {t.const_data_ptr<T>(), t.stride(0)};
+}
+template <typename T>
+Mat<T> mmat(at::Tensor& t) {
+  return {t.mutable_data_ptr<T>(), t.stride(0)};
+}
+
+inline void check_gates(const at::Tensor& t, int64_t B, int64_t width, const char* name) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == B && t.size(1) == width, name, " must be (", B, ", ", width,
+              "), got ", t.sizes());
+  TORCH_CHECK(t.stride(1) == 1 || width <= 1, name, " must have a contiguous last dimension");
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// the cell row kernels: B rows of H hidden units, split across threads by rows
+// ---------------------------------------------------------------------------------------------------------
+template <typename T>
+void lstm_fwd_rows(int64_t B, int64_t H, Mat<const T> G, Mat<const T> C, Mat<T> Hn, Mat<T> CN, Mat<T> A) {
+  using IO = VecIO<T>;
+  using Vec = typename IO::Vec;
+  using acc_t = acc_of<T>;
+  constexpr int64_t K = IO::kSize;
+  at::parallel_for(0, B, row_grain(8 * H), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const T *g = G.row(b), *cr = C.row(b);
+      T *a = A.row(b), *hr = Hn.row(b), *cnr = CN.row(b);
+      int64_t j = 0;
+      for (; j + K <= H; j += K) {
+        Vec i = vsigmoid(IO::load(g + j)), f = vsigmoid(IO::load(g + H + j));
+        Vec gg = IO::load(g + 2 * H + j).tanh(), o = vsigmoid(IO::load(g + 3 * H + j));
+        Vec cv = at::vec::fmadd(f, IO::load(cr + j), i * gg);
+        IO::store(a + j, i);
+        IO::store(a + H + j, f);
+        IO::store(a + 2 * H + j, gg);
+        IO::store(a + 3 * H + j, o);
+        IO::store(cnr + j, cv);
+        IO::store(hr + j, o * cv.tanh());
+      }
+      for (; j < H; ++j) {
+        acc_t i = ssigmoid<acc_t>(g[j]), f = ssigmoid<acc_t>(g[H + j]);
+        acc_t gg = std::tanh(static_cast<acc_t>(g[2 * H + j])), o = ssigmoid<acc_t>(g[3 * H + j]);
+        acc_t cv = f * static_cast<acc_t>(cr[j]) + i * gg;
+        a[j] = i;
+        a[H + j] = f;
+        a[2 * H + j] = gg;
+        a[3 * H + j] = o;
+        cnr[j] = cv;
+        hr[j] = o * std::tanh(cv);
+      }
+    }
+  });
+}
+
+// DC and DCP may alias (the scan updates the carried dc in place: each element is read before it is written).
+template <typename T>
+void lstm_bwd_rows(int64_t B, int64_t H, Mat<const T> DH, Mat<const T> DC, Mat<const T> A, Mat<const T> CN,
+                   Mat<const T> C, Mat<T> DG, Mat<T> DCP) {
+  using IO = VecIO<T>;
+  using Vec = typename IO::Vec;
+  using acc_t = acc_of<T>;
+  constexpr int64_t K = IO::kSize;
+  at::parallel_for(0, B, row_grain(12 * H), [&](int64_t begin, int64_t end) {
+    const Vec one(1);
+    for (int64_t b = begin; b < end; ++b) {
+      const T *dhr = DH.row(b), *dcr = DC.row(b), *a = A.row(b), *cnr = CN.row(b), *cr = C.row(b);
+      T *dg = DG.row(b), *dco = DCP.row(b);
+      int64_t j = 0;
+      for (; j + K <= H; j += K) {
+        Vec i = IO::load(a + j), f = IO::load(a + H + j), gg = IO::load(a + 2 * H + j), o = IO::load(a + 3 * H + j);
+        Vec tc = IO::load(cnr + j).tanh(), d = IO::load(dhr + j);
+        Vec dcc = at::vec::fmadd(d * o, one - tc * tc, IO::load(dcr + j));
+        IO::store(dg + j, dcc * gg * i * (one - i));
+        IO::store(dg + H + j, dcc * IO::load(cr + j) * f * (one - f));
+        IO::store(dg + 2 * H + j, dcc * i * (one - gg * gg));
+        IO::store(dg + 3 * H + j, d * tc * o * (one - o));
+        IO::store(dco + j, dcc * f);
+      }
+      for (; j < H; ++j) {
+        acc_t i = a[j], f = a[H + j], gg = a[2 * H + j], o = a[3 * H + j];
+        acc_t tc = std::tanh(static_cast<acc_t>(cnr[j])), d = dhr[j];
+        acc_t dcc = static_cast<acc_t>(dcr[j]) + d * o * (1 - tc * tc);
+        dg[j] = dcc * gg * i * (1 - i);
+        dg[H + j] = dcc * static_cast<acc_t>(cr[j]) * f * (1 - f);
+        dg[2 * H + j] = dcc * i * (1 - gg * gg);
+        dg[3 * H + j] = d * tc * o * (1 - o);
+        dco[j] = dcc * f;
+      }
+    }
+  });
+}
+
+template <typename T>
+void gru_fwd_rows(int64_t B, int64_t H, Mat<const T> X, Mat<const T> Q, Mat<const T> Hp, Mat<T> Hn, Mat<T> S) {
+  using IO = VecIO<T>;
+  using Vec = typename IO::Vec;
+  using acc_t = acc_of<T>;
+  constexpr int64_t K = IO::kSize;
+  at::parallel_for(0, B, row_grain(12 * H), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const T *x = X.row(b), *q = Q.row(b), *hr = Hp.row(b);
+      T *s = S.row(b), *out = Hn.row(b);
+      int64_t j = 0;
+      for (; j + K <= H; j += K) {
+        Vec r = vsigmoid(IO::load(x + j) + IO::load(q + j));
+        Vec z = vsigmoid(IO::load(x + H + j) + IO::load(q + H + j));
+        Vec qn = IO::load(q + 2 * H + j);
+        Vec n = at::vec::fmadd(r, qn, IO::load(x + 2 * H + j)).tanh();
+        IO::store(s + j, r);
+        IO::store(s + H + j, z);
+        IO::store(s + 2 * H + j, n);
+        IO::store(s + 3 * H + j, qn);
+        IO::store(out + j, at::vec::fmadd(z, IO::load(hr + j) - n, n));
+      }
+      for (; j < H; ++j) {
+        acc_t r = ssigmoid<acc_t>(static_cast<acc_t>(x[j]) + static_cast<acc_t>(q[j]));
+        acc_t z = ssigmoid<acc_t>(static_cast<acc_t>(x[H + j]) + static_cast<acc_t>(q[H + j]));
+        acc_t qn = q[2 * H + j];
+        acc_t n = std::tanh(static_cast<acc_t>(x[2 * H + j]) + r * qn);
+        s[j] = r;
+        s[H + j] = z;
+        s[2 * H + j] = n;
+        s[3 * H + j] = qn;
+        out[j] = n + z * (static_cast<acc_t>(hr[j]) - n);
+      }
+    }
+  });
+}
+
+// EXTRA (optional, p == nullptr: none) is added to dh_direct: the scan folds in the output gradient of the
+// previous step there.
+template <typename T>
+void gru_bwd_rows(int64_t B, int64_t H, Mat<const T> DH, Mat<const T> S, Mat<const T> Hp, Mat<const T> EXTRA,
+                  Mat<T> DX, Mat<T> DQ, Mat<T> DHD) {
+  using IO = VecIO<T>;
+  using Vec = typename IO::Vec;
+  using acc_t = acc_of<T>;
+  constexpr int64_t K = IO::kSize;
+  at::parallel_for(0, B, row_grain(12 * H), [&](int64_t begin, int64_t end) {
+    const Vec one(1);
+    for (int64_t b = begin; b < end; ++b) {
+      const T *d = DH.row(b), *s = S.row(b), *hr = Hp.row(b);
+      const T* ex = EXTRA.p ? EXTRA.row(b) : nullptr;
+      T *ox = DX.row(b), *oq = DQ.row(b), *od = DHD.row(b);
+      int64_t j = 0;
+      for (; j + K <= H; j += K) {
+        Vec r = IO::load(s + j), z = IO::load(s + H + j), n = IO::load(s + 2 * H + j), qn = IO::load(s + 3 * H + j);
+        Vec g = IO::load(d + j);
+        Vec dn = g * (one - z) * (one - n * n);
+        Vec dz = g * (IO::load(hr + j) - n) * z * (one - z);
+        Vec dr = dn * qn * r * (one - r);
+        IO::store(ox + j, dr);
+        IO::store(ox + H + j, dz);
+        IO::store(ox + 2 * H + j, dn);
+        IO::store(oq + j, dr);
+        IO::store(oq + H + j, dz);
+        IO::store(oq + 2 * H + j, dn * r);
+        IO::store(od + j, ex ? at::vec::fmadd(g, z, IO::load(ex + j)) : g * z);
+      }
+      for (; j < H; ++j) {
+        acc_t r = s[j], z = s[H + j], n = s[2 * H + j], qn = s[3 * H + j], g = d[j];
+        acc_t dn = g * (1 - z) * (1 - n * n);
+        acc_t dz = g * (static_cast<acc_t>(hr[j]) - n) * z * (1 - z);
+        acc_t dr = dn * qn * r * (1 - r);
+        ox[j] = dr;
+        ox[H + j] = dz;
+        ox[2 * H + j] = dn;
+        oq[j] = dr;
+        oq[H + j] = dz;
+        oq[2 * H + j] = dn * r;
+        od[j] = g * z + (ex ? static_cast<acc_t>(ex[j]) : acc_t(0));
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// the cell ops (one time step)
+// ---------------------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd(const at::Tensor& gates, const at::Tensor& c) {
+  TORCH_CHECK(c.dim() == 2, "c must be 2-D (batch, hidden), got ", c.dim(), "-D");
+  const int64_t B = c.size(0), H = c.size(1);
+  check_gates(gates, B, 4 * H, "gates");
+  check_gates(c, B, H, "c");
+  TORCH_CHECK(gates.scalar_type() == c.scalar_type(), "gates and c must have the same dtype");
+  auto h = empty({B, H}, c.options()), cn = empty({B, H}, c.options()), act = empty({B, 4 * H}, c.options());
+  TRITIUM_DISPATCH_FLOATING(c.scalar_type(), "tritium_lstm_cell_fwd", [&] {
+    lstm_fwd_rows<scalar_t>(B, H, cmat<scalar_t>(gates), cmat<scalar_t>(c), mmat<scalar_t>(h), mmat<scalar_t>(cn),
+                            mmat<scalar_t>(act));
+  });
+  return {h, cn, act};
+}
+
+std::tuple<at::Tensor, at::Tensor> lstm_cell_bwd(const at::Tensor& dh, const at::Tensor& dc, const at::Tensor& act,
+                                                 const at::Tensor& cn, const at::Tensor& c) {
+  TORCH_CHECK(c.dim() == 2, "c must be 2-D (batch, hidden), got ", c.dim(), "-D");
+  const int64_t B = c.size(0), H = c.size(1);
+  check_gates(dh, B, H, "grad_h");
+  check_gates(dc, B, H, "grad_c");
+  check_gates(act, B, 4 * H, "act");
+  check_gates(cn, B, H, "c_new");
+  check_gates(c, B, H, "c");
+  auto dgates = empty({B, 4 * H}, c.options()), dcp = empty({B, H}, c.options());
+  TRITIUM_DISPATCH_FLOATING(c.scalar_type(), "tritium_lstm_cell_bwd", [&] {
+    lstm_bwd_rows<scalar_t>(B, H, cmat<scalar_t>(dh), cmat<scalar_t>(dc), cmat<scalar_t>(act), cmat<scalar_t>(cn),
+                            cmat<scalar_t>(c), mmat<scalar_t>(dgates), mmat<scalar_t>(dcp));
+  });
+  return {dgates, dcp};
+}
+
+std::tuple<at::Tensor, at::Tensor> gru_cell_fwd(const at::Tensor& xg, const at::Tensor& hg, const at::Tensor& h) {
+  TORCH_CHECK(h.dim() == 2, "h must be 2-D (batch, hidden), got ", h.dim(), "-D");
+  const int64_t B = h.size(0), H = h.size(1);
+  check_gates(xg, B, 3 * H, "input_gates");
+  check_gates(hg, B, 3 * H, "hidden_gates");
+  check_gates(h, B, H, "h");
+  auto hn = empty({B, H}, h.options()), saved = empty({B, 4 * H}, h.options());
+  TRITIUM_DISPATCH_FLOATING(h.scalar_type(), "tritium_gru_cell_fwd", [&] {
+    gru_fwd_rows<scalar_t>(B, H, cmat<scalar_t>(xg), cmat<scalar_t>(hg), cmat<scalar_t>(h), mmat<scalar_t>(hn),
+                           mmat<scalar_t>(saved));
+  });
+  return {hn, saved};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_cell_bwd(const at::Tensor& dh, const at::Tensor& saved,
+                                                            const at::Tensor& h) {
+  TORCH_CHECK(h.dim() == 2, "h must be 2-D (batch, hidden), got ", h.dim(), "-D");
+  const int64_t B = h.size(0), H = h.size(1);
+  check_gates(dh, B, H, "grad_h");
+  check_gates(saved, B, 4 * H, "saved");
+  check_gates(h, B, H, "h");
+  auto dx = empty({B, 3 * H}, h.options()), dq = empty({B, 3 * H}, h.options()), dhd = empty({B, H}, h.options());
+  TRITIUM_DISPATCH_FLOATING(h.scalar_type(), "tritium_gru_cell_bwd", [&] {
+    gru_bwd_rows<scalar_t>(B, H, cmat<scalar_t>(dh), cmat<scalar_t>(saved), cmat<scalar_t>(h),
+                           Mat<const scalar_t>{nullptr, 0}, mmat<scalar_t>(dx), mmat<scalar_t>(dq),
+                           mmat<scalar_t>(dhd));
+  });
+  return {dx, dq, dhd};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// the scans: a whole layer-direction through time. Per step one matmul into a scratch buffer (at::addmm_out,
+// which also adds the precomputed input projection or the carried gradient) and one fused cell pass writing
+// straight into the (T, B, .) outputs: no per-step allocation or copy.
+// ---------------------------------------------------------------------------------------------------------
+inline int64_t step_at(int64_t k, int64_t T, bool reverse) { return reverse ? T - 1 - k : k; }
+
+void check_scan_input(const at::Tensor& xproj, int64_t G, const at::Tensor& w_hh, const at::Tensor& h0) {
+  TORCH_CHECK(xproj.dim() == 3 && xproj.size(2) % G == 0, "xproj must be (T, B, ", G, "*H), got ", xproj.sizes());
+  TORCH_CHECK(xproj.stride(2) == 1, "xproj must have a contiguous last dimension");
+  const int64_t B = xproj.size(1), H = xproj.size(2) / G;
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == G * H && w_hh.size(1) == H, "w_hh must be (", G * H, ", ", H,
+              "), got ", w_hh.sizes());
+  TORCH_CHECK(h0.dim() == 2 && h0.size(0) == B && h0.size(1) == H, "h0 must be (", B, ", ", H, "), got ",
+              h0.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_scan_fwd(const at::Tensor& xproj, const at::Tensor& w_hh,
+                                                             const at::Tensor& h0, const at::Tensor& c0,
+                                                             bool reverse) {
+  check_scan_input(xproj, 4, w_hh, h0);
+  const int64_t T = xproj.size(0), B = xproj.size(1), H = xproj.size(2) / 4;
+  check_gates(c0, B, H, "c0");
+  check_gates(h0, B, H, "h0");
+  auto hs = empty({T, B, H}, xproj.options()), cs = empty({T, B, H}, xproj.options());
+  auto acts = empty({T, B, 4 * H}, xproj.options());
+  auto gates = at::empty({B, 4 * H}, xproj.options());
+  const at::Tensor wt = w_hh.t();
+  TRITIUM_DISPATCH_FLOATING(xproj.scalar_type(), "tritium_lstm_scan_fwd", [&] {
+    for (int64_t k = 0; k < T; ++k) {
+      const int64_t t = step_at(k, T, reverse), tp = step_at(k - 1, T, reverse);
+      const at::Tensor h_prev = k == 0 ? h0 : hs[tp], c_prev = k == 0 ? c0 : cs[tp];
+      at::addmm_out(gates, xproj[t], h_prev, wt);  // (B, 4H) = xproj_t + h_{t-1} W_hh^T
+      at::Tensor ht = hs[t], ct = cs[t], at_ = acts[t];
+      lstm_fwd_rows<scalar_t>(B, H, cmat<scalar_t>(gates), cmat<scalar_t>(c_prev), mmat<scalar_t>(ht),
+                              mmat<scalar_t>(ct), mmat<scalar_t>(at_));
+    }
+  });
+  return {hs, cs, acts};
+}
+
+// dhs (T, B, H): the gradient reaching every step's output h_t (h_T's own gradient included); dcT (B, H).
+// Returns dgates (T, B, 4H) (w.r.t. the pre-activations, i.e. w.r.t. xproj), dh0, dc0.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_scan_bwd(const at::Tensor& dhs, const at::Tensor& dcT,
+                                                             const at::Tensor& w_hh, const at::Tensor& h0,
+                                                             const at::Tensor& c0, const at::Tensor& cs,
+                                                             const at::Tensor& acts, bool reverse) {
+  check_scan_input(acts, 4, w_hh, h0);
+  const int64_t T = acts.size(0), B = acts.size(1), H = acts.size(2) / 4;
+  TORCH_CHECK(dhs.dim() == 3 && dhs.size(0) == T && dhs.size(1) == B && dhs.size(2) == H && dhs.stride(2) == 1,
+              "grad of the outputs must be (T, B, H) with a contiguous last dimension, got ", dhs.sizes());
+  check_gates(dcT, B, H, "grad_c");
+  auto dgates = empty({T, B, 4 * H}, acts.options());
+  auto dc = dcT.clone(at::MemoryFormat::Contiguous);  // the carried dc, updated in place step by step
+  auto dh = at::empty({B, H}, acts.options());
+  auto dh0 = at::empty({B, H}, acts.options());
+  TRITIUM_DISPATCH_FLOATING(acts.scalar_type(), "tritium_lstm_scan_bwd", [&] {
+    for (int64_t k = T - 1; k >= 0; --k) {
+      const int64_t t = step_at(k, T, reverse), tp = step_at(k - 1, T, reverse);
+      const at::Tensor c_prev = k == 0 ? c0 : cs[tp];
+      const at::Tensor dh_in = k == T - 1 ? dhs[t] : dh;
+      at::Tensor dg = dgates[t];
+      lstm_bwd_rows<scalar_t>(B, H, cmat<scalar_t>(dh_in), cmat<scalar_t>(dc), cmat<scalar_t>(acts[t]),
+                              cmat<scalar_t>(cs[t]), cmat<scalar_t>(c_prev), mmat<scalar_t>(dg),
+                              mmat<scalar_t>(dc));
+      if (k > 0) {
+        at::addmm_out(dh, dhs[tp], dg, w_hh);  // dh_{t-1} = its output's gradient + dG_t W_hh
+      } else {
+        at::mm_out(dh0, dg, w_hh);
+      }
+    }
+  });
+  return {dgates, dh0, dc};
+}
+
+std::tuple<at::Tensor, at::Tensor> gru_scan_fwd(const at::Tensor& xproj, const at::Tensor& w_hh,
+                                                const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
+                                                bool reverse) {
+  check_scan_input(xproj, 3, w_hh, h0);
+  const int64_t T = xproj.size(0), B = xproj.size(1), H = xproj.size(2) / 3;
+  check_gates(h0, B, H, "h0");
+  auto hs = empty({T, B, H}, xproj.options()), saved = empty({T, B, 4 * H}, xproj.options());
+  auto q = at::empty({B, 3 * H}, xproj.options());
+  const at::Tensor wt = w_hh.t();
+  TRITIUM_DISPATCH_FLOATING(xproj.scalar_type(), "tritium_gru_scan_fwd", [&] {
+    for (int64_t k = 0; k < T; ++k) {
+      const int64_t t = step_at(k, T, reverse), tp = step_at(k - 1, T, reverse);
+      const at::Tensor h_prev = k == 0 ? h0 : hs[tp];
+      if (b_hh.has_value()) {
+        at::addmm_out(q, *b_hh, h_prev, wt);  // (B, 3H) = h_{t-1} W_hh^T + b_hh
+      } else {
+        at::mm_out(q, h_prev, wt);
+      }
+      at::Tensor ht = hs[t], st = saved[t];
+      gru_fwd_rows<scalar_t>(B, H, cmat<scalar_t>(xproj[t]), cmat<scalar_t>(q), cmat<scalar_t>(h_prev),
+                             mmat<scalar_t>(ht), mmat<scalar_t>(st));
+    }
+  });
+  return {hs, saved};
+}
+
+// Returns dxproj (T, B, 3H), dq (T, B, 3H) (w.r.t. h W_hh^T + b_hh per step), dh0.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_scan_bwd(const at::Tensor& dhs, const at::Tensor& w_hh,
+                                                            const at::Tensor& h0, const at::Tensor& hs,
+                                                            const at::Tensor& saved, bool reverse) {
+  TORCH_CHECK(hs.dim() == 3 && saved.dim() == 3 && saved.size(2) == 4 * hs.size(2) && saved.stride(2) == 1,
+              "hs must be (T, B, H) and saved (T, B, 4H), got ", hs.sizes(), " and ", saved.sizes());
+  check_scan_input(dhs.new_empty({0, hs.size(1), 3 * hs.size(2)}), 3, w_hh, h0);
+  const int64_t T = hs.size(0), B = hs.size(1), H = hs.size(2);
+  TORCH_CHECK(dhs.dim() == 3 && dhs.size(0) == T && dhs.size(1) == B && dhs.size(2) == H && dhs.stride(2) == 1,
+              "grad of the outputs must be (T, B, H) with a contiguous last dimension, got ", dhs.sizes());
+  auto dx = empty({T, B, 3 * H}, hs.options()), dq = empty({T, B, 3 * H}, hs.options());
+  auto dh = at::empty({B, H}, hs.options()), direct = at::empty({B, H}, hs.options());
+  auto dh0 = at::empty({B, H}, hs.options());
+  TRITIUM_DISPATCH_FLOATING(hs.scalar_type(), "tritium_gru_scan_bwd", [&] {
+    for (int64_t k = T - 1; k >= 0; --k) {
+      const int64_t t = step_at(k, T, reverse), tp = step_at(k - 1, T, reverse);
+      const at::Tensor h_prev = k == 0 ? h0 : hs[tp];
+      const at::Tensor dh_in = k == T - 1 ? dhs[t] : dh;
+      at::Tensor dxt = dx[t], dqt = dq[t];
+      Mat<const scalar_t> extra{nullptr, 0};
+      if (k > 0) extra = cmat<scalar_t>(dhs[tp]);
+      gru_bwd_rows<scalar_t>(B, H, cmat<scalar_t>(dh_in), cmat<scalar_t>(saved[t]), cmat<scalar_t>(h_prev), extra,
+                             mmat<scalar_t>(dxt), mmat<scalar_t>(dqt), mmat<scalar_t>(direct));
+      // dh_{t-1} = dh*z (+ its output's gradient) + dQ_t W_hh
+      at::addmm_out(k > 0 ? dh : dh0, direct, dqt, w_hh);
+    }
+  });
+  return {dx, dq, dh0};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tritium, CPU, m) {
+  m.impl("lstm_cell_fwd", &lstm_cell_fwd);
+  m.impl("lstm_cell_bwd", &lstm_cell_bwd);
+  m.impl("gru_cell_fwd", &gru_cell_fwd);
+  m.impl("gru_cell_bwd", &gru_cell_bwd);
+  m.impl("lstm_scan_fwd", &lstm_scan_fwd);
+  m.impl("lstm_scan_bwd", &lstm_scan_bwd);
+  m.impl("gru_scan_fwd", &gru_scan_fwd);
+  m.impl("gru_scan_bwd", &gru_scan_bwd);
+}
+
+}  // namespace tritium

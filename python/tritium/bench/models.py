@@ -1,0 +1,126 @@
+"""``tritium bench models``: the classic models forward+backward, tritium vs PyTorch.
+
+- lstm, gru (batch 64, seq 128, hidden 512): tritium.nn.LSTM/GRU vs torch.nn.LSTM/GRU (torch's own fused
+  path: oneDNN on CPU, cuDNN on GPU) and vs a plain eager cell loop (the gate math in torch ops per step).
+- encoder, vit (batch 32, seq 197, dim 384, 6 layers, 6 heads): the tritium model vs its plain-PyTorch twin.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Callable, Dict, List
+
+import torch
+from torch import Tensor
+
+from .common import machine_info, time_fn, write_json
+
+MODELS = ("lstm", "gru", "encoder", "vit")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", action="append", choices=MODELS, help="repeatable; default: all")
+    p.add_argument("--min-time", type=float, default=2.0, help="seconds of timing per measurement")
+    p.add_argument("--small", action="store_true", help="a quarter of the batch (a quick look)")
+    p.add_argument("--json", help="write machine info and every figure to this path")
+
+
+# ---- the eager cell loops: what a user writes without torch.nn.LSTM/GRU ----
+def eager_lstm(x: Tensor, w_ih, w_hh, b_ih, b_hh) -> Tensor:  # x (B, T, I) -> (B, T, H)
+    B, T, _ = x.shape
+    h = c = x.new_zeros(B, w_hh.shape[1])
+    outs = []
+    for t in range(T):
+        i, f, g, o = (x[:, t] @ w_ih.t() + b_ih + h @ w_hh.t() + b_hh).chunk(4, 1)
+        c = f.sigmoid() * c + i.sigmoid() * g.tanh()
+        h = o.sigmoid() * c.tanh()
+        outs.append(h)
+    return torch.stack(outs, 1)
+
+
+def eager_gru(x: Tensor, w_ih, w_hh, b_ih, b_hh) -> Tensor:
+    B, T, _ = x.shape
+    h = x.new_zeros(B, w_hh.shape[1])
+    outs = []
+    for t in range(T):
+        xr, xz, xn = (x[:, t] @ w_ih.t() + b_ih).chunk(3, 1)
+        hr, hz, hn = (h @ w_hh.t() + b_hh).chunk(3, 1)
+        r, z = (xr + hr).sigmoid(), (xz + hz).sigmoid()
+        n = (xn + r * hn).tanh()
+        h = (1 - z) * n + z * h
+        outs.append(h)
+    return torch.stack(outs, 1)
+
+
+def _fwdbwd(fn: Callable[[], Tensor], params: List[Tensor]) -> Callable[[], object]:
+    def run():
+        out = fn()
+        return torch.autograd.grad(out.float().square().mean(), params)
+    return run
+
+
+def _rnn_cases(cell: str, batch: int, device) -> Dict[str, Callable[[], object]]:
+    import tritium
+
+    B, T, H = batch, 128, 512
+    torch_cls, ours_cls = {"lstm": (torch.nn.LSTM, tritium.nn.LSTM), "gru": (torch.nn.GRU, tritium.nn.GRU)}[cell]
+    ref = torch_cls(H, H, batch_first=True).to(device)
+    ours = ours_cls(H, H, batch_first=True).to(device)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(B, T, H, device=device, requires_grad=True)
+    eager = {"lstm": eager_lstm, "gru": eager_gru}[cell]
+    p = list(ref.parameters())
+    return {
+        "tritium": _fwdbwd(lambda: ours(x)[0], [x] + list(ours.parameters())),
+        f"torch.nn.{torch_cls.__name__}": _fwdbwd(lambda: ref(x)[0], [x] + p),
+        "eager cell loop": _fwdbwd(lambda: eager(x, *p), [x] + p),
+    }
+
+
+def _transformer_cases(name: str, batch: int, device) -> Dict[str, Callable[[], object]]:
+    from tritium.models.classic import TransformerEncoder, ViT
+
+    B, D, depth, heads = batch, 384, 6, 6
+    models = {}
+    for impl in ("tritium", "torch"):
+        torch.manual_seed(0)
+        if name == "vit":  # 224x224 images, 16x16 patches: 196 patches + [CLS] = 197 tokens
+            models[impl] = ViT(224, 16, 3, D, depth, heads, 1000, impl=impl).to(device)
+        else:  # 196 tokens + [CLS] = 197
+            models[impl] = TransformerEncoder(30522, 196, D, depth, heads, 2, pre_norm=False, impl=impl).to(device)
+    models["torch"].load_state_dict(models["tritium"].state_dict())
+    if name == "vit":
+        inp = torch.randn(B, 3, 224, 224, device=device)
+    else:
+        inp = torch.randint(0, 30522, (B, 196), device=device)
+    return {
+        "tritium": _fwdbwd(lambda: models["tritium"](inp), list(models["tritium"].parameters())),
+        "eager twin": _fwdbwd(lambda: models["torch"](inp), list(models["torch"].parameters())),
+    }
+
+
+def run(args) -> List[dict]:
+    from rich.console import Console
+    from rich.table import Table
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    chosen = args.model or list(MODELS)
+    rows = []
+    for name in chosen:
+        if name in ("lstm", "gru"):
+            cases = _rnn_cases(name, 16 if args.small else 64, device)
+        else:
+            cases = _transformer_cases(name, 8 if args.small else 32, device)
+        times = {impl: time_fn(fn, args.min_time, device) for impl, fn in cases.items()}
+        base = times["tritium"]
+        for impl, t in times.items():
+            rows.append({"model": name, "impl": impl, "mode": "fwdbwd", "ms": round(t * 1e3, 2),
+                         "tritium_speedup": round(t / base, 3)})
+    table = Table(title=f"tritium bench models ({device}, forward+backward)")
+    for col in ("model", "impl", "ms", "tritium speedup vs this"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["model"], r["impl"], f"{r['ms']:.1f}", f"{r['tritium_speedup']:.2f}x")
+    Console().print(table)
+    if args.json:
+        write_json(args.json, machine_info(device), rows)
+    return rows

@@ -1,0 +1,230 @@
+"""LSTM and GRU: fused cell ops, the scan through time with its backward, and the layer stack.
+
+A layer-direction runs as: the input projection for every time step in ONE matmul up front
+(x @ W_ih^T + b, shape (T, B, G*H)); then per step the recurrent matmul h @ W_hh^T (a matmul, as it must be)
+followed by ONE fused cell pass (gate nonlinearities, cell update and output; the ops ``tritium::lstm_cell_fwd``
+/ ``gru_cell_fwd`` are one step, ``lstm_scan_fwd`` / ``gru_scan_fwd`` loop the steps in C++ (CPU) or launch
+the Triton cell kernel per step (GPU), writing straight into the (T, B, .) outputs). Backward through time runs the fused cell backward kernel per step and
+carries dh through W_hh; the weight gradient dW_hh = sum_t dG_t^T h_{t-1} is ONE matmul over all steps at the
+end (torch's autograd does one small matmul per step), and dW_ih, db and dx come from autograd on the
+projection, again one matmul each.
+
+``lstm`` and ``gru`` have the signature of ``torch.lstm`` / ``torch.gru`` (the unpacked overloads that
+torch.nn.LSTM/GRU call); anything the kernels do not cover (an unsupported dtype or device, empty input,
+``TRITIUM_BACKEND=reference``) goes to ``tritium.reference`` (torch's own implementation).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import reference
+from .._backend import use_reference
+from ._library import SUPPORTED_DTYPES, define_op
+
+
+# ---- fake kernels: shapes only ----
+def _fake_lstm_fwd(gates, c):
+    B, H = c.shape
+    return c.new_empty((B, H)), c.new_empty((B, H)), c.new_empty((B, 4 * H))
+
+
+def _fake_lstm_bwd(dh, dc, act, c_new, c):
+    B, H = c.shape
+    return c.new_empty((B, 4 * H)), c.new_empty((B, H))
+
+
+def _fake_gru_fwd(xg, hg, h):
+    B, H = h.shape
+    return h.new_empty((B, H)), h.new_empty((B, 4 * H))
+
+
+def _fake_gru_bwd(dh, saved, h):
+    B, H = h.shape
+    return h.new_empty((B, 3 * H)), h.new_empty((B, 3 * H)), h.new_empty((B, H))
+
+
+# ---- the fused cell ops (no autograd of their own: the scans below are their autograd) ----
+lstm_cell_fwd = define_op("lstm_cell_fwd(Tensor gates, Tensor c) -> (Tensor, Tensor, Tensor)",
+                          _fake_lstm_fwd, "rnn:lstm_cell_fwd")
+lstm_cell_bwd = define_op(
+    "lstm_cell_bwd(Tensor dh, Tensor dc, Tensor act, Tensor c_new, Tensor c) -> (Tensor, Tensor)",
+    _fake_lstm_bwd, "rnn:lstm_cell_bwd")
+gru_cell_fwd = define_op("gru_cell_fwd(Tensor xg, Tensor hg, Tensor h) -> (Tensor, Tensor)",
+                         _fake_gru_fwd, "rnn:gru_cell_fwd")
+gru_cell_bwd = define_op("gru_cell_bwd(Tensor dh, Tensor saved, Tensor h) -> (Tensor, Tensor, Tensor)",
+                         _fake_gru_bwd, "rnn:gru_cell_bwd")
+
+
+def _fake_lstm_scan_fwd(xproj, w_hh, h0, c0, reverse):
+    T, B, G = xproj.shape
+    return xproj.new_empty((T, B, G // 4)), xproj.new_empty((T, B, G // 4)), xproj.new_empty((T, B, G))
+
+
+def _fake_lstm_scan_bwd(dhs, dcT, w_hh, h0, c0, cs, acts, reverse):
+    return acts.new_empty(acts.shape), h0.new_empty(h0.shape), c0.new_empty(c0.shape)
+
+
+def _fake_gru_scan_fwd(xproj, w_hh, b_hh, h0, reverse):
+    T, B, G = xproj.shape
+    return xproj.new_empty((T, B, G // 3)), xproj.new_empty((T, B, 4 * (G // 3)))
+
+
+def _fake_gru_scan_bwd(dhs, w_hh, h0, hs, saved, reverse):
+    T, B, H = hs.shape
+    return hs.new_empty((T, B, 3 * H)), hs.new_empty((T, B, 3 * H)), h0.new_empty(h0.shape)
+
+
+# ---- the scans: one layer-direction through time (per step: one matmul + one fused cell pass) ----
+lstm_scan_fwd = define_op(
+    "lstm_scan_fwd(Tensor xproj, Tensor w_hh, Tensor h0, Tensor c0, bool reverse) -> (Tensor, Tensor, Tensor)",
+    _fake_lstm_scan_fwd, "rnn:lstm_scan_fwd")
+lstm_scan_bwd = define_op(
+    "lstm_scan_bwd(Tensor dhs, Tensor dcT, Tensor w_hh, Tensor h0, Tensor c0, Tensor cs, Tensor acts, bool reverse)"
+    " -> (Tensor, Tensor, Tensor)", _fake_lstm_scan_bwd, "rnn:lstm_scan_bwd")
+gru_scan_fwd = define_op(
+    "gru_scan_fwd(Tensor xproj, Tensor w_hh, Tensor? b_hh, Tensor h0, bool reverse) -> (Tensor, Tensor)",
+    _fake_gru_scan_fwd, "rnn:gru_scan_fwd")
+gru_scan_bwd = define_op(
+    "gru_scan_bwd(Tensor dhs, Tensor w_hh, Tensor h0, Tensor hs, Tensor saved, bool reverse)"
+    " -> (Tensor, Tensor, Tensor)", _fake_gru_scan_bwd, "rnn:gru_scan_bwd")
+
+
+def _shifted(hs: Tensor, h0: Tensor, reverse: bool) -> Tensor:
+    """The state entering each step, (T, B, H): h_{t-1} (forward) or h_{t+1} (reverse), h0 at the start."""
+    if reverse:
+        return torch.cat([hs[1:], h0.unsqueeze(0)], 0)
+    return torch.cat([h0.unsqueeze(0), hs[:-1]], 0)
+
+
+def _grad_seq(g: Optional[Tensor], like: Tensor) -> Tensor:
+    if g is None:
+        return torch.zeros_like(like)
+    return g if g.stride(-1) == 1 else g.contiguous()
+
+
+class _LSTMScan(torch.autograd.Function):
+    """hs (T, B, H), c_T (B, H) = the LSTM over xproj (T, B, 4H) (= x W_ih^T + b_ih + b_hh) from (h0, c0).
+    h_T is hs at the last step processed (the caller takes that view)."""
+
+    @staticmethod
+    def forward(ctx, xproj: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, reverse: bool):
+        hs, cs, acts = lstm_scan_fwd(xproj, w_hh, h0, c0, reverse)
+        ctx.reverse = reverse
+        ctx.save_for_backward(w_hh, h0, c0, hs, cs, acts)
+        return hs, cs[0 if reverse else -1].clone()
+
+    @staticmethod
+    def backward(ctx, dhs: Optional[Tensor], dcT: Optional[Tensor]):
+        w_hh, h0, c0, hs, cs, acts = ctx.saved_tensors
+        T, B, H = hs.shape
+        dgates, dh0, dc0 = lstm_scan_bwd(_grad_seq(dhs, hs), _grad_seq(dcT, c0), w_hh, h0, c0, cs, acts,
+                                         ctx.reverse)
+        dw = None
+        if ctx.needs_input_grad[1]:  # sum_t dG_t^T h_{t-1}: one matmul over all steps
+            dw = dgates.reshape(T * B, 4 * H).t() @ _shifted(hs, h0, ctx.reverse).reshape(T * B, H)
+        return dgates, dw, dh0, dc0, None
+
+
+class _GRUScan(torch.autograd.Function):
+    """hs (T, B, H) = the GRU over xproj (T, B, 3H) (= x W_ih^T + b_ih) from h0."""
+
+    @staticmethod
+    def forward(ctx, xproj: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor, reverse: bool):
+        hs, saved = gru_scan_fwd(xproj, w_hh, b_hh, h0, reverse)
+        ctx.reverse = reverse
+        ctx.has_bias = b_hh is not None
+        ctx.save_for_backward(w_hh, h0, hs, saved)
+        return hs
+
+    @staticmethod
+    def backward(ctx, dhs: Optional[Tensor]):
+        w_hh, h0, hs, saved = ctx.saved_tensors
+        T, B, H = hs.shape
+        dx, dq, dh0 = gru_scan_bwd(_grad_seq(dhs, hs), w_hh, h0, hs, saved, ctx.reverse)
+        dw = db = None
+        if ctx.needs_input_grad[1]:
+            dw = dq.reshape(T * B, 3 * H).t() @ _shifted(hs, h0, ctx.reverse).reshape(T * B, H)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dq.sum((0, 1))
+        return dx, dw, db, dh0, None
+
+
+# ---- the layer stack (torch.lstm / torch.gru signatures) ----
+def _kernel_ok(input: Tensor, hidden: Sequence[Tensor], params: Sequence[Tensor]) -> bool:
+    return (
+        not use_reference()
+        and input.dtype in SUPPORTED_DTYPES
+        and input.device.type in ("cpu", "cuda")
+        and (input.device.type == "cpu" or input.dtype != torch.float64)
+        and input.dim() == 3
+        and input.numel() > 0
+        and all(t.dtype == input.dtype and t.device == input.device for t in list(hidden) + list(params))
+    )
+
+
+def _layers(params: Sequence[Tensor], has_biases: bool, num_layers: int, bidirectional: bool):
+    """Yield (layer, direction, w_ih, w_hh, b_ih, b_hh) from torch's flat weight list."""
+    per = 4 if has_biases else 2
+    D = 2 if bidirectional else 1
+    for layer in range(num_layers):
+        for d in range(D):
+            p = params[(layer * D + d) * per:(layer * D + d + 1) * per]
+            yield layer, d, p[0], p[1], (p[2] if has_biases else None), (p[3] if has_biases else None)
+
+
+def _run(cell: str, input: Tensor, h0: Tensor, c0: Optional[Tensor], params, has_biases, num_layers, dropout,
+         train, bidirectional, batch_first):
+    D = 2 if bidirectional else 1
+    x = input  # (T, B, I), or (B, T, I) for batch_first: projected in its own layout, then viewed as (T, B, G)
+    layer_out: List[Tensor] = []
+    hn: List[Tensor] = []
+    cn: List[Tensor] = []
+    for layer, d, w_ih, w_hh, b_ih, b_hh in _layers(params, has_biases, num_layers, bidirectional):
+        k = layer * D + d
+        if cell == "lstm":
+            bias = None if b_ih is None else b_ih + b_hh
+            xproj = F.linear(x, w_ih, bias)
+            xproj = xproj.transpose(0, 1) if (batch_first and layer == 0) else xproj
+            hs, c = _LSTMScan.apply(xproj, w_hh, h0[k], c0[k], d == 1)
+            cn.append(c)
+        else:
+            xproj = F.linear(x, w_ih, b_ih)
+            xproj = xproj.transpose(0, 1) if (batch_first and layer == 0) else xproj
+            hs = _GRUScan.apply(xproj, w_hh, b_hh, h0[k], d == 1)
+        layer_out.append(hs)
+        hn.append(hs[0 if d == 1 else -1])  # h_T: the last step processed (step 0 for the reverse direction)
+        if d == D - 1:
+            x = layer_out[0] if D == 1 else torch.cat(layer_out, 2)  # (T, B, D*H)
+            layer_out = []
+            if dropout > 0 and train and layer < num_layers - 1:
+                x = F.dropout(x, dropout, True)
+    out = x.transpose(0, 1) if batch_first else x
+    return out, torch.stack(hn), (torch.stack(cn) if cell == "lstm" else None)
+
+
+def lstm(input: Tensor, hx: Sequence[Tensor], params: Sequence[Tensor], has_biases: bool, num_layers: int,
+         dropout: float, train: bool, bidirectional: bool, batch_first: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Drop-in for ``torch.lstm`` (unpacked input, no projections): (output, h_n, c_n)."""
+    if not _kernel_ok(input, hx, params) or len(params) != num_layers * (2 if bidirectional else 1) * (
+            4 if has_biases else 2):
+        return reference.lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+    out, h, c = _run("lstm", input, hx[0], hx[1], params, has_biases, num_layers, dropout, train, bidirectional,
+                     batch_first)
+    return out, h, c
+
+
+def gru(input: Tensor, hx: Tensor, params: Sequence[Tensor], has_biases: bool, num_layers: int, dropout: float,
+        train: bool, bidirectional: bool, batch_first: bool) -> Tuple[Tensor, Tensor]:
+    """Drop-in for ``torch.gru`` (unpacked input): (output, h_n)."""
+    if not _kernel_ok(input, [hx], params):
+        return reference.gru(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+    out, h, _ = _run("gru", input, hx, None, params, has_biases, num_layers, dropout, train, bidirectional,
+                     batch_first)
+    return out, h
+
+
+__all__: List[str] = ["lstm", "gru"]
