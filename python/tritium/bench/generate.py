@@ -23,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded per measurement")
     p.add_argument("--prefill-len", type=int, default=512)
     p.add_argument("--repeats", type=int, default=2, help="best of this many runs per case")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", default=None, help="write the results here")
 
 
@@ -94,6 +95,8 @@ def run(args) -> List[dict]:
     import tritium.models
     from ..models.eager import EagerLlama
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     console = Console()
     batches = [int(b) for b in args.batches.split(",") if b]
     rows: List[dict] = []

@@ -129,8 +129,11 @@ class EagerLlama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         rd = c.rotary_dim or c.head_dim
         inv_freq = 1.0 / (c.rope_base ** (torch.arange(0, rd, 2, dtype=torch.int64).float() / rd))
-        if c.rope_scaling and c.rope_scaling.get("type") == "linear":
+        kind = (c.rope_scaling or {}).get("type", (c.rope_scaling or {}).get("rope_type", "default"))
+        if kind == "linear":
             inv_freq = inv_freq / c.rope_scaling["factor"]
+        elif kind not in (None, "default"):
+            raise NotImplementedError(f"the eager twin implements default and linear RoPE scaling, not {kind!r}")
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def load_weights(self, weights: Dict[str, Tensor]) -> "EagerLlama":
