@@ -4,9 +4,11 @@
 // Forward, per row of C logits x with target t (weights w, smoothing eps; w = 1 without weights, W = sum_c w_c):
 //   lse = log(sum_c exp(x_c)),  loss = (1 - eps) w_t (lse - x_t) + eps/C (W lse - sum_c w_c x_c)
 //   grad_j = p_j ((1 - eps) w_t + eps W / C) - eps/C w_j - [j == t] (1 - eps) w_t,   p_j = exp(x_j - lse)
-// (torch's cross_entropy with label_smoothing, its 'mean' dividing by sum of w_t over non-ignored rows). The
-// gradient rows of the per-row losses are written in the forward (no softmax is kept), so the backward is a row
-// scaling by the upstream gradient. Ignored rows (t == ignore_index) give loss 0 and gradient 0.
+// (torch's cross_entropy with label_smoothing). With `mean`, losses and gradient rows are divided by the total
+// weight (sum of w_t over non-ignored rows, torch's 'mean' divisor), so the per-row losses sum to the mean loss
+// (0/0 = NaN when every row is ignored, as torch). The gradient rows are written in the forward in the
+// accumulation dtype (no softmax is kept; the backward rounds once to the input dtype while scaling rows by the
+// upstream gradient). Ignored rows give loss 0 and gradient 0.
 // Three passes per row (max; sum of exp kept in a buffer; gradient): one read of the row from memory, one write.
 #include "vec.h"
 
@@ -47,14 +49,14 @@ acc_of<T> row_max(const T* x, int64_t n) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& x, const at::Tensor& target,
                                                                  const c10::optional<at::Tensor>& weight,
                                                                  int64_t ignore_index, double label_smoothing,
-                                                                 bool need_grad) {
+                                                                 bool mean, bool need_grad) {
   check_rows(x, "input");
   TORCH_CHECK(target.dim() == 1 && target.size(0) == x.size(0), "target must be 1-D with one entry per row");
   TORCH_CHECK(target.scalar_type() == at::kLong, "target must be int64");
   const int64_t M = x.size(0), C = x.size(1);
   const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto loss = at::empty({M}, x.options().dtype(acc_type));
-  auto grad = need_grad ? empty({M, C}, x.options()) : at::empty({0}, x.options());
+  auto grad = need_grad ? empty({M, C}, x.options().dtype(acc_type)) : at::empty({0}, x.options().dtype(acc_type));
   auto total = at::empty({}, x.options().dtype(acc_type));
   TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_cross_entropy_fwd", [&] {
     using acc_t = acc_of<scalar_t>;
@@ -81,26 +83,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tenso
     total.fill_(tw);
     const acc_t eps = static_cast<acc_t>(label_smoothing), W = static_cast<acc_t>(wsum);
     const acc_t b = eps / static_cast<acc_t>(C);
+    const acc_t inv = mean ? static_cast<acc_t>(1.0 / tw) : acc_t(1);  // inf when every row is ignored
     acc_t* lp = loss.mutable_data_ptr<acc_t>();
-    scalar_t* gp = need_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
+    acc_t* gp = need_grad ? grad.mutable_data_ptr<acc_t>() : nullptr;
     at::parallel_for(0, M, row_grain(C), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> tmp;
-      if constexpr (!std::is_same_v<acc_t, scalar_t>) {
-        if (need_grad) tmp.resize(C);
-      }
       for (int64_t r = begin; r < end; ++r) {
         const int64_t t = tp[r * st];
-        scalar_t* gr = gp ? gp + r * C : nullptr;
+        acc_t* gr = gp ? gp + r * C : nullptr;  // also the buffer of exp(x - m)
         if (t == ignore_index) {
-          lp[r] = 0;
-          if (gr) std::fill(gr, gr + C, scalar_t(0));
+          lp[r] = mean ? acc_t(0) * inv : acc_t(0);  // NaN in the mean over zero rows
+          if (gr) std::fill(gr, gr + C, acc_t(0));
           continue;
         }
         const scalar_t* xr = xp + r * sx;
-        acc_t* buf = nullptr;
-        if (gr) {
-          if constexpr (std::is_same_v<acc_t, scalar_t>) buf = reinterpret_cast<acc_t*>(gr); else buf = tmp.data();
-        }
+        acc_t* buf = gr;
         const acc_t m = row_max(xr, C);
         const Vec vm(m);
         // pass 2: sum exp(x - m) (kept in buf for the gradient) and, with smoothing, sum w_c x_c
@@ -136,43 +132,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tenso
         const acc_t xt = static_cast<acc_t>(xr[t]);
         acc_t l = (1 - eps) * wt * (lse - xt);
         if (eps != 0) l += b * (W * lse - q);
-        lp[r] = l;
+        lp[r] = l * inv;
         if (!gr) continue;
-        // pass 3: grad_j = e_j / s * a - b w_j, then the target's own term
-        const acc_t a = (1 - eps) * wt + b * W, pa = a / s;
-        const Vec vpa(pa), vb(b);
+        // pass 3: grad_j = (e_j / s * a - b w_j) * inv, then the target's own term
+        const acc_t a = (1 - eps) * wt + b * W, pa = a / s * inv, bi = b * inv;
+        const Vec vpa(pa), vb(bi);
         for (i = 0; i + K <= C; i += K) {
           Vec g = Vec::loadu(buf + i) * vpa;
           if (eps != 0) g = wp ? at::vec::fnmadd(vb, IO::load(wp + i), g) : g - vb;
-          IO::store(gr + i, g);
+          g.store(gr + i);
         }
         for (; i < C; ++i) {
           acc_t g = buf[i] * pa;
-          if (eps != 0) g -= b * (wp ? static_cast<acc_t>(wp[i]) : acc_t(1));
-          gr[i] = static_cast<scalar_t>(g);
+          if (eps != 0) g -= bi * (wp ? static_cast<acc_t>(wp[i]) : acc_t(1));
+          gr[i] = g;
         }
         acc_t gt = std::exp(xt - lse) * a - (1 - eps) * wt;
         if (eps != 0) gt -= b * wt;
-        gr[t] = static_cast<scalar_t>(gt);
+        gr[t] = gt * inv;
       }
     });
   });
   return {loss, grad, total};
 }
 
-// dx[r, :] = grad[r, :] * dloss[r]  (grad (M, C) from the forward; dloss (M,) in the accumulation type, any stride)
-at::Tensor cross_entropy_bwd(const at::Tensor& grad, const at::Tensor& dloss) {
+// dx[r, :] = grad[r, :] * dloss[r], rounded to `dtype`  (grad (M, C) in the accumulation type from the forward;
+// dloss (M,) in the accumulation type, any stride)
+at::Tensor cross_entropy_bwd(const at::Tensor& grad, const at::Tensor& dloss, at::ScalarType dtype) {
   check_rows(grad, "grad");
   const int64_t M = grad.size(0), C = grad.size(1);
   TORCH_CHECK(dloss.dim() == 1 && dloss.size(0) == M, "dloss must be (rows,)");
-  auto dx = empty({M, C}, grad.options());
-  TRITIUM_DISPATCH_FLOATING(grad.scalar_type(), "tritium_cross_entropy_bwd", [&] {
+  auto dx = empty({M, C}, grad.options().dtype(dtype));
+  TORCH_CHECK(grad.scalar_type() == (dtype == at::kDouble ? at::kDouble : at::kFloat),
+              "grad must be in the accumulation dtype of ", dtype);
+  TORCH_CHECK(dloss.scalar_type() == grad.scalar_type(), "dloss must be in the accumulation dtype");
+  TRITIUM_DISPATCH_FLOATING(dtype, "tritium_cross_entropy_bwd", [&] {
     using acc_t = acc_of<scalar_t>;
     using IO = VecIO<scalar_t>;
     using Vec = typename IO::Vec;
     constexpr int64_t K = IO::kSize;
-    TORCH_CHECK(dloss.scalar_type() == c10::CppTypeToScalarType<acc_t>::value, "dloss must be in the accumulation dtype");
-    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    const acc_t* gp = grad.const_data_ptr<acc_t>();
     const acc_t* dp = dloss.const_data_ptr<acc_t>();
     scalar_t* xp = dx.mutable_data_ptr<scalar_t>();
     const int64_t sg = grad.stride(0), sd = dloss.stride(0);
@@ -180,11 +179,11 @@ at::Tensor cross_entropy_bwd(const at::Tensor& grad, const at::Tensor& dloss) {
       for (int64_t r = begin; r < end; ++r) {
         const acc_t d = dp[r * sd];
         const Vec vd(d);
-        const scalar_t* gr = gp + r * sg;
+        const acc_t* gr = gp + r * sg;
         scalar_t* xr = xp + r * C;
         int64_t i = 0;
-        for (; i + K <= C; i += K) IO::store(xr + i, IO::load(gr + i) * vd);
-        for (; i < C; ++i) xr[i] = static_cast<scalar_t>(static_cast<acc_t>(gr[i]) * d);
+        for (; i + K <= C; i += K) IO::store(xr + i, Vec::loadu(gr + i) * vd);
+        for (; i < C; ++i) xr[i] = static_cast<scalar_t>(gr[i] * d);
       }
     });
   });

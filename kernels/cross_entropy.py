@@ -4,7 +4,9 @@ that loss (no softmax kept), and a backward kernel that scales those rows by the
 Per row of C logits x, target t, class weights w (1 without), W = sum_c w_c, smoothing eps, b = eps / C:
   lse = log sum_c exp(x_c);  loss = (1 - eps) w_t (lse - x_t) + b (W lse - sum_c w_c x_c)
   grad_j = p_j ((1 - eps) w_t + b W) - b w_j - [j == t] (1 - eps) w_t,   p_j = exp(x_j - lse)
-Ignored rows (t == ignore_index) give loss 0 and a zero gradient row.
+Ignored rows (t == ignore_index) give loss 0 and a zero gradient row. With MEAN, losses and gradients are divided
+by the total weight (sum of w_t over non-ignored rows; an ignored row's loss is 0 * (1/total): NaN in the mean over
+zero rows, as torch). Gradient rows are float32 (rounded once, in the backward, to the input dtype).
 Traffic: forward reads MC (twice when a row does not fit one block, the second time mostly from L2), writes MC
 (gradient) + 4M; backward reads MC + 4M, writes MC.
 """
@@ -17,8 +19,9 @@ from ._utils import row_block, row_warps
 
 @triton.jit
 def _ce_fwd_kernel(
-    X, T, W, LOSS, GRAD, stride_x, stride_t, C, ignore_index, eps,
+    X, T, W, TOTAL, LOSS, GRAD, stride_x, stride_t, C, ignore_index, eps,
     HAS_W: tl.constexpr,        # class weights
+    MEAN: tl.constexpr,         # divide by the total weight (reduction='mean')
     SMOOTH: tl.constexpr,       # label smoothing: needs sum_c w_c x_c and sum_c w_c
     NEED_GRAD: tl.constexpr,    # write the gradient rows (skipped under no_grad)
     BLOCK_N: tl.constexpr,
@@ -75,6 +78,10 @@ def _ce_fwd_kernel(
         if SMOOTH:
             q = tl.sum(q_l, axis=0)
             wsum = tl.sum(w_l, axis=0)
+    if MEAN:
+        inv = 1.0 / tl.load(TOTAL)
+    else:
+        inv = 1.0
     b = eps / C
     loss = (1.0 - eps) * wt * (lse - xt)
     if SMOOTH:
@@ -82,14 +89,14 @@ def _ce_fwd_kernel(
         a = (1.0 - eps) * wt + b * wsum
     else:
         a = wt
-    tl.store(LOSS + row, tl.where(valid, loss, 0.0))
+    tl.store(LOSS + row, tl.where(valid, loss, 0.0) * inv)
     if NEED_GRAD:
         if SINGLE_BLOCK:
             g = tl.exp(x - lse) * a - tl.where(cols == t, (1.0 - eps) * wt, 0.0)
             if SMOOTH:
                 g -= b * w
-            g = tl.where(valid, g, 0.0)
-            tl.store(GRAD + cols, g.to(GRAD.dtype.element_ty), mask=mask)
+            g = tl.where(valid, g * inv, 0.0)
+            tl.store(GRAD + cols, g, mask=mask)
         else:
             for off in range(0, C, BLOCK_N):
                 c = off + cols
@@ -101,8 +108,8 @@ def _ce_fwd_kernel(
                         g -= b * tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
                     else:
                         g -= b
-                g = tl.where(valid, g, 0.0)
-                tl.store(GRAD + c, g.to(GRAD.dtype.element_ty), mask=mask)
+                g = tl.where(valid, g * inv, 0.0)
+                tl.store(GRAD + c, g, mask=mask)
 
 
 @triton.jit
@@ -113,18 +120,18 @@ def _ce_bwd_kernel(G, D, DX, stride_g, stride_d, C, BLOCK_N: tl.constexpr):
     for off in range(0, C, BLOCK_N):
         c = off + cols
         mask = c < C
-        g = tl.load(G + row * stride_g + c, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(G + row * stride_g + c, mask=mask, other=0.0)
         tl.store(DX + row * C + c, (g * d).to(DX.dtype.element_ty), mask=mask)
 
 
-def cross_entropy_fwd(x, target, weight, ignore_index, label_smoothing, need_grad):
+def cross_entropy_fwd(x, target, weight, ignore_index, label_smoothing, mean, need_grad):
     """Per-row loss and gradient rows (see the module docstring).  x (M, C) with unit column stride, target (M,)
-    int64, weight (C,) or None -> loss (M,) float32, grad (M, C) in x's dtype (or (0,) when not needed),
+    int64, weight (C,) or None -> loss (M,) float32, grad (M, C) float32 (or (0,) when not needed),
     total_weight () float32 (sum of w_t over non-ignored rows: the 'mean' divisor).
-    Reads MC (+C weights), writes MC + 4M bytes."""
+    Reads MC elements (+C weights), writes 4MC + 4M bytes."""
     M, C = x.shape
     loss = torch.empty((M,), device=x.device, dtype=torch.float32)
-    grad = torch.empty((M, C) if need_grad else (0,), device=x.device, dtype=x.dtype)
+    grad = torch.empty((M, C) if need_grad else (0,), device=x.device, dtype=torch.float32)
     valid = target != ignore_index
     if weight is not None:  # torch ops, no host sync: out-of-range targets are clamped here and caught in-kernel
         total = torch.where(valid, weight.float()[target.clamp(0, C - 1)], 0.0).sum()
@@ -133,18 +140,18 @@ def cross_entropy_fwd(x, target, weight, ignore_index, label_smoothing, need_gra
     block, single = row_block(C, x.element_size())
     if M > 0:
         _ce_fwd_kernel[(M,)](
-            x, target, weight, loss, grad, x.stride(0), target.stride(0), C, ignore_index, float(label_smoothing),
-            HAS_W=weight is not None, SMOOTH=label_smoothing != 0.0, NEED_GRAD=bool(need_grad),
+            x, target, weight, total, loss, grad, x.stride(0), target.stride(0), C, ignore_index,
+            float(label_smoothing), HAS_W=weight is not None, MEAN=bool(mean), SMOOTH=label_smoothing != 0.0, NEED_GRAD=bool(need_grad),
             BLOCK_N=block, SINGLE_BLOCK=single, num_warps=row_warps(block),
         )
     return loss, grad, total
 
 
-def cross_entropy_bwd(grad, dloss):
-    """dx[r, :] = grad[r, :] * dloss[r].  grad (M, C) with unit column stride, dloss (M,) float32 (any stride)
-    -> dx (M, C).  Reads MC + 4M bytes, writes MC."""
+def cross_entropy_bwd(grad, dloss, dtype):
+    """dx[r, :] = grad[r, :] * dloss[r] in dtype.  grad (M, C) float32 with unit column stride, dloss (M,) float32
+    (any stride) -> dx (M, C).  Reads 4MC + 4M bytes, writes MC elements."""
     M, C = grad.shape
-    dx = torch.empty((M, C), device=grad.device, dtype=grad.dtype)
+    dx = torch.empty((M, C), device=grad.device, dtype=dtype)
     block = min(triton.next_power_of_2(max(C, 1)), 4096)
     if M > 0:
         _ce_bwd_kernel[(M,)](grad, dloss, dx, grad.stride(0), dloss.stride(0), C, BLOCK_N=block,

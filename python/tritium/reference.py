@@ -202,7 +202,7 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperatur
     + (1 - alpha) * cross_entropy(student, target); without target only the first term."""
     c = student_logits.shape[-1]
     s = F.log_softmax(student_logits.reshape(-1, c) / temperature, -1)
-    t = F.log_softmax(teacher_logits.reshape(-1, c) / temperature, -1)
+    t = F.log_softmax(teacher_logits.detach().reshape(-1, c) / temperature, -1)
     loss = alpha * temperature ** 2 * F.kl_div(s, t, reduction="batchmean", log_target=True)
     if target is not None:
         loss = loss + (1 - alpha) * F.cross_entropy(student_logits.reshape(-1, c), target.reshape(-1),

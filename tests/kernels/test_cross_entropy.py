@@ -30,10 +30,10 @@ def test_cross_entropy(impl_name, impl, dtype, c, weighted, smoothing):
     w = (torch.rand(c, dtype=torch.float64) + 0.5).to(dtype) if weighted else None
     t = _targets(c)
     dloss = torch.randn(ROWS, dtype=torch.float64)
-    loss, grad, total = impl.cross_entropy_fwd(x, t, w, -100, smoothing, True)
+    loss, grad, total = impl.cross_entropy_fwd(x, t, w, -100, smoothing, False, True)
     adt = torch.float64 if dtype == torch.float64 else torch.float32
-    assert loss.dtype == adt and total.dtype == adt and grad.dtype == dtype
-    dx = impl.cross_entropy_bwd(grad, dloss.to(adt))
+    assert loss.dtype == adt and total.dtype == adt and grad.dtype == adt
+    dx = impl.cross_entropy_bwd(grad, dloss.to(adt), dtype)
     outs = {}
     for d in (dtype, torch.float64):
         xi = leaf(x, d)
@@ -44,6 +44,17 @@ def test_cross_entropy(impl_name, impl, dtype, c, weighted, smoothing):
     expected_total = (w.double()[t[t != -100]].sum() if w is not None else (t != -100).sum().double())
     torch.testing.assert_close(total.double(), expected_total, rtol=1e-3 if dtype != torch.float64 else 1e-12, atol=0)
     assert torch.all(grad[1] == 0) and loss[1] == 0  # the ignored row
+    # 'mean': rows divided by the total weight, so they sum to torch's mean
+    mloss, mgrad, _ = impl.cross_entropy_fwd(x, t, w, -100, smoothing, True, True)
+    torch.testing.assert_close(mloss.double(), loss.double() / expected_total)
+    torch.testing.assert_close(mgrad.double(), grad.double() / expected_total)
+
+
+@pytest.mark.parametrize("impl_name,impl", [("triton", triton_ce), ("cpp", cpp)])
+def test_mean_over_zero_rows_is_nan(impl_name, impl):
+    x, t = torch.randn(3, 9), torch.full((3,), -100)
+    loss, grad, total = impl.cross_entropy_fwd(x, t, None, -100, 0.1, True, True)
+    assert total == 0 and torch.isnan(loss.sum()) and torch.all(grad == 0)
 
 
 @pytest.mark.parametrize("impl_name,impl", [("triton", triton_ce), ("cpp", cpp)])
@@ -53,7 +64,7 @@ def test_no_grad_and_extremes(impl_name, impl):
     x = torch.randn(3, c) * 1e4
     x[2, :4000] = float("-inf")
     t = torch.tensor([3, 4999, 4500])
-    loss, grad, _ = impl.cross_entropy_fwd(x, t, None, -100, 0.0, False)
+    loss, grad, _ = impl.cross_entropy_fwd(x, t, None, -100, 0.0, False, False)
     assert grad.numel() == 0
     torch.testing.assert_close(loss, F.cross_entropy(x, t, reduction="none"))
 
@@ -62,19 +73,19 @@ def test_no_grad_and_extremes(impl_name, impl):
 def test_strided_rows(impl_name, impl):
     x = torch.randn(4, 300)[:, :257]
     t = torch.randint(0, 257, (8,))[::2]  # a strided target
-    loss, grad, _ = impl.cross_entropy_fwd(x, t, None, -100, 0.0, True)
+    loss, grad, _ = impl.cross_entropy_fwd(x, t, None, -100, 0.0, False, True)
     xi = leaf(x.contiguous())
     ref = F.cross_entropy(xi, t, reduction="none")
     torch.testing.assert_close(loss, ref.detach())
     dloss = torch.randn(8)[::2]  # a strided upstream gradient
-    torch.testing.assert_close(impl.cross_entropy_bwd(grad, dloss), torch.autograd.grad(ref, xi, dloss)[0])
+    torch.testing.assert_close(impl.cross_entropy_bwd(grad, dloss, x.dtype), torch.autograd.grad(ref, xi, dloss)[0])
 
 
 def test_cpp_out_of_range_target_raises_index_error():
     x = torch.randn(3, 5)
     for bad in (5, -3):
         with pytest.raises(IndexError, match=f"Target {bad} is out of bounds."):
-            cpp.cross_entropy_fwd(x, torch.tensor([0, bad, 1]), None, -100, 0.0, True)
+            cpp.cross_entropy_fwd(x, torch.tensor([0, bad, 1]), None, -100, 0.0, False, True)
 
 
 @pytest.mark.parametrize("c", (781, 65537))
@@ -87,9 +98,10 @@ def test_gpu_compile(c):
             w = torch.rand(c, dtype=dtype)
             for weight in (None, w):
                 for ls in (0.0, 0.1):
-                    for need in (True, False):
-                        _, g, _ = triton_ce.cross_entropy_fwd(x, t, weight, -100, ls, need)
-            triton_ce.cross_entropy_bwd(g if g.numel() else x, torch.ones(2))
+                    for mean, need in ((True, True), (False, True), (False, False)):
+                        _, g, _ = triton_ce.cross_entropy_fwd(x, t, weight, -100, ls, mean, need)
+            _, g, _ = triton_ce.cross_entropy_fwd(x, t, None, -100, 0.0, False, True)
+            triton_ce.cross_entropy_bwd(g, torch.ones(2), dtype)
 
     report = check_gpu_compile(run)
     assert {r[0] for r in report} == {"_ce_fwd_kernel", "_ce_bwd_kernel"}

@@ -14,6 +14,7 @@ def _compare(ours, theirs, tensors, dtype, grad_idx=(0,)):
     """ours vs torch (in dtype) vs torch in float64: value and the gradients of the tensors in grad_idx."""
     res = {}
     g = None
+    tensors = [t.to(dtype) if t.is_floating_point() else t for t in tensors]  # the reference sees the same inputs
     for name, fn, d in (("ours", ours, dtype), ("torch", theirs, dtype), ("ref", theirs, torch.float64)):
         ins = [leaf(t, d) if i in grad_idx else (t.to(d) if t.is_floating_point() else t)
                for i, t in enumerate(tensors)]

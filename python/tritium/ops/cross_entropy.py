@@ -2,9 +2,9 @@
 
 ``cross_entropy`` is a drop-in for ``torch.nn.functional.cross_entropy``. Class-index targets run one fused
 kernel per row (``cross_entropy_fwd``) that writes the per-row loss and, when a gradient will be needed, the
-gradient row of that loss, so no softmax is kept and the backward (``cross_entropy_bwd``) only scales rows by
-the upstream gradient. The reduction is done on the per-row losses with torch ops ('mean' divides by the summed
-weight of the non-ignored targets, as torch). Class-probability targets are torch's composition on top of the
+gradient row of that loss (in float32 for 16-bit inputs, so the result is rounded once), so no softmax is kept
+and the backward (``cross_entropy_bwd``) only scales rows by the upstream gradient. For 'mean' the kernel divides
+rows by the summed weight of the non-ignored targets (torch's divisor) and the reduction is a sum of the rows. Class-probability targets are torch's composition on top of the
 log_softmax kernel. Anything the kernels do not cover (integer targets other than int64, mismatched weight
 dtype/device, empty inputs, invalid arguments) goes explicitly to ``tritium.reference`` (torch), so errors are
 torch's.
@@ -29,34 +29,36 @@ from .softmax import log_softmax, scaled_log_softmax
 
 
 # ---- fake kernels: shapes only ----
-def _fake_ce_fwd(x, target, weight, ignore_index, label_smoothing, need_grad):
+def _fake_ce_fwd(x, target, weight, ignore_index, label_smoothing, mean, need_grad):
     m = x.shape[0]
-    grad = x.new_empty(x.shape) if need_grad else x.new_empty((0,))
+    grad = x.new_empty(x.shape if need_grad else (0,), dtype=acc_dtype(x.dtype))
     return x.new_empty((m,), dtype=acc_dtype(x.dtype)), grad, x.new_empty((), dtype=acc_dtype(x.dtype))
 
 
-def _fake_ce_bwd(grad, dloss):
-    return grad.new_empty(grad.shape)
+def _fake_ce_bwd(grad, dloss, dtype):
+    return grad.new_empty(grad.shape, dtype=dtype)
 
 
-cross_entropy_bwd = define_op("cross_entropy_bwd(Tensor grad, Tensor dloss) -> Tensor", _fake_ce_bwd,
+cross_entropy_bwd = define_op("cross_entropy_bwd(Tensor grad, Tensor dloss, ScalarType dtype) -> Tensor", _fake_ce_bwd,
                               "cross_entropy:cross_entropy_bwd")
 
 
 def _ce_setup(ctx, inputs, output):
+    ctx.dtype = inputs[0].dtype
     ctx.save_for_backward(output[1])
 
 
 def _ce_backward(ctx, dloss, _dgrad, _dtotal):
     (grad,) = ctx.saved_tensors
-    if dloss is None or grad.numel() == 0 and grad.dim() == 1:
-        return None, None, None, None, None, None
-    return cross_entropy_bwd(grad, dloss), None, None, None, None, None
+    none = (None,) * 6
+    if dloss is None or grad.dim() == 1:  # no gradient rows: the forward ran without grad
+        return (None,) + none
+    return (cross_entropy_bwd(grad, dloss, ctx.dtype),) + none
 
 
 cross_entropy_fwd = define_op(
     "cross_entropy_fwd(Tensor x, Tensor target, Tensor? weight, int ignore_index, float label_smoothing,"
-    " bool need_grad) -> (Tensor, Tensor, Tensor)", _fake_ce_fwd, "cross_entropy:cross_entropy_fwd",
+    " bool mean, bool need_grad) -> (Tensor, Tensor, Tensor)", _fake_ce_fwd, "cross_entropy:cross_entropy_fwd",
     _ce_backward, _ce_setup)
 
 
@@ -88,13 +90,17 @@ def _flce_loop(hidden, weight, target, bias, ignore_index, label_smoothing, chun
         stop = min(T, start + chunk)
         h = hidden[start:stop]
         logits = torch.addmm(bias, h, weight.t()) if bias is not None else torch.mm(h, weight.t())
-        l, g, _ = cross_entropy_fwd(logits, target[start:stop], None, ignore_index, label_smoothing, need_grad)
+        l, g, _ = cross_entropy_fwd(logits, target[start:stop], None, ignore_index, label_smoothing, False,
+                                    need_grad)
         loss[start:stop] = l
         del logits
         if not need_grad:
             continue
+        # the gradient rows (float32 for 16-bit inputs), scaled and in the input dtype as eager's logits gradient
         if row_scale is not None:
-            g = cross_entropy_bwd(g, row_scale[start:stop])
+            g = cross_entropy_bwd(g, row_scale[start:stop], hidden.dtype)
+        elif g.dtype != hidden.dtype:
+            g = cross_entropy_bwd(g, l.new_ones(()).expand(stop - start), hidden.dtype)
         torch.mm(g, weight, out=gh[start:stop])
         if adt == g.dtype:
             gw.addmm_(g.t(), h)
@@ -106,7 +112,7 @@ def _flce_loop(hidden, weight, target, bias, ignore_index, label_smoothing, chun
     return loss, gh, cast(gw), cast(gb)
 
 
-def _fake_flce(hidden, weight, target, bias, ignore_index, label_smoothing, chunk, need_grad):
+def _fake_flce(hidden, weight, target, bias, ignore_index, label_smoothing, chunk, mean, need_grad):
     adt = acc_dtype(hidden.dtype)
     e = hidden.new_empty((0,))
     return (hidden.new_empty((), dtype=adt), hidden.new_empty((), dtype=adt),
@@ -114,11 +120,20 @@ def _fake_flce(hidden, weight, target, bias, ignore_index, label_smoothing, chun
             weight.new_empty((weight.shape[0],)) if need_grad and bias is not None else e)
 
 
-def _flce_impl(hidden, weight, target, bias, ignore_index, label_smoothing, chunk, need_grad):
+def _flce_impl(hidden, weight, target, bias, ignore_index, label_smoothing, chunk, mean, need_grad):
+    """(the loss: sum of the rows, or 'mean': divided by the non-ignored count (NaN for none, as torch), that
+    count, and the gradients of the loss: zero, not NaN, when every row is ignored)."""
     loss, gh, gw, gb = _flce_loop(hidden, weight, target, bias, ignore_index, label_smoothing, chunk, need_grad,
                                   None)
     total = (target != ignore_index).sum().to(loss.dtype)
-    return loss.sum(), total, gh, gw, gb
+    loss = loss.sum()
+    if mean:
+        loss = loss / total
+        if need_grad:
+            inv = torch.where(total > 0, 1.0 / total, 0.0)
+            gh, gw = gh * inv.to(gh.dtype), gw * inv.to(gw.dtype)
+            gb = gb * inv.to(gb.dtype) if gb.numel() else gb
+    return loss, total, gh, gw, gb
 
 
 def _fake_flce_rows(hidden, weight, target, bias, ignore_index, label_smoothing, chunk):
@@ -166,12 +181,12 @@ def _flce_setup(ctx, inputs, output):
 def _flce_backward(ctx, dloss, _dtotal, _dgh, _dgw, _dgb):
     gh, gw, gb = ctx.saved_tensors
     g = dloss.to(gh.dtype)
-    return gh * g, gw * g, None, (gb * g if ctx.has_bias else None), None, None, None, None
+    return gh * g, gw * g, None, (gb * g if ctx.has_bias else None), None, None, None, None, None
 
 
 flce_fwd = _define_composite(
     f"fused_linear_cross_entropy_fwd(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, {_FLCE_ARGS},"
-    f" bool need_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)", _fake_flce, _flce_impl, _flce_backward,
+    f" bool mean, bool need_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)", _fake_flce, _flce_impl, _flce_backward,
     _flce_setup)
 
 
@@ -228,14 +243,6 @@ def _class_rows(input: Tensor) -> Tensor:
     return input.movedim(1, -1).reshape(-1, c)
 
 
-def _reduce(per_row: Tensor, total: Tensor, reduction: str, dtype: torch.dtype, shape) -> Tensor:
-    if reduction == "none":
-        return per_row.to(dtype).view(shape)
-    if reduction == "sum":
-        return per_row.sum().to(dtype)
-    return (per_row.sum() / total).to(dtype)  # 0 / 0 = nan when every target is ignored, as torch
-
-
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, size_average=None,
                   ignore_index: int = -100, reduce=None, reduction: str = "mean",
                   label_smoothing: float = 0.0) -> Tensor:
@@ -246,9 +253,11 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     if _index_kernel_ok(input, target, weight, reduction, label_smoothing):
         x2 = _class_rows(input)
         need_grad = torch.is_grad_enabled() and input.requires_grad
-        per_row, _, total = cross_entropy_fwd(x2, target.reshape(-1), weight, ignore_index,
-                                              float(label_smoothing), need_grad)
-        return _reduce(per_row, total, reduction, input.dtype, target.shape)
+        per_row, _, _ = cross_entropy_fwd(x2, target.reshape(-1), weight, ignore_index, float(label_smoothing),
+                                          reduction == "mean", need_grad)
+        if reduction == "none":
+            return per_row.to(input.dtype).view(target.shape)
+        return per_row.sum().to(input.dtype)  # 'mean': the rows are already divided by the total weight
     if (not use_reference() and _device_ok(input) and input.dim() > 0 and input.numel() > 0
             and target.dtype == input.dtype and target.shape == input.shape and reduction in _REDUCTIONS
             and 0.0 <= label_smoothing <= 1.0 and (weight is None or (weight.dtype == input.dtype and
@@ -314,8 +323,8 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, b
         return flce_rows(h2, weight, t, bias, ignore_index, ls, chunk).to(hidden.dtype).view(target.shape)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
                                              or (bias is not None and bias.requires_grad))
-    loss_sum, total, *_ = flce_fwd(h2, weight, t, bias, ignore_index, ls, chunk, need_grad)
-    return (loss_sum if reduction == "sum" else loss_sum / total).to(hidden.dtype)
+    loss = flce_fwd(h2, weight, t, bias, ignore_index, ls, chunk, reduction == "mean", need_grad)[0]
+    return loss.to(hidden.dtype)
 
 
 def kl_div(input: Tensor, target: Tensor, size_average=None, reduce=None, reduction: str = "mean",
