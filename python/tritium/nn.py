@@ -151,6 +151,171 @@ PATCH_TABLE.update({torch.nn.Softmax: Softmax, torch.nn.LogSoftmax: LogSoftmax, 
                     torch.nn.CrossEntropyLoss: CrossEntropyLoss})
 
 
+# ---- activations, gated MLP blocks and DyT (worker A; tritium.ops.activations) ----
+class ReLU(torch.nn.ReLU):
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.relu(x, self.inplace)
+
+
+class LeakyReLU(torch.nn.LeakyReLU):
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.leaky_relu(x, self.negative_slope, self.inplace)
+
+
+class ELU(torch.nn.ELU):
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.elu(x, self.alpha, self.inplace)
+
+
+class SELU(torch.nn.SELU):
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.selu(x, self.inplace)
+
+
+class CELU(torch.nn.CELU):
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.celu(x, self.alpha, self.inplace)
+
+
+class Sigmoid(torch.nn.Sigmoid):
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.sigmoid(x)
+
+
+class Tanh(torch.nn.Tanh):
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.tanh(x)
+
+
+class Softplus(torch.nn.Softplus):
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.softplus(x, self.beta, self.threshold)
+
+
+class GELU(torch.nn.GELU):
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.gelu(x, approximate=self.approximate)
+
+
+class SiLU(torch.nn.SiLU):
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.silu(x, self.inplace)
+
+
+class Mish(torch.nn.Mish):
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.mish(x, self.inplace)
+
+
+class LogSigmoid(torch.nn.LogSigmoid):
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.logsigmoid(x)
+
+
+class Hardswish(torch.nn.Hardswish):
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.hardswish(x, self.inplace)
+
+
+class PReLU(torch.nn.PReLU):
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.prelu(x, self.weight)
+
+
+class GLU(torch.nn.GLU):
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.glu(x, self.dim)
+
+
+class Swish(torch.nn.Module):
+    """x * sigmoid(beta * x); ``learnable=True`` makes beta a parameter (initialised to ``beta``)."""
+
+    def __init__(self, beta: float = 1.0, learnable: bool = False):
+        super().__init__()
+        if learnable:
+            self.beta = torch.nn.Parameter(torch.tensor(float(beta)))
+        else:
+            self.beta = float(beta)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.swish(x, self.beta)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}" if isinstance(self.beta, float) else "beta=learnable"
+
+
+class DyT(torch.nn.Module):
+    """Dynamic Tanh ("Transformers without Normalization"), a drop-in for a LayerNorm/RMSNorm over the last
+    dim: weight * tanh(alpha * x) + bias with a learnable scalar alpha (initialised to ``alpha_init``)."""
+
+    def __init__(self, normalized_shape: int, alpha_init: float = 0.5, device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.normalized_shape = int(normalized_shape)
+        self.alpha_init = alpha_init
+        self.alpha = torch.nn.Parameter(torch.full((1,), float(alpha_init), **kw))
+        self.weight = torch.nn.Parameter(torch.ones(self.normalized_shape, **kw))
+        self.bias = torch.nn.Parameter(torch.zeros(self.normalized_shape, **kw))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.dyt(x, self.alpha, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, alpha_init={self.alpha_init}"
+
+
+class _GatedMLP(torch.nn.Module):
+    """down(act(gate(x)) * up(x)) with the gate and up projections fused into one weight: ``gate_up_proj`` is a
+    Linear(dim, 2 * hidden) whose first half of outputs is the gate, the second the up projection, so one
+    GEMM feeds one fused gated-unit kernel that reads [gate | up] in place."""
+
+    def __init__(self, dim: int, hidden_dim: int, bias: bool = False, device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.dim, self.hidden_dim = dim, hidden_dim
+        self.gate_up_proj = torch.nn.Linear(dim, 2 * hidden_dim, bias=bias, **kw)
+        self.down_proj = torch.nn.Linear(hidden_dim, dim, bias=bias, **kw)
+
+    @torch.no_grad()
+    def load_projections(self, gate: torch.nn.Linear, up: torch.nn.Linear, down: torch.nn.Linear):
+        """Copy separate gate/up/down Linear layers (e.g. a Llama checkpoint's gate_proj, up_proj, down_proj)."""
+        h = self.hidden_dim
+        self.gate_up_proj.weight[:h].copy_(gate.weight)
+        self.gate_up_proj.weight[h:].copy_(up.weight)
+        self.down_proj.weight.copy_(down.weight)
+        for dst, srcs in ((self.gate_up_proj.bias, (gate.bias, up.bias)), (self.down_proj.bias, (down.bias,))):
+            if dst is not None:
+                dst.copy_(torch.cat(srcs))
+        return self
+
+
+class SwiGLU(_GatedMLP):
+    """The Llama MLP: down(silu(gate(x)) * up(x))."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(ops.swiglu(self.gate_up_proj(x)))
+
+
+class GeGLU(_GatedMLP):
+    """The T5 v1.1 / PaLM-style GeGLU MLP: down(gelu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden_dim: int, bias: bool = False, approximate: str = "none", device=None,
+                 dtype=None):
+        super().__init__(dim, hidden_dim, bias, device, dtype)
+        self.approximate = approximate
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(ops.geglu(self.gate_up_proj(x), approximate=self.approximate))
+
+
+PATCH_TABLE.update({
+    torch.nn.ReLU: ReLU, torch.nn.LeakyReLU: LeakyReLU, torch.nn.ELU: ELU, torch.nn.SELU: SELU,
+    torch.nn.CELU: CELU, torch.nn.Sigmoid: Sigmoid, torch.nn.Tanh: Tanh, torch.nn.Softplus: Softplus,
+    torch.nn.GELU: GELU, torch.nn.SiLU: SiLU, torch.nn.Mish: Mish, torch.nn.LogSigmoid: LogSigmoid,
+    torch.nn.Hardswish: Hardswish, torch.nn.PReLU: PReLU, torch.nn.GLU: GLU,
+})
+
+
 # ---- rope + attention (worker C) ----
 class RotaryEmbedding(torch.nn.Module):
     """Rotary position embedding with its cos/sin tables built once (``tritium.rope_tables``: base, and

@@ -11,6 +11,9 @@ __all__ = list(_norms.__all__)
 from .rnn import *  # noqa: F401,F403,E402
 from . import rnn as _rnn  # noqa: E402
 __all__ += _rnn.__all__
+from .activations import *  # noqa: F401,F403,E402
+from . import activations as _activations  # noqa: E402
+__all__ += _activations.__all__
 from .attention import *  # noqa: F401,F403,E402
 from . import attention as _attention  # noqa: E402
 __all__ += _attention.__all__

@@ -1,0 +1,603 @@
+// Activation CPU kernels: every elementwise activation, the gated units (GLU, SwiGLU, GeGLU), DyT and PReLU,
+// forward and backward, registered for the CPU key of the tritium ops python/tritium/ops/activations.py
+// defines.
+//
+// One table drives: each activation is a functor (forward f(x) and backward dy * f'(x) on at::vec vectors of
+// the accumulation type, with up to three float parameters), and one templated loop per kernel shape
+// (unary forward / in-place / backward, gated forward / backward) is instantiated for each functor by the
+// TRITIUM_ACTIVATIONS list at the end. The formulas are torch's own (ATen/native/cpu/Activation.cpp), so
+// special points (x = 0, thresholds, saturation, NaN) give what torch gives.
+//
+// Tensors arrive as 2-D (rows, cols) views with a unit column stride and any row stride; outputs are fresh
+// contiguous tritium::empty() tensors (huge pages: at 8192 x 4096 the first touch of 4 KiB pages otherwise
+// costs as much as the math). Work is split into chunks of up to kChunk elements of one row, so both one long
+// row (a flattened contiguous tensor) and many short rows spread over the threads.
+#include "vec.h"
+
+namespace tritium {
+namespace {
+
+template <typename T>
+using acc_of = typename VecIO<T>::acc_t;
+
+constexpr int64_t kChunk = 16384;
+
+// f(row, begin, end) over chunks of every row, in parallel.
+template <typename F>
+void for_chunks(int64_t M, int64_t N, const F& f) {
+  if (M == 0 || N == 0) return;
+  const int64_t per_row = (N + kChunk - 1) / kChunk;
+  const int64_t grain = std::max<int64_t>(1, kChunk / std::min(N, kChunk));
+  at::parallel_for(0, M * per_row, grain, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t r = t / per_row, c0 = (t % per_row) * kChunk;
+      f(r, c0, std::min(N, c0 + kChunk));
+    }
+  });
+}
+
+// out[j][i] = fn(in[0][i], ...) for i in [0, n): whole vectors, then the tail through zero-padded buffers so
+// every functor only needs its vector form.
+template <typename T, int NI, int NO, typename F>
+inline void map_vec(const T* const (&in)[NI], T* const (&out)[NO], int64_t n, const F& fn) {
+  using IO = VecIO<T>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t K = IO::kSize;
+  Vec vi[NI], vo[NO];
+  int64_t i = 0;
+  for (; i + K <= n; i += K) {
+    for (int j = 0; j < NI; ++j) vi[j] = IO::load(in[j] + i);
+    fn(vi, vo);
+    for (int j = 0; j < NO; ++j) IO::store(out[j] + i, vo[j]);
+  }
+  if (i < n) {
+    const int64_t rest = n - i;
+    T buf[NI > NO ? NI : NO][K];
+    for (int j = 0; j < NI; ++j) {
+      for (int64_t k = 0; k < K; ++k) buf[j][k] = k < rest ? in[j][i + k] : T(0);
+      vi[j] = IO::load(buf[j]);
+    }
+    fn(vi, vo);
+    for (int j = 0; j < NO; ++j) {
+      IO::store(buf[j], vo[j]);
+      for (int64_t k = 0; k < rest; ++k) out[j][i + k] = buf[j][k];
+    }
+  }
+}
+
+template <typename V>
+struct Prm {
+  V a, b, c;
+};
+
+template <typename V>
+inline V sel(const V& mask, const V& if_true, const V& if_false) {
+  return V::blendv(if_false, if_true, mask);
+}
+
+template <typename V>
+inline V sigmoid(const V& x) {
+  return V(1) / (V(1) + x.neg().exp());
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The activations. fwd(x) = f(x); bwd(dy, x) = dy * f'(x), as torch computes them. Gate functors also give
+// both(x) -> (f, f') for the gated units, sharing the transcendental between value and derivative.
+// ---------------------------------------------------------------------------------------------------------
+struct Relu {  // x <= 0 -> 0 (NaN stays NaN); gradient 0 at x = 0, dy at NaN (torch: threshold_backward on y)
+  template <typename V> static V fwd(const V& x, const Prm<V>&) { return sel(x <= V(0), V(0), x); }
+  template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>&) { return sel(x <= V(0), V(0), dy); }
+};
+struct LeakyRelu {  // a: negative_slope; the slope applies at x = 0
+  template <typename V> static V fwd(const V& x, const Prm<V>& p) { return sel(x > V(0), x, x * p.a); }
+  template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>& p) { return sel(x > V(0), dy, dy * p.a); }
+};
+struct Elu {  // a: alpha * scale, b: scale, c: input_scale (elu, selu and celu)
+  template <typename V> static V fwd(const V& x, const Prm<V>& p) {
+    return sel(x >= V(0), x * p.b, (x * p.c).expm1() * p.a);
+  }
+  template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>& p) {
+    return sel(x > V(0), dy * p.b, dy * p.c * p.a * (x * p.c).exp());  // NaN -> NaN, as torch
+  }
+};
+struct Sigmoid {
+  template <typename V> static V fwd(const V& x, const Prm<V>&) { return sigmoid(x); }
+  template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>&) {
+    V s = sigmoid(x);
+    return dy * s * (V(1) - s);
+  }
+  template <typename V> static void both(const V& x, const Prm<V>&, V& f, V& df) {
+    f = sigmoid(x);
+    df = f * (V(1) - f);
+  }
+};
+struct Tanh {
+  template <typename V> static V fwd(const V& x, const Prm<V>&) { return x.tanh(); }
+  template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>&) {
+    V t = x.tanh();
+    return dy * (V(1) - t * t);
+  }
+};
+struct Softplus {  // a: beta, b: threshold; linear above the threshold
+  template <typename V> static V fwd(const V& x, const Prm<V>& p) {
+    V z = x * p.a;
+    return sel(z > p.b, x, z.exp().log1p() / p.a);
+  }
+  template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>& p) {
+    V z = x * p.a, e = z.exp();
+    return sel(z > p.b, dy, dy * e / (e + V(1)));
+  }
+};
+struct Gelu {  // x * Phi(x), Phi the normal CDF via erf
+  template <typename V> static void both(const V& x, const Prm<V>&, V& f, V& df) {
+    V cdf = V(0.5) * (V(1) + (x * V(M_SQRT1_2)).erf());
+    V pdf = (x * x * V(-0.5)).exp() * V(0.5 * M_2_SQRTPI * M_SQRT1_2);
+    f = x * cdf;
+    df = cdf + x * pdf;
+  }
+  template <typename V> static V fwd(const V& x, const Prm<V>&) {
+    return x * V(0.5) * (V(1) + (x * V(M_SQRT1_2)).erf());
+  }
+  template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>& p) {
+    V f, df;
+    both(x, p, f, df);
+    return dy * df;
+  }
+};
+struct GeluTanh {  // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+  template <typename V> static void both(const V& x, const Prm<V>&, V& f, V& df) {
+    const V kBeta(M_SQRT2 * M_2_SQRTPI * 0.5), kKappa(0.044715);
+    V x2 = x * x;
+    V t = (kBeta * (x + kKappa * x2 * x)).tanh();
+    V left = V(0.5) * x, right = V(1) + t;
+    f = left * right;
+    df = V(0.5) * right + left * (V(1) - t * t) * kBeta * (V(1) + V(3) * kKappa * x2);
+  }
+  template <typename V> static V fwd(const V& x, const Prm<V>&) {
+    const V kBeta(M_SQRT2 * M_2_SQRTPI * 0.5), kKappa(0.044715);
+    return V(0.5) * x * (V(1) + (kBeta * (x + kKappa * x * x * x)).tanh());
+  }
+  template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>& p) {
+    V f, df;
+    both(x, p, f, df);
+    return dy * df;
+  }
+};
+struct Silu {  // x * sigmoid(x)
+  template <typename V> static void both(const V& x, const Prm<V>&, V& f, V& df) {
+    V s = sigmoid(x);
+    f = x * s;
+    df = s * (V(1) + x * (V(1) - s));
+  }
+  template <typename V> static V fwd(const V& x, const Prm<V>&) { return x / (V(1) + x.neg().exp()); }
+  template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>& p) {
+    V f, df;
+    both(x, p, f, df);
+    return dy * df;
+  }
+};
+struct Mish {  // x * tanh(softplus(x)), with one exp: tanh(log1p(e)) = n / (n + 2), n = e (e + 2), e = exp(x)
+  // (exact algebra; above x = 20 the ratio is 1 in every dtype, and n would overflow). sigmoid(x) = e / (1 + e).
+  template <typename V> static V tsp(const V& x, const V& e) {
+    V n = e * (e + V(2));
+    return sel(x > V(20), V(1), n / (n + V(2)));
+  }
+  template <typename V> static V fwd(const V& x, const Prm<V>&) { return x * tsp(x, x.exp()); }
+  template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>&) {
+    V e = x.exp(), t = tsp(x, e), s = sel(x > V(20), V(1), e / (V(1) + e));
+    return dy * (t + x * s * (V(1) - t * t));
+  }
+};
+struct LogSigmoid {  // min(x, 0) - log1p(exp(-|x|))
+  template <typename V> static V fwd(const V& x, const Prm<V>&) {
+    return at::vec::minimum(x, V(0)) - x.abs().neg().exp().log1p();
+  }
+  template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>&) {
+    V z = x.abs().neg().exp(), neg = x < V(0);
+    return dy * (sel(neg, V(1), V(0)) - sel(neg, V(1), V(-1)) * z / (V(1) + z));
+  }
+};
+struct Hardswish {  // x * relu6(x + 3) / 6
+  template <typename V> static V fwd(const V& x, const Prm<V>&) {
+    return x * at::vec::minimum(at::vec::maximum(x + V(3), V(0)), V(6)) / V(6);
+  }
+  template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>&) {
+    return sel(x <= V(-3), V(0), sel(x >= V(3), dy, dy * (x / V(3) + V(0.5))));  // torch: 0 at -3, dy at 3, NaN
+  }
+};
+struct Swish {  // a: beta; x * sigmoid(beta * x)
+  template <typename V> static V fwd(const V& x, const Prm<V>& p) { return x * sigmoid(x * p.a); }
+  template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>& p) {
+    V s = sigmoid(x * p.a);
+    return dy * (s + p.a * x * s * (V(1) - s));
+  }
+};
+
+template <typename V>
+Prm<V> prm(double a, double b, double c) {
+  using A = typename V::value_type;
+  return {V(static_cast<A>(a)), V(static_cast<A>(b)), V(static_cast<A>(c))};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// unary: y = f(x), x (M, N) rows; in place: x = f(x); backward dx = dy * f'(x)
+// ---------------------------------------------------------------------------------------------------------
+template <typename Op>
+at::Tensor unary_fwd(const at::Tensor& x, double a, double b, double c) {
+  check_rows(x, "input");
+  const int64_t M = x.size(0), N = x.size(1);
+  auto y = empty({M, N}, x.options());
+  TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_act_fwd", [&] {
+    using V = typename VecIO<scalar_t>::Vec;
+    const auto p = prm<V>(a, b, c);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    const int64_t sx = x.stride(0);
+    for_chunks(M, N, [&](int64_t r, int64_t c0, int64_t c1) {
+      const scalar_t* const in[1] = {xp + r * sx + c0};
+      scalar_t* const out[1] = {yp + r * N + c0};
+      map_vec<scalar_t, 1, 1>(in, out, c1 - c0, [&](const V (&v)[1], V (&o)[1]) { o[0] = Op::fwd(v[0], p); });
+    });
+  });
+  return y;
+}
+
+template <typename Op>
+void unary_fwd_(at::Tensor x, double a, double b, double c) {
+  check_rows(x, "input");
+  const int64_t M = x.size(0), N = x.size(1);
+  TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_act_fwd_", [&] {
+    using V = typename VecIO<scalar_t>::Vec;
+    const auto p = prm<V>(a, b, c);
+    scalar_t* xp = x.mutable_data_ptr<scalar_t>();
+    const int64_t sx = x.stride(0);
+    for_chunks(M, N, [&](int64_t r, int64_t c0, int64_t c1) {
+      scalar_t* row = xp + r * sx + c0;
+      const scalar_t* const in[1] = {row};
+      scalar_t* const out[1] = {row};
+      map_vec<scalar_t, 1, 1>(in, out, c1 - c0, [&](const V (&v)[1], V (&o)[1]) { o[0] = Op::fwd(v[0], p); });
+    });
+  });
+}
+
+template <typename Op>
+at::Tensor unary_bwd(const at::Tensor& dy, const at::Tensor& x, double a, double b, double c) {
+  check_rows(dy, "grad_output");
+  check_rows(x, "input");
+  const int64_t M = x.size(0), N = x.size(1);
+  TORCH_CHECK(dy.sizes() == x.sizes(), "grad_output must have the shape of input");
+  auto dx = empty({M, N}, x.options());
+  TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_act_bwd", [&] {
+    using V = typename VecIO<scalar_t>::Vec;
+    const auto p = prm<V>(a, b, c);
+    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+    const int64_t sdy = dy.stride(0), sx = x.stride(0);
+    for_chunks(M, N, [&](int64_t r, int64_t c0, int64_t c1) {
+      const scalar_t* const in[2] = {dyp + r * sdy + c0, xp + r * sx + c0};
+      scalar_t* const out[1] = {dxp + r * N + c0};
+      map_vec<scalar_t, 2, 1>(in, out, c1 - c0,
+                              [&](const V (&v)[2], V (&o)[1]) { o[0] = Op::bwd(v[0], v[1], p); });
+    });
+  });
+  return dx;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// gated: y = f(gate) * up. layout 0: x is gate (M, H), up (M, H) separate; layout 1: x (M, 2H) = [gate | up]
+// (the fused gate+up projection); layout 2: x (M, 2H) = [up | gate] (F.glu: the second half is gated).
+// backward: dgate = dy * up * f'(gate), dup = dy * f(gate), in one pass; fused layouts write one (M, 2H) dx.
+// ---------------------------------------------------------------------------------------------------------
+struct GateViews {
+  int64_t M, H, goff, uoff, sg, su;  // element offsets of gate/up within their tensor's row, row strides
+};
+
+GateViews gate_views(const at::Tensor& x, const c10::optional<at::Tensor>& up, int64_t layout) {
+  check_rows(x, "input");
+  const int64_t M = x.size(0);
+  if (layout == 0) {
+    TORCH_CHECK(up.has_value(), "up is required for separate gate and up");
+    check_rows(*up, "up");
+    TORCH_CHECK(up->sizes() == x.sizes(), "up must have the shape of gate");
+    return {M, x.size(1), 0, 0, x.stride(0), up->stride(0)};
+  }
+  TORCH_CHECK(layout == 1 || layout == 2, "layout must be 0, 1 or 2");
+  TORCH_CHECK(x.size(1) % 2 == 0, "the fused gate/up dimension must be even");
+  const int64_t H = x.size(1) / 2;
+  return {M, H, layout == 1 ? 0 : H, layout == 1 ? H : 0, x.stride(0), x.stride(0)};
+}
+
+template <typename Op>
+at::Tensor gated_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& up, int64_t layout) {
+  const GateViews g = gate_views(x, up, layout);
+  auto y = empty({g.M, g.H}, x.options());
+  TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_gated_fwd", [&] {
+    using V = typename VecIO<scalar_t>::Vec;
+    const auto p = prm<V>(0, 0, 0);
+    const scalar_t* gp = x.const_data_ptr<scalar_t>() + g.goff;
+    const scalar_t* up_ = (layout == 0 ? up->const_data_ptr<scalar_t>() : x.const_data_ptr<scalar_t>()) + g.uoff;
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    for_chunks(g.M, g.H, [&](int64_t r, int64_t c0, int64_t c1) {
+      const scalar_t* const in[2] = {gp + r * g.sg + c0, up_ + r * g.su + c0};
+      scalar_t* const out[1] = {yp + r * g.H + c0};
+      map_vec<scalar_t, 2, 1>(in, out, c1 - c0,
+                              [&](const V (&v)[2], V (&o)[1]) { o[0] = Op::fwd(v[0], p) * v[1]; });
+    });
+  });
+  return y;
+}
+
+template <typename Op>
+std::tuple<at::Tensor, at::Tensor> gated_bwd(const at::Tensor& dy, const at::Tensor& x,
+                                             const c10::optional<at::Tensor>& up, int64_t layout) {
+  const GateViews g = gate_views(x, up, layout);
+  check_rows(dy, "grad_output");
+  TORCH_CHECK(dy.size(0) == g.M && dy.size(1) == g.H, "grad_output must have the output's shape");
+  at::Tensor dx = empty({g.M, layout == 0 ? g.H : 2 * g.H}, x.options());
+  at::Tensor dup = layout == 0 ? empty({g.M, g.H}, x.options()) : at::empty({0}, x.options());
+  TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_gated_bwd", [&] {
+    using V = typename VecIO<scalar_t>::Vec;
+    const auto p = prm<V>(0, 0, 0);
+    const scalar_t* gp = x.const_data_ptr<scalar_t>() + g.goff;
+    const scalar_t* up_ = (layout == 0 ? up->const_data_ptr<scalar_t>() : x.const_data_ptr<scalar_t>()) + g.uoff;
+    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+    scalar_t* dgp = dx.mutable_data_ptr<scalar_t>() + g.goff;
+    scalar_t* dup_ = (layout == 0 ? dup.mutable_data_ptr<scalar_t>() : dx.mutable_data_ptr<scalar_t>()) + g.uoff;
+    const int64_t sdx = dx.size(1), sdup = layout == 0 ? g.H : sdx, sdy = dy.stride(0);
+    for_chunks(g.M, g.H, [&](int64_t r, int64_t c0, int64_t c1) {
+      const scalar_t* const in[3] = {dyp + r * sdy + c0, gp + r * g.sg + c0, up_ + r * g.su + c0};
+      scalar_t* const out[2] = {dgp + r * sdx + c0, dup_ + r * sdup + c0};
+      map_vec<scalar_t, 3, 2>(in, out, c1 - c0, [&](const V (&v)[3], V (&o)[2]) {
+        V f, df;
+        Op::both(v[1], p, f, df);
+        o[0] = v[0] * v[2] * df;
+        o[1] = v[0] * f;
+      });
+    });
+  });
+  return {dx, dup};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// DyT: y = w * tanh(alpha * x) + b, x (M, N), alpha (1,), w and b (N,).
+// backward with t = tanh(alpha x), g = dy * w * (1 - t^2): dx = alpha g, dalpha = sum(g x),
+// dw = sum_rows dy t, db = sum_rows dy (per-thread partial rows, then one reduction).
+// ---------------------------------------------------------------------------------------------------------
+at::Tensor dyt_fwd(const at::Tensor& x, const at::Tensor& alpha, const at::Tensor& w, const at::Tensor& bias) {
+  check_rows(x, "input");
+  const int64_t M = x.size(0), N = x.size(1);
+  auto y = empty({M, N}, x.options());
+  TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_dyt_fwd", [&] {
+    using V = typename VecIO<scalar_t>::Vec;
+    using acc_t = acc_of<scalar_t>;
+    const V va(static_cast<acc_t>(*alpha.const_data_ptr<scalar_t>()));
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    const scalar_t* bp = bias.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    const int64_t sx = x.stride(0);
+    for_chunks(M, N, [&](int64_t r, int64_t c0, int64_t c1) {
+      const scalar_t* const in[3] = {xp + r * sx + c0, wp + c0, bp + c0};
+      scalar_t* const out[1] = {yp + r * N + c0};
+      map_vec<scalar_t, 3, 1>(in, out, c1 - c0,
+                              [&](const V (&v)[3], V (&o)[1]) { o[0] = at::vec::fmadd(v[1], (va * v[0]).tanh(), v[2]); });
+    });
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dyt_bwd(const at::Tensor& dy, const at::Tensor& x,
+                                                                   const at::Tensor& alpha, const at::Tensor& w,
+                                                                   bool need_dalpha, bool need_dw, bool need_db) {
+  check_rows(dy, "grad_output");
+  check_rows(x, "input");
+  const int64_t M = x.size(0), N = x.size(1);
+  auto dx = empty({M, N}, x.options());
+  const int64_t T = at::get_num_threads();
+  auto acc_opts = x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  auto dw_part = need_dw ? at::zeros({T, N}, acc_opts) : at::Tensor();
+  auto db_part = need_db ? at::zeros({T, N}, acc_opts) : at::Tensor();
+  std::vector<double> da_part(T, 0.0);
+  TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_dyt_bwd", [&] {
+    using IO = VecIO<scalar_t>;
+    using V = typename IO::Vec;
+    using acc_t = acc_of<scalar_t>;
+    constexpr int64_t K = IO::kSize;
+    const V va(static_cast<acc_t>(*alpha.const_data_ptr<scalar_t>()));
+    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+    acc_t* dwp = need_dw ? dw_part.mutable_data_ptr<acc_t>() : nullptr;
+    acc_t* dbp = need_db ? db_part.mutable_data_ptr<acc_t>() : nullptr;
+    const int64_t sdy = dy.stride(0), sx = x.stride(0);
+    for_chunks(M, N, [&](int64_t r, int64_t c0, int64_t c1) {
+      const int64_t tid = at::get_thread_num();
+      acc_t* dw_t = dwp ? dwp + tid * N : nullptr;
+      acc_t* db_t = dbp ? dbp + tid * N : nullptr;
+      const scalar_t* dyr = dyp + r * sdy;
+      const scalar_t* xr = xp + r * sx;
+      scalar_t* dxr = dxp + r * N;
+      V da(0);
+      int64_t i = c0;
+      auto step = [&](const V& d, const V& xv, const V& wv, V& out, V& t) {
+        t = (va * xv).tanh();
+        V g = d * wv * (V(1) - t * t);
+        out = va * g;
+        da = at::vec::fmadd(g, xv, da);
+      };
+      for (; i + K <= c1; i += K) {
+        V d = IO::load(dyr + i), out, t;
+        step(d, IO::load(xr + i), IO::load(wp + i), out, t);
+        IO::store(dxr + i, out);
+        if (dw_t) at::vec::fmadd(d, t, V::loadu(dw_t + i)).store(dw_t + i);
+        if (db_t) (V::loadu(db_t + i) + d).store(db_t + i);
+      }
+      if (i < c1) {  // the tail through zero-padded buffers (dy = 0 there: no contribution to any sum)
+        const int64_t rest = c1 - i;
+        scalar_t bd[K], bx[K], bw[K], bo[K];
+        acc_t aw[K], ab[K];
+        for (int64_t k = 0; k < K; ++k) {
+          bd[k] = k < rest ? dyr[i + k] : scalar_t(0);
+          bx[k] = k < rest ? xr[i + k] : scalar_t(0);
+          bw[k] = k < rest ? wp[i + k] : scalar_t(0);
+          aw[k] = dw_t && k < rest ? dw_t[i + k] : acc_t(0);
+          ab[k] = db_t && k < rest ? db_t[i + k] : acc_t(0);
+        }
+        V d = IO::load(bd), out, t;
+        step(d, IO::load(bx), IO::load(bw), out, t);
+        IO::store(bo, out);
+        at::vec::fmadd(d, t, V::loadu(aw)).store(aw);
+        (V::loadu(ab) + d).store(ab);
+        for (int64_t k = 0; k < rest; ++k) {
+          dxr[i + k] = bo[k];
+          if (dw_t) dw_t[i + k] = aw[k];
+          if (db_t) db_t[i + k] = ab[k];
+        }
+      }
+      da_part[tid] += at::vec::vec_reduce_all<acc_t>([](V& p, V& q) { return p + q; }, da);
+    });
+  });
+  auto finish = [&](const at::Tensor& part) { return part.sum(0).to(x.scalar_type()); };
+  double da = 0;
+  for (double v : da_part) da += v;
+  at::Tensor dalpha = need_dalpha ? at::full({1}, da, x.options()) : at::empty({0}, x.options());
+  at::Tensor dw = need_dw ? finish(dw_part) : at::empty({0}, x.options());
+  at::Tensor db = need_db ? finish(db_part) : at::empty({0}, x.options());
+  return {dx, dalpha, dw, db};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// PReLU with one slope per channel: x viewed as (M, N) rows; per_row: channel = row % C (channels before the
+// contiguous inner dims), else channel = column (channels last). y = x > 0 ? x : w x.
+// backward: dx = x > 0 ? dy : w dy;  dw[c] = sum over channel c of (x > 0 ? 0 : x dy).
+// ---------------------------------------------------------------------------------------------------------
+at::Tensor prelu_fwd(const at::Tensor& x, const at::Tensor& w, bool per_row) {
+  check_rows(x, "input");
+  const int64_t M = x.size(0), N = x.size(1), C = w.numel();
+  auto y = empty({M, N}, x.options());
+  TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_prelu_fwd", [&] {
+    using V = typename VecIO<scalar_t>::Vec;
+    using acc_t = acc_of<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    const int64_t sx = x.stride(0);
+    for_chunks(M, N, [&](int64_t r, int64_t c0, int64_t c1) {
+      scalar_t* const out[1] = {yp + r * N + c0};
+      if (per_row) {
+        const V s(static_cast<acc_t>(wp[r % C]));
+        const scalar_t* const in[1] = {xp + r * sx + c0};
+        map_vec<scalar_t, 1, 1>(in, out, c1 - c0,
+                                [&](const V (&v)[1], V (&o)[1]) { o[0] = sel(v[0] > V(0), v[0], v[0] * s); });
+      } else {
+        const scalar_t* const in[2] = {xp + r * sx + c0, wp + c0};
+        map_vec<scalar_t, 2, 1>(in, out, c1 - c0,
+                                [&](const V (&v)[2], V (&o)[1]) { o[0] = sel(v[0] > V(0), v[0], v[0] * v[1]); });
+      }
+    });
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> prelu_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
+                                             bool per_row, bool need_dw) {
+  check_rows(dy, "grad_output");
+  check_rows(x, "input");
+  const int64_t M = x.size(0), N = x.size(1), C = w.numel();
+  auto dx = empty({M, N}, x.options());
+  const int64_t T = at::get_num_threads();
+  auto acc_opts = x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  // per-thread partials: per_row -> one per channel, else one per column (= channel)
+  auto part = need_dw ? at::zeros({T, per_row ? C : N}, acc_opts) : at::Tensor();
+  TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_prelu_bwd", [&] {
+    using IO = VecIO<scalar_t>;
+    using V = typename IO::Vec;
+    using acc_t = acc_of<scalar_t>;
+    constexpr int64_t K = IO::kSize;
+    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+    acc_t* pp = need_dw ? part.mutable_data_ptr<acc_t>() : nullptr;
+    const int64_t sdy = dy.stride(0), sx = x.stride(0), P = per_row ? C : N;
+    for_chunks(M, N, [&](int64_t r, int64_t c0, int64_t c1) {
+      acc_t* pt = pp ? pp + at::get_thread_num() * P : nullptr;
+      const scalar_t* dyr = dyp + r * sdy;
+      const scalar_t* xr = xp + r * sx;
+      scalar_t* dxr = dxp + r * N;
+      V acc(0);
+      for (int64_t i = c0; i < c1; i += K) {
+        const int64_t rest = std::min<int64_t>(K, c1 - i);
+        scalar_t bd[K], bx[K], bw[K], bo[K];
+        acc_t bp[K];
+        const bool full = rest == K;
+        const scalar_t *d_in = dyr + i, *x_in = xr + i, *w_in = wp + i;
+        if (!full) {
+          for (int64_t k = 0; k < K; ++k) {
+            bd[k] = k < rest ? dyr[i + k] : scalar_t(0);
+            bx[k] = k < rest ? xr[i + k] : scalar_t(0);
+            bw[k] = (!per_row && k < rest) ? wp[i + k] : scalar_t(0);
+          }
+          d_in = bd, x_in = bx, w_in = bw;
+        }
+        V d = IO::load(d_in), xv = IO::load(x_in);
+        V s = per_row ? V(static_cast<acc_t>(wp[r % C])) : IO::load(w_in);
+        V pos = xv > V(0);
+        V out = sel(pos, d, d * s);
+        V contrib = sel(pos, V(0), xv * d);
+        if (full) {
+          IO::store(dxr + i, out);
+        } else {
+          IO::store(bo, out);
+          for (int64_t k = 0; k < rest; ++k) dxr[i + k] = bo[k];
+        }
+        if (pt) {
+          if (per_row) {
+            acc = acc + contrib;
+          } else if (full) {
+            (V::loadu(pt + i) + contrib).store(pt + i);
+          } else {
+            contrib.store(bp);
+            for (int64_t k = 0; k < rest; ++k) pt[i + k] += bp[k];
+          }
+        }
+      }
+      if (pt && per_row) pt[r % C] += at::vec::vec_reduce_all<acc_t>([](V& p, V& q) { return p + q; }, acc);
+    });
+  });
+  at::Tensor dw = need_dw ? part.sum(0).to(x.scalar_type()) : at::empty({0}, x.options());
+  return {dx, dw};
+}
+
+}  // namespace
+
+// The elementwise table (names match python/tritium/ops/activations.py ACTIVATIONS).
+#define TRITIUM_ACTIVATIONS(X)                                                                      \
+  X(relu, Relu) X(leaky_relu, LeakyRelu) X(elu, Elu) X(sigmoid, Sigmoid) X(tanh, Tanh)             \
+  X(softplus, Softplus) X(gelu, Gelu) X(gelu_tanh, GeluTanh) X(silu, Silu) X(mish, Mish)           \
+  X(logsigmoid, LogSigmoid) X(hardswish, Hardswish) X(swish, Swish)
+
+// Gate functions of the gated units.
+#define TRITIUM_GATES(X) X(glu, Sigmoid) X(swiglu, Silu) X(geglu, Gelu) X(geglu_tanh, GeluTanh)
+
+TORCH_LIBRARY_IMPL(tritium, CPU, m) {
+#define TRITIUM_REG_ACT(name, Op)                  \
+  m.impl(#name "_fwd", &unary_fwd<Op>);            \
+  m.impl(#name "_fwd_", &unary_fwd_<Op>);          \
+  m.impl(#name "_bwd", &unary_bwd<Op>);
+  TRITIUM_ACTIVATIONS(TRITIUM_REG_ACT)
+#undef TRITIUM_REG_ACT
+#define TRITIUM_REG_GATE(name, Op)        \
+  m.impl(#name "_fwd", &gated_fwd<Op>);   \
+  m.impl(#name "_bwd", &gated_bwd<Op>);
+  TRITIUM_GATES(TRITIUM_REG_GATE)
+#undef TRITIUM_REG_GATE
+  m.impl("dyt_fwd", &dyt_fwd);
+  m.impl("dyt_bwd", &dyt_bwd);
+  m.impl("prelu_fwd", &prelu_fwd);
+  m.impl("prelu_bwd", &prelu_bwd);
+}
+
+}  // namespace tritium

@@ -1,0 +1,403 @@
+"""Activations, gated units (GLU, SwiGLU, GeGLU), DyT and PReLU: schemas, fake kernels, autograd and the
+public functions.
+
+One table drives: ``ACTIVATIONS`` lists every elementwise activation once (its op name, the torch function
+it is a drop-in for, how the public arguments map to the kernel's three float parameters, whether torch has
+an ``inplace=`` variant). A single loop defines, for each row, ``tritium::<name>_fwd(x, a, b, c)``,
+the in-place ``<name>_fwd_`` and ``<name>_bwd(dy, x, a, b, c)``; the C++ kernels (csrc/activations.cpp, one
+templated loop over a functor per row) and the Triton kernels (kernels/activations.py, one kernel with an
+``ACT`` selector) register for the same names. ``GATES`` does the same for the gated units.
+
+Whatever the kernels do not cover (integer or complex dtypes, empty tensors, broadcasting between gate and
+up, a layout that would need a hidden copy, in-place calls whose input requires grad) goes explicitly to
+``tritium.reference``, i.e. to torch itself, so results, autograd semantics and error messages are torch's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Union
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .._backend import use_reference
+from ._library import SUPPORTED_DTYPES, define_op, rows
+
+# SELU's constants (torch's)
+SELU_ALPHA = 1.6732632423543772848170429916717
+SELU_SCALE = 1.0507009873554804934193349852946
+
+
+@dataclass(frozen=True)
+class Activation:
+    name: str        # op name: tritium::<name>_fwd / _fwd_ / _bwd; the C++ functor and Triton ACT id share it
+    inplace: bool    # torch has an inplace= variant (the in-place op writes into the input)
+    doc: str
+
+
+# The elementwise table. Parameters (a, b, c) per row: see each public function below.
+ACTIVATIONS: List[Activation] = [
+    Activation("relu", True, "max(x, 0)"),
+    Activation("leaky_relu", True, "x > 0 ? x : a x   (a = negative_slope)"),
+    Activation("elu", True, "x > 0 ? b x : a expm1(c x)   (elu, selu, celu: a = alpha*scale, b = scale, "
+                            "c = input_scale)"),
+    Activation("sigmoid", False, "1 / (1 + exp(-x))"),
+    Activation("tanh", False, "tanh(x)"),
+    Activation("softplus", False, "a x > b ? x : log1p(exp(a x)) / a   (a = beta, b = threshold)"),
+    Activation("gelu", False, "x Phi(x) = x/2 (1 + erf(x / sqrt 2))"),
+    Activation("gelu_tanh", False, "x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))"),
+    Activation("silu", True, "x sigmoid(x)"),
+    Activation("mish", True, "x tanh(softplus(x))"),
+    Activation("logsigmoid", False, "min(x, 0) - log1p(exp(-|x|))"),
+    Activation("hardswish", True, "x relu6(x + 3) / 6"),
+    Activation("swish", False, "x sigmoid(a x)   (a = beta)"),
+]
+ACT_NAMES = [a.name for a in ACTIVATIONS]
+
+# Gated units y = f(gate) * up: op name -> the gate function's activation.
+GATES: Dict[str, str] = {"glu": "sigmoid", "swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
+
+# Layouts of the gated ops: x is the gate and `up` a separate tensor, or x holds both halves along its last
+# dim: [gate | up] (a fused gate+up projection) or [up | gate] (F.glu gates the second half).
+LAYOUT_SEPARATE, LAYOUT_GATE_UP, LAYOUT_UP_GATE = 0, 1, 2
+
+
+# ---- fake kernels: shapes only ----
+def _fake_fwd(x, a, b, c):
+    return x.new_empty(x.shape)
+
+
+def _fake_fwd_(x, a, b, c):
+    return None
+
+
+def _fake_bwd(dy, x, a, b, c):
+    return x.new_empty(x.shape)
+
+
+def _gated_out_cols(x, layout):
+    return x.shape[1] if layout == LAYOUT_SEPARATE else x.shape[1] // 2
+
+
+def _fake_gated_fwd(x, up, layout):
+    return x.new_empty((x.shape[0], _gated_out_cols(x, layout)))
+
+
+def _fake_gated_bwd(dy, x, up, layout):
+    if layout == LAYOUT_SEPARATE:
+        return x.new_empty(x.shape), x.new_empty(x.shape)
+    return x.new_empty(x.shape), x.new_empty((0,))
+
+
+def _fake_dyt_fwd(x, alpha, weight, bias):
+    return x.new_empty(x.shape)
+
+
+def _fake_dyt_bwd(dy, x, alpha, weight, need_dalpha, need_dw, need_db):
+    n = x.shape[1]
+    return (x.new_empty(x.shape), x.new_empty((1 if need_dalpha else 0,)), x.new_empty((n if need_dw else 0,)),
+            x.new_empty((n if need_db else 0,)))
+
+
+def _fake_prelu_fwd(x, weight, per_row):
+    return x.new_empty(x.shape)
+
+
+def _fake_prelu_bwd(dy, x, weight, per_row, need_dw):
+    return x.new_empty(x.shape), x.new_empty((weight.numel() if need_dw else 0,))
+
+
+def _grad_rows(g: Tensor) -> Tensor:
+    return g if g.stride(-1) == 1 or g.shape[-1] <= 1 else g.contiguous()
+
+
+# ---- the elementwise ops, one loop over the table ----
+def _define_activation(act: Activation):
+    bwd = define_op(f"{act.name}_bwd(Tensor dy, Tensor x, float a, float b, float c) -> Tensor", _fake_bwd,
+                    f"activations:{act.name}_bwd")
+
+    def setup(ctx, inputs, output):
+        x, a, b, c = inputs
+        ctx.save_for_backward(x)
+        ctx.params = (a, b, c)
+
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        return bwd(_grad_rows(dy), x, *ctx.params), None, None, None
+
+    fwd = define_op(f"{act.name}_fwd(Tensor x, float a, float b, float c) -> Tensor", _fake_fwd,
+                    f"activations:{act.name}_fwd", backward, setup)
+    fwd_ = define_op(f"{act.name}_fwd_(Tensor(a!) x, float a, float b, float c) -> ()", _fake_fwd_,
+                     f"activations:{act.name}_fwd_")
+    return fwd, fwd_, bwd
+
+
+ACT_OPS = {act.name: _define_activation(act) for act in ACTIVATIONS}
+
+
+def _define_gate(name: str):
+    bwd = define_op(f"{name}_bwd(Tensor dy, Tensor x, Tensor? up, int layout) -> (Tensor, Tensor)",
+                    _fake_gated_bwd, f"activations:{name}_bwd")
+
+    def setup(ctx, inputs, output):
+        x, up, layout = inputs
+        ctx.save_for_backward(x, up)
+        ctx.layout = layout
+
+    def backward(ctx, dy):
+        x, up = ctx.saved_tensors
+        dx, dup = bwd(_grad_rows(dy), x, up, ctx.layout)
+        return dx, (dup if ctx.layout == LAYOUT_SEPARATE else None), None
+
+    return define_op(f"{name}_fwd(Tensor x, Tensor? up, int layout) -> Tensor", _fake_gated_fwd,
+                     f"activations:{name}_fwd", backward, setup), bwd
+
+
+GATE_OPS = {name: _define_gate(name) for name in GATES}
+
+dyt_bwd = define_op("dyt_bwd(Tensor dy, Tensor x, Tensor alpha, Tensor weight, bool need_dalpha, bool need_dw, "
+                    "bool need_db) -> (Tensor, Tensor, Tensor, Tensor)", _fake_dyt_bwd, "activations:dyt_bwd")
+
+
+def _dyt_setup(ctx, inputs, output):
+    x, alpha, weight, _ = inputs
+    ctx.save_for_backward(x, alpha, weight)
+
+
+def _dyt_backward(ctx, dy):
+    x, alpha, weight = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, da, dw, db = dyt_bwd(_grad_rows(dy), x, alpha, weight, need[1], need[2], need[3])
+    return dx, (da if need[1] else None), (dw if need[2] else None), (db if need[3] else None)
+
+
+dyt_fwd = define_op("dyt_fwd(Tensor x, Tensor alpha, Tensor weight, Tensor bias) -> Tensor", _fake_dyt_fwd,
+                    "activations:dyt_fwd", _dyt_backward, _dyt_setup)
+
+prelu_bwd = define_op("prelu_bwd(Tensor dy, Tensor x, Tensor weight, bool per_row, bool need_dw) -> (Tensor, Tensor)",
+                      _fake_prelu_bwd, "activations:prelu_bwd")
+
+
+def _prelu_setup(ctx, inputs, output):
+    x, weight, per_row = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.per_row = per_row
+
+
+def _prelu_backward(ctx, dy):
+    x, weight = ctx.saved_tensors
+    need_dw = ctx.needs_input_grad[1]
+    dx, dw = prelu_bwd(_grad_rows(dy), x, weight, ctx.per_row, need_dw)
+    return dx, (dw if need_dw else None), None
+
+
+prelu_fwd = define_op("prelu_fwd(Tensor x, Tensor weight, bool per_row) -> Tensor", _fake_prelu_fwd,
+                      "activations:prelu_fwd", _prelu_backward, _prelu_setup)
+
+
+# ---- dispatch helpers ----
+def _kernel_ok(x: Tensor, *others: Optional[Tensor]) -> bool:
+    """True when the kernels cover this call: a floating dtype they implement, on CPU (C++) or CUDA (Triton,
+    float64 excluded), non-empty, and every other tensor of the same dtype and device."""
+    return (
+        not use_reference()
+        and isinstance(x, Tensor)
+        and x.dtype in SUPPORTED_DTYPES
+        and x.device.type in ("cpu", "cuda")
+        and (x.device.type == "cpu" or x.dtype != torch.float64)  # Triton kernels compute in float32
+        and x.numel() > 0
+        and all(isinstance(t, Tensor) and t.dtype == x.dtype and t.device == x.device for t in others)
+    )
+
+
+def _as_rows(x: Tensor) -> Tensor:
+    """x as a 2-D (rows, cols) view for the elementwise kernels: one long row when contiguous (so narrow last
+    dims do not cost a short loop each), else (rows, last dim) with any row stride (a copy only when the last
+    dim itself is strided)."""
+    if x.is_contiguous():
+        return x.view(1, -1)
+    return rows(x, x.shape[-1]) if x.dim() > 0 else x.reshape(1, 1)
+
+
+def _unary(name: str, x: Tensor, params, inplace: bool, ref: Callable[[], Tensor]) -> Tensor:
+    if not _kernel_ok(x):
+        return ref()
+    fwd, fwd_, _ = ACT_OPS[name]
+    a, b, c = (float(p) for p in params)
+    if inplace:
+        # torch's in-place semantics under autograd (the error on a leaf that requires grad, the version
+        # counter, saving the result): torch itself. Without autograd the kernel writes into x.
+        if torch.is_grad_enabled() and x.requires_grad:
+            return ref()
+        x2 = _as_rows(x)
+        if x2.data_ptr() != x.data_ptr():  # no 2-D view of x exists (a strided last dim): torch does it
+            return ref()
+        fwd_(x2, a, b, c)
+        return x
+    return fwd(_as_rows(x), a, b, c).view(x.shape)
+
+
+# ---- public API: drop-ins for torch.nn.functional ----
+def relu(input: Tensor, inplace: bool = False) -> Tensor:
+    """Drop-in for ``F.relu``: max(x, 0); gradient 0 at x = 0, NaN propagates."""
+    return _unary("relu", input, (0, 0, 0), inplace, lambda: reference.relu(input, inplace=inplace))
+
+
+def leaky_relu(input: Tensor, negative_slope: float = 0.01, inplace: bool = False) -> Tensor:
+    """Drop-in for ``F.leaky_relu``: x > 0 ? x : negative_slope * x."""
+    if isinstance(negative_slope, Tensor):
+        return reference.leaky_relu(input, negative_slope, inplace)
+    return _unary("leaky_relu", input, (negative_slope, 0, 0), inplace,
+                  lambda: reference.leaky_relu(input, negative_slope, inplace))
+
+
+def elu(input: Tensor, alpha: float = 1.0, inplace: bool = False) -> Tensor:
+    """Drop-in for ``F.elu``: x > 0 ? x : alpha * (exp(x) - 1)."""
+    return _unary("elu", input, (alpha, 1.0, 1.0), inplace, lambda: reference.elu(input, alpha, inplace))
+
+
+def selu(input: Tensor, inplace: bool = False) -> Tensor:
+    """Drop-in for ``F.selu``: scale * elu(x, alpha) with SELU's fixed constants."""
+    return _unary("elu", input, (SELU_ALPHA * SELU_SCALE, SELU_SCALE, 1.0), inplace,
+                  lambda: reference.selu(input, inplace))
+
+
+def celu(input: Tensor, alpha: float = 1.0, inplace: bool = False) -> Tensor:
+    """Drop-in for ``F.celu``: max(0, x) + min(0, alpha * (exp(x / alpha) - 1))."""
+    if not isinstance(alpha, (int, float)) or alpha == 0:  # torch raises for alpha = 0
+        return reference.celu(input, alpha, inplace)
+    return _unary("elu", input, (alpha, 1.0, 1.0 / alpha), inplace, lambda: reference.celu(input, alpha, inplace))
+
+
+def sigmoid(input: Tensor) -> Tensor:
+    """Drop-in for ``F.sigmoid`` / ``torch.sigmoid``."""
+    return _unary("sigmoid", input, (0, 0, 0), False, lambda: reference.sigmoid(input))
+
+
+def tanh(input: Tensor) -> Tensor:
+    """Drop-in for ``F.tanh`` / ``torch.tanh``."""
+    return _unary("tanh", input, (0, 0, 0), False, lambda: reference.tanh(input))
+
+
+def softplus(input: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
+    """Drop-in for ``F.softplus``: log(1 + exp(beta x)) / beta, and x where beta x > threshold."""
+    if not isinstance(beta, (int, float)) or not isinstance(threshold, (int, float)) or beta == 0:
+        return reference.softplus(input, beta, threshold)
+    return _unary("softplus", input, (beta, threshold, 0), False,
+                  lambda: reference.softplus(input, beta, threshold))
+
+
+def gelu(input: Tensor, approximate: str = "none") -> Tensor:
+    """Drop-in for ``F.gelu``: x Phi(x) (``approximate='none'``) or its tanh approximation ('tanh')."""
+    name = {"none": "gelu", "tanh": "gelu_tanh"}.get(approximate) if isinstance(approximate, str) else None
+    if name is None:  # torch raises its own error for anything else
+        return reference.gelu(input, approximate=approximate)
+    return _unary(name, input, (0, 0, 0), False, lambda: reference.gelu(input, approximate=approximate))
+
+
+def silu(input: Tensor, inplace: bool = False) -> Tensor:
+    """Drop-in for ``F.silu``: x * sigmoid(x)."""
+    return _unary("silu", input, (0, 0, 0), inplace, lambda: reference.silu(input, inplace))
+
+
+def mish(input: Tensor, inplace: bool = False) -> Tensor:
+    """Drop-in for ``F.mish``: x * tanh(softplus(x))."""
+    return _unary("mish", input, (0, 0, 0), inplace, lambda: reference.mish(input, inplace))
+
+
+def logsigmoid(input: Tensor) -> Tensor:
+    """Drop-in for ``F.logsigmoid``: log(sigmoid(x)), computed stably."""
+    return _unary("logsigmoid", input, (0, 0, 0), False, lambda: reference.logsigmoid(input))
+
+
+def hardswish(input: Tensor, inplace: bool = False) -> Tensor:
+    """Drop-in for ``F.hardswish``: x * relu6(x + 3) / 6."""
+    return _unary("hardswish", input, (0, 0, 0), inplace, lambda: reference.hardswish(input, inplace))
+
+
+def swish(input: Tensor, beta: Union[float, Tensor] = 1.0) -> Tensor:
+    """x * sigmoid(beta * x). ``beta`` is a float or a learnable tensor (broadcast against x; a tensor beta
+    goes through the reference, which gives it its gradient). beta = 1 is SiLU."""
+    if isinstance(beta, Tensor):
+        return reference.swish(input, beta)
+    return _unary("swish", input, (beta, 0, 0), False, lambda: reference.swish(input, beta))
+
+
+def prelu(input: Tensor, weight: Tensor) -> Tensor:
+    """Drop-in for ``F.prelu``: x > 0 ? x : weight[c] * x, c the channel (dim 1; one slope if weight has one
+    element). Gradients for input and weight."""
+    if not _kernel_ok(input, weight) or input.dim() == 0 or weight.dim() != 1:
+        return reference.prelu(input, weight)
+    C = weight.numel()
+    if C == 1:
+        return prelu_fwd(_as_rows(input), weight, True).view(input.shape)
+    if input.dim() < 2 or input.shape[1] != C or not input.is_contiguous():
+        return reference.prelu(input, weight)  # torch's error for a channel mismatch; strided channels
+    inner = input[0, 0].numel()
+    if inner == 1:  # channels last: one slope per column
+        return prelu_fwd(input.view(-1, C), weight, False).view(input.shape)
+    return prelu_fwd(input.view(-1, inner), weight, True).view(input.shape)
+
+
+def dyt(x: Tensor, alpha: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Dynamic Tanh ("Transformers without Normalization"): weight * tanh(alpha * x) + bias over the last dim;
+    alpha a one-element tensor, weight and bias (x.shape[-1],). Gradients for all four."""
+    n = x.shape[-1] if isinstance(x, Tensor) and x.dim() > 0 else -1
+    if not (_kernel_ok(x, alpha, weight, bias) and n > 0 and alpha.numel() == 1
+            and tuple(weight.shape) == (n,) and tuple(bias.shape) == (n,)):
+        return reference.dyt(x, alpha, weight, bias)
+    y = dyt_fwd(rows(x, n), alpha.reshape(1), weight, bias)
+    return y.view(x.shape)
+
+
+def _gated(name: str, gate: Tensor, up: Optional[Tensor], ref: Callable[[], Tensor]) -> Tensor:
+    fwd, _ = GATE_OPS[name]
+    if up is None:
+        if not _kernel_ok(gate) or gate.dim() == 0 or gate.shape[-1] % 2:
+            return ref()
+        h = gate.shape[-1] // 2
+        y = fwd(rows(gate, 2 * h), None, LAYOUT_GATE_UP)
+        return y.view(gate.shape[:-1] + (h,))
+    if not _kernel_ok(gate, up) or gate.shape != up.shape or gate.dim() == 0:
+        return ref()  # broadcasting and mixed dtypes: torch's semantics
+    n = gate.shape[-1]
+    return fwd(rows(gate, n), rows(up, n), LAYOUT_SEPARATE).view(gate.shape)
+
+
+def swiglu(gate: Tensor, up: Optional[Tensor] = None) -> Tensor:
+    """silu(gate) * up. With ``up=None``, ``gate`` holds both halves along its last dim, [gate | up] (the
+    output of one fused gate+up projection); the backward then writes one gradient of that shape."""
+    return _gated("swiglu", gate, up, lambda: reference.swiglu(gate, up))
+
+
+def geglu(gate: Tensor, up: Optional[Tensor] = None, approximate: str = "none") -> Tensor:
+    """gelu(gate, approximate) * up; ``up=None`` as in :func:`swiglu`."""
+    name = {"none": "geglu", "tanh": "geglu_tanh"}.get(approximate) if isinstance(approximate, str) else None
+    if name is None:
+        return reference.geglu(gate, up, approximate)
+    return _gated(name, gate, up, lambda: reference.geglu(gate, up, approximate))
+
+
+def glu(input: Tensor, dim: int = -1) -> Tensor:
+    """Drop-in for ``F.glu``: a * sigmoid(b) with a, b the halves of ``input`` along ``dim``."""
+    fwd, _ = GATE_OPS["glu"]
+    if not _kernel_ok(input) or input.dim() == 0 or not isinstance(dim, int) or not -input.dim() <= dim < input.dim():
+        return reference.glu(input, dim)
+    d = dim % input.dim()
+    n = input.shape[d]
+    if n % 2:
+        return reference.glu(input, dim)  # torch's error
+    out_shape = input.shape[:d] + (n // 2,) + input.shape[d + 1:]
+    if d == input.dim() - 1:
+        return fwd(rows(input, n), None, LAYOUT_UP_GATE).view(out_shape)
+    if not input.is_contiguous():
+        return reference.glu(input, dim)
+    inner = n * input[(0,) * (d + 1)].numel()  # the halves are contiguous blocks of each outer row
+    return fwd(input.view(-1, inner), None, LAYOUT_UP_GATE).view(out_shape)
+
+
+__all__: List[str] = [
+    "relu", "leaky_relu", "elu", "selu", "celu", "sigmoid", "tanh", "softplus", "gelu", "silu", "mish",
+    "logsigmoid", "hardswish", "swish", "prelu", "dyt", "glu", "swiglu", "geglu",
+]

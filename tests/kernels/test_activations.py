@@ -1,0 +1,237 @@
+"""Activation, gated-unit, DyT and PReLU kernels, Triton (interpreter) and C++, against torch in float64."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tritium  # noqa: F401  (loads the C++ kernels)
+from tritium.kernels import activations as triton_act
+from tritium.ops.activations import ACT_NAMES, GATES, SELU_ALPHA, SELU_SCALE
+from tests.util import CPU_DTYPES, KERNEL_DTYPES, assert_within_torch_error, check_gpu_compile, leaf
+
+cpp = torch.ops.tritium
+IMPLS = [("triton", triton_act, KERNEL_DTYPES), ("cpp", cpp, CPU_DTYPES)]
+CASES = [(name, impl, dtype) for name, impl, dtypes in IMPLS for dtype in dtypes]
+CASE_IDS = [f"{n}-{str(d)[6:]}" for n, _, d in CASES]
+ROWS = 3
+WIDTHS = (1, 7, 123, 781, 4097)
+
+# (table name, kernel params (a, b, c), torch twin): every row of the table, with its parameter variants.
+# celu's alpha is a power of two: torch's celu backward rounds 1/alpha to float32 even in float64.
+ACT_CASES = [
+    ("relu", (0, 0, 0), F.relu),
+    ("leaky_relu", (0.01, 0, 0), F.leaky_relu),
+    ("leaky_relu", (-0.3, 0, 0), lambda x: F.leaky_relu(x, -0.3)),
+    ("elu", (1.3, 1.0, 1.0), lambda x: F.elu(x, 1.3)),
+    ("elu", (SELU_ALPHA * SELU_SCALE, SELU_SCALE, 1.0), F.selu),
+    ("elu", (0.5, 1.0, 2.0), lambda x: F.celu(x, 0.5)),
+    ("sigmoid", (0, 0, 0), torch.sigmoid),
+    ("tanh", (0, 0, 0), torch.tanh),
+    ("softplus", (1.0, 20.0, 0), F.softplus),
+    ("softplus", (2.0, 3.0, 0), lambda x: F.softplus(x, 2.0, 3.0)),
+    ("gelu", (0, 0, 0), F.gelu),
+    ("gelu_tanh", (0, 0, 0), lambda x: F.gelu(x, approximate="tanh")),
+    ("silu", (0, 0, 0), F.silu),
+    ("mish", (0, 0, 0), F.mish),
+    ("logsigmoid", (0, 0, 0), F.logsigmoid),
+    ("hardswish", (0, 0, 0), F.hardswish),
+    ("swish", (1.7, 0, 0), lambda x: x * torch.sigmoid(1.7 * x)),
+]
+ACT_IDS = [f"{n}{i}" for i, (n, _, _) in enumerate(ACT_CASES)]
+GATE_FNS = {"glu": torch.sigmoid, "swiglu": F.silu, "geglu": F.gelu,
+            "geglu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def test_table_covers_every_kernel():
+    """The Python table, the Triton ACT ids and the C++ registrations name the same activations."""
+    assert set(ACT_NAMES) == set(triton_act.ACT_IDS) == {n for n, _, _ in ACT_CASES}
+    assert set(GATES) == set(triton_act.GATE_IDS) == set(GATE_FNS)
+    for name in ACT_NAMES:
+        for suffix in ("_fwd", "_fwd_", "_bwd"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tritium::{name}{suffix}", "CPU")
+
+
+def _torch_and_ref(fn, args, dy, dtype):
+    """fn's output and input grads in dtype (torch's own error) and in float64 (the reference)."""
+    out = {}
+    for d in (dtype, torch.float64):
+        ins = [leaf(a, d) for a in args]
+        y = fn(*ins)
+        gs = torch.autograd.grad(y, ins, dy.to(d))
+        out[d] = (y.detach(), gs)
+    return out[dtype], out[torch.float64]
+
+
+def _x(shape, dtype, scale=3.0):
+    return (torch.randn(shape, dtype=torch.float64) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("impl_name,impl,dtype", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("act,params,twin", ACT_CASES, ids=ACT_IDS)
+def test_activation(impl_name, impl, dtype, act, params, twin):
+    for n in WIDTHS:
+        x, dy = _x((ROWS, n), dtype), _x((ROWS, n), dtype, 1.0)
+        y = getattr(impl, f"{act}_fwd")(x, *params)
+        dx = getattr(impl, f"{act}_bwd")(dy, x, *params)
+        (ty, (tg,)), (ry, (rg,)) = _torch_and_ref(twin, [x], dy, dtype)
+        assert_within_torch_error(y, ty, ry, f"{act} y n={n}")
+        assert_within_torch_error(dx, tg, rg, f"{act} dx n={n}")
+        # in place: the input itself is overwritten with the forward's result
+        xi = x.clone()
+        assert getattr(impl, f"{act}_fwd_")(xi, *params) is None
+        torch.testing.assert_close(xi, y, rtol=0, atol=0)
+
+
+# Special points: 0 (the ReLU family's gradient), the softplus threshold, saturation of sigmoid/tanh/softplus,
+# GELU tails, hardswish's kinks, and NaN / inf.
+SPECIAL = [0.0, -0.0, 1e-30, -1e-30, 1e-4, -1e-4, 1.0, -1.0, -3.0, 3.0, 5.0, 10.0, -10.0, 19.99, 20.0, 20.01,
+           30.0, -30.0, 88.0, -88.0, 89.0, -89.0, 100.0, -100.0, 1e4, -1e4, float("nan"), float("inf"), -float("inf"),
+           0.5, -0.5, 2.0]
+# 64 values: torch's vectorised loop body handles all of them (its scalar tail loop gives dy instead of NaN
+# for a NaN input in elu's and hardswish's gradients; the vectorised body, which sees all but < 1 vector of any
+# real tensor, gives NaN, as we do)
+assert len(SPECIAL) * 2 == 64
+
+
+@pytest.mark.parametrize("impl_name,impl", [("triton", triton_act), ("cpp", cpp)])
+@pytest.mark.parametrize("act,params,twin", ACT_CASES, ids=ACT_IDS)
+def test_special_points(impl_name, impl, act, params, twin):
+    for dtype in (torch.float32, torch.float64) if impl_name == "cpp" else (torch.float32,):
+        x = torch.tensor(SPECIAL * 2, dtype=dtype).view(1, -1)
+        dy = torch.ones_like(x)
+        xr = x.clone().requires_grad_(True)
+        ty = twin(xr)
+        (tg,) = torch.autograd.grad(ty, xr, dy)
+        y = getattr(impl, f"{act}_fwd")(x, *params)
+        dx = getattr(impl, f"{act}_bwd")(dy, x, *params)
+        if act in ("gelu", "geglu") and dtype == torch.float32:
+            # torch's float32 CPU gelu runs oneDNN, which gives NaN at +inf; its float64 path (the same
+            # formula as ours) gives +inf. We follow the formula in every dtype.
+            keep = x != float("inf")
+            ty, y = ty.detach()[keep], y[keep]
+        fin = ty.detach().isfinite()
+        assert torch.equal(y.isnan(), ty.detach().isnan()), f"{act} NaN positions differ: {y} vs {ty}"
+        assert torch.equal(y[~fin].nan_to_num(), ty.detach()[~fin].nan_to_num()), f"{act}: inf values differ"
+        torch.testing.assert_close(y[fin], ty.detach()[fin], rtol=2e-6, atol=1e-6)
+        gfin = tg.isfinite()
+        assert torch.equal(dx.isnan(), tg.isnan()), f"{act} grad NaN positions differ:\n{dx}\n{tg}"
+        torch.testing.assert_close(dx[gfin], tg[gfin], rtol=2e-5, atol=1e-6)
+        if act in ("relu", "leaky_relu", "elu", "hardswish"):  # the gradient at exactly 0 is torch's choice
+            at0 = x == 0
+            assert torch.equal(dx[at0], tg[at0])
+
+
+@pytest.mark.parametrize("impl_name,impl,dtype", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("gate", list(GATES))
+def test_gated(impl_name, impl, dtype, gate):
+    fwd, bwd = getattr(impl, f"{gate}_fwd"), getattr(impl, f"{gate}_bwd")
+    f = GATE_FNS[gate]
+    for h in (1, 7, 781):
+        g, u, dy = _x((ROWS, h), dtype), _x((ROWS, h), dtype), _x((ROWS, h), dtype, 1.0)
+        (ty, tg), (ry, rg) = _torch_and_ref(lambda a, b: f(a) * b, [g, u], dy, dtype)
+        # separate gate and up
+        y = fwd(g, u, 0)
+        dg, du = bwd(dy, g, u, 0)
+        assert_within_torch_error(y, ty, ry, f"{gate} y")
+        assert_within_torch_error(dg, tg[0], rg[0], f"{gate} dgate")
+        assert_within_torch_error(du, tg[1], rg[1], f"{gate} dup")
+        # fused layouts: one (rows, 2h) tensor, one (rows, 2h) gradient
+        for layout, x in ((1, torch.cat([g, u], 1)), (2, torch.cat([u, g], 1))):
+            y = fwd(x, None, layout)
+            dx, empty = bwd(dy, x, None, layout)
+            assert dx.shape == x.shape and empty.numel() == 0
+            first, second = dx[:, :h], dx[:, h:]
+            dg, du = (first, second) if layout == 1 else (second, first)
+            assert_within_torch_error(y, ty, ry, f"{gate} fused y")
+            assert_within_torch_error(dg, tg[0], rg[0], f"{gate} fused dgate")
+            assert_within_torch_error(du, tg[1], rg[1], f"{gate} fused dup")
+
+
+@pytest.mark.parametrize("impl_name,impl,dtype", CASES, ids=CASE_IDS)
+def test_dyt(impl_name, impl, dtype):
+    for n in (1, 7, 781, 4097):
+        x, dy = _x((ROWS + 2, n), dtype), _x((ROWS + 2, n), dtype, 1.0)
+        alpha = torch.tensor([0.7], dtype=torch.float64).to(dtype)
+        w, b = _x((n,), dtype, 1.0), _x((n,), dtype, 1.0)
+        y = impl.dyt_fwd(x, alpha, w, b)
+        dx, da, dw, db = impl.dyt_bwd(dy, x, alpha, w, True, True, True)
+        fn = lambda x_, a_, w_, b_: w_ * torch.tanh(a_ * x_) + b_  # noqa: E731
+        (ty, tg), (ry, rg) = _torch_and_ref(fn, [x, alpha, w, b], dy, dtype)
+        assert_within_torch_error(y, ty, ry, "y")
+        for got, t, r, what in zip((dx, da, dw, db), tg, rg, ("dx", "dalpha", "dw", "db")):
+            assert_within_torch_error(got, t, r, f"{what} n={n}")
+        _, da0, dw0, db0 = impl.dyt_bwd(dy, x, alpha, w, False, False, False)
+        assert da0.numel() == dw0.numel() == db0.numel() == 0
+
+
+@pytest.mark.parametrize("impl_name,impl,dtype", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("per_row", [True, False])
+def test_prelu(impl_name, impl, dtype, per_row):
+    C = 5
+    for n in (1, 7, 781):
+        m = 2 * C if per_row else 4
+        cols = n if per_row else C
+        x, dy = _x((m, cols), dtype), _x((m, cols), dtype, 1.0)
+        w = _x((C,), dtype, 0.5)
+        y = impl.prelu_fwd(x, w, per_row)
+        dx, dw = impl.prelu_bwd(dy, x, w, per_row, True)
+        if per_row:  # rows are (batch, channel) pairs of a (2, C, n) input
+            fn = lambda x_, w_: F.prelu(x_.view(2, C, n), w_).view(m, n)  # noqa: E731
+        else:
+            fn = F.prelu
+        (ty, tg), (ry, rg) = _torch_and_ref(fn, [x, w], dy, dtype)
+        assert_within_torch_error(y, ty, ry, "y")
+        assert_within_torch_error(dx, tg[0], rg[0], "dx")
+        assert_within_torch_error(dw, tg[1], rg[1], "dw")
+
+
+@pytest.mark.parametrize("impl_name,impl", [("triton", triton_act), ("cpp", cpp)])
+def test_strided_rows(impl_name, impl):
+    """Rows with a stride larger than the row (a slice of a wider tensor) are read in place."""
+    base, dbase = torch.randn(5, 300), torch.randn(5, 300)
+    x, dy = base[:, :257], dbase[:, 3:260]
+    torch.testing.assert_close(impl.gelu_fwd(x, 0, 0, 0), F.gelu(x))
+    xr = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(F.silu(xr), xr, dy)
+    torch.testing.assert_close(impl.silu_bwd(dy, x, 0, 0, 0), g)
+    xi = base.clone()
+    impl.relu_fwd_(xi[:, :257], 0, 0, 0)  # in place on a strided view: only the view changes
+    torch.testing.assert_close(xi[:, :257], F.relu(x))
+    torch.testing.assert_close(xi[:, 257:], base[:, 257:])
+    torch.testing.assert_close(impl.swiglu_fwd(x, dy, 0), F.silu(x) * dy)
+    w, b = torch.randn(257), torch.randn(257)
+    torch.testing.assert_close(impl.dyt_fwd(x, torch.tensor([0.5]), w, b), w * torch.tanh(0.5 * x) + b)
+
+
+def test_gpu_compile():
+    """Every kernel configuration the launchers make (each ACT, gate, flag and dtype) compiles for sm_80/90."""
+    n = 1500
+
+    def run():
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            x = torch.randn(2, n).to(dtype)
+            for name, params, _ in ACT_CASES:
+                getattr(triton_act, f"{name}_fwd")(x, *params)
+                getattr(triton_act, f"{name}_fwd_")(x.clone(), *params)
+                getattr(triton_act, f"{name}_bwd")(x, x, *params)
+            for gate in GATES:
+                getattr(triton_act, f"{gate}_fwd")(x, None, 1)
+                getattr(triton_act, f"{gate}_bwd")(x[:, : n // 2], x, None, 1)
+            w = torch.randn(n).to(dtype)
+            a = torch.tensor([0.5]).to(dtype)
+            triton_act.dyt_fwd(x, a, w, w)
+            for need in (True, False):
+                triton_act.dyt_bwd(x, x, a, w, True, need, need)
+            for per_row in (True, False):
+                triton_act.prelu_fwd(x, w[:2] if per_row else w, per_row)
+                for need in (True, False):
+                    triton_act.prelu_bwd(x, x, w[:2] if per_row else w, per_row, need)
+
+    report = check_gpu_compile(run)
+    kernels = {r[0] for r in report}
+    assert kernels == {"_act_fwd_kernel", "_act_bwd_kernel", "_gated_fwd_kernel", "_gated_bwd_kernel",
+                       "_dyt_fwd_kernel", "_dyt_bwd_kernel", "_prelu_fwd_kernel", "_prelu_bwd_kernel"}
+    acts = {r[2]["ACT"] for r in report if r[0] == "_act_fwd_kernel"}
+    assert acts == set(triton_act.ACT_IDS.values())
+    for name, arch, _, shared, regs in report:
+        assert shared <= 228 * 1024, f"{name} sm_{arch} needs {shared} B of shared memory"
+        assert regs == -1 or regs <= 255

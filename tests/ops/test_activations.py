@@ -1,0 +1,245 @@
+"""The public activation functions and modules as drop-ins: torch's results, gradients, in-place semantics,
+errors, edge shapes, gradcheck, torch.compile, hypothesis shapes and tritium.patch."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import tritium
+from tests.util import assert_within_torch_error
+
+# (name, tritium fn, torch twin) with non-default arguments where the function has any
+DROP_INS = [
+    ("relu", tritium.relu, F.relu),
+    ("leaky_relu", tritium.leaky_relu, F.leaky_relu),
+    ("leaky_relu_0.2", lambda x: tritium.leaky_relu(x, 0.2), lambda x: F.leaky_relu(x, 0.2)),
+    ("elu", lambda x: tritium.elu(x, alpha=0.8), lambda x: F.elu(x, alpha=0.8)),
+    ("selu", tritium.selu, F.selu),
+    ("celu", lambda x: tritium.celu(x, 1.0), lambda x: F.celu(x, 1.0)),
+    ("sigmoid", tritium.sigmoid, torch.sigmoid),
+    ("tanh", tritium.tanh, torch.tanh),
+    ("softplus", tritium.softplus, F.softplus),
+    ("softplus_b", lambda x: tritium.softplus(x, beta=2, threshold=5), lambda x: F.softplus(x, beta=2, threshold=5)),
+    ("gelu", tritium.gelu, F.gelu),
+    ("gelu_tanh", lambda x: tritium.gelu(x, approximate="tanh"), lambda x: F.gelu(x, approximate="tanh")),
+    ("silu", tritium.silu, F.silu),
+    ("mish", tritium.mish, F.mish),
+    ("logsigmoid", tritium.logsigmoid, F.logsigmoid),
+    ("hardswish", tritium.hardswish, F.hardswish),
+    ("swish", lambda x: tritium.swish(x, 0.6), lambda x: x * torch.sigmoid(0.6 * x)),
+    ("glu", tritium.glu, F.glu),
+    ("glu_dim1", lambda x: tritium.glu(x, 1), lambda x: F.glu(x, 1)),
+    ("swiglu", tritium.swiglu, lambda x: F.silu(x.chunk(2, -1)[0]) * x.chunk(2, -1)[1]),
+    ("geglu", tritium.geglu, lambda x: F.gelu(x.chunk(2, -1)[0]) * x.chunk(2, -1)[1]),
+    ("geglu_tanh", lambda x: tritium.geglu(x, approximate="tanh"),
+     lambda x: F.gelu(x.chunk(2, -1)[0], approximate="tanh") * x.chunk(2, -1)[1]),
+]
+IDS = [d[0] for d in DROP_INS]
+INPLACE = [("relu", F.relu), ("leaky_relu", F.leaky_relu), ("elu", F.elu), ("selu", F.selu), ("celu", F.celu),
+           ("silu", F.silu), ("mish", F.mish), ("hardswish", F.hardswish)]
+
+
+def _views(dtype):
+    """Odd shapes and layouts: contiguous, 0-d, a column slice (strided rows), a transpose, one element."""
+    base = torch.randn(6, 10, 14, dtype=torch.float64) * 3
+    return {
+        "contig": base.to(dtype),
+        "slice": base.to(dtype)[:, :, 2:12],
+        "transposed": base.to(dtype).transpose(0, 2),
+        "rows": base.to(dtype)[::2],
+        "single": base.to(dtype)[:1, :2, :2],
+    }
+
+
+def _check(fn, twin, x, what):
+    xt = x.detach().clone().requires_grad_(True)
+    xr = x.detach().double().requires_grad_(True)
+    xo = x.detach().clone().requires_grad_(True)
+    ty, ry, y = twin(xt), twin(xr), fn(xo)
+    assert y.shape == ty.shape and y.dtype == ty.dtype
+    dy = torch.randn_like(ry)
+    (tg,), (rg,), (g,) = (torch.autograd.grad(o, i, dy.to(o.dtype)) for o, i in ((ty, xt), (ry, xr), (y, xo)))
+    assert_within_torch_error(y.detach(), ty.detach(), ry.detach(), f"{what} y")
+    assert_within_torch_error(g, tg, rg, f"{what} dx")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("name,fn,twin", DROP_INS, ids=IDS)
+def test_drop_in(name, fn, twin, dtype):
+    for layout, x in _views(dtype).items():
+        _check(fn, twin, x, f"{name} {layout}")
+
+
+@pytest.mark.parametrize("name,fn,twin", [d for d in DROP_INS if not d[0].startswith(("glu", "swiglu", "geglu"))],
+                         ids=[i for i in IDS if not i.startswith(("glu", "swiglu", "geglu"))])
+def test_edge_shapes(name, fn, twin):
+    for x in (torch.tensor(0.7), torch.tensor(-1.3), torch.empty(0), torch.empty(3, 0, 2), torch.randn(1)):
+        y, ty = fn(x), twin(x)
+        assert y.shape == ty.shape and y.dtype == ty.dtype
+        torch.testing.assert_close(y, ty)
+    xi = torch.arange(-3, 4)  # integer input: torch's own behaviour (a result or its error)
+    try:
+        expected = twin(xi)
+    except Exception as e:  # noqa: BLE001
+        with pytest.raises(type(e)):
+            fn(xi)
+    else:
+        torch.testing.assert_close(fn(xi), expected)
+
+
+@pytest.mark.parametrize("name,twin", INPLACE, ids=[n for n, _ in INPLACE])
+def test_inplace(name, twin):
+    fn = getattr(tritium, name)
+    x = torch.randn(5, 33)
+    for view in (lambda t: t, lambda t: t[:, 3:30], lambda t: t.t()):
+        a, b = x.clone(), x.clone()
+        out = fn(view(a), inplace=True)
+        ref = twin(view(b), inplace=True)
+        torch.testing.assert_close(a, b)  # written into the input (and only into the viewed part)
+        torch.testing.assert_close(out, ref)
+        assert out.data_ptr() == view(a).data_ptr()
+    leaf = x.clone().requires_grad_(True)  # torch refuses in-place on a leaf that requires grad
+    with pytest.raises(RuntimeError, match="leaf Variable"):
+        twin(x.clone().requires_grad_(True), inplace=True)
+    with pytest.raises(RuntimeError, match="leaf Variable"):
+        fn(leaf, inplace=True)
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)  # non-leaf: gradients as torch's
+    ga, = torch.autograd.grad(fn(a * 2, inplace=True).sum(), a)
+    gb, = torch.autograd.grad(twin(b * 2, inplace=True).sum(), b)
+    torch.testing.assert_close(ga, gb)
+    with torch.no_grad():  # no autograd: the kernel writes even into a leaf that requires grad
+        c = x.clone().requires_grad_(True)
+        fn(c, inplace=True)
+        torch.testing.assert_close(c, twin(x))
+
+
+@pytest.mark.parametrize("name,fn,twin", DROP_INS, ids=IDS)
+def test_gradcheck(name, fn, twin):
+    x = (torch.randn(3, 4, 6, dtype=torch.float64) * 2).requires_grad_(True)
+    # keep clear of the kinks, where finite differences are meaningless
+    with torch.no_grad():
+        x[(x.abs() < 0.05) | ((x.abs() - 3).abs() < 0.05)] += 0.2
+    assert torch.autograd.gradcheck(fn, (x,))
+
+
+def test_gradcheck_params():
+    x = torch.randn(4, 5, 3, dtype=torch.float64, requires_grad=True)
+    alpha = torch.tensor([0.6], dtype=torch.float64, requires_grad=True)
+    w, b = (torch.randn(3, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(tritium.dyt, (x, alpha, w, b))
+    pw = torch.rand(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(tritium.prelu, (x, pw))                    # channels before inner dims
+    assert torch.autograd.gradcheck(tritium.prelu, (x[:, :, 0].contiguous(), pw))  # channels last
+    assert torch.autograd.gradcheck(tritium.prelu, (x, pw[:1]))                # one slope
+    g, u = (torch.randn(3, 7, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(tritium.swiglu, (g, u))
+    assert torch.autograd.gradcheck(lambda a, c: tritium.geglu(a, c, approximate="tanh"), (g, u))
+    beta = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(tritium.swish, (x, beta))
+
+
+def test_params_match_torch():
+    x = torch.randn(4, 6, 10)
+    for C in (1, 6):
+        w = torch.rand(C)
+        torch.testing.assert_close(tritium.prelu(x, w), F.prelu(x, w))
+    xt, w10 = x.transpose(1, 2), torch.rand(10)  # strided channels: the reference
+    torch.testing.assert_close(tritium.prelu(xt, w10), F.prelu(xt, w10))
+    a, wt, bt = torch.tensor([0.5]), torch.randn(10), torch.randn(10)
+    torch.testing.assert_close(tritium.dyt(x, a, wt, bt), wt * torch.tanh(0.5 * x) + bt)
+    torch.testing.assert_close(tritium.dyt(x, a.reshape(()), wt, bt), wt * torch.tanh(0.5 * x) + bt)
+    up = torch.randn(4, 6, 10)
+    torch.testing.assert_close(tritium.swiglu(x, up), F.silu(x) * up)
+    torch.testing.assert_close(tritium.swiglu(x, up[:1]), F.silu(x) * up[:1])  # broadcasting: torch's
+    torch.testing.assert_close(tritium.geglu(x, up), F.gelu(x) * up)
+
+
+def test_errors_match_torch():
+    cases = [
+        (lambda: tritium.glu(torch.randn(3, 5)), lambda: F.glu(torch.randn(3, 5))),
+        (lambda: tritium.glu(torch.tensor(1.0)), lambda: F.glu(torch.tensor(1.0))),
+        (lambda: tritium.glu(torch.randn(4, 4), 2), lambda: F.glu(torch.randn(4, 4), 2)),
+        (lambda: tritium.gelu(torch.randn(3), approximate="fast"), lambda: F.gelu(torch.randn(3), approximate="fast")),
+        (lambda: tritium.celu(torch.randn(3), 0.0), lambda: F.celu(torch.randn(3), 0.0)),
+        (lambda: tritium.prelu(torch.randn(3, 4), torch.rand(3)), lambda: F.prelu(torch.randn(3, 4), torch.rand(3))),
+        (lambda: tritium.relu("x"), lambda: F.relu("x")),
+    ]
+    for ours, theirs in cases:
+        with pytest.raises(Exception) as expected:
+            theirs()
+        with pytest.raises(expected.type):
+            ours()
+    with pytest.raises(ValueError, match="even"):
+        tritium.swiglu(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="even"):
+        tritium.geglu(torch.randn(3, 5))
+
+
+def test_fused_layout_one_gradient():
+    """swiglu/geglu on [gate | up]: one output of half width, one gradient of the input's shape, equal to the
+    unfused computation's."""
+    x = torch.randn(4, 3, 22, requires_grad=True)
+    y = tritium.swiglu(x)
+    assert y.shape == (4, 3, 11)
+    dy = torch.randn_like(y)
+    (g,) = torch.autograd.grad(y, x, dy)
+    xr = x.detach().clone().requires_grad_(True)
+    (gr,) = torch.autograd.grad(F.silu(xr[..., :11]) * xr[..., 11:], xr, dy)
+    torch.testing.assert_close(g, gr)
+
+
+def test_compile_fullgraph():
+    def f(x, gu, a, w, b):
+        h = tritium.gelu(x) + tritium.silu(x) + tritium.relu(x) + tritium.dyt(x, a, w, b)
+        return h.sum() + tritium.swiglu(gu).sum() + tritium.glu(gu).sum()
+
+    args = [torch.randn(5, 8), torch.randn(5, 16), torch.tensor([0.5]), torch.randn(8), torch.randn(8)]
+    args = [a.requires_grad_(True) for a in args]
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out, out_c = f(*args), compiled(*args)
+    torch.testing.assert_close(out_c, out)
+    torch.testing.assert_close(torch.autograd.grad(out_c, args), torch.autograd.grad(out, args))
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape=st.lists(st.integers(1, 37), min_size=1, max_size=3), half=st.integers(1, 19),
+       name=st.sampled_from(["gelu", "silu", "mish", "tanh", "softplus", "leaky_relu"]))
+def test_hypothesis_shapes(shape, half, name):
+    x = torch.randn(*shape)
+    torch.testing.assert_close(getattr(tritium, name)(x), getattr(F, name)(x), rtol=2e-6, atol=1e-6)
+    gu = torch.randn(*shape[:-1], 2 * half)
+    torch.testing.assert_close(tritium.swiglu(gu), F.silu(gu[..., :half]) * gu[..., half:])
+    torch.testing.assert_close(tritium.glu(gu), F.glu(gu))
+
+
+def test_modules_and_patch():
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.GELU(approximate="tanh"), torch.nn.SiLU(),
+        torch.nn.Mish(), torch.nn.LeakyReLU(0.1), torch.nn.ELU(0.7), torch.nn.SELU(), torch.nn.CELU(2.0),
+        torch.nn.Softplus(2.0, 4.0), torch.nn.Sigmoid(), torch.nn.Tanh(), torch.nn.Hardswish(),
+        torch.nn.LogSigmoid(), torch.nn.PReLU(8), torch.nn.Linear(8, 16), torch.nn.GLU())
+    x = torch.randn(3, 8)
+    ref = model(x)
+    replaced = tritium.patch(model)
+    assert len(replaced) == 15
+    assert isinstance(model[1], tritium.nn.ReLU) and isinstance(model[1], torch.nn.ReLU)
+    torch.testing.assert_close(model(x), ref)
+    assert "approximate='tanh'" in repr(model[2])
+
+
+def test_gated_mlp_blocks():
+    dim, hidden = 8, 12
+    gate, up, down = torch.nn.Linear(dim, hidden), torch.nn.Linear(dim, hidden), torch.nn.Linear(hidden, dim)
+    x = torch.randn(2, 5, dim)
+    block = tritium.nn.SwiGLU(dim, hidden, bias=True).load_projections(gate, up, down)
+    torch.testing.assert_close(block(x), down(F.silu(gate(x)) * up(x)))
+    block = tritium.nn.GeGLU(dim, hidden, bias=True, approximate="tanh").load_projections(gate, up, down)
+    torch.testing.assert_close(block(x), down(F.gelu(gate(x), approximate="tanh") * up(x)))
+    dyt = tritium.nn.DyT(dim, alpha_init=0.7)
+    y = dyt(x)
+    torch.testing.assert_close(y, torch.tanh(0.7 * x))
+    y.sum().backward()
+    assert all(p.grad is not None for p in dyt.parameters())
+    sw = tritium.nn.Swish(1.5, learnable=True)
+    sw(x).sum().backward()
+    assert sw.beta.grad is not None
