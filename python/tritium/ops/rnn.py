@@ -179,7 +179,9 @@ def _layers(params: Sequence[Tensor], has_biases: bool, num_layers: int, bidirec
 def _run(cell: str, input: Tensor, h0: Tensor, c0: Optional[Tensor], params, has_biases, num_layers, dropout,
          train, bidirectional, batch_first):
     D = 2 if bidirectional else 1
-    x = input  # (T, B, I), or (B, T, I) for batch_first: projected in its own layout, then viewed as (T, B, G)
+    # (T, B, I). For batch_first the projection reads the transposed view (one copy of the input), so that xproj
+    # and its gradient are contiguous (T, B, G): cheaper than copying the 4x wider gradient in backward.
+    x = input.transpose(0, 1) if batch_first else input
     layer_out: List[Tensor] = []
     hn: List[Tensor] = []
     cn: List[Tensor] = []
@@ -187,13 +189,11 @@ def _run(cell: str, input: Tensor, h0: Tensor, c0: Optional[Tensor], params, has
         k = layer * D + d
         if cell == "lstm":
             bias = None if b_ih is None else b_ih + b_hh
-            xproj = F.linear(x, w_ih, bias)
-            xproj = xproj.transpose(0, 1) if (batch_first and layer == 0) else xproj
+            xproj = F.linear(x, w_ih, bias)  # (T, B, 4H): every step's input projection in one matmul
             hs, c = _LSTMScan.apply(xproj, w_hh, h0[k], c0[k], d == 1)
             cn.append(c)
         else:
-            xproj = F.linear(x, w_ih, b_ih)
-            xproj = xproj.transpose(0, 1) if (batch_first and layer == 0) else xproj
+            xproj = F.linear(x, w_ih, b_ih)  # (T, B, 3H)
             hs = _GRUScan.apply(xproj, w_hh, b_hh, h0[k], d == 1)
         layer_out.append(hs)
         hn.append(hs[0 if d == 1 else -1])  # h_T: the last step processed (step 0 for the reverse direction)
