@@ -75,6 +75,33 @@ inline V sel(const V& mask, const V& if_true, const V& if_false) {
   return V::blendv(if_false, if_true, mask);
 }
 
+// exp with ATen's exp_u20 (a degree-5 polynomial, ~2x cheaper than Sleef's u10 exp) for float vectors, where
+// its error (a few 1e-7 relative) sits far inside the tolerance of the term it feeds; NaN passes through (its
+// range clamp would otherwise turn NaN finite). Other vector types use exp().
+template <typename V>
+inline V fexp(const V& x) {
+  if constexpr (std::is_same_v<typename V::value_type, float>) {
+    return V::blendv(x.exp_u20(), x, x.isnan());
+  } else {
+    return x.exp();
+  }
+}
+
+// erf by Abramowitz-Stegun 7.1.26 (|error| < 1.5e-7; the formula ATen's own float erf uses) with fexp.
+template <typename V>
+inline V erf_fast(const V& x) {
+  if constexpr (std::is_same_v<typename V::value_type, float>) {
+    const V p(0.3275911f), p1(0.254829592f), p2(-0.284496736f), p3(1.421413741f), p4(-1.453152027f),
+        p5(1.061405429f);
+    V t = V(1) / at::vec::fmadd(p, x.abs(), V(1));
+    V r = at::vec::fmadd(at::vec::fmadd(at::vec::fmadd(at::vec::fmadd(p5, t, p4), t, p3), t, p2), t, p1);
+    V y = V(1) - r * t * fexp((x * x).neg());
+    return V::blendv(y, y.neg(), x < V(0));
+  } else {
+    return x.erf();
+  }
+}
+
 template <typename V>
 inline V sigmoid(const V& x) {
   return V(1) / (V(1) + x.neg().exp());
@@ -130,13 +157,13 @@ struct Softplus {  // a: beta, b: threshold; linear above the threshold
 };
 struct Gelu {  // x * Phi(x), Phi the normal CDF via erf
   template <typename V> static void both(const V& x, const Prm<V>&, V& f, V& df) {
-    V cdf = V(0.5) * (V(1) + (x * V(M_SQRT1_2)).erf());
-    V pdf = (x * x * V(-0.5)).exp() * V(0.5 * M_2_SQRTPI * M_SQRT1_2);
+    V cdf = V(0.5) * (V(1) + erf_fast(x * V(M_SQRT1_2)));
+    V pdf = fexp(x * x * V(-0.5)) * V(0.5 * M_2_SQRTPI * M_SQRT1_2);
     f = x * cdf;
     df = cdf + x * pdf;
   }
   template <typename V> static V fwd(const V& x, const Prm<V>&) {
-    return x * V(0.5) * (V(1) + (x * V(M_SQRT1_2)).erf());
+    return x * V(0.5) * (V(1) + erf_fast(x * V(M_SQRT1_2)));
   }
   template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>& p) {
     V f, df;
@@ -144,18 +171,18 @@ struct Gelu {  // x * Phi(x), Phi the normal CDF via erf
     return dy * df;
   }
 };
-struct GeluTanh {  // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+struct GeluTanh {  // 0.5 x (1 + tanh(u)) = x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3): one exp, no tanh;
+  // the derivative uses 1 - tanh(u)^2 = 4 s (1 - s) with s = sigmoid(2u)
   template <typename V> static void both(const V& x, const Prm<V>&, V& f, V& df) {
     const V kBeta(M_SQRT2 * M_2_SQRTPI * 0.5), kKappa(0.044715);
     V x2 = x * x;
-    V t = (kBeta * (x + kKappa * x2 * x)).tanh();
-    V left = V(0.5) * x, right = V(1) + t;
-    f = left * right;
-    df = V(0.5) * right + left * (V(1) - t * t) * kBeta * (V(1) + V(3) * kKappa * x2);
+    V s = sigmoid(V(2) * kBeta * (x + kKappa * x2 * x));
+    f = x * s;
+    df = s + V(2) * x * s * (V(1) - s) * kBeta * (V(1) + V(3) * kKappa * x2);
   }
   template <typename V> static V fwd(const V& x, const Prm<V>&) {
     const V kBeta(M_SQRT2 * M_2_SQRTPI * 0.5), kKappa(0.044715);
-    return V(0.5) * x * (V(1) + (kBeta * (x + kKappa * x * x * x)).tanh());
+    return x * sigmoid(V(2) * kBeta * (x + kKappa * x * x * x));
   }
   template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>& p) {
     V f, df;

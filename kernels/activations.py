@@ -33,10 +33,9 @@ ACT_IDS = {
 GATE_IDS = {"glu": 3, "swiglu": 8, "geglu": 6, "geglu_tanh": 7}
 
 BLOCK = 1024        # elements per program of the elementwise kernels
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-_GELU_BETA = 0.7978845608028654  # sqrt(2 / pi)
-_GELU_KAPPA = 0.044715
+# GELU's constants are literals in the jit code (a compiled kernel may only read constexpr globals, and the
+# interpreter cannot do arithmetic with those): 1/sqrt(2) = 0.7071067811865476, 1/sqrt(2 pi) =
+# 0.3989422804014327, sqrt(2/pi) = 0.7978845608028654, kappa = 0.044715.
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -75,15 +74,15 @@ def _expm1(x):
 def _gelu_both(x, APPROX_TANH: tl.constexpr):
     if APPROX_TANH:
         x2 = x * x
-        t = _tanh(_GELU_BETA * (x + _GELU_KAPPA * x2 * x))
+        t = _tanh(0.7978845608028654 * (x + 0.044715 * x2 * x))
         left = 0.5 * x
         right = 1.0 + t
         f = left * right
-        df = 0.5 * right + left * (1.0 - t * t) * _GELU_BETA * (1.0 + 3.0 * _GELU_KAPPA * x2)
+        df = 0.5 * right + left * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x2)
     else:
-        cdf = 0.5 * (1.0 + tl.math.erf(x * _SQRT1_2))
+        cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
         f = x * cdf
-        df = cdf + x * tl.exp(-0.5 * x * x) * _INV_SQRT_2PI
+        df = cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
     return f, df
 
 
