@@ -143,6 +143,34 @@ A exp_sum(A* x, int64_t n, A m) {
   return s;
 }
 
+// p[i] = exp(x[i] - m) written in the gemm input type T (x itself when T is the accumulation type); returns
+// the sum. One pass: the exponentials are rounded to T only after being summed in A.
+template <typename T, typename A>
+A exp_sum_store(A* x, T* p, int64_t n, A m) {
+  if constexpr (std::is_same_v<T, A>) {
+    return exp_sum<A>(x, n, m);
+  } else {
+    using Vec = Vectorized<A>;
+    using IO = VecIO<T>;
+    constexpr int64_t K = Vec::size();
+    const Vec vm(m);
+    Vec acc(0);
+    int64_t i = 0;
+    for (; i + K <= n; i += K) {
+      Vec e = (Vec::loadu(x + i) - vm).exp_u20();
+      IO::store(p + i, e);
+      acc = acc + e;
+    }
+    A s = at::vec::vec_reduce_all<A>([](Vec& a, Vec& b) { return a + b; }, acc);
+    for (; i < n; ++i) {
+      A e = std::exp(x[i] - m);
+      p[i] = static_cast<T>(e);
+      s += e;
+    }
+    return s;
+  }
+}
+
 // cap * tanh(x) in place; keeps 1 - tanh^2 in dt (for the backward) when dt is not null
 template <typename A>
 void softcap_row(A* x, int64_t n, A cap, A* dt) {
@@ -207,8 +235,15 @@ void finish_scores(acc_of<T>* s, int64_t ld, int64_t i0, int64_t m, int64_t j0, 
 // ---------------------------------------------------------------------------------------------------------
 // forward
 // ---------------------------------------------------------------------------------------------------------
-int64_t q_block(int64_t L) { return L >= 768 ? 256 : (L >= 192 ? 64 : 32); }
-constexpr int64_t kKeyBlock = 512;
+int64_t env_or(const char* name, int64_t v) {
+  const char* e = std::getenv(name);
+  return e ? std::atoll(e) : v;
+}
+int64_t q_block(int64_t L) {
+  static const int64_t big = env_or("TRITIUM_ATTN_BQ", 256);
+  return L >= 768 ? big : (L >= 192 ? 64 : 32);
+}
+static const int64_t kKeyBlock = env_or("TRITIUM_ATTN_BK", 512);
 
 template <typename T>
 void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mask,
@@ -258,14 +293,20 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
         for (int64_t r = 0; r < m; ++r) {
           A* row = s.data() + r * BK;
           const int64_t c0 = clo[r], c1 = chi[r];
+          T* prow;
+          if constexpr (k16) {
+            prow = p16.data() + r * BK;
+          } else {
+            prow = row;
+          }
           A new_m = c1 > c0 ? std::max(mx[r], row_max<A>(row + c0, c1 - c0)) : mx[r];
           if (new_m == ninf) {  // nothing visible yet in this row: a zero row of P
-            std::fill(row, row + n, A(0));
+            std::fill(prow, prow + n, T(0));
           } else {
             const A corr = std::exp(mx[r] - new_m);  // 0 when mx was -inf
-            const A ps = exp_sum<A>(row + c0, c1 - c0, new_m);
-            std::fill(row, row + c0, A(0));
-            std::fill(row + c1, row + n, A(0));
+            const A ps = exp_sum_store<T, A>(row + c0, prow + c0, c1 - c0, new_m);
+            std::fill(prow, prow + c0, T(0));
+            std::fill(prow + c1, prow + n, T(0));
             sum[r] = sum[r] * corr + ps;
             mx[r] = new_m;
             if (corr != A(1)) {
@@ -273,7 +314,6 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
               at::vec::map([corr](Vectorized<A> x) { return x * Vectorized<A>(corr); }, ar, ar, g.Dv);
             }
           }
-          if constexpr (k16) store_row<T, A>(row, p16.data() + r * BK, n);
         }
         const T* P;
         if constexpr (k16) {
