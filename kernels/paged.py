@@ -41,7 +41,8 @@ def _append_kv_kernel(
     ds = tl.arange(0, BLOCK_D)
     for h0 in range(0, H, BLOCK_H):
         h = h0 + hs
-        mask = (slot >= 0) & (h < H)[:, None] & (ds < D)[None, :]  # slot < 0 marks a padding token
+        # slot < 0 marks a padding token (the scalar condition is broadcast to the tile explicitly)
+        mask = ((h < H)[:, None] & (ds < D)[None, :]) & (tl.zeros([BLOCK_H, BLOCK_D], tl.int64) + slot >= 0)
         k = tl.load(K + t * stride_kt + h[:, None] * stride_kh + ds[None, :], mask=mask)
         v = tl.load(V + t * stride_vt + h[:, None] * stride_vh + ds[None, :], mask=mask)
         tl.store(KP + blk * stride_kpb + off * stride_kpt + h[:, None] * stride_kph + ds[None, :], k, mask=mask)
@@ -59,7 +60,9 @@ def _paged_decode_kernel(
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,   # Gemma-2 style s = c * tanh(s / c); off: no tanh in the inner loop
     HAS_WINDOW: tl.constexpr,    # sliding window: only the last `window` tokens
-    IEEE_F32: tl.constexpr,      # float32 caches: exact float32 products instead of TF32
+    # 16-bit caches are widened to float32 and multiplied in TF32, which holds bf16/fp16 values exactly (and p
+    # with more bits than a bf16 product would); float32 caches multiply in IEEE float32
+    IEEE_F32: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -75,7 +78,7 @@ def _paged_decode_kernel(
     gmask = gs < G
     dmask = ds < D
     q = tl.load(Q + b * stride_qb + (h * G + gs)[:, None] * stride_qh + ds[None, :],
-                mask=gmask[:, None] & dmask[None, :], other=0.0)
+                mask=gmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -86,13 +89,13 @@ def _paged_decode_kernel(
         off = (pos % block_size).to(tl.int64)
         kvmask = pmask[:, None] & dmask[None, :]
         k = tl.load(K + blk[:, None] * stride_kb + off[:, None] * stride_kt + h * stride_kh + ds[None, :],
-                    mask=kvmask, other=0.0)
+                    mask=kvmask, other=0.0).to(tl.float32)
         v = tl.load(V + blk[:, None] * stride_vb + off[:, None] * stride_vt + h * stride_vh + ds[None, :],
-                    mask=kvmask, other=0.0)
+                    mask=kvmask, other=0.0).to(tl.float32)
         if IEEE_F32:
             sc = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         else:
-            sc = tl.dot(q, tl.trans(k)) * scale
+            sc = tl.dot(q, tl.trans(k), input_precision="tf32") * scale
         if HAS_SOFTCAP:
             sc = softcap * _tanh(sc / softcap)
         sc = tl.where(pmask[None, :], sc, float("-inf"))
@@ -103,7 +106,7 @@ def _paged_decode_kernel(
         if IEEE_F32:
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="tf32")
         m = m_new
     # an empty split (past the end of a short sequence) leaves lse = -inf and o = 0; the merge weights it 0
     lse = m + tl.log(l)

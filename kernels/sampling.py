@@ -73,8 +73,8 @@ def _sample_kernel(
         hs = tl.arange(0, BLOCK_H)
         for j in range(0, L):
             t = tl.load(HIST + r * L + j)
-            cnt = 0
-            earlier = 0
+            cnt = tl.zeros([], tl.int32)
+            earlier = tl.zeros([], tl.int32)
             for h0 in range(0, L, BLOCK_H):
                 hh = h0 + hs
                 ht = tl.load(HIST + r * L + hh, mask=hh < L, other=-1)
@@ -106,7 +106,7 @@ def _sample_kernel(
     invalid = invalid | (pmax == float("-inf")) | (pmax != pmax) | (pmax == float("inf"))
     if temperature > 0:
         inv_t = 1.0 / temperature
-        cut = 0.0
+        cut = tl.zeros([], tl.float32)
         if (top_k > 0) & (top_k < V):
             lo = tl.full([], 0, tl.int32)
             hi = tl.full([], 0x3F800000, tl.int32)  # the bits of 1.0 = e of the most likely token
@@ -132,9 +132,9 @@ def _sample_kernel(
         cut = tl.maximum(cut, min_p)
         _n, mass = _masked_stats(Z, V, pmax, inv_t, cut, BLOCK)
         target = tl.load(U + r) * mass
-        cum = 0.0
-        token = V
-        last = -1
+        cum = tl.zeros([], tl.float32)
+        token = tl.full([], V, tl.int32)
+        last = tl.full([], -1, tl.int32)
         for off in range(0, V, BLOCK):
             c = off + cols
             z = tl.load(Z + c, mask=c < V, other=float("-inf"))

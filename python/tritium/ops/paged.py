@@ -65,6 +65,8 @@ def append_kv(k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, slot_mapping
                          f"{tuple(slot_mapping.shape)}")
     if not (k.device == v.device == k_pool.device == slot_mapping.device):
         raise ValueError("append_kv: k, v, the pools and slot_mapping must be on one device")
+    if k.shape[0] == 0:
+        return None
     ok = (not use_reference() and k_pool.dtype in SUPPORTED_DTYPES and _device_ok(k_pool)
           and k_pool.stride(-1) == 1 and v_pool.stride(-1) == 1)
     if not ok:
