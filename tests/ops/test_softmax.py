@@ -148,5 +148,5 @@ def test_modules_are_drop_ins():
 def test_hypothesis_shapes(shape, data, dtype):
     dim = data.draw(st.integers(-len(shape), len(shape) - 1))
     x = torch.randn(*shape, dtype=dtype)
-    for ours, theirs in FNS:
-        torch.testing.assert_close(ours(x, dim), theirs(x, dim))
+    for ours, theirs in FNS:  # the tolerance rule: bfloat16 results are rounded once here, stepwise in torch
+        assert_within_torch_error(ours(x, dim), theirs(x, dim), theirs(x.double(), dim), "value")
