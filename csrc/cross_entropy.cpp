@@ -18,17 +18,6 @@ namespace {
 template <typename T>
 using acc_of = typename VecIO<T>::acc_t;
 
-// exp of a vector of the accumulation type: ATen's exp_u20 for float (2-ulp Sleef-free polynomial, what torch's
-// own flash attention uses; the row's sum and normalisation dominate the error), the exact exp for double.
-template <typename V>
-inline V vexp(const V& v) {
-  if constexpr (std::is_same_v<V, Vectorized<float>>) {
-    return v.exp_u20();
-  } else {
-    return v.exp();
-  }
-}
-
 template <typename T>
 inline acc_of<T> hsum(const typename VecIO<T>::Vec& v) {
   using Vec = typename VecIO<T>::Vec;
@@ -115,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tenso
         int64_t i = 0;
         for (; i + 2 * K <= C; i += 2 * K) {
           Vec v0 = IO::load(xr + i), v1 = IO::load(xr + i + K);
-          Vec e0 = vexp(v0 - vm), e1 = vexp(v1 - vm);
+          Vec e0 = (v0 - vm).exp(), e1 = (v1 - vm).exp();
           s0 = s0 + e0;
           s1 = s1 + e1;
           if (buf) {
@@ -126,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tenso
                                 : q0 + v0 + v1;
         }
         for (; i + K <= C; i += K) {
-          Vec v = IO::load(xr + i), e = vexp(v - vm);
+          Vec v = IO::load(xr + i), e = (v - vm).exp();
           s0 = s0 + e;
           if (buf) e.store(buf + i);
           if (eps != 0) q0 = wp ? at::vec::fmadd(v, IO::load(wp + i), q0) : q0 + v;

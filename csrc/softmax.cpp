@@ -16,17 +16,6 @@ namespace {
 template <typename T>
 using acc_of = typename VecIO<T>::acc_t;
 
-// exp of a vector of the accumulation type: ATen's exp_u20 for float (2-ulp Sleef-free polynomial, what torch's
-// own flash attention uses; the row's sum and normalisation dominate the error), the exact exp for double.
-template <typename V>
-inline V vexp(const V& v) {
-  if constexpr (std::is_same_v<V, Vectorized<float>>) {
-    return v.exp_u20();
-  } else {
-    return v.exp();
-  }
-}
-
 constexpr int64_t kInnerBlock = 256;
 
 template <typename T>
@@ -80,8 +69,8 @@ void softmax_row(const T* x, T* y, acc_of<T>* buf, int64_t n, acc_of<T> scale, b
   Vec s0(0), s1(0);
   int64_t i = 0;
   for (; i + 2 * K <= n; i += 2 * K) {
-    Vec e0 = vexp(at::vec::fmsub(IO::load(x + i), vs, vm));
-    Vec e1 = vexp(at::vec::fmsub(IO::load(x + i + K), vs, vm));
+    Vec e0 = at::vec::fmsub(IO::load(x + i), vs, vm).exp();
+    Vec e1 = at::vec::fmsub(IO::load(x + i + K), vs, vm).exp();
     s0 = s0 + e0;
     s1 = s1 + e1;
     if (!log) {
@@ -90,7 +79,7 @@ void softmax_row(const T* x, T* y, acc_of<T>* buf, int64_t n, acc_of<T> scale, b
     }
   }
   for (; i + K <= n; i += K) {
-    Vec e = vexp(at::vec::fmsub(IO::load(x + i), vs, vm));
+    Vec e = at::vec::fmsub(IO::load(x + i), vs, vm).exp();
     s0 = s0 + e;
     if (!log) e.store(buf + i);
   }
@@ -136,7 +125,7 @@ void softmax_inner(const T* x, T* y, int64_t n, int64_t inner, int64_t w, acc_of
     const T* xj = x + j * inner;
     int64_t i = 0;
     for (; i + K <= w; i += K)
-      (Vec::loadu(s + i) + vexp(at::vec::fmsub(IO::load(xj + i), vs, Vec::loadu(m + i)))).store(s + i);
+      (Vec::loadu(s + i) + at::vec::fmsub(IO::load(xj + i), vs, Vec::loadu(m + i)).exp()).store(s + i);
     for (; i < w; ++i) s[i] += std::exp(static_cast<acc_t>(xj[i]) * scale - m[i]);
   }
   for (int64_t i = 0; i < w; ++i) s[i] = log ? std::log(s[i]) : acc_t(1) / s[i];
@@ -146,7 +135,7 @@ void softmax_inner(const T* x, T* y, int64_t n, int64_t inner, int64_t w, acc_of
     int64_t i = 0;
     for (; i + K <= w; i += K) {
       Vec z = at::vec::fmsub(IO::load(xj + i), vs, Vec::loadu(m + i));
-      IO::store(yj + i, log ? z - Vec::loadu(s + i) : vexp(z) * Vec::loadu(s + i));
+      IO::store(yj + i, log ? z - Vec::loadu(s + i) : z.exp() * Vec::loadu(s + i));
     }
     for (; i < w; ++i) {
       acc_t z = static_cast<acc_t>(xj[i]) * scale - m[i];
