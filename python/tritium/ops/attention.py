@@ -108,7 +108,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``: softmax(q k^T * scale + mask) v with
     (batch, heads, L, E) / (batch, heads_kv, S, E) / (batch, heads_kv, S, Ev) inputs (or 3-D without batch);
     ``is_causal`` masks j > i (top-left aligned, as torch); ``enable_gqa`` lets heads_kv divide heads."""
-    args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    args = (query, key, value, attn_mask, dropout_p, is_causal)
+    kwargs = dict(scale=scale, enable_gqa=enable_gqa)  # keyword-only in torch
     if not (_tensors_ok(query, key, value) and dropout_p == 0.0 and query.dim() in (3, 4)
             and key.dim() == query.dim() and value.dim() == query.dim()
             and key.shape[:-3] == query.shape[:-3] == value.shape[:-3]
@@ -116,10 +117,10 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             and key.shape[-3] == value.shape[-3]
             and (key.shape[-3] == query.shape[-3] or (enable_gqa and query.shape[-3] % key.shape[-3] == 0))
             and not (is_causal and attn_mask is not None)):
-        return reference.scaled_dot_product_attention(*args)
+        return reference.scaled_dot_product_attention(*args, **kwargs)
     ok, mask = _sdpa_mask(attn_mask, query, key.shape[-2])
     if not ok:
-        return reference.scaled_dot_product_attention(*args)
+        return reference.scaled_dot_product_attention(*args, **kwargs)
     q, k, v = (_last_unit(t if t.dim() == 4 else t.unsqueeze(0)) for t in (query, key, value))
     sc = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     out, _ = flash_attn_fwd(q, k, v, mask, sc, 0, -1, 0 if is_causal else -1, 0.0)
