@@ -252,20 +252,22 @@ def _attn_bwd_dq_kernel(
 
 
 # ---- launchers ----
-def _blocks(d: int, backward: bool):
+def _blocks(d: int, backward: bool, element_size: int = 2):
     """(BLOCK_M, BLOCK_N, num_warps) per head dim: the K/V tiles of a block (and Q, dO in backward) must fit
-    shared memory with two pipeline stages on sm_80 (164 KiB) and leave registers for the accumulators."""
+    shared memory with two pipeline stages on sm_80 (164 KiB) and leave registers for the accumulators.
+    float32 tiles are twice the bytes, so the forward halves BLOCK_M for them above head dim 64."""
     if not backward:
+        wide = element_size >= 4
         if d <= 64:
             return 128, 64, 4
         if d <= 128:
-            return 128, 32, 8
-        return 64, 32, 8
+            return (64, 32, 4) if wide else (128, 32, 8)
+        return (32, 16, 4) if wide else (64, 32, 8)
     if d <= 64:
         return 64, 64, 4
     if d <= 128:  # (64, 32) needs 169 KiB on sm_80 for float32 at a padded head dim (80 -> 128)
         return 32, 32, 4
-    return 32, 32, 8
+    return (16, 16, 4) if element_size >= 4 else (32, 32, 8)
 
 
 def _mask_strides(mask):
@@ -290,7 +292,7 @@ def flash_attn_fwd(q, k, v, mask, scale, offset, left, right, softcap):
     S, DV = k.shape[2], v.shape[3]
     o = torch.empty((B, H, L, DV), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, L), device=q.device, dtype=torch.float32)
-    BM, BN, warps = _blocks(max(D, DV), False)
+    BM, BN, warps = _blocks(max(D, DV), False, q.element_size())
     BD, BDV = _dims(q, v)
     grid = (triton.cdiv(L, BM), B * H)
     _attn_fwd_kernel[grid](
@@ -307,7 +309,7 @@ def flash_attn_bwd(dout, q, k, v, out, lse, dlse, mask, scale, offset, left, rig
     Moves about 2 (B H L (D + Dv)) + 2 (L / BLOCK_M) B H S (D + Dv) elements."""
     B, H, L, D = q.shape
     Hk, S, DV = k.shape[1], k.shape[2], v.shape[3]
-    BM, BN, warps = _blocks(max(D, DV), True)
+    BM, BN, warps = _blocks(max(D, DV), True, q.element_size())
     BD, BDV = _dims(q, v)
     delta = torch.empty((B, H, L), device=q.device, dtype=torch.float32)
     _attn_bwd_delta_kernel[(triton.cdiv(L, 64), B * H)](
