@@ -49,6 +49,18 @@ def leaf(t: torch.Tensor, dtype=None) -> torch.Tensor:
     return t.detach().to(dtype or t.dtype).requires_grad_(True)
 
 
+def torch_and_ref(fn, args, dy, dtype):
+    """fn's output and input grads in dtype (torch's own error) and in float64 (the reference):
+    ((y, grads) in dtype, (y, grads) in float64), for assert_within_torch_error."""
+    out = {}
+    for d in (dtype, torch.float64):
+        ins = [leaf(a, d) for a in args]
+        y = fn(*ins)
+        gs = torch.autograd.grad(y, ins, dy.to(d))
+        out[d] = (y.detach(), gs)
+    return out[dtype], out[torch.float64]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # GPU compile check: record the launches a launcher makes under the interpreter, then compile each one for a
 # real GPU target (no GPU needed) and report shared memory and registers.

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import tritium  # noqa: F401  (loads the C++ kernels)
 from tritium.kernels import activations as triton_act
 from tritium.ops.activations import ACT_NAMES, GATES, SELU_ALPHA, SELU_SCALE
-from tests.util import CPU_DTYPES, KERNEL_DTYPES, assert_within_torch_error, check_gpu_compile, leaf
+from tests.util import CPU_DTYPES, KERNEL_DTYPES, assert_within_torch_error, check_gpu_compile, torch_and_ref
 
 cpp = torch.ops.tritium
 IMPLS = [("triton", triton_act, KERNEL_DTYPES), ("cpp", cpp, CPU_DTYPES)]
@@ -50,16 +50,6 @@ def test_table_covers_every_kernel():
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tritium::{name}{suffix}", "CPU")
 
 
-def _torch_and_ref(fn, args, dy, dtype):
-    """fn's output and input grads in dtype (torch's own error) and in float64 (the reference)."""
-    out = {}
-    for d in (dtype, torch.float64):
-        ins = [leaf(a, d) for a in args]
-        y = fn(*ins)
-        gs = torch.autograd.grad(y, ins, dy.to(d))
-        out[d] = (y.detach(), gs)
-    return out[dtype], out[torch.float64]
-
 
 def _x(shape, dtype, scale=3.0):
     return (torch.randn(shape, dtype=torch.float64) * scale).to(dtype)
@@ -72,7 +62,7 @@ def test_activation(impl_name, impl, dtype, act, params, twin):
         x, dy = _x((ROWS, n), dtype), _x((ROWS, n), dtype, 1.0)
         y = getattr(impl, f"{act}_fwd")(x, *params)
         dx = getattr(impl, f"{act}_bwd")(dy, x, *params)
-        (ty, (tg,)), (ry, (rg,)) = _torch_and_ref(twin, [x], dy, dtype)
+        (ty, (tg,)), (ry, (rg,)) = torch_and_ref(twin, [x], dy, dtype)
         assert_within_torch_error(y, ty, ry, f"{act} y n={n}")
         assert_within_torch_error(dx, tg, rg, f"{act} dx n={n}")
         # in place: the input itself is overwritten with the forward's result
@@ -127,7 +117,7 @@ def test_gated(impl_name, impl, dtype, gate):
     f = GATE_FNS[gate]
     for h in (1, 7, 781):
         g, u, dy = _x((ROWS, h), dtype), _x((ROWS, h), dtype), _x((ROWS, h), dtype, 1.0)
-        (ty, tg), (ry, rg) = _torch_and_ref(lambda a, b: f(a) * b, [g, u], dy, dtype)
+        (ty, tg), (ry, rg) = torch_and_ref(lambda a, b: f(a) * b, [g, u], dy, dtype)
         # separate gate and up
         y = fwd(g, u, 0)
         dg, du = bwd(dy, g, u, 0)
@@ -155,7 +145,7 @@ def test_dyt(impl_name, impl, dtype):
         y = impl.dyt_fwd(x, alpha, w, b)
         dx, da, dw, db = impl.dyt_bwd(dy, x, alpha, w, True, True, True)
         fn = lambda x_, a_, w_, b_: w_ * torch.tanh(a_ * x_) + b_  # noqa: E731
-        (ty, tg), (ry, rg) = _torch_and_ref(fn, [x, alpha, w, b], dy, dtype)
+        (ty, tg), (ry, rg) = torch_and_ref(fn, [x, alpha, w, b], dy, dtype)
         assert_within_torch_error(y, ty, ry, "y")
         for got, t, r, what in zip((dx, da, dw, db), tg, rg, ("dx", "dalpha", "dw", "db")):
             assert_within_torch_error(got, t, r, f"{what} n={n}")
@@ -178,7 +168,7 @@ def test_prelu(impl_name, impl, dtype, per_row):
             fn = lambda x_, w_: F.prelu(x_.view(2, C, n), w_).view(m, n)  # noqa: E731
         else:
             fn = F.prelu
-        (ty, tg), (ry, rg) = _torch_and_ref(fn, [x, w], dy, dtype)
+        (ty, tg), (ry, rg) = torch_and_ref(fn, [x, w], dy, dtype)
         assert_within_torch_error(y, ty, ry, "y")
         assert_within_torch_error(dx, tg[0], rg[0], "dx")
         assert_within_torch_error(dw, tg[1], rg[1], "dw")

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import tritium  # noqa: F401  (loads the C++ kernels)
 from tritium.kernels import norms as triton_norms
-from tests.util import CPU_DTYPES, KERNEL_DTYPES, WIDTHS, assert_within_torch_error, check_gpu_compile, leaf
+from tests.util import CPU_DTYPES, KERNEL_DTYPES, WIDTHS, assert_within_torch_error, check_gpu_compile, leaf, torch_and_ref
 
 cpp = torch.ops.tritium
 IMPLS = [("triton", triton_norms, KERNEL_DTYPES), ("cpp", cpp, CPU_DTYPES)]
@@ -21,16 +21,6 @@ def _inputs(n, dtype, offset=0.0):
     return [t.to(dtype) for t in (x, w, b, dy)]
 
 
-def _torch_and_ref(fn, args, dy, dtype):
-    """fn's output and grads in dtype (torch's own error) and in float64 (the reference)."""
-    out = {}
-    for d in (dtype, torch.float64):
-        ins = [leaf(a, d) for a in args]
-        y = fn(*ins)
-        gs = torch.autograd.grad(y, ins, dy.to(d))
-        out[d] = (y.detach(), gs)
-    return out[dtype], out[torch.float64]
-
 
 @pytest.mark.parametrize("impl_name,impl,dtype", CASES, ids=[f"{n}-{str(d)[6:]}" for n, _, d in CASES])
 @pytest.mark.parametrize("n", WIDTHS)
@@ -43,11 +33,11 @@ def test_rms_norm(impl_name, impl, dtype, n, with_weight):
     dx, dw = impl.rms_norm_bwd(dy, x, weight, rstd, None, with_weight)
     if with_weight:
         fn = lambda x_, w_: F.rms_norm(x_, (n,), w_, eps)  # noqa: E731
-        (ty, tg), (ry, rg) = _torch_and_ref(fn, [x, w], dy, dtype)
+        (ty, tg), (ry, rg) = torch_and_ref(fn, [x, w], dy, dtype)
         assert_within_torch_error(dw, tg[1], rg[1], "dw")
     else:
         fn = lambda x_: F.rms_norm(x_, (n,), None, eps)  # noqa: E731
-        (ty, tg), (ry, rg) = _torch_and_ref(fn, [x], dy, dtype)
+        (ty, tg), (ry, rg) = torch_and_ref(fn, [x], dy, dtype)
         assert dw.numel() == 0
     assert_within_torch_error(y, ty, ry, "y")
     assert_within_torch_error(dx, tg[0], rg[0], "dx")
@@ -74,7 +64,7 @@ def test_layer_norm(impl_name, impl, dtype, n, affine):
         b_ = next(it) if bias is not None else None
         return F.layer_norm(x_, (n,), w_, b_, eps)
 
-    (ty, tg), (ry, rg) = _torch_and_ref(fn, [x] + params, dy, dtype)
+    (ty, tg), (ry, rg) = torch_and_ref(fn, [x] + params, dy, dtype)
     assert_within_torch_error(y, ty, ry, "y")
     assert_within_torch_error(dx, tg[0], rg[0], "dx")
     k = 1
