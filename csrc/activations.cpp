@@ -75,36 +75,30 @@ inline V sel(const V& mask, const V& if_true, const V& if_false) {
   return V::blendv(if_false, if_true, mask);
 }
 
-// exp with ATen's exp_u20 (a degree-5 polynomial, ~2x cheaper than Sleef's u10 exp) for float vectors, where
-// its error (a few 1e-7 relative) sits far inside the tolerance of the term it feeds; NaN passes through (its
-// range clamp would otherwise turn NaN finite). Other vector types use exp().
+// The normal CDF Phi(x) = erfc(-x / sqrt(2)) / 2 by Abramowitz-Stegun 7.1.26 (the approximation ATen's own
+// float erf uses, |error| < 1.5e-7), in its erfc form so the left tail keeps its relative accuracy instead of
+// cancelling in 1 + erf: with z = |x| / sqrt(2), t = 1 / (1 + p z), q = t P(t) exp(-z^2) / 2, Phi is q for
+// x < 0 and 1 - q otherwise. e = exp(-z^2) = exp(-x^2 / 2) is returned too: the GELU derivative's pdf reuses it.
 template <typename V>
-inline V fexp(const V& x) {
-  if constexpr (std::is_same_v<typename V::value_type, float>) {
-    return V::blendv(x.exp_u20(), x, x.isnan());
-  } else {
-    return x.exp();
-  }
-}
-
-// erf by Abramowitz-Stegun 7.1.26 (|error| < 1.5e-7; the formula ATen's own float erf uses) with fexp.
-template <typename V>
-inline V erf_fast(const V& x) {
+inline V phi_fast(const V& x, V& e) {
   if constexpr (std::is_same_v<typename V::value_type, float>) {
     const V p(0.3275911f), p1(0.254829592f), p2(-0.284496736f), p3(1.421413741f), p4(-1.453152027f),
         p5(1.061405429f);
-    V t = V(1) / at::vec::fmadd(p, x.abs(), V(1));
-    V r = at::vec::fmadd(at::vec::fmadd(at::vec::fmadd(at::vec::fmadd(p5, t, p4), t, p3), t, p2), t, p1);
-    V y = V(1) - r * t * fexp((x * x).neg());
-    return V::blendv(y, y.neg(), x < V(0));
+    const V z = x.abs() * V(M_SQRT1_2);
+    const V t = V(1) / at::vec::fmadd(p, z, V(1));
+    const V r = at::vec::fmadd(at::vec::fmadd(at::vec::fmadd(at::vec::fmadd(p5, t, p4), t, p3), t, p2), t, p1);
+    e = fexp(x * x * V(-0.5f));
+    const V q = V(0.5f) * r * t * e;
+    return V::blendv(V(1) - q, q, x < V(0));
   } else {
-    return x.erf();
+    e = (x * x * V(-0.5)).exp();
+    return V(0.5) * (V(1) + (x * V(M_SQRT1_2)).erf());
   }
 }
 
 template <typename V>
 inline V sigmoid(const V& x) {
-  return V(1) / (V(1) + x.neg().exp());
+  return fsigmoid(x);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -139,9 +133,9 @@ struct Sigmoid {
   }
 };
 struct Tanh {
-  template <typename V> static V fwd(const V& x, const Prm<V>&) { return x.tanh(); }
+  template <typename V> static V fwd(const V& x, const Prm<V>&) { return ftanh(x); }
   template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>&) {
-    V t = x.tanh();
+    V t = ftanh(x);
     return dy * (V(1) - t * t);
   }
 };
@@ -155,15 +149,15 @@ struct Softplus {  // a: beta, b: threshold; linear above the threshold
     return sel(z > p.b, dy, dy * e / (e + V(1)));
   }
 };
-struct Gelu {  // x * Phi(x), Phi the normal CDF via erf
+struct Gelu {  // x * Phi(x), Phi the normal CDF; f' = Phi + x pdf
   template <typename V> static void both(const V& x, const Prm<V>&, V& f, V& df) {
-    V cdf = V(0.5) * (V(1) + erf_fast(x * V(M_SQRT1_2)));
-    V pdf = fexp(x * x * V(-0.5)) * V(0.5 * M_2_SQRTPI * M_SQRT1_2);
+    V e, cdf = phi_fast(x, e);
     f = x * cdf;
-    df = cdf + x * pdf;
+    df = at::vec::fmadd(x * V(0.5 * M_2_SQRTPI * M_SQRT1_2), e, cdf);
   }
   template <typename V> static V fwd(const V& x, const Prm<V>&) {
-    return x * V(0.5) * (V(1) + erf_fast(x * V(M_SQRT1_2)));
+    V e;
+    return x * phi_fast(x, e);
   }
   template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>& p) {
     V f, df;
@@ -196,7 +190,7 @@ struct Silu {  // x * sigmoid(x)
     f = x * s;
     df = s * (V(1) + x * (V(1) - s));
   }
-  template <typename V> static V fwd(const V& x, const Prm<V>&) { return x / (V(1) + x.neg().exp()); }
+  template <typename V> static V fwd(const V& x, const Prm<V>&) { return x / (V(1) + fexp(x.neg())); }
   template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>& p) {
     V f, df;
     both(x, p, f, df);
@@ -408,7 +402,7 @@ at::Tensor dyt_fwd(const at::Tensor& x, const at::Tensor& alpha, const at::Tenso
       const scalar_t* const in[3] = {xp + r * sx + c0, wp + c0, bp + c0};
       scalar_t* const out[1] = {yp + r * N + c0};
       map_vec<scalar_t, 3, 1>(in, out, c1 - c0,
-                              [&](const V (&v)[3], V (&o)[1]) { o[0] = at::vec::fmadd(v[1], (va * v[0]).tanh(), v[2]); });
+                              [&](const V (&v)[3], V (&o)[1]) { o[0] = at::vec::fmadd(v[1], ftanh(va * v[0]), v[2]); });
     });
   });
   return y;
@@ -449,7 +443,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dyt_bwd(const at::Ten
       V da(0);
       int64_t i = c0;
       auto step = [&](const V& d, const V& xv, const V& wv, V& out, V& t) {
-        t = (va * xv).tanh();
+        t = ftanh(va * xv);
         V g = d * wv * (V(1) - t * t);
         out = va * g;
         da = at::vec::fmadd(g, xv, da);

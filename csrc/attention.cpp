@@ -179,7 +179,7 @@ void softcap_row(A* x, int64_t n, A cap, A* dt) {
   const Vec vc(cap), one(1);
   int64_t i = 0;
   for (; i + K <= n; i += K) {
-    Vec t = Vec::loadu(x + i).tanh();
+    Vec t = ftanh(Vec::loadu(x + i));
     (t * vc).store(x + i);
     if (dt) (one - t * t).store(dt + i);
   }

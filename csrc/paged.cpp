@@ -53,20 +53,19 @@ void append_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_poo
   });
 }
 
-// Tokens scored per step: scores of a chunk, one rescale of the accumulators, then the chunk's V rows (from L1/L2).
-constexpr int64_t kChunk = 32;
+// Tokens per step: one vector of scores per query head (16 for float), so a step's scores are one
+// transpose-and-add reduction (reduce_lanes) instead of a horizontal sum per token.
 constexpr int64_t kMinSplit = 256;
 
 // A work item is a token range of one sequence, for ALL its heads: a token's K (and V) rows of every KV head are
-// one contiguous run of kv_heads * head_dim elements, so memory is read in sequential runs (a block of 16 tokens
-// is one contiguous 16 * kv_heads * head_dim stretch), which is what lets a paged cache stream like a contiguous
-// one. Scores and accumulators of all q heads stay in L1.
+// one contiguous run of kv_heads * head_dim elements, so a step (a block of tokens) reads contiguous memory,
+// which is what lets a paged cache stream like a contiguous one.
 struct Item {
   int64_t b, start, stop;
 };
 
-// DV > 0: head_dim == DV vectors exactly (the d loops unroll and a row sits in registers);
-// DV == 0: any head_dim (runtime vector count plus a scalar tail).
+// DV > 0: head_dim == DV vectors exactly (loops unroll; q rows and accumulators of a group of GB query heads
+// sit in registers); DV == 0: any head_dim (runtime vector count plus a scalar tail).
 template <typename T, int DV>
 void decode_items(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                   const at::Tensor& block_tables, const std::vector<Item>& items, double scale,
@@ -74,9 +73,9 @@ void decode_items(const at::Tensor& q, const at::Tensor& k_pool, const at::Tenso
   using IO = VecIO<T>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
-  constexpr int64_t K = IO::kSize;
+  constexpr int64_t K = IO::kSize;  // tokens per step
   constexpr int64_t kMaxDV = DV > 0 ? DV : 16;
-  static_assert(kChunk % K == 0, "a chunk is whole vectors");
+  constexpr int64_t GB = DV > 0 ? std::max<int64_t>(1, 16 / DV) : 1;  // query heads per register group
   const int64_t Hq = q.size(1), D = q.size(2), Hkv = k_pool.size(2), bs = k_pool.size(1), G = Hq / Hkv;
   const int64_t nv = DV > 0 ? DV : std::min<int64_t>(D / K, kMaxDV);  // full vectors per row
   const int64_t Dv = nv * K;                                            // the rest is the scalar tail
@@ -95,9 +94,11 @@ void decode_items(const at::Tensor& q, const at::Tensor& k_pool, const at::Tenso
   auto sum_op = [](Vec& u, Vec& v) { return u + v; };
   auto max_op = [](Vec& u, Vec& v) { return at::vec::maximum(u, v); };
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t ib, int64_t ie) {
-    std::vector<acc_t> qf(Hq * D), sbuf(Hq * kChunk);
-    const T* krow[kChunk];
-    const T* vrow[kChunk];
+    std::vector<acc_t> qf(Hq * D);
+    alignas(64) acc_t pbuf[GB][K];
+    acc_t alphas[GB];
+    const T* krow[K];
+    const T* vrow[K];
     for (int64_t it = ib; it < ie; ++it) {
       const Item& w = items[it];
       acc_t* acc = pacc + it * Hq * D;
@@ -110,74 +111,91 @@ void decode_items(const at::Tensor& q, const at::Tensor& k_pool, const at::Tenso
       }
       std::fill(acc, acc + Hq * D, acc_t(0));
       const int32_t* trow = tab + w.b * ts0;
-      for (int64_t p0 = w.start; p0 < w.stop; p0 += kChunk) {
-        const int64_t n = std::min(kChunk, w.stop - p0);
-        // row pointers (KV head 0): one division per chunk, then walk the table
+      for (int64_t p0 = w.start; p0 < w.stop; p0 += K) {
+        const int64_t n = std::min(K, w.stop - p0);
+        // row pointers (KV head 0): one division per step, then walk the table; missing tokens repeat the last
         int64_t pi = p0 / bs, off = p0 - pi * bs;
         int64_t blk = static_cast<int64_t>(trow[pi * ts1]);
-        for (int64_t j = 0; j < n; ++j) {
+        for (int64_t j = 0; j < K; ++j) {
           krow[j] = kp + blk * ks0 + off * ks1;
           vrow[j] = vp + blk * vs0 + off * vs1;
-          if (++off == bs && j + 1 < n) {
+          if (j + 1 < n && ++off == bs) {
             off = 0;
             blk = static_cast<int64_t>(trow[++pi * ts1]);
           }
         }
-        // scores s[hq][j] = (q_hq * scale) . k_j, token by token (sequential reads); each K row is loaded (and
-        // converted) once for the G query heads sharing it
-        for (int64_t j = 0; j < n; ++j) {
-          for (int64_t h = 0; h < Hkv; ++h) {
-            const T* kr = krow[j] + h * ks2;
-            Vec kv[kMaxDV];
-            for (int64_t c = 0; c < nv; ++c) kv[c] = IO::load(kr + c * K);
-            for (int64_t g = 0; g < G; ++g) {
-              const int64_t hq = h * G + g;
-              const acc_t* qg = qf.data() + hq * D;
-              Vec a(0);
-              for (int64_t c = 0; c < nv; ++c) a = at::vec::fmadd(Vec::loadu(qg + c * K), kv[c], a);
-              acc_t x = nv > 0 ? at::vec::vec_reduce_all<acc_t>(sum_op, a) : acc_t(0);
-              for (int64_t d = Dv; d < D; ++d) x += qg[d] * static_cast<acc_t>(kr[d]);
-              sbuf[hq * kChunk + j] = has_cap ? cap * std::tanh(x / cap) : x;
+        for (int64_t h = 0; h < Hkv; ++h) {
+          for (int64_t g0 = 0; g0 < G; g0 += GB) {
+            const int64_t gn = std::min(GB, G - g0), hq0 = h * G + g0;
+            // scores: partial[g][j] = sum over vectors of q_g * k_j, then one lane reduction per head
+            Vec qv[GB][kMaxDV], part[GB][K];
+            for (int64_t g = 0; g < GB; ++g)
+              if (g < gn)
+                for (int64_t c = 0; c < nv; ++c) qv[g][c] = Vec::loadu(qf.data() + (hq0 + g) * D + c * K);
+            for (int64_t j = 0; j < K; ++j) {
+              const T* kr = krow[j] + h * ks2;
+              Vec kv[kMaxDV];
+              for (int64_t c = 0; c < nv; ++c) kv[c] = IO::load(kr + c * K);
+              for (int64_t g = 0; g < GB; ++g) {
+                if (g >= gn) break;
+                Vec a = nv > 0 ? qv[g][0] * kv[0] : Vec(0);
+                for (int64_t c = 1; c < nv; ++c) a = at::vec::fmadd(qv[g][c], kv[c], a);
+                part[g][j] = a;
+              }
             }
-          }
-        }
-        // online softmax per head: m' = max(m, max_j s), rescale by exp(m - m'), p_j = exp(s_j - m')
-        for (int64_t hq = 0; hq < Hq; ++hq) {
-          acc_t* sh = sbuf.data() + hq * kChunk;
-          for (int64_t j = n; j < kChunk; ++j) sh[j] = ninf;
-          Vec vm(ml[2 * hq]);
-          for (int64_t j = 0; j < kChunk; j += K) vm = at::vec::maximum(vm, Vec::loadu(sh + j));
-          const acc_t mx = at::vec::vec_reduce_all<acc_t>(max_op, vm);
-          const acc_t alpha = std::exp(ml[2 * hq] - mx);  // exp(-inf) = 0 on the first chunk
-          Vec sum(0);
-          const Vec vmx(mx);
-          for (int64_t j = 0; j < kChunk; j += K) {
-            Vec p = (Vec::loadu(sh + j) - vmx).exp();
-            p.store(sh + j);
-            sum = sum + p;
-          }
-          ml[2 * hq] = mx;
-          ml[2 * hq + 1] = ml[2 * hq + 1] * alpha + at::vec::vec_reduce_all<acc_t>(sum_op, sum);
-          if (alpha != acc_t(1)) {
-            acc_t* ag = acc + hq * D;
-            const Vec va(alpha);
-            for (int64_t c = 0; c < nv; ++c) (Vec::loadu(ag + c * K) * va).store(ag + c * K);
-            for (int64_t d = Dv; d < D; ++d) ag[d] *= alpha;
-          }
-        }
-        // acc_hq += sum_j p_hq,j v_j, token by token; each V row loaded (and converted) once for its G heads
-        for (int64_t j = 0; j < n; ++j) {
-          for (int64_t h = 0; h < Hkv; ++h) {
-            const T* vr = vrow[j] + h * vs2;
-            Vec vv[kMaxDV];
-            for (int64_t c = 0; c < nv; ++c) vv[c] = IO::load(vr + c * K);
-            for (int64_t g = 0; g < G; ++g) {
-              const int64_t hq = h * G + g;
-              acc_t* ag = acc + hq * D;
-              const acc_t pj = sbuf[hq * kChunk + j];
-              const Vec p(pj);
-              for (int64_t c = 0; c < nv; ++c) at::vec::fmadd(p, vv[c], Vec::loadu(ag + c * K)).store(ag + c * K);
-              for (int64_t d = Dv; d < D; ++d) ag[d] += pj * static_cast<acc_t>(vr[d]);
+            for (int64_t g = 0; g < gn; ++g) {
+              const int64_t hq = hq0 + g;
+              Vec sv = reduce_lanes<acc_t>(part[g]);
+              if (Dv < D) {  // scalar tail of head_dim
+                alignas(64) acc_t tail[K];
+                const acc_t* qg = qf.data() + hq * D;
+                for (int64_t j = 0; j < K; ++j) {
+                  const T* kr = krow[j] + h * ks2;
+                  acc_t x = 0;
+                  for (int64_t d = Dv; d < D; ++d) x += qg[d] * static_cast<acc_t>(kr[d]);
+                  tail[j] = x;
+                }
+                sv = sv + Vec::loadu(tail);
+              }
+              if (has_cap) sv = ftanh(sv / Vec(cap)) * Vec(cap);
+              if (n < K) sv = Vec::set(Vec(ninf), sv, n);  // steps past the end score -inf
+              // online softmax: m' = max(m, max_j s), rescale by exp(m - m'), p_j = exp(s_j - m')
+              const acc_t mx = std::max(ml[2 * hq], at::vec::vec_reduce_all<acc_t>(max_op, sv));
+              const acc_t alpha = std::exp(ml[2 * hq] - mx);  // exp(-inf) = 0 on the first step
+              const Vec pv = (sv - Vec(mx)).exp();
+              pv.store(pbuf[g]);
+              ml[2 * hq] = mx;
+              ml[2 * hq + 1] = ml[2 * hq + 1] * alpha + at::vec::vec_reduce_all<acc_t>(sum_op, pv);
+              alphas[g] = alpha;
+            }
+            // acc_g = alpha_g acc_g + sum_j p_g,j v_j, accumulators in registers, each V row loaded once per group
+            Vec av[GB][kMaxDV];
+            for (int64_t g = 0; g < GB; ++g) {
+              if (g >= gn) break;
+              const acc_t* ag = acc + (hq0 + g) * D;
+              for (int64_t c = 0; c < nv; ++c) av[g][c] = Vec::loadu(ag + c * K) * Vec(alphas[g]);
+            }
+            for (int64_t j = 0; j < n; ++j) {
+              const T* vr = vrow[j] + h * vs2;
+              Vec vv[kMaxDV];
+              for (int64_t c = 0; c < nv; ++c) vv[c] = IO::load(vr + c * K);
+              for (int64_t g = 0; g < GB; ++g) {
+                if (g >= gn) break;
+                const Vec p(pbuf[g][j]);
+                for (int64_t c = 0; c < nv; ++c) av[g][c] = at::vec::fmadd(p, vv[c], av[g][c]);
+              }
+            }
+            for (int64_t g = 0; g < GB; ++g) {
+              if (g >= gn) break;
+              acc_t* ag = acc + (hq0 + g) * D;
+              for (int64_t c = 0; c < nv; ++c) av[g][c].store(ag + c * K);
+              if (Dv < D) {
+                for (int64_t d = Dv; d < D; ++d) ag[d] *= alphas[g];
+                for (int64_t j = 0; j < n; ++j) {
+                  const T* vr = vrow[j] + h * vs2;
+                  for (int64_t d = Dv; d < D; ++d) ag[d] += pbuf[g][j] * static_cast<acc_t>(vr[d]);
+                }
+              }
             }
           }
         }
@@ -207,7 +225,7 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_pool,
   const int64_t threads = at::get_num_threads();
   // equal-length splits, about 4 per thread (OpenMP's static partition then balances), at least kMinSplit tokens
   int64_t split = std::max<int64_t>(kMinSplit, (total + 4 * threads - 1) / (4 * threads));
-  split = (split + kChunk - 1) / kChunk * kChunk;
+  split = (split + 15) / 16 * 16;  // whole steps (16 float / 8 double tokens)
   std::vector<Item> items;
   std::vector<int64_t> first(B + 1, 0);
   for (int64_t b = 0; b < B; ++b) {

@@ -25,7 +25,7 @@ using acc_of = typename VecIO<T>::acc_t;
 
 template <typename V>
 inline V vsigmoid(const V& x) {
-  return V(1) / (V(1) + x.neg().exp());
+  return fsigmoid(x);
 }
 template <typename A>
 inline A ssigmoid(A x) {
@@ -71,14 +71,14 @@ void lstm_fwd_rows(int64_t B, int64_t H, Mat<const T> G, Mat<const T> C, Mat<T> 
       int64_t j = 0;
       for (; j + K <= H; j += K) {
         Vec i = vsigmoid(IO::load(g + j)), f = vsigmoid(IO::load(g + H + j));
-        Vec gg = IO::load(g + 2 * H + j).tanh(), o = vsigmoid(IO::load(g + 3 * H + j));
+        Vec gg = ftanh(IO::load(g + 2 * H + j)), o = vsigmoid(IO::load(g + 3 * H + j));
         Vec cv = at::vec::fmadd(f, IO::load(cr + j), i * gg);
         IO::store(a + j, i);
         IO::store(a + H + j, f);
         IO::store(a + 2 * H + j, gg);
         IO::store(a + 3 * H + j, o);
         IO::store(cnr + j, cv);
-        IO::store(hr + j, o * cv.tanh());
+        IO::store(hr + j, o * ftanh(cv));
       }
       for (; j < H; ++j) {
         acc_t i = ssigmoid<acc_t>(g[j]), f = ssigmoid<acc_t>(g[H + j]);
@@ -111,7 +111,7 @@ void lstm_bwd_rows(int64_t B, int64_t H, Mat<const T> DH, Mat<const T> DC, Mat<c
       int64_t j = 0;
       for (; j + K <= H; j += K) {
         Vec i = IO::load(a + j), f = IO::load(a + H + j), gg = IO::load(a + 2 * H + j), o = IO::load(a + 3 * H + j);
-        Vec tc = IO::load(cnr + j).tanh(), d = IO::load(dhr + j);
+        Vec tc = ftanh(IO::load(cnr + j)), d = IO::load(dhr + j);
         Vec dcc = at::vec::fmadd(d * o, one - tc * tc, IO::load(dcr + j));
         IO::store(dg + j, dcc * gg * i * (one - i));
         IO::store(dg + H + j, dcc * IO::load(cr + j) * f * (one - f));
@@ -148,7 +148,7 @@ void gru_fwd_rows(int64_t B, int64_t H, Mat<const T> X, Mat<const T> Q, Mat<cons
         Vec r = vsigmoid(IO::load(x + j) + IO::load(q + j));
         Vec z = vsigmoid(IO::load(x + H + j) + IO::load(q + H + j));
         Vec qn = IO::load(q + 2 * H + j);
-        Vec n = at::vec::fmadd(r, qn, IO::load(x + 2 * H + j)).tanh();
+        Vec n = ftanh(at::vec::fmadd(r, qn, IO::load(x + 2 * H + j)));
         IO::store(s + j, r);
         IO::store(s + H + j, z);
         IO::store(s + 2 * H + j, n);

@@ -89,21 +89,82 @@ inline const acc_type<T>* as_acc(const T* src, int64_t n, std::vector<acc_type<T
   }
 }
 
-// at::empty for kernel outputs. Outputs of 2 MiB or more are asked to live on transparent huge pages
-// (madvise; the machine's THP policy decides): a fresh large allocation is otherwise first-touched 4 KiB
-// page by page, and at LLM shapes those page faults cost as much as the kernel itself. Nothing global
-// changes: only this tensor's pages are advised (torch does the same for all allocations under
-// THP_MEM_ALLOC_ENABLE=1).
-inline at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor t = at::empty(sizes, options);
-#ifdef MADV_HUGEPAGE
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t end = begin + t.nbytes();
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
-  if (t.device().is_cpu() && last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+// at::empty for kernel outputs. Outputs of 2 MiB or more come from tritium's output pool (csrc/pool.cpp): freed
+// blocks on transparent huge pages are reused instead of fresh pages, which the OS zeroes on first touch at a
+// cost as large as a memory-bound kernel's. Smaller outputs, and everything when TRITIUM_CPU_POOL_MB=0, use
+// at::empty.
+at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+// Fast float math for the elementwise kernels. Float vectors (also the accumulation type of bfloat16/half) get
+// cheaper formulas whose error stays within a few float ulp; double vectors use ATen's (Sleef) functions.
+// NaN propagates through all of them as through torch's.
+
+// exp by ATen's exp_u20 (degree-5 polynomial, ~2x cheaper than Sleef's u10 exp; relative error ~1e-6 at
+// worst, a few 1e-7 typically). Its range clamp would turn NaN finite, so NaN lanes pass through.
+template <typename V>
+inline V fexp(const V& x) {
+  if constexpr (std::is_same_v<typename V::value_type, float>) {
+    return V::blendv(x.exp_u20(), x, x.isnan());
+  } else {
+    return x.exp();
+  }
+}
+
+// sigmoid(x) = 1 / (1 + exp(-x)) with fexp; saturates to exactly 0 and 1 as torch's does.
+template <typename V>
+inline V fsigmoid(const V& x) {
+  return V(1) / (V(1) + fexp(x.neg()));
+}
+
+// tanh for float: the odd/even rational approximation (degree 13 / 6 in x) Eigen and XLA use on [-7.905, 7.905]
+// (outside, tanh is +-1 in float), x itself below |x| = 4e-4; max error 4e-7 against float64 (Sleef's u10 tanh,
+// which torch uses, costs ~6x more here). NaN stays NaN through the clamp.
+template <typename V>
+inline V ftanh(const V& x) {
+  if constexpr (std::is_same_v<typename V::value_type, float>) {
+    const V c(7.90531110763549805f);
+    const V xc = at::vec::clamp(x, c.neg(), c), x2 = xc * xc;
+    V p = at::vec::fmadd(x2, V(-2.76076847742355e-16f), V(2.00018790482477e-13f));
+    p = at::vec::fmadd(x2, p, V(-8.60467152213735e-11f));
+    p = at::vec::fmadd(x2, p, V(5.12229709037114e-08f));
+    p = at::vec::fmadd(x2, p, V(1.48572235717979e-05f));
+    p = at::vec::fmadd(x2, p, V(6.37261928875436e-04f));
+    p = at::vec::fmadd(x2, p, V(4.89352455891786e-03f));
+    V q = at::vec::fmadd(x2, V(1.19825839466702e-06f), V(1.18534705686654e-04f));
+    q = at::vec::fmadd(x2, q, V(2.26843463243900e-03f));
+    q = at::vec::fmadd(x2, q, V(4.89352518554385e-03f));
+    return V::blendv(xc * p / q, x, x.abs() < V(0.0004f));
+  } else {
+    return x.tanh();
+  }
+}
+
+// out[j] = sum of the lanes of v[j], for Vec::size() vectors v (a vector of dot products from their partial-sum
+// vectors). With AVX-512 floats it is a transpose-and-add tree (45 shuffles/adds for 16 sums, instead of a
+// horizontal reduction per vector); elsewhere one reduction per vector.
+template <typename A>
+inline Vectorized<A> reduce_lanes(const Vectorized<A>* v) {
+  constexpr int64_t K = Vectorized<A>::size();
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<A, float>) {
+    __m512 r[8], w[4];
+    for (int i = 0; i < 8; ++i) {
+      const __m512 a = v[2 * i], b = v[2 * i + 1];
+      r[i] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    }
+    for (int i = 0; i < 4; ++i) {
+      const __m512 c = r[2 * i], d = r[2 * i + 1];
+      w[i] = _mm512_add_ps(_mm512_shuffle_ps(c, d, 0x44), _mm512_shuffle_ps(c, d, 0xEE));
+    }
+    const __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
+    const __m512 z = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], 0x88), _mm512_shuffle_f32x4(w[2], w[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(u, z, 0x88), _mm512_shuffle_f32x4(u, z, 0xDD));
+  }
 #endif
-  return t;
+  alignas(64) A out[K];
+  for (int64_t j = 0; j < K; ++j)
+    out[j] = at::vec::vec_reduce_all<A>([](Vectorized<A>& x, Vectorized<A>& y) { return x + y; }, v[j]);
+  return Vectorized<A>::loadu(out);
 }
 
 // Rows per task so that one task touches at least ~16K elements (keeps parallel_for overhead small for narrow

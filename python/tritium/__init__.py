@@ -16,3 +16,30 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 64, **kwargs):
     from .models import generate as _generate
 
     return _generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, **kwargs)
+
+
+def empty_cache() -> None:
+    """Return every cached block of tritium's CPU output pool to the system (like torch.cuda.empty_cache).
+
+    Large CPU outputs (2 MiB and up) of tritium kernels come from a pool of freed blocks on huge pages, so a
+    loop does not pay the OS's zeroing of fresh pages on every call. The pool keeps at most 1 GiB of free
+    blocks by default; ``TRITIUM_CPU_POOL_MB`` sets that limit (0 turns the pool off).
+    """
+    import torch
+
+    torch.ops.tritium_runtime.empty_cache()
+
+
+def pool_stats() -> dict:
+    """Tritium's CPU output pool: bytes cached, the limit, and allocations served from the cache or fresh."""
+    import torch
+
+    cached, limit, hits, misses = torch.ops.tritium_runtime.pool_stats()
+    return {"cached_bytes": cached, "limit_bytes": limit, "hits": hits, "misses": misses}
+
+
+def set_pool_limit(nbytes: int) -> None:
+    """Keep at most ``nbytes`` of freed output blocks cached (0 disables the cache); trims at once."""
+    import torch
+
+    torch.ops.tritium_runtime.set_pool_limit(int(nbytes))
