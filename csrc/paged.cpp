@@ -124,6 +124,24 @@ void decode_items(const at::Tensor& q, const at::Tensor& k_pool, const at::Tenso
             blk = static_cast<int64_t>(trow[++pi * ts1]);
           }
         }
+        // prefetch the next step's K and V rows (all heads) while this step computes: the rows of a step are
+        // scattered over blocks, which the hardware prefetchers do not follow
+        if (p0 + K < w.stop) {
+          const int64_t q0 = p0 + K, nn = std::min(K, w.stop - q0), row_bytes = Hkv * D * int64_t(sizeof(T));
+          int64_t qi = q0 / bs, qoff = q0 - qi * bs, qblk = static_cast<int64_t>(trow[qi * ts1]);
+          for (int64_t j = 0; j < nn; ++j) {
+            const char* kr = reinterpret_cast<const char*>(kp + qblk * ks0 + qoff * ks1);
+            const char* vr = reinterpret_cast<const char*>(vp + qblk * vs0 + qoff * vs1);
+            for (int64_t o = 0; o < row_bytes; o += 64) {
+              __builtin_prefetch(kr + o);
+              __builtin_prefetch(vr + o);
+            }
+            if (j + 1 < nn && ++qoff == bs) {
+              qoff = 0;
+              qblk = static_cast<int64_t>(trow[++qi * ts1]);
+            }
+          }
+        }
         for (int64_t h = 0; h < Hkv; ++h) {
           for (int64_t g0 = 0; g0 < G; g0 += GB) {
             const int64_t gn = std::min(GB, G - g0), hq0 = h * G + g0;
