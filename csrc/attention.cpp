@@ -19,6 +19,7 @@
 //   dQ += scale * dS K;  dK += scale * dS^T Q.
 #include "vec.h"
 
+#include <ATen/native/CPUBlas.h>
 #include <dlfcn.h>
 
 #include <cmath>
@@ -115,60 +116,42 @@ A row_max(const A* x, int64_t n) {
   int64_t i = 0;
   if (n >= K) {
     Vec vm = Vec::loadu(x);
-    for (i = K; i + K <= n; i += K) vm = at::vec::maximum(vm, Vec::loadu(x + i));
-    m = at::vec::vec_reduce_all<A>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
+    for (i = K; i + K <= n; i += K) vm = fmax_fast(vm, Vec::loadu(x + i));
+    m = at::vec::vec_reduce_all<A>([](Vec& a, Vec& b) { return fmax_fast(a, b); }, vm);
   }
-  for (; i < n; ++i) m = std::max(m, x[i]);  // NaN in the tile: std::max keeps m, the exp below yields NaN
+  for (; i < n; ++i) m = std::max(m, x[i]);  // NaN in the tile: the max may skip it, the exp below yields NaN
   return m;
 }
 
-// p[i] = exp(x[i] - m) in place, returns the sum
-template <typename A>
-A exp_sum(A* x, int64_t n, A m) {
+// p[i] = exp(x[i] * post - m), written in the gemm input type T (in place in x when T is the accumulation
+// type); returns the sum. post is a scale the score tile does not carry yet (1 when it does). The exponentials
+// are summed in A before rounding to T.
+template <typename T, typename A>
+A exp_sum_store(A* x, T* p, int64_t n, A m, A post = A(1)) {
   using Vec = Vectorized<A>;
   constexpr int64_t K = Vec::size();
-  const Vec vm(m);
-  Vec acc(0);
+  const Vec vm(m), vp(post);
+  Vec acc0(0), acc1(0);
   int64_t i = 0;
-  for (; i + K <= n; i += K) {
-    Vec e = (Vec::loadu(x + i) - vm).exp_u20();
-    e.store(x + i);
-    acc = acc + e;
+  for (; i + 2 * K <= n; i += 2 * K) {
+    const Vec e0 = at::vec::fmsub(Vec::loadu(x + i), vp, vm).exp_u20();
+    const Vec e1 = at::vec::fmsub(Vec::loadu(x + i + K), vp, vm).exp_u20();
+    store2<T>(p + i, e0, e1);
+    acc0 = acc0 + e0;
+    acc1 = acc1 + e1;
   }
-  A s = at::vec::vec_reduce_all<A>([](Vec& a, Vec& b) { return a + b; }, acc);
+  A s = at::vec::vec_reduce_all<A>([](Vec& a, Vec& b) { return a + b; }, acc0 + acc1);
   for (; i < n; ++i) {
-    x[i] = std::exp(x[i] - m);
-    s += x[i];
+    const A e = std::exp(x[i] * post - m);
+    p[i] = static_cast<T>(e);
+    s += e;
   }
   return s;
 }
 
-// p[i] = exp(x[i] - m) written in the gemm input type T (x itself when T is the accumulation type); returns
-// the sum. One pass: the exponentials are rounded to T only after being summed in A.
-template <typename T, typename A>
-A exp_sum_store(A* x, T* p, int64_t n, A m) {
-  if constexpr (std::is_same_v<T, A>) {
-    return exp_sum<A>(x, n, m);
-  } else {
-    using Vec = Vectorized<A>;
-    using IO = VecIO<T>;
-    constexpr int64_t K = Vec::size();
-    const Vec vm(m);
-    Vec acc(0);
-    int64_t i = 0;
-    for (; i + K <= n; i += K) {
-      Vec e = (Vec::loadu(x + i) - vm).exp_u20();
-      IO::store(p + i, e);
-      acc = acc + e;
-    }
-    A s = at::vec::vec_reduce_all<A>([](Vec& a, Vec& b) { return a + b; }, acc);
-    for (; i < n; ++i) {
-      A e = std::exp(x[i] - m);
-      p[i] = static_cast<T>(e);
-      s += e;
-    }
-    return s;
-  }
+template <typename A>
+A exp_sum(A* x, int64_t n, A m) {
+  return exp_sum_store<A, A>(x, x, n, m);
 }
 
 // cap * tanh(x) in place; keeps 1 - tanh^2 in dt (for the backward) when dt is not null
@@ -233,6 +216,65 @@ void finish_scores(acc_of<T>* s, int64_t ld, int64_t i0, int64_t m, int64_t j0, 
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// packed 16-bit tiles for at::native::cpublas::brgemm (oneDNN's batch-reduce GEMM micro-kernel: AMX or
+// AVX512-BF16 where the CPU has them, as torch's own CPU flash attention uses). B operands are packed once per
+// (batch, kv head) in the VNNI layout: pairs of consecutive K-dimension elements side by side, in column
+// pieces of kPiece so every call has ld_b = kPiece.
+// ---------------------------------------------------------------------------------------------------------
+constexpr int64_t kPiece = 64;
+
+// brgemm for 16-bit q/k/v: bfloat16 or half, when oneDNN can pack them here and the head dim is even
+template <typename T>
+bool use_brgemm(const Geometry& g) {
+  if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
+    static const bool off = std::getenv("TRITIUM_NO_BRGEMM") != nullptr;
+    return !off && g.D % 2 == 0 && at::native::cpublas::could_pack(c10::CppTypeToScalarType<T>::value);
+  } else {
+    return false;
+  }
+}
+
+// K^T of one (batch, kv head), S x D rows of stride ldk -> [ceil(S / kPiece)][D / 2][kPiece][2], zero padded:
+// the B operand of Q K^T for keys [t * kPiece, (t + 1) * kPiece) starts at out + t * kPiece * D.
+template <typename T>
+void pack_kt(const T* k, int64_t ldk, int64_t S, int64_t D, T* out) {
+  const int64_t pieces = (S + kPiece - 1) / kPiece, P = D / 2;
+  for (int64_t t = 0; t < pieces; ++t) {
+    uint32_t* o = reinterpret_cast<uint32_t*>(out + t * kPiece * D);
+    for (int64_t jj = 0; jj < kPiece; ++jj) {
+      const int64_t j = t * kPiece + jj;
+      if (j < S) {
+        const T* kr = k + j * ldk;
+        for (int64_t p = 0; p < P; ++p) std::memcpy(o + p * kPiece + jj, kr + 2 * p, 4);
+      } else {
+        for (int64_t p = 0; p < P; ++p) o[p * kPiece + jj] = 0;
+      }
+    }
+  }
+}
+
+// V of one (batch, kv head), S x Dv rows of stride ldv -> [ceil(Dv / kPiece)][Se / 2][kPiece][2] with Se = S
+// rounded up to even (zero rows): the B operand of P V for keys from j0 (even) and value columns
+// [c * kPiece, ...) starts at out + c * Se * kPiece + j0 * kPiece.
+template <typename T>
+void pack_v(const T* v, int64_t ldv, int64_t S, int64_t Dv, T* out) {
+  const int64_t Se = (S + 1) / 2 * 2, pieces = (Dv + kPiece - 1) / kPiece;
+  for (int64_t c = 0; c < pieces; ++c) {
+    T* o = out + c * Se * kPiece;
+    const int64_t n0 = c * kPiece, nc = std::min(kPiece, Dv - n0);
+    for (int64_t jp = 0; jp < Se / 2; ++jp) {
+      const T* r0 = v + 2 * jp * ldv + n0;
+      const T* r1 = 2 * jp + 1 < S ? r0 + ldv : nullptr;
+      T* oo = o + jp * 2 * kPiece;
+      for (int64_t x = 0; x < kPiece; ++x) {
+        oo[2 * x] = x < nc ? r0[x] : T(0);
+        oo[2 * x + 1] = (x < nc && r1) ? r1[x] : T(0);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // forward
 // ---------------------------------------------------------------------------------------------------------
 int64_t env_or(const char* name, int64_t v) {
@@ -266,9 +308,25 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   if (mp) msb = mask->stride(0), msh = mask->stride(1), msi = mask->stride(2), msj = mask->stride(3);
   const A ninf = -std::numeric_limits<A>::infinity();
 
+  // brgemm path: K^T and V of every (batch, kv head) packed once up front (O(seq) memory)
+  const bool packed = use_brgemm<T>(g);
+  const int64_t Se = (g.S + 1) / 2 * 2, kt_size = (g.S + kPiece - 1) / kPiece * kPiece * g.D;
+  const int64_t v_size = Se * ((g.Dv + kPiece - 1) / kPiece) * kPiece;
+  std::vector<T> kt_buf(packed ? g.B * g.Hk * kt_size : 0), v_buf(packed ? g.B * g.Hk * v_size : 0);
+  if (packed) {
+    at::parallel_for(0, g.B * g.Hk, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / g.Hk, hk = bh % g.Hk;
+        pack_kt<T>(kp + b * ksb + hk * ksh, ksl, g.S, g.D, kt_buf.data() + bh * kt_size);
+        pack_v<T>(vp + b * vsb + hk * vsh, vsl, g.S, g.Dv, v_buf.data() + bh * v_size);
+      }
+    });
+  }
+
   at::parallel_for(0, g.B * g.H * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> s(BQ * BK), acc(BQ * g.Dv), mx(BQ), sum(BQ);
-    std::vector<T> p16(k16 ? BQ * BK : 0);
+    const int64_t pld = (BK + 1) / 2 * 2;  // P rows (16-bit): even, so an odd last key pairs with a zero
+    std::vector<T> p16(k16 ? BQ * pld : 0);
     std::vector<int64_t> clo(BQ), chi(BQ);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (g.H * nqb), h = (task / nqb) % g.H, qb = task % nqb, hk = h / group;
@@ -285,26 +343,46 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
         jlo = std::min(jlo, g.lo(i0 + r));
         jhi = std::max(jhi, g.hi(i0 + r));
       }
+      if (packed) jlo = jlo / kPiece * kPiece;  // key blocks start on a packed piece (extra keys are masked)
+      const T* KT = packed ? kt_buf.data() + (b * g.Hk + hk) * kt_size : nullptr;
+      const T* VP = packed ? v_buf.data() + (b * g.Hk + hk) * v_size : nullptr;
       for (int64_t j0 = jlo; j0 < jhi; j0 += BK) {
         const int64_t n = std::min(jhi, j0 + BK) - j0;
-        gemm<T>(false, true, m, n, g.D, cap > A(0) ? scale / cap : scale, Q, qsl, Kh + j0 * ksl, ksl, A(0),
-                s.data(), BK);
+        const A alpha = cap > A(0) ? scale / cap : scale;
+        A post = A(1);  // scale still to apply to the score tile (> 0)
+        if constexpr (k16) {
+          if (packed) {
+            for (int64_t t0 = 0; t0 < n; t0 += kPiece) {
+              at::native::cpublas::brgemm(m, std::min(kPiece, n - t0), g.D, qsl, kPiece, BK, false, Q,
+                                          KT + (j0 + t0) * g.D, s.data() + t0, true);
+            }
+            if (cap > A(0) || M) {  // softcap and mask act on scaled scores
+              for (int64_t r = 0; r < m; ++r)
+                at::vec::map([alpha](Vectorized<A> x) { return x * Vectorized<A>(alpha); }, s.data() + r * BK,
+                             s.data() + r * BK, n);
+            } else {
+              post = alpha;  // folded into the max and the exponentials below
+            }
+          }
+        }
+        if (!packed)
+          gemm<T>(false, true, m, n, g.D, alpha, Q, qsl, Kh + j0 * ksl, ksl, A(0), s.data(), BK);
         finish_scores<T>(s.data(), BK, i0, m, j0, n, g, cap, nullptr, M, msi, msj, clo.data(), chi.data());
         for (int64_t r = 0; r < m; ++r) {
           A* row = s.data() + r * BK;
           const int64_t c0 = clo[r], c1 = chi[r];
           T* prow;
           if constexpr (k16) {
-            prow = p16.data() + r * BK;
+            prow = p16.data() + r * pld;
           } else {
             prow = row;
           }
-          A new_m = c1 > c0 ? std::max(mx[r], row_max<A>(row + c0, c1 - c0)) : mx[r];
+          A new_m = c1 > c0 ? std::max(mx[r], post * row_max<A>(row + c0, c1 - c0)) : mx[r];
           if (new_m == ninf) {  // nothing visible yet in this row: a zero row of P
             std::fill(prow, prow + n, T(0));
           } else {
             const A corr = std::exp(mx[r] - new_m);  // 0 when mx was -inf
-            const A ps = exp_sum_store<T, A>(row + c0, prow + c0, c1 - c0, new_m);
+            const A ps = exp_sum_store<T, A>(row + c0, prow + c0, c1 - c0, new_m, post);
             std::fill(prow, prow + c0, T(0));
             std::fill(prow + c1, prow + n, T(0));
             sum[r] = sum[r] * corr + ps;
@@ -321,7 +399,18 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
         } else {
           P = s.data();
         }
-        gemm<T>(false, false, m, g.Dv, n, A(1), P, BK, Vh + j0 * vsl, vsl, A(1), acc.data(), g.Dv);
+        if constexpr (k16) {
+          if (packed) {
+            const int64_t ne = (n + 1) / 2 * 2;  // the pair of an odd last key is a zero column of P
+            if (ne != n)
+              for (int64_t r = 0; r < m; ++r) p16[r * pld + n] = T(0);
+            for (int64_t c0 = 0; c0 < g.Dv; c0 += kPiece) {
+              at::native::cpublas::brgemm(m, std::min(kPiece, g.Dv - c0), ne, pld, kPiece, g.Dv, true, P,
+                                          VP + c0 * Se + j0 * kPiece, acc.data() + c0, true);
+            }
+          }
+        }
+        if (!packed) gemm<T>(false, false, m, g.Dv, n, A(1), P, k16 ? pld : BK, Vh + j0 * vsl, vsl, A(1), acc.data(), g.Dv);
       }
       T* O = op + ((b * g.H + h) * g.L + i0) * g.Dv;
       A* Lr = lp + (b * g.H + h) * g.L + i0;
@@ -333,6 +422,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
         Lr[r] = sum[r] > A(0) ? mx[r] + std::log(sum[r]) : ninf;
       }
     }
+    if (packed) at::native::cpublas::brgemm_release(true);
   });
 }
 

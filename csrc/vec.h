@@ -139,6 +139,16 @@ inline V ftanh(const V& x) {
   }
 }
 
+// max without NaN propagation (one instruction with AVX-512 floats; at::vec::maximum also checks for NaN):
+// for running maxima whose NaN is caught downstream anyway.
+template <typename A>
+inline Vectorized<A> fmax_fast(const Vectorized<A>& a, const Vectorized<A>& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<A, float>) return _mm512_max_ps(a, b);
+#endif
+  return at::vec::maximum(a, b);
+}
+
 // out[j] = sum of the lanes of v[j], for Vec::size() vectors v (a vector of dot products from their partial-sum
 // vectors). With AVX-512 floats it is a transpose-and-add tree (45 shuffles/adds for 16 sums, instead of a
 // horizontal reduction per vector); elsewhere one reduction per vector.
