@@ -8,7 +8,7 @@
 // counterpart, limited to tritium's own outputs:
 //   - blocks are rounded to 2 MiB and placed on transparent huge pages (madvise) on first allocation;
 //   - a freed block goes back to a free list for its size as long as the pool holds at most `limit` bytes
-//     of free blocks (default 1 GiB, TRITIUM_CPU_POOL_MB overrides, 0 turns the pool off); otherwise it is
+//     of free blocks (default 2 GiB, TRITIUM_CPU_POOL_MB overrides, 0 turns the pool off); otherwise it is
 //     returned to the system;
 //   - tensors are ordinary resizable CPU tensors (the pool is their storage's allocator).
 // torch.ops.tritium_runtime.empty_cache() frees every cached block; pool_stats() reports
@@ -34,7 +34,7 @@ class Pool final : public c10::Allocator {
  public:
   Pool() {
     const char* env = std::getenv("TRITIUM_CPU_POOL_MB");
-    limit_ = env ? size_t(std::max(0L, std::strtol(env, nullptr, 10))) << 20 : size_t(1) << 30;
+    limit_ = env ? size_t(std::max(0L, std::strtol(env, nullptr, 10))) << 20 : size_t(2) << 30;
   }
 
   c10::DataPtr allocate(size_t n) override {

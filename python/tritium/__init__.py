@@ -22,7 +22,7 @@ def empty_cache() -> None:
     """Return every cached block of tritium's CPU output pool to the system (like torch.cuda.empty_cache).
 
     Large CPU outputs (2 MiB and up) of tritium kernels come from a pool of freed blocks on huge pages, so a
-    loop does not pay the OS's zeroing of fresh pages on every call. The pool keeps at most 1 GiB of free
+    loop does not pay the OS's zeroing of fresh pages on every call. The pool keeps at most 2 GiB of free
     blocks by default; ``TRITIUM_CPU_POOL_MB`` sets that limit (0 turns the pool off).
     """
     import torch
