@@ -255,29 +255,118 @@ def test_fused_linear_cross_entropy_module():
 
 
 # ---- kl_div and distillation ----
-@pytest.mark.parametrize("reduction", ["mean", "batchmean", "sum", "none"])
-@pytest.mark.parametrize("log_target", [False, True])
-def test_kl_div_matches_torch(reduction, log_target):
-    x = torch.log_softmax(torch.randn(4, 9), -1)
-    p = torch.softmax(torch.randn(4, 9), -1)
-    tgt = p.log() if log_target else p
-    if reduction == "mean":
-        with pytest.warns(UserWarning, match="batchmean"):
-            ours = tritium.kl_div(x, tgt, reduction=reduction, log_target=log_target)
-    else:
-        ours = tritium.kl_div(x, tgt, reduction=reduction, log_target=log_target)
-    torch.testing.assert_close(ours, F.kl_div(x, tgt, reduction=reduction, log_target=log_target))
+KL_REDUCTIONS = ["mean", "batchmean", "sum", "none"]
 
 
+def _kl_inputs(shape, log_target):
+    x = torch.log_softmax(torch.randn(shape, dtype=torch.float64), -1)
+    p = torch.softmax(torch.randn(shape, dtype=torch.float64), -1)
+    return x, ((p + 0.01).log() if log_target else p)
+
+
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides")
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", KL_REDUCTIONS)
+@pytest.mark.parametrize("log_target", [False, True], ids=["prob", "log"])
+@pytest.mark.parametrize("shape", [(4, 9), (3, 5, 33), (17,)], ids=["2d", "3d", "1d"])
+def test_kl_div_matches_torch(dtype, reduction, log_target, shape):
+    """Values and the gradients of input and target, against torch in dtype and in float64."""
+    x, t = _kl_inputs(shape, log_target)
+    _compare(lambda a, b: tritium.kl_div(a, b, reduction=reduction, log_target=log_target),
+             lambda a, b: F.kl_div(a, b, reduction=reduction, log_target=log_target), [x, t], dtype,
+             grad_idx=(0, 1))
+
+
+def test_kl_div_runs_the_kernel():
+    """The kernel path is taken (a graph with tritium::kl_div_fwd), and 'mean' warns as torch does."""
+    x, t = _kl_inputs((4, 9), False)
+    y = tritium.kl_div(leaf(x), t, reduction="batchmean")
+    assert "kl_div_fwd" in y.grad_fn.name()
+    with pytest.warns(UserWarning, match="batchmean"):
+        tritium.kl_div(x, t, reduction="mean")
+
+
+@pytest.mark.parametrize("call", ["noncontig", "0d", "empty", "broadcast", "mixed", "legacy", "log"])
+def test_kl_div_edge_cases_match_torch(call):
+    x, t = _kl_inputs((6, 8), False)
+    args = {
+        "noncontig": (x.t(), t.t(), dict(reduction="sum")),
+        "0d": (x[0, 0], t[0, 0], dict(reduction="batchmean")),
+        "empty": (x[:0], t[:0], dict(reduction="batchmean")),
+        "broadcast": (x, t[:1], dict(reduction="sum")),
+        "mixed": (x.float(), t, dict(reduction="sum")),
+        "legacy": (x, t, dict(size_average=False)),
+        "log": (x, t, dict(reduction="batchmean", log_target=True)),
+    }[call]
+    a, b, kw = args
+    torch.testing.assert_close(tritium.kl_div(a, b, **kw), F.kl_div(a, b, **kw), equal_nan=True)
+
+
+def test_kl_div_bad_reduction_raises_what_torch_raises():
+    x, t = _kl_inputs((2, 3), False)
+    with pytest.raises(ValueError, match="is not a valid value for reduction"):
+        F.kl_div(x, t, reduction="avg")
+    with pytest.raises(ValueError, match="is not a valid value for reduction"):
+        tritium.kl_div(x, t, reduction="avg")
+
+
+def test_kl_div_gradcheck_and_compile():
+    x, t = _kl_inputs((3, 7), True)
+    x, t = leaf(x), leaf(t)
+    for red in ("batchmean", "none"):
+        assert torch.autograd.gradcheck(lambda a, b: tritium.kl_div(a, b, reduction=red, log_target=True), (x, t))
+    torch._dynamo.reset()
+    f = lambda a, b: tritium.kl_div(a, b, reduction="batchmean") + tritium.distillation_loss(a, b, 2.0)  # noqa
+    xf, tf = leaf(x.float()), leaf(t.float().exp())
+    y = torch.compile(f, fullgraph=True)(xf, tf)
+    torch.testing.assert_close(y, f(xf, tf))
+    for a, b in zip(torch.autograd.grad(y, (xf, tf)), torch.autograd.grad(f(xf, tf), (xf, tf))):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("with_target", [True, False])
-def test_distillation_loss(with_target):
-    s, te = torch.randn(3, 4, 20), torch.randn(3, 4, 20)
-    t = torch.randint(0, 20, (3, 4)) if with_target else None
-    a, b = leaf(s), leaf(s)
-    ours = tritium.distillation_loss(a, te, temperature=2.0, alpha=0.7, target=t)
+def test_distillation_loss(dtype, with_target):
     from tritium import reference
-    theirs = reference.distillation_loss(b, te, temperature=2.0, alpha=0.7, target=t)
-    torch.testing.assert_close(ours, theirs)
-    ours.backward()
-    theirs.backward()
-    torch.testing.assert_close(a.grad, b.grad)
+    s, te = torch.randn(3, 4, 200, dtype=torch.float64) * 2, torch.randn(3, 4, 200, dtype=torch.float64) * 2
+    t = torch.randint(0, 200, (3, 4)) if with_target else None
+    t2 = None if t is None else t.clone()
+    if t2 is not None:
+        t2[0, 1] = -100
+    _compare(lambda a, b: tritium.distillation_loss(a, b, temperature=2.0, alpha=0.7, target=t2),
+             lambda a, b: reference.distillation_loss(a, b, temperature=2.0, alpha=0.7, target=t2), [s, te], dtype)
+    y = tritium.distillation_loss(leaf(s.to(dtype)), te.to(dtype), 2.0, 0.7, t2)
+    assert y.dtype == dtype and "distill_fwd" in _graph_names(y.grad_fn)  # the fused kernel ran
+
+
+def _graph_names(fn) -> str:
+    names, todo = [], [fn]
+    while todo:
+        f = todo.pop()
+        if f is not None:
+            names.append(f.name())
+            todo.extend(g for g, _ in f.next_functions)
+    return " ".join(names)
+
+
+def test_distillation_loss_teacher_with_masked_classes():
+    """-inf teacher logits: those classes contribute 0 (the unfused composition gives NaN there)."""
+    s, te = torch.randn(5, 50), torch.randn(5, 50)
+    te[:, 40:] = float("-inf")
+    ours = tritium.distillation_loss(s, te, temperature=1.5, alpha=1.0)
+    lq = torch.log_softmax(te.double() / 1.5, -1)
+    q = lq.exp()
+    kl = torch.where(q > 0, q * (lq - torch.log_softmax(s.double() / 1.5, -1)), 0.0).sum() / 5 * 1.5 ** 2
+    torch.testing.assert_close(ours.double(), kl, rtol=1e-5, atol=1e-6)
+
+
+def test_distillation_loss_bad_input():
+    s = torch.randn(4, 10)
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        tritium.distillation_loss(s, s, temperature=0.0)
+    with pytest.raises(ValueError, match="teacher_logits must have the student's shape"):
+        tritium.distillation_loss(s, s[:, :9])
+    with pytest.raises(ValueError, match="target must have shape"):
+        tritium.distillation_loss(s, s, target=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="0-d"):
+        tritium.distillation_loss(s[0, 0], s[0, 0])

@@ -16,6 +16,7 @@ forward (no second pass over the vocabulary), for 'none' the backward recomputes
 from __future__ import annotations
 
 import math
+import warnings
 from typing import List, Optional
 
 import torch
@@ -333,29 +334,125 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, b
     return loss.to(hidden.dtype)
 
 
+# ---- kl_div and distillation ----
+def _fake_kl_fwd(x, t, log_target, reduce, scale):
+    return x.new_empty(() if reduce else x.shape)
+
+
+def _fake_kl_bwd(grad, x, t, log_target, need_input, need_target):
+    return x.new_empty(x.shape if need_input else (0,)), x.new_empty(x.shape if need_target else (0,))
+
+
+kl_div_bwd = define_op("kl_div_bwd(Tensor grad, Tensor input, Tensor target, bool log_target, bool need_input, "
+                       "bool need_target) -> (Tensor, Tensor)", _fake_kl_bwd, "kl_div:kl_div_bwd")
+
+
+def _kl_setup(ctx, inputs, output):
+    x, t, log_target, reduce, scale = inputs
+    ctx.log_target, ctx.reduce, ctx.scale = log_target, reduce, scale
+    ctx.save_for_backward(x, t)
+
+
+def _kl_backward(ctx, g):
+    x, t = ctx.saved_tensors
+    need_x, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    g = g * ctx.scale if ctx.reduce else g.contiguous()  # the reduced loss's scale; 'none' reads g elementwise
+    dx, dt = kl_div_bwd(g, x, t, ctx.log_target, need_x, need_t)
+    return (dx if need_x else None), (dt if need_t else None), None, None, None
+
+
+kl_div_fwd = define_op("kl_div_fwd(Tensor input, Tensor target, bool log_target, bool reduce, float scale) -> Tensor",
+                       _fake_kl_fwd, "kl_div:kl_div_fwd", _kl_backward, _kl_setup)
+
+
+def _fake_distill(s, u, inv_temp, need_grad):
+    adt = acc_dtype(s.dtype)
+    return s.new_empty((s.shape[0],), dtype=adt), s.new_empty(s.shape if need_grad else (0,), dtype=adt)
+
+
+def _distill_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zero (rows, classes) tensor for the gradient-row output
+    ctx.dtype = inputs[0].dtype
+    ctx.save_for_backward(output[1])
+
+
+def _distill_backward(ctx, dloss, _dgrad):
+    (grad,) = ctx.saved_tensors
+    if dloss is None or grad.dim() == 1:  # the forward ran without the gradient rows
+        return None, None, None, None
+    return cross_entropy_bwd(grad, dloss, ctx.dtype), None, None, None
+
+
+distill_fwd = define_op("distill_fwd(Tensor student, Tensor teacher, float inv_temp, bool need_grad) -> (Tensor, Tensor)",
+                        _fake_distill, "kl_div:distill_fwd", _distill_backward, _distill_setup)
+
+_KL_REDUCTIONS = ("mean", "batchmean", "sum", "none")
+
+
 def kl_div(input: Tensor, target: Tensor, size_average=None, reduce=None, reduction: str = "mean",
            log_target: bool = False) -> Tensor:
-    """Drop-in for ``torch.nn.functional.kl_div`` (pointwise target * (log target - input), or with log_target
-    exp(target) * (target - input); 'mean' averages over every element and warns, as torch: use 'batchmean' for
-    the mathematical KL divergence). Runs torch's own op: a pointwise op gains nothing from a custom kernel."""
-    return reference.kl_div(input, target, size_average, reduce, reduction, log_target)
+    """Drop-in for ``torch.nn.functional.kl_div``: pointwise target * (log target - input) (xlogy: 0 where the
+    target is 0), or with log_target exp(target) * (target - input); 'mean' averages over every element and warns,
+    as torch ('batchmean', the sum over the batch size, is the mathematical KL divergence). One kernel computes
+    the pointwise loss and its reduction (no (N,) intermediate for 'sum'/'mean'/'batchmean'), one the gradients
+    of input and target; the reduction is accumulated in float32 blocks summed in double and rounded once.
+    Other dtypes, mixed dtypes or devices, broadcasting shapes and empty inputs run torch's own function."""
+    legacy = size_average is not None or reduce is not None
+    if legacy:
+        reduction = F._Reduction.legacy_get_string(size_average, reduce)
+    ok = (not use_reference() and _device_ok(input) and target.dtype == input.dtype
+          and target.device == input.device and target.shape == input.shape and input.numel() > 0
+          and reduction in _KL_REDUCTIONS)
+    if not ok:
+        if legacy:
+            return reference.kl_div(input, target, size_average, reduce, log_target=log_target)
+        return reference.kl_div(input, target, reduction=reduction, log_target=log_target)
+    if reduction == "mean" and not legacy:
+        warnings.warn(
+            "reduction: 'mean' divides the total loss by both the batch size and the support size."
+            "'batchmean' divides only by the batch size, and aligns with the KL div math definition."
+            "'mean' will be changed to behave the same as 'batchmean' in the next major release.",
+            stacklevel=2,
+        )
+    if reduction == "none":
+        return kl_div_fwd(input.contiguous(), target.contiguous(), bool(log_target), False, 1.0)
+    if reduction == "mean":
+        scale = 1.0 / input.numel()
+    elif reduction == "batchmean" and input.dim() != 0:
+        scale = 1.0 / input.shape[0]
+    else:
+        scale = 1.0
+    return kl_div_fwd(input.contiguous(), target.contiguous(), bool(log_target), True, scale)
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0,
                       alpha: float = 0.5, target: Optional[Tensor] = None, ignore_index: int = -100) -> Tensor:
     """Knowledge distillation: alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) averaged over rows
     (the class dim is the last) + (1 - alpha) * cross_entropy(student, target); without target only the first
-    term. The temperature is fused into the log_softmax kernels; the teacher gets no gradient."""
+    term. The KL term is one fused kernel per row (``distill_fwd``: both softmaxes at temperature T, the KL and
+    the student's gradient row, with no log-probabilities materialised); the teacher gets no gradient. Classes
+    whose teacher probability is 0 (a -inf teacher logit) contribute 0, the limit of q log q, where the unfused
+    composition log_softmax + kl_div(log_target=True) gives NaN."""
     if temperature <= 0:
         raise ValueError(f"distillation_loss: temperature must be positive, got {temperature}")
+    if student_logits.dim() == 0:
+        raise ValueError("distillation_loss: student_logits must have a class dim (the last), got a 0-d tensor")
     c = student_logits.shape[-1]
     if teacher_logits.shape != student_logits.shape:
         raise ValueError(f"distillation_loss: teacher_logits must have the student's shape "
                          f"{tuple(student_logits.shape)}, got {tuple(teacher_logits.shape)}")
+    if target is not None and tuple(target.shape) != tuple(student_logits.shape[:-1]):
+        raise ValueError(f"distillation_loss: target must have shape {tuple(student_logits.shape[:-1])}, got "
+                         f"{tuple(target.shape)}")
     s2 = student_logits.reshape(-1, c)
-    s = scaled_log_softmax(s2, -1, 1.0 / temperature)
-    t = scaled_log_softmax(teacher_logits.detach().reshape(-1, c), -1, 1.0 / temperature)
-    loss = alpha * temperature ** 2 * F.kl_div(s, t, reduction="batchmean", log_target=True)
+    ok = (not use_reference() and _device_ok(student_logits) and teacher_logits.dtype == student_logits.dtype
+          and teacher_logits.device == student_logits.device and student_logits.numel() > 0)
+    if not ok:
+        return reference.distillation_loss(student_logits, teacher_logits, temperature, alpha, target, ignore_index)
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    kl_rows, _ = distill_fwd(rows(student_logits, c), rows(teacher_logits.detach(), c), 1.0 / temperature,
+                             need_grad)
+    loss = (kl_rows.sum() * (alpha * temperature ** 2 / s2.shape[0])).to(student_logits.dtype)
     if target is not None:
         loss = loss + (1 - alpha) * cross_entropy(s2, target.reshape(-1), ignore_index=ignore_index)
     return loss

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import tritium
+from tritium import reference
 from tritium.bench.case import OpCase, elems, esize
 
 
@@ -45,6 +46,20 @@ def _flce_bytes(s, d):  # hidden and weight read once (the logits never reach me
     return (s[0] * s[1] + s[1] * s[2]) * esize(d)
 
 
+def _kl_inputs(shape, dtype, device):
+    x = torch.log_softmax(torch.randn(shape, device=device), -1).to(dtype)
+    return x, torch.softmax(torch.randn(shape, device=device), -1).to(dtype)
+
+
+def _distill_inputs(shape, dtype, device):
+    return (torch.randn(shape, dtype=dtype, device=device), torch.randn(shape, dtype=dtype, device=device),
+            torch.randint(0, shape[1], (shape[0],), device=device))
+
+
+_kl_fwd, _kl_fwdbwd = _rowwise(2, 4)          # reads x, t; backward reads t, writes dx
+_distill_fwd, _distill_fwdbwd = _rowwise(3, 12)  # KL reads s, u (and CE s); + fp32 gradient rows written and scaled
+
+
 def _eager_lm_loss(h, w, t):
     return F.cross_entropy(F.linear(h, w), t)
 
@@ -57,6 +72,14 @@ CASES = [
     OpCase("cross_entropy", _logits_target, lambda x, t: tritium.cross_entropy(x, t),
            lambda x, t: F.cross_entropy(x, t), _ce_fwd, _ce_fwdbwd, shapes=_CE_SHAPES, grad_args=(0,),
            note="shape = tokens x vocab"),
+    OpCase("kl_div", _kl_inputs, lambda x, t: tritium.kl_div(x, t, reduction="batchmean"),
+           lambda x, t: F.kl_div(x, t, reduction="batchmean"), _kl_fwd, _kl_fwdbwd, shapes=_SOFTMAX_SHAPES,
+           grad_args=(0,), note="reduction='batchmean', probability targets"),
+    OpCase("distillation_loss", _distill_inputs,
+           lambda s, u, t: tritium.distillation_loss(s, u, 2.0, 0.5, t),
+           lambda s, u, t: reference.distillation_loss(s, u, 2.0, 0.5, t), _distill_fwd, _distill_fwdbwd,
+           shapes=_CE_SHAPES, grad_args=(0,),
+           note="shape = tokens x vocab; T = 2, alpha = 0.5, with hard labels; eager: log_softmax x 2 + kl_div + CE"),
     OpCase("fused_linear_cross_entropy", _lm_head, lambda h, w, t: tritium.fused_linear_cross_entropy(h, w, t),
            _eager_lm_loss, _flce_bytes, _flce_bytes, flops_fwd=_flce_flops(1), flops_fwdbwd=_flce_flops(3),
            shapes=((8192, 576, 49152),), dtypes=(torch.float32, torch.bfloat16), grad_args=(0, 1),

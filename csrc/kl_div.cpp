@@ -1,0 +1,246 @@
+// KL divergence and distillation CPU kernels, registered for the CPU key of the tritium ops whose schemas
+// python/tritium/ops/cross_entropy.py defines.
+//
+// kl_div (torch's pointwise definition, x = input log-probabilities, t = target):
+//   log_target = false:  l = xlogy(t, t) - t x      (xlogy(0, y) = 0 unless y is NaN)
+//   log_target = true:   l = exp(t) (t - x)
+// kl_div_fwd writes l (reduction 'none') or its sum times `scale` (1 for 'sum', 1/numel for 'mean', 1/batch for
+// 'batchmean'), rounded once to the input dtype; the sum is accumulated in blocks of the accumulation type
+// and across blocks in double. kl_div_bwd writes both gradients in one pass, with torch's formulas (those of its
+// autograd through xlogy, mul and exp, including its NaN at t = 0 for the target's gradient):
+//   false: dx = -g t,        dt = g (xlogy(t != 0, t) + t / t - x)
+//   true:  dx = -g exp(t),   dt = g exp(t) (t - x + 1)
+// g is the upstream gradient: one value (a reduced loss) or one per element.
+//
+// distill_fwd: per row of student logits s and teacher logits u at inverse temperature k (> 0),
+//   a = k s, b = k u,  KL(softmax(b) || softmax(a)) = sum_j q_j (log q_j - log p_j),  q = softmax(b), p = softmax(a)
+// in two passes (max; exp sums plus sum_j e^b_j (b_j - a_j)): KL = A / Sb - log Sb + log Sa with both
+// shifted by their row max. Classes where the teacher's probability is 0 (a -inf logit) contribute 0, the limit
+// of q log q. With need_grad, the gradient row of the KL with respect to s, k (p - q), is written in the
+// accumulation dtype (the backward rounds once while scaling rows by the upstream gradient, as cross_entropy).
+#include "vec.h"
+
+namespace tritium {
+namespace {
+
+template <typename T>
+using acc_of = typename VecIO<T>::acc_t;
+
+constexpr int64_t kBlock = 4096;  // elements per accumulation block of the sum (and per parallel task unit)
+
+template <typename V>
+inline V kl_vec(const V& x, const V& t, bool log_target) {
+  if (log_target) return t.exp() * (t - x);
+  const V xlogy = V::blendv(t * t.log(), V(0), t == V(0));
+  return at::vec::fnmadd(t, x, xlogy);
+}
+
+template <typename A>
+inline A kl_scalar(A x, A t, bool log_target) {
+  if (log_target) return std::exp(t) * (t - x);
+  return (t == A(0) ? A(0) : t * std::log(t)) - t * x;
+}
+
+void check_pair(const at::Tensor& input, const at::Tensor& target) {
+  TORCH_CHECK(input.sizes() == target.sizes(), "kl_div: target must have input's shape ", input.sizes(), ", got ",
+              target.sizes());
+  TORCH_CHECK(input.scalar_type() == target.scalar_type(), "kl_div: target must have input's dtype ",
+              input.scalar_type(), ", got ", target.scalar_type());
+  TORCH_CHECK(input.is_contiguous() && target.is_contiguous(), "kl_div: input and target must be contiguous");
+}
+
+at::Tensor kl_div_fwd(const at::Tensor& input, const at::Tensor& target, bool log_target, bool sum, double scale) {
+  check_pair(input, target);
+  const int64_t n = input.numel();
+  at::Tensor out = sum ? at::empty({}, input.options()) : empty(input.sizes(), input.options());
+  TRITIUM_DISPATCH_FLOATING(input.scalar_type(), "tritium_kl_div_fwd", [&] {
+    using acc_t = acc_of<scalar_t>;
+    using IO = VecIO<scalar_t>;
+    using Vec = typename IO::Vec;
+    constexpr int64_t K = IO::kSize;
+    const scalar_t* xp = input.const_data_ptr<scalar_t>();
+    const scalar_t* tp = target.const_data_ptr<scalar_t>();
+    if (!sum) {
+      scalar_t* op = out.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, n, 8 * kBlock, [&](int64_t begin, int64_t end) {
+        int64_t i = begin;
+        for (; i + K <= end; i += K) IO::store(op + i, kl_vec(IO::load(xp + i), IO::load(tp + i), log_target));
+        for (; i < end; ++i)
+          op[i] = static_cast<scalar_t>(kl_scalar<acc_t>(static_cast<acc_t>(xp[i]), static_cast<acc_t>(tp[i]), log_target));
+      });
+      return;
+    }
+    // blocks of kBlock elements summed in acc_t, blocks summed in double; the block boundaries do not depend on
+    // the number of threads, so the result is the same for any thread count up to the last double additions
+    const double total = at::parallel_reduce(
+        0, (n + kBlock - 1) / kBlock, 8, 0.0,
+        [&](int64_t b0, int64_t b1, double acc) {
+          for (int64_t b = b0; b < b1; ++b) {
+            const int64_t begin = b * kBlock, end = std::min(n, begin + kBlock);
+            Vec s0(0), s1(0);
+            int64_t i = begin;
+            for (; i + 2 * K <= end; i += 2 * K) {
+              s0 = s0 + kl_vec(IO::load(xp + i), IO::load(tp + i), log_target);
+              s1 = s1 + kl_vec(IO::load(xp + i + K), IO::load(tp + i + K), log_target);
+            }
+            for (; i + K <= end; i += K) s0 = s0 + kl_vec(IO::load(xp + i), IO::load(tp + i), log_target);
+            acc_t s = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& c) { return a + c; }, s0 + s1);
+            for (; i < end; ++i) s += kl_scalar<acc_t>(static_cast<acc_t>(xp[i]), static_cast<acc_t>(tp[i]), log_target);
+            acc += static_cast<double>(s);
+          }
+          return acc;
+        },
+        std::plus<double>());
+    out.fill_(total * scale);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> kl_div_bwd(const at::Tensor& grad, const at::Tensor& input,
+                                              const at::Tensor& target, bool log_target, bool need_input,
+                                              bool need_target) {
+  check_pair(input, target);
+  const int64_t n = input.numel();
+  const bool scalar_grad = grad.dim() == 0;
+  TORCH_CHECK(scalar_grad || (grad.sizes() == input.sizes() && grad.is_contiguous()),
+              "kl_div_bwd: grad must be 0-d or a contiguous tensor of input's shape, got ", grad.sizes());
+  TORCH_CHECK(grad.scalar_type() == input.scalar_type(), "kl_div_bwd: grad must have input's dtype");
+  at::Tensor dx = need_input ? empty(input.sizes(), input.options()) : at::empty({0}, input.options());
+  at::Tensor dt = need_target ? empty(input.sizes(), input.options()) : at::empty({0}, input.options());
+  TRITIUM_DISPATCH_FLOATING(input.scalar_type(), "tritium_kl_div_bwd", [&] {
+    using acc_t = acc_of<scalar_t>;
+    using IO = VecIO<scalar_t>;
+    using Vec = typename IO::Vec;
+    constexpr int64_t K = IO::kSize;
+    const scalar_t* xp = input.const_data_ptr<scalar_t>();
+    const scalar_t* tp = target.const_data_ptr<scalar_t>();
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    const acc_t g0 = static_cast<acc_t>(gp[0]);
+    scalar_t* dxp = need_input ? dx.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dtp = need_target ? dt.mutable_data_ptr<scalar_t>() : nullptr;
+    auto vec_step = [&](int64_t i) {
+      const Vec x = IO::load(xp + i), t = IO::load(tp + i), g = scalar_grad ? Vec(g0) : IO::load(gp + i);
+      if (log_target) {
+        const Vec e = t.exp(), ge = g * e;
+        if (dxp) IO::store(dxp + i, ge.neg());
+        if (dtp) IO::store(dtp + i, ge * (t - x + Vec(1)));
+      } else {
+        if (dxp) IO::store(dxp + i, (g * t).neg());
+        if (dtp) {
+          const Vec lt = Vec::blendv(t.log(), Vec(0), t == Vec(0));
+          IO::store(dtp + i, g * (lt + t / t - x));
+        }
+      }
+    };
+    auto scalar_step = [&](int64_t i) {
+      const acc_t x = static_cast<acc_t>(xp[i]), t = static_cast<acc_t>(tp[i]);
+      const acc_t g = scalar_grad ? g0 : static_cast<acc_t>(gp[i]);
+      if (log_target) {
+        const acc_t ge = g * std::exp(t);
+        if (dxp) dxp[i] = static_cast<scalar_t>(-ge);
+        if (dtp) dtp[i] = static_cast<scalar_t>(ge * (t - x + acc_t(1)));
+      } else {
+        if (dxp) dxp[i] = static_cast<scalar_t>(-(g * t));
+        if (dtp) dtp[i] = static_cast<scalar_t>(g * ((t == acc_t(0) ? acc_t(0) : std::log(t)) + t / t - x));
+      }
+    };
+    at::parallel_for(0, n, 8 * kBlock, [&](int64_t begin, int64_t end) {
+      int64_t i = begin;
+      for (; i + K <= end; i += K) vec_step(i);
+      for (; i < end; ++i) scalar_step(i);
+    });
+  });
+  return {dx, dt};
+}
+
+template <typename T>
+acc_of<T> row_max(const T* x, int64_t n) {
+  using IO = VecIO<T>;
+  using Vec = typename IO::Vec;
+  using acc_t = acc_of<T>;
+  constexpr int64_t K = IO::kSize;
+  Vec m0(-std::numeric_limits<acc_t>::infinity());
+  int64_t i = 0;
+  for (; i + K <= n; i += K) m0 = at::vec::maximum(m0, IO::load(x + i));
+  acc_t m = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, m0);
+  for (; i < n; ++i) {
+    const acc_t v = static_cast<acc_t>(x[i]);
+    m = (v != v || v > m) ? v : m;
+  }
+  return m;
+}
+
+std::tuple<at::Tensor, at::Tensor> distill_fwd(const at::Tensor& s, const at::Tensor& u, double inv_temp,
+                                               bool need_grad) {
+  check_rows(s, "student_logits");
+  check_rows(u, "teacher_logits");
+  TORCH_CHECK(s.sizes() == u.sizes() && s.scalar_type() == u.scalar_type(),
+              "distill: teacher_logits must have the student's shape and dtype");
+  TORCH_CHECK(inv_temp > 0, "distill: the inverse temperature must be positive, got ", inv_temp);
+  const int64_t M = s.size(0), C = s.size(1);
+  const auto acc_type = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto loss = at::empty({M}, s.options().dtype(acc_type));
+  auto grad = need_grad ? empty({M, C}, s.options().dtype(acc_type)) : at::empty({0}, s.options().dtype(acc_type));
+  TRITIUM_DISPATCH_FLOATING(s.scalar_type(), "tritium_distill_fwd", [&] {
+    using acc_t = acc_of<scalar_t>;
+    using IO = VecIO<scalar_t>;
+    using Vec = typename IO::Vec;
+    constexpr int64_t K = IO::kSize;
+    const scalar_t* sp = s.const_data_ptr<scalar_t>();
+    const scalar_t* up = u.const_data_ptr<scalar_t>();
+    const int64_t ss = s.stride(0), su = u.stride(0);
+    const acc_t k = static_cast<acc_t>(inv_temp);
+    acc_t* lp = loss.mutable_data_ptr<acc_t>();
+    acc_t* gp = need_grad ? grad.mutable_data_ptr<acc_t>() : nullptr;
+    at::parallel_for(0, M, row_grain(2 * C), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* sr = sp + r * ss;
+        const scalar_t* ur = up + r * su;
+        acc_t* gr = gp ? gp + r * C : nullptr;  // also the buffer of exp(a - max a)
+        const acc_t ma = k * row_max(sr, C), mb = k * row_max(ur, C);
+        const Vec vk(k), vma(ma), vmb(mb), zero(0);
+        Vec sa(0), sb(0), A(0);
+        int64_t i = 0;
+        for (; i + K <= C; i += K) {
+          const Vec a = at::vec::fmsub(IO::load(sr + i), vk, vma), b = at::vec::fmsub(IO::load(ur + i), vk, vmb);
+          const Vec ea = a.exp(), eb = b.exp();
+          sa = sa + ea;
+          sb = sb + eb;
+          A = A + Vec::blendv(eb * (b - a), zero, eb == zero);
+          if (gr) ea.store(gr + i);
+        }
+        auto hsum = [](const Vec& v) { return at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, v); };
+        acc_t Sa = hsum(sa), Sb = hsum(sb), As = hsum(A);
+        for (; i < C; ++i) {
+          const acc_t a = static_cast<acc_t>(sr[i]) * k - ma, b = static_cast<acc_t>(ur[i]) * k - mb;
+          const acc_t ea = std::exp(a), eb = std::exp(b);
+          Sa += ea;
+          Sb += eb;
+          As += eb == acc_t(0) ? acc_t(0) : eb * (b - a);
+          if (gr) gr[i] = ea;
+        }
+        // As is relative to the two shifts: sum q (b' - a') with b' = b - mb, a' = a - ma
+        lp[r] = As / Sb - std::log(Sb) + std::log(Sa);
+        if (!gr) continue;
+        const acc_t ka = k / Sa, kb = k / Sb;
+        const Vec vka(ka), vkb(kb);
+        for (i = 0; i + K <= C; i += K) {
+          const Vec b = at::vec::fmsub(IO::load(ur + i), vk, vmb);
+          (Vec::loadu(gr + i) * vka - b.exp() * vkb).store(gr + i);
+        }
+        for (; i < C; ++i) gr[i] = gr[i] * ka - std::exp(static_cast<acc_t>(ur[i]) * k - mb) * kb;
+      }
+    });
+  });
+  return {loss, grad};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tritium, CPU, m) {
+  m.impl("kl_div_fwd", &kl_div_fwd);
+  m.impl("kl_div_bwd", &kl_div_bwd);
+  m.impl("distill_fwd", &distill_fwd);
+}
+
+}  // namespace tritium

@@ -1,0 +1,151 @@
+"""KL divergence and distillation kernels, Triton (interpreter) and C++, against torch and a float64 reference."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tritium  # noqa: F401  (loads the C++ kernels)
+from tritium.kernels import cross_entropy as triton_ce
+from tritium.kernels import kl_div as triton_kl
+from tests.util import CPU_DTYPES, KERNEL_DTYPES, WIDTHS, assert_within_torch_error, check_gpu_compile, leaf
+
+cpp = torch.ops.tritium
+IMPLS = [("triton", triton_kl, KERNEL_DTYPES), ("cpp", cpp, CPU_DTYPES)]
+CASES = [(name, impl, dtype) for name, impl, dtypes in IMPLS for dtype in dtypes]
+IDS = [f"{n}-{str(d)[6:]}" for n, _, d in CASES]
+
+
+def _inputs(n, log_target, dtype):
+    """log-probabilities x and a target (probabilities with some exact zeros, or log-probabilities)."""
+    x = torch.log_softmax(torch.randn(n, dtype=torch.float64) * 2, 0)
+    p = torch.softmax(torch.randn(n, dtype=torch.float64) * 2, 0) * n / 4
+    p[::5] = 0.0
+    t = (p + 1e-3).log() if log_target else p
+    return x.to(dtype), t.to(dtype)
+
+
+@pytest.mark.parametrize("impl_name,impl,dtype", CASES, ids=IDS)
+@pytest.mark.parametrize("n", (1, 7, 1000, 40961))
+@pytest.mark.parametrize("log_target", [False, True], ids=["prob", "log"])
+def test_kl_div_values_and_grads(impl_name, impl, dtype, n, log_target):
+    x, t = _inputs(n, log_target, dtype)
+    dy = torch.randn(n, dtype=torch.float64)
+    # 'none': pointwise values, and both gradients from a per-element upstream gradient
+    out = impl.kl_div_fwd(x, t, log_target, False, 1.0)
+    dx, dt = impl.kl_div_bwd(dy.to(dtype), x, t, log_target, True, True)
+    ref = {}
+    for d in (dtype, torch.float64):
+        xi, ti = leaf(x, d), leaf(t, d)
+        y = F.kl_div(xi, ti, reduction="none", log_target=log_target)
+        ref[d] = (y.detach(),) + torch.autograd.grad(y, (xi, ti), dy.to(d))
+    for ours, what, i in ((out, "loss", 0), (dx, "dx", 1), (dt, "dt", 2)):
+        finite = torch.isfinite(ref[torch.float64][i])  # dt at t == 0 is NaN in torch too (checked below)
+        assert torch.equal(torch.isnan(ours), torch.isnan(ref[dtype][i])), what
+        assert_within_torch_error(ours[finite], ref[dtype][i][finite], ref[torch.float64][i][finite], what)
+    # reductions: the sum scaled, one rounding; gradients from a 0-d upstream gradient
+    for scale in (1.0, 1.0 / n):
+        s = impl.kl_div_fwd(x, t, log_target, True, scale)
+        assert s.shape == () and s.dtype == dtype
+        total = {d: F.kl_div(x.to(d), t.to(d), reduction="sum", log_target=log_target) * scale
+                 for d in (dtype, torch.float64)}
+        assert_within_torch_error(s, total[dtype], total[torch.float64], "sum")
+    g = torch.tensor(0.75, dtype=dtype)
+    dx, dt = impl.kl_div_bwd(g, x, t, log_target, True, False)
+    assert dt.numel() == 0
+    xi = leaf(x, torch.float64)
+    y = F.kl_div(xi, t.double(), reduction="sum", log_target=log_target)
+    torch.testing.assert_close(dx.double(), torch.autograd.grad(y, xi, torch.tensor(0.75, dtype=torch.float64))[0],
+                               **({} if dtype == torch.float64 else dict(rtol=1e-2, atol=1e-6)))
+
+
+@pytest.mark.parametrize("impl_name,impl", [("triton", triton_kl), ("cpp", cpp)])
+def test_kl_div_special_values(impl_name, impl):
+    """Exact zeros, negative and NaN targets, infinite inputs: the same values and NaNs as torch, in float32."""
+    x = torch.tensor([-1.0, 0.0, float("-inf"), -2.0, float("nan"), -0.5, -3.0, 1.0, -1.0] * 3)
+    t = torch.tensor([0.0, 0.5, 0.3, -0.2, 0.1, float("nan"), 0.0, 1.0, float("inf")] * 3)
+    for log_target in (False, True):
+        xi, ti = leaf(x), leaf(t)
+        y = F.kl_div(xi, ti, reduction="none", log_target=log_target)
+        gx, gt = torch.autograd.grad(y, (xi, ti), torch.ones_like(y))
+        torch.testing.assert_close(impl.kl_div_fwd(x, t, log_target, False, 1.0), y.detach(), equal_nan=True)
+        dx, dt = impl.kl_div_bwd(torch.ones_like(x), x, t, log_target, True, True)
+        torch.testing.assert_close(dx, gx, equal_nan=True)
+        torch.testing.assert_close(dt, gt, equal_nan=True)
+
+
+def _distill_ref(s, u, k):
+    """float64 per-row KL(softmax(u k) || softmax(s k)) and its gradient with respect to s, with 0 where the
+    teacher's probability is 0."""
+    s, u = leaf(s, torch.float64), u.double()
+    lq = torch.log_softmax(u * k, -1)
+    q = lq.exp()
+    kl = torch.where(q > 0, q * (lq - torch.log_softmax(s * k, -1)), 0.0).sum(-1)
+    return kl.detach(), s, kl
+
+
+@pytest.mark.parametrize("impl_name,impl,dtype", CASES, ids=IDS)
+@pytest.mark.parametrize("c", WIDTHS)
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_distill(impl_name, impl, dtype, c, temperature):
+    rows = 3
+    s = (torch.randn(rows, c, dtype=torch.float64) * 3).to(dtype)
+    u = (s.double() + torch.randn(rows, c, dtype=torch.float64)).to(dtype)  # a teacher close to the student
+    k = 1.0 / temperature
+    loss, grad = impl.distill_fwd(s, u, k, True)
+    adt = torch.float64 if dtype == torch.float64 else torch.float32
+    assert loss.dtype == adt and grad.dtype == adt and grad.shape == (rows, c)
+    dloss = torch.randn(rows, dtype=torch.float64)
+    ds = (triton_ce if impl is triton_kl else cpp).cross_entropy_bwd(grad, dloss.to(adt), dtype)  # row scaling
+    # torch's own composition in dtype (its error) and the float64 reference
+    si = leaf(s)
+    theirs = F.kl_div(torch.log_softmax(si * k, -1), torch.log_softmax(u * k, -1), reduction="none",
+                      log_target=True).sum(-1)
+    theirs_ds = torch.autograd.grad(theirs, si, dloss.to(dtype))[0]
+    ref, s64, kl64 = _distill_ref(s, u, k)
+    ref_ds = torch.autograd.grad(kl64, s64, dloss)[0]
+    assert_within_torch_error(loss.to(dtype), theirs.detach(), ref, "kl rows")
+    assert_within_torch_error(ds, theirs_ds, ref_ds, "ds")
+    loss2, grad2 = impl.distill_fwd(s, u, k, False)
+    assert grad2.numel() == 0
+    torch.testing.assert_close(loss2, loss)
+
+
+@pytest.mark.parametrize("impl_name,impl", [("triton", triton_kl), ("cpp", cpp)])
+def test_distill_extremes(impl_name, impl):
+    """A teacher with -inf logits (probability 0) contributes 0 there; +-1e4 logits stay finite and exact;
+    a NaN in the student gives NaN."""
+    c = 5000
+    s = torch.randn(3, c) * 1e4
+    u = torch.randn(3, c) * 1e4
+    u[1, :4000] = float("-inf")
+    loss, grad = impl.distill_fwd(s, u, 0.5, True)
+    ref, s64, kl64 = _distill_ref(s, u, 0.5)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(grad.double(), torch.autograd.grad(kl64.sum(), s64)[0], rtol=1e-5, atol=1e-6)
+    s[2, 7] = float("nan")
+    loss, _ = impl.distill_fwd(s, u, 0.5, False)
+    assert torch.isnan(loss[2]) and torch.isfinite(loss[:2]).all()
+
+
+def test_gpu_compile():
+    """Every kl_div and distillation kernel configuration compiles for sm_80/sm_90."""
+    def run():
+        for dtype in (torch.float32, torch.bfloat16):
+            x, t = _inputs(3000, False, dtype)
+            for log_target in (False, True):
+                triton_kl.kl_div_fwd(x, t, log_target, False, 1.0)
+                triton_kl.kl_div_fwd(x, t, log_target, True, 0.5)
+                triton_kl.kl_div_bwd(torch.ones_like(x), x, t, log_target, True, True)
+                triton_kl.kl_div_bwd(torch.tensor(1.0, dtype=dtype), x, t, log_target, True, False)
+            for c in (781, 65537):
+                s = torch.randn(2, c, dtype=dtype)
+                triton_kl.distill_fwd(s, s, 0.5, True)
+                triton_kl.distill_fwd(s, s, 0.5, False)
+
+    report = check_gpu_compile(run)
+    assert {r[0] for r in report} == {"_kl_fwd_kernel", "_kl_bwd_kernel", "_distill_fwd_kernel"}
+    for name, arch, _, shared, regs in report:
+        assert shared <= 228 * 1024, f"{name} sm_{arch} needs {shared} B of shared memory"
+        assert regs == -1 or regs <= 255
