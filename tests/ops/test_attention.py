@@ -248,3 +248,17 @@ def test_reference_backend(reference_backend):
     q, k, v = (torch.randn(1, 2, 9, 16) for _ in range(3))
     assert torch.equal(tritium.scaled_dot_product_attention(q, k, v, is_causal=True),
                        F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,backward", [("float32", False), ("float32", True), ("bfloat16", True)])
+def test_peak_extra_memory_is_linear_in_seq(dtype, backward):
+    """Issue bar: peak extra memory O(seq), measured — doubling seq at most doubles it, and it stays far below the
+    (heads, seq, seq) score matrix an O(seq^2) implementation holds (fresh processes, see tritium.bench.memory)."""
+    from tritium.bench.memory import peak_extra_bytes
+
+    m2048 = peak_extra_bytes(2048, dtype, "tritium", backward)
+    m4096 = peak_extra_bytes(4096, dtype, "tritium", backward)
+    scores = 8 * 4096 * 4096 * 4
+    assert 0 < m4096 <= 2 * m2048, f"{m2048 / 2**20:.1f} MiB at 2048 -> {m4096 / 2**20:.1f} MiB at 4096"
+    assert m4096 < scores / 4

@@ -7,4 +7,5 @@ SUITES = {
     "ops": "tritium.bench.ops",
     "generate": "tritium.bench.generate",
     "models": "tritium.bench.models",
+    "memory": "tritium.bench.memory",
 }
