@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 import tritium
 from tritium.ops.paged import append_kv, paged_attention_decode
+from tritium.ops.linear import linear_small, small_rows_ok
 
 
 @dataclass
@@ -118,7 +119,10 @@ def _linear(x: Tensor, w: Tensor) -> Tensor:
 
 def _packed_linear(x: Tensor, w: Tensor, packed: Dict[int, Tensor]) -> Tensor:
     """x (T, in) @ w^T, through w's oneDNN-packed copy when the model has one (pack_for_inference); serving
-    only, no autograd."""
+    only, no autograd. A decode step's few rows go to linear_small (a weight stream at close to the read
+    bandwidth, about twice BLAS's GEMV here)."""
+    if small_rows_ok(x, w):
+        return linear_small(x, w)
     p = packed.get(id(w))
     if p is None:
         return torch.matmul(x, w.t())

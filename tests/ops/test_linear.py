@@ -1,0 +1,44 @@
+"""linear_small (the decode step's skinny x @ w.T) against a float64 reference, at odd sizes and every dtype."""
+import pytest
+import torch
+
+import tritium  # noqa: F401
+from tritium.ops.linear import MAX_ROWS, linear_small, small_rows_ok
+from tests.util import CPU_DTYPES, assert_within_torch_error
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("n,k", [(1, 1), (17, 7), (100, 33), (577, 576), (33, 1536)])
+def test_linear_small_matches_reference(dtype, m, n, k):
+    x = torch.randn(m, k, dtype=torch.float64).to(dtype)
+    w = (torch.randn(n, k, dtype=torch.float64) / k ** 0.5).to(dtype)
+    ref = x.double() @ w.double().t()
+    assert_within_torch_error(linear_small(x, w), x @ w.t(), ref, "y")
+
+
+def test_linear_small_strided_x_and_empty():
+    x = torch.randn(3, 64)[:, ::2]   # non-contiguous rows
+    w = torch.randn(10, 32)
+    torch.testing.assert_close(linear_small(x, w), x @ w.t())
+    assert linear_small(torch.randn(0, 32), w).shape == (0, 10)
+    torch.testing.assert_close(linear_small(torch.randn(2, 0), torch.randn(5, 0)), torch.zeros(2, 5))
+
+
+def test_linear_small_bad_input():
+    with pytest.raises(RuntimeError, match="must agree on K"):
+        linear_small(torch.randn(2, 8), torch.randn(4, 9))
+    with pytest.raises(RuntimeError, match="weight must have x's dtype"):
+        linear_small(torch.randn(2, 8), torch.randn(4, 8, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="weight must be contiguous"):
+        linear_small(torch.randn(2, 8), torch.randn(8, 4).t())
+
+
+def test_small_rows_routing_and_compile():
+    w = torch.randn(10, 16)
+    assert small_rows_ok(torch.randn(MAX_ROWS[torch.float32], 16), w)
+    assert not small_rows_ok(torch.randn(MAX_ROWS[torch.float32] + 1, 16), w)
+    assert not small_rows_ok(torch.randn(1, 16), w.t().contiguous().t())
+    x = torch.randn(2, 16)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(linear_small, fullgraph=True)(x, w), x @ w.t())
