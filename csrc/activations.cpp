@@ -443,7 +443,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dyt_bwd(const at::Ten
       V da(0);
       int64_t i = c0;
       auto step = [&](const V& d, const V& xv, const V& wv, V& out, V& t) {
-        t = ftanh(va * xv);
+        t = (va * xv).tanh();  // Sleef: ftanh's small but one-signed error adds up in the dalpha sum
         V g = d * wv * (V(1) - t * t);
         out = va * g;
         da = at::vec::fmadd(g, xv, da);
@@ -487,6 +487,63 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dyt_bwd(const at::Ten
   at::Tensor dw = need_dw ? finish(dw_part) : at::empty({0}, x.options());
   at::Tensor db = need_db ? finish(db_part) : at::empty({0}, x.options());
   return {dx, dalpha, dw, db};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Swish with a learnable beta (a one-element tensor): y = x s, s = sigmoid(beta x).
+// backward: dx = dy s (1 + beta x (1 - s)), dbeta = sum dy x^2 s (1 - s) (per-thread partials, summed in double).
+// ---------------------------------------------------------------------------------------------------------
+at::Tensor swish_beta_fwd(const at::Tensor& x, const at::Tensor& beta) {
+  check_rows(x, "input");
+  TORCH_CHECK(beta.numel() == 1 && beta.scalar_type() == x.scalar_type(), "swish: beta must be one element of x's dtype");
+  const int64_t M = x.size(0), N = x.size(1);
+  auto y = empty({M, N}, x.options());
+  TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_swish_beta_fwd", [&] {
+    using V = typename VecIO<scalar_t>::Vec;
+    const V vb(static_cast<acc_of<scalar_t>>(*beta.const_data_ptr<scalar_t>()));
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    const int64_t sx = x.stride(0);
+    for_chunks(M, N, [&](int64_t r, int64_t c0, int64_t c1) {
+      const scalar_t* const in[1] = {xp + r * sx + c0};
+      scalar_t* const out[1] = {yp + r * N + c0};
+      map_vec<scalar_t, 1, 1>(in, out, c1 - c0, [&](const V (&v)[1], V (&o)[1]) { o[0] = v[0] * fsigmoid(vb * v[0]); });
+    });
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> swish_beta_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& beta,
+                                                  bool need_dbeta) {
+  check_rows(dy, "grad_output");
+  check_rows(x, "input");
+  TORCH_CHECK(beta.numel() == 1 && beta.scalar_type() == x.scalar_type(), "swish: beta must be one element of x's dtype");
+  const int64_t M = x.size(0), N = x.size(1);
+  auto dx = empty({M, N}, x.options());
+  std::vector<double> db_part(at::get_num_threads(), 0.0);
+  TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_swish_beta_bwd", [&] {
+    using V = typename VecIO<scalar_t>::Vec;
+    using acc_t = acc_of<scalar_t>;
+    const V vb(static_cast<acc_t>(*beta.const_data_ptr<scalar_t>()));
+    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+    const int64_t sdy = dy.stride(0), sx = x.stride(0);
+    for_chunks(M, N, [&](int64_t r, int64_t c0, int64_t c1) {
+      V db(0);
+      const scalar_t* const in[2] = {dyp + r * sdy + c0, xp + r * sx + c0};
+      scalar_t* const out[1] = {dxp + r * N + c0};
+      map_vec<scalar_t, 2, 1>(in, out, c1 - c0, [&](const V (&v)[2], V (&o)[1]) {
+        const V s = fsigmoid(vb * v[1]), ds = s * (V(1) - s);  // padded lanes: dy = x = 0, no contribution
+        o[0] = v[0] * at::vec::fmadd(vb * v[1], V(1) - s, V(1)) * s;
+        if (need_dbeta) db = at::vec::fmadd(v[0] * v[1] * v[1], ds, db);
+      });
+      if (need_dbeta) db_part[at::get_thread_num()] += at::vec::vec_reduce_all<acc_t>([](V& p, V& q) { return p + q; }, db);
+    });
+  });
+  double db = 0;
+  for (double v : db_part) db += v;
+  return {dx, need_dbeta ? at::full({1}, db, x.options()) : at::empty({0}, x.options())};
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -615,6 +672,8 @@ TORCH_LIBRARY_IMPL(tritium, CPU, m) {
   m.impl(#name "_bwd", &gated_bwd<Op>);
   TRITIUM_GATES(TRITIUM_REG_GATE)
 #undef TRITIUM_REG_GATE
+  m.impl("swish_beta_fwd", &swish_beta_fwd);
+  m.impl("swish_beta_bwd", &swish_beta_bwd);
   m.impl("dyt_fwd", &dyt_fwd);
   m.impl("dyt_bwd", &dyt_bwd);
   m.impl("prelu_fwd", &prelu_fwd);

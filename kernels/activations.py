@@ -286,6 +286,38 @@ def _dyt_bwd_kernel(DY, X, ALPHA, W, DX, DA_PART, DW_PART, DB_PART, stride_dy, s
 
 
 @triton.jit
+def _swish_beta_fwd_kernel(X, BETA, Y, stride_x, N, blocks_per_row, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // blocks_per_row
+    cols = (pid % blocks_per_row) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = cols < N
+    beta = tl.load(BETA).to(tl.float32)
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * N + cols, (x * _sigmoid(beta * x)).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swish_beta_bwd_kernel(DY, X, BETA, DX, DB_PART, stride_dy, stride_x, M, N, rows_per_program,
+                           BLOCK_N: tl.constexpr):
+    # grid (P, column blocks), as _dyt_bwd_kernel: each program keeps its dbeta partial sum in registers
+    p = tl.program_id(0)
+    j = tl.program_id(1)
+    cols = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = cols < N
+    beta = tl.load(BETA).to(tl.float32)
+    db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    row_start = p.to(tl.int64) * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    for r in range(row_start, row_end):
+        dy = tl.load(DY + r * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + r * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        s = _sigmoid(beta * x)
+        tl.store(DX + r * N + cols, (dy * s * (1.0 + beta * x * (1.0 - s))).to(DX.dtype.element_ty), mask=mask)
+        db += dy * x * x * s * (1.0 - s)
+    tl.store(DB_PART + p.to(tl.int64) * tl.num_programs(1) + j, tl.sum(db, axis=0))
+
+
+@triton.jit
 def _prelu_fwd_kernel(X, W, Y, stride_x, N, C, blocks_per_row,
                       PER_ROW: tl.constexpr,  # channel = row % C (channels before contiguous inner dims), else column
                       BLOCK_N: tl.constexpr):
@@ -404,6 +436,30 @@ def gated_bwd(dy, x, up, layout, gate):
         _gated_bwd_kernel[grid](dy, g, u, dg, du, dy.stride(0), g.stride(0), u.stride(0), dg.stride(0),
                                 du.stride(0), H, bpr, ACT=GATE_IDS[gate], BLOCK_N=BLOCK, num_warps=4)
     return dx, dup
+
+
+def swish_beta_fwd(x, beta):
+    """y = x * sigmoid(beta * x).  x (M, N), beta (1,) -> y (M, N).  Moves 2MN."""
+    M, N = x.shape
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if M * N:
+        grid, bpr = _grid(M, N)
+        _swish_beta_fwd_kernel[grid](x, beta, y, x.stride(0), N, bpr, BLOCK_N=BLOCK, num_warps=4)
+    return y
+
+
+def swish_beta_bwd(dy, x, beta, need_dbeta):
+    """dx = dy s (1 + beta x (1 - s)), dbeta = sum dy x^2 s (1 - s) (s = sigmoid(beta x)).
+    dy, x (M, N) -> dx (M, N), dbeta (1,) (empty if not needed).  Moves 3MN."""
+    M, N = x.shape
+    dx = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    P = num_programs(x.device, M)
+    nb = triton.cdiv(N, BLOCK)
+    db_part = torch.zeros((P, nb), device=x.device, dtype=torch.float32)
+    if M * N:
+        _swish_beta_bwd_kernel[(P, nb)](dy, x, beta, dx, db_part, dy.stride(0), x.stride(0), M, N,
+                                        triton.cdiv(M, P), BLOCK_N=BLOCK, num_warps=4)
+    return dx, (db_part.sum().reshape(1).to(x.dtype) if need_dbeta else x.new_empty((0,)))
 
 
 def dyt_fwd(x, alpha, weight, bias):

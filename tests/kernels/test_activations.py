@@ -154,6 +154,21 @@ def test_dyt(impl_name, impl, dtype):
 
 
 @pytest.mark.parametrize("impl_name,impl,dtype", CASES, ids=CASE_IDS)
+def test_swish_learnable_beta(impl_name, impl, dtype):
+    """swish with a one-element beta tensor: y, dx and dbeta (a reduction over every element)."""
+    for n in (1, 7, 781, 4097):
+        x, dy = _x((ROWS + 2, n), dtype), _x((ROWS + 2, n), dtype, 1.0)
+        beta = torch.tensor([1.3], dtype=torch.float64).to(dtype)
+        y = impl.swish_beta_fwd(x, beta)
+        dx, db = impl.swish_beta_bwd(dy, x, beta, True)
+        (ty, tg), (ry, rg) = torch_and_ref(lambda x_, b_: x_ * torch.sigmoid(b_ * x_), [x, beta], dy, dtype)
+        assert_within_torch_error(y, ty, ry, "y")
+        assert_within_torch_error(dx, tg[0], rg[0], f"dx n={n}")
+        assert_within_torch_error(db, tg[1], rg[1], f"dbeta n={n}")
+        assert impl.swish_beta_bwd(dy, x, beta, False)[1].numel() == 0
+
+
+@pytest.mark.parametrize("impl_name,impl,dtype", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("per_row", [True, False])
 def test_prelu(impl_name, impl, dtype, per_row):
     C = 5
@@ -209,6 +224,8 @@ def test_gpu_compile():
             w = torch.randn(n).to(dtype)
             a = torch.tensor([0.5]).to(dtype)
             triton_act.dyt_fwd(x, a, w, w)
+            triton_act.swish_beta_fwd(x, a)
+            triton_act.swish_beta_bwd(x, x, a, True)
             for need in (True, False):
                 triton_act.dyt_bwd(x, x, a, w, True, need, need)
             for per_row in (True, False):
@@ -219,7 +236,8 @@ def test_gpu_compile():
     report = check_gpu_compile(run)
     kernels = {r[0] for r in report}
     assert kernels == {"_act_fwd_kernel", "_act_bwd_kernel", "_gated_fwd_kernel", "_gated_bwd_kernel",
-                       "_dyt_fwd_kernel", "_dyt_bwd_kernel", "_prelu_fwd_kernel", "_prelu_bwd_kernel"}
+                       "_dyt_fwd_kernel", "_dyt_bwd_kernel", "_prelu_fwd_kernel", "_prelu_bwd_kernel",
+                       "_swish_beta_fwd_kernel", "_swish_beta_bwd_kernel"}
     acts = {r[2]["ACT"] for r in report if r[0] == "_act_fwd_kernel"}
     assert acts == set(triton_act.ACT_IDS.values())
     for name, arch, _, shared, regs in report:

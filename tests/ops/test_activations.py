@@ -136,6 +136,27 @@ def test_gradcheck_params():
     assert torch.autograd.gradcheck(lambda a, c: tritium.geglu(a, c, approximate="tanh"), (g, u))
     beta = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(tritium.swish, (x, beta))
+    assert "swish_beta" in tritium.swish(x, beta).grad_fn.next_functions[0][0].name()  # the kernel ran
+    per_channel = torch.rand(1, 5, 1, dtype=torch.float64, requires_grad=True)  # broadcast: torch's composition
+    assert torch.autograd.gradcheck(tritium.swish, (x, per_channel))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_swish_learnable_beta_matches_torch(dtype):
+    x = torch.randn(3, 4, 33, dtype=torch.float64)[..., ::2]   # non-contiguous
+    for beta0 in (torch.tensor(1.4), torch.tensor([0.3])):
+        outs = {}
+        for d in (dtype, torch.float64):
+            xi, bi = x.to(d).requires_grad_(), beta0.to(d).requires_grad_()
+            for name, fn in (("ours", tritium.swish), ("torch", lambda a, b: a * torch.sigmoid(b * a))):
+                if name == "ours" and d == torch.float64 and dtype != torch.float64:
+                    continue
+                y = fn(xi, bi)
+                outs[name, d] = (y.detach(), *torch.autograd.grad(y, (xi, bi), torch.ones_like(y)))
+        for i, what in enumerate(("y", "dx", "dbeta")):
+            assert outs["ours", dtype][i].shape == outs["torch", dtype][i].shape
+            assert_within_torch_error(outs["ours", dtype][i], outs["torch", dtype][i],
+                                      outs["torch", torch.float64][i].double(), what)
 
 
 def test_params_match_torch():

@@ -175,6 +175,27 @@ def _dyt_backward(ctx, dy):
 dyt_fwd = define_op("dyt_fwd(Tensor x, Tensor alpha, Tensor weight, Tensor bias) -> Tensor", _fake_dyt_fwd,
                     "activations:dyt_fwd", _dyt_backward, _dyt_setup)
 
+def _fake_swish_beta_bwd(dy, x, beta, need_dbeta):
+    return x.new_empty(x.shape), x.new_empty((1 if need_dbeta else 0,))
+
+
+swish_beta_bwd = define_op("swish_beta_bwd(Tensor dy, Tensor x, Tensor beta, bool need_dbeta) -> (Tensor, Tensor)",
+                           _fake_swish_beta_bwd, "activations:swish_beta_bwd")
+
+
+def _swish_beta_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _swish_beta_backward(ctx, dy):
+    x, beta = ctx.saved_tensors
+    dx, db = swish_beta_bwd(_grad_rows(dy), x, beta, ctx.needs_input_grad[1])
+    return dx, (db if ctx.needs_input_grad[1] else None)
+
+
+swish_beta_fwd = define_op("swish_beta_fwd(Tensor x, Tensor beta) -> Tensor", lambda x, beta: x.new_empty(x.shape),
+                           "activations:swish_beta_fwd", _swish_beta_backward, _swish_beta_setup)
+
 prelu_bwd = define_op("prelu_bwd(Tensor dy, Tensor x, Tensor weight, bool per_row, bool need_dw) -> (Tensor, Tensor)",
                       _fake_prelu_bwd, "activations:prelu_bwd")
 
@@ -317,10 +338,15 @@ def hardswish(input: Tensor, inplace: bool = False) -> Tensor:
 
 
 def swish(input: Tensor, beta: Union[float, Tensor] = 1.0) -> Tensor:
-    """x * sigmoid(beta * x). ``beta`` is a float or a learnable tensor (broadcast against x; a tensor beta
-    goes through the reference, which gives it its gradient). beta = 1 is SiLU."""
+    """x * sigmoid(beta * x). ``beta`` is a float or a learnable tensor: a one-element tensor (Swish-beta's
+    learnable scalar) runs its own kernel pair, which also returns beta's gradient (a reduction over every
+    element, summed in double on CPU); a tensor beta of another shape broadcasts against x through torch's
+    composition (the reference). beta = 1 is SiLU."""
     if isinstance(beta, Tensor):
-        return reference.swish(input, beta)
+        if not (_kernel_ok(input, beta) and beta.numel() == 1 and input.dim() > 0 and beta.dim() <= input.dim()):
+            return reference.swish(input, beta)
+        n = input.shape[-1]
+        return swish_beta_fwd(rows(input, n), beta.reshape(1)).view(input.shape)
     return _unary("swish", input, (beta, 0, 0), False, lambda: reference.swish(input, beta))
 
 
