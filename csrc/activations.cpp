@@ -443,7 +443,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dyt_bwd(const at::Ten
       V da(0);
       int64_t i = c0;
       auto step = [&](const V& d, const V& xv, const V& wv, V& out, V& t) {
-        t = (va * xv).tanh();  // Sleef: ftanh's small but one-signed error adds up in the dalpha sum
+        // float: Sleef, as ftanh's small but one-signed error adds up in the dalpha sum; 16-bit: ftanh suffices
+        t = std::is_same_v<scalar_t, float> ? (va * xv).tanh() : ftanh(va * xv);
         V g = d * wv * (V(1) - t * t);
         out = va * g;
         da = at::vec::fmadd(g, xv, da);
