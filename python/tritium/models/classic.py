@@ -340,7 +340,7 @@ DIGITS: Dict[str, Tuple[Callable[[str], nn.Module], Callable[[Tensor], Tensor]]]
     "lstm": (lambda impl: RNNClassifier("lstm", 8, 128, 10, impl=impl), _rows),
     "gru": (lambda impl: RNNClassifier("gru", 8, 128, 10, impl=impl), _rows),
     "vit": (lambda impl: ViT(8, 2, 1, 64, 4, 4, 10, mlp_ratio=2, impl=impl), _images),
-    "encoder": (lambda impl: TransformerEncoder(17, 64, 64, 2, 4, 10, pre_norm=False, mlp_ratio=2, impl=impl),
+    "encoder": (lambda impl: TransformerEncoder(17, 64, 64, 2, 4, 10, pre_norm=True, mlp_ratio=2, impl=impl),
                 _tokens),
 }
 

@@ -34,7 +34,7 @@ RECIPES: Dict[str, Recipe] = {
     "lstm": Recipe(40, 3e-3),
     "gru": Recipe(40, 3e-3),
     "vit": Recipe(60, 1e-3, weight_decay=0.05),
-    "encoder": Recipe(40, 1e-3, weight_decay=0.05),
+    "encoder": Recipe(40, 2e-3, weight_decay=0.05),
 }
 
 
