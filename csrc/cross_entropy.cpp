@@ -24,28 +24,6 @@ inline acc_of<T> hsum(const typename VecIO<T>::Vec& v) {
   return at::vec::vec_reduce_all<acc_of<T>>([](Vec& a, Vec& b) { return a + b; }, v);
 }
 
-template <typename T>
-acc_of<T> row_max(const T* x, int64_t n) {
-  using IO = VecIO<T>;
-  using Vec = typename IO::Vec;
-  using acc_t = acc_of<T>;
-  constexpr int64_t K = IO::kSize;
-  Vec m0(-std::numeric_limits<acc_t>::infinity()), m1 = m0;
-  int64_t i = 0;
-  for (; i + 2 * K <= n; i += 2 * K) {
-    m0 = at::vec::maximum(m0, IO::load(x + i));
-    m1 = at::vec::maximum(m1, IO::load(x + i + K));
-  }
-  for (; i + K <= n; i += K) m0 = at::vec::maximum(m0, IO::load(x + i));
-  acc_t m = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); },
-                                           at::vec::maximum(m0, m1));
-  for (; i < n; ++i) {
-    acc_t v = static_cast<acc_t>(x[i]);
-    m = (v != v || v > m) ? v : m;
-  }
-  return m;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& x, const at::Tensor& target,
                                                                  const c10::optional<at::Tensor>& weight,
                                                                  int64_t ignore_index, double label_smoothing,
@@ -97,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tenso
         }
         const scalar_t* xr = xp + r * sx;
         acc_t* buf = gr;
-        const acc_t m = row_max(xr, C);
+        const acc_t m = row_max_acc(xr, C);
         const Vec vm(m);
         // pass 2: sum exp(x - m) (kept in buf for the gradient) and, with smoothing, sum w_c x_c
         Vec s0(0), s1(0), q0(0);

@@ -153,23 +153,6 @@ std::tuple<at::Tensor, at::Tensor> kl_div_bwd(const at::Tensor& grad, const at::
   return {dx, dt};
 }
 
-template <typename T>
-acc_of<T> row_max(const T* x, int64_t n) {
-  using IO = VecIO<T>;
-  using Vec = typename IO::Vec;
-  using acc_t = acc_of<T>;
-  constexpr int64_t K = IO::kSize;
-  Vec m0(-std::numeric_limits<acc_t>::infinity());
-  int64_t i = 0;
-  for (; i + K <= n; i += K) m0 = at::vec::maximum(m0, IO::load(x + i));
-  acc_t m = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, m0);
-  for (; i < n; ++i) {
-    const acc_t v = static_cast<acc_t>(x[i]);
-    m = (v != v || v > m) ? v : m;
-  }
-  return m;
-}
-
 std::tuple<at::Tensor, at::Tensor> distill_fwd(const at::Tensor& s, const at::Tensor& u, double inv_temp,
                                                bool need_grad) {
   check_rows(s, "student_logits");
@@ -197,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor> distill_fwd(const at::Tensor& s, const at::Te
         const scalar_t* sr = sp + r * ss;
         const scalar_t* ur = up + r * su;
         acc_t* gr = gp ? gp + r * C : nullptr;  // also the buffer of exp(a - max a)
-        const acc_t ma = k * row_max(sr, C), mb = k * row_max(ur, C);
+        const acc_t ma = k * row_max_acc(sr, C), mb = k * row_max_acc(ur, C);
         const Vec vk(k), vma(ma), vmb(mb), zero(0);
         Vec sa(0), sb(0), A(0);
         int64_t i = 0;

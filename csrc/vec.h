@@ -177,6 +177,29 @@ inline Vectorized<A> reduce_lanes(const Vectorized<A>* v) {
   return Vectorized<A>::loadu(out);
 }
 
+// max of a row in the accumulation type, NaN-propagating as torch's max reduction (two vector chains)
+template <typename T>
+acc_type<T> row_max_acc(const T* x, int64_t n) {
+  using IO = VecIO<T>;
+  using Vec = typename IO::Vec;
+  using acc_t = acc_type<T>;
+  constexpr int64_t K = IO::kSize;
+  Vec m0(-std::numeric_limits<acc_t>::infinity()), m1 = m0;
+  int64_t i = 0;
+  for (; i + 2 * K <= n; i += 2 * K) {
+    m0 = at::vec::maximum(m0, IO::load(x + i));
+    m1 = at::vec::maximum(m1, IO::load(x + i + K));
+  }
+  for (; i + K <= n; i += K) m0 = at::vec::maximum(m0, IO::load(x + i));
+  acc_t m = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); },
+                                           at::vec::maximum(m0, m1));
+  for (; i < n; ++i) {
+    acc_t v = static_cast<acc_t>(x[i]);
+    m = (v != v || v > m) ? v : m;
+  }
+  return m;
+}
+
 // Rows per task so that one task touches at least ~16K elements (keeps parallel_for overhead small for narrow
 // rows while still splitting 2 rows across 2 cores when rows are wide).
 inline int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)); }
