@@ -34,7 +34,9 @@ def time_fn(fn: Callable[[], object], min_run_time: float = 0.5, device: str = "
     from torch.utils import benchmark
 
     fn()  # warm-up (first-call allocations, lazy imports)
-    m = benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    # every core, as the user's process runs (torch.utils.benchmark.Timer defaults to ONE thread)
+    m = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=min_run_time)
     return m.median
 
 
