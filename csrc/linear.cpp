@@ -94,18 +94,17 @@ at::Tensor linear_small(const at::Tensor& x, const at::Tensor& w) {
   if (K == 0) return y.zero_();
   TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_linear_small", [&] {
     using A = acc_type<scalar_t>;
-    // x in the accumulation type, contiguous: M * K values (a few KiB), converted once
-    std::vector<A> xa(M * K);
+    // x contiguous in the accumulation type (read in place for float/double, converted once otherwise)
     const auto xc = x.contiguous();
-    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < M * K; ++i) xa[i] = static_cast<A>(xp[i]);
+    std::vector<A> buf;
+    const A* xa = as_acc(xc.const_data_ptr<scalar_t>(), M * K, buf);
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     // split N into one contiguous range per thread (whole groups of kRows rows), so each thread streams its part
     const int64_t groups = (N + kRows - 1) / kRows;
     const int64_t min_groups = std::max<int64_t>(1, 16384 / std::max<int64_t>(K * kRows, 1));
     at::parallel_for(0, groups, min_groups, [&](int64_t g0, int64_t g1) {
-      rows_range<scalar_t>(xa.data(), M, K, wp, g0 * kRows, std::min(N, g1 * kRows), yp, N);
+      rows_range<scalar_t>(xa, M, K, wp, g0 * kRows, std::min(N, g1 * kRows), yp, N);
     });
   });
   return y;

@@ -444,14 +444,13 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperatur
     if target is not None and tuple(target.shape) != tuple(student_logits.shape[:-1]):
         raise ValueError(f"distillation_loss: target must have shape {tuple(student_logits.shape[:-1])}, got "
                          f"{tuple(target.shape)}")
-    s2 = student_logits.reshape(-1, c)
     ok = (not use_reference() and _device_ok(student_logits) and teacher_logits.dtype == student_logits.dtype
           and teacher_logits.device == student_logits.device and student_logits.numel() > 0)
     if not ok:
         return reference.distillation_loss(student_logits, teacher_logits, temperature, alpha, target, ignore_index)
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    kl_rows, _ = distill_fwd(rows(student_logits, c), rows(teacher_logits.detach(), c), 1.0 / temperature,
-                             need_grad)
+    s2 = rows(student_logits, c)  # one (rows, classes) view for the KL kernel and the hard-label term
+    kl_rows, _ = distill_fwd(s2, rows(teacher_logits.detach(), c), 1.0 / temperature, need_grad)
     loss = (kl_rows.sum() * (alpha * temperature ** 2 / s2.shape[0])).to(student_logits.dtype)
     if target is not None:
         loss = loss + (1 - alpha) * cross_entropy(s2, target.reshape(-1), ignore_index=ignore_index)
