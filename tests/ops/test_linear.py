@@ -8,13 +8,21 @@ from tests.util import CPU_DTYPES, assert_within_torch_error
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9, 16, 37])
 @pytest.mark.parametrize("n,k", [(1, 1), (17, 7), (100, 33), (577, 576), (33, 1536)])
 def test_linear_small_matches_reference(dtype, m, n, k):
     x = torch.randn(m, k, dtype=torch.float64).to(dtype)
     w = (torch.randn(n, k, dtype=torch.float64) / k ** 0.5).to(dtype)
     ref = x.double() @ w.double().t()
     assert_within_torch_error(linear_small(x, w), x @ w.t(), ref, "y")
+
+
+@pytest.mark.parametrize("m,n,k", [(130, 21, 576), (45, 9, 1536), (301, 5, 100)])
+def test_linear_small_rows_past_one_l2_chunk(m, n, k):
+    """More rows than one pass over the weights takes (x is read in chunks that fit in L2)."""
+    x = torch.randn(m, k, dtype=torch.float64).float()
+    w = (torch.randn(n, k, dtype=torch.float64) / k ** 0.5).float()
+    assert_within_torch_error(linear_small(x, w), x @ w.t(), x.double() @ w.double().t(), "y")
 
 
 def test_linear_small_strided_x_and_empty():
@@ -36,9 +44,13 @@ def test_linear_small_bad_input():
 
 def test_small_rows_routing_and_compile():
     w = torch.randn(10, 16)
-    assert small_rows_ok(torch.randn(MAX_ROWS[torch.float32], 16), w)
-    assert not small_rows_ok(torch.randn(MAX_ROWS[torch.float32] + 1, 16), w)
+    assert MAX_ROWS[torch.float32] is None and small_rows_ok(torch.randn(4096, 16), w)   # float32: any rows
+    wb = w.bfloat16()
+    assert small_rows_ok(torch.randn(MAX_ROWS[torch.bfloat16], 16).bfloat16(), wb)
+    assert not small_rows_ok(torch.randn(MAX_ROWS[torch.bfloat16] + 1, 16).bfloat16(), wb)
+    assert not small_rows_ok(torch.randn(0, 16), w)
     assert not small_rows_ok(torch.randn(1, 16), w.t().contiguous().t())
+    assert not small_rows_ok(torch.randn(1, 16, dtype=torch.complex64), w)
     x = torch.randn(2, 16)
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(linear_small, fullgraph=True)(x, w), x @ w.t())
