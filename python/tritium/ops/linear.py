@@ -33,6 +33,20 @@ _lib.impl("linear_small", lambda x, weight: torch.matmul(x, weight.t()), "CUDA")
 linear_small = torch.ops.tritium.linear_small
 
 
+_lib.define("mm_pooled(Tensor a, Tensor b, Tensor? bias=None) -> Tensor")
+
+
+@torch.library.register_fake(f"{NAMESPACE}::mm_pooled", lib=_lib)
+def _fake_mm(a, b, bias=None):
+    return a.new_empty((a.shape[0], b.shape[1]))
+
+
+# CUDA: torch's caching allocator already reuses blocks
+_lib.impl("mm_pooled", lambda a, b, bias=None: torch.mm(a, b) if bias is None else torch.addmm(bias, a, b), "CUDA")
+mm_pooled = torch.ops.tritium.mm_pooled
+"""a @ b (+ bias) into an output from tritium's CPU pool (no fresh pages per call); no autograd of its own."""
+
+
 def small_rows_ok(x: Tensor, w: Tensor) -> bool:
     """True when linear_small is the faster way to compute x @ w.T (CPU, few rows, same dtype, w contiguous)."""
     if x.dtype not in MAX_ROWS:

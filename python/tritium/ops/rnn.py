@@ -6,8 +6,9 @@ followed by ONE fused cell pass (gate nonlinearities, cell update and output; th
 / ``gru_cell_fwd`` are one step, ``lstm_scan_fwd`` / ``gru_scan_fwd`` loop the steps in C++ (CPU) or launch
 the Triton cell kernel per step (GPU), writing straight into the (T, B, .) outputs). Backward through time runs the fused cell backward kernel per step and
 carries dh through W_hh; the weight gradient dW_hh = sum_t dG_t^T h_{t-1} is ONE matmul over all steps at the
-end (torch's autograd does one small matmul per step), and dW_ih, db and dx come from autograd on the
-projection, again one matmul each.
+end (torch's autograd does one small matmul per step), and dW_ih, db and dx are one matmul (or sum) each in
+the projection's backward. On CPU the per-step recurrent products are rowgemm's register tiles (csrc/rowgemm.h,
+1.4-1.5x MKL at these shapes) and the projection's large outputs come from tritium's pool.
 
 ``lstm`` and ``gru`` have the signature of ``torch.lstm`` / ``torch.gru`` (the unpacked overloads that
 torch.nn.LSTM/GRU call); anything the kernels do not cover (an unsupported dtype or device, empty input,
@@ -24,6 +25,7 @@ from torch import Tensor
 from .. import reference
 from .._backend import use_reference
 from ._library import SUPPORTED_DTYPES, define_op
+from .linear import mm_pooled
 
 
 # ---- fake kernels: shapes only ----
@@ -93,11 +95,40 @@ gru_scan_bwd = define_op(
     " -> (Tensor, Tensor, Tensor)", _fake_gru_scan_bwd, "rnn:gru_scan_bwd")
 
 
-def _shifted(hs: Tensor, h0: Tensor, reverse: bool) -> Tensor:
-    """The state entering each step, (T, B, H): h_{t-1} (forward) or h_{t+1} (reverse), h0 at the start."""
-    if reverse:
-        return torch.cat([hs[1:], h0.unsqueeze(0)], 0)
-    return torch.cat([h0.unsqueeze(0), hs[:-1]], 0)
+class _Projection(torch.autograd.Function):
+    """xproj (T, B, G) = x (T, B, I) @ w^T + bias, every step's input projection in one matmul. Its output and
+    the input's gradient come from tritium's CPU pool (mm_pooled): at (128, 64, 2048) a fresh tensor's first
+    touch costs a fifth of the matmul."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, bias: Optional[Tensor]):
+        T, B, I = x.shape
+        x2 = x.reshape(T * B, I)
+        ctx.save_for_backward(x2, w)
+        ctx.has_bias = bias is not None
+        return mm_pooled(x2, w.t(), bias).view(T, B, w.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x2, w = ctx.saved_tensors
+        T, B, G = dy.shape
+        d2 = dy.reshape(T * B, G)
+        dx = mm_pooled(d2, w).view(T, B, w.shape[1]) if ctx.needs_input_grad[0] else None
+        dw = d2.t() @ x2 if ctx.needs_input_grad[1] else None
+        db = d2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
+def _weight_grad(dg: Tensor, hs: Tensor, h0: Tensor, reverse: bool) -> Tensor:
+    """sum_t dG_t^T h_{t-1} (dg (T, B, G), hs (T, B, H)): one matmul over the steps that follow a step
+    (views, no copy of hs) plus the first step's product with h0."""
+    T, B, G = dg.shape
+    H = hs.shape[2]
+    first, rest, prev = (T - 1, slice(0, T - 1), slice(1, T)) if reverse else (0, slice(1, T), slice(0, T - 1))
+    dw = dg[first].t() @ h0
+    if T > 1:
+        dw = torch.addmm(dw, dg[rest].reshape((T - 1) * B, G).t(), hs[prev].reshape((T - 1) * B, H))
+    return dw
 
 
 def _grad_seq(g: Optional[Tensor], like: Tensor) -> Tensor:
@@ -125,7 +156,7 @@ class _LSTMScan(torch.autograd.Function):
                                          ctx.reverse)
         dw = None
         if ctx.needs_input_grad[1]:  # sum_t dG_t^T h_{t-1}: one matmul over all steps
-            dw = dgates.reshape(T * B, 4 * H).t() @ _shifted(hs, h0, ctx.reverse).reshape(T * B, H)
+            dw = _weight_grad(dgates, hs, h0, ctx.reverse)
         return dgates, dw, dh0, dc0, None
 
 
@@ -147,7 +178,7 @@ class _GRUScan(torch.autograd.Function):
         dx, dq, dh0 = gru_scan_bwd(_grad_seq(dhs, hs), w_hh, h0, hs, saved, ctx.reverse)
         dw = db = None
         if ctx.needs_input_grad[1]:
-            dw = dq.reshape(T * B, 3 * H).t() @ _shifted(hs, h0, ctx.reverse).reshape(T * B, H)
+            dw = _weight_grad(dq, hs, h0, ctx.reverse)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dq.sum((0, 1))
         return dx, dw, db, dh0, None
@@ -189,11 +220,11 @@ def _run(cell: str, input: Tensor, h0: Tensor, c0: Optional[Tensor], params, has
         k = layer * D + d
         if cell == "lstm":
             bias = None if b_ih is None else b_ih + b_hh
-            xproj = F.linear(x, w_ih, bias)  # (T, B, 4H): every step's input projection in one matmul
+            xproj = _Projection.apply(x, w_ih, bias)  # (T, B, 4H): every step's input projection in one matmul
             hs, c = _LSTMScan.apply(xproj, w_hh, h0[k], c0[k], d == 1)
             cn.append(c)
         else:
-            xproj = F.linear(x, w_ih, b_ih)  # (T, B, 3H)
+            xproj = _Projection.apply(x, w_ih, b_ih)  # (T, B, 3H)
             hs = _GRUScan.apply(xproj, w_hh, b_hh, h0[k], d == 1)
         layer_out.append(hs)
         hn.append(hs[0 if d == 1 else -1])  # h_T: the last step processed (step 0 for the reverse direction)
