@@ -1,5 +1,6 @@
 // tritium::linear_small's CPU kernel (python/tritium/ops/linear.py): y = x @ w^T through rowgemm (rowgemm.h),
 // which explains why it beats BLAS on the serving path's shapes.
+#include "panel.h"
 #include "rowgemm.h"
 
 namespace tritium {
@@ -48,9 +49,59 @@ at::Tensor mm_pooled(const at::Tensor& a, const at::Tensor& b, const c10::option
   return y;
 }
 
+// w (N, K) -> its column panels for linear_packed (panel.h): (ceil(N / P), K, P), P = panel::width (64 floats or
+// 32 doubles with AVX-512), rows past N zero.
+at::Tensor pack_linear(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2, "pack_linear: weight must be (N, K), got ", w.sizes());
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble,
+              "pack_linear: weight must be float32 or float64, got ", w.scalar_type());
+  const auto wc = w.contiguous();
+  const int64_t N = w.size(0), K = w.size(1);
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "tritium_pack_linear", [&] {
+    constexpr int64_t P = panel::width<scalar_t>();
+    out = at::empty({(N + P - 1) / P, K, P}, w.options());
+    panel::pack<scalar_t>(wc.const_data_ptr<scalar_t>(), N, K, out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+// x (M, K) @ w^T for w packed by pack_linear (n = w's row count N) [+ bias (N)]
+at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, int64_t n, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2, "linear_packed: x must be (M, K), got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == packed.scalar_type(), "linear_packed: packed weight must have x's dtype ",
+              x.scalar_type(), ", got ", packed.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "linear_packed: x must be float32 or float64, got ", x.scalar_type());
+  const int64_t M = x.size(0), K = x.size(1);
+  auto y = at::empty({M, n}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tritium_linear_packed", [&] {
+    constexpr int64_t P = panel::width<scalar_t>();
+    TORCH_CHECK(packed.dim() == 3 && packed.size(0) == (n + P - 1) / P && packed.size(1) == K && packed.size(2) == P &&
+                    packed.is_contiguous(),
+                "linear_packed: packed weight must be pack_linear's (", (n + P - 1) / P, ", ", K, ", ", P,
+                ") for n = ", n, " and x's K = ", K, ", got ", packed.sizes());
+    const scalar_t* bp = nullptr;
+    at::Tensor bc;
+    if (bias.has_value()) {
+      TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->scalar_type() == x.scalar_type(),
+                  "linear_packed: bias must be (", n, ",) of x's dtype, got ", bias->sizes(), " ", bias->scalar_type());
+      bc = bias->contiguous();
+      bp = bc.const_data_ptr<scalar_t>();
+    }
+    if (M == 0 || n == 0) return;
+    const auto xc = x.stride(1) == 1 ? x : x.contiguous();
+    panel_gemm<scalar_t>(xc.const_data_ptr<scalar_t>(), xc.stride(0), M, K, packed.const_data_ptr<scalar_t>(), n,
+                         y.mutable_data_ptr<scalar_t>(), n, bp, 0);
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tritium, CPU, m) {
+  m.impl("pack_linear", &pack_linear);
+  m.impl("linear_packed", &linear_packed);
   m.impl("mm_pooled", &mm_pooled);
   m.impl("linear_small", &linear_small);
 }

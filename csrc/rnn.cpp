@@ -15,7 +15,7 @@
 // Rows (batch entries) are independent: at::parallel_for splits them; each row is read and written once.
 // The scan ops (lstm_scan_fwd/bwd, gru_scan_fwd/bwd) run a whole layer-direction through time here, so a step
 // costs one matmul and one cell pass, with no Python, allocation or copy in between.
-#include "rowgemm.h"
+#include "panel.h"
 
 namespace tritium {
 namespace {
@@ -282,28 +282,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_cell_bwd(const at::Tensor& dh
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// the scans: a whole layer-direction through time. Per step one matmul into a scratch buffer (step_mm, which
+// the scans: a whole layer-direction through time. Per step one matmul into a scratch buffer (StepWeight::mm, which
 // also adds the precomputed input projection or the carried gradient) and one fused cell pass writing
 // straight into the (T, B, .) outputs: no per-step allocation or copy.
 // ---------------------------------------------------------------------------------------------------------
 inline int64_t step_at(int64_t k, int64_t T, bool reverse) { return reverse ? T - 1 - k : k; }
 
-// y (B, N) = x (B, K) @ w^T [+ c] for one step, w (N, K) contiguous, c null, (B, N) or a bias (N). float/double:
-// rowgemm (register tiles on torch's own layout, no repacking per call: 1.4-1.5x MKL's addmm at batch 64,
-// hidden 512 on the 2-core CPU); 16-bit: at::addmm (oneDNN's bf16 kernels).
+// The recurrent weight of a scan, ready for its per-step products y (B, N) = x (B, K) @ w^T [+ c]: float/double
+// pack w (N, K) once into column panels for panel_gemm (csrc/panel.h: register tiles with no reduction epilogue,
+// 1.4-1.5x MKL's addmm at batch 64, hidden 512 on the 2-core CPU, and no repacking per step); 16-bit keeps w for
+// at::addmm (oneDNN's bf16 kernels).
 template <typename T>
-void step_mm(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, const at::Tensor* c) {
-  if constexpr (std::is_same_v<T, acc_of<T>>) {
-    const T* cp = c ? c->const_data_ptr<T>() : nullptr;
-    const int64_t ldc = c && c->dim() == 2 ? c->stride(0) : 0;
-    rowgemm<T>(x.const_data_ptr<T>(), x.stride(0), x.size(0), x.size(1), w.const_data_ptr<T>(), w.size(0),
-               y.mutable_data_ptr<T>(), y.stride(0), cp, ldc);
-  } else if (c) {
-    at::addmm_out(y, *c, x, w.t());
-  } else {
-    at::mm_out(y, x, w.t());
+struct StepWeight {
+  at::Tensor w, packed;
+  int64_t N, K;
+  explicit StepWeight(const at::Tensor& w_) : w(w_.contiguous()), N(w_.size(0)), K(w_.size(1)) {
+    if constexpr (std::is_same_v<T, acc_of<T>>) {
+      packed = at::empty({panel::packed_size<T>(N, K)}, w.options());
+      panel::pack<T>(w.const_data_ptr<T>(), N, K, packed.mutable_data_ptr<T>());
+    }
   }
-}
+  // y = x @ w^T [+ c]; c null, (B, N) or a bias (N)
+  void mm(at::Tensor& y, const at::Tensor& x, const at::Tensor* c) const {
+    if constexpr (std::is_same_v<T, acc_of<T>>) {
+      const T* cp = c ? c->const_data_ptr<T>() : nullptr;
+      const int64_t ldc = c && c->dim() == 2 ? c->stride(0) : 0;
+      panel_gemm<T>(x.const_data_ptr<T>(), x.stride(0), x.size(0), K, packed.const_data_ptr<T>(), N,
+                    y.mutable_data_ptr<T>(), y.stride(0), cp, ldc);
+    } else if (c) {
+      at::addmm_out(y, *c, x, w.t());
+    } else {
+      at::mm_out(y, x, w.t());
+    }
+  }
+};
 
 void check_scan_input(const at::Tensor& xproj, int64_t G, const at::Tensor& w_hh, const at::Tensor& h0) {
   TORCH_CHECK(xproj.dim() == 3 && xproj.size(2) % G == 0, "xproj must be (T, B, ", G, "*H), got ", xproj.sizes());
@@ -325,13 +337,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_scan_fwd(const at::Tensor& x
   auto hs = empty({T, B, H}, xproj.options()), cs = empty({T, B, H}, xproj.options());
   auto acts = empty({T, B, 4 * H}, xproj.options());
   auto gates = at::empty({B, 4 * H}, xproj.options());
-  const at::Tensor w = w_hh.contiguous();
   TRITIUM_DISPATCH_FLOATING(xproj.scalar_type(), "tritium_lstm_scan_fwd", [&] {
+    const StepWeight<scalar_t> w(w_hh);
     for (int64_t k = 0; k < T; ++k) {
       const int64_t t = step_at(k, T, reverse), tp = step_at(k - 1, T, reverse);
       const at::Tensor h_prev = k == 0 ? h0 : hs[tp], c_prev = k == 0 ? c0 : cs[tp];
       const at::Tensor xt = xproj[t];
-      step_mm<scalar_t>(gates, h_prev, w, &xt);  // (B, 4H) = xproj_t + h_{t-1} W_hh^T
+      w.mm(gates, h_prev, &xt);  // (B, 4H) = xproj_t + h_{t-1} W_hh^T
       at::Tensor ht = hs[t], ct = cs[t], at_ = acts[t];
       lstm_fwd_rows<scalar_t>(B, H, cmat<scalar_t>(gates), cmat<scalar_t>(c_prev), mmat<scalar_t>(ht),
                               mmat<scalar_t>(ct), mmat<scalar_t>(at_));
@@ -355,8 +367,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_scan_bwd(const at::Tensor& d
   auto dc = dcT.clone(at::MemoryFormat::Contiguous);  // the carried dc, updated in place step by step
   auto dh = at::empty({B, H}, acts.options());
   auto dh0 = at::empty({B, H}, acts.options());
-  const at::Tensor wt = w_hh.t().contiguous();  // (H, 4H): dG W_hh as rows of W_hh^T
   TRITIUM_DISPATCH_FLOATING(acts.scalar_type(), "tritium_lstm_scan_bwd", [&] {
+    const StepWeight<scalar_t> wt(w_hh.t());  // dG W_hh = dG (W_hh^T)^T
     for (int64_t k = T - 1; k >= 0; --k) {
       const int64_t t = step_at(k, T, reverse), tp = step_at(k - 1, T, reverse);
       const at::Tensor c_prev = k == 0 ? c0 : cs[tp];
@@ -367,9 +379,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_scan_bwd(const at::Tensor& d
                               mmat<scalar_t>(dc));
       if (k > 0) {
         const at::Tensor dprev = dhs[tp];
-        step_mm<scalar_t>(dh, dg, wt, &dprev);  // dh_{t-1} = its output's gradient + dG_t W_hh
+        wt.mm(dh, dg, &dprev);  // dh_{t-1} = its output's gradient + dG_t W_hh
       } else {
-        step_mm<scalar_t>(dh0, dg, wt, nullptr);
+        wt.mm(dh0, dg, nullptr);
       }
     }
   });
@@ -384,13 +396,13 @@ std::tuple<at::Tensor, at::Tensor> gru_scan_fwd(const at::Tensor& xproj, const a
   check_gates(h0, B, H, "h0");
   auto hs = empty({T, B, H}, xproj.options()), saved = empty({T, B, 4 * H}, xproj.options());
   auto q = at::empty({B, 3 * H}, xproj.options());
-  const at::Tensor w = w_hh.contiguous();
   const c10::optional<at::Tensor> bias = b_hh.has_value() ? c10::optional<at::Tensor>(b_hh->contiguous()) : c10::nullopt;
   TRITIUM_DISPATCH_FLOATING(xproj.scalar_type(), "tritium_gru_scan_fwd", [&] {
+    const StepWeight<scalar_t> w(w_hh);
     for (int64_t k = 0; k < T; ++k) {
       const int64_t t = step_at(k, T, reverse), tp = step_at(k - 1, T, reverse);
       const at::Tensor h_prev = k == 0 ? h0 : hs[tp];
-      step_mm<scalar_t>(q, h_prev, w, bias ? &*bias : nullptr);  // (B, 3H) = h_{t-1} W_hh^T + b_hh
+      w.mm(q, h_prev, bias ? &*bias : nullptr);  // (B, 3H) = h_{t-1} W_hh^T + b_hh
       at::Tensor ht = hs[t], st = saved[t];
       gru_fwd_rows<scalar_t>(B, H, cmat<scalar_t>(xproj[t]), cmat<scalar_t>(q), cmat<scalar_t>(h_prev),
                              mmat<scalar_t>(ht), mmat<scalar_t>(st));
@@ -412,8 +424,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_scan_bwd(const at::Tensor& dh
   auto dx = empty({T, B, 3 * H}, hs.options()), dq = empty({T, B, 3 * H}, hs.options());
   auto dh = at::empty({B, H}, hs.options()), direct = at::empty({B, H}, hs.options());
   auto dh0 = at::empty({B, H}, hs.options());
-  const at::Tensor wt = w_hh.t().contiguous();  // (H, 3H): dQ W_hh as rows of W_hh^T
   TRITIUM_DISPATCH_FLOATING(hs.scalar_type(), "tritium_gru_scan_bwd", [&] {
+    const StepWeight<scalar_t> wt(w_hh.t());  // dQ W_hh = dQ (W_hh^T)^T
     for (int64_t k = T - 1; k >= 0; --k) {
       const int64_t t = step_at(k, T, reverse), tp = step_at(k - 1, T, reverse);
       const at::Tensor h_prev = k == 0 ? h0 : hs[tp];
@@ -424,7 +436,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_scan_bwd(const at::Tensor& dh
       gru_bwd_rows<scalar_t>(B, H, cmat<scalar_t>(dh_in), cmat<scalar_t>(saved[t]), cmat<scalar_t>(h_prev), extra,
                              mmat<scalar_t>(dxt), mmat<scalar_t>(dqt), mmat<scalar_t>(direct));
       // dh_{t-1} = dh*z (+ its output's gradient) + dQ_t W_hh
-      step_mm<scalar_t>(k > 0 ? dh : dh0, dqt, wt, &direct);
+      wt.mm(k > 0 ? dh : dh0, dqt, &direct);
     }
   });
   return {dx, dq, dh0};

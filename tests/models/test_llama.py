@@ -304,3 +304,18 @@ def test_packed_serving_weights_bfloat16():
         model.pack_for_inference(False)
         plain = _paged_step(model, seqs).float()
     assert (packed - plain).abs().max().item() <= 0.02 * plain.abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_packed_serving_weights_panels(dtype):
+    """forward_step through tritium's packed column panels (what the engine uses for float32/float64) equals
+    the path on the weights as they are (linear_small / BLAS), up to summation order."""
+    model = tiny_model("tiny-mha-untied", dtype)
+    assert model.pack_for_inference()._packed, "float weights are always packed on CPU"
+    seqs = [torch.randint(0, model.config.vocab_size, (n,)).tolist() for n in (9, 4, 1)]
+    with torch.no_grad():
+        packed = _paged_step(model, seqs)
+        model.pack_for_inference(False)
+        plain = _paged_step(model, seqs)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert (packed - plain).abs().max().item() <= tol * plain.abs().max().item()

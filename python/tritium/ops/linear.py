@@ -47,6 +47,27 @@ mm_pooled = torch.ops.tritium.mm_pooled
 """a @ b (+ bias) into an output from tritium's CPU pool (no fresh pages per call); no autograd of its own."""
 
 
+# Packed weights (csrc/panel.h): pack_linear(w) once, then linear_packed(x, packed, N) per call. CPU only (the
+# serving path packs at load; on GPU there is nothing to pack for).
+_lib.define("pack_linear(Tensor weight) -> Tensor")
+_lib.define("linear_packed(Tensor x, Tensor packed, int n, Tensor? bias=None) -> Tensor")
+
+
+@torch.library.register_fake(f"{NAMESPACE}::pack_linear", lib=_lib)
+def _fake_pack(weight):
+    p = 64 if weight.dtype == torch.float32 else 32
+    return weight.new_empty((-(-weight.shape[0] // p), weight.shape[1], p))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::linear_packed", lib=_lib)
+def _fake_linear_packed(x, packed, n, bias=None):
+    return x.new_empty((x.shape[0], n))
+
+
+pack_linear = torch.ops.tritium.pack_linear
+linear_packed = torch.ops.tritium.linear_packed
+
+
 def small_rows_ok(x: Tensor, w: Tensor) -> bool:
     """True when linear_small is the faster way to compute x @ w.T (CPU, few rows, same dtype, w contiguous)."""
     if x.dtype not in MAX_ROWS:
