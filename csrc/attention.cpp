@@ -17,6 +17,7 @@
 // query block, dK and dV per query head in float (then summed over the GQA group):
 //   dV += P^T dO;  dP = dO V^T;  dS = P * (dP - rowsum(dO * O)) [* (1 - tanh^2) with softcap];
 //   dQ += scale * dS K;  dK += scale * dS^T Q.
+#include "panel.h"
 #include "vec.h"
 
 #include <ATen/native/CPUBlas.h>
@@ -223,6 +224,17 @@ void finish_scores(acc_of<T>* s, int64_t ld, int64_t i0, int64_t m, int64_t j0, 
 // ---------------------------------------------------------------------------------------------------------
 constexpr int64_t kPiece = 64;
 
+// panel_gemm for float/double q/k/v (TRITIUM_NO_PANELS=1: MKL per tile, for comparison)
+template <typename T>
+bool use_panels() {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    static const bool off = std::getenv("TRITIUM_NO_PANELS") != nullptr;
+    return !off;
+  } else {
+    return false;
+  }
+}
+
 // brgemm for 16-bit q/k/v: bfloat16 or half, when oneDNN can pack them here and the head dim is even
 template <typename T>
 bool use_brgemm(const Geometry& g) {
@@ -308,6 +320,26 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   if (mp) msb = mask->stride(0), msh = mask->stride(1), msi = mask->stride(2), msj = mask->stride(3);
   const A ninf = -std::numeric_limits<A>::infinity();
 
+  // float/double: K and V of every (batch, kv head) packed once up front into column panels (csrc/panel.h) for
+  // panel_gemm: Q K^T and P V as register-tiled outer products, no BLAS call per tile (MKL's small-GEMM
+  // overhead made a 512-token causal prefill's attention run at a third of the FMA peak). O(seq) memory.
+  const bool fpanel = use_panels<T>();
+  constexpr int64_t NP = panel::width<A>();
+  const int64_t kp_size = fpanel ? panel::packed_size<A>(g.S, g.D) : 0;
+  const int64_t vp_size = fpanel ? panel::packed_size<A>(g.Dv, g.S) : 0;
+  std::vector<A> kp_buf(fpanel ? g.B * g.Hk * kp_size : 0), vp_buf(fpanel ? g.B * g.Hk * vp_size : 0);
+  if constexpr (!k16) {
+    if (fpanel) {
+      at::parallel_for(0, g.B * g.Hk, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t bh = begin; bh < end; ++bh) {
+          const int64_t b = bh / g.Hk, hk = bh % g.Hk;
+          panel::pack<A>(kp + b * ksb + hk * ksh, ksl, g.S, g.D, kp_buf.data() + bh * kp_size);
+          panel::pack_cols<A>(vp + b * vsb + hk * vsh, vsl, g.S, g.Dv, vp_buf.data() + bh * vp_size);
+        }
+      });
+    }
+  }
+
   // brgemm path: K^T and V of every (batch, kv head) packed once up front (O(seq) memory)
   const bool packed = use_brgemm<T>(g);
   const int64_t Se = (g.S + 1) / 2 * 2, kt_size = (g.S + kPiece - 1) / kPiece * kPiece * g.D;
@@ -343,7 +375,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
         jlo = std::min(jlo, g.lo(i0 + r));
         jhi = std::max(jhi, g.hi(i0 + r));
       }
-      if (packed) jlo = jlo / kPiece * kPiece;  // key blocks start on a packed piece (extra keys are masked)
+      if (packed || fpanel) jlo = jlo / kPiece * kPiece;  // key blocks start on a packed piece (extra keys are masked)
       const T* KT = packed ? kt_buf.data() + (b * g.Hk + hk) * kt_size : nullptr;
       const T* VP = packed ? v_buf.data() + (b * g.Hk + hk) * v_size : nullptr;
       for (int64_t j0 = jlo; j0 < jhi; j0 += BK) {
@@ -365,7 +397,20 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
             }
           }
         }
-        if (!packed)
+        if constexpr (!k16) {
+          if (fpanel) {
+            const A* KP = kp_buf.data() + (b * g.Hk + hk) * kp_size;
+            panel_gemm<A>(Q, qsl, m, g.D, KP + (j0 / NP) * g.D * NP, n, s.data(), BK);
+            if (cap > A(0) || M) {  // softcap and mask act on scaled scores
+              for (int64_t r = 0; r < m; ++r)
+                at::vec::map([alpha](Vectorized<A> x) { return x * Vectorized<A>(alpha); }, s.data() + r * BK,
+                             s.data() + r * BK, n);
+            } else {
+              post = alpha;  // folded into the max and the exponentials below
+            }
+          }
+        }
+        if (!packed && !fpanel)
           gemm<T>(false, true, m, n, g.D, alpha, Q, qsl, Kh + j0 * ksl, ksl, A(0), s.data(), BK);
         finish_scores<T>(s.data(), BK, i0, m, j0, n, g, cap, nullptr, M, msi, msj, clo.data(), chi.data());
         for (int64_t r = 0; r < m; ++r) {
@@ -410,7 +455,14 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
             }
           }
         }
-        if (!packed) gemm<T>(false, false, m, g.Dv, n, A(1), P, k16 ? pld : BK, Vh + j0 * vsl, vsl, A(1), acc.data(), g.Dv);
+        if constexpr (!k16) {
+          if (fpanel) {
+            const A* VP = vp_buf.data() + (b * g.Hk + hk) * vp_size;
+            panel_gemm<A>(P, BK, m, n, VP + j0 * NP, g.Dv, acc.data(), g.Dv, acc.data(), g.Dv, g.S * NP);
+          }
+        }
+        if (!packed && !fpanel)
+          gemm<T>(false, false, m, g.Dv, n, A(1), P, k16 ? pld : BK, Vh + j0 * vsl, vsl, A(1), acc.data(), g.Dv);
       }
       T* O = op + ((b * g.H + h) * g.L + i0) * g.Dv;
       A* Lr = lp + (b * g.H + h) * g.L + i0;
@@ -486,13 +538,26 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   if (mp) msb = mask->stride(0), msh = mask->stride(1), msi = mask->stride(2), msj = mask->stride(3);
   const A ninf = -std::numeric_limits<A>::infinity();
 
+  const bool fpanel = use_panels<T>();
+  constexpr int64_t NP = panel::width<A>();
   at::parallel_for(0, g.B * g.H, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> s(BQ * BK), dp(BQ * BK), dt(cap > A(0) ? BQ * BK : 0), dqa(BQ * D), delta(BQ);
     std::vector<T> p16(k16 ? BQ * BK : 0), ds16(k16 ? BQ * BK : 0);
     std::vector<int64_t> clo(BQ), chi(BQ);
+    // float/double: the scores are recomputed by the forward's kernel (panel_gemm on K's panels), so that they
+    // equal the forward's bit for bit: P = exp(s - lse) then matches the lse the forward saved (BLAS sums the
+    // q.k products in another order, and at |s| ~ 50 that difference alone exceeded the gradient's budget)
+    std::vector<A> kpk(fpanel ? panel::packed_size<A>(g.S, D) : 0);
+    int64_t packed_bh = -1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / g.H, h = task % g.H, hk = h / group;
       const T* Kh = kp + b * ksb + hk * ksh;
+      if constexpr (!k16) {
+        if (fpanel && packed_bh != b * g.Hk + hk) {
+          panel::pack<A>(Kh, ksl, g.S, D, kpk.data());
+          packed_bh = b * g.Hk + hk;
+        }
+      }
       const T* Vh = vp + b * vsb + hk * vsh;
       const T* M = mp ? mp + b * msb + h * msh : nullptr;
       A* dK = dkp + task * g.S * D;
@@ -517,10 +582,19 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
           jlo = std::min(jlo, g.lo(i0 + r));
           jhi = std::max(jhi, g.hi(i0 + r));
         }
+        if (fpanel) jlo = jlo / kPiece * kPiece;  // key blocks start on a panel (extra keys are masked)
         for (int64_t j0 = jlo; j0 < jhi; j0 += BK) {
           const int64_t n = std::min(jhi, j0 + BK) - j0;
-          gemm<T>(false, true, m, n, D, cap > A(0) ? scale / cap : scale, Q, qsl, Kh + j0 * ksl, ksl, A(0),
-                  s.data(), BK);
+          const A alpha = cap > A(0) ? scale / cap : scale;
+          if constexpr (!k16) {
+            if (fpanel) {
+              panel_gemm<A>(Q, qsl, m, D, kpk.data() + (j0 / NP) * D * NP, n, s.data(), BK);
+              for (int64_t r = 0; r < m; ++r)
+                at::vec::map([alpha](Vectorized<A> x) { return x * Vectorized<A>(alpha); }, s.data() + r * BK,
+                             s.data() + r * BK, n);
+            }
+          }
+          if (!fpanel) gemm<T>(false, true, m, n, D, alpha, Q, qsl, Kh + j0 * ksl, ksl, A(0), s.data(), BK);
           finish_scores<T>(s.data(), BK, i0, m, j0, n, g, cap, cap > A(0) ? dt.data() : nullptr, M, msi, msj,
                            clo.data(), chi.data());
           // P = exp(s - lse) inside the window, 0 outside (and on rows that see nothing)

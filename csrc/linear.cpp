@@ -61,7 +61,7 @@ at::Tensor pack_linear(const at::Tensor& w) {
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "tritium_pack_linear", [&] {
     constexpr int64_t P = panel::width<scalar_t>();
     out = at::empty({(N + P - 1) / P, K, P}, w.options());
-    panel::pack<scalar_t>(wc.const_data_ptr<scalar_t>(), N, K, out.mutable_data_ptr<scalar_t>());
+    panel::pack<scalar_t>(wc.const_data_ptr<scalar_t>(), K, N, K, out.mutable_data_ptr<scalar_t>());
   });
   return out;
 }

@@ -14,6 +14,8 @@
 // read from L2 once per panel), and each panel is swept by MR = 6 row tiles (24 accumulators) while it sits in
 // L2. The panel stream is prefetched ahead of the first tile (the weights come from memory at decode shapes).
 #pragma once
+#include <cstring>
+
 #include "vec.h"
 
 namespace tritium {
@@ -33,9 +35,9 @@ int64_t packed_size(int64_t N, int64_t K) {
   return (N + width<A>() - 1) / width<A>() * width<A>() * K;
 }
 
-// packed[p][k][c] = w[p * NP + c][k], 0 for rows past N
+// packed[p][k][c] = w[p * NP + c][k] (w rows of stride ldw), 0 for rows past N
 template <typename A>
-void pack(const A* w, int64_t N, int64_t K, A* out) {
+void pack(const A* w, int64_t ldw, int64_t N, int64_t K, A* out) {
   constexpr int64_t NP = width<A>();
   const int64_t panels = (N + NP - 1) / NP;
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
@@ -44,7 +46,7 @@ void pack(const A* w, int64_t N, int64_t K, A* out) {
       for (int64_t c = 0; c < NP; ++c) {
         const int64_t n = p * NP + c;
         if (n < N) {
-          const A* src = w + n * K;
+          const A* src = w + n * ldw;
           for (int64_t k = 0; k < K; ++k) dst[k * NP + c] = src[k];
         } else {
           for (int64_t k = 0; k < K; ++k) dst[k * NP + c] = A(0);
@@ -52,6 +54,21 @@ void pack(const A* w, int64_t N, int64_t K, A* out) {
       }
     }
   });
+}
+
+// The panels of v^T for v (K, N) with rows of stride ldv (a product x @ v, e.g. attention's P V):
+// packed[p][k][c] = v[k][p * NP + c], 0 for columns past N. Single-threaded (callers pack many small ones).
+template <typename A>
+void pack_cols(const A* v, int64_t ldv, int64_t K, int64_t N, A* out) {
+  constexpr int64_t NP = width<A>();
+  for (int64_t p = 0; p * NP < N; ++p) {
+    const int64_t nc = std::min(NP, N - p * NP);
+    for (int64_t k = 0; k < K; ++k) {
+      A* dst = out + (p * K + k) * NP;
+      std::memcpy(dst, v + k * ldv + p * NP, nc * sizeof(A));
+      for (int64_t c = nc; c < NP; ++c) dst[c] = A(0);
+    }
+  }
 }
 
 // Register type of the micro-kernel. With AVX-512 the raw __m512/__m512d: GCC keeps an array of 24 of them in
@@ -153,9 +170,11 @@ inline void tile_rows(int mr, const A* x, int64_t ldx, const A* b, int64_t K, A*
 
 // y (M, N; row stride ldy) = x (M, K; row stride ldx) @ w^T [+ c] with w packed by panel::pack; c null or
 // (M, N) with row stride ldc (ldc = 0: one row added to every row, a bias). y must not alias x; it may alias c.
+// pstride: elements from one panel to the next (default K * width: pack's layout; a product over a sub-range
+// of a longer packing's k passes the full packing's). Called inside a parallel region it runs on that thread.
 template <typename A>
 void panel_gemm(const A* x, int64_t ldx, int64_t M, int64_t K, const A* packed, int64_t N, A* y, int64_t ldy,
-                const A* c = nullptr, int64_t ldc = 0) {
+                const A* c = nullptr, int64_t ldc = 0, int64_t pstride = -1) {
   constexpr int64_t NP = panel::width<A>();
   if (M <= 0 || N <= 0) return;
   const int64_t panels = (N + NP - 1) / NP;
@@ -167,12 +186,12 @@ void panel_gemm(const A* x, int64_t ldx, int64_t M, int64_t K, const A* packed, 
     for (int64_t r0 = 0; r0 < M; r0 += chunk) {
       const int64_t r1 = std::min(M, r0 + chunk);
       for (int64_t p = p0; p < p1; ++p) {
-        const A* b = packed + p * K * NP;
+        const A* b = packed + p * (pstride < 0 ? K * NP : pstride);
         const int64_t ncols = std::min(NP, N - p * NP);
         for (int64_t m0 = r0; m0 < r1; m0 += panel::kMR) {
           const int mr = static_cast<int>(std::min<int64_t>(panel::kMR, r1 - m0));
           const A* cm = c ? c + m0 * ldc + p * NP : nullptr;
-          if (m0 == r0 && r0 == 0)  // first sweep over the panel: it comes from memory
+          if (m0 == r0)  // the chunk's first sweep over the panel: it comes from memory (or L3 for later chunks)
             panel::tile_rows<A, true>(mr, x + m0 * ldx, ldx, b, K, y + m0 * ldy + p * NP, ldy, ncols, cm, ldc);
           else
             panel::tile_rows<A, false>(mr, x + m0 * ldx, ldx, b, K, y + m0 * ldy + p * NP, ldy, ncols, cm, ldc);

@@ -299,7 +299,7 @@ struct StepWeight {
   explicit StepWeight(const at::Tensor& w_) : w(w_.contiguous()), N(w_.size(0)), K(w_.size(1)) {
     if constexpr (std::is_same_v<T, acc_of<T>>) {
       packed = at::empty({panel::packed_size<T>(N, K)}, w.options());
-      panel::pack<T>(w.const_data_ptr<T>(), N, K, packed.mutable_data_ptr<T>());
+      panel::pack<T>(w.const_data_ptr<T>(), K, N, K, packed.mutable_data_ptr<T>());
     }
   }
   // y = x @ w^T [+ c]; c null, (B, N) or a bias (N)
