@@ -10,9 +10,10 @@
 // x[i][k] (broadcast) * panel[k][0:kPanel] (4 vector loads) for k = 0..K-1 and is stored as it is: no
 // reduction, 4 + MR loads per 4 * MR FMAs, and the weight stream is one sequential run per panel.
 //
-// Blocking: threads split the panels; within a thread, x is taken in chunks of rows that fit in L2 (a chunk is
-// read from L2 once per panel), and each panel is swept by MR = 6 row tiles (24 accumulators) while it sits in
-// L2. The panel stream is prefetched ahead of the first tile (the weights come from memory at decode shapes).
+// Blocking: x is taken in chunks of rows that fit in L2 (a chunk is read from L2 once per panel); the (chunk,
+// panel) pairs are split between the threads; each panel is swept by MR = 6 row tiles (24 accumulators) while
+// it sits in L2, and its stream is prefetched ahead of the first tile (the weights come from memory at decode
+// shapes, from L3 for a long prompt's later chunks).
 #pragma once
 #include <cstring>
 
@@ -180,22 +181,23 @@ void panel_gemm(const A* x, int64_t ldx, int64_t M, int64_t K, const A* packed, 
   const int64_t panels = (N + NP - 1) / NP;
   const int64_t chunk = std::max<int64_t>(panel::kMR, panel::kChunkBytes / std::max<int64_t>(1, K * int64_t(sizeof(A))) /
                                                           panel::kMR * panel::kMR);
-  // a thread's share: at least ~64K FMAs per task
+  // work items (chunk of x rows, panel), chunk-major, split into one contiguous range per thread: a small M is one
+  // chunk (threads split the panels, each streaming its own part of the weights); a long prompt's chunks are
+  // shared too, so N = 576 (9 panels) does not leave one thread with 5 panels and the other with 4
+  const int64_t chunks = (M + chunk - 1) / chunk, items = chunks * panels;
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, NP * K * std::min<int64_t>(M, chunk)));
-  at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
-    for (int64_t r0 = 0; r0 < M; r0 += chunk) {
-      const int64_t r1 = std::min(M, r0 + chunk);
-      for (int64_t p = p0; p < p1; ++p) {
-        const A* b = packed + p * (pstride < 0 ? K * NP : pstride);
-        const int64_t ncols = std::min(NP, N - p * NP);
-        for (int64_t m0 = r0; m0 < r1; m0 += panel::kMR) {
-          const int mr = static_cast<int>(std::min<int64_t>(panel::kMR, r1 - m0));
-          const A* cm = c ? c + m0 * ldc + p * NP : nullptr;
-          if (m0 == r0)  // the chunk's first sweep over the panel: it comes from memory (or L3 for later chunks)
-            panel::tile_rows<A, true>(mr, x + m0 * ldx, ldx, b, K, y + m0 * ldy + p * NP, ldy, ncols, cm, ldc);
-          else
-            panel::tile_rows<A, false>(mr, x + m0 * ldx, ldx, b, K, y + m0 * ldy + p * NP, ldy, ncols, cm, ldc);
-        }
+  at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t r0 = (it / panels) * chunk, r1 = std::min(M, r0 + chunk), p = it % panels;
+      const A* b = packed + p * (pstride < 0 ? K * NP : pstride);
+      const int64_t ncols = std::min(NP, N - p * NP);
+      for (int64_t m0 = r0; m0 < r1; m0 += panel::kMR) {
+        const int mr = static_cast<int>(std::min<int64_t>(panel::kMR, r1 - m0));
+        const A* cm = c ? c + m0 * ldc + p * NP : nullptr;
+        if (m0 == r0)  // the chunk's first sweep over the panel: it comes from memory (or L3 for later chunks)
+          panel::tile_rows<A, true>(mr, x + m0 * ldx, ldx, b, K, y + m0 * ldy + p * NP, ldy, ncols, cm, ldc);
+        else
+          panel::tile_rows<A, false>(mr, x + m0 * ldx, ldx, b, K, y + m0 * ldy + p * NP, ldy, ncols, cm, ldc);
       }
     }
   });
