@@ -22,13 +22,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", type=int, default=32, help="prompt length of the decode cases")
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded per measurement")
     p.add_argument("--prefill-len", type=int, default=512)
-    p.add_argument("--repeats", type=int, default=2, help="best of this many runs per case")
+    p.add_argument("--repeats", type=int, default=2, help="best of this many runs per decode case")
+    p.add_argument("--prefill-repeats", type=int, default=5,
+                   help="best of this many runs per prefill case (one step each: cheap to repeat, noisy alone)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", default=None, help="write the results here")
 
 
-def _best(fn, repeats: int) -> float:
-    return min(fn() for _ in range(repeats))
+def _best_pair(ours, theirs, repeats: int):
+    """Best times of two measurements taken alternately (ours, theirs, ours, ...), so that a slow spell of the
+    shared machine hits both sides alike."""
+    a, b = [], []
+    for _ in range(repeats):
+        a.append(ours())
+        b.append(theirs())
+    return min(a), min(b)
 
 
 def tritium_decode_time(model, batch: int, prompt_len: int, n: int) -> float:
@@ -110,16 +118,17 @@ def run(args) -> List[dict]:
         tritium_tput = {}
         for b in batches:
             with console.status(f"{dtype_name(dtype)} decode batch {b}"):
-                tt = _best(lambda: tritium_decode_time(model, b, args.prompt_len, args.decode_tokens), args.repeats)
-                te = _best(lambda: eager_decode_time(eager, b, args.prompt_len, args.decode_tokens), args.repeats)
+                tt, te = _best_pair(lambda: tritium_decode_time(model, b, args.prompt_len, args.decode_tokens),
+                                    lambda: eager_decode_time(eager, b, args.prompt_len, args.decode_tokens),
+                                    args.repeats)
             tritium_tput[b] = b / tt
             rows.append(dict(dtype=dtype_name(dtype), case=f"decode batch {b}", batch=b,
                              tritium_tok_s=b / tt, eager_tok_s=b / te, speedup=te / tt,
                              tritium_weight_bw_frac=wbytes / tt / bw,
                              scaling_vs_batch1=(b / tt) / tritium_tput[1] if 1 in tritium_tput else None))
         with console.status(f"{dtype_name(dtype)} prefill {args.prefill_len}"):
-            tt = _best(lambda: tritium_prefill_time(model, args.prefill_len), args.repeats)
-            te = _best(lambda: eager_prefill_time(eager, args.prefill_len), args.repeats)
+            tt, te = _best_pair(lambda: tritium_prefill_time(model, args.prefill_len),
+                                lambda: eager_prefill_time(eager, args.prefill_len), args.prefill_repeats)
         rows.append(dict(dtype=dtype_name(dtype), case=f"prefill {args.prefill_len}", batch=1,
                          tritium_tok_s=args.prefill_len / tt, eager_tok_s=args.prefill_len / te, speedup=te / tt,
                          tritium_weight_bw_frac=None, scaling_vs_batch1=None))
