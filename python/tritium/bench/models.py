@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import statistics
 from typing import Callable, Dict, List
 
 import torch
@@ -19,7 +20,9 @@ MODELS = ("lstm", "gru", "encoder", "vit")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", choices=MODELS, help="repeatable; default: all")
-    p.add_argument("--min-time", type=float, default=2.0, help="seconds of timing per measurement")
+    p.add_argument("--min-time", type=float, default=2.0, help="seconds of timing per implementation")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds over the implementations in turn (each impl: median of its rounds)")
     p.add_argument("--small", action="store_true", help="a quarter of the batch (a quick look)")
     p.add_argument("--json", help="write machine info and every figure to this path")
 
@@ -110,7 +113,13 @@ def run(args) -> List[dict]:
             cases = _rnn_cases(name, 16 if args.small else 64, device)
         else:
             cases = _transformer_cases(name, 8 if args.small else 32, device)
-        times = {impl: time_fn(fn, args.min_time, device) for impl, fn in cases.items()}
+        # rounds over the implementations in turn, each impl's figure the median of its rounds: a slow spell
+        # of the shared machine then lands on every implementation instead of on whichever ran during it
+        per = {impl: [] for impl in cases}
+        for _ in range(max(1, args.rounds)):
+            for impl, fn in cases.items():
+                per[impl].append(time_fn(fn, args.min_time / max(1, args.rounds), device))
+        times = {impl: statistics.median(v) for impl, v in per.items()}
         base = times["tritium"]
         for impl, t in times.items():
             rows.append({"model": name, "impl": impl, "mode": "fwdbwd", "ms": round(t * 1e3, 2),
