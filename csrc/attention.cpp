@@ -382,32 +382,30 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
         const int64_t n = std::min(jhi, j0 + BK) - j0;
         const A alpha = cap > A(0) ? scale / cap : scale;
         A post = A(1);  // scale still to apply to the score tile (> 0)
+        // the packed paths compute unscaled scores: softcap and mask act on scaled ones, otherwise the scale is
+        // folded into the max and the exponentials below
+        auto scale_scores = [&] {
+          if (cap > A(0) || M) {
+            for (int64_t r = 0; r < m; ++r)
+              at::vec::map([alpha](Vectorized<A> x) { return x * Vectorized<A>(alpha); }, s.data() + r * BK,
+                           s.data() + r * BK, n);
+          } else {
+            post = alpha;
+          }
+        };
         if constexpr (k16) {
           if (packed) {
             for (int64_t t0 = 0; t0 < n; t0 += kPiece) {
               at::native::cpublas::brgemm(m, std::min(kPiece, n - t0), g.D, qsl, kPiece, BK, false, Q,
                                           KT + (j0 + t0) * g.D, s.data() + t0, true);
             }
-            if (cap > A(0) || M) {  // softcap and mask act on scaled scores
-              for (int64_t r = 0; r < m; ++r)
-                at::vec::map([alpha](Vectorized<A> x) { return x * Vectorized<A>(alpha); }, s.data() + r * BK,
-                             s.data() + r * BK, n);
-            } else {
-              post = alpha;  // folded into the max and the exponentials below
-            }
+            scale_scores();
           }
-        }
-        if constexpr (!k16) {
+        } else {
           if (fpanel) {
             const A* KP = kp_buf.data() + (b * g.Hk + hk) * kp_size;
             panel_gemm<A>(Q, qsl, m, g.D, KP + (j0 / NP) * g.D * NP, n, s.data(), BK);
-            if (cap > A(0) || M) {  // softcap and mask act on scaled scores
-              for (int64_t r = 0; r < m; ++r)
-                at::vec::map([alpha](Vectorized<A> x) { return x * Vectorized<A>(alpha); }, s.data() + r * BK,
-                             s.data() + r * BK, n);
-            } else {
-              post = alpha;  // folded into the max and the exponentials below
-            }
+            scale_scores();
           }
         }
         if (!packed && !fpanel)
