@@ -54,3 +54,26 @@ def test_small_rows_routing_and_compile():
     x = torch.randn(2, 16)
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(linear_small, fullgraph=True)(x, w), x @ w.t())
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("m", [5, 64, 130])
+@pytest.mark.parametrize("layout", ["w.t()", "w", "strided"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_mm_pooled_matches_reference(dtype, m, layout, with_bias):
+    """mm_pooled (the RNN projection's a @ b + bias): panel_gemm for float/double from 64 rows with b as torch
+    stores a weight (w.t() in the forward, w in the input gradient), BLAS otherwise."""
+    from tritium.ops.linear import mm_pooled
+
+    k, n = 77, 70
+    a = torch.randn(m, k, dtype=torch.float64).to(dtype)
+    if layout == "w.t()":
+        b = torch.randn(n, k, dtype=torch.float64).to(dtype).t()
+    elif layout == "w":
+        b = torch.randn(k, n, dtype=torch.float64).to(dtype)
+    else:
+        b = torch.randn(k, 2 * n, dtype=torch.float64).to(dtype)[:, ::2]
+    bias = torch.randn(n, dtype=torch.float64).to(dtype) if with_bias else None
+    ref = a.double() @ b.double() + (bias.double() if with_bias else 0)
+    theirs = a @ b + (bias if with_bias else 0)
+    assert_within_torch_error(mm_pooled(a, b, bias), theirs, ref, "mm_pooled")
