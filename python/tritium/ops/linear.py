@@ -1,13 +1,21 @@
-"""``linear_small``: x (M, K) @ w (N, K)^T on CPU without BLAS, the serving path's projections.
+"""Products with a weight matrix on CPU without BLAS's per-call repacking (internal ops, no autograd of their own).
 
-A decode step's product is a stream over the weights, and on this shape BLAS repacks the whole weight matrix on
-every call; the CPU kernel (csrc/linear.cpp) reads the weights in their own (N, K) layout in register tiles of
-4 x 4 rows with the next tiles prefetched, so the weight stream and the FMAs overlap. Measured on the 2-core CPU
-(SmolLM2-135M's projections and head, float32, weights cold as in a real step) it is 2.9x / 2.6x / 1.8x faster
-than MKL at 1 / 16 / 64 rows and still 1.1x at a 512-token prompt, so float32 uses it at every row count.
-16-bit weights use it for one row only: from two rows on, oneDNN's packed AVX512-BF16 kernels win (they
-multiply in bf16; this kernel converts every weight vector to float). No autograd (serving only) and no Triton
-kernel: on GPU the product is cuBLAS's job, so the CUDA key runs torch.matmul.
+BLAS repacks the whole weight matrix on every call, which at a decode step's shapes with cold weights made MKL's
+sgemm run SmolLM2's batch-16 projections at 52 GFLOPS. The ops here:
+
+- ``linear_small(x, w)``: x (M, K) @ w (N, K)^T on the weights as torch stores them (csrc/rowgemm.h: 4 x 4
+  register tiles, the next weight tiles prefetched). Measured on the 2-core CPU (SmolLM2-135M's projections and
+  head, float32, cold weights) 2.9x / 2.6x / 1.8x faster than MKL at 1 / 16 / 64 rows and 1.1x at a 512-token
+  prompt, so float32 uses it at every row count; 16-bit weights for one row only (from two rows on oneDNN's
+  AVX512-BF16 kernels win: they multiply in bf16, this kernel converts every weight vector to float).
+- ``pack_linear(w)`` / ``linear_packed(x, packed, N, bias)``: the weights packed once into column panels
+  (csrc/panel.h: outer-product register tiles, no lane reductions; another 1.1-1.2x from 16 rows up), what the
+  serving path uses for float weights packed at load.
+- ``mm_pooled(a, b, bias)``: a @ b (+ bias) into an output from tritium's CPU pool (no fresh pages per call),
+  through panel_gemm for float from 64 rows: the RNN input projection and its input gradient.
+
+On GPU the products are cuBLAS's job: the CUDA keys of linear_small and mm_pooled run torch.matmul / mm; the
+packed pair is CPU only (nothing to pack for on GPU).
 """
 from __future__ import annotations
 
@@ -44,7 +52,6 @@ def _fake_mm(a, b, bias=None):
 # CUDA: torch's caching allocator already reuses blocks
 _lib.impl("mm_pooled", lambda a, b, bias=None: torch.mm(a, b) if bias is None else torch.addmm(bias, a, b), "CUDA")
 mm_pooled = torch.ops.tritium.mm_pooled
-"""a @ b (+ bias) into an output from tritium's CPU pool (no fresh pages per call); no autograd of its own."""
 
 
 # Packed weights (csrc/panel.h): pack_linear(w) once, then linear_packed(x, packed, N) per call. CPU only (the
