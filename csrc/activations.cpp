@@ -495,23 +495,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dyt_bwd(const at::Ten
 // backward: dx = dy s (1 + beta x (1 - s)), dbeta = sum dy x^2 s (1 - s) (per-thread partials, summed in double).
 // ---------------------------------------------------------------------------------------------------------
 at::Tensor swish_beta_fwd(const at::Tensor& x, const at::Tensor& beta) {
-  check_rows(x, "input");
   TORCH_CHECK(beta.numel() == 1 && beta.scalar_type() == x.scalar_type(), "swish: beta must be one element of x's dtype");
-  const int64_t M = x.size(0), N = x.size(1);
-  auto y = empty({M, N}, x.options());
-  TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_swish_beta_fwd", [&] {
-    using V = typename VecIO<scalar_t>::Vec;
-    const V vb(static_cast<acc_of<scalar_t>>(*beta.const_data_ptr<scalar_t>()));
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    const int64_t sx = x.stride(0);
-    for_chunks(M, N, [&](int64_t r, int64_t c0, int64_t c1) {
-      const scalar_t* const in[1] = {xp + r * sx + c0};
-      scalar_t* const out[1] = {yp + r * N + c0};
-      map_vec<scalar_t, 1, 1>(in, out, c1 - c0, [&](const V (&v)[1], V (&o)[1]) { o[0] = v[0] * fsigmoid(vb * v[0]); });
-    });
-  });
-  return y;
+  // the table's Swish with beta read from its tensor (a CPU scalar: no device sync; exact in double)
+  return unary_fwd<Swish>(x, beta.item<double>(), 0, 0);
 }
 
 std::tuple<at::Tensor, at::Tensor> swish_beta_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& beta,
