@@ -117,13 +117,9 @@ inline void tile(const A* x, int64_t ldx, const A* b, int64_t K, A* y, int64_t l
   for (int64_t k = 0; k < K; ++k) {
     const A* bk = b + k * NP;
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-    if constexpr (PF) _mm_prefetch(reinterpret_cast<const char*>(bk) + kPrefetchBytes, _MM_HINT_T0);
-    if constexpr (PF && sizeof(A) * NP > 64)
-      _mm_prefetch(reinterpret_cast<const char*>(bk) + kPrefetchBytes + 64, _MM_HINT_T0);
-    if constexpr (PF && sizeof(A) * NP > 128) {
-      _mm_prefetch(reinterpret_cast<const char*>(bk) + kPrefetchBytes + 128, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(bk) + kPrefetchBytes + 192, _MM_HINT_T0);
-    }
+    if constexpr (PF)  // every cache line of the panel row kPrefetchBytes ahead
+      for (int64_t off = 0; off < int64_t(sizeof(A)) * NP; off += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(bk) + kPrefetchBytes + off, _MM_HINT_T0);
 #endif
     const auto b0 = R::load(bk), b1 = R::load(bk + V), b2 = R::load(bk + 2 * V), b3 = R::load(bk + 3 * V);
     for (int i = 0; i < MR; ++i) {

@@ -294,25 +294,32 @@ inline int64_t step_at(int64_t k, int64_t T, bool reverse) { return reverse ? T 
 // at::addmm (oneDNN's bf16 kernels).
 template <typename T>
 struct StepWeight {
-  at::Tensor w, packed;
+  at::Tensor w, packed;  // w as given: the product is x @ w^T, or x @ w when transposed
+  bool transposed;
   int64_t N, K;
-  explicit StepWeight(const at::Tensor& w_) : w(w_.contiguous()), N(w_.size(0)), K(w_.size(1)) {
+  StepWeight(const at::Tensor& w_, bool transposed_)
+      : w(w_.contiguous()), transposed(transposed_), N(w_.size(transposed_ ? 1 : 0)), K(w_.size(transposed_ ? 0 : 1)) {
     if constexpr (std::is_same_v<T, acc_of<T>>) {
       packed = at::empty({panel::packed_size<T>(N, K)}, w.options());
-      panel::pack<T>(w.const_data_ptr<T>(), K, N, K, packed.mutable_data_ptr<T>());
+      if (transposed)  // w (K, N): its column panels, no transposed copy first
+        panel::pack_cols<T>(w.const_data_ptr<T>(), N, K, N, packed.mutable_data_ptr<T>());
+      else
+        panel::pack<T>(w.const_data_ptr<T>(), K, N, K, packed.mutable_data_ptr<T>());
     }
   }
-  // y = x @ w^T [+ c]; c null, (B, N) or a bias (N)
+  // y = x @ w^T (x @ w when transposed) [+ c]; c null, (B, N) or a bias (N)
   void mm(at::Tensor& y, const at::Tensor& x, const at::Tensor* c) const {
     if constexpr (std::is_same_v<T, acc_of<T>>) {
       const T* cp = c ? c->const_data_ptr<T>() : nullptr;
       const int64_t ldc = c && c->dim() == 2 ? c->stride(0) : 0;
       panel_gemm<T>(x.const_data_ptr<T>(), x.stride(0), x.size(0), K, packed.const_data_ptr<T>(), N,
                     y.mutable_data_ptr<T>(), y.stride(0), cp, ldc);
-    } else if (c) {
-      at::addmm_out(y, *c, x, w.t());
     } else {
-      at::mm_out(y, x, w.t());
+      const at::Tensor b = transposed ? w : w.t();
+      if (c)
+        at::addmm_out(y, *c, x, b);
+      else
+        at::mm_out(y, x, b);
     }
   }
 };
@@ -338,7 +345,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_scan_fwd(const at::Tensor& x
   auto acts = empty({T, B, 4 * H}, xproj.options());
   auto gates = at::empty({B, 4 * H}, xproj.options());
   TRITIUM_DISPATCH_FLOATING(xproj.scalar_type(), "tritium_lstm_scan_fwd", [&] {
-    const StepWeight<scalar_t> w(w_hh);
+    const StepWeight<scalar_t> w(w_hh, false);
     for (int64_t k = 0; k < T; ++k) {
       const int64_t t = step_at(k, T, reverse), tp = step_at(k - 1, T, reverse);
       const at::Tensor h_prev = k == 0 ? h0 : hs[tp], c_prev = k == 0 ? c0 : cs[tp];
@@ -368,7 +375,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_scan_bwd(const at::Tensor& d
   auto dh = at::empty({B, H}, acts.options());
   auto dh0 = at::empty({B, H}, acts.options());
   TRITIUM_DISPATCH_FLOATING(acts.scalar_type(), "tritium_lstm_scan_bwd", [&] {
-    const StepWeight<scalar_t> wt(w_hh.t());  // dG W_hh = dG (W_hh^T)^T
+    const StepWeight<scalar_t> wt(w_hh, true);  // dG W_hh
     for (int64_t k = T - 1; k >= 0; --k) {
       const int64_t t = step_at(k, T, reverse), tp = step_at(k - 1, T, reverse);
       const at::Tensor c_prev = k == 0 ? c0 : cs[tp];
@@ -398,7 +405,7 @@ std::tuple<at::Tensor, at::Tensor> gru_scan_fwd(const at::Tensor& xproj, const a
   auto q = at::empty({B, 3 * H}, xproj.options());
   const c10::optional<at::Tensor> bias = b_hh.has_value() ? c10::optional<at::Tensor>(b_hh->contiguous()) : c10::nullopt;
   TRITIUM_DISPATCH_FLOATING(xproj.scalar_type(), "tritium_gru_scan_fwd", [&] {
-    const StepWeight<scalar_t> w(w_hh);
+    const StepWeight<scalar_t> w(w_hh, false);
     for (int64_t k = 0; k < T; ++k) {
       const int64_t t = step_at(k, T, reverse), tp = step_at(k - 1, T, reverse);
       const at::Tensor h_prev = k == 0 ? h0 : hs[tp];
@@ -425,7 +432,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_scan_bwd(const at::Tensor& dh
   auto dh = at::empty({B, H}, hs.options()), direct = at::empty({B, H}, hs.options());
   auto dh0 = at::empty({B, H}, hs.options());
   TRITIUM_DISPATCH_FLOATING(hs.scalar_type(), "tritium_gru_scan_bwd", [&] {
-    const StepWeight<scalar_t> wt(w_hh.t());  // dQ W_hh = dQ (W_hh^T)^T
+    const StepWeight<scalar_t> wt(w_hh, true);  // dQ W_hh
     for (int64_t k = T - 1; k >= 0; --k) {
       const int64_t t = step_at(k, T, reverse), tp = step_at(k - 1, T, reverse);
       const at::Tensor h_prev = k == 0 ? h0 : hs[tp];
