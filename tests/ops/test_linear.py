@@ -77,3 +77,14 @@ def test_mm_pooled_matches_reference(dtype, m, layout, with_bias):
     ref = a.double() @ b.double() + (bias.double() if with_bias else 0)
     theirs = a @ b + (bias if with_bias else 0)
     assert_within_torch_error(mm_pooled(a, b, bias), theirs, ref, "mm_pooled")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_packed_ops_fake_kernels_match(dtype):
+    """pack_linear / linear_packed: fake (meta) kernels agree with the CPU kernels (the panel width is the
+    build's vector width, asked of the kernel)."""
+    from tritium.ops.linear import linear_packed, pack_linear
+
+    w, x, b = torch.randn(70, 33, dtype=dtype), torch.randn(5, 33, dtype=dtype), torch.randn(70, dtype=dtype)
+    torch.library.opcheck(pack_linear, (w,))
+    torch.library.opcheck(linear_packed, (x, pack_linear(w), 70, b))

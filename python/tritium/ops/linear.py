@@ -19,6 +19,7 @@ packed pair is CPU only (nothing to pack for on GPU).
 """
 from __future__ import annotations
 
+import functools
 from typing import List
 
 import torch
@@ -60,9 +61,18 @@ _lib.define("pack_linear(Tensor weight) -> Tensor")
 _lib.define("linear_packed(Tensor x, Tensor packed, int n, Tensor? bias=None) -> Tensor")
 
 
+@functools.lru_cache(maxsize=None)
+def _panel_width(dtype: torch.dtype) -> int:
+    """The CPU build's panel width (4 vectors: 64 floats with AVX-512, 32 with AVX2), asked of the kernel."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():  # a real call on a real 1 x 1 tensor, even while tracing
+        return torch.ops.tritium.pack_linear(torch.zeros(1, 1, dtype=dtype)).shape[2]
+
+
 @torch.library.register_fake(f"{NAMESPACE}::pack_linear", lib=_lib)
 def _fake_pack(weight):
-    p = 64 if weight.dtype == torch.float32 else 32
+    p = _panel_width(weight.dtype)
     return weight.new_empty((-(-weight.shape[0] // p), weight.shape[1], p))
 
 
