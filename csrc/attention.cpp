@@ -235,9 +235,22 @@ bool use_panels() {
   }
 }
 
-// brgemm for 16-bit q/k/v: bfloat16 or half, when oneDNN can pack them here and the head dim is even
+// panel_gemm on bfloat16 pair panels (AVX512-BF16 dot products) for bfloat16 q/k/v, where the CPU has them
+template <typename T>
+bool use_bf16_panels() {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    static const bool on = std::getenv("TRITIUM_NO_PANELS") == nullptr && panel::has_bf16_dot();
+    return on;
+  } else {
+    return false;
+  }
+}
+
+// brgemm for 16-bit q/k/v: bfloat16 or half, when oneDNN can pack them here and the head dim is even (and the
+// bfloat16 panels are not used)
 template <typename T>
 bool use_brgemm(const Geometry& g) {
+  if (use_bf16_panels<T>()) return false;
   if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
     static const bool off = std::getenv("TRITIUM_NO_BRGEMM") != nullptr;
     return !off && g.D % 2 == 0 && at::native::cpublas::could_pack(c10::CppTypeToScalarType<T>::value);
@@ -340,9 +353,29 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
     }
   }
 
+  // bfloat16 on AVX512-BF16: K and V packed once per (batch, kv head) into pair panels (panel::pack_bf16), the
+  // scores and P V by panel_gemm's dot-product tiles into float
+  const bool bpanel = use_bf16_panels<T>();
+  constexpr int64_t NP16 = panel::kWidth16;
+  const int64_t Se = (g.S + 1) / 2 * 2, D2 = (g.D + 1) / 2 * 2;
+  const int64_t kb_size = bpanel ? panel::packed_size_bf16(g.S, g.D) : 0;
+  const int64_t vb_size = bpanel ? panel::packed_size_bf16(g.Dv, g.S) : 0;
+  std::vector<c10::BFloat16> kb_buf(g.B * g.Hk * kb_size), vb_buf(g.B * g.Hk * vb_size);
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (bpanel) {
+      at::parallel_for(0, g.B * g.Hk, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t bh = begin; bh < end; ++bh) {
+          const int64_t b = bh / g.Hk, hk = bh % g.Hk;
+          panel::pack_bf16(kp + b * ksb + hk * ksh, ksl, g.S, g.D, kb_buf.data() + bh * kb_size);
+          panel::pack_cols_bf16(vp + b * vsb + hk * vsh, vsl, g.S, g.Dv, vb_buf.data() + bh * vb_size);
+        }
+      });
+    }
+  }
+
   // brgemm path: K^T and V of every (batch, kv head) packed once up front (O(seq) memory)
   const bool packed = use_brgemm<T>(g);
-  const int64_t Se = (g.S + 1) / 2 * 2, kt_size = (g.S + kPiece - 1) / kPiece * kPiece * g.D;
+  const int64_t kt_size = (g.S + kPiece - 1) / kPiece * kPiece * g.D;
   const int64_t v_size = Se * ((g.Dv + kPiece - 1) / kPiece) * kPiece;
   std::vector<T> kt_buf(packed ? g.B * g.Hk * kt_size : 0), v_buf(packed ? g.B * g.Hk * v_size : 0);
   if (packed) {
@@ -375,7 +408,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
         jlo = std::min(jlo, g.lo(i0 + r));
         jhi = std::max(jhi, g.hi(i0 + r));
       }
-      if (packed || fpanel) jlo = jlo / kPiece * kPiece;  // key blocks start on a packed piece (extra keys are masked)
+      if (packed || fpanel || bpanel) jlo = jlo / kPiece * kPiece;  // key blocks start on a packed piece (extra keys are masked)
       const T* KT = packed ? kt_buf.data() + (b * g.Hk + hk) * kt_size : nullptr;
       const T* VP = packed ? v_buf.data() + (b * g.Hk + hk) * v_size : nullptr;
       for (int64_t j0 = jlo; j0 < jhi; j0 += BK) {
@@ -393,6 +426,13 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
             post = alpha;
           }
         };
+        if constexpr (std::is_same_v<T, c10::BFloat16>) {
+          if (bpanel) {
+            const c10::BFloat16* KB = kb_buf.data() + (b * g.Hk + hk) * kb_size;
+            panel_gemm(Q, qsl, m, g.D, KB + (j0 / NP16) * D2 * NP16, n, s.data(), BK);
+            scale_scores();
+          }
+        }
         if constexpr (k16) {
           if (packed) {
             for (int64_t t0 = 0; t0 < n; t0 += kPiece) {
@@ -408,7 +448,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
             scale_scores();
           }
         }
-        if (!packed && !fpanel)
+        if (!packed && !fpanel && !bpanel)
           gemm<T>(false, true, m, n, g.D, alpha, Q, qsl, Kh + j0 * ksl, ksl, A(0), s.data(), BK);
         finish_scores<T>(s.data(), BK, i0, m, j0, n, g, cap, nullptr, M, msi, msj, clo.data(), chi.data());
         for (int64_t r = 0; r < m; ++r) {
@@ -442,6 +482,12 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
         } else {
           P = s.data();
         }
+        if constexpr (std::is_same_v<T, c10::BFloat16>) {
+          if (bpanel) {  // keys from j0 (a multiple of 64): pair row j0 / 2 of V's panels
+            const c10::BFloat16* VB = vb_buf.data() + (b * g.Hk + hk) * vb_size;
+            panel_gemm(P, pld, m, n, VB + j0 * NP16, g.Dv, acc.data(), g.Dv, acc.data(), g.Dv, Se * NP16);
+          }
+        }
         if constexpr (k16) {
           if (packed) {
             const int64_t ne = (n + 1) / 2 * 2;  // the pair of an odd last key is a zero column of P
@@ -459,7 +505,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
             panel_gemm<A>(P, BK, m, n, VP + j0 * NP, g.Dv, acc.data(), g.Dv, acc.data(), g.Dv, g.S * NP);
           }
         }
-        if (!packed && !fpanel)
+        if (!packed && !fpanel && !bpanel)
           gemm<T>(false, false, m, g.Dv, n, A(1), P, k16 ? pld : BK, Vh + j0 * vsl, vsl, A(1), acc.data(), g.Dv);
       }
       T* O = op + ((b * g.H + h) * g.L + i0) * g.Dv;
@@ -536,8 +582,9 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   if (mp) msb = mask->stride(0), msh = mask->stride(1), msi = mask->stride(2), msj = mask->stride(3);
   const A ninf = -std::numeric_limits<A>::infinity();
 
-  const bool fpanel = use_panels<T>();
-  constexpr int64_t NP = panel::width<A>();
+  const bool fpanel = use_panels<T>(), bpanel = use_bf16_panels<T>();
+  constexpr int64_t NP = panel::width<A>(), NP16 = panel::kWidth16;
+  const int64_t D2 = (D + 1) / 2 * 2;
   at::parallel_for(0, g.B * g.H, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> s(BQ * BK), dp(BQ * BK), dt(cap > A(0) ? BQ * BK : 0), dqa(BQ * D), delta(BQ);
     std::vector<T> p16(k16 ? BQ * BK : 0), ds16(k16 ? BQ * BK : 0);
@@ -545,7 +592,9 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
     // float/double: the scores are recomputed by the forward's kernel (panel_gemm on K's panels), so that they
     // equal the forward's bit for bit: P = exp(s - lse) then matches the lse the forward saved (BLAS sums the
     // q.k products in another order, and at |s| ~ 50 that difference alone exceeded the gradient's budget)
+    // (bfloat16 on AVX512-BF16 likewise with the forward's pair panels)
     std::vector<A> kpk(fpanel ? panel::packed_size<A>(g.S, D) : 0);
+    std::vector<c10::BFloat16> kpb(bpanel ? panel::packed_size_bf16(g.S, D) : 0);
     int64_t packed_bh = -1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / g.H, h = task % g.H, hk = h / group;
@@ -553,6 +602,12 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
       if constexpr (!k16) {
         if (fpanel && packed_bh != b * g.Hk + hk) {
           panel::pack<A>(Kh, ksl, g.S, D, kpk.data());
+          packed_bh = b * g.Hk + hk;
+        }
+      }
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (bpanel && packed_bh != b * g.Hk + hk) {
+          panel::pack_bf16(Kh, ksl, g.S, D, kpb.data());
           packed_bh = b * g.Hk + hk;
         }
       }
@@ -580,7 +635,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
           jlo = std::min(jlo, g.lo(i0 + r));
           jhi = std::max(jhi, g.hi(i0 + r));
         }
-        if (fpanel) jlo = jlo / kPiece * kPiece;  // key blocks start on a panel (extra keys are masked)
+        if (fpanel || bpanel) jlo = jlo / kPiece * kPiece;  // key blocks start on a panel (extra keys are masked)
         for (int64_t j0 = jlo; j0 < jhi; j0 += BK) {
           const int64_t n = std::min(jhi, j0 + BK) - j0;
           const A alpha = cap > A(0) ? scale / cap : scale;
@@ -592,7 +647,16 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
                              s.data() + r * BK, n);
             }
           }
-          if (!fpanel) gemm<T>(false, true, m, n, D, alpha, Q, qsl, Kh + j0 * ksl, ksl, A(0), s.data(), BK);
+          if constexpr (std::is_same_v<T, c10::BFloat16>) {
+            if (bpanel) {
+              panel_gemm(Q, qsl, m, D, kpb.data() + (j0 / NP16) * D2 * NP16, n, s.data(), BK);
+              for (int64_t r = 0; r < m; ++r)
+                at::vec::map([alpha](Vectorized<A> x) { return x * Vectorized<A>(alpha); }, s.data() + r * BK,
+                             s.data() + r * BK, n);
+            }
+          }
+          if (!fpanel && !bpanel)
+            gemm<T>(false, true, m, n, D, alpha, Q, qsl, Kh + j0 * ksl, ksl, A(0), s.data(), BK);
           finish_scores<T>(s.data(), BK, i0, m, j0, n, g, cap, cap > A(0) ? dt.data() : nullptr, M, msi, msj,
                            clo.data(), chi.data());
           // P = exp(s - lse) inside the window, 0 outside (and on rows that see nothing)

@@ -163,19 +163,144 @@ inline void tile_rows(int mr, const A* x, int64_t ldx, const A* b, int64_t K, A*
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// bfloat16 panels for AVX512-BF16's dot products (vdpbf16ps: each float lane accumulates a0 * b0 + a1 * b1 of a
+// pair of bfloat16, so one instruction does the work of two float FMAs). The same 6 x 64 tiles as above with
+// two k per step: packed[p][k2][c][2] = (w[p * 64 + c][2 k2], w[p * 64 + c][2 k2 + 1]), K rounded up to even
+// with zeros; x's pair (x[i][2 k2], x[i][2 k2 + 1]) is broadcast as one 32-bit element. Float accumulators and
+// output (the products of two bfloat16 are exact in float). Used by the bfloat16 attention (csrc/attention.cpp).
+// Compiled for the instruction with a target attribute and chosen at run time (has_bf16_dot): an AVX-512 build
+// must still run on CPUs without AVX512-BF16.
+// ---------------------------------------------------------------------------------------------------------
+constexpr int64_t kWidth16 = 64;
+
+inline int64_t packed_size_bf16(int64_t N, int64_t K) {
+  return (N + kWidth16 - 1) / kWidth16 * kWidth16 * ((K + 1) / 2 * 2);
+}
+
+inline bool has_bf16_dot() {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
+  static const bool ok = __builtin_cpu_supports("avx512bf16");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// packed[p][k2][c][2] from element (n, k) of a matrix with strides (sn, sk): pack_bf16's w (N, K) is (ldw, 1), the
+// panels of v^T for v (K, N) (pack_cols_bf16) are (1, ldv). Zero past N and past K. Single-threaded.
+inline void pack_pairs(const c10::BFloat16* w, int64_t sn, int64_t sk, int64_t N, int64_t K, c10::BFloat16* out) {
+  constexpr int64_t NP = kWidth16;
+  const int64_t K2 = (K + 1) / 2;
+  const c10::BFloat16 zero(0.f);
+  for (int64_t p = 0; p * NP < N; ++p) {
+    for (int64_t k2 = 0; k2 < K2; ++k2) {
+      c10::BFloat16* dst = out + (p * K2 + k2) * NP * 2;
+      const int64_t k = 2 * k2;
+      for (int64_t c = 0; c < NP; ++c) {
+        const int64_t n = p * NP + c;
+        const bool in = n < N;
+        dst[2 * c] = in ? w[n * sn + k * sk] : zero;
+        dst[2 * c + 1] = in && k + 1 < K ? w[n * sn + (k + 1) * sk] : zero;
+      }
+    }
+  }
+}
+inline void pack_bf16(const c10::BFloat16* w, int64_t ldw, int64_t N, int64_t K, c10::BFloat16* out) {
+  pack_pairs(w, ldw, 1, N, K, out);
+}
+inline void pack_cols_bf16(const c10::BFloat16* v, int64_t ldv, int64_t K, int64_t N, c10::BFloat16* out) {
+  pack_pairs(v, 1, ldv, N, K, out);
+}
+
+#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
+#define TRITIUM_BF16_DOT __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+// acc[4 i + j] += pair of x row i at k (TAIL: x[k] with a zero: x[k + 1] is not read, it may lie past the row)
+// times the 4 vectors of the panel's pair row bk
+template <int MR, bool TAIL>
+TRITIUM_BF16_DOT __attribute__((always_inline)) inline void dot_step(__m512* acc, const c10::BFloat16* bk,
+                                                                     const c10::BFloat16* x, int64_t ldx, int64_t k) {
+  const __m512bh b0 = (__m512bh)_mm512_loadu_si512(bk), b1 = (__m512bh)_mm512_loadu_si512(bk + 32);
+  const __m512bh b2 = (__m512bh)_mm512_loadu_si512(bk + 64), b3 = (__m512bh)_mm512_loadu_si512(bk + 96);
+  for (int i = 0; i < MR; ++i) {
+    int32_t v;
+    if constexpr (TAIL) {
+      v = int32_t(x[i * ldx + k].x);
+    } else {
+      std::memcpy(&v, x + i * ldx + k, 4);
+    }
+    const __m512bh a = (__m512bh)_mm512_set1_epi32(v);
+    acc[4 * i] = _mm512_dpbf16_ps(acc[4 * i], a, b0);
+    acc[4 * i + 1] = _mm512_dpbf16_ps(acc[4 * i + 1], a, b1);
+    acc[4 * i + 2] = _mm512_dpbf16_ps(acc[4 * i + 2], a, b2);
+    acc[4 * i + 3] = _mm512_dpbf16_ps(acc[4 * i + 3], a, b3);
+  }
+}
+
+template <int MR, bool PF>
+TRITIUM_BF16_DOT inline void tile_bf16(const c10::BFloat16* x, int64_t ldx, const c10::BFloat16* b, int64_t K,
+                                       float* y, int64_t ldy, int64_t ncols, const float* c, int64_t ldc) {
+  constexpr int64_t NP = kWidth16;
+  __m512 acc[MR * 4];
+  for (int i = 0; i < MR * 4; ++i) acc[i] = _mm512_setzero_ps();
+  const int64_t K2 = K / 2;
+  for (int64_t k2 = 0; k2 < K2; ++k2) {
+    const c10::BFloat16* bk = b + k2 * NP * 2;
+    if constexpr (PF)
+      for (int64_t off = 0; off < int64_t(sizeof(c10::BFloat16)) * NP * 2; off += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(bk) + kPrefetchBytes + off, _MM_HINT_T0);
+    dot_step<MR, false>(acc, bk, x, ldx, 2 * k2);
+  }
+  if (K & 1) dot_step<MR, true>(acc, b + K2 * NP * 2, x, ldx, K - 1);
+  for (int i = 0; i < MR; ++i) {
+    float* yr = y + i * ldy;
+    const float* cr = c ? c + i * ldc : nullptr;
+    for (int j = 0; j < 4 && j * 16 < ncols; ++j) {
+      const int64_t cnt = std::min<int64_t>(16, ncols - j * 16);
+      const __mmask16 mk = cnt == 16 ? __mmask16(0xffff) : __mmask16((1u << cnt) - 1);
+      __m512 v = acc[4 * i + j];
+      if (cr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, cr + j * 16));
+      _mm512_mask_storeu_ps(yr + j * 16, mk, v);
+    }
+  }
+}
+
+template <bool PF>
+TRITIUM_BF16_DOT __attribute__((noinline)) void tile_rows_bf16(int mr, const c10::BFloat16* x, int64_t ldx,
+                                                               const c10::BFloat16* b, int64_t K, float* y,
+                                                               int64_t ldy, int64_t ncols, const float* c,
+                                                               int64_t ldc) {
+  switch (mr) {
+    case 6: tile_bf16<6, PF>(x, ldx, b, K, y, ldy, ncols, c, ldc); break;
+    case 5: tile_bf16<5, PF>(x, ldx, b, K, y, ldy, ncols, c, ldc); break;
+    case 4: tile_bf16<4, PF>(x, ldx, b, K, y, ldy, ncols, c, ldc); break;
+    case 3: tile_bf16<3, PF>(x, ldx, b, K, y, ldy, ncols, c, ldc); break;
+    case 2: tile_bf16<2, PF>(x, ldx, b, K, y, ldy, ncols, c, ldc); break;
+    default: tile_bf16<1, PF>(x, ldx, b, K, y, ldy, ncols, c, ldc); break;
+  }
+}
+#undef TRITIUM_BF16_DOT
+#endif
+
 }  // namespace panel
 
 // y (M, N; row stride ldy) = x (M, K; row stride ldx) @ w^T [+ c] with w packed by panel::pack; c null or
 // (M, N) with row stride ldc (ldc = 0: one row added to every row, a bias). y must not alias x; it may alias c.
 // pstride: elements from one panel to the next (default K * width: pack's layout; a product over a sub-range
 // of a longer packing's k passes the full packing's). Called inside a parallel region it runs on that thread.
-template <typename A>
-void panel_gemm(const A* x, int64_t ldx, int64_t M, int64_t K, const A* packed, int64_t N, A* y, int64_t ldy,
+template <typename X, typename A>
+void panel_gemm(const X* x, int64_t ldx, int64_t M, int64_t K, const X* packed, int64_t N, A* y, int64_t ldy,
                 const A* c = nullptr, int64_t ldc = 0, int64_t pstride = -1) {
-  constexpr int64_t NP = panel::width<A>();
+  // X = A (float, double: panel::pack's panels) or X = bfloat16, A = float (panel::pack_bf16's pair panels, on a
+  // CPU with AVX512-BF16: the caller checks panel::has_bf16_dot)
+  constexpr bool bf16 = std::is_same_v<X, c10::BFloat16>;
+  static_assert(bf16 ? std::is_same_v<A, float> : std::is_same_v<X, A>, "panel_gemm: unsupported types");
+  constexpr int64_t NP = bf16 ? panel::kWidth16 : panel::width<A>();
   if (M <= 0 || N <= 0) return;
   const int64_t panels = (N + NP - 1) / NP;
-  const int64_t chunk = std::max<int64_t>(panel::kMR, panel::kChunkBytes / std::max<int64_t>(1, K * int64_t(sizeof(A))) /
+  const int64_t kstride = bf16 ? (K + 1) / 2 * 2 * NP : K * NP;  // one panel's elements
+  const int64_t chunk = std::max<int64_t>(panel::kMR, panel::kChunkBytes / std::max<int64_t>(1, K * int64_t(sizeof(X))) /
                                                           panel::kMR * panel::kMR);
   // work items (chunk of x rows, panel), chunk-major, split into one contiguous range per thread: a small M is one
   // chunk (threads split the panels, each streaming its own part of the weights); a long prompt's chunks are
@@ -185,15 +310,29 @@ void panel_gemm(const A* x, int64_t ldx, int64_t M, int64_t K, const A* packed, 
   at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t r0 = (it / panels) * chunk, r1 = std::min(M, r0 + chunk), p = it % panels;
-      const A* b = packed + p * (pstride < 0 ? K * NP : pstride);
+      const X* b = packed + p * (pstride < 0 ? kstride : pstride);
       const int64_t ncols = std::min(NP, N - p * NP);
       for (int64_t m0 = r0; m0 < r1; m0 += panel::kMR) {
         const int mr = static_cast<int>(std::min<int64_t>(panel::kMR, r1 - m0));
         const A* cm = c ? c + m0 * ldc + p * NP : nullptr;
-        if (m0 == r0)  // the chunk's first sweep over the panel: it comes from memory (or L3 for later chunks)
-          panel::tile_rows<A, true>(mr, x + m0 * ldx, ldx, b, K, y + m0 * ldy + p * NP, ldy, ncols, cm, ldc);
-        else
-          panel::tile_rows<A, false>(mr, x + m0 * ldx, ldx, b, K, y + m0 * ldy + p * NP, ldy, ncols, cm, ldc);
+        const X* xm = x + m0 * ldx;
+        A* ym = y + m0 * ldy + p * NP;
+        // the chunk's first sweep over the panel prefetches: it comes from memory (or L3 for later chunks)
+        if constexpr (bf16) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
+          if (m0 == r0)
+            panel::tile_rows_bf16<true>(mr, xm, ldx, b, K, ym, ldy, ncols, cm, ldc);
+          else
+            panel::tile_rows_bf16<false>(mr, xm, ldx, b, K, ym, ldy, ncols, cm, ldc);
+#else
+          TORCH_CHECK(false, "panel_gemm: bfloat16 panels need an AVX-512 build");
+#endif
+        } else {
+          if (m0 == r0)
+            panel::tile_rows<A, true>(mr, xm, ldx, b, K, ym, ldy, ncols, cm, ldc);
+          else
+            panel::tile_rows<A, false>(mr, xm, ldx, b, K, ym, ldy, ncols, cm, ldc);
+        }
       }
     }
   });

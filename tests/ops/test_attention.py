@@ -30,6 +30,9 @@ SDPA_CASES = [
     ((1, 8, 33, 32), (1, 1, 50, 32), (1, 1, 50, 32), dict(enable_gqa=True)),         # MQA
     ((3, 17, 80), (3, 29, 80), (3, 29, 48), dict(scale=0.3)),                       # 3-D, Ev != E
     ((1, 2, 5, 128), (1, 2, 7, 128), (1, 2, 7, 128), dict(scale=2.0)),
+    # odd head dims, keys past one 512-key block with an odd remainder (the 16-bit pair panels' tails)
+    ((1, 3, 70, 33), (1, 3, 601, 33), (1, 3, 601, 17), {}),
+    ((1, 2, 603, 64), (1, 2, 603, 64), (1, 2, 603, 64), dict(is_causal=True)),
 ]
 
 
