@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -141,13 +142,17 @@ A exp_sum_store(A* x, T* p, int64_t n, A m, A post = A(1)) {
     acc0 = acc0 + e0;
     acc1 = acc1 + e1;
   }
-  A s = at::vec::vec_reduce_all<A>([](Vec& a, Vec& b) { return a + b; }, acc0 + acc1);
-  for (; i < n; ++i) {
-    const A e = std::exp(x[i] * post - m);
-    p[i] = static_cast<T>(e);
-    s += e;
+  for (; i < n; i += K) {  // the rest a vector at a time, the last one partial (a causal row's end is anywhere)
+    const int64_t c = std::min(K, n - i);
+    const Vec e = Vec::set(Vec(0), at::vec::fmsub(Vec::loadu(x + i, c), vp, vm).exp_u20(), c);
+    if constexpr (std::is_same_v<T, A>) {
+      e.store(p + i, c);
+    } else {
+      at::vec::convert_from_float<T>(e, e).store(p + i, c);
+    }
+    acc0 = acc0 + e;
   }
-  return s;
+  return at::vec::vec_reduce_all<A>([](Vec& a, Vec& b) { return a + b; }, acc0 + acc1);
 }
 
 template <typename A>
@@ -185,6 +190,12 @@ void store_row(const A* x, T* y, int64_t n) {
     for (; i + K <= n; i += K) IO::store(y + i, Vectorized<A>::loadu(x + i));
     for (; i < n; ++i) y[i] = static_cast<T>(x[i]);
   }
+}
+
+// uninitialised scratch (every element is written before it is read: the packings fill their padding)
+template <typename X>
+std::unique_ptr<X[]> scratch(int64_t n) {
+  return std::unique_ptr<X[]>(new X[n]);
 }
 
 struct Geometry {
@@ -307,8 +318,8 @@ int64_t env_or(const char* name, int64_t v) {
   return e ? std::atoll(e) : v;
 }
 int64_t q_block(int64_t L) {
-  static const int64_t big = env_or("TRITIUM_ATTN_BQ", 256);
-  return L >= 768 ? big : (L >= 192 ? 64 : 32);
+  static const int64_t big = env_or("TRITIUM_ATTN_BQ", 256), mid = env_or("TRITIUM_ATTN_BQM", 64);
+  return L >= 768 ? big : (L >= 192 ? mid : 32);
 }
 static const int64_t kKeyBlock = env_or("TRITIUM_ATTN_BK", 512);
 
@@ -325,6 +336,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   const T* vp = v.const_data_ptr<T>();
   const T* mp = mask.has_value() ? mask->const_data_ptr<T>() : nullptr;
   T* op = out.mutable_data_ptr<T>();
+  const int64_t osb = out.stride(0), osh = out.stride(1), osl = out.stride(2);
   A* lp = lse.mutable_data_ptr<A>();
   const int64_t qsb = q.stride(0), qsh = q.stride(1), qsl = q.stride(2);
   const int64_t ksb = k.stride(0), ksh = k.stride(1), ksl = k.stride(2);
@@ -340,14 +352,14 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   constexpr int64_t NP = panel::width<A>();
   const int64_t kp_size = fpanel ? panel::packed_size<A>(g.S, g.D) : 0;
   const int64_t vp_size = fpanel ? panel::packed_size<A>(g.Dv, g.S) : 0;
-  std::vector<A> kp_buf(fpanel ? g.B * g.Hk * kp_size : 0), vp_buf(fpanel ? g.B * g.Hk * vp_size : 0);
+  auto kp_buf = scratch<A>(fpanel ? g.B * g.Hk * kp_size : 0), vp_buf = scratch<A>(fpanel ? g.B * g.Hk * vp_size : 0);
   if constexpr (!k16) {
     if (fpanel) {
       at::parallel_for(0, g.B * g.Hk, 1, [&](int64_t begin, int64_t end) {
         for (int64_t bh = begin; bh < end; ++bh) {
           const int64_t b = bh / g.Hk, hk = bh % g.Hk;
-          panel::pack<A>(kp + b * ksb + hk * ksh, ksl, g.S, g.D, kp_buf.data() + bh * kp_size);
-          panel::pack_cols<A>(vp + b * vsb + hk * vsh, vsl, g.S, g.Dv, vp_buf.data() + bh * vp_size);
+          panel::pack<A>(kp + b * ksb + hk * ksh, ksl, g.S, g.D, kp_buf.get() + bh * kp_size);
+          panel::pack_cols<A>(vp + b * vsb + hk * vsh, vsl, g.S, g.Dv, vp_buf.get() + bh * vp_size);
         }
       });
     }
@@ -360,14 +372,14 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   const int64_t Se = (g.S + 1) / 2 * 2, D2 = (g.D + 1) / 2 * 2;
   const int64_t kb_size = bpanel ? panel::packed_size_bf16(g.S, g.D) : 0;
   const int64_t vb_size = bpanel ? panel::packed_size_bf16(g.Dv, g.S) : 0;
-  std::vector<c10::BFloat16> kb_buf(g.B * g.Hk * kb_size), vb_buf(g.B * g.Hk * vb_size);
+  auto kb_buf = scratch<c10::BFloat16>(g.B * g.Hk * kb_size), vb_buf = scratch<c10::BFloat16>(g.B * g.Hk * vb_size);
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     if (bpanel) {
       at::parallel_for(0, g.B * g.Hk, 1, [&](int64_t begin, int64_t end) {
         for (int64_t bh = begin; bh < end; ++bh) {
           const int64_t b = bh / g.Hk, hk = bh % g.Hk;
-          panel::pack_bf16(kp + b * ksb + hk * ksh, ksl, g.S, g.D, kb_buf.data() + bh * kb_size);
-          panel::pack_cols_bf16(vp + b * vsb + hk * vsh, vsl, g.S, g.Dv, vb_buf.data() + bh * vb_size);
+          panel::pack_bf16(kp + b * ksb + hk * ksh, ksl, g.S, g.D, kb_buf.get() + bh * kb_size);
+          panel::pack_cols_bf16(vp + b * vsb + hk * vsh, vsl, g.S, g.Dv, vb_buf.get() + bh * vb_size);
         }
       });
     }
@@ -377,13 +389,13 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   const bool packed = use_brgemm<T>(g);
   const int64_t kt_size = (g.S + kPiece - 1) / kPiece * kPiece * g.D;
   const int64_t v_size = Se * ((g.Dv + kPiece - 1) / kPiece) * kPiece;
-  std::vector<T> kt_buf(packed ? g.B * g.Hk * kt_size : 0), v_buf(packed ? g.B * g.Hk * v_size : 0);
+  auto kt_buf = scratch<T>(packed ? g.B * g.Hk * kt_size : 0), v_buf = scratch<T>(packed ? g.B * g.Hk * v_size : 0);
   if (packed) {
     at::parallel_for(0, g.B * g.Hk, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t b = bh / g.Hk, hk = bh % g.Hk;
-        pack_kt<T>(kp + b * ksb + hk * ksh, ksl, g.S, g.D, kt_buf.data() + bh * kt_size);
-        pack_v<T>(vp + b * vsb + hk * vsh, vsl, g.S, g.Dv, v_buf.data() + bh * v_size);
+        pack_kt<T>(kp + b * ksb + hk * ksh, ksl, g.S, g.D, kt_buf.get() + bh * kt_size);
+        pack_v<T>(vp + b * vsb + hk * vsh, vsl, g.S, g.Dv, v_buf.get() + bh * v_size);
       }
     });
   }
@@ -394,7 +406,10 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
     std::vector<T> p16(k16 ? BQ * pld : 0);
     std::vector<int64_t> clo(BQ), chi(BQ);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / (g.H * nqb), h = (task / nqb) % g.H, qb = task % nqb, hk = h / group;
+      // a head's query blocks in the order first, last, second, second last, ...: under a causal mask their costs
+      // grow with qb, and this order gives each thread's contiguous range of tasks an equal share of the work
+      const int64_t t = task % nqb, qb = t % 2 == 0 ? t / 2 : nqb - 1 - t / 2;
+      const int64_t b = task / (g.H * nqb), h = (task / nqb) % g.H, hk = h / group;
       const int64_t i0 = qb * BQ, m = std::min(g.L, i0 + BQ) - i0;
       const T* Q = qp + b * qsb + h * qsh + i0 * qsl;
       const T* Kh = kp + b * ksb + hk * ksh;
@@ -409,8 +424,8 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
         jhi = std::max(jhi, g.hi(i0 + r));
       }
       if (packed || fpanel || bpanel) jlo = jlo / kPiece * kPiece;  // key blocks start on a packed piece (extra keys are masked)
-      const T* KT = packed ? kt_buf.data() + (b * g.Hk + hk) * kt_size : nullptr;
-      const T* VP = packed ? v_buf.data() + (b * g.Hk + hk) * v_size : nullptr;
+      const T* KT = packed ? kt_buf.get() + (b * g.Hk + hk) * kt_size : nullptr;
+      const T* VP = packed ? v_buf.get() + (b * g.Hk + hk) * v_size : nullptr;
       for (int64_t j0 = jlo; j0 < jhi; j0 += BK) {
         const int64_t n = std::min(jhi, j0 + BK) - j0;
         const A alpha = cap > A(0) ? scale / cap : scale;
@@ -428,7 +443,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
         };
         if constexpr (std::is_same_v<T, c10::BFloat16>) {
           if (bpanel) {
-            const c10::BFloat16* KB = kb_buf.data() + (b * g.Hk + hk) * kb_size;
+            const c10::BFloat16* KB = kb_buf.get() + (b * g.Hk + hk) * kb_size;
             panel_gemm(Q, qsl, m, g.D, KB + (j0 / NP16) * D2 * NP16, n, s.data(), BK);
             scale_scores();
           }
@@ -443,7 +458,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
           }
         } else {
           if (fpanel) {
-            const A* KP = kp_buf.data() + (b * g.Hk + hk) * kp_size;
+            const A* KP = kp_buf.get() + (b * g.Hk + hk) * kp_size;
             panel_gemm<A>(Q, qsl, m, g.D, KP + (j0 / NP) * g.D * NP, n, s.data(), BK);
             scale_scores();
           }
@@ -484,7 +499,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
         }
         if constexpr (std::is_same_v<T, c10::BFloat16>) {
           if (bpanel) {  // keys from j0 (a multiple of 64): pair row j0 / 2 of V's panels
-            const c10::BFloat16* VB = vb_buf.data() + (b * g.Hk + hk) * vb_size;
+            const c10::BFloat16* VB = vb_buf.get() + (b * g.Hk + hk) * vb_size;
             panel_gemm(P, pld, m, n, VB + j0 * NP16, g.Dv, acc.data(), g.Dv, acc.data(), g.Dv, Se * NP16);
           }
         }
@@ -501,20 +516,20 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
         }
         if constexpr (!k16) {
           if (fpanel) {
-            const A* VP = vp_buf.data() + (b * g.Hk + hk) * vp_size;
+            const A* VP = vp_buf.get() + (b * g.Hk + hk) * vp_size;
             panel_gemm<A>(P, BK, m, n, VP + j0 * NP, g.Dv, acc.data(), g.Dv, acc.data(), g.Dv, g.S * NP);
           }
         }
         if (!packed && !fpanel && !bpanel)
           gemm<T>(false, false, m, g.Dv, n, A(1), P, k16 ? pld : BK, Vh + j0 * vsl, vsl, A(1), acc.data(), g.Dv);
       }
-      T* O = op + ((b * g.H + h) * g.L + i0) * g.Dv;
+      T* O = op + b * osb + h * osh + i0 * osl;
       A* Lr = lp + (b * g.H + h) * g.L + i0;
       for (int64_t r = 0; r < m; ++r) {
         A* ar = acc.data() + r * g.Dv;
         const A inv = sum[r] > A(0) ? A(1) / sum[r] : A(0);
         at::vec::map([inv](Vectorized<A> x) { return x * Vectorized<A>(inv); }, ar, ar, g.Dv);
-        store_row<T, A>(ar, O + r * g.Dv, g.Dv);
+        store_row<T, A>(ar, O + r * osl, g.Dv);
         Lr[r] = sum[r] > A(0) ? mx[r] + std::log(sum[r]) : ninf;
       }
     }
@@ -539,7 +554,9 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at:
                                                   int64_t offset, int64_t left, int64_t right, double softcap) {
   check_qkv(q, k, v);
   Geometry g = geometry(q, k, v, offset, left, right);
-  auto out = empty({g.B, g.H, g.L, g.Dv}, q.options());
+  // (B, L, H, Dv) memory, as torch's CPU flash attention: the heads of a token side by side, so the caller's
+  // out.transpose(1, 2).reshape(B, L, H * Dv) is a view, not a copy
+  auto out = empty({g.B, g.L, g.H, g.Dv}, q.options()).transpose(1, 2);
   auto lse = at::empty({g.B, g.H, g.L}, q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   TRITIUM_DISPATCH_FLOATING(q.scalar_type(), "tritium_flash_attn_fwd", [&] {
     fwd_impl<scalar_t>(q, k, v, mask, out, lse, scale, g, softcap);

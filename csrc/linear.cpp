@@ -15,7 +15,7 @@ at::Tensor linear_small(const at::Tensor& x, const at::Tensor& w) {
               ", got ", w.scalar_type());
   TORCH_CHECK(w.is_contiguous(), "linear_small: weight must be contiguous");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  auto y = at::empty({M, N}, x.options());
+  auto y = empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   if (K == 0) return y.zero_();
   TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_linear_small", [&] {
@@ -98,7 +98,7 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, int64_t 
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "linear_packed: x must be float32 or float64, got ", x.scalar_type());
   const int64_t M = x.size(0), K = x.size(1);
-  auto y = at::empty({M, n}, x.options());
+  auto y = empty({M, n}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tritium_linear_packed", [&] {
     constexpr int64_t P = panel::width<scalar_t>();
     TORCH_CHECK(packed.dim() == 3 && packed.size(0) == (n + P - 1) / P && packed.size(1) == K && packed.size(2) == P &&

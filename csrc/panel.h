@@ -307,7 +307,7 @@ void panel_gemm(const X* x, int64_t ldx, int64_t M, int64_t K, const X* packed, 
   // shared too, so N = 576 (9 panels) does not leave one thread with 5 panels and the other with 4
   const int64_t chunks = (M + chunk - 1) / chunk, items = chunks * panels;
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, NP * K * std::min<int64_t>(M, chunk)));
-  at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
+  auto run = [&](int64_t i0, int64_t i1) {
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t r0 = (it / panels) * chunk, r1 = std::min(M, r0 + chunk), p = it % panels;
       const X* b = packed + p * (pstride < 0 ? kstride : pstride);
@@ -335,6 +335,30 @@ void panel_gemm(const X* x, int64_t ldx, int64_t M, int64_t K, const X* packed, 
         }
       }
     }
+  };
+  const int64_t nt = at::in_parallel_region() ? 1 : at::get_num_threads();
+  if (items <= grain || nt <= 1) {
+    run(0, items);
+    return;
+  }
+  // the ranges hold equal numbers of rows x panels, not of items: the last chunk is usually shorter, and an equal
+  // count of items left one thread 10% more work at a 512-token prompt (measured: 212 GFLOPS at M = 512 against
+  // 223 at M = 540, whose chunks are equal)
+  auto start = [&](int64_t it) {  // row-panels before item it
+    const int64_t ch = it / panels;
+    return ch * chunk * panels + (it % panels) * std::min(chunk, M - ch * chunk);
+  };
+  auto first_from = [&](int64_t target) {  // the first item starting at or after target
+    int64_t lo = 0, hi = items;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (start(mid) < target) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+  };
+  const int64_t total = M * panels;
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) run(first_from(total * t / nt), first_from(total * (t + 1) / nt));
   });
 }
 

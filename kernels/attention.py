@@ -56,7 +56,7 @@ def _key_range(start_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, S, offset,
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, MASK, O, LSE,
-    sqb, sqh, sql, skb, skh, skl, svb, svh, svl, smb, smh, smi, smj,
+    sqb, sqh, sql, skb, skh, skl, svb, svh, svl, smb, smh, smi, smj, sob, soh, sol,
     H, group, L, S, D, DV, scale, softcap, offset, left, right,
     HAS_MASK: tl.constexpr,   # an additive (or converted boolean) mask is read per tile
     HAS_LEFT: tl.constexpr,   # sliding window on the left: skips key blocks before the window
@@ -106,7 +106,7 @@ def _attn_fwd_kernel(
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
     row_ok = rows < L
-    tl.store(O + (bh.to(tl.int64) * L + rows[:, None]) * DV + offs_dv[None, :], out.to(O.dtype.element_ty),
+    tl.store(O + b * sob + h * soh + rows[:, None].to(tl.int64) * sol + offs_dv[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < DV))
     tl.store(LSE + bh.to(tl.int64) * L + rows, lse, mask=row_ok)
 
@@ -286,17 +286,19 @@ def _dims(q, v):
 def flash_attn_fwd(q, k, v, mask, scale, offset, left, right, softcap):
     """o = softmax(cap(q k^T * scale) + mask | visible) v; lse = logsumexp of the same scores per row.
     q (B, H, L, D), k (B, Hk, S, D), v (B, Hk, S, Dv) with unit last stride, mask None or (B, H, L, S) any
-    strides -> o (B, H, L, Dv), lse (B, H, L) float32.  Moves (B H L D + B H L Dv) + (L / BLOCK_M) B H S
+    strides -> o (B, H, L, Dv) in (B, L, H, Dv) memory (torch's layout: o.transpose(1, 2) holds a token's heads
+    side by side, a free reshape), lse (B, H, L) float32.  Moves (B H L D + B H L Dv) + (L / BLOCK_M) B H S
     (D + Dv) elements (+ the visible mask tiles)."""
     B, H, L, D = q.shape
     S, DV = k.shape[2], v.shape[3]
-    o = torch.empty((B, H, L, DV), device=q.device, dtype=q.dtype)
+    o = torch.empty((B, L, H, DV), device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty((B, H, L), device=q.device, dtype=torch.float32)
     BM, BN, warps = _blocks(max(D, DV), False, q.element_size())
     BD, BDV = _dims(q, v)
     grid = (triton.cdiv(L, BM), B * H)
     _attn_fwd_kernel[grid](
         q, k, v, mask, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *_mask_strides(mask),
+        *o.stride()[:3],
         H, H // k.shape[1], L, S, D, DV, scale, softcap, offset, left, right,
         **_flags(q, mask, left, right, softcap), BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, BLOCK_DV=BDV,
         num_warps=warps)

@@ -77,9 +77,10 @@ def test_bfloat16_close_to_float32():
     assert err < 0.05 * ref.abs().max().item(), err
 
 
-def _paged_step(model, seqs, block_size=4):
+def _paged_step(model, seqs, block_size=4, last_only=False):
     """Prefill seqs[1:] and decode seqs[0]'s last token (whose prefix is prefilled first) in one packed step,
-    as the engine would; returns the logits of each sequence's last token."""
+    as the engine would; returns the logits of each sequence's last token (rows chosen by logits_rows, or by
+    last_logits_only: the last layer then runs on those rows only)."""
     c = model.config
     shape = (64, block_size, c.n_kv_heads, c.head_dim)
     pools = [(torch.zeros(shape, dtype=model.dtype), torch.zeros(shape, dtype=model.dtype))
@@ -99,17 +100,19 @@ def _paged_step(model, seqs, block_size=4):
     rows = [0] + list(np.cumsum([1] + [len(s) for s in seqs[1:]])[1:] - 1)
     step = StepInput(torch.tensor(toks), torch.tensor(pos), torch.tensor(sl), 1,
                      torch.tensor([blocks[0]], dtype=torch.int32), torch.tensor([n + 1], dtype=torch.int32),
-                     [len(s) for s in seqs[1:]], torch.tensor(rows))
+                     [len(s) for s in seqs[1:]], None if last_only else torch.tensor(rows), last_only)
     return model.forward_step(step, pools)
 
 
+@pytest.mark.parametrize("last_only", [False, True], ids=["logits_rows", "last_logits_only"])
 @pytest.mark.parametrize("name", TINY)
-def test_paged_step_matches_full_forward(name):
+def test_paged_step_matches_full_forward(name, last_only):
     model = tiny_model(name)
     v = model.config.vocab_size
     seqs = [torch.randint(0, v, (n,)).tolist() for n in (13, 5, 1, 9)]
     with torch.no_grad():
-        out = _paged_step(model, seqs)
+        out = _paged_step(model, seqs, last_only=last_only)
+        assert out.shape[0] == len(seqs)
         for i, s in enumerate(seqs):
             torch.testing.assert_close(out[i], model(torch.tensor([s]))[0, -1], rtol=1e-5, atol=1e-5)
 

@@ -236,14 +236,12 @@ class Engine:
         tokens = [s.tokens[-1] for _, s in decode]
         positions = [len(s.tokens) - 1 for _, s in decode]
         slots = [dec_slots] if decode else []
-        rows = list(range(len(decode)))
         lens = []
         for _, s, sl in prefill:
             tokens.extend(s.tokens)
             positions.extend(range(len(s.tokens)))
             slots.append(sl)
             lens.append(len(s.tokens))
-            rows.append(len(tokens) - 1)
         dev = self.model.device
         bt = sl = None
         if decode:
@@ -254,7 +252,7 @@ class Engine:
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
             slot_mapping=torch.cat(slots) if len(slots) > 1 else slots[0],
             n_decode=len(decode), block_tables=bt, seq_lens=sl, prefill_lens=lens,
-            logits_rows=None if len(rows) == len(tokens) else torch.tensor(rows, dtype=torch.int64, device=dev))
+            last_logits_only=True)   # logits of the decode rows and each prefill's last token
         logits = self.model.forward_step(step, self.pools)
         self._process(logits, decode + [(r, s) for r, s, _ in prefill])
         dt = time.perf_counter() - t0   # model, sampling and stop checks

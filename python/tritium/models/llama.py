@@ -11,6 +11,7 @@ The model never imports tritium.inference: a step takes the cache's pools and me
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -88,8 +89,11 @@ class StepInput:
 
     tokens, positions, slot_mapping: int64 (T,); block_tables int32 (n_decode, max_blocks) and seq_lens int32
     (n_decode,) for the decode rows (seq_lens include the token being decoded); prefill_lens: host ints (their
-    sum is T - n_decode); logits_rows int64: which rows' logits to return (the decode rows and each prefill's
-    last token)."""
+    sum is T - n_decode); logits_rows int64: which rows' logits to return (None: every row).
+    last_logits_only: the logits wanted are exactly the decode rows' and each prefill's last token's (what the
+    engine asks for; logits_rows then need not be given): the last layer then runs its attention output, MLP and
+    the final norm on those rows only, as llama.cpp does (the other rows' last-layer outputs feed nothing: the
+    cache needs their K/V, which come before) — a 512-token prefill skips 1/n_layers of its work."""
     tokens: Tensor
     positions: Tensor
     slot_mapping: Tensor
@@ -98,6 +102,7 @@ class StepInput:
     seq_lens: Optional[Tensor]
     prefill_lens: List[int] = field(default_factory=list)
     logits_rows: Optional[Tensor] = None
+    last_logits_only: bool = False
 
 
 class Block(nn.Module):
@@ -255,16 +260,21 @@ class Llama(nn.Module):
     def _head(self, h: Tensor, lin=_linear) -> Tensor:
         return lin(h, self.embed if self.lm_head is None else self.lm_head)
 
-    def _layers(self, x: Tensor, attend, lin=_linear) -> Tensor:
-        """Run the decoder stack; attend(i, layer, y) -> attention output (before wo). Returns the final
-        normalised hidden state."""
+    def _layers(self, x: Tensor, attend, lin=_linear, keep: Optional[Tensor] = None) -> Tensor:
+        """Run the decoder stack; attend(i, layer, y, last) -> attention output (before wo), of the rows keep
+        only when last (the last layer, when keep is given: the rows whose outputs are wanted). Returns the final
+        normalised hidden state (of the rows keep, when given)."""
         c = self.config
         eps = c.norm_eps
         y = tritium.rms_norm(x, (c.dim,), self.layers[0].attn_norm, eps)
         h = x
         n = len(self.layers)
         for i, layer in enumerate(self.layers):
-            a = lin(attend(i, layer, y), layer.wo)
+            last = keep is not None and i == n - 1
+            o = attend(i, layer, y, last)
+            if last:
+                h = h.index_select(0, keep)
+            a = lin(o, layer.wo)
             y, h = tritium.fused_add_rms_norm(a, h, layer.mlp_norm, eps)
             m = lin(tritium.swiglu(lin(y, layer.w_gate_up)), layer.w_down)
             nxt = self.layers[i + 1].attn_norm if i + 1 < n else self.norm
@@ -278,7 +288,7 @@ class Llama(nn.Module):
         b, s = input_ids.shape
         x = nn.functional.embedding(input_ids, self.embed)                       # (b, s, dim)
 
-        def attend(i, layer, y):
+        def attend(i, layer, y, last):
             q, k, v = _linear(y, layer.wqkv).split(self._split, -1)
             q = q.view(b, s, c.n_heads, c.head_dim)
             k = k.view(b, s, c.n_kv_heads, c.head_dim)
@@ -303,7 +313,13 @@ class Llama(nn.Module):
         def lin(a, w):
             return _packed_linear(a, w, packed)
 
-        def attend(i, layer, y):
+        # the rows whose logits are wanted, when the last layer can skip the others (see StepInput)
+        keep = None
+        if step.last_logits_only and t > nd + len(step.prefill_lens):
+            ends = [nd + e - 1 for e in itertools.accumulate(step.prefill_lens)]
+            keep = torch.tensor(list(range(nd)) + ends, dtype=torch.int64, device=step.tokens.device)
+
+        def attend(i, layer, y, last):
             q, k, v = lin(y, layer.wqkv).split(self._split, -1)
             q = q.view(t, c.n_heads, c.head_dim)
             k = k.view(t, c.n_kv_heads, c.head_dim)
@@ -321,14 +337,16 @@ class Llama(nn.Module):
             start = nd
             for n in step.prefill_lens:  # each prompt attends to itself only (prefill starts at position 0)
                 sl = slice(start, start + n)
-                o = tritium.flash_attention(q[None, sl].transpose(1, 2), k[None, sl].transpose(1, 2),
+                # last: its last query only (causal is bottom-right aligned: it sees all n keys)
+                qs = slice(start + n - 1, start + n) if last else sl
+                o = tritium.flash_attention(q[None, qs].transpose(1, 2), k[None, sl].transpose(1, 2),
                                             v[None, sl].transpose(1, 2), causal=True)         # (1, h, n, hd)
-                outs.append(o[0].transpose(0, 1).reshape(n, -1))
+                outs.append(o[0].transpose(0, 1).reshape(o.shape[2], -1))
                 start += n
             return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
 
-        y = self._layers(x, attend, lin)
-        if step.logits_rows is not None:
+        y = self._layers(x, attend, lin, keep)
+        if keep is None and step.logits_rows is not None and not step.last_logits_only:
             y = y.index_select(0, step.logits_rows)
         return self._head(y, lin)
 

@@ -26,8 +26,9 @@ from ._library import SUPPORTED_DTYPES, acc_dtype, define_op
 
 # ---- fake kernels ----
 def _fake_fwd(q, k, v, mask, scale, offset, left, right, softcap):
-    B, H, L, _ = q.shape
-    return q.new_empty((B, H, L, v.shape[-1])), q.new_empty((B, H, L), dtype=acc_dtype(q.dtype))
+    B, H, L, _ = q.shape  # the output lives in (B, L, H, Dv) memory, as torch's own CPU flash attention's
+    return (q.new_empty((B, L, H, v.shape[-1])).transpose(1, 2),
+            q.new_empty((B, H, L), dtype=acc_dtype(q.dtype)))
 
 
 def _fake_bwd(dout, q, k, v, out, lse, dlse, mask, scale, offset, left, right, softcap):
