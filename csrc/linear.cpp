@@ -90,35 +90,61 @@ at::Tensor pack_linear(const at::Tensor& w) {
   return out;
 }
 
-// x (M, K) @ w^T for w packed by pack_linear (n = w's row count N) [+ bias (N)]
-at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, int64_t n, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2, "linear_packed: x must be (M, K), got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == packed.scalar_type(), "linear_packed: packed weight must have x's dtype ",
-              x.scalar_type(), ", got ", packed.scalar_type());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "linear_packed: x must be float32 or float64, got ", x.scalar_type());
+// w (2F, K) = [gate; up] rows -> pack_linear's panels of the rows interleaved so each panel holds F's gate rows
+// [p H, (p + 1) H) then the same up rows, H = panel width / 2 (linear_packed_swiglu's layout). F % H == 0.
+at::Tensor pack_linear_glu(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.size(0) % 2 == 0, "pack_linear_glu: weight must be (2F, K), got ", w.sizes());
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble,
+              "pack_linear_glu: weight must be float32 or float64, got ", w.scalar_type());
+  int64_t H = 0;
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "tritium_pack_linear_glu", [&] { H = panel::width<scalar_t>() / 2; });
+  const int64_t F = w.size(0) / 2, K = w.size(1);
+  TORCH_CHECK(F % H == 0, "pack_linear_glu: F = ", F, " (half the weight's rows) must be a multiple of ", H);
+  return pack_linear(w.view({2, F / H, H, K}).transpose(0, 1).reshape({2 * F, K}));
+}
+
+// x (M, K) @ w^T for w packed by pack_linear (n = w's row count N) [+ bias (N)]; GLU: w packed by pack_linear_glu
+// (n = 2F), the result silu(x @ gate^T) * (x @ up^T) (M, F) from the tiles' epilogue, no bias
+template <bool GLU>
+at::Tensor linear_packed_impl(const char* name, const at::Tensor& x, const at::Tensor& packed, int64_t n,
+                              const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2, name, ": x must be (M, K), got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == packed.scalar_type(), name, ": packed weight must have x's dtype ", x.scalar_type(),
+              ", got ", packed.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, name,
+              ": x must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(!GLU || n % 2 == 0, name, ": n must be even (gate and up rows), got ", n);
   const int64_t M = x.size(0), K = x.size(1);
-  auto y = empty({M, n}, x.options());
+  auto y = empty({M, GLU ? n / 2 : n}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tritium_linear_packed", [&] {
     constexpr int64_t P = panel::width<scalar_t>();
     TORCH_CHECK(packed.dim() == 3 && packed.size(0) == (n + P - 1) / P && packed.size(1) == K && packed.size(2) == P &&
                     packed.is_contiguous(),
-                "linear_packed: packed weight must be pack_linear's (", (n + P - 1) / P, ", ", K, ", ", P,
-                ") for n = ", n, " and x's K = ", K, ", got ", packed.sizes());
+                name, ": packed weight must be pack_linear's (", (n + P - 1) / P, ", ", K, ", ", P, ") for n = ", n,
+                " and x's K = ", K, ", got ", packed.sizes());
     const scalar_t* bp = nullptr;
     at::Tensor bc;
     if (bias.has_value()) {
-      TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->scalar_type() == x.scalar_type(),
-                  "linear_packed: bias must be (", n, ",) of x's dtype, got ", bias->sizes(), " ", bias->scalar_type());
+      TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->scalar_type() == x.scalar_type(), name,
+                  ": bias must be (", n, ",) of x's dtype, got ", bias->sizes(), " ", bias->scalar_type());
       bc = bias->contiguous();
       bp = bc.const_data_ptr<scalar_t>();
     }
     if (M == 0 || n == 0) return;
     const auto xc = x.stride(1) == 1 ? x : x.contiguous();
-    panel_gemm<scalar_t>(xc.const_data_ptr<scalar_t>(), xc.stride(0), M, K, packed.const_data_ptr<scalar_t>(), n,
-                         y.mutable_data_ptr<scalar_t>(), n, bp, 0);
+    panel_gemm<scalar_t, scalar_t, GLU>(xc.const_data_ptr<scalar_t>(), xc.stride(0), M, K,
+                                        packed.const_data_ptr<scalar_t>(), n, y.mutable_data_ptr<scalar_t>(),
+                                        y.stride(0), bp, 0);
   });
   return y;
+}
+
+at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, int64_t n, const c10::optional<at::Tensor>& bias) {
+  return linear_packed_impl<false>("linear_packed", x, packed, n, bias);
+}
+
+at::Tensor linear_packed_swiglu(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
+  return linear_packed_impl<true>("linear_packed_swiglu", x, packed, n, c10::nullopt);
 }
 
 }  // namespace
@@ -126,6 +152,8 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, int64_t 
 TORCH_LIBRARY_IMPL(tritium, CPU, m) {
   m.impl("pack_linear", &pack_linear);
   m.impl("linear_packed", &linear_packed);
+  m.impl("pack_linear_glu", &pack_linear_glu);
+  m.impl("linear_packed_swiglu", &linear_packed_swiglu);
   m.impl("mm_pooled", &mm_pooled);
   m.impl("linear_small", &linear_small);
 }

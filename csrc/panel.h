@@ -106,7 +106,9 @@ struct Reg {
 #endif
 
 // y[i][0:ncols] = sum_k x[i][k] * b[k][0:ncols] (+ c[i][0:ncols]) for i < MR. PF: prefetch the panel stream.
-template <typename A, int MR, bool PF>
+// GLU: the panel's first half columns are gates and its second half the matching up projections (pack_glu's
+// interleaved weights): y[i][0:ncols] = silu(gate) * up, ncols <= width / 2 outputs (no c).
+template <typename A, int MR, bool PF, bool GLU = false>
 inline void tile(const A* x, int64_t ldx, const A* b, int64_t K, A* y, int64_t ldy, int64_t ncols, const A* c,
                  int64_t ldc) {
   using Vec = Vectorized<A>;
@@ -130,6 +132,15 @@ inline void tile(const A* x, int64_t ldx, const A* b, int64_t K, A* y, int64_t l
       acc[4 * i + 3] = R::fma(a, b3, acc[4 * i + 3]);
     }
   }
+  if constexpr (GLU) {
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < 2 && j * V < ncols; ++j) {
+        const Vec g(acc[4 * i + j]), u(acc[4 * i + 2 + j]);
+        const Vec o = g / (Vec(1) + fexp(g.neg())) * u;  // silu as tritium.swiglu computes it
+        o.store(y + i * ldy + j * V, std::min<int64_t>(V, ncols - j * V));
+      }
+    return;
+  }
   for (int i = 0; i < MR; ++i) {
     A* yr = y + i * ldy;
     const A* cr = c ? c + i * ldc : nullptr;
@@ -150,16 +161,16 @@ inline void tile(const A* x, int64_t ldx, const A* b, int64_t K, A* y, int64_t l
   }
 }
 
-template <typename A, bool PF>
+template <typename A, bool PF, bool GLU = false>
 inline void tile_rows(int mr, const A* x, int64_t ldx, const A* b, int64_t K, A* y, int64_t ldy, int64_t ncols,
                       const A* c, int64_t ldc) {
   switch (mr) {
-    case 6: tile<A, 6, PF>(x, ldx, b, K, y, ldy, ncols, c, ldc); break;
-    case 5: tile<A, 5, PF>(x, ldx, b, K, y, ldy, ncols, c, ldc); break;
-    case 4: tile<A, 4, PF>(x, ldx, b, K, y, ldy, ncols, c, ldc); break;
-    case 3: tile<A, 3, PF>(x, ldx, b, K, y, ldy, ncols, c, ldc); break;
-    case 2: tile<A, 2, PF>(x, ldx, b, K, y, ldy, ncols, c, ldc); break;
-    default: tile<A, 1, PF>(x, ldx, b, K, y, ldy, ncols, c, ldc); break;
+    case 6: tile<A, 6, PF, GLU>(x, ldx, b, K, y, ldy, ncols, c, ldc); break;
+    case 5: tile<A, 5, PF, GLU>(x, ldx, b, K, y, ldy, ncols, c, ldc); break;
+    case 4: tile<A, 4, PF, GLU>(x, ldx, b, K, y, ldy, ncols, c, ldc); break;
+    case 3: tile<A, 3, PF, GLU>(x, ldx, b, K, y, ldy, ncols, c, ldc); break;
+    case 2: tile<A, 2, PF, GLU>(x, ldx, b, K, y, ldy, ncols, c, ldc); break;
+    default: tile<A, 1, PF, GLU>(x, ldx, b, K, y, ldy, ncols, c, ldc); break;
   }
 }
 
@@ -289,13 +300,16 @@ TRITIUM_BF16_DOT __attribute__((noinline)) void tile_rows_bf16(int mr, const c10
 // (M, N) with row stride ldc (ldc = 0: one row added to every row, a bias). y must not alias x; it may alias c.
 // pstride: elements from one panel to the next (default K * width: pack's layout; a product over a sub-range
 // of a longer packing's k passes the full packing's). Called inside a parallel region it runs on that thread.
-template <typename X, typename A>
+// GLU (float/double): packed holds pack_glu's interleaved [gate | up] panels of N = 2F rows; y gets the F columns
+// silu(x @ gate^T) * (x @ up^T) (no c): SwiGLU in the product's epilogue.
+template <typename X, typename A, bool GLU = false>
 void panel_gemm(const X* x, int64_t ldx, int64_t M, int64_t K, const X* packed, int64_t N, A* y, int64_t ldy,
                 const A* c = nullptr, int64_t ldc = 0, int64_t pstride = -1) {
   // X = A (float, double: panel::pack's panels) or X = bfloat16, A = float (panel::pack_bf16's pair panels, on a
   // CPU with AVX512-BF16: the caller checks panel::has_bf16_dot)
   constexpr bool bf16 = std::is_same_v<X, c10::BFloat16>;
   static_assert(bf16 ? std::is_same_v<A, float> : std::is_same_v<X, A>, "panel_gemm: unsupported types");
+  static_assert(!(bf16 && GLU), "panel_gemm: GLU epilogue for float/double only");
   constexpr int64_t NP = bf16 ? panel::kWidth16 : panel::width<A>();
   if (M <= 0 || N <= 0) return;
   const int64_t panels = (N + NP - 1) / NP;
@@ -311,12 +325,13 @@ void panel_gemm(const X* x, int64_t ldx, int64_t M, int64_t K, const X* packed, 
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t r0 = (it / panels) * chunk, r1 = std::min(M, r0 + chunk), p = it % panels;
       const X* b = packed + p * (pstride < 0 ? kstride : pstride);
-      const int64_t ncols = std::min(NP, N - p * NP);
+      constexpr int64_t NY = GLU ? NP / 2 : NP;  // output columns per panel
+      const int64_t ncols = std::min(NY, (GLU ? N / 2 : N) - p * NY);
       for (int64_t m0 = r0; m0 < r1; m0 += panel::kMR) {
         const int mr = static_cast<int>(std::min<int64_t>(panel::kMR, r1 - m0));
         const A* cm = c ? c + m0 * ldc + p * NP : nullptr;
         const X* xm = x + m0 * ldx;
-        A* ym = y + m0 * ldy + p * NP;
+        A* ym = y + m0 * ldy + p * NY;
         // the chunk's first sweep over the panel prefetches: it comes from memory (or L3 for later chunks)
         if constexpr (bf16) {
 #if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
@@ -329,9 +344,9 @@ void panel_gemm(const X* x, int64_t ldx, int64_t M, int64_t K, const X* packed, 
 #endif
         } else {
           if (m0 == r0)
-            panel::tile_rows<A, true>(mr, xm, ldx, b, K, ym, ldy, ncols, cm, ldc);
+            panel::tile_rows<A, true, GLU>(mr, xm, ldx, b, K, ym, ldy, ncols, cm, ldc);
           else
-            panel::tile_rows<A, false>(mr, xm, ldx, b, K, ym, ldy, ncols, cm, ldc);
+            panel::tile_rows<A, false, GLU>(mr, xm, ldx, b, K, ym, ldy, ncols, cm, ldc);
         }
       }
     }

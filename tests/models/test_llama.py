@@ -1,5 +1,6 @@
 """The Llama decoder on tritium ops vs its plain-PyTorch eager twin (random tiny configs), and the loaders:
 GGUF files written here (every quantisation type, llama.cpp's Q/K permutation) and Hugging Face directories."""
+import dataclasses
 import json
 
 import numpy as np
@@ -309,12 +310,20 @@ def test_packed_serving_weights_bfloat16():
     assert (packed - plain).abs().max().item() <= 0.02 * plain.abs().max().item()
 
 
+@pytest.mark.parametrize("ffn", [None, 64], ids=["ffn56", "ffn64-swiglu-epilogue"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_packed_serving_weights_panels(dtype):
+def test_packed_serving_weights_panels(dtype, ffn):
     """forward_step through tritium's packed column panels (what the engine uses for float32/float64) equals
-    the path on the weights as they are (linear_small / BLAS), up to summation order."""
-    model = tiny_model("tiny-mha-untied", dtype)
-    assert model.pack_for_inference()._packed, "float weights are always packed on CPU"
+    the path on the weights as they are (linear_small / BLAS), up to summation order. With ffn_dim a multiple
+    of half a panel the gate/up projection runs SwiGLU in its epilogue (linear_packed_swiglu)."""
+    if ffn is None:
+        model = tiny_model("tiny-mha-untied", dtype)
+    else:
+        cfg = dataclasses.replace(CONFIGS["tiny-mha-untied"], ffn_dim=ffn)
+        model = build(cfg, torch.float32).init_random(generator=torch.Generator().manual_seed(0)).to(dtype)
+    model.pack_for_inference()
+    assert model._packed, "float weights are always packed on CPU"
+    assert bool(model._packed_glu) == (ffn is not None)
     seqs = [torch.randint(0, model.config.vocab_size, (n,)).tolist() for n in (9, 4, 1)]
     with torch.no_grad():
         packed = _paged_step(model, seqs)

@@ -88,3 +88,37 @@ def test_packed_ops_fake_kernels_match(dtype):
     w, x, b = torch.randn(70, 33, dtype=dtype), torch.randn(5, 33, dtype=dtype), torch.randn(70, dtype=dtype)
     torch.library.opcheck(pack_linear, (w,))
     torch.library.opcheck(linear_packed, (x, pack_linear(w), 70, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("m", [1, 7, 130])
+@pytest.mark.parametrize("k", [1, 33])
+def test_linear_packed_swiglu_matches_reference(dtype, m, k):
+    """linear_packed_swiglu (SwiGLU in the product's epilogue, on pack_linear_glu's interleaved panels) against
+    tritium.swiglu of the product in float64, within torch's own error of the unfused float computation."""
+    from tritium.ops.linear import _panel_width, linear_packed_swiglu, pack_linear_glu
+
+    f = 3 * (_panel_width(dtype) // 2)  # three panels: the interleaving must keep every gate with its up row
+    w = torch.randn(2 * f, k, dtype=torch.float64)
+    x = torch.randn(m, k, dtype=torch.float64)
+    ref = tritium.swiglu(x @ w.t())
+    theirs = tritium.swiglu(x.to(dtype) @ w.to(dtype).t())
+    ours = linear_packed_swiglu(x.to(dtype), pack_linear_glu(w.to(dtype)), 2 * f)
+    assert ours.shape == (m, f)
+    assert_within_torch_error(ours, theirs, ref, "linear_packed_swiglu")
+
+
+def test_linear_packed_swiglu_fakes_and_errors():
+    from tritium.ops.linear import _panel_width, glu_pack_ok, linear_packed_swiglu, pack_linear_glu
+
+    h = _panel_width(torch.float32) // 2
+    w, x = torch.randn(4 * h, 9), torch.randn(5, 9)
+    torch.library.opcheck(pack_linear_glu, (w,))
+    torch.library.opcheck(linear_packed_swiglu, (x, pack_linear_glu(w), 4 * h))
+    assert glu_pack_ok(w) and not glu_pack_ok(torch.randn(2 * h + 2, 9))
+    with pytest.raises(RuntimeError, match="must be a multiple of"):
+        pack_linear_glu(torch.randn(2 * h + 2, 9))
+    with pytest.raises(RuntimeError, match="n must be even"):
+        linear_packed_swiglu(x, pack_linear_glu(w), 4 * h - 1)
+    with pytest.raises(RuntimeError, match="packed weight must be"):
+        linear_packed_swiglu(torch.randn(5, 8), pack_linear_glu(w), 4 * h)

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 import tritium
 from tritium.ops.paged import append_kv, paged_attention_decode
-from tritium.ops.linear import linear_packed, linear_small, pack_linear, small_rows_ok
+from tritium.ops.linear import (glu_pack_ok, linear_packed, linear_packed_swiglu, linear_small, pack_linear,
+                                pack_linear_glu, small_rows_ok)
 
 
 @dataclass
@@ -158,6 +159,7 @@ class Llama(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.scale = 1.0 / math.sqrt(c.head_dim)
         self._packed: Dict[int, Tensor] = {}    # id(weight) -> packed copy (pack_for_inference)
+        self._packed_glu: Dict[int, Tensor] = {}  # id(w_gate_up) -> its pack_linear_glu copy (float weights)
         self._split = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim)
 
     def pack_for_inference(self, enable: Optional[bool] = None) -> "Llama":
@@ -178,14 +180,20 @@ class Llama(nn.Module):
             return self
         ws = [w for layer in self.layers for w in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)]
         ws.append(self.embed if self.lm_head is None else self.lm_head)
+        glu = {id(layer.w_gate_up) for layer in self.layers}
         with torch.no_grad():
             for w in ws:
-                self._packed[id(w)] = (pack_linear(w.detach()) if panels
-                                       else torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1))
+                if panels and id(w) in glu and glu_pack_ok(w):
+                    # gate and up rows interleaved per panel: SwiGLU runs in the product's epilogue
+                    # (linear_packed_swiglu), the (T, 2 ffn_dim) projection is never written
+                    self._packed_glu[id(w)] = pack_linear_glu(w.detach())
+                else:
+                    self._packed[id(w)] = (pack_linear(w.detach()) if panels
+                                           else torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1))
         return self
 
     def _drop_packed(self) -> None:
-        self._packed, self._pack_tuned = {}, False
+        self._packed, self._packed_glu, self._pack_tuned = {}, {}, False
 
     def _apply(self, fn, recurse=True):
         # .to(dtype) must not round the float32 RoPE tables: rebuild them on the (new) device instead.
@@ -260,10 +268,11 @@ class Llama(nn.Module):
     def _head(self, h: Tensor, lin=_linear) -> Tensor:
         return lin(h, self.embed if self.lm_head is None else self.lm_head)
 
-    def _layers(self, x: Tensor, attend, lin=_linear, keep: Optional[Tensor] = None) -> Tensor:
+    def _layers(self, x: Tensor, attend, lin=_linear, keep: Optional[Tensor] = None, gate_up=None) -> Tensor:
         """Run the decoder stack; attend(i, layer, y, last) -> attention output (before wo), of the rows keep
         only when last (the last layer, when keep is given: the rows whose outputs are wanted). Returns the final
-        normalised hidden state (of the rows keep, when given)."""
+        normalised hidden state (of the rows keep, when given). gate_up(y, w_gate_up) -> SwiGLU of the fused
+        projection (default: tritium.swiglu of lin)."""
         c = self.config
         eps = c.norm_eps
         y = tritium.rms_norm(x, (c.dim,), self.layers[0].attn_norm, eps)
@@ -276,7 +285,8 @@ class Llama(nn.Module):
                 h = h.index_select(0, keep)
             a = lin(o, layer.wo)
             y, h = tritium.fused_add_rms_norm(a, h, layer.mlp_norm, eps)
-            m = lin(tritium.swiglu(lin(y, layer.w_gate_up)), layer.w_down)
+            g = gate_up(y, layer.w_gate_up) if gate_up is not None else tritium.swiglu(lin(y, layer.w_gate_up))
+            m = lin(g, layer.w_down)
             nxt = self.layers[i + 1].attn_norm if i + 1 < n else self.norm
             y, h = tritium.fused_add_rms_norm(m, h, nxt, eps)
         return y
@@ -313,6 +323,12 @@ class Llama(nn.Module):
         def lin(a, w):
             return _packed_linear(a, w, packed)
 
+        def gate_up(a, w):
+            p = self._packed_glu.get(id(w))
+            if p is not None:
+                return linear_packed_swiglu(a, p, w.shape[0])
+            return tritium.swiglu(lin(a, w))
+
         # the rows whose logits are wanted, when the last layer can skip the others (see StepInput)
         keep = None
         if step.last_logits_only and t > nd + len(step.prefill_lens):
@@ -345,7 +361,7 @@ class Llama(nn.Module):
                 start += n
             return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
 
-        y = self._layers(x, attend, lin, keep)
+        y = self._layers(x, attend, lin, keep, gate_up)
         if keep is None and step.logits_rows is not None and not step.last_logits_only:
             y = y.index_select(0, step.logits_rows)
         return self._head(y, lin)

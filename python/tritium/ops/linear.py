@@ -84,6 +84,32 @@ def _fake_linear_packed(x, packed, n, bias=None):
 pack_linear = torch.ops.tritium.pack_linear
 linear_packed = torch.ops.tritium.linear_packed
 
+# SwiGLU in the product's epilogue: pack_linear_glu(w_gate_up) interleaves the gate and up rows panel by panel
+# (F must be a multiple of half the panel width: glu_pack_ok), then linear_packed_swiglu(x, packed, 2F) returns
+# silu(x @ gate^T) * (x @ up^T) (M, F) without writing the (M, 2F) projection.
+_lib.define("pack_linear_glu(Tensor weight) -> Tensor")
+_lib.define("linear_packed_swiglu(Tensor x, Tensor packed, int n) -> Tensor")
+
+
+@torch.library.register_fake(f"{NAMESPACE}::pack_linear_glu", lib=_lib)
+def _fake_pack_glu(weight):
+    return _fake_pack(weight)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::linear_packed_swiglu", lib=_lib)
+def _fake_linear_packed_swiglu(x, packed, n):
+    return x.new_empty((x.shape[0], n // 2))
+
+
+pack_linear_glu = torch.ops.tritium.pack_linear_glu
+linear_packed_swiglu = torch.ops.tritium.linear_packed_swiglu
+
+
+def glu_pack_ok(w: Tensor) -> bool:
+    """True when pack_linear_glu can pack w (2F, K): float32/float64 on CPU, F a multiple of half a panel."""
+    return (w.device.type == "cpu" and w.dtype in (torch.float32, torch.float64) and w.dim() == 2
+            and w.shape[0] % 2 == 0 and (w.shape[0] // 2) % (_panel_width(w.dtype) // 2) == 0)
+
 
 def small_rows_ok(x: Tensor, w: Tensor) -> bool:
     """True when linear_small is the faster way to compute x @ w.T (CPU, few rows, same dtype, w contiguous)."""
