@@ -20,10 +20,16 @@ class LayerNorm(torch.nn.LayerNorm):
         return ops.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
+class Linear(torch.nn.Linear):
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.linear(x, self.weight, self.bias)
+
+
 # torch module class -> its tritium twin; every later op family adds its rows here.
 PATCH_TABLE: Dict[Type[torch.nn.Module], Type[torch.nn.Module]] = {
     torch.nn.RMSNorm: RMSNorm,
     torch.nn.LayerNorm: LayerNorm,
+    torch.nn.Linear: Linear,
 }
 
 

@@ -1,10 +1,12 @@
-"""linear_small (the decode step's skinny x @ w.T) against a float64 reference, at odd sizes and every dtype."""
+"""The CPU products (linear_small, mm_pooled, the packed pair, SwiGLU in the epilogue) against float64 references,
+and tritium.linear, the drop-in for F.linear (values, gradients, layouts, errors, patch, compile)."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import tritium  # noqa: F401
 from tritium.ops.linear import MAX_ROWS, linear_small, small_rows_ok
-from tests.util import CPU_DTYPES, assert_within_torch_error
+from tests.util import CPU_DTYPES, assert_within_torch_error, torch_and_ref
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
@@ -122,3 +124,68 @@ def test_linear_packed_swiglu_fakes_and_errors():
         linear_packed_swiglu(x, pack_linear_glu(w), 4 * h - 1)
     with pytest.raises(RuntimeError, match="packed weight must be"):
         linear_packed_swiglu(torch.randn(5, 8), pack_linear_glu(w), 4 * h)
+
+
+# ---- tritium.linear: the drop-in for F.linear ----
+LINEAR_CASES = [
+    # input shape, weight shape, bias
+    ((130, 33), (70, 33), True),          # 2-D, from 64 rows: the panel path
+    ((4, 50, 33), (70, 33), False),       # 3-D, no bias
+    ((2, 3, 40, 17), (129, 17), True),    # 4-D, N past two panels
+    ((10, 33), (20, 33), True),           # below 64 rows: F.linear
+    ((33,), (20, 33), True),              # 1-D input
+    ((0, 33), (20, 33), True),            # no rows
+    ((130, 0), (20, 0), True),            # K = 0
+    ((130, 33), (0, 33), False),          # N = 0
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=[str(i) for i in range(len(LINEAR_CASES))])
+def test_linear_matches_torch(case, dtype):
+    """Values and every gradient (input, weight, bias) within 2x torch's own error against float64."""
+    xs, ws, has_bias = case
+    args = [torch.randn(xs, dtype=torch.float64), torch.randn(ws, dtype=torch.float64)]
+    if has_bias:
+        args.append(torch.randn(ws[0], dtype=torch.float64))
+    dy = torch.randn(*xs[:-1], ws[0], dtype=torch.float64)
+    (t_out, t_gs), (r_out, r_gs) = torch_and_ref(F.linear, args, dy, dtype)
+    ins = [a.to(dtype).requires_grad_(True) for a in args]
+    out = tritium.linear(*ins)
+    gs = torch.autograd.grad(out, ins, dy.to(dtype))
+    assert_within_torch_error(out.detach(), t_out, r_out, "output")
+    for i, (g, tg, rg) in enumerate(zip(gs, t_gs, r_gs)):
+        assert_within_torch_error(g, tg, rg, f"grad {i}")
+
+
+def test_linear_layouts_and_errors_match_torch():
+    x, w, b = torch.randn(100, 40), torch.randn(30, 40), torch.randn(30)
+    # a transposed weight, a non-contiguous input: the same values as torch
+    wt = torch.randn(40, 30).t()
+    torch.testing.assert_close(tritium.linear(x, wt, b), F.linear(x, wt, b))
+    xt = torch.randn(40, 100).t()
+    torch.testing.assert_close(tritium.linear(xt, w, b), F.linear(xt, w, b), rtol=1e-5, atol=1e-5)
+    # bad input raises what torch raises
+    for args in ((x, torch.randn(30, 41), b), (x, w, torch.randn(31)), (torch.tensor(1.0), w, b),
+                 (x.double(), w, b)):
+        with pytest.raises(Exception) as theirs:
+            F.linear(*args)
+        with pytest.raises(type(theirs.value)):
+            tritium.linear(*args)
+
+
+def test_linear_module_patch_and_compile():
+    """tritium.nn.Linear is a torch.nn.Linear (state_dict, repr); patch swaps it in; fullgraph compile works."""
+    model = torch.nn.Sequential(torch.nn.Linear(24, 48), torch.nn.ReLU(), torch.nn.Linear(48, 8))
+    x = torch.randn(3, 40, 24)
+    ref = model(x)
+    names = tritium.patch(model)
+    assert ("0", torch.nn.Linear) in names and isinstance(model[0], tritium.nn.Linear)
+    assert isinstance(model[0], torch.nn.Linear)
+    torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+    compiled = torch.compile(lambda t: tritium.linear(t, model[0].weight, model[0].bias), fullgraph=True)
+    x2 = torch.randn(130, 24, requires_grad=True)
+    y = compiled(x2)
+    torch.testing.assert_close(y, F.linear(x2, model[0].weight, model[0].bias), rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    torch.testing.assert_close(x2.grad, model[0].weight.sum(0).expand(130, -1), rtol=1e-5, atol=1e-5)

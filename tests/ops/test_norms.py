@@ -190,7 +190,7 @@ def test_patch_swaps_in_place():
     before = model(x)
     params_before = [id(p) for p in model.parameters()]
     replaced = tritium.patch(model)
-    assert replaced == [("1", torch.nn.LayerNorm), ("2.0", torch.nn.RMSNorm)]
+    assert replaced == [("0", torch.nn.Linear), ("1", torch.nn.LayerNorm), ("2.0", torch.nn.RMSNorm)]
     assert type(model[1]) is tritium.nn.LayerNorm and type(model[2][0]) is tritium.nn.RMSNorm
     assert [id(p) for p in model.parameters()] == params_before
     torch.testing.assert_close(model(x), before)

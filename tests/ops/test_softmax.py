@@ -138,7 +138,7 @@ def test_modules_are_drop_ins():
         x = torch.randn(3, 8, 5)
         torch.testing.assert_close(ours(x), theirs(x))
     m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Softmax(-1))
-    assert tritium.patch(m) == [("1", torch.nn.Softmax)]
+    assert tritium.patch(m) == [("0", torch.nn.Linear), ("1", torch.nn.Softmax)]
     assert type(m[1]) is tritium.nn.Softmax
 
 

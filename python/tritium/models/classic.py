@@ -9,7 +9,8 @@ have identical module trees and state_dicts, so one's weights load into the othe
     twin = MLP(64, 128, 2, 10, impl="torch")          # plain PyTorch
     twin.load_state_dict(model.state_dict())
 
-Convolutions, linear layers and embeddings stay torch's (they are matmuls); what runs between them comes from
+Convolutions and embeddings stay torch's; linear layers are ``tritium.nn.Linear`` (torch.nn.Linear whose
+products run on tritium's panel GEMM on CPU from 64 rows) in the tritium impl; what runs between them comes from
 the ``ops(impl)`` table below. ``DIGITS`` registers the configurations ``tritium train`` uses on scikit-learn's
 8x8 digits.
 """
@@ -29,7 +30,7 @@ IMPLS = ("tritium", "torch")
 _TORCH = SimpleNamespace(
     relu=F.relu, gelu=F.gelu, silu=F.silu, tanh=torch.tanh, sigmoid=torch.sigmoid,
     layer_norm=F.layer_norm, scaled_dot_product_attention=F.scaled_dot_product_attention,
-    cross_entropy=F.cross_entropy, lstm=nn.LSTM, gru=nn.GRU,
+    cross_entropy=F.cross_entropy, lstm=nn.LSTM, gru=nn.GRU, Linear=nn.Linear,
 )
 
 # ADAPTERS: ops whose tritium family had not landed in the tree when this file was written. Each name here is
@@ -50,7 +51,8 @@ def _tritium_table() -> SimpleNamespace:
     import tritium.nn
 
     table = {name: getattr(tritium, name, getattr(_TORCH, name)) for name in _ADAPTED}
-    return SimpleNamespace(layer_norm=tritium.layer_norm, lstm=tritium.nn.LSTM, gru=tritium.nn.GRU, **table)
+    return SimpleNamespace(layer_norm=tritium.layer_norm, lstm=tritium.nn.LSTM, gru=tritium.nn.GRU,
+                           Linear=tritium.nn.Linear, **table)
 
 
 def ops(impl: str) -> SimpleNamespace:
@@ -83,8 +85,8 @@ class MLP(_Impl):
                  dropout: float = 0.0, impl: str = "tritium"):
         super().__init__(impl)
         dims = [in_dim] + [hidden] * depth
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-        self.out = nn.Linear(dims[-1], out_dim)
+        self.layers = nn.ModuleList(self.ops.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.out = self.ops.Linear(dims[-1], out_dim)
         self.act, self.dropout = activation, dropout
 
     def forward(self, x: Tensor) -> Tensor:  # (B, in_dim) -> (B, out_dim)
@@ -145,7 +147,8 @@ class LeNet(_Impl):
         self.conv1 = nn.Conv2d(in_channels, channels[0], 3, padding=1)
         self.conv2 = nn.Conv2d(channels[0], channels[1], 3, padding=1)
         flat = channels[1] * (image_size // 4) ** 2
-        self.fc1, self.fc2, self.fc3 = nn.Linear(flat, 120), nn.Linear(120, 84), nn.Linear(84, num_classes)
+        lin = self.ops.Linear
+        self.fc1, self.fc2, self.fc3 = lin(flat, 120), lin(120, 84), lin(84, num_classes)
         self.act = activation
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, S, S) -> (B, classes)
@@ -189,7 +192,7 @@ class ResNet(_Impl):
                 layers.append(BasicBlock(cin, w, 2 if (i > 0 and j == 0) else 1, impl=impl))
                 cin = w
         self.blocks = nn.Sequential(*layers)
-        self.head = nn.Linear(cin, num_classes)
+        self.head = self.ops.Linear(cin, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, S, S) -> (B, classes)
         x = self.blocks(self.ops.relu(self.bn(self.stem(x))))
@@ -207,7 +210,7 @@ class RNNClassifier(_Impl):
         super().__init__(impl)
         rnn_cls = {"lstm": self.ops.lstm, "gru": self.ops.gru}[cell]
         self.rnn = rnn_cls(input_size, hidden, num_layers, batch_first=True, bidirectional=bidirectional)
-        self.head = nn.Linear(hidden * (2 if bidirectional else 1), num_classes)
+        self.head = self.ops.Linear(hidden * (2 if bidirectional else 1), num_classes)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, F) -> (B, classes)
         out, _ = self.rnn(x)
@@ -221,8 +224,8 @@ class Attention(_Impl):
     def __init__(self, dim: int, heads: int, impl: str = "tritium"):
         super().__init__(impl)
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = self.ops.Linear(dim, 3 * dim)
+        self.proj = self.ops.Linear(dim, dim)
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:  # x (B, S, D), mask (B, 1, 1, S)
         B, S, D = x.shape
@@ -240,7 +243,7 @@ class Block(_Impl):
         super().__init__(impl)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = Attention(dim, heads, impl=impl)
-        self.fc1, self.fc2 = nn.Linear(dim, mlp_ratio * dim), nn.Linear(mlp_ratio * dim, dim)
+        self.fc1, self.fc2 = self.ops.Linear(dim, mlp_ratio * dim), self.ops.Linear(mlp_ratio * dim, dim)
         self.pre_norm, self.dropout = pre_norm, dropout
 
     def _ln(self, norm: nn.LayerNorm, x: Tensor) -> Tensor:
@@ -271,7 +274,7 @@ class TransformerEncoder(_Impl):
         self.emb_norm = nn.LayerNorm(dim)
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, pre_norm, dropout, impl) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, num_classes)
+        self.head = self.ops.Linear(dim, num_classes)
         self.pre_norm = pre_norm
 
     def forward(self, tokens: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:  # (B, S) -> (B, C)
@@ -305,7 +308,7 @@ class ViT(_Impl):
         self.pos = nn.Parameter(torch.randn(1, n + 1, dim) * 0.02)
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, True, dropout, impl) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, num_classes)
+        self.head = self.ops.Linear(dim, num_classes)
 
     def forward(self, images: Tensor) -> Tensor:  # (B, C, S, S) -> (B, classes)
         x = self.patch(images).flatten(2).transpose(1, 2)                                # (B, N, D)

@@ -32,4 +32,6 @@ __all__ += _cross_entropy.__all__
 from . import rope as _rope  # noqa: E402  (before the star import: the function tritium.ops.rope shadows the module)
 from .rope import *  # noqa: F401,F403,E402
 __all__ += _rope.__all__
-from . import linear as _linear  # noqa: E402,F401  (linear_small: internal, for the serving path)
+from . import linear as _linear  # noqa: E402  (module first, as above: the function tritium.ops.linear shadows it)
+from .linear import *  # noqa: F401,F403,E402
+__all__ += _linear.__all__

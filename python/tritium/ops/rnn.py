@@ -25,7 +25,7 @@ from torch import Tensor
 from .. import reference
 from .._backend import use_reference
 from ._library import SUPPORTED_DTYPES, define_op
-from .linear import mm_pooled
+from .linear import project
 
 
 # ---- fake kernels: shapes only ----
@@ -95,28 +95,11 @@ gru_scan_bwd = define_op(
     " -> (Tensor, Tensor, Tensor)", _fake_gru_scan_bwd, "rnn:gru_scan_bwd")
 
 
-class _Projection(torch.autograd.Function):
-    """xproj (T, B, G) = x (T, B, I) @ w^T + bias, every step's input projection in one matmul. Its output and
-    the input's gradient come from tritium's CPU pool (mm_pooled): at (128, 64, 2048) a fresh tensor's first
-    touch costs a fifth of the matmul."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, bias: Optional[Tensor]):
-        T, B, I = x.shape
-        x2 = x.reshape(T * B, I)
-        ctx.save_for_backward(x2, w)
-        ctx.has_bias = bias is not None
-        return mm_pooled(x2, w.t(), bias).view(T, B, w.shape[0])
-
-    @staticmethod
-    def backward(ctx, dy: Tensor):
-        x2, w = ctx.saved_tensors
-        T, B, G = dy.shape
-        d2 = dy.reshape(T * B, G)
-        dx = mm_pooled(d2, w).view(T, B, w.shape[1]) if ctx.needs_input_grad[0] else None
-        dw = d2.t() @ x2 if ctx.needs_input_grad[1] else None
-        db = d2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db
+def _projection(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """xproj (T, B, G) = x (T, B, I) @ w^T + bias, every step's input projection in one matmul (tritium's
+    linear autograd: mm_pooled outputs, panel_gemm for float from 64 rows)."""
+    T, B, I = x.shape
+    return project(x.reshape(T * B, I), w, bias).view(T, B, w.shape[0])
 
 
 def _weight_grad(dg: Tensor, hs: Tensor, h0: Tensor, reverse: bool) -> Tensor:
@@ -220,11 +203,11 @@ def _run(cell: str, input: Tensor, h0: Tensor, c0: Optional[Tensor], params, has
         k = layer * D + d
         if cell == "lstm":
             bias = None if b_ih is None else b_ih + b_hh
-            xproj = _Projection.apply(x, w_ih, bias)  # (T, B, 4H): every step's input projection in one matmul
+            xproj = _projection(x, w_ih, bias)  # (T, B, 4H): every step's input projection in one matmul
             hs, c = _LSTMScan.apply(xproj, w_hh, h0[k], c0[k], d == 1)
             cn.append(c)
         else:
-            xproj = _Projection.apply(x, w_ih, b_ih)  # (T, B, 3H)
+            xproj = _projection(x, w_ih, b_ih)  # (T, B, 3H)
             hs = _GRUScan.apply(xproj, w_hh, b_hh, h0[k], d == 1)
         layer_out.append(hs)
         hn.append(hs[0 if d == 1 else -1])  # h_T: the last step processed (step 0 for the reverse direction)
