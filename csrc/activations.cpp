@@ -647,7 +647,198 @@ std::tuple<at::Tensor, at::Tensor> prelu_bwd(const at::Tensor& dy, const at::Ten
 // Gate functions of the gated units.
 #define TRITIUM_GATES(X) X(glu, Sigmoid) X(swiglu, Silu) X(geglu, Gelu) X(geglu_tanh, GeluTanh)
 
+namespace {
+// ---------------------------------------------------------------------------------------------------------
+// BatchNorm in inference + activation: y = f(x * scale[c] + shift[c] (+ residual)), x as (M, N) rows with the
+// channel found as PReLU's (per_row: c = row % C, channels before contiguous inner dims; else c = column).
+// scale / shift come in the accumulation type (float for 16-bit x): BatchNorm's w / sqrt(var + eps) and
+// b - mean * scale, folded by the caller. act: -1 identity, else the TRITIUM_ACTIVATIONS index (ACT_IDS).
+// backward (z recomputed): dz = dy f'(z); dx = dz scale[c]; dres = dz; dscale[c] = sum dz x, dshift[c] = sum dz.
+// ---------------------------------------------------------------------------------------------------------
+struct Identity {
+  template <typename V> static V fwd(const V& x, const Prm<V>&) { return x; }
+  template <typename V> static V bwd(const V& dy, const V&, const Prm<V>&) { return dy; }
+};
+
+template <typename F>
+void with_act(int64_t act, const F& f) {
+  int64_t id = 0;
+#define TRITIUM_ACT_CASE(name, Op) \
+  if (act == id++) return f(Op{});
+  TRITIUM_ACTIVATIONS(TRITIUM_ACT_CASE)
+#undef TRITIUM_ACT_CASE
+  TORCH_CHECK(act == -1, "batch_norm_act: unknown activation id ", act);
+  f(Identity{});
+}
+
+// The rows' elements [c0, c1) of x / res / scale / shift (per_row: one channel for the row) as vectors of the
+// accumulation type, K at a time; the last partial vector goes through zero-padded buffers. fn(i, n, x, z)
+// gets the offset, the count, x and z = x * scale + shift (+ res).
+template <typename T, typename F>
+inline void bn_rows(const T* xr, const T* rr, const acc_of<T>* sp, const acc_of<T>* tp, bool per_row, int64_t ch,
+                    int64_t c0, int64_t c1, const F& fn) {
+  using IO = VecIO<T>;
+  using V = typename IO::Vec;
+  using A = acc_of<T>;
+  constexpr int64_t K = IO::kSize;
+  const V s1(per_row ? sp[ch] : A(0)), t1(per_row ? tp[ch] : A(0));
+  for (int64_t i = c0; i < c1; i += K) {
+    const int64_t n = std::min<int64_t>(K, c1 - i);
+    V xv, s = s1, t = t1, rv(0);
+    if (n == K) {
+      xv = IO::load(xr + i);
+      if (rr) rv = IO::load(rr + i);
+      if (!per_row) s = V::loadu(sp + i), t = V::loadu(tp + i);
+    } else {
+      T bx[K], br[K];
+      for (int64_t k = 0; k < K; ++k) bx[k] = k < n ? xr[i + k] : T(0), br[k] = (rr && k < n) ? rr[i + k] : T(0);
+      xv = IO::load(bx);
+      if (rr) rv = IO::load(br);
+      if (!per_row) s = V::loadu(sp + i, n), t = V::loadu(tp + i, n);
+    }
+    V z = at::vec::fmadd(xv, s, t);
+    if (rr) z = z + rv;
+    fn(i, n, xv, z);
+  }
+}
+
+template <typename T>
+inline void store_n(T* p, const typename VecIO<T>::Vec& v, int64_t n) {
+  using IO = VecIO<T>;
+  if (n == IO::kSize) {
+    IO::store(p, v);
+  } else {
+    T b[IO::kSize];
+    IO::store(b, v);
+    std::copy(b, b + n, p);
+  }
+}
+
+void check_bn(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+              const c10::optional<at::Tensor>& res, bool per_row) {
+  check_rows(x, "input");
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(scale.dim() == 1 && shift.sizes() == scale.sizes() && scale.is_contiguous() && shift.is_contiguous() &&
+                  scale.scalar_type() == acc && shift.scalar_type() == acc,
+              "batch_norm_act: scale and shift must be contiguous (C,) tensors of ", acc, ", got ", scale.sizes(), " ",
+              scale.scalar_type(), " and ", shift.sizes(), " ", shift.scalar_type());
+  TORCH_CHECK(per_row || scale.numel() == x.size(1), "batch_norm_act: ", scale.numel(), " channels for ", x.size(1),
+              " columns");
+  TORCH_CHECK(!res.has_value() || (res->sizes() == x.sizes() && res->scalar_type() == x.scalar_type() &&
+                                   res->stride(1) == 1),
+              "batch_norm_act: residual must match input ", x.sizes(), " with a unit column stride");
+}
+
+at::Tensor bn_act_fwd(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                      const c10::optional<at::Tensor>& res, bool per_row, int64_t act, double a, double b, double c) {
+  check_bn(x, scale, shift, res, per_row);
+  const int64_t M = x.size(0), N = x.size(1), C = scale.numel();
+  auto y = empty({M, N}, x.options());
+  TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_bn_act_fwd", [&] {
+    using V = typename VecIO<scalar_t>::Vec;
+    using A = acc_of<scalar_t>;
+    const auto p = prm<V>(a, b, c);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* rp = res.has_value() ? res->const_data_ptr<scalar_t>() : nullptr;
+    const A* sp = scale.const_data_ptr<A>();
+    const A* tp = shift.const_data_ptr<A>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    const int64_t sx = x.stride(0), sr = rp ? res->stride(0) : 0;
+    with_act(act, [&](auto op) {
+      using Op = decltype(op);
+      for_chunks(M, N, [&](int64_t r, int64_t c0, int64_t c1) {
+        scalar_t* yr = yp + r * N;
+        bn_rows<scalar_t>(xp + r * sx, rp ? rp + r * sr : nullptr, sp, tp, per_row, r % C, c0, c1,
+                          [&](int64_t i, int64_t n, const V&, const V& z) { store_n(yr + i, Op::fwd(z, p), n); });
+      });
+    });
+  });
+  return y;
+}
+
+// -> dx, dz (the residual's gradient; empty without a residual), dscale, dshift (accumulation type; empty unless
+// need_affine)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+    const c10::optional<at::Tensor>& res, bool per_row, int64_t act, double a, double b, double c, bool need_affine) {
+  check_bn(x, scale, shift, res, per_row);
+  check_rows(dy, "grad_output");
+  const int64_t M = x.size(0), N = x.size(1), C = scale.numel();
+  auto dx = empty({M, N}, x.options());
+  auto dz = res.has_value() ? empty({M, N}, x.options()) : at::empty({0}, x.options());
+  const int64_t T = at::get_num_threads();
+  // per-thread partials of sum dz x and sum dz: per_row -> one per channel, else one per column (= channel)
+  auto part = need_affine ? at::zeros({2, T, C}, scale.options()) : at::Tensor();
+  TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_bn_act_bwd", [&] {
+    using V = typename VecIO<scalar_t>::Vec;
+    using A = acc_of<scalar_t>;
+    constexpr int64_t K = V::size();
+    const auto p = prm<V>(a, b, c);
+    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* rp = res.has_value() ? res->const_data_ptr<scalar_t>() : nullptr;
+    const A* sp = scale.const_data_ptr<A>();
+    const A* tp = shift.const_data_ptr<A>();
+    scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+    scalar_t* dzp = rp ? dz.mutable_data_ptr<scalar_t>() : nullptr;
+    A* pp = need_affine ? part.mutable_data_ptr<A>() : nullptr;
+    const int64_t sx = x.stride(0), sr = rp ? res->stride(0) : 0, sdy = dy.stride(0);
+    with_act(act, [&](auto op) {
+      using Op = decltype(op);
+      for_chunks(M, N, [&](int64_t r, int64_t c0, int64_t c1) {
+        const int64_t ch = r % C;
+        A* px = pp ? pp + at::get_thread_num() * C : nullptr;  // sum dz x
+        A* pz = pp ? pp + (T + at::get_thread_num()) * C : nullptr;  // sum dz
+        const scalar_t* dyr = dyp + r * sdy;
+        V acc_x(0), acc_z(0);
+        bn_rows<scalar_t>(xp + r * sx, rp ? rp + r * sr : nullptr, sp, tp, per_row, ch, c0, c1,
+                          [&](int64_t i, int64_t n, const V& xv, const V& z) {
+                            V d;
+                            if (n == K) {
+                              d = VecIO<scalar_t>::load(dyr + i);
+                            } else {
+                              scalar_t bd[K];
+                              for (int64_t k = 0; k < K; ++k) bd[k] = k < n ? dyr[i + k] : scalar_t(0);
+                              d = VecIO<scalar_t>::load(bd);
+                            }
+                            // the padded lanes: dy = 0 there, so dz = 0 (f'(z) finite at z = shift)
+                            const V g = Op::bwd(d, z, p);
+                            const V s = per_row ? V(sp[ch]) : (n == K ? V::loadu(sp + i) : V::loadu(sp + i, n));
+                            store_n(dxp + r * N + i, g * s, n);
+                            if (dzp) store_n(dzp + r * N + i, g, n);
+                            if (!px) return;
+                            const V gx = V::set(V(0), g * xv, n), gz = V::set(V(0), g, n);
+                            if (per_row) {
+                              acc_x = acc_x + gx;
+                              acc_z = acc_z + gz;
+                            } else {
+                              A bx[K], bz[K];
+                              gx.store(bx);
+                              gz.store(bz);
+                              for (int64_t k = 0; k < n; ++k) px[i + k] += bx[k], pz[i + k] += bz[k];
+                            }
+                          });
+        if (px && per_row) {
+          px[ch] += at::vec::vec_reduce_all<A>([](V& u, V& v) { return u + v; }, acc_x);
+          pz[ch] += at::vec::vec_reduce_all<A>([](V& u, V& v) { return u + v; }, acc_z);
+        }
+      });
+    });
+  });
+  at::Tensor dscale, dshift;
+  if (need_affine) {
+    auto sums = part.sum(1);  // (2, C)
+    dscale = sums[0], dshift = sums[1];
+  } else {
+    dscale = at::empty({0}, scale.options()), dshift = at::empty({0}, scale.options());
+  }
+  return {dx, dz, dscale, dshift};
+}
+}  // namespace
+
 TORCH_LIBRARY_IMPL(tritium, CPU, m) {
+  m.impl("batch_norm_act_fwd", &bn_act_fwd);
+  m.impl("batch_norm_act_bwd", &bn_act_bwd);
 #define TRITIUM_REG_ACT(name, Op)                  \
   m.impl(#name "_fwd", &unary_fwd<Op>);            \
   m.impl(#name "_fwd_", &unary_fwd_<Op>);          \

@@ -367,6 +367,99 @@ def _prelu_bwd_kernel(DY, X, W, DX, PART, stride_dy, stride_x, M, N, C, rows_per
 # ---------------------------------------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------------------------------------
+@triton.jit
+def _bn_act_fwd_kernel(X, R, S, T, Y, stride_x, stride_r, N, C, blocks_per_row, a, b, c,
+                       PER_ROW: tl.constexpr,  # channel = row % C, else the column
+                       HAS_RES: tl.constexpr, ACT: tl.constexpr,  # ACT -1: identity, else ACT_IDS
+                       BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // blocks_per_row
+    cols = (pid % blocks_per_row) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if PER_ROW:
+        s = tl.load(S + row % C)
+        t = tl.load(T + row % C)
+    else:
+        s = tl.load(S + cols, mask=mask, other=0.0)
+        t = tl.load(T + cols, mask=mask, other=0.0)
+    z = x * s + t
+    if HAS_RES:
+        z += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    if ACT >= 0:
+        z = _act_fwd(z, a, b, c, ACT)
+    tl.store(Y + row * N + cols, z.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bn_act_bwd_kernel(DY, X, R, S, T, DX, DZ, stride_dy, stride_x, stride_r, N, C, blocks_per_row, a, b, c,
+                       PER_ROW: tl.constexpr, HAS_RES: tl.constexpr, STORE_DZ: tl.constexpr, ACT: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    # dz = dy f'(z) (z recomputed), dx = dz scale[c]; dz stored when the residual or the affine sums need it
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // blocks_per_row
+    cols = (pid % blocks_per_row) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+    if PER_ROW:
+        s = tl.load(S + row % C)
+        t = tl.load(T + row % C)
+    else:
+        s = tl.load(S + cols, mask=mask, other=0.0)
+        t = tl.load(T + cols, mask=mask, other=0.0)
+    z = x * s + t
+    if HAS_RES:
+        z += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    if ACT >= 0:
+        dz = _act_bwd(dy, z, a, b, c, ACT)
+    else:
+        dz = dy
+    tl.store(DX + row * N + cols, (dz * s).to(DX.dtype.element_ty), mask=mask)
+    if STORE_DZ:
+        tl.store(DZ + row * N + cols, dz, mask=mask)
+
+
+def batch_norm_act_fwd(x, scale, shift, residual, per_row, act, a, b, c):
+    """y = f(x scale[c] + shift[c] (+ residual)), c = row % C (per_row) or the column.  x (M, N), scale / shift
+    (C,) float32 -> y (M, N).  Moves 2MN elements (3MN with a residual) + 2C."""
+    M, N = x.shape
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if M * N:
+        grid, bpr = _grid(M, N)
+        _bn_act_fwd_kernel[grid](x, residual, scale, shift, y, x.stride(0),
+                                 residual.stride(0) if residual is not None else 0, N, scale.numel(), bpr, a, b, c,
+                                 PER_ROW=per_row, HAS_RES=residual is not None, ACT=act, BLOCK_N=BLOCK, num_warps=4)
+    return y
+
+
+def batch_norm_act_bwd(dy, x, scale, shift, residual, per_row, act, a, b, c, need_affine):
+    """dx = dz scale[c] with dz = dy f'(z); the residual's gradient dz; dscale[c] = sum dz x, dshift[c] = sum dz
+    (float32, empty unless need_affine: reduced by torch from the stored dz).  Moves 3MN (+ MN for dz)."""
+    M, N = x.shape
+    C = scale.numel()
+    dx = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    store_dz = residual is not None or need_affine
+    dz = torch.empty((M, N) if store_dz else (0,), device=x.device, dtype=torch.float32)
+    if M * N:
+        grid, bpr = _grid(M, N)
+        _bn_act_bwd_kernel[grid](dy, x, residual, scale, shift, dx, dz, dy.stride(0), x.stride(0),
+                                 residual.stride(0) if residual is not None else 0, N, C, bpr, a, b, c,
+                                 PER_ROW=per_row, HAS_RES=residual is not None, STORE_DZ=store_dz, ACT=act,
+                                 BLOCK_N=BLOCK, num_warps=4)
+    empty = scale.new_empty((0,))
+    dscale = dshift = empty
+    if need_affine:
+        if per_row:
+            dscale = (dz * x.float()).view(-1, C, N).sum((0, 2))
+            dshift = dz.view(-1, C, N).sum((0, 2))
+        else:
+            dscale = (dz * x.float()).sum(0)
+            dshift = dz.sum(0)
+    dres = dz.to(x.dtype) if residual is not None else x.new_empty((0,))
+    return dx, dres, dscale, dshift
+
+
 def _grid(M, N):
     bpr = triton.cdiv(N, BLOCK)
     return (M * bpr,), bpr

@@ -152,6 +152,27 @@ def swish(input: Tensor, beta=1.0) -> Tensor:
     return input * torch.sigmoid(beta * input)
 
 
+# batch_norm_act's activations: name -> torch's function (None: identity)
+BN_ACTIVATIONS = {
+    None: lambda x: x, "relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu, "mish": F.mish,
+    "logsigmoid": F.logsigmoid, "hardswish": F.hardswish,
+}
+
+
+def batch_norm_act(input: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor] = None,
+                   bias: Optional[Tensor] = None, eps: float = 1e-5, activation: Optional[str] = "relu",
+                   residual: Optional[Tensor] = None) -> Tensor:
+    """act(batch_norm(input) in inference (the running statistics) + residual)."""
+    if activation not in BN_ACTIVATIONS:
+        raise ValueError(f"batch_norm_act: activation must be one of {sorted(a for a in BN_ACTIVATIONS if a)} "
+                         f"or None, got {activation!r}")
+    y = F.batch_norm(input, running_mean, running_var, weight, bias, training=False, eps=eps)
+    if residual is not None:
+        y = y + residual
+    return BN_ACTIVATIONS[activation](y)
+
+
 def dyt(x: Tensor, alpha: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """Dynamic Tanh: weight * tanh(alpha * x) + bias."""
     return weight * torch.tanh(alpha * x) + bias

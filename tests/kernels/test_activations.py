@@ -1,9 +1,10 @@
-"""Activation, gated-unit, DyT and PReLU kernels, Triton (interpreter) and C++, against torch in float64."""
+"""Activation, gated-unit, DyT, PReLU and BatchNorm-inference + activation kernels, Triton (interpreter) and C++, against torch in float64."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import tritium  # noqa: F401  (loads the C++ kernels)
+from tritium import reference
 from tritium.kernels import activations as triton_act
 from tritium.ops.activations import ACT_NAMES, GATES, SELU_ALPHA, SELU_SCALE
 from tests.util import CPU_DTYPES, KERNEL_DTYPES, assert_within_torch_error, check_gpu_compile, torch_and_ref
@@ -189,6 +190,49 @@ def test_prelu(impl_name, impl, dtype, per_row):
         assert_within_torch_error(dw, tg[1], rg[1], "dw")
 
 
+BN_ACTS = [None, "relu", "silu", "gelu", "sigmoid", "hardswish"]
+
+
+@pytest.mark.parametrize("act", BN_ACTS, ids=str)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("per_row", [True, False], ids=["per_row", "per_column"])
+@pytest.mark.parametrize("impl_name,impl,dtype", CASES, ids=CASE_IDS)
+def test_batch_norm_act(impl_name, impl, dtype, per_row, residual, act):
+    """y = f(x scale[c] + shift[c] (+ r)) and its gradients (x, r, scale, shift) against torch in float64."""
+    C = 3
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    twin = reference.BN_ACTIVATIONS[act]
+    act_id = -1 if act is None else ACT_NAMES.index(act)
+    for n in (1, 7, 781):
+        m = 2 * C if per_row else 4
+        cols = n if per_row else C
+        x, dy, r = _x((m, cols), dtype), _x((m, cols), dtype, 1.0), _x((m, cols), dtype)
+        # scale / shift exactly representable in dtype: torch's twin below runs on them in dtype
+        scale, shift = _x((C,), dtype, 0.5).to(acc), _x((C,), dtype, 0.5).to(acc)
+        res = r if residual else None
+        y = impl.batch_norm_act_fwd(x, scale, shift, res, per_row, act_id, 0.0, 0.0, 0.0)
+        dx, dr, ds, dt = impl.batch_norm_act_bwd(dy, x, scale, shift, res, per_row, act_id, 0.0, 0.0, 0.0, True)
+
+        def fn(x_, s_, t_, r_=None):
+            if per_row:  # rows are (batch, channel) pairs of a (2, C, n) input
+                z = x_.view(2, C, n) * s_[:, None] + t_[:, None]
+                z = z.view(m, n)
+            else:
+                z = x_ * s_ + t_
+            return twin(z + r_ if residual else z)
+
+        args = [x, scale.to(dtype), shift.to(dtype)] + ([r] if residual else [])
+        (ty, tg), (ry, rg) = torch_and_ref(fn, args, dy, dtype)
+        assert_within_torch_error(y, ty, ry, "y")
+        assert_within_torch_error(dx, tg[0], rg[0], "dx")
+        assert_within_torch_error(ds.to(dtype), tg[1], rg[1], "dscale")
+        assert_within_torch_error(dt.to(dtype), tg[2], rg[2], "dshift")
+        if residual:
+            assert_within_torch_error(dr, tg[3], rg[3], "dresidual")
+        else:
+            assert dr.numel() == 0
+
+
 @pytest.mark.parametrize("impl_name,impl", [("triton", triton_act), ("cpp", cpp)])
 def test_strided_rows(impl_name, impl):
     """Rows with a stride larger than the row (a slice of a wider tensor) are read in place."""
@@ -232,12 +276,19 @@ def test_gpu_compile():
                 triton_act.prelu_fwd(x, w[:2] if per_row else w, per_row)
                 for need in (True, False):
                     triton_act.prelu_bwd(x, x, w[:2] if per_row else w, per_row, need)
+                st = torch.randn(2 if per_row else n)
+                for act in (-1, ACT_NAMES.index("relu"), ACT_NAMES.index("gelu")):
+                    for res in (None, x):
+                        triton_act.batch_norm_act_fwd(x, st, st, res, per_row, act, 0.0, 0.0, 0.0)
+                        for need in (True, False):
+                            triton_act.batch_norm_act_bwd(x, x, st, st, res, per_row, act, 0.0, 0.0, 0.0, need)
 
     report = check_gpu_compile(run)
     kernels = {r[0] for r in report}
     assert kernels == {"_act_fwd_kernel", "_act_bwd_kernel", "_gated_fwd_kernel", "_gated_bwd_kernel",
                        "_dyt_fwd_kernel", "_dyt_bwd_kernel", "_prelu_fwd_kernel", "_prelu_bwd_kernel",
-                       "_swish_beta_fwd_kernel", "_swish_beta_bwd_kernel"}
+                       "_swish_beta_fwd_kernel", "_swish_beta_bwd_kernel", "_bn_act_fwd_kernel",
+                       "_bn_act_bwd_kernel"}
     acts = {r[2]["ACT"] for r in report if r[0] == "_act_fwd_kernel"}
     assert acts == set(triton_act.ACT_IDS.values())
     for name, arch, _, shared, regs in report:

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import tritium
-from tests.util import assert_within_torch_error
+from tritium import reference
+from tests.util import CPU_DTYPES, assert_within_torch_error
 
 # (name, tritium fn, torch twin) with non-default arguments where the function has any
 DROP_INS = [
@@ -264,3 +265,63 @@ def test_gated_mlp_blocks():
     sw = tritium.nn.Swish(1.5, learnable=True)
     sw(x).sum().backward()
     assert sw.beta.grad is not None
+
+
+# ---- batch_norm_act: BatchNorm in inference + residual + activation ----
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "2d", "nc11"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("activation", [None, "relu", "gelu_tanh", "mish"], ids=str)
+def test_batch_norm_act_matches_composition(dtype, layout, residual, activation):
+    """Values and gradients (input, residual, weight, bias) within 2x torch's own error of
+    act(F.batch_norm(training=False) + residual), against that composition in float64."""
+    shape = {"nchw": (2, 3, 5, 7), "channels_last": (2, 3, 5, 7), "2d": (9, 3), "nc11": (4, 3, 1, 1)}[layout]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 2
+    r = torch.randn(shape, generator=g, dtype=torch.float64)
+    mean, var = torch.randn(3, generator=g, dtype=torch.float64), torch.rand(3, generator=g, dtype=torch.float64) + 0.5
+    w, b = torch.randn(3, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
+    dy = torch.randn(shape, generator=g, dtype=torch.float64)
+    stat = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype  # torch's CPU BN: float stats
+    # every input exactly representable in the dtype under test: the float64 reference sees the same values
+    x, r, dy = (t.to(dtype).double() for t in (x, r, dy))
+    mean, var, w, b = (t.to(stat).double() for t in (mean, var, w, b))
+    mf = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    res = {}
+    for name, fn, d in (("ours", tritium.batch_norm_act, dtype), ("torch", reference.batch_norm_act, dtype),
+                        ("ref", reference.batch_norm_act, torch.float64)):
+        sd = stat if d != torch.float64 else torch.float64
+        xi = x.to(d).contiguous(memory_format=mf).requires_grad_(True)
+        ri = r.to(d).contiguous(memory_format=mf).requires_grad_(True) if residual else None
+        wi, bi = w.to(sd).requires_grad_(True), b.to(sd).requires_grad_(True)
+        y = fn(xi, mean.to(sd), var.to(sd), wi, bi, 1e-5, activation, ri)
+        ins = [xi, wi, bi] + ([ri] if residual else [])
+        gs = torch.autograd.grad(y, ins, dy.to(d).contiguous(memory_format=mf))
+        res[name] = [y.detach()] + list(gs)
+    if layout == "channels_last":
+        assert res["ours"][0].is_contiguous(memory_format=torch.channels_last)
+    for i, (o, t, rf) in enumerate(zip(res["ours"], res["torch"], res["ref"])):
+        assert_within_torch_error(o, t.to(o.dtype), rf, f"output/grad {i}")
+
+
+def test_batch_norm_act_fallbacks_and_errors():
+    x, mean, var = torch.randn(2, 3, 4, 4), torch.zeros(3), torch.ones(3)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        tritium.batch_norm_act(x, mean, var, activation="swish")
+    # a channel-count mismatch raises torch's own error (the composition runs)
+    with pytest.raises(RuntimeError):
+        tritium.batch_norm_act(x, torch.zeros(4), torch.ones(4))
+    # strided input, empty input, no affine: the composition's values
+    xs = torch.randn(2, 3, 4, 8)[..., ::2]
+    torch.testing.assert_close(tritium.batch_norm_act(xs, mean, var), reference.batch_norm_act(xs, mean, var))
+    e = torch.randn(0, 3, 4, 4)
+    assert tritium.batch_norm_act(e, mean, var).shape == e.shape
+    torch.testing.assert_close(tritium.batch_norm_act(x, mean, var, activation=None),
+                               F.batch_norm(x, mean, var, training=False))
+
+
+def test_batch_norm_act_compiles():
+    x, mean, var, w, b = torch.randn(2, 3, 4, 4), torch.randn(3), torch.rand(3) + 0.5, torch.randn(3), torch.randn(3)
+    r = torch.randn(2, 3, 4, 4)
+    fn = torch.compile(lambda x, r: tritium.batch_norm_act(x, mean, var, w, b, 1e-5, "relu", r), fullgraph=True)
+    torch.testing.assert_close(fn(x, r), reference.batch_norm_act(x, mean, var, w, b, 1e-5, "relu", r))

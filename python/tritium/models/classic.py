@@ -27,10 +27,28 @@ from torch import Tensor, nn
 IMPLS = ("tritium", "torch")
 
 # ---- the op table: what each impl calls between the matmuls ----
+def _torch_bn_act(bn: nn.Module, x: Tensor, activation: str, residual: Optional[Tensor] = None) -> Tensor:
+    """act(bn(x) + residual), torch's way."""
+    y = bn(x)
+    return getattr(F, activation)(y if residual is None else y + residual)
+
+
+def _tritium_bn_act(bn: nn.Module, x: Tensor, activation: str, residual: Optional[Tensor] = None) -> Tensor:
+    """act(bn(x) + residual): in inference (eval with running statistics) one fused pass (tritium.batch_norm_act);
+    in training torch's BatchNorm (batch statistics, running-stat updates), then tritium's add and activation."""
+    import tritium
+
+    if bn.training or bn.running_mean is None:
+        y = bn(x)
+        return getattr(tritium, activation)(y if residual is None else y + residual)
+    return tritium.batch_norm_act(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, activation,
+                                  residual)
+
+
 _TORCH = SimpleNamespace(
     relu=F.relu, gelu=F.gelu, silu=F.silu, tanh=torch.tanh, sigmoid=torch.sigmoid,
     layer_norm=F.layer_norm, scaled_dot_product_attention=F.scaled_dot_product_attention,
-    cross_entropy=F.cross_entropy, lstm=nn.LSTM, gru=nn.GRU, Linear=nn.Linear,
+    cross_entropy=F.cross_entropy, lstm=nn.LSTM, gru=nn.GRU, Linear=nn.Linear, bn_act=_torch_bn_act,
 )
 
 # ADAPTERS: ops whose tritium family had not landed in the tree when this file was written. Each name here is
@@ -52,7 +70,7 @@ def _tritium_table() -> SimpleNamespace:
 
     table = {name: getattr(tritium, name, getattr(_TORCH, name)) for name in _ADAPTED}
     return SimpleNamespace(layer_norm=tritium.layer_norm, lstm=tritium.nn.LSTM, gru=tritium.nn.GRU,
-                           Linear=tritium.nn.Linear, **table)
+                           Linear=tritium.nn.Linear, bn_act=_tritium_bn_act, **table)
 
 
 def ops(impl: str) -> SimpleNamespace:
@@ -159,7 +177,9 @@ class LeNet(_Impl):
 
 
 class BasicBlock(_Impl):
-    """conv3x3 -> BN -> act -> conv3x3 -> BN, plus the (1x1 conv + BN when the shape changes) shortcut, -> act."""
+    """conv3x3 -> BN -> act -> conv3x3 -> BN, plus the (1x1 conv + BN when the shape changes) shortcut, -> act.
+    In inference the tritium impl runs each BN with its activation (and the second with the shortcut's add) as
+    one fused pass (tritium.batch_norm_act)."""
 
     def __init__(self, cin: int, cout: int, stride: int = 1, impl: str = "tritium"):
         super().__init__(impl)
@@ -172,9 +192,8 @@ class BasicBlock(_Impl):
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.ops.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.ops.relu(out + self.shortcut(x))
+        out = self.ops.bn_act(self.bn1, self.conv1(x), "relu")
+        return self.ops.bn_act(self.bn2, self.conv2(out), "relu", self.shortcut(x))
 
 
 class ResNet(_Impl):
@@ -195,7 +214,7 @@ class ResNet(_Impl):
         self.head = self.ops.Linear(cin, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, S, S) -> (B, classes)
-        x = self.blocks(self.ops.relu(self.bn(self.stem(x))))
+        x = self.blocks(self.ops.bn_act(self.bn, self.stem(x), "relu"))
         return self.head(x.mean((2, 3)))
 
 

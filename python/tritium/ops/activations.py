@@ -14,6 +14,8 @@ up, a layout that would need a hidden copy, in-place calls whose input requires 
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Union
 
@@ -217,6 +219,41 @@ prelu_fwd = define_op("prelu_fwd(Tensor x, Tensor weight, bool per_row) -> Tenso
                       "activations:prelu_fwd", _prelu_backward, _prelu_setup)
 
 
+# BatchNorm in inference + residual + activation (batch_norm_act): x (M, N) rows, scale / shift (C,) in the
+# accumulation type, channel = row % C (per_row) or the column; act -1 identity, else ACT_NAMES' index.
+def _fake_bn_bwd(dy, x, scale, shift, residual, per_row, act, a, b, c, need_affine):
+    nc = scale.shape[0] if need_affine else 0
+    return (x.new_empty(x.shape), x.new_empty(x.shape if residual is not None else (0,)), scale.new_empty((nc,)),
+            scale.new_empty((nc,)))
+
+
+batch_norm_act_bwd = define_op(
+    "batch_norm_act_bwd(Tensor dy, Tensor x, Tensor scale, Tensor shift, Tensor? residual, bool per_row, int act,"
+    " float a, float b, float c, bool need_affine) -> (Tensor, Tensor, Tensor, Tensor)",
+    _fake_bn_bwd, "activations:batch_norm_act_bwd")
+
+
+def _bn_setup(ctx, inputs, output):
+    x, scale, shift, residual, per_row, act, a, b, c = inputs
+    ctx.save_for_backward(x, scale, shift, residual)
+    ctx.args = (per_row, act, a, b, c)
+
+
+def _bn_backward(ctx, dy):
+    x, scale, shift, residual = ctx.saved_tensors
+    need_affine = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    dx, dres, dscale, dshift = batch_norm_act_bwd(_grad_rows(dy), x, scale, shift, residual, *ctx.args, need_affine)
+    return (dx, dscale if ctx.needs_input_grad[1] else None, dshift if ctx.needs_input_grad[2] else None,
+            dres if residual is not None and ctx.needs_input_grad[3] else None) + (None,) * 5
+
+
+batch_norm_act_fwd = define_op(
+    "batch_norm_act_fwd(Tensor x, Tensor scale, Tensor shift, Tensor? residual, bool per_row, int act, float a,"
+    " float b, float c) -> Tensor",
+    lambda x, scale, shift, residual, per_row, act, a, b, c: x.new_empty(x.shape),
+    "activations:batch_norm_act_fwd", _bn_backward, _bn_setup)
+
+
 # ---- dispatch helpers ----
 def _kernel_ok(x: Tensor, *others: Optional[Tensor]) -> bool:
     """True when the kernels cover this call: a floating dtype they implement, on CPU (C++) or CUDA (Triton,
@@ -366,6 +403,56 @@ def prelu(input: Tensor, weight: Tensor) -> Tensor:
     return prelu_fwd(input.view(-1, inner), weight, True).view(input.shape)
 
 
+def batch_norm_act(input: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor] = None,
+                   bias: Optional[Tensor] = None, eps: float = 1e-5, activation: Optional[str] = "relu",
+                   residual: Optional[Tensor] = None) -> Tensor:
+    """BatchNorm in inference, an optional residual add and an activation in one pass:
+    ``act(F.batch_norm(input, running_mean, running_var, weight, bias, training=False, eps=eps) + residual)``
+    (a ResNet block's bn2 + shortcut + relu). activation: None or one of relu, sigmoid, tanh, gelu, gelu_tanh,
+    silu, mish, logsigmoid, hardswish. input (N, C, *) contiguous or channels-last, or (N, C); residual the
+    input's shape. The statistics fold into a per-channel scale and shift (in float32 for 16-bit input) by torch
+    ops, so gradients reach input, residual, weight, bias (and the statistics, if they require grad)."""
+    ref = functools.partial(reference.batch_norm_act, input, running_mean, running_var, weight, bias, eps,
+                            activation, residual)
+    if activation not in reference.BN_ACTIVATIONS:
+        return ref()  # its ValueError
+    stats = [t for t in (running_mean, running_var, weight, bias) if t is not None]
+    # statistics and affine in the input's dtype, or float32 for 16-bit input (what torch's CPU kernel takes)
+    stat_dtypes = (input.dtype, torch.float32) if isinstance(input, Tensor) else ()
+    if (not _kernel_ok(input, *([residual] if residual is not None else [])) or input.dim() < 2
+            or not all(isinstance(t, Tensor) and t.device == input.device and t.dim() == 1
+                       and t.shape[0] == input.shape[1] and t.dtype in stat_dtypes for t in stats)
+            or running_mean is None or running_var is None
+            or (residual is not None and residual.shape != input.shape)):
+        return ref()
+    C = input.shape[1]
+    if input.is_contiguous():
+        inner = input[0, 0].numel()
+        per_row, shape2, back = inner > 1, ((-1, inner) if inner > 1 else (-1, C)), None
+        x2 = input.view(shape2)
+        r2 = residual.contiguous().view(shape2) if residual is not None else None
+    elif input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
+        per_row, back = False, input.shape
+        x2 = input.permute(0, 2, 3, 1).reshape(-1, C)  # a view
+        r2 = (residual.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1, C)
+              if residual is not None else None)
+    else:
+        return ref()
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    scale = torch.rsqrt(running_var.to(acc) + eps)
+    if weight is not None:
+        scale = weight.to(acc) * scale
+    shift = -running_mean.to(acc) * scale
+    if bias is not None:
+        shift = shift + bias.to(acc)
+    act = -1 if activation is None else ACT_NAMES.index(activation)
+    y = batch_norm_act_fwd(x2, scale.contiguous(), shift.contiguous(), r2, per_row, act, 0.0, 0.0, 0.0)
+    if back is not None:
+        n, _, h, w = back
+        return y.view(n, h, w, C).permute(0, 3, 1, 2)
+    return y.view(input.shape)
+
+
 def dyt(x: Tensor, alpha: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """Dynamic Tanh ("Transformers without Normalization"): weight * tanh(alpha * x) + bias over the last dim;
     alpha a one-element tensor, weight and bias (x.shape[-1],). Gradients for all four."""
@@ -425,5 +512,5 @@ def glu(input: Tensor, dim: int = -1) -> Tensor:
 
 __all__: List[str] = [
     "relu", "leaky_relu", "elu", "selu", "celu", "sigmoid", "tanh", "softplus", "gelu", "silu", "mish",
-    "logsigmoid", "hardswish", "swish", "prelu", "dyt", "glu", "swiglu", "geglu",
+    "logsigmoid", "hardswish", "swish", "prelu", "dyt", "glu", "swiglu", "geglu", "batch_norm_act",
 ]
