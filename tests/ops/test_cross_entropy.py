@@ -186,9 +186,10 @@ t_holder = [None]
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("bias,smoothing,chunk", [(False, 0.0, None), (True, 0.1, 5), (True, 0.0, 64)])
-def test_fused_linear_cross_entropy_small(dtype, reduction, bias, smoothing, chunk):
-    h, w, b = torch.randn(2, 11, 16), torch.randn(37, 16) / 4, torch.randn(37)
-    t = torch.randint(0, 37, (2, 11))
+@pytest.mark.parametrize("seq", [11, 40], ids=["22rows", "120rows"])  # 120: the CPU float packed-weight path
+def test_fused_linear_cross_entropy_small(dtype, reduction, bias, smoothing, chunk, seq):
+    h, w, b = torch.randn(3 if seq == 40 else 2, seq, 16), torch.randn(37, 16) / 4, torch.randn(37)
+    t = torch.randint(0, 37, h.shape[:2])
     t[0, ::3] = -100
     t_holder[0] = t
     ours, theirs = _flce_pair(bias, reduction, smoothing, chunk)
