@@ -2,8 +2,9 @@
 classifiers, a BERT-style Transformer encoder and a ViT.
 
 Every model takes ``impl="tritium"`` (its activations, norms, attention, losses and recurrent cells are
-tritium's) or ``impl="torch"`` (the plain-PyTorch twin: the same module tree calling torch ops only). The two
-have identical module trees and state_dicts, so one's weights load into the other:
+tritium's) or ``impl="torch"`` (the plain-PyTorch twin: the same module tree calling torch ops only; the
+tritium impl's linear layers are tritium.nn.Linear, a torch.nn.Linear subclass). The two have the same structure
+and state_dicts, so one's weights load into the other:
 
     model = MLP(64, 128, 2, 10)                       # tritium
     twin = MLP(64, 128, 2, 10, impl="torch")          # plain PyTorch

@@ -1,4 +1,4 @@
-"""Products with a weight matrix on CPU without BLAS's per-call repacking (internal ops, no autograd of their own).
+"""Products with a weight matrix on CPU without BLAS's per-call repacking, and tritium.linear.
 
 BLAS repacks the whole weight matrix on every call, which at a decode step's shapes with cold weights made MKL's
 sgemm run SmolLM2's batch-16 projections at 52 GFLOPS. The ops here:
@@ -13,6 +13,10 @@ sgemm run SmolLM2's batch-16 projections at 52 GFLOPS. The ops here:
   serving path uses for float weights packed at load.
 - ``mm_pooled(a, b, bias)``: a @ b (+ bias) into an output from tritium's CPU pool (no fresh pages per call),
   through panel_gemm for float from 64 rows: the RNN input projection and its input gradient.
+- ``pack_linear_glu(w)`` / ``linear_packed_swiglu(x, packed, 2F)``: a gate/up weight packed with its gate and up
+  rows interleaved per panel, SwiGLU computed in the product's epilogue (the serving path's MLP).
+- ``linear(input, weight, bias)`` (public, ``tritium.linear``): the drop-in for F.linear, whose forward and input
+  gradient go through mm_pooled on CPU float from 64 rows (``project``, also the RNN input projection).
 
 On GPU the products are cuBLAS's job: the CUDA keys of linear_small and mm_pooled run torch.matmul / mm; the
 packed pair is CPU only (nothing to pack for on GPU).
