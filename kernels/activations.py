@@ -368,14 +368,8 @@ def _prelu_bwd_kernel(DY, X, W, DX, PART, stride_dy, stride_x, M, N, C, rows_per
 # launchers
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
-def _bn_act_fwd_kernel(X, R, S, T, Y, stride_x, stride_r, N, C, blocks_per_row, a, b, c,
-                       PER_ROW: tl.constexpr,  # channel = row % C, else the column
-                       HAS_RES: tl.constexpr, ACT: tl.constexpr,  # ACT -1: identity, else ACT_IDS
-                       BLOCK_N: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid // blocks_per_row
-    cols = (pid % blocks_per_row) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = cols < N
+def _bn_z(X, R, S, T, row, cols, mask, stride_x, stride_r, C, PER_ROW: tl.constexpr, HAS_RES: tl.constexpr):
+    """x, scale and z = x scale[c] + shift[c] (+ residual) of one row block; c = row % C (PER_ROW) or the column."""
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if PER_ROW:
         s = tl.load(S + row % C)
@@ -386,6 +380,19 @@ def _bn_act_fwd_kernel(X, R, S, T, Y, stride_x, stride_r, N, C, blocks_per_row, 
     z = x * s + t
     if HAS_RES:
         z += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    return x, s, z
+
+
+@triton.jit
+def _bn_act_fwd_kernel(X, R, S, T, Y, stride_x, stride_r, N, C, blocks_per_row, a, b, c,
+                       PER_ROW: tl.constexpr,  # channel = row % C, else the column
+                       HAS_RES: tl.constexpr, ACT: tl.constexpr,  # ACT -1: identity, else ACT_IDS
+                       BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // blocks_per_row
+    cols = (pid % blocks_per_row) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = cols < N
+    x, s, z = _bn_z(X, R, S, T, row, cols, mask, stride_x, stride_r, C, PER_ROW, HAS_RES)
     if ACT >= 0:
         z = _act_fwd(z, a, b, c, ACT)
     tl.store(Y + row * N + cols, z.to(Y.dtype.element_ty), mask=mask)
@@ -400,17 +407,8 @@ def _bn_act_bwd_kernel(DY, X, R, S, T, DX, DZ, stride_dy, stride_x, stride_r, N,
     row = pid // blocks_per_row
     cols = (pid % blocks_per_row) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = cols < N
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-    if PER_ROW:
-        s = tl.load(S + row % C)
-        t = tl.load(T + row % C)
-    else:
-        s = tl.load(S + cols, mask=mask, other=0.0)
-        t = tl.load(T + cols, mask=mask, other=0.0)
-    z = x * s + t
-    if HAS_RES:
-        z += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    x, s, z = _bn_z(X, R, S, T, row, cols, mask, stride_x, stride_r, C, PER_ROW, HAS_RES)
     if ACT >= 0:
         dz = _act_bwd(dy, z, a, b, c, ACT)
     else:
