@@ -185,12 +185,18 @@ def _gate_both(x, ACT: tl.constexpr):
 # p // blocks_per_row (grid axis 0 allows 2^31 programs, axes 1/2 only 65535). Offsets are 64-bit.
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
-def _act_fwd_kernel(X, Y, stride_x, stride_y, N, blocks_per_row, a, b, c,
-                    ACT: tl.constexpr, BLOCK_N: tl.constexpr):
+def _row_block(N, blocks_per_row, BLOCK_N: tl.constexpr):
+    """The row, columns and column mask of this program's block: the grid is rows x blocks_per_row (_grid)."""
     pid = tl.program_id(0).to(tl.int64)
     row = pid // blocks_per_row
     cols = (pid % blocks_per_row) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = cols < N
+    return row, cols, cols < N
+
+
+@triton.jit
+def _act_fwd_kernel(X, Y, stride_x, stride_y, N, blocks_per_row, a, b, c,
+                    ACT: tl.constexpr, BLOCK_N: tl.constexpr):
+    row, cols, mask = _row_block(N, blocks_per_row, BLOCK_N)
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     y = _act_fwd(x, a, b, c, ACT)
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)  # Y may be X (in place)
@@ -199,10 +205,7 @@ def _act_fwd_kernel(X, Y, stride_x, stride_y, N, blocks_per_row, a, b, c,
 @triton.jit
 def _act_bwd_kernel(DY, X, DX, stride_dy, stride_x, N, blocks_per_row, a, b, c,
                     ACT: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid // blocks_per_row
-    cols = (pid % blocks_per_row) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = cols < N
+    row, cols, mask = _row_block(N, blocks_per_row, BLOCK_N)
     dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     dx = _act_bwd(dy, x, a, b, c, ACT)
@@ -212,10 +215,7 @@ def _act_bwd_kernel(DY, X, DX, stride_dy, stride_x, N, blocks_per_row, a, b, c,
 @triton.jit
 def _gated_fwd_kernel(G, U, Y, stride_g, stride_u, H, blocks_per_row,
                       ACT: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid // blocks_per_row
-    cols = (pid % blocks_per_row) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = cols < H
+    row, cols, mask = _row_block(H, blocks_per_row, BLOCK_N)
     g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
     f, _ = _gate_both(g, ACT)
@@ -225,10 +225,7 @@ def _gated_fwd_kernel(G, U, Y, stride_g, stride_u, H, blocks_per_row,
 @triton.jit
 def _gated_bwd_kernel(DY, G, U, DG, DU, stride_dy, stride_g, stride_u, stride_dg, stride_du, H, blocks_per_row,
                       ACT: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid // blocks_per_row
-    cols = (pid % blocks_per_row) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = cols < H
+    row, cols, mask = _row_block(H, blocks_per_row, BLOCK_N)
     dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
@@ -239,10 +236,7 @@ def _gated_bwd_kernel(DY, G, U, DG, DU, stride_dy, stride_g, stride_u, stride_dg
 
 @triton.jit
 def _dyt_fwd_kernel(X, ALPHA, W, B, Y, stride_x, N, blocks_per_row, BLOCK_N: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid // blocks_per_row
-    cols = (pid % blocks_per_row) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = cols < N
+    row, cols, mask = _row_block(N, blocks_per_row, BLOCK_N)
     alpha = tl.load(ALPHA).to(tl.float32)
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
@@ -287,10 +281,7 @@ def _dyt_bwd_kernel(DY, X, ALPHA, W, DX, DA_PART, DW_PART, DB_PART, stride_dy, s
 
 @triton.jit
 def _swish_beta_fwd_kernel(X, BETA, Y, stride_x, N, blocks_per_row, BLOCK_N: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid // blocks_per_row
-    cols = (pid % blocks_per_row) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = cols < N
+    row, cols, mask = _row_block(N, blocks_per_row, BLOCK_N)
     beta = tl.load(BETA).to(tl.float32)
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(Y + row * N + cols, (x * _sigmoid(beta * x)).to(Y.dtype.element_ty), mask=mask)
@@ -321,10 +312,7 @@ def _swish_beta_bwd_kernel(DY, X, BETA, DX, DB_PART, stride_dy, stride_x, M, N, 
 def _prelu_fwd_kernel(X, W, Y, stride_x, N, C, blocks_per_row,
                       PER_ROW: tl.constexpr,  # channel = row % C (channels before contiguous inner dims), else column
                       BLOCK_N: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid // blocks_per_row
-    cols = (pid % blocks_per_row) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = cols < N
+    row, cols, mask = _row_block(N, blocks_per_row, BLOCK_N)
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if PER_ROW:
         w = tl.load(W + row % C).to(tl.float32)
@@ -388,10 +376,7 @@ def _bn_act_fwd_kernel(X, R, S, T, Y, stride_x, stride_r, N, C, blocks_per_row, 
                        PER_ROW: tl.constexpr,  # channel = row % C, else the column
                        HAS_RES: tl.constexpr, ACT: tl.constexpr,  # ACT -1: identity, else ACT_IDS
                        BLOCK_N: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid // blocks_per_row
-    cols = (pid % blocks_per_row) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = cols < N
+    row, cols, mask = _row_block(N, blocks_per_row, BLOCK_N)
     x, s, z = _bn_z(X, R, S, T, row, cols, mask, stride_x, stride_r, C, PER_ROW, HAS_RES)
     if ACT >= 0:
         z = _act_fwd(z, a, b, c, ACT)
@@ -403,10 +388,7 @@ def _bn_act_bwd_kernel(DY, X, R, S, T, DX, DZ, stride_dy, stride_x, stride_r, N,
                        PER_ROW: tl.constexpr, HAS_RES: tl.constexpr, STORE_DZ: tl.constexpr, ACT: tl.constexpr,
                        BLOCK_N: tl.constexpr):
     # dz = dy f'(z) (z recomputed), dx = dz scale[c]; dz stored when the residual or the affine sums need it
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid // blocks_per_row
-    cols = (pid % blocks_per_row) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = cols < N
+    row, cols, mask = _row_block(N, blocks_per_row, BLOCK_N)
     dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
     x, s, z = _bn_z(X, R, S, T, row, cols, mask, stride_x, stride_r, C, PER_ROW, HAS_RES)
     if ACT >= 0:
