@@ -84,6 +84,33 @@ def test_encoder_with_padding_mask(pre_norm):
     torch.testing.assert_close(ours(tokens, pad), ours(tokens2, pad))
 
 
+@pytest.mark.parametrize("model", ["vit", "encoder-post", "encoder-pre-mask"])
+@pytest.mark.parametrize("impl", ["tritium", "torch"])
+def test_cls_only_last_block(model, impl):
+    """The last block on the [CLS] row alone (tritium's default) gives the outputs and every gradient of the full
+    block, in either impl, and each default is what the docs say."""
+    torch.manual_seed(0)
+    if model == "vit":
+        make = lambda c: ViT(8, 2, 1, 32, 2, 4, 10, mlp_ratio=2, impl=impl, cls_only=c)
+        inputs = (torch.randn(3, 1, 8, 8),)
+    else:
+        pre = model == "encoder-pre-mask"
+        make = lambda c: TransformerEncoder(11, 9, 32, 2, 4, 3, pre_norm=pre, impl=impl, cls_only=c)
+        pad = torch.zeros(3, 9, dtype=torch.bool)
+        pad[1, 4:] = True
+        inputs = (torch.randint(0, 11, (3, 9)), pad if pre else None)
+    full, pruned = make(False), make(True)
+    pruned.load_state_dict(full.state_dict())
+    assert (full.cls_only, pruned.cls_only, make(None).cls_only) == (False, True, impl == "tritium")
+    _check(pruned, full, *inputs)
+    # the pruned last block really computes one row: its FFN sees (B, 1, D)
+    seen = []
+    hook = pruned.blocks[-1].fc1.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    pruned(*inputs)
+    hook.remove()
+    assert seen == [(3, 1, 32)]
+
+
 def test_vae_elbo():
     ours, twin = _pair(lambda impl: VAE(12, 16, 3, impl=impl))
     x = torch.rand(4, 12)

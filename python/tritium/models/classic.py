@@ -14,6 +14,11 @@ Convolutions and embeddings stay torch's; linear layers are ``tritium.nn.Linear`
 products run on tritium's panel GEMM on CPU from 64 rows) in the tritium impl; what runs between them comes from
 the ``ops(impl)`` table below. ``DIGITS`` registers the configurations ``tritium train`` uses on scikit-learn's
 8x8 digits.
+
+The transformers' classifiers read the [CLS] row alone, so by default tritium's run their last block on that row
+only (``cls_only``: the other rows still give it keys and values); the twin computes every row as torchvision's
+and timm's models do, and takes ``cls_only=True`` for the same pruning in torch ops. Outputs and gradients are
+the same either way.
 """
 from __future__ import annotations
 
@@ -49,7 +54,8 @@ def _tritium_bn_act(bn: nn.Module, x: Tensor, activation: str, residual: Optiona
 _TORCH = SimpleNamespace(
     relu=F.relu, gelu=F.gelu, silu=F.silu, tanh=torch.tanh, sigmoid=torch.sigmoid,
     layer_norm=F.layer_norm, scaled_dot_product_attention=F.scaled_dot_product_attention,
-    cross_entropy=F.cross_entropy, lstm=nn.LSTM, gru=nn.GRU, Linear=nn.Linear, bn_act=_torch_bn_act,
+    cross_entropy=F.cross_entropy, lstm=nn.LSTM, gru=nn.GRU, Linear=nn.Linear, linear=F.linear,
+    bn_act=_torch_bn_act,
 )
 
 # ADAPTERS: ops whose tritium family had not landed in the tree when this file was written. Each name here is
@@ -71,7 +77,7 @@ def _tritium_table() -> SimpleNamespace:
 
     table = {name: getattr(tritium, name, getattr(_TORCH, name)) for name in _ADAPTED}
     return SimpleNamespace(layer_norm=tritium.layer_norm, lstm=tritium.nn.LSTM, gru=tritium.nn.GRU,
-                           Linear=tritium.nn.Linear, bn_act=_tritium_bn_act, **table)
+                           Linear=tritium.nn.Linear, linear=tritium.linear, bn_act=_tritium_bn_act, **table)
 
 
 def ops(impl: str) -> SimpleNamespace:
@@ -247,11 +253,19 @@ class Attention(_Impl):
         self.qkv = self.ops.Linear(dim, 3 * dim)
         self.proj = self.ops.Linear(dim, dim)
 
-    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:  # x (B, S, D), mask (B, 1, 1, S)
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None, rows: Optional[int] = None) -> Tensor:
+        """x (B, S, D), mask (B, 1, 1, S) -> (B, S, D); with ``rows``, only the first ``rows`` query positions
+        (-> (B, rows, D)): their queries are projected alone, keys and values from every position."""
         B, S, D = x.shape
-        q, k, v = self.qkv(x).view(B, S, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, h, S, d)
-        o = self.ops.scaled_dot_product_attention(q, k, v, attn_mask=mask)                     # (B, h, S, d)
-        return self.proj(o.transpose(1, 2).reshape(B, S, D))
+        h, d = self.heads, D // self.heads
+        if rows is None:
+            q, k, v = self.qkv(x).view(B, S, 3, h, d).permute(2, 0, 3, 1, 4)                   # (B, h, S, d)
+        else:  # the weight's rows [0, D) make q, [D, 3D) k and v: two products on contiguous slices
+            w, b = self.qkv.weight, self.qkv.bias
+            q = self.ops.linear(x[:, :rows], w[:D], b[:D]).view(B, rows, h, d).transpose(1, 2)
+            k, v = self.ops.linear(x, w[D:], b[D:]).view(B, S, 2, h, d).permute(2, 0, 3, 1, 4)
+        o = self.ops.scaled_dot_product_attention(q, k, v, attn_mask=mask)                     # (B, h, L, d)
+        return self.proj(o.transpose(1, 2).reshape(B, q.shape[2], D))
 
 
 class Block(_Impl):
@@ -272,22 +286,43 @@ class Block(_Impl):
     def _ffn(self, x: Tensor) -> Tensor:
         return F.dropout(self.fc2(self.ops.gelu(self.fc1(x))), self.dropout, self.training)
 
-    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:  # (B, S, D) -> (B, S, D)
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None, rows: Optional[int] = None) -> Tensor:
+        """(B, S, D) -> (B, S, D), or with ``rows`` the first ``rows`` positions' outputs only (B, rows, D): every
+        position still feeds the attention's keys and values, the rest of the block runs on those rows alone."""
+        keep = x if rows is None else x[:, :rows]
         if self.pre_norm:
-            x = x + F.dropout(self.attn(self._ln(self.norm1, x), mask), self.dropout, self.training)
+            x = keep + F.dropout(self.attn(self._ln(self.norm1, x), mask, rows), self.dropout, self.training)
             return x + self._ffn(self._ln(self.norm2, x))
-        x = self._ln(self.norm1, x + F.dropout(self.attn(x, mask), self.dropout, self.training))
+        x = self._ln(self.norm1, keep + F.dropout(self.attn(x, mask, rows), self.dropout, self.training))
         return self._ln(self.norm2, x + self._ffn(x))
+
+
+def _cls_only(cls_only: Optional[bool], impl: str) -> bool:
+    """The default of the transformers' ``cls_only``: on for tritium's models, off for the plain-PyTorch twin
+    (which computes every row of its last block, as torchvision's and timm's models do)."""
+    return impl == "tritium" if cls_only is None else bool(cls_only)
+
+
+def _run_blocks(blocks: nn.ModuleList, x: Tensor, mask: Optional[Tensor], cls_only: bool) -> Tensor:
+    """The blocks in turn; with ``cls_only`` the last one computes the [CLS] row alone (the head reads nothing
+    else, so the other rows' attention output, FFN and norms there are dead work): (B, S, D) -> (B, 1 or S, D).
+    Outputs and every gradient are the same either way."""
+    for i, block in enumerate(blocks):
+        x = block(x, mask, 1 if cls_only and i == len(blocks) - 1 else None)
+    return x
 
 
 class TransformerEncoder(_Impl):
     """BERT-style encoder classifier: token + learned position embeddings (+ a [CLS] token first), embedding
     LayerNorm, ``depth`` blocks, the [CLS] output (final LayerNorm when pre-norm) into a linear head.
-    ``padding_mask`` (B, S) bool marks padding tokens (True = ignore)."""
+    ``padding_mask`` (B, S) bool marks padding tokens (True = ignore). ``cls_only``: the last block on the [CLS]
+    row alone (default: tritium's impl yes, the twin no)."""
 
     def __init__(self, vocab_size: int, max_len: int, dim: int, depth: int, heads: int, num_classes: int,
-                 pre_norm: bool = False, mlp_ratio: int = 4, dropout: float = 0.0, impl: str = "tritium"):
+                 pre_norm: bool = False, mlp_ratio: int = 4, dropout: float = 0.0, impl: str = "tritium",
+                 cls_only: Optional[bool] = None):
         super().__init__(impl)
+        self.cls_only = _cls_only(cls_only, impl)
         self.tok = nn.Embedding(vocab_size, dim)
         self.pos = nn.Parameter(torch.randn(1, max_len + 1, dim) * 0.02)
         self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
@@ -306,9 +341,7 @@ class TransformerEncoder(_Impl):
         if padding_mask is not None:  # True = attend; the [CLS] position is always visible
             keep = torch.cat([padding_mask.new_zeros(B, 1), padding_mask], 1).logical_not()
             mask = keep[:, None, None, :]                                                       # (B, 1, 1, S+1)
-        for block in self.blocks:
-            x = block(x, mask)
-        cls = x[:, 0]
+        cls = _run_blocks(self.blocks, x, mask, self.cls_only)[:, 0]
         if self.pre_norm:
             cls = self.ops.layer_norm(cls, self.norm.normalized_shape, self.norm.weight, self.norm.bias,
                                       self.norm.eps)
@@ -317,11 +350,13 @@ class TransformerEncoder(_Impl):
 
 class ViT(_Impl):
     """Vision Transformer: patch embedding (a strided conv), [CLS] token, learned positions, pre-norm blocks,
-    final LayerNorm, linear head on [CLS]."""
+    final LayerNorm, linear head on [CLS]. ``cls_only`` as in TransformerEncoder."""
 
     def __init__(self, image_size: int, patch_size: int, in_channels: int, dim: int, depth: int, heads: int,
-                 num_classes: int, mlp_ratio: int = 4, dropout: float = 0.0, impl: str = "tritium"):
+                 num_classes: int, mlp_ratio: int = 4, dropout: float = 0.0, impl: str = "tritium",
+                 cls_only: Optional[bool] = None):
         super().__init__(impl)
+        self.cls_only = _cls_only(cls_only, impl)
         n = (image_size // patch_size) ** 2
         self.patch = nn.Conv2d(in_channels, dim, patch_size, patch_size)
         self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
@@ -333,8 +368,7 @@ class ViT(_Impl):
     def forward(self, images: Tensor) -> Tensor:  # (B, C, S, S) -> (B, classes)
         x = self.patch(images).flatten(2).transpose(1, 2)                                # (B, N, D)
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos              # (B, N+1, D)
-        for block in self.blocks:
-            x = block(x)
+        x = _run_blocks(self.blocks, x, None, self.cls_only)
         cls = self.ops.layer_norm(x[:, 0], self.norm.normalized_shape, self.norm.weight, self.norm.bias,
                                   self.norm.eps)
         return self.head(cls)
