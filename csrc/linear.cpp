@@ -73,6 +73,36 @@ at::Tensor mm_pooled(const at::Tensor& a, const at::Tensor& b, const c10::option
   return y;
 }
 
+// The weight and bias gradients of y = x w^T + b: dw (N, K) = dy^T x and db (N) = dy's column sums (empty when
+// not bias), into pooled outputs. CPU float/double with many rows: panel_gemm_tn (panel.h; the bias gradient
+// from its transposed blocks of dy); otherwise BLAS and a sum.
+std::tuple<at::Tensor, at::Tensor> linear_wgrad(const at::Tensor& dy, const at::Tensor& x, bool bias) {
+  TORCH_CHECK(dy.dim() == 2 && x.dim() == 2 && dy.size(0) == x.size(0),
+              "linear_wgrad: dy must be (M, N) and x (M, K), got ", dy.sizes(), " and ", x.sizes());
+  TORCH_CHECK(dy.scalar_type() == x.scalar_type(), "linear_wgrad: x must have dy's dtype ", dy.scalar_type(),
+              ", got ", x.scalar_type());
+  const int64_t M = dy.size(0), N = dy.size(1), K = x.size(1);
+  auto dw = empty({N, K}, x.options());
+  auto db = bias ? at::empty({N}, dy.options()) : at::empty({0}, dy.options());
+  if (N == 0 || K == 0) {
+    if (bias) db.copy_(dy.sum(0));
+    return {dw, db};
+  }
+  if ((x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) && M >= 2 * kTnChunk) {
+    const auto dyc = dy.stride(1) == 1 ? dy : dy.contiguous();
+    const auto xc = x.stride(1) == 1 ? x : x.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tritium_linear_wgrad", [&] {
+      panel_gemm_tn<scalar_t>(dyc.const_data_ptr<scalar_t>(), dyc.stride(0), xc.const_data_ptr<scalar_t>(),
+                              xc.stride(0), M, N, K, dw.mutable_data_ptr<scalar_t>(), K,
+                              bias ? db.mutable_data_ptr<scalar_t>() : nullptr);
+    });
+    return {dw, db};
+  }
+  at::mm_out(dw, dy.t(), x);
+  if (bias) at::sum_out(db, dy, {0});
+  return {dw, db};
+}
+
 // w (N, K) -> its column panels for linear_packed (panel.h): (ceil(N / P), K, P), P = panel::width (64 floats or
 // 32 doubles with AVX-512), rows past N zero.
 at::Tensor pack_linear(const at::Tensor& w) {
@@ -155,6 +185,7 @@ TORCH_LIBRARY_IMPL(tritium, CPU, m) {
   m.impl("pack_linear_glu", &pack_linear_glu);
   m.impl("linear_packed_swiglu", &linear_packed_swiglu);
   m.impl("mm_pooled", &mm_pooled);
+  m.impl("linear_wgrad", &linear_wgrad);
   m.impl("linear_small", &linear_small);
 }
 

@@ -377,4 +377,81 @@ void panel_gemm(const X* x, int64_t ldx, int64_t M, int64_t K, const X* packed, 
   });
 }
 
+// y (R, C; row stride ldy) = a^T b for a (M, R; row stride lda) and b (M, C; row stride ldb), both contiguous
+// along their rows: a linear layer's weight gradient dy^T x, whose reduction runs down both operands' columns.
+// Per chunk of kTnChunk reduction rows: b's chunk is packed into column panels (pack_cols) and a's chunk
+// transposed in blocks of kTnRows rows of y (at::vec::transpose_mxn: rows along the reduction, as tile reads
+// x), then the forward's 6 x 64 register tiles accumulate into y (c = y after the first chunk). The threads split
+// the reduction, each packing only its own rows of a and b; each thread but the first sums into its own (R, C)
+// partial, added into y at the end. colsum (null or R): a's column sums (the bias gradient), from the transposed
+// blocks. Float/double (A); R, C > 0.
+constexpr int64_t kTnChunk = 256, kTnRows = 192;
+
+template <typename A>
+void panel_gemm_tn(const A* a, int64_t lda, const A* b, int64_t ldb, int64_t M, int64_t R, int64_t C, A* y,
+                   int64_t ldy, A* colsum) {
+  constexpr int64_t NP = panel::width<A>(), KC = kTnChunk, RB = kTnRows;
+  const int64_t panels = (C + NP - 1) / NP;
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::in_parallel_region() ? 1 : at::get_num_threads(),
+                                                            M / KC));
+  // partial sums of threads 1.. (y itself for thread 0), contiguous R x C each; colsum partials likewise
+  std::vector<A> part((nt - 1) * R * C), sums(colsum ? nt * R : 0, A(0));
+  auto run = [&](int64_t t) {
+    const int64_t mb = M * t / nt, me = M * (t + 1) / nt;
+    A* yt = t == 0 ? y : part.data() + (t - 1) * R * C;
+    const int64_t ld = t == 0 ? ldy : C;
+    auto pb = std::make_unique<A[]>(panels * KC * NP);
+    auto at_ = std::make_unique<A[]>(RB * KC);
+    for (int64_t m0 = mb; m0 < me; m0 += KC) {
+      const int64_t kk = std::min(KC, me - m0);
+      panel::pack_cols<A>(b + m0 * ldb, ldb, kk, C, pb.get());
+      for (int64_t r0 = 0; r0 < R; r0 += RB) {
+        const int64_t rr = std::min(RB, R - r0);
+        at::vec::transpose_mxn<A>(a + m0 * lda + r0, lda, at_.get(), KC, static_cast<int>(kk), static_cast<int>(rr));
+        if (colsum) {
+          A* st = sums.data() + t * R + r0;
+          for (int64_t r = 0; r < rr; ++r)
+            st[r] += at::vec::reduce_all<A>([](Vectorized<A> u, Vectorized<A> v) { return u + v; },
+                                            at_.get() + r * KC, kk);
+        }
+        for (int64_t p = 0; p < panels; ++p) {
+          const A* bp = pb.get() + p * kk * NP;
+          const int64_t ncols = std::min(NP, C - p * NP);
+          for (int64_t i = 0; i < rr; i += panel::kMR) {
+            const int mr = static_cast<int>(std::min<int64_t>(panel::kMR, rr - i));
+            A* yi = yt + (r0 + i) * ld + p * NP;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+            if (m0 != mb)  // the tile's partial sums (L3), read by its epilogue: fetched while it computes
+              for (int r = 0; r < mr; ++r)
+                for (int64_t off = 0; off < int64_t(sizeof(A)) * ncols; off += 64)
+                  _mm_prefetch(reinterpret_cast<const char*>(yi + r * ld) + off, _MM_HINT_T0);
+#endif
+            panel::tile_rows<A, false>(mr, at_.get() + i * KC, KC, bp, kk, yi, ld, ncols, m0 == mb ? nullptr : yi,
+                                       ld);
+          }
+        }
+      }
+    }
+  };
+  if (nt == 1) {
+    run(0);
+  } else {
+    at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) run(t);
+    });
+    at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t t = 1; t < nt; ++t)
+          at::vec::map2([](Vectorized<A> u, Vectorized<A> v) { return u + v; }, y + r * ldy, y + r * ldy,
+                        part.data() + ((t - 1) * R + r) * C, C);
+    });
+  }
+  if (colsum)
+    for (int64_t r = 0; r < R; ++r) {
+      A s = A(0);
+      for (int64_t t = 0; t < nt; ++t) s += sums[t * R + r];
+      colsum[r] = s;
+    }
+}
+
 }  // namespace tritium

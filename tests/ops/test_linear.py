@@ -81,6 +81,46 @@ def test_mm_pooled_matches_reference(dtype, m, layout, with_bias):
     assert_within_torch_error(mm_pooled(a, b, bias), theirs, ref, "mm_pooled")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m,n,k", [(511, 70, 33), (512, 70, 33), (1537, 200, 129), (1000, 1, 1), (700, 7, 65)])
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_wgrad_matches_reference(dtype, m, n, k, strided, bias):
+    """linear_wgrad (the weight and bias gradients dy^T x, dy's column sums): panel_gemm_tn for float/double from
+    512 rows (reduction split between the threads, 192-row blocks of dy^T, a partial last chunk and panel), BLAS
+    and a sum below that and for other dtypes; rows of stride > width read in place."""
+    from tritium.ops.linear import linear_wgrad
+
+    dy64, x64 = torch.randn(m, n, dtype=torch.float64), torch.randn(m, k, dtype=torch.float64)
+    dy, x = dy64.to(dtype), x64.to(dtype)
+    if strided:
+        dy = torch.cat([dy, dy], 1)[:, :n]
+        x = torch.cat([x, x], 1)[:, k:]
+    dw, db = linear_wgrad(dy, x, bias)
+    assert_within_torch_error(dw, dy.t() @ x, dy.double().t() @ x.double(), "dw")
+    if bias:
+        assert_within_torch_error(db, dy.sum(0), dy.double().sum(0), "db")
+    else:
+        assert db.shape == (0,)
+
+
+def test_linear_wgrad_fake_and_errors():
+    from tritium.ops.linear import linear_wgrad
+
+    dy, x = torch.randn(600, 9), torch.randn(600, 13)
+    torch.library.opcheck(linear_wgrad, (dy, x, True))
+    torch.library.opcheck(linear_wgrad, (dy[:5], x[:5], False))
+    dw, db = linear_wgrad(torch.randn(600, 0), x, True)
+    assert dw.shape == (0, 13) and db.shape == (0,)
+    dw, db = linear_wgrad(dy, torch.randn(600, 0), True)
+    assert dw.shape == (9, 0)
+    torch.testing.assert_close(db, dy.sum(0))
+    with pytest.raises(RuntimeError, match="dy must be \\(M, N\\) and x \\(M, K\\)"):
+        linear_wgrad(dy, x[:-1], True)
+    with pytest.raises(RuntimeError, match="x must have dy's dtype"):
+        linear_wgrad(dy, x.double(), True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_packed_ops_fake_kernels_match(dtype):
     """pack_linear / linear_packed: fake (meta) kernels agree with the CPU kernels (the panel width is the
@@ -137,6 +177,7 @@ LINEAR_CASES = [
     ((0, 33), (20, 33), True),            # no rows
     ((130, 0), (20, 0), True),            # K = 0
     ((130, 33), (0, 33), False),          # N = 0
+    ((2, 300, 17), (200, 17), True),      # from 512 rows: the weight gradient on panel_gemm_tn
 ]
 
 

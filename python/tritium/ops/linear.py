@@ -15,10 +15,14 @@ sgemm run SmolLM2's batch-16 projections at 52 GFLOPS. The ops here:
   through panel_gemm for float from 64 rows: the RNN input projection and its input gradient.
 - ``pack_linear_glu(w)`` / ``linear_packed_swiglu(x, packed, 2F)``: a gate/up weight packed with its gate and up
   rows interleaved per panel, SwiGLU computed in the product's epilogue (the serving path's MLP).
+- ``linear_wgrad(dy, x, bias)``: the weight and bias gradients dy^T x and dy.sum(0) in one pass (csrc/panel.h's
+  panel_gemm_tn for float from 512 rows: 191-202 GFLOPS at a transformer's shapes against MKL's 181-190 with the
+  separate sum).
 - ``linear(input, weight, bias)`` (public, ``tritium.linear``): the drop-in for F.linear, whose forward and input
-  gradient go through mm_pooled on CPU float from 64 rows (``project``, also the RNN input projection).
+  gradient go through mm_pooled on CPU float from 64 rows, the weight and bias gradients through linear_wgrad
+  (``project``, also the RNN input projection).
 
-On GPU the products are cuBLAS's job: the CUDA keys of linear_small and mm_pooled run torch.matmul / mm; the
+On GPU the products are cuBLAS's job: the CUDA keys of linear_small, mm_pooled and linear_wgrad run torch's; the
 packed pair is CPU only (nothing to pack for on GPU).
 """
 from __future__ import annotations
@@ -59,6 +63,18 @@ def _fake_mm(a, b, bias=None):
 # CUDA: torch's caching allocator already reuses blocks
 _lib.impl("mm_pooled", lambda a, b, bias=None: torch.mm(a, b) if bias is None else torch.addmm(bias, a, b), "CUDA")
 mm_pooled = torch.ops.tritium.mm_pooled
+
+
+_lib.define("linear_wgrad(Tensor dy, Tensor x, bool bias) -> (Tensor, Tensor)")
+
+
+@torch.library.register_fake(f"{NAMESPACE}::linear_wgrad", lib=_lib)
+def _fake_wgrad(dy, x, bias):
+    return x.new_empty((dy.shape[1], x.shape[1])), dy.new_empty((dy.shape[1] if bias else 0,))
+
+
+_lib.impl("linear_wgrad", lambda dy, x, bias: (dy.t() @ x, dy.sum(0) if bias else dy.new_empty((0,))), "CUDA")
+linear_wgrad = torch.ops.tritium.linear_wgrad
 
 
 # Packed weights (csrc/panel.h): pack_linear(w) once, then linear_packed(x, packed, N) per call. CPU only (the
@@ -127,8 +143,8 @@ def small_rows_ok(x: Tensor, w: Tensor) -> bool:
 
 class _Project(torch.autograd.Function):
     """y (M, N) = x (M, K) @ w (N, K)^T [+ b]: the forward and the input gradient through mm_pooled (panel_gemm
-    for float from 64 rows, into pooled outputs), the weight gradient dy^T x through BLAS (MKL's sgemm runs it
-    at 190-200 GFLOPS here; panel_gemm reading dy down its columns did not beat it), the bias gradient a sum."""
+    for float from 64 rows, into pooled outputs), the weight and bias gradients through linear_wgrad (dy^T x on
+    transposed chunks of dy, the column sums from the same chunks)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, b: Optional[Tensor]):
@@ -140,9 +156,13 @@ class _Project(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         x, w = ctx.saved_tensors
         dx = mm_pooled(dy, w) if ctx.needs_input_grad[0] else None
-        dw = dy.t() @ x if ctx.needs_input_grad[1] else None
-        db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db
+        dw = db = None
+        want_b = ctx.has_bias and ctx.needs_input_grad[2]
+        if ctx.needs_input_grad[1]:
+            dw, db = linear_wgrad(dy, x, want_b)
+        elif want_b:
+            db = dy.sum(0)
+        return dx, dw, db if want_b else None
 
 
 def project(x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> Tensor:
