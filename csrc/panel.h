@@ -43,16 +43,14 @@ void pack(const A* w, int64_t ldw, int64_t N, int64_t K, A* out) {
   const int64_t panels = (N + NP - 1) / NP;
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
+      // a transpose of the panel's (nc, K) block of w (at::vec's 16 x 16 register transposes for float)
       A* dst = out + p * K * NP;
-      for (int64_t c = 0; c < NP; ++c) {
-        const int64_t n = p * NP + c;
-        if (n < N) {
-          const A* src = w + n * ldw;
-          for (int64_t k = 0; k < K; ++k) dst[k * NP + c] = src[k];
-        } else {
-          for (int64_t k = 0; k < K; ++k) dst[k * NP + c] = A(0);
-        }
-      }
+      const int64_t nc = std::min(NP, N - p * NP);
+      for (int64_t k0 = 0; k0 < K; k0 += 1024)  // transpose_mxn takes int extents
+        at::vec::transpose_mxn<A>(w + p * NP * ldw + k0, ldw, dst + k0 * NP, NP, static_cast<int>(nc),
+                                  static_cast<int>(std::min<int64_t>(1024, K - k0)));
+      if (nc < NP)
+        for (int64_t k = 0; k < K; ++k) std::fill(dst + k * NP + nc, dst + (k + 1) * NP, A(0));
     }
   });
 }

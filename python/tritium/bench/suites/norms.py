@@ -1,4 +1,5 @@
-"""Benchmarks of RMSNorm, LayerNorm and fused add + RMSNorm (bytes: read MN (+N params), write MN)."""
+"""Benchmarks of RMSNorm, LayerNorm and fused add + RMSNorm (bytes: read MN (+N params), write MN), and BatchNorm
+in inference + residual + ReLU (batch_norm_act, on NCHW activations)."""
 import torch
 import torch.nn.functional as F
 
@@ -36,6 +37,23 @@ def _eager_add_rms(x, r, w):
     return F.rms_norm(h, (h.shape[-1],), w), h
 
 
+def _bn_inputs(shape, dtype, device):
+    """x and residual (N, C, H, W) in dtype; running statistics, weight and bias (C) in float32 for 16-bit x (as
+    a bfloat16 ResNet under autocast keeps its BatchNorm parameters), else in dtype."""
+    c, sd = shape[1], (torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
+    x, res = (torch.randn(shape, dtype=dtype, device=device) for _ in range(2))
+    mean, w, b = (torch.randn(c, dtype=sd, device=device) for _ in range(3))
+    return x, mean, torch.rand(c, dtype=sd, device=device) + 0.5, w, b, res
+
+
+def _eager_bn_act(x, mean, var, w, b, res):
+    return F.relu(F.batch_norm(x, mean, var, w, b, False, 0.0, 1e-5) + res)
+
+
+# fwd: read x, residual, write y; bwd: read dy, x, y (the ReLU's mask), write dx, d residual
+_bn_fwd = lambda s, d: 3 * elems(s) * esize(d)  # noqa: E731
+_bn_bwd = lambda s, d: 8 * elems(s) * esize(d)  # noqa: E731
+
 CASES = [
     OpCase("rms_norm", _x_w, lambda x, w: tritium.rms_norm(x, (x.shape[-1],), w),
            lambda x, w: F.rms_norm(x, (x.shape[-1],), w), _rms_fwd, _rms_bwd),
@@ -43,4 +61,8 @@ CASES = [
            lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b), _ln_fwd, _ln_bwd),
     OpCase("fused_add_rms_norm", _x_r_w, lambda x, r, w: tritium.fused_add_rms_norm(x, r, w),
            _eager_add_rms, _add_fwd, _add_bwd, note="eager: add then rms_norm (two ops)"),
+    OpCase("batch_norm_act", _bn_inputs,
+           lambda x, m, v, w, b, r: tritium.batch_norm_act(x, m, v, w, b, 1e-5, "relu", r),
+           _eager_bn_act, _bn_fwd, _bn_bwd, shapes=((32, 64, 56, 56), (32, 256, 14, 14), (1, 64, 56, 56)),
+           grad_args=(0, 3, 4, 5), note="inference statistics; eager: batch_norm, add, relu (three ops)"),
 ]
