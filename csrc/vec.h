@@ -89,6 +89,19 @@ inline const acc_type<T>* as_acc(const T* src, int64_t n, std::vector<acc_type<T
   }
 }
 
+// Ask for a row's bytes [p, p + bytes) into L2 ahead of its use: a row kernel calls it on the next row before the
+// passes over this one, so that row streams in while this one computes (a row of a few KB is otherwise fetched
+// by the first pass alone, the memory idle during the others).
+inline void prefetch_l2(const void* p, int64_t bytes) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T1);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
 // at::empty for kernel outputs. Outputs of 2 MiB or more come from tritium's output pool (csrc/pool.cpp): freed
 // blocks on transparent huge pages are reused instead of fresh pages, which the OS zeroes on first touch at a
 // cost as large as a memory-bound kernel's. Smaller outputs, and everything when TRITIUM_CPU_POOL_MB=0, use
