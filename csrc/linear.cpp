@@ -104,18 +104,23 @@ std::tuple<at::Tensor, at::Tensor> linear_wgrad(const at::Tensor& dy, const at::
 }
 
 // w (N, K) -> its column panels for linear_packed (panel.h): (ceil(N / P), K, P), P = panel::width (64 floats or
-// 32 doubles with AVX-512), rows past N zero.
+// 32 doubles with AVX-512), rows past N zero. w may also be the transpose of a contiguous (K, N) matrix v (for
+// products x @ v, the cross-entropy's input gradient g @ W): its panels are v's rows copied, read in place.
 at::Tensor pack_linear(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2, "pack_linear: weight must be (N, K), got ", w.sizes());
   TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble,
               "pack_linear: weight must be float32 or float64, got ", w.scalar_type());
-  const auto wc = w.contiguous();
   const int64_t N = w.size(0), K = w.size(1);
+  const bool transposed = N > 1 && K > 1 && w.stride(0) == 1 && w.stride(1) == N;
+  const auto wc = transposed ? w : w.contiguous();
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "tritium_pack_linear", [&] {
     constexpr int64_t P = panel::width<scalar_t>();
-    out = at::empty({(N + P - 1) / P, K, P}, w.options());
-    panel::pack<scalar_t>(wc.const_data_ptr<scalar_t>(), K, N, K, out.mutable_data_ptr<scalar_t>());
+    out = empty({(N + P - 1) / P, K, P}, w.options());  // pooled: a per-call packing (FLCE's) reuses warm pages
+    if (transposed)
+      panel::pack_cols<scalar_t>(wc.const_data_ptr<scalar_t>(), N, K, N, out.mutable_data_ptr<scalar_t>());
+    else
+      panel::pack<scalar_t>(wc.const_data_ptr<scalar_t>(), K, N, K, out.mutable_data_ptr<scalar_t>());
   });
   return out;
 }

@@ -30,6 +30,8 @@ constexpr int64_t width() {
 constexpr int kMR = 6;                       // rows of x per register tile (6 x 4 accumulator vectors)
 constexpr int64_t kChunkBytes = 256 * 1024;  // rows of x per sweep over the panels: this many bytes (in L2)
 constexpr int64_t kPrefetchBytes = 4096;     // prefetch distance in the panel stream
+constexpr int64_t kKSplit = 4096, kKBlock = 2048;  // reductions longer than kKSplit go in blocks of kKBlock
+constexpr int64_t kSumBlock = 512;           // a tile's register sums restart every this many k (accuracy)
 
 template <typename A>
 int64_t packed_size(int64_t N, int64_t K) {
@@ -56,18 +58,22 @@ void pack(const A* w, int64_t ldw, int64_t N, int64_t K, A* out) {
 }
 
 // The panels of v^T for v (K, N) with rows of stride ldv (a product x @ v, e.g. attention's P V):
-// packed[p][k][c] = v[k][p * NP + c], 0 for columns past N. Single-threaded (callers pack many small ones).
+// packed[p][k][c] = v[k][p * NP + c], 0 for columns past N. Panels split between the threads from 1 MB of
+// them (the small ones attention packs per head, inside its own parallel region, stay on the calling thread).
 template <typename A>
 void pack_cols(const A* v, int64_t ldv, int64_t K, int64_t N, A* out) {
   constexpr int64_t NP = width<A>();
-  for (int64_t p = 0; p * NP < N; ++p) {
-    const int64_t nc = std::min(NP, N - p * NP);
-    for (int64_t k = 0; k < K; ++k) {
-      A* dst = out + (p * K + k) * NP;
-      std::memcpy(dst, v + k * ldv + p * NP, nc * sizeof(A));
-      for (int64_t c = nc; c < NP; ++c) dst[c] = A(0);
+  const int64_t grain = std::max<int64_t>(1, (1 << 20) / std::max<int64_t>(1, K * NP * int64_t(sizeof(A))));
+  at::parallel_for(0, (N + NP - 1) / NP, grain, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t nc = std::min(NP, N - p * NP);
+      for (int64_t k = 0; k < K; ++k) {
+        A* dst = out + (p * K + k) * NP;
+        std::memcpy(dst, v + k * ldv + p * NP, nc * sizeof(A));
+        for (int64_t c = nc; c < NP; ++c) dst[c] = A(0);
+      }
     }
-  }
+  });
 }
 
 // Register type of the micro-kernel. With AVX-512 the raw __m512/__m512d: GCC keeps an array of 24 of them in
@@ -83,6 +89,7 @@ struct Reg<float> {
   static V load(const float* p) { return _mm512_loadu_ps(p); }
   static V set1(float a) { return _mm512_set1_ps(a); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
 };
 template <>
 struct Reg<double> {
@@ -91,6 +98,7 @@ struct Reg<double> {
   static V load(const double* p) { return _mm512_loadu_pd(p); }
   static V set1(double a) { return _mm512_set1_pd(a); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_pd(a, b); }
 };
 #else
 template <typename A>
@@ -100,6 +108,7 @@ struct Reg {
   static V load(const A* p) { return V::loadu(p); }
   static V set1(A a) { return V(a); }
   static V fma(V a, V b, V c) { return at::vec::fmadd(a, b, c); }
+  static V add(V a, V b) { return a + b; }
 };
 #endif
 
@@ -112,23 +121,36 @@ inline void tile(const A* x, int64_t ldx, const A* b, int64_t K, A* y, int64_t l
   using Vec = Vectorized<A>;
   using R = Reg<A>;
   constexpr int64_t V = Vec::size(), NP = 4 * V;
-  typename R::V acc[MR * 4];
+  typename R::V acc[MR * 4], part[MR * 4];
   for (int i = 0; i < MR * 4; ++i) acc[i] = R::zero();
-  for (int64_t k = 0; k < K; ++k) {
-    const A* bk = b + k * NP;
+  // the reduction in blocks of kSumBlock: each block's sum starts from zero in the registers and is added to the
+  // sum of the blocks before it (in part, spilled): one long register chain over K = 4096 had ~7x torch's
+  // rounding error (error ~ sqrt(K) ulp of the running sum; MKL's blocks sum the same way as this)
+  for (int64_t k0 = 0; k0 < K; k0 += kSumBlock) {
+    const int64_t k1 = std::min(K, k0 + kSumBlock);
+    for (int64_t k = k0; k < k1; ++k) {
+      const A* bk = b + k * NP;
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-    if constexpr (PF)  // every cache line of the panel row kPrefetchBytes ahead
-      for (int64_t off = 0; off < int64_t(sizeof(A)) * NP; off += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(bk) + kPrefetchBytes + off, _MM_HINT_T0);
+      if constexpr (PF)  // every cache line of the panel row kPrefetchBytes ahead
+        for (int64_t off = 0; off < int64_t(sizeof(A)) * NP; off += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(bk) + kPrefetchBytes + off, _MM_HINT_T0);
 #endif
-    const auto b0 = R::load(bk), b1 = R::load(bk + V), b2 = R::load(bk + 2 * V), b3 = R::load(bk + 3 * V);
-    for (int i = 0; i < MR; ++i) {
-      const auto a = R::set1(x[i * ldx + k]);
-      acc[4 * i] = R::fma(a, b0, acc[4 * i]);
-      acc[4 * i + 1] = R::fma(a, b1, acc[4 * i + 1]);
-      acc[4 * i + 2] = R::fma(a, b2, acc[4 * i + 2]);
-      acc[4 * i + 3] = R::fma(a, b3, acc[4 * i + 3]);
+      const auto b0 = R::load(bk), b1 = R::load(bk + V), b2 = R::load(bk + 2 * V), b3 = R::load(bk + 3 * V);
+      for (int i = 0; i < MR; ++i) {
+        const auto a = R::set1(x[i * ldx + k]);
+        acc[4 * i] = R::fma(a, b0, acc[4 * i]);
+        acc[4 * i + 1] = R::fma(a, b1, acc[4 * i + 1]);
+        acc[4 * i + 2] = R::fma(a, b2, acc[4 * i + 2]);
+        acc[4 * i + 3] = R::fma(a, b3, acc[4 * i + 3]);
+      }
     }
+    if (k0 > 0)
+      for (int i = 0; i < MR * 4; ++i) acc[i] = R::add(acc[i], part[i]);
+    if (k1 < K)
+      for (int i = 0; i < MR * 4; ++i) {
+        part[i] = acc[i];
+        acc[i] = R::zero();
+      }
   }
   if constexpr (GLU) {
     for (int i = 0; i < MR; ++i)
@@ -310,6 +332,19 @@ void panel_gemm(const X* x, int64_t ldx, int64_t M, int64_t K, const X* packed, 
   static_assert(!(bf16 && GLU), "panel_gemm: GLU epilogue for float/double only");
   constexpr int64_t NP = bf16 ? panel::kWidth16 : panel::width<A>();
   if (M <= 0 || N <= 0) return;
+  // a long reduction (a vocabulary-sized K: the cross-entropy's input gradient g @ W) in blocks of kKBlock: each
+  // block's stretch of the panels fits in L2 and is swept by every row chunk, the blocks after the first adding
+  // into y (one panel of K = 49152 floats is 12 MB: without blocks it was streamed from memory per 6 rows)
+  if constexpr (!bf16 && !GLU) {
+    if (K > panel::kKSplit) {
+      const int64_t ps = pstride < 0 ? K * NP : pstride;
+      for (int64_t k0 = 0; k0 < K; k0 += panel::kKBlock) {
+        const int64_t kk = std::min(panel::kKBlock, K - k0);
+        panel_gemm<X, A>(x + k0, ldx, M, kk, packed + k0 * NP, N, y, ldy, k0 == 0 ? c : y, k0 == 0 ? ldc : ldy, ps);
+      }
+      return;
+    }
+  }
   const int64_t panels = (N + NP - 1) / NP;
   const int64_t kstride = bf16 ? (K + 1) / 2 * 2 * NP : K * NP;  // one panel's elements
   const int64_t chunk = std::max<int64_t>(panel::kMR, panel::kChunkBytes / std::max<int64_t>(1, K * int64_t(sizeof(X))) /

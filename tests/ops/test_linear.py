@@ -122,6 +122,27 @@ def test_linear_wgrad_fake_and_errors():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("k", [4096, 5000])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_linear_packed_long_reduction(dtype, k, transposed):
+    """Reductions past 4096 run in 2048-long blocks of the panels (the last one partial), the blocks after the
+    first adding into the output, the bias added once; pack_linear also packs w.t() of a contiguous (K, N) matrix
+    in place (the cross-entropy's input gradient g @ W)."""
+    from tritium.ops.linear import linear_packed, pack_linear
+
+    m, n = 70, 100
+    x = torch.randn(m, k, dtype=torch.float64)
+    v = torch.randn(k, n, dtype=torch.float64)
+    b = torch.randn(n, dtype=torch.float64)
+    w = v.t() if transposed else v.t().contiguous()  # (N, K) either way
+    ref = x @ v + b
+    theirs = x.to(dtype) @ v.to(dtype) + b.to(dtype)
+    wd = v.to(dtype).t() if transposed else w.to(dtype)
+    assert_within_torch_error(linear_packed(x.to(dtype), pack_linear(wd), n, b.to(dtype)), theirs, ref,
+                              "linear_packed")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_packed_ops_fake_kernels_match(dtype):
     """pack_linear / linear_packed: fake (meta) kernels agree with the CPU kernels (the panel width is the
     build's vector width, asked of the kernel)."""

@@ -94,10 +94,14 @@ def _flce_loop(hidden, weight, target, bias, ignore_index, label_smoothing, chun
     # CPU float: the weight packed once into column panels for every chunk's logits (linear_packed): BLAS repacks
     # the whole (V, H) weight on each call, which held the chunks' products at ~130 GFLOPS (~215 on the panels).
     # The packed copy costs the weight's size once more, for the call's duration.
-    packed = None
+    # The input gradient g @ W likewise from W's rows packed once (its panels run the vocabulary-long reduction
+    # in L2-sized blocks; MKL repacked the weight per chunk here too: 159 GFLOPS).
+    packed = packed_t = None
     if (hidden.device.type == "cpu" and hidden.dtype in (torch.float32, torch.float64) and weight.is_contiguous()
             and min(chunk, T) >= 64 and weight.shape[1] > 0):
         packed = pack_linear(weight)
+        if need_grad:
+            packed_t = pack_linear(weight.t())
     for start in range(0, T, chunk):
         stop = min(T, start + chunk)
         h = hidden[start:stop]
@@ -116,7 +120,10 @@ def _flce_loop(hidden, weight, target, bias, ignore_index, label_smoothing, chun
             g = cross_entropy_bwd(g, row_scale[start:stop], hidden.dtype)
         elif g.dtype != hidden.dtype:
             g = cross_entropy_bwd(g, l.new_ones(()).expand(stop - start), hidden.dtype)
-        torch.mm(g, weight, out=gh[start:stop])
+        if packed_t is not None:
+            gh[start:stop] = linear_packed(g, packed_t, weight.shape[1])
+        else:
+            torch.mm(g, weight, out=gh[start:stop])
         if adt == g.dtype:
             gw.addmm_(g.t(), h)
         else:  # 16-bit: the chunk's product in the input dtype (as eager's matmul), summed in float32
