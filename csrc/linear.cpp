@@ -103,6 +103,48 @@ std::tuple<at::Tensor, at::Tensor> linear_wgrad(const at::Tensor& dy, const at::
   return {dw, db};
 }
 
+// c (M, N) float32, contiguous += a (M, K) @ b (K, N) for 16-bit a and b: the chunked cross-entropy's weight
+// gradient, whose 16-bit product per chunk then torch's mixed-dtype add spent more time in the add (a conversion
+// copy of the (V, H) result, then the add: ~65 ms a chunk) than in the product.
+// Float/double a, b: c.addmm_(a, b).
+void mm_acc_(at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "mm_acc_: a must be (M, K) and b (K, N), got ",
+              a.sizes(), " and ", b.sizes());
+  TORCH_CHECK(c.dim() == 2 && c.size(0) == a.size(0) && c.size(1) == b.size(1) && c.is_contiguous(),
+              "mm_acc_: c must be a contiguous (", a.size(0), ", ", b.size(1), ") tensor, got ", c.sizes());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "mm_acc_: b must have a's dtype ", a.scalar_type(), ", got ",
+              b.scalar_type());
+  const bool k16 = a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf;
+  if (!k16) {
+    TORCH_CHECK(c.scalar_type() == a.scalar_type(), "mm_acc_: c must have a's dtype ", a.scalar_type(), ", got ",
+                c.scalar_type());
+    c.addmm_(a, b);
+    return;
+  }
+  TORCH_CHECK(c.scalar_type() == at::kFloat, "mm_acc_: c must be float32 for 16-bit a and b, got ", c.scalar_type());
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  if (M == 0 || N == 0 || K == 0) return;
+  // the product by oneDNN's 16-bit GEMM into a pooled 16-bit buffer (as eager's matmul rounds it), then one
+  // vectorised pass adds it into c (MKL's bf16 x bf16 -> f32 GEMM with beta = 1 ran this shape at 176 GFLOPS,
+  // oneDNN's 16-bit matmul at 300-370)
+  auto prod = empty({M, N}, a.options());
+  at::mm_out(prod, a, b);
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(a.scalar_type(), "tritium_mm_acc_", [&] {
+    const scalar_t* pp = prod.const_data_ptr<scalar_t>();
+    float* cp = c.mutable_data_ptr<float>();
+    at::parallel_for(0, M * N, 1 << 16, [&](int64_t i0, int64_t i1) {
+      constexpr int64_t K2 = 2 * Vectorized<float>::size();
+      int64_t i = i0;
+      for (; i + K2 <= i1; i += K2) {
+        auto [p0, p1] = load2(pp + i);
+        (Vectorized<float>::loadu(cp + i) + p0).store(cp + i);
+        (Vectorized<float>::loadu(cp + i + K2 / 2) + p1).store(cp + i + K2 / 2);
+      }
+      for (; i < i1; ++i) cp[i] += static_cast<float>(pp[i]);
+    });
+  });
+}
+
 // w (N, K) -> its column panels for linear_packed (panel.h): (ceil(N / P), K, P), P = panel::width (64 floats or
 // 32 doubles with AVX-512), rows past N zero. w may also be the transpose of a contiguous (K, N) matrix v (for
 // products x @ v, the cross-entropy's input gradient g @ W): its panels are v's rows copied, read in place.
@@ -191,6 +233,7 @@ TORCH_LIBRARY_IMPL(tritium, CPU, m) {
   m.impl("linear_packed_swiglu", &linear_packed_swiglu);
   m.impl("mm_pooled", &mm_pooled);
   m.impl("linear_wgrad", &linear_wgrad);
+  m.impl("mm_acc_", &mm_acc_);
   m.impl("linear_small", &linear_small);
 }
 

@@ -104,6 +104,46 @@ def test_linear_wgrad_matches_reference(dtype, m, n, k, strided, bias):
         assert db.shape == (0,)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("layout", ["a.t()", "b.t()", "rows"])
+def test_mm_acc_adds_the_product(dtype, layout):
+    """mm_acc_ (the chunked cross-entropy's weight gradient): c += a @ b, for 16-bit a, b into a float32 c (the
+    product rounded to the input dtype as torch's matmul rounds it, then added in float32), float/double
+    c.addmm_; either operand may be a transpose; called twice it adds twice."""
+    from tritium.ops.linear import mm_acc_
+
+    m, k, n = 37, 300, 29
+    a64, b64 = torch.randn(m, k, dtype=torch.float64), torch.randn(k, n, dtype=torch.float64)
+    a, b = a64.to(dtype), b64.to(dtype)
+    if layout == "a.t()":
+        a = a.t().contiguous().t()
+    elif layout == "b.t()":
+        b = b.t().contiguous().t()
+    cdt = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    c0 = torch.randn(m, n, dtype=torch.float64)
+    c = c0.to(cdt, copy=True)
+    mm_acc_(c, a, b)
+    mm_acc_(c, a, b)
+    ref = c0 + 2 * (a.double() @ b.double())
+    theirs = c0.to(cdt) + 2 * (a @ b).to(cdt)
+    assert_within_torch_error(c, theirs, ref, "mm_acc_")
+
+
+def test_mm_acc_fake_and_errors():
+    from tritium.ops.linear import mm_acc_
+
+    a, b = torch.randn(5, 7, dtype=torch.bfloat16), torch.randn(7, 3, dtype=torch.bfloat16)
+    torch.library.opcheck(mm_acc_, (torch.zeros(5, 3), a, b))
+    with pytest.raises(RuntimeError, match="c must be float32 for 16-bit"):
+        mm_acc_(torch.zeros(5, 3, dtype=torch.bfloat16), a, b)
+    with pytest.raises(RuntimeError, match="c must be a contiguous \\(5, 3\\)"):
+        mm_acc_(torch.zeros(3, 5).t(), a, b)
+    with pytest.raises(RuntimeError, match="a must be \\(M, K\\) and b \\(K, N\\)"):
+        mm_acc_(torch.zeros(5, 3), a, b[:6])
+    with pytest.raises(RuntimeError, match="b must have a's dtype"):
+        mm_acc_(torch.zeros(5, 3), a, b.float())
+
+
 def test_linear_wgrad_fake_and_errors():
     from tritium.ops.linear import linear_wgrad
 

@@ -27,7 +27,7 @@ from .. import reference
 from .._backend import use_reference
 from ._library import NAMESPACE, SUPPORTED_DTYPES, _lib, acc_dtype, define_op, rows
 from .softmax import log_softmax, scaled_log_softmax
-from .linear import linear_packed, pack_linear
+from .linear import linear_packed, mm_acc_, pack_linear
 
 
 # ---- fake kernels: shapes only ----
@@ -126,7 +126,9 @@ def _flce_loop(hidden, weight, target, bias, ignore_index, label_smoothing, chun
             torch.mm(g, weight, out=gh[start:stop])
         if adt == g.dtype:
             gw.addmm_(g.t(), h)
-        else:  # 16-bit: the chunk's product in the input dtype (as eager's matmul), summed in float32
+        elif gw.device.type == "cpu":  # 16-bit: the chunks' products summed in float32 by the GEMM itself
+            mm_acc_(gw, g.t(), h)
+        else:  # the chunk's product in the input dtype (as eager's matmul), summed in float32
             gw += torch.mm(g.t(), h)
         if bias is not None:
             gb += g.sum(0, dtype=adt)

@@ -77,6 +77,24 @@ _lib.impl("linear_wgrad", lambda dy, x, bias: (dy.t() @ x, dy.sum(0) if bias els
 linear_wgrad = torch.ops.tritium.linear_wgrad
 
 
+# c (float32) += a @ b, 16-bit a and b summed in float32 by one GEMM (the chunked cross-entropy's weight
+# gradient); float/double: c.addmm_(a, b)
+_lib.define("mm_acc_(Tensor(a!) c, Tensor a, Tensor b) -> ()")
+
+
+@torch.library.register_fake(f"{NAMESPACE}::mm_acc_", lib=_lib)
+def _fake_mm_acc(c, a, b):
+    return None
+
+
+def _mm_acc_cuda(c, a, b):
+    c.addmm_(a.to(c.dtype), b.to(c.dtype))
+
+
+_lib.impl("mm_acc_", _mm_acc_cuda, "CUDA")
+mm_acc_ = torch.ops.tritium.mm_acc_
+
+
 # Packed weights (csrc/panel.h): pack_linear(w) once, then linear_packed(x, packed, N) per call. CPU only (the
 # serving path packs at load; on GPU there is nothing to pack for).
 _lib.define("pack_linear(Tensor weight) -> Tensor")
