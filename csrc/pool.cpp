@@ -7,9 +7,11 @@
 // 12 ms, into fresh huge pages 32 ms). CUDA has a caching allocator for the same reason; this is the CPU
 // counterpart, limited to tritium's own outputs:
 //   - blocks are rounded to 2 MiB and placed on transparent huge pages (madvise) on first allocation;
-//   - a freed block goes back to a free list for its size as long as the pool holds at most `limit` bytes
-//     of free blocks (default 2 GiB, TRITIUM_CPU_POOL_MB overrides, 0 turns the pool off); otherwise it is
-//     returned to the system;
+//   - a freed block goes back to a free list for its size; the pool holds at most `limit` bytes of free
+//     blocks (default 2 GiB, TRITIUM_CPU_POOL_MB overrides, 0 turns the pool off): to keep a block past it,
+//     the cached blocks of the least recently used other sizes are returned to the system (a workload's
+//     sizes replace the last one's: a full ops benchmark had filled the pool with earlier cases' sizes, so
+//     distillation_loss's 800 MB outputs got fresh pages on every call, 0.6x its time measured alone);
 //   - tensors are ordinary resizable CPU tensors (the pool is their storage's allocator).
 // torch.ops.tritium_runtime.empty_cache() frees every cached block; pool_stats() reports
 // [cached bytes, limit, hits, misses]; set_pool_limit(bytes) changes the limit (and trims).
@@ -42,6 +44,7 @@ class Pool final : public c10::Allocator {
     void* p = nullptr;
     {
       std::lock_guard<std::mutex> g(mu_);
+      last_use_[bytes] = ++tick_;
       auto it = free_.find(bytes);
       if (it != free_.end() && !it->second.empty()) {
         p = it->second.back();
@@ -103,12 +106,30 @@ class Pool final : public c10::Allocator {
     }
   }
 
+  // Free cached blocks of sizes other than `keep`, least recently used size first, until at most `target`
+  // bytes stay cached (caller holds mu_).
+  void evict_others_locked(size_t keep, size_t target) {
+    while (cached_ > target) {
+      auto victim = free_.end();
+      for (auto it = free_.begin(); it != free_.end(); ++it)
+        if (it->first != keep && !it->second.empty() &&
+            (victim == free_.end() || last_use_[it->first] < last_use_[victim->first]))
+          victim = it;
+      if (victim == free_.end()) return;
+      std::free(victim->second.back());
+      victim->second.pop_back();
+      cached_ -= victim->first;
+    }
+  }
+
   static void release(void* ctx) {
     auto* b = static_cast<Block*>(ctx);
     Pool& pool = get();
     bool keep = false;
     {
       std::lock_guard<std::mutex> g(pool.mu_);
+      pool.last_use_[b->bytes] = ++pool.tick_;
+      if (b->bytes <= pool.limit_) pool.evict_others_locked(b->bytes, pool.limit_ - b->bytes);
       if (pool.cached_ + b->bytes <= pool.limit_) {
         pool.free_[b->bytes].push_back(b->ptr);
         pool.cached_ += b->bytes;
@@ -121,7 +142,9 @@ class Pool final : public c10::Allocator {
 
   std::mutex mu_;
   std::unordered_map<size_t, std::vector<void*>> free_;
+  std::unordered_map<size_t, uint64_t> last_use_;  // size -> tick of its last allocation or release
   size_t cached_ = 0, limit_ = 0, hits_ = 0, misses_ = 0;
+  uint64_t tick_ = 0;
 };
 
 }  // namespace

@@ -72,6 +72,28 @@ def test_limit_and_empty_cache(pool):
         tritium.set_pool_limit(-1)
 
 
+def test_full_pool_makes_room_for_the_size_in_use(pool):
+    """At the limit, a freed block of the size in use evicts the least recently used other sizes' blocks (a
+    workload's sizes replace the last one's) instead of being returned to the system itself."""
+    tritium.set_pool_limit(10 << 20)
+    old = [tritium.relu(torch.randn(1024, 1024)) for _ in range(2)]  # two 4 MiB blocks: 8 of 10 MiB cached
+    del old
+    assert tritium.pool_stats()["cached_bytes"] == 8 << 20
+    x = torch.randn(2048, 1024)  # 8 MiB outputs: the size in use now
+    y = tritium.relu(x)
+    del y  # kept: the 4 MiB blocks go
+    assert tritium.pool_stats()["cached_bytes"] == 8 << 20
+    hits = tritium.pool_stats()["hits"]
+    for _ in range(3):
+        y = tritium.relu(x)
+        del y
+    assert tritium.pool_stats()["hits"] == hits + 3
+    # a block larger than the whole limit is never kept, and evicts nothing
+    big = tritium.relu(torch.randn(4096, 1024))  # 16 MiB
+    del big
+    assert tritium.pool_stats()["cached_bytes"] == 8 << 20
+
+
 def test_env_turns_the_pool_off():
     code = (
         "import torch, tritium\n"
