@@ -96,19 +96,11 @@ class Pool final : public c10::Allocator {
 
  private:
   // Free cached blocks until at most `target` bytes stay cached (caller holds mu_).
-  void trim_locked(size_t target) {
-    for (auto it = free_.begin(); it != free_.end() && cached_ > target; ++it) {
-      while (!it->second.empty() && cached_ > target) {
-        std::free(it->second.back());
-        it->second.pop_back();
-        cached_ -= it->first;
-      }
-    }
-  }
+  void trim_locked(size_t target) { evict_locked(0, target); }
 
-  // Free cached blocks of sizes other than `keep`, least recently used size first, until at most `target`
-  // bytes stay cached (caller holds mu_).
-  void evict_others_locked(size_t keep, size_t target) {
+  // Free cached blocks of sizes other than `keep` (0: any size, no block is that small), least recently used
+  // size first, until at most `target` bytes stay cached (caller holds mu_).
+  void evict_locked(size_t keep, size_t target) {
     while (cached_ > target) {
       auto victim = free_.end();
       for (auto it = free_.begin(); it != free_.end(); ++it)
@@ -129,7 +121,7 @@ class Pool final : public c10::Allocator {
     {
       std::lock_guard<std::mutex> g(pool.mu_);
       pool.last_use_[b->bytes] = ++pool.tick_;
-      if (b->bytes <= pool.limit_) pool.evict_others_locked(b->bytes, pool.limit_ - b->bytes);
+      if (b->bytes <= pool.limit_) pool.evict_locked(b->bytes, pool.limit_ - b->bytes);
       if (pool.cached_ + b->bytes <= pool.limit_) {
         pool.free_[b->bytes].push_back(b->ptr);
         pool.cached_ += b->bytes;

@@ -126,7 +126,7 @@ def _flce_loop(hidden, weight, target, bias, ignore_index, label_smoothing, chun
             torch.mm(g, weight, out=gh[start:stop])
         if adt == g.dtype:
             gw.addmm_(g.t(), h)
-        elif gw.device.type == "cpu":  # 16-bit: the chunks' products summed in float32 by the GEMM itself
+        elif gw.device.type == "cpu":  # 16-bit: each chunk's product added into the float32 sum in one pass
             mm_acc_(gw, g.t(), h)
         else:  # the chunk's product in the input dtype (as eager's matmul), summed in float32
             gw += torch.mm(g.t(), h)

@@ -77,8 +77,8 @@ _lib.impl("linear_wgrad", lambda dy, x, bias: (dy.t() @ x, dy.sum(0) if bias els
 linear_wgrad = torch.ops.tritium.linear_wgrad
 
 
-# c (float32) += a @ b, 16-bit a and b summed in float32 by one GEMM (the chunked cross-entropy's weight
-# gradient); float/double: c.addmm_(a, b)
+# c (float32) += a @ b for 16-bit a and b: the product rounded to their dtype (as torch's matmul), added into c in
+# one vectorised pass (the chunked cross-entropy's weight gradient); float/double: c.addmm_(a, b)
 _lib.define("mm_acc_(Tensor(a!) c, Tensor a, Tensor b) -> ()")
 
 
@@ -212,8 +212,9 @@ def _linear_fast(input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
 
 def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """Drop-in for torch.nn.functional.linear: input (*, in) @ weight (out, in)^T + bias. On CPU in float32 /
-    float64 from 64 rows the products (forward and input gradient) run on tritium's panel GEMM
-    (csrc/panel.h) into pooled outputs; every other case is torch's F.linear itself (same values, same errors)."""
+    float64 from 64 rows the products run on tritium's panel GEMM (csrc/panel.h) into pooled outputs (the
+    weight and bias gradients in one pass from 512 rows: linear_wgrad); every other case is torch's F.linear
+    itself (same values, same errors)."""
     if _linear_fast(input, weight, bias):
         k = weight.shape[1]
         return project(input.reshape(-1, k), weight, bias).view(*input.shape[:-1], weight.shape[0])
