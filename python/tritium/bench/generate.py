@@ -3,6 +3,8 @@
 The tritium side runs through tritium.inference.Engine (paged KV cache, fused ops); the baseline is
 tritium.models.eager.EagerLlama with the same weights (plain torch ops, contiguous KV cache, transformers-style
 prompt pass keeping only the last logits). Both decode greedily from random prompts of equal length.
+
+``--quick`` measures one row (bfloat16 decode at batch 1, no prefill): the summary ``make demo`` prints.
 """
 from __future__ import annotations
 
@@ -15,13 +17,18 @@ import torch
 from .common import copy_bandwidth, dtype_name, machine_info, parse_dtype, write_json
 
 
+QUICK = dict(dtypes="bfloat16", batches="1", decode_tokens=16, repeats=1, prefill_len=0)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true",
+                   help="one row: bfloat16 decode at batch 1, 16 tokens, no prefill (overrides the options below)")
     p.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--batches", default="1,8,16,32")
     p.add_argument("--prompt-len", type=int, default=32, help="prompt length of the decode cases")
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded per measurement")
-    p.add_argument("--prefill-len", type=int, default=512)
+    p.add_argument("--prefill-len", type=int, default=512, help="0: no prefill case")
     p.add_argument("--repeats", type=int, default=2, help="best of this many runs per decode case")
     p.add_argument("--prefill-repeats", type=int, default=5,
                    help="best of this many runs per prefill case (one step each: cheap to repeat, noisy alone)")
@@ -103,6 +110,9 @@ def run(args) -> List[dict]:
     import tritium.models
     from ..models.eager import EagerLlama
 
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console()
@@ -126,12 +136,13 @@ def run(args) -> List[dict]:
                              tritium_tok_s=b / tt, eager_tok_s=b / te, speedup=te / tt,
                              tritium_weight_bw_frac=wbytes / tt / bw,
                              scaling_vs_batch1=(b / tt) / tritium_tput[1] if 1 in tritium_tput else None))
-        with console.status(f"{dtype_name(dtype)} prefill {args.prefill_len}"):
-            tt, te = _best_pair(lambda: tritium_prefill_time(model, args.prefill_len),
-                                lambda: eager_prefill_time(eager, args.prefill_len), args.prefill_repeats)
-        rows.append(dict(dtype=dtype_name(dtype), case=f"prefill {args.prefill_len}", batch=1,
-                         tritium_tok_s=args.prefill_len / tt, eager_tok_s=args.prefill_len / te, speedup=te / tt,
-                         tritium_weight_bw_frac=None, scaling_vs_batch1=None))
+        if args.prefill_len > 0:
+            with console.status(f"{dtype_name(dtype)} prefill {args.prefill_len}"):
+                tt, te = _best_pair(lambda: tritium_prefill_time(model, args.prefill_len),
+                                    lambda: eager_prefill_time(eager, args.prefill_len), args.prefill_repeats)
+            rows.append(dict(dtype=dtype_name(dtype), case=f"prefill {args.prefill_len}", batch=1,
+                             tritium_tok_s=args.prefill_len / tt, eager_tok_s=args.prefill_len / te,
+                             speedup=te / tt, tritium_weight_bw_frac=None, scaling_vs_batch1=None))
         del model, eager
 
     table = Table(title="tritium bench generate (tok/s; speedup = tritium / eager twin)")

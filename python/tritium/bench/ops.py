@@ -1,6 +1,10 @@
 """``tritium bench ops``: every declared op case, tritium vs PyTorch eager vs torch.compile, forward and
 forward+backward, median time, achieved GB/s from the case's bytes formula and the fraction of this machine's
-measured copy bandwidth."""
+measured copy bandwidth.
+
+``--quick`` runs the handful of headline rows in QUICK (the summary ``make demo`` prints); ``--headline`` every
+case at its first shape; neither: every case at every shape.
+"""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +19,20 @@ from .case import OpCase
 from .common import copy_bandwidth, dtype_name, geomean, machine_info, parse_dtype, time_fn, write_json
 
 
+# The short summary (`tritium bench ops --quick`, run by `make demo`): (op, dtype, mode) at the op's headline
+# shape, one row per op family that dominates a model: two memory-bound rows, a loss, compute-bound attention.
+QUICK = (
+    ("rms_norm", "bfloat16", "fwd"),
+    ("swiglu", "bfloat16", "fwd"),
+    ("softmax", "float32", "fwd"),
+    ("cross_entropy", "float32", "fwdbwd"),
+    ("attention_causal_vs_sdpa", "bfloat16", "fwd"),
+)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true",
+                   help=f"a short summary: {len(QUICK)} headline rows (the --op/--dtype/--mode filters still apply)")
     p.add_argument("--op", action="append", help="op name or glob (repeatable); default: all")
     p.add_argument("--dtype", action="append", help="float32, bfloat16, float16 (repeatable); default: per case")
     p.add_argument("--shape", action="append", help="e.g. 4096x4096 (repeatable); default: per case")
@@ -23,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="only each case's first (headline) shape: the one its issue's bar is stated at")
     p.add_argument("--mode", choices=["fwd", "fwdbwd", "both"], default="both")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (saves minutes)")
-    p.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per measurement")
+    p.add_argument("--min-time", type=float, default=None,
+                   help="seconds of timing per measurement (default 0.5; 0.2 with --quick)")
     p.add_argument("--json", help="write machine info, versions and every figure to this path")
     p.add_argument("--plot", help="write a PNG of the speedups to this path")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
@@ -40,6 +58,27 @@ def _select(cases: List[OpCase], patterns) -> List[OpCase]:
 
 def _parse_shape(s: str):
     return tuple(int(v) for v in s.lower().split("x"))
+
+
+def _plan(cases: List[OpCase], args):
+    """[(case, shape, dtype, modes)] to measure, from the command line's filters."""
+    modes = ["fwd", "fwdbwd"] if args.mode == "both" else [args.mode]
+    plan = []
+    if args.quick:
+        by_name = {c.name: c for c in cases}
+        for name, dname, mode in QUICK:
+            if name in by_name and mode in modes and (not args.dtype or dname in args.dtype):
+                case = by_name[name]
+                shape = _parse_shape(args.shape[0]) if args.shape else case.shapes[0]
+                plan.append((case, shape, parse_dtype(dname), [mode]))
+        return plan
+    for case in cases:
+        shapes = [_parse_shape(s) for s in args.shape] if args.shape else case.shapes
+        if args.headline and not args.shape:
+            shapes = shapes[:1]
+        dtypes = [parse_dtype(d) for d in args.dtype] if args.dtype else case.dtypes
+        plan.extend((case, shape, dtype, modes) for shape in shapes for dtype in dtypes)
+    return plan
 
 
 def _grad_inputs(case: OpCase, args: tuple):
@@ -112,7 +151,9 @@ def run(args) -> List[dict]:
         for c in cases:
             print(f"{c.name:28s} shapes={list(c.shapes)} {c.note}")
         return []
-    modes = ["fwd", "fwdbwd"] if args.mode == "both" else [args.mode]
+    if args.min_time is None:
+        args.min_time = 0.2 if args.quick else 0.5
+    plan = _plan(cases, args)
     bw = copy_bandwidth(device)
     rows = []
     from rich.console import Console
@@ -121,63 +162,57 @@ def run(args) -> List[dict]:
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(f"[bold]tritium bench ops[/] on {device}; measured copy bandwidth {bw / 1e9:.1f} GB/s")
     table = Table(title="tritium vs eager vs torch.compile (median ms; speedup = baseline / tritium)")
-    for col in ("op", "shape", "dtype", "mode", "eager", "compile", "tritium", "x eager", "x compile", "GB/s",
-                "% copy BW", "peak MiB e/t"):
+    for col in ("op", "shape", "dtype", "mode", "eager", "compile", "tritium", "x eager", "x compile",
+                "GB/s", "% copy BW", "peak MiB e/t"):
         table.add_column(col, justify="right" if col not in ("op", "mode") else "left")
-    for case in cases:
-        shapes = [_parse_shape(s) for s in args.shape] if args.shape else case.shapes
-        if args.headline and not args.shape:
-            shapes = shapes[:1]
-        dtypes = [parse_dtype(d) for d in args.dtype] if args.dtype else case.dtypes
-        for shape in shapes:
-            for dtype in dtypes:
-                inputs = case.make(shape, dtype, torch.device(device))
-                grad_idx = _grad_inputs(case, inputs)
-                for mode in modes:
-                    nbytes_fn = case.bytes_fwd if mode == "fwd" else case.bytes_fwdbwd
-                    if nbytes_fn is None:
-                        continue
-                    times = {}
-                    impls = [("eager", case.eager), ("tritium", case.tritium)]
-                    if not args.no_compile:
-                        torch._dynamo.reset()
-                        impls.insert(1, ("compile", torch.compile(case.eager, dynamic=False)))
-                    for name, fn in impls:
-                        times[name] = time_fn(_runner(fn, inputs, mode, grad_idx), args.min_time, device)
-                        gc.collect()
-                    peaks = {}
-                    if case.track_memory:
-                        for name, fn in impls:
-                            if name != "compile":
-                                peaks[name] = peak_extra_bytes(_runner(fn, inputs, mode, grad_idx), device)
-                            gc.collect()
-                    nbytes = nbytes_fn(shape, dtype)
-                    t = times["tritium"]
-                    row = {
-                        "op": case.name, "shape": list(shape), "dtype": dtype_name(dtype), "mode": mode,
-                        "eager_ms": times["eager"] * 1e3, "compile_ms": times.get("compile", float("nan")) * 1e3,
-                        "tritium_ms": t * 1e3, "speedup_eager": times["eager"] / t,
-                        "speedup_compile": times["compile"] / t if "compile" in times else None,
-                        "bytes": nbytes, "GBps": nbytes / t / 1e9, "frac_copy_bw": nbytes / t / bw,
-                        "note": case.note,
-                    }
-                    if peaks:
-                        row["peak_eager_MiB"] = peaks["eager"] / 2**20 if peaks["eager"] is not None else None
-                        row["peak_tritium_MiB"] = peaks["tritium"] / 2**20 if peaks["tritium"] is not None else None
-                    rows.append(row)
-                    sc = f"{row['speedup_compile']:.2f}" if row["speedup_compile"] else "-"
-                    table.add_row(case.name, "x".join(map(str, shape)), row["dtype"], mode,
-                                  f"{row['eager_ms']:.3f}", f"{row['compile_ms']:.3f}", f"{row['tritium_ms']:.3f}",
-                                  f"{row['speedup_eager']:.2f}", sc, f"{row['GBps']:.1f}",
-                                  f"{100 * row['frac_copy_bw']:.0f}%",
-                                  f"{row['peak_eager_MiB']:.0f}/{row['peak_tritium_MiB']:.0f}"
-                                  if row.get("peak_tritium_MiB") is not None else "-")
-                    console.print(f"  {case.name} {shape} {row['dtype']} {mode}: tritium {t * 1e3:.3f} ms, "
-                                  f"{row['speedup_eager']:.2f}x eager, {sc}x compile"
-                                  + (f"; peak extra memory eager {row['peak_eager_MiB']:.0f} MiB, tritium "
-                                     f"{row['peak_tritium_MiB']:.0f} MiB" if row.get("peak_tritium_MiB") else ""),
-                                  highlight=False)
-                del inputs
+    for case, shape, dtype, modes in plan:
+        inputs = case.make(shape, dtype, torch.device(device))
+        grad_idx = _grad_inputs(case, inputs)
+        for mode in modes:
+            nbytes_fn = case.bytes_fwd if mode == "fwd" else case.bytes_fwdbwd
+            if nbytes_fn is None:
+                continue
+            times = {}
+            impls = [("eager", case.eager), ("tritium", case.tritium)]
+            if not args.no_compile:
+                torch._dynamo.reset()
+                impls.insert(1, ("compile", torch.compile(case.eager, dynamic=False)))
+            for name, fn in impls:
+                times[name] = time_fn(_runner(fn, inputs, mode, grad_idx), args.min_time, device)
+                gc.collect()
+            peaks = {}
+            if case.track_memory:
+                for name, fn in impls:
+                    if name != "compile":
+                        peaks[name] = peak_extra_bytes(_runner(fn, inputs, mode, grad_idx), device)
+                    gc.collect()
+            nbytes = nbytes_fn(shape, dtype)
+            t = times["tritium"]
+            row = {
+                "op": case.name, "shape": list(shape), "dtype": dtype_name(dtype), "mode": mode,
+                "eager_ms": times["eager"] * 1e3, "compile_ms": times.get("compile", float("nan")) * 1e3,
+                "tritium_ms": t * 1e3, "speedup_eager": times["eager"] / t,
+                "speedup_compile": times["compile"] / t if "compile" in times else None,
+                "bytes": nbytes, "GBps": nbytes / t / 1e9, "frac_copy_bw": nbytes / t / bw,
+                "note": case.note,
+            }
+            if peaks:
+                row["peak_eager_MiB"] = peaks["eager"] / 2**20 if peaks["eager"] is not None else None
+                row["peak_tritium_MiB"] = peaks["tritium"] / 2**20 if peaks["tritium"] is not None else None
+            rows.append(row)
+            sc = f"{row['speedup_compile']:.2f}" if row["speedup_compile"] else "-"
+            table.add_row(case.name, "x".join(map(str, shape)), row["dtype"], mode,
+                          f"{row['eager_ms']:.3f}", f"{row['compile_ms']:.3f}", f"{row['tritium_ms']:.3f}",
+                          f"{row['speedup_eager']:.2f}", sc, f"{row['GBps']:.1f}",
+                          f"{100 * row['frac_copy_bw']:.0f}%",
+                          f"{row['peak_eager_MiB']:.0f}/{row['peak_tritium_MiB']:.0f}"
+                          if row.get("peak_tritium_MiB") is not None else "-")
+            console.print(f"  {case.name} {shape} {row['dtype']} {mode}: tritium {t * 1e3:.3f} ms "
+                          f"({row['GBps']:.1f} GB/s), {row['speedup_eager']:.2f}x eager, {sc}x compile"
+                          + (f"; peak extra memory eager {row['peak_eager_MiB']:.0f} MiB, tritium "
+                             f"{row['peak_tritium_MiB']:.0f} MiB" if row.get("peak_tritium_MiB") else ""),
+                          highlight=False)
+        del inputs
     console.print(table)
     console.print(f"geomean speedup vs eager {geomean([r['speedup_eager'] for r in rows]):.2f}x"
                   + ("" if args.no_compile else
