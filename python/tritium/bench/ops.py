@@ -1,6 +1,7 @@
 """``tritium bench ops``: every declared op case, tritium vs PyTorch eager vs torch.compile, forward and
-forward+backward, median time, achieved GB/s from the case's bytes formula and the fraction of this machine's
-measured copy bandwidth.
+forward+backward, median time and achieved throughput: TFLOP/s (GFLOP/s on CPU) from the case's FLOP formula
+for compute-bound cases, else GB/s from its bytes formula with the fraction of this machine's measured copy
+bandwidth.
 
 ``--quick`` runs the handful of headline rows in QUICK (the summary ``make demo`` prints); ``--headline`` every
 case at its first shape; neither: every case at every shape.
@@ -79,6 +80,13 @@ def _plan(cases: List[OpCase], args):
         dtypes = [parse_dtype(d) for d in args.dtype] if args.dtype else case.dtypes
         plan.extend((case, shape, dtype, modes) for shape in shapes for dtype in dtypes)
     return plan
+
+
+def throughput(row: dict, device: str) -> str:
+    """The row's achieved rate as the table shows it: FLOP/s for compute-bound rows, else GB/s."""
+    if row.get("TFLOPps") is not None:
+        return f"{row['TFLOPps']:.2f} TFLOP/s" if device == "cuda" else f"{row['TFLOPps'] * 1e3:.0f} GFLOP/s"
+    return f"{row['GBps']:.1f} GB/s"
 
 
 def _grad_inputs(case: OpCase, args: tuple):
@@ -163,7 +171,7 @@ def run(args) -> List[dict]:
     console.print(f"[bold]tritium bench ops[/] on {device}; measured copy bandwidth {bw / 1e9:.1f} GB/s")
     table = Table(title="tritium vs eager vs torch.compile (median ms; speedup = baseline / tritium)")
     for col in ("op", "shape", "dtype", "mode", "eager", "compile", "tritium", "x eager", "x compile",
-                "GB/s", "% copy BW", "peak MiB e/t"):
+                "throughput", "% copy BW", "peak MiB e/t"):
         table.add_column(col, justify="right" if col not in ("op", "mode") else "left")
     for case, shape, dtype, modes in plan:
         inputs = case.make(shape, dtype, torch.device(device))
@@ -172,6 +180,7 @@ def run(args) -> List[dict]:
             nbytes_fn = case.bytes_fwd if mode == "fwd" else case.bytes_fwdbwd
             if nbytes_fn is None:
                 continue
+            flops_fn = case.flops_fwd if mode == "fwd" else case.flops_fwdbwd
             times = {}
             impls = [("eager", case.eager), ("tritium", case.tritium)]
             if not args.no_compile:
@@ -187,13 +196,18 @@ def run(args) -> List[dict]:
                         peaks[name] = peak_extra_bytes(_runner(fn, inputs, mode, grad_idx), device)
                     gc.collect()
             nbytes = nbytes_fn(shape, dtype)
+            flops = flops_fn(shape, dtype) if flops_fn is not None else None
             t = times["tritium"]
             row = {
                 "op": case.name, "shape": list(shape), "dtype": dtype_name(dtype), "mode": mode,
                 "eager_ms": times["eager"] * 1e3, "compile_ms": times.get("compile", float("nan")) * 1e3,
                 "tritium_ms": t * 1e3, "speedup_eager": times["eager"] / t,
                 "speedup_compile": times["compile"] / t if "compile" in times else None,
-                "bytes": nbytes, "GBps": nbytes / t / 1e9, "frac_copy_bw": nbytes / t / bw,
+                # compute-bound cases (a FLOP formula declared) are judged by FLOP/s, the others by bytes/s
+                "bound": "compute" if flops is not None else "memory",
+                "bytes": nbytes, "GBps": nbytes / t / 1e9,
+                "frac_copy_bw": nbytes / t / bw if flops is None else None,
+                "flops": flops, "TFLOPps": flops / t / 1e12 if flops is not None else None,
                 "note": case.note,
             }
             if peaks:
@@ -203,12 +217,12 @@ def run(args) -> List[dict]:
             sc = f"{row['speedup_compile']:.2f}" if row["speedup_compile"] else "-"
             table.add_row(case.name, "x".join(map(str, shape)), row["dtype"], mode,
                           f"{row['eager_ms']:.3f}", f"{row['compile_ms']:.3f}", f"{row['tritium_ms']:.3f}",
-                          f"{row['speedup_eager']:.2f}", sc, f"{row['GBps']:.1f}",
-                          f"{100 * row['frac_copy_bw']:.0f}%",
+                          f"{row['speedup_eager']:.2f}", sc, throughput(row, device),
+                          "-" if row["frac_copy_bw"] is None else f"{100 * row['frac_copy_bw']:.0f}%",
                           f"{row['peak_eager_MiB']:.0f}/{row['peak_tritium_MiB']:.0f}"
                           if row.get("peak_tritium_MiB") is not None else "-")
             console.print(f"  {case.name} {shape} {row['dtype']} {mode}: tritium {t * 1e3:.3f} ms "
-                          f"({row['GBps']:.1f} GB/s), {row['speedup_eager']:.2f}x eager, {sc}x compile"
+                          f"({throughput(row, device)}), {row['speedup_eager']:.2f}x eager, {sc}x compile"
                           + (f"; peak extra memory eager {row['peak_eager_MiB']:.0f} MiB, tritium "
                              f"{row['peak_tritium_MiB']:.0f} MiB" if row.get("peak_tritium_MiB") else ""),
                           highlight=False)
