@@ -43,12 +43,14 @@ demo: $(STAMP)
 	$(TRITIUM) bench ops --quick --json $(LATEST)/ops-quick.json --plot $(LATEST)/ops-quick.png
 	$(TRITIUM) bench generate --quick --json $(LATEST)/generate-quick.json
 
-# The full recorded suites (tens of minutes on 2 cores): their JSON/PNG in bench/results/.
+# The full recorded suites (tens of minutes on 2 cores): their JSON/PNG in bench/results/, then
+# bench/results/README.md and the README's summary regenerated from them.
 bench: $(STAMP)
 	$(TRITIUM) bench ops --headline --json bench/results/ops-headline.json --plot bench/results/ops-headline.png
 	$(TRITIUM) bench generate --json bench/results/generate.json
 	$(TRITIUM) bench models --json bench/results/models.json
 	$(TRITIUM) bench memory --json bench/results/attention-memory.json
+	$(PY) tools/readme_table.py
 
 clean:
 	rm -rf build $(VENV) python/tritium/*.so

@@ -10,11 +10,12 @@ O(seq^2) implementation would show the (heads, seq, seq) score matrix here (512 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 from typing import List
+
+from .common import machine_info, write_json
 
 _CHILD = r"""
 import sys, torch, tritium, torch.nn.functional as F
@@ -84,6 +85,5 @@ def run(args) -> List[dict]:
                 prev = t
     Console().print(table)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows}, f, indent=1)
+        write_json(args.json, machine_info("cpu"), rows, {"suite": "memory"})
     return rows

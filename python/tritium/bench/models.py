@@ -135,5 +135,5 @@ def run(args) -> List[dict]:
         table.add_row(r["model"], r["impl"], f"{r['ms']:.1f}", f"{r['tritium_speedup']:.2f}x")
     Console().print(table)
     if args.json:
-        write_json(args.json, machine_info(device), rows)
+        write_json(args.json, machine_info(device), rows, {"suite": "models"})
     return rows
