@@ -222,3 +222,84 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tens
 
 
 __all__: List[str] = ["linear"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PackedLinear: how a serving path computes x @ W^T for one weight (the one place that chooses the CPU GEMM)
+# ---------------------------------------------------------------------------------------------------------
+from .activations import swiglu as _swiglu  # noqa: E402  (activations is defined before linear in tritium.ops)
+
+
+def _onednn_linear_ok(weight: Tensor) -> bool:
+    """True when torch's oneDNN linear ops can serve this 16-bit CPU weight in oneDNN's blocked layout.
+
+    torch exposes them only as private ops (``torch.ops.mkldnn._reorder_linear_weight`` packs a weight once,
+    ``torch.ops.mkldnn._linear_pointwise`` multiplies by the packed copy; torch.compile's CPU inductor uses the
+    same pair): this module is the one place tritium calls them, so a torch that renames them breaks one file."""
+    return (weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16)
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+class PackedLinear:
+    """``pl(x)``: x (M, in) @ weight (out, in)^T for a serving path (inference, no autograd), computed the way
+    that suits this weight on its device and dtype; it owns the packed copy that way needs.
+
+    The choice, made once per weight (``kind``):
+
+    - ``"panels"``: float32/float64 on CPU. The weight packed once into column panels (pack_linear; per call
+      linear_packed): register tiles that accumulate outer products with no lane reductions, and no per-call
+      repacking as BLAS does.
+    - ``"panels_swiglu"``: as "panels" for a fused [gate | up] weight when ``swiglu=True`` and ffn_dim is a
+      multiple of half a panel (glu_pack_ok): gate and up rows interleaved per panel (pack_linear_glu), SwiGLU
+      computed in the product's epilogue (linear_packed_swiglu), so the (M, 2F) projection is never written.
+    - ``"onednn"``: 16-bit on CPU when torch has oneDNN: the weight reordered once into oneDNN's blocked layout,
+      whose AVX512-BF16/AMX kernels multiply in 16 bits. A single row goes to linear_small instead (at one row
+      the product only streams the weight, which linear_small does as stored).
+    - ``"plain"``: no copy (``pack=False``, other devices, or no oneDNN): linear_small for the few rows where it
+      is the better way (small_rows_ok: rowgemm on the weight as stored), otherwise torch.matmul.
+
+    ``swiglu=True``: the weight is a fused [gate | up] projection (2F, in) and the call returns
+    silu(x @ gate^T) * (x @ up^T) (M, F) whatever the kind. The packed copy is taken from the weight's values at
+    construction: build a new PackedLinear after changing them.
+    """
+
+    def __init__(self, weight: Tensor, swiglu: bool = False, pack: bool = True):
+        if not isinstance(weight, Tensor) or weight.dim() != 2:
+            raise ValueError(f"PackedLinear: weight must be a 2-D (out, in) tensor, got "
+                             f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
+        if swiglu and weight.shape[0] % 2:
+            raise ValueError(f"PackedLinear: a swiglu weight needs an even number of rows, got {weight.shape[0]}")
+        w = weight.detach()
+        self.weight, self.swiglu, self.out_features = w, swiglu, w.shape[0]
+        self.kind, self.packed = "plain", None
+        if not pack or w.device.type != "cpu":
+            return
+        with torch.no_grad():
+            if w.dtype in (torch.float32, torch.float64):
+                if swiglu and glu_pack_ok(w):
+                    self.kind, self.packed = "panels_swiglu", pack_linear_glu(w)
+                else:
+                    self.kind, self.packed = "panels", pack_linear(w)
+            elif _onednn_linear_ok(w):
+                self.kind, self.packed = "onednn", torch.ops.mkldnn._reorder_linear_weight(w, 1)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.kind == "panels_swiglu":
+            return linear_packed_swiglu(x, self.packed, self.out_features)
+        y = self._product(x)
+        return _swiglu(y) if self.swiglu else y
+
+    def _product(self, x: Tensor) -> Tensor:
+        if self.kind == "panels":
+            return linear_packed(x, self.packed, self.out_features)
+        small = small_rows_ok(x, self.weight)
+        if self.kind == "onednn" and not small:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        if small:
+            return linear_small(x, self.weight)
+        return torch.matmul(x, self.weight.t())
+
+    def __repr__(self) -> str:
+        n, k = self.weight.shape
+        return f"PackedLinear({k} -> {n}, {self.weight.dtype}, kind={self.kind!r}{', swiglu' if self.swiglu else ''})"
