@@ -1,14 +1,20 @@
 """The torch.library plumbing every op family uses: one namespace, one way to define an op.
 
-``define_op`` registers a schema in the ``tritium`` namespace, its fake (meta) kernel for torch.compile,
-its CUDA kernel (a Triton launcher from ``tritium.kernels``, imported on first use so a CPU-only start never
-imports triton) and optionally its autograd formula. The CPU kernels are C++ (``tritium._C``), registered by
-the extension itself for the same schema names.
+``define_op`` registers a schema in the ``tritium`` namespace with its fake (meta) kernel for torch.compile,
+its kernels and optionally its autograd formula. Where each device's kernel comes from:
+
+- CPU: C++ (``tritium._C``), registered by the extension itself for the same schema name
+  (``TORCH_LIBRARY_IMPL(tritium, CPU, m)``), unless the op is a ``composite``;
+- CUDA: ``cuda="module:function"``, a Triton launcher in ``tritium.kernels`` (imported on the first call, so a
+  CPU-only start never imports triton); or ``cuda=<callable>``, an implementation in torch ops (what cuBLAS
+  already does well); or ``cuda=None``, no CUDA kernel (a CPU-only op);
+- ``composite=<callable>``: one Python implementation, a composition of other ops, registered for both CPU
+  and CUDA (each op it calls dispatches to its own kernel).
 """
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -23,29 +29,43 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _triton_launcher(spec: str) -> Callable:
+    module_name, fn_name = spec.split(":")
+
+    def cuda_impl(*args):
+        return getattr(importlib.import_module(f"tritium.kernels.{module_name}"), fn_name)(*args)
+
+    return cuda_impl
+
+
 def define_op(
     schema: str,
     fake: Callable,
-    triton_launcher: str,
+    cuda: Union[str, Callable, None] = None,
+    *,
+    composite: Optional[Callable] = None,
     backward: Optional[Callable] = None,
     setup_context: Optional[Callable] = None,
 ):
-    """Define ``tritium::<schema>`` and register its fake kernel, CUDA kernel and autograd.
+    """Define ``tritium::<schema>``; register its fake kernel, its kernels and its autograd; return the op.
 
-    triton_launcher: "module:function" inside tritium.kernels, called with the op's arguments.
+    cuda: "module:function" inside tritium.kernels (a Triton launcher called with the op's arguments), a
+    callable (a torch implementation), or None (no CUDA kernel). composite: a callable registered for CPU and
+    CUDA instead (then cuda must be None). Without composite the CPU kernel is the C++ one. backward /
+    setup_context: torch.library.register_autograd's; without them the op has no autograd formula.
     """
+    if composite is not None and cuda is not None:
+        raise ValueError(f"define_op({schema!r}): a composite op has one implementation for every device; "
+                         f"got cuda={cuda!r} too")
     name = schema.split("(", 1)[0]
     qualname = f"{NAMESPACE}::{name}"
     _lib.define(schema)
     torch.library.register_fake(qualname, fake, lib=_lib)
-
-    module_name, fn_name = triton_launcher.split(":")
-
-    def cuda_impl(*args):
-        fn = getattr(importlib.import_module(f"tritium.kernels.{module_name}"), fn_name)
-        return fn(*args)
-
-    _lib.impl(name, cuda_impl, "CUDA")
+    if composite is not None:
+        for key in ("CPU", "CUDA"):
+            _lib.impl(name, composite, key)
+    elif cuda is not None:
+        _lib.impl(name, _triton_launcher(cuda) if isinstance(cuda, str) else cuda, "CUDA")
     if backward is not None:
         torch.library.register_autograd(qualname, backward, setup_context=setup_context, lib=_lib)
     return getattr(torch.ops.tritium, name)

@@ -129,7 +129,7 @@ def _define_activation(act: Activation):
         return bwd(_grad_rows(dy), x, *ctx.params), None, None, None
 
     fwd = define_op(f"{act.name}_fwd(Tensor x, float a, float b, float c) -> Tensor", _fake_fwd,
-                    f"activations:{act.name}_fwd", backward, setup)
+                    f"activations:{act.name}_fwd", backward=backward, setup_context=setup)
     fwd_ = define_op(f"{act.name}_fwd_(Tensor(a!) x, float a, float b, float c) -> ()", _fake_fwd_,
                      f"activations:{act.name}_fwd_")
     return fwd, fwd_, bwd
@@ -153,7 +153,7 @@ def _define_gate(name: str):
         return dx, (dup if ctx.layout == LAYOUT_SEPARATE else None), None
 
     return define_op(f"{name}_fwd(Tensor x, Tensor? up, int layout) -> Tensor", _fake_gated_fwd,
-                     f"activations:{name}_fwd", backward, setup), bwd
+                     f"activations:{name}_fwd", backward=backward, setup_context=setup), bwd
 
 
 GATE_OPS = {name: _define_gate(name) for name in GATES}
@@ -175,7 +175,7 @@ def _dyt_backward(ctx, dy):
 
 
 dyt_fwd = define_op("dyt_fwd(Tensor x, Tensor alpha, Tensor weight, Tensor bias) -> Tensor", _fake_dyt_fwd,
-                    "activations:dyt_fwd", _dyt_backward, _dyt_setup)
+                    "activations:dyt_fwd", backward=_dyt_backward, setup_context=_dyt_setup)
 
 def _fake_swish_beta_bwd(dy, x, beta, need_dbeta):
     return x.new_empty(x.shape), x.new_empty((1 if need_dbeta else 0,))
@@ -196,7 +196,8 @@ def _swish_beta_backward(ctx, dy):
 
 
 swish_beta_fwd = define_op("swish_beta_fwd(Tensor x, Tensor beta) -> Tensor", lambda x, beta: x.new_empty(x.shape),
-                           "activations:swish_beta_fwd", _swish_beta_backward, _swish_beta_setup)
+                           "activations:swish_beta_fwd",
+                           backward=_swish_beta_backward, setup_context=_swish_beta_setup)
 
 prelu_bwd = define_op("prelu_bwd(Tensor dy, Tensor x, Tensor weight, bool per_row, bool need_dw) -> (Tensor, Tensor)",
                       _fake_prelu_bwd, "activations:prelu_bwd")
@@ -216,7 +217,7 @@ def _prelu_backward(ctx, dy):
 
 
 prelu_fwd = define_op("prelu_fwd(Tensor x, Tensor weight, bool per_row) -> Tensor", _fake_prelu_fwd,
-                      "activations:prelu_fwd", _prelu_backward, _prelu_setup)
+                      "activations:prelu_fwd", backward=_prelu_backward, setup_context=_prelu_setup)
 
 
 # BatchNorm in inference + residual + activation (batch_norm_act): x (M, N) rows, scale / shift (C,) in the
@@ -251,7 +252,7 @@ batch_norm_act_fwd = define_op(
     "batch_norm_act_fwd(Tensor x, Tensor scale, Tensor shift, Tensor? residual, bool per_row, int act, float a,"
     " float b, float c) -> Tensor",
     lambda x, scale, shift, residual, per_row, act, a, b, c: x.new_empty(x.shape),
-    "activations:batch_norm_act_fwd", _bn_backward, _bn_setup)
+    "activations:batch_norm_act_fwd", backward=_bn_backward, setup_context=_bn_setup)
 
 
 # ---- dispatch helpers ----

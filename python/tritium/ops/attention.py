@@ -67,7 +67,7 @@ def _fwd_backward(ctx, dout, dlse):
 flash_attn_fwd = define_op(
     "flash_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, int offset, int left, int right,"
     " float softcap) -> (Tensor, Tensor)",
-    _fake_fwd, "attention:flash_attn_fwd", _fwd_backward, _fwd_setup)
+    _fake_fwd, "attention:flash_attn_fwd", backward=_fwd_backward, setup_context=_fwd_setup)
 
 
 # ---- public API ----

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import use_reference
-from ._library import NAMESPACE, SUPPORTED_DTYPES, _lib, acc_dtype, define_op, rows
+from ._library import SUPPORTED_DTYPES, acc_dtype, define_op, rows
 from .softmax import log_softmax, scaled_log_softmax
 from .linear import linear_packed, mm_acc_, pack_linear
 
@@ -64,7 +64,7 @@ def _ce_backward(ctx, dloss, _dgrad, _dtotal):
 cross_entropy_fwd = define_op(
     "cross_entropy_fwd(Tensor x, Tensor target, Tensor? weight, int ignore_index, float label_smoothing,"
     " bool mean, bool need_grad) -> (Tensor, Tensor, Tensor)", _fake_ce_fwd, "cross_entropy:cross_entropy_fwd",
-    _ce_backward, _ce_setup)
+    backward=_ce_backward, setup_context=_ce_setup)
 
 
 # ---- fused linear + cross-entropy: the chunk loop, shared by the CPU and CUDA keys (its per-chunk work is
@@ -179,22 +179,10 @@ def _flce_bwd_impl(hidden, weight, target, bias, dloss, ignore_index, label_smoo
     return gh, gw, gb
 
 
-def _define_composite(schema, fake, impl, backward=None, setup_context=None):
-    """An op whose CPU and CUDA kernel is a Python composition of other tritium ops."""
-    name = schema.split("(", 1)[0]
-    _lib.define(schema)
-    torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=_lib)
-    for key in ("CPU", "CUDA"):
-        _lib.impl(name, impl, key)
-    if backward is not None:
-        torch.library.register_autograd(f"{NAMESPACE}::{name}", backward, setup_context=setup_context, lib=_lib)
-    return getattr(torch.ops.tritium, name)
-
-
 _FLCE_ARGS = "int ignore_index, float label_smoothing, int chunk"
-flce_bwd = _define_composite(
+flce_bwd = define_op(
     f"fused_linear_cross_entropy_bwd(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, Tensor dloss, "
-    f"{_FLCE_ARGS}) -> (Tensor, Tensor, Tensor)", _fake_flce_bwd, _flce_bwd_impl)
+    f"{_FLCE_ARGS}) -> (Tensor, Tensor, Tensor)", _fake_flce_bwd, composite=_flce_bwd_impl)
 
 
 def _flce_setup(ctx, inputs, output):
@@ -211,10 +199,10 @@ def _flce_backward(ctx, dloss, _dtotal, _dgh, _dgw, _dgb):
     return gh * g, gw * g, None, (gb * g if ctx.has_bias else None), None, None, None, None, None
 
 
-flce_fwd = _define_composite(
+flce_fwd = define_op(
     f"fused_linear_cross_entropy_fwd(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, {_FLCE_ARGS},"
-    f" bool mean, bool need_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)", _fake_flce, _flce_impl, _flce_backward,
-    _flce_setup)
+    f" bool mean, bool need_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)", _fake_flce, composite=_flce_impl,
+    backward=_flce_backward, setup_context=_flce_setup)
 
 
 def _flce_rows_setup(ctx, inputs, output):
@@ -230,9 +218,10 @@ def _flce_rows_backward(ctx, dloss):
     return gh, gw, None, (gb if ctx.has_bias else None), None, None, None
 
 
-flce_rows = _define_composite(
+flce_rows = define_op(
     f"fused_linear_cross_entropy_rows(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, {_FLCE_ARGS})"
-    f" -> Tensor", _fake_flce_rows, _flce_rows_impl, _flce_rows_backward, _flce_rows_setup)
+    f" -> Tensor", _fake_flce_rows, composite=_flce_rows_impl, backward=_flce_rows_backward,
+    setup_context=_flce_rows_setup)
 
 
 # ---- public API ----
@@ -382,7 +371,7 @@ def _kl_backward(ctx, g):
 
 
 kl_div_fwd = define_op("kl_div_fwd(Tensor input, Tensor target, bool log_target, bool reduce, float scale) -> Tensor",
-                       _fake_kl_fwd, "kl_div:kl_div_fwd", _kl_backward, _kl_setup)
+                       _fake_kl_fwd, "kl_div:kl_div_fwd", backward=_kl_backward, setup_context=_kl_setup)
 
 
 def _fake_distill(s, u, inv_temp, need_grad):
@@ -404,7 +393,8 @@ def _distill_backward(ctx, dloss, _dgrad):
 
 
 distill_fwd = define_op("distill_fwd(Tensor student, Tensor teacher, float inv_temp, bool need_grad) -> (Tensor, Tensor)",
-                        _fake_distill, "kl_div:distill_fwd", _distill_backward, _distill_setup)
+                        _fake_distill, "kl_div:distill_fwd", backward=_distill_backward,
+                        setup_context=_distill_setup)
 
 _KL_REDUCTIONS = ("mean", "batchmean", "sum", "none")
 

@@ -35,54 +35,46 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._backend import use_reference
-from ._library import NAMESPACE, _lib
+from ._library import define_op
 
 # Row counts up to which linear_small is the faster way on CPU (None: any; measured as above).
 MAX_ROWS = {torch.float32: None, torch.float64: 3, torch.bfloat16: 1, torch.float16: 1}
 
-_lib.define("linear_small(Tensor x, Tensor weight) -> Tensor")
 
-
-@torch.library.register_fake(f"{NAMESPACE}::linear_small", lib=_lib)
-def _fake(x, weight):
+def _fake_linear_small(x, weight):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-_lib.impl("linear_small", lambda x, weight: torch.matmul(x, weight.t()), "CUDA")
-linear_small = torch.ops.tritium.linear_small
+linear_small = define_op("linear_small(Tensor x, Tensor weight) -> Tensor", _fake_linear_small,
+                         cuda=lambda x, weight: torch.matmul(x, weight.t()))
 
 
-_lib.define("mm_pooled(Tensor a, Tensor b, Tensor? bias=None) -> Tensor")
-
-
-@torch.library.register_fake(f"{NAMESPACE}::mm_pooled", lib=_lib)
 def _fake_mm(a, b, bias=None):
     return a.new_empty((a.shape[0], b.shape[1]))
 
 
-# CUDA: torch's caching allocator already reuses blocks
-_lib.impl("mm_pooled", lambda a, b, bias=None: torch.mm(a, b) if bias is None else torch.addmm(bias, a, b), "CUDA")
-mm_pooled = torch.ops.tritium.mm_pooled
+def _mm_cuda(a, b, bias=None):
+    # no pool on CUDA: torch's caching allocator already reuses blocks
+    return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
 
 
-_lib.define("linear_wgrad(Tensor dy, Tensor x, bool bias) -> (Tensor, Tensor)")
+mm_pooled = define_op("mm_pooled(Tensor a, Tensor b, Tensor? bias=None) -> Tensor", _fake_mm, cuda=_mm_cuda)
 
 
-@torch.library.register_fake(f"{NAMESPACE}::linear_wgrad", lib=_lib)
 def _fake_wgrad(dy, x, bias):
     return x.new_empty((dy.shape[1], x.shape[1])), dy.new_empty((dy.shape[1] if bias else 0,))
 
 
-_lib.impl("linear_wgrad", lambda dy, x, bias: (dy.t() @ x, dy.sum(0) if bias else dy.new_empty((0,))), "CUDA")
-linear_wgrad = torch.ops.tritium.linear_wgrad
+def _wgrad_cuda(dy, x, bias):
+    return dy.t() @ x, dy.sum(0) if bias else dy.new_empty((0,))
+
+
+linear_wgrad = define_op("linear_wgrad(Tensor dy, Tensor x, bool bias) -> (Tensor, Tensor)", _fake_wgrad,
+                         cuda=_wgrad_cuda)
 
 
 # c (float32) += a @ b for 16-bit a and b: the product rounded to their dtype (as torch's matmul), added into c in
 # one vectorised pass (the chunked cross-entropy's weight gradient); float/double: c.addmm_(a, b)
-_lib.define("mm_acc_(Tensor(a!) c, Tensor a, Tensor b) -> ()")
-
-
-@torch.library.register_fake(f"{NAMESPACE}::mm_acc_", lib=_lib)
 def _fake_mm_acc(c, a, b):
     return None
 
@@ -91,16 +83,11 @@ def _mm_acc_cuda(c, a, b):
     c.addmm_(a.to(c.dtype), b.to(c.dtype))
 
 
-_lib.impl("mm_acc_", _mm_acc_cuda, "CUDA")
-mm_acc_ = torch.ops.tritium.mm_acc_
+mm_acc_ = define_op("mm_acc_(Tensor(a!) c, Tensor a, Tensor b) -> ()", _fake_mm_acc, cuda=_mm_acc_cuda)
 
 
 # Packed weights (csrc/panel.h): pack_linear(w) once, then linear_packed(x, packed, N) per call. CPU only (the
 # serving path packs at load; on GPU there is nothing to pack for).
-_lib.define("pack_linear(Tensor weight) -> Tensor")
-_lib.define("linear_packed(Tensor x, Tensor packed, int n, Tensor? bias=None) -> Tensor")
-
-
 @functools.lru_cache(maxsize=None)
 def _panel_width(dtype: torch.dtype) -> int:
     """The CPU build's panel width (4 vectors: 64 floats with AVX-512, 32 with AVX2), asked of the kernel."""
@@ -110,39 +97,30 @@ def _panel_width(dtype: torch.dtype) -> int:
         return torch.ops.tritium.pack_linear(torch.zeros(1, 1, dtype=dtype)).shape[2]
 
 
-@torch.library.register_fake(f"{NAMESPACE}::pack_linear", lib=_lib)
 def _fake_pack(weight):
     p = _panel_width(weight.dtype)
     return weight.new_empty((-(-weight.shape[0] // p), weight.shape[1], p))
 
 
-@torch.library.register_fake(f"{NAMESPACE}::linear_packed", lib=_lib)
 def _fake_linear_packed(x, packed, n, bias=None):
     return x.new_empty((x.shape[0], n))
 
 
-pack_linear = torch.ops.tritium.pack_linear
-linear_packed = torch.ops.tritium.linear_packed
+pack_linear = define_op("pack_linear(Tensor weight) -> Tensor", _fake_pack)
+linear_packed = define_op("linear_packed(Tensor x, Tensor packed, int n, Tensor? bias=None) -> Tensor",
+                          _fake_linear_packed)
+
 
 # SwiGLU in the product's epilogue: pack_linear_glu(w_gate_up) interleaves the gate and up rows panel by panel
 # (F must be a multiple of half the panel width: glu_pack_ok), then linear_packed_swiglu(x, packed, 2F) returns
 # silu(x @ gate^T) * (x @ up^T) (M, F) without writing the (M, 2F) projection.
-_lib.define("pack_linear_glu(Tensor weight) -> Tensor")
-_lib.define("linear_packed_swiglu(Tensor x, Tensor packed, int n) -> Tensor")
-
-
-@torch.library.register_fake(f"{NAMESPACE}::pack_linear_glu", lib=_lib)
-def _fake_pack_glu(weight):
-    return _fake_pack(weight)
-
-
-@torch.library.register_fake(f"{NAMESPACE}::linear_packed_swiglu", lib=_lib)
 def _fake_linear_packed_swiglu(x, packed, n):
     return x.new_empty((x.shape[0], n // 2))
 
 
-pack_linear_glu = torch.ops.tritium.pack_linear_glu
-linear_packed_swiglu = torch.ops.tritium.linear_packed_swiglu
+pack_linear_glu = define_op("pack_linear_glu(Tensor weight) -> Tensor", _fake_pack)
+linear_packed_swiglu = define_op("linear_packed_swiglu(Tensor x, Tensor packed, int n) -> Tensor",
+                                 _fake_linear_packed_swiglu)
 
 
 def glu_pack_ok(w: Tensor) -> bool:

@@ -98,13 +98,15 @@ def _ln_backward(ctx, dy, _dmean, _drstd):
 
 
 rms_norm_fwd = define_op("rms_norm_fwd(Tensor x, Tensor? weight, float eps) -> (Tensor, Tensor)",
-                         _fake_rms_fwd, "norms:rms_norm_fwd", _rms_backward, _rms_setup)
+                         _fake_rms_fwd, "norms:rms_norm_fwd", backward=_rms_backward,
+                         setup_context=_rms_setup)
 fused_add_rms_norm_fwd = define_op(
     "fused_add_rms_norm_fwd(Tensor x, Tensor residual, Tensor? weight, float eps) -> (Tensor, Tensor, Tensor)",
-    _fake_add_rms_fwd, "norms:fused_add_rms_norm_fwd", _add_rms_backward, _add_rms_setup)
+    _fake_add_rms_fwd, "norms:fused_add_rms_norm_fwd", backward=_add_rms_backward,
+    setup_context=_add_rms_setup)
 layer_norm_fwd = define_op(
     "layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)",
-    _fake_ln_fwd, "norms:layer_norm_fwd", _ln_backward, _ln_setup)
+    _fake_ln_fwd, "norms:layer_norm_fwd", backward=_ln_backward, setup_context=_ln_setup)
 
 
 # ---- public API ----

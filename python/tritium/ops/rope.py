@@ -45,7 +45,8 @@ def _rope_setup_shapes(ctx, inputs, output):
 
 rope_fwd = define_op(
     "rope_fwd(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor positions, bool interleaved, bool inverse)"
-    " -> (Tensor, Tensor)", _fake_rope, "rope:rope_fwd", _rope_backward, _rope_setup_shapes)
+    " -> (Tensor, Tensor)", _fake_rope, "rope:rope_fwd", backward=_rope_backward,
+    setup_context=_rope_setup_shapes)
 
 
 def _unit(t: Tensor) -> Tensor:

@@ -54,7 +54,7 @@ def _backward(ctx, dy):
 
 
 softmax_fwd = define_op("softmax_fwd(Tensor x, float scale, bool log) -> Tensor", _fake_fwd,
-                        "softmax:softmax_fwd", _backward, _setup)
+                        "softmax:softmax_fwd", backward=_backward, setup_context=_setup)
 
 
 # ---- public API ----
