@@ -1,7 +1,7 @@
 # The two commands of the README, each doing all of its set-up on a fresh machine:
 #   make demo   the inference demo on the embedded default model, then a short benchmark summary (a few minutes)
 #   make test   the test suite
-# Others: make bench (the full recorded suites), make build (the C++
+# Others: make bench (the full recorded suites), make lint (ruff and the C++ checks), make build (the C++
 # extension).
 # Everything lives in .venv (created on first use). torch is the CPU build 2.13.0 unless a GPU is present.
 VENV   ?= .venv
@@ -13,7 +13,7 @@ JOBS   ?= 2
 TRITIUM := $(VENV)/bin/tritium
 LATEST := bench/results/latest
 
-.PHONY: install build test test-fast demo bench clean
+.PHONY: install build test test-fast lint demo bench clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -35,6 +35,12 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n $(JOBS) -m "not slow"
+
+# Lint (a few minutes; CI runs it before the tests): ruff over the Python (config in pyproject.toml), then the
+# C++ syntax check against torch's headers over every csrc/*.cpp, one compiler per job.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	ls csrc/*.cpp | xargs -P $(JOBS) -n 1 tools/check_cpp.sh
 
 # The inference demo, then a short summary: a handful of headline op rows (with the plot) and one generate row.
 # The full suites are `make bench`. The summary's files go to bench/results/latest/ (not tracked).

@@ -103,12 +103,40 @@ def eager_prefill_time(eager, length: int) -> float:
         return time.perf_counter() - t0
 
 
+def _measure(args, dtype: torch.dtype, batches: List[int], bw: float, console) -> List[dict]:
+    """The rows of one dtype: decode at each batch size, then the prefill (the models are freed on return)."""
+    import tritium.models
+    from ..models.eager import EagerLlama
+
+    rows: List[dict] = []
+    with console.status(f"loading the model in {dtype_name(dtype)}"):
+        model, _ = tritium.models.load(args.model, dtype)
+        eager = EagerLlama(model.config).to(dtype).load_weights(model.hf_state_dict()).requires_grad_(False)
+    wbytes = model.weight_bytes_per_token()
+    tritium_tput = {}
+    for b in batches:
+        with console.status(f"{dtype_name(dtype)} decode batch {b}"):
+            tt, te = _best_pair(lambda: tritium_decode_time(model, b, args.prompt_len, args.decode_tokens),
+                                lambda: eager_decode_time(eager, b, args.prompt_len, args.decode_tokens),
+                                args.repeats)
+        tritium_tput[b] = b / tt
+        rows.append(dict(dtype=dtype_name(dtype), case=f"decode batch {b}", batch=b,
+                         tritium_tok_s=b / tt, eager_tok_s=b / te, speedup=te / tt,
+                         tritium_weight_bw_frac=wbytes / tt / bw,
+                         scaling_vs_batch1=(b / tt) / tritium_tput[1] if 1 in tritium_tput else None))
+    if args.prefill_len > 0:
+        with console.status(f"{dtype_name(dtype)} prefill {args.prefill_len}"):
+            tt, te = _best_pair(lambda: tritium_prefill_time(model, args.prefill_len),
+                                lambda: eager_prefill_time(eager, args.prefill_len), args.prefill_repeats)
+        rows.append(dict(dtype=dtype_name(dtype), case=f"prefill {args.prefill_len}", batch=1,
+                         tritium_tok_s=args.prefill_len / tt, eager_tok_s=args.prefill_len / te,
+                         speedup=te / tt, tritium_weight_bw_frac=None, scaling_vs_batch1=None))
+    return rows
+
+
 def run(args) -> List[dict]:
     from rich.console import Console
     from rich.table import Table
-
-    import tritium.models
-    from ..models.eager import EagerLlama
 
     if args.quick:
         for k, v in QUICK.items():
@@ -120,30 +148,7 @@ def run(args) -> List[dict]:
     rows: List[dict] = []
     bw = copy_bandwidth()
     for dname in args.dtypes.split(","):
-        dtype = parse_dtype(dname)
-        with console.status(f"loading the model in {dtype_name(dtype)}"):
-            model, _ = tritium.models.load(args.model, dtype)
-            eager = EagerLlama(model.config).to(dtype).load_weights(model.hf_state_dict()).requires_grad_(False)
-        wbytes = model.weight_bytes_per_token()
-        tritium_tput = {}
-        for b in batches:
-            with console.status(f"{dtype_name(dtype)} decode batch {b}"):
-                tt, te = _best_pair(lambda: tritium_decode_time(model, b, args.prompt_len, args.decode_tokens),
-                                    lambda: eager_decode_time(eager, b, args.prompt_len, args.decode_tokens),
-                                    args.repeats)
-            tritium_tput[b] = b / tt
-            rows.append(dict(dtype=dtype_name(dtype), case=f"decode batch {b}", batch=b,
-                             tritium_tok_s=b / tt, eager_tok_s=b / te, speedup=te / tt,
-                             tritium_weight_bw_frac=wbytes / tt / bw,
-                             scaling_vs_batch1=(b / tt) / tritium_tput[1] if 1 in tritium_tput else None))
-        if args.prefill_len > 0:
-            with console.status(f"{dtype_name(dtype)} prefill {args.prefill_len}"):
-                tt, te = _best_pair(lambda: tritium_prefill_time(model, args.prefill_len),
-                                    lambda: eager_prefill_time(eager, args.prefill_len), args.prefill_repeats)
-            rows.append(dict(dtype=dtype_name(dtype), case=f"prefill {args.prefill_len}", batch=1,
-                             tritium_tok_s=args.prefill_len / tt, eager_tok_s=args.prefill_len / te,
-                             speedup=te / tt, tritium_weight_bw_frac=None, scaling_vs_batch1=None))
-        del model, eager
+        rows += _measure(args, parse_dtype(dname), batches, bw, console)
 
     table = Table(title="tritium bench generate (tok/s; speedup = tritium / eager twin)")
     for col in ("dtype", "case", "tritium tok/s", "eager tok/s", "speedup", "weights BW", "vs batch 1"):

@@ -114,7 +114,8 @@ def _runner(fn, args, mode, grad_idx):
 
     def run():
         o = fn(*args)
-        o = [t for t in (o if isinstance(o, (tuple, list)) else (o,)) if isinstance(t, torch.Tensor) and t.requires_grad]
+        o = [t for t in (o if isinstance(o, (tuple, list)) else (o,))
+             if isinstance(t, torch.Tensor) and t.requires_grad]
         return torch.autograd.grad(o, inputs, grads)
     return run
 
