@@ -48,19 +48,20 @@ def test_gradients_match_eager_twin(name):
     q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     emb_grad = eager.model.embed_tokens.weight.grad
     torch.testing.assert_close(model.embed.grad, emb_grad, rtol=1e-4, atol=1e-6)
-    if model.lm_head is not None:
-        torch.testing.assert_close(model.lm_head.grad, eager.lm_head.weight.grad, rtol=1e-4, atol=1e-6)
+    if not c.tie_embeddings:
+        torch.testing.assert_close(model.lm_head.weight.grad, eager.lm_head.weight.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(model.norm.grad, eager.model.norm.weight.grad, rtol=1e-4, atol=1e-6)
     for ours, ref in zip(model.layers, eager.model.layers):
         a = ref.self_attn
-        torch.testing.assert_close(ours.wqkv.grad, torch.cat([a.q_proj.weight.grad, a.k_proj.weight.grad,
-                                                              a.v_proj.weight.grad]), rtol=1e-4, atol=1e-6)
-        assert ours.wqkv.grad.shape[0] == q + 2 * kv
-        torch.testing.assert_close(ours.wo.grad, a.o_proj.weight.grad, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(ours.w_gate_up.grad, torch.cat([ref.mlp.gate_proj.weight.grad,
-                                                                   ref.mlp.up_proj.weight.grad]),
-                                   rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(ours.w_down.grad, ref.mlp.down_proj.weight.grad, rtol=1e-4, atol=1e-6)
+        wqkv, wo = ours.attention.wqkv.weight, ours.attention.wo.weight
+        w_gate_up, w_down = ours.mlp.w_gate_up.weight, ours.mlp.w_down.weight
+        torch.testing.assert_close(wqkv.grad, torch.cat([a.q_proj.weight.grad, a.k_proj.weight.grad,
+                                                         a.v_proj.weight.grad]), rtol=1e-4, atol=1e-6)
+        assert wqkv.grad.shape[0] == q + 2 * kv
+        torch.testing.assert_close(wo.grad, a.o_proj.weight.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(w_gate_up.grad, torch.cat([ref.mlp.gate_proj.weight.grad,
+                                                              ref.mlp.up_proj.weight.grad]), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(w_down.grad, ref.mlp.down_proj.weight.grad, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(ours.attn_norm.grad, ref.input_layernorm.weight.grad, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(ours.mlp_norm.grad, ref.post_attention_layernorm.weight.grad,
                                    rtol=1e-4, atol=1e-6)
@@ -297,15 +298,23 @@ def test_missing_default_model_message(monkeypatch):
         g.default_model_path()
 
 
+def _kinds(model):
+    """PackedLinear kind of each served weight: {(module name, kind)}."""
+    return {(name, m.server.kind) for name, m in model.named_modules() if getattr(m, "server", None) is not None}
+
+
 def test_packed_serving_weights_bfloat16():
     """forward_step through oneDNN-packed bfloat16 weights (what the engine uses) equals the plain path."""
     model = tiny_model("tiny-mha-untied", torch.bfloat16)
-    if not model.pack_for_inference(True)._packed:
+    assert not model.is_packed
+    assert model.pack_for_inference().is_packed
+    if {kind for _, kind in _kinds(model)} != {"onednn"}:
         pytest.skip("oneDNN weight packing is not available in this torch build")
     seqs = [torch.randint(0, model.config.vocab_size, (n,)).tolist() for n in (9, 4)]
     with torch.no_grad():
         packed = _paged_step(model, seqs).float()
         model.pack_for_inference(False)
+        assert not model.is_packed
         plain = _paged_step(model, seqs).float()
     assert (packed - plain).abs().max().item() <= 0.02 * plain.abs().max().item()
 
@@ -322,8 +331,11 @@ def test_packed_serving_weights_panels(dtype, ffn):
         cfg = dataclasses.replace(CONFIGS["tiny-mha-untied"], ffn_dim=ffn)
         model = build(cfg, torch.float32).init_random(generator=torch.Generator().manual_seed(0)).to(dtype)
     model.pack_for_inference()
-    assert model._packed, "float weights are always packed on CPU"
-    assert bool(model._packed_glu) == (ffn is not None)
+    kinds = _kinds(model)
+    gate_up = {kind for name, kind in kinds if name.endswith("w_gate_up")}
+    assert {kind for name, kind in kinds if not name.endswith("w_gate_up")} == {"panels"}, kinds
+    assert gate_up == {"panels_swiglu" if ffn is not None else "panels"}, kinds
+    assert len(kinds) == 4 * model.config.n_layers + 1     # every projection and the LM head
     seqs = [torch.randint(0, model.config.vocab_size, (n,)).tolist() for n in (9, 4, 1)]
     with torch.no_grad():
         packed = _paged_step(model, seqs)
@@ -331,3 +343,20 @@ def test_packed_serving_weights_panels(dtype, ffn):
         plain = _paged_step(model, seqs)
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     assert (packed - plain).abs().max().item() <= tol * plain.abs().max().item()
+
+
+def test_packing_is_dropped_when_weights_change():
+    """load_weights and .to() drop the packed copies (they were taken from the old values); the plain forward
+    never reads them."""
+    model = tiny_model("tiny").pack_for_inference()
+    ids = torch.randint(0, model.config.vocab_size, (1, 5))
+    with torch.no_grad():
+        before = model(ids)
+    assert model.is_packed
+    model.load_weights(model.hf_state_dict())
+    assert not model.is_packed
+    assert not model.pack_for_inference().to(torch.float64).is_packed
+    model.pack_for_inference()
+    assert model.is_packed
+    with torch.no_grad():
+        torch.testing.assert_close(model.float()(ids), before, rtol=0, atol=0)

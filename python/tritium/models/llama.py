@@ -21,8 +21,7 @@ from torch import Tensor, nn
 
 import tritium
 from tritium.ops.paged import append_kv, paged_attention_decode
-from tritium.ops.linear import (glu_pack_ok, linear_packed, linear_packed_swiglu, linear_small, pack_linear,
-                                pack_linear_glu, small_rows_ok)
+from tritium.ops.linear import PackedLinear
 
 
 @dataclass
@@ -106,42 +105,122 @@ class StepInput:
     last_logits_only: bool = False
 
 
-class Block(nn.Module):
+def _paged_attention(q: Tensor, k: Tensor, v: Tensor, step: StepInput, kv: Tuple[Tensor, Tensor], scale: float,
+                     last: bool) -> Tensor:
+    """One serving step's attention for one layer. Writes k, v (T, n_kv_heads, head_dim) into the layer's pools
+    kv = (k_pool, v_pool) at step.slot_mapping; then each decode row attends over its cached sequence
+    (paged_attention_decode) and each prompt to itself (causal flash attention: a prefill starts at position 0).
+    last: of each prompt only its last query (the rows StepInput.last_logits_only keeps; causal attention is
+    bottom-right aligned, so that query still sees all the prompt's keys). Returns (rows, n_heads, head_dim)."""
+    k_pool, v_pool = kv
+    append_kv(k, v, k_pool, v_pool, step.slot_mapping)
+    nd = step.n_decode
+    if not step.prefill_lens:   # decode only: the common step
+        return paged_attention_decode(q, k_pool, v_pool, step.block_tables, step.seq_lens, scale)
+    outs = []
+    if nd:
+        outs.append(paged_attention_decode(q[:nd], k_pool, v_pool, step.block_tables, step.seq_lens, scale))
+    start = nd
+    for n in step.prefill_lens:
+        sl = slice(start, start + n)
+        qs = slice(start + n - 1, start + n) if last else sl
+        o = tritium.flash_attention(q[None, qs].transpose(1, 2), k[None, sl].transpose(1, 2),
+                                    v[None, sl].transpose(1, 2), causal=True)         # (1, h, rows, hd)
+        outs.append(o[0].transpose(0, 1))
+        start += n
+    return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
+
+
+class Linear(nn.Module):
+    """A bias-free projection x @ weight^T, weight (out, in), that the serving path serves.
+
+    ``linear(x)``: plain torch (autograd; training and the plain forward). ``linear(x, serve=True)``: the
+    serving path, through the PackedLinear that Llama.pack_for_inference attached (tritium.ops.linear decides
+    there how to compute the product and keeps any packed copy); without one, PackedLinear's unpacked way.
+    swiglu: the weight is a fused [gate | up] projection and the output is silu(gate) * up."""
+
+    def __init__(self, in_features: int, out_features: int, swiglu: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.swiglu = swiglu
+        self.server: Optional[PackedLinear] = None
+
+    def forward(self, x: Tensor, serve: bool = False) -> Tensor:
+        if serve:
+            server = self.server or PackedLinear(self.weight, self.swiglu, pack=False)
+            return server(x)
+        y = torch.matmul(x, self.weight.t())
+        return tritium.swiglu(y) if self.swiglu else y
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention: one fused QKV projection, RoPE, attention, the output projection."""
+
     def __init__(self, c: LlamaConfig):
         super().__init__()
         q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        self.wqkv = Linear(c.dim, q + 2 * kv)       # [q | k | v] rows
+        self.wo = Linear(q, c.dim)
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        self.split = (q, kv, kv)
+        self.scale = 1.0 / math.sqrt(c.head_dim)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, step: Optional[StepInput] = None,
+                kv: Optional[Tuple[Tensor, Tensor]] = None, last: bool = False) -> Tensor:
+        """x (batch, seq, dim): causal attention within each sequence (the plain forward). With step: x (T, dim),
+        the step's packed tokens, attending through the layer's paged cache kv (see _paged_attention)."""
+        serve = step is not None
+        q, k, v = self.wqkv(x, serve).split(self.split, -1)
+        q = q.unflatten(-1, (self.n_heads, self.head_dim))
+        k = k.unflatten(-1, (self.n_kv_heads, self.head_dim))
+        v = v.unflatten(-1, (self.n_kv_heads, self.head_dim))
+        if step is None:
+            q, k = tritium.rope(q, k, cos, sin)
+            o = tritium.flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                        causal=True).transpose(1, 2)                  # (b, s, h, hd)
+        else:
+            q, k = tritium.rope(q, k, cos, sin, step.positions)
+            o = _paged_attention(q, k, v, step, kv, self.scale, last)               # (rows, h, hd)
+        return self.wo(o.flatten(-2), serve)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up fused into one projection."""
+
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.w_gate_up = Linear(c.dim, 2 * c.ffn_dim, swiglu=True)   # [gate | up] rows
+        self.w_down = Linear(c.ffn_dim, c.dim)
+
+    def forward(self, x: Tensor, serve: bool = False) -> Tensor:
+        return self.w_down(self.w_gate_up(x, serve), serve)
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block: h = h + attention(attn_norm(h)); h = h + mlp(mlp_norm(h)).
+
+    Each RMSNorm is fused with the residual add before it (fused_add_rms_norm), so a block receives its input
+    already normalised, (y, h) = (attn_norm(h), h), and returns (next_norm(h'), h') for the next block (next_norm:
+    that block's attn_norm, or the model's final norm). keep (serving, last block): the rows whose outputs are
+    wanted; the block's attention output, MLP and norms then run on those rows only."""
+
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
         self.attn_norm = nn.Parameter(torch.ones(c.dim))
-        self.wqkv = nn.Parameter(torch.empty(q + 2 * kv, c.dim))       # (out, in): [q | k | v] rows
-        self.wo = nn.Parameter(torch.empty(c.dim, q))
+        self.attention = Attention(c)
         self.mlp_norm = nn.Parameter(torch.ones(c.dim))
-        self.w_gate_up = nn.Parameter(torch.empty(2 * c.ffn_dim, c.dim))  # [gate | up] rows
-        self.w_down = nn.Parameter(torch.empty(c.dim, c.ffn_dim))
+        self.mlp = MLP(c)
+        self.eps = c.norm_eps
 
-
-def _linear(x: Tensor, w: Tensor) -> Tensor:
-    """x (..., in) @ w (out, in)^T."""
-    return torch.matmul(x, w.t())
-
-
-def _packed_linear(x: Tensor, w: Tensor, packed: Dict[int, Tensor]) -> Tensor:
-    """x (T, in) @ w^T for the serving path (no autograd), through w's packed copy when the model has one
-    (pack_for_inference): tritium's column panels for float32/float64 (linear_packed: register tiles with no
-    reduction epilogue, 1.1-1.2x rowgemm from 16 rows up), oneDNN's blocked layout for 16-bit. Without a copy,
-    a decode step's few rows go to linear_small (rowgemm on the weights as they are) and the rest to BLAS."""
-    p = packed.get(id(w))
-    if p is not None:
-        if w.dtype in (torch.float32, torch.float64):
-            return linear_packed(x, p, w.shape[0])
-        if not small_rows_ok(x, w):
-            return torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
-    if small_rows_ok(x, w):
-        return linear_small(x, w)
-    return torch.matmul(x, w.t())
-
-
-def _can_pack(device: torch.device) -> bool:
-    return (device.type == "cpu" and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    def forward(self, y: Tensor, h: Tensor, next_norm: Tensor, cos: Tensor, sin: Tensor,
+                step: Optional[StepInput] = None, kv: Optional[Tuple[Tensor, Tensor]] = None,
+                keep: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        a = self.attention(y, cos, sin, step, kv, last=keep is not None)
+        if keep is not None:
+            h = h.index_select(0, keep)
+        y, h = tritium.fused_add_rms_norm(a, h, self.mlp_norm, self.eps)
+        m = self.mlp(y, serve=step is not None)
+        return tritium.fused_add_rms_norm(m, h, next_norm, self.eps)
 
 
 class Llama(nn.Module):
@@ -153,52 +232,37 @@ class Llama(nn.Module):
         self.embed = nn.Parameter(torch.empty(c.vocab_size, c.dim))
         self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layers))
         self.norm = nn.Parameter(torch.ones(c.dim))
-        self.lm_head = None if c.tie_embeddings else nn.Parameter(torch.empty(c.vocab_size, c.dim))
+        self.lm_head = Linear(c.dim, c.vocab_size)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.embed    # one Parameter, registered under both names
         cos, sin = _rope_tables(c, c.max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.scale = 1.0 / math.sqrt(c.head_dim)
-        self._packed: Dict[int, Tensor] = {}    # id(weight) -> packed copy (pack_for_inference)
-        self._packed_glu: Dict[int, Tensor] = {}  # id(w_gate_up) -> its pack_linear_glu copy (float weights)
-        self._split = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim)
 
-    def pack_for_inference(self, enable: Optional[bool] = None) -> "Llama":
-        """Keep packed copies of the projection and head weights for forward_step, the serving path (the plain
-        forward, used for training, keeps reading the parameters), on CPU:
-        - float32/float64: tritium's column panels (pack_linear / linear_packed, csrc/panel.h): measured on
-          SmolLM2-135M's projections with cold weights, 12% faster than rowgemm at a 512-token prompt, 23% at
-          64 rows, equal at 1-4 (where the step streams the weights either way);
-        - 16-bit: oneDNN's blocked layout, whose AMX/AVX-512 bf16 kernels run these products 1.6-3x faster
-          than torch.matmul (3x at 1 row, 2.5x at 16, 1.6x at 512).
-        The copies double the weights' memory (540 MB more for SmolLM2-135M in float32). enable None or True:
-        pack; False: drop the copies. Call again after changing the weights."""
-        self._drop_packed()
-        if enable is False or self.device.type != "cpu":
-            return self
-        panels = self.dtype in (torch.float32, torch.float64)
-        if not panels and not _can_pack(self.device):
-            return self
-        ws = [w for layer in self.layers for w in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)]
-        ws.append(self.embed if self.lm_head is None else self.lm_head)
-        glu = {id(layer.w_gate_up) for layer in self.layers}
-        with torch.no_grad():
-            for w in ws:
-                if panels and id(w) in glu and glu_pack_ok(w):
-                    # gate and up rows interleaved per panel: SwiGLU runs in the product's epilogue
-                    # (linear_packed_swiglu), the (T, 2 ffn_dim) projection is never written
-                    self._packed_glu[id(w)] = pack_linear_glu(w.detach())
-                else:
-                    self._packed[id(w)] = (pack_linear(w.detach()) if panels
-                                           else torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1))
+    # ---- serving weights ----
+    def _linears(self) -> List[Linear]:
+        return [m for m in self.modules() if isinstance(m, Linear)]
+
+    def pack_for_inference(self, enable: bool = True) -> "Llama":
+        """Ready the serving path (forward_step): give every projection and the LM head a PackedLinear, which
+        chooses how to compute its product on this device and dtype and keeps the packed copy that needs
+        (tritium.ops.linear.PackedLinear: column panels for float32/float64, SwiGLU in the gate/up product's
+        epilogue, oneDNN's blocked layout for 16-bit). The plain forward keeps reading the parameters (autograd).
+        On CPU the copies take as much memory again as the weights. enable=False drops them. load_weights and
+        .to() drop them too; after changing the weights in place, call this again."""
+        for lin in self._linears():
+            lin.server = PackedLinear(lin.weight, lin.swiglu) if enable else None
         return self
 
-    def _drop_packed(self) -> None:
-        self._packed, self._packed_glu, self._pack_tuned = {}, {}, False
+    @property
+    def is_packed(self) -> bool:
+        """Whether pack_for_inference has readied the serving path (and nothing has dropped it since)."""
+        return all(lin.server is not None for lin in self._linears())
 
     def _apply(self, fn, recurse=True):
         # .to(dtype) must not round the float32 RoPE tables: rebuild them on the (new) device instead.
         super()._apply(fn, recurse)
-        self._drop_packed()
+        self.pack_for_inference(False)
         cos, sin = _rope_tables(self.config, self.config.max_seq_len)
         self.rope_cos, self.rope_sin = cos.to(self.embed.device), sin.to(self.embed.device)
         return self
@@ -216,38 +280,41 @@ class Llama(nn.Module):
     def load_weights(self, w: Dict[str, Tensor]) -> "Llama":
         """Load Hugging Face Llama parameter names (what tritium.models.gguf returns), fusing q/k/v and
         gate/up into one projection each."""
-        self._drop_packed()
+        self.pack_for_inference(False)
         with torch.no_grad():
             self.embed.copy_(w["model.embed_tokens.weight"])
             self.norm.copy_(w["model.norm.weight"])
-            if self.lm_head is not None:
-                self.lm_head.copy_(w["lm_head.weight"])
+            if not self.config.tie_embeddings:
+                self.lm_head.weight.copy_(w["lm_head.weight"])
             for i, layer in enumerate(self.layers):
                 p = f"model.layers.{i}."
+                attn, mlp = layer.attention, layer.mlp
                 layer.attn_norm.copy_(w[p + "input_layernorm.weight"])
-                layer.wqkv.copy_(torch.cat([w[p + f"self_attn.{n}_proj.weight"] for n in "qkv"], 0))
-                layer.wo.copy_(w[p + "self_attn.o_proj.weight"])
+                attn.wqkv.weight.copy_(torch.cat([w[p + f"self_attn.{n}_proj.weight"] for n in "qkv"], 0))
+                attn.wo.weight.copy_(w[p + "self_attn.o_proj.weight"])
                 layer.mlp_norm.copy_(w[p + "post_attention_layernorm.weight"])
-                layer.w_gate_up.copy_(torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]], 0))
-                layer.w_down.copy_(w[p + "mlp.down_proj.weight"])
+                mlp.w_gate_up.weight.copy_(torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]],
+                                                     0))
+                mlp.w_down.weight.copy_(w[p + "mlp.down_proj.weight"])
         return self
 
     def hf_state_dict(self) -> Dict[str, Tensor]:
         """The inverse of load_weights (to build the eager twin from this model's weights)."""
         c = self.config
         out = {"model.embed_tokens.weight": self.embed.detach(), "model.norm.weight": self.norm.detach()}
-        if self.lm_head is not None:
-            out["lm_head.weight"] = self.lm_head.detach()
+        if not c.tie_embeddings:
+            out["lm_head.weight"] = self.lm_head.weight.detach()
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
-            q, k, v = layer.wqkv.detach().split(self._split, 0)
-            gate, up = layer.w_gate_up.detach().split(c.ffn_dim, 0)
+            attn, mlp = layer.attention, layer.mlp
+            q, k, v = attn.wqkv.weight.detach().split(attn.split, 0)
+            gate, up = mlp.w_gate_up.weight.detach().split(c.ffn_dim, 0)
             out.update({p + "input_layernorm.weight": layer.attn_norm.detach(),
                         p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
-                        p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": layer.wo.detach(),
+                        p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": attn.wo.weight.detach(),
                         p + "post_attention_layernorm.weight": layer.mlp_norm.detach(),
                         p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
-                        p + "mlp.down_proj.weight": layer.w_down.detach()})
+                        p + "mlp.down_proj.weight": mlp.w_down.weight.detach()})
         return out
 
     @property
@@ -259,112 +326,46 @@ class Llama(nn.Module):
         return self.embed.device
 
     def weight_bytes_per_token(self) -> int:
-        """Bytes of weights a decode step reads (every matrix once; the embedding only one row)."""
-        n = sum(p.numel() for p in self.parameters()) - self.embed.numel()
-        n += self.config.vocab_size * self.config.dim   # the LM head (tied: the embedding matrix)
+        """Bytes of weights a decode step reads: every matrix once, the embedding table only when it is also the
+        LM head (tied; the step's embedding rows are negligible)."""
+        n = sum(p.numel() for p in self.parameters())   # a tied embedding/head counted once
+        if not self.config.tie_embeddings:
+            n -= self.embed.numel()
         return n * self.embed.element_size()
 
-    # ---- the pieces shared by both forwards ----
-    def _head(self, h: Tensor, lin=_linear) -> Tensor:
-        return lin(h, self.embed if self.lm_head is None else self.lm_head)
-
-    def _layers(self, x: Tensor, attend, lin=_linear, keep: Optional[Tensor] = None, gate_up=None) -> Tensor:
-        """Run the decoder stack; attend(i, layer, y, last) -> attention output (before wo), of the rows keep
-        only when last (the last layer, when keep is given: the rows whose outputs are wanted). Returns the final
-        normalised hidden state (of the rows keep, when given). gate_up(y, w_gate_up) -> SwiGLU of the fused
-        projection (default: tritium.swiglu of lin)."""
-        c = self.config
-        eps = c.norm_eps
-        y = tritium.rms_norm(x, (c.dim,), self.layers[0].attn_norm, eps)
-        h = x
+    # ---- the forwards ----
+    def _decoder(self, x: Tensor, step: Optional[StepInput] = None,
+                 kv: Optional[Sequence[Tuple[Tensor, Tensor]]] = None, keep: Optional[Tensor] = None) -> Tensor:
+        """The decoder stack on embeddings x; returns the final normalised hidden state (of the rows keep only,
+        when given: the last block runs its attention output, MLP and norms on those rows alone)."""
+        y, h = tritium.rms_norm(x, (self.config.dim,), self.layers[0].attn_norm, self.config.norm_eps), x
         n = len(self.layers)
-        for i, layer in enumerate(self.layers):
-            last = keep is not None and i == n - 1
-            o = attend(i, layer, y, last)
-            if last:
-                h = h.index_select(0, keep)
-            a = lin(o, layer.wo)
-            y, h = tritium.fused_add_rms_norm(a, h, layer.mlp_norm, eps)
-            g = gate_up(y, layer.w_gate_up) if gate_up is not None else tritium.swiglu(lin(y, layer.w_gate_up))
-            m = lin(g, layer.w_down)
-            nxt = self.layers[i + 1].attn_norm if i + 1 < n else self.norm
-            y, h = tritium.fused_add_rms_norm(m, h, nxt, eps)
+        for i, block in enumerate(self.layers):
+            last = i == n - 1
+            next_norm = self.norm if last else self.layers[i + 1].attn_norm
+            y, h = block(y, h, next_norm, self.rope_cos, self.rope_sin, step, None if step is None else kv[i],
+                         keep if last else None)
         return y
 
-    # ---- plain full forward (no cache) ----
     def forward(self, input_ids: Tensor) -> Tensor:
         """input_ids (batch, seq) -> logits (batch, seq, vocab); causal self-attention over the sequence."""
-        c = self.config
-        b, s = input_ids.shape
         x = nn.functional.embedding(input_ids, self.embed)                       # (b, s, dim)
+        return self.lm_head(self._decoder(x))
 
-        def attend(i, layer, y, last):
-            q, k, v = _linear(y, layer.wqkv).split(self._split, -1)
-            q = q.view(b, s, c.n_heads, c.head_dim)
-            k = k.view(b, s, c.n_kv_heads, c.head_dim)
-            q, k = tritium.rope(q, k, self.rope_cos, self.rope_sin)
-            v = v.view(b, s, c.n_kv_heads, c.head_dim)
-            o = tritium.flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                        causal=True)                                  # (b, h, s, hd)
-            return o.transpose(1, 2).reshape(b, s, c.n_heads * c.head_dim)
-
-        return self._head(self._layers(x, attend))
-
-    # ---- one serving step over the paged cache ----
     def forward_step(self, step: StepInput, kv: Sequence[Tuple[Tensor, Tensor]]) -> Tensor:
         """Logits (len(step.logits_rows), vocab) of one packed step; writes every token's K/V into the pools
         kv[layer] = (k_pool, v_pool), each (num_blocks, block_size, n_kv_heads, head_dim)."""
-        c = self.config
-        t = step.tokens.shape[0]
-        nd = step.n_decode
         x = nn.functional.embedding(step.tokens, self.embed)                     # (T, dim)
-        packed = self._packed
-
-        def lin(a, w):
-            return _packed_linear(a, w, packed)
-
-        def gate_up(a, w):
-            p = self._packed_glu.get(id(w))
-            if p is not None:
-                return linear_packed_swiglu(a, p, w.shape[0])
-            return tritium.swiglu(lin(a, w))
-
-        # the rows whose logits are wanted, when the last layer can skip the others (see StepInput)
+        # the rows whose logits are wanted, when the last block can skip the others (see StepInput)
         keep = None
-        if step.last_logits_only and t > nd + len(step.prefill_lens):
+        nd = step.n_decode
+        if step.last_logits_only and step.tokens.shape[0] > nd + len(step.prefill_lens):
             ends = [nd + e - 1 for e in itertools.accumulate(step.prefill_lens)]
             keep = torch.tensor(list(range(nd)) + ends, dtype=torch.int64, device=step.tokens.device)
-
-        def attend(i, layer, y, last):
-            q, k, v = lin(y, layer.wqkv).split(self._split, -1)
-            q = q.view(t, c.n_heads, c.head_dim)
-            k = k.view(t, c.n_kv_heads, c.head_dim)
-            v = v.view(t, c.n_kv_heads, c.head_dim)
-            q, k = tritium.rope(q, k, self.rope_cos, self.rope_sin, step.positions)
-            k_pool, v_pool = kv[i]
-            append_kv(k, v, k_pool, v_pool, step.slot_mapping)
-            if not step.prefill_lens:   # decode only: the common step
-                return paged_attention_decode(q, k_pool, v_pool, step.block_tables, step.seq_lens,
-                                              self.scale).reshape(t, -1)
-            outs = []
-            if nd:
-                outs.append(paged_attention_decode(q[:nd], k_pool, v_pool, step.block_tables, step.seq_lens,
-                                                   self.scale).reshape(nd, -1))
-            start = nd
-            for n in step.prefill_lens:  # each prompt attends to itself only (prefill starts at position 0)
-                sl = slice(start, start + n)
-                # last: its last query only (causal is bottom-right aligned: it sees all n keys)
-                qs = slice(start + n - 1, start + n) if last else sl
-                o = tritium.flash_attention(q[None, qs].transpose(1, 2), k[None, sl].transpose(1, 2),
-                                            v[None, sl].transpose(1, 2), causal=True)         # (1, h, n, hd)
-                outs.append(o[0].transpose(0, 1).reshape(o.shape[2], -1))
-                start += n
-            return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
-
-        y = self._layers(x, attend, lin, keep, gate_up)
+        y = self._decoder(x, step, kv, keep)
         if keep is None and step.logits_rows is not None and not step.last_logits_only:
             y = y.index_select(0, step.logits_rows)
-        return self._head(y, lin)
+        return self.lm_head(y, serve=True)
 
 
 def build(config: LlamaConfig | str, dtype: torch.dtype = torch.float32, device="cpu") -> Llama:
