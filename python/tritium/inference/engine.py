@@ -114,9 +114,8 @@ class Engine:
                  block_size: int = 16, max_prefill_tokens: int = 2048):
         c = model.config
         self.model, self.tokenizer = model, tokenizer
-        if hasattr(model, "pack_for_inference") and not getattr(model, "_pack_tuned", False):
+        if not model.is_packed:   # the serving path's weights, packed once (Llama.pack_for_inference)
             model.pack_for_inference()
-            model._pack_tuned = True
         self.max_batch, self.block_size, self.max_prefill_tokens = max_batch, block_size, max_prefill_tokens
         if num_blocks is None:  # room for max_batch sequences of up to 1024 tokens, at most 16384 tokens
             num_blocks = math.ceil(min(max_batch * min(c.max_seq_len, 1024), 16384) / block_size)
