@@ -12,8 +12,10 @@ __version__ = "0.1.0"
 
 
 def generate(model, tokenizer, prompts, max_new_tokens: int = 64, **kwargs):
-    """Generate for one or more prompts through tritium.inference.Engine (see tritium.models.generate)."""
-    from .models import generate as _generate
+    """One result per prompt (GenerationResult: text, token_ids, ...), all prompts run together through
+    tritium.inference.Engine. kwargs: sampling (temperature=0.0, top_k, top_p, min_p, seed, ...), stop,
+    num_beams, length_penalty; see tritium.inference.engine.generate."""
+    from .inference.engine import generate as _generate
 
     return _generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, **kwargs)
 

@@ -161,3 +161,12 @@ def test_bad_requests(model, tok):
         eng.add_request("x", max_new_tokens=1000)
     with pytest.raises(ValueError, match="at least one token"):
         eng.add_request("")
+
+
+def test_tritium_generate_runs_the_engine(model, tok):
+    """tritium.generate (reached from `import tritium`) is the engine's generate: same greedy tokens."""
+    import tritium
+
+    ours = tritium.generate(model, tok, [PROMPTS[0]], max_new_tokens=6, stop_token_ids=[])[0]
+    assert ours.token_ids == alone(model, tok, PROMPTS[0], max_new_tokens=6, stop_token_ids=[]).token_ids
+    assert len(ours.token_ids) == 6

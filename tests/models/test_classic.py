@@ -136,7 +136,7 @@ STEPS = 8
 
 @pytest.mark.parametrize("name", sorted(DIGITS))
 def test_convergence_matches_twin(name):
-    from tritium.models.train import RECIPES, digits, train_steps
+    from tritium.cli.train import RECIPES, digits, train_steps
 
     x, y, _, _ = digits()
     runs = {}

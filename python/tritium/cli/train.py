@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .classic import DIGITS, IMPLS, build
+from ..models.classic import DIGITS, IMPLS, build
 
 
 @dataclass

@@ -26,7 +26,7 @@ def load_with_progress(path: Optional[str], dtype_name: str, console):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     import tritium.models
-    from tritium.bench.common import parse_dtype
+    from tritium.utils import parse_dtype
 
     dtype = parse_dtype(dtype_name)
     with Progress(TextColumn("[bold]loading model"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -49,7 +49,7 @@ def sampling_kwargs(args) -> dict:
 
 
 def report(engine, model, console) -> None:
-    from tritium.bench.common import copy_bandwidth
+    from tritium.utils import copy_bandwidth
 
     s = engine.stats
     parts = []
