@@ -1,14 +1,33 @@
 """tritium: fused Triton (GPU) and C++ (CPU) kernels behind drop-in PyTorch ops.
 
 ``tritium.<op>`` mirrors ``torch.nn.functional.<op>``; ``tritium.nn`` holds drop-in modules and
-``tritium.patch(model)`` swaps them into an existing model.
+``tritium.patch(model)`` swaps them into an existing model. The sub-packages load on first use, so
+``import tritium`` stays cheap (no model loaders, serving engine, benchmarks or triton):
+
+    model, tokenizer = tritium.models.load()              # SmolLM2-135M-Instruct
+    print(tritium.generate(model, tokenizer, ["Hello"], max_new_tokens=20)[0].text)
 """
+import importlib as _importlib
+
 from ._backend import get_backend, set_backend  # noqa: F401
 from .ops import *  # noqa: F401,F403
 from . import nn  # noqa: F401,E402
 from .nn import patch  # noqa: F401,E402
 
 __version__ = "0.1.0"
+
+# sub-packages reachable as attributes of tritium, imported on first access (module __getattr__, PEP 562)
+_LAZY_SUBMODULES = ("models", "inference", "reference", "bench", "cli", "utils", "kernels")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        return _importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))
 
 
 def generate(model, tokenizer, prompts, max_new_tokens: int = 64, **kwargs):
