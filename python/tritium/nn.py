@@ -46,7 +46,7 @@ def patch(model: torch.nn.Module) -> List[Tuple[str, Type[torch.nn.Module]]]:
     return replaced
 
 
-# ---- RNNs (worker F): torch.nn.LSTM / torch.nn.GRU whose per-step gate math is one fused kernel ----
+# ---- RNNs: torch.nn.LSTM / torch.nn.GRU whose per-step gate math is one fused kernel ----
 def _rnn_hidden(module: torch.nn.RNNBase, input: Tensor, hx, n_states: int):
     """Torch's own input/hidden validation and defaults for unpacked input: returns (input 3-D, hx tuple,
     is_batched). Mirrors torch.nn.LSTM/GRU.forward, error types and messages included."""
@@ -112,7 +112,7 @@ PATCH_TABLE[torch.nn.LSTM] = LSTM
 PATCH_TABLE[torch.nn.GRU] = GRU
 
 
-# ---- softmax family (worker B) ----
+# ---- softmax family ----
 class Softmax(torch.nn.Softmax):
     def forward(self, input: Tensor) -> Tensor:
         return ops.softmax(input, self.dim, _stacklevel=5)
@@ -157,7 +157,7 @@ PATCH_TABLE.update({torch.nn.Softmax: Softmax, torch.nn.LogSoftmax: LogSoftmax, 
                     torch.nn.CrossEntropyLoss: CrossEntropyLoss})
 
 
-# ---- activations, gated MLP blocks and DyT (worker A; tritium.ops.activations) ----
+# ---- activations, gated MLP blocks and DyT (tritium.ops.activations) ----
 class ReLU(torch.nn.ReLU):
     def forward(self, x: Tensor) -> Tensor:
         return ops.relu(x, self.inplace)
@@ -322,7 +322,7 @@ PATCH_TABLE.update({
 })
 
 
-# ---- rope + attention (worker C) ----
+# ---- rope + attention ----
 class RotaryEmbedding(torch.nn.Module):
     """Rotary position embedding with its cos/sin tables built once (``tritium.rope_tables``: base, and
     linear / ntk / llama3 / yarn ``scaling``) and kept as non-persistent buffers, so they follow ``.to()`` and

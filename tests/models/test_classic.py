@@ -161,11 +161,3 @@ def test_convergence_matches_twin(name):
             d = a.shape[0] // 3
             a, b = torch.cat([a[:d], a[2 * d:]]), torch.cat([b[:d], b[2 * d:]])
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-4, msg=lambda m: f"{name}.{k}: {m}")
-
-
-def test_adapters_listed():
-    """Every op the tritium impl serves from torch (an op family not in tritium yet) is reported."""
-    import tritium
-
-    for name in classic.adapted():
-        assert not hasattr(tritium, name)

@@ -58,26 +58,16 @@ _TORCH = SimpleNamespace(
     bn_act=_torch_bn_act,
 )
 
-# ADAPTERS: ops whose tritium family had not landed in the tree when this file was written. Each name here is
-# served by tritium's op when tritium exports it, else (only then) by torch's function; ``adapted()`` lists the
-# ones still on torch. Remove a row once its op family is in tritium.
-_ADAPTED = ("relu", "gelu", "silu", "tanh", "sigmoid", "scaled_dot_product_attention", "cross_entropy")
-
-
-def adapted() -> list:
-    """The ops tritium does not export yet, for which the tritium impl still calls torch's function."""
-    import tritium
-
-    return [name for name in _ADAPTED if not hasattr(tritium, name)]
-
 
 def _tritium_table() -> SimpleNamespace:
     import tritium
     import tritium.nn
 
-    table = {name: getattr(tritium, name, getattr(_TORCH, name)) for name in _ADAPTED}
-    return SimpleNamespace(layer_norm=tritium.layer_norm, lstm=tritium.nn.LSTM, gru=tritium.nn.GRU,
-                           Linear=tritium.nn.Linear, linear=tritium.linear, bn_act=_tritium_bn_act, **table)
+    return SimpleNamespace(relu=tritium.relu, gelu=tritium.gelu, silu=tritium.silu, tanh=tritium.tanh,
+                           sigmoid=tritium.sigmoid, layer_norm=tritium.layer_norm,
+                           scaled_dot_product_attention=tritium.scaled_dot_product_attention,
+                           cross_entropy=tritium.cross_entropy, lstm=tritium.nn.LSTM, gru=tritium.nn.GRU,
+                           Linear=tritium.nn.Linear, linear=tritium.linear, bn_act=_tritium_bn_act)
 
 
 def ops(impl: str) -> SimpleNamespace:
@@ -412,4 +402,4 @@ def build(name: str, impl: str = "tritium") -> Tuple[nn.Module, Callable[[Tensor
 
 
 __all__ = ["MLP", "AutoEncoder", "VAE", "LeNet", "BasicBlock", "ResNet", "RNNClassifier", "Attention", "Block",
-           "TransformerEncoder", "ViT", "DIGITS", "build", "ops", "adapted", "IMPLS"]
+           "TransformerEncoder", "ViT", "DIGITS", "build", "ops", "IMPLS"]
