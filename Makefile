@@ -1,8 +1,8 @@
 # The two commands of the README, each doing all of its set-up on a fresh machine:
 #   make demo   the inference demo on the embedded default model, then a short benchmark summary (a few minutes)
 #   make test   the test suite
-# Others: make bench (the full recorded suites), make lint (ruff and the C++ checks), make build (the C++
-# extension).
+# Others: make bench (the full recorded suites), make lint (ruff and the C++ checks), make bench-regress
+# (timing regressions against bench/baselines/), make build (the C++ extension).
 # Everything lives in .venv (created on first use). torch is the CPU build 2.13.0 unless a GPU is present.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -13,7 +13,7 @@ JOBS   ?= 2
 TRITIUM := $(VENV)/bin/tritium
 LATEST := bench/results/latest
 
-.PHONY: install build test test-fast lint demo bench clean
+.PHONY: install build test test-fast lint demo bench bench-regress bench-baseline gpu-check clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,7 +34,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n $(JOBS) --durations=15
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n $(JOBS) -m "not slow"
+	$(PY) -m pytest -q -n $(JOBS) -m "not slow and not gpu_compile"
 
 # Lint (a few minutes; CI runs it before the tests): ruff over the Python (config in pyproject.toml), then the
 # C++ syntax check against torch's headers over every csrc/*.cpp, one compiler per job.
@@ -57,6 +57,25 @@ bench: $(STAMP)
 	$(TRITIUM) bench models --json bench/results/models.json
 	$(TRITIUM) bench memory --json bench/results/attention-memory.json
 	$(PY) tools/readme_table.py
+
+# Timing regressions of the headline ops and a decode step against the latest baseline saved on this machine
+# (bench/baselines/, recorded by `make bench-baseline` on a quiet machine before a change): fails when a median
+# is 25% slower. Never part of `make test`: speed is asserted here, not in unit tests.
+REGRESS := $(PY) -m pytest -q tests/bench --benchmark-only \
+	--benchmark-storage=file://bench/baselines
+bench-regress: $(STAMP)
+	$(REGRESS) --benchmark-compare --benchmark-compare-fail=median:25%
+
+bench-baseline: $(STAMP)
+	$(REGRESS) --benchmark-save=baseline
+
+# On a machine with a CUDA GPU (its own python3 with torch and triton; nothing installed, no network needed): build
+# the C++ extension in place, run the Triton kernel tests on the GPU and a short ops benchmark, and write
+# $(REPORT_DIR)/gpu-check.{json,md} (under 10 minutes). Without a GPU it says so and exits 0. No venv involved.
+PYTHON     ?= python3
+REPORT_DIR ?= gpu-check-report
+gpu-check:
+	@$(PYTHON) tools/gpu_check.py --python $(PYTHON) --report-dir $(REPORT_DIR)
 
 clean:
 	rm -rf build $(VENV) python/tritium/*.so
