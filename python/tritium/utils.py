@@ -49,3 +49,17 @@ def copy_bandwidth(device: str = "cpu", nbytes: int = 256 << 20) -> float:
         t = time_fn(lambda: dst.copy_(src), min_run_time=0.5, device=device)
         _COPY_BW[device] = 2 * nbytes / t
     return _COPY_BW[device]
+
+
+def cpu_has_bf16_dot() -> bool:
+    """Whether this CPU has the AVX512-BF16 dot-product instructions (Linux /proc/cpuinfo's avx512_bf16 flag):
+    the instructions tritium's and oneDNN's bfloat16 kernels multiply with; without them bfloat16 products
+    convert every element to float and gain nothing over float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "avx512_bf16" in line.split()
+    except OSError:
+        pass
+    return False
