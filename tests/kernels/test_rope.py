@@ -158,7 +158,10 @@ def test_rotary_embedding_module():
     q, k = torch.randn(2, 9, 4, 64), torch.randn(2, 9, 2, 64)
     cos, sin = tritium.rope_tables(128, 32, scaling={"type": "linear", "factor": 2.0})
     torch.testing.assert_close(m(q, k), tritium.rope(q, k, cos, sin))
-    assert m.cos is m.cos  # built once, kept as a buffer
+    # the tables are non-persistent buffers (out of the state_dict, following .to())
+    assert dict(m.named_buffers()).keys() == {"cos", "sin"}
+    assert torch.equal(m.cos, cos) and torch.equal(m.sin, sin)
+    assert m.to(torch.float64).cos.dtype == torch.float64
     assert "rotary_dim=32" in repr(m)
 
 

@@ -96,16 +96,6 @@ def test_packed_sequence_and_patch(cell):
     torch.testing.assert_close(out.data, ref_out.data)
 
 
-@pytest.mark.parametrize("cell", PAIRS)
-def test_reference_backend(cell, reference_backend):
-    ours_cls, torch_cls = PAIRS[cell]
-    ref = torch_cls(I, H)
-    ours = ours_cls(I, H)
-    ours.load_state_dict(ref.state_dict())
-    x = torch.randn(4, 2, I)
-    torch.testing.assert_close(ours(x)[0], ref(x)[0], rtol=0, atol=0)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 def test_other_dtypes(dtype):
     ref = torch.nn.LSTM(I, H, bidirectional=True).to(dtype)

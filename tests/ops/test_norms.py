@@ -167,12 +167,6 @@ def test_fused_add_rms_norm_bad_input():
         tritium.fused_add_rms_norm(torch.tensor(1.0), torch.tensor(1.0))
 
 
-def test_reference_backend_is_torch(reference_backend):
-    x, w = torch.randn(4, 9), torch.randn(9)
-    assert torch.equal(tritium.rms_norm(x, (9,), w), F.rms_norm(x, (9,), w))
-    assert torch.equal(tritium.layer_norm(x, (9,), w, w), F.layer_norm(x, (9,), w, w))
-
-
 def test_modules_are_drop_ins():
     ref = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.RMSNorm(8, eps=1e-5))
     ours = torch.nn.Sequential(torch.nn.Linear(8, 8), tritium.nn.LayerNorm(8), tritium.nn.RMSNorm(8, eps=1e-5))
