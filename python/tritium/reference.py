@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._dtypes import acc_dtype
+
 rms_norm = F.rms_norm
 layer_norm = F.layer_norm
 
@@ -37,7 +39,7 @@ def paged_attention_decode(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tabl
     """One query token per sequence against its cached tokens: gather the sequence's pages, then dense
     attention (GQA: query head h reads KV head h // (q_heads // kv_heads)); softcap: s = c * tanh(s / c) on the
     scaled scores; window: only the last `window` tokens. Computed in float32 (float64 for float64)."""
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(q.dtype)
     B, Hq, D = q.shape
     bs, Hkv = k_pool.shape[1], k_pool.shape[2]
     out = torch.zeros(B, Hq, D, dtype=acc, device=q.device)
@@ -106,7 +108,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
     and i + S - L - left <= j <= i + S - L + right (window, -1 unbounded); rows seeing no key give 0 and
     lse -inf. Computed in float32 (float64 for float64 input)."""
     L, D, S = q.shape[-2], q.shape[-1], k.shape[-2]
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(q.dtype)
     group = q.shape[-3] // k.shape[-3]
     kf = k.to(acc).repeat_interleave(group, -3)
     vf = v.to(acc).repeat_interleave(group, -3)
@@ -289,7 +291,7 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Optional[Ten
     R = 2 * cos.shape[-1]
 
     def rot(x):
-        acc = torch.promote_types(x.dtype, torch.float32)
+        acc = acc_dtype(x.dtype)
         xr, rest = x[..., :R].to(acc), x[..., R:]
         if interleaved:
             a, b = xr[..., 0::2], xr[..., 1::2]

@@ -259,3 +259,15 @@ def test_peak_extra_memory_is_linear_in_seq(dtype, backward):
     scores = 8 * 4096 * 4096 * 4
     assert 0 < m4096 <= 2 * m2048, f"{m2048 / 2**20:.1f} MiB at 2048 -> {m4096 / 2**20:.1f} MiB at 4096"
     assert m4096 < scores / 4
+
+
+def test_flash_attention_head_dim_one_transposed():
+    """Head dim 1 from a transposed (batch, heads, 1, seq) tensor: its last stride is seq, yet torch calls it
+    contiguous (a size-1 dim's stride does not count), so .contiguous() would not give the kernels a unit stride."""
+    q, k, v = (torch.randn(1, 2, 1, n, dtype=torch.float64).transpose(-1, -2).requires_grad_() for n in (5, 7, 7))
+    assert q.is_contiguous() and q.stride(-1) == 5
+    out = tritium.flash_attention(q, k, v, causal=True)
+    ref = reference.flash_attention(q, k, v, causal=True)
+    torch.testing.assert_close(out, ref)
+    dy = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, (q, k, v), dy), torch.autograd.grad(ref, (q, k, v), dy))

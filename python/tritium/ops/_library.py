@@ -17,16 +17,13 @@ import importlib
 from typing import Callable, Optional, Union
 
 import torch
+from torch import Tensor
+
+from .._backend import use_reference
+from .._dtypes import SUPPORTED_DTYPES, acc_dtype  # noqa: F401  (the ops import both from here)
 
 NAMESPACE = "tritium"
 _lib = torch.library.Library(NAMESPACE, "DEF")
-
-# 16-bit and float32 kernels accumulate in float32; float64 in float64.
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _triton_launcher(spec: str) -> Callable:
@@ -71,7 +68,35 @@ def define_op(
     return getattr(torch.ops.tritium, name)
 
 
-def rows(t: torch.Tensor, n: int) -> torch.Tensor:
+# ---- the checks and layouts every family's public functions share ----
+def kernel_ok(x: Tensor, *others: Tensor) -> bool:
+    """True when the kernels can take x and the tensors that go with it: the backend is not the reference
+    (TRITIUM_BACKEND=reference), x is a non-empty tensor of a dtype the kernels implement, on CPU (C++) or CUDA
+    (Triton; float64 excluded, the Triton kernels accumulate in float32), and every other tensor has x's dtype
+    and device (a caller leaves out optional tensors that are None). Everything a family needs beyond this
+    (shapes, dims, arguments) is checked next to the call; what no check admits goes to tritium.reference."""
+    return (
+        not use_reference()
+        and isinstance(x, Tensor)
+        and x.dtype in SUPPORTED_DTYPES
+        and x.device.type in ("cpu", "cuda")
+        and (x.device.type == "cpu" or x.dtype != torch.float64)
+        and x.numel() > 0
+        and all(isinstance(t, Tensor) and t.dtype == x.dtype and t.device == x.device for t in others)
+    )
+
+
+def unit_last(t: Tensor) -> Tensor:
+    """t with a unit stride along its last dim, the layout every kernel reads (other dims: any strides). t itself
+    when it has one; a view when that dim has one element (its stride is never used, but the kernels' checks
+    ask for 1); else a contiguous copy (e.g. an expanded gradient from a sum)."""
+    if t.stride(-1) == 1 or t.shape[-1] == 0:
+        return t
+    if t.shape[-1] == 1:
+        return t.squeeze(-1).unsqueeze(-1)  # a new last dim of size 1 gets stride 1
+    return t.contiguous()
+
+
+def rows(t: Tensor, n: int) -> Tensor:
     """View t as (rows, n) with a unit column stride; copies only when no such view exists."""
-    t2 = t.reshape(-1, n)
-    return t2 if t2.stride(-1) == 1 or n <= 1 else t2.contiguous()
+    return unit_last(t.reshape(-1, n))

@@ -23,8 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._backend import use_reference
-from ._library import SUPPORTED_DTYPES, define_op, rows
+from ._library import acc_dtype, define_op, kernel_ok, rows, unit_last
 
 # SELU's constants (torch's)
 SELU_ALPHA = 1.6732632423543772848170429916717
@@ -110,10 +109,6 @@ def _fake_prelu_bwd(dy, x, weight, per_row, need_dw):
     return x.new_empty(x.shape), x.new_empty((weight.numel() if need_dw else 0,))
 
 
-def _grad_rows(g: Tensor) -> Tensor:
-    return g if g.stride(-1) == 1 or g.shape[-1] <= 1 else g.contiguous()
-
-
 # ---- the elementwise ops, one loop over the table ----
 def _define_activation(act: Activation):
     bwd = define_op(f"{act.name}_bwd(Tensor dy, Tensor x, float a, float b, float c) -> Tensor", _fake_bwd,
@@ -126,7 +121,7 @@ def _define_activation(act: Activation):
 
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
-        return bwd(_grad_rows(dy), x, *ctx.params), None, None, None
+        return bwd(unit_last(dy), x, *ctx.params), None, None, None
 
     fwd = define_op(f"{act.name}_fwd(Tensor x, float a, float b, float c) -> Tensor", _fake_fwd,
                     f"activations:{act.name}_fwd", backward=backward, setup_context=setup)
@@ -149,7 +144,7 @@ def _define_gate(name: str):
 
     def backward(ctx, dy):
         x, up = ctx.saved_tensors
-        dx, dup = bwd(_grad_rows(dy), x, up, ctx.layout)
+        dx, dup = bwd(unit_last(dy), x, up, ctx.layout)
         return dx, (dup if ctx.layout == LAYOUT_SEPARATE else None), None
 
     return define_op(f"{name}_fwd(Tensor x, Tensor? up, int layout) -> Tensor", _fake_gated_fwd,
@@ -170,7 +165,7 @@ def _dyt_setup(ctx, inputs, output):
 def _dyt_backward(ctx, dy):
     x, alpha, weight = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dx, da, dw, db = dyt_bwd(_grad_rows(dy), x, alpha, weight, need[1], need[2], need[3])
+    dx, da, dw, db = dyt_bwd(unit_last(dy), x, alpha, weight, need[1], need[2], need[3])
     return dx, (da if need[1] else None), (dw if need[2] else None), (db if need[3] else None)
 
 
@@ -191,7 +186,7 @@ def _swish_beta_setup(ctx, inputs, output):
 
 def _swish_beta_backward(ctx, dy):
     x, beta = ctx.saved_tensors
-    dx, db = swish_beta_bwd(_grad_rows(dy), x, beta, ctx.needs_input_grad[1])
+    dx, db = swish_beta_bwd(unit_last(dy), x, beta, ctx.needs_input_grad[1])
     return dx, (db if ctx.needs_input_grad[1] else None)
 
 
@@ -212,7 +207,7 @@ def _prelu_setup(ctx, inputs, output):
 def _prelu_backward(ctx, dy):
     x, weight = ctx.saved_tensors
     need_dw = ctx.needs_input_grad[1]
-    dx, dw = prelu_bwd(_grad_rows(dy), x, weight, ctx.per_row, need_dw)
+    dx, dw = prelu_bwd(unit_last(dy), x, weight, ctx.per_row, need_dw)
     return dx, (dw if need_dw else None), None
 
 
@@ -243,7 +238,7 @@ def _bn_setup(ctx, inputs, output):
 def _bn_backward(ctx, dy):
     x, scale, shift, residual = ctx.saved_tensors
     need_affine = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-    dx, dres, dscale, dshift = batch_norm_act_bwd(_grad_rows(dy), x, scale, shift, residual, *ctx.args, need_affine)
+    dx, dres, dscale, dshift = batch_norm_act_bwd(unit_last(dy), x, scale, shift, residual, *ctx.args, need_affine)
     return (dx, dscale if ctx.needs_input_grad[1] else None, dshift if ctx.needs_input_grad[2] else None,
             dres if residual is not None and ctx.needs_input_grad[3] else None) + (None,) * 5
 
@@ -256,20 +251,6 @@ batch_norm_act_fwd = define_op(
 
 
 # ---- dispatch helpers ----
-def _kernel_ok(x: Tensor, *others: Optional[Tensor]) -> bool:
-    """True when the kernels cover this call: a floating dtype they implement, on CPU (C++) or CUDA (Triton,
-    float64 excluded), non-empty, and every other tensor of the same dtype and device."""
-    return (
-        not use_reference()
-        and isinstance(x, Tensor)
-        and x.dtype in SUPPORTED_DTYPES
-        and x.device.type in ("cpu", "cuda")
-        and (x.device.type == "cpu" or x.dtype != torch.float64)  # Triton kernels compute in float32
-        and x.numel() > 0
-        and all(isinstance(t, Tensor) and t.dtype == x.dtype and t.device == x.device for t in others)
-    )
-
-
 def _as_rows(x: Tensor) -> Tensor:
     """x as a 2-D (rows, cols) view for the elementwise kernels: one long row when contiguous (so narrow last
     dims do not cost a short loop each), else (rows, last dim) with any row stride (a copy only when the last
@@ -280,7 +261,7 @@ def _as_rows(x: Tensor) -> Tensor:
 
 
 def _unary(name: str, x: Tensor, params, inplace: bool, ref: Callable[[], Tensor]) -> Tensor:
-    if not _kernel_ok(x):
+    if not kernel_ok(x):
         return ref()
     fwd, fwd_, _ = ACT_OPS[name]
     a, b, c = (float(p) for p in params)
@@ -381,7 +362,7 @@ def swish(input: Tensor, beta: Union[float, Tensor] = 1.0) -> Tensor:
     element, summed in double on CPU); a tensor beta of another shape broadcasts against x through torch's
     composition (the reference). beta = 1 is SiLU."""
     if isinstance(beta, Tensor):
-        if not (_kernel_ok(input, beta) and beta.numel() == 1 and input.dim() > 0 and beta.dim() <= input.dim()):
+        if not (kernel_ok(input, beta) and beta.numel() == 1 and input.dim() > 0 and beta.dim() <= input.dim()):
             return reference.swish(input, beta)
         n = input.shape[-1]
         return swish_beta_fwd(rows(input, n), beta.reshape(1)).view(input.shape)
@@ -391,7 +372,7 @@ def swish(input: Tensor, beta: Union[float, Tensor] = 1.0) -> Tensor:
 def prelu(input: Tensor, weight: Tensor) -> Tensor:
     """Drop-in for ``F.prelu``: x > 0 ? x : weight[c] * x, c the channel (dim 1; one slope if weight has one
     element). Gradients for input and weight."""
-    if not _kernel_ok(input, weight) or input.dim() == 0 or weight.dim() != 1:
+    if not kernel_ok(input, weight) or input.dim() == 0 or weight.dim() != 1:
         return reference.prelu(input, weight)
     C = weight.numel()
     if C == 1:
@@ -420,7 +401,7 @@ def batch_norm_act(input: Tensor, running_mean: Tensor, running_var: Tensor, wei
     stats = [t for t in (running_mean, running_var, weight, bias) if t is not None]
     # statistics and affine in the input's dtype, or float32 for 16-bit input (what torch's CPU kernel takes)
     stat_dtypes = (input.dtype, torch.float32) if isinstance(input, Tensor) else ()
-    if (not _kernel_ok(input, *([residual] if residual is not None else [])) or input.dim() < 2
+    if (not kernel_ok(input, *([residual] if residual is not None else [])) or input.dim() < 2
             or not all(isinstance(t, Tensor) and t.device == input.device and t.dim() == 1
                        and t.shape[0] == input.shape[1] and t.dtype in stat_dtypes for t in stats)
             or running_mean is None or running_var is None
@@ -439,7 +420,7 @@ def batch_norm_act(input: Tensor, running_mean: Tensor, running_var: Tensor, wei
               if residual is not None else None)
     else:
         return ref()
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(input.dtype)
     scale = torch.rsqrt(running_var.to(acc) + eps)
     if weight is not None:
         scale = weight.to(acc) * scale
@@ -458,7 +439,7 @@ def dyt(x: Tensor, alpha: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """Dynamic Tanh ("Transformers without Normalization"): weight * tanh(alpha * x) + bias over the last dim;
     alpha a one-element tensor, weight and bias (x.shape[-1],). Gradients for all four."""
     n = x.shape[-1] if isinstance(x, Tensor) and x.dim() > 0 else -1
-    if not (_kernel_ok(x, alpha, weight, bias) and n > 0 and alpha.numel() == 1
+    if not (kernel_ok(x, alpha, weight, bias) and n > 0 and alpha.numel() == 1
             and tuple(weight.shape) == (n,) and tuple(bias.shape) == (n,)):
         return reference.dyt(x, alpha, weight, bias)
     y = dyt_fwd(rows(x, n), alpha.reshape(1), weight, bias)
@@ -468,12 +449,12 @@ def dyt(x: Tensor, alpha: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
 def _gated(name: str, gate: Tensor, up: Optional[Tensor], ref: Callable[[], Tensor]) -> Tensor:
     fwd, _ = GATE_OPS[name]
     if up is None:
-        if not _kernel_ok(gate) or gate.dim() == 0 or gate.shape[-1] % 2:
+        if not kernel_ok(gate) or gate.dim() == 0 or gate.shape[-1] % 2:
             return ref()
         h = gate.shape[-1] // 2
         y = fwd(rows(gate, 2 * h), None, LAYOUT_GATE_UP)
         return y.view(gate.shape[:-1] + (h,))
-    if not _kernel_ok(gate, up) or gate.shape != up.shape or gate.dim() == 0:
+    if not kernel_ok(gate, up) or gate.shape != up.shape or gate.dim() == 0:
         return ref()  # broadcasting and mixed dtypes: torch's semantics
     n = gate.shape[-1]
     return fwd(rows(gate, n), rows(up, n), LAYOUT_SEPARATE).view(gate.shape)
@@ -496,7 +477,7 @@ def geglu(gate: Tensor, up: Optional[Tensor] = None, approximate: str = "none") 
 def glu(input: Tensor, dim: int = -1) -> Tensor:
     """Drop-in for ``F.glu``: a * sigmoid(b) with a, b the halves of ``input`` along ``dim``."""
     fwd, _ = GATE_OPS["glu"]
-    if not _kernel_ok(input) or input.dim() == 0 or not isinstance(dim, int) or not -input.dim() <= dim < input.dim():
+    if not kernel_ok(input) or input.dim() == 0 or not isinstance(dim, int) or not -input.dim() <= dim < input.dim():
         return reference.glu(input, dim)
     d = dim % input.dim()
     n = input.shape[d]

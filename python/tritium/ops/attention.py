@@ -20,8 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._backend import use_reference
-from ._library import SUPPORTED_DTYPES, acc_dtype, define_op
+from ._library import acc_dtype, define_op, kernel_ok, unit_last
 
 
 # ---- fake kernels ----
@@ -41,10 +40,6 @@ flash_attn_bwd = define_op(
     _fake_bwd, "attention:flash_attn_bwd")
 
 
-def _last_unit(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _fwd_setup(ctx, inputs, output):
     q, k, v, mask, scale, offset, left, right, softcap = inputs
     out, lse = output
@@ -59,7 +54,7 @@ def _fwd_backward(ctx, dout, dlse):
         return (None,) * 9
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = flash_attn_bwd(_last_unit(dout), q, k, v, out, lse,
+    dq, dk, dv = flash_attn_bwd(unit_last(dout), q, k, v, out, lse,
                                 None if dlse is None else dlse.contiguous(), mask, *ctx.args)
     return dq, dk, dv, None, None, None, None, None, None
 
@@ -71,18 +66,10 @@ flash_attn_fwd = define_op(
 
 
 # ---- public API ----
-def _tensors_ok(*ts: Tensor) -> bool:
-    q = ts[0]
-    return (
-        not use_reference()
-        and all(isinstance(t, Tensor) for t in ts)
-        and q.dtype in SUPPORTED_DTYPES
-        and q.device.type in ("cpu", "cuda")
-        and all(t.dtype == q.dtype and t.device == q.device for t in ts)
-        and all(t.numel() > 0 for t in ts)
-        and (q.device.type == "cpu" or (q.dtype != torch.float64  # Triton accumulates in float32
-                                        and 16 <= q.shape[-1] <= 256 and 16 <= ts[2].shape[-1] <= 256))
-    )
+def _tensors_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """kernel_ok for q, k, v (each non-empty); on GPU the Triton kernels' head dims, 16..256."""
+    return (kernel_ok(q, k, v) and k.numel() > 0 and v.numel() > 0
+            and (q.device.type == "cpu" or (16 <= q.shape[-1] <= 256 and 16 <= v.shape[-1] <= 256)))
 
 
 def _sdpa_mask(attn_mask: Optional[Tensor], query: Tensor, S: int) -> Tuple[bool, Optional[Tensor]]:
@@ -125,7 +112,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     ok, mask = _sdpa_mask(attn_mask, query, key.shape[-2])
     if not ok:
         return reference.scaled_dot_product_attention(*args, **kwargs)
-    q, k, v = (_last_unit(t if t.dim() == 4 else t.unsqueeze(0)) for t in (query, key, value))
+    q, k, v = (unit_last(t if t.dim() == 4 else t.unsqueeze(0)) for t in (query, key, value))
     sc = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     out, _ = flash_attn_fwd(q, k, v, mask, sc, 0, -1, 0 if is_causal else -1, 0.0)
     return out if query.dim() == 4 else out.squeeze(0)
@@ -167,7 +154,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
     if not _tensors_ok(q, k, v):
         out, lse = reference.flash_attention(q, k, v, causal, sc, (left, right), softcap, True)
     else:
-        out, lse = flash_attn_fwd(_last_unit(q), _last_unit(k), _last_unit(v), None, sc, k.shape[2] - L, left,
+        out, lse = flash_attn_fwd(unit_last(q), unit_last(k), unit_last(v), None, sc, k.shape[2] - L, left,
                                   right, float(softcap or 0.0))
     return (out, lse) if return_lse else out
 

@@ -4,10 +4,10 @@
 kernel per row (``cross_entropy_fwd``) that writes the per-row loss and, when a gradient will be needed, the
 gradient row of that loss (in float32 for 16-bit inputs, so the result is rounded once), so no softmax is kept
 and the backward (``cross_entropy_bwd``) only scales rows by the upstream gradient. For 'mean' the kernel divides
-rows by the summed weight of the non-ignored targets (torch's divisor) and the reduction is a sum of the rows. Class-probability targets are torch's composition on top of the
-log_softmax kernel. Anything the kernels do not cover (integer targets other than int64, mismatched weight
-dtype/device, empty inputs, invalid arguments) goes explicitly to ``tritium.reference`` (torch), so errors are
-torch's.
+rows by the summed weight of the non-ignored targets (torch's divisor) and the reduction is a sum of the rows.
+Class-probability targets are torch's composition on top of the log_softmax kernel. Anything the kernels do not
+cover (integer targets other than int64, mismatched weight dtype/device, empty inputs, invalid arguments) goes
+explicitly to ``tritium.reference`` (torch), so errors are torch's.
 
 ``fused_linear_cross_entropy`` projects hidden states to logits chunk by chunk of tokens and never materialises
 the (tokens, vocab) logits: for 'mean' and 'sum' the gradients of hidden, weight and bias are accumulated in the
@@ -24,9 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from .._backend import use_reference
-from ._library import SUPPORTED_DTYPES, acc_dtype, define_op, rows
-from .softmax import log_softmax, scaled_log_softmax
+from ._library import acc_dtype, define_op, kernel_ok, rows
+from .softmax import log_softmax
 from .linear import linear_packed, mm_acc_, pack_linear
 
 
@@ -72,11 +71,12 @@ cross_entropy_fwd = define_op(
 def default_chunk_size(tokens: int, hidden: int, vocab: int) -> int:
     """Tokens per chunk: the chunk's logits about as large as the hidden states (Liger's rule), at least 256
     rows so the matmuls stay efficient."""
-    per = triton_next_pow2(math.ceil(tokens / max(1, math.ceil(vocab / max(hidden, 1)))))
+    per = _next_pow2(math.ceil(tokens / max(1, math.ceil(vocab / max(hidden, 1)))))
     return max(1, min(tokens, max(256, per)))
 
 
-def triton_next_pow2(n: int) -> int:
+def _next_pow2(n: int) -> int:
+    """The smallest power of two >= n (>= 1): triton.next_power_of_2, without importing triton on CPU."""
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
@@ -109,9 +109,9 @@ def _flce_loop(hidden, weight, target, bias, ignore_index, label_smoothing, chun
             logits = linear_packed(h, packed, weight.shape[0], bias)
         else:
             logits = torch.addmm(bias, h, weight.t()) if bias is not None else torch.mm(h, weight.t())
-        l, g, _ = cross_entropy_fwd(logits, target[start:stop], None, ignore_index, label_smoothing, False,
-                                    need_grad)
-        loss[start:stop] = l
+        rows_loss, g, _ = cross_entropy_fwd(logits, target[start:stop], None, ignore_index, label_smoothing, False,
+                                            need_grad)
+        loss[start:stop] = rows_loss
         del logits
         if not need_grad:
             continue
@@ -119,7 +119,7 @@ def _flce_loop(hidden, weight, target, bias, ignore_index, label_smoothing, chun
         if row_scale is not None:
             g = cross_entropy_bwd(g, row_scale[start:stop], hidden.dtype)
         elif g.dtype != hidden.dtype:
-            g = cross_entropy_bwd(g, l.new_ones(()).expand(stop - start), hidden.dtype)
+            g = cross_entropy_bwd(g, rows_loss.new_ones(()).expand(stop - start), hidden.dtype)
         if packed_t is not None:
             gh[start:stop] = linear_packed(g, packed_t, weight.shape[1])
         else:
@@ -228,14 +228,9 @@ flce_rows = define_op(
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-def _device_ok(x: Tensor) -> bool:
-    return (x.dtype in SUPPORTED_DTYPES and x.device.type in ("cpu", "cuda")
-            and (x.device.type == "cpu" or x.dtype != torch.float64))
-
-
 def _index_kernel_ok(input: Tensor, target: Tensor, weight: Optional[Tensor], reduction: str,
                      label_smoothing: float) -> bool:
-    if use_reference() or not _device_ok(input) or input.dim() == 0 or input.numel() == 0:
+    if not kernel_ok(input) or input.dim() == 0:
         return False
     if target.dtype != torch.int64 or target.device != input.device:
         return False
@@ -274,10 +269,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         if reduction == "none":
             return per_row.to(input.dtype).view(target.shape)
         return per_row.sum().to(input.dtype)  # 'mean': the rows are already divided by the total weight
-    if (not use_reference() and _device_ok(input) and input.dim() > 0 and input.numel() > 0
-            and target.dtype == input.dtype and target.shape == input.shape and reduction in _REDUCTIONS
-            and 0.0 <= label_smoothing <= 1.0 and (weight is None or (weight.dtype == input.dtype and
-                                                                        weight.shape == (input.shape[min(1, input.dim() - 1)],)))):
+    if (kernel_ok(input, target, *([weight] if weight is not None else [])) and input.dim() > 0
+            and target.shape == input.shape and reduction in _REDUCTIONS and 0.0 <= label_smoothing <= 1.0
+            and (weight is None or weight.shape == (input.shape[min(1, input.dim() - 1)],))):
         return _prob_cross_entropy(input, target, weight, reduction, label_smoothing)
     return reference.cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=reduction,
                                    label_smoothing=label_smoothing)
@@ -323,10 +317,9 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, b
         raise ValueError(f"{reduction} is not a valid value for reduction")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"fused_linear_cross_entropy: chunk_size must be positive, got {chunk_size}")
-    ok = (not use_reference() and _device_ok(hidden) and weight.dtype == hidden.dtype
-          and weight.device == hidden.device and target.dtype == torch.int64 and hidden.numel() > 0
-          and weight.shape[0] > 0 and (bias is None or (bias.dtype == hidden.dtype and bias.shape == weight.shape[:1]))
-          and 0.0 <= label_smoothing <= 1.0)
+    ok = (kernel_ok(hidden, weight, *([bias] if bias is not None else [])) and target.dtype == torch.int64
+          and target.device == hidden.device and weight.shape[0] > 0
+          and (bias is None or bias.shape == weight.shape[:1]) and 0.0 <= label_smoothing <= 1.0)
     if not ok:
         return reference.fused_linear_cross_entropy(hidden, weight, target, bias, ignore_index, reduction,
                                                     label_smoothing)
@@ -392,8 +385,8 @@ def _distill_backward(ctx, dloss, _dgrad):
     return cross_entropy_bwd(grad, dloss, ctx.dtype), None, None, None
 
 
-distill_fwd = define_op("distill_fwd(Tensor student, Tensor teacher, float inv_temp, bool need_grad) -> (Tensor, Tensor)",
-                        _fake_distill, "kl_div:distill_fwd", backward=_distill_backward,
+distill_fwd = define_op("distill_fwd(Tensor student, Tensor teacher, float inv_temp, bool need_grad)"
+                        " -> (Tensor, Tensor)", _fake_distill, "kl_div:distill_fwd", backward=_distill_backward,
                         setup_context=_distill_setup)
 
 _KL_REDUCTIONS = ("mean", "batchmean", "sum", "none")
@@ -410,9 +403,7 @@ def kl_div(input: Tensor, target: Tensor, size_average=None, reduce=None, reduct
     legacy = size_average is not None or reduce is not None
     if legacy:
         reduction = F._Reduction.legacy_get_string(size_average, reduce)
-    ok = (not use_reference() and _device_ok(input) and target.dtype == input.dtype
-          and target.device == input.device and target.shape == input.shape and input.numel() > 0
-          and reduction in _KL_REDUCTIONS)
+    ok = kernel_ok(input, target) and target.shape == input.shape and reduction in _KL_REDUCTIONS
     if not ok:
         if legacy:
             return reference.kl_div(input, target, size_average, reduce, log_target=log_target)
@@ -454,8 +445,7 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperatur
     if target is not None and tuple(target.shape) != tuple(student_logits.shape[:-1]):
         raise ValueError(f"distillation_loss: target must have shape {tuple(student_logits.shape[:-1])}, got "
                          f"{tuple(target.shape)}")
-    ok = (not use_reference() and _device_ok(student_logits) and teacher_logits.dtype == student_logits.dtype
-          and teacher_logits.device == student_logits.device and student_logits.numel() > 0)
+    ok = kernel_ok(student_logits, teacher_logits)
     if not ok:
         return reference.distillation_loss(student_logits, teacher_logits, temperature, alpha, target, ignore_index)
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad

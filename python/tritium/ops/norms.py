@@ -14,8 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._backend import use_reference
-from ._library import SUPPORTED_DTYPES, acc_dtype, define_op, rows
+from ._library import acc_dtype, define_op, kernel_ok, rows, unit_last
 
 _ShapeT = Union[int, Sequence[int], torch.Size]
 
@@ -56,10 +55,6 @@ layer_norm_bwd = define_op(
     " -> (Tensor, Tensor, Tensor)", _fake_ln_bwd, "norms:layer_norm_bwd")
 
 
-def _grad_rows(g: Tensor) -> Tensor:
-    return g if g.stride(-1) == 1 else g.contiguous()
-
-
 # ---- autograd formulas ----
 def _rms_setup(ctx, inputs, output):
     x, weight, _ = inputs
@@ -69,7 +64,7 @@ def _rms_setup(ctx, inputs, output):
 def _rms_backward(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
     need_dw = ctx.needs_input_grad[1]
-    dx, dw = rms_norm_bwd(_grad_rows(dy), x, weight, rstd, None, need_dw)
+    dx, dw = rms_norm_bwd(unit_last(dy), x, weight, rstd, None, need_dw)
     return dx, (dw if need_dw else None), None
 
 
@@ -81,7 +76,7 @@ def _add_rms_setup(ctx, inputs, output):
 def _add_rms_backward(ctx, dy, dh, _drstd):
     h, weight, rstd = ctx.saved_tensors
     need_dw = ctx.needs_input_grad[2]
-    dx, dw = rms_norm_bwd(_grad_rows(dy), h, weight, rstd, _grad_rows(dh), need_dw)
+    dx, dw = rms_norm_bwd(unit_last(dy), h, weight, rstd, unit_last(dh), need_dw)
     return dx, dx, (dw if need_dw else None), None
 
 
@@ -93,7 +88,7 @@ def _ln_setup(ctx, inputs, output):
 def _ln_backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
     need_dw, need_db = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-    dx, dw, db = layer_norm_bwd(_grad_rows(dy), x, weight, mean, rstd, need_dw, need_db)
+    dx, dw, db = layer_norm_bwd(unit_last(dy), x, weight, mean, rstd, need_dw, need_db)
     return dx, (dw if need_dw else None), (db if need_db else None), None
 
 
@@ -116,24 +111,14 @@ def _as_shape(normalized_shape: _ShapeT) -> tuple:
     return tuple(normalized_shape)
 
 
-def _param_ok(p: Optional[Tensor], x: Tensor, shape: tuple) -> bool:
-    return p is None or (p.dtype == x.dtype and p.device == x.device and tuple(p.shape) == shape)
-
-
-def _kernel_ok(x: Tensor, shape: tuple, *params: Optional[Tensor]) -> bool:
-    """True when the kernels cover this call; everything else goes to the reference (torch), which also
-    raises torch's own errors for invalid arguments."""
+def _norm_ok(x: Tensor, shape: tuple, *params: Optional[Tensor]) -> bool:
+    """True when the kernels cover this call (kernel_ok, and x ends in `shape`, the parameters that are given
+    have that shape); everything else goes to the reference (torch), which also raises torch's own errors for
+    invalid arguments."""
+    given = [p for p in params if p is not None]
     nd = len(shape)
-    return (
-        not use_reference()
-        and x.dtype in SUPPORTED_DTYPES
-        and x.device.type in ("cpu", "cuda")
-        and (x.device.type == "cpu" or x.dtype != torch.float64)  # Triton kernels accumulate in float32
-        and 0 < nd <= x.dim()
-        and tuple(x.shape[x.dim() - nd:]) == shape
-        and x.numel() > 0
-        and all(_param_ok(p, x, shape) for p in params)
-    )
+    return (kernel_ok(x, *given) and 0 < nd <= x.dim() and tuple(x.shape[x.dim() - nd:]) == shape
+            and all(tuple(p.shape) == shape for p in given))
 
 
 def _flat(p: Optional[Tensor]) -> Optional[Tensor]:
@@ -143,9 +128,10 @@ def _flat(p: Optional[Tensor]) -> Optional[Tensor]:
 def rms_norm(input: Tensor, normalized_shape: _ShapeT, weight: Optional[Tensor] = None,
              eps: Optional[float] = None) -> Tensor:
     """Drop-in for ``torch.nn.functional.rms_norm``: y = x / sqrt(mean(x^2) + eps) * weight over the
-    trailing ``normalized_shape`` dims; eps defaults to the machine epsilon of the computation dtype (float32 for 16-bit inputs), as in torch."""
+    trailing ``normalized_shape`` dims; eps defaults to the machine epsilon of the computation dtype (float32 for
+    16-bit inputs), as in torch."""
     shape = _as_shape(normalized_shape)
-    if not _kernel_ok(input, shape, weight):
+    if not _norm_ok(input, shape, weight):
         return reference.rms_norm(input, list(shape), weight, eps)
     if eps is None:  # torch's default: the eps of the computation dtype (float32 for 16-bit inputs)
         eps = torch.finfo(acc_dtype(input.dtype)).eps
@@ -159,7 +145,7 @@ def layer_norm(input: Tensor, normalized_shape: _ShapeT, weight: Optional[Tensor
     """Drop-in for ``torch.nn.functional.layer_norm``: y = (x - mean) / sqrt(var + eps) * weight + bias over
     the trailing ``normalized_shape`` dims (biased variance)."""
     shape = _as_shape(normalized_shape)
-    if not _kernel_ok(input, shape, weight, bias):
+    if not _norm_ok(input, shape, weight, bias):
         return reference.layer_norm(input, list(shape), weight, bias, eps)
     n = math.prod(shape)
     y, _, _ = layer_norm_fwd(rows(input, n), _flat(weight), _flat(bias), eps)
@@ -176,7 +162,7 @@ def fused_add_rms_norm(input: Tensor, residual: Tensor, weight: Optional[Tensor]
     if input.dim() == 0:
         raise ValueError("fused_add_rms_norm: input must have at least one dimension, got a 0-d tensor")
     n = input.shape[-1]
-    if residual.dtype != input.dtype or not _kernel_ok(input, (n,), weight):
+    if not (kernel_ok(input, residual) and _norm_ok(input, (n,), weight)):
         return reference.fused_add_rms_norm(input, residual, weight, eps)
     if eps is None:  # torch's default: the eps of the computation dtype (float32 for 16-bit inputs)
         eps = torch.finfo(acc_dtype(input.dtype)).eps

@@ -16,8 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._backend import use_reference
-from ._library import SUPPORTED_DTYPES, define_op
+from ._library import define_op, kernel_ok
 
 
 def _fake_append(k, v, k_pool, v_pool, slot_mapping):
@@ -35,10 +34,6 @@ paged_attention_decode_op = define_op(
     "paged_attention_decode(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, Tensor seq_lens,"
     " float scale, float? softcap, int? window) -> Tensor",
     _fake_decode, "paged:paged_attention_decode")
-
-
-def _device_ok(t: Tensor) -> bool:
-    return t.device.type == "cpu" or (t.device.type == "cuda" and t.dtype != torch.float64)
 
 
 def _check_pools(k_pool: Tensor, v_pool: Tensor, fn: str) -> None:
@@ -67,9 +62,7 @@ def append_kv(k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, slot_mapping
         raise ValueError("append_kv: k, v, the pools and slot_mapping must be on one device")
     if k.shape[0] == 0:
         return None
-    ok = (not use_reference() and k_pool.dtype in SUPPORTED_DTYPES and _device_ok(k_pool)
-          and k_pool.stride(-1) == 1 and v_pool.stride(-1) == 1)
-    if not ok:
+    if not (kernel_ok(k_pool) and k_pool.stride(-1) == 1 and v_pool.stride(-1) == 1):
         return reference.append_kv(k, v, k_pool, v_pool, slot_mapping)
     if k.stride(-1) != 1:
         k = k.contiguous()
@@ -108,9 +101,7 @@ def paged_attention_decode(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tabl
         raise ValueError(f"paged_attention_decode: softcap must be > 0 or None, got {softcap}")
     if window is not None and window < 1:
         raise ValueError(f"paged_attention_decode: window must be >= 1 or None, got {window}")
-    ok = (not use_reference() and q.dtype in SUPPORTED_DTYPES and _device_ok(q) and q.stride(-1) == 1
-          and k_pool.stride(-1) == 1 and v_pool.stride(-1) == 1)
-    if not ok:
+    if not (kernel_ok(q) and q.stride(-1) == 1 and k_pool.stride(-1) == 1 and v_pool.stride(-1) == 1):
         return reference.paged_attention_decode(q, k_pool, v_pool, block_tables, seq_lens, scale, softcap, window)
     return paged_attention_decode_op(q, k_pool, v_pool, block_tables, seq_lens, float(scale),
                                      None if softcap is None else float(softcap), window)

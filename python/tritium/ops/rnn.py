@@ -4,11 +4,12 @@ A layer-direction runs as: the input projection for every time step in ONE matmu
 (x @ W_ih^T + b, shape (T, B, G*H)); then per step the recurrent matmul h @ W_hh^T (a matmul, as it must be)
 followed by ONE fused cell pass (gate nonlinearities, cell update and output; the ops ``tritium::lstm_cell_fwd``
 / ``gru_cell_fwd`` are one step, ``lstm_scan_fwd`` / ``gru_scan_fwd`` loop the steps in C++ (CPU) or launch
-the Triton cell kernel per step (GPU), writing straight into the (T, B, .) outputs). Backward through time runs the fused cell backward kernel per step and
-carries dh through W_hh; the weight gradient dW_hh = sum_t dG_t^T h_{t-1} is ONE matmul over all steps at the
-end (torch's autograd does one small matmul per step), and dW_ih, db and dx are one matmul (or sum) each in
-the projection's backward. On CPU the per-step recurrent products are rowgemm's register tiles (csrc/rowgemm.h,
-1.4-1.5x MKL at these shapes) and the projection's large outputs come from tritium's pool.
+the Triton cell kernel per step (GPU), writing straight into the (T, B, .) outputs). Backward through time runs
+the fused cell backward kernel per step and carries dh through W_hh; the weight gradient
+dW_hh = sum_t dG_t^T h_{t-1} is ONE matmul over all steps at the end (torch's autograd does one small matmul per
+step), and dW_ih, db and dx are one matmul (or sum) each in the projection's backward. On CPU the per-step
+recurrent products are rowgemm's register tiles (csrc/rowgemm.h, 1.4-1.5x MKL at these shapes) and the
+projection's large outputs come from tritium's pool.
 
 ``lstm`` and ``gru`` have the signature of ``torch.lstm`` / ``torch.gru`` (the unpacked overloads that
 torch.nn.LSTM/GRU call); anything the kernels do not cover (an unsupported dtype or device, empty input,
@@ -23,8 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from .._backend import use_reference
-from ._library import SUPPORTED_DTYPES, define_op
+from ._library import define_op, kernel_ok, unit_last
 from .linear import project
 
 
@@ -98,8 +98,8 @@ gru_scan_bwd = define_op(
 def _projection(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
     """xproj (T, B, G) = x (T, B, I) @ w^T + bias, every step's input projection in one matmul (tritium's
     linear autograd: mm_pooled outputs, panel_gemm for float from 64 rows)."""
-    T, B, I = x.shape
-    return project(x.reshape(T * B, I), w, bias).view(T, B, w.shape[0])
+    T, B, n_in = x.shape
+    return project(x.reshape(T * B, n_in), w, bias).view(T, B, w.shape[0])
 
 
 def _weight_grad(dg: Tensor, hs: Tensor, h0: Tensor, reverse: bool) -> Tensor:
@@ -117,7 +117,7 @@ def _weight_grad(dg: Tensor, hs: Tensor, h0: Tensor, reverse: bool) -> Tensor:
 def _grad_seq(g: Optional[Tensor], like: Tensor) -> Tensor:
     if g is None:
         return torch.zeros_like(like)
-    return g if g.stride(-1) == 1 else g.contiguous()
+    return unit_last(g)
 
 
 class _LSTMScan(torch.autograd.Function):
@@ -168,16 +168,8 @@ class _GRUScan(torch.autograd.Function):
 
 
 # ---- the layer stack (torch.lstm / torch.gru signatures) ----
-def _kernel_ok(input: Tensor, hidden: Sequence[Tensor], params: Sequence[Tensor]) -> bool:
-    return (
-        not use_reference()
-        and input.dtype in SUPPORTED_DTYPES
-        and input.device.type in ("cpu", "cuda")
-        and (input.device.type == "cpu" or input.dtype != torch.float64)
-        and input.dim() == 3
-        and input.numel() > 0
-        and all(t.dtype == input.dtype and t.device == input.device for t in list(hidden) + list(params))
-    )
+def _rnn_ok(input: Tensor, hidden: Sequence[Tensor], params: Sequence[Tensor]) -> bool:
+    return kernel_ok(input, *hidden, *params) and input.dim() == 3
 
 
 def _layers(params: Sequence[Tensor], has_biases: bool, num_layers: int, bidirectional: bool):
@@ -223,7 +215,7 @@ def _run(cell: str, input: Tensor, h0: Tensor, c0: Optional[Tensor], params, has
 def lstm(input: Tensor, hx: Sequence[Tensor], params: Sequence[Tensor], has_biases: bool, num_layers: int,
          dropout: float, train: bool, bidirectional: bool, batch_first: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """Drop-in for ``torch.lstm`` (unpacked input, no projections): (output, h_n, c_n)."""
-    if not _kernel_ok(input, hx, params) or len(params) != num_layers * (2 if bidirectional else 1) * (
+    if not _rnn_ok(input, hx, params) or len(params) != num_layers * (2 if bidirectional else 1) * (
             4 if has_biases else 2):
         return reference.lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
     out, h, c = _run("lstm", input, hx[0], hx[1], params, has_biases, num_layers, dropout, train, bidirectional,
@@ -234,7 +226,7 @@ def lstm(input: Tensor, hx: Sequence[Tensor], params: Sequence[Tensor], has_bias
 def gru(input: Tensor, hx: Tensor, params: Sequence[Tensor], has_biases: bool, num_layers: int, dropout: float,
         train: bool, bidirectional: bool, batch_first: bool) -> Tuple[Tensor, Tensor]:
     """Drop-in for ``torch.gru`` (unpacked input): (output, h_n)."""
-    if not _kernel_ok(input, [hx], params):
+    if not _rnn_ok(input, [hx], params):
         return reference.gru(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
     out, h, _ = _run("gru", input, hx, None, params, has_biases, num_layers, dropout, train, bidirectional,
                      batch_first)

@@ -14,8 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._backend import use_reference
-from ._library import SUPPORTED_DTYPES, define_op
+from ._library import define_op, kernel_ok, unit_last
 
 
 def _fake_rope(q, k, cos, sin, positions, interleaved, inverse):
@@ -33,7 +32,7 @@ def _rope_backward(ctx, dq, dk):
     interleaved, inverse = ctx.flags
     dq = torch.zeros(ctx.q_shape, dtype=ctx.q_dtype, device=cos.device) if dq is None else dq
     dk = torch.zeros(ctx.k_shape, dtype=ctx.k_dtype, device=cos.device) if dk is None else dk
-    gq, gk = rope_fwd(_unit(dq), _unit(dk), cos, sin, positions, interleaved, not inverse)
+    gq, gk = rope_fwd(unit_last(dq), unit_last(dk), cos, sin, positions, interleaved, not inverse)
     return gq, gk, None, None, None, None, None
 
 
@@ -47,10 +46,6 @@ rope_fwd = define_op(
     "rope_fwd(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor positions, bool interleaved, bool inverse)"
     " -> (Tensor, Tensor)", _fake_rope, "rope:rope_fwd", backward=_rope_backward,
     setup_context=_rope_setup_shapes)
-
-
-def _unit(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _check(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Optional[Tensor]) -> None:
@@ -91,13 +86,11 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Optional[Ten
         positions = torch.arange(seq, device=q.device)
         if q.dim() == 4:
             positions = positions.expand(lead)
-    if (use_reference() or q.dtype not in SUPPORTED_DTYPES or q.device.type not in ("cpu", "cuda")
-            or any(t.device != q.device for t in (k, cos, sin, positions))
-            or cos.requires_grad or sin.requires_grad or cos.dtype != torch.float32 or sin.dtype != torch.float32
-            or (q.device.type == "cuda" and q.dtype == torch.float64) or q.numel() == 0 or k.numel() == 0):
+    if (not kernel_ok(q, k) or k.numel() == 0 or any(t.device != q.device for t in (cos, sin, positions))
+            or cos.requires_grad or sin.requires_grad or cos.dtype != torch.float32 or sin.dtype != torch.float32):
         return reference.rope(q, k, cos, sin, positions, interleaved)
-    q3 = _unit(q.reshape((-1,) + q.shape[-2:]))
-    k3 = _unit(k.reshape((-1,) + k.shape[-2:]))
+    q3 = unit_last(q.reshape((-1,) + q.shape[-2:]))
+    k3 = unit_last(k.reshape((-1,) + k.shape[-2:]))
     pos = positions.reshape(-1).to(torch.int64).contiguous()
     qo, ko = rope_fwd(q3, k3, cos.contiguous(), sin.contiguous(), pos, bool(interleaved), False)
     return qo.view(q.shape), ko.view(k.shape)

@@ -27,8 +27,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._backend import use_reference
-from ._library import SUPPORTED_DTYPES, define_op
+from ._library import define_op, kernel_ok
 
 
 @dataclass
@@ -178,9 +177,7 @@ def sample(logits: Tensor, params: Union[SamplingParams, Sequence[SamplingParams
                 bias_idx[i, : len(p.logit_bias)] = torch.tensor(list(p.logit_bias), dtype=torch.int64)
                 bias_val[i, : len(p.logit_bias)] = torch.tensor(list(p.logit_bias.values()), dtype=torch.float32)
         bias_idx, bias_val = bias_idx.to(device), bias_val.to(device)
-    ok = (not use_reference() and logits.dtype in SUPPORTED_DTYPES and B > 0
-          and (device.type == "cpu" or (device.type == "cuda" and logits.dtype != torch.float64)))
-    if ok:
+    if kernel_ok(logits):
         x = logits if logits.stride(-1) == 1 else logits.contiguous()
         tokens, logprobs = sample_op(x, uniform, table.to(device), ht, bias_idx, bias_val)
     else:

@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from .._backend import use_reference
-from ._library import SUPPORTED_DTYPES, define_op
+from ._library import define_op, kernel_ok
 
 
 # ---- fake kernels: shapes only ----
@@ -58,18 +57,10 @@ softmax_fwd = define_op("softmax_fwd(Tensor x, float scale, bool log) -> Tensor"
 
 
 # ---- public API ----
-def _kernel_ok(x: Tensor, dim: int) -> bool:
-    """True when the kernels cover this call; everything else goes to the reference (torch), which also raises
-    torch's own errors for invalid arguments."""
-    return (
-        not use_reference()
-        and x.dtype in SUPPORTED_DTYPES
-        and x.device.type in ("cpu", "cuda")
-        and (x.device.type == "cpu" or x.dtype != torch.float64)  # Triton kernels accumulate in float32
-        and x.dim() > 0
-        and -x.dim() <= dim < x.dim()
-        and x.numel() > 0
-    )
+def _softmax_ok(x: Tensor, dim: int) -> bool:
+    """True when the kernels cover this call (kernel_ok and a valid dim of a tensor with dims); everything else
+    goes to the reference (torch), which also raises torch's own errors for invalid arguments."""
+    return kernel_ok(x) and x.dim() > 0 and -x.dim() <= dim < x.dim()
 
 
 def view3(x: Tensor, dim: int) -> Tensor:
@@ -95,7 +86,7 @@ def softmax(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
     if dim is None:
         dim = F._get_softmax_dim("softmax", input.dim(), _stacklevel)
     x = input if dtype is None else input.to(dtype)
-    if not _kernel_ok(x, dim):
+    if not _softmax_ok(x, dim):
         return reference.softmax(input, dim, dtype=dtype)
     return _run(x, dim, 1.0, False)
 
@@ -106,7 +97,7 @@ def log_softmax(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
     if dim is None:
         dim = F._get_softmax_dim("log_softmax", input.dim(), _stacklevel)
     x = input if dtype is None else input.to(dtype)
-    if not _kernel_ok(x, dim):
+    if not _softmax_ok(x, dim):
         return reference.log_softmax(input, dim, dtype=dtype)
     return _run(x, dim, 1.0, True)
 
@@ -117,16 +108,9 @@ def softmin(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
     if dim is None:
         dim = F._get_softmax_dim("softmin", input.dim(), _stacklevel)
     x = input if dtype is None else input.to(dtype)
-    if not _kernel_ok(x, dim):
+    if not _softmax_ok(x, dim):
         return reference.softmin(input, dim, dtype=dtype)
     return _run(x, dim, -1.0, False)
-
-
-def scaled_log_softmax(input: Tensor, dim: int, scale: float) -> Tensor:
-    """log_softmax(input * scale) along dim with the scaling fused (the temperature of distillation: 1/T)."""
-    if not _kernel_ok(input, dim):
-        return F.log_softmax(input * scale, dim)
-    return _run(input, dim, float(scale), True)
 
 
 __all__: List[str] = ["softmax", "log_softmax", "softmin"]
