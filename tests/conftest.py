@@ -7,6 +7,8 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import tests.hypothesis_profile  # noqa: E402,F401  (derandomised hypothesis; torch seeded per example)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -14,6 +14,7 @@ BIG = (1024, 1024)  # 4 MiB of float32: above the 2 MiB pool threshold
 @pytest.fixture
 def pool():
     before = tritium.pool_stats()["limit_bytes"]
+    tritium.set_pool_limit(1 << 30)  # the same limit whatever TRITIUM_CPU_POOL_MB the environment sets
     tritium.empty_cache()
     yield
     tritium.set_pool_limit(before)
