@@ -24,13 +24,15 @@ import triton.language as tl
 
 from ._utils import num_programs
 
-# The ACT selector of the elementwise kernels: one id per row of tritium.ops.activations.ACTIVATIONS.
-ACT_IDS = {
-    "relu": 0, "leaky_relu": 1, "elu": 2, "sigmoid": 3, "tanh": 4, "softplus": 5, "gelu": 6, "gelu_tanh": 7,
-    "silu": 8, "mish": 9, "logsigmoid": 10, "hardswish": 11, "swish": 12,
-}
+# The ACT selector of the elementwise kernels: an activation's id is its position in this tuple, which lists
+# tritium.ops.activations.ACTIVATIONS and csrc/activations.cpp's TRITIUM_ACTIVATIONS in the same order
+# (batch_norm_act passes the id across all three; tests/ops/test_activations.py compares the orders).
+ACT_ORDER = ("relu", "leaky_relu", "elu", "sigmoid", "tanh", "softplus", "gelu", "gelu_tanh", "silu", "mish",
+             "logsigmoid", "hardswish", "swish")
+ACT_IDS = {name: i for i, name in enumerate(ACT_ORDER)}
 # Gated ops -> the id of their gate function.
-GATE_IDS = {"glu": 3, "swiglu": 8, "geglu": 6, "geglu_tanh": 7}
+GATE_IDS = {"glu": ACT_IDS["sigmoid"], "swiglu": ACT_IDS["silu"], "geglu": ACT_IDS["gelu"],
+            "geglu_tanh": ACT_IDS["gelu_tanh"]}
 
 BLOCK = 1024        # elements per program of the elementwise kernels
 # GELU's constants are literals in the jit code (a compiled kernel may only read constexpr globals, and the

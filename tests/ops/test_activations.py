@@ -325,3 +325,42 @@ def test_batch_norm_act_compiles():
     r = torch.randn(2, 3, 4, 4)
     fn = torch.compile(lambda x, r: tritium.batch_norm_act(x, mean, var, w, b, 1e-5, "relu", r), fullgraph=True)
     torch.testing.assert_close(fn(x, r), reference.batch_norm_act(x, mean, var, w, b, 1e-5, "relu", r))
+
+
+# ---- the activation list's three copies (Python table, C++ macro, Triton ids) agree in order ----
+def test_activation_lists_have_one_order():
+    """batch_norm_act passes an activation as its position in the list; the Python table, the C++ macro
+    TRITIUM_ACTIVATIONS (csrc/activations.cpp) and the Triton ids must list the same names in the same order,
+    and the gated ops must name the same gate function in all three."""
+    import pathlib
+    import re
+
+    from tritium.kernels import activations as triton_act
+    from tritium.ops.activations import ACT_NAMES, GATES
+
+    src = (pathlib.Path(__file__).resolve().parents[2] / "csrc" / "activations.cpp").read_text()
+    acts = re.search(r"#define TRITIUM_ACTIVATIONS\(X\)((?:[^\n]*\\\n)*[^\n]*)", src).group(1)
+    gates = re.search(r"#define TRITIUM_GATES\(X\)((?:[^\n]*\\\n)*[^\n]*)", src).group(1)
+    cpp_acts = re.findall(r"X\((\w+),\s*(\w+)\)", acts)
+    assert [name for name, _ in cpp_acts] == ACT_NAMES
+    assert list(triton_act.ACT_ORDER) == ACT_NAMES
+    assert triton_act.ACT_IDS == {name: i for i, name in enumerate(ACT_NAMES)}
+    functor = dict(cpp_acts)
+    assert {g: functor[fn] for g, fn in GATES.items()} == dict(re.findall(r"X\((\w+),\s*(\w+)\)", gates))
+    assert {g: ACT_NAMES.index(fn) for g, fn in GATES.items()} == triton_act.GATE_IDS
+
+
+@pytest.mark.parametrize("impl_name", ["cpp", "triton"])
+def test_batch_norm_act_ids_mean_the_named_activations(impl_name):
+    """batch_norm_act_fwd with id i and scale 1, shift 0 is the elementwise op ACT_NAMES[i] (for every row of
+    the table, not only the activations batch_norm_act exposes), in the C++ and the Triton kernels."""
+    from tritium.kernels import activations as triton_act
+    from tritium.ops.activations import ACT_NAMES
+
+    impl = torch.ops.tritium if impl_name == "cpp" else triton_act
+    x = torch.randn(4, 37) * 3
+    one, zero = torch.ones(37), torch.zeros(37)
+    for i, name in enumerate(ACT_NAMES):
+        params = (0.7, 1.3, 0.9)  # read by the parameterised rows (leaky_relu, elu, softplus, swish), else unused
+        y = impl.batch_norm_act_fwd(x, one, zero, None, False, i, *params)
+        torch.testing.assert_close(y, getattr(impl, f"{name}_fwd")(x, *params), msg=lambda m: f"{name}: {m}")
