@@ -132,6 +132,10 @@ def _norm_bwd_kernel(
             else:
                 c1 = 0.0
             dx = (g - c1 - xhat * c2) * rstd
+            if CENTERED:
+                # one element: y = b whatever x, so dx = 0 exactly; the formula would keep dy * w's rounding
+                # error (times rstd = 1/sqrt(eps)) wherever the compiler fuses g's product into g - c1
+                dx = tl.where(N == 1, 0.0, dx)
             if HAS_GRAD_RESIDUAL:
                 dx += tl.load(GR + r64 * stride_gr + cols, mask=mask, other=0.0).to(tl.float32)
             tl.store(DX + r64 * N + cols, dx.to(DX.dtype.element_ty), mask=mask)

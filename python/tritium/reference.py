@@ -103,10 +103,10 @@ scaled_dot_product_attention = F.scaled_dot_product_attention
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: Optional[float] = None,
-                    window: tuple = (-1, -1), softcap: Optional[float] = None, return_lse: bool = False):
+                    window: Optional[tuple] = None, softcap: Optional[float] = None, return_lse: bool = False):
     """softmax(cap(q k^T * scale)) v with key j visible to query i when j <= i + S - L (causal, bottom-right)
-    and i + S - L - left <= j <= i + S - L + right (window, -1 unbounded); rows seeing no key give 0 and
-    lse -inf. Computed in float32 (float64 for float64 input)."""
+    and i + S - L - left <= j <= i + S - L + right (window, -1 unbounded; None: no window); rows seeing no key
+    give 0 and lse -inf. Computed in float32 (float64 for float64 input)."""
     L, D, S = q.shape[-2], q.shape[-1], k.shape[-2]
     acc = acc_dtype(q.dtype)
     group = q.shape[-3] // k.shape[-3]
@@ -117,7 +117,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
         s = softcap * torch.tanh(s / softcap)
     i = torch.arange(L, device=q.device)[:, None] + (S - L)
     j = torch.arange(S, device=q.device)[None, :]
-    left, right = window
+    left, right = (-1, -1) if window is None else window
     right = 0 if causal else right
     visible = torch.ones(L, S, dtype=torch.bool, device=q.device)
     if right >= 0:

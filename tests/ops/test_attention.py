@@ -1,5 +1,7 @@
 """tritium.scaled_dot_product_attention as a drop-in for torch's, and tritium.flash_attention's extras:
 values and gradients, fallbacks, errors, gradcheck, torch.compile(fullgraph=True)."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -271,3 +273,51 @@ def test_flash_attention_head_dim_one_transposed():
     torch.testing.assert_close(out, ref)
     dy = torch.randn_like(out)
     torch.testing.assert_close(torch.autograd.grad(out, (q, k, v), dy), torch.autograd.grad(ref, (q, k, v), dy))
+
+
+def test_flash_attention_window_none_is_no_window():
+    """window=None (the default) is no window, as paged_attention_decode's window=None; also in the reference."""
+    q, k, v = torch.randn(1, 2, 6, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
+    for causal in (False, True):
+        none = tritium.flash_attention(q, k, v, causal=causal, window=None)
+        assert torch.equal(none, tritium.flash_attention(q, k, v, causal=causal, window=(-1, -1)))
+        assert torch.equal(none, tritium.flash_attention(q, k, v, causal=causal))
+        torch.testing.assert_close(reference.flash_attention(q, k, v, causal=causal, window=None), none)
+
+
+@pytest.mark.parametrize("window", [3, (1,), (1, 2, 3), (1.5, 2), (True, 0), "ab", {1: 2}], ids=repr)
+def test_flash_attention_window_error_names_the_argument(window):
+    q = k = v = torch.randn(1, 2, 4, 16)
+    with pytest.raises(ValueError, match=r"flash_attention: window must be None \(no window\) or a \(left, right\)"
+                                         r" pair of ints .*, got " + re.escape(repr(window))):
+        tritium.flash_attention(q, k, v, window=window)
+
+
+def _paged_case():
+    bs, hkv, d, n = 4, 2, 16, 7
+    k_pool, v_pool = torch.randn(3, bs, hkv, d), torch.randn(3, bs, hkv, d)
+    tables = torch.tensor([[2, 0]], dtype=torch.int32)
+    return torch.randn(1, 4, d), k_pool, v_pool, tables, torch.tensor([n], dtype=torch.int32)
+
+
+def test_paged_window_none_and_int():
+    from tritium.inference import paged_attention_decode
+
+    q, k_pool, v_pool, tables, sl = _paged_case()
+    for window in (None, 3, 7, 100):
+        torch.testing.assert_close(paged_attention_decode(q, k_pool, v_pool, tables, sl, 0.25, window=window),
+                                   reference.paged_attention_decode(q, k_pool, v_pool, tables, sl, 0.25, None,
+                                                                    window))
+    # window at least the sequence length is no window
+    torch.testing.assert_close(paged_attention_decode(q, k_pool, v_pool, tables, sl, 0.25, window=7),
+                               paged_attention_decode(q, k_pool, v_pool, tables, sl, 0.25, window=None))
+
+
+@pytest.mark.parametrize("window", [0, -1, 2.5, (3, 0), True, "3"], ids=repr)
+def test_paged_window_error_names_the_argument(window):
+    from tritium.inference import paged_attention_decode
+
+    q, k_pool, v_pool, tables, sl = _paged_case()
+    with pytest.raises(ValueError, match=r"paged_attention_decode: window must be None \(no window\) or an int >= 1"
+                                         r".*, got " + re.escape(repr(window))):
+        paged_attention_decode(q, k_pool, v_pool, tables, sl, 0.25, window=window)

@@ -1,6 +1,4 @@
 """softmax / log_softmax / softmin as drop-ins: torch's values, gradients, warnings, errors, compile, modules."""
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -119,11 +119,12 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: Optional[float] = None,
-                    window: Tuple[int, int] = (-1, -1), softcap: Optional[float] = None,
+                    window: Optional[Tuple[int, int]] = None, softcap: Optional[float] = None,
                     return_lse: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """softmax(cap(q k^T * scale)) v on (batch, heads, L, D) q and (batch, heads_kv, S, D) k, v (heads_kv divides
     heads). ``causal``: key j visible to query i when j <= i + S - L (bottom-right aligned, as flash-attn);
-    ``window=(left, right)``: additionally i + S - L - left <= j <= i + S - L + right (-1: unbounded);
+    ``window=(left, right)``: additionally i + S - L - left <= j <= i + S - L + right (-1: unbounded; None, the
+    default, is no window: (-1, -1));
     ``softcap``: scores become softcap * tanh(scores / softcap). Rows that see no key give 0 (lse -inf).
     ``return_lse``: also return logsumexp of the scores per row, (batch, heads, L) float32 (float64 for
     float64 input), differentiable."""
@@ -143,8 +144,12 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
         raise TypeError(f"flash_attention: q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not q.is_floating_point():
         raise TypeError(f"flash_attention: expected floating point inputs, got {q.dtype}")
-    if len(window) != 2 or not all(isinstance(w, int) for w in window):
-        raise ValueError(f"flash_attention: window must be (left, right) ints, got {window!r}")
+    if window is None:
+        window = (-1, -1)
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
+        raise ValueError(f"flash_attention: window must be None (no window) or a (left, right) pair of ints "
+                         f"(-1: unbounded), got {window!r}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"flash_attention: softcap must be None or > 0, got {softcap}")
     left, right = window

@@ -99,8 +99,9 @@ def paged_attention_decode(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tabl
                          f"{tuple(seq_lens.shape)}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"paged_attention_decode: softcap must be > 0 or None, got {softcap}")
-    if window is not None and window < 1:
-        raise ValueError(f"paged_attention_decode: window must be >= 1 or None, got {window}")
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+        raise ValueError(f"paged_attention_decode: window must be None (no window) or an int >= 1 (attend to the "
+                         f"last `window` tokens), got {window!r}")
     if not (kernel_ok(q) and q.stride(-1) == 1 and k_pool.stride(-1) == 1 and v_pool.stride(-1) == 1):
         return reference.paged_attention_decode(q, k_pool, v_pool, block_tables, seq_lens, scale, softcap, window)
     return paged_attention_decode_op(q, k_pool, v_pool, block_tables, seq_lens, float(scale),
