@@ -93,12 +93,12 @@ def sampling_distribution(logits: Tensor, temperature: float = 1.0, top_k: int =
     return p / p.sum()
 
 
-# ---- RNNs (worker F): torch's own layer implementations, the unpacked overloads torch.nn.LSTM/GRU call ----
+# ---- RNNs: torch's own layer implementations, the unpacked overloads torch.nn.LSTM/GRU call ----
 lstm = torch.lstm
 gru = torch.gru
 
 
-# ---- attention (worker C) ----
+# ---- attention ----
 scaled_dot_product_attention = F.scaled_dot_product_attention
 
 
@@ -131,7 +131,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
     return (out, lse) if return_lse else out
 
 
-# ---- activations and gated units (worker A; tritium.ops.activations): torch's own functions ----
+# ---- activations and gated units (tritium.ops.activations): torch's own functions ----
 relu = F.relu
 leaky_relu = F.leaky_relu
 elu = F.elu
@@ -201,7 +201,7 @@ def geglu(gate: Tensor, up: Optional[Tensor] = None, approximate: str = "none") 
     return F.gelu(g, approximate=approximate) * u
 
 
-# ---- softmax family (worker B) ----
+# ---- softmax family ----
 softmax = F.softmax
 log_softmax = F.log_softmax
 softmin = F.softmin
@@ -277,7 +277,7 @@ def _penalised(row: Tensor, p: dict, history: Optional[list]) -> Tensor:
     return z
 
 
-# ---- rope (worker C) ----
+# ---- rope ----
 def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Optional[Tensor] = None,
          interleaved: bool = False) -> tuple[Tensor, Tensor]:
     """Rotate pairs (i, i + R/2) (or (2i, 2i+1) when interleaved) of the first R = 2 * cos.shape[1] dims of q

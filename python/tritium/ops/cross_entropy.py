@@ -46,7 +46,7 @@ cross_entropy_bwd = define_op("cross_entropy_bwd(Tensor grad, Tensor dloss, Scal
 
 def _ce_setup(ctx, inputs, output):
     # the gradient rows and the total are outputs no loss depends on: without this, autograd would build a
-    # zero (tokens, vocab) tensor for them on every backward (measured: half of the bf16 backward's time)
+    # zero (tokens, vocab) tensor for them on every backward, writing as many bytes as the logits themselves
     ctx.set_materialize_grads(False)
     ctx.dtype = inputs[0].dtype
     ctx.save_for_backward(output[1])
@@ -91,11 +91,10 @@ def _flce_loop(hidden, weight, target, bias, ignore_index, label_smoothing, chun
     gw = torch.zeros(weight.shape, dtype=adt, device=weight.device) if need_grad else hidden.new_empty((0,))
     gb = (torch.zeros(weight.shape[0], dtype=adt, device=weight.device) if need_grad and bias is not None
           else hidden.new_empty((0,)))
-    # CPU float: the weight packed once into column panels for every chunk's logits (linear_packed): BLAS repacks
-    # the whole (V, H) weight on each call, which held the chunks' products at ~130 GFLOPS (~215 on the panels).
-    # The packed copy costs the weight's size once more, for the call's duration.
-    # The input gradient g @ W likewise from W's rows packed once (its panels run the vocabulary-long reduction
-    # in L2-sized blocks; MKL repacked the weight per chunk here too: 159 GFLOPS).
+    # CPU float: the weight packed once into column panels for every chunk's logits (linear_packed), where BLAS
+    # would repack the whole (V, H) weight on each chunk's call. The packed copy costs the weight's size once
+    # more, for the call's duration. The input gradient g @ W likewise from W's rows packed once (its panels run
+    # the vocabulary-long reduction in L2-sized blocks; BLAS would repack the weight per chunk here too).
     packed = packed_t = None
     if (hidden.device.type == "cpu" and hidden.dtype in (torch.float32, torch.float64) and weight.is_contiguous()
             and min(chunk, T) >= 64 and weight.shape[1] > 0):

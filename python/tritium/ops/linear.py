@@ -1,23 +1,23 @@
 """Products with a weight matrix on CPU without BLAS's per-call repacking, and tritium.linear.
 
-BLAS repacks the whole weight matrix on every call, which at a decode step's shapes with cold weights made MKL's
-sgemm run SmolLM2's batch-16 projections at 52 GFLOPS. The ops here:
+BLAS repacks the whole weight matrix on every call; at a decode step's few rows, with the weights cold in cache,
+that repacking is most of the call. The ops here:
 
 - ``linear_small(x, w)``: x (M, K) @ w (N, K)^T on the weights as torch stores them (csrc/rowgemm.h: 4 x 4
-  register tiles, the next weight tiles prefetched). Measured on the 2-core CPU (SmolLM2-135M's projections and
-  head, float32, cold weights) 2.9x / 2.6x / 1.8x faster than MKL at 1 / 16 / 64 rows and 1.1x at a 512-token
-  prompt, so float32 uses it at every row count; 16-bit weights for one row only (from two rows on oneDNN's
-  AVX512-BF16 kernels win: they multiply in bf16, this kernel converts every weight vector to float).
+  register tiles, the next weight tiles prefetched, no packing step), which beats BLAS for float32 at every row
+  count of a model's projections (bench/results/ has the runs), so float32 uses it at every row count; 16-bit
+  weights for one row only (from two rows on oneDNN's AVX512-BF16 kernels win: they multiply in bf16, this
+  kernel converts every weight vector to float).
 - ``pack_linear(w)`` / ``linear_packed(x, packed, N, bias)``: the weights packed once into column panels
-  (csrc/panel.h: outer-product register tiles, no lane reductions; another 1.1-1.2x from 16 rows up), what the
-  serving path uses for float weights packed at load.
+  (csrc/panel.h: outer-product register tiles, no lane reductions, so they also beat linear_small's row tiles
+  from 16 rows up), what the serving path uses for float weights packed at load.
 - ``mm_pooled(a, b, bias)``: a @ b (+ bias) into an output from tritium's CPU pool (no fresh pages per call),
   through panel_gemm for float from 64 rows: the RNN input projection and its input gradient.
 - ``pack_linear_glu(w)`` / ``linear_packed_swiglu(x, packed, 2F)``: a gate/up weight packed with its gate and up
   rows interleaved per panel, SwiGLU computed in the product's epilogue (the serving path's MLP).
 - ``linear_wgrad(dy, x, bias)``: the weight and bias gradients dy^T x and dy.sum(0) in one pass (csrc/panel.h's
-  panel_gemm_tn for float from 512 rows: 191-202 GFLOPS at a transformer's shapes against MKL's 181-190 with the
-  separate sum).
+  panel_gemm_tn for float from 512 rows: the column sums come from the same transposed chunks of dy, so the bias
+  gradient costs no second pass over dy).
 - ``linear(input, weight, bias)`` (public, ``tritium.linear``): the drop-in for F.linear, whose forward and input
   gradient go through mm_pooled on CPU float from 64 rows, the weight and bias gradients through linear_wgrad
   (``project``, also the RNN input projection).
@@ -37,7 +37,7 @@ from torch import Tensor
 from .._backend import use_reference
 from ._library import define_op
 
-# Row counts up to which linear_small is the faster way on CPU (None: any; measured as above).
+# Row counts up to which linear_small is the faster way on CPU (None: any; see the module docstring).
 MAX_ROWS = {torch.float32: None, torch.float64: 3, torch.bfloat16: 1, torch.float16: 1}
 
 
@@ -167,8 +167,8 @@ def project(x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> Tensor:
     return _Project.apply(x, w, b)
 
 
-# measured on the 2-core CPU at a transformer's shapes (6304 rows, 384 <-> 1536): forward 207-223 GFLOPS against
-# MKL's 149-197, the input gradient 207-223 against 148-197; below 64 rows mm_pooled is BLAS anyway
+# From 64 rows the packed panels are reused by enough rows to beat BLAS's product (forward and input gradient at
+# a transformer's shapes, bench/results/); below that mm_pooled calls BLAS anyway
 _MIN_ROWS = 64
 
 

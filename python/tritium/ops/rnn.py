@@ -8,8 +8,8 @@ the Triton cell kernel per step (GPU), writing straight into the (T, B, .) outpu
 the fused cell backward kernel per step and carries dh through W_hh; the weight gradient
 dW_hh = sum_t dG_t^T h_{t-1} is ONE matmul over all steps at the end (torch's autograd does one small matmul per
 step), and dW_ih, db and dx are one matmul (or sum) each in the projection's backward. On CPU the per-step
-recurrent products are rowgemm's register tiles (csrc/rowgemm.h, 1.4-1.5x MKL at these shapes) and the
-projection's large outputs come from tritium's pool.
+recurrent products are rowgemm's register tiles (csrc/rowgemm.h: no per-call packing of W_hh, which at a
+step's few rows is most of what BLAS would do) and the projection's large outputs come from tritium's pool.
 
 ``lstm`` and ``gru`` have the signature of ``torch.lstm`` / ``torch.gru`` (the unpacked overloads that
 torch.nn.LSTM/GRU call); anything the kernels do not cover (an unsupported dtype or device, empty input,
