@@ -12,12 +12,18 @@ from tritium import reference
 
 
 def _compare(fn_ours, fn_torch, inputs, dtype, grad=True):
-    """ours vs torch in dtype vs torch in float64: values and every gradient within 2x torch's error."""
+    """ours vs torch in dtype vs torch in float64: values and every gradient within 2x torch's error. The inputs
+    and the output gradient (random, so a wrong sum over keys or heads cannot cancel) are rounded to dtype first:
+    the float64 reference sees the values the dtype runs see, and torch's error is its own, not the rounding's."""
     res = {}
+    inputs = [t.to(dtype) if t.is_floating_point() else t for t in inputs]
+    dy = None
     for name, fn, d in (("ours", fn_ours, dtype), ("torch", fn_torch, dtype), ("ref", fn_torch, torch.float64)):
         ins = [t.to(d).requires_grad_(grad and t.is_floating_point()) for t in inputs]
         out = fn(*ins)
-        gs = torch.autograd.grad(out, [t for t in ins if t.requires_grad], torch.ones_like(out) * 0.5) if grad else ()
+        if dy is None:
+            dy = torch.randn(out.shape, dtype=torch.float64).to(dtype)
+        gs = torch.autograd.grad(out, [t for t in ins if t.requires_grad], dy.to(d)) if grad else ()
         res[name] = (out.detach(),) + tuple(gs)
     for i, (o, t, r) in enumerate(zip(res["ours"], res["torch"], res["ref"])):
         assert_within_torch_error(o, t, r, f"output {i}")
@@ -63,16 +69,18 @@ def test_sdpa_masks(kind):
     else:  # whole rows masked: torch gives 0 for them (values and gradients)
         mask = torch.rand(L, S) > 0.5
         mask[::3] = False
+    dy = torch.randn(B, H, L, D, dtype=torch.float64)
     for dtype in (torch.float32, torch.bfloat16):
+        # inputs, mask and output gradient rounded to dtype: the float64 reference sees the same values
         m = mask if mask.dtype == torch.bool else mask.to(dtype)
-        m64 = mask if mask.dtype == torch.bool else mask
+        m64 = mask if mask.dtype == torch.bool else m.double()
         res = {}
         for name, fn, d, mm in (("ours", tritium.scaled_dot_product_attention, dtype, m),
                                 ("torch", F.scaled_dot_product_attention, dtype, m),
                                 ("ref", F.scaled_dot_product_attention, torch.float64, m64)):
-            ins = [t.to(d).requires_grad_() for t in inputs]
+            ins = [t.to(dtype).to(d).requires_grad_() for t in inputs]
             out = fn(*ins, attn_mask=mm)
-            res[name] = (out.detach(),) + torch.autograd.grad(out, ins, torch.ones_like(out))
+            res[name] = (out.detach(),) + torch.autograd.grad(out, ins, dy.to(dtype).to(d))
         for i, (o, t, r) in enumerate(zip(res["ours"], res["torch"], res["ref"])):
             assert_within_torch_error(o, t, r, f"{kind} {dtype} output {i}")
         if kind == "bool_dead_rows":

@@ -19,8 +19,8 @@ def _compare(ours, theirs, tensors, dtype, grad_idx=(0,)):
         ins = [leaf(t, d) if i in grad_idx else (t.to(d) if t.is_floating_point() else t)
                for i, t in enumerate(tensors)]
         y = fn(*ins)
-        if g is None:
-            g = torch.randn(y.shape, dtype=torch.float64)
+        if g is None:  # rounded to dtype, as the inputs: the reference sees the same output gradient
+            g = torch.randn(y.shape, dtype=torch.float64).to(dtype)
         res[name] = (y.detach(), torch.autograd.grad(y, [ins[i] for i in grad_idx], g.to(y.dtype)))
     assert_within_torch_error(res["ours"][0], res["torch"][0], res["ref"][0].double(), "value")
     for i, (a, b, c) in enumerate(zip(res["ours"][1], res["torch"][1], res["ref"][1])):

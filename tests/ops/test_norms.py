@@ -19,8 +19,8 @@ def _same_as_torch(ours_fn, torch_fn, args, dtype):
     for name, fn, d in (("ours", ours_fn, dtype), ("torch", torch_fn, dtype), ("ref", torch_fn, torch.float64)):
         ins = [leaf(a, d) if isinstance(a, torch.Tensor) else a for a in args]
         y = fn(*ins)
-        if g is None:
-            g = torch.randn(y.shape, dtype=torch.float64)
+        if g is None:  # rounded to dtype, as the inputs: the reference sees the same output gradient
+            g = torch.randn(y.shape, dtype=torch.float64).to(dtype)
         tens = [t for t in ins if isinstance(t, torch.Tensor)]
         results[name] = (y.detach(), torch.autograd.grad(y, tens, g.to(d)))
     assert_within_torch_error(results["ours"][0], results["torch"][0], results["ref"][0].double(), "value")
