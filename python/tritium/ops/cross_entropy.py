@@ -137,10 +137,11 @@ def _flce_loop(hidden, weight, target, bias, ignore_index, label_smoothing, chun
 
 def _fake_flce(hidden, weight, target, bias, ignore_index, label_smoothing, chunk, mean, need_grad):
     adt = acc_dtype(hidden.dtype)
-    e = hidden.new_empty((0,))
+    none = (0,)  # a gradient not computed: an empty tensor of its own (outputs never alias)
     return (hidden.new_empty((), dtype=adt), hidden.new_empty((), dtype=adt),
-            hidden.new_empty(hidden.shape) if need_grad else e, weight.new_empty(weight.shape) if need_grad else e,
-            weight.new_empty((weight.shape[0],)) if need_grad and bias is not None else e)
+            hidden.new_empty(hidden.shape if need_grad else none),
+            weight.new_empty(weight.shape if need_grad else none),
+            weight.new_empty((weight.shape[0],) if need_grad and bias is not None else none))
 
 
 def _flce_impl(hidden, weight, target, bias, ignore_index, label_smoothing, chunk, mean, need_grad):
@@ -168,9 +169,8 @@ def _flce_rows_impl(hidden, weight, target, bias, ignore_index, label_smoothing,
 
 
 def _fake_flce_bwd(hidden, weight, target, bias, dloss, ignore_index, label_smoothing, chunk):
-    e = hidden.new_empty((0,))
     return (hidden.new_empty(hidden.shape), weight.new_empty(weight.shape),
-            weight.new_empty((weight.shape[0],)) if bias is not None else e)
+            weight.new_empty((weight.shape[0],) if bias is not None else (0,)))
 
 
 def _flce_bwd_impl(hidden, weight, target, bias, dloss, ignore_index, label_smoothing, chunk):
