@@ -1,13 +1,15 @@
-"""Shared test helpers: the shapes every kernel is tried at, the tolerance rule, and the GPU compile check."""
+"""Shared test helpers: the shapes every kernel is tried at, the tolerance rule, the device the Triton kernels run
+on, and the GPU compile check."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import json
 import os
-import re
-import shutil
 import subprocess
-import tempfile
-from typing import Callable, Sequence
+import sys
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -51,30 +53,146 @@ def leaf(t: torch.Tensor, dtype=None) -> torch.Tensor:
 
 def torch_and_ref(fn, args, dy, dtype):
     """fn's output and input grads in dtype (torch's own error) and in float64 (the reference):
-    ((y, grads) in dtype, (y, grads) in float64), for assert_within_torch_error."""
+    ((y, grads) in dtype, (y, grads) in float64), for assert_within_torch_error. The float64 run takes args and
+    dy rounded to dtype first, so torch's error is its own and not the input rounding's."""
     out = {}
     for d in (dtype, torch.float64):
-        ins = [leaf(a, d) for a in args]
+        ins = [leaf(a.to(dtype), d) for a in args]
         y = fn(*ins)
-        gs = torch.autograd.grad(y, ins, dy.to(d))
+        gs = torch.autograd.grad(y, ins, dy.to(dtype).to(d))
         out[d] = (y.detach(), gs)
     return out[dtype], out[torch.float64]
 
 
 # ---------------------------------------------------------------------------------------------------------
-# GPU compile check: record the launches a launcher makes under the interpreter, then compile each one for a
-# real GPU target (no GPU needed) and report shared memory and registers.
+# The device the Triton kernels run on: CPU tensors under the interpreter (the default), or a real GPU with
+# TRITIUM_TEST_DEVICE=cuda (tests/conftest.py then leaves TRITON_INTERPRET unset). Kernel tests build their
+# inputs and references on the CPU and call the Triton launchers through on_device(module), which moves tensor
+# arguments to DEVICE and results back, so one test body serves both.
+# ---------------------------------------------------------------------------------------------------------
+DEVICE = torch.device(os.environ.get("TRITIUM_TEST_DEVICE", "cpu"))
+INTERPRETED = DEVICE.type == "cpu"
+_IN_PLACE = {"append_kv"}  # launchers that write into their arguments besides the `name_` ones
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """The whole storage behind t as a 1-d tensor of t's dtype (so a view keeps its strides and offset)."""
+    return torch.as_strided(t.detach(), (t.untyped_storage().nbytes() // t.element_size(),), (1,), 0)
+
+
+def _move(x, device, copies):
+    if isinstance(x, torch.Tensor):
+        if x.device == device:
+            return x
+        flat = _flat(x)
+        moved = flat.to(device)
+        copies.append((flat, moved))
+        return moved.as_strided(x.shape, x.stride(), x.storage_offset())
+    if isinstance(x, (list, tuple)):
+        return type(x)(_move(v, device, copies) for v in x)
+    if isinstance(x, dict):
+        return {k: _move(v, device, copies) for k, v in x.items()}
+    return x
+
+
+def _back(x):
+    if isinstance(x, torch.Tensor):
+        return x.cpu()
+    if isinstance(x, (list, tuple)):
+        return type(x)(_back(v) for v in x)
+    return x
+
+
+class _OnDevice:
+    """A kernel module whose functions take and return CPU tensors but run on DEVICE."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        attr = getattr(self._module, name)
+        if not callable(attr) or isinstance(attr, type):
+            return attr
+        in_place = name.endswith("_") or name in _IN_PLACE
+
+        @functools.wraps(attr)
+        def call(*args, **kwargs):
+            copies = []
+            out = attr(*_move(args, DEVICE, copies), **_move(kwargs, DEVICE, copies))
+            if in_place:
+                for host, dev in copies:
+                    host.copy_(dev)
+            return _back(out)
+
+        return call
+
+
+def on_device(module):
+    """module itself under the interpreter; else a proxy running its launchers on DEVICE (see above)."""
+    return module if INTERPRETED else _OnDevice(module)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU compile check: record the launches a launcher makes under the interpreter, then compile each distinct
+# configuration for a real GPU target (no GPU needed) and check what ptxas reports: no register spills, shared
+# memory within the architecture's per-block limit, and the resident blocks per SM it allows (printed).
+# Each distinct (kernel, signature, constexprs, options, arch) compiles once per session (a dict) and, across
+# sessions, once per kernel-module source (a disk cache of the results keyed by its hash).
 # ---------------------------------------------------------------------------------------------------------
 _TRITON_TYPES = {
     torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
     torch.int32: "i32", torch.int64: "i64", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
     torch.bool: "i1",
 }
+# Per-SM resources of the targets (CUDA programming guide, compute capabilities 8.0 and 9.0): shared memory per
+# SM; the largest a block may opt in to is that minus the 1 KiB the system reserves per block.
+SM_SHARED = {80: 164 * 1024, 90: 228 * 1024}
+BLOCK_SHARED_LIMIT = {arch: b - 1024 for arch, b in SM_SHARED.items()}  # 166912 and 232448 bytes
+SM_REGISTERS, SM_WARPS, SM_BLOCKS, REG_UNIT = 65536, 64, 32, 256
+
+
+class GpuCompileError(AssertionError):
+    """A kernel configuration that does not compile, spills registers, or needs more shared memory than a block
+    may have."""
+
+
+class Compiled(NamedTuple):
+    name: str
+    arch: int
+    constexprs: dict
+    options: dict
+    shared: int         # bytes of shared memory per block
+    regs: int           # registers per thread
+    spills: int         # bytes of spill stores + spill loads
+    num_warps: int
+    blocks_per_sm: int  # resident blocks per SM (occupancy)
+
+
+def blocks_per_sm(arch: int, num_warps: int, regs: int, shared: int) -> int:
+    """Resident blocks per SM for a launch: registers are allocated per warp in units of 256, at most 64 warps
+    and 32 blocks per SM, and each block takes its shared memory plus 1 KiB reserved."""
+    regs_per_warp = -(-max(regs, 1) * 32 // REG_UNIT) * REG_UNIT
+    return min(SM_BLOCKS, SM_WARPS // num_warps, (SM_REGISTERS // regs_per_warp) // num_warps,
+               SM_SHARED[arch] // (shared + 1024))
+
+
+def check_compiled(c: Compiled):
+    """Raise GpuCompileError unless c has no spills, fits the per-block shared memory limit and can be resident."""
+    where = f"{c.name} {c.constexprs} {c.options} sm_{c.arch}"
+    if c.spills > 0:
+        raise GpuCompileError(f"{where}: ptxas spills {c.spills} bytes of registers ({c.regs} registers)")
+    if c.shared > BLOCK_SHARED_LIMIT[c.arch]:
+        raise GpuCompileError(f"{where}: needs {c.shared} B of shared memory, over sm_{c.arch}'s per-block limit "
+                              f"of {BLOCK_SHARED_LIMIT[c.arch]} B")
+    if c.blocks_per_sm < 1:
+        raise GpuCompileError(f"{where}: no block can be resident ({c.regs} registers, {c.num_warps} warps)")
 
 
 @contextlib.contextmanager
-def record_launches():
-    """Record (kernel, args, kwargs) of every Triton launch made inside the block (interpreter mode)."""
+def record_launches(execute: bool = True):
+    """Record (kernel, args, kwargs) of every Triton launch made inside the block (interpreter mode). With
+    execute=False the kernels are not run: a launch's configuration depends on shapes, dtypes and flags, never
+    on the values an earlier kernel wrote, so recording alone gives the same launches in a fraction of the time."""
     from triton.runtime.interpreter import InterpretedFunction
 
     launches = []
@@ -82,7 +200,8 @@ def record_launches():
 
     def run(self, *args, grid, warmup, **kwargs):
         launches.append((self.fn, args, dict(kwargs)))
-        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+        if execute:
+            return original(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     InterpretedFunction.run = run
     try:
@@ -120,70 +239,101 @@ def launch_spec(kernel, args, kwargs) -> dict:
 
 
 # Runs in a fresh interpreter-free process: the Triton interpreter patches triton.language in place (and does
-# not always restore it), so real compilation cannot share the process that ran the interpreter.
+# not always restore it), so real compilation cannot share the process that ran the interpreter. Triton's own
+# cache is bypassed (TRITON_ALWAYS_COMPILE) because only a real ptxas run prints the register report.
 _COMPILE_SCRIPT = r"""
-import json, sys, os
+import contextlib, importlib, io, json, re, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import importlib
-specs, archs = json.load(sys.stdin)
+jobs = json.load(sys.stdin)
 out = []
-for spec in specs:
+for spec, arch in jobs:
     fn = getattr(importlib.import_module(spec["module"]), spec["name"])
-    for arch in archs:
-        src = ASTSource(fn=fn, signature=spec["signature"], constexprs=spec["constexprs"])
-        try:
+    src = ASTSource(fn=fn, signature=spec["signature"], constexprs=spec["constexprs"])
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
             c = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=spec["options"])
-            out.append({"arch": arch, "shared": c.metadata.shared, "cubin": c.asm["cubin"].hex()})
-        except Exception as e:
-            out.append({"arch": arch, "error": f"{type(e).__name__}: {e}"})
+    except Exception as e:
+        out.append({"error": f"{type(e).__name__}: {e}"[:2000]})
+        continue
+    text = log.getvalue()
+    regs = re.search(r"Used (\d+) registers", text)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    if not regs or not spills:
+        out.append({"error": "no ptxas resource report in:\n" + text[-2000:]})
+        continue
+    out.append({"shared": c.metadata.shared, "num_warps": c.metadata.num_warps, "regs": int(regs.group(1)),
+                "spills": int(spills.group(1)) + int(spills.group(2))})
 json.dump(out, sys.stdout)
 """
+_SESSION: dict[str, dict] = {}  # job key -> compile result, for this process
 
 
-def gpu_compile(specs, archs=(80, 90)):
-    """Compile each spec for each sm_<arch> in a subprocess; returns [(spec, arch, shared, regs)]."""
-    import json
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], input=json.dumps([specs, list(archs)]),
-                          capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, f"GPU compile subprocess failed:\n{proc.stderr[-4000:]}"
-    results = json.loads(proc.stdout)
-    report = []
-    for i, r in enumerate(results):
-        spec = specs[i // len(archs)]
-        assert "error" not in r, f"{spec['name']} {spec['constexprs']} sm_{r['arch']}: {r.get('error')}"
-        report.append((spec, r["arch"], r["shared"], _registers(bytes.fromhex(r["cubin"]))))
-    return report
+def _cache_dir() -> str | None:
+    d = os.environ.get("TRITIUM_COMPILE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tritium-compile"))
+    return None if d in ("", "0", "off") else d
 
 
-def _registers(cubin: bytes) -> int:
+def _job_key(spec: dict, arch: int) -> str:
+    """Hash of everything the compiled result depends on: the kernel module's source, the spec, the target,
+    triton's version and this checker's script."""
     import triton
 
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(tool):
-        tool = shutil.which("cuobjdump")
-    if not tool:
-        return -1
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"REG:(\d+)", out)
-    return int(m.group(1)) if m else -1
+    with open(sys.modules[spec["module"]].__file__, "rb") as f:
+        source = hashlib.sha256(f.read()).hexdigest()
+    blob = json.dumps([spec, arch, source, triton.__version__, _COMPILE_SCRIPT], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def check_gpu_compile(call: Callable[[], object], archs=(80, 90)):
-    """Run call() under the interpreter, compile every distinct launch it made for each arch (block sizes and
-    flags as the launchers chose them), print shared memory and registers, and return
-    [(kernel name, arch, constexprs, shared, regs)]. Fails on any compile error."""
-    import json
+def gpu_compile(specs, archs=(80, 90)) -> list[Compiled]:
+    """Compile each spec for each sm_<arch> (once per session / per kernel source); raises GpuCompileError on a
+    compile error, and returns one Compiled per (spec, arch) without judging it (check_compiled does)."""
+    jobs = [(spec, arch, _job_key(spec, arch)) for spec in specs for arch in archs]
+    cache = _cache_dir()
+    todo = []
+    for spec, arch, key in jobs:
+        if key in _SESSION:
+            continue
+        path = os.path.join(cache, key + ".json") if cache else None
+        if path and os.path.exists(path):
+            with open(path) as f:
+                _SESSION[key] = json.load(f)
+        elif key not in {k for _, _, k in todo}:
+            todo.append((spec, arch, key))
+    if todo:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env.update(TRITON_DEFAULT_FP_FUSION=env.get("TRITON_DEFAULT_FP_FUSION", "1"), TRITON_ALWAYS_COMPILE="1",
+                   TRITON_DUMP_PTXAS_LOG="1")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # test-only kernels import from tests/
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
+                              input=json.dumps([[spec, arch] for spec, arch, _ in todo], default=str))
+        if proc.returncode != 0:
+            raise GpuCompileError(f"GPU compile subprocess failed:\n{proc.stderr[-4000:]}")
+        for (spec, arch, key), r in zip(todo, json.loads(proc.stdout)):
+            if "error" in r:
+                raise GpuCompileError(f"{spec['name']} {spec['constexprs']} sm_{arch}: {r['error']}")
+            _SESSION[key] = r
+            if cache:
+                os.makedirs(cache, exist_ok=True)
+                tmp = os.path.join(cache, f"{key}.{os.getpid()}.tmp")
+                with open(tmp, "w") as f:
+                    json.dump({**r, "spec": spec, "arch": arch}, f, default=str)  # the spec: for a reader
+                os.replace(tmp, os.path.join(cache, key + ".json"))
+    out = []
+    for spec, arch, key in jobs:
+        r = _SESSION[key]
+        out.append(Compiled(spec["name"], arch, spec["constexprs"], spec["options"], r["shared"], r["regs"],
+                            r["spills"], r["num_warps"],
+                            blocks_per_sm(arch, r["num_warps"], r["regs"], r["shared"])))
+    return out
 
-    with record_launches() as launches:
+
+def compile_specs(call: Callable[[], object], execute: bool = False) -> list[dict]:
+    """The distinct launch specs call() makes under the interpreter (the kernels run only if execute)."""
+    with record_launches(execute) as launches:
         call()
     assert launches, "the call made no Triton launch"
     specs, seen = [], set()
@@ -193,9 +343,18 @@ def check_gpu_compile(call: Callable[[], object], archs=(80, 90)):
         if key not in seen:
             seen.add(key)
             specs.append(spec)
-    report = []
-    for spec, arch, shared, regs in gpu_compile(specs, archs):
-        flags = {k: v for k, v in spec["constexprs"].items() if v is not None}
-        print(f"sm_{arch} {spec['name']} {flags} {spec['options']}: shared={shared} B, regs={regs}")
-        report.append((spec["name"], arch, spec["constexprs"], shared, regs))
+    return specs
+
+
+def check_gpu_compile(call: Callable[[], object], archs=(80, 90)) -> list[Compiled]:
+    """Run call() under the interpreter, compile every distinct launch it made for each arch (block sizes and
+    flags as the launchers chose them), print registers, shared memory and resident blocks per SM, and raise
+    GpuCompileError on a compile error, a spill, or shared memory over the per-block limit."""
+    report = gpu_compile(compile_specs(call), archs)
+    for c in report:
+        flags = {k: v for k, v in c.constexprs.items() if v is not None}
+        print(f"sm_{c.arch} {c.name} {flags} {c.options}: regs={c.regs} spills={c.spills} B shared={c.shared} B "
+              f"warps={c.num_warps} blocks/SM={c.blocks_per_sm}")
+    for c in report:
+        check_compiled(c)
     return report

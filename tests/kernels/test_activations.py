@@ -1,19 +1,24 @@
-"""Activation, gated-unit, DyT, PReLU and BatchNorm-inference + activation kernels, Triton (interpreter) and C++, against torch in float64."""
+"""Activation, gated-unit, DyT, PReLU and BatchNorm-inference + activation kernels, Triton (interpreter) and C++,
+against torch in float64."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import tritium  # noqa: F401  (loads the C++ kernels)
 from tritium import reference
-from tritium.kernels import activations as triton_act
+from tritium.kernels import activations
 from tritium.ops.activations import ACT_NAMES, GATES, SELU_ALPHA, SELU_SCALE
-from tests.util import CPU_DTYPES, KERNEL_DTYPES, assert_within_torch_error, check_gpu_compile, torch_and_ref
+from tests.util import CPU_DTYPES, KERNEL_DTYPES, assert_within_torch_error, check_gpu_compile, on_device, torch_and_ref
 
+triton_act = on_device(activations)
 cpp = torch.ops.tritium
 IMPLS = [("triton", triton_act, KERNEL_DTYPES), ("cpp", cpp, CPU_DTYPES)]
 CASES = [(name, impl, dtype) for name, impl, dtypes in IMPLS for dtype in dtypes]
 CASE_IDS = [f"{n}-{str(d)[6:]}" for n, _, d in CASES]
 ROWS = 3
+# More rows than the interpreter's 8 programs (kernels/_utils.py num_programs): the DyT, Swish-beta and PReLU
+# backward programs then each loop over several rows and sum their parameter gradients, as on a GPU.
+MANY_ROWS = 19
 WIDTHS = (1, 7, 123, 781, 4097)
 
 # (table name, kernel params (a, b, c), torch twin): every row of the table, with its parameter variants.
@@ -139,8 +144,12 @@ def test_gated(impl_name, impl, dtype, gate):
 
 @pytest.mark.parametrize("impl_name,impl,dtype", CASES, ids=CASE_IDS)
 def test_dyt(impl_name, impl, dtype):
-    for n in (1, 7, 781, 4097):
-        x, dy = _x((ROWS + 2, n), dtype), _x((ROWS + 2, n), dtype, 1.0)
+    check_dyt(impl, dtype, ROWS + 2, (1, 7, 781, 4097))
+
+
+def check_dyt(impl, dtype, rows, widths):
+    for n in widths:
+        x, dy = _x((rows, n), dtype), _x((rows, n), dtype, 1.0)
         alpha = torch.tensor([0.7], dtype=torch.float64).to(dtype)
         w, b = _x((n,), dtype, 1.0), _x((n,), dtype, 1.0)
         y = impl.dyt_fwd(x, alpha, w, b)
@@ -157,8 +166,12 @@ def test_dyt(impl_name, impl, dtype):
 @pytest.mark.parametrize("impl_name,impl,dtype", CASES, ids=CASE_IDS)
 def test_swish_learnable_beta(impl_name, impl, dtype):
     """swish with a one-element beta tensor: y, dx and dbeta (a reduction over every element)."""
-    for n in (1, 7, 781, 4097):
-        x, dy = _x((ROWS + 2, n), dtype), _x((ROWS + 2, n), dtype, 1.0)
+    check_swish_beta(impl, dtype, ROWS + 2, (1, 7, 781, 4097))
+
+
+def check_swish_beta(impl, dtype, rows, widths):
+    for n in widths:
+        x, dy = _x((rows, n), dtype), _x((rows, n), dtype, 1.0)
         beta = torch.tensor([1.3], dtype=torch.float64).to(dtype)
         y = impl.swish_beta_fwd(x, beta)
         dx, db = impl.swish_beta_bwd(dy, x, beta, True)
@@ -172,9 +185,14 @@ def test_swish_learnable_beta(impl_name, impl, dtype):
 @pytest.mark.parametrize("impl_name,impl,dtype", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("per_row", [True, False])
 def test_prelu(impl_name, impl, dtype, per_row):
+    check_prelu(impl, dtype, per_row, 4, (1, 7, 781))
+
+
+def check_prelu(impl, dtype, per_row, rows, widths):
+    """per_row: rows are (batch, channel) pairs of a (2, C, n) input; else `rows` rows of C channels."""
     C = 5
-    for n in (1, 7, 781):
-        m = 2 * C if per_row else 4
+    for n in widths:
+        m = 2 * C if per_row else rows
         cols = n if per_row else C
         x, dy = _x((m, cols), dtype), _x((m, cols), dtype, 1.0)
         w = _x((C,), dtype, 0.5)
@@ -233,6 +251,19 @@ def test_batch_norm_act(impl_name, impl, dtype, per_row, residual, act):
             assert dr.numel() == 0
 
 
+def check_many_rows(impl, dtype):
+    """DyT, Swish-beta and per-column PReLU parameter gradients summed over MANY_ROWS rows, at widths of one and
+    two column blocks."""
+    check_dyt(impl, dtype, MANY_ROWS, (7, 1500))
+    check_swish_beta(impl, dtype, MANY_ROWS, (7, 1500))
+    check_prelu(impl, dtype, False, MANY_ROWS, (1,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_triton_rows_past_programs(dtype):
+    check_many_rows(triton_act, dtype)
+
+
 @pytest.mark.parametrize("impl_name,impl", [("triton", triton_act), ("cpp", cpp)])
 def test_strided_rows(impl_name, impl):
     """Rows with a stride larger than the row (a slice of a wider tensor) are read in place."""
@@ -251,46 +282,43 @@ def test_strided_rows(impl_name, impl):
     torch.testing.assert_close(impl.dyt_fwd(x, torch.tensor([0.5]), w, b), w * torch.tanh(0.5 * x) + b)
 
 
-def test_gpu_compile():
+@pytest.mark.gpu_compile
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=lambda d: str(d)[6:])  # three shards of ~150 compiles
+def test_gpu_compile(dtype):
     """Every kernel configuration the launchers make (each ACT, gate, flag and dtype) compiles for sm_80/90."""
     n = 1500
 
     def run():
-        for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            x = torch.randn(2, n).to(dtype)
-            for name, params, _ in ACT_CASES:
-                getattr(triton_act, f"{name}_fwd")(x, *params)
-                getattr(triton_act, f"{name}_fwd_")(x.clone(), *params)
-                getattr(triton_act, f"{name}_bwd")(x, x, *params)
-            for gate in GATES:
-                getattr(triton_act, f"{gate}_fwd")(x, None, 1)
-                getattr(triton_act, f"{gate}_bwd")(x[:, : n // 2], x, None, 1)
-            w = torch.randn(n).to(dtype)
-            a = torch.tensor([0.5]).to(dtype)
-            triton_act.dyt_fwd(x, a, w, w)
-            triton_act.swish_beta_fwd(x, a)
-            triton_act.swish_beta_bwd(x, x, a, True)
+        x = torch.randn(2, n).to(dtype)
+        for name, params, _ in ACT_CASES:
+            getattr(triton_act, f"{name}_fwd")(x, *params)
+            getattr(triton_act, f"{name}_fwd_")(x.clone(), *params)
+            getattr(triton_act, f"{name}_bwd")(x, x, *params)
+        for gate in GATES:
+            getattr(triton_act, f"{gate}_fwd")(x, None, 1)
+            getattr(triton_act, f"{gate}_bwd")(x[:, : n // 2], x, None, 1)
+        w = torch.randn(n).to(dtype)
+        a = torch.tensor([0.5]).to(dtype)
+        triton_act.dyt_fwd(x, a, w, w)
+        triton_act.swish_beta_fwd(x, a)
+        triton_act.swish_beta_bwd(x, x, a, True)
+        for need in (True, False):
+            triton_act.dyt_bwd(x, x, a, w, True, need, need)
+        for per_row in (True, False):
+            triton_act.prelu_fwd(x, w[:2] if per_row else w, per_row)
             for need in (True, False):
-                triton_act.dyt_bwd(x, x, a, w, True, need, need)
-            for per_row in (True, False):
-                triton_act.prelu_fwd(x, w[:2] if per_row else w, per_row)
-                for need in (True, False):
-                    triton_act.prelu_bwd(x, x, w[:2] if per_row else w, per_row, need)
-                st = torch.randn(2 if per_row else n)
-                for act in (-1, ACT_NAMES.index("relu"), ACT_NAMES.index("gelu")):
-                    for res in (None, x):
-                        triton_act.batch_norm_act_fwd(x, st, st, res, per_row, act, 0.0, 0.0, 0.0)
-                        for need in (True, False):
-                            triton_act.batch_norm_act_bwd(x, x, st, st, res, per_row, act, 0.0, 0.0, 0.0, need)
+                triton_act.prelu_bwd(x, x, w[:2] if per_row else w, per_row, need)
+            st = torch.randn(2 if per_row else n)
+            for act in (-1, ACT_NAMES.index("relu"), ACT_NAMES.index("gelu")):
+                for res in (None, x):
+                    triton_act.batch_norm_act_fwd(x, st, st, res, per_row, act, 0.0, 0.0, 0.0)
+                    for need in (True, False):
+                        triton_act.batch_norm_act_bwd(x, x, st, st, res, per_row, act, 0.0, 0.0, 0.0, need)
 
     report = check_gpu_compile(run)
-    kernels = {r[0] for r in report}
-    assert kernels == {"_act_fwd_kernel", "_act_bwd_kernel", "_gated_fwd_kernel", "_gated_bwd_kernel",
-                       "_dyt_fwd_kernel", "_dyt_bwd_kernel", "_prelu_fwd_kernel", "_prelu_bwd_kernel",
-                       "_swish_beta_fwd_kernel", "_swish_beta_bwd_kernel", "_bn_act_fwd_kernel",
-                       "_bn_act_bwd_kernel"}
-    acts = {r[2]["ACT"] for r in report if r[0] == "_act_fwd_kernel"}
+    assert {c.name for c in report} == {
+        "_act_fwd_kernel", "_act_bwd_kernel", "_gated_fwd_kernel", "_gated_bwd_kernel", "_dyt_fwd_kernel",
+        "_dyt_bwd_kernel", "_prelu_fwd_kernel", "_prelu_bwd_kernel", "_swish_beta_fwd_kernel",
+        "_swish_beta_bwd_kernel", "_bn_act_fwd_kernel", "_bn_act_bwd_kernel"}
+    acts = {c.constexprs["ACT"] for c in report if c.name == "_act_fwd_kernel"}
     assert acts == set(triton_act.ACT_IDS.values())
-    for name, arch, _, shared, regs in report:
-        assert shared <= 228 * 1024, f"{name} sm_{arch} needs {shared} B of shared memory"
-        assert regs == -1 or regs <= 255

