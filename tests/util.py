@@ -176,6 +176,14 @@ def blocks_per_sm(arch: int, num_warps: int, regs: int, shared: int) -> int:
                SM_SHARED[arch] // (shared + 1024))
 
 
+def known_spill(reason: str):
+    """Mark a compile check whose kernels ptxas reports spilling today (see the reason): it is expected to fail
+    with GpuCompileError until the kernel is fixed, and fails (strict) once it no longer does, so the mark goes."""
+    import pytest
+
+    return pytest.mark.xfail(raises=GpuCompileError, strict=True, reason=f"known register spill: {reason}")
+
+
 def check_compiled(c: Compiled):
     """Raise GpuCompileError unless c has no spills, fits the per-block shared memory limit and can be resident."""
     where = f"{c.name} {c.constexprs} {c.options} sm_{c.arch}"

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import tritium  # noqa: F401  (loads the C++ kernels)
-from tests.util import INTERPRETED, assert_within_torch_error, check_gpu_compile, on_device
+from tests.util import INTERPRETED, assert_within_torch_error, check_gpu_compile, known_spill, on_device
 from tritium import reference
 from tritium.kernels import attention
 
@@ -213,6 +213,8 @@ def test_cpp_strided_inputs():
 
 
 @pytest.mark.gpu_compile
+@known_spill("_attn_fwd_kernel with float32 IEEE dots: 688 B at head dim 16 (BLOCK_M 128) on sm_80, ~40 KB at "
+             "32 registers at 128 (BLOCK_M 64), 120 B at 256 on sm_90")
 @pytest.mark.parametrize("d", (16, 80, 128, 256))
 def test_gpu_compile(d):
     """Every kernel configuration the launchers pick compiles for sm_80/sm_90 (shared memory reported)."""

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 import tritium  # noqa: F401  (loads the C++ kernels)
 from tritium.kernels import cross_entropy
-from tests.util import CPU_DTYPES, KERNEL_DTYPES, assert_within_torch_error, check_gpu_compile, leaf, on_device
+from tests.util import (CPU_DTYPES, KERNEL_DTYPES, assert_within_torch_error, check_gpu_compile, known_spill, leaf,
+                        on_device)
 
 triton_ce = on_device(cross_entropy)
 
@@ -44,7 +45,8 @@ def test_cross_entropy(impl_name, impl, dtype, c, weighted, smoothing):
     assert_within_torch_error(loss.to(dtype), outs[dtype][0], outs[torch.float64][0], "loss")
     assert_within_torch_error(dx, outs[dtype][1], outs[torch.float64][1], "dx")
     expected_total = (w.double()[t[t != -100]].sum() if w is not None else (t != -100).sum().double())
-    torch.testing.assert_close(total.double(), expected_total, rtol=1e-3 if dtype != torch.float64 else 1e-12, atol=0)
+    # the total weight: a float32 (float64) sum of ROWS exactly representable weights, within a few ulp
+    torch.testing.assert_close(total.double(), expected_total, rtol=4 * torch.finfo(total.dtype).eps, atol=0)
     assert torch.all(grad[1] == 0) and loss[1] == 0  # the ignored row
     # 'mean': rows divided by the total weight, so they sum to torch's mean
     mloss, mgrad, _ = impl.cross_entropy_fwd(x, t, w, -100, smoothing, True, True)
@@ -91,7 +93,8 @@ def test_cpp_out_of_range_target_raises_index_error():
 
 
 @pytest.mark.gpu_compile
-@pytest.mark.parametrize("c", (781, 65537))
+@pytest.mark.parametrize("c", (781, pytest.param(65537, marks=known_spill(
+    "_ce_fwd_kernel looped (BLOCK_N 4096, 16 warps) with weights and smoothing, sm_80: 16 B"))))
 def test_gpu_compile(c):
     """Every cross-entropy kernel configuration (single block / looped, weights, smoothing, no-grad) compiles."""
     def run():
