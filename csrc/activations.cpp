@@ -12,13 +12,11 @@
 // contiguous tritium::empty() tensors (huge pages: at 8192 x 4096 the first touch of 4 KiB pages otherwise
 // costs as much as the math). Work is split into chunks of up to kChunk elements of one row, so both one long
 // row (a flattened contiguous tensor) and many short rows spread over the threads.
+#include "pool.h"
 #include "vec.h"
 
 namespace tritium {
 namespace {
-
-template <typename T>
-using acc_of = typename VecIO<T>::acc_t;
 
 constexpr int64_t kChunk = 16384;
 
@@ -391,7 +389,7 @@ at::Tensor dyt_fwd(const at::Tensor& x, const at::Tensor& alpha, const at::Tenso
   auto y = empty({M, N}, x.options());
   TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_dyt_fwd", [&] {
     using V = typename VecIO<scalar_t>::Vec;
-    using acc_t = acc_of<scalar_t>;
+    using acc_t = acc_type<scalar_t>;
     const V va(static_cast<acc_t>(*alpha.const_data_ptr<scalar_t>()));
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
@@ -423,7 +421,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dyt_bwd(const at::Ten
   TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_dyt_bwd", [&] {
     using IO = VecIO<scalar_t>;
     using V = typename IO::Vec;
-    using acc_t = acc_of<scalar_t>;
+    using acc_t = acc_type<scalar_t>;
     constexpr int64_t K = IO::kSize;
     const V va(static_cast<acc_t>(*alpha.const_data_ptr<scalar_t>()));
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
@@ -478,7 +476,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dyt_bwd(const at::Ten
           if (db_t) db_t[i + k] = ab[k];
         }
       }
-      da_part[tid] += at::vec::vec_reduce_all<acc_t>([](V& p, V& q) { return p + q; }, da);
+      da_part[tid] += hsum(da);
     });
   });
   auto finish = [&](const at::Tensor& part) { return part.sum(0).to(x.scalar_type()); };
@@ -510,7 +508,7 @@ std::tuple<at::Tensor, at::Tensor> swish_beta_bwd(const at::Tensor& dy, const at
   std::vector<double> db_part(at::get_num_threads(), 0.0);
   TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_swish_beta_bwd", [&] {
     using V = typename VecIO<scalar_t>::Vec;
-    using acc_t = acc_of<scalar_t>;
+    using acc_t = acc_type<scalar_t>;
     const V vb(static_cast<acc_t>(*beta.const_data_ptr<scalar_t>()));
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -525,7 +523,7 @@ std::tuple<at::Tensor, at::Tensor> swish_beta_bwd(const at::Tensor& dy, const at
         o[0] = v[0] * at::vec::fmadd(vb * v[1], V(1) - s, V(1)) * s;
         if (need_dbeta) db = at::vec::fmadd(v[0] * v[1] * v[1], ds, db);
       });
-      if (need_dbeta) db_part[at::get_thread_num()] += at::vec::vec_reduce_all<acc_t>([](V& p, V& q) { return p + q; }, db);
+      if (need_dbeta) db_part[at::get_thread_num()] += hsum(db);
     });
   });
   double db = 0;
@@ -544,7 +542,7 @@ at::Tensor prelu_fwd(const at::Tensor& x, const at::Tensor& w, bool per_row) {
   auto y = empty({M, N}, x.options());
   TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_prelu_fwd", [&] {
     using V = typename VecIO<scalar_t>::Vec;
-    using acc_t = acc_of<scalar_t>;
+    using acc_t = acc_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
@@ -579,7 +577,7 @@ std::tuple<at::Tensor, at::Tensor> prelu_bwd(const at::Tensor& dy, const at::Ten
   TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_prelu_bwd", [&] {
     using IO = VecIO<scalar_t>;
     using V = typename IO::Vec;
-    using acc_t = acc_of<scalar_t>;
+    using acc_t = acc_type<scalar_t>;
     constexpr int64_t K = IO::kSize;
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -629,7 +627,7 @@ std::tuple<at::Tensor, at::Tensor> prelu_bwd(const at::Tensor& dy, const at::Ten
           }
         }
       }
-      if (pt && per_row) pt[r % C] += at::vec::vec_reduce_all<acc_t>([](V& p, V& q) { return p + q; }, acc);
+      if (pt && per_row) pt[r % C] += hsum(acc);
     });
   });
   at::Tensor dw = need_dw ? part.sum(0).to(x.scalar_type()) : at::empty({0}, x.options());
@@ -675,11 +673,11 @@ void with_act(int64_t act, const F& f) {
 // accumulation type, K at a time; the last partial vector goes through zero-padded buffers. fn(i, n, x, z)
 // gets the offset, the count, x and z = x * scale + shift (+ res).
 template <typename T, typename F>
-inline void bn_rows(const T* xr, const T* rr, const acc_of<T>* sp, const acc_of<T>* tp, bool per_row, int64_t ch,
+inline void bn_rows(const T* xr, const T* rr, const acc_type<T>* sp, const acc_type<T>* tp, bool per_row, int64_t ch,
                     int64_t c0, int64_t c1, const F& fn) {
   using IO = VecIO<T>;
   using V = typename IO::Vec;
-  using A = acc_of<T>;
+  using A = acc_type<T>;
   constexpr int64_t K = IO::kSize;
   const V s1(per_row ? sp[ch] : A(0)), t1(per_row ? tp[ch] : A(0));
   for (int64_t i = c0; i < c1; i += K) {
@@ -736,7 +734,7 @@ at::Tensor bn_act_fwd(const at::Tensor& x, const at::Tensor& scale, const at::Te
   auto y = empty({M, N}, x.options());
   TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_bn_act_fwd", [&] {
     using V = typename VecIO<scalar_t>::Vec;
-    using A = acc_of<scalar_t>;
+    using A = acc_type<scalar_t>;
     const auto p = prm<V>(a, b, c);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* rp = res.has_value() ? res->const_data_ptr<scalar_t>() : nullptr;
@@ -771,7 +769,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd(
   auto part = need_affine ? at::zeros({2, T, C}, scale.options()) : at::Tensor();
   TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_bn_act_bwd", [&] {
     using V = typename VecIO<scalar_t>::Vec;
-    using A = acc_of<scalar_t>;
+    using A = acc_type<scalar_t>;
     constexpr int64_t K = V::size();
     const auto p = prm<V>(a, b, c);
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
@@ -819,8 +817,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd(
                             }
                           });
         if (px && per_row) {
-          px[ch] += at::vec::vec_reduce_all<A>([](V& u, V& v) { return u + v; }, acc_x);
-          pz[ch] += at::vec::vec_reduce_all<A>([](V& u, V& v) { return u + v; }, acc_z);
+          px[ch] += hsum(acc_x);
+          pz[ch] += hsum(acc_z);
         }
       });
     });

@@ -18,6 +18,7 @@
 //   dV += P^T dO;  dP = dO V^T;  dS = P * (dP - rowsum(dO * O)) [* (1 - tanh^2) with softcap];
 //   dQ += scale * dS K;  dK += scale * dS^T Q.
 #include "panel.h"
+#include "pool.h"
 #include "vec.h"
 
 #include <ATen/native/CPUBlas.h>
@@ -65,16 +66,13 @@ const Blas& blas() {
   return b;
 }
 
-template <typename T>
-using acc_of = typename VecIO<T>::acc_t;
-
 // C (M x N, ldc) = alpha * op(A) op(B) + beta * C, all row-major. op(A) is M x K: A stored M x K (lda), or
 // K x M when ta. op(B) is K x N: B stored K x N (ldb), or N x K when tb. C is in the accumulation type.
 // Column-major BLAS computes the transpose: C^T = op(B)^T op(A)^T, i.e. the operands swap.
 template <typename T>
-void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, acc_of<T> alpha, const T* A, int64_t lda,
-          const T* B, int64_t ldb, acc_of<T> beta, acc_of<T>* C, int64_t ldc) {
-  using acc_t = acc_of<T>;
+void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, acc_type<T> alpha, const T* A, int64_t lda,
+          const T* B, int64_t ldb, acc_type<T> beta, acc_type<T>* C, int64_t ldc) {
+  using acc_t = acc_type<T>;
   if (M == 0 || N == 0) return;
   const char* tA = ta ? "T" : "N";
   const char* tB = tb ? "T" : "N";
@@ -152,7 +150,7 @@ A exp_sum_store(A* x, T* p, int64_t n, A m, A post = A(1)) {
     }
     acc0 = acc0 + e;
   }
-  return at::vec::vec_reduce_all<A>([](Vec& a, Vec& b) { return a + b; }, acc0 + acc1);
+  return hsum(acc0 + acc1);
 }
 
 template <typename A>
@@ -209,10 +207,10 @@ struct Geometry {
 // score tile rows for query rows [i0, i0+m) and keys [j0, j0+n): softcap, mask, and -inf outside the window.
 // Returns nothing; per row r, the visible columns are [clo[r], chi[r]) (outside them the tile is not read).
 template <typename T>
-void finish_scores(acc_of<T>* s, int64_t ld, int64_t i0, int64_t m, int64_t j0, int64_t n, const Geometry& g,
-                   acc_of<T> cap, acc_of<T>* dtanh, const T* mask, int64_t msi, int64_t msj, int64_t* clo,
+void finish_scores(acc_type<T>* s, int64_t ld, int64_t i0, int64_t m, int64_t j0, int64_t n, const Geometry& g,
+                   acc_type<T> cap, acc_type<T>* dtanh, const T* mask, int64_t msi, int64_t msj, int64_t* clo,
                    int64_t* chi) {
-  using A = acc_of<T>;
+  using A = acc_type<T>;
   for (int64_t r = 0; r < m; ++r) {
     const int64_t i = i0 + r;
     A* row = s + r * ld;
@@ -326,7 +324,7 @@ static const int64_t kKeyBlock = env_or("TRITIUM_ATTN_BK", 512);
 template <typename T>
 void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mask,
               at::Tensor& out, at::Tensor& lse, double scale_, const Geometry& g, double softcap_) {
-  using A = acc_of<T>;
+  using A = acc_type<T>;
   constexpr bool k16 = !std::is_same_v<T, A>;
   const A scale = static_cast<A>(scale_), cap = static_cast<A>(softcap_);
   const int64_t BQ = std::min(q_block(g.L), g.L), BK = std::min(kKeyBlock, g.S);
@@ -574,7 +572,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
               const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& dlse,
               const c10::optional<at::Tensor>& mask, double scale_,
               const Geometry& g, double softcap_, at::Tensor& dq, at::Tensor& dk_full, at::Tensor& dv_full) {
-  using A = acc_of<T>;
+  using A = acc_type<T>;
   constexpr bool k16 = !std::is_same_v<T, A>;
   const A scale = static_cast<A>(scale_), cap = static_cast<A>(softcap_);
   const int64_t BQ = std::min(kBwdQBlock, g.L), BK = std::min(kBwdKBlock, g.S);

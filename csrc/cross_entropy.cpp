@@ -10,19 +10,11 @@
 // accumulation dtype (no softmax is kept; the backward rounds once to the input dtype while scaling rows by the
 // upstream gradient). Ignored rows give loss 0 and gradient 0.
 // Three passes per row (max; sum of exp kept in a buffer; gradient): one read of the row from memory, one write.
+#include "pool.h"
 #include "vec.h"
 
 namespace tritium {
 namespace {
-
-template <typename T>
-using acc_of = typename VecIO<T>::acc_t;
-
-template <typename T>
-inline acc_of<T> hsum(const typename VecIO<T>::Vec& v) {
-  using Vec = typename VecIO<T>::Vec;
-  return at::vec::vec_reduce_all<acc_of<T>>([](Vec& a, Vec& b) { return a + b; }, v);
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& x, const at::Tensor& target,
                                                                  const c10::optional<at::Tensor>& weight,
@@ -32,12 +24,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tenso
   TORCH_CHECK(target.dim() == 1 && target.size(0) == x.size(0), "target must be 1-D with one entry per row");
   TORCH_CHECK(target.scalar_type() == at::kLong, "target must be int64");
   const int64_t M = x.size(0), C = x.size(1);
-  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto loss = at::empty({M}, x.options().dtype(acc_type));
-  auto grad = need_grad ? empty({M, C}, x.options().dtype(acc_type)) : at::empty({0}, x.options().dtype(acc_type));
-  auto total = at::empty({}, x.options().dtype(acc_type));
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto loss = at::empty({M}, x.options().dtype(acc_dtype));
+  auto grad = need_grad ? empty({M, C}, x.options().dtype(acc_dtype)) : at::empty({0}, x.options().dtype(acc_dtype));
+  auto total = at::empty({}, x.options().dtype(acc_dtype));
   TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_cross_entropy_fwd", [&] {
-    using acc_t = acc_of<scalar_t>;
+    using acc_t = acc_type<scalar_t>;
     using IO = VecIO<scalar_t>;
     using Vec = typename IO::Vec;
     constexpr int64_t K = IO::kSize;
@@ -98,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tenso
           if (buf) e.store(buf + i);
           if (eps != 0) q0 = wp ? at::vec::fmadd(v, IO::load(wp + i), q0) : q0 + v;
         }
-        acc_t s = hsum<scalar_t>(s0 + s1), q = hsum<scalar_t>(q0);
+        acc_t s = hsum(s0 + s1), q = hsum(q0);
         for (; i < C; ++i) {
           const acc_t v = static_cast<acc_t>(xr[i]), e = std::exp(v - m);
           s += e;
@@ -145,7 +137,7 @@ at::Tensor cross_entropy_bwd(const at::Tensor& grad, const at::Tensor& dloss, at
               "grad must be in the accumulation dtype of ", dtype);
   TORCH_CHECK(dloss.scalar_type() == grad.scalar_type(), "dloss must be in the accumulation dtype");
   TRITIUM_DISPATCH_FLOATING(dtype, "tritium_cross_entropy_bwd", [&] {
-    using acc_t = acc_of<scalar_t>;
+    using acc_t = acc_type<scalar_t>;
     using IO = VecIO<scalar_t>;
     using Vec = typename IO::Vec;
     constexpr int64_t K = IO::kSize;

@@ -18,13 +18,11 @@
 // shifted by their row max. Classes where the teacher's probability is 0 (a -inf logit) contribute 0, the limit
 // of q log q. With need_grad, the gradient row of the KL with respect to s, k (p - q), is written in the
 // accumulation dtype (the backward rounds once while scaling rows by the upstream gradient, as cross_entropy).
+#include "pool.h"
 #include "vec.h"
 
 namespace tritium {
 namespace {
-
-template <typename T>
-using acc_of = typename VecIO<T>::acc_t;
 
 constexpr int64_t kBlock = 4096;  // elements per accumulation block of the sum (and per parallel task unit)
 
@@ -54,7 +52,7 @@ at::Tensor kl_div_fwd(const at::Tensor& input, const at::Tensor& target, bool lo
   const int64_t n = input.numel();
   at::Tensor out = sum ? at::empty({}, input.options()) : empty(input.sizes(), input.options());
   TRITIUM_DISPATCH_FLOATING(input.scalar_type(), "tritium_kl_div_fwd", [&] {
-    using acc_t = acc_of<scalar_t>;
+    using acc_t = acc_type<scalar_t>;
     using IO = VecIO<scalar_t>;
     using Vec = typename IO::Vec;
     constexpr int64_t K = IO::kSize;
@@ -84,7 +82,7 @@ at::Tensor kl_div_fwd(const at::Tensor& input, const at::Tensor& target, bool lo
               s1 = s1 + kl_vec(IO::load(xp + i + K), IO::load(tp + i + K), log_target);
             }
             for (; i + K <= end; i += K) s0 = s0 + kl_vec(IO::load(xp + i), IO::load(tp + i), log_target);
-            acc_t s = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& c) { return a + c; }, s0 + s1);
+            acc_t s = hsum(s0 + s1);
             for (; i < end; ++i) s += kl_scalar<acc_t>(static_cast<acc_t>(xp[i]), static_cast<acc_t>(tp[i]), log_target);
             acc += static_cast<double>(s);
           }
@@ -108,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor> kl_div_bwd(const at::Tensor& grad, const at::
   at::Tensor dx = need_input ? empty(input.sizes(), input.options()) : at::empty({0}, input.options());
   at::Tensor dt = need_target ? empty(input.sizes(), input.options()) : at::empty({0}, input.options());
   TRITIUM_DISPATCH_FLOATING(input.scalar_type(), "tritium_kl_div_bwd", [&] {
-    using acc_t = acc_of<scalar_t>;
+    using acc_t = acc_type<scalar_t>;
     using IO = VecIO<scalar_t>;
     using Vec = typename IO::Vec;
     constexpr int64_t K = IO::kSize;
@@ -161,11 +159,11 @@ std::tuple<at::Tensor, at::Tensor> distill_fwd(const at::Tensor& s, const at::Te
               "distill: teacher_logits must have the student's shape and dtype");
   TORCH_CHECK(inv_temp > 0, "distill: the inverse temperature must be positive, got ", inv_temp);
   const int64_t M = s.size(0), C = s.size(1);
-  const auto acc_type = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto loss = at::empty({M}, s.options().dtype(acc_type));
-  auto grad = need_grad ? empty({M, C}, s.options().dtype(acc_type)) : at::empty({0}, s.options().dtype(acc_type));
+  const auto acc_dtype = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto loss = at::empty({M}, s.options().dtype(acc_dtype));
+  auto grad = need_grad ? empty({M, C}, s.options().dtype(acc_dtype)) : at::empty({0}, s.options().dtype(acc_dtype));
   TRITIUM_DISPATCH_FLOATING(s.scalar_type(), "tritium_distill_fwd", [&] {
-    using acc_t = acc_of<scalar_t>;
+    using acc_t = acc_type<scalar_t>;
     using IO = VecIO<scalar_t>;
     using Vec = typename IO::Vec;
     constexpr int64_t K = IO::kSize;
@@ -192,7 +190,6 @@ std::tuple<at::Tensor, at::Tensor> distill_fwd(const at::Tensor& s, const at::Te
           A = A + Vec::blendv(eb * (b - a), zero, eb == zero);
           if (gr) ea.store(gr + i);
         }
-        auto hsum = [](const Vec& v) { return at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, v); };
         acc_t Sa = hsum(sa), Sb = hsum(sb), As = hsum(A);
         for (; i < C; ++i) {
           const acc_t a = static_cast<acc_t>(sr[i]) * k - ma, b = static_cast<acc_t>(ur[i]) * k - mb;

@@ -1,6 +1,7 @@
 // tritium::linear_small's CPU kernel (python/tritium/ops/linear.py): y = x @ w^T through rowgemm (rowgemm.h),
 // which explains why it beats BLAS on the serving path's shapes.
 #include "panel.h"
+#include "pool.h"
 #include "rowgemm.h"
 
 namespace tritium {

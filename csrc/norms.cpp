@@ -5,15 +5,11 @@
 // 16-bit row is converted to float once into a per-thread buffer (weight and bias once per thread), so the
 // statistics and normalisation passes run on float vectors and re-read the row from L1/L2. Statistics
 // (rstd, mean) are kept in the accumulation type (float for 16-bit inputs, double for double).
+#include "pool.h"
 #include "vec.h"
 
 namespace tritium {
 namespace {
-
-template <typename A>
-inline A reduce_sum(const Vectorized<A>& v) {
-  return at::vec::vec_reduce_all<A>([](Vectorized<A>& a, Vectorized<A>& b) { return a + b; }, v);
-}
 
 // Row reductions are cascaded: vector accumulators over chunks of kChunk elements, each chunk's sum added to a
 // double. A 65536-wide float row then sums with the error of a 1024-element sum, not of a 4096-term lane sum.
@@ -33,7 +29,7 @@ double row_sum(const A* x, int64_t n) {
       s0 = s0 + Vec::loadu(x + i);
       s1 = s1 + Vec::loadu(x + i + K);
     }
-    A cs = reduce_sum(s0 + s1);
+    A cs = hsum(s0 + s1);
     for (; i < stop; ++i) cs += x[i];
     s += cs;
   }
@@ -64,7 +60,7 @@ std::pair<double, double> row_moments(const A* x, int64_t n, A c) {
       q0 = at::vec::fmadd(v0, v0, q0);
       q1 = at::vec::fmadd(v1, v1, q1);
     }
-    A cs = SQUARES_ONLY ? A(0) : reduce_sum(s0 + s1), cq = reduce_sum(q0 + q1);
+    A cs = SQUARES_ONLY ? A(0) : hsum(s0 + s1), cq = hsum(q0 + q1);
     for (; i < stop; ++i) {
       A v = x[i] - c;
       cs += v;
@@ -277,7 +273,7 @@ std::vector<at::Tensor> norm_bwd(const at::Tensor& dy, const at::Tensor& x, cons
           if (dw_t) at::vec::fmadd(d, xh, Vec::loadu(dw_t + i)).store(dw_t + i);
           if (db_t) (Vec::loadu(db_t + i) + d).store(db_t + i);
         }
-        A s_g = reduce_sum(sg), s_gx = reduce_sum(sgx);
+        A s_g = hsum(sg), s_gx = hsum(sgx);
         for (; i < N; ++i) {
           A d = dyf[i], xh = (xf[i] - mu) * rs, g = d * wf[i];
           s_g += g;

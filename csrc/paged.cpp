@@ -9,6 +9,7 @@
 // logsumexp. K and V are read once, token by token in memory order; scores and accumulators stay in float (double
 // for float64).
 // Block-table entries are int32; every pool offset is computed in int64.
+#include "pool.h"
 #include "vec.h"
 
 #include <cmath>
@@ -91,8 +92,6 @@ void decode_items(const at::Tensor& q, const at::Tensor& k_pool, const at::Tenso
   const bool has_cap = softcap.has_value();
   const acc_t cap = has_cap ? static_cast<acc_t>(*softcap) : acc_t(1);
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  auto sum_op = [](Vec& u, Vec& v) { return u + v; };
-  auto max_op = [](Vec& u, Vec& v) { return at::vec::maximum(u, v); };
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t ib, int64_t ie) {
     std::vector<acc_t> qf(Hq * D);
     alignas(64) acc_t pbuf[GB][K];
@@ -178,12 +177,12 @@ void decode_items(const at::Tensor& q, const at::Tensor& k_pool, const at::Tenso
               if (has_cap) sv = ftanh(sv / Vec(cap)) * Vec(cap);
               if (n < K) sv = Vec::set(Vec(ninf), sv, n);  // steps past the end score -inf
               // online softmax: m' = max(m, max_j s), rescale by exp(m - m'), p_j = exp(s_j - m')
-              const acc_t mx = std::max(ml[2 * hq], at::vec::vec_reduce_all<acc_t>(max_op, sv));
+              const acc_t mx = std::max(ml[2 * hq], hmax(sv));
               const acc_t alpha = std::exp(ml[2 * hq] - mx);  // exp(-inf) = 0 on the first step
               const Vec pv = (sv - Vec(mx)).exp();
               pv.store(pbuf[g]);
               ml[2 * hq] = mx;
-              ml[2 * hq + 1] = ml[2 * hq + 1] * alpha + at::vec::vec_reduce_all<acc_t>(sum_op, pv);
+              ml[2 * hq + 1] = ml[2 * hq + 1] * alpha + hsum(pv);
               alphas[g] = alpha;
             }
             // acc_g = alpha_g acc_g + sum_j p_g,j v_j, accumulators in registers, each V row loaded once per group
@@ -251,8 +250,8 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_pool,
     for (int64_t s = start[b]; s < stop[b]; s += split) items.push_back({b, s, std::min(stop[b], s + split)});
   }
   first[B] = static_cast<int64_t>(items.size());
-  const auto acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto opts = q.options().dtype(acc_type);
+  const auto acc_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto opts = q.options().dtype(acc_dtype);
   const int64_t NI = std::max<int64_t>(static_cast<int64_t>(items.size()), 1);
   at::Tensor part_acc = at::empty({NI, Hq, D}, opts), part_ml = at::empty({NI, Hq, 2}, opts);
   at::Tensor out = empty({B, Hq, D}, q.options());

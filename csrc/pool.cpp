@@ -1,4 +1,4 @@
-// The output pool behind tritium::empty (csrc/vec.h): large kernel outputs (2 MiB and up) come from a small
+// The output pool behind tritium::empty (csrc/pool.h): large kernel outputs (2 MiB and up) come from a small
 // cache of freed blocks instead of fresh pages.
 //
 // Why: torch's CPU allocator hands every large tensor fresh mmap'd pages, which the kernel zeroes on first
@@ -15,7 +15,10 @@
 //   - tensors are ordinary resizable CPU tensors (the pool is their storage's allocator).
 // torch.ops.tritium_runtime.empty_cache() frees every cached block; pool_stats() reports
 // [cached bytes, limit, hits, misses]; set_pool_limit(bytes) changes the limit (and trims).
-#include "vec.h"
+#include "pool.h"
+
+#include <sys/mman.h>
+#include <torch/library.h>
 
 #include <cstdlib>
 #include <mutex>

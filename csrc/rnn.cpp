@@ -16,12 +16,10 @@
 // The scan ops (lstm_scan_fwd/bwd, gru_scan_fwd/bwd) run a whole layer-direction through time here, so a step
 // costs one matmul and one cell pass, with no Python, allocation or copy in between.
 #include "panel.h"
+#include "pool.h"
 
 namespace tritium {
 namespace {
-
-template <typename T>
-using acc_of = typename VecIO<T>::acc_t;
 
 template <typename V>
 inline V vsigmoid(const V& x) {
@@ -62,7 +60,7 @@ template <typename T>
 void lstm_fwd_rows(int64_t B, int64_t H, Mat<const T> G, Mat<const T> C, Mat<T> Hn, Mat<T> CN, Mat<T> A) {
   using IO = VecIO<T>;
   using Vec = typename IO::Vec;
-  using acc_t = acc_of<T>;
+  using acc_t = acc_type<T>;
   constexpr int64_t K = IO::kSize;
   at::parallel_for(0, B, row_grain(8 * H), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
@@ -101,7 +99,7 @@ void lstm_bwd_rows(int64_t B, int64_t H, Mat<const T> DH, Mat<const T> DC, Mat<c
                    Mat<const T> C, Mat<T> DG, Mat<T> DCP) {
   using IO = VecIO<T>;
   using Vec = typename IO::Vec;
-  using acc_t = acc_of<T>;
+  using acc_t = acc_type<T>;
   constexpr int64_t K = IO::kSize;
   at::parallel_for(0, B, row_grain(12 * H), [&](int64_t begin, int64_t end) {
     const Vec one(1);
@@ -137,7 +135,7 @@ template <typename T>
 void gru_fwd_rows(int64_t B, int64_t H, Mat<const T> X, Mat<const T> Q, Mat<const T> Hp, Mat<T> Hn, Mat<T> S) {
   using IO = VecIO<T>;
   using Vec = typename IO::Vec;
-  using acc_t = acc_of<T>;
+  using acc_t = acc_type<T>;
   constexpr int64_t K = IO::kSize;
   at::parallel_for(0, B, row_grain(12 * H), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
@@ -177,7 +175,7 @@ void gru_bwd_rows(int64_t B, int64_t H, Mat<const T> DH, Mat<const T> S, Mat<con
                   Mat<T> DX, Mat<T> DQ, Mat<T> DHD) {
   using IO = VecIO<T>;
   using Vec = typename IO::Vec;
-  using acc_t = acc_of<T>;
+  using acc_t = acc_type<T>;
   constexpr int64_t K = IO::kSize;
   at::parallel_for(0, B, row_grain(12 * H), [&](int64_t begin, int64_t end) {
     const Vec one(1);
@@ -299,7 +297,7 @@ struct StepWeight {
   int64_t N, K;
   StepWeight(const at::Tensor& w_, bool transposed_)
       : w(w_.contiguous()), transposed(transposed_), N(w_.size(transposed_ ? 1 : 0)), K(w_.size(transposed_ ? 0 : 1)) {
-    if constexpr (std::is_same_v<T, acc_of<T>>) {
+    if constexpr (std::is_same_v<T, acc_type<T>>) {
       packed = at::empty({panel::packed_size<T>(N, K)}, w.options());
       if (transposed)  // w (K, N): its column panels, no transposed copy first
         panel::pack_cols<T>(w.const_data_ptr<T>(), N, K, N, packed.mutable_data_ptr<T>());
@@ -309,7 +307,7 @@ struct StepWeight {
   }
   // y = x @ w^T (x @ w when transposed) [+ c]; c null, (B, N) or a bias (N)
   void mm(at::Tensor& y, const at::Tensor& x, const at::Tensor* c) const {
-    if constexpr (std::is_same_v<T, acc_of<T>>) {
+    if constexpr (std::is_same_v<T, acc_type<T>>) {
       const T* cp = c ? c->const_data_ptr<T>() : nullptr;
       const int64_t ldc = c && c->dim() == 2 ? c->stride(0) : 0;
       panel_gemm<T>(x.const_data_ptr<T>(), x.stride(0), x.size(0), K, packed.const_data_ptr<T>(), N,

@@ -7,6 +7,7 @@
 //   interleaved layout (GPT-J): (x[2i], x[2i + 1]) -> (x[2i] c - x[2i + 1] s, x[2i + 1] c + x[2i] s)
 // with c = cos[p, i], s = sin[p, i] (float32), negated s for the backward (the inverse rotation).
 // Tokens are independent: at::parallel_for over tokens; each token's cos/sin row is read once for all heads.
+#include "pool.h"
 #include "vec.h"
 
 namespace tritium {

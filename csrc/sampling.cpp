@@ -27,12 +27,6 @@ namespace {
 using Vec = Vectorized<float>;
 constexpr int64_t K = Vec::size();
 
-inline float hsum(const Vec& v) {
-  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
-}
-inline float hmax(const Vec& v) {
-  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
-}
 inline bool any_lane(const Vec& mask) {  // comparison results: all bits set (true) or zero (false) per lane
   return mask.zero_mask() != (1 << K) - 1;
 }

@@ -8,27 +8,13 @@
 // - inner > 1 (an earlier dim): the inner elements are contiguous, so the passes run over N with vectors laid
 //   across inner (ATen's own layout trick), in blocks of kInnerBlock inner elements per task.
 // y = softmax(scale * x) or log_softmax(scale * x); scale is 1 (softmax), -1 (softmin) or 1/temperature.
+#include "pool.h"
 #include "vec.h"
 
 namespace tritium {
 namespace {
 
-template <typename T>
-using acc_of = typename VecIO<T>::acc_t;
-
 constexpr int64_t kInnerBlock = 256;
-
-template <typename T>
-inline acc_of<T> hmax(const typename VecIO<T>::Vec& v) {
-  using Vec = typename VecIO<T>::Vec;
-  return at::vec::vec_reduce_all<acc_of<T>>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
-}
-
-template <typename T>
-inline acc_of<T> hsum(const typename VecIO<T>::Vec& v) {
-  using Vec = typename VecIO<T>::Vec;
-  return at::vec::vec_reduce_all<acc_of<T>>([](Vec& a, Vec& b) { return a + b; }, v);
-}
 
 // NaN-propagating scalar max (as at::vec::maximum and torch's max reduction)
 template <typename A>
@@ -38,10 +24,10 @@ inline A smax(A a, A b) {
 
 // max_j scale * x[j]
 template <typename T>
-acc_of<T> row_max(const T* x, int64_t n, acc_of<T> scale) {
+acc_type<T> row_max(const T* x, int64_t n, acc_type<T> scale) {
   using IO = VecIO<T>;
   using Vec = typename IO::Vec;
-  using acc_t = acc_of<T>;
+  using acc_t = acc_type<T>;
   constexpr int64_t K = IO::kSize;
   const Vec vs(scale);
   Vec m0(-std::numeric_limits<acc_t>::infinity()), m1 = m0;
@@ -51,17 +37,17 @@ acc_of<T> row_max(const T* x, int64_t n, acc_of<T> scale) {
     m1 = at::vec::maximum(m1, IO::load(x + i + K) * vs);
   }
   for (; i + K <= n; i += K) m0 = at::vec::maximum(m0, IO::load(x + i) * vs);
-  acc_t m = hmax<T>(at::vec::maximum(m0, m1));
+  acc_t m = hmax(at::vec::maximum(m0, m1));
   for (; i < n; ++i) m = smax(m, static_cast<acc_t>(x[i]) * scale);
   return m;
 }
 
 // One row, inner == 1. buf: n accumulation-type elements (may alias y when T is the accumulation type).
 template <typename T>
-void softmax_row(const T* x, T* y, acc_of<T>* buf, int64_t n, acc_of<T> scale, bool log) {
+void softmax_row(const T* x, T* y, acc_type<T>* buf, int64_t n, acc_type<T> scale, bool log) {
   using IO = VecIO<T>;
   using Vec = typename IO::Vec;
-  using acc_t = acc_of<T>;
+  using acc_t = acc_type<T>;
   constexpr int64_t K = IO::kSize;
   const acc_t m = row_max(x, n, scale);
   const Vec vs(scale), vm(m);
@@ -83,7 +69,7 @@ void softmax_row(const T* x, T* y, acc_of<T>* buf, int64_t n, acc_of<T> scale, b
     s0 = s0 + e;
     if (!log) e.store(buf + i);
   }
-  acc_t s = hsum<T>(s0 + s1);
+  acc_t s = hsum(s0 + s1);
   for (; i < n; ++i) {
     acc_t e = std::exp(static_cast<acc_t>(x[i]) * scale - m);
     s += e;
@@ -106,10 +92,10 @@ void softmax_row(const T* x, T* y, acc_of<T>* buf, int64_t n, acc_of<T> scale, b
 
 // inner > 1: x, y point at (o, 0, i0); the block covers w <= kInnerBlock inner elements, rows N apart by `inner`.
 template <typename T>
-void softmax_inner(const T* x, T* y, int64_t n, int64_t inner, int64_t w, acc_of<T> scale, bool log) {
+void softmax_inner(const T* x, T* y, int64_t n, int64_t inner, int64_t w, acc_type<T> scale, bool log) {
   using IO = VecIO<T>;
   using Vec = typename IO::Vec;
-  using acc_t = acc_of<T>;
+  using acc_t = acc_type<T>;
   constexpr int64_t K = IO::kSize;
   acc_t m[kInnerBlock], s[kInnerBlock];
   const Vec vs(scale);
@@ -160,7 +146,7 @@ at::Tensor softmax_fwd(const at::Tensor& x, double scale, bool log) {
   auto y = empty({outer, N, inner}, x.options());
   if (y.numel() == 0) return y;
   TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_softmax_fwd", [&] {
-    using acc_t = acc_of<scalar_t>;
+    using acc_t = acc_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     const acc_t sc = static_cast<acc_t>(scale);
@@ -200,7 +186,7 @@ at::Tensor softmax_bwd(const at::Tensor& dy, const at::Tensor& y, double scale, 
   auto dx = empty({outer, N, inner}, y.options());
   if (dx.numel() == 0) return dx;
   TRITIUM_DISPATCH_FLOATING(y.scalar_type(), "tritium_softmax_bwd", [&] {
-    using acc_t = acc_of<scalar_t>;
+    using acc_t = acc_type<scalar_t>;
     using IO = VecIO<scalar_t>;
     using Vec = typename IO::Vec;
     constexpr int64_t K = IO::kSize;
@@ -235,7 +221,7 @@ at::Tensor softmax_bwd(const at::Tensor& dy, const at::Tensor& y, double scale, 
             Vec d = IO::load(dyr + i);
             a0 = log ? a0 + d : at::vec::fmadd(d, IO::load(yr + i), a0);
           }
-          acc_t c = hsum<scalar_t>(a0 + a1);
+          acc_t c = hsum(a0 + a1);
           for (; i < N; ++i) {
             acc_t d = static_cast<acc_t>(dyr[i]);
             c += log ? d : d * static_cast<acc_t>(yr[i]);

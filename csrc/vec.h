@@ -9,7 +9,6 @@
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <sys/mman.h>
 
 namespace tritium {
 
@@ -102,12 +101,6 @@ inline void prefetch_l2(const void* p, int64_t bytes) {
 #endif
 }
 
-// at::empty for kernel outputs. Outputs of 2 MiB or more come from tritium's output pool (csrc/pool.cpp): freed
-// blocks on transparent huge pages are reused instead of fresh pages, which the OS zeroes on first touch at a
-// cost as large as a memory-bound kernel's. Smaller outputs, and everything when TRITIUM_CPU_POOL_MB=0, use
-// at::empty.
-at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options);
-
 // Fast float math for the elementwise kernels. Float vectors (also the accumulation type of bfloat16/half) get
 // cheaper formulas whose error stays within a few float ulp; double vectors use ATen's (Sleef) functions.
 // NaN propagates through all of them as through torch's.
@@ -162,6 +155,18 @@ inline Vectorized<A> fmax_fast(const Vectorized<A>& a, const Vectorized<A>& b) {
   return at::vec::maximum(a, b);
 }
 
+// The sum of a vector's lanes (one horizontal reduction).
+template <typename A>
+inline A hsum(const Vectorized<A>& v) {
+  return at::vec::vec_reduce_all<A>([](Vectorized<A>& a, Vectorized<A>& b) { return a + b; }, v);
+}
+
+// The max of a vector's lanes, NaN-propagating as at::vec::maximum and torch's max reduction.
+template <typename A>
+inline A hmax(const Vectorized<A>& v) {
+  return at::vec::vec_reduce_all<A>([](Vectorized<A>& a, Vectorized<A>& b) { return at::vec::maximum(a, b); }, v);
+}
+
 // out[j] = sum of the lanes of v[j], for Vec::size() vectors v (a vector of dot products from their partial-sum
 // vectors). With AVX-512 floats it is a transpose-and-add tree (45 shuffles/adds for 16 sums, instead of a
 // horizontal reduction per vector); elsewhere one reduction per vector.
@@ -185,8 +190,7 @@ inline Vectorized<A> reduce_lanes(const Vectorized<A>* v) {
   }
 #endif
   alignas(64) A out[K];
-  for (int64_t j = 0; j < K; ++j)
-    out[j] = at::vec::vec_reduce_all<A>([](Vectorized<A>& x, Vectorized<A>& y) { return x + y; }, v[j]);
+  for (int64_t j = 0; j < K; ++j) out[j] = hsum(v[j]);
   return Vectorized<A>::loadu(out);
 }
 
@@ -204,8 +208,7 @@ acc_type<T> row_max_acc(const T* x, int64_t n) {
     m1 = at::vec::maximum(m1, IO::load(x + i + K));
   }
   for (; i + K <= n; i += K) m0 = at::vec::maximum(m0, IO::load(x + i));
-  acc_t m = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); },
-                                           at::vec::maximum(m0, m1));
+  acc_t m = hmax(at::vec::maximum(m0, m1));
   for (; i < n; ++i) {
     acc_t v = static_cast<acc_t>(x[i]);
     m = (v != v || v > m) ? v : m;
