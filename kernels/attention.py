@@ -15,7 +15,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _scores(q, k, rows, cols, MASK, smi, smj, L, S, scale, softcap, offset, left, right,
+def _scores(q, k, rows, cols, MASK, stride_mm, stride_mn, L, S, scale, softcap, offset, left, right,
             HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
             PRECISION: tl.constexpr):
     """(scores with -inf where not visible, d softcap / d s or None) for a (rows x cols) tile."""
@@ -32,8 +32,8 @@ def _scores(q, k, rows, cols, MASK, smi, smj, L, S, scale, softcap, offset, left
     if HAS_LEFT:
         visible = visible & (cols[None, :] >= rows[:, None] + offset - left)
     if HAS_MASK:
-        m = tl.load(MASK + rows[:, None].to(tl.int64) * smi + cols[None, :].to(tl.int64) * smj, mask=visible,
-                    other=0.0)
+        m = tl.load(MASK + rows[:, None].to(tl.int64) * stride_mm + cols[None, :].to(tl.int64) * stride_mn,
+                    mask=visible, other=0.0)
         s = s + m.to(tl.float32)
     s = tl.where(visible, s, float("-inf"))
     return s, dt
@@ -56,7 +56,8 @@ def _key_range(start_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, S, offset,
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, MASK, O, LSE,
-    sqb, sqh, sql, skb, skh, skl, svb, svh, svl, smb, smh, smi, smj, sob, soh, sol,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm, stride_mn, stride_ob, stride_oh, stride_om,
     H, group, L, S, D, DV, scale, softcap, offset, left, right,
     HAS_MASK: tl.constexpr,   # an additive (or converted boolean) mask is read per tile
     HAS_LEFT: tl.constexpr,   # sliding window on the left: skips key blocks before the window
@@ -76,29 +77,29 @@ def _attn_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None].to(tl.int64) * sql + offs_d[None, :],
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
                 mask=(rows[:, None] < L) & (offs_d[None, :] < D), other=0.0)
-    Kb = K + b * skb + hk * skh
-    Vb = V + b * svb + hk * svh
+    Kb = K + b * stride_kb + hk * stride_kh
+    Vb = V + b * stride_vb + hk * stride_vh
     Mb = MASK
     if HAS_MASK:  # MASK is None otherwise
-        Mb = MASK + b * smb + h * smh
+        Mb = MASK + b * stride_mb + h * stride_mh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     lo, hi = _key_range(start_m, BLOCK_M, BLOCK_N, S, offset, left, right, HAS_LEFT, HAS_RIGHT)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = tl.load(Kb + cols[None, :].to(tl.int64) * skl + offs_d[:, None],
+        k = tl.load(Kb + cols[None, :].to(tl.int64) * stride_kn + offs_d[:, None],
                     mask=(cols[None, :] < S) & (offs_d[:, None] < D), other=0.0)
-        s, _ = _scores(q, k, rows, cols, Mb, smi, smj, L, S, scale, softcap, offset, left, right,
+        s, _ = _scores(q, k, rows, cols, Mb, stride_mm, stride_mn, L, S, scale, softcap, offset, left, right,
                        HAS_MASK, HAS_LEFT, HAS_RIGHT, SOFTCAP, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet: p = 0, not NaN
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(Vb + cols[:, None].to(tl.int64) * svl + offs_dv[None, :],
+        v = tl.load(Vb + cols[:, None].to(tl.int64) * stride_vn + offs_dv[None, :],
                     mask=(cols[:, None] < S) & (offs_dv[None, :] < DV), other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
@@ -106,13 +107,14 @@ def _attn_fwd_kernel(
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
     row_ok = rows < L
-    tl.store(O + b * sob + h * soh + rows[:, None].to(tl.int64) * sol + offs_dv[None, :], out.to(O.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(O + b * stride_ob + h * stride_oh + rows[:, None].to(tl.int64) * stride_om + offs_dv[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
     tl.store(LSE + bh.to(tl.int64) * L + rows, lse, mask=row_ok)
 
 
 @triton.jit
-def _attn_bwd_delta_kernel(O, DO, DLSE, DELTA, sob, soh, sol, sdb, sdh, sdl, H, L, DV,
+def _attn_bwd_delta_kernel(O, DO, DLSE, DELTA, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
+                           H, L, DV,
                            HAS_DLSE: tl.constexpr,  # return_lse's gradient: d lse / d s = P shifts delta
                            BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -123,8 +125,9 @@ def _attn_bwd_delta_kernel(O, DO, DLSE, DELTA, sob, soh, sol, sdb, sdh, sdl, H, 
     offs = tl.arange(0, BLOCK_DV)
     msk = (rows[:, None] < L) & (offs[None, :] < DV)
     r64 = rows[:, None].to(tl.int64)
-    o = tl.load(O + b * sob + h * soh + r64 * sol + offs[None, :], mask=msk, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * sdb + h * sdh + r64 * sdl + offs[None, :], mask=msk, other=0.0).to(tl.float32)
+    o = tl.load(O + b * stride_ob + h * stride_oh + r64 * stride_om + offs[None, :], mask=msk, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + r64 * stride_dom + offs[None, :], mask=msk,
+                 other=0.0).to(tl.float32)
     delta = tl.sum(o * do, 1)
     if HAS_DLSE:
         delta -= tl.load(DLSE + bh.to(tl.int64) * L + rows, mask=rows < L, other=0.0)
@@ -134,7 +137,8 @@ def _attn_bwd_delta_kernel(O, DO, DLSE, DELTA, sob, soh, sol, sdb, sdh, sdl, H, 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, MASK, DO, LSE, DELTA, DK, DV_,
-    sqb, sqh, sql, skb, skh, skl, svb, svh, svl, smb, smh, smi, smj, sdb, sdh, sdl,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm, stride_mn, stride_dob, stride_doh, stride_dom,
     H, group, L, S, D, DV, scale, softcap, offset, left, right,
     HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -152,15 +156,15 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     c64 = cols[:, None].to(tl.int64)
-    kt = tl.load(K + b * skb + hk * skh + cols[None, :].to(tl.int64) * skl + offs_d[:, None],
+    kt = tl.load(K + b * stride_kb + hk * stride_kh + cols[None, :].to(tl.int64) * stride_kn + offs_d[:, None],
                  mask=(cols[None, :] < S) & (offs_d[:, None] < D), other=0.0)           # (D, N)
-    vt = tl.load(V + b * svb + hk * svh + cols[None, :].to(tl.int64) * svl + offs_dv[:, None],
+    vt = tl.load(V + b * stride_vb + hk * stride_vh + cols[None, :].to(tl.int64) * stride_vn + offs_dv[:, None],
                  mask=(cols[None, :] < S) & (offs_dv[:, None] < DV), other=0.0)         # (DV, N)
-    Qb = Q + b * sqb + h * sqh
-    DOb = DO + b * sdb + h * sdh
+    Qb = Q + b * stride_qb + h * stride_qh
+    DOb = DO + b * stride_dob + h * stride_doh
     Mb = MASK
     if HAS_MASK:  # MASK is None otherwise
-        Mb = MASK + b * smb + h * smh
+        Mb = MASK + b * stride_mb + h * stride_mh
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     # the query rows that may see any key of this block
@@ -175,12 +179,12 @@ def _attn_bwd_dkdv_kernel(
         rows = start_m + offs_m
         r64 = rows[:, None].to(tl.int64)
         row_ok = rows < L
-        q = tl.load(Qb + r64 * sql + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        do = tl.load(DOb + r64 * sdl + offs_dv[None, :], mask=row_ok[:, None] & (offs_dv[None, :] < DV),
+        q = tl.load(Qb + r64 * stride_qm + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        do = tl.load(DOb + r64 * stride_dom + offs_dv[None, :], mask=row_ok[:, None] & (offs_dv[None, :] < DV),
                      other=0.0)
         lse = tl.load(LSE + bh.to(tl.int64) * L + rows, mask=row_ok, other=float("-inf"))
         delta = tl.load(DELTA + bh.to(tl.int64) * L + rows, mask=row_ok, other=0.0)
-        s, dt = _scores(q, kt, rows, cols, Mb, smi, smj, L, S, scale, softcap, offset, left, right,
+        s, dt = _scores(q, kt, rows, cols, Mb, stride_mm, stride_mn, L, S, scale, softcap, offset, left, right,
                         HAS_MASK, HAS_LEFT, HAS_RIGHT, SOFTCAP, PRECISION)
         lse_safe = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that saw nothing: P = 0
         p = tl.exp(s - lse_safe[:, None])
@@ -199,7 +203,8 @@ def _attn_bwd_dkdv_kernel(
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, MASK, DO, LSE, DELTA, DQ,
-    sqb, sqh, sql, skb, skh, skl, svb, svh, svl, smb, smh, smi, smj, sdb, sdh, sdl,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm, stride_mn, stride_dob, stride_doh, stride_dom,
     H, group, L, S, D, DV, scale, softcap, offset, left, right,
     HAS_MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -218,27 +223,27 @@ def _attn_bwd_dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * sqb + h * sqh + r64 * sql + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < D),
-                other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + r64 * sdl + offs_dv[None, :],
+    q = tl.load(Q + b * stride_qb + h * stride_qh + r64 * stride_qm + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + r64 * stride_dom + offs_dv[None, :],
                  mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     lse = tl.load(LSE + bh.to(tl.int64) * L + rows, mask=row_ok, other=float("-inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(DELTA + bh.to(tl.int64) * L + rows, mask=row_ok, other=0.0)
-    Kb = K + b * skb + hk * skh
-    Vb = V + b * svb + hk * svh
+    Kb = K + b * stride_kb + hk * stride_kh
+    Vb = V + b * stride_vb + hk * stride_vh
     Mb = MASK
     if HAS_MASK:  # MASK is None otherwise
-        Mb = MASK + b * smb + h * smh
+        Mb = MASK + b * stride_mb + h * stride_mh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, hi = _key_range(start_m, BLOCK_M, BLOCK_N, S, offset, left, right, HAS_LEFT, HAS_RIGHT)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        kt = tl.load(Kb + cols[None, :].to(tl.int64) * skl + offs_d[:, None],
+        kt = tl.load(Kb + cols[None, :].to(tl.int64) * stride_kn + offs_d[:, None],
                      mask=(cols[None, :] < S) & (offs_d[:, None] < D), other=0.0)
-        vt = tl.load(Vb + cols[None, :].to(tl.int64) * svl + offs_dv[:, None],
+        vt = tl.load(Vb + cols[None, :].to(tl.int64) * stride_vn + offs_dv[:, None],
                      mask=(cols[None, :] < S) & (offs_dv[:, None] < DV), other=0.0)
-        s, dt = _scores(q, kt, rows, cols, Mb, smi, smj, L, S, scale, softcap, offset, left, right,
+        s, dt = _scores(q, kt, rows, cols, Mb, stride_mm, stride_mn, L, S, scale, softcap, offset, left, right,
                         HAS_MASK, HAS_LEFT, HAS_RIGHT, SOFTCAP, PRECISION)
         p = tl.exp(s - lse[:, None])
         dp = tl.dot(do, vt, input_precision=PRECISION)

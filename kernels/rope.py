@@ -12,11 +12,11 @@ import triton.language as tl
 
 
 @triton.jit
-def _rope_rotate(X, Y, sxn, sxh, n, H, D, c, s, offs_h, offs_i,
+def _rope_rotate(X, Y, stride_xn, stride_xh, n, H, D, c, s, offs_h, offs_i,
                  HALF: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     hmask = offs_h[:, None] < H
     pmask = hmask & (offs_i[None, :] < HALF)
-    xrow = X + n * sxn + offs_h[:, None].to(tl.int64) * sxh
+    xrow = X + n * stride_xn + offs_h[:, None].to(tl.int64) * stride_xh
     yrow = Y + (n * H + offs_h[:, None].to(tl.int64)) * D
     if INTERLEAVED:  # pairs (2i, 2i+1)
         ia = 2 * offs_i[None, :]
@@ -37,7 +37,7 @@ def _rope_rotate(X, Y, sxn, sxh, n, H, D, c, s, offs_h, offs_i,
 @triton.jit
 def _rope_kernel(
     Q, K, QO, KO, COS, SIN, POS,
-    sqn, sqh, skn, skh, HQ, HK, D, sign,
+    stride_qn, stride_qh, stride_kn, stride_kh, HQ, HK, D, sign,
     HALF: tl.constexpr,         # rotary_dim // 2
     INTERLEAVED: tl.constexpr,  # GPT-J pair layout instead of Llama's halves
     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_I: tl.constexpr,
@@ -49,10 +49,10 @@ def _rope_kernel(
     imask = offs_i < HALF
     c = tl.load(COS + p * HALF + offs_i, mask=imask, other=0.0)[None, :]
     s = (tl.load(SIN + p * HALF + offs_i, mask=imask, other=0.0) * sign)[None, :]
-    _rope_rotate(Q, QO, sqn, sqh, n, HQ, D, c, s, tl.arange(0, BLOCK_HQ), offs_i, HALF, INTERLEAVED, BLOCK_HQ,
-                 BLOCK_D)
-    _rope_rotate(K, KO, skn, skh, n, HK, D, c, s, tl.arange(0, BLOCK_HK), offs_i, HALF, INTERLEAVED, BLOCK_HK,
-                 BLOCK_D)
+    _rope_rotate(Q, QO, stride_qn, stride_qh, n, HQ, D, c, s,
+                 tl.arange(0, BLOCK_HQ), offs_i, HALF, INTERLEAVED, BLOCK_HQ, BLOCK_D)
+    _rope_rotate(K, KO, stride_kn, stride_kh, n, HK, D, c, s,
+                 tl.arange(0, BLOCK_HK), offs_i, HALF, INTERLEAVED, BLOCK_HK, BLOCK_D)
 
 
 def rope_fwd(q, k, cos, sin, positions, interleaved, inverse):
