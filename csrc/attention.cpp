@@ -8,15 +8,20 @@
 //
 // Forward: tiled online softmax (FlashAttention-2). Tasks are (batch, head, query block); each keeps a
 // BQ x BK score tile, a BQ x Dv float accumulator and row statistics, so memory is O(seq), never O(L * S).
-// The QK^T and PV tiles are blocked matrix products done by the BLAS libtorch ships with (MKL's sgemm_,
-// dgemm_ and gemm_bf16bf16f32_/gemm_f16f16f32_, found at run time; 16-bit tiles accumulate in float, as
-// torch's own CPU flash kernel does), falling back to at::matmul on tile views when a symbol is missing.
+// Per key tile: score_tile (Q K^T), finish_scores (softcap, mask, window), online_softmax_update, accumulate_pv;
+// then write_output. The QK^T and PV products run on one path per dtype (product_path: packed panels, oneDNN's
+// brgemm, or BLAS per tile; 16-bit tiles accumulate in float, as torch's own CPU flash kernel does). The BLAS is
+// the one libtorch ships with (MKL's sgemm_, dgemm_ and gemm_bf16bf16f32_/gemm_f16f16f32_, found at run time),
+// falling back to at::matmul on tile views when a symbol is missing.
 // Saves lse = m + log(l) per row (float; double for double); fully masked rows give 0 and lse = -inf.
 //
 // Backward: recompute P = exp(s - lse) tile by tile; tasks are (batch, query head); dQ is accumulated per
 // query block, dK and dV per query head in float (then summed over the GQA group):
 //   dV += P^T dO;  dP = dO V^T;  dS = P * (dP - rowsum(dO * O)) [* (1 - tanh^2) with softcap];
 //   dQ += scale * dS K;  dK += scale * dS^T Q.
+//
+// Environment: TRITIUM_NO_BLAS=1 skips the BLAS symbols, so every BLAS product takes the at::matmul fallback
+// (the path of a libtorch without them, testable on one that has them). It is read once, at the first call.
 #include "panel.h"
 #include "pool.h"
 #include "vec.h"
@@ -54,7 +59,7 @@ struct Blas {
 const Blas& blas() {
   static const Blas b = [] {
     Blas r;
-    if (std::getenv("TRITIUM_NO_BLAS")) return r;  // exercise the at::matmul fallback (tests)
+    if (std::getenv("TRITIUM_NO_BLAS")) return r;  // the at::matmul fallback (see the top of the file)
     void* h = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
     if (!h) return r;
     r.s = reinterpret_cast<sgemm_t>(dlsym(h, "sgemm_"));
@@ -196,12 +201,44 @@ std::unique_ptr<X[]> scratch(int64_t n) {
   return std::unique_ptr<X[]>(new X[n]);
 }
 
+// A (batch, head, seq, dim) operand with a unit last stride: base pointer and the first three strides.
+template <typename T>
+struct Rows4 {
+  T* p;
+  int64_t sb, sh, sl;
+  Rows4(T* p_, const at::Tensor& t) : p(p_), sb(t.stride(0)), sh(t.stride(1)), sl(t.stride(2)) {}
+  T* at(int64_t b, int64_t h, int64_t i = 0) const { return p + b * sb + h * sh + i * sl; }  // row i of (b, h)
+};
+
+// The optional additive mask (batch, head, L, S), any strides (broadcast masks are stride-0 views).
+template <typename T>
+struct Mask {
+  const T* p = nullptr;
+  int64_t sb = 0, sh = 0, si = 0, sj = 0;
+  explicit Mask(const c10::optional<at::Tensor>& m) {
+    if (!m.has_value()) return;
+    p = m->const_data_ptr<T>();
+    sb = m->stride(0), sh = m->stride(1), si = m->stride(2), sj = m->stride(3);
+  }
+  const T* at(int64_t b, int64_t h) const { return p ? p + b * sb + h * sh : nullptr; }
+};
+
 struct Geometry {
   int64_t B, H, Hk, L, S, D, Dv;
   int64_t offset, left, right;
   // the keys row i may see: [lo, hi)
   inline int64_t lo(int64_t i) const { return left < 0 ? 0 : std::clamp<int64_t>(i + offset - left, 0, S); }
   inline int64_t hi(int64_t i) const { return right < 0 ? S : std::clamp<int64_t>(i + offset + right + 1, 0, S); }
+  // the keys any of the query rows [i0, i0 + m) may see: [first, last), first rounded down to a multiple of
+  // align (the packed paths start key blocks on a packed piece; the extra keys are masked)
+  std::pair<int64_t, int64_t> key_span(int64_t i0, int64_t m, int64_t align) const {
+    int64_t jlo = S, jhi = 0;
+    for (int64_t r = 0; r < m; ++r) {
+      jlo = std::min(jlo, lo(i0 + r));
+      jhi = std::max(jhi, hi(i0 + r));
+    }
+    return {jlo / align * align, jhi};
+  }
 };
 
 // score tile rows for query rows [i0, i0+m) and keys [j0, j0+n): softcap, mask, and -inf outside the window.
@@ -226,45 +263,33 @@ void finish_scores(acc_type<T>* s, int64_t ld, int64_t i0, int64_t m, int64_t j0
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// packed 16-bit tiles for at::native::cpublas::brgemm (oneDNN's batch-reduce GEMM micro-kernel: AMX or
-// AVX512-BF16 where the CPU has them, as torch's own CPU flash attention uses). B operands are packed once per
-// (batch, kv head) in the VNNI layout: pairs of consecutive K-dimension elements side by side, in column
-// pieces of kPiece so every call has ld_b = kPiece.
+// The products Q K^T and P V. Each dtype has one path:
+//   float/double: K and V packed into column panels (csrc/panel.h) for panel_gemm: register-tiled outer
+//     products with no library call per tile (a BLAS call per tile has a fixed overhead comparable to a small
+//     tile's arithmetic);
+//   bfloat16 on a CPU with AVX512-BF16: pair panels (panel::pack_bf16) for panel_gemm's dot-product tiles;
+//   other 16-bit (even head dim, where oneDNN can pack): at::native::cpublas::brgemm (oneDNN's batch-reduce GEMM
+//     micro-kernel: AMX or AVX512-BF16 where the CPU has them, as torch's own CPU flash attention uses) on
+//     operands packed in the VNNI layout: pairs of consecutive K-dimension elements side by side, in column
+//     pieces of kPiece so every call has ld_b = kPiece;
+//   otherwise: BLAS (or at::matmul) on the rows themselves, per tile.
+// The backward recomputes scores on the forward's path where it packs K itself (the panels), and uses BLAS for
+// its other products.
 // ---------------------------------------------------------------------------------------------------------
 constexpr int64_t kPiece = 64;
 
-// panel_gemm for float/double q/k/v (TRITIUM_NO_PANELS=1: MKL per tile, for comparison)
+enum class Path { kBlas, kPanels, kBf16Panels, kBrgemm };
+
 template <typename T>
-bool use_panels() {
+Path product_path(int64_t D) {
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-    static const bool off = std::getenv("TRITIUM_NO_PANELS") != nullptr;
-    return !off;
+    return Path::kPanels;
   } else {
-    return false;
-  }
-}
-
-// panel_gemm on bfloat16 pair panels (AVX512-BF16 dot products) for bfloat16 q/k/v, where the CPU has them
-template <typename T>
-bool use_bf16_panels() {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    static const bool on = std::getenv("TRITIUM_NO_PANELS") == nullptr && panel::has_bf16_dot();
-    return on;
-  } else {
-    return false;
-  }
-}
-
-// brgemm for 16-bit q/k/v: bfloat16 or half, when oneDNN can pack them here and the head dim is even (and the
-// bfloat16 panels are not used)
-template <typename T>
-bool use_brgemm(const Geometry& g) {
-  if (use_bf16_panels<T>()) return false;
-  if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
-    static const bool off = std::getenv("TRITIUM_NO_BRGEMM") != nullptr;
-    return !off && g.D % 2 == 0 && at::native::cpublas::could_pack(c10::CppTypeToScalarType<T>::value);
-  } else {
-    return false;
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (panel::has_bf16_dot()) return Path::kBf16Panels;
+    }
+    if (D % 2 == 0 && at::native::cpublas::could_pack(c10::CppTypeToScalarType<T>::value)) return Path::kBrgemm;
+    return Path::kBlas;
   }
 }
 
@@ -308,18 +333,238 @@ void pack_v(const T* v, int64_t ldv, int64_t S, int64_t Dv, T* out) {
   }
 }
 
+// Where one (batch, kv head)'s keys are read from for Q K^T: its path's packing, or the rows themselves.
+template <typename T>
+struct Keys {
+  const T* rows;  // S x D, row stride ld
+  int64_t ld;
+  const acc_type<T>* panels = nullptr;         // Path::kPanels: panel::pack
+  const c10::BFloat16* bf16_panels = nullptr;  // Path::kBf16Panels: panel::pack_bf16
+  const T* vnni = nullptr;                     // Path::kBrgemm: pack_kt
+};
+
+// Where one (batch, kv head)'s values are read from for P V.
+template <typename T>
+struct Values {
+  const T* rows;  // S x Dv, row stride ld
+  int64_t ld, S;
+  const acc_type<T>* panels = nullptr;         // Path::kPanels: panel::pack_cols
+  const c10::BFloat16* bf16_panels = nullptr;  // Path::kBf16Panels: panel::pack_cols_bf16
+  const T* vnni = nullptr;                     // Path::kBrgemm: pack_v
+};
+
+// K and V of every (batch, kv head) packed once up front for the forward's path (O(seq) memory; nothing for
+// Path::kBlas).
+template <typename T>
+class PackedKV {
+  using A = acc_type<T>;
+
+ public:
+  PackedKV(const Rows4<const T>& k, const Rows4<const T>& v, const Geometry& g)
+      : path_(product_path<T>(g.D)), k_(k), v_(v), S_(g.S), Hk_(g.Hk) {
+    const int64_t Se = (g.S + 1) / 2 * 2, n = g.B * g.Hk;
+    switch (path_) {
+      case Path::kPanels:
+        k_size_ = panel::packed_size<A>(g.S, g.D), v_size_ = panel::packed_size<A>(g.Dv, g.S);
+        kf_ = scratch<A>(n * k_size_), vf_ = scratch<A>(n * v_size_);
+        break;
+      case Path::kBf16Panels:
+        k_size_ = panel::packed_size_bf16(g.S, g.D), v_size_ = panel::packed_size_bf16(g.Dv, g.S);
+        kb_ = scratch<c10::BFloat16>(n * k_size_), vb_ = scratch<c10::BFloat16>(n * v_size_);
+        break;
+      case Path::kBrgemm:
+        k_size_ = (g.S + kPiece - 1) / kPiece * kPiece * g.D, v_size_ = Se * ((g.Dv + kPiece - 1) / kPiece) * kPiece;
+        kt_ = scratch<T>(n * k_size_), vt_ = scratch<T>(n * v_size_);
+        break;
+      case Path::kBlas:
+        return;
+    }
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / g.Hk, hk = bh % g.Hk;
+        const T* kr = k.at(b, hk);
+        const T* vr = v.at(b, hk);
+        if constexpr (std::is_same_v<T, A>) {
+          panel::pack<A>(kr, k.sl, g.S, g.D, kf_.get() + bh * k_size_);
+          panel::pack_cols<A>(vr, v.sl, g.S, g.Dv, vf_.get() + bh * v_size_);
+        } else {
+          if constexpr (std::is_same_v<T, c10::BFloat16>) {
+            if (path_ == Path::kBf16Panels) {
+              panel::pack_bf16(kr, k.sl, g.S, g.D, kb_.get() + bh * k_size_);
+              panel::pack_cols_bf16(vr, v.sl, g.S, g.Dv, vb_.get() + bh * v_size_);
+              continue;
+            }
+          }
+          pack_kt<T>(kr, k.sl, g.S, g.D, kt_.get() + bh * k_size_);
+          pack_v<T>(vr, v.sl, g.S, g.Dv, vt_.get() + bh * v_size_);
+        }
+      }
+    });
+  }
+
+  // key blocks start on a packed piece (kPiece is a multiple of every packing's column width)
+  int64_t key_align() const { return path_ == Path::kBlas ? 1 : kPiece; }
+  bool uses_brgemm() const { return path_ == Path::kBrgemm; }
+
+  Keys<T> keys(int64_t b, int64_t hk) const {
+    Keys<T> r{k_.at(b, hk), k_.sl};
+    const int64_t off = (b * Hk_ + hk) * k_size_;
+    if (kf_) r.panels = kf_.get() + off;
+    if (kb_) r.bf16_panels = kb_.get() + off;
+    if (kt_) r.vnni = kt_.get() + off;
+    return r;
+  }
+
+  Values<T> values(int64_t b, int64_t hk) const {
+    Values<T> r{v_.at(b, hk), v_.sl, S_};
+    const int64_t off = (b * Hk_ + hk) * v_size_;
+    if (vf_) r.panels = vf_.get() + off;
+    if (vb_) r.bf16_panels = vb_.get() + off;
+    if (vt_) r.vnni = vt_.get() + off;
+    return r;
+  }
+
+ private:
+  Path path_;
+  Rows4<const T> k_, v_;
+  int64_t S_, Hk_, k_size_ = 0, v_size_ = 0;
+  std::unique_ptr<A[]> kf_, vf_;
+  std::unique_ptr<c10::BFloat16[]> kb_, vb_;
+  std::unique_ptr<T[]> kt_, vt_;
+};
+
+// s (m x n, row stride lds) = alpha * Q K^T for query rows Q (m x D, row stride ldq) and keys [j0, j0 + n).
+// A packed product is computed unscaled; with fold_scale it stays so and alpha is returned, the scale still to
+// apply (the forward folds it into its max and exponentials), otherwise the tile is scaled here. Returns 1 when
+// the tile carries its scale. The forward and the backward both compute their scores here, so on the panel paths
+// the backward's recomputed products equal the forward's bit for bit (BLAS sums q.k in another order, and at
+// |s| ~ 50 that difference alone would exceed the gradient's tolerance).
+template <typename T>
+acc_type<T> score_tile(const T* Q, int64_t ldq, int64_t m, int64_t D, const Keys<T>& K, int64_t j0, int64_t n,
+                       acc_type<T> alpha, bool fold_scale, acc_type<T>* s, int64_t lds) {
+  using A = acc_type<T>;
+  bool packed = false;
+  if constexpr (std::is_same_v<T, A>) {
+    if (K.panels) {
+      constexpr int64_t NP = panel::width<A>();
+      panel_gemm<A>(Q, ldq, m, D, K.panels + (j0 / NP) * D * NP, n, s, lds);
+      packed = true;
+    }
+  } else {
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (K.bf16_panels) {
+        constexpr int64_t NP16 = panel::kWidth16;
+        const int64_t D2 = (D + 1) / 2 * 2;
+        panel_gemm(Q, ldq, m, D, K.bf16_panels + (j0 / NP16) * D2 * NP16, n, s, lds);
+        packed = true;
+      }
+    }
+    if (K.vnni) {
+      for (int64_t t0 = 0; t0 < n; t0 += kPiece) {
+        at::native::cpublas::brgemm(m, std::min(kPiece, n - t0), D, ldq, kPiece, lds, false, Q,
+                                    K.vnni + (j0 + t0) * D, s + t0, true);
+      }
+      packed = true;
+    }
+  }
+  if (!packed) {
+    gemm<T>(false, true, m, n, D, alpha, Q, ldq, K.rows + j0 * K.ld, K.ld, A(0), s, lds);
+    return A(1);
+  }
+  if (fold_scale) return alpha;
+  for (int64_t r = 0; r < m; ++r)
+    at::vec::map([alpha](Vectorized<A> x) { return x * Vectorized<A>(alpha); }, s + r * lds, s + r * lds, n);
+  return A(1);
+}
+
+// acc (m x Dv, row stride Dv) += P V[j0, j0 + n) for P (m x n, row stride ldp, in the product's input type).
+// brgemm pairs keys, so an odd last key gets a zero column n of P (ldp is even).
+template <typename T>
+void accumulate_pv(T* P, int64_t ldp, int64_t m, int64_t n, const Values<T>& V, int64_t j0, int64_t Dv,
+                   acc_type<T>* acc) {
+  using A = acc_type<T>;
+  const int64_t Se = (V.S + 1) / 2 * 2;
+  if constexpr (std::is_same_v<T, A>) {
+    if (V.panels) {
+      constexpr int64_t NP = panel::width<A>();
+      panel_gemm<A>(P, ldp, m, n, V.panels + j0 * NP, Dv, acc, Dv, acc, Dv, V.S * NP);
+      return;
+    }
+  } else {
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (V.bf16_panels) {  // keys from j0 (a multiple of 64): pair row j0 / 2 of V's panels
+        constexpr int64_t NP16 = panel::kWidth16;
+        panel_gemm(P, ldp, m, n, V.bf16_panels + j0 * NP16, Dv, acc, Dv, acc, Dv, Se * NP16);
+        return;
+      }
+    }
+    if (V.vnni) {
+      const int64_t ne = (n + 1) / 2 * 2;
+      if (ne != n)
+        for (int64_t r = 0; r < m; ++r) P[r * ldp + n] = T(0);
+      for (int64_t c0 = 0; c0 < Dv; c0 += kPiece) {
+        at::native::cpublas::brgemm(m, std::min(kPiece, Dv - c0), ne, ldp, kPiece, Dv, true, P,
+                                    V.vnni + c0 * Se + j0 * kPiece, acc + c0, true);
+      }
+      return;
+    }
+  }
+  gemm<T>(false, false, m, Dv, n, A(1), P, ldp, V.rows + j0 * V.ld, V.ld, A(1), acc, Dv);
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // forward
 // ---------------------------------------------------------------------------------------------------------
-int64_t env_or(const char* name, int64_t v) {
-  const char* e = std::getenv(name);
-  return e ? std::atoll(e) : v;
+// Query rows per task: long sequences take big blocks (each K/V tile loaded is reused over more rows), shorter
+// ones smaller blocks so that (batch, head, query block) still gives every thread several tasks.
+int64_t q_block(int64_t L) { return L >= 768 ? 256 : (L >= 192 ? 64 : 32); }
+constexpr int64_t kKeyBlock = 512;  // keys per score tile
+
+// One score tile's step of the online softmax (FlashAttention-2), per query row: the running max mx becomes
+// max(mx, post * max of the visible scores), the running sum is rescaled by exp(old max - new max) and gains the
+// tile's exponentials, and so is the row of acc (Dv wide). P (row stride ldp) gets exp(post * s - max) inside
+// the row's visible columns [clo, chi) and 0 elsewhere; for float/double P is s itself.
+template <typename T>
+void online_softmax_update(acc_type<T>* s, int64_t lds, T* P, int64_t ldp, int64_t m, int64_t n, const int64_t* clo,
+                           const int64_t* chi, acc_type<T> post, acc_type<T>* mx, acc_type<T>* sum, acc_type<T>* acc,
+                           int64_t Dv) {
+  using A = acc_type<T>;
+  const A ninf = -std::numeric_limits<A>::infinity();
+  for (int64_t r = 0; r < m; ++r) {
+    A* row = s + r * lds;
+    T* prow = P + r * ldp;
+    const int64_t c0 = clo[r], c1 = chi[r];
+    A new_m = c1 > c0 ? std::max(mx[r], post * row_max<A>(row + c0, c1 - c0)) : mx[r];
+    if (new_m == ninf) {  // nothing visible yet in this row: a zero row of P
+      std::fill(prow, prow + n, T(0));
+    } else {
+      const A corr = std::exp(mx[r] - new_m);  // 0 when mx was -inf
+      const A ps = exp_sum_store<T, A>(row + c0, prow + c0, c1 - c0, new_m, post);
+      std::fill(prow, prow + c0, T(0));
+      std::fill(prow + c1, prow + n, T(0));
+      sum[r] = sum[r] * corr + ps;
+      mx[r] = new_m;
+      if (corr != A(1)) {
+        A* ar = acc + r * Dv;
+        at::vec::map([corr](Vectorized<A> x) { return x * Vectorized<A>(corr); }, ar, ar, Dv);
+      }
+    }
+  }
 }
-int64_t q_block(int64_t L) {
-  static const int64_t big = env_or("TRITIUM_ATTN_BQ", 256), mid = env_or("TRITIUM_ATTN_BQM", 64);
-  return L >= 768 ? big : (L >= 192 ? mid : 32);
+
+// o = acc / sum per row into O (row stride ldo), lse = max + log(sum); rows that saw no key get 0 and -inf.
+template <typename T>
+void write_output(acc_type<T>* acc, const acc_type<T>* mx, const acc_type<T>* sum, int64_t m, int64_t Dv, T* O,
+                  int64_t ldo, acc_type<T>* lse) {
+  using A = acc_type<T>;
+  for (int64_t r = 0; r < m; ++r) {
+    A* ar = acc + r * Dv;
+    const A inv = sum[r] > A(0) ? A(1) / sum[r] : A(0);
+    at::vec::map([inv](Vectorized<A> x) { return x * Vectorized<A>(inv); }, ar, ar, Dv);
+    store_row<T, A>(ar, O + r * ldo, Dv);
+    lse[r] = sum[r] > A(0) ? mx[r] + std::log(sum[r]) : -std::numeric_limits<A>::infinity();
+  }
 }
-static const int64_t kKeyBlock = env_or("TRITIUM_ATTN_BK", 512);
 
 template <typename T>
 void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mask,
@@ -327,211 +572,54 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   using A = acc_type<T>;
   constexpr bool k16 = !std::is_same_v<T, A>;
   const A scale = static_cast<A>(scale_), cap = static_cast<A>(softcap_);
+  const A alpha = cap > A(0) ? scale / cap : scale;  // the scale of q.k before softcap's tanh
   const int64_t BQ = std::min(q_block(g.L), g.L), BK = std::min(kKeyBlock, g.S);
   const int64_t nqb = (g.L + BQ - 1) / BQ, group = g.H / g.Hk;
-  const T* qp = q.const_data_ptr<T>();
-  const T* kp = k.const_data_ptr<T>();
-  const T* vp = v.const_data_ptr<T>();
-  const T* mp = mask.has_value() ? mask->const_data_ptr<T>() : nullptr;
-  T* op = out.mutable_data_ptr<T>();
-  const int64_t osb = out.stride(0), osh = out.stride(1), osl = out.stride(2);
+  const Rows4<const T> Qr(q.const_data_ptr<T>(), q), Kr(k.const_data_ptr<T>(), k), Vr(v.const_data_ptr<T>(), v);
+  const Rows4<T> Or(out.mutable_data_ptr<T>(), out);
+  const Mask<T> mk(mask);
   A* lp = lse.mutable_data_ptr<A>();
-  const int64_t qsb = q.stride(0), qsh = q.stride(1), qsl = q.stride(2);
-  const int64_t ksb = k.stride(0), ksh = k.stride(1), ksl = k.stride(2);
-  const int64_t vsb = v.stride(0), vsh = v.stride(1), vsl = v.stride(2);
-  int64_t msb = 0, msh = 0, msi = 0, msj = 0;
-  if (mp) msb = mask->stride(0), msh = mask->stride(1), msi = mask->stride(2), msj = mask->stride(3);
-  const A ninf = -std::numeric_limits<A>::infinity();
-
-  // float/double: K and V of every (batch, kv head) packed once up front into column panels (csrc/panel.h) for
-  // panel_gemm: Q K^T and P V as register-tiled outer products, no BLAS call per tile (MKL's small-GEMM
-  // overhead made a 512-token causal prefill's attention run at a third of the FMA peak). O(seq) memory.
-  const bool fpanel = use_panels<T>();
-  constexpr int64_t NP = panel::width<A>();
-  const int64_t kp_size = fpanel ? panel::packed_size<A>(g.S, g.D) : 0;
-  const int64_t vp_size = fpanel ? panel::packed_size<A>(g.Dv, g.S) : 0;
-  auto kp_buf = scratch<A>(fpanel ? g.B * g.Hk * kp_size : 0), vp_buf = scratch<A>(fpanel ? g.B * g.Hk * vp_size : 0);
-  if constexpr (!k16) {
-    if (fpanel) {
-      at::parallel_for(0, g.B * g.Hk, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t bh = begin; bh < end; ++bh) {
-          const int64_t b = bh / g.Hk, hk = bh % g.Hk;
-          panel::pack<A>(kp + b * ksb + hk * ksh, ksl, g.S, g.D, kp_buf.get() + bh * kp_size);
-          panel::pack_cols<A>(vp + b * vsb + hk * vsh, vsl, g.S, g.Dv, vp_buf.get() + bh * vp_size);
-        }
-      });
-    }
-  }
-
-  // bfloat16 on AVX512-BF16: K and V packed once per (batch, kv head) into pair panels (panel::pack_bf16), the
-  // scores and P V by panel_gemm's dot-product tiles into float
-  const bool bpanel = use_bf16_panels<T>();
-  constexpr int64_t NP16 = panel::kWidth16;
-  const int64_t Se = (g.S + 1) / 2 * 2, D2 = (g.D + 1) / 2 * 2;
-  const int64_t kb_size = bpanel ? panel::packed_size_bf16(g.S, g.D) : 0;
-  const int64_t vb_size = bpanel ? panel::packed_size_bf16(g.Dv, g.S) : 0;
-  auto kb_buf = scratch<c10::BFloat16>(g.B * g.Hk * kb_size), vb_buf = scratch<c10::BFloat16>(g.B * g.Hk * vb_size);
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (bpanel) {
-      at::parallel_for(0, g.B * g.Hk, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t bh = begin; bh < end; ++bh) {
-          const int64_t b = bh / g.Hk, hk = bh % g.Hk;
-          panel::pack_bf16(kp + b * ksb + hk * ksh, ksl, g.S, g.D, kb_buf.get() + bh * kb_size);
-          panel::pack_cols_bf16(vp + b * vsb + hk * vsh, vsl, g.S, g.Dv, vb_buf.get() + bh * vb_size);
-        }
-      });
-    }
-  }
-
-  // brgemm path: K^T and V of every (batch, kv head) packed once up front (O(seq) memory)
-  const bool packed = use_brgemm<T>(g);
-  const int64_t kt_size = (g.S + kPiece - 1) / kPiece * kPiece * g.D;
-  const int64_t v_size = Se * ((g.Dv + kPiece - 1) / kPiece) * kPiece;
-  auto kt_buf = scratch<T>(packed ? g.B * g.Hk * kt_size : 0), v_buf = scratch<T>(packed ? g.B * g.Hk * v_size : 0);
-  if (packed) {
-    at::parallel_for(0, g.B * g.Hk, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t b = bh / g.Hk, hk = bh % g.Hk;
-        pack_kt<T>(kp + b * ksb + hk * ksh, ksl, g.S, g.D, kt_buf.get() + bh * kt_size);
-        pack_v<T>(vp + b * vsb + hk * vsh, vsl, g.S, g.Dv, v_buf.get() + bh * v_size);
-      }
-    });
-  }
+  const PackedKV<T> kv(Kr, Vr, g);
 
   at::parallel_for(0, g.B * g.H * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> s(BQ * BK), acc(BQ * g.Dv), mx(BQ), sum(BQ);
     const int64_t pld = (BK + 1) / 2 * 2;  // P rows (16-bit): even, so an odd last key pairs with a zero
     std::vector<T> p16(k16 ? BQ * pld : 0);
     std::vector<int64_t> clo(BQ), chi(BQ);
+    T* P;
+    int64_t ldp;
+    if constexpr (k16) {
+      P = p16.data(), ldp = pld;
+    } else {
+      P = s.data(), ldp = BK;
+    }
     for (int64_t task = begin; task < end; ++task) {
       // a head's query blocks in the order first, last, second, second last, ...: under a causal mask their costs
       // grow with qb, and this order gives each thread's contiguous range of tasks an equal share of the work
       const int64_t t = task % nqb, qb = t % 2 == 0 ? t / 2 : nqb - 1 - t / 2;
       const int64_t b = task / (g.H * nqb), h = (task / nqb) % g.H, hk = h / group;
       const int64_t i0 = qb * BQ, m = std::min(g.L, i0 + BQ) - i0;
-      const T* Q = qp + b * qsb + h * qsh + i0 * qsl;
-      const T* Kh = kp + b * ksb + hk * ksh;
-      const T* Vh = vp + b * vsb + hk * vsh;
-      const T* M = mp ? mp + b * msb + h * msh : nullptr;
+      const T* Q = Qr.at(b, h, i0);
+      const T* M = mk.at(b, h);
+      const Keys<T> keys = kv.keys(b, hk);
+      const Values<T> values = kv.values(b, hk);
       std::fill(acc.begin(), acc.begin() + m * g.Dv, A(0));
-      std::fill(mx.begin(), mx.end(), ninf);
+      std::fill(mx.begin(), mx.end(), -std::numeric_limits<A>::infinity());
       std::fill(sum.begin(), sum.end(), A(0));
-      int64_t jlo = g.S, jhi = 0;
-      for (int64_t r = 0; r < m; ++r) {
-        jlo = std::min(jlo, g.lo(i0 + r));
-        jhi = std::max(jhi, g.hi(i0 + r));
-      }
-      if (packed || fpanel || bpanel) jlo = jlo / kPiece * kPiece;  // key blocks start on a packed piece (extra keys are masked)
-      const T* KT = packed ? kt_buf.get() + (b * g.Hk + hk) * kt_size : nullptr;
-      const T* VP = packed ? v_buf.get() + (b * g.Hk + hk) * v_size : nullptr;
+      const auto [jlo, jhi] = g.key_span(i0, m, kv.key_align());
       for (int64_t j0 = jlo; j0 < jhi; j0 += BK) {
         const int64_t n = std::min(jhi, j0 + BK) - j0;
-        const A alpha = cap > A(0) ? scale / cap : scale;
-        A post = A(1);  // scale still to apply to the score tile (> 0)
-        // the packed paths compute unscaled scores: softcap and mask act on scaled ones, otherwise the scale is
-        // folded into the max and the exponentials below
-        auto scale_scores = [&] {
-          if (cap > A(0) || M) {
-            for (int64_t r = 0; r < m; ++r)
-              at::vec::map([alpha](Vectorized<A> x) { return x * Vectorized<A>(alpha); }, s.data() + r * BK,
-                           s.data() + r * BK, n);
-          } else {
-            post = alpha;
-          }
-        };
-        if constexpr (std::is_same_v<T, c10::BFloat16>) {
-          if (bpanel) {
-            const c10::BFloat16* KB = kb_buf.get() + (b * g.Hk + hk) * kb_size;
-            panel_gemm(Q, qsl, m, g.D, KB + (j0 / NP16) * D2 * NP16, n, s.data(), BK);
-            scale_scores();
-          }
-        }
-        if constexpr (k16) {
-          if (packed) {
-            for (int64_t t0 = 0; t0 < n; t0 += kPiece) {
-              at::native::cpublas::brgemm(m, std::min(kPiece, n - t0), g.D, qsl, kPiece, BK, false, Q,
-                                          KT + (j0 + t0) * g.D, s.data() + t0, true);
-            }
-            scale_scores();
-          }
-        } else {
-          if (fpanel) {
-            const A* KP = kp_buf.get() + (b * g.Hk + hk) * kp_size;
-            panel_gemm<A>(Q, qsl, m, g.D, KP + (j0 / NP) * g.D * NP, n, s.data(), BK);
-            scale_scores();
-          }
-        }
-        if (!packed && !fpanel && !bpanel)
-          gemm<T>(false, true, m, n, g.D, alpha, Q, qsl, Kh + j0 * ksl, ksl, A(0), s.data(), BK);
-        finish_scores<T>(s.data(), BK, i0, m, j0, n, g, cap, nullptr, M, msi, msj, clo.data(), chi.data());
-        for (int64_t r = 0; r < m; ++r) {
-          A* row = s.data() + r * BK;
-          const int64_t c0 = clo[r], c1 = chi[r];
-          T* prow;
-          if constexpr (k16) {
-            prow = p16.data() + r * pld;
-          } else {
-            prow = row;
-          }
-          A new_m = c1 > c0 ? std::max(mx[r], post * row_max<A>(row + c0, c1 - c0)) : mx[r];
-          if (new_m == ninf) {  // nothing visible yet in this row: a zero row of P
-            std::fill(prow, prow + n, T(0));
-          } else {
-            const A corr = std::exp(mx[r] - new_m);  // 0 when mx was -inf
-            const A ps = exp_sum_store<T, A>(row + c0, prow + c0, c1 - c0, new_m, post);
-            std::fill(prow, prow + c0, T(0));
-            std::fill(prow + c1, prow + n, T(0));
-            sum[r] = sum[r] * corr + ps;
-            mx[r] = new_m;
-            if (corr != A(1)) {
-              A* ar = acc.data() + r * g.Dv;
-              at::vec::map([corr](Vectorized<A> x) { return x * Vectorized<A>(corr); }, ar, ar, g.Dv);
-            }
-          }
-        }
-        const T* P;
-        if constexpr (k16) {
-          P = p16.data();
-        } else {
-          P = s.data();
-        }
-        if constexpr (std::is_same_v<T, c10::BFloat16>) {
-          if (bpanel) {  // keys from j0 (a multiple of 64): pair row j0 / 2 of V's panels
-            const c10::BFloat16* VB = vb_buf.get() + (b * g.Hk + hk) * vb_size;
-            panel_gemm(P, pld, m, n, VB + j0 * NP16, g.Dv, acc.data(), g.Dv, acc.data(), g.Dv, Se * NP16);
-          }
-        }
-        if constexpr (k16) {
-          if (packed) {
-            const int64_t ne = (n + 1) / 2 * 2;  // the pair of an odd last key is a zero column of P
-            if (ne != n)
-              for (int64_t r = 0; r < m; ++r) p16[r * pld + n] = T(0);
-            for (int64_t c0 = 0; c0 < g.Dv; c0 += kPiece) {
-              at::native::cpublas::brgemm(m, std::min(kPiece, g.Dv - c0), ne, pld, kPiece, g.Dv, true, P,
-                                          VP + c0 * Se + j0 * kPiece, acc.data() + c0, true);
-            }
-          }
-        }
-        if constexpr (!k16) {
-          if (fpanel) {
-            const A* VP = vp_buf.get() + (b * g.Hk + hk) * vp_size;
-            panel_gemm<A>(P, BK, m, n, VP + j0 * NP, g.Dv, acc.data(), g.Dv, acc.data(), g.Dv, g.S * NP);
-          }
-        }
-        if (!packed && !fpanel && !bpanel)
-          gemm<T>(false, false, m, g.Dv, n, A(1), P, k16 ? pld : BK, Vh + j0 * vsl, vsl, A(1), acc.data(), g.Dv);
+        // softcap and mask act on scaled scores; without them the scale is folded into the max and exponentials
+        const A post = score_tile<T>(Q, Qr.sl, m, g.D, keys, j0, n, alpha, !(cap > A(0) || M), s.data(), BK);
+        finish_scores<T>(s.data(), BK, i0, m, j0, n, g, cap, nullptr, M, mk.si, mk.sj, clo.data(), chi.data());
+        online_softmax_update<T>(s.data(), BK, P, ldp, m, n, clo.data(), chi.data(), post, mx.data(), sum.data(),
+                                 acc.data(), g.Dv);
+        accumulate_pv<T>(P, ldp, m, n, values, j0, g.Dv, acc.data());
       }
-      T* O = op + b * osb + h * osh + i0 * osl;
-      A* Lr = lp + (b * g.H + h) * g.L + i0;
-      for (int64_t r = 0; r < m; ++r) {
-        A* ar = acc.data() + r * g.Dv;
-        const A inv = sum[r] > A(0) ? A(1) / sum[r] : A(0);
-        at::vec::map([inv](Vectorized<A> x) { return x * Vectorized<A>(inv); }, ar, ar, g.Dv);
-        store_row<T, A>(ar, O + r * osl, g.Dv);
-        Lr[r] = sum[r] > A(0) ? mx[r] + std::log(sum[r]) : ninf;
-      }
+      write_output<T>(acc.data(), mx.data(), sum.data(), m, g.Dv, Or.at(b, h, i0), Or.sl,
+                      lp + (b * g.H + h) * g.L + i0);
     }
-    if (packed) at::native::cpublas::brgemm_release(true);
+    if (kv.uses_brgemm()) at::native::cpublas::brgemm_release(true);
   });
 }
 
@@ -567,6 +655,62 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at:
 // ---------------------------------------------------------------------------------------------------------
 constexpr int64_t kBwdQBlock = 128, kBwdKBlock = 256;
 
+// delta[r] = sum_c dO[r][c] O[r][c], minus dlse[r] when a gradient reaches lse (d lse / d s = P shifts the
+// row's delta).
+template <typename T>
+void row_deltas(const T* dO, int64_t lddo, const T* O, int64_t ldo, int64_t m, int64_t Dv, const acc_type<T>* dlse,
+                acc_type<T>* delta) {
+  using A = acc_type<T>;
+  for (int64_t r = 0; r < m; ++r) {
+    A d = 0;
+    for (int64_t c = 0; c < Dv; ++c) d += static_cast<A>(dO[r * lddo + c]) * static_cast<A>(O[r * ldo + c]);
+    delta[r] = dlse ? d - dlse[r] : d;
+  }
+}
+
+// P = exp(s - lse) in place in the score tile inside each row's visible columns [clo, chi), 0 outside them and
+// on rows that saw no key; 16-bit inputs also get P rounded into p16 (row stride lds) for the products.
+template <typename T>
+void probabilities_from_lse(acc_type<T>* s, int64_t lds, int64_t m, int64_t n, const int64_t* clo, const int64_t* chi,
+                            const acc_type<T>* lse, T* p16) {
+  using A = acc_type<T>;
+  for (int64_t r = 0; r < m; ++r) {
+    A* row = s + r * lds;
+    const int64_t c0 = clo[r], c1 = chi[r];
+    if (lse[r] == -std::numeric_limits<A>::infinity() || c1 <= c0) {
+      std::fill(row, row + n, A(0));
+    } else {
+      exp_sum<A>(row + c0, c1 - c0, lse[r]);
+      std::fill(row, row + c0, A(0));
+      std::fill(row + c1, row + n, A(0));
+    }
+    if constexpr (!std::is_same_v<T, A>) store_row<T, A>(row, p16 + r * lds, n);
+  }
+}
+
+// dS = P * (dP - delta) [* (1 - tanh^2) with softcap], in place in dp (row stride ld); 16-bit inputs also get it
+// rounded into ds16.
+template <typename T>
+void score_gradient(const acc_type<T>* prob, acc_type<T>* dp, const acc_type<T>* dtanh, const acc_type<T>* delta,
+                    int64_t m, int64_t n, int64_t ld, T* ds16) {
+  using A = acc_type<T>;
+  using Vec = Vectorized<A>;
+  for (int64_t r = 0; r < m; ++r) {
+    const A* pr = prob + r * ld;
+    A* dr = dp + r * ld;
+    const Vec vd(delta[r]);
+    if (dtanh) {
+      at::vec::map3([vd](Vec p, Vec d, Vec t) { return p * (d - vd) * t; }, dr, pr, dr, dtanh + r * ld, n);
+    } else {
+      at::vec::map2([vd](Vec p, Vec d) { return p * (d - vd); }, dr, pr, dr, n);
+    }
+    if constexpr (!std::is_same_v<T, A>) store_row<T, A>(dr, ds16 + r * ld, n);
+  }
+}
+
+// Tasks are (batch, query head); each walks its query blocks, and each query block its visible key blocks:
+// recompute the scores and P, then dV += P^T dO, dS, dQ += scale dS K and dK += scale dS^T Q (dK and dV per query
+// head in the accumulation type, summed over the GQA group by the caller).
 template <typename T>
 void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& dlse,
@@ -575,151 +719,81 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   using A = acc_type<T>;
   constexpr bool k16 = !std::is_same_v<T, A>;
   const A scale = static_cast<A>(scale_), cap = static_cast<A>(softcap_);
+  const A alpha = cap > A(0) ? scale / cap : scale;  // the scale of q.k before softcap's tanh
   const int64_t BQ = std::min(kBwdQBlock, g.L), BK = std::min(kBwdKBlock, g.S);
   const int64_t group = g.H / g.Hk, D = g.D, Dv = g.Dv;
-  const T* qp = q.const_data_ptr<T>();
-  const T* kp = k.const_data_ptr<T>();
-  const T* vp = v.const_data_ptr<T>();
-  const T* op = out.const_data_ptr<T>();
-  const T* dop = dout.const_data_ptr<T>();
+  const Rows4<const T> Qr(q.const_data_ptr<T>(), q), Kr(k.const_data_ptr<T>(), k), Vr(v.const_data_ptr<T>(), v);
+  const Rows4<const T> Or(out.const_data_ptr<T>(), out), dOr(dout.const_data_ptr<T>(), dout);
+  const Mask<T> mk(mask);
   const A* lp = lse.const_data_ptr<A>();
   const A* dlp = dlse.has_value() ? dlse->const_data_ptr<A>() : nullptr;
-  const T* mp = mask.has_value() ? mask->const_data_ptr<T>() : nullptr;
   T* dqp = dq.mutable_data_ptr<T>();
   A* dkp = dk_full.mutable_data_ptr<A>();
   A* dvp = dv_full.mutable_data_ptr<A>();
-  const int64_t qsb = q.stride(0), qsh = q.stride(1), qsl = q.stride(2);
-  const int64_t ksb = k.stride(0), ksh = k.stride(1), ksl = k.stride(2);
-  const int64_t vsb = v.stride(0), vsh = v.stride(1), vsl = v.stride(2);
-  const int64_t dsb = dout.stride(0), dsh = dout.stride(1), dsl = dout.stride(2);
-  const int64_t osb = out.stride(0), osh = out.stride(1), osl = out.stride(2);
-  int64_t msb = 0, msh = 0, msi = 0, msj = 0;
-  if (mp) msb = mask->stride(0), msh = mask->stride(1), msi = mask->stride(2), msj = mask->stride(3);
-  const A ninf = -std::numeric_limits<A>::infinity();
 
-  const bool fpanel = use_panels<T>(), bpanel = use_bf16_panels<T>();
-  constexpr int64_t NP = panel::width<A>(), NP16 = panel::kWidth16;
-  const int64_t D2 = (D + 1) / 2 * 2;
+  // the scores are recomputed on the forward's panels (score_tile), K packed here per (batch, kv head)
+  const Path path = product_path<T>(D);
+  const bool fpanel = path == Path::kPanels, bpanel = path == Path::kBf16Panels;
   at::parallel_for(0, g.B * g.H, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> s(BQ * BK), dp(BQ * BK), dt(cap > A(0) ? BQ * BK : 0), dqa(BQ * D), delta(BQ);
     std::vector<T> p16(k16 ? BQ * BK : 0), ds16(k16 ? BQ * BK : 0);
     std::vector<int64_t> clo(BQ), chi(BQ);
-    // float/double: the scores are recomputed by the forward's kernel (panel_gemm on K's panels), so that they
-    // equal the forward's bit for bit: P = exp(s - lse) then matches the lse the forward saved (BLAS sums the
-    // q.k products in another order, and at |s| ~ 50 that difference alone exceeded the gradient's budget)
-    // (bfloat16 on AVX512-BF16 likewise with the forward's pair panels)
     std::vector<A> kpk(fpanel ? panel::packed_size<A>(g.S, D) : 0);
     std::vector<c10::BFloat16> kpb(bpanel ? panel::packed_size_bf16(g.S, D) : 0);
+    const T* P;
+    const T* dS;
+    if constexpr (k16) {
+      P = p16.data(), dS = ds16.data();
+    } else {
+      P = s.data(), dS = dp.data();
+    }
     int64_t packed_bh = -1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / g.H, h = task % g.H, hk = h / group;
-      const T* Kh = kp + b * ksb + hk * ksh;
+      Keys<T> keys{Kr.at(b, hk), Kr.sl};
       if constexpr (!k16) {
         if (fpanel && packed_bh != b * g.Hk + hk) {
-          panel::pack<A>(Kh, ksl, g.S, D, kpk.data());
+          panel::pack<A>(keys.rows, keys.ld, g.S, D, kpk.data());
           packed_bh = b * g.Hk + hk;
         }
+        if (fpanel) keys.panels = kpk.data();
       }
       if constexpr (std::is_same_v<T, c10::BFloat16>) {
         if (bpanel && packed_bh != b * g.Hk + hk) {
-          panel::pack_bf16(Kh, ksl, g.S, D, kpb.data());
+          panel::pack_bf16(keys.rows, keys.ld, g.S, D, kpb.data());
           packed_bh = b * g.Hk + hk;
         }
+        if (bpanel) keys.bf16_panels = kpb.data();
       }
-      const T* Vh = vp + b * vsb + hk * vsh;
-      const T* M = mp ? mp + b * msb + h * msh : nullptr;
+      const T* Vh = Vr.at(b, hk);
+      const T* M = mk.at(b, h);
       A* dK = dkp + task * g.S * D;
       A* dV = dvp + task * g.S * Dv;
       std::fill(dK, dK + g.S * D, A(0));
       std::fill(dV, dV + g.S * Dv, A(0));
       for (int64_t i0 = 0; i0 < g.L; i0 += BQ) {
         const int64_t m = std::min(g.L, i0 + BQ) - i0;
-        const T* Q = qp + b * qsb + h * qsh + i0 * qsl;
-        const T* dO = dop + b * dsb + h * dsh + i0 * dsl;
-        const T* O = op + b * osb + h * osh + i0 * osl;
+        const T* Q = Qr.at(b, h, i0);
+        const T* dO = dOr.at(b, h, i0);
         const A* Lr = lp + (b * g.H + h) * g.L + i0;
-        for (int64_t r = 0; r < m; ++r) {
-          A d = 0;
-          for (int64_t c = 0; c < Dv; ++c) d += static_cast<A>(dO[r * dsl + c]) * static_cast<A>(O[r * osl + c]);
-          // d lse / d s = P: a gradient reaching lse shifts the row's delta
-          delta[r] = dlp ? d - dlp[(b * g.H + h) * g.L + i0 + r] : d;
-        }
+        row_deltas<T>(dO, dOr.sl, Or.at(b, h, i0), Or.sl, m, Dv, dlp ? dlp + (b * g.H + h) * g.L + i0 : nullptr,
+                      delta.data());
         std::fill(dqa.begin(), dqa.begin() + m * D, A(0));
-        int64_t jlo = g.S, jhi = 0;
-        for (int64_t r = 0; r < m; ++r) {
-          jlo = std::min(jlo, g.lo(i0 + r));
-          jhi = std::max(jhi, g.hi(i0 + r));
-        }
-        if (fpanel || bpanel) jlo = jlo / kPiece * kPiece;  // key blocks start on a panel (extra keys are masked)
+        const auto [jlo, jhi] = g.key_span(i0, m, fpanel || bpanel ? kPiece : 1);
         for (int64_t j0 = jlo; j0 < jhi; j0 += BK) {
           const int64_t n = std::min(jhi, j0 + BK) - j0;
-          const A alpha = cap > A(0) ? scale / cap : scale;
-          if constexpr (!k16) {
-            if (fpanel) {
-              panel_gemm<A>(Q, qsl, m, D, kpk.data() + (j0 / NP) * D * NP, n, s.data(), BK);
-              for (int64_t r = 0; r < m; ++r)
-                at::vec::map([alpha](Vectorized<A> x) { return x * Vectorized<A>(alpha); }, s.data() + r * BK,
-                             s.data() + r * BK, n);
-            }
-          }
-          if constexpr (std::is_same_v<T, c10::BFloat16>) {
-            if (bpanel) {
-              panel_gemm(Q, qsl, m, D, kpb.data() + (j0 / NP16) * D2 * NP16, n, s.data(), BK);
-              for (int64_t r = 0; r < m; ++r)
-                at::vec::map([alpha](Vectorized<A> x) { return x * Vectorized<A>(alpha); }, s.data() + r * BK,
-                             s.data() + r * BK, n);
-            }
-          }
-          if (!fpanel && !bpanel)
-            gemm<T>(false, true, m, n, D, alpha, Q, qsl, Kh + j0 * ksl, ksl, A(0), s.data(), BK);
-          finish_scores<T>(s.data(), BK, i0, m, j0, n, g, cap, cap > A(0) ? dt.data() : nullptr, M, msi, msj,
+          score_tile<T>(Q, Qr.sl, m, D, keys, j0, n, alpha, /*fold_scale=*/false, s.data(), BK);
+          finish_scores<T>(s.data(), BK, i0, m, j0, n, g, cap, cap > A(0) ? dt.data() : nullptr, M, mk.si, mk.sj,
                            clo.data(), chi.data());
-          // P = exp(s - lse) inside the window, 0 outside (and on rows that see nothing)
-          for (int64_t r = 0; r < m; ++r) {
-            A* row = s.data() + r * BK;
-            const int64_t c0 = clo[r], c1 = chi[r];
-            if (Lr[r] == ninf || c1 <= c0) {
-              std::fill(row, row + n, A(0));
-            } else {
-              exp_sum<A>(row + c0, c1 - c0, Lr[r]);
-              std::fill(row, row + c0, A(0));
-              std::fill(row + c1, row + n, A(0));
-            }
-            if constexpr (k16) store_row<T, A>(row, p16.data() + r * BK, n);
-          }
-          const T* P;
-          if constexpr (k16) {
-            P = p16.data();
-          } else {
-            P = s.data();
-          }
-          // dV[j0:] += P^T dO
-          gemm<T>(true, false, n, Dv, m, A(1), P, BK, dO, dsl, A(1), dV + j0 * Dv, Dv);
-          // dP = dO V^T
-          gemm<T>(false, true, m, n, Dv, A(1), dO, dsl, Vh + j0 * vsl, vsl, A(0), dp.data(), BK);
-          // dS = P * (dP - delta) (* dtanh)
-          for (int64_t r = 0; r < m; ++r) {
-            using Vec = Vectorized<A>;
-            A* pr = s.data() + r * BK;
-            A* dr = dp.data() + r * BK;
-            const Vec vd(delta[r]);
-            if (cap > A(0)) {
-              const A* tr = dt.data() + r * BK;
-              at::vec::map3([vd](Vec p, Vec d, Vec t) { return p * (d - vd) * t; }, dr, pr, dr, tr, n);
-            } else {
-              at::vec::map2([vd](Vec p, Vec d) { return p * (d - vd); }, dr, pr, dr, n);
-            }
-            if constexpr (k16) store_row<T, A>(dr, ds16.data() + r * BK, n);
-          }
-          const T* dS;
-          if constexpr (k16) {
-            dS = ds16.data();
-          } else {
-            dS = dp.data();
-          }
+          probabilities_from_lse<T>(s.data(), BK, m, n, clo.data(), chi.data(), Lr, p16.data());
+          // dV[j0:] += P^T dO;  dP = dO V^T
+          gemm<T>(true, false, n, Dv, m, A(1), P, BK, dO, dOr.sl, A(1), dV + j0 * Dv, Dv);
+          gemm<T>(false, true, m, n, Dv, A(1), dO, dOr.sl, Vh + j0 * Vr.sl, Vr.sl, A(0), dp.data(), BK);
+          score_gradient<T>(s.data(), dp.data(), cap > A(0) ? dt.data() : nullptr, delta.data(), m, n, BK,
+                            ds16.data());
           // dQ += scale dS K;  dK[j0:] += scale dS^T Q
-          gemm<T>(false, false, m, D, n, scale, dS, BK, Kh + j0 * ksl, ksl, A(1), dqa.data(), D);
-          gemm<T>(true, false, n, D, m, scale, dS, BK, Q, qsl, A(1), dK + j0 * D, D);
+          gemm<T>(false, false, m, D, n, scale, dS, BK, keys.rows + j0 * keys.ld, keys.ld, A(1), dqa.data(), D);
+          gemm<T>(true, false, n, D, m, scale, dS, BK, Q, Qr.sl, A(1), dK + j0 * D, D);
         }
         T* dQ = dqp + ((b * g.H + h) * g.L + i0) * D;
         for (int64_t r = 0; r < m; ++r) store_row<T, A>(dqa.data() + r * D, dQ + r * D, D);
