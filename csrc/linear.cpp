@@ -31,8 +31,8 @@ at::Tensor linear_small(const at::Tensor& x, const at::Tensor& w) {
 }
 
 // a (M, K) @ b (K, N) [+ bias (N)] (panel_gemm or BLAS) into an output from tritium's pool (tritium::empty, csrc/pool.cpp):
-// torch's allocator hands a large result fresh pages on every call, and their first touch costs a fifth of the
-// product at an LSTM's input projection (8192 x 2048 float32: 114 ms into a fresh tensor, 93 ms into a warm one).
+// torch's allocator hands a large result fresh pages on every call, and the OS zeroes each page on its first
+// touch: a cost proportional to the output's size, paid again on every call, that a reused block does not have.
 at::Tensor mm_pooled(const at::Tensor& a, const at::Tensor& b, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "mm_pooled: a must be (M, K) and b (K, N), got ",
               a.sizes(), " and ", b.sizes());
@@ -45,9 +45,9 @@ at::Tensor mm_pooled(const at::Tensor& a, const at::Tensor& b, const c10::option
                 bias->scalar_type());
   }
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
-  // float/double with many rows: pack b once (a few MB) and run panel_gemm, whose outer-product tiles beat MKL's
-  // sgemm at an LSTM's projection shapes (8192 x 512 @ 512 x 2048: 184 -> ~210 GFLOPS); b is the weight as
-  // torch stores it, either transposed (w.t(), the forward) or as it is (w, the input gradient)
+  // float/double with many rows: pack b once (a few MB, amortised over the rows) and run panel_gemm, whose
+  // register-tiled outer products keep every accumulator in registers; b is the weight as torch stores it, either
+  // transposed (w.t(), the forward) or as it is (w, the input gradient)
   const bool rows_of_b = b.stride(0) == 1 && b.stride(1) == K;   // b = w.t() for a contiguous w (N, K)
   const bool cols_of_b = b.stride(1) == 1 && b.stride(0) == N;   // b contiguous (K, N)
   if ((a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble) && M >= 64 && K > 0 && N > 0 &&
@@ -105,8 +105,8 @@ std::tuple<at::Tensor, at::Tensor> linear_wgrad(const at::Tensor& dy, const at::
 }
 
 // c (M, N) float32, contiguous += a (M, K) @ b (K, N) for 16-bit a and b: the chunked cross-entropy's weight
-// gradient, whose 16-bit product per chunk then torch's mixed-dtype add spent more time in the add (a conversion
-// copy of the (V, H) result, then the add: ~65 ms a chunk) than in the product.
+// gradient. torch's mixed-dtype add would first copy the whole (V, H) product into a float tensor and then add it:
+// two extra passes over a vocabulary-sized matrix per chunk, instead of the one pass here.
 // Float/double a, b: c.addmm_(a, b).
 void mm_acc_(at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "mm_acc_: a must be (M, K) and b (K, N), got ",
@@ -126,8 +126,8 @@ void mm_acc_(at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   if (M == 0 || N == 0 || K == 0) return;
   // the product by oneDNN's 16-bit GEMM into a pooled 16-bit buffer (as eager's matmul rounds it), then one
-  // vectorised pass adds it into c (MKL's bf16 x bf16 -> f32 GEMM with beta = 1 ran this shape at 176 GFLOPS,
-  // oneDNN's 16-bit matmul at 300-370)
+  // vectorised pass adds it into c (oneDNN's 16-bit matmul uses the CPU's bfloat16 dot-product instructions; MKL's
+  // bf16 x bf16 -> f32 GEMM with beta = 1, which would add in place, is the slower kernel here)
   auto prod = empty({M, N}, a.options());
   at::mm_out(prod, a, b);
   AT_DISPATCH_REDUCED_FLOATING_TYPES(a.scalar_type(), "tritium_mm_acc_", [&] {

@@ -39,8 +39,8 @@ double row_sum(const A* x, int64_t n) {
 // (sum(x - c), sum((x - c)^2)) over a row in one pass (SQUARES_ONLY: the first is not computed). The layer
 // norm passes the row's mean (from row_sum, rounded to A) as c: the variance sum((x-c)^2)/n - (sum(x-c)/n)^2
 // then has no cancellation at all (the second term is the mean's rounding error squared). A cheaper shift
-// such as x[0] avoids the cancellation of the unshifted formula only when x[0] is near the mean; at x[0] two
-// standard deviations away it cost float rows 5-15 ulp of output (measured against float64).
+// such as x[0] avoids the cancellation of the unshifted formula only when x[0] is near the mean; with x[0] a few
+// standard deviations away its cancellation costs float rows several ulp of output.
 template <bool SQUARES_ONLY, typename A>
 std::pair<double, double> row_moments(const A* x, int64_t n, A c) {
   using Vec = Vectorized<A>;
@@ -155,7 +155,7 @@ std::vector<at::Tensor> norm_fwd(const at::Tensor& x, const c10::optional<at::Te
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* xr = xp + r * sx;
         // 16-bit rows: the next row streams in while this one's float copy is worked on (float rows are read by
-        // the passes themselves, which the hardware prefetcher follows: a software prefetch there measured slower)
+        // the passes themselves, which the hardware prefetcher follows: a software prefetch there only adds loads)
         if (!std::is_same_v<scalar_t, A> && r + 1 < end) {
           prefetch_l2(xr + sx, N * int64_t(sizeof(scalar_t)));
           if (rp) prefetch_l2(rp + (r + 1) * sr, N * int64_t(sizeof(scalar_t)));

@@ -2,13 +2,13 @@
 // double. Used by tritium::linear_packed (csrc/linear.cpp: the serving path's projections with weights packed
 // at load) and the LSTM/GRU scans (csrc/rnn.cpp: W_hh packed once per scan).
 //
-// Why a second kernel next to rowgemm.h: rowgemm reads torch's (N, K) layout as it is, so each output is a dot
-// product whose 16 lanes must be reduced at the end (reduce_lanes: about 3 shuffles/adds per output), which at
-// K = 512-576 costs 10-15% of the FMA time. Packed panels make the product an outer-product update instead:
-// the panel holds, for each k, kPanel consecutive weight rows' k-th elements side by side
-// (packed[p][k][c] = w[p * kPanel + c][k]), so a register tile of MR rows of x x kPanel outputs accumulates
-// x[i][k] (broadcast) * panel[k][0:kPanel] (4 vector loads) for k = 0..K-1 and is stored as it is: no
-// reduction, 4 + MR loads per 4 * MR FMAs, and the weight stream is one sequential run per panel.
+// Why a second kernel next to rowgemm.h: rowgemm reads torch's (N, K) layout as it is, so each output is a dot product
+// whose 16 lanes must be reduced at the end (reduce_lanes: about 3 shuffles/adds per output), which at the K of a small
+// model's hidden size (a few hundred) is a noticeable share of the K / 16 FMAs. Packed panels make the product an
+// outer-product update instead: the panel holds, for each k, kPanel consecutive weight rows' k-th elements side by side
+// (packed[p][k][c] = w[p * kPanel + c][k]), so a register tile of MR rows of x x kPanel outputs accumulates x[i][k]
+// (broadcast) * panel[k][0:kPanel] (4 vector loads) for k = 0..K-1 and is stored as it is: no reduction, 4 + MR loads
+// per 4 * MR FMAs, and the weight stream is one sequential run per panel.
 //
 // Blocking: x is taken in chunks of rows that fit in L2 (a chunk is read from L2 once per panel); the (chunk,
 // panel) pairs are split between the threads; each panel is swept by MR = 6 row tiles (24 accumulators) while
@@ -78,7 +78,7 @@ void pack_cols(const A* v, int64_t ldv, int64_t K, int64_t N, A* out) {
 
 // Register type of the micro-kernel. With AVX-512 the raw __m512/__m512d: GCC keeps an array of 24 of them in
 // registers but not an array of at::vec::Vectorized (it stored every accumulator back to the stack each step,
-// measured 77 GFLOPS instead of 200).
+// turning the FMA-bound loop into a load/store-bound one).
 #if defined(CPU_CAPABILITY_AVX512)
 template <typename A>
 struct Reg;
@@ -124,8 +124,8 @@ inline void tile(const A* x, int64_t ldx, const A* b, int64_t K, A* y, int64_t l
   typename R::V acc[MR * 4], part[MR * 4];
   for (int i = 0; i < MR * 4; ++i) acc[i] = R::zero();
   // the reduction in blocks of kSumBlock: each block's sum starts from zero in the registers and is added to the
-  // sum of the blocks before it (in part, spilled): one long register chain over K = 4096 had ~7x torch's
-  // rounding error (error ~ sqrt(K) ulp of the running sum; MKL's blocks sum the same way as this)
+  // sum of the blocks before it (in part, spilled): one long register chain over K = 4096 had several times
+  // torch's rounding error (error ~ sqrt(K) ulp of the running sum; MKL's blocks sum the same way as this)
   for (int64_t k0 = 0; k0 < K; k0 += kSumBlock) {
     const int64_t k1 = std::min(K, k0 + kSumBlock);
     for (int64_t k = k0; k < k1; ++k) {
@@ -389,9 +389,8 @@ void panel_gemm(const X* x, int64_t ldx, int64_t M, int64_t K, const X* packed, 
     run(0, items);
     return;
   }
-  // the ranges hold equal numbers of rows x panels, not of items: the last chunk is usually shorter, and an equal
-  // count of items left one thread 10% more work at a 512-token prompt (measured: 212 GFLOPS at M = 512 against
-  // 223 at M = 540, whose chunks are equal)
+  // the ranges hold equal numbers of rows x panels, not of items: the last chunk is usually shorter, so an equal
+  // count of items would give the thread without it more work while the other waits
   auto start = [&](int64_t it) {  // row-panels before item it
     const int64_t ch = it / panels;
     return ch * chunk * panels + (it % panels) * std::min(chunk, M - ch * chunk);

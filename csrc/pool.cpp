@@ -3,15 +3,14 @@
 //
 // Why: torch's CPU allocator hands every large tensor fresh mmap'd pages, which the kernel zeroes on first
 // touch. At LLM/activation shapes (8192 x 4096 float32 = 128 MiB) that first touch costs as much as a
-// memory-bound kernel, and it interleaves page faults with the math (measured here: gelu into a warm buffer
-// 12 ms, into fresh huge pages 32 ms). CUDA has a caching allocator for the same reason; this is the CPU
-// counterpart, limited to tritium's own outputs:
+// memory-bound kernel's own pass over the data, and it interleaves page faults with the math. CUDA has a caching
+// allocator for the same reason; this is the CPU counterpart, limited to tritium's own outputs:
 //   - blocks are rounded to 2 MiB and placed on transparent huge pages (madvise) on first allocation;
 //   - a freed block goes back to a free list for its size; the pool holds at most `limit` bytes of free
 //     blocks (default 2 GiB, TRITIUM_CPU_POOL_MB overrides, 0 turns the pool off): to keep a block past it,
 //     the cached blocks of the least recently used other sizes are returned to the system (a workload's
-//     sizes replace the last one's: a full ops benchmark had filled the pool with earlier cases' sizes, so
-//     distillation_loss's 800 MB outputs got fresh pages on every call, 0.6x its time measured alone);
+//     sizes replace the last one's: otherwise a pool filled with an earlier workload's sizes would hand a new
+//     workload's outputs fresh pages on every call);
 //   - tensors are ordinary resizable CPU tensors (the pool is their storage's allocator).
 // torch.ops.tritium_runtime.empty_cache() frees every cached block; pool_stats() reports
 // [cached bytes, limit, hits, misses]; set_pool_limit(bytes) changes the limit (and trims).

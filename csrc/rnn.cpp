@@ -288,7 +288,7 @@ inline int64_t step_at(int64_t k, int64_t T, bool reverse) { return reverse ? T 
 
 // The recurrent weight of a scan, ready for its per-step products y (B, N) = x (B, K) @ w^T [+ c]: float/double
 // pack w (N, K) once into column panels for panel_gemm (csrc/panel.h: register tiles with no reduction epilogue,
-// 1.4-1.5x MKL's addmm at batch 64, hidden 512 on the 2-core CPU, and no repacking per step); 16-bit keeps w for
+// and the packing paid once per scan instead of BLAS's repacking on every step's call); 16-bit keeps w for
 // at::addmm (oneDNN's bf16 kernels).
 template <typename T>
 struct StepWeight {

@@ -1,17 +1,14 @@
 // rowgemm: y = x @ w^T [+ c] for a weight matrix in torch's (out, in) layout, without BLAS or packing. Used by
 // tritium::linear_small (csrc/linear.cpp: the serving path's projections when the weights are not packed;
-// packed weights go to csrc/panel.h, 1.1-1.2x faster from 16 rows up).
+// packed weights go to csrc/panel.h, whose register tiles reuse each loaded weight over more rows).
 //
-// A decode step's product is a stream over the weights (each weight read once per step from memory: the model
-// is larger than the caches), so what decides its speed is whether the weight stream and the FMAs overlap. BLAS
-// does not get there on this shape: it repacks the weight matrix on every call (a read and a write of all of it)
-// and its GEMV reaches about half of the read bandwidth (measured on the 2-core CPU, SmolLM2-135M's 30 layers +
-// head in float32, cold weights: MKL 47 / 70 / 95 ms per step at 1 / 16 / 32 rows, this kernel 20 / 33 / 53 ms;
-// 875 vs 790 ms at 512 rows). This kernel needs no packing because the weight layout (N, K) already gives
-// contiguous rows: 4 weight rows x 4 rows of x per register tile (16 accumulator vectors, 8 loads per 16 FMAs),
-// the 16 dot products reduced at once with reduce_lanes, the weight tiles in memory order (one sequential region
-// per thread, split over N) with the tile two ahead prefetched into L2 a line per k step, and x read in chunks
-// that stay in L2.
+// A decode step's product is a stream over the weights (each weight read once per step from memory: the model is larger
+// than the caches), so what decides its speed is whether the weight stream and the FMAs overlap. BLAS does not get
+// there on this shape: it repacks the weight matrix on every call (a read and a write of all of it) and its GEMV leaves
+// much of the read bandwidth unused. This kernel needs no packing because the weight layout (N, K) already gives
+// contiguous rows: 4 weight rows x 4 rows of x per register tile (16 accumulator vectors, 8 loads per 16 FMAs), the 16
+// dot products reduced at once with reduce_lanes, the weight tiles in memory order (one sequential region per thread,
+// split over N) with the tile two ahead prefetched into L2 a line per k step, and x read in chunks that stay in L2.
 #pragma once
 #include "vec.h"
 
@@ -19,7 +16,7 @@ namespace tritium {
 namespace rowgemm_detail {
 
 constexpr int64_t kChunkBytes = 256 * 1024;  // rows of x per pass over the weights: this many bytes (in L2)
-constexpr int64_t kPrefetchTiles = 2;         // prefetch distance in weight tiles (measured: 1-4 equal, none 1.4x slower)
+constexpr int64_t kPrefetchTiles = 2;         // prefetch distance in weight tiles (without it the stream stalls)
 
 // out[4 i + j] = x row i . weight row j for 4 rows of x and 4 weight rows (rows past the end are clamped to the
 // last one by the caller: computed and discarded). Each step also prefetches per_step lines of [pf, pf_end).

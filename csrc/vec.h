@@ -105,7 +105,7 @@ inline void prefetch_l2(const void* p, int64_t bytes) {
 // cheaper formulas whose error stays within a few float ulp; double vectors use ATen's (Sleef) functions.
 // NaN propagates through all of them as through torch's.
 
-// exp by ATen's exp_u20 (degree-5 polynomial, ~2x cheaper than Sleef's u10 exp; relative error ~1e-6 at
+// exp by ATen's exp_u20 (a degree-5 polynomial, fewer operations than Sleef's u10 exp; relative error ~1e-6 at
 // worst, a few 1e-7 typically). Its range clamp would turn NaN finite, so NaN lanes pass through.
 template <typename V>
 inline V fexp(const V& x) {
@@ -124,7 +124,7 @@ inline V fsigmoid(const V& x) {
 
 // tanh for float: the odd/even rational approximation (degree 13 / 6 in x) Eigen and XLA use on [-7.905, 7.905]
 // (outside, tanh is +-1 in float), x itself below |x| = 4e-4; max error 4e-7 against float64 (Sleef's u10 tanh,
-// which torch uses, costs ~6x more here). NaN stays NaN through the clamp.
+// which torch uses, spends far more operations on accuracy float does not need here). NaN stays NaN through the clamp.
 template <typename V>
 inline V ftanh(const V& x) {
   if constexpr (std::is_same_v<typename V::value_type, float>) {
