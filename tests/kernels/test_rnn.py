@@ -62,9 +62,12 @@ def test_lstm_cell(impl_name, impl, dtype, H):
     assert_within_torch_error(cn, t_out[1], r_out[1], "c_new")
     assert_within_torch_error(dgates, t_g[0], r_g[0], "dgates")
     assert_within_torch_error(dc_prev, t_g[1], r_g[1], "dc_prev")
-    g64 = gates.double().chunk(4, 1)
-    ref_act = torch.cat([g64[0].sigmoid(), g64[1].sigmoid(), g64[2].tanh(), g64[3].sigmoid()], 1)
-    torch.testing.assert_close(act.double(), ref_act, rtol=0, atol=1e-2 if dtype in (torch.bfloat16,) else 2e-3)
+    # the saved activations (i, f, g, o): within 2x the error of torch's own sigmoid/tanh in dtype
+    def acts(g):
+        i, f, gg, o = g.chunk(4, 1)
+        return torch.cat([i.sigmoid(), f.sigmoid(), gg.tanh(), o.sigmoid()], 1)
+
+    assert_within_torch_error(act, acts(gates), acts(gates.double()), "activations")
 
 
 @pytest.mark.parametrize("impl_name,impl,dtype", CASES, ids=IDS)
