@@ -1,11 +1,13 @@
-"""Cases that execute the kernels/ lines the other kernel tests left unexecuted (tools/kernel_coverage.py lists
-them): the LSTM / GRU scans through time (the GRU backward's HAS_EXTRA branch), kl_div's backward for the target
-alone, PReLU's backward without dW, and the empty-batch returns of the paged-attention and sampling launchers."""
+"""Cases that execute the kernels/ lines and kernel branches the other kernel tests leave unexecuted (listed by
+tools/kernel_coverage.py): the LSTM / GRU scans through time (the GRU backward's HAS_EXTRA branch), kl_div's
+backward for the target alone, PReLU's backward without dW, batch_norm_act's backward without dz (no residual, no
+affine gradients), and the empty-batch returns of the paged-attention and sampling launchers."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import tritium  # noqa: F401  (loads the C++ kernels)
+from tritium.ops.activations import ACT_NAMES
 from tritium.kernels import activations, kl_div, paged, rnn, sampling
 from tests.util import KERNEL_DTYPES, assert_within_torch_error, leaf, on_device, torch_and_ref
 
@@ -126,6 +128,26 @@ def test_prelu_bwd_without_dw(per_row):
     assert dw.shape == (0,)
     fn = (lambda x_, w_: F.prelu(x_.view(2, C, n), w_).view(m, n)) if per_row else F.prelu  # noqa: E731
     (_, tg), (_, rg) = torch_and_ref(fn, [x, w], dy, torch.float32)
+    assert_within_torch_error(dx, tg[0], rg[0], "dx")
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["per_column", "per_row"])
+def test_batch_norm_act_bwd_dx_only(per_row):
+    """No residual and need_affine False: dz is not stored (the kernel's STORE_DZ branch not taken), dx alone."""
+    C, n = 3, 123
+    m, cols = (2 * C, n) if per_row else (4, C)
+    x, dy = _rand(m, cols, dtype=torch.float32), _rand(m, cols, dtype=torch.float32)
+    scale, shift = _rand(C, dtype=torch.float32, scale=0.5), _rand(C, dtype=torch.float32, scale=0.5)
+    dx, dres, dscale, dshift = t_act.batch_norm_act_bwd(dy, x, scale, shift, None, per_row, ACT_NAMES.index("silu"),
+                                                        0.0, 0.0, 0.0, False)
+    assert dres.shape == dscale.shape == dshift.shape == (0,)
+
+    def fn(x_):
+        s_, t_ = (scale[:, None], shift[:, None]) if per_row else (scale, shift)
+        z = (x_.view(2, C, n) if per_row else x_) * s_.to(x_.dtype) + t_.to(x_.dtype)
+        return F.silu(z).view(m, cols)
+
+    (_, tg), (_, rg) = torch_and_ref(fn, [x], dy, torch.float32)
     assert_within_torch_error(dx, tg[0], rg[0], "dx")
 
 
