@@ -2,7 +2,8 @@
 #   make demo   the inference demo on the embedded default model, then a short benchmark summary (a few minutes)
 #   make test   the test suite
 # Others: make bench (the full recorded suites), make lint (ruff and the C++ checks), make bench-regress
-# (timing regressions against bench/baselines/), make build (the C++ extension).
+# (timing regressions against bench/baselines/), make build (the C++ extension), make kernel-coverage (the lines of
+# kernels/ the kernel tests leave unexecuted).
 # Everything lives in .venv (created on first use). torch is the CPU build 2.13.0 unless a GPU is present.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
