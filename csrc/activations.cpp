@@ -825,8 +825,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd(
   });
   at::Tensor dscale, dshift;
   if (need_affine) {
-    auto sums = part.sum(1);  // (2, C)
-    dscale = sums[0], dshift = sums[1];
+    dscale = part[0].sum(0), dshift = part[1].sum(0);  // the schema's outputs do not share storage
   } else {
     dscale = at::empty({0}, scale.options()), dshift = at::empty({0}, scale.options());
   }

@@ -282,6 +282,12 @@ std::vector<at::Tensor> norm_bwd(const at::Tensor& dy, const at::Tensor& x, cons
           if (db_t) db_t[i] += d;
         }
         const A c1 = centered ? s_g / N : A(0), c2 = s_gx / N;
+        if (centered && N == 1) {  // one element: y = b whatever x, so dx = 0 exactly; the formula below keeps
+                                   // dy * w's rounding error (times rstd = 1/sqrt(eps)) where the compiler fuses
+                                   // g's product into g - c1
+          dxp[r * N] = scalar_t(0);
+          continue;
+        }
         // pass 2: dx = rstd * (g - c1 - xhat * c2) (+ grad_residual)
         const Vec vc1(c1), vc2(c2);
         scalar_t* dxr = dxp + r * N;

@@ -222,21 +222,14 @@ def test_layer_norm_accurate_when_first_element_is_an_outlier(dtype):
     assert_within_torch_error(tritium.layer_norm(x, (300,)), F.layer_norm(x, (300,)), ref, "layer_norm")
 
 
-# The C++ backward still computes g - mean(g) for a one-element row, where the compiler's fused multiply-subtract
-# leaves dy * w's rounding error (times rstd = 1/sqrt(eps)); bfloat16/float16 products are exact in float32.
-# Remove this marker when csrc/norms.cpp's norm_bwd returns dx = 0 for centered rows of one element.
-_CPP_ONE_ELEMENT_PENDING = pytest.mark.xfail(strict=True, reason="csrc/norms.cpp: one-element layer_norm backward")
-
 
 @pytest.mark.parametrize("impl", ["cpp", "triton"])
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
-def test_layer_norm_over_one_element(impl, dtype, request):
+def test_layer_norm_over_one_element(impl, dtype):
     """normalized_shape (1,): the output is the bias whatever x is (x - mean(x) = 0), so the input gradient
     is exactly 0, the weight gradient 0 and the bias gradient sum(dy)."""
     if impl == "triton" and dtype == torch.float64:
         pytest.skip("the Triton kernels take no float64")
-    if impl == "cpp" and dtype in (torch.float32, torch.float64):
-        request.applymarker(_CPP_ONE_ELEMENT_PENDING)
     x, dy = ((torch.randn(6, 1, dtype=torch.float64) * 100).to(dtype) for _ in range(2))
     w, b = (torch.randn(1, dtype=torch.float64) * 100).to(dtype), torch.randn(1, dtype=torch.float64).to(dtype)
     if impl == "cpp":

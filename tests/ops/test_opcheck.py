@@ -349,18 +349,8 @@ def test_every_registered_op_has_a_sample():
     assert sorted(set(SAMPLES) - set(REGISTERED)) == []
 
 
-# Ops whose check fails today for a reason outside this file: a strict xfail, so the fix shows up as XPASS (fail)
-# and removes the entry.
-KNOWN_FAILURES = {
-    "batch_norm_act_bwd": "csrc/activations.cpp bn_act_bwd returns dscale and dshift as views of one (2, C) sum: "
-                          "outputs 2 and 3 share storage, which the schema does not allow",
-}
-
-
 @pytest.mark.parametrize("name", REGISTERED)
-def test_opcheck(name, request):
-    if name in KNOWN_FAILURES:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[name]))
+def test_opcheck(name):
     assert name in SAMPLES, f"tritium::{name} has no sample inputs in tests/ops/test_opcheck.py: add one to SAMPLES"
     op = getattr(torch.ops.tritium, name).default
     for args in SAMPLES[name]():
