@@ -141,7 +141,8 @@ def cross_entropy_fwd(x, target, weight, ignore_index, label_smoothing, mean, ne
     if M > 0:
         _ce_fwd_kernel[(M,)](
             x, target, weight, total, loss, grad, x.stride(0), target.stride(0), C, ignore_index,
-            float(label_smoothing), HAS_W=weight is not None, MEAN=bool(mean), SMOOTH=label_smoothing != 0.0, NEED_GRAD=bool(need_grad),
+            float(label_smoothing), HAS_W=weight is not None, MEAN=bool(mean), SMOOTH=label_smoothing != 0.0,
+            NEED_GRAD=bool(need_grad),
             BLOCK_N=block, SINGLE_BLOCK=single, num_warps=row_warps(block),
         )
     return loss, grad, total

@@ -111,7 +111,7 @@ def test_cache_full_is_all_or_nothing():
 
 def test_allocator_errors():
     a = BlockAllocator(2)
-    b0, b1 = a.allocate(), a.allocate()
+    b0, _b1 = a.allocate(), a.allocate()
     with pytest.raises(CacheFullError):
         a.allocate()
     a.decref(b0)

@@ -91,11 +91,13 @@ def test_cls_only_last_block(model, impl):
     block, in either impl, and each default is what the docs say."""
     torch.manual_seed(0)
     if model == "vit":
-        make = lambda c: ViT(8, 2, 1, 32, 2, 4, 10, mlp_ratio=2, impl=impl, cls_only=c)
+        def make(c):
+            return ViT(8, 2, 1, 32, 2, 4, 10, mlp_ratio=2, impl=impl, cls_only=c)
         inputs = (torch.randn(3, 1, 8, 8),)
     else:
         pre = model == "encoder-pre-mask"
-        make = lambda c: TransformerEncoder(11, 9, 32, 2, 4, 3, pre_norm=pre, impl=impl, cls_only=c)
+        def make(c):
+            return TransformerEncoder(11, 9, 32, 2, 4, 3, pre_norm=pre, impl=impl, cls_only=c)
         pad = torch.zeros(3, 9, dtype=torch.bool)
         pad[1, 4:] = True
         inputs = (torch.randint(0, 11, (3, 9)), pad if pre else None)

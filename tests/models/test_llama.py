@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import tritium
 from tritium.models import CONFIGS, LlamaConfig, build, load
 from tritium.models.eager import EagerLlama
 from tritium.models.llama import StepInput
@@ -67,16 +68,14 @@ def test_gradients_match_eager_twin(name):
                                    rtol=1e-4, atol=1e-6)
 
 
-def test_bfloat16_close_to_float32():
-    model = tiny_model("tiny")
-    ids = torch.randint(0, model.config.vocab_size, (2, 9))
-    with torch.no_grad():
-        ref = model(ids)
-        bf = tiny_model("tiny", torch.bfloat16)(ids)
-    assert bf.dtype == torch.bfloat16
-    assert model.rope_cos.dtype == torch.float32  # .to(bfloat16) keeps the RoPE tables exact
-    err = (bf.float() - ref).abs().max().item()
-    assert err < 0.05 * ref.abs().max().item(), err
+def test_bfloat16_keeps_rope_tables_float32():
+    """.to(bfloat16) keeps the RoPE tables in float32 (exact); the bf16 outputs' accuracy is
+    tests/models/test_bf16_models.py's (2x the eager twin's error against float64)."""
+    model = tiny_model("tiny", torch.bfloat16)
+    assert model.embed.dtype == torch.bfloat16
+    assert model.rope_cos.dtype == torch.float32
+    ref_cos, _ = tritium.rope_tables(model.config.max_seq_len, model.config.rotary_dim, model.config.rope_base)
+    assert torch.equal(model.rope_cos, ref_cos)
 
 
 def _paged_step(model, seqs, block_size=4, last_only=False):

@@ -14,7 +14,7 @@ block tables, sequence lengths) go to the kernels.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Hashable, Iterable, List, Optional, Sequence
+from typing import Dict, Hashable, List, Optional, Sequence
 
 import torch
 from torch import Tensor

@@ -6,8 +6,8 @@ Each ``step()``:
      block preempts the most recently admitted request, whose blocks are freed; it waits at the head of the
      queue and is later recomputed (its prompt and generated tokens prefilled again), so others never fail.
   2. one model call (``Llama.forward_step``) over the packed tokens of decodes and prefills together;
-  3. sampling (tritium.sample: one fused call, each row with its own SamplingParams and seed), stop tokens / strings / max tokens,
-     streaming callbacks with the new text.
+  3. sampling (tritium.sample: one fused call, each row with its own SamplingParams and seed), stop tokens /
+     strings / max tokens, streaming callbacks with the new text.
 
 Beam search (``num_beams > 1``) keeps num_beams sequences per request that share their common prefix's
 blocks (``fork``); a beam writing into a shared, partially filled block first copies it (copy-on-write).
@@ -25,7 +25,6 @@ from typing import Callable, Deque, Dict, List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-import tritium
 from ..models.llama import StepInput
 from .cache import PagedKVCache
 from .sampling import SamplingParams, sample

@@ -22,7 +22,6 @@ the same either way.
 """
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 from typing import Callable, Dict, Optional, Tuple
 
