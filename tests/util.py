@@ -366,3 +366,17 @@ def check_gpu_compile(call: Callable[[], object], archs=(80, 90)) -> list[Compil
     for c in report:
         check_compiled(c)
     return report
+
+
+def byte_tokens() -> list:
+    """GPT-2's byte-level alphabet: the character standing for each byte 0..255 (printable bytes stand for
+    themselves, the rest map to 256 + n in order), written out here independently of the tokenizer under test."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(bs, cs))]

@@ -16,26 +16,15 @@ from tritium.inference.engine import Engine
 from tritium.models import LlamaConfig, build
 from tritium.models.tokenizer import Tokenizer
 
+from ..util import byte_tokens
+
 EOS = 2  # the byte tokenizer's <|im_end|>, its stop id
-
-
-def _bytes_to_unicode():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    byte_to_char = dict(zip(bs, cs))
-    return [chr(byte_to_char[b]) for b in range(256)]
 
 
 @pytest.fixture(scope="module")
 def tok():
     """A byte-level tokenizer: token 3 + b is byte b; 0..2 are specials (2, <|im_end|>, is the stop id)."""
-    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + _bytes_to_unicode()
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + byte_tokens()
     return Tokenizer.from_gguf_metadata({
         "ggml.model": "gpt2", "ggml.pre": "smollm", "ggml.tokens": tokens, "ggml.merges": [],
         "ggml.token_type": [3] * 3 + [1] * 256, "ggml.bos_token_id": 1, "ggml.eos_token_id": EOS,

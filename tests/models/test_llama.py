@@ -12,6 +12,8 @@ from tritium.models import CONFIGS, LlamaConfig, build, load
 from tritium.models.eager import EagerLlama
 from tritium.models.llama import StepInput
 
+from ..util import byte_tokens
+
 TINY = ["tiny", "tiny-mha-untied", "tiny-partial-rotary"]
 
 
@@ -125,19 +127,7 @@ def test_config_validation_and_registry():
 
 
 # ---- loaders ----
-def _bytes_to_unicode():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for _, c in sorted(zip(bs, cs))]
-
-
-BYTE_TOKENS = _bytes_to_unicode()
+BYTE_TOKENS = byte_tokens()
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
