@@ -643,7 +643,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd(const at::Tensor& q, const at:
   // (B, L, H, Dv) memory, as torch's CPU flash attention: the heads of a token side by side, so the caller's
   // out.transpose(1, 2).reshape(B, L, H * Dv) is a view, not a copy
   auto out = empty({g.B, g.L, g.H, g.Dv}, q.options()).transpose(1, 2);
-  auto lse = at::empty({g.B, g.H, g.L}, q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+  auto lse = tritium::empty({g.B, g.H, g.L}, q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   TRITIUM_DISPATCH_FLOATING(q.scalar_type(), "tritium_flash_attn_fwd", [&] {
     fwd_impl<scalar_t>(q, k, v, mask, out, lse, scale, g, softcap);
   });

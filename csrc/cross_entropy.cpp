@@ -25,9 +25,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tenso
   TORCH_CHECK(target.scalar_type() == at::kLong, "target must be int64");
   const int64_t M = x.size(0), C = x.size(1);
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto loss = at::empty({M}, x.options().dtype(acc_dtype));
+  auto loss = tritium::empty({M}, x.options().dtype(acc_dtype));
   auto grad = need_grad ? empty({M, C}, x.options().dtype(acc_dtype)) : at::empty({0}, x.options().dtype(acc_dtype));
-  auto total = at::empty({}, x.options().dtype(acc_dtype));
+  auto total = tritium::empty({}, x.options().dtype(acc_dtype));
   TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_cross_entropy_fwd", [&] {
     using acc_t = acc_type<scalar_t>;
     using IO = VecIO<scalar_t>;

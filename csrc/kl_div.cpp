@@ -50,7 +50,7 @@ void check_pair(const at::Tensor& input, const at::Tensor& target) {
 at::Tensor kl_div_fwd(const at::Tensor& input, const at::Tensor& target, bool log_target, bool sum, double scale) {
   check_pair(input, target);
   const int64_t n = input.numel();
-  at::Tensor out = sum ? at::empty({}, input.options()) : empty(input.sizes(), input.options());
+  at::Tensor out = sum ? tritium::empty({}, input.options()) : empty(input.sizes(), input.options());
   TRITIUM_DISPATCH_FLOATING(input.scalar_type(), "tritium_kl_div_fwd", [&] {
     using acc_t = acc_type<scalar_t>;
     using IO = VecIO<scalar_t>;
@@ -160,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor> distill_fwd(const at::Tensor& s, const at::Te
   TORCH_CHECK(inv_temp > 0, "distill: the inverse temperature must be positive, got ", inv_temp);
   const int64_t M = s.size(0), C = s.size(1);
   const auto acc_dtype = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto loss = at::empty({M}, s.options().dtype(acc_dtype));
+  auto loss = tritium::empty({M}, s.options().dtype(acc_dtype));
   auto grad = need_grad ? empty({M, C}, s.options().dtype(acc_dtype)) : at::empty({0}, s.options().dtype(acc_dtype));
   TRITIUM_DISPATCH_FLOATING(s.scalar_type(), "tritium_distill_fwd", [&] {
     using acc_t = acc_type<scalar_t>;

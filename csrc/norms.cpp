@@ -135,8 +135,8 @@ std::vector<at::Tensor> norm_fwd(const at::Tensor& x, const c10::optional<at::Te
   auto y = empty({M, N}, x.options());
   auto h = residual.has_value() ? empty({M, N}, x.options()) : at::Tensor();
   auto stat_opts = x.options().dtype(acc_dtype(x.scalar_type()));
-  auto rstd = at::empty({M}, stat_opts);
-  auto mean = centered ? at::empty({M}, stat_opts) : at::Tensor();
+  auto rstd = tritium::empty({M}, stat_opts);
+  auto mean = centered ? tritium::empty({M}, stat_opts) : at::Tensor();
   TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_norm_fwd", [&] {
     using A = acc_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();

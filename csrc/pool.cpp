@@ -14,12 +14,20 @@
 //   - tensors are ordinary resizable CPU tensors (the pool is their storage's allocator).
 // torch.ops.tritium_runtime.empty_cache() frees every cached block; pool_stats() reports
 // [cached bytes, limit, hits, misses]; set_pool_limit(bytes) changes the limit (and trims).
+//
+// Test mode (TRITIUM_CPU_POOL_POISON=1, or set_pool_poison(True)): every output tritium::empty returns, pooled or
+// not, is filled with 0xFF bytes (NaN in every float dtype, -1 in integers) before the kernel writes it, so a
+// kernel that leaves an element unwritten fails its test whatever the block held before (a reused block holds
+// the last tensor's values, a fresh page zeros: either can hide the bug depending on test order).
 #include "pool.h"
 
 #include <sys/mman.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdlib>
+#include <cstring>
+#include <string>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -39,6 +47,8 @@ class Pool final : public c10::Allocator {
   Pool() {
     const char* env = std::getenv("TRITIUM_CPU_POOL_MB");
     limit_ = env ? size_t(std::max(0L, std::strtol(env, nullptr, 10))) << 20 : size_t(2) << 30;
+    const char* poison = std::getenv("TRITIUM_CPU_POOL_POISON");
+    poison_ = poison && poison[0] && std::string(poison) != "0";
   }
 
   c10::DataPtr allocate(size_t n) override {
@@ -79,6 +89,9 @@ class Pool final : public c10::Allocator {
   }
 
   bool enabled() const { return limit_ > 0; }
+
+  bool poison() const { return poison_.load(std::memory_order_relaxed); }
+  void set_poison(bool on) { poison_.store(on, std::memory_order_relaxed); }
 
   void set_limit(size_t limit) {
     std::lock_guard<std::mutex> g(mu_);
@@ -139,6 +152,7 @@ class Pool final : public c10::Allocator {
   std::unordered_map<size_t, uint64_t> last_use_;  // size -> tick of its last allocation or release
   size_t cached_ = 0, limit_ = 0, hits_ = 0, misses_ = 0;
   uint64_t tick_ = 0;
+  std::atomic<bool> poison_{false};
 };
 
 }  // namespace
@@ -147,11 +161,15 @@ at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
   Pool& pool = Pool::get();
   const int64_t numel = c10::multiply_integers(sizes);
   const size_t bytes = size_t(numel) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+  at::Tensor out;
   if (!pool.enabled() || !options.device().is_cpu() || bytes < kHuge || options.layout() != c10::kStrided) {
-    return at::empty(sizes, options);
+    out = at::empty(sizes, options);
+  } else {
+    out = at::detail::empty_generic(sizes, &pool, c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                    c10::typeMetaToScalarType(options.dtype()), std::nullopt);
   }
-  return at::detail::empty_generic(sizes, &pool, c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   c10::typeMetaToScalarType(options.dtype()), std::nullopt);
+  if (pool.poison() && bytes > 0 && options.device().is_cpu()) std::memset(out.data_ptr(), 0xFF, bytes);
+  return out;
 }
 
 TORCH_LIBRARY(tritium_runtime, m) {
@@ -161,6 +179,8 @@ TORCH_LIBRARY(tritium_runtime, m) {
     TORCH_CHECK(bytes >= 0, "set_pool_limit: bytes must be >= 0, got ", bytes);
     Pool::get().set_limit(size_t(bytes));
   });
+  m.def("set_pool_poison(bool on) -> ()", [](bool on) { Pool::get().set_poison(on); });
+  m.def("pool_poison() -> bool", [] { return Pool::get().poison(); });
 }
 
 }  // namespace tritium

@@ -13,6 +13,7 @@
 //      The kept set is always {e >= cut} (ties at a cut are kept), exactly as tritium.reference defines it.
 //   6. the draw: the first token, in index order, where the running kept mass passes u * (kept mass), skipping
 //      whole vectors whose masked sum does not reach it.
+#include "pool.h"
 #include "vec.h"
 
 #include <algorithm>
@@ -250,8 +251,8 @@ std::tuple<at::Tensor, at::Tensor> sample_fwd(const at::Tensor& logits, const at
   at::Tensor bi = bias_idx.has_value() ? bias_idx->contiguous() : at::Tensor();
   at::Tensor bv = bias_val.has_value() ? bias_val->contiguous() : at::Tensor();
   const int64_t L = hist.defined() ? hist.size(1) : 0, NB = bi.defined() ? bi.size(1) : 0;
-  auto tokens = at::empty({B}, logits.options().dtype(at::kLong));
-  auto logprobs = at::empty({B}, logits.options().dtype(at::kFloat));
+  auto tokens = tritium::empty({B}, logits.options().dtype(at::kLong));
+  auto logprobs = tritium::empty({B}, logits.options().dtype(at::kFloat));
   TRITIUM_DISPATCH_FLOATING(logits.scalar_type(), "tritium_sample", [&] {
     const scalar_t* xp = logits.const_data_ptr<scalar_t>();
     const float* up = uniform.const_data_ptr<float>();

@@ -105,3 +105,14 @@ def test_env_turns_the_pool_off():
     )
     env = {"TRITIUM_CPU_POOL_MB": "0", "PATH": "/usr/bin:/bin"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_outputs_are_poisoned_in_the_tests():
+    """tests/conftest.py turns on the pool's test mode: an output element no kernel wrote reads NaN. A kernel that
+    writes all of its output is unaffected (the rows of a big softmax, pooled, are all finite)."""
+    assert torch.ops.tritium_runtime.pool_poison()
+    x = torch.randn(1024, 1024)   # a 4 MiB output: from the pool
+    for _ in range(2):            # the second call reuses the first's freed block
+        y = tritium.softmax(x, -1)
+        assert torch.isfinite(y).all()
+        del y
