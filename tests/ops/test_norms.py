@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tritium
-from tests.util import CPU_DTYPES, assert_within_torch_error, leaf
+from tests.util import CPU_DTYPES, KERNEL_DTYPES, assert_within_torch_error, leaf
 
 
 def _same_as_torch(ours_fn, torch_fn, args, dtype):
@@ -222,14 +222,12 @@ def test_layer_norm_accurate_when_first_element_is_an_outlier(dtype):
     assert_within_torch_error(tritium.layer_norm(x, (300,)), F.layer_norm(x, (300,)), ref, "layer_norm")
 
 
-
-@pytest.mark.parametrize("impl", ["cpp", "triton"])
-@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+# the Triton kernels take no float64
+@pytest.mark.parametrize("impl,dtype", [("cpp", d) for d in CPU_DTYPES] + [("triton", d) for d in KERNEL_DTYPES],
+                         ids=str)
 def test_layer_norm_over_one_element(impl, dtype):
     """normalized_shape (1,): the output is the bias whatever x is (x - mean(x) = 0), so the input gradient
     is exactly 0, the weight gradient 0 and the bias gradient sum(dy)."""
-    if impl == "triton" and dtype == torch.float64:
-        pytest.skip("the Triton kernels take no float64")
     x, dy = ((torch.randn(6, 1, dtype=torch.float64) * 100).to(dtype) for _ in range(2))
     w, b = (torch.randn(1, dtype=torch.float64) * 100).to(dtype), torch.randn(1, dtype=torch.float64).to(dtype)
     if impl == "cpp":
