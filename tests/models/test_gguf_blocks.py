@@ -166,8 +166,8 @@ BLOCK_BYTES = {QT.Q8_0: 34, QT.Q4_0: 18, QT.Q4_1: 20, QT.Q5_0: 22, QT.Q5_1: 24, 
 ROWS, BLOCKS_PER_ROW = 3, 2
 
 
-def _roundtrip(tmp_path, name, data, raw_dtype=None):
-    """Write one tensor into a GGUF file and read it back as the loader does."""
+def _write_tensor(tmp_path, name, data, raw_dtype=None):
+    """Write one tensor into a GGUF file and open it again: the GGUFReader tensor the loader sees."""
     path = str(tmp_path / f"{name}.gguf")
     w = gguf.GGUFWriter(path, "llama")
     w.add_tensor(name, data, raw_dtype=raw_dtype)
@@ -176,7 +176,12 @@ def _roundtrip(tmp_path, name, data, raw_dtype=None):
     w.write_tensors_to_file()
     w.close()
     (t,) = gguf.GGUFReader(path).tensors
-    return dequantize(t)
+    return t
+
+
+def _roundtrip(tmp_path, name, data, raw_dtype=None):
+    """Write one tensor into a GGUF file and read it back as the loader does."""
+    return dequantize(_write_tensor(tmp_path, name, data, raw_dtype))
 
 
 @pytest.mark.parametrize("qtype", list(QUANTIZED), ids=lambda q: q.name)

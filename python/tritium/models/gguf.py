@@ -10,6 +10,10 @@ GGUF tensors are dequantised with the ``gguf`` package's own ``gguf.quants.dequa
 Q4_0, Q4_1, Q4_K, Q6_K, ... whatever it supports). llama.cpp's converter permutes the rows of the Q and K
 projections so that RoPE rotates adjacent pairs (GPT-J style); ``_unpermute`` undoes it so the weights rotate
 halves, as the Hugging Face checkpoint (and tritium.rope with interleaved=False) does.
+
+``logical_quant`` instead converts a Q8_0, Q4_0, Q4_1, Q4_K, Q5_K or Q6_K tensor, without dequantising it, into
+tritium's logical quantized weight (q, scales, mins, bits, group; docs/quantization.md), which stands for exactly
+the values ``dequantize`` gives; ``unpermute_rows`` undoes the Q/K permutation on each of its parts.
 """
 from __future__ import annotations
 
@@ -66,6 +70,104 @@ def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     GGUF rows of each head are (pair, 2) interleaved; HF rows are (2, pair) halves."""
     rows = w.shape[0]
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+# ---- GGUF quantized blocks -> tritium's logical quantized weight (docs/quantization.md) ------------------------
+SUPPORTED_QUANT = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+
+
+def unpermute_rows(x: Optional[torch.Tensor], n_heads: int) -> Optional[torch.Tensor]:
+    """``_unpermute`` for any tensor with rows first (a Q/K weight's q, scales or mins alike: the permutation moves
+    whole rows, so it commutes with the per-row decode); None passes through (no mins)."""
+    return None if x is None else _unpermute(x, n_heads)
+
+
+def _f16_at(b: np.ndarray, i: int) -> np.ndarray:
+    """The float16 stored at bytes i, i+1 of every block of b (..., block_bytes), as (...) float16."""
+    return np.ascontiguousarray(b[..., i:i + 2]).view(np.float16)[..., 0]
+
+
+def _split_nibbles(x: np.ndarray) -> np.ndarray:
+    """x (..., m) uint8 -> (..., 2, m): the low nibbles of the m bytes, then their high nibbles (ggml's order
+    in every 4-bit layout: byte j holds element j low and element j + m high)."""
+    out = np.empty(x.shape[:-1] + (2, x.shape[-1]), dtype=np.uint8)
+    np.bitwise_and(x, 0x0F, out=out[..., 0, :])
+    np.right_shift(x, 4, out=out[..., 1, :])
+    return out
+
+
+def _k4_scale_min(s: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K's 12 scale bytes (..., 12) -> the eight 6-bit scales and eight 6-bit mins (..., 8) (ggml's
+    get_scale_min_k4: sub-blocks 0-3 in the low 6 bits of bytes 0-3 / 4-7; sub-blocks 4-7 with their low 4 bits in
+    the nibbles of bytes 8-11 and their high 2 bits in the top bits of bytes 0-3 / 4-7)."""
+    a, b, c = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    sc = np.concatenate([a & 0x3F, (c & 0x0F) | ((a >> 6) << 4)], axis=-1)
+    mn = np.concatenate([b & 0x3F, (c >> 4) | ((b >> 6) << 4)], axis=-1)
+    return sc, mn
+
+
+def _k_scales(b: np.ndarray, n: int):
+    """The float32 scales d * sc and mins -dmin * m (n, 8 per super-block) of Q4_K / Q5_K blocks b (n, nb, B).
+    Both products are exact in float32 (11-bit significand times 6 bits), hence float32 and not float16."""
+    d = _f16_at(b, 0).astype(np.float32)[..., None]
+    dmin = _f16_at(b, 2).astype(np.float32)[..., None]
+    sc, mn = _k4_scale_min(b[..., 4:16])
+    return (d * sc).reshape(n, -1), (-(dmin * mn)).reshape(n, -1)
+
+
+def logical_quant(tensor):
+    """A GGUFReader tensor of a type in SUPPORTED_QUANT as tritium's logical quantized weight
+    (q, scales, mins, bits, group) of docs/quantization.md, standing for exactly the values the block formula
+    gives (reference.quant_weight(q, scales, mins, bits, group) == the dequantised tensor):
+
+      q       torch.uint8 (N, K), N rows as ``dequantize`` shapes them (torch's (out, in) for a weight)
+      scales  (N, K // group) float16 (the blocks' own float16 d) or float32 (the K-quants' d * sub-scale)
+      mins    like scales, or None (symmetric: W = scales * (q - 2**(bits - 1)))
+
+    Q8_0 and Q6_K have signed quants; they are shifted (+128, +96) so the symmetric offset of 8 bits (128) gives
+    back q and q - 32. Q5_K's 5-bit quants are carried as 8-bit (the format has no 5-bit width). Q/K projection
+    rows are as stored (llama.cpp's permutation): undo it with ``unpermute_rows`` on q, scales and mins."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
+
+    qtype = QT(int(tensor.tensor_type))
+    if qtype.name not in SUPPORTED_QUANT:
+        raise ValueError(
+            f"GGUF tensor {tensor.name!r} has type {qtype.name}: quantized loading supports "
+            f"{', '.join(SUPPORTED_QUANT)} (F32, F16 and BF16 tensors are loaded as float)")
+    block, nbytes = GGML_QUANT_SIZES[qtype]
+    k = int(tensor.shape[0])                          # GGUF lists dims fastest-first: shape[0] is the row length
+    n = int(np.prod([int(s) for s in tensor.shape[1:]], dtype=np.int64))
+    b = np.asarray(tensor.data).reshape(n, k // block, nbytes)
+
+    if qtype == QT.Q8_0:       # d f16, 32 x int8
+        q = np.bitwise_xor(b[..., 2:], 0x80).reshape(n, k)   # int8 v as the byte v + 128
+        return torch.from_numpy(q), torch.from_numpy(_f16_at(b, 0)), None, 8, 32
+    if qtype == QT.Q4_0:       # d f16, 16 bytes of nibbles: element j low, element 16 + j high
+        q = _split_nibbles(b[..., 2:]).reshape(n, k)
+        return torch.from_numpy(q), torch.from_numpy(_f16_at(b, 0)), None, 4, 32
+    if qtype == QT.Q4_1:       # d f16, m f16, nibbles as Q4_0; W = d * q + m
+        q = _split_nibbles(b[..., 4:]).reshape(n, k)
+        return torch.from_numpy(q), torch.from_numpy(_f16_at(b, 0)), torch.from_numpy(_f16_at(b, 2)), 4, 32
+    if qtype == QT.Q4_K:       # d, dmin f16, 12 scale bytes, 4 x 32 bytes: elements 64c + l low, 64c + 32 + l high
+        scales, mins = _k_scales(b, n)
+        q = _split_nibbles(b[..., 16:].reshape(n, -1, 4, 32)).reshape(n, k)
+        return torch.from_numpy(q), torch.from_numpy(scales), torch.from_numpy(mins), 4, 32
+    if qtype == QT.Q5_K:       # as Q4_K plus 32 bytes qh before the nibbles: bit j of qh[l] is bit 4 of 32j + l
+        scales, mins = _k_scales(b, n)
+        q = _split_nibbles(b[..., 48:].reshape(n, -1, 4, 32)).reshape(n, -1, 8, 32)
+        hi = b[..., None, 16:48] >> np.arange(8, dtype=np.uint8)[:, None]
+        q |= (hi & 1) << 4
+        return torch.from_numpy(q.reshape(n, k)), torch.from_numpy(scales), torch.from_numpy(mins), 8, 32
+    # Q6_K: 128 bytes ql, 64 bytes qh, 16 x int8 sub-scales, d f16. Per half h of 128 elements: ql bytes 64h..64h+63
+    # hold the low nibbles (elements h*128 + 0..63 low, + 64..127 high); qh byte 32h + l holds the 2 high bits
+    # of element h*128 + 32i + l in bits 2i, 2i+1. The quant is that 6-bit value minus 32.
+    lo = _split_nibbles(b[..., :128].reshape(n, -1, 2, 64)).reshape(n, -1, 2, 4, 32)
+    hi = b[..., 128:192].reshape(n, -1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8)[:, None]
+    lo |= (hi & 3) << 4
+    lo += 96                   # q - 32 == (q + 96) - 128: the symmetric 8-bit offset
+    d = _f16_at(b, 208).astype(np.float32)[..., None]
+    scales = (d * b[..., 192:208].view(np.int8)).reshape(n, -1)   # exact in float32: 11 bits times 8 bits
+    return torch.from_numpy(lo.reshape(n, k)), torch.from_numpy(scales), None, 8, 16
 
 
 def _field(reader, key, default=None):
