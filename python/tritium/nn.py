@@ -344,3 +344,106 @@ class RotaryEmbedding(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"rotary_dim={self.rotary_dim}, max_position_embeddings={self.max_position_embeddings}, "
                 f"base={self.base}, scaling={self.scaling}, interleaved={self.interleaved}")
+
+
+# ---- quantized weights ----
+class QuantizedLinear(torch.nn.Module):
+    """A Linear layer whose weight is stored quantized (tritium.ops.quant.QuantizedWeight: 4- or 8-bit integers
+    with per-group scales, packed for its device's kernel); inference and frozen-base training (the input
+    gradient flows, the weight takes none). ``int8_act``: quantize the activations per block of 32 to int8
+    (integer dot products, llama.cpp's way) instead of multiplying in float.
+
+    Build one with ``QuantizedLinear.from_linear(linear, "int8" | "int4", group_size)`` or
+    ``tritium.quantize_(model, ...)``. The state_dict holds the packed tensors (``qdata``, ``scales``, ``mins``,
+    ``bias``) and the format (extra state); loading it replaces the module's tensors, so a module of any shape
+    can load any QuantizedLinear's state. ``.to(device)`` repacks for the new device; ``.to(dtype)`` changes the
+    bias only (the quantized storage keeps its own dtypes)."""
+
+    def __init__(self, weight: "ops.quant.QuantizedWeight", bias: Tensor = None, int8_act: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = weight.k, weight.n
+        self.int8_act = bool(int8_act)
+        self._set_weight(weight)
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def _set_weight(self, w: "ops.quant.QuantizedWeight") -> None:
+        self.weight = w   # not a buffer: module._apply must not cast the float16 scales
+        self.bits, self.group = w.bits, w.group
+        self.in_features, self.out_features = w.k, w.n
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, mode: str = "int8", group_size: int = None,
+                    int8_act: bool = False) -> "QuantizedLinear":
+        w = ops.quant.QuantizedWeight.quantize(linear.weight.detach(), mode, group_size)
+        return cls(w, linear.bias, int8_act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.weight.linear(x, self.int8_act)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _apply(self, fn, recurse=True):
+        device = fn(torch.empty(0)).device       # where .to()/.cuda()/.cpu() sends tensors
+        if device != self.weight.device:
+            self._set_weight(self.weight.to(device))
+        return super()._apply(fn, recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        w = self.weight
+        destination[prefix + "qdata"], destination[prefix + "scales"] = w.qdata, w.scales
+        destination[prefix + "mins"] = w.mins
+
+    def get_extra_state(self):
+        w = self.weight
+        return {"bits": w.bits, "group": w.group, "out_features": w.n, "in_features": w.k,
+                "int8_act": self.int8_act, "device_type": w.device.type}
+
+    def set_extra_state(self, state):
+        self._pending_format = state
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        names = ("qdata", "scales", "mins")
+        got = {n: state_dict.get(prefix + n) for n in names}
+        bias_key = prefix + "bias"
+        if self.bias is None and bias_key in state_dict:
+            self.bias = torch.nn.Parameter(state_dict[bias_key].detach().clone(), requires_grad=False)
+        super()._load_from_state_dict({k: v for k, v in state_dict.items() if k[len(prefix):] not in names},
+                                      prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        fmt = getattr(self, "_pending_format", None)
+        if fmt is None or any(v is None for v in got.values()):
+            missing_keys.extend(prefix + n for n in names if got[n] is None)
+            return
+        w = ops.quant.QuantizedWeight(got["qdata"], got["scales"], got["mins"], fmt["bits"], fmt["group"],
+                                      fmt["out_features"], fmt["in_features"])
+        if fmt["device_type"] != got["qdata"].device.type or w.device != self.weight.device:
+            # packed for another device's kernel: unpack with that device's layout, repack for ours
+            src = w if fmt["device_type"] == got["qdata"].device.type else w.to(fmt["device_type"])
+            w = src.to(self.weight.device)
+        self.int8_act = fmt["int8_act"]
+        self._set_weight(w)
+        del self._pending_format
+
+    def extra_repr(self) -> str:
+        w = self.weight
+        return (f"in_features={w.k}, out_features={w.n}, bias={self.bias is not None}, bits={w.bits}, "
+                f"group={w.group}, int8_act={self.int8_act}")
+
+
+def quantize_(model: torch.nn.Module, mode: str = "int8", group_size: int = None, int8_act: bool = False,
+              filter=None) -> torch.nn.Module:
+    """Convert ``model``'s linear layers in place to QuantizedLinear (weight-only: "int8" per output channel, or
+    per group when group_size is given; "int4" per group of group_size, default 32) and return the model.
+    Every torch.nn.Linear (and subclass) is converted, or those for which ``filter(module, qualified_name)`` is
+    true. A tritium Llama (tritium.models.llama.Llama) converts its own projections and LM head instead
+    (Llama.quantize_). The float weights are released."""
+    from .models.llama import Llama
+
+    if isinstance(model, Llama):
+        return model.quantize_(mode, group_size, int8_act)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, torch.nn.Linear) and (filter is None or filter(child, full)):
+                setattr(module, child_name, QuantizedLinear.from_linear(child, mode, group_size, int8_act))
+    return model

@@ -302,3 +302,39 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Optional[Ten
         return torch.cat((out.to(x.dtype), rest), -1)
 
     return rot(q), rot(k)
+
+
+# ---- quantized weights (tritium.ops.quant; docs/quantization.md) ----
+def quant_weight(q: Tensor, scales: Tensor, mins: Optional[Tensor], bits: int, group: int,
+                 dtype: torch.dtype = torch.float32) -> Tensor:
+    """The (N, K) weight a logical quantized weight stands for: scales * q + mins per group of ``group``
+    elements of a row (mins None: scales * (q - 2**(bits - 1))), computed in float32 as the kernels do (one
+    rounding: the product and the sum are exact in float64 and rounded once), returned in ``dtype``."""
+    n, k = q.shape
+    s = scales.double().repeat_interleave(group, 1)[:, :k]
+    if mins is None or mins.numel() == 0:
+        w = s * (q.double() - 2 ** (bits - 1))
+    else:
+        w = s * q.double() + mins.double().repeat_interleave(group, 1)[:, :k]
+    return w.float().to(dtype)
+
+
+def quant_linear(x: Tensor, q: Tensor, scales: Tensor, mins: Optional[Tensor], bits: int, group: int) -> Tensor:
+    """x (M, K) @ W^T for the logical quantized weight, in float64 (the kernels' reference), returned in x's
+    dtype."""
+    return (x.double() @ quant_weight(q, scales, mins, bits, group).double().t()).to(x.dtype)
+
+
+def quantize_int8_act(x: Tensor) -> Tensor:
+    """x (M, K) as the int8 activations of quant_linear(int8_act=True) see it: per block of 32 elements of a row
+    (the row padded with zeros), scale d = absmax / 127 and x_q = round(x / d), returned dequantised (d * x_q) in
+    float64: the reference for the int8-activation path is quant_linear(quantize_int8_act(x), ...)."""
+    m, k = x.shape
+    kp = -(-k // 32) * 32
+    xp = torch.zeros(m, kp, dtype=torch.float64)
+    xp[:, :k] = x.double().cpu()
+    blocks = xp.view(m, kp // 32, 32)
+    d = (blocks.abs().amax(-1, keepdim=True) / 127).float().double()   # the scale is a float32 in the kernels
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d)).float().double()
+    xq = torch.round((blocks * inv).float().double())
+    return (xq * d).view(m, kp)[:, :k].to(x.device)

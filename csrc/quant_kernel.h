@@ -1,0 +1,334 @@
+// The quantized-linear tile kernels of csrc/quant.cpp for one instruction set. quant.cpp includes this file once per
+// ISA, inside its own namespace and under `#pragma GCC target(...)`, with QK_ISA set:
+//   3  AVX-512 with VNNI: vpdpbusd multiplies 4 u8 weights by 4 s8 activations and adds into an int32 lane
+//   2  AVX-512BW without VNNI: vpmaddubsw (u8 x s8 pairs -> s16) then vpmaddwd by 1 (pairs -> s32)
+//   1  AVX2 + FMA + F16C: as 2 on two 256-bit halves
+// The layout (docs/quantization.md): per tile of 16 rows and block of 32 elements, 64-byte groups c that hold 4
+// consecutive elements of each of the 16 rows (lane r = row r), 8-bit: 8 groups; 4-bit: 4 groups whose low nibbles
+// are elements 4c..4c+3 and high nibbles 16+4c..16+4c+3. A lane's 4 bytes times 4 activation bytes broadcast to
+// every lane is one dot-product step; 8 steps cover the block.
+// No ATen here: raw pointers only (the code is compiled for an ISA the build machine's flags may not include).
+
+#if QK_ISA >= 2
+// 16 int32 / float lanes: one 512-bit register
+struct VI {
+  __m512i v;
+};
+struct VF {
+  __m512 v;
+};
+static inline VI vi_load(const uint8_t* p) { return {_mm512_loadu_si512(p)}; }
+static inline VI vi_zero() { return {_mm512_setzero_si512()}; }
+static inline VI vi_and(VI a, int32_t m) { return {_mm512_and_si512(a.v, _mm512_set1_epi32(m))}; }
+template <int S>
+static inline VI vi_srl32(VI a) { return {_mm512_srli_epi32(a.v, S)}; }
+static inline VI vi_add(VI a, VI b) { return {_mm512_add_epi32(a.v, b.v)}; }
+static inline VI vi_xor(VI a, int32_t m) { return {_mm512_xor_si512(a.v, _mm512_set1_epi32(m))}; }
+template <int S>
+static inline VI vi_sll32(VI a) { return {_mm512_slli_epi32(a.v, S)}; }
+template <int S>
+static inline VI vi_sra32(VI a) { return {_mm512_srai_epi32(a.v, S)}; }
+static inline VF vf_zero() { return {_mm512_setzero_ps()}; }
+static inline VF vf_set1(float x) { return {_mm512_set1_ps(x)}; }
+static inline VF vf_cvt(VI a) { return {_mm512_cvtepi32_ps(a.v)}; }
+static inline VF vf_fma(VF a, VF b, VF c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+static inline VF vf_mul(VF a, VF b) { return {_mm512_mul_ps(a.v, b.v)}; }
+static inline VF vf_sub(VF a, VF b) { return {_mm512_sub_ps(a.v, b.v)}; }
+static inline VF vf_load(const float* p) { return {_mm512_loadu_ps(p)}; }
+static inline VF vf_load(const uint16_t* p) {
+  return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+}
+static inline void vf_store(float* p, VF a) { _mm512_storeu_ps(p, a.v); }
+// acc + sum over each lane's 4 byte pairs of w (u8) * x (s8, the same 4 bytes in every lane)
+static inline VI dot4(VI acc, VI w, int32_t x4) {
+#if QK_ISA == 3
+  return {_mm512_dpbusd_epi32(acc.v, w.v, _mm512_set1_epi32(x4))};
+#else
+  const __m512i p = _mm512_maddubs_epi16(w.v, _mm512_set1_epi32(x4));
+  return {_mm512_add_epi32(acc.v, _mm512_madd_epi16(p, _mm512_set1_epi16(1)))};
+#endif
+}
+#else
+// 16 lanes as two 256-bit halves (rows 0-7, rows 8-15)
+struct VI {
+  __m256i a, b;
+};
+struct VF {
+  __m256 a, b;
+};
+static inline VI vi_load(const uint8_t* p) {
+  return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32))};
+}
+static inline VI vi_zero() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+static inline VI vi_and(VI x, int32_t m) {
+  const __m256i mm = _mm256_set1_epi32(m);
+  return {_mm256_and_si256(x.a, mm), _mm256_and_si256(x.b, mm)};
+}
+template <int S>
+static inline VI vi_srl32(VI x) { return {_mm256_srli_epi32(x.a, S), _mm256_srli_epi32(x.b, S)}; }
+static inline VI vi_add(VI x, VI y) { return {_mm256_add_epi32(x.a, y.a), _mm256_add_epi32(x.b, y.b)}; }
+static inline VI vi_xor(VI x, int32_t m) {
+  const __m256i mm = _mm256_set1_epi32(m);
+  return {_mm256_xor_si256(x.a, mm), _mm256_xor_si256(x.b, mm)};
+}
+template <int S>
+static inline VI vi_sll32(VI x) { return {_mm256_slli_epi32(x.a, S), _mm256_slli_epi32(x.b, S)}; }
+template <int S>
+static inline VI vi_sra32(VI x) { return {_mm256_srai_epi32(x.a, S), _mm256_srai_epi32(x.b, S)}; }
+static inline VF vf_zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+static inline VF vf_set1(float x) { return {_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
+static inline VF vf_cvt(VI x) { return {_mm256_cvtepi32_ps(x.a), _mm256_cvtepi32_ps(x.b)}; }
+static inline VF vf_fma(VF x, VF y, VF z) { return {_mm256_fmadd_ps(x.a, y.a, z.a), _mm256_fmadd_ps(x.b, y.b, z.b)}; }
+static inline VF vf_mul(VF x, VF y) { return {_mm256_mul_ps(x.a, y.a), _mm256_mul_ps(x.b, y.b)}; }
+static inline VF vf_sub(VF x, VF y) { return {_mm256_sub_ps(x.a, y.a), _mm256_sub_ps(x.b, y.b)}; }
+static inline VF vf_load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+static inline VF vf_load(const uint16_t* p) {
+  return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
+}
+static inline void vf_store(float* p, VF x) {
+  _mm256_storeu_ps(p, x.a);
+  _mm256_storeu_ps(p + 8, x.b);
+}
+static inline VI dot4(VI acc, VI w, int32_t x4) {
+  const __m256i xb = _mm256_set1_epi32(x4), one = _mm256_set1_epi16(1);
+  return {_mm256_add_epi32(acc.a, _mm256_madd_epi16(_mm256_maddubs_epi16(w.a, xb), one)),
+          _mm256_add_epi32(acc.b, _mm256_madd_epi16(_mm256_maddubs_epi16(w.b, xb), one))};
+}
+#endif
+
+// dot4 for 8-bit weights (u8 up to 255): VNNI takes them as they are; the byte multiply-add would saturate its
+// 16-bit pair sums (255 * 127 * 2 > 32767), so there the weight is split into nibbles, w = 16 h + l, and the two
+// products combined in 32 bits.
+static inline VI dot4_u8(VI acc, VI w, int32_t x4) {
+#if QK_ISA == 3
+  return dot4(acc, w, x4);
+#else
+  const VI h = dot4(vi_zero(), vi_and(vi_srl32<4>(w), 0x0F0F0F0F), x4);
+  const VI l = dot4(vi_zero(), vi_and(w, 0x0F0F0F0F), x4);
+#if QK_ISA == 2
+  return vi_add(acc, vi_add(VI{_mm512_slli_epi32(h.v, 4)}, l));
+#else
+  return vi_add(acc, vi_add(VI{_mm256_slli_epi32(h.a, 4), _mm256_slli_epi32(h.b, 4)}, l));
+#endif
+#endif
+}
+
+// The 8 weight groups of one block of a tile: raw bytes for 8-bit, nibbles split for 4-bit (groups 4..7 are the
+// high nibbles of the 4 loaded groups).
+template <int BITS>
+static inline void load_block(const uint8_t* p, VI (&w)[8]) {
+  if constexpr (BITS == 8) {
+    for (int c = 0; c < 8; ++c) w[c] = vi_load(p + 64 * c);
+  } else {
+    for (int c = 0; c < 4; ++c) {
+      const VI raw = vi_load(p + 64 * c);
+      w[c] = vi_and(raw, 0x0F0F0F0F);
+      w[c + 4] = vi_and(vi_srl32<4>(raw), 0x0F0F0F0F);
+    }
+  }
+}
+
+// Per-call arguments of a tile kernel. S: the scales' storage (uint16_t: float16 bits; float).
+template <typename S>
+struct TileArgs {
+  const uint8_t* q;      // the tile's first block
+  const S* scales;       // the tile's (groups, 16) scales
+  const S* mins;         // the tile's (groups, 16) mins, or nullptr (symmetric: q - 2**(bits-1))
+  int64_t nb;            // blocks of 32 per row
+  int64_t group_blocks;  // blocks per scale group (0: group 16, two groups a block)
+};
+
+// int8 activations: rows m of xq (int8, row stride xs), their per-block scales dx and per-16 sums sx16 (the
+// dequantised activations' sums: dx * sum(xq) over each half-block; row stride ss for both arrays, dx per block,
+// sx16 per half-block). out: MT x 16 floats.
+template <int BITS, typename S, int MT>
+static void tile_int8(const TileArgs<S>& a, const int8_t* xq, int64_t xs, const float* dx, const float* sx16,
+                      int64_t ss, float* out) {
+  constexpr int64_t BB = 16 * 32 * BITS / 8;  // bytes per block of a tile
+  constexpr float OFF = BITS == 8 ? 128.0f : 8.0f;
+  const bool half = a.group_blocks == 0;
+  VF acc[MT];
+  for (int m = 0; m < MT; ++m) acc[m] = vf_zero();
+  const S* sp = a.scales;
+  const S* mp = a.mins;
+  VF d = vf_load(sp), mn = mp ? vf_load(mp) : vf_zero();
+  for (int64_t b = 0, in_group = 0; b < a.nb; ++b) {
+    VI w[8];
+    load_block<BITS>(a.q + b * BB, w);
+    if (half) {
+      // group 16 (8-bit only): elements 0..15 are groups 0..3, 16..31 groups 4..7, each with its own scale
+      const VF d0 = vf_load(sp + 32 * b), d1 = vf_load(sp + 32 * b + 16);
+      for (int m = 0; m < MT; ++m) {
+        const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + m * xs + 32 * b);
+        VI s0 = vi_zero(), s1 = vi_zero();
+        for (int c = 0; c < 4; ++c) s0 = dot4_u8(s0, w[c], x4[c]);
+        for (int c = 4; c < 8; ++c) s1 = dot4_u8(s1, w[c], x4[c]);
+        const float xd = dx[m * ss + b];
+        // d * (x_d * dot - OFF * sum(x)) per half block
+        VF t0 = vf_sub(vf_mul(vf_cvt(s0), vf_set1(xd)), vf_set1(OFF * sx16[m * ss * 2 + 2 * b]));
+        VF t1 = vf_sub(vf_mul(vf_cvt(s1), vf_set1(xd)), vf_set1(OFF * sx16[m * ss * 2 + 2 * b + 1]));
+        acc[m] = vf_fma(d1, t1, vf_fma(d0, t0, acc[m]));
+      }
+      continue;
+    }
+    if (in_group == a.group_blocks) {
+      in_group = 0;
+      sp += 16;
+      d = vf_load(sp);
+      if (mp) {
+        mp += 16;
+        mn = vf_load(mp);
+      }
+    }
+    ++in_group;
+    for (int m = 0; m < MT; ++m) {
+      const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + m * xs + 32 * b);
+      // two chains so consecutive dot steps do not wait on each other
+      VI s0 = vi_zero(), s1 = vi_zero();
+      for (int c = 0; c < 8; c += 2) {
+        if constexpr (BITS == 8) {
+          s0 = dot4_u8(s0, w[c], x4[c]);
+          s1 = dot4_u8(s1, w[c + 1], x4[c + 1]);
+        } else {
+          s0 = dot4(s0, w[c], x4[c]);
+          s1 = dot4(s1, w[c + 1], x4[c + 1]);
+        }
+      }
+      const float xd = dx[m * ss + b];
+      const float xs32 = sx16[m * ss * 2 + 2 * b] + sx16[m * ss * 2 + 2 * b + 1];
+      const VF dot = vf_mul(vf_cvt(vi_add(s0, s1)), vf_set1(xd));
+      if (mp) {
+        acc[m] = vf_fma(mn, vf_set1(xs32), vf_fma(d, dot, acc[m]));
+      } else {
+        acc[m] = vf_fma(d, vf_sub(dot, vf_set1(OFF * xs32)), acc[m]);
+      }
+    }
+  }
+  for (int m = 0; m < MT; ++m) vf_store(out + 16 * m, acc[m]);
+}
+
+// Byte J of each lane as a float: unsigned (q), or for symmetric weights the signed q - OFF (the offset removed
+// before any product, so the sums are those of a float matmul of the dequantised weight): the lanes were xor'ed
+// with the offset's bit, which makes each byte q - OFF in two's complement (8-bit) or a 4-bit two's complement
+// nibble, then shifted up to the top and arithmetically back down (sign extension).
+template <int J, bool SIGNED, int BITS>
+static inline VF byte_as_float(VI w) {
+  if constexpr (SIGNED) {
+    return vf_cvt(vi_sra32<32 - BITS>(vi_sll32<24 - 8 * J + 8 - BITS>(w)));
+  } else if constexpr (J == 3) {
+    return vf_cvt(vi_srl32<24>(w));
+  } else {
+    return vf_cvt(vi_and(vi_srl32<8 * J>(w), 0xFF));
+  }
+}
+
+// float activations: rows m of xf (float, row stride xs, zero padded to a multiple of 32) and their per-16 sums
+// sx16 (row stride 2 * ss; used for the mins). The weights are widened to float in registers: each 4-byte lane holds
+// 4 consecutive elements of its row, element j is byte j.
+template <int BITS, typename S, int MT, bool SIGNED>
+static void tile_float_impl(const TileArgs<S>& a, const float* xf, int64_t xs, const float* sx16, int64_t ss,
+                            float* out) {
+  constexpr int64_t BB = 16 * 32 * BITS / 8;
+  constexpr int32_t FLIP = BITS == 8 ? 0x80808080 : 0x08080808;
+  const bool half = a.group_blocks == 0;
+  VF acc[MT];
+  for (int m = 0; m < MT; ++m) acc[m] = vf_zero();
+  const S* sp = a.scales;
+  const S* mp = a.mins;
+  VF d = vf_load(sp), mn = mp ? vf_load(mp) : vf_zero();
+  for (int64_t b = 0, in_group = 0; b < a.nb; ++b) {
+    VI w[8];
+    load_block<BITS>(a.q + b * BB, w);
+    VF s0[MT], s1[MT];  // sums over the block's first and second 16 elements
+    for (int m = 0; m < MT; ++m) s0[m] = s1[m] = vf_zero();
+    for (int c = 0; c < 8; ++c) {
+      const VI wc = SIGNED ? vi_xor(w[c], FLIP) : w[c];
+      const VF w0 = byte_as_float<0, SIGNED, BITS>(wc), w1 = byte_as_float<1, SIGNED, BITS>(wc);
+      const VF w2 = byte_as_float<2, SIGNED, BITS>(wc), w3 = byte_as_float<3, SIGNED, BITS>(wc);
+      for (int m = 0; m < MT; ++m) {
+        const float* x = xf + m * xs + 32 * b + 4 * c;
+        VF& s = c < 4 ? s0[m] : s1[m];
+        s = vf_fma(w0, vf_set1(x[0]), s);
+        s = vf_fma(w1, vf_set1(x[1]), s);
+        s = vf_fma(w2, vf_set1(x[2]), s);
+        s = vf_fma(w3, vf_set1(x[3]), s);
+      }
+    }
+    if (half) {  // group 16: symmetric 8-bit only (Q6_K)
+      const VF d0 = vf_load(sp + 32 * b), d1 = vf_load(sp + 32 * b + 16);
+      for (int m = 0; m < MT; ++m) acc[m] = vf_fma(d1, s1[m], vf_fma(d0, s0[m], acc[m]));
+      continue;
+    }
+    if (in_group == a.group_blocks) {
+      in_group = 0;
+      sp += 16;
+      d = vf_load(sp);
+      if (mp) {
+        mp += 16;
+        mn = vf_load(mp);
+      }
+    }
+    ++in_group;
+    for (int m = 0; m < MT; ++m) {
+      const VF dot = vf_fma(s0[m], vf_set1(1.0f), s1[m]);
+      if constexpr (SIGNED) {
+        acc[m] = vf_fma(d, dot, acc[m]);
+      } else {
+        const float xs32 = sx16[m * ss * 2 + 2 * b] + sx16[m * ss * 2 + 2 * b + 1];
+        acc[m] = vf_fma(mn, vf_set1(xs32), vf_fma(d, dot, acc[m]));
+      }
+    }
+  }
+  for (int m = 0; m < MT; ++m) vf_store(out + 16 * m, acc[m]);
+}
+
+template <int BITS, typename S, int MT>
+static void tile_float(const TileArgs<S>& a, const float* xf, int64_t xs, const float* sx16, int64_t ss, float* out) {
+  if (a.mins)
+    tile_float_impl<BITS, S, MT, false>(a, xf, xs, sx16, ss, out);
+  else
+    tile_float_impl<BITS, S, MT, true>(a, xf, xs, sx16, ss, out);
+}
+
+// One tile, all rows of x: m-tiles of 4 rows, then the remainder.
+template <int BITS, typename S>
+static void tile_rows(bool int8_act, const TileArgs<S>& a, int64_t M, const void* x, int64_t xs, const float* dx,
+                      const float* sx16, int64_t ss, float* out) {
+  int64_t m = 0;
+  auto run = [&](auto mt) {
+    constexpr int MT = decltype(mt)::value;
+    if (int8_act) {
+      tile_int8<BITS, S, MT>(a, static_cast<const int8_t*>(x) + m * xs, xs, dx + m * ss, sx16 + m * ss * 2, ss,
+                             out + 16 * m);
+    } else {
+      tile_float<BITS, S, MT>(a, static_cast<const float*>(x) + m * xs, xs, sx16 + m * ss * 2, ss, out + 16 * m);
+    }
+    m += MT;
+  };
+  while (M - m >= 4) run(std::integral_constant<int, 4>{});
+  if (M - m == 3) run(std::integral_constant<int, 3>{});
+  if (M - m == 2) run(std::integral_constant<int, 2>{});
+  if (M - m == 1) run(std::integral_constant<int, 1>{});
+}
+
+// The entry point quant.cpp calls for one tile: out (M, 16) floats.
+static void tile(int bits, bool half_scales, bool int8_act, const uint8_t* q, const void* scales, const void* mins,
+                 int64_t nb, int64_t group_blocks, int64_t M, const void* x, int64_t xs, const float* dx,
+                 const float* sx16, int64_t ss, float* out) {
+  if (half_scales) {
+    const TileArgs<uint16_t> a{q, static_cast<const uint16_t*>(scales), static_cast<const uint16_t*>(mins), nb,
+                               group_blocks};
+    if (bits == 8)
+      tile_rows<8>(int8_act, a, M, x, xs, dx, sx16, ss, out);
+    else
+      tile_rows<4>(int8_act, a, M, x, xs, dx, sx16, ss, out);
+  } else {
+    const TileArgs<float> a{q, static_cast<const float*>(scales), static_cast<const float*>(mins), nb, group_blocks};
+    if (bits == 8)
+      tile_rows<8>(int8_act, a, M, x, xs, dx, sx16, ss, out);
+    else
+      tile_rows<4>(int8_act, a, M, x, xs, dx, sx16, ss, out);
+  }
+}

@@ -1,0 +1,251 @@
+"""Weight-only quantized linear layers: x @ W^T where W is stored as 4- or 8-bit integers with per-group scales
+(docs/quantization.md has the format, the mapping of each source onto it and the CPU layout).
+
+The ops, each with a CPU (csrc/quant.cpp) and a GPU (kernels/quant.py) kernel on that device's packed layout:
+
+- ``quant_pack(q, scales, mins, bits, group)`` -> (qdata, scales, mins): the logical weight (q uint8 (N, K),
+  scales/mins (N, ceil(K / group))) repacked once into the layout the device's kernel reads.
+- ``quant_unpack(qdata, scales, mins, bits, group, n, k)`` -> (q, scales, mins): the inverse, bit for bit.
+- ``quant_linear(x, qdata, scales, mins, bits, group, n, k, int8_act)`` -> y (M, N) in x's dtype: x (M, K) times
+  the weight; int8_act quantizes x per block of 32 to int8 first (integer dot products, llama.cpp's way),
+  otherwise the weights are widened to float in registers. ``quant_linear_dx`` is its input gradient
+  dy (M, N) @ W (float; what QLoRA-style training on a frozen quantized base needs).
+- ``quant_dequantize(qdata, scales, mins, bits, group, n, k, dtype)`` -> W (N, K); with ``rows`` (int64 indices)
+  only those rows (an embedding lookup in a quantized table).
+
+``QuantizedWeight`` holds one packed weight and its metadata; ``tritium.nn.QuantizedLinear`` is the module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ._library import define_op
+
+QUANT_BITS = (4, 8)
+BLOCK = 32          # activations are quantized per 32 elements; rows are padded to a multiple of 32
+
+
+def padded_k(k: int) -> int:
+    return -(-k // BLOCK) * BLOCK
+
+
+def n_groups(k: int, group: int) -> int:
+    """Groups per row: ceil(K / group) (the CPU layout pads K to a multiple of 32 first)."""
+    return -(-padded_k(k) // group) if group >= BLOCK else -(-k // group)
+
+
+def _fake_pack(q, scales, mins, bits, group):
+    if q.device.type == "cpu":
+        n, k = q.shape
+        tiles = -(-n // 16)
+        nb = padded_k(k) // BLOCK
+        ng = scales.shape[1]
+        return (q.new_empty((tiles, nb, 16 * BLOCK * bits // 8)), scales.new_empty((tiles, ng, 16)),
+                scales.new_empty((tiles, ng, 16) if mins is not None else (0,)))
+    from tritium.kernels.quant import packed_shapes
+
+    qs, ss, ms = packed_shapes(q.shape[0], q.shape[1], bits, group, mins is not None)
+    return q.new_empty(qs), scales.new_empty(ss), scales.new_empty(ms)
+
+
+def _fake_unpack(qdata, scales, mins, bits, group, n, k):
+    ng = n_groups(k, group)
+    return (qdata.new_empty((n, k)), scales.new_empty((n, ng)),
+            scales.new_empty((n, ng) if mins is not None and mins.numel() else (0,)))
+
+
+def _fake_linear(x, qdata, scales, mins, bits, group, n, k, int8_act):
+    return x.new_empty((x.shape[0], n))
+
+
+def _fake_linear_dx(dy, qdata, scales, mins, bits, group, n, k):
+    return dy.new_empty((dy.shape[0], k))
+
+
+def _fake_dequantize(qdata, scales, mins, bits, group, n, k, dtype, rows=None):
+    return scales.new_empty((n if rows is None else rows.shape[0], k), dtype=dtype)
+
+
+_Q = "Tensor qdata, Tensor scales, Tensor? mins, int bits, int group, int n, int k"
+quant_pack = define_op("quant_pack(Tensor q, Tensor scales, Tensor? mins, int bits, int group)"
+                       " -> (Tensor, Tensor, Tensor)", _fake_pack, "quant:quant_pack")
+quant_unpack = define_op(f"quant_unpack({_Q}) -> (Tensor, Tensor, Tensor)", _fake_unpack, "quant:quant_unpack")
+quant_linear_dx = define_op(f"quant_linear_dx(Tensor dy, {_Q}) -> Tensor", _fake_linear_dx, "quant:quant_linear_dx")
+
+
+def _linear_setup(ctx, inputs, output):
+    ctx.weight = inputs[1:8]   # qdata, scales, mins, bits, group, n, k: the frozen weight takes no gradient
+
+
+def _linear_backward(ctx, dy):
+    return (quant_linear_dx(dy.contiguous(), *ctx.weight),) + (None,) * 8
+
+
+quant_linear = define_op(f"quant_linear(Tensor x, {_Q}, bool int8_act) -> Tensor", _fake_linear,
+                         "quant:quant_linear", backward=_linear_backward, setup_context=_linear_setup)
+quant_dequantize = define_op(f"quant_dequantize({_Q}, ScalarType dtype, Tensor? rows=None) -> Tensor",
+                             _fake_dequantize, "quant:quant_dequantize")
+
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# QuantizedWeight: one packed weight and what the ops need to read it
+# ---------------------------------------------------------------------------------------------------------
+def _check_logical(q: Tensor, scales: Tensor, mins: Optional[Tensor], bits: int, group: int) -> None:
+    if bits not in QUANT_BITS:
+        raise ValueError(f"quantized weight: bits must be one of {QUANT_BITS}, got {bits}")
+    if not (isinstance(q, Tensor) and q.dtype == torch.uint8 and q.dim() == 2 and q.numel() > 0):
+        raise ValueError(f"quantized weight: q must be a non-empty uint8 (N, K) tensor, got "
+                         f"{getattr(q, 'dtype', type(q).__name__)} {tuple(getattr(q, 'shape', ()))}")
+    if not (group == 16 or (group > 0 and group % BLOCK == 0)):
+        raise ValueError(f"quantized weight: group must be 16 or a multiple of {BLOCK}, got {group}")
+    n, k = q.shape
+    want = (n, n_groups(k, group))
+    if scales.dtype not in (torch.float16, torch.float32) or tuple(scales.shape) != want:
+        raise ValueError(f"quantized weight: scales must be float16 or float32 {want}, got {scales.dtype} "
+                         f"{tuple(scales.shape)}")
+    if mins is not None and (mins.dtype != scales.dtype or mins.shape != scales.shape):
+        raise ValueError(f"quantized weight: mins must be like scales ({scales.dtype} {want}), got {mins.dtype} "
+                         f"{tuple(mins.shape)}")
+
+
+@dataclass
+class QuantizedWeight:
+    """A weight W (n, k) stored quantized (docs/quantization.md), packed for the kernels of its device.
+
+    Build one with ``QuantizedWeight.from_logical(q, scales, mins, bits, group)`` (e.g. from GGUF blocks:
+    tritium.models.gguf.logical_quant) or ``QuantizedWeight.quantize(w, "int8" | "int4", group_size)``.
+    ``linear(x, int8_act)`` is x (..., k) @ W^T; ``dequantize()`` the float weight; ``logical()`` the inverse of
+    from_logical, bit for bit."""
+    qdata: Tensor
+    scales: Tensor
+    mins: Tensor            # empty when symmetric
+    bits: int
+    group: int
+    n: int
+    k: int
+
+    @classmethod
+    def from_logical(cls, q: Tensor, scales: Tensor, mins: Optional[Tensor], bits: int, group: int,
+                     device=None) -> "QuantizedWeight":
+        _check_logical(q, scales, mins, bits, group)
+        dev = torch.device(device) if device is not None else q.device
+        q, scales = q.to(dev), scales.to(dev)
+        mins = mins.to(dev) if mins is not None else None
+        qd, sc, mn = quant_pack(q, scales, mins, bits, group)
+        return cls(qd, sc, mn, bits, group, q.shape[0], q.shape[1])
+
+    @classmethod
+    def quantize(cls, w: Tensor, mode: str, group_size: Optional[int] = None) -> "QuantizedWeight":
+        """W (n, k) float quantized: "int8" symmetric per output channel (group_size None) or per group
+        (scale = absmax / 127, float32 scales), "int4" asymmetric per group of group_size (default 32;
+        scale = (max - min) / 15 and min, both float16: the q are computed from the rounded scale and min)."""
+        q, scales, mins, bits, group = quantize_logical(w, mode, group_size)
+        return cls.from_logical(q, scales, mins, bits, group, w.device)
+
+    def __post_init__(self):
+        self._mins_or_none = self.mins if self.mins.numel() > 0 else None
+
+    @property
+    def has_mins(self) -> bool:
+        return self._mins_or_none is not None
+
+    def _mins(self) -> Optional[Tensor]:
+        return self._mins_or_none
+
+    def logical(self) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        q, s, m = quant_unpack(self.qdata, self.scales, self._mins(), self.bits, self.group, self.n, self.k)
+        return q, s, (m if self.has_mins else None)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: Optional[Tensor] = None) -> Tensor:
+        return quant_dequantize(self.qdata, self.scales, self._mins(), self.bits, self.group, self.n, self.k,
+                                dtype, rows)
+
+    def linear(self, x: Tensor, int8_act: bool = False) -> Tensor:
+        """x (..., k) @ W^T -> (..., n) in x's dtype; differentiable in x (the input gradient through
+        quant_linear_dx; the weight is frozen)."""
+        if x.dim() == 2 and x.shape[1] == self.k:   # the serving path's case: no reshapes
+            return quant_linear(x, self.qdata, self.scales, self._mins_or_none, self.bits, self.group, self.n,
+                                self.k, int8_act)
+        if x.shape[-1] != self.k:
+            raise ValueError(f"quantized linear: x must end in k = {self.k}, got {tuple(x.shape)}")
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"quantized linear: x must be float32, bfloat16 or float16, got {x.dtype}")
+        lead = x.shape[:-1]
+        y = quant_linear(x.reshape(-1, self.k), self.qdata, self.scales, self._mins(), self.bits, self.group,
+                         self.n, self.k, int8_act)
+        return y.view(*lead, self.n)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qdata, self.scales, self.mins))
+
+    @property
+    def device(self) -> torch.device:
+        return self.qdata.device
+
+    def to(self, device) -> "QuantizedWeight":
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        q, s, m = self.logical()
+        return QuantizedWeight.from_logical(q, s, m, self.bits, self.group, device)
+
+    def __repr__(self) -> str:
+        return (f"QuantizedWeight({self.k} -> {self.n}, {self.bits}-bit, group {self.group}, "
+                f"{self.scales.dtype} scales{', mins' if self.has_mins else ''}, {self.nbytes / 2**20:.2f} MiB)")
+
+
+def cat_logical(parts: List[Tuple[Tensor, Tensor, Optional[Tensor], int, int]]):
+    """Logical weights stacked along n (a fused QKV or gate/up projection); None when their formats differ."""
+    bits, group = parts[0][3], parts[0][4]
+    sdt, has_m = parts[0][1].dtype, parts[0][2] is not None
+    if any(p[3] != bits or p[4] != group or p[1].dtype != sdt or (p[2] is not None) != has_m for p in parts):
+        return None
+    return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+            torch.cat([p[2] for p in parts]) if has_m else None, bits, group)
+
+
+def quantize_logical(w: Tensor, mode: str, group_size: Optional[int] = None):
+    """(q, scales, mins, bits, group) of a float weight w (n, k); see QuantizedWeight.quantize."""
+    if mode not in ("int8", "int4"):
+        raise ValueError(f"quantize: mode must be 'int8' or 'int4', got {mode!r}")
+    if not (isinstance(w, Tensor) and w.dim() == 2 and w.is_floating_point() and w.numel() > 0):
+        raise ValueError(f"quantize: the weight must be a non-empty 2-D float tensor, got "
+                         f"{getattr(w, 'dtype', type(w).__name__)} {tuple(getattr(w, 'shape', ()))}")
+    n, k = w.shape
+    if mode == "int4" and group_size is None:
+        group_size = BLOCK
+    if group_size is not None:
+        if group_size <= 0 or group_size % BLOCK:
+            raise ValueError(f"quantize: group_size must be a positive multiple of {BLOCK}, got {group_size}")
+        if k % group_size:
+            raise ValueError(f"quantize: group_size {group_size} does not divide the weight's in_features {k}")
+        group = group_size
+    else:
+        group = padded_k(k)  # int8 per channel: one group a row
+    wf = w.detach().float().cpu()
+    kp = -(-k // group) * group
+    wp = torch.zeros(n, kp)
+    wp[:, :k] = wf
+    blocks = wp.view(n, kp // group, group)
+    if mode == "int8":
+        scales = blocks.abs().amax(-1) / 127
+        inv = torch.where(scales > 0, 1 / scales, torch.zeros_like(scales))
+        q = (torch.round(blocks * inv[..., None]).clamp(-127, 127) + 128).to(torch.uint8)
+        return q.view(n, kp)[:, :k].contiguous(), scales, None, 8, group
+    lo, hi = blocks.amin(-1), blocks.amax(-1)
+    scales = ((hi - lo) / 15).half()
+    mins = lo.half()
+    s, m = scales.float(), mins.float()
+    inv = torch.where(s > 0, 1 / s, torch.zeros_like(s))
+    q = torch.round((blocks - m[..., None]) * inv[..., None]).clamp(0, 15).to(torch.uint8)
+    return q.view(n, kp)[:, :k].contiguous(), scales, mins, 4, group
+
+
+__all__: List[str] = []
