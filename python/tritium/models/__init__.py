@@ -19,6 +19,19 @@ from .llama import CONFIGS, Llama, LlamaConfig, StepInput, build  # noqa: F401
 WEIGHT_MODES = ("float", "native", "int8", "int4")
 
 
+def _release_freed_memory() -> None:
+    """Hand the memory freed by loading (the float or unpacked intermediates) back to the OS: glibc keeps freed
+    heap memory for reuse otherwise, and a serving process's resident size would include it."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def load(name_or_path: Optional[str] = None, dtype: torch.dtype = torch.float32, device="cpu",
          progress: Optional[Callable[[int, int], None]] = None, eager: bool = False, weights: str = "float",
          group_size: Optional[int] = None, int8_act: bool = False):
@@ -39,18 +52,26 @@ def load(name_or_path: Optional[str] = None, dtype: torch.dtype = torch.float32,
     if eager and weights != "float":
         raise ValueError(f"load: the eager twin has float weights only, got weights={weights!r}")
     config, w, tok = load_checkpoint(name_or_path, dtype, progress, native=weights == "native")
+    # the tokenizer first: its long-lived objects then sit below the reader's garbage in the heap, which can
+    # then be handed back (_release_freed_memory)
+    tokenizer = load_tokenizer(tok)
+    del tok
     cfg = LlamaConfig.from_dict(config)
     if eager:
         from .eager import EagerLlama
 
         model = EagerLlama(cfg).to(dtype=dtype).load_weights(w).requires_grad_(False)
     else:
-        model = build(cfg, dtype).load_weights(w)
+        # on the meta device: no float weight is allocated until load_weights gives it storage (the quantized
+        # layers never get one)
+        model = build(cfg, dtype, device="meta")
+        model = model.load_weights(w)   # gives the meta model its storage
         del w
         if weights in ("int8", "int4"):
             model.quantize_(weights, group_size)
         model.set_int8_activations(int8_act)
-    return model.to(device).eval(), load_tokenizer(tok)
+    _release_freed_memory()
+    return model.to(device).eval(), tokenizer
 
 
 __all__ = ["load", "WEIGHT_MODES", "Llama", "LlamaConfig", "CONFIGS", "build", "StepInput"]

@@ -217,6 +217,20 @@ def read_gguf_metadata(reader) -> Tuple[dict, dict]:
     return config, tok
 
 
+class QuantTensor:
+    """A GGUF tensor to be served quantized, decoded on demand (``logical()``: logical_quant, with the Q/K row
+    permutation undone when heads is given), so a load holds one unpacked tensor at a time, not all of them."""
+
+    def __init__(self, tensor, heads: Optional[int] = None):
+        self.tensor, self.heads = tensor, heads
+
+    def logical(self):
+        q, scales, mins, bits, group = logical_quant(self.tensor)
+        if self.heads is not None:
+            q, scales, mins = (unpermute_rows(x, self.heads) for x in (q, scales, mins))
+        return q, scales, mins, bits, group
+
+
 def load_gguf(path: str, dtype: torch.dtype = torch.float32, progress: Progress = None, native: bool = False):
     """(config, weights, tokenizer metadata) of a GGUF file; weights dequantised to ``dtype``, or with native
     the matrices stored quantized kept so: a logical quantized weight (q, scales, mins, bits, group) each
@@ -230,11 +244,12 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32, progress: Progress 
     for i, t in enumerate(tensors):
         name = hf_name(t.name)
         if name is not None and native and t.tensor_type.name not in ("F32", "F16", "BF16") and len(t.shape) == 2:
-            q, scales, mins, bits, group = logical_quant(t)
+            if t.tensor_type.name not in SUPPORTED_QUANT:
+                logical_quant(t)   # raises: names the tensor, its type and the supported ones
+            heads = None
             if name.endswith(("q_proj.weight", "k_proj.weight")):
                 heads = config["n_heads"] if name.endswith("q_proj.weight") else config["n_kv_heads"]
-                q, scales, mins = (unpermute_rows(x, heads) for x in (q, scales, mins))
-            weights[name] = (q, scales, mins, bits, group)
+            weights[name] = QuantTensor(t, heads)
         elif name is not None:
             w = torch.from_numpy(dequantize(t))
             if name.endswith("q_proj.weight"):

@@ -194,6 +194,7 @@ def _quant_module(parts: list, int8_act: bool) -> nn.Module:
     from tritium.nn import QuantizedLinear
     from tritium.ops.quant import QuantizedWeight, cat_logical
 
+    parts = [_logical(p) for p in parts]
     fused = cat_logical(parts) if len(parts) > 1 else parts[0]
     if fused is not None:
         return QuantizedLinear(QuantizedWeight.from_logical(*fused), None, int8_act)
@@ -389,11 +390,23 @@ class Llama(nn.Module):
         (q, scales, mins, bits, group) (tritium.models.gguf with weights="native"): the layer is then stored
         quantized (tritium.nn.QuantizedLinear), with no float copy."""
         self.pack_for_inference(False)
+        tied = self.config.tie_embeddings
+        head = w["model.embed_tokens.weight"] if tied else w["lm_head.weight"]
+        done = set()
+        if self.device.type == "meta":
+            # built on the meta device (tritium.models.load): the quantized layers first, then storage for the
+            # float parameters only, so no float copy of a quantized weight is ever allocated
+            for lin, parts in self._linear_parts(w):
+                if all(_is_quant(p) for p in parts):
+                    lin.set_quantized(_quant_module(parts, False))
+                    done.add(lin)
+            if tied and self.lm_head.quant is not None:
+                self._tie_quantized()
+            self.to_empty(device="cpu")
         with torch.no_grad():
             self.norm.copy_(w["model.norm.weight"])
-            tied = self.config.tie_embeddings
-            head = w["model.embed_tokens.weight"] if tied else w["lm_head.weight"]
-            _load_linear(self.lm_head, [head], self.dtype)
+            if self.lm_head not in done:
+                _load_linear(self.lm_head, [head], self.dtype)
             if tied and self.lm_head.quant is not None:
                 self._tie_quantized()
             else:
@@ -406,14 +419,24 @@ class Llama(nn.Module):
                     self.lm_head.weight = self.embed
             for i, layer in enumerate(self.layers):
                 p = f"model.layers.{i}."
-                attn, mlp = layer.attention, layer.mlp
                 layer.attn_norm.copy_(w[p + "input_layernorm.weight"])
-                _load_linear(attn.wqkv, [w[p + f"self_attn.{n}_proj.weight"] for n in "qkv"], self.dtype)
-                _load_linear(attn.wo, [w[p + "self_attn.o_proj.weight"]], self.dtype)
                 layer.mlp_norm.copy_(w[p + "post_attention_layernorm.weight"])
-                _load_linear(mlp.w_gate_up, [w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]], self.dtype)
-                _load_linear(mlp.w_down, [w[p + "mlp.down_proj.weight"]], self.dtype)
+            for lin, parts in self._linear_parts(w):
+                if lin is not self.lm_head and lin not in done:
+                    _load_linear(lin, parts, self.dtype)
         return self
+
+    def _linear_parts(self, w: Dict[str, object]):
+        """(projection, [the checkpoint tensors stacked into it]) for every projection and the LM head."""
+        tied = self.config.tie_embeddings
+        yield self.lm_head, [w["model.embed_tokens.weight"] if tied else w["lm_head.weight"]]
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            attn, mlp = layer.attention, layer.mlp
+            yield attn.wqkv, [w[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]
+            yield attn.wo, [w[p + "self_attn.o_proj.weight"]]
+            yield mlp.w_gate_up, [w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]
+            yield mlp.w_down, [w[p + "mlp.down_proj.weight"]]
 
     def hf_state_dict(self) -> Dict[str, Tensor]:
         """The inverse of load_weights (to build the eager twin from this model's weights)."""
@@ -487,19 +510,29 @@ class Llama(nn.Module):
         return self.lm_head(y, serve=True)
 
 
+def _is_quant(v) -> bool:
+    """A logical quantized weight (q, scales, mins, bits, group), or something that gives one (``logical()``:
+    tritium.models.gguf.QuantTensor), rather than a float tensor."""
+    return isinstance(v, tuple) or hasattr(v, "logical")
+
+
+def _logical(v) -> tuple:
+    return v if isinstance(v, tuple) else v.logical()
+
+
 def _as_float(v) -> Tensor:
-    """A float tensor, or a logical quantized weight (q, scales, mins, bits, group) dequantised to float32."""
-    if isinstance(v, tuple):
+    """A float tensor, or a logical quantized weight dequantised to float32."""
+    if _is_quant(v):
         from tritium.reference import quant_weight
 
-        return quant_weight(*v)
+        return quant_weight(*_logical(v))
     return v
 
 
 def _load_linear(lin: Linear, parts: list, dtype: torch.dtype) -> None:
     """Give lin the stacked weight of parts: quantized when every part is a logical quantized weight, else float
     (quantized parts dequantised)."""
-    if all(isinstance(p, tuple) for p in parts):
+    if all(_is_quant(p) for p in parts):
         lin.set_quantized(_quant_module(parts, False))
         return
     lin.set_quantized(None, dtype)
