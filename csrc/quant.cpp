@@ -51,25 +51,29 @@ namespace vnni {
 using TileFn = void (*)(int, bool, bool, const uint8_t*, const void*, const void*, int64_t, int64_t, int64_t,
                         const void*, int64_t, const float*, const float*, int64_t, float*);
 
+using DequantFn = void (*)(int, bool, const uint8_t*, const void*, const void*, int64_t, int64_t, int64_t, float*,
+                          int64_t);
+
 struct Isa {
   const char* name;
   TileFn fn;
+  DequantFn dequant_t;
   bool (*available)();
 };
 
 const Isa kIsas[] = {
-    {"avx512_vnni", &vnni::tile,
+    {"avx512_vnni", &vnni::tile, &vnni::dequant_t,
      [] {
        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
               __builtin_cpu_supports("avx512vnni");
      }},
-    {"avx512", &avx512::tile,
+    {"avx512", &avx512::tile, &avx512::dequant_t,
      [] {
        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
      }},
-    {"avx2", &avx2::tile,
+    {"avx2", &avx2::tile, &avx2::dequant_t,
      [] { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"); }},
 };
 constexpr int kNumIsas = sizeof(kIsas) / sizeof(kIsas[0]);
@@ -98,6 +102,8 @@ namespace {
 using quant::kIsas;
 using quant::kNumIsas;
 constexpr int64_t kBlock = 32, kTile = 16;
+// From this many rows, float activations go through a dequantised weight and one GEMM (quant_linear)
+constexpr int64_t kGemmRows = 32;
 
 // torch.ops.tritium_runtime.quant_isa(name): "" reports the kernel set in use; a name ("avx512_vnni", "avx512",
 // "avx2") switches to it (an error if this CPU lacks it); "auto" returns to the best this CPU has. Returns the set
@@ -313,18 +319,41 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qdata, const at::
   auto y = empty({M, n}, x.options());
   if (M == 0) return y;
   const auto xc = x.stride(1) == 1 ? x : x.contiguous();
-  const Activations& act = prepare(xc, k, int8_act);
   const int64_t tiles = qdata.size(0), nb = qdata.size(1), bb = qdata.size(2), ng = scales.size(1);
   const int64_t gblocks = group == 16 ? 0 : group / kBlock;
   const bool half = scales.scalar_type() == at::kHalf;
   const int64_t esz = half ? 2 : 4;
   const auto* sbase = static_cast<const uint8_t*>(scales.const_data_ptr());
   const auto* mbase = has(mins) ? static_cast<const uint8_t*>(mins->const_data_ptr()) : nullptr;
+  if (!int8_act && M >= kGemmRows) {
+    // float activations, many rows (a prefill): the weight dequantised once into W^T (K, N) in x's dtype, then
+    // one GEMM (MKL / oneDNN, whose 16-bit kernels multiply in 16 bits as the float model's do); the tile kernel
+    // would widen every weight once per 4 rows
+    auto wt = empty({k, tiles * kTile}, x.options().dtype(at::kFloat));
+    const quant::DequantFn dq = kIsas[isa].dequant_t;
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        dq(static_cast<int>(bits), half, qdata.const_data_ptr<uint8_t>() + t * nb * bb, sbase + t * ng * kTile * esz,
+           mbase ? mbase + t * ng * kTile * esz : nullptr, nb, gblocks, k, wt.mutable_data_ptr<float>() + t * kTile,
+           tiles * kTile);
+    });
+    const auto w = wt.narrow(1, 0, n);
+    if (x.scalar_type() == at::kFloat) {
+      at::mm_out(y, xc, w);
+    } else {
+      at::mm_out(y, xc, w.to(x.scalar_type()));
+    }
+    return y;
+  }
+  const Activations& act = prepare(xc, k, int8_act);
   const quant::TileFn fn = kIsas[isa].fn;
   const int64_t kp = padded_k(k);
   TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_quant_linear", [&] {
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    // tiles per task: enough weight bytes x rows that a small product (a decode step's tiny layers) stays on one
+    // thread instead of paying for a parallel region it cannot use
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, nb * bb * M));
+    at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
       std::vector<float> out(M * kTile);
       for (int64_t t = t0; t < t1; ++t) {
         fn(static_cast<int>(bits), half, int8_act, qdata.const_data_ptr<uint8_t>() + t * nb * bb,

@@ -115,10 +115,18 @@ static inline VI dot4_u8(VI acc, VI w, int32_t x4) {
 #endif
 }
 
+// How far ahead of the block being multiplied its successors are prefetched, in bytes: a decode step's
+// products are small and cold, and one core's hardware prefetcher alone does not keep its stream in flight.
+constexpr int64_t kPrefetchAhead = 4096;
+
 // The 8 weight groups of one block of a tile: raw bytes for 8-bit, nibbles split for 4-bit (groups 4..7 are the
-// high nibbles of the 4 loaded groups).
+// high nibbles of the 4 loaded groups). The block kPrefetchAhead bytes on is prefetched (prefetches do not fault:
+// past the end of the weight they are dropped).
 template <int BITS>
 static inline void load_block(const uint8_t* p, VI (&w)[8]) {
+  constexpr int64_t BB = 16 * 32 * BITS / 8;
+  for (int64_t off = 0; off < BB; off += 64) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchAhead + off),
+                                                          _MM_HINT_T0);
   if constexpr (BITS == 8) {
     for (int c = 0; c < 8; ++c) w[c] = vi_load(p + 64 * c);
   } else {
@@ -290,6 +298,55 @@ static void tile_float(const TileArgs<S>& a, const float* xf, int64_t xs, const 
     tile_float_impl<BITS, S, MT, false>(a, xf, xs, sx16, ss, out);
   else
     tile_float_impl<BITS, S, MT, true>(a, xf, xs, sx16, ss, out);
+}
+
+// The tile's 16 rows of W dequantised into W^T: out[e * ldo + r] = W[16 t + r, e] for e < k (the tile's 16
+// columns of a (K, N) matrix, one vector store per element), each value scales * q + mins (or scales * (q - OFF))
+// in float32 with one rounding, as quant_dequantize.
+template <int BITS, typename S>
+static void tile_dequant_t(const TileArgs<S>& a, int64_t k, float* out, int64_t ldo) {
+  constexpr int64_t BB = 16 * 32 * BITS / 8;
+  constexpr int32_t FLIP = BITS == 8 ? 0x80808080 : 0x08080808;
+  const bool half = a.group_blocks == 0;
+  for (int64_t b = 0; b < a.nb; ++b) {
+    VI w[8];
+    load_block<BITS>(a.q + b * BB, w);
+    for (int c = 0; c < 8; ++c) {
+      const int64_t e0 = 32 * b + (BITS == 8 ? 4 * c : (c < 4 ? 4 * c : 16 + 4 * (c - 4)));
+      const int64_t g = half ? 2 * b + (e0 % 32 >= 16) : e0 / (32 * a.group_blocks);
+      const VF d = vf_load(a.scales + 16 * g);
+      VF v[4];
+      if (a.mins) {
+        v[0] = byte_as_float<0, false, BITS>(w[c]);
+        v[1] = byte_as_float<1, false, BITS>(w[c]);
+        v[2] = byte_as_float<2, false, BITS>(w[c]);
+        v[3] = byte_as_float<3, false, BITS>(w[c]);
+        const VF m = vf_load(a.mins + 16 * g);
+        for (int j = 0; j < 4; ++j) v[j] = vf_fma(d, v[j], m);
+      } else {
+        const VI wc = vi_xor(w[c], FLIP);
+        v[0] = byte_as_float<0, true, BITS>(wc);
+        v[1] = byte_as_float<1, true, BITS>(wc);
+        v[2] = byte_as_float<2, true, BITS>(wc);
+        v[3] = byte_as_float<3, true, BITS>(wc);
+        for (int j = 0; j < 4; ++j) v[j] = vf_mul(d, v[j]);
+      }
+      for (int j = 0; j < 4; ++j)
+        if (e0 + j < k) vf_store(out + (e0 + j) * ldo, v[j]);
+    }
+  }
+}
+
+static void dequant_t(int bits, bool half_scales, const uint8_t* q, const void* scales, const void* mins, int64_t nb,
+                      int64_t group_blocks, int64_t k, float* out, int64_t ldo) {
+  if (half_scales) {
+    const TileArgs<uint16_t> a{q, static_cast<const uint16_t*>(scales), static_cast<const uint16_t*>(mins), nb,
+                               group_blocks};
+    bits == 8 ? tile_dequant_t<8>(a, k, out, ldo) : tile_dequant_t<4>(a, k, out, ldo);
+  } else {
+    const TileArgs<float> a{q, static_cast<const float*>(scales), static_cast<const float*>(mins), nb, group_blocks};
+    bits == 8 ? tile_dequant_t<8>(a, k, out, ldo) : tile_dequant_t<4>(a, k, out, ldo);
+  }
 }
 
 // One tile, all rows of x: m-tiles of 4 rows, then the remainder.

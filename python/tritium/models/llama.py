@@ -20,8 +20,16 @@ import torch
 from torch import Tensor, nn
 
 import tritium
-from tritium.ops.paged import append_kv, paged_attention_decode
+from tritium.ops.activations import GATE_OPS, LAYOUT_GATE_UP
 from tritium.ops.linear import PackedLinear
+
+# the serving path's ops (Llama._serve): called directly, their arguments built valid once per step
+_APPEND_KV = torch.ops.tritium.append_kv.default
+_PAGED_DECODE = torch.ops.tritium.paged_attention_decode.default
+_RMS_NORM = torch.ops.tritium.rms_norm_fwd.default
+_ADD_RMS_NORM = torch.ops.tritium.fused_add_rms_norm_fwd.default
+_ROPE = torch.ops.tritium.rope_fwd.default
+_SWIGLU = GATE_OPS["swiglu"][0]
 
 
 @dataclass
@@ -113,13 +121,15 @@ def _paged_attention(q: Tensor, k: Tensor, v: Tensor, step: StepInput, kv: Tuple
     last: of each prompt only its last query (the rows StepInput.last_logits_only keeps; causal attention is
     bottom-right aligned, so that query still sees all the prompt's keys). Returns (rows, n_heads, head_dim)."""
     k_pool, v_pool = kv
-    append_kv(k, v, k_pool, v_pool, step.slot_mapping)
+    # the ops themselves, not the public functions: the engine builds these arguments valid (checked once, in
+    # Llama._serve_plan), and a step makes one such call per layer
+    _APPEND_KV(k, v, k_pool, v_pool, step.slot_mapping)
     nd = step.n_decode
     if not step.prefill_lens:   # decode only: the common step
-        return paged_attention_decode(q, k_pool, v_pool, step.block_tables, step.seq_lens, scale)
+        return _PAGED_DECODE(q, k_pool, v_pool, step.block_tables, step.seq_lens, scale, None, None)
     outs = []
     if nd:
-        outs.append(paged_attention_decode(q[:nd], k_pool, v_pool, step.block_tables, step.seq_lens, scale))
+        outs.append(_PAGED_DECODE(q[:nd], k_pool, v_pool, step.block_tables, step.seq_lens, scale, None, None))
     start = nd
     for n in step.prefill_lens:
         sl = slice(start, start + n)
@@ -134,10 +144,11 @@ def _paged_attention(q: Tensor, k: Tensor, v: Tensor, step: StepInput, kv: Tuple
 class Linear(nn.Module):
     """A bias-free projection x @ weight^T, weight (out, in), that the serving path serves.
 
-    ``linear(x)``: plain torch (autograd; training and the plain forward). ``linear(x, serve=True)``: the
-    serving path, through the PackedLinear that Llama.pack_for_inference attached (tritium.ops.linear decides
-    there how to compute the product and keeps any packed copy); without one, PackedLinear's unpacked way.
-    swiglu: the weight is a fused [gate | up] projection and the output is silu(gate) * up."""
+    ``linear(x)``: plain torch (autograd; training and the plain forward). ``linear.serve(x)``: the serving
+    path, through the PackedLinear that Llama.pack_for_inference attached (tritium.ops.linear decides there how
+    to compute the product and keeps any packed copy; without one, PackedLinear's unpacked way), or the
+    quantized op when the weight is stored quantized (set_quantized). swiglu: the weight is a fused [gate | up]
+    projection and the output is silu(gate) * up."""
 
     def __init__(self, in_features: int, out_features: int, swiglu: bool = False):
         super().__init__()
@@ -146,26 +157,45 @@ class Linear(nn.Module):
         self.swiglu = swiglu
         self.server: Optional[PackedLinear] = None
         self.quant: Optional[nn.Module] = None   # set_quantized: the weight stored quantized instead
+        self._serve_fn = None                    # serve()'s product, built on first use
 
     def set_quantized(self, quant: Optional[nn.Module], dtype: torch.dtype = torch.float32) -> None:
         """Serve (and run the plain forward) through quant, a tritium.nn.QuantizedLinear (or QuantizedParts),
         releasing the float weight; None goes back to a float weight (uninitialised, of dtype, if it had none)."""
-        self.quant, self.server = quant, None
+        self.quant, self.server, self._serve_fn = quant, None, None
         if quant is not None:
             self.weight = None
         elif self.weight is None:
             self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features, dtype=dtype),
                                        requires_grad=False)
 
-    def forward(self, x: Tensor, serve: bool = False) -> Tensor:
-        if self.quant is not None:
-            y = self.quant(x)
-            return tritium.swiglu(y) if self.swiglu else y
-        if serve:
-            server = self.server or PackedLinear(self.weight, self.swiglu, pack=False)
-            return server(x)
-        y = torch.matmul(x, self.weight.t())
+    def forward(self, x: Tensor) -> Tensor:
+        """The plain forward (autograd): torch's matmul, or the quantized layer."""
+        y = self.quant(x) if self.quant is not None else torch.matmul(x, self.weight.t())
         return tritium.swiglu(y) if self.swiglu else y
+
+    def serve(self, x: Tensor) -> Tensor:
+        """The serving path's product for x (T, in): the quantized op, or the PackedLinear that
+        Llama.pack_for_inference attached (without one, PackedLinear's unpacked way); SwiGLU applied for a
+        swiglu weight. The callable is built once (set_quantized and pack_for_inference rebuild it)."""
+        if self._serve_fn is None:
+            self._serve_fn = self._build_serve_fn()
+        return self._serve_fn(x)
+
+    def _build_serve_fn(self):
+        q = self.quant
+        if q is None:
+            return self.server or PackedLinear(self.weight, self.swiglu, pack=False)  # applies swiglu itself
+        if isinstance(q, QuantizedParts):
+            f = q.forward
+        else:
+            w, op = q.weight, torch.ops.tritium.quant_linear.default
+
+            def f(x: Tensor) -> Tensor:   # int8_act read per call: set_int8_activations needs no rebuild
+                return op(x, w.qdata, w.scales, w._mins_or_none, w.bits, w.group, w.n, w.k, q.int8_act)
+        if not self.swiglu:
+            return f
+        return lambda x: _SWIGLU(f(x), None, LAYOUT_GATE_UP)
 
 
 class QuantizedParts(nn.ModuleList):
@@ -219,23 +249,27 @@ class Attention(nn.Module):
         self.split = (q, kv, kv)
         self.scale = 1.0 / math.sqrt(c.head_dim)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, step: Optional[StepInput] = None,
-                kv: Optional[Tuple[Tensor, Tensor]] = None, last: bool = False) -> Tensor:
-        """x (batch, seq, dim): causal attention within each sequence (the plain forward). With step: x (T, dim),
-        the step's packed tokens, attending through the layer's paged cache kv (see _paged_attention)."""
-        serve = step is not None
-        q, k, v = self.wqkv(x, serve).split(self.split, -1)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """x (batch, seq, dim): causal attention within each sequence (the plain forward)."""
+        q, k, v = self.wqkv(x).split(self.split, -1)
         q = q.unflatten(-1, (self.n_heads, self.head_dim))
         k = k.unflatten(-1, (self.n_kv_heads, self.head_dim))
         v = v.unflatten(-1, (self.n_kv_heads, self.head_dim))
-        if step is None:
-            q, k = tritium.rope(q, k, cos, sin)
-            o = tritium.flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                        causal=True).transpose(1, 2)                  # (b, s, h, hd)
-        else:
-            q, k = tritium.rope(q, k, cos, sin, step.positions)
-            o = _paged_attention(q, k, v, step, kv, self.scale, last)               # (rows, h, hd)
-        return self.wo(o.flatten(-2), serve)
+        q, k = tritium.rope(q, k, cos, sin)
+        o = tritium.flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                    causal=True).transpose(1, 2)                      # (b, s, h, hd)
+        return self.wo(o.flatten(-2))
+
+    def serve(self, x: Tensor, cos: Tensor, sin: Tensor, step: StepInput, kv: Tuple[Tensor, Tensor],
+              last: bool) -> Tensor:
+        """The serving step: x (T, dim), the step's packed tokens, attending through the layer's paged cache kv
+        (see _paged_attention); the ops called directly (no module calls, no per-call checks)."""
+        t = x.shape[0]
+        q, k, v = self.wqkv.serve(x).split(self.split, -1)
+        q, k = _ROPE(q.view(t, self.n_heads, self.head_dim), k.view(t, self.n_kv_heads, self.head_dim), cos, sin,
+                     step.positions, False, False)
+        o = _paged_attention(q, k, v.view(t, self.n_kv_heads, self.head_dim), step, kv, self.scale, last)
+        return self.wo.serve(o.reshape(o.shape[0], -1))
 
 
 class MLP(nn.Module):
@@ -246,8 +280,11 @@ class MLP(nn.Module):
         self.w_gate_up = Linear(c.dim, 2 * c.ffn_dim, swiglu=True)   # [gate | up] rows
         self.w_down = Linear(c.ffn_dim, c.dim)
 
-    def forward(self, x: Tensor, serve: bool = False) -> Tensor:
-        return self.w_down(self.w_gate_up(x, serve), serve)
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w_down(self.w_gate_up(x))
+
+    def serve(self, x: Tensor) -> Tensor:
+        return self.w_down.serve(self.w_gate_up.serve(x))
 
 
 class Block(nn.Module):
@@ -266,15 +303,22 @@ class Block(nn.Module):
         self.mlp = MLP(c)
         self.eps = c.norm_eps
 
-    def forward(self, y: Tensor, h: Tensor, next_norm: Tensor, cos: Tensor, sin: Tensor,
-                step: Optional[StepInput] = None, kv: Optional[Tuple[Tensor, Tensor]] = None,
-                keep: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-        a = self.attention(y, cos, sin, step, kv, last=keep is not None)
+    def forward(self, y: Tensor, h: Tensor, next_norm: Tensor, cos: Tensor, sin: Tensor) -> Tuple[Tensor, Tensor]:
+        a = self.attention(y, cos, sin)
+        y, h = tritium.fused_add_rms_norm(a, h, self.mlp_norm, self.eps)
+        m = self.mlp(y)
+        return tritium.fused_add_rms_norm(m, h, next_norm, self.eps)
+
+    def serve(self, y: Tensor, h: Tensor, next_norm: Tensor, cos: Tensor, sin: Tensor, step: StepInput,
+              kv: Tuple[Tensor, Tensor], keep: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """forward for one serving step over the paged cache (2-D (T, dim) rows; the ops called directly)."""
+        a = self.attention.serve(y, cos, sin, step, kv, last=keep is not None)
         if keep is not None:
             h = h.index_select(0, keep)
-        y, h = tritium.fused_add_rms_norm(a, h, self.mlp_norm, self.eps)
-        m = self.mlp(y, serve=step is not None)
-        return tritium.fused_add_rms_norm(m, h, next_norm, self.eps)
+        y, h, _ = _ADD_RMS_NORM(a, h, self.mlp_norm, self.eps)
+        m = self.mlp.serve(y)
+        y, h, _ = _ADD_RMS_NORM(m, h, next_norm, self.eps)
+        return y, h
 
 
 class Llama(nn.Module):
@@ -306,6 +350,7 @@ class Llama(nn.Module):
         On CPU the copies take as much memory again as the weights. enable=False drops them. load_weights and
         .to() drop them too; after changing the weights in place, call this again."""
         for lin in self._linears():
+            lin._serve_fn = None
             if lin.quant is None:
                 lin.server = PackedLinear(lin.weight, lin.swiglu) if enable else None
         return self
@@ -476,17 +521,29 @@ class Llama(nn.Module):
         return n + sum(_quant_bytes(lin.quant) for lin in self._linears())
 
     # ---- the forwards ----
-    def _decoder(self, x: Tensor, step: Optional[StepInput] = None,
-                 kv: Optional[Sequence[Tuple[Tensor, Tensor]]] = None, keep: Optional[Tensor] = None) -> Tensor:
-        """The decoder stack on embeddings x; returns the final normalised hidden state (of the rows keep only,
-        when given: the last block runs its attention output, MLP and norms on those rows alone)."""
+    def _decoder(self, x: Tensor) -> Tensor:
+        """The decoder stack on embeddings x (batch, seq, dim); returns the final normalised hidden state."""
         y, h = tritium.rms_norm(x, (self.config.dim,), self.layers[0].attn_norm, self.config.norm_eps), x
         n = len(self.layers)
         for i, block in enumerate(self.layers):
+            next_norm = self.norm if i == n - 1 else self.layers[i + 1].attn_norm
+            y, h = block(y, h, next_norm, self.rope_cos, self.rope_sin)
+        return y
+
+    def _serve_decoder(self, x: Tensor, step: StepInput, kv: Sequence[Tuple[Tensor, Tensor]],
+                       keep: Optional[Tensor]) -> Tensor:
+        """_decoder for one serving step: x (T, dim) the step's packed tokens, each layer attending through its
+        paged cache kv[i]; keep: the last block runs its attention output, MLP and norms on those rows only.
+        Block.serve calls the ops directly: at one token a step, per-call Python checks and module calls would
+        cost as much as the layer's products."""
+        y, _ = _RMS_NORM(x, self.layers[0].attn_norm, self.config.norm_eps)
+        h = x
+        n = len(self.layers)
+        cos, sin = self.rope_cos, self.rope_sin
+        for i, block in enumerate(self.layers):
             last = i == n - 1
             next_norm = self.norm if last else self.layers[i + 1].attn_norm
-            y, h = block(y, h, next_norm, self.rope_cos, self.rope_sin, step, None if step is None else kv[i],
-                         keep if last else None)
+            y, h = block.serve(y, h, next_norm, cos, sin, step, kv[i], keep if last else None)
         return y
 
     def forward(self, input_ids: Tensor) -> Tensor:
@@ -504,10 +561,10 @@ class Llama(nn.Module):
         if step.last_logits_only and step.tokens.shape[0] > nd + len(step.prefill_lens):
             ends = [nd + e - 1 for e in itertools.accumulate(step.prefill_lens)]
             keep = torch.tensor(list(range(nd)) + ends, dtype=torch.int64, device=step.tokens.device)
-        y = self._decoder(x, step, kv, keep)
+        y = self._serve_decoder(x, step, kv, keep)
         if keep is None and step.logits_rows is not None and not step.last_logits_only:
             y = y.index_select(0, step.logits_rows)
-        return self.lm_head(y, serve=True)
+        return self.lm_head.serve(y)
 
 
 def _is_quant(v) -> bool:
