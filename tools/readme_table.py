@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import math
 import pathlib
 import statistics
@@ -27,6 +28,9 @@ KNOWN = [
     ("generate.json", "tritium bench generate --json bench/results/generate.json"),
     ("models.json", "tritium bench models --json bench/results/models.json"),
     ("attention-memory.json", "tritium bench memory --json bench/results/attention-memory.json"),
+    ("generate-quant.json", "tritium bench generate --weights native,int8,float --dtypes float32,bfloat16 "
+                            "--int8-act off,on --batches 1,16 --decode-tokens 16 --json "
+                            "bench/results/generate-quant.json"),
 ]
 
 INTRO = """\
@@ -82,6 +86,15 @@ against `torch.nn.LSTM`/`GRU` and an eager cell loop. Transformer encoder and Vi
 6 layers): the tritium model against its plain-PyTorch twin, and against the twin with the same pruning of the
 last block to the [CLS] row (`cls_only`, which tritium's models use by default since their classifier reads that
 row alone): that last ratio is the kernels' own share of the lead.
+"""
+
+QUANT_PROSE = """\
+SmolLM2-135M with quantized weights (docs/quantization.md) and llama.cpp (llama-cpp-python) as the peer, on the
+same GGUF file and on llama.cpp's own requantised Q4_0, Q8_0, F16 and F32 copies of it, the cases alternated so
+a slow spell hits both sides. **weights**: native (each matrix at its stored type: Q4_1 layers, Q8_0 embedding
+and head), int8 / int4 (quantized at load), float (dequantised to the dtype); **act**: float activations or
+int8 (llama.cpp's way). **vs llama.cpp**: tritium's tok/s over the peer's on the case the bar pairs it with.
+**beyond**: the share of a step's time beyond streaming its weights at the copy bandwidth.
 """
 
 MEMORY_PROSE = """\
@@ -160,6 +173,25 @@ def generate_section(data: dict) -> list:
     return table(["dtype", "case", "tritium tok/s", "eager tok/s", "x eager", "weights BW", "vs batch 1"], body, 2)
 
 
+def quant_section(data: dict) -> list:
+    body = []
+    for r in data["rows"]:
+        vs = ", ".join(f"{v:.2f}x {k}" for k, v in (r.get("vs_llama_cpp") or {}).items())
+        body.append([r["weights"], r["dtype"], "int8" if r["int8_act"] else "float", r["case"],
+                     f"{r['tritium_tok_s']:.1f}", f"{r['weight_bytes_per_token'] / 1e6:.0f}",
+                     "-" if r.get("beyond_weights_frac") is None else f"{100 * r['beyond_weights_frac']:.0f}%",
+                     "-" if r.get("scaling_vs_batch1") is None else f"{r['scaling_vs_batch1']:.1f}x", vs or "-"])
+    out = table(["weights", "dtype", "act", "case", "tok/s", "MB/token", "beyond", "vs batch 1", "vs llama.cpp"],
+                body, 4)
+    peer = data.get("peer") or {}
+    if peer.get("rows"):
+        src = os.path.basename(peer.get("source") or "") or "the same file"
+        out += ["", f"The peer: {peer.get('name', 'llama.cpp')} on {src} and its requantised copies.", ""]
+        out += table(["variant", "case", "tok/s"],
+                     [[p["variant"], p["case"], f"{p['tok_s']:.1f}"] for p in peer["rows"]], 2)
+    return out
+
+
 def models_section(data: dict) -> list:
     body = [[r["model"], r["impl"], r["mode"], f"{r['ms']:.0f}", f"{r['tritium_speedup']:.2f}"]
             for r in data["rows"]]
@@ -180,7 +212,8 @@ def load(name: str):
 def results_page() -> str:
     out = [INTRO]
     sections = [("Ops", OPS_PROSE, ops_section), ("LLM generation", GENERATE_PROSE, generate_section),
-                ("Classic models", MODELS_PROSE, models_section), ("Attention memory", MEMORY_PROSE, memory_section)]
+                ("Classic models", MODELS_PROSE, models_section), ("Attention memory", MEMORY_PROSE, memory_section),
+                ("Quantized weights and llama.cpp", QUANT_PROSE, quant_section)]
     for (name, command), (title, prose, render) in zip(KNOWN, sections):
         data = load(name)
         if data is None:
