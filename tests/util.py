@@ -380,3 +380,30 @@ def byte_tokens() -> list:
             cs.append(256 + n)
             n += 1
     return [chr(c) for _, c in sorted(zip(bs, cs))]
+
+
+@contextlib.contextmanager
+def interpreter_bf16_dot():
+    """Triton 3.9's interpreter keeps bfloat16 as raw uint16 and hands those integers to np.matmul; a GPU dot
+    multiplies the bf16 values with float32 accumulation. Inside this context the interpreter widens bf16 dot
+    operands to float32 (exact) first; on a GPU it changes nothing."""
+    if not INTERPRETED:
+        yield
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    original = builder.create_dot
+
+    def widen(h):
+        if h.dtype.scalar == tl.bfloat16:
+            return interpreter.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+        return h
+
+    builder.create_dot = lambda self, a, b, d, *args: original(self, widen(a), widen(b), d, *args)
+    try:
+        yield
+    finally:
+        builder.create_dot = original

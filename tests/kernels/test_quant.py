@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import tritium  # noqa: F401  (registers the ops kernels/quant.py imports its helpers from)
-from tests.util import INTERPRETED, KERNEL_DTYPES, assert_within_torch_error, check_gpu_compile, on_device
+from tests.util import (KERNEL_DTYPES, assert_within_torch_error, check_gpu_compile, interpreter_bf16_dot,
+                        on_device)
 from tritium import reference
 from tritium.kernels import quant
 from tritium.ops.quant import n_groups
@@ -27,27 +28,9 @@ N = 37
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpreter_bf16_dot():
-    """Triton 3.9's interpreter keeps bfloat16 as raw uint16 and hands those integers to np.matmul; a GPU dot
-    multiplies the bf16 values with float32 accumulation. Widen bf16 operands to float32 (exact) first
-    (as tests/kernels/test_attention.py does)."""
-    if not INTERPRETED:
+    """bf16 dots in the interpreter as a GPU computes them (tests/util.py interpreter_bf16_dot)."""
+    with interpreter_bf16_dot():
         yield
-        return
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    builder = interpreter.InterpreterBuilder
-    original = builder.create_dot
-
-    def widen(h):
-        if h.dtype.scalar == tl.bfloat16:
-            return interpreter.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-        return h
-
-    builder.create_dot = lambda self, a, b, d, *args: original(self, widen(a), widen(b), d, *args)
-    yield
-    builder.create_dot = original
 
 
 def _weight(n, k, bits, group, has_mins, sdtype=None):
