@@ -148,6 +148,31 @@ struct TileArgs {
   int64_t group_blocks;  // blocks per scale group (0: group 16, two groups a block)
 };
 
+// The scale (and min) vectors of a tile's current group, advanced block by block: next_block() before each block
+// of a group >= 32 (group 16 reads its two scales per block directly).
+template <typename S>
+struct GroupScales {
+  const S* sp;
+  const S* mp;
+  int64_t per_group, in_group = 0;
+  VF d, mn;
+  explicit GroupScales(const TileArgs<S>& a)
+      : sp(a.scales), mp(a.mins), per_group(a.group_blocks), d(vf_load(a.scales)),
+        mn(a.mins ? vf_load(a.mins) : vf_zero()) {}
+  void next_block() {
+    if (in_group == per_group) {
+      in_group = 0;
+      sp += 16;
+      d = vf_load(sp);
+      if (mp) {
+        mp += 16;
+        mn = vf_load(mp);
+      }
+    }
+    ++in_group;
+  }
+};
+
 // int8 activations: rows m of xq (int8, row stride xs), their per-block scales dx and per-16 sums sx16 (the
 // dequantised activations' sums: dx * sum(xq) over each half-block; row stride ss for both arrays, dx per block,
 // sx16 per half-block). out: MT x 16 floats.
@@ -159,10 +184,9 @@ static void tile_int8(const TileArgs<S>& a, const int8_t* xq, int64_t xs, const 
   const bool half = a.group_blocks == 0;
   VF acc[MT];
   for (int m = 0; m < MT; ++m) acc[m] = vf_zero();
+  GroupScales<S> g(a);
   const S* sp = a.scales;
-  const S* mp = a.mins;
-  VF d = vf_load(sp), mn = mp ? vf_load(mp) : vf_zero();
-  for (int64_t b = 0, in_group = 0; b < a.nb; ++b) {
+  for (int64_t b = 0; b < a.nb; ++b) {
     VI w[8];
     load_block<BITS>(a.q + b * BB, w);
     if (half) {
@@ -181,16 +205,7 @@ static void tile_int8(const TileArgs<S>& a, const int8_t* xq, int64_t xs, const 
       }
       continue;
     }
-    if (in_group == a.group_blocks) {
-      in_group = 0;
-      sp += 16;
-      d = vf_load(sp);
-      if (mp) {
-        mp += 16;
-        mn = vf_load(mp);
-      }
-    }
-    ++in_group;
+    g.next_block();
     for (int m = 0; m < MT; ++m) {
       const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + m * xs + 32 * b);
       // two chains so consecutive dot steps do not wait on each other
@@ -207,10 +222,10 @@ static void tile_int8(const TileArgs<S>& a, const int8_t* xq, int64_t xs, const 
       const float xd = dx[m * ss + b];
       const float xs32 = sx16[m * ss * 2 + 2 * b] + sx16[m * ss * 2 + 2 * b + 1];
       const VF dot = vf_mul(vf_cvt(vi_add(s0, s1)), vf_set1(xd));
-      if (mp) {
-        acc[m] = vf_fma(mn, vf_set1(xs32), vf_fma(d, dot, acc[m]));
+      if (a.mins) {
+        acc[m] = vf_fma(g.mn, vf_set1(xs32), vf_fma(g.d, dot, acc[m]));
       } else {
-        acc[m] = vf_fma(d, vf_sub(dot, vf_set1(OFF * xs32)), acc[m]);
+        acc[m] = vf_fma(g.d, vf_sub(dot, vf_set1(OFF * xs32)), acc[m]);
       }
     }
   }
@@ -243,10 +258,9 @@ static void tile_float_impl(const TileArgs<S>& a, const float* xf, int64_t xs, c
   const bool half = a.group_blocks == 0;
   VF acc[MT];
   for (int m = 0; m < MT; ++m) acc[m] = vf_zero();
+  GroupScales<S> g(a);
   const S* sp = a.scales;
-  const S* mp = a.mins;
-  VF d = vf_load(sp), mn = mp ? vf_load(mp) : vf_zero();
-  for (int64_t b = 0, in_group = 0; b < a.nb; ++b) {
+  for (int64_t b = 0; b < a.nb; ++b) {
     VI w[8];
     load_block<BITS>(a.q + b * BB, w);
     VF s0[MT], s1[MT];  // sums over the block's first and second 16 elements
@@ -269,23 +283,14 @@ static void tile_float_impl(const TileArgs<S>& a, const float* xf, int64_t xs, c
       for (int m = 0; m < MT; ++m) acc[m] = vf_fma(d1, s1[m], vf_fma(d0, s0[m], acc[m]));
       continue;
     }
-    if (in_group == a.group_blocks) {
-      in_group = 0;
-      sp += 16;
-      d = vf_load(sp);
-      if (mp) {
-        mp += 16;
-        mn = vf_load(mp);
-      }
-    }
-    ++in_group;
+    g.next_block();
     for (int m = 0; m < MT; ++m) {
       const VF dot = vf_fma(s0[m], vf_set1(1.0f), s1[m]);
       if constexpr (SIGNED) {
-        acc[m] = vf_fma(d, dot, acc[m]);
+        acc[m] = vf_fma(g.d, dot, acc[m]);
       } else {
         const float xs32 = sx16[m * ss * 2 + 2 * b] + sx16[m * ss * 2 + 2 * b + 1];
-        acc[m] = vf_fma(mn, vf_set1(xs32), vf_fma(d, dot, acc[m]));
+        acc[m] = vf_fma(g.mn, vf_set1(xs32), vf_fma(g.d, dot, acc[m]));
       }
     }
   }
