@@ -75,3 +75,25 @@ def resident_bytes() -> int:
     except OSError:
         pass
     return 0
+
+
+_MADV_HUGEPAGE = 14   # Linux's madvise advice number
+_HUGE = 2 << 20
+
+
+def huge_page_buffer(nbytes: int) -> torch.Tensor:
+    """A uint8 CPU tensor of nbytes starting on a 2 MiB boundary, advised to the OS as transparent-huge-page
+    memory (madvise MADV_HUGEPAGE; where there is no such call it is an ordinary buffer). Weights streamed once per
+    step read faster from it: one TLB entry covers 2 MiB instead of 4 KiB, so a 100 MB stream walks the page
+    tables some fifty times instead of some twenty-five thousand."""
+    import ctypes
+
+    raw = torch.empty(nbytes + _HUGE, dtype=torch.uint8)
+    start = (-raw.data_ptr()) % _HUGE
+    buf = raw[start:start + nbytes]
+    try:
+        libc = ctypes.CDLL(None)
+        libc.madvise(ctypes.c_void_p(buf.data_ptr()), ctypes.c_size_t(-(-nbytes // _HUGE) * _HUGE), _MADV_HUGEPAGE)
+    except (OSError, AttributeError):
+        pass
+    return buf

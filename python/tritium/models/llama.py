@@ -378,6 +378,38 @@ class Llama(nn.Module):
                 lin.set_quantized(QuantizedLinear(qw, None, int8_act))
         if self.config.tie_embeddings:
             self._tie_quantized()
+        return self.consolidate_quantized()
+
+    def consolidate_quantized(self) -> "Llama":
+        """Move every quantized weight of the model into one buffer on transparent huge pages
+        (tritium.utils.huge_page_buffer), in the order a step reads them: a decode step streams them all, and
+        small separate allocations on 4 KiB pages cost it a page walk every 4 KiB. CPU only; the model's loaders
+        and quantize_ call it."""
+        from tritium.nn import QuantizedLinear
+        from tritium.ops.quant import QuantizedWeight
+        from tritium.utils import huge_page_buffer
+
+        mods = list({id(m): m for m in self.modules() if isinstance(m, QuantizedLinear)}.values())
+        if not mods or mods[0].weight.device.type != "cpu":
+            return self
+        align = 64
+
+        def size(t: Tensor) -> int:
+            return -(-t.numel() * t.element_size() // align) * align
+
+        buf = huge_page_buffer(sum(size(t) for m in mods for t in (m.weight.qdata, m.weight.scales, m.weight.mins)))
+        off = 0
+        for m in mods:
+            w, parts = m.weight, []
+            for t in (w.qdata, w.scales, w.mins):
+                n = t.numel() * t.element_size()
+                v = buf[off:off + n].view(t.dtype).view(t.shape)
+                v.copy_(t)
+                parts.append(v)
+                off += size(t)
+            m._set_weight(QuantizedWeight(*parts, w.bits, w.group, w.n, w.k))
+        for lin in self._linears():
+            lin._serve_fn = None
         return self
 
     def _tie_quantized(self) -> None:
