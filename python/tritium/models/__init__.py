@@ -70,7 +70,7 @@ def load(name_or_path: Optional[str] = None, dtype: torch.dtype = torch.float32,
         if weights in ("int8", "int4"):
             model.quantize_(weights, group_size)
         elif weights == "native":
-            model.consolidate_quantized()
+            model.consolidate_weights()
         model.set_int8_activations(int8_act)
     _release_freed_memory()
     return model.to(device).eval(), tokenizer

@@ -353,7 +353,7 @@ class Llama(nn.Module):
             lin._serve_fn = None
             if lin.quant is None:
                 lin.server = PackedLinear(lin.weight, lin.swiglu) if enable else None
-        return self
+        return self.consolidate_weights() if enable else self
 
     @property
     def is_packed(self) -> bool:
@@ -378,36 +378,59 @@ class Llama(nn.Module):
                 lin.set_quantized(QuantizedLinear(qw, None, int8_act))
         if self.config.tie_embeddings:
             self._tie_quantized()
-        return self.consolidate_quantized()
+        return self.consolidate_weights()
 
-    def consolidate_quantized(self) -> "Llama":
-        """Move every quantized weight of the model into one buffer on transparent huge pages
-        (tritium.utils.huge_page_buffer), in the order a step reads them: a decode step streams them all, and
-        small separate allocations on 4 KiB pages cost it a page walk every 4 KiB. CPU only; the model's loaders
-        and quantize_ call it."""
+    def consolidate_weights(self) -> "Llama":
+        """Move the weights a serving step streams into one buffer on transparent huge pages
+        (tritium.utils.huge_page_buffer), in the order a step reads them: the quantized layers' packed tensors,
+        the float layers' packed panels (PackedLinear "panels") or the weights their serving product reads as
+        stored (the other kinds). A decode step streams them all, and separate allocations on 4 KiB pages cost it
+        a page walk every 4 KiB. CPU only; load, quantize_ and pack_for_inference call it."""
         from tritium.nn import QuantizedLinear
         from tritium.ops.quant import QuantizedWeight
         from tritium.utils import huge_page_buffer
 
-        mods = list({id(m): m for m in self.modules() if isinstance(m, QuantizedLinear)}.values())
-        if not mods or mods[0].weight.device.type != "cpu":
+        if self.device.type != "cpu":
+            return self
+        moves = []   # (tensor, install(view)) in reading order
+        seen = set()
+        for lin in self._linears():
+            if isinstance(lin.quant, QuantizedLinear) and id(lin.quant) not in seen:
+                seen.add(id(lin.quant))
+                w, m = lin.quant.weight, lin.quant
+                slots = [None, None, None]
+                for i, t in enumerate((w.qdata, w.scales, w.mins)):
+                    def put(v, i=i, slots=slots, w=w, m=m):
+                        slots[i] = v
+                        if i == 2:
+                            m._set_weight(QuantizedWeight(*slots, w.bits, w.group, w.n, w.k))
+                    moves.append((t, put))
+            elif lin.quant is None and lin.server is not None and id(lin.weight) not in seen:
+                srv = lin.server
+                if srv.kind.startswith("panels"):
+                    moves.append((srv.packed, lambda v, srv=srv: setattr(srv, "packed", v)))
+                else:
+                    seen.add(id(lin.weight))
+                    def put_weight(v, lin=lin, srv=srv):
+                        lin.weight.data = v
+                        srv.weight = lin.weight.detach()
+                    moves.append((lin.weight, put_weight))
+        if not moves:
             return self
         align = 64
 
         def size(t: Tensor) -> int:
             return -(-t.numel() * t.element_size() // align) * align
 
-        buf = huge_page_buffer(sum(size(t) for m in mods for t in (m.weight.qdata, m.weight.scales, m.weight.mins)))
+        buf = huge_page_buffer(sum(size(t) for t, _ in moves))
         off = 0
-        for m in mods:
-            w, parts = m.weight, []
-            for t in (w.qdata, w.scales, w.mins):
+        with torch.no_grad():
+            for t, put in moves:
                 n = t.numel() * t.element_size()
                 v = buf[off:off + n].view(t.dtype).view(t.shape)
                 v.copy_(t)
-                parts.append(v)
+                put(v)
                 off += size(t)
-            m._set_weight(QuantizedWeight(*parts, w.bits, w.group, w.n, w.k))
         for lin in self._linears():
             lin._serve_fn = None
         return self
