@@ -52,6 +52,31 @@ inline void block_4x4(const acc_type<T>* const* xr, const T* const* wr, int64_t 
   }
 }
 
+// block_4x4 for one row of x (a decode step's single row): 4 accumulators instead of 16, so no FMA is spent on
+// the clamped copies of that row.
+template <typename T>
+inline void block_1x4(const acc_type<T>* xr, const T* const* wr, int64_t K, acc_type<T>* out, const char*& pf,
+                      const char* pf_end, int per_step) {
+  using IO = VecIO<T>;
+  using Vec = typename IO::Vec;
+  using A = acc_type<T>;
+  constexpr int64_t V = IO::kSize;
+  const int64_t Kv = K - K % V;
+  Vec acc[4] = {Vec(0), Vec(0), Vec(0), Vec(0)};
+  for (int64_t k = 0; k < Kv; k += V) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    for (int l = 0; l < per_step && pf < pf_end; ++l, pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
+#endif
+    const Vec xv = Vec::loadu(xr + k);
+    for (int j = 0; j < 4; ++j) acc[j] = at::vec::fmadd(xv, IO::load(wr[j] + k), acc[j]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    A t = hsum(acc[j]);
+    for (int64_t k = Kv; k < K; ++k) t += static_cast<A>(wr[j][k]) * xr[k];
+    out[j] = t;
+  }
+}
+
 // Weight rows [begin, end) against all M rows of x: 4-row weight tiles in order (a weight tile stays in L1 while
 // every 4-row block of x passes it), x in chunks of rows that fit in L2 (a chunk is read from L2 per tile; the
 // weights are streamed once per chunk, from memory for the first and from L3 after it for long prompts).
@@ -79,8 +104,11 @@ void tiles_range(const acc_type<T>* x, int64_t ldx, int64_t M, int64_t K, const 
       for (int64_t m0 = c0; m0 < c1; m0 += 4) {
         const A* xr[4];
         for (int i = 0; i < 4; ++i) xr[i] = x + std::min(m0 + i, c1 - 1) * ldx;
-        block_4x4<T>(xr, wr, K, out, pf, pf_end, per_step);
         const int64_t mi = std::min<int64_t>(4, c1 - m0);
+        if (mi == 1)
+          block_1x4<T>(xr[0], wr, K, out, pf, pf_end, per_step);
+        else
+          block_4x4<T>(xr, wr, K, out, pf, pf_end, per_step);
         for (int i = 0; i < mi; ++i) {
           T* yr = y + (m0 + i) * ldy + n0;
           if (c) {
