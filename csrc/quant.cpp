@@ -286,13 +286,19 @@ const Activations& prepare(const at::Tensor& x, int64_t k, bool int8_act) {
             sx[2 * b + 1] = s1;
             continue;
           }
-          float amax = 0.f;
-          for (int64_t e = 0; e < kBlock; ++e) amax = std::max(amax, std::fabs(buf[e]));
+          // absmax and the rounding in vectors (Vectorized::round is round-half-to-even, as torch.round); the
+          // rounded values are exact small integers, converted and summed in a plain loop
+          using Vec = at::vec::Vectorized<float>;
+          constexpr int64_t V = Vec::size();
+          Vec vmax(0.f);
+          for (int64_t e = 0; e < kBlock; e += V) vmax = fmax_fast(vmax, Vec::loadu(buf + e).abs());
+          const float amax = hmax(vmax);
           const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+          for (int64_t e = 0; e < kBlock; e += V) (Vec::loadu(buf + e) * Vec(inv)).round().store(buf + e);
           int8_t* out = a.xq.data() + m * kp + b * kBlock;
           int32_t s0 = 0, s1 = 0;
           for (int64_t e = 0; e < kBlock; ++e) {
-            const int32_t v = static_cast<int32_t>(std::nearbyint(buf[e] * inv));  // half to even, as torch.round
+            const int32_t v = static_cast<int32_t>(buf[e]);
             out[e] = static_cast<int8_t>(v);
             (e < 16 ? s0 : s1) += v;
           }
