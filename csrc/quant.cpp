@@ -312,6 +312,29 @@ const Activations& prepare(const at::Tensor& x, int64_t k, bool int8_act) {
   return a;
 }
 
+// W^T (K, N) in float32, a view (row stride: the tiles' padded width) of a pooled buffer: the tile kernels'
+// dequantisation (tile_dequant_t, vectorised), for the products that run as one GEMM on the float weight.
+at::Tensor dequantize_t(const at::Tensor& qdata, const at::Tensor& scales, const c10::optional<at::Tensor>& mins,
+                        int64_t bits, int64_t group, int64_t n, int64_t k) {
+  const int isa = quant::current_isa();
+  TORCH_CHECK(isa >= 0, "quantized products: this CPU has neither AVX-512 nor AVX2 + FMA + F16C");
+  const int64_t tiles = qdata.size(0), nb = qdata.size(1), bb = qdata.size(2), ng = scales.size(1);
+  const int64_t gblocks = group == 16 ? 0 : group / kBlock;
+  const bool half = scales.scalar_type() == at::kHalf;
+  const int64_t esz = half ? 2 : 4;
+  const auto* sbase = static_cast<const uint8_t*>(scales.const_data_ptr());
+  const auto* mbase = has(mins) ? static_cast<const uint8_t*>(mins->const_data_ptr()) : nullptr;
+  auto wt = empty({k, tiles * kTile}, scales.options().dtype(at::kFloat));
+  const quant::DequantFn dq = kIsas[isa].dequant_t;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      dq(static_cast<int>(bits), half, qdata.const_data_ptr<uint8_t>() + t * nb * bb, sbase + t * ng * kTile * esz,
+         mbase ? mbase + t * ng * kTile * esz : nullptr, nb, gblocks, k, wt.mutable_data_ptr<float>() + t * kTile,
+         tiles * kTile);
+  });
+  return wt.narrow(1, 0, n);
+}
+
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scales,
                         const c10::optional<at::Tensor>& mins, int64_t bits, int64_t group, int64_t n, int64_t k,
                         bool int8_act) {
@@ -335,15 +358,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qdata, const at::
     // float activations, many rows (a prefill): the weight dequantised once into W^T (K, N) in x's dtype, then
     // one GEMM (MKL / oneDNN, whose 16-bit kernels multiply in 16 bits as the float model's do); the tile kernel
     // would widen every weight once per 4 rows
-    auto wt = empty({k, tiles * kTile}, x.options().dtype(at::kFloat));
-    const quant::DequantFn dq = kIsas[isa].dequant_t;
-    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t)
-        dq(static_cast<int>(bits), half, qdata.const_data_ptr<uint8_t>() + t * nb * bb, sbase + t * ng * kTile * esz,
-           mbase ? mbase + t * ng * kTile * esz : nullptr, nb, gblocks, k, wt.mutable_data_ptr<float>() + t * kTile,
-           tiles * kTile);
-    });
-    const auto w = wt.narrow(1, 0, n);
+    const auto w = dequantize_t(qdata, scales, mins, bits, group, n, k);
     if (x.scalar_type() == at::kFloat) {
       at::mm_out(y, xc, w);
     } else {
@@ -429,14 +444,14 @@ at::Tensor quant_dequantize(const at::Tensor& qdata, const at::Tensor& scales, c
 }
 
 // dy (M, N) @ W (N, K): the input gradient, through the float32 weight (a training step's product; the weight is
-// dequantised per call into a pooled buffer, then one GEMM).
+// dequantised per call into W^T (dequantize_t), then one GEMM).
 at::Tensor quant_linear_dx(const at::Tensor& dy, const at::Tensor& qdata, const at::Tensor& scales,
                            const c10::optional<at::Tensor>& mins, int64_t bits, int64_t group, int64_t n, int64_t k) {
   check_packed("quant_linear_dx", qdata, scales, mins, bits, group, n, k);
   TORCH_CHECK(dy.dim() == 2 && dy.size(1) == n, "quant_linear_dx: dy must be (M, ", n, "), got ", dy.sizes());
-  auto w = dequantize_f32(qdata, scales, mins, bits, group, n, k, at::Tensor());
+  const auto wt = dequantize_t(qdata, scales, mins, bits, group, n, k);
   auto out = empty({dy.size(0), k}, dy.options().dtype(at::kFloat));
-  at::mm_out(out, dy.to(at::kFloat), w);
+  at::mm_out(out, dy.to(at::kFloat), wt.t());
   return dy.scalar_type() == at::kFloat ? out : out.to(dy.scalar_type());
 }
 

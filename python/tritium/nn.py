@@ -361,7 +361,6 @@ class QuantizedLinear(torch.nn.Module):
 
     def __init__(self, weight: "ops.quant.QuantizedWeight", bias: Tensor = None, int8_act: bool = False):
         super().__init__()
-        self.in_features, self.out_features = weight.k, weight.n
         self.int8_act = bool(int8_act)
         self._set_weight(weight)
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)

@@ -23,7 +23,8 @@ import tritium
 from tritium.ops.activations import GATE_OPS, LAYOUT_GATE_UP
 from tritium.ops.linear import PackedLinear
 
-# the serving path's ops (Llama._serve): called directly, their arguments built valid once per step
+# the serving path's ops (Block.serve, Llama._serve_decoder): called directly, with arguments the engine builds
+# valid (the public functions' per-call checks would cost as much as a decode step's small kernels)
 _APPEND_KV = torch.ops.tritium.append_kv.default
 _PAGED_DECODE = torch.ops.tritium.paged_attention_decode.default
 _RMS_NORM = torch.ops.tritium.rms_norm_fwd.default
@@ -121,8 +122,6 @@ def _paged_attention(q: Tensor, k: Tensor, v: Tensor, step: StepInput, kv: Tuple
     last: of each prompt only its last query (the rows StepInput.last_logits_only keeps; causal attention is
     bottom-right aligned, so that query still sees all the prompt's keys). Returns (rows, n_heads, head_dim)."""
     k_pool, v_pool = kv
-    # the ops themselves, not the public functions: the engine builds these arguments valid (checked once, in
-    # Llama._serve_plan), and a step makes one such call per layer
     _APPEND_KV(k, v, k_pool, v_pool, step.slot_mapping)
     nd = step.n_decode
     if not step.prefill_lens:   # decode only: the common step
@@ -186,13 +185,7 @@ class Linear(nn.Module):
         q = self.quant
         if q is None:
             return self.server or PackedLinear(self.weight, self.swiglu, pack=False)  # applies swiglu itself
-        if isinstance(q, QuantizedParts):
-            f = q.forward
-        else:
-            w, op = q.weight, torch.ops.tritium.quant_linear.default
-
-            def f(x: Tensor) -> Tensor:   # int8_act read per call: set_int8_activations needs no rebuild
-                return op(x, w.qdata, w.scales, w._mins_or_none, w.bits, w.group, w.n, w.k, q.int8_act)
+        f = q.forward   # QuantizedLinear or QuantizedParts, without the module-call overhead
         if not self.swiglu:
             return f
         return lambda x: _SWIGLU(f(x), None, LAYOUT_GATE_UP)
@@ -218,7 +211,7 @@ class QuantizedParts(nn.ModuleList):
         return torch.cat([p(x) for p in self], -1)
 
 
-def _quant_module(parts: list, int8_act: bool) -> nn.Module:
+def _quant_module(parts: list) -> nn.Module:
     """A QuantizedLinear for logical quantized weights stacked along n (one packed weight when their formats
     agree), else QuantizedParts."""
     from tritium.nn import QuantizedLinear
@@ -227,8 +220,8 @@ def _quant_module(parts: list, int8_act: bool) -> nn.Module:
     parts = [_logical(p) for p in parts]
     fused = cat_logical(parts) if len(parts) > 1 else parts[0]
     if fused is not None:
-        return QuantizedLinear(QuantizedWeight.from_logical(*fused), None, int8_act)
-    return QuantizedParts(QuantizedLinear(QuantizedWeight.from_logical(*p), None, int8_act) for p in parts)
+        return QuantizedLinear(QuantizedWeight.from_logical(*fused))
+    return QuantizedParts(QuantizedLinear(QuantizedWeight.from_logical(*p)) for p in parts)
 
 
 def _quant_bytes(m: Optional[nn.Module]) -> int:
@@ -498,7 +491,7 @@ class Llama(nn.Module):
             # float parameters only, so no float copy of a quantized weight is ever allocated
             for lin, parts in self._linear_parts(w):
                 if all(_is_quant(p) for p in parts):
-                    lin.set_quantized(_quant_module(parts, False))
+                    lin.set_quantized(_quant_module(parts))
                     done.add(lin)
             if tied and self.lm_head.quant is not None:
                 self._tie_quantized()
@@ -645,7 +638,7 @@ def _load_linear(lin: Linear, parts: list, dtype: torch.dtype) -> None:
     """Give lin the stacked weight of parts: quantized when every part is a logical quantized weight, else float
     (quantized parts dequantised)."""
     if all(_is_quant(p) for p in parts):
-        lin.set_quantized(_quant_module(parts, False))
+        lin.set_quantized(_quant_module(parts))
         return
     lin.set_quantized(None, dtype)
     lin.weight.copy_(torch.cat([_as_float(p) for p in parts], 0) if len(parts) > 1 else _as_float(parts[0]))

@@ -91,8 +91,6 @@ quant_dequantize = define_op(f"quant_dequantize({_Q}, ScalarType dtype, Tensor? 
                              _fake_dequantize, "quant:quant_dequantize")
 
 
-
-
 # ---------------------------------------------------------------------------------------------------------
 # QuantizedWeight: one packed weight and what the ops need to read it
 # ---------------------------------------------------------------------------------------------------------
