@@ -153,6 +153,29 @@ def test_beam_search_matches_reference(model, tok, num_beams, alpha):
     assert eng.cache.num_free_blocks == eng.cache.num_blocks
 
 
+def test_non_finite_logits_end_only_their_request(model, tok, monkeypatch):
+    """A request whose logits come out NaN (a model fault on its row) finishes with "error"; the batch's other
+    request is not disturbed and gets exactly its solo tokens."""
+    want = alone(model, tok, PROMPTS[2], max_new_tokens=8, stop_token_ids=[]).token_ids
+    eng = Engine(model, tok, max_batch=8)
+    victim, other = (eng.add_request(p, max_new_tokens=8, stop_token_ids=[]) for p in PROMPTS[:3:2])
+    real, steps = model.forward_step, []
+
+    def poisoned(step, kv):
+        logits = real(step, kv)
+        steps.append(1)
+        if len(steps) == 3:   # a decode step: row 0 is the first running request's
+            logits[0] = float("nan")
+        return logits
+
+    monkeypatch.setattr(model, "forward_step", poisoned)
+    while eng.has_work():
+        eng.step()
+    assert victim.result.finish_reason == "error" and victim.result.text == ""
+    assert other.result.finish_reason == "length" and other.result.token_ids == want
+    assert eng.cache.num_free_blocks == eng.cache.num_blocks
+
+
 def test_bad_requests(model, tok):
     eng = Engine(model, tok)
     with pytest.raises(ValueError, match="max_new_tokens"):

@@ -270,18 +270,18 @@ class Engine:
             by_req[r.id].append(i)
             reqs[r.id] = r
         greedy = [i for i, (r, _) in enumerate(rows) if r.num_beams == 1 and _is_greedy(r.params)]
-        greedy_tok = {}
-        if greedy:
-            idx = torch.tensor(greedy)
-            lg = logits.index_select(0, idx).float()
-            tok = lg.argmax(-1)
-            lp = lg.gather(1, tok[:, None])[:, 0] - torch.logsumexp(lg, -1)
-            greedy_tok = dict(zip(greedy, zip(tok.tolist(), lp.tolist())))
-        sampled = [i for i, (r, _) in enumerate(rows) if r.num_beams == 1 and i not in greedy_tok]
+        picked = {}   # row -> (token, logprob); token -1: the row's logits had no valid choice (NaN / inf)
+        if greedy:    # argmax and its log-softmax in one pass per row (the fused sampler at temperature 0)
+            lg = logits if len(greedy) == logits.shape[0] else \
+                logits.index_select(0, torch.tensor(greedy, device=logits.device))
+            toks, lps = sample(lg, _GREEDY, on_invalid="flag")
+            picked = dict(zip(greedy, zip(toks.tolist(), lps.tolist())))
+        sampled = [i for i, (r, _) in enumerate(rows) if r.num_beams == 1 and i not in picked]
         if sampled:  # one fused call: per-row params, penalties over each row's generated tokens, seeds
             toks, lps = sample(logits.index_select(0, torch.tensor(sampled, device=logits.device)),
-                               [rows[i][0].params for i in sampled], [rows[i][1].generated for i in sampled])
-            greedy_tok.update(zip(sampled, zip(toks.tolist(), lps.tolist())))
+                               [rows[i][0].params for i in sampled], [rows[i][1].generated for i in sampled],
+                               on_invalid="flag")
+            picked.update(zip(sampled, zip(toks.tolist(), lps.tolist())))
         for rid, idxs in by_req.items():
             r = reqs[rid]
             if r.done:
@@ -291,7 +291,10 @@ class Engine:
                 continue
             i = idxs[0]
             s = rows[i][1]
-            t, lp = greedy_tok[i]
+            t, lp = picked[i]
+            if t < 0:   # this request's logits are not finite: it ends in error, the batch goes on
+                self._finish(r, "error", "")
+                continue
             s.tokens.append(t)
             s.logprobs.append(lp)
             self._after_token(r, s, t)
@@ -386,6 +389,9 @@ class Engine:
         self._free(r)
         if r in self.running:
             self.running.remove(r)
+
+
+_GREEDY = SamplingParams(temperature=0.0)
 
 
 def _is_greedy(p: SamplingParams) -> bool:
