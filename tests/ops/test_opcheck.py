@@ -370,6 +370,26 @@ def _():
     return _quant_packed()
 
 
+@sample("serve_decode")
+def _():
+    """A 2-layer tiny Llama's decode step of two sequences (lengths 6 and 3 with the new token) over the pools of
+    _pools' shape, with float and quantized projections."""
+    from tritium.models.llama import build
+
+    out = []
+    for quant in (False, True):
+        m = build("tiny").init_random(generator=torch.Generator().manual_seed(0))
+        if quant:
+            m.quantize_("int8")
+        weights, ints = m._decode_args(2)
+        c = m.config
+        pools = [r(4, 4, c.n_kv_heads, c.head_dim) for _ in range(2 * c.n_layers)]
+        tables, lens = torch.tensor([[3, 1], [0, 2]], dtype=torch.int32), torch.tensor([6, 3], dtype=torch.int32)
+        out.append((r(2, c.dim), weights, ints, pools, m.norm, m.rope_cos, m.rope_sin, torch.tensor([5, 2]),
+                    torch.tensor([5, 2]), tables, lens, c.n_heads, c.norm_eps, c.head_dim ** -0.5))
+    return out
+
+
 @sample("quant_linear")
 def _():
     return [(g(3, 72, dtype=dt), *w, act) for w in _quant_packed() for dt, act in

@@ -31,6 +31,7 @@ _RMS_NORM = torch.ops.tritium.rms_norm_fwd.default
 _ADD_RMS_NORM = torch.ops.tritium.fused_add_rms_norm_fwd.default
 _ROPE = torch.ops.tritium.rope_fwd.default
 _SWIGLU = GATE_OPS["swiglu"][0]
+_SERVE_DECODE = torch.ops.tritium.serve_decode.default
 
 
 @dataclass
@@ -147,13 +148,14 @@ class Linear(nn.Module):
     path, through the PackedLinear that Llama.pack_for_inference attached (tritium.ops.linear decides there how
     to compute the product and keeps any packed copy; without one, PackedLinear's unpacked way), or the
     quantized op when the weight is stored quantized (set_quantized). swiglu: the weight is a fused [gate | up]
-    projection and the output is silu(gate) * up."""
+    projection and the output is silu(gate) * up. normed_input: its input is an RMSNorm's output (see
+    Llama.set_int8_activations)."""
 
-    def __init__(self, in_features: int, out_features: int, swiglu: bool = False):
+    def __init__(self, in_features: int, out_features: int, swiglu: bool = False, normed_input: bool = True):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.out_features, self.in_features = out_features, in_features
-        self.swiglu = swiglu
+        self.swiglu, self.normed_input = swiglu, normed_input
         self.server: Optional[PackedLinear] = None
         self.quant: Optional[nn.Module] = None   # set_quantized: the weight stored quantized instead
         self._serve_fn = None                    # serve()'s product, built on first use
@@ -180,6 +182,19 @@ class Linear(nn.Module):
         if self._serve_fn is None:
             self._serve_fn = self._build_serve_fn()
         return self._serve_fn(x)
+
+    def decode_plan(self, rows: int) -> Optional[tuple]:
+        """serve()'s product for `rows` rows as tritium.ops.serve.serve_decode describes a projection (kind, three
+        tensors, five ints), or None when it has no such description (quantized parts of different formats, a
+        bias)."""
+        from tritium.nn import QuantizedLinear
+
+        q = self.quant
+        if q is None:
+            return (self.server or PackedLinear(self.weight, self.swiglu, pack=False)).decode_plan(rows)
+        if isinstance(q, QuantizedLinear) and q.bias is None:
+            return q.weight.decode_plan(q.int8_act)
+        return None
 
     def _build_serve_fn(self):
         q = self.quant
@@ -237,7 +252,7 @@ class Attention(nn.Module):
         super().__init__()
         q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         self.wqkv = Linear(c.dim, q + 2 * kv)       # [q | k | v] rows
-        self.wo = Linear(q, c.dim)
+        self.wo = Linear(q, c.dim, normed_input=False)
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
         self.split = (q, kv, kv)
         self.scale = 1.0 / math.sqrt(c.head_dim)
@@ -271,7 +286,7 @@ class MLP(nn.Module):
     def __init__(self, c: LlamaConfig):
         super().__init__()
         self.w_gate_up = Linear(c.dim, 2 * c.ffn_dim, swiglu=True)   # [gate | up] rows
-        self.w_down = Linear(c.ffn_dim, c.dim)
+        self.w_down = Linear(c.ffn_dim, c.dim, normed_input=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w_down(self.w_gate_up(x))
@@ -360,18 +375,24 @@ class Llama(nn.Module):
 
     def quantize_(self, mode: str = "int8", group_size: Optional[int] = None, int8_act: bool = False) -> "Llama":
         """Store every projection and the LM head quantized (tritium.nn.QuantizedLinear: "int8" per output
-        channel or per group, "int4" per group of group_size, default 32), releasing the float weights. A tied
-        LM head quantizes the embedding table too (looked up by dequantising the wanted rows)."""
+        channel or per group, "int4" per group of group_size, default 32), releasing the float weights. The LM
+        head is 8-bit in either mode (per group of 32 under "int4", llama.cpp's Q8_0 for the output of a 4-bit
+        file): the logits decide every token, and a 4-bit head moves greedy decoding off the float model's within
+        a few tokens. A tied LM head quantizes the embedding table too (looked up by dequantising the wanted
+        rows)."""
         from tritium.nn import QuantizedLinear
         from tritium.ops.quant import QuantizedWeight
 
         for lin in self._linears():
             if lin.quant is None:
-                qw = QuantizedWeight.quantize(lin.weight.detach(), mode, group_size)
-                lin.set_quantized(QuantizedLinear(qw, None, int8_act))
+                m, g = (mode, group_size)
+                if lin is self.lm_head and mode == "int4":   # groups of 32 where they fit, else per channel
+                    m, g = "int8", 32 if lin.in_features % 32 == 0 else None
+                qw = QuantizedWeight.quantize(lin.weight.detach(), m, g)
+                lin.set_quantized(QuantizedLinear(qw, None))
         if self.config.tie_embeddings:
             self._tie_quantized()
-        return self.consolidate_weights()
+        return self.set_int8_activations(int8_act).consolidate_weights()
 
     def consolidate_weights(self) -> "Llama":
         """Move the weights a serving step streams into one buffer on transparent huge pages
@@ -433,25 +454,29 @@ class Llama(nn.Module):
         self.embed = None
 
     def set_int8_activations(self, enable: bool) -> "Llama":
-        """Quantized layers: quantize activations to int8 per block of 32 (integer dot products) or not."""
-        from tritium.nn import QuantizedLinear
-
-        for m in self.modules():
-            if isinstance(m, QuantizedLinear):
-                m.int8_act = bool(enable)
+        """Quantized projections whose input is an RMSNorm's output (the QKV and gate/up projections, the LM head):
+        quantize that input to int8 per block of 32 (integer dot products, llama.cpp's way), or not. The output
+        and down projections keep float activations: their inputs (attention output, the SwiGLU product) have
+        outlier channels that set each block's scale, and rounding the rest to that coarse grid moves greedy
+        decoding off the float model's within a few tokens (docs/quantization.md has the measurement)."""
+        for lin in self._linears():
+            parts = lin.quant if isinstance(lin.quant, QuantizedParts) else [lin.quant] if lin.quant else []
+            for m in parts:
+                m.int8_act = bool(enable) and lin.normed_input
         return self
 
     @property
     def weight_mode(self) -> str:
-        """"float", or the quantized layers' formats and activation mode, e.g. "q4/32+mins q8/32 (int8 act)"."""
+        """"float", or the quantized layers' formats and activation mode, e.g. "q4/32+mins q8/32 (float
+        activations)"."""
         from tritium.nn import QuantizedLinear
 
         qs = [m for m in self.modules() if isinstance(m, QuantizedLinear)]
         if not qs:
             return "float"
         kinds = sorted({f"q{m.weight.bits}/{m.weight.group}{'+mins' if m.weight.has_mins else ''}" for m in qs})
-        act = "int8" if all(m.int8_act for m in qs) else "float"
-        return f"{' '.join(kinds)} ({act} activations)"
+        act = "int8 activations after norms" if any(m.int8_act for m in qs) else "float activations"
+        return f"{' '.join(kinds)} ({act})"
 
     def _embed(self, tokens: Tensor) -> Tensor:
         if self.embed is not None:
@@ -578,12 +603,37 @@ class Llama(nn.Module):
             y, h = block(y, h, next_norm, self.rope_cos, self.rope_sin)
         return y
 
+    def _decode_args(self, rows: int) -> Optional[Tuple[List[Tensor], List[int]]]:
+        """serve_decode's (weights, linears) for a decode step of `rows` rows, or None when a projection has no
+        description (Linear.decode_plan)."""
+        weights: List[Tensor] = []
+        ints: List[int] = []
+        for block in self.layers:
+            weights += (block.attn_norm, block.mlp_norm)
+            for lin in (block.attention.wqkv, block.attention.wo, block.mlp.w_gate_up, block.mlp.w_down):
+                plan = lin.decode_plan(rows)
+                if plan is None:
+                    return None
+                weights += plan[1]
+                ints.append(plan[0])
+                ints += plan[2]
+        return weights, ints
+
     def _serve_decoder(self, x: Tensor, step: StepInput, kv: Sequence[Tuple[Tensor, Tensor]],
                        keep: Optional[Tensor]) -> Tensor:
         """_decoder for one serving step: x (T, dim) the step's packed tokens, each layer attending through its
         paged cache kv[i]; keep: the last block runs its attention output, MLP and norms on those rows only.
+        A decode-only step on CPU runs in one call (serve_decode: Block.serve's ops, from C++); otherwise
         Block.serve calls the ops directly: at one token a step, per-call Python checks and module calls would
         cost as much as the layer's products."""
+        c = self.config
+        if not step.prefill_lens and keep is None and x.device.type == "cpu":
+            args = self._decode_args(x.shape[0])
+            if args is not None:
+                return _SERVE_DECODE(x, args[0], args[1], [t for pair in kv for t in pair], self.norm,
+                                     self.rope_cos, self.rope_sin, step.positions, step.slot_mapping,
+                                     step.block_tables, step.seq_lens, c.n_heads, c.norm_eps,
+                                     self.layers[0].attention.scale)
         y, _ = _RMS_NORM(x, self.layers[0].attn_norm, self.config.norm_eps)
         h = x
         n = len(self.layers)

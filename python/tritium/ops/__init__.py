@@ -38,3 +38,4 @@ __all__ += _linear.__all__
 from . import quant as _quant  # noqa: E402
 from .quant import *  # noqa: F401,F403,E402
 __all__ += _quant.__all__
+from . import serve as _serve  # noqa: E402,F401  (serve_decode: the model's decode step, not a public function)

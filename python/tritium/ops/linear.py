@@ -131,11 +131,14 @@ def glu_pack_ok(w: Tensor) -> bool:
 
 def small_rows_ok(x: Tensor, w: Tensor) -> bool:
     """True when linear_small is the faster way to compute x @ w.T (CPU, few rows, same dtype, w contiguous)."""
-    if x.dtype not in MAX_ROWS:
-        return False
-    limit = MAX_ROWS[x.dtype]
-    return (x.device.type == "cpu" and x.dim() == 2 and 0 < x.shape[0] and (limit is None or x.shape[0] <= limit)
-            and w.dtype == x.dtype and w.device == x.device and w.dim() == 2 and w.is_contiguous())
+    return (x.dim() == 2 and x.device == w.device and x.device.type == "cpu"
+            and _small_rows(x.shape[0], x.dtype, w))
+
+
+def _small_rows(rows: int, dtype: torch.dtype, w: Tensor) -> bool:
+    limit = MAX_ROWS.get(dtype, 0)
+    return (0 < rows and (limit is None or rows <= limit) and w.dtype == dtype and w.dim() == 2
+            and w.is_contiguous())
 
 class _Project(torch.autograd.Function):
     """y (M, N) = x (M, K) @ w (N, K)^T [+ b]: the forward and the input gradient through mm_pooled (panel_gemm
@@ -277,6 +280,20 @@ class PackedLinear:
         if small:
             return linear_small(x, self.weight)
         return torch.matmul(x, self.weight.t())
+
+    def decode_plan(self, rows: int) -> tuple:
+        """How serve_decode (tritium.ops.serve) computes this product for `rows` rows: (kind, three tensors,
+        five ints), the same choice __call__ makes. SwiGLU is applied by serve_decode for a swiglu weight whose
+        kind does not (every kind but "panels_swiglu")."""
+        from .serve import KIND, no_tensor
+
+        e = no_tensor(self.weight)
+        if self.kind in ("panels_swiglu", "panels"):
+            return KIND[self.kind], (self.packed, e, e), (self.out_features, 0, 0, 0, 0)
+        small = self.weight.device.type == "cpu" and _small_rows(rows, self.weight.dtype, self.weight)
+        if self.kind == "onednn" and not small:
+            return KIND["onednn"], (self.packed, e, e), (0,) * 5
+        return KIND["small" if small else "matmul"], (self.weight, e, e), (0,) * 5
 
     def __repr__(self) -> str:
         n, k = self.weight.shape

@@ -179,6 +179,13 @@ class QuantizedWeight:
                          self.n, self.k, int8_act)
         return y.view(*lead, self.n)
 
+    def decode_plan(self, int8_act: bool = False) -> tuple:
+        """How serve_decode (tritium.ops.serve) computes x @ W^T: (kind, three tensors, five ints)."""
+        from .serve import KIND
+
+        return KIND["quant"], (self.qdata, self.scales, self.mins), (self.bits, self.group, self.n, self.k,
+                                                                      int(int8_act))
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qdata, self.scales, self.mins))
