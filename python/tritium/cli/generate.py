@@ -40,12 +40,12 @@ def default_dtype_name() -> str:
 def load_with_progress(path: Optional[str], dtype_name: Optional[str], console, weights: str = "native",
                        int8_act: bool = False):
     """tritium.models.load with a rich progress bar over the tensors being read; dtype_name None: the default
-    (default_dtype_name), and says which it chose. Records the resident memory after the load on the model
-    (model.resident_after_load, for the closing line)."""
+    (default_dtype_name), and says which it chose. Records the resident memory after the load and what the load
+    added to it on the model (model.resident_after_load, model.resident_load_delta, for the closing line)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     import tritium.models
-    from tritium.utils import parse_dtype
+    from tritium.utils import parse_dtype, resident_bytes
 
     if dtype_name is None:
         dtype_name = default_dtype_name()
@@ -59,14 +59,14 @@ def load_with_progress(path: Optional[str], dtype_name: Optional[str], console, 
         def cb(done, total):
             progress.update(task, completed=done, total=total)
 
+        before = resident_bytes()
         try:
             model, tok = tritium.models.load(path, dtype, progress=cb, weights=weights, int8_act=int8_act)
         except (FileNotFoundError, ValueError) as e:
             console.print(f"[red]error:[/red] {e}")
             raise SystemExit(1)
-    from tritium.utils import resident_bytes
-
     model.resident_after_load = resident_bytes()
+    model.resident_load_delta = model.resident_after_load - before
     console.print(f"[dim]weights: {model.weight_mode}[/dim]")
     return model, tok
 
@@ -90,7 +90,8 @@ def report(engine, model, console) -> None:
         parts.append(f"weights {bw / 1e9:.2f} GB/s = {bw / copy_bandwidth():.0%} of copy bandwidth")
     rss = getattr(model, "resident_after_load", 0)
     if rss:
-        parts.append(f"resident after load {rss / 2**20:.0f} MiB")
+        parts.append(f"resident after load {rss / 2**20:.0f} MiB "
+                     f"(the load added {getattr(model, 'resident_load_delta', 0) / 2**20:.0f})")
     console.print("[dim]" + " | ".join(parts) + "[/dim]")
 
 
