@@ -154,9 +154,11 @@ def _act_bwd(dy, x, a, b, c, ACT: tl.constexpr):
         t = _tanh(tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x))))
         dx = dy * (t + x * s * (1.0 - t * t))
     elif ACT == 10:
+        # sigmoid(-x) from z = exp(-|x|): 1 - z/(1+z) for x < 0, z/(1+z) otherwise. One quotient and one select
+        # (rather than two selects feeding the quotient) keeps fewer values live across the division's slow path.
         z = tl.exp(-tl.abs(x))
-        neg = x < 0
-        dx = dy * (tl.where(neg, 1.0, 0.0) - tl.where(neg, 1.0, -1.0) * z / (1.0 + z))
+        q = z / (1.0 + z)
+        dx = dy * tl.where(x < 0, 1.0 - q, q)
     elif ACT == 11:
         dx = tl.where(x <= -3.0, 0.0, tl.where(x >= 3.0, dy, dy * (x / 3.0 + 0.5)))  # torch: 0 at -3, dy at 3, NaN
     else:

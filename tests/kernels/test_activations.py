@@ -8,8 +8,8 @@ import tritium  # noqa: F401  (loads the C++ kernels)
 from tritium import reference
 from tritium.kernels import activations
 from tritium.ops.activations import ACT_NAMES, GATES, SELU_ALPHA, SELU_SCALE
-from tests.util import (CPU_DTYPES, KERNEL_DTYPES, assert_within_torch_error, check_gpu_compile, known_spill,
-                        on_device, torch_and_ref)
+from tests.util import (CPU_DTYPES, KERNEL_DTYPES, assert_within_torch_error, check_gpu_compile, on_device,
+                        torch_and_ref)
 
 triton_act = on_device(activations)
 cpp = torch.ops.tritium
@@ -284,11 +284,7 @@ def test_strided_rows(impl_name, impl):
 
 
 @pytest.mark.gpu_compile
-@pytest.mark.parametrize("dtype", [  # three shards of ~150 compiles
-    torch.float32,
-    pytest.param(torch.bfloat16, marks=known_spill("_act_bwd_kernel logsigmoid (ACT 10), 16-bit, sm_90: 8 B")),
-    pytest.param(torch.float16, marks=known_spill("_act_bwd_kernel logsigmoid (ACT 10), 16-bit, sm_90: 8 B")),
-], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=lambda d: str(d)[6:])  # three shards of ~150 compiles
 def test_gpu_compile(dtype):
     """Every kernel configuration the launchers make (each ACT, gate, flag and dtype) compiles for sm_80/90."""
     n = 1500
