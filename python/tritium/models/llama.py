@@ -400,35 +400,34 @@ class Llama(nn.Module):
         the float layers' packed panels (PackedLinear "panels") or the weights their serving product reads as
         stored (the other kinds). A decode step streams them all, and separate allocations on 4 KiB pages cost it
         a page walk every 4 KiB. CPU only; load, quantize_ and pack_for_inference call it."""
-        from tritium.nn import QuantizedLinear
         from tritium.ops.quant import QuantizedWeight
         from tritium.utils import huge_page_buffer
 
         if self.device.type != "cpu":
             return self
-        moves = []   # (tensor, install(view)) in reading order
+        moves = []   # (tensors, install(views)): each group installed together, in reading order
         seen = set()
         for lin in self._linears():
-            if isinstance(lin.quant, QuantizedLinear) and id(lin.quant) not in seen:
-                seen.add(id(lin.quant))
-                w, m = lin.quant.weight, lin.quant
-                slots = [None, None, None]
-                for i, t in enumerate((w.qdata, w.scales, w.mins)):
-                    def put(v, i=i, slots=slots, w=w, m=m):
-                        slots[i] = v
-                        if i == 2:
-                            m._set_weight(QuantizedWeight(*slots, w.bits, w.group, w.n, w.k))
-                    moves.append((t, put))
-            elif lin.quant is None and lin.server is not None and id(lin.weight) not in seen:
+            if lin.quant is not None:
+                for m in (lin.quant if isinstance(lin.quant, QuantizedParts) else [lin.quant]):
+                    if id(m) in seen:
+                        continue
+                    seen.add(id(m))
+                    w = m.weight
+                    moves.append(((w.qdata, w.scales, w.mins),
+                                  lambda vs, m=m, w=w: m._set_weight(QuantizedWeight(*vs, w.bits, w.group, w.n,
+                                                                                     w.k))))
+            elif lin.server is not None and id(lin.weight) not in seen:
                 srv = lin.server
                 if srv.kind.startswith("panels"):
-                    moves.append((srv.packed, lambda v, srv=srv: setattr(srv, "packed", v)))
-                else:
+                    moves.append(((srv.packed,), lambda vs, srv=srv: setattr(srv, "packed", vs[0])))
+                else:   # its serving product reads the weight as stored (a tied one once)
                     seen.add(id(lin.weight))
-                    def put_weight(v, lin=lin, srv=srv):
-                        lin.weight.data = v
+
+                    def put_weight(vs, lin=lin, srv=srv):
+                        lin.weight.data = vs[0]
                         srv.weight = lin.weight.detach()
-                    moves.append((lin.weight, put_weight))
+                    moves.append(((lin.weight,), put_weight))
         if not moves:
             return self
         align = 64
@@ -436,15 +435,18 @@ class Llama(nn.Module):
         def size(t: Tensor) -> int:
             return -(-t.numel() * t.element_size() // align) * align
 
-        buf = huge_page_buffer(sum(size(t) for t, _ in moves))
+        buf = huge_page_buffer(sum(size(t) for ts, _ in moves for t in ts))
         off = 0
         with torch.no_grad():
-            for t, put in moves:
-                n = t.numel() * t.element_size()
-                v = buf[off:off + n].view(t.dtype).view(t.shape)
-                v.copy_(t)
-                put(v)
-                off += size(t)
+            for ts, install in moves:
+                views = []
+                for t in ts:
+                    n = t.numel() * t.element_size()
+                    v = buf[off:off + n].view(t.dtype).view(t.shape)
+                    v.copy_(t)
+                    views.append(v)
+                    off += size(t)
+                install(views)
         for lin in self._linears():
             lin._serve_fn = None
         return self
