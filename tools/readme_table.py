@@ -248,6 +248,18 @@ def readme_summary() -> str:
         parts = [f"{r['dtype']} {r['tritium_tok_s']:.0f} tok/s ({r['speedup']:.2f}x the eager twin)"
                  for r in gen["rows"] if r["case"] == "decode batch 1"]
         lines.append("- SmolLM2-135M decode, batch 1: " + ", ".join(parts) + ".")
+    quant = load("generate-quant.json")
+    if quant:   # the fastest batch-1 decode of each weights mode, with its ratio to llama.cpp's matching files
+        best = {}
+        for r in quant["rows"]:
+            top = best.get(r["weights"])
+            if r["case"] == "decode batch 1" and (top is None or r["tritium_tok_s"] > top["tritium_tok_s"]):
+                best[r["weights"]] = r
+        parts = [f"{w} {r['dtype']}{' int8-act' if r['int8_act'] else ''} {r['tritium_tok_s']:.0f} tok/s ("
+                 + ", ".join(f"{x:.2f}x {k}" for k, x in r["vs_llama_cpp"].items()) + ")"
+                 for w, r in best.items()]
+        lines.append(f"- vs llama.cpp ({quant['machine']['cpu']}, {quant['machine']['time'][:10]}), SmolLM2-135M "
+                     "decode batch 1, tritium's fastest per weights mode: " + "; ".join(parts) + ".")
     lines += ["", "![speedup of each headline row over eager and torch.compile](bench/results/ops-headline.png)",
               SUMMARY_END]
     return "\n".join(lines)
