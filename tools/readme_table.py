@@ -92,7 +92,8 @@ QUANT_PROSE = """\
 SmolLM2-135M with quantized weights (docs/quantization.md) and llama.cpp (llama-cpp-python) as the peer, on the
 same GGUF file and on llama.cpp's own requantised Q4_0, Q8_0, F16 and F32 copies of it, the cases alternated so
 a slow spell hits both sides. **weights**: native (each matrix at its stored type: Q4_1 layers, Q8_0 embedding
-and head), int8 / int4 (quantized at load), float (dequantised to the dtype); **act**: float activations, or
+and head), native:Q4_0 (llama.cpp's requantised Q4_0 file served natively, against llama.cpp on that same
+file), int8 / int4 (quantized at load), float (dequantised to the dtype); **act**: float activations, or
 int8 on the projections that read a norm's output (QKV, gate/up, LM head; llama.cpp quantizes every one).
 **vs llama.cpp**: tritium's tok/s over the peer's on the case the bar pairs it with. **beyond**: the share of a
 step's time beyond streaming its weights at the copy bandwidth. Decode steps run through serve_decode (every

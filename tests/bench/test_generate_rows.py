@@ -23,7 +23,11 @@ def test_plan_float_weights_take_no_int8_activations():
     assert plan == [("float", "bfloat16", False), ("int8", "bfloat16", False), ("int8", "bfloat16", True)]
 
 
-@pytest.mark.parametrize("weights,act", [("int3", "off"), ("native", "yes")])
+def test_plan_takes_llama_cpp_variant_files():
+    assert g.parse_plan("native:Q4_0", "float32", "on", WEIGHT_MODES) == [("native:Q4_0", "float32", True)]
+
+
+@pytest.mark.parametrize("weights,act", [("int3", "off"), ("native", "yes"), ("native:Q3_K", "off")])
 def test_plan_rejects_unknown_values(weights, act):
     with pytest.raises(ValueError):
         g.parse_plan(weights, "float32", act, WEIGHT_MODES)
@@ -35,6 +39,7 @@ def test_peer_pairs():
     assert g.peer_pairs("native", "bfloat16") == ["file", "Q4_0"]
     assert g.peer_pairs("int8", "float32") == ["Q8_0"]
     assert g.peer_pairs("int4", "float32") == ["Q4_0"]
+    assert g.peer_pairs("native:Q4_0", "bfloat16") == ["Q4_0"]
     assert {k for w in WEIGHT_MODES for d in ("float32", "bfloat16") for k in g.peer_pairs(w, d)} == set(
         g.PEER_VARIANTS)
 

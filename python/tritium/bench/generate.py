@@ -10,7 +10,9 @@ beyond streaming them at this machine's copy bandwidth.
 The peer: when llama-cpp-python is importable (and not --no-peer), llama.cpp runs the decode-batch-1 and prefill
 cases on the same GGUF file and on Q4_0 / Q8_0 / F16 / F32 variants of it made by llama.cpp's own quantizer
 (cached under ~/.cache/tritium-peer/), alternating with tritium so a slow spell of the shared machine hits both;
-each tritium row gets its tok/s over the matching llama.cpp variant's (peer_pairs).
+each tritium row gets its tok/s over the matching llama.cpp variant's (peer_pairs). ``--weights native:Q4_0``
+(any variant) serves llama.cpp's own requantised file natively, paired with llama.cpp on that same file: the
+same format and the same bytes on both sides.
 
 ``--quick`` measures one row (native weights, bfloat16 decode at batch 1, no prefill, no peer): the summary
 ``make demo`` prints.
@@ -45,6 +47,8 @@ def peer_pairs(weights: str, dtype: str) -> List[str]:
     file itself and with Q4_0, int8 with Q8_0, int4 with Q4_0."""
     if weights == "float":
         return ["F32"] if dtype == "float32" else ["F16"] if dtype in ("bfloat16", "float16") else []
+    if weights.startswith("native:"):   # llama.cpp's variant file served natively: paired with that same file
+        return [weights.split(":", 1)[1]]
     return {"native": ["file", "Q4_0"], "int8": ["Q8_0"], "int4": ["Q4_0"]}.get(weights, [])
 
 
@@ -63,8 +67,9 @@ def parse_plan(weights: str, dtypes: str, int8_act: str,
         acts.append(a == "on")
     plan = []
     for w in _split(weights):
-        if w not in modes:
-            raise ValueError(f"--weights takes {', '.join(modes)}, got {w!r}")
+        if w not in modes and not (w.startswith("native:") and w.split(":", 1)[1] in PEER_FTYPES):
+            raise ValueError(f"--weights takes {', '.join(modes)} or native:<{'|'.join(PEER_FTYPES)}>, "
+                             f"got {w!r}")
         for d in _split(dtypes):
             d = dtype_name(parse_dtype(d))
             for a in ([False] if w == "float" else acts):
@@ -79,7 +84,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(overrides the options below)")
     p.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--weights", default="native,float",
-                   help="weights modes (tritium.models.WEIGHT_MODES: float, native, int8, int4), comma-separated")
+                   help="weights modes (tritium.models.WEIGHT_MODES: float, native, int8, int4; native:Q4_0 etc.: "
+                   "llama.cpp's requantised file served natively), comma-separated")
     p.add_argument("--dtypes", default="float32,bfloat16", help="activation dtypes, comma-separated")
     p.add_argument("--int8-act", default="off",
                    help="on and/or off, comma-separated: quantized layers quantize their activations to int8")
@@ -378,8 +384,16 @@ def _measure(args, weights: str, dtype: torch.dtype, int8_act: bool, bw: float, 
 
     dname = dtype_name(dtype)
     tag = f"{weights} {dname}{' int8-act' if int8_act else ''}"
+    path, mode = args.model, weights
+    if weights.startswith("native:"):
+        variant = weights.split(":", 1)[1]
+        if peer is None or variant not in peer.variants:
+            console.print(f"[dim]{weights} skipped: it serves llama.cpp's {variant} file, which needs the peer "
+                          f"with that variant[/dim]")
+            return []
+        path, mode = peer.path(variant), "native"
     with console.status(f"loading the model: {tag}"):
-        model, _ = tritium.models.load(args.model, dtype, weights=weights, int8_act=int8_act)
+        model, _ = tritium.models.load(path, dtype, weights=mode, int8_act=int8_act)
         eager = EagerLlama(model.config).to(dtype).load_weights(model.hf_state_dict()).requires_grad_(False)
         if not model.is_packed:             # float layers get their serving copies (quantized ones are served as is)
             model.pack_for_inference()
