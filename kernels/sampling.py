@@ -1,13 +1,13 @@
 """Fused sampling: one program per row (tritium.reference.sampling_distribution is the spec).
 
-Per row of V logits: z = float(x) into a float32 workspace row (the later passes read it from L2), raw max and
-log-sum-exp (the chosen token's raw log-probability), penalties over the history (each distinct token once) and
-logit bias as scalar updates, argmax (greedy), then with e = exp((z - max) / T) computed on the fly:
-top_k cut = the largest t with count(e >= t) >= k and top_p cut = the largest t with mass(e >= t) >= top_p *
-mass(top-k set), both found by bisection over the bit patterns of t in [0, 1] (positive floats order as their
-bits; 31 count passes, no sort), min_p cut = min_p, and the draw: the first index where the running kept mass
-passes u * kept mass (a cumulative sum per block).
-Traffic: reads V logits, writes and re-reads a V-float workspace row (from L2) a few dozen times at most.
+Per row of V logits: z = float(x) into a float32 workspace row (the later passes read it from L2) and the raw max,
+penalties over the history (each distinct token once) and logit bias as scalar updates, argmax (greedy), then with
+e = exp((z - max) / T) computed on the fly: top_k cut = the largest t with count(e >= t) >= k and top_p cut = the
+largest t with mass(e >= t) >= top_p * mass(top-k set), both found by bisection over the bit patterns of t in
+[0, 1] (positive floats order as their bits; 31 count passes, no sort), min_p cut = min_p, and the draw: the first
+index where the running kept mass passes u * kept mass (a cumulative sum per block); last, the raw log-sum-exp
+(the chosen token's raw log-probability) from the logits.
+Traffic: reads V logits twice, writes and re-reads a V-float workspace row (from L2) a few dozen times at most.
 """
 import torch
 import triton
@@ -42,34 +42,22 @@ def _sample_kernel(
     X += r * stride_x
     Z += r * V
     cols = tl.arange(0, BLOCK)
-    # raw values into the workspace; max; NaN / +inf detection
+    # Raw values into the workspace, and their max with NaN counted as +inf: rmax is +inf for a row with a NaN or
+    # +inf logit and -inf for a row of -inf (both invalid), so rmax alone carries the row's validity. It is the one
+    # value kept from here to the raw log-sum-exp at the end; parameters are loaded where their pass begins. Few
+    # scalars live across the long passes below, so ptxas has none to spill.
     mx = tl.full([BLOCK], float("-inf"), tl.float32)
-    bad = tl.zeros([BLOCK], tl.int32)
     for off in range(0, V, BLOCK):
         c = off + cols
         x = tl.load(X + c, mask=c < V, other=float("-inf")).to(tl.float32)
         tl.store(Z + c, x, mask=c < V)
-        bad = tl.maximum(bad, ((x != x) | (x == float("inf"))).to(tl.int32))
-        mx = tl.maximum(mx, tl.where(x == x, x, float("-inf")))
+        mx = tl.maximum(mx, tl.where(x == x, x, float("inf")))
     rmax = tl.max(mx, axis=0)
-    invalid = (tl.max(bad, axis=0) > 0) | (rmax == float("-inf"))
-    rmax_safe = tl.where(invalid, 0.0, rmax)
-    rs = tl.zeros([BLOCK], tl.float32)
-    for off in range(0, V, BLOCK):
-        c = off + cols
-        x = tl.load(Z + c, mask=c < V, other=float("-inf"))
-        rs += tl.where(c < V, tl.exp(x - rmax_safe), 0.0)
-    raw_lse = rmax_safe + tl.log(tl.sum(rs, axis=0))
-
-    temperature = tl.load(P + r * 7 + 0)
-    top_k = tl.load(P + r * 7 + 1).to(tl.int32)
-    top_p = tl.load(P + r * 7 + 2)
-    min_p = tl.load(P + r * 7 + 3)
-    rep = tl.load(P + r * 7 + 4)
-    pres = tl.load(P + r * 7 + 5)
-    freq = tl.load(P + r * 7 + 6)
     tl.debug_barrier()  # the workspace row is complete before the scalar updates read it
     if HAS_HIST:
+        rep = tl.load(P + r * 7 + 4)
+        pres = tl.load(P + r * 7 + 5)
+        freq = tl.load(P + r * 7 + 6)
         hs = tl.arange(0, BLOCK_H)
         for j in range(0, L):
             t = tl.load(HIST + r * L + j)
@@ -103,8 +91,11 @@ def _sample_kernel(
         best_i = tl.where(take, c, best_i)
     pmax = tl.max(best, axis=0)
     token = tl.min(tl.where(best == pmax, best_i, V), axis=0)
-    invalid = invalid | (pmax == float("-inf")) | (pmax != pmax) | (pmax == float("inf"))
+    temperature = tl.load(P + r * 7 + 0)
     if temperature > 0:
+        top_k = tl.load(P + r * 7 + 1).to(tl.int32)
+        top_p = tl.load(P + r * 7 + 2)
+        min_p = tl.load(P + r * 7 + 3)
         inv_t = 1.0 / temperature
         cut = tl.zeros([], tl.float32)
         if (top_k > 0) & (top_k < V):
@@ -146,6 +137,16 @@ def _sample_kernel(
             last = tl.maximum(last, tl.max(tl.where(keep, c, -1), axis=0))
             cum += tl.sum(ek, axis=0)
         token = tl.where(token == V, last, token)  # u * mass rounded up to the whole mass: the last kept token
+    # the raw log-sum-exp (for the chosen token's raw log-probability), from the logits themselves
+    row_invalid = tl.abs(rmax) == float("inf")
+    rmax_safe = tl.where(row_invalid, 0.0, rmax)
+    rs = tl.zeros([BLOCK], tl.float32)
+    for off in range(0, V, BLOCK):
+        c = off + cols
+        x = tl.load(X + c, mask=c < V, other=float("-inf")).to(tl.float32)
+        rs += tl.where(c < V, tl.exp(x - rmax_safe), 0.0)
+    raw_lse = rmax_safe + tl.log(tl.sum(rs, axis=0))
+    invalid = row_invalid | (pmax == float("-inf")) | (pmax != pmax) | (pmax == float("inf"))
     invalid = invalid | (token < 0) | (token >= V)
     token = tl.where(invalid, -1, token)
     lp = tl.load(X + tl.where(invalid, 0, token)).to(tl.float32) - raw_lse
