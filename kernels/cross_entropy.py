@@ -30,15 +30,6 @@ def _ce_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     X += row * stride_x
     GRAD += row * C
-    t = tl.load(T + row * stride_t)
-    valid = t != ignore_index
-    tl.device_assert(~valid | ((t >= 0) & (t < C)), "target out of bounds")
-    t = tl.where(valid, t, 0)
-    xt = tl.load(X + t).to(tl.float32)
-    if HAS_W:
-        wt = tl.load(W + t).to(tl.float32)
-    else:
-        wt = 1.0
     cols = tl.arange(0, BLOCK_N)
     if SINGLE_BLOCK:
         mask = cols < C
@@ -78,6 +69,17 @@ def _ce_fwd_kernel(
         if SMOOTH:
             q = tl.sum(q_l, axis=0)
             wsum = tl.sum(w_l, axis=0)
+    # The target, x_t and w_t are loaded after the row pass, not before it: kept across the looped pass (beside its
+    # four accumulators) they were what ptxas spilled.
+    t = tl.load(T + row * stride_t)
+    valid = t != ignore_index
+    tl.device_assert(~valid | ((t >= 0) & (t < C)), "target out of bounds")
+    t = tl.where(valid, t, 0)
+    xt = tl.load(X + t).to(tl.float32)
+    if HAS_W:
+        wt = tl.load(W + t).to(tl.float32)
+    else:
+        wt = 1.0
     if MEAN:
         inv = 1.0 / tl.load(TOTAL)
     else:
