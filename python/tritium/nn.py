@@ -347,6 +347,20 @@ class RotaryEmbedding(torch.nn.Module):
 
 
 # ---- quantized weights ----
+# Bumped whenever a served weight or its activation mode changes (a QuantizedLinear's weight or int8_act, a tritium
+# Llama projection's serving state): descriptions of the serving path cached elsewhere (Llama's serve_decode
+# arguments) compare it and rebuild.
+_serving_version = [0]
+
+
+def serving_version() -> int:
+    return _serving_version[0]
+
+
+def bump_serving_version() -> None:
+    _serving_version[0] += 1
+
+
 class QuantizedLinear(torch.nn.Module):
     """A Linear layer whose weight is stored quantized (tritium.ops.quant.QuantizedWeight: 4- or 8-bit integers
     with per-group scales, packed for its device's kernel); inference and frozen-base training (the input
@@ -369,6 +383,16 @@ class QuantizedLinear(torch.nn.Module):
         self.weight = w   # not a buffer: module._apply must not cast the float16 scales
         self.bits, self.group = w.bits, w.group
         self.in_features, self.out_features = w.k, w.n
+        bump_serving_version()
+
+    @property
+    def int8_act(self) -> bool:
+        return self._int8_act
+
+    @int8_act.setter
+    def int8_act(self, value: bool) -> None:
+        self._int8_act = bool(value)
+        bump_serving_version()
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, mode: str = "int8", group_size: int = None,

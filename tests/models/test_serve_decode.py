@@ -77,3 +77,20 @@ def test_decode_plans_name_each_projection_kind():
     if cpu_has_bf16_dot():
         assert kinds(_model("bf16-packed"), 1) == {KIND["small"]}
         assert kinds(_model("bf16-packed"), 2) == {KIND["onednn"]}
+
+
+def test_decode_args_follow_weight_and_activation_changes():
+    """serve_decode's arguments are cached, and rebuilt when a served weight or activation mode changes: through
+    the model's methods or a QuantizedLinear's own attribute."""
+    from tritium.ops.serve import KIND
+
+    m = _model("f32")
+    assert m._decode_args(1) is m._decode_args(1)              # cached
+    assert m._decode_args(1)[1][0] == KIND["small"]
+    m.quantize_("int8")
+    weights, ints = m._decode_args(1)
+    assert ints[0] == KIND["quant"] and ints[5] == 0           # kind, then bits, group, n, k, int8_act
+    m.set_int8_activations(True)
+    assert m._decode_args(1)[1][5] == 1                        # wqkv reads a norm's output: int8
+    m.layers[0].attention.wqkv.quant.int8_act = False
+    assert m._decode_args(1)[1][5] == 0

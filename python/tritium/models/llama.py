@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 import tritium
 from tritium.ops.activations import GATE_OPS, LAYOUT_GATE_UP
+from tritium.nn import bump_serving_version, serving_version
 from tritium.ops.linear import PackedLinear
 
 # the serving path's ops (Block.serve, Llama._serve_decoder): called directly, with arguments the engine builds
@@ -32,6 +33,7 @@ _ADD_RMS_NORM = torch.ops.tritium.fused_add_rms_norm_fwd.default
 _ROPE = torch.ops.tritium.rope_fwd.default
 _SWIGLU = GATE_OPS["swiglu"][0]
 _SERVE_DECODE = torch.ops.tritium.serve_decode.default
+_NO_PLAN = object()
 
 
 @dataclass
@@ -159,11 +161,20 @@ class Linear(nn.Module):
         self.server: Optional[PackedLinear] = None
         self.quant: Optional[nn.Module] = None   # set_quantized: the weight stored quantized instead
         self._serve_fn = None                    # serve()'s product, built on first use
+        self._plans: dict = {}                   # decode_plan's descriptions, built on first use
+
+    def reset_serving(self) -> None:
+        """Drop serve()'s callable and decode_plan's descriptions (built again on next use): after the weight
+        or its serving copies change."""
+        self._serve_fn = None
+        self._plans = {}
+        bump_serving_version()
 
     def set_quantized(self, quant: Optional[nn.Module], dtype: torch.dtype = torch.float32) -> None:
         """Serve (and run the plain forward) through quant, a tritium.nn.QuantizedLinear (or QuantizedParts),
         releasing the float weight; None goes back to a float weight (uninitialised, of dtype, if it had none)."""
-        self.quant, self.server, self._serve_fn = quant, None, None
+        self.quant, self.server = quant, None
+        self.reset_serving()
         if quant is not None:
             self.weight = None
         elif self.weight is None:
@@ -184,17 +195,28 @@ class Linear(nn.Module):
         return self._serve_fn(x)
 
     def decode_plan(self, rows: int) -> Optional[tuple]:
-        """serve()'s product for `rows` rows as tritium.ops.serve.serve_decode describes a projection (kind, three
-        tensors, five ints), or None when it has no such description (quantized parts of different formats, a
-        bias)."""
+        """serve()'s product for `rows` rows as tritium.ops.serve.serve_decode takes a projection: (its three
+        tensors, its six ints: kind then five parameters), or None when it has none (quantized parts of
+        different formats, a bias). Built once per row count (float) or activation mode (quantized)."""
+        q = self.quant
+        key = rows if q is None else getattr(q, "int8_act", None)
+        plan = self._plans.get(key, _NO_PLAN)
+        if plan is _NO_PLAN:
+            plan = self._plans[key] = self._make_decode_plan(rows)
+        return plan
+
+    def _make_decode_plan(self, rows: int) -> Optional[tuple]:
         from tritium.nn import QuantizedLinear
 
         q = self.quant
         if q is None:
-            return (self.server or PackedLinear(self.weight, self.swiglu, pack=False)).decode_plan(rows)
-        if isinstance(q, QuantizedLinear) and q.bias is None:
-            return q.weight.decode_plan(q.int8_act)
-        return None
+            server = self.server or PackedLinear(self.weight, self.swiglu, pack=False)
+            kind, tensors, ints = server.decode_plan(rows)
+        elif isinstance(q, QuantizedLinear) and q.bias is None:
+            kind, tensors, ints = q.weight.decode_plan(q.int8_act)
+        else:
+            return None
+        return tuple(tensors), (kind, *ints)
 
     def _build_serve_fn(self):
         q = self.quant
@@ -311,6 +333,11 @@ class Block(nn.Module):
         self.mlp = MLP(c)
         self.eps = c.norm_eps
 
+    @property
+    def projections(self) -> Tuple[Linear, Linear, Linear, Linear]:
+        """The block's projections in a step's order (serve_decode's): wqkv, wo, w_gate_up, w_down."""
+        return self.attention.wqkv, self.attention.wo, self.mlp.w_gate_up, self.mlp.w_down
+
     def forward(self, y: Tensor, h: Tensor, next_norm: Tensor, cos: Tensor, sin: Tensor) -> Tuple[Tensor, Tensor]:
         a = self.attention(y, cos, sin)
         y, h = tritium.fused_add_rms_norm(a, h, self.mlp_norm, self.eps)
@@ -357,8 +384,9 @@ class Llama(nn.Module):
         epilogue, oneDNN's blocked layout for 16-bit). The plain forward keeps reading the parameters (autograd).
         On CPU the copies take as much memory again as the weights. enable=False drops them. load_weights and
         .to() drop them too; after changing the weights in place, call this again."""
+        self.__dict__.pop("_decode_cache", None)
         for lin in self._linears():
-            lin._serve_fn = None
+            lin.reset_serving()
             if lin.quant is None:
                 lin.server = PackedLinear(lin.weight, lin.swiglu) if enable else None
         return self.consolidate_weights() if enable else self
@@ -403,6 +431,7 @@ class Llama(nn.Module):
         from tritium.ops.quant import QuantizedWeight
         from tritium.utils import huge_page_buffer
 
+        self.__dict__.pop("_decode_cache", None)   # it holds the tensors being replaced
         if self.device.type != "cpu":
             return self
         moves = []   # (tensors, install(views)): each group installed together, in reading order
@@ -448,7 +477,7 @@ class Llama(nn.Module):
                     off += size(t)
                 install(views)
         for lin in self._linears():
-            lin._serve_fn = None
+            lin.reset_serving()
         return self
 
     def _tie_quantized(self) -> None:
@@ -607,18 +636,28 @@ class Llama(nn.Module):
 
     def _decode_args(self, rows: int) -> Optional[Tuple[List[Tensor], List[int]]]:
         """serve_decode's (weights, linears) for a decode step of `rows` rows, or None when a projection has no
-        description (Linear.decode_plan)."""
+        description (Linear.decode_plan). Cached per row count until a served weight or activation mode changes
+        anywhere (tritium.nn.serving_version): gathering them walks some 400 module attributes."""
+        version = serving_version()
+        cache = self.__dict__.get("_decode_cache")
+        if cache is None or cache[0] != version:
+            cache = self.__dict__["_decode_cache"] = (version, {})
+        args = cache[1].get(rows, _NO_PLAN)
+        if args is _NO_PLAN:
+            args = cache[1][rows] = self._gather_decode_args(rows)
+        return args
+
+    def _gather_decode_args(self, rows: int) -> Optional[Tuple[List[Tensor], List[int]]]:
         weights: List[Tensor] = []
         ints: List[int] = []
         for block in self.layers:
             weights += (block.attn_norm, block.mlp_norm)
-            for lin in (block.attention.wqkv, block.attention.wo, block.mlp.w_gate_up, block.mlp.w_down):
+            for lin in block.projections:
                 plan = lin.decode_plan(rows)
                 if plan is None:
                     return None
-                weights += plan[1]
-                ints.append(plan[0])
-                ints += plan[2]
+                weights += plan[0]
+                ints += plan[1]
         return weights, ints
 
     def _serve_decoder(self, x: Tensor, step: StepInput, kv: Sequence[Tuple[Tensor, Tensor]],
