@@ -27,6 +27,8 @@ from torch import Tensor
 
 from ..models.llama import StepInput
 from .cache import PagedKVCache
+from ..ops._library import kernel_ok
+from ..ops.sampling import sample_op
 from .sampling import SamplingParams, sample
 
 
@@ -121,6 +123,7 @@ class Engine:
         self.cache = PagedKVCache(c.n_layers, num_blocks, block_size, c.n_kv_heads, c.head_dim, model.dtype,
                                   model.device)
         self.pools = list(zip(self.cache.k_pools, self.cache.v_pools))
+        self._greedy_args: Dict[tuple, tuple] = {}   # _greedy's uniform and params tensors per logits shape
         self.waiting: Deque[Request] = collections.deque()
         self.running: List[Request] = []
         self.stats = dict(prefill_tokens=0, prefill_time=0.0, decode_tokens=0, decode_time=0.0, steps=0,
@@ -274,7 +277,7 @@ class Engine:
         if greedy:    # argmax and its log-softmax in one pass per row (the fused sampler at temperature 0)
             lg = logits if len(greedy) == logits.shape[0] else \
                 logits.index_select(0, torch.tensor(greedy, device=logits.device))
-            toks, lps = sample(lg, _GREEDY, on_invalid="flag")
+            toks, lps = self._greedy(lg)
             picked = dict(zip(greedy, zip(toks.tolist(), lps.tolist())))
         sampled = [i for i, (r, _) in enumerate(rows) if r.num_beams == 1 and i not in picked]
         if sampled:  # one fused call: per-row params, penalties over each row's generated tokens, seeds
@@ -298,6 +301,21 @@ class Engine:
             s.tokens.append(t)
             s.logprobs.append(lp)
             self._after_token(r, s, t)
+
+    def _greedy(self, logits: Tensor) -> tuple:
+        """(tokens, logprobs) of greedy rows: the sampler op with a cached temperature-0 table (the public
+        sample() builds and validates one per call, which costs as much as the kernel at one row); sample()
+        itself where the kernels do not take the logits (dtype, backend)."""
+        if not kernel_ok(logits):
+            return sample(logits, _GREEDY, on_invalid="flag")
+        key = (logits.shape, logits.device)
+        args = self._greedy_args.get(key)
+        if args is None:
+            b = logits.shape[0]
+            # SamplingParams(temperature=0)'s row of sample()'s table
+            table = torch.tensor([[0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0]], device=logits.device).expand(b, 7).contiguous()
+            args = self._greedy_args[key] = (torch.zeros(b, device=logits.device), table)
+        return sample_op(logits if logits.stride(-1) == 1 else logits.contiguous(), *args, None, None, None)
 
     def _after_token(self, r: Request, s: _Seq, t: int) -> None:
         gen = s.generated
