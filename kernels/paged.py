@@ -56,7 +56,7 @@ def _paged_decode_kernel(
     stride_tb, stride_tn, n_splits,
     scale, softcap, window, block_size, split_len,
     G: tl.constexpr, D: tl.constexpr,
-    BLOCK_G: tl.constexpr,       # the GQA group padded to >= 16 rows so both products are tensor-core dots
+    BLOCK_G: tl.constexpr,       # the GQA group (padded to >= 16 rows for the tensor-core dots of 16-bit caches)
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,   # Gemma-2 style s = c * tanh(s / c); off: no tanh in the inner loop
     HAS_WINDOW: tl.constexpr,    # sliding window: only the last `window` tokens
@@ -162,7 +162,11 @@ def paged_attention_decode(q, k_pool, v_pool, block_tables, seq_lens, scale, sof
     out = torch.empty((B, Hq, D), device=q.device, dtype=q.dtype)
     if B == 0:
         return out
-    block_n = 32
+    # float32 caches multiply in IEEE float32, i.e. on the FMA units rather than tensor cores: each thread then holds
+    # whole K-rows of both operands, so those tiles are kept small (16 tokens per step, the group not padded to the
+    # 16 rows a tensor-core dot needs) to stay within the registers.
+    ieee = q.dtype == torch.float32
+    block_n = 16 if ieee else 32
     max_ctx = block_tables.shape[1] * bs
     if window is not None:
         max_ctx = min(max_ctx, window)
@@ -180,8 +184,9 @@ def paged_attention_decode(q, k_pool, v_pool, block_tables, seq_lens, scale, sof
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         v_pool.stride(0), v_pool.stride(1), v_pool.stride(2), block_tables.stride(0), block_tables.stride(1),
         splits, scale, softcap if softcap is not None else 1.0, window if window is not None else 0, bs, split_len,
-        G=G, D=D, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_D=block_d, BLOCK_N=block_n,
-        HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, IEEE_F32=q.dtype == torch.float32,
+        G=G, D=D, BLOCK_G=triton.next_power_of_2(G) if ieee else max(16, triton.next_power_of_2(G)),
+        BLOCK_D=block_d, BLOCK_N=block_n,
+        HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, IEEE_F32=ieee,
         num_warps=4,
     )
     _paged_merge_kernel[(B * Hq,)](o_part, lse_part, out, splits, D,
