@@ -260,14 +260,14 @@ def _attn_bwd_dq_kernel(
 def _blocks(d: int, backward: bool, element_size: int = 2):
     """(BLOCK_M, BLOCK_N, num_warps) per head dim: the K/V tiles of a block (and Q, dO in backward) must fit
     shared memory with two pipeline stages on sm_80 (164 KiB) and leave registers for the accumulators.
-    float32 tiles are twice the bytes, so the forward halves BLOCK_M for them above head dim 64."""
+    float32 inputs multiply in IEEE float32 on the FMA units, not tensor cores: there each thread holds whole
+    head-dim rows of both dot operands in registers, so the forward takes small tiles over 8 warps for them."""
     if not backward:
-        wide = element_size >= 4
+        if element_size >= 4:
+            return (64, 64, 8) if d <= 64 else (32, 32, 8) if d <= 128 else (32, 16, 8)
         if d <= 64:
             return 128, 64, 4
-        if d <= 128:
-            return (64, 32, 4) if wide else (128, 32, 8)
-        return (32, 16, 4) if wide else (64, 32, 8)
+        return (128, 32, 8) if d <= 128 else (64, 32, 8)
     if d <= 64:
         return 64, 64, 4
     if d <= 128:  # (64, 32) needs 169 KiB on sm_80 for float32 at a padded head dim (80 -> 128)
