@@ -25,11 +25,11 @@ SUMMARY_START, SUMMARY_END = "<!-- bench-summary:start -->", "<!-- bench-summary
 KNOWN = [
     ("ops-headline.json", "tritium bench ops --headline --json bench/results/ops-headline.json "
                           "--plot bench/results/ops-headline.png"),
-    ("generate.json", "tritium bench generate --json bench/results/generate.json"),
+    ("generate.json", "tritium bench generate --weights float --no-peer --json bench/results/generate.json"),
     ("models.json", "tritium bench models --json bench/results/models.json"),
     ("attention-memory.json", "tritium bench memory --json bench/results/attention-memory.json"),
-    ("generate-quant.json", "tritium bench generate --weights native,int8,float --dtypes float32,bfloat16 "
-                            "--int8-act off,on --batches 1,16 --decode-tokens 16 --json "
+    ("generate-quant.json", "tritium bench generate --weights native,native:Q4_0,int8,float --dtypes "
+                            "float32,bfloat16 --int8-act off,on --batches 1,16 --json "
                             "bench/results/generate-quant.json"),
 ]
 
@@ -69,15 +69,16 @@ Rows with a peak-memory column measured one call's extra resident memory (eager 
 """
 
 GENERATE_PROSE = """\
-SmolLM2-135M: tritium's decoder served by `tritium.inference.Engine` (paged KV cache, fused ops, continuous
-batching) against `tritium.models.eager.EagerLlama`, a plain-PyTorch twin with the same weights and a contiguous
-KV cache, measured alternately so a slow spell of the machine hits both. Decode rows time steady-state decode
-steps at each batch size (**weights BW**: weight bytes read per step over the step time, as a fraction of the copy
-bandwidth); **vs batch 1** is the throughput relative to batch 1. The prefill row times one 512-token prompt
-step. Serving packs the weights at load (float: column panels for tritium's register-tiled GEMM, `csrc/panel.h`;
-16-bit: oneDNN's blocked layout) so no product repacks them per call; the gate/up weight is packed with gate and
-up rows interleaved so SwiGLU runs in the product's epilogue; a prefill's last layer runs only the rows whose
-logits are wanted.
+SmolLM2-135M with float weights (the quantized modes and llama.cpp have their own section below): tritium's decoder
+served by `tritium.inference.Engine` (paged KV cache, fused ops, continuous batching; a decode step's layers in one
+call, serve_decode) against `tritium.models.eager.EagerLlama`, a plain-PyTorch twin with the same weights and a
+contiguous KV cache, measured alternately so a slow spell of the machine hits both. Decode rows time steady-state
+decode steps at each batch size (**weights BW**: weight bytes read per step over the step time, as a fraction of
+the copy bandwidth); **vs batch 1** is the throughput relative to batch 1. The prefill row times one 512-token
+prompt step. Serving packs the weights at load (float: column panels for tritium's register-tiled GEMM,
+`csrc/panel.h`; 16-bit: oneDNN's blocked layout) so no product repacks them per call; the gate/up weight is packed
+with gate and up rows interleaved so SwiGLU runs in the product's epilogue; a prefill's last layer runs only the
+rows whose logits are wanted.
 """
 
 MODELS_PROSE = """\
@@ -247,8 +248,8 @@ def readme_summary() -> str:
                      f"{geomean([r['speedup_compile'] for r in rows]):.2f}x torch.compile.")
     if gen:
         parts = [f"{r['dtype']} {r['tritium_tok_s']:.0f} tok/s ({r['speedup']:.2f}x the eager twin)"
-                 for r in gen["rows"] if r["case"] == "decode batch 1"]
-        lines.append("- SmolLM2-135M decode, batch 1: " + ", ".join(parts) + ".")
+                 for r in gen["rows"] if r["case"] == "decode batch 1" and r.get("weights", "float") == "float"]
+        lines.append("- SmolLM2-135M decode, batch 1, float weights: " + ", ".join(parts) + ".")
     quant = load("generate-quant.json")
     if quant:   # the fastest batch-1 decode of each weights mode, with its ratio to llama.cpp's matching files
         best = {}
