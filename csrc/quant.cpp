@@ -312,25 +312,41 @@ const Activations& prepare(const at::Tensor& x, int64_t k, bool int8_act) {
   return a;
 }
 
+// A packed weight's tiles as the tile kernels take them: tile t's blocks, its (groups, 16) scales and mins.
+struct Tiles {
+  const uint8_t* q;
+  const uint8_t* s;
+  const uint8_t* m;  // nullptr: symmetric
+  int64_t count, nb, bb, ng, group_blocks;
+  bool half;
+  Tiles(const at::Tensor& qdata, const at::Tensor& scales, const c10::optional<at::Tensor>& mins, int64_t group)
+      : q(qdata.const_data_ptr<uint8_t>()), s(static_cast<const uint8_t*>(scales.const_data_ptr())),
+        m(has(mins) ? static_cast<const uint8_t*>(mins->const_data_ptr()) : nullptr), count(qdata.size(0)),
+        nb(qdata.size(1)), bb(qdata.size(2)), ng(scales.size(1)), group_blocks(group == 16 ? 0 : group / kBlock),
+        half(scales.scalar_type() == at::kHalf) {}
+  int64_t scale_bytes() const { return ng * kTile * (half ? 2 : 4); }
+  const uint8_t* blocks(int64_t t) const { return q + t * nb * bb; }
+  const uint8_t* scales(int64_t t) const { return s + t * scale_bytes(); }
+  const uint8_t* mins(int64_t t) const { return m ? m + t * scale_bytes() : nullptr; }
+};
+
+int checked_isa(const char* what) {
+  const int isa = quant::current_isa();
+  TORCH_CHECK(isa >= 0, what, ": this CPU has neither AVX-512 nor AVX2 + FMA + F16C");
+  return isa;
+}
+
 // W^T (K, N) in float32, a view (row stride: the tiles' padded width) of a pooled buffer: the tile kernels'
 // dequantisation (tile_dequant_t, vectorised), for the products that run as one GEMM on the float weight.
 at::Tensor dequantize_t(const at::Tensor& qdata, const at::Tensor& scales, const c10::optional<at::Tensor>& mins,
                         int64_t bits, int64_t group, int64_t n, int64_t k) {
-  const int isa = quant::current_isa();
-  TORCH_CHECK(isa >= 0, "quantized products: this CPU has neither AVX-512 nor AVX2 + FMA + F16C");
-  const int64_t tiles = qdata.size(0), nb = qdata.size(1), bb = qdata.size(2), ng = scales.size(1);
-  const int64_t gblocks = group == 16 ? 0 : group / kBlock;
-  const bool half = scales.scalar_type() == at::kHalf;
-  const int64_t esz = half ? 2 : 4;
-  const auto* sbase = static_cast<const uint8_t*>(scales.const_data_ptr());
-  const auto* mbase = has(mins) ? static_cast<const uint8_t*>(mins->const_data_ptr()) : nullptr;
-  auto wt = empty({k, tiles * kTile}, scales.options().dtype(at::kFloat));
-  const quant::DequantFn dq = kIsas[isa].dequant_t;
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+  const quant::DequantFn dq = kIsas[checked_isa("quantized products")].dequant_t;
+  const Tiles w(qdata, scales, mins, group);
+  auto wt = empty({k, w.count * kTile}, scales.options().dtype(at::kFloat));
+  at::parallel_for(0, w.count, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
-      dq(static_cast<int>(bits), half, qdata.const_data_ptr<uint8_t>() + t * nb * bb, sbase + t * ng * kTile * esz,
-         mbase ? mbase + t * ng * kTile * esz : nullptr, nb, gblocks, k, wt.mutable_data_ptr<float>() + t * kTile,
-         tiles * kTile);
+      dq(static_cast<int>(bits), w.half, w.blocks(t), w.scales(t), w.mins(t), w.nb, w.group_blocks, k,
+         wt.mutable_data_ptr<float>() + t * kTile, w.count * kTile);
   });
   return wt.narrow(1, 0, n);
 }
@@ -342,18 +358,11 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qdata, const at::
   TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "quant_linear: x must be (M, ", k, "), got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "quant_linear: x must be float32, bfloat16 or float16, got ", x.scalar_type());
-  const int isa = quant::current_isa();
-  TORCH_CHECK(isa >= 0, "quant_linear: this CPU has neither AVX-512 nor AVX2 + FMA + F16C");
+  const int isa = checked_isa("quant_linear");
   const int64_t M = x.size(0);
   auto y = empty({M, n}, x.options());
   if (M == 0) return y;
   const auto xc = x.stride(1) == 1 ? x : x.contiguous();
-  const int64_t tiles = qdata.size(0), nb = qdata.size(1), bb = qdata.size(2), ng = scales.size(1);
-  const int64_t gblocks = group == 16 ? 0 : group / kBlock;
-  const bool half = scales.scalar_type() == at::kHalf;
-  const int64_t esz = half ? 2 : 4;
-  const auto* sbase = static_cast<const uint8_t*>(scales.const_data_ptr());
-  const auto* mbase = has(mins) ? static_cast<const uint8_t*>(mins->const_data_ptr()) : nullptr;
   if (!int8_act && M >= kGemmRows) {
     // float activations, many rows (a prefill): the weight dequantised once into W^T (K, N) in x's dtype, then
     // one GEMM (MKL / oneDNN, whose 16-bit kernels multiply in 16 bits as the float model's do); the tile kernel
@@ -366,6 +375,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qdata, const at::
     }
     return y;
   }
+  const Tiles w(qdata, scales, mins, group);
   const Activations& act = prepare(xc, k, int8_act);
   const quant::TileFn fn = kIsas[isa].fn;
   const int64_t kp = padded_k(k);
@@ -373,13 +383,12 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qdata, const at::
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     // tiles per task: enough weight bytes x rows that a small product (a decode step's tiny layers) stays on one
     // thread instead of paying for a parallel region it cannot use
-    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, nb * bb * M));
-    at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, w.nb * w.bb * M));
+    at::parallel_for(0, w.count, grain, [&](int64_t t0, int64_t t1) {
       std::vector<float> out(M * kTile);
       for (int64_t t = t0; t < t1; ++t) {
-        fn(static_cast<int>(bits), half, int8_act, qdata.const_data_ptr<uint8_t>() + t * nb * bb,
-           sbase + t * ng * kTile * esz, mbase ? mbase + t * ng * kTile * esz : nullptr, nb, gblocks, M,
-           act.x(), kp, int8_act ? act.dx.data() : nullptr, act.sx16.data(), nb, out.data());
+        fn(static_cast<int>(bits), w.half, int8_act, w.blocks(t), w.scales(t), w.mins(t), w.nb, w.group_blocks, M,
+           act.x(), kp, int8_act ? act.dx.data() : nullptr, act.sx16.data(), w.nb, out.data());
         const int64_t cols = std::min(kTile, n - t * kTile);
         for (int64_t m = 0; m < M; ++m)
           for (int64_t c = 0; c < cols; ++c) yp[m * n + t * kTile + c] = static_cast<scalar_t>(out[m * kTile + c]);
