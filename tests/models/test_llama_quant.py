@@ -119,8 +119,7 @@ def test_mixed_formats_in_one_projection():
         torch.testing.assert_close(q(ids), f(ids), rtol=1e-5, atol=1e-5)
         before = q(ids)
         q.consolidate_weights()   # every quantized tensor, the parts' too, moves into the one huge-page buffer
-        parts = [m.weight for lin in q._linears() if lin.quant is not None
-                 for m in (lin.quant if isinstance(lin.quant, QuantizedParts) else [lin.quant])]
+        parts = [m.weight for lin in q._linears() for m in lin.quant_parts]
         assert len({t.untyped_storage().data_ptr() for w in parts for t in (w.qdata, w.scales, w.mins)}) == 1
         assert torch.equal(q(ids), before)
 

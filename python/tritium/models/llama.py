@@ -33,7 +33,7 @@ _ADD_RMS_NORM = torch.ops.tritium.fused_add_rms_norm_fwd.default
 _ROPE = torch.ops.tritium.rope_fwd.default
 _SWIGLU = GATE_OPS["swiglu"][0]
 _SERVE_DECODE = torch.ops.tritium.serve_decode.default
-_NO_PLAN = object()
+_MISSING = object()
 
 
 @dataclass
@@ -161,14 +161,18 @@ class Linear(nn.Module):
         self.server: Optional[PackedLinear] = None
         self.quant: Optional[nn.Module] = None   # set_quantized: the weight stored quantized instead
         self._serve_fn = None                    # serve()'s product, built on first use
-        self._plans: dict = {}                   # decode_plan's descriptions, built on first use
 
     def reset_serving(self) -> None:
-        """Drop serve()'s callable and decode_plan's descriptions (built again on next use): after the weight
-        or its serving copies change."""
+        """Drop serve()'s callable (built again on next use) and bump tritium.nn.serving_version, which drops
+        the model's cached serve_decode arguments: after the weight or its serving copies change."""
         self._serve_fn = None
-        self._plans = {}
         bump_serving_version()
+
+    @property
+    def quant_parts(self) -> list:
+        """The QuantizedLinear modules the weight is stored in (several for QuantizedParts; none when float)."""
+        q = self.quant
+        return [] if q is None else list(q) if isinstance(q, QuantizedParts) else [q]
 
     def set_quantized(self, quant: Optional[nn.Module], dtype: torch.dtype = torch.float32) -> None:
         """Serve (and run the plain forward) through quant, a tritium.nn.QuantizedLinear (or QuantizedParts),
@@ -197,15 +201,7 @@ class Linear(nn.Module):
     def decode_plan(self, rows: int) -> Optional[tuple]:
         """serve()'s product for `rows` rows as tritium.ops.serve.serve_decode takes a projection: (its three
         tensors, its six ints: kind then five parameters), or None when it has none (quantized parts of
-        different formats, a bias). Built once per row count (float) or activation mode (quantized)."""
-        q = self.quant
-        key = rows if q is None else getattr(q, "int8_act", None)
-        plan = self._plans.get(key, _NO_PLAN)
-        if plan is _NO_PLAN:
-            plan = self._plans[key] = self._make_decode_plan(rows)
-        return plan
-
-    def _make_decode_plan(self, rows: int) -> Optional[tuple]:
+        different formats, a bias). Llama._decode_args caches what this returns."""
         from tritium.nn import QuantizedLinear
 
         q = self.quant
@@ -438,7 +434,7 @@ class Llama(nn.Module):
         seen = set()
         for lin in self._linears():
             if lin.quant is not None:
-                for m in (lin.quant if isinstance(lin.quant, QuantizedParts) else [lin.quant]):
+                for m in lin.quant_parts:
                     if id(m) in seen:
                         continue
                     seen.add(id(m))
@@ -491,8 +487,7 @@ class Llama(nn.Module):
         outlier channels that set each block's scale, and rounding the rest to that coarse grid moves greedy
         decoding off the float model's within a few tokens (docs/quantization.md has the measurement)."""
         for lin in self._linears():
-            parts = lin.quant if isinstance(lin.quant, QuantizedParts) else [lin.quant] if lin.quant else []
-            for m in parts:
+            for m in lin.quant_parts:
                 m.int8_act = bool(enable) and lin.normed_input
         return self
 
@@ -642,8 +637,8 @@ class Llama(nn.Module):
         cache = self.__dict__.get("_decode_cache")
         if cache is None or cache[0] != version:
             cache = self.__dict__["_decode_cache"] = (version, {})
-        args = cache[1].get(rows, _NO_PLAN)
-        if args is _NO_PLAN:
+        args = cache[1].get(rows, _MISSING)
+        if args is _MISSING:
             args = cache[1][rows] = self._gather_decode_args(rows)
         return args
 
@@ -739,8 +734,7 @@ def _float_weight(lin: Linear, dtype: torch.dtype) -> Tensor:
     """lin's weight as a float tensor (dequantised when it is stored quantized)."""
     if lin.quant is None:
         return lin.weight.detach()
-    parts = lin.quant if isinstance(lin.quant, QuantizedParts) else [lin.quant]
-    return torch.cat([p.weight.dequantize(dtype) for p in parts], 0)
+    return torch.cat([p.weight.dequantize(dtype) for p in lin.quant_parts], 0)
 
 
 def build(config: LlamaConfig | str, dtype: torch.dtype = torch.float32, device="cpu") -> Llama:
