@@ -28,7 +28,7 @@ from torch import Tensor
 from ..models.llama import StepInput
 from .cache import PagedKVCache
 from ..ops._library import kernel_ok
-from ..ops.sampling import sample_op
+from ..ops.sampling import params_table, sample_op
 from .sampling import SamplingParams, sample
 
 
@@ -311,10 +311,9 @@ class Engine:
         key = (logits.shape, logits.device)
         args = self._greedy_args.get(key)
         if args is None:
-            b = logits.shape[0]
-            # SamplingParams(temperature=0)'s row of sample()'s table
-            table = torch.tensor([[0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0]], device=logits.device).expand(b, 7).contiguous()
-            args = self._greedy_args[key] = (torch.zeros(b, device=logits.device), table)
+            b, v = logits.shape
+            args = self._greedy_args[key] = (torch.zeros(b, device=logits.device),
+                                             params_table([_GREEDY] * b, v, logits.device))
         return sample_op(logits if logits.stride(-1) == 1 else logits.contiguous(), *args, None, None, None)
 
     def _after_token(self, r: Request, s: _Seq, t: int) -> None:

@@ -135,6 +135,14 @@ def _steps(history: _HistoryT, ht: Optional[Tensor], batch: int) -> List[int]:
     return [len(h) for h in history]
 
 
+def params_table(plist: Sequence[SamplingParams], vocab: int, device=None) -> Tensor:
+    """sample_fwd's params: float32 (batch, 7), one row per SamplingParams (temperature, top_k capped at the
+    vocabulary, top_p, min_p, repetition, presence and frequency penalties)."""
+    return torch.tensor([[p.temperature, min(p.top_k, vocab), p.top_p, p.min_p, p.repetition_penalty,
+                          p.presence_penalty, p.frequency_penalty] for p in plist], dtype=torch.float32,
+                        device=device)
+
+
 def sample(logits: Tensor, params: Union[SamplingParams, Sequence[SamplingParams]], history: _HistoryT = None,
            *, on_invalid: str = "raise") -> tuple[Tensor, Tensor]:
     """Draw one token per row of logits (batch, vocab) under per-row SamplingParams (one for all rows, or a
@@ -156,8 +164,7 @@ def sample(logits: Tensor, params: Union[SamplingParams, Sequence[SamplingParams
         p.validate(V)
     device = logits.device
     ht = _history_tensor(history, B, device)
-    table = torch.tensor([[p.temperature, min(p.top_k, V), p.top_p, p.min_p, p.repetition_penalty,
-                           p.presence_penalty, p.frequency_penalty] for p in plist], dtype=torch.float32)
+    table = params_table(plist, V)
     seeded = [i for i, p in enumerate(plist) if p.seed is not None]
     uniform = torch.rand(B, dtype=torch.float32, device=device) if len(seeded) < B else None
     if seeded:
