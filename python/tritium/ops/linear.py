@@ -271,29 +271,38 @@ class PackedLinear:
         y = self._product(x)
         return _swiglu(y) if self.swiglu else y
 
-    def _product(self, x: Tensor) -> Tensor:
-        if self.kind == "panels":
-            return linear_packed(x, self.packed, self.out_features)
-        small = small_rows_ok(x, self.weight)
+    def _way(self, rows: int, dtype: torch.dtype, device: torch.device) -> str:
+        """How a product of `rows` rows of `dtype` on `device` is computed: the kind for "panels" /
+        "panels_swiglu", else "onednn" (packed, more than linear_small's rows), "small" (linear_small) or
+        "matmul". __call__ and decode_plan both follow it."""
+        if self.kind.startswith("panels"):
+            return self.kind
+        small = device == self.weight.device and device.type == "cpu" and _small_rows(rows, dtype, self.weight)
         if self.kind == "onednn" and not small:
+            return "onednn"
+        return "small" if small else "matmul"
+
+    def _product(self, x: Tensor) -> Tensor:
+        way = self._way(x.shape[0] if x.dim() == 2 else 0, x.dtype, x.device)   # 0 rows: never linear_small
+        if way == "panels":
+            return linear_packed(x, self.packed, self.out_features)
+        if way == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-        if small:
+        if way == "small":
             return linear_small(x, self.weight)
         return torch.matmul(x, self.weight.t())
 
     def decode_plan(self, rows: int) -> tuple:
-        """How serve_decode (tritium.ops.serve) computes this product for `rows` rows: (kind, three tensors,
-        five ints), the same choice __call__ makes. SwiGLU is applied by serve_decode for a swiglu weight whose
-        kind does not (every kind but "panels_swiglu")."""
+        """How serve_decode (tritium.ops.serve) computes this product for `rows` rows of the weight's dtype:
+        (kind, three tensors, five ints), the way __call__ takes (_way). SwiGLU is applied by serve_decode for a
+        swiglu weight whose kind does not (every kind but "panels_swiglu")."""
         from .serve import KIND, no_tensor
 
         e = no_tensor(self.weight)
-        if self.kind in ("panels_swiglu", "panels"):
-            return KIND[self.kind], (self.packed, e, e), (self.out_features, 0, 0, 0, 0)
-        small = self.weight.device.type == "cpu" and _small_rows(rows, self.weight.dtype, self.weight)
-        if self.kind == "onednn" and not small:
-            return KIND["onednn"], (self.packed, e, e), (0,) * 5
-        return KIND["small" if small else "matmul"], (self.weight, e, e), (0,) * 5
+        way = self._way(rows, self.weight.dtype, self.weight.device)
+        if way.startswith("panels"):
+            return KIND[way], (self.packed, e, e), (self.out_features, 0, 0, 0, 0)
+        return KIND[way], (self.packed if way == "onednn" else self.weight, e, e), (0,) * 5
 
     def __repr__(self) -> str:
         n, k = self.weight.shape

@@ -24,7 +24,6 @@ from ._library import define_op
 
 # a projection's kind in serve_decode's ``linears`` (csrc/serve.cpp's Kind)
 KIND = {"quant": 0, "panels": 1, "panels_swiglu": 2, "small": 3, "matmul": 4, "onednn": 5}
-TENSORS_PER_LINEAR, INTS_PER_LINEAR = 3, 6
 
 
 def _fake_serve_decode(x, weights, linears, pools, final_norm, cos, sin, positions, slot_mapping, block_tables,
