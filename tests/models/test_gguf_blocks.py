@@ -17,6 +17,7 @@ import pytest
 
 import gguf
 from tritium.models.gguf import dequantize
+from tritium.models.gguf_file import GGUFFile
 
 QT = gguf.GGMLQuantizationType
 QK_K = 256
@@ -167,7 +168,7 @@ ROWS, BLOCKS_PER_ROW = 3, 2
 
 
 def _write_tensor(tmp_path, name, data, raw_dtype=None):
-    """Write one tensor into a GGUF file and open it again: the GGUFReader tensor the loader sees."""
+    """Write one tensor into a GGUF file and open it again: the GGUFFile tensor the loader sees."""
     path = str(tmp_path / f"{name}.gguf")
     w = gguf.GGUFWriter(path, "llama")
     w.add_tensor(name, data, raw_dtype=raw_dtype)
@@ -175,7 +176,7 @@ def _write_tensor(tmp_path, name, data, raw_dtype=None):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    (t,) = gguf.GGUFReader(path).tensors
+    (t,) = GGUFFile(path).tensors
     return t
 
 

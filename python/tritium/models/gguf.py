@@ -6,7 +6,8 @@ Both loaders return the same three things, so the models only know one format:
           (model.embed_tokens.weight, model.layers.{i}.self_attn.q_proj.weight, ..., lm_head.weight if untied)
   tok     what tritium.models.tokenizer.Tokenizer needs (GGUF metadata or the directory path)
 
-GGUF tensors are dequantised with the ``gguf`` package's own ``gguf.quants.dequantize`` (F32, F16, BF16, Q8_0,
+GGUF files are read by tritium.models.gguf_file (every size checked against the file, no per-element objects);
+their tensors are dequantised with the ``gguf`` package's own ``gguf.quants.dequantize`` (F32, F16, BF16, Q8_0,
 Q4_0, Q4_1, Q4_K, Q6_K, ... whatever it supports). llama.cpp's converter permutes the rows of the Q and K
 projections so that RoPE rotates adjacent pairs (GPT-J style); ``_unpermute`` undoes it so the weights rotate
 halves, as the Hugging Face checkpoint (and tritium.rope with interleaved=False) does.
@@ -57,7 +58,8 @@ def hf_name(gguf_name: str) -> Optional[str]:
 
 
 def dequantize(tensor) -> np.ndarray:
-    """A GGUFReader tensor as a float32 numpy array of shape (rows, cols) (torch's (out, in) for weights)."""
+    """A GGUF tensor (GGUFFile's or GGUFReader's) as a float32 numpy array of shape (rows, cols) (torch's
+    (out, in) for weights)."""
     from gguf import quants
 
     data = quants.dequantize(tensor.data, tensor.tensor_type)
@@ -116,7 +118,7 @@ def _k_scales(b: np.ndarray, n: int):
 
 
 def logical_quant(tensor):
-    """A GGUFReader tensor of a type in SUPPORTED_QUANT as tritium's logical quantized weight
+    """A GGUF tensor (GGUFFile or GGUFReader) of a type in SUPPORTED_QUANT as tritium's logical quantized weight
     (q, scales, mins, bits, group) of docs/quantization.md, standing for exactly the values the block formula
     gives (reference.quant_weight(q, scales, mins, bits, group) == the dequantised tensor):
 
@@ -170,26 +172,20 @@ def logical_quant(tensor):
     return torch.from_numpy(lo.reshape(n, k)), torch.from_numpy(scales), None, 8, 16
 
 
-def _field(reader, key, default=None):
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    return f.contents()
-
-
 def _f32(v) -> float:
     """A float32 metadata value as the decimal it was written from (9.99999974738e-06 -> 1e-05)."""
     return float(str(np.float32(v)))
 
 
 def read_gguf_metadata(reader) -> Tuple[dict, dict]:
-    """(config dict, tokenizer metadata dict) from a GGUFReader."""
-    arch = _field(reader, "general.architecture", "llama")
+    """(config dict, tokenizer metadata dict) from a GGUFFile (tritium.models.gguf_file)."""
+    fields = reader.fields
+    arch = fields.get("general.architecture", "llama")
     if arch not in ("llama",):
         raise ValueError(f"GGUF architecture {arch!r} is not supported (only Llama-style decoders)")
 
     def a(key, default=None):
-        return _field(reader, f"{arch}.{key}", default)
+        return fields.get(f"{arch}.{key}", default)
 
     n_heads = int(a("attention.head_count"))
     dim = int(a("embedding_length"))
@@ -213,7 +209,7 @@ def read_gguf_metadata(reader) -> Tuple[dict, dict]:
     scaling = a("rope.scaling.type")
     if scaling == "linear":
         config["rope_scaling"] = {"type": "linear", "factor": float(a("rope.scaling.factor", 1.0))}
-    tok = {k[len("tokenizer."):]: _field(reader, k) for k in reader.fields if k.startswith("tokenizer.")}
+    tok = {k[len("tokenizer."):]: v for k, v in fields.items() if k.startswith("tokenizer.")}
     return config, tok
 
 
@@ -235,9 +231,9 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32, progress: Progress 
     """(config, weights, tokenizer metadata) of a GGUF file; weights dequantised to ``dtype``, or with native
     the matrices stored quantized kept so: a logical quantized weight (q, scales, mins, bits, group) each
     (logical_quant; an unsupported quantized type is an error naming the tensor)."""
-    from gguf import GGUFReader
+    from .gguf_file import GGUFFile
 
-    reader = GGUFReader(path)
+    reader = GGUFFile(path)
     config, tok = read_gguf_metadata(reader)
     weights: Dict[str, object] = {}
     tensors = reader.tensors
