@@ -187,6 +187,11 @@ def quant_section(data: dict) -> list:
                      "-" if r.get("scaling_vs_batch1") is None else f"{r['scaling_vs_batch1']:.1f}x", vs or "-"])
     out = table(["weights", "dtype", "act", "case", "tok/s", "MB/token", "beyond", "vs batch 1", "vs llama.cpp"],
                 body, 4)
+    res = data.get("load_resident")
+    if res:
+        out += ["", f"Loading the model with weights={res['weights']} adds {res['load_added_mib']:.0f} MiB to a "
+                f"fresh process's resident memory: {res['load_added_mib'] / res['file_mib']:.2f}x the "
+                f"{res['file_mib']:.0f} MiB file."]
     peer = data.get("peer") or {}
     if peer.get("rows"):
         src = os.path.basename(peer.get("source") or "") or "the same file"

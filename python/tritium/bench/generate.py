@@ -428,6 +428,31 @@ def _measure(args, weights: str, dtype: torch.dtype, int8_act: bool, bw: float, 
     return rows
 
 
+_RESIDENT_SNIPPET = """
+import sys, torch, tritium.models
+from tritium.utils import resident_bytes
+before = resident_bytes()
+model, tokenizer = tritium.models.load(sys.argv[1], torch.float32, weights=sys.argv[2])
+print(resident_bytes() - before)
+"""
+
+
+def load_resident(path: Optional[str], weights: str) -> Optional[dict]:
+    """What loading the model with ``weights`` adds to a fresh process's resident memory (imports done before),
+    with the GGUF file's size to compare it with; None where it cannot be measured (no /proc)."""
+    import subprocess
+
+    from ..models.gguf import default_model_path
+
+    path = path or default_model_path()
+    out = subprocess.run([sys.executable, "-c", _RESIDENT_SNIPPET, path, weights], capture_output=True, text=True,
+                         check=True).stdout.split()
+    added = int(out[-1])
+    if added <= 0:
+        return None
+    return {"weights": weights, "load_added_mib": added / 2**20, "file_mib": os.path.getsize(path) / 2**20}
+
+
 def _pct(x: Optional[float]) -> str:
     return "" if x is None else f"{x:.0%}"
 
@@ -453,6 +478,10 @@ def run(args) -> List[dict]:
     args.batch_list = [int(b) for b in _split(args.batches)]
     bw = copy_bandwidth()
     peer = _make_peer(args, console)
+    resident = None
+    if not args.quick and (args.model is None or os.path.isfile(args.model)):   # a GGUF file
+        with console.status("resident memory of a native load (fresh process)"):
+            resident = load_resident(args.model, "native")
     rows: List[dict] = []
     peer_rows: List[dict] = []
     try:
@@ -490,9 +519,13 @@ def run(args) -> List[dict]:
             pt.add_row(r["variant"], r["case"], f"{r['tok_s']:.1f}", f"{r['weight_bytes'] / 1e6:.0f}",
                        _pct(r["weight_bw_frac"]), _pct(r["beyond_weights_frac"]))
         console.print(pt)
+    if resident:
+        console.print(f"loading {resident['weights']} adds {resident['load_added_mib']:.0f} MiB resident "
+                      f"({resident['load_added_mib'] / resident['file_mib']:.2f}x the {resident['file_mib']:.0f} "
+                      f"MiB file)")
     if args.json:
         machine = machine_info("cpu")
-        extra = {"suite": "generate", "model": args.model or "default"}
+        extra = {"suite": "generate", "model": args.model or "default", "load_resident": resident}
         if peer:
             machine.update(llama_cpp=peer.version, llama_cpp_system_info=peer.system_info)
             extra["peer"] = {"name": "llama.cpp", "source": peer.source, "rows": peer_rows}
