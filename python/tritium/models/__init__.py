@@ -9,6 +9,7 @@ models import nothing from it, nor from the benchmarks or the command line.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Optional
 
 import torch
@@ -43,18 +44,28 @@ def load(name_or_path: Optional[str] = None, dtype: torch.dtype = torch.float32,
     quantize every projection and the LM head (tritium.quantize_; group_size as there). ``dtype`` is then the
     activations' dtype. int8_act: quantized layers quantize their activations to int8 per block of 32.
     eager=True returns the plain-PyTorch twin (tritium.models.eager.EagerLlama, float weights) instead of the
-    tritium model. progress(done, total) is called while tensors are read."""
-    from .gguf import load_checkpoint
+    tritium model. progress(done, total) is called while tensors are read.
+
+    A file that cannot be served (missing, truncated, corrupt, an unsupported architecture or tensor type, shapes
+    its config does not imply, a broken tokenizer) raises FileNotFoundError or ValueError naming the file."""
+    from .gguf import default_model_path, load_checkpoint
     from .tokenizer import load_tokenizer
 
     if weights not in WEIGHT_MODES:
         raise ValueError(f"load: weights must be one of {WEIGHT_MODES}, got {weights!r}")
     if eager and weights != "float":
         raise ValueError(f"load: the eager twin has float weights only, got weights={weights!r}")
-    config, w, tok = load_checkpoint(name_or_path, dtype, progress, native=weights == "native")
+    path = default_model_path() if name_or_path is None else str(name_or_path)
+    where = os.path.basename(os.path.normpath(path))
+    config, w, tok = load_checkpoint(path, dtype, progress, native=weights == "native")
     # the tokenizer first: its long-lived objects then sit below the reader's garbage in the heap, which can
     # then be handed back (_release_freed_memory)
-    tokenizer = load_tokenizer(tok)
+    try:
+        tokenizer = load_tokenizer(tok)
+    except ValueError as e:
+        if not isinstance(tok, dict):
+            raise   # a Hugging Face directory's tokenizer errors name their file
+        raise ValueError(f"{where}: {e}") from None   # GGUF metadata errors name the key
     del tok
     cfg = LlamaConfig.from_dict(config)
     if eager:

@@ -6,6 +6,11 @@ Both loaders return the same three things, so the models only know one format:
           (model.embed_tokens.weight, model.layers.{i}.self_attn.q_proj.weight, ..., lm_head.weight if untied)
   tok     what tritium.models.tokenizer.Tokenizer needs (GGUF metadata or the directory path)
 
+Before a tensor is read, both check what the model needs: a supported architecture, its hyper-parameters (present,
+positive, consistent), every tensor it reads present with the shape the config implies and of a type the loader
+reads; weights are checked finite as they are read. Any failure is a ValueError (FileNotFoundError for a missing
+file) whose message names the file and says what was expected and what was found.
+
 GGUF files are read by tritium.models.gguf_file (every size checked against the file, no per-element objects);
 their tensors are dequantised with the ``gguf`` package's own ``gguf.quants.dequantize`` (F32, F16, BF16, Q8_0,
 Q4_0, Q4_1, Q4_K, Q6_K, ... whatever it supports). llama.cpp's converter permutes the rows of the Q and K
@@ -18,7 +23,9 @@ the values ``dequantize`` gives; ``unpermute_rows`` undoes the Q/K permutation o
 """
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 from typing import Callable, Dict, Optional, Tuple
 
@@ -43,18 +50,19 @@ _GLOBAL_NAMES = {
     "output.weight": "lm_head.weight",
 }
 
+_GGUF_NAMES = {hf: g for g, hf in _GLOBAL_NAMES.items()}
+_GGUF_LAYER_NAMES = {hf: g for g, hf in _LAYER_NAMES.items()}
+_FLOAT_TYPES = ("F32", "F16", "BF16")   # GGUF tensor types dequantised (read as float) in every weights mode
+
 Progress = Optional[Callable[[int, int], None]]  # progress(done, total)
 
 
-def hf_name(gguf_name: str) -> Optional[str]:
-    """The Hugging Face parameter name of a GGUF tensor name (None for tensors the model does not use)."""
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    if gguf_name.startswith("blk."):
-        _, i, rest = gguf_name.split(".", 2)
-        if rest in _LAYER_NAMES:
-            return f"model.layers.{int(i)}.{_LAYER_NAMES[rest]}"
-    return None
+def _gguf_name(hf: str) -> str:
+    """The GGUF tensor name of a Hugging Face Llama parameter name (of the ones _expected_tensors lists)."""
+    if hf in _GGUF_NAMES:
+        return _GGUF_NAMES[hf]
+    _, _, i, rest = hf.split(".", 3)           # model.layers.{i}.{rest}
+    return f"blk.{i}.{_GGUF_LAYER_NAMES[rest]}"
 
 
 def dequantize(tensor) -> np.ndarray:
@@ -62,7 +70,8 @@ def dequantize(tensor) -> np.ndarray:
     (out, in) for weights)."""
     from gguf import quants
 
-    data = quants.dequantize(tensor.data, tensor.tensor_type)
+    with np.errstate(all="ignore"):   # a corrupt block's NaN or infinity is the loader's error to report, once
+        data = quants.dequantize(tensor.data, tensor.tensor_type)
     shape = tuple(int(s) for s in reversed(tensor.shape))  # GGUF lists dims fastest-first
     return np.array(data, dtype=np.float32).reshape(shape)  # a writable copy (F32 data is a read-only memmap)
 
@@ -177,38 +186,183 @@ def _f32(v) -> float:
     return float(str(np.float32(v)))
 
 
+# ---- what a checkpoint must hold: checked before any tensor is read ---------------------------------------------
+# The RoPE tables are built for max_seq_len positions when the model is: a bound on that allocation, which no
+# tensor in the file backs.
+MAX_POSITIONS = 2**20
+
+# Llama hyper-parameters: config key -> (its GGUF metadata key after "<arch>.", its config.json key); None: that
+# format does not give it (GGUF's vocabulary is the embedding's rows; config.json gives a rotary fraction)
+_HPARAMS = {
+    "dim": ("embedding_length", "hidden_size"),
+    "n_layers": ("block_count", "num_hidden_layers"),
+    "n_heads": ("attention.head_count", "num_attention_heads"),
+    "ffn_dim": ("feed_forward_length", "intermediate_size"),
+    "vocab_size": (None, "vocab_size"),
+    "n_kv_heads": ("attention.head_count_kv", "num_key_value_heads"),
+    "head_dim": ("attention.key_length", "head_dim"),
+    "rotary_dim": ("rope.dimension_count", None),
+    "rotary_fraction": (None, "partial_rotary_factor"),
+    "max_seq_len": ("context_length", "max_position_embeddings"),
+    "norm_eps": ("attention.layer_norm_rms_epsilon", "rms_norm_eps"),
+    "rope_base": ("rope.freq_base", "rope_theta"),
+}
+_REQUIRED = ("dim", "n_layers", "n_heads", "ffn_dim", "vocab_size")
+_REALS = ("rotary_fraction", "norm_eps", "rope_base")    # positive finite numbers; the others positive integers
+
+
+def _fail(where: str, what: str):
+    raise ValueError(f"{where}: {what}")
+
+
+def _hparams(raw: dict, key_of: dict, where: str) -> dict:
+    """The config (LlamaConfig's keys but tie_embeddings) of the hyper-parameters a file gives, checked: raw maps
+    config keys to the file's values (a key the file lacks is absent), key_of to the file's names for them (the
+    messages); where names the file. Counts must be positive integers, the others positive finite numbers, the
+    heads consistent with dim, the context at most MAX_POSITIONS."""
+    for k in _REQUIRED:
+        if k not in raw:
+            _fail(where, f"{key_of[k]} is missing")
+    for k, v in raw.items():
+        real = k in _REALS
+        ok = isinstance(v, (int, float) if real else int) and not isinstance(v, bool)
+        if not ok or not v > 0 or (real and not math.isfinite(v)):
+            _fail(where, f"{key_of[k]} must be a positive {'number' if real else 'integer'}, got {v!r}")
+    dim, n_heads = raw["dim"], raw["n_heads"]
+    n_kv_heads = raw.get("n_kv_heads", n_heads)
+    if n_heads % n_kv_heads:
+        _fail(where, f"{key_of['n_kv_heads']} ({n_kv_heads}) must divide {key_of['n_heads']} ({n_heads})")
+    if "head_dim" not in raw and dim % n_heads:
+        _fail(where, f"{key_of['dim']} ({dim}) must be a multiple of {key_of['n_heads']} ({n_heads}) when "
+                     f"{key_of['head_dim']} is not given")
+    head_dim = raw.get("head_dim", dim // n_heads)
+    rotary = raw.get("rotary_dim", int(head_dim * raw.get("rotary_fraction", 1.0)))
+    if rotary % 2 or not 0 < rotary <= head_dim:
+        src = key_of["rotary_dim" if "rotary_dim" in raw else "rotary_fraction"]
+        _fail(where, f"the rotary dimension {rotary} ({src}) must be even and in [2, the head dim {head_dim}]")
+    if raw.get("max_seq_len", 0) > MAX_POSITIONS:
+        _fail(where, f"{key_of['max_seq_len']} {raw['max_seq_len']} is more than the {MAX_POSITIONS} positions "
+                     f"tritium supports")
+    return dict(dim=dim, n_layers=raw["n_layers"], n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
+                ffn_dim=raw["ffn_dim"], vocab_size=raw["vocab_size"], norm_eps=raw.get("norm_eps", 1e-5),
+                rope_base=raw.get("rope_base", 10000.0), rotary_dim=rotary,
+                max_seq_len=raw.get("max_seq_len", 2048))
+
+
+def _check_rope_scaling(config: dict, key: str, where: str) -> None:
+    """config's rope_scaling (if any) as tritium.rope_tables reads it: a table of two positions built with it must
+    come out finite (an unknown kind, a missing or non-numeric factor, a zero factor are errors naming key)."""
+    from tritium.ops.rope import rope_tables
+
+    scaling = config.get("rope_scaling")
+    if scaling is None:
+        return
+    if not isinstance(scaling, dict):
+        _fail(where, f"{key} must be a dict, got {scaling!r}")
+    try:
+        cos, sin = rope_tables(2, config["rotary_dim"], config["rope_base"], scaling)
+    except (ValueError, TypeError, KeyError, ArithmeticError) as e:
+        _fail(where, f"{key} {scaling!r} is not one tritium reads: {type(e).__name__}: {e}")
+    if not (torch.isfinite(cos).all() and torch.isfinite(sin).all()):
+        _fail(where, f"{key} {scaling!r} gives RoPE angles that are not finite")
+
+
+def _expected_tensors(c: dict):
+    """(Hugging Face name, torch shape, what in the config implies the shape) of every tensor the model reads,
+    layer by layer: a generator, so a file whose layer count is absurd fails at its first missing layer."""
+    dim, ffn, hd, vocab = c["dim"], c["ffn_dim"], c["head_dim"], c["vocab_size"]
+    q, kv = c["n_heads"] * hd, c["n_kv_heads"] * hd
+    embed, norm = f"vocab {vocab}, dim {dim}", f"dim {dim}"
+    heads, kv_heads = f"dim {dim}, {c['n_heads']} heads x {hd}", f"dim {dim}, {c['n_kv_heads']} kv heads x {hd}"
+    mlp = f"dim {dim}, ffn {ffn}"
+    yield "model.embed_tokens.weight", (vocab, dim), embed
+    yield "model.norm.weight", (dim,), norm
+    if not c["tie_embeddings"]:
+        yield "lm_head.weight", (vocab, dim), embed
+    layer = (("input_layernorm.weight", (dim,), norm), ("self_attn.q_proj.weight", (q, dim), heads),
+             ("self_attn.k_proj.weight", (kv, dim), kv_heads), ("self_attn.v_proj.weight", (kv, dim), kv_heads),
+             ("self_attn.o_proj.weight", (dim, q), heads), ("post_attention_layernorm.weight", (dim,), norm),
+             ("mlp.gate_proj.weight", (ffn, dim), mlp), ("mlp.up_proj.weight", (ffn, dim), mlp),
+             ("mlp.down_proj.weight", (dim, ffn), mlp))
+    for i in range(c["n_layers"]):
+        for name, shape, why in layer:
+            yield f"model.layers.{i}.{name}", shape, why
+
+
+def _check_tensor(where: str, name: str, shape, want, why: str, n_layers: int) -> None:
+    """A needed tensor's presence (shape None: missing) and shape (as the file lists it) against the config's."""
+    if shape is None:
+        layers = f" (the config has {n_layers} layers)" if name.startswith(("blk.", "model.layers.")) else ""
+        _fail(where, f"tensor {name} is missing{layers}")
+    if list(shape) != list(want):
+        _fail(where, f"tensor {name} has shape {list(shape)}, the config ({why}) implies {list(want)}")
+
+
+def _finite(w: torch.Tensor, name: str, where: str) -> torch.Tensor:
+    """w, a weight as the file stores it, if every value is finite (a NaN or infinity would make every logit NaN).
+    One pass without a temporary: a NaN or infinity makes the sum NaN or infinite (accumulated in float32, or
+    float64 for float64 weights: no usable weight's sum leaves that range)."""
+    if not torch.isfinite(w.sum(dtype=torch.float64 if w.dtype == torch.float64 else torch.float32)):
+        _fail(where, f"tensor {name} has NaN or infinite values: corrupt?")
+    return w
+
+
+@functools.lru_cache(maxsize=None)
+def _can_dequantize(qtype) -> bool:
+    """Whether gguf.quants.dequantize reads this tensor type (tried on one block of zeros)."""
+    from gguf import GGML_QUANT_SIZES, quants
+
+    _, nbytes = GGML_QUANT_SIZES[qtype]
+    try:
+        quants.dequantize(np.zeros((1, nbytes), dtype=np.uint8), qtype)
+    except NotImplementedError:
+        return False
+    return True
+
+
+# where each type served natively keeps the float16 scales of its blocks (byte offsets in a block, all even, as
+# are the block sizes): a NaN or infinite one (exponent bits all set) is a corrupt block
+_F16_SCALES_AT = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def _finite_scales(t, where: str) -> None:
+    """A GGUF tensor of a type in SUPPORTED_QUANT whose block scales are all finite; read as the 16-bit words
+    they are, so no copy is made."""
+    from gguf import GGML_QUANT_SIZES
+
+    words = np.asarray(t.data).reshape(-1, GGML_QUANT_SIZES[t.tensor_type][1]).view(np.uint16)
+    for at in _F16_SCALES_AT[t.tensor_type.name]:
+        if ((words[:, at // 2] & 0x7C00) == 0x7C00).any():
+            _fail(where, f"tensor {t.name} has a NaN or infinite block scale: corrupt?")
+
+
 def read_gguf_metadata(reader) -> Tuple[dict, dict]:
-    """(config dict, tokenizer metadata dict) from a GGUFFile (tritium.models.gguf_file)."""
+    """(config dict, tokenizer metadata dict) from a GGUFFile (tritium.models.gguf_file), checked: a supported
+    architecture, its hyper-parameters (_hparams), the embedding present (its rows are the vocabulary)."""
+    where = os.path.basename(reader.path)
     fields = reader.fields
-    arch = fields.get("general.architecture", "llama")
+    arch = fields.get("general.architecture")
+    if arch is None:
+        _fail(where, "metadata general.architecture is missing")
     if arch not in ("llama",):
-        raise ValueError(f"GGUF architecture {arch!r} is not supported (only Llama-style decoders)")
-
-    def a(key, default=None):
-        return fields.get(f"{arch}.{key}", default)
-
-    n_heads = int(a("attention.head_count"))
-    dim = int(a("embedding_length"))
-    head_dim = int(a("attention.key_length", dim // n_heads))
+        _fail(where, f"architecture {arch!r} is not supported (only Llama-style decoders: 'llama')")
+    key_of = {k: f"{arch}.{g}" for k, (g, _) in _HPARAMS.items() if g is not None}
+    raw = {k: fields[key] for k, key in key_of.items() if key in fields}
     names = {t.name: t for t in reader.tensors}
-    vocab = int(names["token_embd.weight"].shape[-1])  # the embedding's rows (the tokenizer may have fewer)
-    config = dict(
-        dim=dim,
-        n_layers=int(a("block_count")),
-        n_heads=n_heads,
-        n_kv_heads=int(a("attention.head_count_kv", n_heads)),
-        head_dim=head_dim,
-        ffn_dim=int(a("feed_forward_length")),
-        vocab_size=vocab,
-        norm_eps=_f32(a("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_base=_f32(a("rope.freq_base", 10000.0)),
-        rotary_dim=int(a("rope.dimension_count", head_dim)),
-        max_seq_len=int(a("context_length", 2048)),
-        tie_embeddings="output.weight" not in names,
-    )
-    scaling = a("rope.scaling.type")
-    if scaling == "linear":
-        config["rope_scaling"] = {"type": "linear", "factor": float(a("rope.scaling.factor", 1.0))}
+    embd = names.get("token_embd.weight")
+    if embd is None:
+        _fail(where, "tensor token_embd.weight is missing")
+    if len(embd.shape) != 2:
+        _fail(where, f"tensor token_embd.weight has shape {list(embd.shape)}: (dim, vocab) expected")
+    raw["vocab_size"], key_of["vocab_size"] = int(embd.shape[1]), "the rows of token_embd.weight"
+    config = _hparams(raw, key_of, where)
+    if config["head_dim"] % 2:   # llama.cpp's Q/K row permutation (_unpermute) pairs a head's rows
+        _fail(where, f"the head dim {config['head_dim']} must be even")
+    config["norm_eps"], config["rope_base"] = _f32(config["norm_eps"]), _f32(config["rope_base"])
+    config["tie_embeddings"] = "output.weight" not in names
+    if fields.get(f"{arch}.rope.scaling.type") == "linear":
+        config["rope_scaling"] = {"type": "linear", "factor": fields.get(f"{arch}.rope.scaling.factor", 1.0)}
+        _check_rope_scaling(config, f"{arch}.rope.scaling.factor", where)
     tok = {k[len("tokenizer."):]: v for k, v in fields.items() if k.startswith("tokenizer.")}
     return config, tok
 
@@ -227,81 +381,135 @@ class QuantTensor:
         return q, scales, mins, bits, group
 
 
+def _gguf_tensors(reader, config: dict, native: bool, where: str):
+    """[(Hugging Face name, GGUF tensor)] of every tensor the model needs, each checked against the config (present,
+    its shape) and its type one the load reads (native: a matrix stored quantized must be in SUPPORTED_QUANT)."""
+    names = {t.name: t for t in reader.tensors}
+    out = []
+    for hf, shape, why in _expected_tensors(config):
+        g = _gguf_name(hf)
+        t = names.get(g)
+        _check_tensor(where, g, None if t is None else t.shape, tuple(reversed(shape)), why, config["n_layers"])
+        kind = t.tensor_type.name
+        if native and len(shape) == 2 and kind not in _FLOAT_TYPES:
+            if kind not in SUPPORTED_QUANT:
+                _fail(where, f"tensor {g} has type {kind}: native weights serve {', '.join(SUPPORTED_QUANT)} "
+                             f"(and {', '.join(_FLOAT_TYPES)} as float); weights='float' dequantises it")
+        elif not _can_dequantize(t.tensor_type):
+            _fail(where, f"tensor {g} has type {kind}, which the loader cannot dequantise")
+        out.append((hf, t))
+    return out
+
+
 def load_gguf(path: str, dtype: torch.dtype = torch.float32, progress: Progress = None, native: bool = False):
     """(config, weights, tokenizer metadata) of a GGUF file; weights dequantised to ``dtype``, or with native
     the matrices stored quantized kept so: a logical quantized weight (q, scales, mins, bits, group) each
-    (logical_quant; an unsupported quantized type is an error naming the tensor)."""
+    (logical_quant). Everything is checked before a tensor is read (the header by GGUFFile, the config and the
+    tensors' presence, shapes and types here), and each weight as it is read (no NaN or infinity): a failure is a
+    ValueError naming the file."""
     from .gguf_file import GGUFFile
 
     reader = GGUFFile(path)
+    where = os.path.basename(reader.path)
     config, tok = read_gguf_metadata(reader)
+    tensors = _gguf_tensors(reader, config, native, where)
     weights: Dict[str, object] = {}
-    tensors = reader.tensors
-    for i, t in enumerate(tensors):
-        name = hf_name(t.name)
-        if name is not None and native and t.tensor_type.name not in ("F32", "F16", "BF16") and len(t.shape) == 2:
-            if t.tensor_type.name not in SUPPORTED_QUANT:
-                logical_quant(t)   # raises: names the tensor, its type and the supported ones
-            heads = None
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                heads = config["n_heads"] if name.endswith("q_proj.weight") else config["n_kv_heads"]
+    for i, (name, t) in enumerate(tensors):
+        heads = None
+        if name.endswith("q_proj.weight"):
+            heads = config["n_heads"]
+        elif name.endswith("k_proj.weight"):
+            heads = config["n_kv_heads"]
+        if native and len(t.shape) == 2 and t.tensor_type.name not in _FLOAT_TYPES:
+            _finite_scales(t, where)
             weights[name] = QuantTensor(t, heads)
-        elif name is not None:
-            w = torch.from_numpy(dequantize(t))
-            if name.endswith("q_proj.weight"):
-                w = _unpermute(w, config["n_heads"])
-            elif name.endswith("k_proj.weight"):
-                w = _unpermute(w, config["n_kv_heads"])
+        else:
+            w = _finite(torch.from_numpy(dequantize(t)), t.name, where)
+            if heads is not None:
+                w = _unpermute(w, heads)
             weights[name] = w.to(dtype)
         if progress is not None:
             progress(i + 1, len(tensors))
     return config, weights, tok
 
 
-def _config_from_hf(c: dict) -> dict:
-    n_heads = c["num_attention_heads"]
-    head_dim = c.get("head_dim") or c["hidden_size"] // n_heads
-    config = dict(
-        dim=c["hidden_size"],
-        n_layers=c["num_hidden_layers"],
-        n_heads=n_heads,
-        n_kv_heads=c.get("num_key_value_heads") or n_heads,
-        head_dim=head_dim,
-        ffn_dim=c["intermediate_size"],
-        vocab_size=c["vocab_size"],
-        norm_eps=c.get("rms_norm_eps", 1e-5),
-        rope_base=c.get("rope_theta", 10000.0),
-        rotary_dim=int(head_dim * c.get("partial_rotary_factor", 1.0)),
-        max_seq_len=c.get("max_position_embeddings", 2048),
-        tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-    )
+_SAFETENSORS_FLOATS = ("F16", "BF16", "F32", "F64")   # the dtypes a weight may be stored in
+
+
+def _config_from_hf(c: dict, where: str) -> dict:
+    """The checked config of a config.json's contents c (where names the file)."""
+    if not isinstance(c, dict):
+        _fail(where, f"must hold a JSON object, got {type(c).__name__}")
+    if c.get("model_type", "llama") != "llama":
+        _fail(where, f"model_type {c['model_type']!r} is not supported (only Llama-style decoders: 'llama')")
+    key_of = {k: h for k, (_, h) in _HPARAMS.items() if h is not None}
+    config = _hparams({k: c[h] for k, h in key_of.items() if c.get(h) is not None}, key_of, where)
+    tie = c.get("tie_word_embeddings", False)
+    if not isinstance(tie, bool):
+        _fail(where, f"tie_word_embeddings must be true or false, got {tie!r}")
+    config["tie_embeddings"] = tie
     rs = c.get("rope_scaling")
     if rs:
-        rs = dict(rs)
-        rs.setdefault("type", rs.get("rope_type"))
-        config["rope_scaling"] = rs
+        config["rope_scaling"] = {"type": rs.get("rope_type"), **rs} if isinstance(rs, dict) else rs
+        _check_rope_scaling(config, "rope_scaling", where)
     return config
+
+
+def _safetensors_error(where: str, e: Exception):
+    _fail(where, f"not a readable safetensors file ({' '.join(str(e).split())}): truncated or corrupt?")
 
 
 def load_hf_dir(path: str, dtype: torch.dtype = torch.float32, progress: Progress = None):
     """(config, weights, tokenizer directory) of a Hugging Face style directory: config.json and
-    *.safetensors (tokenizer.json / tokenizer_config.json next to them for the tokenizer)."""
-    from safetensors import safe_open
+    *.safetensors (tokenizer.json / tokenizer_config.json next to them for the tokenizer). config.json and every
+    file's header (names, shapes, dtypes) are checked before a tensor is read: a failure is a ValueError (or
+    FileNotFoundError) naming the file."""
+    from safetensors import SafetensorError, safe_open
 
-    with open(os.path.join(path, "config.json")) as f:
-        config = _config_from_hf(json.load(f))
+    name = os.path.basename(os.path.normpath(path))
+    where = os.path.join(name, "config.json")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{where}: not found (a Hugging Face model directory has config.json and "
+                                f"*.safetensors)")
+    try:
+        with open(os.path.join(path, "config.json"), "rb") as f:
+            c = json.load(f)
+    except ValueError as e:     # JSONDecodeError, UnicodeDecodeError
+        _fail(where, f"not valid JSON: {e}")
+    config = _config_from_hf(c, where)
     files = sorted(p for p in os.listdir(path) if p.endswith(".safetensors"))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors file in {path}")
-    weights: Dict[str, torch.Tensor] = {}
-    for i, fn in enumerate(files):
-        with safe_open(os.path.join(path, fn), framework="pt") as f:
-            for k in f.keys():
-                weights[k] = f.get_tensor(k).to(dtype)
-        if progress is not None:
-            progress(i + 1, len(files))
-    if "lm_head.weight" not in weights:
+        raise FileNotFoundError(f"{name}: no *.safetensors file in {path}")
+    found = {}    # tensor name -> (file, shape, dtype), from the headers
+    for fn in files:
+        try:
+            with safe_open(os.path.join(path, fn), framework="pt") as f:
+                for k in f.keys():
+                    sl = f.get_slice(k)
+                    found[k] = (fn, tuple(sl.get_shape()), sl.get_dtype())
+        except SafetensorError as e:
+            _safetensors_error(os.path.join(name, fn), e)
+    if "lm_head.weight" not in found:
         config["tie_embeddings"] = True
+    need: Dict[str, list] = {}    # file -> the tensor names the model reads from it
+    for k, shape, why in _expected_tensors(config):
+        fn, got, kind = found.get(k, (None, None, None))
+        _check_tensor(os.path.join(name, fn or "*.safetensors"), k, got, shape, why, config["n_layers"])
+        if kind not in _SAFETENSORS_FLOATS:
+            _fail(os.path.join(name, fn), f"tensor {k} has dtype {kind}; a weight is one of "
+                                          f"{', '.join(_SAFETENSORS_FLOATS)}")
+        need.setdefault(fn, []).append(k)
+    weights: Dict[str, torch.Tensor] = {}
+    for i, fn in enumerate(sorted(need)):
+        where = os.path.join(name, fn)
+        try:
+            with safe_open(os.path.join(path, fn), framework="pt") as f:
+                for k in need[fn]:
+                    weights[k] = _finite(f.get_tensor(k), k, where).to(dtype)
+        except SafetensorError as e:
+            _safetensors_error(where, e)
+        if progress is not None:
+            progress(i + 1, len(need))
     return config, weights, path
 
 

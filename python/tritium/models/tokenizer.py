@@ -32,16 +32,64 @@ def _pre_tokenizer(pre: Optional[str]):
     raise ValueError(f"GGUF tokenizer pre-tokenizer {pre!r} is not supported")
 
 
-def _tokenizer_from_gguf(meta: dict):
-    from tokenizers import AddedToken, Tokenizer, decoders, models
+def _strings(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
+
+def _ints(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# GGUF tokenizer metadata (after "tokenizer."): what each value must be, and the check
+_GGUF_KEYS = {
+    "ggml.tokens": ("a list of strings", _strings),
+    "ggml.merges": ("a list of strings", _strings),
+    "ggml.token_type": ("a list of integers", _ints),
+    "ggml.pre": ("a string", lambda v: isinstance(v, str)),
+    "ggml.bos_token_id": ("an integer", _int),
+    "ggml.eos_token_id": ("an integer", _int),
+    "ggml.add_bos_token": ("true or false", lambda v: isinstance(v, bool)),
+    "chat_template": ("a string", lambda v: isinstance(v, str)),
+}
+
+
+def _check_gguf_metadata(meta: dict) -> None:
+    """The tokenizer metadata's types and ids, before the tokenizers library sees them (its errors name
+    nothing)."""
     if meta.get("ggml.model") != "gpt2":
         raise ValueError(f"only byte-level BPE GGUF tokenizers (tokenizer.ggml.model = 'gpt2') are supported, "
                          f"got {meta.get('ggml.model')!r}")
+    if "ggml.tokens" not in meta:
+        raise ValueError("metadata tokenizer.ggml.tokens is missing")
+    for key, (want, ok) in _GGUF_KEYS.items():
+        if key in meta and not ok(meta[key]):
+            raise ValueError(f"metadata tokenizer.{key} must be {want}, got {type(meta[key]).__name__}")
+    n = len(meta["ggml.tokens"])
+    for key in ("ggml.bos_token_id", "ggml.eos_token_id"):
+        if key in meta and not 0 <= meta[key] < n:
+            raise ValueError(f"metadata tokenizer.{key} is {meta[key]}, not one of the {n} tokens")
+    types = meta.get("ggml.token_type")
+    if types and len(types) != n:
+        raise ValueError(f"metadata tokenizer.ggml.token_type has {len(types)} entries for {n} tokens")
+
+
+def _tokenizer_from_gguf(meta: dict):
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+
+    _check_gguf_metadata(meta)
     tokens: List[str] = list(meta["ggml.tokens"])
     vocab = {t: i for i, t in enumerate(tokens)}
     merges = [tuple(m.split(" ", 1)) for m in meta.get("ggml.merges") or []]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    if any(len(m) != 2 for m in merges):
+        raise ValueError("metadata tokenizer.ggml.merges has an entry without a space (merges are 'a b')")
+    try:
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    except Exception as e:   # the tokenizers library raises plain Exception (e.g. a merge of an unknown token)
+        raise ValueError(f"the tokenizer metadata does not make a BPE tokenizer: {e}") from None
     tok.pre_tokenizer = _pre_tokenizer(meta.get("ggml.pre"))
     tok.decoder = decoders.ByteLevel()
     types = meta.get("ggml.token_type") or []
@@ -79,22 +127,36 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str) -> "Tokenizer":
+        """From tokenizer.json and tokenizer_config.json (optional) in the directory path; an error names the
+        file (FileNotFoundError: no tokenizer.json; ValueError: one that does not parse)."""
         from tokenizers import Tokenizer as HFTokenizer
 
-        tok = HFTokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        name = os.path.join(os.path.basename(os.path.normpath(path)), "tokenizer.json")
+        if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+            raise FileNotFoundError(f"{name}: not found (the tokenizer of a Hugging Face model directory)")
+        try:
+            tok = HFTokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        except Exception as e:   # the tokenizers library raises plain Exception
+            raise ValueError(f"{name}: not a tokenizer the tokenizers library reads: {e}") from None
         tok.no_padding()
         tok.no_truncation()
         cfg: Dict = {}
         p = os.path.join(path, "tokenizer_config.json")
         if os.path.exists(p):
-            with open(p) as f:
-                cfg = json.load(f)
+            cfg_name = os.path.join(os.path.dirname(name), "tokenizer_config.json")
+            try:
+                with open(p, "rb") as f:
+                    cfg = json.load(f)
+            except ValueError as e:
+                raise ValueError(f"{cfg_name}: not valid JSON: {e}") from None
+            if not isinstance(cfg, dict) or not isinstance(cfg.get("chat_template") or "", str):
+                raise ValueError(f"{cfg_name}: must be a JSON object whose chat_template (if any) is a string")
 
         def tid(key):
             v = cfg.get(key)
             if isinstance(v, dict):
                 v = v.get("content")
-            return None if v is None else tok.token_to_id(v)
+            return tok.token_to_id(v) if isinstance(v, str) else None
 
         stops = [tok.token_to_id(t) for t in ("<|im_end|>", "<|eot_id|>", "<|end|>")]
         # tokenizer.json's post-processor (if any) adds BOS itself; encode() below calls it with
