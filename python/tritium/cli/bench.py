@@ -1,14 +1,15 @@
 """``tritium bench [suite] ...``: the benchmark suites of tritium.bench (ops when no suite is named)."""
 from __future__ import annotations
 
-import argparse
 import importlib
+
+from .errors import ArgumentParser
 
 
 def main(argv) -> int:
     from ..bench import SUITES
 
-    p = argparse.ArgumentParser(prog="tritium bench", description="benchmarks: tritium vs eager vs torch.compile")
+    p = ArgumentParser(prog="tritium bench", description="benchmarks: tritium vs eager vs torch.compile")
     sub = p.add_subparsers(dest="suite")
     modules = {}
     for name, module_name in SUITES.items():

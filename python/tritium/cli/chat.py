@@ -3,29 +3,32 @@
 Type a message; /reset starts over, /system TEXT sets the system prompt, /exit (or Ctrl-D) quits."""
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import List, Optional
 
-from .generate import add_model_arguments, load_with_progress, report, sampling_kwargs
+from .errors import ArgumentParser
+from .generate import add_model_arguments, check_model_arguments, load_with_progress, report, sampling_kwargs
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    import torch
-    from rich.console import Console
-
-    from tritium.inference.engine import Engine
-
-    p = argparse.ArgumentParser(prog="tritium chat", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="tritium chat", description=__doc__.splitlines()[0])
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--stats", action="store_true", help="print tok/s after each reply")
     add_model_arguments(p)
     p.set_defaults(max_new_tokens=256)
     args = p.parse_args(argv)
+    check_model_arguments(args)
+
+    import torch
+    from rich.console import Console
+
+    from tritium.inference.engine import Engine
+
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console(stderr=True)
     model, tok = load_with_progress(args.model, args.dtype, console, args.weights, args.int8_activations)
+    console.print(f"[dim]{model.load_note}[/dim]")
     engine = Engine(model, tok, max_batch=1)
     system = args.system
     messages: list = []
@@ -66,4 +69,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from . import main as cli_main
+
+    sys.exit(cli_main(["chat", *sys.argv[1:]]))

