@@ -65,21 +65,117 @@ struct Item {
   int64_t b, start, stop;
 };
 
-// DV > 0: head_dim == DV vectors exactly (loops unroll; q rows and accumulators of a group of GB query heads
-// sit in registers); DV == 0: any head_dim (runtime vector count plus a scalar tail).
+// One step (K tokens, rows krow / vrow at KV head offset ko / vo) for a group of GN query heads sharing that KV
+// head: scores, the online softmax update of each head's m and l, and acc = alpha acc + sum_j p_j v_j.
+// qg: the group's scaled query rows (stride D); acc, ml: the group's accumulators (stride D) and (m, l) pairs.
+// GN is a compile-time count so that every per-head array lives in registers; the scores are computed one head at
+// a time (K partial vectors live, then one transpose-and-add reduction), the V rows read once for all GN heads.
+// DV > 0: head_dim == DV vectors exactly; DV == 0: nv full vectors plus a scalar tail up to D.
+template <typename T, int DV, int GN>
+inline void group_step(const acc_type<T>* qg, const T* const* krow, const T* const* vrow, int64_t ko, int64_t vo,
+                       int64_t n, int64_t D, int64_t nv_any, bool has_cap, acc_type<T> cap, acc_type<T>* acc,
+                       acc_type<T>* ml) {
+  const int64_t nv = DV > 0 ? DV : nv_any;  // a constant for DV > 0, so the vector loops unroll into registers
+  using IO = VecIO<T>;
+  using acc_t = acc_type<T>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t K = IO::kSize;
+  constexpr int64_t kMaxDV = DV > 0 ? DV : 16;
+  const int64_t Dv = nv * K;
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  alignas(64) acc_t pbuf[GN][K];
+  acc_t alphas[GN];
+  for (int g = 0; g < GN; ++g) {
+    const acc_t* q = qg + g * D;
+    Vec qv[kMaxDV], part[K];
+    for (int64_t c = 0; c < nv; ++c) qv[c] = Vec::loadu(q + c * K);
+    for (int64_t j = 0; j < K; ++j) {
+      const T* kr = krow[j] + ko;
+      Vec a = nv > 0 ? qv[0] * IO::load(kr) : Vec(0);
+      for (int64_t c = 1; c < nv; ++c) a = at::vec::fmadd(qv[c], IO::load(kr + c * K), a);
+      part[j] = a;
+    }
+    Vec sv = reduce_lanes<acc_t>(part);
+    if (Dv < D) {  // scalar tail of head_dim
+      alignas(64) acc_t tail[K];
+      for (int64_t j = 0; j < K; ++j) {
+        const T* kr = krow[j] + ko;
+        acc_t x = 0;
+        for (int64_t d = Dv; d < D; ++d) x += q[d] * static_cast<acc_t>(kr[d]);
+        tail[j] = x;
+      }
+      sv = sv + Vec::loadu(tail);
+    }
+    if (has_cap) sv = ftanh(sv / Vec(cap)) * Vec(cap);
+    if (n < K) sv = Vec::set(Vec(ninf), sv, n);  // steps past the end score -inf
+    // online softmax: m' = max(m, max_j s), rescale by exp(m - m'), p_j = exp(s_j - m')
+    const acc_t mx = std::max(ml[2 * g], hmax(sv));
+    const acc_t alpha = std::exp(ml[2 * g] - mx);  // exp(-inf) = 0 on the first step
+    const Vec pv = (sv - Vec(mx)).exp();
+    pv.store(pbuf[g]);
+    ml[2 * g] = mx;
+    ml[2 * g + 1] = ml[2 * g + 1] * alpha + hsum(pv);
+    alphas[g] = alpha;
+  }
+  Vec av[GN][kMaxDV];
+  for (int g = 0; g < GN; ++g)
+    for (int64_t c = 0; c < nv; ++c) av[g][c] = Vec::loadu(acc + g * D + c * K) * Vec(alphas[g]);
+  for (int64_t j = 0; j < n; ++j) {
+    const T* vr = vrow[j] + vo;
+    Vec vv[kMaxDV];
+    for (int64_t c = 0; c < nv; ++c) vv[c] = IO::load(vr + c * K);
+    for (int g = 0; g < GN; ++g) {
+      const Vec p(pbuf[g][j]);
+      for (int64_t c = 0; c < nv; ++c) av[g][c] = at::vec::fmadd(p, vv[c], av[g][c]);
+    }
+  }
+  for (int g = 0; g < GN; ++g) {
+    acc_t* ag = acc + g * D;
+    for (int64_t c = 0; c < nv; ++c) av[g][c].store(ag + c * K);
+    if (Dv < D) {
+      for (int64_t d = Dv; d < D; ++d) ag[d] *= alphas[g];
+      for (int64_t j = 0; j < n; ++j) {
+        const T* vr = vrow[j] + vo;
+        for (int64_t d = Dv; d < D; ++d) ag[d] += pbuf[g][j] * static_cast<acc_t>(vr[d]);
+      }
+    }
+  }
+}
+
+// The query heads of one KV head in groups of at most GB (their PV accumulators, GB x head_dim vectors, in
+// registers): full groups, then the remainder, each a group_step of its compile-time size.
+template <typename T, int DV, int GB>
+inline void kv_head_step(int64_t G, const acc_type<T>* qh, const T* const* krow, const T* const* vrow, int64_t ko,
+                         int64_t vo, int64_t n, int64_t D, int64_t nv, bool has_cap, acc_type<T> cap,
+                         acc_type<T>* acc, acc_type<T>* ml) {
+  auto run = [&](auto gn, int64_t g0) {
+    group_step<T, DV, decltype(gn)::value>(qh + g0 * D, krow, vrow, ko, vo, n, D, nv, has_cap, cap, acc + g0 * D,
+                                           ml + 2 * g0);
+  };
+  int64_t g0 = 0;
+  for (; g0 + GB <= G; g0 += GB) run(std::integral_constant<int, GB>{}, g0);
+  switch (G - g0) {
+    case 0: break;
+    case 1: run(std::integral_constant<int, 1>{}, g0); break;
+    case 2: if constexpr (GB > 2) { run(std::integral_constant<int, 2>{}, g0); break; } [[fallthrough]];
+    case 3: if constexpr (GB > 3) { run(std::integral_constant<int, 3>{}, g0); break; } [[fallthrough]];
+    default: TORCH_CHECK(false, "paged_attention_decode: internal error, head group remainder ", G - g0);
+  }
+}
+
+// DV > 0: head_dim == DV vectors exactly (loops unroll); DV == 0: any head_dim (runtime vector count plus a
+// scalar tail). Query heads go in groups of up to 4 (head_dim 64: 16 accumulators), 2 (128) or 1 (any other).
 template <typename T, int DV>
 void decode_items(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                   const at::Tensor& block_tables, const std::vector<Item>& items, double scale,
                   c10::optional<double> softcap, at::Tensor& part_acc, at::Tensor& part_ml) {
   using IO = VecIO<T>;
   using acc_t = typename IO::acc_t;
-  using Vec = typename IO::Vec;
   constexpr int64_t K = IO::kSize;  // tokens per step
   constexpr int64_t kMaxDV = DV > 0 ? DV : 16;
-  constexpr int64_t GB = DV > 0 ? std::max<int64_t>(1, 16 / DV) : 1;  // query heads per register group
+  constexpr int GB = DV == 4 ? 4 : DV == 8 ? 2 : 1;  // query heads per register group
   const int64_t Hq = q.size(1), D = q.size(2), Hkv = k_pool.size(2), bs = k_pool.size(1), G = Hq / Hkv;
   const int64_t nv = DV > 0 ? DV : std::min<int64_t>(D / K, kMaxDV);  // full vectors per row
-  const int64_t Dv = nv * K;                                            // the rest is the scalar tail
   const T* qp = q.const_data_ptr<T>();
   const T* kp = k_pool.const_data_ptr<T>();
   const T* vp = v_pool.const_data_ptr<T>();
@@ -92,10 +188,28 @@ void decode_items(const at::Tensor& q, const at::Tensor& k_pool, const at::Tenso
   const bool has_cap = softcap.has_value();
   const acc_t cap = has_cap ? static_cast<acc_t>(*softcap) : acc_t(1);
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t row_bytes = Hkv * D * int64_t(sizeof(T));
+  // Read one byte of every cache line of the K and V rows (all heads) of the step at token p0, so that the step is
+  // in cache when it is computed: blocks are scattered, which the hardware prefetchers do not follow, and on the
+  // CPUs measured prefetch instructions left the step's loads missing where plain loads, overlapped out of order
+  // with this step's arithmetic, did not.
+  auto touch_step = [&](const int32_t* trow, int64_t p0, int64_t stop) {
+    const int64_t nn = std::min(K, stop - p0);
+    int64_t qi = p0 / bs, qoff = p0 - qi * bs, qblk = static_cast<int64_t>(trow[qi * ts1]);
+    int sum = 0;
+    for (int64_t j = 0; j < nn; ++j) {
+      const volatile char* kr = reinterpret_cast<const char*>(kp + qblk * ks0 + qoff * ks1);
+      const volatile char* vr = reinterpret_cast<const char*>(vp + qblk * vs0 + qoff * vs1);
+      for (int64_t o = 0; o < row_bytes; o += 64) sum += kr[o] + vr[o];
+      if (j + 1 < nn && ++qoff == bs) {
+        qoff = 0;
+        qblk = static_cast<int64_t>(trow[++qi * ts1]);
+      }
+    }
+    asm volatile("" : : "r"(sum));
+  };
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t ib, int64_t ie) {
     std::vector<acc_t> qf(Hq * D);
-    alignas(64) acc_t pbuf[GB][K];
-    acc_t alphas[GB];
     const T* krow[K];
     const T* vrow[K];
     for (int64_t it = ib; it < ie; ++it) {
@@ -123,99 +237,14 @@ void decode_items(const at::Tensor& q, const at::Tensor& k_pool, const at::Tenso
             blk = static_cast<int64_t>(trow[++pi * ts1]);
           }
         }
-        // prefetch the next step's K and V rows (all heads) while this step computes: the rows of a step are
-        // scattered over blocks, which the hardware prefetchers do not follow
-        if (p0 + K < w.stop) {
-          const int64_t q0 = p0 + K, nn = std::min(K, w.stop - q0), row_bytes = Hkv * D * int64_t(sizeof(T));
-          int64_t qi = q0 / bs, qoff = q0 - qi * bs, qblk = static_cast<int64_t>(trow[qi * ts1]);
-          for (int64_t j = 0; j < nn; ++j) {
-            const char* kr = reinterpret_cast<const char*>(kp + qblk * ks0 + qoff * ks1);
-            const char* vr = reinterpret_cast<const char*>(vp + qblk * vs0 + qoff * vs1);
-            for (int64_t o = 0; o < row_bytes; o += 64) {
-              __builtin_prefetch(kr + o);
-              __builtin_prefetch(vr + o);
-            }
-            if (j + 1 < nn && ++qoff == bs) {
-              qoff = 0;
-              qblk = static_cast<int64_t>(trow[++qi * ts1]);
-            }
-          }
-        }
-        for (int64_t h = 0; h < Hkv; ++h) {
-          for (int64_t g0 = 0; g0 < G; g0 += GB) {
-            const int64_t gn = std::min(GB, G - g0), hq0 = h * G + g0;
-            // scores: partial[g][j] = sum over vectors of q_g * k_j, then one lane reduction per head
-            Vec qv[GB][kMaxDV], part[GB][K];
-            for (int64_t g = 0; g < GB; ++g)
-              if (g < gn)
-                for (int64_t c = 0; c < nv; ++c) qv[g][c] = Vec::loadu(qf.data() + (hq0 + g) * D + c * K);
-            for (int64_t j = 0; j < K; ++j) {
-              const T* kr = krow[j] + h * ks2;
-              Vec kv[kMaxDV];
-              for (int64_t c = 0; c < nv; ++c) kv[c] = IO::load(kr + c * K);
-              for (int64_t g = 0; g < GB; ++g) {
-                if (g >= gn) break;
-                Vec a = nv > 0 ? qv[g][0] * kv[0] : Vec(0);
-                for (int64_t c = 1; c < nv; ++c) a = at::vec::fmadd(qv[g][c], kv[c], a);
-                part[g][j] = a;
-              }
-            }
-            for (int64_t g = 0; g < gn; ++g) {
-              const int64_t hq = hq0 + g;
-              Vec sv = reduce_lanes<acc_t>(part[g]);
-              if (Dv < D) {  // scalar tail of head_dim
-                alignas(64) acc_t tail[K];
-                const acc_t* qg = qf.data() + hq * D;
-                for (int64_t j = 0; j < K; ++j) {
-                  const T* kr = krow[j] + h * ks2;
-                  acc_t x = 0;
-                  for (int64_t d = Dv; d < D; ++d) x += qg[d] * static_cast<acc_t>(kr[d]);
-                  tail[j] = x;
-                }
-                sv = sv + Vec::loadu(tail);
-              }
-              if (has_cap) sv = ftanh(sv / Vec(cap)) * Vec(cap);
-              if (n < K) sv = Vec::set(Vec(ninf), sv, n);  // steps past the end score -inf
-              // online softmax: m' = max(m, max_j s), rescale by exp(m - m'), p_j = exp(s_j - m')
-              const acc_t mx = std::max(ml[2 * hq], hmax(sv));
-              const acc_t alpha = std::exp(ml[2 * hq] - mx);  // exp(-inf) = 0 on the first step
-              const Vec pv = (sv - Vec(mx)).exp();
-              pv.store(pbuf[g]);
-              ml[2 * hq] = mx;
-              ml[2 * hq + 1] = ml[2 * hq + 1] * alpha + hsum(pv);
-              alphas[g] = alpha;
-            }
-            // acc_g = alpha_g acc_g + sum_j p_g,j v_j, accumulators in registers, each V row loaded once per group
-            Vec av[GB][kMaxDV];
-            for (int64_t g = 0; g < GB; ++g) {
-              if (g >= gn) break;
-              const acc_t* ag = acc + (hq0 + g) * D;
-              for (int64_t c = 0; c < nv; ++c) av[g][c] = Vec::loadu(ag + c * K) * Vec(alphas[g]);
-            }
-            for (int64_t j = 0; j < n; ++j) {
-              const T* vr = vrow[j] + h * vs2;
-              Vec vv[kMaxDV];
-              for (int64_t c = 0; c < nv; ++c) vv[c] = IO::load(vr + c * K);
-              for (int64_t g = 0; g < GB; ++g) {
-                if (g >= gn) break;
-                const Vec p(pbuf[g][j]);
-                for (int64_t c = 0; c < nv; ++c) av[g][c] = at::vec::fmadd(p, vv[c], av[g][c]);
-              }
-            }
-            for (int64_t g = 0; g < GB; ++g) {
-              if (g >= gn) break;
-              acc_t* ag = acc + (hq0 + g) * D;
-              for (int64_t c = 0; c < nv; ++c) av[g][c].store(ag + c * K);
-              if (Dv < D) {
-                for (int64_t d = Dv; d < D; ++d) ag[d] *= alphas[g];
-                for (int64_t j = 0; j < n; ++j) {
-                  const T* vr = vrow[j] + h * vs2;
-                  for (int64_t d = Dv; d < D; ++d) ag[d] += pbuf[g][j] * static_cast<acc_t>(vr[d]);
-                }
-              }
-            }
-          }
-        }
+        // the next step, in this item or the next of this thread's range
+        if (p0 + K < w.stop)
+          touch_step(trow, p0 + K, w.stop);
+        else if (it + 1 < ie)
+          touch_step(tab + items[it + 1].b * ts0, items[it + 1].start, items[it + 1].stop);
+        for (int64_t h = 0; h < Hkv; ++h)
+          kv_head_step<T, DV, GB>(G, qf.data() + h * G * D, krow, vrow, h * ks2, h * vs2, n, D, nv, has_cap, cap,
+                                  acc + h * G * D, ml + 2 * h * G);
       }
     }
   });

@@ -82,7 +82,10 @@ def test_triton_decode_softcap_window(softcap, window):
 
 @pytest.mark.parametrize("dtype", TRITON_DTYPES + (torch.float64,), ids=str)
 @pytest.mark.parametrize("bs", (1, 16, 256))
-@pytest.mark.parametrize("hq,hkv,d", [(8, 2, 64), (4, 4, 128), (16, 1, 40), (12, 12, 7)])
+# query heads per KV head: a whole register group (4 at head dim 64, 2 at 128), whole groups plus a remainder
+# (7 at 64, 3 at 128), a remainder only (3 at 64: SmolLM2), one (any head dim)
+@pytest.mark.parametrize("hq,hkv,d", [(8, 2, 64), (14, 2, 64), (9, 3, 64), (6, 2, 128), (4, 4, 128), (16, 1, 40),
+                                      (12, 12, 7)])
 def test_cpp_decode(dtype, bs, hq, hkv, d):
     """Mixed lengths up to 5000 (one long sequence is split across threads and merged by logsumexp)."""
     _check(cpp, [1, 17, 300, 5000], bs, hq, hkv, d, dtype)

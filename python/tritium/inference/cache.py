@@ -92,8 +92,18 @@ class PagedKVCache:
         self.device = torch.device(device)
         self.allocator = BlockAllocator(num_blocks)
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        self.k_pools: List[Tensor] = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v_pools: List[Tensor] = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        if self.device.type == "cpu":
+            # every pool a view of one buffer on transparent huge pages: a decode step reads blocks scattered over
+            # all the pools, and with 4 KiB pages each block costs TLB misses of its own
+            from tritium.utils import huge_page_buffer
+
+            per = num_blocks * block_size * num_kv_heads * head_dim
+            flat = huge_page_buffer(2 * num_layers * per * dtype.itemsize).view(dtype).zero_()
+            pools = [flat[i * per:(i + 1) * per].view(shape) for i in range(2 * num_layers)]
+        else:
+            pools = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(2 * num_layers)]
+        self.k_pools: List[Tensor] = pools[:num_layers]
+        self.v_pools: List[Tensor] = pools[num_layers:]
         self._seqs: Dict[Hashable, _Seq] = {}
 
     # ---- queries ----
