@@ -240,9 +240,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quant_unpack(const at::Tensor& qd
   return {q, untile(scales), has(mins) ? untile(*mins) : at::empty({0}, scales.options())};
 }
 
-// x (M, K) -> the activations a tile kernel reads. int8: xq (M, Kp) int8, dx (M, nb) float (per block of 32:
-// absmax / 127), sx16 (M, 2 nb) float (dx * the sum of xq over each half block). float: xf (M, Kp) float, sx16 the
-// sums of x over each half block. Rows zero padded to Kp.
+// x (M, K) -> the activations a tile kernel reads. int8 (terms 1): xq (M, Kp) int8, dx (M, nb) float (per block
+// of 32: absmax / 127), sx16 (M, 2 nb) float (dx * the sum of xq over each half block). Two terms (terms 2): each
+// row of x becomes two int8 rows, 2m the row quantized as above and 2m + 1 what that left over (x - dx * xq,
+// quantized the same way): their products add up to x's within ~1/127 of the int8 error, near float accuracy for
+// twice the integer work. float (terms 0): xf (M, Kp) float, sx16 the sums of x over each half block. Rows zero
+// padded to Kp.
 // Buffers reused from call to call (a decode step makes a hundred small calls; fresh allocations would cost more
 // than the activations' quantization itself).
 struct Activations {
@@ -251,32 +254,57 @@ struct Activations {
   const void* x() const { return xq.empty() ? static_cast<const void*>(xf.data()) : xq.data(); }
 };
 
-const Activations& prepare(const at::Tensor& x, int64_t k, bool int8_act) {
+// One block of 32 floats to int8: absmax / 127 scale, round half to even (as torch.round); buf is left holding
+// the rounded values times the scale removed from it (the residual) when residual is set.
+static inline void quantize_block(float* buf, int8_t* out, float* dx, float* sx, bool residual) {
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t V = Vec::size();
+  Vec vmax(0.f);
+  for (int64_t e = 0; e < kBlock; e += V) vmax = fmax_fast(vmax, Vec::loadu(buf + e).abs());
+  const float amax = hmax(vmax);
+  const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+  alignas(64) float r[kBlock];
+  for (int64_t e = 0; e < kBlock; e += V) {
+    const Vec x = Vec::loadu(buf + e), qv = (x * Vec(inv)).round();
+    qv.store(r + e);
+    if (residual) at::vec::fmadd(qv, Vec(-d), x).store(buf + e);  // x - q d, one rounding
+  }
+  int32_t s0 = 0, s1 = 0;
+  for (int64_t e = 0; e < kBlock; ++e) {  // exact small integers: converted and summed in a plain loop
+    const int32_t v = static_cast<int32_t>(r[e]);
+    out[e] = static_cast<int8_t>(v);
+    (e < 16 ? s0 : s1) += v;
+  }
+  *dx = d;
+  sx[0] = d * static_cast<float>(s0);
+  sx[1] = d * static_cast<float>(s1);
+}
+
+const Activations& prepare(const at::Tensor& x, int64_t k, int64_t terms) {
   thread_local Activations tl;
   Activations& a = tl;  // the caller's buffers (a name in the lambda below would be the worker thread's own)
-  const int64_t M = x.size(0), kp = padded_k(k), nb = kp / kBlock;
-  if (int8_act) {
+  const int64_t M = x.size(0), kp = padded_k(k), nb = kp / kBlock, R = M * std::max<int64_t>(terms, 1);
+  if (terms > 0) {
     a.xf.clear();
-    a.xq.resize(M * kp);
-    a.dx.resize(M * nb);
+    a.xq.resize(R * kp);
+    a.dx.resize(R * nb);
   } else {
     a.xq.clear();
     a.xf.resize(M * kp);
   }
-  a.sx16.resize(M * 2 * nb);
+  a.sx16.resize(R * 2 * nb);
   TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_quant_prepare", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const int64_t xs = x.stride(0);
     at::parallel_for(0, M, M * k >= 16384 ? 1 : M, [&](int64_t m0, int64_t m1) {
-      float buf[kBlock];
+      alignas(64) float buf[kBlock];
       for (int64_t m = m0; m < m1; ++m) {
         const scalar_t* row = xp + m * xs;
-        float* sx = a.sx16.data() + m * 2 * nb;
         for (int64_t b = 0; b < nb; ++b) {
           for (int64_t e = 0; e < kBlock; ++e) buf[e] = b * kBlock + e < k ? static_cast<float>(row[b * kBlock + e]) : 0.f;
-          if (!int8_act) {
-            float* out = a.xf.data() + m * kp + b * kBlock;
-            std::memcpy(out, buf, sizeof(buf));
+          if (terms == 0) {
+            float* sx = a.sx16.data() + m * 2 * nb;
+            std::memcpy(a.xf.data() + m * kp + b * kBlock, buf, sizeof(buf));
             float s0 = 0.f, s1 = 0.f;
             for (int64_t e = 0; e < 16; ++e) {
               s0 += buf[e];
@@ -286,25 +314,11 @@ const Activations& prepare(const at::Tensor& x, int64_t k, bool int8_act) {
             sx[2 * b + 1] = s1;
             continue;
           }
-          // absmax and the rounding in vectors (Vectorized::round is round-half-to-even, as torch.round); the
-          // rounded values are exact small integers, converted and summed in a plain loop
-          using Vec = at::vec::Vectorized<float>;
-          constexpr int64_t V = Vec::size();
-          Vec vmax(0.f);
-          for (int64_t e = 0; e < kBlock; e += V) vmax = fmax_fast(vmax, Vec::loadu(buf + e).abs());
-          const float amax = hmax(vmax);
-          const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
-          for (int64_t e = 0; e < kBlock; e += V) (Vec::loadu(buf + e) * Vec(inv)).round().store(buf + e);
-          int8_t* out = a.xq.data() + m * kp + b * kBlock;
-          int32_t s0 = 0, s1 = 0;
-          for (int64_t e = 0; e < kBlock; ++e) {
-            const int32_t v = static_cast<int32_t>(buf[e]);
-            out[e] = static_cast<int8_t>(v);
-            (e < 16 ? s0 : s1) += v;
+          for (int64_t t = 0; t < terms; ++t) {
+            const int64_t r = m * terms + t;
+            quantize_block(buf, a.xq.data() + r * kp + b * kBlock, a.dx.data() + r * nb + b,
+                           a.sx16.data() + r * 2 * nb + 2 * b, t + 1 < terms);
           }
-          a.dx[m * nb + b] = d;
-          sx[2 * b] = d * static_cast<float>(s0);
-          sx[2 * b + 1] = d * static_cast<float>(s1);
         }
       }
     });
@@ -353,11 +367,13 @@ at::Tensor dequantize_t(const at::Tensor& qdata, const at::Tensor& scales, const
 
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scales,
                         const c10::optional<at::Tensor>& mins, int64_t bits, int64_t group, int64_t n, int64_t k,
-                        bool int8_act) {
+                        int64_t int8_act) {
   check_packed("quant_linear", qdata, scales, mins, bits, group, n, k);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "quant_linear: x must be (M, ", k, "), got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "quant_linear: x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK(int8_act >= 0 && int8_act <= 2, "quant_linear: int8_act must be 0 (float activations), 1 or 2 (int8 "
+              "terms), got ", int8_act);
   const int isa = checked_isa("quant_linear");
   const int64_t M = x.size(0);
   auto y = empty({M, n}, x.options());
@@ -378,20 +394,23 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qdata, const at::
   const Tiles w(qdata, scales, mins, group);
   const Activations& act = prepare(xc, k, int8_act);
   const quant::TileFn fn = kIsas[isa].fn;
-  const int64_t kp = padded_k(k);
+  const int64_t kp = padded_k(k), terms = std::max<int64_t>(int8_act, 1), R = M * terms;
   TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_quant_linear", [&] {
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     // tiles per task: enough weight bytes x rows that a small product (a decode step's tiny layers) stays on one
     // thread instead of paying for a parallel region it cannot use
-    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, w.nb * w.bb * M));
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, w.nb * w.bb * R));
     at::parallel_for(0, w.count, grain, [&](int64_t t0, int64_t t1) {
-      std::vector<float> out(M * kTile);
+      std::vector<float> out(R * kTile);
       for (int64_t t = t0; t < t1; ++t) {
-        fn(static_cast<int>(bits), w.half, int8_act, w.blocks(t), w.scales(t), w.mins(t), w.nb, w.group_blocks, M,
-           act.x(), kp, int8_act ? act.dx.data() : nullptr, act.sx16.data(), w.nb, out.data());
+        fn(static_cast<int>(bits), w.half, int8_act > 0, w.blocks(t), w.scales(t), w.mins(t), w.nb, w.group_blocks,
+           R, act.x(), kp, int8_act ? act.dx.data() : nullptr, act.sx16.data(), w.nb, out.data());
         const int64_t cols = std::min(kTile, n - t * kTile);
-        for (int64_t m = 0; m < M; ++m)
-          for (int64_t c = 0; c < cols; ++c) yp[m * n + t * kTile + c] = static_cast<scalar_t>(out[m * kTile + c]);
+        for (int64_t m = 0; m < M; ++m) {
+          const float* o = out.data() + m * terms * kTile;
+          for (int64_t c = 0; c < cols; ++c)
+            yp[m * n + t * kTile + c] = static_cast<scalar_t>(terms == 2 ? o[c] + o[kTile + c] : o[c]);
+        }
       }
     });
   });

@@ -43,9 +43,9 @@ c10::TypedOperatorHandle<Sig> op(const char* name, const char* overload = "") {
 
 struct Ops {
   c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, const Tensor&, const optional<Tensor>&, int64_t,
-                                  int64_t, int64_t, int64_t, bool)>
+                                  int64_t, int64_t, int64_t, int64_t)>
       quant_linear = op<Tensor(const Tensor&, const Tensor&, const Tensor&, const optional<Tensor>&, int64_t, int64_t,
-                               int64_t, int64_t, bool)>("tritium::quant_linear");
+                               int64_t, int64_t, int64_t)>("tritium::quant_linear");
   c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, int64_t, const optional<Tensor>&)> linear_packed =
       op<Tensor(const Tensor&, const Tensor&, int64_t, const optional<Tensor>&)>("tritium::linear_packed");
   c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, int64_t)> linear_packed_swiglu =
@@ -88,7 +88,7 @@ Tensor project(const Ops& o, const Tensor& x, at::TensorList t, at::IntArrayRef 
   switch (d[0]) {
     case QUANT:
       y = o.quant_linear.call(x, t[0], t[1], t[2].numel() ? optional<Tensor>(t[2]) : c10::nullopt, d[1], d[2], d[3],
-                              d[4], d[5] != 0);
+                              d[4], d[5]);
       break;
     case PANELS:
       y = o.linear_packed.call(x, t[0], d[1], c10::nullopt);

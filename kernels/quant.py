@@ -349,38 +349,68 @@ def _tiles(m, ieee_f32, int8_act):
     return (32, 32, 8) if ieee_f32 else (64, 64, 8)
 
 
+def quantize_int8_terms(x):
+    """x (M, K) as two int8 terms (quant_linear's int8_act=2): (xq (2M, Kp), d (2M, Kp / 32)) with rows 2i the
+    row quantized as quantize_int8_act does and 2i + 1 what that left over (x - d * xq, rounded once to float32),
+    quantized the same way. The two rows' products add up to x's."""
+    m, k = x.shape
+    kp = padded_k(k)
+    xq1, d1 = quantize_int8_act(x)
+    first = (xq1.double().view(m, kp // BLOCK, BLOCK) * d1.double()[:, :, None]).view(m, kp)[:, :k]
+    xq2, d2 = quantize_int8_act((x.double() - first).float())
+    return torch.stack([xq1, xq2], 1).view(2 * m, -1), torch.stack([d1, d2], 1).view(2 * m, -1)
+
+
 def quant_linear(x, qdata, scales, mins, bits, group, n, k, int8_act):
-    """y (M, N) = x (M, K) @ W^T in x's dtype, W dequantised in registers; int8_act: x quantized per block of 32
-    first (quantize_int8_act) and multiplied with integer dots. Reads the packed weight once per BLOCK_M rows of x
-    (N * row_bytes bytes + scales), x, and writes M * N."""
+    """y (M, N) = x (M, K) @ W^T in x's dtype, W dequantised in registers; int8_act 1: x quantized per block of 32
+    first (quantize_int8_act) and multiplied with integer dots; 2: two int8 terms (quantize_int8_terms), their
+    float32 products summed. Reads the packed weight once per BLOCK_M rows of x (N * row_bytes bytes + scales),
+    x, and writes M * N."""
+    int8_act = int(int8_act)
+    if int8_act == 2:
+        xq, xd = quantize_int8_terms(x)
+        y2 = _int8_linear(xq, xd, torch.float32, qdata, scales, mins, bits, group, n, k)
+        return y2.view(x.shape[0], 2, n).sum(1).to(x.dtype)
+    if int8_act:
+        return _int8_linear(*quantize_int8_act(x), x.dtype, qdata, scales, mins, bits, group, n, k)
     m = x.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
     if k == 0:
         return y.zero_()
-    has_mins = _has_mins(mins)
-    mn = mins if has_mins else scales
-    ieee = x.dtype == torch.float32 and not int8_act
-    block_m, block_n, warps = _tiles(m, ieee, int8_act)
+    ieee = x.dtype == torch.float32
+    block_m, block_n, warps = _tiles(m, ieee, False)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
-    if int8_act:
-        xq, xd = quantize_int8_act(x)
-        _linear_kernel[grid](
-            xq, xq, xd, qdata, scales, mn, y,
-            m, n, k, group, qdata.shape[1],
-            0, 0, qdata.stride(0), scales.stride(0), y.stride(0), xq.stride(0), xd.stride(0),
-            BITS=bits, HAS_MINS=has_mins, INT8_ACT=True, GROUP16=group == 16, IEEE_F32=False,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-        )
-    else:
-        _linear_kernel[grid](
-            x, x, x, qdata, scales, mn, y,
-            m, n, k, group, qdata.shape[1],
-            x.stride(0), x.stride(1), qdata.stride(0), scales.stride(0), y.stride(0), 0, 0,
-            BITS=bits, HAS_MINS=has_mins, INT8_ACT=False, GROUP16=group == 16, IEEE_F32=ieee,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-        )
+    has_mins = _has_mins(mins)
+    _linear_kernel[grid](
+        x, x, x, qdata, scales, mins if has_mins else scales, y,
+        m, n, k, group, qdata.shape[1],
+        x.stride(0), x.stride(1), qdata.stride(0), scales.stride(0), y.stride(0), 0, 0,
+        BITS=bits, HAS_MINS=has_mins, INT8_ACT=False, GROUP16=group == 16, IEEE_F32=ieee,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+    )
+    return y
+
+
+def _int8_linear(xq, xd, dtype, qdata, scales, mins, bits, group, n, k):
+    """y (M, N) in dtype from int8 activations xq (M, Kp) with block scales xd (M, Kp / 32)."""
+    m = xq.shape[0]
+    y = torch.empty((m, n), dtype=dtype, device=xq.device)
+    if m == 0 or n == 0:
+        return y
+    if k == 0:
+        return y.zero_()
+    has_mins = _has_mins(mins)
+    block_m, block_n, warps = _tiles(m, False, True)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    _linear_kernel[grid](
+        xq, xq, xd, qdata, scales, mins if has_mins else scales, y,
+        m, n, k, group, qdata.shape[1],
+        0, 0, qdata.stride(0), scales.stride(0), y.stride(0), xq.stride(0), xd.stride(0),
+        BITS=bits, HAS_MINS=has_mins, INT8_ACT=True, GROUP16=group == 16, IEEE_F32=False,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+    )
     return y
 
 

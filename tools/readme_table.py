@@ -19,6 +19,7 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+ACT_LABELS = {0: "float", 1: "int8", 2: "int8x2"}   # a generate row's int8_act, as `tritium bench generate` shows it
 SUMMARY_START, SUMMARY_END = "<!-- bench-summary:start -->", "<!-- bench-summary:end -->"
 
 # (file, command that records it) in the order the page shows them; other ops-suite files follow as "Other".
@@ -181,7 +182,7 @@ def quant_section(data: dict) -> list:
     body = []
     for r in data["rows"]:
         vs = ", ".join(f"{v:.2f}x {k}" for k, v in (r.get("vs_llama_cpp") or {}).items())
-        body.append([r["weights"], r["dtype"], "int8" if r["int8_act"] else "float", r["case"],
+        body.append([r["weights"], r["dtype"], ACT_LABELS[int(r["int8_act"])], r["case"],
                      f"{r['tritium_tok_s']:.1f}", f"{r['weight_bytes_per_token'] / 1e6:.0f}",
                      "-" if r.get("beyond_weights_frac") is None else f"{100 * r['beyond_weights_frac']:.0f}%",
                      "-" if r.get("scaling_vs_batch1") is None else f"{r['scaling_vs_batch1']:.1f}x", vs or "-"])
@@ -262,7 +263,7 @@ def readme_summary() -> str:
             top = best.get(r["weights"])
             if r["case"] == "decode batch 1" and (top is None or r["tritium_tok_s"] > top["tritium_tok_s"]):
                 best[r["weights"]] = r
-        parts = [f"{w} {r['dtype']}{' int8-act' if r['int8_act'] else ''} {r['tritium_tok_s']:.0f} tok/s ("
+        parts = [f"{w} {r['dtype']} {ACT_LABELS[int(r['int8_act'])]} act {r['tritium_tok_s']:.0f} tok/s ("
                  + ", ".join(f"{x:.2f}x {k}" for k, x in r["vs_llama_cpp"].items()) + ")"
                  for w, r in best.items()]
         lines.append(f"- vs llama.cpp ({quant['machine']['cpu']}, {quant['machine']['time'][:10]}), SmolLM2-135M "

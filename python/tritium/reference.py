@@ -325,16 +325,22 @@ def quant_linear(x: Tensor, q: Tensor, scales: Tensor, mins: Optional[Tensor], b
     return (x.double() @ quant_weight(q, scales, mins, bits, group).double().t()).to(x.dtype)
 
 
-def quantize_int8_act(x: Tensor) -> Tensor:
-    """x (M, K) as the int8 activations of quant_linear(int8_act=True) see it: per block of 32 elements of a row
-    (the row padded with zeros), scale d = absmax / 127 and x_q = round(x / d), returned dequantised (d * x_q) in
-    float64: the reference for the int8-activation path is quant_linear(quantize_int8_act(x), ...)."""
+def quantize_int8_act(x: Tensor, terms: int = 1) -> Tensor:
+    """x (M, K) as the int8 activations of quant_linear(int8_act=terms) see it, returned dequantised in float64:
+    per block of 32 elements of a row (the row padded with zeros), scale d = absmax / 127 (a float32) and
+    x_q = round_half_even(x * float32(1 / d)), giving d * x_q; with terms=2, plus the same quantization of what
+    that left over (x - d * x_q, rounded once to float32). The reference for the int8-activation path is
+    quant_linear(quantize_int8_act(x, terms), ...)."""
     m, k = x.shape
     kp = -(-k // 32) * 32
     xp = torch.zeros(m, kp, dtype=torch.float64)
     xp[:, :k] = x.double().cpu()
-    blocks = xp.view(m, kp // 32, 32)
-    d = (blocks.abs().amax(-1, keepdim=True) / 127).float().double()   # the scale is a float32 in the kernels
-    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d)).float().double()
-    xq = torch.round((blocks * inv).float().double())
-    return (xq * d).view(m, kp)[:, :k].to(x.device)
+    out = torch.zeros_like(xp)
+    for _ in range(terms):
+        blocks = xp.view(m, kp // 32, 32)
+        d = (blocks.abs().amax(-1, keepdim=True) / 127).float().double()   # the scale is a float32 in the kernels
+        inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d)).float().double()
+        term = (torch.round((blocks * inv).float().double()) * d).view(m, kp)   # exact: 8 bits times a float32
+        out += term
+        xp = (xp - term).float().double()      # exact in float64, then one rounding, as the kernels' FMA
+    return out[:, :k].to(x.device)

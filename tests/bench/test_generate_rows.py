@@ -12,19 +12,18 @@ def test_defaults_parse():
     p = argparse.ArgumentParser()
     g.add_arguments(p)
     args = p.parse_args([])
-    assert (args.weights, args.int8_act, args.no_peer) == ("native,float", "off", False)
+    assert (args.weights, args.int8_act, args.no_peer) == ("native,float", "two-term", False)
     assert g.parse_plan(args.weights, args.dtypes, args.int8_act, WEIGHT_MODES) == [
-        ("native", "float32", False), ("native", "bfloat16", False),
-        ("float", "float32", False), ("float", "bfloat16", False)]
+        ("native", "float32", 2), ("native", "bfloat16", 2), ("float", "float32", 0), ("float", "bfloat16", 0)]
 
 
 def test_plan_float_weights_take_no_int8_activations():
-    plan = g.parse_plan("float,int8", "bfloat16", "off,on", WEIGHT_MODES)
-    assert plan == [("float", "bfloat16", False), ("int8", "bfloat16", False), ("int8", "bfloat16", True)]
+    plan = g.parse_plan("float,int8", "bfloat16", "off,on,two-term", WEIGHT_MODES)
+    assert plan == [("float", "bfloat16", 0), ("int8", "bfloat16", 0), ("int8", "bfloat16", 1), ("int8", "bfloat16", 2)]
 
 
 def test_plan_takes_llama_cpp_variant_files():
-    assert g.parse_plan("native:Q4_0", "float32", "on", WEIGHT_MODES) == [("native:Q4_0", "float32", True)]
+    assert g.parse_plan("native:Q4_0", "float32", "on", WEIGHT_MODES) == [("native:Q4_0", "float32", 1)]
 
 
 @pytest.mark.parametrize("weights,act", [("int3", "off"), ("native", "yes"), ("native:Q3_K", "off")])

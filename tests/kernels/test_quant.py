@@ -93,13 +93,13 @@ def _linear_case(bits, group, has_mins, dtype, int8_act, m, k=K, n=N):
     packed = _packed(q, scales, mins, bits, group)
     x = torch.randn(m, k, dtype=torch.float64).to(dtype)
     out = triton_quant.quant_linear(x, *packed, bits, group, n, k, int8_act)
-    x_in = reference.quantize_int8_act(x) if int8_act else x.double()
+    x_in = reference.quantize_int8_act(x, int8_act) if int8_act else x.double()
     ref = reference.quant_linear(x_in, q, scales, mins, bits, group)
     theirs = x_in.to(dtype) @ reference.quant_weight(q, scales, mins, bits, group, dtype).t()
     assert_within_torch_error(out, theirs, ref, f"q{bits} g{group} mins={has_mins} {m}x{n}x{k} int8={int8_act}")
 
 
-@pytest.mark.parametrize("int8_act", (False, True), ids=("float", "int8"))
+@pytest.mark.parametrize("int8_act", (0, 1, 2), ids=("float", "int8", "int8x2"))
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("has_mins", (False, True), ids=("sym", "mins"))
 @pytest.mark.parametrize("bits,group", GROUPS, ids=map(_ids, GROUPS))
@@ -109,7 +109,7 @@ def test_linear(bits, group, has_mins, dtype, int8_act):
         _linear_case(bits, group, has_mins, dtype, int8_act, m)
 
 
-@pytest.mark.parametrize("int8_act", (False, True), ids=("float", "int8"))
+@pytest.mark.parametrize("int8_act", (0, 1, 2), ids=("float", "int8", "int8x2"))
 @pytest.mark.parametrize("bits,group", [(8, 16), (8, 128), (4, 32), (4, 128)],
                          ids=["q8g16", "q8g128", "q4g32", "q4g128"])
 def test_linear_long_rows(bits, group, int8_act):
@@ -118,7 +118,7 @@ def test_linear_long_rows(bits, group, int8_act):
     q, scales, mins = _weight(70, 328, bits, group, False)
     x = torch.randn(3, 400)[:, 10:338]
     out = triton_quant.quant_linear(x, *_packed(q, scales, mins, bits, group), bits, group, 70, 328, int8_act)
-    x_in = reference.quantize_int8_act(x) if int8_act else x.double()
+    x_in = reference.quantize_int8_act(x, int8_act) if int8_act else x.double()
     ref = reference.quant_linear(x_in, q, scales, mins, bits, group)
     assert_within_torch_error(out, x_in.float() @ reference.quant_weight(q, scales, mins, bits, group).t(), ref)
 
@@ -152,6 +152,19 @@ def test_quantize_int8_act_exact(dtype):
     assert torch.equal(xq[:, 100:], torch.zeros(6, 28, dtype=torch.int8))
     got = (xq.double().view(6, 4, 32) * xd.double()[:, :, None]).view(6, 128)[:, :100]
     assert torch.equal(got, reference.quantize_int8_act(x))
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_quantize_int8_terms_exact(dtype):
+    """Two int8 terms: row 2i is row i's quantize_int8_act, row 2i + 1 the residual's; together exactly
+    reference.quantize_int8_act(x, 2)."""
+    x = torch.randn(5, 100, dtype=torch.float64).to(dtype)
+    x[1, 32:64] = 0
+    xq, xd = triton_quant.quantize_int8_terms(x)
+    assert xq.shape == (10, 128) and xd.shape == (10, 4)
+    assert torch.equal(xq[0::2], triton_quant.quantize_int8_act(x)[0])
+    got = (xq.double().view(10, 4, 32) * xd.double()[:, :, None]).view(5, 2, 128).sum(1)[:, :100]
+    assert torch.equal(got, reference.quantize_int8_act(x, 2))
 
 
 def test_empty_and_degenerate():

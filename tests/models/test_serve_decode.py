@@ -91,6 +91,6 @@ def test_decode_args_follow_weight_and_activation_changes():
     weights, ints = m._decode_args(1)
     assert ints[0] == KIND["quant"] and ints[5] == 0           # kind, then bits, group, n, k, int8_act
     m.set_int8_activations(True)
-    assert m._decode_args(1)[1][5] == 1                        # wqkv reads a norm's output: int8
+    assert m._decode_args(1)[1][5] == 2                        # wqkv: two int8 terms (Linear.int8_terms)
     m.layers[0].attention.wqkv.quant.int8_act = False
     assert m._decode_args(1)[1][5] == 0

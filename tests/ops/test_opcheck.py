@@ -380,7 +380,7 @@ def _():
     for quant in (False, True):
         m = build("tiny").init_random(generator=torch.Generator().manual_seed(0))
         if quant:
-            m.quantize_("int8")
+            m.quantize_("int8", int8_act=1)    # one and two int8 terms (Linear.int8_terms)
         weights, ints = m._decode_args(2)
         c = m.config
         pools = [r(4, 4, c.n_kv_heads, c.head_dim) for _ in range(2 * c.n_layers)]
@@ -393,7 +393,7 @@ def _():
 @sample("quant_linear")
 def _():
     return [(g(3, 72, dtype=dt), *w, act) for w in _quant_packed() for dt, act in
-            ((torch.float32, False), (torch.bfloat16, True))]
+            ((torch.float32, 0), (torch.bfloat16, 1), (torch.float32, 2))]
 
 
 @sample("quant_linear_dx")

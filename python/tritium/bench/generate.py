@@ -14,7 +14,8 @@ each tritium row gets its tok/s over the matching llama.cpp variant's (peer_pair
 (any variant) serves llama.cpp's own requantised file natively, paired with llama.cpp on that same file: the
 same format and the same bytes on both sides.
 
-``--quick`` measures one row (native weights, bfloat16 decode at batch 1, no prefill, no peer): the summary
+``--quick`` measures one row (native weights, bfloat16 and two-term int8 activations as `tritium generate` serves
+them, decode at batch 1, no prefill, no peer): the summary
 ``make demo`` prints.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 from .common import copy_bandwidth, dtype_name, machine_info, parse_dtype, write_json
 
 
-QUICK = dict(dtypes="bfloat16", weights="native", int8_act="off", batches="1", decode_tokens=16, repeats=1,
+QUICK = dict(dtypes="bfloat16", weights="native", int8_act="two-term", batches="1", decode_tokens=16, repeats=1,
              prefill_len=0, no_peer=True)
 
 # llama.cpp variants made from the source GGUF file ("file": the file itself), by llama.cpp ftype constant
@@ -56,15 +57,21 @@ def _split(s: str) -> List[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
+# the int8_act of a row as the tables show it
+ACT_LABELS = {0: "float", 1: "int8", 2: "int8x2"}
+
+
 def parse_plan(weights: str, dtypes: str, int8_act: str,
-               modes: Sequence[str] = ("float", "native", "int8", "int4")) -> List[Tuple[str, str, bool]]:
-    """(weights mode, dtype name, int8 activations) of every tritium model to measure, in the order given.
+               modes: Sequence[str] = ("float", "native", "int8", "int4")) -> List[Tuple[str, str, int]]:
+    """(weights mode, dtype name, int8 activation mode) of every tritium model to measure, in the order given.
     Float weights have no quantized layer, so they take int8_act off only (one row, not a duplicate)."""
+    from ..models import INT8_ACT_MODES
+
     acts = []
     for a in _split(int8_act):
-        if a not in ("on", "off"):
-            raise ValueError(f"--int8-act takes on and/or off, got {a!r}")
-        acts.append(a == "on")
+        if a not in INT8_ACT_MODES:
+            raise ValueError(f"--int8-act takes {', '.join(INT8_ACT_MODES)}, got {a!r}")
+        acts.append(INT8_ACT_MODES[a])
     plan = []
     for w in _split(weights):
         if w not in modes and not (w.startswith("native:") and w.split(":", 1)[1] in PEER_FTYPES):
@@ -72,7 +79,7 @@ def parse_plan(weights: str, dtypes: str, int8_act: str,
                              f"got {w!r}")
         for d in _split(dtypes):
             d = dtype_name(parse_dtype(d))
-            for a in ([False] if w == "float" else acts):
+            for a in ([0] if w == "float" else acts):
                 if (w, d, a) not in plan:
                     plan.append((w, d, a))
     return plan
@@ -87,8 +94,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights modes (tritium.models.WEIGHT_MODES: float, native, int8, int4; native:Q4_0 etc.: "
                    "llama.cpp's requantised file served natively), comma-separated")
     p.add_argument("--dtypes", default="float32,bfloat16", help="activation dtypes, comma-separated")
-    p.add_argument("--int8-act", default="off",
-                   help="on and/or off, comma-separated: quantized layers quantize their activations to int8")
+    p.add_argument("--int8-act", default="two-term",
+                   help="off, on and/or two-term, comma-separated: how quantized layers take their activations "
+                   "(Llama.set_int8_activations: float, one int8 term, two int8 terms)")
     p.add_argument("--batches", default="1,8,16,32")
     p.add_argument("--prompt-len", type=int, default=32, help="prompt length of the decode cases")
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded per measurement")
@@ -119,7 +127,7 @@ def beyond_weights(step_s: float, weight_bytes: float, bw: float) -> float:
     return (step_s - weight_bytes / bw) / step_s
 
 
-def make_row(weights: str, dtype: str, int8_act: bool, case: str, batch: int, tokens: int, t_tritium: float,
+def make_row(weights: str, dtype: str, int8_act: int, case: str, batch: int, tokens: int, t_tritium: float,
              t_eager: float, weight_bytes: int, bw: float, tput_batch1: Optional[float] = None,
              peer_s: Optional[Dict[str, float]] = None, weight_mode: str = "") -> dict:
     """One result row from the step times (seconds for `tokens` tokens; a decode step makes one per sequence).
@@ -375,7 +383,7 @@ def _make_peer(args, console) -> Optional[Peer]:
 
 # ---------------------------------------------------------------- the rows
 
-def _measure(args, weights: str, dtype: torch.dtype, int8_act: bool, bw: float, console,
+def _measure(args, weights: str, dtype: torch.dtype, int8_act: int, bw: float, console,
              peer: Optional[Peer]) -> List[dict]:
     """The rows of one tritium model: decode at each batch size, then the prefill (the models are freed on
     return). Decode batch 1 and the prefill alternate with the paired llama.cpp variants too."""
@@ -383,7 +391,7 @@ def _measure(args, weights: str, dtype: torch.dtype, int8_act: bool, bw: float, 
     from ..models.eager import EagerLlama
 
     dname = dtype_name(dtype)
-    tag = f"{weights} {dname}{' int8-act' if int8_act else ''}"
+    tag = f"{weights} {dname} {ACT_LABELS[int8_act]} act"
     path, mode = args.model, weights
     if weights.startswith("native:"):
         variant = weights.split(":", 1)[1]
@@ -502,7 +510,7 @@ def run(args) -> List[dict]:
     for col in cols + (["vs llama.cpp"] if with_peer else []):
         table.add_column(col, justify="left" if col in ("model", "case", "vs llama.cpp") else "right")
     for r in rows:
-        cells = [f"{r['weights']} {r['dtype']}" + (" int8-act" if r["int8_act"] else ""), r["case"],
+        cells = [f"{r['weights']} {r['dtype']} {ACT_LABELS[int(r['int8_act'])]}", r["case"],
                  f"{r['tritium_tok_s']:.1f}", f"{r['eager_tok_s']:.1f}", f"{r['speedup']:.2f}x",
                  f"{r['weight_bytes_per_token'] / 1e6:.0f}", _pct(r["tritium_weight_bw_frac"]),
                  _pct(r["beyond_weights_frac"]),

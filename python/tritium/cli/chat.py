@@ -7,7 +7,8 @@ import sys
 from typing import List, Optional
 
 from .errors import ArgumentParser
-from .generate import add_model_arguments, check_model_arguments, load_with_progress, report, sampling_kwargs
+from .generate import (add_model_arguments, check_model_arguments, int8_act_mode, load_with_progress, report,
+                       sampling_kwargs)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -27,7 +28,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console(stderr=True)
-    model, tok = load_with_progress(args.model, args.dtype, console, args.weights, args.int8_activations)
+    model, tok = load_with_progress(args.model, args.dtype, console, args.weights, int8_act_mode(args))
     console.print(f"[dim]{model.load_note}[/dim]")
     engine = Engine(model, tok, max_batch=1)
     system = args.system

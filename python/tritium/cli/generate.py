@@ -29,9 +29,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="native", choices=("native", "int8", "int4", "float"),
                    help="native (default): each GGUF matrix at its stored quantized type, served from its blocks; "
                    "int8 / int4: quantize every projection; float: dequantise everything to --dtype")
-    p.add_argument("--int8-activations", action="store_true",
-                   help="quantized layers quantize their activations to int8 per block of 32 (llama.cpp's way: "
-                   "faster, less exact)")
+    p.add_argument("--int8-activations", default=None, choices=("off", "on", "two-term"), nargs="?", const="on",
+                   help="how quantized layers take their activations: two-term (the default for quantized "
+                   "weights: two int8 terms per block of 32, near float accuracy and faster than float on CPU), "
+                   "on (one int8 term where greedy decoding stays on the float model's, llama.cpp's way: "
+                   "fastest, less exact), off (float)")
     p.add_argument("--max-new-tokens", type=number(int, 1), default=128)
     p.add_argument("--temperature", type=number(float, 0), default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=number(float, 0, 1, low_open=True), default=1.0)
@@ -42,10 +44,19 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=number(int, 1), default=None, help="torch threads (default: torch's)")
 
 
+def int8_act_mode(args) -> int:
+    """The activation mode of the quantized layers: --int8-activations, or two-term for quantized weights."""
+    from tritium.models import INT8_ACT_MODES
+
+    if args.int8_activations is None:
+        return 0 if args.weights == "float" else INT8_ACT_MODES["two-term"]
+    return INT8_ACT_MODES[args.int8_activations]
+
+
 def check_model_arguments(args) -> None:
     """What add_model_arguments' types cannot see alone: flags that contradict each other, a --model that is not
     there (before anything is loaded)."""
-    if args.int8_activations and args.weights == "float":
+    if args.int8_activations not in (None, "off") and args.weights == "float":
         raise UsageError("--int8-activations needs quantized weights (--weights native, int8 or int4), "
                          "not --weights float")
     if args.model is not None and not os.path.exists(args.model):
@@ -62,7 +73,7 @@ def default_dtype_name() -> str:
 
 
 def load_with_progress(path: Optional[str], dtype_name: Optional[str], console, weights: str = "native",
-                       int8_act: bool = False):
+                       int8_act: int = 0):
     """tritium.models.load with a rich progress bar over the tensors being read; dtype_name None: the default
     (default_dtype_name). Records on the model what it loaded (model.load_note: the dtype, and why when it was
     chosen here, and the weights), the resident memory after the load and what the load added to it
@@ -144,7 +155,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console(stderr=True)
-    model, tok = load_with_progress(args.model, args.dtype, console, args.weights, args.int8_activations)
+    model, tok = load_with_progress(args.model, args.dtype, console, args.weights, int8_act_mode(args))
     if not args.raw and tok.chat_template:
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
     engine = Engine(model, tok, max_batch=max(1, args.num_beams))

