@@ -117,7 +117,9 @@ def test_bad_command_line(argv, status, want, broken, capfd, monkeypatch):
 
 def test_missing_optional_package_names_the_extra(capfd, monkeypatch):
     monkeypatch.delenv("TRITIUM_DEBUG", raising=False)
-    monkeypatch.setitem(sys.modules, "sklearn", None)      # `import sklearn` now raises ModuleNotFoundError
+    # `import sklearn` (and any of its modules an earlier test of this process imported) now raises
+    for name in ["sklearn"] + [m for m in sys.modules if m.startswith("sklearn.")]:
+        monkeypatch.setitem(sys.modules, name, None)
     assert main(["train", "--model", "mlp", "--epochs", "1", "--no-progress"]) == 1
     line = _one_error_line(capfd.readouterr().err, "")
     assert "sklearn" in line and line.endswith("(pip install 'tritium[train]')"), line
