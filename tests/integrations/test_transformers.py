@@ -284,6 +284,27 @@ def test_peft_lora_on_a_patched_model_trains_like_unpatched():
     assert results[1] == pytest.approx(results[0], rel=1e-4)
 
 
+def test_trainer_with_gradient_accumulation_logs_the_unpatched_losses(tmp_path):
+    """docs/transformers.md's one line before Trainer: the same logged losses as unpatched (num_items_in_batch
+    over 2 accumulated micro-batches of unequal valid-token counts)."""
+    from transformers import Trainer, TrainingArguments
+
+    ids, mask, labels = batch()
+    rows = [{"input_ids": i, "attention_mask": m, "labels": lab} for i, m, lab in zip(ids, mask, labels)] * 4
+    logs = []
+    for patched in (False, True):
+        model = tiny("llama")
+        if patched:
+            tt.apply(model)
+        args = TrainingArguments(str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                                 max_steps=2, learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[],
+                                 use_cpu=True, disable_tqdm=True, seed=0, data_seed=0)
+        trainer = Trainer(model=model, args=args, train_dataset=rows)
+        trainer.train()
+        logs.append([e["loss"] for e in trainer.state.log_history if "loss" in e])
+    assert len(logs[0]) == 2 and logs[1] == pytest.approx(logs[0], rel=1e-5)
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     """SmolLM2-135M-Instruct as transformers loads it from the embedded GGUF file (dequantised to float32)."""
