@@ -8,4 +8,5 @@ SUITES = {
     "generate": "tritium.bench.generate",
     "models": "tritium.bench.models",
     "memory": "tritium.bench.memory",
+    "hf": "tritium.bench.hf",
 }
