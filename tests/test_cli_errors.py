@@ -85,7 +85,16 @@ TABLE = [
     # bench (the values of a suite's own flags are the suite's to check, when it runs)
     (["bench", "--nope"], 2, "unrecognized arguments: --nope"),
     (["bench", "ops", "--mode", "sideways"], 2, "--mode: invalid choice: 'sideways'"),
-    (["bench", "generate", "--repeats", "three"], 2, "--repeats: invalid int value: 'three'"),
+    (["bench", "generate", "--repeats", "three"], 2, "--repeats: must be an integer >= 1, got 'three'"),
+    (["bench", "generate", "--repeats", "-3"], 2, "--repeats: must be an integer >= 1, got -3"),
+    (["bench", "generate", "--batches", "1,0"], 2, "--batches: must be an integer >= 1, got 0"),
+    (["bench", "generate", "--weights", "int3"], 2, "--weights: takes float, native, int8, int4"),
+    (["bench", "generate", "--int8-act", "maybe"], 2, "--int8-act: takes off, on, two-term, got 'maybe'"),
+    (["bench", "generate", "--peer-variants", "Q9"], 2, "--peer-variants: takes file, Q4_0"),
+    (["bench", "ops", "--shape", "64xq"], 2, "--shape: must be positive integers joined by x"),
+    (["bench", "ops", "--min-time", "0"], 2, "--min-time: must be a number > 0, got 0"),
+    (["bench", "models", "--rounds", "0"], 2, "--rounds: must be an integer >= 1, got 0"),
+    (["bench", "memory", "--seqs", "1024,-1"], 2, "--seqs: must be an integer >= 1, got -1"),
     (["bench", "models", "--model", "nonesuch"], 2, "--model: invalid choice: 'nonesuch'"),
     (["bench", "memory", "--seqs"], 2, "--seqs: expected one argument"),
     # the command itself

@@ -70,12 +70,12 @@ def parse_plan(weights: str, dtypes: str, int8_act: str,
     acts = []
     for a in _split(int8_act):
         if a not in INT8_ACT_MODES:
-            raise ValueError(f"--int8-act takes {', '.join(INT8_ACT_MODES)}, got {a!r}")
+            raise ValueError(f"takes {', '.join(INT8_ACT_MODES)}, got {a!r}")
         acts.append(INT8_ACT_MODES[a])
     plan = []
     for w in _split(weights):
         if w not in modes and not (w.startswith("native:") and w.split(":", 1)[1] in PEER_FTYPES):
-            raise ValueError(f"--weights takes {', '.join(modes)} or native:<{'|'.join(PEER_FTYPES)}>, "
+            raise ValueError(f"takes {', '.join(modes)} or native:<{'|'.join(PEER_FTYPES)}>, "
                              f"got {w!r}")
         for d in _split(dtypes):
             d = dtype_name(parse_dtype(d))
@@ -85,28 +85,48 @@ def parse_plan(weights: str, dtypes: str, int8_act: str,
     return plan
 
 
+def _validated(check: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse type that runs ``check`` on the text (ValueError or ArgumentTypeError: a one-line usage error)
+    and keeps the text as given."""
+
+    def parse(text: str) -> str:
+        try:
+            check(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+
+    return parse
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .._args import comma_list, number
+
     p.add_argument("--quick", action="store_true",
                    help="one row: native weights, bfloat16 decode at batch 1, 16 tokens, no prefill, no peer "
                    "(overrides the options below)")
     p.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--weights", default="native,float",
+    p.add_argument("--weights", default="native,float", type=_validated(lambda t: parse_plan(t, "float32", "off")),
                    help="weights modes (tritium.models.WEIGHT_MODES: float, native, int8, int4; native:Q4_0 etc.: "
                    "llama.cpp's requantised file served natively), comma-separated")
-    p.add_argument("--dtypes", default="float32,bfloat16", help="activation dtypes, comma-separated")
-    p.add_argument("--int8-act", default="two-term",
+    p.add_argument("--dtypes", default="float32,bfloat16", type=_validated(lambda t: parse_plan("native", t, "off")),
+                   help="activation dtypes, comma-separated")
+    p.add_argument("--int8-act", default="two-term", type=_validated(lambda t: parse_plan("native", "float32", t)),
                    help="off, on and/or two-term, comma-separated: how quantized layers take their activations "
                    "(Llama.set_int8_activations: float, one int8 term, two int8 terms)")
-    p.add_argument("--batches", default="1,8,16,32")
-    p.add_argument("--prompt-len", type=int, default=32, help="prompt length of the decode cases")
-    p.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded per measurement")
-    p.add_argument("--prefill-len", type=int, default=512, help="0: no prefill case")
-    p.add_argument("--repeats", type=int, default=3, help="median of this many alternating runs per decode case")
-    p.add_argument("--prefill-repeats", type=int, default=5,
+    p.add_argument("--batches", default="1,8,16,32", type=_validated(comma_list(number(int, 1))),
+                   help="decode batch sizes, comma-separated")
+    p.add_argument("--prompt-len", type=number(int, 1), default=32, help="prompt length of the decode cases")
+    p.add_argument("--decode-tokens", type=number(int, 2), default=32, help="tokens decoded per measurement")
+    p.add_argument("--prefill-len", type=number(int, 0), default=512, help="0: no prefill case")
+    p.add_argument("--repeats", type=number(int, 1), default=3,
+                   help="median of this many alternating runs per decode case")
+    p.add_argument("--prefill-repeats", type=number(int, 1), default=5,
                    help="median of this many runs per prefill case (one step each: cheap to repeat, noisy alone)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=number(int, 1), default=None, help="torch threads (default: torch's)")
     p.add_argument("--no-peer", action="store_true", help="skip llama.cpp even when llama-cpp-python is installed")
     p.add_argument("--peer-variants", default=",".join(PEER_VARIANTS),
+                   type=_validated(comma_list(choices=PEER_VARIANTS)),
                    help="the llama.cpp variants to run (file: the GGUF file itself), comma-separated")
     p.add_argument("--json", default=None, help="write the results here")
 
@@ -478,11 +498,7 @@ def run(args) -> List[dict]:
         torch.set_num_threads(args.threads)
     # the table is wider than rich's default 80 columns off a terminal (a log, a pipe): give it room there
     console = Console() if sys.stdout.isatty() else Console(width=160)
-    try:
-        plan = parse_plan(args.weights, args.dtypes, args.int8_act, tritium.models.WEIGHT_MODES)
-    except ValueError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise SystemExit(2)
+    plan = parse_plan(args.weights, args.dtypes, args.int8_act, tritium.models.WEIGHT_MODES)
     args.batch_list = [int(b) for b in _split(args.batches)]
     bw = copy_bandwidth()
     peer = _make_peer(args, console)

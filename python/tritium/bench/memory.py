@@ -59,8 +59,12 @@ def peak_extra_bytes(seq: int, dtype: str = "float32", impl: str = "tritium", ba
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seqs", default="1024,2048,4096,8192")
-    p.add_argument("--dtypes", default="float32,bfloat16")
+    from .._args import comma_list, number
+
+    p.add_argument("--seqs", default=[1024, 2048, 4096, 8192], type=comma_list(number(int, 1)),
+                   help="sequence lengths, comma-separated")
+    p.add_argument("--dtypes", default=["float32", "bfloat16"], type=comma_list(choices=("float32", "bfloat16")),
+                   help="comma-separated")
     p.add_argument("--json", default=None, help="write the results here")
 
 
@@ -72,10 +76,10 @@ def run(args) -> List[dict]:
     table = Table(title="attention peak extra memory (MiB), batch 1, 8 heads x 64, causal")
     for col in ("dtype", "mode", "seq", "tritium", "torch SDPA", "tritium vs previous seq"):
         table.add_column(col, justify="right")
-    for dtype in args.dtypes.split(","):
+    for dtype in args.dtypes:
         for backward in (False, True):
             prev = None
-            for seq in (int(s) for s in args.seqs.split(",")):
+            for seq in args.seqs:
                 t = peak_extra_bytes(seq, dtype, "tritium", backward) / 2 ** 20
                 e = peak_extra_bytes(seq, dtype, "sdpa", backward) / 2 ** 20
                 mode = "fwdbwd" if backward else "fwd"

@@ -21,9 +21,12 @@ MODELS = ("lstm", "gru", "encoder", "vit")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .._args import number
+
     p.add_argument("--model", action="append", choices=MODELS, help="repeatable; default: all")
-    p.add_argument("--min-time", type=float, default=2.0, help="seconds of timing per implementation")
-    p.add_argument("--rounds", type=int, default=3,
+    p.add_argument("--min-time", type=number(float, 0, low_open=True), default=2.0,
+                   help="seconds of timing per implementation")
+    p.add_argument("--rounds", type=number(int, 1), default=3,
                    help="rounds over the implementations in turn (each impl: median of its rounds)")
     p.add_argument("--small", action="store_true", help="a quarter of the batch (a quick look)")
     p.add_argument("--json", help="write machine info and every figure to this path")

@@ -31,17 +31,30 @@ QUICK = (
 )
 
 
+def _shape(text: str) -> str:
+    """--shape's type: dims joined by x, each a positive integer (kept as the text)."""
+    try:
+        if all(int(v) >= 1 for v in text.lower().split("x")):
+            return text
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"must be positive integers joined by x (e.g. 4096x4096), got {text!r}")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .._args import number
+
     p.add_argument("--quick", action="store_true",
                    help=f"a short summary: {len(QUICK)} headline rows (the --op/--dtype/--mode filters still apply)")
     p.add_argument("--op", action="append", help="op name or glob (repeatable); default: all")
-    p.add_argument("--dtype", action="append", help="float32, bfloat16, float16 (repeatable); default: per case")
-    p.add_argument("--shape", action="append", help="e.g. 4096x4096 (repeatable); default: per case")
+    p.add_argument("--dtype", action="append", choices=("float32", "bfloat16", "float16"),
+                   help="repeatable; default: per case")
+    p.add_argument("--shape", action="append", type=_shape, help="e.g. 4096x4096 (repeatable); default: per case")
     p.add_argument("--headline", action="store_true",
                    help="only each case's first (headline) shape: the one its issue's bar is stated at")
     p.add_argument("--mode", choices=["fwd", "fwdbwd", "both"], default="both")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (saves minutes)")
-    p.add_argument("--min-time", type=float, default=None,
+    p.add_argument("--min-time", type=number(float, 0, low_open=True), default=None,
                    help="seconds of timing per measurement (default 0.5; 0.2 with --quick)")
     p.add_argument("--json", help="write machine info, versions and every figure to this path")
     p.add_argument("--plot", help="write a PNG of the speedups to this path")

@@ -8,10 +8,11 @@ traceback is printed only with ``--debug`` or ``TRITIUM_DEBUG=1`` (``run``). Com
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import sys
 from typing import Callable, Optional
+
+from .._args import comma_list, number  # noqa: F401  (the argument types every command uses)
 
 DEBUG_HELP = "--debug (anywhere before a --) or TRITIUM_DEBUG=1: print the full traceback of an error"
 
@@ -35,28 +36,6 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         # "argument --top-k: must be ..." -> "--top-k: must be ..."
         raise UsageError(f"{re.sub(r'^argument ', '', message)} (see {self.prog} --help)")
-
-
-def number(kind: type, low: float, high: Optional[float] = None, low_open: bool = False) -> Callable[[str], float]:
-    """An argparse ``type``: a finite int (kind=int) or float in [low, high] ((low, high] with low_open; no upper
-    bound when high is None). A bad value is an ArgumentTypeError saying what was expected and what was given."""
-    what = "an integer" if kind is int else "a number"
-    if high is not None:
-        want = f"{what} in {'(' if low_open else '['}{low}, {high}]"
-    else:
-        want = f"{what} {'>' if low_open else '>='} {low}"
-
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}") from None
-        if (kind is float and not math.isfinite(v)) or v < low or (low_open and v == low) or \
-                (high is not None and v > high):
-            raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
-        return v
-
-    return parse
 
 
 def _one_line(e: BaseException) -> str:
