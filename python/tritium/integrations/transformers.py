@@ -37,6 +37,7 @@ import importlib
 import inspect
 import sys
 import types
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -133,13 +134,28 @@ def _rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1
     if unsqueeze_dim != 1 or cos.dim() != 3:
         raise ValueError(f"tritium rope: expected (batch, seq, rotary_dim) cos/sin and unsqueeze_dim=1, got "
                          f"{tuple(cos.shape)} and unsqueeze_dim={unsqueeze_dim}")
+    qo, ko = ops.rope(q.transpose(1, 2), k.transpose(1, 2), *_rope_tables(cos, sin, q.shape[0]))
+    return qo.transpose(1, 2), ko.transpose(1, 2)
+
+
+_LAST_TABLES: list = [None]  # [(weakref to cos, weakref to sin, batch, tables)]
+
+
+def _rope_tables(cos: Tensor, sin: Tensor, batch: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """(cos table, sin table, positions) for tritium.rope. Every layer of one forward gets the same cos/sin
+    tensors, so the last conversion is kept (by identity, outside torch.compile): one per forward, not per layer,
+    which matters in a decode step where the conversion costs as much as the kernel."""
+    last = _LAST_TABLES[0]
+    compiling = torch.compiler.is_compiling()
+    if not compiling and last is not None and last[0]() is cos and last[1]() is sin and last[2] == batch:
+        return last[3]
     b, s, r = cos.shape
     half = r // 2
-    table_cos = cos[..., :half].reshape(b * s, half).float()
-    table_sin = sin[..., :half].reshape(b * s, half).float()
-    positions = torch.arange(b * s, device=q.device).view(b, s).expand(q.shape[0], s)
-    qo, ko = ops.rope(q.transpose(1, 2), k.transpose(1, 2), table_cos, table_sin, positions)
-    return qo.transpose(1, 2), ko.transpose(1, 2)
+    tables = (cos[..., :half].reshape(b * s, half).float(), sin[..., :half].reshape(b * s, half).float(),
+              torch.arange(b * s, device=cos.device).view(b, s).expand(batch, s))
+    if not compiling:
+        _LAST_TABLES[0] = (weakref.ref(cos), weakref.ref(sin), batch, tables)
+    return tables
 
 
 def _with_globals(fn: Callable, module_dict: dict, overrides: dict) -> Callable:
