@@ -36,14 +36,17 @@ VARIANTS = ("tritium", "eager", "compile")   # patched eager, unpatched eager, u
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .._args import comma_list, number
+
     p.add_argument("--model", default="smollm2", choices=MODELS)
     p.add_argument("--train", action="store_true", help="the training step (default: --train and --generate)")
     p.add_argument("--generate", action="store_true", help="generate() tokens/s")
-    p.add_argument("--dtypes", default="float32,bfloat16")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=1024)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=3, help="rounds over the variants in turn")
+    p.add_argument("--dtypes", default=["float32", "bfloat16"], type=comma_list(choices=("float32", "bfloat16")),
+                   help="comma-separated")
+    p.add_argument("--batch", type=number(int, 1), default=4)
+    p.add_argument("--seq", type=number(int, 2), default=1024)
+    p.add_argument("--new-tokens", type=number(int, 1), default=128)
+    p.add_argument("--rounds", type=number(int, 1), default=3, help="rounds over the variants in turn")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant (its compile is slow)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     p.add_argument("--json", help="write machine info and every figure to this path")
@@ -146,7 +149,7 @@ def run(args) -> List[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="tritium-bench-hf-") as folder:
         save_model(args.model, folder)
-        for dtype_s in args.dtypes.split(","):
+        for dtype_s in args.dtypes:
             dtype = getattr(torch, dtype_s)
             if do_train:
                 models = {v: load(folder, dtype, v) for v in variants}
