@@ -176,9 +176,9 @@ struct GroupScales {
 // int8 activations: rows m of xq (int8, row stride xs), their per-block scales dx and per-16 sums sx16 (the
 // dequantised activations' sums: dx * sum(xq) over each half-block; row stride ss for both arrays, dx per block,
 // sx16 per half-block). out: MT x 16 floats.
-template <int BITS, typename S, int MT>
-static void tile_int8(const TileArgs<S>& a, const int8_t* xq, int64_t xs, const float* dx, const float* sx16,
-                      int64_t ss, float* out) {
+template <int BITS, typename S, int MT, bool MINS>
+static void tile_int8_impl(const TileArgs<S>& a, const int8_t* xq, int64_t xs, const float* dx, const float* sx16,
+                           int64_t ss, float* out) {
   constexpr int64_t BB = 16 * 32 * BITS / 8;  // bytes per block of a tile
   constexpr float OFF = BITS == 8 ? 128.0f : 8.0f;
   const bool half = a.group_blocks == 0;
@@ -222,7 +222,7 @@ static void tile_int8(const TileArgs<S>& a, const int8_t* xq, int64_t xs, const 
       const float xd = dx[m * ss + b];
       const float xs32 = sx16[m * ss * 2 + 2 * b] + sx16[m * ss * 2 + 2 * b + 1];
       const VF dot = vf_mul(vf_cvt(vi_add(s0, s1)), vf_set1(xd));
-      if (a.mins) {
+      if constexpr (MINS) {
         acc[m] = vf_fma(g.mn, vf_set1(xs32), vf_fma(g.d, dot, acc[m]));
       } else {
         acc[m] = vf_fma(g.d, vf_sub(dot, vf_set1(OFF * xs32)), acc[m]);
@@ -230,6 +230,15 @@ static void tile_int8(const TileArgs<S>& a, const int8_t* xq, int64_t xs, const 
     }
   }
   for (int m = 0; m < MT; ++m) vf_store(out + 16 * m, acc[m]);
+}
+
+template <int BITS, typename S, int MT>
+static void tile_int8(const TileArgs<S>& a, const int8_t* xq, int64_t xs, const float* dx, const float* sx16,
+                      int64_t ss, float* out) {
+  if (a.mins)
+    tile_int8_impl<BITS, S, MT, true>(a, xq, xs, dx, sx16, ss, out);
+  else
+    tile_int8_impl<BITS, S, MT, false>(a, xq, xs, dx, sx16, ss, out);
 }
 
 // Byte J of each lane as a float: unsigned (q), or for symmetric weights the signed q - OFF (the offset removed
@@ -354,7 +363,7 @@ static void dequant_t(int bits, bool half_scales, const uint8_t* q, const void* 
   }
 }
 
-// One tile, all rows of x: m-tiles of 4 rows, then the remainder.
+// One tile, all rows of x: m-tiles of 8 (int8 activations, AVX-512) or 4 rows, then the remainder.
 template <int BITS, typename S>
 static void tile_rows(bool int8_act, const TileArgs<S>& a, int64_t M, const void* x, int64_t xs, const float* dx,
                       const float* sx16, int64_t ss, float* out) {
@@ -369,6 +378,12 @@ static void tile_rows(bool int8_act, const TileArgs<S>& a, int64_t M, const void
     }
     m += MT;
   };
+#if QK_ISA >= 2
+  // int8 activations in 512-bit registers: 8 rows per pass over the weights (the 8 weight groups, 8 accumulators
+  // and each row's two dot chains fit the 32 registers), so a block's nibbles are split once per 8 rows
+  if (int8_act)
+    while (M - m >= 8) run(std::integral_constant<int, 8>{});
+#endif
   while (M - m >= 4) run(std::integral_constant<int, 4>{});
   if (M - m == 3) run(std::integral_constant<int, 3>{});
   if (M - m == 2) run(std::integral_constant<int, 2>{});
