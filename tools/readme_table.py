@@ -30,7 +30,7 @@ KNOWN = [
     ("models.json", "tritium bench models --json bench/results/models.json"),
     ("attention-memory.json", "tritium bench memory --json bench/results/attention-memory.json"),
     ("generate-quant.json", "tritium bench generate --weights native,native:Q4_0,int8,float --dtypes "
-                            "float32,bfloat16 --int8-act off,on --batches 1,16 --json "
+                            "float32,bfloat16 --int8-act off,on,two-term --batches 1,16 --json "
                             "bench/results/generate-quant.json"),
 ]
 

@@ -367,7 +367,7 @@ class QuantizedLinear(torch.nn.Module):
     gradient flows, the weight takes none). ``int8_act``: 0 (or False) multiplies in float; 1 (or True) quantizes
     the activations per block of 32 to int8 (integer dot products, llama.cpp's way); 2 quantizes them in two int8
     terms, the second holding what the first rounded off (near float accuracy, twice the integer work, still
-    faster than float on CPU).
+    faster than float in batches on CPU).
 
     Build one with ``QuantizedLinear.from_linear(linear, "int8" | "int4", group_size)`` or
     ``tritium.quantize_(model, ...)``. The state_dict holds the packed tensors (``qdata``, ``scales``, ``mins``,

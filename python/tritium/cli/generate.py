@@ -31,7 +31,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    "int8 / int4: quantize every projection; float: dequantise everything to --dtype")
     p.add_argument("--int8-activations", default=None, choices=("off", "on", "two-term"), nargs="?", const="on",
                    help="how quantized layers take their activations: two-term (the default for quantized "
-                   "weights: two int8 terms per block of 32, near float accuracy and faster than float on CPU), "
+                   "weights: two int8 terms per block of 32, near float accuracy, faster than float in batches "
+                   "and bfloat16), "
                    "on (one int8 term where greedy decoding stays on the float model's, llama.cpp's way: "
                    "fastest, less exact), off (float)")
     p.add_argument("--max-new-tokens", type=number(int, 1), default=128)

@@ -488,7 +488,7 @@ class Llama(nn.Module):
                      one term there moves greedy decoding off the float model's within a few tokens (the attention
                      scores amplify the QKV error; the attention output and the SwiGLU product have outlier
                      channels that set each block's scale; docs/quantization.md has the measurement);
-          2          two int8 terms everywhere (near float accuracy, faster than float activations on CPU)."""
+          2          two int8 terms everywhere (near float accuracy; bench/results has its speed)."""
         if mode not in (0, 1, 2):
             raise ValueError(f"set_int8_activations: mode must be 0, 1 or 2, got {mode!r}")
         for lin in self._linears():
