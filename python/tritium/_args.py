@@ -45,3 +45,17 @@ def comma_list(item: Callable[[str], object] = str, choices: Optional[Sequence[s
         return [item(x) for x in items]
 
     return parse
+
+
+def validated(check: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse ``type`` that runs ``check`` on the text (a ValueError becomes the one-line usage error) and
+    keeps the text as given."""
+
+    def parse(text: str) -> str:
+        try:
+            check(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+
+    return parse

@@ -85,36 +85,22 @@ def parse_plan(weights: str, dtypes: str, int8_act: str,
     return plan
 
 
-def _validated(check: Callable[[str], object]) -> Callable[[str], str]:
-    """An argparse type that runs ``check`` on the text (ValueError or ArgumentTypeError: a one-line usage error)
-    and keeps the text as given."""
-
-    def parse(text: str) -> str:
-        try:
-            check(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-        return text
-
-    return parse
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .._args import comma_list, number
+    from .._args import comma_list, number, validated
 
     p.add_argument("--quick", action="store_true",
                    help="one row: native weights, bfloat16 decode at batch 1, 16 tokens, no prefill, no peer "
                    "(overrides the options below)")
     p.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--weights", default="native,float", type=_validated(lambda t: parse_plan(t, "float32", "off")),
+    p.add_argument("--weights", default="native,float", type=validated(lambda t: parse_plan(t, "float32", "off")),
                    help="weights modes (tritium.models.WEIGHT_MODES: float, native, int8, int4; native:Q4_0 etc.: "
                    "llama.cpp's requantised file served natively), comma-separated")
-    p.add_argument("--dtypes", default="float32,bfloat16", type=_validated(lambda t: parse_plan("native", t, "off")),
+    p.add_argument("--dtypes", default="float32,bfloat16", type=validated(lambda t: parse_plan("native", t, "off")),
                    help="activation dtypes, comma-separated")
-    p.add_argument("--int8-act", default="two-term", type=_validated(lambda t: parse_plan("native", "float32", t)),
+    p.add_argument("--int8-act", default="two-term", type=validated(lambda t: parse_plan("native", "float32", t)),
                    help="off, on and/or two-term, comma-separated: how quantized layers take their activations "
                    "(Llama.set_int8_activations: float, one int8 term, two int8 terms)")
-    p.add_argument("--batches", default="1,8,16,32", type=_validated(comma_list(number(int, 1))),
+    p.add_argument("--batches", default="1,8,16,32", type=validated(comma_list(number(int, 1))),
                    help="decode batch sizes, comma-separated")
     p.add_argument("--prompt-len", type=number(int, 1), default=32, help="prompt length of the decode cases")
     p.add_argument("--decode-tokens", type=number(int, 2), default=32, help="tokens decoded per measurement")
@@ -126,7 +112,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=number(int, 1), default=None, help="torch threads (default: torch's)")
     p.add_argument("--no-peer", action="store_true", help="skip llama.cpp even when llama-cpp-python is installed")
     p.add_argument("--peer-variants", default=",".join(PEER_VARIANTS),
-                   type=_validated(comma_list(choices=PEER_VARIANTS)),
+                   type=validated(comma_list(choices=PEER_VARIANTS)),
                    help="the llama.cpp variants to run (file: the GGUF file itself), comma-separated")
     p.add_argument("--json", default=None, help="write the results here")
 

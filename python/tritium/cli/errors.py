@@ -12,7 +12,7 @@ import re
 import sys
 from typing import Callable, Optional
 
-from .._args import comma_list, number  # noqa: F401  (the argument types every command uses)
+from .._args import comma_list, number, validated  # noqa: F401  (the argument types every command uses)
 
 DEBUG_HELP = "--debug (anywhere before a --) or TRITIUM_DEBUG=1: print the full traceback of an error"
 

