@@ -102,7 +102,8 @@ namespace {
 using quant::kIsas;
 using quant::kNumIsas;
 constexpr int64_t kBlock = 32, kTile = 16;
-// From this many rows, float activations go through a dequantised weight and one GEMM (quant_linear)
+// From this many rows, float activations go through a dequantised weight and one GEMM (quant_linear), and so do
+// two-term int8 activations (ops/quant.py: FLOAT_ROWS, activation_terms)
 constexpr int64_t kGemmRows = 32;
 
 // torch.ops.tritium_runtime.quant_isa(name): "" reports the kernel set in use; a name ("avx512_vnni", "avx512",
@@ -379,10 +380,12 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qdata, const at::
   auto y = empty({M, n}, x.options());
   if (M == 0) return y;
   const auto xc = x.stride(1) == 1 ? x : x.contiguous();
-  if (!int8_act && M >= kGemmRows) {
+  if (int8_act != 1 && M >= kGemmRows) {
     // float activations, many rows (a prefill): the weight dequantised once into W^T (K, N) in x's dtype, then
     // one GEMM (MKL / oneDNN, whose 16-bit kernels multiply in 16 bits as the float model's do); the tile kernel
-    // would widen every weight once per 4 rows
+    // would widen every weight once per 4 rows. Two int8 terms exist to approach float accuracy at decode's
+    // weight-streaming cost; with this many rows the product is compute-bound, and the GEMM on float
+    // activations is both faster than two integer passes and exact
     const auto w = dequantize_t(qdata, scales, mins, bits, group, n, k);
     if (x.scalar_type() == at::kFloat) {
       at::mm_out(y, xc, w);

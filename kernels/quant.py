@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tritium.ops.quant import BLOCK, n_groups, padded_k
+from tritium.ops.quant import BLOCK, activation_terms, n_groups, padded_k
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     @triton.jit
@@ -364,9 +364,9 @@ def quantize_int8_terms(x):
 def quant_linear(x, qdata, scales, mins, bits, group, n, k, int8_act):
     """y (M, N) = x (M, K) @ W^T in x's dtype, W dequantised in registers; int8_act 1: x quantized per block of 32
     first (quantize_int8_act) and multiplied with integer dots; 2: two int8 terms (quantize_int8_terms), their
-    float32 products summed. Reads the packed weight once per BLOCK_M rows of x (N * row_bytes bytes + scales),
-    x, and writes M * N."""
-    int8_act = int(int8_act)
+    float32 products summed (float activations from FLOAT_ROWS rows: activation_terms). Reads the packed weight once
+    per BLOCK_M rows of x (N * row_bytes bytes + scales), x, and writes M * N."""
+    int8_act = activation_terms(int(int8_act), x.shape[0])
     if int8_act == 2:
         xq, xd = quantize_int8_terms(x)
         y2 = _int8_linear(xq, xd, torch.float32, qdata, scales, mins, bits, group, n, k)

@@ -16,7 +16,7 @@ from tests.util import (KERNEL_DTYPES, assert_within_torch_error, check_gpu_comp
                         on_device)
 from tritium import reference
 from tritium.kernels import quant
-from tritium.ops.quant import n_groups
+from tritium.ops.quant import activation_terms, n_groups
 
 triton_quant = on_device(quant)
 
@@ -93,7 +93,8 @@ def _linear_case(bits, group, has_mins, dtype, int8_act, m, k=K, n=N):
     packed = _packed(q, scales, mins, bits, group)
     x = torch.randn(m, k, dtype=torch.float64).to(dtype)
     out = triton_quant.quant_linear(x, *packed, bits, group, n, k, int8_act)
-    x_in = reference.quantize_int8_act(x, int8_act) if int8_act else x.double()
+    terms = activation_terms(int8_act, m)            # two terms become float activations from FLOAT_ROWS rows
+    x_in = reference.quantize_int8_act(x, terms) if terms else x.double()
     ref = reference.quant_linear(x_in, q, scales, mins, bits, group)
     theirs = x_in.to(dtype) @ reference.quant_weight(q, scales, mins, bits, group, dtype).t()
     assert_within_torch_error(out, theirs, ref, f"q{bits} g{group} mins={has_mins} {m}x{n}x{k} int8={int8_act}")
@@ -104,7 +105,8 @@ def _linear_case(bits, group, has_mins, dtype, int8_act, m, k=K, n=N):
 @pytest.mark.parametrize("has_mins", (False, True), ids=("sym", "mins"))
 @pytest.mark.parametrize("bits,group", GROUPS, ids=map(_ids, GROUPS))
 def test_linear(bits, group, has_mins, dtype, int8_act):
-    """M = 1 (decode), 5 (a partial tile) and 70 (two programs of the prefill tile)."""
+    """M = 1 (decode), 5 (a partial tile) and 70 (two programs of the prefill tile; float activations for
+    int8_act 2)."""
     for m in (1, 5, 70):
         _linear_case(bits, group, has_mins, dtype, int8_act, m)
 

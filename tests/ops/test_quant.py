@@ -12,8 +12,8 @@ import torch
 import tritium
 from tritium import reference
 from tritium.nn import QuantizedLinear
-from tritium.ops.quant import (QuantizedWeight, n_groups, quant_dequantize, quant_linear, quant_pack, quant_unpack,
-                               quantize_logical)
+from tritium.ops.quant import (FLOAT_ROWS, QuantizedWeight, activation_terms, n_groups, quant_dequantize,
+                               quant_linear, quant_pack, quant_unpack, quantize_logical)
 from tests.util import assert_within_torch_error
 
 _ALL_ISAS = ("avx512_vnni", "avx512", "avx2")
@@ -118,6 +118,24 @@ def test_linear_int8_activations(isa, bits, group, mins, sdt, k, dtype, m_rows, 
     torch_out = (xq.float() @ wf.t()).to(dtype)
     assert_within_torch_error(w.linear(x, int8_act=terms), torch_out, ref,
                               f"{isa} {bits}-bit int8 act x{terms} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_int8_terms_from_float_rows_take_float_activations(isa, dtype):
+    """From FLOAT_ROWS rows (a prefill) int8_act 2 is the float-activation product bit for bit (one GEMM, exact and
+    faster there than two integer passes); one term stays int8 at any row count; below it two terms differ from
+    float."""
+    k, n = 96, 37
+    q, s, m = logical(n, k, 4, 32, True, torch.float16, seed=7)
+    w = QuantizedWeight.from_logical(q, s, m, 4, 32)
+    x = torch.randn(FLOAT_ROWS, k, generator=torch.Generator().manual_seed(8)).to(dtype)
+    assert activation_terms(2, FLOAT_ROWS) == 0 and activation_terms(2, FLOAT_ROWS - 1) == 2
+    assert torch.equal(w.linear(x, int8_act=2), w.linear(x, int8_act=0))
+    assert not torch.equal(w.linear(x[:5], int8_act=2), w.linear(x[:5], int8_act=0))
+    wf = reference.quant_weight(q, s, m, 4, 32)
+    xq = reference.quantize_int8_act(x, 1)
+    assert_within_torch_error(w.linear(x, int8_act=1), (xq.float() @ wf.t()).to(dtype), xq @ wf.double().t(),
+                              f"{isa} one int8 term at {FLOAT_ROWS} rows {dtype}")
 
 
 def test_two_int8_terms_are_near_float():

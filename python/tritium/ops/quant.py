@@ -9,7 +9,9 @@ The ops, each with a CPU (csrc/quant.cpp) and a GPU (kernels/quant.py) kernel on
 - ``quant_linear(x, qdata, scales, mins, bits, group, n, k, int8_act)`` -> y (M, N) in x's dtype: x (M, K) times
   the weight; int8_act 1 quantizes x per block of 32 to int8 first (integer dot products, llama.cpp's way), 2 in
   two int8 terms (x ~ d1 q1 + d2 q2, the second quantizing what the first left over: near float accuracy for
-  twice the integer work), 0 keeps x float (the weights widened to float in registers). ``quant_linear_dx`` is
+  twice the integer work), 0 keeps x float (the weights widened to float in registers). From FLOAT_ROWS rows
+  (a prefill) int8_act 2 computes with float activations: the product is compute-bound there, and float is
+  both faster than two integer passes and exact (``activation_terms``). ``quant_linear_dx`` is
   its input gradient dy (M, N) @ W (float; what QLoRA-style training on a frozen quantized base needs).
 - ``quant_dequantize(qdata, scales, mins, bits, group, n, k, dtype)`` -> W (N, K); with ``rows`` (int64 indices)
   only those rows (an embedding lookup in a quantized table).
@@ -28,6 +30,13 @@ from ._library import define_op
 
 QUANT_BITS = (4, 8)
 BLOCK = 32          # activations are quantized per 32 elements; rows are padded to a multiple of 32
+FLOAT_ROWS = 32     # from this many rows of x, int8_act 2 runs on float activations (csrc/quant.cpp: kGemmRows)
+
+
+def activation_terms(int8_act: int, rows: int) -> int:
+    """The int8 terms quant_linear(int8_act) multiplies with for an x of that many rows: 0 (float activations)
+    for int8_act 2 from FLOAT_ROWS rows, else int8_act."""
+    return 0 if int8_act == 2 and rows >= FLOAT_ROWS else int8_act
 
 
 def padded_k(k: int) -> int:
