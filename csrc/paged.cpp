@@ -189,22 +189,35 @@ void decode_items(const at::Tensor& q, const at::Tensor& k_pool, const at::Tenso
   const acc_t cap = has_cap ? static_cast<acc_t>(*softcap) : acc_t(1);
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   const int64_t row_bytes = Hkv * D * int64_t(sizeof(T));
+  // The K and V row pointers (KV head 0) of the step at token p0 of a sequence whose block-table row is trow: one
+  // division, then a walk along the table; the tokens past stop repeat the last row.
+  auto step_rows = [&](const int32_t* trow, int64_t p0, int64_t stop, const T** krow, const T** vrow) {
+    const int64_t n = std::min(K, stop - p0);
+    int64_t pi = p0 / bs, off = p0 - pi * bs;
+    int64_t blk = static_cast<int64_t>(trow[pi * ts1]);
+    for (int64_t j = 0; j < K; ++j) {
+      krow[j] = kp + blk * ks0 + off * ks1;
+      vrow[j] = vp + blk * vs0 + off * vs1;
+      if (j + 1 < n && ++off == bs) {
+        off = 0;
+        blk = static_cast<int64_t>(trow[++pi * ts1]);
+      }
+    }
+    return n;
+  };
   // Read one byte of every cache line of the K and V rows (all heads) of the step at token p0, so that the step is
   // in cache when it is computed: blocks are scattered, which the hardware prefetchers do not follow, and on the
   // CPUs measured prefetch instructions left the step's loads missing where plain loads, overlapped out of order
   // with this step's arithmetic, did not.
   auto touch_step = [&](const int32_t* trow, int64_t p0, int64_t stop) {
-    const int64_t nn = std::min(K, stop - p0);
-    int64_t qi = p0 / bs, qoff = p0 - qi * bs, qblk = static_cast<int64_t>(trow[qi * ts1]);
+    const T* krow[K];
+    const T* vrow[K];
+    const int64_t nn = step_rows(trow, p0, stop, krow, vrow);
     int sum = 0;
     for (int64_t j = 0; j < nn; ++j) {
-      const volatile char* kr = reinterpret_cast<const char*>(kp + qblk * ks0 + qoff * ks1);
-      const volatile char* vr = reinterpret_cast<const char*>(vp + qblk * vs0 + qoff * vs1);
+      const volatile char* kr = reinterpret_cast<const char*>(krow[j]);
+      const volatile char* vr = reinterpret_cast<const char*>(vrow[j]);
       for (int64_t o = 0; o < row_bytes; o += 64) sum += kr[o] + vr[o];
-      if (j + 1 < nn && ++qoff == bs) {
-        qoff = 0;
-        qblk = static_cast<int64_t>(trow[++qi * ts1]);
-      }
     }
     asm volatile("" : : "r"(sum));
   };
@@ -225,18 +238,7 @@ void decode_items(const at::Tensor& q, const at::Tensor& k_pool, const at::Tenso
       std::fill(acc, acc + Hq * D, acc_t(0));
       const int32_t* trow = tab + w.b * ts0;
       for (int64_t p0 = w.start; p0 < w.stop; p0 += K) {
-        const int64_t n = std::min(K, w.stop - p0);
-        // row pointers (KV head 0): one division per step, then walk the table; missing tokens repeat the last
-        int64_t pi = p0 / bs, off = p0 - pi * bs;
-        int64_t blk = static_cast<int64_t>(trow[pi * ts1]);
-        for (int64_t j = 0; j < K; ++j) {
-          krow[j] = kp + blk * ks0 + off * ks1;
-          vrow[j] = vp + blk * vs0 + off * vs1;
-          if (j + 1 < n && ++off == bs) {
-            off = 0;
-            blk = static_cast<int64_t>(trow[++pi * ts1]);
-          }
-        }
+        const int64_t n = step_rows(trow, p0, w.stop, krow, vrow);
         // the next step, in this item or the next of this thread's range
         if (p0 + K < w.stop)
           touch_step(trow, p0 + K, w.stop);
