@@ -65,6 +65,7 @@ bench: $(BUILT)
 	$(TRITIUM) bench generate --json bench/results/generate.json
 	$(TRITIUM) bench models --json bench/results/models.json
 	$(TRITIUM) bench memory --json bench/results/attention-memory.json
+	$(TRITIUM) bench hf --train --dtypes bfloat16 --json bench/results/hf-train.json
 	$(PY) tools/readme_table.py
 
 # Timing regressions of the headline ops and a decode step against the latest baseline saved on this machine

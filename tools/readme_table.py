@@ -22,18 +22,6 @@ RESULTS = ROOT / "bench" / "results"
 ACT_LABELS = {0: "float", 1: "int8", 2: "int8x2"}   # a generate row's int8_act, as `tritium bench generate` shows it
 SUMMARY_START, SUMMARY_END = "<!-- bench-summary:start -->", "<!-- bench-summary:end -->"
 
-# (file, command that records it) in the order the page shows them; other ops-suite files follow as "Other".
-KNOWN = [
-    ("ops-headline.json", "tritium bench ops --headline --json bench/results/ops-headline.json "
-                          "--plot bench/results/ops-headline.png"),
-    ("generate.json", "tritium bench generate --weights float --no-peer --json bench/results/generate.json"),
-    ("models.json", "tritium bench models --json bench/results/models.json"),
-    ("attention-memory.json", "tritium bench memory --json bench/results/attention-memory.json"),
-    ("generate-quant.json", "tritium bench generate --weights native,native:Q4_0,int8,float --dtypes "
-                            "float32,bfloat16 --int8-act off,on,two-term --batches 1,16 --json "
-                            "bench/results/generate-quant.json"),
-]
-
 INTRO = """\
 # Recorded benchmark results
 
@@ -107,6 +95,15 @@ Peak extra resident memory of one causal attention call (batch 1, 8 heads x 64),
 process with the output pool off: the outputs, the saved log-sum-exp, any workspace and, for the backward, the
 gradients. Both tritium's flash attention and torch's SDPA grow linearly with the sequence; the naive path would
 hold the (heads, seq, seq) score matrix.
+"""
+
+
+HF_PROSE = """\
+A Hugging Face transformers model: SmolLM2-135M as transformers builds it, one training step (forward, loss,
+backward) on batch x seq tokens, patched with `tritium.integrations.transformers.apply(model)` (**tritium**)
+against the unpatched model eager and under `torch.compile`, the variants measured in turn round after round;
+**x this** is tritium's tokens/s over that row's. **peak MiB**: one step's peak resident memory, each variant in a
+fresh process. Generate rows time `model.generate()` at batch 1.
 """
 
 
@@ -214,6 +211,34 @@ def memory_section(data: dict) -> list:
     return table(["dtype", "mode", "seq", "tritium MiB", "torch SDPA MiB"], body, 3)
 
 
+def hf_section(data: dict) -> list:
+    body = [[r["task"], r["dtype"], r["variant"], f"{r['batch']}x{r['seq']}", f"{r['tokens_per_s']:.1f}",
+             f"{r['tritium_speedup']:.2f}", fmt(r.get("peak_MiB"), ".0f"), fmt(r.get("tritium_memory_ratio"), ".2f")]
+            for r in data["rows"]]
+    return table(["task", "dtype", "variant", "tokens", "tok/s", "x this", "peak MiB", "tritium memory / this"],
+                 body, 4)
+
+
+# The recordings in the order the page shows them: (file, command that records it, title, prose, renderer). Other
+# ops-suite files follow as "Other recording".
+KNOWN = [
+    ("ops-headline.json", "tritium bench ops --headline --json bench/results/ops-headline.json "
+                          "--plot bench/results/ops-headline.png", "Ops", OPS_PROSE, ops_section),
+    ("generate.json", "tritium bench generate --weights float --no-peer --json bench/results/generate.json",
+     "LLM generation", GENERATE_PROSE, generate_section),
+    ("models.json", "tritium bench models --json bench/results/models.json", "Classic models", MODELS_PROSE,
+     models_section),
+    ("attention-memory.json", "tritium bench memory --json bench/results/attention-memory.json", "Attention memory",
+     MEMORY_PROSE, memory_section),
+    ("generate-quant.json", "tritium bench generate --weights native,native:Q4_0,int8,float --dtypes "
+                            "float32,bfloat16 --int8-act off,on,two-term --batches 1,16 --json "
+                            "bench/results/generate-quant.json", "Quantized weights and llama.cpp", QUANT_PROSE,
+     quant_section),
+    ("hf-train.json", "tritium bench hf --train --dtypes bfloat16 --json bench/results/hf-train.json",
+     "Hugging Face transformers", HF_PROSE, hf_section),
+]
+
+
 def load(name: str):
     path = RESULTS / name
     return json.loads(path.read_text()) if path.exists() else None
@@ -221,10 +246,7 @@ def load(name: str):
 
 def results_page() -> str:
     out = [INTRO]
-    sections = [("Ops", OPS_PROSE, ops_section), ("LLM generation", GENERATE_PROSE, generate_section),
-                ("Classic models", MODELS_PROSE, models_section), ("Attention memory", MEMORY_PROSE, memory_section),
-                ("Quantized weights and llama.cpp", QUANT_PROSE, quant_section)]
-    for (name, command), (title, prose, render) in zip(KNOWN, sections):
+    for name, command, title, prose, render in KNOWN:
         data = load(name)
         if data is None:
             continue
@@ -232,7 +254,7 @@ def results_page() -> str:
         if name == "ops-headline.json" and (RESULTS / "ops-headline.png").exists():
             out += ["![speedups of every headline row](ops-headline.png)", ""]
         out += render(data) + [""]
-    known = {n for n, _ in KNOWN}
+    known = {k[0] for k in KNOWN}
     for path in sorted(RESULTS.glob("*.json")):
         data = json.loads(path.read_text())
         if path.name in known or data.get("suite") != "ops":
@@ -268,6 +290,13 @@ def readme_summary() -> str:
                  for w, r in best.items()]
         lines.append(f"- vs llama.cpp ({quant['machine']['cpu']}, {quant['machine']['time'][:10]}), SmolLM2-135M "
                      "decode batch 1, tritium's fastest per weights mode: " + "; ".join(parts) + ".")
+    hf = load("hf-train.json")
+    if hf:
+        parts = [f"{r['dtype']} {r['tritium_speedup']:.2f}x {r['variant']}"
+                 + (f" at {r['tritium_memory_ratio']:.2f}x its peak memory" if r.get("tritium_memory_ratio") else "")
+                 for r in hf["rows"] if r["task"] == "train" and r["variant"] != "tritium"]
+        lines.append(f"- transformers' SmolLM2-135M training step patched by `tritium.integrations.transformers` "
+                     f"({hf['machine']['cpu']}, {hf['machine']['time'][:10]}): " + "; ".join(parts) + ".")
     lines += ["", "![speedup of each headline row over eager and torch.compile](bench/results/ops-headline.png)",
               SUMMARY_END]
     return "\n".join(lines)
