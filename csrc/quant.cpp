@@ -421,46 +421,40 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qdata, const at::
 }
 
 // W (N, K) in float32 (rows: only those rows, in that order), from the tiles: scales * q + mins per group (or
-// scales * (q - offset)), the weight docs/quantization.md defines.
+// scales * (q - offset)), the weight docs/quantization.md defines. Each tile a row lies in is dequantised by the
+// same vectorised code as dequantize_t (into a (K, 16) scratch), and the row's column copied out.
 at::Tensor dequantize_f32(const at::Tensor& qdata, const at::Tensor& scales, const c10::optional<at::Tensor>& mins,
                           int64_t bits, int64_t group, int64_t n, int64_t k, const at::Tensor& rows) {
+  const quant::DequantFn dq = kIsas[checked_isa("quant_dequantize")].dequant_t;
+  const Tiles w(qdata, scales, mins, group);
   const int64_t R = rows.defined() ? rows.numel() : n;
-  auto w = at::empty({R, k}, scales.options().dtype(at::kFloat));
-  const int64_t nb = qdata.size(1), bb = qdata.size(2), ng = scales.size(1);
-  const bool half = scales.scalar_type() == at::kHalf;
-  auto value = [half](const void* base, int64_t i) {
-    return half ? static_cast<float>(static_cast<const c10::Half*>(base)[i]) : static_cast<const float*>(base)[i];
-  };
-  const void* sp = scales.const_data_ptr();
-  const void* mp = has(mins) ? mins->const_data_ptr() : nullptr;
+  auto out = at::empty({R, k}, scales.options().dtype(at::kFloat));
   const auto rc = rows.defined() ? rows.to(at::kLong).contiguous() : at::Tensor();
   const int64_t* rp = rows.defined() ? rc.const_data_ptr<int64_t>() : nullptr;
   if (rp)
     for (int64_t i = 0; i < R; ++i)
       TORCH_CHECK(rp[i] >= 0 && rp[i] < n, "quant_dequantize: rows must index the weight's ", n, " rows, got ", rp[i]);
-  const float off = float(1 << (bits - 1));
-  const uint8_t* q = qdata.const_data_ptr<uint8_t>();
-  at::parallel_for(0, R, 16, [&](int64_t i0, int64_t i1) {
+  float* op = out.mutable_data_ptr<float>();
+  // work items: output rows in runs that share a tile (all 16 rows of a tile when rows is None)
+  const int64_t items = rp ? R : w.count;
+  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> tile(k * kTile);
+    int64_t have = -1;  // the tile in scratch
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t row = rp ? rp[i] : i, t = row / kTile, r = row % kTile;
-      float* out = w.mutable_data_ptr<float>() + i * k;
-      for (int64_t e = 0; e < k; ++e) {
-        const int64_t b = e / kBlock, j = e % kBlock, g = e / group;
-        const uint8_t* blk = q + (t * nb + b) * bb;
-        int v;
-        if (bits == 8) {
-          v = blk[(j / 4) * 64 + r * 4 + j % 4];
-        } else {
-          const int64_t lo = j % 16;
-          const uint8_t byte = blk[(lo / 4) * 64 + r * 4 + lo % 4];
-          v = j < 16 ? (byte & 0xF) : (byte >> 4);
-        }
-        const float s = value(sp, (t * ng + g) * kTile + r);
-        out[e] = mp ? std::fma(s, float(v), value(mp, (t * ng + g) * kTile + r)) : s * (float(v) - off);
+      const int64_t t = rp ? rp[i] / kTile : i;
+      if (t != have) {
+        dq(static_cast<int>(bits), w.half, w.blocks(t), w.scales(t), w.mins(t), w.nb, w.group_blocks, k,
+           tile.data(), kTile);
+        have = t;
+      }
+      const int64_t r0 = rp ? rp[i] % kTile : 0, r1 = rp ? r0 + 1 : std::min(kTile, n - t * kTile);
+      for (int64_t r = r0; r < r1; ++r) {
+        float* dst = op + (rp ? i : t * kTile + r) * k;
+        for (int64_t e = 0; e < k; ++e) dst[e] = tile[e * kTile + r];
       }
     }
   });
-  return w;
+  return out;
 }
 
 at::Tensor quant_dequantize(const at::Tensor& qdata, const at::Tensor& scales, const c10::optional<at::Tensor>& mins,
