@@ -32,6 +32,8 @@ KNOWN = [
     ("generate-quant.json", "tritium bench generate --weights native,native:Q4_0,int8,float --dtypes "
                             "float32,bfloat16 --int8-act off,on,two-term --batches 1,16 --json "
                             "bench/results/generate-quant.json"),
+    ("serve.json", "tritium bench serve --clients 1,8,32 --requests 128 --shared-prefix 512 --json "
+                   "bench/results/serve.json"),
 ]
 
 INTRO = """\
@@ -107,6 +109,17 @@ Peak extra resident memory of one causal attention call (batch 1, 8 heads x 64),
 process with the output pool off: the outputs, the saved log-sum-exp, any workspace and, for the backward, the
 gradients. Both tritium's flash attention and torch's SDPA grow linearly with the sequence; the naive path would
 hold the (heads, seq, seq) score matrix.
+"""
+
+SERVE_PROSE = """\
+`tritium serve` (docs/serve.md) under load: the OpenAI-compatible app with a fresh engine per run, on a loopback
+port in the benchmark's own process, driven by **clients** concurrent streaming clients until every request is
+done; each request is a random prompt of **prompt** tokens (after the **shared** prefix common to all of a run's
+prompts) asking for exactly **gen** greedy tokens. **TTFT**: request sent to its first text; **ITL**: the gaps
+between a request's text chunks; **hit**: the share of prompt tokens the prefix cache served; **lost**: requests
+that failed or returned another token count. Clients, server and engine share the process and its cores (the
+run is not pinned: the server is multi-threaded). **scaling** is a run's output throughput over the single
+client's; **TTFT off/on** compares the shared-prefix runs with prefix caching off and on.
 """
 
 
@@ -214,6 +227,25 @@ def memory_section(data: dict) -> list:
     return table(["dtype", "mode", "seq", "tritium MiB", "torch SDPA MiB"], body, 3)
 
 
+def serve_section(data: dict) -> list:
+    body = [[str(r["clients"]), str(r["shared_prefix"]), "on" if r["prefix_caching"] else "off",
+             f"{r['prompt_len']}/{r['gen_len']}", f"{r['req_per_s']:.2f}", f"{r['output_tok_per_s']:.1f}",
+             f"{r['ttft_p50_ms']:.0f}", f"{r['ttft_p99_ms']:.0f}", f"{r['itl_p50_ms']:.1f}", f"{r['itl_p99_ms']:.1f}",
+             f"{r['prefix_hit_rate']:.2f}", str(r["lost"])] for r in data["rows"]]
+    out = table(["clients", "shared", "prefix cache", "prompt/gen", "req/s", "out tok/s", "TTFT p50 ms",
+                 "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "hit", "lost"], body, 4)
+    sm = data.get("summary") or {}
+    parts = [f"scaling {v:.2f}x ({k.split('_')[1]} clients over 1)" for k, v in sm.items()
+             if k.startswith("throughput_")]
+    if sm.get("shared_prefix_ttft_p50_off_over_on") is not None:
+        parts.append(f"shared-prefix TTFT p50 off/on {sm['shared_prefix_ttft_p50_off_over_on']:.2f}x")
+    if parts:
+        out += ["", "Summary: " + "; ".join(parts) + f"; {sm.get('lost_requests', 0)} requests lost."]
+    if data.get("note"):
+        out += ["", f"Note: {data['note']}."]
+    return out
+
+
 def load(name: str):
     path = RESULTS / name
     return json.loads(path.read_text()) if path.exists() else None
@@ -223,7 +255,8 @@ def results_page() -> str:
     out = [INTRO]
     sections = [("Ops", OPS_PROSE, ops_section), ("LLM generation", GENERATE_PROSE, generate_section),
                 ("Classic models", MODELS_PROSE, models_section), ("Attention memory", MEMORY_PROSE, memory_section),
-                ("Quantized weights and llama.cpp", QUANT_PROSE, quant_section)]
+                ("Quantized weights and llama.cpp", QUANT_PROSE, quant_section),
+                ("Serving", SERVE_PROSE, serve_section)]
     for (name, command), (title, prose, render) in zip(KNOWN, sections):
         data = load(name)
         if data is None:
