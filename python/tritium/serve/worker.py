@@ -1,0 +1,169 @@
+"""The engine's own thread: it owns the tritium.inference.Engine (nothing else touches it), takes new requests and
+aborts from a queue between steps, and hands every piece of streamed text and every finished result to the
+event loop of the request that asked (``loop.call_soon_threadsafe``), so the HTTP side never waits for a step
+and a step never waits for the HTTP side."""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+from ..inference.engine import Engine, Request
+
+
+@dataclass
+class Submission:
+    """One engine request as the HTTP side asks for it. sink(kind, payload) is called on the loop's thread:
+    ("text", (text, new token ids, their top_logprobs entries)), then once ("done", GenerationResult) or
+    ("error", message)."""
+    prompt_ids: List[int]
+    max_new_tokens: int
+    kwargs: dict
+    loop: asyncio.AbstractEventLoop
+    sink: Callable[[str, object], None]
+    arrival: float = field(default_factory=time.perf_counter)
+    request: Optional[Request] = None
+    sent: int = 0            # generated tokens already handed to the sink
+    first: Optional[float] = None   # when the first token came (TTFT)
+    last: Optional[float] = None    # when the latest token came (inter-token latency)
+
+
+class EngineWorker:
+    """Runs ``engine.step()`` in a loop on a daemon thread while there is work; submit() and abort() are
+    thread-safe and return at once. metrics (tritium.serve.metrics.Metrics or None) is updated after each step
+    from this thread. in_flight: submissions not finished yet (read by the HTTP side for the queue limit)."""
+
+    def __init__(self, engine: Engine, metrics=None):
+        self.engine = engine
+        self.metrics = metrics
+        self._inbox: "queue.Queue[tuple]" = queue.Queue()
+        self._active: Dict[int, Submission] = {}
+        self._stop = threading.Event()
+        self.in_flight = 0
+        self._lock = threading.Lock()
+        self.error: Optional[str] = None    # set when a step raised: the engine is no longer trusted
+        self._thread = threading.Thread(target=self._run, name="tritium-engine", daemon=True)
+
+    def start(self) -> "EngineWorker":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._inbox.put(("wake",))
+        self._thread.join()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def try_reserve(self, n: int, limit: int) -> bool:
+        """Count n more requests in flight unless that would pass limit (the HTTP side's 429)."""
+        with self._lock:
+            if self.in_flight + n > limit:
+                return False
+            self.in_flight += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self._lock:
+            self.in_flight -= n
+
+    def submit(self, sub: Submission) -> Submission:
+        self._inbox.put(("add", sub))
+        return sub
+
+    def abort(self, sub: Submission) -> None:
+        """End sub's request (its client went away); its blocks are freed before the next step."""
+        self._inbox.put(("abort", sub))
+
+    def call(self, fn: Callable[[Engine], object]) -> "concurrent.futures.Future":
+        """fn(engine) run on the engine's thread between steps (to read the engine's state consistently)."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("call", fn, fut))
+        return fut
+
+    # ---- the engine thread ----
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                block = not self.engine.has_work()
+                while True:
+                    try:
+                        item = self._inbox.get(block=block, timeout=0.5 if block else None)
+                    except queue.Empty:
+                        break
+                    block = False
+                    self._handle(item)
+                if self.engine.has_work():
+                    self.engine.step()
+                    self._after_step()
+                    if self.metrics is not None:
+                        self.metrics.engine_state(self.engine)
+            except Exception:   # a broken step: fail everything in flight, keep answering /health with the cause
+                self.error = traceback.format_exc(limit=3)
+                for sub in list(self._active.values()):
+                    self._send(sub, "error", "the engine failed: " + self.error.strip().splitlines()[-1])
+                self._active.clear()
+                return
+
+    def _handle(self, item: tuple) -> None:
+        if item[0] == "add":
+            sub: Submission = item[1]
+            try:   # the HTTP side checked the request; anything the engine still refuses fails it alone
+                sub.request = self.engine.add_request(sub.prompt_ids, max_new_tokens=sub.max_new_tokens,
+                                                      on_token=lambda r, t, text, s=sub: self._on_token(s, text),
+                                                      **sub.kwargs)
+            except (ValueError, TypeError) as e:
+                self._send(sub, "error", str(e))
+                return
+            self._active[sub.request.id] = sub
+        elif item[0] == "call":
+            fn, fut = item[1], item[2]
+            try:
+                fut.set_result(fn(self.engine))
+            except Exception as e:
+                fut.set_exception(e)
+        elif item[0] == "abort":
+            sub = item[1]
+            if sub.request is not None and sub.request.id in self._active:
+                self.engine.abort(sub.request)
+                del self._active[sub.request.id]
+                if self.metrics is not None:
+                    self.metrics.finished(sub, "abort")
+                    self.metrics.engine_state(self.engine)
+
+    def _on_token(self, sub: Submission, text: str) -> None:
+        """The engine's per-token callback (new text ready to show): forward it with the tokens it came from."""
+        s = sub.request.seqs[0]
+        gen = s.generated
+        toks = gen[sub.sent:]
+        tops = s.top[sub.sent:len(gen)] if sub.request.top_logprobs is not None else []
+        sub.sent = len(gen)
+        now = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.token_times(sub, now)
+        if sub.first is None:
+            sub.first = now
+        sub.last = now
+        self._send(sub, "text", (text, toks, tops))
+
+    def _after_step(self) -> None:
+        done = [sub for sub in self._active.values() if sub.request.done]
+        for sub in done:
+            del self._active[sub.request.id]
+            if self.metrics is not None:
+                self.metrics.finished(sub, sub.request.result.finish_reason)
+            self._send(sub, "done", sub.request.result)
+
+    @staticmethod
+    def _send(sub: Submission, kind: str, payload) -> None:
+        try:
+            sub.loop.call_soon_threadsafe(sub.sink, kind, payload)
+        except RuntimeError:   # the request's event loop is closed (server shutting down): nobody to tell
+            pass
