@@ -319,9 +319,10 @@ def flash_attn_bwd(dout, q, k, v, out, lse, dlse, mask, scale, offset, left, rig
     BM, BN, warps = _blocks(max(D, DV), True, q.element_size())
     BD, BDV = _dims(q, v)
     delta = torch.empty((B, H, L), device=q.device, dtype=torch.float32)
-    _attn_bwd_delta_kernel[(triton.cdiv(L, 64), B * H)](
+    dm = max(16, min(64, 4096 // BDV))   # rows per program: two (rows, BLOCK_DV) float32 tiles in registers
+    _attn_bwd_delta_kernel[(triton.cdiv(L, dm), B * H)](
         out, dout, dlse, delta, *out.stride()[:3], *dout.stride()[:3], H, L, DV,
-        HAS_DLSE=dlse is not None, BLOCK_M=64, BLOCK_DV=BDV)
+        HAS_DLSE=dlse is not None, BLOCK_M=dm, BLOCK_DV=BDV)
     dq = torch.empty((B, H, L, D), device=q.device, dtype=q.dtype)
     dk = torch.empty((B, H, S, D), device=q.device, dtype=torch.float32)
     dv = torch.empty((B, H, S, DV), device=q.device, dtype=torch.float32)
