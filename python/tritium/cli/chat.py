@@ -7,8 +7,7 @@ import sys
 from typing import List, Optional
 
 from .errors import ArgumentParser
-from .generate import (add_model_arguments, check_model_arguments, int8_act_mode, load_with_progress, report,
-                       sampling_kwargs)
+from .generate import add_model_arguments, check_model_arguments, load_from_args, report, sampling_kwargs
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -20,15 +19,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     check_model_arguments(args)
 
-    import torch
-    from rich.console import Console
-
     from tritium.inference.engine import Engine
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    console = Console(stderr=True)
-    model, tok = load_with_progress(args.model, args.dtype, console, args.weights, int8_act_mode(args))
+    console, model, tok = load_from_args(args)
     console.print(f"[dim]{model.load_note}[/dim]")
     engine = Engine(model, tok, max_batch=1)
     system = args.system

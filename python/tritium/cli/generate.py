@@ -68,6 +68,19 @@ def default_dtype_name() -> str:
     return "bfloat16" if cpu_has_bf16_dot() else "float32"
 
 
+def load_from_args(args):
+    """The model of a command's --model/--dtype/--weights/--int8-activations/--threads arguments: torch's thread
+    count set, the model loaded with a progress bar. Returns (console for stderr, model, tokenizer)."""
+    import torch
+    from rich.console import Console
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    console = Console(stderr=True)
+    model, tok = load_with_progress(args.model, args.dtype, console, args.weights, int8_act_mode(args))
+    return console, model, tok
+
+
 def load_with_progress(path: Optional[str], dtype_name: Optional[str], console, weights: str = "native",
                        int8_act: int = 0):
     """tritium.models.load with a rich progress bar over the tensors being read; dtype_name None: the default
@@ -143,15 +156,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not prompt.strip():
         raise UsageError("the prompt is empty" + (" (stdin gave no text)" if args.prompt == "-" else ""))
 
-    import torch
-    from rich.console import Console
-
     from tritium.inference.engine import Engine
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    console = Console(stderr=True)
-    model, tok = load_with_progress(args.model, args.dtype, console, args.weights, int8_act_mode(args))
+    console, model, tok = load_from_args(args)
     if not args.raw and tok.chat_template:
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
     engine = Engine(model, tok, max_batch=max(1, args.num_beams))

@@ -8,7 +8,7 @@ import sys
 from typing import List, Optional
 
 from .errors import ArgumentParser, number, validated
-from .generate import _parse_dtype, check_model_arguments, int8_act_mode, load_with_progress
+from .generate import _parse_dtype, check_model_arguments, load_from_args
 
 
 def served_name(path: Optional[str]) -> str:
@@ -48,17 +48,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     check_model_arguments(args)
 
-    import torch
     import uvicorn
-    from rich.console import Console
 
     from tritium.inference.engine import Engine
     from tritium.serve import create_app
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    console = Console(stderr=True)
-    model, tok = load_with_progress(args.model, args.dtype, console, args.weights, int8_act_mode(args))
+    console, model, tok = load_from_args(args)
     name = args.served_model_name or served_name(args.model)
     engine = Engine(model, tok, max_batch=args.max_batch, prefix_caching=not args.no_prefix_caching)
     app = create_app(engine, name, api_key=args.api_key, max_queue=args.max_queue)
