@@ -32,6 +32,8 @@ KNOWN = [
     ("generate-quant.json", "tritium bench generate --weights native,native:Q4_0,int8,float --dtypes "
                             "float32,bfloat16 --int8-act off,on,two-term --batches 1,16 --json "
                             "bench/results/generate-quant.json"),
+    ("preference.json", "OMP_NUM_THREADS=1 taskset -c 1 tritium bench ops --op fused_linear_dpo_loss --headline "
+                        "--json bench/results/preference.json"),
 ]
 
 INTRO = """\
@@ -100,6 +102,14 @@ int8 on the projections that read a norm's output (QKV, gate/up, LM head; llama.
 **vs llama.cpp**: tritium's tok/s over the peer's on the case the bar pairs it with. **beyond**: the share of a
 step's time beyond streaming its weights at the copy bandwidth. Decode steps run through serve_decode (every
 layer in one C++ call).
+"""
+
+PREFERENCE_PROSE = """\
+`fused_linear_dpo_loss` (docs/losses.md) at 4 pairs x 1024 tokens, hidden 576, vocab 49152 against TRL's DPO
+sigmoid loss on materialised logits (the LM head's logits, TRL's selective_log_softmax, the per-sequence sums and
+DPOTrainer's loss formula; reference log-probabilities precomputed), eager and under torch.compile. One torch
+thread pinned to one core while other work shared the machine. **peak MiB e / t**: one call's extra resident memory,
+TRL eager / tritium.
 """
 
 MEMORY_PROSE = """\
@@ -223,7 +233,8 @@ def results_page() -> str:
     out = [INTRO]
     sections = [("Ops", OPS_PROSE, ops_section), ("LLM generation", GENERATE_PROSE, generate_section),
                 ("Classic models", MODELS_PROSE, models_section), ("Attention memory", MEMORY_PROSE, memory_section),
-                ("Quantized weights and llama.cpp", QUANT_PROSE, quant_section)]
+                ("Quantized weights and llama.cpp", QUANT_PROSE, quant_section),
+                ("Fused preference losses against TRL", PREFERENCE_PROSE, ops_section)]
     for (name, command), (title, prose, render) in zip(KNOWN, sections):
         data = load(name)
         if data is None:

@@ -450,4 +450,4 @@ def perplexity(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Te
 
 __all__: List[str] = ["fused_linear_dpo_loss", "fused_linear_cpo_loss", "fused_linear_simpo_loss",
                       "fused_linear_orpo_loss", "fused_linear_kto_loss", "bradley_terry_loss",
-                      "fused_linear_grpo_loss", "perplexity", "PreferenceOutput", "KTOOutput", "GRPOOutput"]
+                      "fused_linear_grpo_loss", "perplexity"]
