@@ -83,6 +83,7 @@ def _seq_loss_impl(hidden, weight, target, bias, ref_logps, labels, kl, kind, pa
             gw.addcmul_(sw, scale)
             if bias is not None:
                 gb.addcmul_(sb, scale)
+    del sums, head  # the per-sequence sums and packed weights go before grad_weight's cast allocates its copy
     cast = lambda t: t.to(hidden.dtype) if t.numel() else t  # noqa: E731
     return loss, logps, gh, cast(gw), cast(gb)
 
