@@ -90,6 +90,14 @@ step's time beyond streaming its weights at the copy bandwidth. Decode steps run
 layer in one C++ call).
 """
 
+PREFERENCE_PROSE = """\
+`fused_linear_dpo_loss` (docs/losses.md) at 4 pairs x 1024 tokens, hidden 576, vocab 49152 against TRL's DPO
+sigmoid loss on materialised logits (the LM head's logits, TRL's selective_log_softmax, the per-sequence sums and
+DPOTrainer's loss formula; reference log-probabilities precomputed), eager and under torch.compile. One torch
+thread pinned to one core while other work shared the machine. **peak MiB e / t**: one call's extra resident memory,
+TRL eager / tritium.
+"""
+
 MEMORY_PROSE = """\
 Peak extra resident memory of one causal attention call (batch 1, 8 heads x 64), each measured in a fresh
 process with the output pool off: the outputs, the saved log-sum-exp, any workspace and, for the backward, the
@@ -268,6 +276,9 @@ KNOWN = [
      "Hugging Face transformers", HF_PROSE, hf_section),
     ("serve.json", "tritium bench serve --clients 1,8,32 --requests 128 --shared-prefix 512 --json "
                    "bench/results/serve.json", "Serving", SERVE_PROSE, serve_section),
+    ("preference.json", "OMP_NUM_THREADS=1 taskset -c 1 tritium bench ops --op fused_linear_dpo_loss --headline "
+                        "--json bench/results/preference.json", "Fused preference losses against TRL",
+     PREFERENCE_PROSE, ops_section),
 ]
 
 

@@ -344,3 +344,182 @@ def quantize_int8_act(x: Tensor, terms: int = 1) -> Tensor:
         out += term
         xp = (xp - term).float().double()      # exact in float64, then one rounding, as the kernels' FMA
     return out[:, :k].to(x.device)
+
+
+# ---- preference and RL losses (ops/preference.py) ----
+# A sequence loss is a formula of per-sequence statistics: lp (N,) the summed log-probabilities of each sequence's
+# non-ignored target tokens, n (N,) their counts, ref (N,) the reference model's summed log-probabilities, labels
+# (N,) (KTO's desirable flags) and ctx (the batch-wide values: "n_groups", "chosen_tokens", "kl"). Paired kinds
+# hold the B chosen sequences first, then the B rejected. Each formula returns (loss per group (pairs, or
+# sequences for the unpaired KTO), rewards (N,), extra metrics, d(sum of the group losses)/d lp (N,)): the loss is
+# the mean over groups. ops/preference.py evaluates them group by group on its fused log-probabilities and scales
+# the group's gradient rows by the written-out derivative (the reference path here differentiates the loss with
+# autograd instead, and the tests hold both to TRL's own code).
+def _avg_n(n: Tensor) -> Tensor:
+    return n.clamp(min=1)
+
+
+def _smoothed_logsigmoid(z: Tensor, eps: float):
+    """-(1 - eps) logsigmoid(z) - eps logsigmoid(-z) (the conservative, label-smoothed sigmoid loss) and its
+    derivative sigmoid(z) - (1 - eps)."""
+    return -F.logsigmoid(z) * (1 - eps) - F.logsigmoid(-z) * eps, torch.sigmoid(z) - (1 - eps)
+
+
+def _halves(t: Tensor):
+    return t[:t.shape[0] // 2], t[t.shape[0] // 2:]
+
+
+def _pair_grad(dc: Tensor, dr: Tensor) -> Tensor:
+    return torch.cat([dc, dr])
+
+
+def _dpo(loss_type):
+    def terms(lp, n, ref, labels, ctx, beta, label_smoothing):
+        (c, r), (nc, nr) = _halves(lp - ref), _halves(_avg_n(n))
+        z = beta * (c - r)
+        if loss_type == "sigmoid":
+            loss, dz = _smoothed_logsigmoid(z, label_smoothing)
+            dc = beta * dz
+        elif loss_type == "hinge":
+            loss = torch.relu(1 - z)
+            dc = -beta * (1 - z > 0).to(z.dtype)
+        elif loss_type == "ipo":  # log-ratios averaged over the tokens, as TRL
+            q = c / nc - r / nr - 1 / (2 * beta)
+            loss = q ** 2
+            return loss, beta * (lp - ref), {}, _pair_grad(2 * q / nc, -2 * q / nr)
+        else:  # robust
+            eps = label_smoothing
+            loss = (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
+            dc = beta * (torch.sigmoid(z) - (1 - eps) / (1 - 2 * eps))
+        return loss, beta * (lp - ref), {}, _pair_grad(dc, -dc)
+    return terms
+
+
+def _nll_share(lp: Tensor, ctx):
+    """Each pair's share of the chosen sequences' token-mean NLL (their mean over pairs is that NLL), and its
+    derivative with respect to the chosen summed log-probabilities."""
+    k = -ctx["n_groups"] / ctx["chosen_tokens"].clamp(min=1)
+    c = _halves(lp)[0]
+    return c * k, k.expand(c.shape)
+
+
+def _cpo(loss_type):
+    avg = loss_type in ("ipo", "simpo")
+
+    def terms(lp, n, ref, labels, ctx, beta, label_smoothing, alpha, gamma):
+        div = _avg_n(n) if avg else torch.ones_like(n)
+        x = lp / div
+        c, r = _halves(x)
+        logits = c - r
+        if loss_type in ("sigmoid", "simpo"):
+            loss, dz = _smoothed_logsigmoid(beta * (logits - (gamma / beta if loss_type == "simpo" else 0.0)),
+                                            label_smoothing)
+            dlogits = beta * dz
+        elif loss_type == "hinge":
+            loss = torch.relu(1 - beta * logits)
+            dlogits = -beta * (1 - beta * logits > 0).to(logits.dtype)
+        else:  # ipo
+            loss = (logits - 1 / (2 * beta)) ** 2
+            dlogits = 2 * (logits - 1 / (2 * beta))
+        dc, dr = dlogits / _halves(div)[0], -dlogits / _halves(div)[1]
+        if alpha != 0:
+            nll, dnll = _nll_share(lp, ctx)
+            loss, dc = loss + alpha * nll, dc + alpha * dnll
+        return loss, beta * x, {}, _pair_grad(dc, dr)
+    return terms
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x <= 0, branching at -ln 2 to avoid cancellation."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def _orpo(lp, n, ref, labels, ctx, beta):
+    div = _avg_n(n)
+    x = lp / div
+    c, r = _halves(x)
+    log_odds = (c - r) - (_log1mexp(c) - _log1mexp(r))
+    ratio = F.logsigmoid(log_odds)
+    nll, dnll = _nll_share(lp, ctx)
+    dlo = beta * (torch.sigmoid(log_odds) - 1)  # d(-beta logsigmoid(log_odds))
+    dc, dr = dlo * (-1 / torch.expm1(c)), dlo * (1 / torch.expm1(r))  # d log_odds / d c = 1 / (1 - exp(c))
+    dc, dr = dc / _halves(div)[0] + dnll, dr / _halves(div)[1]
+    return nll - beta * ratio, beta * x, {"log_odds_ratio": ratio, "log_odds_chosen": log_odds}, _pair_grad(dc, dr)
+
+
+def _kto(lp, n, ref, labels, ctx, beta, desirable_weight, undesirable_weight):
+    ratio = lp - ref
+    kl = ctx["kl"]
+    good = labels.bool()
+    z = torch.where(good, beta * (ratio - kl), beta * (kl - ratio))
+    s = torch.sigmoid(z)
+    w = torch.where(good, desirable_weight, undesirable_weight)
+    # d(1 - sigmoid(z))/d ratio = -sigmoid'(z) dz/d ratio, dz/d ratio = beta (desirable), -beta (undesirable)
+    grad = w * s * (1 - s) * torch.where(good, -beta, beta)
+    return w * (1 - s), beta * ratio, {}, grad
+
+
+# kind -> (formula, paired, the names of its float parameters in order)
+SEQUENCE_LOSSES = {
+    **{f"dpo_{t}": (_dpo(t), True, ("beta", "label_smoothing")) for t in ("sigmoid", "hinge", "ipo", "robust")},
+    **{f"cpo_{t}": (_cpo(t), True, ("beta", "label_smoothing", "alpha", "gamma"))
+       for t in ("sigmoid", "hinge", "ipo", "simpo")},
+    "orpo": (_orpo, True, ("beta",)),
+    "kto": (_kto, False, ("beta", "desirable_weight", "undesirable_weight")),
+}
+
+
+def sequence_loss_ctx(n: Tensor, paired: bool, kl: Tensor) -> dict:
+    """The batch-wide values a formula reads (see SEQUENCE_LOSSES)."""
+    groups = n.shape[0] // 2 if paired else n.shape[0]
+    return {"n_groups": groups, "chosen_tokens": n[:groups].sum() if paired else n.sum(), "kl": kl}
+
+
+def token_logps(logits: Tensor, target: Tensor, ignore_index: int = -100) -> Tensor:
+    """log_softmax(logits)[target] per token (N, T), 0 where target is ignore_index."""
+    keep = target != ignore_index
+    lp = torch.gather(logits.log_softmax(-1), -1, torch.where(keep, target, 0).unsqueeze(-1)).squeeze(-1)
+    return lp * keep
+
+
+def sequence_loss(kind: str, hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
+                  ref_logps: Tensor, labels: Tensor, kl: Tensor, params, ignore_index: int = -100):
+    """The unfused sequence loss: logits materialised, float32 for 16-bit inputs (as the fused op accumulates).
+    Returns (loss, summed log-probabilities per sequence (N,))."""
+    fn, paired, _ = SEQUENCE_LOSSES[kind]
+    logits = F.linear(hidden, weight, bias).to(acc_dtype(hidden.dtype))
+    lp = token_logps(logits, target, ignore_index).sum(-1)
+    n = (target != ignore_index).sum(-1).to(lp.dtype)
+    loss = fn(lp, n, ref_logps.to(lp.dtype), labels, sequence_loss_ctx(n, paired, kl), *params)[0].mean()
+    return loss, lp
+
+
+def grpo_token_loss(logps: Tensor, old_logps: Tensor, ref_logps: Optional[Tensor], advantages: Tensor,
+                    mask: Tensor, beta: float, epsilon_low: float, epsilon_high: float, loss_type: str,
+                    max_completion_length: int):
+    """GRPO / PPO-clip on per-token log-probabilities (N, T) of the sampled tokens, TRL's token-level importance
+    sampling: ratio = exp(logps - old_logps), loss_t = -min(ratio A, clip(ratio, 1 - eps_low, 1 + eps_high) A)
+    + beta (exp(ref - logps) - (ref - logps) - 1), normalised per loss_type ("grpo": token mean per sequence, then
+    the mean over sequences; "bnpo": over every unmasked token; "dr_grpo": by N * max_completion_length).
+    Returns (loss, per-token KL or None, per-token ratio)."""
+    ratio = torch.exp(logps - old_logps)
+    adv = advantages.unsqueeze(1)
+    per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * adv)
+    kl = None
+    if beta != 0.0:
+        kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+        per_token = per_token + beta * kl
+    mask = mask.to(per_token.dtype)
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    else:  # dr_grpo
+        loss = (per_token * mask).sum() / (per_token.shape[0] * max_completion_length)
+    return loss, kl, ratio
+
+
+def fused_linear_grpo_logps(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
+                            ignore_index: int = -100) -> Tensor:
+    """Per-token log-probabilities of target on materialised logits (float32 for 16-bit inputs)."""
+    return token_logps(F.linear(hidden, weight, bias).to(acc_dtype(hidden.dtype)), target, ignore_index)

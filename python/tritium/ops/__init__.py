@@ -39,3 +39,6 @@ from . import quant as _quant  # noqa: E402
 from .quant import *  # noqa: F401,F403,E402
 __all__ += _quant.__all__
 from . import serve as _serve  # noqa: E402,F401  (serve_decode: the model's decode step, not a public function)
+from . import preference as _preference  # noqa: E402
+from .preference import *  # noqa: F401,F403,E402
+__all__ += _preference.__all__

@@ -88,51 +88,76 @@ def _flce_loop(hidden, weight, target, bias, ignore_index, label_smoothing, chun
     adt = acc_dtype(hidden.dtype)
     loss = hidden.new_empty((T,), dtype=adt)
     gh = torch.empty_like(hidden) if need_grad else hidden.new_empty((0,))
-    gw = torch.zeros(weight.shape, dtype=adt, device=weight.device) if need_grad else hidden.new_empty((0,))
-    gb = (torch.zeros(weight.shape[0], dtype=adt, device=weight.device) if need_grad and bias is not None
-          else hidden.new_empty((0,)))
-    # CPU float: the weight packed once into column panels for every chunk's logits (linear_packed), where BLAS
-    # would repack the whole (V, H) weight on each chunk's call. The packed copy costs the weight's size once
-    # more, for the call's duration. The input gradient g @ W likewise from W's rows packed once (its panels run
-    # the vocabulary-long reduction in L2-sized blocks; BLAS would repack the weight per chunk here too).
-    packed = packed_t = None
-    if (hidden.device.type == "cpu" and hidden.dtype in (torch.float32, torch.float64) and weight.is_contiguous()
-            and min(chunk, T) >= 64 and weight.shape[1] > 0):
-        packed = pack_linear(weight)
-        if need_grad:
-            packed_t = pack_linear(weight.t())
+    gw, gb = flce_accumulators(weight, bias, hidden.dtype, need_grad)
+    head = LMHead(weight, bias, hidden.dtype, min(chunk, T), need_grad)
     for start in range(0, T, chunk):
         stop = min(T, start + chunk)
-        h = hidden[start:stop]
-        if packed is not None:
-            logits = linear_packed(h, packed, weight.shape[0], bias)
+        loss[start:stop] = head.chunk(hidden[start:stop], target[start:stop], ignore_index, label_smoothing,
+                                      gh[start:stop] if need_grad else None, gw, gb,
+                                      None if row_scale is None else row_scale[start:stop])
+    cast = lambda t: t.to(hidden.dtype) if t.numel() else t  # noqa: E731
+    return loss, gh, cast(gw), cast(gb)
+
+
+def flce_accumulators(weight, bias, dtype, need_grad):
+    """Zeroed grad_weight / grad_bias sums in the accumulation dtype of dtype (empty when not needed)."""
+    adt = acc_dtype(dtype)
+    gw = torch.zeros(weight.shape, dtype=adt, device=weight.device) if need_grad else weight.new_empty((0,))
+    gb = (torch.zeros(weight.shape[0], dtype=adt, device=weight.device) if need_grad and bias is not None
+          else weight.new_empty((0,)))
+    return gw, gb
+
+
+class LMHead:
+    """The LM head's per-chunk work shared by fused_linear_cross_entropy and the fused preference losses
+    (ops/preference.py): logits of a chunk of tokens, their per-row cross-entropy and, when a gradient is needed,
+    the chunk's grad_hidden rows and its grad_weight / grad_bias added into caller-owned sums.
+
+    CPU float: the weight is packed once into column panels for every chunk's logits (linear_packed), where BLAS
+    would repack the whole (V, H) weight on each chunk's call. The packed copy costs the weight's size once more,
+    for the object's lifetime. The input gradient g @ W likewise from W's rows packed once (its panels run the
+    vocabulary-long reduction in L2-sized blocks; BLAS would repack the weight per chunk here too)."""
+
+    def __init__(self, weight, bias, dtype, chunk, need_grad):
+        self.weight, self.bias, self.dtype, self.need_grad = weight, bias, dtype, need_grad
+        self.packed = self.packed_t = None
+        if (weight.device.type == "cpu" and dtype in (torch.float32, torch.float64) and weight.is_contiguous()
+                and chunk >= 64 and weight.shape[1] > 0):
+            self.packed = pack_linear(weight)
+            if need_grad:
+                self.packed_t = pack_linear(weight.t())
+
+    def chunk(self, h, t, ignore_index, label_smoothing, gh_out, gw, gb, row_scale):
+        """The per-row loss of the chunk h (rows, H), t (rows,), in the accumulation dtype. With need_grad: its
+        gradient rows (scaled by row_scale when given) times W into gh_out, and their products with h added into gw
+        and the row sums into gb (when there is a bias)."""
+        weight, bias = self.weight, self.bias
+        if self.packed is not None:
+            logits = linear_packed(h, self.packed, weight.shape[0], bias)
         else:
             logits = torch.addmm(bias, h, weight.t()) if bias is not None else torch.mm(h, weight.t())
-        rows_loss, g, _ = cross_entropy_fwd(logits, target[start:stop], None, ignore_index, label_smoothing, False,
-                                            need_grad)
-        loss[start:stop] = rows_loss
+        rows_loss, g, _ = cross_entropy_fwd(logits, t, None, ignore_index, label_smoothing, False, self.need_grad)
         del logits
-        if not need_grad:
-            continue
+        if not self.need_grad:
+            return rows_loss
         # the gradient rows (float32 for 16-bit inputs), scaled and in the input dtype as eager's logits gradient
         if row_scale is not None:
-            g = cross_entropy_bwd(g, row_scale[start:stop], hidden.dtype)
-        elif g.dtype != hidden.dtype:
-            g = cross_entropy_bwd(g, rows_loss.new_ones(()).expand(stop - start), hidden.dtype)
-        if packed_t is not None:
-            gh[start:stop] = linear_packed(g, packed_t, weight.shape[1])
+            g = cross_entropy_bwd(g, row_scale, self.dtype)
+        elif g.dtype != self.dtype:
+            g = cross_entropy_bwd(g, rows_loss.new_ones(()).expand(h.shape[0]), self.dtype)
+        if self.packed_t is not None:
+            gh_out.copy_(linear_packed(g, self.packed_t, weight.shape[1]))
         else:
-            torch.mm(g, weight, out=gh[start:stop])
-        if adt == g.dtype:
+            torch.mm(g, weight, out=gh_out)
+        if gw.dtype == g.dtype:
             gw.addmm_(g.t(), h)
         elif gw.device.type == "cpu":  # 16-bit: each chunk's product added into the float32 sum in one pass
             mm_acc_(gw, g.t(), h)
         else:  # the chunk's product in the input dtype (as eager's matmul), summed in float32
             gw += torch.mm(g.t(), h)
         if bias is not None:
-            gb += g.sum(0, dtype=adt)
-    cast = lambda t: t.to(hidden.dtype) if t.numel() else t  # noqa: E731
-    return loss, gh, cast(gw), cast(gb)
+            gb += g.sum(0, dtype=gw.dtype)
+        return rows_loss
 
 
 def _fake_flce(hidden, weight, target, bias, ignore_index, label_smoothing, chunk, mean, need_grad):
