@@ -120,6 +120,16 @@ def test_elementwise(impl_name, impl, dtype, name):
 
 
 @pytest.mark.parametrize("impl_name,impl", [("triton", triton_losses), ("cpp", cpp)])
+def test_empty(impl_name, impl):
+    """An empty input: an empty pointwise loss and gradient, a zero sum (the public functions send empty inputs
+    to torch, whose mean is NaN; the launchers still return well-formed results)."""
+    x = torch.empty(0, 5)
+    assert impl.loss_fwd(0, x, x, None, None, 0.0, 0.0, 1.0, False).shape == (0, 5)
+    assert impl.loss_fwd(0, x, x, None, None, 0.0, 0.0, 1.0, True).item() == 0.0
+    assert impl.loss_bwd(0, torch.tensor(1.0), x, x, None, None, 0.0, 0.0, 1.0).shape == (0, 5)
+
+
+@pytest.mark.parametrize("impl_name,impl", [("triton", triton_losses), ("cpp", cpp)])
 def test_special_points(impl_name, impl):
     """Ties at the formulas' thresholds (|d| = beta, delta; hinge and ranking margins at 0), exact zeros of
     bce's probability, NaN and infinite inputs: torch's values and gradients, in float32."""
