@@ -25,16 +25,16 @@
 // accumulation type, blocks summed in double, rounded once. loss_bwd writes dx = g scale w dl/dx, g the upstream
 // gradient (0-d: the reduced loss's, whose scale the kernel applies in the accumulation type; or one per element).
 //
-// Row losses (loss_rows): one row kernel, per row of (N, D) inputs, computing the row's loss and (need_grad) the
-// gradient rows of the loss in the same pass (the backward scales rows by the upstream gradient):
+// Row losses: one row kernel over rows of (N, D) inputs; loss_rows writes each row's loss, loss_rows_bwd
+// recomputes the row's statistics and writes the asked-for gradient rows times the row's upstream gradient, in the
+// inputs' dtype (one rounding; no gradient buffer between forward and backward):
 //   triplet     a, p, n; d(u, v) = ||u - v + eps||_P (P = 1, 2, or any p > 0), dn = swap ? min(d(a,n), d(p,n)) : d(a,n);
 //               max(d(a,p) - dn + margin, 0) (the swap's tie goes to d(a,n))
 //   cosine      x1, x2, y; c = x1.x2 / sqrt((|x1|^2 + 1e-12)(|x2|^2 + 1e-12)); y == 1: 1 - c; y == -1: max(c - margin, 0)
 //   contrastive x1, x2, y; d = ||x1 - x2 + eps||_2; y d^2 + (1 - y) max(margin - d, 0)^2, halved
 //   multi_margin  x1 scores (N, C), y target classes, w per class; sum_{j != y} w_y max(margin - x_y + x_j, 0)^p / C
 //               (only positive terms count, p = 1 or 2)
-// Losses and gradient rows are in the accumulation dtype (float32 for 16-bit inputs), so the backward (which scales
-// the rows by the upstream gradient: cross_entropy_bwd) rounds once.
+// The losses are in the accumulation dtype (float32 for 16-bit inputs).
 #include "pool.h"
 #include "vec.h"
 
@@ -366,7 +366,8 @@ inline V norm_grad(const V& v, typename V::value_type n, double p) {
 
 template <typename T>
 void rows_impl(int64_t loss, const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& x3, const at::Tensor& y,
-               const at::Tensor& w, double a, double b, double c, at::Tensor& out, at::Tensor* g) {
+               const at::Tensor& w, double a, double b, double c, at::Tensor& out, const at::Tensor& dloss,
+               at::Tensor* g) {
   using LV = Lanes<T>;
   using Vec = typename LV::Vec;
   using A = acc_type<T>;
@@ -375,21 +376,24 @@ void rows_impl(int64_t loss, const at::Tensor& x1, const at::Tensor& x2, const a
   const T* p2 = x2.defined() ? x2.const_data_ptr<T>() : nullptr;
   const T* p3 = x3.defined() ? x3.const_data_ptr<T>() : nullptr;
   const int64_t s1 = x1.stride(0), s2 = x2.defined() ? x2.stride(0) : 0, s3 = x3.defined() ? x3.stride(0) : 0;
-  A* lp = out.mutable_data_ptr<A>();
-  A* gp[3] = {nullptr, nullptr, nullptr};
-  for (int k = 0; k < 3; ++k) gp[k] = g[k].numel() ? g[k].mutable_data_ptr<A>() : nullptr;
+  A* lp = out.defined() ? out.mutable_data_ptr<A>() : nullptr;        // the forward: the row losses
+  const A* dl = dloss.defined() ? dloss.const_data_ptr<A>() : nullptr;  // the backward: the rows' upstream gradient
+  const int64_t sdl = dloss.defined() ? dloss.stride(0) : 0;
+  T* gp[3] = {nullptr, nullptr, nullptr};
+  for (int k = 0; k < 3; ++k) gp[k] = g[k].defined() && g[k].numel() ? g[k].mutable_data_ptr<T>() : nullptr;
   const Vec veps(static_cast<A>(c));
   at::parallel_for(0, N, row_grain(3 * D), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* u = p1 + r * s1;
       const T* v = p2 ? p2 + r * s2 : nullptr;
       const T* z = p3 ? p3 + r * s3 : nullptr;
-      A* g0 = gp[0] ? gp[0] + r * D : nullptr;
-      A* g1 = gp[1] ? gp[1] + r * D : nullptr;
-      A* g2 = gp[2] ? gp[2] + r * D : nullptr;
+      T* g0 = gp[0] ? gp[0] + r * D : nullptr;
+      T* g1 = gp[1] ? gp[1] + r * D : nullptr;
+      T* g2 = gp[2] ? gp[2] + r * D : nullptr;
+      const A gs = dl ? dl[r * sdl] : A(0);  // the row's upstream gradient, folded into each gradient's factor
       auto ld = [&](const T* q, int64_t i, int64_t count) { return LV::load(q + i, count); };
-      auto st = [&](A* q, int64_t i, int64_t count, const Vec& val) {
-        if (count == LV::K) val.store(q + i); else val.store(q + i, count);
+      auto st = [&](T* q, int64_t i, int64_t count, const Vec& val) {  // a gradient not asked for: skipped
+        if (q) LV::store(q + i, val, count);
       };
       if (loss == TRIPLET || loss == TRIPLET_SWAP) {  // u anchor, v positive, z negative; a margin, b p, c eps
         auto dist = [&](const T* q0, const T* q1) {
@@ -400,9 +404,9 @@ void rows_impl(int64_t loss, const at::Tensor& x1, const at::Tensor& x2, const a
         const A dpn = loss == TRIPLET_SWAP ? dist(v, z) : dan;
         const bool use_pn = dpn < dan;  // swap: the closer of the two negatives' distances
         const A vv = dap - (use_pn ? dpn : dan) + static_cast<A>(a);
-        lp[r] = vv < A(0) ? A(0) : vv;
-        if (!g0) continue;
-        const Vec act(vv >= A(0) ? A(1) : A(0));
+        if (lp) lp[r] = vv < A(0) ? A(0) : vv;
+        if (!dl) continue;
+        const Vec act(vv >= A(0) ? gs : A(0));
         for (int64_t i = 0; i < D; i += LV::K) {
           const int64_t n = std::min(LV::K, D - i);
           const Vec xa = ld(u, i, n), xp = ld(v, i, n), xn = ld(z, i, n);
@@ -425,9 +429,9 @@ void rows_impl(int64_t loss, const at::Tensor& x1, const at::Tensor& x2, const a
         }
         const A P = hsum(sp), S1 = hsum(su) + A(1e-12), S2 = hsum(sv) + A(1e-12);
         const A den = std::sqrt(S1 * S2), cs = P / den, neg = cs - static_cast<A>(a);
-        lp[r] = (lab == A(1) ? A(1) - cs : A(0)) + (lab == A(-1) ? (neg < A(0) ? A(0) : neg) : A(0));
-        if (!g0) continue;
-        const A dc = lab == A(1) ? A(-1) : (lab == A(-1) && neg >= A(0)) ? A(1) : A(0);
+        if (lp) lp[r] = (lab == A(1) ? A(1) - cs : A(0)) + (lab == A(-1) ? (neg < A(0) ? A(0) : neg) : A(0));
+        if (!dl) continue;
+        const A dc = gs * (lab == A(1) ? A(-1) : (lab == A(-1) && neg >= A(0)) ? A(1) : A(0));
         const Vec k1(dc / den), c1(dc * cs / S1), c2(dc * cs / S2);
         for (int64_t i = 0; i < D; i += LV::K) {
           const int64_t n = std::min(LV::K, D - i);
@@ -442,10 +446,10 @@ void rows_impl(int64_t loss, const at::Tensor& x1, const at::Tensor& x2, const a
           const Vec t = ld(u, i, n) - ld(v, i, n) + veps;
           return t * t; }));
         const A h = std::max(static_cast<A>(a) - d, A(0));
-        lp[r] = A(0.5) * (lab * d * d + (A(1) - lab) * h * h);
-        if (!g0) continue;
+        if (lp) lp[r] = A(0.5) * (lab * d * d + (A(1) - lab) * h * h);
+        if (!dl) continue;
         // d(d^2 / 2)/dv = v (autograd through sqrt: 0 at d = 0); d(h^2 / 2)/dv = -h v / d (0 at d = 0)
-        const Vec k(d > A(0) ? lab - (A(1) - lab) * h / d : A(0));
+        const Vec k(d > A(0) ? gs * (lab - (A(1) - lab) * h / d) : A(0));
         for (int64_t i = 0; i < D; i += LV::K) {
           const int64_t n = std::min(LV::K, D - i);
           const Vec t = (ld(u, i, n) - ld(v, i, n) + veps) * k;
@@ -473,22 +477,21 @@ void rows_impl(int64_t loss, const at::Tensor& x1, const at::Tensor& x2, const a
           const Vec h = b == 2 ? zz * zz : zz;
           total += hsum(Vec::blendv(zero, h, on));
           if (g0) {
-            const Vec gv = Vec::blendv(zero, b == 2 ? zz + zz : Vec(1), on) * Vec(wt * inv);
+            const Vec gv = Vec::blendv(zero, b == 2 ? zz + zz : Vec(1), on) * Vec(gs * wt * inv);
             gsum += hsum(gv);
-            st(g0, i, n, gv);
+            st(g0, i, n, gv);  // 0 at the target's column, written next
           }
         }
-        lp[r] = total * wt * inv;
-        if (g0) g0[t] -= gsum;
+        if (lp) lp[r] = total * wt * inv;
+        if (g0) g0[t] = static_cast<T>(-gsum);
       }
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_rows(
-    int64_t loss, const at::Tensor& x1, const std::optional<at::Tensor>& x2, const std::optional<at::Tensor>& x3,
-    const std::optional<at::Tensor>& y, const std::optional<at::Tensor>& w, double a, double b, double c,
-    bool need_grad) {
+void check_row_inputs(int64_t loss, const at::Tensor& x1, const std::optional<at::Tensor>& x2,
+                      const std::optional<at::Tensor>& x3, const std::optional<at::Tensor>& y,
+                      const std::optional<at::Tensor>& w, double b) {
   TORCH_CHECK(loss >= 0 && loss < NUM_ROW_LOSSES, "loss_rows: unknown loss id ", loss);
   check_rows(x1, "x1");
   const int64_t N = x1.size(0), D = x1.size(1);
@@ -510,17 +513,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_rows(
                 "loss_rows: w must be contiguous (cols,) in x1's dtype");
   }
   TORCH_CHECK(!mm || b == 1 || b == 2, "loss_rows: multi_margin takes p = 1 or 2");
+}
+
+// the row losses (N,) in the accumulation dtype
+at::Tensor loss_rows(int64_t loss, const at::Tensor& x1, const std::optional<at::Tensor>& x2,
+                     const std::optional<at::Tensor>& x3, const std::optional<at::Tensor>& y,
+                     const std::optional<at::Tensor>& w, double a, double b, double c) {
+  check_row_inputs(loss, x1, x2, x3, y, w, b);
   const auto adt = x1.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto opts = x1.options().dtype(adt);
-  at::Tensor out = tritium::empty({N}, opts);
-  const int n_grads = mm ? 1 : (loss == TRIPLET || loss == TRIPLET_SWAP) ? 3 : 2;
+  at::Tensor out = tritium::empty({x1.size(0)}, x1.options().dtype(adt));
   at::Tensor g[3];
-  for (int k = 0; k < 3; ++k) g[k] = need_grad && k < n_grads ? tritium::empty({N, D}, opts) : at::empty({0}, opts);
   const at::Tensor none;
   TRITIUM_DISPATCH_FLOATING(x1.scalar_type(), "tritium_loss_rows", [&] {
-    rows_impl<scalar_t>(loss, x1, x2 ? *x2 : none, x3 ? *x3 : none, y ? *y : none, w ? *w : none, a, b, c, out, g);
+    rows_impl<scalar_t>(loss, x1, x2 ? *x2 : none, x3 ? *x3 : none, y ? *y : none, w ? *w : none, a, b, c, out,
+                        none, g);
   });
-  return {out, g[0], g[1], g[2]};
+  return out;
+}
+
+// the gradients of sum_r dloss[r] loss_r for the inputs asked for (need: x1, x2, x3), in the inputs' dtype (an
+// input not asked for, or absent: an empty tensor); the rows' statistics are recomputed
+std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_rows_bwd(
+    int64_t loss, const at::Tensor& dloss, const at::Tensor& x1, const std::optional<at::Tensor>& x2,
+    const std::optional<at::Tensor>& x3, const std::optional<at::Tensor>& y, const std::optional<at::Tensor>& w,
+    double a, double b, double c, bool need1, bool need2, bool need3) {
+  check_row_inputs(loss, x1, x2, x3, y, w, b);
+  const auto adt = x1.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(dloss.dim() == 1 && dloss.size(0) == x1.size(0) && dloss.scalar_type() == adt,
+              "loss_rows_bwd: dloss must be (rows,) in the accumulation dtype");
+  const bool need[3] = {need1, need2 && x2.has_value(), need3 && x3.has_value()};
+  at::Tensor g[3];
+  for (int k = 0; k < 3; ++k) g[k] = need[k] ? tritium::empty(x1.sizes(), x1.options()) : at::empty({0}, x1.options());
+  at::Tensor none;
+  TRITIUM_DISPATCH_FLOATING(x1.scalar_type(), "tritium_loss_rows_bwd", [&] {
+    rows_impl<scalar_t>(loss, x1, x2 ? *x2 : none, x3 ? *x3 : none, y ? *y : none, w ? *w : none, a, b, c, none,
+                        dloss, g);
+  });
+  return {g[0], g[1], g[2]};
 }
 
 // ---- info_nce's row-block statistics (the blocks' matmuls are BLAS calls in python/tritium/ops/losses.py) ----
@@ -678,6 +707,7 @@ TORCH_LIBRARY_IMPL(tritium, CPU, m) {
   m.impl("loss_fwd", &loss_fwd);
   m.impl("loss_bwd", &loss_bwd);
   m.impl("loss_rows", &loss_rows);
+  m.impl("loss_rows_bwd", &loss_rows_bwd);
   m.impl("nce_block_fwd", &nce_block_fwd);
   m.impl("nce_block_bwd", &nce_block_bwd);
 }

@@ -220,10 +220,18 @@ def _():
 @sample("loss_rows")
 def _():
     from tritium.ops.losses import ROW_CONTRASTIVE, ROW_COSINE, ROW_MULTI_MARGIN, ROW_TRIPLET_SWAP
-    return [(ROW_TRIPLET_SWAP, g(4, 6), g(4, 6), g(4, 6), None, None, 1.0, 2.0, 1e-6, True),
-            (ROW_COSINE, g(4, 6), g(4, 6), None, torch.tensor([1.0, -1.0, 1.0, 0.0]), None, 0.1, 0.0, 0.0, True),
-            (ROW_CONTRASTIVE, r(4, 6), r(4, 6), None, torch.tensor([1.0, 0.0, 1.0, 0.0]), None, 2.0, 0.0, 1e-6, False),
-            (ROW_MULTI_MARGIN, g(4, 6), None, None, torch.tensor([0, 5, 2, 2]), torch.rand(6), 1.0, 2.0, 0.0, True)]
+    return [(ROW_TRIPLET_SWAP, g(4, 6), g(4, 6), g(4, 6), None, None, 1.0, 2.0, 1e-6),
+            (ROW_COSINE, g(4, 6), g(4, 6), None, torch.tensor([1.0, -1.0, 1.0, 0.0]), None, 0.1, 0.0, 0.0),
+            (ROW_CONTRASTIVE, r(4, 6), g(4, 6), None, torch.tensor([1.0, 0.0, 1.0, 0.0]), None, 2.0, 0.0, 1e-6),
+            (ROW_MULTI_MARGIN, g(4, 6), None, None, torch.tensor([0, 5, 2, 2]), torch.rand(6), 1.0, 2.0, 0.0)]
+
+
+@sample("loss_rows_bwd")
+def _():
+    from tritium.ops.losses import ROW_MULTI_MARGIN, ROW_TRIPLET
+    return [(ROW_TRIPLET, r(4), r(4, 6), r(4, 6), r(4, 6), None, None, 1.0, 2.0, 1e-6, True, False, True),
+            (ROW_MULTI_MARGIN, r(4), r(4, 6), None, None, torch.tensor([0, 5, 2, 2]), None, 1.0, 1.0, 0.0, True, True,
+             True)]
 
 
 @sample("nce_block_fwd")

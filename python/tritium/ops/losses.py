@@ -9,10 +9,10 @@ gradient from a 0-d or per-element upstream gradient. ``w`` is a weight of the i
 (the last dim), ``p`` a per-column parameter (pos_weight, the quantiles), ``a`` / ``b`` the scalar ones (margin,
 beta, delta, alpha, gamma). For a loss of d = x - y only (``diff``), the target's gradient is -dx.
 
-The row losses (triplet, cosine embedding, contrastive, multi-margin) are one row op, ``tritium::loss_rows``
-(C++), computing each row's loss and its gradient rows in one pass; the backward scales rows by the upstream
-gradient (cross_entropy's ``cross_entropy_bwd``). multilabel_soft_margin_loss is the elementwise bce_with_logits
-with a per-column weight, divided by the number of classes.
+The row losses (triplet, cosine embedding, contrastive, multi-margin) are one row kernel (C++):
+``tritium::loss_rows`` writes each row's loss, ``tritium::loss_rows_bwd`` recomputes the row's statistics and
+writes the gradient rows times the rows' upstream gradient, in the inputs' dtype. multilabel_soft_margin_loss
+is the elementwise bce_with_logits with a per-column weight, divided by the number of classes.
 
 ``info_nce`` computes the (N, N) similarities in blocks of rows (never the whole matrix): the forward keeps each
 row's and each column's log-sum-exp, the backward recomputes the blocks.
@@ -32,7 +32,6 @@ from torch import Tensor
 
 from .. import reference
 from ._library import acc_dtype, define_op, kernel_ok, unit_last
-from .cross_entropy import cross_entropy_bwd
 
 
 @dataclass(frozen=True)
@@ -290,35 +289,42 @@ def quantile_loss(input: Tensor, target: Tensor, quantiles: Sequence[float], red
     return reference.quantile_loss(input, target, qs, reduction) if out is None else out
 
 
-# ---- the row losses: one op (C++; on CUDA the public functions run torch's) ----
-def _fake_loss_rows(loss, x1, x2, x3, y, w, a, b, c, need_grad):
-    adt = acc_dtype(x1.dtype)
-    n_grads = 1 if loss == ROW_MULTI_MARGIN else 3 if loss in (ROW_TRIPLET, ROW_TRIPLET_SWAP) else 2
-    grads = tuple(x1.new_empty(x1.shape if need_grad and k < n_grads else (0,), dtype=adt) for k in range(3))
-    return (x1.new_empty((x1.shape[0],), dtype=adt),) + grads
+# ---- the row losses: one forward op and one backward op (C++; on CUDA the public functions run torch's) ----
+def _fake_loss_rows(loss, x1, x2, x3, y, w, a, b, c):
+    return x1.new_empty((x1.shape[0],), dtype=acc_dtype(x1.dtype))
+
+
+def _fake_loss_rows_bwd(loss, dloss, x1, x2, x3, y, w, a, b, c, need1, need2, need3):
+    return tuple(x1.new_empty(x1.shape if need and t is not None else (0,))
+                 for need, t in ((need1, x1), (need2, x2), (need3, x3)))
+
+
+loss_rows_bwd = define_op(
+    "loss_rows_bwd(int loss, Tensor dloss, Tensor x1, Tensor? x2, Tensor? x3, Tensor? y, Tensor? w, float a, float b,"
+    " float c, bool need1, bool need2, bool need3) -> (Tensor, Tensor, Tensor)", _fake_loss_rows_bwd, None)
 
 
 def _rows_setup(ctx, inputs, output):
-    ctx.set_materialize_grads(False)  # no zero tensors for the gradient-row outputs (see cross_entropy)
-    ctx.dtype = inputs[1].dtype
-    ctx.save_for_backward(*output[1:])
+    loss, x1, x2, x3, y, w, a, b, c = inputs
+    ctx.args = (loss, a, b, c)
+    ctx.save_for_backward(x1, x2, x3, y, w)
 
 
-def _rows_backward(ctx, dloss, _g1, _g2, _g3):
-    grads = ctx.saved_tensors
-    if dloss is None:
-        return (None,) * 10
-    if any(g.dim() == 1 for g, need in zip(grads, ctx.needs_input_grad[1:4]) if need):
-        raise RuntimeError("tritium::loss_rows: the forward ran without need_grad; no gradient rows to scale")
-    out = [cross_entropy_bwd(g, dloss, ctx.dtype) if need else None
-           for g, need in zip(grads, ctx.needs_input_grad[1:4])]
-    return (None, *out, None, None, None, None, None, None)
+def _rows_backward(ctx, dloss):
+    x1, x2, x3, y, w = ctx.saved_tensors
+    loss, a, b, c = ctx.args
+    need = ctx.needs_input_grad[1:4]
+    if any(ctx.needs_input_grad[4:6]):
+        raise NotImplementedError("tritium::loss_rows differentiates x1, x2 and x3 only (the public functions send "
+                                  "a label or weight that requires grad to torch)")
+    g1, g2, g3 = loss_rows_bwd(loss, dloss, x1, x2, x3, y, w, a, b, c, *need)
+    return (None, g1 if need[0] else None, g2 if need[1] else None, g3 if need[2] else None, None, None, None, None,
+            None)
 
 
 loss_rows = define_op(
-    "loss_rows(int loss, Tensor x1, Tensor? x2, Tensor? x3, Tensor? y, Tensor? w, float a, float b, float c,"
-    " bool need_grad) -> (Tensor, Tensor, Tensor, Tensor)", _fake_loss_rows, None, backward=_rows_backward,
-    setup_context=_rows_setup)
+    "loss_rows(int loss, Tensor x1, Tensor? x2, Tensor? x3, Tensor? y, Tensor? w, float a, float b, float c)"
+    " -> Tensor", _fake_loss_rows, None, backward=_rows_backward, setup_context=_rows_setup)
 
 
 def _rows_ok(*ts: Tensor) -> bool:
@@ -328,9 +334,8 @@ def _rows_ok(*ts: Tensor) -> bool:
 
 
 def _row_call(loss, x1, x2, x3, y, w, a, b, c, reduction, dtype):
-    need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x1, x2, x3))
     per_row = loss_rows(loss, unit_last(x1), None if x2 is None else unit_last(x2),
-                        None if x3 is None else unit_last(x3), y, w, float(a), float(b), float(c), need_grad)[0]
+                        None if x3 is None else unit_last(x3), y, w, float(a), float(b), float(c))
     if reduction == "none":
         return per_row.to(dtype)
     total = per_row.sum()
@@ -341,8 +346,8 @@ def triplet_margin_loss(anchor: Tensor, positive: Tensor, negative: Tensor, marg
                         eps: float = 1e-6, swap: bool = False, size_average=None, reduce=None,
                         reduction: str = "mean") -> Tensor:
     """Drop-in for ``torch.nn.functional.triplet_margin_loss``: max(d(a, p) - d(a, n) + margin, 0) with
-    d(u, v) = ||u - v + eps||_p (swap: the smaller of d(a, n) and d(p, n)), one row kernel pass for the three
-    distances, the loss and the three gradient rows."""
+    d(u, v) = ||u - v + eps||_p (swap: the smaller of d(a, n) and d(p, n)): one row kernel pass for the
+    distances and the loss, one (recomputing the distances) for the three gradient rows."""
     ok = (not _legacy(size_average, reduce) and reduction in _REDUCTIONS and isinstance(margin, (int, float))
           and margin > 0 and isinstance(p, (int, float)) and p > 0 and all(isinstance(t, Tensor) for t in
                                                                             (anchor, positive, negative))
@@ -375,7 +380,7 @@ def multi_margin_loss(input: Tensor, target: Tensor, p: int = 1, margin: float =
                       weight: Optional[Tensor] = None, size_average=None, reduce=None,
                       reduction: str = "mean") -> Tensor:
     """Drop-in for ``torch.nn.functional.multi_margin_loss``: per row, sum over the classes j != y of
-    weight[y] max(margin - x[y] + x[j], 0)^p / C (p = 1 or 2), one row kernel pass with its gradient row."""
+    weight[y] max(margin - x[y] + x[j], 0)^p / C (p = 1 or 2), in the row kernel."""
     ok = (not _legacy(size_average, reduce) and reduction in _REDUCTIONS and p in (1, 2)
           and isinstance(margin, (int, float)) and isinstance(input, Tensor) and isinstance(target, Tensor)
           and input.dim() in (1, 2) and target.dtype == torch.int64 and target.device == input.device
@@ -396,7 +401,7 @@ def contrastive_loss(input1: Tensor, input2: Tensor, target: Tensor, margin: flo
     """Pairwise (Siamese) contrastive loss (Hadsell, Chopra and LeCun 2006): input1, input2 (N, D) embeddings,
     target (N,) 1 for a similar pair and 0 for a dissimilar one, d = ||input1 - input2 + eps||_2 (torch's
     pairwise_distance); loss = (target d^2 + (1 - target) max(margin - d, 0)^2) / 2, reduced over the pairs.
-    One row kernel pass computes the distance, the loss and both gradient rows."""
+    The row kernel computes the distance and the loss, and in the backward both gradient rows."""
     if not (isinstance(input1, Tensor) and isinstance(input2, Tensor) and input1.shape == input2.shape
             and input1.dim() == 2):
         raise ValueError(f"contrastive_loss: input1 and input2 must be (N, D) of one shape, got "
