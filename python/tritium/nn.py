@@ -157,6 +157,130 @@ PATCH_TABLE.update({torch.nn.Softmax: Softmax, torch.nn.LogSoftmax: LogSoftmax, 
                     torch.nn.CrossEntropyLoss: CrossEntropyLoss})
 
 
+# ---- losses (tritium.ops.losses) ----
+class MSELoss(torch.nn.MSELoss):
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return ops.mse_loss(input, target, reduction=self.reduction)
+
+
+class L1Loss(torch.nn.L1Loss):
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return ops.l1_loss(input, target, reduction=self.reduction)
+
+
+class SmoothL1Loss(torch.nn.SmoothL1Loss):
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return ops.smooth_l1_loss(input, target, reduction=self.reduction, beta=self.beta)
+
+
+class HuberLoss(torch.nn.HuberLoss):
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return ops.huber_loss(input, target, reduction=self.reduction, delta=self.delta)
+
+
+class BCELoss(torch.nn.BCELoss):
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return ops.binary_cross_entropy(input, target, weight=self.weight, reduction=self.reduction)
+
+
+class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return ops.binary_cross_entropy_with_logits(input, target, self.weight, pos_weight=self.pos_weight,
+                                                    reduction=self.reduction)
+
+
+class SoftMarginLoss(torch.nn.SoftMarginLoss):
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return ops.soft_margin_loss(input, target, reduction=self.reduction)
+
+
+class HingeEmbeddingLoss(torch.nn.HingeEmbeddingLoss):
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return ops.hinge_embedding_loss(input, target, margin=self.margin, reduction=self.reduction)
+
+
+class MarginRankingLoss(torch.nn.MarginRankingLoss):
+    def forward(self, input1: Tensor, input2: Tensor, target: Tensor) -> Tensor:
+        return ops.margin_ranking_loss(input1, input2, target, margin=self.margin, reduction=self.reduction)
+
+
+class MultiLabelSoftMarginLoss(torch.nn.MultiLabelSoftMarginLoss):
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return ops.multilabel_soft_margin_loss(input, target, weight=self.weight, reduction=self.reduction)
+
+
+class MultiMarginLoss(torch.nn.MultiMarginLoss):
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return ops.multi_margin_loss(input, target, p=self.p, margin=self.margin, weight=self.weight,
+                                     reduction=self.reduction)
+
+
+class TripletMarginLoss(torch.nn.TripletMarginLoss):
+    def forward(self, anchor: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
+        return ops.triplet_margin_loss(anchor, positive, negative, margin=self.margin, p=self.p, eps=self.eps,
+                                       swap=self.swap, reduction=self.reduction)
+
+
+class CosineEmbeddingLoss(torch.nn.CosineEmbeddingLoss):
+    def forward(self, input1: Tensor, input2: Tensor, target: Tensor) -> Tensor:
+        return ops.cosine_embedding_loss(input1, input2, target, margin=self.margin, reduction=self.reduction)
+
+
+class SigmoidFocalLoss(torch.nn.Module):
+    """tritium.sigmoid_focal_loss as a module (torchvision has the function only)."""
+
+    def __init__(self, alpha: float = 0.25, gamma: float = 2.0, reduction: str = "mean"):
+        super().__init__()
+        self.alpha, self.gamma, self.reduction = alpha, gamma, reduction
+
+    def forward(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        return ops.sigmoid_focal_loss(inputs, targets, self.alpha, self.gamma, self.reduction)
+
+
+class QuantileLoss(torch.nn.Module):
+    """tritium.quantile_loss (pinball loss) over a fixed list of quantiles."""
+
+    def __init__(self, quantiles, reduction: str = "mean"):
+        super().__init__()
+        self.quantiles, self.reduction = [float(q) for q in quantiles], reduction
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return ops.quantile_loss(input, target, self.quantiles, self.reduction)
+
+
+class ContrastiveLoss(torch.nn.Module):
+    """tritium.contrastive_loss (pairwise, Siamese) as a module."""
+
+    def __init__(self, margin: float = 1.0, eps: float = 1e-6, reduction: str = "mean"):
+        super().__init__()
+        self.margin, self.eps, self.reduction = margin, eps, reduction
+
+    def forward(self, input1: Tensor, input2: Tensor, target: Tensor) -> Tensor:
+        return ops.contrastive_loss(input1, input2, target, self.margin, self.eps, self.reduction)
+
+
+class InfoNCELoss(torch.nn.Module):
+    """tritium.info_nce (CLIP-style InfoNCE / NT-Xent in row blocks) as a module."""
+
+    def __init__(self, temperature: float = 0.1, symmetric: bool = True, normalize: bool = True,
+                 reduction: str = "mean"):
+        super().__init__()
+        self.temperature, self.symmetric, self.normalize, self.reduction = temperature, symmetric, normalize, reduction
+
+    def forward(self, query: Tensor, key: Tensor, negatives: Tensor = None) -> Tensor:
+        return ops.info_nce(query, key, self.temperature, self.symmetric, negatives, self.normalize, self.reduction)
+
+
+PATCH_TABLE.update({
+    torch.nn.MSELoss: MSELoss, torch.nn.L1Loss: L1Loss, torch.nn.SmoothL1Loss: SmoothL1Loss,
+    torch.nn.HuberLoss: HuberLoss, torch.nn.BCELoss: BCELoss, torch.nn.BCEWithLogitsLoss: BCEWithLogitsLoss,
+    torch.nn.SoftMarginLoss: SoftMarginLoss, torch.nn.HingeEmbeddingLoss: HingeEmbeddingLoss,
+    torch.nn.MarginRankingLoss: MarginRankingLoss, torch.nn.MultiLabelSoftMarginLoss: MultiLabelSoftMarginLoss,
+    torch.nn.MultiMarginLoss: MultiMarginLoss, torch.nn.TripletMarginLoss: TripletMarginLoss,
+    torch.nn.CosineEmbeddingLoss: CosineEmbeddingLoss,
+})
+
+
 # ---- activations, gated MLP blocks and DyT (tritium.ops.activations) ----
 class ReLU(torch.nn.ReLU):
     def forward(self, x: Tensor) -> Tensor:

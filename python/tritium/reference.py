@@ -523,3 +523,79 @@ def fused_linear_grpo_logps(hidden: Tensor, weight: Tensor, target: Tensor, bias
                             ignore_index: int = -100) -> Tensor:
     """Per-token log-probabilities of target on materialised logits (float32 for 16-bit inputs)."""
     return token_logps(F.linear(hidden, weight, bias).to(acc_dtype(hidden.dtype)), target, ignore_index)
+# ---- losses (tritium.ops.losses): torch's own functions, and the written-out formulas of those torch lacks ----
+mse_loss = F.mse_loss
+l1_loss = F.l1_loss
+smooth_l1_loss = F.smooth_l1_loss
+huber_loss = F.huber_loss
+binary_cross_entropy = F.binary_cross_entropy
+binary_cross_entropy_with_logits = F.binary_cross_entropy_with_logits
+soft_margin_loss = F.soft_margin_loss
+hinge_embedding_loss = F.hinge_embedding_loss
+margin_ranking_loss = F.margin_ranking_loss
+multi_margin_loss = F.multi_margin_loss
+multilabel_soft_margin_loss = F.multilabel_soft_margin_loss
+triplet_margin_loss = F.triplet_margin_loss
+cosine_embedding_loss = F.cosine_embedding_loss
+
+
+def _reduce(loss: Tensor, reduction: str) -> Tensor:
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.mean()
+    raise ValueError(f"{reduction} is not a valid value for reduction")
+
+
+def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0,
+                       reduction: str = "none") -> Tensor:
+    """torchvision.ops.sigmoid_focal_loss, written out: ce (1 - p_t)^gamma, times alpha_t when alpha >= 0."""
+    p = torch.sigmoid(inputs)
+    ce = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = ce * ((1 - p_t) ** gamma)
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"Invalid Value for arg 'reduction': '{reduction} \n Supported reduction modes: 'none', "
+                         f"'mean', 'sum'")
+    return _reduce(loss, reduction)
+
+
+def quantile_loss(input: Tensor, target: Tensor, quantiles, reduction: str = "mean") -> Tensor:
+    """Pinball loss: e = target - input[..., q] (target of input's shape, or without the quantile dim),
+    e >= 0 ? tau_q e : (tau_q - 1) e, reduced over every element."""
+    tau = torch.as_tensor([float(q) for q in quantiles], dtype=input.dtype, device=input.device)
+    if target.shape != input.shape:
+        target = target.reshape(input.shape[:-1] + (1,))
+    e = target - input
+    return _reduce(torch.where(e >= 0, tau * e, (tau - 1) * e), reduction)
+
+
+def contrastive_loss(input1: Tensor, input2: Tensor, target: Tensor, margin: float = 1.0, eps: float = 1e-6,
+                     reduction: str = "mean") -> Tensor:
+    """Pairwise (Siamese) contrastive loss: d = pairwise_distance(input1, input2, eps) per row,
+    loss = (target d^2 + (1 - target) max(margin - d, 0)^2) / 2 (target 1: a similar pair, 0: dissimilar)."""
+    d = F.pairwise_distance(input1, input2, eps=eps)
+    loss = 0.5 * (target * d * d + (1 - target) * torch.clamp(margin - d, min=0) ** 2)
+    return _reduce(loss, reduction)
+
+
+def info_nce(query: Tensor, key: Tensor, temperature: float = 0.1, symmetric: bool = True,
+             negatives: Optional[Tensor] = None, normalize: bool = True, reduction: str = "mean") -> Tensor:
+    """InfoNCE / CLIP-style contrastive loss, materialising the (N, N) logits: with q, k (and the explicit
+    negatives n) L2-normalised when normalize, logits = q k^T / T (plus q n^T / T as extra columns), row i's
+    positive is column i: loss_i = cross_entropy(logits_i, i); symmetric adds the key direction (the columns of
+    q k^T: cross_entropy over the queries for each key) and averages the two."""
+    if normalize:
+        query, key = F.normalize(query, dim=-1), F.normalize(key, dim=-1)
+        negatives = F.normalize(negatives, dim=-1) if negatives is not None else None
+    sim = query @ key.t() / temperature
+    labels = torch.arange(query.shape[0], device=query.device)
+    logits = sim if negatives is None else torch.cat([sim, query @ negatives.t() / temperature], 1)
+    loss = F.cross_entropy(logits, labels, reduction="none")
+    if symmetric:
+        loss = (loss + F.cross_entropy(sim.t(), labels, reduction="none")) / 2
+    return _reduce(loss, reduction)

@@ -198,6 +198,65 @@ def _():
     return [(g(3, 5), r(3, 5), 0.5, True), (r(3, 5), r(3, 5), 1.0, False)]
 
 
+# ---- losses ----
+@sample("loss_fwd")
+def _():
+    from tritium.ops.losses import LOSS_IDS
+    bce, logits = LOSS_IDS["binary_cross_entropy"], LOSS_IDS["binary_cross_entropy_with_logits"]
+    return [(LOSS_IDS["mse_loss"], g(3, 5), g(3, 5), None, None, 0.0, 0.0, 0.2, True),
+            (LOSS_IDS["huber_loss"], g(3, 5), r(3, 5), None, None, 0.5, 0.0, 1.0, False),
+            (bce, torch.rand(3, 5).requires_grad_(True), torch.rand(3, 5), torch.rand(5), None, 0.0, 0.0, 1.0, True),
+            (logits, g(3, 5), torch.rand(3, 5), torch.rand(3, 5), torch.rand(5), 0.0, 0.0, 1.0, False),
+            (LOSS_IDS["sigmoid_focal_loss"], g(2, 3, 5), torch.rand(2, 3, 5).round(), None, None, 0.25, 2.0, 1.0, True)]
+
+
+@sample("loss_bwd")
+def _():
+    from tritium.ops.losses import LOSS_IDS
+    return [(LOSS_IDS["l1_loss"], torch.tensor(2.0), r(3, 5), r(3, 5), None, None, 0.0, 0.0, 0.5),
+            (LOSS_IDS["quantile_loss"], r(3, 5), r(3, 5), r(3, 5), None, torch.rand(5), 0.0, 0.0, 1.0)]
+
+
+@sample("loss_rows")
+def _():
+    from tritium.ops.losses import ROW_CONTRASTIVE, ROW_COSINE, ROW_MULTI_MARGIN, ROW_TRIPLET_SWAP
+    return [(ROW_TRIPLET_SWAP, g(4, 6), g(4, 6), g(4, 6), None, None, 1.0, 2.0, 1e-6),
+            (ROW_COSINE, g(4, 6), g(4, 6), None, torch.tensor([1.0, -1.0, 1.0, 0.0]), None, 0.1, 0.0, 0.0),
+            (ROW_CONTRASTIVE, r(4, 6), g(4, 6), None, torch.tensor([1.0, 0.0, 1.0, 0.0]), None, 2.0, 0.0, 1e-6),
+            (ROW_MULTI_MARGIN, g(4, 6), None, None, torch.tensor([0, 5, 2, 2]), torch.rand(6), 1.0, 2.0, 0.0)]
+
+
+@sample("loss_rows_bwd")
+def _():
+    from tritium.ops.losses import ROW_MULTI_MARGIN, ROW_TRIPLET
+    return [(ROW_TRIPLET, r(4), r(4, 6), r(4, 6), r(4, 6), None, None, 1.0, 2.0, 1e-6, True, False, True),
+            (ROW_MULTI_MARGIN, r(4), r(4, 6), None, None, torch.tensor([0, 5, 2, 2]), None, 1.0, 1.0, 0.0, True, True,
+             True)]
+
+
+@sample("nce_block_fwd")
+def _():
+    return [(r(3, 6), r(3, 2), r(6), torch.rand(6), True), (r(3, 6), None, r(0), r(0), False)]
+
+
+@sample("nce_block_bwd")
+def _():
+    return [(r(3, 6), r(3), r(3), r(6), r(6), 2), (r(3, 6), r(3), r(3), None, None, -1)]
+
+
+@sample("info_nce_fwd")
+def _():
+    return [(g(6, 4), g(6, 4), None, 5.0, True, 4), (g(6, 4), g(6, 4), g(3, 4), 2.0, False, 16)]
+
+
+@sample("info_nce_bwd")
+def _():
+    q, k, n = r(6, 4), r(6, 4), r(3, 4)
+    _, lr, lc = torch.ops.tritium.info_nce_fwd(q, k, n, 2.0, True, 4)
+    return [(r(6), q, k, n, lr, lc, 2.0, True, 4),
+            (r(6), q, k, None, *torch.ops.tritium.info_nce_fwd(q, k, None, 2.0, False, 4)[1:], 2.0, False, 4)]
+
+
 # ---- attention, paged KV cache, rope, sampling ----
 @sample("flash_attn_fwd")
 def _():

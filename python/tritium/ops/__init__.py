@@ -42,3 +42,6 @@ from . import serve as _serve  # noqa: E402,F401  (serve_decode: the model's dec
 from . import preference as _preference  # noqa: E402
 from .preference import *  # noqa: F401,F403,E402
 __all__ += _preference.__all__
+from . import losses as _losses  # noqa: E402
+from .losses import *  # noqa: F401,F403,E402
+__all__ += _losses.__all__

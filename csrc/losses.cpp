@@ -1,0 +1,715 @@
+// Loss CPU kernels, registered for the CPU key of the tritium ops python/tritium/ops/losses.py defines.
+//
+// Elementwise losses (loss_fwd / loss_bwd): one table. Each loss id (the order of losses.py's ELEMENTWISE list)
+// is one branch of point(), which gives the pointwise value l(x, y) and its derivative dl/dx together, on
+// at::vec vectors of the accumulation type; the tail of a range goes through zero-padded buffers, so there is
+// no scalar copy of any formula. The formulas are torch's (ATen/native/Loss.cpp, derivatives.yaml), so special
+// points (|d| = beta, clamps at 0, NaN) give what torch gives. With d = x - y:
+//   mse            d^2                                         2 d
+//   l1             |d|                                         sign(d)          (0 at d = 0 and at NaN)
+//   smooth_l1      |d| < a ? d^2 / (2a) : |d| - a/2            clamp(d / a, -1, 1), 0 at a = 0 inside
+//   huber          |d| < a ? d^2 / 2 : a (|d| - a/2)           clamp(d, -a, a)
+//   bce            (y-1) max(log1p(-x), -100) - y max(log x, -100)       (x - y) / max(x (1-x), 1e-12)
+//   bce_logits     (1-y) x + lw softplus(-x), lw = 1 + (p-1) y            lw sigmoid(x) - p y  (p: pos_weight)
+//   soft_margin    softplus(-y x)                              -y sigmoid(-y x)
+//   hinge_emb      (y != 1) max(a - x, 0) + (y != -1) x        -(y != 1)(a - x >= 0) + (y != -1)
+//   margin_rank    max(-y x + a, 0)   (x = x1 - x2)            (-y x + a >= 0) (-y)
+//   focal          at ce(x, y) q^b, q = 1 - pt                 at ((s - y) q^b - ce b q^(b-1) s (1-s)(2y-1))
+//                  (torchvision's sigmoid_focal_loss: s = sigmoid(x), pt = s y + (1-s)(1-y), alpha a, gamma b,
+//                  at = a y + (1-a)(1-y) when a >= 0 else 1)
+//   quantile       e >= 0 ? p e : (p-1) e, e = y - x           e >= 0 ? -p : 1 - p  (p: the column's quantile)
+// then times the weight w (bce, bce_logits: none, one per element, or one per column).
+// Tensors are flat and contiguous: x, y and a full weight of numel n; per-column vectors (weight, pos_weight,
+// quantiles) of C, the length of the last dim. loss_fwd writes the weighted pointwise loss, or with `reduce` its
+// sum times `scale` (1 for 'sum', 1/n for 'mean') in one pass: blocks of kBlock elements summed in the
+// accumulation type, blocks summed in double, rounded once. loss_bwd writes dx = g scale w dl/dx, g the upstream
+// gradient (0-d: the reduced loss's, whose scale the kernel applies in the accumulation type; or one per element).
+//
+// Row losses: one row kernel over rows of (N, D) inputs; loss_rows writes each row's loss, loss_rows_bwd
+// recomputes the row's statistics and writes the asked-for gradient rows times the row's upstream gradient, in the
+// inputs' dtype (one rounding; no gradient buffer between forward and backward):
+//   triplet     a, p, n; d(u, v) = ||u - v + eps||_P (P = 1, 2, or any p > 0), dn = swap ? min(d(a,n), d(p,n)) : d(a,n);
+//               max(d(a,p) - dn + margin, 0) (the swap's tie goes to d(a,n))
+//   cosine      x1, x2, y; c = x1.x2 / sqrt((|x1|^2 + 1e-12)(|x2|^2 + 1e-12)); y == 1: 1 - c; y == -1: max(c - margin, 0)
+//   contrastive x1, x2, y; d = ||x1 - x2 + eps||_2; y d^2 + (1 - y) max(margin - d, 0)^2, halved
+//   multi_margin  x1 scores (N, C), y target classes, w per class; sum_{j != y} w_y max(margin - x_y + x_j, 0)^p / C
+//               (only positive terms count, p = 1 or 2)
+// The losses are in the accumulation dtype (float32 for 16-bit inputs).
+#include "pool.h"
+#include "vec.h"
+
+namespace tritium {
+namespace {
+
+constexpr int64_t kBlock = 4096;  // elements per accumulation block of the sum (and per parallel task unit)
+
+enum Loss : int64_t {
+  MSE, L1, SMOOTH_L1, HUBER, BCE, BCE_LOGITS, SOFT_MARGIN, HINGE_EMBEDDING, MARGIN_RANKING, FOCAL, QUANTILE,
+  NUM_LOSSES
+};
+
+template <typename V>
+inline V where(const V& mask, const V& a, const V& b) {
+  return V::blendv(b, a, mask);
+}
+
+// (d > 0) - (d < 0): 0 at 0 and at NaN, as torch's sign / sgn
+template <typename V>
+inline V sign(const V& d) {
+  return d.gt(V(0)) - d.lt(V(0));
+}
+
+// max(z, 0) + log1p(exp(-|z|)): log(1 + exp(z)) without overflow
+template <typename V>
+inline V softplus(const V& z) {
+  return at::vec::maximum(z, V(0)) + fexp(z.abs().neg()).log1p();
+}
+
+// The value l(x, y) and derivative dl/dx of loss L at x, y; p is the per-column parameter (pos_weight, quantile;
+// 1 when absent), a and b the scalar parameters (gamma: b as a scalar, for focal's branches). The caller uses one or both (the unused one is dead code).
+template <int64_t L, typename V>
+inline void point(const V& x, const V& y, const V& p, const V& a, const V& b, double gamma, V& val, V& der) {
+  const V zero(0), one(1);
+  if constexpr (L == MSE) {
+    const V d = x - y;
+    val = d * d;
+    der = d + d;
+  } else if constexpr (L == L1) {
+    const V d = x - y;
+    val = d.abs();
+    der = sign(d);
+  } else if constexpr (L == SMOOTH_L1) {
+    const V d = x - y, ad = d.abs(), in = ad < a;
+    val = where(in, V(0.5) * d * d / a, ad - V(0.5) * a);
+    // torch's order of tests (NaN falls through to d / a, giving NaN); beta = 0 is l1's sign (0 at NaN)
+    der = where(d < a.neg(), one.neg(), where(d > a, one, where(a == zero, zero, d / a)));
+  } else if constexpr (L == HUBER) {
+    const V d = x - y, ad = d.abs(), in = ad < a;
+    val = where(in, V(0.5) * d * d, a * (ad - V(0.5) * a));
+    der = where(d < a.neg(), a.neg(), where(d > a, a, d));
+  } else if constexpr (L == BCE) {
+    const V lo(-100);
+    val = (y - one) * at::vec::maximum(x.neg().log1p(), lo) - y * at::vec::maximum(x.log(), lo);
+    der = (x - y) / at::vec::maximum((one - x) * x, V(1e-12));
+  } else if constexpr (L == BCE_LOGITS) {
+    const V lw = at::vec::fmadd(p - one, y, one);
+    val = at::vec::fmadd(one - y, x, lw * softplus(x.neg()));
+    der = lw * fsigmoid(x) - p * y;
+  } else if constexpr (L == SOFT_MARGIN) {
+    const V z = (y * x).neg();
+    val = softplus(z);
+    der = y.neg() * fsigmoid(z);
+  } else if constexpr (L == HINGE_EMBEDDING) {
+    const V m = a - x, not_pos = y != one, not_neg = y != one.neg();
+    val = where(not_pos, where(m < zero, zero, m), zero) + where(not_neg, x, zero);
+    der = where(not_neg, one, zero) - where(not_pos & (m >= zero), one, zero);
+  } else if constexpr (L == MARGIN_RANKING) {
+    const V v = at::vec::fmadd(y.neg(), x, a);
+    val = where(v < zero, zero, v);
+    der = where(v >= zero, y.neg(), zero);
+  } else if constexpr (L == FOCAL) {
+    const V s = fsigmoid(x), ce = at::vec::fmadd(one - y, x, softplus(x.neg()));
+    const V q = one - (s * y + (one - s) * (one - y));
+    V mod, dmod;                     // q^g and g q^(g-1)
+    if (gamma == 0) {
+      mod = one, dmod = zero;  // torch's pow backward gives 0 for the exponent 0
+    } else if (gamma == 1) {
+      mod = q, dmod = one;
+    } else if (gamma == 2) {
+      mod = q * q, dmod = q + q;
+    } else {
+      mod = q.pow(b), dmod = b * q.pow(b - one);
+    }
+    const V at = where(a >= zero, a * y + (one - a) * (one - y), one);
+    val = at * ce * mod;
+    der = at * ((s - y) * mod - ce * dmod * s * (one - s) * (y + y - one));
+  } else if constexpr (L == QUANTILE) {
+    const V e = y - x, ge = e >= zero;
+    val = where(ge, p * e, (p - one) * e);
+    der = where(ge, p.neg(), one - p);
+  }
+}
+
+// Vectors of T loaded / stored count (<= K) elements at a time; the other lanes read 0.
+template <typename T>
+struct Lanes {
+  using IO = VecIO<T>;
+  using Vec = typename IO::Vec;
+  static constexpr int64_t K = IO::kSize;
+  static inline Vec load(const T* p, int64_t count) {
+    if (count == K) return IO::load(p);
+    T buf[K] = {};
+    for (int64_t k = 0; k < count; ++k) buf[k] = p[k];
+    return IO::load(buf);
+  }
+  static inline void store(T* p, const Vec& v, int64_t count) {
+    if (count == K) return IO::store(p, v);
+    T buf[K];
+    IO::store(buf, v);
+    for (int64_t k = 0; k < count; ++k) p[k] = buf[k];
+  }
+};
+
+// The inputs of one elementwise call. The weight is either full (one per element) or per column; the column of
+// flat element i is i % C (C = n when nothing is per column).
+template <typename T>
+struct Inputs {
+  const T* x;
+  const T* y;
+  const T* w;  // null: no weight
+  const T* p;  // per column; null: 1
+  bool w_col;
+  int64_t n, C;
+};
+
+// f(begin, end, col) over the pieces of [begin, end) that lie in one row, col the column of begin
+template <typename F>
+inline void row_pieces(int64_t begin, int64_t end, int64_t C, const F& f) {
+  while (begin < end) {
+    const int64_t col = begin % C, stop = std::min(end, begin - col + C);
+    f(begin, stop, col);
+    begin = stop;
+  }
+}
+
+// f(i, count, val, der) for every vector of [begin, end): count valid lanes, val = w l, der = w dl/dx
+template <int64_t L, typename T, typename F>
+inline void for_points(const Inputs<T>& in, int64_t begin, int64_t end, double a, double b, const F& f) {
+  using LV = Lanes<T>;
+  using Vec = typename LV::Vec;
+  constexpr int64_t K = LV::K;
+  const Vec va(a), vb(b);
+  row_pieces(begin, end, in.C, [&](int64_t i0, int64_t i1, int64_t col) {
+    for (int64_t i = i0; i < i1; i += K) {
+      const int64_t count = std::min(K, i1 - i), c = col + (i - i0);
+      const Vec x = LV::load(in.x + i, count), y = LV::load(in.y + i, count);
+      const Vec p = in.p ? LV::load(in.p + c, count) : Vec(1);
+      Vec val, der;
+      point<L>(x, y, p, va, vb, b, val, der);
+      if (in.w) {
+        const Vec w = LV::load(in.w + (in.w_col ? c : i), count);
+        val = val * w;
+        der = der * w;
+      }
+      f(i, count, val, der);
+    }
+  });
+}
+
+// BCE's input and target must lie in [0, 1] (NaN does not): torch's checks and messages, one pass of compares
+template <typename T>
+void check_bce_range(const Inputs<T>& in) {
+  using LV = Lanes<T>;
+  using Vec = typename LV::Vec;
+  // lanes in [0, 1] (the zero padding of a partial vector is): all K of them, or a bad element
+  const auto in_range = [](const Vec& v) { return hsum(v.ge(Vec(0)) * v.le(Vec(1))) == LV::K; };
+  at::parallel_for(0, in.n, 8 * kBlock, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; i += LV::K) {
+      const int64_t count = std::min(LV::K, end - i);
+      TORCH_CHECK(in_range(LV::load(in.x + i, count)), "all elements of input should be between 0 and 1");
+      TORCH_CHECK(in_range(LV::load(in.y + i, count)), "all elements of target should be between 0 and 1");
+    }
+  });
+}
+
+template <typename T>
+Inputs<T> inputs(const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& w,
+                 const std::optional<at::Tensor>& p) {
+  const int64_t n = x.numel(), C = x.dim() == 0 ? 1 : x.size(-1);
+  const bool w_col = w.has_value() && w->numel() != n;
+  const bool per_col = w_col || p.has_value();
+  return {x.const_data_ptr<T>(), y.const_data_ptr<T>(), w ? w->const_data_ptr<T>() : nullptr,
+          p ? p->const_data_ptr<T>() : nullptr, w_col, n, per_col ? std::max<int64_t>(C, 1) : std::max<int64_t>(n, 1)};
+}
+
+void check_inputs(int64_t loss, const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& w,
+                  const std::optional<at::Tensor>& p) {
+  TORCH_CHECK(loss >= 0 && loss < NUM_LOSSES, "loss: unknown loss id ", loss);
+  TORCH_CHECK(x.sizes() == y.sizes() && x.scalar_type() == y.scalar_type(),
+              "loss: target must have input's shape and dtype, got ", y.sizes(), " ", y.scalar_type());
+  TORCH_CHECK(x.is_contiguous() && y.is_contiguous(), "loss: input and target must be contiguous");
+  const int64_t C = x.dim() == 0 ? 1 : x.size(-1);
+  for (const auto* t : {&w, &p}) {
+    if (!t->has_value()) continue;
+    const at::Tensor& v = **t;
+    TORCH_CHECK(v.scalar_type() == x.scalar_type() && v.is_contiguous(), "loss: weights must be contiguous in input's dtype");
+    TORCH_CHECK((t == &w && v.sizes() == x.sizes()) || (v.dim() == 1 && v.size(0) == C),
+                "loss: a weight must have input's shape or one value per column (", C, "), got ", v.sizes());
+  }
+}
+
+template <int64_t L>
+at::Tensor fwd_impl(const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& w,
+                    const std::optional<at::Tensor>& p, double a, double b, double scale, bool reduce) {
+  at::Tensor out = reduce ? tritium::empty({}, x.options()) : tritium::empty(x.sizes(), x.options());
+  TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_loss_fwd", [&] {
+    using LV = Lanes<scalar_t>;
+    using Vec = typename LV::Vec;
+    const Inputs<scalar_t> in = inputs<scalar_t>(x, y, w, p);
+    if constexpr (L == BCE) check_bce_range(in);
+    if (!reduce) {
+      scalar_t* op = out.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, in.n, 8 * kBlock, [&](int64_t begin, int64_t end) {
+        for_points<L>(in, begin, end, a, b, [&](int64_t i, int64_t count, const Vec& val, const Vec&) {
+          LV::store(op + i, val, count);
+        });
+      });
+      return;
+    }
+    // blocks of kBlock elements summed in the accumulation type, blocks in double; the block boundaries do not
+    // depend on the thread count, so neither does the result (up to the order of the last double additions)
+    const double total = at::parallel_reduce(
+        0, (in.n + kBlock - 1) / kBlock, 8, 0.0,
+        [&](int64_t b0, int64_t b1, double acc) {
+          for (int64_t blk = b0; blk < b1; ++blk) {
+            Vec s(0);
+            for_points<L>(in, blk * kBlock, std::min(in.n, (blk + 1) * kBlock), a, b,
+                          [&](int64_t, int64_t count, const Vec& val, const Vec&) {
+                            s = s + (count == LV::K ? val : Vec::set(Vec(0), val, count));
+                          });
+            acc += static_cast<double>(hsum(s));
+          }
+          return acc;
+        },
+        std::plus<double>());
+    out.fill_(total * scale);
+  });
+  return out;
+}
+
+template <int64_t L>
+at::Tensor bwd_impl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& w,
+                    const std::optional<at::Tensor>& p, double a, double b, double scale) {
+  at::Tensor dx = tritium::empty(x.sizes(), x.options());
+  TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_loss_bwd", [&] {
+    using LV = Lanes<scalar_t>;
+    using Vec = typename LV::Vec;
+    const Inputs<scalar_t> in = inputs<scalar_t>(x, y, w, p);
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const bool scalar_g = g.dim() == 0;
+    using acc_t = acc_type<scalar_t>;
+    const Vec g0(static_cast<acc_t>(gp[0]) * static_cast<acc_t>(scale)), vs(static_cast<acc_t>(scale));
+    scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, in.n, 8 * kBlock, [&](int64_t begin, int64_t end) {
+      for_points<L>(in, begin, end, a, b, [&](int64_t i, int64_t count, const Vec&, const Vec& der) {
+        LV::store(dp + i, der * (scalar_g ? g0 : LV::load(gp + i, count) * vs), count);
+      });
+    });
+  });
+  return dx;
+}
+
+// loss id -> its instantiation, for the fixed set of ids
+template <typename F, int64_t... Ls>
+auto by_id(int64_t loss, std::integer_sequence<int64_t, Ls...>, const F& f) {
+  using R = decltype(f(std::integral_constant<int64_t, 0>{}));
+  R out;
+  ((loss == Ls ? (out = f(std::integral_constant<int64_t, Ls>{}), true) : false) || ...);
+  return out;
+}
+
+at::Tensor loss_fwd(int64_t loss, const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& w,
+                    const std::optional<at::Tensor>& p, double a, double b, double scale, bool reduce) {
+  check_inputs(loss, x, y, w, p);
+  return by_id(loss, std::make_integer_sequence<int64_t, NUM_LOSSES>{},
+               [&](auto L) { return fwd_impl<decltype(L)::value>(x, y, w, p, a, b, scale, reduce); });
+}
+
+at::Tensor loss_bwd(int64_t loss, const at::Tensor& g, const at::Tensor& x, const at::Tensor& y,
+                    const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& p, double a, double b,
+                    double scale) {
+  check_inputs(loss, x, y, w, p);
+  TORCH_CHECK(g.scalar_type() == x.scalar_type() && (g.dim() == 0 || (g.sizes() == x.sizes() && g.is_contiguous())),
+              "loss_bwd: grad must be 0-d or contiguous of input's shape, in input's dtype, got ", g.sizes());
+  return by_id(loss, std::make_integer_sequence<int64_t, NUM_LOSSES>{},
+               [&](auto L) { return bwd_impl<decltype(L)::value>(g, x, y, w, p, a, b, scale); });
+}
+
+// ---- the row losses ----
+enum RowLoss : int64_t { TRIPLET, TRIPLET_SWAP, COSINE, CONTRASTIVE, MULTI_MARGIN, NUM_ROW_LOSSES };
+
+// Sum over a row of f(i, count) (one vector per call, the lanes past count zeroed before summing)
+template <typename V, typename F>
+inline typename V::value_type row_sum(int64_t D, const F& f) {
+  constexpr int64_t K = V::size();
+  V s(0);
+  for (int64_t i = 0; i < D; i += K) {
+    const int64_t count = std::min(K, D - i);
+    const V v = f(i, count);
+    s = s + (count == K ? v : V::set(V(0), v, count));
+  }
+  return hsum(s);
+}
+
+// |v|^p summed for the p-norm (p = 1, 2 directly; else through pow)
+template <typename V>
+inline V norm_term(const V& v, double p) {
+  if (p == 2) return v * v;
+  if (p == 1) return v.abs();
+  return v.abs().pow(V(p));
+}
+
+template <typename A>
+inline A norm_root(A s, double p) {
+  return p == 2 ? std::sqrt(s) : p == 1 ? s : std::pow(s, A(1) / A(p));
+}
+
+// d||v||_p / dv given the norm n: sign(v) |v|^(p-1) / n^(p-1); 0 where n == 0 (torch's norm backward)
+template <typename V>
+inline V norm_grad(const V& v, typename V::value_type n, double p) {
+  using A = typename V::value_type;
+  if (n == A(0)) return V(0);
+  if (p == 2) return v * V(A(1) / n);
+  if (p == 1) return sign(v);
+  return sign(v) * (v.abs() / V(n)).pow(V(p - 1));
+}
+
+template <typename T>
+void rows_impl(int64_t loss, const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& x3, const at::Tensor& y,
+               const at::Tensor& w, double a, double b, double c, at::Tensor& out, const at::Tensor& dloss,
+               at::Tensor* g) {
+  using LV = Lanes<T>;
+  using Vec = typename LV::Vec;
+  using A = acc_type<T>;
+  const int64_t N = x1.size(0), D = x1.size(1);
+  const T* p1 = x1.const_data_ptr<T>();
+  const T* p2 = x2.defined() ? x2.const_data_ptr<T>() : nullptr;
+  const T* p3 = x3.defined() ? x3.const_data_ptr<T>() : nullptr;
+  const int64_t s1 = x1.stride(0), s2 = x2.defined() ? x2.stride(0) : 0, s3 = x3.defined() ? x3.stride(0) : 0;
+  A* lp = out.defined() ? out.mutable_data_ptr<A>() : nullptr;        // the forward: the row losses
+  const A* dl = dloss.defined() ? dloss.const_data_ptr<A>() : nullptr;  // the backward: the rows' upstream gradient
+  const int64_t sdl = dloss.defined() ? dloss.stride(0) : 0;
+  T* gp[3] = {nullptr, nullptr, nullptr};
+  for (int k = 0; k < 3; ++k) gp[k] = g[k].defined() && g[k].numel() ? g[k].mutable_data_ptr<T>() : nullptr;
+  const Vec veps(static_cast<A>(c));
+  at::parallel_for(0, N, row_grain(3 * D), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* u = p1 + r * s1;
+      const T* v = p2 ? p2 + r * s2 : nullptr;
+      const T* z = p3 ? p3 + r * s3 : nullptr;
+      T* g0 = gp[0] ? gp[0] + r * D : nullptr;
+      T* g1 = gp[1] ? gp[1] + r * D : nullptr;
+      T* g2 = gp[2] ? gp[2] + r * D : nullptr;
+      const A gs = dl ? dl[r * sdl] : A(0);  // the row's upstream gradient, folded into each gradient's factor
+      auto ld = [&](const T* q, int64_t i, int64_t count) { return LV::load(q + i, count); };
+      auto st = [&](T* q, int64_t i, int64_t count, const Vec& val) {  // a gradient not asked for: skipped
+        if (q) LV::store(q + i, val, count);
+      };
+      if (loss == TRIPLET || loss == TRIPLET_SWAP) {  // u anchor, v positive, z negative; a margin, b p, c eps
+        auto dist = [&](const T* q0, const T* q1) {
+          return norm_root(row_sum<Vec>(D, [&](int64_t i, int64_t n) {
+            return norm_term(ld(q0, i, n) - ld(q1, i, n) + veps, b); }), b);
+        };
+        const A dap = dist(u, v), dan = dist(u, z);
+        const A dpn = loss == TRIPLET_SWAP ? dist(v, z) : dan;
+        const bool use_pn = dpn < dan;  // swap: the closer of the two negatives' distances
+        const A vv = dap - (use_pn ? dpn : dan) + static_cast<A>(a);
+        if (lp) lp[r] = vv < A(0) ? A(0) : vv;
+        if (!dl) continue;
+        const Vec act(vv >= A(0) ? gs : A(0));
+        for (int64_t i = 0; i < D; i += LV::K) {
+          const int64_t n = std::min(LV::K, D - i);
+          const Vec xa = ld(u, i, n), xp = ld(v, i, n), xn = ld(z, i, n);
+          const Vec gap = norm_grad(xa - xp + veps, dap, b);
+          const Vec gneg = use_pn ? norm_grad(xp - xn + veps, dpn, b) : norm_grad(xa - xn + veps, dan, b);
+          st(g0, i, n, act * (use_pn ? gap : gap - gneg));
+          st(g1, i, n, act * (use_pn ? gap.neg() - gneg : gap.neg()));
+          st(g2, i, n, act * gneg);
+        }
+      } else if (loss == COSINE) {  // u, v; a margin; label y in {1, -1} (others: 0)
+        const T* yv = y.const_data_ptr<T>();
+        const A lab = static_cast<A>(yv[r * y.stride(0)]);
+        Vec sp(0), su(0), sv(0);
+        for (int64_t i = 0; i < D; i += LV::K) {
+          const int64_t n = std::min(LV::K, D - i);
+          const Vec xu = ld(u, i, n), xv = ld(v, i, n);  // zero-padded: no masking needed
+          sp = at::vec::fmadd(xu, xv, sp);
+          su = at::vec::fmadd(xu, xu, su);
+          sv = at::vec::fmadd(xv, xv, sv);
+        }
+        const A P = hsum(sp), S1 = hsum(su) + A(1e-12), S2 = hsum(sv) + A(1e-12);
+        const A den = std::sqrt(S1 * S2), cs = P / den, neg = cs - static_cast<A>(a);
+        if (lp) lp[r] = (lab == A(1) ? A(1) - cs : A(0)) + (lab == A(-1) ? (neg < A(0) ? A(0) : neg) : A(0));
+        if (!dl) continue;
+        const A dc = gs * (lab == A(1) ? A(-1) : (lab == A(-1) && neg >= A(0)) ? A(1) : A(0));
+        const Vec k1(dc / den), c1(dc * cs / S1), c2(dc * cs / S2);
+        for (int64_t i = 0; i < D; i += LV::K) {
+          const int64_t n = std::min(LV::K, D - i);
+          const Vec xu = ld(u, i, n), xv = ld(v, i, n);
+          st(g0, i, n, xv * k1 - xu * c1);
+          st(g1, i, n, xu * k1 - xv * c2);
+        }
+      } else if (loss == CONTRASTIVE) {  // u, v; a margin, c eps; label y (1 similar, 0 dissimilar)
+        const T* yv = y.const_data_ptr<T>();
+        const A lab = static_cast<A>(yv[r * y.stride(0)]);
+        const A d = std::sqrt(row_sum<Vec>(D, [&](int64_t i, int64_t n) {
+          const Vec t = ld(u, i, n) - ld(v, i, n) + veps;
+          return t * t; }));
+        const A h = std::max(static_cast<A>(a) - d, A(0));
+        if (lp) lp[r] = A(0.5) * (lab * d * d + (A(1) - lab) * h * h);
+        if (!dl) continue;
+        // d(d^2 / 2)/dv = v (autograd through sqrt: 0 at d = 0); d(h^2 / 2)/dv = -h v / d (0 at d = 0)
+        const Vec k(d > A(0) ? gs * (lab - (A(1) - lab) * h / d) : A(0));
+        for (int64_t i = 0; i < D; i += LV::K) {
+          const int64_t n = std::min(LV::K, D - i);
+          const Vec t = (ld(u, i, n) - ld(v, i, n) + veps) * k;
+          st(g0, i, n, t);
+          st(g1, i, n, t.neg());
+        }
+      } else {  // MULTI_MARGIN: u the row of scores, y the target class (int64), w per class; a margin, b p
+        const int64_t t = y.const_data_ptr<int64_t>()[r * y.stride(0)];
+        TORCH_CHECK(t >= 0 && t < D, "target out of range");
+        const A wt = w.defined() ? static_cast<A>(w.const_data_ptr<T>()[t]) : A(1);
+        const A xt = static_cast<A>(u[t]), inv = A(1) / static_cast<A>(D);
+        const Vec base(static_cast<A>(a) - xt), zero(0);
+        A total = 0, gsum = 0;
+        for (int64_t i = 0; i < D; i += LV::K) {
+          const int64_t n = std::min(LV::K, D - i);
+          Vec zz = base + ld(u, i, n);
+          Vec on = zz > zero;  // torch: only z > 0 contributes
+          if (n < LV::K) on = Vec::set(zero, on, n);
+          if (t >= i && t < i + n) {  // the target's own column does not count
+            alignas(64) A m[LV::K];
+            on.store(m);
+            m[t - i] = A(0);
+            on = Vec::loadu(m);
+          }
+          const Vec h = b == 2 ? zz * zz : zz;
+          total += hsum(Vec::blendv(zero, h, on));
+          if (g0) {
+            const Vec gv = Vec::blendv(zero, b == 2 ? zz + zz : Vec(1), on) * Vec(gs * wt * inv);
+            gsum += hsum(gv);
+            st(g0, i, n, gv);  // 0 at the target's column, written next
+          }
+        }
+        if (lp) lp[r] = total * wt * inv;
+        if (g0) g0[t] = static_cast<T>(-gsum);
+      }
+    }
+  });
+}
+
+void check_row_inputs(int64_t loss, const at::Tensor& x1, const std::optional<at::Tensor>& x2,
+                      const std::optional<at::Tensor>& x3, const std::optional<at::Tensor>& y,
+                      const std::optional<at::Tensor>& w, double b) {
+  TORCH_CHECK(loss >= 0 && loss < NUM_ROW_LOSSES, "loss_rows: unknown loss id ", loss);
+  check_rows(x1, "x1");
+  const int64_t N = x1.size(0), D = x1.size(1);
+  const bool mm = loss == MULTI_MARGIN;
+  for (const auto* t : {&x2, &x3}) {
+    if (!t->has_value()) continue;
+    check_rows(**t, "x2/x3");
+    TORCH_CHECK((*t)->sizes() == x1.sizes() && (*t)->scalar_type() == x1.scalar_type(),
+                "loss_rows: the inputs must share x1's shape and dtype");
+  }
+  TORCH_CHECK(mm || x2.has_value(), "loss_rows: this loss needs x2");
+  TORCH_CHECK(!(loss == TRIPLET || loss == TRIPLET_SWAP) || x3.has_value(), "loss_rows: triplet needs x3");
+  if (loss == COSINE || loss == CONTRASTIVE || mm) {
+    TORCH_CHECK(y.has_value() && y->dim() == 1 && y->size(0) == N, "loss_rows: y must be (rows,)");
+    TORCH_CHECK(y->scalar_type() == (mm ? at::kLong : x1.scalar_type()), "loss_rows: y has the wrong dtype");
+  }
+  if (w.has_value()) {
+    TORCH_CHECK(w->dim() == 1 && w->size(0) == D && w->is_contiguous() && w->scalar_type() == x1.scalar_type(),
+                "loss_rows: w must be contiguous (cols,) in x1's dtype");
+  }
+  TORCH_CHECK(!mm || b == 1 || b == 2, "loss_rows: multi_margin takes p = 1 or 2");
+}
+
+// the row losses (N,) in the accumulation dtype
+at::Tensor loss_rows(int64_t loss, const at::Tensor& x1, const std::optional<at::Tensor>& x2,
+                     const std::optional<at::Tensor>& x3, const std::optional<at::Tensor>& y,
+                     const std::optional<at::Tensor>& w, double a, double b, double c) {
+  check_row_inputs(loss, x1, x2, x3, y, w, b);
+  const auto adt = x1.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = tritium::empty({x1.size(0)}, x1.options().dtype(adt));
+  at::Tensor g[3];
+  const at::Tensor none;
+  TRITIUM_DISPATCH_FLOATING(x1.scalar_type(), "tritium_loss_rows", [&] {
+    rows_impl<scalar_t>(loss, x1, x2 ? *x2 : none, x3 ? *x3 : none, y ? *y : none, w ? *w : none, a, b, c, out,
+                        none, g);
+  });
+  return out;
+}
+
+// the gradients of sum_r dloss[r] loss_r for the inputs asked for (need: x1, x2, x3), in the inputs' dtype (an
+// input not asked for, or absent: an empty tensor); the rows' statistics are recomputed
+std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_rows_bwd(
+    int64_t loss, const at::Tensor& dloss, const at::Tensor& x1, const std::optional<at::Tensor>& x2,
+    const std::optional<at::Tensor>& x3, const std::optional<at::Tensor>& y, const std::optional<at::Tensor>& w,
+    double a, double b, double c, bool need1, bool need2, bool need3) {
+  check_row_inputs(loss, x1, x2, x3, y, w, b);
+  const auto adt = x1.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(dloss.dim() == 1 && dloss.size(0) == x1.size(0) && dloss.scalar_type() == adt,
+              "loss_rows_bwd: dloss must be (rows,) in the accumulation dtype");
+  const bool need[3] = {need1, need2 && x2.has_value(), need3 && x3.has_value()};
+  at::Tensor g[3];
+  for (int k = 0; k < 3; ++k) g[k] = need[k] ? tritium::empty(x1.sizes(), x1.options()) : at::empty({0}, x1.options());
+  at::Tensor none;
+  TRITIUM_DISPATCH_FLOATING(x1.scalar_type(), "tritium_loss_rows_bwd", [&] {
+    rows_impl<scalar_t>(loss, x1, x2 ? *x2 : none, x3 ? *x3 : none, y ? *y : none, w ? *w : none, a, b, c, none,
+                        dloss, g);
+  });
+  return {g[0], g[1], g[2]};
+}
+
+// ---- info_nce's row-block statistics (the blocks' matmuls are BLAS calls in python/tritium/ops/losses.py) ----
+// nce_block_fwd: s (B, N) one block of similarities (rows of queries i0.., all N keys), sn (B, M) or empty: the
+// block's similarities with the explicit negatives, in the accumulation dtype (contiguous). Returns the rows'
+// log-sum-exp over [s | sn] (B,), and (symmetric) the running column max and exp-sum over the rows seen so far
+// updated with this block: m' = max(m, max_i s_ij), e' = e exp(m - m') + sum_i exp(s_ij - m').
+template <typename A>
+A row_lse(const A* x, int64_t n, A m) {
+  using V = Vectorized<A>;
+  constexpr int64_t K = V::size();
+  const V vm(m);
+  V acc(0);
+  int64_t i = 0;
+  for (; i + K <= n; i += K) acc = acc + fexp(V::loadu(x + i) - vm);
+  A sum = hsum(acc);
+  for (; i < n; ++i) sum += std::exp(x[i] - m);
+  return sum;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_block_fwd(const at::Tensor& s, const std::optional<at::Tensor>& sn,
+                                                             const at::Tensor& m_col, const at::Tensor& e_col,
+                                                             bool symmetric) {
+  TORCH_CHECK(s.dim() == 2 && s.is_contiguous() && (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
+              "nce_block_fwd: s must be a contiguous (B, N) float32/float64 block");
+  const int64_t B = s.size(0), N = s.size(1), M = sn ? sn->size(1) : 0;
+  if (sn) {
+    TORCH_CHECK(sn->dim() == 2 && sn->size(0) == B && sn->is_contiguous() && sn->scalar_type() == s.scalar_type(),
+                "nce_block_fwd: sn must be a contiguous (B, M) block of s's dtype");
+  }
+  if (symmetric) {
+    TORCH_CHECK(m_col.sizes() == at::IntArrayRef{N} && e_col.sizes() == at::IntArrayRef{N} && m_col.is_contiguous() &&
+                e_col.is_contiguous() && m_col.scalar_type() == s.scalar_type() && e_col.scalar_type() == s.scalar_type(),
+                "nce_block_fwd: m_col and e_col must be contiguous (N,) of s's dtype");
+  }
+  at::Tensor lse = at::empty({B}, s.options());
+  at::Tensor m_new = symmetric ? at::empty({N}, s.options()) : at::empty({0}, s.options());
+  at::Tensor e_new = symmetric ? at::empty({N}, s.options()) : at::empty({0}, s.options());
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "tritium_nce_block_fwd", [&] {
+    using A = scalar_t;
+    using V = Vectorized<A>;
+    constexpr int64_t K = V::size();
+    const A* sp = s.const_data_ptr<A>();
+    const A* np = sn ? sn->const_data_ptr<A>() : nullptr;
+    A* lp = lse.mutable_data_ptr<A>();
+    at::parallel_for(0, B, row_grain(N + M), [&](int64_t b0, int64_t b1) {
+      for (int64_t r = b0; r < b1; ++r) {
+        const A* row = sp + r * N;
+        const A* nrow = np ? np + r * M : nullptr;
+        A m = row_max_acc(row, N);
+        if (nrow) m = std::max(m, row_max_acc(nrow, M));
+        const A mm = std::isinf(m) ? A(0) : m;  // an all -inf row: log(0) = -inf, not NaN
+        A sum = row_lse(row, N, mm) + (nrow ? row_lse(nrow, M, mm) : A(0));
+        lp[r] = mm + std::log(sum);
+      }
+    });
+    if (!symmetric) return;
+    // columns in chunks of 64 (4 AVX-512 float vectors): the chunk's max over the block's rows, then its exp-sums
+    const A* mo = m_col.const_data_ptr<A>();
+    const A* eo = e_col.const_data_ptr<A>();
+    A* mn = m_new.mutable_data_ptr<A>();
+    A* en = e_new.mutable_data_ptr<A>();
+    constexpr int64_t kCols = 64;
+    at::parallel_for(0, (N + kCols - 1) / kCols, std::max<int64_t>(1, 4096 / std::max<int64_t>(B, 1)),
+                     [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t j0 = c * kCols, j1 = std::min(N, j0 + kCols);
+        alignas(64) A mx[kCols], ex[kCols];
+        for (int64_t j = j0; j < j1; ++j) mx[j - j0] = mo[j];
+        for (int64_t r = 0; r < B; ++r) {
+          const A* row = sp + r * N;
+          int64_t j = j0;
+          for (; j + K <= j1; j += K) at::vec::maximum(V::loadu(mx + j - j0), V::loadu(row + j)).store(mx + j - j0);
+          for (; j < j1; ++j) mx[j - j0] = std::max(mx[j - j0], row[j]);
+        }
+        for (int64_t j = j0; j < j1; ++j) {
+          const A m = std::isinf(mx[j - j0]) ? A(0) : mx[j - j0];
+          mx[j - j0] = m;
+          ex[j - j0] = eo[j] == A(0) ? A(0) : eo[j] * std::exp(mo[j] - m);
+        }
+        for (int64_t r = 0; r < B; ++r) {
+          const A* row = sp + r * N;
+          int64_t j = j0;
+          for (; j + K <= j1; j += K) {
+            (V::loadu(ex + j - j0) + fexp(V::loadu(row + j) - V::loadu(mx + j - j0))).store(ex + j - j0);
+          }
+          for (; j < j1; ++j) ex[j - j0] += std::exp(row[j] - mx[j - j0]);
+        }
+        for (int64_t j = j0; j < j1; ++j) {
+          mn[j] = mx[j - j0];
+          en[j] = ex[j - j0];
+        }
+      }
+    });
+  });
+  return {lse, m_new, e_new};
+}
+
+// nce_block_bwd: the gradient of the block's similarities, ds_ij = wq_i exp(s_ij - lse_row_i)
+// + wk_j exp(s_ij - lse_col_j) (the second term when lse_col is given), minus wq_i + wk_j on the positives'
+// diagonal j = diag + i (diag < 0: none, e.g. for the negatives' block).
+at::Tensor nce_block_bwd(const at::Tensor& s, const at::Tensor& lse_row, const at::Tensor& wq,
+                         const std::optional<at::Tensor>& lse_col, const std::optional<at::Tensor>& wk, int64_t diag) {
+  TORCH_CHECK(s.dim() == 2 && s.is_contiguous() && (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
+              "nce_block_bwd: s must be a contiguous (B, N) float32/float64 block");
+  const int64_t B = s.size(0), N = s.size(1);
+  TORCH_CHECK(lse_row.sizes() == at::IntArrayRef{B} && wq.sizes() == at::IntArrayRef{B} && lse_row.is_contiguous() &&
+              wq.is_contiguous() && lse_row.scalar_type() == s.scalar_type() && wq.scalar_type() == s.scalar_type(),
+              "nce_block_bwd: lse_row and wq must be contiguous (B,) of s's dtype");
+  TORCH_CHECK(lse_col.has_value() == wk.has_value(), "nce_block_bwd: lse_col and wk come together");
+  if (lse_col) {
+    TORCH_CHECK(lse_col->sizes() == at::IntArrayRef{N} && wk->sizes() == at::IntArrayRef{N} && lse_col->is_contiguous() &&
+                wk->is_contiguous() && lse_col->scalar_type() == s.scalar_type() && wk->scalar_type() == s.scalar_type(),
+                "nce_block_bwd: lse_col and wk must be contiguous (N,) of s's dtype");
+  }
+  at::Tensor ds = at::empty({B, N}, s.options());
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "tritium_nce_block_bwd", [&] {
+    using A = scalar_t;
+    using V = Vectorized<A>;
+    constexpr int64_t K = V::size();
+    const A* sp = s.const_data_ptr<A>();
+    const A* lr = lse_row.const_data_ptr<A>();
+    const A* wqp = wq.const_data_ptr<A>();
+    const A* lc = lse_col ? lse_col->const_data_ptr<A>() : nullptr;
+    const A* wkp = wk ? wk->const_data_ptr<A>() : nullptr;
+    A* dp = ds.mutable_data_ptr<A>();
+    at::parallel_for(0, B, row_grain(N), [&](int64_t b0, int64_t b1) {
+      for (int64_t r = b0; r < b1; ++r) {
+        const A* row = sp + r * N;
+        A* out = dp + r * N;
+        const V vl(lr[r]), vw(wqp[r]);
+        int64_t j = 0;
+        if (lc) {
+          for (; j + K <= N; j += K) {
+            const V x = V::loadu(row + j);
+            const V t = fexp(x - vl) * vw + fexp(x - V::loadu(lc + j)) * V::loadu(wkp + j);
+            t.store(out + j);
+          }
+          for (; j < N; ++j) out[j] = std::exp(row[j] - lr[r]) * wqp[r] + std::exp(row[j] - lc[j]) * wkp[j];
+        } else {
+          for (; j + K <= N; j += K) (fexp(V::loadu(row + j) - vl) * vw).store(out + j);
+          for (; j < N; ++j) out[j] = std::exp(row[j] - lr[r]) * wqp[r];
+        }
+        const int64_t d = diag + r;
+        if (diag >= 0 && d < N) out[d] -= wqp[r] + (wkp ? wkp[d] : A(0));
+      }
+    });
+  });
+  return ds;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tritium, CPU, m) {
+  m.impl("loss_fwd", &loss_fwd);
+  m.impl("loss_bwd", &loss_bwd);
+  m.impl("loss_rows", &loss_rows);
+  m.impl("loss_rows_bwd", &loss_rows_bwd);
+  m.impl("nce_block_fwd", &nce_block_fwd);
+  m.impl("nce_block_bwd", &nce_block_bwd);
+}
+
+}  // namespace tritium

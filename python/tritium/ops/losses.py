@@ -1,0 +1,611 @@
+"""Losses: torch's elementwise and row losses as drop-ins, and the losses torch lacks (sigmoid focal, quantile,
+contrastive, InfoNCE).
+
+One table drives the elementwise losses: ``ELEMENTWISE`` lists each pointwise formula once (its id is its index,
+the same in csrc/losses.cpp and kernels/losses.py). Two ops serve every row of it:
+``tritium::loss_fwd(loss, x, y, w, p, a, b, scale, reduce)`` computes the (weighted) pointwise loss and, for
+'mean' / 'sum', its reduction in the same pass (no per-element intermediate), and ``tritium::loss_bwd`` the input's
+gradient from a 0-d or per-element upstream gradient. ``w`` is a weight of the input's shape or one per column
+(the last dim), ``p`` a per-column parameter (pos_weight, the quantiles), ``a`` / ``b`` the scalar ones (margin,
+beta, delta, alpha, gamma). For a loss of d = x - y only (``diff``), the target's gradient is -dx.
+
+The row losses (triplet, cosine embedding, contrastive, multi-margin) are one row kernel (C++):
+``tritium::loss_rows`` writes each row's loss, ``tritium::loss_rows_bwd`` recomputes the row's statistics and
+writes the gradient rows times the rows' upstream gradient, in the inputs' dtype. multilabel_soft_margin_loss
+is the elementwise bce_with_logits with a per-column weight, divided by the number of classes.
+
+``info_nce`` computes the (N, N) similarities in blocks of rows (never the whole matrix): the forward keeps each
+row's and each column's log-sum-exp, the backward recomputes the blocks.
+
+Whatever the kernels do not cover (a dtype, a device, shapes that need broadcasting, a target or weight that
+requires grad where only the input's gradient is implemented, legacy size_average / reduce arguments, invalid
+arguments) goes explicitly to ``tritium.reference``, i.e. torch itself, so results and errors are torch's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import reference
+from ._library import acc_dtype, define_op, kernel_ok, unit_last
+
+
+@dataclass(frozen=True)
+class PointwiseLoss:
+    name: str    # the public function (and its ELEMENTWISE id: the index)
+    diff: bool   # a function of x - y only: the target's gradient is -dx
+    doc: str
+
+
+# The elementwise table (order = the ids in csrc/losses.cpp and kernels/losses.py). d = x - y.
+ELEMENTWISE: List[PointwiseLoss] = [
+    PointwiseLoss("mse_loss", True, "d^2"),
+    PointwiseLoss("l1_loss", True, "|d|"),
+    PointwiseLoss("smooth_l1_loss", True, "|d| < a ? d^2 / (2a) : |d| - a/2   (a = beta)"),
+    PointwiseLoss("huber_loss", True, "|d| < a ? d^2 / 2 : a (|d| - a/2)   (a = delta)"),
+    PointwiseLoss("binary_cross_entropy", False, "-(y max(log x, -100) + (1-y) max(log(1-x), -100))"),
+    PointwiseLoss("binary_cross_entropy_with_logits", False,
+                  "(1-y) x + (1 + (p-1) y) softplus(-x)   (p = pos_weight)"),
+    PointwiseLoss("soft_margin_loss", False, "softplus(-y x)"),
+    PointwiseLoss("hinge_embedding_loss", False, "(y != 1) max(a - x, 0) + (y != -1) x   (a = margin)"),
+    PointwiseLoss("margin_ranking_loss", False, "max(-y x + a, 0)   (x = x1 - x2, a = margin)"),
+    PointwiseLoss("sigmoid_focal_loss", False,
+                  "alpha_t bce_with_logits(x, y) (1 - p_t)^gamma   (a = alpha, b = gamma)"),
+    PointwiseLoss("quantile_loss", False, "e >= 0 ? p e : (p - 1) e,  e = y - x   (p = the column's quantile)"),
+]
+LOSS_IDS = {loss.name: i for i, loss in enumerate(ELEMENTWISE)}
+
+# The row losses (csrc/losses.cpp's RowLoss ids)
+ROW_TRIPLET, ROW_TRIPLET_SWAP, ROW_COSINE, ROW_CONTRASTIVE, ROW_MULTI_MARGIN = 0, 1, 2, 3, 4
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+# ---- the elementwise ops ----
+def _fake_loss_fwd(loss, x, y, w, p, a, b, scale, reduce):
+    return x.new_empty(() if reduce else x.shape)
+
+
+def _fake_loss_bwd(loss, g, x, y, w, p, a, b, scale):
+    return x.new_empty(x.shape)
+
+
+loss_bwd = define_op("loss_bwd(int loss, Tensor g, Tensor x, Tensor y, Tensor? w, Tensor? p, float a, float b,"
+                     " float scale) -> Tensor", _fake_loss_bwd, "losses:loss_bwd")
+
+
+def _loss_setup(ctx, inputs, output):
+    loss, x, y, w, p, a, b, scale, reduce = inputs
+    ctx.args = (loss, a, b, scale if reduce else 1.0)
+    ctx.save_for_backward(x, y, w, p)
+
+
+def _loss_backward(ctx, g):
+    x, y, w, p = ctx.saved_tensors
+    loss, a, b, scale = ctx.args
+    need_x, need_y = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    if ctx.needs_input_grad[3] or ctx.needs_input_grad[4] or (need_y and not ELEMENTWISE[loss].diff):
+        # the public functions send these calls to torch; a direct call of the op must not get a silent None
+        raise NotImplementedError(f"tritium::loss_fwd ({ELEMENTWISE[loss].name}) differentiates the input only "
+                                  f"(and the target of a function of input - target)")
+    dx = loss_bwd(loss, g if g.dim() == 0 else g.contiguous(), x, y, w, p, a, b, scale)
+    return None, (dx if need_x else None), (dx.neg() if need_y else None), None, None, None, None, None, None
+
+
+loss_fwd = define_op("loss_fwd(int loss, Tensor x, Tensor y, Tensor? w, Tensor? p, float a, float b, float scale,"
+                     " bool reduce) -> Tensor", _fake_loss_fwd, "losses:loss_fwd", backward=_loss_backward,
+                     setup_context=_loss_setup)
+
+
+def _column_vector(t: Optional[Tensor], x: Tensor, full_ok: bool):
+    """t as the kernels take it: None; itself when it has x's shape (full_ok) or is (C,) (C = x's last dim);
+    expanded to (C,) from one element. False when the kernels do not cover it (a broadcast needing expansion,
+    a gradient for it)."""
+    if t is None:
+        return None
+    if not isinstance(t, Tensor) or t.requires_grad or t.dtype != x.dtype or t.device != x.device:
+        return False
+    if full_ok and t.shape == x.shape:
+        return t.contiguous()
+    if x.dim() >= 1 and t.dim() == 1 and t.shape[0] in (1, x.shape[-1]):
+        return t.expand(x.shape[-1]).contiguous()
+    return False
+
+
+def _pointwise(name: str, input: Tensor, target: Tensor, reduction: str, weight: Optional[Tensor] = None,
+               p: Optional[Tensor] = None, a: float = 0.0, b: float = 0.0, scale: Optional[float] = None):
+    """The kernel call of a pointwise loss, or None when the kernels do not cover it (the caller runs torch).
+    scale: the reduced sum's factor (default: 1 / numel for 'mean', 1 for 'sum')."""
+    if not (isinstance(input, Tensor) and isinstance(target, Tensor) and kernel_ok(input, target)
+            and target.shape == input.shape and reduction in _REDUCTIONS):
+        return None
+    if target.requires_grad and not ELEMENTWISE[LOSS_IDS[name]].diff:
+        return None
+    w, pv = _column_vector(weight, input, True), _column_vector(p, input, False)
+    if w is False or pv is False:
+        return None
+    reduce = reduction != "none"
+    if scale is None:
+        scale = 1.0 / input.numel() if reduction == "mean" else 1.0
+    return loss_fwd(LOSS_IDS[name], input.contiguous(), target.contiguous(), w, pv, float(a), float(b), scale, reduce)
+
+
+def _legacy(size_average, reduce) -> bool:
+    return size_average is not None or reduce is not None
+
+
+# ---- public API: torch's drop-ins ----
+def mse_loss(input: Tensor, target: Tensor, size_average=None, reduce=None, reduction: str = "mean",
+             weight: Optional[Tensor] = None) -> Tensor:
+    """Drop-in for ``torch.nn.functional.mse_loss``: (input - target)^2, reduced (with a weight: torch's own,
+    whose 'mean' divides by the weight's sum)."""
+    out = None if _legacy(size_average, reduce) or weight is not None else _pointwise("mse_loss", input, target,
+                                                                                       reduction)
+    if out is None:
+        extra = {} if weight is None else {"weight": weight}
+        return reference.mse_loss(input, target, size_average, reduce, reduction, **extra)
+    return out
+
+
+def l1_loss(input: Tensor, target: Tensor, size_average=None, reduce=None, reduction: str = "mean",
+            weight: Optional[Tensor] = None) -> Tensor:
+    """Drop-in for ``torch.nn.functional.l1_loss``: |input - target|, reduced (with a weight: torch's own, whose
+    'mean' divides by the weight's sum)."""
+    out = None if _legacy(size_average, reduce) or weight is not None else _pointwise("l1_loss", input, target,
+                                                                                       reduction)
+    if out is None:
+        extra = {} if weight is None else {"weight": weight}
+        return reference.l1_loss(input, target, size_average, reduce, reduction, **extra)
+    return out
+
+
+def smooth_l1_loss(input: Tensor, target: Tensor, size_average=None, reduce=None, reduction: str = "mean",
+                   beta: float = 1.0) -> Tensor:
+    """Drop-in for ``torch.nn.functional.smooth_l1_loss`` (beta >= 0; beta = 0 is l1_loss)."""
+    ok = not _legacy(size_average, reduce) and isinstance(beta, (int, float)) and beta >= 0
+    out = _pointwise("smooth_l1_loss", input, target, reduction, a=beta) if ok else None
+    return reference.smooth_l1_loss(input, target, size_average, reduce, reduction, beta) if out is None else out
+
+
+def huber_loss(input: Tensor, target: Tensor, reduction: str = "mean", delta: float = 1.0,
+               weight: Optional[Tensor] = None) -> Tensor:
+    """Drop-in for ``torch.nn.functional.huber_loss`` (delta > 0; with a weight: torch's own)."""
+    ok = weight is None and isinstance(delta, (int, float)) and delta > 0
+    out = _pointwise("huber_loss", input, target, reduction, a=delta) if ok else None
+    if out is None:
+        extra = {} if weight is None else {"weight": weight}
+        return reference.huber_loss(input, target, reduction, delta, **extra)
+    return out
+
+
+def binary_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, size_average=None,
+                         reduce=None, reduction: str = "mean") -> Tensor:
+    """Drop-in for ``torch.nn.functional.binary_cross_entropy`` (input probabilities in [0, 1], checked as torch;
+    weight of input's shape or one per class of the last dim)."""
+    out = None if _legacy(size_average, reduce) else _pointwise("binary_cross_entropy", input, target, reduction,
+                                                                weight)
+    if out is None:
+        return reference.binary_cross_entropy(input, target, weight, size_average, reduce, reduction)
+    return out
+
+
+def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
+                                     size_average=None, reduce=None, reduction: str = "mean",
+                                     pos_weight: Optional[Tensor] = None) -> Tensor:
+    """Drop-in for ``torch.nn.functional.binary_cross_entropy_with_logits`` (weight of input's shape or one per
+    class of the last dim; pos_weight one per class)."""
+    out = None if _legacy(size_average, reduce) else _pointwise(
+        "binary_cross_entropy_with_logits", input, target, reduction, weight, pos_weight)
+    if out is None:
+        return reference.binary_cross_entropy_with_logits(input, target, weight, size_average, reduce, reduction,
+                                                          pos_weight)
+    return out
+
+
+def soft_margin_loss(input: Tensor, target: Tensor, size_average=None, reduce=None,
+                     reduction: str = "mean") -> Tensor:
+    """Drop-in for ``torch.nn.functional.soft_margin_loss``: log(1 + exp(-target * input)) (computed without
+    overflow where torch's log1p(exp(.)) gives inf in the input's dtype)."""
+    out = None if _legacy(size_average, reduce) else _pointwise("soft_margin_loss", input, target, reduction)
+    return reference.soft_margin_loss(input, target, size_average, reduce, reduction) if out is None else out
+
+
+def hinge_embedding_loss(input: Tensor, target: Tensor, margin: float = 1.0, size_average=None, reduce=None,
+                         reduction: str = "mean") -> Tensor:
+    """Drop-in for ``torch.nn.functional.hinge_embedding_loss``."""
+    ok = not _legacy(size_average, reduce) and isinstance(margin, (int, float))
+    out = _pointwise("hinge_embedding_loss", input, target, reduction, a=margin) if ok else None
+    if out is None:
+        return reference.hinge_embedding_loss(input, target, margin, size_average, reduce, reduction)
+    return out
+
+
+def margin_ranking_loss(input1: Tensor, input2: Tensor, target: Tensor, margin: float = 0.0, size_average=None,
+                        reduce=None, reduction: str = "mean") -> Tensor:
+    """Drop-in for ``torch.nn.functional.margin_ranking_loss``: max(0, -target (input1 - input2) + margin)."""
+    ok = (not _legacy(size_average, reduce) and isinstance(margin, (int, float)) and isinstance(input2, Tensor)
+          and isinstance(input1, Tensor) and input2.shape == input1.shape and input2.dtype == input1.dtype)
+    out = _pointwise("margin_ranking_loss", input1 - input2, target, reduction, a=margin) if ok else None
+    if out is None:
+        return reference.margin_ranking_loss(input1, input2, target, margin, size_average, reduce, reduction)
+    return out
+
+
+def multilabel_soft_margin_loss(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, size_average=None,
+                                reduce=None, reduction: str = "mean") -> Tensor:
+    """Drop-in for ``torch.nn.functional.multilabel_soft_margin_loss``: per sample, the mean over the C classes
+    of the weighted bce_with_logits (the elementwise kernel with a per-class weight, divided by C)."""
+    ok = (not _legacy(size_average, reduce) and isinstance(input, Tensor) and input.dim() in (1, 2)
+          and reduction in _REDUCTIONS and (weight is None or (isinstance(weight, Tensor) and weight.dim() == 1)))
+    if ok:
+        c = input.shape[-1]
+        scale = 1.0 / (input.numel() if reduction == "mean" else c)  # torch: the mean over classes, then rows
+        out = _pointwise("binary_cross_entropy_with_logits", input, target, "none" if reduction == "none" else "sum",
+                         weight, scale=scale)
+        if out is not None:
+            return out.sum(-1) / c if reduction == "none" else out
+    return reference.multilabel_soft_margin_loss(input, target, weight, size_average, reduce, reduction)
+
+
+# ---- public API: losses torch lacks ----
+def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0,
+                       reduction: str = "none") -> Tensor:
+    """``torchvision.ops.sigmoid_focal_loss`` (same signature and semantics, torchvision not needed):
+    p = sigmoid(inputs), ce = bce_with_logits(inputs, targets), p_t = p targets + (1 - p)(1 - targets),
+    loss = ce (1 - p_t)^gamma, times alpha targets + (1 - alpha)(1 - targets) when alpha >= 0; reduction 'none'
+    (the default, as torchvision), 'mean' or 'sum'."""
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"Invalid Value for arg 'reduction': '{reduction} \n Supported reduction modes: 'none', "
+                         f"'mean', 'sum'")
+    out = _pointwise("sigmoid_focal_loss", inputs, targets, reduction, a=alpha, b=gamma)
+    return reference.sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction) if out is None else out
+
+
+def quantile_loss(input: Tensor, target: Tensor, quantiles: Sequence[float], reduction: str = "mean") -> Tensor:
+    """Pinball loss over a list of quantiles: input (..., Q) holds one prediction per quantile tau_q, target (...)
+    (or (..., 1), or input's shape) the observation; with e = target - input[..., q],
+    loss[..., q] = max(tau_q e, (tau_q - 1) e) (written as e >= 0 ? tau_q e : (tau_q - 1) e, whose gradient at
+    e = 0 is -tau_q); 'mean' averages over every element of input, 'sum' sums, 'none' keeps input's shape.
+    A target without the quantile dim is expanded to input's shape (one copy of input's size)."""
+    qs = [float(q) for q in quantiles]
+    if input.dim() == 0 or input.shape[-1] != len(qs):
+        raise ValueError(f"quantile_loss: input must have a last dim of len(quantiles) = {len(qs)}, got shape "
+                         f"{tuple(input.shape)}")
+    if not all(0.0 < q < 1.0 for q in qs):
+        raise ValueError(f"quantile_loss: quantiles must lie in (0, 1), got {qs}")
+    if tuple(target.shape) not in (tuple(input.shape), tuple(input.shape[:-1]), tuple(input.shape[:-1]) + (1,)):
+        raise ValueError(f"quantile_loss: target must have shape {tuple(input.shape[:-1])} (or input's), got "
+                         f"{tuple(target.shape)}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    tau = torch.tensor(qs, dtype=input.dtype, device=input.device)
+    if target.shape != input.shape:
+        target = target.reshape(input.shape[:-1] + (1,)).expand(input.shape)
+    out = _pointwise("quantile_loss", input, target, reduction, p=tau)
+    return reference.quantile_loss(input, target, qs, reduction) if out is None else out
+
+
+# ---- the row losses: one forward op and one backward op (C++; on CUDA the public functions run torch's) ----
+def _fake_loss_rows(loss, x1, x2, x3, y, w, a, b, c):
+    return x1.new_empty((x1.shape[0],), dtype=acc_dtype(x1.dtype))
+
+
+def _fake_loss_rows_bwd(loss, dloss, x1, x2, x3, y, w, a, b, c, need1, need2, need3):
+    return tuple(x1.new_empty(x1.shape if need and t is not None else (0,))
+                 for need, t in ((need1, x1), (need2, x2), (need3, x3)))
+
+
+loss_rows_bwd = define_op(
+    "loss_rows_bwd(int loss, Tensor dloss, Tensor x1, Tensor? x2, Tensor? x3, Tensor? y, Tensor? w, float a, float b,"
+    " float c, bool need1, bool need2, bool need3) -> (Tensor, Tensor, Tensor)", _fake_loss_rows_bwd, None)
+
+
+def _rows_setup(ctx, inputs, output):
+    loss, x1, x2, x3, y, w, a, b, c = inputs
+    ctx.args = (loss, a, b, c)
+    ctx.save_for_backward(x1, x2, x3, y, w)
+
+
+def _rows_backward(ctx, dloss):
+    x1, x2, x3, y, w = ctx.saved_tensors
+    loss, a, b, c = ctx.args
+    need = ctx.needs_input_grad[1:4]
+    if any(ctx.needs_input_grad[4:6]):
+        raise NotImplementedError("tritium::loss_rows differentiates x1, x2 and x3 only (the public functions send "
+                                  "a label or weight that requires grad to torch)")
+    g1, g2, g3 = loss_rows_bwd(loss, dloss, x1, x2, x3, y, w, a, b, c, *need)
+    return (None, g1 if need[0] else None, g2 if need[1] else None, g3 if need[2] else None, None, None, None, None,
+            None)
+
+
+loss_rows = define_op(
+    "loss_rows(int loss, Tensor x1, Tensor? x2, Tensor? x3, Tensor? y, Tensor? w, float a, float b, float c)"
+    " -> Tensor", _fake_loss_rows, None, backward=_rows_backward, setup_context=_rows_setup)
+
+
+def _rows_ok(*ts: Tensor) -> bool:
+    """The row kernel takes CPU tensors of one floating dtype, 2-D and of one shape."""
+    return (kernel_ok(*ts) and ts[0].device.type == "cpu" and ts[0].dim() == 2
+            and all(t.shape == ts[0].shape for t in ts))
+
+
+def _row_call(loss, x1, x2, x3, y, w, a, b, c, reduction, dtype):
+    per_row = loss_rows(loss, unit_last(x1), None if x2 is None else unit_last(x2),
+                        None if x3 is None else unit_last(x3), y, w, float(a), float(b), float(c))
+    if reduction == "none":
+        return per_row.to(dtype)
+    total = per_row.sum()
+    return (total / per_row.shape[0] if reduction == "mean" else total).to(dtype)
+
+
+def triplet_margin_loss(anchor: Tensor, positive: Tensor, negative: Tensor, margin: float = 1.0, p: float = 2,
+                        eps: float = 1e-6, swap: bool = False, size_average=None, reduce=None,
+                        reduction: str = "mean") -> Tensor:
+    """Drop-in for ``torch.nn.functional.triplet_margin_loss``: max(d(a, p) - d(a, n) + margin, 0) with
+    d(u, v) = ||u - v + eps||_p (swap: the smaller of d(a, n) and d(p, n)): one row kernel pass for the
+    distances and the loss, one (recomputing the distances) for the three gradient rows."""
+    ok = (not _legacy(size_average, reduce) and reduction in _REDUCTIONS and isinstance(margin, (int, float))
+          and margin > 0 and isinstance(p, (int, float)) and p > 0 and all(isinstance(t, Tensor) for t in
+                                                                            (anchor, positive, negative))
+          and anchor.dim() in (1, 2))
+    if ok:
+        a2, p2, n2 = (t.unsqueeze(0) if t.dim() == 1 else t for t in (anchor, positive, negative))
+        if _rows_ok(a2, p2, n2):
+            out = _row_call(ROW_TRIPLET_SWAP if swap else ROW_TRIPLET, a2, p2, n2, None, None, margin, p, eps,
+                            reduction, anchor.dtype)
+            return out.reshape(anchor.shape[:-1]) if reduction == "none" else out
+    return reference.triplet_margin_loss(anchor, positive, negative, margin, p, eps, swap, size_average, reduce,
+                                         reduction)
+
+
+def cosine_embedding_loss(input1: Tensor, input2: Tensor, target: Tensor, margin: float = 0.0, size_average=None,
+                          reduce=None, reduction: str = "mean") -> Tensor:
+    """Drop-in for ``torch.nn.functional.cosine_embedding_loss``: per row, c = cos(x1, x2) (torch's 1e-12 under
+    each squared norm); target 1: 1 - c, target -1: max(c - margin, 0), any other value: 0."""
+    ok = (not _legacy(size_average, reduce) and reduction in _REDUCTIONS and isinstance(margin, (int, float))
+          and isinstance(input1, Tensor) and isinstance(input2, Tensor) and isinstance(target, Tensor)
+          and _rows_ok(input1, input2) and target.dtype == input1.dtype and target.shape == input1.shape[:1]
+          and not target.requires_grad)
+    if ok:
+        return _row_call(ROW_COSINE, input1, input2, None, target.contiguous(), None, margin, 0.0, 0.0, reduction,
+                         input1.dtype)
+    return reference.cosine_embedding_loss(input1, input2, target, margin, size_average, reduce, reduction)
+
+
+def multi_margin_loss(input: Tensor, target: Tensor, p: int = 1, margin: float = 1.0,
+                      weight: Optional[Tensor] = None, size_average=None, reduce=None,
+                      reduction: str = "mean") -> Tensor:
+    """Drop-in for ``torch.nn.functional.multi_margin_loss``: per row, sum over the classes j != y of
+    weight[y] max(margin - x[y] + x[j], 0)^p / C (p = 1 or 2), in the row kernel."""
+    ok = (not _legacy(size_average, reduce) and reduction in _REDUCTIONS and p in (1, 2)
+          and isinstance(margin, (int, float)) and isinstance(input, Tensor) and isinstance(target, Tensor)
+          and input.dim() in (1, 2) and target.dtype == torch.int64 and target.device == input.device
+          and target.shape == input.shape[:-1]
+          and input.dtype in (torch.float32, torch.float64))  # torch has no 16-bit CPU kernel: its error stands
+    if ok:
+        x2 = input.unsqueeze(0) if input.dim() == 1 else input
+        w = _column_vector(weight, x2, False)
+        if w is not False and _rows_ok(x2) and x2.shape[1] > 0:
+            out = _row_call(ROW_MULTI_MARGIN, x2, None, None, target.reshape(-1), w, margin, p, 0.0, reduction,
+                            input.dtype)
+            return out.reshape(target.shape) if reduction == "none" else out
+    return reference.multi_margin_loss(input, target, p, margin, weight, size_average, reduce, reduction)
+
+
+def contrastive_loss(input1: Tensor, input2: Tensor, target: Tensor, margin: float = 1.0, eps: float = 1e-6,
+                     reduction: str = "mean") -> Tensor:
+    """Pairwise (Siamese) contrastive loss (Hadsell, Chopra and LeCun 2006): input1, input2 (N, D) embeddings,
+    target (N,) 1 for a similar pair and 0 for a dissimilar one, d = ||input1 - input2 + eps||_2 (torch's
+    pairwise_distance); loss = (target d^2 + (1 - target) max(margin - d, 0)^2) / 2, reduced over the pairs.
+    The row kernel computes the distance and the loss, and in the backward both gradient rows."""
+    if not (isinstance(input1, Tensor) and isinstance(input2, Tensor) and input1.shape == input2.shape
+            and input1.dim() == 2):
+        raise ValueError(f"contrastive_loss: input1 and input2 must be (N, D) of one shape, got "
+                         f"{tuple(getattr(input1, 'shape', ()))} and {tuple(getattr(input2, 'shape', ()))}")
+    if not isinstance(target, Tensor) or tuple(target.shape) != tuple(input1.shape[:1]):
+        raise ValueError(f"contrastive_loss: target must be ({input1.shape[0]},), got "
+                         f"{tuple(getattr(target, 'shape', ()))}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    if _rows_ok(input1, input2) and target.dtype == input1.dtype and not target.requires_grad:
+        return _row_call(ROW_CONTRASTIVE, input1, input2, None, target.contiguous(), None, margin, 0.0, eps,
+                         reduction, input1.dtype)
+    return reference.contrastive_loss(input1, input2, target, margin, eps, reduction)
+
+
+# ---- InfoNCE in row blocks (composite ops: the blocks' matmuls dispatch to BLAS / cuBLAS) ----
+def default_block_rows(n_cols: int) -> int:
+    """Query rows per block: a block of similarities of about 2M float32 (8 MiB), at least 16 rows."""
+    return max(16, (1 << 21) // max(n_cols, 1))
+
+
+def _acc(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.to(acc_dtype(t.dtype))
+
+
+def _fake_nce_fwd(q, k, neg, inv_t, symmetric, block):
+    adt = acc_dtype(q.dtype)
+    n = q.shape[0]
+    return (q.new_empty((n,), dtype=adt), q.new_empty((n,), dtype=adt),
+            q.new_empty((n if symmetric else 0,), dtype=adt))
+
+
+# The blocks' elementwise statistics: C++ on CPU (csrc/losses.cpp: one pass per statistic with a fast exp),
+# the same math in torch ops on CUDA (cuda=<callable>).
+def _nce_block_fwd_torch(s, sn, m_col, e_col, symmetric):
+    full = s if sn is None else torch.cat([s, sn], 1)
+    lse = torch.logsumexp(full, 1)
+    if not symmetric:
+        return lse, s.new_empty((0,)), s.new_empty((0,))
+    m_new = torch.maximum(m_col, s.amax(0))
+    m_safe = torch.where(torch.isinf(m_new), 0.0, m_new)
+    e_new = torch.where(e_col == 0, 0.0, e_col * torch.exp(m_col - m_safe)) + torch.exp(s - m_safe).sum(0)
+    return lse, m_safe, e_new
+
+
+def _fake_nce_block_fwd(s, sn, m_col, e_col, symmetric):
+    n = s.shape[1] if symmetric else 0
+    return s.new_empty((s.shape[0],)), s.new_empty((n,)), s.new_empty((n,))
+
+
+def _nce_block_bwd_torch(s, lse_row, wq, lse_col, wk, diag):
+    ds = torch.exp(s - lse_row[:, None]) * wq[:, None]
+    if lse_col is not None:
+        ds += torch.exp(s - lse_col[None, :]) * wk[None, :]
+    if diag >= 0:
+        rows = torch.arange(s.shape[0], device=s.device)
+        cols = rows + diag
+        keep = cols < s.shape[1]
+        rows, cols = rows[keep], cols[keep]
+        ds[rows, cols] -= wq[rows] + (wk[cols] if wk is not None else 0.0)
+    return ds
+
+
+def _fake_nce_block_bwd(s, lse_row, wq, lse_col, wk, diag):
+    return s.new_empty(s.shape)
+
+
+nce_block_fwd = define_op("nce_block_fwd(Tensor s, Tensor? sn, Tensor m_col, Tensor e_col, bool symmetric)"
+                          " -> (Tensor, Tensor, Tensor)", _fake_nce_block_fwd, _nce_block_fwd_torch)
+nce_block_bwd = define_op("nce_block_bwd(Tensor s, Tensor lse_row, Tensor wq, Tensor? lse_col, Tensor? wk, int diag)"
+                          " -> Tensor", _fake_nce_block_bwd, _nce_block_bwd_torch)
+
+
+def _nce_fwd_impl(q, k, neg, inv_t, symmetric, block):
+    """(per-row loss, row log-sum-exp, column log-sum-exp (symmetric; else empty)), all in the accumulation dtype.
+    Row block [i0, i1): S = q[i0:i1] k^T / T (and q[i0:i1] n^T / T); the row LSE is complete per block, the
+    column LSE is kept online (running max and rescaled exp-sum) across blocks (nce_block_fwd)."""
+    qa, ka, na = _acc(q), _acc(k), _acc(neg)
+    n = q.shape[0]
+    lse_row = qa.new_empty((n,))
+    m_col = qa.new_full((n,), float("-inf")) if symmetric else qa.new_empty((0,))
+    e_col = qa.new_zeros((n,)) if symmetric else qa.new_empty((0,))
+    for i0 in range(0, n, block):
+        i1 = min(n, i0 + block)
+        s = torch.mm(qa[i0:i1], ka.t()).mul_(inv_t)
+        sn = torch.mm(qa[i0:i1], na.t()).mul_(inv_t) if na is not None else None
+        lse_row[i0:i1], m_col, e_col = nce_block_fwd(s, sn, m_col, e_col, symmetric)
+        del s, sn
+    diag = (qa * ka).sum(1).mul_(inv_t)
+    loss = lse_row - diag
+    if symmetric:
+        lse_col = m_col + torch.log(e_col)
+        loss = (loss + (lse_col - diag)) * 0.5
+    else:
+        lse_col = qa.new_empty((0,))
+    return loss, lse_row, lse_col
+
+
+def _fake_nce_bwd(dloss, q, k, neg, lse_row, lse_col, inv_t, symmetric, block):
+    return q.new_empty(q.shape), k.new_empty(k.shape), q.new_empty(neg.shape if neg is not None else (0,))
+
+
+def _nce_bwd_impl(dloss, q, k, neg, lse_row, lse_col, inv_t, symmetric, block):
+    """Gradients of sum(dloss * loss) for q, k and the negatives, recomputing each row block's similarities:
+    dS = wq (softmax_row(S) - I) + wk (softmax_col(S) - I), wq = wk = dloss / 2 when symmetric (else wq = dloss,
+    wk = 0); dq = dS k / T, dk = dS^T q / T (accumulated over blocks), likewise for the negatives' columns."""
+    qa, ka, na = _acc(q), _acc(k), _acc(neg)
+    n = q.shape[0]
+    w = (dloss.to(qa.dtype) * (0.5 if symmetric else 1.0)).contiguous()
+    dq = torch.empty_like(qa)
+    dk = torch.zeros_like(ka)
+    dn = torch.zeros_like(na) if na is not None else None
+    for i0 in range(0, n, block):
+        i1 = min(n, i0 + block)
+        qb, wb, lb = qa[i0:i1], w[i0:i1], lse_row[i0:i1]
+        s = torch.mm(qb, ka.t()).mul_(inv_t)
+        ds = nce_block_bwd(s, lb, wb, lse_col if symmetric else None, w if symmetric else None, i0)
+        del s
+        torch.mm(ds, ka, out=dq[i0:i1])
+        dk.addmm_(ds.t(), qb)
+        del ds
+        if na is not None:
+            dsn = nce_block_bwd(torch.mm(qb, na.t()).mul_(inv_t), lb, wb, None, None, -1)
+            dq[i0:i1].addmm_(dsn, na)
+            dn.addmm_(dsn.t(), qb)
+            del dsn
+    dq.mul_(inv_t)
+    dk.mul_(inv_t)
+    if dn is not None:
+        dn.mul_(inv_t)
+    cast = lambda t, like: t.to(like.dtype)  # noqa: E731
+    return cast(dq, q), cast(dk, k), (cast(dn, neg) if neg is not None else q.new_empty((0,)))
+
+
+info_nce_bwd = define_op(
+    "info_nce_bwd(Tensor dloss, Tensor q, Tensor k, Tensor? neg, Tensor lse_row, Tensor lse_col, float inv_t,"
+    " bool symmetric, int block) -> (Tensor, Tensor, Tensor)", _fake_nce_bwd, composite=_nce_bwd_impl)
+
+
+def _nce_setup(ctx, inputs, output):
+    q, k, neg, inv_t, symmetric, block = inputs
+    ctx.set_materialize_grads(False)
+    ctx.args = (inv_t, symmetric, block)
+    ctx.has_neg = neg is not None
+    ctx.save_for_backward(q, k, neg, output[1], output[2])
+
+
+def _nce_backward(ctx, dloss, _dlse_row, _dlse_col):
+    if dloss is None:
+        return (None,) * 6
+    q, k, neg, lse_row, lse_col = ctx.saved_tensors
+    dq, dk, dn = info_nce_bwd(dloss.contiguous(), q, k, neg, lse_row, lse_col, *ctx.args)
+    return dq, dk, (dn if ctx.has_neg else None), None, None, None
+
+
+info_nce_fwd = define_op(
+    "info_nce_fwd(Tensor q, Tensor k, Tensor? neg, float inv_t, bool symmetric, int block)"
+    " -> (Tensor, Tensor, Tensor)", _fake_nce_fwd, composite=_nce_fwd_impl, backward=_nce_backward,
+    setup_context=_nce_setup)
+
+
+def info_nce(query: Tensor, key: Tensor, temperature: float = 0.1, symmetric: bool = True,
+             negatives: Optional[Tensor] = None, normalize: bool = True, reduction: str = "mean",
+             block_size: Optional[int] = None) -> Tensor:
+    """InfoNCE / NT-Xent, CLIP-style: query and key (N, D) are two views (or modalities) of N samples; row i's
+    positive is key i and its negatives the other keys (and the explicit ``negatives`` (M, D), extra columns for
+    the query direction). With q, k, n L2-normalised (normalize), S = q k^T / temperature:
+    loss_i = logsumexp_j S_ij (with the negatives' columns) - S_ii; symmetric also takes the key direction,
+    logsumexp over the queries of column i minus S_ii, and averages the two. 'mean' over the N rows.
+
+    The (N, N) similarities are computed block_size query rows at a time (default: default_block_rows) and never
+    held whole: the forward keeps each row's and each column's log-sum-exp, the backward recomputes the blocks.
+    Peak extra memory is about two (block_size, N) float32 blocks plus float32 copies of 16-bit inputs."""
+    if not (isinstance(query, Tensor) and isinstance(key, Tensor) and query.dim() == 2 and query.shape == key.shape):
+        raise ValueError(f"info_nce: query and key must be (N, D) of one shape, got "
+                         f"{tuple(getattr(query, 'shape', ()))} and {tuple(getattr(key, 'shape', ()))}")
+    if negatives is not None and (not isinstance(negatives, Tensor) or negatives.dim() != 2
+                                  or negatives.shape[1] != query.shape[1]):
+        raise ValueError(f"info_nce: negatives must be (M, {query.shape[1]}), got "
+                         f"{tuple(getattr(negatives, 'shape', ()))}")
+    if not temperature > 0:
+        raise ValueError(f"info_nce: temperature must be positive, got {temperature}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    if block_size is not None and block_size < 1:
+        raise ValueError(f"info_nce: block_size must be positive, got {block_size}")
+    ok = kernel_ok(query, key, *([negatives] if negatives is not None else [])) and query.shape[1] > 0
+    if not ok:
+        return reference.info_nce(query, key, temperature, symmetric, negatives, normalize, reduction)
+    if normalize:
+        query, key = F.normalize(query, dim=-1), F.normalize(key, dim=-1)
+        negatives = F.normalize(negatives, dim=-1) if negatives is not None else None
+    n = query.shape[0]
+    block = block_size or default_block_rows(n + (negatives.shape[0] if negatives is not None else 0))
+    loss = info_nce_fwd(query, key, negatives, 1.0 / temperature, bool(symmetric), int(block))[0]
+    if reduction == "none":
+        return loss.to(query.dtype)
+    total = loss.sum()
+    return (total / n if reduction == "mean" else total).to(query.dtype)
+
+
+__all__: List[str] = [
+    "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "binary_cross_entropy",
+    "binary_cross_entropy_with_logits", "soft_margin_loss", "hinge_embedding_loss", "margin_ranking_loss",
+    "multilabel_soft_margin_loss", "multi_margin_loss", "triplet_margin_loss", "cosine_embedding_loss",
+    "sigmoid_focal_loss", "quantile_loss", "contrastive_loss", "info_nce",
+]

@@ -1,0 +1,415 @@
+"""Public loss functions against torch (the drop-ins) and their written-out formulas (focal, quantile,
+contrastive, InfoNCE): values and gradients in float32/float64/bfloat16 at every reduction, weights, broadcasting
+(torch's path), torch's errors, torch's OpInfo samples, gradcheck, torch.compile, the modules and patch."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing._internal.common_methods_invocations import op_db
+
+import tritium
+from tritium import reference
+from tests.util import assert_within_torch_error, leaf
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _signs(*shape):
+    return torch.randint(0, 2, shape).double() * 2 - 1
+
+
+# name -> (make(shape) -> (float inputs needing grad, other args), torch function, kwargs)
+DROPINS = {
+    "mse_loss": (lambda s: ([torch.randn(s), torch.randn(s)], []), F.mse_loss, {}),
+    "l1_loss": (lambda s: ([torch.randn(s), torch.randn(s)], []), F.l1_loss, {}),
+    "smooth_l1_loss": (lambda s: ([torch.randn(s), torch.randn(s)], []), F.smooth_l1_loss, {"beta": 0.4}),
+    "huber_loss": (lambda s: ([torch.randn(s) * 2, torch.randn(s)], []), F.huber_loss, {"delta": 0.8}),
+    "binary_cross_entropy": (lambda s: ([torch.rand(s) * 0.98 + 0.01], [torch.rand(s)]), F.binary_cross_entropy,
+                             {}),
+    "binary_cross_entropy_with_logits": (lambda s: ([torch.randn(s) * 3], [torch.rand(s)]),
+                                         F.binary_cross_entropy_with_logits, {}),
+    "soft_margin_loss": (lambda s: ([torch.randn(s)], [_signs(*s)]), F.soft_margin_loss, {}),
+    "hinge_embedding_loss": (lambda s: ([torch.randn(s)], [_signs(*s)]), F.hinge_embedding_loss, {"margin": 0.7}),
+    "margin_ranking_loss": (lambda s: ([torch.randn(s), torch.randn(s)], [_signs(*s)]), F.margin_ranking_loss,
+                            {"margin": 0.2}),
+    "multilabel_soft_margin_loss": (lambda s: ([torch.randn(s) * 2], [torch.randint(0, 2, s).double()]),
+                                    F.multilabel_soft_margin_loss, {}),
+    "multi_margin_loss": (lambda s: ([torch.randn(s)], [torch.randint(0, s[-1], s[:-1])]), F.multi_margin_loss,
+                          {"p": 2, "margin": 0.8}),
+    "triplet_margin_loss": (lambda s: ([torch.randn(s), torch.randn(s), torch.randn(s)], []),
+                            F.triplet_margin_loss, {"margin": 0.9, "swap": True}),
+    "cosine_embedding_loss": (lambda s: ([torch.randn(s), torch.randn(s)], [_signs(s[0])]),
+                              F.cosine_embedding_loss, {"margin": 0.1}),
+}
+ROW_LOSSES = {"multilabel_soft_margin_loss", "multi_margin_loss", "triplet_margin_loss", "cosine_embedding_loss"}
+
+
+def _call(fn, floats, others, dtype, kw):
+    args = [leaf(t, dtype) for t in floats]
+    rest = [o if o.dtype == torch.int64 else o.to(dtype) for o in others]
+    return args, fn(*args, *rest, **kw)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16), ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("name", list(DROPINS))
+def test_dropin(name, reduction, dtype):
+    """tritium's function against torch's in dtype and in float64 (inputs rounded to dtype): the value and the
+    gradient of every floating input."""
+    make, twin, kw = DROPINS[name]
+    if name == "multi_margin_loss" and dtype == torch.bfloat16:  # torch has no 16-bit CPU kernel: its error stands
+        x, t = torch.randn(3, 5, dtype=dtype), torch.tensor([0, 4, 1])
+        with pytest.raises(NotImplementedError, match="not implemented for 'BFloat16'"):
+            tritium.multi_margin_loss(x, t, reduction=reduction)
+        return
+    shape = (37, 123) if name in ROW_LOSSES else (5, 7, 123)
+    floats, others = make(shape)
+    floats = [t.to(dtype).double() for t in floats]
+    others = [o if o.dtype == torch.int64 else o.to(dtype).double() for o in others]
+    kw = dict(kw, reduction=reduction)
+    args, out = _call(getattr(tritium, name), floats, others, dtype, kw)
+    assert out.dtype == dtype
+    dy = torch.randn(out.shape, dtype=torch.float64).to(dtype)
+    grads = torch.autograd.grad(out, args, dy)
+    res = {}
+    for dt in (dtype, torch.float64):
+        a, o = _call(twin, floats, others, dt, kw)
+        res[dt] = (o.detach(), torch.autograd.grad(o, a, dy.to(dt)))
+    assert_within_torch_error(out.detach(), res[dtype][0], res[torch.float64][0], f"{name} value")
+    for k, g in enumerate(grads):
+        assert_within_torch_error(g, res[dtype][1][k], res[torch.float64][1][k], f"{name} grad {k}")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_bce_weights(reduction):
+    """bce and bce_with_logits: a full weight, a per-class weight, pos_weight (one per class, and one value)."""
+    x, t = torch.randn(6, 9, 31, dtype=torch.float64), torch.rand(6, 9, 31, dtype=torch.float64)
+    full, col, pw = torch.rand(6, 9, 31) + 0.5, torch.rand(31) + 0.5, torch.rand(31) * 2 + 0.1
+    for dt in (torch.float32, torch.float64):
+        for kw in ({"weight": full}, {"weight": col}, {"pos_weight": pw}, {"weight": col, "pos_weight": pw},
+                   {"pos_weight": pw[:1]}):
+            kw = {k: v.to(dt) for k, v in kw.items()}
+            xi, xr = leaf(x, dt), leaf(x, dt)
+            ours = tritium.binary_cross_entropy_with_logits(xi, t.to(dt), reduction=reduction, **kw)
+            theirs = F.binary_cross_entropy_with_logits(xr, t.to(dt), reduction=reduction, **kw)
+            torch.testing.assert_close(ours, theirs)
+            dy = torch.ones_like(ours)
+            torch.testing.assert_close(torch.autograd.grad(ours, xi, dy)[0], torch.autograd.grad(theirs, xr, dy)[0])
+        for w in (full, col):
+            p = torch.sigmoid(x).to(dt)
+            pi, pr = leaf(p), leaf(p)
+            ours = tritium.binary_cross_entropy(pi, t.to(dt), w.to(dt), reduction=reduction)
+            theirs = F.binary_cross_entropy(pr, t.to(dt), w.to(dt), reduction=reduction)
+            torch.testing.assert_close(ours, theirs)
+            dy = torch.ones_like(ours)
+            torch.testing.assert_close(torch.autograd.grad(ours, pi, dy)[0], torch.autograd.grad(theirs, pr, dy)[0])
+
+
+def test_target_gradients():
+    """Losses of input - target differentiate the target too (-dx); the others send a target that requires grad
+    to torch, which differentiates it."""
+    x, y = torch.randn(4, 33, dtype=torch.float64), torch.rand(4, 33, dtype=torch.float64)
+    for name in ("mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "binary_cross_entropy_with_logits"):
+        xi, yi, xr, yr = leaf(x), leaf(y), leaf(x), leaf(y)
+        ours = getattr(tritium, name)(xi, yi)
+        theirs = getattr(F, name)(xr, yr)
+        torch.testing.assert_close(ours, theirs)
+        for a, b in zip(torch.autograd.grad(ours, (xi, yi)), torch.autograd.grad(theirs, (xr, yr))):
+            torch.testing.assert_close(a, b)
+
+
+def test_fallbacks_match_torch():
+    """Calls the kernels do not cover run torch: broadcasting (with torch's warning), legacy arguments, integer
+    dtypes' errors, weighted mse (torch's mean divides by the weight's sum), empty inputs."""
+    x, y = torch.randn(5, 7), torch.randn(7)
+    with pytest.warns(UserWarning, match="target size"):
+        out = tritium.mse_loss(x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(out, F.mse_loss(x, y))
+        torch.testing.assert_close(tritium.l1_loss(x, x * 2, size_average=False),
+                                   F.l1_loss(x, x * 2, size_average=False))
+    w = torch.rand(5, 7)
+    torch.testing.assert_close(tritium.mse_loss(x, x * 0.5, weight=w), F.mse_loss(x, x * 0.5, weight=w))
+    assert torch.isnan(tritium.mse_loss(torch.empty(0), torch.empty(0)))
+    t, w51 = torch.rand(5, 7), torch.rand(5, 1)  # a weight broadcast along rows: torch's path
+    torch.testing.assert_close(tritium.binary_cross_entropy_with_logits(x, t, weight=w51),
+                               F.binary_cross_entropy_with_logits(x, t, weight=w51))
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda: tritium.mse_loss(torch.randn(3), torch.randn(3), reduction="avg"), ValueError, "is not a valid value"),
+    (lambda: tritium.binary_cross_entropy(torch.tensor([0.5, 1.5]), torch.tensor([0.0, 1.0])), RuntimeError,
+     "all elements of input should be between 0 and 1"),
+    (lambda: tritium.binary_cross_entropy(torch.rand(3), torch.rand(4)), ValueError, "different to the input size"),
+    (lambda: tritium.binary_cross_entropy_with_logits(torch.rand(3), torch.rand(4)), ValueError,
+     "must be the same as input size"),
+    (lambda: tritium.smooth_l1_loss(torch.randn(3), torch.randn(3), beta=-1.0), RuntimeError, "negative values"),
+    (lambda: tritium.huber_loss(torch.randn(3), torch.randn(3), delta=0.0), RuntimeError, "non-positive"),
+    (lambda: tritium.mse_loss(torch.randint(0, 3, (3,)), torch.randint(0, 3, (3,))), RuntimeError, ""),
+    (lambda: tritium.multi_margin_loss(torch.randn(2, 3), torch.tensor([0, 5])), RuntimeError, "target out of range"),
+    (lambda: tritium.multi_margin_loss(torch.randn(2, 3), torch.tensor([0, 1]), p=3), ValueError,
+     "only p == 1 and p == 2"),
+    (lambda: tritium.triplet_margin_loss(torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3), margin=0.0),
+     ValueError, "margin"),
+    (lambda: tritium.sigmoid_focal_loss(torch.randn(3), torch.rand(3), reduction="avg"), ValueError, "reduction"),
+    (lambda: tritium.quantile_loss(torch.randn(4, 2), torch.randn(4), [0.1, 0.5, 0.9]), ValueError,
+     "len\\(quantiles\\)"),
+    (lambda: tritium.quantile_loss(torch.randn(4, 2), torch.randn(4), [0.1, 1.0]), ValueError, "in \\(0, 1\\)"),
+    (lambda: tritium.quantile_loss(torch.randn(4, 2), torch.randn(5), [0.1, 0.9]), ValueError, "target"),
+    (lambda: tritium.contrastive_loss(torch.randn(4, 2), torch.randn(3, 2), torch.ones(4)), ValueError, "input2"),
+    (lambda: tritium.contrastive_loss(torch.randn(4, 2), torch.randn(4, 2), torch.ones(3)), ValueError, "target"),
+    (lambda: tritium.info_nce(torch.randn(4, 2), torch.randn(3, 2)), ValueError, "query and key"),
+    (lambda: tritium.info_nce(torch.randn(4, 2), torch.randn(4, 2), temperature=0.0), ValueError, "temperature"),
+    (lambda: tritium.info_nce(torch.randn(4, 2), torch.randn(4, 2), negatives=torch.randn(3, 5)), ValueError,
+     "negatives"),
+])
+def test_errors(call, exc, match):
+    """Bad input raises what torch raises (the drop-ins) or a ValueError naming the argument."""
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_errors_are_torchs():
+    """The drop-ins' errors are torch's own: same type and message."""
+    bad = [(lambda f: f(torch.tensor([0.5, 1.5]), torch.tensor([0.0, 1.0])), "binary_cross_entropy"),
+           (lambda f: f(torch.randn(2, 3), torch.tensor([0, 5])), "multi_margin_loss"),
+           (lambda f: f(torch.randn(3), torch.randn(3), reduction="bad"), "l1_loss")]
+    for call, name in bad:
+        with pytest.raises(Exception) as ours:
+            call(getattr(tritium, name))
+        with pytest.raises(Exception) as theirs:
+            call(getattr(F, name))
+        assert type(ours.value) is type(theirs.value) and str(ours.value) == str(theirs.value)
+
+
+_OPINFO = {"nn.functional." + n: n for n in DROPINS}
+
+
+@pytest.mark.parametrize("op", [o for o in op_db if o.name in _OPINFO and o.variant_test_name == ""],
+                         ids=lambda o: o.name)
+def test_opinfo_samples(op):
+    """torch's OpInfo samples for each drop-in, through tritium's function: values and input gradients, float32
+    (float64 and bfloat16 are in test_dropin)."""
+    ours_fn = getattr(tritium, _OPINFO[op.name])
+    n = 0
+    for sample in op.sample_inputs("cpu", torch.float32, requires_grad=True):
+        args = [sample.input, *sample.args]
+        theirs = op.op(*args, **sample.kwargs)
+        ours = ours_fn(*args, **sample.kwargs)
+        torch.testing.assert_close(ours, theirs, equal_nan=True)
+        leaves = [t for t in args if isinstance(t, torch.Tensor) and t.requires_grad]
+        if leaves and theirs.requires_grad:
+            dy = torch.randn_like(theirs)
+            g1 = torch.autograd.grad(ours, leaves, dy, allow_unused=True)
+            g2 = torch.autograd.grad(theirs, leaves, dy, allow_unused=True)
+            for a, b in zip(g1, g2):
+                if b is None:
+                    assert a is None or not a.abs().sum()
+                else:
+                    torch.testing.assert_close(a, b, equal_nan=True)
+        n += 1
+    assert n > 0
+    for sample in op.error_inputs("cpu") if op.error_inputs_func is not None else []:
+        si = sample.sample_input
+        with pytest.raises(sample.error_type, match=sample.error_regex):
+            ours_fn(si.input, *si.args, **si.kwargs)
+
+
+# ---- the losses torch lacks: written-out float64 formulas ----
+def test_sigmoid_focal_loss():
+    x, t = torch.randn(6, 50, dtype=torch.float64) * 2, torch.randint(0, 2, (6, 50)).double()
+    for alpha, gamma in ((0.25, 2.0), (-1, 1.5), (0.5, 0.0)):
+        for reduction in REDUCTIONS:
+            xi, xr = leaf(x), leaf(x)
+            ours = tritium.sigmoid_focal_loss(xi, t, alpha, gamma, reduction)
+            p = torch.sigmoid(xr)
+            ce = -(t * torch.log(p) + (1 - t) * torch.log(1 - p))
+            pt = p * t + (1 - p) * (1 - t)
+            ref = ce * (1 - pt) ** gamma * ((alpha * t + (1 - alpha) * (1 - t)) if alpha >= 0 else 1)
+            ref = {"none": ref, "mean": ref.mean(), "sum": ref.sum()}[reduction]
+            torch.testing.assert_close(ours, ref)
+            dy = torch.ones_like(ours)
+            torch.testing.assert_close(torch.autograd.grad(ours, xi, dy)[0], torch.autograd.grad(ref, xr, dy)[0])
+
+
+@pytest.mark.parametrize("target_shape", ["same", "no-q", "q1"])
+def test_quantile_loss(target_shape):
+    qs = [0.1, 0.5, 0.9]
+    x = torch.randn(5, 7, 3, dtype=torch.float64)
+    t = {"same": torch.randn(5, 7, 3), "no-q": torch.randn(5, 7), "q1": torch.randn(5, 7, 1)}[target_shape].double()
+    for reduction in REDUCTIONS:
+        xi, xr = leaf(x), leaf(x)
+        ours = tritium.quantile_loss(xi, t, qs, reduction)
+        e = (t if target_shape == "same" else t.reshape(5, 7, 1)) - xr
+        tau = torch.tensor(qs, dtype=torch.float64)
+        ref = torch.maximum(tau * e, (tau - 1) * e)
+        ref = {"none": ref, "mean": ref.mean(), "sum": ref.sum()}[reduction]
+        torch.testing.assert_close(ours, ref)
+        torch.testing.assert_close(torch.autograd.grad(ours.sum(), xi)[0], torch.autograd.grad(ref.sum(), xr)[0])
+
+
+def test_contrastive_loss():
+    x1, x2 = torch.randn(40, 9, dtype=torch.float64), torch.randn(40, 9, dtype=torch.float64)
+    y = torch.randint(0, 2, (40,)).double()
+    for reduction in REDUCTIONS:
+        a, b, ar, br = leaf(x1), leaf(x2), leaf(x1), leaf(x2)
+        ours = tritium.contrastive_loss(a, b, y, margin=4.0, reduction=reduction)
+        d = ((ar - br + 1e-6) ** 2).sum(1).sqrt()
+        ref = 0.5 * (y * d ** 2 + (1 - y) * torch.clamp(4.0 - d, min=0) ** 2)
+        ref = {"none": ref, "mean": ref.mean(), "sum": ref.sum()}[reduction]
+        torch.testing.assert_close(ours, ref)
+        for g1, g2 in zip(torch.autograd.grad(ours.sum(), (a, b)), torch.autograd.grad(ref.sum(), (ar, br))):
+            torch.testing.assert_close(g1, g2)
+
+
+def _nce_formula(q, k, neg, temperature, symmetric, normalize):
+    """InfoNCE written out in float64 from its definition (no cross_entropy)."""
+    if normalize:
+        q, k = q / q.norm(dim=1, keepdim=True), k / k.norm(dim=1, keepdim=True)
+        neg = None if neg is None else neg / neg.norm(dim=1, keepdim=True)
+    s = q @ k.t() / temperature
+    full = s if neg is None else torch.cat([s, q @ neg.t() / temperature], 1)
+    diag = torch.diagonal(s)
+    loss = torch.log(torch.exp(full).sum(1)) - diag
+    if symmetric:
+        loss = (loss + torch.log(torch.exp(s).sum(0)) - diag) / 2
+    return loss
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("with_negatives", [False, True])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_info_nce(symmetric, with_negatives, normalize):
+    """Blocks of 5 rows over 37 samples (the last block partial): the loss per row and every gradient."""
+    n, d = 37, 16
+    q, k = torch.randn(n, d, dtype=torch.float64), torch.randn(n, d, dtype=torch.float64)
+    neg = torch.randn(11, d, dtype=torch.float64) if with_negatives else None
+    for reduction in REDUCTIONS:
+        leaves = [leaf(t) for t in (q, k, neg) if t is not None]
+        refs = [leaf(t) for t in (q, k, neg) if t is not None]
+        ours = tritium.info_nce(leaves[0], leaves[1], 0.2, symmetric, leaves[2] if with_negatives else None,
+                                normalize, reduction, block_size=5)
+        ref = _nce_formula(refs[0], refs[1], refs[2] if with_negatives else None, 0.2, symmetric, normalize)
+        ref = {"none": ref, "mean": ref.mean(), "sum": ref.sum()}[reduction]
+        torch.testing.assert_close(ours, ref)
+        dy = torch.randn_like(ref)
+        for g1, g2 in zip(torch.autograd.grad(ours, leaves, dy), torch.autograd.grad(ref, refs, dy)):
+            torch.testing.assert_close(g1, g2)
+        theirs = reference.info_nce(*refs[:2], 0.2, symmetric, refs[2] if with_negatives else None, normalize,
+                                    reduction)
+        torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=lambda d: str(d)[6:])
+def test_info_nce_dtypes(dtype):
+    """float32 / bfloat16 inputs against torch's materialised computation in that dtype and float64."""
+    q, k = torch.randn(70, 24).to(dtype), torch.randn(70, 24).to(dtype)
+    qi, ki = leaf(q), leaf(k)
+    ours = tritium.info_nce(qi, ki, 0.07, block_size=16)
+    dq, dk = torch.autograd.grad(ours, (qi, ki))
+    res = {}
+    for dt in (dtype, torch.float64):
+        a, b = leaf(q, dt), leaf(k, dt)
+        o = reference.info_nce(a, b, 0.07)
+        res[dt] = (o.detach(), torch.autograd.grad(o, (a, b)))
+    assert_within_torch_error(ours.detach(), res[dtype][0], res[torch.float64][0], "info_nce")
+    assert_within_torch_error(dq, res[dtype][1][0], res[torch.float64][1][0], "dq")
+    assert_within_torch_error(dk, res[dtype][1][1], res[torch.float64][1][1], "dk")
+
+
+# ---- gradcheck, compile, reference backend, modules ----
+def _gradcheck_cases():
+    """name -> (fn of the float64 leaves a, b (5, 13), fixed non-differentiable arguments built once)."""
+    t = torch.randn(5, 13, dtype=torch.float64)
+    probs, signs, bits = t.sigmoid(), t.sign(), (t > 0).double()
+    pw, neg = torch.rand(13, dtype=torch.float64) + 0.5, torch.randn(5, 13, dtype=torch.float64)
+    pm = torch.tensor([1.0, -1.0, 1.0, -1.0, -1.0], dtype=torch.float64)
+    return {
+        "mse_loss": lambda a, b: tritium.mse_loss(a, b),
+        "smooth_l1_loss": lambda a, b: tritium.smooth_l1_loss(a, b, beta=0.5),
+        "huber_loss": lambda a, b: tritium.huber_loss(a, b, reduction="sum", delta=0.5),
+        "bce_with_logits": lambda a, b: tritium.binary_cross_entropy_with_logits(a, probs, pos_weight=pw) + b.sum(),
+        "soft_margin": lambda a, b: tritium.soft_margin_loss(a, signs, reduction="none") + b,
+        "focal": lambda a, b: tritium.sigmoid_focal_loss(a, bits, gamma=1.5, reduction="mean") + b.sum(),
+        "quantile": lambda a, b: tritium.quantile_loss(a, t, [0.2] * 13) + b.sum(),
+        "triplet": lambda a, b: tritium.triplet_margin_loss(a, b, neg, p=3),
+        "cosine": lambda a, b: tritium.cosine_embedding_loss(a, b, pm, margin=-0.5),
+        "multi_margin": lambda a, b: tritium.multi_margin_loss(a, torch.tensor([0, 3, 12, 5, 5]), p=2) + b.sum(),
+        "contrastive": lambda a, b: tritium.contrastive_loss(a, b, bits[:, 0], margin=9.0),
+        "info_nce": lambda a, b: tritium.info_nce(a, b, 0.5, block_size=2),
+    }
+
+
+@pytest.mark.parametrize("name", list(_gradcheck_cases()))
+def test_gradcheck(name):
+    a, b = (torch.randn(5, 13, dtype=torch.float64).requires_grad_(True) for _ in range(2))
+    assert torch.autograd.gradcheck(_gradcheck_cases()[name], (a, b))
+
+
+def test_compile_fullgraph():
+    """The elementwise, row and blocked ops trace through torch.compile(fullgraph=True) to eager's results."""
+    def fn(x, y, t, lab):
+        return (tritium.mse_loss(x, y) + tritium.binary_cross_entropy_with_logits(x, t, reduction="sum")
+                + tritium.sigmoid_focal_loss(x, t, reduction="mean") + tritium.triplet_margin_loss(x, y, t)
+                + tritium.cosine_embedding_loss(x, y, lab) + tritium.info_nce(x, y, block_size=3))
+
+    x, y = torch.randn(7, 10, requires_grad=True), torch.randn(7, 10, requires_grad=True)
+    t, lab = torch.rand(7, 10), torch.tensor([1.0, -1, 1, -1, 1, 1, -1])
+    eager = fn(x, y, t, lab)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(x, y, t, lab)
+    torch.testing.assert_close(compiled, eager)
+    for g1, g2 in zip(torch.autograd.grad(compiled, (x, y)), torch.autograd.grad(eager, (x, y))):
+        torch.testing.assert_close(g1, g2)
+
+
+def test_reference_backend(reference_backend):
+    x, y = torch.randn(4, 5), torch.randn(4, 5)
+    assert torch.equal(tritium.mse_loss(x, y), F.mse_loss(x, y))
+    assert torch.equal(tritium.info_nce(x, y), reference.info_nce(x, y))
+
+
+MODULES = [
+    (tritium.nn.MSELoss, torch.nn.MSELoss, {}, 2, None), (tritium.nn.L1Loss, torch.nn.L1Loss, {}, 2, None),
+    (tritium.nn.SmoothL1Loss, torch.nn.SmoothL1Loss, {"beta": 0.3}, 2, None),
+    (tritium.nn.HuberLoss, torch.nn.HuberLoss, {"delta": 0.5}, 2, None),
+    (tritium.nn.BCELoss, torch.nn.BCELoss, {}, 1, "prob"),
+    (tritium.nn.BCEWithLogitsLoss, torch.nn.BCEWithLogitsLoss, {"pos_weight": torch.rand(6)}, 1, "prob"),
+    (tritium.nn.SoftMarginLoss, torch.nn.SoftMarginLoss, {}, 1, "sign"),
+    (tritium.nn.HingeEmbeddingLoss, torch.nn.HingeEmbeddingLoss, {"margin": 0.5}, 1, "sign"),
+    (tritium.nn.MarginRankingLoss, torch.nn.MarginRankingLoss, {"margin": 0.1}, 2, "sign"),
+    (tritium.nn.MultiLabelSoftMarginLoss, torch.nn.MultiLabelSoftMarginLoss, {}, 1, "bits"),
+    (tritium.nn.MultiMarginLoss, torch.nn.MultiMarginLoss, {"p": 2}, 1, "class"),
+    (tritium.nn.TripletMarginLoss, torch.nn.TripletMarginLoss, {"swap": True}, 3, None),
+    (tritium.nn.CosineEmbeddingLoss, torch.nn.CosineEmbeddingLoss, {"margin": 0.2}, 2, "row-sign"),
+]
+
+
+@pytest.mark.parametrize("ours,theirs,kw,n_in,target", MODULES, ids=[m[1].__name__ for m in MODULES])
+def test_modules_and_patch(ours, theirs, kw, n_in, target):
+    x = [torch.randn(4, 6) for _ in range(n_in)]
+    if target == "prob":
+        x[0] = torch.sigmoid(x[0]) if theirs is torch.nn.BCELoss else x[0]
+    extra = {"prob": [torch.rand(4, 6)], "sign": [torch.randn(4, 6).sign()], "bits": [torch.randint(0, 2, (4, 6))
+                                                                                      .float()],
+             "class": [torch.randint(0, 6, (4,))], "row-sign": [torch.tensor([1.0, -1, -1, 1])], None: []}[target]
+    m = theirs(**kw)
+    expect = m(*x, *extra)
+    assert issubclass(ours, theirs)
+    model = torch.nn.Sequential(m)
+    replaced = tritium.patch(model)
+    assert replaced == [("0", theirs)] and type(model[0]) is ours
+    torch.testing.assert_close(model[0](*x, *extra), expect)
+
+
+def test_tritium_only_modules():
+    x, t = torch.randn(3, 4), torch.rand(3, 4).round()
+    torch.testing.assert_close(tritium.nn.SigmoidFocalLoss(0.5, 1.0, "sum")(x, t),
+                               reference.sigmoid_focal_loss(x, t, 0.5, 1.0, "sum"))
+    torch.testing.assert_close(tritium.nn.QuantileLoss([0.1, 0.5, 0.9, 0.99])(x, t[:, 0]),
+                               reference.quantile_loss(x, t[:, 0], [0.1, 0.5, 0.9, 0.99]))
+    torch.testing.assert_close(tritium.nn.ContrastiveLoss(2.0)(x, t, t[:, 0]),
+                               reference.contrastive_loss(x, t, t[:, 0], 2.0))
+    torch.testing.assert_close(tritium.nn.InfoNCELoss(0.3, symmetric=False)(x, t),
+                               reference.info_nce(x, t, 0.3, symmetric=False))
