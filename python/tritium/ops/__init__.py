@@ -39,3 +39,4 @@ from . import quant as _quant  # noqa: E402
 from .quant import *  # noqa: F401,F403,E402
 __all__ += _quant.__all__
 from . import serve as _serve  # noqa: E402,F401  (serve_decode: the model's decode step, not a public function)
+from . import optim as _optim  # noqa: E402,F401  (the optimizer steps: tritium.optim's ops, not public functions)
