@@ -115,34 +115,46 @@ inline V lerp(const V& m, const V& g, A w) {
   return w < A(0.5) ? m + V(w) * (g - m) : g - (g - m) * V(A(1) - w);
 }
 
-// One piece [b, e) of one tensor: params P, grads G, optional 16-bit copies (G) of the updated params.
+// One piece [b, e) of one tensor: params P, grads G, optional 16-bit copies (G) of the updated params. The vector
+// loop takes two accumulation-type vectors at a time (load2 / store2: a 16-bit type converts one full-width
+// vector per load or store instead of a half-filled one each).
 template <typename P, typename G, bool kAmsgrad, bool kOut16>
 void adamw_piece(P* p, const G* g, P* m, P* v, P* vmax, G* p16, int64_t b, int64_t e, const AdamConst<acc_type<P>>& c,
                  const AdamPerTensor<acc_type<P>>& t) {
   using A = acc_type<P>;
-  using IOP = VecIO<P>;
-  using IOG = VecIO<G>;
   using Vec = Vectorized<A>;
-  static_assert(std::is_same_v<typename IOG::acc_t, A>, "grads widen to the params' accumulation type");
-  constexpr int64_t K = IOP::kSize;
+  static_assert(std::is_same_v<acc_type<G>, A>, "grads widen to the params' accumulation type");
+  constexpr int64_t K = Vec::size();
   const Vec decay(c.decay), b2(c.beta2), omb2(c.one_minus_beta2), eps(c.eps), sign(c.sign), bc2(t.bc2_sqrt),
       neg_step(-t.step_size);
-  int64_t i = b;
-  for (; i + K <= e; i += K) {
-    const Vec gv = IOG::load(g + i) * sign;
-    Vec pv = IOP::load(p + i) * decay;
-    const Vec mv = lerp(IOP::load(m + i), gv, c.one_minus_beta1);
-    Vec vv = IOP::load(v + i) * b2 + omb2 * gv * gv;
-    IOP::store(m + i, mv);
-    IOP::store(v + i, vv);
+  // one vector of the update; vm: the stored running max (amsgrad), replaced by the new one
+  auto update = [&](Vec gv, Vec& pv, Vec& mv, Vec& vv, Vec& vm) {
+    gv = gv * sign;
+    pv = pv * decay;
+    mv = lerp(mv, gv, c.one_minus_beta1);
+    vv = vv * b2 + omb2 * gv * gv;
+    Vec vd = vv;
     if constexpr (kAmsgrad) {
-      vv = at::vec::maximum(IOP::load(vmax + i), vv);
-      IOP::store(vmax + i, vv);
+      vm = at::vec::maximum(vm, vv);
+      vd = vm;
     }
-    const Vec denom = vv.sqrt() / bc2 + eps;
-    pv = pv + neg_step * mv / denom;
-    IOP::store(p + i, pv);
-    if constexpr (kOut16) IOG::store(p16 + i, pv);
+    pv = pv + neg_step * mv / (vd.sqrt() / bc2 + eps);
+  };
+  int64_t i = b;
+  for (; i + 2 * K <= e; i += 2 * K) {
+    auto [g0, g1] = load2(g + i);
+    auto [p0, p1] = load2(p + i);
+    auto [m0, m1] = load2(m + i);
+    auto [v0, v1] = load2(v + i);
+    Vec x0, x1;
+    if constexpr (kAmsgrad) std::tie(x0, x1) = load2(vmax + i);
+    update(g0, p0, m0, v0, x0);
+    update(g1, p1, m1, v1, x1);
+    store2(m + i, m0, m1);
+    store2(v + i, v0, v1);
+    if constexpr (kAmsgrad) store2(vmax + i, x0, x1);
+    store2(p + i, p0, p1);
+    if constexpr (kOut16) store2(p16 + i, p0, p1);
   }
   for (; i < e; ++i) {  // the same formulas on scalars
     const A gs = static_cast<A>(g[i]) * c.sign;
@@ -258,23 +270,28 @@ struct SgdConst {
 template <typename P, typename G, bool kMomentum, bool kFirst, bool kNesterov, bool kOut16>
 void sgd_piece(P* p, const G* g, P* buf, G* p16, int64_t b, int64_t e, const SgdConst<acc_type<P>>& c) {
   using A = acc_type<P>;
-  using IOP = VecIO<P>;
-  using IOG = VecIO<G>;
   using Vec = Vectorized<A>;
-  constexpr int64_t K = IOP::kSize;
+  constexpr int64_t K = Vec::size();
   const Vec neg_lr(-c.lr), wd(c.weight_decay), mom(c.momentum), omd(c.one_minus_dampening), sign(c.sign);
-  int64_t i = b;
-  for (; i + K <= e; i += K) {
-    const Vec pv = IOP::load(p + i);
-    Vec gv = IOG::load(g + i) * sign + wd * pv;  // wd = 0 adds exact zeros
+  auto update = [&](Vec gv, Vec& pv, Vec& bv) {
+    gv = gv * sign + wd * pv;  // wd = 0 adds exact zeros
     if constexpr (kMomentum) {
-      const Vec bv = kFirst ? gv : IOP::load(buf + i) * mom + omd * gv;
-      IOP::store(buf + i, bv);
+      bv = kFirst ? gv : bv * mom + omd * gv;
       gv = kNesterov ? gv + mom * bv : bv;
     }
-    const Vec out = pv + neg_lr * gv;
-    IOP::store(p + i, out);
-    if constexpr (kOut16) IOG::store(p16 + i, out);
+    pv = pv + neg_lr * gv;
+  };
+  int64_t i = b;
+  for (; i + 2 * K <= e; i += 2 * K) {
+    auto [g0, g1] = load2(g + i);
+    auto [p0, p1] = load2(p + i);
+    Vec b0, b1;
+    if constexpr (kMomentum && !kFirst) std::tie(b0, b1) = load2(buf + i);
+    update(g0, p0, b0);
+    update(g1, p1, b1);
+    if constexpr (kMomentum) store2(buf + i, b0, b1);
+    store2(p + i, p0, p1);
+    if constexpr (kOut16) store2(p16 + i, p0, p1);
   }
   for (; i < e; ++i) {
     const A ps = static_cast<A>(p[i]);
