@@ -9,4 +9,5 @@ SUITES = {
     "models": "tritium.bench.models",
     "memory": "tritium.bench.memory",
     "hf": "tritium.bench.hf",
+    "optim": "tritium.bench.optim",
 }
