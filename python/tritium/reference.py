@@ -599,3 +599,45 @@ def info_nce(query: Tensor, key: Tensor, temperature: float = 0.1, symmetric: bo
     if symmetric:
         loss = (loss + F.cross_entropy(sim.t(), labels, reduction="none")) / 2
     return _reduce(loss, reduction)
+
+
+# ---- optimizer steps (tritium.ops.optim; the arguments of the ops adamw_step_ / sgd_step_) ----
+def adamw_step_(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, max_exp_avg_sqs: list,
+                state_steps: list, params16: list, lr_tensor: Optional[Tensor], lr: float, beta1: float,
+                beta2: float, weight_decay: float, eps: float, maximize: bool) -> None:
+    """torch.optim's AdamW step (its single-tensor path) in place; state_steps are incremented. amsgrad when
+    max_exp_avg_sqs is non-empty. With params16 (master weights), params are float32 copies, grads are widened
+    to them, and each params16[i] receives params[i] rounded after the step."""
+    from torch.optim.adam import adam
+
+    adam(list(params), [g.to(p.dtype) for g, p in zip(grads, params)], list(exp_avgs), list(exp_avg_sqs),
+         list(max_exp_avg_sqs), list(state_steps), foreach=False, capturable=False, differentiable=False,
+         fused=False, has_complex=any(p.is_complex() for p in params), decoupled_weight_decay=True,
+         amsgrad=len(max_exp_avg_sqs) > 0, beta1=beta1, beta2=beta2,
+         lr=lr if lr_tensor is None else float(lr_tensor), weight_decay=weight_decay, eps=eps, maximize=maximize)
+    for p16, p in zip(params16, params):
+        p16.copy_(p)
+
+
+def sgd_step_(params: list, grads: list, momentum_buffers: list, params16: list, lr_tensor: Optional[Tensor],
+              lr: float, weight_decay: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
+              is_first_step: bool) -> None:
+    """torch.optim's SGD step (its single-tensor path) in place. momentum_buffers (one per param when momentum
+    != 0) are overwritten with the gradient on the first step (is_first_step), as torch.optim starts them.
+    params16: as in adamw_step_."""
+    lr = lr if lr_tensor is None else float(lr_tensor)
+    for i, p in enumerate(params):
+        g = grads[i].to(p.dtype)
+        g = -g if maximize else g
+        if weight_decay != 0:
+            g = g.add(p, alpha=weight_decay)
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            if is_first_step:
+                buf.copy_(g)
+            else:
+                buf.mul_(momentum).add_(g, alpha=1 - dampening)
+            g = g.add(buf, alpha=momentum) if nesterov else buf
+        p.add_(g, alpha=-lr)
+    for p16, p in zip(params16, params):
+        p16.copy_(p)

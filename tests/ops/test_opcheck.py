@@ -466,6 +466,33 @@ def _():
         (*_quant_packed()[0], torch.bfloat16, torch.tensor([3, 0, 18]))]
 
 
+# ---- optimizer steps: lists of odd-sized tensors, amsgrad / momentum, master weights, a tensor lr ----
+def _zeros_like(ts):
+    return [torch.zeros_like(t) for t in ts]
+
+
+@sample("adamw_step_")
+def _():
+    ps = [r(7), r(3, 5)]
+    masters, p16 = [r(7), r(3, 5)], [r(7, dtype=torch.bfloat16), r(3, 5, dtype=torch.bfloat16)]
+    steps = [torch.zeros(()), torch.zeros(())]
+    return [(ps, [r(7), r(3, 5)], _zeros_like(ps), _zeros_like(ps), _zeros_like(ps), steps, [], None, 1e-3, 0.9,
+             0.999, 1e-2, 1e-8, False),
+            (masters, [r(7, dtype=torch.bfloat16), r(3, 5, dtype=torch.bfloat16)], _zeros_like(masters),
+             _zeros_like(masters), [], [torch.zeros(()), torch.zeros(())], p16, torch.tensor(1e-3), 0.0, 0.9, 0.999,
+             0.0, 1e-8, True)]
+
+
+@sample("sgd_step_")
+def _():
+    ps = [r(7), r(3, 5)]
+    masters, p16 = [r(7)], [r(7, dtype=torch.bfloat16)]
+    return [(ps, [r(7), r(3, 5)], [], [], None, 1e-2, 0.0, 0.0, 0.0, False, False, False),
+            (ps, [r(7), r(3, 5)], _zeros_like(ps), [], torch.tensor(1e-2), 0.0, 1e-2, 0.9, 0.0, True, True, False),
+            (masters, [r(7, dtype=torch.bfloat16)], _zeros_like(masters), p16, None, 1e-2, 0.0, 0.9, 0.1, False,
+             False, True)]
+
+
 def test_every_registered_op_has_a_sample():
     """The table names only registered ops (a renamed or removed op leaves no stale sample)."""
     assert REGISTERED, "no tritium ops registered"

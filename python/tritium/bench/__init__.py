@@ -10,4 +10,5 @@ SUITES = {
     "memory": "tritium.bench.memory",
     "hf": "tritium.bench.hf",
     "serve": "tritium.bench.serve",
+    "optim": "tritium.bench.optim",
 }

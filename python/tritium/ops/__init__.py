@@ -45,3 +45,4 @@ __all__ += _preference.__all__
 from . import losses as _losses  # noqa: E402
 from .losses import *  # noqa: F401,F403,E402
 __all__ += _losses.__all__
+from . import optim as _optim  # noqa: E402,F401  (the optimizer steps: tritium.optim's ops, not public functions)
