@@ -466,6 +466,17 @@ def _():
         (*_quant_packed()[0], torch.bfloat16, torch.tensor([3, 0, 18]))]
 
 
+# ---- preference losses: two pairs (DPO) and four KTO sequences, an ignored prompt, chunks across sequences ----
+@sample("fused_linear_sequence_loss")
+def _():
+    target = torch.randint(0, 11, (4, 5))
+    target[:, :2] = -100
+    return [(r(4, 5, 8), r(11, 8), target, r(11), r(4), torch.empty(0), torch.zeros(()), "dpo_sigmoid", [0.1, 0.0],
+             -100, 3, True),
+            (r(4, 5, 8), r(11, 8), target, None, r(4), torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.tensor(0.2), "kto",
+             [0.1, 1.0, 1.0], -100, 4, False)]
+
+
 # ---- optimizer steps: lists of odd-sized tensors, amsgrad / momentum, master weights, a tensor lr ----
 def _zeros_like(ts):
     return [torch.zeros_like(t) for t in ts]
