@@ -151,6 +151,33 @@ def test_every_switch_reaches_its_kernel(monkeypatch):
                      "flce": 1}
 
 
+@pytest.mark.parametrize("dtype,rows", [(torch.float32, 3), (torch.bfloat16, 1)], ids=["f32", "bf16"])
+def test_linear_switch_without_autograd(monkeypatch, dtype, rows):
+    """Without autograd, at a decode step's rows (any in float32, one in bfloat16), the projections and the LM head
+    run as linear_small, the logits within the rule (qwen2: a bias on q/k/v); with autograd, F.linear."""
+    from tritium.integrations import transformers as mod
+
+    calls = []
+    small = mod.linear_small
+    monkeypatch.setattr(mod, "linear_small", lambda x, w: calls.append(x.shape[0]) or small(x, w))
+    base = tiny("qwen2").eval()
+    ids = batch()[0][:1, :rows]
+    with torch.no_grad():
+        ref = copy.deepcopy(base).double()(input_ids=ids).logits
+        theirs = copy.deepcopy(base).to(dtype)(input_ids=ids).logits
+        model = copy.deepcopy(base).to(dtype)
+        tt.apply(model)
+        ours = model(input_ids=ids).logits
+    twins = [m for m in model.modules() if type(m).__dict__.get("_tritium_base") is torch.nn.Linear]
+    assert len(twins) == 7 * COMMON["num_hidden_layers"] + 1
+    # a bias is added after linear_small in float32 only (one rounding, as torch's); bfloat16 with a bias: F.linear
+    assert calls == [rows] * sum(m.bias is None or dtype == torch.float32 for m in twins)
+    assert_within_torch_error(ours, theirs, ref, f"qwen2 {dtype} logits, no autograd")
+    calls.clear()
+    model(input_ids=ids).logits.sum().backward()
+    assert calls == []
+
+
 def test_num_items_in_batch_and_shift_labels_follow_transformers():
     ids, mask, labels = batch()
     n = torch.tensor(7)
@@ -185,7 +212,8 @@ def test_apply_twice_is_a_no_op_and_revert_restores():
     replaced = tt.apply(model)
     assert ("config._attn_implementation", "sdpa") in replaced
     kinds = ("RMSNorm", "MLP", "Attention", "ForCausalLM")
-    assert {n for n, _ in replaced if n in classes} == {n for n, c in classes.items() if c.__name__.endswith(kinds)}
+    assert {n for n, _ in replaced if n in classes} == {n for n, c in classes.items()
+                                                        if c.__name__.endswith(kinds) or c is torch.nn.Linear}
     assert all(isinstance(m, classes[n]) for n, m in model.named_modules())  # twins subclass the originals
     assert type(model).__name__ == "LlamaForCausalLM"  # what save_pretrained records
     assert tt.apply(model) == []

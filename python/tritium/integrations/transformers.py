@@ -26,6 +26,10 @@ What each switch replaces (``FAMILIES`` lists the classes per model type):
   label shift (or its ``shift_labels``), ``ignore_index`` and ``num_items_in_batch``. Eval mode, a wrapped LM head
   (a PEFT adapter on ``lm_head``) or final-logit soft-capping (Gemma 2/3) take the model's own path.
 - ``cross_entropy``: where logits are materialised, the loss on them by ``tritium.cross_entropy``.
+- ``linear`` (``apply`` only: the ``torch.nn.Linear`` children of the attention, MLP and LM modules get a twin,
+  the class itself stays torch's): without autograd on CPU at a decode step's few rows, the projections and the
+  LM head by tritium's ``linear_small`` (the weight streamed as stored; BLAS repacks it on every call);
+  otherwise ``F.linear``.
 
 The MoE families (mixtral, qwen3_moe) get norms, rope, attention, the dense MLPs and the fused loss; their
 experts and router stay transformers'.
@@ -50,9 +54,11 @@ from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOut
 from transformers.utils import can_return_tuple
 
 from .. import ops
+from .._backend import use_reference
 from ..ops._library import kernel_ok
 from ..ops.attention import _sdpa_mask, _tensors_ok, flash_attn_fwd
 from ..ops.cross_entropy import default_chunk_size, flce_fwd
+from ..ops.linear import linear_small, small_rows_ok
 
 ATTN_IMPLEMENTATION = "tritium"
 
@@ -106,6 +112,25 @@ def _rms_norm_forward(self, hidden_states: Tensor) -> Tensor:
 def _gemma_rms_norm_forward(self, x: Tensor) -> Tensor:
     # Gemma normalises and scales in float32, weight stored as (scale - 1), and rounds once at the end
     return ops.rms_norm(x.float(), (x.shape[-1],), 1.0 + self.weight.float(), self.eps).type_as(x)
+
+
+def _linear_forward(self, input: Tensor) -> Tensor:
+    """nn.Linear's forward; without autograd on CPU at the few rows of a decode step (small_rows_ok: any row count
+    in float32, one row in 16-bit), tritium's linear_small, which streams the weight as stored where BLAS repacks
+    it on every call (a bias is added after, in float32 and float64 only, where that is one rounding as in torch)."""
+    w, b = self.weight, self.bias
+    if (input.device.type == "cpu" and input.dim() >= 2 and input.shape[-1] == w.shape[-1]
+            and not (torch.is_grad_enabled() and (input.requires_grad or w.requires_grad
+                                                  or (b is not None and b.requires_grad)))
+            and (b is None or (b.dtype == input.dtype and input.dtype in (torch.float32, torch.float64)))
+            and not use_reference()):
+        x2 = input.reshape(-1, w.shape[-1])
+        if small_rows_ok(x2, w):
+            y = linear_small(x2, w)
+            if b is not None:
+                y.add_(b)
+            return y.view(input.shape[:-1] + (w.shape[0],))
+    return F.linear(input, w, b)
 
 
 # transformers' activation name -> (tritium's gated op, its keyword arguments)
@@ -260,6 +285,11 @@ def _logits_loss(logits: Tensor, labels: Tensor, vocab_size: int, num_items_in_b
     return loss
 
 
+def _plain_linear(m: torch.nn.Module) -> bool:
+    """m is a torch.nn.Linear or its tritium twin (not a subclass with other weights, not a PEFT wrapper)."""
+    return type(m) is torch.nn.Linear or type(m).__dict__.get("_tritium_base") is torch.nn.Linear
+
+
 def _lm_forward(original: Callable, module: types.ModuleType) -> Callable:
     names = [p for p in inspect.signature(original).parameters if p != "self"]
 
@@ -290,7 +320,7 @@ def _lm_forward(original: Callable, module: types.ModuleType) -> Callable:
         if args:
             kwargs.update(zip(names, args))
         if (self.training and kwargs.get("labels") is not None
-                and type(self.lm_head) is torch.nn.Linear
+                and _plain_linear(self.lm_head)
                 and getattr(self.config, "final_logit_softcapping", None) is None):
             return fused(self, **kwargs)
         return original(self, **kwargs)
@@ -311,6 +341,8 @@ def _replacement(family: Family, cls: type, attr: str):
     original = _original(cls, attr)
     if attr == "_loss_function":
         return staticmethod(_logits_loss)
+    if cls is torch.nn.Linear:
+        return _linear_forward
     if cls.__name__ in family.norms:
         return _gemma_rms_norm_forward if family.gemma_norm else _rms_norm_forward
     if cls.__name__ in family.mlps:
@@ -345,7 +377,8 @@ def _twin(family: Family, cls: type, attrs: Tuple[str, ...]) -> type:
 
 # ---- instance patching ----
 def apply(model: torch.nn.Module, rms_norm: bool = True, rope: bool = True, swiglu: bool = True,
-          attention: bool = True, cross_entropy: bool = False, fused_linear_cross_entropy: bool = True) -> List[tuple]:
+          attention: bool = True, cross_entropy: bool = False, fused_linear_cross_entropy: bool = True,
+          linear: bool = True) -> List[tuple]:
     """Patch a built transformers model (or a PEFT model wrapping one) in place. Returns [(qualified module name,
     original class)] for each module swapped to its tritium twin, plus ("config._attn_implementation", the previous
     implementation) when attention switched; [] when there was nothing left to patch (applying twice is a no-op).
@@ -356,12 +389,21 @@ def apply(model: torch.nn.Module, rms_norm: bool = True, rope: bool = True, swig
     config = getattr(base, "config", None)
     family = _family(getattr(config, "model_type", type(model).__name__), "apply")
     wanted = dict(_targets(family, flags))
+    # linear: the torch.nn.Linear children of the attention, MLP and LM modules (an adapter's own layers, e.g.
+    # PEFT's lora_A / lora_B, stay as they are); instances only, as apply_to cannot patch torch.nn.Linear itself
+    module = _module(family)
+    parents = tuple(getattr(module, n) for n in family.attentions + family.mlps + family.lm) if linear else ()
     replaced = []
     for name, m in model.named_modules():
         attrs = wanted.get(type(m))
         if attrs is not None:
             replaced.append((name, type(m)))
             m.__class__ = _twin(family, type(m), attrs)
+        if parents and isinstance(m, parents):
+            for child_name, child in m.named_children():
+                if type(child) is torch.nn.Linear:
+                    replaced.append((f"{name}.{child_name}" if name else child_name, torch.nn.Linear))
+                    child.__class__ = _twin(family, torch.nn.Linear, ("forward",))
     if flags["attention"] and config._attn_implementation != ATTN_IMPLEMENTATION:
         replaced.append(("config._attn_implementation", config._attn_implementation))
         base._tritium_attn_before = config._attn_implementation
