@@ -274,6 +274,9 @@ KNOWN = [
      quant_section),
     ("hf-train.json", "tritium bench hf --train --dtypes bfloat16 --json bench/results/hf-train.json",
      "Hugging Face transformers", HF_PROSE, hf_section),
+    ("hf-generate.json", "taskset -c 1 tritium bench hf --generate --dtypes float32,bfloat16 --json "
+                         "bench/results/hf-generate.json", "Hugging Face transformers: generate()", HF_PROSE,
+     hf_section),
     ("serve.json", "tritium bench serve --clients 1,8,32 --requests 128 --shared-prefix 512 --json "
                    "bench/results/serve.json", "Serving", SERVE_PROSE, serve_section),
     ("preference.json", "OMP_NUM_THREADS=1 taskset -c 1 tritium bench ops --op fused_linear_dpo_loss --headline "
@@ -340,6 +343,12 @@ def readme_summary() -> str:
                  for r in hf["rows"] if r["task"] == "train" and r["variant"] != "tritium"]
         lines.append(f"- transformers' SmolLM2-135M training step patched by `tritium.integrations.transformers` "
                      f"({hf['machine']['cpu']}, {hf['machine']['time'][:10]}): " + "; ".join(parts) + ".")
+    gen = load("hf-generate.json")
+    if gen:
+        parts = [f"{r['dtype']} {r['tritium_speedup']:.2f}x" for r in gen["rows"]
+                 if r["task"] == "generate" and r["variant"] == "eager"]
+        lines.append(f"- transformers' `generate()` on SmolLM2-135M, batch 1, patched over unpatched "
+                     f"({gen['machine']['cpu']}, {gen['machine']['time'][:10]}): " + ", ".join(parts) + ".")
     lines += ["", "![speedup of each headline row over eager and torch.compile](bench/results/ops-headline.png)",
               SUMMARY_END]
     return "\n".join(lines)
