@@ -365,7 +365,8 @@ def _smoothed_logsigmoid(z: Tensor, eps: float):
     return -F.logsigmoid(z) * (1 - eps) - F.logsigmoid(-z) * eps, torch.sigmoid(z) - (1 - eps)
 
 
-def _halves(t: Tensor):
+def _chosen_rejected(t: Tensor):
+    """The chosen (first) and rejected (second) halves of a per-sequence tensor."""
     return t[:t.shape[0] // 2], t[t.shape[0] // 2:]
 
 
@@ -375,7 +376,7 @@ def _pair_grad(dc: Tensor, dr: Tensor) -> Tensor:
 
 def _dpo(loss_type):
     def terms(lp, n, ref, labels, ctx, beta, label_smoothing):
-        (c, r), (nc, nr) = _halves(lp - ref), _halves(_avg_n(n))
+        (c, r), (nc, nr) = _chosen_rejected(lp - ref), _chosen_rejected(_avg_n(n))
         z = beta * (c - r)
         if loss_type == "sigmoid":
             loss, dz = _smoothed_logsigmoid(z, label_smoothing)
@@ -399,7 +400,7 @@ def _nll_share(lp: Tensor, ctx):
     """Each pair's share of the chosen sequences' token-mean NLL (their mean over pairs is that NLL), and its
     derivative with respect to the chosen summed log-probabilities."""
     k = -ctx["n_groups"] / ctx["chosen_tokens"].clamp(min=1)
-    c = _halves(lp)[0]
+    c = _chosen_rejected(lp)[0]
     return c * k, k.expand(c.shape)
 
 
@@ -409,7 +410,7 @@ def _cpo(loss_type):
     def terms(lp, n, ref, labels, ctx, beta, label_smoothing, alpha, gamma):
         div = _avg_n(n) if avg else torch.ones_like(n)
         x = lp / div
-        c, r = _halves(x)
+        c, r = _chosen_rejected(x)
         logits = c - r
         if loss_type in ("sigmoid", "simpo"):
             loss, dz = _smoothed_logsigmoid(beta * (logits - (gamma / beta if loss_type == "simpo" else 0.0)),
@@ -421,7 +422,7 @@ def _cpo(loss_type):
         else:  # ipo
             loss = (logits - 1 / (2 * beta)) ** 2
             dlogits = 2 * (logits - 1 / (2 * beta))
-        dc, dr = dlogits / _halves(div)[0], -dlogits / _halves(div)[1]
+        dc, dr = dlogits / _chosen_rejected(div)[0], -dlogits / _chosen_rejected(div)[1]
         if alpha != 0:
             nll, dnll = _nll_share(lp, ctx)
             loss, dc = loss + alpha * nll, dc + alpha * dnll
@@ -437,13 +438,13 @@ def _log1mexp(x: Tensor) -> Tensor:
 def _orpo(lp, n, ref, labels, ctx, beta):
     div = _avg_n(n)
     x = lp / div
-    c, r = _halves(x)
+    c, r = _chosen_rejected(x)
     log_odds = (c - r) - (_log1mexp(c) - _log1mexp(r))
     ratio = F.logsigmoid(log_odds)
     nll, dnll = _nll_share(lp, ctx)
     dlo = beta * (torch.sigmoid(log_odds) - 1)  # d(-beta logsigmoid(log_odds))
     dc, dr = dlo * (-1 / torch.expm1(c)), dlo * (1 / torch.expm1(r))  # d log_odds / d c = 1 / (1 - exp(c))
-    dc, dr = dc / _halves(div)[0] + dnll, dr / _halves(div)[1]
+    dc, dr = dc / _chosen_rejected(div)[0] + dnll, dr / _chosen_rejected(div)[1]
     return nll - beta * ratio, beta * x, {"log_odds_ratio": ratio, "log_odds_chosen": log_odds}, _pair_grad(dc, dr)
 
 
