@@ -317,6 +317,18 @@ class PagedKVCache:
                 out[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
         return out.to(self.device)
 
+    def slots(self, seq_id: Hashable, num_tokens: Optional[int] = None) -> Tensor:
+        """int64 (num_tokens,) slots of the sequence's first num_tokens tokens (None: all of them), in order: where
+        a prefill that continues the sequence reads its earlier tokens' K/V (StepInput.prefill_slots)."""
+        s = self._get(seq_id)
+        n = s.length if num_tokens is None else num_tokens
+        if not 0 <= n <= s.length:
+            raise ValueError(f"num_tokens must be in [0, {s.length}] for sequence {seq_id!r}, got {n}")
+        bs = self.block_size
+        blocks = torch.tensor(s.blocks[:-(-n // bs)], dtype=torch.int64)
+        out = (blocks[:, None] * bs + torch.arange(bs)).view(-1)[:n]
+        return out.to(self.device)
+
     def seq_lens(self, seq_ids: Sequence[Hashable]) -> Tensor:
         return torch.tensor([self._get(s).length for s in seq_ids], dtype=torch.int32, device=self.device)
 
