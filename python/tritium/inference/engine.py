@@ -309,10 +309,11 @@ class Engine:
             last_logits_only=True)   # logits of the decode rows and each prefill's last token
         logits = self.model.forward_step(step, self.pools)
         ran = decode + [(r, s) for r, s, _ in prefill]
+        # their new K/V are written: full blocks become reusable prefixes (before sampling, which may finish a
+        # request and free its blocks: a request that ends on its first token still leaves its prompt cached)
+        for _, s in ran:
+            self.cache.publish(s.key, s.tokens)
         self._process(logits, ran)
-        for _, s in ran:   # their new K/V are written: full blocks become reusable prefixes
-            if s.in_cache:
-                self.cache.publish(s.key, s.tokens)
         dt = time.perf_counter() - t0   # model, sampling and stop checks
         n_prefill = sum(lens)
         self.stats["prefix_hit_tokens"] += sum(s.cached for _, s, _ in prefill)
