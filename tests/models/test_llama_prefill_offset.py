@@ -32,8 +32,8 @@ def _prefill(model, pools, prompt, start, ctx=True):
     returns every chunk row's logits."""
     n = len(prompt)
     step = StepInput(torch.tensor(prompt[start:]), torch.arange(start, n), _slots(BLOCKS, range(start, n)), 0,
-                     None, None, [n - start], [_slots(BLOCKS, range(n)) if start else None],
-                     logits_rows=torch.arange(n - start))
+                     None, None, [n - start], logits_rows=torch.arange(n - start),
+                     prefill_slots=[_slots(BLOCKS, range(n)) if start else None])
     return model.forward_step(step, pools)
 
 
@@ -102,7 +102,7 @@ def test_mixed_step_with_decode_and_prefills(dtype):
             ctx.append(slots(i, range(len(s))) if st else None)
         step = StepInput(torch.tensor(toks), torch.tensor(pos), torch.cat(sl), 1,
                          torch.tensor([blocks[0]], dtype=torch.int32), torch.tensor([len(d)], dtype=torch.int32),
-                         lens, ctx, last_logits_only=True)
+                         lens, last_logits_only=True, prefill_slots=ctx)
         out = model.forward_step(step, pools).float()
         assert out.shape[0] == len(seqs)
         for i, s in enumerate(seqs):

@@ -119,9 +119,9 @@ class StepInput:
     block_tables: Optional[Tensor]
     seq_lens: Optional[Tensor]
     prefill_lens: List[int] = field(default_factory=list)
-    prefill_slots: List[Optional[Tensor]] = field(default_factory=list)
     logits_rows: Optional[Tensor] = None
     last_logits_only: bool = False
+    prefill_slots: List[Optional[Tensor]] = field(default_factory=list)
 
 
 def _paged_attention(q: Tensor, k: Tensor, v: Tensor, step: StepInput, kv: Tuple[Tensor, Tensor], scale: float,
