@@ -212,6 +212,18 @@ class PagedKVCache:
             parent = key
         return blocks, keys
 
+    def block_keys(self, tokens: Sequence[int]) -> List[bytes]:
+        """The prefix keys of tokens' full blocks that match_prefix looks up (all but a last token left out),
+        cached or not; empty without prefix_caching."""
+        keys: List[bytes] = []
+        if not self.prefix_caching:
+            return keys
+        bs, parent = self.block_size, b""
+        for j in range((len(tokens) - 1) // bs):
+            parent = _block_key(parent, tokens[j * bs:(j + 1) * bs])
+            keys.append(parent)
+        return keys
+
     def blocks_needed_cached(self, tokens: Sequence[int], extra: int = 0) -> int:
         """Free blocks that allocate_cached(seq, tokens) followed by extra more tokens would take: fresh blocks for
         what the cache does not hold, and the matched cached blocks that are free now (they stop being free)."""

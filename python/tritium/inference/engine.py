@@ -12,7 +12,9 @@ Each ``step()``:
 Prefix caching (on by default; ``prefix_caching=False`` turns it off): a prompt whose first blocks' tokens a
 finished or running sequence already computed takes those blocks from the cache (tritium.inference.cache) and only
 the rest is computed: prefilled as one chunk at positions [cached, len) whose queries attend to the cached
-tokens' K/V, read from the pools, and to the chunk's own, causally (``StepInput.prefill_slots``).
+tokens' K/V, read from the pools, and to the chunk's own, causally (``StepInput.prefill_slots``). A waiting
+prompt whose next uncached block a prefill of the same step computes waits for the next step, which takes that
+block from the cache (prompts sharing a system prompt arriving together compute it once).
 
 ``abort(request)`` ends a request at once (a client went away): its blocks are free for the next step.
 
@@ -243,6 +245,7 @@ class Engine:
         prefill = []
         budget = self.max_prefill_tokens
         n_seqs = len(decode)
+        computing = set()   # prefix keys of the full blocks this step's prefills compute (published after it)
         while self.waiting:
             req = self.waiting[0]
             if sum(self.cache.blocks_needed(None, len(s.tokens) + 1) for s in req.seqs) > self.cache.num_blocks:
@@ -250,8 +253,11 @@ class Engine:
                 self._finish(req, "error", "")
                 continue
             # what the prefix cache does not hold is what this step computes and the free blocks it takes
-            n = sum(len(s.tokens) - len(self.cache.match_prefix(s.tokens)[0]) * self.block_size
-                    for s in req.seqs)
+            hits = [len(self.cache.match_prefix(s.tokens)[0]) for s in req.seqs]
+            n = sum(len(s.tokens) - h * self.block_size for s, h in zip(req.seqs, hits))
+            keys = [self.cache.block_keys(s.tokens) for s in req.seqs]
+            if any(h < len(k) and k[h] in computing for h, k in zip(hits, keys)):
+                break   # its next uncached block is being computed now: next step takes it from the cache
             need = sum(self.cache.blocks_needed_cached(s.tokens, 1) for s in req.seqs)
             width = max(len(req.seqs), req.num_beams)
             if n_seqs + width > self.max_batch or need > self.cache.num_free_blocks or \
@@ -267,6 +273,8 @@ class Engine:
                 self._free(req)
                 break
             self.waiting.popleft()
+            for (_, s, _), k in zip(admitted, keys):
+                computing.update(k[s.cached // self.block_size:])
             prefill += admitted
             self.running.append(req)
             n_seqs += width
