@@ -161,3 +161,31 @@ def test_top_logprobs(model, tok):  # noqa: F811
     with pytest.raises(ValueError, match="top_logprobs"):
         eng.add_request("x", top_logprobs=-1)
     torch.manual_seed(0)
+
+
+def test_request_ending_on_its_first_token_leaves_its_prompt_cached(model, tok):  # noqa: F811
+    """Blocks are published before sampling: a request finished (and freed) in its prefill step still caches
+    its prompt for the next one, whose tokens equal those without the cache."""
+    eng = Engine(model, tok, max_batch=4, block_size=BS)
+    p = PROMPTS[0]
+    eng.generate([p], max_new_tokens=1, stop_token_ids=[])
+    got = eng.generate([p], max_new_tokens=6, stop_token_ids=[])[0].token_ids
+    n = len(tok.encode(p))
+    assert eng.stats["prefix_hit_tokens"] == (n - 1) // BS * BS > 0
+    off = Engine(model, tok, max_batch=4, block_size=BS, prefix_caching=False)
+    assert got == off.generate([p], max_new_tokens=6, stop_token_ids=[])[0].token_ids
+    eng.cache.check_invariants()
+
+
+def test_prompts_queued_together_wait_for_a_shared_prefix_being_computed(model, tok):  # noqa: F811
+    """Prompts sharing a prefix that is not cached yet: the first computes it, the others are admitted the next
+    step and take it from the cache (same tokens as without the cache)."""
+    shared = "a long shared system prompt, " * 2
+    prompts = [shared + q for q in ("first?", "second one?", "third")]
+    eng = Engine(model, tok, max_batch=4, block_size=BS)
+    got = [r.token_ids for r in eng.generate(prompts, max_new_tokens=4, stop_token_ids=[])]
+    hit = len(tok.encode(shared)) // BS * BS
+    assert eng.stats["prefix_hit_tokens"] >= 2 * hit > 0
+    off = Engine(model, tok, max_batch=4, block_size=BS, prefix_caching=False)
+    assert got == [r.token_ids for r in off.generate(prompts, max_new_tokens=4, stop_token_ids=[])]
+    eng.cache.check_invariants()

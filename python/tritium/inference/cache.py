@@ -212,6 +212,18 @@ class PagedKVCache:
             parent = key
         return blocks, keys
 
+    def block_keys(self, tokens: Sequence[int]) -> List[bytes]:
+        """The prefix keys of tokens' full blocks that match_prefix looks up (all but a last token left out),
+        cached or not; empty without prefix_caching."""
+        keys: List[bytes] = []
+        if not self.prefix_caching:
+            return keys
+        bs, parent = self.block_size, b""
+        for j in range((len(tokens) - 1) // bs):
+            parent = _block_key(parent, tokens[j * bs:(j + 1) * bs])
+            keys.append(parent)
+        return keys
+
     def blocks_needed_cached(self, tokens: Sequence[int], extra: int = 0) -> int:
         """Free blocks that allocate_cached(seq, tokens) followed by extra more tokens would take: fresh blocks for
         what the cache does not hold, and the matched cached blocks that are free now (they stop being free)."""
@@ -315,6 +327,18 @@ class PagedKVCache:
         for i, t in enumerate(tables):
             if t:
                 out[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        return out.to(self.device)
+
+    def slots(self, seq_id: Hashable, num_tokens: Optional[int] = None) -> Tensor:
+        """int64 (num_tokens,) slots of the sequence's first num_tokens tokens (None: all of them), in order: where
+        a prefill that continues the sequence reads its earlier tokens' K/V (StepInput.prefill_slots)."""
+        s = self._get(seq_id)
+        n = s.length if num_tokens is None else num_tokens
+        if not 0 <= n <= s.length:
+            raise ValueError(f"num_tokens must be in [0, {s.length}] for sequence {seq_id!r}, got {n}")
+        bs = self.block_size
+        blocks = torch.tensor(s.blocks[:-(-n // bs)], dtype=torch.int64)
+        out = (blocks[:, None] * bs + torch.arange(bs)).view(-1)[:n]
         return out.to(self.device)
 
     def seq_lens(self, seq_ids: Sequence[Hashable]) -> Tensor:

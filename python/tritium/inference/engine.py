@@ -11,9 +11,10 @@ Each ``step()``:
 
 Prefix caching (on by default; ``prefix_caching=False`` turns it off): a prompt whose first blocks' tokens a
 finished or running sequence already computed takes those blocks from the cache (tritium.inference.cache) and only
-the rest is computed. The model prefills a prompt from position 0, so the rest goes in as decode rows instead,
-one per token, each attending over the sequence's blocks up to its own position (the step writes every row's K/V
-before any row attends, so the later rows see the earlier ones).
+the rest is computed: prefilled as one chunk at positions [cached, len) whose queries attend to the cached
+tokens' K/V, read from the pools, and to the chunk's own, causally (``StepInput.prefill_slots``). A waiting
+prompt whose next uncached block a prefill of the same step computes waits for the next step, which takes that
+block from the cache (prompts sharing a system prompt arriving together compute it once).
 
 ``abort(request)`` ends a request at once (a client went away): its blocks are free for the next step.
 
@@ -244,6 +245,7 @@ class Engine:
         prefill = []
         budget = self.max_prefill_tokens
         n_seqs = len(decode)
+        computing = set()   # prefix keys of the full blocks this step's prefills compute (published after it)
         while self.waiting:
             req = self.waiting[0]
             if sum(self.cache.blocks_needed(None, len(s.tokens) + 1) for s in req.seqs) > self.cache.num_blocks:
@@ -251,8 +253,11 @@ class Engine:
                 self._finish(req, "error", "")
                 continue
             # what the prefix cache does not hold is what this step computes and the free blocks it takes
-            n = sum(len(s.tokens) - len(self.cache.match_prefix(s.tokens)[0]) * self.block_size
-                    for s in req.seqs)
+            hits = [len(self.cache.match_prefix(s.tokens)[0]) for s in req.seqs]
+            n = sum(len(s.tokens) - h * self.block_size for s, h in zip(req.seqs, hits))
+            keys = [self.cache.block_keys(s.tokens) for s in req.seqs]
+            if any(h < len(k) and k[h] in computing for h, k in zip(hits, keys)):
+                break   # its next uncached block is being computed now: next step takes it from the cache
             need = sum(self.cache.blocks_needed_cached(s.tokens, 1) for s in req.seqs)
             width = max(len(req.seqs), req.num_beams)
             if n_seqs + width > self.max_batch or need > self.cache.num_free_blocks or \
@@ -268,6 +273,8 @@ class Engine:
                 self._free(req)
                 break
             self.waiting.popleft()
+            for (_, s, _), k in zip(admitted, keys):
+                computing.update(k[s.cached // self.block_size:])
             prefill += admitted
             self.running.append(req)
             n_seqs += width
@@ -283,59 +290,41 @@ class Engine:
         if not decode and not prefill:
             return
         t0 = time.perf_counter()
-        # prompts the prefix cache partly holds continue from their cached tokens as decode rows (one per token,
-        # attending over the sequence's blocks up to its position); the others are prefilled from position 0
-        ext = [(r, s, sl) for r, s, sl in prefill if s.cached]
-        full = [(r, s, sl) for r, s, sl in prefill if not s.cached]
+        # decode rows first, then each prompt's uncached rest as one chunk: from position 0, or continuing from the
+        # tokens the prefix cache gave it (the chunk attends to their K/V in the pools: StepInput.prefill_slots)
         tokens = [s.tokens[-1] for _, s in decode]
         positions = [len(s.tokens) - 1 for _, s in decode]
         slots = [dec_slots] if decode else []
-        table_keys = [s.key for _, s in decode]
-        table_rows = list(range(len(decode)))
-        wanted = list(range(len(decode)))   # the rows whose logits are sampled
-        for _, s, sl in ext:
+        lens, ctx = [], []
+        for _, s, sl in prefill:
             n = len(s.tokens)
-            table_rows += [len(table_keys)] * (n - s.cached)
-            table_keys.append(s.key)
             tokens.extend(s.tokens[s.cached:])
             positions.extend(range(s.cached, n))
             slots.append(sl)
-            wanted.append(len(tokens) - 1)
-        n_dec = len(tokens)
-        lens = []
-        for _, s, sl in full:
-            tokens.extend(s.tokens)
-            positions.extend(range(len(s.tokens)))
-            slots.append(sl)
-            lens.append(len(s.tokens))
+            lens.append(n - s.cached)
+            ctx.append(self.cache.slots(s.key, n) if s.cached else None)
         dev = self.model.device
         bt = sl = None
-        if n_dec:
-            bt = self.cache.block_tables(table_keys)
-            if ext:
-                bt = bt.index_select(0, torch.tensor(table_rows, device=bt.device))
-            sl = torch.tensor(positions[:n_dec], dtype=torch.int32, device=dev) + 1   # each row sees up to itself
-        logits_rows = None
-        if ext and not full:   # decode rows only: the model returns the logits of the rows asked for
-            logits_rows = torch.tensor(wanted, dtype=torch.int64, device=dev)
+        if decode:
+            bt = self.cache.block_tables([s.key for _, s in decode])
+            sl = torch.tensor(positions[:len(decode)], dtype=torch.int32, device=dev) + 1
         step = StepInput(
             tokens=torch.tensor(tokens, dtype=torch.int64, device=dev),
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
             slot_mapping=torch.cat(slots) if len(slots) > 1 else slots[0],
-            n_decode=n_dec, block_tables=bt, seq_lens=sl, prefill_lens=lens, logits_rows=logits_rows,
-            last_logits_only=logits_rows is None)   # logits of the decode rows and each prefill's last token
+            n_decode=len(decode), block_tables=bt, seq_lens=sl, prefill_lens=lens,
+            prefill_slots=ctx if any(c is not None for c in ctx) else [],
+            last_logits_only=True)   # logits of the decode rows and each prefill's last token
         logits = self.model.forward_step(step, self.pools)
-        if ext and full:   # every decode row's logits came back; keep the real decodes' and each prompt's last
-            keep = wanted + list(range(n_dec, n_dec + len(full)))
-            logits = logits.index_select(0, torch.tensor(keep, device=logits.device))
-        ran = decode + [(r, s) for r, s, _ in ext] + [(r, s) for r, s, _ in full]
+        ran = decode + [(r, s) for r, s, _ in prefill]
+        # their new K/V are written: full blocks become reusable prefixes (before sampling, which may finish a
+        # request and free its blocks: a request that ends on its first token still leaves its prompt cached)
+        for _, s in ran:
+            self.cache.publish(s.key, s.tokens)
         self._process(logits, ran)
-        for _, s in ran:   # their new K/V are written: full blocks become reusable prefixes
-            if s.in_cache:
-                self.cache.publish(s.key, s.tokens)
         dt = time.perf_counter() - t0   # model, sampling and stop checks
-        n_prefill = sum(lens) + n_dec - len(decode)
-        self.stats["prefix_hit_tokens"] += sum(s.cached for _, s, _ in ext)
+        n_prefill = sum(lens)
+        self.stats["prefix_hit_tokens"] += sum(s.cached for _, s, _ in prefill)
         # attribute the step's time to prefill and decode in proportion to their tokens
         self.stats["prefill_tokens"] += n_prefill
         self.stats["decode_tokens"] += len(decode)

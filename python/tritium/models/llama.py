@@ -1,7 +1,8 @@
 """A Llama-style decoder built on tritium ops (gpt-fast style: one file, a config dataclass, named configs).
 
 Per layer: fused residual add + RMSNorm, one fused QKV projection, RoPE, attention (flash attention over a
-whole sequence for plain forwards and prefill; append_kv + paged decode attention over the paged KV cache for
+whole sequence for plain forwards and prefill, a prefill continuing a cached sequence reading its earlier K/V
+from the pools; append_kv + paged decode attention over the paged KV cache for
 decode), the output projection, fused add + RMSNorm, one fused gate/up projection, SwiGLU, the down projection.
 GQA (n_kv_heads dividing n_heads), partial rotary, tied or untied LM head; float32 and bfloat16.
 
@@ -97,11 +98,16 @@ def _rope_tables(c: LlamaConfig, max_positions: int) -> Tuple[Tensor, Tensor]:
 @dataclass
 class StepInput:
     """One engine step over a packed batch of tokens: decode tokens first (one per running sequence), then
-    the prompts being prefilled back to back (each from position 0).
+    the prompt chunks being prefilled back to back (each from position 0, or continuing a sequence whose earlier
+    tokens' K/V are in the cache: prefill_slots).
 
     tokens, positions, slot_mapping: int64 (T,); block_tables int32 (n_decode, max_blocks) and seq_lens int32
     (n_decode,) for the decode rows (seq_lens include the token being decoded); prefill_lens: host ints (their
-    sum is T - n_decode); logits_rows int64: which rows' logits to return (None: every row).
+    sum is T - n_decode); prefill_slots: empty (every prefill starts at position 0) or one entry per prefill:
+    None (it starts at position 0) or the int64 (start + n,) slots of all the sequence's positions up to the
+    chunk's end, the chunk's own last (its n tokens are at positions [start, start + n): the chunk's queries
+    attend to the K/V of [0, start) read from the pools and to its own, causally); logits_rows int64: which
+    rows' logits to return (None: every row).
     last_logits_only: the logits wanted are exactly the decode rows' and each prefill's last token's (what the
     engine asks for; logits_rows then need not be given): the last layer then runs its attention output, MLP and
     the final norm on those rows only, as llama.cpp does (the other rows' last-layer outputs feed nothing: the
@@ -115,13 +121,16 @@ class StepInput:
     prefill_lens: List[int] = field(default_factory=list)
     logits_rows: Optional[Tensor] = None
     last_logits_only: bool = False
+    prefill_slots: List[Optional[Tensor]] = field(default_factory=list)
 
 
 def _paged_attention(q: Tensor, k: Tensor, v: Tensor, step: StepInput, kv: Tuple[Tensor, Tensor], scale: float,
                      last: bool) -> Tensor:
     """One serving step's attention for one layer. Writes k, v (T, n_kv_heads, head_dim) into the layer's pools
     kv = (k_pool, v_pool) at step.slot_mapping; then each decode row attends over its cached sequence
-    (paged_attention_decode) and each prompt to itself (causal flash attention: a prefill starts at position 0).
+    (paged_attention_decode) and each prompt chunk to itself, or, continuing a cached sequence
+    (step.prefill_slots), to all the sequence's K/V gathered from the pools after this step's writes (causal flash
+    attention, bottom-right aligned: the chunk's query i, at position start + i, sees keys 0..start + i).
     last: of each prompt only its last query (the rows StepInput.last_logits_only keeps; causal attention is
     bottom-right aligned, so that query still sees all the prompt's keys). Returns (rows, n_heads, head_dim)."""
     k_pool, v_pool = kv
@@ -133,11 +142,18 @@ def _paged_attention(q: Tensor, k: Tensor, v: Tensor, step: StepInput, kv: Tuple
     if nd:
         outs.append(_PAGED_DECODE(q[:nd], k_pool, v_pool, step.block_tables, step.seq_lens, scale, None, None))
     start = nd
-    for n in step.prefill_lens:
+    ctx = step.prefill_slots
+    for i, n in enumerate(step.prefill_lens):
         sl = slice(start, start + n)
         qs = slice(start + n - 1, start + n) if last else sl
-        o = tritium.flash_attention(q[None, qs].transpose(1, 2), k[None, sl].transpose(1, 2),
-                                    v[None, sl].transpose(1, 2), causal=True)         # (1, h, rows, hd)
+        slots = ctx[i] if ctx else None
+        if slots is None:
+            ks, vs = k[None, sl], v[None, sl]
+        else:   # the whole sequence so far, this chunk included (written above), from the pools
+            ks = k_pool.view(-1, *k_pool.shape[2:]).index_select(0, slots)[None]
+            vs = v_pool.view(-1, *v_pool.shape[2:]).index_select(0, slots)[None]
+        o = tritium.flash_attention(q[None, qs].transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2),
+                                    causal=True)                                       # (1, h, rows, hd)
         outs.append(o[0].transpose(0, 1))
         start += n
     return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
