@@ -201,6 +201,20 @@ std::vector<double> bump_steps(at::TensorList steps, const char* op) {
   return out;
 }
 
+// Calls launch(P(), G()) for a group's types: P the params' (and state's) type, G the grads'; with 16-bit params
+// written from float32 masters (out16), P is float and G the grads' 16-bit type.
+template <typename L>
+void dispatch_group(at::ScalarType pt, at::ScalarType gt, bool out16, const L& launch) {
+  if (out16) {
+    if (gt == at::kBFloat16)
+      launch(float(), c10::BFloat16());
+    else
+      launch(float(), c10::Half());
+  } else {
+    TRITIUM_DISPATCH_FLOATING(pt, "tritium_optimizer_step", [&] { launch(scalar_t(), scalar_t()); });
+  }
+}
+
 void adamw_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                  at::TensorList max_exp_avg_sqs, at::TensorList state_steps, at::TensorList params16,
                  const std::optional<at::Tensor>& lr_tensor, double lr, double beta1, double beta2,
@@ -250,15 +264,7 @@ void adamw_step_(at::TensorList params, at::TensorList grads, at::TensorList exp
         adamw_run<P, G, false, true>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, params16, c, per);
     }
   };
-  const auto pt = params[0].scalar_type(), gt = grads[0].scalar_type();
-  if (out16) {
-    if (gt == at::kBFloat16)
-      launch(float(), c10::BFloat16());
-    else
-      launch(float(), c10::Half());
-  } else {
-    TRITIUM_DISPATCH_FLOATING(pt, "tritium_adamw_step_", [&] { launch(scalar_t(), scalar_t()); });
-  }
+  dispatch_group(params[0].scalar_type(), grads[0].scalar_type(), out16, launch);
 }
 
 // ---- SGD ----
@@ -351,15 +357,7 @@ void sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList momen
     else
       nesterov ? run(T(), F(), T()) : run(T(), F(), F());
   };
-  const auto pt = params[0].scalar_type(), gt = grads[0].scalar_type();
-  if (out16) {
-    if (gt == at::kBFloat16)
-      launch(float(), c10::BFloat16());
-    else
-      launch(float(), c10::Half());
-  } else {
-    TRITIUM_DISPATCH_FLOATING(pt, "tritium_sgd_step_", [&] { launch(scalar_t(), scalar_t()); });
-  }
+  dispatch_group(params[0].scalar_type(), grads[0].scalar_type(), out16, launch);
 }
 
 }  // namespace

@@ -65,6 +65,14 @@ class _Fused(torch.optim.Optimizer):
                     if key in _STATE_KEYS and isinstance(value, Tensor) and value.is_floating_point():
                         st[key] = value.to(device=p.device, dtype=torch.float32, copy=True)
 
+    @staticmethod
+    def _closure_loss(closure):
+        """closure()'s loss computed with autograd on (step runs under no_grad), or None without a closure."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
     def _buckets(self, group: Dict[str, Any]) -> List[List[Tensor]]:
         """The params of a group that have a gradient, in order, split by (device, dtype); sparse gradients are
         rejected (like torch.optim.AdamW; torch.optim.SparseAdam is the optimizer for them)."""
@@ -132,10 +140,7 @@ class AdamW(_Fused):
     @torch.no_grad()
     def step(self, closure=None):
         """One AdamW step over every param with a gradient; returns closure()'s loss when a closure is given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._closure_loss(closure)
         for group in self.param_groups:
             amsgrad, master = group["amsgrad"], group["master_weights"]
             beta1, beta2 = group["betas"]
@@ -191,10 +196,7 @@ class SGD(_Fused):
     @torch.no_grad()
     def step(self, closure=None):
         """One SGD step over every param with a gradient; returns closure()'s loss when a closure is given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._closure_loss(closure)
         for group in self.param_groups:
             momentum, master = group["momentum"], group["master_weights"]
             for bucket in self._buckets(group):
