@@ -68,6 +68,7 @@ bench: $(BUILT)
 	$(TRITIUM) bench hf --train --dtypes bfloat16 --json bench/results/hf-train.json
 	taskset -c 1 $(TRITIUM) bench hf --generate --dtypes float32,bfloat16 --json bench/results/hf-generate.json
 	$(TRITIUM) bench serve --clients 1,8,32 --requests 128 --shared-prefix 512 --json bench/results/serve.json
+	taskset -c 1 $(TRITIUM) bench optim --json bench/results/optim.json
 	$(PY) tools/readme_table.py
 
 # Timing regressions of the headline ops and a decode step against the latest baseline saved on this machine

@@ -126,6 +126,14 @@ fresh process. Generate rows time `model.generate()` at batch 1.
 """
 
 
+OPTIM_PROSE = """\
+One optimizer step over SmolLM2-135M's parameter shapes (182 tensors): `tritium.optim.AdamW` against
+`torch.optim.AdamW(fused=True)` and `foreach=True`, the variants alternating round after round (medians). **bf16 +
+master**: bfloat16 parameters updated from float32 master weights (torch's side: the grads widened, fused AdamW on
+float32 copies, the results copied back, all in the timed step). **x this**: tritium's time over that row's.
+"""
+
+
 def fmt(v, spec: str) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
@@ -257,6 +265,13 @@ def serve_section(data: dict) -> list:
     return out
 
 
+def optim_section(data: dict) -> list:
+    body = [[r["case"], r["variant"], f"{r['ms']:.1f}", fmt(r.get("GBps"), ".1f"), f"{r['tritium_speedup']:.2f}"]
+            for r in data["rows"]]
+    out = table(["case", "variant", "ms", "GB/s", "x this"], body, 2)
+    return out + (["", f"Note: {data['note']}"] if data.get("note") else [])
+
+
 # The recordings in the order the page shows them: (file, command that records it, title, prose, renderer). Other
 # ops-suite files follow as "Other recording".
 KNOWN = [
@@ -282,6 +297,8 @@ KNOWN = [
     ("preference.json", "OMP_NUM_THREADS=1 taskset -c 1 tritium bench ops --op fused_linear_dpo_loss --headline "
                         "--json bench/results/preference.json", "Fused preference losses against TRL",
      PREFERENCE_PROSE, ops_section),
+    ("optim.json", "taskset -c 1 tritium bench optim --json bench/results/optim.json", "Optimizers", OPTIM_PROSE,
+     optim_section),
 ]
 
 
