@@ -66,6 +66,7 @@ bench: $(BUILT)
 	$(TRITIUM) bench models --json bench/results/models.json
 	$(TRITIUM) bench memory --json bench/results/attention-memory.json
 	$(TRITIUM) bench hf --train --dtypes bfloat16 --json bench/results/hf-train.json
+	$(TRITIUM) bench hf --train --dtypes float32 --rounds 2 --json bench/results/hf-train-float32.json
 	taskset -c 1 $(TRITIUM) bench hf --generate --dtypes float32,bfloat16 --json bench/results/hf-generate.json
 	$(TRITIUM) bench serve --clients 1,8,32 --requests 128 --shared-prefix 512 --json bench/results/serve.json
 	taskset -c 1 $(TRITIUM) bench optim --json bench/results/optim.json

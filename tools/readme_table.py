@@ -289,6 +289,9 @@ KNOWN = [
      quant_section),
     ("hf-train.json", "tritium bench hf --train --dtypes bfloat16 --json bench/results/hf-train.json",
      "Hugging Face transformers", HF_PROSE, hf_section),
+    ("hf-train-float32.json", "tritium bench hf --train --dtypes float32 --rounds 2 --json "
+                              "bench/results/hf-train-float32.json", "Hugging Face transformers: float32 training",
+     HF_PROSE, hf_section),
     ("hf-generate.json", "taskset -c 1 tritium bench hf --generate --dtypes float32,bfloat16 --json "
                          "bench/results/hf-generate.json", "Hugging Face transformers: generate()", HF_PROSE,
      hf_section),
@@ -353,8 +356,9 @@ def readme_summary() -> str:
                  for w, r in best.items()]
         lines.append(f"- vs llama.cpp ({quant['machine']['cpu']}, {quant['machine']['time'][:10]}), SmolLM2-135M "
                      "decode batch 1, tritium's fastest per weights mode: " + "; ".join(parts) + ".")
-    hf = load("hf-train.json")
-    if hf:
+    for hf in (load("hf-train.json"), load("hf-train-float32.json")):
+        if not hf:
+            continue
         parts = [f"{r['dtype']} {r['tritium_speedup']:.2f}x {r['variant']}"
                  + (f" at {r['tritium_memory_ratio']:.2f}x its peak memory" if r.get("tritium_memory_ratio") else "")
                  for r in hf["rows"] if r["task"] == "train" and r["variant"] != "tritium"]
