@@ -139,28 +139,29 @@ def _legacy(size_average, reduce) -> bool:
 
 
 # ---- public API: torch's drop-ins ----
+def _difference_loss(name, input, target, size_average, reduce, reduction, weight):
+    """mse_loss / l1_loss: the kernel's pointwise loss, or torch's own (reference.<name>) for the legacy
+    arguments, a weight, or what the kernels do not cover."""
+    out = None if _legacy(size_average, reduce) or weight is not None else _pointwise(name, input, target,
+                                                                                       reduction)
+    if out is None:
+        extra = {} if weight is None else {"weight": weight}
+        return getattr(reference, name)(input, target, size_average, reduce, reduction, **extra)
+    return out
+
+
 def mse_loss(input: Tensor, target: Tensor, size_average=None, reduce=None, reduction: str = "mean",
              weight: Optional[Tensor] = None) -> Tensor:
     """Drop-in for ``torch.nn.functional.mse_loss``: (input - target)^2, reduced (with a weight: torch's own,
     whose 'mean' divides by the weight's sum)."""
-    out = None if _legacy(size_average, reduce) or weight is not None else _pointwise("mse_loss", input, target,
-                                                                                       reduction)
-    if out is None:
-        extra = {} if weight is None else {"weight": weight}
-        return reference.mse_loss(input, target, size_average, reduce, reduction, **extra)
-    return out
+    return _difference_loss("mse_loss", input, target, size_average, reduce, reduction, weight)
 
 
 def l1_loss(input: Tensor, target: Tensor, size_average=None, reduce=None, reduction: str = "mean",
             weight: Optional[Tensor] = None) -> Tensor:
     """Drop-in for ``torch.nn.functional.l1_loss``: |input - target|, reduced (with a weight: torch's own, whose
     'mean' divides by the weight's sum)."""
-    out = None if _legacy(size_average, reduce) or weight is not None else _pointwise("l1_loss", input, target,
-                                                                                       reduction)
-    if out is None:
-        extra = {} if weight is None else {"weight": weight}
-        return reference.l1_loss(input, target, size_average, reduce, reduction, **extra)
-    return out
+    return _difference_loss("l1_loss", input, target, size_average, reduce, reduction, weight)
 
 
 def smooth_l1_loss(input: Tensor, target: Tensor, size_average=None, reduce=None, reduction: str = "mean",
