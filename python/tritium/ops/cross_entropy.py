@@ -209,24 +209,30 @@ flce_bwd = define_op(
     f"{_FLCE_ARGS}) -> (Tensor, Tensor, Tensor)", _fake_flce_bwd, composite=_flce_bwd_impl)
 
 
-def _flce_setup(ctx, inputs, output):
+def saved_grads_setup(ctx, inputs, output):
+    """Autograd context of an op (hidden, weight, target, bias, ...) whose forward already computed the gradients
+    of a unit loss, (grad_hidden, grad_weight, grad_bias) as outputs 2-4: fused_linear_cross_entropy and
+    preference.fused_linear_sequence_loss."""
     ctx.set_materialize_grads(False)  # no zero tensors for the gradient outputs (see _ce_setup)
     ctx.has_bias = inputs[3] is not None
     ctx.save_for_backward(output[2], output[3], output[4])
 
 
-def _flce_backward(ctx, dloss, _dtotal, _dgh, _dgw, _dgb):
-    if dloss is None:
-        return (None,) * 9
-    gh, gw, gb = ctx.saved_tensors
-    g = dloss.to(gh.dtype)
-    return gh * g, gw * g, None, (gb * g if ctx.has_bias else None), None, None, None, None, None
+def saved_grads_backward(n_inputs: int):
+    """The backward of such an op with n_inputs inputs: the saved gradients scaled by the loss's gradient."""
+    def backward(ctx, dloss, *_):
+        if dloss is None:
+            return (None,) * n_inputs
+        gh, gw, gb = ctx.saved_tensors
+        g = dloss.to(gh.dtype)
+        return (gh * g, gw * g, None, gb * g if ctx.has_bias else None) + (None,) * (n_inputs - 4)
+    return backward
 
 
 flce_fwd = define_op(
     f"fused_linear_cross_entropy_fwd(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, {_FLCE_ARGS},"
     f" bool mean, bool need_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)", _fake_flce, composite=_flce_impl,
-    backward=_flce_backward, setup_context=_flce_setup)
+    backward=saved_grads_backward(9), setup_context=saved_grads_setup)
 
 
 def _flce_rows_setup(ctx, inputs, output):

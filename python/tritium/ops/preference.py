@@ -29,7 +29,8 @@ from torch import Tensor
 
 from .. import reference
 from ._library import acc_dtype, define_op, kernel_ok, unit_last
-from .cross_entropy import LMHead, default_chunk_size, flce_accumulators, flce_rows, fused_linear_cross_entropy
+from .cross_entropy import (LMHead, default_chunk_size, flce_accumulators, flce_rows, fused_linear_cross_entropy,
+                            saved_grads_backward, saved_grads_setup)
 
 
 # ---- the op: fused sequence losses ----
@@ -88,25 +89,11 @@ def _seq_loss_impl(hidden, weight, target, bias, ref_logps, labels, kl, kind, pa
     return loss, logps, gh, cast(gw), cast(gb)
 
 
-def _seq_loss_setup(ctx, inputs, output):
-    ctx.set_materialize_grads(False)  # no zero tensors for the gradient outputs (see cross_entropy._ce_setup)
-    ctx.has_bias = inputs[3] is not None
-    ctx.save_for_backward(output[2], output[3], output[4])
-
-
-def _seq_loss_backward(ctx, dloss, _dlogps, _dgh, _dgw, _dgb):
-    if dloss is None:
-        return (None,) * 12
-    gh, gw, gb = ctx.saved_tensors
-    g = dloss.to(gh.dtype)
-    return (gh * g, gw * g, None, (gb * g if ctx.has_bias else None)) + (None,) * 8
-
-
 seq_loss = define_op(
     "fused_linear_sequence_loss(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, Tensor ref_logps,"
     " Tensor labels, Tensor kl, str kind, float[] params, int ignore_index, int chunk, bool need_grad)"
     " -> (Tensor, Tensor, Tensor, Tensor, Tensor)", _fake_seq_loss, composite=_seq_loss_impl,
-    backward=_seq_loss_backward, setup_context=_seq_loss_setup)
+    backward=saved_grads_backward(12), setup_context=saved_grads_setup)
 
 
 # ---- validation and the shared parts ----
