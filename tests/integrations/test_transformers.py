@@ -368,3 +368,25 @@ def test_smollm2_from_gguf_same_logits_and_greedy_text(smollm2):
     assert_within_torch_error(ours[real], theirs[real], ref[real], "SmolLM2 logits")
     assert got == want
     assert "Paris" in got[0]
+
+
+def test_repository_kernels_do_not_shadow_the_kernels_package():
+    """From the repository root (on sys.path under pytest and `python -m`), `import kernels` is the PyPI package
+    transformers imports (a dependency of transformers >= 5.25), not the repository's kernels/ (tritium.kernels)."""
+    import importlib.metadata
+    import subprocess
+    import sys
+
+    try:
+        importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        if _IN_CI:
+            pytest.fail("CI runs every test, and the kernels package (a dependency of transformers) is missing")
+        pytest.skip("the kernels package is not installed (pip install kernels)")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run(
+        [sys.executable, "-c", "import kernels, tritium.kernels, transformers.modeling_utils; "
+         "print(kernels.__file__); print(tritium.kernels.__file__)"],
+        cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    assert not out[0].startswith(os.path.join(root, "kernels")), out
+    assert out[1] == os.path.join(root, "kernels", "__init__.py"), out
