@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import gc
+import math
 import sys
 from typing import List
 
@@ -231,7 +232,7 @@ def run(args) -> List[dict]:
             sc = f"{row['speedup_compile']:.2f}" if row["speedup_compile"] else "-"
             table.add_row(case.name, "x".join(map(str, shape)), row["dtype"], mode,
                           f"{row['eager_ms']:.3f}", f"{row['compile_ms']:.3f}", f"{row['tritium_ms']:.3f}",
-                          f"{row['speedup_eager']:.2f}", sc, throughput(row, device),
+                          _marked(row["speedup_eager"]), _marked(row["speedup_compile"]), throughput(row, device),
                           "-" if row["frac_copy_bw"] is None else f"{100 * row['frac_copy_bw']:.0f}%",
                           f"{row['peak_eager_MiB']:.0f}/{row['peak_tritium_MiB']:.0f}"
                           if row.get("peak_tritium_MiB") is not None else "-")
@@ -242,6 +243,13 @@ def run(args) -> List[dict]:
                           highlight=False)
         del inputs
     console.print(table)
+    slower = [r for r in rows if min(r["speedup_eager"], r["speedup_compile"] or math.inf) < 1.0]
+    for r in slower:  # a drop-in slower than what it replaces is a bug (issue: no row below 1.0x)
+        console.print(f"[red]below 1.0x:[/] {r['op']} {'x'.join(map(str, r['shape']))} {r['dtype']} {r['mode']}: "
+                      f"{r['speedup_eager']:.2f}x eager, "
+                      + (f"{r['speedup_compile']:.2f}x compile" if r["speedup_compile"] else "no compile"),
+                      highlight=False)
+    console.print(f"{len(slower)} of {len(rows)} rows below 1.0x eager or compile")
     console.print(f"geomean speedup vs eager {geomean([r['speedup_eager'] for r in rows]):.2f}x"
                   + ("" if args.no_compile else
                      f", vs torch.compile {geomean([r['speedup_compile'] for r in rows]):.2f}x"))
@@ -252,6 +260,13 @@ def run(args) -> List[dict]:
         plot(rows, args.plot)
         console.print(f"wrote {args.plot}")
     return rows
+
+
+def _marked(speedup) -> str:
+    """A speedup for the table, in red when below 1.0x (tritium the slower choice)."""
+    if not speedup:
+        return "-"
+    return f"[red]{speedup:.2f}[/]" if speedup < 1.0 else f"{speedup:.2f}"
 
 
 def plot(rows: List[dict], path: str) -> None:
