@@ -22,6 +22,7 @@
 //
 // Environment: TRITIUM_NO_BLAS=1 skips the BLAS symbols, so every BLAS product takes the at::matmul fallback
 // (the path of a libtorch without them, testable on one that has them). It is read once, at the first call.
+#include "cpu.h"
 #include "panel.h"
 #include "pool.h"
 #include "vec.h"
@@ -158,6 +159,27 @@ A exp_sum_store(A* x, T* p, int64_t n, A m, A post = A(1)) {
   return hsum(acc0 + acc1);
 }
 
+#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
+// exp_sum_store into bfloat16 on a CPU with AVX512-BF16 (the caller checks panel::has_bf16_dot): the rounding in one
+// instruction (vcvtne2ps2bf16: round to nearest even, as the software conversion) instead of an integer sequence
+// per vector, which costs as much as the exponential itself.
+TRITIUM_BF16_DOT float exp_sum_store_bf16(float* x, c10::BFloat16* p, int64_t n, float m, float post) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t K = Vec::size();
+  const Vec vm(m), vp(post);
+  Vec acc0(0), acc1(0);
+  int64_t i = 0;
+  for (; i + 2 * K <= n; i += 2 * K) {
+    const Vec e0 = at::vec::fmsub(Vec::loadu(x + i), vp, vm).exp_u20();
+    const Vec e1 = at::vec::fmsub(Vec::loadu(x + i + K), vp, vm).exp_u20();
+    _mm512_storeu_si512(static_cast<void*>(p + i), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
+    acc0 = acc0 + e0;
+    acc1 = acc1 + e1;
+  }
+  return hsum(acc0 + acc1) + exp_sum_store<c10::BFloat16, float>(x + i, p + i, n - i, m, post);
+}
+#endif
+
 template <typename A>
 A exp_sum(A* x, int64_t n, A m) {
   return exp_sum_store<A, A>(x, x, n, m);
@@ -271,12 +293,17 @@ void finish_scores(acc_type<T>* s, int64_t ld, int64_t i0, int64_t m, int64_t j0
 //   other 16-bit (even head dim, where oneDNN can pack): at::native::cpublas::brgemm (oneDNN's batch-reduce GEMM
 //     micro-kernel: AMX or AVX512-BF16 where the CPU has them, as torch's own CPU flash attention uses) on
 //     operands packed in the VNNI layout: pairs of consecutive K-dimension elements side by side, in column
-//     pieces of kPiece so every call has ld_b = kPiece;
+//     pieces (kKeyPiece keys of K^T, kPiece columns of V) so every call has ld_b = the piece width;
 //   otherwise: BLAS (or at::matmul) on the rows themselves, per tile.
 // The backward recomputes scores on the forward's path where it packs K itself (the panels), and uses BLAS for
 // its other products.
 // ---------------------------------------------------------------------------------------------------------
 constexpr int64_t kPiece = 64;
+// Keys per score tile on the brgemm path, and K^T's pieces there: a tile's keys in one piece, so Q K^T is one brgemm
+// call per tile (two when a tile straddles pieces; every call looks its kernel up and may reload the AMX tile
+// configuration). Smaller than the other paths' tiles: on AMX the products are cheap next to the softmax between
+// them, which then works on a tile that stays in L1/L2.
+constexpr int64_t kKeyPiece = 256;
 
 enum class Path { kBlas, kPanels, kBf16Panels, kBrgemm };
 
@@ -285,28 +312,49 @@ Path product_path(int64_t D) {
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
     return Path::kPanels;
   } else {
+    const bool brgemm = D % 2 == 0 && at::native::cpublas::could_pack(c10::CppTypeToScalarType<T>::value);
     if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      // AMX tiles (oneDNN's brgemm runs on them) multiply 16 x 32 bfloat16 pairs per instruction: several times
+      // the AVX512-BF16 dot products of the pair panels
+      if (brgemm && cpu::features().amx_bf16) return Path::kBrgemm;
       if (panel::has_bf16_dot()) return Path::kBf16Panels;
     }
-    if (D % 2 == 0 && at::native::cpublas::could_pack(c10::CppTypeToScalarType<T>::value)) return Path::kBrgemm;
-    return Path::kBlas;
+    return brgemm ? Path::kBrgemm : Path::kBlas;
   }
 }
 
-// K^T of one (batch, kv head), S x D rows of stride ldk -> [ceil(S / kPiece)][D / 2][kPiece][2], zero padded:
-// the B operand of Q K^T for keys [t * kPiece, (t + 1) * kPiece) starts at out + t * kPiece * D.
+const char* path_name(Path p, bool amx) {
+  switch (p) {
+    case Path::kPanels: return "panels";
+    case Path::kBf16Panels: return "bf16 pair panels (AVX512-BF16)";
+    case Path::kBrgemm: return amx ? "brgemm (oneDNN, AMX)" : "brgemm (oneDNN)";
+    case Path::kBlas: return "BLAS per tile";
+  }
+  return "?";
+}
+
+// `tritium info`: the QK^T / PV product path per dtype (at an even head dim, the common case)
+const bool kPathsReported = cpu::register_paths([] {
+  return std::vector<std::pair<std::string, std::string>>{
+      {"attention.float32", path_name(product_path<float>(64), false)},
+      {"attention.bfloat16", path_name(product_path<c10::BFloat16>(64), cpu::features().amx_bf16)},
+      {"attention.float16", path_name(product_path<c10::Half>(64), false)}};
+});
+
+// K^T of one (batch, kv head), S x D rows of stride ldk -> [ceil(S / kKeyPiece)][D / 2][kKeyPiece][2], zero
+// padded: the B operand of Q K^T for keys [t * kKeyPiece + c, ...) starts at out + t * kKeyPiece * D + 2 c.
 template <typename T>
 void pack_kt(const T* k, int64_t ldk, int64_t S, int64_t D, T* out) {
-  const int64_t pieces = (S + kPiece - 1) / kPiece, P = D / 2;
+  const int64_t pieces = (S + kKeyPiece - 1) / kKeyPiece, P = D / 2;
   for (int64_t t = 0; t < pieces; ++t) {
-    uint32_t* o = reinterpret_cast<uint32_t*>(out + t * kPiece * D);
-    for (int64_t jj = 0; jj < kPiece; ++jj) {
-      const int64_t j = t * kPiece + jj;
+    uint32_t* o = reinterpret_cast<uint32_t*>(out + t * kKeyPiece * D);
+    for (int64_t jj = 0; jj < kKeyPiece; ++jj) {
+      const int64_t j = t * kKeyPiece + jj;
       if (j < S) {
         const T* kr = k + j * ldk;
-        for (int64_t p = 0; p < P; ++p) std::memcpy(o + p * kPiece + jj, kr + 2 * p, 4);
+        for (int64_t p = 0; p < P; ++p) std::memcpy(o + p * kKeyPiece + jj, kr + 2 * p, 4);
       } else {
-        for (int64_t p = 0; p < P; ++p) o[p * kPiece + jj] = 0;
+        for (int64_t p = 0; p < P; ++p) o[p * kKeyPiece + jj] = 0;
       }
     }
   }
@@ -373,7 +421,8 @@ class PackedKV {
         kb_ = scratch<c10::BFloat16>(n * k_size_), vb_ = scratch<c10::BFloat16>(n * v_size_);
         break;
       case Path::kBrgemm:
-        k_size_ = (g.S + kPiece - 1) / kPiece * kPiece * g.D, v_size_ = Se * ((g.Dv + kPiece - 1) / kPiece) * kPiece;
+        k_size_ = (g.S + kKeyPiece - 1) / kKeyPiece * kKeyPiece * g.D;
+        v_size_ = Se * ((g.Dv + kPiece - 1) / kPiece) * kPiece;
         kt_ = scratch<T>(n * k_size_), vt_ = scratch<T>(n * v_size_);
         break;
       case Path::kBlas:
@@ -460,9 +509,11 @@ acc_type<T> score_tile(const T* Q, int64_t ldq, int64_t m, int64_t D, const Keys
       }
     }
     if (K.vnni) {
-      for (int64_t t0 = 0; t0 < n; t0 += kPiece) {
-        at::native::cpublas::brgemm(m, std::min(kPiece, n - t0), D, ldq, kPiece, lds, false, Q,
-                                    K.vnni + (j0 + t0) * D, s + t0, true);
+      for (int64_t t0 = 0; t0 < n;) {  // the stretch of keys [j0 + t0, ...) inside one piece
+        const int64_t j = j0 + t0, c = j % kKeyPiece, len = std::min(kKeyPiece - c, n - t0);
+        at::native::cpublas::brgemm(m, len, D, ldq, kKeyPiece, lds, false, Q, K.vnni + (j - c) * D + 2 * c, s + t0,
+                                    true);
+        t0 += len;
       }
       packed = true;
     }
@@ -530,6 +581,7 @@ void online_softmax_update(acc_type<T>* s, int64_t lds, T* P, int64_t ldp, int64
                            int64_t Dv) {
   using A = acc_type<T>;
   const A ninf = -std::numeric_limits<A>::infinity();
+  [[maybe_unused]] const bool bf16_hw = panel::has_bf16_dot();
   for (int64_t r = 0; r < m; ++r) {
     A* row = s + r * lds;
     T* prow = P + r * ldp;
@@ -539,7 +591,16 @@ void online_softmax_update(acc_type<T>* s, int64_t lds, T* P, int64_t ldp, int64
       std::fill(prow, prow + n, T(0));
     } else {
       const A corr = std::exp(mx[r] - new_m);  // 0 when mx was -inf
-      const A ps = exp_sum_store<T, A>(row + c0, prow + c0, c1 - c0, new_m, post);
+      A ps;
+#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        ps = bf16_hw ? exp_sum_store_bf16(row + c0, prow + c0, c1 - c0, new_m, post)
+                     : exp_sum_store<T, A>(row + c0, prow + c0, c1 - c0, new_m, post);
+      } else
+#endif
+      {
+        ps = exp_sum_store<T, A>(row + c0, prow + c0, c1 - c0, new_m, post);
+      }
       std::fill(prow, prow + c0, T(0));
       std::fill(prow + c1, prow + n, T(0));
       sum[r] = sum[r] * corr + ps;
@@ -573,13 +634,13 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   constexpr bool k16 = !std::is_same_v<T, A>;
   const A scale = static_cast<A>(scale_), cap = static_cast<A>(softcap_);
   const A alpha = cap > A(0) ? scale / cap : scale;  // the scale of q.k before softcap's tanh
-  const int64_t BQ = std::min(q_block(g.L), g.L), BK = std::min(kKeyBlock, g.S);
-  const int64_t nqb = (g.L + BQ - 1) / BQ, group = g.H / g.Hk;
   const Rows4<const T> Qr(q.const_data_ptr<T>(), q), Kr(k.const_data_ptr<T>(), k), Vr(v.const_data_ptr<T>(), v);
   const Rows4<T> Or(out.mutable_data_ptr<T>(), out);
   const Mask<T> mk(mask);
   A* lp = lse.mutable_data_ptr<A>();
   const PackedKV<T> kv(Kr, Vr, g);
+  const int64_t BQ = std::min(q_block(g.L), g.L), BK = std::min(kv.uses_brgemm() ? kKeyPiece : kKeyBlock, g.S);
+  const int64_t nqb = (g.L + BQ - 1) / BQ, group = g.H / g.Hk;
 
   at::parallel_for(0, g.B * g.H * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> s(BQ * BK), acc(BQ * g.Dv), mx(BQ), sum(BQ);

@@ -17,6 +17,7 @@
 #pragma once
 #include <cstring>
 
+#include "cpu.h"
 #include "vec.h"
 
 namespace tritium {
@@ -211,8 +212,7 @@ inline int64_t packed_size_bf16(int64_t N, int64_t K) {
 
 inline bool has_bf16_dot() {
 #if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
-  static const bool ok = __builtin_cpu_supports("avx512bf16");
-  return ok;
+  return cpu::features().avx512_bf16;
 #else
   return false;
 #endif
@@ -245,7 +245,6 @@ inline void pack_cols_bf16(const c10::BFloat16* v, int64_t ldv, int64_t K, int64
 }
 
 #if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
-#define TRITIUM_BF16_DOT __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
 // acc[4 i + j] += pair of x row i at k (TAIL: x[k] with a zero: x[k + 1] is not read, it may lie past the row)
 // times the 4 vectors of the panel's pair row bk
@@ -311,7 +310,6 @@ TRITIUM_BF16_DOT __attribute__((noinline)) void tile_rows_bf16(int mr, const c10
     default: tile_bf16<1, PF>(x, ldx, b, K, y, ldy, ncols, c, ldc); break;
   }
 }
-#undef TRITIUM_BF16_DOT
 #endif
 
 }  // namespace panel

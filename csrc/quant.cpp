@@ -3,7 +3,8 @@
 // with int8 or float activations), quant_linear_dx, quant_dequantize.
 //
 // The tile kernels (quant_kernel.h) are compiled three times, for AVX-512 VNNI, AVX-512BW and AVX2, whatever the
-// build machine's flags; which one runs is decided at run time from cpuid (quant_isa overrides it, for tests).
+// build machine's flags; which one runs is decided at run time from csrc/cpu.h's features (quant_isa overrides it,
+// for tests).
 #include <immintrin.h>
 
 #include <ATen/Parallel.h>
@@ -15,6 +16,7 @@
 #include <cstring>
 #include <string>
 
+#include "cpu.h"
 #include "pool.h"
 #include "vec.h"
 
@@ -62,19 +64,9 @@ struct Isa {
 };
 
 const Isa kIsas[] = {
-    {"avx512_vnni", &vnni::tile, &vnni::dequant_t,
-     [] {
-       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-              __builtin_cpu_supports("avx512vnni");
-     }},
-    {"avx512", &avx512::tile, &avx512::dequant_t,
-     [] {
-       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-     }},
-    {"avx2", &avx2::tile, &avx2::dequant_t,
-     [] { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"); }},
+    {"avx512_vnni", &vnni::tile, &vnni::dequant_t, [] { return cpu::features().avx512_vnni; }},
+    {"avx512", &avx512::tile, &avx512::dequant_t, [] { return cpu::features().avx512; }},
+    {"avx2", &avx2::tile, &avx2::dequant_t, [] { return cpu::features().avx2; }},
 };
 constexpr int kNumIsas = sizeof(kIsas) / sizeof(kIsas[0]);
 
@@ -126,6 +118,11 @@ std::string quant_isa(const std::string& name) {
   const int i = quant::current_isa();
   return i < 0 ? "none" : kIsas[i].name;
 }
+
+// `tritium info`: the kernel set quant_linear runs with
+const bool kPathsReported = cpu::register_paths([] {
+  return std::vector<std::pair<std::string, std::string>>{{"quant_linear", quant_isa("")}};
+});
 
 int64_t padded_k(int64_t k) { return (k + kBlock - 1) / kBlock * kBlock; }
 

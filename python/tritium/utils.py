@@ -51,18 +51,32 @@ def copy_bandwidth(device: str = "cpu", nbytes: int = 256 << 20) -> float:
     return _COPY_BW[device]
 
 
+def cpu_features() -> list:
+    """The CPU features tritium's C++ kernels may use on this machine, by name (avx2, avx512, avx512_vnni,
+    avx512_bf16, avx512_fp16, amx_bf16, amx_int8): csrc/cpu.h's run-time detection (torch's cpuinfo, AMX only with
+    the OS's permission), less what TRITIUM_CPU_DISABLE hides."""
+    return list(torch.ops.tritium_runtime.cpu_features())
+
+
+def cpu_paths() -> Dict[str, str]:
+    """The path each C++ kernel family takes on this machine, e.g. {"attention.bfloat16": "brgemm (oneDNN, AMX)"}."""
+    return dict(p.split("=", 1) for p in torch.ops.tritium_runtime.cpu_paths())
+
+
 def cpu_has_bf16_dot() -> bool:
-    """Whether this CPU has the AVX512-BF16 dot-product instructions (Linux /proc/cpuinfo's avx512_bf16 flag):
-    the instructions tritium's and oneDNN's bfloat16 kernels multiply with; without them bfloat16 products
-    convert every element to float and gain nothing over float32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return "avx512_bf16" in line.split()
-    except OSError:
-        pass
-    return False
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 dot products or AMX tiles): the instructions
+    tritium's and oneDNN's bfloat16 kernels use; without them bfloat16 products convert every element to float and
+    gain nothing over float32."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_features()))
+
+
+def machine_kind(cpu_model: str) -> str:
+    """A short name of this kind of machine for per-machine result files: the vendor and the widest matrix
+    instructions, e.g. "amd-avx512", "intel-amx"."""
+    vendor = next((v for v in ("amd", "intel", "arm") if v in cpu_model.lower()), "cpu")
+    feats = set(cpu_features())
+    tier = "amx" if "amx_bf16" in feats else "avx512" if "avx512" in feats else "avx2" if "avx2" in feats else "base"
+    return f"{vendor}-{tier}"
 
 
 def resident_bytes() -> int:

@@ -11,7 +11,7 @@ from typing import List, Optional
 import torch
 
 # shared with the command line: they live in the neutral tritium.utils
-from ..utils import copy_bandwidth, dtype_name, parse_dtype, time_fn  # noqa: F401
+from ..utils import copy_bandwidth, cpu_features, dtype_name, machine_kind, parse_dtype, time_fn  # noqa: F401
 
 
 def cpu_model() -> str:
@@ -36,6 +36,10 @@ def machine_info(device: str = "cpu") -> dict:
         "device": device,
         "copy_bandwidth_GBps": round(copy_bandwidth(device) / 1e9, 2),
     }
+    import tritium  # the C++ extension the CPU queries below ask
+
+    info["machine_kind"] = machine_kind(info["cpu"])
+    info["cpu_features"] = " ".join(cpu_features())
     try:
         import triton
 
@@ -44,8 +48,6 @@ def machine_info(device: str = "cpu") -> dict:
         info["triton"] = None
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
-    import tritium
-
     info["tritium"] = tritium.__version__
     return info
 

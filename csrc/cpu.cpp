@@ -1,0 +1,104 @@
+// csrc/cpu.h: run-time CPU features and the kernel paths each family takes, reported to Python as
+// torch.ops.tritium_runtime.cpu_features() and cpu_paths() (printed by `tritium info`).
+#include "cpu.h"
+
+#include <ATen/cpu/Utils.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <mutex>
+#include <sstream>
+
+namespace tritium::cpu {
+namespace {
+
+bool flag(const std::unordered_map<std::string, c10::IValue>& caps, const char* name) {
+  auto it = caps.find(name);
+  return it != caps.end() && it->second.isBool() && it->second.toBool();
+}
+
+// The names TRITIUM_CPU_DISABLE lists ("all": every feature).
+std::vector<std::string> disabled() {
+  std::vector<std::string> out;
+  const char* env = std::getenv("TRITIUM_CPU_DISABLE");
+  if (!env) return out;
+  std::stringstream ss(env);
+  for (std::string item; std::getline(ss, item, ',');)
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+Features detect() {
+  Features f;
+#if defined(__x86_64__) || defined(_M_X64)
+  const auto caps = at::cpu::get_cpu_capabilities();
+  f.avx2 = flag(caps, "avx2") && flag(caps, "fma3") && flag(caps, "f16c");
+  f.avx512 = flag(caps, "avx512_f") && flag(caps, "avx512_bw") && flag(caps, "avx512_vl") && flag(caps, "avx512_dq");
+  f.avx512_vnni = f.avx512 && flag(caps, "avx512_vnni");
+  f.avx512_bf16 = f.avx512 && flag(caps, "avx512_bf16");
+  f.avx512_fp16 = f.avx512 && flag(caps, "avx512_fp16");
+  const bool tiles = flag(caps, "amx_tile") && (flag(caps, "amx_bf16") || flag(caps, "amx_int8"));
+  const bool permitted = tiles && at::cpu::init_amx();
+  f.amx_bf16 = permitted && flag(caps, "amx_bf16");
+  f.amx_int8 = permitted && flag(caps, "amx_int8");
+#endif
+  for (const std::string& name : disabled()) {
+    const bool all = name == "all";
+    if (all || name == "avx2") f.avx2 = false;
+    if (all || name == "avx512") f.avx512 = false;
+    if (all || name == "avx512_vnni") f.avx512_vnni = false;
+    if (all || name == "avx512_bf16") f.avx512_bf16 = false;
+    if (all || name == "avx512_fp16") f.avx512_fp16 = false;
+    if (all || name == "amx_bf16") f.amx_bf16 = false;
+    if (all || name == "amx_int8") f.amx_int8 = false;
+  }
+  // a feature needs the ones it extends
+  if (!f.avx512) f.avx512_vnni = f.avx512_bf16 = f.avx512_fp16 = false;
+  return f;
+}
+
+std::mutex g_mu;
+std::vector<PathReporter>& reporters() {
+  static std::vector<PathReporter> r;
+  return r;
+}
+
+}  // namespace
+
+const Features& features() {
+  static const Features f = detect();
+  return f;
+}
+
+std::vector<std::pair<std::string, bool>> feature_list() {
+  const Features& f = features();
+  return {{"avx2", f.avx2},           {"avx512", f.avx512},           {"avx512_vnni", f.avx512_vnni},
+          {"avx512_bf16", f.avx512_bf16}, {"avx512_fp16", f.avx512_fp16}, {"amx_bf16", f.amx_bf16},
+          {"amx_int8", f.amx_int8}};
+}
+
+bool register_paths(PathReporter reporter) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  reporters().push_back(reporter);
+  return true;
+}
+
+TORCH_LIBRARY_FRAGMENT(tritium_runtime, m) {
+  // the features this process uses, "name" for each one present
+  m.def("cpu_features() -> str[]", [] {
+    std::vector<std::string> out;
+    for (const auto& [name, on] : feature_list())
+      if (on) out.push_back(name);
+    return out;
+  });
+  // "case=path" for every case a family reported
+  m.def("cpu_paths() -> str[]", [] {
+    std::vector<std::string> out;
+    std::lock_guard<std::mutex> lock(g_mu);
+    for (PathReporter r : reporters())
+      for (const auto& [what, path] : r()) out.push_back(what + "=" + path);
+    return out;
+  });
+}
+
+}  // namespace tritium::cpu

@@ -1,0 +1,125 @@
+"""Run-time CPU dispatch (csrc/cpu.h): what tritium detects matches what the CPU reports, TRITIUM_CPU_DISABLE hides a
+feature so the path of a lesser CPU runs (and a machine without AMX never selects it), `tritium info` names each
+family's path, and the bfloat16 attention is right on every path this machine can take."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tritium
+from tritium.utils import cpu_features, cpu_paths
+from tests.util import assert_within_torch_error
+
+
+def _cpuinfo_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return set()
+
+
+FLAGS = _cpuinfo_flags()
+HAS_AMX = {"amx_tile", "amx_bf16"} <= FLAGS
+HAS_BF16_DOT = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"} <= FLAGS
+needs_x86 = pytest.mark.skipif(not FLAGS, reason="reads the x86 flags of /proc/cpuinfo (not on this machine)")
+
+
+def _in_subprocess(code: str, disable: str = "") -> dict:
+    """Runs code (which prints one JSON value) in a fresh interpreter with TRITIUM_CPU_DISABLE=disable: the features
+    are read once per process."""
+    env = dict(os.environ, TRITIUM_CPU_DISABLE=disable)
+    out = subprocess.run([sys.executable, "-c", "import json, torch, tritium\n" + code], env=env, check=True,
+                         capture_output=True, text=True, timeout=300).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@needs_x86
+def test_features_match_cpuinfo():
+    feats = set(cpu_features())
+    assert ("avx2" in feats) == ({"avx2", "fma", "f16c"} <= FLAGS)
+    assert ("avx512" in feats) == ({"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= FLAGS)
+    assert ("avx512_vnni" in feats) == ("avx512" in feats and "avx512_vnni" in FLAGS)
+    assert ("avx512_bf16" in feats) == HAS_BF16_DOT
+    # AMX also needs the kernel's permission for the tile data, which Linux grants on CPUs that have it
+    assert ("amx_bf16" in feats) == HAS_AMX
+
+
+def test_paths_name_every_family():
+    paths = cpu_paths()
+    for case in ("attention.float32", "attention.bfloat16", "attention.float16", "quant_linear"):
+        assert paths.get(case), f"{case} missing from {paths}"
+    assert paths["attention.float32"] == "panels"
+    bf16 = paths["attention.bfloat16"]
+    if HAS_AMX:
+        assert bf16 == "brgemm (oneDNN, AMX)"
+    elif HAS_BF16_DOT:
+        assert bf16 == "bf16 pair panels (AVX512-BF16)"
+    else:
+        assert "AMX" not in bf16 and "AVX512-BF16" not in bf16
+
+
+@needs_x86
+def test_disabled_features_are_never_selected():
+    """A machine without AMX (simulated by hiding it) never takes the AMX path; without any feature the quantized
+    products say they cannot run instead of running a kernel the CPU lacks."""
+    code = "from tritium.utils import cpu_features, cpu_paths\nprint(json.dumps([cpu_features(), cpu_paths()]))"
+    feats, paths = _in_subprocess(code, "amx_bf16,amx_int8")
+    assert "amx_bf16" not in feats and "amx_int8" not in feats
+    assert "AMX" not in paths["attention.bfloat16"]
+    if HAS_BF16_DOT:
+        assert paths["attention.bfloat16"] == "bf16 pair panels (AVX512-BF16)"
+    feats, paths = _in_subprocess(code, "avx512")
+    assert not {"avx512", "avx512_vnni", "avx512_bf16", "avx512_fp16"} & set(feats)
+    assert paths["quant_linear"] == ("avx2" if "avx2" in feats else "none")
+    assert "AVX512-BF16" not in paths["attention.bfloat16"]
+    feats, paths = _in_subprocess(code, "all")
+    assert feats == [] and paths["quant_linear"] == "none"
+
+
+_ATTENTION = """
+torch.manual_seed(0)
+B, H, L, D = 2, 3, 77, 64
+q, k, v = (torch.randn(B, H, L, D, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+out = tritium.scaled_dot_product_attention(q, k, v, is_causal=True)
+out.backward(torch.randn(B, H, L, D, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(1)))
+from tritium.utils import cpu_paths
+print(json.dumps({"path": cpu_paths()["attention.bfloat16"],
+                  "out": out.float().tolist(), "grads": [t.grad.float().tolist() for t in (q, k, v)]}))
+"""
+
+
+@pytest.mark.parametrize("disable", ["", "amx_bf16", "amx_bf16,avx512_bf16"])
+def test_bfloat16_attention_on_each_path(disable):
+    """The bfloat16 attention forward and every gradient on the path this machine takes with `disable` hidden
+    (AMX brgemm, the AVX512-BF16 pair panels, oneDNN's brgemm without either), against float64, within 2x torch's
+    own bfloat16 error."""
+    got = _in_subprocess(_ATTENTION, disable)
+    torch.manual_seed(0)
+    B, H, L, D = 2, 3, 77, 64
+    q, k, v = (torch.randn(B, H, L, D, dtype=torch.bfloat16) for _ in range(3))
+    dout = torch.randn(B, H, L, D, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(1))
+
+    def run(dtype):
+        ins = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        o = torch.nn.functional.scaled_dot_product_attention(*ins, is_causal=True)
+        o.backward(dout.to(dtype))
+        return o.detach(), [t.grad for t in ins]
+
+    ref, ref_grads = run(torch.float64)
+    theirs, their_grads = run(torch.bfloat16)
+    ours = torch.tensor(got["out"]).to(torch.bfloat16)
+    assert_within_torch_error(ours, theirs, ref, f"out on {got['path']}")
+    for name, g, tg, rg in zip("qkv", got["grads"], their_grads, ref_grads):
+        assert_within_torch_error(torch.tensor(g).to(torch.bfloat16), tg, rg, f"d{name} on {got['path']}")
+
+
+def test_info_prints_the_paths():
+    out = subprocess.run([sys.executable, "-m", "tritium.cli", "info"], check=True, capture_output=True, text=True,
+                         timeout=300).stdout
+    assert "cpu_features" in out and "machine_kind" in out
+    assert "attention.bfloat16" in out and "quant_linear" in out
+    assert tritium.utils.machine_kind("AMD EPYC 9R14").startswith("amd-")
