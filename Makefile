@@ -59,9 +59,12 @@ demo: $(BUILT)
 	$(TRITIUM) bench generate --quick --json $(LATEST)/generate-quick.json
 
 # The full recorded suites (tens of minutes on 2 cores): their JSON/PNG in bench/results/, then
-# bench/results/README.md and the README's summary regenerated from them.
+# bench/results/README.md and the README's summary regenerated from them. The op rows keep one file per machine kind
+# (KIND: the vendor and its widest matrix instructions, e.g. amd-avx512, intel-amx).
+KIND = $(shell $(TRITIUM) info --kind)
 bench: $(BUILT)
-	$(TRITIUM) bench ops --headline --json bench/results/ops-headline.json --plot bench/results/ops-headline.png
+	$(TRITIUM) bench ops --headline --json bench/results/ops-headline-$(KIND).json \
+		--plot bench/results/ops-headline-$(KIND).png
 	$(TRITIUM) bench generate --json bench/results/generate.json
 	$(TRITIUM) bench models --json bench/results/models.json
 	$(TRITIUM) bench memory --json bench/results/attention-memory.json

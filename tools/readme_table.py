@@ -143,7 +143,8 @@ def machine_line(data: dict, command: str) -> str:
     if not m:
         return f"Machine not recorded in this file (an older run); `{command}` records it."
     gpu = f", {m['gpu']}" if m.get("gpu") else ""
-    return (f"Recorded {m['time']} on {m['cpu']}{gpu} ({m['cores']} cores, {m.get('torch_threads', '?')} torch "
+    feats = f", CPU features {m['cpu_features']}" if m.get("cpu_features") else ""
+    return (f"Recorded {m['time']} on {m['cpu']}{gpu}{feats} ({m['cores']} cores, {m.get('torch_threads', '?')} torch "
             f"threads, torch {m['torch']}, triton {m.get('triton') or '-'}, measured copy bandwidth "
             f"{m['copy_bandwidth_GBps']:.2f} GB/s); `{command}`.")
 
@@ -274,9 +275,19 @@ def optim_section(data: dict) -> list:
 
 # The recordings in the order the page shows them: (file, command that records it, title, prose, renderer). Other
 # ops-suite files follow as "Other recording".
+# The op rows are recorded once per machine kind (`tritium info --kind`): a figure from one is not a figure for another
+MACHINE_KINDS = {"amd-avx512": "AMD EPYC: AVX-512 with BF16 and VNNI, no AMX",
+                 "intel-amx": "Intel Xeon: AVX-512 with BF16, FP16 and VNNI, and AMX"}
+
+
+def ops_file(kind: str) -> str:
+    return f"ops-headline-{kind}.json"
+
+
 KNOWN = [
-    ("ops-headline.json", "tritium bench ops --headline --json bench/results/ops-headline.json "
-                          "--plot bench/results/ops-headline.png", "Ops", OPS_PROSE, ops_section),
+    *((ops_file(kind), f"tritium bench ops --headline --json bench/results/{ops_file(kind)} "
+                       f"--plot bench/results/{ops_file(kind)[:-5]}.png", f"Ops on {label}", OPS_PROSE, ops_section)
+      for kind, label in MACHINE_KINDS.items()),
     ("generate.json", "tritium bench generate --weights float --no-peer --json bench/results/generate.json",
      "LLM generation", GENERATE_PROSE, generate_section),
     ("models.json", "tritium bench models --json bench/results/models.json", "Classic models", MODELS_PROSE,
@@ -317,8 +328,8 @@ def results_page() -> str:
         if data is None:
             continue
         out += [f"## {title} (`{name}`)", "", prose, machine_line(data, command), ""]
-        if name == "ops-headline.json" and (RESULTS / "ops-headline.png").exists():
-            out += ["![speedups of every headline row](ops-headline.png)", ""]
+        if name.startswith("ops-headline-") and (RESULTS / (name[:-5] + ".png")).exists():
+            out += [f"![speedups of every headline row]({name[:-5]}.png)", ""]
         out += render(data) + [""]
     known = {k[0] for k in KNOWN}
     for path in sorted(RESULTS.glob("*.json")):
@@ -333,13 +344,20 @@ def results_page() -> str:
 def readme_summary() -> str:
     """The README's short summary: one line per headline suite, and the plot."""
     lines = [SUMMARY_START]
-    ops, gen = load("ops-headline.json"), load("generate.json")
-    if ops:
-        m = ops["machine"]
-        rows = ops["rows"]
-        lines.append(f"- Ops ({len(rows)} headline rows, {m['cpu']}, {m['cores']} cores, {m['time'][:10]}): "
-                     f"geomean {geomean([r['speedup_eager'] for r in rows]):.2f}x eager PyTorch and "
-                     f"{geomean([r['speedup_compile'] for r in rows]):.2f}x torch.compile.")
+    gen = load("generate.json")
+    plots = []
+    for kind, label in MACHINE_KINDS.items():
+        ops = load(ops_file(kind))
+        if not ops:
+            continue
+        m, rows = ops["machine"], ops["rows"]
+        behind = sum(1 for r in rows if min(r["speedup_eager"], r.get("speedup_compile") or math.inf) < 1)
+        lines.append(f"- Ops on {label} ({len(rows)} headline rows, {m['cpu']}, {m['cores']} cores, "
+                     f"{m['time'][:10]}): geomean {geomean([r['speedup_eager'] for r in rows]):.2f}x eager PyTorch "
+                     f"and {geomean([r['speedup_compile'] for r in rows]):.2f}x torch.compile; {behind} rows behind "
+                     "one of them.")
+        if (RESULTS / f"{ops_file(kind)[:-5]}.png").exists():
+            plots.append((label, f"bench/results/{ops_file(kind)[:-5]}.png"))
     if gen:
         parts = [f"{r['dtype']} {r['tritium_tok_s']:.0f} tok/s ({r['speedup']:.2f}x the eager twin)"
                  for r in gen["rows"] if r["case"] == "decode batch 1" and r.get("weights", "float") == "float"]
@@ -370,8 +388,9 @@ def readme_summary() -> str:
                  if r["task"] == "generate" and r["variant"] == "eager"]
         lines.append(f"- transformers' `generate()` on SmolLM2-135M, batch 1, patched over unpatched "
                      f"({gen['machine']['cpu']}, {gen['machine']['time'][:10]}): " + ", ".join(parts) + ".")
-    lines += ["", "![speedup of each headline row over eager and torch.compile](bench/results/ops-headline.png)",
-              SUMMARY_END]
+    for label, plot in plots[:1]:  # the first kind's plot; the results page has every kind's
+        lines += ["", f"![speedup of each headline row over eager and torch.compile, {label}]({plot})"]
+    lines.append(SUMMARY_END)
     return "\n".join(lines)
 
 

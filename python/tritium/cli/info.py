@@ -6,12 +6,19 @@ from .errors import ArgumentParser
 
 
 def main(argv) -> int:
-    ArgumentParser(prog="tritium info", description=__doc__.splitlines()[0]).parse_args(argv)
+    p = ArgumentParser(prog="tritium info", description=__doc__.splitlines()[0])
+    p.add_argument("--kind", action="store_true",
+                   help="print only this machine's kind (e.g. intel-amx), the suffix of its recorded result files")
+    args = p.parse_args(argv)
     import torch
 
     import tritium
-    from ..bench.common import machine_info
-    from ..utils import cpu_paths
+    from ..bench.common import cpu_model, machine_info
+    from ..utils import cpu_paths, machine_kind
+
+    if args.kind:
+        print(machine_kind(cpu_model()))
+        return 0
 
     info = machine_info("cuda" if torch.cuda.is_available() else "cpu")
     info["backend"] = tritium.get_backend()
