@@ -41,6 +41,7 @@ Features detect() {
   const bool permitted = tiles && at::cpu::init_amx();
   f.amx_bf16 = permitted && flag(caps, "amx_bf16");
   f.amx_int8 = permitted && flag(caps, "amx_int8");
+  f.intel = __builtin_cpu_is("intel");
 #endif
   for (const std::string& name : disabled()) {
     const bool all = name == "all";
@@ -51,6 +52,7 @@ Features detect() {
     if (all || name == "avx512_fp16") f.avx512_fp16 = false;
     if (all || name == "amx_bf16") f.amx_bf16 = false;
     if (all || name == "amx_int8") f.amx_int8 = false;
+    if (all || name == "intel") f.intel = false;
   }
   // a feature needs the ones it extends
   if (!f.avx512) f.avx512_vnni = f.avx512_bf16 = f.avx512_fp16 = false;
@@ -74,7 +76,7 @@ std::vector<std::pair<std::string, bool>> feature_list() {
   const Features& f = features();
   return {{"avx2", f.avx2},           {"avx512", f.avx512},           {"avx512_vnni", f.avx512_vnni},
           {"avx512_bf16", f.avx512_bf16}, {"avx512_fp16", f.avx512_fp16}, {"amx_bf16", f.amx_bf16},
-          {"amx_int8", f.amx_int8}};
+          {"amx_int8", f.amx_int8},       {"intel", f.intel}};
 }
 
 bool register_paths(PathReporter reporter) {

@@ -26,6 +26,9 @@ struct Features {
   bool avx512_fp16 = false;
   bool amx_bf16 = false;     // AMX tiles with bfloat16 products (and the OS's permission)
   bool amx_int8 = false;
+  // An Intel CPU: MKL, the BLAS libtorch ships with, runs its tuned kernels here (on other vendors' CPUs it takes
+  // generic paths), so a family choosing between MKL and a kernel of its own asks this.
+  bool intel = false;
 };
 
 const Features& features();

@@ -1,5 +1,7 @@
 // tritium::linear_small's CPU kernel (python/tritium/ops/linear.py): y = x @ w^T through rowgemm (rowgemm.h),
 // which explains why it beats BLAS on the serving path's shapes.
+#include "blas.h"
+#include "cpu.h"
 #include "panel.h"
 #include "pool.h"
 #include "rowgemm.h"
@@ -104,6 +106,15 @@ std::tuple<at::Tensor, at::Tensor> linear_wgrad(const at::Tensor& dy, const at::
   return {dw, db};
 }
 
+// Whether mm_acc_'s bfloat16 product goes to MKL's bf16 x bf16 -> f32 GEMM with beta = 1 (adding in place): on a
+// CPU with AMX-BF16, where MKL runs it on the tiles; elsewhere oneDNN's 16-bit matmul and an add pass are faster.
+bool bf16_blas_accumulates() { return cpu::features().amx_bf16 && blas().bf16 != nullptr; }
+
+const bool kPathsReported = cpu::register_paths([] {
+  return std::vector<std::pair<std::string, std::string>>{
+      {"mm_acc_.bfloat16", bf16_blas_accumulates() ? "MKL bf16 GEMM, beta = 1 (AMX)" : "oneDNN matmul + add"}};
+});
+
 // c (M, N) float32, contiguous += a (M, K) @ b (K, N) for 16-bit a and b: the chunked cross-entropy's weight
 // gradient. torch's mixed-dtype add would first copy the whole (V, H) product into a float tensor and then add it:
 // two extra passes over a vocabulary-sized matrix per chunk, instead of the one pass here.
@@ -125,9 +136,19 @@ void mm_acc_(at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(c.scalar_type() == at::kFloat, "mm_acc_: c must be float32 for 16-bit a and b, got ", c.scalar_type());
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   if (M == 0 || N == 0 || K == 0) return;
+  if (bf16_blas_accumulates() && a.scalar_type() == at::kBFloat16) {
+    // MKL's bfloat16 GEMM on AMX tiles adds into c in place (beta = 1), products summed in float
+    const auto ac = a.stride(0) == 1 || a.stride(1) == 1 ? a : a.contiguous();
+    const auto bc = b.stride(0) == 1 || b.stride(1) == 1 ? b : b.contiguous();
+    const bool ta = ac.stride(1) != 1, tb = bc.stride(1) != 1;
+    gemm<c10::BFloat16>(ta, tb, M, N, K, 1.f, ac.const_data_ptr<c10::BFloat16>(), ta ? ac.stride(1) : ac.stride(0),
+                        bc.const_data_ptr<c10::BFloat16>(), tb ? bc.stride(1) : bc.stride(0), 1.f,
+                        c.mutable_data_ptr<float>(), N);
+    return;
+  }
   // the product by oneDNN's 16-bit GEMM into a pooled 16-bit buffer (as eager's matmul rounds it), then one
   // vectorised pass adds it into c (oneDNN's 16-bit matmul uses the CPU's bfloat16 dot-product instructions; MKL's
-  // bf16 x bf16 -> f32 GEMM with beta = 1, which would add in place, is the slower kernel here)
+  // bf16 x bf16 -> f32 GEMM with beta = 1, which would add in place, is the slower kernel without AMX)
   auto prod = empty({M, N}, a.options());
   at::mm_out(prod, a, b);
   AT_DISPATCH_REDUCED_FLOATING_TYPES(a.scalar_type(), "tritium_mm_acc_", [&] {

@@ -2,6 +2,7 @@
 timing loop and the machine's copy bandwidth. Imports nothing else of tritium, so either side can use it."""
 from __future__ import annotations
 
+import functools
 from typing import Callable, Dict
 
 import torch
@@ -52,15 +53,32 @@ def copy_bandwidth(device: str = "cpu", nbytes: int = 256 << 20) -> float:
 
 
 def cpu_features() -> list:
-    """The CPU features tritium's C++ kernels may use on this machine, by name (avx2, avx512, avx512_vnni,
-    avx512_bf16, avx512_fp16, amx_bf16, amx_int8): csrc/cpu.h's run-time detection (torch's cpuinfo, AMX only with
-    the OS's permission), less what TRITIUM_CPU_DISABLE hides."""
+    """The CPU features tritium's kernels may use on this machine, by name (avx2, avx512, avx512_vnni, avx512_bf16,
+    avx512_fp16, amx_bf16, amx_int8; intel: MKL's tuned kernels apply): csrc/cpu.h's run-time detection (torch's
+    cpuinfo, AMX only with the OS's permission), less what TRITIUM_CPU_DISABLE hides."""
     return list(torch.ops.tritium_runtime.cpu_features())
 
 
+_PY_PATHS: Dict[str, Callable[[], str]] = {}
+
+
+def register_cpu_path(case: str, path: Callable[[], str]) -> None:
+    """A choice made in Python by CPU (an op family picking torch's kernel or its own), reported by cpu_paths."""
+    _PY_PATHS[case] = path
+
+
 def cpu_paths() -> Dict[str, str]:
-    """The path each C++ kernel family takes on this machine, e.g. {"attention.bfloat16": "brgemm (oneDNN, AMX)"}."""
-    return dict(p.split("=", 1) for p in torch.ops.tritium_runtime.cpu_paths())
+    """The path each kernel family takes on this machine's CPU, e.g. {"attention.bfloat16": "brgemm (oneDNN, AMX)"}:
+    the C++ families' (csrc/cpu.h) and the choices registered in Python (register_cpu_path)."""
+    paths = dict(p.split("=", 1) for p in torch.ops.tritium_runtime.cpu_paths())
+    paths.update((case, fn()) for case, fn in _PY_PATHS.items())
+    return paths
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has(feature: str) -> bool:
+    """Whether cpu_features() lists feature (cached: the features are fixed for the process)."""
+    return feature in cpu_features()
 
 
 def cpu_has_bf16_dot() -> bool:

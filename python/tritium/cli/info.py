@@ -25,6 +25,8 @@ def main(argv) -> int:
     for k, v in info.items():
         print(f"{k:22s} {v}")
     print("CPU kernel paths")
-    for case, path in sorted(cpu_paths().items()):
-        print(f"  {case:20s} {path}")
+    paths = cpu_paths()
+    width = max(map(len, paths), default=0)
+    for case, path in sorted(paths.items()):
+        print(f"  {case:{width}s}  {path}")
     return 0

@@ -26,6 +26,7 @@ from torch import Tensor
 from .. import reference
 from ._library import acc_dtype, define_op, kernel_ok, rows
 from .softmax import log_softmax
+from ..utils import cpu_has, register_cpu_path
 from .linear import linear_packed, mm_acc_, pack_linear
 
 
@@ -68,11 +69,24 @@ cross_entropy_fwd = define_op(
 
 # ---- fused linear + cross-entropy: the chunk loop, shared by the CPU and CUDA keys (its per-chunk work is
 # a matmul and the cross_entropy_fwd op, each dispatched to its own kernel) ----
-def default_chunk_size(tokens: int, hidden: int, vocab: int) -> int:
+def default_chunk_size(tokens: int, hidden: int, vocab: int, dtype: Optional[torch.dtype] = None,
+                       device: Optional[torch.device] = None) -> int:
     """Tokens per chunk: the chunk's logits about as large as the hidden states (Liger's rule), at least 256
-    rows so the matmuls stay efficient."""
+    rows so the matmuls stay efficient; float32 on CPU at least 1024 rows, since every chunk streams the whole
+    (V, H) weight from memory once more (for float32 that costs more than a 4x larger chunk of logits saves)."""
     per = _next_pow2(math.ceil(tokens / max(1, math.ceil(vocab / max(hidden, 1)))))
-    return max(1, min(tokens, max(256, per)))
+    least = 1024 if dtype == torch.float32 and device is not None and torch.device(device).type == "cpu" else 256
+    return max(1, min(tokens, max(least, per)))
+
+
+def _own_grad_hidden_gemm() -> bool:
+    """Whether the float32 LM head computes grad_hidden = g @ W with tritium's packed panels: yes except where MKL,
+    torch's BLAS, runs its tuned kernels (an Intel CPU), whose sgemm is faster there (bench/results/)."""
+    return not cpu_has("intel")
+
+
+register_cpu_path("fused_linear_cross_entropy.float32", lambda: "panels for the logits, " + (
+    "panels" if _own_grad_hidden_gemm() else "MKL sgemm") + " for grad_hidden")
 
 
 def _next_pow2(n: int) -> int:
@@ -124,7 +138,7 @@ class LMHead:
         if (weight.device.type == "cpu" and dtype in (torch.float32, torch.float64) and weight.is_contiguous()
                 and chunk >= 64 and weight.shape[1] > 0):
             self.packed = pack_linear(weight)
-            if need_grad:
+            if need_grad and _own_grad_hidden_gemm():
                 self.packed_t = pack_linear(weight.t())
 
     def chunk(self, h, t, ignore_index, label_smoothing, gh_out, gw, gb, row_scale):
@@ -356,7 +370,7 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, b
     H, V = hidden.shape[-1], weight.shape[0]
     h2 = rows(hidden, H)
     t = target.reshape(-1)
-    chunk = chunk_size or default_chunk_size(h2.shape[0], H, V)
+    chunk = chunk_size or default_chunk_size(h2.shape[0], H, V, h2.dtype, h2.device)
     ls = float(label_smoothing)
     if reduction == "none":
         return flce_rows(h2, weight, t, bias, ignore_index, ls, chunk).to(hidden.dtype).view(target.shape)

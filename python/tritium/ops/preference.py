@@ -178,7 +178,8 @@ def _no_nan(name: str, arg: str, t: Tensor) -> None:
 def _chunk(hidden: Tensor, weight: Tensor, chunk_size: Optional[int]) -> int:
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    return chunk_size or default_chunk_size(hidden.shape[0] * hidden.shape[1], hidden.shape[2], weight.shape[0])
+    return chunk_size or default_chunk_size(hidden.shape[0] * hidden.shape[1], hidden.shape[2], weight.shape[0],
+                                            hidden.dtype, hidden.device)
 
 
 def _ref_token_logps(name, target, ignore_index, paired, ref_hidden, ref_weight, ref_bias, chunk_size):
