@@ -34,7 +34,17 @@ struct VecIO16 {
     return out;
   }
   static inline void store(T16* p, const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+    // one 256-bit store of the rounded halves (convert_from_float's vector of 32 would store half of itself
+    // through a temporary buffer)
+    if constexpr (std::is_same_v<T16, c10::BFloat16>) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_bf16(static_cast<__m512>(v)));
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_fp16(static_cast<__m512>(v)));
+    }
+#else
     at::vec::convert_from_float<T16>(v, v).store(p, kSize);
+#endif
   }
 };
 template <>
