@@ -12,6 +12,9 @@
 namespace tritium::cpu {
 namespace {
 
+constexpr const char* kNames[] = {"avx2",     "avx512",   "avx512_vnni", "avx512_bf16",
+                                  "avx512_fp16", "amx_bf16", "amx_int8",    "intel"};
+
 bool flag(const std::unordered_map<std::string, c10::IValue>& caps, const char* name) {
   auto it = caps.find(name);
   return it != caps.end() && it->second.isBool() && it->second.toBool();
@@ -45,6 +48,10 @@ Features detect() {
 #endif
   for (const std::string& name : disabled()) {
     const bool all = name == "all";
+    bool known = all;
+    for (const char* n : kNames) known = known || name == n;
+    TORCH_CHECK(known, "TRITIUM_CPU_DISABLE: unknown feature '", name, "'; expected a comma-separated list of ",
+                "avx2, avx512, avx512_vnni, avx512_bf16, avx512_fp16, amx_bf16, amx_int8, intel or all");
     if (all || name == "avx2") f.avx2 = false;
     if (all || name == "avx512") f.avx512 = false;
     if (all || name == "avx512_vnni") f.avx512_vnni = false;
@@ -55,6 +62,7 @@ Features detect() {
     if (all || name == "intel") f.intel = false;
   }
   // a feature needs the ones it extends
+  if (!f.avx2) f.avx512 = false;
   if (!f.avx512) f.avx512_vnni = f.avx512_bf16 = f.avx512_fp16 = false;
   return f;
 }

@@ -80,6 +80,15 @@ def test_disabled_features_are_never_selected():
     assert feats == [] and paths["quant_linear"] == "none"
 
 
+def test_unknown_disabled_feature_is_an_error():
+    """A misspelt TRITIUM_CPU_DISABLE is an error naming the variable and the names it takes, not silently ignored."""
+    env = dict(os.environ, TRITIUM_CPU_DISABLE="amx")
+    r = subprocess.run([sys.executable, "-c", "import tritium.utils as u; u.cpu_features()"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "TRITIUM_CPU_DISABLE: unknown feature 'amx'" in r.stderr and "amx_bf16" in r.stderr
+
+
 _ATTENTION = """
 torch.manual_seed(0)
 B, H, L, D = 2, 3, 77, 64
