@@ -328,17 +328,25 @@ at::Tensor loss_bwd(int64_t loss, const at::Tensor& g, const at::Tensor& x, cons
 // ---- the row losses ----
 enum RowLoss : int64_t { TRIPLET, TRIPLET_SWAP, COSINE, CONTRASTIVE, MULTI_MARGIN, NUM_ROW_LOSSES };
 
-// Sum over a row of f(i, count) (one vector per call, the lanes past count zeroed before summing)
+// Sum over a row of f(i, count) (one vector per call, the lanes past count zeroed before summing), in four chains:
+// with one, every vector waits for the previous add, and a row's sum is bound by the add's latency, not by memory
 template <typename V, typename F>
 inline typename V::value_type row_sum(int64_t D, const F& f) {
   constexpr int64_t K = V::size();
-  V s(0);
-  for (int64_t i = 0; i < D; i += K) {
+  V s0(0), s1(0), s2(0), s3(0);
+  int64_t i = 0;
+  for (; i + 4 * K <= D; i += 4 * K) {
+    s0 = s0 + f(i, K);
+    s1 = s1 + f(i + K, K);
+    s2 = s2 + f(i + 2 * K, K);
+    s3 = s3 + f(i + 3 * K, K);
+  }
+  for (; i < D; i += K) {
     const int64_t count = std::min(K, D - i);
     const V v = f(i, count);
-    s = s + (count == K ? v : V::set(V(0), v, count));
+    s0 = s0 + (count == K ? v : V::set(V(0), v, count));
   }
-  return hsum(s);
+  return hsum((s0 + s1) + (s2 + s3));
 }
 
 // |v|^p summed for the p-norm (p = 1, 2 directly; else through pow)
@@ -400,7 +408,24 @@ void rows_impl(int64_t loss, const at::Tensor& x1, const at::Tensor& x2, const a
           return norm_root(row_sum<Vec>(D, [&](int64_t i, int64_t n) {
             return norm_term(ld(q0, i, n) - ld(q1, i, n) + veps, b); }), b);
         };
-        const A dap = dist(u, v), dan = dist(u, z);
+        // d(a, p) and d(a, n) in one pass over the three rows (the anchor loaded once), two chains each
+        Vec sp0(0), sp1(0), sn0(0), sn1(0);
+        int64_t i = 0;
+        for (; i + 2 * LV::K <= D; i += 2 * LV::K) {
+          const Vec a0 = ld(u, i, LV::K), a1 = ld(u, i + LV::K, LV::K);
+          sp0 = sp0 + norm_term(a0 - ld(v, i, LV::K) + veps, b);
+          sp1 = sp1 + norm_term(a1 - ld(v, i + LV::K, LV::K) + veps, b);
+          sn0 = sn0 + norm_term(a0 - ld(z, i, LV::K) + veps, b);
+          sn1 = sn1 + norm_term(a1 - ld(z, i + LV::K, LV::K) + veps, b);
+        }
+        for (; i < D; i += LV::K) {
+          const int64_t n = std::min(LV::K, D - i);
+          const Vec a0 = ld(u, i, n);
+          const Vec tp = norm_term(a0 - ld(v, i, n) + veps, b), tn = norm_term(a0 - ld(z, i, n) + veps, b);
+          sp0 = sp0 + (n == LV::K ? tp : Vec::set(Vec(0), tp, n));
+          sn0 = sn0 + (n == LV::K ? tn : Vec::set(Vec(0), tn, n));
+        }
+        const A dap = norm_root(hsum(sp0 + sp1), b), dan = norm_root(hsum(sn0 + sn1), b);
         const A dpn = loss == TRIPLET_SWAP ? dist(v, z) : dan;
         const bool use_pn = dpn < dan;  // swap: the closer of the two negatives' distances
         const A vv = dap - (use_pn ? dpn : dan) + static_cast<A>(a);
