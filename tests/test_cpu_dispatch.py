@@ -132,3 +132,8 @@ def test_info_prints_the_paths():
     assert "cpu_features" in out and "machine_kind" in out
     assert "attention.bfloat16" in out and "quant_linear" in out
     assert tritium.utils.machine_kind("AMD EPYC 9R14").startswith("amd-")
+    kind = subprocess.run([sys.executable, "-m", "tritium.cli", "info", "--kind"], check=True, capture_output=True,
+                          text=True, timeout=300).stdout.strip()
+    from tritium.bench.common import cpu_model
+    assert kind == tritium.utils.machine_kind(cpu_model())
+    assert kind.endswith("-amx") == HAS_AMX
