@@ -85,6 +85,17 @@ void check_dtypes(at::TensorList params, at::TensorList grads, at::TensorList pa
   }
 }
 
+// The lists every step checks first: params densely stored on the CPU, grads and params16 (may be empty) matching
+// them, and the dtypes of the three.
+void check_params(at::TensorList params, at::TensorList grads, at::TensorList params16, const char* op) {
+  for (size_t i = 0; i < params.size(); ++i)
+    TORCH_CHECK(params[i].device().is_cpu() && params[i].is_non_overlapping_and_dense(), op, ": params[", i,
+                "] must be a densely stored CPU tensor");
+  check_list(grads, params, op, "grads", false);
+  check_list(params16, params, op, "params16", true);
+  check_dtypes(params, grads, params16, op);
+}
+
 // The learning rate: lr_tensor's value when given (a scheduler's tensor lr), else lr.
 double read_lr(const std::optional<at::Tensor>& lr_tensor, double lr, const char* op) {
   if (!lr_tensor.has_value()) return lr;
@@ -220,17 +231,12 @@ void adamw_step_(at::TensorList params, at::TensorList grads, at::TensorList exp
                  const std::optional<at::Tensor>& lr_tensor, double lr, double beta1, double beta2,
                  double weight_decay, double eps, bool maximize) {
   const char* op = "adamw_step_";
-  for (size_t i = 0; i < params.size(); ++i)
-    TORCH_CHECK(params[i].device().is_cpu() && params[i].is_non_overlapping_and_dense(), op, ": params[", i,
-                "] must be a densely stored CPU tensor");
-  check_list(grads, params, op, "grads", false);
+  check_params(params, grads, params16, op);
   check_list(exp_avgs, params, op, "exp_avgs", false);
   check_list(exp_avg_sqs, params, op, "exp_avg_sqs", false);
   check_list(max_exp_avg_sqs, params, op, "max_exp_avg_sqs", true);
-  check_list(params16, params, op, "params16", true);
   TORCH_CHECK(state_steps.size() == params.size(), op, ": state_steps must hold one tensor per param (",
               params.size(), "), got ", state_steps.size());
-  check_dtypes(params, grads, params16, op);
   for (size_t i = 0; i < params.size(); ++i) {
     const auto p = params[i].scalar_type();
     TORCH_CHECK(exp_avgs[i].scalar_type() == p && exp_avg_sqs[i].scalar_type() == p &&
@@ -317,13 +323,8 @@ void sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList momen
                const std::optional<at::Tensor>& lr_tensor, double lr, double weight_decay, double momentum,
                double dampening, bool nesterov, bool maximize, bool is_first_step) {
   const char* op = "sgd_step_";
-  for (size_t i = 0; i < params.size(); ++i)
-    TORCH_CHECK(params[i].device().is_cpu() && params[i].is_non_overlapping_and_dense(), op, ": params[", i,
-                "] must be a densely stored CPU tensor");
-  check_list(grads, params, op, "grads", false);
+  check_params(params, grads, params16, op);
   check_list(momentum_buffers, params, op, "momentum_buffers", true);
-  check_list(params16, params, op, "params16", true);
-  check_dtypes(params, grads, params16, op);
   for (size_t i = 0; i < momentum_buffers.size(); ++i)
     TORCH_CHECK(momentum_buffers[i].scalar_type() == params[i].scalar_type(), op, ": momentum_buffers[", i,
                 "] must have the dtype of params[", i, "] ", params[i].scalar_type(), ", got ",
