@@ -135,6 +135,14 @@ def on_device(module):
     return module if INTERPRETED else _OnDevice(module)
 
 
+def impl_cases(triton_impl):
+    """The (name, implementation, dtype) cases of a kernel test and their pytest ids: the Triton launchers
+    (triton_impl, from on_device) in KERNEL_DTYPES and the C++ kernels (torch.ops.tritium) in CPU_DTYPES."""
+    impls = [("triton", triton_impl, KERNEL_DTYPES), ("cpp", torch.ops.tritium, CPU_DTYPES)]
+    cases = [(name, impl, dtype) for name, impl, dtypes in impls for dtype in dtypes]
+    return cases, [f"{n}-{str(d)[6:]}" for n, _, d in cases]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # GPU compile check: record the launches a launcher makes under the interpreter, then compile each distinct
 # configuration for a real GPU target (no GPU needed) and check what ptxas reports: no register spills, shared

@@ -8,14 +8,12 @@ import tritium  # noqa: F401  (loads the C++ kernels)
 from tritium import reference
 from tritium.kernels import activations
 from tritium.ops.activations import ACT_NAMES, GATES, SELU_ALPHA, SELU_SCALE
-from tests.util import (CPU_DTYPES, KERNEL_DTYPES, assert_within_torch_error, check_gpu_compile, on_device,
+from tests.util import (KERNEL_DTYPES, assert_within_torch_error, check_gpu_compile, impl_cases, on_device,
                         torch_and_ref)
 
 triton_act = on_device(activations)
 cpp = torch.ops.tritium
-IMPLS = [("triton", triton_act, KERNEL_DTYPES), ("cpp", cpp, CPU_DTYPES)]
-CASES = [(name, impl, dtype) for name, impl, dtypes in IMPLS for dtype in dtypes]
-CASE_IDS = [f"{n}-{str(d)[6:]}" for n, _, d in CASES]
+CASES, CASE_IDS = impl_cases(triton_act)
 ROWS = 3
 # More rows than the interpreter's 8 programs (kernels/_utils.py num_programs): the DyT, Swish-beta and PReLU
 # backward programs then each loop over several rows and sum their parameter gradients, as on a GPU.

@@ -10,13 +10,11 @@ from tritium import reference
 from tritium.kernels import losses
 from tritium.ops.losses import (ELEMENTWISE, LOSS_IDS, ROW_CONTRASTIVE, ROW_COSINE, ROW_MULTI_MARGIN, ROW_TRIPLET,
                                 ROW_TRIPLET_SWAP)
-from tests.util import CPU_DTYPES, KERNEL_DTYPES, assert_within_torch_error, check_gpu_compile, leaf, on_device
+from tests.util import CPU_DTYPES, assert_within_torch_error, check_gpu_compile, impl_cases, leaf, on_device
 
 triton_losses = on_device(losses)
 cpp = torch.ops.tritium
-IMPLS = [("triton", triton_losses, KERNEL_DTYPES), ("cpp", cpp, CPU_DTYPES)]
-CASES = [(name, impl, dtype) for name, impl, dtypes in IMPLS for dtype in dtypes]
-IDS = [f"{n}-{str(d)[6:]}" for n, _, d in CASES]
+CASES, IDS = impl_cases(triton_losses)
 
 
 def _margin_ranking(x, y, reduction="none", margin=0.0):

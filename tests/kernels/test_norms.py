@@ -5,13 +5,12 @@ import torch.nn.functional as F
 
 import tritium  # noqa: F401  (loads the C++ kernels)
 from tritium.kernels import norms
-from tests.util import (CPU_DTYPES, KERNEL_DTYPES, WIDTHS, assert_within_torch_error, check_gpu_compile, leaf,
+from tests.util import (WIDTHS, assert_within_torch_error, check_gpu_compile, impl_cases, leaf,
                         on_device, torch_and_ref)
 
 triton_norms = on_device(norms)
 cpp = torch.ops.tritium
-IMPLS = [("triton", triton_norms, KERNEL_DTYPES), ("cpp", cpp, CPU_DTYPES)]
-CASES = [(name, impl, dtype) for name, impl, dtypes in IMPLS for dtype in dtypes]
+CASES, _ = impl_cases(triton_norms)
 ROWS = 3
 # More rows than the interpreter's 8 programs (kernels/_utils.py num_programs): each backward program then loops
 # over several rows and sums their dW / dB, the path every GPU launch takes (19 = 6 programs of 3 rows, one of 1

@@ -4,14 +4,12 @@ import torch
 
 import tritium  # noqa: F401  (loads the C++ kernels)
 from tritium.kernels import rnn
-from tests.util import CPU_DTYPES, KERNEL_DTYPES, assert_within_torch_error, check_gpu_compile, leaf, on_device
+from tests.util import assert_within_torch_error, check_gpu_compile, impl_cases, leaf, on_device
 
 triton_rnn = on_device(rnn)
 
 cpp = torch.ops.tritium
-IMPLS = [("triton", triton_rnn, KERNEL_DTYPES), ("cpp", cpp, CPU_DTYPES)]
-CASES = [(name, impl, dtype) for name, impl, dtypes in IMPLS for dtype in dtypes]
-IDS = [f"{n}-{str(d)[6:]}" for n, _, d in CASES]
+CASES, IDS = impl_cases(triton_rnn)
 HIDDEN = (1, 7, 123, 781)
 B = 3
 

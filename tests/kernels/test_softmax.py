@@ -5,14 +5,12 @@ import torch.nn.functional as F
 
 import tritium  # noqa: F401  (loads the C++ kernels)
 from tritium.kernels import softmax
-from tests.util import CPU_DTYPES, KERNEL_DTYPES, WIDTHS, assert_within_torch_error, check_gpu_compile, leaf, on_device
+from tests.util import WIDTHS, assert_within_torch_error, check_gpu_compile, impl_cases, leaf, on_device
 
 triton_softmax = on_device(softmax)
 
 cpp = torch.ops.tritium
-IMPLS = [("triton", triton_softmax, KERNEL_DTYPES), ("cpp", cpp, CPU_DTYPES)]
-CASES = [(name, impl, dtype) for name, impl, dtypes in IMPLS for dtype in dtypes]
-IDS = [f"{n}-{str(d)[6:]}" for n, _, d in CASES]
+CASES, IDS = impl_cases(triton_softmax)
 # (scale, log): softmax, log_softmax, softmin, a temperature
 VARIANTS = [(1.0, False), (1.0, True), (-1.0, False), (0.5, True)]
 
