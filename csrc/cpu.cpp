@@ -12,8 +12,11 @@
 namespace tritium::cpu {
 namespace {
 
-constexpr const char* kNames[] = {"avx2",     "avx512",   "avx512_vnni", "avx512_bf16",
-                                  "avx512_fp16", "amx_bf16", "amx_int8",    "intel"};
+// Every feature by name, in Features' order: what TRITIUM_CPU_DISABLE takes and cpu_features() reports
+constexpr std::pair<const char*, bool Features::*> kFields[] = {
+    {"avx2", &Features::avx2},         {"avx512", &Features::avx512},     {"avx512_vnni", &Features::avx512_vnni},
+    {"avx512_bf16", &Features::avx512_bf16}, {"avx512_fp16", &Features::avx512_fp16},
+    {"amx_bf16", &Features::amx_bf16}, {"amx_int8", &Features::amx_int8}, {"intel", &Features::intel}};
 
 bool flag(const std::unordered_map<std::string, c10::IValue>& caps, const char* name) {
   auto it = caps.find(name);
@@ -47,19 +50,17 @@ Features detect() {
   f.intel = __builtin_cpu_is("intel");
 #endif
   for (const std::string& name : disabled()) {
-    const bool all = name == "all";
-    bool known = all;
-    for (const char* n : kNames) known = known || name == n;
+    bool known = name == "all";
+    std::string names;
+    for (const auto& [n, field] : kFields) {
+      if (name == "all" || name == n) {
+        f.*field = false;
+        known = true;
+      }
+      names += std::string(n) + ", ";
+    }
     TORCH_CHECK(known, "TRITIUM_CPU_DISABLE: unknown feature '", name, "'; expected a comma-separated list of ",
-                "avx2, avx512, avx512_vnni, avx512_bf16, avx512_fp16, amx_bf16, amx_int8, intel or all");
-    if (all || name == "avx2") f.avx2 = false;
-    if (all || name == "avx512") f.avx512 = false;
-    if (all || name == "avx512_vnni") f.avx512_vnni = false;
-    if (all || name == "avx512_bf16") f.avx512_bf16 = false;
-    if (all || name == "avx512_fp16") f.avx512_fp16 = false;
-    if (all || name == "amx_bf16") f.amx_bf16 = false;
-    if (all || name == "amx_int8") f.amx_int8 = false;
-    if (all || name == "intel") f.intel = false;
+                names, "or all");
   }
   // a feature needs the ones it extends
   if (!f.avx2) f.avx512 = false;
@@ -82,9 +83,9 @@ const Features& features() {
 
 std::vector<std::pair<std::string, bool>> feature_list() {
   const Features& f = features();
-  return {{"avx2", f.avx2},           {"avx512", f.avx512},           {"avx512_vnni", f.avx512_vnni},
-          {"avx512_bf16", f.avx512_bf16}, {"avx512_fp16", f.avx512_fp16}, {"amx_bf16", f.amx_bf16},
-          {"amx_int8", f.amx_int8},       {"intel", f.intel}};
+  std::vector<std::pair<std::string, bool>> out;
+  for (const auto& [name, field] : kFields) out.emplace_back(name, f.*field);
+  return out;
 }
 
 bool register_paths(PathReporter reporter) {
