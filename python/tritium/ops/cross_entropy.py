@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
+from ..utils import cpu_has, register_cpu_path
 from ._library import acc_dtype, define_op, kernel_ok, rows
 from .softmax import log_softmax
-from ..utils import cpu_has, register_cpu_path
 from .linear import linear_packed, mm_acc_, pack_linear
 
 
@@ -130,7 +130,8 @@ class LMHead:
     CPU float: the weight is packed once into column panels for every chunk's logits (linear_packed), where BLAS
     would repack the whole (V, H) weight on each chunk's call. The packed copy costs the weight's size once more,
     for the object's lifetime. The input gradient g @ W likewise from W's rows packed once (its panels run the
-    vocabulary-long reduction in L2-sized blocks; BLAS would repack the weight per chunk here too)."""
+    vocabulary-long reduction in L2-sized blocks; BLAS would repack the weight per chunk here too), except on an
+    Intel CPU, where MKL's sgemm is the faster product (_own_grad_hidden_gemm)."""
 
     def __init__(self, weight, bias, dtype, chunk, need_grad):
         self.weight, self.bias, self.dtype, self.need_grad = weight, bias, dtype, need_grad
