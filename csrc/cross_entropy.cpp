@@ -21,8 +21,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tenso
                                                                  int64_t ignore_index, double label_smoothing,
                                                                  bool mean, bool need_grad) {
   check_rows(x, "input");
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == x.size(0), "target must be 1-D with one entry per row");
-  TORCH_CHECK(target.scalar_type() == at::kLong, "target must be int64");
   const int64_t M = x.size(0), C = x.size(1);
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto loss = tritium::empty({M}, x.options().dtype(acc_dtype));
@@ -34,17 +32,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tenso
     using Vec = typename IO::Vec;
     constexpr int64_t K = IO::kSize;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const int64_t* tp = target.const_data_ptr<int64_t>();
-    const int64_t st = target.stride(0), sx = x.stride(0);
     const scalar_t* wp = weight.has_value() ? weight->const_data_ptr<scalar_t>() : nullptr;
     // targets are validated (as torch's nll_loss does) and the total weight summed before any row is touched
     double tw = 0, wsum = 0;
-    for (int64_t r = 0; r < M; ++r) {
-      const int64_t t = tp[r * st];
-      if (t == ignore_index) continue;
-      TORCH_CHECK_INDEX(t >= 0 && t < C, "Target ", t, " is out of bounds.");
-      tw += wp ? static_cast<double>(static_cast<acc_t>(wp[t])) : 1.0;
-    }
+    for_valid_targets(target, M, C, ignore_index,
+                      [&](int64_t t) { tw += wp ? static_cast<double>(static_cast<acc_t>(wp[t])) : 1.0; });
+    const int64_t* tp = target.const_data_ptr<int64_t>();
+    const int64_t st = target.stride(0), sx = x.stride(0);
     if (wp) {
       for (int64_t c = 0; c < C; ++c) wsum += static_cast<acc_t>(wp[c]);
     } else {

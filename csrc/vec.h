@@ -239,4 +239,22 @@ inline void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.stride(1) == 1 || t.size(1) <= 1, name, " must have a contiguous last dimension");
 }
 
+// The class-index targets of a row loss over `rows` rows of C classes: checked before any row is touched, with
+// torch's nll_loss error (an IndexError naming the target) for a value outside [0, C) that is not ignore_index;
+// f(t) is called for each non-ignored target t, in row order (cross_entropy sums the total weight with it,
+// distill counts the rows). target: 1-D int64, any stride.
+template <typename F>
+inline void for_valid_targets(const at::Tensor& target, int64_t rows, int64_t C, int64_t ignore_index, F&& f) {
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == rows, "target must be 1-D with one entry per row");
+  TORCH_CHECK(target.scalar_type() == at::kLong, "target must be int64");
+  const int64_t* tp = target.const_data_ptr<int64_t>();
+  const int64_t st = target.stride(0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = tp[r * st];
+    if (t == ignore_index) continue;
+    TORCH_CHECK_INDEX(t >= 0 && t < C, "Target ", t, " is out of bounds.");
+    f(t);
+  }
+}
+
 }  // namespace tritium
