@@ -16,8 +16,18 @@
 //   a = k s, b = k u,  KL(softmax(b) || softmax(a)) = sum_j q_j (log q_j - log p_j),  q = softmax(b), p = softmax(a)
 // in two passes (max; exp sums plus sum_j e^b_j (b_j - a_j)): KL = A / Sb - log Sb + log Sa with both
 // shifted by their row max. Classes where the teacher's probability is 0 (a -inf logit) contribute 0, the limit
-// of q log q. With need_grad, the gradient row of the KL with respect to s, k (p - q), is written in the
-// accumulation dtype (the backward rounds once while scaling rows by the upstream gradient, as cross_entropy).
+// of q log q. The row's output is wk KL (kl_weight wk; 1 for the plain per-row KL).
+// With a target (int64 (M,), distillation's hard-label term, fused so the logits are read and one gradient row is
+// written once for both terms), each row adds the mean cross-entropy's share at temperature 1:
+//   loss_r = wk KL_r + wc (lse(s) - s_t),   wc = ce_weight / n_valid
+// where n_valid counts the targets != ignore_index (torch's 'mean' divisor), counted here before any row is
+// touched, with cross_entropy's check of the targets (for_valid_targets; the Triton launcher instead sums them into
+// a tensor the kernel reads, so no host sync). An ignored row adds 0 * wc: with every row ignored wc is inf (or
+// NaN) and the loss NaN, torch's 0/0. A non-ignored row costs one more exp per class and pass (softmax(s)).
+// With need_grad, the gradient row of loss_r with respect to s,
+//   wk k (p - q) + wc (softmax(s) - onehot(t))      (no cross-entropy part on ignored rows)
+// is written in the accumulation dtype (the backward rounds once while scaling rows by the upstream gradient, as
+// cross_entropy): one (M, C) buffer for both terms, so the backward is one cross_entropy_bwd.
 #include "pool.h"
 #include "vec.h"
 
@@ -151,64 +161,122 @@ std::tuple<at::Tensor, at::Tensor> kl_div_bwd(const at::Tensor& grad, const at::
   return {dx, dt};
 }
 
+// One row of distill_fwd (the formulas above): the row's KL and, with kCE, its cross-entropy lse(s) - s_t (ce is
+// left alone otherwise). With gr, the row's gradient wk k (p - q), plus wc (softmax(s) - onehot(t)) with kCE: the
+// first pass keeps exp(a - max a) in gr and exp(b - max b), exp(s - max s) in the task's scratch rows (eb, ec:
+// L2-resident for a vocabulary-wide row), so the second pass computes no exp.
+template <bool kCE, typename scalar_t>
+void distill_row(const scalar_t* sr, const scalar_t* ur, int64_t C, acc_type<scalar_t> k, acc_type<scalar_t> wk,
+                 acc_type<scalar_t> wc, int64_t t, acc_type<scalar_t>* gr, acc_type<scalar_t>* ebuf,
+                 acc_type<scalar_t>* cbuf, acc_type<scalar_t>& kl, acc_type<scalar_t>& ce) {
+  using acc_t = acc_type<scalar_t>;
+  using IO = VecIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t K = IO::kSize;
+  const acc_t ms = row_max_acc(sr, C);
+  const acc_t ma = k * ms, mb = k * row_max_acc(ur, C);
+  const Vec vk(k), vma(ma), vmb(mb), vms(ms), zero(0);
+  Vec sa(0), sb(0), sc(0), A(0);
+  int64_t i = 0;
+  for (; i + K <= C; i += K) {
+    const Vec x = IO::load(sr + i);
+    const Vec a = at::vec::fmsub(x, vk, vma), b = at::vec::fmsub(IO::load(ur + i), vk, vmb);
+    const Vec ea = a.exp(), eb = b.exp();
+    sa = sa + ea;
+    sb = sb + eb;
+    A = A + Vec::blendv(eb * (b - a), zero, eb == zero);
+    if (gr) {
+      ea.store(gr + i);
+      eb.store(ebuf + i);
+    }
+    if constexpr (kCE) {
+      const Vec ec = (x - vms).exp();
+      sc = sc + ec;
+      if (gr) ec.store(cbuf + i);
+    }
+  }
+  acc_t Sa = hsum(sa), Sb = hsum(sb), Sc = hsum(sc), As = hsum(A);
+  for (; i < C; ++i) {
+    const acc_t x = static_cast<acc_t>(sr[i]);
+    const acc_t a = x * k - ma, b = static_cast<acc_t>(ur[i]) * k - mb;
+    const acc_t ea = std::exp(a), eb = std::exp(b);
+    Sa += ea;
+    Sb += eb;
+    As += eb == acc_t(0) ? acc_t(0) : eb * (b - a);
+    if (gr) {
+      gr[i] = ea;
+      ebuf[i] = eb;
+    }
+    if constexpr (kCE) {
+      const acc_t ec = std::exp(x - ms);
+      Sc += ec;
+      if (gr) cbuf[i] = ec;
+    }
+  }
+  // As is relative to the two shifts: sum q (b' - a') with b' = b - mb, a' = a - ma
+  kl = As / Sb - std::log(Sb) + std::log(Sa);
+  if constexpr (kCE) ce = ms + std::log(Sc) - static_cast<acc_t>(sr[t]);
+  if (!gr) return;
+  const acc_t ka = wk * k / Sa, kb = wk * k / Sb, kc = wc / Sc;
+  const Vec vka(ka), vkb(kb), vkc(kc);
+  for (i = 0; i + K <= C; i += K) {
+    Vec g = Vec::loadu(gr + i) * vka - Vec::loadu(ebuf + i) * vkb;
+    if constexpr (kCE) g = at::vec::fmadd(Vec::loadu(cbuf + i), vkc, g);
+    g.store(gr + i);
+  }
+  for (; i < C; ++i) {
+    acc_t g = gr[i] * ka - ebuf[i] * kb;
+    if constexpr (kCE) g += cbuf[i] * kc;
+    gr[i] = g;
+  }
+  if constexpr (kCE) gr[t] -= wc;
+}
+
 std::tuple<at::Tensor, at::Tensor> distill_fwd(const at::Tensor& s, const at::Tensor& u, double inv_temp,
-                                               bool need_grad) {
+                                               bool need_grad, const c10::optional<at::Tensor>& target,
+                                               int64_t ignore_index, double kl_weight, double ce_weight) {
   check_rows(s, "student_logits");
   check_rows(u, "teacher_logits");
   TORCH_CHECK(s.sizes() == u.sizes() && s.scalar_type() == u.scalar_type(),
               "distill: teacher_logits must have the student's shape and dtype");
   TORCH_CHECK(inv_temp > 0, "distill: the inverse temperature must be positive, got ", inv_temp);
   const int64_t M = s.size(0), C = s.size(1);
+  // the targets are checked (cross_entropy's check and error) and counted before any row is touched
+  int64_t n_valid = 0;
+  if (target.has_value()) for_valid_targets(*target, M, C, ignore_index, [&](int64_t) { ++n_valid; });
   const auto acc_dtype = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto loss = tritium::empty({M}, s.options().dtype(acc_dtype));
   auto grad = need_grad ? empty({M, C}, s.options().dtype(acc_dtype)) : at::empty({0}, s.options().dtype(acc_dtype));
   TRITIUM_DISPATCH_FLOATING(s.scalar_type(), "tritium_distill_fwd", [&] {
     using acc_t = acc_type<scalar_t>;
-    using IO = VecIO<scalar_t>;
-    using Vec = typename IO::Vec;
-    constexpr int64_t K = IO::kSize;
     const scalar_t* sp = s.const_data_ptr<scalar_t>();
     const scalar_t* up = u.const_data_ptr<scalar_t>();
     const int64_t ss = s.stride(0), su = u.stride(0);
-    const acc_t k = static_cast<acc_t>(inv_temp);
+    const int64_t* tp = target.has_value() ? target->const_data_ptr<int64_t>() : nullptr;
+    const int64_t st = target.has_value() ? target->stride(0) : 0;
+    const acc_t k = static_cast<acc_t>(inv_temp), wk = static_cast<acc_t>(kl_weight);
+    // the mean over the non-ignored rows: inf (NaN for ce_weight 0) when every row is ignored, so the loss is NaN
+    // as torch's 0/0, while the gradient, whose cross-entropy part lives on non-ignored rows only, stays finite
+    const acc_t wc = tp ? static_cast<acc_t>(ce_weight / static_cast<double>(n_valid)) : acc_t(0);
     acc_t* lp = loss.mutable_data_ptr<acc_t>();
     acc_t* gp = need_grad ? grad.mutable_data_ptr<acc_t>() : nullptr;
     at::parallel_for(0, M, row_grain(2 * C), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> scratch(need_grad ? 2 * C : 0);  // the task's eb and ec rows
+      acc_t* ebuf = scratch.data();
+      acc_t* cbuf = need_grad ? ebuf + C : nullptr;
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* sr = sp + r * ss;
         const scalar_t* ur = up + r * su;
-        acc_t* gr = gp ? gp + r * C : nullptr;  // also the buffer of exp(a - max a)
-        const acc_t ma = k * row_max_acc(sr, C), mb = k * row_max_acc(ur, C);
-        const Vec vk(k), vma(ma), vmb(mb), zero(0);
-        Vec sa(0), sb(0), A(0);
-        int64_t i = 0;
-        for (; i + K <= C; i += K) {
-          const Vec a = at::vec::fmsub(IO::load(sr + i), vk, vma), b = at::vec::fmsub(IO::load(ur + i), vk, vmb);
-          const Vec ea = a.exp(), eb = b.exp();
-          sa = sa + ea;
-          sb = sb + eb;
-          A = A + Vec::blendv(eb * (b - a), zero, eb == zero);
-          if (gr) ea.store(gr + i);
+        acc_t* gr = gp ? gp + r * C : nullptr;
+        const int64_t t = tp ? tp[r * st] : ignore_index;
+        acc_t kl, ce = 0;
+        if (tp && t != ignore_index) {
+          distill_row<true>(sr, ur, C, k, wk, wc, t, gr, ebuf, cbuf, kl, ce);
+          lp[r] = wk * kl + wc * ce;
+        } else {
+          distill_row<false>(sr, ur, C, k, wk, wc, t, gr, ebuf, cbuf, kl, ce);
+          lp[r] = tp ? wk * kl + acc_t(0) * wc : wk * kl;  // an ignored row: 0 / n_valid (NaN for 0 rows)
         }
-        acc_t Sa = hsum(sa), Sb = hsum(sb), As = hsum(A);
-        for (; i < C; ++i) {
-          const acc_t a = static_cast<acc_t>(sr[i]) * k - ma, b = static_cast<acc_t>(ur[i]) * k - mb;
-          const acc_t ea = std::exp(a), eb = std::exp(b);
-          Sa += ea;
-          Sb += eb;
-          As += eb == acc_t(0) ? acc_t(0) : eb * (b - a);
-          if (gr) gr[i] = ea;
-        }
-        // As is relative to the two shifts: sum q (b' - a') with b' = b - mb, a' = a - ma
-        lp[r] = As / Sb - std::log(Sb) + std::log(Sa);
-        if (!gr) continue;
-        const acc_t ka = k / Sa, kb = k / Sb;
-        const Vec vka(ka), vkb(kb);
-        for (i = 0; i + K <= C; i += K) {
-          const Vec b = at::vec::fmsub(IO::load(ur + i), vk, vmb);
-          (Vec::loadu(gr + i) * vka - b.exp() * vkb).store(gr + i);
-        }
-        for (; i < C; ++i) gr[i] = gr[i] * ka - std::exp(static_cast<acc_t>(ur[i]) * k - mb) * kb;
       }
     });
   });

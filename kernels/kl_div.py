@@ -9,8 +9,14 @@ Traffic: forward reads 2N elements, writes N (or N / BLOCK floats); backward rea
 
 distill: per row, a = k s (student), b = k u (teacher), KL(softmax(b) || softmax(a)) = sum_j q_j (b_j - a_j)
 - lse(b) + lse(a), with the sums kept online per lane while looping over the row (rescaled when a lane's max
-grows, as the cross-entropy kernel's); classes with q_j = 0 contribute 0. The gradient row with respect to s,
-k (softmax(a) - softmax(b)), is float32, written in a second pass when needed.
+grows, as the cross-entropy kernel's); classes with q_j = 0 contribute 0. The row's loss is wk KL (wk =
+kl_weight). With a target (HAS_TARGET), the hard-label cross-entropy is fused into the same pass (a third online
+sum, lse(s) at temperature 1): the row adds wc (lse(s) - s_t), wc = ce_weight / n_valid, where n_valid, the
+number of targets != ignore_index, is summed by the launcher into a 0-d tensor the kernel loads (no host sync);
+an ignored row adds 0 * wc (NaN when every row is ignored: torch's 0/0). The gradient row of the row's loss
+with respect to s, wk k (softmax(a) - softmax(b)) + wc (softmax(s) - onehot(t)) (no cross-entropy part on
+ignored rows), is float32, written in a second pass when needed: one buffer for both terms (csrc/kl_div.cpp
+has the same formulas).
 """
 import torch
 import triton
@@ -93,8 +99,8 @@ def kl_div_bwd(grad, x, t, log_target, need_input, need_target):
 
 
 @triton.jit
-def _distill_fwd_kernel(S, U, LOSS, GRAD, stride_s, stride_u, C, k, NEED_GRAD: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
+def _distill_fwd_kernel(S, U, T, TOTAL, LOSS, GRAD, stride_s, stride_u, stride_t, C, k, kl_w, ce_w, ignore_index,
+                        HAS_TARGET: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK_N: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     S += row * stride_s
     U += row * stride_u
@@ -105,10 +111,14 @@ def _distill_fwd_kernel(S, U, LOSS, GRAD, stride_s, stride_u, C, k, NEED_GRAD: t
     sa_l = tl.zeros([BLOCK_N], dtype=tl.float32)
     sb_l = tl.zeros([BLOCK_N], dtype=tl.float32)
     d_l = tl.zeros([BLOCK_N], dtype=tl.float32)  # sum exp(b - mb) (b - a), rescaled with sb
+    if HAS_TARGET:  # the student's softmax at temperature 1, for the cross-entropy
+        mc_l = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        sc_l = tl.zeros([BLOCK_N], dtype=tl.float32)
     for off in range(0, C, BLOCK_N):
         c = off + cols
         mask = c < C
-        a = tl.where(mask, tl.load(S + c, mask=mask, other=0.0).to(tl.float32) * k, float("-inf"))
+        x = tl.where(mask, tl.load(S + c, mask=mask, other=0.0).to(tl.float32), float("-inf"))
+        a = x * k
         b = tl.where(mask, tl.load(U + c, mask=mask, other=0.0).to(tl.float32) * k, float("-inf"))
         ma_new = tl.maximum(ma_l, a)
         ma_safe = tl.where(ma_new == float("-inf"), 0.0, ma_new)
@@ -121,6 +131,11 @@ def _distill_fwd_kernel(S, U, LOSS, GRAD, stride_s, stride_u, C, k, NEED_GRAD: t
         sb_l = sb_l * r + eb
         d_l = d_l * r + tl.where(eb == 0.0, 0.0, eb * (b - a))
         mb_l = mb_new
+        if HAS_TARGET:
+            mc_new = tl.maximum(mc_l, x)
+            mc_safe = tl.where(mc_new == float("-inf"), 0.0, mc_new)
+            sc_l = sc_l * tl.exp(mc_l - mc_safe) + tl.exp(x - mc_safe)
+            mc_l = mc_new
     ma = tl.max(ma_l, axis=0)
     mb = tl.max(mb_l, axis=0)
     lse_a = ma + tl.log(tl.sum(sa_l * tl.exp(ma_l - ma), axis=0))
@@ -128,25 +143,50 @@ def _distill_fwd_kernel(S, U, LOSS, GRAD, stride_s, stride_u, C, k, NEED_GRAD: t
     sb = tl.sum(sb_l * wb, axis=0)
     lse_b = mb + tl.log(sb)
     dsum = tl.sum(tl.where(wb == 0.0, 0.0, d_l * wb), axis=0)
-    tl.store(LOSS + row, dsum / sb - lse_b + lse_a)
+    loss = kl_w * (dsum / sb - lse_b + lse_a)
+    if HAS_TARGET:
+        mc = tl.max(mc_l, axis=0)
+        lse_c = mc + tl.log(tl.sum(sc_l * tl.exp(mc_l - mc), axis=0))
+        # the target after the row pass (as the cross-entropy kernel: not kept live across the loop)
+        t = tl.load(T + row * stride_t)
+        valid = t != ignore_index
+        tl.device_assert(~valid | ((t >= 0) & (t < C)), "target out of bounds")
+        t = tl.where(valid, t, 0)
+        wc = ce_w / tl.load(TOTAL)  # inf (NaN for ce_w = 0) when every row is ignored: the loss is NaN, as torch
+        loss += tl.where(valid, lse_c - tl.load(S + t).to(tl.float32), 0.0) * wc
+        wc = tl.where(valid, wc, 0.0)  # no cross-entropy gradient on an ignored row
+    tl.store(LOSS + row, loss)
     if NEED_GRAD:
         for off in range(0, C, BLOCK_N):
             c = off + cols
             mask = c < C
-            a = tl.load(S + c, mask=mask, other=0.0).to(tl.float32) * k
+            x = tl.load(S + c, mask=mask, other=0.0).to(tl.float32)
             b = tl.load(U + c, mask=mask, other=0.0).to(tl.float32) * k
-            tl.store(GRAD + c, k * (tl.exp(a - lse_a) - tl.exp(b - lse_b)), mask=mask)
+            g = kl_w * k * (tl.exp(x * k - lse_a) - tl.exp(b - lse_b))
+            if HAS_TARGET:
+                g += wc * (tl.exp(x - lse_c) - tl.where(c == t, 1.0, 0.0))
+            tl.store(GRAD + c, g, mask=mask)
 
 
-def distill_fwd(s, u, inv_temp, need_grad):
-    """Per-row KL(softmax(u k) || softmax(s k)) (M,) float32 and, when needed, its gradient rows with respect to s
-    (M, C) float32. s, u (M, C) with unit column stride. Reads 2MC elements (4MC with the gradient pass),
-    writes 4MC bytes of gradient."""
+def distill_fwd(s, u, inv_temp, need_grad, target=None, ignore_index=-100, kl_weight=1.0, ce_weight=0.0):
+    """Per-row loss (M,) float32, kl_weight * KL(softmax(u k) || softmax(s k)), plus with a target (M,) int64
+    ce_weight * (lse(s) - s_t) / n_valid (n_valid: the targets != ignore_index, summed here into a tensor the
+    kernel reads: no host sync; an ignored row adds 0 / n_valid), and, when needed, the gradient rows of that loss
+    with respect to s (M, C) float32: kl_weight k (softmax(s k) - softmax(u k)) + ce_weight / n_valid
+    (softmax(s) - onehot(t)) (none on ignored rows). s, u (M, C) with unit column stride. Reads 2MC elements
+    (4MC with the gradient pass, mostly from L2), writes 4MC bytes of gradient."""
     M, C = s.shape
     loss = torch.empty((M,), device=s.device, dtype=torch.float32)
     grad = torch.empty((M, C) if need_grad else (0,), device=s.device, dtype=torch.float32)
+    has_target = target is not None
+    if has_target:
+        total = (target != ignore_index).sum(dtype=torch.float32)
+    else:
+        target = total = loss  # unused pointers
     block = min(triton.next_power_of_2(max(C, 1)), 4096)
     if M > 0:
-        _distill_fwd_kernel[(M,)](s, u, loss, grad, s.stride(0), u.stride(0), C, float(inv_temp),
+        _distill_fwd_kernel[(M,)](s, u, target, total, loss, grad, s.stride(0), u.stride(0),
+                                  target.stride(0) if has_target else 0, C, float(inv_temp), float(kl_weight),
+                                  float(ce_weight), int(ignore_index), HAS_TARGET=has_target,
                                   NEED_GRAD=bool(need_grad), BLOCK_N=block, num_warps=row_warps(block))
     return loss, grad

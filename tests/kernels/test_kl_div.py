@@ -110,6 +110,90 @@ def test_distill(impl_name, impl, dtype, c, temperature):
     torch.testing.assert_close(loss2, loss)
 
 
+def _hard_targets(rows, c, ignore_index, pattern):
+    """Targets in [0, c) (a strided view) with some rows (or every row) set to ignore_index."""
+    t = torch.randint(0, c, (2 * rows,))[::2]
+    if pattern == "all":
+        t[:] = ignore_index
+    else:
+        t[::3] = ignore_index
+    return t
+
+
+def _distill_target_rows(s, u, t, k, wk, ce_weight, ignore_index):
+    """Per-row wk KL + (ce_weight / n_valid) CE in s's dtype, torch's own composition (0 on ignored rows)."""
+    n_valid = int((t != ignore_index).sum())
+    kl = F.kl_div(torch.log_softmax(s * k, -1), torch.log_softmax(u * k, -1), reduction="none",
+                  log_target=True).sum(-1)
+    ce = F.cross_entropy(s, t, ignore_index=ignore_index, reduction="none")
+    return wk * kl + ce * (ce_weight / n_valid)
+
+
+@pytest.mark.parametrize("impl_name,impl,dtype", CASES, ids=IDS)
+@pytest.mark.parametrize("c", (7, 1000, 4097))
+@pytest.mark.parametrize("alpha,temperature,ignore_index", [(0.0, 2.5, -100), (0.3, 1.0, 3), (0.7, 2.5, -100),
+                                                            (1.0, 2.5, 3)])
+def test_distill_with_target(impl_name, impl, dtype, c, alpha, temperature, ignore_index):
+    """The fused hard-label term: per-row wk KL + (1 - alpha) / n_valid CE, and one gradient row for both
+    (scaled by a per-row upstream gradient through cross_entropy_bwd), against torch in dtype and float64."""
+    rows = 19
+    s = (torch.randn(rows, c, dtype=torch.float64) * 3).to(dtype)
+    u = (s.double() + torch.randn(rows, c, dtype=torch.float64)).to(dtype)
+    t = _hard_targets(rows, c, ignore_index, "some")
+    k, wk, wc = 1.0 / temperature, alpha * temperature ** 2 / rows, 1.0 - alpha
+    loss, grad = impl.distill_fwd(s, u, k, True, t, ignore_index, wk, wc)
+    adt = torch.float64 if dtype == torch.float64 else torch.float32
+    assert loss.dtype == adt and grad.dtype == adt and grad.shape == (rows, c)
+    dloss = torch.randn(rows, dtype=torch.float64).to(dtype).double()  # rounded: every side sees the same values
+    ds = (triton_ce if impl is triton_kl else cpp).cross_entropy_bwd(grad, dloss.to(adt), dtype)
+    theirs, ref = {}, {}
+    for d, out in ((dtype, theirs), (torch.float64, ref)):
+        si = leaf(s, d)
+        y = _distill_target_rows(si, u.to(d), t, k, wk, wc, ignore_index)
+        out["loss"], out["ds"] = y.detach(), torch.autograd.grad(y, si, dloss.to(d))[0]
+    assert_within_torch_error(loss.to(dtype), theirs["loss"], ref["loss"], "loss rows")
+    assert_within_torch_error(ds, theirs["ds"], ref["ds"], "ds")
+    loss2, grad2 = impl.distill_fwd(s, u, k, False, t, ignore_index, wk, wc)
+    assert grad2.numel() == 0
+    torch.testing.assert_close(loss2, loss)
+
+
+@pytest.mark.parametrize("impl_name,impl", [("triton", triton_kl), ("cpp", cpp)])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_distill_with_target_all_ignored(impl_name, impl, alpha):
+    """Every target ignored: the cross-entropy's mean is 0/0, so every row's loss is NaN (torch's NaN), while the
+    gradient rows are the KL term's alone."""
+    rows, c, k = 5, 300, 0.5
+    s, u = torch.randn(rows, c) * 2, torch.randn(rows, c) * 2
+    t = _hard_targets(rows, c, -100, "all")
+    wk = alpha * 4.0 / rows
+    loss, grad = impl.distill_fwd(s, u, k, True, t, -100, wk, 1.0 - alpha)
+    assert torch.isnan(loss).all()
+    _, kl_grad = impl.distill_fwd(s, u, k, True)
+    torch.testing.assert_close(grad, kl_grad * wk, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("impl_name,impl", [("triton", triton_kl), ("cpp", cpp)])
+def test_distill_without_target_unchanged(impl_name, impl):
+    """No target (the defaults): the plain per-row KL and its k (p - q) rows, bit for bit what the weights 1 and
+    0 give spelled out."""
+    s, u = torch.randn(4, 777) * 2, torch.randn(4, 777) * 2
+    a = impl.distill_fwd(s, u, 0.5, True)
+    b = impl.distill_fwd(s, u, 0.5, True, None, -100, 1.0, 0.0)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    ref, s64, kl64 = _distill_ref(s, u, 0.5)
+    torch.testing.assert_close(a[0].double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_distill_target_out_of_bounds_cpp():
+    """A target outside [0, C) that is not ignore_index: cross_entropy's IndexError, before any row is computed."""
+    s = torch.randn(3, 5)
+    for bad in (5, -2):
+        with pytest.raises(IndexError, match=f"Target {bad} is out of bounds"):
+            cpp.distill_fwd(s, s, 1.0, True, torch.tensor([0, bad, -100]), -100, 0.5, 0.5)
+
+
 @pytest.mark.parametrize("impl_name,impl", [("triton", triton_kl), ("cpp", cpp)])
 def test_distill_extremes(impl_name, impl):
     """A teacher with -inf logits (probability 0) contributes 0 there; +-1e4 logits stay finite and exact;
@@ -141,8 +225,11 @@ def test_gpu_compile():
                 triton_kl.kl_div_bwd(torch.tensor(1.0, dtype=dtype), x, t, log_target, True, False)
             for c in (781, 65537):
                 s = torch.randn(2, c, dtype=dtype)
+                t = torch.tensor([1, -100])
                 triton_kl.distill_fwd(s, s, 0.5, True)
                 triton_kl.distill_fwd(s, s, 0.5, False)
+                triton_kl.distill_fwd(s, s, 0.5, True, t, -100, 0.25, 0.5)
+                triton_kl.distill_fwd(s, s, 0.5, False, t, -100, 0.25, 0.5)
 
     report = check_gpu_compile(run)
     assert {c.name for c in report} == {"_kl_fwd_kernel", "_kl_bwd_kernel", "_distill_fwd_kernel"}

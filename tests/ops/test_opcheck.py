@@ -195,7 +195,9 @@ def _():
 
 @sample("distill_fwd")
 def _():
-    return [(g(3, 5), r(3, 5), 0.5, True), (r(3, 5), r(3, 5), 1.0, False)]
+    t = torch.tensor([1, -100, 4])  # the fused hard-label term, with an ignored row
+    return [(g(3, 5), r(3, 5), 0.5, True), (r(3, 5), r(3, 5), 1.0, False),
+            (g(3, 5), r(3, 5), 0.5, True, t, -100, 0.25, 0.5), (r(3, 5), r(3, 5), 1.0, False, t, -100, 0.5, 0.5)]
 
 
 # ---- losses ----

@@ -412,7 +412,7 @@ kl_div_fwd = define_op("kl_div_fwd(Tensor input, Tensor target, bool log_target,
                        _fake_kl_fwd, "kl_div:kl_div_fwd", backward=_kl_backward, setup_context=_kl_setup)
 
 
-def _fake_distill(s, u, inv_temp, need_grad):
+def _fake_distill(s, u, inv_temp, need_grad, target=None, ignore_index=-100, kl_weight=1.0, ce_weight=0.0):
     adt = acc_dtype(s.dtype)
     return s.new_empty((s.shape[0],), dtype=adt), s.new_empty(s.shape if need_grad else (0,), dtype=adt)
 
@@ -425,12 +425,16 @@ def _distill_setup(ctx, inputs, output):
 
 def _distill_backward(ctx, dloss, _dgrad):
     (grad,) = ctx.saved_tensors
+    none = (None,) * 7
     if dloss is None or grad.dim() == 1:  # the forward ran without the gradient rows
-        return None, None, None, None
-    return cross_entropy_bwd(grad, dloss, ctx.dtype), None, None, None
+        return (None,) + none
+    return (cross_entropy_bwd(grad, dloss, ctx.dtype),) + none
 
 
-distill_fwd = define_op("distill_fwd(Tensor student, Tensor teacher, float inv_temp, bool need_grad)"
+# per row: kl_weight * KL, plus with a target the hard-label term's share of the mean cross-entropy,
+# ce_weight * CE_r / n_valid; one gradient row for both (csrc/kl_div.cpp, kernels/kl_div.py)
+distill_fwd = define_op("distill_fwd(Tensor student, Tensor teacher, float inv_temp, bool need_grad,"
+                        " Tensor? target=None, int ignore_index=-100, float kl_weight=1.0, float ce_weight=0.0)"
                         " -> (Tensor, Tensor)", _fake_distill, "kl_div:distill_fwd", backward=_distill_backward,
                         setup_context=_distill_setup)
 
