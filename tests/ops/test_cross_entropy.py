@@ -326,18 +326,68 @@ def test_kl_div_gradcheck_and_compile():
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
-@pytest.mark.parametrize("with_target", [True, False])
-def test_distillation_loss(dtype, with_target):
+@pytest.mark.parametrize("shape", [(3, 4, 200), (19, 1000), (2, 4100)], ids=["3d", "19x1000", "2x4100"])
+@pytest.mark.parametrize("with_target,alpha", [(False, 0.7), (True, 0.7), (True, 0.0), (True, 1.0)],
+                         ids=["kl", "target", "target-alpha0", "target-alpha1"])
+def test_distillation_loss(dtype, shape, with_target, alpha):
     from tritium import reference
-    s, te = torch.randn(3, 4, 200, dtype=torch.float64) * 2, torch.randn(3, 4, 200, dtype=torch.float64) * 2
-    t = torch.randint(0, 200, (3, 4)) if with_target else None
-    t2 = None if t is None else t.clone()
-    if t2 is not None:
-        t2[0, 1] = -100
-    _compare(lambda a, b: tritium.distillation_loss(a, b, temperature=2.0, alpha=0.7, target=t2),
-             lambda a, b: reference.distillation_loss(a, b, temperature=2.0, alpha=0.7, target=t2), [s, te], dtype)
-    y = tritium.distillation_loss(leaf(s.to(dtype)), te.to(dtype), 2.0, 0.7, t2)
-    assert y.dtype == dtype and "distill_fwd" in _graph_names(y.grad_fn)  # the fused kernel ran
+    s, te = torch.randn(shape, dtype=torch.float64) * 2, torch.randn(shape, dtype=torch.float64) * 2
+    t = None
+    if with_target:
+        t = torch.randint(0, shape[-1], shape[:-1])
+        t.view(-1)[1::3] = -100  # some ignored rows
+    _compare(lambda a, b: tritium.distillation_loss(a, b, temperature=2.0, alpha=alpha, target=t),
+             lambda a, b: reference.distillation_loss(a, b, temperature=2.0, alpha=alpha, target=t), [s, te], dtype)
+    y = tritium.distillation_loss(leaf(s.to(dtype)), te.to(dtype), 2.0, alpha, t)
+    names = _graph_names(y.grad_fn)
+    assert y.dtype == dtype and "distill_fwd" in names  # the fused kernel ran
+    assert "cross_entropy_fwd" not in names  # and the hard-label term with it, not a cross_entropy of its own
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_distillation_loss_all_targets_ignored(alpha):
+    """Every target ignored: the loss is NaN (torch's 0/0 mean cross-entropy, whatever alpha), the student's
+    gradient is the KL term's alone, as torch's."""
+    from tritium import reference
+    s, te = torch.randn(6, 300), torch.randn(6, 300)
+    t = torch.full((6,), 7)
+    a, b = leaf(s), leaf(s)
+    ours = tritium.distillation_loss(a, te, 2.0, alpha, t, ignore_index=7)
+    theirs = reference.distillation_loss(b, te, 2.0, alpha, t, ignore_index=7)
+    assert torch.isnan(ours) and torch.isnan(theirs)
+    ours.backward()
+    theirs.backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_distillation_loss_fused_equals_composition(alpha):
+    """float64: the fused op's value and gradient are those of the composition it replaces (the KL kernel's rows
+    scaled and summed, plus (1 - alpha) times cross_entropy), to rounding."""
+    from tritium.ops.cross_entropy import distill_fwd
+    s, te = torch.randn(19, 1000, dtype=torch.float64) * 2, torch.randn(19, 1000, dtype=torch.float64) * 2
+    t = torch.randint(0, 1000, (19,))
+    t[::4] = -100
+    T = 2.0
+
+    def composed(x):
+        kl_rows, _ = distill_fwd(x, te, 1.0 / T, True)
+        return kl_rows.sum() * (alpha * T ** 2 / 19) + (1 - alpha) * tritium.cross_entropy(x, t)
+
+    a, b = leaf(s), leaf(s)
+    ours, theirs = tritium.distillation_loss(a, te, T, alpha, t), composed(b)
+    torch.testing.assert_close(ours, theirs, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(torch.autograd.grad(ours, a)[0], torch.autograd.grad(theirs, b)[0], rtol=1e-12,
+                               atol=1e-17)
+
+
+def test_distillation_loss_with_target_compiles():
+    s, te, t = leaf(torch.randn(5, 33)), torch.randn(5, 33), torch.tensor([1, -100, 32, 0, 5])
+    f = lambda a: tritium.distillation_loss(a, te, 1.5, 0.4, t)  # noqa: E731
+    torch._dynamo.reset()
+    y = torch.compile(f, fullgraph=True)(s)
+    torch.testing.assert_close(y, f(s))
+    torch.testing.assert_close(torch.autograd.grad(y, s)[0], torch.autograd.grad(f(s), s)[0])
 
 
 def _graph_names(fn) -> str:
@@ -371,3 +421,11 @@ def test_distillation_loss_bad_input():
         tritium.distillation_loss(s, s, target=torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="0-d"):
         tritium.distillation_loss(s[0, 0], s[0, 0])
+    from tritium import reference
+    for bad in (10, -2):  # a target out of range: the IndexError torch's cross_entropy raises
+        t = torch.tensor([0, bad, -100, 3])
+        with pytest.raises(IndexError) as theirs:
+            reference.distillation_loss(s, s, 2.0, 0.5, t)
+        with pytest.raises(IndexError) as ours:
+            tritium.distillation_loss(s, s, 2.0, 0.5, t)
+        assert str(ours.value) == str(theirs.value) == f"Target {bad} is out of bounds."

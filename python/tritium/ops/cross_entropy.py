@@ -478,11 +478,14 @@ def kl_div(input: Tensor, target: Tensor, size_average=None, reduce=None, reduct
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0,
                       alpha: float = 0.5, target: Optional[Tensor] = None, ignore_index: int = -100) -> Tensor:
     """Knowledge distillation: alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) averaged over rows
-    (the class dim is the last) + (1 - alpha) * cross_entropy(student, target); without target only the first
-    term. The KL term is one fused kernel per row (``distill_fwd``: both softmaxes at temperature T, the KL and
-    the student's gradient row, with no log-probabilities materialised); the teacher gets no gradient. Classes
-    whose teacher probability is 0 (a -inf teacher logit) contribute 0, the limit of q log q, where the unfused
-    composition log_softmax + kl_div(log_target=True) gives NaN."""
+    (the class dim is the last) + (1 - alpha) * cross_entropy(student, target) (mean over the targets that are not
+    ignore_index; NaN when all are, as torch); without target only the first term. Both terms are one fused
+    kernel per row (``distill_fwd``: both softmaxes at temperature T, the KL, the hard-label cross-entropy and
+    one gradient row of the student for the whole loss, with no log-probabilities materialised), so the backward
+    only scales that row; the teacher gets no gradient. Classes whose teacher probability is 0 (a -inf teacher
+    logit) contribute 0, the limit of q log q, where the unfused composition log_softmax +
+    kl_div(log_target=True) gives NaN. A target outside [0, C) that is not ignore_index raises cross_entropy's
+    IndexError."""
     if temperature <= 0:
         raise ValueError(f"distillation_loss: temperature must be positive, got {temperature}")
     if student_logits.dim() == 0:
@@ -494,16 +497,20 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperatur
     if target is not None and tuple(target.shape) != tuple(student_logits.shape[:-1]):
         raise ValueError(f"distillation_loss: target must have shape {tuple(student_logits.shape[:-1])}, got "
                          f"{tuple(target.shape)}")
-    ok = kernel_ok(student_logits, teacher_logits)
+    ok = kernel_ok(student_logits, teacher_logits) and (
+        target is None or (target.dtype == torch.int64 and target.device == student_logits.device))
     if not ok:
         return reference.distillation_loss(student_logits, teacher_logits, temperature, alpha, target, ignore_index)
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    s2 = rows(student_logits, c)  # one (rows, classes) view for the KL kernel and the hard-label term
-    kl_rows, _ = distill_fwd(s2, rows(teacher_logits.detach(), c), 1.0 / temperature, need_grad)
-    loss = (kl_rows.sum() * (alpha * temperature ** 2 / s2.shape[0])).to(student_logits.dtype)
-    if target is not None:
-        loss = loss + (1 - alpha) * cross_entropy(s2, target.reshape(-1), ignore_index=ignore_index)
-    return loss
+    s2, u2 = rows(student_logits, c), rows(teacher_logits.detach(), c)
+    kl_weight = alpha * temperature ** 2 / s2.shape[0]
+    if target is None:
+        kl_rows, _ = distill_fwd(s2, u2, 1.0 / temperature, need_grad)
+        return (kl_rows.sum() * kl_weight).to(student_logits.dtype)
+    # the rows hold both terms, weighted (the cross-entropy's mean divisor is counted by the kernel)
+    loss_rows, _ = distill_fwd(s2, u2, 1.0 / temperature, need_grad, target.reshape(-1), ignore_index, kl_weight,
+                               1.0 - alpha)
+    return loss_rows.sum().to(student_logits.dtype)
 
 
 __all__: List[str] = ["cross_entropy", "fused_linear_cross_entropy", "kl_div", "distillation_loss"]
