@@ -150,11 +150,6 @@ def impl_cases(triton_impl):
 # Each distinct (kernel, signature, constexprs, options, arch) compiles once per session (a dict) and, across
 # sessions, once per kernel-module source (a disk cache of the results keyed by its hash).
 # ---------------------------------------------------------------------------------------------------------
-_TRITON_TYPES = {
-    torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-    torch.int32: "i32", torch.int64: "i64", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
-    torch.bool: "i1",
-}
 # Per-SM resources of the targets (CUDA programming guide, compute capabilities 8.0 and 9.0): shared memory per
 # SM; the largest a block may opt in to is that minus the 1 KiB the system reserves per block.
 SM_SHARED = {80: 164 * 1024, 90: 228 * 1024}
@@ -185,14 +180,6 @@ def blocks_per_sm(arch: int, num_warps: int, regs: int, shared: int) -> int:
     regs_per_warp = -(-max(regs, 1) * 32 // REG_UNIT) * REG_UNIT
     return min(SM_BLOCKS, SM_WARPS // num_warps, (SM_REGISTERS // regs_per_warp) // num_warps,
                SM_SHARED[arch] // (shared + 1024))
-
-
-def known_spill(reason: str):
-    """Mark a compile check whose kernels ptxas reports spilling today (see the reason): it is expected to fail
-    with GpuCompileError until the kernel is fixed, and fails (strict) once it no longer does, so the mark goes."""
-    import pytest
-
-    return pytest.mark.xfail(raises=GpuCompileError, strict=True, reason=f"known register spill: {reason}")
 
 
 def check_compiled(c: Compiled):
@@ -230,31 +217,28 @@ def record_launches(execute: bool = True):
 
 
 def launch_spec(kernel, args, kwargs) -> dict:
-    """The (JSON-able) compile spec of one recorded launch: kernel location, signature, constexprs, options."""
-    from triton.runtime.jit import JITFunction
+    """The (JSON-able) compile spec of one recorded launch: kernel location, signature, constexprs, attributes
+    and options, specialised by Triton's own launch binder for a CUDA target exactly as a GPU launch with these
+    arguments would be: integers equal to 1 become constants, and pointers and integers divisible by 16 carry
+    the divisibility attribute that lets loads vectorise (without it each element needs its own address)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
 
     jit = JITFunction(kernel)  # the interpreter hands us the plain Python function; this only parses it
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
-    values = dict(zip(jit.arg_names, args))
-    values.update(kwargs)
-    signature, constexprs = {}, {}
-    for i, name in enumerate(jit.arg_names):
-        v = values[name]
-        if i in set(jit.constexprs) or v is None:
-            signature[name] = "constexpr"
-            constexprs[name] = v
-        elif isinstance(v, torch.Tensor):
-            signature[name] = "*" + _TRITON_TYPES[v.dtype]
-        elif isinstance(v, bool):
-            signature[name] = "i1"
-        elif isinstance(v, int):
-            signature[name] = "i32" if -(2**31) <= v < 2**31 else "i64"
-        elif isinstance(v, float):
-            signature[name] = "fp32"
-        else:
-            raise TypeError(f"cannot type argument {name}={v!r}")
+    backend = make_backend(GPUTarget("cuda", 90, 32))  # the binder's rules are the same for sm_80 and sm_90
+    binder = create_function_from_signature(jit.signature, jit.params, backend)
+    _, specialization, _ = binder(*args, **kwargs)
+    signature, constexprs, attrs = {}, {}, []
+    for i, (name, (kind, value)) in enumerate(zip(jit.arg_names, specialization)):
+        signature[name] = kind
+        if kind == "constexpr":
+            constexprs[name] = value
+        elif isinstance(value, str) and value:
+            attrs.append([i, backend.parse_attr(value)])
     return {"module": kernel.__module__, "name": kernel.__name__, "signature": signature,
-            "constexprs": constexprs, "options": options}
+            "constexprs": constexprs, "attrs": attrs, "options": options}
 
 
 # Runs in a fresh interpreter-free process: the Triton interpreter patches triton.language in place (and does
@@ -269,7 +253,8 @@ jobs = json.load(sys.stdin)
 out = []
 for spec, arch in jobs:
     fn = getattr(importlib.import_module(spec["module"]), spec["name"])
-    src = ASTSource(fn=fn, signature=spec["signature"], constexprs=spec["constexprs"])
+    attrs = {(i,): [tuple(a) for a in attr] for i, attr in spec["attrs"]}
+    src = ASTSource(fn=fn, signature=spec["signature"], constexprs=spec["constexprs"], attrs=attrs)
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log):

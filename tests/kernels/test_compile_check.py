@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.kernels import _bad_kernels
-from tests.util import BLOCK_SHARED_LIMIT, GpuCompileError, blocks_per_sm, check_gpu_compile
+from tests.util import BLOCK_SHARED_LIMIT, GpuCompileError, blocks_per_sm, check_gpu_compile, compile_specs
 
 pytestmark = pytest.mark.gpu_compile
 
@@ -33,3 +33,24 @@ def test_blocks_per_sm():
     assert blocks_per_sm(80, num_warps=4, regs=32, shared=100 * 1024) == 1  # shared: 164 KiB / 101 KiB
     assert blocks_per_sm(90, num_warps=1, regs=16, shared=0) == 32       # the 32-block cap
     assert BLOCK_SHARED_LIMIT == {80: 166912, 90: 232448}
+
+
+def test_launch_spec_specialises_as_a_gpu_launch():
+    """The checked configuration is the one a GPU launch compiles: Triton's binder turns an integer 1 into a
+    constant and marks 16-divisible pointers and integers (which lets loads vectorise); other values stay plain."""
+    a, b, c = torch.randn(16, 16), torch.randn(16, 16), torch.empty(16, 16)
+    odd = torch.randn(17)[1:].view(4, 4)  # data 4 bytes past an allocation: not 16-byte aligned
+
+    def spec(a, k):
+        specs = compile_specs(lambda: _bad_kernels.big_shared_kernel[(1,)](a, b, c, k, BLOCK_M=16, BLOCK_N=16,
+                                                                           BLOCK_K=16), execute=False)
+        assert len(specs) == 1
+        return specs[0]
+
+    s = spec(a, 32)
+    assert s["signature"]["K"] == "i32" and s["signature"]["A"] == "*fp32"
+    assert {i for i, _ in s["attrs"]} == {0, 1, 2, 3}  # A, B, C and K = 32 are 16-divisible
+    assert all(attr == [["tt.divisibility", 16]] for _, attr in s["attrs"])
+    s = spec(odd, 1)
+    assert s["signature"]["K"] == "constexpr" and s["constexprs"]["K"] == 1
+    assert {i for i, _ in s["attrs"]} == {1, 2}
