@@ -257,22 +257,33 @@ def _attn_bwd_dq_kernel(
 
 
 # ---- launchers ----
-def _blocks(d: int, backward: bool, element_size: int = 2):
-    """(BLOCK_M, BLOCK_N, num_warps) per head dim: the K/V tiles of a block (and Q, dO in backward) must fit
-    shared memory with two pipeline stages on sm_80 (164 KiB) and leave registers for the accumulators.
-    float32 inputs multiply in IEEE float32 on the FMA units, not tensor cores: there each thread holds whole
-    head-dim rows of both dot operands in registers, so the forward takes small tiles over 8 warps for them."""
-    if not backward:
-        if element_size >= 4:
-            return (64, 64, 8) if d <= 64 else (32, 32, 8) if d <= 128 else (32, 16, 8)
-        if d <= 64:
-            return 128, 64, 4
-        return (128, 32, 8) if d <= 128 else (64, 32, 8)
-    if d <= 64:
-        return 64, 64, 4
-    if d <= 128:  # (64, 32) needs 169 KiB on sm_80 for float32 at a padded head dim (80 -> 128)
-        return 32, 32, 4
-    return (16, 16, 4) if element_size >= 4 else (32, 32, 8)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) of each kernel, by how it multiplies and by the padded head dim
+# (BLOCK_D up to 64, 128 or 256). Every entry compiles for sm_80 and sm_90 with no register spill and within the
+# per-block shared memory (tests/kernels/test_attention.py::test_gpu_compile checks each, as launched).
+# - "ieee" (float32 inputs, no tf32 rounding) multiplies on the FMA units, where each thread holds whole
+#   head-dim rows of both dot operands in registers: small tiles over 8 warps, and in the backward no software
+#   pipelining (num_stages 1), whose prefetched tiles would stay live beside the operands.
+# - "mma" (16-bit inputs) multiplies on tensor cores. An additive mask is loaded element by element in the score
+#   tile's layout (its row stride need not be aligned), one 64-bit address per element: at head dims up to 64 the
+#   forward's 128 x 64 score tile leaves no registers for them, so with a mask it takes 64 x 32 tiles.
+_CONFIGS = {
+    ("fwd", "ieee", 64): (32, 64, 8, 3), ("fwd", "ieee", 128): (32, 32, 8, 2), ("fwd", "ieee", 256): (32, 16, 8, 3),
+    ("fwd", "mma", 64): (128, 64, 4, 3), ("fwd", "mma", 128): (128, 32, 8, 3), ("fwd", "mma", 256): (64, 32, 8, 3),
+    ("fwd_mask", "mma", 64): (64, 32, 4, 3),
+    ("dkdv", "ieee", 64): (16, 16, 8, 1), ("dkdv", "ieee", 128): (16, 32, 8, 1), ("dkdv", "ieee", 256): (16, 16, 8, 1),
+    ("dq", "ieee", 64): (32, 32, 8, 1), ("dq", "ieee", 128): (32, 32, 8, 1), ("dq", "ieee", 256): (16, 16, 8, 1),
+    ("dkdv", "mma", 64): (64, 32, 4, 3), ("dkdv", "mma", 128): (32, 32, 4, 2), ("dkdv", "mma", 256): (32, 32, 8, 1),
+    ("dq", "mma", 64): (64, 32, 4, 3), ("dq", "mma", 128): (32, 32, 4, 2), ("dq", "mma", 256): (32, 32, 8, 1),
+}
+
+
+def _config(kernel: str, q, d: int, has_mask: bool = False):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of kernel ("fwd", "dkdv" or "dq") for q's dtype at head dim d."""
+    precision = "ieee" if q.dtype == torch.float32 else "mma"
+    bucket = 64 if d <= 64 else 128 if d <= 128 else 256
+    if has_mask and (kernel + "_mask", precision, bucket) in _CONFIGS:
+        kernel += "_mask"
+    return _CONFIGS[kernel, precision, bucket]
 
 
 def _mask_strides(mask):
@@ -298,7 +309,7 @@ def flash_attn_fwd(q, k, v, mask, scale, offset, left, right, softcap):
     S, DV = k.shape[2], v.shape[3]
     o = torch.empty((B, L, H, DV), device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty((B, H, L), device=q.device, dtype=torch.float32)
-    BM, BN, warps = _blocks(max(D, DV), False, q.element_size())
+    BM, BN, warps, stages = _config("fwd", q, max(D, DV), mask is not None)
     BD, BDV = _dims(q, v)
     grid = (triton.cdiv(L, BM), B * H)
     _attn_fwd_kernel[grid](
@@ -306,7 +317,7 @@ def flash_attn_fwd(q, k, v, mask, scale, offset, left, right, softcap):
         *o.stride()[:3],
         H, H // k.shape[1], L, S, D, DV, scale, softcap, offset, left, right,
         **_flags(q, mask, left, right, softcap), BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, BLOCK_DV=BDV,
-        num_warps=warps)
+        num_warps=warps, num_stages=stages)
     return o, lse
 
 
@@ -316,7 +327,6 @@ def flash_attn_bwd(dout, q, k, v, out, lse, dlse, mask, scale, offset, left, rig
     Moves about 2 (B H L (D + Dv)) + 2 (L / BLOCK_M) B H S (D + Dv) elements."""
     B, H, L, D = q.shape
     Hk, S, DV = k.shape[1], k.shape[2], v.shape[3]
-    BM, BN, warps = _blocks(max(D, DV), True, q.element_size())
     BD, BDV = _dims(q, v)
     delta = torch.empty((B, H, L), device=q.device, dtype=torch.float32)
     dm = max(16, min(64, 4096 // BDV))   # rows per program: two (rows, BLOCK_DV) float32 tiles in registers
@@ -328,10 +338,13 @@ def flash_attn_bwd(dout, q, k, v, out, lse, dlse, mask, scale, offset, left, rig
     dv = torch.empty((B, H, S, DV), device=q.device, dtype=torch.float32)
     common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *_mask_strides(mask), *dout.stride()[:3],
               H, H // Hk, L, S, D, DV, scale, softcap, offset, left, right)
-    meta = dict(**_flags(q, mask, left, right, softcap), BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, BLOCK_DV=BDV,
-                num_warps=warps)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(S, BN), B * H)](q, k, v, mask, dout, lse, delta, dk, dv, *common, **meta)
-    _attn_bwd_dq_kernel[(triton.cdiv(L, BM), B * H)](q, k, v, mask, dout, lse, delta, dq, *common, **meta)
+    flags = dict(**_flags(q, mask, left, right, softcap), BLOCK_D=BD, BLOCK_DV=BDV)
+    BM, BN, warps, stages = _config("dkdv", q, max(D, DV))
+    _attn_bwd_dkdv_kernel[(triton.cdiv(S, BN), B * H)](q, k, v, mask, dout, lse, delta, dk, dv, *common, **flags,
+                                                        BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages)
+    BM, BN, warps, stages = _config("dq", q, max(D, DV))
+    _attn_bwd_dq_kernel[(triton.cdiv(L, BM), B * H)](q, k, v, mask, dout, lse, delta, dq, *common, **flags,
+                                                    BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages)
     group = H // Hk
     if group > 1:
         dk = dk.view(B, Hk, group, S, D).sum(2)
