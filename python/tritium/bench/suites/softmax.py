@@ -57,7 +57,7 @@ def _distill_inputs(shape, dtype, device):
 
 
 _kl_fwd, _kl_fwdbwd = _rowwise(2, 4)          # reads x, t; backward reads t, writes dx
-_distill_fwd, _distill_fwdbwd = _rowwise(3, 12)  # KL reads s, u (and CE s); + fp32 gradient rows written and scaled
+_distill_fwd, _distill_fwdbwd = _rowwise(2, 5)  # reads s, u (both terms in one pass); + fp32 gradient row, scaled
 
 
 def _eager_lm_loss(h, w, t):
