@@ -25,9 +25,12 @@
 // accumulation type, blocks summed in double, rounded once. loss_bwd writes dx = g scale w dl/dx, g the upstream
 // gradient (0-d: the reduced loss's, whose scale the kernel applies in the accumulation type; or one per element).
 //
-// Row losses: one row kernel over rows of (N, D) inputs; loss_rows writes each row's loss, loss_rows_bwd
-// recomputes the row's statistics and writes the asked-for gradient rows times the row's upstream gradient, in the
-// inputs' dtype (one rounding; no gradient buffer between forward and backward):
+// Row losses: one row kernel over rows of (N, D) inputs; loss_rows writes each row's loss and its statistics, an
+// (N, 3) tensor in the accumulation dtype (triplet: d(a,p), d(a,n), d(p,n) (d(a,n) without swap); cosine: P = x1.x2,
+// S1 = |x1|^2 + 1e-12, S2 = |x2|^2 + 1e-12; contrastive: d, 0, 0; multi_margin: zeros). loss_rows_bwd, given those
+// statistics, reads them instead of recomputing them (without them it recomputes them: one more pass over the rows;
+// the results are the same bits either way) and writes the asked-for gradient rows times the row's upstream
+// gradient, in the inputs' dtype (one rounding; no gradient buffer between forward and backward):
 //   triplet     a, p, n; d(u, v) = ||u - v + eps||_P (P = 1, 2, or any p > 0), dn = swap ? min(d(a,n), d(p,n)) : d(a,n);
 //               max(d(a,p) - dn + margin, 0) (the swap's tie goes to d(a,n))
 //   cosine      x1, x2, y; c = x1.x2 / sqrt((|x1|^2 + 1e-12)(|x2|^2 + 1e-12)); y == 1: 1 - c; y == -1: max(c - margin, 0)
@@ -374,8 +377,8 @@ inline V norm_grad(const V& v, typename V::value_type n, double p) {
 
 template <typename T>
 void rows_impl(int64_t loss, const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& x3, const at::Tensor& y,
-               const at::Tensor& w, double a, double b, double c, at::Tensor& out, const at::Tensor& dloss,
-               at::Tensor* g) {
+               const at::Tensor& w, double a, double b, double c, at::Tensor& out, at::Tensor& stats_out,
+               const at::Tensor& stats_in, const at::Tensor& dloss, at::Tensor* g) {
   using LV = Lanes<T>;
   using Vec = typename LV::Vec;
   using A = acc_type<T>;
@@ -387,6 +390,8 @@ void rows_impl(int64_t loss, const at::Tensor& x1, const at::Tensor& x2, const a
   A* lp = out.defined() ? out.mutable_data_ptr<A>() : nullptr;        // the forward: the row losses
   const A* dl = dloss.defined() ? dloss.const_data_ptr<A>() : nullptr;  // the backward: the rows' upstream gradient
   const int64_t sdl = dloss.defined() ? dloss.stride(0) : 0;
+  A* so = stats_out.defined() ? stats_out.mutable_data_ptr<A>() : nullptr;    // the forward: each row's statistics
+  const A* si = stats_in.defined() ? stats_in.const_data_ptr<A>() : nullptr;  // the backward: the forward's, if given
   T* gp[3] = {nullptr, nullptr, nullptr};
   for (int k = 0; k < 3; ++k) gp[k] = g[k].defined() && g[k].numel() ? g[k].mutable_data_ptr<T>() : nullptr;
   const Vec veps(static_cast<A>(c));
@@ -408,25 +413,31 @@ void rows_impl(int64_t loss, const at::Tensor& x1, const at::Tensor& x2, const a
           return norm_root(row_sum<Vec>(D, [&](int64_t i, int64_t n) {
             return norm_term(ld(q0, i, n) - ld(q1, i, n) + veps, b); }), b);
         };
-        // d(a, p) and d(a, n) in one pass over the three rows (the anchor loaded once), two chains each
-        Vec sp0(0), sp1(0), sn0(0), sn1(0);
-        int64_t i = 0;
-        for (; i + 2 * LV::K <= D; i += 2 * LV::K) {
-          const Vec a0 = ld(u, i, LV::K), a1 = ld(u, i + LV::K, LV::K);
-          sp0 = sp0 + norm_term(a0 - ld(v, i, LV::K) + veps, b);
-          sp1 = sp1 + norm_term(a1 - ld(v, i + LV::K, LV::K) + veps, b);
-          sn0 = sn0 + norm_term(a0 - ld(z, i, LV::K) + veps, b);
-          sn1 = sn1 + norm_term(a1 - ld(z, i + LV::K, LV::K) + veps, b);
+        A dap, dan, dpn;
+        if (si) {  // the forward's distances: no pass over the rows
+          dap = si[3 * r], dan = si[3 * r + 1], dpn = si[3 * r + 2];
+        } else {
+          // d(a, p) and d(a, n) in one pass over the three rows (the anchor loaded once), two chains each
+          Vec sp0(0), sp1(0), sn0(0), sn1(0);
+          int64_t i = 0;
+          for (; i + 2 * LV::K <= D; i += 2 * LV::K) {
+            const Vec a0 = ld(u, i, LV::K), a1 = ld(u, i + LV::K, LV::K);
+            sp0 = sp0 + norm_term(a0 - ld(v, i, LV::K) + veps, b);
+            sp1 = sp1 + norm_term(a1 - ld(v, i + LV::K, LV::K) + veps, b);
+            sn0 = sn0 + norm_term(a0 - ld(z, i, LV::K) + veps, b);
+            sn1 = sn1 + norm_term(a1 - ld(z, i + LV::K, LV::K) + veps, b);
+          }
+          for (; i < D; i += LV::K) {
+            const int64_t n = std::min(LV::K, D - i);
+            const Vec a0 = ld(u, i, n);
+            const Vec tp = norm_term(a0 - ld(v, i, n) + veps, b), tn = norm_term(a0 - ld(z, i, n) + veps, b);
+            sp0 = sp0 + (n == LV::K ? tp : Vec::set(Vec(0), tp, n));
+            sn0 = sn0 + (n == LV::K ? tn : Vec::set(Vec(0), tn, n));
+          }
+          dap = norm_root(hsum(sp0 + sp1), b), dan = norm_root(hsum(sn0 + sn1), b);
+          dpn = loss == TRIPLET_SWAP ? dist(v, z) : dan;
         }
-        for (; i < D; i += LV::K) {
-          const int64_t n = std::min(LV::K, D - i);
-          const Vec a0 = ld(u, i, n);
-          const Vec tp = norm_term(a0 - ld(v, i, n) + veps, b), tn = norm_term(a0 - ld(z, i, n) + veps, b);
-          sp0 = sp0 + (n == LV::K ? tp : Vec::set(Vec(0), tp, n));
-          sn0 = sn0 + (n == LV::K ? tn : Vec::set(Vec(0), tn, n));
-        }
-        const A dap = norm_root(hsum(sp0 + sp1), b), dan = norm_root(hsum(sn0 + sn1), b);
-        const A dpn = loss == TRIPLET_SWAP ? dist(v, z) : dan;
+        if (so) so[3 * r] = dap, so[3 * r + 1] = dan, so[3 * r + 2] = dpn;
         const bool use_pn = dpn < dan;  // swap: the closer of the two negatives' distances
         const A vv = dap - (use_pn ? dpn : dan) + static_cast<A>(a);
         if (lp) lp[r] = vv < A(0) ? A(0) : vv;
@@ -444,15 +455,21 @@ void rows_impl(int64_t loss, const at::Tensor& x1, const at::Tensor& x2, const a
       } else if (loss == COSINE) {  // u, v; a margin; label y in {1, -1} (others: 0)
         const T* yv = y.const_data_ptr<T>();
         const A lab = static_cast<A>(yv[r * y.stride(0)]);
-        Vec sp(0), su(0), sv(0);
-        for (int64_t i = 0; i < D; i += LV::K) {
-          const int64_t n = std::min(LV::K, D - i);
-          const Vec xu = ld(u, i, n), xv = ld(v, i, n);  // zero-padded: no masking needed
-          sp = at::vec::fmadd(xu, xv, sp);
-          su = at::vec::fmadd(xu, xu, su);
-          sv = at::vec::fmadd(xv, xv, sv);
+        A P, S1, S2;
+        if (si) {  // the forward's sums: no pass over the rows
+          P = si[3 * r], S1 = si[3 * r + 1], S2 = si[3 * r + 2];
+        } else {
+          Vec sp(0), su(0), sv(0);
+          for (int64_t i = 0; i < D; i += LV::K) {
+            const int64_t n = std::min(LV::K, D - i);
+            const Vec xu = ld(u, i, n), xv = ld(v, i, n);  // zero-padded: no masking needed
+            sp = at::vec::fmadd(xu, xv, sp);
+            su = at::vec::fmadd(xu, xu, su);
+            sv = at::vec::fmadd(xv, xv, sv);
+          }
+          P = hsum(sp), S1 = hsum(su) + A(1e-12), S2 = hsum(sv) + A(1e-12);
         }
-        const A P = hsum(sp), S1 = hsum(su) + A(1e-12), S2 = hsum(sv) + A(1e-12);
+        if (so) so[3 * r] = P, so[3 * r + 1] = S1, so[3 * r + 2] = S2;
         const A den = std::sqrt(S1 * S2), cs = P / den, neg = cs - static_cast<A>(a);
         if (lp) lp[r] = (lab == A(1) ? A(1) - cs : A(0)) + (lab == A(-1) ? (neg < A(0) ? A(0) : neg) : A(0));
         if (!dl) continue;
@@ -467,9 +484,10 @@ void rows_impl(int64_t loss, const at::Tensor& x1, const at::Tensor& x2, const a
       } else if (loss == CONTRASTIVE) {  // u, v; a margin, c eps; label y (1 similar, 0 dissimilar)
         const T* yv = y.const_data_ptr<T>();
         const A lab = static_cast<A>(yv[r * y.stride(0)]);
-        const A d = std::sqrt(row_sum<Vec>(D, [&](int64_t i, int64_t n) {
+        const A d = si ? si[3 * r] : std::sqrt(row_sum<Vec>(D, [&](int64_t i, int64_t n) {
           const Vec t = ld(u, i, n) - ld(v, i, n) + veps;
           return t * t; }));
+        if (so) so[3 * r] = d, so[3 * r + 1] = A(0), so[3 * r + 2] = A(0);
         const A h = std::max(static_cast<A>(a) - d, A(0));
         if (lp) lp[r] = A(0.5) * (lab * d * d + (A(1) - lab) * h * h);
         if (!dl) continue;
@@ -482,6 +500,8 @@ void rows_impl(int64_t loss, const at::Tensor& x1, const at::Tensor& x2, const a
           st(g1, i, n, t.neg());
         }
       } else {  // MULTI_MARGIN: u the row of scores, y the target class (int64), w per class; a margin, b p
+        // (no statistics: its backward's one pass over the row computes what it needs)
+        if (so) so[3 * r] = A(0), so[3 * r + 1] = A(0), so[3 * r + 2] = A(0);
         const int64_t t = y.const_data_ptr<int64_t>()[r * y.stride(0)];
         TORCH_CHECK(t >= 0 && t < D, "target out of range");
         const A wt = w.defined() ? static_cast<A>(w.const_data_ptr<T>()[t]) : A(1);
@@ -540,39 +560,45 @@ void check_row_inputs(int64_t loss, const at::Tensor& x1, const std::optional<at
   TORCH_CHECK(!mm || b == 1 || b == 2, "loss_rows: multi_margin takes p = 1 or 2");
 }
 
-// the row losses (N,) in the accumulation dtype
-at::Tensor loss_rows(int64_t loss, const at::Tensor& x1, const std::optional<at::Tensor>& x2,
+// the row losses (N,) and the rows' statistics (N, 3), both in the accumulation dtype
+std::tuple<at::Tensor, at::Tensor> loss_rows(int64_t loss, const at::Tensor& x1, const std::optional<at::Tensor>& x2,
                      const std::optional<at::Tensor>& x3, const std::optional<at::Tensor>& y,
                      const std::optional<at::Tensor>& w, double a, double b, double c) {
   check_row_inputs(loss, x1, x2, x3, y, w, b);
   const auto adt = x1.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = tritium::empty({x1.size(0)}, x1.options().dtype(adt));
+  at::Tensor stats = tritium::empty({x1.size(0), 3}, x1.options().dtype(adt));
   at::Tensor g[3];
   const at::Tensor none;
   TRITIUM_DISPATCH_FLOATING(x1.scalar_type(), "tritium_loss_rows", [&] {
     rows_impl<scalar_t>(loss, x1, x2 ? *x2 : none, x3 ? *x3 : none, y ? *y : none, w ? *w : none, a, b, c, out,
-                        none, g);
+                        stats, none, none, g);
   });
-  return out;
+  return {out, stats};
 }
 
 // the gradients of sum_r dloss[r] loss_r for the inputs asked for (need: x1, x2, x3), in the inputs' dtype (an
-// input not asked for, or absent: an empty tensor); the rows' statistics are recomputed
+// input not asked for, or absent: an empty tensor); the rows' statistics are loss_rows' stats when given (not
+// multi_margin's: it has none), else recomputed
 std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_rows_bwd(
     int64_t loss, const at::Tensor& dloss, const at::Tensor& x1, const std::optional<at::Tensor>& x2,
     const std::optional<at::Tensor>& x3, const std::optional<at::Tensor>& y, const std::optional<at::Tensor>& w,
-    double a, double b, double c, bool need1, bool need2, bool need3) {
+    double a, double b, double c, bool need1, bool need2, bool need3, const std::optional<at::Tensor>& stats) {
   check_row_inputs(loss, x1, x2, x3, y, w, b);
   const auto adt = x1.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(dloss.dim() == 1 && dloss.size(0) == x1.size(0) && dloss.scalar_type() == adt,
               "loss_rows_bwd: dloss must be (rows,) in the accumulation dtype");
+  TORCH_CHECK(!stats.has_value() || (stats->sizes() == at::IntArrayRef{x1.size(0), 3} && stats->is_contiguous() &&
+                                     stats->scalar_type() == adt),
+              "loss_rows_bwd: stats must be loss_rows' contiguous (rows, 3) statistics in the accumulation dtype");
+  const at::Tensor st = stats.has_value() && loss != MULTI_MARGIN ? *stats : at::Tensor();
   const bool need[3] = {need1, need2 && x2.has_value(), need3 && x3.has_value()};
   at::Tensor g[3];
   for (int k = 0; k < 3; ++k) g[k] = need[k] ? tritium::empty(x1.sizes(), x1.options()) : at::empty({0}, x1.options());
   at::Tensor none;
   TRITIUM_DISPATCH_FLOATING(x1.scalar_type(), "tritium_loss_rows_bwd", [&] {
     rows_impl<scalar_t>(loss, x1, x2 ? *x2 : none, x3 ? *x3 : none, y ? *y : none, w ? *w : none, a, b, c, none,
-                        dloss, g);
+                        none, st, dloss, g);
   });
   return {g[0], g[1], g[2]};
 }

@@ -230,9 +230,13 @@ def test_rows(dtype, what, loss, a, b, c, d):
     ins = [t for t in (x1, x2, x3) if t is not None]
     adt = torch.float64 if dtype == torch.float64 else torch.float32
     dloss = torch.randn(n, dtype=torch.float64).to(dtype)
-    out = cpp.loss_rows(loss, x1, x2, x3, y, w, a, b, c)
-    assert out.dtype == adt
-    grads = cpp.loss_rows_bwd(loss, dloss.to(adt), x1, x2, x3, y, w, a, b, c, True, True, True)[:len(ins)]
+    out, stats = cpp.loss_rows(loss, x1, x2, x3, y, w, a, b, c)
+    assert out.dtype == adt and stats.dtype == adt and stats.shape == (n, 3)
+    grads = cpp.loss_rows_bwd(loss, dloss.to(adt), x1, x2, x3, y, w, a, b, c, True, True, True, stats)[:len(ins)]
+    # the forward's statistics give the bits the backward's own recompute gives
+    recomputed = cpp.loss_rows_bwd(loss, dloss.to(adt), x1, x2, x3, y, w, a, b, c, True, True, True)[:len(ins)]
+    for got, want in zip(grads, recomputed):
+        assert torch.equal(got, want)
     res = {}
     for dt in (dtype, torch.float64):
         leaves = [leaf(t, dt) for t in ins]
@@ -245,7 +249,7 @@ def test_rows(dtype, what, loss, a, b, c, d):
         assert g.dtype == dtype
         assert_within_torch_error(g, res[dtype][1][k], res[torch.float64][1][k], f"{what} grad {k}")
     # one gradient asked for: the others are empty, the one written is the same
-    only = cpp.loss_rows_bwd(loss, dloss.to(adt).expand(n)[:n], x1, x2, x3, y, w, a, b, c, False, False, True)
+    only = cpp.loss_rows_bwd(loss, dloss.to(adt).expand(n)[:n], x1, x2, x3, y, w, a, b, c, False, False, True, stats)
     assert only[0].numel() == 0 and only[1].numel() == 0
     if x3 is not None:
         torch.testing.assert_close(only[2], grads[2])
@@ -255,7 +259,7 @@ def test_rows_strided():
     """Row strides other than the width (a column slice) are read in place."""
     base = torch.randn(9, 40, dtype=torch.float64)
     x1, x2, x3 = base[:, :13], base[:, 13:26], base[:, 26:39]
-    out = cpp.loss_rows(ROW_TRIPLET, x1, x2, x3, None, None, 1.0, 2.0, 1e-6)
+    out = cpp.loss_rows(ROW_TRIPLET, x1, x2, x3, None, None, 1.0, 2.0, 1e-6)[0]
     torch.testing.assert_close(out, F.triplet_margin_loss(x1, x2, x3, reduction="none"))
 
 

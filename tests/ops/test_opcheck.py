@@ -230,8 +230,14 @@ def _():
 
 @sample("loss_rows_bwd")
 def _():
-    from tritium.ops.losses import ROW_MULTI_MARGIN, ROW_TRIPLET
+    from tritium.ops.losses import ROW_COSINE, ROW_MULTI_MARGIN, ROW_TRIPLET, ROW_TRIPLET_SWAP, loss_rows
+    a, p, n = r(4, 6), r(4, 6), r(4, 6)
+    stats = loss_rows(ROW_TRIPLET_SWAP, a, p, n, None, None, 1.0, 2.0, 1e-6)[1]  # the forward's statistics
+    x1, x2, y = r(4, 6), r(4, 6), torch.tensor([1.0, -1.0, 1.0, 0.0])
+    cos_stats = loss_rows(ROW_COSINE, x1, x2, None, y, None, 0.1, 0.0, 0.0)[1]
     return [(ROW_TRIPLET, r(4), r(4, 6), r(4, 6), r(4, 6), None, None, 1.0, 2.0, 1e-6, True, False, True),
+            (ROW_TRIPLET_SWAP, r(4), a, p, n, None, None, 1.0, 2.0, 1e-6, True, True, True, stats),
+            (ROW_COSINE, r(4), x1, x2, None, y, None, 0.1, 0.0, 0.0, True, False, True, cos_stats),
             (ROW_MULTI_MARGIN, r(4), r(4, 6), None, None, torch.tensor([0, 5, 2, 2]), None, 1.0, 1.0, 0.0, True, True,
              True)]
 

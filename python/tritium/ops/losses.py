@@ -10,8 +10,9 @@ gradient from a 0-d or per-element upstream gradient. ``w`` is a weight of the i
 beta, delta, alpha, gamma). For a loss of d = x - y only (``diff``), the target's gradient is -dx.
 
 The row losses (triplet, cosine embedding, contrastive, multi-margin) are one row kernel (C++):
-``tritium::loss_rows`` writes each row's loss, ``tritium::loss_rows_bwd`` recomputes the row's statistics and
-writes the gradient rows times the rows' upstream gradient, in the inputs' dtype. multilabel_soft_margin_loss
+``tritium::loss_rows`` writes each row's loss and its statistics (distances, dot products: (N, 3) in the
+accumulation dtype), which autograd saves; ``tritium::loss_rows_bwd`` reads them (recomputing them only when not
+given) and writes the gradient rows times the rows' upstream gradient, in the inputs' dtype. multilabel_soft_margin_loss
 is the elementwise bce_with_logits with a per-column weight, divided by the number of classes.
 
 ``info_nce`` computes the (N, N) similarities in blocks of rows (never the whole matrix): the forward keeps each
@@ -294,40 +295,46 @@ def quantile_loss(input: Tensor, target: Tensor, quantiles: Sequence[float], red
 
 # ---- the row losses: one forward op and one backward op (C++; on CUDA the public functions run torch's) ----
 def _fake_loss_rows(loss, x1, x2, x3, y, w, a, b, c):
-    return x1.new_empty((x1.shape[0],), dtype=acc_dtype(x1.dtype))
+    adt = acc_dtype(x1.dtype)
+    return x1.new_empty((x1.shape[0],), dtype=adt), x1.new_empty((x1.shape[0], 3), dtype=adt)
 
 
-def _fake_loss_rows_bwd(loss, dloss, x1, x2, x3, y, w, a, b, c, need1, need2, need3):
+def _fake_loss_rows_bwd(loss, dloss, x1, x2, x3, y, w, a, b, c, need1, need2, need3, stats=None):
     return tuple(x1.new_empty(x1.shape if need and t is not None else (0,))
                  for need, t in ((need1, x1), (need2, x2), (need3, x3)))
 
 
 loss_rows_bwd = define_op(
     "loss_rows_bwd(int loss, Tensor dloss, Tensor x1, Tensor? x2, Tensor? x3, Tensor? y, Tensor? w, float a, float b,"
-    " float c, bool need1, bool need2, bool need3) -> (Tensor, Tensor, Tensor)", _fake_loss_rows_bwd, None)
+    " float c, bool need1, bool need2, bool need3, Tensor? stats=None) -> (Tensor, Tensor, Tensor)",
+    _fake_loss_rows_bwd, None)
 
 
 def _rows_setup(ctx, inputs, output):
     loss, x1, x2, x3, y, w, a, b, c = inputs
     ctx.args = (loss, a, b, c)
-    ctx.save_for_backward(x1, x2, x3, y, w)
+    ctx.set_materialize_grads(False)
+    # the rows' statistics (output[1]): the backward reads them instead of another pass over the rows
+    ctx.save_for_backward(x1, x2, x3, y, w, output[1])
 
 
-def _rows_backward(ctx, dloss):
-    x1, x2, x3, y, w = ctx.saved_tensors
+def _rows_backward(ctx, dloss, _dstats):
+    if dloss is None:  # only the statistics were used: they have no gradient
+        return (None,) * 9
+    x1, x2, x3, y, w, stats = ctx.saved_tensors
     loss, a, b, c = ctx.args
     need = ctx.needs_input_grad[1:4]
     if any(ctx.needs_input_grad[4:6]):
         raise NotImplementedError("tritium::loss_rows differentiates x1, x2 and x3 only (the public functions send "
                                   "a label or weight that requires grad to torch)")
-    g1, g2, g3 = loss_rows_bwd(loss, dloss, x1, x2, x3, y, w, a, b, c, *need)
+    g1, g2, g3 = loss_rows_bwd(loss, dloss, x1, x2, x3, y, w, a, b, c, *need, stats)
     return (None, g1 if need[0] else None, g2 if need[1] else None, g3 if need[2] else None, None, None, None, None,
             None)
 
 
 loss_rows = define_op(
     "loss_rows(int loss, Tensor x1, Tensor? x2, Tensor? x3, Tensor? y, Tensor? w, float a, float b, float c)"
-    " -> Tensor", _fake_loss_rows, None, backward=_rows_backward, setup_context=_rows_setup)
+    " -> (Tensor, Tensor)", _fake_loss_rows, None, backward=_rows_backward, setup_context=_rows_setup)
 
 
 def _rows_ok(*ts: Tensor) -> bool:
@@ -338,7 +345,7 @@ def _rows_ok(*ts: Tensor) -> bool:
 
 def _row_call(loss, x1, x2, x3, y, w, a, b, c, reduction, dtype):
     per_row = loss_rows(loss, unit_last(x1), None if x2 is None else unit_last(x2),
-                        None if x3 is None else unit_last(x3), y, w, float(a), float(b), float(c))
+                        None if x3 is None else unit_last(x3), y, w, float(a), float(b), float(c))[0]
     if reduction == "none":
         return per_row.to(dtype)
     total = per_row.sum()
