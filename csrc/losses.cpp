@@ -111,7 +111,11 @@ inline void point(const V& x, const V& y, const V& p, const V& a, const V& b, do
     val = where(v < zero, zero, v);
     der = where(v >= zero, y.neg(), zero);
   } else if constexpr (L == FOCAL) {
-    const V s = fsigmoid(x), ce = at::vec::fmadd(one - y, x, softplus(x.neg()));
+    // one exp serves both: e = exp(-|x|), sigmoid(x) = 1 / (1 + e) for x >= 0 and e / (1 + e) below, and
+    // softplus(-x) = max(-x, 0) + log1p(e)
+    const V e = fexp(x.abs().neg()), r = one / (one + e);
+    const V s = where(x >= zero, r, e * r);
+    const V ce = at::vec::fmadd(one - y, x, at::vec::maximum(x.neg(), zero) + e.log1p());
     const V q = one - (s * y + (one - s) * (one - y));
     V mod, dmod;                     // q^g and g q^(g-1)
     if (gamma == 0) {
