@@ -65,7 +65,7 @@ KIND = $(shell $(TRITIUM) info --kind)
 bench: $(BUILT)
 	$(TRITIUM) bench ops --headline --json bench/results/ops-headline-$(KIND).json \
 		--plot bench/results/ops-headline-$(KIND).png
-	$(TRITIUM) bench generate --json bench/results/generate.json
+	$(TRITIUM) bench generate --json bench/results/generate-$(KIND).json
 	$(TRITIUM) bench models --json bench/results/models.json
 	$(TRITIUM) bench memory --json bench/results/attention-memory.json
 	$(TRITIUM) bench hf --train --dtypes bfloat16 --json bench/results/hf-train.json

@@ -284,12 +284,17 @@ def ops_file(kind: str) -> str:
     return f"ops-headline-{kind}.json"
 
 
+def generate_file(kind: str) -> str:
+    return f"generate-{kind}.json"
+
+
 KNOWN = [
     *((ops_file(kind), f"tritium bench ops --headline --json bench/results/{ops_file(kind)} "
                        f"--plot bench/results/{ops_file(kind)[:-5]}.png", f"Ops on {label}", OPS_PROSE, ops_section)
       for kind, label in MACHINE_KINDS.items()),
-    ("generate.json", "tritium bench generate --weights float --no-peer --json bench/results/generate.json",
-     "LLM generation", GENERATE_PROSE, generate_section),
+    *((generate_file(kind), f"tritium bench generate --weights float --no-peer --json "
+                            f"bench/results/{generate_file(kind)}", f"LLM generation on {label}", GENERATE_PROSE,
+       generate_section) for kind, label in MACHINE_KINDS.items()),
     ("models.json", "tritium bench models --json bench/results/models.json", "Classic models", MODELS_PROSE,
      models_section),
     ("attention-memory.json", "tritium bench memory --json bench/results/attention-memory.json", "Attention memory",
@@ -344,7 +349,6 @@ def results_page() -> str:
 def readme_summary() -> str:
     """The README's short summary: one line per headline suite, and the plot."""
     lines = [SUMMARY_START]
-    gen = load("generate.json")
     plots = []
     for kind, label in MACHINE_KINDS.items():
         ops = load(ops_file(kind))
@@ -358,10 +362,14 @@ def readme_summary() -> str:
                      "one of them.")
         if (RESULTS / f"{ops_file(kind)[:-5]}.png").exists():
             plots.append((label, f"bench/results/{ops_file(kind)[:-5]}.png"))
-    if gen:
+    for kind in MACHINE_KINDS:
+        gen = load(generate_file(kind))
+        if not gen:
+            continue
         parts = [f"{r['dtype']} {r['tritium_tok_s']:.0f} tok/s ({r['speedup']:.2f}x the eager twin)"
                  for r in gen["rows"] if r["case"] == "decode batch 1" and r.get("weights", "float") == "float"]
-        lines.append("- SmolLM2-135M decode, batch 1, float weights: " + ", ".join(parts) + ".")
+        lines.append(f"- SmolLM2-135M decode, batch 1, float weights ({gen['machine']['cpu']}, "
+                     f"{gen['machine']['time'][:10]}): " + ", ".join(parts) + ".")
     quant = load("generate-quant.json")
     if quant:   # the fastest batch-1 decode of each weights mode, with its ratio to llama.cpp's matching files
         best = {}
