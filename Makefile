@@ -66,6 +66,8 @@ bench: $(BUILT)
 	$(TRITIUM) bench ops --headline --json bench/results/ops-headline-$(KIND).json \
 		--plot bench/results/ops-headline-$(KIND).png
 	$(TRITIUM) bench generate --json bench/results/generate-$(KIND).json
+	$(TRITIUM) bench generate --weights native,native:Q4_0,int8,float --dtypes float32,bfloat16 \
+		--int8-act off,on,two-term --batches 1,16 --json bench/results/generate-quant-$(KIND).json
 	$(TRITIUM) bench models --json bench/results/models.json
 	$(TRITIUM) bench memory --json bench/results/attention-memory.json
 	$(TRITIUM) bench hf --train --dtypes bfloat16 --json bench/results/hf-train.json

@@ -288,6 +288,10 @@ def generate_file(kind: str) -> str:
     return f"generate-{kind}.json"
 
 
+def quant_file(kind: str) -> str:
+    return f"generate-quant-{kind}.json"
+
+
 KNOWN = [
     *((ops_file(kind), f"tritium bench ops --headline --json bench/results/{ops_file(kind)} "
                        f"--plot bench/results/{ops_file(kind)[:-5]}.png", f"Ops on {label}", OPS_PROSE, ops_section)
@@ -299,10 +303,10 @@ KNOWN = [
      models_section),
     ("attention-memory.json", "tritium bench memory --json bench/results/attention-memory.json", "Attention memory",
      MEMORY_PROSE, memory_section),
-    ("generate-quant.json", "tritium bench generate --weights native,native:Q4_0,int8,float --dtypes "
-                            "float32,bfloat16 --int8-act off,on,two-term --batches 1,16 --json "
-                            "bench/results/generate-quant.json", "Quantized weights and llama.cpp", QUANT_PROSE,
-     quant_section),
+    *((quant_file(kind), "tritium bench generate --weights native,native:Q4_0,int8,float --dtypes "
+                         "float32,bfloat16 --int8-act off,on,two-term --batches 1,16 --json "
+                         f"bench/results/{quant_file(kind)}", f"Quantized weights and llama.cpp on {label}",
+       QUANT_PROSE, quant_section) for kind, label in MACHINE_KINDS.items()),
     ("hf-train.json", "tritium bench hf --train --dtypes bfloat16 --json bench/results/hf-train.json",
      "Hugging Face transformers", HF_PROSE, hf_section),
     ("hf-train-float32.json", "tritium bench hf --train --dtypes float32 --rounds 2 --json "
@@ -370,8 +374,10 @@ def readme_summary() -> str:
                  for r in gen["rows"] if r["case"] == "decode batch 1" and r.get("weights", "float") == "float"]
         lines.append(f"- SmolLM2-135M decode, batch 1, float weights ({gen['machine']['cpu']}, "
                      f"{gen['machine']['time'][:10]}): " + ", ".join(parts) + ".")
-    quant = load("generate-quant.json")
-    if quant:   # the fastest batch-1 decode of each weights mode, with its ratio to llama.cpp's matching files
+    for kind in MACHINE_KINDS:  # the fastest batch-1 decode of each weights mode, and its ratio to llama.cpp's files
+        quant = load(quant_file(kind))
+        if not quant:
+            continue
         best = {}
         for r in quant["rows"]:
             top = best.get(r["weights"])
