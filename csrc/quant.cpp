@@ -50,23 +50,45 @@ namespace vnni {
 }  // namespace vnni
 #pragma GCC pop_options
 
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,amx-tile,amx-int8")
+namespace amx {
+#define QK_ISA 4
+#include "quant_kernel.h"
+#undef QK_ISA
+}  // namespace amx
+#pragma GCC pop_options
+
 using TileFn = void (*)(int, bool, bool, const uint8_t*, const void*, const void*, int64_t, int64_t, int64_t,
                         const void*, int64_t, const float*, const float*, int64_t, float*);
 
 using DequantFn = void (*)(int, bool, const uint8_t*, const void*, const void*, int64_t, int64_t, int64_t, float*,
                           int64_t);
 
+using QuantizeFn = void (*)(const void*, int, int64_t, int64_t, int64_t, int, int8_t*, float*, int64_t, float*,
+                           int64_t, float*);
+
+using StoreFn = void (*)(const float*, int, int64_t, int, void*, int, int64_t);
+
 struct Isa {
   const char* name;
   TileFn fn;
   DequantFn dequant_t;
+  QuantizeFn quantize_rows;
+  StoreFn store_rows;
   bool (*available)();
+  void (*end)();  // after a thread's run of tiles: gives back what fn took (AMX: the tile configuration)
 };
 
 const Isa kIsas[] = {
-    {"avx512_vnni", &vnni::tile, &vnni::dequant_t, [] { return cpu::features().avx512_vnni; }},
-    {"avx512", &avx512::tile, &avx512::dequant_t, [] { return cpu::features().avx512; }},
-    {"avx2", &avx2::tile, &avx2::dequant_t, [] { return cpu::features().avx2; }},
+    {"amx_int8", &amx::tile, &amx::dequant_t, &amx::quantize_rows, &amx::store_rows,
+     [] { return cpu::features().amx_int8 && cpu::features().avx512_vnni; }, &amx::amx_end},
+    {"avx512_vnni", &vnni::tile, &vnni::dequant_t, &vnni::quantize_rows, &vnni::store_rows,
+     [] { return cpu::features().avx512_vnni; }, nullptr},
+    {"avx512", &avx512::tile, &avx512::dequant_t, &avx512::quantize_rows, &avx512::store_rows,
+     [] { return cpu::features().avx512; }, nullptr},
+    {"avx2", &avx2::tile, &avx2::dequant_t, &avx2::quantize_rows, &avx2::store_rows,
+     [] { return cpu::features().avx2; }, nullptr},
 };
 constexpr int kNumIsas = sizeof(kIsas) / sizeof(kIsas[0]);
 
@@ -98,8 +120,8 @@ constexpr int64_t kBlock = 32, kTile = 16;
 // two-term int8 activations (ops/quant.py: FLOAT_ROWS, activation_terms)
 constexpr int64_t kGemmRows = 32;
 
-// torch.ops.tritium_runtime.quant_isa(name): "" reports the kernel set in use; a name ("avx512_vnni", "avx512",
-// "avx2") switches to it (an error if this CPU lacks it); "auto" returns to the best this CPU has. Returns the set
+// torch.ops.tritium_runtime.quant_isa(name): "" reports the kernel set in use; a name ("amx_int8", "avx512_vnni",
+// "avx512", "avx2") switches to it (an error if this CPU lacks it); "auto" returns to the best this CPU has. Returns the set
 // in use after the call.
 std::string quant_isa(const std::string& name) {
   if (name == "auto") {
@@ -238,8 +260,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quant_unpack(const at::Tensor& qd
   return {q, untile(scales), has(mins) ? untile(*mins) : at::empty({0}, scales.options())};
 }
 
-// x (M, K) -> the activations a tile kernel reads. int8 (terms 1): xq (M, Kp) int8, dx (M, nb) float (per block
-// of 32: absmax / 127), sx16 (M, 2 nb) float (dx * the sum of xq over each half block). Two terms (terms 2): each
+// x (M, K) -> the activations a tile kernel reads. int8 (terms 1): xq (M, Kp) int8, dx (nb, M, 2) float (per block
+// of 32: its scale absmax / 127, and scale * the sum of its xq), sx16 (M, 2 nb) float (scale * the sum of xq over
+// each half block). Two terms (terms 2): each
 // row of x becomes two int8 rows, 2m the row quantized as above and 2m + 1 what that left over (x - dx * xq,
 // quantized the same way): their products add up to x's within ~1/127 of the int8 error, near float accuracy for
 // twice the integer work. float (terms 0): xf (M, Kp) float, sx16 the sums of x over each half block. Rows zero
@@ -252,74 +275,31 @@ struct Activations {
   const void* x() const { return xq.empty() ? static_cast<const void*>(xf.data()) : xq.data(); }
 };
 
-// One block of 32 floats to int8: absmax / 127 scale, round half to even (as torch.round); buf is left holding
-// the rounded values times the scale removed from it (the residual) when residual is set.
-static inline void quantize_block(float* buf, int8_t* out, float* dx, float* sx, bool residual) {
-  using Vec = at::vec::Vectorized<float>;
-  constexpr int64_t V = Vec::size();
-  Vec vmax(0.f);
-  for (int64_t e = 0; e < kBlock; e += V) vmax = fmax_fast(vmax, Vec::loadu(buf + e).abs());
-  const float amax = hmax(vmax);
-  const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
-  alignas(64) float r[kBlock];
-  for (int64_t e = 0; e < kBlock; e += V) {
-    const Vec x = Vec::loadu(buf + e), qv = (x * Vec(inv)).round();
-    qv.store(r + e);
-    if (residual) at::vec::fmadd(qv, Vec(-d), x).store(buf + e);  // x - q d, one rounding
-  }
-  int32_t s0 = 0, s1 = 0;
-  for (int64_t e = 0; e < kBlock; ++e) {  // exact small integers: converted and summed in a plain loop
-    const int32_t v = static_cast<int32_t>(r[e]);
-    out[e] = static_cast<int8_t>(v);
-    (e < 16 ? s0 : s1) += v;
-  }
-  *dx = d;
-  sx[0] = d * static_cast<float>(s0);
-  sx[1] = d * static_cast<float>(s1);
-}
+int dtype_code(at::ScalarType t) { return t == at::kFloat ? 0 : t == at::kBFloat16 ? 1 : 2; }
 
-const Activations& prepare(const at::Tensor& x, int64_t k, int64_t terms) {
+const Activations& prepare(const at::Tensor& x, int64_t k, int64_t terms, int isa) {
   thread_local Activations tl;
   Activations& a = tl;  // the caller's buffers (a name in the lambda below would be the worker thread's own)
   const int64_t M = x.size(0), kp = padded_k(k), nb = kp / kBlock, R = M * std::max<int64_t>(terms, 1);
+  // int8 rows in whole passes of 16 (the AMX path reads 16 at a time; the padding's products are dropped)
+  const int64_t Rp = terms > 0 ? (R + 15) / 16 * 16 : R;
   if (terms > 0) {
     a.xf.clear();
-    a.xq.resize(R * kp);
-    a.dx.resize(R * nb);
+    a.xq.resize(Rp * kp);
+    a.dx.resize(Rp * nb * 2);
   } else {
     a.xq.clear();
     a.xf.resize(M * kp);
   }
-  a.sx16.resize(R * 2 * nb);
-  TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_quant_prepare", [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const int64_t xs = x.stride(0);
-    at::parallel_for(0, M, M * k >= 16384 ? 1 : M, [&](int64_t m0, int64_t m1) {
-      alignas(64) float buf[kBlock];
-      for (int64_t m = m0; m < m1; ++m) {
-        const scalar_t* row = xp + m * xs;
-        for (int64_t b = 0; b < nb; ++b) {
-          for (int64_t e = 0; e < kBlock; ++e) buf[e] = b * kBlock + e < k ? static_cast<float>(row[b * kBlock + e]) : 0.f;
-          if (terms == 0) {
-            float* sx = a.sx16.data() + m * 2 * nb;
-            std::memcpy(a.xf.data() + m * kp + b * kBlock, buf, sizeof(buf));
-            float s0 = 0.f, s1 = 0.f;
-            for (int64_t e = 0; e < 16; ++e) {
-              s0 += buf[e];
-              s1 += buf[16 + e];
-            }
-            sx[2 * b] = s0;
-            sx[2 * b + 1] = s1;
-            continue;
-          }
-          for (int64_t t = 0; t < terms; ++t) {
-            const int64_t r = m * terms + t;
-            quantize_block(buf, a.xq.data() + r * kp + b * kBlock, a.dx.data() + r * nb + b,
-                           a.sx16.data() + r * 2 * nb + 2 * b, t + 1 < terms);
-          }
-        }
-      }
-    });
+  a.sx16.resize(Rp * 2 * nb);
+  const quant::QuantizeFn fn = kIsas[isa].quantize_rows;
+  const int dtype = dtype_code(x.scalar_type());
+  const int64_t xs = x.stride(0), es = x.element_size(), t = std::max<int64_t>(terms, 1);
+  const uint8_t* xp = static_cast<const uint8_t*>(x.const_data_ptr());
+  at::parallel_for(0, M, M * k >= 65536 ? 1 : M, [&](int64_t m0, int64_t m1) {
+    fn(xp + m0 * xs * es, dtype, xs, m1 - m0, k, static_cast<int>(terms),
+       terms > 0 ? a.xq.data() + m0 * t * kp : nullptr, terms > 0 ? nullptr : a.xf.data() + m0 * kp, kp,
+       terms > 0 ? a.dx.data() + m0 * t * 2 : nullptr, 2 * Rp, a.sx16.data() + m0 * t * 2 * nb);
   });
   return a;
 }
@@ -392,27 +372,25 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qdata, const at::
     return y;
   }
   const Tiles w(qdata, scales, mins, group);
-  const Activations& act = prepare(xc, k, int8_act);
-  const quant::TileFn fn = kIsas[isa].fn;
+  const Activations& act = prepare(xc, k, int8_act, isa);
+  const quant::Isa& set = kIsas[isa];
   const int64_t kp = padded_k(k), terms = std::max<int64_t>(int8_act, 1), R = M * terms;
-  TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_quant_linear", [&] {
-    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    // tiles per task: enough weight bytes x rows that a small product (a decode step's tiny layers) stays on one
-    // thread instead of paying for a parallel region it cannot use
-    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, w.nb * w.bb * R));
-    at::parallel_for(0, w.count, grain, [&](int64_t t0, int64_t t1) {
-      std::vector<float> out(R * kTile);
-      for (int64_t t = t0; t < t1; ++t) {
-        fn(static_cast<int>(bits), w.half, int8_act > 0, w.blocks(t), w.scales(t), w.mins(t), w.nb, w.group_blocks,
-           R, act.x(), kp, int8_act ? act.dx.data() : nullptr, act.sx16.data(), w.nb, out.data());
-        const int64_t cols = std::min(kTile, n - t * kTile);
-        for (int64_t m = 0; m < M; ++m) {
-          const float* o = out.data() + m * terms * kTile;
-          for (int64_t c = 0; c < cols; ++c)
-            yp[m * n + t * kTile + c] = static_cast<scalar_t>(terms == 2 ? o[c] + o[kTile + c] : o[c]);
-        }
-      }
-    });
+  const int dtype = dtype_code(x.scalar_type());
+  uint8_t* yp = static_cast<uint8_t*>(y.mutable_data_ptr());
+  // tiles per task: enough weight bytes x rows that a small product (a decode step's tiny layers) stays on one
+  // thread instead of paying for a parallel region it cannot use
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, w.nb * w.bb * R));
+  at::parallel_for(0, w.count, grain, [&](int64_t t0, int64_t t1) {
+    alignas(64) float out_small[16 * kTile];
+    std::vector<float> out_big(R > 16 ? R * kTile : 0);
+    float* out = R > 16 ? out_big.data() : out_small;
+    for (int64_t t = t0; t < t1; ++t) {
+      set.fn(static_cast<int>(bits), w.half, int8_act > 0, w.blocks(t), w.scales(t), w.mins(t), w.nb, w.group_blocks,
+             R, act.x(), kp, int8_act ? act.dx.data() : nullptr, act.sx16.data(), w.nb, out);
+      set.store_rows(out, static_cast<int>(terms), M, static_cast<int>(std::min(kTile, n - t * kTile)),
+                     yp + t * kTile * y.element_size(), dtype, n);
+    }
+    if (set.end) set.end();
   });
   return y;
 }

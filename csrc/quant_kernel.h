@@ -1,5 +1,7 @@
 // The quantized-linear tile kernels of csrc/quant.cpp for one instruction set. quant.cpp includes this file once per
 // ISA, inside its own namespace and under `#pragma GCC target(...)`, with QK_ISA set:
+//   4  AVX-512 with VNNI and AMX-INT8: as 3, and int8 activations of 8 rows or more multiply on AMX tiles
+//      (tdpbsud: 16 activation rows x 32 bytes times a block's 16 weight rows, one instruction per block)
 //   3  AVX-512 with VNNI: vpdpbusd multiplies 4 u8 weights by 4 s8 activations and adds into an int32 lane
 //   2  AVX-512BW without VNNI: vpmaddubsw (u8 x s8 pairs -> s16) then vpmaddwd by 1 (pairs -> s32)
 //   1  AVX2 + FMA + F16C: as 2 on two 256-bit halves
@@ -41,7 +43,7 @@ static inline VF vf_load(const uint16_t* p) {
 static inline void vf_store(float* p, VF a) { _mm512_storeu_ps(p, a.v); }
 // acc + sum over each lane's 4 byte pairs of w (u8) * x (s8, the same 4 bytes in every lane)
 static inline VI dot4(VI acc, VI w, int32_t x4) {
-#if QK_ISA == 3
+#if QK_ISA >= 3
   return {_mm512_dpbusd_epi32(acc.v, w.v, _mm512_set1_epi32(x4))};
 #else
   const __m512i p = _mm512_maddubs_epi16(w.v, _mm512_set1_epi32(x4));
@@ -98,11 +100,173 @@ static inline VI dot4(VI acc, VI w, int32_t x4) {
 }
 #endif
 
+// The activations' side: 16 values as floats from float32 / bfloat16 / float16 storage (dtype 0 / 1 / 2), their
+// absolute largest and integer sum, rounding to int32 (nearest even: MXCSR's default), int32 -> int8 stores, and
+// floats back to the output's dtype (bfloat16: round to nearest even, NaN kept a NaN; float16: F16C's rounding).
+#if QK_ISA >= 2
+static inline VF vf_load_act(const void* p, int dtype) {
+  if (dtype == 0) return {_mm512_loadu_ps(p)};
+  const __m256i h = _mm256_loadu_si256(static_cast<const __m256i*>(p));
+  if (dtype == 1) return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
+  return {_mm512_cvtph_ps(h)};
+}
+static inline float vf_absmax(VF a, VF b) {
+  return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a.v), _mm512_abs_ps(b.v)));
+}
+static inline float vf_hsum(VF a) { return _mm512_reduce_add_ps(a.v); }
+static inline VF vf_add(VF a, VF b) { return {_mm512_add_ps(a.v, b.v)}; }
+static inline VI vf_round(VF a) { return {_mm512_cvtps_epi32(a.v)}; }
+static inline int32_t vi_hsum(VI a) { return _mm512_reduce_add_epi32(a.v); }
+static inline void vi_store_i8(int8_t* p, VI a) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtsepi32_epi8(a.v));
+}
+// the n (<= 16) first values of a to p as dtype
+static inline void vf_store_act(void* p, int dtype, VF a, int n) {
+  const __mmask16 k = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+  if (dtype == 0) return _mm512_mask_storeu_ps(p, k, a.v);
+  __m256i h;
+  if (dtype == 1) {
+    const __m512i bits = _mm512_castps_si512(a.v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    h = _mm512_cvtepi32_epi16(r);
+  } else {
+    h = _mm512_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  _mm256_mask_storeu_epi16(p, k, h);
+}
+#else
+static inline VF vf_load_act(const void* p, int dtype) {
+  const float* f = static_cast<const float*>(p);
+  if (dtype == 0) return {_mm256_loadu_ps(f), _mm256_loadu_ps(f + 8)};
+  const __m128i* h = static_cast<const __m128i*>(p);
+  const __m128i lo = _mm_loadu_si128(h), hi = _mm_loadu_si128(h + 1);
+  if (dtype == 1)
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(lo), 16)),
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(hi), 16))};
+  return {_mm256_cvtph_ps(lo), _mm256_cvtph_ps(hi)};
+}
+static inline float hmax8(__m256 m) {
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
+}
+static inline float vf_absmax(VF a, VF b) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, a.a), _mm256_andnot_ps(sign, a.b)),
+                                 _mm256_max_ps(_mm256_andnot_ps(sign, b.a), _mm256_andnot_ps(sign, b.b)));
+  return hmax8(m);
+}
+static inline float vf_hsum(VF a) {
+  const __m256 s = _mm256_add_ps(a.a, a.b);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+}
+static inline VF vf_add(VF x, VF y) { return {_mm256_add_ps(x.a, y.a), _mm256_add_ps(x.b, y.b)}; }
+static inline VI vf_round(VF x) { return {_mm256_cvtps_epi32(x.a), _mm256_cvtps_epi32(x.b)}; }
+static inline int32_t vi_hsum(VI x) {
+  const __m256i s = _mm256_add_epi32(x.a, x.b);
+  __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+  h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1)));
+}
+static inline void vi_store_i8(int8_t* p, VI x) {
+  const __m128i a = _mm_packs_epi32(_mm256_castsi256_si128(x.a), _mm256_extracti128_si256(x.a, 1));
+  const __m128i b = _mm_packs_epi32(_mm256_castsi256_si128(x.b), _mm256_extracti128_si256(x.b, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm_packs_epi16(a, b));
+}
+static inline __m128i bf16_of(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+static inline void vf_store_act(void* p, int dtype, VF x, int n) {
+  alignas(32) uint8_t tmp[64];
+  void* dst = n >= 16 ? p : tmp;
+  if (dtype == 0) {
+    _mm256_storeu_ps(static_cast<float*>(dst), x.a);
+    _mm256_storeu_ps(static_cast<float*>(dst) + 8, x.b);
+  } else {
+    __m128i* h = static_cast<__m128i*>(dst);
+    if (dtype == 1) {
+      _mm_storeu_si128(h, bf16_of(x.a));
+      _mm_storeu_si128(h + 1, bf16_of(x.b));
+    } else {
+      _mm_storeu_si128(h, _mm256_cvtps_ph(x.a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      _mm_storeu_si128(h + 1, _mm256_cvtps_ph(x.b, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+  }
+  if (n < 16) std::memcpy(p, tmp, static_cast<size_t>(n) * (dtype == 0 ? 4 : 2));
+}
+#endif
+
+// Rows of x (dtype 0 / 1 / 2: float32 / bfloat16 / float16; row stride xs elements; K = k) -> what the tile kernels
+// read. terms > 0: per row m and term t (output row r = m * terms + t), per block b of 32 (zero padded past k):
+// xq[r * kp + ...] the int8 values round_half_even(x / d), d = absmax / 127; dx[b * ds + 2 r + {0, 1}] = d and
+// d * sum(xq) (block-major: a block's rows side by side); sx16[r * 2 nb + 2 b + {0, 1}] = d * the sums over each half block. The second term quantizes what the
+// first left over (x - d * xq, one FMA rounding). terms == 0: xf[m * kp + ...] x as floats (zero padded) and sx16
+// the sums of x over each half block.
+static void quantize_rows(const void* x, int dtype, int64_t xs, int64_t rows, int64_t k, int terms, int8_t* xq,
+                          float* xf, int64_t kp, float* dx, int64_t ds, float* sx16) {
+  const int64_t nb = kp / 32, es = dtype == 0 ? 4 : 2;
+  alignas(64) uint8_t tail[32 * 4];
+  for (int64_t m = 0; m < rows; ++m) {
+    const uint8_t* row = static_cast<const uint8_t*>(x) + m * xs * es;
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* src = row + b * 32 * es;
+      if (32 * b + 32 > k) {  // the last, partial block: through a zero-filled copy
+        std::memset(tail, 0, sizeof(tail));
+        std::memcpy(tail, src, static_cast<size_t>(k - 32 * b) * es);
+        src = tail;
+      }
+      VF lo = vf_load_act(src, dtype), hi = vf_load_act(src + 16 * es, dtype);
+      if (terms == 0) {
+        vf_store(xf + m * kp + 32 * b, lo);
+        vf_store(xf + m * kp + 32 * b + 16, hi);
+        sx16[m * 2 * nb + 2 * b] = vf_hsum(lo);
+        sx16[m * 2 * nb + 2 * b + 1] = vf_hsum(hi);
+        continue;
+      }
+      for (int t = 0; t < terms; ++t) {
+        const int64_t r = m * terms + t;
+        const float d = vf_absmax(lo, hi) / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+        const VI ql = vf_round(vf_mul(lo, vf_set1(inv))), qh = vf_round(vf_mul(hi, vf_set1(inv)));
+        vi_store_i8(xq + r * kp + 32 * b, ql);
+        vi_store_i8(xq + r * kp + 32 * b + 16, qh);
+        const int32_t s0 = vi_hsum(ql), s1 = vi_hsum(qh);
+        dx[b * ds + 2 * r] = d;
+        dx[b * ds + 2 * r + 1] = d * static_cast<float>(s0 + s1);
+        sx16[r * 2 * nb + 2 * b] = d * static_cast<float>(s0);
+        sx16[r * 2 * nb + 2 * b + 1] = d * static_cast<float>(s1);
+        if (t + 1 < terms) {  // what this term left over: x - q d, one rounding
+          lo = vf_fma(vf_cvt(ql), vf_set1(-d), lo);
+          hi = vf_fma(vf_cvt(qh), vf_set1(-d), hi);
+        }
+      }
+    }
+  }
+}
+
+// out (rows, terms, 16) floats, a tile's products (two terms: summed) -> y's rows (row stride ldy elements, dtype as
+// quantize_rows'), cols (<= 16) columns from y.
+static void store_rows(const float* out, int terms, int64_t rows, int cols, void* y, int dtype, int64_t ldy) {
+  const int64_t es = dtype == 0 ? 4 : 2;
+  for (int64_t m = 0; m < rows; ++m) {
+    const float* o = out + m * terms * 16;
+    const VF v = terms == 2 ? vf_add(vf_load(o), vf_load(o + 16)) : vf_load(o);
+    vf_store_act(static_cast<uint8_t*>(y) + m * ldy * es, dtype, v, cols);
+  }
+}
+
 // dot4 for 8-bit weights (u8 up to 255): VNNI takes them as they are; the byte multiply-add would saturate its
 // 16-bit pair sums (255 * 127 * 2 > 32767), so there the weight is split into nibbles, w = 16 h + l, and the two
 // products combined in 32 bits.
 static inline VI dot4_u8(VI acc, VI w, int32_t x4) {
-#if QK_ISA == 3
+#if QK_ISA >= 3
   return dot4(acc, w, x4);
 #else
   const VI h = dot4(vi_zero(), vi_and(vi_srl32<4>(w), 0x0F0F0F0F), x4);
@@ -173,12 +337,12 @@ struct GroupScales {
   }
 };
 
-// int8 activations: rows m of xq (int8, row stride xs), their per-block scales dx and per-16 sums sx16 (the
-// dequantised activations' sums: dx * sum(xq) over each half-block; row stride ss for both arrays, dx per block,
-// sx16 per half-block). out: MT x 16 floats.
+// int8 activations: rows m of xq (int8, row stride xs); per block b and row m the pair dx[b * ds + 2 m + {0, 1}]
+// (the block's scale, then the dequantised activations' sum: scale * sum(xq) over the block); per half-block the
+// sums sx16 (row stride 2 ss). out: MT x 16 floats.
 template <int BITS, typename S, int MT, bool MINS>
-static void tile_int8_impl(const TileArgs<S>& a, const int8_t* xq, int64_t xs, const float* dx, const float* sx16,
-                           int64_t ss, float* out) {
+static void tile_int8_impl(const TileArgs<S>& a, const int8_t* xq, int64_t xs, const float* dx, int64_t ds,
+                           const float* sx16, int64_t ss, float* out) {
   constexpr int64_t BB = 16 * 32 * BITS / 8;  // bytes per block of a tile
   constexpr float OFF = BITS == 8 ? 128.0f : 8.0f;
   const bool half = a.group_blocks == 0;
@@ -197,7 +361,7 @@ static void tile_int8_impl(const TileArgs<S>& a, const int8_t* xq, int64_t xs, c
         VI s0 = vi_zero(), s1 = vi_zero();
         for (int c = 0; c < 4; ++c) s0 = dot4_u8(s0, w[c], x4[c]);
         for (int c = 4; c < 8; ++c) s1 = dot4_u8(s1, w[c], x4[c]);
-        const float xd = dx[m * ss + b];
+        const float xd = dx[b * ds + 2 * m];
         // d * (x_d * dot - OFF * sum(x)) per half block
         VF t0 = vf_sub(vf_mul(vf_cvt(s0), vf_set1(xd)), vf_set1(OFF * sx16[m * ss * 2 + 2 * b]));
         VF t1 = vf_sub(vf_mul(vf_cvt(s1), vf_set1(xd)), vf_set1(OFF * sx16[m * ss * 2 + 2 * b + 1]));
@@ -219,8 +383,7 @@ static void tile_int8_impl(const TileArgs<S>& a, const int8_t* xq, int64_t xs, c
           s1 = dot4(s1, w[c + 1], x4[c + 1]);
         }
       }
-      const float xd = dx[m * ss + b];
-      const float xs32 = sx16[m * ss * 2 + 2 * b] + sx16[m * ss * 2 + 2 * b + 1];
+      const float xd = dx[b * ds + 2 * m], xs32 = dx[b * ds + 2 * m + 1];
       const VF dot = vf_mul(vf_cvt(vi_add(s0, s1)), vf_set1(xd));
       if constexpr (MINS) {
         acc[m] = vf_fma(g.mn, vf_set1(xs32), vf_fma(g.d, dot, acc[m]));
@@ -233,13 +396,132 @@ static void tile_int8_impl(const TileArgs<S>& a, const int8_t* xq, int64_t xs, c
 }
 
 template <int BITS, typename S, int MT>
-static void tile_int8(const TileArgs<S>& a, const int8_t* xq, int64_t xs, const float* dx, const float* sx16,
-                      int64_t ss, float* out) {
+static void tile_int8(const TileArgs<S>& a, const int8_t* xq, int64_t xs, const float* dx, int64_t ds,
+                      const float* sx16, int64_t ss, float* out) {
   if (a.mins)
-    tile_int8_impl<BITS, S, MT, true>(a, xq, xs, dx, sx16, ss, out);
+    tile_int8_impl<BITS, S, MT, true>(a, xq, xs, dx, ds, sx16, ss, out);
   else
-    tile_int8_impl<BITS, S, MT, false>(a, xq, xs, dx, sx16, ss, out);
+    tile_int8_impl<BITS, S, MT, false>(a, xq, xs, dx, ds, sx16, ss, out);
 }
+
+#if QK_ISA == 4
+// AMX: the tile registers hold, per block of 32 activations, the C = A B product of 16 activation rows (A: 16 rows
+// x 32 int8, tmm2/tmm3) and the block's 16 weight rows (B: 8 rows of 64 bytes, each a group of the packed layout,
+// tmm4/tmm5: exactly AMX's B layout, 4 consecutive K elements per column), into C (16 x 16 int32, tmm0/tmm1). Two
+// sets, so one block's product runs on the tile unit while the vector unit scales the previous one into the
+// float accumulators as tile_int8_impl does. Rows past the caller's M are computed on padding and dropped.
+// From this many activation rows the AMX path runs (fewer: the VNNI path, which streams the weights as fast)
+constexpr int64_t kAmxRows = 8;
+
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// This thread's tile configuration is ours until amx_end (other AMX users, oneDNN's brgemm, configure their own).
+static thread_local bool tl_amx_configured = false;
+
+static inline void amx_begin() {
+  if (tl_amx_configured) return;
+  TileConfig c{};
+  c.palette = 1;
+  for (int i = 0; i < 6; ++i) {
+    c.rows[i] = i < 4 ? 16 : 8;
+    c.colsb[i] = i == 2 || i == 3 ? 32 : 64;
+  }
+  // ldtilecfg on the whole struct: GCC 12's _tile_loadconfig tells the compiler it reads only 8 bytes, so the
+  // other fields' stores could be dropped as dead
+  __asm__ volatile("ldtilecfg %0" ::"m"(c));
+  tl_amx_configured = true;
+}
+
+static void amx_end() {
+  if (!tl_amx_configured) return;
+  _tile_release();
+  tl_amx_configured = false;
+}
+
+// A block's bytes as AMX reads them (8-bit: the packed block itself; 4-bit: its nibbles split into `unpacked`),
+// the block kPrefetchAhead bytes on prefetched.
+template <int BITS>
+static inline const uint8_t* amx_weights(const uint8_t* q, uint8_t* unpacked) {
+  constexpr int64_t BB = 16 * 32 * BITS / 8;
+  for (int64_t off = 0; off < BB; off += 64) _mm_prefetch(reinterpret_cast<const char*>(q + kPrefetchAhead + off),
+                                                          _MM_HINT_T0);
+  if constexpr (BITS == 8) return q;
+  const __m512i m = _mm512_set1_epi8(0x0F);
+  for (int c = 0; c < 4; ++c) {
+    const __m512i raw = _mm512_loadu_si512(q + 64 * c);
+    _mm512_store_si512(unpacked + 64 * c, _mm512_and_si512(raw, m));
+    _mm512_store_si512(unpacked + 64 * (c + 4), _mm512_and_si512(_mm512_srli_epi16(raw, 4), m));
+  }
+  return unpacked;
+}
+
+// One block's product into C tile C (0 or 1), with A tile C + 2 and B tile C + 4 (the tile intrinsics take
+// literal register numbers: a macro)
+#define TRITIUM_AMX_BLOCK(C, A, B, w, xq, xs) \
+  do {                                        \
+    _tile_loadd(A, xq, xs);                   \
+    _tile_loadd(B, w, 64);                    \
+    _tile_zero(C);                            \
+    _tile_dpbsud(C, A, B);                    \
+  } while (0)
+
+template <int BITS, typename S, bool MINS>
+static void tile_int8_amx(const TileArgs<S>& a, const int8_t* xq, int64_t xs, const float* dx, int64_t ds,
+                          int64_t rows, float* out) {
+  constexpr int64_t BB = 16 * 32 * BITS / 8;
+  constexpr float OFF = BITS == 8 ? 128.0f : 8.0f;
+  // A pipeline two blocks deep, each stage a block behind the one before, so that no instruction reads what the
+  // previous one just wrote (a tile load of freshly stored bytes, or vector loads of a fresh tile store, wait for
+  // the stores to retire): iteration b splits block b + 2's nibbles, multiplies block b into C tile b % 2, stores
+  // block b - 1's product, and scales block b - 2's into the accumulators.
+  alignas(64) int32_t prod[2][16 * 16];
+  alignas(64) uint8_t unpacked[3][512];
+  VF acc[16];
+#pragma GCC unroll 16
+  for (int m = 0; m < 16; ++m) acc[m] = vf_zero();
+  GroupScales<S> g(a);
+  const int64_t nb = a.nb;
+  const uint8_t* w[3] = {nullptr, nullptr, nullptr};
+  for (int64_t b = 0; b < std::min<int64_t>(2, nb); ++b) w[b] = amx_weights<BITS>(a.q + b * BB, unpacked[b]);
+  for (int64_t b = 0; b < nb + 2; ++b) {
+    if (b < nb) {
+      if (b & 1)
+        TRITIUM_AMX_BLOCK(1, 3, 5, w[b % 3], xq + 32 * b, xs);
+      else
+        TRITIUM_AMX_BLOCK(0, 2, 4, w[b % 3], xq + 32 * b, xs);
+    }
+    if (b + 2 < nb) w[(b + 2) % 3] = amx_weights<BITS>(a.q + (b + 2) * BB, unpacked[(b + 2) % 3]);
+    if (b >= 1 && b <= nb) {
+      if ((b - 1) & 1)
+        _tile_stored(1, prod[1], 64);
+      else
+        _tile_stored(0, prod[0], 64);
+    }
+    if (b < 2) continue;
+    const int64_t c = b - 2;  // the block scaled now
+    g.next_block();
+    const int32_t* p = prod[c & 1];
+#pragma GCC unroll 16
+    for (int m = 0; m < 16; ++m) {
+      const float xd = dx[c * ds + 2 * m], xs32 = dx[c * ds + 2 * m + 1];
+      const VF dot = vf_mul(vf_cvt(vi_load(reinterpret_cast<const uint8_t*>(p + 16 * m))), vf_set1(xd));
+      if constexpr (MINS) {
+        acc[m] = vf_fma(g.mn, vf_set1(xs32), vf_fma(g.d, dot, acc[m]));
+      } else {
+        acc[m] = vf_fma(g.d, vf_sub(dot, vf_set1(OFF * xs32)), acc[m]);
+      }
+    }
+  }
+  // acc indexed by constants only (a runtime index would keep the accumulators in memory, not registers)
+#pragma GCC unroll 16
+  for (int m = 0; m < 16; ++m)
+    if (m < rows) vf_store(out + 16 * m, acc[m]);
+}
+#endif
 
 // Byte J of each lane as a float: unsigned (q), or for symmetric weights the signed q - OFF (the offset removed
 // before any product, so the sums are those of a float matmul of the dequantised weight): the lanes were xor'ed
@@ -368,16 +650,33 @@ template <int BITS, typename S>
 static void tile_rows(bool int8_act, const TileArgs<S>& a, int64_t M, const void* x, int64_t xs, const float* dx,
                       const float* sx16, int64_t ss, float* out) {
   int64_t m = 0;
+  const int64_t ds = 2 * ((M + 15) / 16 * 16);  // dx's block stride: quant.cpp's rows padded to passes of 16
   auto run = [&](auto mt) {
     constexpr int MT = decltype(mt)::value;
     if (int8_act) {
-      tile_int8<BITS, S, MT>(a, static_cast<const int8_t*>(x) + m * xs, xs, dx + m * ss, sx16 + m * ss * 2, ss,
+      tile_int8<BITS, S, MT>(a, static_cast<const int8_t*>(x) + m * xs, xs, dx + 2 * m, ds, sx16 + m * ss * 2, ss,
                              out + 16 * m);
     } else {
       tile_float<BITS, S, MT>(a, static_cast<const float*>(x) + m * xs, xs, sx16 + m * ss * 2, ss, out + 16 * m);
     }
     m += MT;
   };
+#if QK_ISA == 4
+  // int8 activations, 8 rows or more, scales per group of 32 or more: AMX, 16 rows per pass (the activation
+  // buffers hold whole passes of 16 rows: quant.cpp pads them)
+  if (int8_act && M >= kAmxRows && a.group_blocks > 0) {
+    amx_begin();
+    for (; m < M; m += 16) {
+      const int8_t* xq = static_cast<const int8_t*>(x) + m * xs;
+      const int64_t rows = std::min<int64_t>(16, M - m);
+      if (a.mins)
+        tile_int8_amx<BITS, S, true>(a, xq, xs, dx + 2 * m, ds, rows, out + 16 * m);
+      else
+        tile_int8_amx<BITS, S, false>(a, xq, xs, dx + 2 * m, ds, rows, out + 16 * m);
+    }
+    return;
+  }
+#endif
 #if QK_ISA >= 2
   // int8 activations in 512-bit registers: 8 rows per pass over the weights (the 8 weight groups, 8 accumulators
   // and each row's two dot chains fit the 32 registers), so a block's nibbles are split once per 8 rows

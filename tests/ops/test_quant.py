@@ -16,7 +16,7 @@ from tritium.ops.quant import (FLOAT_ROWS, QuantizedWeight, activation_terms, n_
                                quant_linear, quant_pack, quant_unpack, quantize_logical)
 from tests.util import assert_within_torch_error
 
-_ALL_ISAS = ("avx512_vnni", "avx512", "avx2")
+_ALL_ISAS = ("amx_int8", "avx512_vnni", "avx512", "avx2")
 
 
 def _available():
@@ -102,7 +102,7 @@ def test_linear_float_activations(isa, bits, group, mins, sdt, k, dtype, m_rows)
 
 @pytest.mark.parametrize("bits,group,mins,sdt,k", FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m_rows", [1, 6])
+@pytest.mark.parametrize("m_rows", [1, 6, 21])   # 21: AMX's passes of 16 rows, the last one padded
 @pytest.mark.parametrize("terms", [1, 2])
 def test_linear_int8_activations(isa, bits, group, mins, sdt, k, dtype, m_rows, terms):
     """int8_act: the product of the activations as the kernel quantizes them (reference.quantize_int8_act: per
@@ -243,7 +243,8 @@ def test_op_errors_name_the_argument():
 
 def test_isa_switch_reports_and_validates():
     assert torch.ops.tritium_runtime.quant_isa() in _ALL_ISAS
-    with pytest.raises(RuntimeError, match="unknown kernel set 'sse'; expected one of avx512_vnni, avx512, avx2"):
+    with pytest.raises(RuntimeError, match="unknown kernel set 'sse'; expected one of amx_int8, avx512_vnni, "
+                                           "avx512, avx2"):
         torch.ops.tritium_runtime.quant_isa("sse")
     assert torch.ops.tritium_runtime.quant_isa("auto") == ISAS[0]
 
