@@ -30,7 +30,7 @@ constexpr int64_t width() {
 
 constexpr int kMR = 6;                       // rows of x per register tile (6 x 4 accumulator vectors)
 constexpr int64_t kChunkBytes = 256 * 1024;  // rows of x per sweep over the panels: this many bytes (in L2)
-constexpr int64_t kPrefetchBytes = 4096;     // prefetch distance in the panel stream
+constexpr int64_t kPrefetchBytes = 8192;     // prefetch distance in the panel stream
 constexpr int64_t kKSplit = 4096, kKBlock = 2048;  // reductions longer than kKSplit go in blocks of kKBlock
 constexpr int64_t kSumBlock = 512;           // a tile's register sums restart every this many k (accuracy)
 
