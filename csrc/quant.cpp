@@ -296,7 +296,8 @@ const Activations& prepare(const at::Tensor& x, int64_t k, int64_t terms, int is
   const int dtype = dtype_code(x.scalar_type());
   const int64_t xs = x.stride(0), es = x.element_size(), t = std::max<int64_t>(terms, 1);
   const uint8_t* xp = static_cast<const uint8_t*>(x.const_data_ptr());
-  at::parallel_for(0, M, M * k >= 65536 ? 1 : M, [&](int64_t m0, int64_t m1) {
+  // rows split over the threads from 4 rows (a batched decode step's, else serial while the other threads wait)
+  at::parallel_for(0, M, M >= 4 ? 1 : M, [&](int64_t m0, int64_t m1) {
     fn(xp + m0 * xs * es, dtype, xs, m1 - m0, k, static_cast<int>(terms),
        terms > 0 ? a.xq.data() + m0 * t * kp : nullptr, terms > 0 ? nullptr : a.xf.data() + m0 * kp, kp,
        terms > 0 ? a.dx.data() + m0 * t * 2 : nullptr, 2 * Rp, a.sx16.data() + m0 * t * 2 * nb);

@@ -36,6 +36,7 @@ static inline VF vf_cvt(VI a) { return {_mm512_cvtepi32_ps(a.v)}; }
 static inline VF vf_fma(VF a, VF b, VF c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
 static inline VF vf_mul(VF a, VF b) { return {_mm512_mul_ps(a.v, b.v)}; }
 static inline VF vf_sub(VF a, VF b) { return {_mm512_sub_ps(a.v, b.v)}; }
+static inline VF vf_fnma(VF a, VF b, VF c) { return {_mm512_fnmadd_ps(a.v, b.v, c.v)}; }  // c - a b
 static inline VF vf_load(const float* p) { return {_mm512_loadu_ps(p)}; }
 static inline VF vf_load(const uint16_t* p) {
   return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
@@ -84,6 +85,9 @@ static inline VF vf_cvt(VI x) { return {_mm256_cvtepi32_ps(x.a), _mm256_cvtepi32
 static inline VF vf_fma(VF x, VF y, VF z) { return {_mm256_fmadd_ps(x.a, y.a, z.a), _mm256_fmadd_ps(x.b, y.b, z.b)}; }
 static inline VF vf_mul(VF x, VF y) { return {_mm256_mul_ps(x.a, y.a), _mm256_mul_ps(x.b, y.b)}; }
 static inline VF vf_sub(VF x, VF y) { return {_mm256_sub_ps(x.a, y.a), _mm256_sub_ps(x.b, y.b)}; }
+static inline VF vf_fnma(VF x, VF y, VF z) {
+  return {_mm256_fnmadd_ps(x.a, y.a, z.a), _mm256_fnmadd_ps(x.b, y.b, z.b)};
+}
 static inline VF vf_load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
 static inline VF vf_load(const uint16_t* p) {
   return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
@@ -473,7 +477,7 @@ template <int BITS, typename S, bool MINS>
 static void tile_int8_amx(const TileArgs<S>& a, const int8_t* xq, int64_t xs, const float* dx, int64_t ds,
                           int64_t rows, float* out) {
   constexpr int64_t BB = 16 * 32 * BITS / 8;
-  constexpr float OFF = BITS == 8 ? 128.0f : 8.0f;
+  const VF off = vf_set1(BITS == 8 ? 128.0f : 8.0f);
   // A pipeline two blocks deep, each stage a block behind the one before, so that no instruction reads what the
   // previous one just wrote (a tile load of freshly stored bytes, or vector loads of a fresh tile store, wait for
   // the stores to retire): iteration b splits block b + 2's nibbles, multiplies block b into C tile b % 2, stores
@@ -511,8 +515,8 @@ static void tile_int8_amx(const TileArgs<S>& a, const int8_t* xq, int64_t xs, co
       const VF dot = vf_mul(vf_cvt(vi_load(reinterpret_cast<const uint8_t*>(p + 16 * m))), vf_set1(xd));
       if constexpr (MINS) {
         acc[m] = vf_fma(g.mn, vf_set1(xs32), vf_fma(g.d, dot, acc[m]));
-      } else {
-        acc[m] = vf_fma(g.d, vf_sub(dot, vf_set1(OFF * xs32)), acc[m]);
+      } else {  // the offset's share, dot - OFF * sum(x), one instruction with the sum broadcast from memory
+        acc[m] = vf_fma(g.d, vf_fnma(off, vf_set1(xs32), dot), acc[m]);
       }
     }
   }
