@@ -43,6 +43,20 @@ inline void map_vec(const T* const (&in)[NI], T* const (&out)[NO], int64_t n, co
   constexpr int64_t K = IO::kSize;
   Vec vi[NI], vo[NO];
   int64_t i = 0;
+  // two vectors per iteration: their (long, transcendental) dependency chains interleave
+  for (; i + 2 * K <= n; i += 2 * K) {
+    Vec vi2[NI], vo2[NO];
+    for (int j = 0; j < NI; ++j) {
+      vi[j] = IO::load(in[j] + i);
+      vi2[j] = IO::load(in[j] + i + K);
+    }
+    fn(vi, vo);
+    fn(vi2, vo2);
+    for (int j = 0; j < NO; ++j) {
+      IO::store(out[j] + i, vo[j]);
+      IO::store(out[j] + i + K, vo2[j]);
+    }
+  }
   for (; i + K <= n; i += K) {
     for (int j = 0; j < NI; ++j) vi[j] = IO::load(in[j] + i);
     fn(vi, vo);
@@ -83,7 +97,7 @@ inline V phi_fast(const V& x, V& e) {
     const V p(0.3275911f), p1(0.254829592f), p2(-0.284496736f), p3(1.421413741f), p4(-1.453152027f),
         p5(1.061405429f);
     const V z = x.abs() * V(M_SQRT1_2);
-    const V t = V(1) / at::vec::fmadd(p, z, V(1));
+    const V t = frcp(at::vec::fmadd(p, z, V(1)));
     const V r = at::vec::fmadd(at::vec::fmadd(at::vec::fmadd(at::vec::fmadd(p5, t, p4), t, p3), t, p2), t, p1);
     e = fexp(x * x * V(-0.5f));
     const V q = V(0.5f) * r * t * e;

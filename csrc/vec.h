@@ -126,10 +126,31 @@ inline V fexp(const V& x) {
   }
 }
 
+// 1 / d for float vectors: the hardware estimate (14 bits with AVX-512, 12 with AVX2) and one Newton step, within
+// an ulp or two of the division at a third of its cost (a 512-bit division issues once per ~10 cycles); where the
+// step gives NaN for d = 0 or +-inf (inf * 0) the estimate's exact inf or 0 stands. Other types: the division.
+template <typename V>
+inline V frcp(const V& d) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<V, Vectorized<float>>) {
+    const __m512 r0 = _mm512_rcp14_ps(d);
+    const __m512 r1 = _mm512_fmadd_ps(r0, _mm512_fnmadd_ps(d, r0, _mm512_set1_ps(1.f)), r0);
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(r1, r1, _CMP_UNORD_Q), r1, r0);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<V, Vectorized<float>>) {
+    const __m256 r0 = _mm256_rcp_ps(d);
+    const __m256 r1 = _mm256_fmadd_ps(r0, _mm256_fnmadd_ps(d, r0, _mm256_set1_ps(1.f)), r0);
+    return _mm256_blendv_ps(r1, r0, _mm256_cmp_ps(r1, r1, _CMP_UNORD_Q));
+  }
+#endif
+  return V(1) / d;
+}
+
 // sigmoid(x) = 1 / (1 + exp(-x)) with fexp; saturates to exactly 0 and 1 as torch's does.
 template <typename V>
 inline V fsigmoid(const V& x) {
-  return V(1) / (V(1) + fexp(x.neg()));
+  return frcp(V(1) + fexp(x.neg()));
 }
 
 // tanh for float: the odd/even rational approximation (degree 13 / 6 in x) Eigen and XLA use on [-7.905, 7.905]
