@@ -75,6 +75,9 @@ bench: $(BUILT)
 	taskset -c 1 $(TRITIUM) bench hf --generate --dtypes float32,bfloat16 --json bench/results/hf-generate.json
 	$(TRITIUM) bench serve --clients 1,8,32 --requests 128 --shared-prefix 512 --json bench/results/serve.json
 	taskset -c 1 $(TRITIUM) bench optim --json bench/results/optim.json
+	TRITIUM_ROUTES=off $(TRITIUM) bench ops --op relu --op gelu --op softmax --op rms_norm --op layer_norm \
+		--shape 16x256 --shape 64x256 --shape 256x256 --shape 256x1024 --shape 1024x1024 --shape 1024x4096 \
+		--shape 2048x4096 --no-compile --json bench/results/routes.json
 	$(PY) tools/readme_table.py
 
 # Timing regressions of the headline ops and a decode step against the latest baseline saved on this machine

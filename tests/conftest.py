@@ -10,6 +10,9 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 # Every output of a C++ kernel starts as NaN (csrc/pool.cpp's test mode), so an element a kernel leaves unwritten
 # fails its test whatever the memory held before, in any test order.
 os.environ.setdefault("TRITIUM_CPU_POOL_POISON", "1")
+# Small inputs reach the kernels (not torch's own ops, where ops/_library.py's ROUTE_BELOW sends them by default):
+# the tests' small shapes are there to test the kernels. tests/ops/test_routes.py turns the routes back on.
+os.environ.setdefault("TRITIUM_ROUTES", "off")
 
 import importlib.util  # noqa: E402
 

@@ -98,6 +98,14 @@ thread pinned to one core while other work shared the machine. **peak MiB e / t*
 TRL eager / tritium.
 """
 
+ROUTES_PROSE = """\
+The kernels against torch's own ops on CPU from 4096 to 8M elements, recorded with the routes off
+(`TRITIUM_ROUTES=off`): the evidence for ops/_library.py's `ROUTE_BELOW`, the sizes below which tritium's public
+functions call torch's own op instead (a custom op called from Python pays its dispatch, the autograd wrapper
+and the argument checks, about 10 us; some kernels also lose at in-cache sizes). With the routes on (the default)
+the rows below an op's size run torch's op on both sides.
+"""
+
 MEMORY_PROSE = """\
 Peak extra resident memory of one causal attention call (batch 1, 8 heads x 64), each measured in a fresh
 process with the output pool off: the outputs, the saved log-sum-exp, any workspace and, for the backward, the
@@ -322,6 +330,11 @@ KNOWN = [
      PREFERENCE_PROSE, ops_section),
     ("optim.json", "taskset -c 1 tritium bench optim --json bench/results/optim.json", "Optimizers", OPTIM_PROSE,
      optim_section),
+    ("routes.json", "TRITIUM_ROUTES=off tritium bench ops --op relu --op gelu --op softmax --op rms_norm --op "
+                    "layer_norm --shape 16x256 --shape 64x256 --shape 256x256 --shape 256x1024 --shape 1024x1024 "
+                    "--shape 1024x4096 --shape 2048x4096 --no-compile --json bench/results/routes.json",
+                    "Small and in-cache inputs: the kernels against torch's own ops",
+     ROUTES_PROSE, ops_section),
 ]
 
 

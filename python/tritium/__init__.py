@@ -9,7 +9,7 @@
 """
 import importlib as _importlib
 
-from ._backend import get_backend, set_backend  # noqa: F401
+from ._backend import get_backend, set_backend, set_routes  # noqa: F401
 from .ops import *  # noqa: F401,F403
 from . import nn  # noqa: F401,E402
 from .nn import patch, quantize_  # noqa: F401,E402

@@ -14,12 +14,14 @@ its kernels and optionally its autograd formula. Where each device's kernel come
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
-from .._backend import use_reference
+from .._backend import routes_on, use_reference
+from ..utils import register_cpu_path
 from .._dtypes import SUPPORTED_DTYPES, acc_dtype  # noqa: F401  (the ops import both from here)
 
 NAMESPACE = "tritium"
@@ -84,6 +86,47 @@ def kernel_ok(x: Tensor, *others: Tensor) -> bool:
         and x.numel() > 0
         and all(isinstance(t, Tensor) and t.dtype == x.dtype and t.device == x.device for t in others)
     )
+
+
+# ---- routes to torch's own ops ----
+# Below ROUTE_BELOW[op] elements of the input, on CPU, these public functions call torch's own op (their
+# tritium.reference form) instead of the kernel, where torch finishes first (bench/results/routes.json, recorded with
+# the routes off). Below ROUTE_DEFAULT that is every one of them: a custom op called from Python pays its dispatch,
+# the autograd wrapper and the argument checks, about 10 us. The larger entries are kernels that lose to torch's own
+# at in-cache sizes on the machines measured (the Intel (AMX) kind: float32 layer_norm and relu forwards, gelu,
+# softmax), until their tensors outgrow what torch's allocator recycles. TRITIUM_ROUTES=off /
+# tritium.set_routes(False) turns the routes off (the kernel tests do); `tritium info` lists them.
+ROUTE_DEFAULT = 1 << 16
+ROUTE_BELOW = {"relu": 1 << 23, "gelu": 1 << 23, "layer_norm": 1 << 23,
+               "softmax": 1 << 22, "log_softmax": 1 << 22, "softmin": 1 << 22}
+_routed_once: set = set()
+_log = logging.getLogger("tritium")
+
+
+def route_below(op: str) -> int:
+    return ROUTE_BELOW.get(op, ROUTE_DEFAULT)
+
+
+def routed(op: str, x: Tensor) -> bool:
+    """True when this call of the public function `op` goes to torch's own op: routes on, x a CPU tensor with
+    fewer elements than route_below(op). The first route of each op is logged (logger "tritium", DEBUG)."""
+    if not routes_on() or x.device.type != "cpu" or x.numel() >= route_below(op):
+        return False
+    if op not in _routed_once and not torch.compiler.is_compiling():  # (a traced graph logs nothing)
+        _routed_once.add(op)
+        _log.debug("%s: inputs below %d elements on CPU go to torch's own op (ROUTE_BELOW)", op, route_below(op))
+    return True
+
+
+def _route_path() -> str:
+    """What runs for small CPU inputs, for `tritium info` (utils.cpu_paths)."""
+    if not routes_on():
+        return "the kernels (routes off: TRITIUM_ROUTES=off)"
+    larger = ", ".join(f"{op} below {n}" for op, n in ROUTE_BELOW.items())
+    return (f"torch's own op below {ROUTE_DEFAULT} elements (the activations, softmax and norms); {larger}")
+
+
+register_cpu_path("routes", _route_path)
 
 
 def unit_last(t: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ._library import acc_dtype, define_op, kernel_ok, rows, unit_last
+from ._library import acc_dtype, define_op, kernel_ok, routed, rows, unit_last
 
 # SELU's constants (torch's)
 SELU_ALPHA = 1.6732632423543772848170429916717
@@ -261,7 +261,7 @@ def _as_rows(x: Tensor) -> Tensor:
 
 
 def _unary(name: str, x: Tensor, params, inplace: bool, ref: Callable[[], Tensor]) -> Tensor:
-    if not kernel_ok(x):
+    if not kernel_ok(x) or routed(name, x):
         return ref()
     fwd, fwd_, _ = ACT_OPS[name]
     a, b, c = (float(p) for p in params)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ._library import acc_dtype, define_op, kernel_ok, rows, unit_last
+from ._library import acc_dtype, define_op, kernel_ok, routed, rows, unit_last
 
 _ShapeT = Union[int, Sequence[int], torch.Size]
 
@@ -111,14 +111,14 @@ def _as_shape(normalized_shape: _ShapeT) -> tuple:
     return tuple(normalized_shape)
 
 
-def _norm_ok(x: Tensor, shape: tuple, *params: Optional[Tensor]) -> bool:
-    """True when the kernels cover this call (kernel_ok, and x ends in `shape`, the parameters that are given
-    have that shape); everything else goes to the reference (torch), which also raises torch's own errors for
-    invalid arguments."""
+def _norm_ok(op: str, x: Tensor, shape: tuple, *params: Optional[Tensor]) -> bool:
+    """True when the kernels cover this call of `op` (kernel_ok, x ends in `shape`, the parameters that are given
+    have that shape, no route to torch's own op); everything else goes to the reference (torch), which also
+    raises torch's own errors for invalid arguments."""
     given = [p for p in params if p is not None]
     nd = len(shape)
     return (kernel_ok(x, *given) and 0 < nd <= x.dim() and tuple(x.shape[x.dim() - nd:]) == shape
-            and all(tuple(p.shape) == shape for p in given))
+            and all(tuple(p.shape) == shape for p in given) and not routed(op, x))
 
 
 def _flat(p: Optional[Tensor]) -> Optional[Tensor]:
@@ -131,7 +131,7 @@ def rms_norm(input: Tensor, normalized_shape: _ShapeT, weight: Optional[Tensor] 
     trailing ``normalized_shape`` dims; eps defaults to the machine epsilon of the computation dtype (float32 for
     16-bit inputs), as in torch."""
     shape = _as_shape(normalized_shape)
-    if not _norm_ok(input, shape, weight):
+    if not _norm_ok("rms_norm", input, shape, weight):
         return reference.rms_norm(input, list(shape), weight, eps)
     if eps is None:  # torch's default: the eps of the computation dtype (float32 for 16-bit inputs)
         eps = torch.finfo(acc_dtype(input.dtype)).eps
@@ -145,7 +145,7 @@ def layer_norm(input: Tensor, normalized_shape: _ShapeT, weight: Optional[Tensor
     """Drop-in for ``torch.nn.functional.layer_norm``: y = (x - mean) / sqrt(var + eps) * weight + bias over
     the trailing ``normalized_shape`` dims (biased variance)."""
     shape = _as_shape(normalized_shape)
-    if not _norm_ok(input, shape, weight, bias):
+    if not _norm_ok("layer_norm", input, shape, weight, bias):
         return reference.layer_norm(input, list(shape), weight, bias, eps)
     n = math.prod(shape)
     y, _, _ = layer_norm_fwd(rows(input, n), _flat(weight), _flat(bias), eps)
@@ -162,7 +162,7 @@ def fused_add_rms_norm(input: Tensor, residual: Tensor, weight: Optional[Tensor]
     if input.dim() == 0:
         raise ValueError("fused_add_rms_norm: input must have at least one dimension, got a 0-d tensor")
     n = input.shape[-1]
-    if not (kernel_ok(input, residual) and _norm_ok(input, (n,), weight)):
+    if not (kernel_ok(input, residual) and _norm_ok("fused_add_rms_norm", input, (n,), weight)):
         return reference.fused_add_rms_norm(input, residual, weight, eps)
     if eps is None:  # torch's default: the eps of the computation dtype (float32 for 16-bit inputs)
         eps = torch.finfo(acc_dtype(input.dtype)).eps

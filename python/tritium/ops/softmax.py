@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from ._library import define_op, kernel_ok
+from ._library import define_op, kernel_ok, routed
 
 
 # ---- fake kernels: shapes only ----
@@ -57,10 +57,11 @@ softmax_fwd = define_op("softmax_fwd(Tensor x, float scale, bool log) -> Tensor"
 
 
 # ---- public API ----
-def _softmax_ok(x: Tensor, dim: int) -> bool:
-    """True when the kernels cover this call (kernel_ok and a valid dim of a tensor with dims); everything else
-    goes to the reference (torch), which also raises torch's own errors for invalid arguments."""
-    return kernel_ok(x) and x.dim() > 0 and -x.dim() <= dim < x.dim()
+def _softmax_ok(op: str, x: Tensor, dim: int) -> bool:
+    """True when the kernels cover this call (kernel_ok, a valid dim of a tensor with dims, and no route to torch's
+    own op); everything else goes to the reference (torch), which also raises torch's own errors for invalid
+    arguments."""
+    return kernel_ok(x) and x.dim() > 0 and -x.dim() <= dim < x.dim() and not routed(op, x)
 
 
 def view3(x: Tensor, dim: int) -> Tensor:
@@ -86,7 +87,7 @@ def softmax(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
     if dim is None:
         dim = F._get_softmax_dim("softmax", input.dim(), _stacklevel)
     x = input if dtype is None else input.to(dtype)
-    if not _softmax_ok(x, dim):
+    if not _softmax_ok("softmax", x, dim):
         return reference.softmax(input, dim, dtype=dtype)
     return _run(x, dim, 1.0, False)
 
@@ -97,7 +98,7 @@ def log_softmax(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
     if dim is None:
         dim = F._get_softmax_dim("log_softmax", input.dim(), _stacklevel)
     x = input if dtype is None else input.to(dtype)
-    if not _softmax_ok(x, dim):
+    if not _softmax_ok("log_softmax", x, dim):
         return reference.log_softmax(input, dim, dtype=dtype)
     return _run(x, dim, 1.0, True)
 
@@ -108,7 +109,7 @@ def softmin(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
     if dim is None:
         dim = F._get_softmax_dim("softmin", input.dim(), _stacklevel)
     x = input if dtype is None else input.to(dtype)
-    if not _softmax_ok(x, dim):
+    if not _softmax_ok("softmin", x, dim):
         return reference.softmin(input, dim, dtype=dtype)
     return _run(x, dim, -1.0, False)
 
