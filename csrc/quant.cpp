@@ -121,8 +121,8 @@ constexpr int64_t kBlock = 32, kTile = 16;
 constexpr int64_t kGemmRows = 32;
 
 // torch.ops.tritium_runtime.quant_isa(name): "" reports the kernel set in use; a name ("amx_int8", "avx512_vnni",
-// "avx512", "avx2") switches to it (an error if this CPU lacks it); "auto" returns to the best this CPU has. Returns the set
-// in use after the call.
+// "avx512", "avx2") switches to it (an error if this CPU lacks it); "auto" returns to the best this CPU has.
+// Returns the set in use after the call.
 std::string quant_isa(const std::string& name) {
   if (name == "auto") {
     quant::g_isa.store(quant::best_isa());
@@ -260,13 +260,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quant_unpack(const at::Tensor& qd
   return {q, untile(scales), has(mins) ? untile(*mins) : at::empty({0}, scales.options())};
 }
 
-// x (M, K) -> the activations a tile kernel reads. int8 (terms 1): xq (M, Kp) int8, dx (nb, M, 2) float (per block
-// of 32: its scale absmax / 127, and scale * the sum of its xq), sx16 (M, 2 nb) float (scale * the sum of xq over
-// each half block). Two terms (terms 2): each
-// row of x becomes two int8 rows, 2m the row quantized as above and 2m + 1 what that left over (x - dx * xq,
-// quantized the same way): their products add up to x's within ~1/127 of the int8 error, near float accuracy for
-// twice the integer work. float (terms 0): xf (M, Kp) float, sx16 the sums of x over each half block. Rows zero
-// padded to Kp.
+// x (M, K) -> the activations a tile kernel reads (the kernel set's quantize_rows). int8 (terms 1): xq (M, Kp)
+// int8, dx (nb, M, 2) float (per block of 32: its scale absmax / 127, and scale * the sum of its xq), sx16 (M, 2 nb)
+// float (scale * the sum of xq over each half block). Two terms (terms 2): each row of x becomes two int8 rows, 2m
+// the row quantized as above and 2m + 1 what that left over (x - dx * xq, quantized the same way): their products
+// add up to x's within ~1/127 of the int8 error, near float accuracy for twice the integer work. float (terms 0):
+// xf (M, Kp) float, sx16 the sums of x over each half block. Rows zero padded to Kp.
 // Buffers reused from call to call (a decode step makes a hundred small calls; fresh allocations would cost more
 // than the activations' quantization itself).
 struct Activations {

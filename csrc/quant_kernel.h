@@ -211,9 +211,9 @@ static inline void vf_store_act(void* p, int dtype, VF x, int n) {
 // Rows of x (dtype 0 / 1 / 2: float32 / bfloat16 / float16; row stride xs elements; K = k) -> what the tile kernels
 // read. terms > 0: per row m and term t (output row r = m * terms + t), per block b of 32 (zero padded past k):
 // xq[r * kp + ...] the int8 values round_half_even(x / d), d = absmax / 127; dx[b * ds + 2 r + {0, 1}] = d and
-// d * sum(xq) (block-major: a block's rows side by side); sx16[r * 2 nb + 2 b + {0, 1}] = d * the sums over each half block. The second term quantizes what the
-// first left over (x - d * xq, one FMA rounding). terms == 0: xf[m * kp + ...] x as floats (zero padded) and sx16
-// the sums of x over each half block.
+// d * sum(xq) (block-major: a block's rows side by side); sx16[r * 2 nb + 2 b + {0, 1}] = d * the sums over each
+// half block. The second term quantizes what the first left over (x - d * xq, one FMA rounding). terms == 0:
+// xf[m * kp + ...] x as floats (zero padded) and sx16 the sums of x over each half block.
 static void quantize_rows(const void* x, int dtype, int64_t xs, int64_t rows, int64_t k, int terms, int8_t* xq,
                           float* xf, int64_t kp, float* dx, int64_t ds, float* sx16) {
   const int64_t nb = kp / 32, es = dtype == 0 ? 4 : 2;
