@@ -2,8 +2,8 @@
 // this layout): quant_pack / quant_unpack (the logical weight <-> 16-row interleaved tiles), quant_linear (x @ W^T
 // with int8 or float activations), quant_linear_dx, quant_dequantize.
 //
-// The tile kernels (quant_kernel.h) are compiled three times, for AVX-512 VNNI, AVX-512BW and AVX2, whatever the
-// build machine's flags; which one runs is decided at run time from csrc/cpu.h's features (quant_isa overrides it,
+// The tile kernels (quant_kernel.h) are compiled four times, for AMX (with AVX-512 VNNI), AVX-512 VNNI, AVX-512BW
+// and AVX2, whatever the build machine's flags; which one runs is decided at run time from csrc/cpu.h's features (quant_isa overrides it,
 // for tests).
 #include <immintrin.h>
 
@@ -51,7 +51,7 @@ namespace vnni {
 #pragma GCC pop_options
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,amx-tile,amx-int8")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,amx-tile,amx-int8,amx-bf16")
 namespace amx {
 #define QK_ISA 4
 #include "quant_kernel.h"
@@ -59,7 +59,7 @@ namespace amx {
 }  // namespace amx
 #pragma GCC pop_options
 
-using TileFn = void (*)(int, bool, bool, const uint8_t*, const void*, const void*, int64_t, int64_t, int64_t,
+using TileFn = void (*)(int, bool, int, const uint8_t*, const void*, const void*, int64_t, int64_t, int64_t,
                         const void*, int64_t, const float*, const float*, int64_t, float*);
 
 using DequantFn = void (*)(int, bool, const uint8_t*, const void*, const void*, int64_t, int64_t, int64_t, float*,
@@ -119,6 +119,7 @@ constexpr int64_t kBlock = 32, kTile = 16;
 // From this many rows, float activations go through a dequantised weight and one GEMM (quant_linear), and so do
 // two-term int8 activations (ops/quant.py: FLOAT_ROWS, activation_terms)
 constexpr int64_t kGemmRows = 32;
+constexpr int kBf16Tiles = quant::amx::kBf16Tiles;  // the tile kernels' activation mode "bfloat16 on AMX tiles"
 
 // torch.ops.tritium_runtime.quant_isa(name): "" reports the kernel set in use; a name ("amx_int8", "avx512_vnni",
 // "avx512", "avx2") switches to it (an error if this CPU lacks it); "auto" returns to the best this CPU has.
@@ -279,12 +280,16 @@ int dtype_code(at::ScalarType t) { return t == at::kFloat ? 0 : t == at::kBFloat
 const Activations& prepare(const at::Tensor& x, int64_t k, int64_t terms, int isa) {
   thread_local Activations tl;
   Activations& a = tl;  // the caller's buffers (a name in the lambda below would be the worker thread's own)
-  const int64_t M = x.size(0), kp = padded_k(k), nb = kp / kBlock, R = M * std::max<int64_t>(terms, 1);
-  // int8 rows in whole passes of 16 (the AMX path reads 16 at a time; the padding's products are dropped)
-  const int64_t Rp = terms > 0 ? (R + 15) / 16 * 16 : R;
+  const bool bf16 = terms == kBf16Tiles;
+  // int8 rows per row of x (bfloat16 rows: one, of 2 bytes an element)
+  const int64_t t = bf16 ? 1 : std::max<int64_t>(terms, 1), row_bytes = bf16 ? 2 : t;
+  const int64_t M = x.size(0), kp = padded_k(k), nb = kp / kBlock, R = M * t;
+  // int8 rows in whole passes of 16 rows of x (the AMX path reads 16 x terms at a time; the padding's products are
+  // dropped)
+  const int64_t pass = 16 * t, Rp = terms > 0 ? (R + pass - 1) / pass * pass : R;
   if (terms > 0) {
     a.xf.clear();
-    a.xq.resize(Rp * kp);
+    a.xq.resize(Rp * kp * (bf16 ? 2 : 1));
     a.dx.resize(Rp * nb * 2);
   } else {
     a.xq.clear();
@@ -293,12 +298,12 @@ const Activations& prepare(const at::Tensor& x, int64_t k, int64_t terms, int is
   a.sx16.resize(Rp * 2 * nb);
   const quant::QuantizeFn fn = kIsas[isa].quantize_rows;
   const int dtype = dtype_code(x.scalar_type());
-  const int64_t xs = x.stride(0), es = x.element_size(), t = std::max<int64_t>(terms, 1);
+  const int64_t xs = x.stride(0), es = x.element_size();
   const uint8_t* xp = static_cast<const uint8_t*>(x.const_data_ptr());
   // rows split over the threads from 4 rows (a batched decode step's, else serial while the other threads wait)
   at::parallel_for(0, M, M >= 4 ? 1 : M, [&](int64_t m0, int64_t m1) {
     fn(xp + m0 * xs * es, dtype, xs, m1 - m0, k, static_cast<int>(terms),
-       terms > 0 ? a.xq.data() + m0 * t * kp : nullptr, terms > 0 ? nullptr : a.xf.data() + m0 * kp, kp,
+       terms > 0 ? a.xq.data() + m0 * row_bytes * kp : nullptr, terms > 0 ? nullptr : a.xf.data() + m0 * kp, kp,
        terms > 0 ? a.dx.data() + m0 * t * 2 : nullptr, 2 * Rp, a.sx16.data() + m0 * t * 2 * nb);
   });
   return a;
@@ -321,6 +326,17 @@ struct Tiles {
   const uint8_t* scales(int64_t t) const { return s + t * scale_bytes(); }
   const uint8_t* mins(int64_t t) const { return m ? m + t * scale_bytes() : nullptr; }
 };
+
+// Whether quant_linear can multiply x on AMX-BF16 tiles (tile_bf16_amx: exact, and faster than either int8 mode):
+// the AMX kernel set on a CPU with AMX-BF16, bfloat16 x, 4-bit weights in groups of 32 or more. It does from
+// kAmxRows rows up to kBf16TileRows, from where one GEMM on the dequantised weight is faster (its dequantisation
+// amortised over the rows), whatever int8_act says.
+constexpr int64_t kBf16TileRows = 384;
+
+bool bf16_tiles_capable(int isa, const at::Tensor& x, int64_t bits, int64_t group) {
+  return kIsas[isa].fn == &quant::amx::tile && cpu::features().amx_bf16 && x.scalar_type() == at::kBFloat16 &&
+         bits == 4 && group != 16;
+}
 
 int checked_isa(const char* what) {
   const int isa = quant::current_isa();
@@ -357,7 +373,9 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qdata, const at::
   auto y = empty({M, n}, x.options());
   if (M == 0) return y;
   const auto xc = x.stride(1) == 1 ? x : x.contiguous();
-  if (int8_act != 1 && M >= kGemmRows) {
+  const bool capable = bf16_tiles_capable(isa, xc, bits, group);
+  const bool bf16 = capable && M >= quant::amx::kAmxRows && M < kBf16TileRows;
+  if (!bf16 && M >= kGemmRows && (int8_act != 1 || capable)) {
     // float activations, many rows (a prefill): the weight dequantised once into W^T (K, N) in x's dtype, then
     // one GEMM (MKL / oneDNN, whose 16-bit kernels multiply in 16 bits as the float model's do); the tile kernel
     // would widen every weight once per 4 rows. Two int8 terms exist to approach float accuracy at decode's
@@ -372,9 +390,10 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qdata, const at::
     return y;
   }
   const Tiles w(qdata, scales, mins, group);
-  const Activations& act = prepare(xc, k, int8_act, isa);
+  const int64_t mode = bf16 ? kBf16Tiles : int8_act;  // the activations the tile kernel takes
+  const Activations& act = prepare(xc, k, mode, isa);
   const quant::Isa& set = kIsas[isa];
-  const int64_t kp = padded_k(k), terms = std::max<int64_t>(int8_act, 1), R = M * terms;
+  const int64_t kp = padded_k(k), terms = bf16 ? 1 : std::max<int64_t>(int8_act, 1), R = M * terms;
   const int dtype = dtype_code(x.scalar_type());
   uint8_t* yp = static_cast<uint8_t*>(y.mutable_data_ptr());
   // tiles per task: enough weight bytes x rows that a small product (a decode step's tiny layers) stays on one
@@ -385,8 +404,8 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qdata, const at::
     std::vector<float> out_big(R > 16 ? R * kTile : 0);
     float* out = R > 16 ? out_big.data() : out_small;
     for (int64_t t = t0; t < t1; ++t) {
-      set.fn(static_cast<int>(bits), w.half, int8_act > 0, w.blocks(t), w.scales(t), w.mins(t), w.nb, w.group_blocks,
-             R, act.x(), kp, int8_act ? act.dx.data() : nullptr, act.sx16.data(), w.nb, out);
+      set.fn(static_cast<int>(bits), w.half, static_cast<int>(mode), w.blocks(t), w.scales(t), w.mins(t), w.nb,
+             w.group_blocks, R, act.x(), kp, mode ? act.dx.data() : nullptr, act.sx16.data(), w.nb, out);
       set.store_rows(out, static_cast<int>(terms), M, static_cast<int>(std::min(kTile, n - t * kTile)),
                      yp + t * kTile * y.element_size(), dtype, n);
     }

@@ -1,7 +1,8 @@
 // The quantized-linear tile kernels of csrc/quant.cpp for one instruction set. quant.cpp includes this file once per
 // ISA, inside its own namespace and under `#pragma GCC target(...)`, with QK_ISA set:
 //   4  AVX-512 with VNNI and AMX-INT8: as 3, and int8 activations of 8 rows or more multiply on AMX tiles
-//      (tdpbsud: 16 activation rows x 32 bytes times a block's 16 weight rows, one instruction per block)
+//      (tdpbsud: 16 activation rows x 32 bytes times a block's 16 weight rows, one instruction per block); with
+//      AMX-BF16 too, bfloat16 activations of 8 rows or more times 4-bit weights multiply exactly (tdpbf16ps)
 //   3  AVX-512 with VNNI: vpdpbusd multiplies 4 u8 weights by 4 s8 activations and adds into an int32 lane
 //   2  AVX-512BW without VNNI: vpmaddubsw (u8 x s8 pairs -> s16) then vpmaddwd by 1 (pairs -> s32)
 //   1  AVX2 + FMA + F16C: as 2 on two 256-bit halves
@@ -10,6 +11,11 @@
 // are elements 4c..4c+3 and high nibbles 16+4c..16+4c+3. A lane's 4 bytes times 4 activation bytes broadcast to
 // every lane is one dot-product step; 8 steps cover the block.
 // No ATen here: raw pointers only (the code is compiled for an ISA the build machine's flags may not include).
+
+// The activation modes a tile kernel takes ("terms"): 0 float rows, 1 or 2 int8 rows per row of x, or
+// kBf16Tiles: bfloat16 rows multiplied exactly on AMX-BF16 tiles (the AMX set, 4-bit weights, kAmxRows rows or more;
+// quant.cpp asks bf16_tiles_for).
+constexpr int kBf16Tiles = 3;
 
 #if QK_ISA >= 2
 // 16 int32 / float lanes: one 512-bit register
@@ -213,7 +219,9 @@ static inline void vf_store_act(void* p, int dtype, VF x, int n) {
 // xq[r * kp + ...] the int8 values round_half_even(x / d), d = absmax / 127; dx[b * ds + 2 r + {0, 1}] = d and
 // d * sum(xq) (block-major: a block's rows side by side); sx16[r * 2 nb + 2 b + {0, 1}] = d * the sums over each
 // half block. The second term quantizes what the first left over (x - d * xq, one FMA rounding). terms == 0:
-// xf[m * kp + ...] x as floats (zero padded) and sx16 the sums of x over each half block.
+// xf[m * kp + ...] x as floats (zero padded) and sx16 the sums of x over each half block. terms == kBf16Tiles
+// (bfloat16 x only): xq holds the bfloat16 rows (row stride kp elements, zero padded), dx[b * ds + 2 m + {0, 1}] = 1
+// and the sum of x over the block.
 static void quantize_rows(const void* x, int dtype, int64_t xs, int64_t rows, int64_t k, int terms, int8_t* xq,
                           float* xf, int64_t kp, float* dx, int64_t ds, float* sx16) {
   const int64_t nb = kp / 32, es = dtype == 0 ? 4 : 2;
@@ -228,6 +236,12 @@ static void quantize_rows(const void* x, int dtype, int64_t xs, int64_t rows, in
         src = tail;
       }
       VF lo = vf_load_act(src, dtype), hi = vf_load_act(src + 16 * es, dtype);
+      if (terms == kBf16Tiles) {  // bfloat16 rows as they are, each block's sum beside a unit scale
+        std::memcpy(reinterpret_cast<uint16_t*>(xq) + m * kp + 32 * b, src, 64);
+        dx[b * ds + 2 * m] = 1.f;
+        dx[b * ds + 2 * m + 1] = vf_hsum(vf_add(lo, hi));
+        continue;
+      }
       if (terms == 0) {
         vf_store(xf + m * kp + 32 * b, lo);
         vf_store(xf + m * kp + 32 * b + 16, hi);
@@ -409,11 +423,15 @@ static void tile_int8(const TileArgs<S>& a, const int8_t* xq, int64_t xs, const 
 }
 
 #if QK_ISA == 4
-// AMX: the tile registers hold, per block of 32 activations, the C = A B product of 16 activation rows (A: 16 rows
-// x 32 int8, tmm2/tmm3) and the block's 16 weight rows (B: 8 rows of 64 bytes, each a group of the packed layout,
-// tmm4/tmm5: exactly AMX's B layout, 4 consecutive K elements per column), into C (16 x 16 int32, tmm0/tmm1). Two
-// sets, so one block's product runs on the tile unit while the vector unit scales the previous one into the
-// float accumulators as tile_int8_impl does. Rows past the caller's M are computed on padding and dropped.
+// AMX: the tile registers hold, per block of 32 activations, the C = A B products of 16 activation rows (A: 16
+// rows x 32 int8) and the block's 16 weight rows (B: 8 rows of 64 bytes, each a group of the packed layout: exactly
+// AMX's B layout, 4 consecutive K elements per column), into C (16 x 16 int32). Two stages, so one block's products
+// run on the tile unit while the vector unit scales the previous block's into the float accumulators as
+// tile_int8_impl does. Registers: tmm0-3 C, tmm4-5 A, tmm6-7 B. One term (T 1): stage s uses C s, A 4 + s, B 6 + s.
+// Two terms (T 2): a pass is 32 int8 rows, the two terms of 16 rows of x, as A 4 (int8 rows 0-15) and A 5 (16-31)
+// against one B: stage s uses C 2s, C 2s + 1 and B 6 + s, so a block's weights are split and loaded once for both
+// terms and each row's two products are scaled into one accumulator. Rows past the caller's M are computed on
+// padding and dropped.
 // From this many activation rows the AMX path runs (fewer: the VNNI path, which streams the weights as fast)
 constexpr int64_t kAmxRows = 8;
 
@@ -423,27 +441,31 @@ struct alignas(64) TileConfig {
   uint8_t rows[16];
 };
 
-// This thread's tile configuration is ours until amx_end (other AMX users, oneDNN's brgemm, configure their own).
-static thread_local bool tl_amx_configured = false;
+// This thread's tile configuration is ours until amx_end (other AMX users, oneDNN's brgemm, configure their own):
+// kind 1 for the int8 kernels (tmm0-3 C 16 x 64 bytes, tmm4-5 A 16 x 32, tmm6-7 B 8 x 64), kind 2 for bfloat16
+// (tmm0-1 C, tmm2-3 A, tmm4-5 B, each 16 x 64 bytes); 0 when none is loaded.
+static thread_local int tl_amx_kind = 0;
 
-static inline void amx_begin() {
-  if (tl_amx_configured) return;
+static inline void amx_begin(int kind) {
+  if (tl_amx_kind == kind) return;
   TileConfig c{};
   c.palette = 1;
-  for (int i = 0; i < 6; ++i) {
-    c.rows[i] = i < 4 ? 16 : 8;
-    c.colsb[i] = i == 2 || i == 3 ? 32 : 64;
+  for (int i = 0; i < 8; ++i) {
+    const bool int8_a = kind == 1 && (i == 4 || i == 5), int8_b = kind == 1 && i >= 6;
+    if (kind == 2 && i >= 6) continue;
+    c.rows[i] = int8_b ? 8 : 16;
+    c.colsb[i] = int8_a ? 32 : 64;
   }
   // ldtilecfg on the whole struct: GCC 12's _tile_loadconfig tells the compiler it reads only 8 bytes, so the
   // other fields' stores could be dropped as dead
   __asm__ volatile("ldtilecfg %0" ::"m"(c));
-  tl_amx_configured = true;
+  tl_amx_kind = kind;
 }
 
 static void amx_end() {
-  if (!tl_amx_configured) return;
+  if (!tl_amx_kind) return;
   _tile_release();
-  tl_amx_configured = false;
+  tl_amx_kind = 0;
 }
 
 // A block's bytes as AMX reads them (8-bit: the packed block itself; 4-bit: its nibbles split into `unpacked`),
@@ -463,26 +485,62 @@ static inline const uint8_t* amx_weights(const uint8_t* q, uint8_t* unpacked) {
   return unpacked;
 }
 
-// One block's product into C tile C (0 or 1), with A tile C + 2 and B tile C + 4 (the tile intrinsics take
-// literal register numbers: a macro)
-#define TRITIUM_AMX_BLOCK(C, A, B, w, xq, xs) \
-  do {                                        \
-    _tile_loadd(A, xq, xs);                   \
-    _tile_loadd(B, w, 64);                    \
-    _tile_zero(C);                            \
-    _tile_dpbsud(C, A, B);                    \
+// Stage S's products of one block (weights w, activations xq with row stride xs), stored into prod (T x 256
+// int32); the tile intrinsics take literal register numbers, hence the macros. The store of stage S's C tiles
+// comes one iteration after their product (amx_store), so that no instruction reads what the one before wrote.
+#define TRITIUM_AMX_BLOCK1(C, A, B)        \
+  do {                                     \
+    _tile_loadd(A, xq, xs);                \
+    _tile_loadd(B, w, 64);                 \
+    _tile_zero(C);                         \
+    _tile_dpbsud(C, A, B);                 \
   } while (0)
+#define TRITIUM_AMX_BLOCK2(C0, C1, B)      \
+  do {                                     \
+    _tile_loadd(4, xq, xs);                \
+    _tile_loadd(5, xq + 16 * xs, xs);      \
+    _tile_loadd(B, w, 64);                 \
+    _tile_zero(C0);                        \
+    _tile_zero(C1);                        \
+    _tile_dpbsud(C0, 4, B);                \
+    _tile_dpbsud(C1, 5, B);                \
+  } while (0)
+template <int T, int S>
+static inline void amx_block(const uint8_t* w, const int8_t* xq, int64_t xs) {
+  if constexpr (T == 1 && S == 0) TRITIUM_AMX_BLOCK1(0, 4, 6);
+  if constexpr (T == 1 && S == 1) TRITIUM_AMX_BLOCK1(1, 5, 7);
+  if constexpr (T == 2 && S == 0) TRITIUM_AMX_BLOCK2(0, 1, 6);
+  if constexpr (T == 2 && S == 1) TRITIUM_AMX_BLOCK2(2, 3, 7);
+}
+#undef TRITIUM_AMX_BLOCK1
+#undef TRITIUM_AMX_BLOCK2
 
-template <int BITS, typename S, bool MINS>
+template <int T, int S>
+static inline void amx_store(int32_t* prod) {
+  if constexpr (T == 1 && S == 0) _tile_stored(0, prod, 64);
+  if constexpr (T == 1 && S == 1) _tile_stored(1, prod, 64);
+  if constexpr (T == 2 && S == 0) {
+    _tile_stored(0, prod, 64);
+    _tile_stored(1, prod + 256, 64);
+  }
+  if constexpr (T == 2 && S == 1) {
+    _tile_stored(2, prod, 64);
+    _tile_stored(3, prod + 256, 64);
+  }
+}
+
+// One pass: 16 rows of x (T int8 rows each, consecutive), rows of them valid; out gets T x rows rows of 16 (T 2:
+// each row's result in its first int8 row, zero in the second; store_rows adds the pair).
+template <int BITS, typename S, bool MINS, int T>
 static void tile_int8_amx(const TileArgs<S>& a, const int8_t* xq, int64_t xs, const float* dx, int64_t ds,
                           int64_t rows, float* out) {
   constexpr int64_t BB = 16 * 32 * BITS / 8;
   const VF off = vf_set1(BITS == 8 ? 128.0f : 8.0f);
   // A pipeline two blocks deep, each stage a block behind the one before, so that no instruction reads what the
   // previous one just wrote (a tile load of freshly stored bytes, or vector loads of a fresh tile store, wait for
-  // the stores to retire): iteration b splits block b + 2's nibbles, multiplies block b into C tile b % 2, stores
-  // block b - 1's product, and scales block b - 2's into the accumulators.
-  alignas(64) int32_t prod[2][16 * 16];
+  // the stores to retire): iteration b splits block b + 2's nibbles, multiplies block b into stage b % 2's C tiles,
+  // stores block b - 1's products, and scales block b - 2's into the accumulators.
+  alignas(64) int32_t prod[2][T * 256];
   alignas(64) uint8_t unpacked[3][512];
   VF acc[16];
 #pragma GCC unroll 16
@@ -494,11 +552,112 @@ static void tile_int8_amx(const TileArgs<S>& a, const int8_t* xq, int64_t xs, co
   for (int64_t b = 0; b < nb + 2; ++b) {
     if (b < nb) {
       if (b & 1)
-        TRITIUM_AMX_BLOCK(1, 3, 5, w[b % 3], xq + 32 * b, xs);
+        amx_block<T, 1>(w[b % 3], xq + 32 * b, xs);
       else
-        TRITIUM_AMX_BLOCK(0, 2, 4, w[b % 3], xq + 32 * b, xs);
+        amx_block<T, 0>(w[b % 3], xq + 32 * b, xs);
     }
     if (b + 2 < nb) w[(b + 2) % 3] = amx_weights<BITS>(a.q + (b + 2) * BB, unpacked[(b + 2) % 3]);
+    if (b >= 1 && b <= nb) {
+      if ((b - 1) & 1)
+        amx_store<T, 1>(prod[1]);
+      else
+        amx_store<T, 0>(prod[0]);
+    }
+    if (b < 2) continue;
+    const int64_t c = b - 2;  // the block scaled now
+    g.next_block();
+    const int32_t* p = prod[c & 1];
+    const float* d = dx + c * ds;  // per int8 row: scale, scaled sum
+#pragma GCC unroll 16
+    for (int m = 0; m < 16; ++m) {
+      VF dot = vf_mul(vf_cvt(vi_load(reinterpret_cast<const uint8_t*>(p + 16 * T * m))), vf_set1(d[2 * T * m]));
+      float xs32 = d[2 * T * m + 1];
+      if constexpr (T == 2) {
+        dot = vf_fma(vf_cvt(vi_load(reinterpret_cast<const uint8_t*>(p + 32 * m + 16))), vf_set1(d[4 * m + 2]), dot);
+        xs32 += d[4 * m + 3];
+      }
+      if constexpr (MINS) {
+        acc[m] = vf_fma(g.mn, vf_set1(xs32), vf_fma(g.d, dot, acc[m]));
+      } else {  // the offset's share, dot - OFF * sum(x), one instruction with the sum broadcast
+        acc[m] = vf_fma(g.d, vf_fnma(off, vf_set1(xs32), dot), acc[m]);
+      }
+    }
+  }
+  // acc indexed by constants only (a runtime index would keep the accumulators in memory, not registers)
+#pragma GCC unroll 16
+  for (int m = 0; m < 16; ++m)
+    if (m < rows) {
+      vf_store(out + 16 * T * m, acc[m]);
+      if constexpr (T == 2) vf_store(out + 32 * m + 16, vf_zero());
+    }
+}
+
+// bfloat16 activations on AMX-BF16 tiles, 4-bit weights: exact products of x's bfloat16 values and the integer
+// weights, accumulated in float32 (as the float kernels), with no activation quantization. Each weight v (0..15)
+// enters as the bfloat16 0x4300 | v = 128 + v, exact, so a block's product is sum x (128 + v) = C, and the block's
+// share d * sum x (v - OFF) + mn * sum x = d * C + (mn - (128 + OFF) d) * sum x (OFF = 0 with mins, else 8).
+// B for tdpbf16ps: 16 rows of k pairs (row p: elements 2p and 2p + 1 of the 16 weight rows, as bfloat16 pairs).
+// Element e < 16 of a block is the low nibble of byte (r, e % 4) of packed group e / 4, e >= 16 the high nibble of
+// group (e - 16) / 4: the pair rows of a group are one in-lane byte shuffle of its split nibbles each (a lane holds
+// 4 weight rows' 4 bytes, a pair row's lane their 2 pairs), a word's high byte then set to 0x43.
+static inline const uint16_t* amx_weights_bf16(const uint8_t* q, uint16_t* rows) {
+  for (int64_t off = 0; off < 256; off += 64) _mm_prefetch(reinterpret_cast<const char*>(q + kPrefetchAhead + off),
+                                                           _MM_HINT_T0);
+  // byte 2w of a lane's word w (pair n = w / 2 of that lane's 4 weight rows, element w % 2) from byte 4 (w / 2) +
+  // 2 h + w % 2 (h: the first or second pair of the group); byte 2w + 1 zeroed (index bit 7)
+  const __m512i pick0 = _mm512_broadcast_i32x4(_mm_setr_epi8(0, -128, 1, -128, 4, -128, 5, -128, 8, -128, 9, -128,
+                                                             12, -128, 13, -128));
+  const __m512i pick1 = _mm512_broadcast_i32x4(_mm_setr_epi8(2, -128, 3, -128, 6, -128, 7, -128, 10, -128, 11, -128,
+                                                             14, -128, 15, -128));
+  const __m512i nib = _mm512_set1_epi8(0x0F), one28 = _mm512_set1_epi16(0x4300);
+  for (int c = 0; c < 4; ++c) {
+    const __m512i raw = _mm512_loadu_si512(q + 64 * c);
+    const __m512i lo = _mm512_and_si512(raw, nib), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nib);
+    _mm512_store_si512(rows + 32 * (2 * c), _mm512_or_si512(_mm512_shuffle_epi8(lo, pick0), one28));
+    _mm512_store_si512(rows + 32 * (2 * c + 1), _mm512_or_si512(_mm512_shuffle_epi8(lo, pick1), one28));
+    _mm512_store_si512(rows + 32 * (8 + 2 * c), _mm512_or_si512(_mm512_shuffle_epi8(hi, pick0), one28));
+    _mm512_store_si512(rows + 32 * (9 + 2 * c), _mm512_or_si512(_mm512_shuffle_epi8(hi, pick1), one28));
+  }
+  return rows;
+}
+
+#define TRITIUM_AMX_BF16_BLOCK(C, A, B)   \
+  do {                                    \
+    _tile_loadd(A, xb, xs * 2);           \
+    _tile_loadd(B, w, 64);                \
+    _tile_zero(C);                        \
+    _tile_dpbf16ps(C, A, B);              \
+  } while (0)
+
+// One pass: 16 bfloat16 rows of x (row stride xs elements), rows of them valid, into out (rows x 16); dx as
+// quantize_rows' kBf16Tiles. The pipeline of tile_int8_amx.
+template <typename S, bool MINS>
+static void tile_bf16_amx(const TileArgs<S>& a, const uint16_t* xb, int64_t xs, const float* dx, int64_t ds,
+                          int64_t rows, float* out) {
+  constexpr int64_t BB = 256;
+  const VF shift = vf_set1(MINS ? -128.0f : -136.0f);
+  alignas(64) float prod[2][256];
+  alignas(64) uint16_t wrows[3][512];
+  VF acc[16];
+#pragma GCC unroll 16
+  for (int m = 0; m < 16; ++m) acc[m] = vf_zero();
+  GroupScales<S> g(a);
+  const int64_t nb = a.nb;
+  const uint16_t* w[3] = {nullptr, nullptr, nullptr};
+  for (int64_t b = 0; b < std::min<int64_t>(2, nb); ++b) w[b] = amx_weights_bf16(a.q + b * BB, wrows[b]);
+  for (int64_t b = 0; b < nb + 2; ++b) {
+    if (b < nb) {
+      const uint16_t* wb = w[b % 3];
+      const uint16_t* xbb = xb + 32 * b;
+      if (b & 1) {
+        const uint16_t *w = wb, *xb = xbb;
+        TRITIUM_AMX_BF16_BLOCK(1, 3, 5);
+      } else {
+        const uint16_t *w = wb, *xb = xbb;
+        TRITIUM_AMX_BF16_BLOCK(0, 2, 4);
+      }
+    }
+    if (b + 2 < nb) w[(b + 2) % 3] = amx_weights_bf16(a.q + (b + 2) * BB, wrows[(b + 2) % 3]);
     if (b >= 1 && b <= nb) {
       if ((b - 1) & 1)
         _tile_stored(1, prod[1], 64);
@@ -508,23 +667,17 @@ static void tile_int8_amx(const TileArgs<S>& a, const int8_t* xq, int64_t xs, co
     if (b < 2) continue;
     const int64_t c = b - 2;  // the block scaled now
     g.next_block();
-    const int32_t* p = prod[c & 1];
+    const VF mn = vf_fma(g.d, shift, MINS ? g.mn : vf_zero());
+    const float* p = prod[c & 1];
+    const float* d = dx + c * ds;
 #pragma GCC unroll 16
-    for (int m = 0; m < 16; ++m) {
-      const float xd = dx[c * ds + 2 * m], xs32 = dx[c * ds + 2 * m + 1];
-      const VF dot = vf_mul(vf_cvt(vi_load(reinterpret_cast<const uint8_t*>(p + 16 * m))), vf_set1(xd));
-      if constexpr (MINS) {
-        acc[m] = vf_fma(g.mn, vf_set1(xs32), vf_fma(g.d, dot, acc[m]));
-      } else {  // the offset's share, dot - OFF * sum(x), one instruction with the sum broadcast from memory
-        acc[m] = vf_fma(g.d, vf_fnma(off, vf_set1(xs32), dot), acc[m]);
-      }
-    }
+    for (int m = 0; m < 16; ++m) acc[m] = vf_fma(mn, vf_set1(d[2 * m + 1]), vf_fma(g.d, vf_load(p + 16 * m), acc[m]));
   }
-  // acc indexed by constants only (a runtime index would keep the accumulators in memory, not registers)
 #pragma GCC unroll 16
   for (int m = 0; m < 16; ++m)
     if (m < rows) vf_store(out + 16 * m, acc[m]);
 }
+#undef TRITIUM_AMX_BF16_BLOCK
 #endif
 
 // Byte J of each lane as a float: unsigned (q), or for symmetric weights the signed q - OFF (the offset removed
@@ -649,12 +802,15 @@ static void dequant_t(int bits, bool half_scales, const uint8_t* q, const void* 
   }
 }
 
-// One tile, all rows of x: m-tiles of 8 (int8 activations, AVX-512) or 4 rows, then the remainder.
+// One tile, all rows of x (terms: 0 float activations, else the int8 rows per row of x; M counts int8 rows):
+// m-tiles of 8 (int8 activations, AVX-512) or 4 rows, then the remainder.
 template <int BITS, typename S>
-static void tile_rows(bool int8_act, const TileArgs<S>& a, int64_t M, const void* x, int64_t xs, const float* dx,
+static void tile_rows(int terms, const TileArgs<S>& a, int64_t M, const void* x, int64_t xs, const float* dx,
                       const float* sx16, int64_t ss, float* out) {
   int64_t m = 0;
-  const int64_t ds = 2 * ((M + 15) / 16 * 16);  // dx's block stride: quant.cpp's rows padded to passes of 16
+  const bool int8_act = terms > 0;
+  const int64_t pass = 16 * (terms == 2 ? 2 : 1);
+  const int64_t ds = 2 * ((M + pass - 1) / pass * pass);  // dx's block stride: quant.cpp's rows in whole passes
   auto run = [&](auto mt) {
     constexpr int MT = decltype(mt)::value;
     if (int8_act) {
@@ -666,18 +822,38 @@ static void tile_rows(bool int8_act, const TileArgs<S>& a, int64_t M, const void
     m += MT;
   };
 #if QK_ISA == 4
-  // int8 activations, 8 rows or more, scales per group of 32 or more: AMX, 16 rows per pass (the activation
-  // buffers hold whole passes of 16 rows: quant.cpp pads them)
-  if (int8_act && M >= kAmxRows && a.group_blocks > 0) {
-    amx_begin();
+  // quant.cpp's bf16_tiles held: 4-bit weights, groups of 32 or more, kAmxRows rows or more
+  if (BITS == 4 && terms == kBf16Tiles) {
+    amx_begin(2);
     for (; m < M; m += 16) {
-      const int8_t* xq = static_cast<const int8_t*>(x) + m * xs;
+      const uint16_t* xb = static_cast<const uint16_t*>(x) + m * xs;
       const int64_t rows = std::min<int64_t>(16, M - m);
       if (a.mins)
-        tile_int8_amx<BITS, S, true>(a, xq, xs, dx + 2 * m, ds, rows, out + 16 * m);
+        tile_bf16_amx<S, true>(a, xb, xs, dx + 2 * m, ds, rows, out + 16 * m);
       else
-        tile_int8_amx<BITS, S, false>(a, xq, xs, dx + 2 * m, ds, rows, out + 16 * m);
+        tile_bf16_amx<S, false>(a, xb, xs, dx + 2 * m, ds, rows, out + 16 * m);
     }
+    return;
+  }
+  // int8 activations, 8 int8 rows or more, scales per group of 32 or more: AMX, 16 rows of x per pass (the
+  // activation buffers hold whole passes: quant.cpp pads them)
+  if (int8_act && M >= kAmxRows && a.group_blocks > 0) {
+    amx_begin(1);
+    auto amx = [&](auto t) {
+      constexpr int T = decltype(t)::value;
+      for (; m < M; m += 16 * T) {
+        const int8_t* xq = static_cast<const int8_t*>(x) + m * xs;
+        const int64_t rows = std::min<int64_t>(16, (M - m) / T);
+        if (a.mins)
+          tile_int8_amx<BITS, S, true, T>(a, xq, xs, dx + 2 * m, ds, rows, out + 16 * m);
+        else
+          tile_int8_amx<BITS, S, false, T>(a, xq, xs, dx + 2 * m, ds, rows, out + 16 * m);
+      }
+    };
+    if (terms == 2)
+      amx(std::integral_constant<int, 2>{});
+    else
+      amx(std::integral_constant<int, 1>{});
     return;
   }
 #endif
@@ -694,21 +870,21 @@ static void tile_rows(bool int8_act, const TileArgs<S>& a, int64_t M, const void
 }
 
 // The entry point quant.cpp calls for one tile: out (M, 16) floats.
-static void tile(int bits, bool half_scales, bool int8_act, const uint8_t* q, const void* scales, const void* mins,
+static void tile(int bits, bool half_scales, int terms, const uint8_t* q, const void* scales, const void* mins,
                  int64_t nb, int64_t group_blocks, int64_t M, const void* x, int64_t xs, const float* dx,
                  const float* sx16, int64_t ss, float* out) {
   if (half_scales) {
     const TileArgs<uint16_t> a{q, static_cast<const uint16_t*>(scales), static_cast<const uint16_t*>(mins), nb,
                                group_blocks};
     if (bits == 8)
-      tile_rows<8>(int8_act, a, M, x, xs, dx, sx16, ss, out);
+      tile_rows<8>(terms, a, M, x, xs, dx, sx16, ss, out);
     else
-      tile_rows<4>(int8_act, a, M, x, xs, dx, sx16, ss, out);
+      tile_rows<4>(terms, a, M, x, xs, dx, sx16, ss, out);
   } else {
     const TileArgs<float> a{q, static_cast<const float*>(scales), static_cast<const float*>(mins), nb, group_blocks};
     if (bits == 8)
-      tile_rows<8>(int8_act, a, M, x, xs, dx, sx16, ss, out);
+      tile_rows<8>(terms, a, M, x, xs, dx, sx16, ss, out);
     else
-      tile_rows<4>(int8_act, a, M, x, xs, dx, sx16, ss, out);
+      tile_rows<4>(terms, a, M, x, xs, dx, sx16, ss, out);
   }
 }

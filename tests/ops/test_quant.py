@@ -12,8 +12,8 @@ import torch
 import tritium
 from tritium import reference
 from tritium.nn import QuantizedLinear
-from tritium.ops.quant import (FLOAT_ROWS, QuantizedWeight, activation_terms, n_groups, quant_dequantize,
-                               quant_linear, quant_pack, quant_unpack, quantize_logical)
+from tritium.ops.quant import (BF16_TILE_ROWS, FLOAT_ROWS, QuantizedWeight, activation_terms, bf16_tiles, n_groups,
+                               quant_dequantize, quant_linear, quant_pack, quant_unpack, quantize_logical)
 from tests.util import assert_within_torch_error
 
 _ALL_ISAS = ("amx_int8", "avx512_vnni", "avx512", "avx2")
@@ -112,7 +112,9 @@ def test_linear_int8_activations(isa, bits, group, mins, sdt, k, dtype, m_rows, 
     q, s, m = logical(n, k, bits, group, mins, sdt, seed=3)
     w = QuantizedWeight.from_logical(q, s, m, bits, group)
     x = torch.randn(m_rows, k, generator=torch.Generator().manual_seed(2)).to(dtype)
-    xq = reference.quantize_int8_act(x, terms)              # float64, exactly the kernel's activations
+    # float64, exactly the kernel's activations (x itself where AMX-BF16 tiles take the rows: activation_terms)
+    used = activation_terms(terms, m_rows, dtype, bits, group)
+    xq = reference.quantize_int8_act(x, used) if used else x.double()
     wf = reference.quant_weight(q, s, m, bits, group)
     ref = xq @ wf.double().t()
     torch_out = (xq.float() @ wf.t()).to(dtype)
@@ -123,8 +125,8 @@ def test_linear_int8_activations(isa, bits, group, mins, sdt, k, dtype, m_rows, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_two_int8_terms_from_float_rows_take_float_activations(isa, dtype):
     """From FLOAT_ROWS rows (a prefill) int8_act 2 is the float-activation product bit for bit (one GEMM, exact and
-    faster there than two integer passes); one term stays int8 at any row count; below it two terms differ from
-    float."""
+    faster there than two integer passes); one term stays int8 at any row count (but where AMX-BF16 tiles take
+    bfloat16 rows: activation_terms); below it two terms differ from float."""
     k, n = 96, 37
     q, s, m = logical(n, k, 4, 32, True, torch.float16, seed=7)
     w = QuantizedWeight.from_logical(q, s, m, 4, 32)
@@ -133,9 +135,34 @@ def test_two_int8_terms_from_float_rows_take_float_activations(isa, dtype):
     assert torch.equal(w.linear(x, int8_act=2), w.linear(x, int8_act=0))
     assert not torch.equal(w.linear(x[:5], int8_act=2), w.linear(x[:5], int8_act=0))
     wf = reference.quant_weight(q, s, m, 4, 32)
-    xq = reference.quantize_int8_act(x, 1)
+    used = activation_terms(1, FLOAT_ROWS, dtype)
+    xq = reference.quantize_int8_act(x, used) if used else x.double()
     assert_within_torch_error(w.linear(x, int8_act=1), (xq.float() @ wf.t()).to(dtype), xq @ wf.double().t(),
                               f"{isa} one int8 term at {FLOAT_ROWS} rows {dtype}")
+
+
+@pytest.mark.parametrize("mins", [True, False], ids=("mins", "sym"))
+@pytest.mark.parametrize("group,sdt,k", [(32, torch.float16, 72), (64, torch.float32, 250), (128, torch.float16, 1000)])
+def test_bf16_tiles_multiply_exactly(isa, mins, group, sdt, k):
+    """AMX-BF16 tiles (bfloat16 x, 4-bit weights, BF16_TILE_ROWS rows or more): every int8_act mode gives the
+    float-activation product, within 2x the error of torch's float32 matmul of the same operands (the tiles take
+    x's values as they are and each weight as 128 + q, exact in bfloat16), below BF16_TILE_ROWS the int8 modes stay
+    int8; odd K (zero padding), passes of 16 rows with a partial last one."""
+    if not bf16_tiles(torch.bfloat16, 4, group):
+        pytest.skip(f"kernel set {isa} on this CPU ({', '.join(tritium.utils.cpu_features())}) has no AMX-BF16 tiles")
+    n = 53
+    q, s, m = logical(n, k, 4, group, mins, sdt, seed=11)
+    w = QuantizedWeight.from_logical(q, s, m, 4, group)
+    wf = reference.quant_weight(q, s, m, 4, group)
+    for rows in (BF16_TILE_ROWS, 21, 100):
+        x = (torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)) * 3).bfloat16()
+        ref = x.double() @ wf.double().t()
+        outs = [w.linear(x, int8_act=a) for a in (0, 1, 2)]
+        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]), f"{rows} rows: modes differ"
+        assert_within_torch_error(outs[0], (x.float() @ wf.t()).bfloat16(), ref, f"bf16 tiles {rows}x{n}x{k}")
+    x = torch.randn(BF16_TILE_ROWS - 1, k).bfloat16()
+    assert activation_terms(1, BF16_TILE_ROWS - 1, torch.bfloat16, 4, group) == 1
+    assert not torch.equal(w.linear(x, int8_act=1), w.linear(x, int8_act=0))
 
 
 def test_two_int8_terms_are_near_float():
