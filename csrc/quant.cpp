@@ -327,15 +327,16 @@ struct Tiles {
   const uint8_t* mins(int64_t t) const { return m ? m + t * scale_bytes() : nullptr; }
 };
 
-// Whether quant_linear can multiply x on AMX-BF16 tiles (tile_bf16_amx: exact, and faster than either int8 mode):
-// the AMX kernel set on a CPU with AMX-BF16, bfloat16 x, 4-bit weights in groups of 32 or more. It does from
-// kAmxRows rows up to kBf16TileRows, from where one GEMM on the dequantised weight is faster (its dequantisation
-// amortised over the rows), whatever int8_act says.
+// Whether quant_linear can multiply x on AMX-BF16 tiles (tile_bf16_amx: exact): the AMX kernel set on a CPU with
+// AMX-BF16, bfloat16 x, weights in groups of 32 or more. It does from kAmxRows rows up to kBf16TileRows, from where
+// one GEMM on the dequantised weight is faster (its dequantisation amortised over the rows), whatever int8_act says
+// for 4-bit weights (the tiles are faster than either int8 mode there); 8-bit weights with one int8 term stay on
+// int8 tiles (one tdpbssd per block against two tdpbf16ps, faster by a third).
 constexpr int64_t kBf16TileRows = 384;
 
 bool bf16_tiles_capable(int isa, const at::Tensor& x, int64_t bits, int64_t group) {
   return kIsas[isa].fn == &quant::amx::tile && cpu::features().amx_bf16 && x.scalar_type() == at::kBFloat16 &&
-         bits == 4 && group != 16;
+         group != 16;
 }
 
 int checked_isa(const char* what) {
@@ -374,7 +375,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qdata, const at::
   if (M == 0) return y;
   const auto xc = x.stride(1) == 1 ? x : x.contiguous();
   const bool capable = bf16_tiles_capable(isa, xc, bits, group);
-  const bool bf16 = capable && M >= quant::amx::kAmxRows && M < kBf16TileRows;
+  const bool bf16 = capable && M >= quant::amx::kAmxRows && M < kBf16TileRows && (bits == 4 || int8_act != 1);
   if (!bf16 && M >= kGemmRows && (int8_act != 1 || capable)) {
     // float activations, many rows (a prefill): the weight dequantised once into W^T (K, N) in x's dtype, then
     // one GEMM (MKL / oneDNN, whose 16-bit kernels multiply in 16 bits as the float model's do); the tile kernel

@@ -2,7 +2,7 @@
 // ISA, inside its own namespace and under `#pragma GCC target(...)`, with QK_ISA set:
 //   4  AVX-512 with VNNI and AMX-INT8: as 3, and int8 activations of 8 rows or more multiply on AMX tiles
 //      (tdpbsud: 16 activation rows x 32 bytes times a block's 16 weight rows, one instruction per block); with
-//      AMX-BF16 too, bfloat16 activations of 8 rows or more times 4-bit weights multiply exactly (tdpbf16ps)
+//      AMX-BF16 too, bfloat16 activations of 8 rows or more multiply exactly (tdpbf16ps)
 //   3  AVX-512 with VNNI: vpdpbusd multiplies 4 u8 weights by 4 s8 activations and adds into an int32 lane
 //   2  AVX-512BW without VNNI: vpmaddubsw (u8 x s8 pairs -> s16) then vpmaddwd by 1 (pairs -> s32)
 //   1  AVX2 + FMA + F16C: as 2 on two 256-bit halves
@@ -443,7 +443,7 @@ struct alignas(64) TileConfig {
 
 // This thread's tile configuration is ours until amx_end (other AMX users, oneDNN's brgemm, configure their own):
 // kind 1 for the int8 kernels (tmm0-3 C 16 x 64 bytes, tmm4-5 A 16 x 32, tmm6-7 B 8 x 64), kind 2 for bfloat16
-// (tmm0-1 C, tmm2-3 A, tmm4-5 B, each 16 x 64 bytes); 0 when none is loaded.
+// (tmm0-1 C, tmm2-3 A, tmm4-7 B, each 16 x 64 bytes); 0 when none is loaded.
 static thread_local int tl_amx_kind = 0;
 
 static inline void amx_begin(int kind) {
@@ -452,7 +452,6 @@ static inline void amx_begin(int kind) {
   c.palette = 1;
   for (int i = 0; i < 8; ++i) {
     const bool int8_a = kind == 1 && (i == 4 || i == 5), int8_b = kind == 1 && i >= 6;
-    if (kind == 2 && i >= 6) continue;
     c.rows[i] = int8_b ? 8 : 16;
     c.colsb[i] = int8_a ? 32 : 64;
   }
@@ -592,72 +591,85 @@ static void tile_int8_amx(const TileArgs<S>& a, const int8_t* xq, int64_t xs, co
     }
 }
 
-// bfloat16 activations on AMX-BF16 tiles, 4-bit weights: exact products of x's bfloat16 values and the integer
-// weights, accumulated in float32 (as the float kernels), with no activation quantization. Each weight v (0..15)
-// enters as the bfloat16 0x4300 | v = 128 + v, exact, so a block's product is sum x (128 + v) = C, and the block's
-// share d * sum x (v - OFF) + mn * sum x = d * C + (mn - (128 + OFF) d) * sum x (OFF = 0 with mins, else 8).
+// bfloat16 activations on AMX-BF16 tiles: exact products of x's bfloat16 values and the integer weights,
+// accumulated in float32 (as the float kernels), with no activation quantization. A 4-bit weight q enters as the
+// bfloat16 0x4300 | q = 128 + q (exact); an 8-bit one as two, its nibbles h and l in two B tiles multiplied into
+// the same C: 0x4500 | h = 16 (128 + h) and 0x4300 | l = 128 + l, together 2176 + q. So a block's product is
+// C = sum x (Z + q) (Z = 128 or 2176), and the block's share d * sum x (q - OFF) + mn * sum x = d * C +
+// (mn - (Z + OFF) d) * sum x (OFF = 0 with mins, else 2^(bits - 1)).
 // B for tdpbf16ps: 16 rows of k pairs (row p: elements 2p and 2p + 1 of the 16 weight rows, as bfloat16 pairs).
-// Element e < 16 of a block is the low nibble of byte (r, e % 4) of packed group e / 4, e >= 16 the high nibble of
-// group (e - 16) / 4: the pair rows of a group are one in-lane byte shuffle of its split nibbles each (a lane holds
-// 4 weight rows' 4 bytes, a pair row's lane their 2 pairs), a word's high byte then set to 0x43.
+// A 64-byte group of the packed block (4 consecutive elements of each weight row) makes two pair rows, each one
+// in-lane byte shuffle of its nibbles (a lane holds 4 weight rows' 4 bytes, a pair row's lane their 2 pairs), a
+// word's high byte then set. 4-bit: element e < 16 is the low nibble of group e / 4, e >= 16 the high nibble of
+// group (e - 16) / 4; 8-bit: element e is group e / 4's byte, split into h (B rows 16-31) and l (rows 0-15).
+template <int BITS>
 static inline const uint16_t* amx_weights_bf16(const uint8_t* q, uint16_t* rows) {
-  for (int64_t off = 0; off < 256; off += 64) _mm_prefetch(reinterpret_cast<const char*>(q + kPrefetchAhead + off),
-                                                           _MM_HINT_T0);
+  constexpr int64_t BB = 16 * 32 * BITS / 8;
+  for (int64_t off = 0; off < BB; off += 64) _mm_prefetch(reinterpret_cast<const char*>(q + kPrefetchAhead + off),
+                                                          _MM_HINT_T0);
   // byte 2w of a lane's word w (pair n = w / 2 of that lane's 4 weight rows, element w % 2) from byte 4 (w / 2) +
   // 2 h + w % 2 (h: the first or second pair of the group); byte 2w + 1 zeroed (index bit 7)
   const __m512i pick0 = _mm512_broadcast_i32x4(_mm_setr_epi8(0, -128, 1, -128, 4, -128, 5, -128, 8, -128, 9, -128,
                                                              12, -128, 13, -128));
   const __m512i pick1 = _mm512_broadcast_i32x4(_mm_setr_epi8(2, -128, 3, -128, 6, -128, 7, -128, 10, -128, 11, -128,
                                                              14, -128, 15, -128));
-  const __m512i nib = _mm512_set1_epi8(0x0F), one28 = _mm512_set1_epi16(0x4300);
-  for (int c = 0; c < 4; ++c) {
+  const __m512i nib = _mm512_set1_epi8(0x0F), z128 = _mm512_set1_epi16(0x4300), z2048 = _mm512_set1_epi16(0x4500);
+  auto pair_rows = [&](__m512i v, __m512i high, uint16_t* dst) {
+    _mm512_store_si512(dst, _mm512_or_si512(_mm512_shuffle_epi8(v, pick0), high));
+    _mm512_store_si512(dst + 32, _mm512_or_si512(_mm512_shuffle_epi8(v, pick1), high));
+  };
+  for (int c = 0; c < BITS; ++c) {  // 4 groups (4-bit) or 8 (8-bit)
     const __m512i raw = _mm512_loadu_si512(q + 64 * c);
     const __m512i lo = _mm512_and_si512(raw, nib), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nib);
-    _mm512_store_si512(rows + 32 * (2 * c), _mm512_or_si512(_mm512_shuffle_epi8(lo, pick0), one28));
-    _mm512_store_si512(rows + 32 * (2 * c + 1), _mm512_or_si512(_mm512_shuffle_epi8(lo, pick1), one28));
-    _mm512_store_si512(rows + 32 * (8 + 2 * c), _mm512_or_si512(_mm512_shuffle_epi8(hi, pick0), one28));
-    _mm512_store_si512(rows + 32 * (9 + 2 * c), _mm512_or_si512(_mm512_shuffle_epi8(hi, pick1), one28));
+    pair_rows(lo, z128, rows + 64 * c);
+    pair_rows(hi, BITS == 4 ? z128 : z2048, rows + 64 * c + (BITS == 4 ? 512 : 1024) / 2);
   }
   return rows;
 }
 
-#define TRITIUM_AMX_BF16_BLOCK(C, A, B)   \
-  do {                                    \
-    _tile_loadd(A, xb, xs * 2);           \
-    _tile_loadd(B, w, 64);                \
-    _tile_zero(C);                        \
-    _tile_dpbf16ps(C, A, B);              \
+// Stage S's product of one block: A tile 2 + S, B tile(s) 4 + 2S (8-bit: and 5 + 2S), C tile S
+#define TRITIUM_AMX_BF16_BLOCK(C, A, B0, B1) \
+  do {                                       \
+    _tile_loadd(A, xb, xs * 2);              \
+    _tile_loadd(B0, w, 64);                  \
+    _tile_zero(C);                           \
+    _tile_dpbf16ps(C, A, B0);                \
+    if constexpr (BITS == 8) {               \
+      _tile_loadd(B1, w + 512, 64);          \
+      _tile_dpbf16ps(C, A, B1);              \
+    }                                        \
   } while (0)
 
 // One pass: 16 bfloat16 rows of x (row stride xs elements), rows of them valid, into out (rows x 16); dx as
 // quantize_rows' kBf16Tiles. The pipeline of tile_int8_amx.
-template <typename S, bool MINS>
+template <int BITS, typename S, bool MINS>
 static void tile_bf16_amx(const TileArgs<S>& a, const uint16_t* xb, int64_t xs, const float* dx, int64_t ds,
                           int64_t rows, float* out) {
-  constexpr int64_t BB = 256;
-  const VF shift = vf_set1(MINS ? -128.0f : -136.0f);
+  constexpr int64_t BB = 16 * 32 * BITS / 8;
+  constexpr float Z = BITS == 4 ? 128.0f : 2176.0f, OFF = MINS ? 0.0f : BITS == 4 ? 8.0f : 128.0f;
+  const VF shift = vf_set1(-(Z + OFF));
   alignas(64) float prod[2][256];
-  alignas(64) uint16_t wrows[3][512];
+  alignas(64) uint16_t wrows[3][BITS == 4 ? 512 : 1024];
   VF acc[16];
 #pragma GCC unroll 16
   for (int m = 0; m < 16; ++m) acc[m] = vf_zero();
   GroupScales<S> g(a);
   const int64_t nb = a.nb;
   const uint16_t* w[3] = {nullptr, nullptr, nullptr};
-  for (int64_t b = 0; b < std::min<int64_t>(2, nb); ++b) w[b] = amx_weights_bf16(a.q + b * BB, wrows[b]);
+  for (int64_t b = 0; b < std::min<int64_t>(2, nb); ++b) w[b] = amx_weights_bf16<BITS>(a.q + b * BB, wrows[b]);
   for (int64_t b = 0; b < nb + 2; ++b) {
     if (b < nb) {
       const uint16_t* wb = w[b % 3];
       const uint16_t* xbb = xb + 32 * b;
       if (b & 1) {
         const uint16_t *w = wb, *xb = xbb;
-        TRITIUM_AMX_BF16_BLOCK(1, 3, 5);
+        TRITIUM_AMX_BF16_BLOCK(1, 3, 6, 7);
       } else {
         const uint16_t *w = wb, *xb = xbb;
-        TRITIUM_AMX_BF16_BLOCK(0, 2, 4);
+        TRITIUM_AMX_BF16_BLOCK(0, 2, 4, 5);
       }
     }
-    if (b + 2 < nb) w[(b + 2) % 3] = amx_weights_bf16(a.q + (b + 2) * BB, wrows[(b + 2) % 3]);
+    if (b + 2 < nb) w[(b + 2) % 3] = amx_weights_bf16<BITS>(a.q + (b + 2) * BB, wrows[(b + 2) % 3]);
     if (b >= 1 && b <= nb) {
       if ((b - 1) & 1)
         _tile_stored(1, prod[1], 64);
@@ -822,16 +834,16 @@ static void tile_rows(int terms, const TileArgs<S>& a, int64_t M, const void* x,
     m += MT;
   };
 #if QK_ISA == 4
-  // quant.cpp's bf16_tiles held: 4-bit weights, groups of 32 or more, kAmxRows rows or more
-  if (BITS == 4 && terms == kBf16Tiles) {
+  // quant.cpp's bf16_tiles_capable held (groups of 32 or more), kAmxRows rows or more
+  if (terms == kBf16Tiles) {
     amx_begin(2);
     for (; m < M; m += 16) {
       const uint16_t* xb = static_cast<const uint16_t*>(x) + m * xs;
       const int64_t rows = std::min<int64_t>(16, M - m);
       if (a.mins)
-        tile_bf16_amx<S, true>(a, xb, xs, dx + 2 * m, ds, rows, out + 16 * m);
+        tile_bf16_amx<BITS, S, true>(a, xb, xs, dx + 2 * m, ds, rows, out + 16 * m);
       else
-        tile_bf16_amx<S, false>(a, xb, xs, dx + 2 * m, ds, rows, out + 16 * m);
+        tile_bf16_amx<BITS, S, false>(a, xb, xs, dx + 2 * m, ds, rows, out + 16 * m);
     }
     return;
   }

@@ -141,27 +141,35 @@ def test_two_int8_terms_from_float_rows_take_float_activations(isa, dtype):
                               f"{isa} one int8 term at {FLOAT_ROWS} rows {dtype}")
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("mins", [True, False], ids=("mins", "sym"))
 @pytest.mark.parametrize("group,sdt,k", [(32, torch.float16, 72), (64, torch.float32, 250), (128, torch.float16, 1000)])
-def test_bf16_tiles_multiply_exactly(isa, mins, group, sdt, k):
-    """AMX-BF16 tiles (bfloat16 x, 4-bit weights, BF16_TILE_ROWS rows or more): every int8_act mode gives the
-    float-activation product, within 2x the error of torch's float32 matmul of the same operands (the tiles take
-    x's values as they are and each weight as 128 + q, exact in bfloat16), below BF16_TILE_ROWS the int8 modes stay
-    int8; odd K (zero padding), passes of 16 rows with a partial last one."""
-    if not bf16_tiles(torch.bfloat16, 4, group):
+def test_bf16_tiles_multiply_exactly(isa, bits, mins, group, sdt, k):
+    """AMX-BF16 tiles (bfloat16 x, BF16_TILE_ROWS rows or more): every int8_act mode the tiles take (4-bit: all,
+    8-bit: 0 and 2) gives the float-activation product, within 2x the error of torch's float32 matmul of the same
+    operands (the tiles take x's values as they are and each weight as 128 + q, 8-bit: 16 (128 + high nibble) and
+    128 + low nibble, exact in bfloat16); the other modes and fewer rows stay int8; odd K (zero padding), passes of
+    16 rows with a partial last one."""
+    if not bf16_tiles(torch.bfloat16, bits, group, 0):
         pytest.skip(f"kernel set {isa} on this CPU ({', '.join(tritium.utils.cpu_features())}) has no AMX-BF16 tiles")
     n = 53
-    q, s, m = logical(n, k, 4, group, mins, sdt, seed=11)
-    w = QuantizedWeight.from_logical(q, s, m, 4, group)
-    wf = reference.quant_weight(q, s, m, 4, group)
+    q, s, m = logical(n, k, bits, group, mins, sdt, seed=11)
+    w = QuantizedWeight.from_logical(q, s, m, bits, group)
+    wf = reference.quant_weight(q, s, m, bits, group)
+    tiled = [a for a in (0, 1, 2) if bf16_tiles(torch.bfloat16, bits, group, a)]
+    assert tiled == ([0, 1, 2] if bits == 4 else [0, 2])
     for rows in (BF16_TILE_ROWS, 21, 100):
         x = (torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)) * 3).bfloat16()
         ref = x.double() @ wf.double().t()
-        outs = [w.linear(x, int8_act=a) for a in (0, 1, 2)]
-        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]), f"{rows} rows: modes differ"
+        outs = {a: w.linear(x, int8_act=a) for a in (0, 1, 2)}
+        assert all(torch.equal(outs[0], outs[a]) for a in tiled), f"{rows} rows: tiled modes differ"
+        terms = [activation_terms(a, rows, torch.bfloat16, bits, group) for a in (0, 1, 2)]
+        assert terms == [0 if a in tiled else a for a in (0, 1, 2)], f"{rows} rows: {terms}"
         assert_within_torch_error(outs[0], (x.float() @ wf.t()).bfloat16(), ref, f"bf16 tiles {rows}x{n}x{k}")
+        if bits == 8:
+            assert not torch.equal(outs[1], outs[0]), f"{rows} rows: 8-bit weights, one int8 term on the tiles"
     x = torch.randn(BF16_TILE_ROWS - 1, k).bfloat16()
-    assert activation_terms(1, BF16_TILE_ROWS - 1, torch.bfloat16, 4, group) == 1
+    assert activation_terms(1, BF16_TILE_ROWS - 1, torch.bfloat16, bits, group) == 1
     assert not torch.equal(w.linear(x, int8_act=1), w.linear(x, int8_act=0))
 
 

@@ -11,9 +11,9 @@ The ops, each with a CPU (csrc/quant.cpp) and a GPU (kernels/quant.py) kernel on
   two int8 terms (x ~ d1 q1 + d2 q2, the second quantizing what the first left over: near float accuracy for
   twice the integer work), 0 keeps x float (the weights widened to float in registers). From FLOAT_ROWS rows
   (a prefill) int8_act 2 computes with float activations: the product is compute-bound there, and float is
-  both faster than two integer passes and exact. On a CPU with AMX-BF16, bfloat16 x of BF16_TILE_ROWS[0] rows
-  or more times 4-bit weights multiplies exactly on bfloat16 tiles whatever int8_act says, faster than int8
-  (``activation_terms`` has the rule). ``quant_linear_dx`` is
+  both faster than two integer passes and exact. On a CPU with AMX-BF16, bfloat16 x of BF16_TILE_ROWS rows or
+  more multiplies exactly on bfloat16 tiles, faster than int8: for 4-bit weights whatever int8_act says, for
+  8-bit ones with int8_act 0 or 2 (``activation_terms`` has the rule). ``quant_linear_dx`` is
   its input gradient dy (M, N) @ W (float; what QLoRA-style training on a frozen quantized base needs).
 - ``quant_dequantize(qdata, scales, mins, bits, group, n, k, dtype)`` -> W (N, K); with ``rows`` (int64 indices)
   only those rows (an embedding lookup in a quantized table).
@@ -36,13 +36,15 @@ FLOAT_ROWS = 32     # from this many rows of x, int8_act 2 runs on float activat
 BF16_TILE_ROWS = 8  # from this many bfloat16 rows, AMX-BF16 tiles where bf16_tiles holds (kAmxRows)
 
 
-def bf16_tiles(dtype: torch.dtype, bits: int, group: int) -> bool:
+def bf16_tiles(dtype: torch.dtype, bits: int, group: int, int8_act: int) -> bool:
     """Whether the CPU kernel multiplies bfloat16 x of BF16_TILE_ROWS rows or more on AMX-BF16 tiles (exact products
     of x's values and the integer weights, float32 sums): the amx_int8 kernel set in use on a CPU with AMX-BF16,
-    4-bit weights in groups of 32 or more (csrc/quant.cpp: bf16_tiles_capable)."""
+    weights in groups of 32 or more, any int8_act for 4-bit weights, int8_act 0 or 2 for 8-bit ones (one int8 term
+    is faster there; csrc/quant.cpp: bf16_tiles_capable and quant_linear)."""
     from ..utils import cpu_has
 
-    return (dtype == torch.bfloat16 and bits == 4 and group != 16 and cpu_has("amx_bf16")
+    return (dtype == torch.bfloat16 and bits in QUANT_BITS and group != 16 and (bits == 4 or int8_act != 1)
+            and cpu_has("amx_bf16")
             and torch.ops.tritium_runtime.quant_isa("") == "amx_int8")
 
 
@@ -51,7 +53,7 @@ def activation_terms(int8_act: int, rows: int, dtype: Optional[torch.dtype] = No
     """The int8 terms quant_linear(int8_act) multiplies with for an x of that many rows: 0 (float activations)
     for int8_act 2 from FLOAT_ROWS rows, else int8_act. Given x's dtype and the weight's format (the CPU
     kernel's rule), also 0 from BF16_TILE_ROWS rows where bf16_tiles holds (exact tiles, then one GEMM)."""
-    if dtype is not None and rows >= BF16_TILE_ROWS and bf16_tiles(dtype, bits, group):
+    if dtype is not None and rows >= BF16_TILE_ROWS and bf16_tiles(dtype, bits, group, int8_act):
         return 0
     return 0 if int8_act == 2 and rows >= FLOAT_ROWS else int8_act
 
