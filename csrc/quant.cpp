@@ -374,9 +374,10 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qdata, const at::
   auto y = empty({M, n}, x.options());
   if (M == 0) return y;
   const auto xc = x.stride(1) == 1 ? x : x.contiguous();
-  const bool capable = bf16_tiles_capable(isa, xc, bits, group);
-  const bool bf16 = capable && M >= quant::amx::kAmxRows && M < kBf16TileRows && (bits == 4 || int8_act != 1);
-  if (!bf16 && M >= kGemmRows && (int8_act != 1 || capable)) {
+  // tiles: this call's mode multiplies on AMX-BF16 tiles up to kBf16TileRows rows (one GEMM from there)
+  const bool tiles = bf16_tiles_capable(isa, xc, bits, group) && (bits == 4 || int8_act != 1);
+  const bool bf16 = tiles && M >= quant::amx::kAmxRows && M < kBf16TileRows;
+  if (!bf16 && M >= kGemmRows && (int8_act != 1 || tiles)) {
     // float activations, many rows (a prefill): the weight dequantised once into W^T (K, N) in x's dtype, then
     // one GEMM (MKL / oneDNN, whose 16-bit kernels multiply in 16 bits as the float model's do); the tile kernel
     // would widen every weight once per 4 rows. Two int8 terms exist to approach float accuracy at decode's
