@@ -358,3 +358,73 @@ def test_prefix_cache_shared_system_prompt(server, client, loaded):
     (s3, _) = in_engine(server, stats)
     assert s3["hit_tokens"] - s2["hit_tokens"] == min(first_diff // bs, (len(ids2) - 1) // bs) * bs
     assert_cache_clean(server)
+
+
+def test_engine_on_the_callers_thread(server, loaded):
+    """create_app(engine_thread=False): the engine runs where worker.run() is called (here the test's thread, as
+    `tritium serve` runs it on its main one) until stop(); the answers are the engine thread's, and after stop()
+    the health check says the engine is not running."""
+    import threading
+
+    from tritium.inference.engine import Engine
+    from tritium.serve import BackgroundServer, create_app
+
+    model, tok = loaded
+    prompt = "The three primary colors are"
+    want = reference(loaded, prompt, 10, stop_token_ids=[])
+    app = create_app(Engine(model, tok, max_batch=4), NAME, engine_thread=False)
+    worker = app.state.tritium.worker
+    got = {}
+
+    def client(url):
+        try:
+            c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+            got["health"] = httpx.get(url + "/health").json()
+            got["text"] = c.completions.create(model=NAME, prompt=prompt, max_tokens=10, temperature=0).choices[0].text
+            worker.stop()
+            got["after"] = httpx.get(url + "/health").status_code
+        finally:
+            worker.stop()
+
+    with BackgroundServer(app) as srv:
+        t = threading.Thread(target=client, args=(srv.url,))
+        t.start()
+        worker.run()
+        t.join()
+    assert got == {"health": {"status": "ok"}, "text": want.text, "after": 503}
+
+
+def test_cli_serves_and_stops_on_ctrl_c(model_path):  # noqa: F811
+    """`tritium serve --port 0`: prints the address it listens on (the free port chosen), answers there, and stops
+    cleanly on SIGINT (exit status 0)."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    env = dict(os.environ, COLUMNS="300")
+    p = subprocess.Popen([sys.executable, "-m", "tritium.cli", "serve", "--model", model_path, "--port", "0",
+                          "--dtype", "float32", "--max-batch", "2", "--log-level", "warning"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        lines = []
+        for line in p.stdout:
+            lines.append(line)
+            m = re.search(r"on (http://127\.0\.0\.1:(\d+))/v1", line)
+            if m:
+                break
+        assert m and int(m.group(2)) > 0, "".join(lines)
+        url = m.group(1)
+        assert httpx.get(url + "/health", timeout=30).json() == {"status": "ok"}
+        r = httpx.post(url + "/v1/completions", json={"model": "x", "prompt": "Hi", "max_tokens": 3}, timeout=60)
+        assert r.status_code == 404 and "model" in r.json()["error"]["message"]
+        name = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+        r = httpx.post(url + "/v1/completions", json={"model": name, "prompt": "Hi", "max_tokens": 3}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=60) == 0, p.stdout.read()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()

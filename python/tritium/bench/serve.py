@@ -11,8 +11,9 @@ UTF-8 character).
 --shared-prefix N adds two runs at the largest client count whose prompts all start with the same N tokens
 (a shared system prompt) followed by --prompt-len unique ones: prefix caching on, then off.
 
-The clients, the HTTP server and the engine share this process and its cores: the numbers are the server's
-throughput with its load generator beside it, not pinned to one core (the server is multi-threaded).
+The clients, the HTTP server and the engine share this process and its cores (three threads; the engine on the
+main one, as `tritium serve` runs it): the numbers are the server's throughput with its load generator beside
+it, not pinned to one core.
 """
 from __future__ import annotations
 
@@ -116,16 +117,37 @@ async def _drive(url: str, model: str, prompts: List[List[int]], clients: int, g
 
 def _run_one(model, tok, name: str, prompts: List[List[int]], clients: int, gen_len: int, max_batch: int,
              prefix_caching: bool) -> dict:
+    """One run: the engine on this thread (as `tritium serve` runs it), the HTTP server and the clients on two
+    others."""
+    import threading
+
     from ..inference.engine import Engine
     from ..serve import BackgroundServer, create_app
 
     engine = Engine(model, tok, max_batch=max_batch, prefix_caching=prefix_caching)
-    app = create_app(engine, name, max_queue=len(prompts))
+    app = create_app(engine, name, max_queue=len(prompts), engine_thread=False)
+    worker = app.state.tritium.worker
+    out: Dict[str, object] = {}
+
+    def drive(url: str) -> None:
+        try:
+            out["row"] = asyncio.run(_drive(url, name, prompts, clients, gen_len))
+        except BaseException as e:   # re-raised on this thread below
+            out["error"] = e
+        finally:
+            worker.stop()
+
     with BackgroundServer(app) as srv:
-        row = asyncio.run(_drive(srv.url, name, prompts, clients, gen_len))
-        st = app.state.tritium.worker.call(
-            lambda e: (dict(e.cache.prefix_stats), dict(e.stats))).result()
-    ps, es = st
+        clients_thread = threading.Thread(target=drive, args=(srv.url,), name="bench-clients", daemon=True)
+        clients_thread.start()
+        worker.run()
+        clients_thread.join()
+    if "error" in out:
+        raise out["error"]
+    if worker.error:
+        raise RuntimeError(f"the engine failed: {worker.error}")
+    row = out["row"]
+    ps, es = engine.cache.prefix_stats, engine.stats
     row["prefix_hit_rate"] = round(ps["hit_tokens"] / ps["queried_tokens"], 4) if ps["queried_tokens"] else 0.0
     row["preemptions"] = es["preemptions"]
     return row

@@ -42,17 +42,21 @@ class ServerState:
         self.created = int(time.time())
 
 
-def create_app(engine: Engine, model_name: str, api_key: Optional[str] = None, max_queue: int = 256) -> FastAPI:
-    """The app serving engine (its tokenizer gives the chat template and the stop tokens) under model_name. The
-    engine's thread starts with the app (lifespan) and stops with it. api_key: the Bearer token every /v1 route
-    requires. max_queue: engine requests that may wait beyond the engine's max_batch before new ones get 429."""
+def create_app(engine: Engine, model_name: str, api_key: Optional[str] = None, max_queue: int = 256,
+               engine_thread: bool = True) -> FastAPI:
+    """The app serving engine (its tokenizer gives the chat template and the stop tokens) under model_name.
+    engine_thread: the engine gets a thread of its own, started with the app (lifespan) and stopped with it; False:
+    the caller runs ``app.state.tritium.worker.run()`` on its own thread (the one that loaded the model: faster,
+    tritium.serve.worker says why) and stop() ends it. api_key: the Bearer token every /v1 route requires.
+    max_queue: engine requests that may wait beyond the engine's max_batch before new ones get 429."""
     if engine.tokenizer is None:
         raise ValueError("create_app: the engine needs a tokenizer")
     state = ServerState(engine, model_name, api_key, max_queue)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        state.worker.start()
+        if engine_thread:
+            state.worker.start()
         yield
         state.worker.stop()
 

@@ -1,7 +1,14 @@
-"""The engine's own thread: it owns the tritium.inference.Engine (nothing else touches it), takes new requests and
+"""The engine's thread: it owns the tritium.inference.Engine (nothing else touches it), takes new requests and
 aborts from a queue between steps, and hands every piece of streamed text and every finished result to the
 event loop of the request that asked (``loop.call_soon_threadsafe``), so the HTTP side never waits for a step
-and a step never waits for the HTTP side."""
+and a step never waits for the HTTP side.
+
+Which thread: ``start()`` gives the engine a thread of its own; ``run()`` runs it on the calling thread, which
+should be the one that loaded the model (`tritium serve` and `tritium bench serve` run it on the main thread and
+the HTTP server beside it). The reason is OpenMP (torch's intra-op threads on CPU): each thread that starts
+parallel regions gets its own team of worker threads, and once libgomp manages more threads than there are CPUs
+it stops letting idle workers spin, so every parallel region (hundreds per decode step) pays a sleep and a wake-up:
+a batch-1 decode step on another thread than the one that loaded the model takes about 3x as long."""
 from __future__ import annotations
 
 import asyncio
@@ -34,9 +41,10 @@ class Submission:
 
 
 class EngineWorker:
-    """Runs ``engine.step()`` in a loop on a daemon thread while there is work; submit() and abort() are
-    thread-safe and return at once. metrics (tritium.serve.metrics.Metrics or None) is updated after each step
-    from this thread. in_flight: submissions not finished yet (read by the HTTP side for the queue limit)."""
+    """Runs ``engine.step()`` in a loop while there is work, on a daemon thread of its own (start()) or on the
+    calling thread (run(), until stop()); submit() and abort() are thread-safe and return at once. metrics
+    (tritium.serve.metrics.Metrics or None) is updated after each step from the engine's thread. in_flight:
+    submissions not finished yet (read by the HTTP side for the queue limit)."""
 
     def __init__(self, engine: Engine, metrics=None):
         self.engine = engine
@@ -47,20 +55,32 @@ class EngineWorker:
         self.in_flight = 0
         self._lock = threading.Lock()
         self.error: Optional[str] = None    # set when a step raised: the engine is no longer trusted
-        self._thread = threading.Thread(target=self._run, name="tritium-engine", daemon=True)
+        self._thread: Optional[threading.Thread] = None
 
     def start(self) -> "EngineWorker":
+        """The engine loop on a daemon thread of its own, until stop()."""
+        self._thread = threading.Thread(target=self._run, name="tritium-engine", daemon=True)
         self._thread.start()
         return self
 
+    def run(self) -> None:
+        """The engine loop on the calling thread; returns after stop() (called from another thread) or when a step
+        raised (error says why). KeyboardInterrupt propagates."""
+        self._run()
+
     def stop(self) -> None:
+        """End the loop after the current step; joins the worker's own thread if it has one."""
         self._stop.set()
         self._inbox.put(("wake",))
-        self._thread.join()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and self.error is None
+        """Whether requests can still be served: no step has failed, stop() was not called, and the own thread
+        (if started) is running."""
+        return (self.error is None and not self._stop.is_set()
+                and (self._thread is None or self._thread.is_alive()))
 
     def try_reserve(self, n: int, limit: int) -> bool:
         """Count n more requests in flight unless that would pass limit (the HTTP side's 429)."""
