@@ -119,9 +119,9 @@ port in the benchmark's own process, driven by **clients** concurrent streaming 
 done; each request is a random prompt of **prompt** tokens (after the **shared** prefix common to all of a run's
 prompts) asking for exactly **gen** greedy tokens. **TTFT**: request sent to its first text; **ITL**: the gaps
 between a request's text chunks; **hit**: the share of prompt tokens the prefix cache served; **lost**: requests
-that failed or returned another token count. Clients, server and engine share the process and its cores (the
-run is not pinned: the server is multi-threaded). **scaling** is a run's output throughput over the single
-client's; **TTFT off/on** compares the shared-prefix runs with prefix caching off and on.
+that failed or returned another token count. Clients, server and engine share the process and its cores (three
+threads, the engine on the main one as `tritium serve` runs it; not pinned). **scaling** is a run's output
+throughput over the single client's; **TTFT off/on** compares the shared-prefix runs with prefix caching off and on.
 """
 
 
