@@ -56,6 +56,7 @@ class EngineWorker:
         self._lock = threading.Lock()
         self.error: Optional[str] = None    # set when a step raised: the engine is no longer trusted
         self._thread: Optional[threading.Thread] = None
+        self._outbox: Dict[asyncio.AbstractEventLoop, list] = {}   # events for each loop, sent by _flush
 
     def start(self) -> "EngineWorker":
         """The engine loop on a daemon thread of its own, until stop()."""
@@ -120,9 +121,11 @@ class EngineWorker:
                         break
                     block = False
                     self._handle(item)
+                self._flush()
                 if self.engine.has_work():
                     self.engine.step()
                     self._after_step()
+                    self._flush()
                     if self.metrics is not None:
                         self.metrics.engine_state(self.engine)
             except Exception:   # a broken step: fail everything in flight, keep answering /health with the cause
@@ -130,6 +133,7 @@ class EngineWorker:
                 for sub in list(self._active.values()):
                     self._send(sub, "error", "the engine failed: " + self.error.strip().splitlines()[-1])
                 self._active.clear()
+                self._flush()
                 return
 
     def _handle(self, item: tuple) -> None:
@@ -181,9 +185,21 @@ class EngineWorker:
                 self.metrics.finished(sub, sub.request.result.finish_reason)
             self._send(sub, "done", sub.request.result)
 
-    @staticmethod
-    def _send(sub: Submission, kind: str, payload) -> None:
-        try:
-            sub.loop.call_soon_threadsafe(sub.sink, kind, payload)
-        except RuntimeError:   # the request's event loop is closed (server shutting down): nobody to tell
-            pass
+    def _send(self, sub: Submission, kind: str, payload) -> None:
+        """Queue sub.sink(kind, payload) for the request's event loop; _flush hands them over."""
+        self._outbox.setdefault(sub.loop, []).append((sub.sink, kind, payload))
+
+    def _flush(self) -> None:
+        """Everything a step (or the inbox) produced, one call_soon_threadsafe per event loop: one wake-up of the
+        loop per step instead of one per streamed token."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, events in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, events)
+            except RuntimeError:   # the event loop is closed (server shutting down): nobody to tell
+                pass
+
+
+def _deliver(events: list) -> None:
+    for sink, kind, payload in events:
+        sink(kind, payload)
