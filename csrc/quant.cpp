@@ -345,18 +345,35 @@ int checked_isa(const char* what) {
   return isa;
 }
 
-// W^T (K, N) in float32, a view (row stride: the tiles' padded width) of a pooled buffer: the tile kernels'
-// dequantisation (tile_dequant_t, vectorised), for the products that run as one GEMM on the float weight.
+// W^T (K, N) in dtype (float32, or x's 16-bit type for a GEMM in 16 bits), a view (row stride: the tiles' padded
+// width) of a pooled buffer: the tile kernels' dequantisation (tile_dequant_t, vectorised), for the products that
+// run as one GEMM on the dequantised weight. A 16-bit W^T is rounded tile by tile from a float scratch (the same
+// values as the float W^T's .to(dtype), without the float (K, N) copy and the second pass over it).
 at::Tensor dequantize_t(const at::Tensor& qdata, const at::Tensor& scales, const c10::optional<at::Tensor>& mins,
-                        int64_t bits, int64_t group, int64_t n, int64_t k) {
+                        int64_t bits, int64_t group, int64_t n, int64_t k, at::ScalarType dtype = at::kFloat) {
   const quant::DequantFn dq = kIsas[checked_isa("quantized products")].dequant_t;
   const Tiles w(qdata, scales, mins, group);
-  auto wt = empty({k, w.count * kTile}, scales.options().dtype(at::kFloat));
-  at::parallel_for(0, w.count, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
-      dq(static_cast<int>(bits), w.half, w.blocks(t), w.scales(t), w.mins(t), w.nb, w.group_blocks, k,
-         wt.mutable_data_ptr<float>() + t * kTile, w.count * kTile);
-  });
+  const int64_t ld = w.count * kTile;
+  auto wt = empty({k, ld}, scales.options().dtype(dtype));
+  if (dtype == at::kFloat) {
+    at::parallel_for(0, w.count, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        dq(static_cast<int>(bits), w.half, w.blocks(t), w.scales(t), w.mins(t), w.nb, w.group_blocks, k,
+           wt.mutable_data_ptr<float>() + t * kTile, ld);
+    });
+  } else {
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(dtype, "quant_dequantize_t", [&] {
+      scalar_t* out = wt.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, w.count, 1, [&](int64_t t0, int64_t t1) {
+        std::vector<float> tile(k * kTile);
+        for (int64_t t = t0; t < t1; ++t) {
+          dq(static_cast<int>(bits), w.half, w.blocks(t), w.scales(t), w.mins(t), w.nb, w.group_blocks, k,
+             tile.data(), kTile);
+          for (int64_t e = 0; e < k; ++e) at::vec::convert(tile.data() + e * kTile, out + e * ld + t * kTile, kTile);
+        }
+      });
+    });
+  }
   return wt.narrow(1, 0, n);
 }
 
@@ -383,12 +400,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qdata, const at::
     // would widen every weight once per 4 rows. Two int8 terms exist to approach float accuracy at decode's
     // weight-streaming cost; with this many rows the product is compute-bound, and the GEMM on float
     // activations is both faster than two integer passes and exact
-    const auto w = dequantize_t(qdata, scales, mins, bits, group, n, k);
-    if (x.scalar_type() == at::kFloat) {
-      at::mm_out(y, xc, w);
-    } else {
-      at::mm_out(y, xc, w.to(x.scalar_type()));
-    }
+    at::mm_out(y, xc, dequantize_t(qdata, scales, mins, bits, group, n, k, x.scalar_type()));
     return y;
   }
   const Tiles w(qdata, scales, mins, group);

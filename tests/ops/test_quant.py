@@ -88,7 +88,7 @@ def test_dequantize_is_the_logical_weight(bits, group, mins, sdt, k):
 
 @pytest.mark.parametrize("bits,group,mins,sdt,k", FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m_rows", [1, 5, 37])
+@pytest.mark.parametrize("m_rows", [1, 5, 37, 400])   # 37: one GEMM (16-bit: its own), 400: past the AMX-BF16 tiles
 def test_linear_float_activations(isa, bits, group, mins, sdt, k, dtype, m_rows):
     n = 37
     q, s, m = logical(n, k, bits, group, mins, sdt, seed=m_rows)
