@@ -40,7 +40,8 @@ class BackgroundServer:
         deadline = time.monotonic() + 60
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start on {self.host}:{self.port}")
+                raise RuntimeError(f"the server did not start on {self.host}:{self.port} "
+                                   "(uvicorn's log above says why)")
             time.sleep(0.01)
         self.port = self.server.servers[0].sockets[0].getsockname()[1]
         return self
