@@ -327,16 +327,17 @@ struct Tiles {
   const uint8_t* mins(int64_t t) const { return m ? m + t * scale_bytes() : nullptr; }
 };
 
-// Whether quant_linear can multiply x on AMX-BF16 tiles (tile_bf16_amx: exact): the AMX kernel set on a CPU with
-// AMX-BF16, bfloat16 x, weights in groups of 32 or more. It does from kAmxRows rows up to kBf16TileRows, from where
-// one GEMM on the dequantised weight is faster (its dequantisation amortised over the rows), whatever int8_act says
-// for 4-bit weights (the tiles are faster than either int8 mode there); 8-bit weights with one int8 term stay on
-// int8 tiles (one tdpbssd per block against two tdpbf16ps, faster by a third).
+// Whether quant_linear multiplies x on AMX-BF16 tiles (tile_bf16_amx: exact) with int8_act: the AMX kernel set on a
+// CPU with AMX-BF16, bfloat16 x, weights in groups of 32 or more; 4-bit weights whatever int8_act says (the tiles
+// are faster than either int8 mode there), 8-bit ones for int8_act 0 and 2 (with one int8 term the int8 tiles are
+// faster: one tdpbssd per block against two tdpbf16ps). It does from kAmxRows rows up to kBf16TileRows, from
+// where one GEMM on the dequantised weight is faster (its dequantisation amortised over the rows). The Python
+// mirror is tritium.ops.quant.bf16_tiles.
 constexpr int64_t kBf16TileRows = 384;
 
-bool bf16_tiles_capable(int isa, const at::Tensor& x, int64_t bits, int64_t group) {
+bool bf16_tiles(int isa, const at::Tensor& x, int64_t bits, int64_t group, int64_t int8_act) {
   return kIsas[isa].fn == &quant::amx::tile && cpu::features().amx_bf16 && x.scalar_type() == at::kBFloat16 &&
-         group != 16;
+         group != 16 && (bits == 4 || int8_act != 1);
 }
 
 int checked_isa(const char* what) {
@@ -391,8 +392,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qdata, const at::
   auto y = empty({M, n}, x.options());
   if (M == 0) return y;
   const auto xc = x.stride(1) == 1 ? x : x.contiguous();
-  // tiles: this call's mode multiplies on AMX-BF16 tiles up to kBf16TileRows rows (one GEMM from there)
-  const bool tiles = bf16_tiles_capable(isa, xc, bits, group) && (bits == 4 || int8_act != 1);
+  const bool tiles = bf16_tiles(isa, xc, bits, group, int8_act);
   const bool bf16 = tiles && M >= quant::amx::kAmxRows && M < kBf16TileRows;
   if (!bf16 && M >= kGemmRows && (int8_act != 1 || tiles)) {
     // float activations, many rows (a prefill): the weight dequantised once into W^T (K, N) in x's dtype, then

@@ -834,7 +834,7 @@ static void tile_rows(int terms, const TileArgs<S>& a, int64_t M, const void* x,
     m += MT;
   };
 #if QK_ISA == 4
-  // quant.cpp's bf16_tiles_capable held (groups of 32 or more), kAmxRows rows or more
+  // quant.cpp's bf16_tiles held (groups of 32 or more), kAmxRows rows or more
   if (terms == kBf16Tiles) {
     amx_begin(2);
     for (; m < M; m += 16) {

@@ -55,16 +55,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     name = args.served_model_name or served_name(args.model)
     engine = Engine(model, tok, max_batch=args.max_batch, prefix_caching=not args.no_prefix_caching)
     app = create_app(engine, name, api_key=args.api_key, max_queue=args.max_queue, engine_thread=False)
+    worker = app.state.tritium.worker
     console.print(f"[dim]{model.load_note}[/dim]")
     # the engine on this thread (the one that loaded the model: tritium.serve.worker says why), uvicorn beside it
     with BackgroundServer(app, host=args.host, port=args.port, log_level=args.log_level) as srv:
         console.print(f"serving [bold]{name}[/bold] on {srv.url}/v1 "
                       f"(prefix caching {'off' if args.no_prefix_caching else 'on'}; Ctrl-C stops)")
         try:
-            app.state.tritium.worker.run()
+            worker.run()
         except KeyboardInterrupt:
             pass
-    worker = app.state.tritium.worker
     if worker.error:
         console.print(f"[red]the engine failed:[/red] {worker.error}")
         return 1

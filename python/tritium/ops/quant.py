@@ -40,7 +40,7 @@ def bf16_tiles(dtype: torch.dtype, bits: int, group: int, int8_act: int) -> bool
     """Whether the CPU kernel multiplies bfloat16 x of BF16_TILE_ROWS rows or more on AMX-BF16 tiles (exact products
     of x's values and the integer weights, float32 sums): the amx_int8 kernel set in use on a CPU with AMX-BF16,
     weights in groups of 32 or more, any int8_act for 4-bit weights, int8_act 0 or 2 for 8-bit ones (one int8 term
-    is faster there; csrc/quant.cpp: bf16_tiles_capable and quant_linear)."""
+    is faster there; csrc/quant.cpp: bf16_tiles)."""
     from ..utils import cpu_has
 
     return (dtype == torch.bfloat16 and bits in QUANT_BITS and group != 16 and (bits == 4 or int8_act != 1)
