@@ -29,15 +29,14 @@ $(STAMP): pyproject.toml setup.py
 
 # A C++ change rebuilds the extension in place, not the whole install (serialised with a lock: two builds at once
 # on 2 cores help nobody).
+# (On a fresh machine the install's `pip install -e` has just built it and touched the stamp: no second build.)
 $(BUILT): $(STAMP) $(wildcard csrc/*.cpp csrc/*.h)
-	flock /tmp/tritium-build.lock $(PY) setup.py -q build_ext --inplace
-	touch $(BUILT)
+	@if [ -n "$$(find csrc -newer $(BUILT) 2>/dev/null)" ] || [ ! -f $(BUILT) ]; then \
+	  flock /tmp/tritium-build.lock $(PY) setup.py -q build_ext --inplace && touch $(BUILT); fi
 
 install: $(BUILT)
 
-build: $(STAMP)
-	flock /tmp/tritium-build.lock $(PY) setup.py -q build_ext --inplace
-	touch $(BUILT)
+build: $(BUILT)
 
 test: $(BUILT)
 	$(PY) -m pytest -q -n $(JOBS) --durations=15

@@ -62,8 +62,11 @@ Features detect() {
     TORCH_CHECK(known, "TRITIUM_CPU_DISABLE: unknown feature '", name, "'; expected a comma-separated list of ",
                 names, "or all");
   }
-  // a feature needs the ones it extends
+  // a feature needs the ones it extends; a build narrower than AVX-512 (tritium._C_avx2) holds no AVX-512 code
   if (!f.avx2) f.avx512 = false;
+#if !defined(CPU_CAPABILITY_AVX512)
+  f.avx512 = f.amx_bf16 = f.amx_int8 = false;
+#endif
   if (!f.avx512) f.avx512_vnni = f.avx512_bf16 = f.avx512_fp16 = false;
   return f;
 }

@@ -2,9 +2,9 @@
 // this layout): quant_pack / quant_unpack (the logical weight <-> 16-row interleaved tiles), quant_linear (x @ W^T
 // with int8 or float activations), quant_linear_dx, quant_dequantize.
 //
-// The tile kernels (quant_kernel.h) are compiled four times, for AMX (with AVX-512 VNNI), AVX-512 VNNI, AVX-512BW
-// and AVX2, whatever the build machine's flags; which one runs is decided at run time from csrc/cpu.h's features (quant_isa overrides it,
-// for tests).
+// The tile kernels (quant_kernel.h) are compiled four times in the AVX-512 build (tritium._C_avx512), for AMX (with
+// AVX-512 VNNI), AVX-512 VNNI, AVX-512BW and AVX2, and once, for AVX2, in the others; which one runs is decided at
+// run time from csrc/cpu.h's features (quant_isa overrides it, for tests).
 #include <immintrin.h>
 
 #include <ATen/Parallel.h>
@@ -32,6 +32,8 @@ namespace avx2 {
 }  // namespace avx2
 #pragma GCC pop_options
 
+#if defined(CPU_CAPABILITY_AVX512)
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 namespace avx512 {
@@ -58,6 +60,7 @@ namespace amx {
 #undef QK_ISA
 }  // namespace amx
 #pragma GCC pop_options
+#endif
 
 using TileFn = void (*)(int, bool, int, const uint8_t*, const void*, const void*, int64_t, int64_t, int64_t,
                         const void*, int64_t, const float*, const float*, int64_t, float*);
@@ -81,12 +84,14 @@ struct Isa {
 };
 
 const Isa kIsas[] = {
+#if defined(CPU_CAPABILITY_AVX512)
     {"amx_int8", &amx::tile, &amx::dequant_t, &amx::quantize_rows, &amx::store_rows,
      [] { return cpu::features().amx_int8 && cpu::features().avx512_vnni; }, &amx::amx_end},
     {"avx512_vnni", &vnni::tile, &vnni::dequant_t, &vnni::quantize_rows, &vnni::store_rows,
      [] { return cpu::features().avx512_vnni; }, nullptr},
     {"avx512", &avx512::tile, &avx512::dequant_t, &avx512::quantize_rows, &avx512::store_rows,
      [] { return cpu::features().avx512; }, nullptr},
+#endif
     {"avx2", &avx2::tile, &avx2::dequant_t, &avx2::quantize_rows, &avx2::store_rows,
      [] { return cpu::features().avx2; }, nullptr},
 };
@@ -119,7 +124,8 @@ constexpr int64_t kBlock = 32, kTile = 16;
 // From this many rows, float activations go through a dequantised weight and one GEMM (quant_linear), and so do
 // two-term int8 activations (ops/quant.py: FLOAT_ROWS, activation_terms)
 constexpr int64_t kGemmRows = 32;
-constexpr int kBf16Tiles = quant::amx::kBf16Tiles;  // the tile kernels' activation mode "bfloat16 on AMX tiles"
+constexpr int kBf16Tiles = quant::avx2::kBf16Tiles;  // the tile kernels' activation mode "bfloat16 on AMX tiles"
+constexpr int64_t kAmxRows = quant::avx2::kAmxRows;   // from this many rows the AMX kernels run
 
 // torch.ops.tritium_runtime.quant_isa(name): "" reports the kernel set in use; a name ("amx_int8", "avx512_vnni",
 // "avx512", "avx2") switches to it (an error if this CPU lacks it); "auto" returns to the best this CPU has.
@@ -336,8 +342,12 @@ struct Tiles {
 constexpr int64_t kBf16TileRows = 384;
 
 bool bf16_tiles(int isa, const at::Tensor& x, int64_t bits, int64_t group, int64_t int8_act) {
+#if defined(CPU_CAPABILITY_AVX512)
   return kIsas[isa].fn == &quant::amx::tile && cpu::features().amx_bf16 && x.scalar_type() == at::kBFloat16 &&
          group != 16 && (bits == 4 || int8_act != 1);
+#else
+  return false;  // no AMX code in this build
+#endif
 }
 
 int checked_isa(const char* what) {
@@ -393,7 +403,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qdata, const at::
   if (M == 0) return y;
   const auto xc = x.stride(1) == 1 ? x : x.contiguous();
   const bool tiles = bf16_tiles(isa, xc, bits, group, int8_act);
-  const bool bf16 = tiles && M >= quant::amx::kAmxRows && M < kBf16TileRows;
+  const bool bf16 = tiles && M >= kAmxRows && M < kBf16TileRows;
   if (!bf16 && M >= kGemmRows && (int8_act != 1 || tiles)) {
     // float activations, many rows (a prefill): the weight dequantised once into W^T (K, N) in x's dtype, then
     // one GEMM (MKL / oneDNN, whose 16-bit kernels multiply in 16 bits as the float model's do); the tile kernel

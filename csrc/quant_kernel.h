@@ -14,8 +14,10 @@
 
 // The activation modes a tile kernel takes ("terms"): 0 float rows, 1 or 2 int8 rows per row of x, or
 // kBf16Tiles: bfloat16 rows multiplied exactly on AMX-BF16 tiles (the AMX set, 4-bit weights, kAmxRows rows or more;
-// quant.cpp asks bf16_tiles_for).
+// quant.cpp asks bf16_tiles).
 constexpr int kBf16Tiles = 3;
+// From this many activation rows the AMX path runs (fewer: the VNNI path, which streams the weights as fast)
+constexpr int64_t kAmxRows = 8;
 
 #if QK_ISA >= 2
 // 16 int32 / float lanes: one 512-bit register
@@ -432,9 +434,6 @@ static void tile_int8(const TileArgs<S>& a, const int8_t* xq, int64_t xs, const 
 // against one B: stage s uses C 2s, C 2s + 1 and B 6 + s, so a block's weights are split and loaded once for both
 // terms and each row's two products are scaled into one accumulator. Rows past the caller's M are computed on
 // padding and dropped.
-// From this many activation rows the AMX path runs (fewer: the VNNI path, which streams the weights as fast)
-constexpr int64_t kAmxRows = 8;
-
 struct alignas(64) TileConfig {
   uint8_t palette, start_row, reserved[14];
   uint16_t colsb[16];

@@ -80,6 +80,31 @@ def test_disabled_features_are_never_selected():
     assert feats == [] and paths["quant_linear"] == "none"
 
 
+@needs_x86
+def test_widest_kernel_build_is_imported():
+    """setup.py builds the kernels for AVX-512 and for AVX2 whatever the build machine has; the widest one this CPU
+    executes is imported, and hiding AVX-512 imports the AVX2 one, whose features then hold no AVX-512 or AMX."""
+    import importlib.util
+    if not os.environ.get("TRITIUM_CPU_CAPABILITY"):  # (a developer's single-width build)
+        for width in ("avx512", "avx2"):
+            assert importlib.util.find_spec(f"tritium._C_{width}") is not None, f"tritium._C_{width} not built"
+    has_avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= FLAGS
+    assert tritium._kernels.WIDTH == ("avx512" if has_avx512 else "avx2")
+    code = "print(json.dumps([tritium._kernels.WIDTH, tritium.utils.cpu_features()]))"
+    width, feats = _in_subprocess(code, "avx512")
+    assert width == "avx2" and not {"avx512", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"} & set(feats)
+    # the AVX2 build computes what the widest one does (a quantized product and an attention, bit for bit where
+    # the order of the sums is the same: the float32 attention panels are exact to torch's error either way)
+    code = ("torch.manual_seed(0)\n"
+            "x = torch.randn(5, 96)\n"
+            "layer = tritium.nn.QuantizedLinear.from_linear(torch.nn.Linear(96, 40), 'int4', group_size=32)\n"
+            "print(json.dumps([tritium._kernels.WIDTH, layer(x).tolist()]))")
+    w1, y1 = _in_subprocess(code, "")
+    w2, y2 = _in_subprocess(code, "avx512")
+    assert w2 == "avx2"
+    torch.testing.assert_close(torch.tensor(y1), torch.tensor(y2), rtol=1e-5, atol=1e-5)
+
+
 def test_unknown_disabled_feature_is_an_error():
     """A misspelt TRITIUM_CPU_DISABLE is an error naming the variable and the names it takes, not silently ignored."""
     env = dict(os.environ, TRITIUM_CPU_DISABLE="amx")

@@ -40,6 +40,7 @@ def machine_info(device: str = "cpu") -> dict:
 
     info["machine_kind"] = machine_kind(info["cpu"])
     info["cpu_features"] = " ".join(cpu_features())
+    info["kernel_width"] = tritium._kernels.WIDTH  # the build of the C++ kernels imported (tritium/_kernels.py)
     try:
         import triton
 

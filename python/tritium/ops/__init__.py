@@ -3,7 +3,7 @@
 One module per op family; each lists its public functions in ``__all__`` and gets one line here.
 """
 import torch  # noqa: F401  (loads libtorch before the extension)
-from .. import _C  # noqa: F401  (the C++ CPU kernels; they register for the schemas the modules define)
+from .. import _kernels  # noqa: F401  (the C++ CPU kernels; they register for the schemas the modules define)
 from .norms import *  # noqa: F401,F403
 from . import norms as _norms
 

@@ -3,8 +3,8 @@
 ``define_op`` registers a schema in the ``tritium`` namespace with its fake (meta) kernel for torch.compile,
 its kernels and optionally its autograd formula. Where each device's kernel comes from:
 
-- CPU: C++ (``tritium._C``), registered by the extension itself for the same schema name
-  (``TORCH_LIBRARY_IMPL(tritium, CPU, m)``), unless the op is a ``composite``;
+- CPU: C++ (``tritium._C_<width>``, imported by tritium._kernels), registered by the extension itself for the same
+  schema name (``TORCH_LIBRARY_IMPL(tritium, CPU, m)``), unless the op is a ``composite``;
 - CUDA: ``cuda="module:function"``, a Triton launcher in ``tritium.kernels`` (imported on the first call, so a
   CPU-only start never imports triton); or ``cuda=<callable>``, an implementation in torch ops (what cuBLAS
   already does well); or ``cuda=None``, no CUDA kernel (a CPU-only op);
