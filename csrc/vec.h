@@ -126,9 +126,11 @@ inline V fexp(const V& x) {
   }
 }
 
-// 1 / d for float vectors: the hardware estimate (14 bits with AVX-512, 12 with AVX2) and one Newton step, within
-// an ulp or two of the division at a third of its cost (a 512-bit division issues once per ~10 cycles); where the
-// step gives NaN for d = 0 or +-inf (inf * 0) the estimate's exact inf or 0 stands. Other types: the division.
+// 1 / d for float vectors. AVX-512: the 14-bit hardware estimate and one Newton step, within an ulp or two of the
+// division at a third of its cost (a 512-bit division issues once per ~10 cycles), exact at powers of two (so
+// sigmoid saturates to exactly 1); where the step gives NaN for d = 0 or +-inf (inf * 0) the estimate's exact inf
+// or 0 stands. Elsewhere the division: AVX2's 12-bit estimate after one step misses 1 / 1 = 1 (sigmoid(inf) would
+// not be exactly 1, and inf * (1 - s) not NaN as torch's) and flushes results below 2^-126 to zero.
 template <typename V>
 inline V frcp(const V& d) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -136,12 +138,6 @@ inline V frcp(const V& d) {
     const __m512 r0 = _mm512_rcp14_ps(d);
     const __m512 r1 = _mm512_fmadd_ps(r0, _mm512_fnmadd_ps(d, r0, _mm512_set1_ps(1.f)), r0);
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(r1, r1, _CMP_UNORD_Q), r1, r0);
-  }
-#elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<V, Vectorized<float>>) {
-    const __m256 r0 = _mm256_rcp_ps(d);
-    const __m256 r1 = _mm256_fmadd_ps(r0, _mm256_fnmadd_ps(d, r0, _mm256_set1_ps(1.f)), r0);
-    return _mm256_blendv_ps(r1, r0, _mm256_cmp_ps(r1, r1, _CMP_UNORD_Q));
   }
 #endif
   return V(1) / d;
