@@ -217,9 +217,15 @@ def _onednn_linear_ok(weight: Tensor) -> bool:
     torch exposes them only as private ops (``torch.ops.mkldnn._reorder_linear_weight`` packs a weight once,
     ``torch.ops.mkldnn._linear_pointwise`` multiplies by the packed copy; torch.compile's CPU inductor uses the
     same pair): this module is the one place tritium calls them, so a torch that renames them breaks one file."""
-    return (weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16)
+    if not (weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16)
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    # oneDNN's 16-bit linear needs the CPU's 16-bit support (AVX-512 BW/VL/DQ or AVX-NE-CONVERT for bfloat16,
+    # AVX512-FP16 or AMX-FP16 for float16); an AVX2 CPU takes the plain way
+    supported = (torch.ops.mkldnn._is_mkldnn_bf16_supported if weight.dtype == torch.bfloat16
+                 else torch.ops.mkldnn._is_mkldnn_fp16_supported)
+    return bool(supported())
 
 
 class PackedLinear:
