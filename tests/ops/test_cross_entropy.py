@@ -1,11 +1,14 @@
 """cross_entropy, fused_linear_cross_entropy, kl_div and distillation_loss as drop-ins / against their unfused
 torch compositions: values, every gradient, reductions, ignore_index, smoothing, weights, errors, compile."""
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import tritium
 from tests.util import CPU_DTYPES, assert_within_torch_error, leaf
+from tritium.utils import cpu_has_bf16_dot
 
 REDUCTIONS = ["mean", "sum", "none"]
 
@@ -197,6 +200,24 @@ def test_fused_linear_cross_entropy_small(dtype, reduction, bias, smoothing, chu
     _compare(ours, theirs, args, dtype, grad_idx=tuple(range(len(args))))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("widen", [True, False], ids=["float32-panels", "16-bit-matmuls"])
+def test_fused_linear_cross_entropy_16bit_ways(monkeypatch, widen, dtype):
+    """Both ways of the CPU LM head for 16-bit inputs, whichever this CPU takes by default: the weight widened once
+    to float32 panels (CPUs without bfloat16 dot products) and the 16-bit matmuls; values and every gradient within
+    2x torch's own error of float64, with and without a bias, mean and per-row."""
+    module = sys.modules["tritium.ops.cross_entropy"]  # (tritium.ops.cross_entropy is the function)
+    monkeypatch.setattr(module, "_widen_16bit", lambda: widen)
+    for bias, reduction in ((True, "mean"), (False, "none")):
+        h, w, b = torch.randn(3, 40, 16), torch.randn(37, 16) / 4, torch.randn(37)
+        t = torch.randint(0, 37, h.shape[:2])
+        t[0, ::3] = -100
+        t_holder[0] = t
+        ours, theirs = _flce_pair(bias, reduction, 0.1, 64)
+        args = [h, w, b] if bias else [h, w]
+        _compare(ours, theirs, args, dtype, grad_idx=tuple(range(len(args))))
+
+
 def _chunked_lm_loss(h, w, t, chunk=1024):
     """linear + cross_entropy ('mean') and its gradients, computed chunk by chunk with autograd (a float64
     reference that fits in memory at LM-head sizes)."""
@@ -217,8 +238,13 @@ def _chunked_lm_loss(h, w, t, chunk=1024):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_fused_linear_cross_entropy_lm_head_size(dtype):
     """(tokens 8192, hidden 576, vocab 49152): the SmolLM-sized LM head, value and all gradients against eager
-    linear + cross_entropy in the same dtype, both measured against a float64 reference."""
+    linear + cross_entropy in the same dtype, both measured against a float64 reference. bfloat16 on a CPU without
+    bfloat16 dot products takes 256 tokens: torch's own bfloat16 matmuls there run on one thread converting element
+    by element (the eager twin took 8 minutes at 1024 tokens), and the vocabulary-long reductions this test is for
+    are as long at any token count."""
     T, H, V = 8192, 576, 49152
+    if dtype == torch.bfloat16 and not cpu_has_bf16_dot():
+        T = 256
     h = torch.randn(T, H).to(dtype)
     w = (torch.randn(V, H) / H ** 0.5).to(dtype)
     t = torch.randint(0, V, (T,))

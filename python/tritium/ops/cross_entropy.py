@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from ..utils import cpu_has, register_cpu_path
+from ..utils import cpu_has, cpu_has_bf16_dot, register_cpu_path
 from ._library import acc_dtype, define_op, kernel_ok, rows
 from .softmax import log_softmax
 from .linear import linear_packed, mm_acc_, pack_linear
@@ -85,8 +85,17 @@ def _own_grad_hidden_gemm() -> bool:
     return not cpu_has("intel")
 
 
+def _widen_16bit() -> bool:
+    """Whether the CPU LM head multiplies 16-bit inputs in float32 (the weight widened and packed once): on a CPU
+    without bfloat16 dot products (cpu_has_bf16_dot), where a 16-bit matmul converts every element on the way in
+    and runs several times slower than float32's (bench/results/)."""
+    return not cpu_has_bf16_dot()
+
+
 register_cpu_path("fused_linear_cross_entropy.float32", lambda: "panels for the logits, " + (
     "panels" if _own_grad_hidden_gemm() else "MKL sgemm") + " for grad_hidden")
+register_cpu_path("fused_linear_cross_entropy.bfloat16", lambda: (
+    "float32 panels (the weight widened once)" if _widen_16bit() else "16-bit matmuls"))
 
 
 def _next_pow2(n: int) -> int:
@@ -131,24 +140,37 @@ class LMHead:
     would repack the whole (V, H) weight on each chunk's call. The packed copy costs the weight's size once more,
     for the object's lifetime. The input gradient g @ W likewise from W's rows packed once (its panels run the
     vocabulary-long reduction in L2-sized blocks; BLAS would repack the weight per chunk here too), except on an
-    Intel CPU, where MKL's sgemm is the faster product (_own_grad_hidden_gemm)."""
+    Intel CPU, where MKL's sgemm is the faster product (_own_grad_hidden_gemm).
+
+    CPU 16-bit without bfloat16 dot products (_widen_16bit): the same in float32, the weight widened once and each
+    chunk's rows on the way in (the logits and gradient rows stay float32, more exact than eager's 16-bit ones);
+    grad_hidden is rounded to the input dtype once, at the end of each chunk."""
 
     def __init__(self, weight, bias, dtype, chunk, need_grad):
-        self.weight, self.bias, self.dtype, self.need_grad = weight, bias, dtype, need_grad
+        self.dtype, self.need_grad, self.vocab = dtype, need_grad, weight.shape[0]
         self.packed = self.packed_t = None
-        if (weight.device.type == "cpu" and dtype in (torch.float32, torch.float64) and weight.is_contiguous()
-                and chunk >= 64 and weight.shape[1] > 0):
-            self.packed = pack_linear(weight)
-            if need_grad and _own_grad_hidden_gemm():
-                self.packed_t = pack_linear(weight.t())
+        self.widen = False
+        if weight.device.type == "cpu" and weight.is_contiguous() and chunk >= 64 and weight.shape[1] > 0:
+            if dtype in (torch.bfloat16, torch.float16) and _widen_16bit():
+                self.widen = True
+                weight, bias = weight.float(), bias.float() if bias is not None else None
+            if dtype in (torch.float32, torch.float64) or self.widen:
+                self.packed = pack_linear(weight)
+                if need_grad and _own_grad_hidden_gemm():
+                    self.packed_t = pack_linear(weight.t())
+        # (a widened weight is kept only for grad_hidden's torch.mm, when there are no panels for it)
+        self.weight = weight if not self.widen or (need_grad and self.packed_t is None) else None
+        self.bias = bias
 
     def chunk(self, h, t, ignore_index, label_smoothing, gh_out, gw, gb, row_scale):
         """The per-row loss of the chunk h (rows, H), t (rows,), in the accumulation dtype. With need_grad: its
         gradient rows (scaled by row_scale when given) times W into gh_out, and their products with h added into gw
         and the row sums into gb (when there is a bias)."""
         weight, bias = self.weight, self.bias
+        if self.widen:
+            h = h.float()
         if self.packed is not None:
-            logits = linear_packed(h, self.packed, weight.shape[0], bias)
+            logits = linear_packed(h, self.packed, self.vocab, bias)
         else:
             logits = torch.addmm(bias, h, weight.t()) if bias is not None else torch.mm(h, weight.t())
         rows_loss, g, _ = cross_entropy_fwd(logits, t, None, ignore_index, label_smoothing, False, self.need_grad)
@@ -156,12 +178,16 @@ class LMHead:
         if not self.need_grad:
             return rows_loss
         # the gradient rows (float32 for 16-bit inputs), scaled and in the input dtype as eager's logits gradient
+        # (kept float32 when widened)
+        gdt = h.dtype
         if row_scale is not None:
-            g = cross_entropy_bwd(g, row_scale, self.dtype)
-        elif g.dtype != self.dtype:
-            g = cross_entropy_bwd(g, rows_loss.new_ones(()).expand(h.shape[0]), self.dtype)
+            g = cross_entropy_bwd(g, row_scale, gdt)
+        elif g.dtype != gdt:
+            g = cross_entropy_bwd(g, rows_loss.new_ones(()).expand(h.shape[0]), gdt)
         if self.packed_t is not None:
-            gh_out.copy_(linear_packed(g, self.packed_t, weight.shape[1]))
+            gh_out.copy_(linear_packed(g, self.packed_t, h.shape[1]))
+        elif gh_out.dtype != g.dtype:
+            gh_out.copy_(torch.mm(g, weight))
         else:
             torch.mm(g, weight, out=gh_out)
         if gw.dtype == g.dtype:
