@@ -147,7 +147,7 @@ class LMHead:
     grad_hidden is rounded to the input dtype once, at the end of each chunk."""
 
     def __init__(self, weight, bias, dtype, chunk, need_grad):
-        self.dtype, self.need_grad, self.vocab = dtype, need_grad, weight.shape[0]
+        self.need_grad, self.vocab = need_grad, weight.shape[0]
         self.packed = self.packed_t = None
         self.widen = False
         if weight.device.type == "cpu" and weight.is_contiguous() and chunk >= 64 and weight.shape[1] > 0:
