@@ -75,7 +75,7 @@ def torch_and_ref(fn, args, dy, dtype):
 # ---------------------------------------------------------------------------------------------------------
 DEVICE = torch.device(os.environ.get("TRITIUM_TEST_DEVICE", "cpu"))
 INTERPRETED = DEVICE.type == "cpu"
-_IN_PLACE = {"append_kv"}  # launchers that write into their arguments besides the `name_` ones
+_IN_PLACE = {"append_kv", "selective_state_update"}  # launchers writing into arguments besides the `name_` ones
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:

@@ -98,6 +98,126 @@ lstm = torch.lstm
 gru = torch.gru
 
 
+
+# ---- state-space scans and the causal depthwise conv of Mamba (tritium.ops.ssm, tritium.ops.conv1d) ----
+# The semantics and argument layouts of mamba_ssm's selective_scan_ref / selective_state_update_ref and
+# causal-conv1d's causal_conv1d_ref / causal_conv1d_update_ref (real A only), computed in float32 (float64 for
+# float64 input) and returned in the input's dtype as theirs.
+def _groups(t: Tensor, dim: int) -> Tensor:
+    """B or C (batch, N, L) or (batch, G, N, L) -> (batch, dim, N, L), each group shared by dim // G channels."""
+    if t.dim() == 3:
+        t = t.unsqueeze(1)
+    return t.repeat_interleave(dim // t.shape[1], 1)
+
+
+def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                   z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+                   return_last_state: bool = False):
+    """Mamba's selective scan. u, delta, z (batch, dim, L); A (dim, N); B, C (dim, N) (constant) or
+    (batch, N, L) / (batch, G, N, L) (per step, G groups of dim // G channels); D, delta_bias (dim,).
+    dt = delta (+ delta_bias) (softplus'd); x_t = exp(dt_t A) x_{t-1} + dt_t B_t u_t (x: (batch, dim, N), x_{-1}
+    = 0); y_t = <x_t, C_t> + D u_t; out = y * silu(z). Returns out (u's dtype) and, with return_last_state, x_{L-1}
+    (float32)."""
+    acc = acc_dtype(u.dtype)
+    dtype_in = u.dtype
+    u, delta, A = u.to(acc), delta.to(acc), A.to(acc)
+    if delta_bias is not None:
+        delta = delta + delta_bias[..., None].to(acc)
+    if delta_softplus:
+        delta = F.softplus(delta)
+    batch, dim, dstate = u.shape[0], A.shape[0], A.shape[1]
+    Bv = B.to(acc)[None, :, :, None] if B.dim() == 2 else _groups(B.to(acc), dim)   # (b|1, dim, N, L|1)
+    Cv = C.to(acc)[None, :, :, None] if C.dim() == 2 else _groups(C.to(acc), dim)
+    deltaA = torch.exp(delta[:, :, :, None] * A[None, :, None, :])                  # (batch, dim, L, N)
+    deltaB_u = (delta * u)[:, :, :, None] * Bv.transpose(2, 3)                      # (batch, dim, L, N)
+    x = u.new_zeros((batch, dim, dstate))
+    ys = []
+    for i in range(u.shape[2]):
+        x = deltaA[:, :, i] * x + deltaB_u[:, :, i]
+        ys.append((x * Cv[..., min(i, Cv.shape[-1] - 1)]).sum(-1))
+    y = torch.stack(ys, dim=2)
+    out = y if D is None else y + u * D.to(acc)[:, None]
+    if z is not None:
+        out = out * F.silu(z.to(acc))
+    out = out.to(dtype_in)
+    return (out, x) if return_last_state else out
+
+
+def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                           D: Optional[Tensor] = None, z: Optional[Tensor] = None, dt_bias: Optional[Tensor] = None,
+                           dt_softplus: bool = False) -> Tensor:
+    """One decoding step of the scan, updating state in place. Without heads: state (batch, dim, N); x, dt, z
+    (batch, dim); A (dim, N); B, C (batch, N); D, dt_bias (dim,). With heads (Mamba-2's layout): state
+    (batch, nheads, dim, N), x, dt, z (batch, nheads, dim), A (nheads, dim, N), B, C (batch, ngroups, N),
+    D, dt_bias (nheads, dim), each group shared by nheads // ngroups heads. Returns y (x's dtype)."""
+    acc = acc_dtype(x.dtype)
+    heads = state.dim() == 4
+    expand = (lambda t: t) if heads else (lambda t: t.unsqueeze(1))
+    s4, x4, dt4, A4 = expand(state), expand(x).to(acc), expand(dt).to(acc), (A if heads else A[None]).to(acc)
+    nheads = s4.shape[1]
+    B4 = (B if B.dim() == 3 else B[:, None]).to(acc).repeat_interleave(nheads // (B.shape[1] if B.dim() == 3 else 1), 1)
+    C4 = (C if C.dim() == 3 else C[:, None]).to(acc).repeat_interleave(nheads // (C.shape[1] if C.dim() == 3 else 1), 1)
+    if dt_bias is not None:
+        dt4 = dt4 + (dt_bias if heads else dt_bias[None]).to(acc)
+    if dt_softplus:
+        dt4 = F.softplus(dt4)
+    new = s4.to(acc) * torch.exp(dt4[..., None] * A4) + (dt4 * x4)[..., None] * B4[:, :, None, :]
+    s4.copy_(new)
+    y = (new * C4[:, :, None, :]).sum(-1)
+    if D is not None:
+        y = y + x4 * (D if heads else D[None]).to(acc)
+    if z is not None:
+        y = y * F.silu(expand(z).to(acc))
+    return (y if heads else y.squeeze(1)).to(x.dtype)
+
+
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, initial_states: Optional[Tensor] = None,
+                  return_final_states: bool = False, final_states_out: Optional[Tensor] = None,
+                  activation: Optional[str] = None):
+    """The depthwise causal conv of Mamba: x (batch, dim, L), weight (dim, width), bias (dim,), initial_states
+    (batch, dim, width - 1); out_t = sum_k weight[:, k] x_{t - width + 1 + k} (+ bias), x before 0 being the
+    initial states (zeros without them); then silu with activation "silu" / "swish". With return_final_states
+    also (out, final_states): the last width - 1 inputs (padded on the left by the initial states or zeros),
+    copied into final_states_out when given."""
+    if activation not in (None, "silu", "swish"):
+        raise NotImplementedError("activation must be None, silu, or swish")
+    acc = acc_dtype(x.dtype)
+    L, (dim, width) = x.shape[-1], weight.shape
+    w, b = weight.to(acc).unsqueeze(1), None if bias is None else bias.to(acc)
+    xa = x.to(acc)
+    if initial_states is None:
+        xa = F.pad(xa, (width - 1, 0))  # zeros before position 0
+    else:
+        xa = torch.cat([initial_states.to(acc), xa], dim=-1)
+    out = F.conv1d(F.pad(xa, (0, 1)) if L == 0 else xa, w, b, groups=dim)[..., :L]  # (conv1d refuses L = 0)
+    out = (out if activation is None else F.silu(out)).to(x.dtype)
+    if not return_final_states:
+        return out
+    final = F.pad(xa, (width - 1 - xa.shape[-1], 0)).to(x.dtype)
+    if final_states_out is not None:
+        final_states_out.copy_(final)
+        final = final_states_out
+    return out, final
+
+
+def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                         activation: Optional[str] = None) -> Tensor:
+    """One decoding step (or a few: x (batch, dim) or (batch, dim, seqlen)) of causal_conv1d over the rolling
+    window conv_state (batch, dim, state_len >= width - 1), which is updated in place."""
+    if activation not in (None, "silu", "swish"):
+        raise NotImplementedError("activation must be None, silu, or swish")
+    acc = acc_dtype(x.dtype)
+    squeeze = x.dim() == 2
+    xs = x.unsqueeze(-1) if squeeze else x
+    seqlen, state_len = xs.shape[-1], conv_state.shape[-1]
+    x_new = torch.cat([conv_state.to(acc), xs.to(acc)], dim=-1)
+    conv_state.copy_(x_new[:, :, x_new.shape[-1] - state_len:])  # (-state_len: would take all for 0)
+    out = F.conv1d(x_new, weight.to(acc).unsqueeze(1), None if bias is None else bias.to(acc),
+                   groups=weight.shape[0])[:, :, -seqlen:]
+    out = out if activation is None else F.silu(out)
+    return (out.squeeze(-1) if squeeze else out).to(x.dtype)
+
+
 # ---- attention ----
 scaled_dot_product_attention = F.scaled_dot_product_attention
 

@@ -358,6 +358,36 @@ def _():
     return [(r(5, 2, 12), r(12, 4), r(12), r(2, 4), False), (r(5, 2, 12), r(12, 4), None, r(2, 4), True)]
 
 
+def _scan_inputs(grad: bool):
+    """u, delta, A, B (2 groups), C, D, z, delta_bias of a small Mamba scan (delta positive, A negative)."""
+    f = g if grad else r
+    u, z = f(2, 4, 11), f(2, 4, 11)
+    delta = (torch.rand(2, 4, 11) * 0.5).requires_grad_(grad)
+    A = (-torch.rand(4, 3) - 0.5).requires_grad_(grad)
+    return u, delta, A, f(2, 2, 3, 11), f(2, 2, 3, 11), f(4), z, f(4)
+
+
+@sample("selective_scan_fwd")
+def _():
+    u, delta, A, B, C, D, z, bias = _scan_inputs(True)
+    return [(u, delta, A, B, C, D, z, bias, True, 4), (u, delta, A, B, C, None, None, None, False, 8)]
+
+
+@sample("selective_scan_bwd")
+def _():
+    u, delta, A, B, C, D, z, bias = _scan_inputs(False)
+    _, states = torch.ops.tritium.selective_scan_fwd(u, delta, A, B, C, D, z, bias, True, 4)
+    return [(r(2, 4, 11), u, delta, A, B, C, D, z, bias, True, 4, states, r(2, 4, 3)),
+            (r(2, 4, 11), u, delta, A, B, C, None, None, None, True, 4, states, None)]
+
+
+@sample("selective_state_update")
+def _():
+    x, dt, A = r(2, 4), torch.rand(2, 4), -torch.rand(4, 3)
+    return [(r(2, 4, 3), x, dt, A, r(2, 2, 3), r(2, 2, 3), r(4), r(2, 4), r(4), True),
+            (r(2, 4, 3), x, dt, A, r(2, 1, 3), r(2, 1, 3), None, None, None, False)]
+
+
 @sample("gru_scan_bwd")
 def _():
     w, h0 = r(12, 4), r(2, 4)

@@ -46,3 +46,6 @@ from . import losses as _losses  # noqa: E402
 from .losses import *  # noqa: F401,F403,E402
 __all__ += _losses.__all__
 from . import optim as _optim  # noqa: E402,F401  (the optimizer steps: tritium.optim's ops, not public functions)
+from . import ssm as _ssm  # noqa: E402
+from .ssm import *  # noqa: F401,F403,E402
+__all__ += _ssm.__all__

@@ -1,0 +1,60 @@
+"""Benchmarks of Mamba's selective scan against mamba_ssm's reference algorithm (tritium.reference.selective_scan:
+selective_scan_ref's steps, the (batch, dim, L, N) decay and input tensors then a loop over time) eager and
+compiled. Shapes are (batch, dim, L, N); B and C per step (batch, N, L); D, z, delta_bias and softplus on, as in a
+Mamba block. The headline shape is issue 24's bar: batch 8, dim 768, L 1024, N 16."""
+import torch
+
+import tritium
+from tritium import reference
+from tritium.bench.case import OpCase, esize
+
+
+def _scan_inputs(shape, dtype, device):
+    batch, dim, L, N = shape
+
+    def rn(*s, scale=1.0, shift=0.0):
+        return (torch.randn(*s, device=device) * scale + shift).to(dtype)
+
+    f32 = torch.float64 if dtype == torch.float64 else torch.float32
+    return (rn(batch, dim, L), rn(batch, dim, L, scale=0.5, shift=-1.0),
+            -torch.exp(torch.randn(dim, N, device=device, dtype=f32) * 0.5),
+            rn(batch, N, L), rn(batch, N, L), torch.randn(dim, device=device, dtype=f32), rn(batch, dim, L),
+            torch.randn(dim, device=device, dtype=f32) * 0.1)
+
+
+def _tritium_scan(u, delta, A, B, C, D, z, bias):
+    return tritium.selective_scan(u, delta, A, B, C, D, z, bias, delta_softplus=True)
+
+
+def _eager_scan(u, delta, A, B, C, D, z, bias):
+    return reference.selective_scan(u, delta, A, B, C, D, z, bias, delta_softplus=True)
+
+
+def _bytes_fwd(s, d):  # read u, delta, z, B, C; write out
+    batch, dim, L, N = s
+    return 4 * batch * dim * L * esize(d) + 2 * batch * N * L * esize(d)
+
+
+def _bytes_fwdbwd(s, d):  # + read dout, u, delta, z, B, C, the chunk states; write du, ddelta, dz, dB, dC
+    batch, dim, L, N = s
+    return 11 * batch * dim * L * esize(d) + 6 * batch * N * L * 4
+
+
+# per (batch, channel, step, state): exp(dt A), the state's multiply-add, the input term, the output's
+# multiply-add (~6 flops, the exp counted as one); the backward recomputes the forward and runs the adjoint (~3x)
+def _flops_fwd(s, d):
+    batch, dim, L, N = s
+    return 6 * batch * dim * L * N
+
+
+def _flops_fwdbwd(s, d):
+    return 4 * _flops_fwd(s, d)
+
+
+CASES = [
+    OpCase("selective_scan", _scan_inputs, _tritium_scan, _eager_scan, _bytes_fwd, _bytes_fwdbwd,
+           flops_fwd=_flops_fwd, flops_fwdbwd=_flops_fwdbwd,
+           shapes=((8, 768, 1024, 16), (1, 1536, 2048, 16), (8, 768, 128, 64)),
+           dtypes=(torch.float32, torch.bfloat16), track_memory=True,
+           note="vs mamba_ssm's selective_scan_ref algorithm (tritium.reference.selective_scan)"),
+]
