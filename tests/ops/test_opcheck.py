@@ -358,6 +358,22 @@ def _():
     return [(r(5, 2, 12), r(12, 4), r(12), r(2, 4), False), (r(5, 2, 12), r(12, 4), None, r(2, 4), True)]
 
 
+@sample("causal_conv1d_fwd")
+def _():
+    return [(g(2, 5, 9), g(5, 4), g(5), None, True), (g(2, 5, 9), g(5, 3), None, g(2, 5, 2), False)]
+
+
+@sample("causal_conv1d_bwd")
+def _():
+    return [(r(2, 5, 9), r(2, 5, 9), r(5, 4), r(5), r(2, 5, 3), True),
+            (r(2, 5, 9), r(2, 5, 9), r(5, 4), None, None, False)]
+
+
+@sample("causal_conv1d_update")
+def _():
+    return [(r(2, 5, 1), r(2, 5, 3), r(5, 4), r(5), True), (r(2, 5, 3), r(2, 5, 6), r(5, 4), None, False)]
+
+
 def _scan_inputs(grad: bool):
     """u, delta, A, B (2 groups), C, D, z, delta_bias of a small Mamba scan (delta positive, A negative)."""
     f = g if grad else r

@@ -126,10 +126,10 @@ def test_constant_b_c_and_reference_backend(reference_backend):
     mamba_ssm's."""
     t = _inputs()
     B, C = torch.randn(5, 4), torch.randn(5, 4)
+    args = (t["u"], t["delta"], t["A"])
     for b, c in ((B, C), (t["B"], t["C"])):  # (float32 both: only the order of the sums differs)
-        torch.testing.assert_close(tritium.selective_scan(t["u"], t["delta"], t["A"], b, c, t["D"], delta_softplus=True),
-                                   scan_ref()(t["u"], t["delta"], t["A"], b, c, t["D"], delta_softplus=True),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tritium.selective_scan(*args, b, c, t["D"], delta_softplus=True),
+                                   scan_ref()(*args, b, c, t["D"], delta_softplus=True), rtol=1e-5, atol=1e-5)
 
 
 # ---- the decoding step ----

@@ -49,3 +49,6 @@ from . import optim as _optim  # noqa: E402,F401  (the optimizer steps: tritium.
 from . import ssm as _ssm  # noqa: E402
 from .ssm import *  # noqa: F401,F403,E402
 __all__ += _ssm.__all__
+from . import conv1d as _conv1d  # noqa: E402
+from .conv1d import *  # noqa: F401,F403,E402
+__all__ += _conv1d.__all__
