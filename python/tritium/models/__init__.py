@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from .llama import CONFIGS, Llama, LlamaConfig, StepInput, build  # noqa: F401
+from .ssm import MambaConfig, MambaLM, MambaState  # noqa: F401  (Mamba-1: tritium.models.ssm)
 
 
 WEIGHT_MODES = ("float", "native", "int8", "int4")
