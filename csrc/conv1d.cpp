@@ -32,23 +32,6 @@ const T* opt_ptr(const c10::optional<at::Tensor>& t) {
 
 at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// dst[0, n) = src[0, n) in the accumulation type
-template <typename T, typename A>
-inline void to_acc(const T* src, A* dst, int64_t n) {
-  if constexpr (std::is_same_v<T, A>) {
-    std::memcpy(dst, src, n * sizeof(A));
-  } else {
-    constexpr int64_t K = Vectorized<T>::size();  // 16-bit lanes = 2 float vectors
-    int64_t i = 0;
-    for (; i + K <= n; i += K) {
-      auto [a, b] = at::vec::convert_to_float<T>(Vectorized<T>::loadu(src + i));
-      a.store(dst + i);
-      b.store(dst + i + K / 2);
-    }
-    for (; i < n; ++i) dst[i] = static_cast<A>(src[i]);
-  }
-}
-
 // dst[i] = xp at position p0 + i - (W - 1) of x, i in [0, n): the initial states (zeros without them) before
 // position 0, x itself in [0, L), zeros from L on.
 template <typename T, typename A>

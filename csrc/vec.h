@@ -1,6 +1,7 @@
 // Shared helpers for the CPU kernels: load/store any floating dtype as vectors of its accumulation type
 // (float for float/bfloat16/half, double for double), and the row-parallel loop every row kernel uses.
 #pragma once
+#include <cstring>
 #include <ATen/ATen.h>
 #include <torch/library.h>
 #include <ATen/OpMathType.h>
@@ -77,6 +78,24 @@ inline std::pair<Vectorized<acc_type<T>>, Vectorized<acc_type<T>>> load2(const T
   }
 }
 
+// dst[0, n) = src[0, n) in the accumulation type A (a copy for float/double; 16-bit: one vector conversion per
+// Vectorized<T>::size() elements)
+template <typename T, typename A>
+inline void to_acc(const T* src, A* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, A>) {
+    std::memcpy(dst, src, n * sizeof(A));
+  } else {
+    constexpr int64_t K = Vectorized<T>::size();  // 16-bit lanes = 2 float vectors
+    int64_t i = 0;
+    for (; i + K <= n; i += K) {
+      auto [a, b] = at::vec::convert_to_float<T>(Vectorized<T>::loadu(src + i));
+      a.store(dst + i);
+      b.store(dst + i + K / 2);
+    }
+    for (; i < n; ++i) dst[i] = static_cast<A>(src[i]);
+  }
+}
+
 // A row in the accumulation type: the row itself for float/double, else converted into buf (once, so that
 // kernels making several passes over a row convert it a single time).
 template <typename T>
@@ -85,16 +104,8 @@ inline const acc_type<T>* as_acc(const T* src, int64_t n, std::vector<acc_type<T
     return src;
   } else {
     buf.resize(n);
-    float* dst = buf.data();
-    constexpr int64_t K = Vectorized<T>::size();  // 16-bit lanes = 2 float vectors
-    int64_t i = 0;
-    for (; i + K <= n; i += K) {
-      auto [a, b] = at::vec::convert_to_float<T>(Vectorized<T>::loadu(src + i));
-      a.store(dst + i);
-      b.store(dst + i + K / 2);
-    }
-    for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-    return dst;
+    to_acc(src, buf.data(), n);
+    return buf.data();
   }
 }
 
