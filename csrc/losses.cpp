@@ -609,27 +609,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_rows_bwd(
 
 // ---- info_nce's row-block statistics (the blocks' matmuls are BLAS calls in python/tritium/ops/losses.py) ----
 // nce_block_fwd: s (B, N) one block of similarities (rows of queries i0.., all N keys), sn (B, M) or empty: the
-// block's similarities with the explicit negatives, in the accumulation dtype (contiguous). Returns the rows'
+// block's similarities with the explicit negatives (contiguous; float32 / float64, or bfloat16 / float16 where the
+// blocks' matmuls round them as eager's 16-bit matmul does: read in the accumulation dtype A). Returns the rows'
 // log-sum-exp over [s | sn] (B,), and (symmetric) the running column max and exp-sum over the rows seen so far
-// updated with this block: m' = max(m, max_i s_ij), e' = e exp(m - m') + sum_i exp(s_ij - m').
-template <typename A>
-A row_lse(const A* x, int64_t n, A m) {
-  using V = Vectorized<A>;
-  constexpr int64_t K = V::size();
+// updated with this block: m' = max(m, max_i s_ij), e' = e exp(m - m') + sum_i exp(s_ij - m'); all in A.
+template <typename T>
+acc_type<T> row_lse(const T* x, int64_t n, acc_type<T> m) {
+  using IO = VecIO<T>;
+  using V = typename IO::Vec;
+  using A = acc_type<T>;
+  constexpr int64_t K = IO::kSize;
   const V vm(m);
   V acc(0);
   int64_t i = 0;
-  for (; i + K <= n; i += K) acc = acc + fexp(V::loadu(x + i) - vm);
+  for (; i + K <= n; i += K) acc = acc + fexp(IO::load(x + i) - vm);
   A sum = hsum(acc);
-  for (; i < n; ++i) sum += std::exp(x[i] - m);
+  for (; i < n; ++i) sum += std::exp(static_cast<A>(x[i]) - m);
   return sum;
+}
+
+void check_nce_block(const at::Tensor& s, const char* op) {
+  const auto t = s.scalar_type();
+  TORCH_CHECK(s.dim() == 2 && s.is_contiguous() &&
+              (t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf),
+              op, ": s must be a contiguous (B, N) float32/float64/bfloat16/float16 block");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_block_fwd(const at::Tensor& s, const std::optional<at::Tensor>& sn,
                                                              const at::Tensor& m_col, const at::Tensor& e_col,
                                                              bool symmetric) {
-  TORCH_CHECK(s.dim() == 2 && s.is_contiguous() && (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
-              "nce_block_fwd: s must be a contiguous (B, N) float32/float64 block");
+  check_nce_block(s, "nce_block_fwd");
+  const auto adt = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t B = s.size(0), N = s.size(1), M = sn ? sn->size(1) : 0;
   if (sn) {
     TORCH_CHECK(sn->dim() == 2 && sn->size(0) == B && sn->is_contiguous() && sn->scalar_type() == s.scalar_type(),
@@ -637,23 +647,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_block_fwd(const at::Tensor& s
   }
   if (symmetric) {
     TORCH_CHECK(m_col.sizes() == at::IntArrayRef{N} && e_col.sizes() == at::IntArrayRef{N} && m_col.is_contiguous() &&
-                e_col.is_contiguous() && m_col.scalar_type() == s.scalar_type() && e_col.scalar_type() == s.scalar_type(),
-                "nce_block_fwd: m_col and e_col must be contiguous (N,) of s's dtype");
+                e_col.is_contiguous() && m_col.scalar_type() == adt && e_col.scalar_type() == adt,
+                "nce_block_fwd: m_col and e_col must be contiguous (N,) in s's accumulation dtype");
   }
-  at::Tensor lse = at::empty({B}, s.options());
-  at::Tensor m_new = symmetric ? at::empty({N}, s.options()) : at::empty({0}, s.options());
-  at::Tensor e_new = symmetric ? at::empty({N}, s.options()) : at::empty({0}, s.options());
-  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "tritium_nce_block_fwd", [&] {
-    using A = scalar_t;
-    using V = Vectorized<A>;
-    constexpr int64_t K = V::size();
-    const A* sp = s.const_data_ptr<A>();
-    const A* np = sn ? sn->const_data_ptr<A>() : nullptr;
+  const auto aopt = s.options().dtype(adt);
+  at::Tensor lse = at::empty({B}, aopt);
+  at::Tensor m_new = symmetric ? at::empty({N}, aopt) : at::empty({0}, aopt);
+  at::Tensor e_new = symmetric ? at::empty({N}, aopt) : at::empty({0}, aopt);
+  TRITIUM_DISPATCH_FLOATING(s.scalar_type(), "tritium_nce_block_fwd", [&] {
+    using T = scalar_t;
+    using IO = VecIO<T>;
+    using A = acc_type<T>;
+    using V = typename IO::Vec;
+    constexpr int64_t K = IO::kSize;
+    const T* sp = s.const_data_ptr<T>();
+    const T* np = sn ? sn->const_data_ptr<T>() : nullptr;
     A* lp = lse.mutable_data_ptr<A>();
     at::parallel_for(0, B, row_grain(N + M), [&](int64_t b0, int64_t b1) {
       for (int64_t r = b0; r < b1; ++r) {
-        const A* row = sp + r * N;
-        const A* nrow = np ? np + r * M : nullptr;
+        const T* row = sp + r * N;
+        const T* nrow = np ? np + r * M : nullptr;
         A m = row_max_acc(row, N);
         if (nrow) m = std::max(m, row_max_acc(nrow, M));
         const A mm = std::isinf(m) ? A(0) : m;  // an all -inf row: log(0) = -inf, not NaN
@@ -675,10 +688,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_block_fwd(const at::Tensor& s
         alignas(64) A mx[kCols], ex[kCols];
         for (int64_t j = j0; j < j1; ++j) mx[j - j0] = mo[j];
         for (int64_t r = 0; r < B; ++r) {
-          const A* row = sp + r * N;
+          const T* row = sp + r * N;
           int64_t j = j0;
-          for (; j + K <= j1; j += K) at::vec::maximum(V::loadu(mx + j - j0), V::loadu(row + j)).store(mx + j - j0);
-          for (; j < j1; ++j) mx[j - j0] = std::max(mx[j - j0], row[j]);
+          for (; j + K <= j1; j += K) at::vec::maximum(V::loadu(mx + j - j0), IO::load(row + j)).store(mx + j - j0);
+          for (; j < j1; ++j) mx[j - j0] = std::max(mx[j - j0], static_cast<A>(row[j]));
         }
         for (int64_t j = j0; j < j1; ++j) {
           const A m = std::isinf(mx[j - j0]) ? A(0) : mx[j - j0];
@@ -686,12 +699,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_block_fwd(const at::Tensor& s
           ex[j - j0] = eo[j] == A(0) ? A(0) : eo[j] * std::exp(mo[j] - m);
         }
         for (int64_t r = 0; r < B; ++r) {
-          const A* row = sp + r * N;
+          const T* row = sp + r * N;
           int64_t j = j0;
           for (; j + K <= j1; j += K) {
-            (V::loadu(ex + j - j0) + fexp(V::loadu(row + j) - V::loadu(mx + j - j0))).store(ex + j - j0);
+            (V::loadu(ex + j - j0) + fexp(IO::load(row + j) - V::loadu(mx + j - j0))).store(ex + j - j0);
           }
-          for (; j < j1; ++j) ex[j - j0] += std::exp(row[j] - mx[j - j0]);
+          for (; j < j1; ++j) ex[j - j0] += std::exp(static_cast<A>(row[j]) - mx[j - j0]);
         }
         for (int64_t j = j0; j < j1; ++j) {
           mn[j] = mx[j - j0];
@@ -705,51 +718,63 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_block_fwd(const at::Tensor& s
 
 // nce_block_bwd: the gradient of the block's similarities, ds_ij = wq_i exp(s_ij - lse_row_i)
 // + wk_j exp(s_ij - lse_col_j) (the second term when lse_col is given), minus wq_i + wk_j on the positives'
-// diagonal j = diag + i (diag < 0: none, e.g. for the negatives' block).
+// diagonal j = diag + i (diag < 0: none, e.g. for the negatives' block). Computed in the accumulation dtype A (the
+// dtype of lse_row, wq, lse_col, wk) and written in s's dtype (a 16-bit ds goes into 16-bit matmuls as is).
 at::Tensor nce_block_bwd(const at::Tensor& s, const at::Tensor& lse_row, const at::Tensor& wq,
                          const std::optional<at::Tensor>& lse_col, const std::optional<at::Tensor>& wk, int64_t diag) {
-  TORCH_CHECK(s.dim() == 2 && s.is_contiguous() && (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
-              "nce_block_bwd: s must be a contiguous (B, N) float32/float64 block");
+  check_nce_block(s, "nce_block_bwd");
+  const auto adt = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t B = s.size(0), N = s.size(1);
   TORCH_CHECK(lse_row.sizes() == at::IntArrayRef{B} && wq.sizes() == at::IntArrayRef{B} && lse_row.is_contiguous() &&
-              wq.is_contiguous() && lse_row.scalar_type() == s.scalar_type() && wq.scalar_type() == s.scalar_type(),
-              "nce_block_bwd: lse_row and wq must be contiguous (B,) of s's dtype");
+              wq.is_contiguous() && lse_row.scalar_type() == adt && wq.scalar_type() == adt,
+              "nce_block_bwd: lse_row and wq must be contiguous (B,) in s's accumulation dtype");
   TORCH_CHECK(lse_col.has_value() == wk.has_value(), "nce_block_bwd: lse_col and wk come together");
   if (lse_col) {
     TORCH_CHECK(lse_col->sizes() == at::IntArrayRef{N} && wk->sizes() == at::IntArrayRef{N} && lse_col->is_contiguous() &&
-                wk->is_contiguous() && lse_col->scalar_type() == s.scalar_type() && wk->scalar_type() == s.scalar_type(),
-                "nce_block_bwd: lse_col and wk must be contiguous (N,) of s's dtype");
+                wk->is_contiguous() && lse_col->scalar_type() == adt && wk->scalar_type() == adt,
+                "nce_block_bwd: lse_col and wk must be contiguous (N,) in s's accumulation dtype");
   }
   at::Tensor ds = at::empty({B, N}, s.options());
-  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "tritium_nce_block_bwd", [&] {
-    using A = scalar_t;
-    using V = Vectorized<A>;
-    constexpr int64_t K = V::size();
-    const A* sp = s.const_data_ptr<A>();
+  TRITIUM_DISPATCH_FLOATING(s.scalar_type(), "tritium_nce_block_bwd", [&] {
+    using T = scalar_t;
+    using IO = VecIO<T>;
+    using A = acc_type<T>;
+    using V = typename IO::Vec;
+    constexpr int64_t K = IO::kSize;
+    const T* sp = s.const_data_ptr<T>();
     const A* lr = lse_row.const_data_ptr<A>();
     const A* wqp = wq.const_data_ptr<A>();
     const A* lc = lse_col ? lse_col->const_data_ptr<A>() : nullptr;
     const A* wkp = wk ? wk->const_data_ptr<A>() : nullptr;
-    A* dp = ds.mutable_data_ptr<A>();
+    T* dp = ds.mutable_data_ptr<T>();
     at::parallel_for(0, B, row_grain(N), [&](int64_t b0, int64_t b1) {
       for (int64_t r = b0; r < b1; ++r) {
-        const A* row = sp + r * N;
-        A* out = dp + r * N;
+        const T* row = sp + r * N;
+        T* out = dp + r * N;
         const V vl(lr[r]), vw(wqp[r]);
+        // the diagonal's element: its value (in A) with the positive's term subtracted, stored after the row
+        const int64_t d = diag + r;
+        const bool has_d = diag >= 0 && d < N;
+        A dval = A(0);
+        if (has_d) {
+          const A x = static_cast<A>(row[d]);
+          dval = std::exp(x - lr[r]) * wqp[r] + (lc ? std::exp(x - lc[d]) * wkp[d] : A(0)) - (wqp[r] + (wkp ? wkp[d] : A(0)));
+        }
         int64_t j = 0;
         if (lc) {
           for (; j + K <= N; j += K) {
-            const V x = V::loadu(row + j);
-            const V t = fexp(x - vl) * vw + fexp(x - V::loadu(lc + j)) * V::loadu(wkp + j);
-            t.store(out + j);
+            const V x = IO::load(row + j);
+            IO::store(out + j, fexp(x - vl) * vw + fexp(x - V::loadu(lc + j)) * V::loadu(wkp + j));
           }
-          for (; j < N; ++j) out[j] = std::exp(row[j] - lr[r]) * wqp[r] + std::exp(row[j] - lc[j]) * wkp[j];
+          for (; j < N; ++j) {
+            const A x = static_cast<A>(row[j]);
+            out[j] = static_cast<T>(std::exp(x - lr[r]) * wqp[r] + std::exp(x - lc[j]) * wkp[j]);
+          }
         } else {
-          for (; j + K <= N; j += K) (fexp(V::loadu(row + j) - vl) * vw).store(out + j);
-          for (; j < N; ++j) out[j] = std::exp(row[j] - lr[r]) * wqp[r];
+          for (; j + K <= N; j += K) IO::store(out + j, fexp(IO::load(row + j) - vl) * vw);
+          for (; j < N; ++j) out[j] = static_cast<T>(std::exp(static_cast<A>(row[j]) - lr[r]) * wqp[r]);
         }
-        const int64_t d = diag + r;
-        if (diag >= 0 && d < N) out[d] -= wqp[r] + (wkp ? wkp[d] : A(0));
+        if (has_d) out[d] = static_cast<T>(dval);
       }
     });
   });

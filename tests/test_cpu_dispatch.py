@@ -1,6 +1,6 @@
 """Run-time CPU dispatch (csrc/cpu.h): what tritium detects matches what the CPU reports, TRITIUM_CPU_DISABLE hides a
 feature so the path of a lesser CPU runs (and a machine without AMX never selects it), `tritium info` names each
-family's path, and the bfloat16 attention is right on every path this machine can take."""
+family's path, and the bfloat16 attention and info_nce are right on every path this machine can take."""
 import json
 import os
 import subprocess
@@ -149,6 +149,40 @@ def test_bfloat16_attention_on_each_path(disable):
     assert_within_torch_error(ours, theirs, ref, f"out on {got['path']}")
     for name, g, tg, rg in zip("qkv", got["grads"], their_grads, ref_grads):
         assert_within_torch_error(torch.tensor(g).to(torch.bfloat16), tg, rg, f"d{name} on {got['path']}")
+
+
+_INFO_NCE = """
+torch.manual_seed(0)
+q, k, n = (torch.randn(r, 24, dtype=torch.bfloat16, requires_grad=True) for r in (70, 70, 23))
+loss = tritium.info_nce(q, k, 0.07, negatives=n, block_size=16)
+loss.backward()
+from tritium.utils import cpu_paths
+print(json.dumps({"path": cpu_paths()["info_nce.bfloat16"], "loss": loss.float().item(),
+                  "grads": [t.grad.float().tolist() for t in (q, k, n)]}))
+"""
+
+
+@pytest.mark.parametrize("disable", ["", "amx_bf16", "amx_bf16,avx512_bf16"])
+def test_bfloat16_info_nce_on_each_path(disable):
+    """The bfloat16 info_nce (blocks of 16 rows over 70, explicit negatives) and every gradient on the path this
+    machine takes with `disable` hidden (AMX: bfloat16 products into float32; AVX512-BF16: oneDNN bfloat16 matmuls;
+    neither: float32 products), against float64, within 2x torch's own bfloat16 error."""
+    from tritium import reference
+    got = _in_subprocess(_INFO_NCE, disable)
+    torch.manual_seed(0)
+    ins16 = [torch.randn(r, 24, dtype=torch.bfloat16) for r in (70, 70, 23)]
+
+    def run(dtype):
+        ins = [t.to(dtype).requires_grad_() for t in ins16]
+        loss = reference.info_nce(ins[0], ins[1], 0.07, negatives=ins[2])
+        loss.backward()
+        return loss.detach(), [t.grad for t in ins]
+
+    ref, ref_grads = run(torch.float64)
+    theirs, their_grads = run(torch.bfloat16)
+    assert_within_torch_error(torch.tensor(got["loss"]).to(torch.bfloat16), theirs, ref, f"loss on {got['path']}")
+    for name, g, tg, rg in zip(("dq", "dk", "dn"), got["grads"], their_grads, ref_grads):
+        assert_within_torch_error(torch.tensor(g).to(torch.bfloat16), tg, rg, f"{name} on {got['path']}")
 
 
 def test_info_prints_the_paths():

@@ -268,22 +268,27 @@ def test_multi_margin_target_out_of_range():
         cpp.loss_rows(ROW_MULTI_MARGIN, torch.randn(3, 5), None, None, torch.tensor([0, 5, 1]), None, 1.0, 1.0, 0.0)
 
 
-@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16), ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("n", (1, 7, 133))
 def test_nce_blocks(dtype, n):
     """info_nce's block statistics (C++) against their torch implementation (the CUDA side) in float64: row
     log-sum-exp with and without the negatives' block, the online column statistics across two blocks, and the
-    block gradient with and without the column term and the diagonal."""
+    block gradient with and without the column term and the diagonal. A bfloat16 block (the similarities of a
+    bfloat16 matmul) is read in float32, the statistics' dtype, and its gradient written in bfloat16 (one rounding)."""
     from tritium.ops.losses import _nce_block_bwd_torch, _nce_block_fwd_torch
-    s1, s2, sn = (torch.randn(b, w, dtype=torch.float64) * 4 for b, w in ((5, n), (3, n), (5, 11)))
+    adt = torch.float32 if dtype == torch.bfloat16 else dtype
+    # the blocks as the kernels see them (rounded to dtype), in float64 for the reference
+    s1, s2, sn = (torch.randn(b, w, dtype=torch.float64).mul(4).to(dtype).double()
+                  for b, w in ((5, n), (3, n), (5, 11)))
     m0, e0 = torch.full((n,), float("-inf"), dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     # float32: the kernels' exp is ATen's exp_u20 (relative error up to ~1e-6, vec.h's fexp)
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
     for neg in (None, sn):
-        state = {"cpp": (m0.to(dtype), e0.to(dtype)), "ref": (m0, e0)}
+        state = {"cpp": (m0.to(adt), e0.to(adt)), "ref": (m0, e0)}
         for blk in (s1, s2):
             ours = cpp.nce_block_fwd(blk.to(dtype), None if neg is None else neg[:blk.shape[0]].to(dtype),
                                      *state["cpp"], True)
+            assert all(t.dtype == adt for t in ours)
             ref = _nce_block_fwd_torch(blk, None if neg is None else neg[:blk.shape[0]], *state["ref"], True)
             state = {"cpp": ours[1:], "ref": ref[1:]}
             torch.testing.assert_close(ours[0].double(), ref[0], **tol)
@@ -291,10 +296,13 @@ def test_nce_blocks(dtype, n):
             torch.testing.assert_close(lse_ours, state["ref"][0] + state["ref"][1].log(), **tol)
     lse_row, wq = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
     lse_col, wk = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    # the gradient: float32 within exp's error; bfloat16 within one rounding of it
+    btol = dict(rtol=2 ** -8, atol=1e-5) if dtype == torch.bfloat16 else tol
     for col, diag in (((lse_col, wk), 2), ((None, None), -1), ((lse_col, wk), 0)):
-        ours = cpp.nce_block_bwd(s1.to(dtype), lse_row.to(dtype), wq.to(dtype),
-                                 *(None if c is None else c.to(dtype) for c in col), diag)
-        torch.testing.assert_close(ours.double(), _nce_block_bwd_torch(s1, lse_row, wq, *col, diag), **tol)
+        ours = cpp.nce_block_bwd(s1.to(dtype), lse_row.to(adt), wq.to(adt),
+                                 *(None if c is None else c.to(adt) for c in col), diag)
+        assert ours.dtype == dtype
+        torch.testing.assert_close(ours.double(), _nce_block_bwd_torch(s1, lse_row, wq, *col, diag), **btol)
 
 
 @pytest.mark.gpu_compile

@@ -305,8 +305,9 @@ def test_info_nce(symmetric, with_negatives, normalize):
 @pytest.mark.parametrize("with_negatives", (False, True), ids=("pairs", "negatives"))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=lambda d: str(d)[6:])
 def test_info_nce_dtypes(dtype, with_negatives):
-    """float32 / bfloat16 inputs (on a CPU with AMX the bfloat16 blocks multiply in bfloat16 into float32 sums),
-    with and without explicit negatives, against torch's materialised computation in that dtype and float64."""
+    """float32 / bfloat16 inputs (on a CPU that multiplies bfloat16 natively the bfloat16 blocks multiply in
+    bfloat16: tests/test_cpu_dispatch.py runs every path), with and without explicit negatives, against torch's
+    materialised computation in that dtype and float64."""
     q, k, n = torch.randn(70, 24).to(dtype), torch.randn(70, 24).to(dtype), torch.randn(23, 24).to(dtype)
     names = ("dq", "dk", "dn") if with_negatives else ("dq", "dk")
     inputs = (q, k, n)[:len(names)]

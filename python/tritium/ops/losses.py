@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from ..utils import cpu_has, register_cpu_path
+from ..utils import cpu_has, cpu_has_bf16_dot, register_cpu_path
 from ._library import acc_dtype, define_op, kernel_ok, unit_last
 from .linear import mm_acc_
 
@@ -438,18 +438,34 @@ def _acc(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _native16(t: Tensor) -> bool:
-    """Whether the blocks' products keep t's bfloat16 operands (into float32 sums: mm_acc_, MKL on the AMX tiles)
-    instead of converting them to float32: on a CPU with AMX-BF16, where that is several times faster."""
-    return t.dtype == torch.bfloat16 and t.device.type == "cpu" and cpu_has("amx_bf16")
+    """Whether the blocks' products keep t's bfloat16 operands instead of converting them to float32: on a CPU that
+    multiplies bfloat16 natively (cpu_has_bf16_dot), where that is two or more times faster. The products are summed
+    in float32 either way; the gradients' products go through mm_acc_."""
+    return t.dtype == torch.bfloat16 and t.device.type == "cpu" and cpu_has_bf16_dot()
+
+
+def _round16(t: Tensor) -> bool:
+    """Whether the blocks' similarities come out of the matmul in bfloat16 (a oneDNN bfloat16 matmul, rounded as
+    eager's bfloat16 matmul rounds them; the statistics are then computed from them in float32): on the native path
+    without AMX. With AMX they stay float32 (MKL's bfloat16 GEMM into float32 sums, mm_acc_); on AVX512-BF16, MKL's
+    bfloat16 GEMM is the slow kernel and a float32 output through oneDNN would take a zeroing and an add pass more."""
+    return _native16(t) and not cpu_has("amx_bf16")
 
 
 register_cpu_path("info_nce.bfloat16", lambda: "bfloat16 products into float32 (MKL, AMX)" if cpu_has("amx_bf16")
+                  else "bfloat16 matmuls (oneDNN), bfloat16 similarities" if cpu_has_bf16_dot()
                   else "float32 products")
 
 
 def _operands(t: Optional[Tensor], native: bool) -> Optional[Tensor]:
     """A product's operand: t itself on the native bfloat16 path, else in the accumulation dtype."""
     return t if native or t is None else _acc(t)
+
+
+def _sim(a: Tensor, b: Tensor, inv_t: float, round16: bool) -> Tensor:
+    """A block of similarities a @ b * inv_t: in bfloat16 from bfloat16 operands when round16 (as eager's
+    bfloat16 matmul and scaling round them), else in float32 (_mm32)."""
+    return (torch.mm(a, b) if round16 else _mm32(a, b)).mul_(inv_t)
 
 
 def _mm32(a: Tensor, b: Tensor, out: Optional[Tensor] = None) -> Tensor:
@@ -513,19 +529,22 @@ def _nce_fwd_impl(q, k, neg, inv_t, symmetric, block):
     """(per-row loss, row log-sum-exp, column log-sum-exp (symmetric; else empty)), all in the accumulation dtype.
     Row block [i0, i1): S = q[i0:i1] k^T / T (and q[i0:i1] n^T / T); the row LSE is complete per block, the
     column LSE is kept online (running max and rescaled exp-sum) across blocks (nce_block_fwd)."""
-    native = _native16(q)
+    native, round16 = _native16(q), _round16(q)
     qa, ka, na = (_operands(t, native) for t in (q, k, neg))
     n = q.shape[0]
     lse_row = q.new_empty((n,), dtype=acc_dtype(q.dtype))
+    diag = torch.empty_like(lse_row)
     m_col = lse_row.new_full((n,), float("-inf")) if symmetric else lse_row.new_empty((0,))
     e_col = lse_row.new_zeros((n,)) if symmetric else lse_row.new_empty((0,))
     for i0 in range(0, n, block):
         i1 = min(n, i0 + block)
-        s = _mm32(qa[i0:i1], ka.t()).mul_(inv_t)
-        sn = _mm32(qa[i0:i1], na.t()).mul_(inv_t) if na is not None else None
+        s = _sim(qa[i0:i1], ka.t(), inv_t, round16)
+        sn = _sim(qa[i0:i1], na.t(), inv_t, round16) if na is not None else None
         lse_row[i0:i1], m_col, e_col = nce_block_fwd(s, sn, m_col, e_col, symmetric)
         del s, sn
-    diag = (_acc(q) * _acc(k)).sum(1).mul_(inv_t)
+        # the positives' similarities in the accumulation dtype, a block at a time (no float copy of q and k)
+        diag[i0:i1] = (_acc(q[i0:i1]) * _acc(k[i0:i1])).sum(1)
+    diag.mul_(inv_t)
     loss = lse_row - diag
     if symmetric:
         lse_col = m_col + torch.log(e_col)
@@ -543,7 +562,7 @@ def _nce_bwd_impl(dloss, q, k, neg, lse_row, lse_col, inv_t, symmetric, block):
     """Gradients of sum(dloss * loss) for q, k and the negatives, recomputing each row block's similarities:
     dS = wq (softmax_row(S) - I) + wk (softmax_col(S) - I), wq = wk = dloss / 2 when symmetric (else wq = dloss,
     wk = 0); dq = dS k / T, dk = dS^T q / T (accumulated over blocks), likewise for the negatives' columns."""
-    native = _native16(q)
+    native, round16 = _native16(q), _round16(q)
     qa, ka, na = (_operands(t, native) for t in (q, k, neg))
     adt = acc_dtype(q.dtype)
     n = q.shape[0]
@@ -558,14 +577,14 @@ def _nce_bwd_impl(dloss, q, k, neg, lse_row, lse_col, inv_t, symmetric, block):
     for i0 in range(0, n, block):
         i1 = min(n, i0 + block)
         qb, wb, lb = qa[i0:i1], w[i0:i1], lse_row[i0:i1]
-        s = _mm32(qb, ka.t()).mul_(inv_t)
+        s = _sim(qb, ka.t(), inv_t, round16)
         ds = ds_in(nce_block_bwd(s, lb, wb, lse_col if symmetric else None, w if symmetric else None, i0))
         del s
         _mm32(ds, ka, out=dq[i0:i1])
         acc_(dk, ds.t(), qb)
         del ds
         if na is not None:
-            dsn = ds_in(nce_block_bwd(_mm32(qb, na.t()).mul_(inv_t), lb, wb, None, None, -1))
+            dsn = ds_in(nce_block_bwd(_sim(qb, na.t(), inv_t, round16), lb, wb, None, None, -1))
             acc_(dq[i0:i1], dsn, na)
             acc_(dn, dsn.t(), qb)
             del dsn
@@ -615,7 +634,8 @@ def info_nce(query: Tensor, key: Tensor, temperature: float = 0.1, symmetric: bo
 
     The (N, N) similarities are computed block_size query rows at a time (default: default_block_rows) and never
     held whole: the forward keeps each row's and each column's log-sum-exp, the backward recomputes the blocks.
-    Peak extra memory is about two (block_size, N) float32 blocks plus float32 copies of 16-bit inputs."""
+    Peak extra memory is about two (block_size, N) float32 blocks (bfloat16 blocks on a CPU that multiplies
+    bfloat16 natively), plus float32 copies of 16-bit inputs where it does not."""
     if not (isinstance(query, Tensor) and isinstance(key, Tensor) and query.dim() == 2 and query.shape == key.shape):
         raise ValueError(f"info_nce: query and key must be (N, D) of one shape, got "
                          f"{tuple(getattr(query, 'shape', ()))} and {tuple(getattr(key, 'shape', ()))}")
