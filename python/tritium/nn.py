@@ -599,3 +599,96 @@ def quantize_(model: torch.nn.Module, mode: str = "int8", group_size: int = None
             if isinstance(child, torch.nn.Linear) and (filter is None or filter(child, full)):
                 setattr(module, child_name, QuantizedLinear.from_linear(child, mode, group_size, int8_act))
     return model
+
+
+# ---- LoRA adapters (tritium.ops.lora; tritium.lora applies them to a model, docs/lora.md) ----
+def _check_lora_args(fn: str, r, lora_dropout) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"{fn}: r must be a positive integer, got {r!r}")
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0 <= lora_dropout < 1:
+        raise ValueError(f"{fn}: dropout must be in [0, 1), got {lora_dropout!r}")
+
+
+class LoRALinear(torch.nn.Linear):
+    """A frozen torch.nn.Linear plus a trained low-rank adapter, PEFT's LoRA Linear: forward(x) = x W^T + bias +
+    scaling (dropout(x) A^T) B^T through tritium.lora_linear, scaling = lora_alpha / r (lora_alpha / sqrt(r) with
+    use_rslora). ``weight`` and ``bias`` are the base layer's, frozen (requires_grad False); ``lora_A`` (r, in) starts
+    as PEFT's (Kaiming-uniform, a = sqrt(5)) and ``lora_B`` (out, r) at zeros, so a new adapter leaves the output as
+    it was. ``lora_dropout``: the dropout probability on the adapter's input while training.
+
+    ``merge()`` adds scaling B A into the weight (forward is then the plain linear layer), ``unmerge()`` subtracts
+    it again. ``LoRALinear.from_linear(linear, r, lora_alpha, lora_dropout)`` wraps an existing layer (sharing its
+    weight and bias); ``tritium.lora.apply(model, ...)`` does it for a model's layers."""
+
+    def __init__(self, in_features: int, out_features: int, r: int = 16, lora_alpha: float = 32.0,
+                 lora_dropout: float = 0.0, bias: bool = True, device=None, dtype=None, use_rslora: bool = False):
+        _check_lora_args("LoRALinear", r, lora_dropout)
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = r, lora_alpha, float(lora_dropout), use_rslora
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        kw = {"device": self.weight.device, "dtype": self.weight.dtype}
+        self.lora_A = torch.nn.Parameter(torch.empty(r, in_features, **kw))
+        self.lora_B = torch.nn.Parameter(torch.zeros(out_features, r, **kw))
+        self.merged = False
+        self.reset_lora_parameters()
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, r: int = 16, lora_alpha: float = 32.0, lora_dropout: float = 0.0,
+                    use_rslora: bool = False) -> "LoRALinear":
+        """A LoRALinear around ``linear``: its weight and bias Parameters (now frozen), new adapters on its device
+        and in its dtype."""
+        _check_lora_args("LoRALinear.from_linear", r, lora_dropout)
+        w = linear.weight
+        with torch.device("meta"):   # no second copy of the weight: the layer's own Parameters are put in below
+            m = cls(linear.in_features, linear.out_features, r, lora_alpha, lora_dropout, linear.bias is not None,
+                    use_rslora=use_rslora)
+        m.weight = w
+        m.bias = linear.bias
+        m.weight.requires_grad_(False)
+        if m.bias is not None:
+            m.bias.requires_grad_(False)
+        m.lora_A = torch.nn.Parameter(torch.empty(r, linear.in_features, device=w.device, dtype=w.dtype))
+        m.lora_B = torch.nn.Parameter(torch.zeros(linear.out_features, r, device=w.device, dtype=w.dtype))
+        m.reset_lora_parameters()
+        m.train(linear.training)
+        return m
+
+    @torch.no_grad()
+    def reset_lora_parameters(self) -> None:
+        torch.nn.init.kaiming_uniform_(self.lora_A, a=5 ** 0.5)
+        self.lora_B.zero_()
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (self.r ** 0.5 if self.use_rslora else self.r)
+
+    def delta_weight(self) -> Tensor:
+        """scaling B A (out, in), computed in float32 (float64 for a float64 weight), in the weight's dtype."""
+        acc = torch.promote_types(self.weight.dtype, torch.float32)
+        return ((self.lora_B.detach().to(acc) @ self.lora_A.detach().to(acc)) * self.scaling).to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """weight += scaling B A; forward is then the plain linear layer (no adapter term) until unmerge()."""
+        if not self.merged:
+            self.weight.add_(self.delta_weight())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """weight -= scaling B A: the base weight again (up to the rounding of the weight's dtype)."""
+        if self.merged:
+            self.weight.sub_(self.delta_weight())
+            self.merged = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return ops.linear(x, self.weight, self.bias)
+        return ops.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.lora_dropout,
+                               self.training)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}"
+                f"{', use_rslora=True' if self.use_rslora else ''}{', merged' if self.merged else ''}")

@@ -466,6 +466,25 @@ def quantize_int8_act(x: Tensor, terms: int = 1) -> Tensor:
     return out[:, :k].to(x.device)
 
 
+# ---- LoRA (tritium.ops.lora): PEFT's LoRA Linear forward ----
+def lora_dropout_mask(x: Tensor, p: float) -> Tensor:
+    """The dropout mask of lora_linear's adapter input: 0/1 in x's dtype and shape, each element kept with
+    probability 1 - p, drawn from torch's generator (the kernels' path draws the same mask)."""
+    return torch.empty_like(x).bernoulli_(1.0 - p)
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
+                dropout_p: float = 0.0, training: bool = True) -> Tensor:
+    """x W^T + bias + scaling (dropout(x) A^T) B^T, as PEFT's LoRA Linear computes it: the base layer in x's dtype,
+    the adapter in its own (x cast to lora_A's dtype first), the sum returned in the base output's dtype.
+    dropout(x) = x * lora_dropout_mask(x, p) / (1 - p) while training with p > 0."""
+    y = F.linear(x, weight, bias)
+    xa = x.to(lora_A.dtype)
+    if training and dropout_p > 0.0:
+        xa = xa * lora_dropout_mask(x, dropout_p).to(xa.dtype) / (1.0 - dropout_p)
+    return (y + F.linear(F.linear(xa, lora_A), lora_B) * scaling).to(y.dtype)
+
+
 # ---- preference and RL losses (ops/preference.py) ----
 # A sequence loss is a formula of per-sequence statistics: lp (N,) the summed log-probabilities of each sequence's
 # non-ignored target tokens, n (N,) their counts, ref (N,) the reference model's summed log-probabilities, labels

@@ -374,6 +374,18 @@ def _():
     return [(r(2, 5, 1), r(2, 5, 3), r(5, 4), r(5), True), (r(2, 5, 3), r(2, 5, 6), r(5, 4), None, False)]
 
 
+@sample("lora_linear_fwd")
+def _():
+    return [(g(6, 5), r(7, 5), r(7), g(2, 5), g(7, 2), None, 1.5),
+            (g(6, 5), r(7, 5), None, g(1, 5), g(7, 1), (r(6, 5) > 0).float(), 2.0)]
+
+
+@sample("lora_linear_bwd")
+def _():
+    return [(r(6, 7), r(6, 5), r(7, 5), r(2, 5), r(7, 2), None, r(6, 2), 1.5, True),
+            (r(6, 7), r(6, 5), r(7, 5), r(2, 5), r(7, 2), (r(6, 5) > 0).float(), r(6, 2), 1.5, False)]
+
+
 def _scan_inputs(grad: bool):
     """u, delta, A, B (2 groups), C, D, z, delta_bias of a small Mamba scan (delta positive, A negative)."""
     f = g if grad else r

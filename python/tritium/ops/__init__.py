@@ -52,3 +52,6 @@ __all__ += _ssm.__all__
 from . import conv1d as _conv1d  # noqa: E402
 from .conv1d import *  # noqa: F401,F403,E402
 __all__ += _conv1d.__all__
+from . import lora as _lora  # noqa: E402
+from .lora import *  # noqa: F401,F403,E402
+__all__ += _lora.__all__

@@ -1,0 +1,153 @@
+// LoRA linear layers' CPU kernels (python/tritium/ops/lora.py): a frozen base weight W (N, K) and bias, a low-rank
+// adapter A (R, K), B (N, R) with scale s, and the dropout on the adapter's input as a 0/1 mask m (M, K) in x's
+// dtype (or none; the caller folds its 1 / (1 - p) into s):
+//   forward:  xs = s (x * m) A^T (M, R), returned for the backward;  y = x W^T + bias + xs B^T (M, N)
+//   backward: gs = s dy B (M, R);  dx = dy W + (gs A) * m;  dA = gs^T (x * m) (R, K);  dB = dy^T xs (N, R)
+//
+// The products are ATen's GEMMs (oneDNN for 16-bit, BLAS) and, for float32 from kPanelRows rows, tritium's panel
+// GEMM (csrc/panel.h: beats BLAS at these shapes, as for tritium.linear), into outputs from tritium's pool. The
+// low-rank term never takes a pass of its own over the (M, N) output:
+// - 16-bit from kCatRows rows: one GEMM on concatenated operands, [x | xs] (M, K + R) @ [W | B]^T, accumulated in
+//   float32 and rounded once (oneDNN's 16-bit GEMM with beta = 1 computes into a temporary and adds: a pass more);
+// - float32 / float64, and 16-bit below kCatRows rows: the low-rank product added into y by a second GEMM with
+//   beta = 1 (c = y), no copy of x or of W.
+// The backward's dx gets its low-rank term the same way (beta = 1: a K = R product into the (M, K) gradient).
+#include "panel.h"
+#include "pool.h"
+#include "vec.h"
+
+namespace tritium {
+namespace {
+
+// 16-bit forwards from this many rows concatenate [x | xs] (copying x, M K elements, and [W | B], N (K + R)):
+// below it the copy of the weight outweighs the second GEMM's pass over y
+constexpr int64_t kCatRows = 256;
+// float32 products of this many rows or more go to the panel GEMM (as tritium.linear's mm_pooled)
+constexpr int64_t kPanelRows = 64;
+
+void check_args(const char* fn, const at::Tensor& x, const at::Tensor& w, const at::Tensor& a, const at::Tensor& b,
+                const c10::optional<at::Tensor>& mask) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && a.dim() == 2 && b.dim() == 2, fn,
+              ": x (M, K), weight (N, K), lora_A (R, K) and lora_B (N, R) must be 2-D, got ", x.sizes(), ", ",
+              w.sizes(), ", ", a.sizes(), ", ", b.sizes());
+  const int64_t K = x.size(1), N = w.size(0), R = a.size(0);
+  TORCH_CHECK(w.size(1) == K && a.size(1) == K && b.size(0) == N && b.size(1) == R, fn,
+              ": shapes disagree: x ", x.sizes(), ", weight ", w.sizes(), ", lora_A ", a.sizes(), ", lora_B ",
+              b.sizes());
+  for (const auto* t : {&w, &a, &b})
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), fn, ": every tensor must have x's dtype ", x.scalar_type(),
+                ", got ", t->scalar_type());
+  if (mask.has_value())
+    TORCH_CHECK(mask->sizes() == x.sizes() && mask->scalar_type() == x.scalar_type(), fn,
+                ": mask must be like x ", x.sizes(), " ", x.scalar_type(), ", got ", mask->sizes(), " ",
+                mask->scalar_type());
+}
+
+at::Tensor masked(const at::Tensor& x, const c10::optional<at::Tensor>& mask) {
+  return mask.has_value() ? x * *mask : x;
+}
+
+bool panel_rows(const at::Tensor& x, int64_t M, int64_t K, int64_t N) {
+  return x.scalar_type() == at::kFloat && M >= kPanelRows && K > 0 && N > 0;
+}
+
+// y (M, N) = a (M, K) @ w^T [+ c], w (N, K) contiguous in its rows (the layout torch stores a weight in), on the
+// float32 panels; c null, a bias (ldc 0) or y itself (ldc N: beta = 1)
+void panel_linear(const at::Tensor& a, const at::Tensor& w, at::Tensor& y, const float* c, int64_t ldc) {
+  const int64_t M = a.size(0), K = a.size(1), N = w.size(0);
+  const auto ac = a.stride(1) == 1 ? a : a.contiguous();
+  const auto wc = w.stride(1) == 1 ? w : w.contiguous();
+  std::vector<float> packed(panel::packed_size<float>(N, K));
+  panel::pack<float>(wc.const_data_ptr<float>(), wc.stride(0), N, K, packed.data());
+  panel_gemm<float>(ac.const_data_ptr<float>(), ac.stride(0), M, K, packed.data(), N, y.mutable_data_ptr<float>(),
+                    y.stride(0), c, ldc);
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_linear_fwd(const at::Tensor& x, const at::Tensor& weight,
+                                                   const c10::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                                   const at::Tensor& lora_B, const c10::optional<at::Tensor>& mask,
+                                                   double scaling) {
+  check_args("lora_linear_fwd", x, weight, lora_A, lora_B, mask);
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), R = lora_A.size(0);
+  if (bias.has_value())
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == x.scalar_type(),
+                "lora_linear_fwd: bias must be (", N, ",) of x's dtype, got ", bias->sizes(), " ", bias->scalar_type());
+  auto xs = empty({M, R}, x.options());
+  at::mm_out(xs, masked(x, mask), lora_A.t());
+  xs.mul_(scaling);
+  auto y = empty({M, N}, x.options());
+  if (M == 0 || N == 0) return {y, xs};
+  const bool half = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
+  if (half && M >= kCatRows) {
+    auto xc = empty({M, K + R}, x.options());
+    xc.narrow(1, 0, K).copy_(x);
+    xc.narrow(1, K, R).copy_(xs);
+    const auto wc = at::cat({weight, lora_B}, 1);
+    if (bias.has_value())
+      at::addmm_out(y, *bias, xc, wc.t());
+    else
+      at::mm_out(y, xc, wc.t());
+    return {y, xs};
+  }
+  if (panel_rows(x, M, K, N)) {
+    const auto bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+    panel_linear(x, weight, y, bias.has_value() ? bc.const_data_ptr<float>() : nullptr, 0);
+    if (R > 0) panel_linear(xs, lora_B, y, y.const_data_ptr<float>(), N);
+    return {y, xs};
+  }
+  if (bias.has_value())
+    at::addmm_out(y, *bias, x, weight.t());
+  else
+    at::mm_out(y, x, weight.t());
+  y.addmm_(xs, lora_B.t());
+  return {y, xs};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd(const at::Tensor& dy, const at::Tensor& x,
+                                                               const at::Tensor& weight, const at::Tensor& lora_A,
+                                                               const at::Tensor& lora_B,
+                                                               const c10::optional<at::Tensor>& mask,
+                                                               const at::Tensor& xs, double scaling, bool need_dx) {
+  check_args("lora_linear_bwd", x, weight, lora_A, lora_B, mask);
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), R = lora_A.size(0);
+  TORCH_CHECK(dy.dim() == 2 && dy.size(0) == M && dy.size(1) == N && dy.scalar_type() == x.scalar_type(),
+              "lora_linear_bwd: dy must be (", M, ", ", N, ") of x's dtype, got ", dy.sizes(), " ", dy.scalar_type());
+  TORCH_CHECK(xs.dim() == 2 && xs.size(0) == M && xs.size(1) == R && xs.scalar_type() == x.scalar_type(),
+              "lora_linear_bwd: xs must be (", M, ", ", R, ") of x's dtype, got ", xs.sizes(), " ", xs.scalar_type());
+  auto gs = at::mm(dy, lora_B);  // (M, R)
+  gs.mul_(scaling);
+  auto dA = at::empty({R, K}, x.options());
+  auto dB = at::empty({N, R}, x.options());
+  at::mm_out(dA, gs.t(), masked(x, mask));
+  at::mm_out(dB, dy.t(), xs);
+  if (!need_dx) return {at::empty({0}, x.options()), dA, dB};
+  auto dx = empty({M, K}, x.options());
+  if (M == 0 || K == 0) return {dx, dA, dB};
+  if (N == 0) {
+    dx.zero_();
+  } else if (panel_rows(x, M, N, K)) {
+    // dy @ W on W's column panels (pack_cols of W (N, K): the panels of (W^T)^T)
+    const auto dyc = dy.stride(1) == 1 ? dy : dy.contiguous();
+    const auto wc = weight.contiguous();
+    std::vector<float> packed(panel::packed_size<float>(K, N));
+    panel::pack_cols<float>(wc.const_data_ptr<float>(), K, N, K, packed.data());
+    panel_gemm<float>(dyc.const_data_ptr<float>(), dyc.stride(0), M, N, packed.data(), K, dx.mutable_data_ptr<float>(),
+                      K);
+  } else {
+    at::mm_out(dx, dy, weight);
+  }
+  if (mask.has_value())
+    dx.addcmul_(at::mm(gs, lora_A), *mask);
+  else
+    dx.addmm_(gs, lora_A);
+  return {dx, dA, dB};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tritium, CPU, m) {
+  m.impl("lora_linear_fwd", &lora_linear_fwd);
+  m.impl("lora_linear_bwd", &lora_linear_bwd);
+}
+
+}  // namespace tritium
