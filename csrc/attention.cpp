@@ -223,8 +223,9 @@ void finish_scores(acc_type<T>* s, int64_t ld, int64_t i0, int64_t m, int64_t j0
 //     operands packed in the VNNI layout: pairs of consecutive K-dimension elements side by side, in column
 //     pieces (kKeyPiece keys of K^T, kPiece columns of V) so every call has ld_b = the piece width;
 //   otherwise: BLAS (or at::matmul) on the rows themselves, per tile.
-// The backward recomputes scores on the forward's path where it packs K itself (the panels), and uses BLAS for
-// its other products.
+// The backward recomputes scores on the forward's path where it packs K itself (the panels); its other products use
+// BLAS, except bfloat16 on the pair-panel path, where all four run on pair panels too (V, K^T, Q^T and dO^T
+// packed; P and dS transposed per tile): MKL's bfloat16 GEMM is far slower than the dot-product panels there.
 // ---------------------------------------------------------------------------------------------------------
 constexpr int64_t kPiece = 64;
 // Keys per score tile on the brgemm path, and K^T's pieces there: a tile's keys in one piece, so Q K^T is one brgemm
@@ -697,6 +698,17 @@ void score_gradient(const acc_type<T>* prob, acc_type<T>* dp, const acc_type<T>*
   }
 }
 
+// dst (n x m, row stride ldd) = src (m x n, row stride lds) transposed, in blocks of 32 (at::vec's vectorised
+// bfloat16 transpose where the build has one)
+inline void transpose_bf16(const c10::BFloat16* src, int64_t lds, int64_t m, int64_t n, c10::BFloat16* dst,
+                           int64_t ldd) {
+  for (int64_t r0 = 0; r0 < m; r0 += 32)
+    for (int64_t c0 = 0; c0 < n; c0 += 32)
+      at::vec::transpose_mxn<c10::BFloat16>(src + r0 * lds + c0, lds, dst + c0 * ldd + r0, ldd,
+                                            static_cast<int>(std::min<int64_t>(32, m - r0)),
+                                            static_cast<int>(std::min<int64_t>(32, n - c0)));
+}
+
 // Tasks are (batch, query head); each walks its query blocks, and each query block its visible key blocks:
 // recompute the scores and P, then dV += P^T dO, dS, dQ += scale dS K and dK += scale dS^T Q (dK and dV per query
 // head in the accumulation type, summed over the GQA group by the caller).
@@ -729,6 +741,13 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
     std::vector<int64_t> clo(BQ), chi(BQ);
     std::vector<A> kpk(fpanel ? panel::packed_size<A>(g.S, D) : 0);
     std::vector<c10::BFloat16> kpb(bpanel ? panel::packed_size_bf16(g.S, D) : 0);
+    // the other products on pair panels too (bfloat16 on AVX512-BF16): V as rows for dP = dO V^T, K as columns
+    // for dQ += dS K (per (batch, kv head)); this query block's Q and dO as columns for dK += dS^T Q and
+    // dV += P^T dO, whose A operands are the transposed tiles pT, dsT
+    const int64_t Se = (g.S + 1) / 2 * 2, BQe = (BQ + 1) / 2 * 2;
+    std::vector<c10::BFloat16> vpb(bpanel ? panel::packed_size_bf16(g.S, Dv) : 0),
+        kcb(bpanel ? panel::packed_size_bf16(D, g.S) : 0), qcb(bpanel ? panel::packed_size_bf16(D, BQ) : 0),
+        docb(bpanel ? panel::packed_size_bf16(Dv, BQ) : 0), pT(bpanel ? BK * BQe : 0), dsT(bpanel ? BK * BQe : 0);
     const T* P;
     const T* dS;
     if constexpr (k16) {
@@ -750,6 +769,8 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
       if constexpr (std::is_same_v<T, c10::BFloat16>) {
         if (bpanel && packed_bh != b * g.Hk + hk) {
           panel::pack_bf16(keys.rows, keys.ld, g.S, D, kpb.data());
+          panel::pack_bf16(Vr.at(b, hk), Vr.sl, g.S, Dv, vpb.data());
+          panel::pack_cols_bf16(keys.rows, keys.ld, g.S, D, kcb.data());
           packed_bh = b * g.Hk + hk;
         }
         if (bpanel) keys.bf16_panels = kpb.data();
@@ -768,6 +789,12 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
         row_deltas<T>(dO, dOr.sl, Or.at(b, h, i0), Or.sl, m, Dv, dlp ? dlp + (b * g.H + h) * g.L + i0 : nullptr,
                       delta.data());
         std::fill(dqa.begin(), dqa.begin() + m * D, A(0));
+        if constexpr (std::is_same_v<T, c10::BFloat16>) {
+          if (bpanel) {
+            panel::pack_cols_bf16(Q, Qr.sl, m, D, qcb.data());
+            panel::pack_cols_bf16(dO, dOr.sl, m, Dv, docb.data());
+          }
+        }
         const auto [jlo, jhi] = g.key_span(i0, m, fpanel || bpanel ? kPiece : 1);
         for (int64_t j0 = jlo; j0 < jhi; j0 += BK) {
           const int64_t n = std::min(jhi, j0 + BK) - j0;
@@ -775,6 +802,20 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
           finish_scores<T>(s.data(), BK, i0, m, j0, n, g, cap, cap > A(0) ? dt.data() : nullptr, M, mk.si, mk.sj,
                            clo.data(), chi.data());
           probabilities_from_lse<T>(s.data(), BK, m, n, clo.data(), chi.data(), Lr, p16.data());
+          if constexpr (std::is_same_v<T, c10::BFloat16>) {
+            if (bpanel) {  // the four products on pair panels; dQ and dK unscaled here, scaled once at the end
+              constexpr int64_t NP16 = panel::kWidth16;
+              transpose_bf16(p16.data(), BK, m, n, pT.data(), BQe);
+              panel_gemm(pT.data(), BQe, n, m, docb.data(), Dv, dV + j0 * Dv, Dv, dV + j0 * Dv, Dv);
+              panel_gemm(dO, dOr.sl, m, Dv, vpb.data() + (j0 / NP16) * ((Dv + 1) / 2 * 2) * NP16, n, dp.data(), BK);
+              score_gradient<T>(s.data(), dp.data(), cap > A(0) ? dt.data() : nullptr, delta.data(), m, n, BK,
+                                ds16.data());
+              transpose_bf16(ds16.data(), BK, m, n, dsT.data(), BQe);
+              panel_gemm(ds16.data(), BK, m, n, kcb.data() + j0 * NP16, D, dqa.data(), D, dqa.data(), D, Se * NP16);
+              panel_gemm(dsT.data(), BQe, n, m, qcb.data(), D, dK + j0 * D, D, dK + j0 * D, D);
+              continue;
+            }
+          }
           // dV[j0:] += P^T dO;  dP = dO V^T
           gemm<T>(true, false, n, Dv, m, A(1), P, BK, dO, dOr.sl, A(1), dV + j0 * Dv, Dv);
           gemm<T>(false, true, m, n, Dv, A(1), dO, dOr.sl, Vh + j0 * Vr.sl, Vr.sl, A(0), dp.data(), BK);
@@ -785,8 +826,11 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
           gemm<T>(true, false, n, D, m, scale, dS, BK, Q, Qr.sl, A(1), dK + j0 * D, D);
         }
         T* dQ = dqp + ((b * g.H + h) * g.L + i0) * D;
+        if (bpanel)  // the pair-panel products left dQ unscaled
+          at::vec::map([scale](Vectorized<A> x) { return x * Vectorized<A>(scale); }, dqa.data(), dqa.data(), m * D);
         for (int64_t r = 0; r < m; ++r) store_row<T, A>(dqa.data() + r * D, dQ + r * D, D);
       }
+      if (bpanel) at::vec::map([scale](Vectorized<A> x) { return x * Vectorized<A>(scale); }, dK, dK, g.S * D);
     }
   });
 }

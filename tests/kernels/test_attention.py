@@ -176,6 +176,9 @@ LONG = [
     (1, 8, 1, 129, 1000, 80, dict(right=0, offset=871)),         # GQA 8, chunked prefill against a cache
     (2, 2, 2, 1000, 129, 32, dict(mask="additive")),
     (1, 2, 2, 1000, 1000, 64, dict(softcap=30.0, right=0)),
+    # odd head dims and an odd last query block: the bfloat16 backward's pair panels pad K-dims of odd length
+    (1, 2, 1, 301, 333, 33, dict(right=0, offset=32, Dv=17)),
+    (1, 2, 1, 129, 600, 24, dict(softcap=3.0, dlse=True)),
 ]
 
 
