@@ -106,6 +106,12 @@ and the argument checks, about 10 us; some kernels also lose at in-cache sizes).
 the rows below an op's size run torch's op on both sides.
 """
 
+ATTENTION_PROSE = """\
+The attention rows of the ops headline alone, recorded after a change to the attention kernels (their bfloat16
+backward on CPUs with AVX512-BF16 and no AMX): the same cases and shapes as the ops table of that machine kind,
+a later run. Compare its rows with each other, not with the full table's.
+"""
+
 MEMORY_PROSE = """\
 Peak extra resident memory of one causal attention call (batch 1, 8 heads x 64), each measured in a fresh
 process with the output pool off: the outputs, the saved log-sum-exp, any workspace and, for the backward, the
@@ -330,6 +336,9 @@ KNOWN = [
      PREFERENCE_PROSE, ops_section),
     ("optim.json", "taskset -c 1 tritium bench optim --json bench/results/optim.json", "Optimizers", OPTIM_PROSE,
      optim_section),
+    ("attention-amd-avx512.json", "tritium bench ops --op 'attention_causal*' --headline --json "
+                                  "bench/results/attention-amd-avx512.json",
+     f"Attention on {MACHINE_KINDS['amd-avx512']}", ATTENTION_PROSE, ops_section),
     ("routes.json", "TRITIUM_ROUTES=off tritium bench ops --op relu --op gelu --op softmax --op rms_norm --op "
                     "layer_norm --shape 16x256 --shape 64x256 --shape 256x256 --shape 256x1024 --shape 1024x1024 "
                     "--shape 1024x4096 --shape 2048x4096 --no-compile --json bench/results/routes.json",
