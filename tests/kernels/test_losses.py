@@ -153,8 +153,9 @@ def test_special_points(impl_name, impl):
         torch.testing.assert_close(dx[finite], gx[finite], equal_nan=True, msg=f"{name} dx")
 
 
-def test_softplus_tails():
-    """The C++ kernels' softplus, log1p(exp(-|x|)) plus max(-x, 0), keeps its relative precision where exp(-|x|) is
+@pytest.mark.parametrize("impl_name,impl", [("triton", triton_losses), ("cpp", cpp)])
+def test_softplus_tails(impl_name, impl):
+    """The kernels' softplus, log1p(exp(-|x|)) plus max(-x, 0), keeps its relative precision where exp(-|x|) is
     tiny (a confident, correct logit's loss ~ exp(-|x|)) and where it nears 1: bce_with_logits and soft_margin
     against float64 over |x| from 0 to 80, each value within a few float32 ulp of itself."""
     mag = torch.cat([torch.linspace(0, 2, 257), torch.linspace(2, 80, 391)]).double()
@@ -163,7 +164,7 @@ def test_softplus_tails():
     for name, y in (("binary_cross_entropy_with_logits", (x < 0).double()), ("soft_margin_loss", x.sign())):
         fn, a, b = SPEC[name][1], SPEC[name][2], SPEC[name][3]
         ref = fn(x, y, None, ones[:1].expand(1) if name == "binary_cross_entropy_with_logits" else None, a, b)
-        out = cpp.loss_fwd(LOSS_IDS[name], x.float(), y.float(), None, None, a, b, 1.0, False).double()
+        out = impl.loss_fwd(LOSS_IDS[name], x.float(), y.float(), None, None, a, b, 1.0, False).double()
         torch.testing.assert_close(out, ref, rtol=4e-6, atol=0, msg=name)
 
 
