@@ -463,9 +463,12 @@ def _operands(t: Optional[Tensor], native: bool) -> Optional[Tensor]:
 
 
 def _sim(a: Tensor, b: Tensor, inv_t: float, round16: bool) -> Tensor:
-    """A block of similarities a @ b * inv_t: in bfloat16 from bfloat16 operands when round16 (as eager's
-    bfloat16 matmul and scaling round them), else in float32 (_mm32)."""
-    return (torch.mm(a, b) if round16 else _mm32(a, b)).mul_(inv_t)
+    """A block of similarities a @ b * inv_t: in bfloat16 from bfloat16 operands when round16 (the matmul scales
+    its float32 sums by inv_t and rounds once: no second pass over the block, one rounding where eager's matmul and
+    division round twice), else in float32 (_mm32)."""
+    if round16:
+        return torch.addmm(a.new_zeros(()), a, b, beta=0, alpha=inv_t)
+    return _mm32(a, b).mul_(inv_t)
 
 
 def _mm32(a: Tensor, b: Tensor, out: Optional[Tensor] = None) -> Tensor:
