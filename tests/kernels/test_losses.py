@@ -318,6 +318,16 @@ def test_nce_blocks(dtype, n):
                                  *(None if c is None else c.to(adt) for c in col), diag)
         assert ours.dtype == dtype
         torch.testing.assert_close(ours.double(), _nce_block_bwd_torch(s1, lse_row, wq, *col, diag), **btol)
+        # the torch implementation (the CUDA side) takes the block in dtype as the kernel does
+        theirs = _nce_block_bwd_torch(s1.to(dtype), lse_row.to(adt), wq.to(adt),
+                                      *(None if c is None else c.to(adt) for c in col), diag)
+        assert theirs.dtype == dtype
+        torch.testing.assert_close(theirs.double(), ours.double(), **btol)
+    theirs = _nce_block_fwd_torch(s1.to(dtype), sn.to(dtype), m0.to(adt), e0.to(adt), True)
+    assert all(t.dtype == adt for t in theirs)
+    ours = cpp.nce_block_fwd(s1.to(dtype), sn.to(dtype), m0.to(adt), e0.to(adt), True)
+    for got, want in zip(theirs, ours):
+        torch.testing.assert_close(got, want, **tol)
 
 
 @pytest.mark.gpu_compile

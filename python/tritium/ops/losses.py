@@ -490,6 +490,7 @@ def _fake_nce_fwd(q, k, neg, inv_t, symmetric, block):
 # The blocks' elementwise statistics: C++ on CPU (csrc/losses.cpp: one pass per statistic with a fast exp),
 # the same math in torch ops on CUDA (cuda=<callable>).
 def _nce_block_fwd_torch(s, sn, m_col, e_col, symmetric):
+    s, sn = _acc(s), _acc(sn)  # a 16-bit block is read in the accumulation dtype, the statistics' dtype
     full = s if sn is None else torch.cat([s, sn], 1)
     lse = torch.logsumexp(full, 1)
     if not symmetric:
@@ -502,10 +503,12 @@ def _nce_block_fwd_torch(s, sn, m_col, e_col, symmetric):
 
 def _fake_nce_block_fwd(s, sn, m_col, e_col, symmetric):
     n = s.shape[1] if symmetric else 0
-    return s.new_empty((s.shape[0],)), s.new_empty((n,)), s.new_empty((n,))
+    adt = acc_dtype(s.dtype)
+    return s.new_empty((s.shape[0],), dtype=adt), s.new_empty((n,), dtype=adt), s.new_empty((n,), dtype=adt)
 
 
 def _nce_block_bwd_torch(s, lse_row, wq, lse_col, wk, diag):
+    dtype, s = s.dtype, _acc(s)  # computed in the accumulation dtype, written in the block's (one rounding)
     ds = torch.exp(s - lse_row[:, None]) * wq[:, None]
     if lse_col is not None:
         ds += torch.exp(s - lse_col[None, :]) * wk[None, :]
@@ -515,7 +518,7 @@ def _nce_block_bwd_torch(s, lse_row, wq, lse_col, wk, diag):
         keep = cols < s.shape[1]
         rows, cols = rows[keep], cols[keep]
         ds[rows, cols] -= wq[rows] + (wk[cols] if wk is not None else 0.0)
-    return ds
+    return ds.to(dtype)
 
 
 def _fake_nce_block_bwd(s, lse_row, wq, lse_col, wk, diag):
