@@ -122,8 +122,11 @@ using quant::kIsas;
 using quant::kNumIsas;
 constexpr int64_t kBlock = 32, kTile = 16;
 // From this many rows, float activations go through a dequantised weight and one GEMM (quant_linear), and so do
-// two-term int8 activations (ops/quant.py: FLOAT_ROWS, activation_terms)
-constexpr int64_t kGemmRows = 32;
+// two-term int8 activations of float32 x; two-term bfloat16 / float16 x from kGemmRows16 (ops/quant.py:
+// FLOAT_ROWS, FLOAT_ROWS_16, activation_terms). Measured on a CPU without AMX (AVX512-VNNI/BF16), one projection of
+// 16-bit x: the two integer passes took 0.6x the time of dequantise + GEMM at 32 rows, 0.9x at 64, 1.2x at 128; at
+// 32 rows the GEMM path had made a 32-sequence decode step twice as slow as a 31-sequence one.
+constexpr int64_t kGemmRows = 32, kGemmRows16 = 128;
 constexpr int kBf16Tiles = quant::avx2::kBf16Tiles;  // the tile kernels' activation mode "bfloat16 on AMX tiles"
 constexpr int64_t kAmxRows = quant::avx2::kAmxRows;   // from this many rows the AMX kernels run
 
@@ -404,7 +407,8 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qdata, const at::
   const auto xc = x.stride(1) == 1 ? x : x.contiguous();
   const bool tiles = bf16_tiles(isa, xc, bits, group, int8_act);
   const bool bf16 = tiles && M >= kAmxRows && M < kBf16TileRows;
-  if (!bf16 && M >= kGemmRows && (int8_act != 1 || tiles)) {
+  const int64_t gemm_rows = int8_act == 2 && x.scalar_type() != at::kFloat ? kGemmRows16 : kGemmRows;
+  if (!bf16 && M >= gemm_rows && (int8_act != 1 || tiles)) {
     // float activations, many rows (a prefill): the weight dequantised once into W^T (K, N) in x's dtype, then
     // one GEMM (MKL / oneDNN, whose 16-bit kernels multiply in 16 bits as the float model's do); the tile kernel
     // would widen every weight once per 4 rows. Two int8 terms exist to approach float accuracy at decode's

@@ -12,8 +12,8 @@ import torch
 import tritium
 from tritium import reference
 from tritium.nn import QuantizedLinear
-from tritium.ops.quant import (BF16_TILE_ROWS, FLOAT_ROWS, QuantizedWeight, activation_terms, bf16_tiles, n_groups,
-                               quant_dequantize, quant_linear, quant_pack, quant_unpack, quantize_logical)
+from tritium.ops.quant import (BF16_TILE_ROWS, FLOAT_ROWS, FLOAT_ROWS_16, QuantizedWeight, activation_terms, bf16_tiles,
+                               n_groups, quant_dequantize, quant_linear, quant_pack, quant_unpack, quantize_logical)
 from tests.util import assert_within_torch_error
 
 _ALL_ISAS = ("amx_int8", "avx512_vnni", "avx512", "avx2")
@@ -124,21 +124,27 @@ def test_linear_int8_activations(isa, bits, group, mins, sdt, k, dtype, m_rows, 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_two_int8_terms_from_float_rows_take_float_activations(isa, dtype):
-    """From FLOAT_ROWS rows (a prefill) int8_act 2 is the float-activation product bit for bit (one GEMM, exact and
-    faster there than two integer passes); one term stays int8 at any row count (but where AMX-BF16 tiles take
-    bfloat16 rows: activation_terms); below it two terms differ from float."""
+    """From FLOAT_ROWS rows (FLOAT_ROWS_16 for 16-bit x: a prefill) int8_act 2 is the float-activation product bit
+    for bit (one GEMM, exact and faster there than two integer passes); one term stays int8 at any row count (but
+    where AMX-BF16 tiles take bfloat16 rows: activation_terms); below it two terms differ from float (a 16-bit
+    decode step of FLOAT_ROWS rows among them: no longer a dequantise-and-GEMM per call)."""
     k, n = 96, 37
     q, s, m = logical(n, k, 4, 32, True, torch.float16, seed=7)
     w = QuantizedWeight.from_logical(q, s, m, 4, 32)
-    x = torch.randn(FLOAT_ROWS, k, generator=torch.Generator().manual_seed(8)).to(dtype)
+    rows = FLOAT_ROWS if dtype == torch.float32 else FLOAT_ROWS_16
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(8)).to(dtype)
     assert activation_terms(2, FLOAT_ROWS) == 0 and activation_terms(2, FLOAT_ROWS - 1) == 2
+    assert activation_terms(2, FLOAT_ROWS_16, torch.bfloat16) == 0
     assert torch.equal(w.linear(x, int8_act=2), w.linear(x, int8_act=0))
     assert not torch.equal(w.linear(x[:5], int8_act=2), w.linear(x[:5], int8_act=0))
+    if dtype != torch.float32 and activation_terms(2, FLOAT_ROWS, dtype) == 2:
+        assert activation_terms(2, FLOAT_ROWS_16 - 1, dtype) == 2
+        assert not torch.equal(w.linear(x[:FLOAT_ROWS], int8_act=2), w.linear(x[:FLOAT_ROWS], int8_act=0))
     wf = reference.quant_weight(q, s, m, 4, 32)
-    used = activation_terms(1, FLOAT_ROWS, dtype)
+    used = activation_terms(1, rows, dtype)
     xq = reference.quantize_int8_act(x, used) if used else x.double()
     assert_within_torch_error(w.linear(x, int8_act=1), (xq.float() @ wf.t()).to(dtype), xq @ wf.double().t(),
-                              f"{isa} one int8 term at {FLOAT_ROWS} rows {dtype}")
+                              f"{isa} one int8 term at {rows} rows {dtype}")
 
 
 @pytest.mark.parametrize("bits", [4, 8])

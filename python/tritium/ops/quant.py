@@ -10,10 +10,11 @@ The ops, each with a CPU (csrc/quant.cpp) and a GPU (kernels/quant.py) kernel on
   the weight; int8_act 1 quantizes x per block of 32 to int8 first (integer dot products, llama.cpp's way), 2 in
   two int8 terms (x ~ d1 q1 + d2 q2, the second quantizing what the first left over: near float accuracy for
   twice the integer work), 0 keeps x float (the weights widened to float in registers). From FLOAT_ROWS rows
-  (a prefill) int8_act 2 computes with float activations: the product is compute-bound there, and float is
-  both faster than two integer passes and exact. On a CPU with AMX-BF16, bfloat16 x of BF16_TILE_ROWS rows or
-  more multiplies exactly on bfloat16 tiles, faster than int8: for 4-bit weights whatever int8_act says, for
-  8-bit ones with int8_act 0 or 2 (``activation_terms`` has the rule). ``quant_linear_dx`` is
+  (a prefill; FLOAT_ROWS_16 for 16-bit x on the CPU) int8_act 2 computes with float activations: the product is
+  compute-bound there, and float is both faster than two integer passes and exact. On a CPU with AMX-BF16,
+  bfloat16 x of BF16_TILE_ROWS rows or more multiplies exactly on bfloat16 tiles, faster than int8: for 4-bit
+  weights whatever int8_act says, for 8-bit ones with int8_act 0 or 2 (``activation_terms`` has the rule).
+  ``quant_linear_dx`` is
   its input gradient dy (M, N) @ W (float; what QLoRA-style training on a frozen quantized base needs).
 - ``quant_dequantize(qdata, scales, mins, bits, group, n, k, dtype)`` -> W (N, K); with ``rows`` (int64 indices)
   only those rows (an embedding lookup in a quantized table).
@@ -33,6 +34,7 @@ from ._library import define_op
 QUANT_BITS = (4, 8)
 BLOCK = 32          # activations are quantized per 32 elements; rows are padded to a multiple of 32
 FLOAT_ROWS = 32     # from this many rows of x, int8_act 2 runs on float activations (csrc/quant.cpp: kGemmRows)
+FLOAT_ROWS_16 = 128  # the same for bfloat16 / float16 x on the CPU (kGemmRows16)
 BF16_TILE_ROWS = 8  # from this many bfloat16 rows, AMX-BF16 tiles where bf16_tiles holds (kAmxRows)
 
 
@@ -52,10 +54,12 @@ def activation_terms(int8_act: int, rows: int, dtype: Optional[torch.dtype] = No
                      group: int = BLOCK) -> int:
     """The int8 terms quant_linear(int8_act) multiplies with for an x of that many rows: 0 (float activations)
     for int8_act 2 from FLOAT_ROWS rows, else int8_act. Given x's dtype and the weight's format (the CPU
-    kernel's rule), also 0 from BF16_TILE_ROWS rows where bf16_tiles holds (exact tiles, then one GEMM)."""
+    kernel's rule), also 0 from BF16_TILE_ROWS rows where bf16_tiles holds (exact tiles, then one GEMM), and
+    16-bit x keeps two terms up to FLOAT_ROWS_16 rows."""
     if dtype is not None and rows >= BF16_TILE_ROWS and bf16_tiles(dtype, bits, group, int8_act):
         return 0
-    return 0 if int8_act == 2 and rows >= FLOAT_ROWS else int8_act
+    float_rows = FLOAT_ROWS_16 if dtype in (torch.bfloat16, torch.float16) else FLOAT_ROWS
+    return 0 if int8_act == 2 and rows >= float_rows else int8_act
 
 
 def padded_k(k: int) -> int:
