@@ -331,6 +331,9 @@ KNOWN = [
      hf_section),
     ("serve.json", "tritium bench serve --clients 1,8,32 --requests 128 --shared-prefix 512 --json "
                    "bench/results/serve.json", "Serving", SERVE_PROSE, serve_section),
+    ("serve-amd-avx512.json", "tritium bench serve --clients 1,8,32 --requests 128 --shared-prefix 512 --json "
+                              "bench/results/serve-amd-avx512.json", f"Serving on {MACHINE_KINDS['amd-avx512']}",
+     SERVE_PROSE, serve_section),
     ("preference.json", "OMP_NUM_THREADS=1 taskset -c 1 tritium bench ops --op fused_linear_dpo_loss --headline "
                         "--json bench/results/preference.json", "Fused preference losses against TRL",
      PREFERENCE_PROSE, ops_section),
