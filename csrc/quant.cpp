@@ -125,7 +125,9 @@ constexpr int64_t kBlock = 32, kTile = 16;
 // two-term int8 activations of float32 x; two-term bfloat16 / float16 x from kGemmRows16 (ops/quant.py:
 // FLOAT_ROWS, FLOAT_ROWS_16, activation_terms). Measured on a CPU without AMX (AVX512-VNNI/BF16), one projection of
 // 16-bit x: the two integer passes took 0.6x the time of dequantise + GEMM at 32 rows, 0.9x at 64, 1.2x at 128; at
-// 32 rows the GEMM path had made a 32-sequence decode step twice as slow as a 31-sequence one.
+// 32 rows the GEMM path had made a 32-sequence decode step twice as slow as a 31-sequence one. Two terms lose
+// nothing next to a 16-bit x's own rounding; float32 x keeps the exact GEMM from 32 rows (a batched prefill of
+// short prompts) although the tiles were faster there too (float32 dequantisation + MKL's SGEMM on that CPU).
 constexpr int64_t kGemmRows = 32, kGemmRows16 = 128;
 constexpr int kBf16Tiles = quant::avx2::kBf16Tiles;  // the tile kernels' activation mode "bfloat16 on AMX tiles"
 constexpr int64_t kAmxRows = quant::avx2::kAmxRows;   // from this many rows the AMX kernels run
