@@ -6,25 +6,12 @@ peft and transformers come with the hf extra (`make install`): outside CI a miss
 command that installs it; under CI (CI=true) it is a failure."""
 import copy
 import json
-import os
 
 import pytest
 import torch
 
 import tritium
-from tests.util import assert_within_torch_error
-
-_IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def _need(module: str):
-    try:
-        return pytest.importorskip(module, reason=f"{module} is missing (pip install -e '.[hf]')")
-    except pytest.skip.Exception:
-        if _IN_CI:
-            pytest.fail(f"CI runs every test, and {module} is missing (the hf extra)")
-        raise
-
+from tests.util import assert_within_torch_error, need as _need
 
 peft = _need("peft")
 transformers = _need("transformers")

@@ -403,3 +403,19 @@ def interpreter_bf16_dot():
         yield
     finally:
         builder.create_dot = original
+
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def need(module: str):
+    """``module`` imported, for a test file that needs an optional extra: skipped where it is missing, except in CI,
+    which installs every extra its tests need and fails instead of skipping."""
+    import pytest
+
+    try:
+        return pytest.importorskip(module, reason=f"{module} is missing (pip install -e '.[hf]')")
+    except pytest.skip.Exception:
+        if IN_CI:
+            pytest.fail(f"CI runs every test, and {module} is missing (the hf extra)")
+        raise

@@ -16,19 +16,7 @@ import os
 import pytest
 import torch
 
-from tests.util import assert_within_torch_error
-
-_IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def _need(module: str):
-    try:
-        return pytest.importorskip(module, reason=f"{module} is missing (pip install -e '.[hf]')")
-    except pytest.skip.Exception:
-        if _IN_CI:
-            pytest.fail(f"CI runs every test, and {module} is missing (the hf extra)")
-        raise
-
+from tests.util import IN_CI as _IN_CI, assert_within_torch_error, need as _need
 
 transformers = _need("transformers")
 tt = _need("tritium.integrations.transformers")
