@@ -7,6 +7,30 @@
 #include "rowgemm.h"
 
 namespace tritium {
+
+bool panel_mm_out(const at::Tensor& a, const at::Tensor& b, at::Tensor& y, const void* c, int64_t ldc) {
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  // float/double with many rows: pack b once (a few MB, amortised over the rows) and run panel_gemm, whose
+  // register-tiled outer products keep every accumulator in registers; b is the weight as torch stores it, either
+  // transposed (w.t(), the forward) or as it is (w, the input gradient)
+  const bool rows_of_b = b.stride(0) == 1 && b.stride(1) == K;   // b = w.t() for a contiguous w (N, K)
+  const bool cols_of_b = b.stride(1) == 1 && b.stride(0) == N;   // b contiguous (K, N)
+  if (!((a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble) && M >= kPanelRows && K > 0 && N > 0 &&
+        (rows_of_b || cols_of_b)))
+    return false;
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "tritium_panel_mm_out", [&] {
+    std::vector<scalar_t> packed(panel::packed_size<scalar_t>(N, K));
+    if (rows_of_b)
+      panel::pack<scalar_t>(b.const_data_ptr<scalar_t>(), K, N, K, packed.data());
+    else
+      panel::pack_cols<scalar_t>(b.const_data_ptr<scalar_t>(), N, K, N, packed.data());
+    const auto ac = a.stride(1) == 1 ? a : a.contiguous();
+    panel_gemm<scalar_t>(ac.const_data_ptr<scalar_t>(), ac.stride(0), M, K, packed.data(), N,
+                         y.mutable_data_ptr<scalar_t>(), y.stride(0), static_cast<const scalar_t*>(c), ldc);
+  });
+  return true;
+}
+
 namespace {
 
 at::Tensor linear_small(const at::Tensor& x, const at::Tensor& w) {
@@ -46,28 +70,8 @@ at::Tensor mm_pooled(const at::Tensor& a, const at::Tensor& b, const c10::option
                 "mm_pooled: bias must be (", b.size(1), ",) of dtype ", a.scalar_type(), ", got ", bias->sizes(), " ",
                 bias->scalar_type());
   }
-  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
-  // float/double with many rows: pack b once (a few MB, amortised over the rows) and run panel_gemm, whose
-  // register-tiled outer products keep every accumulator in registers; b is the weight as torch stores it, either
-  // transposed (w.t(), the forward) or as it is (w, the input gradient)
-  const bool rows_of_b = b.stride(0) == 1 && b.stride(1) == K;   // b = w.t() for a contiguous w (N, K)
-  const bool cols_of_b = b.stride(1) == 1 && b.stride(0) == N;   // b contiguous (K, N)
-  if ((a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble) && M >= 64 && K > 0 && N > 0 &&
-      (rows_of_b || cols_of_b)) {
-    AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "tritium_mm_pooled", [&] {
-      std::vector<scalar_t> packed(panel::packed_size<scalar_t>(N, K));
-      if (rows_of_b)
-        panel::pack<scalar_t>(b.const_data_ptr<scalar_t>(), K, N, K, packed.data());
-      else
-        panel::pack_cols<scalar_t>(b.const_data_ptr<scalar_t>(), N, K, N, packed.data());
-      const auto ac = a.stride(1) == 1 ? a : a.contiguous();
-      at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
-      panel_gemm<scalar_t>(ac.const_data_ptr<scalar_t>(), ac.stride(0), M, K, packed.data(), N,
-                           y.mutable_data_ptr<scalar_t>(), N, bias.has_value() ? bc.const_data_ptr<scalar_t>() : nullptr,
-                           0);
-    });
-    return y;
-  }
+  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  if (panel_mm_out(a, b, y, bias.has_value() ? bc.const_data_ptr() : nullptr, 0)) return y;
   if (bias.has_value()) {
     at::addmm_out(y, *bias, a, b);
   } else {

@@ -5,7 +5,7 @@
 //   backward: gs = s dy B (M, R);  dx = dy W + (gs A) * m;  dA = gs^T (x * m) (R, K);  dB = dy^T xs (N, R)
 //
 // The products are ATen's GEMMs (oneDNN for 16-bit, BLAS) and, for float32 from kPanelRows rows, tritium's panel
-// GEMM (csrc/panel.h: beats BLAS at these shapes, as for tritium.linear), into outputs from tritium's pool. The
+// GEMM (panel_mm_out, tritium.linear's: beats BLAS at these shapes), into outputs from tritium's pool. The
 // low-rank term never takes a pass of its own over the (M, N) output:
 // - 16-bit from kCatRows rows: one GEMM on concatenated operands, [x | xs] (M, K + R) @ [W | B]^T, accumulated in
 //   float32 and rounded once (oneDNN's 16-bit GEMM with beta = 1 computes into a temporary and adds: a pass more);
@@ -22,8 +22,6 @@ namespace {
 // 16-bit forwards from this many rows concatenate [x | xs] (copying x, M K elements, and [W | B], N (K + R)):
 // below it the copy of the weight outweighs the second GEMM's pass over y
 constexpr int64_t kCatRows = 256;
-// float32 products of this many rows or more go to the panel GEMM (as tritium.linear's mm_pooled)
-constexpr int64_t kPanelRows = 64;
 
 void check_args(const char* fn, const at::Tensor& x, const at::Tensor& w, const at::Tensor& a, const at::Tensor& b,
                 const c10::optional<at::Tensor>& mask) {
@@ -45,22 +43,6 @@ void check_args(const char* fn, const at::Tensor& x, const at::Tensor& w, const 
 
 at::Tensor masked(const at::Tensor& x, const c10::optional<at::Tensor>& mask) {
   return mask.has_value() ? x * *mask : x;
-}
-
-bool panel_rows(const at::Tensor& x, int64_t M, int64_t K, int64_t N) {
-  return x.scalar_type() == at::kFloat && M >= kPanelRows && K > 0 && N > 0;
-}
-
-// y (M, N) = a (M, K) @ w^T [+ c], w (N, K) contiguous in its rows (the layout torch stores a weight in), on the
-// float32 panels; c null, a bias (ldc 0) or y itself (ldc N: beta = 1)
-void panel_linear(const at::Tensor& a, const at::Tensor& w, at::Tensor& y, const float* c, int64_t ldc) {
-  const int64_t M = a.size(0), K = a.size(1), N = w.size(0);
-  const auto ac = a.stride(1) == 1 ? a : a.contiguous();
-  const auto wc = w.stride(1) == 1 ? w : w.contiguous();
-  std::vector<float> packed(panel::packed_size<float>(N, K));
-  panel::pack<float>(wc.const_data_ptr<float>(), wc.stride(0), N, K, packed.data());
-  panel_gemm<float>(ac.const_data_ptr<float>(), ac.stride(0), M, K, packed.data(), N, y.mutable_data_ptr<float>(),
-                    y.stride(0), c, ldc);
 }
 
 std::tuple<at::Tensor, at::Tensor> lora_linear_fwd(const at::Tensor& x, const at::Tensor& weight,
@@ -89,10 +71,10 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd(const at::Tensor& x, const at
       at::mm_out(y, xc, wc.t());
     return {y, xs};
   }
-  if (panel_rows(x, M, K, N)) {
-    const auto bc = bias.has_value() ? bias->contiguous() : at::Tensor();
-    panel_linear(x, weight, y, bias.has_value() ? bc.const_data_ptr<float>() : nullptr, 0);
-    if (R > 0) panel_linear(xs, lora_B, y, y.const_data_ptr<float>(), N);
+  const auto bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  if (x.scalar_type() == at::kFloat &&
+      panel_mm_out(x, weight.contiguous().t(), y, bias.has_value() ? bc.const_data_ptr() : nullptr, 0)) {
+    if (R > 0 && !panel_mm_out(xs, lora_B.contiguous().t(), y, y.const_data_ptr(), N)) y.addmm_(xs, lora_B.t());
     return {y, xs};
   }
   if (bias.has_value())
@@ -125,16 +107,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd(const at::Tensor&
   if (M == 0 || K == 0) return {dx, dA, dB};
   if (N == 0) {
     dx.zero_();
-  } else if (panel_rows(x, M, N, K)) {
-    // dy @ W on W's column panels (pack_cols of W (N, K): the panels of (W^T)^T)
-    const auto dyc = dy.stride(1) == 1 ? dy : dy.contiguous();
-    const auto wc = weight.contiguous();
-    std::vector<float> packed(panel::packed_size<float>(K, N));
-    panel::pack_cols<float>(wc.const_data_ptr<float>(), K, N, K, packed.data());
-    panel_gemm<float>(dyc.const_data_ptr<float>(), dyc.stride(0), M, N, packed.data(), K, dx.mutable_data_ptr<float>(),
-                      K);
-  } else {
-    at::mm_out(dx, dy, weight);
+  } else if (!(x.scalar_type() == at::kFloat && panel_mm_out(dy, weight.contiguous(), dx, nullptr, 0))) {
+    at::mm_out(dx, dy, weight);  // (the panels: dy @ W on W's column panels)
   }
   if (mask.has_value())
     dx.addcmul_(at::mm(gs, lora_A), *mask);

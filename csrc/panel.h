@@ -484,4 +484,11 @@ void panel_gemm_tn(const A* a, int64_t lda, const A* b, int64_t ldb, int64_t M, 
     }
 }
 
+// y (M, N) = a (M, K) @ b (K, N) [+ c] on the float/double panels (panel_gemm) when a has kPanelRows rows or more
+// and b is a weight as torch stores it: w.t() for a contiguous w (N, K) (a forward), or contiguous (K, N) (w itself
+// in an input gradient); c: null, a bias (ldc 0) or y itself (ldc = y's row stride: beta = 1). Returns false,
+// having written nothing, where the panels do not apply (the caller's BLAS then). Defined in csrc/linear.cpp.
+constexpr int64_t kPanelRows = 64;
+bool panel_mm_out(const at::Tensor& a, const at::Tensor& b, at::Tensor& y, const void* c, int64_t ldc);
+
 }  // namespace tritium
