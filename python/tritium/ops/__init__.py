@@ -55,3 +55,6 @@ __all__ += _conv1d.__all__
 from . import lora as _lora  # noqa: E402
 from .lora import *  # noqa: F401,F403,E402
 __all__ += _lora.__all__
+from . import wkv as _wkv  # noqa: E402
+from .wkv import *  # noqa: F401,F403,E402
+__all__ += _wkv.__all__

@@ -1,0 +1,391 @@
+// RWKV-7's wkv recurrence on the CPU: forward, backward and the decoding step, registered for the schemas that
+// python/tritium/ops/wkv.py defines (the math is there, as flash-linear-attention's naive reference defines it):
+//
+//   S_t = diag(exp(w_t)) S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T        S: (K, V) per (batch, head)
+//   o_t = scale S_t^T r_t
+//
+// One work item is one (batch, head): its state stays in a (K, VP) buffer (VP = V rounded up to the vector width,
+// the padding columns zero and staying zero), 16 KB at K = V = 64, in L1 across the steps. A step is one pass over
+// the state's rows: the update, the output's sum and the next step's a^T S (so the state is read once per step).
+// The forward writes the state every C steps (`states`: (B, H, ceil(T / C), K, V), the last the final state); the
+// backward recomputes one chunk's states from the one before it into a (C, K, VP) buffer (L2-sized) and runs the
+// adjoint through the chunk in reverse, with dS the state's adjoint carried from step t + 1:
+//   dS += scale r_t do_t^T;  dr_t = scale S_t do_t;  dk_t = dS v_t;  dv_t = dS^T k_t;  sa = S_{t-1}^T a_t;
+//   db_t = dS sa;  dsa = dS^T b_t;  dw_t = exp(w_t) * rowsum(dS * S_{t-1});  da_t = S_{t-1} dsa;
+//   dS <- diag(exp(w_t)) dS + a_t dsa^T   (the adjoint of S_{t-1})
+#include <algorithm>
+#include <vector>
+
+#include "vec.h"
+
+namespace tritium {
+namespace {
+
+template <typename T>
+struct Seq4 {  // a (B, T, H, D) operand with a unit D stride
+  const T* p;
+  int64_t sb, st, sh;
+  const T* at(int64_t b, int64_t t, int64_t h) const { return p + b * sb + t * st + h * sh; }
+};
+template <typename T>
+Seq4<T> seq4(const at::Tensor& t) {
+  return {t.const_data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+template <typename T>
+struct Wkv {
+  using A = acc_type<T>;
+  using Vec = Vectorized<A>;
+  static constexpr int64_t W = Vec::size();
+  int64_t B, L, H, K, V, VP, KP, C, nchunks;
+  A scale;
+  Seq4<T> r, w, k, v, a, b;
+  const A* h0;  // (B, H, K, V) contiguous, or null (a zero initial state)
+
+  // dst[0, n) = src[0, n) in A, zeros in [n, npad)
+  static void load(const T* src, A* dst, int64_t n, int64_t npad) {
+    to_acc(src, dst, n);
+    std::fill(dst + n, dst + npad, A(0));
+  }
+  // the padded (K, VP) state from a (K, V) one (zeros when null)
+  void load_state(const A* src, A* S) const {
+    std::fill(S, S + K * VP, A(0));
+    if (src)
+      for (int64_t i = 0; i < K; ++i) std::copy(src + i * V, src + i * V + V, S + i * VP);
+  }
+  void store_state(const A* S, A* dst) const {
+    for (int64_t i = 0; i < K; ++i) std::copy(S + i * VP, S + i * VP + V, dst + i * V);
+  }
+};
+
+// S^T a over the rows of a (K, VP) state into sa (VP)
+template <typename A>
+inline void state_t_vec(const A* S, const A* a, A* sa, int64_t K, int64_t VP) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  for (int64_t j = 0; j < VP; j += W) {
+    Vec acc(0);
+    for (int64_t i = 0; i < K; ++i) acc = at::vec::fmadd(Vec(a[i]), Vec::loadu(S + i * VP + j), acc);
+    acc.store(sa + j);
+  }
+}
+
+// One step from Sp into Sn (they may alias): Sn = diag(e) Sp + bb sa^T + kk v^T; o = Sn^T rr; san = Sn^T an
+// (the next step's a^T S; an may be null). Column blocks outer, rows inner: o, san, sa and v stay in registers.
+template <typename A>
+inline void step(const A* Sp, A* Sn, const A* e, const A* rr, const A* kk, const A* bb, const A* an, const A* v,
+                 const A* sa, A* o, A* san, int64_t K, int64_t VP) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  for (int64_t j = 0; j < VP; j += W) {
+    const Vec vv = Vec::loadu(v + j), sv = Vec::loadu(sa + j);
+    Vec ov(0), nv(0);
+    for (int64_t i = 0; i < K; ++i) {
+      const Vec s = at::vec::fmadd(Vec(e[i]), Vec::loadu(Sp + i * VP + j),
+                                   at::vec::fmadd(Vec(bb[i]), sv, Vec(kk[i]) * vv));
+      s.store(Sn + i * VP + j);
+      ov = at::vec::fmadd(Vec(rr[i]), s, ov);
+      if (an) nv = at::vec::fmadd(Vec(an[i]), s, nv);
+    }
+    ov.store(o + j);
+    if (an) nv.store(san + j);
+  }
+}
+
+// the per-step vectors of one (batch, head) in A: r, exp(w), k, a, b (KP each), v (VP)
+template <typename T>
+struct StepIn {
+  using A = acc_type<T>;
+  A *r, *e, *k, *a, *b, *v;
+  void alloc(std::vector<A>& buf, int64_t& off, int64_t KP, int64_t VP) {
+    A** ps[] = {&r, &e, &k, &a, &b};
+    for (A** p : ps) *p = buf.data() + off, off += KP;
+    v = buf.data() + off, off += VP;
+  }
+  void load(const Wkv<T>& s, int64_t bi, int64_t t, int64_t h) {
+    Wkv<T>::load(s.r.at(bi, t, h), r, s.K, s.KP);
+    Wkv<T>::load(s.w.at(bi, t, h), e, s.K, s.KP);
+    for (int64_t i = 0; i < s.K; ++i) e[i] = std::exp(e[i]);
+    Wkv<T>::load(s.k.at(bi, t, h), k, s.K, s.KP);
+    Wkv<T>::load(s.a.at(bi, t, h), a, s.K, s.KP);
+    Wkv<T>::load(s.b.at(bi, t, h), b, s.K, s.KP);
+    Wkv<T>::load(s.v.at(bi, t, h), v, s.V, s.VP);
+  }
+};
+
+template <typename T>
+Wkv<T> make_wkv(const at::Tensor& r, const at::Tensor& w, const at::Tensor& k, const at::Tensor& v,
+                const at::Tensor& a, const at::Tensor& b, double scale, const c10::optional<at::Tensor>& h0,
+                int64_t chunk) {
+  Wkv<T> s;
+  s.B = r.size(0), s.L = r.size(1), s.H = r.size(2), s.K = r.size(3), s.V = v.size(3);
+  s.VP = (s.V + Wkv<T>::W - 1) / Wkv<T>::W * Wkv<T>::W;
+  s.KP = (s.K + Wkv<T>::W - 1) / Wkv<T>::W * Wkv<T>::W;
+  s.C = chunk, s.nchunks = (s.L + chunk - 1) / chunk;
+  s.scale = static_cast<acc_type<T>>(scale);
+  s.r = seq4<T>(r), s.w = seq4<T>(w), s.k = seq4<T>(k), s.v = seq4<T>(v), s.a = seq4<T>(a), s.b = seq4<T>(b);
+  s.h0 = h0 ? h0->const_data_ptr<acc_type<T>>() : nullptr;
+  return s;
+}
+
+void check_wkv(const at::Tensor& r, const at::Tensor& w, const at::Tensor& k, const at::Tensor& v,
+               const at::Tensor& a, const at::Tensor& b, const c10::optional<at::Tensor>& h0, int64_t chunk) {
+  TORCH_CHECK(r.dim() == 4 && r.stride(3) == 1, "r must be (B, T, H, K) with a unit K stride, got ", r.sizes());
+  for (const auto* p : {&w, &k, &a, &b})
+    TORCH_CHECK(p->sizes() == r.sizes() && p->stride(3) == 1 && p->scalar_type() == r.scalar_type(),
+                "w, k, a and b must be like r ", r.sizes(), " ", r.scalar_type(), ", got ", p->sizes(), " ",
+                p->scalar_type());
+  TORCH_CHECK(v.dim() == 4 && v.size(0) == r.size(0) && v.size(1) == r.size(1) && v.size(2) == r.size(2) &&
+                  v.stride(3) == 1 && v.scalar_type() == r.scalar_type(),
+              "v must be (B, T, H, V) like r with a unit V stride, got ", v.sizes(), " ", v.scalar_type());
+  const auto acc = at::toOpMathType(r.scalar_type());
+  if (h0)
+    TORCH_CHECK(h0->sizes() == at::IntArrayRef({r.size(0), r.size(2), r.size(3), v.size(3)}) &&
+                    h0->is_contiguous() && h0->scalar_type() == acc,
+                "initial_state must be a contiguous (B, H, K, V) ", acc, " tensor, got ", h0->sizes(), " ",
+                h0->scalar_type());
+  TORCH_CHECK(chunk > 0, "chunk must be positive, got ", chunk);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// forward: one item = (batch, head)
+// ---------------------------------------------------------------------------------------------------------
+template <typename T>
+void wkv_fwd_item(const Wkv<T>& s, int64_t bi, int64_t h, T* out, acc_type<T>* states, std::vector<acc_type<T>>& buf) {
+  using A = acc_type<T>;
+  const int64_t K = s.K, V = s.V, VP = s.VP, KP = s.KP;
+  buf.assign(K * VP + 3 * VP + 2 * KP + 5 * KP + VP, A(0));
+  A *S = buf.data(), *sa = S + K * VP, *san = sa + VP, *o = san + VP, *an = o + VP;
+  int64_t off = (an + KP) - buf.data();
+  StepIn<T> in;
+  in.alloc(buf, off, KP, VP);
+  const int64_t item = bi * s.H + h;
+  s.load_state(s.h0 ? s.h0 + item * K * V : nullptr, S);
+  if (s.L == 0) return;
+  Wkv<T>::load(s.a.at(bi, 0, h), an, K, KP);
+  state_t_vec(S, an, sa, K, VP);
+  for (int64_t t = 0; t < s.L; ++t) {
+    in.load(s, bi, t, h);
+    const bool more = t + 1 < s.L;
+    if (more) Wkv<T>::load(s.a.at(bi, t + 1, h), an, K, KP);
+    step(S, S, in.e, in.r, in.k, in.b, more ? an : nullptr, in.v, sa, o, san, K, VP);
+    T* op = out + ((bi * s.L + t) * s.H + h) * V;
+    for (int64_t j = 0; j < V; ++j) op[j] = static_cast<T>(o[j] * s.scale);
+    std::swap(sa, san);
+    if ((t + 1) % s.C == 0 || !more) s.store_state(S, states + (item * s.nchunks + t / s.C) * K * V);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> wkv7_fwd(const at::Tensor& r, const at::Tensor& w, const at::Tensor& k,
+                                            const at::Tensor& v, const at::Tensor& a, const at::Tensor& b,
+                                            double scale, const c10::optional<at::Tensor>& h0, int64_t chunk) {
+  check_wkv(r, w, k, v, a, b, h0, chunk);
+  const int64_t B = r.size(0), L = r.size(1), H = r.size(2), K = r.size(3), V = v.size(3);
+  const int64_t nchunks = (L + chunk - 1) / chunk;
+  const auto acc = at::toOpMathType(r.scalar_type());
+  auto out = at::empty({B, L, H, V}, r.options());
+  auto states = at::empty({B, H, nchunks, K, V}, r.options().dtype(acc));
+  TRITIUM_DISPATCH_FLOATING(r.scalar_type(), "tritium_wkv7_fwd", [&] {
+    const auto s = make_wkv<scalar_t>(r, w, k, v, a, b, scale, h0, chunk);
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    auto* st = states.mutable_data_ptr<acc_type<scalar_t>>();
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_type<scalar_t>> buf;
+      for (int64_t i = begin; i < end; ++i) wkv_fwd_item(s, i / H, i % H, o, st, buf);
+    });
+  });
+  return {out, states};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// backward: one item = (batch, head); chunks in reverse, each recomputed from the state saved before it
+// ---------------------------------------------------------------------------------------------------------
+template <typename T>
+struct WkvGrads {
+  using A = acc_type<T>;
+  Seq4<T> dout;
+  const A *states, *dht;
+  T *dr, *dw, *dk, *dv, *da, *db;  // contiguous (B, T, H, K) / (B, T, H, V)
+  A* dh0;                           // (B, H, K, V)
+};
+
+// out[i] = the sum of the lanes of p[i] for i < K (p padded to KP rows)
+template <typename A>
+inline void lane_sums(const Vectorized<A>* p, A* out, int64_t KP) {
+  constexpr int64_t W = Vectorized<A>::size();
+  for (int64_t i = 0; i < KP; i += W) reduce_lanes(p + i).store(out + i);
+}
+
+template <typename T>
+void wkv_bwd_item(const Wkv<T>& s, const WkvGrads<T>& g, int64_t bi, int64_t h) {
+  using A = acc_type<T>;
+  using Vec = Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  const int64_t K = s.K, V = s.V, VP = s.VP, KP = s.KP, C = s.C;
+  const int64_t item = bi * s.H + h;
+  std::vector<A> buf(2 * K * VP + C * K * VP + C * VP + 4 * VP + 6 * KP + VP + 5 * KP, A(0));
+  A *dS = buf.data(), *S0 = dS + K * VP, *Sb = S0 + K * VP, *sab = Sb + C * K * VP, *dov = sab + C * VP;
+  A *dsa = dov + VP, *dvv = dsa + VP, *o = dvv + VP;  // o: the recompute's (unused) outputs
+  A *gr = o + VP, *gw = gr + KP, *gk = gw + KP, *gb = gk + KP, *ga = gb + KP, *an = ga + KP;
+  int64_t off = (an + KP) - buf.data();
+  StepIn<T> in;
+  in.alloc(buf, off, KP, VP);
+  std::vector<Vec> pr(KP), pk(KP), pb(KP), pw(KP), pa(KP);
+  s.load_state(g.dht ? g.dht + item * K * V : nullptr, dS);
+  for (int64_t c = s.nchunks - 1; c >= 0; --c) {
+    const int64_t t0 = c * C, kc = std::min(C, s.L - t0);
+    s.load_state(c > 0 ? g.states + (item * s.nchunks + c - 1) * K * V : (s.h0 ? s.h0 + item * K * V : nullptr), S0);
+    // recompute the chunk's states S_t (Sb[j]) and the a^T S_{t-1} of each step (sab[j])
+    Wkv<T>::load(s.a.at(bi, t0, h), an, K, KP);
+    state_t_vec(S0, an, sab, K, VP);
+    for (int64_t j = 0; j < kc; ++j) {
+      in.load(s, bi, t0 + j, h);
+      const bool more = j + 1 < kc;
+      if (more) Wkv<T>::load(s.a.at(bi, t0 + j + 1, h), an, K, KP);
+      step(j ? Sb + (j - 1) * K * VP : S0, Sb + j * K * VP, in.e, in.r, in.k, in.b, more ? an : nullptr, in.v,
+           sab + j * VP, o, sab + (j + 1) * VP * more, K, VP);
+    }
+    for (int64_t j = kc - 1; j >= 0; --j) {
+      const int64_t t = t0 + j;
+      in.load(s, bi, t, h);
+      Wkv<T>::load(g.dout.at(bi, t, h), dov, V, VP);
+      const A *Sp = j ? Sb + (j - 1) * K * VP : S0, *Sc = Sb + j * K * VP, *sa = sab + j * VP;
+      std::fill(dsa, dsa + VP, A(0));
+      std::fill(dvv, dvv + VP, A(0));
+      // rows: dS += scale r do^T; the row dots of dr, dk, db, dw; dsa and dv over the rows
+      for (int64_t i = 0; i < K; ++i) {
+        const Vec sr(s.scale * in.r[i]), bv(in.b[i]), kv(in.k[i]);
+        Vec ar(0), ak(0), ab(0), aw(0);
+        A* row = dS + i * VP;
+        for (int64_t jv = 0; jv < VP; jv += W) {
+          const Vec dov_ = Vec::loadu(dov + jv);
+          const Vec d = at::vec::fmadd(sr, dov_, Vec::loadu(row + jv));
+          d.store(row + jv);
+          ar = at::vec::fmadd(Vec::loadu(Sc + i * VP + jv), dov_, ar);
+          ak = at::vec::fmadd(d, Vec::loadu(in.v + jv), ak);
+          ab = at::vec::fmadd(d, Vec::loadu(sa + jv), ab);
+          aw = at::vec::fmadd(d, Vec::loadu(Sp + i * VP + jv), aw);
+          at::vec::fmadd(bv, d, Vec::loadu(dsa + jv)).store(dsa + jv);
+          at::vec::fmadd(kv, d, Vec::loadu(dvv + jv)).store(dvv + jv);
+        }
+        pr[i] = ar, pk[i] = ak, pb[i] = ab, pw[i] = aw;
+      }
+      // rows: dS <- diag(e) dS + a dsa^T; da's row dots
+      for (int64_t i = 0; i < K; ++i) {
+        const Vec ev(in.e[i]), av(in.a[i]);
+        Vec aa(0);
+        A* row = dS + i * VP;
+        for (int64_t jv = 0; jv < VP; jv += W) {
+          const Vec ds = Vec::loadu(dsa + jv);
+          at::vec::fmadd(ev, Vec::loadu(row + jv), av * ds).store(row + jv);
+          aa = at::vec::fmadd(Vec::loadu(Sp + i * VP + jv), ds, aa);
+        }
+        pa[i] = aa;
+      }
+      for (int64_t i = K; i < KP; ++i) pr[i] = pk[i] = pb[i] = pw[i] = pa[i] = Vec(0);
+      lane_sums(pr.data(), gr, KP);
+      lane_sums(pk.data(), gk, KP);
+      lane_sums(pb.data(), gb, KP);
+      lane_sums(pw.data(), gw, KP);
+      lane_sums(pa.data(), ga, KP);
+      const int64_t ko = ((bi * s.L + t) * s.H + h) * K;
+      for (int64_t i = 0; i < K; ++i) {
+        g.dr[ko + i] = static_cast<T>(s.scale * gr[i]);
+        g.dw[ko + i] = static_cast<T>(in.e[i] * gw[i]);
+        g.dk[ko + i] = static_cast<T>(gk[i]);
+        g.db[ko + i] = static_cast<T>(gb[i]);
+        g.da[ko + i] = static_cast<T>(ga[i]);
+      }
+      T* dvp = g.dv + ((bi * s.L + t) * s.H + h) * V;
+      for (int64_t jv = 0; jv < V; ++jv) dvp[jv] = static_cast<T>(dvv[jv]);
+    }
+  }
+  s.store_state(dS, g.dh0 + item * K * V);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+wkv7_bwd(const at::Tensor& dout, const at::Tensor& r, const at::Tensor& w, const at::Tensor& k, const at::Tensor& v,
+         const at::Tensor& a, const at::Tensor& b, double scale, const c10::optional<at::Tensor>& h0, int64_t chunk,
+         const at::Tensor& states, const c10::optional<at::Tensor>& dht) {
+  check_wkv(r, w, k, v, a, b, h0, chunk);
+  const int64_t B = r.size(0), L = r.size(1), H = r.size(2), K = r.size(3), V = v.size(3);
+  const int64_t nchunks = (L + chunk - 1) / chunk;
+  const auto acc = at::toOpMathType(r.scalar_type());
+  TORCH_CHECK(dout.sizes() == v.sizes() && dout.stride(3) == 1 && dout.scalar_type() == r.scalar_type(),
+              "dout must be like v ", v.sizes(), " with a unit last stride, got ", dout.sizes());
+  TORCH_CHECK(states.sizes() == at::IntArrayRef({B, H, nchunks, K, V}) && states.is_contiguous() &&
+                  states.scalar_type() == acc,
+              "states must be the forward's (", B, ", ", H, ", ", nchunks, ", ", K, ", ", V, "), got ",
+              states.sizes());
+  if (dht)
+    TORCH_CHECK(dht->sizes() == at::IntArrayRef({B, H, K, V}) && dht->is_contiguous() && dht->scalar_type() == acc,
+                "dht must be a contiguous (", B, ", ", H, ", ", K, ", ", V, ") ", acc, " tensor, got ", dht->sizes());
+  auto dr = at::empty({B, L, H, K}, r.options()), dw = at::empty_like(dr), dk = at::empty_like(dr);
+  auto da = at::empty_like(dr), db = at::empty_like(dr), dv = at::empty({B, L, H, V}, r.options());
+  auto dh0 = at::empty({B, H, K, V}, r.options().dtype(acc));
+  TRITIUM_DISPATCH_FLOATING(r.scalar_type(), "tritium_wkv7_bwd", [&] {
+    using A = acc_type<scalar_t>;
+    const auto s = make_wkv<scalar_t>(r, w, k, v, a, b, scale, h0, chunk);
+    WkvGrads<scalar_t> g{seq4<scalar_t>(dout), states.const_data_ptr<A>(), dht ? dht->const_data_ptr<A>() : nullptr,
+                         dr.mutable_data_ptr<scalar_t>(), dw.mutable_data_ptr<scalar_t>(),
+                         dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>(),
+                         da.mutable_data_ptr<scalar_t>(), db.mutable_data_ptr<scalar_t>(), dh0.mutable_data_ptr<A>()};
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) wkv_bwd_item(s, g, i / H, i % H);
+    });
+  });
+  return {dr, dw, dk, dv, da, db, dh0};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// the decoding step: one token per (batch, head) from a carried state; returns (o, the new state)
+// ---------------------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> wkv7_step(const at::Tensor& state, const at::Tensor& r, const at::Tensor& w,
+                                             const at::Tensor& k, const at::Tensor& v, const at::Tensor& a,
+                                             const at::Tensor& b, double scale) {
+  TORCH_CHECK(r.dim() == 3 && r.stride(2) == 1, "r must be (B, H, K) with a unit K stride, got ", r.sizes());
+  for (const auto* p : {&w, &k, &a, &b})
+    TORCH_CHECK(p->sizes() == r.sizes() && p->stride(2) == 1 && p->scalar_type() == r.scalar_type(),
+                "w, k, a and b must be like r ", r.sizes(), ", got ", p->sizes(), " ", p->scalar_type());
+  TORCH_CHECK(v.dim() == 3 && v.size(0) == r.size(0) && v.size(1) == r.size(1) && v.stride(2) == 1 &&
+                  v.scalar_type() == r.scalar_type(),
+              "v must be (B, H, V) like r, got ", v.sizes());
+  const int64_t B = r.size(0), H = r.size(1), K = r.size(2), V = v.size(2);
+  const auto acc = at::toOpMathType(r.scalar_type());
+  TORCH_CHECK(state.sizes() == at::IntArrayRef({B, H, K, V}) && state.is_contiguous() && state.scalar_type() == acc,
+              "state must be a contiguous (B, H, K, V) ", acc, " tensor, got ", state.sizes(), " ",
+              state.scalar_type());
+  auto out = at::empty({B, H, V}, r.options());
+  auto next = at::empty_like(state);
+  TRITIUM_DISPATCH_FLOATING(r.scalar_type(), "tritium_wkv7_step", [&] {
+    using A = acc_type<scalar_t>;
+    // the (B, H, D) operands as (B, 1, H, D) sequences of one step
+    auto q = [](const at::Tensor& t) {
+      return Seq4<scalar_t>{t.const_data_ptr<scalar_t>(), t.stride(0), 0, t.stride(1)};
+    };
+    Wkv<scalar_t> s;
+    s.B = B, s.L = 1, s.H = H, s.K = K, s.V = V, s.C = 1, s.nchunks = 1;
+    s.VP = (V + Wkv<scalar_t>::W - 1) / Wkv<scalar_t>::W * Wkv<scalar_t>::W;
+    s.KP = (K + Wkv<scalar_t>::W - 1) / Wkv<scalar_t>::W * Wkv<scalar_t>::W;
+    s.scale = static_cast<A>(scale);
+    s.r = q(r), s.w = q(w), s.k = q(k), s.v = q(v), s.a = q(a), s.b = q(b);
+    s.h0 = state.const_data_ptr<A>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    A* st = next.mutable_data_ptr<A>();
+    at::parallel_for(0, B * H, std::max<int64_t>(1, 16384 / std::max<int64_t>(K * V, 1)), [&](int64_t begin, int64_t end) {
+      std::vector<A> buf;
+      for (int64_t i = begin; i < end; ++i) wkv_fwd_item(s, i / H, i % H, o, st, buf);
+    });
+  });
+  return {out, next};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tritium, CPU, m) {
+  m.impl("wkv7_fwd", &wkv7_fwd);
+  m.impl("wkv7_bwd", &wkv7_bwd);
+  m.impl("wkv7_step", &wkv7_step);
+}
+
+}  // namespace tritium
