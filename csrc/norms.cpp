@@ -1,4 +1,4 @@
-// RMSNorm and LayerNorm CPU kernels (forward and backward), registered for the CPU key of the tritium ops
+// RMSNorm, LayerNorm and GroupNorm CPU kernels (forward and backward), registered for the CPU key of the tritium ops
 // whose schemas python/tritium/ops/norms.py defines.
 //
 // Rows are independent: at::parallel_for splits rows across threads. Each row is read once from memory; a
@@ -335,6 +335,229 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& 
   return {out[0], out[1], out[2]};
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// group_norm: x viewed as (N * G, D, S) blocks (one per sample and group: D = C / G channels of S spatial
+// elements each, the block contiguous, any stride between blocks). Per block: mean and rstd over its D * S
+// elements, then per channel c (weight w, bias b): z = (x - mean) * rstd * w_c + b_c, y = z or silu(z).
+// Backward, with dz = dy (or dy * silu'(z)), g = dz * w and xhat = (x - mean) * rstd:
+//   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) over the block;  dw_c = sum_{n,s} dz * xhat;  db_c = sum dz
+// The block sums come from per-channel sums (sum_s dz, sum_s dz * (x - mean)), which are also the (n, c) terms of
+// dw and db: they go to an (N, C) buffer summed over N at the end, so no per-thread partial rows are needed.
+// ---------------------------------------------------------------------------------------------------------
+inline void check_blocks(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 3, name, " must be 3-D (N * groups, channels per group, spatial), got ", t.dim(), "-D");
+  TORCH_CHECK((t.stride(2) == 1 || t.size(2) <= 1) && (t.stride(1) == t.size(2) || t.size(1) <= 1), name,
+              " must have contiguous (channels per group, spatial) blocks");
+}
+
+// z * sigmoid(z) as x / (1 + exp(-x)), the activation kernels' SiLU.
+template <typename V>
+inline V silu_vec(const V& z) {
+  return z / (V(1) + fexp(z.neg()));
+}
+
+template <typename A>
+inline A silu_scalar(A z) {
+  return z / (A(1) + std::exp(-z));
+}
+
+// y[0, S) = act((x - mean) * scale + shift) for one channel of a block (x in the accumulation type).
+template <bool SILU, typename T, typename A>
+void channel_normalize(const A* x, T* y, int64_t S, A mean, A scale, A shift) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t K = Vec::size();
+  const Vec vm(mean), vs(scale), vb(shift);
+  auto one = [&](int64_t i) {
+    Vec z = at::vec::fmadd(Vec::loadu(x + i) - vm, vs, vb);
+    if constexpr (SILU) z = silu_vec(z);
+    return z;
+  };
+  int64_t i = 0;
+  for (; i + 2 * K <= S; i += 2 * K) store2(y + i, one(i), one(i + K));
+  for (; i < S; ++i) {
+    A z = (x[i] - mean) * scale + shift;
+    if constexpr (SILU) z = silu_scalar(z);
+    y[i] = static_cast<T>(z);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(const at::Tensor& x,
+                                                              const c10::optional<at::Tensor>& weight,
+                                                              const c10::optional<at::Tensor>& bias,
+                                                              int64_t num_groups, double eps, bool silu) {
+  check_blocks(x, "input");
+  const int64_t R = x.size(0), D = x.size(1), S = x.size(2), M = D * S, G = num_groups;
+  TORCH_CHECK(G > 0 && R % G == 0, "group_norm_fwd: the block count ", R, " must be a multiple of num_groups ", G);
+  auto y = empty({R, D, S}, x.options());
+  auto stat_opts = x.options().dtype(acc_dtype(x.scalar_type()));
+  auto mean = tritium::empty({R}, stat_opts), rstd = tritium::empty({R}, stat_opts);
+  TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_group_norm_fwd", [&] {
+    using A = acc_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* wp = opt_ptr<scalar_t>(weight);
+    const scalar_t* bp = opt_ptr<scalar_t>(bias);
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    A* mean_p = mean.mutable_data_ptr<A>();
+    A* rstd_p = rstd.mutable_data_ptr<A>();
+    const int64_t sx = x.stride(0), C = G * D;
+    at::parallel_for(0, R, row_grain(M), [&](int64_t begin, int64_t end) {
+      std::vector<A> wbuf, bbuf, xbuf;
+      const A* wf = wp ? as_acc(wp, C, wbuf) : nullptr;
+      const A* bf = bp ? as_acc(bp, C, bbuf) : nullptr;
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* xr = xp + r * sx;
+        if (!std::is_same_v<scalar_t, A> && r + 1 < end) prefetch_l2(xr + sx, M * int64_t(sizeof(scalar_t)));
+        const A* xf = as_acc(xr, M, xbuf);
+        // the variance about the block's mean, as the layer norm takes it (no cancellation)
+        const A c = static_cast<A>(row_sum(xf, M) / M);
+        auto [s, q] = row_moments<false>(xf, M, c);
+        const double d = s / M;
+        const A mu = static_cast<A>(c + d);
+        const A rs = A(1) / std::sqrt(static_cast<A>(std::max(q / M - d * d, 0.0)) + static_cast<A>(eps));
+        mean_p[r] = mu;
+        rstd_p[r] = rs;
+        const int64_t ch0 = (r % G) * D;
+        scalar_t* yr = yp + r * M;
+        for (int64_t j = 0; j < D; ++j) {
+          const A scale = wf ? rs * wf[ch0 + j] : rs, shift = bf ? bf[ch0 + j] : A(0);
+          if (silu) {
+            channel_normalize<true>(xf + j * S, yr + j * S, S, mu, scale, shift);
+          } else {
+            channel_normalize<false>(xf + j * S, yr + j * S, S, mu, scale, shift);
+          }
+        }
+      }
+    });
+  });
+  return {y, mean, rstd};
+}
+
+// Pass 1 over one channel: (sum_s dz, sum_s dz * (x - mean)); with SILU dz = dy * silu'(z) is written to dz_out
+// (pass 2 reads it instead of recomputing the exp).
+template <bool SILU, typename A>
+std::pair<A, A> channel_grad_sums(const A* dy, const A* x, A* dz_out, int64_t S, A mean, A scale, A shift) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t K = Vec::size();
+  const Vec vm(mean), vs(scale), vb(shift), one(1);
+  Vec sa(0), sb(0);
+  int64_t i = 0;
+  for (; i + K <= S; i += K) {
+    const Vec xc = Vec::loadu(x + i) - vm;
+    Vec dz = Vec::loadu(dy + i);
+    if constexpr (SILU) {
+      const Vec z = at::vec::fmadd(xc, vs, vb), sg = fsigmoid(z);
+      dz = dz * sg * at::vec::fmadd(z, one - sg, one);
+      dz.store(dz_out + i);
+    }
+    sa = sa + dz;
+    sb = at::vec::fmadd(dz, xc, sb);
+  }
+  A a = hsum(sa), b = hsum(sb);
+  for (; i < S; ++i) {
+    const A xc = x[i] - mean;
+    A dz = dy[i];
+    if constexpr (SILU) {
+      const A z = xc * scale + shift, sg = A(1) / (A(1) + std::exp(-z));
+      dz = dz * sg * (A(1) + z * (A(1) - sg));
+      dz_out[i] = dz;
+    }
+    a += dz;
+    b += dz * xc;
+  }
+  return {a, b};
+}
+
+// Pass 2 over one channel: dx = dz * p + (x - mean) * q + o.
+template <typename T, typename A>
+void channel_dx(const A* dz, const A* x, T* dx, int64_t S, A mean, A p, A q, A o) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t K = Vec::size();
+  const Vec vm(mean), vp(p), vq(q), vo(o);
+  auto one = [&](int64_t i) {
+    return at::vec::fmadd(Vec::loadu(dz + i), vp, at::vec::fmadd(Vec::loadu(x + i) - vm, vq, vo));
+  };
+  int64_t i = 0;
+  for (; i + 2 * K <= S; i += 2 * K) store2(dx + i, one(i), one(i + K));
+  for (; i < S; ++i) dx[i] = static_cast<T>(dz[i] * p + ((x[i] - mean) * q + o));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
+    const at::Tensor& dy, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& rstd, int64_t num_groups,
+    bool silu, bool need_dw, bool need_db) {
+  check_blocks(dy, "grad_output");
+  check_blocks(x, "input");
+  const int64_t R = x.size(0), D = x.size(1), S = x.size(2), M = D * S, G = num_groups;
+  TORCH_CHECK(G > 0 && R % G == 0, "group_norm_bwd: the block count ", R, " must be a multiple of num_groups ", G);
+  TORCH_CHECK(dy.sizes() == x.sizes(), "group_norm_bwd: grad_output must have the input's shape");
+  const int64_t N = R / G, C = G * D;
+  need_dw = need_dw && weight.has_value();
+  auto dx = empty({R, D, S}, x.options());
+  auto acc_opts = x.options().dtype(acc_dtype(x.scalar_type()));
+  // (n, c) terms of dw and db, each written once (the sum over n follows)
+  auto dw_part = need_dw ? at::empty({N, C}, acc_opts) : at::Tensor();
+  auto db_part = need_db ? at::empty({N, C}, acc_opts) : at::Tensor();
+  TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_group_norm_bwd", [&] {
+    using A = acc_type<scalar_t>;
+    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* wp = opt_ptr<scalar_t>(weight);
+    const scalar_t* bp = opt_ptr<scalar_t>(bias);
+    const A* mp = mean.const_data_ptr<A>();
+    const A* rp = rstd.const_data_ptr<A>();
+    scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+    A* dwp = need_dw ? dw_part.mutable_data_ptr<A>() : nullptr;
+    A* dbp = need_db ? db_part.mutable_data_ptr<A>() : nullptr;
+    const int64_t sdy = dy.stride(0), sx = x.stride(0);
+    at::parallel_for(0, R, row_grain(M), [&](int64_t begin, int64_t end) {
+      std::vector<A> wbuf, bbuf, dybuf, xbuf, dzbuf(silu ? M : 0), sums(2 * D);
+      const A* wf = wp ? as_acc(wp, C, wbuf) : nullptr;
+      const A* bf = bp ? as_acc(bp, C, bbuf) : nullptr;
+      for (int64_t r = begin; r < end; ++r) {
+        if (!std::is_same_v<scalar_t, A> && r + 1 < end) {  // as in the norms' row kernels
+          prefetch_l2(dyp + (r + 1) * sdy, M * int64_t(sizeof(scalar_t)));
+          prefetch_l2(xp + (r + 1) * sx, M * int64_t(sizeof(scalar_t)));
+        }
+        const A* dyf = as_acc(dyp + r * sdy, M, dybuf);
+        const A* xf = as_acc(xp + r * sx, M, xbuf);
+        const A* dz = silu ? dzbuf.data() : dyf;
+        const A mu = mp[r], rs = rp[r];
+        const int64_t n = r / G, ch0 = (r % G) * D;
+        // pass 1: per-channel sums, and from them sum(g) and sum(g * xhat) over the block
+        double s_g = 0, s_gx = 0;
+        for (int64_t j = 0; j < D; ++j) {
+          const A w = wf ? wf[ch0 + j] : A(1);
+          const A scale = rs * w, shift = bf ? bf[ch0 + j] : A(0);
+          auto [a, b] = silu ? channel_grad_sums<true>(dyf + j * S, xf + j * S, dzbuf.data() + j * S, S, mu, scale,
+                                                       shift)
+                             : channel_grad_sums<false>(dyf + j * S, xf + j * S, static_cast<A*>(nullptr), S, mu, scale,
+                                                        shift);
+          s_g += double(w) * a;
+          s_gx += double(w) * b;
+          if (dwp) dwp[n * C + ch0 + j] = b * rs;
+          if (dbp) dbp[n * C + ch0 + j] = a;
+        }
+        scalar_t* dxr = dxp + r * M;
+        if (M == 1) {  // one element: y = b whatever x, so dx = 0 exactly (as the layer norm's one-element rows)
+          dxr[0] = scalar_t(0);
+          continue;
+        }
+        // pass 2: dx = rstd * (w * dz - c1 - (x - mean) * rstd * c2)
+        const A c1 = static_cast<A>(s_g / M), c2 = static_cast<A>(s_gx * rs / M);
+        const A q = -rs * rs * c2, o = -rs * c1;
+        for (int64_t j = 0; j < D; ++j) {
+          const A p = wf ? rs * wf[ch0 + j] : rs;
+          channel_dx(dz + j * S, xf + j * S, dxr + j * S, S, mu, p, q, o);
+        }
+      }
+    });
+  });
+  auto finish = [&](const at::Tensor& part) { return part.sum(0).to(x.scalar_type()); };
+  at::Tensor dw = need_dw ? finish(dw_part) : at::empty({0}, x.options());
+  at::Tensor db = need_db ? finish(db_part) : at::empty({0}, x.options());
+  return {dx, dw, db};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tritium, CPU, m) {
@@ -343,6 +566,8 @@ TORCH_LIBRARY_IMPL(tritium, CPU, m) {
   m.impl("fused_add_rms_norm_fwd", &fused_add_rms_norm_fwd);
   m.impl("layer_norm_fwd", &layer_norm_fwd);
   m.impl("layer_norm_bwd", &layer_norm_bwd);
+  m.impl("group_norm_fwd", &group_norm_fwd);
+  m.impl("group_norm_bwd", &group_norm_bwd);
 }
 
 }  // namespace tritium

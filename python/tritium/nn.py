@@ -20,6 +20,27 @@ class LayerNorm(torch.nn.LayerNorm):
         return ops.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
+class GroupNorm(torch.nn.GroupNorm):
+    """torch.nn.GroupNorm on tritium.group_norm; ``activation="silu"`` fuses the SiLU that follows a U-Net
+    block's GroupNorm (the state_dict stays torch's; a patched torch.nn.GroupNorm has no activation)."""
+
+    activation = None
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, device=None,
+                 dtype=None, *, bias: bool = True, activation=None):
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias)
+        if activation not in ops.norms.GROUP_NORM_ACTIVATIONS:
+            raise ValueError(f"GroupNorm: activation must be None or 'silu', got {activation!r}")
+        self.activation = activation
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.activation)
+
+    def extra_repr(self) -> str:
+        extra = f", activation={self.activation!r}" if self.activation else ""
+        return super().extra_repr() + extra
+
+
 class Linear(torch.nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         return ops.linear(x, self.weight, self.bias)
@@ -29,6 +50,7 @@ class Linear(torch.nn.Linear):
 PATCH_TABLE: Dict[Type[torch.nn.Module], Type[torch.nn.Module]] = {
     torch.nn.RMSNorm: RMSNorm,
     torch.nn.LayerNorm: LayerNorm,
+    torch.nn.GroupNorm: GroupNorm,
     torch.nn.Linear: Linear,
 }
 

@@ -18,6 +18,15 @@ rms_norm = F.rms_norm
 layer_norm = F.layer_norm
 
 
+def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+               eps: float = 1e-5, activation: Optional[str] = None) -> Tensor:
+    """F.group_norm, then SiLU when activation is "silu"."""
+    if activation not in (None, "silu"):
+        raise ValueError(f"group_norm: activation must be None or 'silu', got {activation!r}")
+    y = F.group_norm(input, num_groups, weight, bias, eps)
+    return F.silu(y) if activation == "silu" else y
+
+
 def fused_add_rms_norm(input: Tensor, residual: Tensor, weight: Optional[Tensor] = None,
                        eps: Optional[float] = None) -> tuple[Tensor, Tensor]:
     h = input + residual

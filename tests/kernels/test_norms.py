@@ -1,4 +1,7 @@
-"""RMSNorm / LayerNorm / fused add+RMSNorm kernels, Triton (interpreter) and C++, against the reference."""
+"""RMSNorm / LayerNorm / fused add+RMSNorm / GroupNorm (+ SiLU) kernels, Triton (interpreter) and C++, against the
+reference."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -130,9 +133,76 @@ def test_triton_rows_past_programs(dtype, n):
     check_many_rows(triton_norms, dtype, n)
 
 
+# GroupNorm shapes (N, C, spatial, groups): odd channels per group, odd spatial sizes, one sample, groups = 1 and
+# groups = C, 2-D (no spatial dims) and 1-D/3-D spatial; (2, 64, 100) with one group loops over channel tiles and
+# (2, 6, 1500) over spatial tiles in the Triton kernels (kernels/norms.py GN_TILE).
+GN_SHAPES = [(1, 7, (5,), 1), (3, 6, (3, 5), 6), (2, 9, (11,), 3), (2, 10, (), 5), (1, 4, (3, 2, 3), 2),
+             (2, 15, (7, 3), 5), (2, 64, (100,), 1), (2, 6, (1500,), 3)]
+
+
+def _gn_act(silu):
+    return F.silu if silu else (lambda v: v)
+
+
+@pytest.mark.parametrize("impl_name,impl,dtype", CASES, ids=[f"{n}-{str(d)[6:]}" for n, _, d in CASES])
+@pytest.mark.parametrize("n,c,spatial,groups", GN_SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("silu", [False, True], ids=["plain", "silu"])
+def test_group_norm(impl_name, impl, dtype, n, c, spatial, groups, silu):
+    check_group_norm(impl, dtype, n, c, spatial, groups, silu, affine="wb")
+
+
+@pytest.mark.parametrize("impl_name,impl,dtype", CASES, ids=[f"{n}-{str(d)[6:]}" for n, _, d in CASES])
+@pytest.mark.parametrize("affine", ["w", "none"])
+def test_group_norm_without_bias(impl_name, impl, dtype, affine):
+    check_group_norm(impl, dtype, 2, 9, (11,), 3, True, affine)
+    check_group_norm(impl, dtype, 2, 9, (11,), 3, False, affine)
+
+
+def check_group_norm(impl, dtype, n, c, spatial, groups, silu, affine):
+    eps = 1e-5
+    g64 = torch.Generator().manual_seed(n * 1000 + c)
+    # offset 3: a mean well away from zero exercises the variance computation
+    x = (torch.randn(n, c, *spatial, dtype=torch.float64, generator=g64) * 2 + 3).to(dtype)
+    w, b = (torch.randn(c, dtype=torch.float64, generator=g64).to(dtype) for _ in range(2))
+    dy = torch.randn(x.shape, dtype=torch.float64, generator=g64).to(dtype)
+    weight = w if "w" in affine else None
+    bias = b if "b" in affine else None
+    s = math.prod(spatial)
+    blocks = (n * groups, c // groups, s)
+    y, mean, rstd = impl.group_norm_fwd(x.reshape(blocks), weight, bias, groups, eps, silu)
+    dx, dw, db = impl.group_norm_bwd(dy.reshape(blocks), x.reshape(blocks), weight, bias, mean, rstd, groups, silu,
+                                     weight is not None, bias is not None)
+    params = [p for p in (weight, bias) if p is not None]
+
+    def fn(x_, *ps):
+        it = iter(ps)
+        w_ = next(it) if weight is not None else None
+        b_ = next(it) if bias is not None else None
+        return _gn_act(silu)(F.group_norm(x_, groups, w_, b_, eps))
+
+    (ty, tg), (ry, rg) = torch_and_ref(fn, [x] + params, dy, dtype)
+    assert_within_torch_error(y.reshape(x.shape), ty, ry, "y")
+    assert_within_torch_error(dx.reshape(x.shape), tg[0], rg[0], "dx")
+    k = 1
+    if weight is not None:
+        assert_within_torch_error(dw, tg[k], rg[k], "dw")
+        k += 1
+    else:
+        assert dw.numel() == 0
+    if bias is not None:
+        assert_within_torch_error(db, tg[k], rg[k], "db")
+    else:
+        assert db.numel() == 0
+    # the statistics (float32, float64 for float64) within 2x torch's error in that dtype
+    xb = x.reshape(n * groups, -1)
+    for stat, fn_ in ((mean, lambda t: t.mean(-1)), (rstd, lambda t: torch.rsqrt(t.var(-1, correction=0) + eps))):
+        assert_within_torch_error(stat, fn_(xb.to(stat.dtype)), fn_(xb.double()), "stat")
+
+
 @pytest.mark.parametrize("impl_name,impl", [("triton", triton_norms), ("cpp", cpp)])
 def test_strided_rows(impl_name, impl):
-    """Rows with a stride larger than the row (a slice of a wider tensor) are read in place."""
+    """Rows with a stride larger than the row (a slice of a wider tensor) are read in place; so are GroupNorm
+    blocks."""
     base = torch.randn(5, 300)
     x = base[:, :257]
     w = torch.randn(257)
@@ -140,6 +210,16 @@ def test_strided_rows(impl_name, impl):
     torch.testing.assert_close(y, F.rms_norm(x.contiguous(), (257,), w, 1e-6))
     y, _, _ = impl.layer_norm_fwd(x, w, None, 1e-5)
     torch.testing.assert_close(y, F.layer_norm(x.contiguous(), (257,), w, None, 1e-5))
+    # GroupNorm with one group: each sample is a block, every other sample of a batch of 8 (block stride 84)
+    xs, dy = torch.randn(8, 6, 7)[::2], torch.randn(8, 6, 7)[::2]
+    assert xs.stride(0) == 84
+    gw, gb = torch.randn(6), torch.randn(6)
+    y, mean, rstd = impl.group_norm_fwd(xs, gw, gb, 1, 1e-5, True)
+    torch.testing.assert_close(y, F.silu(F.group_norm(xs, 1, gw, gb, 1e-5)))
+    dx, _, _ = impl.group_norm_bwd(dy, xs, gw, gb, mean, rstd, 1, True, False, False)
+    xl = xs.clone().requires_grad_(True)
+    (dx_ref,) = torch.autograd.grad(F.silu(F.group_norm(xl, 1, gw, gb, 1e-5)), xl, dy)
+    torch.testing.assert_close(dx, dx_ref)
 
 
 @pytest.mark.gpu_compile
@@ -160,3 +240,22 @@ def test_gpu_compile(n):
 
     report = check_gpu_compile(run)
     assert {c.name for c in report} == {"_norm_fwd_kernel", "_norm_bwd_kernel"}
+
+
+@pytest.mark.gpu_compile
+@pytest.mark.parametrize("d,s", [(8, 1024), (16, 49), (64, 1)], ids=["tile-of-spatial", "odd-spatial", "2d"])
+def test_group_norm_gpu_compile(d, s):
+    """Every group_norm tile shape the launchers pick (wide spatial, a few rows of odd spatial, channels only),
+    with and without SiLU, compiles for sm_80/90 without spills."""
+    x = torch.randn(4, d, s)
+    w, b = torch.randn(2 * d), torch.randn(2 * d)
+
+    def run():
+        for dtype in (torch.float32, torch.bfloat16):
+            xd, wd, bd = x.to(dtype), w.to(dtype), b.to(dtype)
+            for silu in (False, True):
+                y, mean, rstd = triton_norms.group_norm_fwd(xd, wd, bd, 2, 1e-5, silu)
+                triton_norms.group_norm_bwd(xd, xd, wd, bd, mean, rstd, 2, silu, True, True)
+
+    report = check_gpu_compile(run)
+    assert {c.name for c in report} == {"_group_norm_fwd_kernel", "_group_norm_bwd_kernel"}

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.testing._internal.common_methods_invocations import op_db
 
 import tritium
 from tests.util import CPU_DTYPES, KERNEL_DTYPES, assert_within_torch_error, leaf
@@ -243,3 +244,157 @@ def test_layer_norm_over_one_element(impl, dtype):
     assert torch.equal(dx, torch.zeros_like(x))
     assert torch.equal(dw, torch.zeros_like(w))
     torch.testing.assert_close(db, dy.double().sum(0).to(dtype))
+
+
+# ---- group_norm (+ SiLU) ----
+# (shape, num_groups): odd channels per group, odd spatial sizes, N = 1, groups = 1 and groups = C, 2-D input and
+# 1-D / 3-D spatial dims
+GN_CASES = [((2, 9, 11), 3), ((1, 6, 5, 3), 6), ((3, 5, 7), 1), ((4, 6), 3), ((2, 4, 3, 2, 3), 2), ((1, 15, 7, 5), 5)]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("shape,groups", GN_CASES, ids=str)
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_group_norm_matches_torch(dtype, shape, groups, activation):
+    act = F.silu if activation else (lambda v: v)
+    c = shape[1]
+    x, w, b = torch.randn(shape) * 2 + 3, torch.randn(c), torch.randn(c)
+    _same_as_torch(lambda *a: tritium.group_norm(a[0], groups, a[1], a[2], activation=activation),
+                   lambda *a: act(F.group_norm(a[0], groups, a[1], a[2])), [x, w, b], dtype)
+    _same_as_torch(lambda x_: tritium.group_norm(x_, groups, eps=1e-2, activation=activation),
+                   lambda x_: act(F.group_norm(x_, groups, eps=1e-2)), [x], dtype)
+
+
+def test_group_norm_gradcheck_float64():
+    x = torch.randn(2, 6, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    for activation in (None, "silu"):
+        assert torch.autograd.gradcheck(
+            lambda x_, w_, b_: tritium.group_norm(x_, 3, w_, b_, activation=activation), (x, w, b))
+        assert torch.autograd.gradcheck(lambda x_: tritium.group_norm(x_, 2, activation=activation), (x,))
+
+
+@pytest.mark.parametrize("op", [o for o in op_db if o.name == "nn.functional.group_norm" and o.variant_test_name == ""],
+                         ids=lambda o: o.name)
+def test_group_norm_opinfo_samples(op):
+    """torch's OpInfo samples for F.group_norm (negative eps, N = 1, empty batch, no affine, ...) through
+    tritium.group_norm: values and input gradients in float32, and its error inputs raising torch's errors."""
+    n = 0
+    for sample in op.sample_inputs("cpu", torch.float32, requires_grad=True):
+        args = [sample.input, *sample.args]
+        theirs = op.op(*args, **sample.kwargs)
+        ours = tritium.group_norm(*args, **sample.kwargs)
+        torch.testing.assert_close(ours, theirs, equal_nan=True)
+        leaves = [t for t in [*args, *sample.kwargs.values()] if isinstance(t, torch.Tensor) and t.requires_grad]
+        if leaves and theirs.requires_grad:
+            dy = torch.randn_like(theirs)
+            g1 = torch.autograd.grad(ours, leaves, dy, allow_unused=True)
+            g2 = torch.autograd.grad(theirs, leaves, dy, allow_unused=True)
+            for a, b in zip(g1, g2):
+                if b is None:
+                    assert a is None or not a.abs().sum()
+                else:
+                    torch.testing.assert_close(a, b, equal_nan=True)
+        n += 1
+    assert n > 0
+    for sample in op.error_inputs("cpu"):
+        si = sample.sample_input
+        with pytest.raises(sample.error_type, match=sample.error_regex):
+            tritium.group_norm(si.input, *si.args, **si.kwargs)
+
+
+@pytest.mark.parametrize("call", [
+    lambda f: f.group_norm(torch.randn(2, 7, 4), 2),                          # channels not divisible
+    lambda f: f.group_norm(torch.randn(4), 1),                                # 1-D input
+    lambda f: f.group_norm(torch.randn(2, 6, 3), 0),                          # zero groups
+    lambda f: f.group_norm(torch.randn(2, 6, 3), 3, torch.randn(5)),          # weight shape
+    lambda f: f.group_norm(torch.randn(2, 6, 3), 3, None, torch.randn(6, 1)),  # bias shape
+    lambda f: f.group_norm(torch.randn(1, 4), 4),                             # one value per group
+    lambda f: f.group_norm(torch.arange(12.0).view(2, 6).long(), 3),          # integer input
+    lambda f: f.group_norm(torch.randn(2, 6, 3), 3, torch.randn(6, dtype=torch.float64)),  # dtype mismatch
+], ids=["indivisible", "1d", "zero-groups", "weight-shape", "bias-shape", "one-value", "int", "dtype"])
+def test_group_norm_bad_input_raises_what_torch_raises(call):
+    with pytest.raises(Exception) as theirs:
+        call(F)
+    with pytest.raises(type(theirs.value)) as ours:
+        call(tritium)
+    assert str(ours.value) == str(theirs.value)
+
+
+def test_group_norm_bad_activation():
+    with pytest.raises(ValueError, match="activation must be None or 'silu', got 'relu'"):
+        tritium.group_norm(torch.randn(2, 4, 3), 2, activation="relu")
+    with pytest.raises(ValueError, match="activation must be None or 'silu', got 'gelu'"):
+        tritium.nn.GroupNorm(2, 4, activation="gelu")
+
+
+def test_group_norm_layouts():
+    """A channels-last input (copied once into contiguous blocks), a batch slice (blocks read in place) and an
+    expanded output gradient (from a sum) give torch's values and gradients."""
+    w, b = torch.randn(8), torch.randn(8)
+    cl = torch.randn(3, 8, 5, 7).to(memory_format=torch.channels_last)
+    torch.testing.assert_close(tritium.group_norm(cl, 4, w, b), F.group_norm(cl, 4, w, b))
+    sliced = torch.randn(6, 8, 9)[::2]
+    torch.testing.assert_close(tritium.group_norm(sliced, 1, w, b, activation="silu"),
+                               F.silu(F.group_norm(sliced, 1, w, b)))
+    xl, xr = leaf(cl), leaf(cl)
+    tritium.group_norm(xl, 4, w, b, activation="silu").sum().backward()
+    F.silu(F.group_norm(xr, 4, w, b)).sum().backward()
+    torch.testing.assert_close(xl.grad, xr.grad)
+
+
+def test_group_norm_reference_backend(reference_backend, monkeypatch):
+    """The reference backend runs torch's group_norm (then silu) and no tritium op; the kernels' backend does call
+    the op (so the check would notice a switch that routes nothing)."""
+    from tritium.ops import norms
+
+    def op(*args):
+        raise RuntimeError("tritium::group_norm_fwd called")
+
+    monkeypatch.setattr(norms, "group_norm_fwd", op)
+    x, w, b = torch.randn(2, 6, 5), torch.randn(6), torch.randn(6)
+    assert torch.equal(tritium.group_norm(x, 3, w, b, activation="silu"), F.silu(F.group_norm(x, 3, w, b)))
+    tritium.set_backend("kernels")  # the fixture restores the previous backend
+    with pytest.raises(RuntimeError, match="group_norm_fwd called"):
+        tritium.group_norm(x, 3, w, b, activation="silu")
+
+
+class _UNetBlock(torch.nn.Module):
+    """GroupNorm + SiLU, conv, GroupNorm: the U-Net residual block's norms."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm1 = tritium.nn.GroupNorm(4, 8, activation="silu")
+        self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.norm2 = tritium.nn.GroupNorm(2, 8)
+
+    def forward(self, x):
+        return self.norm2(self.conv(self.norm1(x))) + x
+
+
+def test_group_norm_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    m = _UNetBlock()
+    x = torch.randn(2, 8, 5, 7, requires_grad=True)
+    compiled = torch.compile(m, fullgraph=True)
+    y = compiled(x)
+    torch.testing.assert_close(y, m(x))
+    (g,) = torch.autograd.grad(y.sum(), x)
+    (g_ref,) = torch.autograd.grad(m(x).sum(), x)
+    torch.testing.assert_close(g, g_ref)
+
+
+def test_group_norm_module_and_patch():
+    ref = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.GroupNorm(4, 8), torch.nn.SiLU())
+    ours = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), tritium.nn.GroupNorm(4, 8, activation="silu"))
+    assert isinstance(ours[1], torch.nn.GroupNorm)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(ours(x), ref(x))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.GroupNorm(4, 8, affine=False))
+    before = model(x)
+    replaced = tritium.patch(model)
+    assert replaced == [("1", torch.nn.GroupNorm)]
+    assert type(model[1]) is tritium.nn.GroupNorm and model[1].activation is None
+    torch.testing.assert_close(model(x), before)

@@ -139,6 +139,20 @@ def _():
     return [(r(3, 8), x, r(8), mean, rstd, True, True), (r(3, 8), x, None, mean, rstd, False, False)]
 
 
+@sample("group_norm_fwd")
+def _():
+    # (N * groups, channels per group, spatial) blocks: 2 samples x 3 groups of 2 channels x 5, then 2-D input
+    return [(g(6, 2, 5), g(6), g(6), 3, 1e-5, True), (g(4, 3, 1), None, None, 2, 1e-5, False)]
+
+
+@sample("group_norm_bwd")
+def _():
+    x = r(6, 2, 5)
+    _, mean, rstd = torch.ops.tritium.group_norm_fwd(x, None, None, 3, 1e-5, False)
+    return [(r(6, 2, 5), x, r(6), r(6), mean, rstd, 3, True, True, True),
+            (r(6, 2, 5), x, None, None, mean, rstd, 3, False, False, False)]
+
+
 # ---- softmax, cross-entropy, kl_div, distillation ----
 @sample("softmax_fwd")
 def _():

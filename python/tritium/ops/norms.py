@@ -1,7 +1,8 @@
-"""RMSNorm, LayerNorm and fused add + RMSNorm: schemas, fake kernels, autograd and the public functions.
+"""RMSNorm, LayerNorm, fused add + RMSNorm and GroupNorm (+ SiLU): schemas, fake kernels, autograd and the public
+functions.
 
-``rms_norm`` and ``layer_norm`` are drop-ins for their torch.nn.functional twins: whatever the kernels do not
-cover (a dtype outside float32/bfloat16/float16/float64, weight and input of different dtypes or devices,
+``rms_norm``, ``layer_norm`` and ``group_norm`` are drop-ins for their torch.nn.functional twins: whatever the
+kernels do not cover (a dtype outside float32/bfloat16/float16/float64, weight and input of different dtypes or devices,
 empty or 0-d inputs, and any invalid argument) goes explicitly to ``tritium.reference``, i.e. to torch's own
 op, so results and error messages are torch's.
 """
@@ -46,6 +47,16 @@ def _fake_ln_bwd(dy, x, weight, mean, rstd, need_dw, need_db):
             x.new_empty((n if need_db else 0,)))
 
 
+def _fake_gn_fwd(x, weight, bias, num_groups, eps, silu):
+    return x.new_empty(x.shape), _fake_stat(x), _fake_stat(x)
+
+
+def _fake_gn_bwd(dy, x, weight, bias, mean, rstd, num_groups, silu, need_dw, need_db):
+    c = x.shape[1] * num_groups
+    return (x.new_empty(x.shape), x.new_empty((c if need_dw and weight is not None else 0,)),
+            x.new_empty((c if need_db else 0,)))
+
+
 # ---- backward ops (no autograd of their own: double backward is not supported) ----
 rms_norm_bwd = define_op(
     "rms_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor rstd, Tensor? grad_residual, bool need_dw)"
@@ -53,6 +64,9 @@ rms_norm_bwd = define_op(
 layer_norm_bwd = define_op(
     "layer_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, bool need_dw, bool need_db)"
     " -> (Tensor, Tensor, Tensor)", _fake_ln_bwd, "norms:layer_norm_bwd")
+group_norm_bwd = define_op(
+    "group_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, int num_groups,"
+    " bool silu, bool need_dw, bool need_db) -> (Tensor, Tensor, Tensor)", _fake_gn_bwd, "norms:group_norm_bwd")
 
 
 # ---- autograd formulas ----
@@ -92,6 +106,29 @@ def _ln_backward(ctx, dy, _dmean, _drstd):
     return dx, (dw if need_dw else None), (db if need_db else None), None
 
 
+def _gn_setup(ctx, inputs, output):
+    x, weight, bias, num_groups, _, silu = inputs
+    ctx.save_for_backward(x, weight, bias, output[1], output[2])
+    ctx.args = (num_groups, silu)
+
+
+def _blocks(t: Tensor) -> Tensor:
+    """t (N * groups, channels per group, spatial) with each block contiguous, the layout the group_norm kernels
+    read (any stride between blocks): t itself when it has it, else a contiguous copy (e.g. an expanded gradient
+    from a sum)."""
+    _, d, s = t.shape
+    if (t.stride(2) == 1 or s <= 1) and (t.stride(1) == s or d <= 1):
+        return t
+    return t.contiguous()
+
+
+def _gn_backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    need_dw, need_db = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    dx, dw, db = group_norm_bwd(_blocks(dy), x, weight, bias, mean, rstd, *ctx.args, need_dw, need_db)
+    return dx, (dw if need_dw else None), (db if need_db else None), None, None, None
+
+
 rms_norm_fwd = define_op("rms_norm_fwd(Tensor x, Tensor? weight, float eps) -> (Tensor, Tensor)",
                          _fake_rms_fwd, "norms:rms_norm_fwd", backward=_rms_backward,
                          setup_context=_rms_setup)
@@ -102,6 +139,11 @@ fused_add_rms_norm_fwd = define_op(
 layer_norm_fwd = define_op(
     "layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)",
     _fake_ln_fwd, "norms:layer_norm_fwd", backward=_ln_backward, setup_context=_ln_setup)
+# x: (N * num_groups, C / num_groups, spatial) blocks; mean, rstd: one per block
+group_norm_fwd = define_op(
+    "group_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, int num_groups, float eps, bool silu)"
+    " -> (Tensor, Tensor, Tensor)", _fake_gn_fwd, "norms:group_norm_fwd", backward=_gn_backward,
+    setup_context=_gn_setup)
 
 
 # ---- public API ----
@@ -170,4 +212,39 @@ def fused_add_rms_norm(input: Tensor, residual: Tensor, weight: Optional[Tensor]
     return y.view(input.shape), h.view(input.shape)
 
 
-__all__: List[str] = ["rms_norm", "layer_norm", "fused_add_rms_norm"]
+GROUP_NORM_ACTIVATIONS = (None, "silu")
+
+
+def _group_norm_ok(x: Tensor, num_groups, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
+    """True when the kernels cover this group_norm call: kernel_ok, x (N, C, *spatial) with C a multiple of an
+    integer num_groups > 0, weight and bias (C,) where given, more than one value per channel group of the
+    batch (torch's _verify_batch_size), no route to torch's own op. Everything else goes to the reference, which
+    raises torch's errors."""
+    given = [p for p in (weight, bias) if p is not None]
+    if not (kernel_ok(x, *given) and x.dim() >= 2 and not routed("group_norm", x)):
+        return False
+    c = x.shape[1]
+    return (type(num_groups) is int and num_groups > 0 and c % num_groups == 0
+            and x.shape[0] * (c // num_groups) * math.prod(x.shape[2:]) != 1
+            and all(tuple(p.shape) == (c,) for p in given))
+
+
+def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+               eps: float = 1e-5, activation: Optional[str] = None) -> Tensor:
+    """Drop-in for ``torch.nn.functional.group_norm``: the C channels of input (N, C, *spatial) split into
+    ``num_groups`` groups, each (sample, group) normalised over its channels and spatial positions (biased
+    variance), then y = xhat * weight[c] + bias[c]; ``activation="silu"`` applies SiLU to that in the same pass
+    (the U-Net block's GroupNorm + SiLU)."""
+    if activation not in GROUP_NORM_ACTIVATIONS:
+        raise ValueError(f"group_norm: activation must be None or 'silu', got {activation!r}")
+    if not _group_norm_ok(input, num_groups, weight, bias):
+        return reference.group_norm(input, num_groups, weight, bias, eps, activation)
+    n, c = input.shape[:2]
+    d = c // num_groups
+    s = input.numel() // (n * c)
+    x = rows(input, d * s).view(n * num_groups, d, s)
+    y, _, _ = group_norm_fwd(x, weight, bias, num_groups, eps, activation == "silu")
+    return y.view(input.shape)
+
+
+__all__: List[str] = ["rms_norm", "layer_norm", "fused_add_rms_norm", "group_norm"]
