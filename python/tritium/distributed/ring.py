@@ -385,9 +385,10 @@ class _RingAttention(torch.autograd.Function):
         cur = [k.contiguous(), v.contiguous()]
         kv_bufs = _Buffers(plan.kv_numel(range(1, W), k, v), k.dtype, k.device, 2 if W > 1 else 0)
         dkv_bufs = _Buffers(plan.kv_numel(range(W), k, v), acc, k.device, 2 if W > 1 else 1)
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        L = q.shape[2]
+        dq = None
         dkv_works: list = []
-        dkv = None
+        dkv = None  # the accumulator of this step's block's dK, dV (it arrived from the previous rank)
         for t in range(W):
             kv_works, nxt = [], None
             if t + 1 < W:
@@ -400,29 +401,50 @@ class _RingAttention(torch.autograd.Function):
                 dl = None if dlse is None else _rows(dlse, rows).contiguous()
                 grads = flash_attn_bwd(_rows(cdout, rows), _rows(cq, rows), _wide(cur[0], keys, acc),
                                        _wide(cur[1], keys, acc), _rows(cout, rows), _rows(lse, rows).contiguous(), dl,
-                                       None,
-                                       scale, 0, -1, 0 if causal else -1, 0.0)
-                _rows(dq, rows).add_(grads[0])
+                                       None, scale, 0, -1, 0 if causal else -1, 0.0)
+                if dq is None and rows == (0, L):
+                    dq = grads[0]  # the first block over every row starts the sum (no zeroed buffer)
+                else:
+                    if dq is None:
+                        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+                    _rows(dq, rows).add_(grads[0])
             if t == 0:
-                dkv = dkv_bufs.views(0, plan.kv_shapes(0, k, v))
-                for d in dkv:
-                    d.zero_()
+                shapes = plan.kv_shapes(0, k, v)
+                full = grads is not None and keys == (0, shapes[0][2])
+                if W == 1 and full:
+                    dkv = [grads[1], grads[2]]
+                else:
+                    dkv = (dkv_bufs.views(0, shapes) if W > 1
+                           else [torch.empty(s_, dtype=acc, device=k.device) for s_ in shapes])
+                    for d, g in zip(dkv, (grads or (None,) * 3)[1:]):
+                        if full:
+                            d.copy_(g)
+                        else:
+                            d.zero_()
+                            if g is not None:
+                                _rows(d, keys).add_(g)
             else:
                 ring.wait(dkv_works)  # dkv (received into it last step) is this step's block's accumulator
-            if grads is not None:
-                _rows(dkv[0], keys).add_(grads[1])
-                _rows(dkv[1], keys).add_(grads[2])
+                if grads is not None:
+                    _rows(dkv[0], keys).add_(grads[1])
+                    _rows(dkv[1], keys).add_(grads[2])
             del grads
-            # Pass the accumulator on; after the last step the one arriving is this rank's own, complete.
-            incoming = dkv_bufs.views(t + 1, plan.kv_shapes(t + 1, k, v))
-            dkv_works = ring.exchange(dkv, incoming, _DKV_TAG) if W > 1 else []
+            if W > 1:
+                # Pass the accumulator on; the one arriving after the last step is this rank's own, complete
+                # (received into tensors of its own, which become the gradients).
+                shapes = plan.kv_shapes(t + 1, k, v)
+                incoming = (dkv_bufs.views(t + 1, shapes) if t + 1 < W
+                            else [torch.empty(s_, dtype=acc, device=k.device) for s_ in shapes])
+                dkv_works = ring.exchange(dkv, incoming, _DKV_TAG)
+                dkv = incoming
             ring.wait(kv_works)
             if nxt is not None:
                 cur = nxt
-            dkv = incoming if W > 1 else dkv
         ring.wait(dkv_works)
-        del cur, kv_bufs
-        dk, dv = (d.to(k.dtype) for d in dkv)  # a view of the buffer in float32 / float64: no copy
+        del cur, kv_bufs, dkv_bufs
+        if dq is None:
+            dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        dk, dv = (d.to(k.dtype) for d in dkv)
         return dq.to(q.dtype), dk, dv, None, None, None
 
 
