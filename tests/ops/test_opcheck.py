@@ -430,6 +430,33 @@ def _():
             (r(2, 4, 3), x, dt, A, r(2, 1, 3), r(2, 1, 3), None, None, None, False)]
 
 
+def _wkv_inputs(grad):
+    """RWKV-7's r, w (log decay), k, v, a, b: (B 2, T 5, H 2, K 3), v with V 4."""
+    f = g if grad else r
+    w = (-torch.rand(2, 5, 2, 3) * 0.6).requires_grad_(grad)
+    return f(2, 5, 2, 3), w, f(2, 5, 2, 3), f(2, 5, 2, 4), f(2, 5, 2, 3), f(2, 5, 2, 3)
+
+
+@sample("wkv7_fwd")
+def _():
+    ins = _wkv_inputs(True)
+    return [(*ins, 0.5, g(2, 2, 3, 4), 2), (*ins, 0.5, None, 8)]
+
+
+@sample("wkv7_bwd")
+def _():
+    ins = _wkv_inputs(False)
+    h0 = r(2, 2, 3, 4)
+    _, states = torch.ops.tritium.wkv7_fwd(*ins, 0.5, h0, 2)
+    return [(r(2, 5, 2, 4), *ins, 0.5, h0, 2, states, r(2, 2, 3, 4)),
+            (r(2, 5, 2, 4), *ins, 0.5, None, 2, states, None)]
+
+
+@sample("wkv7_step")
+def _():
+    return [(r(2, 2, 3, 4), *(x[:, 0] for x in _wkv_inputs(False)), 0.5)]
+
+
 @sample("gru_scan_bwd")
 def _():
     w, h0 = r(12, 4), r(2, 4)
