@@ -230,7 +230,7 @@ def test_bad_input(tmp_path):
         tritium.lora.apply(_Net(), dropout=1.5)
     with pytest.raises(TypeError, match="apply: targets must be None, a regular expression or a list"):
         tritium.lora.apply(_Net(), targets=[1])
-    with pytest.raises(ValueError, match="save: the model has no LoRALinear layers"):
+    with pytest.raises(ValueError, match="save: the model has no LoRA adapters"):
         tritium.lora.save(_Net(), str(tmp_path))
     with pytest.raises(FileNotFoundError, match="load: no adapter_config.json"):
         tritium.lora.load(_Net(), str(tmp_path))

@@ -12,6 +12,12 @@ so an adapter trained here loads in PEFT (``PeftModel.from_pretrained``) and one
 ``targets`` follows PEFT's ``target_modules``: a list of names, each matching a module whose qualified name is that
 name or ends with "." + it; a string, a regular expression the whole qualified name must match; None, every linear
 layer.
+
+A model with fused projections (tritium.models.llama.Llama: one [q | k | v] and one [gate | up] weight per layer)
+names its projections' row blocks by their Hugging Face layers (``model.hf_projections()``,
+``model.layers.0.self_attn.q_proj``): targets match those names, each chosen block gets its own adapter (one
+lora_linear call per projection, tritium.models.llama.LoRAParts), and save / load use those names, so the adapter
+is PEFT's for the Hugging Face model (and its eager twin) with the same weights.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import json
 import os
 import re
 from collections import Counter
+from types import SimpleNamespace
 from typing import Dict, Iterable, Optional, Union
 
 import torch
@@ -54,11 +61,33 @@ def lora_modules(model: torch.nn.Module) -> Dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def _fused(model: torch.nn.Module) -> bool:
+    """Whether the model names its fused projections' row blocks (hf_projections; see the module docstring)."""
+    return callable(getattr(model, "hf_projections", None))
+
+
+def _adapters(model: torch.nn.Module) -> Dict[str, object]:
+    """Every adapter of the model by its PEFT module name, each with lora_A, lora_B, r, lora_alpha, lora_dropout,
+    use_rslora: the LoRALinear layers by qualified name and the adapted row blocks of fused projections by their
+    Hugging Face layer names."""
+    out: Dict[str, object] = dict(lora_modules(model))
+    if _fused(model):
+        for lin, names, _ in model.hf_projections():
+            parts = lin.lora
+            if parts is None:
+                continue
+            for i, j in enumerate(parts.blocks()):
+                out[names[j]] = SimpleNamespace(lora_A=parts.lora_A[i], lora_B=parts.lora_B[i], r=parts.r,
+                                                lora_alpha=parts.lora_alpha, lora_dropout=parts.lora_dropout,
+                                                use_rslora=parts.use_rslora)
+    return out
+
+
 def _freeze(model: torch.nn.Module) -> None:
-    """Only the adapters train: every parameter frozen but the LoRALinear layers' lora_A and lora_B."""
+    """Only the adapters train: every parameter frozen but the adapters' lora_A and lora_B."""
     for p in model.parameters():
         p.requires_grad_(False)
-    for m in lora_modules(model).values():
+    for m in _adapters(model).values():
         m.lora_A.requires_grad_(True)
         m.lora_B.requires_grad_(True)
 
@@ -69,17 +98,30 @@ def _replace(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
 
 
 def apply(model: torch.nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.05, targets: Targets = None,
-          use_rslora: bool = False) -> torch.nn.Module:
+          use_rslora: bool = False, quantize: Optional[str] = None, blocksize: int = 64,
+          double_quant: bool = False) -> torch.nn.Module:
     """Replace, in place, each torch.nn.Linear of ``model`` whose qualified name matches ``targets`` (PEFT's
     target_modules rule, module docstring) with a LoRALinear of rank ``r``, scaling ``alpha / r`` (``alpha /
     sqrt(r)`` with use_rslora) and ``dropout`` on the adapter's input, sharing the layer's weight and bias; freeze
-    every other parameter. Layers already adapted are left as they are. Returns the model."""
+    every other parameter. Layers already adapted are left as they are. Returns the model.
+
+    ``quantize="nf4"`` (QLoRA): each adapted layer's base weight is quantized to NF4 in bitsandbytes' layout
+    (``blocksize`` elements per absmax, ``double_quant`` for bitsandbytes' compress_statistics; tritium.quantize_nf4,
+    LoRALinear.quantize_base) and multiplied dequantised in the kernel; the layer's in_features must be a multiple
+    of the blocksize."""
     _check_lora_args("apply", r, dropout)
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"apply: quantize must be None or 'nf4', got {quantize!r}")
     if not (targets is None or isinstance(targets, str)):
         targets = list(targets)
         if not all(isinstance(t, str) for t in targets):
             raise TypeError(f"apply: targets must be None, a regular expression or a list of module names, got "
                             f"{targets!r}")
+    if _fused(model):
+        if quantize is not None:
+            raise NotImplementedError("apply: quantize='nf4' on a model with fused projections (tritium's Llama) "
+                                      "is not supported; adapt the Hugging Face model or its eager twin")
+        return _apply_fused(model, r, alpha, dropout, targets, use_rslora)
     linear = [name for name, m in model.named_modules()
               if name and isinstance(m, torch.nn.Linear) and not isinstance(m, LoRALinear)]
     chosen = [name for name in linear if _matches(name, targets)]
@@ -87,10 +129,47 @@ def apply(model: torch.nn.Module, r: int = 16, alpha: float = 32, dropout: float
         shown = ", ".join(linear[:8]) + (", ..." if len(linear) > 8 else "")
         raise ValueError(f"apply: targets {targets!r} match no torch.nn.Linear module of the model (its linear "
                          f"layers not yet adapted: {shown or 'none'})")
+    if quantize is not None:
+        from .ops.nf4 import BLOCKSIZES
+
+        if blocksize not in BLOCKSIZES:
+            raise ValueError(f"apply: blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+        odd = [f"{n} ({model.get_submodule(n).in_features})" for n in chosen
+               if model.get_submodule(n).in_features % blocksize]
+        if odd:
+            raise ValueError(f"apply: quantize='nf4' needs in_features a multiple of blocksize {blocksize}; these "
+                             f"layers are not: {', '.join(odd[:8])}")
     for name in chosen:
-        _replace(model, name, LoRALinear.from_linear(model.get_submodule(name), r, alpha, dropout, use_rslora))
+        layer = LoRALinear.from_linear(model.get_submodule(name), r, alpha, dropout, use_rslora)
+        if quantize is not None:
+            layer.quantize_base(quantize, blocksize, double_quant)
+        _replace(model, name, layer)
     _freeze(model)
     return model
+
+
+def _apply_fused(model: torch.nn.Module, r: int, alpha: float, dropout: float, targets: Targets,
+                 use_rslora: bool) -> torch.nn.Module:
+    """apply for a model with fused projections: targets matched against the Hugging Face layer names."""
+    projections = model.hf_projections()
+    todo = [(lin, names, sizes, [_matches(n, targets) for n in names])
+            for lin, names, sizes in projections if lin.lora is None]
+    todo = [t for t in todo if any(t[3])]
+    if not todo:
+        names = [n for lin, ns, _ in projections if lin.lora is None for n in ns]
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        raise ValueError(f"apply: targets {targets!r} match no projection of the model (its layers not yet "
+                         f"adapted: {shown or 'none'})")
+    for lin, _, sizes, chosen in todo:
+        lin.add_lora(sizes, chosen, r, alpha, dropout, use_rslora)
+    _freeze(model)
+    return model
+
+
+def _fused_merge(model: torch.nn.Module, merge: bool) -> None:
+    if _fused(model):
+        for lin, _, _ in model.hf_projections():
+            lin.merge_lora(merge)
 
 
 def merge(model: torch.nn.Module) -> torch.nn.Module:
@@ -98,6 +177,7 @@ def merge(model: torch.nn.Module) -> torch.nn.Module:
     linear layers'. Returns the model."""
     for m in lora_modules(model).values():
         m.merge()
+    _fused_merge(model, True)
     return model
 
 
@@ -105,6 +185,7 @@ def unmerge(model: torch.nn.Module) -> torch.nn.Module:
     """Take the merged adapters out of the weights again (weight -= scaling B A). Returns the model."""
     for m in lora_modules(model).values():
         m.unmerge()
+    _fused_merge(model, False)
     return model
 
 
@@ -121,9 +202,9 @@ def save(model: torch.nn.Module, path: str, base_model_name_or_path: Optional[st
     (``base_model.model.<module>.lora_A.weight`` (r, in) and ``.lora_B.weight`` (out, r), in the adapters' dtype)."""
     from safetensors.torch import save_file
 
-    mods = lora_modules(model)
+    mods = _adapters(model)
     if not mods:
-        raise ValueError("save: the model has no LoRALinear layers (tritium.lora.apply adds them)")
+        raise ValueError("save: the model has no LoRA adapters (tritium.lora.apply adds them)")
     if len({m.use_rslora for m in mods.values()}) > 1:
         raise ValueError("save: PEFT's format has one use_rslora for every layer; the model's layers mix both")
     r, rank_pattern = _uniform({n: m.r for n, m in mods.items()})
@@ -150,6 +231,39 @@ def save(model: torch.nn.Module, path: str, base_model_name_or_path: Optional[st
 _UNSUPPORTED = (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none"), ("lora_bias", False),
                 ("modules_to_save", None), ("layers_to_transform", None), ("use_qalora", False),
                 ("target_parameters", None), ("trainable_token_indices", None))
+
+
+def _load_fused(model: torch.nn.Module, pairs: Dict[str, Dict[str, torch.Tensor]], alpha, alpha_pattern,
+                p: float, use_rslora: bool) -> Dict[str, Dict[str, torch.Tensor]]:
+    """load's part for the row blocks of fused projections (named by their Hugging Face layers): adapters added
+    where missing and the saved values copied in. Returns the pairs that name no such block."""
+    for lin, names, sizes in model.hf_projections():
+        mine = {j: pairs.pop(n) for j, n in enumerate(names) if n in pairs}
+        if not mine:
+            continue
+        ranks = {ab["lora_A"].shape[0] for ab in mine.values()}
+        alphas = {_pattern(alpha_pattern, names[j], alpha) for j in mine}
+        if len(ranks) > 1 or len(alphas) > 1:
+            raise NotImplementedError(f"load: the layers {[names[j] for j in mine]} share one fused projection "
+                                      f"and must share rank and alpha, got ranks {sorted(ranks)}, alphas "
+                                      f"{sorted(alphas)}")
+        r = ranks.pop()
+        if lin.lora is None:
+            lin.add_lora(sizes, [j in mine for j in range(len(names))], r, alphas.pop(), p, use_rslora)
+        parts = lin.lora
+        if parts.r != r or not set(mine) <= set(parts.blocks()):
+            raise ValueError(f"load: {names[min(mine)]!r} already has an adapter of rank {parts.r} on other "
+                             f"layers than the saved one (rank {r})")
+        for j, ab in mine.items():
+            i = parts.blocks().index(j)
+            for which, t in ab.items():
+                dst = getattr(parts, which)[i]
+                if tuple(t.shape) != tuple(dst.shape):
+                    raise ValueError(f"load: {names[j]}.{which} is {tuple(t.shape)} in the adapter, "
+                                     f"{tuple(dst.shape)} in the model")
+                with torch.no_grad():
+                    dst.copy_(t)
+    return pairs
 
 
 def load(model: torch.nn.Module, path: str, dropout: Optional[float] = None) -> torch.nn.Module:
@@ -185,6 +299,9 @@ def load(model: torch.nn.Module, path: str, dropout: Optional[float] = None) -> 
     for name, ab in sorted(pairs.items()):
         if set(ab) != {"lora_A", "lora_B"}:
             raise ValueError(f"load: {WEIGHTS_NAME} has only {sorted(ab)} for the module {name!r}")
+    if _fused(model):
+        pairs = _load_fused(model, pairs, alpha, alpha_pattern, p, use_rslora)
+    for name, ab in sorted(pairs.items()):
         try:
             module = model.get_submodule(name)
         except AttributeError:

@@ -11,4 +11,5 @@ SUITES = {
     "hf": "tritium.bench.hf",
     "serve": "tritium.bench.serve",
     "optim": "tritium.bench.optim",
+    "finetune": "tritium.bench.finetune",
 }

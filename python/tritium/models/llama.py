@@ -159,6 +159,50 @@ def _paged_attention(q: Tensor, k: Tensor, v: Tensor, step: StepInput, kv: Tuple
     return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
 
 
+class LoRAParts(nn.Module):
+    """LoRA adapters on row blocks of one projection. A fused projection is several Hugging Face layers side by
+    side ([q | k | v], [gate | up]): block j (``sizes[j]`` output rows) with an adapter (``chosen[j]``) has
+    ``lora_A[i]`` (r, in) and ``lora_B[i]`` (sizes[j], r), PEFT's initialisation (A Kaiming-uniform, B zeros)
+    and PEFT's scaling (lora_alpha / r, or / sqrt(r) with use_rslora). The projection then runs one
+    tritium.lora_linear call with the adapters stacked: A = [A_i] (n r, in) and B block-diagonal (out, n r),
+    zero rows where a block has no adapter, which is the sum of the blocks' separate LoRA terms."""
+
+    def __init__(self, in_features: int, sizes: Sequence[int], chosen: Sequence[bool], r: int, lora_alpha: float,
+                 lora_dropout: float, use_rslora: bool, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.sizes, self.chosen = list(sizes), list(chosen)
+        self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = r, lora_alpha, float(lora_dropout), use_rslora
+        self.merged = False   # Linear.merge_lora: scaling B A is in the weight, the forward skips the adapters
+        kw = {"dtype": dtype, "device": device}
+        self.lora_A = nn.ParameterList(torch.empty(r, in_features, **kw) for c in chosen if c)
+        self.lora_B = nn.ParameterList(torch.zeros(n, r, **kw) for n, c in zip(sizes, chosen) if c)
+        with torch.no_grad():
+            for a in self.lora_A:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def blocks(self) -> List[int]:
+        """The indices of the row blocks that have an adapter, in lora_A / lora_B order."""
+        return [j for j, c in enumerate(self.chosen) if c]
+
+    def stacked(self) -> Tuple[Tensor, Tensor]:
+        """(A (n r, in), B (out, n r)): the adapters as one LoRA pair (differentiable in every lora_A/lora_B)."""
+        if len(self.sizes) == 1:
+            return self.lora_A[0], self.lora_B[0]
+        A = self.lora_A[0] if len(self.lora_A) == 1 else torch.cat(list(self.lora_A))
+        it = iter(self.lora_B)
+        return A, torch.block_diag(*(next(it) if c else A.new_zeros(n, 0) for n, c in zip(self.sizes, self.chosen)))
+
+    def delta_weight(self, dtype: torch.dtype) -> Tensor:
+        """scaling B A (out, in), computed in float32 (float64 for float64), in ``dtype``."""
+        A, B = self.stacked()
+        acc = torch.promote_types(dtype, torch.float32)
+        return ((B.detach().to(acc) @ A.detach().to(acc)) * self.scaling).to(dtype)
+
+
 class Linear(nn.Module):
     """A bias-free projection x @ weight^T, weight (out, in), that the serving path serves.
 
@@ -177,6 +221,7 @@ class Linear(nn.Module):
         self.server: Optional[PackedLinear] = None
         self.quant: Optional[nn.Module] = None   # set_quantized: the weight stored quantized instead
         self._serve_fn = None                    # serve()'s product, built on first use
+        self.lora: Optional[LoRAParts] = None    # add_lora: adapters trained on the frozen weight
 
     def reset_serving(self) -> None:
         """Drop serve()'s callable (built again on next use) and bump tritium.nn.serving_version, which drops
@@ -202,9 +247,48 @@ class Linear(nn.Module):
                                        requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        """The plain forward (autograd): torch's matmul, or the quantized layer."""
-        y = self.quant(x) if self.quant is not None else torch.matmul(x, self.weight.t())
+        """The plain forward (autograd): torch's matmul, the quantized layer, or with adapters (add_lora) one
+        tritium.lora_linear call."""
+        if self.lora is not None and not self.lora.merged:
+            A, B = self.lora.stacked()
+            y = tritium.lora_linear(x, self.weight, None, A, B, self.lora.scaling, self.lora.lora_dropout,
+                                    self.training)
+        else:
+            y = self.quant(x) if self.quant is not None else torch.matmul(x, self.weight.t())
         return tritium.swiglu(y) if self.swiglu else y
+
+    def add_lora(self, sizes: Sequence[int], chosen: Sequence[bool], r: int, lora_alpha: float,
+                 lora_dropout: float = 0.0, use_rslora: bool = False) -> LoRAParts:
+        """Adapters on the row blocks ``sizes`` (summing to out_features) where ``chosen`` (LoRAParts); the
+        weight is frozen. Needs a float weight: a quantized one raises NotImplementedError."""
+        if self.weight is None:
+            raise NotImplementedError("add_lora: the projection is stored quantized; load the model with float "
+                                      "weights (weights='float') to train adapters on it")
+        if sum(sizes) != self.out_features or len(sizes) != len(chosen) or not any(chosen):
+            raise ValueError(f"add_lora: sizes {list(sizes)} must sum to out_features {self.out_features}, with "
+                             f"one chosen flag each and at least one chosen, got {list(chosen)}")
+        self.weight.requires_grad_(False)
+        self.lora = LoRAParts(self.in_features, sizes, chosen, r, lora_alpha, lora_dropout, use_rslora,
+                              self.weight.dtype, self.weight.device)
+        self.reset_serving()
+        return self.lora
+
+    def _check_servable(self) -> None:
+        if self.lora is not None and not self.lora.merged:
+            raise ValueError("the serving path does not apply LoRA adapters: merge them into the weights first "
+                             "(tritium.lora.merge(model)), or use the plain forward")
+
+    @torch.no_grad()
+    def merge_lora(self, merge: bool = True) -> None:
+        """weight += scaling B A (merge) or -= it (merge=False, undoing a merge): merged, the plain and serving
+        forwards are the plain projection's, without the adapters' cost."""
+        lora = self.lora
+        if lora is not None and lora.merged != merge:
+            delta = lora.delta_weight(self.weight.dtype)
+            self.weight.add_(delta if merge else -delta)
+            lora.merged = merge
+            self.server = None
+            self.reset_serving()
 
     def serve(self, x: Tensor) -> Tensor:
         """The serving path's product for x (T, in): the quantized op, or the PackedLinear that
@@ -220,6 +304,7 @@ class Linear(nn.Module):
         different formats, a bias). Llama._decode_args caches what this returns."""
         from tritium.nn import QuantizedLinear
 
+        self._check_servable()
         q = self.quant
         if q is None:
             server = self.server or PackedLinear(self.weight, self.swiglu, pack=False)
@@ -231,6 +316,7 @@ class Linear(nn.Module):
         return tuple(tensors), (kind, *ints)
 
     def _build_serve_fn(self):
+        self._check_servable()
         q = self.quant
         if q is None:
             return self.server or PackedLinear(self.weight, self.swiglu, pack=False)  # applies swiglu itself
@@ -593,17 +679,25 @@ class Llama(nn.Module):
                     _load_linear(lin, parts, self.dtype)
         return self
 
+    def hf_projections(self) -> List[Tuple[Linear, List[str], List[int]]]:
+        """(projection, the Hugging Face layers stacked into it, their output rows) for every decoder projection:
+        e.g. (layers[0].attention.wqkv, ["model.layers.0.self_attn.q_proj", ...k_proj, ...v_proj], [q, kv, kv])."""
+        out = []
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            attn, mlp = layer.attention, layer.mlp
+            out += [(attn.wqkv, [p + f"self_attn.{n}_proj" for n in "qkv"], list(attn.split)),
+                    (attn.wo, [p + "self_attn.o_proj"], [attn.wo.out_features]),
+                    (mlp.w_gate_up, [p + "mlp.gate_proj", p + "mlp.up_proj"], [self.config.ffn_dim] * 2),
+                    (mlp.w_down, [p + "mlp.down_proj"], [mlp.w_down.out_features])]
+        return out
+
     def _linear_parts(self, w: Dict[str, object]):
         """(projection, [the checkpoint tensors stacked into it]) for every projection and the LM head."""
         tied = self.config.tie_embeddings
         yield self.lm_head, [w["model.embed_tokens.weight"] if tied else w["lm_head.weight"]]
-        for i, layer in enumerate(self.layers):
-            p = f"model.layers.{i}."
-            attn, mlp = layer.attention, layer.mlp
-            yield attn.wqkv, [w[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]
-            yield attn.wo, [w[p + "self_attn.o_proj.weight"]]
-            yield mlp.w_gate_up, [w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]
-            yield mlp.w_down, [w[p + "mlp.down_proj.weight"]]
+        for lin, names, _ in self.hf_projections():
+            yield lin, [w[n + ".weight"] for n in names]
 
     def hf_state_dict(self) -> Dict[str, Tensor]:
         """The inverse of load_weights (to build the eager twin from this model's weights)."""
@@ -702,6 +796,11 @@ class Llama(nn.Module):
             next_norm = self.norm if last else self.layers[i + 1].attn_norm
             y, h = block.serve(y, h, next_norm, cos, sin, step, kv[i], keep if last else None)
         return y
+
+    def hidden_states(self, input_ids: Tensor) -> Tensor:
+        """input_ids (batch, seq) -> the final normalised hidden states (batch, seq, dim), the LM head's input
+        (e.g. for tritium.fused_linear_cross_entropy with lm_head.weight: no logits held)."""
+        return self._decoder(self._embed(input_ids))
 
     def forward(self, input_ids: Tensor) -> Tensor:
         """input_ids (batch, seq) -> logits (batch, seq, vocab); causal self-attention over the sequence."""

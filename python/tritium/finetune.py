@@ -1,0 +1,242 @@
+"""Supervised fine-tuning with LoRA on tritium ops: the library behind ``tritium finetune`` (docs/finetune.md).
+
+Data: JSON Lines, one example per line, in either of TRL's two shapes:
+
+- conversational, ``{"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...]}``:
+  rendered with the model's chat template; the loss is on the assistant turns only (their text and the
+  template's end-of-turn after it), every other token is masked;
+- prompt/completion, ``{"prompt": ..., "completion": ...}``: plain text, the loss on the completion and an EOS.
+
+Training: ``tritium.lora.apply`` puts adapters on the chosen projections (the base frozen), the loss is
+``tritium.fused_linear_cross_entropy`` on the final hidden states and the (frozen, tied) LM head, so no (tokens,
+vocab) logits are held, and ``tritium.optim.AdamW`` steps the adapters (float32 master weights for bfloat16).
+
+``dates_task`` generates the data set the command ships with: dates written out in words, to be rewritten as
+ISO 8601 (``March 4, 2023`` -> ``2023-03-04``). Its answers are checkable, so ``exact_match`` measures what a
+fine-tune changed: the embedded model gets a few percent of them right before, most of them after.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+import tritium
+
+IGNORE_INDEX = -100
+
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December"]
+_DATE_FORMATS = (lambda d: f"{MONTHS[d.month - 1]} {d.day}, {d.year}",
+                 lambda d: f"{d.day} {MONTHS[d.month - 1]} {d.year}",
+                 lambda d: f"{MONTHS[d.month - 1][:3]} {d.day} {d.year}",
+                 lambda d: f"the {d.day}{_suffix(d.day)} of {MONTHS[d.month - 1]}, {d.year}")
+_DATE_ASKS = ("Convert this date to YYYY-MM-DD: {}", "Write {} in ISO 8601 format.",
+              "What is {} as YYYY-MM-DD?", "Rewrite the date {} as year-month-day (YYYY-MM-DD).")
+
+
+def _suffix(day: int) -> str:
+    return "th" if 10 <= day % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(day % 10, "th")
+
+
+def dates_task(n: int, seed: int = 0, split: str = "train") -> List[dict]:
+    """n conversational examples of the date task ({"messages": [user, assistant]}). The splits draw from
+    disjoint days (train: even days since 1900-01-01, test: odd), so a held-out date was never trained on."""
+    if split not in ("train", "test"):
+        raise ValueError(f"dates_task: split must be 'train' or 'test', got {split!r}")
+    rng = random.Random(f"{seed}-{split}")
+    first, days = datetime.date(1900, 1, 1), (datetime.date(2099, 12, 31) - datetime.date(1900, 1, 1)).days
+    out = []
+    for _ in range(n):
+        k = rng.randrange(days // 2) * 2 + (split == "test")
+        d = first + datetime.timedelta(days=k)
+        ask = rng.choice(_DATE_ASKS).format(rng.choice(_DATE_FORMATS)(d))
+        out.append({"messages": [{"role": "user", "content": ask}, {"role": "assistant", "content": d.isoformat()}]})
+    return out
+
+
+def read_jsonl(path: str) -> List[dict]:
+    """The examples of a JSON Lines file (blank lines skipped); a line that is not an example raises ValueError
+    naming the file and line."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                ex = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not JSON ({e.msg})") from None
+            try:
+                check_example(ex)
+            except ValueError as e:
+                raise ValueError(f"{path}:{i}: {e}") from None
+            out.append(ex)
+    if not out:
+        raise ValueError(f"{path}: no examples")
+    return out
+
+
+def check_example(ex) -> None:
+    """ValueError unless ex is {"messages": [...]} with an assistant turn, or {"prompt": str, "completion": str}."""
+    if isinstance(ex, dict) and "messages" in ex:
+        msgs = ex["messages"]
+        if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                        and isinstance(m.get("content"), str) for m in msgs)):
+            raise ValueError("'messages' must be a non-empty list of {\"role\": str, \"content\": str}")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise ValueError("'messages' has no assistant turn to learn")
+    elif isinstance(ex, dict) and "prompt" in ex:
+        if not (isinstance(ex["prompt"], str) and isinstance(ex.get("completion"), str)):
+            raise ValueError("a prompt/completion example needs string 'prompt' and 'completion'")
+    else:
+        raise ValueError("an example is {\"messages\": [...]} or {\"prompt\": ..., \"completion\": ...}, got "
+                         + (f"keys {sorted(ex)}" if isinstance(ex, dict) else type(ex).__name__))
+
+
+def prompt_and_answer(ex: dict, tok) -> Tuple[str, str]:
+    """The text to generate from and the expected answer: the chat template up to the last assistant turn and
+    that turn's content (messages), or the prompt and the completion."""
+    if "messages" in ex:
+        msgs = ex["messages"]
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        return tok.apply_chat_template(msgs[:last], add_generation_prompt=True), msgs[last]["content"]
+    return ex["prompt"], ex["completion"]
+
+
+def encode(ex: dict, tok, max_len: int) -> Tuple[List[int], List[int]]:
+    """(token ids, labels) of one example, labels IGNORE_INDEX where no loss is taken, cut to max_len tokens."""
+    ids: List[int] = []
+    labels: List[int] = []
+
+    def put(text: str, learn: bool) -> None:
+        t = tok.encode(text, add_bos=False) if text else []
+        ids.extend(t)
+        labels.extend(t if learn else [IGNORE_INDEX] * len(t))
+
+    if "messages" in ex:
+        msgs, done = ex["messages"], ""
+        if tok.bos_id is not None and tok.add_bos:
+            ids.append(tok.bos_id)
+            labels.append(IGNORE_INDEX)
+        for k, m in enumerate(msgs):
+            if m["role"] == "assistant":
+                head = tok.apply_chat_template(msgs[:k], add_generation_prompt=True)
+                full = tok.apply_chat_template(msgs[:k + 1], add_generation_prompt=False)
+                if not (head.startswith(done) and full.startswith(head)):
+                    raise ValueError("the chat template does not render a conversation as a prefix of its "
+                                     "continuation; use prompt/completion examples with this model")
+                put(head[len(done):], False)
+                put(full[len(head):], True)
+                done = full
+        if done:
+            rest = tok.apply_chat_template(msgs, add_generation_prompt=False)[len(done):]
+            put(rest, False)
+    else:
+        put(ex["prompt"], False)
+        put(ex["completion"], True)
+        if tok.eos_id is not None:
+            ids.append(tok.eos_id)
+            labels.append(tok.eos_id)
+    return ids[:max_len], labels[:max_len]
+
+
+def batches(encoded: Sequence[Tuple[List[int], List[int]]], batch_size: int, rng: random.Random,
+            pad_id: int = 0) -> Iterator[Tuple[Tensor, Tensor]]:
+    """One epoch of (ids, labels) batches, shuffled, right-padded (labels IGNORE_INDEX on the padding: with
+    causal attention, padding after a sequence does not change it)."""
+    order = list(range(len(encoded)))
+    rng.shuffle(order)
+    for s in range(0, len(order), batch_size):
+        rows = [encoded[i] for i in order[s:s + batch_size]]
+        n = max(len(r[0]) for r in rows)
+        ids = torch.full((len(rows), n), pad_id, dtype=torch.int64)
+        labels = torch.full((len(rows), n), IGNORE_INDEX, dtype=torch.int64)
+        for j, (a, b) in enumerate(rows):
+            ids[j, :len(a)] = torch.tensor(a)
+            labels[j, :len(b)] = torch.tensor(b)
+        yield ids, labels
+
+
+def sft_loss(model, ids: Tensor, labels: Tensor) -> Tensor:
+    """Mean next-token cross-entropy over the labelled tokens: fused linear cross-entropy on the model's final
+    hidden states and its LM head (no logits held)."""
+    hidden = model.hidden_states(ids[:, :-1])
+    return tritium.fused_linear_cross_entropy(hidden, model.lm_head.weight, labels[:, 1:],
+                                              ignore_index=IGNORE_INDEX)
+
+
+@dataclass
+class FinetuneConfig:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: Optional[List[str]] = None   # Hugging Face layer names (q_proj, ...); None: every projection
+    epochs: float = 1.0
+    lr: float = 1e-3
+    batch_size: int = 16
+    max_len: int = 512
+    warmup: float = 0.05                  # fraction of the steps
+    seed: int = 0
+
+
+def finetune(model, tok, examples: Sequence[dict], cfg: FinetuneConfig,
+             on_step: Optional[Callable[[int, int, float, int, float], None]] = None) -> List[float]:
+    """Train LoRA adapters on ``model`` (a tritium Llama with float weights; adapters added with tritium.lora.apply
+    unless it has some) over the examples; on_step(step, total, loss, tokens, seconds) after each step. Returns
+    the loss of every step. The adapters stay unmerged (tritium.lora.merge before serving)."""
+    torch.manual_seed(cfg.seed)
+    if not tritium.lora._adapters(model):
+        tritium.lora.apply(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets)
+    params = [p for p in model.parameters() if p.requires_grad]
+    encoded = [encode(ex, tok, cfg.max_len) for ex in examples]
+    encoded = [e for e in encoded if any(t != IGNORE_INDEX for t in e[1][1:])]
+    if not encoded:
+        raise ValueError("finetune: no example has a token to learn within max_len")
+    per_epoch = math.ceil(len(encoded) / cfg.batch_size)
+    total = max(1, math.ceil(per_epoch * cfg.epochs))
+    opt = tritium.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, master_weights=True)
+    warm = max(1, int(total * cfg.warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    rng = random.Random(cfg.seed)
+    pad = tok.eos_id if tok.eos_id is not None else 0
+    model.pack_for_inference(False)
+    model.train()
+    losses: List[float] = []
+    step = 0
+    while step < total:
+        for ids, labels in batches(encoded, cfg.batch_size, rng, pad):
+            t0 = time.perf_counter()
+            loss = sft_loss(model, ids, labels)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            step += 1
+            losses.append(loss.item())
+            if on_step is not None:
+                on_step(step, total, losses[-1], ids.numel(), time.perf_counter() - t0)
+            if step >= total:
+                break
+    model.eval()
+    return losses
+
+
+def exact_match(model, tok, examples: Sequence[dict], max_new_tokens: int = 24) -> Tuple[float, List[str]]:
+    """(fraction of examples whose greedy answer, stripped, equals the expected one; the answers), on the serving
+    path: a model with adapters must have them merged (tritium.lora.merge) first."""
+    prompts, answers = zip(*(prompt_and_answer(ex, tok) for ex in examples))
+    try:
+        out = tritium.generate(model, tok, [tok.encode(p) for p in prompts], max_new_tokens=max_new_tokens)
+    finally:
+        model.pack_for_inference(False)   # the serving copies go: training reads the parameters
+    got = [o.text.strip() for o in out]
+    return sum(g == a.strip() for g, a in zip(got, answers)) / len(answers), got
