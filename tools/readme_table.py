@@ -146,6 +146,14 @@ One optimizer step over SmolLM2-135M's parameter shapes (182 tensors): `tritium.
 master**: bfloat16 parameters updated from float32 master weights (torch's side: the grads widened, fused AdamW on
 float32 copies, the results copied back, all in the timed step). **x this**: tritium's time over that row's.
 """
+FINETUNE_PROSE = """\
+One LoRA SFT step of `tritium finetune` (tritium's Llama with `tritium.lora` adapters, the fused linear
+cross-entropy, `tritium.optim.AdamW`) against the same step with PEFT's LoRA on the plain-PyTorch eager twin
+(`F.cross_entropy` on its logits, `torch.optim.AdamW`) and under `torch.compile`: SmolLM2-135M-Instruct, r 16 on
+every projection, a batch of the built-in date task (prompt tokens masked); a step is forward, loss, backward and
+the optimizer step. In rounds over the variants in turn, medians; **x this** is tritium's tokens/s over the row's.
+"""
+
 
 
 def fmt(v, spec: str) -> str:
@@ -345,6 +353,8 @@ KNOWN = [
     ("routes.json", "TRITIUM_ROUTES=off tritium bench ops --op relu --op gelu --op softmax --op rms_norm --op "
                     "layer_norm --shape 16x256 --shape 64x256 --shape 256x256 --shape 256x1024 --shape 1024x1024 "
                     "--shape 1024x4096 --shape 2048x4096 --no-compile --json bench/results/routes.json",
+    ("finetune-amd-avx512.json", "tritium bench finetune --json bench/results/finetune-amd-avx512.json",
+     f"LoRA fine-tuning on {MACHINE_KINDS['amd-avx512']}", FINETUNE_PROSE, hf_section),
                     "Small and in-cache inputs: the kernels against torch's own ops",
      ROUTES_PROSE, ops_section),
 ]
