@@ -708,9 +708,48 @@ class LoRALinear(torch.nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return ops.linear(x, self.weight, self.bias)
-        return ops.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.lora_dropout,
+        weight = self.weight if self.nf4_meta is None else self.nf4_weight()
+        return ops.lora_linear(x, weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.lora_dropout,
                                self.training)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}"
-                f"{', use_rslora=True' if self.use_rslora else ''}{', merged' if self.merged else ''}")
+        if self.nf4_meta is not None:
+            raise NotImplementedError("LoRALinear.merge: the base weight is NF4 (quantize_base); merging would "
+                                      "requantize it: keep the adapter separate, or merge into a float copy of "
+                                      "nf4_weight().dequantize()")
+                f"{', use_rslora=True' if self.use_rslora else ''}{', merged' if self.merged else ''}"
+                f"{', base=nf4' if self.nf4_meta is not None else ''}")
+    nf4_meta = None  # (shape, blocksize, dtype) once quantize_base made the base NF4 (QLoRA)
+
+    @torch.no_grad()
+    def quantize_base(self, quantize: str = "nf4", blocksize: int = 64, double_quant: bool = False) -> "LoRALinear":
+        """QLoRA: the frozen base weight replaced by its NF4 quantisation (tritium.quantize_nf4, bitsandbytes'
+        layout; buffers ``weight_nf4``, ``weight_absmax`` and with double_quant ``weight_absmax2``,
+        ``weight_offset``); ``weight`` becomes None and forward multiplies the NF4 weight dequantised in the kernel.
+        An NF4 base cannot be merged into. Returns self."""
+        if quantize != "nf4":
+            raise ValueError(f"LoRALinear.quantize_base: quantize must be 'nf4', got {quantize!r}")
+        if self.merged:
+            raise RuntimeError("LoRALinear.quantize_base: unmerge() first (the base would hold the adapter)")
+        if self.nf4_meta is not None:
+            return self
+        q = ops.quantize_nf4(self.weight, blocksize, double_quant)
+        self.register_buffer("weight_nf4", q.data)
+        self.register_buffer("weight_absmax", q.absmax)
+        if q.double_quant:
+            self.register_buffer("weight_absmax2", q.absmax2)
+            self.register_buffer("weight_offset", q.offset)
+        self.nf4_meta = (q.shape, q.blocksize, q.dtype)
+        self.weight = None
+        return self
+
+    def nf4_weight(self):
+        """The NF4Weight of a quantized base (quantize_base), or None."""
+        if self.nf4_meta is None:
+            return None
+        shape, blocksize, dtype = self.nf4_meta
+        dq = hasattr(self, "weight_absmax2")
+        return ops.NF4Weight(self.weight_nf4, self.weight_absmax, shape, blocksize, dtype,
+                             self.weight_absmax2 if dq else None, self.weight_offset if dq else None)
+

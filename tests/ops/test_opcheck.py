@@ -623,3 +623,29 @@ def test_opcheck(name):
     op = getattr(torch.ops.tritium, name).default
     for args in SAMPLES[name]():
         torch.library.opcheck(op, args, test_utils=TEST_UTILS)
+# ---- NF4 (bitsandbytes' layout): odd N, K = 2 blocks of 64; decode-sized and GEMM-sized rows ----
+def _nf4(n=19, k=128, bs=64):
+    w = tritium.quantize_nf4(torch.randn(n, k), bs)
+    return w.data.view(-1), w.absmax, n, k, bs
+
+
+def _nf4_fwd(m, dtype, bias):
+    qd, am, n, k, bs = _nf4()
+    return g(m, k, dtype=dtype), qd, am, r(n, dtype=dtype) if bias else None, n, k, bs
+
+
+@sample("nf4_linear_fwd")
+def _():
+    return [_nf4_fwd(3, torch.float32, True), _nf4_fwd(40, torch.bfloat16, False)]
+
+
+@sample("nf4_linear_dx")
+def _():
+    return [(r(3, 19), *_nf4()), (r(40, 19), *_nf4())]
+
+
+@sample("nf4_dequantize")
+def _():
+    return [(*_nf4(), torch.float32), (*_nf4(7, 256, 256), torch.bfloat16)]
+
+

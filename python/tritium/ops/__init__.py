@@ -58,3 +58,6 @@ __all__ += _lora.__all__
 from . import wkv as _wkv  # noqa: E402
 from .wkv import *  # noqa: F401,F403,E402
 __all__ += _wkv.__all__
+from . import nf4 as _nf4  # noqa: E402
+from .nf4 import *  # noqa: F401,F403,E402
+__all__ += _nf4.__all__

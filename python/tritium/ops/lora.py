@@ -15,6 +15,10 @@ The kernels take x, weight, bias, lora_A and lora_B of one floating dtype on one
 that need no gradient; anything else (mixed dtypes, as PEFT's float32 adapters on a bfloat16 base; a trainable base;
 empty x; TRITIUM_BACKEND=reference) goes explicitly to ``tritium.reference``. Quantized (int8/int4) base weights
 are not supported yet.
+
+QLoRA: an NF4 base (``weight`` a tritium.ops.nf4.NF4Weight, bitsandbytes' layout) takes ``_qlora``: the base
+product is the nf4_linear op (W dequantised in the kernel, dx = dy W), the adapter ATen's products, added into the
+base output by one addmm (beta = 1), the gradients of x, A and B by autograd.
 """
 from __future__ import annotations
 
@@ -68,13 +72,48 @@ def _shape(t) -> str:
     return str(tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__
 
 
+def _qlora(fn: str, x, weight, bias, lora_A, lora_B, scaling, dropout_p, training) -> Tensor:
+    """lora_linear on an NF4 base (module docstring): nf4_linear(x, W, bias) + s (drop(x) A^T) B^T, the adapter in
+    its own dtype (x cast to lora_A's first, as PEFT's), the sum in x's dtype."""
+    from .nf4 import nf4_linear
+
+    out_f, in_f = weight.shape
+    for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"{fn}: {name} must be a floating-point tensor, got "
+                            f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}")
+    if lora_A.dim() != 2 or lora_A.shape[1] != in_f or lora_A.shape[0] < 1:
+        raise ValueError(f"{fn}: lora_A must be (r, in_features) = (r >= 1, {in_f}), got shape {_shape(lora_A)}")
+    r = lora_A.shape[0]
+    if lora_B.dim() != 2 or tuple(lora_B.shape) != (out_f, r):
+        raise ValueError(f"{fn}: lora_B must be (out_features, r) = ({out_f}, {r}), got shape {_shape(lora_B)}")
+    if lora_B.dtype != lora_A.dtype:
+        raise TypeError(f"{fn}: lora_B must have lora_A's dtype {lora_A.dtype}, got {lora_B.dtype}")
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+        raise TypeError(f"{fn}: scaling must be a real number, got {type(scaling).__name__}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p!r}")
+    y = nf4_linear(x, weight, bias)            # checks x and bias against the weight
+    s = float(scaling)
+    xa = x
+    if training and dropout_p > 0.0:
+        xa = x * reference.lora_dropout_mask(x, dropout_p)
+        s /= 1.0 - dropout_p
+    xs = torch.nn.functional.linear(xa.to(lora_A.dtype), lora_A) * s
+    if lora_A.dtype != x.dtype:
+        return y + torch.nn.functional.linear(xs, lora_B).to(x.dtype)
+    y2 = torch.addmm(y.reshape(-1, out_f), xs.reshape(-1, r), lora_B.t())
+    return y2.view(y.shape)
+
+
 def _check(fn: str, x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
     from .quant import QuantizedWeight
 
     if isinstance(weight, QuantizedWeight) or (isinstance(weight, Tensor) and not weight.is_floating_point()):
         what = repr(weight) if isinstance(weight, QuantizedWeight) else f"a {weight.dtype} tensor"
         raise NotImplementedError(f"{fn}: weight: a quantized (int8/int4) base weight is not supported yet, got "
-                                  f"{what}; pass the float (float32/bfloat16/float16) weight")
+                                  f"{what}; pass the float (float32/bfloat16/float16) weight or an NF4 one "
+                                  f"(tritium.quantize_nf4)")
     for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{fn}: {name} must be a Tensor, got {type(t).__name__}")
@@ -105,8 +144,13 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     adapter; scaling: alpha / r (PEFT's); dropout_p: the dropout on the adapter's input, applied while training
     (the mask drawn from torch's generator by reference.lora_dropout_mask). Differentiable w.r.t. x, lora_A and
     lora_B through the fused kernels; a weight or bias that requires grad goes to tritium.reference (which
-    differentiates everything). Quantized base weights raise NotImplementedError."""
+    differentiates everything). An NF4 base (tritium.quantize_nf4: QLoRA) goes through nf4_linear; int8/int4
+base weights raise NotImplementedError."""
     fn = "lora_linear"
+    from .nf4 import NF4Weight
+
+    if isinstance(weight, NF4Weight):
+        return _qlora(fn, x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
     _check(fn, x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     present = [bias] if bias is not None else []
     frozen = not (torch.is_grad_enabled() and any(t.requires_grad for t in (weight, *present)))
