@@ -1,5 +1,6 @@
-// RWKV-7's wkv recurrence on the CPU: forward, backward and the decoding step, registered for the schemas that
-// python/tritium/ops/wkv.py defines (the math is there, as flash-linear-attention's naive reference defines it):
+// RWKV-7's wkv recurrence on the CPU (RWKV-6's at the end of the file): forward, backward and the decoding step,
+// registered for the schemas that python/tritium/ops/wkv.py defines (the math is there, as flash-linear-attention's
+// naive references define it):
 //
 //   S_t = diag(exp(w_t)) S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T        S: (K, V) per (batch, head)
 //   o_t = scale S_t^T r_t
@@ -380,12 +381,281 @@ std::tuple<at::Tensor, at::Tensor> wkv7_step(const at::Tensor& state, const at::
   return {out, next};
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// RWKV-6 (fla's naive_recurrent_rwkv6): a diagonal decay and a bonus u for the current token,
+//   o_t = scale (S_{t-1} + diag(u) k_t v_t^T)^T r_t;   S_t = diag(exp(w_t)) S_{t-1} + k_t v_t^T
+// with u (H, K). One pass per step over the state's rows: the output reads the old row, then the row is updated.
+// Backward, dS the adjoint of S_t, vdo = v_t . do_t, ru = sum_i r_i u_i k_i:
+//   dk_t = dS v_t + scale u r_t vdo;  dv_t = dS^T k_t + scale ru do_t;  dw_t = exp(w_t) rowsum(dS S_{t-1});
+//   dS <- diag(exp(w_t)) dS + scale r_t do_t^T;  dr_t = scale (S_{t-1} do_t + u k_t vdo);  du += scale r_t k_t vdo
+// ---------------------------------------------------------------------------------------------------------
+template <typename T>
+struct Wkv6 {
+  using A = acc_type<T>;
+  using Vec = Vectorized<A>;
+  static constexpr int64_t W = Vec::size();
+  int64_t B, L, H, K, V, VP, KP, C, nchunks;
+  A scale;
+  Seq4<T> r, k, v, w;
+  const A *u, *h0;  // u (H, K); h0 (B, H, K, V) or null
+
+  void load_state(const A* src, A* S) const {
+    std::fill(S, S + K * VP, A(0));
+    if (src)
+      for (int64_t i = 0; i < K; ++i) std::copy(src + i * V, src + i * V + V, S + i * VP);
+  }
+  void store_state(const A* S, A* dst) const {
+    for (int64_t i = 0; i < K; ++i) std::copy(S + i * VP, S + i * VP + V, dst + i * V);
+  }
+  // r, exp(w), k (KP each) and v (VP) of step t; returns ru = sum_i r_i u_i k_i
+  A load_step(int64_t bi, int64_t t, int64_t h, A* rr, A* e, A* kk, A* vv) const {
+    Wkv<T>::load(r.at(bi, t, h), rr, K, KP);
+    Wkv<T>::load(w.at(bi, t, h), e, K, KP);
+    for (int64_t i = 0; i < K; ++i) e[i] = std::exp(e[i]);
+    Wkv<T>::load(k.at(bi, t, h), kk, K, KP);
+    Wkv<T>::load(v.at(bi, t, h), vv, V, VP);
+    A ru(0);
+    for (int64_t i = 0; i < K; ++i) ru += rr[i] * u[h * K + i] * kk[i];
+    return ru;
+  }
+};
+
+// One step from Sp into Sn (they may alias): o = Sp^T rr + ru v (unscaled); Sn = diag(e) Sp + kk v^T
+template <typename A>
+inline void step6(const A* Sp, A* Sn, const A* e, const A* rr, const A* kk, const A* v, A ru, A* o, int64_t K,
+                  int64_t VP) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  for (int64_t j = 0; j < VP; j += W) {
+    const Vec vv = Vec::loadu(v + j);
+    Vec ov = Vec(ru) * vv;
+    for (int64_t i = 0; i < K; ++i) {
+      const Vec s = Vec::loadu(Sp + i * VP + j);
+      ov = at::vec::fmadd(Vec(rr[i]), s, ov);
+      at::vec::fmadd(Vec(e[i]), s, Vec(kk[i]) * vv).store(Sn + i * VP + j);
+    }
+    ov.store(o + j);
+  }
+}
+
+template <typename T>
+Wkv6<T> make_wkv6(const at::Tensor& r, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w,
+                  const at::Tensor& u, double scale, const c10::optional<at::Tensor>& h0, int64_t chunk) {
+  Wkv6<T> s;
+  s.B = r.size(0), s.L = r.size(1), s.H = r.size(2), s.K = r.size(3), s.V = v.size(3);
+  s.VP = (s.V + Wkv6<T>::W - 1) / Wkv6<T>::W * Wkv6<T>::W;
+  s.KP = (s.K + Wkv6<T>::W - 1) / Wkv6<T>::W * Wkv6<T>::W;
+  s.C = chunk, s.nchunks = (s.L + chunk - 1) / chunk;
+  s.scale = static_cast<acc_type<T>>(scale);
+  s.r = seq4<T>(r), s.k = seq4<T>(k), s.v = seq4<T>(v), s.w = seq4<T>(w);
+  s.u = u.const_data_ptr<acc_type<T>>();
+  s.h0 = h0 ? h0->const_data_ptr<acc_type<T>>() : nullptr;
+  return s;
+}
+
+void check_wkv6(const at::Tensor& r, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w,
+                const at::Tensor& u, const c10::optional<at::Tensor>& h0, int64_t chunk) {
+  check_wkv(r, w, k, v, k, k, h0, chunk);
+  const auto acc = at::toOpMathType(r.scalar_type());
+  TORCH_CHECK(u.sizes() == at::IntArrayRef({r.size(2), r.size(3)}) && u.is_contiguous() && u.scalar_type() == acc,
+              "u must be a contiguous (H, K) ", acc, " tensor, got ", u.sizes(), " ", u.scalar_type());
+}
+
+template <typename T>
+void wkv6_fwd_item(const Wkv6<T>& s, int64_t bi, int64_t h, T* out, acc_type<T>* states,
+                   std::vector<acc_type<T>>& buf) {
+  using A = acc_type<T>;
+  const int64_t K = s.K, V = s.V, VP = s.VP, KP = s.KP;
+  buf.assign(K * VP + 2 * VP + 3 * KP, A(0));
+  A *S = buf.data(), *o = S + K * VP, *vv = o + VP, *rr = vv + VP, *e = rr + KP, *kk = e + KP;
+  const int64_t item = bi * s.H + h;
+  s.load_state(s.h0 ? s.h0 + item * K * V : nullptr, S);
+  for (int64_t t = 0; t < s.L; ++t) {
+    const A ru = s.load_step(bi, t, h, rr, e, kk, vv);
+    step6(S, S, e, rr, kk, vv, ru, o, K, VP);
+    T* op = out + ((bi * s.L + t) * s.H + h) * V;
+    for (int64_t j = 0; j < V; ++j) op[j] = static_cast<T>(o[j] * s.scale);
+    if ((t + 1) % s.C == 0 || t + 1 == s.L) s.store_state(S, states + (item * s.nchunks + t / s.C) * K * V);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> wkv6_fwd(const at::Tensor& r, const at::Tensor& k, const at::Tensor& v,
+                                            const at::Tensor& w, const at::Tensor& u, double scale,
+                                            const c10::optional<at::Tensor>& h0, int64_t chunk) {
+  check_wkv6(r, k, v, w, u, h0, chunk);
+  const int64_t B = r.size(0), L = r.size(1), H = r.size(2), K = r.size(3), V = v.size(3);
+  const int64_t nchunks = (L + chunk - 1) / chunk;
+  auto out = at::empty({B, L, H, V}, r.options());
+  auto states = at::empty({B, H, nchunks, K, V}, r.options().dtype(at::toOpMathType(r.scalar_type())));
+  TRITIUM_DISPATCH_FLOATING(r.scalar_type(), "tritium_wkv6_fwd", [&] {
+    const auto s = make_wkv6<scalar_t>(r, k, v, w, u, scale, h0, chunk);
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    auto* st = states.mutable_data_ptr<acc_type<scalar_t>>();
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_type<scalar_t>> buf;
+      for (int64_t i = begin; i < end; ++i) wkv6_fwd_item(s, i / H, i % H, o, st, buf);
+    });
+  });
+  return {out, states};
+}
+
+template <typename T>
+struct Wkv6Grads {
+  using A = acc_type<T>;
+  Seq4<T> dout;
+  const A *states, *dht;
+  T *dr, *dk, *dv, *dw;  // contiguous (B, T, H, K) / (B, T, H, V)
+  A *du_part, *dh0;      // (B, H, K), (B, H, K, V)
+};
+
+template <typename T>
+void wkv6_bwd_item(const Wkv6<T>& s, const Wkv6Grads<T>& g, int64_t bi, int64_t h) {
+  using A = acc_type<T>;
+  using Vec = Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  const int64_t K = s.K, V = s.V, VP = s.VP, KP = s.KP, C = s.C;
+  const int64_t item = bi * s.H + h;
+  std::vector<A> buf(2 * K * VP + C * K * VP + 3 * VP + 7 * KP, A(0));
+  A *dS = buf.data(), *S0 = dS + K * VP, *Sb = S0 + K * VP, *dov = Sb + C * K * VP, *vv = dov + VP;
+  A *dvv = vv + VP, *rr = dvv + VP, *e = rr + KP, *kk = e + KP, *gr = kk + KP, *gk = gr + KP, *gw = gk + KP;
+  A* dus = gw + KP;
+  std::vector<Vec> pr(KP), pk(KP), pw(KP);
+  const A* u = s.u + h * K;
+  s.load_state(g.dht ? g.dht + item * K * V : nullptr, dS);
+  for (int64_t c = s.nchunks - 1; c >= 0; --c) {
+    const int64_t t0 = c * C, kc = std::min(C, s.L - t0);
+    s.load_state(c > 0 ? g.states + (item * s.nchunks + c - 1) * K * V : (s.h0 ? s.h0 + item * K * V : nullptr), S0);
+    for (int64_t j = 0; j < kc; ++j) {  // the chunk's states S_t into Sb[j] (the outputs into dvv, unused)
+      const A ru = s.load_step(bi, t0 + j, h, rr, e, kk, vv);
+      step6(j ? Sb + (j - 1) * K * VP : S0, Sb + j * K * VP, e, rr, kk, vv, ru, dvv, K, VP);
+    }
+    for (int64_t j = kc - 1; j >= 0; --j) {
+      const int64_t t = t0 + j;
+      const A ru = s.load_step(bi, t, h, rr, e, kk, vv);
+      Wkv<T>::load(g.dout.at(bi, t, h), dov, V, VP);
+      const A* Sp = j ? Sb + (j - 1) * K * VP : S0;
+      Vec vd(0);
+      for (int64_t jv = 0; jv < VP; jv += W) vd = at::vec::fmadd(Vec::loadu(vv + jv), Vec::loadu(dov + jv), vd);
+      const A vdo = hsum(vd), sc = s.scale;
+      for (int64_t jv = 0; jv < VP; jv += W) (Vec(sc * ru) * Vec::loadu(dov + jv)).store(dvv + jv);
+      for (int64_t i = 0; i < K; ++i) {
+        const Vec ev(e[i]), kv(kk[i]), sr(sc * rr[i]);
+        Vec ak(0), aw(0), ar(0);
+        A* row = dS + i * VP;
+        for (int64_t jv = 0; jv < VP; jv += W) {
+          const Vec d = Vec::loadu(row + jv), sp = Vec::loadu(Sp + i * VP + jv), dv_ = Vec::loadu(dov + jv);
+          ak = at::vec::fmadd(d, Vec::loadu(vv + jv), ak);
+          aw = at::vec::fmadd(d, sp, aw);
+          ar = at::vec::fmadd(sp, dv_, ar);
+          at::vec::fmadd(kv, d, Vec::loadu(dvv + jv)).store(dvv + jv);
+          at::vec::fmadd(ev, d, sr * dv_).store(row + jv);
+        }
+        pk[i] = ak, pw[i] = aw, pr[i] = ar;
+      }
+      for (int64_t i = K; i < KP; ++i) pr[i] = pk[i] = pw[i] = Vec(0);
+      lane_sums(pr.data(), gr, KP);
+      lane_sums(pk.data(), gk, KP);
+      lane_sums(pw.data(), gw, KP);
+      const int64_t ko = ((bi * s.L + t) * s.H + h) * K;
+      for (int64_t i = 0; i < K; ++i) {
+        g.dr[ko + i] = static_cast<T>(sc * (gr[i] + u[i] * kk[i] * vdo));
+        g.dk[ko + i] = static_cast<T>(gk[i] + sc * u[i] * rr[i] * vdo);
+        g.dw[ko + i] = static_cast<T>(e[i] * gw[i]);
+        dus[i] += sc * rr[i] * kk[i] * vdo;
+      }
+      T* dvp = g.dv + ((bi * s.L + t) * s.H + h) * V;
+      for (int64_t jv = 0; jv < V; ++jv) dvp[jv] = static_cast<T>(dvv[jv]);
+    }
+  }
+  s.store_state(dS, g.dh0 + item * K * V);
+  std::copy(dus, dus + K, g.du_part + item * K);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+wkv6_bwd(const at::Tensor& dout, const at::Tensor& r, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w,
+         const at::Tensor& u, double scale, const c10::optional<at::Tensor>& h0, int64_t chunk,
+         const at::Tensor& states, const c10::optional<at::Tensor>& dht) {
+  check_wkv6(r, k, v, w, u, h0, chunk);
+  const int64_t B = r.size(0), L = r.size(1), H = r.size(2), K = r.size(3), V = v.size(3);
+  const int64_t nchunks = (L + chunk - 1) / chunk;
+  const auto acc = at::toOpMathType(r.scalar_type());
+  TORCH_CHECK(dout.sizes() == v.sizes() && dout.stride(3) == 1 && dout.scalar_type() == r.scalar_type(),
+              "dout must be like v ", v.sizes(), " with a unit last stride, got ", dout.sizes());
+  TORCH_CHECK(states.sizes() == at::IntArrayRef({B, H, nchunks, K, V}) && states.is_contiguous() &&
+                  states.scalar_type() == acc,
+              "states must be the forward's (", B, ", ", H, ", ", nchunks, ", ", K, ", ", V, "), got ",
+              states.sizes());
+  if (dht)
+    TORCH_CHECK(dht->sizes() == at::IntArrayRef({B, H, K, V}) && dht->is_contiguous() && dht->scalar_type() == acc,
+                "dht must be a contiguous (", B, ", ", H, ", ", K, ", ", V, ") ", acc, " tensor, got ", dht->sizes());
+  auto dr = at::empty({B, L, H, K}, r.options()), dk = at::empty_like(dr), dw = at::empty_like(dr);
+  auto dv = at::empty({B, L, H, V}, r.options());
+  auto du_part = at::empty({B, H, K}, r.options().dtype(acc));
+  auto dh0 = at::empty({B, H, K, V}, r.options().dtype(acc));
+  TRITIUM_DISPATCH_FLOATING(r.scalar_type(), "tritium_wkv6_bwd", [&] {
+    using A = acc_type<scalar_t>;
+    const auto s = make_wkv6<scalar_t>(r, k, v, w, u, scale, h0, chunk);
+    Wkv6Grads<scalar_t> g{seq4<scalar_t>(dout), states.const_data_ptr<A>(),
+                          dht ? dht->const_data_ptr<A>() : nullptr, dr.mutable_data_ptr<scalar_t>(),
+                          dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>(),
+                          dw.mutable_data_ptr<scalar_t>(), du_part.mutable_data_ptr<A>(), dh0.mutable_data_ptr<A>()};
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) wkv6_bwd_item(s, g, i / H, i % H);
+    });
+  });
+  return {dr, dk, dv, dw, du_part.sum(0), dh0};
+}
+
+std::tuple<at::Tensor, at::Tensor> wkv6_step(const at::Tensor& state, const at::Tensor& r, const at::Tensor& k,
+                                             const at::Tensor& v, const at::Tensor& w, const at::Tensor& u,
+                                             double scale) {
+  TORCH_CHECK(r.dim() == 3 && r.stride(2) == 1, "r must be (B, H, K) with a unit K stride, got ", r.sizes());
+  for (const auto* p : {&k, &w})
+    TORCH_CHECK(p->sizes() == r.sizes() && p->stride(2) == 1 && p->scalar_type() == r.scalar_type(),
+                "k and w must be like r ", r.sizes(), ", got ", p->sizes(), " ", p->scalar_type());
+  TORCH_CHECK(v.dim() == 3 && v.size(0) == r.size(0) && v.size(1) == r.size(1) && v.stride(2) == 1 &&
+                  v.scalar_type() == r.scalar_type(),
+              "v must be (B, H, V) like r, got ", v.sizes());
+  const int64_t B = r.size(0), H = r.size(1), K = r.size(2), V = v.size(2);
+  const auto acc = at::toOpMathType(r.scalar_type());
+  TORCH_CHECK(u.sizes() == at::IntArrayRef({H, K}) && u.is_contiguous() && u.scalar_type() == acc,
+              "u must be a contiguous (H, K) ", acc, " tensor, got ", u.sizes());
+  TORCH_CHECK(state.sizes() == at::IntArrayRef({B, H, K, V}) && state.is_contiguous() && state.scalar_type() == acc,
+              "state must be a contiguous (B, H, K, V) ", acc, " tensor, got ", state.sizes(), " ",
+              state.scalar_type());
+  auto out = at::empty({B, H, V}, r.options());
+  auto next = at::empty_like(state);
+  TRITIUM_DISPATCH_FLOATING(r.scalar_type(), "tritium_wkv6_step", [&] {
+    using A = acc_type<scalar_t>;
+    auto q = [](const at::Tensor& t) {
+      return Seq4<scalar_t>{t.const_data_ptr<scalar_t>(), t.stride(0), 0, t.stride(1)};
+    };
+    Wkv6<scalar_t> s;
+    s.B = B, s.L = 1, s.H = H, s.K = K, s.V = V, s.C = 1, s.nchunks = 1;
+    s.VP = (V + Wkv6<scalar_t>::W - 1) / Wkv6<scalar_t>::W * Wkv6<scalar_t>::W;
+    s.KP = (K + Wkv6<scalar_t>::W - 1) / Wkv6<scalar_t>::W * Wkv6<scalar_t>::W;
+    s.scale = static_cast<A>(scale);
+    s.r = q(r), s.k = q(k), s.v = q(v), s.w = q(w);
+    s.u = u.const_data_ptr<A>(), s.h0 = state.const_data_ptr<A>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    A* st = next.mutable_data_ptr<A>();
+    at::parallel_for(0, B * H, std::max<int64_t>(1, 16384 / std::max<int64_t>(K * V, 1)), [&](int64_t begin, int64_t end) {
+      std::vector<A> buf;
+      for (int64_t i = begin; i < end; ++i) wkv6_fwd_item(s, i / H, i % H, o, st, buf);
+    });
+  });
+  return {out, next};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tritium, CPU, m) {
   m.impl("wkv7_fwd", &wkv7_fwd);
   m.impl("wkv7_bwd", &wkv7_bwd);
   m.impl("wkv7_step", &wkv7_step);
+  m.impl("wkv6_fwd", &wkv6_fwd);
+  m.impl("wkv6_bwd", &wkv6_bwd);
+  m.impl("wkv6_step", &wkv6_step);
 }
 
 }  // namespace tritium

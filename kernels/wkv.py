@@ -172,6 +172,128 @@ def _wkv7_bwd_kernel(
     tl.store(DH0 + bh * K * V + kv, dS, mask=mask)
 
 
+# RWKV-6: o_t = scale (S_{t-1} + diag(u) k_t v_t^T)^T r_t;  S_t = diag(exp(w_t)) S_{t-1} + k_t v_t^T, u (H, K).
+# Backward (dS the adjoint of S_t, vdo = v_t . do_t over this program's columns, ru = sum_i r_i u_i k_i):
+#   dk_t = dS v_t + scale u r_t vdo;  dv_t = dS^T k_t + scale ru do_t;  dw_t = exp(w_t) rowsum(dS S_{t-1});
+#   dr_t = scale (S_{t-1} do_t + u k_t vdo);  du += scale r_t k_t vdo;  dS <- diag(exp(w_t)) dS + scale r_t do_t^T
+# The per-key terms are linear in vdo, so each column block's partial sums add up to the whole.
+@triton.jit
+def _wkv6_fwd_kernel(
+    R, Kt, Vt, W, U, H0, O, STATES,
+    srb, srt, srh, skb, skt, skh, svb, svt, svh, swb, swt, swh,
+    L, H, K, V, scale, chunk, nchunks,
+    HAS_H0: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    iv = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    ok = tl.arange(0, BLOCK_K)
+    ov = iv * BLOCK_V + tl.arange(0, BLOCK_V)
+    mk = ok < K
+    mv = ov < V
+    mask = mk[:, None] & mv[None, :]
+    kv = ok[:, None] * V + ov[None, :]
+    if HAS_H0:
+        S = tl.load(H0 + bh * K * V + kv, mask=mask, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
+    u = tl.load(U + h * K + ok, mask=mk, other=0.0).to(tl.float32)
+    r_p = R + b * srb + h * srh + ok
+    k_p = Kt + b * skb + h * skh + ok
+    v_p = Vt + b * svb + h * svh + ov
+    w_p = W + b * swb + h * swh + ok
+    o_p = O + (b * L * H + h) * V + ov
+    s_p = STATES + bh * nchunks * K * V + kv
+    for c in range(0, nchunks):
+        t0 = c * chunk
+        t1 = tl.minimum(t0 + chunk, L)
+        for t in range(t0, t1):
+            rt = tl.load(r_p + t * srt, mask=mk, other=0.0).to(tl.float32)
+            kt = tl.load(k_p + t * skt, mask=mk, other=0.0).to(tl.float32)
+            vt = tl.load(v_p + t * svt, mask=mv, other=0.0).to(tl.float32)
+            wt = tl.load(w_p + t * swt, mask=mk, other=0.0).to(tl.float32)
+            ru = tl.sum(rt * u * kt, axis=0)
+            o = (tl.sum(rt[:, None] * S, axis=0) + ru * vt) * scale
+            tl.store(o_p + t * H * V, o.to(O.dtype.element_ty), mask=mv)
+            S = tl.exp(wt)[:, None] * S + kt[:, None] * vt[None, :]
+        tl.store(s_p + c * K * V, S, mask=mask)
+
+
+@triton.jit
+def _wkv6_bwd_kernel(
+    DO, R, Kt, Vt, W, U, H0, STATES, DHT, SCRATCH,
+    DR_P, DK_P, DW_P, DU_P, DV, DH0,
+    sdb, sdt, sdh, srb, srt, srh, skb, skt, skh, svb, svt, svh, swb, swt, swh,
+    L, H, K, V, scale, chunk, nchunks, scratch_len, part_stride,
+    HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    iv = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    ok = tl.arange(0, BLOCK_K)
+    ov = iv * BLOCK_V + tl.arange(0, BLOCK_V)
+    mk = ok < K
+    mv = ov < V
+    mask = mk[:, None] & mv[None, :]
+    kv = ok[:, None] * V + ov[None, :]
+    if HAS_DHT:
+        dS = tl.load(DHT + bh * K * V + kv, mask=mask, other=0.0).to(tl.float32)
+    else:
+        dS = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
+    if HAS_H0:
+        h0 = tl.load(H0 + bh * K * V + kv, mask=mask, other=0.0).to(tl.float32)
+    else:
+        h0 = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
+    u = tl.load(U + h * K + ok, mask=mk, other=0.0).to(tl.float32)
+    du = tl.zeros([BLOCK_K], dtype=tl.float32)
+    do_p = DO + b * sdb + h * sdh + ov
+    r_p = R + b * srb + h * srh + ok
+    k_p = Kt + b * skb + h * skh + ok
+    v_p = Vt + b * svb + h * svh + ov
+    w_p = W + b * swb + h * swh + ok
+    s_p = STATES + bh * nchunks * K * V + kv
+    x_p = SCRATCH + bh * scratch_len * K * V + kv
+    part = iv * part_stride + (b * L * H + h) * K + ok
+    dv_p = DV + (b * L * H + h) * V + ov
+    for cc in range(0, nchunks):
+        c = nchunks - 1 - cc
+        t0 = c * chunk
+        n = tl.minimum(chunk, L - t0)
+        S0 = tl.where(c > 0, tl.load(s_p + tl.maximum(c - 1, 0) * K * V, mask=mask, other=0.0), h0)
+        S = S0
+        for i in range(0, n):
+            t = t0 + i
+            kt = tl.load(k_p + t * skt, mask=mk, other=0.0).to(tl.float32)
+            vt = tl.load(v_p + t * svt, mask=mv, other=0.0).to(tl.float32)
+            wt = tl.load(w_p + t * swt, mask=mk, other=0.0).to(tl.float32)
+            S = tl.exp(wt)[:, None] * S + kt[:, None] * vt[None, :]
+            tl.store(x_p + i * K * V, S, mask=mask)
+        tl.debug_barrier()  # the chunk's states are written before any thread reads them back
+        for j in range(0, n):
+            i = n - 1 - j
+            t = t0 + i
+            Sp = tl.where(i > 0, tl.load(x_p + tl.maximum(i - 1, 0) * K * V, mask=mask, other=0.0), S0)
+            rt = tl.load(r_p + t * srt, mask=mk, other=0.0).to(tl.float32)
+            kt = tl.load(k_p + t * skt, mask=mk, other=0.0).to(tl.float32)
+            vt = tl.load(v_p + t * svt, mask=mv, other=0.0).to(tl.float32)
+            et = tl.exp(tl.load(w_p + t * swt, mask=mk, other=0.0).to(tl.float32))
+            dot = tl.load(do_p + t * sdt, mask=mv, other=0.0).to(tl.float32)
+            vdo = tl.sum(vt * dot, axis=0)
+            ru = tl.sum(rt * u * kt, axis=0)
+            tl.store(DK_P + part + t * H * K, tl.sum(dS * vt[None, :], axis=1) + scale * u * rt * vdo, mask=mk)
+            tl.store(DW_P + part + t * H * K, tl.sum(dS * Sp, axis=1) * et, mask=mk)
+            tl.store(DR_P + part + t * H * K, (tl.sum(Sp * dot[None, :], axis=1) + u * kt * vdo) * scale, mask=mk)
+            dv = tl.sum(kt[:, None] * dS, axis=0) + scale * ru * dot
+            tl.store(dv_p + t * H * V, dv.to(DV.dtype.element_ty), mask=mv)
+            du += scale * rt * kt * vdo
+            dS = et[:, None] * dS + (rt * scale)[:, None] * dot[None, :]
+        tl.debug_barrier()  # every read of the chunk's states is done before the next chunk overwrites them
+    tl.store(DH0 + bh * K * V + kv, dS, mask=mask)
+    tl.store(DU_P + iv * (part_stride // (L * K)) * K + bh * K + ok, du, mask=mk)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------------------------------------
@@ -238,4 +360,63 @@ def wkv7_step(state, r, w, k, v, a, b, scale: float):
     Moves 2 B H K V * 4 bytes of state and B H (5 K + 2 V) elements of X."""
     r, w, k, v, a, b = (_unit_last(t) for t in (r, w, k, v, a, b))
     o, states = wkv7_fwd(*(t.unsqueeze(1) for t in (r, w, k, v, a, b)), scale, state, 1)
+    return o[:, 0], states[:, :, 0]
+
+
+def wkv6_fwd(r, k, v, w, u, scale: float, h0, chunk: int):
+    """o, states of RWKV-6's recurrence (the comment above _wkv6_fwd_kernel).  r, k, w (B, T, H, K), v (B, T, H, V)
+    dtype X, any strides but the last; u (H, K) float32; h0 (B, H, K, V) float32 contiguous or None -> o
+    (B, T, H, V) X, states (B, H, ceil(T / chunk), K, V) float32.  Moves 3 B T H K + 2 B T H V elements of X and
+    B H ceil(T / chunk) K V * 4 bytes of states."""
+    r, k, v, w = (_unit_last(t) for t in (r, k, v, w))
+    B, L, H, K = r.shape
+    V = v.shape[-1]
+    nchunks = triton.cdiv(L, chunk)
+    o = torch.empty((B, L, H, V), dtype=v.dtype, device=v.device)
+    states = torch.empty((B, H, nchunks, K, V), dtype=torch.float32, device=v.device)
+    block_k, block_v, nv = _blocks(K, V, FWD_TILE)
+    if B * L * H * K * V > 0:
+        _wkv6_fwd_kernel[(nv, B * H)](
+            r, k, v, w, u, h0, o, states, *_strides(r), *_strides(k), *_strides(v), *_strides(w),
+            L, H, K, V, float(scale), chunk, nchunks,
+            HAS_H0=h0 is not None, BLOCK_K=block_k, BLOCK_V=block_v, num_warps=NUM_WARPS)
+    return o, states
+
+
+def wkv6_bwd(dout, r, k, v, w, u, scale: float, h0, chunk: int, states, dht):
+    """Gradients of RWKV-6's recurrence.  dout (B, T, H, V) X, the forward's arguments and states, dht
+    (B, H, K, V) float32 or None -> dr, dk, dv, dw (X, contiguous), du (H, K) float32, dh0 (B, H, K, V) float32.
+    Moves the inputs twice per column block (recompute and reverse walk), every state through the scratch buffer
+    (2 B H T K V * 4 bytes, mostly from cache), and the per-key partials (3 blocks B T H K * 4 bytes)."""
+    dout, r, k, v, w = (_unit_last(t) for t in (dout, r, k, v, w))
+    B, L, H, K = r.shape
+    V = v.shape[-1]
+    nchunks = states.shape[2]
+    block_k, block_v, nv = _blocks(K, V, BWD_TILE)
+    dev, f32 = v.device, torch.float32
+    launch = B * L * H * K * V > 0
+    part = torch.empty if launch else torch.zeros
+    parts = [part((nv, B, L, H, K), dtype=f32, device=dev) for _ in range(3)]
+    du_part = torch.zeros((nv, B, H, K), dtype=f32, device=dev)
+    dv = torch.zeros((B, L, H, V), dtype=v.dtype, device=dev)
+    dh0 = torch.empty((B, H, K, V), dtype=f32, device=dev)
+    if launch:
+        scratch_len = min(chunk, L)
+        scratch = torch.empty((B, H, scratch_len, K, V), dtype=f32, device=dev)
+        _wkv6_bwd_kernel[(nv, B * H)](
+            dout, r, k, v, w, u, h0, states, dht, scratch, *parts, du_part, dv, dh0,
+            *_strides(dout), *_strides(r), *_strides(k), *_strides(v), *_strides(w),
+            L, H, K, V, float(scale), chunk, nchunks, scratch_len, B * L * H * K,
+            HAS_H0=h0 is not None, HAS_DHT=dht is not None, BLOCK_K=block_k, BLOCK_V=block_v, num_warps=NUM_WARPS)
+    else:  # an empty sequence passes dht through (no K or V: nothing to pass)
+        dh0 = dht.clone() if dht is not None and L == 0 else dh0.zero_()
+    dr, dk, dw = ((p[0] if nv == 1 else p.sum(0)).to(r.dtype) for p in parts)
+    return dr, dk, dv, dw, du_part.sum((0, 1)), dh0
+
+
+def wkv6_step(state, r, k, v, w, u, scale: float):
+    """One RWKV-6 decoding step: state (B, H, K, V) float32 contiguous; r, k, w (B, H, K), v (B, H, V) X, u (H, K)
+    float32 -> o (B, H, V) X, the new state (B, H, K, V) float32 (the forward kernel on a one-step sequence)."""
+    r, k, v, w = (_unit_last(t) for t in (r, k, v, w))
+    o, states = wkv6_fwd(*(t.unsqueeze(1) for t in (r, k, v, w)), u, scale, state, 1)
     return o[:, 0], states[:, :, 0]

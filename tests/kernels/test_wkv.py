@@ -1,11 +1,11 @@
-"""RWKV-7's wkv kernels (forward, backward, decoding step), Triton (interpreter) and C++, against
-tritium.ops.wkv.wkv7_reference in float64 (every output and every gradient)."""
+"""RWKV-7's and RWKV-6's wkv kernels (forward, backward, decoding step), Triton (interpreter) and C++, against
+tritium.ops.wkv.wkv7_reference / wkv6_reference in float64 (every output and every gradient)."""
 import pytest
 import torch
 
 import tritium  # noqa: F401  (loads the C++ kernels)
 from tritium.kernels import wkv
-from tritium.ops.wkv import wkv7_reference, wkv_chunk
+from tritium.ops.wkv import wkv6_reference, wkv7_reference, wkv_chunk
 from tests.util import assert_within_torch_error, check_gpu_compile, impl_cases, leaf, on_device
 
 triton_wkv = on_device(wkv)
@@ -131,10 +131,89 @@ def test_steps_equal_the_sequence(impl_name, impl, dtype):
     torch.testing.assert_close(state, states[:, :, -1])
 
 
+@pytest.mark.parametrize("impl_name,impl,dtype", CASES, ids=IDS)
+def test_empty_sequence(impl_name, impl, dtype):
+    """T = 0: no output, no saved state; the backward passes dht through to dh0 (RWKV-7 and RWKV-6)."""
+    args = make_inputs(2, 0, 3, 4, 5, dtype)
+    dht = torch.randn(2, 3, 4, 5, dtype=_acc(dtype))
+    o, states = impl.wkv7_fwd(*(args[n] for n in NAMES), 0.5, None, 4)
+    assert o.shape == (2, 0, 3, 5) and states.shape == (2, 3, 0, 4, 5)
+    grads = impl.wkv7_bwd(torch.zeros_like(o), *(args[n] for n in NAMES), 0.5, None, 4, states, dht)
+    torch.testing.assert_close(grads[6], dht)
+    u = torch.randn(3, 4, dtype=_acc(dtype))
+    o, states = impl.wkv6_fwd(*(args[n] for n in NAMES6), u, 0.5, None, 4)
+    assert o.shape == (2, 0, 3, 5) and states.shape == (2, 3, 0, 4, 5)
+    grads = impl.wkv6_bwd(torch.zeros_like(o), *(args[n] for n in NAMES6), u, 0.5, None, 4, states, dht)
+    torch.testing.assert_close(grads[5], dht)
+    torch.testing.assert_close(grads[4], torch.zeros_like(u))
+
+
+# ---- RWKV-6: r, k, v, w (log decay) and the bonus u (H, K) ----
+NAMES6 = ("r", "k", "v", "w")
+
+
+def _reference6(args, u, scale, h0, dout, dht, dtype):
+    """(o, final state, grads (r, k, v, w, u, h0)) of wkv6_reference in dtype (u and h0 in the state dtype: the
+    kernels take them so) and in float64 on the same values."""
+    res = {}
+    for run in (dtype, torch.float64):
+        ins = [leaf(args[n], run) for n in NAMES6] + [leaf(u, _acc(run))]
+        s0 = None if h0 is None else leaf(h0, _acc(run))
+        o, last = wkv6_reference(*ins, scale, s0, True)
+        leaves = ins + ([] if s0 is None else [s0])
+        outs, gouts = [o], [dout.to(o.dtype)]
+        if dht is not None:
+            outs.append(last)
+            gouts.append(dht.to(last.dtype))
+        gs = torch.autograd.grad(outs, leaves, gouts, allow_unused=True)
+        gs = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, gs)]
+        res[run] = (o.detach(), last.detach(), gs)
+    return res[dtype], res[torch.float64]
+
+
+@pytest.mark.parametrize("impl_name,impl,dtype,shape", WKV_CASES)
+def test_wkv6(impl_name, impl, dtype, shape):
+    B, T, H, K, V, chunk, has_h0, has_dht, strided = shape
+    chunk = chunk or wkv_chunk(K, V)
+    acc, scale = _acc(dtype), K ** -0.5
+    args = make_inputs(B, T, H, K, V, dtype)
+    args["w"] = torch.nn.functional.logsigmoid(args["r"].double() - 2).to(dtype)  # RWKV-6-like decays, near 1
+    gen = torch.Generator().manual_seed(2)
+    u = torch.randn(H, K, generator=gen, dtype=torch.float64).to(acc)
+    h0 = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64).to(acc) if has_h0 else None
+    dout = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64).to(dtype)
+    dht = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64).to(acc) if has_dht else None
+    call = [_strided(args[n]) if strided else args[n] for n in NAMES6]
+    o, states = impl.wkv6_fwd(*call, u, scale, h0, chunk)
+    assert states.shape == (B, H, -(-T // chunk), K, V) and states.dtype == acc
+    grads = impl.wkv6_bwd(_strided(dout) if strided else dout, *call, u, scale, h0, chunk, states, dht)
+    (t_o, t_last, t_g), (r_o, r_last, r_g) = _reference6(args, u, scale, h0, dout, dht, dtype)
+    assert_within_torch_error(o, t_o, r_o, "o")
+    assert_within_torch_error(states[:, :, -1], t_last, r_last, "final state")
+    for name, g, tg, rg in zip(list(NAMES6) + ["u"], grads, t_g, r_g):
+        assert_within_torch_error(g, tg, rg, f"d{name}")
+    if has_h0:
+        assert_within_torch_error(grads[5], t_g[5], r_g[5], "dh0")
+
+
+@pytest.mark.parametrize("impl_name,impl,dtype", CASES, ids=IDS)
+def test_wkv6_steps_equal_the_sequence(impl_name, impl, dtype):
+    B, T, H, K, V = 2, 9, 3, 5, 6
+    args = make_inputs(B, T, H, K, V, dtype)
+    u = torch.randn(H, K, dtype=_acc(dtype))
+    h0 = torch.randn(B, H, K, V, dtype=torch.float64).to(_acc(dtype))
+    o, states = impl.wkv6_fwd(*(args[n] for n in NAMES6), u, 0.4, h0, 4)
+    state = h0
+    for t in range(T):
+        y, state = impl.wkv6_step(state, *(args[n][:, t] for n in NAMES6), u, 0.4)
+        torch.testing.assert_close(y, o[:, t], msg=lambda m: f"step {t}: {m}")
+    torch.testing.assert_close(state, states[:, :, -1])
+
+
 @pytest.mark.gpu_compile
 def test_gpu_compile():
-    """The forward, backward and step compile for sm_80/90 at RWKV-7's head size 64 (and an odd one), with and
-    without the initial state and dht, in float32 and bfloat16."""
+    """The forward, backward and step of RWKV-7 and RWKV-6 compile for sm_80/90 at head size 64 (and an odd one),
+    with and without the initial state and dht, in float32 and bfloat16."""
     def run():
         for dtype in (torch.float32, torch.bfloat16):
             for K, V, on in ((64, 64, True), (64, 64, False), (17, 33, True)):
@@ -147,6 +226,11 @@ def test_gpu_compile():
                 o, states = triton_wkv.wkv7_fwd(*ins, v, a, b, 0.125, h0, chunk)
                 triton_wkv.wkv7_bwd(o, *ins, v, a, b, 0.125, h0, chunk, states, torch.randn(B, H, K, V) if on else None)
                 triton_wkv.wkv7_step(torch.zeros(B, H, K, V), *(x[:, 0] for x in ins), v[:, 0], a[:, 0], b[:, 0], 0.125)
+                r, k, w = ins
+                u = torch.randn(H, K)
+                o, states = triton_wkv.wkv6_fwd(r, k, v, w, u, 0.125, h0, chunk)
+                triton_wkv.wkv6_bwd(o, r, k, v, w, u, 0.125, h0, chunk, states, torch.randn(B, H, K, V) if on else None)
+                triton_wkv.wkv6_step(torch.zeros(B, H, K, V), r[:, 0], k[:, 0], v[:, 0], w[:, 0], u, 0.125)
 
     report = check_gpu_compile(run)
-    assert {c.name for c in report} == {"_wkv7_fwd_kernel", "_wkv7_bwd_kernel"}
+    assert {c.name for c in report} == {"_wkv7_fwd_kernel", "_wkv7_bwd_kernel", "_wkv6_fwd_kernel", "_wkv6_bwd_kernel"}

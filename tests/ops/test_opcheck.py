@@ -457,6 +457,27 @@ def _():
     return [(r(2, 2, 3, 4), *(x[:, 0] for x in _wkv_inputs(False)), 0.5)]
 
 
+@sample("wkv6_fwd")
+def _():
+    r_, w, k, v, _, _ = _wkv_inputs(True)
+    return [(r_, k, v, w, g(2, 3), 0.5, g(2, 2, 3, 4), 2), (r_, k, v, w, g(2, 3), 0.5, None, 8)]
+
+
+@sample("wkv6_bwd")
+def _():
+    r_, w, k, v, _, _ = _wkv_inputs(False)
+    u, h0 = r(2, 3), r(2, 2, 3, 4)
+    _, states = torch.ops.tritium.wkv6_fwd(r_, k, v, w, u, 0.5, h0, 2)
+    return [(r(2, 5, 2, 4), r_, k, v, w, u, 0.5, h0, 2, states, r(2, 2, 3, 4)),
+            (r(2, 5, 2, 4), r_, k, v, w, u, 0.5, None, 2, states, None)]
+
+
+@sample("wkv6_step")
+def _():
+    r_, w, k, v, _, _ = _wkv_inputs(False)
+    return [(r(2, 2, 3, 4), r_[:, 0], k[:, 0], v[:, 0], w[:, 0], r(2, 3), 0.5)]
+
+
 @sample("gru_scan_bwd")
 def _():
     w, h0 = r(12, 4), r(2, 4)

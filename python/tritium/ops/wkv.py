@@ -14,6 +14,13 @@ The forward keeps the state in registers / L1 and writes it once every ``chunk``
 (B, H, ceil(T / chunk), K, V), the last of which is the final state); the backward recomputes each chunk's states
 from the saved one before it and runs the adjoint through the chunk in reverse. Memory: O(B H K V T / chunk)
 besides the inputs and gradients. The state and initial_state are float32 (float64 for float64 input).
+
+RWKV-6 (``wkv6``, fla's ``fused_recurrent_rwkv6``; its naive reference is ``fla.ops.rwkv6.recurrent_naive.
+naive_recurrent_rwkv6``) has a diagonal decay and a bonus u (H, K) for the current token:
+
+    o_t = scale (S_{t-1} + diag(u) k_t v_t^T)^T r_t;   S_t = diag(exp(w_t)) S_{t-1} + k_t v_t^T
+
+with the same layouts (r, k, w (B, T, H, K), v (B, T, H, V)), chunked states and decoding step.
 """
 from __future__ import annotations
 
@@ -51,6 +58,26 @@ def wkv7_reference(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Ten
     return o, (S.to(acc_dtype(r.dtype)) if output_final_state else None)
 
 
+def wkv6_reference(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, scale: Optional[float] = None,
+                   initial_state: Optional[Tensor] = None, output_final_state: bool = False
+                   ) -> Tuple[Tensor, Optional[Tensor]]:
+    """RWKV-6's recurrence in r's dtype, step by step (fla's naive_recurrent_rwkv6 in the (B, T, H, K) layout); the
+    final state in the accumulation dtype, or None without output_final_state."""
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    scale = K ** -0.5 if scale is None else scale
+    S = r.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(r.dtype)
+    u = u.to(r.dtype)
+    outs = []
+    for t in range(T):
+        rt, kt, vt, wt = (x[:, t] for x in (r, k, v, w))
+        kv = kt[..., None] * vt[..., None, :]
+        outs.append(((rt * scale)[..., None] * (S + u[..., None] * kv)).sum(-2))
+        S = S * wt.exp()[..., None] + kv
+    o = torch.stack(outs, 1) if outs else v.new_empty(B, 0, H, V)
+    return o, (S.to(acc_dtype(r.dtype)) if output_final_state else None)
+
+
 # ---- fake kernels: shapes only ----
 def _fake_fwd(r, w, k, v, a, b, scale, h0, chunk):
     B, T, H, K = r.shape
@@ -65,6 +92,20 @@ def _fake_bwd(dout, r, w, k, v, a, b, scale, h0, chunk, states, dht):
 
 
 def _fake_step(state, r, w, k, v, a, b, scale):
+    return v.new_empty(v.shape), state.new_empty(state.shape)
+
+
+def _fake_fwd6(r, k, v, w, u, scale, h0, chunk):
+    return _fake_fwd(r, w, k, v, r, r, scale, h0, chunk)
+
+
+def _fake_bwd6(dout, r, k, v, w, u, scale, h0, chunk, states, dht):
+    B, T, H, K = r.shape
+    return (r.new_empty(r.shape), r.new_empty(r.shape), v.new_empty(v.shape), r.new_empty(r.shape),
+            u.new_empty(u.shape), r.new_empty((B, H, K, v.shape[-1]), dtype=acc_dtype(r.dtype)))
+
+
+def _fake_step6(state, r, k, v, w, u, scale):
     return v.new_empty(v.shape), state.new_empty(state.shape)
 
 
@@ -83,6 +124,20 @@ def _wkv_backward(ctx, dout, dstates):
     return dr, dw, dk, dv, da, db, None, dh0 if ctx.has_h0 else None, None
 
 
+def _wkv6_setup(ctx, inputs, output):
+    r, k, v, w, u, scale, h0, chunk = inputs
+    ctx.scale, ctx.chunk, ctx.has_h0 = scale, chunk, h0 is not None
+    ctx.save_for_backward(r, k, v, w, u, h0, output[1])
+
+
+def _wkv6_backward(ctx, dout, dstates):
+    r, k, v, w, u, h0, states = ctx.saved_tensors
+    dht = None if dstates is None else dstates[:, :, -1].contiguous()
+    dout = torch.zeros_like(v) if dout is None else unit_last(dout)
+    dr, dk, dv, dw, du, dh0 = wkv6_bwd(dout, r, k, v, w, u, ctx.scale, h0, ctx.chunk, states, dht)
+    return dr, dk, dv, dw, du, None, dh0 if ctx.has_h0 else None, None
+
+
 wkv7_bwd = define_op(
     "wkv7_bwd(Tensor dout, Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, float scale, Tensor? h0, "
     "int chunk, Tensor states, Tensor? dht) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
@@ -95,15 +150,29 @@ wkv7_step_op = define_op(
     " -> (Tensor, Tensor)", _fake_step, "wkv:wkv7_step")
 
 
+wkv6_bwd = define_op(
+    "wkv6_bwd(Tensor dout, Tensor r, Tensor k, Tensor v, Tensor w, Tensor u, float scale, Tensor? h0, int chunk, "
+    "Tensor states, Tensor? dht) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", _fake_bwd6, "wkv:wkv6_bwd")
+wkv6_fwd = define_op(
+    "wkv6_fwd(Tensor r, Tensor k, Tensor v, Tensor w, Tensor u, float scale, Tensor? h0, int chunk)"
+    " -> (Tensor, Tensor)", _fake_fwd6, "wkv:wkv6_fwd", backward=_wkv6_backward, setup_context=_wkv6_setup)
+wkv6_step_op = define_op(
+    "wkv6_step(Tensor state, Tensor r, Tensor k, Tensor v, Tensor w, Tensor u, float scale) -> (Tensor, Tensor)",
+    _fake_step6, "wkv:wkv6_step")
+
+
 # ---- validation: a ValueError / TypeError naming the argument, what was expected and what came ----
 def _shape(t) -> Optional[tuple]:
     return None if t is None else tuple(t.shape)
 
 
-def _check(fn: str, r, w, k, v, a, b, state, state_name: str, lead: int) -> None:
-    """r, w, k, a, b (*lead, K) alike; v (*lead, V) with r's leading dims; state (B, H, K, V) or None."""
+def _check(fn: str, r, w, k, v, a, b, state, state_name: str, lead: int, u="absent") -> None:
+    """r, w, k, a, b (*lead, K) alike (a, b None for RWKV-6); v (*lead, V) with r's leading dims; state
+    (B, H, K, V) or None; RWKV-6's u (H, K)."""
     dims = "(B, T, H, K)" if lead == 3 else "(B, H, K)"
-    for name, t in (("r", r), ("w", w), ("k", k), ("v", v), ("a", a), ("b", b), (state_name, state)):
+    keyed = [("w", w), ("k", k)] + ([] if a is None else [("a", a), ("b", b)])
+    extra = [] if isinstance(u, str) else [("u", u)]
+    for name, t in [("r", r), ("v", v)] + keyed + extra + [(state_name, state)]:
         if t is None and name == state_name:
             continue
         if not isinstance(t, Tensor):
@@ -112,7 +181,9 @@ def _check(fn: str, r, w, k, v, a, b, state, state_name: str, lead: int) -> None
             raise TypeError(f"{fn}: {name} must be a floating point tensor, got {t.dtype}")
     if r.dim() != lead + 1:
         raise ValueError(f"{fn}: r must be {dims}, got {_shape(r)}")
-    for name, t in (("w", w), ("k", k), ("a", a), ("b", b)):
+    if extra and tuple(u.shape) != (r.shape[-2], r.shape[-1]):
+        raise ValueError(f"{fn}: u must be (H, K) = {(r.shape[-2], r.shape[-1])}, got {_shape(u)}")
+    for name, t in keyed:
         if t.shape != r.shape:
             raise ValueError(f"{fn}: {name} must be r's shape {_shape(r)}, got {_shape(t)}")
     if v.dim() != lead + 1 or v.shape[:-1] != r.shape[:-1]:
@@ -162,4 +233,41 @@ def wkv7_step(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, 
                         unit_last(v), unit_last(a), unit_last(b), scale)
 
 
-__all__: List[str] = ["wkv7", "wkv7_step"]
+def wkv6(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, scale: Optional[float] = None,
+         initial_state: Optional[Tensor] = None, output_final_state: bool = False
+         ) -> Tuple[Tensor, Optional[Tensor]]:
+    """fla's ``fused_recurrent_rwkv6`` (no reverse, no cu_seqlens): r, k, w (log decay) (B, T, H, K); v
+    (B, T, H, V); u (H, K); initial_state (B, H, K, V). Returns (o (B, T, H, V) in r's dtype, the final state
+    (B, H, K, V) in float32 (float64 for float64 input) or None without output_final_state). Differentiable in
+    every tensor. Inputs the kernels do not cover (mixed dtypes or devices, empty) run the plain-torch reference."""
+    _check("wkv6", r, w, k, v, None, None, initial_state, "initial_state", 3, u)
+    K = r.shape[-1]
+    scale = float(K ** -0.5 if scale is None else scale)
+    if not kernel_ok(r, k, v, w) or u.device != r.device or (
+            initial_state is not None and initial_state.device != r.device):
+        return wkv6_reference(r, k, v, w, u, scale, initial_state, output_final_state)
+    acc = acc_dtype(r.dtype)
+    h0 = None if initial_state is None else initial_state.to(acc).contiguous()
+    o, states = wkv6_fwd(unit_last(r), unit_last(k), unit_last(v), unit_last(w), u.to(acc).contiguous(), scale, h0,
+                         wkv_chunk(K, v.shape[-1]))
+    return o, (states[:, :, -1] if output_final_state else None)
+
+
+def wkv6_step(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor,
+              scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+    """One RWKV-6 decoding step: r, k, w (B, H, K), v (B, H, V), u (H, K) and the carried state (B, H, K, V).
+    Returns (o (B, H, V), the new state (B, H, K, V) in float32 (float64 for float64 input)); equals wkv6 on the
+    sequence one token at a time. With gradients required it runs wkv6 on the one-step sequence (differentiable)."""
+    _check("wkv6_step", r, w, k, v, None, None, state, "state", 2, u)
+    scale = float(r.shape[-1] ** -0.5 if scale is None else scale)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (r, k, v, w, u, state)) \
+            or not kernel_ok(r, k, v, w) or state.device != r.device or u.device != r.device:
+        o, new = wkv6(*(t.unsqueeze(1) for t in (r, k, v, w)), u, scale=scale, initial_state=state,
+                      output_final_state=True)
+        return o[:, 0], new
+    acc = acc_dtype(r.dtype)
+    return wkv6_step_op(state.to(acc).contiguous(), unit_last(r), unit_last(k), unit_last(v), unit_last(w),
+                        u.to(acc).contiguous(), scale)
+
+
+__all__: List[str] = ["wkv7", "wkv7_step", "wkv6", "wkv6_step"]
