@@ -361,21 +361,62 @@ inline A silu_scalar(A z) {
   return z / (A(1) + std::exp(-z));
 }
 
-// y[0, S) = act((x - mean) * scale + shift) for one channel of a block (x in the accumulation type).
+// The block kernels read x (and dy) in their own dtype on every pass: a 16-bit block of a few thousand elements
+// stays in L1 between passes, where a float copy of it (twice the bytes) would not; a vector's widening is one
+// shift. Sums are cascaded in chunks of kChunk elements added to a double, as row_sum / row_moments do.
+
+// sum(x - c) and, unless SUM_ONLY, sum((x - c)^2) over n elements of T, in the accumulation type A.
+template <bool SUM_ONLY, typename T, typename A>
+std::pair<double, double> block_moments(const T* x, int64_t n, A c) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t K = Vec::size();
+  const Vec vc(c);
+  double s = 0, q = 0;
+  for (int64_t start = 0; start < n; start += kChunk) {
+    const int64_t stop = std::min(n, start + kChunk);
+    Vec s0(0), s1(0), q0(0), q1(0);
+    int64_t i = start;
+    for (; i + 2 * K <= stop; i += 2 * K) {
+      auto [a, b] = load2(x + i);
+      a = a - vc;
+      b = b - vc;
+      s0 = s0 + a;
+      s1 = s1 + b;
+      if constexpr (!SUM_ONLY) {
+        q0 = at::vec::fmadd(a, a, q0);
+        q1 = at::vec::fmadd(b, b, q1);
+      }
+    }
+    A cs = hsum(s0 + s1), cq = SUM_ONLY ? A(0) : hsum(q0 + q1);
+    for (; i < stop; ++i) {
+      const A v = static_cast<A>(x[i]) - c;
+      cs += v;
+      cq += v * v;
+    }
+    s += cs;
+    q += cq;
+  }
+  return {s, q};
+}
+
+// y[0, S) = act((x - mean) * scale + shift) for one channel of a block.
 template <bool SILU, typename T, typename A>
-void channel_normalize(const A* x, T* y, int64_t S, A mean, A scale, A shift) {
+void channel_normalize(const T* x, T* y, int64_t S, A mean, A scale, A shift) {
   using Vec = Vectorized<A>;
   constexpr int64_t K = Vec::size();
   const Vec vm(mean), vs(scale), vb(shift);
-  auto one = [&](int64_t i) {
-    Vec z = at::vec::fmadd(Vec::loadu(x + i) - vm, vs, vb);
+  auto act = [&](const Vec& v) {
+    Vec z = at::vec::fmadd(v - vm, vs, vb);
     if constexpr (SILU) z = silu_vec(z);
     return z;
   };
   int64_t i = 0;
-  for (; i + 2 * K <= S; i += 2 * K) store2(y + i, one(i), one(i + K));
+  for (; i + 2 * K <= S; i += 2 * K) {
+    auto [a, b] = load2(x + i);
+    store2(y + i, act(a), act(b));
+  }
   for (; i < S; ++i) {
-    A z = (x[i] - mean) * scale + shift;
+    A z = (static_cast<A>(x[i]) - mean) * scale + shift;
     if constexpr (SILU) z = silu_scalar(z);
     y[i] = static_cast<T>(z);
   }
@@ -401,16 +442,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(const at::Tensor& 
     A* rstd_p = rstd.mutable_data_ptr<A>();
     const int64_t sx = x.stride(0), C = G * D;
     at::parallel_for(0, R, row_grain(M), [&](int64_t begin, int64_t end) {
-      std::vector<A> wbuf, bbuf, xbuf;
+      std::vector<A> wbuf, bbuf;
       const A* wf = wp ? as_acc(wp, C, wbuf) : nullptr;
       const A* bf = bp ? as_acc(bp, C, bbuf) : nullptr;
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* xr = xp + r * sx;
-        if (!std::is_same_v<scalar_t, A> && r + 1 < end) prefetch_l2(xr + sx, M * int64_t(sizeof(scalar_t)));
-        const A* xf = as_acc(xr, M, xbuf);
         // the variance about the block's mean, as the layer norm takes it (no cancellation)
-        const A c = static_cast<A>(row_sum(xf, M) / M);
-        auto [s, q] = row_moments<false>(xf, M, c);
+        const A c = static_cast<A>(block_moments<true>(xr, M, A(0)).first / M);
+        auto [s, q] = block_moments<false>(xr, M, c);
         const double d = s / M;
         const A mu = static_cast<A>(c + d);
         const A rs = A(1) / std::sqrt(static_cast<A>(std::max(q / M - d * d, 0.0)) + static_cast<A>(eps));
@@ -421,9 +460,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(const at::Tensor& 
         for (int64_t j = 0; j < D; ++j) {
           const A scale = wf ? rs * wf[ch0 + j] : rs, shift = bf ? bf[ch0 + j] : A(0);
           if (silu) {
-            channel_normalize<true>(xf + j * S, yr + j * S, S, mu, scale, shift);
+            channel_normalize<true>(xr + j * S, yr + j * S, S, mu, scale, shift);
           } else {
-            channel_normalize<false>(xf + j * S, yr + j * S, S, mu, scale, shift);
+            channel_normalize<false>(xr + j * S, yr + j * S, S, mu, scale, shift);
           }
         }
       }
@@ -434,28 +473,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(const at::Tensor& 
 
 // Pass 1 over one channel: (sum_s dz, sum_s dz * (x - mean)); with SILU dz = dy * silu'(z) is written to dz_out
 // (pass 2 reads it instead of recomputing the exp).
-template <bool SILU, typename A>
-std::pair<A, A> channel_grad_sums(const A* dy, const A* x, A* dz_out, int64_t S, A mean, A scale, A shift) {
+template <bool SILU, typename T, typename A>
+std::pair<A, A> channel_grad_sums(const T* dy, const T* x, A* dz_out, int64_t S, A mean, A scale, A shift) {
   using Vec = Vectorized<A>;
   constexpr int64_t K = Vec::size();
   const Vec vm(mean), vs(scale), vb(shift), one(1);
-  Vec sa(0), sb(0);
-  int64_t i = 0;
-  for (; i + K <= S; i += K) {
-    const Vec xc = Vec::loadu(x + i) - vm;
-    Vec dz = Vec::loadu(dy + i);
+  Vec sa0(0), sb0(0), sa1(0), sb1(0);
+  auto step = [&](Vec dz, const Vec& xv, int64_t at, Vec& sa, Vec& sb) {
+    const Vec xc = xv - vm;
     if constexpr (SILU) {
       const Vec z = at::vec::fmadd(xc, vs, vb), sg = fsigmoid(z);
       dz = dz * sg * at::vec::fmadd(z, one - sg, one);
-      dz.store(dz_out + i);
+      dz.store(dz_out + at);
     }
     sa = sa + dz;
     sb = at::vec::fmadd(dz, xc, sb);
+  };
+  int64_t i = 0;
+  for (; i + 2 * K <= S; i += 2 * K) {
+    auto [d0, d1] = load2(dy + i);
+    auto [x0, x1] = load2(x + i);
+    step(d0, x0, i, sa0, sb0);
+    step(d1, x1, i + K, sa1, sb1);
   }
-  A a = hsum(sa), b = hsum(sb);
+  A a = hsum(sa0 + sa1), b = hsum(sb0 + sb1);
   for (; i < S; ++i) {
-    const A xc = x[i] - mean;
-    A dz = dy[i];
+    const A xc = static_cast<A>(x[i]) - mean;
+    A dz = static_cast<A>(dy[i]);
     if constexpr (SILU) {
       const A z = xc * scale + shift, sg = A(1) / (A(1) + std::exp(-z));
       dz = dz * sg * (A(1) + z * (A(1) - sg));
@@ -467,18 +511,20 @@ std::pair<A, A> channel_grad_sums(const A* dy, const A* x, A* dz_out, int64_t S,
   return {a, b};
 }
 
-// Pass 2 over one channel: dx = dz * p + (x - mean) * q + o.
-template <typename T, typename A>
-void channel_dx(const A* dz, const A* x, T* dx, int64_t S, A mean, A p, A q, A o) {
+// Pass 2 over one channel: dx = dz * p + (x - mean) * q + o; dz is dy (T) or the SiLU pass's float buffer.
+template <typename T, typename Z, typename A>
+void channel_dx(const Z* dz, const T* x, T* dx, int64_t S, A mean, A p, A q, A o) {
   using Vec = Vectorized<A>;
   constexpr int64_t K = Vec::size();
   const Vec vm(mean), vp(p), vq(q), vo(o);
-  auto one = [&](int64_t i) {
-    return at::vec::fmadd(Vec::loadu(dz + i), vp, at::vec::fmadd(Vec::loadu(x + i) - vm, vq, vo));
-  };
+  auto one = [&](const Vec& d, const Vec& xv) { return at::vec::fmadd(d, vp, at::vec::fmadd(xv - vm, vq, vo)); };
   int64_t i = 0;
-  for (; i + 2 * K <= S; i += 2 * K) store2(dx + i, one(i), one(i + K));
-  for (; i < S; ++i) dx[i] = static_cast<T>(dz[i] * p + ((x[i] - mean) * q + o));
+  for (; i + 2 * K <= S; i += 2 * K) {
+    auto [d0, d1] = load2(dz + i);
+    auto [x0, x1] = load2(x + i);
+    store2(dx + i, one(d0, x0), one(d1, x1));
+  }
+  for (; i < S; ++i) dx[i] = static_cast<T>(static_cast<A>(dz[i]) * p + ((static_cast<A>(x[i]) - mean) * q + o));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
@@ -510,17 +556,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
     A* dbp = need_db ? db_part.mutable_data_ptr<A>() : nullptr;
     const int64_t sdy = dy.stride(0), sx = x.stride(0);
     at::parallel_for(0, R, row_grain(M), [&](int64_t begin, int64_t end) {
-      std::vector<A> wbuf, bbuf, dybuf, xbuf, dzbuf(silu ? M : 0), sums(2 * D);
+      std::vector<A> wbuf, bbuf, dzbuf(silu ? M : 0);
       const A* wf = wp ? as_acc(wp, C, wbuf) : nullptr;
       const A* bf = bp ? as_acc(bp, C, bbuf) : nullptr;
       for (int64_t r = begin; r < end; ++r) {
-        if (!std::is_same_v<scalar_t, A> && r + 1 < end) {  // as in the norms' row kernels
-          prefetch_l2(dyp + (r + 1) * sdy, M * int64_t(sizeof(scalar_t)));
-          prefetch_l2(xp + (r + 1) * sx, M * int64_t(sizeof(scalar_t)));
-        }
-        const A* dyf = as_acc(dyp + r * sdy, M, dybuf);
-        const A* xf = as_acc(xp + r * sx, M, xbuf);
-        const A* dz = silu ? dzbuf.data() : dyf;
+        const scalar_t* dyr = dyp + r * sdy;
+        const scalar_t* xr = xp + r * sx;
         const A mu = mp[r], rs = rp[r];
         const int64_t n = r / G, ch0 = (r % G) * D;
         // pass 1: per-channel sums, and from them sum(g) and sum(g * xhat) over the block
@@ -528,10 +569,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
         for (int64_t j = 0; j < D; ++j) {
           const A w = wf ? wf[ch0 + j] : A(1);
           const A scale = rs * w, shift = bf ? bf[ch0 + j] : A(0);
-          auto [a, b] = silu ? channel_grad_sums<true>(dyf + j * S, xf + j * S, dzbuf.data() + j * S, S, mu, scale,
+          auto [a, b] = silu ? channel_grad_sums<true>(dyr + j * S, xr + j * S, dzbuf.data() + j * S, S, mu, scale,
                                                        shift)
-                             : channel_grad_sums<false>(dyf + j * S, xf + j * S, static_cast<A*>(nullptr), S, mu, scale,
-                                                        shift);
+                             : channel_grad_sums<false>(dyr + j * S, xr + j * S, static_cast<A*>(nullptr), S, mu,
+                                                        scale, shift);
           s_g += double(w) * a;
           s_gx += double(w) * b;
           if (dwp) dwp[n * C + ch0 + j] = b * rs;
@@ -547,7 +588,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
         const A q = -rs * rs * c2, o = -rs * c1;
         for (int64_t j = 0; j < D; ++j) {
           const A p = wf ? rs * wf[ch0 + j] : rs;
-          channel_dx(dz + j * S, xf + j * S, dxr + j * S, S, mu, p, q, o);
+          if (silu) {
+            channel_dx(dzbuf.data() + j * S, xr + j * S, dxr + j * S, S, mu, p, q, o);
+          } else {
+            channel_dx(dyr + j * S, xr + j * S, dxr + j * S, S, mu, p, q, o);
+          }
         }
       }
     });
