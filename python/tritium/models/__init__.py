@@ -16,6 +16,7 @@ import torch
 
 from .llama import CONFIGS, Llama, LlamaConfig, StepInput, build  # noqa: F401
 from .ssm import MambaConfig, MambaLM, MambaState  # noqa: F401  (Mamba-1: tritium.models.ssm)
+from .rwkv import RWKV7Config, RWKV7LM, RWKV7State  # noqa: F401  (RWKV-7: tritium.models.rwkv)
 
 
 WEIGHT_MODES = ("float", "native", "int8", "int4")
