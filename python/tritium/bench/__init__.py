@@ -12,4 +12,5 @@ SUITES = {
     "serve": "tritium.bench.serve",
     "optim": "tritium.bench.optim",
     "finetune": "tritium.bench.finetune",
+    "dist": "tritium.bench.dist",
 }

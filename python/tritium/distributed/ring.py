@@ -1,12 +1,13 @@
 """Context-parallel (ring) attention on torch.distributed, over tritium's flash attention ops.
 
-Each rank holds a slice of the sequence of q, k and v. The K/V blocks travel once around the ring of ranks
-(``torch.distributed.batch_isend_irecv``: each step sends the block in hand to the next rank and receives the
-previous rank's, posted before the local block's attention so the transfer overlaps it); every rank attends its
-queries to each block with ``tritium::flash_attn_fwd`` and merges the partial results with their log-sum-exp.
-The backward sends the K/V blocks around again, with their dK/dV accumulators travelling alongside and arriving
-back at their owner after one full turn; each block's backward (``tritium::flash_attn_bwd``) is given the global
-output and log-sum-exp, so its gradients are exactly that block's share of the whole attention's.
+Each rank holds a slice of the sequence of q, k and v. Every rank's K/V block travels around the ring of ranks
+(``torch.distributed.batch_isend_irecv``: each step sends the piece in hand to the next rank and receives the
+previous rank's, posted before the local piece's attention so the transfer overlaps it), in a few pieces, one
+round of the ring per piece, so a rank buffers two pieces rather than two whole blocks. Every rank attends its
+queries to each piece with ``tritium::flash_attn_fwd`` and merges the partial results with their log-sum-exp.
+The backward sends the pieces around again, with their dK/dV accumulators travelling alongside and arriving
+back at their owner after one full turn; each piece's backward (``tritium::flash_attn_bwd``) is given the global
+output and log-sum-exp, so its gradients are exactly that piece's share of the whole attention's.
 
 Causal attention uses the zigzag layout (load balance): a sequence of N positions is cut into 2 * world chunks
 (lengths as even as possible, the first N % (2 * world) one longer) and rank r holds chunks r and
@@ -151,6 +152,8 @@ class _Ring:
         returns the works to wait on."""
         ops = [dist.P2POp(dist.isend, t, self.next, self.group, tag + i) for i, t in enumerate(send)]
         ops += [dist.P2POp(dist.irecv, t, self.prev, self.group, tag + i) for i, t in enumerate(recv)]
+        if not ops:
+            return []
         if _STATS is not None:
             _STATS.bytes_sent += sum(t.numel() * t.element_size() for t in send)
             _STATS.transfers += len(send)
@@ -268,100 +271,152 @@ def _validate(table: List[List[int]]) -> None:
 
 
 # ---- the attention ----
+# Each rank's K/V block goes around the ring in _PIECES pieces, one round of the ring per piece: a rank holds one
+# piece in hand and one arriving (and, in the backward, one dK/dV accumulator in hand and one arriving), so the
+# ring's buffers are 2 / _PIECES of a block each, at the cost of _PIECES times more, smaller transfers and
+# attention calls. Causal: each of the block's two zigzag chunks is cut into _PIECES / 2 pieces, so a piece lies
+# in one chunk of the global sequence and its visibility is one rectangle or one causal triangle of queries.
+_PIECES = 8
+
+
+def _split(n: int, parts: int) -> List[Tuple[int, int]]:
+    """[start, stop) of `parts` near-equal contiguous pieces of range(n) (the first n % parts one longer)."""
+    out, at = [], 0
+    for i in range(parts):
+        m = n // parts + (1 if i < n % parts else 0)
+        out.append((at, at + m))
+        at += m
+    return out
+
+
 class _Plan:
-    """Which rows of this rank's queries see which rows of each K/V block, from the all-gathered lengths."""
+    """The pieces of every rank's K/V block and which of this rank's query rows see each, from the all-gathered
+    lengths (every rank derives the same pieces, so a receiver knows each piece's size)."""
 
     def __init__(self, ring: _Ring, table, causal: bool):
         self.ring, self.causal = ring, causal
+        W = ring.world
+        self.n = 1 if W == 1 else _PIECES  # pieces per block (one process: the whole block, no buffers anyway)
         self.q_len = [m[_M_Q + 4] for m in table]
         self.kv_len = [m[_M_K + 4] for m in table]
+        # per owner: [(start, stop) in its local K/V, global chunk, offset of start in that chunk]
+        self.pieces = []
         if causal:
-            self.first = [a for a, _ in zigzag_local_lengths(sum(self.q_len), ring.world)]
+            self.first = [a for a, _ in zigzag_local_lengths(sum(self.q_len), W)]
+            for s in range(W):
+                a, n = self.first[s], self.kv_len[s]
+                half = self.n // 2 or 1
+                self.pieces.append([(i, j, s, i) for i, j in _split(a, half)]
+                                   + [(a + i, a + j, 2 * W - 1 - s, i) for i, j in _split(n - a, half)])
+        else:
+            self.pieces = [[(i, j, -1, 0) for i, j in _split(n, self.n)] for n in self.kv_len]
 
     def owner(self, step: int) -> int:
         return (self.ring.rank - step) % self.ring.world
 
-    def block(self, step: int):
-        """(query rows, key rows, causal) of the step's block as (start, stop) pairs, or None when it is empty.
-        Causal zigzag: the own block is causal (top-left, its positions are in global order); a lower rank's block
-        is seen by every query, through its first chunk only; a higher rank's by this rank's second chunk only."""
-        r, s = self.ring.rank, self.owner(step)
-        lq, lk = self.q_len[r], self.kv_len[s]
+    def span(self, step: int, piece: int) -> Tuple[int, int]:
+        return self.pieces[self.owner(step)][piece][:2]
+
+    def rows(self, step: int, piece: int) -> Optional[Tuple[Tuple[int, int], bool]]:
+        """(this rank's query rows that see the piece, causal), or None when nothing is computed. Causal: rank r
+        holds chunks r and 2W-1-r; a piece of chunk b is seen by every query when b < r, by the second chunk's
+        when r < b < 2W-1-r, by no query when b > 2W-1-r, and when it is one of r's own chunks, causally by the
+        rows from the piece's own position on (top-left aligned: the first such row sees the piece's first key)."""
+        r, lq = self.ring.rank, self.q_len[self.ring.rank]
+        k0, k1, b, c0 = self.pieces[self.owner(step)][piece]
+        if k0 == k1:
+            return None
         if not self.causal:
-            rows, keys, causal = (0, lq), (0, lk), False
-        elif step == 0:
-            rows, keys, causal = (0, lq), (0, lk), True
-        elif s < r:
-            rows, keys, causal = (0, lq), (0, self.first[s]), False
+            rows, causal = (0, lq), False
         else:
-            rows, keys, causal = (self.first[r], lq), (0, lk), False
-        return None if rows[0] == rows[1] or keys[0] == keys[1] else (rows, keys, causal)
+            a, last = self.first[r], 2 * self.ring.world - 1 - r
+            if b < r:
+                rows, causal = (0, lq), False
+            elif b == r:
+                rows, causal = (c0, lq), True
+            elif b < last:
+                rows, causal = (a, lq), False
+            elif b == last:
+                rows, causal = (a + c0, lq), True
+            else:
+                return None
+        return None if rows[0] == rows[1] else (rows, causal)
 
-    def kv_shapes(self, step: int, k: Tensor, v: Tensor):
-        n = self.kv_len[self.owner(step)]
-        return [(*k.shape[:2], n, k.shape[3]), (*v.shape[:2], n, v.shape[3])]
+    def shapes(self, step: int, piece: int, k: Tensor, v: Tensor) -> List[Tuple[int, ...]]:
+        k0, k1 = self.span(step, piece)
+        return [(*k.shape[:2], k1 - k0, k.shape[3]), (*v.shape[:2], k1 - k0, v.shape[3])]
 
-    def kv_numel(self, steps, k: Tensor, v: Tensor) -> int:
-        """Elements of the largest K/V block of these steps (a buffer holds k's then v's)."""
-        return max((sum(math.prod(s) for s in self.kv_shapes(t, k, v)) for t in steps), default=0)
+    def piece_numel(self, k: Tensor, v: Tensor) -> int:
+        """Elements of the largest piece (a buffer holds its k then its v)."""
+        per_row = k.shape[0] * k.shape[1] * k.shape[3] + v.shape[0] * v.shape[1] * v.shape[3]
+        return per_row * max(j - i for ps in self.pieces for i, j, _, _ in ps)
 
 
 def _rows(t: Tensor, span) -> Tensor:
     return t[:, :, span[0]:span[1]]
 
 
-def _wide(t: Tensor, span, acc) -> Tensor:
-    """Rows span of a K/V block in the accumulation dtype (a copy for 16-bit blocks, which travel in their own
-    dtype: the blocks' attention runs in float32, see _RingAttention)."""
-    t = _rows(t, span)
+def _wide(t: Tensor, acc) -> Tensor:
+    """A K/V piece in the accumulation dtype (a copy for 16-bit pieces, which travel in their own dtype: the
+    pieces' attention runs in float32, see _RingAttention)."""
     return t if t.dtype == acc else t.to(acc)
 
 
 def _merge(out: Tensor, lse: Tensor, ob: Tensor, lb: Tensor) -> None:
-    """out, lse (accumulated, in place) <- the softmax merge of themselves with a block's (ob, lb)."""
+    """out, lse (accumulated, in place) <- the softmax merge of themselves with a piece's (ob, lb)."""
     new = torch.logaddexp(lse, lb)
     safe = new.masked_fill(new == float("-inf"), 0.0)  # rows no key has reached yet: weights 0, not nan
     out.mul_((lse - safe).exp_().unsqueeze(-1)).addcmul_(ob, (lb - safe).exp_().unsqueeze(-1))
     lse.copy_(new)
 
 
+def _nonempty(ts: Sequence[Tensor]) -> List[Tensor]:
+    return [t for t in ts if t.numel()]  # an empty piece is not sent (both ends know it is empty)
+
+
+def _own_piece(t: Tensor, span) -> Tensor:
+    return _rows(t, span).contiguous()  # transfers need contiguous tensors
+
+
 class _RingAttention(torch.autograd.Function):
-    """16-bit inputs: the K/V blocks travel in their dtype, but each block's attention (forward and backward) runs
-    on float32 copies, so the partial outputs and gradients merged across blocks are not each rounded to 16 bits:
-    merging rounded partials (whose magnitudes can exceed the final output's) would double the final rounding
-    error, over the tolerance rule single-process attention meets."""
+    """16-bit inputs: the K/V pieces travel in their dtype, but each piece's attention (forward and backward) runs
+    on float32 copies, so the partial outputs and gradients merged across pieces are not each rounded to 16 bits
+    (merging rounded partials, whose magnitudes can exceed the final output's, would break the tolerance rule
+    single-process attention meets)."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale, ring, plan):
         B, H, L, _ = q.shape
         acc = acc_dtype(q.dtype)
         W = ring.world
-        cur = [k.contiguous(), v.contiguous()]  # sent as they are: the transfers need contiguous tensors
         cq = q.to(acc)
-        bufs = _Buffers(plan.kv_numel(range(1, W), k, v), k.dtype, k.device, 2 if W > 1 else 0)
+        bufs = _Buffers(plan.piece_numel(k, v) if W > 1 else 0, k.dtype, k.device, 2 if W > 1 else 0)
         out = lse = None
-        for t in range(W):
-            works, nxt = [], None
-            if t + 1 < W:
-                nxt = bufs.views(t, plan.kv_shapes(t + 1, k, v))
-                works = ring.exchange(cur, nxt, _KV_TAG)
-            blk = plan.block(t)
-            if blk is not None:
-                rows, keys, causal = blk
-                ob, lb = flash_attn_fwd(_rows(cq, rows), _wide(cur[0], keys, acc), _wide(cur[1], keys, acc), None,
-                                        scale, 0,
-                                        -1, 0 if causal else -1, 0.0)
-                if out is None and rows == (0, L):
-                    out, lse = ob, lb
-                else:
-                    if out is None:
-                        out = q.new_zeros((B, H, L, v.shape[3]), dtype=acc)
-                        lse = q.new_full((B, H, L), float("-inf"), dtype=acc)
-                    _merge(_rows(out, rows), _rows(lse, rows), ob, lb)
-                del ob, lb
-            ring.wait(works)
-            if nxt is not None:
-                cur = nxt
+        g = 0  # steps so far: pieces arrive in the buffers alternately
+        for p in range(len(plan.pieces[0])):
+            cur = [_own_piece(k, plan.span(0, p)), _own_piece(v, plan.span(0, p))]
+            for t in range(W):
+                works, nxt = [], None
+                if t + 1 < W:
+                    nxt = bufs.views(g, plan.shapes(t + 1, p, k, v))
+                    works = ring.exchange(_nonempty(cur), _nonempty(nxt), _KV_TAG)
+                blk = plan.rows(t, p)
+                if blk is not None:
+                    rows, causal = blk
+                    ob, lb = flash_attn_fwd(_rows(cq, rows), _wide(cur[0], acc), _wide(cur[1], acc), None, scale, 0,
+                                            -1, 0 if causal else -1, 0.0)
+                    if out is None and rows == (0, L):
+                        out, lse = ob, lb  # the first piece over every row starts the sums
+                    else:
+                        if out is None:
+                            out = q.new_zeros((B, H, L, v.shape[3]), dtype=acc)
+                            lse = q.new_full((B, H, L), float("-inf"), dtype=acc)
+                        _merge(_rows(out, rows), _rows(lse, rows), ob, lb)
+                    del ob, lb
+                ring.wait(works)
+                if nxt is not None:
+                    cur = nxt
+                g += 1
         del cur, bufs
         if out is None:  # no key anywhere (empty k/v on every rank): rows that see no key give 0 and lse -inf
             out = q.new_zeros((B, H, L, v.shape[3]), dtype=acc)
@@ -382,70 +437,70 @@ class _RingAttention(torch.autograd.Function):
             dout = torch.zeros_like(out)
         acc = acc_dtype(q.dtype)
         cq, cout, cdout = q.to(acc), out.to(acc), unit_last(dout).to(acc)
-        cur = [k.contiguous(), v.contiguous()]
-        kv_bufs = _Buffers(plan.kv_numel(range(1, W), k, v), k.dtype, k.device, 2 if W > 1 else 0)
-        dkv_bufs = _Buffers(plan.kv_numel(range(W), k, v), acc, k.device, 2 if W > 1 else 1)
         L = q.shape[2]
+        kv_bufs = _Buffers(plan.piece_numel(k, v) if W > 1 else 0, k.dtype, k.device, 2 if W > 1 else 0)
+        dkv_bufs = _Buffers(plan.piece_numel(k, v) if W > 1 else 0, acc, k.device, 2 if W > 1 else 0)
         dq = None
-        dkv_works: list = []
-        dkv = None  # the accumulator of this step's block's dK, dV (it arrived from the previous rank)
-        for t in range(W):
-            kv_works, nxt = [], None
-            if t + 1 < W:
-                nxt = kv_bufs.views(t, plan.kv_shapes(t + 1, k, v))
-                kv_works = ring.exchange(cur, nxt, _KV_TAG)
-            blk = plan.block(t)
-            grads = None
-            if blk is not None:
-                rows, keys, causal = blk
-                dl = None if dlse is None else _rows(dlse, rows).contiguous()
-                grads = flash_attn_bwd(_rows(cdout, rows), _rows(cq, rows), _wide(cur[0], keys, acc),
-                                       _wide(cur[1], keys, acc), _rows(cout, rows), _rows(lse, rows).contiguous(), dl,
-                                       None, scale, 0, -1, 0 if causal else -1, 0.0)
-                if dq is None and rows == (0, L):
-                    dq = grads[0]  # the first block over every row starts the sum (no zeroed buffer)
-                else:
-                    if dq is None:
-                        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-                    _rows(dq, rows).add_(grads[0])
-            if t == 0:
-                shapes = plan.kv_shapes(0, k, v)
-                full = grads is not None and keys == (0, shapes[0][2])
-                if W == 1 and full:
-                    dkv = [grads[1], grads[2]]
-                else:
-                    dkv = (dkv_bufs.views(0, shapes) if W > 1
-                           else [torch.empty(s_, dtype=acc, device=k.device) for s_ in shapes])
-                    for d, g in zip(dkv, (grads or (None,) * 3)[1:]):
-                        if full:
-                            d.copy_(g)
-                        else:
+        dk, dv = torch.empty(k.shape, dtype=acc, device=k.device), torch.empty(v.shape, dtype=acc, device=v.device)
+        g = 0
+        for p in range(len(plan.pieces[0])):
+            own = plan.span(0, p)
+            cur = [_own_piece(k, own), _own_piece(v, own)]
+            dkv_works: list = []
+            dkv = None  # the accumulator of the piece in hand's dK, dV (it arrived from the previous rank)
+            for t in range(W):
+                kv_works, nxt = [], None
+                if t + 1 < W:
+                    nxt = kv_bufs.views(g, plan.shapes(t + 1, p, k, v))
+                    kv_works = ring.exchange(_nonempty(cur), _nonempty(nxt), _KV_TAG)
+                blk = plan.rows(t, p)
+                grads = None
+                if blk is not None:
+                    rows, causal = blk
+                    dl = None if dlse is None else _rows(dlse, rows).contiguous()
+                    grads = flash_attn_bwd(_rows(cdout, rows), _rows(cq, rows), _wide(cur[0], acc),
+                                           _wide(cur[1], acc), _rows(cout, rows), _rows(lse, rows).contiguous(), dl,
+                                           None, scale, 0, -1, 0 if causal else -1, 0.0)
+                    if dq is None and rows == (0, L):
+                        dq = grads[0]  # the first piece over every row starts the sum (no zeroed buffer)
+                    else:
+                        if dq is None:
+                            dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+                        _rows(dq, rows).add_(grads[0])
+                if t == 0:
+                    # the own piece's accumulator starts here: in the final dk, dv alone, else in a ring buffer
+                    dkv = ([_rows(dk, own), _rows(dv, own)] if W == 1
+                           else dkv_bufs.views(g, plan.shapes(0, p, k, v)))
+                    for d, gr in zip(dkv, (None, None) if grads is None else grads[1:]):
+                        if gr is None:
                             d.zero_()
-                            if g is not None:
-                                _rows(d, keys).add_(g)
-            else:
-                ring.wait(dkv_works)  # dkv (received into it last step) is this step's block's accumulator
-                if grads is not None:
-                    _rows(dkv[0], keys).add_(grads[1])
-                    _rows(dkv[1], keys).add_(grads[2])
-            del grads
+                        else:
+                            d.copy_(gr)
+                else:
+                    ring.wait(dkv_works)  # dkv (received last step) is this piece's accumulator
+                    if grads is not None:
+                        dkv[0].add_(grads[1])
+                        dkv[1].add_(grads[2])
+                del grads
+                if W > 1:
+                    # pass the accumulator on; the one arriving after the round's last step is the own piece's
+                    shapes = plan.shapes(t + 1, p, k, v)
+                    incoming = (dkv_bufs.views(g + 1, shapes) if t + 1 < W
+                                else [torch.empty(s_, dtype=acc, device=k.device) for s_ in shapes])
+                    dkv_works = ring.exchange(_nonempty(dkv), _nonempty(incoming), _DKV_TAG)
+                    dkv = incoming
+                ring.wait(kv_works)
+                if nxt is not None:
+                    cur = nxt
+                g += 1
             if W > 1:
-                # Pass the accumulator on; the one arriving after the last step is this rank's own, complete
-                # (received into tensors of its own, which become the gradients).
-                shapes = plan.kv_shapes(t + 1, k, v)
-                incoming = (dkv_bufs.views(t + 1, shapes) if t + 1 < W
-                            else [torch.empty(s_, dtype=acc, device=k.device) for s_ in shapes])
-                dkv_works = ring.exchange(dkv, incoming, _DKV_TAG)
-                dkv = incoming
-            ring.wait(kv_works)
-            if nxt is not None:
-                cur = nxt
-        ring.wait(dkv_works)
-        del cur, kv_bufs, dkv_bufs
+                ring.wait(dkv_works)
+                _rows(dk, own).copy_(dkv[0])
+                _rows(dv, own).copy_(dkv[1])
+        del cur, kv_bufs, dkv_bufs, dkv
         if dq is None:
             dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        dk, dv = (d.to(k.dtype) for d in dkv)
-        return dq.to(q.dtype), dk, dv, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, group: Optional[dist.ProcessGroup] = None,

@@ -1,0 +1,193 @@
+"""``tritium bench dist``: ring attention (tritium.distributed) vs world size: step time, communication, memory.
+
+One causal attention (batch 1, ``--heads`` x ``--head-dim``, ``--kv-heads`` for GQA) over a ``--seq``-long
+sequence, forward + backward, split across 1, 2 and 4 gloo processes on this machine (``--worlds``) in the zigzag
+layout, against ``tritium.flash_attention`` over the whole sequence in one process ("single"). The processes share
+the machine's cores (each gets cores / world torch threads), so the point is the scaling shape, the communication
+volume and the memory per rank, not a speedup.
+
+- **step**: median over ``--steps`` timed steps (after a warm-up step) of the slowest rank's forward + backward;
+  **fwd** the same for the forward alone.
+- **comm wait**: the time ranks spend waiting for ring transfers to finish (the part not hidden behind a block's
+  attention), mean over ranks, and its **share** of the step. Gloo moves the bytes on its own threads, which take
+  CPU time from the attention on a machine this small; that shows in the step time, not in the wait.
+- **sent/rank**: bytes each rank sends per step (forward: K/V blocks; backward: K/V blocks again and the float32
+  dK/dV accumulators), and per token of the whole sequence.
+- **peak/rank**: each rank's resident-set high-water mark during one forward + backward step (after a warm-up step)
+  minus its resident set before q, k, v were made, so it counts the inputs, the output, the gradients, the ring's
+  buffers and any workspace; the largest over ranks. **extra** leaves the inputs out (as ``tritium bench memory``
+  counts). Measured in fresh processes as ``tritium bench memory`` does: large allocations go straight to mmap and
+  tritium's output pool is off, so freed memory leaves the resident set.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import statistics
+import tempfile
+import time
+from typing import List, Optional
+
+from .common import machine_info, write_json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .._args import comma_list, number
+
+    p.add_argument("--seq", type=number(int, 8), default=8192, help="total sequence length")
+    p.add_argument("--heads", type=number(int, 1), default=8)
+    p.add_argument("--kv-heads", type=number(int, 1), default=None, help="default: --heads (no GQA)")
+    p.add_argument("--head-dim", type=number(int, 1), default=64)
+    p.add_argument("--worlds", default=[1, 2, 4], type=comma_list(number(int, 1)), help="world sizes, comma-separated")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--no-causal", dest="causal", action="store_false", help="non-causal attention")
+    p.add_argument("--steps", type=number(int, 1), default=3, help="timed steps per world size")
+    p.add_argument("--json", default=None, help="write the results here")
+
+
+def _kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def _rank_main(rank: int, world: int, cfg: dict, out_dir: str) -> None:
+    """One rank (or the single process): build this rank's q, k, v, run a warm-up step and then either the timed
+    steps or one measured step, and write what it saw to out_dir/<rank>.json."""
+    import torch
+    import torch.distributed as dist
+
+    import tritium
+    from tritium.distributed import collect_stats, ring_attention, zigzag_local_lengths
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    single = cfg["mode"] == "single"
+    if not single:
+        dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank,
+                                world_size=world, timeout=datetime.timedelta(seconds=600))
+    dt = getattr(torch, cfg["dtype"])
+    H, Hkv, D, N, causal = cfg["heads"], cfg["kv_heads"], cfg["head_dim"], cfg["seq"], cfg["causal"]
+    n = N if single else sum(zigzag_local_lengths(N, world)[rank])
+
+    def step(q, k, v):
+        t0 = time.perf_counter()
+        if single:
+            out = tritium.flash_attention(q, k, v, causal=causal)
+        else:
+            out = ring_attention(q, k, v, causal=causal)
+        t1 = time.perf_counter()
+        out.backward(torch.ones_like(out))
+        return t1 - t0, time.perf_counter() - t0
+
+    def inputs():
+        gen = torch.Generator().manual_seed(rank)
+        return [torch.randn(1, h, n, D, generator=gen, dtype=torch.float32).to(dt).requires_grad_(True)
+                for h in (H, Hkv, Hkv)]
+
+    step(*inputs())  # warm-up: thread pools, gloo's connections, first-call allocations
+    res = {}
+    if cfg["measure"] == "memory":
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _kib("VmRSS")
+        q, k, v = inputs()
+        with_inputs = _kib("VmRSS")
+        step(q, k, v)
+        res = {"peak": (_kib("VmHWM") - before) * 1024, "extra": (_kib("VmHWM") - with_inputs) * 1024}
+    else:
+        q, k, v = inputs()
+        res = {"fwd": [], "step": [], "wait": [], "bytes": []}
+        for _ in range(cfg["steps"]):
+            if not single:
+                dist.barrier()
+            with collect_stats() as st:
+                f, s = step(q, k, v)
+            for g in (q, k, v):
+                g.grad = None
+            res["fwd"].append(f)
+            res["step"].append(s)
+            res["wait"].append(st.wait_s)
+            res["bytes"].append(st.bytes_sent)
+    if not single:
+        dist.destroy_process_group()
+    with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
+        json.dump(res, f)
+
+
+@contextlib.contextmanager
+def _env(**kv):
+    old = {k: os.environ.get(k) for k in kv}
+    os.environ.update(kv)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _launch(world: int, cfg: dict) -> List[dict]:
+    """Run _rank_main on `world` fresh processes (spawned: a fresh allocator and resident set each)."""
+    import torch.multiprocessing as mp
+
+    env = dict(MALLOC_MMAP_THRESHOLD_="65536", TRITIUM_CPU_POOL_MB="0") if cfg["measure"] == "memory" else {}
+    with tempfile.TemporaryDirectory() as d, _env(**env):
+        mp.start_processes(_rank_main, args=(world, cfg, d), nprocs=world, join=True, start_method="spawn")
+        return [json.load(open(os.path.join(d, f"{r}.json"))) for r in range(world)]
+
+
+def _row(name: str, world: int, cfg: dict, timing: List[dict], memory: List[dict],
+         single_peak: Optional[float]) -> dict:
+    steps = len(timing[0]["step"])
+    step = statistics.median(max(t["step"][i] for t in timing) for i in range(steps))
+    fwd = statistics.median(max(t["fwd"][i] for t in timing) for i in range(steps))
+    wait = statistics.mean(statistics.median(t["wait"]) for t in timing)
+    sent = max(statistics.median(t["bytes"]) for t in timing)
+    peak = max(m["peak"] for m in memory)
+    return dict(impl=name, world=world, seq=cfg["seq"], heads=cfg["heads"], kv_heads=cfg["kv_heads"],
+                head_dim=cfg["head_dim"], dtype=cfg["dtype"], causal=cfg["causal"], fwd_ms=fwd * 1e3,
+                step_ms=step * 1e3, comm_wait_ms=wait * 1e3, comm_share=wait / step, bytes_sent_per_rank=sent,
+                bytes_per_token_per_rank=sent / cfg["seq"], peak_MiB_per_rank=peak / 2 ** 20,
+                extra_MiB_per_rank=max(m["extra"] for m in memory) / 2 ** 20,
+                peak_vs_single=None if single_peak is None else peak / single_peak)
+
+
+def run(args) -> List[dict]:
+    from rich.console import Console
+    from rich.table import Table
+
+    cfg = dict(seq=args.seq, heads=args.heads, kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim,
+               dtype=args.dtype, causal=args.causal, steps=args.steps)
+    if cfg["heads"] % cfg["kv_heads"]:
+        raise SystemExit(f"tritium bench dist: --kv-heads {cfg['kv_heads']} must divide --heads {cfg['heads']}")
+    console = Console()
+    rows = []
+    single = [_launch(1, dict(cfg, mode="single", measure=m)) for m in ("time", "memory")]
+    rows.append(_row("single", 1, cfg, *single, None))
+    single_peak = rows[0]["peak_MiB_per_rank"] * 2 ** 20
+    for world in args.worlds:
+        console.print(f"world {world} ...")
+        runs = [_launch(world, dict(cfg, mode="ring", measure=m)) for m in ("time", "memory")]
+        rows.append(_row("ring", world, cfg, *runs, single_peak))
+    table = Table(title=f"{'causal ' if cfg['causal'] else ''}attention fwd+bwd over {cfg['seq']} tokens, "
+                        f"{cfg['heads']} heads ({cfg['kv_heads']} kv) x {cfg['head_dim']}, {cfg['dtype']}")
+    for col in ("impl", "world", "fwd ms", "step ms", "comm wait ms", "share", "sent/rank MiB", "B/token/rank",
+                "peak/rank MiB", "extra MiB", "peak vs single"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["impl"], str(r["world"]), f"{r['fwd_ms']:.1f}", f"{r['step_ms']:.1f}",
+                      f"{r['comm_wait_ms']:.1f}", f"{r['comm_share']:.1%}", f"{r['bytes_sent_per_rank'] / 2**20:.1f}",
+                      f"{r['bytes_per_token_per_rank']:.0f}", f"{r['peak_MiB_per_rank']:.1f}",
+                      f"{r['extra_MiB_per_rank']:.1f}",
+                      "-" if r["peak_vs_single"] is None else f"{r['peak_vs_single']:.2f}x")
+    console.print(table)
+    if args.json:
+        write_json(args.json, machine_info("cpu"), rows, {"suite": "dist"})
+    return rows
