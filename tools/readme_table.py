@@ -119,6 +119,19 @@ gradients. Both tritium's flash attention and torch's SDPA grow linearly with th
 hold the (heads, seq, seq) score matrix.
 """
 
+DIST_PROSE = """\
+Context-parallel attention (`tritium.distributed.ring_attention`, docs/distributed.md): causal attention forward +
+backward over one sequence, in one process (`tritium.flash_attention`, **single**) and split across 1, 2 and 4
+gloo processes on this machine in the zigzag layout (**ring**). The processes share the cores (each gets cores /
+world torch threads), so read the scaling shape and the volumes, not a speedup. **step**: the slowest rank's
+forward + backward (median of the timed steps); **comm wait**: time ranks wait for ring transfers to finish (the
+part not hidden behind attention) and its **share** of the step; **sent/rank**: bytes each rank sends per step,
+also per token of the sequence; **peak/rank**: the largest rank's resident-set high-water mark during a step
+minus its resident set before q, k, v existed (inputs, output, gradients, the ring's buffers, workspace), each
+rank in a fresh process with tritium's output pool off; **extra** leaves the inputs out; **vs single**: peak/rank
+over the single process's peak.
+"""
+
 SERVE_PROSE = """\
 `tritium serve` (docs/serve.md) under load: the OpenAI-compatible app with a fresh engine per run, on a loopback
 port in the benchmark's own process, driven by **clients** concurrent streaming clients until every request is
@@ -261,6 +274,18 @@ def memory_section(data: dict) -> list:
     return table(["dtype", "mode", "seq", "tritium MiB", "torch SDPA MiB"], body, 3)
 
 
+def dist_section(data: dict) -> list:
+    body = [[r["impl"], str(r["world"]), f"{r['fwd_ms']:.0f}", f"{r['step_ms']:.0f}", f"{r['comm_wait_ms']:.0f}",
+             f"{r['comm_share']:.0%}", f"{r['bytes_sent_per_rank'] / 2 ** 20:.1f}",
+             f"{r['bytes_per_token_per_rank']:.0f}", f"{r['peak_MiB_per_rank']:.1f}", f"{r['extra_MiB_per_rank']:.1f}",
+             fmt(r["peak_vs_single"], ".2f")] for r in data["rows"]]
+    r0 = data["rows"][0]
+    shape = (f"seq {r0['seq']}, {r0['heads']} heads ({r0['kv_heads']} kv) x {r0['head_dim']}, {r0['dtype']}, "
+             f"{'causal' if r0['causal'] else 'non-causal'}")
+    return [shape, ""] + table(["impl", "world", "fwd ms", "step ms", "comm wait ms", "share", "sent/rank MiB",
+                                "bytes/token/rank", "peak/rank MiB", "extra MiB", "vs single"], body, 2)
+
+
 def hf_section(data: dict) -> list:
     body = [[r["task"], r["dtype"], r["variant"], f"{r['batch']}x{r['seq']}", f"{r['tokens_per_s']:.1f}",
              f"{r['tritium_speedup']:.2f}", fmt(r.get("peak_MiB"), ".0f"), fmt(r.get("tritium_memory_ratio"), ".2f")]
@@ -342,6 +367,8 @@ KNOWN = [
     ("serve-amd-avx512.json", "tritium bench serve --clients 1,8,32 --requests 128 --shared-prefix 512 --json "
                               "bench/results/serve-amd-avx512.json", f"Serving on {MACHINE_KINDS['amd-avx512']}",
      SERVE_PROSE, serve_section),
+    ("dist-amd-avx512.json", "tritium bench dist --seq 8192 --json bench/results/dist-amd-avx512.json",
+     f"Context-parallel attention on {MACHINE_KINDS['amd-avx512']}", DIST_PROSE, dist_section),
     ("preference.json", "OMP_NUM_THREADS=1 taskset -c 1 tritium bench ops --op fused_linear_dpo_loss --headline "
                         "--json bench/results/preference.json", "Fused preference losses against TRL",
      PREFERENCE_PROSE, ops_section),
