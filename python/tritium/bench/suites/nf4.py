@@ -76,7 +76,6 @@ def _qlora_tritium(x, qd, absmax, b, a, bb):
 def _qlora_peft(x, qd, absmax, b, a, bb):
     """PEFT's LoRA layer on bitsandbytes' Linear4bit holding these NF4 bytes (one module per shape and dtype)."""
     import bitsandbytes as bnb
-    import bitsandbytes.functional as bf
     from peft import LoraConfig
     from peft.tuners.lora import Linear as LoraLinear
 
@@ -89,7 +88,7 @@ def _qlora_peft(x, qd, absmax, b, a, bb):
         l4.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", blocksize=BS,
                                       compress_statistics=False).to(x.device)
         l4.bias = torch.nn.Parameter(b.detach().clone(), requires_grad=False)
-        assert torch.equal(l4.weight.data.view(-1), qd) or bf is None, "bitsandbytes quantised other bytes"
+        assert torch.equal(l4.weight.data.view(-1), qd), "bitsandbytes quantised other bytes"
         layer = LoraLinear(l4, "default", LoraConfig(r=r, lora_alpha=ALPHA, lora_dropout=0.0), r=r,
                            lora_alpha=ALPHA).to(x.dtype)
         _LAYERS[key] = layer
