@@ -750,6 +750,6 @@ class LoRALinear(torch.nn.Linear):
             return None
         shape, blocksize, dtype = self.nf4_meta
         dq = hasattr(self, "weight_absmax2")
-        return ops.NF4Weight(self.weight_nf4, self.weight_absmax, shape, blocksize, dtype,
+        return ops.nf4.NF4Weight(self.weight_nf4, self.weight_absmax, shape, blocksize, dtype,
                              self.weight_absmax2 if dq else None, self.weight_offset if dq else None)
 

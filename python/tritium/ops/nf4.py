@@ -297,4 +297,4 @@ def nf4_linear(x: Tensor, weight: NF4Weight, bias: Optional[Tensor] = None) -> T
 
 
 
-__all__: List[str] = ["NF4Weight", "quantize_nf4", "nf4_linear", "nf4_dequantize", "NF4_CODE_VALUES"]
+__all__: List[str] = ["quantize_nf4", "nf4_linear", "nf4_dequantize"]
