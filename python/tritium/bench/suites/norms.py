@@ -1,5 +1,6 @@
 """Benchmarks of RMSNorm, LayerNorm and fused add + RMSNorm (bytes: read MN (+N params), write MN), and BatchNorm
-in inference + residual + ReLU (batch_norm_act, on NCHW activations)."""
+in inference + residual + ReLU (batch_norm_act, on NCHW activations), and GroupNorm with and without its fused SiLU
+(group_norm, NCHW)."""
 import torch
 import torch.nn.functional as F
 
@@ -54,6 +55,17 @@ def _eager_bn_act(x, mean, var, w, b, res):
 _bn_fwd = lambda s, d: 3 * elems(s) * esize(d)  # noqa: E731
 _bn_bwd = lambda s, d: 8 * elems(s) * esize(d)  # noqa: E731
 
+def _gn_inputs(shape, dtype, device):
+    """x (N, C, H, W), weight and bias (C)."""
+    return (torch.randn(shape, dtype=dtype, device=device), torch.randn(shape[1], dtype=dtype, device=device),
+            torch.randn(shape[1], dtype=dtype, device=device))
+
+
+# 32 groups, as a U-Net's GroupNorm. fwd: read x, write y; bwd: read dy, x, write dx (and 3 weight-sized)
+_gn_fwd = lambda s, d: (2 * elems(s) + 2 * s[1]) * esize(d)  # noqa: E731
+_gn_bwd = lambda s, d: (5 * elems(s) + 6 * s[1]) * esize(d)  # noqa: E731
+_GN_SHAPES = ((32, 256, 32, 32), (8, 512, 16, 16), (1, 128, 64, 64))
+
 CASES = [
     OpCase("rms_norm", _x_w, lambda x, w: tritium.rms_norm(x, (x.shape[-1],), w),
            lambda x, w: F.rms_norm(x, (x.shape[-1],), w), _rms_fwd, _rms_bwd),
@@ -65,4 +77,9 @@ CASES = [
            lambda x, m, v, w, b, r: tritium.batch_norm_act(x, m, v, w, b, 1e-5, "relu", r),
            _eager_bn_act, _bn_fwd, _bn_bwd, shapes=((32, 64, 56, 56), (32, 256, 14, 14), (1, 64, 56, 56)),
            grad_args=(0, 3, 4, 5), note="inference statistics; eager: batch_norm, add, relu (three ops)"),
+    OpCase("group_norm", _gn_inputs, lambda x, w, b: tritium.group_norm(x, 32, w, b),
+           lambda x, w, b: F.group_norm(x, 32, w, b), _gn_fwd, _gn_bwd, shapes=_GN_SHAPES, note="32 groups"),
+    OpCase("group_norm_silu", _gn_inputs, lambda x, w, b: tritium.group_norm(x, 32, w, b, activation="silu"),
+           lambda x, w, b: F.silu(F.group_norm(x, 32, w, b)), _gn_fwd, _gn_bwd, shapes=_GN_SHAPES,
+           note="32 groups; eager: group_norm then silu (two ops)"),
 ]
