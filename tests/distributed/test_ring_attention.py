@@ -17,8 +17,8 @@ import torch.multiprocessing as mp
 import tritium
 from tests.util import assert_within_torch_error
 from tritium import reference
-from tritium.distributed import (ring_attention, zigzag_gather, zigzag_lengths, zigzag_local_lengths, zigzag_shard,
-                                 zigzag_unshard)
+from tritium.distributed import (collect_stats, ring_attention, zigzag_gather, zigzag_lengths,
+                                 zigzag_local_lengths, zigzag_shard, zigzag_unshard)
 
 TIMEOUT_S = 60  # the process group's collective timeout, and the parent's bound on a whole spawn
 
@@ -130,6 +130,13 @@ def _check_cases(rank, world, cases):
         _check_case(rank, world, case)
     full = torch.arange(2 * 3 * 11, dtype=torch.float32).view(2, 3, 11)
     assert torch.equal(zigzag_gather(zigzag_shard(full, rank, world)), full)
+    # bytes sent, as `tritium bench dist` reports them: forward (world - 1) K/V blocks, backward (world - 1) K/V
+    # blocks and world float32 dK/dV blocks (bfloat16 inputs, 8 positions per rank)
+    q, k, v = (torch.randn(1, h, 8, 16, dtype=torch.bfloat16, requires_grad=True) for h in (4, 2, 2))
+    with collect_stats() as st:
+        ring_attention(q, k, v, causal=True).sum().backward()
+    block = 2 * (2 * 8 * 16)  # elements of one rank's k and v
+    assert st.bytes_sent == 2 * (world - 1) * block * 2 + world * block * 4, st
     return "ok"
 
 

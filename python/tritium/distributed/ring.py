@@ -85,7 +85,7 @@ def zigzag_gather(x: Tensor, group: Optional[dist.ProcessGroup] = None, dim: int
     """Collective: the full sequence on every rank from each rank's zigzag part x (parts may differ in length
     along dim, as the layout gives them; other dims must match)."""
     world = dist.get_world_size(group)
-    device = _meta_device(group, x)
+    device = _meta_device(group)
     n = torch.tensor([x.shape[dim]], dtype=torch.int64, device=device)
     ns = [torch.empty_like(n) for _ in range(world)]
     dist.all_gather(ns, n, group=group)
@@ -125,7 +125,7 @@ def collect_stats() -> Iterator[RingStats]:
 
 
 # ---- the ring ----
-def _meta_device(group, t) -> torch.device:
+def _meta_device(group) -> torch.device:
     """Where collectives of this group take tensors: the current CUDA device for NCCL, else the CPU."""
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -169,8 +169,8 @@ class _Ring:
 
 
 class _Buffers:
-    """Two flat buffers the blocks arriving from the ring alternate between (a block is received into one while
-    the other is read and sent), each viewed as the (batch, heads, len, dim) tensors of the block in it."""
+    """Two flat buffers the pieces arriving from the ring alternate between (a piece is received into one while
+    the other is read and sent), each viewed as the (batch, heads, len, dim) tensors of the piece in it."""
 
     def __init__(self, numel: int, dtype, device, count: int = 2):
         self.flat = [torch.empty(numel, dtype=dtype, device=device) for _ in range(count)]
@@ -374,8 +374,8 @@ def _nonempty(ts: Sequence[Tensor]) -> List[Tensor]:
     return [t for t in ts if t.numel()]  # an empty piece is not sent (both ends know it is empty)
 
 
-def _own_piece(t: Tensor, span) -> Tensor:
-    return _rows(t, span).contiguous()  # transfers need contiguous tensors
+def _own_piece(t: Tensor, span, world: int) -> Tensor:
+    return _rows(t, span) if world == 1 else _rows(t, span).contiguous()  # transfers need contiguous tensors
 
 
 class _RingAttention(torch.autograd.Function):
@@ -394,7 +394,7 @@ class _RingAttention(torch.autograd.Function):
         out = lse = None
         g = 0  # steps so far: pieces arrive in the buffers alternately
         for p in range(len(plan.pieces[0])):
-            cur = [_own_piece(k, plan.span(0, p)), _own_piece(v, plan.span(0, p))]
+            cur = [_own_piece(k, plan.span(0, p), W), _own_piece(v, plan.span(0, p), W)]
             for t in range(W):
                 works, nxt = [], None
                 if t + 1 < W:
@@ -445,7 +445,7 @@ class _RingAttention(torch.autograd.Function):
         g = 0
         for p in range(len(plan.pieces[0])):
             own = plan.span(0, p)
-            cur = [_own_piece(k, own), _own_piece(v, own)]
+            cur = [_own_piece(k, own, W), _own_piece(v, own, W)]
             dkv_works: list = []
             dkv = None  # the accumulator of the piece in hand's dK, dV (it arrived from the previous rank)
             for t in range(W):
@@ -517,7 +517,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, group:
     dtype, causal, scale and requires_grad; bad or disagreeing input on any rank raises the same error on every
     rank, naming the rank. Differentiable in q, k and v (the backward is also a collective)."""
     ring = _Ring(group)
-    meta = torch.tensor(_metadata(q, k, v, causal, scale), dtype=torch.int64, device=_meta_device(group, q))
+    meta = torch.tensor(_metadata(q, k, v, causal, scale), dtype=torch.int64, device=_meta_device(group))
     gathered = [torch.empty_like(meta) for _ in range(ring.world)]
     dist.all_gather(gathered, meta, group=group)
     table = [t.tolist() for t in gathered]
