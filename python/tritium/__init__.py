@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 # sub-packages reachable as attributes of tritium, imported on first access (module __getattr__, PEP 562)
 _LAZY_SUBMODULES = ("models", "inference", "reference", "bench", "cli", "utils", "kernels", "integrations", "optim",
-                     "lora", "finetune")
+                     "lora", "finetune", "distributed")
 
 
 def __getattr__(name: str):
