@@ -12,8 +12,10 @@
 //   gru fwd:   r,z = sigmoid(X_r,z + H_r,z); n = tanh(X_n + r*H_n); h' = n + z*(h - n)
 //   gru bwd:   dn~ = dh*(1-z)*(1-n^2); dz~ = dh*(h-n)*z(1-z); dr~ = dn~*H_n*r(1-r);
 //              dX = [dr~, dz~, dn~]; dH = [dr~, dz~, dn~*r]; dh_direct = dh*z
+//   rnn fwd:   h' = act(X + h W_hh^T), act tanh or relu (torch.nn.RNN's Elman cell; both biases in X)
+//   rnn bwd:   dP = dh * act'(h'), act' = 1 - h'^2 (tanh) or h' > 0 (relu, 0 at 0 as torch's)
 // Rows (batch entries) are independent: at::parallel_for splits them; each row is read and written once.
-// The scan ops (lstm_scan_fwd/bwd, gru_scan_fwd/bwd) run a whole layer-direction through time here, so a step
+// The scan ops (lstm_scan_fwd/bwd, gru_scan_fwd/bwd, rnn_scan_fwd/bwd) run a whole layer-direction through time here, so a step
 // costs one matmul and one cell pass, with no Python, allocation or copy in between.
 #include "panel.h"
 #include "pool.h"
@@ -210,6 +212,55 @@ void gru_bwd_rows(int64_t B, int64_t H, Mat<const T> DH, Mat<const T> S, Mat<con
         oq[H + j] = dz;
         oq[2 * H + j] = dn * r;
         od[j] = g * z + (ex ? static_cast<acc_t>(ex[j]) : acc_t(0));
+      }
+    }
+  });
+}
+
+// The Elman cell: Y (B rows of H) holds the pre-activation X + h W_hh^T and gets act of it, in place.
+template <typename T>
+void rnn_act_rows(int64_t B, int64_t H, Mat<T> Y, bool relu) {
+  using IO = VecIO<T>;
+  using Vec = typename IO::Vec;
+  using acc_t = acc_type<T>;
+  constexpr int64_t K = IO::kSize;
+  at::parallel_for(0, B, row_grain(8 * H), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      T* y = Y.row(b);
+      int64_t j = 0;
+      for (; j + K <= H; j += K) {
+        const Vec v = IO::load(y + j);
+        IO::store(y + j, relu ? at::vec::clamp_min(v, Vec(0)) : ftanh(v));
+      }
+      for (; j < H; ++j) {
+        const acc_t v = y[j];
+        // relu keeps NaN (torch's relu propagates it)
+        y[j] = relu ? (v < 0 ? acc_t(0) : v) : std::tanh(v);
+      }
+    }
+  });
+}
+
+// dP = dh * act'(h') from the cell's output h' (B rows of H)
+template <typename T>
+void rnn_bwd_rows(int64_t B, int64_t H, Mat<const T> DH, Mat<const T> HN, Mat<T> DP, bool relu) {
+  using IO = VecIO<T>;
+  using Vec = typename IO::Vec;
+  using acc_t = acc_type<T>;
+  constexpr int64_t K = IO::kSize;
+  at::parallel_for(0, B, row_grain(8 * H), [&](int64_t begin, int64_t end) {
+    const Vec one(1), zero(0);
+    for (int64_t b = begin; b < end; ++b) {
+      const T *d = DH.row(b), *h = HN.row(b);
+      T* o = DP.row(b);
+      int64_t j = 0;
+      for (; j + K <= H; j += K) {
+        const Vec g = IO::load(d + j), hv = IO::load(h + j);
+        IO::store(o + j, relu ? Vec::blendv(zero, g, hv > zero) : g * (one - hv * hv));
+      }
+      for (; j < H; ++j) {
+        const acc_t g = d[j], hv = h[j];
+        o[j] = relu ? (hv > 0 ? g : acc_t(0)) : g * (1 - hv * hv);
       }
     }
   });
@@ -447,6 +498,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_scan_bwd(const at::Tensor& dh
   return {dx, dq, dh0};
 }
 
+// hs (T, B, H) of an Elman RNN layer-direction: xproj (T, B, H) = x W_ih^T + b_ih + b_hh, w_hh (H, H).
+at::Tensor rnn_scan_fwd(const at::Tensor& xproj, const at::Tensor& w_hh, const at::Tensor& h0, bool reverse,
+                        bool relu) {
+  check_scan_input(xproj, 1, w_hh, h0);
+  const int64_t T = xproj.size(0), B = xproj.size(1), H = xproj.size(2);
+  check_gates(h0, B, H, "h0");
+  auto hs = empty({T, B, H}, xproj.options());
+  TRITIUM_DISPATCH_FLOATING(xproj.scalar_type(), "tritium_rnn_scan_fwd", [&] {
+    const StepWeight<scalar_t> w(w_hh, false);
+    for (int64_t k = 0; k < T; ++k) {
+      const int64_t t = step_at(k, T, reverse), tp = step_at(k - 1, T, reverse);
+      const at::Tensor h_prev = k == 0 ? h0 : hs[tp];
+      const at::Tensor xt = xproj[t];
+      at::Tensor ht = hs[t];
+      w.mm(ht, h_prev, &xt);  // the pre-activation xproj_t + h_{t-1} W_hh^T, straight into h_t
+      rnn_act_rows<scalar_t>(B, H, mmat<scalar_t>(ht), relu);
+    }
+  });
+  return hs;
+}
+
+// Returns dpre (T, B, H) (w.r.t. the pre-activations, i.e. w.r.t. xproj) and dh0.
+std::tuple<at::Tensor, at::Tensor> rnn_scan_bwd(const at::Tensor& dhs, const at::Tensor& w_hh, const at::Tensor& h0,
+                                                const at::Tensor& hs, bool reverse, bool relu) {
+  TORCH_CHECK(hs.dim() == 3 && hs.stride(2) == 1, "hs must be (T, B, H) with a contiguous last dimension, got ",
+              hs.sizes());
+  check_scan_input(hs, 1, w_hh, h0);
+  const int64_t T = hs.size(0), B = hs.size(1), H = hs.size(2);
+  TORCH_CHECK(dhs.dim() == 3 && dhs.size(0) == T && dhs.size(1) == B && dhs.size(2) == H && dhs.stride(2) == 1,
+              "grad of the outputs must be (T, B, H) with a contiguous last dimension, got ", dhs.sizes());
+  auto dpre = empty({T, B, H}, hs.options());
+  auto dh = at::empty({B, H}, hs.options()), dh0 = at::empty({B, H}, hs.options());
+  TRITIUM_DISPATCH_FLOATING(hs.scalar_type(), "tritium_rnn_scan_bwd", [&] {
+    const StepWeight<scalar_t> wt(w_hh, true);  // dP W_hh
+    for (int64_t k = T - 1; k >= 0; --k) {
+      const int64_t t = step_at(k, T, reverse), tp = step_at(k - 1, T, reverse);
+      const at::Tensor dh_in = k == T - 1 ? dhs[t] : dh;
+      at::Tensor dp = dpre[t];
+      rnn_bwd_rows<scalar_t>(B, H, cmat<scalar_t>(dh_in), cmat<scalar_t>(hs[t]), mmat<scalar_t>(dp), relu);
+      if (k > 0) {
+        const at::Tensor dprev = dhs[tp];
+        wt.mm(dh, dp, &dprev);  // dh_{t-1} = its output's gradient + dP_t W_hh
+      } else {
+        wt.mm(dh0, dp, nullptr);
+      }
+    }
+  });
+  return {dpre, dh0};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tritium, CPU, m) {
@@ -458,6 +559,8 @@ TORCH_LIBRARY_IMPL(tritium, CPU, m) {
   m.impl("lstm_scan_bwd", &lstm_scan_bwd);
   m.impl("gru_scan_fwd", &gru_scan_fwd);
   m.impl("gru_scan_bwd", &gru_scan_bwd);
+  m.impl("rnn_scan_fwd", &rnn_scan_fwd);
+  m.impl("rnn_scan_bwd", &rnn_scan_bwd);
 }
 
 }  // namespace tritium

@@ -1,4 +1,4 @@
-"""LSTM and GRU cells: the elementwise part of one time step, forward and backward, each one kernel.
+"""LSTM, GRU and Elman RNN cells: the elementwise part of one time step, forward and backward, each one kernel.
 
 The caller keeps the matmuls (the input projection for all steps up front, h @ W_hh^T per step); these
 kernels do everything between them in one pass over a (batch, hidden) tile. Gate orders are torch's:
@@ -10,8 +10,11 @@ LSTM bwd:  dc~ = dc' + dh*o*(1 - tanh(c')^2); dG = [dc~*g*i(1-i), dc~*c*f(1-f), 
 GRU fwd:   r,z = sigmoid(X_rz + Q_rz); n = tanh(X_n + r*Q_n); h' = n + z*(h - n)      (Q = h @ W_hh^T + b_hh)
 GRU bwd:   dn~ = dh*(1-z)(1-n^2); dz~ = dh*(h-n)*z(1-z); dr~ = dn~*Q_n*r(1-r);
            dX = [dr~, dz~, dn~]; dQ = [dr~, dz~, dn~*r]; dh_direct = dh*z
+RNN fwd:   h' = act(P), P = X + h @ W_hh^T, act tanh or relu (in place: the scan writes P into h' first)
+RNN bwd:   dP = dh * act'(h'), act' = 1 - h'^2 (tanh) or h' > 0 (relu)
 Traffic per step (elements, B x H tile): LSTM fwd reads 5BH, writes 6BH (h, c', the 4 activated gates saved
-for backward); LSTM bwd reads 8BH, writes 5BH; GRU fwd reads 7BH, writes 5BH; GRU bwd reads 6BH, writes 7BH.
+for backward); LSTM bwd reads 8BH, writes 5BH; GRU fwd reads 7BH, writes 5BH; GRU bwd reads 6BH, writes 7BH;
+RNN fwd reads and writes BH; RNN bwd reads 2BH, writes BH.
 """
 import torch
 import triton
@@ -129,6 +132,34 @@ def _gru_bwd_kernel(DH, S, Hp, EX, DX, DQ, DHD, stride_dh, stride_s, stride_h, s
     if HAS_EXTRA:
         dhd += tl.load(EX + row * stride_ex + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(DHD + row * H + cols, dhd.to(dt), mask=mask)
+
+
+@triton.jit
+def _rnn_act_kernel(Y, stride_y, H, RELU: tl.constexpr, BLOCK_H: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = cols < H
+    Y += row * stride_y
+    p = tl.load(Y + cols, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        h = tl.where(p < 0.0, 0.0, p)   # NaN passes, as torch's relu
+    else:
+        h = _tanh(p)
+    tl.store(Y + cols, h.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rnn_bwd_kernel(DH, HN, DP, stride_dh, stride_h, H, RELU: tl.constexpr, BLOCK_H: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = cols < H
+    dh = tl.load(DH + row * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
+    h = tl.load(HN + row * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        dp = tl.where(h > 0.0, dh, 0.0)
+    else:
+        dp = dh * (1.0 - h * h)
+    tl.store(DP + row * H + cols, dp.to(DP.dtype.element_ty), mask=mask)
 
 
 def _grid(B, H):
@@ -278,3 +309,42 @@ def gru_scan_bwd(dhs, w_hh, h0, hs, saved, reverse):
                       direct)
         torch.addmm(direct, dq[t], w_hh, out=dh if k > 0 else dh0)
     return dx, dq, dh0
+
+
+def _rnn_act_into(y, relu):
+    B, H = y.shape
+    grid, block, warps = _grid(B, H)
+    if B * H > 0:
+        _rnn_act_kernel[grid](y, y.stride(0), H, RELU=relu, BLOCK_H=block, num_warps=warps)
+
+
+def rnn_scan_fwd(xproj, w_hh, h0, reverse, relu):
+    """hs (T, B, H) of an Elman RNN layer-direction.  xproj (T, B, H) = x W_ih^T + b_ih + b_hh, w_hh (H, H),
+    h0 (B, H); act relu or tanh.  Per step: 2BH^2 flops (the addmm, written into h_t) and 2BH elements."""
+    T, B, H = xproj.shape
+    hs, wt = xproj.new_empty((T, B, H)), w_hh.t()
+    for k in range(T):
+        t, tp = _step(k, T, reverse), _step(k - 1, T, reverse)
+        torch.addmm(xproj[t], h0 if k == 0 else hs[tp], wt, out=hs[t])
+        _rnn_act_into(hs[t], relu)
+    return hs
+
+
+def rnn_scan_bwd(dhs, w_hh, h0, hs, reverse, relu):
+    """dpre (T, B, H) (w.r.t. the pre-activations, i.e. xproj), dh0 (B, H) of an Elman RNN layer-direction.
+    Per step: 2BH^2 flops, 3BH elements."""
+    T, B, H = hs.shape
+    dpre = hs.new_empty((T, B, H))
+    dh, dh0 = hs.new_empty((B, H)), hs.new_empty((B, H))
+    grid, block, warps = _grid(B, H)
+    for k in range(T - 1, -1, -1):
+        t, tp = _step(k, T, reverse), _step(k - 1, T, reverse)
+        g = dhs[t] if k == T - 1 else dh
+        if B * H > 0:
+            _rnn_bwd_kernel[grid](g, hs[t], dpre[t], g.stride(0), hs.stride(1), H, RELU=relu, BLOCK_H=block,
+                                  num_warps=warps)
+        if k > 0:
+            torch.addmm(dhs[tp], dpre[t], w_hh, out=dh)
+        else:
+            torch.mm(dpre[t], w_hh, out=dh0)
+    return dpre, dh0

@@ -68,7 +68,7 @@ def patch(model: torch.nn.Module) -> List[Tuple[str, Type[torch.nn.Module]]]:
     return replaced
 
 
-# ---- RNNs: torch.nn.LSTM / torch.nn.GRU whose per-step gate math is one fused kernel ----
+# ---- RNNs: torch.nn.LSTM / GRU / RNN whose per-step gate math is one fused kernel ----
 def _rnn_hidden(module: torch.nn.RNNBase, input: Tensor, hx, n_states: int):
     """Torch's own input/hidden validation and defaults for unpacked input: returns (input 3-D, hx tuple,
     is_batched). Mirrors torch.nn.LSTM/GRU.forward, error types and messages included."""
@@ -130,8 +130,27 @@ class GRU(torch.nn.GRU):
         return out, h
 
 
+class RNN(torch.nn.RNN):
+    """torch.nn.RNN (Elman, tanh or relu) whose time loop is one scan op (tritium.ops.rnn): per step the
+    recurrent product written into h_t and the activation applied in place. Packed sequences run torch's own
+    implementation."""
+
+    def forward(self, input, hx=None):
+        if isinstance(input, torch.nn.utils.rnn.PackedSequence):
+            return super().forward(input, hx)
+        self._update_flat_weights()
+        x, (h0,), is_batched = _rnn_hidden(self, input, hx, 1)
+        fn = ops.rnn_tanh if self.nonlinearity == "tanh" else ops.rnn_relu
+        out, h = fn(x, h0, self._flat_weights, self.bias, self.num_layers, float(self.dropout), self.training,
+                    self.bidirectional, self.batch_first)
+        if not is_batched:
+            return out.squeeze(0 if self.batch_first else 1), h.squeeze(1)
+        return out, h
+
+
 PATCH_TABLE[torch.nn.LSTM] = LSTM
 PATCH_TABLE[torch.nn.GRU] = GRU
+PATCH_TABLE[torch.nn.RNN] = RNN
 
 
 # ---- softmax family ----

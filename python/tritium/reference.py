@@ -105,6 +105,8 @@ def sampling_distribution(logits: Tensor, temperature: float = 1.0, top_k: int =
 # ---- RNNs: torch's own layer implementations, the unpacked overloads torch.nn.LSTM/GRU call ----
 lstm = torch.lstm
 gru = torch.gru
+rnn_tanh = torch.rnn_tanh
+rnn_relu = torch.rnn_relu
 
 
 

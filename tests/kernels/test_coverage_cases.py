@@ -93,6 +93,37 @@ def test_gru_scan(dtype, reverse):
     assert_within_torch_error(dh0, t_dh0, r_dh0, "dh0")
 
 
+def _rnn_scan(xproj, w_hh, h0, reverse, relu):
+    """hs (T, B, H): the Elman scan written in torch ops (one addmm + the activation per step)."""
+    hs = [None] * T
+    h = h0
+    for t in _order(reverse):
+        p = torch.addmm(xproj[t], h, w_hh.t())
+        h = p.relu() if relu else p.tanh()
+        hs[t] = h
+    return torch.stack(hs)
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=DTYPE_IDS)
+def test_rnn_scan(dtype, reverse, relu):
+    xproj, w_hh = _rand(T, B, H, dtype=dtype, scale=2.0), _rand(H, H, dtype=dtype, scale=0.5)
+    h0, dhs = _rand(B, H, dtype=dtype), _rand(T, B, H, dtype=dtype)
+    hs = t_rnn.rnn_scan_fwd(xproj, w_hh, h0, reverse, relu)
+    dpre, dh0 = t_rnn.rnn_scan_bwd(dhs, w_hh, h0, hs, reverse, relu)
+    res = {}
+    for d in (dtype, torch.float64):
+        ins = [leaf(a, d) for a in (xproj, w_hh, h0)]
+        out = _rnn_scan(*ins, reverse, relu)
+        gs = torch.autograd.grad(out, [ins[0], ins[2]], dhs.to(d))
+        res[d] = (out.detach(), gs)
+    (t_hs, t_g), (r_hs, r_g) = res[dtype], res[torch.float64]
+    assert_within_torch_error(hs, t_hs, r_hs, "hs")
+    assert_within_torch_error(dpre, t_g[0], r_g[0], "dpre")
+    assert_within_torch_error(dh0, t_g[1], r_g[1], "dh0")
+
+
 def test_gru_scan_without_bias():
     """b_hh None: the scan's plain mm branch, equal to the scan with a zero bias."""
     xproj, w_hh = _rand(T, B, 3 * H, dtype=torch.float32), _rand(3 * H, H, dtype=torch.float32, scale=0.5)

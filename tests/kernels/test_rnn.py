@@ -108,6 +108,11 @@ def test_gpu_compile():
                 triton_rnn.lstm_cell_bwd(h, c, act, cn, c)
                 hn, saved = triton_rnn.gru_cell_fwd(gates[:, :3 * H], gates[:, H:], c)
                 triton_rnn.gru_cell_bwd(hn, saved, c)
+                for relu in (False, True):   # the Elman scan's two kernels, over two steps
+                    w = torch.randn(H, H, dtype=dtype)
+                    hs = triton_rnn.rnn_scan_fwd(torch.randn(2, 2, H, dtype=dtype), w, c, False, relu)
+                    triton_rnn.rnn_scan_bwd(hs, w, c, hs, False, relu)
 
     report = check_gpu_compile(run)
-    assert {c.name for c in report} == {"_lstm_fwd_kernel", "_lstm_bwd_kernel", "_gru_fwd_kernel", "_gru_bwd_kernel"}
+    assert {c.name for c in report} == {"_lstm_fwd_kernel", "_lstm_bwd_kernel", "_gru_fwd_kernel", "_gru_bwd_kernel",
+                                        "_rnn_act_kernel", "_rnn_bwd_kernel"}

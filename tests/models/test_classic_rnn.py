@@ -1,5 +1,6 @@
-"""tritium.nn.LSTM / GRU against torch.nn.LSTM / GRU with the same weights: every option combination, values
-and every gradient; the Triton scans (interpreter) against the C++ scans; drop-in behaviour."""
+"""tritium.nn.LSTM / GRU / RNN against torch.nn.LSTM / GRU / RNN with the same weights: every option combination
+(torch's RNN option grid: layers, bidirectional, batch_first, initial state, tanh and relu), values and every
+gradient; the Triton scans (interpreter) against the C++ scans; drop-in behaviour."""
 import itertools
 
 import pytest
@@ -9,7 +10,10 @@ import tritium
 from tritium.kernels import rnn as triton_rnn
 from tests.util import assert_within_torch_error
 
-PAIRS = {"lstm": (tritium.nn.LSTM, torch.nn.LSTM), "gru": (tritium.nn.GRU, torch.nn.GRU)}
+# cell -> (tritium module, torch module, constructor keywords)
+PAIRS = {"lstm": (tritium.nn.LSTM, torch.nn.LSTM, {}), "gru": (tritium.nn.GRU, torch.nn.GRU, {}),
+         "rnn_tanh": (tritium.nn.RNN, torch.nn.RNN, {"nonlinearity": "tanh"}),
+         "rnn_relu": (tritium.nn.RNN, torch.nn.RNN, {"nonlinearity": "relu"})}
 I, H, B = 5, 7, 3
 
 
@@ -30,9 +34,9 @@ CASES = list(itertools.product(PAIRS, (1, 2), (False, True), (False, True), (Fal
 
 @pytest.mark.parametrize("cell,layers,bidirectional,batch_first,init,T", CASES)
 def test_matches_torch(cell, layers, bidirectional, batch_first, init, T):
-    ours_cls, torch_cls = PAIRS[cell]
-    ref = torch_cls(I, H, layers, bidirectional=bidirectional, batch_first=batch_first)
-    ours = ours_cls(I, H, layers, bidirectional=bidirectional, batch_first=batch_first)
+    ours_cls, torch_cls, kw = PAIRS[cell]
+    ref = torch_cls(I, H, layers, bidirectional=bidirectional, batch_first=batch_first, **kw)
+    ours = ours_cls(I, H, layers, bidirectional=bidirectional, batch_first=batch_first, **kw)
     ours.load_state_dict(ref.state_dict())  # same parameter names: a torch checkpoint loads as is
     D = 2 if bidirectional else 1
     x = torch.randn((B, T, I) if batch_first else (T, B, I))
@@ -62,9 +66,9 @@ def test_matches_torch(cell, layers, bidirectional, batch_first, init, T):
 
 @pytest.mark.parametrize("cell", PAIRS)
 def test_unbatched_and_errors(cell):
-    ours_cls, torch_cls = PAIRS[cell]
-    ref = torch_cls(I, H, 2)
-    ours = ours_cls(I, H, 2)
+    ours_cls, torch_cls, kw = PAIRS[cell]
+    ref = torch_cls(I, H, 2, **kw)
+    ours = ours_cls(I, H, 2, **kw)
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(6, I)
     out, h = ours(x)
@@ -84,9 +88,9 @@ def test_unbatched_and_errors(cell):
 @pytest.mark.parametrize("cell", PAIRS)
 def test_packed_sequence_and_patch(cell):
     """PackedSequence runs torch's implementation (explicitly); patch() swaps torch modules for the twins."""
-    ours_cls, torch_cls = PAIRS[cell]
-    ref = torch_cls(I, H)
-    model = torch.nn.Sequential(torch_cls(I, H))
+    ours_cls, torch_cls, kw = PAIRS[cell]
+    ref = torch_cls(I, H, **kw)
+    model = torch.nn.Sequential(torch_cls(I, H, **kw))
     model[0].load_state_dict(ref.state_dict())
     replaced = tritium.patch(model)
     assert replaced == [("0", torch_cls)] and type(model[0]) is ours_cls
@@ -94,6 +98,30 @@ def test_packed_sequence_and_patch(cell):
     out, _ = model[0](packed)
     ref_out, _ = ref(packed)
     torch.testing.assert_close(out.data, ref_out.data)
+
+
+@pytest.mark.parametrize("cell", PAIRS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_other_dtypes_values_and_grads(dtype, cell):
+    """bfloat16 (computed in float32, rounded once) and float64: output and every gradient within the tolerance
+    rule of torch's own layer in that dtype, two bidirectional layers."""
+    ours_cls, torch_cls, kw = PAIRS[cell]
+    ref = torch_cls(I, H, 2, bidirectional=True, **kw).to(dtype)
+    ours = ours_cls(I, H, 2, bidirectional=True, **kw).to(dtype)
+    ours.load_state_dict(ref.state_dict())
+    ref64 = torch_cls(I, H, 2, bidirectional=True, **kw).double()
+    ref64.load_state_dict({k: v.double() for k, v in ref.state_dict().items()})
+    x = torch.randn(9, B, I, dtype=torch.float64).to(dtype)
+    proj = torch.randn(9, B, 2 * H, dtype=torch.float64)   # a fixed linear loss: its gradient is proj
+    outs = []
+    for m, xi in ((ours, x.clone()), (ref, x.clone()), (ref64, x.double())):
+        xi.requires_grad_(True)
+        out = m(xi)[0]
+        g = torch.autograd.grad((out * proj.to(out.dtype)).sum(), [xi] + list(m.parameters()))
+        outs.append([out.detach()] + list(g))
+    names = ["output", "dx"] + [f"d{n}" for n, _ in ref.named_parameters()]
+    for name, a, b, c in zip(names, *outs):
+        assert_within_torch_error(a, b, c, name)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
@@ -131,13 +159,20 @@ def test_triton_scans_match_cpp(reverse):
     got = triton_rnn.gru_scan_bwd(dhs, wg, h0, want[0], want[1], reverse)
     for a, b in zip(got, cpp.gru_scan_bwd(dhs, wg, h0, want[0], want[1], reverse)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    xr, wr = torch.randn(T, Bs, Hs), torch.randn(Hs, Hs) * 0.3
+    for relu in (False, True):
+        got, want = triton_rnn.rnn_scan_fwd(xr, wr, h0, reverse, relu), cpp.rnn_scan_fwd(xr, wr, h0, reverse, relu)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        got = triton_rnn.rnn_scan_bwd(dhs, wr, h0, want, reverse, relu)
+        for a, b in zip(got, cpp.rnn_scan_bwd(dhs, wr, h0, want, reverse, relu)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("cell", PAIRS)
 def test_compile_fullgraph(cell):
     """torch.compile(fullgraph=True) traces through the scans (fake kernels) and gives the eager result, values
     and gradients. Dynamo refuses every RNNBase module (torch's own included) unless allow_rnn is set."""
-    m = PAIRS[cell][0](I, H, batch_first=True, bidirectional=True)
+    m = PAIRS[cell][0](I, H, batch_first=True, bidirectional=True, **PAIRS[cell][2])
     x = torch.randn(B, 4, I, requires_grad=True)
     with torch._dynamo.config.patch(allow_rnn=True):
         compiled = torch.compile(m, fullgraph=True, backend="aot_eager")

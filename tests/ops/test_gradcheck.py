@@ -49,7 +49,8 @@ def _distill(target):
 
 
 def _rnn(cls, bidirectional, num_layers):
-    """tritium.nn.LSTM / GRU (the functional lstm/gru behind them) with its parameters as gradcheck inputs."""
+    """tritium.nn.LSTM / GRU / RNN (the functional lstm/gru/rnn_* behind them) with its parameters as gradcheck
+    inputs."""
     def make():
         torch.manual_seed(0)
         m = cls(3, 4, num_layers=num_layers, bidirectional=bidirectional).double()
@@ -97,6 +98,8 @@ GRADCHECK = {
     "lstm_bidir_2layer": _rnn(tritium.nn.LSTM, True, 2),
     "gru": _rnn(tritium.nn.GRU, False, 1),
     "gru_bidir_2layer": _rnn(tritium.nn.GRU, True, 2),
+    "rnn_tanh": _rnn(tritium.nn.RNN, False, 1),
+    "rnn_relu_bidir_2layer": _rnn(lambda *a, **k: tritium.nn.RNN(*a, nonlinearity="relu", **k), True, 2),
     "batch_norm_act_relu": _batch_norm_act("relu", False),
     "batch_norm_act_gelu_residual": _batch_norm_act("gelu_tanh", True),
     "linear": _linear,

@@ -485,6 +485,18 @@ def _():
     return [(r(5, 2, 4), w, h0, hs, saved, False)]
 
 
+@sample("rnn_scan_fwd")
+def _():
+    return [(r(5, 2, 4), r(4, 4), r(2, 4), False, False), (r(5, 2, 4), r(4, 4), r(2, 4), True, True)]
+
+
+@sample("rnn_scan_bwd")
+def _():
+    w, h0 = r(4, 4), r(2, 4)
+    return [(r(5, 2, 4), w, h0, torch.ops.tritium.rnn_scan_fwd(r(5, 2, 4), w, h0, reverse, relu), reverse, relu)
+            for reverse, relu in ((False, False), (True, True))]
+
+
 # ---- products with a weight matrix ----
 @sample("linear_small")
 def _():

@@ -1,7 +1,8 @@
 """``tritium bench models``: the classic models forward+backward, tritium vs PyTorch.
 
-- lstm, gru (batch 64, seq 128, hidden 512): tritium.nn.LSTM/GRU vs torch.nn.LSTM/GRU (torch's own fused
-  path: oneDNN on CPU, cuDNN on GPU) and vs a plain eager cell loop (the gate math in torch ops per step).
+- lstm, gru, rnn (batch 64, seq 128, hidden 512): tritium.nn.LSTM/GRU/RNN (tanh) vs torch.nn.LSTM/GRU/RNN
+  (torch's own fused path: oneDNN on CPU for LSTM/GRU, its per-step cell ops for RNN; cuDNN on GPU) and vs a
+  plain eager cell loop (the gate math in torch ops per step).
 - encoder, vit (batch 32, seq 197, dim 384, 6 layers, 6 heads): the tritium model vs its plain-PyTorch twin
   (every row of every block, as plain PyTorch models are written), and vs the twin with tritium's pruning of the
   last block to the [CLS] row (the same work in torch ops: the kernels' share of the lead).
@@ -17,7 +18,8 @@ from torch import Tensor
 
 from .common import machine_info, time_fn, write_json
 
-MODELS = ("lstm", "gru", "encoder", "vit")
+MODELS = ("lstm", "gru", "rnn", "encoder", "vit")
+RNNS = ("lstm", "gru", "rnn")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,6 +61,16 @@ def eager_gru(x: Tensor, w_ih, w_hh, b_ih, b_hh) -> Tensor:
     return torch.stack(outs, 1)
 
 
+def eager_rnn(x: Tensor, w_ih, w_hh, b_ih, b_hh) -> Tensor:
+    B, T, _ = x.shape
+    h = x.new_zeros(B, w_hh.shape[1])
+    outs = []
+    for t in range(T):
+        h = (x[:, t] @ w_ih.t() + b_ih + h @ w_hh.t() + b_hh).tanh()
+        outs.append(h)
+    return torch.stack(outs, 1)
+
+
 def _fwdbwd(fn: Callable[[], Tensor], params: List[Tensor]) -> Callable[[], object]:
     def run():
         out = fn()
@@ -70,12 +82,13 @@ def _rnn_cases(cell: str, batch: int, device) -> Dict[str, Callable[[], object]]
     import tritium
 
     B, T, H = batch, 128, 512
-    torch_cls, ours_cls = {"lstm": (torch.nn.LSTM, tritium.nn.LSTM), "gru": (torch.nn.GRU, tritium.nn.GRU)}[cell]
+    torch_cls, ours_cls = {"lstm": (torch.nn.LSTM, tritium.nn.LSTM), "gru": (torch.nn.GRU, tritium.nn.GRU),
+                           "rnn": (torch.nn.RNN, tritium.nn.RNN)}[cell]
     ref = torch_cls(H, H, batch_first=True).to(device)
     ours = ours_cls(H, H, batch_first=True).to(device)
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(B, T, H, device=device, requires_grad=True)
-    eager = {"lstm": eager_lstm, "gru": eager_gru}[cell]
+    eager = {"lstm": eager_lstm, "gru": eager_gru, "rnn": eager_rnn}[cell]
     p = list(ref.parameters())
     return {
         "tritium": _fwdbwd(lambda: ours(x)[0], [x] + list(ours.parameters())),
@@ -116,7 +129,7 @@ def run(args) -> List[dict]:
     chosen = args.model or list(MODELS)
     rows = []
     for name in chosen:
-        if name in ("lstm", "gru"):
+        if name in RNNS:
             cases = _rnn_cases(name, 16 if args.small else 64, device)
         else:
             cases = _transformer_cases(name, 8 if args.small else 32, device)

@@ -1,4 +1,4 @@
-"""LSTM and GRU: fused cell ops, the scan through time with its backward, and the layer stack.
+"""LSTM, GRU and the Elman RNN: fused cell ops, the scan through time with its backward, and the layer stack.
 
 A layer-direction runs as: the input projection for every time step in ONE matmul up front
 (x @ W_ih^T + b, shape (T, B, G*H)); then per step the recurrent matmul h @ W_hh^T (a matmul, as it must be)
@@ -11,7 +11,12 @@ step), and dW_ih, db and dx are one matmul (or sum) each in the projection's bac
 recurrent products are rowgemm's register tiles (csrc/rowgemm.h: no per-call packing of W_hh, which at a
 step's few rows is most of what BLAS would do) and the projection's large outputs come from tritium's pool.
 
-``lstm`` and ``gru`` have the signature of ``torch.lstm`` / ``torch.gru`` (the unpacked overloads that
+The Elman RNN (torch.nn.RNN: h' = tanh or relu of x W_ih^T + b_ih + h W_hh^T + b_hh) runs the same way: both
+biases folded into the projection, per step the recurrent product written straight into h_t and the activation
+applied there (``rnn_scan_fwd``); backward dP_t = dh_t * act'(h_t) per step, carried through W_hh.
+
+``lstm``, ``gru``, ``rnn_tanh`` and ``rnn_relu`` have the signature of ``torch.lstm`` / ``torch.gru`` /
+``torch.rnn_tanh`` / ``torch.rnn_relu`` (the unpacked overloads that
 torch.nn.LSTM/GRU call); anything the kernels do not cover (an unsupported dtype or device, empty input,
 ``TRITIUM_BACKEND=reference``) goes to ``tritium.reference`` (torch's own implementation).
 """
@@ -24,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from ._library import define_op, kernel_ok, unit_last
+from ._library import acc_dtype, define_op, kernel_ok, unit_last
 from .linear import project
 
 
@@ -80,6 +85,14 @@ def _fake_gru_scan_bwd(dhs, w_hh, h0, hs, saved, reverse):
     return hs.new_empty((T, B, 3 * H)), hs.new_empty((T, B, 3 * H)), h0.new_empty(h0.shape)
 
 
+def _fake_rnn_scan_fwd(xproj, w_hh, h0, reverse, relu):
+    return xproj.new_empty(xproj.shape)
+
+
+def _fake_rnn_scan_bwd(dhs, w_hh, h0, hs, reverse, relu):
+    return hs.new_empty(hs.shape), h0.new_empty(h0.shape)
+
+
 # ---- the scans: one layer-direction through time (per step: one matmul + one fused cell pass) ----
 lstm_scan_fwd = define_op(
     "lstm_scan_fwd(Tensor xproj, Tensor w_hh, Tensor h0, Tensor c0, bool reverse) -> (Tensor, Tensor, Tensor)",
@@ -93,6 +106,13 @@ gru_scan_fwd = define_op(
 gru_scan_bwd = define_op(
     "gru_scan_bwd(Tensor dhs, Tensor w_hh, Tensor h0, Tensor hs, Tensor saved, bool reverse)"
     " -> (Tensor, Tensor, Tensor)", _fake_gru_scan_bwd, "rnn:gru_scan_bwd")
+
+
+rnn_scan_fwd = define_op("rnn_scan_fwd(Tensor xproj, Tensor w_hh, Tensor h0, bool reverse, bool relu) -> Tensor",
+                         _fake_rnn_scan_fwd, "rnn:rnn_scan_fwd")
+rnn_scan_bwd = define_op(
+    "rnn_scan_bwd(Tensor dhs, Tensor w_hh, Tensor h0, Tensor hs, bool reverse, bool relu) -> (Tensor, Tensor)",
+    _fake_rnn_scan_bwd, "rnn:rnn_scan_bwd")
 
 
 def _projection(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -134,7 +154,6 @@ class _LSTMScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dhs: Optional[Tensor], dcT: Optional[Tensor]):
         w_hh, h0, c0, hs, cs, acts = ctx.saved_tensors
-        T, B, H = hs.shape
         dgates, dh0, dc0 = lstm_scan_bwd(_grad_seq(dhs, hs), _grad_seq(dcT, c0), w_hh, h0, c0, cs, acts,
                                          ctx.reverse)
         dw = None
@@ -157,7 +176,6 @@ class _GRUScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dhs: Optional[Tensor]):
         w_hh, h0, hs, saved = ctx.saved_tensors
-        T, B, H = hs.shape
         dx, dq, dh0 = gru_scan_bwd(_grad_seq(dhs, hs), w_hh, h0, hs, saved, ctx.reverse)
         dw = db = None
         if ctx.needs_input_grad[1]:
@@ -167,7 +185,25 @@ class _GRUScan(torch.autograd.Function):
         return dx, dw, db, dh0, None
 
 
-# ---- the layer stack (torch.lstm / torch.gru signatures) ----
+class _RNNScan(torch.autograd.Function):
+    """hs (T, B, H) = the Elman RNN (tanh, or relu) over xproj (T, B, H) (= x W_ih^T + b_ih + b_hh) from h0."""
+
+    @staticmethod
+    def forward(ctx, xproj: Tensor, w_hh: Tensor, h0: Tensor, reverse: bool, relu: bool):
+        hs = rnn_scan_fwd(xproj, w_hh, h0, reverse, relu)
+        ctx.reverse, ctx.relu = reverse, relu
+        ctx.save_for_backward(w_hh, h0, hs)
+        return hs
+
+    @staticmethod
+    def backward(ctx, dhs: Optional[Tensor]):
+        w_hh, h0, hs = ctx.saved_tensors
+        dpre, dh0 = rnn_scan_bwd(_grad_seq(dhs, hs), w_hh, h0, hs, ctx.reverse, ctx.relu)
+        dw = _weight_grad(dpre, hs, h0, ctx.reverse) if ctx.needs_input_grad[1] else None
+        return dpre, dw, dh0, None, None
+
+
+# ---- the layer stack (torch.lstm / torch.gru / torch.rnn_* signatures) ----
 def _rnn_ok(input: Tensor, hidden: Sequence[Tensor], params: Sequence[Tensor]) -> bool:
     return kernel_ok(input, *hidden, *params) and input.dim() == 3
 
@@ -184,6 +220,17 @@ def _layers(params: Sequence[Tensor], has_biases: bool, num_layers: int, bidirec
 
 def _run(cell: str, input: Tensor, h0: Tensor, c0: Optional[Tensor], params, has_biases, num_layers, dropout,
          train, bidirectional, batch_first):
+    dt = input.dtype
+    wide = acc_dtype(dt)
+    if wide != dt:
+        # 16-bit layers compute in float32 and round once at the end: the state (and, backward, the gradient)
+        # carried through T steps would otherwise be rounded to 16 bits at every step, and torch's own layers
+        # (oneDNN's RNN primitives) keep it in float32; rounding relu's pre-activation at every step also moves
+        # which units its kink switches off. The casts are autograd's: every gradient is rounded once.
+        out, hn, cn = _run(cell, input.to(wide), h0.to(wide), None if c0 is None else c0.to(wide),
+                           [p.to(wide) for p in params], has_biases, num_layers, dropout, train, bidirectional,
+                           batch_first)
+        return out.to(dt), hn.to(dt), None if cn is None else cn.to(dt)
     D = 2 if bidirectional else 1
     # (T, B, I). For batch_first the projection reads the transposed view (one copy of the input), so that xproj
     # and its gradient are contiguous (T, B, G): cheaper than copying the 4x wider gradient in backward.
@@ -198,6 +245,9 @@ def _run(cell: str, input: Tensor, h0: Tensor, c0: Optional[Tensor], params, has
             xproj = _projection(x, w_ih, bias)  # (T, B, 4H): every step's input projection in one matmul
             hs, c = _LSTMScan.apply(xproj, w_hh, h0[k], c0[k], d == 1)
             cn.append(c)
+        elif cell in ("rnn_tanh", "rnn_relu"):
+            bias = None if b_ih is None else b_ih + b_hh
+            hs = _RNNScan.apply(_projection(x, w_ih, bias), w_hh, h0[k], d == 1, cell == "rnn_relu")
         else:
             xproj = _projection(x, w_ih, b_ih)  # (T, B, 3H)
             hs = _GRUScan.apply(xproj, w_hh, b_hh, h0[k], d == 1)
@@ -233,4 +283,26 @@ def gru(input: Tensor, hx: Tensor, params: Sequence[Tensor], has_biases: bool, n
     return out, h
 
 
-__all__: List[str] = ["lstm", "gru"]
+def _rnn(cell: str, input: Tensor, hx: Tensor, params: Sequence[Tensor], has_biases: bool, num_layers: int,
+         dropout: float, train: bool, bidirectional: bool, batch_first: bool) -> Tuple[Tensor, Tensor]:
+    if not _rnn_ok(input, [hx], params):
+        return getattr(reference, cell)(input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
+                                        batch_first)
+    out, h, _ = _run(cell, input, hx, None, params, has_biases, num_layers, dropout, train, bidirectional,
+                     batch_first)
+    return out, h
+
+
+def rnn_tanh(input: Tensor, hx: Tensor, params: Sequence[Tensor], has_biases: bool, num_layers: int, dropout: float,
+             train: bool, bidirectional: bool, batch_first: bool) -> Tuple[Tensor, Tensor]:
+    """Drop-in for ``torch.rnn_tanh`` (unpacked input): (output, h_n)."""
+    return _rnn("rnn_tanh", input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+
+
+def rnn_relu(input: Tensor, hx: Tensor, params: Sequence[Tensor], has_biases: bool, num_layers: int, dropout: float,
+             train: bool, bidirectional: bool, batch_first: bool) -> Tuple[Tensor, Tensor]:
+    """Drop-in for ``torch.rnn_relu`` (unpacked input): (output, h_n)."""
+    return _rnn("rnn_relu", input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+
+
+__all__: List[str] = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
