@@ -22,6 +22,9 @@
 namespace tritium {
 namespace {
 
+// steps ahead whose input rows a loop over time asks for
+constexpr int64_t kAhead = 4;
+
 template <typename T>
 struct Seq4 {  // a (B, T, H, D) operand with a unit D stride
   const T* p;
@@ -72,25 +75,62 @@ inline void state_t_vec(const A* S, const A* a, A* sa, int64_t K, int64_t VP) {
 }
 
 // One step from Sp into Sn (they may alias): Sn = diag(e) Sp + bb sa^T + kk v^T; o = Sn^T rr; san = Sn^T an
-// (the next step's a^T S; an may be null). Column blocks outer, rows inner: o, san, sa and v stay in registers.
+// (the next step's a^T S; an may be null). Up to NB column blocks at a time, rows inner: o, san, sa and v of the
+// blocks stay in registers, and the NB blocks' sums are independent chains (one block alone would wait on the
+// latency of each multiply-add down the rows).
+template <typename A, int NB, bool Next>
+inline void step_blocks(const A* Sp, A* Sn, const A* e, const A* rr, const A* kk, const A* bb, const A* an,
+                        const A* v, const A* sa, A* o, A* san, int64_t K, int64_t VP, int64_t j) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  Vec vv[NB], sv[NB], ov[NB], nv[NB];
+  for (int n = 0; n < NB; ++n) {
+    vv[n] = Vec::loadu(v + j + n * W), sv[n] = Vec::loadu(sa + j + n * W);
+    ov[n] = Vec(0), nv[n] = Vec(0);
+  }
+  for (int64_t i = 0; i < K; ++i) {
+    const Vec ev(e[i]), bv(bb[i]), kv(kk[i]), rv(rr[i]);
+    const A* sp = Sp + i * VP + j;
+    A* sn = Sn + i * VP + j;
+    for (int n = 0; n < NB; ++n) {
+      const Vec s = at::vec::fmadd(ev, Vec::loadu(sp + n * W), at::vec::fmadd(bv, sv[n], kv * vv[n]));
+      s.store(sn + n * W);
+      ov[n] = at::vec::fmadd(rv, s, ov[n]);
+      if constexpr (Next) nv[n] = at::vec::fmadd(Vec(an[i]), s, nv[n]);
+    }
+  }
+  for (int n = 0; n < NB; ++n) {
+    ov[n].store(o + j + n * W);
+    if constexpr (Next) nv[n].store(san + j + n * W);
+  }
+}
+
 template <typename A>
 inline void step(const A* Sp, A* Sn, const A* e, const A* rr, const A* kk, const A* bb, const A* an, const A* v,
                  const A* sa, A* o, A* san, int64_t K, int64_t VP) {
-  using Vec = Vectorized<A>;
-  constexpr int64_t W = Vec::size();
-  for (int64_t j = 0; j < VP; j += W) {
-    const Vec vv = Vec::loadu(v + j), sv = Vec::loadu(sa + j);
-    Vec ov(0), nv(0);
-    for (int64_t i = 0; i < K; ++i) {
-      const Vec s = at::vec::fmadd(Vec(e[i]), Vec::loadu(Sp + i * VP + j),
-                                   at::vec::fmadd(Vec(bb[i]), sv, Vec(kk[i]) * vv));
-      s.store(Sn + i * VP + j);
-      ov = at::vec::fmadd(Vec(rr[i]), s, ov);
-      if (an) nv = at::vec::fmadd(Vec(an[i]), s, nv);
+  constexpr int64_t W = Vectorized<A>::size();
+  for (int64_t j = 0; j < VP;) {
+    const int64_t nb = std::min<int64_t>(4, (VP - j) / W);
+    const bool next = an != nullptr;
+    switch (nb * 2 + next) {
+      case 8: step_blocks<A, 4, false>(Sp, Sn, e, rr, kk, bb, an, v, sa, o, san, K, VP, j); break;
+      case 9: step_blocks<A, 4, true>(Sp, Sn, e, rr, kk, bb, an, v, sa, o, san, K, VP, j); break;
+      case 6: step_blocks<A, 3, false>(Sp, Sn, e, rr, kk, bb, an, v, sa, o, san, K, VP, j); break;
+      case 7: step_blocks<A, 3, true>(Sp, Sn, e, rr, kk, bb, an, v, sa, o, san, K, VP, j); break;
+      case 4: step_blocks<A, 2, false>(Sp, Sn, e, rr, kk, bb, an, v, sa, o, san, K, VP, j); break;
+      case 5: step_blocks<A, 2, true>(Sp, Sn, e, rr, kk, bb, an, v, sa, o, san, K, VP, j); break;
+      case 2: step_blocks<A, 1, false>(Sp, Sn, e, rr, kk, bb, an, v, sa, o, san, K, VP, j); break;
+      default: step_blocks<A, 1, true>(Sp, Sn, e, rr, kk, bb, an, v, sa, o, san, K, VP, j); break;
     }
-    ov.store(o + j);
-    if (an) nv.store(san + j);
+    j += nb * W;
   }
+}
+
+// e[0, n) = exp(e[0, n)) (e padded to a multiple of the vector width)
+template <typename A>
+inline void exp_inplace(A* e, int64_t npad) {
+  using Vec = Vectorized<A>;
+  for (int64_t i = 0; i < npad; i += Vec::size()) Vec::loadu(e + i).exp().store(e + i);
 }
 
 // the per-step vectors of one (batch, head) in A: r, exp(w), k, a, b (KP each), v (VP)
@@ -103,10 +143,17 @@ struct StepIn {
     for (A** p : ps) *p = buf.data() + off, off += KP;
     v = buf.data() + off, off += VP;
   }
+  // ask for step t's rows (ahead of their use: the steps of one head are a stride of H rows apart, which the
+  // hardware prefetchers do not follow across pages)
+  static void prefetch(const Wkv<T>& s, int64_t bi, int64_t t, int64_t h) {
+    if (t < 0 || t >= s.L) return;
+    for (const Seq4<T>* q : {&s.r, &s.w, &s.k, &s.a, &s.b}) prefetch_l2(q->at(bi, t, h), s.K * sizeof(T));
+    prefetch_l2(s.v.at(bi, t, h), s.V * sizeof(T));
+  }
   void load(const Wkv<T>& s, int64_t bi, int64_t t, int64_t h) {
     Wkv<T>::load(s.r.at(bi, t, h), r, s.K, s.KP);
     Wkv<T>::load(s.w.at(bi, t, h), e, s.K, s.KP);
-    for (int64_t i = 0; i < s.K; ++i) e[i] = std::exp(e[i]);
+    exp_inplace(e, s.KP);
     Wkv<T>::load(s.k.at(bi, t, h), k, s.K, s.KP);
     Wkv<T>::load(s.a.at(bi, t, h), a, s.K, s.KP);
     Wkv<T>::load(s.b.at(bi, t, h), b, s.K, s.KP);
@@ -165,7 +212,9 @@ void wkv_fwd_item(const Wkv<T>& s, int64_t bi, int64_t h, T* out, acc_type<T>* s
   if (s.L == 0) return;
   Wkv<T>::load(s.a.at(bi, 0, h), an, K, KP);
   state_t_vec(S, an, sa, K, VP);
+  for (int64_t t = 0; t < std::min<int64_t>(kAhead, s.L); ++t) StepIn<T>::prefetch(s, bi, t, h);
   for (int64_t t = 0; t < s.L; ++t) {
+    StepIn<T>::prefetch(s, bi, t + kAhead, h);
     in.load(s, bi, t, h);
     const bool more = t + 1 < s.L;
     if (more) Wkv<T>::load(s.a.at(bi, t + 1, h), an, K, KP);
@@ -217,6 +266,53 @@ inline void lane_sums(const Vectorized<A>* p, A* out, int64_t KP) {
   for (int64_t i = 0; i < KP; i += W) reduce_lanes(p + i).store(out + i);
 }
 
+// The adjoint of one step for the column blocks [j, j + NB W) of the state (their do, v, a^T S, dsa and dv in
+// registers): rows down, dS += scale r do^T and the row dots of dr (S_t do), dk (dS v), db (dS sa), dw (dS S_{t-1})
+// added into the partial-sum vectors; dsa = dS^T b and dv = dS^T k; then rows again, dS <- diag(e) dS + a dsa^T and
+// da's row dots (S_{t-1} dsa). The columns' dsa is complete after the first pass, so the second follows at once,
+// on the same (K, NB W) slice of the state while it is in L1.
+template <typename A, int NB, typename In>
+inline void adjoint_blocks(A scale, const In& in, const A* dov, const A* sa, const A* Sc, const A* Sp, A* dS,
+                           A* dvv, Vectorized<A>* pr, Vectorized<A>* pk, Vectorized<A>* pb, Vectorized<A>* pw,
+                           Vectorized<A>* pa, int64_t K, int64_t VP, int64_t j) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  Vec dv_[NB], vv[NB], sv[NB], ds[NB], dv[NB];
+  for (int n = 0; n < NB; ++n) {
+    dv_[n] = Vec::loadu(dov + j + n * W), vv[n] = Vec::loadu(in.v + j + n * W), sv[n] = Vec::loadu(sa + j + n * W);
+    ds[n] = Vec(0), dv[n] = Vec(0);
+  }
+  for (int64_t i = 0; i < K; ++i) {
+    const Vec sr(scale * in.r[i]), bv(in.b[i]), kv(in.k[i]);
+    A* row = dS + i * VP + j;
+    const A *sc = Sc + i * VP + j, *sp = Sp + i * VP + j;
+    Vec ar = pr[i], ak = pk[i], ab = pb[i], aw = pw[i];
+    for (int n = 0; n < NB; ++n) {
+      const Vec d = at::vec::fmadd(sr, dv_[n], Vec::loadu(row + n * W));
+      d.store(row + n * W);
+      ar = at::vec::fmadd(Vec::loadu(sc + n * W), dv_[n], ar);
+      ak = at::vec::fmadd(d, vv[n], ak);
+      ab = at::vec::fmadd(d, sv[n], ab);
+      aw = at::vec::fmadd(d, Vec::loadu(sp + n * W), aw);
+      ds[n] = at::vec::fmadd(bv, d, ds[n]);
+      dv[n] = at::vec::fmadd(kv, d, dv[n]);
+    }
+    pr[i] = ar, pk[i] = ak, pb[i] = ab, pw[i] = aw;
+  }
+  for (int n = 0; n < NB; ++n) dv[n].store(dvv + j + n * W);
+  for (int64_t i = 0; i < K; ++i) {
+    const Vec ev(in.e[i]), av(in.a[i]);
+    A* row = dS + i * VP + j;
+    const A* sp = Sp + i * VP + j;
+    Vec aa = pa[i];
+    for (int n = 0; n < NB; ++n) {
+      at::vec::fmadd(ev, Vec::loadu(row + n * W), av * ds[n]).store(row + n * W);
+      aa = at::vec::fmadd(Vec::loadu(sp + n * W), ds[n], aa);
+    }
+    pa[i] = aa;
+  }
+}
+
 template <typename T>
 void wkv_bwd_item(const Wkv<T>& s, const WkvGrads<T>& g, int64_t bi, int64_t h) {
   using A = acc_type<T>;
@@ -231,7 +327,8 @@ void wkv_bwd_item(const Wkv<T>& s, const WkvGrads<T>& g, int64_t bi, int64_t h) 
   int64_t off = (an + KP) - buf.data();
   StepIn<T> in;
   in.alloc(buf, off, KP, VP);
-  std::vector<Vec> pr(KP), pk(KP), pb(KP), pw(KP), pa(KP);
+  std::vector<Vec> pv(5 * KP);
+  Vec *pr = pv.data(), *pk = pr + KP, *pb = pk + KP, *pw = pb + KP, *pa = pw + KP;
   s.load_state(g.dht ? g.dht + item * K * V : nullptr, dS);
   for (int64_t c = s.nchunks - 1; c >= 0; --c) {
     const int64_t t0 = c * C, kc = std::min(C, s.L - t0);
@@ -240,6 +337,7 @@ void wkv_bwd_item(const Wkv<T>& s, const WkvGrads<T>& g, int64_t bi, int64_t h) 
     Wkv<T>::load(s.a.at(bi, t0, h), an, K, KP);
     state_t_vec(S0, an, sab, K, VP);
     for (int64_t j = 0; j < kc; ++j) {
+      StepIn<T>::prefetch(s, bi, t0 + j + kAhead, h);
       in.load(s, bi, t0 + j, h);
       const bool more = j + 1 < kc;
       if (more) Wkv<T>::load(s.a.at(bi, t0 + j + 1, h), an, K, KP);
@@ -248,47 +346,26 @@ void wkv_bwd_item(const Wkv<T>& s, const WkvGrads<T>& g, int64_t bi, int64_t h) 
     }
     for (int64_t j = kc - 1; j >= 0; --j) {
       const int64_t t = t0 + j;
+      if (t >= kAhead) prefetch_l2(g.dout.at(bi, t - kAhead, h), V * sizeof(T));
       in.load(s, bi, t, h);
       Wkv<T>::load(g.dout.at(bi, t, h), dov, V, VP);
       const A *Sp = j ? Sb + (j - 1) * K * VP : S0, *Sc = Sb + j * K * VP, *sa = sab + j * VP;
-      std::fill(dsa, dsa + VP, A(0));
-      std::fill(dvv, dvv + VP, A(0));
-      // rows: dS += scale r do^T; the row dots of dr, dk, db, dw; dsa and dv over the rows
-      for (int64_t i = 0; i < K; ++i) {
-        const Vec sr(s.scale * in.r[i]), bv(in.b[i]), kv(in.k[i]);
-        Vec ar(0), ak(0), ab(0), aw(0);
-        A* row = dS + i * VP;
-        for (int64_t jv = 0; jv < VP; jv += W) {
-          const Vec dov_ = Vec::loadu(dov + jv);
-          const Vec d = at::vec::fmadd(sr, dov_, Vec::loadu(row + jv));
-          d.store(row + jv);
-          ar = at::vec::fmadd(Vec::loadu(Sc + i * VP + jv), dov_, ar);
-          ak = at::vec::fmadd(d, Vec::loadu(in.v + jv), ak);
-          ab = at::vec::fmadd(d, Vec::loadu(sa + jv), ab);
-          aw = at::vec::fmadd(d, Vec::loadu(Sp + i * VP + jv), aw);
-          at::vec::fmadd(bv, d, Vec::loadu(dsa + jv)).store(dsa + jv);
-          at::vec::fmadd(kv, d, Vec::loadu(dvv + jv)).store(dvv + jv);
+      for (int64_t i = 0; i < KP; ++i) pr[i] = pk[i] = pb[i] = pw[i] = pa[i] = Vec(0);
+      for (int64_t j0 = 0; j0 < VP;) {  // groups of up to 4 column blocks (the adjoint's columns are independent)
+        const int64_t nb = std::min<int64_t>(4, (VP - j0) / W);
+        switch (nb) {
+          case 4: adjoint_blocks<A, 4>(s.scale, in, dov, sa, Sc, Sp, dS, dvv, pr, pk, pb, pw, pa, K, VP, j0); break;
+          case 3: adjoint_blocks<A, 3>(s.scale, in, dov, sa, Sc, Sp, dS, dvv, pr, pk, pb, pw, pa, K, VP, j0); break;
+          case 2: adjoint_blocks<A, 2>(s.scale, in, dov, sa, Sc, Sp, dS, dvv, pr, pk, pb, pw, pa, K, VP, j0); break;
+          default: adjoint_blocks<A, 1>(s.scale, in, dov, sa, Sc, Sp, dS, dvv, pr, pk, pb, pw, pa, K, VP, j0); break;
         }
-        pr[i] = ar, pk[i] = ak, pb[i] = ab, pw[i] = aw;
+        j0 += nb * W;
       }
-      // rows: dS <- diag(e) dS + a dsa^T; da's row dots
-      for (int64_t i = 0; i < K; ++i) {
-        const Vec ev(in.e[i]), av(in.a[i]);
-        Vec aa(0);
-        A* row = dS + i * VP;
-        for (int64_t jv = 0; jv < VP; jv += W) {
-          const Vec ds = Vec::loadu(dsa + jv);
-          at::vec::fmadd(ev, Vec::loadu(row + jv), av * ds).store(row + jv);
-          aa = at::vec::fmadd(Vec::loadu(Sp + i * VP + jv), ds, aa);
-        }
-        pa[i] = aa;
-      }
-      for (int64_t i = K; i < KP; ++i) pr[i] = pk[i] = pb[i] = pw[i] = pa[i] = Vec(0);
-      lane_sums(pr.data(), gr, KP);
-      lane_sums(pk.data(), gk, KP);
-      lane_sums(pb.data(), gb, KP);
-      lane_sums(pw.data(), gw, KP);
-      lane_sums(pa.data(), ga, KP);
+      lane_sums(pr, gr, KP);
+      lane_sums(pk, gk, KP);
+      lane_sums(pb, gb, KP);
+      lane_sums(pw, gw, KP);
+      lane_sums(pa, ga, KP);
       const int64_t ko = ((bi * s.L + t) * s.H + h) * K;
       for (int64_t i = 0; i < K; ++i) {
         g.dr[ko + i] = static_cast<T>(s.scale * gr[i]);
@@ -411,7 +488,7 @@ struct Wkv6 {
   A load_step(int64_t bi, int64_t t, int64_t h, A* rr, A* e, A* kk, A* vv) const {
     Wkv<T>::load(r.at(bi, t, h), rr, K, KP);
     Wkv<T>::load(w.at(bi, t, h), e, K, KP);
-    for (int64_t i = 0; i < K; ++i) e[i] = std::exp(e[i]);
+    exp_inplace(e, KP);
     Wkv<T>::load(k.at(bi, t, h), kk, K, KP);
     Wkv<T>::load(v.at(bi, t, h), vv, V, VP);
     A ru(0);
