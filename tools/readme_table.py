@@ -112,6 +112,15 @@ backward on CPUs with AVX512-BF16 and no AMX): the same cases and shapes as the 
 a later run. Compare its rows with each other, not with the full table's.
 """
 
+WKV_PROSE = """\
+RWKV-7's wkv recurrence (`tritium.wkv7`) against the naive reference algorithm, a Python loop over time as
+flash-linear-attention's naive recurrence is (`tritium.ops.wkv.wkv7_reference`), eager and under `torch.compile`,
+at issue 24's bar shape (batch 8, length 1024, 12 heads of size 64), float32. torch.compile unrolls the loop's
+1024 steps into one graph: the forward compiles in minutes; the forward and backward did not compile on this
+machine (Inductor stopped with a RecursionError after about 20 minutes), so the forward-and-backward rows are
+recorded against eager only (`wkv-fwdbwd-amd-avx512.json`).
+"""
+
 MEMORY_PROSE = """\
 Peak extra resident memory of one causal attention call (batch 1, 8 heads x 64), each measured in a fresh
 process with the output pool off: the outputs, the saved log-sum-exp, any workspace and, for the backward, the
@@ -384,6 +393,12 @@ KNOWN = [
      f"LoRA fine-tuning on {MACHINE_KINDS['amd-avx512']}", FINETUNE_PROSE, hf_section),
                     "Small and in-cache inputs: the kernels against torch's own ops",
      ROUTES_PROSE, ops_section),
+    ("wkv-amd-avx512.json", "tritium bench ops --op wkv --headline --mode fwd --json "
+                            "bench/results/wkv-amd-avx512.json",
+     f"RWKV-7's wkv on {MACHINE_KINDS['amd-avx512']}: forward", WKV_PROSE, ops_section),
+    ("wkv-fwdbwd-amd-avx512.json", "tritium bench ops --op wkv --headline --mode fwdbwd --no-compile --json "
+                                   "bench/results/wkv-fwdbwd-amd-avx512.json",
+     f"RWKV-7's wkv on {MACHINE_KINDS['amd-avx512']}: forward and backward", WKV_PROSE, ops_section),
 ]
 
 
