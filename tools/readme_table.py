@@ -130,15 +130,15 @@ hold the (heads, seq, seq) score matrix.
 
 DIST_PROSE = """\
 Context-parallel attention (`tritium.distributed.ring_attention`, docs/distributed.md): causal attention forward +
-backward over one sequence, in one process (`tritium.flash_attention`, **single**) and split across 1, 2 and 4
-gloo processes on this machine in the zigzag layout (**ring**). The processes share the cores (each gets cores /
-world torch threads), so read the scaling shape and the volumes, not a speedup. **step**: the slowest rank's
-forward + backward (median of the timed steps); **comm wait**: time ranks wait for ring transfers to finish (the
-part not hidden behind attention) and its **share** of the step; **sent/rank**: bytes each rank sends per step,
-also per token of the sequence; **peak/rank**: the largest rank's resident-set high-water mark during a step
-minus its resident set before q, k, v existed (inputs, output, gradients, the ring's buffers, workspace), each
-rank in a fresh process with tritium's output pool off; **extra** leaves the inputs out; **vs single**: peak/rank
-over the single process's peak.
+backward over one sequence, in one process (`tritium.flash_attention`, **single**) and split across 1, 2 and 4 gloo
+processes on this machine in the zigzag layout (**ring**). The processes share the cores (each gets cores / world
+torch threads), so read the scaling shape and the volumes, not a speedup. **step**: the slowest rank's forward +
+backward (median of the timed steps); **comm wait**: time ranks wait for ring transfers to finish (the part not
+hidden behind attention, including waits for a slower neighbour) and its **share** of the step; **sent/rank**: bytes
+each rank sends per step, also per token of the sequence; **peak/rank**: the largest rank's resident-set high-water
+mark during a step minus its resident set before q, k, v existed (inputs, output, gradients, the ring's buffers,
+workspace), each rank in a fresh process with tritium's output pool off; **extra** leaves the inputs out; **vs
+single**: peak/rank over the single process's peak.
 """
 
 SERVE_PROSE = """\

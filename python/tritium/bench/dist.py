@@ -8,8 +8,9 @@ volume and the memory per rank, not a speedup.
 
 - **step**: median over ``--steps`` timed steps (after a warm-up step) of the slowest rank's forward + backward;
   **fwd** the same for the forward alone.
-- **comm wait**: the time ranks spend waiting for ring transfers to finish (the part not hidden behind a block's
-  attention), mean over ranks, and its **share** of the step. Gloo moves the bytes on its own threads, which take
+- **comm wait**: the time ranks spend waiting for ring transfers to finish (the part not hidden behind a piece's
+  attention; it includes waiting for a neighbour that is still computing), mean over ranks, and its **share** of
+  the step. Gloo moves the bytes on its own threads, which take
   CPU time from the attention on a machine this small; that shows in the step time, not in the wait.
 - **sent/rank**: bytes each rank sends per step (forward: K/V blocks; backward: K/V blocks again and the float32
   dK/dV accumulators), and per token of the whole sequence.
