@@ -19,7 +19,7 @@ COMMANDS = {
     "generate": "stream a completion from the embedded SmolLM2-135M-Instruct (or --model)",
     "chat": "an interactive chat with the embedded model",
     "serve": "an OpenAI-compatible HTTP server for the embedded model (needs .[serve])",
-    "train": "train a classic model on scikit-learn's digits (needs .[train])",
+    "train": "train a classic model on scikit-learn's digits (needs .[train]) or a byte LM (mamba, rwkv, gpt)",
     "finetune": "LoRA fine-tuning of the embedded model on chat or prompt/completion JSON Lines",
     "info": "this machine, torch, triton and tritium",
 }
