@@ -1,5 +1,7 @@
 """``tritium train --model mlp|cnn|resnet|lstm|gru|vit|encoder``: train a classic model on scikit-learn's
 handwritten digits (1797 8x8 images shipped inside scikit-learn) and report test accuracy.
+``--model siamese|gan`` trains tritium.models.zoo's Siamese embedding network (1-NN retrieval) or its
+DCGAN-style GAN (a PNG grid of samples, scored by a digit classifier).
 ``--model mamba|rwkv|gpt`` trains a byte-level language model instead (tritium.cli.train_lm).
 
 The split is stratified and seeded (80% train, 20% test); pixels are scaled to [0, 1]. The RNNs read an image
@@ -122,7 +124,120 @@ def train(name: str, impl: str = "tritium", epochs: Optional[int] = None, seed: 
             "final_loss": losses[-1]}
 
 
+# ---- the zoo models (tritium.models.zoo): Siamese retrieval and the DCGAN-style GAN ----
+ZOO_RECIPES: Dict[str, Recipe] = {
+    "siamese": Recipe(25, 2e-3),   # epochs of len(train) / batch steps each
+    "gan": Recipe(90, 2e-4, weight_decay=0.0),
+}
+
+
+def _steps(name: str, epochs: Optional[int], n: int) -> int:
+    recipe = ZOO_RECIPES[name]
+    return (epochs or recipe.epochs) * math.ceil(n / recipe.batch)
+
+
+def train_siamese(impl: str = "tritium", loss: str = "triplet", epochs: Optional[int] = None, seed: int = 0,
+                  steps: Optional[int] = None) -> dict:
+    """Train the Siamese embedding network with ``loss``; returns {model, impl, loss, retrieval (1-NN accuracy
+    of the test images against the training embeddings), pixel_retrieval (the same on raw pixels: the baseline),
+    seconds, steps, final_loss}."""
+    from ..models.zoo import Siamese, nearest_neighbour_accuracy, retrieval_accuracy, sample_batch, siamese_step
+
+    recipe = ZOO_RECIPES["siamese"]
+    x_train, y_train, x_test, y_test = digits(seed)
+    images, test_images = x_train.view(-1, 1, 8, 8), x_test.view(-1, 1, 8, 8)
+    steps = steps or _steps("siamese", epochs, len(y_train))
+    torch.manual_seed(seed)
+    model = Siamese(loss=loss, impl=impl)
+    opt, sched = make_optimizer(model, recipe, steps)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        a, b, c = sample_batch(y_train, recipe.batch, loss, gen)
+        last = siamese_step(model, opt, images[a], images[b], c if loss == "contrastive" else images[c])
+        sched.step()
+    seconds = time.perf_counter() - t0
+    return {"model": "siamese", "impl": impl, "loss": loss, "steps": steps, "seconds": seconds,
+            "final_loss": float(last),
+            "retrieval": retrieval_accuracy(model, images, y_train, test_images, y_test),
+            "pixel_retrieval": nearest_neighbour_accuracy(x_train, y_train, x_test, y_test)}
+
+
+def digit_classifier(x_train: Tensor, y_train: Tensor):
+    """The judge of generated digits: scikit-learn's LogisticRegression on the training pixels in [0, 1]."""
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(max_iter=2000).fit(x_train.numpy(), y_train.numpy())
+
+
+def train_gan(impl: str = "tritium", epochs: Optional[int] = None, seed: int = 0, steps: Optional[int] = None,
+              png: Optional[str] = None, samples: int = 1000) -> dict:
+    """Train the GAN (batch 64 of real training digits per step, DCGAN's Adam); score ``samples`` generated
+    digits with a LogisticRegression trained on the real ones (tritium.models.zoo.sample_score: the fraction
+    classified with probability >= 0.9, how many digits those cover, the spread of their classes), beside the
+    same score of the real test digits. ``png``: write 100 samples there as a 10 x 10 grid."""
+    from ..models.zoo import GAN, gan_optimizers, gan_step, png_grid, sample_score
+
+    recipe = ZOO_RECIPES["gan"]
+    x_train, y_train, x_test, y_test = digits(seed)
+    real = x_train.view(-1, 1, 8, 8) * 2 - 1                                      # tanh's range
+    steps = steps or _steps("gan", epochs, len(y_train))
+    torch.manual_seed(seed)
+    gan = GAN(impl=impl)
+    opt_g, opt_d = gan_optimizers(gan, recipe.lr)
+    gen = torch.Generator().manual_seed(seed)
+    gan.train()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        idx = torch.randint(len(y_train), (recipe.batch,), generator=gen)
+        d, g = gan_step(gan, opt_g, opt_d, real[idx], torch.randn(recipe.batch, gan.latent, generator=gen))
+    seconds = time.perf_counter() - t0
+    clf = digit_classifier(x_train, y_train)
+    fake = gan.sample(samples, torch.Generator().manual_seed(seed + 1))
+    score = sample_score(torch.tensor(clf.predict_proba(fake.view(len(fake), -1).numpy())))
+    reference = sample_score(torch.tensor(clf.predict_proba(x_test.numpy())))
+    if png:
+        png_grid(fake[:100], png)
+    return {"model": "gan", "impl": impl, "steps": steps, "seconds": seconds, "d_loss": float(d),
+            "g_loss": float(g), "score": score, "real_score": reference, "png": png}
+
+
+def zoo_main(argv) -> int:
+    """``tritium train --model siamese|gan`` (their own options: --loss, --png)."""
+    from ..models.zoo import LOSSES, ZOO_MODELS
+
+    p = ArgumentParser(prog="tritium train", description="train the Siamese embedding network (1-NN retrieval) "
+                       "or the DCGAN-style GAN (classifier-scored samples) on scikit-learn's digits")
+    p.add_argument("--model", required=True, choices=ZOO_MODELS)
+    p.add_argument("--impl", default="tritium", choices=IMPLS, help="tritium ops or the plain-PyTorch twin")
+    p.add_argument("--epochs", type=number(int, 1), help="default: the model's recipe")
+    p.add_argument("--seed", type=number(int, 0), default=0)
+    p.add_argument("--loss", default="triplet", choices=LOSSES, help="siamese: the metric-learning loss")
+    p.add_argument("--png", default="gan-samples.png", help="gan: where to write a 10 x 10 grid of samples")
+    p.add_argument("--no-progress", action="store_true", help="accepted for symmetry (no progress bar here)")
+    args = p.parse_args(argv)
+    if args.model == "siamese":
+        r = train_siamese(args.impl, args.loss, args.epochs, args.seed)
+        print(f"siamese ({r['impl']}, {r['loss']}): held-out 1-NN retrieval {100 * r['retrieval']:.2f}% "
+              f"(raw pixels: {100 * r['pixel_retrieval']:.2f}%) after {r['steps']} steps in {r['seconds']:.1f} s")
+        return 0
+    r = train_gan(args.impl, args.epochs, args.seed, png=args.png)
+    s, ref = r["score"], r["real_score"]
+    print(f"gan ({r['impl']}): {r['steps']} steps in {r['seconds']:.1f} s; of 1000 samples "
+          f"{100 * s['confident']:.1f}% classified with p >= 0.9 (real test digits: {100 * ref['confident']:.1f}%), "
+          f"covering {s['classes']} digits, spread {s['spread']:.2f} (real: {ref['spread']:.2f}); "
+          f"samples in {r['png']}")
+    return 0
+
+
 def main(argv=None) -> int:
+    from ..models.zoo import ZOO_MODELS
+
+    zoo = ArgumentParser(add_help=False)
+    zoo.add_argument("--model")
+    if zoo.parse_known_args(list(sys.argv[1:] if argv is None else argv))[0].model in ZOO_MODELS:
+        return zoo_main(list(sys.argv[1:] if argv is None else argv))   # siamese, gan: their own options
     from .train_lm import LM_MODELS
 
     argv = list(sys.argv[1:] if argv is None else argv)
