@@ -239,3 +239,49 @@ def test_adapter_argument_errors(tmp_path):
     assert r.returncode == 1 and "no adapter_config.json" in r.stderr
     r = run_cli("finetune", "--out", str(tmp_path / "a"), "--data", str(tmp_path / "missing.jsonl"))
     assert r.returncode == 1 and "--data: no such file" in r.stderr
+
+
+def test_qlora_on_fused_projections(tmp_path):
+    """QLoRA on tritium's Llama: the adapted projections' weights in NF4 give the logits and adapter gradients of
+    the float model whose weights are their dequantised values, with the same adapters; dequantize_base + merge
+    then serves them."""
+    cfg = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128, vocab_size=97,
+                      max_seq_len=64, tie_embeddings=True)
+    model = build(cfg, torch.float32).init_random(generator=torch.Generator().manual_seed(0))
+    ref = copy.deepcopy(model)
+    tritium.lora.apply(model, r=R, alpha=ALPHA, dropout=0.0, targets=["q_proj", "v_proj", "down_proj"],
+                       quantize="nf4")
+    with torch.no_grad():
+        for a in tritium.lora._adapters(model).values():
+            a.lora_B.normal_(0, 0.1)
+    for (lin, _, _), (rlin, _, _) in zip(model.hf_projections(), ref.hf_projections()):
+        if lin.nf4 is not None:
+            with torch.no_grad():
+                rlin.weight.copy_(lin.nf4.dequantize())
+    tritium.lora.save(model, str(tmp_path))
+    tritium.lora.load(ref, str(tmp_path))
+    ids = torch.randint(0, cfg.vocab_size, (2, 11), generator=torch.Generator().manual_seed(4))
+    lo, go = logits_and_grads_of(model, ids)
+    lr, gr = logits_and_grads_of(ref, ids)
+    torch.testing.assert_close(lo, lr, rtol=1e-5, atol=1e-5)
+    for k in gr:
+        torch.testing.assert_close(go[k], gr[k], rtol=1e-4, atol=1e-6, msg=k)
+    x = torch.randn(3, cfg.dim)
+    with pytest.raises(ValueError, match="NF4 base"):
+        model.layers[0].attention.wqkv.serve(x)
+    ft.dequantize_bases(model)
+    tritium.lora.merge(model.eval())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), lo, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="multiple of blocksize"):
+        tritium.lora.apply(build(CFG, torch.float32), targets=["q_proj"], quantize="nf4")
+
+
+def logits_and_grads_of(model, ids_):
+    model.zero_grad()
+    out = model(ids_)
+    out.square().mean().backward()
+    grads = {}
+    for name, a in tritium.lora._adapters(model).items():
+        grads[name + ".A"], grads[name + ".B"] = a.lora_A.grad, a.lora_B.grad
+    return out.detach(), grads

@@ -10,6 +10,8 @@ Data: JSON Lines, one example per line, in either of TRL's two shapes:
 Training: ``tritium.lora.apply`` puts adapters on the chosen projections (the base frozen), the loss is
 ``tritium.fused_linear_cross_entropy`` on the final hidden states and the (frozen, tied) LM head, so no (tokens,
 vocab) logits are held, and ``tritium.optim.AdamW`` steps the adapters (float32 master weights for bfloat16).
+QLoRA (``qlora=True``): the adapted projections' frozen weights are held in NF4 (bitsandbytes' layout) and
+multiplied dequantised in the kernel; ``dequantize_bases`` turns them back into float weights to merge and serve.
 
 ``dates_task`` generates the data set the command ships with: dates written out in words, to be rewritten as
 ISO 8601 (``March 4, 2023`` -> ``2023-03-04``). Its answers are checkable, so ``exact_match`` measures what a
@@ -185,6 +187,7 @@ class FinetuneConfig:
     max_len: int = 512
     warmup: float = 0.05                  # fraction of the steps
     seed: int = 0
+    qlora: bool = False                   # the adapted projections' frozen weights in NF4 (QLoRA)
 
 
 def finetune(model, tok, examples: Sequence[dict], cfg: FinetuneConfig,
@@ -194,7 +197,8 @@ def finetune(model, tok, examples: Sequence[dict], cfg: FinetuneConfig,
     the loss of every step. The adapters stay unmerged (tritium.lora.merge before serving)."""
     torch.manual_seed(cfg.seed)
     if not tritium.lora._adapters(model):
-        tritium.lora.apply(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets)
+        tritium.lora.apply(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets,
+                           quantize="nf4" if cfg.qlora else None)
     params = [p for p in model.parameters() if p.requires_grad]
     encoded = [encode(ex, tok, cfg.max_len) for ex in examples]
     encoded = [e for e in encoded if any(t != IGNORE_INDEX for t in e[1][1:])]
@@ -228,6 +232,13 @@ def finetune(model, tok, examples: Sequence[dict], cfg: FinetuneConfig,
                 break
     model.eval()
     return losses
+
+
+def dequantize_bases(model) -> None:
+    """QLoRA's NF4 bases back to float weights (their dequantised values), so the adapters can be merged into them
+    and the model served."""
+    for lin, _, _ in model.hf_projections():
+        lin.dequantize_base()
 
 
 def exact_match(model, tok, examples: Sequence[dict], max_new_tokens: int = 24) -> Tuple[float, List[str]]:

@@ -117,11 +117,13 @@ def apply(model: torch.nn.Module, r: int = 16, alpha: float = 32, dropout: float
         if not all(isinstance(t, str) for t in targets):
             raise TypeError(f"apply: targets must be None, a regular expression or a list of module names, got "
                             f"{targets!r}")
+    if quantize is not None:
+        from .ops.nf4 import BLOCKSIZES
+
+        if blocksize not in BLOCKSIZES:
+            raise ValueError(f"apply: blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
     if _fused(model):
-        if quantize is not None:
-            raise NotImplementedError("apply: quantize='nf4' on a model with fused projections (tritium's Llama) "
-                                      "is not supported; adapt the Hugging Face model or its eager twin")
-        return _apply_fused(model, r, alpha, dropout, targets, use_rslora)
+        return _apply_fused(model, r, alpha, dropout, targets, use_rslora, quantize, blocksize, double_quant)
     linear = [name for name, m in model.named_modules()
               if name and isinstance(m, torch.nn.Linear) and not isinstance(m, LoRALinear)]
     chosen = [name for name in linear if _matches(name, targets)]
@@ -130,10 +132,6 @@ def apply(model: torch.nn.Module, r: int = 16, alpha: float = 32, dropout: float
         raise ValueError(f"apply: targets {targets!r} match no torch.nn.Linear module of the model (its linear "
                          f"layers not yet adapted: {shown or 'none'})")
     if quantize is not None:
-        from .ops.nf4 import BLOCKSIZES
-
-        if blocksize not in BLOCKSIZES:
-            raise ValueError(f"apply: blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
         odd = [f"{n} ({model.get_submodule(n).in_features})" for n in chosen
                if model.get_submodule(n).in_features % blocksize]
         if odd:
@@ -149,8 +147,10 @@ def apply(model: torch.nn.Module, r: int = 16, alpha: float = 32, dropout: float
 
 
 def _apply_fused(model: torch.nn.Module, r: int, alpha: float, dropout: float, targets: Targets,
-                 use_rslora: bool) -> torch.nn.Module:
-    """apply for a model with fused projections: targets matched against the Hugging Face layer names."""
+                 use_rslora: bool, quantize: Optional[str] = None, blocksize: int = 64,
+                 double_quant: bool = False) -> torch.nn.Module:
+    """apply for a model with fused projections: targets matched against the Hugging Face layer names; with
+    quantize="nf4" each adapted projection's whole weight becomes NF4 (Linear.quantize_base)."""
     projections = model.hf_projections()
     todo = [(lin, names, sizes, [_matches(n, targets) for n in names])
             for lin, names, sizes in projections if lin.lora is None]
@@ -160,8 +160,15 @@ def _apply_fused(model: torch.nn.Module, r: int, alpha: float, dropout: float, t
         shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
         raise ValueError(f"apply: targets {targets!r} match no projection of the model (its layers not yet "
                          f"adapted: {shown or 'none'})")
+    if quantize is not None:
+        odd = [f"{names[0]} ({lin.in_features})" for lin, names, _, _ in todo if lin.in_features % blocksize]
+        if odd:
+            raise ValueError(f"apply: quantize='nf4' needs in_features a multiple of blocksize {blocksize}; these "
+                             f"projections are not: {', '.join(odd[:8])}")
     for lin, _, sizes, chosen in todo:
         lin.add_lora(sizes, chosen, r, alpha, dropout, use_rslora)
+        if quantize is not None:
+            lin.quantize_base(blocksize, double_quant)
     _freeze(model)
     return model
 

@@ -44,6 +44,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--lora-dropout", type=number(float, 0, 1), default=0.05, help="in [0, 1)")
     p.add_argument("--targets", type=comma_list(choices=PROJECTIONS), default=None,
                    help=f"comma-separated layers to adapt ({','.join(PROJECTIONS)}; default: all of them)")
+    p.add_argument("--qlora", action="store_true",
+                   help="QLoRA: the adapted projections' frozen weights held in NF4 (bitsandbytes' layout) while "
+                   "training; merged back into float weights for the evaluation")
     p.add_argument("--epochs", type=number(float, 0, low_open=True), default=1.0)
     p.add_argument("--lr", type=number(float, 0, low_open=True), default=2e-3)
     p.add_argument("--batch-size", type=number(int, 1), default=16)
@@ -92,14 +95,15 @@ def _run(args) -> int:
     console.print(f"[dim]{model.load_note} | {len(train)} training examples[/dim]")
     result = {"model": args.model or "SmolLM2-135M-Instruct (embedded)", "dtype": str(model.dtype).split(".")[-1],
               "data": args.data, "train_examples": len(train), "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
-              "targets": args.targets, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size}
+              "targets": args.targets, "qlora": args.qlora, "epochs": args.epochs, "lr": args.lr,
+              "batch_size": args.batch_size}
     if held:
         before, _ = ft.exact_match(model, tok, held)
         result["exact_match_before"] = before
         console.print(f"exact match on {len(held)} held-out examples before: {before:.1%}")
     cfg = ft.FinetuneConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=args.targets,
                             epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_len=args.max_len,
-                            seed=args.seed)
+                            seed=args.seed, qlora=args.qlora)
     stats = {"tokens": 0, "seconds": 0.0}
     with Progress(TextColumn("[bold]fine-tuning"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
@@ -121,6 +125,7 @@ def _run(args) -> int:
     console.print(f"{len(losses)} steps in {wall:.0f} s ({result['tokens_per_s']:.0f} tok/s), loss "
                   f"{losses[0]:.4f} -> {losses[-1]:.4f}; adapter saved to {args.out}")
     if held:
+        ft.dequantize_bases(model)
         tritium.lora.merge(model)
         after, answers = ft.exact_match(model, tok, held)
         result["exact_match_after"] = after

@@ -222,6 +222,7 @@ class Linear(nn.Module):
         self.quant: Optional[nn.Module] = None   # set_quantized: the weight stored quantized instead
         self._serve_fn = None                    # serve()'s product, built on first use
         self.lora: Optional[LoRAParts] = None    # add_lora: adapters trained on the frozen weight
+        self.nf4 = None                          # quantize_base (QLoRA): the frozen weight as a tritium NF4Weight
 
     def reset_serving(self) -> None:
         """Drop serve()'s callable (built again on next use) and bump tritium.nn.serving_version, which drops
@@ -249,10 +250,12 @@ class Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """The plain forward (autograd): torch's matmul, the quantized layer, or with adapters (add_lora) one
         tritium.lora_linear call."""
+        base = self.weight if self.nf4 is None else self.nf4
         if self.lora is not None and not self.lora.merged:
             A, B = self.lora.stacked()
-            y = tritium.lora_linear(x, self.weight, None, A, B, self.lora.scaling, self.lora.lora_dropout,
-                                    self.training)
+            y = tritium.lora_linear(x, base, None, A, B, self.lora.scaling, self.lora.lora_dropout, self.training)
+        elif self.nf4 is not None:
+            y = tritium.nf4_linear(x, self.nf4)
         else:
             y = self.quant(x) if self.quant is not None else torch.matmul(x, self.weight.t())
         return tritium.swiglu(y) if self.swiglu else y
@@ -273,7 +276,28 @@ class Linear(nn.Module):
         self.reset_serving()
         return self.lora
 
+    def quantize_base(self, blocksize: int = 64, double_quant: bool = False) -> None:
+        """QLoRA: the frozen float weight replaced by its NF4 quantisation (tritium.quantize_nf4, bitsandbytes'
+        layout), multiplied dequantised in the kernel by the plain forward; dequantize_base() goes back."""
+        if self.nf4 is None:
+            if self.weight is None:
+                raise NotImplementedError("quantize_base: the projection is already stored quantized")
+            self.nf4 = tritium.quantize_nf4(self.weight.detach(), blocksize, double_quant)
+            self.weight = None
+            self.reset_serving()
+
+    def dequantize_base(self) -> None:
+        """The NF4 base (quantize_base) back to a float weight (its dequantised values), e.g. to merge the trained
+        adapters into it and serve."""
+        if self.nf4 is not None:
+            self.weight = nn.Parameter(self.nf4.dequantize(), requires_grad=False)
+            self.nf4 = None
+            self.reset_serving()
+
     def _check_servable(self) -> None:
+        if self.nf4 is not None:
+            raise ValueError("the serving path does not take an NF4 base: dequantize_base() it (and merge the "
+                             "adapters) first")
         if self.lora is not None and not self.lora.merged:
             raise ValueError("the serving path does not apply LoRA adapters: merge them into the weights first "
                              "(tritium.lora.merge(model)), or use the plain forward")
@@ -283,6 +307,8 @@ class Linear(nn.Module):
         """weight += scaling B A (merge) or -= it (merge=False, undoing a merge): merged, the plain and serving
         forwards are the plain projection's, without the adapters' cost."""
         lora = self.lora
+        if lora is not None and lora.merged != merge and self.nf4 is not None:
+            raise ValueError("merge_lora: the base is NF4 (QLoRA); dequantize_base() first to merge into float")
         if lora is not None and lora.merged != merge:
             delta = lora.delta_weight(self.weight.dtype)
             self.weight.add_(delta if merge else -delta)
