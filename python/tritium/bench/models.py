@@ -6,6 +6,9 @@
 - encoder, vit (batch 32, seq 197, dim 384, 6 layers, 6 heads): the tritium model vs its plain-PyTorch twin
   (every row of every block, as plain PyTorch models are written), and vs the twin with tritium's pruning of the
   last block to the [CLS] row (the same work in torch ops: the kernels' share of the lead).
+- siamese, gan (issue 26's zoo, tritium.models.zoo): one training step (forward, backward, optimizer step) at the
+  recipe's batch of 64 digits (8x8): the Siamese CNN on a triplet batch (3 x 64 images, triplet margin loss, AdamW),
+  the GAN's discriminator then generator step (non-saturating BCE, Adam); the tritium model vs its twin.
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ from .common import machine_info, time_fn, write_json
 
 MODELS = ("lstm", "gru", "rnn", "encoder", "vit")
 RNNS = ("lstm", "gru", "rnn")
+ZOO = ("siamese", "gan")
+MODELS += ZOO
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -121,6 +126,28 @@ def _transformer_cases(name: str, batch: int, device) -> Dict[str, Callable[[], 
     return {side: _fwdbwd(lambda m=m: m(inp), list(m.parameters())) for side, m in models.items()}
 
 
+def _zoo_cases(name: str, small: bool, device) -> Dict[str, Callable[[], object]]:
+    from ..models.zoo import GAN, Siamese, gan_optimizers, gan_step, sample_batch, siamese_step
+
+    batch = 16 if small else 64
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(640, 1, 8, 8, generator=gen).to(device)  # the timing does not depend on the pixels
+    a, b, c = (images[i.to(device)] for i in sample_batch(torch.arange(10).repeat(64), batch, "triplet", gen))
+    z = torch.randn(batch, 32, generator=gen).to(device)
+    cases = {}
+    for side, impl in (("tritium", "tritium"), ("torch twin", "torch")):
+        torch.manual_seed(0)
+        if name == "siamese":
+            model = Siamese(impl=impl).to(device)
+            opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+            cases[side] = lambda m=model, o=opt: siamese_step(m, o, a, b, c)
+        else:
+            gan = GAN(impl=impl).to(device)
+            opt_g, opt_d = gan_optimizers(gan)
+            cases[side] = lambda g=gan, og=opt_g, od=opt_d: gan_step(g, og, od, a * 2 - 1, z)
+    return cases
+
+
 def run(args) -> List[dict]:
     from rich.console import Console
     from rich.table import Table
@@ -131,6 +158,8 @@ def run(args) -> List[dict]:
     for name in chosen:
         if name in RNNS:
             cases = _rnn_cases(name, 16 if args.small else 64, device)
+        elif name in ZOO:
+            cases = _zoo_cases(name, args.small, device)
         else:
             cases = _transformer_cases(name, 8 if args.small else 32, device)
         # rounds over the implementations in turn, each impl's figure the median of its rounds: a slow spell
@@ -142,7 +171,8 @@ def run(args) -> List[dict]:
         times = {impl: statistics.median(v) for impl, v in per.items()}
         base = times["tritium"]
         for impl, t in times.items():
-            rows.append({"model": name, "impl": impl, "mode": "fwdbwd", "ms": round(t * 1e3, 2),
+            mode = "train step" if name in ZOO else "fwdbwd"
+            rows.append({"model": name, "impl": impl, "mode": mode, "ms": round(t * 1e3, 2),
                          "tritium_speedup": round(t / base, 3)})
     table = Table(title=f"tritium bench models ({device}, forward+backward)")
     for col in ("model", "impl", "ms", "tritium speedup vs this"):
