@@ -153,3 +153,16 @@ def test_gan_recipe_samples(tmp_path):
     r = train_gan("tritium", steps=750, samples=500, png=str(tmp_path / "s.png"))
     assert r["score"]["confident"] >= 0.10 and r["score"]["classes"] >= 5, r
     assert _read_png(tmp_path / "s.png").shape == (10 * 34 + 2, 10 * 34 + 2)
+
+
+@pytest.mark.parametrize("argv,want", [
+    (["--model", "siamese", "--loss", "hinge"], "--loss: invalid choice: 'hinge'"),
+    (["--model", "gan", "--epochs", "0"], "--epochs"),
+])
+def test_train_command_line_errors(argv, want, capfd):
+    """A bad option of the zoo models' recipes: status 2 and one error line naming it, before any training."""
+    from tritium.cli import main
+
+    assert main(["train", *argv]) == 2
+    lines = capfd.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tritium: error: ") and want in lines[0], lines
