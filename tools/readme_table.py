@@ -126,6 +126,14 @@ Peak extra resident memory of one causal attention call (batch 1, 8 heads x 64),
 process with the output pool off: the outputs, the saved log-sum-exp, any workspace and, for the backward, the
 gradients. Both tritium's flash attention and torch's SDPA grow linearly with the sequence; the naive path would
 hold the (heads, seq, seq) score matrix.
+GROUP_NORM_PROSE = """\
+`group_norm` (32 groups, as a U-Net's GroupNorm) at issue 26's shape 32 x 256 x 32 x 32 (the headline shape
+only) against `F.group_norm`, and the fused GroupNorm + SiLU (`activation="silu"`) against `F.group_norm` then
+`F.silu`, eager and under `torch.compile`, recorded when the op landed. Other sessions' processes shared the two
+cores during this run (outside the benchmark lock), so rows vary from run to run by more than their differences:
+re-record on an idle machine before reading the ratios as the kernel's.
+"""
+
 """
 
 DIST_PROSE = """\
@@ -430,6 +438,9 @@ def results_page() -> str:
 def readme_summary() -> str:
     """The README's short summary: one line per headline suite, and the plot."""
     lines = [SUMMARY_START]
+    ("norms-group-amd-avx512.json", "tritium bench ops --op 'group_norm*' --headline --json "
+                                    "bench/results/norms-group-amd-avx512.json",
+     f"GroupNorm on {MACHINE_KINDS['amd-avx512']}", GROUP_NORM_PROSE, ops_section),
     plots = []
     for kind, label in MACHINE_KINDS.items():
         ops = load(ops_file(kind))
