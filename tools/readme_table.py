@@ -106,6 +106,14 @@ and the argument checks, about 10 us; some kernels also lose at in-cache sizes).
 the rows below an op's size run torch's op on both sides.
 """
 
+GROUP_NORM_PROSE = """\
+`group_norm` (32 groups, as a U-Net's GroupNorm) at issue 26's shape 32 x 256 x 32 x 32 (the headline shape
+only) against `F.group_norm`, and the fused GroupNorm + SiLU (`activation="silu"`) against `F.group_norm` then
+`F.silu`, eager and under `torch.compile`, recorded when the op landed. Other sessions' processes shared the two
+cores during this run (outside the benchmark lock), so rows vary from run to run by more than their differences:
+re-record on an idle machine before reading the ratios as the kernel's.
+"""
+
 ATTENTION_PROSE = """\
 The attention rows of the ops headline alone, recorded after a change to the attention kernels (their bfloat16
 backward on CPUs with AVX512-BF16 and no AMX): the same cases and shapes as the ops table of that machine kind,
@@ -126,14 +134,6 @@ Peak extra resident memory of one causal attention call (batch 1, 8 heads x 64),
 process with the output pool off: the outputs, the saved log-sum-exp, any workspace and, for the backward, the
 gradients. Both tritium's flash attention and torch's SDPA grow linearly with the sequence; the naive path would
 hold the (heads, seq, seq) score matrix.
-GROUP_NORM_PROSE = """\
-`group_norm` (32 groups, as a U-Net's GroupNorm) at issue 26's shape 32 x 256 x 32 x 32 (the headline shape
-only) against `F.group_norm`, and the fused GroupNorm + SiLU (`activation="silu"`) against `F.group_norm` then
-`F.silu`, eager and under `torch.compile`, recorded when the op landed. Other sessions' processes shared the two
-cores during this run (outside the benchmark lock), so rows vary from run to run by more than their differences:
-re-record on an idle machine before reading the ratios as the kernel's.
-"""
-
 """
 
 DIST_PROSE = """\
