@@ -394,6 +394,9 @@ KNOWN = [
     ("attention-amd-avx512.json", "tritium bench ops --op 'attention_causal*' --headline --json "
                                   "bench/results/attention-amd-avx512.json",
      f"Attention on {MACHINE_KINDS['amd-avx512']}", ATTENTION_PROSE, ops_section),
+    ("norms-group-amd-avx512.json", "tritium bench ops --op 'group_norm*' --headline --json "
+                                    "bench/results/norms-group-amd-avx512.json",
+     f"GroupNorm on {MACHINE_KINDS['amd-avx512']}", GROUP_NORM_PROSE, ops_section),
     ("routes.json", "TRITIUM_ROUTES=off tritium bench ops --op relu --op gelu --op softmax --op rms_norm --op "
                     "layer_norm --shape 16x256 --shape 64x256 --shape 256x256 --shape 256x1024 --shape 1024x1024 "
                     "--shape 1024x4096 --shape 2048x4096 --no-compile --json bench/results/routes.json",
@@ -438,9 +441,6 @@ def results_page() -> str:
 def readme_summary() -> str:
     """The README's short summary: one line per headline suite, and the plot."""
     lines = [SUMMARY_START]
-    ("norms-group-amd-avx512.json", "tritium bench ops --op 'group_norm*' --headline --json "
-                                    "bench/results/norms-group-amd-avx512.json",
-     f"GroupNorm on {MACHINE_KINDS['amd-avx512']}", GROUP_NORM_PROSE, ops_section),
     plots = []
     for kind, label in MACHINE_KINDS.items():
         ops = load(ops_file(kind))
