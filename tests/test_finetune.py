@@ -19,6 +19,7 @@ import tritium
 from tritium import finetune as ft
 from tritium.models import LlamaConfig, build
 from tritium.models.eager import EagerLlama
+from tests.test_lora import peft_model
 from tests.util import assert_within_torch_error, need
 
 peft = need("peft")
@@ -34,14 +35,7 @@ def pair(dtype=torch.float32, targets=TARGETS):
     lora_B random, moved over through PEFT's save_pretrained and tritium.lora.load)."""
     model = build(CFG, torch.float32).init_random(generator=torch.Generator().manual_seed(0)).to(dtype)
     twin = EagerLlama(CFG).to(dtype).load_weights(model.hf_state_dict())
-    torch.manual_seed(1)
-    pm = peft.get_peft_model(twin, peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=targets,
-                                                   lora_dropout=0.0), autocast_adapter_dtype=False)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
-    return model, pm
+    return model, peft_model(twin, targets, R, ALPHA)
 
 
 def ids():
