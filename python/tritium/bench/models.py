@@ -7,7 +7,7 @@
   (every row of every block, as plain PyTorch models are written), and vs the twin with tritium's pruning of the
   last block to the [CLS] row (the same work in torch ops: the kernels' share of the lead).
 - siamese, gan (issue 26's zoo, tritium.models.zoo): one training step (forward, backward, optimizer step) at the
-  recipe's batch of 64 digits (8x8): the Siamese CNN on a triplet batch (3 x 64 images, triplet margin loss, AdamW),
+  recipe's batch of 64 digits (8x8): the Siamese CNN on 64 same-class pairs (2 x 64 images, InfoNCE, AdamW),
   the GAN's discriminator then generator step (non-saturating BCE, Adam); the tritium model vs its twin.
 """
 from __future__ import annotations
@@ -132,13 +132,13 @@ def _zoo_cases(name: str, small: bool, device) -> Dict[str, Callable[[], object]
     batch = 16 if small else 64
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(640, 1, 8, 8, generator=gen).to(device)  # the timing does not depend on the pixels
-    a, b, c = (images[i.to(device)] for i in sample_batch(torch.arange(10).repeat(64), batch, "triplet", gen))
+    a, b, c = (images[i.to(device)] for i in sample_batch(torch.arange(10).repeat(64), batch, "info_nce", gen))
     z = torch.randn(batch, 32, generator=gen).to(device)
     cases = {}
     for side, impl in (("tritium", "tritium"), ("torch twin", "torch")):
         torch.manual_seed(0)
         if name == "siamese":
-            model = Siamese(impl=impl).to(device)
+            model = Siamese(loss="info_nce", impl=impl).to(device)
             opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
             cases[side] = lambda m=model, o=opt: siamese_step(m, o, a, b, c)
         else:

@@ -136,7 +136,7 @@ def _steps(name: str, epochs: Optional[int], n: int) -> int:
     return (epochs or recipe.epochs) * math.ceil(n / recipe.batch)
 
 
-def train_siamese(impl: str = "tritium", loss: str = "triplet", epochs: Optional[int] = None, seed: int = 0,
+def train_siamese(impl: str = "tritium", loss: str = "info_nce", epochs: Optional[int] = None, seed: int = 0,
                   steps: Optional[int] = None) -> dict:
     """Train the Siamese embedding network with ``loss``; returns {model, impl, loss, retrieval (1-NN accuracy
     of the test images against the training embeddings), pixel_retrieval (the same on raw pixels: the baseline),
@@ -213,7 +213,7 @@ def zoo_main(argv) -> int:
     p.add_argument("--impl", default="tritium", choices=IMPLS, help="tritium ops or the plain-PyTorch twin")
     p.add_argument("--epochs", type=number(int, 1), help="default: the model's recipe")
     p.add_argument("--seed", type=number(int, 0), default=0)
-    p.add_argument("--loss", default="triplet", choices=LOSSES, help="siamese: the metric-learning loss")
+    p.add_argument("--loss", default="info_nce", choices=LOSSES, help="siamese: the metric-learning loss")
     p.add_argument("--png", default="gan-samples.png", help="gan: where to write a 10 x 10 grid of samples")
     p.add_argument("--no-progress", action="store_true", help="accepted for symmetry (no progress bar here)")
     args = p.parse_args(argv)
