@@ -248,7 +248,8 @@ def main(argv=None) -> int:
 
         return train_lm.main(argv)
     p = ArgumentParser(prog="tritium train", description=__doc__.strip().splitlines()[0],
-                       epilog=f"--model {'|'.join(LM_MODELS)}: see tritium train --model mamba --help")
+                       epilog=f"--model {'|'.join(LM_MODELS)}: see tritium train --model mamba --help; "
+                              f"--model {'|'.join(ZOO_MODELS)}: see tritium train --model gan --help")
     p.add_argument("--model", required=True, choices=sorted(DIGITS) + list(LM_MODELS))
     p.add_argument("--impl", default="tritium", choices=IMPLS, help="tritium ops or the plain-PyTorch twin")
     p.add_argument("--epochs", type=number(int, 1), help="default: the model's recipe")
