@@ -761,6 +761,79 @@ class LoRALinear(torch.nn.Linear):
             self.register_buffer("weight_offset", q.offset)
         self.nf4_meta = (q.shape, q.blocksize, q.dtype)
         self.weight = None
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return ops.linear(x, self.weight, self.bias)
+        weight = self.weight if self.nf4_meta is None else self.nf4_weight()
+        return ops.lora_linear(x, weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.lora_dropout,
+                               self.training)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}"
+                f"{', use_rslora=True' if self.use_rslora else ''}{', merged' if self.merged else ''}"
+                f"{', base=nf4' if self.nf4_meta is not None else ''}")
+
+
+# ---- mixture of experts ----
+class MoE(torch.nn.Module):
+    """A dropless top-k mixture of SwiGLU experts (Mixtral / Qwen-MoE's sparse MLP) through tritium.moe:
+    forward(x) -> MoEOutput(output, aux_loss, z_loss), output (*, dim) in x's dtype and the router's
+    load-balancing loss (aux_loss_coef * E * sum_i f_i P_i) and z-loss (z_loss_coef * mean logsumexp^2).
+
+    Parameters: ``router_weight`` (num_experts, dim), ``w13`` (num_experts, 2 ffn_dim, dim) each expert's fused
+    [gate; up] projection, ``w2`` (num_experts, dim, ffn_dim) its down projection; with ``shared_expert`` a
+    dense SwiGLU MLP of the same ffn_dim every token goes through (Qwen-MoE / DeepSeek's), added to the output.
+    ``impl="reference"`` runs tritium.reference.moe, the eager loop over experts (the twin the kernels are
+    checked against)."""
+
+    def __init__(self, dim: int, ffn_dim: int, num_experts: int, top_k: int, score: str = "softmax",
+                 renormalize: bool = True, shared_expert: bool = False, aux_loss_coef: float = 0.01,
+                 z_loss_coef: float = 0.001, impl: str = "tritium", device=None, dtype=None):
+        super().__init__()
+        for name, v in (("dim", dim), ("ffn_dim", ffn_dim), ("num_experts", num_experts)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"MoE: {name} must be a positive integer, got {v!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+            raise ValueError(f"MoE: top_k must be an integer in [1, num_experts = {num_experts}], got {top_k!r}")
+        if score not in ops.moe_ops.SCORES:
+            raise ValueError(f"MoE: score must be one of {ops.moe_ops.SCORES}, got {score!r}")
+        if impl not in ("tritium", "reference"):
+            raise ValueError(f"MoE: impl must be 'tritium' or 'reference', got {impl!r}")
+        kw = {"device": device, "dtype": dtype}
+        self.dim, self.ffn_dim, self.num_experts, self.top_k = dim, ffn_dim, num_experts, top_k
+        self.score, self.renormalize, self.impl = score, renormalize, impl
+        self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
+        self.router_weight = torch.nn.Parameter(torch.empty(num_experts, dim, **kw))
+        self.w13 = torch.nn.Parameter(torch.empty(num_experts, 2 * ffn_dim, dim, **kw))
+        self.w2 = torch.nn.Parameter(torch.empty(num_experts, dim, ffn_dim, **kw))
+        self.shared = SwiGLU(dim, ffn_dim, **kw) if shared_expert else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """nn.Linear's default initialisation for each expert's projections and the router."""
+        for w, fan_in in ((self.router_weight, self.dim), (self.w13, self.dim), (self.w2, self.ffn_dim)):
+            bound = 1.0 / fan_in ** 0.5
+            w.uniform_(-bound, bound)
+
+    def forward(self, x: Tensor):
+        from .reference import moe as reference_moe
+
+        args = (x, self.router_weight, self.w13, self.w2, self.top_k, self.score, self.renormalize,
+                self.aux_loss_coef, self.z_loss_coef)
+        if self.impl == "reference":
+            ops.moe_ops.check_moe_args("MoE", *args[:7])
+            out = ops.moe_ops.MoEOutput(*reference_moe(*args))
+        else:
+            out = ops.moe(*args)
+        if self.shared is not None:
+            out = out._replace(output=out.output + self.shared(x))
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, ffn_dim={self.ffn_dim}, num_experts={self.num_experts}, top_k={self.top_k}, "
+                f"score={self.score!r}, renormalize={self.renormalize}, shared_expert={self.shared is not None}"
+                f"{', impl=reference' if self.impl == 'reference' else ''}")
         return self
 
     def nf4_weight(self):

@@ -792,3 +792,48 @@ def sgd_step_(params: list, grads: list, momentum_buffers: list, params16: list,
         p.add_(g, alpha=-lr)
     for p16, p in zip(params16, params):
         p16.copy_(p)
+
+
+# ---- mixture of experts (tritium.ops.moe): the router, its losses and the eager loop over experts ----
+def moe_route(x: Tensor, router_weight: Tensor, top_k: int, score: str, renormalize: bool):
+    """The router of moe for x (tokens, D): (logits (tokens, E) in x's dtype, scores (tokens, E) in float32 (x's
+    dtype if wider), top-k weights (tokens, k) in the scores' dtype, top-k expert indices (tokens, k))."""
+    logits = F.linear(x, router_weight)
+    lf = logits.to(acc_dtype(x.dtype))
+    scores = torch.softmax(lf, -1) if score == "softmax" else torch.sigmoid(lf)
+    topw, topi = scores.topk(top_k, dim=-1)
+    if renormalize:
+        topw = topw / topw.sum(-1, keepdim=True)
+    return logits, scores, topw, topi
+
+
+def moe_losses(logits: Tensor, scores: Tensor, topi: Tensor, num_experts: int, aux_loss_coef: float,
+               z_loss_coef: float):
+    """(aux_loss, z_loss) of moe: aux_loss_coef * E * sum_i f_i P_i, f_i the share of tokens routed to expert i
+    (each of a token's k choices counted: sum_i f_i = k, Hugging Face Mixtral's), P_i the mean over tokens of the
+    scores normalised to sum 1 per token; z_loss_coef * mean logsumexp(logits)^2. Both in the scores' dtype."""
+    T = logits.shape[0]
+    counts = F.one_hot(topi.reshape(-1), num_experts).sum(0).to(scores.dtype)
+    p = scores / scores.sum(-1, keepdim=True)
+    aux = aux_loss_coef * num_experts * (counts / T * p.mean(0)).sum()
+    z = z_loss_coef * torch.logsumexp(logits.to(scores.dtype), -1).square().mean()
+    return aux, z
+
+
+def moe(x: Tensor, router_weight: Tensor, w13: Tensor, w2: Tensor, top_k: int, score: str = "softmax",
+        renormalize: bool = True, aux_loss_coef: float = 0.01, z_loss_coef: float = 0.001):
+    """tritium.moe as the usual eager loop over experts: (output, aux_loss, z_loss). Each expert takes the tokens
+    routed to it (torch.where over the top-k indices), runs its SwiGLU MLP and adds its weighted output back with
+    index_add_, all in x's dtype."""
+    E, F2, D = w13.shape
+    x2 = x.reshape(-1, D)
+    logits, scores, topw, topi = moe_route(x2, router_weight, top_k, score, renormalize)
+    aux, z = moe_losses(logits, scores, topi, E, aux_loss_coef, z_loss_coef)
+    w = topw.to(x.dtype)
+    y = torch.zeros_like(x2)
+    for e in range(E):
+        tok, slot = torch.where(topi == e)
+        a = F.linear(x2[tok], w13[e])
+        h = F.silu(a[:, :F2 // 2]) * a[:, F2 // 2:]
+        y.index_add_(0, tok, F.linear(h, w2[e]) * w[tok, slot, None])
+    return y.view(x.shape), aux, z

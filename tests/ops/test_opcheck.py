@@ -670,6 +670,41 @@ def _nf4_fwd(m, dtype, bias):
 @sample("nf4_linear_fwd")
 def _():
     return [_nf4_fwd(3, torch.float32, True), _nf4_fwd(40, torch.bfloat16, False)]
+# ---- mixture of experts: 7 tokens, top-2 of 3 experts (expert 1 without a token in the second sample) ----
+def _moe_rows(idx):
+    from tritium.ops.moe import group_by_expert
+    _, tokens, offsets = group_by_expert(torch.tensor(idx), 3)
+    return tokens, offsets
+
+
+@sample("moe_experts_fwd")
+def _():
+    t1, o1 = _moe_rows([[0, 1], [2, 0], [1, 2], [0, 2], [1, 0], [2, 1], [0, 1]])
+    t2, o2 = _moe_rows([[0, 2]] * 7)
+    return [(g(7, 5), g(3, 8, 5), g(3, 5, 4), t1, o1, g(14)),
+            (g(7, 5, dtype=torch.float64), g(3, 8, 5, dtype=torch.float64), g(3, 5, 4, dtype=torch.float64), t2,
+             o2, g(14, dtype=torch.float64))]
+
+
+@sample("moe_experts_bwd")
+def _():
+    t1, o1 = _moe_rows([[0, 1], [2, 0], [1, 2], [0, 2], [1, 0], [2, 1], [0, 1]])
+    return [(r(7, 5), r(7, 5), r(3, 8, 5), r(3, 5, 4), t1, o1, r(14), r(14, 8), True),
+            (r(7, 5), r(7, 5), r(3, 8, 5), r(3, 5, 4), t1, o1, r(14), r(14, 8), False)]
+
+
+def test_every_registered_op_has_a_sample():
+    """The table names only registered ops (a renamed or removed op leaves no stale sample)."""
+    assert REGISTERED, "no tritium ops registered"
+    assert sorted(set(SAMPLES) - set(REGISTERED)) == []
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_opcheck(name):
+    assert name in SAMPLES, f"tritium::{name} has no sample inputs in tests/ops/test_opcheck.py: add one to SAMPLES"
+    op = getattr(torch.ops.tritium, name).default
+    for args in SAMPLES[name]():
+        torch.library.opcheck(op, args, test_utils=TEST_UTILS)
 
 
 @sample("nf4_linear_dx")

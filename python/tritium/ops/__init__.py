@@ -61,3 +61,6 @@ __all__ += _wkv.__all__
 from . import nf4 as _nf4  # noqa: E402
 from .nf4 import *  # noqa: F401,F403,E402
 __all__ += _nf4.__all__
+from . import moe as moe_ops  # noqa: E402
+from .moe import *  # noqa: F401,F403,E402
+__all__ += moe_ops.__all__

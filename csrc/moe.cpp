@@ -1,0 +1,311 @@
+// Mixture-of-experts CPU kernels (python/tritium/ops/moe.py): the experts' SwiGLU MLPs over tokens grouped by
+// expert (dropless). The router, its top-k and the sort that groups the assignments stay in torch ops; these
+// kernels take the grouped form:
+//   x (T, D) tokens; w13 (E, 2F, D) each expert's fused [gate; up] weight; w2 (E, D, F) its down weight;
+//   rows r = 0..R-1 (R = T k assignments) sorted by expert: tokens[r] the token of row r, weights[r] its routing
+//   weight, offsets (E + 1) the first row of each expert (offsets[E] = R).
+//   forward:  a_r = x[tokens[r]] W13_e^T (2F), h_r = silu(a_r[:F]) * a_r[F:], y[t] = sum_{r: tokens[r] = t}
+//             weights[r] h_r W2_e^T; returns y (T, D) and a (R, 2F) (saved for the backward)
+//   backward: g_r = dy[tokens[r]] W2_e (F); dweights[r] = g_r . h_r; dh_r = weights[r] g_r;
+//             dW2_e = dy[tok_e]^T (weights h)_e; da = swiglu'(a) dh; dW13_e = da_e^T x[tok_e];
+//             dx[t] = sum_{r: tokens[r] = t} da_r W13_e
+//
+// Each expert's rows are contiguous, so its products are three GEMMs on a gathered (n_e, D) block: ATen's
+// (oneDNN for 16-bit, BLAS) and, for float32 from kPanelRows rows, tritium's panel GEMM (panel_mm_out,
+// tritium.linear's) and its weight-gradient form (panel_gemm_tn), each threaded inside. The elementwise parts
+// (gather, SwiGLU and its backward, the weighted scatter into token order) are at::parallel_for over the expert's
+// rows. A token has k rows in k different experts, so the scatter of one expert's rows never has two rows on
+// one token: no atomics. The combine accumulates into y itself (float32/float64) or into a float32 (T, D)
+// buffer rounded once at the end (16-bit): no (R, D) copy of the expert outputs is kept.
+#include "panel.h"
+#include "pool.h"
+#include "vec.h"
+
+namespace tritium {
+namespace {
+
+void check_args(const char* fn, const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
+                const at::Tensor& tokens, const at::Tensor& offsets, const at::Tensor& weights) {
+  TORCH_CHECK(x.dim() == 2 && w13.dim() == 3 && w2.dim() == 3, fn,
+              ": x (T, D), w13 (E, 2F, D) and w2 (E, D, F) must be 2-D, 3-D and 3-D, got ", x.sizes(), ", ",
+              w13.sizes(), ", ", w2.sizes());
+  const int64_t D = x.size(1), E = w13.size(0), F2 = w13.size(1);
+  TORCH_CHECK(F2 % 2 == 0 && w13.size(2) == D && w2.size(0) == E && w2.size(1) == D && w2.size(2) == F2 / 2, fn,
+              ": shapes disagree: x ", x.sizes(), ", w13 ", w13.sizes(), " (E, 2F, D), w2 ", w2.sizes(), " (E, D, F)");
+  TORCH_CHECK(w13.scalar_type() == x.scalar_type() && w2.scalar_type() == x.scalar_type() &&
+                  weights.scalar_type() == x.scalar_type(),
+              fn, ": w13, w2 and weights must have x's dtype ", x.scalar_type(), ", got ", w13.scalar_type(), ", ",
+              w2.scalar_type(), ", ", weights.scalar_type());
+  TORCH_CHECK(tokens.dim() == 1 && tokens.scalar_type() == at::kLong && offsets.dim() == 1 &&
+                  offsets.scalar_type() == at::kLong && offsets.size(0) == E + 1,
+              fn, ": tokens must be (R,) int64 and offsets (E + 1,) = (", E + 1, ",) int64, got ", tokens.sizes(), " ",
+              tokens.scalar_type(), " and ", offsets.sizes(), " ", offsets.scalar_type());
+  TORCH_CHECK(weights.dim() == 1 && weights.size(0) == tokens.size(0), fn, ": weights must be (R,) = (",
+              tokens.size(0), ",), got ", weights.sizes());
+}
+
+// The rows' expert boundaries, checked: non-decreasing from 0 to R.
+std::vector<int64_t> read_offsets(const char* fn, const at::Tensor& offsets, int64_t R) {
+  const auto oc = offsets.contiguous();
+  std::vector<int64_t> off(oc.const_data_ptr<int64_t>(), oc.const_data_ptr<int64_t>() + oc.numel());
+  TORCH_CHECK(off.front() == 0 && off.back() == R, fn, ": offsets must run from 0 to R = ", R, ", got ",
+              off.front(), " to ", off.back());
+  for (size_t e = 1; e < off.size(); ++e)
+    TORCH_CHECK(off[e] >= off[e - 1], fn, ": offsets must be non-decreasing, got ", off[e - 1], " then ", off[e],
+                " at expert ", e - 1);
+  return off;
+}
+
+// out (n, D) = x[tok[i]] rows (tokens checked in range)
+template <typename T>
+void gather(const T* x, int64_t ldx, int64_t T_, const int64_t* tok, int64_t n, int64_t D, T* out) {
+  at::parallel_for(0, n, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = tok[i];
+      TORCH_CHECK(t >= 0 && t < T_, "moe: tokens must be in [0, ", T_, "), got ", t);
+      std::memcpy(out + i * D, x + t * ldx, D * sizeof(T));
+    }
+  });
+}
+
+// y (M, N) = a (M, K) @ b (K, N): the panels for float32/float64 where they apply, else ATen
+void mm_into(const at::Tensor& a, const at::Tensor& b, at::Tensor& y) {
+  if (!panel_mm_out(a, b, y, nullptr, 0)) at::mm_out(y, a, b);
+}
+
+// y (P, Q) = a (n, P)^T @ b (n, Q) for contiguous a, b, y: panel_gemm_tn for float/double with many rows
+void mm_tn_into(const at::Tensor& a, const at::Tensor& b, at::Tensor& y) {
+  const int64_t n = a.size(0), P = a.size(1), Q = b.size(1);
+  if ((a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble) && n >= 2 * kTnChunk && P > 0 && Q > 0) {
+    AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "tritium_moe_tn", [&] {
+      panel_gemm_tn<scalar_t>(a.const_data_ptr<scalar_t>(), P, b.const_data_ptr<scalar_t>(), Q, n, P, Q,
+                              y.mutable_data_ptr<scalar_t>(), Q, nullptr);
+    });
+    return;
+  }
+  at::mm_out(y, a.t(), b);
+}
+
+template <typename V>
+inline V silu_of(const V& g) {
+  return g * fsigmoid(g);
+}
+
+// h (n, F) = silu(a[:, :F]) * a[:, F:] for a (n, 2F)
+template <typename T>
+void swiglu_rows(const T* a, int64_t n, int64_t F, T* h) {
+  using A = acc_type<T>;
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const T* g = a + i * 2 * F;
+      const T* u = g + F;
+      T* hi = h + i * F;
+      int64_t j = 0;
+      for (; j + L <= F; j += L)
+        VecIO<T>::store(hi + j, silu_of(VecIO<T>::load(g + j)) * VecIO<T>::load(u + j));
+      for (; j < F; ++j) {
+        const A gv = static_cast<A>(g[j]);
+        hi[j] = static_cast<T>(gv / (A(1) + std::exp(-gv)) * static_cast<A>(u[j]));
+      }
+    }
+  });
+}
+
+// acc[tok[i]] += w[i] * o[i] (acc rows of the accumulation type; distinct tokens within the call)
+template <typename T, typename A>
+void scatter_add(const T* o, int64_t n, int64_t D, const int64_t* tok, const T* w, A* acc) {
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      A* dst = acc + tok[i] * D;
+      const T* src = o + i * D;
+      const A wi = w == nullptr ? A(1) : static_cast<A>(w[i]);
+      const V wv(wi);
+      int64_t j = 0;
+      for (; j + L <= D; j += L) (V::loadu(dst + j) + wv * VecIO<T>::load(src + j)).store(dst + j);
+      for (; j < D; ++j) dst[j] += wi * static_cast<A>(src[j]);
+    }
+  });
+}
+
+// 16-bit: the float32 accumulator rounded into out; float/double: out is the accumulator itself
+template <typename T>
+void round_into(const float* acc, int64_t n, T* out) {
+  at::parallel_for(0, n, 1 << 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) out[i] = static_cast<T>(acc[i]);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> moe_experts_fwd(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
+                                                   const at::Tensor& tokens, const at::Tensor& offsets,
+                                                   const at::Tensor& weights) {
+  const char* fn = "moe_experts_fwd";
+  check_args(fn, x, w13, w2, tokens, offsets, weights);
+  const int64_t T_ = x.size(0), D = x.size(1), E = w13.size(0), F = w13.size(1) / 2, R = tokens.size(0);
+  const auto off = read_offsets(fn, offsets, R);
+  auto a = empty({R, 2 * F}, x.options());
+  auto y = empty({T_, D}, x.options());
+  const bool half = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
+  auto acc = half ? at::zeros({T_, D}, x.options().dtype(at::kFloat)) : y.zero_();
+  if (R == 0 || D == 0) {
+    if (half) y.zero_();
+    return {y, a};
+  }
+  const auto xc = x.stride(1) == 1 ? x : x.contiguous();
+  const auto tc = tokens.contiguous();
+  const auto wc = weights.contiguous();
+  const auto w13c = w13.contiguous(), w2c = w2.contiguous();
+  int64_t most = 0;
+  for (int64_t e = 0; e < E; ++e) most = std::max(most, off[e + 1] - off[e]);
+  auto xe_buf = empty({most, D}, x.options());
+  auto h_buf = empty({most, F}, x.options());
+  auto o_buf = empty({most, D}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tritium_moe_experts_fwd", [&] {
+    using A = acc_type<scalar_t>;
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t r0 = off[e], n = off[e + 1] - r0;
+      if (n == 0) continue;
+      const int64_t* tok = tc.const_data_ptr<int64_t>() + r0;
+      auto xe = xe_buf.narrow(0, 0, n);
+      gather<scalar_t>(xc.const_data_ptr<scalar_t>(), xc.stride(0), T_, tok, n, D, xe.mutable_data_ptr<scalar_t>());
+      auto ae = a.narrow(0, r0, n);
+      mm_into(xe, w13c[e].t(), ae);
+      auto he = h_buf.narrow(0, 0, n);
+      swiglu_rows<scalar_t>(ae.const_data_ptr<scalar_t>(), n, F, he.mutable_data_ptr<scalar_t>());
+      auto oe = o_buf.narrow(0, 0, n);
+      mm_into(he, w2c[e].t(), oe);
+      scatter_add<scalar_t, A>(oe.const_data_ptr<scalar_t>(), n, D, tok, wc.const_data_ptr<scalar_t>() + r0,
+                               acc.mutable_data_ptr<A>());
+    }
+    if constexpr (!std::is_same_v<scalar_t, A>)
+      round_into<scalar_t>(acc.const_data_ptr<float>(), T_ * D, y.mutable_data_ptr<scalar_t>());
+  });
+  return {y, a};
+}
+
+// Per row of one expert, from g = dy W2_e (n, F, overwritten by weights * h) and a (n, 2F):
+//   dweights[i] = g_i . h_i;  dh = weights[i] g_i;  da = [dh u silu'(gate), dh silu(gate)] (n, 2F)
+template <typename T>
+void swiglu_bwd_rows(T* g, const T* a, const T* w, int64_t n, int64_t F, T* da, T* dw) {
+  using A = acc_type<T>;
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const T* ga = a + i * 2 * F;
+      const T* ua = ga + F;
+      T* gi = g + i * F;
+      T* dg = da + i * 2 * F;
+      T* du = dg + F;
+      const A wi = static_cast<A>(w[i]);
+      const V wv(wi);
+      V dots(A(0));
+      A dot = A(0);
+      int64_t j = 0;
+      for (; j + L <= F; j += L) {
+        const V gate = VecIO<T>::load(ga + j), up = VecIO<T>::load(ua + j), gg = VecIO<T>::load(gi + j);
+        const V s = fsigmoid(gate);
+        const V sl = gate * s;
+        const V h = sl * up;
+        dots = at::vec::fmadd(gg, h, dots);
+        const V dh = wv * gg;
+        VecIO<T>::store(dg + j, dh * up * s * (V(1) + gate * (V(1) - s)));
+        VecIO<T>::store(du + j, dh * sl);
+        VecIO<T>::store(gi + j, wv * h);
+      }
+      for (; j < F; ++j) {
+        const A gate = static_cast<A>(ga[j]), up = static_cast<A>(ua[j]), gg = static_cast<A>(gi[j]);
+        const A s = A(1) / (A(1) + std::exp(-gate));
+        const A sl = gate * s;
+        const A h = sl * up;
+        dot += gg * h;
+        const A dh = wi * gg;
+        dg[j] = static_cast<T>(dh * up * s * (A(1) + gate * (A(1) - s)));
+        du[j] = static_cast<T>(dh * sl);
+        gi[j] = static_cast<T>(wi * h);
+      }
+      dw[i] = static_cast<T>(dot + hsum(dots));
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_bwd(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2, const at::Tensor& tokens,
+    const at::Tensor& offsets, const at::Tensor& weights, const at::Tensor& a, bool need_dx) {
+  const char* fn = "moe_experts_bwd";
+  check_args(fn, x, w13, w2, tokens, offsets, weights);
+  const int64_t T_ = x.size(0), D = x.size(1), E = w13.size(0), F = w13.size(1) / 2, R = tokens.size(0);
+  TORCH_CHECK(dy.dim() == 2 && dy.size(0) == T_ && dy.size(1) == D && dy.scalar_type() == x.scalar_type(), fn,
+              ": dy must be (", T_, ", ", D, ") of x's dtype, got ", dy.sizes(), " ", dy.scalar_type());
+  TORCH_CHECK(a.dim() == 2 && a.size(0) == R && a.size(1) == 2 * F && a.scalar_type() == x.scalar_type(), fn,
+              ": a must be (", R, ", ", 2 * F, ") of x's dtype, got ", a.sizes(), " ", a.scalar_type());
+  const auto off = read_offsets(fn, offsets, R);
+  auto dw13 = empty({E, 2 * F, D}, x.options());
+  auto dw2 = empty({E, D, F}, x.options());
+  auto dweights = at::empty({R}, x.options());
+  auto dx = need_dx ? empty({T_, D}, x.options()) : at::empty({0}, x.options());
+  const bool half = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
+  at::Tensor acc;
+  if (need_dx) acc = half ? at::zeros({T_, D}, x.options().dtype(at::kFloat)) : dx.zero_();
+  const auto xc = x.stride(1) == 1 ? x : x.contiguous();
+  const auto dyc = dy.stride(1) == 1 ? dy : dy.contiguous();
+  const auto tc = tokens.contiguous();
+  const auto wc = weights.contiguous();
+  const auto ac = a.contiguous();
+  const auto w13c = w13.contiguous(), w2c = w2.contiguous();
+  int64_t most = 0;
+  for (int64_t e = 0; e < E; ++e) most = std::max(most, off[e + 1] - off[e]);
+  auto xe_buf = empty({most, D}, x.options());
+  auto dye_buf = empty({most, D}, x.options());
+  auto g_buf = empty({most, F}, x.options());
+  auto da_buf = empty({most, 2 * F}, x.options());
+  auto dxe_buf = empty({most, D}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tritium_moe_experts_bwd", [&] {
+    using A = acc_type<scalar_t>;
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t r0 = off[e], n = off[e + 1] - r0;
+      if (n == 0 || D == 0 || F == 0) {
+        dw13[e].zero_();
+        dw2[e].zero_();
+        if (n > 0) dweights.narrow(0, r0, n).zero_();
+        continue;
+      }
+      const int64_t* tok = tc.const_data_ptr<int64_t>() + r0;
+      auto dye = dye_buf.narrow(0, 0, n);
+      gather<scalar_t>(dyc.const_data_ptr<scalar_t>(), dyc.stride(0), T_, tok, n, D,
+                       dye.mutable_data_ptr<scalar_t>());
+      auto g = g_buf.narrow(0, 0, n);
+      mm_into(dye, w2c[e], g);  // dy W2_e (n, F)
+      auto dae = da_buf.narrow(0, 0, n);
+      swiglu_bwd_rows<scalar_t>(g.mutable_data_ptr<scalar_t>(), ac.const_data_ptr<scalar_t>() + r0 * 2 * F,
+                                wc.const_data_ptr<scalar_t>() + r0, n, F, dae.mutable_data_ptr<scalar_t>(),
+                                dweights.mutable_data_ptr<scalar_t>() + r0);
+      auto dw2e = dw2[e];
+      mm_tn_into(dye, g, dw2e);  // dy^T (weights h) (D, F)
+      auto xe = xe_buf.narrow(0, 0, n);
+      gather<scalar_t>(xc.const_data_ptr<scalar_t>(), xc.stride(0), T_, tok, n, D, xe.mutable_data_ptr<scalar_t>());
+      auto dw13e = dw13[e];
+      mm_tn_into(dae, xe, dw13e);  // da^T x (2F, D)
+      if (need_dx) {
+        auto dxe = dxe_buf.narrow(0, 0, n);
+        mm_into(dae, w13c[e], dxe);  // da W13_e (n, D)
+        scatter_add<scalar_t, A>(dxe.const_data_ptr<scalar_t>(), n, D, tok, nullptr, acc.mutable_data_ptr<A>());
+      }
+    }
+    if constexpr (!std::is_same_v<scalar_t, A>)
+      if (need_dx) round_into<scalar_t>(acc.const_data_ptr<float>(), T_ * D, dx.mutable_data_ptr<scalar_t>());
+  });
+  return {dx, dw13, dw2, dweights};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tritium, CPU, m) {
+  m.impl("moe_experts_fwd", &moe_experts_fwd);
+  m.impl("moe_experts_bwd", &moe_experts_bwd);
+}
+
+}  // namespace tritium
