@@ -78,6 +78,13 @@ last block to the [CLS] row (`cls_only`, which tritium's models use by default s
 row alone): that last ratio is the kernels' own share of the lead.
 """
 
+ZOO_MODELS_PROSE = """\
+One training step of issue 26's zoo models at their recipe's batch of 64 digits: the Siamese CNN on 64 same-class
+pairs (2 x 64 images, `tritium.info_nce`, AdamW) and the DCGAN-style GAN's discriminator then generator step
+(`tritium.binary_cross_entropy_with_logits`, Adam), the tritium model against its plain-PyTorch twin with the same
+weights. Both impls run torch's convolutions and training-mode BatchNorm, most of either step.
+"""
+
 QUANT_PROSE = """\
 SmolLM2-135M with quantized weights (docs/quantization.md) and llama.cpp (llama-cpp-python) as the peer, on the
 same GGUF file and on llama.cpp's own requantised Q4_0, Q8_0, F16 and F32 copies of it, the cases alternated so
@@ -365,6 +372,9 @@ KNOWN = [
        generate_section) for kind, label in MACHINE_KINDS.items()),
     ("models.json", "tritium bench models --json bench/results/models.json", "Classic models", MODELS_PROSE,
      models_section),
+    ("models-zoo-amd-avx512.json", "tritium bench models --model siamese --model gan --json "
+                                   "bench/results/models-zoo-amd-avx512.json",
+     f"Siamese and GAN training steps on {MACHINE_KINDS['amd-avx512']}", ZOO_MODELS_PROSE, models_section),
     ("attention-memory.json", "tritium bench memory --json bench/results/attention-memory.json", "Attention memory",
      MEMORY_PROSE, memory_section),
     *((quant_file(kind), "tritium bench generate --weights native,native:Q4_0,int8,float --dtypes "
