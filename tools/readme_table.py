@@ -401,6 +401,8 @@ KNOWN = [
      PREFERENCE_PROSE, ops_section),
     ("optim.json", "taskset -c 1 tritium bench optim --json bench/results/optim.json", "Optimizers", OPTIM_PROSE,
      optim_section),
+    ("finetune-amd-avx512.json", "tritium bench finetune --json bench/results/finetune-amd-avx512.json",
+     f"LoRA fine-tuning on {MACHINE_KINDS['amd-avx512']}", FINETUNE_PROSE, hf_section),
     ("attention-amd-avx512.json", "tritium bench ops --op 'attention_causal*' --headline --json "
                                   "bench/results/attention-amd-avx512.json",
      f"Attention on {MACHINE_KINDS['amd-avx512']}", ATTENTION_PROSE, ops_section),
@@ -410,8 +412,6 @@ KNOWN = [
     ("routes.json", "TRITIUM_ROUTES=off tritium bench ops --op relu --op gelu --op softmax --op rms_norm --op "
                     "layer_norm --shape 16x256 --shape 64x256 --shape 256x256 --shape 256x1024 --shape 1024x1024 "
                     "--shape 1024x4096 --shape 2048x4096 --no-compile --json bench/results/routes.json",
-    ("finetune-amd-avx512.json", "tritium bench finetune --json bench/results/finetune-amd-avx512.json",
-     f"LoRA fine-tuning on {MACHINE_KINDS['amd-avx512']}", FINETUNE_PROSE, hf_section),
                     "Small and in-cache inputs: the kernels against torch's own ops",
      ROUTES_PROSE, ops_section),
     ("wkv-amd-avx512.json", "tritium bench ops --op wkv --headline --mode fwd --json "
