@@ -713,6 +713,10 @@ class LoRALinear(torch.nn.Linear):
     @torch.no_grad()
     def merge(self) -> None:
         """weight += scaling B A; forward is then the plain linear layer (no adapter term) until unmerge()."""
+        if self.nf4_meta is not None:
+            raise NotImplementedError("LoRALinear.merge: the base weight is NF4 (quantize_base); merging would "
+                                      "requantize it: keep the adapter separate, or merge into a float copy of "
+                                      "nf4_weight().dequantize()")
         if not self.merged:
             self.weight.add_(self.delta_weight())
             self.merged = True
@@ -724,21 +728,6 @@ class LoRALinear(torch.nn.Linear):
             self.weight.sub_(self.delta_weight())
             self.merged = False
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.merged:
-            return ops.linear(x, self.weight, self.bias)
-        weight = self.weight if self.nf4_meta is None else self.nf4_weight()
-        return ops.lora_linear(x, weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.lora_dropout,
-                               self.training)
-
-    def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}"
-        if self.nf4_meta is not None:
-            raise NotImplementedError("LoRALinear.merge: the base weight is NF4 (quantize_base); merging would "
-                                      "requantize it: keep the adapter separate, or merge into a float copy of "
-                                      "nf4_weight().dequantize()")
-                f"{', use_rslora=True' if self.use_rslora else ''}{', merged' if self.merged else ''}"
-                f"{', base=nf4' if self.nf4_meta is not None else ''}")
     nf4_meta = None  # (shape, blocksize, dtype) once quantize_base made the base NF4 (QLoRA)
 
     @torch.no_grad()
@@ -761,6 +750,17 @@ class LoRALinear(torch.nn.Linear):
             self.register_buffer("weight_offset", q.offset)
         self.nf4_meta = (q.shape, q.blocksize, q.dtype)
         self.weight = None
+        return self
+
+    def nf4_weight(self):
+        """The NF4Weight of a quantized base (quantize_base), or None."""
+        if self.nf4_meta is None:
+            return None
+        shape, blocksize, dtype = self.nf4_meta
+        dq = hasattr(self, "weight_absmax2")
+        return ops.nf4.NF4Weight(self.weight_nf4, self.weight_absmax, shape, blocksize, dtype,
+                             self.weight_absmax2 if dq else None, self.weight_offset if dq else None)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return ops.linear(x, self.weight, self.bias)
@@ -834,14 +834,3 @@ class MoE(torch.nn.Module):
         return (f"dim={self.dim}, ffn_dim={self.ffn_dim}, num_experts={self.num_experts}, top_k={self.top_k}, "
                 f"score={self.score!r}, renormalize={self.renormalize}, shared_expert={self.shared is not None}"
                 f"{', impl=reference' if self.impl == 'reference' else ''}")
-        return self
-
-    def nf4_weight(self):
-        """The NF4Weight of a quantized base (quantize_base), or None."""
-        if self.nf4_meta is None:
-            return None
-        shape, blocksize, dtype = self.nf4_meta
-        dq = hasattr(self, "weight_absmax2")
-        return ops.nf4.NF4Weight(self.weight_nf4, self.weight_absmax, shape, blocksize, dtype,
-                             self.weight_absmax2 if dq else None, self.weight_offset if dq else None)
-
