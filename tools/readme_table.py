@@ -149,6 +149,13 @@ backward over one sequence, in one process (`tritium.flash_attention`, **single*
 processes on this machine in the zigzag layout (**ring**). The processes share the cores (each gets cores / world
 torch threads), so read the scaling shape and the volumes, not a speedup. **step**: the slowest rank's forward +
 backward (median of the timed steps); **comm wait**: time ranks wait for ring transfers to finish (the part not
+MOE_PROSE = """\
+A dropless top-k mixture of SwiGLU experts (`tritium.moe`, docs/moe.md) against the usual eager loop over experts
+(`tritium.reference.moe`: `torch.where` over the top-k indices per expert, the expert's MLP on its tokens,
+`index_add_` back), eager and under `torch.compile`; issue 23's bar shape (4096 tokens, dim 576, ffn 1536,
+8 experts, top-2), softmax router with the load-balancing and z losses.
+"""
+
 hidden behind attention, including waits for a slower neighbour) and its **share** of the step; **sent/rank**: bytes
 each rank sends per step, also per token of the sequence; **peak/rank**: the largest rank's resident-set high-water
 mark during a step minus its resident set before q, k, v existed (inputs, output, gradients, the ring's buffers,
@@ -445,6 +452,8 @@ def results_page() -> str:
             continue
         out += [f"## Other recording (`{path.name}`)", "", machine_line(data, "tritium bench ops ... --json"), ""]
         out += ops_section(data) + [""]
+    ("moe-amd-avx512.json", "tritium bench ops --op moe --json bench/results/moe-amd-avx512.json",
+     f"Mixture of experts on {MACHINE_KINDS['amd-avx512']}", MOE_PROSE, ops_section),
     return "\n".join(out).rstrip("\n") + "\n"
 
 
