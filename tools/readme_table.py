@@ -85,6 +85,22 @@ pairs (2 x 64 images, `tritium.info_nce`, AdamW) and the DCGAN-style GAN's discr
 weights. Both impls run torch's convolutions and training-mode BatchNorm, most of either step.
 """
 
+SSM_MODELS_PROSE = """\
+One training step (forward, backward, gradient clipping, AdamW) of `tritium train`'s byte LMs at their default
+configuration (batch 16, context 128 bytes, about 2M parameters): the tritium model (`tritium.selective_scan` and
+`causal_conv1d` for Mamba, `tritium.wkv7` for RWKV-7, tritium's norms) against its plain-PyTorch twin with the same
+weights (mamba_ssm's reference scan and conv; the naive RWKV-7 recurrence, a loop over time), and for Mamba the
+twin with the reference scan's loop over `unbind()` slices (indexing the (batch, dim, L, N) tensor costs autograd a
+zero tensor of its full size per step, O(L^2)). One round; repeated runs on the shared 2-core machine varied
+several-fold, so read the ratios as orders of magnitude.
+"""
+
+TRAIN_LM_PROSE = """\
+Held-out bits per byte against the optimizer step of `tritium train --model mamba|rwkv|gpt` (the tritium models,
+the default recipe: 200 steps of 16 x 128 bytes of the standard library's sources, every 20th file held out);
+`gpt` is a causal pre-norm Transformer from tritium.models.classic's blocks of about the same size.
+"""
+
 QUANT_PROSE = """\
 SmolLM2-135M with quantized weights (docs/quantization.md) and llama.cpp (llama-cpp-python) as the peer, on the
 same GGUF file and on llama.cpp's own requantised Q4_0, Q8_0, F16 and F32 copies of it, the cases alternated so
@@ -299,6 +315,13 @@ def models_section(data: dict) -> list:
     return table(["model", "implementation", "mode", "ms", "tritium speedup"], body, 3)
 
 
+def train_lm_section(data: dict) -> list:
+    body = [[r["model"], f"{r['params'] / 1e6:.2f}M", str(r["steps"]), f"{r['seconds']:.0f}",
+             f"{r['bits_per_byte']:.3f}"] for r in data["rows"]]
+    return (["![held-out bits per byte against step](train-lm-amd-avx512.png)", ""]
+            + table(["model", "parameters", "steps", "training s", "held-out bits/byte"], body, 1))
+
+
 def memory_section(data: dict) -> list:
     body = [[r["dtype"], r["mode"], str(r["seq"]), f"{r['tritium_MiB']:.1f}", f"{r['sdpa_MiB']:.1f}"]
             for r in data["rows"]]
@@ -382,6 +405,11 @@ KNOWN = [
     ("models-zoo-amd-avx512.json", "tritium bench models --model siamese --model gan --json "
                                    "bench/results/models-zoo-amd-avx512.json",
      f"Siamese and GAN training steps on {MACHINE_KINDS['amd-avx512']}", ZOO_MODELS_PROSE, models_section),
+    ("models-ssm-amd-avx512.json", "tritium bench models --model mamba --model rwkv --rounds 1 --min-time 1 --json "
+                                   "bench/results/models-ssm-amd-avx512.json",
+     f"Sequence-model LMs (Mamba, RWKV-7) on {MACHINE_KINDS['amd-avx512']}", SSM_MODELS_PROSE, models_section),
+    ("train-lm-amd-avx512.json", ".venv/bin/python tools/lm_curves.py",
+     f"Byte-LM training curves on {MACHINE_KINDS['amd-avx512']}", TRAIN_LM_PROSE, train_lm_section),
     ("attention-memory.json", "tritium bench memory --json bench/results/attention-memory.json", "Attention memory",
      MEMORY_PROSE, memory_section),
     *((quant_file(kind), "tritium bench generate --weights native,native:Q4_0,int8,float --dtypes "

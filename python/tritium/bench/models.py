@@ -6,6 +6,9 @@
 - encoder, vit (batch 32, seq 197, dim 384, 6 layers, 6 heads): the tritium model vs its plain-PyTorch twin
   (every row of every block, as plain PyTorch models are written), and vs the twin with tritium's pruning of the
   last block to the [CLS] row (the same work in torch ops: the kernels' share of the lead).
+- mamba, rwkv: one training step (forward, backward, gradient clipping, AdamW) of the byte LM at ``tritium train``'s
+  default configuration (tritium.cli.train_lm: batch 16, context 128, about 2M parameters), the tritium model
+  vs its plain-PyTorch twin (mamba_ssm's reference scan and conv; the naive RWKV-7 recurrence).
 - siamese, gan (issue 26's zoo, tritium.models.zoo): one training step (forward, backward, optimizer step) at the
   recipe's batch of 64 digits (8x8): the Siamese CNN on 64 same-class pairs (2 x 64 images, InfoNCE, AdamW),
   the GAN's discriminator then generator step (non-saturating BCE, Adam); the tritium model vs its twin.
@@ -21,10 +24,11 @@ from torch import Tensor
 
 from .common import machine_info, time_fn, write_json
 
-MODELS = ("lstm", "gru", "rnn", "encoder", "vit")
+MODELS = ("lstm", "gru", "rnn", "encoder", "vit", "mamba", "rwkv")
 RNNS = ("lstm", "gru", "rnn")
 ZOO = ("siamese", "gan")
 MODELS += ZOO
+LMS = ("mamba", "rwkv")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -126,6 +130,53 @@ def _transformer_cases(name: str, batch: int, device) -> Dict[str, Callable[[], 
     return {side: _fwdbwd(lambda m=m: m(inp), list(m.parameters())) for side, m in models.items()}
 
 
+def _scan_unbind(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
+    """tritium.reference.selective_scan (mamba_ssm's selective_scan_ref) with its time loop over unbind()'s
+    slices instead of indexing: the same values, but autograd's backward of x[:, :, i] builds a zero tensor of the
+    whole (batch, dim, L, N) per step (O(L^2) memory traffic) where unbind's backward stacks once. What a plain
+    PyTorch user who profiled the reference would write; the fairer eager baseline for the Mamba step."""
+    import torch.nn.functional as F
+
+    if delta_bias is not None:
+        delta = delta + delta_bias[..., None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    deltaA = torch.exp(delta[..., None] * A[None, :, None, :])                       # (batch, dim, L, N)
+    deltaB_u = (delta * u)[..., None] * B[:, None].transpose(2, 3)                   # B (batch, N, L)
+    x = u.new_zeros(u.shape[0], A.shape[0], A.shape[1])
+    ys = []
+    for dA, dBu, c in zip(deltaA.unbind(2), deltaB_u.unbind(2), C.unbind(2)):
+        x = dA * x + dBu
+        ys.append((x * c[:, None]).sum(-1))
+    out = torch.stack(ys, 2)
+    out = (out if D is None else out + u * D[:, None]) * (1 if z is None else F.silu(z))
+    return (out, x) if return_last_state else out
+
+
+def _lm_cases(name: str, small: bool, device) -> Dict[str, Callable[[], object]]:
+    from dataclasses import replace
+
+    from ..cli.train_lm import RECIPES, batches, build, make_optimizer, train_step
+    from ..models import ssm
+
+    recipe = RECIPES[name]
+    batch = recipe.batch // 4 if small else recipe.batch
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 256, (1 << 16,), dtype=torch.uint8, generator=gen)
+    x, y = (t.to(device) for t in batches(data, batch, recipe.context, gen))
+    sides = [("tritium", "tritium"), ("torch twin", "torch")]
+    if name == "mamba":   # the twin with the scan's loop over unbind() (_scan_unbind), an impl of its own
+        ssm._OPS.setdefault("torch-unbind", replace(ssm._OPS["torch"], selective_scan=_scan_unbind))
+        sides.append(("torch twin, scan over unbind", "torch-unbind"))
+    cases = {}
+    for side, impl in sides:
+        torch.manual_seed(0)
+        model = build(name, impl, recipe.context).to(device)
+        opt, _ = make_optimizer(model, recipe)
+        cases[side] = lambda m=model, o=opt: train_step(m, o, x, y)
+    return cases
+
+
 def _zoo_cases(name: str, small: bool, device) -> Dict[str, Callable[[], object]]:
     from ..models.zoo import GAN, Siamese, gan_optimizers, gan_step, sample_batch, siamese_step
 
@@ -160,6 +211,8 @@ def run(args) -> List[dict]:
             cases = _rnn_cases(name, 16 if args.small else 64, device)
         elif name in ZOO:
             cases = _zoo_cases(name, args.small, device)
+        elif name in LMS:
+            cases = _lm_cases(name, args.small, device)
         else:
             cases = _transformer_cases(name, 8 if args.small else 32, device)
         # rounds over the implementations in turn, each impl's figure the median of its rounds: a slow spell
@@ -171,7 +224,7 @@ def run(args) -> List[dict]:
         times = {impl: statistics.median(v) for impl, v in per.items()}
         base = times["tritium"]
         for impl, t in times.items():
-            mode = "train step" if name in ZOO else "fwdbwd"
+            mode = "train step" if name in LMS + ZOO else "fwdbwd"
             rows.append({"model": name, "impl": impl, "mode": mode, "ms": round(t * 1e3, 2),
                          "tritium_speedup": round(t / base, 3)})
     table = Table(title=f"tritium bench models ({device}, forward+backward)")
