@@ -98,7 +98,7 @@ TABLE = [
     (["bench", "models", "--model", "nonesuch"], 2, "--model: invalid choice: 'nonesuch'"),
     (["bench", "memory", "--seqs"], 2, "--seqs: expected one argument"),
     # the command itself
-    (["nonesuch"], 2, "unknown command 'nonesuch' (choose from bench, generate, chat, serve, train, info)"),
+    (["nonesuch"], 2, "unknown command 'nonesuch' (choose from bench, generate, chat, serve, train, finetune, info)"),
 ]
 
 

@@ -152,6 +152,13 @@ machine (Inductor stopped with a RecursionError after about 20 minutes), so the 
 recorded against eager only (`wkv-fwdbwd-amd-avx512.json`).
 """
 
+MOE_PROSE = """\
+A dropless top-k mixture of SwiGLU experts (`tritium.moe`, docs/moe.md) against the usual eager loop over experts
+(`tritium.reference.moe`: `torch.where` over the top-k indices per expert, the expert's MLP on its tokens,
+`index_add_` back), eager and under `torch.compile`; issue 23's bar shape (4096 tokens, dim 576, ffn 1536,
+8 experts, top-2), softmax router with the load-balancing and z losses.
+"""
+
 MEMORY_PROSE = """\
 Peak extra resident memory of one causal attention call (batch 1, 8 heads x 64), each measured in a fresh
 process with the output pool off: the outputs, the saved log-sum-exp, any workspace and, for the backward, the
@@ -165,13 +172,6 @@ backward over one sequence, in one process (`tritium.flash_attention`, **single*
 processes on this machine in the zigzag layout (**ring**). The processes share the cores (each gets cores / world
 torch threads), so read the scaling shape and the volumes, not a speedup. **step**: the slowest rank's forward +
 backward (median of the timed steps); **comm wait**: time ranks wait for ring transfers to finish (the part not
-MOE_PROSE = """\
-A dropless top-k mixture of SwiGLU experts (`tritium.moe`, docs/moe.md) against the usual eager loop over experts
-(`tritium.reference.moe`: `torch.where` over the top-k indices per expert, the expert's MLP on its tokens,
-`index_add_` back), eager and under `torch.compile`; issue 23's bar shape (4096 tokens, dim 576, ffn 1536,
-8 experts, top-2), softmax router with the load-balancing and z losses.
-"""
-
 hidden behind attention, including waits for a slower neighbour) and its **share** of the step; **sent/rank**: bytes
 each rank sends per step, also per token of the sequence; **peak/rank**: the largest rank's resident-set high-water
 mark during a step minus its resident set before q, k, v existed (inputs, output, gradients, the ring's buffers,
@@ -200,12 +200,6 @@ fresh process. Generate rows time `model.generate()` at batch 1.
 """
 
 
-OPTIM_PROSE = """\
-One optimizer step over SmolLM2-135M's parameter shapes (182 tensors): `tritium.optim.AdamW` against
-`torch.optim.AdamW(fused=True)` and `foreach=True`, the variants alternating round after round (medians). **bf16 +
-master**: bfloat16 parameters updated from float32 master weights (torch's side: the grads widened, fused AdamW on
-float32 copies, the results copied back, all in the timed step). **x this**: tritium's time over that row's.
-"""
 FINETUNE_PROSE = """\
 One LoRA SFT step of `tritium finetune` (tritium's Llama with `tritium.lora` adapters, the fused linear
 cross-entropy, `tritium.optim.AdamW`) against the same step with PEFT's LoRA on the plain-PyTorch eager twin
@@ -214,6 +208,12 @@ every projection, a batch of the built-in date task (prompt tokens masked); a st
 the optimizer step. In rounds over the variants in turn, medians; **x this** is tritium's tokens/s over the row's.
 """
 
+OPTIM_PROSE = """\
+One optimizer step over SmolLM2-135M's parameter shapes (182 tensors): `tritium.optim.AdamW` against
+`torch.optim.AdamW(fused=True)` and `foreach=True`, the variants alternating round after round (medians). **bf16 +
+master**: bfloat16 parameters updated from float32 master weights (torch's side: the grads widened, fused AdamW on
+float32 copies, the results copied back, all in the timed step). **x this**: tritium's time over that row's.
+"""
 
 
 def fmt(v, spec: str) -> str:
@@ -455,6 +455,8 @@ KNOWN = [
     ("wkv-fwdbwd-amd-avx512.json", "tritium bench ops --op wkv --headline --mode fwdbwd --no-compile --json "
                                    "bench/results/wkv-fwdbwd-amd-avx512.json",
      f"RWKV-7's wkv on {MACHINE_KINDS['amd-avx512']}: forward and backward", WKV_PROSE, ops_section),
+    ("moe-amd-avx512.json", "tritium bench ops --op moe --json bench/results/moe-amd-avx512.json",
+     f"Mixture of experts on {MACHINE_KINDS['amd-avx512']}", MOE_PROSE, ops_section),
 ]
 
 
@@ -480,8 +482,6 @@ def results_page() -> str:
             continue
         out += [f"## Other recording (`{path.name}`)", "", machine_line(data, "tritium bench ops ... --json"), ""]
         out += ops_section(data) + [""]
-    ("moe-amd-avx512.json", "tritium bench ops --op moe --json bench/results/moe-amd-avx512.json",
-     f"Mixture of experts on {MACHINE_KINDS['amd-avx512']}", MOE_PROSE, ops_section),
     return "\n".join(out).rstrip("\n") + "\n"
 
 
