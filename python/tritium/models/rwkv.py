@@ -51,6 +51,8 @@ from torch import Tensor, nn
 import tritium
 from tritium.ops.wkv import wkv7_reference
 
+from .ssm import RecurrentLM
+
 IMPLS = ("tritium", "torch")
 _DECAY_SCALE = math.exp(-0.5)   # BlinkDL's soft clamp of the log-log decay to (-inf, -0.5)
 
@@ -342,7 +344,7 @@ class Block(nn.Module):
         return h + self.ffn(self.ln(self.ln2, h), ffn_shift), v_first
 
 
-class RWKV7LM(nn.Module):
+class RWKV7LM(RecurrentLM):
     """RWKV-7 language model: ``model(input_ids (batch, L))`` -> logits (batch, L, vocab); ``prefill`` / ``step`` /
     ``generate`` decode with an RWKV7State.
 
@@ -428,33 +430,6 @@ class RWKV7LM(nn.Module):
         for i, block in enumerate(self.blocks):
             h, v_first = block.step(h, v_first, state.att_shift[i], state.ffn_shift[i], state.wkv[i])
         return self._logits(h)
-
-    @torch.no_grad()
-    def generate(self, input_ids: Tensor, max_new_tokens: int, greedy: bool = True, temperature: float = 1.0,
-                 generator: Optional[torch.Generator] = None) -> Tensor:
-        """The prompts input_ids (batch, L) followed by max_new_tokens tokens each: (batch, L + max_new_tokens).
-        greedy picks the argmax; otherwise tokens are sampled from softmax(logits / temperature)."""
-        if max_new_tokens < 0:
-            raise ValueError(f"RWKV7LM.generate: max_new_tokens must be >= 0, got {max_new_tokens}")
-        if not greedy and not temperature > 0:
-            raise ValueError(f"RWKV7LM.generate: temperature must be > 0 to sample, got {temperature}")
-
-        def pick(logits: Tensor) -> Tensor:
-            if greedy:
-                return logits.argmax(-1)
-            probs = torch.softmax(logits.float() / temperature, -1)
-            return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-        if max_new_tokens == 0:
-            return input_ids
-        logits, state = self.prefill(input_ids, last_only=True)
-        out = [input_ids]
-        for i in range(max_new_tokens):
-            token = pick(logits)
-            out.append(token[:, None].to(input_ids.dtype))
-            if i + 1 < max_new_tokens:
-                logits = self.step(token, state)
-        return torch.cat(out, dim=1)
 
 
 __all__ = ["RWKV7Config", "RWKV7LM", "RWKV7State", "IMPLS"]

@@ -256,7 +256,41 @@ def _rename_mamba_ssm_keys(module, state_dict, prefix, *args) -> None:
         state_dict[new] = state_dict.pop(old)
 
 
-class MambaLM(nn.Module):
+class RecurrentLM(nn.Module):
+    """generate() for a language model with a constant-size recurrent state: the subclass gives prefill(input_ids,
+    last_only=True) -> (logits (batch, vocab), state) and step(token_ids, state) -> logits, advancing the state in
+    place (MambaLM, tritium.models.rwkv.RWKV7LM)."""
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, max_new_tokens: int, greedy: bool = True, temperature: float = 1.0,
+                 generator: Optional[torch.Generator] = None) -> Tensor:
+        """The prompts input_ids (batch, L) followed by max_new_tokens tokens each: (batch, L + max_new_tokens).
+        greedy picks the argmax; otherwise tokens are sampled from softmax(logits / temperature)."""
+        if max_new_tokens < 0:
+            raise ValueError(f"{type(self).__name__}.generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+        if not greedy and not temperature > 0:
+            raise ValueError(f"{type(self).__name__}.generate: temperature must be > 0 to sample, got {temperature}")
+
+        def pick(logits: Tensor) -> Tensor:
+            if greedy:
+                return logits.argmax(-1)
+            probs = torch.softmax(logits.float() / temperature, -1)
+            return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+        if max_new_tokens == 0:
+            return input_ids
+        logits, state = self.prefill(input_ids, last_only=True)
+        out = [input_ids]
+        for i in range(max_new_tokens):
+            token = pick(logits)
+            out.append(token[:, None].to(input_ids.dtype))
+            if i + 1 < max_new_tokens:
+                logits = self.step(token, state)
+        return torch.cat(out, dim=1)
+
+
+
+class MambaLM(RecurrentLM):
     """Mamba language model: ``model(input_ids (batch, L))`` -> logits (batch, L, vocab) (float32 for 16-bit
     weights, as transformers returns them); ``prefill`` / ``step`` / ``generate`` decode with a MambaState.
 
@@ -351,32 +385,5 @@ class MambaLM(nn.Module):
             h = layer.step(h, state.conv[i], state.ssm[i])
         return self._logits(h)
 
-    @torch.no_grad()
-    def generate(self, input_ids: Tensor, max_new_tokens: int, greedy: bool = True, temperature: float = 1.0,
-                 generator: Optional[torch.Generator] = None) -> Tensor:
-        """The prompts input_ids (batch, L) followed by max_new_tokens tokens each: (batch, L + max_new_tokens).
-        greedy picks the argmax; otherwise tokens are sampled from softmax(logits / temperature)."""
-        if max_new_tokens < 0:
-            raise ValueError(f"MambaLM.generate: max_new_tokens must be >= 0, got {max_new_tokens}")
-        if not greedy and not temperature > 0:
-            raise ValueError(f"MambaLM.generate: temperature must be > 0 to sample, got {temperature}")
 
-        def pick(logits: Tensor) -> Tensor:
-            if greedy:
-                return logits.argmax(-1)
-            probs = torch.softmax(logits.float() / temperature, -1)
-            return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-        if max_new_tokens == 0:
-            return input_ids
-        logits, state = self.prefill(input_ids, last_only=True)
-        out = [input_ids]
-        for i in range(max_new_tokens):
-            token = pick(logits)
-            out.append(token[:, None].to(input_ids.dtype))
-            if i + 1 < max_new_tokens:
-                logits = self.step(token, state)
-        return torch.cat(out, dim=1)
-
-
-__all__ = ["MambaConfig", "MambaLM", "MambaState", "IMPLS"]
+__all__ = ["MambaConfig", "MambaLM", "MambaState", "RecurrentLM", "IMPLS"]
