@@ -234,9 +234,13 @@ at::Tensor nf4_linear_dx(const at::Tensor& dy, const at::Tensor& qweight, const 
 }
 
 const bool kPathsReported = cpu::register_paths([] {
-  return std::vector<std::pair<std::string, std::string>>{
-      {"nf4_linear", std::string("decode in registers (") + nf4::isa("nf4_linear").name +
-                         ") below 32 rows; dequantise + GEMM from 32"}};
+  // the report never raises: without a kernel set (no AVX2 + FMA) the op says so when called, the report "none"
+  int i = nf4::g_isa.load(std::memory_order_relaxed);
+  if (i == -2) i = nf4::best_isa();
+  const std::string path = i < 0 ? std::string("none")
+                                 : std::string("decode in registers (") + nf4::kIsas[i].name +
+                                       ") below 32 rows; dequantise + GEMM from 32";
+  return std::vector<std::pair<std::string, std::string>>{{"nf4_linear", path}};
 });
 
 }  // namespace
