@@ -402,6 +402,9 @@ KNOWN = [
        generate_section) for kind, label in MACHINE_KINDS.items()),
     ("models.json", "tritium bench models --json bench/results/models.json", "Classic models", MODELS_PROSE,
      models_section),
+    ("models-rnn-amd-avx512.json", "tritium bench models --model lstm --model gru --model rnn --json "
+                                   "bench/results/models-rnn-amd-avx512.json",
+     f"LSTM, GRU and RNN on {MACHINE_KINDS['amd-avx512']}", MODELS_PROSE, models_section),
     ("models-zoo-amd-avx512.json", "tritium bench models --model siamese --model gan --json "
                                    "bench/results/models-zoo-amd-avx512.json",
      f"Siamese and GAN training steps on {MACHINE_KINDS['amd-avx512']}", ZOO_MODELS_PROSE, models_section),
