@@ -124,3 +124,15 @@ def test_routes_trace_under_compile(small_limits):
         x = torch.randn(rows, 512)
         want = F.rms_norm(F.gelu(x), (512,))
         torch.testing.assert_close(f(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_16bit_group_norm_without_activation_goes_to_torch(routes_on):
+    """Every size of a 16-bit group_norm without an activation runs torch's own kernel on CPU (as fast forward,
+    faster backward); with SiLU fused, and in float32, the kernel runs; routes off, the kernel runs too."""
+    x = torch.randn(4, 8, 4096, dtype=torch.bfloat16, requires_grad=True)   # above the size routes (ROUTE_DEFAULT)
+    w, b = torch.randn(8, dtype=torch.bfloat16), torch.randn(8, dtype=torch.bfloat16)
+    assert not _tritium_ops(lambda: tritium.group_norm(x, 4, w, b))
+    assert "tritium::group_norm_fwd" in _tritium_ops(lambda: tritium.group_norm(x, 4, w, b, activation="silu"))
+    assert "tritium::group_norm_fwd" in _tritium_ops(lambda: tritium.group_norm(x.float(), 4, w.float(), b.float()))
+    tritium.set_routes(False)
+    assert "tritium::group_norm_fwd" in _tritium_ops(lambda: tritium.group_norm(x, 4, w, b))
