@@ -33,6 +33,8 @@ from torch import Tensor
 import tritium
 
 IGNORE_INDEX = -100
+# the Hugging Face names of a Llama layer's projections: what --targets chooses from (PEFT's target_modules)
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December"]
@@ -208,8 +210,7 @@ def finetune(model, tok, examples: Sequence[dict], cfg: FinetuneConfig,
     total = max(1, math.ceil(per_epoch * cfg.epochs))
     opt = tritium.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, master_weights=True)
     warm = max(1, int(total * cfg.warmup))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    sched = tritium.optim.warmup_cosine(opt, total, warm)
     rng = random.Random(cfg.seed)
     pad = tok.eos_id if tok.eos_id is not None else 0
     model.pack_for_inference(False)

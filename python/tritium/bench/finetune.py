@@ -46,7 +46,7 @@ def _batch(tok, n: int):
     return next(batches(enc, n, random.Random(0), tok.eos_id or 0))
 
 
-def tritium_step(model, tok, ids, labels) -> Callable[[], None]:
+def tritium_step(model, ids, labels) -> Callable[[], None]:
     import tritium
     from ..finetune import sft_loss
 
@@ -65,9 +65,10 @@ def tritium_step(model, tok, ids, labels) -> Callable[[], None]:
 def peft_step(model, ids, labels, compiled: bool) -> Callable[[], None]:
     import peft
 
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    pm = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets),
-                             autocast_adapter_dtype=False)
+    from ..finetune import PROJECTIONS
+
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                    target_modules=list(PROJECTIONS)), autocast_adapter_dtype=False)
     pm.train()
     fwd = torch.compile(pm.base_model.model) if compiled else pm.base_model.model
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
@@ -97,7 +98,7 @@ def run(args) -> List[dict]:
         steps = {}
         for v in variants:
             if v == "tritium":
-                steps[v] = tritium_step(model, tok, ids, labels)
+                steps[v] = tritium_step(model, ids, labels)
             else:
                 from ..models.eager import EagerLlama
 

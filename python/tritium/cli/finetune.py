@@ -18,8 +18,8 @@ from .errors import ArgumentParser, UsageError, comma_list, number, validated
 from .generate import _parse_dtype
 
 BUILTIN = "dates"
-
-
+# the Hugging Face names of a Llama layer's projections (tritium.finetune.PROJECTIONS; that module imports torch,
+# which the command line's start-up does not)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

@@ -735,15 +735,10 @@ class Llama(nn.Module):
             out["lm_head.weight"] = _float_weight(self.lm_head, dt)
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
-            attn, mlp = layer.attention, layer.mlp
-            q, k, v = _float_weight(attn.wqkv, dt).split(attn.split, 0)
-            gate, up = _float_weight(mlp.w_gate_up, dt).split(c.ffn_dim, 0)
             out.update({p + "input_layernorm.weight": layer.attn_norm.detach(),
-                        p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
-                        p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": _float_weight(attn.wo, dt),
-                        p + "post_attention_layernorm.weight": layer.mlp_norm.detach(),
-                        p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
-                        p + "mlp.down_proj.weight": _float_weight(mlp.w_down, dt)})
+                        p + "post_attention_layernorm.weight": layer.mlp_norm.detach()})
+        for lin, names, sizes in self.hf_projections():
+            out.update((n + ".weight", w) for n, w in zip(names, _float_weight(lin, dt).split(sizes, 0)))
         return out
 
     @property
