@@ -14,6 +14,7 @@ are not lost to 16-bit rounding). Float32 params are unaffected by the flag.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, List
 
 import torch
@@ -21,7 +22,7 @@ from torch import Tensor
 
 from .ops import optim as _ops
 
-__all__ = ["AdamW", "SGD"]
+__all__ = ["AdamW", "SGD", "warmup_cosine"]
 
 _HALF = (torch.bfloat16, torch.float16)
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "master_param")
@@ -225,3 +226,13 @@ class SGD(_Fused):
                         _ops.sgd_group_(params, grads, bufs, p16, lr, group["weight_decay"], momentum,
                                         group["dampening"], group["nesterov"], group["maximize"], bool(first))
         return loss
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
+                  floor: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule of tritium's training recipes: linear warm-up over warmup_steps, then a cosine
+    decay from the optimizer's lr to floor times it at total_steps (held there after)."""
+    def factor(s: int) -> float:
+        return min(1.0, (s + 1) / warmup_steps) * (
+            floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

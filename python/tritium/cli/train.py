@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.classic import DIGITS, IMPLS, build
+from ..optim import warmup_cosine
 from .errors import ArgumentParser, number
 
 
@@ -58,9 +59,7 @@ def digits(seed: int = 0, test_fraction: float = 0.2) -> Tuple[Tensor, Tensor, T
 def make_optimizer(model: nn.Module, recipe: Recipe, total_steps: int):
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     warmup = max(1, total_steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
-    return opt, sched
+    return opt, warmup_cosine(opt, total_steps, warmup)
 
 
 def train_steps(model: nn.Module, transform: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, recipe: Recipe,

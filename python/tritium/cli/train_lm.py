@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..optim import warmup_cosine
 from .errors import ArgumentParser, number
 
 LM_MODELS = ("mamba", "rwkv", "gpt")
@@ -163,9 +164,7 @@ def make_optimizer(model: nn.Module, recipe: LMRecipe):
                              {"params": rest, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.95))
     total = recipe.steps
     warmup = max(1, total // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(s, total) / total))))
-    return opt, sched
+    return opt, warmup_cosine(opt, total, warmup, floor=0.1)
 
 
 def train_step(model: nn.Module, opt, x: Tensor, y: Tensor) -> Tensor:
