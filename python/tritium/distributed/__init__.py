@@ -1,11 +1,19 @@
-"""tritium on torch.distributed: context-parallel (ring) attention over tritium's flash attention ops.
+"""tritium on torch.distributed: context-parallel (ring) attention over tritium's flash attention ops, and
+tensor-parallel Llama decoding.
 
 ``ring_attention`` splits one attention over the sequence across the ranks of a process group (gloo on CPUs,
 NCCL on GPUs); ``zigzag_shard`` / ``zigzag_gather`` convert a full sequence to and from the load-balanced layout
-causal ring attention takes. See docs/distributed.md.
+causal ring attention takes. ``shard_llama`` gives each rank its Megatron-style shard of a Llama (``TPLlama``,
+served by ``TPEngine``), with ``vocab_parallel_cross_entropy`` / ``vocab_parallel_sample`` on its slice of the
+logits; ``count_comm`` counts the bytes its collectives move. See docs/distributed.md.
 """
+from .comm import CommStats, count_comm  # noqa: F401
 from .ring import (RingStats, collect_stats, ring_attention, zigzag_gather, zigzag_lengths,  # noqa: F401
                    zigzag_local_lengths, zigzag_shard, zigzag_unshard)
+from .tp import (TPEngine, TPLlama, gather_vocab, shard_from_state_dict, shard_llama, tp_shards,  # noqa: F401
+                 vocab_parallel_cross_entropy, vocab_parallel_sample)
 
 __all__ = ["ring_attention", "zigzag_lengths", "zigzag_local_lengths", "zigzag_shard", "zigzag_unshard",
-           "zigzag_gather", "collect_stats", "RingStats"]
+           "zigzag_gather", "collect_stats", "RingStats", "shard_llama", "shard_from_state_dict", "TPLlama",
+           "TPEngine", "tp_shards", "gather_vocab", "vocab_parallel_cross_entropy", "vocab_parallel_sample",
+           "count_comm", "CommStats"]
