@@ -285,3 +285,38 @@ def test_smollm2_tensor_parallel(tmp_path, smollm2_reference, world):
     d, config = smollm2_reference
     results = spawn(tmp_path, world, _check_smollm2, str(d), config, timeout_s=180)
     assert results == ["'ok'"] * world, "\n".join(results)
+
+
+# ---- the command line ----
+def test_generate_tp_needs_torchrun(monkeypatch):
+    from tritium.cli import generate
+    from tritium.cli.errors import UsageError
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(UsageError, match=r"--tp 2 runs under `torchrun --nproc-per-node 2 -m tritium generate"):
+        generate.main(["hi", "--tp", "2"])
+    with pytest.raises(UsageError, match="--tp shards float weights: drop --weights int8"):
+        generate.main(["hi", "--tp", "2", "--weights", "int8"])
+
+
+@pytest.mark.slow
+def test_generate_tp_under_torchrun(smollm2_reference):
+    """`torchrun --nproc-per-node 2 -m tritium generate ... --tp 2` streams the same greedy tokens as one process
+    (the reference's prompt is the same chat-templated question)."""
+    import subprocess
+    import sys
+
+    import tritium.models
+
+    _, tok = tritium.models.load(weights="native")
+    ref = torch.load(smollm2_reference[0] / "reference.pt")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    out = subprocess.run([torchrun, "--nproc-per-node", "2", "-m", "tritium", "generate",
+                          "What is the capital of France?", "--tp", "2", "--max-new-tokens", "12", "--dtype",
+                          "float32"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    toks = ref["tokens"]   # the reference ran without stop tokens: the CLI stops at the first
+    want = tok.decode(toks[:next((i for i, t in enumerate(toks) if t in set(tok.stop_ids)), len(toks))])
+    assert out.stdout.strip() == want.strip(), (out.stdout, want)
+    assert "tensor-parallel on 2 ranks" in " ".join(out.stderr.split())

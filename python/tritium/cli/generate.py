@@ -163,8 +163,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("prompt", help="the prompt ('-' reads stdin)")
     p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
     p.add_argument("--num-beams", type=number(int, 1), default=1)
+    p.add_argument("--tp", type=number(int, 1), default=1,
+                   help="tensor-parallel ranks: run under `torchrun --nproc-per-node N -m tritium generate ... --tp "
+                   "N` (float weights sharded across the ranks; rank 0 prints)")
     add_model_arguments(p)
     args = p.parse_args(argv)
+    if args.tp > 1:
+        if args.weights not in (None, "float"):
+            raise UsageError(f"--tp shards float weights: drop --weights {args.weights} (or use --weights float)")
+        args.weights = "float"
     check_model_arguments(args)
     if args.num_beams > 1 and args.temperature > 0:
         raise UsageError("--num-beams > 1 searches the most likely continuations and does not sample: drop "
@@ -173,6 +180,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not prompt.strip():
         raise UsageError("the prompt is empty" + (" (stdin gave no text)" if args.prompt == "-" else ""))
 
+    if args.tp > 1:
+        return _main_tp(args, prompt)
     from tritium.inference.engine import Engine
 
     console, model, tok = load_from_args(args)
@@ -189,6 +198,59 @@ def main(argv: Optional[List[str]] = None) -> int:
     sys.stdout.write("\n")
     console.print(f"[dim]{model.load_note}[/dim]")
     report(engine, model, console)
+    return 0
+
+
+TP_TIMEOUT_S = 300   # a collective that waits longer (a rank died or raised outside a collective) fails every rank
+
+
+def _main_tp(args, prompt: str) -> int:
+    """generate on `args.tp` tensor-parallel ranks (tritium.distributed.shard_llama / TPEngine) under torchrun:
+    every rank loads the model, keeps its shard and runs the same engine; rank 0 streams the text and reports."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from tritium.distributed import TPEngine, count_comm, shard_llama
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != args.tp:
+        raise UsageError(f"--tp {args.tp} runs under `torchrun --nproc-per-node {args.tp} -m tritium generate ...` "
+                         f"(WORLD_SIZE is {world})")
+    if args.num_beams > 1:
+        raise UsageError("--tp does not take --num-beams")
+    if args.top_k or args.top_p < 1 or args.min_p or args.repetition_penalty != 1:
+        raise UsageError("--tp samples greedily or at a --temperature only (no --top-k, --top-p, --min-p, "
+                         "--repetition-penalty)")
+    if not args.threads:   # the ranks share this machine's cores
+        args.threads = max(1, (os.cpu_count() or 1) // world)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=TP_TIMEOUT_S))
+    try:
+        rank = dist.get_rank()
+        console, model, tok = load_from_args(args)
+        note = model.load_note
+        model = shard_llama(model)
+        if not args.raw and tok.chat_template:
+            prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
+        engine = TPEngine(model, tok, max_batch=1)
+
+        def on_token(req, token, text):
+            if rank == 0:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+
+        with count_comm() as st:
+            engine.generate([prompt], max_new_tokens=args.max_new_tokens, on_token=on_token,
+                            temperature=args.temperature, seed=args.seed)
+        if rank == 0:
+            sys.stdout.write("\n")
+            tokens = engine.stats["prefill_tokens"] + engine.stats["decode_tokens"]
+            console.print(f"[dim]{note} | tensor-parallel on {world} ranks (each: {model.config.n_heads} heads, "
+                          f"{model.config.n_kv_heads} KV heads, {model.config.vocab_size} vocabulary rows) | "
+                          f"collectives {st.total_bytes / max(tokens, 1):.0f} B/token/rank[/dim]")
+            report(engine, model, console)
+    finally:
+        dist.destroy_process_group()
     return 0
 
 
