@@ -3,7 +3,8 @@ transformers writes it (separate q/k/v and gate/up nn.Linear layers, rotate_half
 upcast RMSNorm, torch's scaled_dot_product_attention) with a contiguous, preallocated KV cache.
 
 It is the correctness twin (same parameter names as a Hugging Face Llama checkpoint, so the loaders' weights
-load into it directly) and the benchmark baseline of ``tritium bench generate``. Only torch ops; no tritium.
+load into it directly) and the benchmark baseline of ``tritium bench generate``. Only torch ops; no tritium op (a
+mixture of experts runs tritium.reference.moe, the plain-torch loop over experts).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import reference
 from .llama import LlamaConfig
 
 
@@ -77,14 +79,33 @@ class EagerAttention(nn.Module):
 
 
 class EagerMLP(nn.Module):
-    def __init__(self, c: LlamaConfig):
+    def __init__(self, dim: int, ffn_dim: int):
         super().__init__()
-        self.gate_proj = nn.Linear(c.dim, c.ffn_dim, bias=False)
-        self.up_proj = nn.Linear(c.dim, c.ffn_dim, bias=False)
-        self.down_proj = nn.Linear(c.ffn_dim, c.dim, bias=False)
+        self.gate_proj = nn.Linear(dim, ffn_dim, bias=False)
+        self.up_proj = nn.Linear(dim, ffn_dim, bias=False)
+        self.down_proj = nn.Linear(ffn_dim, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class EagerMoE(nn.Module):
+    """Mixtral's sparse MLP as transformers names it (gate.weight, experts.gate_up_proj, experts.down_proj), run
+    as the eager loop over experts (tritium.reference.moe); plus the shared expert when the config has one."""
+
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.gate = nn.Module()
+        self.gate.weight = nn.Parameter(torch.empty(c.num_experts, c.dim))
+        self.experts = nn.Module()
+        self.experts.gate_up_proj = nn.Parameter(torch.empty(c.num_experts, 2 * c.ffn_dim, c.dim))
+        self.experts.down_proj = nn.Parameter(torch.empty(c.num_experts, c.dim, c.ffn_dim))
+        self.shared_expert = EagerMLP(c.dim, c.shared_ffn_dim) if c.shared_ffn_dim else None
+        self.top_k = c.top_k
+
+    def forward(self, x: Tensor) -> Tensor:
+        y, _, _ = reference.moe(x, self.gate.weight, self.experts.gate_up_proj, self.experts.down_proj, self.top_k)
+        return y if self.shared_expert is None else y + self.shared_expert(x)
 
 
 class EagerBlock(nn.Module):
@@ -93,7 +114,7 @@ class EagerBlock(nn.Module):
         self.input_layernorm = EagerRMSNorm(c.dim, c.norm_eps)
         self.self_attn = EagerAttention(c)
         self.post_attention_layernorm = EagerRMSNorm(c.dim, c.norm_eps)
-        self.mlp = EagerMLP(c)
+        self.mlp = EagerMoE(c) if c.num_experts else EagerMLP(c.dim, c.ffn_dim)
 
     def forward(self, x, cos, sin, cache, layer, start):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start)

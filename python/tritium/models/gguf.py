@@ -267,9 +267,11 @@ def _check_rope_scaling(config: dict, key: str, where: str) -> None:
         _fail(where, f"{key} {scaling!r} gives RoPE angles that are not finite")
 
 
-def _expected_tensors(c: dict):
+def _expected_tensors(c: dict, fused_experts: bool = True):
     """(Hugging Face name, torch shape, what in the config implies the shape) of every tensor the model reads,
-    layer by layer: a generator, so a file whose layer count is absurd fails at its first missing layer."""
+    layer by layer: a generator, so a file whose layer count is absurd fails at its first missing layer. A
+    mixture of experts (c["num_experts"] > 0: Mixtral) has its router and experts under transformers' fused names
+    (fused_experts) or under the per-expert names of Mixtral's published checkpoints."""
     dim, ffn, hd, vocab = c["dim"], c["ffn_dim"], c["head_dim"], c["vocab_size"]
     q, kv = c["n_heads"] * hd, c["n_kv_heads"] * hd
     embed, norm = f"vocab {vocab}, dim {dim}", f"dim {dim}"
@@ -284,6 +286,17 @@ def _expected_tensors(c: dict):
              ("self_attn.o_proj.weight", (dim, q), heads), ("post_attention_layernorm.weight", (dim,), norm),
              ("mlp.gate_proj.weight", (ffn, dim), mlp), ("mlp.up_proj.weight", (ffn, dim), mlp),
              ("mlp.down_proj.weight", (dim, ffn), mlp))
+    n_exp = c.get("num_experts", 0)
+    if n_exp:
+        moe = f"{mlp}, {n_exp} experts"
+        if fused_experts:
+            experts = (("mlp.gate.weight", (n_exp, dim), moe), ("mlp.experts.gate_up_proj", (n_exp, 2 * ffn, dim), moe),
+                       ("mlp.experts.down_proj", (n_exp, dim, ffn), moe))
+        else:
+            experts = (("block_sparse_moe.gate.weight", (n_exp, dim), moe),) + tuple(
+                (f"block_sparse_moe.experts.{e}.{n}.weight", shape, moe) for e in range(n_exp)
+                for n, shape in (("w1", (ffn, dim)), ("w3", (ffn, dim)), ("w2", (dim, ffn))))
+        layer = layer[:6] + experts
     for i in range(c["n_layers"]):
         for name, shape, why in layer:
             yield f"model.layers.{i}.{name}", shape, why
@@ -440,10 +453,23 @@ def _config_from_hf(c: dict, where: str) -> dict:
     """The checked config of a config.json's contents c (where names the file)."""
     if not isinstance(c, dict):
         _fail(where, f"must hold a JSON object, got {type(c).__name__}")
-    if c.get("model_type", "llama") != "llama":
-        _fail(where, f"model_type {c['model_type']!r} is not supported (only Llama-style decoders: 'llama')")
+    kind = c.get("model_type", "llama")
+    if kind not in ("llama", "mixtral"):
+        _fail(where, f"model_type {kind!r} is not supported (Llama-style decoders: 'llama', 'mixtral')")
     key_of = {k: h for k, (_, h) in _HPARAMS.items() if h is not None}
     config = _hparams({k: c[h] for k, h in key_of.items() if c.get(h) is not None}, key_of, where)
+    if kind == "mixtral":
+        e, k = c.get("num_local_experts"), c.get("num_experts_per_tok", 2)
+        for key, v in (("num_local_experts", e), ("num_experts_per_tok", k)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                _fail(where, f"{key} must be a positive integer, got {v!r}")
+        if k > e:
+            _fail(where, f"num_experts_per_tok ({k}) must be at most num_local_experts ({e})")
+        window = c.get("sliding_window")
+        if window is not None and window < config["max_seq_len"]:
+            _fail(where, f"sliding_window {window} is not supported (attention over the whole context: null, or at "
+                         f"least max_position_embeddings {config['max_seq_len']})")
+        config.update(num_experts=e, top_k=k, router_aux_loss_coef=float(c.get("router_aux_loss_coef", 0.001)))
     tie = c.get("tie_word_embeddings", False)
     if not isinstance(tie, bool):
         _fail(where, f"tie_word_embeddings must be true or false, got {tie!r}")
@@ -492,7 +518,7 @@ def load_hf_dir(path: str, dtype: torch.dtype = torch.float32, progress: Progres
     if "lm_head.weight" not in found:
         config["tie_embeddings"] = True
     need: Dict[str, list] = {}    # file -> the tensor names the model reads from it
-    for k, shape, why in _expected_tensors(config):
+    for k, shape, why in _expected_tensors(config, "model.layers.0.mlp.experts.gate_up_proj" in found):
         fn, got, kind = found.get(k, (None, None, None))
         _check_tensor(os.path.join(name, fn or "*.safetensors"), k, got, shape, why, config["n_layers"])
         if kind not in _SAFETENSORS_FLOATS:

@@ -4,7 +4,9 @@ Per layer: fused residual add + RMSNorm, one fused QKV projection, RoPE, attenti
 whole sequence for plain forwards and prefill, a prefill continuing a cached sequence reading its earlier K/V
 from the pools; append_kv + paged decode attention over the paged KV cache for
 decode), the output projection, fused add + RMSNorm, one fused gate/up projection, SwiGLU, the down projection.
-GQA (n_kv_heads dividing n_heads), partial rotary, tied or untied LM head; float32 and bfloat16.
+GQA (n_kv_heads dividing n_heads), partial rotary, tied or untied LM head; float32 and bfloat16. With
+num_experts > 0 each block's MLP is a dropless top-k mixture of SwiGLU experts (Mixtral's sparse MLP, on
+tritium.moe), optionally with a dense shared expert.
 
 The model never imports tritium.inference: a step takes the cache's pools and metadata as tensors
 (``forward_step``), and the engine owns allocation and scheduling.
@@ -22,7 +24,7 @@ from torch import Tensor, nn
 
 import tritium
 from tritium.ops.activations import GATE_OPS, LAYOUT_GATE_UP
-from tritium.nn import bump_serving_version, serving_version
+from tritium.nn import MoE, bump_serving_version, serving_version
 from tritium.ops.linear import PackedLinear
 
 # the serving path's ops (Block.serve, Llama._serve_decoder): called directly, with arguments the engine builds
@@ -52,6 +54,16 @@ class LlamaConfig:
     max_seq_len: int = 2048
     tie_embeddings: bool = True
     rope_scaling: Optional[dict] = None       # None or an HF rope_scaling dict (tritium.rope_tables' kinds)
+    # mixture of experts (Mixtral; 0 experts: the dense SwiGLU MLP): each block routes a token to top_k of
+    # num_experts SwiGLU experts of ffn_dim (softmax scores, the k weights renormalised to sum 1); shared_ffn_dim > 0
+    # adds a dense SwiGLU MLP of that size every token goes through (DeepSeek's ungated shared expert). The
+    # router's losses (tritium.moe's aux_loss and z_loss with these coefficients) reach the caller through the
+    # forwards' `aux` list.
+    num_experts: int = 0
+    top_k: int = 2
+    shared_ffn_dim: int = 0
+    router_aux_loss_coef: float = 0.001       # Hugging Face Mixtral's default
+    router_z_loss_coef: float = 0.0
 
     def __post_init__(self):
         if self.rotary_dim is None:
@@ -60,6 +72,12 @@ class LlamaConfig:
             raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
         if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
             raise ValueError(f"rotary_dim must be even and <= head_dim, got {self.rotary_dim}")
+        for name in ("num_experts", "shared_ffn_dim"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+        if self.num_experts and not (isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_experts):
+            raise ValueError(f"top_k must be an integer in [1, num_experts = {self.num_experts}], got {self.top_k!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "LlamaConfig":
@@ -67,8 +85,10 @@ class LlamaConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def n_params(self) -> int:
+        mlp = (self.num_experts * (3 * self.dim * self.ffn_dim + self.dim) + 3 * self.dim * self.shared_ffn_dim
+               if self.num_experts else 3 * self.dim * self.ffn_dim)
         per_layer = (self.dim * (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
-                     + self.n_heads * self.head_dim * self.dim + 3 * self.dim * self.ffn_dim + 2 * self.dim)
+                     + self.n_heads * self.head_dim * self.dim + mlp + 2 * self.dim)
         head = 0 if self.tie_embeddings else self.vocab_size * self.dim
         return self.vocab_size * self.dim + self.n_layers * per_layer + self.dim + head
 
@@ -84,6 +104,12 @@ CONFIGS: Dict[str, LlamaConfig] = {
                                    vocab_size=131, max_seq_len=256, tie_embeddings=False),
     "tiny-partial-rotary": LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=1, head_dim=16, rotary_dim=8,
                                        ffn_dim=80, vocab_size=89, max_seq_len=256, tie_embeddings=False),
+    # mixture of experts: Mixtral-style (4 experts, top 2), and with a shared expert and every expert chosen
+    "tiny-moe": LlamaConfig(dim=48, n_layers=2, n_heads=6, n_kv_heads=2, head_dim=8, ffn_dim=40, vocab_size=97,
+                            max_seq_len=256, tie_embeddings=False, num_experts=4, top_k=2),
+    "tiny-moe-shared": LlamaConfig(dim=40, n_layers=2, n_heads=5, n_kv_heads=1, head_dim=8, ffn_dim=24,
+                                   vocab_size=89, max_seq_len=256, num_experts=3, top_k=3, shared_ffn_dim=56,
+                                   router_z_loss_coef=1e-3),
 }
 
 
@@ -429,16 +455,39 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up fused into one projection."""
 
-    def __init__(self, c: LlamaConfig):
+    def __init__(self, dim: int, ffn_dim: int):
         super().__init__()
-        self.w_gate_up = Linear(c.dim, 2 * c.ffn_dim, swiglu=True, int8_terms=1)   # [gate | up] rows
-        self.w_down = Linear(c.ffn_dim, c.dim)
+        self.w_gate_up = Linear(dim, 2 * ffn_dim, swiglu=True, int8_terms=1)   # [gate | up] rows
+        self.w_down = Linear(ffn_dim, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, aux: Optional[list] = None) -> Tensor:
         return self.w_down(self.w_gate_up(x))
 
     def serve(self, x: Tensor) -> Tensor:
         return self.w_down.serve(self.w_gate_up.serve(x))
+
+
+class MoEMLP(nn.Module):
+    """Mixtral's sparse MLP: tritium.nn.MoE (the router, each expert's fused gate/up weight w13 (E, 2F, D) and
+    down weight w2 (E, D, F): Hugging Face Mixtral's layout) plus, with shared_ffn_dim, a dense SwiGLU MLP every
+    token goes through. forward appends the router's losses (aux_loss + z_loss) to aux when given one."""
+
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.moe = MoE(c.dim, c.ffn_dim, c.num_experts, c.top_k, aux_loss_coef=c.router_aux_loss_coef,
+                       z_loss_coef=c.router_z_loss_coef)
+        self.shared = MLP(c.dim, c.shared_ffn_dim) if c.shared_ffn_dim else None
+
+    def forward(self, x: Tensor, aux: Optional[list] = None) -> Tensor:
+        out = self.moe(x)
+        if aux is not None:
+            aux.append(out.aux_loss + out.z_loss)
+        return out.output if self.shared is None else out.output + self.shared(x)
+
+    def serve(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            y = self.moe(x).output
+        return y if self.shared is None else y + self.shared.serve(x)
 
 
 class Block(nn.Module):
@@ -454,18 +503,20 @@ class Block(nn.Module):
         self.attn_norm = nn.Parameter(torch.ones(c.dim))
         self.attention = Attention(c)
         self.mlp_norm = nn.Parameter(torch.ones(c.dim))
-        self.mlp = MLP(c)
+        self.mlp = MoEMLP(c) if c.num_experts else MLP(c.dim, c.ffn_dim)
         self.eps = c.norm_eps
 
     @property
     def projections(self) -> Tuple[Linear, Linear, Linear, Linear]:
-        """The block's projections in a step's order (serve_decode's): wqkv, wo, w_gate_up, w_down."""
+        """The block's projections in a step's order (serve_decode's): wqkv, wo, w_gate_up, w_down (a dense
+        block's only)."""
         return self.attention.wqkv, self.attention.wo, self.mlp.w_gate_up, self.mlp.w_down
 
-    def forward(self, y: Tensor, h: Tensor, next_norm: Tensor, cos: Tensor, sin: Tensor) -> Tuple[Tensor, Tensor]:
+    def forward(self, y: Tensor, h: Tensor, next_norm: Tensor, cos: Tensor, sin: Tensor,
+                aux: Optional[list] = None) -> Tuple[Tensor, Tensor]:
         a = self.attention(y, cos, sin)
         y, h = tritium.fused_add_rms_norm(a, h, self.mlp_norm, self.eps)
-        m = self.mlp(y)
+        m = self.mlp(y, aux)
         return tritium.fused_add_rms_norm(m, h, next_norm, self.eps)
 
     def serve(self, y: Tensor, h: Tensor, next_norm: Tensor, cos: Tensor, sin: Tensor, step: StepInput,
@@ -700,6 +751,9 @@ class Llama(nn.Module):
                 p = f"model.layers.{i}."
                 layer.attn_norm.copy_(w[p + "input_layernorm.weight"])
                 layer.mlp_norm.copy_(w[p + "post_attention_layernorm.weight"])
+            for p, mlp in self._moe_layers():
+                for name, t in zip(("router_weight", "w13", "w2"), _moe_weights(w, p, self.config.num_experts)):
+                    getattr(mlp.moe, name).copy_(_as_float(t))
             for lin, parts in self._linear_parts(w):
                 if lin is not self.lm_head and lin not in done:
                     _load_linear(lin, parts, self.dtype)
@@ -713,10 +767,21 @@ class Llama(nn.Module):
             p = f"model.layers.{i}."
             attn, mlp = layer.attention, layer.mlp
             out += [(attn.wqkv, [p + f"self_attn.{n}_proj" for n in "qkv"], list(attn.split)),
-                    (attn.wo, [p + "self_attn.o_proj"], [attn.wo.out_features]),
-                    (mlp.w_gate_up, [p + "mlp.gate_proj", p + "mlp.up_proj"], [self.config.ffn_dim] * 2),
-                    (mlp.w_down, [p + "mlp.down_proj"], [mlp.w_down.out_features])]
+                    (attn.wo, [p + "self_attn.o_proj"], [attn.wo.out_features])]
+            if isinstance(mlp, MoEMLP):   # the experts are not projections: only the shared expert's are
+                mlp, p = mlp.shared, p + "mlp.shared_expert."
+                if mlp is None:
+                    continue
+            else:
+                p += "mlp."
+            out += [(mlp.w_gate_up, [p + "gate_proj", p + "up_proj"], [mlp.w_down.in_features] * 2),
+                    (mlp.w_down, [p + "down_proj"], [mlp.w_down.out_features])]
         return out
+
+    def _moe_layers(self):
+        """(the Hugging Face prefix, MoEMLP) of every MoE block."""
+        return [(f"model.layers.{i}.mlp.", layer.mlp) for i, layer in enumerate(self.layers)
+                if isinstance(layer.mlp, MoEMLP)]
 
     def _linear_parts(self, w: Dict[str, object]):
         """(projection, [the checkpoint tensors stacked into it]) for every projection and the LM head."""
@@ -739,6 +804,9 @@ class Llama(nn.Module):
                         p + "post_attention_layernorm.weight": layer.mlp_norm.detach()})
         for lin, names, sizes in self.hf_projections():
             out.update((n + ".weight", w) for n, w in zip(names, _float_weight(lin, dt).split(sizes, 0)))
+        for p, mlp in self._moe_layers():
+            out.update({p + "gate.weight": mlp.moe.router_weight.detach(),
+                        p + "experts.gate_up_proj": mlp.moe.w13.detach(), p + "experts.down_proj": mlp.moe.w2.detach()})
         return out
 
     @property
@@ -750,21 +818,27 @@ class Llama(nn.Module):
         return self.norm.device
 
     def weight_bytes_per_token(self) -> int:
-        """Bytes of weights a decode step reads: every matrix once, the embedding table only when it is also the
-        LM head (tied; the step's embedding rows are negligible)."""
+        """Bytes of weights a decode step reads: every matrix once (of a mixture of experts, a token's top_k
+        experts), the embedding table only when it is also the LM head (tied; the step's embedding rows are
+        negligible)."""
         n = sum(p.numel() * p.element_size() for p in self.parameters())   # a tied embedding/head counted once
+        for _, mlp in self._moe_layers():   # a token reads top_k of the experts
+            e = mlp.moe
+            n -= (e.w13.numel() * e.w13.element_size() + e.w2.numel() * e.w2.element_size()) * (
+                e.num_experts - e.top_k) // e.num_experts
         if not self.config.tie_embeddings and self.embed is not None:
             n -= self.embed.numel() * self.embed.element_size()
         return n + sum(_quant_bytes(lin.quant) for lin in self._linears())
 
     # ---- the forwards ----
-    def _decoder(self, x: Tensor) -> Tensor:
-        """The decoder stack on embeddings x (batch, seq, dim); returns the final normalised hidden state."""
+    def _decoder(self, x: Tensor, aux: Optional[list] = None) -> Tensor:
+        """The decoder stack on embeddings x (batch, seq, dim); returns the final normalised hidden state (and
+        appends each MoE block's router losses to aux when given)."""
         y, h = tritium.rms_norm(x, (self.config.dim,), self.layers[0].attn_norm, self.config.norm_eps), x
         n = len(self.layers)
         for i, block in enumerate(self.layers):
             next_norm = self.norm if i == n - 1 else self.layers[i + 1].attn_norm
-            y, h = block(y, h, next_norm, self.rope_cos, self.rope_sin)
+            y, h = block(y, h, next_norm, self.rope_cos, self.rope_sin, aux)
         return y
 
     def _decode_args(self, rows: int) -> Optional[Tuple[List[Tensor], List[int]]]:
@@ -783,6 +857,8 @@ class Llama(nn.Module):
     def _gather_decode_args(self, rows: int) -> Optional[Tuple[List[Tensor], List[int]]]:
         weights: List[Tensor] = []
         ints: List[int] = []
+        if self.config.num_experts:   # serve_decode runs dense blocks only: MoE blocks take Block.serve's path
+            return None
         for block in self.layers:
             weights += (block.attn_norm, block.mlp_norm)
             for lin in block.projections:
@@ -818,15 +894,17 @@ class Llama(nn.Module):
             y, h = block.serve(y, h, next_norm, cos, sin, step, kv[i], keep if last else None)
         return y
 
-    def hidden_states(self, input_ids: Tensor) -> Tensor:
+    def hidden_states(self, input_ids: Tensor, aux: Optional[list] = None) -> Tensor:
         """input_ids (batch, seq) -> the final normalised hidden states (batch, seq, dim), the LM head's input
-        (e.g. for tritium.fused_linear_cross_entropy with lm_head.weight: no logits held)."""
-        return self._decoder(self._embed(input_ids))
+        (e.g. for tritium.fused_linear_cross_entropy with lm_head.weight: no logits held). aux: see forward."""
+        return self._decoder(self._embed(input_ids), aux)
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        """input_ids (batch, seq) -> logits (batch, seq, vocab); causal self-attention over the sequence."""
+    def forward(self, input_ids: Tensor, aux: Optional[list] = None) -> Tensor:
+        """input_ids (batch, seq) -> logits (batch, seq, vocab); causal self-attention over the sequence.
+        aux: a list to which each MoE block appends its router losses (aux_loss + z_loss, a scalar), for the
+        training loss (``loss = ce + sum(aux)``)."""
         x = self._embed(input_ids)                                               # (b, s, dim)
-        return self.lm_head(self._decoder(x))
+        return self.lm_head(self._decoder(x, aux))
 
     def forward_step(self, step: StepInput, kv: Sequence[Tuple[Tensor, Tensor]]) -> Tensor:
         """Logits (len(step.logits_rows), vocab) of one packed step; writes every token's K/V into the pools
@@ -871,6 +949,19 @@ def _load_linear(lin: Linear, parts: list, dtype: torch.dtype) -> None:
         return
     lin.set_quantized(None, dtype)
     lin.weight.copy_(torch.cat([_as_float(p) for p in parts], 0) if len(parts) > 1 else _as_float(parts[0]))
+
+
+def _moe_weights(w: Dict[str, object], p: str, num_experts: int) -> Tuple[object, object, object]:
+    """(router (E, D), w13 (E, 2F, D), w2 (E, D, F)) of the MoE MLP whose Hugging Face prefix is p
+    ("model.layers.{i}.mlp."): transformers' fused names (gate.weight, experts.gate_up_proj, experts.down_proj),
+    or the per-expert names of Mixtral's published checkpoints (block_sparse_moe.gate.weight,
+    block_sparse_moe.experts.{e}.w1 / w3 / w2 .weight: gate, up, down), stacked."""
+    if p + "gate.weight" in w:
+        return w[p + "gate.weight"], w[p + "experts.gate_up_proj"], w[p + "experts.down_proj"]
+    b = p[: -len("mlp.")] + "block_sparse_moe."
+    experts = [[_as_float(w[f"{b}experts.{e}.{n}.weight"]) for e in range(num_experts)] for n in ("w1", "w3", "w2")]
+    w13 = torch.stack([torch.cat([g, u], 0) for g, u in zip(experts[0], experts[1])])
+    return w[b + "gate.weight"], w13, torch.stack(experts[2])
 
 
 def _float_weight(lin: Linear, dtype: torch.dtype) -> Tensor:
