@@ -320,3 +320,23 @@ def test_generate_tp_under_torchrun(smollm2_reference):
     want = tok.decode(toks[:next((i for i, t in enumerate(toks) if t in set(tok.stop_ids)), len(toks))])
     assert out.stdout.strip() == want.strip(), (out.stdout, want)
     assert "tensor-parallel on 2 ranks" in " ".join(out.stderr.split())
+
+
+def test_bench_dist_tp_bytes_match_analytic():
+    """`tritium bench dist --kind tp`'s measured bytes per token per rank (bfloat16, batch 3, 2 ranks) equal the
+    analytic (2 n_layers + 1) x dim x 2 + 32 + 40 / 3 it prints beside them (the issue's bar)."""
+    import argparse
+
+    from tritium.bench import dist as bench
+
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args(["--kind", "tp", "--config", "tiny", "--worlds", "2", "--dtype", "bfloat16", "--batch", "3",
+                         "--prompt-len", "5", "--decode-steps", "2"])
+    rows = bench.run(args)
+    c = CONFIGS["tiny"]
+    want = (2 * c.n_layers + 1) * c.dim * 2 + 32 + 40 / 3
+    assert [r["impl"] for r in rows] == ["single decode", "tp decode"]
+    assert rows[1]["analytic_bytes_per_token_per_rank"] == pytest.approx(want, rel=1e-12)
+    assert rows[1]["bytes_per_token_per_rank"] == pytest.approx(want, rel=1e-12)
+    assert rows[0]["bytes_per_token_per_rank"] == 0

@@ -1,4 +1,8 @@
-"""``tritium bench dist``: ring attention (tritium.distributed) vs world size: step time, communication, memory.
+"""``tritium bench dist``: ring attention and tensor-parallel decode (tritium.distributed) vs world size: step time,
+communication, memory.
+
+``--kind ring`` (the default) measures ring attention, ``--kind tp`` tensor-parallel Llama decoding (below),
+``--kind all`` both.
 
 One causal attention (batch 1, ``--heads`` x ``--head-dim``, ``--kv-heads`` for GQA) over a ``--seq``-long
 sequence, forward + backward, split across 1, 2 and 4 gloo processes on this machine (``--worlds``) in the zigzag
@@ -19,6 +23,19 @@ volume and the memory per rank, not a speedup.
   buffers and any workspace; the largest over ranks. **extra** leaves the inputs out (as ``tritium bench memory``
   counts). Measured in fresh processes as ``tritium bench memory`` does: large allocations go straight to mmap and
   tritium's output pool is off, so freed memory leaves the resident set.
+
+Tensor-parallel decode (``--kind tp``): a Llama of ``--config`` (default smollm2-135m, random weights: the shapes
+are what count) in ``--dtype``, ``--batch`` sequences of ``--prompt-len`` tokens prefilled, then ``--decode-steps``
+timed decode steps (after a few warm-up steps) of ``TPEngine`` on each world size of ``--worlds`` (world 1: the
+same Python path and collectives on one rank), against ``Engine`` on the whole model in one process ("single":
+the one-call C++ decode step).
+
+- **step**: median over the timed steps of the slowest rank's engine step (model, sampler, bookkeeping).
+- **comm**: seconds inside the collectives (the transfer and waiting for slower ranks), mean over ranks, and its
+  **share** of the step.
+- **B/token/rank**: bytes of the collectives' payloads per decoded token per rank (tritium.distributed.count_comm),
+  and **analytic**: (2 n_layers + 1) x dim x dtype bytes (two all-reduces per layer, one for the
+  vocabulary-parallel embedding) + 32 (the sampler's all-gather) + 40 / batch (the per-step agreement).
 """
 from __future__ import annotations
 
@@ -45,7 +62,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worlds", default=[1, 2, 4], type=comma_list(number(int, 1)), help="world sizes, comma-separated")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--no-causal", dest="causal", action="store_false", help="non-causal attention")
-    p.add_argument("--steps", type=number(int, 1), default=3, help="timed steps per world size")
+    p.add_argument("--steps", type=number(int, 1), default=3, help="timed steps per world size (ring)")
+    p.add_argument("--kind", default="ring", choices=("ring", "tp", "all"),
+                   help="ring attention, tensor-parallel decode, or both")
+    p.add_argument("--config", default="smollm2-135m", help="tp: a tritium.models.llama.CONFIGS name")
+    p.add_argument("--batch", type=number(int, 1), default=1, help="tp: sequences decoding together")
+    p.add_argument("--prompt-len", type=number(int, 1), default=32, help="tp: prompt tokens per sequence")
+    p.add_argument("--decode-steps", type=number(int, 1), default=32, help="tp: timed decode steps")
     p.add_argument("--json", default=None, help="write the results here")
 
 
@@ -160,15 +183,123 @@ def _row(name: str, world: int, cfg: dict, timing: List[dict], memory: List[dict
                 peak_vs_single=None if single_peak is None else peak / single_peak)
 
 
+def _tp_rank_main(rank: int, world: int, cfg: dict, out_dir: str) -> None:
+    """One rank of tensor-parallel decode (or, mode "single", Engine on the whole model): prefill, warm up, time
+    the decode steps; writes per-step seconds, collective seconds and bytes to out_dir/<rank>.json."""
+    import torch
+    import torch.distributed as dist
+
+    from tritium.distributed import TPEngine, count_comm, shard_llama
+    from tritium.inference import Engine
+    from tritium.models.llama import build
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    single = cfg["mode"] == "single"
+    if not single:
+        dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank,
+                                world_size=world, timeout=datetime.timedelta(seconds=600))
+    model = build(cfg["config"]).init_random(generator=torch.Generator().manual_seed(0))
+    model = model.to(getattr(torch, cfg["dtype"]))
+    if not single:
+        model = shard_llama(model)
+    warm = 3
+    n_new = warm + cfg["decode_steps"] + 2
+    engine = (Engine if single else TPEngine)(model, max_batch=cfg["batch"])
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(cfg["batch"]):
+        prompt = torch.randint(0, model.config.vocab_size if single else model.tp.full_config.vocab_size,
+                               (cfg["prompt_len"],), generator=gen).tolist()
+        engine.add_request(prompt, max_new_tokens=n_new, stop_token_ids=())
+    engine.step()   # the prefill
+    for _ in range(warm):
+        engine.step()
+    res = {"step": [], "comm": [], "bytes": []}
+    for _ in range(cfg["decode_steps"]):
+        if not single:
+            dist.barrier()
+        with count_comm() as st:
+            t0 = time.perf_counter()
+            engine.step()
+            res["step"].append(time.perf_counter() - t0)
+        res["comm"].append(st.seconds)
+        res["bytes"].append(st.total_bytes)
+    if not single:
+        dist.destroy_process_group()
+    with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
+        json.dump(res, f)
+
+
+def _launch_tp(world: int, cfg: dict) -> List[dict]:
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as d:
+        mp.start_processes(_tp_rank_main, args=(world, cfg, d), nprocs=world, join=True, start_method="spawn")
+        return [json.load(open(os.path.join(d, f"{r}.json"))) for r in range(world)]
+
+
+def tp_analytic_bytes_per_token(config, dtype_bytes: int, batch: int) -> float:
+    """The payload bytes per decoded token per rank of a tensor-parallel decode step (see the module docstring)."""
+    return (2 * config.n_layers + 1) * config.dim * dtype_bytes + 4 * 8 + 5 * 8 / batch
+
+
+def run_tp(args, console) -> List[dict]:
+    import torch
+    from rich.table import Table
+
+    from tritium.models.llama import CONFIGS
+
+    if args.config not in CONFIGS:
+        raise SystemExit(f"tritium bench dist: --config must be one of {', '.join(CONFIGS)}, got {args.config!r}")
+    cfg = dict(config=args.config, dtype=args.dtype, batch=args.batch, prompt_len=args.prompt_len,
+               decode_steps=args.decode_steps)
+    c = CONFIGS[args.config]
+    analytic = tp_analytic_bytes_per_token(c, getattr(torch, args.dtype).itemsize, args.batch)
+    rows = []
+    for name, world in [("single", 1)] + [("tp", w) for w in args.worlds]:
+        console.print(f"tp decode: {name} world {world} ...")
+        runs = _launch_tp(world, dict(cfg, mode=name))
+        n = len(runs[0]["step"])
+        step = statistics.median(max(r["step"][i] for r in runs) for i in range(n))
+        comm = statistics.mean(statistics.median(r["comm"]) for r in runs)
+        per_token = max(statistics.median(r["bytes"]) for r in runs) / args.batch
+        rows.append(dict(impl=f"{name} decode", world=world, config=args.config, dtype=args.dtype,
+                         batch=args.batch, prompt_len=args.prompt_len, step_ms=step * 1e3,
+                         tokens_per_s=args.batch / step, comm_ms=comm * 1e3, comm_share=comm / step,
+                         bytes_per_token_per_rank=per_token,
+                         analytic_bytes_per_token_per_rank=analytic if name == "tp" else 0.0))
+    table = Table(title=f"decode steps: tensor-parallel vs one process, {args.config} ({args.dtype}), batch "
+                        f"{args.batch}, prompts of {args.prompt_len} tokens")
+    for col in ("impl", "world", "step ms", "tok/s", "comm ms", "share", "B/token/rank", "analytic"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["impl"].split()[0], str(r["world"]), f"{r['step_ms']:.1f}", f"{r['tokens_per_s']:.1f}",
+                      f"{r['comm_ms']:.1f}", f"{r['comm_share']:.1%}", f"{r['bytes_per_token_per_rank']:.0f}",
+                      f"{r['analytic_bytes_per_token_per_rank']:.0f}")
+    console.print(table)
+    return rows
+
+
 def run(args) -> List[dict]:
     from rich.console import Console
+
+    console = Console()
+    rows = []
+    if args.kind in ("ring", "all"):
+        rows += run_ring(args, console)
+    if args.kind in ("tp", "all"):
+        rows += run_tp(args, console)
+    if args.json:
+        write_json(args.json, machine_info("cpu"), rows, {"suite": "dist"})
+    return rows
+
+
+def run_ring(args, console) -> List[dict]:
     from rich.table import Table
 
     cfg = dict(seq=args.seq, heads=args.heads, kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim,
                dtype=args.dtype, causal=args.causal, steps=args.steps)
     if cfg["heads"] % cfg["kv_heads"]:
         raise SystemExit(f"tritium bench dist: --kv-heads {cfg['kv_heads']} must divide --heads {cfg['heads']}")
-    console = Console()
     rows = []
     single = [_launch(1, dict(cfg, mode="single", measure=m)) for m in ("time", "memory")]
     rows.append(_row("single", 1, cfg, *single, None))
@@ -189,6 +320,4 @@ def run(args) -> List[dict]:
                       f"{r['extra_MiB_per_rank']:.1f}",
                       "-" if r["peak_vs_single"] is None else f"{r['peak_vs_single']:.2f}x")
     console.print(table)
-    if args.json:
-        write_json(args.json, machine_info("cpu"), rows, {"suite": "dist"})
     return rows

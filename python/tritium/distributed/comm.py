@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
@@ -21,9 +22,11 @@ from torch import Tensor
 @dataclasses.dataclass
 class CommStats:
     """Payload bytes and calls per kind of collective on this rank while collecting (kinds: "all_reduce",
-    "all_gather", "check": the per-call agreement of tensor-parallel forwards)."""
+    "all_gather", "check": the per-call agreement of tensor-parallel forwards), and the seconds spent inside the
+    collectives (blocking calls: the transfer, and waiting for ranks that are still computing)."""
     bytes: Dict[str, int] = dataclasses.field(default_factory=dict)
     calls: Dict[str, int] = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
 
     @property
     def total_bytes(self) -> int:
@@ -60,10 +63,21 @@ def meta_device(group=None) -> torch.device:
     return torch.device("cpu")
 
 
+def _timed(fn, *args, **kwargs):
+    if not _STATS:
+        return fn(*args, **kwargs)
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    dt = time.perf_counter() - t0
+    for st in _STATS:
+        st.seconds += dt
+    return out
+
+
 def all_reduce(t: Tensor, op=dist.ReduceOp.SUM, group=None, kind: str = "all_reduce") -> Tensor:
     """In-place all-reduce of t (contiguous) over group; returns t."""
     _count(kind, t)
-    dist.all_reduce(t, op=op, group=group)
+    _timed(dist.all_reduce, t, op=op, group=group)
     return t
 
 
@@ -72,7 +86,7 @@ def all_gather(t: Tensor, group=None, kind: str = "all_gather") -> Tensor:
     world = dist.get_world_size(group)
     _count(kind, t)
     out = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(out, t.contiguous(), group=group)
+    _timed(dist.all_gather, out, t.contiguous(), group=group)
     return torch.stack(out)
 
 
