@@ -11,6 +11,8 @@ work as with torch.optim.
 (``master_param``) with float32 optimizer state; every step writes the copy, rounded to nearest, into the 16-bit
 param. The model trains in 16 bits while the update keeps float32's precision (small updates to a large weight
 are not lost to 16-bit rounding). Float32 params are unaffected by the flag.
+
+DTensor params (FSDP2's ``fully_shard``) are stepped through their local shards: the update is elementwise.
 """
 from __future__ import annotations
 
@@ -26,6 +28,25 @@ __all__ = ["AdamW", "SGD", "warmup_cosine"]
 
 _HALF = (torch.bfloat16, torch.float16)
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "master_param")
+
+
+def _local_shards(params: List[Tensor], grads: List[Tensor], *others: List[Tensor]) -> tuple:
+    """The lists with every DTensor (FSDP2's fully_shard, tensor-parallel params) replaced by its local shard (a
+    view: the kernel's in-place updates land in the DTensor). The update is elementwise, so each rank stepping its
+    shards is the whole step, given a param and its gradient laid out alike (checked)."""
+    if not any(type(t).__name__ == "DTensor" for t in params):
+        return (params, grads) + others
+    from torch.distributed.tensor import DTensor
+
+    for p, g in zip(params, grads):
+        if isinstance(p, DTensor) and (not isinstance(g, DTensor) or g.placements != p.placements):
+            raise ValueError(f"a DTensor param with placements {p.placements} has a gradient laid out as "
+                             f"{getattr(g, 'placements', 'a plain tensor')}: tritium.optim steps local shards and "
+                             f"needs the two alike")
+
+    def local(ts):
+        return [t.to_local() if isinstance(t, DTensor) else t for t in ts]
+    return tuple(local(ts) for ts in (params, grads) + others)
 
 
 def _check_lr(lr) -> None:
@@ -170,6 +191,7 @@ class AdamW(_Fused):
                 lr = group["lr"]
                 if isinstance(lr, Tensor) and lr.device != bucket[0].device:
                     lr = lr.to(bucket[0].device)
+                params, grads, m, v, vmax, p16 = _local_shards(params, grads, m, v, vmax, p16)
                 _ops.adamw_group_(params, grads, m, v, vmax, steps, p16, lr, beta1, beta2, group["weight_decay"],
                                   group["eps"], group["maximize"])
         return loss
@@ -223,6 +245,7 @@ class SGD(_Fused):
                     lr = lr.to(bucket[0].device)
                 for first, (params, grads, bufs, p16) in enumerate(parts):
                     if params:
+                        params, grads, bufs, p16 = _local_shards(params, grads, bufs, p16)
                         _ops.sgd_group_(params, grads, bufs, p16, lr, group["weight_decay"], momentum,
                                         group["dampening"], group["nesterov"], group["maximize"], bool(first))
         return loss

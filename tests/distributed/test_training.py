@@ -1,0 +1,98 @@
+"""Training tritium models under DDP and FSDP2 (torch.distributed.fsdp.fully_shard) on 2 gloo processes: 20
+steps of tritium.optim.AdamW on a classic model (tritium ops: linear layers, activations, layer norms, attention,
+cross-entropy), each rank on half of every global batch, give the same loss curve and parameters as one process
+on the whole batches (DESIGN.md's tolerance rule: float32 against the one-process float64 run)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import tritium
+from tests.distributed.spawn import spawn
+from tests.util import assert_within_torch_error
+from tritium.models.classic import MLP, TransformerEncoder
+
+STEPS, BATCH = 20, 8
+
+
+def _model(name):
+    torch.manual_seed(0)
+    if name == "mlp":
+        return MLP(12, 24, 2, 5)
+    m = TransformerEncoder(vocab_size=20, max_len=6, dim=16, depth=2, heads=2, num_classes=3, pre_norm=True)
+    for block in m.blocks:
+        # the key bias's exact gradient is zero (softmax ignores a shift shared by every key); Adam normalises the
+        # rounding noise there into full-size steps, in float64 as in float32, so nothing can be compared on it
+        block.attn.qkv.bias.requires_grad_(False)
+    return m
+
+
+def _batch(name, step):
+    g = torch.Generator().manual_seed(100 + step)
+    if name == "mlp":
+        return torch.randn(BATCH, 12, generator=g), torch.randint(0, 5, (BATCH,), generator=g)
+    return torch.randint(0, 20, (BATCH, 6), generator=g), torch.randint(0, 3, (BATCH,), generator=g)
+
+
+def _train(model, name, rows=slice(None), dtype=torch.float32, after_loss=None):
+    opt = tritium.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    losses = []
+    for step in range(STEPS):
+        x, y = _batch(name, step)
+        x = x[rows].to(dtype) if x.is_floating_point() else x[rows]
+        loss = tritium.cross_entropy(model(x), y[rows])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(after_loss(loss.detach()) if after_loss else loss.detach())
+    return torch.stack(losses)
+
+
+def _mean_over_ranks(loss):
+    loss = loss.clone()
+    dist.all_reduce(loss)
+    return loss / dist.get_world_size()
+
+
+def _check(rank, world, name, mode):
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    single = _model(name)
+    single64 = copy.deepcopy(single).double()
+    model = copy.deepcopy(single)
+    if mode == "ddp":
+        wrapped = DDP(model)
+    else:
+        for layer in (model.layers if name == "mlp" else model.blocks):
+            fully_shard(layer)
+        wrapped = fully_shard(model)
+    per = BATCH // world
+    losses = _train(wrapped, name, slice(rank * per, (rank + 1) * per), after_loss=_mean_over_ranks)
+    want = _train(single, name)
+    want64 = _train(single64, name, dtype=torch.float64)
+    what = f"{name} {mode} rank {rank}/{world}"
+    assert_within_torch_error(losses, want, want64, what + " loss curve")
+    params64 = dict(single64.named_parameters())
+    for n, p in single.named_parameters():
+        mine = dict(model.named_parameters())[n].detach()
+        if mode == "fsdp":
+            assert type(mine).__name__ == "DTensor", f"{what}: {n} is not sharded"
+            mine = mine.full_tensor()
+        assert_within_torch_error(mine, p.detach(), params64[n].detach(), f"{what} {n}")
+    return "ok"
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_distributed_training_matches_one_process(tmp_path, mode):
+    results = spawn(tmp_path, 2, _check_all, mode)
+    assert results == ["'ok'"] * 2, "\n".join(results)
+
+
+def _check_all(rank, world, mode):
+    for name in ("mlp", "transformer"):
+        _check(rank, world, name, mode)
+    return "ok"
