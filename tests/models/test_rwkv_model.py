@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from tests.util import assert_within_torch_error
 from tritium.models.rwkv import IMPLS, RWKV7Config, RWKV7LM
+from .recurrent_lm import check_greedy_generate
 
 RTOL_SCALE = 1e-4
 
@@ -137,16 +138,7 @@ def test_step_twins_agree():
 
 def test_generate_is_greedy_over_the_full_forward():
     model = _random_model("tritium").eval()
-    prompt = torch.randint(0, model.config.vocab_size, (2, 5))
-    tokens = model.generate(prompt, 6)
-    seq = prompt
-    with torch.no_grad():
-        for _ in range(6):
-            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
-    assert torch.equal(tokens, seq)
-    assert torch.equal(model.generate(prompt, 0), prompt)
-    sampled = model.generate(prompt, 4, greedy=False, generator=torch.Generator().manual_seed(0))
-    assert sampled.shape == (2, 9) and torch.equal(sampled[:, :5], prompt)
+    prompt = check_greedy_generate(model)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 0, got -1"):
         model.generate(prompt, -1)
     with pytest.raises(ValueError, match="3 tokens for a state of batch 2"):

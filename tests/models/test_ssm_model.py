@@ -18,6 +18,7 @@ import transformers
 
 from tests.util import assert_within_torch_error
 from tritium.models.ssm import IMPLS, MambaConfig, MambaLM
+from .recurrent_lm import check_greedy_generate
 
 VOCAB, HIDDEN, LAYERS, STATE, CONV, EXPAND = 101, 32, 2, 16, 4, 2
 RTOL_SCALE = 1e-4   # direct float32 comparisons: max |a - b| <= RTOL_SCALE * max |b|
@@ -162,16 +163,7 @@ def test_prefill_then_steps_equal_the_full_forward(impl, prompt_len):
 
 def test_generate_is_greedy_over_the_full_forward():
     model = _random_model("tritium").eval()
-    prompt = torch.randint(0, model.config.vocab_size, (2, 5))
-    tokens = model.generate(prompt, 6)
-    seq = prompt
-    with torch.no_grad():
-        for _ in range(6):
-            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
-    assert torch.equal(tokens, seq)
-    assert torch.equal(model.generate(prompt, 0), prompt)
-    sampled = model.generate(prompt, 4, greedy=False, generator=torch.Generator().manual_seed(0))
-    assert sampled.shape == (2, 9) and torch.equal(sampled[:, :5], prompt)
+    check_greedy_generate(model)
 
 
 def test_torch_compile_fullgraph_forward_equals_eager():

@@ -383,12 +383,6 @@ class RWKV7LM(RecurrentLM):
         logits = self.head(h)
         return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
-    def _check_ids(self, input_ids: Tensor, what: str, dims: int) -> None:
-        if not isinstance(input_ids, Tensor) or input_ids.dim() != dims or input_ids.is_floating_point():
-            shape = "(batch, L)" if dims == 2 else "(batch,)"
-            got = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
-            raise ValueError(f"RWKV7LM.{what}: token ids must be an integer tensor {shape}, got {got}")
-
     def forward(self, input_ids: Tensor) -> Tensor:
         """input_ids (batch, L) -> logits (batch, L, vocab). Differentiable in every parameter."""
         self._check_ids(input_ids, "forward", 2)

@@ -261,6 +261,14 @@ class RecurrentLM(nn.Module):
     last_only=True) -> (logits (batch, vocab), state) and step(token_ids, state) -> logits, advancing the state in
     place (MambaLM, tritium.models.rwkv.RWKV7LM)."""
 
+    def _check_ids(self, input_ids: Tensor, what: str, dims: int) -> None:
+        """input_ids must be an integer tensor of dims dimensions ((batch, L) or (batch,)), else a ValueError naming
+        the model and the method."""
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != dims or input_ids.is_floating_point():
+            shape = "(batch, L)" if dims == 2 else "(batch,)"
+            got = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
+            raise ValueError(f"{type(self).__name__}.{what}: token ids must be an integer tensor {shape}, got {got}")
+
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, greedy: bool = True, temperature: float = 1.0,
                  generator: Optional[torch.Generator] = None) -> Tensor:
@@ -336,12 +344,6 @@ class MambaLM(RecurrentLM):
         h = self.backbone.norm_f(h.to(self.backbone.norm_f.weight.dtype))
         logits = self.lm_head(h.to(self.lm_head.weight.dtype))
         return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-
-    def _check_ids(self, input_ids: Tensor, what: str, dims: int) -> None:
-        if not isinstance(input_ids, Tensor) or input_ids.dim() != dims or input_ids.is_floating_point():
-            shape = "(batch, L)" if dims == 2 else "(batch,)"
-            got = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
-            raise ValueError(f"MambaLM.{what}: token ids must be an integer tensor {shape}, got {got}")
 
     def forward(self, input_ids: Tensor) -> Tensor:
         """input_ids (batch, L) -> logits (batch, L, vocab). Differentiable in every parameter."""
