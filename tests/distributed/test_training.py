@@ -100,7 +100,7 @@ def _check_all(rank, world, mode):
 
 @pytest.mark.parametrize("shard", ["ddp", "fsdp"])
 def test_torchrun_recipe(shard):
-    """docs/distributed.md's recipe, `torchrun --nproc-per-node 2 -m tritium.distributed.train`, runs and reports."""
+    """docs/distributed.md's recipe, `torchrun --nproc-per-node 2 -m tritium.cli.train_dist`, runs and reports."""
     import os
     import re
     import subprocess
@@ -109,7 +109,7 @@ def test_torchrun_recipe(shard):
     pytest.importorskip("sklearn", reason="the digits data set comes with scikit-learn (.[train])")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    out = subprocess.run([torchrun, "--nproc-per-node", "2", "-m", "tritium.distributed.train", "--model", "encoder",
+    out = subprocess.run([torchrun, "--nproc-per-node", "2", "-m", "tritium.cli.train_dist", "--model", "encoder",
                           "--shard", shard, "--epochs", "1"], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert re.fullmatch(rf"encoder \({shard}, 2 ranks, gloo\): 23 steps in [\d.]+ s, loss [\d.]+ \(mean of the last "

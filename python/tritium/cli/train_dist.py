@@ -1,7 +1,7 @@
 """The torchrun recipe for data-parallel training of tritium's classic models (``tritium train``'s digits
 configurations) under DDP or FSDP2 (``torch.distributed.fsdp.fully_shard``) with ``tritium.optim.AdamW``:
 
-    torchrun --nproc-per-node 2 -m tritium.distributed.train --model encoder --shard fsdp
+    torchrun --nproc-per-node 2 -m tritium.cli.train_dist --model encoder --shard fsdp
 
 Every rank draws the same global batches as ``tritium train`` (the same seeded order; the recipe's batch size is
 the global batch) and trains on its slice of each, so N ranks take the same steps as one process on the whole
@@ -27,11 +27,11 @@ import torch.distributed as dist
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from tritium.cli.train import RECIPES, Recipe, accuracy, digits
+    from .train import RECIPES, Recipe, accuracy, digits
     from tritium.models.classic import DIGITS, BasicBlock, Block, build
     from tritium.optim import AdamW, warmup_cosine
 
-    p = argparse.ArgumentParser(prog="torchrun ... -m tritium.distributed.train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="torchrun ... -m tritium.cli.train_dist", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="mlp", choices=sorted(DIGITS))
     p.add_argument("--shard", default="ddp", choices=("ddp", "fsdp"))
     p.add_argument("--epochs", type=int, default=None, help="default: tritium train's recipe")
