@@ -61,6 +61,12 @@ def _check_config(rank, world, name):
         single = m(x)
         ref64 = copy.deepcopy(m).to(torch.float64)(x)
     assert_within_torch_error(ours, single, ref64, f"{name} rank {rank}/{world} forward logits")
+    # bfloat16: the all-reduces sum the partial products in bfloat16, as Megatron does
+    m16 = copy.deepcopy(m).to(torch.bfloat16)
+    with torch.no_grad():
+        ours16 = gather_vocab(shard_llama(m16)(x))
+        single16 = m16(x)
+    assert_within_torch_error(ours16, single16, ref64, f"{name} rank {rank}/{world} bfloat16 forward logits")
     # the serving path: two prompts prefilled together, then decoded together; every step's logits and the
     # greedy tokens and their log-probabilities
     want_steps, got_steps = _record(m, False), _record(tp, True)
