@@ -160,6 +160,9 @@ def write_gguf(path, model, qtype_of=lambda name: "F32"):
     w.add_rope_freq_base(c.rope_base)
     w.add_rope_dimension_count(c.rotary_dim)
     w.add_layer_norm_rms_eps(c.norm_eps)
+    if c.num_experts:
+        w.add_expert_count(c.num_experts)
+        w.add_expert_used_count(c.top_k)
     meta = byte_tokenizer_meta()
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("smollm")
@@ -172,7 +175,14 @@ def write_gguf(path, model, qtype_of=lambda name: "F32"):
              "lm_head.weight": "output.weight"}
     from tritium.models.gguf import _LAYER_NAMES
     expected = {}
-    for hf, t in model.hf_state_dict().items():
+    tensors = []
+    for hf, t in model.hf_state_dict().items():   # GGUF stacks the experts' gate and up projections apart
+        if hf.endswith("experts.gate_up_proj"):
+            gate, up = t.chunk(2, 1)
+            tensors += [(hf.replace("gate_up_proj", "gate_proj"), gate), (hf.replace("gate_up_proj", "up_proj"), up)]
+        else:
+            tensors.append((hf, t))
+    for hf, t in tensors:
         if hf in names:
             g = names[hf]
         else:
@@ -183,7 +193,7 @@ def write_gguf(path, model, qtype_of=lambda name: "F32"):
             a = _permute(a, c.n_heads)
         elif hf.endswith("k_proj.weight"):
             a = _permute(a, c.n_kv_heads)
-        q = getattr(Q, qtype_of(hf)) if a.ndim == 2 else Q.F32
+        q = getattr(Q, qtype_of(hf)) if a.ndim >= 2 else Q.F32
         if q in (Q.Q4_K, Q.Q6_K):   # gguf cannot quantise these: random valid blocks, dequantised by gguf
             raw = _random_blocks(q, a.shape)
             w.add_tensor(g, raw, raw_dtype=q)

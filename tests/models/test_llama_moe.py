@@ -228,3 +228,36 @@ def test_loads_transformers_saved_mixtral_directory(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_experts_per_tok": 5}))
     with pytest.raises(ValueError, match=r"num_experts_per_tok \(5\) must be at most num_local_experts \(4\)"):
         load(str(tmp_path))
+
+
+def test_loads_gguf_mixture_of_experts(tmp_path):
+    """A GGUF in llama.cpp's Mixtral layout (expert_count / expert_used_count metadata, the experts' gate, up and
+    down stacked 3-D as ffn_gate_exps / ffn_up_exps / ffn_down_exps, the router ffn_gate_inp), with the expert
+    stacks in Q8_0: the loaded model equals one built from the dequantised tensors; the experts are served float
+    (dequantised at load) in every weights mode."""
+    from tritium.models import load
+
+    from .test_llama import write_gguf
+
+    cfg = dataclasses.replace(CONFIGS["tiny-moe"], dim=64, n_heads=8, n_kv_heads=2, ffn_dim=96)   # Q8_0: 32-blocks
+    model = build(cfg).init_random(generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "moe.gguf"
+    expected = write_gguf(path, model, qtype_of=lambda name: "Q8_0" if "experts." in name else "F32")
+    ref = build(cfg)
+    w = {k: torch.from_numpy(v).float() for k, v in expected.items()}
+    sd = model.hf_state_dict()
+    for k in sd:
+        if k.endswith("experts.gate_up_proj"):
+            w[k] = torch.cat([w.pop(k.replace("gate_up_proj", "gate_proj")),
+                              w.pop(k.replace("gate_up_proj", "up_proj"))], 1)
+    for k in ("q_proj", "k_proj"):   # write_gguf permuted Q/K rows the llama.cpp way; the loader undoes it
+        for name in [n for n in w if n.endswith(f"{k}.weight")]:
+            w[name] = sd[name]
+    ref.load_weights({k: v.reshape(sd[k].shape) for k, v in w.items()})
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    for weights in ("float", "native"):
+        loaded, _ = load(str(path), weights=weights)
+        assert (loaded.config.num_experts, loaded.config.top_k) == (4, 2)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids), ref(ids), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(loaded.layers[0].mlp.moe.w13, model.layers[0].mlp.moe.w13)   # Q8_0 rounded them

@@ -43,6 +43,12 @@ _LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    # a mixture of experts (llama.cpp's Mixtral layout): the router and each projection of every expert stacked
+    # (3-D); tritium's names for the split gate/up stacks (transformers fuses them: experts.gate_up_proj)
+    "ffn_gate_inp.weight": "mlp.gate.weight",
+    "ffn_gate_exps.weight": "mlp.experts.gate_proj",
+    "ffn_up_exps.weight": "mlp.experts.up_proj",
+    "ffn_down_exps.weight": "mlp.experts.down_proj",
 }
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -267,11 +273,12 @@ def _check_rope_scaling(config: dict, key: str, where: str) -> None:
         _fail(where, f"{key} {scaling!r} gives RoPE angles that are not finite")
 
 
-def _expected_tensors(c: dict, fused_experts: bool = True):
+def _expected_tensors(c: dict, experts: str = "fused"):
     """(Hugging Face name, torch shape, what in the config implies the shape) of every tensor the model reads,
     layer by layer: a generator, so a file whose layer count is absurd fails at its first missing layer. A
-    mixture of experts (c["num_experts"] > 0: Mixtral) has its router and experts under transformers' fused names
-    (fused_experts) or under the per-expert names of Mixtral's published checkpoints."""
+    mixture of experts (c["num_experts"] > 0: Mixtral) has its router and experts in one of three layouts:
+    "fused" (transformers' names), "per_expert" (Mixtral's published checkpoints) or "split" (GGUF's: gate, up
+    and down each stacked over the experts)."""
     dim, ffn, hd, vocab = c["dim"], c["ffn_dim"], c["head_dim"], c["vocab_size"]
     q, kv = c["n_heads"] * hd, c["n_kv_heads"] * hd
     embed, norm = f"vocab {vocab}, dim {dim}", f"dim {dim}"
@@ -289,14 +296,18 @@ def _expected_tensors(c: dict, fused_experts: bool = True):
     n_exp = c.get("num_experts", 0)
     if n_exp:
         moe = f"{mlp}, {n_exp} experts"
-        if fused_experts:
-            experts = (("mlp.gate.weight", (n_exp, dim), moe), ("mlp.experts.gate_up_proj", (n_exp, 2 * ffn, dim), moe),
-                       ("mlp.experts.down_proj", (n_exp, dim, ffn), moe))
+        router = ("mlp.gate.weight", (n_exp, dim), moe)
+        down = ("mlp.experts.down_proj", (n_exp, dim, ffn), moe)
+        if experts == "fused":
+            stacks = (router, ("mlp.experts.gate_up_proj", (n_exp, 2 * ffn, dim), moe), down)
+        elif experts == "split":
+            stacks = (router, ("mlp.experts.gate_proj", (n_exp, ffn, dim), moe),
+                      ("mlp.experts.up_proj", (n_exp, ffn, dim), moe), down)
         else:
-            experts = (("block_sparse_moe.gate.weight", (n_exp, dim), moe),) + tuple(
+            stacks = (("block_sparse_moe.gate.weight", (n_exp, dim), moe),) + tuple(
                 (f"block_sparse_moe.experts.{e}.{n}.weight", shape, moe) for e in range(n_exp)
                 for n, shape in (("w1", (ffn, dim)), ("w3", (ffn, dim)), ("w2", (dim, ffn))))
-        layer = layer[:6] + experts
+        layer = layer[:6] + stacks
     for i in range(c["n_layers"]):
         for name, shape, why in layer:
             yield f"model.layers.{i}.{name}", shape, why
@@ -373,6 +384,14 @@ def read_gguf_metadata(reader) -> Tuple[dict, dict]:
         _fail(where, f"the head dim {config['head_dim']} must be even")
     config["norm_eps"], config["rope_base"] = _f32(config["norm_eps"]), _f32(config["rope_base"])
     config["tie_embeddings"] = "output.weight" not in names
+    n_exp, used = fields.get(f"{arch}.expert_count", 0), fields.get(f"{arch}.expert_used_count", 0)
+    if n_exp:   # a mixture of experts (llama.cpp's Mixtral)
+        for key, v in ((f"{arch}.expert_count", n_exp), (f"{arch}.expert_used_count", used)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                _fail(where, f"metadata {key} must be a positive integer, got {v!r}")
+        if used > n_exp:
+            _fail(where, f"metadata {arch}.expert_used_count ({used}) must be at most {arch}.expert_count ({n_exp})")
+        config.update(num_experts=n_exp, top_k=used)
     if fields.get(f"{arch}.rope.scaling.type") == "linear":
         config["rope_scaling"] = {"type": "linear", "factor": fields.get(f"{arch}.rope.scaling.factor", 1.0)}
         _check_rope_scaling(config, f"{arch}.rope.scaling.factor", where)
@@ -399,7 +418,7 @@ def _gguf_tensors(reader, config: dict, native: bool, where: str):
     its shape) and its type one the load reads (native: a matrix stored quantized must be in SUPPORTED_QUANT)."""
     names = {t.name: t for t in reader.tensors}
     out = []
-    for hf, shape, why in _expected_tensors(config):
+    for hf, shape, why in _expected_tensors(config, "split"):
         g = _gguf_name(hf)
         t = names.get(g)
         _check_tensor(where, g, None if t is None else t.shape, tuple(reversed(shape)), why, config["n_layers"])
@@ -518,7 +537,8 @@ def load_hf_dir(path: str, dtype: torch.dtype = torch.float32, progress: Progres
     if "lm_head.weight" not in found:
         config["tie_embeddings"] = True
     need: Dict[str, list] = {}    # file -> the tensor names the model reads from it
-    for k, shape, why in _expected_tensors(config, "model.layers.0.mlp.experts.gate_up_proj" in found):
+    layout = "fused" if "model.layers.0.mlp.experts.gate_up_proj" in found else "per_expert"
+    for k, shape, why in _expected_tensors(config, layout):
         fn, got, kind = found.get(k, (None, None, None))
         _check_tensor(os.path.join(name, fn or "*.safetensors"), k, got, shape, why, config["n_layers"])
         if kind not in _SAFETENSORS_FLOATS:

@@ -954,10 +954,14 @@ def _load_linear(lin: Linear, parts: list, dtype: torch.dtype) -> None:
 def _moe_weights(w: Dict[str, object], p: str, num_experts: int) -> Tuple[object, object, object]:
     """(router (E, D), w13 (E, 2F, D), w2 (E, D, F)) of the MoE MLP whose Hugging Face prefix is p
     ("model.layers.{i}.mlp."): transformers' fused names (gate.weight, experts.gate_up_proj, experts.down_proj),
-    or the per-expert names of Mixtral's published checkpoints (block_sparse_moe.gate.weight,
-    block_sparse_moe.experts.{e}.w1 / w3 / w2 .weight: gate, up, down), stacked."""
-    if p + "gate.weight" in w:
+    GGUF's gate and up stacks (experts.gate_proj, experts.up_proj: tritium.models.gguf), or the per-expert names
+    of Mixtral's published checkpoints (block_sparse_moe.gate.weight, block_sparse_moe.experts.{e}.w1 / w3 / w2
+    .weight: gate, up, down), stacked."""
+    if p + "experts.gate_up_proj" in w:
         return w[p + "gate.weight"], w[p + "experts.gate_up_proj"], w[p + "experts.down_proj"]
+    if p + "experts.gate_proj" in w:   # GGUF's split stacks (tritium.models.gguf's names for them)
+        w13 = torch.cat([_as_float(w[p + "experts.gate_proj"]), _as_float(w[p + "experts.up_proj"])], 1)
+        return w[p + "gate.weight"], w13, w[p + "experts.down_proj"]
     b = p[: -len("mlp.")] + "block_sparse_moe."
     experts = [[_as_float(w[f"{b}experts.{e}.{n}.weight"]) for e in range(num_experts)] for n in ("w1", "w3", "w2")]
     w13 = torch.stack([torch.cat([g, u], 0) for g, u in zip(experts[0], experts[1])])
