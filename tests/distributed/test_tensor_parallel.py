@@ -303,6 +303,11 @@ def test_generate_tp_needs_torchrun(monkeypatch):
         generate.main(["hi", "--tp", "2"])
     with pytest.raises(UsageError, match="--tp shards float weights: drop --weights int8"):
         generate.main(["hi", "--tp", "2", "--weights", "int8"])
+    pytest.importorskip("fastapi", reason="tritium serve needs the serve extra")
+    from tritium.cli import serve
+
+    with pytest.raises(UsageError, match=r"--tp 2 runs under `torchrun --nproc-per-node 2 -m tritium serve"):
+        serve.main(["--tp", "2"])
 
 
 @pytest.mark.slow
@@ -346,3 +351,55 @@ def test_bench_dist_tp_bytes_match_analytic():
     assert rows[1]["analytic_bytes_per_token_per_rank"] == pytest.approx(want, rel=1e-12)
     assert rows[1]["bytes_per_token_per_rank"] == pytest.approx(want, rel=1e-12)
     assert rows[0]["bytes_per_token_per_rank"] == 0
+
+
+# ---- serving: rank 0's worker leads, the others follow ----
+def _serve_tp(rank, world):
+    import asyncio
+    import threading
+
+    from tritium.serve.tp import TPLeaderWorker, follow
+    from tritium.serve.worker import Submission
+
+    m = _model(TINY["tiny"])
+    want = Engine(m, max_batch=4).generate(PROMPTS + [[3, 3, 3]], max_new_tokens=6)
+    engine = TPEngine(shard_llama(m), max_batch=4)
+    if rank:
+        follow(engine)
+        return "followed"
+    worker = TPLeaderWorker(engine).start()
+
+    async def ask(prompts, kwargs, abort_first=False):
+        loop = asyncio.get_running_loop()
+        got = asyncio.Queue()
+        subs = [Submission(p, 6, kwargs, loop, lambda kind, payload, i=i: got.put_nowait((i, kind, payload)))
+                for i, p in enumerate(prompts)]
+        for s in subs:
+            worker.submit(s)
+        if abort_first:
+            worker.abort(subs[0])
+        out = {}
+        while len(out) < len(subs) - abort_first:
+            i, kind, payload = await got.get()
+            if kind != "text":
+                out[i] = (kind, payload.token_ids if kind == "done" else payload)
+        return out
+
+    try:
+        first = asyncio.run(ask(PROMPTS, {}))
+        time.sleep(1.2)   # idle ticks: the followers wait in the broadcast without timing out
+        bad = asyncio.run(ask([[1, 2]], {"top_p": 0.5}))     # refused by every rank's engine alike
+        second = asyncio.run(ask([[3, 3, 3], [1, 2, 3, 4]], {}, abort_first=True))
+    finally:
+        worker.stop()
+    assert worker.error is None, worker.error
+    assert first == {0: ("done", want[0].token_ids), 1: ("done", want[1].token_ids)}, first
+    assert bad[0][0] == "error" and "top_k, top_p" in bad[0][1], bad
+    assert second[1][0] == "done" and len(second[1][1]) == 6, second
+    assert not threading.current_thread().daemon
+    return "led"
+
+
+def test_serve_tp_followers_stay_in_step(tmp_path):
+    results = spawn(tmp_path, 2, _serve_tp)
+    assert results == ["'led'", "'followed'"], "\n".join(results)

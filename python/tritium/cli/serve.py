@@ -7,7 +7,7 @@ import re
 import sys
 from typing import List, Optional
 
-from .errors import ArgumentParser, number, validated
+from .errors import ArgumentParser, UsageError, number, validated
 from .generate import _parse_dtype, check_model_arguments, load_from_args
 
 
@@ -48,18 +48,33 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="do not reuse the KV blocks of prompt prefixes already computed")
     p.add_argument("--threads", type=number(int, 1), default=None, help="torch threads (default: torch's)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--tp", type=number(int, 1), default=1,
+                   help="tensor-parallel ranks: run under `torchrun --nproc-per-node N -m tritium serve ... --tp N` "
+                   "(rank 0 serves HTTP, the others follow its steps; greedy and temperature sampling only)")
     args = p.parse_args(argv)
+    if args.tp > 1:
+        if args.weights not in (None, "float"):
+            raise UsageError(f"--tp shards float weights: drop --weights {args.weights} (or use --weights float)")
+        args.weights = "float"
     check_model_arguments(args)
 
     from tritium.inference.engine import Engine
-    from tritium.serve import BackgroundServer, create_app
+    from tritium.serve import create_app
 
+    if args.tp > 1:
+        return _main_tp(args)
     console, model, tok = load_from_args(args)
     name = args.served_model_name or served_name(args.model)
     engine = Engine(model, tok, max_batch=args.max_batch, prefix_caching=not args.no_prefix_caching)
     app = create_app(engine, name, api_key=args.api_key, max_queue=args.max_queue, engine_thread=False)
     worker = app.state.tritium.worker
-    console.print(f"[dim]{model.load_note}[/dim]")
+    return _serve(app, worker, args, console, model.load_note, name)
+
+
+def _serve(app, worker, args, console, note: str, name: str) -> int:
+    from tritium.serve import BackgroundServer
+
+    console.print(f"[dim]{note}[/dim]")
     # the engine on this thread (the one that loaded the model: tritium.serve.worker says why), uvicorn beside it
     with BackgroundServer(app, host=args.host, port=args.port, log_level=args.log_level) as srv:
         console.print(f"serving [bold]{name}[/bold] on {srv.url}/v1 "
@@ -72,6 +87,45 @@ def main(argv: Optional[List[str]] = None) -> int:
         console.print(f"[red]the engine failed:[/red] {worker.error}")
         return 1
     return 0
+
+
+def _main_tp(args) -> int:
+    """serve on args.tp tensor-parallel ranks under torchrun: every rank loads the model, keeps its shard and runs a
+    TPEngine; rank 0 serves HTTP (tritium.serve.tp.TPLeaderWorker), the others follow its steps."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from tritium.distributed import TPEngine, shard_llama
+    from tritium.serve import create_app
+    from tritium.serve.tp import TPLeaderWorker, follow
+
+    from .generate import TP_TIMEOUT_S
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != args.tp:
+        raise UsageError(f"--tp {args.tp} runs under `torchrun --nproc-per-node {args.tp} -m tritium serve ...` "
+                         f"(WORLD_SIZE is {world})")
+    if not args.threads:   # the ranks share this machine's cores
+        args.threads = max(1, (os.cpu_count() or 1) // world)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=TP_TIMEOUT_S))
+    try:
+        console, model, tok = load_from_args(args)
+        note = f"{model.load_note} | tensor-parallel on {world} ranks"
+        vocab = model.config.vocab_size
+        engine = TPEngine(shard_llama(model), tok, max_batch=args.max_batch,
+                          prefix_caching=not args.no_prefix_caching)
+        if dist.get_rank() != 0:
+            follow(engine)
+            return 0
+        name = args.served_model_name or served_name(args.model)
+        app = create_app(engine, name, api_key=args.api_key, max_queue=args.max_queue, engine_thread=False)
+        state = app.state.tritium
+        state.vocab_size = vocab   # the whole vocabulary (the shard's config has its slice)
+        state.worker = TPLeaderWorker(engine, state.metrics)
+        return _serve(app, state.worker, args, console, note, name)
+    finally:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
