@@ -837,3 +837,33 @@ def moe(x: Tensor, router_weight: Tensor, w13: Tensor, w2: Tensor, top_k: int, s
         h = F.silu(a[:, :F2 // 2]) * a[:, F2 // 2:]
         y.index_add_(0, tok, F.linear(h, w2[e]) * w[tok, slot, None])
     return y.view(x.shape), aux, z
+
+
+# ---- KAN spline term (ops/kan.py) ----
+def kan_b_splines(x: Tensor, grid: Tensor, spline_order: int) -> Tensor:
+    """efficient-kan's KANLinear.b_splines: x (N, in), grid (in, knots) -> (N, in, knots - 1 - order) B-spline
+    bases by the Cox-de Boor recursion on the whole knot vector."""
+    x = x.unsqueeze(-1)
+    bases = ((x >= grid[:, :-1]) & (x < grid[:, 1:])).to(x.dtype)
+    for k in range(1, spline_order + 1):
+        bases = ((x - grid[:, :-(k + 1)]) / (grid[:, k:-1] - grid[:, :-(k + 1)]) * bases[:, :, :-1]
+                 + (grid[:, k + 1:] - x) / (grid[:, k + 1:] - grid[:, 1:(-k)]) * bases[:, :, 1:])
+    return bases
+
+
+def kan_spline(x: Tensor, grid: Tensor, weight: Tensor, spline_order: int = 3) -> Tensor:
+    """(..., in) -> (..., out): efficient-kan's spline output F.linear(b_splines(x).view(N, -1), weight.view(out,
+    -1)) with weight (out, in, knots - 1 - order)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    bases = kan_b_splines(x2, grid.to(x.dtype), spline_order)
+    y = F.linear(bases.reshape(x2.shape[0], bases.shape[1] * bases.shape[2]), weight.reshape(weight.shape[0], -1))
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+# ---- WaveNet's gated activation (ops/wavenet.py) ----
+def wavenet_gate(h: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+    """tanh(a) * sigmoid(g) over the two channel halves of h (batch, 2C, T), cond added to h first."""
+    if cond is not None:
+        h = h + cond
+    a, g = h.chunk(2, dim=1)
+    return torch.tanh(a) * torch.sigmoid(g)

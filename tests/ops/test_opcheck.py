@@ -388,6 +388,31 @@ def _():
     return [(r(2, 5, 1), r(2, 5, 3), r(5, 4), r(5), True), (r(2, 5, 3), r(2, 5, 6), r(5, 4), None, False)]
 
 
+def _kan_grid(n_in, grid_size=4, order=3):
+    return (torch.arange(-order, grid_size + order + 1) * (2.0 / grid_size) - 1.0).expand(n_in, -1).contiguous()
+
+
+@sample("kan_spline_fwd")
+def _():
+    return [(g(6, 3), _kan_grid(3), g(3, 7, 5), 3), (r(4, 2), _kan_grid(2, 2, 1), g(2, 3, 4), 1)]
+
+
+@sample("kan_spline_bwd")
+def _():
+    return [(r(6, 5), r(6, 3), _kan_grid(3), r(3, 7, 5), 3, True, True),
+            (r(6, 5), r(6, 3), _kan_grid(3), r(3, 7, 5), 3, False, True)]
+
+
+@sample("wavenet_gate_fwd")
+def _():
+    return [(g(2, 6, 9), None), (g(2, 6, 9), g(2, 6, 9)), (r(1, 4, 5), r(1, 4, 5))]
+
+
+@sample("wavenet_gate_bwd")
+def _():
+    return [(r(2, 3, 9), r(2, 6, 9), None), (r(2, 3, 9), r(2, 6, 9), r(2, 6, 9))]
+
+
 @sample("lora_linear_fwd")
 def _():
     return [(g(6, 5), r(7, 5), r(7), g(2, 5), g(7, 2), None, 1.5),

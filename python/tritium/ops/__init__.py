@@ -64,3 +64,9 @@ __all__ += _nf4.__all__
 from . import moe as moe_ops  # noqa: E402
 from .moe import *  # noqa: F401,F403,E402
 __all__ += moe_ops.__all__
+from . import kan as _kan  # noqa: E402
+from .kan import *  # noqa: F401,F403,E402
+__all__ += _kan.__all__
+from . import wavenet as _wavenet  # noqa: E402
+from .wavenet import *  # noqa: F401,F403,E402
+__all__ += _wavenet.__all__
