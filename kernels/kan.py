@@ -159,7 +159,7 @@ def kan_spline_bwd(dy, x, grid, weight_t, order, need_dx, need_dw):
             dy, x, grid, weight_t, dx, Bn, I, NK, NB, O, x.stride(0), x.stride(1), K=order, NBP=_nbp(NK),
             BLOCK_B=BLOCK_B, BLOCK_O=BLOCK_O, num_warps=4)
     if need_dw and I > 0 and O > 0:
-        BLOCK_B = 32
+        BLOCK_B, BLOCK_O = 32, min(BLOCK_O, 32)  # the (NBP, BLOCK_O) accumulator and two basis tiles: 64 spills
         _kan_dw_kernel[(I, triton.cdiv(O, BLOCK_O))](
             dy, x, grid, dw, Bn, I, NK, NB, O, x.stride(0), x.stride(1), K=order, NBP=_nbp(NK),
             BLOCK_B=BLOCK_B, BLOCK_O=BLOCK_O, num_warps=4)
