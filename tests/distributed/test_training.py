@@ -86,6 +86,75 @@ def _check(rank, world, name, mode):
     return "ok"
 
 
+def _emulated_mixed_precision(model, name, world):
+    """One process doing what FSDP2 with MixedPrecisionPolicy(bfloat16 params, float32 reduction) does on `world`
+    ranks: every step, a bfloat16 copy of the float32 weights computes each rank's slice of the batch, the
+    bfloat16 gradients are widened to float32 and averaged, and AdamW steps the float32 weights."""
+    opt = tritium.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
+    per = BATCH // world
+    losses = []
+    for step in range(STEPS):
+        x, y = _batch(name, step)
+        grads, total = None, 0.0
+        for r in range(world):
+            work = copy.deepcopy(model).to(torch.bfloat16)
+            rows = slice(r * per, (r + 1) * per)
+            xr = x[rows].to(torch.bfloat16) if x.is_floating_point() else x[rows]
+            loss = tritium.cross_entropy(work(xr), y[rows])
+            loss.backward()
+            g = [w.grad.float() for w in work.parameters() if w.requires_grad]
+            grads = g if grads is None else [a + b for a, b in zip(grads, g)]
+            total += loss.float().item()
+        for p, g in zip([p for p in model.parameters() if p.requires_grad], grads):
+            p.grad = g / world
+        opt.step()
+        opt.zero_grad()
+        losses.append(torch.tensor(total / world))
+    return torch.stack(losses)
+
+
+def _check_mixed_precision(rank, world, name):
+    """FSDP2 with bfloat16 compute and float32 reduction and master weights, activation checkpointing on every
+    block: the same training as the one-process emulation, within the tolerance rule against float64."""
+    from torch.distributed._composable import checkpoint
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    single = _model(name)
+    single64 = copy.deepcopy(single).double()
+    model = copy.deepcopy(single)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in (model.layers if name == "mlp" else model.blocks):
+        checkpoint(layer)
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    per = BATCH // world
+    losses = _train(model, name, slice(rank * per, (rank + 1) * per),
+                    after_loss=lambda loss: _mean_over_ranks(loss.float()))
+    want = _emulated_mixed_precision(single, name, world)
+    want64 = _train(single64, name, dtype=torch.float64)
+    what = f"{name} fsdp bf16 + checkpointing rank {rank}/{world}"
+    assert_within_torch_error(losses, want.to(losses.dtype), want64, what + " loss curve",
+                              compute_dtype=torch.bfloat16)
+    params64 = dict(single64.named_parameters())
+    for n, p in single.named_parameters():
+        mine = dict(model.named_parameters())[n].detach().full_tensor()
+        assert mine.dtype == torch.float32, f"{what}: {n} is {mine.dtype}"
+        assert_within_torch_error(mine, p.detach(), params64[n].detach(), f"{what} {n}",
+                                  compute_dtype=torch.bfloat16)
+    return "ok"
+
+
+def _check_all_mixed(rank, world):
+    for name in ("mlp", "transformer"):
+        _check_mixed_precision(rank, world, name)
+    return "ok"
+
+
+def test_fsdp_mixed_precision_and_checkpointing_match_emulation(tmp_path):
+    results = spawn(tmp_path, 2, _check_all_mixed)
+    assert results == ["'ok'"] * 2, "\n".join(results)
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_distributed_training_matches_one_process(tmp_path, mode):
     results = spawn(tmp_path, 2, _check_all, mode)
