@@ -183,6 +183,9 @@ def test_shards():
     assert [x.vocab for x in tp_shards(TINY["tiny"], 4)] == [(0, 25), (25, 24), (49, 24), (73, 24)]
     with pytest.raises(ValueError, match=r"world size must be in \[1, n_heads=4\], got 5"):
         tp_shards(TINY["tiny-partial-rotary"], 5)
+    with pytest.raises(NotImplementedError, match="mixture of 4 experts"):
+        tp_shards(LlamaConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=16, vocab_size=50,
+                              num_experts=4, top_k=2), 2)
 
 
 # ---- bad input: every rank raises the same error, naming the bad rank; nothing hangs ----

@@ -73,6 +73,9 @@ class TPShard:
 
 def tp_shards(c: LlamaConfig, world: int) -> List[TPShard]:
     """Every rank's TPShard of config c on world ranks."""
+    if getattr(c, "num_experts", 0):
+        raise NotImplementedError(f"tensor parallelism shards dense Llama MLPs; this config has a mixture of "
+                                  f"{c.num_experts} experts (expert parallelism is not built)")
     if world < 1 or world > c.n_heads:
         raise ValueError(f"tensor parallelism: world size must be in [1, n_heads={c.n_heads}], got {world}")
     if world > c.ffn_dim or world > c.vocab_size:
