@@ -867,3 +867,43 @@ def wavenet_gate(h: Tensor, cond: Optional[Tensor] = None) -> Tensor:
         h = h + cond
     a, g = h.chunk(2, dim=1)
     return torch.tanh(a) * torch.sigmoid(g)
+
+
+def _edge_dst(rowptr: Tensor, num_edges: int) -> Tensor:
+    """The destination node of each edge of a CSR graph (rowptr by destination): row i repeated deg(i) times."""
+    return torch.repeat_interleave(torch.arange(rowptr.numel() - 1, device=rowptr.device), rowptr.diff(),
+                                   output_size=num_edges)
+
+
+def graph_aggregate(x: Tensor, rowptr: Tensor, col: Tensor, weight: Optional[Tensor] = None, reduce: str = "sum",
+                    csc=None, dst: Optional[Tensor] = None) -> Tensor:
+    """tritium.graph_aggregate as eager PyTorch writes message passing: the (edges, features) messages
+    x[col] * weight, then index_add_ (sum, mean: over the edge count) or scatter_reduce amax into the
+    destinations; a destination without edges gets 0. dst: each edge's destination (computed from rowptr when
+    not given); csc: unused (the kernels' transpose)."""
+    nd, E = rowptr.numel() - 1, col.numel()
+    dst = _edge_dst(rowptr, E) if dst is None else dst
+    msg = x[col] if weight is None else x[col] * weight[:, None]
+    out = x.new_zeros(nd, x.shape[1])
+    if reduce == "max":
+        return out.scatter_reduce(0, dst[:, None].expand_as(msg), msg, "amax", include_self=False)
+    out = out.index_add(0, dst, msg)
+    if reduce == "mean":
+        out = out / rowptr.diff().clamp(min=1).to(x.dtype)[:, None]
+    return out
+
+
+def gat_aggregate(x: Tensor, a_src: Tensor, a_dst: Tensor, rowptr: Tensor, col: Tensor, negative_slope: float = 0.2,
+                  csc=None, dst: Optional[Tensor] = None) -> Tensor:
+    """tritium.gat_aggregate in eager PyTorch (PyG's GATConv formulation): per edge and head the score
+    leaky_relu(a_src[col] + a_dst[dst]), softmax over each destination's incoming edges (scatter amax, exp,
+    index_add of the sums), then index_add_ of the (edges, heads, channels) messages alpha x[col]. x (Ns, H, C),
+    a_src (Ns, H), a_dst (Nd, H) -> (Nd, H, C); a destination without edges gets 0."""
+    nd, E, H = rowptr.numel() - 1, col.numel(), x.shape[1]
+    dst = _edge_dst(rowptr, E) if dst is None else dst
+    s = F.leaky_relu(a_src[col] + a_dst[dst], negative_slope)                           # (E, H)
+    m = s.new_full((nd, H), float("-inf")).scatter_reduce(0, dst[:, None].expand_as(s), s.detach(), "amax")
+    p = torch.exp(s - m[dst])
+    den = s.new_zeros(nd, H).index_add(0, dst, p)
+    alpha = p / den[dst]
+    return x.new_zeros(nd, H, x.shape[2]).index_add(0, dst, alpha[:, :, None] * x[col])

@@ -718,6 +718,48 @@ def _():
             (r(7, 5), r(7, 5), r(3, 8, 5), r(3, 5, 4), t1, o1, r(14), r(14, 8), False)]
 
 
+# ---- graph message passing: 7 nodes, node 3 without incoming edges, a self loop and a duplicate edge ----
+def _graph():
+    from tritium.ops.graph import graph_csc
+    rowptr = torch.tensor([0, 2, 5, 6, 6, 8, 9, 11])
+    col = torch.tensor([1, 4, 0, 2, 2, 6, 0, 5, 3, 1, 6])
+    return rowptr, col, graph_csc(rowptr, col, 7)
+
+
+@sample("graph_agg")
+def _():
+    rowptr, col, csc = _graph()
+    return [(g(7, 5), rowptr, col, g(11), *csc, 0), (g(7, 5), rowptr, col, None, *csc, 1),
+            (g(7, 5), rowptr, col, g(11), *csc, 2), (g(7, 3, dtype=torch.float64), rowptr, col, None, None, None,
+                                                      None, 0)]
+
+
+@sample("graph_agg_bwd")
+def _():
+    rowptr, col, csc = _graph()
+    x, w = r(7, 5), r(11)
+    arg = torch.ops.tritium.graph_agg(x, rowptr, col, w, None, None, None, 2)[1]
+    none = torch.empty(0, dtype=torch.int64)
+    return [(r(7, 5), x, rowptr, col, w, none, *csc, 0, True, True),
+            (r(7, 5), x, rowptr, col, w, arg, *csc, 2, True, True),
+            (r(7, 5), x, rowptr, col, None, none, *csc, 1, True, False)]
+
+
+@sample("gat_fwd")
+def _():
+    rowptr, col, csc = _graph()
+    return [(g(7, 2, 3), g(7, 2), g(7, 2), rowptr, col, *csc, 0.2),
+            (g(7, 1, 4), g(7, 1), g(7, 1), rowptr, col, None, None, None, 0.1)]
+
+
+@sample("gat_bwd")
+def _():
+    rowptr, col, csc = _graph()
+    x, a, b = r(7, 2, 3), r(7, 2), r(7, 2)
+    lse = torch.ops.tritium.gat_fwd(x, a, b, rowptr, col, None, None, None, 0.2)[1]
+    return [(r(7, 2, 3), x, a, b, rowptr, col, lse, *csc, 0.2)]
+
+
 def test_every_registered_op_has_a_sample():
     """The table names only registered ops (a renamed or removed op leaves no stale sample)."""
     assert REGISTERED, "no tritium ops registered"

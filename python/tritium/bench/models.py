@@ -12,6 +12,9 @@
 - siamese, gan (issue 26's zoo, tritium.models.zoo): one training step (forward, backward, optimizer step) at the
   recipe's batch of 64 digits (8x8): the Siamese CNN on 64 same-class pairs (2 x 64 images, InfoNCE, AdamW),
   the GAN's discriminator then generator step (non-saturating BCE, Adam); the tritium model vs its twin.
+- gcn, gat (tritium.models.zoo): one full-graph training step (forward, backward, Adam) on ``tritium train``'s
+  stochastic block model (3000 nodes, about 27k edges with the self loops; --small: 1000 nodes), GCN 32 -> 64 -> 5,
+  GAT 32 -> 4 heads x 16 -> 5; tritium's graph kernels vs the twin's index_add / scatter message passing.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from .common import machine_info, time_fn, write_json
 
 MODELS = ("lstm", "gru", "rnn", "encoder", "vit", "mamba", "rwkv")
 RNNS = ("lstm", "gru", "rnn")
-ZOO = ("siamese", "gan")
+ZOO = ("siamese", "gan", "gcn", "gat")
 MODELS += ZOO
 LMS = ("mamba", "rwkv")
 
@@ -177,9 +180,30 @@ def _lm_cases(name: str, small: bool, device) -> Dict[str, Callable[[], object]]
     return cases
 
 
+def _gnn_cases(name: str, small: bool, device) -> Dict[str, Callable[[], object]]:
+    from ..cli.train import GNN_TRAIN_FRACTION, ZOO_RECIPES
+    from ..models.zoo import GAT, GCN, build_graph, gnn_step, stochastic_block_model
+
+    recipe = ZOO_RECIPES[name]
+    x, y, src, dst = stochastic_block_model(num_nodes=1000 if small else 3000, seed=0)
+    graph = build_graph(src, dst, len(y)).to(device)
+    x, y = x.to(device), y.to(device)
+    train_idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:int(GNN_TRAIN_FRACTION * len(y))]
+    train_idx = train_idx.to(device)
+    cases = {}
+    for side, impl in (("tritium", "tritium"), ("torch twin", "torch")):
+        torch.manual_seed(0)
+        model = (GCN(x.shape[1], 64, 5, impl=impl) if name == "gcn" else GAT(x.shape[1], 16, 5, impl=impl)).to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+        cases[side] = lambda m=model, o=opt: gnn_step(m, o, x, graph, y, train_idx)
+    return cases
+
+
 def _zoo_cases(name: str, small: bool, device) -> Dict[str, Callable[[], object]]:
     from ..models.zoo import GAN, Siamese, gan_optimizers, gan_step, sample_batch, siamese_step
 
+    if name in ("gcn", "gat"):
+        return _gnn_cases(name, small, device)
     batch = 16 if small else 64
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(640, 1, 8, 8, generator=gen).to(device)  # the timing does not depend on the pixels

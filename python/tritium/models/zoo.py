@@ -1,5 +1,5 @@
 """More of the architecture zoo on tritium ops (issue 26): a Siamese / contrastive embedding network and a
-DCGAN-style GAN, both on scikit-learn's 8x8 digits.
+DCGAN-style GAN, both on scikit-learn's 8x8 digits; GCN and GAT node classifiers on a stochastic block model graph.
 
 As in tritium.models.classic, every model takes ``impl="tritium"`` (linear layers are tritium.nn.Linear, the
 activations and losses tritium's) or ``impl="torch"`` (the plain-PyTorch twin: the same module tree on torch ops,
@@ -15,13 +15,23 @@ convolution and its BatchNorm kernel is the inference one, tritium.batch_norm_ac
   discriminator (strided convs, BN, LeakyReLU(0.2) -> linear logit), trained with the non-saturating loss on
   tritium.binary_cross_entropy_with_logits (``d_loss`` / ``g_loss``, one step of each in ``gan_step``).
 
-The training recipes (``tritium train --model siamese|gan``) are in tritium.cli.train; ``siamese_step`` and
-``gan_step`` are what they and ``tritium bench models`` time.
+- ``GCN`` / ``GAT``: two-layer graph networks over a ``Graph`` (CSR by destination, self loops added, its transpose
+  precomputed once). GCN's layer is Linear then the symmetric-normalised sum D^-1/2 (A + I) D^-1/2 (tritium:
+  tritium.graph_aggregate with the normalisation as edge weights; torch: the (edges, features) messages
+  h[col] * w and index_add_). GAT's layer is Linear to (heads, channels), per-node attention scores, then the
+  per-destination edge softmax and weighted sum (tritium.gat_aggregate; torch: PyG's formulation, scatter amax,
+  exp, index_add of the sums and of the (edges, heads, channels) messages). Dropout on the features only (no
+  attention dropout: the fused kernel has none). ``stochastic_block_model`` generates the seeded graph and
+  features; quality: held-out node accuracy (``node_accuracy``).
+
+The training recipes (``tritium train --model siamese|gan|gcn|gat``) are in tritium.cli.train; ``siamese_step``,
+``gan_step`` and ``gnn_step`` are what they and ``tritium bench models`` time.
 """
 from __future__ import annotations
 
 import struct
 import zlib
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Optional, Sequence, Tuple
 
@@ -39,7 +49,11 @@ def _torch_table() -> SimpleNamespace:
 
     return SimpleNamespace(leaky_relu=F.leaky_relu, bce_with_logits=F.binary_cross_entropy_with_logits,
                            triplet_margin_loss=F.triplet_margin_loss, contrastive_loss=reference.contrastive_loss,
-                           info_nce=reference.info_nce)
+                           info_nce=reference.info_nce, elu=F.elu,
+                           aggregate=lambda x, g, w, reduce="sum": reference.graph_aggregate(
+                               x, g.rowptr, g.col, w, reduce, dst=g.dst),
+                           gat=lambda x, a_src, a_dst, g, slope: reference.gat_aggregate(
+                               x, a_src, a_dst, g.rowptr, g.col, slope, dst=g.dst))
 
 
 def _tritium_table() -> SimpleNamespace:
@@ -47,7 +61,11 @@ def _tritium_table() -> SimpleNamespace:
 
     return SimpleNamespace(leaky_relu=tritium.leaky_relu, bce_with_logits=tritium.binary_cross_entropy_with_logits,
                            triplet_margin_loss=tritium.triplet_margin_loss,
-                           contrastive_loss=tritium.contrastive_loss, info_nce=tritium.info_nce)
+                           contrastive_loss=tritium.contrastive_loss, info_nce=tritium.info_nce, elu=tritium.elu,
+                           aggregate=lambda x, g, w, reduce="sum": tritium.graph_aggregate(
+                               x, g.rowptr, g.col, w, reduce, csc=g.csc),
+                           gat=lambda x, a_src, a_dst, g, slope: tritium.gat_aggregate(
+                               x, a_src, a_dst, g.rowptr, g.col, slope, csc=g.csc))
 
 
 def ops(impl: str) -> SimpleNamespace:
@@ -252,6 +270,158 @@ def gan_step(gan: GAN, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimize
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Graph neural networks: GCN and GAT on a stochastic block model
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Graph:
+    """A graph as both implementations take it: CSR by destination (rowptr (N + 1), col (E) the sources), each
+    edge's destination (dst, the eager twin's index), the transpose (csc, the kernels' backward) and GCN's
+    symmetric normalisation per edge (gcn_weight = 1 / sqrt(deg(src) deg(dst)), deg counting the self loop)."""
+    rowptr: Tensor
+    col: Tensor
+    dst: Tensor
+    csc: Tuple[Tensor, Tensor, Tensor]
+    gcn_weight: Tensor
+    num_nodes: int
+
+    @property
+    def num_edges(self) -> int:
+        return self.col.numel()
+
+    def to(self, device) -> "Graph":
+        mv = lambda t: t.to(device)  # noqa: E731
+        return Graph(mv(self.rowptr), mv(self.col), mv(self.dst), tuple(mv(t) for t in self.csc),
+                     mv(self.gcn_weight), self.num_nodes)
+
+
+def build_graph(src: Tensor, dst: Tensor, num_nodes: int, self_loops: bool = True) -> Graph:
+    """The Graph of the directed edges src[k] -> dst[k] (int64), sorted by destination (then source), with a self
+    loop on every node added when ``self_loops`` (GCN's A + I; GAT attends to the node itself too)."""
+    from ..ops.graph import check_graph, graph_csc
+
+    if self_loops:
+        loop = torch.arange(num_nodes, device=src.device)
+        src, dst = torch.cat([src, loop]), torch.cat([dst, loop])
+    order = torch.argsort(dst * num_nodes + src)
+    src, dst = src[order].contiguous(), dst[order].contiguous()
+    deg = torch.zeros(num_nodes, dtype=torch.int64, device=src.device).index_add_(0, dst, torch.ones_like(dst))
+    rowptr = torch.cat([deg.new_zeros(1), deg.cumsum(0)])
+    check_graph(rowptr, src, num_nodes, "build_graph")
+    norm = deg.clamp(min=1).float().rsqrt()
+    return Graph(rowptr, src, dst, graph_csc(rowptr, src, num_nodes), norm[src] * norm[dst], num_nodes)
+
+
+def stochastic_block_model(num_nodes: int = 3000, num_classes: int = 5, avg_degree: float = 8.0,
+                           within: float = 0.8, feat_dim: int = 32, signal: float = 1.0, noise: float = 2.5,
+                           seed: int = 0) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A seeded stochastic block model for node classification: (x (N, feat_dim) float32, y (N,) int64, src, dst
+    (the undirected edges, both directions, without self loops or duplicates)). Each node's class is uniform over
+    num_classes blocks; an expected avg_degree * N / 2 undirected edges, a fraction ``within`` of them inside a
+    block (p_in = avg_degree within / (N / k), p_out = avg_degree (1 - within) / (N - N / k)), endpoints drawn
+    uniformly; features are the class's centroid (signal * a standard normal vector per class) plus noise *
+    standard normal noise, so the features alone separate the classes poorly and the neighbours' help."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(num_classes, (num_nodes,), generator=gen)
+    order = torch.argsort(y, stable=True)
+    counts = torch.bincount(y, minlength=num_classes)
+    starts = torch.cumsum(counts, 0) - counts
+    pairs = int(avg_degree * num_nodes / 2)
+    n_in = int(torch.binomial(torch.tensor(float(pairs)), torch.tensor(within), generator=gen))
+    a = torch.randint(num_nodes, (pairs,), generator=gen)
+    same = torch.arange(pairs) < n_in
+    cls = torch.where(same, y[a], (y[a] + torch.randint(1, num_classes, (pairs,), generator=gen)) % num_classes)
+    u = torch.rand(pairs, generator=gen)
+    b = order[starts[cls] + (u * counts[cls]).long().clamp(max=counts[cls] - 1)]
+    keep = a != b
+    a, b = a[keep], b[keep]
+    key = torch.unique(torch.cat([a * num_nodes + b, b * num_nodes + a]))
+    src, dst = key // num_nodes, key % num_nodes
+    centroids = torch.randn(num_classes, feat_dim, generator=gen) * signal
+    x = centroids[y] + noise * torch.randn(num_nodes, feat_dim, generator=gen)
+    return x, y, src, dst
+
+
+class GCN(_ZooImpl):
+    """Two graph convolutions (Kipf & Welling): h = relu(A_hat x W1 + b1), dropout, out = A_hat h W2 + b2, with
+    A_hat = D^-1/2 (A + I) D^-1/2 (the Graph's gcn_weight per edge). Each layer applies its Linear first (to the
+    narrower width), then aggregates."""
+
+    def __init__(self, in_dim: int, hidden: int, num_classes: int, dropout: float = 0.5, impl: str = "tritium"):
+        super().__init__(impl)
+        self.lin1 = self.ops.Linear(in_dim, hidden, bias=False)
+        self.lin2 = self.ops.Linear(hidden, num_classes, bias=False)
+        self.bias1 = nn.Parameter(torch.zeros(hidden))
+        self.bias2 = nn.Parameter(torch.zeros(num_classes))
+        self.dropout = dropout
+
+    def forward(self, x: Tensor, graph: Graph) -> Tensor:
+        x = F.dropout(x, self.dropout, self.training)
+        h = self.ops.relu(self.ops.aggregate(self.lin1(x), graph, graph.gcn_weight) + self.bias1)
+        h = F.dropout(h, self.dropout, self.training)
+        return self.ops.aggregate(self.lin2(h), graph, graph.gcn_weight) + self.bias2
+
+
+class GATLayer(_ZooImpl):
+    """One graph attention layer (Velickovic et al.): h = x W viewed (N, heads, channels); per node the scores
+    a_src = <h, att_src>, a_dst = <h, att_dst> per head; out[i] = sum over i's in-edges of
+    softmax_j(leaky_relu(a_src[j] + a_dst[i])) h[j]; heads concatenated (concat) or averaged, plus a bias."""
+
+    def __init__(self, in_dim: int, channels: int, heads: int, concat: bool = True, negative_slope: float = 0.2,
+                 impl: str = "tritium"):
+        super().__init__(impl)
+        self.heads, self.channels, self.concat, self.negative_slope = heads, channels, concat, negative_slope
+        self.lin = self.ops.Linear(in_dim, heads * channels, bias=False)
+        self.att_src = nn.Parameter(torch.empty(heads, channels))
+        self.att_dst = nn.Parameter(torch.empty(heads, channels))
+        self.bias = nn.Parameter(torch.zeros(heads * channels if concat else channels))
+        nn.init.xavier_uniform_(self.att_src)
+        nn.init.xavier_uniform_(self.att_dst)
+
+    def forward(self, x: Tensor, graph: Graph) -> Tensor:
+        h = self.lin(x).view(-1, self.heads, self.channels)
+        a_src, a_dst = (h * self.att_src).sum(-1), (h * self.att_dst).sum(-1)
+        out = self.ops.gat(h, a_src, a_dst, graph, self.negative_slope)
+        out = out.flatten(1) if self.concat else out.mean(1)
+        return out + self.bias
+
+
+class GAT(_ZooImpl):
+    """Two GAT layers: heads x hidden concatenated, ELU, dropout, then one averaged head to the classes."""
+
+    def __init__(self, in_dim: int, hidden: int, num_classes: int, heads: int = 4, dropout: float = 0.5,
+                 impl: str = "tritium"):
+        super().__init__(impl)
+        self.conv1 = GATLayer(in_dim, hidden, heads, True, impl=impl)
+        self.conv2 = GATLayer(hidden * heads, num_classes, 1, False, impl=impl)
+        self.dropout = dropout
+
+    def forward(self, x: Tensor, graph: Graph) -> Tensor:
+        x = F.dropout(x, self.dropout, self.training)
+        h = F.dropout(self.ops.elu(self.conv1(x, graph)), self.dropout, self.training)
+        return self.conv2(h, graph)
+
+
+def gnn_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, graph: Graph, y: Tensor,
+             train_idx: Tensor) -> Tensor:
+    """One full-graph training step: forward over every node, cross-entropy on the training nodes, backward,
+    optimizer step."""
+    logits = model(x, graph)
+    loss = model.ops.cross_entropy(logits[train_idx], y[train_idx])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+@torch.no_grad()
+def node_accuracy(model: nn.Module, x: Tensor, graph: Graph, y: Tensor, idx: Tensor) -> float:
+    """The fraction of the nodes idx whose arg-max class (eval mode: no dropout) is their label."""
+    model.eval()
+    pred = model(x, graph).argmax(-1)
+    return (pred[idx] == y[idx]).float().mean().item()
+
+
+# ---------------------------------------------------------------------------------------------------------
 # A PNG grid of images (the standard library's zlib and struct: no imaging package needed)
 # ---------------------------------------------------------------------------------------------------------
 def png_grid(images: Tensor, path: str, cols: int = 10, scale: int = 4, pad: int = 2) -> None:
@@ -295,8 +465,9 @@ def sample_score(probs: Tensor, confident: float = 0.9) -> dict:
             "histogram": hist.long().tolist()}
 
 
-ZOO_MODELS: Sequence[str] = ("siamese", "gan")
+ZOO_MODELS: Sequence[str] = ("siamese", "gan", "gcn", "gat")
 
 __all__ = ["Siamese", "Generator", "Discriminator", "GAN", "LOSSES", "ZOO_MODELS", "IMPLS", "ops", "sample_batch",
            "siamese_step", "gan_step", "gan_optimizers", "embed", "nearest_neighbour_accuracy",
-           "retrieval_accuracy", "png_grid", "sample_score"]
+           "retrieval_accuracy", "png_grid", "sample_score", "Graph", "build_graph", "stochastic_block_model",
+           "GCN", "GATLayer", "GAT", "gnn_step", "node_accuracy"]
