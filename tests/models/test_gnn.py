@@ -92,3 +92,17 @@ def test_node_accuracy_uses_eval_mode():
     model.train()
     a = node_accuracy(model, x, graph, y, torch.arange(len(y)))
     assert not model.training and a == node_accuracy(model, x, graph, y, torch.arange(len(y)))
+
+
+def test_train_command_line(capfd):
+    """tritium train --model gcn runs the recipe (a few steps here) and prints the held-out accuracy; a bad option
+    is status 2 and one error line naming it."""
+    from tritium.cli import main
+
+    assert main(["train", "--model", "gat", "--epochs", "0"]) == 2
+    err = capfd.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("tritium: error: ") and "--epochs" in err[0], err
+    need("sklearn")
+    assert main(["train", "--model", "gcn", "--epochs", "3", "--impl", "torch"]) == 0
+    out = capfd.readouterr().out
+    assert "gcn (torch): held-out node accuracy" in out and "after 3 steps" in out, out
