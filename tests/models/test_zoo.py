@@ -166,3 +166,127 @@ def test_train_command_line_errors(argv, want, capfd):
     assert main(["train", *argv]) == 2
     lines = capfd.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("tritium: error: ") and want in lines[0], lines
+
+
+# ---- the Kolmogorov-Arnold network ----
+def test_kan_twin_outputs_and_grads():
+    """The tritium KAN (fused kan_spline) and its torch twin (efficient-kan's recursion) from one state_dict agree
+    in float32: outputs and every parameter gradient, before and after update_grid (which moves the grid buffer,
+    part of the state_dict, and refits the coefficients)."""
+    from tritium.models.zoo import KAN
+
+    ours, twin = _pair(lambda impl: KAN((3, 6, 4), grid_size=5, impl=impl))
+    assert "layers.0.grid" in ours.state_dict()
+    x = torch.randn(29, 3, generator=torch.Generator().manual_seed(2)) * 0.7
+    for step in range(2):
+        if step == 1:  # the grid follows the data; both twins' buffers move identically
+            ours(x, update_grid=True)
+            twin(x, update_grid=True)
+            torch.testing.assert_close(ours.layers[0].grid, twin.layers[0].grid)
+            assert not torch.equal(ours.layers[0].grid[0, :3], torch.tensor([-1.0 - 2 * 0.4, -1.4, -1.0]))
+        ya, yb = ours(x), twin(x)
+        torch.testing.assert_close(ya, yb, rtol=1e-4, atol=1e-5)
+        ours.zero_grad()
+        twin.zero_grad()
+        (ya * torch.arange(4.0)).sum().backward()
+        (yb * torch.arange(4.0)).sum().backward()
+        _assert_grads(ours, twin)
+
+
+def test_kan_update_grid_keeps_the_function():
+    """update_grid refits the spline coefficients on the data it moves the grid to: with the standalone scaler
+    at 1 (efficient-kan stores the refitted scaled weight in spline_weight), the layer's output on that data
+    barely changes."""
+    from tritium.models.zoo import KANLinear
+
+    torch.manual_seed(0)
+    layer = KANLinear(2, 3)
+    with torch.no_grad():
+        layer.spline_scaler.fill_(1.0)
+        layer.spline_weight.normal_()
+    x = torch.rand(200, 2) * 1.6 - 0.8
+    before = layer(x)
+    old_coeff = layer.spline_weight.detach().clone()
+    layer.update_grid(x)
+    assert layer.grid[:, 3].max() < -0.75 and layer.grid[:, -4].min() > 0.75   # the data's range, not [-1, 1]
+    after = layer(x)
+    # least squares on the new knots: close to the old spline (not exact: the knots moved), far closer than the
+    # old coefficients left on the new knots
+    err = (after - before).norm() / before.norm()
+    with torch.no_grad():
+        stale = KANLinear(2, 3)
+        stale.load_state_dict(layer.state_dict())
+        stale.spline_weight.copy_(old_coeff)
+    assert err < 0.05 and err < (stale(x) - before).norm() / before.norm() / 4, err
+    assert float(layer.regularization_loss()) > 0
+
+
+@pytest.mark.parametrize("data,floor", [("moons", 0.97), ("digits", 0.90)])
+def test_kan_recipe_accuracy(data, floor):
+    """Short KAN runs classify held-out data: two moons (200 steps) at least 97% right, digits (300 steps) at least
+    90% (the full recipes go further)."""
+    need("sklearn")
+    from tritium.cli.train import train_kan
+
+    r = train_kan(data, "tritium", steps=200 if data == "moons" else 300)
+    assert r["accuracy"] >= floor, r
+
+
+# ---- WaveNet ----
+def test_wavenet_twin_outputs_and_grads():
+    """The tritium WaveNet (channels last, GEMM convolutions, fused gate units) and its torch twin (nn.Conv1d,
+    the gate in torch ops) from one state_dict agree in float32: logits, loss and every parameter gradient."""
+    from tritium.models.zoo import WaveNet
+
+    ours, twin = _pair(lambda impl: WaveNet(classes=32, residual=8, gate=6, skip=10, layers=3, stacks=2, impl=impl))
+    c = torch.randint(0, 32, (3, 41), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(ours(c[:, :-1]), twin(c[:, :-1]), rtol=1e-4, atol=1e-5)
+    la, lb = ours.loss(c), twin.loss(c)
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
+    la.backward()
+    lb.backward()
+    # the last unit's residual output feeds nothing: the twin's res weights there get no gradient (None), ours (one
+    # GEMM with the skip projection) zeros; every other gradient must match
+    last = f"res.{len(twin.res) - 1}."
+    for (name, pa), pb in zip(ours.named_parameters(), twin.parameters()):
+        if name.startswith(last):
+            assert pb.grad is None and torch.count_nonzero(pa.grad) == 0, name
+        else:
+            torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad of {name}: {m}")
+    assert ours.receptive_field == 2 + 2 * (1 + 2 + 4)
+
+
+def test_wavenet_is_causal():
+    """Changing sample t changes no logit before t (the dilated convolutions look back only)."""
+    from tritium.models.zoo import WaveNet
+
+    torch.manual_seed(0)
+    m = WaveNet(classes=16, residual=4, gate=4, skip=4, layers=3, stacks=1)
+    c = torch.randint(0, 16, (1, 30))
+    c2 = c.clone()
+    c2[0, 17] = (c[0, 17] + 5) % 16
+    a, b = m(c), m(c2)
+    torch.testing.assert_close(a[..., :17], b[..., :17])
+    assert not torch.allclose(a[..., 17], b[..., 17])
+
+
+def test_mu_law_and_waves():
+    from tritium.models.zoo import mu_law_decode, mu_law_encode, sine_waves
+
+    w = sine_waves(4, 500, seed=1)
+    assert w.shape == (4, 500) and w.abs().max() <= 0.9 + 1e-6
+    assert torch.equal(sine_waves(4, 500, seed=1), w) and not torch.equal(sine_waves(4, 500, seed=2), w)
+    c = mu_law_encode(w)
+    assert c.dtype == torch.int64 and c.min() >= 0 and c.max() <= 255
+    # the round trip is within half a quantisation step of the companded value (finer near zero)
+    assert (mu_law_decode(c) - w).abs().max() < 0.03
+    assert mu_law_encode(torch.tensor([-1.0, 0.0, 1.0])).tolist() == [0, 128, 255]
+
+
+def test_wavenet_recipe_beats_repeating():
+    """A short run (40 steps) predicts held-out generated waveforms' next sample better than repeating the last
+    one: the full recipe's accuracy goes far beyond both."""
+    from tritium.cli.train import train_wavenet
+
+    r = train_wavenet("tritium", steps=40, waves=32, test_waves=4)
+    assert r["within_one"] > r["repeat_accuracy"] and r["nll"] < 4.5, r

@@ -67,3 +67,25 @@ def test_bad_inputs():
         tritium.wavenet_gate(h, torch.randn(2, 6, 5, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"x must be \(batch, 4, 5\)"):
         tritium.wavenet_residual_skip(torch.randn(2, 3, 5), h, torch.randn(4, 3), None, torch.randn(8, 3), None)
+
+
+def test_residual_skip_channels_last():
+    """channels_last=True: the same unit on (batch, time, channels) tensors, conditioning broadcast over time."""
+    torch.manual_seed(2)
+    B, R, C, S, T = 2, 6, 4, 9, 13
+    x = torch.randn(B, R, T, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(B, 2 * C, T, dtype=torch.float64, requires_grad=True)
+    cond = torch.randn(B, 2 * C, 1, dtype=torch.float64)
+    wr, br, ws, bs = (torch.randn(R, C, dtype=torch.float64), torch.randn(R, dtype=torch.float64),
+                      torch.randn(S, C, dtype=torch.float64), torch.randn(S, dtype=torch.float64))
+    a, s = tritium.wavenet_residual_skip(x, h, wr, br, ws, bs, cond)
+    al, sl = tritium.wavenet_residual_skip(x.transpose(1, 2), h.transpose(1, 2), wr, br, ws, bs,
+                                           cond.transpose(1, 2), channels_last=True)
+    torch.testing.assert_close(al.transpose(1, 2), a)
+    torch.testing.assert_close(sl.transpose(1, 2), s)
+    g1 = torch.autograd.grad((a.sum(), s.sum()), (x, h))
+    g2 = torch.autograd.grad((al.sum(), sl.sum()), (x, h))
+    for p, q in zip(g1, g2):
+        torch.testing.assert_close(p, q)
+    with pytest.raises(ValueError, match="channels_last x must be"):
+        tritium.wavenet_residual_skip(x, h.transpose(1, 2), wr, br, ws, bs, channels_last=True)

@@ -15,6 +15,10 @@
 - gcn, gat (tritium.models.zoo): one full-graph training step (forward, backward, Adam) on ``tritium train``'s
   stochastic block model (3000 nodes, about 27k edges with the self loops; --small: 1000 nodes), GCN 32 -> 64 -> 5,
   GAT 32 -> 4 heads x 16 -> 5; tritium's graph kernels vs the twin's index_add / scatter message passing.
+- kan: one training step (cross-entropy, AdamW) of the digits recipe's KAN (64 -> 32 -> 10, grid 5, cubic) at
+  batch 64 (--small: 16); the fused kan_spline vs the twin's efficient-kan basis recursion.
+- wavenet: one training step (next-sample cross-entropy over 256 mu-law classes, Adam) of the recipe's WaveNet
+  (2 stacks of dilations 1..32, 32 residual / 32 gate / 64 skip channels) on 16 windows of 256 samples (--small: 4).
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from .common import machine_info, time_fn, write_json
 
 MODELS = ("lstm", "gru", "rnn", "encoder", "vit", "mamba", "rwkv")
 RNNS = ("lstm", "gru", "rnn")
-ZOO = ("siamese", "gan", "gcn", "gat")
+ZOO = ("siamese", "gan", "gcn", "gat", "kan", "wavenet")
 MODELS += ZOO
 LMS = ("mamba", "rwkv")
 
@@ -199,7 +203,33 @@ def _gnn_cases(name: str, small: bool, device) -> Dict[str, Callable[[], object]
     return cases
 
 
+def _kan_wavenet_cases(name: str, small: bool, device) -> Dict[str, Callable[[], object]]:
+    from ..models.zoo import KAN, WaveNet, kan_step, wavenet_step
+
+    gen = torch.Generator().manual_seed(0)
+    if name == "kan":
+        batch = 16 if small else 64
+        x = (torch.rand(batch, 64, generator=gen) * 2 - 1).to(device)
+        y = torch.randint(0, 10, (batch,), generator=gen).to(device)
+    else:
+        c = torch.randint(0, 256, (4 if small else 16, 257), generator=gen).to(device)
+    cases = {}
+    for side, impl in (("tritium", "tritium"), ("torch twin", "torch")):
+        torch.manual_seed(0)
+        if name == "kan":
+            model = KAN((64, 32, 10), impl=impl).to(device)
+            opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+            cases[side] = lambda m=model, o=opt: kan_step(m, o, x, y)
+        else:
+            model = WaveNet(impl=impl).to(device)
+            opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+            cases[side] = lambda m=model, o=opt: wavenet_step(m, o, c)
+    return cases
+
+
 def _zoo_cases(name: str, small: bool, device) -> Dict[str, Callable[[], object]]:
+    if name in ("kan", "wavenet"):
+        return _kan_wavenet_cases(name, small, device)
     from ..models.zoo import GAN, Siamese, gan_optimizers, gan_step, sample_batch, siamese_step
 
     if name in ("gcn", "gat"):

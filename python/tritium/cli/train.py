@@ -2,7 +2,9 @@
 handwritten digits (1797 8x8 images shipped inside scikit-learn) and report test accuracy.
 ``--model siamese|gan`` trains tritium.models.zoo's Siamese embedding network (1-NN retrieval) or its
 DCGAN-style GAN (a PNG grid of samples, scored by a digit classifier); ``--model gcn|gat`` its graph networks on a
-generated stochastic block model graph (held-out node accuracy).
+generated stochastic block model graph (held-out node accuracy); ``--model kan`` its Kolmogorov-Arnold network
+on two moons and the digits (held-out accuracy); ``--model wavenet`` its WaveNet on generated sums of sines
+(mu-law next-sample prediction).
 ``--model mamba|rwkv|gpt`` trains a byte-level language model instead (tritium.cli.train_lm).
 
 The split is stratified and seeded (80% train, 20% test); pixels are scaled to [0, 1]. The RNNs read an image
@@ -130,10 +132,16 @@ ZOO_RECIPES: Dict[str, Recipe] = {
     "gan": Recipe(90, 2e-4, weight_decay=0.0),
     "gcn": Recipe(200, 1e-2, weight_decay=5e-4),   # full-graph steps (batch unused)
     "gat": Recipe(200, 5e-3, weight_decay=5e-4),
+    "kan-moons": Recipe(40, 1e-2),
+    "kan-digits": Recipe(40, 3e-3),
+    "wavenet": Recipe(600, 3e-3, batch=16, weight_decay=0.0),   # epochs here: training steps
 }
 # the graph of the GNN recipes (tritium.models.zoo.stochastic_block_model's defaults: 3000 nodes, 5 blocks, mean
 # degree 8, 80% of the edges within a block, 32 noisy features) and the share of its nodes trained on
 GNN_TRAIN_FRACTION = 0.1
+WAVE_LENGTH = 256        # samples per training window (the WaveNet's receptive field is 128)
+KAN_DATA = ("moons", "digits")
+KAN_LAYERS = {"moons": (2, 8, 2), "digits": (64, 32, 10)}
 
 
 def _steps(name: str, epochs: Optional[int], n: int) -> int:
@@ -239,19 +247,107 @@ def train_gnn(name: str, impl: str = "tritium", epochs: Optional[int] = None, se
             "nodes": len(y), "edges": graph.num_edges}
 
 
+def moons(seed: int = 0, n: int = 1000, noise: float = 0.1,
+          test_fraction: float = 0.2) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(x_train, y_train, x_test, y_test): scikit-learn's two moons (n points, Gaussian noise), stratified split."""
+    from sklearn.datasets import make_moons
+    from sklearn.model_selection import train_test_split
+
+    x, y = make_moons(n_samples=n, noise=noise, random_state=seed)
+    x, y = torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.int64)
+    idx_train, idx_test = train_test_split(torch.arange(n).numpy(), test_size=test_fraction, random_state=seed,
+                                           stratify=y.numpy())
+    return x[idx_train], y[idx_train], x[idx_test], y[idx_test]
+
+
+def train_kan(data: str = "moons", impl: str = "tritium", epochs: Optional[int] = None, seed: int = 0,
+              steps: Optional[int] = None) -> dict:
+    """Train a KAN classifier (tritium.models.zoo.KAN, widths KAN_LAYERS[data], grid 5, cubic splines) on two moons
+    or the digits: every layer's grid first moved to the training data (update_grid), then AdamW with warm-up +
+    cosine on minibatches of 64; returns {model, data, impl, accuracy (held out), steps, seconds, final_loss}."""
+    from ..models.zoo import KAN, kan_step
+
+    recipe = ZOO_RECIPES[f"kan-{data}"]
+    x_train, y_train, x_test, y_test = moons(seed) if data == "moons" else digits(seed)
+    steps = steps or (epochs or recipe.epochs) * math.ceil(len(y_train) / recipe.batch)
+    torch.manual_seed(seed)
+    model = KAN(KAN_LAYERS[data], impl=impl)
+    with torch.no_grad():
+        model(x_train, update_grid=True)
+    opt, sched = make_optimizer(model, recipe, steps)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    perm, pos = torch.randperm(len(y_train), generator=gen), 0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        if pos + recipe.batch > len(y_train):
+            perm, pos = torch.randperm(len(y_train), generator=gen), 0
+        idx = perm[pos:pos + recipe.batch]
+        pos += recipe.batch
+        last = kan_step(model, opt, x_train[idx], y_train[idx])
+        sched.step()
+    seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        acc = (model(x_test).argmax(-1) == y_test).float().mean().item()
+    return {"model": "kan", "data": data, "impl": impl, "accuracy": acc, "steps": steps, "seconds": seconds,
+            "final_loss": float(last)}
+
+
+def train_wavenet(impl: str = "tritium", steps: Optional[int] = None, seed: int = 0, waves: int = 256,
+                  test_waves: int = 32) -> dict:
+    """Train the WaveNet (tritium.models.zoo.WaveNet, 2 stacks of dilations 1..32) on next-sample prediction of
+    mu-law (256 classes) generated waveforms: ``waves`` training sums of sines of 4096 samples, random windows of
+    WAVE_LENGTH + 1 per batch row; held-out figures on ``test_waves`` other waveforms (another seed), scored on the
+    positions with a full receptive field: accuracy of the most likely class, accuracy within one class, NLL
+    (nats per sample), and the accuracy of repeating the previous sample (the baseline). Returns a dict."""
+    from ..models.zoo import WaveNet, mu_law_encode, sine_waves, wavenet_step
+
+    recipe = ZOO_RECIPES["wavenet"]
+    steps = steps or recipe.epochs
+    train_c = mu_law_encode(sine_waves(waves, 4096, seed))
+    test_c = mu_law_encode(sine_waves(test_waves, 1024, seed + 1000))
+    torch.manual_seed(seed)
+    model = WaveNet(impl=impl)
+    opt, sched = make_optimizer(model, recipe, steps)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        rows = torch.randint(len(train_c), (recipe.batch,), generator=gen)
+        start = torch.randint(train_c.shape[1] - WAVE_LENGTH - 1, (recipe.batch, 1), generator=gen)
+        batch = train_c[rows[:, None], start + torch.arange(WAVE_LENGTH + 1)]
+        last = wavenet_step(model, opt, batch)
+        sched.step()
+    seconds = time.perf_counter() - t0
+    model.eval()
+    with torch.no_grad():
+        logits = model(test_c[:, :-1])[:, :, model.receptive_field:]
+        target = test_c[:, 1:][:, model.receptive_field:]
+        nll = torch.nn.functional.cross_entropy(logits, target).item()
+        pred = logits.argmax(1)
+        acc = (pred == target).float().mean().item()
+        near = ((pred - target).abs() <= 1).float().mean().item()
+        repeat = (test_c[:, :-1][:, model.receptive_field:] == target).float().mean().item()
+    return {"model": "wavenet", "impl": impl, "steps": steps, "seconds": seconds, "final_loss": float(last),
+            "accuracy": acc, "within_one": near, "nll": nll, "repeat_accuracy": repeat}
+
+
 def zoo_main(argv) -> int:
-    """``tritium train --model siamese|gan|gcn|gat`` (their own options: --loss, --png)."""
+    """``tritium train --model siamese|gan|gcn|gat|kan|wavenet`` (their own options: --loss, --png, --data)."""
     from ..models.zoo import LOSSES, ZOO_MODELS
 
     p = ArgumentParser(prog="tritium train", description="train the Siamese embedding network (1-NN retrieval) "
-                       "or the DCGAN-style GAN (classifier-scored samples) on scikit-learn's digits, or GCN / GAT "
-                       "node classifiers on a generated stochastic block model graph")
+                       "or the DCGAN-style GAN (classifier-scored samples) on scikit-learn's digits, GCN / GAT "
+                       "node classifiers on a generated stochastic block model graph, the KAN on two moons and the "
+                       "digits (held-out accuracy), or the WaveNet on generated waveforms (next-sample accuracy and "
+                       "NLL)")
     p.add_argument("--model", required=True, choices=ZOO_MODELS)
     p.add_argument("--impl", default="tritium", choices=IMPLS, help="tritium ops or the plain-PyTorch twin")
-    p.add_argument("--epochs", type=number(int, 1), help="default: the model's recipe")
+    p.add_argument("--epochs", type=number(int, 1), help="default: the model's recipe (wavenet: training steps)")
     p.add_argument("--seed", type=number(int, 0), default=0)
     p.add_argument("--loss", default="info_nce", choices=LOSSES, help="siamese: the metric-learning loss")
     p.add_argument("--png", default="gan-samples.png", help="gan: where to write a 10 x 10 grid of samples")
+    p.add_argument("--data", action="append", choices=KAN_DATA, help="kan: the data set (repeatable; default: both)")
     p.add_argument("--no-progress", action="store_true", help="accepted for symmetry (no progress bar here)")
     args = p.parse_args(argv)
     if args.model in ("gcn", "gat"):
@@ -264,6 +360,18 @@ def zoo_main(argv) -> int:
         r = train_siamese(args.impl, args.loss, args.epochs, args.seed)
         print(f"siamese ({r['impl']}, {r['loss']}): held-out 1-NN retrieval {100 * r['retrieval']:.2f}% "
               f"(raw pixels: {100 * r['pixel_retrieval']:.2f}%) after {r['steps']} steps in {r['seconds']:.1f} s")
+        return 0
+    if args.model == "kan":
+        for data in args.data or KAN_DATA:
+            r = train_kan(data, args.impl, args.epochs, args.seed)
+            print(f"kan ({r['impl']}) on {data}: held-out accuracy {100 * r['accuracy']:.2f}% after {r['steps']} "
+                  f"steps in {r['seconds']:.1f} s (final train loss {r['final_loss']:.4f})")
+        return 0
+    if args.model == "wavenet":
+        r = train_wavenet(args.impl, args.epochs, args.seed)
+        print(f"wavenet ({r['impl']}): held-out next-sample accuracy {100 * r['accuracy']:.2f}% (within one class: "
+              f"{100 * r['within_one']:.2f}%; repeating the last sample: {100 * r['repeat_accuracy']:.2f}%), NLL "
+              f"{r['nll']:.3f} nats/sample after {r['steps']} steps in {r['seconds']:.1f} s")
         return 0
     r = train_gan(args.impl, args.epochs, args.seed, png=args.png)
     s, ref = r["score"], r["real_score"]

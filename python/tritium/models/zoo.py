@@ -1,5 +1,7 @@
 """More of the architecture zoo on tritium ops (issue 26): a Siamese / contrastive embedding network and a
-DCGAN-style GAN, both on scikit-learn's 8x8 digits; GCN and GAT node classifiers on a stochastic block model graph.
+DCGAN-style GAN, both on scikit-learn's 8x8 digits; GCN and GAT node classifiers on a stochastic block model graph;
+a Kolmogorov-Arnold network (efficient-kan's KANLinear on the fused tritium.kan_spline); WaveNet (gated residual
+units on tritium.wavenet_residual_skip) on generated waveforms.
 
 As in tritium.models.classic, every model takes ``impl="tritium"`` (linear layers are tritium.nn.Linear, the
 activations and losses tritium's) or ``impl="torch"`` (the plain-PyTorch twin: the same module tree on torch ops,
@@ -422,6 +424,244 @@ def node_accuracy(model: nn.Module, x: Tensor, graph: Graph, y: Tensor, idx: Ten
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Kolmogorov-Arnold network (efficient-kan's KANLinear semantics)
+# ---------------------------------------------------------------------------------------------------------
+class KANLinear(_ZooImpl):
+    """efficient-kan's KANLinear: y = SiLU(x) @ base_weight^T + sum_{i,c} B_c(x_i) scaled_spline_weight[o, i, c],
+    the B-splines of order ``spline_order`` on a grid of ``grid_size`` intervals over ``grid_range`` extended by
+    ``spline_order`` knots each side (the ``grid`` buffer, (in, grid_size + 2 order + 1), moved by
+    ``update_grid``). scaled_spline_weight = spline_weight * spline_scaler[..., None] (the standalone scale).
+    impl="tritium": tritium.silu, tritium.linear and the fused tritium.kan_spline; impl="torch": the same in plain
+    torch ops with efficient-kan's basis recursion (tritium.reference.kan_b_splines)."""
+
+    def __init__(self, in_features: int, out_features: int, grid_size: int = 5, spline_order: int = 3,
+                 scale_noise: float = 0.1, scale_base: float = 1.0, scale_spline: float = 1.0,
+                 grid_eps: float = 0.02, grid_range: Tuple[float, float] = (-1.0, 1.0), impl: str = "tritium"):
+        super().__init__(impl)
+        self.in_features, self.out_features = in_features, out_features
+        self.grid_size, self.spline_order, self.grid_eps = grid_size, spline_order, grid_eps
+        h = (grid_range[1] - grid_range[0]) / grid_size
+        grid = (torch.arange(-spline_order, grid_size + spline_order + 1) * h + grid_range[0])
+        self.register_buffer("grid", grid.expand(in_features, -1).contiguous())
+        self.base_weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.spline_weight = nn.Parameter(torch.empty(out_features, in_features, grid_size + spline_order))
+        self.spline_scaler = nn.Parameter(torch.empty(out_features, in_features))
+        self.scale_noise, self.scale_base, self.scale_spline = scale_noise, scale_base, scale_spline
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """efficient-kan's initialisation: Kaiming-uniform base weight and scaler, spline coefficients fitted to
+        small noise at the grid points."""
+        import math
+
+        nn.init.kaiming_uniform_(self.base_weight, a=math.sqrt(5) * self.scale_base)
+        noise = ((torch.rand(self.grid_size + 1, self.in_features, self.out_features) - 0.5) * self.scale_noise
+                 / self.grid_size)
+        self.spline_weight.copy_(self.curve2coeff(self.grid.T[self.spline_order:-self.spline_order], noise))
+        nn.init.kaiming_uniform_(self.spline_scaler, a=math.sqrt(5) * self.scale_spline)
+
+    def b_splines(self, x: Tensor) -> Tensor:
+        """(N, in) -> (N, in, grid_size + order): the basis tensor (for update_grid and curve2coeff; the forward
+        of impl="tritium" never forms it)."""
+        from .. import reference
+
+        return reference.kan_b_splines(x, self.grid, self.spline_order)
+
+    def curve2coeff(self, x: Tensor, y: Tensor) -> Tensor:
+        """Least-squares spline coefficients (out, in, bases) interpolating y (N, in, out) at x (N, in)."""
+        a = self.b_splines(x).transpose(0, 1)                         # (in, N, bases)
+        sol = torch.linalg.lstsq(a.double(), y.transpose(0, 1).double()).solution  # (in, bases, out)
+        return sol.permute(2, 0, 1).to(x.dtype).contiguous()
+
+    @property
+    def scaled_spline_weight(self) -> Tensor:
+        return self.spline_weight * self.spline_scaler.unsqueeze(-1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, self.in_features)
+        base = self.ops.linear(self.ops.silu(x), self.base_weight)
+        if self.impl == "tritium":
+            import tritium
+
+            spline = tritium.kan_spline(x, self.grid, self.scaled_spline_weight, self.spline_order)
+        else:
+            spline = F.linear(self.b_splines(x).view(x.shape[0], -1),
+                              self.scaled_spline_weight.view(self.out_features, -1))
+        return (base + spline).view(*shape[:-1], self.out_features)
+
+    @torch.no_grad()
+    def update_grid(self, x: Tensor, margin: float = 0.01) -> None:
+        """efficient-kan's update_grid: knots at the quantiles of x (N, in) mixed with a uniform grid over its range
+        (grid_eps of uniform), then spline coefficients refitted (least squares) so the spline term keeps its
+        values on x. As in efficient-kan, the refitted coefficients (of the scaled weight) are stored in
+        spline_weight and the scaler is left as it is."""
+        batch = x.shape[0]
+        splines = self.b_splines(x).permute(1, 0, 2)                     # (in, N, bases)
+        unreduced = torch.bmm(splines, self.scaled_spline_weight.permute(1, 2, 0)).permute(1, 0, 2)  # (N, in, out)
+        x_sorted = torch.sort(x, dim=0)[0]
+        adaptive = x_sorted[torch.linspace(0, batch - 1, self.grid_size + 1, dtype=torch.int64, device=x.device)]
+        step = (x_sorted[-1] - x_sorted[0] + 2 * margin) / self.grid_size
+        uniform = (torch.arange(self.grid_size + 1, dtype=torch.float32, device=x.device).unsqueeze(1) * step
+                   + x_sorted[0] - margin)
+        grid = self.grid_eps * uniform + (1 - self.grid_eps) * adaptive
+        k = self.spline_order
+        grid = torch.cat([grid[:1] - step * torch.arange(k, 0, -1, device=x.device).unsqueeze(1), grid,
+                          grid[-1:] + step * torch.arange(1, k + 1, device=x.device).unsqueeze(1)], dim=0)
+        self.grid.copy_(grid.T)
+        self.spline_weight.copy_(self.curve2coeff(x, unreduced))
+
+    def regularization_loss(self, regularize_activation: float = 1.0, regularize_entropy: float = 1.0) -> Tensor:
+        """efficient-kan's L1 + entropy regulariser on the spline coefficients."""
+        l1 = self.spline_weight.abs().mean(-1)
+        total = l1.sum()
+        p = l1 / total
+        return regularize_activation * total + regularize_entropy * -(p * p.log()).sum()
+
+
+class KAN(_ZooImpl):
+    """A stack of KANLinear layers of widths ``layers`` (e.g. (2, 8, 2)): efficient-kan's KAN. ``forward(x,
+    update_grid=True)`` moves every layer's grid to the data passing through it first."""
+
+    def __init__(self, layers: Sequence[int], grid_size: int = 5, spline_order: int = 3,
+                 grid_range: Tuple[float, float] = (-1.0, 1.0), impl: str = "tritium"):
+        super().__init__(impl)
+        self.layers = nn.ModuleList(KANLinear(a, b, grid_size, spline_order, grid_range=grid_range, impl=impl)
+                                    for a, b in zip(layers[:-1], layers[1:]))
+
+    def forward(self, x: Tensor, update_grid: bool = False) -> Tensor:
+        for layer in self.layers:
+            if update_grid:
+                layer.update_grid(x)
+            x = layer(x)
+        return x
+
+    def regularization_loss(self, regularize_activation: float = 1.0, regularize_entropy: float = 1.0) -> Tensor:
+        return sum(layer.regularization_loss(regularize_activation, regularize_entropy) for layer in self.layers)
+
+
+def kan_step(model: KAN, opt: torch.optim.Optimizer, x: Tensor, y: Tensor) -> Tensor:
+    """One training step of a KAN classifier: cross-entropy on the logits, backward, optimizer step."""
+    loss = model.ops.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# WaveNet (dilated causal convolutions, gated residual units, mu-law classes)
+# ---------------------------------------------------------------------------------------------------------
+def mu_law_encode(x: Tensor, classes: int = 256) -> Tensor:
+    """Waveform in [-1, 1] -> int64 classes in [0, classes): sign(x) ln(1 + mu |x|) / ln(1 + mu), mu = classes - 1,
+    quantised uniformly."""
+    mu = classes - 1
+    y = torch.sign(x) * torch.log1p(mu * x.abs().clamp(max=1)) / torch.log1p(torch.tensor(float(mu)))
+    return ((y + 1) / 2 * mu + 0.5).long().clamp(0, mu)
+
+
+def mu_law_decode(c: Tensor, classes: int = 256) -> Tensor:
+    """The inverse of mu_law_encode (class centres back to [-1, 1])."""
+    mu = classes - 1
+    y = c.float() / mu * 2 - 1
+    return torch.sign(y) * ((1 + mu) ** y.abs() - 1) / mu
+
+
+def sine_waves(n: int, length: int, seed: int = 0, components: int = 3) -> Tensor:
+    """n waveforms (n, length) in [-1, 1]: each a sum of ``components`` sines with random frequencies (2 to 40
+    periods per 1000 samples), phases and amplitudes, scaled to a peak of 0.9; seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.arange(length, dtype=torch.float64)
+    freq = (torch.rand(n, components, 1, generator=gen, dtype=torch.float64) * 0.038 + 0.002) * 2 * torch.pi
+    phase = torch.rand(n, components, 1, generator=gen, dtype=torch.float64) * 2 * torch.pi
+    amp = torch.rand(n, components, 1, generator=gen, dtype=torch.float64) + 0.2
+    w = (amp * torch.sin(freq * t + phase)).sum(1)
+    return (0.9 * w / w.abs().amax(1, keepdim=True)).float()
+
+
+def _causal_conv2_last(x: Tensor, weight: Tensor, bias: Optional[Tensor], d: int) -> Tensor:
+    """Channels-last conv1d(F.pad(x, (d, 0)), weight, bias, dilation=d) for a width-2 kernel: x (B, T, R) ->
+    (B, T, O), h[t] = W_0 x[t - d] + W_1 x[t] + b as one GEMM over [x shifted by d | x] (B, T, 2R). On CPU
+    oneDNN's dilated convolution (its backward above all) is several times slower than this GEMM."""
+    T = x.shape[1]
+    stacked = torch.cat([F.pad(x, (0, 0, d, 0))[:, :T], x], 2)
+    return F.linear(stacked, torch.cat([weight[:, :, 0], weight[:, :, 1]], 1), bias)
+
+
+class WaveNet(_ZooImpl):
+    """WaveNet over mu-law classes: embedding (classes -> residual channels) -> causal conv (width 2) -> ``stacks``
+    stacks of ``layers`` gated residual units with dilations 1, 2, ..., 2^(layers-1) -> ReLU(sum of skips) -> 1x1
+    -> ReLU -> 1x1 -> (B, classes, T) logits of the next sample. A unit: h = dilated causal conv(x) (width 2,
+    2 * gate channels), z = tanh(h_a) * sigmoid(h_b), x += 1x1_res(z), skip += 1x1_skip(z). impl="tritium": the
+    fused gate kernel and both 1x1 projections in one GEMM (tritium.wavenet_residual_skip); impl="torch": the unit
+    as plain torch ops (separate tanh, sigmoid, product and 1x1 convolutions) and nn.Conv1d's dilated
+    convolutions; impl="tritium" runs channels last, every convolution a GEMM over the rows (the width-2 dilated ones
+    over the input stacked with its shifted copy, ``_causal_conv2_last``: the same weights and state_dict)."""
+
+    def __init__(self, classes: int = 256, residual: int = 32, gate: int = 32, skip: int = 64, layers: int = 6,
+                 stacks: int = 2, impl: str = "tritium"):
+        super().__init__(impl)
+        self.classes = classes
+        self.dilations = [2 ** i for i in range(layers)] * stacks
+        self.embed = nn.Embedding(classes, residual)
+        self.causal = nn.Conv1d(residual, residual, 2)
+        self.dilated = nn.ModuleList(nn.Conv1d(residual, 2 * gate, 2, dilation=d) for d in self.dilations)
+        self.res = nn.ModuleList(nn.Conv1d(gate, residual, 1) for _ in self.dilations)
+        self.skip = nn.ModuleList(nn.Conv1d(gate, skip, 1) for _ in self.dilations)
+        self.out1 = nn.Conv1d(skip, skip, 1)
+        self.out2 = nn.Conv1d(skip, classes, 1)
+
+    @property
+    def receptive_field(self) -> int:
+        return 2 + sum(self.dilations)
+
+    def forward(self, c: Tensor) -> Tensor:  # (B, T) int64 classes -> (B, classes, T) logits of c[:, t + 1]
+        if self.impl == "tritium":
+            return self._forward_channels_last(c)
+        x = self.embed(c).transpose(1, 2)
+        x = self.causal(F.pad(x, (1, 0)))
+        skips = None
+        for d, dil, res, skip in zip(self.dilations, self.dilated, self.res, self.skip):
+            h = dil(F.pad(x, (d, 0)))
+            a, g = h.chunk(2, 1)
+            z = torch.tanh(a) * torch.sigmoid(g)
+            x, s = x + res(z), skip(z)
+            skips = s if skips is None else skips + s
+        return self.out2(self.ops.relu(self.out1(self.ops.relu(skips))))
+
+    def _forward_channels_last(self, c: Tensor) -> Tensor:
+        """The same network in (B, T, channels) layout: every convolution a GEMM over the rows (the 1x1 ones
+        F.linear on the squeezed weights, the width-2 ones _causal_conv2_last), the units on
+        tritium.wavenet_residual_skip; the logits returned as (B, classes, T) views."""
+        import tritium
+
+        x = _causal_conv2_last(self.embed(c), self.causal.weight, self.causal.bias, 1)
+        skips = None
+        for d, dil, res, skip in zip(self.dilations, self.dilated, self.res, self.skip):
+            h = _causal_conv2_last(x, dil.weight, dil.bias, d)
+            x, s = tritium.wavenet_residual_skip(x, h, res.weight, res.bias, skip.weight, skip.bias,
+                                                 channels_last=True)
+            skips = s if skips is None else skips + s
+        y = self.ops.relu(F.linear(self.ops.relu(skips), self.out1.weight.squeeze(-1), self.out1.bias))
+        return F.linear(y, self.out2.weight.squeeze(-1), self.out2.bias).transpose(1, 2)
+
+    def loss(self, c: Tensor) -> Tensor:
+        """Next-sample cross-entropy over a batch of class sequences (B, T + 1): predict c[:, 1:] from c[:, :-1]."""
+        logits = self(c[:, :-1])
+        return self.ops.cross_entropy(logits.transpose(1, 2).reshape(-1, self.classes), c[:, 1:].reshape(-1))
+
+
+def wavenet_step(model: WaveNet, opt: torch.optim.Optimizer, c: Tensor) -> Tensor:
+    """One training step on class sequences (B, T + 1): next-sample loss, backward, optimizer step."""
+    loss = model.loss(c)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+# ---------------------------------------------------------------------------------------------------------
 # A PNG grid of images (the standard library's zlib and struct: no imaging package needed)
 # ---------------------------------------------------------------------------------------------------------
 def png_grid(images: Tensor, path: str, cols: int = 10, scale: int = 4, pad: int = 2) -> None:
@@ -465,9 +705,10 @@ def sample_score(probs: Tensor, confident: float = 0.9) -> dict:
             "histogram": hist.long().tolist()}
 
 
-ZOO_MODELS: Sequence[str] = ("siamese", "gan", "gcn", "gat")
+ZOO_MODELS: Sequence[str] = ("siamese", "gan", "gcn", "gat", "kan", "wavenet")
 
 __all__ = ["Siamese", "Generator", "Discriminator", "GAN", "LOSSES", "ZOO_MODELS", "IMPLS", "ops", "sample_batch",
            "siamese_step", "gan_step", "gan_optimizers", "embed", "nearest_neighbour_accuracy",
            "retrieval_accuracy", "png_grid", "sample_score", "Graph", "build_graph", "stochastic_block_model",
-           "GCN", "GATLayer", "GAT", "gnn_step", "node_accuracy"]
+           "GCN", "GATLayer", "GAT", "gnn_step", "node_accuracy", "KANLinear", "KAN", "kan_step", "WaveNet",
+           "wavenet_step", "mu_law_encode", "mu_law_decode", "sine_waves"]

@@ -79,24 +79,38 @@ def wavenet_gate(h: Tensor, cond: Optional[Tensor] = None) -> Tensor:
 
 
 def wavenet_residual_skip(x: Tensor, h: Tensor, w_res: Tensor, b_res: Optional[Tensor], w_skip: Tensor,
-                          b_skip: Optional[Tensor], cond: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                          b_skip: Optional[Tensor], cond: Optional[Tensor] = None,
+                          channels_last: bool = False) -> Tuple[Tensor, Tensor]:
     """One WaveNet residual unit after its dilated convolution: z = wavenet_gate(h, cond) (batch, C, T); returns
     (x + w_res z + b_res, w_skip z + b_skip) with w_res (R, C) (R = x's channels), w_skip (S, C) the 1x1
-    convolutions' weights (conv1d weights (R, C, 1) are accepted too)."""
+    convolutions' weights (conv1d weights (R, C, 1) are accepted too). ``channels_last``: x (batch, T, R), h and cond
+    (batch, T, 2C), outputs (batch, T, R) and (batch, T, S): the projections are then plain matrix products over
+    the rows (the layout a CPU GEMM prefers)."""
     if w_res.dim() == 3:
         w_res = w_res.squeeze(-1)
     if w_skip.dim() == 3:
         w_skip = w_skip.squeeze(-1)
-    z = wavenet_gate(h, cond)
     R = w_res.shape[0]
-    if x.dim() != 3 or x.shape[1] != R or x.shape[0] != h.shape[0] or x.shape[2] != h.shape[2]:
-        raise ValueError(f"wavenet_residual_skip: x must be (batch, {R}, {h.shape[2]}) (w_res's outputs, h's batch and "
-                         f"time), got {tuple(x.shape)}")
+    if channels_last:
+        if h.dim() != 3 or x.dim() != 3 or x.shape[:2] != h.shape[:2] or x.shape[2] != R:
+            raise ValueError(f"wavenet_residual_skip: channels_last x must be (batch, time, {R}) with h's batch and "
+                             f"time, h (batch, time, 2 C); got x {tuple(x.shape)}, h {tuple(h.shape)}")
+        B, T, C2 = h.shape
+        c = None if cond is None else cond.expand(h.shape).reshape(B * T, C2, 1)
+        z = wavenet_gate(h.reshape(B * T, C2, 1), c).view(B, T, C2 // 2)
+    else:
+        z = wavenet_gate(h, cond)
+        if x.dim() != 3 or x.shape[1] != R or x.shape[0] != h.shape[0] or x.shape[2] != h.shape[2]:
+            raise ValueError(f"wavenet_residual_skip: x must be (batch, {R}, {h.shape[2]}) (w_res's outputs, h's batch "
+                             f"and time), got {tuple(x.shape)}")
     w = torch.cat([w_res, w_skip])
     b = None if b_res is None and b_skip is None else torch.cat([
         b_res if b_res is not None else w_res.new_zeros(R), b_skip if b_skip is not None else w_skip.new_zeros(
             w_skip.shape[0])])
-    out = F.conv1d(z, w.unsqueeze(-1), b)   # both 1x1 projections in one GEMM
+    if channels_last:
+        out = F.linear(z, w, b)                   # both 1x1 projections in one GEMM
+        return x + out[..., :R], out[..., R:]
+    out = F.conv1d(z, w.unsqueeze(-1), b)
     return x + out[:, :R], out[:, R:]
 
 
