@@ -161,3 +161,18 @@ def test_ddpm_recipe_samples(tmp_path):
     r = train_ddpm("tritium", steps=200, samples=100, ddim_steps=10, channels=16, png=str(tmp_path / "s.png"))
     assert r["final_loss"] < 0.6 * r["first_loss"], r
     assert _read_png(tmp_path / "s.png").shape == (10 * 34 + 2, 10 * 34 + 2)
+
+
+@pytest.mark.parametrize("argv,want", [
+    (["--model", "ddpm", "--ddim-steps", "2000"], "--ddim-steps: at most 1000"),
+    (["--model", "ddpm", "--schedule", "quadratic"], "--schedule: invalid choice: 'quadratic'"),
+    (["--model", "flow", "--steps", "0"], "--steps"),
+])
+def test_train_command_line_errors(argv, want, capfd):
+    """A bad option of tritium train's ddpm / flow / seq2seq recipes: status 2 and one error line naming it,
+    before any training."""
+    from tritium.cli import main
+
+    assert main(["train", *argv]) == 2
+    lines = capfd.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tritium: error: ") and want in lines[0], lines

@@ -19,6 +19,10 @@
   batch 64 (--small: 16); the fused kan_spline vs the twin's efficient-kan basis recursion.
 - wavenet: one training step (next-sample cross-entropy over 256 mu-law classes, Adam) of the recipe's WaveNet
   (2 stacks of dilations 1..32, 32 residual / 32 gate / 64 skip channels) on 16 windows of 256 samples (--small: 4).
+- ddpm, flow, seq2seq (issue 26, tritium.models.diffusion / flow / seq2seq): one training step of each recipe
+  (tritium.cli.train_gen) vs its twin: the U-Net's noise-prediction MSE on 128 digits at random timesteps
+  (GroupNorm + SiLU fused; the convolutions are torch's in both), RealNVP's NLL on 256 two-moons points, the
+  attention seq2seq's cross-entropy on 128 dates (bidirectional GRU encoder, GRU decoder, attention).
 """
 from __future__ import annotations
 
@@ -35,6 +39,8 @@ MODELS = ("lstm", "gru", "rnn", "encoder", "vit", "mamba", "rwkv")
 RNNS = ("lstm", "gru", "rnn")
 ZOO = ("siamese", "gan", "gcn", "gat", "kan", "wavenet")
 MODELS += ZOO
+GEN = ("ddpm", "flow", "seq2seq")
+MODELS += GEN
 LMS = ("mamba", "rwkv")
 
 
@@ -253,6 +259,39 @@ def _zoo_cases(name: str, small: bool, device) -> Dict[str, Callable[[], object]
     return cases
 
 
+def _gen_cases(name: str, small: bool, device) -> Dict[str, Callable[[], object]]:
+    """One training step of tritium.cli.train_gen's recipes at their batch (a quarter with --small)."""
+    from ..cli.train_gen import GEN_RECIPES, date_pairs
+    from ..models.diffusion import DDPM, ddpm_step
+    from ..models.flow import RealNVP, flow_step
+    from ..models.seq2seq import Seq2Seq, encode_batch, seq2seq_step, targets
+
+    batch = GEN_RECIPES[name].batch // (4 if small else 1)
+    gen = torch.Generator().manual_seed(0)
+    if name == "ddpm":  # the timing does not depend on the pixels
+        x0 = (torch.rand(batch, 1, 8, 8, generator=gen) * 2 - 1).to(device)
+        t = torch.randint(1000, (batch,), generator=gen).to(device)
+        noise = torch.randn(batch, 1, 8, 8, generator=gen).to(device)
+    elif name == "flow":
+        x = torch.randn(batch, 2, generator=gen).to(device)
+    else:
+        pairs = date_pairs(batch)
+        src = encode_batch([p[0] for p in pairs]).to(device)
+        tgt_in, labels = (v.to(device) for v in targets([p[1] for p in pairs]))
+    cases = {}
+    for side, impl in (("tritium", "tritium"), ("torch twin", "torch")):
+        torch.manual_seed(0)
+        model = {"ddpm": DDPM, "flow": RealNVP, "seq2seq": Seq2Seq}[name](impl=impl).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=GEN_RECIPES[name].lr, weight_decay=0.0)
+        if name == "ddpm":
+            cases[side] = lambda m=model, o=opt: ddpm_step(m, o, x0, t, noise)
+        elif name == "flow":
+            cases[side] = lambda m=model, o=opt: flow_step(m, o, x)
+        else:
+            cases[side] = lambda m=model, o=opt: seq2seq_step(m, o, src, tgt_in, labels)
+    return cases
+
+
 def run(args) -> List[dict]:
     from rich.console import Console
     from rich.table import Table
@@ -265,6 +304,8 @@ def run(args) -> List[dict]:
             cases = _rnn_cases(name, 16 if args.small else 64, device)
         elif name in ZOO:
             cases = _zoo_cases(name, args.small, device)
+        elif name in GEN:
+            cases = _gen_cases(name, args.small, device)
         elif name in LMS:
             cases = _lm_cases(name, args.small, device)
         else:
@@ -278,7 +319,7 @@ def run(args) -> List[dict]:
         times = {impl: statistics.median(v) for impl, v in per.items()}
         base = times["tritium"]
         for impl, t in times.items():
-            mode = "train step" if name in LMS + ZOO else "fwdbwd"
+            mode = "train step" if name in LMS + ZOO + GEN else "fwdbwd"
             rows.append({"model": name, "impl": impl, "mode": mode, "ms": round(t * 1e3, 2),
                          "tritium_speedup": round(t / base, 3)})
     table = Table(title=f"tritium bench models ({device}, forward+backward)")

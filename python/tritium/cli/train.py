@@ -5,7 +5,8 @@ DCGAN-style GAN (a PNG grid of samples, scored by a digit classifier); ``--model
 generated stochastic block model graph (held-out node accuracy); ``--model kan`` its Kolmogorov-Arnold network
 on two moons and the digits (held-out accuracy); ``--model wavenet`` its WaveNet on generated sums of sines
 (mu-law next-sample prediction).
-``--model mamba|rwkv|gpt`` trains a byte-level language model instead (tritium.cli.train_lm).
+``--model mamba|rwkv|gpt`` trains a byte-level language model instead (tritium.cli.train_lm);
+``--model ddpm|flow|seq2seq`` the diffusion U-Net, RealNVP flow or attention seq2seq (tritium.cli.train_gen).
 
 The split is stratified and seeded (80% train, 20% test); pixels are scaled to [0, 1]. The RNNs read an image
 row by row (8 steps of 8 pixels), the encoder reads its 64 grey levels as tokens, the CNNs and the ViT see
@@ -389,6 +390,7 @@ def main(argv=None) -> int:
     zoo.add_argument("--model")
     if zoo.parse_known_args(list(sys.argv[1:] if argv is None else argv))[0].model in ZOO_MODELS:
         return zoo_main(list(sys.argv[1:] if argv is None else argv))   # siamese, gan: their own options
+    from .train_gen import GEN_MODELS
     from .train_lm import LM_MODELS
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -398,9 +400,14 @@ def main(argv=None) -> int:
         from . import train_lm
 
         return train_lm.main(argv)
+    if pre.parse_known_args(argv)[0].model in GEN_MODELS:  # ddpm, flow, seq2seq: their own options
+        from . import train_gen
+
+        return train_gen.main(argv)
     p = ArgumentParser(prog="tritium train", description=__doc__.strip().splitlines()[0],
                        epilog=f"--model {'|'.join(LM_MODELS)}: see tritium train --model mamba --help; "
-                              f"--model {'|'.join(ZOO_MODELS)}: see tritium train --model gan --help")
+                              f"--model {'|'.join(ZOO_MODELS)}: see tritium train --model gan --help; "
+                              f"--model {'|'.join(GEN_MODELS)}: see tritium train --model ddpm --help")
     p.add_argument("--model", required=True, choices=sorted(DIGITS) + list(LM_MODELS))
     p.add_argument("--impl", default="tritium", choices=IMPLS, help="tritium ops or the plain-PyTorch twin")
     p.add_argument("--epochs", type=number(int, 1), help="default: the model's recipe")
