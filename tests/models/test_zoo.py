@@ -158,6 +158,8 @@ def test_gan_recipe_samples(tmp_path):
 @pytest.mark.parametrize("argv,want", [
     (["--model", "siamese", "--loss", "hinge"], "--loss: invalid choice: 'hinge'"),
     (["--model", "gan", "--epochs", "0"], "--epochs"),
+    (["--model", "kan", "--data", "mnist"], "--data: invalid choice: 'mnist'"),
+    (["--model", "wavenet", "--epochs", "0"], "--epochs"),
 ])
 def test_train_command_line_errors(argv, want, capfd):
     """A bad option of the zoo models' recipes: status 2 and one error line naming it, before any training."""
