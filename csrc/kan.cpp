@@ -29,7 +29,7 @@ inline int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, 32768 
 // x's knot span j (t_j <= x < t_{j+1}, -1 when x is outside [t_0, t_{NK-1}): all bases zero) and the order-k bases
 // N[s] = B_{j-k+s,k}(x), s = 0..k (zero for indices outside [0, NK-1-k)). With dN, also their derivatives.
 template <typename A>
-inline int64_t spline_bases(A x, const A* t, int64_t NK, int64_t k, A* N, A* dN) {
+inline int64_t spline_bases(A x, const A* t, const A* r, int64_t NK, int64_t k, A* N, A* dN) {
   const int64_t spans = NK - 1;
   if (!(x >= t[0] && x < t[spans])) return -1;
   int64_t j = 0;  // the largest j with t_j <= x (a few knots: a linear scan)
@@ -46,8 +46,8 @@ inline int64_t spline_bases(A x, const A* t, int64_t NK, int64_t k, A* N, A* dN)
           dN[s] = A(0);
           continue;
         }
-        const A a = N[s] == A(0) ? A(0) : N[s] / (t[c + k] - t[c]);
-        const A b = N[s + 1] == A(0) ? A(0) : N[s + 1] / (t[c + k + 1] - t[c + 1]);
+        const A a = N[s] == A(0) ? A(0) : N[s] * r[(k - 1) * NK + c];
+        const A b = N[s + 1] == A(0) ? A(0) : N[s + 1] * r[(k - 1) * NK + c + 1];
         dN[s] = A(k) * (a - b);
       }
     }
@@ -58,7 +58,7 @@ inline int64_t spline_bases(A x, const A* t, int64_t NK, int64_t k, A* N, A* dN)
         N[s] = A(0);
         continue;
       }
-      N[s] = (x - t[c]) / (t[c + d] - t[c]) * N[s] + (t[c + d + 1] - x) / (t[c + d + 1] - t[c + 1]) * N[s + 1];
+      N[s] = (x - t[c]) * r[(d - 1) * NK + c] * N[s] + (t[c + d + 1] - x) * r[(d - 1) * NK + c + 1] * N[s + 1];
     }
   }
   if (k == 0 && dN != nullptr) dN[0] = A(0);
@@ -95,6 +95,23 @@ inline A dot(const A* a, const A* b, int64_t n) {
   return r;
 }
 
+// The knots in the accumulation type and, per feature, the reciprocals of the knot differences the recursion
+// divides by: r[i][(d - 1) * NK + c] = 1 / (t[i][c + d] - t[i][c]) for d = 1..k and c + d < NK (a multiply per
+// term instead of a division: the divisions were the bases' critical path).
+template <typename A>
+std::pair<at::Tensor, at::Tensor> knot_tables(const at::Tensor& grid, int64_t k) {
+  const at::Tensor t = grid.to(c10::CppTypeToScalarType<A>::value).contiguous();
+  const int64_t I = t.size(0), NK = t.size(1);
+  at::Tensor r = at::zeros({I, std::max<int64_t>(k, 1) * NK}, t.options());
+  const A* tp = t.const_data_ptr<A>();
+  A* rp = r.mutable_data_ptr<A>();
+  for (int64_t i = 0; i < I; ++i)
+    for (int64_t d = 1; d <= k; ++d)
+      for (int64_t c = 0; c + d < NK; ++c)
+        rp[i * k * NK + (d - 1) * NK + c] = A(1) / (tp[i * NK + c + d] - tp[i * NK + c]);
+  return {t, r};
+}
+
 void check_args(const at::Tensor& x, const at::Tensor& grid, const at::Tensor& weight_t, int64_t order) {
   TORCH_CHECK(x.dim() == 2, "kan_spline: x must be (batch, in), got ", x.dim(), "-D");
   TORCH_CHECK(grid.dim() == 2 && grid.size(0) == x.size(1), "kan_spline: grid must be (in=", x.size(1),
@@ -114,9 +131,11 @@ void fwd_impl(const at::Tensor& x, const at::Tensor& grid, const at::Tensor& wei
   using A = acc_type<T>;
   const int64_t Bn = x.size(0), I = x.size(1), NK = grid.size(1), NB = NK - 1 - k, O = weight_t.size(2);
   const auto acc_kind = c10::CppTypeToScalarType<A>::value;
-  const at::Tensor t = grid.to(acc_kind).contiguous();
+  at::Tensor t, r;
+  std::tie(t, r) = knot_tables<A>(grid, k);
   const at::Tensor w = weight_t.to(acc_kind).contiguous();  // a copy for 16-bit weights only
   const A* tp = t.const_data_ptr<A>();
+  const A* rp = r.const_data_ptr<A>();
   const A* wp = w.const_data_ptr<A>();
   const T* xp = x.const_data_ptr<T>();
   const int64_t sx0 = x.stride(0), sx1 = x.stride(1);
@@ -129,7 +148,8 @@ void fwd_impl(const at::Tensor& x, const at::Tensor& grid, const at::Tensor& wei
     for (int64_t b = b0; b < b1; ++b) {
       std::fill(acc.begin(), acc.end(), A(0));
       for (int64_t i = 0; i < I; ++i) {
-        const int64_t j = spline_bases<A>(static_cast<A>(xp[b * sx0 + i * sx1]), tp + i * NK, NK, k, N, nullptr);
+        const int64_t j = spline_bases<A>(static_cast<A>(xp[b * sx0 + i * sx1]), tp + i * NK, rp + i * k * NK, NK, k,
+                                          N, nullptr);
         if (j < 0) continue;
         int64_t m = 0;
         for (int64_t s = 0; s <= k; ++s) {
@@ -159,9 +179,11 @@ void bwd_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& grid,
   using A = acc_type<T>;
   const int64_t Bn = x.size(0), I = x.size(1), NK = grid.size(1), NB = NK - 1 - k, O = weight_t.size(2);
   const auto acc_kind = c10::CppTypeToScalarType<A>::value;
-  const at::Tensor t = grid.to(acc_kind).contiguous();
+  at::Tensor t, r;
+  std::tie(t, r) = knot_tables<A>(grid, k);
   const at::Tensor g = dy.to(acc_kind).contiguous();
   const A* tp = t.const_data_ptr<A>();
+  const A* rp = r.const_data_ptr<A>();
   const A* gp = g.const_data_ptr<A>();
   const T* xp = x.const_data_ptr<T>();
   const int64_t sx0 = x.stride(0), sx1 = x.stride(1);
@@ -174,7 +196,8 @@ void bwd_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& grid,
       A N[kMaxOrder + 2], dN[kMaxOrder + 1];
       for (int64_t b = b0; b < b1; ++b) {
         for (int64_t i = 0; i < I; ++i) {
-          const int64_t j = spline_bases<A>(static_cast<A>(xp[b * sx0 + i * sx1]), tp + i * NK, NK, k, N, dN);
+          const int64_t j =
+              spline_bases<A>(static_cast<A>(xp[b * sx0 + i * sx1]), tp + i * NK, rp + i * k * NK, NK, k, N, dN);
           A acc = A(0);
           if (j >= 0) {
             for (int64_t s = 0; s <= k; ++s) {
@@ -198,7 +221,8 @@ void bwd_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& grid,
       for (int64_t b = 0; b < Bn; ++b) {
         const A* grow = gp + b * O;
         for (int64_t i = i0; i < i1; ++i) {
-          const int64_t j = spline_bases<A>(static_cast<A>(xp[b * sx0 + i * sx1]), tp + i * NK, NK, k, N, nullptr);
+          const int64_t j = spline_bases<A>(static_cast<A>(xp[b * sx0 + i * sx1]), tp + i * NK, rp + i * k * NK, NK,
+                                            k, N, nullptr);
           if (j < 0) continue;
           for (int64_t s = 0; s <= k; ++s) {
             const int64_t c = j - k + s;
