@@ -503,6 +503,47 @@ def _():
     return [(r(2, 2, 3, 4), r_[:, 0], k[:, 0], v[:, 0], w[:, 0], r(2, 3), 0.5)]
 
 
+def _mlstm_inputs(grad):
+    """xLSTM's mLSTM q, k (B 2, H 2, T 5, DK 3), v (DV 4), gate preactivations i, f (2, 2, 5)."""
+    f = g if grad else r
+    return f(2, 2, 5, 3), f(2, 2, 5, 3), f(2, 2, 5, 4), f(2, 2, 5), f(2, 2, 5)
+
+
+@sample("mlstm_fwd")
+def _():
+    ins = _mlstm_inputs(True)
+    return [(*ins, 0.5, 1e-6, g(2, 2, 3, 4), g(2, 2, 3), r(2, 2), 2), (*ins, 0.5, 1e-6, None, None, None, 16)]
+
+
+@sample("mlstm_bwd")
+def _():
+    ins = _mlstm_inputs(False)
+    h0 = (r(2, 2, 3, 4), r(2, 2, 3), r(2, 2))
+    _, Cs, ns, ms = torch.ops.tritium.mlstm_fwd(*ins, 0.5, 1e-6, *h0, 2)
+    return [(r(2, 2, 5, 4), *ins, 0.5, 1e-6, Cs, ns, ms, 2, r(2, 2, 3, 4), r(2, 2, 3)),
+            (r(2, 2, 5, 4), *ins, 0.5, 1e-6, Cs, ns, ms, 2, None, None)]
+
+
+@sample("mlstm_step")
+def _():
+    q, k, v, i, f = (x[:, :, 0].contiguous() for x in _mlstm_inputs(False))
+    return [(q, k, v, i, f, r(2, 2, 3, 4), r(2, 2, 3), r(2, 2), 0.5, 1e-6)]
+
+
+@sample("slstm_fwd")
+def _():
+    wx, R, s = g(2, 5, 24), g(4, 2, 3, 3), r(2, 6)
+    return [(wx, R, None, None, None, None), (wx, R, g(2, 6), g(2, 6), s.abs() + 1, r(2, 6))]
+
+
+@sample("slstm_bwd")
+def _():
+    wx, R = r(2, 5, 24), r(4, 2, 3, 3)
+    y, states, gates = torch.ops.tritium.slstm_fwd(wx, R, None, None, None, None)
+    return [(r(2, 5, 6), wx, R, None, None, None, None, states, gates, None, None, None),
+            (r(2, 5, 6), wx, R, None, None, None, None, states, gates, r(2, 6), r(2, 6), r(2, 6))]
+
+
 @sample("gru_scan_bwd")
 def _():
     w, h0 = r(12, 4), r(2, 4)

@@ -73,3 +73,9 @@ __all__ += _wavenet.__all__
 from . import graph as _graph  # noqa: E402
 from .graph import *  # noqa: F401,F403,E402
 __all__ += _graph.__all__
+from . import mlstm as _mlstm  # noqa: E402
+from .mlstm import *  # noqa: F401,F403,E402
+__all__ += _mlstm.__all__
+from . import slstm as _slstm  # noqa: E402
+from .slstm import *  # noqa: F401,F403,E402
+__all__ += _slstm.__all__

@@ -1,0 +1,479 @@
+// xLSTM's mLSTM cell (matrix memory, stabilised exponential gating) on the CPU, in the chunkwise-parallel form:
+// forward, backward and the decoding step, registered for the schemas python/tritium/ops/mlstm.py defines (the
+// recurrence, the specification, is there). Per (batch, head), with q already scaled, logf = logsigmoid(f):
+//
+//   m_t = max(logf_t + m_{t-1}, i_t);  C_t = e^{logf_t + m_{t-1} - m_t} C_{t-1} + e^{i_t - m_t} k_t v_t^T
+//   n_t likewise with k_t;             h_t = C_t^T q_t / (max(|n_t . q_t|, e^{-m_t}) + eps)
+//
+// Chunkwise: within a chunk of L steps (F_t the cumulative logf from the chunk's start, (C, n, m) the state before
+// it), D_ts = F_t - F_s + i_s (s <= t), m_t = max(F_t + m, max_s D_ts) (the recurrence's m_t exactly),
+//   num_t = g_t C^T q_t + sum_s P_ts v_s,  den_t = g_t n . q_t + sum_s P_ts,
+//   g_t = e^{F_t + m - m_t},  P_ts = e^{D_ts - m_t} (q_t . k_s),
+// and the state moves to the chunk's end by the same sums at t = L - 1 with its own maximum. The forward saves the
+// state before every chunk (and the final one): (B, H, nchunks + 1, DK, DV), n (.., DK), m (..). The backward walks
+// the chunks in reverse, recomputes one chunk from its saved state, and carries the adjoint (dC, dn) of the state
+// between chunks. m is a stabiliser: no gradient flows through it (as NX-AI's chunkwise kernels), and the output
+// does not depend on it but through eps.
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "vec.h"
+
+namespace tritium {
+namespace {
+
+template <typename A>
+inline A dotv(const A* a, const A* b, int64_t np) {
+  using Vec = Vectorized<A>;
+  Vec acc(0);
+  for (int64_t j = 0; j < np; j += Vec::size()) acc = at::vec::fmadd(Vec::loadu(a + j), Vec::loadu(b + j), acc);
+  return hsum(acc);
+}
+
+// y[0, np) += alpha x[0, np)
+template <typename A>
+inline void axpy(A alpha, const A* x, A* y, int64_t np) {
+  using Vec = Vectorized<A>;
+  const Vec av(alpha);
+  for (int64_t j = 0; j < np; j += Vec::size()) at::vec::fmadd(av, Vec::loadu(x + j), Vec::loadu(y + j)).store(y + j);
+}
+
+// a . b[0, n) accumulated in double (four chains): the scores q . k feed the normaliser den, whose cancellation
+// (q . k of either sign) the output's 1 / den amplifies
+template <typename A>
+inline double dot_wide(const A* a, const A* b, int64_t n) {
+  double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    s0 += double(a[j]) * b[j], s1 += double(a[j + 1]) * b[j + 1];
+    s2 += double(a[j + 2]) * b[j + 2], s3 += double(a[j + 3]) * b[j + 3];
+  }
+  for (; j < n; ++j) s0 += double(a[j]) * b[j];
+  return (s0 + s1) + (s2 + s3);
+}
+
+template <typename A>
+inline A log_sigmoid(A x) {
+  return std::min(x, A(0)) - std::log1p(std::exp(-std::abs(x)));
+}
+
+// The chunk's arithmetic type: double for float32 input (the chunkwise sums order the terms differently from the
+// recurrence, and the output's 1 / den amplifies their rounding where den cancels), float for 16-bit input, double
+// for double. The saved states stay in the accumulation type (float32; float64 for float64 input).
+template <typename T>
+using work_t = std::conditional_t<std::is_same_v<T, float>, double, acc_type<T>>;
+
+// dst[0, n) = src[0, n) in the work type
+template <typename T, typename A>
+inline void widen(const T* src, A* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<A, double>) {
+    for (int64_t j = 0; j < n; ++j) dst[j] = src[j];
+  } else {
+    to_acc(src, dst, n);
+  }
+}
+
+template <typename T>
+struct Mlstm {
+  using A = work_t<T>;
+  static constexpr int64_t W = Vectorized<A>::size();
+  int64_t B, H, L, DK, DV, DKP, DVP, C, nchunks;
+  A scale, eps;
+  const T *q, *k, *v, *i, *f;  // contiguous (B, H, T, DK|DV) and (B, H, T)
+
+  // One chunk's inputs and recomputed forward quantities (rows padded to DKP / DVP with zeros).
+  struct Buf {
+    std::vector<A> mem;
+    A *Q, *K, *V, *F, *I, *mt, *g, *E, *P, *num, *den, *z, *Di, *Ni, *w;
+    A G, mnew;
+  };
+
+  void alloc(Buf& b) const {
+    const int64_t n = C * (2 * DKP + 3 * DVP + 8) + 2 * C * C;
+    b.mem.assign(n, A(0));
+    A* p = b.mem.data();
+    auto take = [&](int64_t m) { A* r = p; p += m; return r; };
+    b.Q = take(C * DKP), b.K = take(C * DKP), b.V = take(C * DVP), b.num = take(C * DVP), b.Ni = take(C * DVP);
+    b.F = take(C), b.I = take(C), b.mt = take(C), b.g = take(C), b.den = take(C), b.z = take(C), b.Di = take(C);
+    b.w = take(C), b.E = take(C * C), b.P = take(C * C);
+  }
+
+  // the chunk [t0, t0 + n) of item (batch * H + head) from the state (S (DK, DVP), nv (DKP), m) before it
+  void chunk(Buf& b, int64_t item, int64_t t0, int64_t n, const A* S, const A* nv, A m) const {
+    const int64_t base = item * L + t0;
+    for (int64_t j = 0; j < n; ++j) {
+      A* qj = b.Q + j * DKP;
+      widen(q + (base + j) * DK, qj, DK);
+      for (int64_t d = 0; d < DK; ++d) qj[d] *= scale;
+      widen(k + (base + j) * DK, b.K + j * DKP, DK);
+      widen(v + (base + j) * DV, b.V + j * DVP, DV);
+      b.F[j] = (j ? b.F[j - 1] : A(0)) + log_sigmoid(static_cast<A>(f[base + j]));
+      b.I[j] = static_cast<A>(i[base + j]);
+    }
+    for (int64_t t = 0; t < n; ++t) {
+      A* Et = b.E + t * C;
+      A mx = b.F[t] + m;
+      for (int64_t s = 0; s <= t; ++s) Et[s] = b.F[t] - b.F[s] + b.I[s], mx = std::max(mx, Et[s]);
+      b.mt[t] = mx;
+      const A g = std::exp(b.F[t] + m - mx);
+      b.g[t] = g;
+      const A* qt = b.Q + t * DKP;
+      A* nt = b.num + t * DVP;
+      A* ni = b.Ni + t * DVP;
+      std::fill(ni, ni + DVP, A(0));
+      for (int64_t d = 0; d < DK; ++d) axpy(g * qt[d], S + d * DVP, ni, DVP);
+      const double di = double(g) * dot_wide(qt, nv, DK);
+      b.Di[t] = static_cast<A>(di);
+      std::copy(ni, ni + DVP, nt);
+      double den = di;
+      for (int64_t s = 0; s <= t; ++s) {
+        const A e = std::exp(Et[s] - mx);
+        Et[s] = e;
+        const double pd = double(e) * dot_wide(qt, b.K + s * DKP, DK);
+        const A p = static_cast<A>(pd);
+        b.P[t * C + s] = p;
+        den += pd;
+        axpy(p, b.V + s * DVP, nt, DVP);
+      }
+      b.den[t] = static_cast<A>(den);
+      b.z[t] = std::max(std::abs(b.den[t]), std::exp(-mx)) + eps;
+    }
+    // the move to the chunk's end: G for the state before, w_s for step s
+    const A FL = b.F[n - 1];
+    A mnew = FL + m;
+    for (int64_t s = 0; s < n; ++s) mnew = std::max(mnew, FL - b.F[s] + b.I[s]);
+    b.mnew = mnew, b.G = std::exp(FL + m - mnew);
+    for (int64_t s = 0; s < n; ++s) b.w[s] = std::exp(FL - b.F[s] + b.I[s] - mnew);
+  }
+
+  // S, nv <- the state at the chunk's end (after chunk())
+  void advance(const Buf& b, int64_t n, A* S, A* nv) const {
+    for (int64_t d = 0; d < DK; ++d) {
+      A* row = S + d * DVP;
+      for (int64_t j = 0; j < DVP; ++j) row[j] *= b.G;
+      for (int64_t s = 0; s < n; ++s) axpy(b.w[s] * b.K[s * DKP + d], b.V + s * DVP, row, DVP);
+    }
+    for (int64_t d = 0; d < DKP; ++d) nv[d] *= b.G;
+    for (int64_t s = 0; s < n; ++s) axpy(b.w[s], b.K + s * DKP, nv, DKP);
+  }
+
+  template <typename S_>
+  void load_state(const S_* src, A* S) const {
+    std::fill(S, S + DK * DVP, A(0));
+    for (int64_t d = 0; d < DK; ++d) std::copy(src + d * DV, src + d * DV + DV, S + d * DVP);
+  }
+  template <typename S_>
+  void store_state(const A* S, S_* dst) const {
+    for (int64_t d = 0; d < DK; ++d) std::copy(S + d * DVP, S + d * DVP + DV, dst + d * DV);
+  }
+};
+
+template <typename T>
+Mlstm<T> make_mlstm(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& i,
+                    const at::Tensor& f, double scale, double eps, int64_t chunk) {
+  using M = Mlstm<T>;
+  M s;
+  s.B = q.size(0), s.H = q.size(1), s.L = q.size(2), s.DK = q.size(3), s.DV = v.size(3);
+  s.DKP = (s.DK + M::W - 1) / M::W * M::W, s.DVP = (s.DV + M::W - 1) / M::W * M::W;
+  s.C = chunk, s.nchunks = (s.L + chunk - 1) / chunk;
+  s.scale = static_cast<work_t<T>>(scale), s.eps = static_cast<work_t<T>>(eps);
+  s.q = q.const_data_ptr<T>(), s.k = k.const_data_ptr<T>(), s.v = v.const_data_ptr<T>();
+  s.i = i.const_data_ptr<T>(), s.f = f.const_data_ptr<T>();
+  return s;
+}
+
+void check_mlstm(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& i,
+                 const at::Tensor& f, int64_t chunk) {
+  TORCH_CHECK(q.dim() == 4 && q.is_contiguous(), "q must be a contiguous (B, H, T, DK) tensor, got ", q.sizes());
+  TORCH_CHECK(k.sizes() == q.sizes() && k.is_contiguous() && k.scalar_type() == q.scalar_type(),
+              "k must be like q ", q.sizes(), ", got ", k.sizes(), " ", k.scalar_type());
+  TORCH_CHECK(v.dim() == 4 && v.size(0) == q.size(0) && v.size(1) == q.size(1) && v.size(2) == q.size(2) &&
+                  v.is_contiguous() && v.scalar_type() == q.scalar_type(),
+              "v must be a contiguous (B, H, T, DV) tensor like q, got ", v.sizes(), " ", v.scalar_type());
+  for (const auto* p : {&i, &f})
+    TORCH_CHECK(p->sizes() == q.sizes().slice(0, 3) && p->is_contiguous() && p->scalar_type() == q.scalar_type(),
+                "i and f must be contiguous (B, H, T) tensors like q, got ", p->sizes(), " ", p->scalar_type());
+  TORCH_CHECK(chunk > 0, "chunk must be positive, got ", chunk);
+}
+
+void check_state(const at::Tensor& q, const at::Tensor& v, const at::Tensor* C, const at::Tensor* n,
+                 const at::Tensor* m, const char* what) {
+  const auto acc = at::toOpMathType(q.scalar_type());
+  const int64_t B = q.size(0), H = q.size(1), DK = q.size(-1), DV = v.size(-1);
+  if (C)
+    TORCH_CHECK(C->sizes() == at::IntArrayRef({B, H, DK, DV}) && C->is_contiguous() && C->scalar_type() == acc,
+                what, " C must be a contiguous (B, H, DK, DV) ", acc, " tensor, got ", C->sizes(), " ",
+                C->scalar_type());
+  if (n)
+    TORCH_CHECK(n->sizes() == at::IntArrayRef({B, H, DK}) && n->is_contiguous() && n->scalar_type() == acc, what,
+                " n must be a contiguous (B, H, DK) ", acc, " tensor, got ", n->sizes(), " ", n->scalar_type());
+  if (m)
+    TORCH_CHECK(m->sizes() == at::IntArrayRef({B, H}) && m->is_contiguous() && m->scalar_type() == acc, what,
+                " m must be a contiguous (B, H) ", acc, " tensor, got ", m->sizes(), " ", m->scalar_type());
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// forward: one item = (batch, head)
+// ---------------------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlstm_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& i, const at::Tensor& f,
+    double scale, double eps, const c10::optional<at::Tensor>& C0, const c10::optional<at::Tensor>& n0,
+    const c10::optional<at::Tensor>& m0, int64_t chunk) {
+  check_mlstm(q, k, v, i, f, chunk);
+  TORCH_CHECK(C0.has_value() == n0.has_value() && C0.has_value() == m0.has_value(),
+              "the initial state's C, n and m must come together");
+  if (C0) check_state(q, v, &*C0, &*n0, &*m0, "initial_state");
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), DK = q.size(3), DV = v.size(3);
+  const int64_t nc = (L + chunk - 1) / chunk;
+  const auto acc = at::toOpMathType(q.scalar_type());
+  auto h = at::empty({B, H, L, DV}, q.options());
+  auto Cs = at::empty({B, H, nc + 1, DK, DV}, q.options().dtype(acc));
+  auto ns = at::empty({B, H, nc + 1, DK}, q.options().dtype(acc));
+  auto ms = at::empty({B, H, nc + 1}, q.options().dtype(acc));
+  TRITIUM_DISPATCH_FLOATING(q.scalar_type(), "tritium_mlstm_fwd", [&] {
+    using A = work_t<scalar_t>;
+    using S_ = acc_type<scalar_t>;
+    const auto s = make_mlstm<scalar_t>(q, k, v, i, f, scale, eps, chunk);
+    scalar_t* hp = h.mutable_data_ptr<scalar_t>();
+    S_ *cp = Cs.mutable_data_ptr<S_>(), *np = ns.mutable_data_ptr<S_>(), *mp = ms.mutable_data_ptr<S_>();
+    const S_ *c0 = C0 ? C0->const_data_ptr<S_>() : nullptr, *n0p = n0 ? n0->const_data_ptr<S_>() : nullptr;
+    const S_* m0p = m0 ? m0->const_data_ptr<S_>() : nullptr;
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      typename Mlstm<scalar_t>::Buf b;
+      s.alloc(b);
+      std::vector<A> S(DK * s.DVP), nv(s.DKP);
+      for (int64_t item = begin; item < end; ++item) {
+        std::fill(S.begin(), S.end(), A(0));
+        std::fill(nv.begin(), nv.end(), A(0));
+        A m = 0;
+        if (c0) {
+          s.load_state(c0 + item * DK * DV, S.data());
+          std::copy(n0p + item * DK, n0p + item * DK + DK, nv.begin());
+          m = m0p[item];
+        }
+        for (int64_t c = 0; c <= nc; ++c) {
+          s.store_state(S.data(), cp + (item * (nc + 1) + c) * DK * DV);
+          std::copy(nv.begin(), nv.begin() + DK, np + (item * (nc + 1) + c) * DK);
+          mp[item * (nc + 1) + c] = static_cast<S_>(m);
+          if (c == nc) break;
+          const int64_t t0 = c * chunk, n = std::min(chunk, L - t0);
+          s.chunk(b, item, t0, n, S.data(), nv.data(), m);
+          for (int64_t t = 0; t < n; ++t) {
+            scalar_t* o = hp + (item * L + t0 + t) * DV;
+            const A rz = A(1) / b.z[t];
+            for (int64_t j = 0; j < DV; ++j) o[j] = static_cast<scalar_t>(b.num[t * s.DVP + j] * rz);
+          }
+          s.advance(b, n, S.data(), nv.data());
+          m = b.mnew;
+        }
+      }
+    });
+  });
+  return {h, Cs, ns, ms};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// backward: chunks in reverse, each recomputed from the state saved before it; (dC, dn) the adjoint of the state
+// at the chunk's end (dCT, dnT after the last chunk), carried to the chunk's start
+// ---------------------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlstm_bwd(
+    const at::Tensor& dh, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& i,
+    const at::Tensor& f, double scale, double eps, const at::Tensor& Cs, const at::Tensor& ns, const at::Tensor& ms,
+    int64_t chunk, const c10::optional<at::Tensor>& dCT, const c10::optional<at::Tensor>& dnT) {
+  check_mlstm(q, k, v, i, f, chunk);
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), DK = q.size(3), DV = v.size(3);
+  const int64_t nc = (L + chunk - 1) / chunk;
+  const auto acc = at::toOpMathType(q.scalar_type());
+  TORCH_CHECK(dh.sizes() == v.sizes() && dh.is_contiguous() && dh.scalar_type() == q.scalar_type(),
+              "dh must be a contiguous tensor like v ", v.sizes(), ", got ", dh.sizes(), " ", dh.scalar_type());
+  TORCH_CHECK(Cs.sizes() == at::IntArrayRef({B, H, nc + 1, DK, DV}) && Cs.is_contiguous() && Cs.scalar_type() == acc &&
+                  ns.sizes() == at::IntArrayRef({B, H, nc + 1, DK}) && ns.is_contiguous() &&
+                  ns.scalar_type() == acc && ms.sizes() == at::IntArrayRef({B, H, nc + 1}) &&
+                  ms.is_contiguous() && ms.scalar_type() == acc,
+              "Cs, ns and ms must be the forward's states, got ", Cs.sizes(), ", ", ns.sizes(), ", ", ms.sizes());
+  check_state(q, v, dCT ? &*dCT : nullptr, dnT ? &*dnT : nullptr, nullptr, "the final state's gradient");
+  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  auto di = at::empty_like(i), df = at::empty_like(f);
+  auto dC0 = at::empty({B, H, DK, DV}, q.options().dtype(acc));
+  auto dn0 = at::empty({B, H, DK}, q.options().dtype(acc));
+  TRITIUM_DISPATCH_FLOATING(q.scalar_type(), "tritium_mlstm_bwd", [&] {
+    using T = scalar_t;
+    using A = work_t<T>;
+    using S_ = acc_type<T>;
+    const auto s = make_mlstm<T>(q, k, v, i, f, scale, eps, chunk);
+    const int64_t DKP = s.DKP, DVP = s.DVP, C = chunk;
+    const T* dhp = dh.const_data_ptr<T>();
+    const S_ *cp = Cs.const_data_ptr<S_>(), *np = ns.const_data_ptr<S_>(), *mp = ms.const_data_ptr<S_>();
+    const S_ *dct = dCT ? dCT->const_data_ptr<S_>() : nullptr, *dnt = dnT ? dnT->const_data_ptr<S_>() : nullptr;
+    T *dqp = dq.mutable_data_ptr<T>(), *dkp = dk.mutable_data_ptr<T>(), *dvp = dv.mutable_data_ptr<T>();
+    T *dip = di.mutable_data_ptr<T>(), *dfp = df.mutable_data_ptr<T>();
+    S_ *dc0 = dC0.mutable_data_ptr<S_>(), *dn0p = dn0.mutable_data_ptr<S_>();
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      typename Mlstm<T>::Buf b;
+      s.alloc(b);
+      std::vector<A> S(DK * DVP), nv(DKP), dC(DK * DVP), dn(DKP), dCa(DK * DVP), dna(DKP);
+      std::vector<A> dQ(C * DKP), dK(C * DKP), dV(C * DVP), dnum(C * DVP), dden(C), dF(C), dI(C), tmp(DKP), dhb(DVP);
+      for (int64_t item = begin; item < end; ++item) {
+        std::fill(dC.begin(), dC.end(), A(0));
+        std::fill(dn.begin(), dn.end(), A(0));
+        if (dct) s.load_state(dct + item * DK * DV, dC.data());
+        if (dnt) std::copy(dnt + item * DK, dnt + item * DK + DK, dn.begin());
+        for (int64_t c = nc - 1; c >= 0; --c) {
+          const int64_t t0 = c * chunk, n = std::min(chunk, L - t0);
+          s.load_state(cp + (item * (nc + 1) + c) * DK * DV, S.data());
+          std::fill(nv.begin(), nv.end(), A(0));
+          std::copy(np + (item * (nc + 1) + c) * DK, np + (item * (nc + 1) + c) * DK + DK, nv.begin());
+          const A m = mp[item * (nc + 1) + c];
+          s.chunk(b, item, t0, n, S.data(), nv.data(), m);
+          std::fill(dQ.begin(), dQ.end(), A(0));
+          std::fill(dK.begin(), dK.end(), A(0));
+          std::fill(dV.begin(), dV.end(), A(0));
+          std::fill(dF.begin(), dF.end(), A(0));
+          std::fill(dI.begin(), dI.end(), A(0));
+          std::fill(dCa.begin(), dCa.end(), A(0));
+          std::fill(dna.begin(), dna.end(), A(0));
+          // the output's adjoint: h = num / z, z = max(|den|, e^{-m_t}) + eps
+          for (int64_t t = 0; t < n; ++t) {
+            std::fill(dhb.begin(), dhb.end(), A(0));
+            widen(dhp + (item * L + t0 + t) * DV, dhb.data(), DV);
+            const A z = b.z[t], den = b.den[t];
+            A* dnt_ = dnum.data() + t * DVP;
+            for (int64_t j = 0; j < DVP; ++j) dnt_[j] = dhb[j] / z;
+            const A dz = -dotv(dhb.data(), b.num + t * DVP, DVP) / (z * z);
+            dden[t] = std::abs(den) >= std::exp(-b.mt[t]) ? (den >= 0 ? dz : -dz) : A(0);
+          }
+          // within the chunk
+          for (int64_t t = 0; t < n; ++t) {
+            const A* dnt_ = dnum.data() + t * DVP;
+            const A* Qt = b.Q + t * DKP;
+            for (int64_t s_ = 0; s_ <= t; ++s_) {
+              const A dP = dotv(dnt_, b.V + s_ * DVP, DVP) + dden[t];
+              const A p = b.P[t * C + s_];
+              const A dS = dP * b.E[t * C + s_];
+              axpy(dS, b.K + s_ * DKP, dQ.data() + t * DKP, DKP);
+              axpy(dS, Qt, dK.data() + s_ * DKP, DKP);
+              axpy(p, dnt_, dV.data() + s_ * DVP, DVP);
+              const A dD = dP * p;
+              dI[s_] += dD, dF[t] += dD, dF[s_] -= dD;
+            }
+            // the state before the chunk: g_t (C^T q_t, n . q_t)
+            const A g = b.g[t];
+            A* dQt = dQ.data() + t * DKP;
+            for (int64_t d = 0; d < DK; ++d) dQt[d] += g * (dotv(S.data() + d * DVP, dnt_, DVP) + dden[t] * nv[d]);
+            dF[t] += dotv(dnt_, b.Ni + t * DVP, DVP) + dden[t] * b.Di[t];
+            for (int64_t d = 0; d < DK; ++d) axpy(g * Qt[d], dnt_, dCa.data() + d * DVP, DVP);
+            axpy(g * dden[t], Qt, dna.data(), DKP);
+          }
+          // the move to the chunk's end: C' = G C + sum_s w_s k_s v_s^T, n' = G n + sum_s w_s k_s
+          A cc = dotv(dn.data(), nv.data(), DKP);
+          for (int64_t d = 0; d < DK; ++d) cc += dotv(dC.data() + d * DVP, S.data() + d * DVP, DVP);
+          A dFL = b.G * cc;
+          for (int64_t s_ = 0; s_ < n; ++s_) {
+            const A* Ks = b.K + s_ * DKP;
+            const A* Vs = b.V + s_ * DVP;
+            std::fill(tmp.begin(), tmp.end(), A(0));
+            for (int64_t d = 0; d < DK; ++d) tmp[d] = dotv(dC.data() + d * DVP, Vs, DVP);
+            const A w = b.w[s_];
+            const A da = w * (dotv(Ks, tmp.data(), DKP) + dotv(dn.data(), Ks, DKP));
+            for (int64_t d = 0; d < DKP; ++d) dK[s_ * DKP + d] += w * (tmp[d] + dn[d]);
+            for (int64_t d = 0; d < DK; ++d) axpy(w * Ks[d], dC.data() + d * DVP, dV.data() + s_ * DVP, DVP);
+            dI[s_] += da, dFL += da, dF[s_] -= da;
+          }
+          dF[n - 1] += dFL;
+          for (int64_t j = 0; j < DK * DVP; ++j) dC[j] = b.G * dC[j] + dCa[j];
+          for (int64_t j = 0; j < DKP; ++j) dn[j] = b.G * dn[j] + dna[j];
+          // F_t = sum_{r <= t} logf_r: dlogf_r = sum_{t >= r} dF_t; dlogsigmoid(f) / df = sigmoid(-f)
+          A run = 0;
+          for (int64_t t = n - 1; t >= 0; --t) {
+            run += dF[t];
+            const int64_t at_ = item * L + t0 + t;
+            const A fv = static_cast<A>(s.f[at_]);
+            dfp[at_] = static_cast<T>(run / (A(1) + std::exp(fv)));
+            dip[at_] = static_cast<T>(dI[t]);
+            for (int64_t d = 0; d < DK; ++d) {
+              dqp[at_ * DK + d] = static_cast<T>(dQ[t * DKP + d] * s.scale);
+              dkp[at_ * DK + d] = static_cast<T>(dK[t * DKP + d]);
+            }
+            for (int64_t j = 0; j < DV; ++j) dvp[at_ * DV + j] = static_cast<T>(dV[t * DVP + j]);
+          }
+        }
+        s.store_state(dC.data(), dc0 + item * DK * DV);
+        std::copy(dn.begin(), dn.begin() + DK, dn0p + item * DK);
+      }
+    });
+  });
+  return {dq, dk, dv, di, df, dC0, dn0};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// the decoding step: q, k (B, H, DK), v (B, H, DV), i, f (B, H); the state (C, n, m) in, the new one out
+// ---------------------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlstm_step(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& i, const at::Tensor& f,
+    const at::Tensor& C, const at::Tensor& n, const at::Tensor& m, double scale, double eps) {
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q must be a contiguous (B, H, DK) tensor, got ", q.sizes());
+  TORCH_CHECK(k.sizes() == q.sizes() && k.is_contiguous() && k.scalar_type() == q.scalar_type(),
+              "k must be like q ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(v.dim() == 3 && v.size(0) == q.size(0) && v.size(1) == q.size(1) && v.is_contiguous() &&
+                  v.scalar_type() == q.scalar_type(),
+              "v must be a contiguous (B, H, DV) tensor like q, got ", v.sizes());
+  for (const auto* p : {&i, &f})
+    TORCH_CHECK(p->sizes() == q.sizes().slice(0, 2) && p->is_contiguous() && p->scalar_type() == q.scalar_type(),
+                "i and f must be contiguous (B, H) tensors like q, got ", p->sizes());
+  check_state(q, v, &C, &n, &m, "state");
+  const int64_t B = q.size(0), H = q.size(1), DK = q.size(2), DV = v.size(2);
+  auto h = at::empty({B, H, DV}, q.options());
+  auto C1 = at::empty_like(C), n1 = at::empty_like(n), m1 = at::empty_like(m);
+  TRITIUM_DISPATCH_FLOATING(q.scalar_type(), "tritium_mlstm_step", [&] {
+    using T = scalar_t;
+    using A = acc_type<T>;
+    using Vec = Vectorized<A>;
+    constexpr int64_t W = Vec::size();
+    const T *qp = q.const_data_ptr<T>(), *kp = k.const_data_ptr<T>(), *vp = v.const_data_ptr<T>();
+    const T *ip = i.const_data_ptr<T>(), *fp = f.const_data_ptr<T>();
+    const A *Cp = C.const_data_ptr<A>(), *np = n.const_data_ptr<A>(), *mp = m.const_data_ptr<A>();
+    T* hp = h.mutable_data_ptr<T>();
+    A *C1p = C1.mutable_data_ptr<A>(), *n1p = n1.mutable_data_ptr<A>(), *m1p = m1.mutable_data_ptr<A>();
+    const int64_t DVP = (DV + W - 1) / W * W;
+    at::parallel_for(0, B * H, std::max<int64_t>(1, 16384 / std::max<int64_t>(DK * DV, 1)), [&](int64_t b0, int64_t b1) {
+      std::vector<A> qa(DK), ka(DK), va(DVP, A(0)), num(DVP), row(DVP, A(0));
+      for (int64_t it = b0; it < b1; ++it) {
+        to_acc(qp + it * DK, qa.data(), DK);
+        to_acc(kp + it * DK, ka.data(), DK);
+        to_acc(vp + it * DV, va.data(), DV);
+        const A lf = log_sigmoid(static_cast<A>(fp[it])), iv = static_cast<A>(ip[it]), mo = mp[it];
+        const A mn = std::max(lf + mo, iv), fg = std::exp(lf + mo - mn), ig = std::exp(iv - mn);
+        std::fill(num.begin(), num.end(), A(0));
+        A den = 0;
+        for (int64_t d = 0; d < DK; ++d) {
+          std::copy(Cp + (it * DK + d) * DV, Cp + (it * DK + d) * DV + DV, row.begin());
+          const A kd = ig * ka[d];
+          for (int64_t j = 0; j < DVP; j += W)
+            at::vec::fmadd(Vec(fg), Vec::loadu(row.data() + j), Vec(kd) * Vec::loadu(va.data() + j)).store(row.data() + j);
+          std::copy(row.begin(), row.begin() + DV, C1p + (it * DK + d) * DV);
+          const A qd = qa[d] * static_cast<A>(scale);
+          axpy(qd, row.data(), num.data(), DVP);
+          const A nn = fg * np[it * DK + d] + kd;
+          n1p[it * DK + d] = nn;
+          den += qd * nn;
+        }
+        m1p[it] = mn;
+        const A z = std::max(std::abs(den), std::exp(-mn)) + static_cast<A>(eps);
+        for (int64_t j = 0; j < DV; ++j) hp[it * DV + j] = static_cast<T>(num[j] / z);
+      }
+    });
+  });
+  return {h, C1, n1, m1};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tritium, CPU, m) {
+  m.impl("mlstm_fwd", &mlstm_fwd);
+  m.impl("mlstm_bwd", &mlstm_bwd);
+  m.impl("mlstm_step", &mlstm_step);
+}
+
+}  // namespace tritium
