@@ -1,4 +1,4 @@
-"""tritium train --model mamba|rwkv|gpt: the byte-level LM recipe on the standard library's sources (the
+"""tritium train --model mamba|rwkv|xlstm|gpt: the byte-level LM recipe on the standard library's sources (the
 corpus split, a tiny configuration trained for a few steps through the command line: the loss falls and the
 held-out bits per byte are reported)."""
 from __future__ import annotations
@@ -43,7 +43,7 @@ def test_bits_per_byte_of_a_uniform_model_is_eight():
     assert train_lm.bits_per_byte(Uniform(), data, 16, 10) == pytest.approx(8.0, rel=1e-6)
 
 
-@pytest.mark.parametrize("model", ["mamba", "rwkv"])
+@pytest.mark.parametrize("model", ["mamba", "rwkv", "xlstm"])
 def test_tiny_training_run_lowers_the_loss_and_reports_bits_per_byte(model, tmp_path, capsys):
     out = tmp_path / "run.json"
     rc = cli_main(["train", "--model", model, "--size", "tiny", "--steps", "40", "--batch", "8", "--context", "64",

@@ -1,4 +1,4 @@
-"""Train the byte LMs of ``tritium train`` (mamba, rwkv, gpt) at their default recipe and record their held-out
+"""Train the byte LMs of ``tritium train`` (mamba, rwkv, xlstm, gpt) at their default recipe and record their held-out
 curves: bench/results/train-lm-<machine kind>.json (every run's result, curve included) and a PNG of bits per
 byte against step.
 
@@ -14,6 +14,7 @@ from tritium.bench.common import machine_info
 from tritium.cli.train_lm import LM_MODELS, train
 
 LABELS = {"mamba": "Mamba (tritium.models.ssm)", "rwkv": "RWKV-7 (tritium.models.rwkv)",
+          "xlstm": "xLSTM, mLSTM blocks (tritium.models.xlstm)",
           "gpt": "causal Transformer (classic blocks)"}
 
 

@@ -96,7 +96,7 @@ several-fold, so read the ratios as orders of magnitude.
 """
 
 TRAIN_LM_PROSE = """\
-Held-out bits per byte against the optimizer step of `tritium train --model mamba|rwkv|gpt` (the tritium models,
+Held-out bits per byte against the optimizer step of `tritium train --model mamba|rwkv|xlstm|gpt` (the tritium models,
 the default recipe: 200 steps of 16 x 128 bytes of the standard library's sources, every 20th file held out);
 `gpt` is a causal pre-norm Transformer from tritium.models.classic's blocks of about the same size.
 """

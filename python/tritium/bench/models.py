@@ -6,9 +6,10 @@
 - encoder, vit (batch 32, seq 197, dim 384, 6 layers, 6 heads): the tritium model vs its plain-PyTorch twin
   (every row of every block, as plain PyTorch models are written), and vs the twin with tritium's pruning of the
   last block to the [CLS] row (the same work in torch ops: the kernels' share of the lead).
-- mamba, rwkv: one training step (forward, backward, gradient clipping, AdamW) of the byte LM at ``tritium train``'s
-  default configuration (tritium.cli.train_lm: batch 16, context 128, about 2M parameters), the tritium model
-  vs its plain-PyTorch twin (mamba_ssm's reference scan and conv; the naive RWKV-7 recurrence).
+- mamba, rwkv, xlstm: one training step (forward, backward, gradient clipping, AdamW) of the byte LM at
+  ``tritium train``'s default configuration (tritium.cli.train_lm: batch 16, context 128, about 2M parameters),
+  the tritium model vs its plain-PyTorch twin (mamba_ssm's reference scan and conv; the naive RWKV-7 recurrence;
+  the mLSTM recurrence step by step).
 - siamese, gan (issue 26's zoo, tritium.models.zoo): one training step (forward, backward, optimizer step) at the
   recipe's batch of 64 digits (8x8): the Siamese CNN on 64 same-class pairs (2 x 64 images, InfoNCE, AdamW),
   the GAN's discriminator then generator step (non-saturating BCE, Adam); the tritium model vs its twin.
@@ -35,13 +36,13 @@ from torch import Tensor
 
 from .common import machine_info, time_fn, write_json
 
-MODELS = ("lstm", "gru", "rnn", "encoder", "vit", "mamba", "rwkv")
+MODELS = ("lstm", "gru", "rnn", "encoder", "vit", "mamba", "rwkv", "xlstm")
 RNNS = ("lstm", "gru", "rnn")
 ZOO = ("siamese", "gan", "gcn", "gat", "kan", "wavenet")
 MODELS += ZOO
 GEN = ("ddpm", "flow", "seq2seq")
 MODELS += GEN
-LMS = ("mamba", "rwkv")
+LMS = ("mamba", "rwkv", "xlstm")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

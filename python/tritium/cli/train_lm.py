@@ -1,4 +1,4 @@
-"""``tritium train --model mamba|rwkv|gpt``: a byte-level language model trained on the Python standard
+"""``tritium train --model mamba|rwkv|xlstm|gpt``: a byte-level language model trained on the Python standard
 library's own source files (every machine with Python has them), reporting bits per byte on a held-out split.
 
 The corpus: every ``*.py`` file under ``sysconfig.get_paths()["stdlib"]`` (site-packages excluded), in sorted
@@ -8,9 +8,9 @@ cross-entropy over ``eval_windows`` fixed windows spread evenly over the held-ou
 bits per byte, since a token is a byte.
 
 The models (``build``) are of similar size (about 2M parameters at the default ``--size small``):
-tritium.models.ssm.MambaLM, tritium.models.rwkv.RWKV7LM, and a causal pre-norm Transformer built from
-tritium.models.classic's encoder blocks with a causal mask (``gpt``: ``CausalTransformerLM``). ``--impl torch`` trains
-the plain-PyTorch twin.
+tritium.models.ssm.MambaLM, tritium.models.rwkv.RWKV7LM, tritium.models.xlstm.XLSTMLM (mLSTM blocks), and a
+causal pre-norm Transformer built from tritium.models.classic's encoder blocks with a causal mask (``gpt``:
+``CausalTransformerLM``). ``--impl torch`` trains the plain-PyTorch twin.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..optim import warmup_cosine
 from .errors import ArgumentParser, number
 
-LM_MODELS = ("mamba", "rwkv", "gpt")
+LM_MODELS = ("mamba", "rwkv", "xlstm", "gpt")
 IMPLS = ("tritium", "torch")
 HELD_OUT_EVERY = 20
 VOCAB = 256   # bytes
@@ -49,6 +49,7 @@ class LMRecipe:
 RECIPES: Dict[str, LMRecipe] = {
     "mamba": LMRecipe(),
     "rwkv": LMRecipe(lr=1e-3),
+    "xlstm": LMRecipe(lr=1e-3),
     "gpt": LMRecipe(lr=1e-3),
 }
 
@@ -129,11 +130,12 @@ class CausalTransformerLM(nn.Module):
         return x @ self.tok.weight.t()
 
 
-# per model and size: MambaLM (d_model, n_layer), RWKV7LM (d_model, n_layer, head_size), the Transformer (dim,
+# per model and size: MambaLM (d_model, n_layer), RWKV7LM (d_model, n_layer, head_size), XLSTMLM (d_model,
+# n_layer, n_head), the Transformer (dim,
 # depth, heads); "small" (the default) is about 2M parameters each, "tiny" is for tests and quick looks
 SIZES: Dict[str, Dict[str, tuple]] = {
-    "small": {"mamba": (256, 4), "rwkv": (192, 4, 32), "gpt": (192, 4, 6)},
-    "tiny": {"mamba": (64, 2), "rwkv": (64, 2, 16), "gpt": (64, 2, 4)},
+    "small": {"mamba": (256, 4), "rwkv": (192, 4, 32), "xlstm": (192, 4, 4), "gpt": (192, 4, 6)},
+    "tiny": {"mamba": (64, 2), "rwkv": (64, 2, 16), "xlstm": (64, 2, 2), "gpt": (64, 2, 4)},
 }
 
 
@@ -153,6 +155,10 @@ def build(name: str, impl: str = "tritium", context: int = 128, size: str = "sma
 
         return RWKV7LM(RWKV7Config(vocab_size=VOCAB, d_model=dims[0], n_layer=dims[1], head_size=dims[2]),
                        impl=impl)
+    if name == "xlstm":
+        from ..models.xlstm import XLSTMConfig, XLSTMLM
+
+        return XLSTMLM(XLSTMConfig(vocab_size=VOCAB, d_model=dims[0], n_layer=dims[1], n_head=dims[2]), impl=impl)
     return CausalTransformerLM(VOCAB, context, *dims, impl=impl)
 
 

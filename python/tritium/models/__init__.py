@@ -17,6 +17,7 @@ import torch
 from .llama import CONFIGS, Llama, LlamaConfig, StepInput, build  # noqa: F401
 from .ssm import MambaConfig, MambaLM, MambaState  # noqa: F401  (Mamba-1: tritium.models.ssm)
 from .rwkv import RWKV7Config, RWKV7LM, RWKV7State  # noqa: F401  (RWKV-7: tritium.models.rwkv)
+from .xlstm import XLSTMConfig, XLSTMLM, XLSTMState  # noqa: F401  (xLSTM: tritium.models.xlstm)
 
 
 WEIGHT_MODES = ("float", "native", "int8", "int4")

@@ -1,0 +1,57 @@
+"""Benchmarks of xLSTM's mLSTM cell (tritium.mlstm, the chunkwise kernels) against the step-by-step recurrence
+(tritium.ops.mlstm.mlstm_reference: the stabilised recurrent form in torch ops, a loop over time) eager and
+compiled. Shapes are (B, T, H, D) with q, k, v (B, H, T, D) (DK = DV = D) and the gate preactivations i, f (B, H, T)
+(input gates N(0, 1), forget gates around sigmoid(1.5))."""
+import torch
+
+import tritium
+from tritium.bench.case import OpCase, esize
+from tritium.ops.mlstm import mlstm_reference
+
+
+def _inputs(shape, dtype, device):
+    B, T, H, D = shape
+
+    def rn(*s):
+        return torch.randn(*s, device=device)
+
+    t = (rn(B, H, T, D), rn(B, H, T, D), rn(B, H, T, D), rn(B, H, T), 1.5 + rn(B, H, T))
+    return tuple(x.to(dtype) for x in t)
+
+
+def _tritium(q, k, v, i, f):
+    return tritium.mlstm(q, k, v, i, f)[0]
+
+
+def _eager(q, k, v, i, f):
+    return mlstm_reference(q, k, v, i, f)[0]
+
+
+def _bytes_fwd(s, d):  # read q, k, v, i, f; write h
+    B, T, H, D = s
+    return (4 * D + 2) * B * T * H * esize(d)
+
+
+def _bytes_fwdbwd(s, d):  # + read dh and the inputs again (recompute); write five gradients
+    B, T, H, D = s
+    return (4 * D + 2 + 9 * D + 4) * B * T * H * esize(d)
+
+
+# per (batch, head) and chunk of L = 64 steps: the (L, L) scores and their use against v (4 L^2 D), the state's
+# share (4 L D^2) and its move to the chunk's end (2 L D^2); the backward recomputes the forward and runs about twice
+# its products
+def _flops_fwd(s, d):
+    B, T, H, D = s
+    L = min(64, T)
+    return B * H * T * (4 * L * D + 6 * D * D)
+
+
+def _flops_fwdbwd(s, d):
+    return 4 * _flops_fwd(s, d)
+
+
+CASES = [
+    OpCase("mlstm", _inputs, _tritium, _eager, _bytes_fwd, _bytes_fwdbwd, flops_fwd=_flops_fwd,
+           flops_fwdbwd=_flops_fwdbwd, shapes=((8, 1024, 8, 64), (8, 128, 8, 64)), dtypes=(torch.float32,),
+           note="xLSTM's mLSTM cell, chunkwise (tritium.mlstm) vs the recurrence (tritium.ops.mlstm.mlstm_reference)"),
+]
