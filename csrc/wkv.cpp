@@ -36,16 +36,22 @@ Seq4<T> seq4(const at::Tensor& t) {
   return {t.const_data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
 }
 
+// The sizes of a wkv call (either version) and the state's layout: (K, VP) rows padded to the vector width.
 template <typename T>
-struct Wkv {
+struct WkvDims {
   using A = acc_type<T>;
   using Vec = Vectorized<A>;
   static constexpr int64_t W = Vec::size();
   int64_t B, L, H, K, V, VP, KP, C, nchunks;
   A scale;
-  Seq4<T> r, w, k, v, a, b;
   const A* h0;  // (B, H, K, V) contiguous, or null (a zero initial state)
 
+  void set(int64_t B_, int64_t L_, int64_t H_, int64_t K_, int64_t V_, double scale_, const A* h0_, int64_t chunk) {
+    B = B_, L = L_, H = H_, K = K_, V = V_;
+    VP = (V + W - 1) / W * W, KP = (K + W - 1) / W * W;
+    C = chunk, nchunks = (L + chunk - 1) / chunk;
+    scale = static_cast<A>(scale_), h0 = h0_;
+  }
   // dst[0, n) = src[0, n) in A, zeros in [n, npad)
   static void load(const T* src, A* dst, int64_t n, int64_t npad) {
     to_acc(src, dst, n);
@@ -61,6 +67,17 @@ struct Wkv {
     for (int64_t i = 0; i < K; ++i) std::copy(S + i * VP, S + i * VP + V, dst + i * V);
   }
 };
+
+template <typename T>
+struct Wkv : WkvDims<T> {
+  Seq4<T> r, w, k, v, a, b;
+};
+
+// the (B, H, D) operands of a decoding step as (B, 1, H, D) sequences of one step
+template <typename T>
+Seq4<T> step_seq(const at::Tensor& t) {
+  return {t.const_data_ptr<T>(), t.stride(0), 0, t.stride(1)};
+}
 
 // S^T a over the rows of a (K, VP) state into sa (VP)
 template <typename A>
@@ -166,15 +183,57 @@ Wkv<T> make_wkv(const at::Tensor& r, const at::Tensor& w, const at::Tensor& k, c
                 const at::Tensor& a, const at::Tensor& b, double scale, const c10::optional<at::Tensor>& h0,
                 int64_t chunk) {
   Wkv<T> s;
-  s.B = r.size(0), s.L = r.size(1), s.H = r.size(2), s.K = r.size(3), s.V = v.size(3);
-  s.VP = (s.V + Wkv<T>::W - 1) / Wkv<T>::W * Wkv<T>::W;
-  s.KP = (s.K + Wkv<T>::W - 1) / Wkv<T>::W * Wkv<T>::W;
-  s.C = chunk, s.nchunks = (s.L + chunk - 1) / chunk;
-  s.scale = static_cast<acc_type<T>>(scale);
+  s.set(r.size(0), r.size(1), r.size(2), r.size(3), v.size(3), scale, h0 ? h0->const_data_ptr<acc_type<T>>() : nullptr,
+        chunk);
   s.r = seq4<T>(r), s.w = seq4<T>(w), s.k = seq4<T>(k), s.v = seq4<T>(v), s.a = seq4<T>(a), s.b = seq4<T>(b);
-  s.h0 = h0 ? h0->const_data_ptr<acc_type<T>>() : nullptr;
   return s;
 }
+
+// the backward's own arguments (both versions): dout like v, the forward's states, dht
+void check_wkv_bwd(const at::Tensor& dout, const at::Tensor& r, const at::Tensor& v, int64_t chunk,
+                   const at::Tensor& states, const c10::optional<at::Tensor>& dht) {
+  const int64_t B = r.size(0), L = r.size(1), H = r.size(2), K = r.size(3), V = v.size(3);
+  const int64_t nchunks = (L + chunk - 1) / chunk;
+  const auto acc = at::toOpMathType(r.scalar_type());
+  TORCH_CHECK(dout.sizes() == v.sizes() && dout.stride(3) == 1 && dout.scalar_type() == r.scalar_type(),
+              "dout must be like v ", v.sizes(), " with a unit last stride, got ", dout.sizes());
+  TORCH_CHECK(states.sizes() == at::IntArrayRef({B, H, nchunks, K, V}) && states.is_contiguous() &&
+                  states.scalar_type() == acc,
+              "states must be the forward's (", B, ", ", H, ", ", nchunks, ", ", K, ", ", V, "), got ",
+              states.sizes());
+  if (dht)
+    TORCH_CHECK(dht->sizes() == at::IntArrayRef({B, H, K, V}) && dht->is_contiguous() && dht->scalar_type() == acc,
+                "dht must be a contiguous (", B, ", ", H, ", ", K, ", ", V, ") ", acc, " tensor, got ", dht->sizes());
+}
+
+// a decoding step's arguments (both versions): r and the others (B, H, K), v (B, H, V), the carried state
+void check_wkv_step(const at::Tensor& state, const at::Tensor& r, std::initializer_list<const at::Tensor*> like_r,
+                    const char* names, const at::Tensor& v) {
+  TORCH_CHECK(r.dim() == 3 && r.stride(2) == 1, "r must be (B, H, K) with a unit K stride, got ", r.sizes());
+  for (const auto* p : like_r)
+    TORCH_CHECK(p->sizes() == r.sizes() && p->stride(2) == 1 && p->scalar_type() == r.scalar_type(), names,
+                " must be like r ", r.sizes(), ", got ", p->sizes(), " ", p->scalar_type());
+  TORCH_CHECK(v.dim() == 3 && v.size(0) == r.size(0) && v.size(1) == r.size(1) && v.stride(2) == 1 &&
+                  v.scalar_type() == r.scalar_type(),
+              "v must be (B, H, V) like r, got ", v.sizes());
+  const auto acc = at::toOpMathType(r.scalar_type());
+  TORCH_CHECK(state.sizes() == at::IntArrayRef({r.size(0), r.size(1), r.size(2), v.size(2)}) &&
+                  state.is_contiguous() && state.scalar_type() == acc,
+              "state must be a contiguous (B, H, K, V) ", acc, " tensor, got ", state.sizes(), " ",
+              state.scalar_type());
+}
+
+// item(i / H, i % H, buf) for every (batch, head) i, a scratch vector per thread
+template <typename A, typename F>
+void for_items(int64_t B, int64_t H, int64_t grain, const F& item) {
+  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
+    std::vector<A> buf;
+    for (int64_t i = begin; i < end; ++i) item(i / H, i % H, buf);
+  });
+}
+
+// a decoding step's items: as many as 16384 state elements a task
+inline int64_t step_grain(int64_t K, int64_t V) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(K * V, 1)); }
 
 void check_wkv(const at::Tensor& r, const at::Tensor& w, const at::Tensor& k, const at::Tensor& v,
                const at::Tensor& a, const at::Tensor& b, const c10::optional<at::Tensor>& h0, int64_t chunk) {
@@ -239,10 +298,7 @@ std::tuple<at::Tensor, at::Tensor> wkv7_fwd(const at::Tensor& r, const at::Tenso
     const auto s = make_wkv<scalar_t>(r, w, k, v, a, b, scale, h0, chunk);
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     auto* st = states.mutable_data_ptr<acc_type<scalar_t>>();
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_type<scalar_t>> buf;
-      for (int64_t i = begin; i < end; ++i) wkv_fwd_item(s, i / H, i % H, o, st, buf);
-    });
+    for_items<acc_type<scalar_t>>(B, H, 1, [&](int64_t bi, int64_t h, auto& buf) { wkv_fwd_item(s, bi, h, o, st, buf); });
   });
   return {out, states};
 }
@@ -386,18 +442,9 @@ wkv7_bwd(const at::Tensor& dout, const at::Tensor& r, const at::Tensor& w, const
          const at::Tensor& a, const at::Tensor& b, double scale, const c10::optional<at::Tensor>& h0, int64_t chunk,
          const at::Tensor& states, const c10::optional<at::Tensor>& dht) {
   check_wkv(r, w, k, v, a, b, h0, chunk);
+  check_wkv_bwd(dout, r, v, chunk, states, dht);
   const int64_t B = r.size(0), L = r.size(1), H = r.size(2), K = r.size(3), V = v.size(3);
-  const int64_t nchunks = (L + chunk - 1) / chunk;
   const auto acc = at::toOpMathType(r.scalar_type());
-  TORCH_CHECK(dout.sizes() == v.sizes() && dout.stride(3) == 1 && dout.scalar_type() == r.scalar_type(),
-              "dout must be like v ", v.sizes(), " with a unit last stride, got ", dout.sizes());
-  TORCH_CHECK(states.sizes() == at::IntArrayRef({B, H, nchunks, K, V}) && states.is_contiguous() &&
-                  states.scalar_type() == acc,
-              "states must be the forward's (", B, ", ", H, ", ", nchunks, ", ", K, ", ", V, "), got ",
-              states.sizes());
-  if (dht)
-    TORCH_CHECK(dht->sizes() == at::IntArrayRef({B, H, K, V}) && dht->is_contiguous() && dht->scalar_type() == acc,
-                "dht must be a contiguous (", B, ", ", H, ", ", K, ", ", V, ") ", acc, " tensor, got ", dht->sizes());
   auto dr = at::empty({B, L, H, K}, r.options()), dw = at::empty_like(dr), dk = at::empty_like(dr);
   auto da = at::empty_like(dr), db = at::empty_like(dr), dv = at::empty({B, L, H, V}, r.options());
   auto dh0 = at::empty({B, H, K, V}, r.options().dtype(acc));
@@ -408,9 +455,7 @@ wkv7_bwd(const at::Tensor& dout, const at::Tensor& r, const at::Tensor& w, const
                          dr.mutable_data_ptr<scalar_t>(), dw.mutable_data_ptr<scalar_t>(),
                          dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>(),
                          da.mutable_data_ptr<scalar_t>(), db.mutable_data_ptr<scalar_t>(), dh0.mutable_data_ptr<A>()};
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) wkv_bwd_item(s, g, i / H, i % H);
-    });
+    for_items<A>(B, H, 1, [&](int64_t bi, int64_t h, auto&) { wkv_bwd_item(s, g, bi, h); });
   });
   return {dr, dw, dk, dv, da, db, dh0};
 }
@@ -421,39 +466,19 @@ wkv7_bwd(const at::Tensor& dout, const at::Tensor& r, const at::Tensor& w, const
 std::tuple<at::Tensor, at::Tensor> wkv7_step(const at::Tensor& state, const at::Tensor& r, const at::Tensor& w,
                                              const at::Tensor& k, const at::Tensor& v, const at::Tensor& a,
                                              const at::Tensor& b, double scale) {
-  TORCH_CHECK(r.dim() == 3 && r.stride(2) == 1, "r must be (B, H, K) with a unit K stride, got ", r.sizes());
-  for (const auto* p : {&w, &k, &a, &b})
-    TORCH_CHECK(p->sizes() == r.sizes() && p->stride(2) == 1 && p->scalar_type() == r.scalar_type(),
-                "w, k, a and b must be like r ", r.sizes(), ", got ", p->sizes(), " ", p->scalar_type());
-  TORCH_CHECK(v.dim() == 3 && v.size(0) == r.size(0) && v.size(1) == r.size(1) && v.stride(2) == 1 &&
-                  v.scalar_type() == r.scalar_type(),
-              "v must be (B, H, V) like r, got ", v.sizes());
+  check_wkv_step(state, r, {&w, &k, &a, &b}, "w, k, a and b", v);
   const int64_t B = r.size(0), H = r.size(1), K = r.size(2), V = v.size(2);
-  const auto acc = at::toOpMathType(r.scalar_type());
-  TORCH_CHECK(state.sizes() == at::IntArrayRef({B, H, K, V}) && state.is_contiguous() && state.scalar_type() == acc,
-              "state must be a contiguous (B, H, K, V) ", acc, " tensor, got ", state.sizes(), " ",
-              state.scalar_type());
   auto out = at::empty({B, H, V}, r.options());
   auto next = at::empty_like(state);
   TRITIUM_DISPATCH_FLOATING(r.scalar_type(), "tritium_wkv7_step", [&] {
     using A = acc_type<scalar_t>;
-    // the (B, H, D) operands as (B, 1, H, D) sequences of one step
-    auto q = [](const at::Tensor& t) {
-      return Seq4<scalar_t>{t.const_data_ptr<scalar_t>(), t.stride(0), 0, t.stride(1)};
-    };
     Wkv<scalar_t> s;
-    s.B = B, s.L = 1, s.H = H, s.K = K, s.V = V, s.C = 1, s.nchunks = 1;
-    s.VP = (V + Wkv<scalar_t>::W - 1) / Wkv<scalar_t>::W * Wkv<scalar_t>::W;
-    s.KP = (K + Wkv<scalar_t>::W - 1) / Wkv<scalar_t>::W * Wkv<scalar_t>::W;
-    s.scale = static_cast<A>(scale);
-    s.r = q(r), s.w = q(w), s.k = q(k), s.v = q(v), s.a = q(a), s.b = q(b);
-    s.h0 = state.const_data_ptr<A>();
+    s.set(B, 1, H, K, V, scale, state.const_data_ptr<A>(), 1);
+    s.r = step_seq<scalar_t>(r), s.w = step_seq<scalar_t>(w), s.k = step_seq<scalar_t>(k);
+    s.v = step_seq<scalar_t>(v), s.a = step_seq<scalar_t>(a), s.b = step_seq<scalar_t>(b);
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     A* st = next.mutable_data_ptr<A>();
-    at::parallel_for(0, B * H, std::max<int64_t>(1, 16384 / std::max<int64_t>(K * V, 1)), [&](int64_t begin, int64_t end) {
-      std::vector<A> buf;
-      for (int64_t i = begin; i < end; ++i) wkv_fwd_item(s, i / H, i % H, o, st, buf);
-    });
+    for_items<A>(B, H, step_grain(K, V), [&](int64_t bi, int64_t h, auto& buf) { wkv_fwd_item(s, bi, h, o, st, buf); });
   });
   return {out, next};
 }
@@ -467,30 +492,19 @@ std::tuple<at::Tensor, at::Tensor> wkv7_step(const at::Tensor& state, const at::
 //   dS <- diag(exp(w_t)) dS + scale r_t do_t^T;  dr_t = scale (S_{t-1} do_t + u k_t vdo);  du += scale r_t k_t vdo
 // ---------------------------------------------------------------------------------------------------------
 template <typename T>
-struct Wkv6 {
+struct Wkv6 : WkvDims<T> {
   using A = acc_type<T>;
-  using Vec = Vectorized<A>;
-  static constexpr int64_t W = Vec::size();
-  int64_t B, L, H, K, V, VP, KP, C, nchunks;
-  A scale;
   Seq4<T> r, k, v, w;
-  const A *u, *h0;  // u (H, K); h0 (B, H, K, V) or null
+  const A* u;  // (H, K)
 
-  void load_state(const A* src, A* S) const {
-    std::fill(S, S + K * VP, A(0));
-    if (src)
-      for (int64_t i = 0; i < K; ++i) std::copy(src + i * V, src + i * V + V, S + i * VP);
-  }
-  void store_state(const A* S, A* dst) const {
-    for (int64_t i = 0; i < K; ++i) std::copy(S + i * VP, S + i * VP + V, dst + i * V);
-  }
   // r, exp(w), k (KP each) and v (VP) of step t; returns ru = sum_i r_i u_i k_i
   A load_step(int64_t bi, int64_t t, int64_t h, A* rr, A* e, A* kk, A* vv) const {
-    Wkv<T>::load(r.at(bi, t, h), rr, K, KP);
-    Wkv<T>::load(w.at(bi, t, h), e, K, KP);
+    const int64_t K = this->K, KP = this->KP;
+    WkvDims<T>::load(r.at(bi, t, h), rr, K, KP);
+    WkvDims<T>::load(w.at(bi, t, h), e, K, KP);
     exp_inplace(e, KP);
-    Wkv<T>::load(k.at(bi, t, h), kk, K, KP);
-    Wkv<T>::load(v.at(bi, t, h), vv, V, VP);
+    WkvDims<T>::load(k.at(bi, t, h), kk, K, KP);
+    WkvDims<T>::load(v.at(bi, t, h), vv, this->V, this->VP);
     A ru(0);
     for (int64_t i = 0; i < K; ++i) ru += rr[i] * u[h * K + i] * kk[i];
     return ru;
@@ -519,14 +533,10 @@ template <typename T>
 Wkv6<T> make_wkv6(const at::Tensor& r, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w,
                   const at::Tensor& u, double scale, const c10::optional<at::Tensor>& h0, int64_t chunk) {
   Wkv6<T> s;
-  s.B = r.size(0), s.L = r.size(1), s.H = r.size(2), s.K = r.size(3), s.V = v.size(3);
-  s.VP = (s.V + Wkv6<T>::W - 1) / Wkv6<T>::W * Wkv6<T>::W;
-  s.KP = (s.K + Wkv6<T>::W - 1) / Wkv6<T>::W * Wkv6<T>::W;
-  s.C = chunk, s.nchunks = (s.L + chunk - 1) / chunk;
-  s.scale = static_cast<acc_type<T>>(scale);
+  s.set(r.size(0), r.size(1), r.size(2), r.size(3), v.size(3), scale, h0 ? h0->const_data_ptr<acc_type<T>>() : nullptr,
+        chunk);
   s.r = seq4<T>(r), s.k = seq4<T>(k), s.v = seq4<T>(v), s.w = seq4<T>(w);
   s.u = u.const_data_ptr<acc_type<T>>();
-  s.h0 = h0 ? h0->const_data_ptr<acc_type<T>>() : nullptr;
   return s;
 }
 
@@ -568,10 +578,7 @@ std::tuple<at::Tensor, at::Tensor> wkv6_fwd(const at::Tensor& r, const at::Tenso
     const auto s = make_wkv6<scalar_t>(r, k, v, w, u, scale, h0, chunk);
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     auto* st = states.mutable_data_ptr<acc_type<scalar_t>>();
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_type<scalar_t>> buf;
-      for (int64_t i = begin; i < end; ++i) wkv6_fwd_item(s, i / H, i % H, o, st, buf);
-    });
+    for_items<acc_type<scalar_t>>(B, H, 1, [&](int64_t bi, int64_t h, auto& buf) { wkv6_fwd_item(s, bi, h, o, st, buf); });
   });
   return {out, states};
 }
@@ -653,18 +660,9 @@ wkv6_bwd(const at::Tensor& dout, const at::Tensor& r, const at::Tensor& k, const
          const at::Tensor& u, double scale, const c10::optional<at::Tensor>& h0, int64_t chunk,
          const at::Tensor& states, const c10::optional<at::Tensor>& dht) {
   check_wkv6(r, k, v, w, u, h0, chunk);
+  check_wkv_bwd(dout, r, v, chunk, states, dht);
   const int64_t B = r.size(0), L = r.size(1), H = r.size(2), K = r.size(3), V = v.size(3);
-  const int64_t nchunks = (L + chunk - 1) / chunk;
   const auto acc = at::toOpMathType(r.scalar_type());
-  TORCH_CHECK(dout.sizes() == v.sizes() && dout.stride(3) == 1 && dout.scalar_type() == r.scalar_type(),
-              "dout must be like v ", v.sizes(), " with a unit last stride, got ", dout.sizes());
-  TORCH_CHECK(states.sizes() == at::IntArrayRef({B, H, nchunks, K, V}) && states.is_contiguous() &&
-                  states.scalar_type() == acc,
-              "states must be the forward's (", B, ", ", H, ", ", nchunks, ", ", K, ", ", V, "), got ",
-              states.sizes());
-  if (dht)
-    TORCH_CHECK(dht->sizes() == at::IntArrayRef({B, H, K, V}) && dht->is_contiguous() && dht->scalar_type() == acc,
-                "dht must be a contiguous (", B, ", ", H, ", ", K, ", ", V, ") ", acc, " tensor, got ", dht->sizes());
   auto dr = at::empty({B, L, H, K}, r.options()), dk = at::empty_like(dr), dw = at::empty_like(dr);
   auto dv = at::empty({B, L, H, V}, r.options());
   auto du_part = at::empty({B, H, K}, r.options().dtype(acc));
@@ -676,9 +674,7 @@ wkv6_bwd(const at::Tensor& dout, const at::Tensor& r, const at::Tensor& k, const
                           dht ? dht->const_data_ptr<A>() : nullptr, dr.mutable_data_ptr<scalar_t>(),
                           dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>(),
                           dw.mutable_data_ptr<scalar_t>(), du_part.mutable_data_ptr<A>(), dh0.mutable_data_ptr<A>()};
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) wkv6_bwd_item(s, g, i / H, i % H);
-    });
+    for_items<A>(B, H, 1, [&](int64_t bi, int64_t h, auto&) { wkv6_bwd_item(s, g, bi, h); });
   });
   return {dr, dk, dv, dw, du_part.sum(0), dh0};
 }
@@ -686,40 +682,22 @@ wkv6_bwd(const at::Tensor& dout, const at::Tensor& r, const at::Tensor& k, const
 std::tuple<at::Tensor, at::Tensor> wkv6_step(const at::Tensor& state, const at::Tensor& r, const at::Tensor& k,
                                              const at::Tensor& v, const at::Tensor& w, const at::Tensor& u,
                                              double scale) {
-  TORCH_CHECK(r.dim() == 3 && r.stride(2) == 1, "r must be (B, H, K) with a unit K stride, got ", r.sizes());
-  for (const auto* p : {&k, &w})
-    TORCH_CHECK(p->sizes() == r.sizes() && p->stride(2) == 1 && p->scalar_type() == r.scalar_type(),
-                "k and w must be like r ", r.sizes(), ", got ", p->sizes(), " ", p->scalar_type());
-  TORCH_CHECK(v.dim() == 3 && v.size(0) == r.size(0) && v.size(1) == r.size(1) && v.stride(2) == 1 &&
-                  v.scalar_type() == r.scalar_type(),
-              "v must be (B, H, V) like r, got ", v.sizes());
+  check_wkv_step(state, r, {&k, &w}, "k and w", v);
   const int64_t B = r.size(0), H = r.size(1), K = r.size(2), V = v.size(2);
   const auto acc = at::toOpMathType(r.scalar_type());
   TORCH_CHECK(u.sizes() == at::IntArrayRef({H, K}) && u.is_contiguous() && u.scalar_type() == acc,
               "u must be a contiguous (H, K) ", acc, " tensor, got ", u.sizes());
-  TORCH_CHECK(state.sizes() == at::IntArrayRef({B, H, K, V}) && state.is_contiguous() && state.scalar_type() == acc,
-              "state must be a contiguous (B, H, K, V) ", acc, " tensor, got ", state.sizes(), " ",
-              state.scalar_type());
   auto out = at::empty({B, H, V}, r.options());
   auto next = at::empty_like(state);
   TRITIUM_DISPATCH_FLOATING(r.scalar_type(), "tritium_wkv6_step", [&] {
     using A = acc_type<scalar_t>;
-    auto q = [](const at::Tensor& t) {
-      return Seq4<scalar_t>{t.const_data_ptr<scalar_t>(), t.stride(0), 0, t.stride(1)};
-    };
     Wkv6<scalar_t> s;
-    s.B = B, s.L = 1, s.H = H, s.K = K, s.V = V, s.C = 1, s.nchunks = 1;
-    s.VP = (V + Wkv6<scalar_t>::W - 1) / Wkv6<scalar_t>::W * Wkv6<scalar_t>::W;
-    s.KP = (K + Wkv6<scalar_t>::W - 1) / Wkv6<scalar_t>::W * Wkv6<scalar_t>::W;
-    s.scale = static_cast<A>(scale);
-    s.r = q(r), s.k = q(k), s.v = q(v), s.w = q(w);
-    s.u = u.const_data_ptr<A>(), s.h0 = state.const_data_ptr<A>();
+    s.set(B, 1, H, K, V, scale, state.const_data_ptr<A>(), 1);
+    s.r = step_seq<scalar_t>(r), s.k = step_seq<scalar_t>(k), s.v = step_seq<scalar_t>(v), s.w = step_seq<scalar_t>(w);
+    s.u = u.const_data_ptr<A>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     A* st = next.mutable_data_ptr<A>();
-    at::parallel_for(0, B * H, std::max<int64_t>(1, 16384 / std::max<int64_t>(K * V, 1)), [&](int64_t begin, int64_t end) {
-      std::vector<A> buf;
-      for (int64_t i = begin; i < end; ++i) wkv6_fwd_item(s, i / H, i % H, o, st, buf);
-    });
+    for_items<A>(B, H, step_grain(K, V), [&](int64_t bi, int64_t h, auto& buf) { wkv6_fwd_item(s, bi, h, o, st, buf); });
   });
   return {out, next};
 }
