@@ -79,20 +79,22 @@ row alone): that last ratio is the kernels' own share of the lead.
 """
 
 ZOO_MODELS_PROSE = """\
-One training step of issue 26's zoo models at their recipe's batch of 64 digits: the Siamese CNN on 64 same-class
-pairs (2 x 64 images, `tritium.info_nce`, AdamW) and the DCGAN-style GAN's discriminator then generator step
-(`tritium.binary_cross_entropy_with_logits`, Adam), the tritium model against its plain-PyTorch twin with the same
-weights. Both impls run torch's convolutions and training-mode BatchNorm, most of either step.
+One training step of each of issue 26's zoo models on its recipe's data, the tritium model against its
+plain-PyTorch twin with the same weights: the Siamese CNN on 64 same-class digit pairs (`tritium.info_nce`), the
+DCGAN-style GAN's discriminator then generator step (`tritium.binary_cross_entropy_with_logits`), GCN and GAT
+full-batch on the block-model graph (`tritium.graph_aggregate`, `tritium.gat_aggregate`), KAN (`tritium.kan_spline`),
+WaveNet (`tritium.wavenet_gate`), the DDPM U-Net (`tritium.group_norm` with SiLU), the RealNVP flow and the GRU
+seq2seq with attention. The convolutional models spend most of either step in torch's own convolutions.
 """
 
 SSM_MODELS_PROSE = """\
 One training step (forward, backward, gradient clipping, AdamW) of `tritium train`'s byte LMs at their default
 configuration (batch 16, context 128 bytes, about 2M parameters): the tritium model (`tritium.selective_scan` and
-`causal_conv1d` for Mamba, `tritium.wkv7` for RWKV-7, tritium's norms) against its plain-PyTorch twin with the same
-weights (mamba_ssm's reference scan and conv; the naive RWKV-7 recurrence, a loop over time), and for Mamba the
-twin with the reference scan's loop over `unbind()` slices (indexing the (batch, dim, L, N) tensor costs autograd a
-zero tensor of its full size per step, O(L^2)). One round; repeated runs on the shared 2-core machine varied
-several-fold, so read the ratios as orders of magnitude.
+`causal_conv1d` for Mamba, `tritium.wkv7` for RWKV-7, `tritium.mlstm` for xLSTM, tritium's norms) against its
+plain-PyTorch twin with the same weights (mamba_ssm's reference scan and conv; the naive RWKV-7 recurrence, a loop
+over time; the xLSTM cell's step-by-step recurrence), and for Mamba the twin with the reference scan's loop over
+`unbind()` slices (indexing the (batch, dim, L, N) tensor costs autograd a zero tensor of its full size per step,
+O(L^2)). One round each.
 """
 
 TRAIN_LM_PROSE = """\
@@ -150,6 +152,36 @@ at issue 24's bar shape (batch 8, length 1024, 12 heads of size 64), float32. to
 1024 steps into one graph: the forward compiles in minutes; the forward and backward did not compile on this
 machine (Inductor stopped with a RecursionError after about 20 minutes), so the forward-and-backward rows are
 recorded against eager only (`wkv-fwdbwd-amd-avx512.json`).
+"""
+
+GRAPH_PROSE = """\
+Message passing over a CSR graph (`tritium.graph_aggregate`, `tritium.gat_aggregate`): a GCN layer (normalised
+sum aggregation) and a GAT layer (the edge softmax per destination fused with the aggregation), 10,000 nodes with
+10 in-edges each (100k edges), against the eager `index_add_` / scatter formulation and its `torch.compile`; both
+sides share the `x @ W` product, so the rows time the message passing. Issue 26's bar: >= 2x eager, forward+backward.
+"""
+
+KAN_WAVENET_PROSE = """\
+The Kolmogorov-Arnold layer's B-spline basis fused with the spline-weight product (`tritium.kan_spline`) and
+WaveNet's gated activation with its residual / skip split (`tritium.wavenet_gate`), against the eager torch
+formulations (efficient-kan's basis then a matmul; tanh * sigmoid then the 1x1 products) and their
+`torch.compile`.
+"""
+
+MLSTM_PROSE = """\
+xLSTM's matrix-memory cell (`tritium.mlstm`: the chunkwise-parallel form with stabilised exponential gating)
+against its eager reference (the step-by-step recurrence written in torch ops) and, forward only, its
+`torch.compile`.
+"""
+
+DIST_TP_PROSE = """\
+Tensor-parallel Llama decoding (`tritium.distributed`, docs/distributed.md): SmolLM2-135M's shapes with random
+weights, decode steps of `TPEngine` on 1, 2 and 4 gloo processes on this machine against `Engine` on the whole model
+in one process (**single**: the one-call C++ decode step). The processes share the cores, so read the
+communication, not a speedup: **comm** is the time inside the collectives and its **share** of the step;
+**B/token/rank** the collectives' bytes per decoded token per rank, counted, and **analytic** (2 n_layers + 1) x dim
+x dtype bytes (two all-reduces per layer and one for the vocabulary-parallel embedding) plus the sampler's 32 bytes
+and the step's 40-byte agreement over the batch: issue 25's bar is that the two agree.
 """
 
 MOE_PROSE = """\
@@ -340,6 +372,17 @@ def dist_section(data: dict) -> list:
                                 "bytes/token/rank", "peak/rank MiB", "extra MiB", "vs single"], body, 2)
 
 
+def dist_tp_section(data: dict) -> list:
+    body = [[r["impl"].split()[0], str(r["world"]), f"{r['step_ms']:.1f}", f"{r['tokens_per_s']:.1f}",
+             f"{r['comm_ms']:.1f}", f"{r['comm_share']:.0%}", f"{r['bytes_per_token_per_rank']:.0f}",
+             f"{r['analytic_bytes_per_token_per_rank']:.0f}" if r["analytic_bytes_per_token_per_rank"] else "-"]
+            for r in data["rows"]]
+    r0 = data["rows"][0]
+    shape = f"{r0['config']}, {r0['dtype']}, batch {r0['batch']}, prompts of {r0['prompt_len']} tokens"
+    return [shape, ""] + table(["impl", "world", "step ms", "tok/s", "comm ms", "share", "B/token/rank", "analytic"],
+                               body, 2)
+
+
 def hf_section(data: dict) -> list:
     body = [[r["task"], r["dtype"], r["variant"], f"{r['batch']}x{r['seq']}", f"{r['tokens_per_s']:.1f}",
              f"{r['tritium_speedup']:.2f}", fmt(r.get("peak_MiB"), ".0f"), fmt(r.get("tritium_memory_ratio"), ".2f")]
@@ -405,12 +448,13 @@ KNOWN = [
     ("models-rnn-amd-avx512.json", "tritium bench models --model lstm --model gru --model rnn --json "
                                    "bench/results/models-rnn-amd-avx512.json",
      f"LSTM, GRU and RNN on {MACHINE_KINDS['amd-avx512']}", MODELS_PROSE, models_section),
-    ("models-zoo-amd-avx512.json", "tritium bench models --model siamese --model gan --json "
+    ("models-zoo-amd-avx512.json", "tritium bench models --model siamese --model gan --model gcn --model gat "
+                                   "--model kan --model wavenet --model ddpm --model flow --model seq2seq --json "
                                    "bench/results/models-zoo-amd-avx512.json",
-     f"Siamese and GAN training steps on {MACHINE_KINDS['amd-avx512']}", ZOO_MODELS_PROSE, models_section),
-    ("models-ssm-amd-avx512.json", "tritium bench models --model mamba --model rwkv --rounds 1 --min-time 1 --json "
-                                   "bench/results/models-ssm-amd-avx512.json",
-     f"Sequence-model LMs (Mamba, RWKV-7) on {MACHINE_KINDS['amd-avx512']}", SSM_MODELS_PROSE, models_section),
+     f"The architecture zoo's training steps on {MACHINE_KINDS['amd-avx512']}", ZOO_MODELS_PROSE, models_section),
+    ("models-ssm-amd-avx512.json", "tritium bench models --model mamba --model rwkv --model xlstm --rounds 1 "
+                                   "--min-time 1 --json bench/results/models-ssm-amd-avx512.json",
+     f"Sequence-model LMs (Mamba, RWKV-7, xLSTM) on {MACHINE_KINDS['amd-avx512']}", SSM_MODELS_PROSE, models_section),
     ("train-lm-amd-avx512.json", ".venv/bin/python tools/lm_curves.py",
      f"Byte-LM training curves on {MACHINE_KINDS['amd-avx512']}", TRAIN_LM_PROSE, train_lm_section),
     ("attention-memory.json", "tritium bench memory --json bench/results/attention-memory.json", "Attention memory",
@@ -460,6 +504,20 @@ KNOWN = [
      f"RWKV-7's wkv on {MACHINE_KINDS['amd-avx512']}: forward and backward", WKV_PROSE, ops_section),
     ("moe-amd-avx512.json", "tritium bench ops --op moe --json bench/results/moe-amd-avx512.json",
      f"Mixture of experts on {MACHINE_KINDS['amd-avx512']}", MOE_PROSE, ops_section),
+    ("graph-amd-avx512.json", "tritium bench ops --op gcn_layer --op gat_layer --json "
+                              "bench/results/graph-amd-avx512.json",
+     f"Graph message passing on {MACHINE_KINDS['amd-avx512']}", GRAPH_PROSE, ops_section),
+    ("kan-wavenet-amd-avx512.json", "tritium bench ops --op kan_spline --op wavenet_gate --json "
+                                    "bench/results/kan-wavenet-amd-avx512.json",
+     f"KAN splines and the WaveNet gate on {MACHINE_KINDS['amd-avx512']}", KAN_WAVENET_PROSE, ops_section),
+    ("mlstm-amd-avx512.json", "tritium bench ops --op mlstm --mode fwd --json bench/results/mlstm-amd-avx512.json",
+     f"xLSTM's mLSTM on {MACHINE_KINDS['amd-avx512']}: forward", MLSTM_PROSE, ops_section),
+    ("mlstm-fwdbwd-amd-avx512.json", "tritium bench ops --op mlstm --mode fwdbwd --no-compile --json "
+                                     "bench/results/mlstm-fwdbwd-amd-avx512.json",
+     f"xLSTM's mLSTM on {MACHINE_KINDS['amd-avx512']}: forward and backward", MLSTM_PROSE, ops_section),
+    ("dist-tp-amd-avx512.json", "tritium bench dist --kind tp --dtype bfloat16 --json "
+                                "bench/results/dist-tp-amd-avx512.json",
+     f"Tensor-parallel decoding on {MACHINE_KINDS['amd-avx512']}", DIST_TP_PROSE, dist_tp_section),
 ]
 
 
