@@ -510,7 +510,8 @@ KNOWN = [
     ("kan-wavenet-amd-avx512.json", "tritium bench ops --op kan_spline --op wavenet_gate --json "
                                     "bench/results/kan-wavenet-amd-avx512.json",
      f"KAN splines and the WaveNet gate on {MACHINE_KINDS['amd-avx512']}", KAN_WAVENET_PROSE, ops_section),
-    ("mlstm-amd-avx512.json", "tritium bench ops --op mlstm --mode fwd --json bench/results/mlstm-amd-avx512.json",
+    ("mlstm-amd-avx512.json", "tritium bench ops --op mlstm --mode fwd --no-compile --json "
+                              "bench/results/mlstm-amd-avx512.json",
      f"xLSTM's mLSTM on {MACHINE_KINDS['amd-avx512']}: forward", MLSTM_PROSE, ops_section),
     ("mlstm-fwdbwd-amd-avx512.json", "tritium bench ops --op mlstm --mode fwdbwd --no-compile --json "
                                      "bench/results/mlstm-fwdbwd-amd-avx512.json",
