@@ -20,7 +20,7 @@ from tests.distributed.spawn import spawn
 from tests.util import assert_within_torch_error
 from tritium.distributed import (TPEngine, count_comm, gather_vocab, shard_from_state_dict, shard_llama, tp_shards,
                                  vocab_parallel_cross_entropy, vocab_parallel_sample)
-from tritium.distributed.tp import _gumbel, even_split
+from tritium.distributed.tp import even_split
 from tritium.inference import Engine
 from tritium.models.llama import CONFIGS, LlamaConfig, build
 
@@ -114,24 +114,80 @@ def _check_ce(rank, world):
     return "ok"
 
 
+# every sampling parameter, alone and together; history tokens for the penalties
+SAMPLING = [dict(temperature=0.0), dict(temperature=0.7), dict(temperature=1.0, top_k=5),
+            dict(temperature=0.9, top_p=0.6), dict(temperature=1.3, top_p=0.97), dict(temperature=1.0, min_p=0.2),
+            dict(temperature=0.8, top_k=40, top_p=0.9, min_p=0.05), dict(temperature=0.0, repetition_penalty=1.6),
+            dict(temperature=1.1, top_p=0.8, repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.3),
+            dict(temperature=0.6, logit_bias={3: 2.5, 250: -1.0, 299: 4.0}, frequency_penalty=0.5),
+            dict(temperature=1.0, top_k=400), dict(temperature=0.0, logit_bias={150: 100.0})]
+
+
 def _check_sampler(rank, world):
-    V = 53
+    """vocab_parallel_sample against tritium.sample on the full logits (one process: the C++ kernel): the same
+    tokens and log-probabilities for every sampling parameter over 8 seeds each, peaked and flat rows (a flat
+    top-p row's nucleus reaches below the first 64 candidates of a rank: they are gathered again), ties, NaN."""
+    from tritium.ops.sampling import SamplingParams, sample
+
+    V = 301
     v0, n = even_split(V, world)[rank]
-    full = torch.randn(6, V, generator=torch.Generator().manual_seed(4))
-    full[1, 3] = full[1, V - 2] = full[1].max() + 1   # a tie across slices: the lower id wins, as argmax
-    full[4, 7] = float("nan")                           # no valid choice: -1
-    temps = [0.0, 0.0, 0.7, 1.0, 0.0, 1.3]
-    seeds = [11, 12, 13, 14, 15, 16]
-    toks, lps = vocab_parallel_sample(full[:, v0:v0 + n].contiguous(), v0, temps, seeds, V)
-    lsm = torch.log_softmax(full.double(), -1)
-    for i, t in enumerate(temps):
-        if i == 4:
-            assert toks[i] == -1, toks
-            continue
-        want = full[i].argmax() if t == 0 else (full[i].double() / t + _gumbel(seeds[i], V, 0, V)).argmax()
-        assert toks[i] == want, f"row {i} rank {rank}/{world}: {toks[i]} != {want}"
-        torch.testing.assert_close(lps[i], lsm[i, want].float())
-    assert toks[1] == 3
+    g = torch.Generator().manual_seed(4)
+    rows, plist, hist = [], [], []
+    for j, kw in enumerate(SAMPLING):
+        for seed in range(8):
+            rows.append(torch.randn(V, generator=g) * (3.0 if seed % 2 else 0.3))   # peaked or flat
+            plist.append(SamplingParams(**kw, seed=100 * j + seed))
+            hist.append(torch.randint(0, V, (seed * 3,), generator=g).tolist())
+    full = torch.stack(rows)
+    full[1, 3] = full[1, V - 2] = full[1].max() + 1   # a greedy tie across slices: the lower id wins, as argmax
+    full[2, 7] = float("nan")                           # no valid choice: -1
+    want, wlp = sample(full, plist, hist, on_invalid="flag")
+    with count_comm() as st:
+        toks, lps = vocab_parallel_sample(full[:, v0:v0 + n].contiguous(), v0, plist, hist, vocab_size=V)
+    assert toks[1] == 3 and toks[2] == -1 and want[2] == -1
+    diff = (toks != want).nonzero()[:, 0].tolist()
+    assert not diff, f"rank {rank}/{world}: rows {diff}: {toks[diff].tolist()} != one process's {want[diff].tolist()}"
+    torch.testing.assert_close(lps, wlp, equal_nan=True)
+    # the agreement, the first all-gather, candidates (and their second gathering), the flat rows' pick
+    assert st.calls["check"] == 1 and st.calls["all_gather"] >= 4, st
+    # greedy (params None): one all-gather of (rows, 4) float64, as the analytic count says
+    with count_comm() as st:
+        toks, _ = vocab_parallel_sample(full[:, v0:v0 + n].contiguous(), v0)
+    assert st.bytes == {"all_gather": full.shape[0] * 4 * 8}, st
+    assert toks[1] == 3 and toks[0] == full[0].argmax()
+    # ranks passing different parameters, or a bad one: the same error naming the rank on every rank
+    errors = []
+    for bad in (dict(temperature=1.0, top_k=4 + rank, seed=1), dict(temperature=1.0, logit_bias={V - 1 + rank: 1.0},
+                                                                     seed=1)):
+        try:
+            vocab_parallel_sample(full[:2, v0:v0 + n].contiguous(), v0, SamplingParams(**bad), vocab_size=V)
+            errors.append("no error")
+        except ValueError as e:
+            errors.append(str(e))
+    assert errors[0].startswith("vocab_parallel_sample: rank 1: sampling parameters' checksum"), errors
+    assert errors[1] == f"vocab_parallel_sample: rank 1: SamplingParams.logit_bias must be keyed by token ids in " \
+                        f"[0, {V}), got {{{V}: 1.0}}", errors
+    return "ok"
+
+
+def _check_sampling_engine(rank, world):
+    """TPEngine with seeded sampling and penalties generates the same tokens as Engine in one process."""
+    c = TINY["smol-heads"]
+    m = _model(c)
+    kws = [dict(temperature=0.8, top_p=0.9, seed=1), dict(temperature=1.0, top_k=5, repetition_penalty=1.3, seed=2),
+           dict(temperature=0.7, min_p=0.1, presence_penalty=0.5, frequency_penalty=0.3, seed=3),
+           dict(temperature=0.0, repetition_penalty=1.5, logit_bias={7: 0.5})]
+    want = [Engine(m).generate([p], max_new_tokens=8, **kw)[0] for p, kw in zip(PROMPTS * 2, kws)]
+    eng = TPEngine(shard_llama(m), max_batch=4)
+    reqs = [eng.add_request(p, max_new_tokens=8, **kw) for p, kw in zip(PROMPTS * 2, kws)]
+    while eng.has_work():
+        eng.step()
+    for r, w, kw in zip(reqs, want, kws):
+        assert r.result.token_ids == w.token_ids, f"{kw} rank {rank}/{world}: {r.result.token_ids} != {w.token_ids}"
+        torch.testing.assert_close(torch.tensor(r.result.logprobs), torch.tensor(w.logprobs))
+    with pytest.raises(ValueError, match=r"logit_bias must be keyed by token ids in \[0, 101\)"):
+        eng.add_request([1, 2], logit_bias={101: 1.0})
+    assert not eng.has_work()
     return "ok"
 
 
@@ -162,6 +218,7 @@ def _all_checks(rank, world):
         _check_config(rank, world, name)
     _check_ce(rank, world)
     _check_sampler(rank, world)
+    _check_sampling_engine(rank, world)
     return _check_comm(rank, world)
 
 
@@ -334,6 +391,16 @@ def test_generate_tp_under_torchrun(smollm2_reference):
     want = tok.decode(toks[:next((i for i, t in enumerate(toks) if t in set(tok.stop_ids)), len(toks))])
     assert out.stdout.strip() == want.strip(), (out.stdout, want)
     assert "tensor-parallel on 2 ranks" in " ".join(out.stderr.split())
+    # seeded sampling with every CLI sampling flag: the same text as one process on the same float weights
+    sampling = ["What is the capital of France?", "--max-new-tokens", "12", "--dtype", "float32", "--weights",
+                "float", "--temperature", "0.8", "--top-k", "40", "--top-p", "0.9", "--min-p", "0.02",
+                "--repetition-penalty", "1.2", "--seed", "3"]
+    one = subprocess.run([sys.executable, "-m", "tritium", "generate", *sampling], capture_output=True, text=True,
+                         env=env, timeout=300)
+    two = subprocess.run([torchrun, "--nproc-per-node", "2", "-m", "tritium", "generate", *sampling, "--tp", "2"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr, two.stderr)
+    assert two.stdout == one.stdout and one.stdout.strip(), (two.stdout, one.stdout)
 
 
 def test_bench_dist_tp_bytes_match_analytic():
@@ -366,6 +433,8 @@ def _serve_tp(rank, world):
 
     m = _model(TINY["tiny"])
     want = Engine(m, max_batch=4).generate(PROMPTS + [[3, 3, 3]], max_new_tokens=6)
+    seeded = dict(temperature=0.9, top_p=0.8, repetition_penalty=1.2, seed=5)
+    want_seeded = Engine(m).generate([[1, 2]], max_new_tokens=6, **seeded)[0]
     engine = TPEngine(shard_llama(m), max_batch=4)
     if rank:
         follow(engine)
@@ -391,13 +460,15 @@ def _serve_tp(rank, world):
     try:
         first = asyncio.run(ask(PROMPTS, {}))
         time.sleep(1.2)   # idle ticks: the followers wait in the broadcast without timing out
-        bad = asyncio.run(ask([[1, 2]], {"top_p": 0.5}))     # refused by every rank's engine alike
+        bad = asyncio.run(ask([[1, 2]], {"top_logprobs": 2}))     # refused by every rank's engine alike
+        sampled = asyncio.run(ask([[1, 2]], seeded))
         second = asyncio.run(ask([[3, 3, 3], [1, 2, 3, 4]], {}, abort_first=True))
     finally:
         worker.stop()
     assert worker.error is None, worker.error
     assert first == {0: ("done", want[0].token_ids), 1: ("done", want[1].token_ids)}, first
-    assert bad[0][0] == "error" and "top_k, top_p" in bad[0][1], bad
+    assert bad[0][0] == "error" and "top_logprobs" in bad[0][1], bad
+    assert sampled == {0: ("done", want_seeded.token_ids)}, (sampled, want_seeded.token_ids)
     assert second[1][0] == "done" and len(second[1][1]) == 6, second
     assert not threading.current_thread().daemon
     return "led"

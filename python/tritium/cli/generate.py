@@ -219,9 +219,6 @@ def _main_tp(args, prompt: str) -> int:
                          f"(WORLD_SIZE is {world})")
     if args.num_beams > 1:
         raise UsageError("--tp does not take --num-beams")
-    if args.top_k or args.top_p < 1 or args.min_p or args.repetition_penalty != 1:
-        raise UsageError("--tp samples greedily or at a --temperature only (no --top-k, --top-p, --min-p, "
-                         "--repetition-penalty)")
     if not args.threads:   # the ranks share this machine's cores
         args.threads = max(1, (os.cpu_count() or 1) // world)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=TP_TIMEOUT_S))
@@ -241,7 +238,7 @@ def _main_tp(args, prompt: str) -> int:
 
         with count_comm() as st:
             engine.generate([prompt], max_new_tokens=args.max_new_tokens, on_token=on_token,
-                            temperature=args.temperature, seed=args.seed)
+                            **sampling_kwargs(args))
         if rank == 0:
             sys.stdout.write("\n")
             tokens = engine.stats["prefill_tokens"] + engine.stats["decode_tokens"]

@@ -29,7 +29,9 @@ from Python. Training a TPLlama is not supported (its all-reduces have no backwa
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Sequence, Tuple
+import math
+import zlib
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -38,6 +40,7 @@ from torch import Tensor
 
 from ..inference.engine import Engine
 from ..models.llama import Linear, Llama, LlamaConfig, StepInput
+from ..ops.sampling import SamplingParams, seeded_uniform
 from .comm import agree, all_gather, all_reduce
 
 # ---------------------------------------------------------------------------------------------------------
@@ -293,47 +296,204 @@ def vocab_parallel_cross_entropy(logits: Tensor, target: Tensor, vocab_start: in
     return loss.sum() / (target != ignore_index).sum().to(loss.dtype)
 
 
-def _gumbel(seed: int, vocab_size: int, start: int, n: int) -> Tensor:
-    """Gumbel noise over the whole vocabulary from seed (the same numbers on every rank and at every world size),
-    this rank's slice [start, start + n)."""
-    g = torch.Generator().manual_seed(seed)
-    u = torch.rand(vocab_size, generator=g, dtype=torch.float64)[start:start + n]
-    return -torch.log(-torch.log(u.clamp_min(1e-300)))
+_GREEDY = SamplingParams(temperature=0.0)
+_CAND0 = 64   # candidates per rank a top-p row gathers first (doubled until they hold the nucleus)
 
 
-def vocab_parallel_sample(logits: Tensor, vocab_start: int, temperature: Optional[Sequence[float]] = None,
-                          seeds: Optional[Sequence[int]] = None, vocab_size: Optional[int] = None,
+def _plain_greedy(p: SamplingParams) -> bool:
+    return (p.temperature == 0.0 and p.repetition_penalty == 1.0 and not p.presence_penalty
+            and not p.frequency_penalty and not p.logit_bias)
+
+
+def _penalise(z: Tensor, plist: Sequence[SamplingParams], history, v0: int) -> None:
+    """tritium.reference's penalties and logit bias, in place, on this rank's vocabulary slice z (rows, n) of
+    [v0, v0 + n): each distinct history token once (repetition, then frequency * count + presence)."""
+    n = z.shape[1]
+    for i, p in enumerate(plist):
+        h = history[i] if history is not None else None
+        if h is not None and len(h) and (p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty):
+            t = torch.as_tensor(h if isinstance(h, Tensor) else list(h), dtype=torch.int64).flatten()
+            t = t[(t >= v0) & (t < v0 + n)] - v0
+            if t.numel():
+                toks, counts = t.unique(return_counts=True)
+                zt = z[i, toks]
+                zt = torch.where(zt > 0, zt / p.repetition_penalty, zt * p.repetition_penalty)
+                z[i, toks] = zt - p.frequency_penalty * counts.double() - p.presence_penalty
+        for t, b in (p.logit_bias or {}).items():
+            if v0 <= t < v0 + n:
+                z[i, t - v0] += b
+
+
+def _nucleus(vals: Tensor, p: SamplingParams, vocab_size: int, mass: float) -> Tuple[Tensor, List[Tensor]]:
+    """tritium.reference.sampling_distribution's kept set over candidate values e (1-D float64, exp(z - max)),
+    given the row's whole-vocabulary mass: (keep mask, the cuts it used: the k-th largest value, the top-p
+    cut). Exact for the whole vocabulary when every cut is above every value missing from the candidates."""
+    keep = torch.ones_like(vals, dtype=torch.bool)
+    cuts = []
+    if 0 < p.top_k < vocab_size:
+        if p.top_k < vals.numel():
+            kth = torch.topk(vals, p.top_k).values[-1]
+            keep &= vals >= kth
+            cuts.append(kth)
+        mass = float(vals[keep].sum())
+    if p.top_p < 1.0:
+        ek = torch.where(keep, vals, 0.0)
+        s, _ = torch.sort(ek, descending=True)
+        csum = torch.cumsum(s, 0)
+        first = torch.searchsorted(-s, -ek, side="left")
+        above = torch.where(first > 0, csum[(first - 1).clamp(min=0)], 0.0)
+        keep &= above < p.top_p * mass
+        cuts.append(vals[keep].min())
+    if p.min_p > 0.0:
+        keep &= vals >= p.min_p
+    return keep & (vals > 0), cuts
+
+
+def vocab_parallel_sample(logits: Tensor, vocab_start: int,
+                          params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
+                          history: Optional[Sequence[Sequence[int]]] = None,
+                          uniform: Optional[Sequence[float]] = None, vocab_size: Optional[int] = None,
                           group: Optional[dist.ProcessGroup] = None) -> Tuple[Tensor, Tensor]:
-    """One token per row from this rank's vocabulary slice of the logits (rows, n) (collective): (tokens int64
-    (rows,), log-probabilities float32 (rows,), the log-softmax of the full logits at the token), the same on every
-    rank. Temperature 0 (or None: every row) is greedy (the lowest id among equal maxima, as argmax); a row with
-    temperature T > 0 draws from softmax(logits / T) by the Gumbel-max trick, its noise drawn over the whole
-    vocabulary from seeds[row] (so a draw does not depend on the world size) and sliced. Each rank reduces its
-    slice to (best score, its token, its log-sum-exp, its logit) and one all-gather of (rows, 4) float64 picks the
-    token: full logits are never gathered. A row whose logits are not finite gets token -1."""
+    """tritium.sample of the full logits from this rank's vocabulary slice (rows, n), holding vocabulary rows
+    [vocab_start, vocab_start + n) (collective): (tokens int64 (rows,), log-probabilities float32 (rows,) under the
+    raw log_softmax of the full logits), the same on every rank, and the same tokens tritium.sample draws in one
+    process from the same logits, params, history and uniform numbers (tritium.reference.sampling_distribution's
+    semantics, computed in float64: only a uniform number within rounding of a boundary could pick a neighbour).
+
+    params: one SamplingParams per row (or one for all; None: greedy), history: each row's generated tokens (for
+    the penalties; a seeded row's draw number is its length), uniform: each sampling row's number in [0, 1)
+    (default: tritium.ops.sampling.seeded_uniform(seed, len(history)), so unseeded sampling rows need it),
+    vocab_size: the full vocabulary (needed unless every row is greedy). Full logits are never gathered:
+
+    - every rank applies the penalties and logit bias to its slice and reduces each row to (best score, its token,
+      its log-sum-exp, its logit at the token, and for sampling rows its sum of exp(score - best)); one all-gather
+      of (rows, 4 or 5) float64 gives the greedy tokens, the global maximum and the row's whole mass;
+    - top-k / top-p rows: each rank sends its top candidates (k of them, or 64 for top-p, doubled while the
+      nucleus may reach below the candidates) with their ids and logits, and every rank cuts and draws from the
+      same candidate set, in token order as the one-process kernel does;
+    - the other sampling rows (temperature, min-p): one all-gather of each rank's kept mass tells every rank
+      which rank's slice the draw falls in, and one of (rows, 2) brings that rank's token.
+
+    Rows whose logits have NaN or +inf, or no finite value after penalties and bias, get token -1 (logprob NaN).
+    Ranks must pass the same params and history: when any row is not plain greedy, a small all-gather checks that
+    they agree (and that every rank's arguments are valid), raising the same ValueError, naming the rank, on all."""
     rows, n = logits.shape
-    x = logits.float()
-    lse = torch.logsumexp(x, -1)
-    score = x
-    temps = [0.0] * rows if temperature is None else [float(t) for t in temperature]
-    hot = [i for i, t in enumerate(temps) if t > 0]
+    v0 = int(vocab_start)
+    plist = [_GREEDY] * rows if params is None else ([params] * rows if isinstance(params, SamplingParams)
+                                                      else list(params))
+    plain = len(plist) == rows and all(isinstance(p, SamplingParams) and _plain_greedy(p) for p in plist)
+    if not plain:
+        err = None
+        try:
+            if len(plist) != rows or not all(isinstance(p, SamplingParams) for p in plist):
+                raise ValueError(f"params must be a SamplingParams or a list of {rows}")
+            if vocab_size is None:
+                raise ValueError("vocab_size (the full vocabulary) is needed unless every row is greedy")
+            for p in plist:
+                p.validate(vocab_size)
+            if history is not None and len(history) != rows:
+                raise ValueError(f"history must have one sequence per row ({rows}), got {len(history)}")
+            if any(p.temperature > 0 and p.seed is None for p in plist) and uniform is None:
+                raise ValueError("rows sampling without a seed need uniform numbers")
+            if uniform is not None and len(uniform) != rows:
+                raise ValueError(f"uniform must have one number per row ({rows}), got {len(uniform)}")
+        except ValueError as e:
+            err = str(e)
+        sig = zlib.crc32(repr([(dataclasses.astuple(p) if isinstance(p, SamplingParams) else p,
+                                None if history is None or i >= len(history) else
+                                (len(history[i]), int(sum(int(t) for t in history[i]))),
+                                None if uniform is None else float(uniform[i]) if i < len(uniform) else None)
+                               for i, p in enumerate(plist)]).encode())
+        agree("vocab_parallel_sample", err, [rows, sig], ["rows", "sampling parameters' checksum"], group)
+    x = logits.double()
+    lse_loc = torch.logsumexp(x, -1)
+    z = x if plain else x.clone()
+    if not plain:
+        _penalise(z, plist, history, v0)
+    hot = [i for i, p in enumerate(plist) if p.temperature > 0]
     if hot:
-        if seeds is None or vocab_size is None:
-            raise ValueError("vocab_parallel_sample: sampling rows (temperature > 0) need seeds and vocab_size")
-        score = x.double().clone()
-        for i in hot:
-            score[i] = score[i] / temps[i] + _gumbel(int(seeds[i]), vocab_size, vocab_start, n)
-    best, idx = score.max(-1)
-    mine = torch.stack([best.double(), (idx + vocab_start).double(), lse.double(),
-                        x.gather(1, idx[:, None])[:, 0].double()], -1)
-    table = all_gather(mine, group)                                         # (world, rows, 4)
+        z = z / torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in plist], dtype=torch.float64)[:, None]
+    best, idx = z.max(-1)
+    cols = [best, (idx + v0).double(), lse_loc, x.gather(1, idx[:, None])[:, 0]]
+    if hot:
+        fin = torch.isfinite(best)
+        b = torch.where(fin, best, 0.0)
+        cols.append(torch.where(fin, torch.exp(z - b[:, None]).sum(-1), 0.0))
+    table = all_gather(torch.stack(cols, -1), group)                       # (world, rows, 4 or 5)
+    world = table.shape[0]
     win = table[..., 0].argmax(0)                                           # first rank holding the maximum
-    pick = table.gather(0, win[None, :, None].expand(1, rows, 4))[0]
+    pick = table.gather(0, win[None, :, None].expand(1, rows, table.shape[2]))[0]
     glse = torch.logsumexp(table[..., 2], 0)
+    gmax = table[..., 0].amax(0)
     tokens = pick[:, 1].long()
-    logprobs = (pick[:, 3] - glse).float()
-    bad = ~torch.isfinite(glse) | ~torch.isfinite(pick[:, 0])
+    raw = pick[:, 3].clone()
+    bad = ~torch.isfinite(glse) | ~torch.isfinite(gmax)
+    hot = [i for i in hot if not bad[i]]
+    if hot:
+        V = int(vocab_size)
+        mass = (table[..., 4] * torch.exp(table[..., 0] - gmax)).nan_to_num(0.0).sum(0)   # whole sum of exp(z - max)
+        e = torch.exp(z - gmax[:, None])
+        us = [float(uniform[i]) if uniform is not None else
+              seeded_uniform(plist[i].seed, len(history[i]) if history is not None else 0) for i in range(rows)]
+        cand = [i for i in hot if 0 < plist[i].top_k < V or plist[i].top_p < 1.0]
+        flat = [i for i in hot if i not in cand]
+        # the kept mass of every temperature / min-p row on every rank (travels with the first candidates)
+        kept = (e[flat] >= torch.tensor([plist[i].min_p for i in flat], dtype=torch.float64)[:, None]) & (e[flat] > 0)
+        kmass = torch.where(kept, e[flat], 0.0).sum(-1)
+        nmax = -(-V // world)
+        m = min(nmax, max([plist[i].top_k if 0 < plist[i].top_k < V else _CAND0 for i in cand], default=0))
+        todo, first = list(cand), True
+        while first or todo:
+            k = min(m, n)
+            part = torch.full((len(todo), m, 3), -1.0, dtype=torch.float64)
+            if todo and k:
+                tv, ti = e[todo].topk(k, -1)
+                part[:, :k, 0], part[:, :k, 1], part[:, :k, 2] = tv, (ti + v0).double(), x[todo].gather(1, ti)
+            payload = torch.cat([kmass, part.flatten()]) if first else part.flatten()
+            got = all_gather(payload, group)                                # (world, len)
+            if first:
+                ktable, got = got[:, :len(flat)], got[:, len(flat):]
+                first = False
+            got = got.view(world, len(todo), m, 3)
+            again = []
+            for j, i in enumerate(todo):
+                c = got[:, j]                                               # (world, m, 3)
+                full = c[:, -1, 1] >= 0                                     # ranks that may hold more
+                floor = -math.inf if m >= nmax or not bool(full.any()) else float(c[full, -1, 0].max())
+                c = c.reshape(-1, 3)
+                c = c[c[:, 1] >= 0]
+                keep, cuts = _nucleus(c[:, 0], plist[i], V, float(mass[i]))
+                if any(float(t) <= floor for t in cuts):
+                    again.append(i)                                         # the cut may reach missing tokens
+                    continue
+                c = c[keep]
+                c = c[c[:, 1].argsort()]                                    # in token order, as one process draws
+                cum = torch.cumsum(c[:, 0], 0)
+                at = int(torch.searchsorted(cum, us[i] * cum[-1], side="right").clamp(max=len(cum) - 1))
+                tokens[i], raw[i] = int(c[at, 1]), c[at, 2]
+            todo, m = again, min(2 * m, nmax)
+        if flat:
+            # which rank's slice the draw falls in, then that rank's token
+            pre = torch.cumsum(ktable, 0) - ktable                          # (world, rows_flat) mass before
+            total = ktable.sum(0)
+            mine = torch.full((len(flat), 2), -1.0, dtype=torch.float64)
+            for j, i in enumerate(flat):
+                target = us[i] * float(total[j])
+                holders = (ktable[:, j] > 0).nonzero()[:, 0].tolist()
+                owner = next((r for r in holders if target < float(pre[r, j] + ktable[r, j])), holders[-1])
+                if owner == dist.get_rank(group):
+                    cum = float(pre[owner, j]) + torch.cumsum(torch.where(kept[j], e[i], 0.0), 0)
+                    at = int(torch.searchsorted(cum, target, side="right"))
+                    last = int(kept[j].nonzero()[-1])
+                    at = min(at, last)
+                    mine[j, 0], mine[j, 1] = at + v0, x[i, at]
+            g = all_gather(mine, group)                                     # (world, rows_flat, 2)
+            pick2 = g.gather(0, g[..., 0].argmax(0)[None, :, None].expand(1, len(flat), 2))[0]   # the owner's
+            for j, i in enumerate(flat):
+                tokens[i], raw[i] = int(pick2[j, 0]), pick2[j, 1]
+    logprobs = (raw - glse).float()
     tokens[bad] = -1
+    logprobs[bad] = float("nan")
     return tokens, logprobs
 
 
@@ -343,8 +503,9 @@ def vocab_parallel_sample(logits: Tensor, vocab_start: int, temperature: Optiona
 class TPEngine(Engine):
     """tritium.inference.Engine on a TPLlama: every rank runs the same engine on the same requests (the
     scheduling is deterministic), each over its own paged KV cache (its heads only), and picks each token with
-    vocab_parallel_sample. Greedy and temperature sampling (seeded or not); other sampling parameters,
-    beams and top_logprobs raise ValueError."""
+    vocab_parallel_sample: the same sampling parameters as one process (temperature, top-k, top-p, min-p,
+    repetition / presence / frequency penalties, logit bias, seeds), and a seeded request draws the same tokens
+    as Engine in one process. Beams and top_logprobs raise ValueError."""
 
     def __init__(self, model: TPLlama, tokenizer=None, **kwargs):
         if not isinstance(model, TPLlama):
@@ -355,26 +516,28 @@ class TPEngine(Engine):
         src = 0 if self.group is None else dist.get_global_rank(self.group, 0)
         dist.broadcast(seed, src, group=self.group)   # unseeded draws: the same on every rank
         self._seed = int(seed)
+        self._added = 0
 
     def add_request(self, prompt, max_new_tokens: int = 64, params=None, **kwargs):
-        from ..ops.sampling import SamplingParams
-
-        p = params if params is not None else SamplingParams(**{"temperature": 0.0, **{
-            k: v for k, v in kwargs.items() if k in {f.name for f in dataclasses.fields(SamplingParams)}}})
-        if (p.top_k, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty, p.frequency_penalty) != \
-                (0, 1.0, 0.0, 1.0, 0.0, 0.0) or p.logit_bias:
-            raise ValueError("tensor-parallel decoding samples greedily or at a temperature only: top_k, top_p, "
-                             "min_p, penalties and logit_bias are not supported")
         if kwargs.get("num_beams", 1) != 1 or kwargs.get("top_logprobs") is not None:
             raise ValueError("tensor-parallel decoding does not support num_beams > 1 or top_logprobs")
-        return super().add_request(prompt, max_new_tokens, params, **kwargs)
+        req = super().add_request(prompt, max_new_tokens, params, **kwargs)
+        try:   # every rank refuses a bad logit_bias here alike (one process finds it in the step)
+            req.params.validate(self.model.tp.full_config.vocab_size)
+        except ValueError:
+            self.waiting.remove(req)
+            raise
+        # unseeded rows draw from the engine's seed (broadcast: the same on every rank) and this request's number
+        req.tp_seed = (self._seed + self._added) % (2 ** 62) if req.params.seed is None else req.params.seed
+        self._added += 1
+        return req
 
     def _process(self, logits: Tensor, rows: List[tuple]) -> None:
-        temps = [r.params.temperature for r, _ in rows]
-        # a seeded row's noise depends on its seed and position only; unseeded rows draw from the engine's seed
-        seeds = [((self._seed + r.id if r.params.seed is None else r.params.seed) * 1000003 + len(s.tokens))
-                 % (2 ** 62) for r, s in rows]
-        toks, lps = vocab_parallel_sample(logits, self.model.tp.vocab_start, temps, seeds,
+        plist = [r.params for r, _ in rows]
+        history = [s.generated for _, s in rows]
+        # the draw number of a row is its count of generated tokens, as tritium.sample numbers seeded draws
+        uniform = [seeded_uniform(r.tp_seed, len(h)) for (r, _), h in zip(rows, history)]
+        toks, lps = vocab_parallel_sample(logits, self.model.tp.vocab_start, plist, history, uniform,
                                           self.model.tp.full_config.vocab_size, self.group)
         for (r, s), t, lp in zip(rows, toks.tolist(), lps.tolist()):
             if r.done:
@@ -385,4 +548,3 @@ class TPEngine(Engine):
             s.tokens.append(t)
             s.logprobs.append(lp)
             self._after_token(r, s, t)
-
