@@ -13,7 +13,8 @@ R (4, H, Dh, Dh): (h_{t-1} R_g) on head k's columns is h_{t-1}[k's slice] @ R[g,
 its input gate, NX-AI's rule for a zero normaliser). m is the stabiliser: h does not depend on it, and no gradient
 flows through it (the reference detaches it), so a gradient reaching the final state's c and n is that of the
 unstabilised exp(m) c, exp(m) n. The kernels run the scan fused per step, like the LSTM cell scan
-(tritium.ops.rnn): heads are independent, so one task is one (batch, head) and its four (Dh, Dh) blocks.
+(tritium.ops.rnn): heads are independent, so one task is one (batch, head) and its four (Dh, Dh) blocks: C++ on
+the CPU (csrc/slstm.cpp), Triton on CUDA (kernels/slstm.py).
 """
 from __future__ import annotations
 
@@ -95,10 +96,11 @@ def _backward(ctx, dy, dstates, dgates):
 
 slstm_bwd = define_op(
     "slstm_bwd(Tensor dy, Tensor wx, Tensor R, Tensor? h0, Tensor? c0, Tensor? n0, Tensor? m0, Tensor states, "
-    "Tensor gates, Tensor? dhT, Tensor? dcT, Tensor? dnT) -> (Tensor, Tensor, Tensor, Tensor, Tensor)", _fake_bwd)
+    "Tensor gates, Tensor? dhT, Tensor? dcT, Tensor? dnT) -> (Tensor, Tensor, Tensor, Tensor, Tensor)", _fake_bwd,
+    "slstm:slstm_bwd")
 slstm_fwd = define_op(
     "slstm_fwd(Tensor wx, Tensor R, Tensor? h0, Tensor? c0, Tensor? n0, Tensor? m0) -> (Tensor, Tensor, Tensor)",
-    _fake_fwd, backward=_backward, setup_context=_setup)
+    _fake_fwd, "slstm:slstm_fwd", backward=_backward, setup_context=_setup)
 
 
 # ---- validation ----
@@ -130,9 +132,9 @@ def slstm(wx: Tensor, R: Tensor, initial_state: Optional[State] = None, output_f
     included), R (4, H, Dh, Dh) the per-head recurrent blocks, initial_state (h, c, n, m) (B, D) each. Returns
     (h (B, T, D) in wx's dtype, the final state (h, c, n, m) in float32 (float64 for float64 input) or None).
     Differentiable in wx, R and the initial state's h, c, n. Inputs the kernels do not cover (mixed devices, empty,
-    CUDA: no Triton kernel yet) run the reference."""
+    float64 on CUDA) run the reference."""
     _check("slstm", wx, R, initial_state, "initial_state")
-    if not kernel_ok(wx) or wx.device.type != "cpu" or R.device != wx.device or (
+    if not kernel_ok(wx) or R.device != wx.device or (
             initial_state is not None and any(x.device != wx.device for x in initial_state)):
         return slstm_reference(wx, R, initial_state, output_final_state)
     acc = acc_dtype(wx.dtype)
