@@ -291,3 +291,81 @@ def test_linear_module_patch_and_compile():
     torch.testing.assert_close(y, F.linear(x2, model[0].weight, model[0].bias), rtol=1e-5, atol=1e-5)
     y.sum().backward()
     torch.testing.assert_close(x2.grad, model[0].weight.sum(0).expand(130, -1), rtol=1e-5, atol=1e-5)
+
+
+# ---- tritium.linear's rule (linear_plan, the "linear" route): which products run on the panels ----
+@pytest.fixture
+def routes_on():
+    tritium.set_routes(True)
+    yield
+    tritium.set_routes(False)
+
+
+# rows x in x out -> (forward, input gradient, weight gradient) on the panels, with the routes on (float32)
+PLANS = [
+    ((64, 64, 64), (False, False, False)),          # small: F.linear
+    ((256, 128, 4), (False, False, False)),
+    ((2048, 512, 512), (False, False, False)),      # below PLAN_ROWS rows
+    ((4096, 64, 128), (False, False, False)),       # below ROUTE_BELOW["linear"] multiply-adds
+    ((4096, 32, 1024), (False, False, False)),      # short reductions, 32 columns: a partial panel
+    ((4096, 256, 128), (True, True, False)),        # a small weight: its gradient on torch's
+    ((4096, 128, 130), (False, True, False)),       # 130 columns: a partial last panel; 130 -> 128 fills them
+    ((4096, 1024, 1024), (True, True, True)),
+    ((8192, 576, 1536), (True, True, True)),
+]
+
+
+@pytest.mark.parametrize("shape,plan", PLANS, ids=[str(s) for s, _ in PLANS])
+def test_linear_plan_picks_the_intended_path(routes_on, shape, plan):
+    from tritium.ops.linear import linear_plan
+
+    assert linear_plan(*shape) == plan
+    tritium.set_routes(False)   # routes off: every product from 64 rows on the panels (what the tests exercise)
+    assert linear_plan(*shape) == (True, True, True)
+    assert linear_plan(63, *shape[1:]) == (False, False, False)
+
+
+def _tritium_op_counts(fn) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key: e.count for e in prof.key_averages() if e.key.startswith("tritium::")}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(4096, 256, 128), (4096, 128, 130), (4096, 512, 512), (2048, 64, 64)],
+                         ids=str)
+def test_linear_routed_products_match_float64(routes_on, dtype, shape):
+    """With the routes on each product runs where linear_plan says (tritium::mm_pooled for the forward and the
+    input gradient, tritium::linear_wgrad for the weight's, none of them: F.linear), and the values and every
+    gradient are within 2x torch's own error against float64 whichever path each took."""
+    from tritium.ops.linear import linear_plan
+
+    m, k, n = shape
+    plan = linear_plan(m, k, n, dtype)
+    args = [torch.randn(2, m // 2, k, dtype=torch.float64), torch.randn(n, k, dtype=torch.float64) / k ** 0.5,
+            torch.randn(n, dtype=torch.float64)]
+    dy = torch.randn(2, m // 2, n, dtype=torch.float64)
+    (t_out, t_gs), (r_out, r_gs) = torch_and_ref(F.linear, args, dy, dtype)
+    ins = [a.to(dtype).requires_grad_(True) for a in args]
+    got = {}
+
+    def run():
+        out = tritium.linear(*ins)
+        got["out"], got["gs"] = out.detach(), torch.autograd.grad(out, ins, dy.to(dtype))
+
+    counts = _tritium_op_counts(run)
+    assert counts.get("tritium::mm_pooled", 0) == plan[0] + plan[1]
+    assert counts.get("tritium::linear_wgrad", 0) == plan[2]
+    assert_within_torch_error(got["out"], t_out, r_out, "output")
+    for i, (g, tg, rg) in enumerate(zip(got["gs"], t_gs, r_gs)):
+        assert_within_torch_error(g, tg, rg, f"grad {i}")
+
+
+def test_linear_plan_in_info(routes_on):
+    from tritium.utils import cpu_paths
+
+    assert cpu_paths()["linear"].startswith("F.linear below 4096 rows or 67108864 rows x in x out")
+    tritium.set_routes(False)
+    assert cpu_paths()["linear"] == "panel GEMM for every product from 64 rows (routes off: TRITIUM_ROUTES=off)"

@@ -98,7 +98,10 @@ def kernel_ok(x: Tensor, *others: Tensor) -> bool:
 # tritium.set_routes(False) turns the routes off (the kernel tests do); `tritium info` lists them.
 ROUTE_DEFAULT = 1 << 16
 ROUTE_BELOW = {"relu": 1 << 23, "gelu": 1 << 23, "layer_norm": 1 << 23,
-               "softmax": 1 << 22, "log_softmax": 1 << 22, "softmin": 1 << 22}
+               "softmax": 1 << 22, "log_softmax": 1 << 22, "softmin": 1 << 22,
+               # tritium.linear: its size is the product's rows x in x out, not the input's elements; the rest of
+               # its rule (which passes take the panels) is ops/linear.py's linear_plan
+               "linear": 1 << 26}
 _routed_once: set = set()
 _log = logging.getLogger("tritium")
 
@@ -107,10 +110,11 @@ def route_below(op: str) -> int:
     return ROUTE_BELOW.get(op, ROUTE_DEFAULT)
 
 
-def routed(op: str, x: Tensor) -> bool:
+def routed(op: str, x: Tensor, size: Optional[int] = None) -> bool:
     """True when this call of the public function `op` goes to torch's own op: routes on, x a CPU tensor with
-    fewer elements than route_below(op). The first route of each op is logged (logger "tritium", DEBUG)."""
-    if not routes_on() or x.device.type != "cpu" or x.numel() >= route_below(op):
+    fewer elements (or `size`, where the op's cost is not its input's size) than route_below(op). The first route
+    of each op is logged (logger "tritium", DEBUG)."""
+    if not routes_on() or x.device.type != "cpu" or (x.numel() if size is None else size) >= route_below(op):
         return False
     if op not in _routed_once and not torch.compiler.is_compiling():  # (a traced graph logs nothing)
         _routed_once.add(op)

@@ -18,9 +18,10 @@ that repacking is most of the call. The ops here:
 - ``linear_wgrad(dy, x, bias)``: the weight and bias gradients dy^T x and dy.sum(0) in one pass (csrc/panel.h's
   panel_gemm_tn for float from 512 rows: the column sums come from the same transposed chunks of dy, so the bias
   gradient costs no second pass over dy).
-- ``linear(input, weight, bias)`` (public, ``tritium.linear``): the drop-in for F.linear, whose forward and input
-  gradient go through mm_pooled on CPU float from 64 rows, the weight and bias gradients through linear_wgrad
-  (``project``, also the RNN input projection).
+- ``linear(input, weight, bias)`` (public, ``tritium.linear``): the drop-in for F.linear; on CPU float each of its
+  products goes where ``linear_plan`` says (the forward and input gradient through mm_pooled, the weight and bias
+  gradients through linear_wgrad, or torch's own), a call with none on the panels is F.linear. ``project`` (the
+  RNN input projection) takes tritium's kernels for every product.
 
 On GPU the products are cuBLAS's job: the CUDA keys of linear_small, mm_pooled and linear_wgrad run torch's; the
 packed pair is CPU only (nothing to pack for on GPU).
@@ -28,14 +29,15 @@ packed pair is CPU only (nothing to pack for on GPU).
 from __future__ import annotations
 
 import functools
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._backend import use_reference
-from ._library import define_op
+from .._backend import routes_on, use_reference
+from ..utils import register_cpu_path
+from ._library import define_op, route_below
 
 # Row counts up to which linear_small is the faster way on CPU (None: any; see the module docstring).
 MAX_ROWS = {torch.float32: None, torch.float64: 3, torch.bfloat16: 1, torch.float16: 1}
@@ -140,65 +142,125 @@ def _small_rows(rows: int, dtype: torch.dtype, w: Tensor) -> bool:
     return (0 < rows and (limit is None or rows <= limit) and w.dtype == dtype and w.dim() == 2
             and w.is_contiguous())
 
+_ALL_PANELS = (True, True, True)
+
+
 class _Project(torch.autograd.Function):
-    """y (M, N) = x (M, K) @ w (N, K)^T [+ b]: the forward and the input gradient through mm_pooled (panel_gemm
-    for float from 64 rows, into pooled outputs), the weight and bias gradients through linear_wgrad (dy^T x on
-    transposed chunks of dy, the column sums from the same chunks)."""
+    """y (M, N) = x (M, K) @ w (N, K)^T [+ b]. plan (linear_plan's): which of the three products run on tritium's
+    kernels: the forward and the input gradient through mm_pooled (panel_gemm for float from 64 rows, into pooled
+    outputs), the weight and bias gradients through linear_wgrad (dy^T x on transposed chunks of dy, the column
+    sums from the same chunks); the others through torch's own (addmm, mm, sum)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, b: Optional[Tensor]):
+    def forward(ctx, x: Tensor, w: Tensor, b: Optional[Tensor], plan: Tuple[bool, bool, bool] = _ALL_PANELS):
         ctx.save_for_backward(x, w)
-        ctx.has_bias = b is not None
-        return mm_pooled(x, w.t(), b)
+        ctx.has_bias, ctx.plan = b is not None, plan
+        return mm_pooled(x, w.t(), b) if plan[0] else F.linear(x, w, b)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, w = ctx.saved_tensors
-        dx = mm_pooled(dy, w) if ctx.needs_input_grad[0] else None
-        dw = db = None
+        _, dgrad, wgrad = ctx.plan
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = mm_pooled(dy, w) if dgrad else dy.mm(w)
         want_b = ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.needs_input_grad[1]:
-            dw, db = linear_wgrad(dy, x, want_b)
-        elif want_b:
+            if wgrad:
+                dw, db = linear_wgrad(dy, x, want_b)
+            else:
+                dw = dy.t().mm(x)
+        if want_b and db is None:
             db = dy.sum(0)
-        return dx, dw, db if want_b else None
+        return dx, dw, db if want_b else None, None
 
 
 def project(x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> Tensor:
-    """x (M, K) @ w (N, K)^T [+ b] with autograd, through mm_pooled (internal: the RNN input projection and
-    tritium.linear's fast path; any dtype, shapes already checked)."""
-    return _Project.apply(x, w, b)
+    """x (M, K) @ w (N, K)^T [+ b] with autograd, every product through tritium's kernels (mm_pooled, linear_wgrad)
+    (internal: the RNN input projection; any dtype, shapes already checked)."""
+    return _Project.apply(x, w, b, _ALL_PANELS)
 
 
-# From 64 rows the packed panels are reused by enough rows to beat BLAS's product (forward and input gradient at
-# a transformer's shapes, bench/results/); below that mm_pooled calls BLAS anyway
+# From 64 rows the packed panels can be reused by enough rows to beat BLAS's product; below that mm_pooled calls
+# BLAS anyway
 _MIN_ROWS = 64
+# tritium.linear's rule with the routes on (linear_plan). The panels pay off only where their gain outweighs the
+# Python autograd wrapper's fixed cost and BLAS's own threading is at its weakest: many rows. A product onto n
+# columns reducing over k takes the panels only with a long enough reduction and whole panels (a partial last
+# panel computes its padding too: a product onto 96 columns does the work of 128). The weight gradient (dy^T x,
+# reducing over the rows) gains only on large weights. Below PLAN_ROWS rows, or ROUTE_BELOW["linear"]
+# multiply-adds, the whole call is F.linear.
+PLAN_ROWS = 4096
+PLAN_MIN_K = 128
+PLAN_WGRAD_ELEMS = 1 << 18
 
 
-def _linear_fast(input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+def _whole_panels(cols: int, width: int) -> bool:
+    """True when `cols` output columns fill their panels of `width` (or waste under 1/16 of the work in the last)."""
+    return cols % width == 0 or cols >= 16 * width
+
+
+def linear_plan(rows: int, k: int, n: int, dtype: torch.dtype = torch.float32) -> Tuple[bool, bool, bool]:
+    """Which products of tritium.linear on CPU (float32/float64, rows x k @ (n x k)^T) run on tritium's panel GEMM:
+    (forward, input gradient, weight and bias gradients); the others are torch's own, and with none on the panels
+    the call is F.linear. The one place the rule lives. TRITIUM_ROUTES=off: every product from 64 rows on the
+    panels (the tests exercise the kernels at their small shapes)."""
+    if rows < _MIN_ROWS or k == 0 or n == 0:
+        return (False, False, False)
+    if not routes_on():
+        return _ALL_PANELS
+    if rows < PLAN_ROWS or rows * k * n < route_below("linear"):
+        return (False, False, False)
+    width = _panel_width(dtype)
+
+    def product(red: int, cols: int) -> bool:
+        return red >= PLAN_MIN_K and _whole_panels(cols, width)
+
+    return (product(k, n), product(n, k),
+            k * n >= PLAN_WGRAD_ELEMS and _whole_panels(k, width) and n >= width)
+
+
+def _linear_path() -> str:
+    """tritium.linear's rule for `tritium info` (utils.cpu_paths)."""
+    if not routes_on():
+        return f"panel GEMM for every product from {_MIN_ROWS} rows (routes off: TRITIUM_ROUTES=off)"
+    return (f"F.linear below {PLAN_ROWS} rows or {route_below('linear')} rows x in x out; else per product: panel "
+            f"GEMM with a reduction of {PLAN_MIN_K} or more onto whole panels (the weight gradient: weights of "
+            f"{PLAN_WGRAD_ELEMS} elements or more), torch's otherwise")
+
+
+register_cpu_path("linear", _linear_path)
+
+
+def _linear_plan(input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tuple[bool, bool, bool]:
+    """linear_plan for a call tritium's kernels can take, else (False, False, False) (F.linear)."""
+    no = (False, False, False)
     if not (isinstance(input, Tensor) and isinstance(weight, Tensor)) or use_reference():
-        return False
+        return no
     if input.dtype not in (torch.float32, torch.float64) or weight.dtype != input.dtype:
-        return False
+        return no
     if input.device.type != "cpu" or weight.device != input.device or input.dim() < 2 or weight.dim() != 2:
-        return False
+        return no
     n, k = weight.shape
     if input.shape[-1] != k or k == 0 or n == 0 or not weight.is_contiguous():
-        return False
+        return no
     if bias is not None and not (isinstance(bias, Tensor) and bias.dtype == input.dtype and bias.dim() == 1
                                  and bias.shape[0] == n and bias.device == input.device):
-        return False
-    return input.numel() // k >= _MIN_ROWS
+        return no
+    return linear_plan(input.numel() // k, k, n, input.dtype)
 
 
 def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """Drop-in for torch.nn.functional.linear: input (*, in) @ weight (out, in)^T + bias. On CPU in float32 /
-    float64 from 64 rows the products run on tritium's panel GEMM (csrc/panel.h) into pooled outputs (the
-    weight and bias gradients in one pass from 512 rows: linear_wgrad); every other case is torch's F.linear
-    itself (same values, same errors)."""
-    if _linear_fast(input, weight, bias):
+    float64 the products linear_plan picks run on tritium's panel GEMM (csrc/panel.h) into pooled outputs (the
+    forward and input gradient: mm_pooled; the weight and bias gradients in one pass: linear_wgrad), the others
+    on torch's; every other case is torch's F.linear itself (same values, same errors)."""
+    if routes_on() and isinstance(input, Tensor) and input.numel() < PLAN_ROWS * input.shape[-1:].numel():
+        return F.linear(input, weight, bias)   # too few rows for any panel product (linear_plan), checked first
+    plan = _linear_plan(input, weight, bias)
+    if any(plan):
         k = weight.shape[1]
-        return project(input.reshape(-1, k), weight, bias).view(*input.shape[:-1], weight.shape[0])
+        return _Project.apply(input.reshape(-1, k), weight, bias, plan).view(*input.shape[:-1], weight.shape[0])
     return F.linear(input, weight, bias)
 
 
