@@ -168,6 +168,12 @@ formulations (efficient-kan's basis then a matmul; tanh * sigmoid then the 1x1 p
 `torch.compile`.
 """
 
+LINEAR_PROSE = """\
+`tritium.linear`, the drop-in for `F.linear` (shape = rows x in x out, bias), against `F.linear` and its
+`torch.compile`: the float32 products `linear_plan` puts on tritium's panel GEMM (many rows, long reductions, whole
+panels) and the ones it leaves to torch (the call is then `F.linear` itself); bfloat16 is `F.linear` on both sides.
+"""
+
 MLSTM_PROSE = """\
 xLSTM's matrix-memory cell (`tritium.mlstm`: the chunkwise-parallel form with stabilised exponential gating)
 against its eager reference (the step-by-step recurrence written in torch ops) and, forward only, its
@@ -510,6 +516,8 @@ KNOWN = [
     ("kan-wavenet-amd-avx512.json", "tritium bench ops --op kan_spline --op wavenet_gate --json "
                                     "bench/results/kan-wavenet-amd-avx512.json",
      f"KAN splines and the WaveNet gate on {MACHINE_KINDS['amd-avx512']}", KAN_WAVENET_PROSE, ops_section),
+    ("linear-amd-avx512.json", "tritium bench ops --op linear --json bench/results/linear-amd-avx512.json",
+     f"tritium.linear on {MACHINE_KINDS['amd-avx512']}", LINEAR_PROSE, ops_section),
     ("mlstm-amd-avx512.json", "tritium bench ops --op mlstm --mode fwd --no-compile --json "
                               "bench/results/mlstm-amd-avx512.json",
      f"xLSTM's mLSTM on {MACHINE_KINDS['amd-avx512']}: forward", MLSTM_PROSE, ops_section),
