@@ -1,7 +1,7 @@
 """The torchrun recipe for data-parallel training of tritium's classic models (``tritium train``'s digits
 configurations) under DDP or FSDP2 (``torch.distributed.fsdp.fully_shard``) with ``tritium.optim.AdamW``:
 
-    torchrun --nproc-per-node 2 -m tritium.cli.train_dist --model encoder --shard fsdp
+    torchrun --nproc-per-node 2 -m tritium.cli.train_dist --model encoder --shard fsdp [--compile]
 
 Every rank draws the same global batches as ``tritium train`` (the same seeded order; the recipe's batch size is
 the global batch) and trains on its slice of each, so N ranks take the same steps as one process on the whole
@@ -37,6 +37,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="default: tritium train's recipe")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default=None, help="gloo (CPU, the default) or nccl (one GPU per rank)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the wrapped model (DDP or fully_shard)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile's backend with --compile (default inductor; aot_eager traces without code "
+                   "generation)")
     args = p.parse_args(argv)
 
     backend = args.backend or "gloo"
@@ -70,6 +74,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if isinstance(m, (Block, BasicBlock)):
                     fully_shard(m)
             wrapped = fully_shard(model)
+        if args.compile:   # after wrapping: Dynamo splits DDP's graph at its buckets and traces FSDP2's hooks
+            wrapped = torch.compile(wrapped, backend=args.compile_backend)
         steps = recipe.epochs * math.ceil(len(y_train) / recipe.batch)
         opt = AdamW(wrapped.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
         sched = warmup_cosine(opt, steps, max(1, steps // 20))
@@ -94,7 +100,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         seconds = time.perf_counter() - t0
         acc = accuracy(wrapped, transform, x_test, y_test)   # every rank: FSDP2's forward is a collective
         if rank == 0:
-            print(f"{args.model} ({args.shard}, {world} ranks, {backend}): {steps} steps in {seconds:.1f} s, "
+            how = f"{args.shard}, compiled ({args.compile_backend})" if args.compile else args.shard
+            print(f"{args.model} ({how}, {world} ranks, {backend}): {steps} steps in {seconds:.1f} s, "
                   f"loss {last.item() / world:.4f} (mean of the last steps), test accuracy {acc:.4f}")
     finally:
         dist.destroy_process_group()
