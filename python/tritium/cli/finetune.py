@@ -71,6 +71,23 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _run(args) -> int:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:   # under torchrun: data-parallel over the adapters (tritium.distributed.finetune_ddp)
+        import datetime
+
+        import torch.distributed as dist
+
+        if not args.threads:   # the ranks share this machine's cores
+            args.threads = max(1, (os.cpu_count() or 1) // world)
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
+        try:
+            return _run_ranks(args, dist.get_rank(), world)
+        finally:
+            dist.destroy_process_group()
+    return _run_ranks(args, 0, 1)
+
+
+def _run_ranks(args, rank: int, world: int) -> int:
     import torch
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -90,13 +107,13 @@ def _run(args) -> int:
         held = None
     if args.eval is not None:
         held = ft.read_jsonl(args.eval)[:args.eval_size]
-    console = Console(stderr=True)
+    console = Console(stderr=True, quiet=rank > 0)   # rank 0 reports
     model, tok = load_with_progress(args.model, args.dtype, console, "float")
     console.print(f"[dim]{model.load_note} | {len(train)} training examples[/dim]")
     result = {"model": args.model or "SmolLM2-135M-Instruct (embedded)", "dtype": str(model.dtype).split(".")[-1],
               "data": args.data, "train_examples": len(train), "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
               "targets": args.targets, "qlora": args.qlora, "epochs": args.epochs, "lr": args.lr,
-              "batch_size": args.batch_size}
+              "batch_size": args.batch_size, "ranks": world}
     if held:
         before, _ = ft.exact_match(model, tok, held)
         result["exact_match_before"] = before
@@ -107,7 +124,7 @@ def _run(args) -> int:
     stats = {"tokens": 0, "seconds": 0.0}
     with Progress(TextColumn("[bold]fine-tuning"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=rank > 0) as progress:
         task = progress.add_task("train", total=None, loss="-", tps="-")
 
         def on_step(step, total, loss, tokens, seconds):
@@ -117,12 +134,20 @@ def _run(args) -> int:
                             tps=f"{stats['tokens'] / stats['seconds']:.0f}")
 
         t0 = time.perf_counter()
-        losses = ft.finetune(model, tok, train, cfg, on_step)
+        if world > 1:
+            from tritium.distributed import finetune_ddp
+
+            losses = finetune_ddp(model, tok, train, cfg, on_step)
+        else:
+            losses = ft.finetune(model, tok, train, cfg, on_step)
         wall = time.perf_counter() - t0
+    if rank > 0:   # the same adapters as rank 0's: rank 0 saves and evaluates them
+        return 0
     tritium.lora.save(model, args.out, base_model_name_or_path=args.model or "HuggingFaceTB/SmolLM2-135M-Instruct")
     result.update(steps=len(losses), first_loss=losses[0], last_loss=losses[-1], seconds=wall,
                   tokens_per_s=stats["tokens"] / stats["seconds"])
-    console.print(f"{len(losses)} steps in {wall:.0f} s ({result['tokens_per_s']:.0f} tok/s), loss "
+    console.print(f"{len(losses)} steps in {wall:.0f} s ({result['tokens_per_s']:.0f} tok/s"
+                  f"{f' per rank, {world} ranks' if world > 1 else ''}), loss "
                   f"{losses[0]:.4f} -> {losses[-1]:.4f}; adapter saved to {args.out}")
     if held:
         ft.dequantize_bases(model)

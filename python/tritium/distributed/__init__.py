@@ -5,9 +5,11 @@ tensor-parallel Llama decoding.
 NCCL on GPUs); ``zigzag_shard`` / ``zigzag_gather`` convert a full sequence to and from the load-balanced layout
 causal ring attention takes. ``shard_llama`` gives each rank its Megatron-style shard of a Llama (``TPLlama``,
 served by ``TPEngine``), with ``vocab_parallel_cross_entropy`` / ``vocab_parallel_sample`` on its slice of the
-logits; ``count_comm`` counts the bytes its collectives move. See docs/distributed.md.
+logits; ``count_comm`` counts the bytes its collectives move. ``finetune_ddp`` is the LoRA fine-tune on N
+processes (DDP over the adapters). See docs/distributed.md.
 """
 from .comm import CommStats, count_comm  # noqa: F401
+from .lora import finetune_ddp  # noqa: F401
 from .ring import (RingStats, collect_stats, ring_attention, zigzag_gather, zigzag_lengths,  # noqa: F401
                    zigzag_local_lengths, zigzag_shard, zigzag_unshard)
 from .tp import (TPEngine, TPLlama, gather_vocab, shard_from_state_dict, shard_llama, tp_shards,  # noqa: F401
@@ -16,4 +18,4 @@ from .tp import (TPEngine, TPLlama, gather_vocab, shard_from_state_dict, shard_l
 __all__ = ["ring_attention", "zigzag_lengths", "zigzag_local_lengths", "zigzag_shard", "zigzag_unshard",
            "zigzag_gather", "collect_stats", "RingStats", "shard_llama", "shard_from_state_dict", "TPLlama",
            "TPEngine", "tp_shards", "gather_vocab", "vocab_parallel_cross_entropy", "vocab_parallel_sample",
-           "count_comm", "CommStats"]
+           "count_comm", "CommStats", "finetune_ddp"]
