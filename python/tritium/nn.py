@@ -626,18 +626,22 @@ def quantize_(model: torch.nn.Module, mode: str = "int8", group_size: int = None
               filter=None) -> torch.nn.Module:
     """Convert ``model``'s linear layers in place to QuantizedLinear (weight-only: "int8" per output channel, or
     per group when group_size is given; "int4" per group of group_size, default 32) and return the model.
-    Every torch.nn.Linear (and subclass) is converted, or those for which ``filter(module, qualified_name)`` is
-    true. A tritium Llama (tritium.models.llama.Llama) converts its own projections and LM head instead
-    (Llama.quantize_). The float weights are released. ``int8_act``: the layers' activation mode
-    (QuantizedLinear)."""
+    Every torch.nn.Linear (and subclass) is converted and every tritium.nn.MoE stores its experts quantized
+    (MoE.quantize_), or those for which ``filter(module, qualified_name)`` is true. A tritium Llama
+    (tritium.models.llama.Llama) converts its own projections, experts and LM head instead (Llama.quantize_).
+    The float weights are released. ``int8_act``: the layers' activation mode (QuantizedLinear)."""
     from .models.llama import Llama
 
     if isinstance(model, Llama):
         return model.quantize_(mode, group_size, int8_act)
+    if isinstance(model, MoE):
+        return model.quantize_(mode, group_size, int8_act)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, torch.nn.Linear) and (filter is None or filter(child, full)):
+            if isinstance(child, MoE) and (filter is None or filter(child, full)):
+                child.quantize_(mode, group_size, int8_act)
+            elif isinstance(child, torch.nn.Linear) and (filter is None or filter(child, full)):
                 setattr(module, child_name, QuantizedLinear.from_linear(child, mode, group_size, int8_act))
     return model
 
@@ -807,6 +811,7 @@ class MoE(torch.nn.Module):
         self.w13 = torch.nn.Parameter(torch.empty(num_experts, 2 * ffn_dim, dim, **kw))
         self.w2 = torch.nn.Parameter(torch.empty(num_experts, dim, ffn_dim, **kw))
         self.shared = SwiGLU(dim, ffn_dim, **kw) if shared_expert else None
+        self.experts13 = self.experts2 = None   # quantize_: the experts' projections as QuantizedLinear modules
         self.reset_parameters()
 
     @torch.no_grad()
@@ -814,14 +819,69 @@ class MoE(torch.nn.Module):
         """nn.Linear's default initialisation for each expert's projections and the router."""
         for w, fan_in in ((self.router_weight, self.dim), (self.w13, self.dim), (self.w2, self.ffn_dim)):
             bound = 1.0 / fan_in ** 0.5
-            w.uniform_(-bound, bound)
+            if w is not None:
+                w.uniform_(-bound, bound)
+
+    @torch.no_grad()
+    def quantize_(self, mode: str = "int8", group_size: int = None, int8_act: int = 0) -> "MoE":
+        """Store each expert's fused gate/up projection (w13[e]) and down projection (w2[e]) quantized, as
+        ``experts13`` and ``experts2`` (ModuleLists of QuantizedLinear: "int8" per output channel or per group,
+        "int4" per group of group_size, default 32; int8_act as QuantizedLinear's), and the shared expert's linear
+        layers likewise; w13 and w2 are released. Forward then runs tritium.ops.moe_ops.moe_quantized: each step
+        reads only the experts its tokens are routed to, in 4 or 8 bits. For inference and frozen-base training
+        (gradients reach x and the router, not the experts). Returns self."""
+        if self.experts13 is not None:
+            return self
+
+        def quantized(w: Tensor) -> QuantizedLinear:
+            return QuantizedLinear(ops.quant.QuantizedWeight.quantize(w, mode, group_size), None, int8_act)
+
+        self.set_quantized_experts([quantized(w) for w in self.w13.detach()], [quantized(w) for w in self.w2.detach()])
+        if self.shared is not None:
+            quantize_(self.shared, mode, group_size, int8_act)
+        return self
+
+    def expert_weights(self):
+        """(w13, w2) as float stacks (detached): the parameters, or the quantized experts dequantized (float32)."""
+        if self.experts13 is None:
+            return self.w13.detach(), self.w2.detach()
+
+        def dense(m) -> Tensor:
+            parts = list(m) if isinstance(m, torch.nn.ModuleList) else [m]
+            return torch.cat([q.weight.dequantize() for q in parts], 0)
+
+        return (torch.stack([dense(m) for m in self.experts13]), torch.stack([dense(m) for m in self.experts2]))
+
+    def set_quantized_experts(self, experts13, experts2) -> None:
+        """Run the experts from quantized projections, one per expert: experts13[e] its [gate; up] product
+        (dim -> 2 ffn_dim) and experts2[e] its down product (ffn_dim -> dim), e.g. QuantizedLinear modules built
+        from a GGUF file's blocks; w13 and w2 are released. None and None go back to float experts (new, uninitialised
+        w13 and w2 in the router's dtype)."""
+        if experts13 is None:
+            kw = {"device": self.router_weight.device, "dtype": self.router_weight.dtype}
+            self.experts13 = self.experts2 = None
+            self.w13 = torch.nn.Parameter(torch.empty(self.num_experts, 2 * self.ffn_dim, self.dim, **kw))
+            self.w2 = torch.nn.Parameter(torch.empty(self.num_experts, self.dim, self.ffn_dim, **kw))
+            return
+        experts13, experts2 = torch.nn.ModuleList(experts13), torch.nn.ModuleList(experts2)
+        ops.moe_ops.check_quantized_experts("MoE.set_quantized_experts", self.router_weight.new_empty(0, self.dim),
+                                            self.router_weight, experts13, experts2, self.top_k, self.score,
+                                            self.renormalize)
+        if (experts13[0].out_features, experts13[0].in_features) != (2 * self.ffn_dim, self.dim):
+            raise ValueError(f"MoE.set_quantized_experts: the experts must be (2 ffn_dim, dim) = "
+                             f"({2 * self.ffn_dim}, {self.dim}), got ({experts13[0].out_features}, "
+                             f"{experts13[0].in_features})")
+        self.w13 = self.w2 = None   # registered Parameters set to None: gone from parameters() and the state_dict
+        self.experts13, self.experts2 = experts13, experts2
 
     def forward(self, x: Tensor):
         from .reference import moe as reference_moe
 
         args = (x, self.router_weight, self.w13, self.w2, self.top_k, self.score, self.renormalize,
                 self.aux_loss_coef, self.z_loss_coef)
-        if self.impl == "reference":
+        if self.experts13 is not None:
+            out = ops.moe_ops.moe_quantized(x, self.router_weight, self.experts13, self.experts2, *args[4:])
+        elif self.impl == "reference":
             ops.moe_ops.check_moe_args("MoE", *args[:7])
             out = ops.moe_ops.MoEOutput(*reference_moe(*args))
         else:
@@ -833,4 +893,5 @@ class MoE(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, ffn_dim={self.ffn_dim}, num_experts={self.num_experts}, top_k={self.top_k}, "
                 f"score={self.score!r}, renormalize={self.renormalize}, shared_expert={self.shared is not None}"
-                f"{', impl=reference' if self.impl == 'reference' else ''}")
+                f"{', impl=reference' if self.impl == 'reference' else ''}"
+                f"{', experts quantized' if self.experts13 is not None else ''}")

@@ -148,12 +148,16 @@ def test_paged_step_matches_full_forward(name, last_only):
             torch.testing.assert_close(out[i], model(torch.tensor([s]))[0, -1], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("quantize", [None, "int8"])
+# tiny-moe with every in_features a multiple of 32, so "int4" (groups of 32) quantizes every projection
+QCFG = dataclasses.replace(CONFIGS["tiny-moe"], vocab_size=261, dim=64, n_heads=8, ffn_dim=64)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
 def test_engine_serves_moe(quantize):
     """Continuous batching over the paged cache: each request's greedy tokens equal the eager twin's (float
-    weights), and batching requests together changes none of them; quantized projections (the experts stay
-    float) serve too."""
-    cfg = dataclasses.replace(CONFIGS["tiny-moe"], vocab_size=261)
+    weights), and batching requests together changes none of them; quantized models (projections and experts)
+    serve too."""
+    cfg = QCFG
     model = build(cfg).init_random(std=0.3, generator=torch.Generator().manual_seed(1))
     tok = Tokenizer.from_gguf_metadata(byte_tokenizer_meta())
     prompts = ["hello world", "a", "the quick brown fox jumps", "1234"]
@@ -166,6 +170,35 @@ def test_engine_serves_moe(quantize):
                 for p in prompts]
     got = Engine(model, tok, max_batch=4, block_size=4).generate(prompts, max_new_tokens=10, stop_token_ids=[])
     assert [r.token_ids for r in got] == want
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantize_stores_experts_quantized(mode):
+    """Llama.quantize_ quantizes the experts with the projections: no float expert weight is left, and the
+    logits equal those of the float model holding every weight dequantized (float activations), prefill and
+    paged step alike; int8 activations (mode 1) stay close to them."""
+    import copy
+
+    model = build(QCFG).init_random(std=0.1, generator=torch.Generator().manual_seed(2))
+    float_model = copy.deepcopy(model)
+    model.quantize_(mode)
+    assert not [n for n, _ in model.named_parameters() if "w13" in n or "w2" in n]
+    with torch.no_grad():
+        for q, f in zip(model._linears(), float_model._linears()):
+            f.weight.copy_(q.quant.weight.dequantize())
+        for q, f in zip(model._moes(), float_model._moes()):
+            f.w13.copy_(torch.stack([e.weight.dequantize() for e in q.experts13]))
+            f.w2.copy_(torch.stack([e.weight.dequantize() for e in q.experts2]))
+        ids = torch.randint(0, QCFG.vocab_size, (2, 11))
+        want = float_model(ids)
+        torch.testing.assert_close(model(ids), want, rtol=1e-4, atol=1e-4)
+        seqs = [ids[0].tolist(), ids[1, :5].tolist()]
+        out = _paged_step(model, seqs, last_only=True)
+        torch.testing.assert_close(out[0], want[0, -1], rtol=1e-4, atol=1e-4)
+        model.set_int8_activations(1)
+        assert {(e.int8_act, d.int8_act) for m in model._moes() for e, d in zip(m.experts13, m.experts2)} == {(1, 2)}
+        got = model(ids)
+        assert (got - want).abs().max() < 0.05 * want.abs().max()
 
 
 def test_bfloat16_and_compile():
@@ -230,19 +263,24 @@ def test_loads_transformers_saved_mixtral_directory(tmp_path):
         load(str(tmp_path))
 
 
-def test_loads_gguf_mixture_of_experts(tmp_path):
+@pytest.mark.parametrize("types", [("Q8_0", "Q8_0", "Q8_0"), ("Q4_0", "Q4_1", "Q8_0")], ids=["q8_0", "mixed"])
+def test_loads_gguf_mixture_of_experts(tmp_path, types):
     """A GGUF in llama.cpp's Mixtral layout (expert_count / expert_used_count metadata, the experts' gate, up and
     down stacked 3-D as ffn_gate_exps / ffn_up_exps / ffn_down_exps, the router ffn_gate_inp), with the expert
-    stacks in Q8_0: the loaded model equals one built from the dequantised tensors; the experts are served float
-    (dequantised at load) in every weights mode."""
+    stacks quantized (gate, up and down in `types`): the loaded model equals one built from the dequantised
+    tensors, with weights="float" (experts dequantised at load) and weights="native" (each expert served from its
+    own blocks: gate and up fused when their formats agree, side by side when not)."""
     from tritium.models import load
+    from tritium.models.llama import QuantizedParts
 
     from .test_llama import write_gguf
 
     cfg = dataclasses.replace(CONFIGS["tiny-moe"], dim=64, n_heads=8, n_kv_heads=2, ffn_dim=96)   # Q8_0: 32-blocks
     model = build(cfg).init_random(generator=torch.Generator().manual_seed(0))
     path = tmp_path / "moe.gguf"
-    expected = write_gguf(path, model, qtype_of=lambda name: "Q8_0" if "experts." in name else "F32")
+    of = dict(zip(("gate_proj", "up_proj", "down_proj"), types))
+    expected = write_gguf(path, model, qtype_of=lambda name: of[name.rsplit(".", 1)[-1]] if "experts." in name
+                          else "F32")
     ref = build(cfg)
     w = {k: torch.from_numpy(v).float() for k, v in expected.items()}
     sd = model.hf_state_dict()
@@ -260,4 +298,10 @@ def test_loads_gguf_mixture_of_experts(tmp_path):
         assert (loaded.config.num_experts, loaded.config.top_k) == (4, 2)
         with torch.no_grad():
             torch.testing.assert_close(loaded(ids), ref(ids), rtol=1e-5, atol=1e-5)
-    assert not torch.equal(loaded.layers[0].mlp.moe.w13, model.layers[0].mlp.moe.w13)   # Q8_0 rounded them
+        moe = loaded.layers[0].mlp.moe
+        assert (moe.w13 is None) == (weights == "native")
+        if weights == "native":
+            assert {q.weight.bits for q in moe.experts2} == {8}
+            assert isinstance(moe.experts13[0], QuantizedParts) == (types[0] != types[1])
+            assert loaded.weight_bytes_per_token() < ref.weight_bytes_per_token() / 2
+    assert not torch.equal(moe.expert_weights()[0], model.layers[0].mlp.moe.w13)   # the quantization rounded them

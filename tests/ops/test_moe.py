@@ -199,3 +199,86 @@ def test_mixed_dtypes_go_to_reference():
     x, rw, w13, w2 = _inputs()
     with pytest.raises(RuntimeError):
         tritium.moe(x.float(), rw.bfloat16(), w13.float(), w2.float(), 2)
+
+
+def _dequantized_twin(m):
+    """A float MoE holding m's quantized experts dequantized (what the quantized forward multiplies by)."""
+    twin = tritium.nn.MoE(m.dim, m.ffn_dim, m.num_experts, m.top_k, m.score, m.renormalize, impl="reference",
+                          aux_loss_coef=m.aux_loss_coef, z_loss_coef=m.z_loss_coef)
+    with torch.no_grad():
+        twin.router_weight.copy_(m.router_weight)
+        twin.w13.copy_(torch.stack([q.weight.dequantize() for q in m.experts13]))
+        twin.w2.copy_(torch.stack([q.weight.dequantize() for q in m.experts2]))
+    return twin
+
+
+@pytest.mark.parametrize("mode,group", [("int8", None), ("int8", 32), ("int4", 32)])
+@pytest.mark.parametrize("k", (1, 2))
+def test_quantized_experts_match_dequantized_twin(mode, group, k):
+    """MoE.quantize_: the experts' weights become QuantizedLinear modules (the float stacks are released) and
+    the forward, with float activations, equals the eager loop over the dequantized experts: output, both router
+    losses, and the gradients of x and the router weight (the experts are frozen)."""
+    torch.manual_seed(0)
+    m = tritium.nn.MoE(64, 96, 6, k, aux_loss_coef=0.5, z_loss_coef=0.25)
+    tritium.quantize_(m, mode, group)
+    assert m.w13 is None and m.w2 is None and len(m.experts13) == 6
+    assert not any(n.startswith(("w13", "w2")) for n, _ in m.named_parameters())
+    assert {q.weight.bits for q in [*m.experts13, *m.experts2]} == {4 if mode == "int4" else 8}
+    twin = _dequantized_twin(m)
+    x = torch.randn(3, 13, 64, requires_grad=True)
+    got, want = m(x), twin(x)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(x)
+    grads = [torch.autograd.grad((o.output * dy).sum() + o.aux_loss + o.z_loss, (x, mod.router_weight))
+             for o, mod in ((got, m), (want, twin))]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert "experts quantized" in repr(m)
+
+
+def test_quantized_experts_bfloat16_and_idle_experts():
+    """bfloat16 activations through the quantized experts stay within 2x of the eager loop's own bfloat16 error
+    (both against the float64 loop over the same dequantized weights); an expert no token is routed to is never
+    run; a token batch of one (a decode step) works."""
+    torch.manual_seed(1)
+    m = tritium.quantize_(tritium.nn.MoE(64, 96, 6, 2), "int4", 32)
+    twin = _dequantized_twin(m)
+    x = torch.randn(2, 9, 64)
+    ref = twin.double()(x.double()).output
+    eager = twin.bfloat16()(x.bfloat16()).output
+    got = m.bfloat16()(x.bfloat16()).output
+    assert got.dtype == torch.bfloat16
+    assert (got.double() - ref).abs().max() <= 2 * (eager.double() - ref).abs().max()
+    calls = []
+    hooks = [q.register_forward_hook(lambda mod, i, o, e=e: calls.append(e)) for e, q in enumerate(m.experts13)]
+    y = m(x[:1, :1].bfloat16()).output
+    assert y.shape == (1, 1, 64) and len(calls) == 2   # top-2: two experts run, the other four are not read
+    for h in hooks:
+        h.remove()
+
+
+def test_quantized_experts_bad_input():
+    m = tritium.quantize_(tritium.nn.MoE(64, 96, 4, 2), "int8")
+    with pytest.raises(ValueError, match=r"x must be \(\*, dim\) = \(\*, 64\), got shape \(3, 60\)"):
+        m(torch.randn(3, 60))
+    with pytest.raises(ValueError, match="experts13 and experts2 must hold one projection per expert"):
+        tritium.ops.moe_ops.moe_quantized(torch.randn(3, 64), m.router_weight, m.experts13, m.experts2[:3], 2)
+    with pytest.raises(ValueError, match=r"expert 1's projections must be \(2F, D\) = \(192, 64\)"):
+        swapped = [m.experts13[0], m.experts2[0], *m.experts13[2:]]
+        tritium.ops.moe_ops.moe_quantized(torch.randn(3, 64), m.router_weight, swapped, m.experts2, 2)
+
+
+def test_quantize_model_with_moe_and_filter():
+    """tritium.quantize_ on a model holding an MoE quantizes its experts (and its shared expert's linears) with
+    the model's linear layers; a filter that rejects the MoE leaves its experts float."""
+    model = torch.nn.Module()
+    model.proj = torch.nn.Linear(64, 64)
+    model.moe = tritium.nn.MoE(64, 96, 4, 2, shared_expert=True)
+    tritium.quantize_(model, "int8")
+    assert isinstance(model.proj, tritium.nn.QuantizedLinear) and model.moe.experts13 is not None
+    assert isinstance(model.moe.shared.down_proj, tritium.nn.QuantizedLinear)
+    kept = torch.nn.Module()
+    kept.moe = tritium.nn.MoE(64, 96, 4, 2)
+    tritium.quantize_(kept, "int8", filter=lambda m, name: name != "moe")
+    assert kept.moe.experts13 is None and kept.moe.w13 is not None

@@ -423,7 +423,7 @@ def _gguf_tensors(reader, config: dict, native: bool, where: str):
         t = names.get(g)
         _check_tensor(where, g, None if t is None else t.shape, tuple(reversed(shape)), why, config["n_layers"])
         kind = t.tensor_type.name
-        if native and len(shape) == 2 and kind not in _FLOAT_TYPES:
+        if native and len(shape) in (2, 3) and kind not in _FLOAT_TYPES:
             if kind not in SUPPORTED_QUANT:
                 _fail(where, f"tensor {g} has type {kind}: native weights serve {', '.join(SUPPORTED_QUANT)} "
                              f"(and {', '.join(_FLOAT_TYPES)} as float); weights='float' dequantises it")
@@ -452,7 +452,7 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32, progress: Progress 
             heads = config["n_heads"]
         elif name.endswith("k_proj.weight"):
             heads = config["n_kv_heads"]
-        if native and len(t.shape) == 2 and t.tensor_type.name not in _FLOAT_TYPES:
+        if native and len(t.shape) in (2, 3) and t.tensor_type.name not in _FLOAT_TYPES:   # 3-D: expert stacks
             _finite_scales(t, where)
             weights[name] = QuantTensor(t, heads)
         else:

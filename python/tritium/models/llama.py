@@ -552,6 +552,9 @@ class Llama(nn.Module):
     def _linears(self) -> List[Linear]:
         return [m for m in self.modules() if isinstance(m, Linear)]
 
+    def _moes(self) -> List[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
     def pack_for_inference(self, enable: bool = True) -> "Llama":
         """Ready the serving path (forward_step): give every projection and the LM head a PackedLinear, which
         chooses how to compute its product on this device and dtype and keeps the packed copy that needs
@@ -577,8 +580,9 @@ class Llama(nn.Module):
         return any(lin.quant is not None for lin in self._linears())
 
     def quantize_(self, mode: str = "int8", group_size: Optional[int] = None, int8_act: int = 0) -> "Llama":
-        """Store every projection and the LM head quantized (tritium.nn.QuantizedLinear: "int8" per output
-        channel or per group, "int4" per group of group_size, default 32), releasing the float weights. The LM
+        """Store every projection, every MoE expert (tritium.nn.MoE.quantize_) and the LM head quantized
+        (tritium.nn.QuantizedLinear: "int8" per output channel or per group, "int4" per group of group_size,
+        default 32), releasing the float weights. The LM
         head is 8-bit in either mode (per group of 32 under "int4", llama.cpp's Q8_0 for the output of a 4-bit
         file): the logits decide every token, and a 4-bit head moves greedy decoding off the float model's within
         a few tokens. A tied LM head quantizes the embedding table too (looked up by dequantising the wanted
@@ -593,6 +597,8 @@ class Llama(nn.Module):
                     m, g = "int8", 32 if lin.in_features % 32 == 0 else None
                 qw = QuantizedWeight.quantize(lin.weight.detach(), m, g)
                 lin.set_quantized(QuantizedLinear(qw, None))
+        for moe in self._moes():
+            moe.quantize_(mode, group_size)
         if self.config.tie_embeddings:
             self._tie_quantized()
         return self.set_int8_activations(int8_act).consolidate_weights()
@@ -673,6 +679,9 @@ class Llama(nn.Module):
         for lin in self._linears():
             for m in lin.quant_parts:
                 m.int8_act = 0 if not mode else lin.int8_terms if mode == 1 else 2
+        for moe in self._moes():   # the experts' gate/up and down products as the dense MLP's
+            for gate_up, down in zip(moe.experts13 or (), moe.experts2 or ()):
+                gate_up.int8_act, down.int8_act = (0, 0) if not mode else (1, 2) if mode == 1 else (2, 2)
         return self
 
     @property
@@ -752,6 +761,10 @@ class Llama(nn.Module):
                 layer.attn_norm.copy_(w[p + "input_layernorm.weight"])
                 layer.mlp_norm.copy_(w[p + "post_attention_layernorm.weight"])
             for p, mlp in self._moe_layers():
+                if _quant_experts(mlp.moe, w, p):
+                    continue
+                if mlp.moe.experts13 is not None:
+                    mlp.moe.set_quantized_experts(None, None)
                 for name, t in zip(("router_weight", "w13", "w2"), _moe_weights(w, p, self.config.num_experts)):
                     getattr(mlp.moe, name).copy_(_as_float(t))
             for lin, parts in self._linear_parts(w):
@@ -806,7 +819,7 @@ class Llama(nn.Module):
             out.update((n + ".weight", w) for n, w in zip(names, _float_weight(lin, dt).split(sizes, 0)))
         for p, mlp in self._moe_layers():
             out.update({p + "gate.weight": mlp.moe.router_weight.detach(),
-                        p + "experts.gate_up_proj": mlp.moe.w13.detach(), p + "experts.down_proj": mlp.moe.w2.detach()})
+                        **dict(zip((p + "experts.gate_up_proj", p + "experts.down_proj"), mlp.moe.expert_weights()))})
         return out
 
     @property
@@ -824,8 +837,11 @@ class Llama(nn.Module):
         n = sum(p.numel() * p.element_size() for p in self.parameters())   # a tied embedding/head counted once
         for _, mlp in self._moe_layers():   # a token reads top_k of the experts
             e = mlp.moe
-            n -= (e.w13.numel() * e.w13.element_size() + e.w2.numel() * e.w2.element_size()) * (
-                e.num_experts - e.top_k) // e.num_experts
+            if e.experts13 is None:
+                n -= (e.w13.numel() * e.w13.element_size() + e.w2.numel() * e.w2.element_size()) * (
+                    e.num_experts - e.top_k) // e.num_experts
+            else:
+                n += sum(_quant_bytes(m) for m in (*e.experts13, *e.experts2)) * e.top_k // e.num_experts
         if not self.config.tie_embeddings and self.embed is not None:
             n -= self.embed.numel() * self.embed.element_size()
         return n + sum(_quant_bytes(lin.quant) for lin in self._linears())
@@ -966,6 +982,27 @@ def _moe_weights(w: Dict[str, object], p: str, num_experts: int) -> Tuple[object
     experts = [[_as_float(w[f"{b}experts.{e}.{n}.weight"]) for e in range(num_experts)] for n in ("w1", "w3", "w2")]
     w13 = torch.stack([torch.cat([g, u], 0) for g, u in zip(experts[0], experts[1])])
     return w[b + "gate.weight"], w13, torch.stack(experts[2])
+
+
+def _quant_experts(moe: MoE, w: Dict[str, object], p: str) -> bool:
+    """Give moe quantized experts when the checkpoint stores them quantized (a GGUF's 3-D expert stacks loaded
+    natively: gate, up and down each (E ffn_dim, dim) or (E dim, ffn_dim) logical rows), split per expert and each
+    expert's gate and up rows fused (QuantizedParts when their formats differ); the router is loaded as float.
+    False (nothing done) for float experts."""
+    names = [p + f"experts.{n}_proj" for n in ("gate", "up", "down")]
+    if not all(n in w and _is_quant(w[n]) for n in names):
+        return False
+    E = moe.num_experts
+    gate, up, down = [_logical(w[n]) for n in names]
+
+    def expert(lw: tuple, e: int) -> tuple:   # expert e's rows of a logical stack (q, scales, mins, bits, group)
+        rows = lw[0].shape[0] // E
+        return tuple(t[e * rows:(e + 1) * rows] if isinstance(t, Tensor) else t for t in lw)
+
+    moe.set_quantized_experts([_quant_module([expert(gate, e), expert(up, e)]) for e in range(E)],
+                              [_quant_module([expert(down, e)]) for e in range(E)])
+    moe.router_weight.copy_(_as_float(w[p + "gate.weight"]))
+    return True
 
 
 def _float_weight(lin: Linear, dtype: torch.dtype) -> Tensor:

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from .. import reference
 from ._library import define_op, kernel_ok
+from .activations import swiglu
 
 SCORES = ("softmax", "sigmoid")
 
@@ -139,6 +140,50 @@ def moe(x: Tensor, router_weight: Tensor, w13: Tensor, w2: Tensor, top_k: int, s
     order, tokens, offsets = group_by_expert(topi, E)
     weights = topw.reshape(-1)[order].to(x.dtype)
     y, _ = moe_experts_fwd(x2.contiguous(), w13, w2, tokens, offsets, weights)
+    return MoEOutput(y.view(x.shape), aux, z)
+
+
+def check_quantized_experts(fn: str, x, router_weight, experts13, experts2, top_k, score, renormalize) -> None:
+    """moe_quantized's argument checks (check_moe_args' for sequences of quantized experts)."""
+    E = len(experts13)
+    if E == 0 or len(experts2) != E:
+        raise ValueError(f"{fn}: experts13 and experts2 must hold one projection per expert (the same number, at "
+                         f"least one), got {len(experts13)} and {len(experts2)}")
+    F2, D = experts13[0].out_features, experts13[0].in_features
+    for e in range(E):
+        a, b = experts13[e], experts2[e]
+        if (a.out_features, a.in_features) != (F2, D) or (b.out_features, b.in_features) != (D, F2 // 2):
+            raise ValueError(f"{fn}: expert {e}'s projections must be (2F, D) = ({F2}, {D}) and (D, F) = "
+                             f"({D}, {F2 // 2}), got ({a.out_features}, {a.in_features}) and "
+                             f"({b.out_features}, {b.in_features})")
+    if F2 % 2:
+        raise ValueError(f"{fn}: the gate/up projections must have an even out_features (2F), got {F2}")
+    meta = {"device": "meta", "dtype": torch.float32}   # shapes only: the checks read no data
+    check_moe_args(fn, x, router_weight, torch.empty(E, F2, D, **meta), torch.empty(E, D, F2 // 2, **meta), top_k,
+                   score, renormalize)
+
+
+def moe_quantized(x: Tensor, router_weight: Tensor, experts13, experts2, top_k: int, score: str = "softmax",
+                  renormalize: bool = True, aux_loss_coef: float = 0.01, z_loss_coef: float = 0.001) -> MoEOutput:
+    """moe with each expert's projections stored quantized: experts13[e] its fused [gate; up] projection (D ->
+    2F) and experts2[e] its down projection (F -> D), tritium.nn.QuantizedLinear modules (tritium.nn.MoE.quantize_
+    builds them). The router and the grouping are moe's; then, for each expert that has rows, its gate/up product
+    over them, SwiGLU and its down product, through the quantized kernels, so a step reads only the experts its
+    tokens are routed to, and each at its stored precision. Differentiable w.r.t. x and router_weight (the
+    experts are frozen). The per-expert row counts are read on the host: one device sync per call."""
+    fn = "moe_quantized"
+    check_quantized_experts(fn, x, router_weight, experts13, experts2, top_k, score, renormalize)
+    E, D = len(experts13), x.shape[-1]
+    x2 = x.reshape(-1, D)
+    logits, scores, topw, topi = reference.moe_route(x2, router_weight, top_k, score, renormalize)
+    aux, z = reference.moe_losses(logits, scores, topi, E, aux_loss_coef, z_loss_coef)
+    order, tokens, offsets = group_by_expert(topi, E)
+    weights = topw.reshape(-1)[order].to(x.dtype)
+    rows = x2[tokens]
+    bounds = offsets.tolist()
+    parts = [experts2[e](swiglu(experts13[e](rows[bounds[e]:bounds[e + 1]])))
+             for e in range(E) if bounds[e + 1] > bounds[e]]
+    y = x2.new_zeros(x2.shape).index_add(0, tokens, torch.cat(parts) * weights[:, None])
     return MoEOutput(y.view(x.shape), aux, z)
 
 
