@@ -177,14 +177,22 @@ def _check_sampling_engine(rank, world):
     kws = [dict(temperature=0.8, top_p=0.9, seed=1), dict(temperature=1.0, top_k=5, repetition_penalty=1.3, seed=2),
            dict(temperature=0.7, min_p=0.1, presence_penalty=0.5, frequency_penalty=0.3, seed=3),
            dict(temperature=0.0, repetition_penalty=1.5, logit_bias={7: 0.5})]
-    want = [Engine(m).generate([p], max_new_tokens=8, **kw)[0] for p, kw in zip(PROMPTS * 2, kws)]
+    tops = [3, None, 0, 5]   # top_logprobs of each request
+    want = [Engine(m).generate([p], max_new_tokens=8, top_logprobs=t, **kw)[0]
+            for p, kw, t in zip(PROMPTS * 2, kws, tops)]
     eng = TPEngine(shard_llama(m), max_batch=4)
-    reqs = [eng.add_request(p, max_new_tokens=8, **kw) for p, kw in zip(PROMPTS * 2, kws)]
+    reqs = [eng.add_request(p, max_new_tokens=8, top_logprobs=t, **kw) for p, kw, t in zip(PROMPTS * 2, kws, tops)]
     while eng.has_work():
         eng.step()
     for r, w, kw in zip(reqs, want, kws):
         assert r.result.token_ids == w.token_ids, f"{kw} rank {rank}/{world}: {r.result.token_ids} != {w.token_ids}"
         torch.testing.assert_close(torch.tensor(r.result.logprobs), torch.tensor(w.logprobs))
+        got_top, want_top = r.result.top_logprobs, w.top_logprobs
+        assert len(got_top) == len(want_top) == (0 if r.top_logprobs is None else 8), (got_top, want_top)
+        for (glp, gl), (wlp, wl) in zip(got_top, want_top):
+            assert [t for t, _ in gl] == [t for t, _ in wl], (kw, gl, wl)
+            torch.testing.assert_close(torch.tensor([glp] + [v for _, v in gl]),
+                                       torch.tensor([wlp] + [v for _, v in wl]))
     with pytest.raises(ValueError, match=r"logit_bias must be keyed by token ids in \[0, 101\)"):
         eng.add_request([1, 2], logit_bias={101: 1.0})
     assert not eng.has_work()
@@ -460,14 +468,14 @@ def _serve_tp(rank, world):
     try:
         first = asyncio.run(ask(PROMPTS, {}))
         time.sleep(1.2)   # idle ticks: the followers wait in the broadcast without timing out
-        bad = asyncio.run(ask([[1, 2]], {"top_logprobs": 2}))     # refused by every rank's engine alike
+        bad = asyncio.run(ask([[1, 2]], {"num_beams": 2}))     # refused by every rank's engine alike
         sampled = asyncio.run(ask([[1, 2]], seeded))
         second = asyncio.run(ask([[3, 3, 3], [1, 2, 3, 4]], {}, abort_first=True))
     finally:
         worker.stop()
     assert worker.error is None, worker.error
     assert first == {0: ("done", want[0].token_ids), 1: ("done", want[1].token_ids)}, first
-    assert bad[0][0] == "error" and "top_logprobs" in bad[0][1], bad
+    assert bad[0][0] == "error" and "num_beams" in bad[0][1], bad
     assert sampled == {0: ("done", want_seeded.token_ids)}, (sampled, want_seeded.token_ids)
     assert second[1][0] == "done" and len(second[1][1]) == 6, second
     assert not threading.current_thread().daemon

@@ -497,6 +497,27 @@ def vocab_parallel_sample(logits: Tensor, vocab_start: int,
     return tokens, logprobs
 
 
+def vocab_parallel_top_logprobs(logits: Tensor, vocab_start: int, k: int,
+                                group: Optional[dist.ProcessGroup] = None) -> Tuple[Tensor, Tensor]:
+    """The k most likely tokens of each row of the full logits and their log-probabilities (log_softmax of the
+    full logits), from this rank's vocabulary slice (rows, n) (collective): (tokens int64 (rows, k), logprobs
+    float32 (rows, k)), most likely first, the same on every rank. Each rank sends its log-sum-exp and its own k
+    best (logit, id) pairs: one all-gather of (rows, 1 + 2k) float64, not the logits."""
+    rows, n = logits.shape
+    x = logits.double()
+    kk = min(k, n)
+    tv, ti = x.topk(kk, -1)
+    mine = torch.full((rows, 1 + 2 * k), -math.inf, dtype=torch.float64)
+    mine[:, 0] = torch.logsumexp(x, -1)
+    mine[:, 1:1 + kk], mine[:, 1 + k:1 + k + kk] = tv, (ti + vocab_start).double()
+    table = all_gather(mine, group)                                         # (world, rows, 1 + 2k)
+    glse = torch.logsumexp(table[..., 0], 0)
+    vals = table[..., 1:1 + k].permute(1, 0, 2).reshape(rows, -1)
+    ids = table[..., 1 + k:].permute(1, 0, 2).reshape(rows, -1)
+    bv, at = vals.topk(k, -1)
+    return ids.gather(1, at).long(), (bv - glse[:, None]).float()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The engine
 # ---------------------------------------------------------------------------------------------------------
@@ -504,8 +525,8 @@ class TPEngine(Engine):
     """tritium.inference.Engine on a TPLlama: every rank runs the same engine on the same requests (the
     scheduling is deterministic), each over its own paged KV cache (its heads only), and picks each token with
     vocab_parallel_sample: the same sampling parameters as one process (temperature, top-k, top-p, min-p,
-    repetition / presence / frequency penalties, logit bias, seeds), and a seeded request draws the same tokens
-    as Engine in one process. Beams and top_logprobs raise ValueError."""
+    repetition / presence / frequency penalties, logit bias, seeds, top_logprobs), and a seeded request draws the
+    same tokens as Engine in one process. Beams raise ValueError."""
 
     def __init__(self, model: TPLlama, tokenizer=None, **kwargs):
         if not isinstance(model, TPLlama):
@@ -519,8 +540,8 @@ class TPEngine(Engine):
         self._added = 0
 
     def add_request(self, prompt, max_new_tokens: int = 64, params=None, **kwargs):
-        if kwargs.get("num_beams", 1) != 1 or kwargs.get("top_logprobs") is not None:
-            raise ValueError("tensor-parallel decoding does not support num_beams > 1 or top_logprobs")
+        if kwargs.get("num_beams", 1) != 1:
+            raise ValueError("tensor-parallel decoding does not support num_beams > 1")
         req = super().add_request(prompt, max_new_tokens, params, **kwargs)
         try:   # every rank refuses a bad logit_bias here alike (one process finds it in the step)
             req.params.validate(self.model.tp.full_config.vocab_size)
@@ -539,7 +560,15 @@ class TPEngine(Engine):
         uniform = [seeded_uniform(r.tp_seed, len(h)) for (r, _), h in zip(rows, history)]
         toks, lps = vocab_parallel_sample(logits, self.model.tp.vocab_start, plist, history, uniform,
                                           self.model.tp.full_config.vocab_size, self.group)
-        for (r, s), t, lp in zip(rows, toks.tolist(), lps.tolist()):
+        tops = {}   # as Engine: each wanting row's token log-probability and its top_logprobs most likely tokens
+        want = [i for i, (r, _) in enumerate(rows) if r.top_logprobs is not None]
+        k = max((rows[i][0].top_logprobs for i in want), default=0)
+        if k:
+            ti, tv = vocab_parallel_top_logprobs(logits[want], self.model.tp.vocab_start, k, self.group)
+        for j, i in enumerate(want):
+            kk = rows[i][0].top_logprobs
+            tops[i] = (lps[i].item(), list(zip(ti[j, :kk].tolist(), tv[j, :kk].tolist())) if kk else [])
+        for i, ((r, s), t, lp) in enumerate(zip(rows, toks.tolist(), lps.tolist())):
             if r.done:
                 continue
             if t < 0:
@@ -547,4 +576,6 @@ class TPEngine(Engine):
                 continue
             s.tokens.append(t)
             s.logprobs.append(lp)
+            if i in tops:
+                s.top.append(tops[i])
             self._after_token(r, s, t)
