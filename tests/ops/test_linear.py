@@ -369,3 +369,23 @@ def test_linear_plan_in_info(routes_on):
     assert cpu_paths()["linear"].startswith("F.linear below 4096 rows or 67108864 rows x in x out")
     tritium.set_routes(False)
     assert cpu_paths()["linear"] == "panel GEMM for every product from 64 rows (routes off: TRITIUM_ROUTES=off)"
+
+
+def test_linear_plan_avx2_build_is_f_linear():
+    """The AVX2 build (TRITIUM_CPU_DISABLE=avx512 loads it on any x86 CPU) sends every call to F.linear with the
+    routes on (its panels lose to BLAS), and still every product to the panels with them off."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, tritium\nfrom tritium.ops.linear import _panel_width, linear_plan\nimport torch\n"
+            "tritium.set_routes(True)\non = linear_plan(8192, 1024, 1024)\ntritium.set_routes(False)\n"
+            "print(json.dumps([_panel_width(torch.float32), on, linear_plan(8192, 1024, 1024)]))")
+    env = dict(os.environ, TRITIUM_CPU_DISABLE="avx512")
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True,
+                         timeout=300).stdout
+    width, on, off = json.loads(out.strip().splitlines()[-1])
+    if width >= 64:
+        pytest.skip("no AVX2 build here: TRITIUM_CPU_DISABLE=avx512 still loaded a 64-float panel width")
+    assert on == [False, False, False] and off == [True, True, True]
