@@ -52,6 +52,7 @@ def _flops_fwdbwd(s, d):
 
 CASES = [
     OpCase("mlstm", _inputs, _tritium, _eager, _bytes_fwd, _bytes_fwdbwd, flops_fwd=_flops_fwd,
-           flops_fwdbwd=_flops_fwdbwd, shapes=((8, 1024, 8, 64), (8, 128, 8, 64)), dtypes=(torch.float32,),
+           flops_fwdbwd=_flops_fwdbwd, shapes=((8, 1024, 8, 64), (8, 128, 8, 64)),
+           dtypes=(torch.float32, torch.bfloat16),
            note="xLSTM's mLSTM cell, chunkwise (tritium.mlstm) vs the recurrence (tritium.ops.mlstm.mlstm_reference)"),
 ]
