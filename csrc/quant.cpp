@@ -2,8 +2,8 @@
 // this layout): quant_pack / quant_unpack (the logical weight <-> 16-row interleaved tiles), quant_linear (x @ W^T
 // with int8 or float activations), quant_linear_dx, quant_dequantize.
 //
-// The tile kernels (quant_kernel.h) are compiled four times in the AVX-512 build (tritium._C_avx512), for AMX (with
-// AVX-512 VNNI), AVX-512 VNNI, AVX-512BW and AVX2, and once, for AVX2, in the others; which one runs is decided at
+// The tile kernels (quant_kernel.h) are compiled five times in the AVX-512 build (tritium._C_avx512), for AMX (with
+// AVX-512 VNNI), AVX-512 VNNI with AVX512-BF16, AVX-512 VNNI, AVX-512BW and AVX2, and once, for AVX2, in the others; which one runs is decided at
 // run time from csrc/cpu.h's features (quant_isa overrides it, for tests).
 #include <immintrin.h>
 
@@ -52,6 +52,19 @@ namespace vnni {
 }  // namespace vnni
 #pragma GCC pop_options
 
+// VNNI and AVX512-BF16 (AMD Zen 4, Intel Cooper Lake): the VNNI kernels, and bfloat16 activations of many rows
+// multiplied exactly by vdpbf16ps (tile_bf16_dot) where the AMX set would use its bfloat16 tiles
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,avx2,fma,f16c")
+namespace bf16dot {
+#define QK_ISA 3
+#define QK_BF16 1
+#include "quant_kernel.h"
+#undef QK_BF16
+#undef QK_ISA
+}  // namespace bf16dot
+#pragma GCC pop_options
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,amx-tile,amx-int8,amx-bf16")
 namespace amx {
@@ -87,6 +100,8 @@ const Isa kIsas[] = {
 #if defined(CPU_CAPABILITY_AVX512)
     {"amx_int8", &amx::tile, &amx::dequant_t, &amx::quantize_rows, &amx::store_rows,
      [] { return cpu::features().amx_int8 && cpu::features().avx512_vnni; }, &amx::amx_end},
+    {"avx512_bf16", &bf16dot::tile, &bf16dot::dequant_t, &bf16dot::quantize_rows, &bf16dot::store_rows,
+     [] { return cpu::features().avx512_vnni && cpu::features().avx512_bf16; }, nullptr},
     {"avx512_vnni", &vnni::tile, &vnni::dequant_t, &vnni::quantize_rows, &vnni::store_rows,
      [] { return cpu::features().avx512_vnni; }, nullptr},
     {"avx512", &avx512::tile, &avx512::dequant_t, &avx512::quantize_rows, &avx512::store_rows,
@@ -338,8 +353,9 @@ struct Tiles {
   const uint8_t* mins(int64_t t) const { return m ? m + t * scale_bytes() : nullptr; }
 };
 
-// Whether quant_linear multiplies x on AMX-BF16 tiles (tile_bf16_amx: exact) with int8_act: the AMX kernel set on a
-// CPU with AMX-BF16, bfloat16 x, weights in groups of 32 or more; 4-bit weights whatever int8_act says (the tiles
+// Whether quant_linear multiplies x exactly on AMX-BF16 tiles (tile_bf16_amx) or by AVX512-BF16 pair products
+// (tile_bf16_dot) with int8_act: the AMX kernel set on a CPU with AMX-BF16 (or the avx512_bf16 set: 4-bit weights,
+// int8_act 0 and 2, see there), bfloat16 x, weights in groups of 32 or more; 4-bit weights whatever int8_act says (the tiles
 // are faster than either int8 mode there), 8-bit ones for int8_act 0 and 2 (with one int8 term the int8 tiles are
 // faster: one tdpbssd per block against two tdpbf16ps). It does from kAmxRows rows up to kBf16TileRows, from
 // where one GEMM on the dequantised weight is faster (its dequantisation amortised over the rows). The Python
@@ -348,8 +364,11 @@ constexpr int64_t kBf16TileRows = 384;
 
 bool bf16_tiles(int isa, const at::Tensor& x, int64_t bits, int64_t group, int64_t int8_act) {
 #if defined(CPU_CAPABILITY_AVX512)
-  return kIsas[isa].fn == &quant::amx::tile && cpu::features().amx_bf16 && x.scalar_type() == at::kBFloat16 &&
-         group != 16 && (bits == 4 || int8_act != 1);
+  if (x.scalar_type() != at::kBFloat16 || group == 16) return false;
+  if (kIsas[isa].fn == &quant::amx::tile) return cpu::features().amx_bf16 && (bits == 4 || int8_act != 1);
+  // vdpbf16ps: faster than two int8 terms and than float activations on 4-bit weights; one VNNI int8 term is
+  // faster still, and 8-bit weights take two products per pair (their nibbles), slower than VNNI's one
+  return kIsas[isa].fn == &quant::bf16dot::tile && bits == 4 && int8_act != 1;
 #else
   return false;  // no AMX code in this build
 #endif

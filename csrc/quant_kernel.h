@@ -3,7 +3,8 @@
 //   4  AVX-512 with VNNI and AMX-INT8: as 3, and int8 activations of 8 rows or more multiply on AMX tiles
 //      (tdpbsud: 16 activation rows x 32 bytes times a block's 16 weight rows, one instruction per block); with
 //      AMX-BF16 too, bfloat16 activations of 8 rows or more multiply exactly (tdpbf16ps)
-//   3  AVX-512 with VNNI: vpdpbusd multiplies 4 u8 weights by 4 s8 activations and adds into an int32 lane
+//   3  AVX-512 with VNNI: vpdpbusd multiplies 4 u8 weights by 4 s8 activations and adds into an int32 lane; with
+//      QK_BF16 set too (AVX512-BF16), bfloat16 activations of 8 rows or more multiply exactly (vdpbf16ps)
 //   2  AVX-512BW without VNNI: vpmaddubsw (u8 x s8 pairs -> s16) then vpmaddwd by 1 (pairs -> s32)
 //   1  AVX2 + FMA + F16C: as 2 on two 256-bit halves
 // The layout (docs/quantization.md): per tile of 16 rows and block of 32 elements, 64-byte groups c that hold 4
@@ -13,8 +14,8 @@
 // No ATen here: raw pointers only (the code is compiled for an ISA the build machine's flags may not include).
 
 // The activation modes a tile kernel takes ("terms"): 0 float rows, 1 or 2 int8 rows per row of x, or
-// kBf16Tiles: bfloat16 rows multiplied exactly on AMX-BF16 tiles (the AMX set, 4-bit weights, kAmxRows rows or more;
-// quant.cpp asks bf16_tiles).
+// kBf16Tiles: bfloat16 rows multiplied exactly on AMX-BF16 tiles (the AMX set) or by AVX512-BF16 pair products (the
+// avx512_bf16 set), kAmxRows rows or more (quant.cpp asks bf16_tiles).
 constexpr int kBf16Tiles = 3;
 // From this many activation rows the AMX path runs (fewer: the VNNI path, which streams the weights as fast)
 constexpr int64_t kAmxRows = 8;
@@ -691,6 +692,108 @@ static void tile_bf16_amx(const TileArgs<S>& a, const uint16_t* xb, int64_t xs, 
 #undef TRITIUM_AMX_BF16_BLOCK
 #endif
 
+#if QK_BF16
+// AVX512-BF16 (vdpbf16ps: 16 lanes, each adding two bfloat16 products into a float32), the CPUs without AMX: the
+// same exact products as tile_bf16_amx, bfloat16 x of kAmxRows rows or more times each weight as the bfloat16 128 +
+// q (8-bit: 16 (128 + h) and 128 + l, its nibbles, in two products), scaled per block in float32. A tile's weights
+// are widened once into pair vectors (lane r: the weight row r's two elements of a k pair, as bfloat16) that every
+// row of x then reuses from L1/L2: the widening is amortised over the rows, which the int8 kernels cannot do with
+// the activation quantization and scale work they repeat per row and block.
+constexpr int kDotRows = 8;  // rows of x per pass over a tile's pair vectors: 8 accumulators and their 8 sums
+
+// One block's pair vectors: 16 for 4-bit (pair p: elements 2p, 2p + 1), 32 for 8-bit (p < 16 the low nibbles' 128 +
+// l, p >= 16 the high nibbles' 2048 + 16 h, of pair p % 16). A packed group c holds, per lane, elements 4c..4c+3
+// (8-bit; 4-bit: the low nibbles, and 16 + 4c.. the high): pairs 2c and 2c + 1 (4-bit high nibbles: 8 + 2c, 9 + 2c).
+template <int BITS>
+static inline void bf16_pairs(const uint8_t* q, __m512i* out) {
+  constexpr int64_t BB = 16 * 32 * BITS / 8;
+  for (int64_t off = 0; off < BB; off += 64) _mm_prefetch(reinterpret_cast<const char*>(q + kPrefetchAhead + off),
+                                                          _MM_HINT_T0);
+  // a dword lane's bytes 0, 1 (pick0) or 2, 3 (pick1) into the low bytes of its two words, the high bytes zeroed
+  const __m512i pick0 = _mm512_broadcast_i32x4(_mm_setr_epi8(0, -128, 1, -128, 4, -128, 5, -128, 8, -128, 9, -128,
+                                                             12, -128, 13, -128));
+  const __m512i pick1 = _mm512_broadcast_i32x4(_mm_setr_epi8(2, -128, 3, -128, 6, -128, 7, -128, 10, -128, 11, -128,
+                                                             14, -128, 15, -128));
+  const __m512i nib = _mm512_set1_epi8(0x0F), z128 = _mm512_set1_epi16(0x4300), z2048 = _mm512_set1_epi16(0x4500);
+  for (int c = 0; c < BITS; ++c) {  // 4 groups (4-bit) or 8 (8-bit)
+    const __m512i raw = _mm512_loadu_si512(q + 64 * c);
+    const __m512i lo = _mm512_and_si512(raw, nib), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nib);
+    const int64_t plo = 2 * c, phi = BITS == 4 ? 8 + 2 * c : 16 + 2 * c;
+    out[plo] = _mm512_or_si512(_mm512_shuffle_epi8(lo, pick0), z128);
+    out[plo + 1] = _mm512_or_si512(_mm512_shuffle_epi8(lo, pick1), z128);
+    out[phi] = _mm512_or_si512(_mm512_shuffle_epi8(hi, pick0), BITS == 4 ? z128 : z2048);
+    out[phi + 1] = _mm512_or_si512(_mm512_shuffle_epi8(hi, pick1), BITS == 4 ? z128 : z2048);
+  }
+}
+
+// MT rows of bfloat16 x (row stride xs elements, zero padded to whole blocks) against a tile's pair vectors wp (nb
+// blocks of 16 / 32); dx as quantize_rows' kBf16Tiles (the sum of x over each block at dx[b * ds + 2 m + 1]). The
+// first `rows` of the MT rows are stored to out (16 floats each); the others are padding of the activation buffer.
+template <int BITS, typename S, bool MINS, int MT>
+static void bf16_dot_rows(const TileArgs<S>& a, const __m512i* wp, const uint16_t* xb, int64_t xs, const float* dx,
+                          int64_t ds, int64_t rows, float* out) {
+  constexpr int P = BITS == 4 ? 16 : 32;
+  constexpr float Z = BITS == 4 ? 128.0f : 2176.0f, OFF = MINS ? 0.0f : BITS == 4 ? 8.0f : 128.0f;
+  const VF shift = vf_set1(-(Z + OFF));
+  __m512 tot[MT];
+#pragma GCC unroll 8
+  for (int m = 0; m < MT; ++m) tot[m] = _mm512_setzero_ps();
+  GroupScales<S> g(a);
+  for (int64_t b = 0; b < a.nb; ++b) {
+    __m512 acc[MT];
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+    const __m512i* w = wp + b * P;
+    const int32_t* x32 = reinterpret_cast<const int32_t*>(xb + 32 * b);
+#pragma GCC unroll 4
+    for (int p = 0; p < P; ++p) {
+      const __m512bh wv = reinterpret_cast<__m512bh>(w[p]);
+#pragma GCC unroll 8
+      for (int m = 0; m < MT; ++m)
+        acc[m] = _mm512_dpbf16_ps(acc[m], reinterpret_cast<__m512bh>(_mm512_set1_epi32(x32[m * xs / 2 + p % 16])),
+                                  wv);
+    }
+    g.next_block();
+    // d C + (mn - (Z + OFF) d) sum(x): C = sum x (Z + q), q - OFF the symmetric weight
+    const VF mn = vf_fma(g.d, shift, MINS ? g.mn : vf_zero());
+    const float* d = dx + b * ds;
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m)
+      tot[m] = _mm512_fmadd_ps(mn.v, _mm512_set1_ps(d[2 * m + 1]), _mm512_fmadd_ps(g.d.v, acc[m], tot[m]));
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MT; ++m)
+    if (m < rows) _mm512_storeu_ps(out + 16 * m, tot[m]);
+}
+
+// All M rows of x against one tile: the tile's pair vectors built once (a thread's scratch), then passes of kDotRows
+// rows (the last one of 4 where at most 4 remain; the activation buffer holds whole passes of 16 rows).
+template <int BITS, typename S>
+static void tile_bf16_dot(const TileArgs<S>& a, const uint16_t* xb, int64_t xs, const float* dx, int64_t ds,
+                          int64_t M, float* out) {
+  constexpr int P = BITS == 4 ? 16 : 32;
+  thread_local std::vector<uint8_t> scratch;  // (a vector of __m512i would drop its alignment attribute)
+  if (static_cast<int64_t>(scratch.size()) < a.nb * P * 64 + 64) scratch.resize(a.nb * P * 64 + 64);
+  __m512i* wp = reinterpret_cast<__m512i*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t{63});
+  for (int64_t b = 0; b < a.nb; ++b) bf16_pairs<BITS>(a.q + b * (16 * 32 * BITS / 8), wp + b * P);
+  for (int64_t m = 0; m < M; m += kDotRows) {
+    const int64_t rows = std::min<int64_t>(kDotRows, M - m);
+    const uint16_t* x = xb + m * xs;
+    auto run = [&](auto mt) {
+      constexpr int MT = decltype(mt)::value;
+      if (a.mins)
+        bf16_dot_rows<BITS, S, true, MT>(a, wp, x, xs, dx + 2 * m, ds, rows, out + 16 * m);
+      else
+        bf16_dot_rows<BITS, S, false, MT>(a, wp, x, xs, dx + 2 * m, ds, rows, out + 16 * m);
+    };
+    if (rows > 4)
+      run(std::integral_constant<int, kDotRows>{});
+    else
+      run(std::integral_constant<int, 4>{});
+  }
+}
+#endif
+
 // Byte J of each lane as a float: unsigned (q), or for symmetric weights the signed q - OFF (the offset removed
 // before any product, so the sums are those of a float matmul of the dequantised weight): the lanes were xor'ed
 // with the offset's bit, which makes each byte q - OFF in two's complement (8-bit) or a 4-bit two's complement
@@ -832,6 +935,13 @@ static void tile_rows(int terms, const TileArgs<S>& a, int64_t M, const void* x,
     }
     m += MT;
   };
+#if QK_BF16
+  // quant.cpp's bf16_tiles held (groups of 32 or more), kAmxRows rows or more: AVX512-BF16 pair products
+  if (terms == kBf16Tiles) {
+    tile_bf16_dot<BITS, S>(a, static_cast<const uint16_t*>(x), xs, dx, ds, M, out);
+    return;
+  }
+#endif
 #if QK_ISA == 4
   // quant.cpp's bf16_tiles held (groups of 32 or more), kAmxRows rows or more
   if (terms == kBf16Tiles) {

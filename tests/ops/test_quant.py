@@ -16,7 +16,7 @@ from tritium.ops.quant import (BF16_TILE_ROWS, FLOAT_ROWS, FLOAT_ROWS_16, Quanti
                                n_groups, quant_dequantize, quant_linear, quant_pack, quant_unpack, quantize_logical)
 from tests.util import assert_within_torch_error
 
-_ALL_ISAS = ("amx_int8", "avx512_vnni", "avx512", "avx2")
+_ALL_ISAS = ("amx_int8", "avx512_bf16", "avx512_vnni", "avx512", "avx2")
 
 
 def _available():
@@ -157,13 +157,14 @@ def test_bf16_tiles_multiply_exactly(isa, bits, mins, group, sdt, k):
     128 + low nibble, exact in bfloat16); the other modes and fewer rows stay int8; odd K (zero padding), passes of
     16 rows with a partial last one."""
     if not bf16_tiles(torch.bfloat16, bits, group, 0):
-        pytest.skip(f"kernel set {isa} on this CPU ({', '.join(tritium.utils.cpu_features())}) has no AMX-BF16 tiles")
+        pytest.skip(f"kernel set {isa} on this CPU ({', '.join(tritium.utils.cpu_features())}) multiplies {bits}-bit "
+                    f"weights by bfloat16 x neither on AMX-BF16 tiles nor by AVX512-BF16 pairs")
     n = 53
     q, s, m = logical(n, k, bits, group, mins, sdt, seed=11)
     w = QuantizedWeight.from_logical(q, s, m, bits, group)
     wf = reference.quant_weight(q, s, m, bits, group)
     tiled = [a for a in (0, 1, 2) if bf16_tiles(torch.bfloat16, bits, group, a)]
-    assert tiled == ([0, 1, 2] if bits == 4 else [0, 2])
+    assert tiled == (([0, 1, 2] if bits == 4 else [0, 2]) if isa == "amx_int8" else [0, 2])
     for rows in (BF16_TILE_ROWS, 21, 100):
         x = (torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)) * 3).bfloat16()
         ref = x.double() @ wf.double().t()
@@ -179,6 +180,26 @@ def test_bf16_tiles_multiply_exactly(isa, bits, mins, group, sdt, k):
     x = torch.randn(BF16_TILE_ROWS - 1, k).bfloat16()
     assert activation_terms(1, BF16_TILE_ROWS - 1, torch.bfloat16, bits, group) == 1
     assert not torch.equal(w.linear(x, int8_act=1), w.linear(x, int8_act=0))
+
+
+@pytest.mark.parametrize("bits,group,mins,sdt,k", [(4, 32, True, torch.float16, 72), (4, 32, False, torch.float16, 72),
+                                                   (8, 32, False, torch.float16, 72),
+                                                   (4, 64, True, torch.float32, 250)])
+@pytest.mark.parametrize("rows", [1, 7, 16, 17, 33])
+def test_bf16_rows_against_float64(isa, bits, group, mins, sdt, k, rows):
+    """bfloat16 x of a batched decode step's row counts (below BF16_TILE_ROWS, one and two passes of the exact
+    kernels' 8 rows with a partial last one), odd N and K: every int8_act mode against a float64 product of the
+    activations the kernel takes (activation_terms) and the dequantised weight, within 2x torch's error."""
+    n = 37
+    q, s, m = logical(n, k, bits, group, mins, sdt, seed=rows)
+    w = QuantizedWeight.from_logical(q, s, m, bits, group)
+    wf = reference.quant_weight(q, s, m, bits, group)
+    x = (torch.randn(rows, k, generator=torch.Generator().manual_seed(rows + 1)) * 2).bfloat16()
+    for a in (0, 1, 2):
+        used = activation_terms(a, rows, torch.bfloat16, bits, group)
+        xq = reference.quantize_int8_act(x, used) if used else x.double()
+        assert_within_torch_error(w.linear(x, int8_act=a), (xq.float() @ wf.t()).bfloat16(), xq @ wf.double().t(),
+                                  f"{isa} {bits}-bit group {group} int8_act {a}, {rows}x{n}x{k}")
 
 
 def test_two_int8_terms_are_near_float():
@@ -287,7 +308,7 @@ def test_op_errors_name_the_argument():
 def test_isa_switch_reports_and_validates():
     assert torch.ops.tritium_runtime.quant_isa() in _ALL_ISAS
     # the kernel sets of the build imported (the AVX2 build holds no AVX-512 code)
-    built = "amx_int8, avx512_vnni, avx512, avx2" if tritium._kernels.WIDTH == "avx512" else "avx2"
+    built = "amx_int8, avx512_bf16, avx512_vnni, avx512, avx2" if tritium._kernels.WIDTH == "avx512" else "avx2"
     with pytest.raises(RuntimeError, match=f"unknown kernel set 'sse'; expected one of {built} or auto"):
         torch.ops.tritium_runtime.quant_isa("sse")
     assert torch.ops.tritium_runtime.quant_isa("auto") == ISAS[0]

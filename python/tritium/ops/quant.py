@@ -39,15 +39,19 @@ BF16_TILE_ROWS = 8  # from this many bfloat16 rows, AMX-BF16 tiles where bf16_ti
 
 
 def bf16_tiles(dtype: torch.dtype, bits: int, group: int, int8_act: int) -> bool:
-    """Whether the CPU kernel multiplies bfloat16 x of BF16_TILE_ROWS rows or more on AMX-BF16 tiles (exact products
-    of x's values and the integer weights, float32 sums): the amx_int8 kernel set in use on a CPU with AMX-BF16,
-    weights in groups of 32 or more, any int8_act for 4-bit weights, int8_act 0 or 2 for 8-bit ones (one int8 term
-    is faster there; csrc/quant.cpp: bf16_tiles)."""
+    """Whether the CPU kernel multiplies bfloat16 x of BF16_TILE_ROWS rows or more exactly (x's values times the
+    integer weights, float32 sums), weights in groups of 32 or more: on AMX-BF16 tiles (the amx_int8 kernel set in
+    use on a CPU with AMX-BF16) any int8_act for 4-bit weights, int8_act 0 or 2 for 8-bit ones (one int8 term is
+    faster there); by AVX512-BF16 pair products (the avx512_bf16 set) 4-bit weights with int8_act 0 or 2 (one
+    VNNI int8 term, and VNNI on 8-bit weights, are faster). csrc/quant.cpp: bf16_tiles."""
     from ..utils import cpu_has
 
-    return (dtype == torch.bfloat16 and bits in QUANT_BITS and group != 16 and (bits == 4 or int8_act != 1)
-            and cpu_has("amx_bf16")
-            and torch.ops.tritium_runtime.quant_isa("") == "amx_int8")
+    if dtype != torch.bfloat16 or bits not in QUANT_BITS or group == 16:
+        return False
+    isa = torch.ops.tritium_runtime.quant_isa("")
+    if isa == "avx512_bf16":
+        return bits == 4 and int8_act != 1
+    return isa == "amx_int8" and cpu_has("amx_bf16") and (bits == 4 or int8_act != 1)
 
 
 def activation_terms(int8_act: int, rows: int, dtype: Optional[torch.dtype] = None, bits: int = 4,
