@@ -297,7 +297,7 @@ def vocab_parallel_cross_entropy(logits: Tensor, target: Tensor, vocab_start: in
 
 
 _GREEDY = SamplingParams(temperature=0.0)
-_CAND0 = 64   # candidates per rank a top-p row gathers first (doubled until they hold the nucleus)
+_CAND0 = 64   # candidates per rank a top-p row gathers first (4x as many again until they hold the nucleus)
 
 
 def _plain_greedy(p: SamplingParams) -> bool:
@@ -318,7 +318,7 @@ def _penalise(z: Tensor, plist: Sequence[SamplingParams], history, v0: int) -> N
                 toks, counts = t.unique(return_counts=True)
                 zt = z[i, toks]
                 zt = torch.where(zt > 0, zt / p.repetition_penalty, zt * p.repetition_penalty)
-                z[i, toks] = zt - p.frequency_penalty * counts.double() - p.presence_penalty
+                z[i, toks] = zt - p.frequency_penalty * counts.to(zt.dtype) - p.presence_penalty
         for t, b in (p.logit_bias or {}).items():
             if v0 <= t < v0 + n:
                 z[i, t - v0] += b
@@ -358,7 +358,8 @@ def vocab_parallel_sample(logits: Tensor, vocab_start: int,
     [vocab_start, vocab_start + n) (collective): (tokens int64 (rows,), log-probabilities float32 (rows,) under the
     raw log_softmax of the full logits), the same on every rank, and the same tokens tritium.sample draws in one
     process from the same logits, params, history and uniform numbers (tritium.reference.sampling_distribution's
-    semantics, computed in float64: only a uniform number within rounding of a boundary could pick a neighbour).
+    semantics; the vocabulary-sized work in float32, per-row sums, cuts and running masses in float64: only a
+    uniform number within rounding of a boundary could pick a neighbour).
 
     params: one SamplingParams per row (or one for all; None: greedy), history: each row's generated tokens (for
     the penalties; a seeded row's draw number is its length), uniform: each sampling row's number in [0, 1)
@@ -366,13 +367,14 @@ def vocab_parallel_sample(logits: Tensor, vocab_start: int,
     vocab_size: the full vocabulary (needed unless every row is greedy). Full logits are never gathered:
 
     - every rank applies the penalties and logit bias to its slice and reduces each row to (best score, its token,
-      its log-sum-exp, its logit at the token, and for sampling rows its sum of exp(score - best)); one all-gather
-      of (rows, 4 or 5) float64 gives the greedy tokens, the global maximum and the row's whole mass;
-    - top-k / top-p rows: each rank sends its top candidates (k of them, or 64 for top-p, doubled while the
-      nucleus may reach below the candidates) with their ids and logits, and every rank cuts and draws from the
-      same candidate set, in token order as the one-process kernel does;
-    - the other sampling rows (temperature, min-p): one all-gather of each rank's kept mass tells every rank
-      which rank's slice the draw falls in, and one of (rows, 2) brings that rank's token.
+      its log-sum-exp, its logit at the token); one all-gather of (rows, 4) float64 gives the greedy tokens, the
+      global maximum and the raw log-sum-exp;
+    - top-k / top-p rows: each rank sends its slice's mass and its top candidates (k of them, or 64 for top-p, 4
+      times as many again while the nucleus may reach below the candidates) with their ids and logits, and every
+      rank cuts and draws from the same candidate set, in token order as the one-process kernel does;
+    - the other sampling rows (temperature, min-p): each rank's kept mass (in the same all-gather as the first
+      candidates) tells every rank which rank's slice the draw falls in, and one all-gather of (rows, 2) brings
+      that rank's token.
 
     Rows whose logits have NaN or +inf, or no finite value after penalties and bias, get token -1 (logprob NaN).
     Ranks must pass the same params and history: when any row is not plain greedy, a small all-gather checks that
@@ -405,24 +407,24 @@ def vocab_parallel_sample(logits: Tensor, vocab_start: int,
                                 None if uniform is None else float(uniform[i]) if i < len(uniform) else None)
                                for i, p in enumerate(plist)]).encode())
         agree("vocab_parallel_sample", err, [rows, sig], ["rows", "sampling parameters' checksum"], group)
-    x = logits.double()
+    # the vocabulary-sized work in float32 (as the one-process kernel), the few per-row numbers in float64
+    x = logits.float()
     lse_loc = torch.logsumexp(x, -1)
-    z = x if plain else x.clone()
+    z = x
     if not plain:
+        z = x.clone()
         _penalise(z, plist, history, v0)
-    hot = [i for i, p in enumerate(plist) if p.temperature > 0]
-    if hot:
-        z = z / torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in plist], dtype=torch.float64)[:, None]
     best, idx = z.max(-1)
-    cols = [best, (idx + v0).double(), lse_loc, x.gather(1, idx[:, None])[:, 0]]
-    if hot:
-        fin = torch.isfinite(best)
-        b = torch.where(fin, best, 0.0)
-        cols.append(torch.where(fin, torch.exp(z - b[:, None]).sum(-1), 0.0))
-    table = all_gather(torch.stack(cols, -1), group)                       # (world, rows, 4 or 5)
+    hot = [i for i, p in enumerate(plist) if p.temperature > 0]
+    if hot:   # sampling rows' scores z / T: their maximum is the maximum's z / T (rounding is monotone)
+        ht = torch.tensor(hot)
+        temps = torch.tensor([plist[i].temperature for i in hot], dtype=torch.float32)
+        best[ht] = best[ht] / temps
+    cols = [best.double(), (idx + v0).double(), lse_loc.double(), x.gather(1, idx[:, None])[:, 0].double()]
+    table = all_gather(torch.stack(cols, -1), group)                       # (world, rows, 4)
     world = table.shape[0]
     win = table[..., 0].argmax(0)                                           # first rank holding the maximum
-    pick = table.gather(0, win[None, :, None].expand(1, rows, table.shape[2]))[0]
+    pick = table.gather(0, win[None, :, None].expand(1, rows, 4))[0]
     glse = torch.logsumexp(table[..., 2], 0)
     gmax = table[..., 0].amax(0)
     tokens = pick[:, 1].long()
@@ -431,15 +433,21 @@ def vocab_parallel_sample(logits: Tensor, vocab_start: int,
     hot = [i for i in hot if not bad[i]]
     if hot:
         V = int(vocab_size)
-        mass = (table[..., 4] * torch.exp(table[..., 0] - gmax)).nan_to_num(0.0).sum(0)   # whole sum of exp(z - max)
-        e = torch.exp(z - gmax[:, None])
+        ht = torch.tensor(hot)
+        temps = torch.tensor([plist[i].temperature for i in hot], dtype=torch.float32)
+        e = torch.exp(z.index_select(0, ht) / temps[:, None] - gmax[ht].float()[:, None])   # (hot, n)
+        row = {i: j for j, i in enumerate(hot)}                             # row -> its row of e
         us = [float(uniform[i]) if uniform is not None else
               seeded_uniform(plist[i].seed, len(history[i]) if history is not None else 0) for i in range(rows)]
         cand = [i for i in hot if 0 < plist[i].top_k < V or plist[i].top_p < 1.0]
         flat = [i for i in hot if i not in cand]
-        # the kept mass of every temperature / min-p row on every rank (travels with the first candidates)
-        kept = (e[flat] >= torch.tensor([plist[i].min_p for i in flat], dtype=torch.float64)[:, None]) & (e[flat] > 0)
-        kmass = torch.where(kept, e[flat], 0.0).sum(-1)
+        fe = e[[row[i] for i in flat]]
+        for j, i in enumerate(flat):   # min-p: drop the tokens below the cut (e = 0 adds nothing to a sum)
+            if plist[i].min_p > 0:
+                fe[j] = torch.where(fe[j] >= plist[i].min_p, fe[j], 0.0)
+        # with the first candidates: the kept mass of every temperature / min-p row and the whole mass of every
+        # top-k / top-p row on this rank
+        masses = torch.cat([fe.sum(-1), e[[row[i] for i in cand]].sum(-1)]).double()
         nmax = -(-V // world)
         m = min(nmax, max([plist[i].top_k if 0 < plist[i].top_k < V else _CAND0 for i in cand], default=0))
         todo, first = list(cand), True
@@ -447,12 +455,16 @@ def vocab_parallel_sample(logits: Tensor, vocab_start: int,
             k = min(m, n)
             part = torch.full((len(todo), m, 3), -1.0, dtype=torch.float64)
             if todo and k:
-                tv, ti = e[todo].topk(k, -1)
-                part[:, :k, 0], part[:, :k, 1], part[:, :k, 2] = tv, (ti + v0).double(), x[todo].gather(1, ti)
-            payload = torch.cat([kmass, part.flatten()]) if first else part.flatten()
+                rows_e = [row[i] for i in todo]
+                src = e if rows_e == list(range(len(hot))) else e[rows_e]   # no copy when every row is here
+                tv, ti = src.topk(k, -1)
+                part[:, :k, 0], part[:, :k, 1] = tv.double(), (ti + v0).double()
+                part[:, :k, 2] = x[torch.tensor(todo)[:, None], ti].double()
+            payload = torch.cat([masses, part.flatten()]) if first else part.flatten()
             got = all_gather(payload, group)                                # (world, len)
             if first:
-                ktable, got = got[:, :len(flat)], got[:, len(flat):]
+                ktable, mass = got[:, :len(flat)], got[:, len(flat):len(masses)].sum(0)
+                got = got[:, len(masses):]
                 first = False
             got = got.view(world, len(todo), m, 3)
             again = []
@@ -462,7 +474,7 @@ def vocab_parallel_sample(logits: Tensor, vocab_start: int,
                 floor = -math.inf if m >= nmax or not bool(full.any()) else float(c[full, -1, 0].max())
                 c = c.reshape(-1, 3)
                 c = c[c[:, 1] >= 0]
-                keep, cuts = _nucleus(c[:, 0], plist[i], V, float(mass[i]))
+                keep, cuts = _nucleus(c[:, 0], plist[i], V, float(mass[cand.index(i)]))
                 if any(float(t) <= floor for t in cuts):
                     again.append(i)                                         # the cut may reach missing tokens
                     continue
@@ -471,22 +483,23 @@ def vocab_parallel_sample(logits: Tensor, vocab_start: int,
                 cum = torch.cumsum(c[:, 0], 0)
                 at = int(torch.searchsorted(cum, us[i] * cum[-1], side="right").clamp(max=len(cum) - 1))
                 tokens[i], raw[i] = int(c[at, 1]), c[at, 2]
-            todo, m = again, min(2 * m, nmax)
+            todo, m = again, min(4 * m, nmax)
         if flat:
             # which rank's slice the draw falls in, then that rank's token
             pre = torch.cumsum(ktable, 0) - ktable                          # (world, rows_flat) mass before
             total = ktable.sum(0)
+            me = dist.get_rank(group)
             mine = torch.full((len(flat), 2), -1.0, dtype=torch.float64)
             for j, i in enumerate(flat):
                 target = us[i] * float(total[j])
                 holders = (ktable[:, j] > 0).nonzero()[:, 0].tolist()
                 owner = next((r for r in holders if target < float(pre[r, j] + ktable[r, j])), holders[-1])
-                if owner == dist.get_rank(group):
-                    cum = float(pre[owner, j]) + torch.cumsum(torch.where(kept[j], e[i], 0.0), 0)
+                if owner == me:   # the first token whose running kept mass passes the target
+                    cum = float(pre[owner, j]) + torch.cumsum(fe[j].double(), 0)
                     at = int(torch.searchsorted(cum, target, side="right"))
-                    last = int(kept[j].nonzero()[-1])
-                    at = min(at, last)
-                    mine[j, 0], mine[j, 1] = at + v0, x[i, at]
+                    if at >= n:   # the target rounded past this slice's mass: its last kept token
+                        at = int(fe[j].nonzero()[-1])
+                    mine[j, 0], mine[j, 1] = at + v0, float(x[i, at])
             g = all_gather(mine, group)                                     # (world, rows_flat, 2)
             pick2 = g.gather(0, g[..., 0].argmax(0)[None, :, None].expand(1, len(flat), 2))[0]   # the owner's
             for j, i in enumerate(flat):
@@ -504,7 +517,7 @@ def vocab_parallel_top_logprobs(logits: Tensor, vocab_start: int, k: int,
     float32 (rows, k)), most likely first, the same on every rank. Each rank sends its log-sum-exp and its own k
     best (logit, id) pairs: one all-gather of (rows, 1 + 2k) float64, not the logits."""
     rows, n = logits.shape
-    x = logits.double()
+    x = logits.float()
     kk = min(k, n)
     tv, ti = x.topk(kk, -1)
     mine = torch.full((rows, 1 + 2 * k), -math.inf, dtype=torch.float64)
