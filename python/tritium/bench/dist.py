@@ -35,7 +35,9 @@ the one-call C++ decode step).
   **share** of the step.
 - **B/token/rank**: bytes of the collectives' payloads per decoded token per rank (tritium.distributed.count_comm),
   and **analytic**: (2 n_layers + 1) x dim x dtype bytes (two all-reduces per layer, one for the
-  vocabulary-parallel embedding) + 32 (the sampler's all-gather) + 40 / batch (the per-step agreement).
+  vocabulary-parallel embedding) + 32 (the sampler's all-gather) + 40 / batch (the per-step agreement), for
+  greedy decoding; ``--sampling temperature|top-k|top-p`` times seeded sampling instead (its sampler exchanges
+  are measured, not analytic: docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -50,6 +52,11 @@ import time
 from typing import List, Optional
 
 from .common import machine_info, write_json
+
+
+# tp: the sampling presets of --sampling (SamplingParams fields; every sequence gets its own seed)
+SAMPLING = {"greedy": {}, "temperature": {"temperature": 0.8}, "top-k": {"temperature": 0.8, "top_k": 50},
+            "top-p": {"temperature": 0.8, "top_p": 0.9, "repetition_penalty": 1.1}}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -69,6 +76,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=number(int, 1), default=1, help="tp: sequences decoding together")
     p.add_argument("--prompt-len", type=number(int, 1), default=32, help="tp: prompt tokens per sequence")
     p.add_argument("--decode-steps", type=number(int, 1), default=32, help="tp: timed decode steps")
+    p.add_argument("--sampling", default="greedy", choices=sorted(SAMPLING),
+                   help="tp: how each sequence picks its tokens (seeded; " +
+                   "; ".join(f"{k}: {v or 'temperature 0'}" for k, v in SAMPLING.items()) + ")")
     p.add_argument("--json", default=None, help="write the results here")
 
 
@@ -206,10 +216,13 @@ def _tp_rank_main(rank: int, world: int, cfg: dict, out_dir: str) -> None:
     n_new = warm + cfg["decode_steps"] + 2
     engine = (Engine if single else TPEngine)(model, max_batch=cfg["batch"])
     gen = torch.Generator().manual_seed(1)
-    for _ in range(cfg["batch"]):
+    for i in range(cfg["batch"]):
         prompt = torch.randint(0, model.config.vocab_size if single else model.tp.full_config.vocab_size,
                                (cfg["prompt_len"],), generator=gen).tolist()
-        engine.add_request(prompt, max_new_tokens=n_new, stop_token_ids=())
+        sampling = dict(SAMPLING[cfg.get("sampling", "greedy")])
+        if sampling:
+            sampling["seed"] = i
+        engine.add_request(prompt, max_new_tokens=n_new, stop_token_ids=(), **sampling)
     engine.step()   # the prefill
     for _ in range(warm):
         engine.step()
@@ -251,9 +264,11 @@ def run_tp(args, console) -> List[dict]:
     if args.config not in CONFIGS:
         raise SystemExit(f"tritium bench dist: --config must be one of {', '.join(CONFIGS)}, got {args.config!r}")
     cfg = dict(config=args.config, dtype=args.dtype, batch=args.batch, prompt_len=args.prompt_len,
-               decode_steps=args.decode_steps)
+               decode_steps=args.decode_steps, sampling=args.sampling)
     c = CONFIGS[args.config]
-    analytic = tp_analytic_bytes_per_token(c, getattr(torch, args.dtype).itemsize, args.batch)
+    # the sampler's share is analytic for greedy steps only (sampling rows gather a varying number of candidates)
+    analytic = tp_analytic_bytes_per_token(c, getattr(torch, args.dtype).itemsize, args.batch) \
+        if args.sampling == "greedy" else None
     rows = []
     for name, world in [("single", 1)] + [("tp", w) for w in args.worlds]:
         console.print(f"tp decode: {name} world {world} ...")
@@ -263,17 +278,19 @@ def run_tp(args, console) -> List[dict]:
         comm = statistics.mean(statistics.median(r["comm"]) for r in runs)
         per_token = max(statistics.median(r["bytes"]) for r in runs) / args.batch
         rows.append(dict(impl=f"{name} decode", world=world, config=args.config, dtype=args.dtype,
-                         batch=args.batch, prompt_len=args.prompt_len, step_ms=step * 1e3,
+                         batch=args.batch, prompt_len=args.prompt_len, sampling=args.sampling,
+                         step_ms=step * 1e3,
                          tokens_per_s=args.batch / step, comm_ms=comm * 1e3, comm_share=comm / step,
                          bytes_per_token_per_rank=per_token,
                          analytic_bytes_per_token_per_rank=analytic if name == "tp" else 0.0))
     table = Table(title=f"decode steps: tensor-parallel vs one process, {args.config} ({args.dtype}), batch "
-                        f"{args.batch}, prompts of {args.prompt_len} tokens")
+                        f"{args.batch}, prompts of {args.prompt_len} tokens, {args.sampling} sampling")
     for col in ("impl", "world", "step ms", "tok/s", "comm ms", "share", "B/token/rank", "analytic"):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(r["impl"].split()[0], str(r["world"]), f"{r['step_ms']:.1f}", f"{r['tokens_per_s']:.1f}",
                       f"{r['comm_ms']:.1f}", f"{r['comm_share']:.1%}", f"{r['bytes_per_token_per_rank']:.0f}",
+                      "-" if r["analytic_bytes_per_token_per_rank"] is None else
                       f"{r['analytic_bytes_per_token_per_rank']:.0f}")
     console.print(table)
     return rows
