@@ -16,16 +16,22 @@ Backward (m a stabiliser: no gradient through it), with (dC, dn) the adjoint of 
     dlogf = the reverse cumulative sum of dF, df = dlogf sigmoid(-f).
 
 Layout: q, k (B, H, T, DK), v and dh (B, H, T, DV), i, f (B, H, T), all contiguous; the states (B, H, nchunks + 1,
-DK, DV) / (.., DK) / (..) float32 (the state before each chunk, the last the final state). One program per
-(batch, head) carries the (BLOCK_DK, BLOCK_DV) state in registers through the chunks; a chunk is a few tl.dot
-products of (L, D) tiles (L = the chunk, a power of two >= 16), float32 throughout (16-bit inputs widened on load).
+DK, DV) / (.., DK) / (..) float32 (the state before each chunk, the last the final state). The state's DV columns
+are independent but for n and den (which need only q, k and the gates): the forward runs one program per (block of
+BLOCK_DV columns, batch, head), carrying its (BLOCK_DK, BLOCK_DV) share of C in registers through the chunks and
+computing n and den in each (every program writes the same ns and ms). The backward runs one program per (batch,
+head) and walks the column blocks within each chunk twice (first the row sums dh . num that den's adjoint needs, then
+the rest), keeping dC in the dC0 output (its final value there) and dn in registers; the cross-block sums (dP, dq,
+the (L, DK) dC v_s) accumulate in registers. A chunk is a few tl.dot products of (L, D) tiles (L = the chunk, a power
+of two >= 16; the op takes 16 on CUDA, ops.mlstm.mlstm_chunk), float32 throughout (16-bit inputs widened on load).
 """
 import torch
 import triton
 import triton.language as tl
 
-# 8 warps: a program holds the (DK, DV) state (the backward three such tiles) and about ten (chunk, D) tiles in
-# registers; at head size 64 four warps spill
+# Column blocks of 16 and 8 warps: at head size 64 and chunk 16 a program's (L, DK) tiles, the (L, L) gate and score
+# matrices and its share of the state fit the register file on sm_80 / sm_90 (wider blocks or chunks spill).
+BLOCK_V = 16
 NUM_WARPS = 8
 
 
@@ -39,9 +45,9 @@ def _mlstm_fwd_kernel(
     T, DK, DV, scale, eps, nchunks,
     HAS_H0: tl.constexpr, CH: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    bh = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
     ok = tl.arange(0, BLOCK_DK)
-    ov = tl.arange(0, BLOCK_DV)
+    ov = tl.program_id(0) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     ol = tl.arange(0, CH)
     mk = ok < DK
     mv = ov < DV
@@ -105,35 +111,33 @@ def _mlstm_bwd_kernel(
 ):
     bh = tl.program_id(0).to(tl.int64)
     ok = tl.arange(0, BLOCK_DK)
-    ov = tl.arange(0, BLOCK_DV)
     ol = tl.arange(0, CH)
     mk = ok < DK
-    mv = ov < DV
-    kv = ok[:, None] * DV + ov[None, :]
-    mkv = mk[:, None] & mv[None, :]
-    if HAS_DCT:
-        dC = tl.load(DCT + bh * DK * DV + kv, mask=mkv, other=0.0)
-    else:
-        dC = tl.zeros([BLOCK_DK, BLOCK_DV], dtype=tl.float32)
+    # the state's adjoint dC lives in DC0 (its final value the result), updated one value block at a time
+    for v0 in range(0, DV, BLOCK_DV):
+        ov = v0 + tl.arange(0, BLOCK_DV)
+        kv = ok[:, None] * DV + ov[None, :]
+        mkv = mk[:, None] & (ov < DV)[None, :]
+        if HAS_DCT:
+            tl.store(DC0 + bh * DK * DV + kv, tl.load(DCT + bh * DK * DV + kv, mask=mkv, other=0.0), mask=mkv)
+        else:
+            tl.store(DC0 + bh * DK * DV + kv, tl.zeros([BLOCK_DK, BLOCK_DV], dtype=tl.float32), mask=mkv)
     if HAS_DNT:
         dn = tl.load(DNT + bh * DK + ok, mask=mk, other=0.0)
     else:
         dn = tl.zeros([BLOCK_DK], dtype=tl.float32)
+    tl.debug_barrier()  # dC's first value is written before any thread reads it
     causal = ol[:, None] >= ol[None, :]
     for cc in range(0, nchunks):
         c = nchunks - 1 - cc
-        C = tl.load(CS + (bh * (nchunks + 1) + c) * DK * DV + kv, mask=mkv, other=0.0)
         n = tl.load(NS + (bh * (nchunks + 1) + c) * DK + ok, mask=mk, other=0.0)
         m = tl.load(MS + bh * (nchunks + 1) + c)
         t = c * CH + ol
         mt_ = t < T
         row = bh * T + t
         mtk = mt_[:, None] & mk[None, :]
-        mtv = mt_[:, None] & mv[None, :]
         q = tl.load(Q + row[:, None] * DK + ok[None, :], mask=mtk, other=0.0).to(tl.float32) * scale
         k = tl.load(Kt + row[:, None] * DK + ok[None, :], mask=mtk, other=0.0).to(tl.float32)
-        v = tl.load(V + row[:, None] * DV + ov[None, :], mask=mtv, other=0.0).to(tl.float32)
-        dh = tl.load(DH + row[:, None] * DV + ov[None, :], mask=mtv, other=0.0).to(tl.float32)
         ig = tl.load(I + row, mask=mt_, other=0.0).to(tl.float32)
         fg = tl.load(Fg + row, mask=mt_, other=0.0).to(tl.float32)
         logf = tl.where(mt_, tl.minimum(fg, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(fg))), 0.0)
@@ -144,9 +148,7 @@ def _mlstm_bwd_kernel(
         E = tl.exp(D - mrow[:, None])
         P = E * tl.dot(q, tl.trans(k), input_precision="ieee")
         g = tl.exp(F + m - mrow)
-        qC = tl.dot(q, C, input_precision="ieee")
         qn = tl.sum(q * n[None, :], 1)
-        num = g[:, None] * qC + tl.dot(P, v, input_precision="ieee")
         den = g * qn + tl.sum(P, 1)
         z = tl.maximum(tl.abs(den), tl.exp(-mrow)) + eps
         FL = tl.sum(logf, 0)
@@ -154,46 +156,70 @@ def _mlstm_bwd_kernel(
         mnew = tl.maximum(FL + m, tl.max(a, 0))
         G = tl.exp(FL + m - mnew)
         w = tl.exp(a - mnew)
-        # the output's adjoint
-        dnum = dh / z[:, None]
-        dz = -tl.sum(dh * num, 1) / (z * z)
+        # first walk over the value blocks: the output's row sums dh . num, for the adjoint of den
+        sdn = tl.zeros([CH], dtype=tl.float32)
+        for v0 in range(0, DV, BLOCK_DV):
+            ov = v0 + tl.arange(0, BLOCK_DV)
+            mv = ov < DV
+            kv = ok[:, None] * DV + ov[None, :]
+            mtv = mt_[:, None] & mv[None, :]
+            C = tl.load(CS + (bh * (nchunks + 1) + c) * DK * DV + kv, mask=mk[:, None] & mv[None, :], other=0.0)
+            v = tl.load(V + row[:, None] * DV + ov[None, :], mask=mtv, other=0.0).to(tl.float32)
+            dh = tl.load(DH + row[:, None] * DV + ov[None, :], mask=mtv, other=0.0).to(tl.float32)
+            num = g[:, None] * tl.dot(q, C, input_precision="ieee") + tl.dot(P, v, input_precision="ieee")
+            sdn += tl.sum(dh * num, 1)
+        dz = -sdn / (z * z)
         dden = tl.where(tl.abs(den) >= tl.exp(-mrow), tl.where(den >= 0, dz, -dz), 0.0)
+        # second walk: everything the value columns contribute, and the value-side gradients and dC block by block
+        dP = tl.zeros([CH, CH], dtype=tl.float32) + dden[:, None]
+        dq = (g * dden)[:, None] * n[None, :]
+        dF = g * dden * qn
+        dFL = G * tl.sum(dn * n, 0)
+        vdc = tl.zeros([CH, BLOCK_DK], dtype=tl.float32)   # (L, DK): dC v_s, with dC the adjoint after the chunk
+        gq = q * g[:, None]
+        for v0 in range(0, DV, BLOCK_DV):
+            ov = v0 + tl.arange(0, BLOCK_DV)
+            mv = ov < DV
+            kv = ok[:, None] * DV + ov[None, :]
+            mkv = mk[:, None] & mv[None, :]
+            mtv = mt_[:, None] & mv[None, :]
+            C = tl.load(CS + (bh * (nchunks + 1) + c) * DK * DV + kv, mask=mkv, other=0.0)
+            dC = tl.load(DC0 + bh * DK * DV + kv, mask=mkv, other=0.0)
+            v = tl.load(V + row[:, None] * DV + ov[None, :], mask=mtv, other=0.0).to(tl.float32)
+            dh = tl.load(DH + row[:, None] * DV + ov[None, :], mask=mtv, other=0.0).to(tl.float32)
+            qC = tl.dot(q, C, input_precision="ieee")
+            dnum = dh / z[:, None]
+            dP += tl.dot(dnum, tl.trans(v), input_precision="ieee")
+            dq += g[:, None] * tl.dot(dnum, tl.trans(C), input_precision="ieee")
+            dF += g * tl.sum(dnum * qC, 1)
+            dFL += G * tl.sum(tl.sum(dC * C, 1), 0)
+            vdc += tl.dot(v, tl.trans(dC), input_precision="ieee")
+            dv = tl.dot(tl.trans(P), dnum, input_precision="ieee") + w[:, None] * tl.dot(k, dC, input_precision="ieee")
+            tl.store(DV_ + row[:, None] * DV + ov[None, :], dv.to(DV_.dtype.element_ty), mask=mtv)
+            tl.store(DC0 + bh * DK * DV + kv, G * dC + tl.dot(tl.trans(gq), dnum, input_precision="ieee"), mask=mkv)
         # within the chunk
-        dP = tl.dot(dnum, tl.trans(v), input_precision="ieee") + dden[:, None]
         dS = dP * E
         dD = dP * P
-        dq = tl.dot(dS, k, input_precision="ieee")
+        dq += tl.dot(dS, k, input_precision="ieee")
         dk = tl.dot(tl.trans(dS), q, input_precision="ieee")
-        dv = tl.dot(tl.trans(P), dnum, input_precision="ieee")
         di = tl.sum(dD, 0)
-        dF = tl.sum(dD, 1) - tl.sum(dD, 0)
-        # the state before the chunk
-        dq += g[:, None] * (tl.dot(dnum, tl.trans(C), input_precision="ieee") + dden[:, None] * n[None, :])
-        dF += g * (tl.sum(dnum * qC, 1) + dden * qn)
-        gq = q * g[:, None]
-        dCa = tl.dot(tl.trans(gq), dnum, input_precision="ieee")
-        dna = tl.sum(gq * dden[:, None], 0)
+        dF += tl.sum(dD, 1) - tl.sum(dD, 0)
         # the move to the chunk's end, with the adjoint (dC, dn) of the state after it
-        dFL = G * (tl.sum(tl.sum(dC * C, 1), 0) + tl.sum(dn * n, 0))
-        vdc = tl.dot(v, tl.trans(dC), input_precision="ieee")  # (L, DK): dC v_s
         da = w * (tl.sum(k * vdc, 1) + tl.sum(k * dn[None, :], 1))
         dk += w[:, None] * (vdc + dn[None, :])
-        dv += w[:, None] * tl.dot(k, dC, input_precision="ieee")
         di += da
         dF -= da
         dFL += tl.sum(da, 0)
         last = tl.minimum(T - c * CH, CH) - 1
         dF += tl.where(ol == last, dFL, 0.0)
-        dC = G * dC + dCa
-        dn = G * dn + dna
+        dn = G * dn + tl.sum(gq * dden[:, None], 0)
         dlogf = tl.sum(dF, 0) - tl.cumsum(dF, 0) + dF
         df = dlogf / (1.0 + tl.exp(fg))
         tl.store(DQ + row[:, None] * DK + ok[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=mtk)
         tl.store(DK_ + row[:, None] * DK + ok[None, :], dk.to(DK_.dtype.element_ty), mask=mtk)
-        tl.store(DV_ + row[:, None] * DV + ov[None, :], dv.to(DV_.dtype.element_ty), mask=mtv)
         tl.store(DI + row, di.to(DI.dtype.element_ty), mask=mt_)
         tl.store(DF + row, df.to(DF.dtype.element_ty), mask=mt_)
-    tl.store(DC0 + bh * DK * DV + kv, dC, mask=mkv)
+        tl.debug_barrier()  # the chunk's dC is written before the next chunk reads it
     tl.store(DN0 + bh * DK + ok, dn, mask=mk)
 
 
@@ -218,9 +244,10 @@ def mlstm_fwd(q, k, v, i, f, scale: float, eps: float, C0, n0, m0, chunk: int):
     ns = torch.empty((B, H, nc + 1, DK), dtype=f32, device=dev)
     ms = torch.empty((B, H, nc + 1), dtype=f32, device=dev)
     if B * H * T * DK * DV > 0:
-        _mlstm_fwd_kernel[(B * H,)](
+        block_dv = min(_block(DV), BLOCK_V)
+        _mlstm_fwd_kernel[(triton.cdiv(DV, block_dv), B * H)](
             q, k, v, i, f, C0, n0, m0, h, Cs, ns, ms, T, DK, DV, float(scale), float(eps), nc,
-            HAS_H0=C0 is not None, CH=CH, BLOCK_DK=_block(DK), BLOCK_DV=_block(DV), num_warps=NUM_WARPS)
+            HAS_H0=C0 is not None, CH=CH, BLOCK_DK=_block(DK), BLOCK_DV=block_dv, num_warps=NUM_WARPS)
     return h, Cs, ns, ms
 
 
@@ -235,14 +262,15 @@ def mlstm_bwd(dh, q, k, v, i, f, scale: float, eps: float, Cs, ns, ms, chunk: in
     dev, f32 = q.device, torch.float32
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     di, df = torch.empty_like(i), torch.empty_like(f)
-    dC0 = torch.zeros((B, H, DK, DV), dtype=f32, device=dev)
+    launch = B * H * T * DK * DV > 0
+    dC0 = (torch.empty if launch else torch.zeros)((B, H, DK, DV), dtype=f32, device=dev)  # the kernel works in it
     dn0 = torch.zeros((B, H, DK), dtype=f32, device=dev)
-    if B * H * T * DK * DV > 0:
+    if launch:
         _mlstm_bwd_kernel[(B * H,)](
             dh, q, k, v, i, f, Cs, ns, ms, dCT, dnT, dq, dk, dv, di, df, dC0, dn0,
             T, DK, DV, float(scale), float(eps), nc,
-            HAS_DCT=dCT is not None, HAS_DNT=dnT is not None, CH=CH, BLOCK_DK=_block(DK), BLOCK_DV=_block(DV),
-            num_warps=NUM_WARPS)
+            HAS_DCT=dCT is not None, HAS_DNT=dnT is not None, CH=CH, BLOCK_DK=_block(DK),
+            BLOCK_DV=min(_block(DV), BLOCK_V), num_warps=NUM_WARPS)
     return dq, dk, dv, di, df, dC0, dn0
 
 
