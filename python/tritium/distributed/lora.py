@@ -6,7 +6,7 @@ batch's rows; ``torch.nn.parallel.DistributedDataParallel`` all-reduces the adap
 weights and the buffers are left out of DDP: nothing of theirs is broadcast or reduced). Each rank's loss is its
 rows' summed token losses over the number of labelled tokens of the whole global batch, times the world size (DDP
 averages), so the averaged gradient is the gradient of one process's mean over the whole batch: N ranks take the
-same steps as one process (tests/distributed/test_lora.py). LoRA dropout draws differ per rank (as in any
+same steps as one process (tests/distributed/test_training.py). LoRA dropout draws differ per rank (as in any
 data-parallel run).
 """
 from __future__ import annotations
