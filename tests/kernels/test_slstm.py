@@ -101,6 +101,16 @@ def test_steps_equal_the_sequence(impl_name, impl, dtype):
         torch.testing.assert_close(state[j], states[:, -1, j], rtol=0, atol=0)
 
 
+def test_empty_batch():
+    """No program to launch: the Triton launchers return empty outputs and a zero dR (no step contributes)."""
+    wx, R = torch.zeros(0, 3, 4 * 2 * 5), torch.randn(4, 2, 5, 5)
+    y, states, gates = triton_slstm.slstm_fwd(wx, R, None, None, None, None)
+    assert y.shape == (0, 3, 10) and states.shape == (0, 3, 4, 10) and gates.shape == (0, 3, 5, 10)
+    dwx, dR, dh0, dc0, dn0 = triton_slstm.slstm_bwd(y, wx, R, None, None, None, None, states, gates, None, None, None)
+    assert dwx.shape == wx.shape and dh0.shape == dc0.shape == dn0.shape == (0, 10)
+    torch.testing.assert_close(dR, torch.zeros_like(R), rtol=0, atol=0)
+
+
 @pytest.mark.gpu_compile
 def test_gpu_compile():
     """The forward, backward and step compile for sm_80/90 without spills at xLSTM's head sizes and an odd one,
