@@ -180,6 +180,12 @@ against its eager reference (the step-by-step recurrence written in torch ops) a
 `torch.compile`.
 """
 
+SLSTM_PROSE = """\
+xLSTM's scalar-memory cell (`tritium.slstm`: the fused recurrence with exponential gating, the head-wise recurrent
+matrices and the stabiliser state) against its eager reference (the step-by-step recurrence written in torch ops),
+forward and forward+backward, float32 and bfloat16.
+"""
+
 DIST_TP_PROSE = """\
 Tensor-parallel Llama decoding (`tritium.distributed`, docs/distributed.md): SmolLM2-135M's shapes with random
 weights, decode steps of `TPEngine` on 1, 2 and 4 gloo processes on this machine against `Engine` on the whole model
@@ -524,6 +530,9 @@ KNOWN = [
     ("mlstm-fwdbwd-amd-avx512.json", "tritium bench ops --op mlstm --mode fwdbwd --no-compile --json "
                                      "bench/results/mlstm-fwdbwd-amd-avx512.json",
      f"xLSTM's mLSTM on {MACHINE_KINDS['amd-avx512']}: forward and backward", MLSTM_PROSE, ops_section),
+    ("slstm-amd-avx512.json", "tritium bench ops --op slstm --mode both --no-compile --json "
+                              "bench/results/slstm-amd-avx512.json",
+     f"xLSTM's sLSTM on {MACHINE_KINDS['amd-avx512']}", SLSTM_PROSE, ops_section),
     ("dist-tp-amd-avx512.json", "tritium bench dist --kind tp --dtype bfloat16 --json "
                                 "bench/results/dist-tp-amd-avx512.json",
      f"Tensor-parallel decoding on {MACHINE_KINDS['amd-avx512']}", DIST_TP_PROSE, dist_tp_section),
