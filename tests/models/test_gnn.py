@@ -36,6 +36,23 @@ def test_gnn_twin_outputs_and_grads(name):
 
 
 @pytest.mark.parametrize("name", ["gcn", "gat"])
+def test_gnn_compiles_fullgraph(name):
+    """The tritium GCN / GAT under torch.compile(fullgraph=True): one graph (the Graph's checked CSRGraph leaves no
+    data-dependent check to break it), the eager outputs and gradients."""
+    x, y, graph = _data()
+    model = GCN(11, 19, 3) if name == "gcn" else GAT(11, 7, 3, heads=3)
+    model.eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    oa, ob = compiled(xa, graph), model(xb, graph)
+    torch.testing.assert_close(oa, ob, rtol=1e-4, atol=1e-5)
+    ga = torch.autograd.grad(oa.square().sum(), [xa, *model.parameters()])
+    gb = torch.autograd.grad(ob.square().sum(), [xb, *model.parameters()])
+    torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gcn", "gat"])
 def test_gnn_twin_training_steps_agree(name):
     """Three Adam steps with dropout: the same seeds give both twins the same masks, losses and weights."""
     x, y, graph = _data()

@@ -246,3 +246,68 @@ def test_gat_bad_inputs():
     bad[0] = 100
     with pytest.raises(ValueError, match="gat_aggregate: col must index"):
         tritium.gat_aggregate(x3, torch.randn(7, 1), torch.randn(7, 1), rowptr, bad)
+
+
+# ---- CSRGraph: checked once, then no index reads per call ----
+def test_csr_graph_matches_raw_tensors():
+    rowptr, col = make_graph(37, 29, 151)
+    g = tritium.CSRGraph(rowptr, col, 29)
+    assert (g.num_src, g.num_dst, g.num_edges) == (29, 37, col.numel())
+    assert all(torch.equal(a, b) for a, b in zip(g.csc, graph_csc(rowptr, col, 29)))
+    x = torch.randn(29, 5, requires_grad=True)
+    w = torch.rand(col.numel(), requires_grad=True)
+    for reduce in ("sum", "mean", "max"):
+        a = tritium.graph_aggregate(x, g, weight=w, reduce=reduce)
+        b = tritium.graph_aggregate(x, rowptr, col, w, reduce)
+        torch.testing.assert_close(a, b)
+        ga = torch.autograd.grad(a.square().sum(), (x, w))
+        gb = torch.autograd.grad(b.square().sum(), (x, w))
+        torch.testing.assert_close(ga, gb)
+    x3, s, d = torch.randn(29, 2, 3), torch.randn(29, 2), torch.randn(37, 2)
+    torch.testing.assert_close(tritium.gat_aggregate(x3, s, d, g), tritium.gat_aggregate(x3, s, d, rowptr, col))
+
+
+def test_csr_graph_reads_no_index_values(monkeypatch):
+    """With a CSRGraph neither call checks the indices again (the check is what syncs on CUDA and breaks
+    torch.compile's graph)."""
+    rowptr, col = make_graph(7, 7, 11)
+    g = tritium.CSRGraph(rowptr, col, 7)
+    calls = []
+    monkeypatch.setattr(tritium.ops.graph, "check_graph", lambda *a: calls.append(a))
+    tritium.graph_aggregate(torch.randn(7, 3), g)
+    tritium.gat_aggregate(torch.randn(7, 1, 3), torch.randn(7, 1), torch.randn(7, 1), g)
+    assert calls == []
+    tritium.graph_aggregate(torch.randn(7, 3), rowptr, col)  # raw tensors: checked on every call
+    assert len(calls) == 1
+
+
+def test_csr_graph_compiles_fullgraph():
+    rowptr, col = make_graph(37, 37, 151)
+    g = tritium.CSRGraph(rowptr, col, 37)
+    x = torch.randn(37, 8, requires_grad=True)
+    f = torch.compile(lambda x: tritium.graph_aggregate(x, g, reduce="mean").square().sum(), fullgraph=True)
+    (grad,) = torch.autograd.grad(f(x), x)
+    (g_ref,) = torch.autograd.grad(reference.graph_aggregate(x, rowptr, col, reduce="mean").square().sum(), x)
+    torch.testing.assert_close(grad, g_ref)
+
+
+def test_csr_graph_bad_inputs():
+    rowptr, col = make_graph(7, 7, 11)
+    bad = rowptr.clone()
+    bad[-1] += 1
+    with pytest.raises(ValueError, match="CSRGraph: rowptr must run from 0 to len"):
+        tritium.CSRGraph(bad, col, 7)
+    with pytest.raises(ValueError, match="CSRGraph: col must index the 5 source"):
+        tritium.CSRGraph(rowptr, col, 5)
+    with pytest.raises(TypeError, match="CSRGraph: num_src must be an int >= 0, got 7.0"):
+        tritium.CSRGraph(rowptr, col, 7.0)
+    ptr, dst, perm = graph_csc(rowptr, col, 7)
+    with pytest.raises(ValueError, match="CSRGraph: csc's csc_perm must have"):
+        tritium.CSRGraph(rowptr, col, 7, csc=(ptr, dst, perm[1:]))
+    g = tritium.CSRGraph(rowptr, col, 7)
+    with pytest.raises(ValueError, match="graph_aggregate: the CSRGraph has 7 source nodes but x has 6 rows"):
+        tritium.graph_aggregate(torch.randn(6, 3), g)
+    with pytest.raises(TypeError, match="gat_aggregate: with a CSRGraph, col and csc must be omitted"):
+        tritium.gat_aggregate(torch.randn(7, 1, 3), torch.randn(7, 1), torch.randn(7, 1), g, col)
+    with pytest.raises(TypeError, match="graph_aggregate: col must be given with a raw rowptr"):
+        tritium.graph_aggregate(torch.randn(7, 3), rowptr)

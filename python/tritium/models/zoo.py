@@ -35,13 +35,16 @@ import struct
 import zlib
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .classic import IMPLS, _Impl, ops as classic_ops
+
+if TYPE_CHECKING:
+    from ..ops.graph import CSRGraph
 
 LOSSES = ("triplet", "contrastive", "info_nce")
 
@@ -65,9 +68,9 @@ def _tritium_table() -> SimpleNamespace:
                            triplet_margin_loss=tritium.triplet_margin_loss,
                            contrastive_loss=tritium.contrastive_loss, info_nce=tritium.info_nce, elu=tritium.elu,
                            aggregate=lambda x, g, w, reduce="sum": tritium.graph_aggregate(
-                               x, g.rowptr, g.col, w, reduce, csc=g.csc),
+                               x, g.csr, weight=w, reduce=reduce),
                            gat=lambda x, a_src, a_dst, g, slope: tritium.gat_aggregate(
-                               x, a_src, a_dst, g.rowptr, g.col, slope, csc=g.csc))
+                               x, a_src, a_dst, g.csr, negative_slope=slope))
 
 
 def ops(impl: str) -> SimpleNamespace:
@@ -277,12 +280,14 @@ def gan_step(gan: GAN, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimize
 @dataclass
 class Graph:
     """A graph as both implementations take it: CSR by destination (rowptr (N + 1), col (E) the sources), each
-    edge's destination (dst, the eager twin's index), the transpose (csc, the kernels' backward) and GCN's
-    symmetric normalisation per edge (gcn_weight = 1 / sqrt(deg(src) deg(dst)), deg counting the self loop)."""
+    edge's destination (dst, the eager twin's index), the checked tritium.CSRGraph of rowptr and col with its
+    transpose (csr: the kernels take it without re-checking the indices, so a step has no host sync and compiles
+    as one graph) and GCN's symmetric normalisation per edge (gcn_weight = 1 / sqrt(deg(src) deg(dst)), deg
+    counting the self loop)."""
     rowptr: Tensor
     col: Tensor
     dst: Tensor
-    csc: Tuple[Tensor, Tensor, Tensor]
+    csr: CSRGraph
     gcn_weight: Tensor
     num_nodes: int
 
@@ -290,16 +295,21 @@ class Graph:
     def num_edges(self) -> int:
         return self.col.numel()
 
+    @property
+    def csc(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """The transpose (graph_csc's (csc_ptr, csc_dst, csc_perm))."""
+        return self.csr.csc
+
     def to(self, device) -> "Graph":
         mv = lambda t: t.to(device)  # noqa: E731
-        return Graph(mv(self.rowptr), mv(self.col), mv(self.dst), tuple(mv(t) for t in self.csc),
-                     mv(self.gcn_weight), self.num_nodes)
+        csr = self.csr.to(device)
+        return Graph(csr.rowptr, csr.col, mv(self.dst), csr, mv(self.gcn_weight), self.num_nodes)
 
 
 def build_graph(src: Tensor, dst: Tensor, num_nodes: int, self_loops: bool = True) -> Graph:
     """The Graph of the directed edges src[k] -> dst[k] (int64), sorted by destination (then source), with a self
     loop on every node added when ``self_loops`` (GCN's A + I; GAT attends to the node itself too)."""
-    from ..ops.graph import check_graph, graph_csc
+    from ..ops.graph import CSRGraph
 
     if self_loops:
         loop = torch.arange(num_nodes, device=src.device)
@@ -308,9 +318,9 @@ def build_graph(src: Tensor, dst: Tensor, num_nodes: int, self_loops: bool = Tru
     src, dst = src[order].contiguous(), dst[order].contiguous()
     deg = torch.zeros(num_nodes, dtype=torch.int64, device=src.device).index_add_(0, dst, torch.ones_like(dst))
     rowptr = torch.cat([deg.new_zeros(1), deg.cumsum(0)])
-    check_graph(rowptr, src, num_nodes, "build_graph")
+    csr = CSRGraph(rowptr, src, num_nodes)
     norm = deg.clamp(min=1).float().rsqrt()
-    return Graph(rowptr, src, dst, graph_csc(rowptr, src, num_nodes), norm[src] * norm[dst], num_nodes)
+    return Graph(csr.rowptr, csr.col, dst, csr, norm[src] * norm[dst], num_nodes)
 
 
 def stochastic_block_model(num_nodes: int = 3000, num_classes: int = 5, avg_degree: float = 8.0,

@@ -18,6 +18,12 @@ The backward scatters to the sources through the graph's transpose (CSC: ``graph
 written by one task, without atomics. It is computed in the backward unless given as ``csc=graph_csc(...)``
 (a model computes it once per graph).
 
+Checking rowptr and col reads their values: on CUDA a host synchronisation, and under torch.compile data-dependent
+branches that break the graph. A ``CSRGraph(rowptr, col, num_src)`` is checked once when built and holds its
+transpose; passed in place of rowptr (``graph_aggregate(x, graph)``, ``gat_aggregate(x, a_src, a_dst, graph)``)
+the calls check only shapes, dtypes and devices (no sync, no graph break). Raw rowptr / col are checked on every
+call.
+
 Ops: ``tritium::graph_agg`` / ``graph_agg_bwd`` and ``tritium::gat_fwd`` / ``gat_bwd`` (C++: csrc/graph.cpp;
 Triton: kernels/graph.py). Calls the kernels do not cover (a dtype, a device, an empty x) go to
 ``tritium.reference``'s eager index_add / scatter formulation.
@@ -88,6 +94,57 @@ def _check_csc(csc, num_src: int, num_edges: int, fn: str):
         if t.numel() != n:
             raise ValueError(f"{fn}: csc's {name} must have {n} entries, got {t.numel()}")
     return tuple(t.contiguous() for t in csc)
+
+
+class CSRGraph:
+    """A CSR graph by destination, checked once (``check_graph``) when built: rowptr (num_dst + 1) and col (edges)
+    int64 over ``num_src`` source nodes, and its transpose ``csc`` (``graph_csc``'s, computed here unless given).
+    graph_aggregate and gat_aggregate take it in place of rowptr and then read no index values: no host sync, and
+    nothing torch.compile cannot trace."""
+
+    def __init__(self, rowptr: Tensor, col: Tensor, num_src: int, csc: Optional[CSC] = None):
+        if isinstance(num_src, bool) or not isinstance(num_src, int) or num_src < 0:
+            raise TypeError(f"CSRGraph: num_src must be an int >= 0, got {num_src!r}")
+        check_graph(rowptr, col, num_src, "CSRGraph")
+        csc = graph_csc(rowptr, col, num_src) if csc is None else _check_csc(csc, num_src, col.numel(), "CSRGraph")
+        self._set(rowptr.contiguous(), col.contiguous(), num_src, tuple(t.contiguous() for t in csc))
+
+    def _set(self, rowptr: Tensor, col: Tensor, num_src: int, csc: CSC) -> None:
+        self.rowptr, self.col, self.num_src, self.csc = rowptr, col, num_src, csc
+
+    @property
+    def num_dst(self) -> int:
+        return self.rowptr.numel() - 1
+
+    @property
+    def num_edges(self) -> int:
+        return self.col.numel()
+
+    def to(self, device) -> "CSRGraph":
+        """The same graph on ``device`` (moving a checked graph needs no new check)."""
+        out = CSRGraph.__new__(CSRGraph)
+        out._set(self.rowptr.to(device), self.col.to(device), self.num_src, tuple(t.to(device) for t in self.csc))
+        return out
+
+    def __repr__(self) -> str:
+        return f"CSRGraph(num_src={self.num_src}, num_dst={self.num_dst}, num_edges={self.num_edges})"
+
+
+def _graph_args(rowptr, col, csc, num_src: int, fn: str):
+    """(rowptr, col, csc_ptr, csc_dst, csc_perm) of a call: from a CSRGraph (only its sizes and device against x's
+    rows) or from raw rowptr / col (checked in full)."""
+    if isinstance(rowptr, CSRGraph):
+        g = rowptr
+        if col is not None or csc is not None:
+            raise TypeError(f"{fn}: with a CSRGraph, col and csc must be omitted (the graph holds them), got "
+                            f"col={type(col).__name__}, csc={type(csc).__name__}")
+        if g.num_src != num_src:
+            raise ValueError(f"{fn}: the CSRGraph has {g.num_src} source nodes but x has {num_src} rows")
+        return (g.rowptr, g.col, *g.csc)
+    if col is None:
+        raise TypeError(f"{fn}: col must be given with a raw rowptr (or pass a CSRGraph as rowptr), got None")
+    check_graph(rowptr, col, num_src, fn)
+    return (rowptr.contiguous(), col.contiguous(), *_check_csc(csc, num_src, col.numel(), fn))
 
 
 def _check_float(t, name: str, fn: str, dim: int, like: Optional[Tensor] = None) -> None:
@@ -179,54 +236,53 @@ gat_fwd = define_op(
 
 
 # ---- public API ----
-def graph_aggregate(x: Tensor, rowptr: Tensor, col: Tensor, weight: Optional[Tensor] = None, reduce: str = "sum",
-                    csc: Optional[CSC] = None) -> Tensor:
+def graph_aggregate(x: Tensor, rowptr, col: Optional[Tensor] = None, weight: Optional[Tensor] = None,
+                    reduce: str = "sum", csc: Optional[CSC] = None) -> Tensor:
     """Message passing over a CSR graph: out[i] = AGG_{e in rowptr[i]:rowptr[i+1]} weight[e] * x[col[e]].
 
     x (num_src, features); rowptr (num_dst + 1) int64; col (edges) int64 source indices; weight (edges) or None
     (1); reduce "sum", "mean" (over the node's edge count) or "max" (per feature; the gradient goes to the first
     maximal edge); a node without edges gets 0. csc: ``graph_csc(rowptr, col, x.shape[0])``, else computed in
-    the backward. Returns (num_dst, features) in x's dtype."""
+    the backward. rowptr may be a ``CSRGraph`` instead (col and csc omitted: checked once, its transpose held).
+    Returns (num_dst, features) in x's dtype."""
     fn = "graph_aggregate"
     if reduce not in AGG_IDS:
         raise ValueError(f"{fn}: reduce must be one of {AGGS}, got {reduce!r}")
     _check_float(x, "x", fn, 2)
-    check_graph(rowptr, col, x.shape[0], fn)
+    rowptr, col, cp, cd, cq = _graph_args(rowptr, col, csc, x.shape[0], fn)
     if weight is not None:
         _check_float(weight, "weight", fn, 1, x)
         if weight.shape[0] != col.numel():
             raise ValueError(f"{fn}: weight must have one entry per edge ({col.numel()}), got {weight.shape[0]}")
-    cp, cd, cq = _check_csc(csc, x.shape[0], col.numel(), fn)
     if not (kernel_ok(x, *([] if weight is None else [weight])) and rowptr.device == x.device):
         return reference.graph_aggregate(x, rowptr, col, weight, reduce)
     w = None if weight is None else weight.contiguous()
-    return graph_agg(x.contiguous(), rowptr.contiguous(), col.contiguous(), w, cp, cd, cq, AGG_IDS[reduce])[0]
+    return graph_agg(x.contiguous(), rowptr, col, w, cp, cd, cq, AGG_IDS[reduce])[0]
 
 
-def gat_aggregate(x: Tensor, a_src: Tensor, a_dst: Tensor, rowptr: Tensor, col: Tensor,
+def gat_aggregate(x: Tensor, a_src: Tensor, a_dst: Tensor, rowptr, col: Optional[Tensor] = None,
                   negative_slope: float = 0.2, csc: Optional[CSC] = None) -> Tensor:
     """GAT's attention aggregation, the edge softmax fused with the weighted sum: for each destination i and head
     h, alpha_e = softmax over the edges e into i of leaky_relu(a_src[col[e], h] + a_dst[i, h], negative_slope),
     out[i, h] = sum_e alpha_e x[col[e], h].
 
     x (num_src, heads, channels); a_src (num_src, heads) and a_dst (num_dst, heads) the per-node attention
-    scores (<x_j, att_src> and <x_i, att_dst> in GAT); a node without edges gets 0. Returns (num_dst, heads,
-    channels) in x's dtype."""
+    scores (<x_j, att_src> and <x_i, att_dst> in GAT); a node without edges gets 0. rowptr may be a ``CSRGraph``
+    (col and csc omitted). Returns (num_dst, heads, channels) in x's dtype."""
     fn = "gat_aggregate"
     _check_float(x, "x", fn, 3)
     _check_float(a_src, "a_src", fn, 2, x)
     _check_float(a_dst, "a_dst", fn, 2, x)
-    check_graph(rowptr, col, x.shape[0], fn)
+    rowptr, col, cp, cd, cq = _graph_args(rowptr, col, csc, x.shape[0], fn)
     nd, H = rowptr.numel() - 1, x.shape[1]
     if tuple(a_src.shape) != (x.shape[0], H):
         raise ValueError(f"{fn}: a_src must have shape (num_src, heads) = {(x.shape[0], H)}, got {tuple(a_src.shape)}")
     if tuple(a_dst.shape) != (nd, H):
         raise ValueError(f"{fn}: a_dst must have shape (num_dst, heads) = {(nd, H)}, got {tuple(a_dst.shape)}")
-    cp, cd, cq = _check_csc(csc, x.shape[0], col.numel(), fn)
     if not (kernel_ok(x, a_src, a_dst) and rowptr.device == x.device):
         return reference.gat_aggregate(x, a_src, a_dst, rowptr, col, negative_slope)
-    return gat_fwd(x.contiguous(), a_src.contiguous(), a_dst.contiguous(), rowptr.contiguous(), col.contiguous(),
-                   cp, cd, cq, float(negative_slope))[0]
+    return gat_fwd(x.contiguous(), a_src.contiguous(), a_dst.contiguous(), rowptr, col, cp, cd, cq,
+                   float(negative_slope))[0]
 
 
-__all__ = ["graph_aggregate", "gat_aggregate", "graph_csc"]
+__all__ = ["CSRGraph", "graph_aggregate", "gat_aggregate", "graph_csc"]
