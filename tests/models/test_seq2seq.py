@@ -1,5 +1,5 @@
-"""tritium.models.seq2seq (issue 26): the GRU encoder-decoder with Luong attention on tritium ops against its
-plain-PyTorch twin (same state_dict, same logits and parameter gradients in float32), the character codec, pad
+"""tritium.models.seq2seq (issue 26): the GRU encoder-decoder with Luong or Bahdanau attention on tritium ops against
+its plain-PyTorch twin (same state_dict, same logits and parameter gradients in float32), the character codec, pad
 masking, greedy decoding against the teacher-forced logits, beam search against exhaustive search, and a short
 date-conversion run."""
 import itertools
@@ -13,9 +13,9 @@ from tritium.models.seq2seq import (BOS, EOS, PAD, Seq2Seq, decode, encode, enco
 from tests.models.test_zoo import _assert_grads, _pair
 
 
-def _small(impl, vocab=None):
+def _small(impl, vocab=None, attention="luong"):
     kw = {} if vocab is None else {"vocab": vocab}
-    return Seq2Seq(embed=12, hidden=16, impl=impl, **kw)
+    return Seq2Seq(embed=12, hidden=16, impl=impl, attention=attention, **kw)
 
 
 def test_codec():
@@ -30,8 +30,9 @@ def test_codec():
         encode("#é")
 
 
-def test_seq2seq_twin_logits_loss_and_grads():
-    ours, twin = _pair(_small)
+@pytest.mark.parametrize("attention", ["luong", "bahdanau"])
+def test_seq2seq_twin_logits_loss_and_grads(attention):
+    ours, twin = _pair(lambda impl: _small(impl, attention=attention))
     src = encode_batch(["March 4, 2023", "4 Mar 1999", "the 21st of June, 2001"])
     tgt_in, labels = targets(["2023-03-04", "1999-03-04", "2001-06-21"])
     la, lb = ours(src, tgt_in), twin(src, tgt_in)
@@ -45,21 +46,22 @@ def test_seq2seq_twin_logits_loss_and_grads():
     assert ours.src_embed.weight.grad[PAD].abs().sum() == 0  # padding_idx
 
 
-def test_padding_is_masked():
+@pytest.mark.parametrize("attention", ["luong", "bahdanau"])
+def test_padding_is_masked(attention):
     """A source gives the same logits alone and padded in a batch with a longer one."""
     torch.manual_seed(0)
-    model = _small("tritium").eval()
+    model = _small("tritium", attention=attention).eval()
     tgt_in, _ = targets(["2023-03-04"])
     alone = model(encode_batch(["4 Mar 2023"]), tgt_in)
     padded = model(encode_batch(["4 Mar 2023", "the 4th of March, 2023"]), tgt_in.repeat(2, 1))[:1]
     torch.testing.assert_close(alone, padded, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["tritium", "torch"])
-def test_greedy_follows_the_teacher_forced_argmax(impl):
+@pytest.mark.parametrize("impl,attention", [("tritium", "luong"), ("torch", "luong"), ("tritium", "bahdanau")])
+def test_greedy_follows_the_teacher_forced_argmax(impl, attention):
     """Greedy decoding step by step equals feeding its own output back through the teacher-forced forward."""
     torch.manual_seed(1)
-    model = _small(impl).eval()
+    model = _small(impl, attention=attention).eval()
     src = encode_batch(["Jan 1 2000", "the 3rd of May, 1950"])
     ids = model.greedy(src, max_len=6)
     assert ids.shape == (2, 6)
@@ -124,3 +126,28 @@ def test_date_pairs_splits_are_disjoint():
     assert not train & test and len(train) > 2500
     with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
         date_pairs(1, split="dev")
+
+
+def test_bahdanau_scores_by_hand():
+    """The additive attention's context is softmax(v . tanh(W_a h_s + U_a q_t)) over the real positions, written
+    out here with explicit loops' worth of broadcasting in float64."""
+    torch.manual_seed(3)
+    model = _small("tritium", attention="bahdanau").double().eval()
+    src = encode_batch(["4 Mar 2023", "the 4th of March, 2023"])
+    tgt_in, _ = targets(["2023-03-04", "2023-03-04"])
+    with torch.no_grad():
+        enc, keys, mask, h0 = model.encode(src)
+        q, _ = model.decoder(model.tgt_embed(tgt_in), h0)
+        wk = enc @ model.attn.weight.T                                                    # (B, S, H)
+        uq = q @ model.attn_query.weight.T + model.attn_query.bias                       # (B, T, H)
+        e = torch.einsum("btsh,h->bts", torch.tanh(wk[:, None] + uq[:, :, None]), model.attn_v.weight[0])
+        real = (src != PAD)[:, None]
+        a = torch.where(real, e, float("-inf")).softmax(-1)
+        ctx = a @ enc
+        want = model.out(torch.tanh(model.combine(torch.cat([ctx, q], -1))))
+        torch.testing.assert_close(model._step_logits(q, enc, keys, mask), want)
+
+
+def test_bad_attention():
+    with pytest.raises(ValueError, match="attention must be one of \\('luong', 'bahdanau'\\), got 'dot'"):
+        Seq2Seq(attention="dot")

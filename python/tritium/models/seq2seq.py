@@ -1,5 +1,6 @@
 """A sequence-to-sequence model with attention on tritium ops (issue 26): a GRU encoder-decoder with Luong
-("general", Luong, Pham and Manning 2015) attention over characters, greedy and beam-search decoding.
+("general", Luong, Pham and Manning 2015) or Bahdanau (additive, Bahdanau, Cho and Bengio 2014) attention over
+characters, greedy and beam-search decoding.
 
 - Encoder: character embedding -> a bidirectional GRU as two GRUs (B, S, 2H): sources are right-padded
   (``encode_batch``), the forward GRU reads them as they are and the backward one each source's real characters
@@ -10,12 +11,15 @@
   for each step attention with the general score q_t . (W_a h_s) / sqrt(H) over the encoder outputs h_s (one
   scaled_dot_product_attention call, pads masked), the attentional state tanh(W_c [context; q_t]) and the output
   logits. No input feeding, so training runs the decoder's time loop inside the GRU op rather than in Python.
+  ``attention="bahdanau"`` scores additively instead: v . tanh(W_a h_s + U_a q_t) (the additive score over the
+  decoder's current state, Luong's placement; Bahdanau's own decoder reads the previous state and feeds the
+  context into the GRU, which would put the time loop back in Python), softmax over the real positions.
 - ``greedy`` and ``beam_search`` decode one GRU step at a time from the same weights; ``loss`` is the
   cross-entropy of the next character.
 
 ``impl="tritium"``: tritium.nn.GRU (one fused cell kernel per step, forward and backward), tritium's
-scaled_dot_product_attention, tanh, linear layers and cross_entropy; ``impl="torch"``: the same module tree on
-torch ops (torch.nn.GRU, oneDNN on CPU), with the same state_dict.
+scaled_dot_product_attention (or softmax), tanh, linear layers and cross_entropy; ``impl="torch"``: the same module
+tree on torch ops (torch.nn.GRU, oneDNN on CPU), with the same state_dict.
 """
 from __future__ import annotations
 
@@ -69,12 +73,18 @@ def targets(texts: Sequence[str]) -> Tuple[Tensor, Tensor]:
     return inp, lab
 
 
-class Seq2Seq(_ZooImpl):
-    """GRU encoder-decoder with Luong attention over a character vocabulary (VOCAB)."""
+ATTENTIONS = ("luong", "bahdanau")
 
-    def __init__(self, embed: int = 64, hidden: int = 128, vocab: int = len(VOCAB), impl: str = "tritium"):
+
+class Seq2Seq(_ZooImpl):
+    """GRU encoder-decoder with Luong or Bahdanau attention over a character vocabulary (VOCAB)."""
+
+    def __init__(self, embed: int = 64, hidden: int = 128, vocab: int = len(VOCAB), impl: str = "tritium",
+                 attention: str = "luong"):
         super().__init__(impl)
-        self.hidden = hidden
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        self.hidden, self.attention = hidden, attention
         self.src_embed = nn.Embedding(vocab, embed, padding_idx=PAD)
         self.enc_fwd = self.ops.gru(embed, hidden, batch_first=True)
         self.enc_bwd = self.ops.gru(embed, hidden, batch_first=True)
@@ -82,6 +92,15 @@ class Seq2Seq(_ZooImpl):
         self.tgt_embed = nn.Embedding(vocab, embed, padding_idx=PAD)
         self.decoder = self.ops.gru(embed, hidden, batch_first=True)
         self.attn = self.ops.Linear(2 * hidden, hidden, bias=False)     # W_a: keys from the encoder outputs
+        if attention == "bahdanau":
+            self.attn_query = self.ops.Linear(hidden, hidden)             # U_a: the decoder state's term
+            self.attn_v = self.ops.Linear(hidden, 1, bias=False)          # v: the score of tanh(keys + queries)
+        if impl == "tritium":
+            import tritium
+
+            self._softmax = tritium.softmax
+        else:
+            self._softmax = torch.softmax
         self.combine = self.ops.Linear(3 * hidden, hidden)               # W_c [context; q]
         self.out = self.ops.Linear(hidden, vocab)
 
@@ -102,7 +121,12 @@ class Seq2Seq(_ZooImpl):
 
     def _step_logits(self, q: Tensor, enc: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
         """decoder states q (B, T, H) -> logits (B, T, V) through attention over the encoder outputs."""
-        ctx = self.ops.scaled_dot_product_attention(q, keys, enc, attn_mask=mask.expand(-1, q.shape[1], -1))
+        if self.attention == "luong":
+            ctx = self.ops.scaled_dot_product_attention(q, keys, enc, attn_mask=mask.expand(-1, q.shape[1], -1))
+        else:
+            feat = self.ops.tanh(keys[:, None] + self.attn_query(q)[:, :, None])        # (B, T, S, H)
+            score = self.attn_v(feat).squeeze(-1) + mask                                # (B, T, S), -inf at pads
+            ctx = self._softmax(score, -1) @ enc                                          # (B, T, 2H)
         return self.out(self.ops.tanh(self.combine(torch.cat([ctx, q], -1))))
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
@@ -190,5 +214,5 @@ def exact_match(model: Seq2Seq, sources: Sequence[str], answers: Sequence[str], 
     return right / len(sources)
 
 
-__all__: Sequence[str] = ["Seq2Seq", "VOCAB", "CHARS", "PAD", "BOS", "EOS", "encode", "decode", "encode_batch",
-                          "targets", "seq2seq_step", "exact_match"]
+__all__: Sequence[str] = ["Seq2Seq", "ATTENTIONS", "VOCAB", "CHARS", "PAD", "BOS", "EOS", "encode", "decode",
+                          "encode_batch", "targets", "seq2seq_step", "exact_match"]
