@@ -391,6 +391,8 @@ def dist_tp_section(data: dict) -> list:
             for r in data["rows"]]
     r0 = data["rows"][0]
     shape = f"{r0['config']}, {r0['dtype']}, batch {r0['batch']}, prompts of {r0['prompt_len']} tokens"
+    if r0.get("sampling") not in (None, "greedy"):
+        shape += f", {r0['sampling']} sampling"
     return [shape, ""] + table(["impl", "world", "step ms", "tok/s", "comm ms", "share", "B/token/rank", "analytic"],
                                body, 2)
 
@@ -530,6 +532,10 @@ KNOWN = [
     ("mlstm-fwdbwd-amd-avx512.json", "tritium bench ops --op mlstm --mode fwdbwd --no-compile --json "
                                      "bench/results/mlstm-fwdbwd-amd-avx512.json",
      f"xLSTM's mLSTM on {MACHINE_KINDS['amd-avx512']}: forward and backward", MLSTM_PROSE, ops_section),
+    ("dist-tp-topp-amd-avx512.json", "tritium bench dist --kind tp --dtype bfloat16 --sampling top-p --json "
+                                     "bench/results/dist-tp-topp-amd-avx512.json",
+     f"Tensor-parallel decoding with top-p sampling on {MACHINE_KINDS['amd-avx512']}", DIST_TP_PROSE,
+     dist_tp_section),
     ("slstm-amd-avx512.json", "tritium bench ops --op slstm --mode both --no-compile --json "
                               "bench/results/slstm-amd-avx512.json",
      f"xLSTM's sLSTM on {MACHINE_KINDS['amd-avx512']}", SLSTM_PROSE, ops_section),
