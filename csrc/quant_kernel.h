@@ -744,14 +744,17 @@ static void bf16_dot_rows(const TileArgs<S>& a, const __m512i* wp, const uint16_
 #pragma GCC unroll 8
     for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
     const __m512i* w = wp + b * P;
-    const int32_t* x32 = reinterpret_cast<const int32_t*>(xb + 32 * b);
-#pragma GCC unroll 4
+    // each row's block as 16 int32 pairs, addressed from one pointer per row (the broadcasts then take an
+    // immediate offset: no address arithmetic between the products, which would bound the loop by instructions)
+    const int32_t* xr[MT];
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m) xr[m] = reinterpret_cast<const int32_t*>(xb + m * xs + 32 * b);
+#pragma GCC unroll 32
     for (int p = 0; p < P; ++p) {
       const __m512bh wv = reinterpret_cast<__m512bh>(w[p]);
 #pragma GCC unroll 8
       for (int m = 0; m < MT; ++m)
-        acc[m] = _mm512_dpbf16_ps(acc[m], reinterpret_cast<__m512bh>(_mm512_set1_epi32(x32[m * xs / 2 + p % 16])),
-                                  wv);
+        acc[m] = _mm512_dpbf16_ps(acc[m], reinterpret_cast<__m512bh>(_mm512_set1_epi32(xr[m][p & 15])), wv);
     }
     g.next_block();
     // d C + (mn - (Z + OFF) d) sum(x): C = sum x (Z + q), q - OFF the symmetric weight
