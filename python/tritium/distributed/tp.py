@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 import zlib
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -98,33 +99,131 @@ def tp_shards(c: LlamaConfig, world: int) -> List[TPShard]:
     return shards
 
 
-def shard_state_dict(w: Dict[str, Tensor], c: LlamaConfig, s: TPShard) -> Dict[str, Tensor]:
-    """Rank s.rank's slice of Hugging Face Llama weights w (Llama.hf_state_dict's names) for s.local_config(c)."""
+def _is_logical(v) -> bool:
+    """A logical quantized weight (q, scales, mins, bits, group) rather than a float tensor."""
+    return isinstance(v, tuple)
+
+
+def _select_rows(v, idx: Tensor):
+    """Rows idx of a float weight or of a logical quantized weight (rows keep their own scales: always exact)."""
+    if _is_logical(v):
+        q, s, m, bits, group = v
+        return (q.index_select(0, idx), s.index_select(0, idx), None if m is None else m.index_select(0, idx),
+                bits, group)
+    return v.index_select(0, idx)
+
+
+def _row_range(v, start: int, n: int):
+    return _select_rows(v, torch.arange(start, start + n))
+
+
+def _col_range(v, start: int, n: int, name: str, notes: List[str]):
+    """Input columns [start, start + n) of a float weight or of a logical quantized weight. A quantized weight's
+    columns are cut on its groups' boundaries (each group's scale and min travel with it); a weight with one group
+    a row (int8 per channel) can be cut anywhere. When the cut falls inside a group, the slice is float (the
+    dequantised weight's columns) and the reason is appended to notes."""
+    if not _is_logical(v):
+        return v[:, start:start + n]
+    from ..ops.quant import padded_k
+
+    q, s, m, bits, group = v
+    k = q.shape[1]
+    if s.shape[1] == 1:   # one group a row: its scale (and min) serve any subset of its columns
+        return (q[:, start:start + n], s, m, bits, padded_k(n) if group >= 32 else group)
+    end = start + n
+    if start % group == 0 and (end % group == 0 or end == k):
+        g0, g1 = start // group, -(-end // group)
+        return (q[:, start:end], s[:, g0:g1], None if m is None else m[:, g0:g1], bits, group)
+    from ..reference import quant_weight
+
+    notes.append(f"{name}: its input columns [{start}, {end}) do not fall on its quantization groups of {group}, "
+                 f"so this rank holds its slice in float")
+    return quant_weight(q, s, m, bits, group)[:, start:end]
+
+
+def shard_state_dict(w: Dict[str, object], c: LlamaConfig, s: TPShard,
+                     notes: Optional[List[str]] = None) -> Dict[str, object]:
+    """Rank s.rank's slice of Hugging Face Llama weights w (Llama.hf_state_dict's names) for s.local_config(c).
+    A value may be a float tensor or a logical quantized weight (q, scales, mins, bits, group) (tp_weights,
+    tritium.models.gguf with weights="native"): quantized slices stay quantized (rows with their scales; columns
+    on group boundaries, else float with the reason appended to notes)."""
+    notes = [] if notes is None else notes
     hd = c.head_dim
     (f0, fn), (v0, vn) = s.ffn, s.vocab
     q_idx = torch.tensor(s.q_heads)
     kv_idx = torch.tensor(s.kv_heads)
     out = {"model.norm.weight": w["model.norm.weight"],
-           "model.embed_tokens.weight": w["model.embed_tokens.weight"][v0:v0 + vn]}
+           "model.embed_tokens.weight": _row_range(w["model.embed_tokens.weight"], v0, vn)}
     if not c.tie_embeddings:
-        out["lm_head.weight"] = w["lm_head.weight"][v0:v0 + vn]
+        out["lm_head.weight"] = _row_range(w["lm_head.weight"], v0, vn)
+    h0, nh = s.q_heads[0], len(s.q_heads)
+    assert s.q_heads == list(range(h0, h0 + nh)), "a rank's query heads are a contiguous range"
     for i in range(c.n_layers):
         p = f"model.layers.{i}."
 
-        def rows(name, idx, n):
-            t = w[p + name + ".weight"]
-            return t.view(n, hd, t.shape[-1]).index_select(0, idx).reshape(-1, t.shape[-1])
+        def rows(name, idx):   # the rows of heads idx
+            return _select_rows(w[p + name + ".weight"], (idx[:, None] * hd + torch.arange(hd)).flatten())
         out[p + "input_layernorm.weight"] = w[p + "input_layernorm.weight"]
         out[p + "post_attention_layernorm.weight"] = w[p + "post_attention_layernorm.weight"]
-        out[p + "self_attn.q_proj.weight"] = rows("self_attn.q_proj", q_idx, c.n_heads)
-        out[p + "self_attn.k_proj.weight"] = rows("self_attn.k_proj", kv_idx, c.n_kv_heads)
-        out[p + "self_attn.v_proj.weight"] = rows("self_attn.v_proj", kv_idx, c.n_kv_heads)
-        o = w[p + "self_attn.o_proj.weight"]
-        out[p + "self_attn.o_proj.weight"] = o.view(o.shape[0], c.n_heads, hd).index_select(1, q_idx).reshape(
-            o.shape[0], -1)
-        out[p + "mlp.gate_proj.weight"] = w[p + "mlp.gate_proj.weight"][f0:f0 + fn]
-        out[p + "mlp.up_proj.weight"] = w[p + "mlp.up_proj.weight"][f0:f0 + fn]
-        out[p + "mlp.down_proj.weight"] = w[p + "mlp.down_proj.weight"][:, f0:f0 + fn]
+        out[p + "self_attn.q_proj.weight"] = rows("self_attn.q_proj", q_idx)
+        out[p + "self_attn.k_proj.weight"] = rows("self_attn.k_proj", kv_idx)
+        out[p + "self_attn.v_proj.weight"] = rows("self_attn.v_proj", kv_idx)
+        out[p + "self_attn.o_proj.weight"] = _col_range(w[p + "self_attn.o_proj.weight"], h0 * hd, nh * hd,
+                                                        p + "self_attn.o_proj", notes)
+        out[p + "mlp.gate_proj.weight"] = _row_range(w[p + "mlp.gate_proj.weight"], f0, fn)
+        out[p + "mlp.up_proj.weight"] = _row_range(w[p + "mlp.up_proj.weight"], f0, fn)
+        out[p + "mlp.down_proj.weight"] = _col_range(w[p + "mlp.down_proj.weight"], f0, fn, p + "mlp.down_proj",
+                                                     notes)
+    return out
+
+
+def _split_weight(lin: Linear, sizes: Sequence[int], dtype: torch.dtype) -> list:
+    """lin's weight as the Hugging Face layers stacked into it (sizes: their output rows): logical quantized
+    weights when lin is stored quantized (a layer spanning parts of different formats, or a biased part: float),
+    else float tensors."""
+    from ..models.llama import _float_weight
+    from ..ops.quant import cat_logical
+
+    parts = lin.quant_parts
+    if not parts or any(m.bias is not None for m in parts):
+        return list(_float_weight(lin, dtype).split(list(sizes), 0))
+    spans, at = [], 0   # (first row, logical) of every part
+    for m in parts:
+        spans.append((at, (*m.weight.logical(), m.weight.bits, m.weight.group)))
+        at += m.weight.n
+    out, at = [], 0
+    for size in sizes:
+        pieces = []
+        for r0, lw in spans:
+            a, b = max(at, r0), min(at + size, r0 + lw[0].shape[0])
+            if a < b:
+                pieces.append(_row_range(lw, a - r0, b - a))
+        fused = pieces[0] if len(pieces) == 1 else cat_logical(pieces)
+        if fused is None:
+            from ..reference import quant_weight
+
+            fused = torch.cat([quant_weight(*p) for p in pieces], 0).to(dtype)
+        out.append(fused)
+        at += size
+    return out
+
+
+def tp_weights(model: Llama) -> Dict[str, object]:
+    """model's weights under Hugging Face Llama names (as Llama.hf_state_dict), its quantized projections, LM
+    head and embedding as logical quantized weights (q, scales, mins, bits, group) instead of dequantised, so
+    shard_state_dict can slice them quantized."""
+    c, dt = model.config, model.dtype
+    out = {"model.norm.weight": model.norm.detach()}
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        out.update({p + "input_layernorm.weight": layer.attn_norm.detach(),
+                    p + "post_attention_layernorm.weight": layer.mlp_norm.detach()})
+    head = _split_weight(model.lm_head, [c.vocab_size], dt)[0]
+    out["model.embed_tokens.weight"] = model.embed.detach() if model.embed is not None else head
+    if not c.tie_embeddings:
+        out["lm_head.weight"] = head
+    for lin, names, sizes in model.hf_projections():
+        out.update((n + ".weight", v) for n, v in zip(names, _split_weight(lin, sizes, dt)))
     return out
 
 
@@ -210,15 +309,25 @@ class TPLlama(Llama):
 
 
 def shard_llama(model: Llama, group: Optional[dist.ProcessGroup] = None) -> TPLlama:
-    """This rank's TPLlama of model (a loaded Llama, the same on every rank of group; quantized weights are
-    dequantised: the shard is float in model's dtype). Not a collective; the returned model's forwards are."""
-    return shard_from_state_dict(model.hf_state_dict(), model.config, model.dtype, group, model.device)
+    """This rank's TPLlama of model (a loaded Llama, the same on every rank of group). Quantized weights stay
+    quantized (tp_weights): column-parallel projections, the LM head and the embedding split by rows, row-parallel
+    ones (output, down) by input columns on their quantization groups' boundaries; a row-parallel slice that
+    would cut a group is held in float, and the reason is in the returned model's ``tp_notes`` (and a warning).
+    The quantized layers keep model's activation mode (int8_act). Not a collective; the returned model's
+    forwards are."""
+    local = shard_from_state_dict(tp_weights(model), model.config, model.dtype, group, model.device)
+    for src, dst in zip(model._linears(), local._linears()):   # the same modules in the same order
+        if src.quant_parts:
+            for m in dst.quant_parts:
+                m.int8_act = src.quant_parts[0].int8_act
+    return local
 
 
-def shard_from_state_dict(w: Dict[str, Tensor], config: LlamaConfig, dtype: torch.dtype = torch.float32,
+def shard_from_state_dict(w: Dict[str, object], config: LlamaConfig, dtype: torch.dtype = torch.float32,
                           group: Optional[dist.ProcessGroup] = None, device="cpu") -> TPLlama:
-    """This rank's TPLlama from Hugging Face Llama weights w (float tensors; e.g. a memory-mapped torch.load of
-    Llama.hf_state_dict()) of config: only this rank's slices are copied."""
+    """This rank's TPLlama from Hugging Face Llama weights w (float tensors, e.g. a memory-mapped torch.load of
+    Llama.hf_state_dict(), or logical quantized weights (q, scales, mins, bits, group): tp_weights) of config:
+    only this rank's slices are copied, quantized ones kept quantized (see shard_llama)."""
     if not dist.is_initialized():
         raise RuntimeError("shard_llama: torch.distributed is not initialized (call init_process_group first, "
                            "e.g. under torchrun)")
@@ -226,7 +335,14 @@ def shard_from_state_dict(w: Dict[str, Tensor], config: LlamaConfig, dtype: torc
     shard = tp_shards(config, world)[rank]
     local = TPLlama(shard.local_config(config), TPInfo(group, shard, config))
     local = local.to(device=device, dtype=dtype).requires_grad_(False)
-    return local.load_weights(shard_state_dict(w, config, shard))
+    notes: List[str] = []
+    local.load_weights(shard_state_dict(w, config, shard, notes))
+    local.tp_notes = notes
+    if notes:
+        warnings.warn(f"tensor parallelism (rank {rank}/{world}): " + "; ".join(notes))
+    if local.is_quantized:
+        local.consolidate_weights()
+    return local
 
 
 def gather_vocab(local: Tensor, group: Optional[dist.ProcessGroup] = None) -> Tensor:

@@ -1,0 +1,88 @@
+"""Tensor-parallel Llama with quantized weights (tritium.distributed.shard_llama of a quantize_d model) on 2 gloo
+processes against the same quantized model in one process: the shards stay quantized (QuantizedLinear, about half
+the quantized bytes on each rank), and the plain-forward logits, every serving step's logits and the greedy
+tokens agree; a row-parallel split that would cut a quantization group holds that layer in float, saying why."""
+from __future__ import annotations
+
+import torch
+
+from tests.distributed.spawn import spawn
+from tritium.distributed import TPEngine, gather_vocab, shard_llama
+from tritium.inference import Engine
+from tritium.models.llama import LlamaConfig, build
+from tritium.nn import QuantizedLinear
+
+# head_dim 16 and ffn_dim 128: on 2 ranks the output projection's and the down projection's input columns split
+# at 32 and 64, on the int4 groups of 32
+CONFIGS = {"gqa-tied": LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
+                                   vocab_size=101, max_seq_len=128, tie_embeddings=True),
+           "mha-untied": LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16, ffn_dim=128,
+                                     vocab_size=97, max_seq_len=128, tie_embeddings=False),
+           # ffn_dim 96 splits 48 / 48: the down projection's cut falls inside an int4 group
+           "ffn-unaligned": LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96,
+                                        vocab_size=101, max_seq_len=128, tie_embeddings=True)}
+CASES = [("gqa-tied", "int8", None, 0), ("gqa-tied", "int4", None, 0), ("mha-untied", "int8", 32, 0),
+         ("mha-untied", "int4", None, 0), ("ffn-unaligned", "int4", None, 0)]
+PROMPTS = [[5, 17, 3, 44, 2, 9, 31], [7, 1, 60]]
+
+
+def _quant_bytes(model) -> int:
+    seen = {id(m): m for m in model.modules() if isinstance(m, QuantizedLinear)}
+    return sum(m.weight.nbytes for m in seen.values())
+
+
+def _record(model, gather):
+    steps, inner = [], model.forward_step
+
+    def forward_step(step, kv):
+        out = inner(step, kv)
+        steps.append(gather_vocab(out) if gather else out.clone())
+        return out
+    model.forward_step = forward_step
+    return steps
+
+
+def _check(rank, world, name, mode, group_size, int8_act):
+    what = f"{name} {mode}/{group_size} int8_act={int8_act} rank {rank}/{world}"
+    c = CONFIGS[name]
+    m = build(c).init_random(generator=torch.Generator().manual_seed(0))
+    m.quantize_(mode, group_size, int8_act)
+    tp = shard_llama(m)
+    # the shard is quantized: every projection but a row-parallel one whose cut falls inside a group
+    unaligned = name == "ffn-unaligned"
+    for lin in tp._linears():
+        down = lin in [b.mlp.w_down for b in tp.layers]
+        assert (lin.quant is None) == (unaligned and down), f"{what}: {lin} quantized is {lin.quant is not None}"
+        for q in lin.quant_parts:
+            assert isinstance(q, QuantizedLinear) and q.int8_act in ((lin.int8_terms,) if int8_act else (0,))
+    if unaligned:
+        assert len(tp.tp_notes) == c.n_layers and all("down_proj" in n and "groups of 32" in n
+                                                       for n in tp.tp_notes), tp.tp_notes
+    else:
+        assert tp.tp_notes == []
+        assert tp.embed_q is not None if c.tie_embeddings else tp.embed is not None
+    ratio = _quant_bytes(tp) / _quant_bytes(m)
+    assert (0.25 if unaligned else 0.4) < ratio < 0.6, f"{what}: the shard holds {ratio:.3f} of the quantized bytes"
+    x = torch.randint(0, c.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(gather_vocab(tp(x)), m(x), msg=lambda s: f"{what} forward logits: {s}")
+    want_steps, got_steps = _record(m, False), _record(tp, True)
+    want = Engine(m, max_batch=2).generate(PROMPTS, max_new_tokens=6)
+    got = TPEngine(tp, max_batch=2).generate(PROMPTS, max_new_tokens=6)
+    assert len(got_steps) == len(want_steps) == 6
+    for i, (g, w) in enumerate(zip(got_steps, want_steps)):
+        torch.testing.assert_close(g, w, msg=lambda s: f"{what} step {i} logits: {s}")
+    for g, w in zip(got, want):
+        assert g.token_ids == w.token_ids, f"{what}: greedy {g.token_ids} != {w.token_ids}"
+    return "ok"
+
+
+def _all(rank, world):
+    for case in CASES:
+        _check(rank, world, *case)
+    return "ok"
+
+
+def test_tensor_parallel_quantized_matches_one_process(tmp_path):
+    results = spawn(tmp_path, 2, _all)
+    assert results == ["'ok'"] * 2, "\n".join(results)
