@@ -192,11 +192,11 @@ class FinetuneConfig:
     qlora: bool = False                   # the adapted projections' frozen weights in NF4 (QLoRA)
 
 
-def finetune(model, tok, examples: Sequence[dict], cfg: FinetuneConfig,
-             on_step: Optional[Callable[[int, int, float, int, float], None]] = None) -> List[float]:
-    """Train LoRA adapters on ``model`` (a tritium Llama with float weights; adapters added with tritium.lora.apply
-    unless it has some) over the examples; on_step(step, total, loss, tokens, seconds) after each step. Returns
-    the loss of every step. The adapters stay unmerged (tritium.lora.merge before serving)."""
+def prepare(fn: str, model, tok, examples: Sequence[dict], cfg: FinetuneConfig):
+    """What a LoRA fine-tune sets up before its first step (finetune, tritium.distributed.finetune_ddp): the
+    adapters (seeded; added with tritium.lora.apply unless the model has some), the encoded examples that have a
+    token to learn within max_len, the number of steps, AdamW with master weights over the adapters and its
+    warmup-cosine schedule. Returns (encoded, total, optimizer, scheduler)."""
     torch.manual_seed(cfg.seed)
     if not tritium.lora._adapters(model):
         tritium.lora.apply(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets,
@@ -205,32 +205,46 @@ def finetune(model, tok, examples: Sequence[dict], cfg: FinetuneConfig,
     encoded = [encode(ex, tok, cfg.max_len) for ex in examples]
     encoded = [e for e in encoded if any(t != IGNORE_INDEX for t in e[1][1:])]
     if not encoded:
-        raise ValueError("finetune: no example has a token to learn within max_len")
-    per_epoch = math.ceil(len(encoded) / cfg.batch_size)
-    total = max(1, math.ceil(per_epoch * cfg.epochs))
+        raise ValueError(f"{fn}: no example has a token to learn within max_len")
+    total = max(1, math.ceil(math.ceil(len(encoded) / cfg.batch_size) * cfg.epochs))
     opt = tritium.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, master_weights=True)
-    warm = max(1, int(total * cfg.warmup))
-    sched = tritium.optim.warmup_cosine(opt, total, warm)
+    sched = tritium.optim.warmup_cosine(opt, total, max(1, int(total * cfg.warmup)))
+    return encoded, total, opt, sched
+
+
+def training_batches(encoded: list, tok, cfg: FinetuneConfig, total: int):
+    """(step, ids, labels) for steps 1..total: the batches of ``batches`` in one seeded order, epoch after
+    epoch."""
     rng = random.Random(cfg.seed)
     pad = tok.eos_id if tok.eos_id is not None else 0
+    step = 0
+    while True:
+        for ids, labels in batches(encoded, cfg.batch_size, rng, pad):
+            step += 1
+            yield step, ids, labels
+            if step >= total:
+                return
+
+
+def finetune(model, tok, examples: Sequence[dict], cfg: FinetuneConfig,
+             on_step: Optional[Callable[[int, int, float, int, float], None]] = None) -> List[float]:
+    """Train LoRA adapters on ``model`` (a tritium Llama with float weights; adapters added with tritium.lora.apply
+    unless it has some) over the examples; on_step(step, total, loss, tokens, seconds) after each step. Returns
+    the loss of every step. The adapters stay unmerged (tritium.lora.merge before serving)."""
+    encoded, total, opt, sched = prepare("finetune", model, tok, examples, cfg)
     model.pack_for_inference(False)
     model.train()
     losses: List[float] = []
-    step = 0
-    while step < total:
-        for ids, labels in batches(encoded, cfg.batch_size, rng, pad):
-            t0 = time.perf_counter()
-            loss = sft_loss(model, ids, labels)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            step += 1
-            losses.append(loss.item())
-            if on_step is not None:
-                on_step(step, total, losses[-1], ids.numel(), time.perf_counter() - t0)
-            if step >= total:
-                break
+    for step, ids, labels in training_batches(encoded, tok, cfg, total):
+        t0 = time.perf_counter()
+        loss = sft_loss(model, ids, labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step, total, losses[-1], ids.numel(), time.perf_counter() - t0)
     model.eval()
     return losses
 

@@ -11,8 +11,6 @@ data-parallel run).
 """
 from __future__ import annotations
 
-import math
-import random
 import time
 from typing import Callable, List, Optional, Sequence
 
@@ -22,7 +20,7 @@ from torch import Tensor
 
 import tritium
 
-from ..finetune import IGNORE_INDEX, FinetuneConfig, batches, encode
+from ..finetune import IGNORE_INDEX, FinetuneConfig, prepare, training_batches
 
 
 class _SFTLossSum(torch.nn.Module):
@@ -51,17 +49,8 @@ def finetune_ddp(model, tok, examples: Sequence[dict], cfg: FinetuneConfig,
         raise RuntimeError("finetune_ddp: torch.distributed is not initialized (call init_process_group first, "
                            "e.g. under torchrun)")
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    torch.manual_seed(cfg.seed)   # the same adapters on every rank (DDP broadcasts rank 0's anyway)
-    if not tritium.lora._adapters(model):
-        tritium.lora.apply(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets,
-                           quantize="nf4" if cfg.qlora else None)
-    params = [p for p in model.parameters() if p.requires_grad]
-    encoded = [encode(ex, tok, cfg.max_len) for ex in examples]
-    encoded = [e for e in encoded if any(t != IGNORE_INDEX for t in e[1][1:])]
-    if not encoded:
-        raise ValueError("finetune_ddp: no example has a token to learn within max_len")
-    per_epoch = math.ceil(len(encoded) / cfg.batch_size)
-    total = max(1, math.ceil(per_epoch * cfg.epochs))
+    # the same adapters on every rank (seeded; DDP broadcasts rank 0's anyway)
+    encoded, total, opt, sched = prepare("finetune_ddp", model, tok, examples, cfg)
     model.pack_for_inference(False)
     wrapper = _SFTLossSum(model)
     # DDP over the adapters only: the frozen weights and the buffers are the same on every rank already
@@ -69,33 +58,24 @@ def finetune_ddp(model, tok, examples: Sequence[dict], cfg: FinetuneConfig,
         wrapper, [n for n, p in wrapper.named_parameters() if not p.requires_grad] +
         [n for n, _ in wrapper.named_buffers()])
     ddp = DDP(wrapper, process_group=group)
-    opt = tritium.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, master_weights=True)
-    sched = tritium.optim.warmup_cosine(opt, total, max(1, int(total * cfg.warmup)))
-    rng = random.Random(cfg.seed)
-    pad = tok.eos_id if tok.eos_id is not None else 0
     model.train()
     losses: List[float] = []
-    step = 0
-    while step < total:
-        for ids, labels in batches(encoded, cfg.batch_size, rng, pad):
-            t0 = time.perf_counter()
-            n_tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())   # the whole batch's, as one process's mean
-            mine = slice(rank * len(ids) // world, (rank + 1) * len(ids) // world)
-            x, y = ids[mine], labels[mine]
-            if not len(x):   # fewer rows than ranks: a row that learns nothing keeps this rank in DDP's step
-                x, y = ids[:1], torch.full_like(labels[:1], IGNORE_INDEX)
-            loss = ddp(x, y, n_tokens / world)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            step += 1
-            whole = loss.detach().float() / world
-            dist.all_reduce(whole, group=group)
-            losses.append(whole.item())
-            if on_step is not None:
-                on_step(step, total, losses[-1], x.numel(), time.perf_counter() - t0)
-            if step >= total:
-                break
+    for step, ids, labels in training_batches(encoded, tok, cfg, total):
+        t0 = time.perf_counter()
+        n_tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())   # the whole batch's, as one process's mean
+        mine = slice(rank * len(ids) // world, (rank + 1) * len(ids) // world)
+        x, y = ids[mine], labels[mine]
+        if not len(x):   # fewer rows than ranks: a row that learns nothing keeps this rank in DDP's step
+            x, y = ids[:1], torch.full_like(labels[:1], IGNORE_INDEX)
+        loss = ddp(x, y, n_tokens / world)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        whole = loss.detach().float() / world
+        dist.all_reduce(whole, group=group)
+        losses.append(whole.item())
+        if on_step is not None:
+            on_step(step, total, losses[-1], x.numel(), time.perf_counter() - t0)
     model.eval()
     return losses
