@@ -79,6 +79,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampling", default="greedy", choices=sorted(SAMPLING),
                    help="tp: how each sequence picks its tokens (seeded; " +
                    "; ".join(f"{k}: {v or 'temperature 0'}" for k, v in SAMPLING.items()) + ")")
+    p.add_argument("--weights", default="float", choices=("float", "int8", "int4"),
+                   help="tp: the model's weights (quantize_d before sharding; the shards stay quantized)")
     p.add_argument("--json", default=None, help="write the results here")
 
 
@@ -210,6 +212,8 @@ def _tp_rank_main(rank: int, world: int, cfg: dict, out_dir: str) -> None:
                                 world_size=world, timeout=datetime.timedelta(seconds=600))
     model = build(cfg["config"]).init_random(generator=torch.Generator().manual_seed(0))
     model = model.to(getattr(torch, cfg["dtype"]))
+    if cfg.get("weights", "float") != "float":
+        model.quantize_(cfg["weights"])
     if not single:
         model = shard_llama(model)
     warm = 3
@@ -264,7 +268,7 @@ def run_tp(args, console) -> List[dict]:
     if args.config not in CONFIGS:
         raise SystemExit(f"tritium bench dist: --config must be one of {', '.join(CONFIGS)}, got {args.config!r}")
     cfg = dict(config=args.config, dtype=args.dtype, batch=args.batch, prompt_len=args.prompt_len,
-               decode_steps=args.decode_steps, sampling=args.sampling)
+               decode_steps=args.decode_steps, sampling=args.sampling, weights=args.weights)
     c = CONFIGS[args.config]
     # the sampler's share is analytic for greedy steps only (sampling rows gather a varying number of candidates)
     analytic = tp_analytic_bytes_per_token(c, getattr(torch, args.dtype).itemsize, args.batch) \
@@ -279,12 +283,13 @@ def run_tp(args, console) -> List[dict]:
         per_token = max(statistics.median(r["bytes"]) for r in runs) / args.batch
         rows.append(dict(impl=f"{name} decode", world=world, config=args.config, dtype=args.dtype,
                          batch=args.batch, prompt_len=args.prompt_len, sampling=args.sampling,
-                         step_ms=step * 1e3,
+                         weights=args.weights, step_ms=step * 1e3,
                          tokens_per_s=args.batch / step, comm_ms=comm * 1e3, comm_share=comm / step,
                          bytes_per_token_per_rank=per_token,
                          analytic_bytes_per_token_per_rank=analytic if name == "tp" else 0.0))
     table = Table(title=f"decode steps: tensor-parallel vs one process, {args.config} ({args.dtype}), batch "
-                        f"{args.batch}, prompts of {args.prompt_len} tokens, {args.sampling} sampling")
+                        f"{args.batch}, prompts of {args.prompt_len} tokens, {args.sampling} sampling, "
+                        f"{args.weights} weights")
     for col in ("impl", "world", "step ms", "tok/s", "comm ms", "share", "B/token/rank", "analytic"):
         table.add_column(col, justify="right")
     for r in rows:
