@@ -423,6 +423,47 @@ void channel_normalize(const T* x, T* y, int64_t S, A mean, A scale, A shift) {
   }
 }
 
+// Small spatial sizes: with S under a few vectors the per-channel loops above would run mostly in their scalar
+// tails (all of it at 4x4 and 2x2 maps), so a block is taken as one run of M = D * S elements instead, each
+// element's channel weight and bias read from (C, S)-expanded copies (we, be: built once per call, C * S values).
+template <typename A>
+inline bool flat_blocks(int64_t S) {
+  return S > 0 && S < 4 * int64_t(Vectorized<A>::size());
+}
+
+// (C, S): v[c] (or fill without v) repeated over the S positions of channel c.
+template <typename A>
+std::vector<A> expand_channels(const A* v, A fill, int64_t C, int64_t S) {
+  std::vector<A> out(C * S);
+  for (int64_t c = 0; c < C; ++c) std::fill(out.begin() + c * S, out.begin() + (c + 1) * S, v ? v[c] : fill);
+  return out;
+}
+
+// y[0, M) = act((x - mean) * (rstd * we) + be) over one block.
+template <bool SILU, typename T, typename A>
+void block_normalize(const T* x, T* y, int64_t M, A mean, A rstd, const A* we, const A* be) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t K = Vec::size();
+  const Vec vm(mean), vr(rstd);
+  auto act = [&](const Vec& v, const Vec& w, const Vec& b) {
+    Vec z = at::vec::fmadd(v - vm, vr * w, b);
+    if constexpr (SILU) z = silu_vec(z);
+    return z;
+  };
+  int64_t i = 0;
+  for (; i + 2 * K <= M; i += 2 * K) {
+    auto [a, b] = load2(x + i);
+    auto [w0, w1] = load2(we + i);
+    auto [b0, b1] = load2(be + i);
+    store2(y + i, act(a, w0, b0), act(b, w1, b1));
+  }
+  for (; i < M; ++i) {
+    A z = (static_cast<A>(x[i]) - mean) * (rstd * we[i]) + be[i];
+    if constexpr (SILU) z = silu_scalar(z);
+    y[i] = static_cast<T>(z);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(const at::Tensor& x,
                                                               const c10::optional<at::Tensor>& weight,
                                                               const c10::optional<at::Tensor>& bias,
@@ -442,6 +483,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(const at::Tensor& 
     A* mean_p = mean.mutable_data_ptr<A>();
     A* rstd_p = rstd.mutable_data_ptr<A>();
     const int64_t sx = x.stride(0), C = G * D;
+    const bool flat = flat_blocks<A>(S);
+    std::vector<A> wexp, bexp;
+    if (flat) {
+      std::vector<A> wbuf, bbuf;
+      wexp = expand_channels<A>(wp ? as_acc(wp, C, wbuf) : nullptr, A(1), C, S);
+      bexp = expand_channels<A>(bp ? as_acc(bp, C, bbuf) : nullptr, A(0), C, S);
+    }
     at::parallel_for(0, R, row_grain(M), [&](int64_t begin, int64_t end) {
       std::vector<A> wbuf, bbuf;
       const A* wf = wp ? as_acc(wp, C, wbuf) : nullptr;
@@ -460,6 +508,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(const at::Tensor& 
         rstd_p[r] = rs;
         const int64_t ch0 = (r % G) * D;
         scalar_t* yr = yp + r * M;
+        if (flat) {
+          const A* we = wexp.data() + ch0 * S;
+          const A* be = bexp.data() + ch0 * S;
+          if (silu) {
+            block_normalize<true>(xr, yr, M, mu, rs, we, be);
+          } else {
+            block_normalize<false>(xr, yr, M, mu, rs, we, be);
+          }
+          continue;
+        }
         for (int64_t j = 0; j < D; ++j) {
           const A scale = wf ? rs * wf[ch0 + j] : rs, shift = bf ? bf[ch0 + j] : A(0);
           if (silu) {
@@ -530,6 +588,63 @@ void channel_dx(const Z* dz, const T* x, T* dx, int64_t S, A mean, A p, A q, A o
   for (; i < S; ++i) dx[i] = static_cast<T>(static_cast<A>(dz[i]) * p + ((static_cast<A>(x[i]) - mean) * q + o));
 }
 
+// The flat path's pass 1 over one block (see flat_blocks): dz = dy (or dy * silu'(z)) into dz_out and
+// dz * (x - mean) into gx_out, for the per-channel sums that follow.
+template <bool SILU, typename T, typename A>
+void block_grad(const T* dy, const T* x, A* dz_out, A* gx_out, int64_t M, A mean, A rstd, const A* we,
+                const A* be) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t K = Vec::size();
+  const Vec vm(mean), vr(rstd), one(1);
+  auto step = [&](Vec dz, const Vec& xv, int64_t at) {
+    const Vec xc = xv - vm;
+    if constexpr (SILU) {
+      const Vec z = at::vec::fmadd(xc, vr * Vec::loadu(we + at), Vec::loadu(be + at)), sg = fsigmoid(z);
+      dz = dz * sg * at::vec::fmadd(z, one - sg, one);
+    }
+    dz.store(dz_out + at);
+    (dz * xc).store(gx_out + at);
+  };
+  int64_t i = 0;
+  for (; i + 2 * K <= M; i += 2 * K) {
+    auto [d0, d1] = load2(dy + i);
+    auto [x0, x1] = load2(x + i);
+    step(d0, x0, i);
+    step(d1, x1, i + K);
+  }
+  for (; i < M; ++i) {
+    const A xc = static_cast<A>(x[i]) - mean;
+    A dz = static_cast<A>(dy[i]);
+    if constexpr (SILU) {
+      const A z = xc * (rstd * we[i]) + be[i], sg = A(1) / (A(1) + std::exp(-z));
+      dz = dz * sg * (A(1) + z * (A(1) - sg));
+    }
+    dz_out[i] = dz;
+    gx_out[i] = dz * xc;
+  }
+}
+
+// The flat path's pass 2: dx = dz * (rstd * we) + (x - mean) * q + o over one block.
+template <typename T, typename A>
+void block_dx(const A* dz, const T* x, T* dx, int64_t M, A mean, A rstd, const A* we, A q, A o) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t K = Vec::size();
+  const Vec vm(mean), vr(rstd), vq(q), vo(o);
+  auto one = [&](const Vec& d, const Vec& xv, const Vec& w) {
+    return at::vec::fmadd(d, vr * w, at::vec::fmadd(xv - vm, vq, vo));
+  };
+  int64_t i = 0;
+  for (; i + 2 * K <= M; i += 2 * K) {
+    auto [d0, d1] = load2(dz + i);
+    auto [x0, x1] = load2(x + i);
+    auto [w0, w1] = load2(we + i);
+    store2(dx + i, one(d0, x0, w0), one(d1, x1, w1));
+  }
+  for (; i < M; ++i) {
+    dx[i] = static_cast<T>(dz[i] * (rstd * we[i]) + ((static_cast<A>(x[i]) - mean) * q + o));
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
     const at::Tensor& dy, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& rstd, int64_t num_groups,
@@ -558,8 +673,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
     A* dwp = need_dw ? dw_part.mutable_data_ptr<A>() : nullptr;
     A* dbp = need_db ? db_part.mutable_data_ptr<A>() : nullptr;
     const int64_t sdy = dy.stride(0), sx = x.stride(0);
+    const bool flat = flat_blocks<A>(S);
+    std::vector<A> wexp, bexp;
+    if (flat) {
+      std::vector<A> wbuf, bbuf;
+      wexp = expand_channels<A>(wp ? as_acc(wp, C, wbuf) : nullptr, A(1), C, S);
+      bexp = expand_channels<A>(bp ? as_acc(bp, C, bbuf) : nullptr, A(0), C, S);
+    }
     at::parallel_for(0, R, row_grain(M), [&](int64_t begin, int64_t end) {
-      std::vector<A> wbuf, bbuf, dzbuf(silu ? M : 0);
+      std::vector<A> wbuf, bbuf, dzbuf(silu || flat ? M : 0), gxbuf(flat ? M : 0);
       const A* wf = wp ? as_acc(wp, C, wbuf) : nullptr;
       const A* bf = bp ? as_acc(bp, C, bbuf) : nullptr;
       for (int64_t r = begin; r < end; ++r) {
@@ -571,6 +693,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
         }
         const A mu = mp[r], rs = rp[r];
         const int64_t n = r / G, ch0 = (r % G) * D;
+        scalar_t* dxr = dxp + r * M;
+        if (flat) {
+          const A* we = wexp.data() + ch0 * S;
+          if (silu) {
+            block_grad<true>(dyr, xr, dzbuf.data(), gxbuf.data(), M, mu, rs, we, bexp.data() + ch0 * S);
+          } else {
+            block_grad<false>(dyr, xr, dzbuf.data(), gxbuf.data(), M, mu, rs, we, bexp.data() + ch0 * S);
+          }
+          double s_g = 0, s_gx = 0;
+          for (int64_t j = 0; j < D; ++j) {
+            A a = 0, b = 0;
+            for (int64_t i = j * S; i < (j + 1) * S; ++i) {
+              a += dzbuf[i];
+              b += gxbuf[i];
+            }
+            const A w = we[j * S];
+            s_g += double(w) * a;
+            s_gx += double(w) * b;
+            if (dwp) dwp[n * C + ch0 + j] = b * rs;
+            if (dbp) dbp[n * C + ch0 + j] = a;
+          }
+          if (M == 1) {  // as below
+            dxr[0] = scalar_t(0);
+            continue;
+          }
+          const A c1 = static_cast<A>(s_g / M), c2 = static_cast<A>(s_gx * rs / M);
+          block_dx(dzbuf.data(), xr, dxr, M, mu, rs, we, -rs * rs * c2, -rs * c1);
+          continue;
+        }
         // pass 1: per-channel sums, and from them sum(g) and sum(g * xhat) over the block
         double s_g = 0, s_gx = 0;
         for (int64_t j = 0; j < D; ++j) {
@@ -585,7 +736,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
           if (dwp) dwp[n * C + ch0 + j] = b * rs;
           if (dbp) dbp[n * C + ch0 + j] = a;
         }
-        scalar_t* dxr = dxp + r * M;
         if (M == 1) {  // one element: y = b whatever x, so dx = 0 exactly (as the layer norm's one-element rows)
           dxr[0] = scalar_t(0);
           continue;

@@ -135,9 +135,11 @@ def test_triton_rows_past_programs(dtype, n):
 
 # GroupNorm shapes (N, C, spatial, groups): odd channels per group, odd spatial sizes, one sample, groups = 1 and
 # groups = C, 2-D (no spatial dims) and 1-D/3-D spatial; (2, 64, 100) with one group loops over channel tiles and
-# (2, 6, 1500) over spatial tiles in the Triton kernels (kernels/norms.py GN_TILE).
+# (2, 6, 1500) over spatial tiles in the Triton kernels (kernels/norms.py GN_TILE); (3, 16, (4, 4), 2) and
+# (2, 10, (3, 3), 2) are small maps the C++ kernel takes as whole blocks (csrc/norms.cpp flat_blocks: vectors
+# across channels, and a scalar tail), the others up to (2, 15, (7, 3), 5) too, (2, 64, (100,), 1) channel by channel.
 GN_SHAPES = [(1, 7, (5,), 1), (3, 6, (3, 5), 6), (2, 9, (11,), 3), (2, 10, (), 5), (1, 4, (3, 2, 3), 2),
-             (2, 15, (7, 3), 5), (2, 64, (100,), 1), (2, 6, (1500,), 3)]
+             (2, 15, (7, 3), 5), (2, 64, (100,), 1), (2, 6, (1500,), 3), (3, 16, (4, 4), 2), (2, 10, (3, 3), 2)]
 
 
 def _gn_act(silu):
