@@ -391,6 +391,8 @@ def dist_tp_section(data: dict) -> list:
             for r in data["rows"]]
     r0 = data["rows"][0]
     shape = f"{r0['config']}, {r0['dtype']}, batch {r0['batch']}, prompts of {r0['prompt_len']} tokens"
+    if r0.get("weights") not in (None, "float"):
+        shape += f", {r0['weights']} weights"
     if r0.get("sampling") not in (None, "greedy"):
         shape += f", {r0['sampling']} sampling"
     return [shape, ""] + table(["impl", "world", "step ms", "tok/s", "comm ms", "share", "B/token/rank", "analytic"],
@@ -535,6 +537,10 @@ KNOWN = [
     ("dist-tp-topp-amd-avx512.json", "tritium bench dist --kind tp --dtype bfloat16 --sampling top-p --json "
                                      "bench/results/dist-tp-topp-amd-avx512.json",
      f"Tensor-parallel decoding with top-p sampling on {MACHINE_KINDS['amd-avx512']}", DIST_TP_PROSE,
+     dist_tp_section),
+    ("dist-tp-int4-amd-avx512.json", "tritium bench dist --kind tp --weights int4 --json "
+                                     "bench/results/dist-tp-int4-amd-avx512.json",
+     f"Tensor-parallel decoding of 4-bit weights on {MACHINE_KINDS['amd-avx512']}", DIST_TP_PROSE,
      dist_tp_section),
     ("slstm-amd-avx512.json", "tritium bench ops --op slstm --mode both --no-compile --json "
                               "bench/results/slstm-amd-avx512.json",
