@@ -7,13 +7,19 @@
 // model's hidden size (a few hundred) is a noticeable share of the K / 16 FMAs. Packed panels make the product an
 // outer-product update instead: the panel holds, for each k, kPanel consecutive weight rows' k-th elements side by side
 // (packed[p][k][c] = w[p * kPanel + c][k]), so a register tile of MR rows of x x kPanel outputs accumulates x[i][k]
-// (broadcast) * panel[k][0:kPanel] (4 vector loads) for k = 0..K-1 and is stored as it is: no reduction, 4 + MR loads
-// per 4 * MR FMAs, and the weight stream is one sequential run per panel.
+// (broadcast) * panel[k][0:kPanel] (kNV vector loads) for k = 0..K-1 and is stored as it is: no reduction, kNV + MR
+// loads per kNV * MR FMAs, and the weight stream is one sequential run per panel.
+//
+// The register tile is MR = 6 rows x kNV vectors of accumulators, kNV chosen per build so the tile, the kNV panel
+// vectors and the broadcast fit the register file: AVX-512's 32 zmm hold 6 x 4 (24 + 4 + 1), AVX2's 16 ymm hold
+// 6 x 2 (12 + 2 + 1, the BLIS/OpenBLAS Haswell shape; 6 x 4 there spilled the accumulators to the stack every
+// step). The panel width (kNV vectors) follows, so packed panels belong to the build that packed them:
+// pack_linear's (panels, K, width) shape carries the width and linear_packed checks it.
 //
 // Blocking: x is taken in chunks of rows that fit in L2 (a chunk is read from L2 once per panel); the (chunk,
-// panel) pairs are split between the threads; each panel is swept by MR = 6 row tiles (24 accumulators) while
-// it sits in L2, and its stream is prefetched ahead of the first tile (the weights come from memory at decode
-// shapes, from L3 for a long prompt's later chunks).
+// panel) pairs are split between the threads; each panel is swept by the chunk's MR-row tiles while it sits in
+// L2, and its stream is prefetched ahead of the first tile (the weights come from memory at decode shapes, from
+// L3 for a long prompt's later chunks).
 #pragma once
 #include <cstring>
 
@@ -23,12 +29,19 @@
 namespace tritium {
 namespace panel {
 
+// vectors per panel row (the register tile's columns): 4 with AVX-512's 32 registers, 2 with AVX2's 16
+#if defined(CPU_CAPABILITY_AVX2)
+constexpr int kNV = 2;
+#else
+constexpr int kNV = 4;
+#endif
+
 template <typename A>
 constexpr int64_t width() {
-  return 4 * Vectorized<A>::size();  // 64 floats / 32 doubles with AVX-512
+  return kNV * Vectorized<A>::size();  // 64 floats / 32 doubles with AVX-512, 16 / 8 with AVX2
 }
 
-constexpr int kMR = 6;                       // rows of x per register tile (6 x 4 accumulator vectors)
+constexpr int kMR = 6;                       // rows of x per register tile (6 x kNV accumulator vectors)
 constexpr int64_t kChunkBytes = 256 * 1024;  // rows of x per sweep over the panels: this many bytes (in L2)
 constexpr int64_t kPrefetchBytes = 8192;     // prefetch distance in the panel stream
 constexpr int64_t kKSplit = 4096, kKBlock = 2048;  // reductions longer than kKSplit go in blocks of kKBlock
@@ -77,9 +90,9 @@ void pack_cols(const A* v, int64_t ldv, int64_t K, int64_t N, A* out) {
   });
 }
 
-// Register type of the micro-kernel. With AVX-512 the raw __m512/__m512d: GCC keeps an array of 24 of them in
-// registers but not an array of at::vec::Vectorized (it stored every accumulator back to the stack each step,
-// turning the FMA-bound loop into a load/store-bound one).
+// Register type of the micro-kernel: the raw __m512/__m512d (AVX-512) or __m256/__m256d (AVX2). GCC keeps an
+// array of them in registers but not an array of at::vec::Vectorized (it stored every accumulator back to the
+// stack each step, turning the FMA-bound loop into a load/store-bound one).
 #if defined(CPU_CAPABILITY_AVX512)
 template <typename A>
 struct Reg;
@@ -101,6 +114,27 @@ struct Reg<double> {
   static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
   static V add(V a, V b) { return _mm512_add_pd(a, b); }
 };
+#elif defined(CPU_CAPABILITY_AVX2)
+template <typename A>
+struct Reg;
+template <>
+struct Reg<float> {
+  using V = __m256;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V set1(float a) { return _mm256_set1_ps(a); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+};
+template <>
+struct Reg<double> {
+  using V = __m256d;
+  static V zero() { return _mm256_setzero_pd(); }
+  static V load(const double* p) { return _mm256_loadu_pd(p); }
+  static V set1(double a) { return _mm256_set1_pd(a); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_pd(a, b); }
+};
 #else
 template <typename A>
 struct Reg {
@@ -121,9 +155,10 @@ inline void tile(const A* x, int64_t ldx, const A* b, int64_t K, A* y, int64_t l
                  int64_t ldc) {
   using Vec = Vectorized<A>;
   using R = Reg<A>;
-  constexpr int64_t V = Vec::size(), NP = 4 * V;
-  typename R::V acc[MR * 4], part[MR * 4];
-  for (int i = 0; i < MR * 4; ++i) acc[i] = R::zero();
+  constexpr int NV = kNV;
+  constexpr int64_t V = Vec::size(), NP = NV * V;
+  typename R::V acc[MR * NV], part[MR * NV];
+  for (int i = 0; i < MR * NV; ++i) acc[i] = R::zero();
   // the reduction in blocks of kSumBlock: each block's sum starts from zero in the registers and is added to the
   // sum of the blocks before it (in part, spilled): one long register chain over K = 4096 had several times
   // torch's rounding error (error ~ sqrt(K) ulp of the running sum; MKL's blocks sum the same way as this)
@@ -136,27 +171,26 @@ inline void tile(const A* x, int64_t ldx, const A* b, int64_t K, A* y, int64_t l
         for (int64_t off = 0; off < int64_t(sizeof(A)) * NP; off += 64)
           _mm_prefetch(reinterpret_cast<const char*>(bk) + kPrefetchBytes + off, _MM_HINT_T0);
 #endif
-      const auto b0 = R::load(bk), b1 = R::load(bk + V), b2 = R::load(bk + 2 * V), b3 = R::load(bk + 3 * V);
+      typename R::V bv[NV];
+      for (int j = 0; j < NV; ++j) bv[j] = R::load(bk + j * V);
       for (int i = 0; i < MR; ++i) {
         const auto a = R::set1(x[i * ldx + k]);
-        acc[4 * i] = R::fma(a, b0, acc[4 * i]);
-        acc[4 * i + 1] = R::fma(a, b1, acc[4 * i + 1]);
-        acc[4 * i + 2] = R::fma(a, b2, acc[4 * i + 2]);
-        acc[4 * i + 3] = R::fma(a, b3, acc[4 * i + 3]);
+        for (int j = 0; j < NV; ++j) acc[NV * i + j] = R::fma(a, bv[j], acc[NV * i + j]);
       }
     }
     if (k0 > 0)
-      for (int i = 0; i < MR * 4; ++i) acc[i] = R::add(acc[i], part[i]);
+      for (int i = 0; i < MR * NV; ++i) acc[i] = R::add(acc[i], part[i]);
     if (k1 < K)
-      for (int i = 0; i < MR * 4; ++i) {
+      for (int i = 0; i < MR * NV; ++i) {
         part[i] = acc[i];
         acc[i] = R::zero();
       }
   }
   if constexpr (GLU) {
+    constexpr int H = NV / 2;  // gate vectors, then as many up vectors
     for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < 2 && j * V < ncols; ++j) {
-        const Vec g(acc[4 * i + j]), u(acc[4 * i + 2 + j]);
+      for (int j = 0; j < H && j * V < ncols; ++j) {
+        const Vec g(acc[NV * i + j]), u(acc[NV * i + H + j]);
         const Vec o = g / (Vec(1) + fexp(g.neg())) * u;  // silu as tritium.swiglu computes it
         o.store(y + i * ldy + j * V, std::min<int64_t>(V, ncols - j * V));
       }
@@ -166,15 +200,15 @@ inline void tile(const A* x, int64_t ldx, const A* b, int64_t K, A* y, int64_t l
     A* yr = y + i * ldy;
     const A* cr = c ? c + i * ldc : nullptr;
     if (ncols == NP) {
-      for (int j = 0; j < 4; ++j) {
-        Vec v(acc[4 * i + j]);
+      for (int j = 0; j < NV; ++j) {
+        Vec v(acc[NV * i + j]);
         if (cr) v = v + Vec::loadu(cr + j * V);
         v.store(yr + j * V);
       }
     } else {
-      for (int j = 0; j < 4 && j * V < ncols; ++j) {
+      for (int j = 0; j < NV && j * V < ncols; ++j) {
         const int64_t cnt = std::min<int64_t>(V, ncols - j * V);
-        Vec v(acc[4 * i + j]);
+        Vec v(acc[NV * i + j]);
         if (cr) v = v + Vec::loadu(cr + j * V, cnt);
         v.store(yr + j * V, cnt);
       }
@@ -197,8 +231,8 @@ inline void tile_rows(int mr, const A* x, int64_t ldx, const A* b, int64_t K, A*
 
 // ---------------------------------------------------------------------------------------------------------
 // bfloat16 panels for AVX512-BF16's dot products (vdpbf16ps: each float lane accumulates a0 * b0 + a1 * b1 of a
-// pair of bfloat16, so one instruction does the work of two float FMAs). The same 6 x 64 tiles as above with
-// two k per step: packed[p][k2][c][2] = (w[p * 64 + c][2 k2], w[p * 64 + c][2 k2 + 1]), K rounded up to even
+// pair of bfloat16, so one instruction does the work of two float FMAs). The AVX-512 float tiles' 6 x 64 shape
+// with two k per step: packed[p][k2][c][2] = (w[p * 64 + c][2 k2], w[p * 64 + c][2 k2 + 1]), K rounded up to even
 // with zeros; x's pair (x[i][2 k2], x[i][2 k2 + 1]) is broadcast as one 32-bit element. Float accumulators and
 // output (the products of two bfloat16 are exact in float). Used by the bfloat16 attention (csrc/attention.cpp).
 // Compiled for the instruction with a target attribute and chosen at run time (has_bf16_dot): an AVX-512 build
@@ -411,7 +445,7 @@ void panel_gemm(const X* x, int64_t ldx, int64_t M, int64_t K, const X* packed, 
 // along their rows: a linear layer's weight gradient dy^T x, whose reduction runs down both operands' columns.
 // Per chunk of kTnChunk reduction rows: b's chunk is packed into column panels (pack_cols) and a's chunk
 // transposed in blocks of kTnRows rows of y (at::vec::transpose_mxn: rows along the reduction, as tile reads
-// x), then the forward's 6 x 64 register tiles accumulate into y (c = y after the first chunk). The threads split
+// x), then the forward's register tiles accumulate into y (c = y after the first chunk). The threads split
 // the reduction, each packing only its own rows of a and b; each thread but the first sums into its own (R, C)
 // partial, added into y at the end. colsum (null or R): a's column sums (the bias gradient), from the transposed
 // blocks. Float/double (A); R, C > 0.
