@@ -92,7 +92,7 @@ mm_acc_ = define_op("mm_acc_(Tensor(a!) c, Tensor a, Tensor b) -> ()", _fake_mm_
 # serving path packs at load; on GPU there is nothing to pack for).
 @functools.lru_cache(maxsize=None)
 def _panel_width(dtype: torch.dtype) -> int:
-    """The CPU build's panel width (4 vectors: 64 floats with AVX-512, 32 with AVX2), asked of the kernel."""
+    """The CPU build's panel width (64 floats with AVX-512, 16 with AVX2: csrc/panel.h's kNV), asked of the kernel."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     with unset_fake_temporarily():  # a real call on a real 1 x 1 tensor, even while tracing
@@ -189,16 +189,11 @@ _MIN_ROWS = 64
 # columns reducing over k takes the panels only with a long enough reduction and whole panels (a partial last
 # panel computes its padding too: a product onto 96 columns does the work of 128). The weight gradient (dy^T x,
 # reducing over the rows) gains only on large weights. Below PLAN_ROWS rows, or ROUTE_BELOW["linear"]
-# multiply-adds, the whole call is F.linear. The AVX2 build's panels (a 6 x 4 register tile: more accumulators than
-# its 16 vector registers) lose to BLAS at every shape: there every call is F.linear.
+# multiply-adds, the whole call is F.linear. The rule holds on both builds (the AVX2 build's 6 x 2 register tile
+# fits its 16 vector registers; its narrower panels make more column counts whole).
 PLAN_ROWS = 4096
 PLAN_MIN_K = 128
 PLAN_WGRAD_ELEMS = 1 << 18
-
-
-def _wide_panels() -> bool:
-    """True on the AVX-512 build (panels of 64 floats), the one whose panels beat BLAS (linear_plan)."""
-    return _panel_width(torch.float32) >= 64
 
 
 def _whole_panels(cols: int, width: int) -> bool:
@@ -215,7 +210,7 @@ def linear_plan(rows: int, k: int, n: int, dtype: torch.dtype = torch.float32) -
         return (False, False, False)
     if not routes_on():
         return _ALL_PANELS
-    if rows < PLAN_ROWS or rows * k * n < route_below("linear") or not _wide_panels():
+    if rows < PLAN_ROWS or rows * k * n < route_below("linear"):
         return (False, False, False)
     width = _panel_width(dtype)
 
@@ -230,8 +225,6 @@ def _linear_path() -> str:
     """tritium.linear's rule for `tritium info` (utils.cpu_paths)."""
     if not routes_on():
         return f"panel GEMM for every product from {_MIN_ROWS} rows (routes off: TRITIUM_ROUTES=off)"
-    if not _wide_panels():
-        return "F.linear (the AVX2 build's panels lose to BLAS)"
     return (f"F.linear below {PLAN_ROWS} rows or {route_below('linear')} rows x in x out; else per product: panel "
             f"GEMM with a reduction of {PLAN_MIN_K} or more onto whole panels (the weight gradient: weights of "
             f"{PLAN_WGRAD_ELEMS} elements or more), torch's otherwise")
