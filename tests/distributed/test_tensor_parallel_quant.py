@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.distributed.spawn import spawn
+from tests.distributed.test_tensor_parallel import _record
 from tritium.distributed import TPEngine, gather_vocab, shard_llama
 from tritium.inference import Engine
 from tritium.models.llama import LlamaConfig, build
@@ -32,17 +33,6 @@ PROMPTS = [[5, 17, 3, 44, 2, 9, 31], [7, 1, 60]]
 def _quant_bytes(model) -> int:
     seen = {id(m): m for m in model.modules() if isinstance(m, QuantizedLinear)}
     return sum(m.weight.nbytes for m in seen.values())
-
-
-def _record(model, gather):
-    steps, inner = [], model.forward_step
-
-    def forward_step(step, kv):
-        out = inner(step, kv)
-        steps.append(gather_vocab(out) if gather else out.clone())
-        return out
-    model.forward_step = forward_step
-    return steps
 
 
 def _check(rank, world, name, mode, group_size, int8_act):
