@@ -304,8 +304,9 @@ def ops_section(data: dict) -> list:
     behind = [r for r in rows if r["speedup_eager"] < 1 or (r.get("speedup_compile") or 2) < 1]
     if behind:
         out.append("Behind a baseline in this run: " + "; ".join(
-            f"{r['op']} {r['dtype']} {r['mode']} ({r['speedup_eager']:.2f}x eager, "
-            f"{fmt(r.get('speedup_compile'), '.2f')}x compile)" for r in behind) + ".")
+            f"{r['op']} {'x'.join(str(d) for d in r['shape'])} {r['dtype']} {r['mode']} "
+            f"({r['speedup_eager']:.2f}x eager, {fmt(r.get('speedup_compile'), '.2f')}x compile)"
+            for r in behind) + ".")
     else:
         out.append("Every row is ahead of eager and torch.compile in this run.")
     body = []
