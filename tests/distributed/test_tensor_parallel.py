@@ -199,6 +199,41 @@ def _check_sampling_engine(rank, world):
     return "ok"
 
 
+def _check_beams(rank, world):
+    """TPEngine's beam search keeps the same beams as Engine in one process: beam requests of widths 2 and 4 (one
+    with a stop token its beams reach, one with a length penalty) batched with a greedy request; the same tokens,
+    log-probabilities and scores. A beam step's one all-gather moves (beam rows, 1 + 2 x 2 num_beams) float64."""
+    c = TINY["smol-heads"]
+    m = _model(c)
+    stop = Engine(m).generate([PROMPTS[0]], max_new_tokens=1)[0].token_ids[0]   # the token this model favours
+    kws = [dict(num_beams=3, stop_token_ids=[stop], length_penalty=0.0), dict(num_beams=2, length_penalty=0.5),
+           dict(num_beams=4, stop_token_ids=[stop], length_penalty=2.0), dict()]
+    prompts = [[4, 8, 15, 16, 23, 42], *PROMPTS, [9, 9]]
+    want = [Engine(m, max_batch=4).generate([p], max_new_tokens=8, **kw)[0] for p, kw in zip(prompts, kws)]
+    eng = TPEngine(shard_llama(m), max_batch=10)
+    reqs = [eng.add_request(p, max_new_tokens=8, **kw) for p, kw in zip(prompts, kws)]
+    while eng.has_work():
+        eng.step()
+    for r, w, kw in zip(reqs, want, kws):
+        what = f"{kw} rank {rank}/{world}"
+        assert r.result.token_ids == w.token_ids, f"{what}: {r.result.token_ids} != {w.token_ids}"
+        assert r.result.finish_reason == w.finish_reason, what
+        torch.testing.assert_close(torch.tensor(r.result.logprobs), torch.tensor(w.logprobs))
+        if w.score is not None:
+            torch.testing.assert_close(torch.tensor(r.result.score), torch.tensor(w.score))
+    assert want[0].finish_reason == "stop" and len(want[0].token_ids) > 1   # a finished beam won
+    # one decode step of a 3-beam request alone: the agreement, the all-reduces, one all-gather of its candidates
+    eng = TPEngine(shard_llama(m), max_batch=3)
+    eng.add_request(PROMPTS[0], max_new_tokens=4, num_beams=3)
+    eng.step()
+    eng.step()
+    with count_comm() as st:
+        eng.step()
+    assert st.calls == {"all_reduce": 2 * c.n_layers + 1, "all_gather": 1, "check": 1}, st
+    assert st.bytes["all_gather"] == 3 * (1 + 2 * 6) * 8, st
+    return "ok"
+
+
 def _check_comm(rank, world):
     """The bytes one decode step of 2 sequences moves per rank: 2 all-reduces per layer and one for the embedding
     of (rows, dim) in the model's dtype, the sampler's all-gather of (rows, 4) float64, the 5-integer agreement."""
@@ -235,6 +270,12 @@ def test_tensor_parallel_matches_one_process(tmp_path, world):
     results = spawn(tmp_path, world, _all_checks)
     assert not any(r.startswith("FAILED") for r in results), "\n".join(results)
     assert len(set(results)) == 1, results
+
+
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_tensor_parallel_beam_search_matches_one_process(tmp_path, world):
+    results = spawn(tmp_path, world, _check_beams, timeout_s=120)
+    assert results == ["'ok'"] * world, "\n".join(results)
 
 
 def test_shards():
@@ -402,6 +443,15 @@ def test_generate_tp_under_torchrun(smollm2_reference):
                          capture_output=True, text=True, env=env, timeout=300)
     assert one.returncode == 0 and two.returncode == 0, (one.stderr, two.stderr)
     assert two.stdout == one.stdout and one.stdout.strip(), (two.stdout, one.stdout)
+    # beam search: the same text as one process
+    beams = ["What is the capital of France?", "--max-new-tokens", "8", "--dtype", "float32", "--weights", "float",
+             "--num-beams", "3"]
+    one = subprocess.run([sys.executable, "-m", "tritium", "generate", *beams], capture_output=True, text=True,
+                         env=env, timeout=300)
+    two = subprocess.run([torchrun, "--nproc-per-node", "2", "-m", "tritium", "generate", *beams, "--tp", "2"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr, two.stderr)
+    assert two.stdout == one.stdout and one.stdout.strip(), (two.stdout, one.stdout)
 
 
 def test_bench_dist_tp_bytes_match_analytic():
@@ -436,6 +486,7 @@ def _serve_tp(rank, world):
     want = Engine(m, max_batch=4).generate(PROMPTS + [[3, 3, 3]], max_new_tokens=6)
     seeded = dict(temperature=0.9, top_p=0.8, repetition_penalty=1.2, seed=5)
     want_seeded = Engine(m).generate([[1, 2]], max_new_tokens=6, **seeded)[0]
+    want_beams = Engine(m, max_batch=2).generate([[1, 2]], max_new_tokens=6, num_beams=2)[0]
     engine = TPEngine(shard_llama(m), max_batch=4)
     if rank:
         follow(engine)
@@ -461,14 +512,16 @@ def _serve_tp(rank, world):
     try:
         first = asyncio.run(ask(PROMPTS, {}))
         time.sleep(1.2)   # idle ticks: the followers wait in the broadcast without timing out
-        bad = asyncio.run(ask([[1, 2]], {"num_beams": 2}))     # refused by every rank's engine alike
+        bad = asyncio.run(ask([[1, 2]], {"logit_bias": {10 ** 6: 1.0}}))   # refused by every rank's engine alike
+        beams = asyncio.run(ask([[1, 2]], {"num_beams": 2}))
         sampled = asyncio.run(ask([[1, 2]], seeded))
         second = asyncio.run(ask([[3, 3, 3], [1, 2, 3, 4]], {}, abort_first=True))
     finally:
         worker.stop()
     assert worker.error is None, worker.error
     assert first == {0: ("done", want[0].token_ids), 1: ("done", want[1].token_ids)}, first
-    assert bad[0][0] == "error" and "num_beams" in bad[0][1], bad
+    assert bad[0][0] == "error" and "logit_bias" in bad[0][1], bad
+    assert beams == {0: ("done", want_beams.token_ids)}, (beams, want_beams.token_ids)
     assert sampled == {0: ("done", want_seeded.token_ids)}, (sampled, want_seeded.token_ids)
     assert second[1][0] == "done" and len(second[1][1]) == 6, second
     assert not threading.current_thread().daemon

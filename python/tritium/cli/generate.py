@@ -217,8 +217,6 @@ def _main_tp(args, prompt: str) -> int:
     if world != args.tp:
         raise UsageError(f"--tp {args.tp} runs under `torchrun --nproc-per-node {args.tp} -m tritium generate ...` "
                          f"(WORLD_SIZE is {world})")
-    if args.num_beams > 1:
-        raise UsageError("--tp does not take --num-beams")
     if not args.threads:   # the ranks share this machine's cores
         args.threads = max(1, (os.cpu_count() or 1) // world)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=TP_TIMEOUT_S))
@@ -229,7 +227,7 @@ def _main_tp(args, prompt: str) -> int:
         model = shard_llama(model)
         if not args.raw and tok.chat_template:
             prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
-        engine = TPEngine(model, tok, max_batch=1)
+        engine = TPEngine(model, tok, max_batch=max(1, args.num_beams))
 
         def on_token(req, token, text):
             if rank == 0:
@@ -238,7 +236,7 @@ def _main_tp(args, prompt: str) -> int:
 
         with count_comm() as st:
             engine.generate([prompt], max_new_tokens=args.max_new_tokens, on_token=on_token,
-                            **sampling_kwargs(args))
+                            num_beams=args.num_beams, **sampling_kwargs(args))
         if rank == 0:
             sys.stdout.write("\n")
             tokens = engine.stats["prefill_tokens"] + engine.stats["decode_tokens"]

@@ -13,9 +13,10 @@ from .lora import finetune_ddp  # noqa: F401
 from .ring import (RingStats, collect_stats, ring_attention, zigzag_gather, zigzag_lengths,  # noqa: F401
                    zigzag_local_lengths, zigzag_shard, zigzag_unshard)
 from .tp import (TPEngine, TPLlama, gather_vocab, shard_from_state_dict, shard_llama, tp_shards,  # noqa: F401
-                 vocab_parallel_cross_entropy, vocab_parallel_sample, vocab_parallel_top_logprobs)
+                 vocab_parallel_beam_candidates, vocab_parallel_cross_entropy, vocab_parallel_sample,
+                 vocab_parallel_top_logprobs)
 
 __all__ = ["ring_attention", "zigzag_lengths", "zigzag_local_lengths", "zigzag_shard", "zigzag_unshard",
            "zigzag_gather", "collect_stats", "RingStats", "shard_llama", "shard_from_state_dict", "TPLlama",
            "TPEngine", "tp_shards", "gather_vocab", "vocab_parallel_cross_entropy", "vocab_parallel_sample",
-           "vocab_parallel_top_logprobs", "count_comm", "CommStats", "finetune_ddp"]
+           "vocab_parallel_top_logprobs", "vocab_parallel_beam_candidates", "count_comm", "CommStats", "finetune_ddp"]

@@ -647,6 +647,43 @@ def vocab_parallel_top_logprobs(logits: Tensor, vocab_start: int, k: int,
     return ids.gather(1, at).long(), (bv - glse[:, None]).float()
 
 
+def vocab_parallel_beam_candidates(logits: Tensor, vocab_start: int,
+                                   requests: Sequence[Tuple[Sequence[int], Sequence[float], int]],
+                                   group: Optional[dist.ProcessGroup] = None) -> List[List[Tuple[float, int, int]]]:
+    """Beam search's next candidates from this rank's vocabulary slice (collective). logits (rows, n) hold
+    vocabulary rows [vocab_start, vocab_start + n) of every beam of every request; requests: per request (its
+    beams' rows of logits, their summed log-probabilities, m). Returns per request its m best continuations, best
+    first, as (score, beam, token): score = the beam's sum + log_softmax of the full logits at token (float32, as
+    Engine._beam_candidates computes it in one process). A beam's candidates are monotone in its logits, so the m
+    best of the whole vocabulary are among every rank's m largest logits of every beam: each rank sends, per row,
+    its log-sum-exp and its m largest logits with their ids, one all-gather of (rows, 1 + 2 m) float64 for every
+    beam request of the step; every rank then picks the same candidates from the same table."""
+    rows, n = logits.shape
+    v0 = int(vocab_start)
+    M = max((m for _, _, m in requests), default=1)
+    x = logits.float()
+    k = min(M, n)
+    mine = torch.full((rows, 1 + 2 * M), -1.0, dtype=torch.float64)
+    mine[:, 1:1 + M] = -math.inf
+    mine[:, 0] = torch.logsumexp(x, -1)
+    tv, ti = x.topk(k, -1)
+    mine[:, 1:1 + k], mine[:, 1 + M:1 + M + k] = tv.double(), (ti + v0).double()
+    table = all_gather(mine, group)                                          # (world, rows, 1 + 2 M)
+    glse = torch.logsumexp(table[..., 0], 0).float()                        # each row's full log-sum-exp
+    out = []
+    for beams, base, m in requests:
+        at = torch.as_tensor(list(beams), dtype=torch.int64)
+        vals = table[:, at, 1:1 + M].float()                                 # (world, beams, M): exact
+        ids = table[:, at, 1 + M:].long()
+        score = torch.tensor(list(base), dtype=torch.float32)[None, :, None] + (vals - glse[at][None, :, None])
+        beam = torch.arange(len(at))[None, :, None].expand_as(score)
+        ok = ids >= 0
+        s, b, t = score[ok], beam[ok], ids[ok]
+        top = s.topk(min(m, s.numel()))
+        out.append([(v, int(b[j]), int(t[j])) for v, j in zip(top.values.tolist(), top.indices.tolist())])
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The engine
 # ---------------------------------------------------------------------------------------------------------
@@ -655,7 +692,8 @@ class TPEngine(Engine):
     scheduling is deterministic), each over its own paged KV cache (its heads only), and picks each token with
     vocab_parallel_sample: the same sampling parameters as one process (temperature, top-k, top-p, min-p,
     repetition / presence / frequency penalties, logit bias, seeds, top_logprobs), and a seeded request draws the
-    same tokens as Engine in one process. Beams raise ValueError."""
+    same tokens as Engine in one process. Beam search (num_beams > 1) keeps the same beams as Engine in one process
+    (vocab_parallel_beam_candidates: one all-gather of every beam's few best candidates per step)."""
 
     def __init__(self, model: TPLlama, tokenizer=None, **kwargs):
         if not isinstance(model, TPLlama):
@@ -669,8 +707,6 @@ class TPEngine(Engine):
         self._added = 0
 
     def add_request(self, prompt, max_new_tokens: int = 64, params=None, **kwargs):
-        if kwargs.get("num_beams", 1) != 1:
-            raise ValueError("tensor-parallel decoding does not support num_beams > 1")
         req = super().add_request(prompt, max_new_tokens, params, **kwargs)
         try:   # every rank refuses a bad logit_bias here alike (one process finds it in the step)
             req.params.validate(self.model.tp.full_config.vocab_size)
@@ -682,7 +718,28 @@ class TPEngine(Engine):
         self._added += 1
         return req
 
+    def _beam_candidates(self, r, logits: Tensor, seqs: list) -> List[tuple]:
+        return self._beam_cands.pop(r.id)   # found for every beam request of the step in _process
+
     def _process(self, logits: Tensor, rows: List[tuple]) -> None:
+        beam_rows: Dict[int, List[int]] = {}   # beam requests' rows (every rank has the same rows in the same order)
+        for i, (r, _) in enumerate(rows):
+            if r.num_beams > 1 and not r.done:
+                beam_rows.setdefault(r.id, []).append(i)
+        if beam_rows:
+            reqs = {r.id: r for r, _ in rows}
+            found = vocab_parallel_beam_candidates(
+                logits, self.model.tp.vocab_start,
+                [(idxs, [sum(rows[i][1].logprobs) for i in idxs], 2 * reqs[rid].num_beams)
+                 for rid, idxs in beam_rows.items()], self.group)
+            self._beam_cands = dict(zip(beam_rows, found))
+            for rid, idxs in beam_rows.items():
+                self._beam_step(reqs[rid], logits[idxs], [rows[i][1] for i in idxs])
+            keep = [i for i, (r, _) in enumerate(rows) if r.num_beams == 1]
+            if not keep:
+                return
+            if len(keep) < len(rows):
+                logits, rows = logits[keep], [rows[i] for i in keep]
         plist = [r.params for r, _ in rows]
         history = [s.generated for _, s in rows]
         # the draw number of a row is its count of generated tokens, as tritium.sample numbers seeded draws

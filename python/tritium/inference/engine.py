@@ -440,17 +440,23 @@ class Engine:
     def _beam_score(self, r: Request, logprob_sum: float, n: int) -> float:
         return logprob_sum / (max(n, 1) ** r.length_penalty)
 
-    def _beam_step(self, r: Request, logits: Tensor, seqs: List[_Seq]) -> None:
-        k = r.num_beams
+    def _beam_candidates(self, r: Request, logits: Tensor, seqs: List[_Seq]) -> List[tuple]:
+        """The 2 num_beams best continuations of r's beams, best first: (score, beam, token), a score being the
+        beam's summed log-probabilities plus log_softmax(logits[beam])[token] (float32). TPEngine computes the
+        same from its vocabulary slice."""
         logp = torch.log_softmax(logits, -1)                                        # (n_beams, vocab)
         base = torch.tensor([sum(s.logprobs) for s in seqs], dtype=logp.dtype)
         cand = (base[:, None] + logp).view(-1)
-        top = cand.topk(min(2 * k, cand.numel()))
+        top = cand.topk(min(2 * r.num_beams, cand.numel()))
         vocab = logp.shape[-1]
+        return [(v, f // vocab, f % vocab) for v, f in zip(top.values.tolist(), top.indices.tolist())]
+
+    def _beam_step(self, r: Request, logits: Tensor, seqs: List[_Seq]) -> None:
+        k = r.num_beams
         new: List[_Seq] = []
         n_gen = len(seqs[0].generated) + 1
-        for score, flat in zip(top.values.tolist(), top.indices.tolist()):
-            parent, tok = seqs[flat // vocab], flat % vocab
+        for score, p, tok in self._beam_candidates(r, logits, seqs):
+            parent = seqs[p]
             lp = score - sum(parent.logprobs)
             if tok in r.stop_token_ids:
                 r.finished_beams.append((self._beam_score(r, score, n_gen), parent.generated + [tok],
