@@ -6,6 +6,7 @@ import zlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tritium.models.zoo import GAN, LOSSES, Siamese, png_grid, sample_batch, sample_score
 from tests.util import need
@@ -292,3 +293,24 @@ def test_wavenet_recipe_beats_repeating():
 
     r = train_wavenet("tritium", steps=40, waves=32, test_waves=4)
     assert r["within_one"] > r["repeat_accuracy"] and r["nll"] < 4.5, r
+
+
+@pytest.mark.parametrize("cin, cout, size, stride, padding", [(1, 5, 8, 2, 1), (3, 1, 7, 1, 0), (2, 4, 5, 2, 2)])
+def test_conv_gemm_forms_match_torch(cin, cout, size, stride, padding):
+    """The GAN's im2col forms of conv2d and conv_transpose2d (kernel 4, with and without bias) against torch's, in
+    float64: values and the gradients of the input, weight and bias."""
+    from tritium.models.zoo import _conv_gemm, _conv_transpose_gemm
+
+    gen = torch.Generator().manual_seed(cin * 10 + cout)
+    x = torch.randn(3, cin, size, size, dtype=torch.float64, generator=gen, requires_grad=True)
+    for form, ref, wshape in ((_conv_gemm, F.conv2d, (cout, cin, 4, 4)),
+                              (_conv_transpose_gemm, F.conv_transpose2d, (cin, cout, 4, 4))):
+        w = torch.randn(wshape, dtype=torch.float64, generator=gen, requires_grad=True)
+        for b in (None, torch.randn(cout, dtype=torch.float64, generator=gen, requires_grad=True)):
+            ours, want = form(x, w, b, stride, padding), ref(x, w, b, stride, padding)
+            assert ours.shape == want.shape
+            torch.testing.assert_close(ours, want)
+            dy = torch.randn(want.shape, dtype=torch.float64, generator=gen)
+            args = (x, w) if b is None else (x, w, b)
+            for g_ours, g_want in zip(torch.autograd.grad(ours, args, dy), torch.autograd.grad(want, args, dy)):
+                torch.testing.assert_close(g_ours, g_want)

@@ -6,7 +6,9 @@ units on tritium.wavenet_residual_skip) on generated waveforms.
 As in tritium.models.classic, every model takes ``impl="tritium"`` (linear layers are tritium.nn.Linear, the
 activations and losses tritium's) or ``impl="torch"`` (the plain-PyTorch twin: the same module tree on torch ops,
 the same state_dict). Convolutions and training-mode BatchNorm stay torch's in both (tritium has no 2-D
-convolution and its BatchNorm kernel is the inference one, tritium.batch_norm_act).
+convolution and its BatchNorm kernel is the inference one, tritium.batch_norm_act), except the GAN's one-channel
+convolutions, which impl="tritium" computes as im2col GEMMs (``_conv_gemm``, ``_conv_transpose_gemm``: oneDNN's
+backward is slow there).
 
 - ``Siamese``: a small CNN embedding an image to a unit vector, trained with one of tritium's metric-learning
   losses (``loss="triplet"``: tritium.triplet_margin_loss on random (anchor, positive, negative) triplets;
@@ -187,6 +189,31 @@ def retrieval_accuracy(model: Siamese, x_train: Tensor, y_train: Tensor, x_test:
 # ---------------------------------------------------------------------------------------------------------
 # DCGAN-style GAN
 # ---------------------------------------------------------------------------------------------------------
+def _conv_gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding: int) -> Tensor:
+    """F.conv2d(x, weight, bias, stride, padding) as im2col and one GEMM: the patches (B, L, C k k) of F.unfold
+    times the flattened weight, its backward F.fold (col2im) and two GEMMs. The GAN's impl="tritium" takes it for
+    its one-channel convolutions, whose oneDNN backward (the input's gradient above all) is several times slower
+    than this at the 8x8 digits' sizes (the twin keeps nn.Conv2d: the same weights, the same function)."""
+    B, _, H, W = x.shape
+    O, k = weight.shape[0], weight.shape[-1]
+    Ho, Wo = (H + 2 * padding - k) // stride + 1, (W + 2 * padding - k) // stride + 1
+    cols = F.unfold(x, k, padding=padding, stride=stride)                      # (B, C k k, L)
+    y = F.linear(cols.transpose(1, 2), weight.reshape(O, -1), bias)            # (B, L, O)
+    return y.transpose(1, 2).reshape(B, O, Ho, Wo)
+
+
+def _conv_transpose_gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding: int) -> Tensor:
+    """F.conv_transpose2d(x, weight, bias, stride, padding) as one GEMM and col2im: each input pixel's C values
+    times the (C, O k k) weight give its output patch, F.fold sums the overlapping patches (its backward is F.unfold
+    and two GEMMs). Taken where the output has one channel (as _conv_gemm: oneDNN's backward is the slow part)."""
+    B, C, H, W = x.shape
+    k = weight.shape[-1]
+    Ho, Wo = (H - 1) * stride - 2 * padding + k, (W - 1) * stride - 2 * padding + k
+    cols = torch.matmul(x.flatten(2).transpose(1, 2), weight.reshape(C, -1))   # (B, H W, O k k)
+    y = F.fold(cols.transpose(1, 2), (Ho, Wo), k, padding=padding, stride=stride)
+    return y if bias is None else y + bias.view(1, -1, 1, 1)
+
+
 class Generator(_ZooImpl):
     """z (B, latent) -> Linear -> BN -> ReLU -> (2c, 2, 2) -> ConvT 4/2 -> BN -> ReLU -> (c, 4, 4) -> ConvT 4/2
     -> tanh -> (B, 1, 8, 8) in [-1, 1]."""
@@ -203,6 +230,8 @@ class Generator(_ZooImpl):
     def forward(self, z: Tensor) -> Tensor:
         x = self.ops.relu(self.bn0(self.fc(z))).view(-1, 2 * self.channels, 2, 2)
         x = self.ops.relu(self.bn1(self.up1(x)))
+        if self.impl == "tritium":  # to one channel: a GEMM and col2im (_conv_transpose_gemm)
+            return self.ops.tanh(_conv_transpose_gemm(x, self.up2.weight, self.up2.bias, 2, 1))
         return self.ops.tanh(self.up2(x))
 
 
@@ -218,7 +247,10 @@ class Discriminator(_ZooImpl):
         self.fc = self.ops.Linear(2 * channels * 4, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.ops.leaky_relu(self.conv1(x), 0.2)
+        if self.impl == "tritium" and x.requires_grad:  # from one channel, the input's gradient wanted: im2col GEMM
+            x = self.ops.leaky_relu(_conv_gemm(x, self.conv1.weight, self.conv1.bias, 2, 1), 0.2)
+        else:
+            x = self.ops.leaky_relu(self.conv1(x), 0.2)
         x = self.ops.leaky_relu(self.bn2(self.conv2(x)), 0.2)
         return self.fc(x.flatten(1)).squeeze(1)
 
