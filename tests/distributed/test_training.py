@@ -300,3 +300,40 @@ def test_torchrun_recipe(shard, flags):
     how = shard + (", compiled \\(aot_eager\\)" if flags else "")
     assert re.fullmatch(rf"encoder \({how}, 2 ranks, gloo\): 23 steps in [\d.]+ s, loss [\d.]+ \(mean of the last "
                         r"steps\), test accuracy [\d.]+", out.stdout.strip()), out.stdout
+
+
+@pytest.mark.slow
+def test_torchrun_lora_finetune(tmp_path):
+    """docs/distributed.md's LoRA recipe, `torchrun --nproc-per-node 2 -m tritium finetune`, on the embedded model
+    and a small data file: the same first and last loss and the same saved adapter as `tritium finetune` in one
+    process (float32, within the tolerance rule against the one-process float64 run; no dropout)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(ex) + "\n" for ex in ft.dates_task(12, 0)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    flags = ["finetune", "--data", str(data), "--batch-size", "6", "--max-len", "128", "--lora-r", "4",
+             "--lora-dropout", "0", "--targets", "q_proj,v_proj"]
+    runs = {}
+    for name, launch, dtype in (("one", [sys.executable], "float32"), ("one64", [sys.executable], "float64"),
+                                ("two", [torchrun, "--nproc-per-node", "2"], "float32")):
+        out = subprocess.run([*launch, "-m", "tritium", *flags, "--dtype", dtype, "--out", str(tmp_path / name),
+                              "--json", str(tmp_path / f"{name}.json")], capture_output=True, text=True, env=env,
+                             timeout=600)
+        assert out.returncode == 0, (name, out.stderr)
+        runs[name] = (json.loads((tmp_path / f"{name}.json").read_text()),
+                      load_file(str(tmp_path / name / "adapter_model.safetensors")))
+    (one, a1), (one64, a64), (two, a2) = runs["one"], runs["one64"], runs["two"]
+    assert two["ranks"] == 2 and one["ranks"] == 1 and two["steps"] == one["steps"] == 2, (one, two)
+    losses = [torch.tensor([r["first_loss"], r["last_loss"]], dtype=dt)
+              for r, dt in ((two, torch.float32), (one, torch.float32), (one64, torch.float64))]
+    assert_within_torch_error(*losses, "torchrun finetune losses")
+    assert a2.keys() == a1.keys() and len(a1) == 4 * 30, sorted(a1)[:4]
+    for n in a1:
+        assert_within_torch_error(a2[n], a1[n], a64[n].double(), f"torchrun finetune adapter {n}")
