@@ -170,6 +170,47 @@ def _check_sampler(rank, world):
     return "ok"
 
 
+def _check_top_p_radix(rank, world):
+    """Top-p rows whose nucleus holds thousands of tokens (flat rows of a 4099 vocabulary, far below the first 64
+    candidates of a rank): the cut by radix selection gives tritium.sample's tokens and log-probabilities, with
+    min-p above and below the cut and ties at the cut, in the first candidates' exchange, two radix rounds and the
+    draw's: 5 all-gathers of a known size whatever the nucleus."""
+    from tritium.ops.sampling import SamplingParams, sample
+
+    V = 4099
+    v0, n = even_split(V, world)[rank]
+    g = torch.Generator().manual_seed(5)
+    rows, plist = [], []
+    for j, kw in enumerate([dict(temperature=0.8, top_p=0.9), dict(temperature=1.2, top_p=0.99),
+                            dict(temperature=1.0, top_p=0.5, min_p=0.6), dict(temperature=1.0, top_p=0.6, min_p=0.05),
+                            dict(temperature=1.0, top_p=0.7)]):
+        for seed in range(8):
+            x = torch.randn(V, generator=g) * 0.3
+            if j == 4:   # logits on a grid of 1/8 at scale 1: many tokens share the value at the cut
+                x = (x * 3 * 8).round() / 8
+            rows.append(x)
+            plist.append(SamplingParams(**kw, seed=10 * j + seed))
+    full = torch.stack(rows)
+    hist = [[]] * len(rows)
+    want, wlp = sample(full, plist, hist, on_invalid="flag")
+    with count_comm() as st:
+        toks, lps = vocab_parallel_sample(full[:, v0:v0 + n].contiguous(), v0, plist, hist, vocab_size=V)
+    diff = (toks != want).nonzero()[:, 0].tolist()
+    assert not diff, f"rank {rank}/{world}: rows {diff}: {toks[diff].tolist()} != one process's {want[diff].tolist()}"
+    torch.testing.assert_close(lps, wlp)
+    # per row: the greedy table (4), the masses and first digit (2 + 1024) with 64 candidates (3 each), the two
+    # radix rounds (2048 + 1024), the draw (2), float64
+    assert st.calls["all_gather"] == 5, st
+    assert st.bytes["all_gather"] == len(rows) * (4 + 2 + 1024 + 64 * 3 + 2048 + 1024 + 2) * 8, st
+    return "ok"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_top_p_radix_cut_matches_one_process(tmp_path, world):
+    results = spawn(tmp_path, world, _check_top_p_radix)
+    assert results == ["'ok'"] * world, "\n".join(results)
+
+
 def _check_sampling_engine(rank, world):
     """TPEngine with seeded sampling and penalties generates the same tokens as Engine in one process."""
     c = TINY["smol-heads"]

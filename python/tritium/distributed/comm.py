@@ -75,9 +75,11 @@ def _timed(fn, *args, **kwargs):
 
 
 def all_reduce(t: Tensor, op=dist.ReduceOp.SUM, group=None, kind: str = "all_reduce") -> Tensor:
-    """In-place all-reduce of t (contiguous) over group; returns t."""
+    """In-place all-reduce of t (contiguous) over group; returns t. On a group of one rank it is the identity and
+    is not called (counted all the same: the payload is the algorithm's, whatever the world size)."""
     _count(kind, t)
-    _timed(dist.all_reduce, t, op=op, group=group)
+    if dist.get_world_size(group) > 1:
+        _timed(dist.all_reduce, t, op=op, group=group)
     return t
 
 
@@ -85,6 +87,8 @@ def all_gather(t: Tensor, group=None, kind: str = "all_gather") -> Tensor:
     """(world, *t.shape): every rank's t, stacked in rank order."""
     world = dist.get_world_size(group)
     _count(kind, t)
+    if world == 1:   # the identity: no call into the backend (as Megatron's mappings skip a group of one)
+        return t.unsqueeze(0).clone()
     out = [torch.empty_like(t) for _ in range(world)]
     _timed(dist.all_gather, out, t.contiguous(), group=group)
     return torch.stack(out)

@@ -413,7 +413,7 @@ def vocab_parallel_cross_entropy(logits: Tensor, target: Tensor, vocab_start: in
 
 
 _GREEDY = SamplingParams(temperature=0.0)
-_CAND0 = 64   # candidates per rank a top-p row gathers first (4x as many again until they hold the nucleus)
+_CAND0 = 64   # candidates per rank a top-p row sends first (a flat row's cut is then found by radix selection)
 
 
 def _plain_greedy(p: SamplingParams) -> bool:
@@ -465,6 +465,63 @@ def _nucleus(vals: Tensor, p: SamplingParams, vocab_size: int, mass: float) -> T
     return keep & (vals > 0), cuts
 
 
+# top-p's cut by radix selection over the float32 bit patterns of e (non-negative: ordered as the values), in
+# three digits (shift, width): each round every rank sends its mass per digit value of the tokens matching the digits
+# chosen so far, and every rank picks the same next digit; after the last, the cut is one exact float32 value
+_DIGITS = ((21, 10), (10, 11), (0, 10))
+
+
+def _digit_masses(e: Tensor, bits: Tensor, prefix: Tensor, level: int) -> Tensor:
+    """(rows, 2 ** width) float64: each row's mass of e per value of digit `level` of the bit patterns, over its
+    tokens whose higher digits equal the row's prefix (rows,)."""
+    shift, width = _DIGITS[level]
+    rows, nb = e.shape[0], 1 << width
+    if level == 0:   # every token (the top digit has no prefix)
+        idx, w = ((bits >> shift) + torch.arange(rows, dtype=bits.dtype)[:, None] * nb).flatten(), e.flatten()
+    else:            # only the tokens matching the prefix (few, past the first digit)
+        r, t = ((bits >> (shift + width)) == prefix.to(bits.dtype)[:, None]).nonzero(as_tuple=True)
+        b = bits[r, t]
+        idx, w = ((b >> shift) & (nb - 1)) + r.to(b.dtype) * nb, e[r, t]
+    return torch.bincount(idx, w.double(), minlength=rows * nb).view(rows, nb)
+
+
+def _radix_top_p(e: Tensor, bits: Tensor, h1: Tensor, kmin: Tensor, minp: Tensor, top_p: Tensor,
+                 group) -> Tuple[Tensor, Tensor]:
+    """The kept values of top-p rows (collective, two all-gathers): e (rows, n) this rank's exp(z - max) float32,
+    bits its bit patterns, h1 (world, rows, bins) every rank's masses per first digit, kmin (world, rows) every
+    rank's mass at or above the row's min-p. The cut is the smallest value whose mass strictly above is below
+    top_p x the row's mass (tritium.reference.sampling_distribution): each round keeps the lowest digit value
+    holding mass whose mass above (every higher digit's, plus the mass above the prefix) is still below the
+    target; tokens of higher digit values are all kept, lower ones all dropped. Returns this rank's kept values
+    (e, zero below max(cut, min-p)) and every rank's kept mass (world, rows) float64."""
+    world, rows = h1.shape[0], e.shape[0]
+    target = top_p * h1.sum((0, 2))
+    above = torch.zeros(rows, dtype=torch.float64)
+    prefix = torch.zeros(rows, dtype=torch.int64)
+    kept = torch.zeros(world, rows, dtype=torch.float64)
+    hist = h1
+    for level, (_, width) in enumerate(_DIGITS):
+        if level:
+            hist = all_gather(_digit_masses(e, bits, prefix, level), group)  # (world, rows, bins)
+        g = hist.sum(0)
+        nb = g.shape[1]
+        over = torch.cat([g.flip(-1).cumsum(-1).flip(-1)[:, 1:], torch.zeros(rows, 1, dtype=g.dtype)], -1)
+        ok = (g > 0) & (above[:, None] + over < target[:, None])
+        d = torch.where(ok, torch.arange(nb), nb).amin(-1)
+        d = torch.where(d < nb, d, (g > 0).long().cumsum(-1).argmax(-1))  # none (rounding): the top value with mass
+        higher = torch.arange(nb)[None, :] > d[:, None]
+        if level == len(_DIGITS) - 1:
+            higher = higher | (torch.arange(nb)[None, :] == d[:, None])    # the cut's own value is kept
+        kept += (hist * higher).sum(-1)
+        above += over.gather(1, d[:, None])[:, 0]
+        prefix = (prefix << width) | d
+    cut = prefix.to(torch.int32).view(torch.float32)
+    by_min_p = minp >= cut
+    kept = torch.where(by_min_p[None, :], kmin, kept)
+    cut = torch.maximum(cut, minp)
+    return torch.where(e >= cut[:, None], e, 0.0), kept
+
+
 def vocab_parallel_sample(logits: Tensor, vocab_start: int,
                           params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
                           history: Optional[Sequence[Sequence[int]]] = None,
@@ -485,9 +542,11 @@ def vocab_parallel_sample(logits: Tensor, vocab_start: int,
     - every rank applies the penalties and logit bias to its slice and reduces each row to (best score, its token,
       its log-sum-exp, its logit at the token); one all-gather of (rows, 4) float64 gives the greedy tokens, the
       global maximum and the raw log-sum-exp;
-    - top-k / top-p rows: each rank sends its slice's mass and its top candidates (k of them, or 64 for top-p, 4
-      times as many again while the nucleus may reach below the candidates) with their ids and logits, and every
-      rank cuts and draws from the same candidate set, in token order as the one-process kernel does;
+    - top-k rows: each rank sends its slice's mass and its top candidates (k of them, 4 times as many again while
+      the cut may reach below them) with their ids and logits, and every rank cuts and draws from the same
+      candidate set, in token order as the one-process kernel does; top-p rows without top-k send 64 candidates
+      with the masses of their values' first radix digit, and when their nucleus reaches below the candidates
+      find the cut by radix selection (_radix_top_p: two more all-gathers) and draw as the rows below;
     - the other sampling rows (temperature, min-p): each rank's kept mass (in the same all-gather as the first
       candidates) tells every rank which rank's slice the draw falls in, and one all-gather of (rows, 2) brings
       that rank's token.
@@ -555,18 +614,27 @@ def vocab_parallel_sample(logits: Tensor, vocab_start: int,
         row = {i: j for j, i in enumerate(hot)}                             # row -> its row of e
         us = [float(uniform[i]) if uniform is not None else
               seeded_uniform(plist[i].seed, len(history[i]) if history is not None else 0) for i in range(rows)]
-        cand = [i for i in hot if 0 < plist[i].top_k < V or plist[i].top_p < 1.0]
-        flat = [i for i in hot if i not in cand]
+        # top-k rows (with or without top-p): candidates, gathered deeper until they hold every cut; top-p rows:
+        # the first candidates, else the cut by radix selection; the other rows: the rank holding the draw
+        cand = [i for i in hot if 0 < plist[i].top_k < V]
+        nuc = [i for i in hot if i not in cand and plist[i].top_p < 1.0]
+        flat = [i for i in hot if i not in cand and i not in nuc]
         fe = e[[row[i] for i in flat]]
         for j, i in enumerate(flat):   # min-p: drop the tokens below the cut (e = 0 adds nothing to a sum)
             if plist[i].min_p > 0:
                 fe[j] = torch.where(fe[j] >= plist[i].min_p, fe[j], 0.0)
-        # with the first candidates: the kept mass of every temperature / min-p row and the whole mass of every
-        # top-k / top-p row on this rank
-        masses = torch.cat([fe.sum(-1), e[[row[i] for i in cand]].sum(-1)]).double()
+        ne = e[[row[i] for i in nuc]]
+        nbits = ne.view(torch.int32)                                        # e >= 0: ordered as the values
+        minp = torch.tensor([plist[i].min_p for i in nuc], dtype=torch.float32)
+        cn = cand + nuc
+        # with the first candidates: the kept mass of every temperature / min-p row, the whole mass of every
+        # top-k / top-p row and, of every top-p row, the mass at or above its min-p and its first digit's masses
+        masses = torch.cat([fe.sum(-1), e[[row[i] for i in cn]].sum(-1),
+                            torch.where(ne >= minp[:, None], ne, 0.0).sum(-1)]).double()
+        head = torch.cat([masses, _digit_masses(ne, nbits, torch.zeros(len(nuc), dtype=torch.int64), 0).flatten()])
         nmax = -(-V // world)
-        m = min(nmax, max([plist[i].top_k if 0 < plist[i].top_k < V else _CAND0 for i in cand], default=0))
-        todo, first = list(cand), True
+        m = min(nmax, max([plist[i].top_k for i in cand] + [_CAND0] * bool(nuc), default=0))
+        todo, first, deep = list(cn), True, []
         while first or todo:
             k = min(m, n)
             part = torch.full((len(todo), m, 3), -1.0, dtype=torch.float64)
@@ -576,11 +644,14 @@ def vocab_parallel_sample(logits: Tensor, vocab_start: int,
                 tv, ti = src.topk(k, -1)
                 part[:, :k, 0], part[:, :k, 1] = tv.double(), (ti + v0).double()
                 part[:, :k, 2] = x[torch.tensor(todo)[:, None], ti].double()
-            payload = torch.cat([masses, part.flatten()]) if first else part.flatten()
+            payload = torch.cat([head, part.flatten()]) if first else part.flatten()
             got = all_gather(payload, group)                                # (world, len)
             if first:
-                ktable, mass = got[:, :len(flat)], got[:, len(flat):len(masses)].sum(0)
-                got = got[:, len(masses):]
+                nf, nc = len(flat), len(cn)
+                ktable, mass = got[:, :nf], got[:, nf:nf + nc].sum(0)
+                kmin = got[:, nf + nc:len(masses)]                          # (world, top-p rows)
+                h1 = got[:, len(masses):len(head)].view(world, len(nuc), 1 << _DIGITS[0][1])
+                got = got[:, len(head):]
                 first = False
             got = got.view(world, len(todo), m, 3)
             again = []
@@ -590,9 +661,9 @@ def vocab_parallel_sample(logits: Tensor, vocab_start: int,
                 floor = -math.inf if m >= nmax or not bool(full.any()) else float(c[full, -1, 0].max())
                 c = c.reshape(-1, 3)
                 c = c[c[:, 1] >= 0]
-                keep, cuts = _nucleus(c[:, 0], plist[i], V, float(mass[cand.index(i)]))
-                if any(float(t) <= floor for t in cuts):
-                    again.append(i)                                         # the cut may reach missing tokens
+                keep, cuts = _nucleus(c[:, 0], plist[i], V, float(mass[cn.index(i)]))
+                if any(float(t) <= floor for t in cuts):                    # the cut may reach missing tokens
+                    (deep if i in nuc else again).append(i)
                     continue
                 c = c[keep]
                 c = c[c[:, 1].argsort()]                                    # in token order, as one process draws
@@ -600,6 +671,11 @@ def vocab_parallel_sample(logits: Tensor, vocab_start: int,
                 at = int(torch.searchsorted(cum, us[i] * cum[-1], side="right").clamp(max=len(cum) - 1))
                 tokens[i], raw[i] = int(c[at, 1]), c[at, 2]
             todo, m = again, min(4 * m, nmax)
+        if deep:   # top-p rows whose nucleus reaches below the candidates: the cut, then as the flat rows
+            dj = torch.tensor([nuc.index(i) for i in deep])
+            de, dkept = _radix_top_p(ne[dj], nbits[dj], h1[:, dj], kmin[:, dj], minp[dj],
+                                     torch.tensor([plist[i].top_p for i in deep], dtype=torch.float64), group)
+            flat, fe, ktable = flat + deep, torch.cat([fe, de]), torch.cat([ktable, dkept], 1)
         if flat:
             # which rank's slice the draw falls in, then that rank's token
             pre = torch.cumsum(ktable, 0) - ktable                          # (world, rows_flat) mass before
