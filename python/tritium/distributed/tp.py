@@ -610,7 +610,7 @@ def vocab_parallel_sample(logits: Tensor, vocab_start: int,
         V = int(vocab_size)
         ht = torch.tensor(hot)
         temps = torch.tensor([plist[i].temperature for i in hot], dtype=torch.float32)
-        e = torch.exp(z.index_select(0, ht) / temps[:, None] - gmax[ht].float()[:, None])   # (hot, n)
+        e = z.index_select(0, ht).div_(temps[:, None]).sub_(gmax[ht].float()[:, None]).exp_()   # (hot, n)
         row = {i: j for j, i in enumerate(hot)}                             # row -> its row of e
         us = [float(uniform[i]) if uniform is not None else
               seeded_uniform(plist[i].seed, len(history[i]) if history is not None else 0) for i in range(rows)]
@@ -623,14 +623,18 @@ def vocab_parallel_sample(logits: Tensor, vocab_start: int,
         for j, i in enumerate(flat):   # min-p: drop the tokens below the cut (e = 0 adds nothing to a sum)
             if plist[i].min_p > 0:
                 fe[j] = torch.where(fe[j] >= plist[i].min_p, fe[j], 0.0)
-        ne = e[[row[i] for i in nuc]]
+        ne = e if nuc == hot else e[[row[i] for i in nuc]]                  # no copy when every row is top-p
         nbits = ne.view(torch.int32)                                        # e >= 0: ordered as the values
         minp = torch.tensor([plist[i].min_p for i in nuc], dtype=torch.float32)
         cn = cand + nuc
+        esum = e.sum(-1)
+        nmin = esum[[row[i] for i in nuc]]
+        for j, i in enumerate(nuc):
+            if plist[i].min_p > 0:
+                nmin[j] = torch.where(ne[j] >= minp[j], ne[j], 0.0).sum()
         # with the first candidates: the kept mass of every temperature / min-p row, the whole mass of every
         # top-k / top-p row and, of every top-p row, the mass at or above its min-p and its first digit's masses
-        masses = torch.cat([fe.sum(-1), e[[row[i] for i in cn]].sum(-1),
-                            torch.where(ne >= minp[:, None], ne, 0.0).sum(-1)]).double()
+        masses = torch.cat([fe.sum(-1), esum[[row[i] for i in cn]], nmin]).double()
         head = torch.cat([masses, _digit_masses(ne, nbits, torch.zeros(len(nuc), dtype=torch.int64), 0).flatten()])
         nmax = -(-V // world)
         m = min(nmax, max([plist[i].top_k for i in cand] + [_CAND0] * bool(nuc), default=0))
