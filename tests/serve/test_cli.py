@@ -16,6 +16,7 @@ pytest.importorskip("fastapi", reason="the serve extra: pip install 'tritium[ser
     (["serve", "--weights", "float", "--int8-activations"], "--int8-activations needs quantized"),
     (["bench", "serve", "--clients", "1,0"], "--clients: must be an integer >= 1, got 0"),
     (["bench", "serve", "--gen-len", "0"], "--gen-len: must be an integer >= 1, got 0"),
+    (["bench", "serve", "--int8-act", "twice"], "--int8-act: invalid choice: 'twice'"),
 ])
 def test_usage_errors(argv, message, capfd):
     assert main(argv) == 2

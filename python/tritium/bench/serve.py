@@ -41,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: as tritium serve)")
     p.add_argument("--weights", default="native", choices=("native", "int8", "int4", "float"))
+    p.add_argument("--int8-act", default="two-term", choices=("off", "on", "two-term"),
+                   help="how quantized layers take their activations (Llama.set_int8_activations: float, one int8 "
+                   "term, two int8 terms; default two-term, as tritium serve; float weights: off)")
     p.add_argument("--max-batch", type=number(int, 1), default=None, help="engine max_batch (default: most clients)")
     p.add_argument("--threads", type=number(int, 1), default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=number(int, 0), default=0, help="seed of the random prompts")
@@ -167,8 +170,8 @@ def run(args) -> None:
         from ..utils import cpu_has_bf16_dot
 
         args.dtype = "bfloat16" if cpu_has_bf16_dot() else "float32"
-    model, tok = tritium.models.load(args.model, parse_dtype(args.dtype), weights=args.weights,
-                                     int8_act=0 if args.weights == "float" else INT8_ACT_MODES["two-term"])
+    int8_act = 0 if args.weights == "float" else INT8_ACT_MODES[args.int8_act]
+    model, tok = tritium.models.load(args.model, parse_dtype(args.dtype), weights=args.weights, int8_act=int8_act)
     name = served_name(args.model)
     rng = random.Random(args.seed)
     vocab = model.config.vocab_size
@@ -199,7 +202,8 @@ def run(args) -> None:
         print(f"{k}: {v}")
     if args.json:
         write_json(args.json, machine_info(), rows, {
-            "suite": "serve", "model": name, "dtype": args.dtype, "weights": args.weights, "summary": summary,
+            "suite": "serve", "model": name, "dtype": args.dtype, "weights": args.weights, "int8_act": int8_act,
+            "summary": summary,
             "note": "clients, HTTP server and engine in one process on a machine other work shared (2 cores); "
                     "not pinned (the server is multi-threaded)"})
 
