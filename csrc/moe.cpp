@@ -11,8 +11,10 @@
 //             dx[t] = sum_{r: tokens[r] = t} da_r W13_e
 //
 // Each expert's rows are contiguous, so its products are three GEMMs on a gathered (n_e, D) block: ATen's
-// (oneDNN for 16-bit, BLAS) and, for float32 from kPanelRows rows, tritium's panel GEMM (panel_mm_out,
-// tritium.linear's) and its weight-gradient form (panel_gemm_tn), each threaded inside. The elementwise parts
+// (oneDNN for 16-bit, BLAS) and, for float32/float64 from kPanelRows rows, tritium's panel GEMM (panel_mm_out,
+// tritium.linear's) and its weight-gradient form (panel_gemm_tn, the threads splitting the gradient's rows),
+// each threaded inside. The forward's gate/up product, where F is a whole number of half panels, runs on
+// panels packed for SwiGLU in the epilogue (panel_gemm<..., GLU>), which writes both a and h: no pass of its own. The elementwise parts
 // (gather, SwiGLU and its backward, the weighted scatter into token order) are at::parallel_for over the expert's
 // rows. A token has k rows in k different experts, so the scatter of one expert's rows never has two rows on
 // one token: no atomics. The combine accumulates into y itself (float32/float64) or into a float32 (T, D)
@@ -73,17 +75,60 @@ void mm_into(const at::Tensor& a, const at::Tensor& b, at::Tensor& y) {
   if (!panel_mm_out(a, b, y, nullptr, 0)) at::mm_out(y, a, b);
 }
 
-// y (P, Q) = a (n, P)^T @ b (n, Q) for contiguous a, b, y: panel_gemm_tn for float/double with many rows
+// y (P, Q) = a (n, P)^T @ b (n, Q) for contiguous a, b, y: panel_gemm_tn for float/double with many rows. The
+// threads split y's rows (each a block of a's columns over the whole reduction), not the reduction as
+// panel_gemm_tn itself would: an expert's weight gradient is large against its rows, and a split reduction
+// would need a zeroed (P, Q) partial per extra thread and a pass adding them up.
 void mm_tn_into(const at::Tensor& a, const at::Tensor& b, at::Tensor& y) {
   const int64_t n = a.size(0), P = a.size(1), Q = b.size(1);
   if ((a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble) && n >= 2 * kTnChunk && P > 0 && Q > 0) {
     AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "tritium_moe_tn", [&] {
-      panel_gemm_tn<scalar_t>(a.const_data_ptr<scalar_t>(), P, b.const_data_ptr<scalar_t>(), Q, n, P, Q,
-                              y.mutable_data_ptr<scalar_t>(), Q, nullptr);
+      const scalar_t* ap = a.const_data_ptr<scalar_t>();
+      const scalar_t* bp = b.const_data_ptr<scalar_t>();
+      scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+      // blocks of whole register tiles (kMR rows of y), at most one per thread
+      const int64_t tiles = (P + panel::kMR - 1) / panel::kMR;
+      const int64_t nt = std::min<int64_t>(at::in_parallel_region() ? 1 : at::get_num_threads(), tiles);
+      at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t r0 = std::min(P, tiles * t / nt * panel::kMR);
+          const int64_t r1 = std::min(P, tiles * (t + 1) / nt * panel::kMR);
+          if (r1 > r0) panel_gemm_tn<scalar_t>(ap + r0, P, bp, Q, n, r1 - r0, Q, yp + r0 * Q, Q, nullptr);
+        }
+      });
     });
     return;
   }
   at::mm_out(y, a.t(), b);
+}
+
+// The experts' gate/up weights packed for the panels' SwiGLU epilogue (panel_gemm<..., GLU>): panel p holds gate
+// rows [p H, (p + 1) H) then the same up rows, H = half a panel (linear.cpp's pack_linear_glu layout, here
+// straight from w (2F, D) without a reordered copy). F % H == 0.
+template <typename A>
+void pack_glu(const A* w, int64_t F, int64_t D, A* out) {
+  constexpr int64_t NP = panel::width<A>(), H = NP / 2;
+  at::parallel_for(0, F / H, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      A* dst = out + p * D * NP;
+      for (int64_t k0 = 0; k0 < D; k0 += 1024) {  // transpose_mxn takes int extents
+        const int kk = static_cast<int>(std::min<int64_t>(1024, D - k0));
+        at::vec::transpose_mxn<A>(w + p * H * D + k0, D, dst + k0 * NP, NP, static_cast<int>(H), kk);
+        at::vec::transpose_mxn<A>(w + (F + p * H) * D + k0, D, dst + k0 * NP + H, NP, static_cast<int>(H), kk);
+      }
+    }
+  });
+}
+
+// Whether the forward's gate/up product of n rows runs on the panels with SwiGLU in its epilogue: float/double,
+// enough rows to pay for packing the expert's weights, and F a whole number of half panels.
+template <typename T>
+bool glu_panels(int64_t n, int64_t F, int64_t D) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    return n >= kPanelRows && F > 0 && D > 0 && F % (panel::width<T>() / 2) == 0;
+  } else {
+    return false;
+  }
 }
 
 template <typename V>
@@ -163,6 +208,7 @@ std::tuple<at::Tensor, at::Tensor> moe_experts_fwd(const at::Tensor& x, const at
   auto xe_buf = empty({most, D}, x.options());
   auto h_buf = empty({most, F}, x.options());
   auto o_buf = empty({most, D}, x.options());
+  at::Tensor glu_buf;  // one expert's packed gate/up weights (the SwiGLU-epilogue path)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tritium_moe_experts_fwd", [&] {
     using A = acc_type<scalar_t>;
     for (int64_t e = 0; e < E; ++e) {
@@ -172,9 +218,19 @@ std::tuple<at::Tensor, at::Tensor> moe_experts_fwd(const at::Tensor& x, const at
       auto xe = xe_buf.narrow(0, 0, n);
       gather<scalar_t>(xc.const_data_ptr<scalar_t>(), xc.stride(0), T_, tok, n, D, xe.mutable_data_ptr<scalar_t>());
       auto ae = a.narrow(0, r0, n);
-      mm_into(xe, w13c[e].t(), ae);
       auto he = h_buf.narrow(0, 0, n);
-      swiglu_rows<scalar_t>(ae.const_data_ptr<scalar_t>(), n, F, he.mutable_data_ptr<scalar_t>());
+      if (glu_panels<scalar_t>(n, F, D)) {
+        // a and h from one product: SwiGLU in the panels' epilogue, which also stores the pre-activations
+        if constexpr (std::is_same_v<scalar_t, A>) {
+          if (!glu_buf.defined()) glu_buf = empty({panel::packed_size<A>(2 * F, D)}, x.options());
+          pack_glu<A>(w13c[e].const_data_ptr<A>(), F, D, glu_buf.mutable_data_ptr<A>());
+          panel_gemm<A, A, true>(xe.const_data_ptr<A>(), D, n, D, glu_buf.const_data_ptr<A>(), 2 * F,
+                                 he.mutable_data_ptr<A>(), F, nullptr, 0, -1, ae.mutable_data_ptr<A>(), 2 * F);
+        }
+      } else {
+        mm_into(xe, w13c[e].t(), ae);
+        swiglu_rows<scalar_t>(ae.const_data_ptr<scalar_t>(), n, F, he.mutable_data_ptr<scalar_t>());
+      }
       auto oe = o_buf.narrow(0, 0, n);
       mm_into(he, w2c[e].t(), oe);
       scatter_add<scalar_t, A>(oe.const_data_ptr<scalar_t>(), n, D, tok, wc.const_data_ptr<scalar_t>() + r0,

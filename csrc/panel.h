@@ -149,10 +149,11 @@ struct Reg {
 
 // y[i][0:ncols] = sum_k x[i][k] * b[k][0:ncols] (+ c[i][0:ncols]) for i < MR. PF: prefetch the panel stream.
 // GLU: the panel's first half columns are gates and its second half the matching up projections (pack_glu's
-// interleaved weights): y[i][0:ncols] = silu(gate) * up, ncols <= width / 2 outputs (no c).
+// interleaved weights): y[i][0:ncols] = silu(gate) * up, ncols <= width / 2 outputs (no c); with pre, the
+// pre-activations too: gate at pre[i][0:ncols], up at pre[i][up_off:up_off + ncols] (row stride ldpre).
 template <typename A, int MR, bool PF, bool GLU = false>
 inline void tile(const A* x, int64_t ldx, const A* b, int64_t K, A* y, int64_t ldy, int64_t ncols, const A* c,
-                 int64_t ldc) {
+                 int64_t ldc, A* pre = nullptr, int64_t ldpre = 0, int64_t up_off = 0) {
   using Vec = Vectorized<A>;
   using R = Reg<A>;
   constexpr int NV = kNV;
@@ -192,7 +193,12 @@ inline void tile(const A* x, int64_t ldx, const A* b, int64_t K, A* y, int64_t l
       for (int j = 0; j < H && j * V < ncols; ++j) {
         const Vec g(acc[NV * i + j]), u(acc[NV * i + H + j]);
         const Vec o = g / (Vec(1) + fexp(g.neg())) * u;  // silu as tritium.swiglu computes it
-        o.store(y + i * ldy + j * V, std::min<int64_t>(V, ncols - j * V));
+        const int64_t cnt = std::min<int64_t>(V, ncols - j * V);
+        o.store(y + i * ldy + j * V, cnt);
+        if (pre) {
+          g.store(pre + i * ldpre + j * V, cnt);
+          u.store(pre + i * ldpre + up_off + j * V, cnt);
+        }
       }
     return;
   }
@@ -218,14 +224,14 @@ inline void tile(const A* x, int64_t ldx, const A* b, int64_t K, A* y, int64_t l
 
 template <typename A, bool PF, bool GLU = false>
 inline void tile_rows(int mr, const A* x, int64_t ldx, const A* b, int64_t K, A* y, int64_t ldy, int64_t ncols,
-                      const A* c, int64_t ldc) {
+                      const A* c, int64_t ldc, A* pre = nullptr, int64_t ldpre = 0, int64_t up_off = 0) {
   switch (mr) {
-    case 6: tile<A, 6, PF, GLU>(x, ldx, b, K, y, ldy, ncols, c, ldc); break;
-    case 5: tile<A, 5, PF, GLU>(x, ldx, b, K, y, ldy, ncols, c, ldc); break;
-    case 4: tile<A, 4, PF, GLU>(x, ldx, b, K, y, ldy, ncols, c, ldc); break;
-    case 3: tile<A, 3, PF, GLU>(x, ldx, b, K, y, ldy, ncols, c, ldc); break;
-    case 2: tile<A, 2, PF, GLU>(x, ldx, b, K, y, ldy, ncols, c, ldc); break;
-    default: tile<A, 1, PF, GLU>(x, ldx, b, K, y, ldy, ncols, c, ldc); break;
+    case 6: tile<A, 6, PF, GLU>(x, ldx, b, K, y, ldy, ncols, c, ldc, pre, ldpre, up_off); break;
+    case 5: tile<A, 5, PF, GLU>(x, ldx, b, K, y, ldy, ncols, c, ldc, pre, ldpre, up_off); break;
+    case 4: tile<A, 4, PF, GLU>(x, ldx, b, K, y, ldy, ncols, c, ldc, pre, ldpre, up_off); break;
+    case 3: tile<A, 3, PF, GLU>(x, ldx, b, K, y, ldy, ncols, c, ldc, pre, ldpre, up_off); break;
+    case 2: tile<A, 2, PF, GLU>(x, ldx, b, K, y, ldy, ncols, c, ldc, pre, ldpre, up_off); break;
+    default: tile<A, 1, PF, GLU>(x, ldx, b, K, y, ldy, ncols, c, ldc, pre, ldpre, up_off); break;
   }
 }
 
@@ -353,10 +359,11 @@ TRITIUM_BF16_DOT __attribute__((noinline)) void tile_rows_bf16(int mr, const c10
 // pstride: elements from one panel to the next (default K * width: pack's layout; a product over a sub-range
 // of a longer packing's k passes the full packing's). Called inside a parallel region it runs on that thread.
 // GLU (float/double): packed holds pack_glu's interleaved [gate | up] panels of N = 2F rows; y gets the F columns
-// silu(x @ gate^T) * (x @ up^T) (no c): SwiGLU in the product's epilogue.
+// silu(x @ gate^T) * (x @ up^T) (no c): SwiGLU in the product's epilogue. pre (GLU only; null or (M, 2F) with row
+// stride ldpre): also the pre-activations [x @ gate^T, x @ up^T] in the usual (gate, then up) column order.
 template <typename X, typename A, bool GLU = false>
 void panel_gemm(const X* x, int64_t ldx, int64_t M, int64_t K, const X* packed, int64_t N, A* y, int64_t ldy,
-                const A* c = nullptr, int64_t ldc = 0, int64_t pstride = -1) {
+                const A* c = nullptr, int64_t ldc = 0, int64_t pstride = -1, A* pre = nullptr, int64_t ldpre = 0) {
   // X = A (float, double: panel::pack's panels) or X = bfloat16, A = float (panel::pack_bf16's pair panels, on a
   // CPU with AVX512-BF16: the caller checks panel::has_bf16_dot)
   constexpr bool bf16 = std::is_same_v<X, c10::BFloat16>;
@@ -408,10 +415,11 @@ void panel_gemm(const X* x, int64_t ldx, int64_t M, int64_t K, const X* packed, 
           TORCH_CHECK(false, "panel_gemm: bfloat16 panels need an AVX-512 build");
 #endif
         } else {
+          A* pm = GLU && pre ? pre + m0 * ldpre + p * NY : nullptr;
           if (m0 == r0)
-            panel::tile_rows<A, true, GLU>(mr, xm, ldx, b, K, ym, ldy, ncols, cm, ldc);
+            panel::tile_rows<A, true, GLU>(mr, xm, ldx, b, K, ym, ldy, ncols, cm, ldc, pm, ldpre, N / 2);
           else
-            panel::tile_rows<A, false, GLU>(mr, xm, ldx, b, K, ym, ldy, ncols, cm, ldc);
+            panel::tile_rows<A, false, GLU>(mr, xm, ldx, b, K, ym, ldy, ncols, cm, ldc, pm, ldpre, N / 2);
         }
       }
     }

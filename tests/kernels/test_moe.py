@@ -91,10 +91,13 @@ def test_moe(impl_name, impl, dtype, kind, E, k):
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=lambda d: str(d)[6:])
 def test_cpp_paths(dtype):
-    """The C++ kernel's float32/float64 panels (an expert with 64 rows or more) and the panel weight gradient
-    (512 rows or more: every token on expert 0), at widths past one panel (64 floats) with tails; 16-bit: oneDNN."""
+    """The C++ kernel's float32/float64 panels (an expert with 64 rows or more), at widths past one panel (64
+    floats) with tails; an ffn of whole half panels (96), whose gate/up product has SwiGLU in its epilogue; the
+    panel weight gradients split between the threads by rows (512 rows or more: 600 tokens on expert 0);
+    16-bit: oneDNN."""
     check_moe(torch.ops.tritium, dtype, 300, 70, 37, 3, 2, "one")
     check_moe(torch.ops.tritium, dtype, 130, 67, 66, 2, 1, "random")
+    check_moe(torch.ops.tritium, dtype, 600, 70, 96, 3, 2, "one")
 
 
 @pytest.mark.parametrize("impl_name,impl", [("triton", triton_moe), ("cpp", torch.ops.tritium)])
