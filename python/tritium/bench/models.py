@@ -20,6 +20,8 @@
   batch 64 (--small: 16); the fused kan_spline vs the twin's efficient-kan basis recursion.
 - wavenet: one training step (next-sample cross-entropy over 256 mu-law classes, Adam) of the recipe's WaveNet
   (2 stacks of dilations 1..32, 32 residual / 32 gate / 64 skip channels) on 16 windows of 256 samples (--small: 4).
+- gan, ddpm, flow, seq2seq: the tritium model steps with tritium.optim.AdamW (Adam: weight_decay 0), as its recipe
+  does (tritium.cli.train.adamw_for), the twin with torch.optim's; the other zoo rows use torch.optim's on both sides.
 - ddpm, flow, seq2seq (issue 26, tritium.models.diffusion / flow / seq2seq): one training step of each recipe
   (tritium.cli.train_gen) vs its twin: the U-Net's noise-prediction MSE on 128 digits at random timesteps
   (GroupNorm + SiLU fused; the convolutions are torch's in both), RealNVP's NLL on 256 two-moons points, the
@@ -237,6 +239,7 @@ def _kan_wavenet_cases(name: str, small: bool, device) -> Dict[str, Callable[[],
 def _zoo_cases(name: str, small: bool, device) -> Dict[str, Callable[[], object]]:
     if name in ("kan", "wavenet"):
         return _kan_wavenet_cases(name, small, device)
+    from ..cli.train import adamw_for
     from ..models.zoo import GAN, Siamese, gan_optimizers, gan_step, sample_batch, siamese_step
 
     if name in ("gcn", "gat"):
@@ -255,13 +258,14 @@ def _zoo_cases(name: str, small: bool, device) -> Dict[str, Callable[[], object]
             cases[side] = lambda m=model, o=opt: siamese_step(m, o, a, b, c)
         else:
             gan = GAN(impl=impl).to(device)
-            opt_g, opt_d = gan_optimizers(gan)
+            opt_g, opt_d = gan_optimizers(gan, optimizer=adamw_for(impl))
             cases[side] = lambda g=gan, og=opt_g, od=opt_d: gan_step(g, og, od, a * 2 - 1, z)
     return cases
 
 
 def _gen_cases(name: str, small: bool, device) -> Dict[str, Callable[[], object]]:
     """One training step of tritium.cli.train_gen's recipes at their batch (a quarter with --small)."""
+    from ..cli.train import adamw_for
     from ..cli.train_gen import GEN_RECIPES, date_pairs
     from ..models.diffusion import DDPM, ddpm_step
     from ..models.flow import RealNVP, flow_step
@@ -283,7 +287,7 @@ def _gen_cases(name: str, small: bool, device) -> Dict[str, Callable[[], object]
     for side, impl in (("tritium", "tritium"), ("torch twin", "torch")):
         torch.manual_seed(0)
         model = {"ddpm": DDPM, "flow": RealNVP, "seq2seq": Seq2Seq}[name](impl=impl).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=GEN_RECIPES[name].lr, weight_decay=0.0)
+        opt = adamw_for(impl)(model.parameters(), lr=GEN_RECIPES[name].lr, weight_decay=0.0)
         if name == "ddpm":
             cases[side] = lambda m=model, o=opt: ddpm_step(m, o, x0, t, noise)
         elif name == "flow":

@@ -185,6 +185,17 @@ def digit_classifier(x_train: Tensor, y_train: Tensor):
     return LogisticRegression(max_iter=2000).fit(x_train.numpy(), y_train.numpy())
 
 
+def adamw_for(impl: str):
+    """The optimizer class of the zoo recipes (issue 26): tritium.optim.AdamW (one fused kernel call per step) for
+    impl="tritium", torch.optim.AdamW for the torch twin; the same math and state (Adam is AdamW at weight_decay=0).
+    At these models' sizes torch's per-parameter loop of small ops is a sizeable part of a training step."""
+    if impl == "tritium":
+        from ..optim import AdamW
+
+        return AdamW
+    return torch.optim.AdamW
+
+
 def train_gan(impl: str = "tritium", epochs: Optional[int] = None, seed: int = 0, steps: Optional[int] = None,
               png: Optional[str] = None, samples: int = 1000) -> dict:
     """Train the GAN (batch 64 of real training digits per step, DCGAN's Adam); score ``samples`` generated
@@ -199,7 +210,7 @@ def train_gan(impl: str = "tritium", epochs: Optional[int] = None, seed: int = 0
     steps = steps or _steps("gan", epochs, len(y_train))
     torch.manual_seed(seed)
     gan = GAN(impl=impl)
-    opt_g, opt_d = gan_optimizers(gan, recipe.lr)
+    opt_g, opt_d = gan_optimizers(gan, recipe.lr, optimizer=adamw_for(impl))
     gen = torch.Generator().manual_seed(seed)
     gan.train()
     t0 = time.perf_counter()

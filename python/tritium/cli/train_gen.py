@@ -19,7 +19,7 @@ from typing import Dict, Optional
 import torch
 
 from .errors import ArgumentParser, number
-from .train import Recipe, digit_classifier, digits
+from .train import Recipe, adamw_for, digit_classifier, digits
 
 GEN_MODELS = ("ddpm", "flow", "seq2seq")
 
@@ -35,7 +35,7 @@ def _optimizer(model, name: str, steps: int):
     from ..optim import warmup_cosine
 
     recipe = GEN_RECIPES[name]
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    opt = adamw_for(model.impl)(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     return opt, warmup_cosine(opt, steps, max(1, steps // 20))
 
 

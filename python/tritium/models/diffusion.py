@@ -19,8 +19,9 @@
 ``impl="tritium"`` runs every GroupNorm with its SiLU as one tritium.group_norm pass (forward and backward),
 the timestep MLP on tritium.nn.Linear and tritium.silu and the loss on tritium.mse_loss; ``impl="torch"`` is the
 same module tree on torch ops (nn.GroupNorm then F.silu), with the same state_dict. The convolutions are torch's
-in both (tritium has no 2-D convolution): at 8x8 they are most of a training step, which bounds what the fused
-GroupNorm + SiLU can gain there (tritium bench models --model ddpm).
+in both (tritium has no 2-D convolution): at 8x8 they are most of a training step (their forward and backward
+about three quarters of it), which bounds what the fused GroupNorm + SiLU can gain there; its GroupNorms at 2x2
+(the middle blocks) are below ROUTE_DEFAULT and go to torch's own ops (tritium bench models --model ddpm).
 """
 from __future__ import annotations
 
@@ -109,7 +110,8 @@ class UNet(_ZooImpl):
         self.gn_silu = _gn_silu(impl)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        temb = self.ops.silu(self.time2(self.ops.silu(self.time1(timestep_embedding(t, self.channels)))))
+        emb = timestep_embedding(t, self.channels).to(self.time1.weight.dtype)   # float32 -> the model's dtype
+        temb = self.ops.silu(self.time2(self.ops.silu(self.time1(emb))))
         h1 = self.down1(self.conv_in(x), temb)                                         # (B, c, S, S)
         h2 = self.down2(self.pool1(h1), temb)                                          # (B, 2c, S/2, S/2)
         h = self.mid2(self.mid1(self.pool2(h2), temb), temb)                           # (B, 2c, S/4, S/4)

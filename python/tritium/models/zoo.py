@@ -285,10 +285,12 @@ class GAN(_ZooImpl):
         return out
 
 
-def gan_optimizers(gan: GAN, lr: float = 2e-4, betas=(0.5, 0.999)):
-    """DCGAN's Adam settings, one optimizer per network."""
-    return (torch.optim.Adam(gan.generator.parameters(), lr=lr, betas=betas),
-            torch.optim.Adam(gan.discriminator.parameters(), lr=lr, betas=betas))
+def gan_optimizers(gan: GAN, lr: float = 2e-4, betas=(0.5, 0.999), optimizer=None):
+    """DCGAN's Adam settings, one optimizer per network; ``optimizer``: the class (default torch.optim.Adam; an
+    AdamW class, e.g. tritium.optim.AdamW, is Adam at the weight_decay=0 passed)."""
+    cls = optimizer or torch.optim.Adam
+    return (cls(gan.generator.parameters(), lr=lr, betas=betas, weight_decay=0.0),
+            cls(gan.discriminator.parameters(), lr=lr, betas=betas, weight_decay=0.0))
 
 
 def gan_step(gan: GAN, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, real: Tensor,
