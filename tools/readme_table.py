@@ -84,7 +84,12 @@ plain-PyTorch twin with the same weights: the Siamese CNN on 64 same-class digit
 DCGAN-style GAN's discriminator then generator step (`tritium.binary_cross_entropy_with_logits`), GCN and GAT
 full-batch on the block-model graph (`tritium.graph_aggregate`, `tritium.gat_aggregate`), KAN (`tritium.kan_spline`),
 WaveNet (`tritium.wavenet_gate`), the DDPM U-Net (`tritium.group_norm` with SiLU), the RealNVP flow and the GRU
-seq2seq with attention. The convolutional models spend most of either step in torch's own convolutions.
+seq2seq with attention. The tritium GAN, DDPM, flow and seq2seq step with `tritium.optim.AdamW` (one fused call),
+their twins with `torch.optim`'s per-tensor loop. Where a model has no fusable hot spot the row says why: the GAN and
+the DDPM U-Net spend most of either step in torch's own 2-D convolutions (about three quarters of it, the same
+on both sides; the GAN's training-mode BatchNorm is torch's too), and every op of the RealNVP flow is below the
+size where a tritium kernel beats torch's (its activations route to torch's, its linears are `F.linear`), so
+those three stand near their twins.
 """
 
 SSM_MODELS_PROSE = """\
