@@ -166,6 +166,62 @@ def test_distributed_training_matches_one_process(tmp_path, mode):
     assert results == ["'ok'"] * 2, "\n".join(results)
 
 
+def _emulated_ddp(model, name, world):
+    """One process doing what DDP does on `world` ranks: each rank's slice of the batch forward and backward (under
+    the caller's autocast), the gradients averaged, one AdamW step; the losses averaged over the slices."""
+    opt = tritium.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    per = BATCH // world
+    losses = []
+    for step in range(STEPS):
+        x, y = _batch(name, step)
+        total = 0.0
+        for r in range(world):
+            rows = slice(r * per, (r + 1) * per)
+            loss = tritium.cross_entropy(model(x[rows]), y[rows])
+            (loss / world).backward()
+            total += loss.item()
+        opt.step()
+        opt.zero_grad()
+        losses.append(torch.tensor(total / world))
+    return torch.stack(losses)
+
+
+def _check_autocast_ddp(rank, world):
+    """DDP under torch.autocast(cpu, bfloat16), the transformer encoder (linear layers, attention, layer norms,
+    cross-entropy: each cast as torch casts its twin): the loss curve and parameters of one process doing each
+    rank's slice under autocast and averaging the gradients, within the tolerance rule against float64; its
+    products ran in bfloat16 and its loss in float32."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    name = "transformer"
+    single = _model(name)
+    single64 = copy.deepcopy(single).double()
+    model = copy.deepcopy(single)
+    seen = set()
+    model.blocks[0].attn.qkv.register_forward_hook(lambda m, i, out: seen.add(out.dtype))
+    per = BATCH // world
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = _train(DDP(model), name, slice(rank * per, (rank + 1) * per), after_loss=_mean_over_ranks)
+        want = _emulated_ddp(single, name, world)
+    want64 = _train(single64, name, dtype=torch.float64)
+    what = f"{name} ddp autocast rank {rank}/{world}"
+    assert seen == {torch.bfloat16}, f"{what}: the qkv projection ran in {seen}"
+    assert losses.dtype == torch.float32, f"{what}: the loss is {losses.dtype}"
+    assert_within_torch_error(losses, want, want64, what + " loss curve", compute_dtype=torch.bfloat16)
+    params64 = dict(single64.named_parameters())
+    for n, p in single.named_parameters():
+        mine = dict(model.named_parameters())[n].detach()
+        assert mine.dtype == torch.float32, f"{what}: {n} is {mine.dtype}"
+        assert_within_torch_error(mine, p.detach(), params64[n].detach(), f"{what} {n}",
+                                  compute_dtype=torch.bfloat16)
+    return "ok"
+
+
+def test_ddp_under_autocast_matches_one_process(tmp_path):
+    results = spawn(tmp_path, 2, _check_autocast_ddp)
+    assert results == ["'ok'"] * 2, "\n".join(results)
+
+
 def _check_all(rank, world, mode):
     for name in ("mlp", "transformer"):
         _check(rank, world, name, mode)

@@ -79,3 +79,7 @@ __all__ += _mlstm.__all__
 from . import slstm as _slstm  # noqa: E402
 from .slstm import *  # noqa: F401,F403,E402
 __all__ += _slstm.__all__
+from . import _autocast  # noqa: E402  (last: torch.autocast's casts for the functions its table names)
+for _name in _autocast.AUTOCAST:
+    globals()[_name] = _autocast.wrap(_name, globals()[_name])
+del _name
