@@ -184,33 +184,68 @@ def test_errors_are_torchs():
         assert type(ours.value) is type(theirs.value) and str(ours.value) == str(theirs.value)
 
 
-_OPINFO = {"nn.functional." + n: n for n in DROPINS}
+# every drop-in of this family, and cross_entropy (tritium.cross_entropy: its z-loss and soft-capping options are
+# off by default, so torch's samples must pass through it unchanged)
+_OPINFO = {"nn.functional." + n: n for n in (*DROPINS, "cross_entropy")}
+_OPINFO_OPS = [o for o in op_db if o.name in _OPINFO and o.variant_test_name == ""]
 
 
-@pytest.mark.parametrize("op", [o for o in op_db if o.name in _OPINFO and o.variant_test_name == ""],
-                         ids=lambda o: o.name)
-def test_opinfo_samples(op):
-    """torch's OpInfo samples for each drop-in, through tritium's function: values and input gradients, float32
-    (float64 and bfloat16 are in test_dropin)."""
+def _opinfo_grads(out, leaves, dy):
+    return torch.autograd.grad(out, leaves, dy, allow_unused=True) if leaves and out.requires_grad else ()
+
+
+def _to64(t):
+    """A float sample argument as a float64 leaf of the same values (the reference's input); others as they are."""
+    if isinstance(t, torch.Tensor) and t.is_floating_point():
+        return t.detach().double().requires_grad_(t.requires_grad)
+    return t
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16), ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("op", _OPINFO_OPS, ids=lambda o: o.name)
+def test_opinfo_samples(op, dtype):
+    """torch's OpInfo samples for each drop-in, through tritium's function: values and the gradient of every input
+    torch differentiates. float32 and float64: torch's values within torch.testing's tolerance; bfloat16 (where
+    torch's CPU op has it): the tolerance rule against the samples computed in float64 (tritium's error at most 2x
+    torch's own). multi_margin_loss has no bfloat16 CPU kernel in torch: its error for bfloat16 input stands
+    (test_dropin)."""
+    if dtype not in op.supported_dtypes("cpu"):
+        assert op.name == "nn.functional.multi_margin_loss", f"{op.name} lacks {dtype} on CPU"
+        return
     ours_fn = getattr(tritium, _OPINFO[op.name])
     n = 0
-    for sample in op.sample_inputs("cpu", torch.float32, requires_grad=True):
+    for sample in op.sample_inputs("cpu", dtype, requires_grad=True):
         args = [sample.input, *sample.args]
-        theirs = op.op(*args, **sample.kwargs)
-        ours = ours_fn(*args, **sample.kwargs)
-        torch.testing.assert_close(ours, theirs, equal_nan=True)
-        leaves = [t for t in args if isinstance(t, torch.Tensor) and t.requires_grad]
-        if leaves and theirs.requires_grad:
-            dy = torch.randn_like(theirs)
-            g1 = torch.autograd.grad(ours, leaves, dy, allow_unused=True)
-            g2 = torch.autograd.grad(theirs, leaves, dy, allow_unused=True)
-            for a, b in zip(g1, g2):
+        kwargs = sample.kwargs
+        theirs = op.op(*args, **kwargs)
+        ours = ours_fn(*args, **kwargs)
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+        leaves = [t for t in args + list(kwargs.values()) if isinstance(t, torch.Tensor) and t.requires_grad]
+        dy = torch.randn(theirs.shape, dtype=torch.float64).to(dtype)
+        g_ours, g_theirs = _opinfo_grads(ours, leaves, dy), _opinfo_grads(theirs, leaves, dy)
+        if dtype != torch.bfloat16:
+            torch.testing.assert_close(ours, theirs, equal_nan=True)
+            for a, b in zip(g_ours, g_theirs):
                 if b is None:
                     assert a is None or not a.abs().sum()
                 else:
                     torch.testing.assert_close(a, b, equal_nan=True)
+        else:
+            args64 = [_to64(t) for t in args]
+            kwargs64 = {k: _to64(v) for k, v in kwargs.items()}
+            ref = op.op(*args64, **kwargs64)
+            leaves64 = [t for t in args64 + list(kwargs64.values()) if isinstance(t, torch.Tensor) and t.requires_grad]
+            g_ref = _opinfo_grads(ref, leaves64, dy.double())
+            assert_within_torch_error(ours.detach(), theirs.detach(), ref.detach(), f"{op.name} value")
+            for k, (a, b, r) in enumerate(zip(g_ours, g_theirs, g_ref)):
+                if b is None:
+                    assert a is None or not a.abs().sum()
+                else:
+                    assert_within_torch_error(a, b, r, f"{op.name} grad {k}")
         n += 1
     assert n > 0
+    if dtype != torch.float32:
+        return
     for sample in op.error_inputs("cpu") if op.error_inputs_func is not None else []:
         si = sample.sample_input
         with pytest.raises(sample.error_type, match=sample.error_regex):
@@ -419,3 +454,56 @@ def test_tritium_only_modules():
                                reference.contrastive_loss(x, t, t[:, 0], 2.0))
     torch.testing.assert_close(tritium.nn.InfoNCELoss(0.3, symmetric=False)(x, t),
                                reference.info_nce(x, t, 0.3, symmetric=False))
+
+
+# ---- routes (ops/_library.py's ROUTE_BELOW): small CPU calls of torch's losses go to torch's own ----
+def _tritium_ops(fn, *args) -> set:
+    """The tritium:: ops one call of fn runs (forward and, when its output requires grad, backward)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = fn(*args)
+        if out.requires_grad:
+            out.backward()
+    return {e.key for e in prof.key_averages() if e.key.startswith("tritium::")}
+
+
+@pytest.fixture
+def routes_on():
+    tritium.set_routes(True)
+    yield
+    tritium.set_routes(False)
+
+
+@pytest.mark.parametrize("name", ("mse_loss", "huber_loss", "smooth_l1_loss"))
+def test_routes_of_calls_with_a_gradient(routes_on, name):
+    """The cheapest losses route a call that records a backward below their own size (ROUTE_BELOW["<name> (grad)"])
+    to torch's loss, bit for bit, and the same call without a gradient to the kernel (it routes below the house
+    default only); from the gradient route's size on, both reach the kernel."""
+    from tritium.ops._library import ROUTE_BELOW, ROUTE_DEFAULT
+
+    limit = ROUTE_BELOW[f"{name} (grad)"]
+    assert limit == {"mse_loss": 1 << 19}.get(name, 1 << 20) and limit > ROUTE_DEFAULT
+    ours, theirs = getattr(tritium, name), getattr(F, name)
+    x, y = torch.randn(limit // 4), torch.randn(limit // 4)
+    xg = x.clone().requires_grad_(True)
+    assert _tritium_ops(ours, xg, y) == set()                        # with a gradient: torch's
+    got, want = ours(xg, y), theirs(xg, y)
+    assert torch.equal(got, want)
+    assert torch.equal(torch.autograd.grad(got, xg)[0], torch.autograd.grad(want, xg)[0])
+    assert _tritium_ops(ours, x, y) != set()                         # without: the kernel
+    with torch.no_grad():
+        assert _tritium_ops(ours, xg, y) != set()
+    big = torch.randn(limit, requires_grad=True)
+    assert _tritium_ops(ours, big, torch.randn(limit)) != set()     # from the limit on: the kernel
+    small = torch.randn(ROUTE_DEFAULT - 1)
+    assert _tritium_ops(ours, small, torch.randn(ROUTE_DEFAULT - 1)) == set()  # below the house default: torch's
+
+
+def test_losses_without_a_torch_op_are_not_routed(routes_on):
+    """sigmoid_focal_loss and quantile_loss have no torch op (their torch form is a chain of ops, slower at every
+    size): even a small call with a gradient takes the kernel."""
+    x, t = torch.randn(4, 8, requires_grad=True), torch.rand(4, 8).round()
+    assert _tritium_ops(lambda a, b: tritium.sigmoid_focal_loss(a, b, reduction="mean"), x, t) != set()
+    xq = torch.randn(4, 4, requires_grad=True)
+    assert _tritium_ops(lambda a, b: tritium.quantile_loss(a, b, [0.2, 0.5, 0.7, 0.9]), xq, t[:, 0]) != set()

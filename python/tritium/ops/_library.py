@@ -101,7 +101,10 @@ ROUTE_BELOW = {"relu": 1 << 23, "gelu": 1 << 23, "layer_norm": 1 << 23,
                "softmax": 1 << 22, "log_softmax": 1 << 22, "softmin": 1 << 22,
                # tritium.linear: its size is the product's rows x in x out, not the input's elements; the rest of
                # its rule (which passes take the panels) is ops/linear.py's linear_plan
-               "linear": 1 << 26}
+               "linear": 1 << 26,
+               # the cheapest elementwise losses, called with a gradient to record (ops/losses.py's _routed): the
+               # loss op's autograd wrapper and Python backward cost more than torch's whole formula and gradient
+               "mse_loss (grad)": 1 << 19, "huber_loss (grad)": 1 << 20, "smooth_l1_loss (grad)": 1 << 20}
 _routed_once: set = set()
 _log = logging.getLogger("tritium")
 
@@ -127,7 +130,8 @@ def _route_path() -> str:
     if not routes_on():
         return "the kernels (routes off: TRITIUM_ROUTES=off)"
     larger = ", ".join(f"{op} below {n}" for op, n in ROUTE_BELOW.items())
-    return (f"torch's own op below {ROUTE_DEFAULT} elements (the activations, softmax and norms); {larger}")
+    return (f"torch's own op below {ROUTE_DEFAULT} elements (the activations, softmax, norms and torch's losses); "
+            f"{larger}")
 
 
 register_cpu_path("routes", _route_path)

@@ -33,8 +33,8 @@ from torch import Tensor
 
 from .. import reference
 from ..utils import cpu_has, cpu_has_bf16_dot, register_cpu_path
-from ._library import acc_dtype, define_op, kernel_ok, unit_last
-from .linear import mm_acc_
+from ._library import acc_dtype, define_op, kernel_ok, routed, unit_last
+from .linear import linear_packed, mm_acc_, pack_linear
 
 
 @dataclass(frozen=True)
@@ -119,12 +119,28 @@ def _column_vector(t: Optional[Tensor], x: Tensor, full_ok: bool):
     return False
 
 
+# the losses torch has no op for: their torch form (reference.py) is a chain of ops, slower at every size
+_NO_TORCH_OP = ("sigmoid_focal_loss", "quantile_loss")
+
+
+def _routed(name: str, input: Tensor, target: Tensor) -> bool:
+    """Whether a CPU call of the drop-in `name` goes to torch's own loss (ops/_library.py's routes): below
+    ROUTE_BELOW["<name> (grad)"] elements when the call records a backward (the cheapest formulas: there the
+    loss op's autograd wrapper and its Python backward cost more than torch's whole loss and gradient), below the
+    house default otherwise (a call without gradients: the kernel wins from there)."""
+    if name in _NO_TORCH_OP:
+        return False
+    grad = torch.is_grad_enabled() and (input.requires_grad or target.requires_grad)
+    return routed(f"{name} (grad)" if grad else name, input)
+
+
 def _pointwise(name: str, input: Tensor, target: Tensor, reduction: str, weight: Optional[Tensor] = None,
                p: Optional[Tensor] = None, a: float = 0.0, b: float = 0.0, scale: Optional[float] = None):
-    """The kernel call of a pointwise loss, or None when the kernels do not cover it (the caller runs torch).
-    scale: the reduced sum's factor (default: 1 / numel for 'mean', 1 for 'sum')."""
+    """The kernel call of a pointwise loss, or None when the kernels do not cover it or the call is routed to
+    torch's own loss (_routed; the caller runs torch). scale: the reduced sum's factor (default: 1 / numel for
+    'mean', 1 for 'sum')."""
     if not (isinstance(input, Tensor) and isinstance(target, Tensor) and kernel_ok(input, target)
-            and target.shape == input.shape and reduction in _REDUCTIONS):
+            and target.shape == input.shape and reduction in _REDUCTIONS) or _routed(name, input, target):
         return None
     if target.requires_grad and not ELEMENTWISE[LOSS_IDS[name]].diff:
         return None
@@ -457,6 +473,39 @@ register_cpu_path("info_nce.bfloat16", lambda: "bfloat16 products into float32 (
                   else "float32 products")
 
 
+def _panels(t: Tensor) -> bool:
+    """Whether the blocks' float32 / float64 products run on tritium's panel GEMM (csrc/panel.h), the other operand
+    packed once per pass (pack_linear, then linear_packed per block): on CPU, except where MKL's GEMM is the tuned
+    kernel (Intel), as tritium.linear and the fused LM-head loss choose."""
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and not cpu_has("intel")
+
+
+register_cpu_path("info_nce.float32", lambda: "BLAS (MKL)" if cpu_has("intel") else
+                  "panel GEMM (the keys packed once per pass)")
+
+
+class _Products:
+    """The products of one pass over the row blocks with one right-hand matrix m (N, D): sim(a) = a m^T inv_t
+    (_sim, or the panel GEMM on m packed once), and, when asked (grad), mm(ds) = ds m (m^T packed once)."""
+
+    def __init__(self, m: Optional[Tensor], inv_t: float, native: bool, round16: bool, grad: bool = False):
+        self.m, self.inv_t, self.round16 = m, inv_t, round16
+        self.panels = m is not None and not native and _panels(m)
+        self.packed = pack_linear(m) if self.panels else None
+        self.packed_t = pack_linear(m.t()) if self.panels and grad else None
+
+    def sim(self, a: Tensor) -> Tensor:
+        if self.panels:
+            return linear_packed(a, self.packed, self.m.shape[0]).mul_(self.inv_t)
+        return _sim(a, self.m.t(), self.inv_t, self.round16)
+
+    def mm(self, ds: Tensor) -> Tensor:
+        """ds @ m in float32 (the accumulation dtype)."""
+        if self.panels:
+            return linear_packed(ds, self.packed_t, self.m.shape[1])
+        return _mm32(ds, self.m)
+
+
 def _operands(t: Optional[Tensor], native: bool) -> Optional[Tensor]:
     """A product's operand: t itself on the native bfloat16 path, else in the accumulation dtype."""
     return t if native or t is None else _acc(t)
@@ -542,10 +591,11 @@ def _nce_fwd_impl(q, k, neg, inv_t, symmetric, block):
     diag = torch.empty_like(lse_row)
     m_col = lse_row.new_full((n,), float("-inf")) if symmetric else lse_row.new_empty((0,))
     e_col = lse_row.new_zeros((n,)) if symmetric else lse_row.new_empty((0,))
+    pk, pn = _Products(ka, inv_t, native, round16), _Products(na, inv_t, native, round16)
     for i0 in range(0, n, block):
         i1 = min(n, i0 + block)
-        s = _sim(qa[i0:i1], ka.t(), inv_t, round16)
-        sn = _sim(qa[i0:i1], na.t(), inv_t, round16) if na is not None else None
+        s = pk.sim(qa[i0:i1])
+        sn = pn.sim(qa[i0:i1]) if na is not None else None
         lse_row[i0:i1], m_col, e_col = nce_block_fwd(s, sn, m_col, e_col, symmetric)
         del s, sn
         # the positives' similarities in the accumulation dtype, a block at a time (no float copy of q and k)
@@ -580,18 +630,25 @@ def _nce_bwd_impl(dloss, q, k, neg, lse_row, lse_col, inv_t, symmetric, block):
     # bfloat16 backward; the products are still summed in float32)
     ds_in = (lambda t: t.to(torch.bfloat16)) if native else (lambda t: t)  # noqa: E731
     acc_ = mm_acc_ if native else (lambda c, a, b: c.addmm_(a, b))  # noqa: E731
+    pk, pn = _Products(ka, inv_t, native, round16, True), _Products(na, inv_t, native, round16, True)
     for i0 in range(0, n, block):
         i1 = min(n, i0 + block)
         qb, wb, lb = qa[i0:i1], w[i0:i1], lse_row[i0:i1]
-        s = _sim(qb, ka.t(), inv_t, round16)
+        s = pk.sim(qb)
         ds = ds_in(nce_block_bwd(s, lb, wb, lse_col if symmetric else None, w if symmetric else None, i0))
         del s
-        _mm32(ds, ka, out=dq[i0:i1])
+        if pk.panels:
+            dq[i0:i1] = pk.mm(ds)
+        else:
+            _mm32(ds, ka, out=dq[i0:i1])
         acc_(dk, ds.t(), qb)
         del ds
         if na is not None:
-            dsn = ds_in(nce_block_bwd(_sim(qb, na.t(), inv_t, round16), lb, wb, None, None, -1))
-            acc_(dq[i0:i1], dsn, na)
+            dsn = ds_in(nce_block_bwd(pn.sim(qb), lb, wb, None, None, -1))
+            if pn.panels:
+                dq[i0:i1] += pn.mm(dsn)
+            else:
+                acc_(dq[i0:i1], dsn, na)
             acc_(dn, dsn.t(), qb)
             del dsn
     dq.mul_(inv_t)
