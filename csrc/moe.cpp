@@ -184,16 +184,14 @@ void round_into(const float* acc, int64_t n, T* out) {
   });
 }
 
-// save_a: return the pre-activations a (R, 2F) for the backward; false (no backward): a (0, 2F), and where SwiGLU
-// is the panels' epilogue they are never written (elsewhere each expert's go to a scratch block)
 std::tuple<at::Tensor, at::Tensor> moe_experts_fwd(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
                                                    const at::Tensor& tokens, const at::Tensor& offsets,
-                                                   const at::Tensor& weights, bool save_a) {
+                                                   const at::Tensor& weights) {
   const char* fn = "moe_experts_fwd";
   check_args(fn, x, w13, w2, tokens, offsets, weights);
   const int64_t T_ = x.size(0), D = x.size(1), E = w13.size(0), F = w13.size(1) / 2, R = tokens.size(0);
   const auto off = read_offsets(fn, offsets, R);
-  auto a = empty({save_a ? R : 0, 2 * F}, x.options());
+  auto a = empty({R, 2 * F}, x.options());
   auto y = empty({T_, D}, x.options());
   const bool half = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
   auto acc = half ? at::zeros({T_, D}, x.options().dtype(at::kFloat)) : y.zero_();
@@ -211,7 +209,6 @@ std::tuple<at::Tensor, at::Tensor> moe_experts_fwd(const at::Tensor& x, const at
   auto h_buf = empty({most, F}, x.options());
   auto o_buf = empty({most, D}, x.options());
   at::Tensor glu_buf;  // one expert's packed gate/up weights (the SwiGLU-epilogue path)
-  at::Tensor a_buf;    // one expert's pre-activations when a is not returned (the path with a SwiGLU pass)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tritium_moe_experts_fwd", [&] {
     using A = acc_type<scalar_t>;
     for (int64_t e = 0; e < E; ++e) {
@@ -220,6 +217,7 @@ std::tuple<at::Tensor, at::Tensor> moe_experts_fwd(const at::Tensor& x, const at
       const int64_t* tok = tc.const_data_ptr<int64_t>() + r0;
       auto xe = xe_buf.narrow(0, 0, n);
       gather<scalar_t>(xc.const_data_ptr<scalar_t>(), xc.stride(0), T_, tok, n, D, xe.mutable_data_ptr<scalar_t>());
+      auto ae = a.narrow(0, r0, n);
       auto he = h_buf.narrow(0, 0, n);
       if (glu_panels<scalar_t>(n, F, D)) {
         // a and h from one product: SwiGLU in the panels' epilogue, which also stores the pre-activations
@@ -227,12 +225,9 @@ std::tuple<at::Tensor, at::Tensor> moe_experts_fwd(const at::Tensor& x, const at
           if (!glu_buf.defined()) glu_buf = empty({panel::packed_size<A>(2 * F, D)}, x.options());
           pack_glu<A>(w13c[e].const_data_ptr<A>(), F, D, glu_buf.mutable_data_ptr<A>());
           panel_gemm<A, A, true>(xe.const_data_ptr<A>(), D, n, D, glu_buf.const_data_ptr<A>(), 2 * F,
-                                 he.mutable_data_ptr<A>(), F, nullptr, 0, -1,
-                                 save_a ? a.mutable_data_ptr<A>() + r0 * 2 * F : nullptr, 2 * F);
+                                 he.mutable_data_ptr<A>(), F, nullptr, 0, -1, ae.mutable_data_ptr<A>(), 2 * F);
         }
       } else {
-        if (!save_a && !a_buf.defined()) a_buf = empty({most, 2 * F}, x.options());
-        auto ae = save_a ? a.narrow(0, r0, n) : a_buf.narrow(0, 0, n);
         mm_into(xe, w13c[e].t(), ae);
         swiglu_rows<scalar_t>(ae.const_data_ptr<scalar_t>(), n, F, he.mutable_data_ptr<scalar_t>());
       }

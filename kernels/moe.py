@@ -196,11 +196,10 @@ def _grouped_tn(a, b, tok, offsets, out, gather_a, gather_b):
     return out
 
 
-def moe_experts_fwd(x, w13, w2, tokens, offsets, weights, save_a=True):
+def moe_experts_fwd(x, w13, w2, tokens, offsets, weights):
     """y (T, D) = sum over each token's rows of weights[r] * swiglu(x[tokens[r]] W13_e^T) W2_e^T, and a (R, 2F)
-    the gate/up pre-activations, in x's dtype (y summed in float32 and rounded once; save_a=False returns a's
-    first 0 rows: the down product reads a, so it is computed all the same). Reads x's rows k times and each
-    expert's weights once per row block; writes a (R, 2F) and y."""
+    the gate/up pre-activations, in x's dtype (y summed in float32 and rounded once). Reads x's rows k times and
+    each expert's weights once per row block; writes a (R, 2F) and y."""
     T, D = x.shape
     F = w13.shape[1] // 2
     R = tokens.shape[0]
@@ -214,7 +213,7 @@ def moe_experts_fwd(x, w13, w2, tokens, offsets, weights, save_a=True):
     # y[tok] += weights * swiglu(a) @ W2_e^T: B_e (F, D) = W2_e^T
     _grouped_mm(a, w2, acc, tokens, weights, offsets, R, D, F, gather=False, swiglu_a=True, epilogue=SCATTER,
                 b_strides=(w2.stride(0), w2.stride(2), w2.stride(1)))
-    return acc.to(x.dtype), (a if save_a else a[:0])
+    return acc.to(x.dtype), a
 
 
 def moe_experts_bwd(dy, x, w13, w2, tokens, offsets, weights, a, need_dx):

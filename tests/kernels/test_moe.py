@@ -100,31 +100,6 @@ def test_cpp_paths(dtype):
     check_moe(torch.ops.tritium, dtype, 600, 70, 96, 3, 2, "one")
 
 
-@pytest.mark.parametrize("impl_name,impl,dtype", CASES, ids=IDS)
-@pytest.mark.parametrize("F_", (11, 96))
-def test_forward_without_a(impl_name, impl, dtype, F_):
-    """save_a=False (no backward to come): the same y, bit for bit, and a (0, 2F); ffn 96 on the C++ float panels
-    is the SwiGLU-epilogue path, which then never writes the pre-activations, 11 the path with a SwiGLU pass."""
-    (x, w13, w2, weights, _), tokens, offsets = _inputs(dtype, 150, 19, F_, 2, 1)
-    y, a = impl.moe_experts_fwd(x, w13, w2, tokens, offsets, weights)
-    y0, a0 = impl.moe_experts_fwd(x, w13, w2, tokens, offsets, weights, False)
-    assert a.shape == (150, 2 * F_) and a0.shape == (0, 2 * F_)
-    torch.testing.assert_close(y0, y, rtol=0, atol=0)
-
-
-def test_backward_after_forward_without_a():
-    """The op's autograd after a save_a=False forward computes the pre-activations again: the same gradients."""
-    (x, w13, w2, weights, dy), tokens, offsets = _inputs(torch.float32, 150, 19, 96, 2, 1)
-    grads = []
-    for save in (True, False):
-        ins = [t.clone().requires_grad_() for t in (x, w13, w2, weights)]
-        y, a = torch.ops.tritium.moe_experts_fwd(ins[0], ins[1], ins[2], tokens, offsets, ins[3], save)
-        assert a.shape[0] == (150 if save else 0)
-        grads.append(torch.autograd.grad(y, ins, dy))
-    for got, want in zip(grads[1], grads[0]):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
-
-
 @pytest.mark.parametrize("impl_name,impl", [("triton", triton_moe), ("cpp", torch.ops.tritium)])
 def test_one_token_one_expert(impl_name, impl):
     """A single token routed to a single expert of one, dim and ffn 1."""

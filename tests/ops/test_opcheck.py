@@ -749,8 +749,7 @@ def _():
     t2, o2 = _moe_rows([[0, 2]] * 7)
     return [(g(7, 5), g(3, 8, 5), g(3, 5, 4), t1, o1, g(14)),
             (g(7, 5, dtype=torch.float64), g(3, 8, 5, dtype=torch.float64), g(3, 5, 4, dtype=torch.float64), t2,
-             o2, g(14, dtype=torch.float64)),
-            (g(7, 5), g(3, 8, 5), g(3, 5, 4), t1, o1, g(14), False)]
+             o2, g(14, dtype=torch.float64))]
 
 
 @sample("moe_experts_bwd")

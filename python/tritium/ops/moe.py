@@ -15,9 +15,7 @@ The router (a small (tokens, E) GEMM, the scores, top-k) and the grouping are to
 sorted by expert (stable), giving each row its token, its routing weight and per-expert offsets (no capacity, no
 dropped token). The experts run as one op over the grouped rows, ``moe_experts_fwd``: per expert, the gate/up
 GEMM over its contiguous rows (gathered from x), SwiGLU, the down GEMM, and the weighted scatter-add back into
-token order; it returns y and the gate/up pre-activations (rows, 2F) for the backward (``save_a=False``, when no
-backward will run: an empty (0, 2F), never written; a backward after it computes them again),
-``moe_experts_bwd``,
+token order; it returns y and the gate/up pre-activations (rows, 2F) for the backward, ``moe_experts_bwd``,
 which gives dx, dw13, dw2 and the routing weights' gradient (autograd carries that one on through the top-k
 and the scores to x and W_r). CPU: csrc/moe.cpp; GPU: kernels/moe.py (grouped GEMMs over the sorted rows).
 
@@ -46,8 +44,8 @@ class MoEOutput(NamedTuple):
 
 
 # ---- fake kernels: shapes only ----
-def _fake_fwd(x, w13, w2, tokens, offsets, weights, save_a=True):
-    return x.new_empty(x.shape), x.new_empty((tokens.shape[0] if save_a else 0, w13.shape[1]))
+def _fake_fwd(x, w13, w2, tokens, offsets, weights):
+    return x.new_empty(x.shape), x.new_empty((tokens.shape[0], w13.shape[1]))
 
 
 def _fake_bwd(dy, x, w13, w2, tokens, offsets, weights, a, need_dx):
@@ -62,24 +60,21 @@ moe_experts_bwd = define_op(
 
 
 def _setup(ctx, inputs, output):
-    x, w13, w2, tokens, offsets, weights = inputs[:6]
+    x, w13, w2, tokens, offsets, weights = inputs
     ctx.save_for_backward(x, w13, w2, tokens, offsets, weights, output[1])
 
 
 def _backward(ctx, dy, _da):
     x, w13, w2, tokens, offsets, weights, a = ctx.saved_tensors
     need = ctx.needs_input_grad
-    if a.shape[0] != tokens.shape[0]:   # a forward with save_a=False: the pre-activations computed again
-        a = moe_experts_fwd(x, w13, w2, tokens, offsets, weights)[1]
     dx, dw13, dw2, dweights = moe_experts_bwd(dy.contiguous(), x, w13, w2, tokens, offsets, weights, a, need[0])
     return (dx if need[0] else None, dw13 if need[1] else None, dw2 if need[2] else None, None, None,
-            dweights if need[5] else None, None)
+            dweights if need[5] else None)
 
 
 moe_experts_fwd = define_op(
-    "moe_experts_fwd(Tensor x, Tensor w13, Tensor w2, Tensor tokens, Tensor offsets, Tensor weights,"
-    " bool save_a=True) -> (Tensor, Tensor)", _fake_fwd, "moe:moe_experts_fwd", backward=_backward,
-    setup_context=_setup)
+    "moe_experts_fwd(Tensor x, Tensor w13, Tensor w2, Tensor tokens, Tensor offsets, Tensor weights)"
+    " -> (Tensor, Tensor)", _fake_fwd, "moe:moe_experts_fwd", backward=_backward, setup_context=_setup)
 
 
 # ---- validation ----
@@ -144,9 +139,7 @@ def moe(x: Tensor, router_weight: Tensor, w13: Tensor, w2: Tensor, top_k: int, s
     aux, z = reference.moe_losses(logits, scores, topi, E, aux_loss_coef, z_loss_coef)
     order, tokens, offsets = group_by_expert(topi, E)
     weights = topw.reshape(-1)[order].to(x.dtype)
-    # the pre-activations are kept only for a backward (without one, a (0, 2F) tensor: no pass writes them)
-    save_a = torch.is_grad_enabled() and any(t.requires_grad for t in (x2, w13, w2, weights))
-    y, _ = moe_experts_fwd(x2.contiguous(), w13, w2, tokens, offsets, weights, save_a)
+    y, _ = moe_experts_fwd(x2.contiguous(), w13, w2, tokens, offsets, weights)
     return MoEOutput(y.view(x.shape), aux, z)
 
 
