@@ -139,8 +139,10 @@ def _pointwise(name: str, input: Tensor, target: Tensor, reduction: str, weight:
     """The kernel call of a pointwise loss, or None when the kernels do not cover it or the call is routed to
     torch's own loss (_routed; the caller runs torch). scale: the reduced sum's factor (default: 1 / numel for
     'mean', 1 for 'sum')."""
-    if not (isinstance(input, Tensor) and isinstance(target, Tensor) and kernel_ok(input, target)
-            and target.shape == input.shape and reduction in _REDUCTIONS) or _routed(name, input, target):
+    # the route first: a routed call pays the fewest checks on its way to torch's loss
+    if not (isinstance(input, Tensor) and isinstance(target, Tensor)) or _routed(name, input, target):
+        return None
+    if not (kernel_ok(input, target) and target.shape == input.shape and reduction in _REDUCTIONS):
         return None
     if target.requires_grad and not ELEMENTWISE[LOSS_IDS[name]].diff:
         return None
