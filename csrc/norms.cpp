@@ -5,6 +5,7 @@
 // 16-bit row is converted to float once into a per-thread buffer (weight and bias once per thread), so the
 // statistics and normalisation passes run on float vectors and re-read the row from L1/L2. Statistics
 // (rstd, mean) are kept in the accumulation type (float for 16-bit inputs, double for double).
+#include "cpu.h"
 #include "pool.h"
 #include "vec.h"
 
@@ -423,6 +424,80 @@ void channel_normalize(const T* x, T* y, int64_t S, A mean, A scale, A shift) {
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
+// A 16-bit forward's normalize pass is bound by its arithmetic, not by memory: per vector, torch's exp_u20 (about
+// twenty instructions), the reciprocal's Newton step and the software rounding to bfloat16 (an integer sequence)
+// cost several times the load and store. A 16-bit result needs none of that precision: exp as 2^n * 2^f with a
+// degree-5 polynomial for 2^f on [-1/2, 1/2] (relative error under 1e-6) and vscalefps (0 and inf at the ends, NaN
+// through), the reciprocal's 14-bit estimate alone (both far below a float16's half ulp, 2^-11), and on a CPU with
+// AVX512-BF16 the rounding to bfloat16 in one instruction (vcvtne2ps2bf16: round to nearest even, as torch's).
+inline __m512 exp16(__m512 x) {
+  // the clamp keeps f = t - n finite at t = +-inf (2^128 is inf, 2^-150 rounds to 0); NaN passes (min/max return
+  // their second operand on NaN)
+  __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  t = _mm512_max_ps(_mm512_set1_ps(-150.f), _mm512_min_ps(_mm512_set1_ps(128.f), t));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_fmadd_ps(f, _mm512_set1_ps(1.3333558146428443e-3f), _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// silu(z) = z * sigmoid(z) to 16-bit precision (exp16 and the reciprocal estimate; sigmoid(+inf) = 1 exactly,
+// sigmoid(-inf) = 0)
+inline __m512 silu16(__m512 z) {
+  const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), z));
+  return _mm512_mul_ps(z, _mm512_rcp14_ps(_mm512_add_ps(_mm512_set1_ps(1.f), e)));
+}
+
+// channel_normalize for 16-bit T; the tail as channel_normalize's.
+template <bool SILU, typename T>
+inline void channel_normalize16_tail(const T* x, T* y, int64_t i, int64_t S, float mean, float scale, float shift) {
+  for (; i < S; ++i) {
+    float z = (static_cast<float>(x[i]) - mean) * scale + shift;
+    if constexpr (SILU) z = silu_scalar(z);
+    y[i] = static_cast<T>(z);
+  }
+}
+
+template <bool SILU, typename T>
+void channel_normalize16(const T* x, T* y, int64_t S, float mean, float scale, float shift) {
+  if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
+    using Vec = Vectorized<float>;
+    constexpr int64_t K = Vec::size();
+    const __m512 vm = _mm512_set1_ps(mean), vs = _mm512_set1_ps(scale), vb = _mm512_set1_ps(shift);
+    int64_t i = 0;
+    for (; i + 2 * K <= S; i += 2 * K) {
+      auto [a, b] = load2(x + i);
+      __m512 za = _mm512_fmadd_ps(_mm512_sub_ps(a, vm), vs, vb), zb = _mm512_fmadd_ps(_mm512_sub_ps(b, vm), vs, vb);
+      if constexpr (SILU) za = silu16(za), zb = silu16(zb);
+      store2(y + i, Vec(za), Vec(zb));
+    }
+    channel_normalize16_tail<SILU>(x, y, i, S, mean, scale, shift);
+  }
+}
+
+// The same for bfloat16 on a CPU with AVX512-BF16 (called only where cpu::features().avx512_bf16 holds): the
+// rounding in vcvtne2ps2bf16, which must sit in this function's own body (its target attribute), not a lambda's.
+template <bool SILU>
+TRITIUM_BF16_DOT void channel_normalize_bf16ins(const c10::BFloat16* x, c10::BFloat16* y, int64_t S, float mean,
+                                                float scale, float shift) {
+  constexpr int64_t K = Vectorized<float>::size();
+  const __m512 vm = _mm512_set1_ps(mean), vs = _mm512_set1_ps(scale), vb = _mm512_set1_ps(shift);
+  int64_t i = 0;
+  for (; i + 2 * K <= S; i += 2 * K) {
+    auto [a, b] = load2(x + i);
+    __m512 za = _mm512_fmadd_ps(_mm512_sub_ps(a, vm), vs, vb), zb = _mm512_fmadd_ps(_mm512_sub_ps(b, vm), vs, vb);
+    if constexpr (SILU) za = silu16(za), zb = silu16(zb);
+    _mm512_storeu_si512(static_cast<void*>(y + i), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(zb, za)));
+  }
+  channel_normalize16_tail<SILU>(x, y, i, S, mean, scale, shift);
+}
+#endif
+
 // Small spatial sizes: with S under a few vectors the per-channel loops above would run mostly in their scalar
 // tails (all of it at 4x4 and 2x2 maps), so a block is taken as one run of M = D * S elements instead, each
 // element's channel weight and bias read from (C, S)-expanded copies (we, be: built once per call, C * S values).
@@ -484,6 +559,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(const at::Tensor& 
     A* rstd_p = rstd.mutable_data_ptr<A>();
     const int64_t sx = x.stride(0), C = G * D;
     const bool flat = flat_blocks<A>(S);
+    [[maybe_unused]] const bool bf16_ins = cpu::features().avx512_bf16;
     std::vector<A> wexp, bexp;
     if (flat) {
       std::vector<A> wbuf, bbuf;
@@ -520,7 +596,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(const at::Tensor& 
         }
         for (int64_t j = 0; j < D; ++j) {
           const A scale = wf ? rs * wf[ch0 + j] : rs, shift = bf ? bf[ch0 + j] : A(0);
+#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
+          if constexpr (!std::is_same_v<scalar_t, A>) {  // 16-bit: the arithmetic-light pass above
+            if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+              if (bf16_ins) {
+                if (silu) {
+                  channel_normalize_bf16ins<true>(reinterpret_cast<const c10::BFloat16*>(xr + j * S),
+                                                  reinterpret_cast<c10::BFloat16*>(yr + j * S), S, mu, scale, shift);
+                } else {
+                  channel_normalize_bf16ins<false>(reinterpret_cast<const c10::BFloat16*>(xr + j * S),
+                                                   reinterpret_cast<c10::BFloat16*>(yr + j * S), S, mu, scale, shift);
+                }
+                continue;
+              }
+            }
+            if (silu) {
+              channel_normalize16<true>(xr + j * S, yr + j * S, S, mu, scale, shift);
+            } else {
+              channel_normalize16<false>(xr + j * S, yr + j * S, S, mu, scale, shift);
+            }
+            continue;
+          }
+#endif
           if (silu) {
+
             channel_normalize<true>(xr + j * S, yr + j * S, S, mu, scale, shift);
           } else {
             channel_normalize<false>(xr + j * S, yr + j * S, S, mu, scale, shift);
@@ -543,7 +642,18 @@ std::pair<A, A> channel_grad_sums(const T* dy, const T* x, A* dz_out, int64_t S,
   auto step = [&](Vec dz, const Vec& xv, int64_t at, Vec& sa, Vec& sb) {
     const Vec xc = xv - vm;
     if constexpr (SILU) {
-      const Vec z = at::vec::fmadd(xc, vs, vb), sg = fsigmoid(z);
+      const Vec z = at::vec::fmadd(xc, vs, vb);
+#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
+      // 16-bit: the gradient goes out in 16 bits, so sigmoid to silu16's precision (exp16, the estimate)
+      Vec sg;
+      if constexpr (!std::is_same_v<T, A>) {
+        sg = _mm512_rcp14_ps(_mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), z))));
+      } else {
+        sg = fsigmoid(z);
+      }
+#else
+      const Vec sg = fsigmoid(z);
+#endif
       dz = dz * sg * at::vec::fmadd(z, one - sg, one);
       dz.store(dz_out + at);
     }

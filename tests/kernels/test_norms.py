@@ -201,6 +201,29 @@ def check_group_norm(impl, dtype, n, c, spatial, groups, silu, affine):
         assert_within_torch_error(stat, fn_(xb.to(stat.dtype)), fn_(xb.double()), "stat")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_group_norm_silu_saturates_like_torch(dtype):
+    """The C++ forward at SiLU's ends and on NaN, in 16 bits its own exponential and reciprocal: channels scaled so
+    z reaches +-1e4 (exp(-z) overflows and underflows) give torch's silu of them (z and -0), a channel of
+    infinities gives torch's NaN and a NaN stays NaN; the other channels keep 16-bit accuracy. S = 96: the
+    vectorized channel loop and its tail."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 4, 96, generator=g).to(dtype)
+    x[1, 3, 7] = float("nan")
+    w = torch.tensor([1e4, -1e4, 1.0, 2.0]).to(dtype)
+    b = torch.tensor([0.0, 0.0, 0.5, -1.0]).to(dtype)
+    y, _, _ = cpp.group_norm_fwd(x.reshape(8, 1, 96), w, b, 4, 1e-5, True)
+    want = F.silu(F.group_norm(x.float(), 4, w.float(), b.float(), 1e-5)).to(dtype)
+    y = y.reshape(x.shape)
+    assert torch.isnan(y[1, 3]).all() and not torch.isnan(y[:, :3]).any() and not torch.isnan(y[0]).any()
+    # the scaled channels: z (up to +1e4) and -0 at the far ends, within a bfloat16 ulp of torch's (the scale of
+    # 1e4 multiplies xhat's rounding too)
+    torch.testing.assert_close(y[:, :2], want[:, :2], rtol=8e-3, atol=0)
+    assert torch.equal(torch.signbit(y[:, :2]), torch.signbit(want[:, :2]))
+    torch.testing.assert_close(y[0, 2:], want[0, 2:])
+    torch.testing.assert_close(y[1, 2], want[1, 2])
+
+
 @pytest.mark.parametrize("impl_name,impl", [("triton", triton_norms), ("cpp", cpp)])
 def test_strided_rows(impl_name, impl):
     """Rows with a stride larger than the row (a slice of a wider tensor) are read in place; so are GroupNorm
