@@ -2,7 +2,10 @@
 curves: bench/results/train-lm-<machine kind>.json (every run's result, curve included) and a PNG of bits per
 byte against step.
 
-    .venv/bin/python tools/lm_curves.py [--steps N] [--out bench/results/train-lm-amd-avx512]
+    .venv/bin/python tools/lm_curves.py [--steps N] [--model M ...] [--add] [--out bench/results/train-lm-amd-avx512]
+
+--add keeps the runs already recorded there for the models not run now (one model's curve added to the plot
+without re-running the others: bits per byte against step does not depend on the machine's load).
 """
 from __future__ import annotations
 
@@ -43,14 +46,23 @@ def main() -> None:
     p.add_argument("--steps", type=int)
     p.add_argument("--model", action="append", choices=LM_MODELS)
     p.add_argument("--out", help="path without suffix (default: bench/results/train-lm-<machine kind>)")
+    p.add_argument("--add", action="store_true",
+                   help="keep the recorded runs of the models not run now (add a curve without re-running the rest)")
     args = p.parse_args()
     machine = machine_info("cpu")
+    out = Path(args.out or f"bench/results/train-lm-{machine['machine_kind']}")
+    record = {"machine": machine, "suite": "train-lm"}
+    kept = []
+    if args.add and out.with_suffix(".json").exists():
+        old = json.loads(out.with_suffix(".json").read_text())
+        kept = [r for r in old["rows"] if r["model"] not in (args.model or LM_MODELS)]
+        if kept:  # their timings (seconds) are the earlier machine's
+            record["kept_rows_machine"] = old.get("kept_rows_machine", old["machine"])
     runs = [train(m, "tritium", args.steps, progress=False) for m in (args.model or LM_MODELS)]
     for r in runs:
         print(f"{r['model']}: {r['bits_per_byte']:.3f} bits/byte after {r['steps']} steps, {r['seconds']:.0f} s")
-    out = Path(args.out or f"bench/results/train-lm-{machine['machine_kind']}")
-    out.with_suffix(".json").write_text(json.dumps({"machine": machine, "suite": "train-lm",
-                                                     "rows": runs}, indent=1) + "\n")
+    runs = sorted(kept + runs, key=lambda r: LM_MODELS.index(r["model"]))
+    out.with_suffix(".json").write_text(json.dumps({**record, "rows": runs}, indent=1) + "\n")
     plot(runs, out.with_suffix(".png"))
 
 
