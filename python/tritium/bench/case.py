@@ -31,6 +31,9 @@ class OpCase:
     grad_args: Optional[Sequence[int]] = None
     # memory: also record peak extra bytes allocated during one call (CPU, via the profiler)
     track_memory: bool = False
+    # fwdbwd's compile baseline where torch.compile(eager) cannot compile its backward (a loop too long to unroll):
+    # a callable holding the compiled parts a user would compile instead (say the loop's body); None: compile eager
+    compiled_fwdbwd: Optional[Callable] = None
     note: str = ""
     tags: Sequence[str] = field(default_factory=tuple)
 

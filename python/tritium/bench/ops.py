@@ -200,7 +200,8 @@ def run(args) -> List[dict]:
             impls = [("eager", case.eager), ("tritium", case.tritium)]
             if not args.no_compile:
                 torch._dynamo.reset()
-                impls.insert(1, ("compile", torch.compile(case.eager, dynamic=False)))
+                own = case.compiled_fwdbwd if mode == "fwdbwd" else None
+                impls.insert(1, ("compile", own or torch.compile(case.eager, dynamic=False)))
             for name, fn in impls:
                 times[name] = time_fn(_runner(fn, inputs, mode, grad_idx), args.min_time, device)
                 gc.collect()

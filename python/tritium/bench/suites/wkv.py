@@ -1,12 +1,13 @@
 """Benchmarks of RWKV-7's wkv recurrence against the naive reference (tritium.ops.wkv.wkv7_reference: the loop over
-time of flash-linear-attention's naive dplr_recurrence, without its per-step clones) eager and compiled. Shapes are
-(B, T, H, K) with V = K; w a log decay in RWKV-7's range, a = -kappa, b = kappa * iclr. The headline shape is issue
-24's bar: batch 8, length 1024, 12 heads of size 64."""
+time of flash-linear-attention's naive dplr_recurrence, without its per-step clones) eager and compiled (forward and
+backward: the loop with its step compiled, _compiled_steps). Shapes are (B, T, H, K) with V = K; w a log decay in
+RWKV-7's range, a = -kappa, b = kappa * iclr. The headline shape is issue 24's bar: batch 8, length 1024, 12 heads
+of size 64."""
 import torch
 
 import tritium
 from tritium.bench.case import OpCase, esize
-from tritium.ops.wkv import wkv7_reference
+from tritium.ops.wkv import wkv7_reference, wkv7_reference_step
 
 
 def _inputs(shape, dtype, device):
@@ -27,6 +28,25 @@ def _tritium(r, w, k, v, a, b):
 
 def _eager(r, w, k, v, a, b):
     return wkv7_reference(r, w, k, v, a, b)[0]
+
+
+_STEP = []
+
+
+def _compiled_steps(r, w, k, v, a, b):
+    """wkv7_reference's loop with its step (wkv7_reference_step) under torch.compile: the fwdbwd compile baseline.
+    torch.compile of the whole loop unrolls all its steps, and at length 1024 Inductor fails on the backward of that
+    graph (a RecursionError after many minutes); compiling the loop's body is what a user does instead."""
+    B, T, H, K = r.shape
+    S = r.new_zeros(B, H, K, v.shape[-1])
+    if not _STEP:  # one compiled function, so its cache (and the harness's torch._dynamo.reset) applies
+        _STEP.append(torch.compile(wkv7_reference_step, dynamic=False))
+    step = _STEP[0]
+    outs = []
+    for t in range(T):
+        S, o = step(S, *(x[:, t] for x in (r, w, k, v, a, b)), K ** -0.5)
+        outs.append(o)
+    return torch.stack(outs, 1)
 
 
 def _bytes_fwd(s, d):  # read r, w, k, v, a, b; write o
@@ -53,5 +73,7 @@ def _flops_fwdbwd(s, d):
 CASES = [
     OpCase("wkv", _inputs, _tritium, _eager, _bytes_fwd, _bytes_fwdbwd, flops_fwd=_flops_fwd,
            flops_fwdbwd=_flops_fwdbwd, shapes=((8, 1024, 12, 64), (8, 128, 12, 64)), dtypes=(torch.float32,),
-           note="RWKV-7 (tritium.wkv7) vs fla's naive recurrence algorithm (tritium.ops.wkv.wkv7_reference)"),
+           compiled_fwdbwd=_compiled_steps,
+           note="RWKV-7 (tritium.wkv7) vs fla's naive recurrence algorithm (tritium.ops.wkv.wkv7_reference); "
+                "fwdbwd's compile baseline compiles the loop's step (wkv7_reference_step)"),
 ]
