@@ -17,13 +17,14 @@
 #include <algorithm>
 #include <vector>
 
+#include "pool.h"
 #include "vec.h"
 
 namespace tritium {
 namespace {
 
 // steps ahead whose input rows a loop over time asks for
-constexpr int64_t kAhead = 4;
+constexpr int64_t kAhead = 8;
 
 template <typename T>
 struct Seq4 {  // a (B, T, H, D) operand with a unit D stride
@@ -91,55 +92,81 @@ inline void state_t_vec(const A* S, const A* a, A* sa, int64_t K, int64_t VP) {
   }
 }
 
-// One step from Sp into Sn (they may alias): Sn = diag(e) Sp + bb sa^T + kk v^T; o = Sn^T rr; san = Sn^T an
-// (the next step's a^T S; an may be null). Up to NB column blocks at a time, rows inner: o, san, sa and v of the
-// blocks stay in registers, and the NB blocks' sums are independent chains (one block alone would wait on the
-// latency of each multiply-add down the rows).
-template <typename A, int NB, bool Next>
-inline void step_blocks(const A* Sp, A* Sn, const A* e, const A* rr, const A* kk, const A* bb, const A* an,
+// One step from Sp into Sn (they may alias), for the column blocks [j, j + NB W):
+//   Decay:  Sn = diag(d) Sp + bb sa^T + kk v^T        else:  Sn = Sp + bb sa^T + kk v^T
+// then o = Sn^T rr and san = Sn^T an (the next step's a^T S; Next only). Rows inner: o, san, sa and v of the blocks
+// stay in registers, and the NB blocks' sums are independent chains (one block alone would wait on the latency of
+// each multiply-add down the rows). Each block's registers are named variables, not arrays: GCC kept arrays of
+// vectors in memory and stored the sums back on every row.
+template <typename A, int NB, bool Next, bool Decay>
+inline void step_blocks(const A* Sp, A* Sn, const A* d, const A* rr, const A* kk, const A* bb, const A* an,
                         const A* v, const A* sa, A* o, A* san, int64_t K, int64_t VP, int64_t j) {
   using Vec = Vectorized<A>;
   constexpr int64_t W = Vec::size();
-  Vec vv[NB], sv[NB], ov[NB], nv[NB];
-  for (int n = 0; n < NB; ++n) {
-    vv[n] = Vec::loadu(v + j + n * W), sv[n] = Vec::loadu(sa + j + n * W);
-    ov[n] = Vec(0), nv[n] = Vec(0);
-  }
+  Vec v0, v1, v2, v3, s0, s1, s2, s3, o0(0), o1(0), o2(0), o3(0), n0(0), n1(0), n2(0), n3(0);
+  v0 = Vec::loadu(v + j), s0 = Vec::loadu(sa + j);
+  if constexpr (NB > 1) v1 = Vec::loadu(v + j + W), s1 = Vec::loadu(sa + j + W);
+  if constexpr (NB > 2) v2 = Vec::loadu(v + j + 2 * W), s2 = Vec::loadu(sa + j + 2 * W);
+  if constexpr (NB > 3) v3 = Vec::loadu(v + j + 3 * W), s3 = Vec::loadu(sa + j + 3 * W);
   for (int64_t i = 0; i < K; ++i) {
-    const Vec ev(e[i]), bv(bb[i]), kv(kk[i]), rv(rr[i]);
+    const Vec bv(bb[i]), kv(kk[i]), rv(rr[i]);
+    Vec dv, av;
+    if constexpr (Decay) dv = Vec(d[i]);
+    if constexpr (Next) av = Vec(an[i]);
     const A* sp = Sp + i * VP + j;
     A* sn = Sn + i * VP + j;
-    for (int n = 0; n < NB; ++n) {
-      const Vec s = at::vec::fmadd(ev, Vec::loadu(sp + n * W), at::vec::fmadd(bv, sv[n], kv * vv[n]));
-      s.store(sn + n * W);
-      ov[n] = at::vec::fmadd(rv, s, ov[n]);
-      if constexpr (Next) nv[n] = at::vec::fmadd(Vec(an[i]), s, nv[n]);
-    }
+    auto col = [&](int64_t c, const Vec& vv, const Vec& sv, Vec& ov, Vec& nv) {
+      Vec s;
+      if constexpr (Decay) {
+        s = at::vec::fmadd(dv, Vec::loadu(sp + c), at::vec::fmadd(bv, sv, kv * vv));
+      } else {
+        s = at::vec::fmadd(bv, sv, at::vec::fmadd(kv, vv, Vec::loadu(sp + c)));
+      }
+      s.store(sn + c);
+      ov = at::vec::fmadd(rv, s, ov);
+      if constexpr (Next) nv = at::vec::fmadd(av, s, nv);
+    };
+    col(0, v0, s0, o0, n0);
+    if constexpr (NB > 1) col(W, v1, s1, o1, n1);
+    if constexpr (NB > 2) col(2 * W, v2, s2, o2, n2);
+    if constexpr (NB > 3) col(3 * W, v3, s3, o3, n3);
   }
-  for (int n = 0; n < NB; ++n) {
-    ov[n].store(o + j + n * W);
-    if constexpr (Next) nv[n].store(san + j + n * W);
-  }
+  auto put = [&](int64_t c, const Vec& ov, const Vec& nv) {
+    ov.store(o + j + c);
+    if constexpr (Next) nv.store(san + j + c);
+  };
+  put(0, o0, n0);
+  if constexpr (NB > 1) put(W, o1, n1);
+  if constexpr (NB > 2) put(2 * W, o2, n2);
+  if constexpr (NB > 3) put(3 * W, o3, n3);
 }
 
-template <typename A>
-inline void step(const A* Sp, A* Sn, const A* e, const A* rr, const A* kk, const A* bb, const A* an, const A* v,
-                 const A* sa, A* o, A* san, int64_t K, int64_t VP) {
+template <typename A, bool Next, bool Decay>
+inline void step_cols(const A* Sp, A* Sn, const A* d, const A* rr, const A* kk, const A* bb, const A* an,
+                      const A* v, const A* sa, A* o, A* san, int64_t K, int64_t VP) {
   constexpr int64_t W = Vectorized<A>::size();
   for (int64_t j = 0; j < VP;) {
     const int64_t nb = std::min<int64_t>(4, (VP - j) / W);
-    const bool next = an != nullptr;
-    switch (nb * 2 + next) {
-      case 8: step_blocks<A, 4, false>(Sp, Sn, e, rr, kk, bb, an, v, sa, o, san, K, VP, j); break;
-      case 9: step_blocks<A, 4, true>(Sp, Sn, e, rr, kk, bb, an, v, sa, o, san, K, VP, j); break;
-      case 6: step_blocks<A, 3, false>(Sp, Sn, e, rr, kk, bb, an, v, sa, o, san, K, VP, j); break;
-      case 7: step_blocks<A, 3, true>(Sp, Sn, e, rr, kk, bb, an, v, sa, o, san, K, VP, j); break;
-      case 4: step_blocks<A, 2, false>(Sp, Sn, e, rr, kk, bb, an, v, sa, o, san, K, VP, j); break;
-      case 5: step_blocks<A, 2, true>(Sp, Sn, e, rr, kk, bb, an, v, sa, o, san, K, VP, j); break;
-      case 2: step_blocks<A, 1, false>(Sp, Sn, e, rr, kk, bb, an, v, sa, o, san, K, VP, j); break;
-      default: step_blocks<A, 1, true>(Sp, Sn, e, rr, kk, bb, an, v, sa, o, san, K, VP, j); break;
+    switch (nb) {
+      case 4: step_blocks<A, 4, Next, Decay>(Sp, Sn, d, rr, kk, bb, an, v, sa, o, san, K, VP, j); break;
+      case 3: step_blocks<A, 3, Next, Decay>(Sp, Sn, d, rr, kk, bb, an, v, sa, o, san, K, VP, j); break;
+      case 2: step_blocks<A, 2, Next, Decay>(Sp, Sn, d, rr, kk, bb, an, v, sa, o, san, K, VP, j); break;
+      default: step_blocks<A, 1, Next, Decay>(Sp, Sn, d, rr, kk, bb, an, v, sa, o, san, K, VP, j); break;
     }
     j += nb * W;
+  }
+}
+
+// One step over all the columns; d null: no decay (the forward's scaled rows), an null: no next a^T S.
+template <typename A>
+inline void step(const A* Sp, A* Sn, const A* d, const A* rr, const A* kk, const A* bb, const A* an, const A* v,
+                 const A* sa, A* o, A* san, int64_t K, int64_t VP) {
+  if (d) {
+    if (an) step_cols<A, true, true>(Sp, Sn, d, rr, kk, bb, an, v, sa, o, san, K, VP);
+    else step_cols<A, false, true>(Sp, Sn, d, rr, kk, bb, an, v, sa, o, san, K, VP);
+  } else {
+    if (an) step_cols<A, true, false>(Sp, Sn, d, rr, kk, bb, an, v, sa, o, san, K, VP);
+    else step_cols<A, false, false>(Sp, Sn, d, rr, kk, bb, an, v, sa, o, san, K, VP);
   }
 }
 
@@ -154,11 +181,12 @@ inline void exp_inplace(A* e, int64_t npad) {
 template <typename T>
 struct StepIn {
   using A = acc_type<T>;
-  A *r, *e, *k, *a, *b, *v;
+  const A *r, *k, *a, *b, *v;  // the input rows themselves where they are A and unpadded, else rb...vb
+  A *e, *rb, *kb, *ab, *bb, *vb;
   void alloc(std::vector<A>& buf, int64_t& off, int64_t KP, int64_t VP) {
-    A** ps[] = {&r, &e, &k, &a, &b};
+    A** ps[] = {&e, &rb, &kb, &ab, &bb};
     for (A** p : ps) *p = buf.data() + off, off += KP;
-    v = buf.data() + off, off += VP;
+    vb = buf.data() + off, off += VP;
   }
   // ask for step t's rows (ahead of their use: the steps of one head are a stride of H rows apart, which the
   // hardware prefetchers do not follow across pages)
@@ -167,14 +195,22 @@ struct StepIn {
     for (const Seq4<T>* q : {&s.r, &s.w, &s.k, &s.a, &s.b}) prefetch_l2(q->at(bi, t, h), s.K * sizeof(T));
     prefetch_l2(s.v.at(bi, t, h), s.V * sizeof(T));
   }
+  // src itself (A rows needing no padding), else src in A padded with zeros into buf
+  static const A* row(const T* src, A* buf, int64_t n, int64_t npad) {
+    if constexpr (std::is_same_v<T, A>) {
+      if (n == npad) return src;
+    }
+    Wkv<T>::load(src, buf, n, npad);
+    return buf;
+  }
   void load(const Wkv<T>& s, int64_t bi, int64_t t, int64_t h) {
-    Wkv<T>::load(s.r.at(bi, t, h), r, s.K, s.KP);
+    r = row(s.r.at(bi, t, h), rb, s.K, s.KP);
     Wkv<T>::load(s.w.at(bi, t, h), e, s.K, s.KP);
     exp_inplace(e, s.KP);
-    Wkv<T>::load(s.k.at(bi, t, h), k, s.K, s.KP);
-    Wkv<T>::load(s.a.at(bi, t, h), a, s.K, s.KP);
-    Wkv<T>::load(s.b.at(bi, t, h), b, s.K, s.KP);
-    Wkv<T>::load(s.v.at(bi, t, h), v, s.V, s.VP);
+    k = row(s.k.at(bi, t, h), kb, s.K, s.KP);
+    a = row(s.a.at(bi, t, h), ab, s.K, s.KP);
+    b = row(s.b.at(bi, t, h), bb, s.K, s.KP);
+    v = row(s.v.at(bi, t, h), vb, s.V, s.VP);
   }
 };
 
@@ -257,31 +293,99 @@ void check_wkv(const at::Tensor& r, const at::Tensor& w, const at::Tensor& k, co
 // ---------------------------------------------------------------------------------------------------------
 // forward: one item = (batch, head)
 // ---------------------------------------------------------------------------------------------------------
+// The forward keeps the state's rows scaled, S = diag(c) St with c the product of the decays since St was last
+// renormalised, so that most steps have no decay term (four multiply-adds per state element, not five):
+//   sa_t = St_{t-1}^T (c_{t-1} a_t);  c_t = c_{t-1} exp(w_t);
+//   St_t = St_{t-1} + (b_t / c_t) sa_t^T + (k_t / c_t) v_t^T;  o_t = St_t^T (scale c_t r_t)
+// When some c_t would fall below kMinScale (1 / c_t, and St's rows with it, growing without bound), the step
+// renormalises instead: St_t = diag(c_{t-1} exp(w_t)) St_{t-1} + b_t sa_t^T + k_t v_t^T, c_t = 1 (the plain step).
+// Rounding is relative, so scaled rows carry the same relative error as the plain recurrence's.
+constexpr double kMinScale = 1.0 / (1 << 20);
+
+// Steps whose input rows the forward gathers at a time: a head's rows are H rows apart, a walk the hardware
+// prefetchers do not follow, so one step at a time waits on each row's latency; a tight loop copying a block of
+// them keeps many misses in flight. The block (r, exp(w), k, a, b, v per step: about 48 KB at K = V = 64) and its
+// outputs stay in L2, the state in L1.
+constexpr int64_t kBlock = 32;
+
 template <typename T>
 void wkv_fwd_item(const Wkv<T>& s, int64_t bi, int64_t h, T* out, acc_type<T>* states, std::vector<acc_type<T>>& buf) {
   using A = acc_type<T>;
-  const int64_t K = s.K, V = s.V, VP = s.VP, KP = s.KP;
-  buf.assign(K * VP + 3 * VP + 2 * KP + 5 * KP + VP, A(0));
-  A *S = buf.data(), *sa = S + K * VP, *san = sa + VP, *o = san + VP, *an = o + VP;
-  int64_t off = (an + KP) - buf.data();
-  StepIn<T> in;
-  in.alloc(buf, off, KP, VP);
+  using Vec = Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  const int64_t K = s.K, V = s.V, VP = s.VP, KP = s.KP, RS = 5 * KP + VP;  // RS: a step's rows in the block
+  const int64_t TB = std::min(kBlock, s.L);
+  buf.assign(K * VP + 2 * VP + 6 * KP + (TB + 1) * RS + TB * VP, A(0));
+  A *S = buf.data(), *sa = S + K * VP, *san = sa + VP, *an = san + VP, *c = an + KP, *cn = c + KP;
+  A *rr = cn + KP, *kk = rr + KP, *bb = kk + KP, *blk = bb + KP, *ob = blk + (TB + 1) * RS;
   const int64_t item = bi * s.H + h;
+  // the true state of the scaled one into dst (K, V)
+  auto save = [&](A* dst) {
+    for (int64_t i = 0; i < K; ++i)
+      for (int64_t j = 0; j < V; ++j) dst[i * V + j] = S[i * VP + j] * c[i];
+  };
+  // steps [t0, t0 + n) into the block (and a of step t0 + n, the last step's next a^T S, where there is one)
+  auto gather = [&](int64_t t0, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) {
+      A* row = blk + j * RS;
+      const int64_t t = t0 + j;
+      Wkv<T>::load(s.r.at(bi, t, h), row, K, KP);
+      Wkv<T>::load(s.w.at(bi, t, h), row + KP, K, KP);
+      Wkv<T>::load(s.k.at(bi, t, h), row + 2 * KP, K, KP);
+      Wkv<T>::load(s.a.at(bi, t, h), row + 3 * KP, K, KP);
+      Wkv<T>::load(s.b.at(bi, t, h), row + 4 * KP, K, KP);
+      Wkv<T>::load(s.v.at(bi, t, h), row + 5 * KP, V, VP);
+    }
+    if (t0 + n < s.L) Wkv<T>::load(s.a.at(bi, t0 + n, h), blk + n * RS + 3 * KP, K, KP);
+    for (int64_t j = 0; j < n; ++j) exp_inplace(blk + j * RS + KP, KP);
+  };
   s.load_state(s.h0 ? s.h0 + item * K * V : nullptr, S);
-  if (s.L == 0) return;
-  Wkv<T>::load(s.a.at(bi, 0, h), an, K, KP);
-  state_t_vec(S, an, sa, K, VP);
-  for (int64_t t = 0; t < std::min<int64_t>(kAhead, s.L); ++t) StepIn<T>::prefetch(s, bi, t, h);
-  for (int64_t t = 0; t < s.L; ++t) {
-    StepIn<T>::prefetch(s, bi, t + kAhead, h);
-    in.load(s, bi, t, h);
-    const bool more = t + 1 < s.L;
-    if (more) Wkv<T>::load(s.a.at(bi, t + 1, h), an, K, KP);
-    step(S, S, in.e, in.r, in.k, in.b, more ? an : nullptr, in.v, sa, o, san, K, VP);
-    T* op = out + ((bi * s.L + t) * s.H + h) * V;
-    for (int64_t j = 0; j < V; ++j) op[j] = static_cast<T>(o[j] * s.scale);
-    std::swap(sa, san);
-    if ((t + 1) % s.C == 0 || !more) s.store_state(S, states + (item * s.nchunks + t / s.C) * K * V);
+  std::fill(c, c + KP, A(1));
+  const Vec floor(static_cast<A>(kMinScale)), sc(s.scale);
+  for (int64_t t0 = 0; t0 < s.L; t0 += TB) {
+    const int64_t n = std::min(TB, s.L - t0);
+    gather(t0, n);
+    if (t0 == 0) state_t_vec(S, blk + 3 * KP, sa, K, VP);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t t = t0 + j;
+      const A *r = blk + j * RS, *e = r + KP, *k = e + KP, *b = k + 2 * KP, *v = b + KP;
+      const bool more = t + 1 < s.L;
+      // cn = c exp(w); renormalise when any row's falls below the floor (a NaN scale goes the plain way too)
+      bool renorm = false;
+      for (int64_t i = 0; i < KP; i += W) {
+        const Vec x = Vec::loadu(c + i) * Vec::loadu(e + i);
+        x.store(cn + i);
+        renorm |= (x >= floor).zero_mask() != 0;  // a lane below the floor, or NaN
+      }
+      if (renorm) {
+        std::fill(c, c + KP, A(1));
+      } else {
+        for (int64_t i = 0; i < KP; i += W) {
+          const Vec x = Vec::loadu(cn + i), ix = Vec(1) / x;
+          x.store(c + i);
+          (ix * Vec::loadu(k + i)).store(kk + i);
+          (ix * Vec::loadu(b + i)).store(bb + i);
+        }
+      }
+      for (int64_t i = 0; i < KP; i += W) (sc * Vec::loadu(c + i) * Vec::loadu(r + i)).store(rr + i);
+      if (more) {
+        const A* a1 = blk + (j + 1) * RS + 3 * KP;
+        for (int64_t i = 0; i < KP; i += W) (Vec::loadu(c + i) * Vec::loadu(a1 + i)).store(an + i);
+      }
+      step(S, S, renorm ? cn : nullptr, rr, renorm ? k : kk, renorm ? b : bb, more ? an : nullptr, v, sa,
+           ob + j * VP, san, K, VP);
+      std::swap(sa, san);
+      if ((t + 1) % s.C == 0 || !more) save(states + (item * s.nchunks + t / s.C) * K * V);
+    }
+    for (int64_t j = 0; j < n; ++j) {  // the block's outputs to their rows
+      T* op = out + ((bi * s.L + t0 + j) * s.H + h) * V;
+      const A* oj = ob + j * VP;
+      if constexpr (std::is_same_v<T, A>) {
+        std::memcpy(op, oj, V * sizeof(A));
+      } else {
+        for (int64_t jv = 0; jv < V; ++jv) op[jv] = static_cast<T>(oj[jv]);
+      }
+    }
   }
 }
 
@@ -292,8 +396,8 @@ std::tuple<at::Tensor, at::Tensor> wkv7_fwd(const at::Tensor& r, const at::Tenso
   const int64_t B = r.size(0), L = r.size(1), H = r.size(2), K = r.size(3), V = v.size(3);
   const int64_t nchunks = (L + chunk - 1) / chunk;
   const auto acc = at::toOpMathType(r.scalar_type());
-  auto out = at::empty({B, L, H, V}, r.options());
-  auto states = at::empty({B, H, nchunks, K, V}, r.options().dtype(acc));
+  auto out = empty({B, L, H, V}, r.options());
+  auto states = empty({B, H, nchunks, K, V}, r.options().dtype(acc));
   TRITIUM_DISPATCH_FLOATING(r.scalar_type(), "tritium_wkv7_fwd", [&] {
     const auto s = make_wkv<scalar_t>(r, w, k, v, a, b, scale, h0, chunk);
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
@@ -445,8 +549,8 @@ wkv7_bwd(const at::Tensor& dout, const at::Tensor& r, const at::Tensor& w, const
   check_wkv_bwd(dout, r, v, chunk, states, dht);
   const int64_t B = r.size(0), L = r.size(1), H = r.size(2), K = r.size(3), V = v.size(3);
   const auto acc = at::toOpMathType(r.scalar_type());
-  auto dr = at::empty({B, L, H, K}, r.options()), dw = at::empty_like(dr), dk = at::empty_like(dr);
-  auto da = at::empty_like(dr), db = at::empty_like(dr), dv = at::empty({B, L, H, V}, r.options());
+  auto dr = empty({B, L, H, K}, r.options()), dw = empty(dr.sizes(), r.options()), dk = empty(dr.sizes(), r.options());
+  auto da = empty(dr.sizes(), r.options()), db = empty(dr.sizes(), r.options()), dv = empty({B, L, H, V}, r.options());
   auto dh0 = at::empty({B, H, K, V}, r.options().dtype(acc));
   TRITIUM_DISPATCH_FLOATING(r.scalar_type(), "tritium_wkv7_bwd", [&] {
     using A = acc_type<scalar_t>;
@@ -572,8 +676,8 @@ std::tuple<at::Tensor, at::Tensor> wkv6_fwd(const at::Tensor& r, const at::Tenso
   check_wkv6(r, k, v, w, u, h0, chunk);
   const int64_t B = r.size(0), L = r.size(1), H = r.size(2), K = r.size(3), V = v.size(3);
   const int64_t nchunks = (L + chunk - 1) / chunk;
-  auto out = at::empty({B, L, H, V}, r.options());
-  auto states = at::empty({B, H, nchunks, K, V}, r.options().dtype(at::toOpMathType(r.scalar_type())));
+  auto out = empty({B, L, H, V}, r.options());
+  auto states = empty({B, H, nchunks, K, V}, r.options().dtype(at::toOpMathType(r.scalar_type())));
   TRITIUM_DISPATCH_FLOATING(r.scalar_type(), "tritium_wkv6_fwd", [&] {
     const auto s = make_wkv6<scalar_t>(r, k, v, w, u, scale, h0, chunk);
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
@@ -663,8 +767,8 @@ wkv6_bwd(const at::Tensor& dout, const at::Tensor& r, const at::Tensor& k, const
   check_wkv_bwd(dout, r, v, chunk, states, dht);
   const int64_t B = r.size(0), L = r.size(1), H = r.size(2), K = r.size(3), V = v.size(3);
   const auto acc = at::toOpMathType(r.scalar_type());
-  auto dr = at::empty({B, L, H, K}, r.options()), dk = at::empty_like(dr), dw = at::empty_like(dr);
-  auto dv = at::empty({B, L, H, V}, r.options());
+  auto dr = empty({B, L, H, K}, r.options()), dk = empty(dr.sizes(), r.options()), dw = empty(dr.sizes(), r.options());
+  auto dv = empty({B, L, H, V}, r.options());
   auto du_part = at::empty({B, H, K}, r.options().dtype(acc));
   auto dh0 = at::empty({B, H, K, V}, r.options().dtype(acc));
   TRITIUM_DISPATCH_FLOATING(r.scalar_type(), "tritium_wkv6_bwd", [&] {

@@ -104,6 +104,28 @@ def test_wkv7(impl_name, impl, dtype, shape):
 
 
 @pytest.mark.parametrize("impl_name,impl,dtype", CASES, ids=IDS)
+@pytest.mark.parametrize("decay", ["strong", "mixed", "none"])
+def test_wkv7_decay_extremes(impl_name, impl, dtype, decay):
+    """Log decays far outside RWKV-7's range against the reference, values and gradients: down to -30 (a row's
+    product of decays falls below any floor within a step or two: the C++ forward's renormalising steps), strong
+    and none mixed within a head (rows renormalise at different times), and exactly 0 (no decay at all: scaled
+    rows that never renormalise)."""
+    B, T, H, K, V, chunk = 1, 40, 2, 16, 16, 8
+    args = make_inputs(B, T, H, K, V, dtype, seed=3)
+    w = args["w"].double()
+    args["w"] = {"strong": 50 * w, "mixed": 50 * w * (torch.arange(K) % 2), "none": 0 * w}[decay].to(dtype)
+    gen = torch.Generator().manual_seed(4)
+    dout = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64).to(dtype)
+    o, states = impl.wkv7_fwd(*(args[n] for n in NAMES), K ** -0.5, None, chunk)
+    grads = impl.wkv7_bwd(dout, *(args[n] for n in NAMES), K ** -0.5, None, chunk, states, None)
+    (t_o, t_last, t_g), (r_o, r_last, r_g) = _reference(args, K ** -0.5, None, dout, None, dtype)
+    assert_within_torch_error(o, t_o, r_o, "o")
+    assert_within_torch_error(states[:, :, -1], t_last, r_last, "final state")
+    for name, g, tg, rg in zip(NAMES, grads, t_g, r_g):
+        assert_within_torch_error(g, tg, rg, f"d{name}")
+
+
+@pytest.mark.parametrize("impl_name,impl,dtype", CASES, ids=IDS)
 def test_intermediate_states(impl_name, impl, dtype):
     """states[:, :, c] is the state after step min((c + 1) chunk, T) - 1 (the reference run on the prefix)."""
     B, T, H, K, V, chunk = 2, 11, 2, 4, 3, 4

@@ -11,9 +11,10 @@ old value at key kappa. Layout as fla's (head_first=False): r, w, k, a, b (B, T,
 the state (B, H, K, V). scale defaults to K ** -0.5, as fused_recurrent_rwkv7 and the naive reference.
 
 The forward keeps the state in registers / L1 and writes it once every ``chunk`` steps (``states``:
-(B, H, ceil(T / chunk), K, V), the last of which is the final state); the backward recomputes each chunk's states
-from the saved one before it and runs the adjoint through the chunk in reverse. Memory: O(B H K V T / chunk)
-besides the inputs and gradients. The state and initial_state are float32 (float64 for float64 input).
+(B, H, ceil(T / chunk), K, V), the last of which is the final state; without gradients, the final state only); the
+backward recomputes each chunk's states from the saved one before it and runs the adjoint through the chunk in
+reverse. Memory: O(B H K V T / chunk) besides the inputs and gradients. The state and initial_state are float32
+(float64 for float64 input).
 
 RWKV-6 (``wkv6``, fla's ``fused_recurrent_rwkv6``; its naive reference is ``fla.ops.rwkv6.recurrent_naive.
 naive_recurrent_rwkv6``) has a diagonal decay and a bonus u (H, K) for the current token:
@@ -38,6 +39,14 @@ def wkv_chunk(K: int, V: int) -> int:
     return max(4, min(64, 131072 // max(K * V, 1)))
 
 
+def _saved_chunk(K: int, V: int, T: int, tensors) -> int:
+    """The forward's chunk: wkv_chunk where a backward may follow, else the whole sequence (only the final state
+    is written, not one every chunk steps)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return wkv_chunk(K, V)
+    return max(T, 1)
+
+
 # ---- the specification: plain torch, a loop over time (fla's naive recurrence, any scale) ----
 def wkv7_reference(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, scale: Optional[float] = None,
                    initial_state: Optional[Tensor] = None, output_final_state: bool = False
@@ -50,12 +59,18 @@ def wkv7_reference(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Ten
     S = r.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(r.dtype)
     outs = []
     for t in range(T):
-        rt, wt, kt, vt, at, bt = (x[:, t] for x in (r, w, k, v, a, b))
-        sa = (at[..., None] * S).sum(-2)  # a^T S: (B, H, V)
-        S = S * wt.exp()[..., None] + bt[..., None] * sa[..., None, :] + kt[..., None] * vt[..., None, :]
-        outs.append(((rt * scale)[..., None] * S).sum(-2))
+        S, o = wkv7_reference_step(S, *(x[:, t] for x in (r, w, k, v, a, b)), scale)
+        outs.append(o)
     o = torch.stack(outs, 1) if outs else v.new_empty(B, 0, H, V)
     return o, (S.to(acc_dtype(r.dtype)) if output_final_state else None)
+
+
+def wkv7_reference_step(S: Tensor, r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, scale: float
+                        ) -> Tuple[Tensor, Tensor]:
+    """One step of wkv7_reference: S (B, H, K, V), r, w, k, a, b (B, H, K), v (B, H, V) -> (the new S, o (B, H, V))."""
+    sa = (a[..., None] * S).sum(-2)  # a^T S: (B, H, V)
+    S = S * w.exp()[..., None] + b[..., None] * sa[..., None, :] + k[..., None] * v[..., None, :]
+    return S, ((r * scale)[..., None] * S).sum(-2)
 
 
 def wkv6_reference(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, scale: Optional[float] = None,
@@ -212,7 +227,7 @@ def wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, scale
     acc = acc_dtype(r.dtype)
     h0 = None if initial_state is None else initial_state.to(acc).contiguous()
     o, states = wkv7_fwd(unit_last(r), unit_last(w), unit_last(k), unit_last(v), unit_last(a), unit_last(b), scale,
-                         h0, wkv_chunk(K, v.shape[-1]))
+                         h0, _saved_chunk(K, v.shape[-1], r.shape[1], (r, w, k, v, a, b, initial_state)))
     return o, (states[:, :, -1] if output_final_state else None)
 
 
@@ -249,7 +264,7 @@ def wkv6(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, scale: Optional[
     acc = acc_dtype(r.dtype)
     h0 = None if initial_state is None else initial_state.to(acc).contiguous()
     o, states = wkv6_fwd(unit_last(r), unit_last(k), unit_last(v), unit_last(w), u.to(acc).contiguous(), scale, h0,
-                         wkv_chunk(K, v.shape[-1]))
+                         _saved_chunk(K, v.shape[-1], r.shape[1], (r, k, v, w, u, initial_state)))
     return o, (states[:, :, -1] if output_final_state else None)
 
 
