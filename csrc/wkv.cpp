@@ -302,91 +302,119 @@ void check_wkv(const at::Tensor& r, const at::Tensor& w, const at::Tensor& k, co
 // Rounding is relative, so scaled rows carry the same relative error as the plain recurrence's.
 constexpr double kMinScale = 1.0 / (1 << 20);
 
-// Steps whose input rows the forward gathers at a time: a head's rows are H rows apart, a walk the hardware
-// prefetchers do not follow, so one step at a time waits on each row's latency; a tight loop copying a block of
-// them keeps many misses in flight. The block (r, exp(w), k, a, b, v per step: about 48 KB at K = V = 64) and its
-// outputs stay in L2, the state in L1.
-constexpr int64_t kBlock = 32;
+// The forward runs a group of G heads of one batch row (as many as keep enough groups for the threads): its
+// inputs are read kBlock steps at a time into an L2 block, each step's G heads one contiguous G-row stretch per
+// input, so the reads stream (one head alone would walk rows H apart, a stride the hardware prefetchers do not
+// follow, touching a new page every step); then each head runs the block's steps with its state in L1, and the
+// block's outputs go back to their rows together. The block (r, exp(w), k, a, b, v per step and head: about 24 KB a
+// head at K = V = 64) and the group's states stay in L2.
+constexpr int64_t kBlock = 16;
 
 template <typename T>
-void wkv_fwd_item(const Wkv<T>& s, int64_t bi, int64_t h, T* out, acc_type<T>* states, std::vector<acc_type<T>>& buf) {
+void wkv_fwd_group(const Wkv<T>& s, int64_t bi, int64_t h0, int64_t G, T* out, acc_type<T>* states,
+                   std::vector<acc_type<T>>& buf) {
   using A = acc_type<T>;
   using Vec = Vectorized<A>;
   constexpr int64_t W = Vec::size();
   const int64_t K = s.K, V = s.V, VP = s.VP, KP = s.KP, RS = 5 * KP + VP;  // RS: a step's rows in the block
-  const int64_t TB = std::min(kBlock, s.L);
-  buf.assign(K * VP + 2 * VP + 6 * KP + (TB + 1) * RS + TB * VP, A(0));
-  A *S = buf.data(), *sa = S + K * VP, *san = sa + VP, *an = san + VP, *c = an + KP, *cn = c + KP;
-  A *rr = cn + KP, *kk = rr + KP, *bb = kk + KP, *blk = bb + KP, *ob = blk + (TB + 1) * RS;
-  const int64_t item = bi * s.H + h;
-  // the true state of the scaled one into dst (K, V)
-  auto save = [&](A* dst) {
-    for (int64_t i = 0; i < K; ++i)
-      for (int64_t j = 0; j < V; ++j) dst[i * V + j] = S[i * VP + j] * c[i];
-  };
-  // steps [t0, t0 + n) into the block (and a of step t0 + n, the last step's next a^T S, where there is one)
+  const int64_t TB = std::min(kBlock, s.L), HS = K * VP + VP + KP;         // HS: a head's state, sa and c
+  buf.assign(G * HS + VP + 6 * KP + G * (TB + 1) * RS + G * TB * VP, A(0));
+  A *hs = buf.data(), *san = hs + G * HS, *an = san + VP, *cn = an + KP, *rr = cn + KP, *kk = rr + KP;
+  A *bb = kk + KP, *blk = bb + KP, *ob = blk + G * (TB + 1) * RS;
+  // steps [t0, t0 + n) of the group's heads into the block (and a of step t0 + n, the last step's next a^T S,
+  // where there is one): head g's step j at blk + (g (TB + 1) + j) RS
   auto gather = [&](int64_t t0, int64_t n) {
-    for (int64_t j = 0; j < n; ++j) {
-      A* row = blk + j * RS;
+    for (int64_t j = 0; j <= n; ++j) {
       const int64_t t = t0 + j;
-      Wkv<T>::load(s.r.at(bi, t, h), row, K, KP);
-      Wkv<T>::load(s.w.at(bi, t, h), row + KP, K, KP);
-      Wkv<T>::load(s.k.at(bi, t, h), row + 2 * KP, K, KP);
-      Wkv<T>::load(s.a.at(bi, t, h), row + 3 * KP, K, KP);
-      Wkv<T>::load(s.b.at(bi, t, h), row + 4 * KP, K, KP);
-      Wkv<T>::load(s.v.at(bi, t, h), row + 5 * KP, V, VP);
+      if (j == n && t >= s.L) break;
+      for (int64_t g = 0; g < G; ++g) {
+        A* row = blk + (g * (TB + 1) + j) * RS;
+        const int64_t h = h0 + g;
+        Wkv<T>::load(s.a.at(bi, t, h), row + 3 * KP, K, KP);
+        if (j == n) continue;
+        Wkv<T>::load(s.r.at(bi, t, h), row, K, KP);
+        Wkv<T>::load(s.w.at(bi, t, h), row + KP, K, KP);
+        exp_inplace(row + KP, KP);
+        Wkv<T>::load(s.k.at(bi, t, h), row + 2 * KP, K, KP);
+        Wkv<T>::load(s.b.at(bi, t, h), row + 4 * KP, K, KP);
+        Wkv<T>::load(s.v.at(bi, t, h), row + 5 * KP, V, VP);
+      }
     }
-    if (t0 + n < s.L) Wkv<T>::load(s.a.at(bi, t0 + n, h), blk + n * RS + 3 * KP, K, KP);
-    for (int64_t j = 0; j < n; ++j) exp_inplace(blk + j * RS + KP, KP);
   };
-  s.load_state(s.h0 ? s.h0 + item * K * V : nullptr, S);
-  std::fill(c, c + KP, A(1));
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t item = bi * s.H + h0 + g;
+    s.load_state(s.h0 ? s.h0 + item * K * V : nullptr, hs + g * HS);
+    std::fill(hs + g * HS + K * VP + VP, hs + (g + 1) * HS, A(1));
+  }
   const Vec floor(static_cast<A>(kMinScale)), sc(s.scale);
   for (int64_t t0 = 0; t0 < s.L; t0 += TB) {
     const int64_t n = std::min(TB, s.L - t0);
     gather(t0, n);
-    if (t0 == 0) state_t_vec(S, blk + 3 * KP, sa, K, VP);
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t t = t0 + j;
-      const A *r = blk + j * RS, *e = r + KP, *k = e + KP, *b = k + 2 * KP, *v = b + KP;
-      const bool more = t + 1 < s.L;
-      // cn = c exp(w); renormalise when any row's falls below the floor (a NaN scale goes the plain way too)
-      bool renorm = false;
-      for (int64_t i = 0; i < KP; i += W) {
-        const Vec x = Vec::loadu(c + i) * Vec::loadu(e + i);
-        x.store(cn + i);
-        renorm |= (x >= floor).zero_mask() != 0;  // a lane below the floor, or NaN
-      }
-      if (renorm) {
-        std::fill(c, c + KP, A(1));
-      } else {
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t item = bi * s.H + h0 + g;
+      A *S = hs + g * HS, *sa = S + K * VP, *c = sa + VP;
+      const A* hb = blk + g * (TB + 1) * RS;
+      if (t0 == 0) state_t_vec(S, hb + 3 * KP, sa, K, VP);
+      // the true state of the scaled one into dst (K, V)
+      auto save = [&](A* dst) {
+        for (int64_t i = 0; i < K; ++i)
+          for (int64_t j = 0; j < V; ++j) dst[i * V + j] = S[i * VP + j] * c[i];
+      };
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t t = t0 + j;
+        const A *r = hb + j * RS, *e = r + KP, *k = e + KP, *b = k + 2 * KP, *v = b + KP;
+        const bool more = t + 1 < s.L;
+        // cn = c exp(w); renormalise when any row's falls below the floor (a NaN scale goes the plain way too)
+        bool renorm = false;
         for (int64_t i = 0; i < KP; i += W) {
-          const Vec x = Vec::loadu(cn + i), ix = Vec(1) / x;
-          x.store(c + i);
-          (ix * Vec::loadu(k + i)).store(kk + i);
-          (ix * Vec::loadu(b + i)).store(bb + i);
+          const Vec x = Vec::loadu(c + i) * Vec::loadu(e + i);
+          x.store(cn + i);
+          renorm |= (x >= floor).zero_mask() != 0;  // a lane below the floor, or NaN
+        }
+        if (renorm) {
+          std::fill(c, c + KP, A(1));
+        } else {
+          for (int64_t i = 0; i < KP; i += W) {
+            const Vec x = Vec::loadu(cn + i), ix = Vec(1) / x;
+            x.store(c + i);
+            (ix * Vec::loadu(k + i)).store(kk + i);
+            (ix * Vec::loadu(b + i)).store(bb + i);
+          }
+        }
+        for (int64_t i = 0; i < KP; i += W) (sc * Vec::loadu(c + i) * Vec::loadu(r + i)).store(rr + i);
+        if (more) {
+          const A* a1 = hb + (j + 1) * RS + 3 * KP;
+          for (int64_t i = 0; i < KP; i += W) (Vec::loadu(c + i) * Vec::loadu(a1 + i)).store(an + i);
+        }
+        step(S, S, renorm ? cn : nullptr, rr, renorm ? k : kk, renorm ? b : bb, more ? an : nullptr, v, sa,
+             ob + (g * TB + j) * VP, san, K, VP);
+        std::copy(san, san + VP, sa);
+        if ((t + 1) % s.C == 0 || !more) save(states + (item * s.nchunks + t / s.C) * K * V);
+      }
+    }
+    for (int64_t j = 0; j < n; ++j)  // the block's outputs to their rows
+      for (int64_t g = 0; g < G; ++g) {
+        T* op = out + ((bi * s.L + t0 + j) * s.H + h0 + g) * V;
+        const A* oj = ob + (g * TB + j) * VP;
+        if constexpr (std::is_same_v<T, A>) {
+          std::memcpy(op, oj, V * sizeof(A));
+        } else {
+          for (int64_t jv = 0; jv < V; ++jv) op[jv] = static_cast<T>(oj[jv]);
         }
       }
-      for (int64_t i = 0; i < KP; i += W) (sc * Vec::loadu(c + i) * Vec::loadu(r + i)).store(rr + i);
-      if (more) {
-        const A* a1 = blk + (j + 1) * RS + 3 * KP;
-        for (int64_t i = 0; i < KP; i += W) (Vec::loadu(c + i) * Vec::loadu(a1 + i)).store(an + i);
-      }
-      step(S, S, renorm ? cn : nullptr, rr, renorm ? k : kk, renorm ? b : bb, more ? an : nullptr, v, sa,
-           ob + j * VP, san, K, VP);
-      std::swap(sa, san);
-      if ((t + 1) % s.C == 0 || !more) save(states + (item * s.nchunks + t / s.C) * K * V);
-    }
-    for (int64_t j = 0; j < n; ++j) {  // the block's outputs to their rows
-      T* op = out + ((bi * s.L + t0 + j) * s.H + h) * V;
-      const A* oj = ob + j * VP;
-      if constexpr (std::is_same_v<T, A>) {
-        std::memcpy(op, oj, V * sizeof(A));
-      } else {
-        for (int64_t jv = 0; jv < V; ++jv) op[jv] = static_cast<T>(oj[jv]);
-      }
-    }
   }
+}
+
+template <typename T>
+void wkv_fwd_item(const Wkv<T>& s, int64_t bi, int64_t h, T* out, acc_type<T>* states, std::vector<acc_type<T>>& buf) {
+  wkv_fwd_group(s, bi, h, 1, out, states, buf);
+}
+
+// heads per group: all of a batch row's, halved until there are 4 groups a thread (or one head a group)
+inline int64_t fwd_group(int64_t B, int64_t H) {
+  int64_t G = H;
+  while (G > 1 && B * ((H + G - 1) / G) < 4 * at::get_num_threads()) G = (G + 1) / 2;
+  return G;
 }
 
 std::tuple<at::Tensor, at::Tensor> wkv7_fwd(const at::Tensor& r, const at::Tensor& w, const at::Tensor& k,
@@ -402,7 +430,14 @@ std::tuple<at::Tensor, at::Tensor> wkv7_fwd(const at::Tensor& r, const at::Tenso
     const auto s = make_wkv<scalar_t>(r, w, k, v, a, b, scale, h0, chunk);
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     auto* st = states.mutable_data_ptr<acc_type<scalar_t>>();
-    for_items<acc_type<scalar_t>>(B, H, 1, [&](int64_t bi, int64_t h, auto& buf) { wkv_fwd_item(s, bi, h, o, st, buf); });
+    const int64_t G = fwd_group(B, H), NG = (H + G - 1) / G;
+    at::parallel_for(0, B * NG, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_type<scalar_t>> buf;
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t h0 = i % NG * G;
+        wkv_fwd_group(s, i / NG, h0, std::min(G, H - h0), o, st, buf);
+      }
+    });
   });
   return {out, states};
 }

@@ -103,6 +103,19 @@ def test_wkv7(impl_name, impl, dtype, shape):
         assert grads[6].shape == (B, H, K, V)
 
 
+# batch x heads enough for the C++ forward to run several heads of a batch row per task (csrc/wkv.cpp's fwd_group:
+# on 2 threads groups of 3, 4 and 5 heads), with an initial state, dht, chunks, strides
+GROUPED = [(8, 37, 3, 5, 7, 8, True, True, False), (16, 21, 4, 16, 16, None, False, False, True),
+           (9, 19, 5, 3, 4, 4, True, False, False)]
+CPP = [(c, i) for c, i in zip(CASES, IDS) if c[0] == "cpp"]
+
+
+@pytest.mark.parametrize("impl_name,impl,dtype", [c for c, _ in CPP], ids=[i for _, i in CPP])
+@pytest.mark.parametrize("shape", GROUPED, ids=[f"B{s[0]}-H{s[2]}" for s in GROUPED])
+def test_wkv7_head_groups(impl_name, impl, dtype, shape):
+    test_wkv7(impl_name, impl, dtype, shape)
+
+
 @pytest.mark.parametrize("impl_name,impl,dtype", CASES, ids=IDS)
 @pytest.mark.parametrize("decay", ["strong", "mixed", "none"])
 def test_wkv7_decay_extremes(impl_name, impl, dtype, decay):
