@@ -156,9 +156,10 @@ WKV_PROSE = """\
 RWKV-7's wkv recurrence (`tritium.wkv7`) against the naive reference algorithm, a Python loop over time as
 flash-linear-attention's naive recurrence is (`tritium.ops.wkv.wkv7_reference`), eager and under `torch.compile`,
 at issue 24's bar shape (batch 8, length 1024, 12 heads of size 64), float32. torch.compile unrolls the loop's
-1024 steps into one graph: the forward compiles in minutes; the forward and backward did not compile on this
-machine (Inductor stopped with a RecursionError after about 20 minutes), so the forward-and-backward rows are
-recorded against eager only (`wkv-fwdbwd-amd-avx512.json`).
+1024 steps into one graph: the forward compiles in minutes; the forward and backward does not compile that way
+(Inductor stopped with a RecursionError after about 20 minutes on this machine), so its compile baseline is the
+loop with its step compiled (`torch.compile(wkv7_reference_step)`, what a user compiles instead; a recording
+without a compile column predates it).
 """
 
 GRAPH_PROSE = """\
