@@ -106,8 +106,10 @@ inline void point(const V& x, const V& y, const V& p, const V& a, const V& b, do
     // torch's order of tests (NaN falls through to d / a, giving NaN); beta = 0 is l1's sign (0 at NaN)
     der = where(d < a.neg(), one.neg(), where(d > a, one, where(a == zero, zero, d / a)));
   } else if constexpr (L == HUBER) {
-    const V d = x - y, ad = d.abs(), in = ad < a;
-    val = where(in, V(0.5) * d * d, a * (ad - V(0.5) * a));
+    // c (|d| - c/2), c = min(|d|, a): |d|^2 / 2 inside (|d| - |d|/2 is exact: torch's one rounding), torch's
+    // a (|d| - a/2) outside, NaN through the NaN-propagating minimum; no compare and blend
+    const V d = x - y, ad = d.abs(), c = at::vec::minimum(ad, a);
+    val = c * (ad - V(0.5) * c);
     der = where(d < a.neg(), a.neg(), where(d > a, a, d));
   } else if constexpr (L == BCE) {
     const V lo(-100);
@@ -156,20 +158,25 @@ inline void point(const V& x, const V& y, const V& p, const V& a, const V& b, do
   }
 }
 
-// Vectors of T loaded / stored count (<= K) elements at a time; the other lanes read 0.
+// Vectors of T loaded / stored count (<= K) elements at a time; the other lanes read 0. A partial vector of
+// float / double is one masked load or store (ATen's loadu / store with a count); of a 16-bit type, a copy through
+// a zeroed buffer.
 template <typename T>
 struct Lanes {
   using IO = VecIO<T>;
   using Vec = typename IO::Vec;
   static constexpr int64_t K = IO::kSize;
+  static constexpr bool kWide = std::is_same_v<T, typename IO::acc_t>;  // float / double: no conversion
   static inline Vec load(const T* p, int64_t count) {
     if (count == K) return IO::load(p);
+    if constexpr (kWide) return Vec::loadu(p, count);
     T buf[K] = {};
     for (int64_t k = 0; k < count; ++k) buf[k] = p[k];
     return IO::load(buf);
   }
   static inline void store(T* p, const Vec& v, int64_t count) {
     if (count == K) return IO::store(p, v);
+    if constexpr (kWide) return v.store(p, count);
     T buf[K];
     IO::store(buf, v);
     for (int64_t k = 0; k < count; ++k) p[k] = buf[k];
@@ -220,6 +227,45 @@ inline void for_points(const Inputs<T>& in, int64_t begin, int64_t end, double a
       f(i, count, val, der);
     }
   });
+}
+
+// The sum of the (weighted) pointwise loss over [begin, end), in four vector chains (one chain would bind the loop to
+// the add's latency). Without a weight or a per-column vector (the common call) it is one straight loop over whole
+// vectors, four at a time, and a masked tail: no per-vector tests of the optional inputs, the fewest instructions
+// per element, so that a read-and-reduce pass runs at the memory's read rate on both cores; else for_points.
+template <int64_t L, typename T>
+inline acc_type<T> sum_points(const Inputs<T>& in, int64_t begin, int64_t end, double a, double b) {
+  using LV = Lanes<T>;
+  using Vec = typename LV::Vec;
+  constexpr int64_t K = LV::K;
+  Vec s0(0), s1(0), s2(0), s3(0);
+  if (!in.w && !in.p) {
+    const Vec va(a), vb(b), one(1);
+    const auto term = [&](const Vec& x, const Vec& y) {
+      Vec val, der;  // der: unused here (dead code)
+      point<L>(x, y, one, va, vb, b, val, der);
+      return val;
+    };
+    const T* x = in.x;
+    const T* y = in.y;
+    int64_t i = begin;
+    for (; i + 4 * K <= end; i += 4 * K) {
+      s0 = s0 + term(LV::IO::load(x + i), LV::IO::load(y + i));
+      s1 = s1 + term(LV::IO::load(x + i + K), LV::IO::load(y + i + K));
+      s2 = s2 + term(LV::IO::load(x + i + 2 * K), LV::IO::load(y + i + 2 * K));
+      s3 = s3 + term(LV::IO::load(x + i + 3 * K), LV::IO::load(y + i + 3 * K));
+    }
+    for (; i < end; i += K) {
+      const int64_t count = std::min(K, end - i);
+      const Vec v = term(LV::load(x + i, count), LV::load(y + i, count));
+      s0 = s0 + (count == K ? v : Vec::set(Vec(0), v, count));  // the padding's loss is not always 0
+    }
+  } else {
+    for_points<L>(in, begin, end, a, b, [&](int64_t, int64_t count, const Vec& val, const Vec&) {
+      s0 = s0 + (count == K ? val : Vec::set(Vec(0), val, count));
+    });
+  }
+  return hsum((s0 + s1) + (s2 + s3));
 }
 
 // BCE's input and target must lie in [0, 1] (NaN does not): torch's checks and messages, one pass of compares
@@ -288,12 +334,7 @@ at::Tensor fwd_impl(const at::Tensor& x, const at::Tensor& y, const std::optiona
         0, (in.n + kBlock - 1) / kBlock, 8, 0.0,
         [&](int64_t b0, int64_t b1, double acc) {
           for (int64_t blk = b0; blk < b1; ++blk) {
-            Vec s(0);
-            for_points<L>(in, blk * kBlock, std::min(in.n, (blk + 1) * kBlock), a, b,
-                          [&](int64_t, int64_t count, const Vec& val, const Vec&) {
-                            s = s + (count == LV::K ? val : Vec::set(Vec(0), val, count));
-                          });
-            acc += static_cast<double>(hsum(s));
+            acc += static_cast<double>(sum_points<L>(in, blk * kBlock, std::min(in.n, (blk + 1) * kBlock), a, b));
           }
           return acc;
         },
@@ -440,22 +481,36 @@ void rows_impl(int64_t loss, const at::Tensor& x1, const at::Tensor& x2, const a
         if (si) {  // the forward's distances: no pass over the rows
           dap = si[3 * r], dan = si[3 * r + 1], dpn = si[3 * r + 2];
         } else {
-          // d(a, p) and d(a, n) in one pass over the three rows (the anchor loaded once), two chains each
+          // d(a, p) and d(a, n) in one pass over the three rows (the anchor loaded once), two chains each;
+          // p = 2 (the default) as its own loop of one fused multiply-add per term, no test of p per vector
           Vec sp0(0), sp1(0), sn0(0), sn1(0);
-          int64_t i = 0;
-          for (; i + 2 * LV::K <= D; i += 2 * LV::K) {
-            const Vec a0 = ld(u, i, LV::K), a1 = ld(u, i + LV::K, LV::K);
-            sp0 = sp0 + norm_term(a0 - ld(v, i, LV::K) + veps, b);
-            sp1 = sp1 + norm_term(a1 - ld(v, i + LV::K, LV::K) + veps, b);
-            sn0 = sn0 + norm_term(a0 - ld(z, i, LV::K) + veps, b);
-            sn1 = sn1 + norm_term(a1 - ld(z, i + LV::K, LV::K) + veps, b);
-          }
-          for (; i < D; i += LV::K) {
-            const int64_t n = std::min(LV::K, D - i);
-            const Vec a0 = ld(u, i, n);
-            const Vec tp = norm_term(a0 - ld(v, i, n) + veps, b), tn = norm_term(a0 - ld(z, i, n) + veps, b);
-            sp0 = sp0 + (n == LV::K ? tp : Vec::set(Vec(0), tp, n));
-            sn0 = sn0 + (n == LV::K ? tn : Vec::set(Vec(0), tn, n));
+          const auto pass = [&](auto p2) {
+            constexpr bool P2 = decltype(p2)::value;
+            const auto acc = [&](const Vec& t, const Vec& s) {
+              if constexpr (P2) return at::vec::fmadd(t, t, s);
+              else return s + norm_term(t, b);
+            };
+            int64_t i = 0;
+            for (; i + 2 * LV::K <= D; i += 2 * LV::K) {
+              const Vec a0 = LV::IO::load(u + i), a1 = LV::IO::load(u + i + LV::K);
+              sp0 = acc(a0 - LV::IO::load(v + i) + veps, sp0);
+              sp1 = acc(a1 - LV::IO::load(v + i + LV::K) + veps, sp1);
+              sn0 = acc(a0 - LV::IO::load(z + i) + veps, sn0);
+              sn1 = acc(a1 - LV::IO::load(z + i + LV::K) + veps, sn1);
+            }
+            for (; i < D; i += LV::K) {
+              const int64_t n = std::min(LV::K, D - i);
+              const Vec a0 = ld(u, i, n);
+              const Vec tp = a0 - ld(v, i, n) + veps, tn = a0 - ld(z, i, n) + veps;
+              // the padding's term (eps^p) is not 0: only the row's lanes are updated
+              sp0 = n == LV::K ? acc(tp, sp0) : Vec::set(sp0, acc(tp, sp0), n);
+              sn0 = n == LV::K ? acc(tn, sn0) : Vec::set(sn0, acc(tn, sn0), n);
+            }
+          };
+          if (b == 2) {
+            pass(std::true_type{});
+          } else {
+            pass(std::false_type{});
           }
           dap = norm_root(hsum(sp0 + sp1), b), dan = norm_root(hsum(sn0 + sn1), b);
           dpn = loss == TRIPLET_SWAP ? dist(v, z) : dan;
