@@ -500,6 +500,26 @@ def test_routes_of_calls_with_a_gradient(routes_on, name):
     assert _tritium_ops(ours, small, torch.randn(ROUTE_DEFAULT - 1)) == set()  # below the house default: torch's
 
 
+def test_triplet_routes_small_calls_with_a_gradient(routes_on):
+    """triplet_margin_loss with a gradient to record goes to torch's below ROUTE_BELOW["triplet_margin_loss
+    (grad)"] elements (bit for bit, values and the three gradients) and to the kernel from there on."""
+    from tritium.ops._library import ROUTE_BELOW
+
+    limit = ROUTE_BELOW["triplet_margin_loss (grad)"]
+    small = [torch.randn(limit // 32 - 1, 32, requires_grad=True) for _ in range(3)]
+
+    def ours(a, p, n):
+        return tritium.triplet_margin_loss(a, p, n, margin=0.5)
+
+    assert _tritium_ops(lambda a, p: ours(a, p, small[2]), small[0], small[1]) == set()
+    got, want = ours(*small), F.triplet_margin_loss(*small, margin=0.5)
+    assert torch.equal(got, want)
+    for g, w in zip(torch.autograd.grad(got, small), torch.autograd.grad(want, small)):
+        assert torch.equal(g, w)
+    big = [torch.randn(limit // 32, 32, requires_grad=True) for _ in range(3)]
+    assert _tritium_ops(lambda a, p: ours(a, p, big[2]), big[0], big[1]) != set()
+
+
 def test_losses_without_a_torch_op_are_not_routed(routes_on):
     """sigmoid_focal_loss and quantile_loss have no torch op (their torch form is a chain of ops, slower at every
     size): even a small call with a gradient takes the kernel."""

@@ -104,7 +104,9 @@ ROUTE_BELOW = {"relu": 1 << 23, "gelu": 1 << 23, "layer_norm": 1 << 23,
                "linear": 1 << 26,
                # the cheapest elementwise losses, called with a gradient to record (ops/losses.py's _routed): the
                # loss op's autograd wrapper and Python backward cost more than torch's whole formula and gradient
-               "mse_loss (grad)": 1 << 19, "huber_loss (grad)": 1 << 20, "smooth_l1_loss (grad)": 1 << 20}
+               "mse_loss (grad)": 1 << 19, "huber_loss (grad)": 1 << 20, "smooth_l1_loss (grad)": 1 << 20,
+               # triplet_margin_loss (its three gradient rows) likewise below the crossover measured on these CPUs
+               "triplet_margin_loss (grad)": 1 << 14}
 _routed_once: set = set()
 _log = logging.getLogger("tritium")
 

@@ -380,6 +380,9 @@ def triplet_margin_loss(anchor: Tensor, positive: Tensor, negative: Tensor, marg
           and margin > 0 and isinstance(p, (int, float)) and p > 0 and all(isinstance(t, Tensor) for t in
                                                                             (anchor, positive, negative))
           and anchor.dim() in (1, 2))
+    if ok:  # the route as _routed's: a small call recording a backward goes to torch's loss
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (anchor, positive, negative))
+        ok = not routed("triplet_margin_loss (grad)" if grad else "triplet_margin_loss", anchor)
     if ok:
         a2, p2, n2 = (t.unsqueeze(0) if t.dim() == 1 else t for t in (anchor, positive, negative))
         if _rows_ok(a2, p2, n2):
