@@ -488,6 +488,12 @@ KNOWN = [
                          "float32,bfloat16 --int8-act off,on,two-term --batches 1,16 --json "
                          f"bench/results/{quant_file(kind)}", f"Quantized weights and llama.cpp on {label}",
        QUANT_PROSE, quant_section) for kind, label in MACHINE_KINDS.items()),
+    ("generate-native-amd-avx512.json", "tritium bench generate --weights native --dtypes float32,bfloat16 "
+                                        "--int8-act off,on,two-term --batches 1,16 --json "
+                                        "bench/results/generate-native-amd-avx512.json",
+     f"The embedded file's own weights and llama.cpp on {MACHINE_KINDS['amd-avx512']}",
+     QUANT_PROSE + "\nThis run covers the native weights only (the file as stored), with the current kernels; "
+                   "**vs batch 1** is issue 17's batch-16 scaling.\n", quant_section),
     ("hf-train.json", "tritium bench hf --train --dtypes bfloat16 --json bench/results/hf-train.json",
      "Hugging Face transformers", HF_PROSE, hf_section),
     ("hf-train-float32.json", "tritium bench hf --train --dtypes float32 --rounds 2 --json "
@@ -498,7 +504,8 @@ KNOWN = [
      hf_section),
     ("serve.json", "tritium bench serve --clients 1,8,32 --requests 128 --shared-prefix 512 --json "
                    "bench/results/serve.json", "Serving", SERVE_PROSE, serve_section),
-    ("serve-amd-avx512.json", "tritium bench serve --clients 1,8,32 --requests 128 --shared-prefix 512 --json "
+    ("serve-amd-avx512.json", "tritium bench serve --clients 1,8,32 --requests 128 --shared-prefix 512 --int8-act on "
+                              "--json "
                               "bench/results/serve-amd-avx512.json", f"Serving on {MACHINE_KINDS['amd-avx512']}",
      SERVE_PROSE, serve_section),
     ("dist-amd-avx512.json", "tritium bench dist --seq 8192 --json bench/results/dist-amd-avx512.json",
@@ -524,7 +531,7 @@ KNOWN = [
     ("wkv-amd-avx512.json", "tritium bench ops --op wkv --headline --mode fwd --json "
                             "bench/results/wkv-amd-avx512.json",
      f"RWKV-7's wkv on {MACHINE_KINDS['amd-avx512']}: forward", WKV_PROSE, ops_section),
-    ("wkv-fwdbwd-amd-avx512.json", "tritium bench ops --op wkv --headline --mode fwdbwd --no-compile --json "
+    ("wkv-fwdbwd-amd-avx512.json", "tritium bench ops --op wkv --headline --mode fwdbwd --json "
                                    "bench/results/wkv-fwdbwd-amd-avx512.json",
      f"RWKV-7's wkv on {MACHINE_KINDS['amd-avx512']}: forward and backward", WKV_PROSE, ops_section),
     ("moe-amd-avx512.json", "tritium bench ops --op moe --json bench/results/moe-amd-avx512.json",
