@@ -18,6 +18,7 @@ sigmoid_focal_loss: torchvision's, whose result is float32 under autocast) and t
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Callable, Dict
 
 import torch
@@ -90,9 +91,19 @@ def _autocast_call(fn: Callable, name: str, args, kwargs):
 
 
 def wrap(name: str, fn: Callable) -> Callable:
-    """fn (the public function `name` of AUTOCAST) casting its inputs under torch.autocast as the table says."""
+    """fn (the public function `name` of AUTOCAST) casting its inputs under torch.autocast as the table says. A
+    function taking torch's ``_stacklevel`` (softmax's: its warnings name the caller's line) gets it one deeper,
+    for this wrapper's frame."""
+    params = list(inspect.signature(fn).parameters.values())
+    at = next((i for i, p in enumerate(params) if p.name == "_stacklevel"), None)
+
     @functools.wraps(fn)
     def call(*args, **kwargs):
+        if at is not None:
+            if len(args) > at:
+                args = (*args[:at], args[at] + 1, *args[at + 1:])
+            else:
+                kwargs["_stacklevel"] = kwargs.get("_stacklevel", params[at].default) + 1
         if not torch._C._is_any_autocast_enabled():
             return fn(*args, **kwargs)
         return _autocast_call(fn, name, args, kwargs)
