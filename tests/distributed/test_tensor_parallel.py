@@ -495,6 +495,52 @@ def test_generate_tp_under_torchrun(smollm2_reference):
     assert two.stdout == one.stdout and one.stdout.strip(), (two.stdout, one.stdout)
 
 
+@pytest.mark.slow
+def test_serve_tp_over_http_under_torchrun(smollm2_reference):
+    """`torchrun --nproc-per-node 2 -m tritium serve --tp 2 --port 0`: rank 0 answers the OpenAI API over HTTP (a
+    greedy chat completion: the reference's tokens, as one process gives them) while rank 1 follows its steps."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    httpx = pytest.importorskip("httpx")
+    import tritium.models
+
+    _, tok = tritium.models.load(weights="native")
+    toks = torch.load(smollm2_reference[0] / "reference.pt")["tokens"]
+    want = tok.decode(toks[:next((i for i, t in enumerate(toks) if t in set(tok.stop_ids)), len(toks))])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), COLUMNS="300")
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    p = subprocess.Popen([torchrun, "--nproc-per-node", "2", "-m", "tritium", "serve", "--tp", "2", "--port", "0",
+                          "--dtype", "float32", "--max-batch", "2", "--log-level", "warning"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                         start_new_session=True)
+    try:
+        lines, m = [], None
+        for line in p.stdout:
+            lines.append(line)
+            m = re.search(r"on (http://127\.0\.0\.1:(\d+))/v1", line)
+            if m:
+                break
+        assert m, "".join(lines)
+        url = m.group(1)
+        assert httpx.get(url + "/health", timeout=60).json() == {"status": "ok"}
+        name = httpx.get(url + "/v1/models", timeout=60).json()["data"][0]["id"]
+        r = httpx.post(url + "/v1/chat/completions", timeout=300, json={
+            "model": name, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 12, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"].strip() == want.strip(), (r.json(), want)
+    finally:   # Ctrl-C to torchrun and its ranks (one process group), then SIGKILL if they linger
+        os.killpg(p.pid, signal.SIGINT)
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
 def test_bench_dist_tp_bytes_match_analytic():
     """`tritium bench dist --kind tp`'s measured bytes per token per rank (bfloat16, batch 3, 2 ranks) equal the
     analytic (2 n_layers + 1) x dim x 2 + 32 + 40 / 3 it prints beside them (the issue's bar)."""
