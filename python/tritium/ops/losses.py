@@ -123,14 +123,15 @@ def _column_vector(t: Optional[Tensor], x: Tensor, full_ok: bool):
 _NO_TORCH_OP = ("sigmoid_focal_loss", "quantile_loss")
 
 
-def _routed(name: str, input: Tensor, target: Tensor) -> bool:
-    """Whether a CPU call of the drop-in `name` goes to torch's own loss (ops/_library.py's routes): below
-    ROUTE_BELOW["<name> (grad)"] elements when the call records a backward (the cheapest formulas: there the
-    loss op's autograd wrapper and its Python backward cost more than torch's whole loss and gradient), below the
-    house default otherwise (a call without gradients: the kernel wins from there)."""
+def _routed(name: str, input: Tensor, *others: Tensor) -> bool:
+    """Whether a CPU call of the drop-in `name` goes to torch's own loss (ops/_library.py's routes), sized by
+    `input`: below ROUTE_BELOW["<name> (grad)"] elements when the call records a backward through input or any of
+    `others` (the cheapest formulas: there the loss op's autograd wrapper and its Python backward cost more than
+    torch's whole loss and gradient), below the house default otherwise (a call without gradients: the kernel wins
+    from there)."""
     if name in _NO_TORCH_OP:
         return False
-    grad = torch.is_grad_enabled() and (input.requires_grad or target.requires_grad)
+    grad = torch.is_grad_enabled() and (input.requires_grad or any(t.requires_grad for t in others))
     return routed(f"{name} (grad)" if grad else name, input)
 
 
@@ -380,9 +381,8 @@ def triplet_margin_loss(anchor: Tensor, positive: Tensor, negative: Tensor, marg
           and margin > 0 and isinstance(p, (int, float)) and p > 0 and all(isinstance(t, Tensor) for t in
                                                                             (anchor, positive, negative))
           and anchor.dim() in (1, 2))
-    if ok:  # the route as _routed's: a small call recording a backward goes to torch's loss
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (anchor, positive, negative))
-        ok = not routed("triplet_margin_loss (grad)" if grad else "triplet_margin_loss", anchor)
+    if ok:  # a small call (recording a backward: smaller still) goes to torch's loss
+        ok = not _routed("triplet_margin_loss", anchor, positive, negative)
     if ok:
         a2, p2, n2 = (t.unsqueeze(0) if t.dim() == 1 else t for t in (anchor, positive, negative))
         if _rows_ok(a2, p2, n2):
