@@ -26,12 +26,19 @@
   (tritium.cli.train_gen) vs its twin: the U-Net's noise-prediction MSE on 128 digits at random timesteps
   (GroupNorm + SiLU fused; the convolutions are torch's in both), RealNVP's NLL on 256 two-moons points, the
   attention seq2seq's cross-entropy on 128 dates (bidirectional GRU encoder, GRU decoder, attention).
+
+The zoo's and the generative models' rows (steps of a few milliseconds, where a shared machine's slow spells and
+the order of the sides move a ratio most) are timed by ``alternating_rounds``: 24 rounds, each side the same
+number of steps per round (about half a second), the order reversed every other round; a row's speedup is the
+median of the rounds' ratios and its ``spread`` half the interquartile range of its rounds over their median.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
-from typing import Callable, Dict, List
+import time
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from torch import Tensor
@@ -51,10 +58,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from .._args import number
 
     p.add_argument("--model", action="append", choices=MODELS, help="repeatable; default: all")
-    p.add_argument("--min-time", type=number(float, 0, low_open=True), default=2.0,
-                   help="seconds of timing per implementation")
-    p.add_argument("--rounds", type=number(int, 1), default=3,
-                   help="rounds over the implementations in turn (each impl: median of its rounds)")
+    p.add_argument("--min-time", type=number(float, 0, low_open=True), default=None,
+                   help="seconds of timing per implementation (default: 2; the zoo's training steps: 12)")
+    p.add_argument("--rounds", type=number(int, 1), default=None,
+                   help="rounds over the implementations in turn, the order alternating (each impl: the median "
+                        "of its rounds; the speedup: the median of the rounds' ratios; default: 3; the zoo: 24)")
     p.add_argument("--small", action="store_true", help="a quarter of the batch (a quick look)")
     p.add_argument("--json", help="write machine info and every figure to this path")
 
@@ -297,6 +305,58 @@ def _gen_cases(name: str, small: bool, device) -> Dict[str, Callable[[], object]
     return cases
 
 
+# The zoo's training steps (a few ms to tens of ms each) by alternating_rounds: 24 rounds of half a second per side
+# keep the 9 models under ten minutes in all, and the median of that many paired ratios steady between runs.
+ZOO_ROUNDS, ZOO_MIN_TIME = 24, 12.0
+
+
+def alternating_rounds(cases: Dict[str, Callable[[], object]], rounds: int, min_time: float, device: str,
+                       clock: Callable[[], float] = time.perf_counter) -> Tuple[Dict[str, List[float]],
+                                                                               Dict[str, float]]:
+    """Time each case in ``rounds`` rounds of a fixed number of calls, the cases' order reversed every other round
+    (ABBA...: whichever runs second in a round, warmer or colder, is each side equally often). The calls per round
+    are set once, from a calibration, so that each case spends about ``min_time / rounds`` seconds per round.
+    Returns each case's seconds per call in every round, and each case's time relative to the first case's (the
+    median over the rounds of the ratio of the two in that round: a slow spell of the machine lands on both sides
+    of a round, so the ratios move less than the times). Python's garbage collector is off while a round runs, as
+    timeit has it."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    names = list(cases)
+    calls = {}
+    for impl, fn in cases.items():
+        fn(), fn()  # warm-up: first-call allocations, lazy imports, the optimizer's state
+        sync()
+        n, t = 1, 0.0
+        while True:  # calibrate: double the calls until they take 50 ms
+            t0 = clock()
+            for _ in range(n):
+                fn()
+            sync()
+            t = clock() - t0
+            if t >= 0.05:
+                break
+            n *= 2
+        calls[impl] = max(1, round(min_time / rounds / (t / n)))
+    per = {impl: [] for impl in names}
+    for r in range(rounds):
+        for impl in (names if r % 2 == 0 else names[::-1]):
+            fn, n = cases[impl], calls[impl]
+            gc.collect()
+            gc.disable()
+            try:
+                sync()
+                t0 = clock()
+                for _ in range(n):
+                    fn()
+                sync()
+                per[impl].append((clock() - t0) / n)
+            finally:
+                gc.enable()
+    base = per[names[0]]
+    ratio = {impl: statistics.median(t / b for t, b in zip(per[impl], base)) for impl in names}
+    return per, ratio
+
+
 def run(args) -> List[dict]:
     from rich.console import Console
     from rich.table import Table
@@ -315,18 +375,29 @@ def run(args) -> List[dict]:
             cases = _lm_cases(name, args.small, device)
         else:
             cases = _transformer_cases(name, 8 if args.small else 32, device)
-        # rounds over the implementations in turn, each impl's figure the median of its rounds: a slow spell
-        # of the shared machine then lands on every implementation instead of on whichever ran during it
-        per = {impl: [] for impl in cases}
-        for _ in range(max(1, args.rounds)):
-            for impl, fn in cases.items():
-                per[impl].append(time_fn(fn, args.min_time / max(1, args.rounds), device))
+        step = name in ZOO + GEN
+        rounds = args.rounds or (ZOO_ROUNDS if step else 3)
+        min_time = args.min_time or (ZOO_MIN_TIME if step else 2.0)
+        if step:
+            per, ratio = alternating_rounds(cases, rounds, min_time, device)
+        else:
+            # rounds over the implementations in turn, each impl's figure the median of its rounds: a slow spell
+            # of the shared machine then lands on every implementation instead of on whichever ran during it
+            per = {impl: [] for impl in cases}
+            for _ in range(rounds):
+                for impl, fn in cases.items():
+                    per[impl].append(time_fn(fn, min_time / rounds, device))
+            ratio = None
         times = {impl: statistics.median(v) for impl, v in per.items()}
         base = times["tritium"]
         for impl, t in times.items():
             mode = "train step" if name in LMS + ZOO + GEN else "fwdbwd"
-            rows.append({"model": name, "impl": impl, "mode": mode, "ms": round(t * 1e3, 2),
-                         "tritium_speedup": round(t / base, 3)})
+            row = {"model": name, "impl": impl, "mode": mode, "ms": round(t * 1e3, 2),
+                   "tritium_speedup": round(t / base if ratio is None else ratio[impl], 3)}
+            if ratio is not None:  # the rounds' spread: half the interquartile range over the median
+                q = statistics.quantiles(per[impl], n=4) if len(per[impl]) > 1 else [t, t, t]
+                row["rounds"], row["spread"] = len(per[impl]), round((q[2] - q[0]) / 2 / t, 4)
+            rows.append(row)
     table = Table(title=f"tritium bench models ({device}, forward+backward)")
     for col in ("model", "impl", "ms", "tritium speedup vs this"):
         table.add_column(col)
