@@ -12,6 +12,7 @@ import argparse
 import fnmatch
 import gc
 import math
+import statistics
 import sys
 from typing import List
 
@@ -56,7 +57,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["fwd", "fwdbwd", "both"], default="both")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (saves minutes)")
     p.add_argument("--min-time", type=number(float, 0, low_open=True), default=None,
-                   help="seconds of timing per measurement (default 0.5; 0.2 with --quick)")
+                   help="seconds of timing per measurement (default 0.5; 0.2 with --quick), split over the rounds")
+    p.add_argument("--rounds", type=number(int, 1), default=1,
+                   help="rounds over eager, compile and tritium in turn, each side's figure the median of its "
+                        "rounds (default 1)")
     p.add_argument("--json", help="write machine info, versions and every figure to this path")
     p.add_argument("--plot", help="write a PNG of the speedups to this path")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
@@ -196,15 +200,21 @@ def run(args) -> List[dict]:
             if nbytes_fn is None:
                 continue
             flops_fn = case.flops_fwd if mode == "fwd" else case.flops_fwdbwd
-            times = {}
             impls = [("eager", case.eager), ("tritium", case.tritium)]
             if not args.no_compile:
                 torch._dynamo.reset()
                 own = case.compiled_fwdbwd if mode == "fwdbwd" else None
                 impls.insert(1, ("compile", own or torch.compile(case.eager, dynamic=False)))
-            for name, fn in impls:
-                times[name] = time_fn(_runner(fn, inputs, mode, grad_idx), args.min_time, device)
-                gc.collect()
+            # rounds over the sides in turn, each side's figure the median of its rounds: a slow spell of a shared
+            # machine then lands on every side instead of on whichever ran during it
+            runners = [(name, _runner(fn, inputs, mode, grad_idx)) for name, fn in impls]
+            per = {name: [] for name, _ in runners}
+            for _ in range(args.rounds):
+                for name, run in runners:
+                    per[name].append(time_fn(run, args.min_time / args.rounds, device))
+                    gc.collect()
+            times = {name: statistics.median(v) for name, v in per.items()}
+            del runners
             peaks = {}
             if case.track_memory:
                 for name, fn in impls:
@@ -255,7 +265,7 @@ def run(args) -> List[dict]:
                   + ("" if args.no_compile else
                      f", vs torch.compile {geomean([r['speedup_compile'] for r in rows]):.2f}x"))
     if args.json:
-        write_json(args.json, machine_info(device), rows, {"suite": "ops"})
+        write_json(args.json, machine_info(device), rows, {"suite": "ops", "rounds": args.rounds})
         console.print(f"wrote {args.json}")
     if args.plot:
         plot(rows, args.plot)
