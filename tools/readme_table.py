@@ -123,9 +123,18 @@ layer in one C++ call).
 PREFERENCE_PROSE = """\
 `fused_linear_dpo_loss` (docs/losses.md) at 4 pairs x 1024 tokens, hidden 576, vocab 49152 against TRL's DPO
 sigmoid loss on materialised logits (the LM head's logits, TRL's selective_log_softmax, the per-sequence sums and
-DPOTrainer's loss formula; reference log-probabilities precomputed), eager and under torch.compile. One torch
-thread pinned to one core while other work shared the machine. **peak MiB e / t**: one call's extra resident memory,
-TRL eager / tritium.
+DPOTrainer's loss formula; reference log-probabilities precomputed), eager and under torch.compile, float32 and
+bfloat16, forward and forward + backward (the gradients of the hidden states and the LM head), on both cores. Issue
+21's bar: tritium's time at most TRL's, eager and compiled, and **peak MiB e / t** (one call's extra resident
+memory, TRL eager / tritium) tritium's at most a quarter of TRL's.
+"""
+
+LOSSES_PROSE = """\
+Issue 21's losses at its bar shapes (the first shape of each: 8192 x 4096 for the elementwise losses, 8192 x 1024
+for the triplet loss, N = 8192 x dim 512 for InfoNCE) and smaller ones, against torch's own loss (torchvision's
+formula in torch ops for the sigmoid focal loss; the (N, N) logits materialised for InfoNCE), eager and under
+torch.compile. The bar: the elementwise and triplet rows at their bar shapes at least 2x eager and 1.0x compile;
+InfoNCE at least 1.5x eager with at most an eighth of eager's peak extra memory (**peak MiB e / t**).
 """
 
 ROUTES_PROSE = """\
@@ -510,9 +519,11 @@ KNOWN = [
      SERVE_PROSE, serve_section),
     ("dist-amd-avx512.json", "tritium bench dist --seq 8192 --json bench/results/dist-amd-avx512.json",
      f"Context-parallel attention on {MACHINE_KINDS['amd-avx512']}", DIST_PROSE, dist_section),
-    ("preference.json", "OMP_NUM_THREADS=1 taskset -c 1 tritium bench ops --op fused_linear_dpo_loss --headline "
-                        "--json bench/results/preference.json", "Fused preference losses against TRL",
-     PREFERENCE_PROSE, ops_section),
+    ("preference.json", "tritium bench ops --op fused_linear_dpo_loss --json bench/results/preference.json",
+     "Fused preference losses against TRL", PREFERENCE_PROSE, ops_section),
+    ("losses.json", "tritium bench ops --op mse_loss --op huber_loss --op binary_cross_entropy_with_logits --op "
+                    "sigmoid_focal_loss --op triplet_margin_loss --op info_nce --rounds 3 --json "
+                    "bench/results/losses.json", "Losses", LOSSES_PROSE, ops_section),
     ("optim.json", "taskset -c 1 tritium bench optim --json bench/results/optim.json", "Optimizers", OPTIM_PROSE,
      optim_section),
     ("finetune-amd-avx512.json", "tritium bench finetune --json bench/results/finetune-amd-avx512.json",
