@@ -81,15 +81,18 @@ row alone): that last ratio is the kernels' own share of the lead.
 ZOO_MODELS_PROSE = """\
 One training step of each of issue 26's zoo models on its recipe's data, the tritium model against its
 plain-PyTorch twin with the same weights: the Siamese CNN on 64 same-class digit pairs (`tritium.info_nce`), the
-DCGAN-style GAN's discriminator then generator step (`tritium.binary_cross_entropy_with_logits`), GCN and GAT
-full-batch on the block-model graph (`tritium.graph_aggregate`, `tritium.gat_aggregate`), KAN (`tritium.kan_spline`),
-WaveNet (`tritium.wavenet_gate`), the DDPM U-Net (`tritium.group_norm` with SiLU), the RealNVP flow and the GRU
-seq2seq with attention. The tritium GAN, DDPM, flow and seq2seq step with `tritium.optim.AdamW` (one fused call),
-their twins with `torch.optim`'s per-tensor loop. Where a model has no fusable hot spot the row says why: the GAN and
-the DDPM U-Net spend most of either step in torch's own 2-D convolutions (about three quarters of it, the same
-on both sides; the GAN's training-mode BatchNorm is torch's too), and every op of the RealNVP flow is below the
-size where a tritium kernel beats torch's (its activations route to torch's, its linears are `F.linear`), so
-those three stand near their twins.
+DCGAN-style GAN's discriminator then generator step
+(`tritium.binary_cross_entropy_with_logits`), GCN and GAT full-batch on the block-model graph
+(`tritium.graph_aggregate`, `tritium.gat_aggregate`), KAN (`tritium.kan_spline`), WaveNet (`tritium.wavenet_gate`),
+the DDPM U-Net (`tritium.group_norm` with SiLU), the RealNVP flow and the GRU seq2seq with attention. The tritium
+GAN, DDPM, flow and seq2seq step with `tritium.optim.AdamW` (one fused call), their twins with `torch.optim`'s
+per-tensor loop. Each row is the median of 24 rounds, the two sides alternating (the speedup: the median of the
+rounds' ratios; spread: half the interquartile range of the rounds over their median). Where a model has no fusable
+hot spot the row says why (docs/zoo.md has the profiles): the GAN and the DDPM U-Net spend most of either step in
+torch's own 2-D convolutions (about three quarters of the U-Net's, the same calls on both sides; the GAN's
+training-mode BatchNorm is torch's too, and a small share of its step in the channels-last layout the tritium GAN
+uses), and the RealNVP flow and the KAN are small models whose steps are mostly per-call overhead and small GEMMs
+on both sides (the flow's activations route to torch's, its linears are `F.linear`).
 """
 
 SSM_MODELS_PROSE = """\
@@ -152,7 +155,8 @@ only) against `F.group_norm`, and the fused GroupNorm + SiLU (`activation="silu"
 cores during this run (outside the benchmark lock), so rows vary from run to run by more than their differences:
 re-record on an idle machine before reading the ratios as the kernel's. A 16-bit GroupNorm alone goes to torch's
 own kernel (a route): eager moves its bytes at close to the copy bandwidth already (the GB/s column), which leaves
-no kernel room to double it; fused with SiLU, whose arithmetic bounds a 16-bit pass, tritium's is the faster.
+no kernel room to double it (docs/zoo.md counts the bytes); fused with SiLU, whose arithmetic bounds a 16-bit
+pass, tritium's is the faster.
 """
 
 ATTENTION_PROSE = """\
@@ -372,6 +376,10 @@ def quant_section(data: dict) -> list:
 
 
 def models_section(data: dict) -> list:
+    if all("spread" in r for r in data["rows"]):  # alternating rounds (the zoo's steps of a few ms): their spread
+        body = [[r["model"], r["impl"], r["mode"], f"{r['ms']:.2f}", f"{r['tritium_speedup']:.2f}",
+                 f"{r['spread']:.1%}"] for r in data["rows"]]
+        return table(["model", "implementation", "mode", "ms", "tritium speedup", "spread"], body, 3)
     body = [[r["model"], r["impl"], r["mode"], f"{r['ms']:.0f}", f"{r['tritium_speedup']:.2f}"]
             for r in data["rows"]]
     return table(["model", "implementation", "mode", "ms", "tritium speedup"], body, 3)
