@@ -139,6 +139,18 @@ def _route_path() -> str:
 register_cpu_path("routes", _route_path)
 
 
+def call_op(op, *args):
+    """op(*args) (an op define_op registered with an autograd formula). A call that records no backward (grad mode
+    off, or no tensor argument requiring grad) goes below the Autograd key: register_autograd's wrapper, Python that
+    would only find there is nothing to record, costs ~10 us a call. While torch.compile traces, the op itself (the
+    graph records it as written)."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+            isinstance(a, Tensor) and a.requires_grad for a in args)):
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 def unit_last(t: Tensor) -> Tensor:
     """t with a unit stride along its last dim, the layout every kernel reads (other dims: any strides). t itself
     when it has one; a view when that dim has one element (its stride is never used, but the kernels' checks

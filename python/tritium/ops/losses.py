@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .. import reference
 from ..utils import cpu_has, cpu_has_bf16_dot, register_cpu_path
-from ._library import acc_dtype, define_op, kernel_ok, routed, unit_last
+from ._library import acc_dtype, call_op, define_op, kernel_ok, routed, unit_last
 from .linear import linear_packed, mm_acc_, pack_linear
 
 
@@ -153,7 +153,8 @@ def _pointwise(name: str, input: Tensor, target: Tensor, reduction: str, weight:
     reduce = reduction != "none"
     if scale is None:
         scale = 1.0 / input.numel() if reduction == "mean" else 1.0
-    return loss_fwd(LOSS_IDS[name], input.contiguous(), target.contiguous(), w, pv, float(a), float(b), scale, reduce)
+    return call_op(loss_fwd, LOSS_IDS[name], input.contiguous(), target.contiguous(), w, pv, float(a), float(b), scale,
+                   reduce)
 
 
 def _legacy(size_average, reduce) -> bool:
@@ -363,12 +364,11 @@ def _rows_ok(*ts: Tensor) -> bool:
 
 
 def _row_call(loss, x1, x2, x3, y, w, a, b, c, reduction, dtype):
-    per_row = loss_rows(loss, unit_last(x1), None if x2 is None else unit_last(x2),
-                        None if x3 is None else unit_last(x3), y, w, float(a), float(b), float(c))[0]
+    per_row = call_op(loss_rows, loss, unit_last(x1), None if x2 is None else unit_last(x2),
+                      None if x3 is None else unit_last(x3), y, w, float(a), float(b), float(c))[0]
     if reduction == "none":
         return per_row.to(dtype)
-    total = per_row.sum()
-    return (total / per_row.shape[0] if reduction == "mean" else total).to(dtype)
+    return (per_row.mean() if reduction == "mean" else per_row.sum()).to(dtype)
 
 
 def triplet_margin_loss(anchor: Tensor, positive: Tensor, negative: Tensor, margin: float = 1.0, p: float = 2,
