@@ -42,6 +42,7 @@ SHAPES = [
     (2, 1, 7, 1, 1, 16, True, True),         # DK = DV = 1
     (1, 1, 129, 17, 16, 16, True, True),     # 9 chunks, the last of one step
     (1, 2, 40, 64, 64, 32, True, True),      # xLSTM-size heads
+    (1, 1, 20, 130, 20, 16, True, True),     # three key blocks (the Triton kernels' BLOCK_K = 64), the last partial
 ]
 SHAPE_IDS = [f"B{s[0]}-H{s[1]}-T{s[2]}-DK{s[3]}-DV{s[4]}-chunk{s[5]}" + ("-h0" if s[6] else "")
              + ("-dT" if s[7] else "") for s in SHAPES]
@@ -102,14 +103,14 @@ def test_chunk_choice():
 
 @pytest.mark.gpu_compile
 def test_gpu_compile():
-    """The forward, backward and step compile for sm_80/90 without spills at xLSTM's head sizes (and an odd one),
-    with and without the initial state and the final state's gradient, in float32 and bfloat16, at the chunk the op
-    takes on CUDA."""
+    """The forward, backward and step compile for sm_80/90 without spills at xLSTM's head sizes 64 and 128 (and an
+    odd one), with and without the initial state and the final state's gradient, in float32 and bfloat16, at the
+    chunk the op takes on CUDA."""
     chunk = mlstm_chunk(40, "cuda")
 
     def run():
         for dtype in (torch.float32, torch.bfloat16):
-            for DK, DV, on in ((64, 64, True), (64, 64, False), (17, 33, True)):
+            for DK, DV, on in ((64, 64, True), (64, 64, False), (128, 128, True), (128, 128, False), (17, 33, True)):
                 B, H, T = 1, 2, 40
                 q, k, v = (torch.randn(B, H, T, d, dtype=dtype) for d in (DK, DK, DV))
                 i, f = torch.randn(B, H, T, dtype=dtype), torch.randn(B, H, T, dtype=dtype)

@@ -247,11 +247,11 @@ def test_wkv6_steps_equal_the_sequence(impl_name, impl, dtype):
 
 @pytest.mark.gpu_compile
 def test_gpu_compile():
-    """The forward, backward and step of RWKV-7 and RWKV-6 compile for sm_80/90 at head size 64 (and an odd one),
-    with and without the initial state and dht, in float32 and bfloat16."""
+    """The forward, backward and step of RWKV-7 and RWKV-6 compile for sm_80/90 without spills at head sizes 64 and
+    128 (and an odd one), with and without the initial state and dht, in float32 and bfloat16."""
     def run():
         for dtype in (torch.float32, torch.bfloat16):
-            for K, V, on in ((64, 64, True), (64, 64, False), (17, 33, True)):
+            for K, V, on in ((64, 64, True), (64, 64, False), (128, 128, True), (17, 33, True)):
                 B, T, H = 1, 40, 2
                 ins = [torch.randn(B, T, H, K, dtype=dtype) for _ in range(3)]
                 v = torch.randn(B, T, H, V, dtype=dtype)
