@@ -493,10 +493,13 @@ class MoEMLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm decoder block: h = h + attention(attn_norm(h)); h = h + mlp(mlp_norm(h)).
 
-    Each RMSNorm is fused with the residual add before it (fused_add_rms_norm), so a block receives its input
-    already normalised, (y, h) = (attn_norm(h), h), and returns (next_norm(h'), h') for the next block (next_norm:
-    that block's attn_norm, or the model's final norm). keep (serving, last block): the rows whose outputs are
-    wanted; the block's attention output, MLP and norms then run on those rows only."""
+    Each RMSNorm is fused with the residual add before it (fused_add_rms_norm). A block receives (m, h): the
+    residual stream h and the previous block's MLP output m not yet added to it (None for the first block, whose
+    h is the embeddings), adds and normalises them with its own attn_norm, and returns its MLP output and its
+    residual stream (m', h') unadded, for the next block (or the model's final norm) to fuse into its norm. So a
+    block uses only its own parameters (what FSDP2's fully_shard per block needs) and the stack runs the same ops
+    as if each block normalised for the next. keep (serving, last block): the rows whose outputs are wanted; the
+    block's attention output and MLP then run on those rows only."""
 
     def __init__(self, c: LlamaConfig):
         super().__init__()
@@ -512,23 +515,28 @@ class Block(nn.Module):
         block's only)."""
         return self.attention.wqkv, self.attention.wo, self.mlp.w_gate_up, self.mlp.w_down
 
-    def forward(self, y: Tensor, h: Tensor, next_norm: Tensor, cos: Tensor, sin: Tensor,
+    def forward(self, m: Optional[Tensor], h: Tensor, cos: Tensor, sin: Tensor,
                 aux: Optional[list] = None) -> Tuple[Tensor, Tensor]:
+        if m is None:
+            y = tritium.rms_norm(h, (h.shape[-1],), self.attn_norm, self.eps)
+        else:
+            y, h = tritium.fused_add_rms_norm(m, h, self.attn_norm, self.eps)
         a = self.attention(y, cos, sin)
         y, h = tritium.fused_add_rms_norm(a, h, self.mlp_norm, self.eps)
-        m = self.mlp(y, aux)
-        return tritium.fused_add_rms_norm(m, h, next_norm, self.eps)
+        return self.mlp(y, aux), h
 
-    def serve(self, y: Tensor, h: Tensor, next_norm: Tensor, cos: Tensor, sin: Tensor, step: StepInput,
+    def serve(self, m: Optional[Tensor], h: Tensor, cos: Tensor, sin: Tensor, step: StepInput,
               kv: Tuple[Tensor, Tensor], keep: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """forward for one serving step over the paged cache (2-D (T, dim) rows; the ops called directly)."""
+        if m is None:
+            y, _ = _RMS_NORM(h, self.attn_norm, self.eps)
+        else:
+            y, h, _ = _ADD_RMS_NORM(m, h, self.attn_norm, self.eps)
         a = self.attention.serve(y, cos, sin, step, kv, last=keep is not None)
         if keep is not None:
             h = h.index_select(0, keep)
         y, h, _ = _ADD_RMS_NORM(a, h, self.mlp_norm, self.eps)
-        m = self.mlp.serve(y)
-        y, h, _ = _ADD_RMS_NORM(m, h, next_norm, self.eps)
-        return y, h
+        return self.mlp.serve(y), h
 
 
 class Llama(nn.Module):
@@ -850,12 +858,10 @@ class Llama(nn.Module):
     def _decoder(self, x: Tensor, aux: Optional[list] = None) -> Tensor:
         """The decoder stack on embeddings x (batch, seq, dim); returns the final normalised hidden state (and
         appends each MoE block's router losses to aux when given)."""
-        y, h = tritium.rms_norm(x, (self.config.dim,), self.layers[0].attn_norm, self.config.norm_eps), x
-        n = len(self.layers)
-        for i, block in enumerate(self.layers):
-            next_norm = self.norm if i == n - 1 else self.layers[i + 1].attn_norm
-            y, h = block(y, h, next_norm, self.rope_cos, self.rope_sin, aux)
-        return y
+        m, h = None, x
+        for block in self.layers:
+            m, h = block(m, h, self.rope_cos, self.rope_sin, aux)
+        return tritium.fused_add_rms_norm(m, h, self.norm, self.config.norm_eps)[0]
 
     def _decode_args(self, rows: int) -> Optional[Tuple[List[Tensor], List[int]]]:
         """serve_decode's (weights, linears) for a decode step of `rows` rows, or None when a projection has no
@@ -900,15 +906,12 @@ class Llama(nn.Module):
                                      self.rope_cos, self.rope_sin, step.positions, step.slot_mapping,
                                      step.block_tables, step.seq_lens, c.n_heads, c.norm_eps,
                                      self.layers[0].attention.scale)
-        y, _ = _RMS_NORM(x, self.layers[0].attn_norm, self.config.norm_eps)
-        h = x
+        m, h = None, x
         n = len(self.layers)
         cos, sin = self.rope_cos, self.rope_sin
         for i, block in enumerate(self.layers):
-            last = i == n - 1
-            next_norm = self.norm if last else self.layers[i + 1].attn_norm
-            y, h = block.serve(y, h, next_norm, cos, sin, step, kv[i], keep if last else None)
-        return y
+            m, h = block.serve(m, h, cos, sin, step, kv[i], keep if i == n - 1 else None)
+        return _ADD_RMS_NORM(m, h, self.norm, c.norm_eps)[0]
 
     def hidden_states(self, input_ids: Tensor, aux: Optional[list] = None) -> Tensor:
         """input_ids (batch, seq) -> the final normalised hidden states (batch, seq, dim), the LM head's input
