@@ -207,9 +207,14 @@ def prepare(fn: str, model, tok, examples: Sequence[dict], cfg: FinetuneConfig):
     if not encoded:
         raise ValueError(f"{fn}: no example has a token to learn within max_len")
     total = max(1, math.ceil(math.ceil(len(encoded) / cfg.batch_size) * cfg.epochs))
+    return (encoded, total, *optimizer(params, cfg, total))
+
+
+def optimizer(params: Sequence[torch.Tensor], cfg: FinetuneConfig, total: int):
+    """The fine-tune's (optimizer, scheduler) over the adapters' params: AdamW with master weights and its
+    warmup-cosine schedule over `total` steps."""
     opt = tritium.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, master_weights=True)
-    sched = tritium.optim.warmup_cosine(opt, total, max(1, int(total * cfg.warmup)))
-    return encoded, total, opt, sched
+    return opt, tritium.optim.warmup_cosine(opt, total, max(1, int(total * cfg.warmup)))
 
 
 def training_batches(encoded: list, tok, cfg: FinetuneConfig, total: int):

@@ -276,6 +276,52 @@ def _check_compiled(rank, world):
     return "ok"
 
 
+def _check_inductor_ddp(rank, world):
+    """torch.compile with Inductor (the default backend: its generated code runs every step, forward and backward)
+    over the DDP-wrapped MLP, tritium's relu op in the graph as an extern kernel: COMPILED_STEPS of AdamW give the
+    one process's eager loss curve and parameters within the tolerance rule. The MLP is the smallest classic model
+    with a tritium op in its graph (its linear layers route to torch's at these sizes), which keeps Inductor's code
+    generation to the order of half a minute per rank on CI's 2 cores (the encoder's takes a few times that)."""
+    from torch._dynamo.backends.registry import lookup_backend
+    from torch._inductor import config as inductor_config
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    seen = set()   # the ops of every graph Dynamo handed to Inductor
+
+    def inductor(gm, inputs):
+        seen.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return lookup_backend("inductor")(gm, inputs)
+
+    name, per = "mlp", BATCH // world
+    single = _model(name)
+    want = _train(single, name, steps=COMPILED_STEPS)
+    single64 = _model(name).double()
+    want64 = _train(single64, name, dtype=torch.float64, steps=COMPILED_STEPS)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = _model(name)
+    # one compile thread: two ranks share 2 cores, and a pool of compile workers per rank costs more to start than
+    # it saves
+    with inductor_config.patch(compile_threads=1):
+        losses = _train(torch.compile(DDP(model), backend=inductor), name, slice(rank * per, (rank + 1) * per),
+                        after_loss=_mean_over_ranks, steps=COMPILED_STEPS)
+    what = f"inductor-compiled {name} ddp rank {rank}/{world}"
+    assert_within_torch_error(losses, want, want64, what + " loss curve")
+    params64 = dict(single64.named_parameters())
+    for n, p in single.named_parameters():
+        mine = dict(model.named_parameters())[n].detach()
+        assert_within_torch_error(mine, p.detach(), params64[n].detach(), f"{what} {n}")
+    assert "tritium.relu_fwd" in seen, (what, seen)
+    breaks = dict(torch._dynamo.utils.counters["graph_break"])
+    assert not any("tritium" in k for k in breaks), (what, breaks)
+    return "ok"
+
+
+def test_inductor_compiled_ddp_matches_one_process(tmp_path):
+    results = spawn(tmp_path, 2, _check_inductor_ddp, timeout_s=300)   # Inductor's code generation, shared cores
+    assert results == ["'ok'"] * 2, "\n".join(results)
+
+
 LORA_CFG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=64, vocab_size=257,
                   max_seq_len=256, tie_embeddings=True)
 # 29 examples in batches of 7: the last batch has one row, so rank 1 has none of it
@@ -326,6 +372,47 @@ def _check_lora(rank, world):
     return "ok"
 
 
+def _check_lora_fsdp(rank, world):
+    """tritium.distributed.finetune_fsdp (FSDP2: fully_shard per decoder block, the frozen base sharded too) against
+    tritium.finetune.finetune in one process: the same loss curve and adapters; while training each block's frozen
+    weights are sharded (this rank holds its rows only); afterwards the model holds its whole weights again, the
+    frozen ones untouched, and serves (merged, the one process's greedy tokens)."""
+    examples = ft.dates_task(29, 0)
+    single, single64, model = _lora_model(), _lora_model(torch.float64), _lora_model()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    want = torch.tensor(ft.finetune(single, ByteTok(), examples, TUNE), dtype=torch.float32)
+    want64 = torch.tensor(ft.finetune(single64, ByteTok(), examples, TUNE), dtype=torch.float64)
+    shards = []
+
+    def on_step(step, total, loss, tokens, seconds):
+        w = model.layers[0].attention.wqkv.weight
+        shards.append((type(w).__name__, tuple(w.to_local().shape) if hasattr(w, "to_local") else None))
+
+    got = torch.tensor(tritium.distributed.finetune_fsdp(model, ByteTok(), examples, TUNE, on_step),
+                       dtype=torch.float32)
+    what = f"LoRA FSDP2 rank {rank}/{world}"
+    rows = LORA_CFG.head_dim * (LORA_CFG.n_heads + 2 * LORA_CFG.n_kv_heads)
+    assert shards == [("DTensor", (rows // world, LORA_CFG.dim))] * 5, (what, shards)
+    assert len(got) == 5, got
+    assert_within_torch_error(got, want, want64, what + " loss curve")
+    mine, ref, ref64 = _adapter_params(model), _adapter_params(single), _adapter_params(single64)
+    assert mine.keys() == ref.keys() and len(mine) == 2 * 3 * LORA_CFG.n_layers, sorted(mine)
+    for n in ref:
+        assert type(mine[n]).__name__ != "DTensor" and mine[n].shape == ref[n].shape, f"{what}: {n} still sharded"
+        assert_within_torch_error(mine[n], ref[n], ref64[n], f"{what} {n}")
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen[n]), f"{what}: frozen {n} changed"
+    # the whole model serves after training: merged, it decodes the one-process model's greedy tokens
+    prompts = [list(b"<|im_start|>user\nMarch 4, 2023"), list(b"2023-01-05")]
+    tokens = []
+    for m in (model, single):
+        tritium.lora.merge(m)
+        tokens.append([r.token_ids for r in tritium.generate(m, None, prompts, max_new_tokens=6)])
+    assert tokens[0] == tokens[1], (what, tokens)
+    return "ok"
+
+
 def _check_compiled_and_lora(rank, world):
     return _check_compiled(rank, world), _check_lora(rank, world)
 
@@ -335,6 +422,11 @@ def test_compiled_training_and_lora_ddp_match_one_process(tmp_path):
     is most of a small check's time)."""
     results = spawn(tmp_path, 2, _check_compiled_and_lora, timeout_s=240)   # Dynamo tracing, on shared cores
     assert results == ["('ok', 'ok')"] * 2, "\n".join(results)
+
+
+def test_lora_fsdp_matches_one_process(tmp_path):
+    results = spawn(tmp_path, 2, _check_lora_fsdp, timeout_s=120)
+    assert results == ["'ok'"] * 2, "\n".join(results)
 
 
 @pytest.mark.parametrize("shard,flags", [("ddp", []), ("fsdp", ["--compile", "--compile-backend", "aot_eager"])])
@@ -360,9 +452,10 @@ def test_torchrun_recipe(shard, flags):
 
 @pytest.mark.slow
 def test_torchrun_lora_finetune(tmp_path):
-    """docs/distributed.md's LoRA recipe, `torchrun --nproc-per-node 2 -m tritium finetune`, on the embedded model
-    and a small data file: the same first and last loss and the same saved adapter as `tritium finetune` in one
-    process (float32, within the tolerance rule against the one-process float64 run; no dropout)."""
+    """docs/distributed.md's LoRA recipe, `torchrun --nproc-per-node 2 -m tritium finetune` (DDP, and FSDP2 with
+    --shard fsdp), on the embedded model and a small data file: the same first and last loss and the same saved
+    adapter as `tritium finetune` in one process (float32, within the tolerance rule against the one-process
+    float64 run; no dropout)."""
     import json
     import os
     import subprocess
@@ -377,19 +470,24 @@ def test_torchrun_lora_finetune(tmp_path):
     flags = ["finetune", "--data", str(data), "--batch-size", "6", "--max-len", "128", "--lora-r", "4",
              "--lora-dropout", "0", "--targets", "q_proj,v_proj"]
     runs = {}
-    for name, launch, dtype in (("one", [sys.executable], "float32"), ("one64", [sys.executable], "float64"),
-                                ("two", [torchrun, "--nproc-per-node", "2"], "float32")):
-        out = subprocess.run([*launch, "-m", "tritium", *flags, "--dtype", dtype, "--out", str(tmp_path / name),
-                              "--json", str(tmp_path / f"{name}.json")], capture_output=True, text=True, env=env,
-                             timeout=600)
+    two = [torchrun, "--nproc-per-node", "2"]
+    for name, launch, dtype, shard in (("one", [sys.executable], "float32", []),
+                                       ("one64", [sys.executable], "float64", []),
+                                       ("two", two, "float32", []), ("fsdp", two, "float32", ["--shard", "fsdp"])):
+        out = subprocess.run([*launch, "-m", "tritium", *flags, *shard, "--dtype", dtype, "--out",
+                              str(tmp_path / name), "--json", str(tmp_path / f"{name}.json")], capture_output=True,
+                             text=True, env=env, timeout=600)
         assert out.returncode == 0, (name, out.stderr)
         runs[name] = (json.loads((tmp_path / f"{name}.json").read_text()),
                       load_file(str(tmp_path / name / "adapter_model.safetensors")))
-    (one, a1), (one64, a64), (two, a2) = runs["one"], runs["one64"], runs["two"]
-    assert two["ranks"] == 2 and one["ranks"] == 1 and two["steps"] == one["steps"] == 2, (one, two)
-    losses = [torch.tensor([r["first_loss"], r["last_loss"]], dtype=dt)
-              for r, dt in ((two, torch.float32), (one, torch.float32), (one64, torch.float64))]
-    assert_within_torch_error(*losses, "torchrun finetune losses")
-    assert a2.keys() == a1.keys() and len(a1) == 4 * 30, sorted(a1)[:4]
-    for n in a1:
-        assert_within_torch_error(a2[n], a1[n], a64[n].double(), f"torchrun finetune adapter {n}")
+    (one, a1), (one64, a64) = runs["one"], runs["one64"]
+    for shard, name in (("ddp", "two"), ("fsdp", "fsdp")):
+        two, a2 = runs[name]
+        assert two["ranks"] == 2 and two["shard"] == shard and one["ranks"] == 1, (one, two)
+        assert two["steps"] == one["steps"] == 2, (one, two)
+        losses = [torch.tensor([r["first_loss"], r["last_loss"]], dtype=dt)
+                  for r, dt in ((two, torch.float32), (one, torch.float32), (one64, torch.float64))]
+        assert_within_torch_error(*losses, f"torchrun finetune ({shard}) losses")
+        assert a2.keys() == a1.keys() and len(a1) == 4 * 30, sorted(a1)[:4]
+        for n in a1:
+            assert_within_torch_error(a2[n], a1[n], a64[n].double(), f"torchrun finetune ({shard}) adapter {n}")

@@ -53,10 +53,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--max-len", type=number(int, 2), default=512, help="tokens per example (longer ones are cut)")
     p.add_argument("--seed", type=number(int, 0), default=0)
     p.add_argument("--threads", type=number(int, 1), default=None, help="torch threads (default: torch's)")
+    p.add_argument("--shard", default="ddp", choices=("ddp", "fsdp"),
+                   help="under torchrun: ddp (each rank holds the whole model; DDP over the adapters) or fsdp "
+                   "(FSDP2's fully_shard per decoder block: the frozen weights sharded too)")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="where the adapter goes (adapter_config.json + adapter_model.safetensors, PEFT's format)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the run's figures to this file")
     args = p.parse_args(argv)
+    if args.shard == "fsdp" and args.qlora:
+        raise UsageError("--shard fsdp shards the frozen weights as parameters; --qlora holds them in NF4: use "
+                         "--shard ddp with --qlora")
     if args.lora_dropout >= 1:
         raise UsageError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
     if args.data != BUILTIN and not os.path.isfile(args.data):
@@ -72,7 +78,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _run(args) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:   # under torchrun: data-parallel over the adapters (tritium.distributed.finetune_ddp)
+    if world > 1:   # under torchrun: data-parallel (tritium.distributed.finetune_ddp or finetune_fsdp)
         import datetime
 
         import torch.distributed as dist
@@ -113,7 +119,7 @@ def _run_ranks(args, rank: int, world: int) -> int:
     result = {"model": args.model or "SmolLM2-135M-Instruct (embedded)", "dtype": str(model.dtype).split(".")[-1],
               "data": args.data, "train_examples": len(train), "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
               "targets": args.targets, "qlora": args.qlora, "epochs": args.epochs, "lr": args.lr,
-              "batch_size": args.batch_size, "ranks": world}
+              "batch_size": args.batch_size, "ranks": world, "shard": args.shard if world > 1 else None}
     if held:
         before, _ = ft.exact_match(model, tok, held)
         result["exact_match_before"] = before
@@ -135,9 +141,9 @@ def _run_ranks(args, rank: int, world: int) -> int:
 
         t0 = time.perf_counter()
         if world > 1:
-            from tritium.distributed import finetune_ddp
+            from tritium.distributed import finetune_ddp, finetune_fsdp
 
-            losses = finetune_ddp(model, tok, train, cfg, on_step)
+            losses = (finetune_fsdp if args.shard == "fsdp" else finetune_ddp)(model, tok, train, cfg, on_step)
         else:
             losses = ft.finetune(model, tok, train, cfg, on_step)
         wall = time.perf_counter() - t0
@@ -147,7 +153,7 @@ def _run_ranks(args, rank: int, world: int) -> int:
     result.update(steps=len(losses), first_loss=losses[0], last_loss=losses[-1], seconds=wall,
                   tokens_per_s=stats["tokens"] / stats["seconds"])
     console.print(f"{len(losses)} steps in {wall:.0f} s ({result['tokens_per_s']:.0f} tok/s"
-                  f"{f' per rank, {world} ranks' if world > 1 else ''}), loss "
+                  f"{f' per rank, {world} ranks, {args.shard}' if world > 1 else ''}), loss "
                   f"{losses[0]:.4f} -> {losses[-1]:.4f}; adapter saved to {args.out}")
     if held:
         ft.dequantize_bases(model)

@@ -6,10 +6,10 @@ NCCL on GPUs); ``zigzag_shard`` / ``zigzag_gather`` convert a full sequence to a
 causal ring attention takes. ``shard_llama`` gives each rank its Megatron-style shard of a Llama (``TPLlama``,
 served by ``TPEngine``), with ``vocab_parallel_cross_entropy`` / ``vocab_parallel_sample`` on its slice of the
 logits; ``count_comm`` counts the bytes its collectives move. ``finetune_ddp`` is the LoRA fine-tune on N
-processes (DDP over the adapters). See docs/distributed.md.
+processes (DDP over the adapters; ``finetune_fsdp``: FSDP2, the frozen base sharded too). See docs/distributed.md.
 """
 from .comm import CommStats, count_comm  # noqa: F401
-from .lora import finetune_ddp  # noqa: F401
+from .lora import finetune_ddp, finetune_fsdp  # noqa: F401
 from .ring import (RingStats, collect_stats, ring_attention, zigzag_gather, zigzag_lengths,  # noqa: F401
                    zigzag_local_lengths, zigzag_shard, zigzag_unshard)
 from .tp import (TPEngine, TPLlama, gather_vocab, shard_from_state_dict, shard_llama, tp_shards,  # noqa: F401
@@ -19,4 +19,5 @@ from .tp import (TPEngine, TPLlama, gather_vocab, shard_from_state_dict, shard_l
 __all__ = ["ring_attention", "zigzag_lengths", "zigzag_local_lengths", "zigzag_shard", "zigzag_unshard",
            "zigzag_gather", "collect_stats", "RingStats", "shard_llama", "shard_from_state_dict", "TPLlama",
            "TPEngine", "tp_shards", "gather_vocab", "vocab_parallel_cross_entropy", "vocab_parallel_sample",
-           "vocab_parallel_top_logprobs", "vocab_parallel_beam_candidates", "count_comm", "CommStats", "finetune_ddp"]
+           "vocab_parallel_top_logprobs", "vocab_parallel_beam_candidates", "count_comm", "CommStats", "finetune_ddp",
+           "finetune_fsdp"]
