@@ -281,7 +281,7 @@ def _check_inductor_ddp(rank, world):
     over the DDP-wrapped MLP, tritium's relu op in the graph as an extern kernel: COMPILED_STEPS of AdamW give the
     one process's eager loss curve and parameters within the tolerance rule. The MLP is the smallest classic model
     with a tritium op in its graph (its linear layers route to torch's at these sizes), which keeps Inductor's code
-    generation to the order of half a minute per rank on CI's 2 cores (the encoder's takes a few times that)."""
+    generation short on CI's 2 cores (the encoder's takes several times longer)."""
     from torch._dynamo.backends.registry import lookup_backend
     from torch._inductor import config as inductor_config
     from torch.nn.parallel import DistributedDataParallel as DDP
