@@ -165,12 +165,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--num-beams", type=number(int, 1), default=1)
     p.add_argument("--tp", type=number(int, 1), default=1,
                    help="tensor-parallel ranks: run under `torchrun --nproc-per-node N -m tritium generate ... --tp "
-                   "N` (float weights sharded across the ranks; rank 0 prints)")
+                   "N` (each rank holds its shard of the weights: float by default, or --weights native, int8, int4 "
+                   "kept quantized; rank 0 prints)")
     add_model_arguments(p)
     args = p.parse_args(argv)
-    if args.tp > 1:
-        if args.weights not in (None, "float"):
-            raise UsageError(f"--tp shards float weights: drop --weights {args.weights} (or use --weights float)")
+    if args.tp > 1 and args.weights is None:   # --tp's default: float weights (--weights shards quantized ones)
         args.weights = "float"
     check_model_arguments(args)
     if args.num_beams > 1 and args.temperature > 0:
@@ -241,7 +240,8 @@ def _main_tp(args, prompt: str) -> int:
             sys.stdout.write("\n")
             tokens = engine.stats["prefill_tokens"] + engine.stats["decode_tokens"]
             console.print(f"[dim]{note} | tensor-parallel on {world} ranks (each: {model.config.n_heads} heads, "
-                          f"{model.config.n_kv_heads} KV heads, {model.config.vocab_size} vocabulary rows) | "
+                          f"{model.config.n_kv_heads} KV heads, {model.config.vocab_size} vocabulary rows, weights "
+                          f"{model.weight_mode}) | "
                           f"collectives {st.total_bytes / max(tokens, 1):.0f} B/token/rank[/dim]")
             report(engine, model, console)
     finally:

@@ -50,11 +50,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.add_argument("--tp", type=number(int, 1), default=1,
                    help="tensor-parallel ranks: run under `torchrun --nproc-per-node N -m tritium serve ... --tp N` "
-                   "(rank 0 serves HTTP, the others follow its steps; greedy and temperature sampling only)")
+                   "(rank 0 serves HTTP, the others follow its steps; float weights by default, or --weights native, "
+                   "int8, int4 kept quantized in the shards)")
     args = p.parse_args(argv)
-    if args.tp > 1:
-        if args.weights not in (None, "float"):
-            raise UsageError(f"--tp shards float weights: drop --weights {args.weights} (or use --weights float)")
+    if args.tp > 1 and args.weights is None:   # --tp's default: float weights (--weights shards quantized ones)
         args.weights = "float"
     check_model_arguments(args)
 
@@ -111,10 +110,10 @@ def _main_tp(args) -> int:
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=TP_TIMEOUT_S))
     try:
         console, model, tok = load_from_args(args)
-        note = f"{model.load_note} | tensor-parallel on {world} ranks"
         vocab = model.config.vocab_size
-        engine = TPEngine(shard_llama(model), tok, max_batch=args.max_batch,
-                          prefix_caching=not args.no_prefix_caching)
+        shard = shard_llama(model)
+        note = f"{model.load_note} | tensor-parallel on {world} ranks (shard weights: {shard.weight_mode})"
+        engine = TPEngine(shard, tok, max_batch=args.max_batch, prefix_caching=not args.no_prefix_caching)
         if dist.get_rank() != 0:
             follow(engine)
             return 0
