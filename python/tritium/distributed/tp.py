@@ -42,7 +42,7 @@ from torch import Tensor
 from ..inference.engine import Engine
 from ..models.llama import Linear, Llama, LlamaConfig, StepInput
 from ..ops.sampling import SamplingParams, seeded_uniform
-from .comm import agree, all_gather, all_reduce
+from .comm import agree, all_gather, all_reduce, meta_device
 
 # ---------------------------------------------------------------------------------------------------------
 # The split
@@ -780,7 +780,8 @@ class TPEngine(Engine):
             raise TypeError(f"TPEngine takes a TPLlama (shard_llama), got {type(model).__name__}")
         super().__init__(model, tokenizer, **kwargs)
         self.group = model.tp.group
-        seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64)
+        # on the group's device (NCCL takes CUDA tensors only)
+        seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64).to(meta_device(self.group))
         src = 0 if self.group is None else dist.get_global_rank(self.group, 0)
         dist.broadcast(seed, src, group=self.group)   # unseeded draws: the same on every rank
         self._seed = int(seed)
