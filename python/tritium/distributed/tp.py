@@ -349,7 +349,7 @@ def gather_vocab(local: Tensor, group: Optional[dist.ProcessGroup] = None) -> Te
     """Collective, for tests and debugging (the serving path never does this): the full logits from every rank's
     vocabulary slice along the last dim (slices may differ in size)."""
     world = dist.get_world_size(group)
-    n = all_gather(torch.tensor([local.shape[-1]]), group).view(-1).tolist()
+    n = all_gather(torch.tensor([local.shape[-1]], device=local.device), group).view(-1).tolist()
     pad = max(n)
     x = F.pad(local, (0, pad - local.shape[-1]))
     parts = all_gather(x.contiguous(), group)
@@ -428,7 +428,7 @@ def _penalise(z: Tensor, plist: Sequence[SamplingParams], history, v0: int) -> N
     for i, p in enumerate(plist):
         h = history[i] if history is not None else None
         if h is not None and len(h) and (p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty):
-            t = torch.as_tensor(h if isinstance(h, Tensor) else list(h), dtype=torch.int64).flatten()
+            t = torch.as_tensor(h if isinstance(h, Tensor) else list(h), dtype=torch.int64, device=z.device).flatten()
             t = t[(t >= v0) & (t < v0 + n)] - v0
             if t.numel():
                 toks, counts = t.unique(return_counts=True)
@@ -477,7 +477,8 @@ def _digit_masses(e: Tensor, bits: Tensor, prefix: Tensor, level: int) -> Tensor
     shift, width = _DIGITS[level]
     rows, nb = e.shape[0], 1 << width
     if level == 0:   # every token (the top digit has no prefix)
-        idx, w = ((bits >> shift) + torch.arange(rows, dtype=bits.dtype)[:, None] * nb).flatten(), e.flatten()
+        idx, w = ((bits >> shift) + torch.arange(rows, dtype=bits.dtype, device=bits.device)[:, None] * nb).flatten(), \
+            e.flatten()
     else:            # only the tokens matching the prefix (few, past the first digit)
         r, t = ((bits >> (shift + width)) == prefix.to(bits.dtype)[:, None]).nonzero(as_tuple=True)
         b = bits[r, t]
@@ -496,22 +497,23 @@ def _radix_top_p(e: Tensor, bits: Tensor, h1: Tensor, kmin: Tensor, minp: Tensor
     (e, zero below max(cut, min-p)) and every rank's kept mass (world, rows) float64."""
     world, rows = h1.shape[0], e.shape[0]
     target = top_p * h1.sum((0, 2))
-    above = torch.zeros(rows, dtype=torch.float64)
-    prefix = torch.zeros(rows, dtype=torch.int64)
-    kept = torch.zeros(world, rows, dtype=torch.float64)
+    dev = e.device
+    above = torch.zeros(rows, dtype=torch.float64, device=dev)
+    prefix = torch.zeros(rows, dtype=torch.int64, device=dev)
+    kept = torch.zeros(world, rows, dtype=torch.float64, device=dev)
     hist = h1
     for level, (_, width) in enumerate(_DIGITS):
         if level:
             hist = all_gather(_digit_masses(e, bits, prefix, level), group)  # (world, rows, bins)
         g = hist.sum(0)
         nb = g.shape[1]
-        over = torch.cat([g.flip(-1).cumsum(-1).flip(-1)[:, 1:], torch.zeros(rows, 1, dtype=g.dtype)], -1)
+        over = torch.cat([g.flip(-1).cumsum(-1).flip(-1)[:, 1:], torch.zeros(rows, 1, dtype=g.dtype, device=dev)], -1)
         ok = (g > 0) & (above[:, None] + over < target[:, None])
-        d = torch.where(ok, torch.arange(nb), nb).amin(-1)
+        d = torch.where(ok, torch.arange(nb, device=dev), nb).amin(-1)
         d = torch.where(d < nb, d, (g > 0).long().cumsum(-1).argmax(-1))  # none (rounding): the top value with mass
-        higher = torch.arange(nb)[None, :] > d[:, None]
+        higher = torch.arange(nb, device=dev)[None, :] > d[:, None]
         if level == len(_DIGITS) - 1:
-            higher = higher | (torch.arange(nb)[None, :] == d[:, None])    # the cut's own value is kept
+            higher = higher | (torch.arange(nb, device=dev)[None, :] == d[:, None])    # the cut's own value is kept
         kept += (hist * higher).sum(-1)
         above += over.gather(1, d[:, None])[:, 0]
         prefix = (prefix << width) | d
@@ -584,6 +586,7 @@ def vocab_parallel_sample(logits: Tensor, vocab_start: int,
         agree("vocab_parallel_sample", err, [rows, sig], ["rows", "sampling parameters' checksum"], group)
     # the vocabulary-sized work in float32 (as the one-process kernel), the few per-row numbers in float64
     x = logits.float()
+    dev = x.device   # the small tensors too: NCCL gathers CUDA tensors only
     lse_loc = torch.logsumexp(x, -1)
     z = x
     if not plain:
@@ -592,8 +595,8 @@ def vocab_parallel_sample(logits: Tensor, vocab_start: int,
     best, idx = z.max(-1)
     hot = [i for i, p in enumerate(plist) if p.temperature > 0]
     if hot:   # sampling rows' scores z / T: their maximum is the maximum's z / T (rounding is monotone)
-        ht = torch.tensor(hot)
-        temps = torch.tensor([plist[i].temperature for i in hot], dtype=torch.float32)
+        ht = torch.tensor(hot, device=dev)
+        temps = torch.tensor([plist[i].temperature for i in hot], dtype=torch.float32, device=dev)
         best[ht] = best[ht] / temps
     cols = [best.double(), (idx + v0).double(), lse_loc.double(), x.gather(1, idx[:, None])[:, 0].double()]
     table = all_gather(torch.stack(cols, -1), group)                       # (world, rows, 4)
@@ -608,8 +611,8 @@ def vocab_parallel_sample(logits: Tensor, vocab_start: int,
     hot = [i for i in hot if not bad[i]]
     if hot:
         V = int(vocab_size)
-        ht = torch.tensor(hot)
-        temps = torch.tensor([plist[i].temperature for i in hot], dtype=torch.float32)
+        ht = torch.tensor(hot, device=dev)
+        temps = torch.tensor([plist[i].temperature for i in hot], dtype=torch.float32, device=dev)
         e = z.index_select(0, ht).div_(temps[:, None]).sub_(gmax[ht].float()[:, None]).exp_()   # (hot, n)
         row = {i: j for j, i in enumerate(hot)}                             # row -> its row of e
         us = [float(uniform[i]) if uniform is not None else
@@ -625,7 +628,7 @@ def vocab_parallel_sample(logits: Tensor, vocab_start: int,
                 fe[j] = torch.where(fe[j] >= plist[i].min_p, fe[j], 0.0)
         ne = e if nuc == hot else e[[row[i] for i in nuc]]                  # no copy when every row is top-p
         nbits = ne.view(torch.int32)                                        # e >= 0: ordered as the values
-        minp = torch.tensor([plist[i].min_p for i in nuc], dtype=torch.float32)
+        minp = torch.tensor([plist[i].min_p for i in nuc], dtype=torch.float32, device=dev)
         cn = cand + nuc
         esum = e.sum(-1)
         nmin = esum[[row[i] for i in nuc]]
@@ -635,19 +638,20 @@ def vocab_parallel_sample(logits: Tensor, vocab_start: int,
         # with the first candidates: the kept mass of every temperature / min-p row, the whole mass of every
         # top-k / top-p row and, of every top-p row, the mass at or above its min-p and its first digit's masses
         masses = torch.cat([fe.sum(-1), esum[[row[i] for i in cn]], nmin]).double()
-        head = torch.cat([masses, _digit_masses(ne, nbits, torch.zeros(len(nuc), dtype=torch.int64), 0).flatten()])
+        head = torch.cat([masses, _digit_masses(ne, nbits, torch.zeros(len(nuc), dtype=torch.int64, device=dev), 0)
+                          .flatten()])
         nmax = -(-V // world)
         m = min(nmax, max([plist[i].top_k for i in cand] + [_CAND0] * bool(nuc), default=0))
         todo, first, deep = list(cn), True, []
         while first or todo:
             k = min(m, n)
-            part = torch.full((len(todo), m, 3), -1.0, dtype=torch.float64)
+            part = torch.full((len(todo), m, 3), -1.0, dtype=torch.float64, device=dev)
             if todo and k:
                 rows_e = [row[i] for i in todo]
                 src = e if rows_e == list(range(len(hot))) else e[rows_e]   # no copy when every row is here
                 tv, ti = src.topk(k, -1)
                 part[:, :k, 0], part[:, :k, 1] = tv.double(), (ti + v0).double()
-                part[:, :k, 2] = x[torch.tensor(todo)[:, None], ti].double()
+                part[:, :k, 2] = x[torch.tensor(todo, device=dev)[:, None], ti].double()
             payload = torch.cat([head, part.flatten()]) if first else part.flatten()
             got = all_gather(payload, group)                                # (world, len)
             if first:
@@ -676,16 +680,17 @@ def vocab_parallel_sample(logits: Tensor, vocab_start: int,
                 tokens[i], raw[i] = int(c[at, 1]), c[at, 2]
             todo, m = again, min(4 * m, nmax)
         if deep:   # top-p rows whose nucleus reaches below the candidates: the cut, then as the flat rows
-            dj = torch.tensor([nuc.index(i) for i in deep])
+            dj = torch.tensor([nuc.index(i) for i in deep], device=dev)
             de, dkept = _radix_top_p(ne[dj], nbits[dj], h1[:, dj], kmin[:, dj], minp[dj],
-                                     torch.tensor([plist[i].top_p for i in deep], dtype=torch.float64), group)
+                                     torch.tensor([plist[i].top_p for i in deep], dtype=torch.float64, device=dev),
+                                     group)
             flat, fe, ktable = flat + deep, torch.cat([fe, de]), torch.cat([ktable, dkept], 1)
         if flat:
             # which rank's slice the draw falls in, then that rank's token
             pre = torch.cumsum(ktable, 0) - ktable                          # (world, rows_flat) mass before
             total = ktable.sum(0)
             me = dist.get_rank(group)
-            mine = torch.full((len(flat), 2), -1.0, dtype=torch.float64)
+            mine = torch.full((len(flat), 2), -1.0, dtype=torch.float64, device=dev)
             for j, i in enumerate(flat):
                 target = us[i] * float(total[j])
                 holders = (ktable[:, j] > 0).nonzero()[:, 0].tolist()
@@ -716,7 +721,7 @@ def vocab_parallel_top_logprobs(logits: Tensor, vocab_start: int, k: int,
     x = logits.float()
     kk = min(k, n)
     tv, ti = x.topk(kk, -1)
-    mine = torch.full((rows, 1 + 2 * k), -math.inf, dtype=torch.float64)
+    mine = torch.full((rows, 1 + 2 * k), -math.inf, dtype=torch.float64, device=logits.device)
     mine[:, 0] = torch.logsumexp(x, -1)
     mine[:, 1:1 + kk], mine[:, 1 + k:1 + k + kk] = tv, (ti + vocab_start).double()
     table = all_gather(mine, group)                                         # (world, rows, 1 + 2k)
@@ -743,7 +748,7 @@ def vocab_parallel_beam_candidates(logits: Tensor, vocab_start: int,
     M = max((m for _, _, m in requests), default=1)
     x = logits.float()
     k = min(M, n)
-    mine = torch.full((rows, 1 + 2 * M), -1.0, dtype=torch.float64)
+    mine = torch.full((rows, 1 + 2 * M), -1.0, dtype=torch.float64, device=logits.device)
     mine[:, 1:1 + M] = -math.inf
     mine[:, 0] = torch.logsumexp(x, -1)
     tv, ti = x.topk(k, -1)
@@ -752,11 +757,12 @@ def vocab_parallel_beam_candidates(logits: Tensor, vocab_start: int,
     glse = torch.logsumexp(table[..., 0], 0).float()                        # each row's full log-sum-exp
     out = []
     for beams, base, m in requests:
-        at = torch.as_tensor(list(beams), dtype=torch.int64)
+        at = torch.as_tensor(list(beams), dtype=torch.int64, device=logits.device)
         vals = table[:, at, 1:1 + M].float()                                 # (world, beams, M): exact
         ids = table[:, at, 1 + M:].long()
-        score = torch.tensor(list(base), dtype=torch.float32)[None, :, None] + (vals - glse[at][None, :, None])
-        beam = torch.arange(len(at))[None, :, None].expand_as(score)
+        score = (torch.tensor(list(base), dtype=torch.float32, device=logits.device)[None, :, None]
+                 + (vals - glse[at][None, :, None]))
+        beam = torch.arange(len(at), device=logits.device)[None, :, None].expand_as(score)
         ok = ids >= 0
         s, b, t = score[ok], beam[ok], ids[ok]
         top = s.topk(min(m, s.numel()))
