@@ -491,3 +491,13 @@ def test_torchrun_lora_finetune(tmp_path):
         assert a2.keys() == a1.keys() and len(a1) == 4 * 30, sorted(a1)[:4]
         for n in a1:
             assert_within_torch_error(a2[n], a1[n], a64[n].double(), f"torchrun finetune ({shard}) adapter {n}")
+
+
+def test_finetune_shard_fsdp_refuses_qlora(tmp_path):
+    """--shard fsdp shards the frozen weights as parameters, which QLoRA holds in NF4: a usage error, before
+    anything loads."""
+    from tritium.cli import finetune
+    from tritium.cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="--shard fsdp shards the frozen weights as parameters; --qlora"):
+        finetune.main(["--shard", "fsdp", "--qlora", "--out", str(tmp_path / "adapter")])
