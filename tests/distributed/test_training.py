@@ -276,14 +276,16 @@ def _check_compiled(rank, world):
     return "ok"
 
 
-def _check_inductor_ddp(rank, world):
+def _check_inductor(rank, world):
     """torch.compile with Inductor (the default backend: its generated code runs every step, forward and backward)
-    over the DDP-wrapped MLP, tritium's relu op in the graph as an extern kernel: COMPILED_STEPS of AdamW give the
-    one process's eager loss curve and parameters within the tolerance rule. The MLP is the smallest classic model
-    with a tritium op in its graph (its linear layers route to torch's at these sizes), which keeps Inductor's code
-    generation short on CI's 2 cores (the encoder's takes several times longer)."""
+    over the DDP-wrapped and over the fully_shard-ed MLP, tritium's relu op in the graph as an extern kernel:
+    COMPILED_STEPS of AdamW give the one process's eager loss curve and parameters within the tolerance rule. The
+    MLP is the smallest classic model with a tritium op in its graph (its linear layers route to torch's at these
+    sizes), which keeps Inductor's code generation short on CI's 2 cores (the encoder's takes several times
+    longer)."""
     from torch._dynamo.backends.registry import lookup_backend
     from torch._inductor import config as inductor_config
+    from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     seen = set()   # the ops of every graph Dynamo handed to Inductor
@@ -297,28 +299,37 @@ def _check_inductor_ddp(rank, world):
     want = _train(single, name, steps=COMPILED_STEPS)
     single64 = _model(name).double()
     want64 = _train(single64, name, dtype=torch.float64, steps=COMPILED_STEPS)
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    model = _model(name)
-    # one compile thread: two ranks share 2 cores, and a pool of compile workers per rank costs more to start than
-    # it saves
-    with inductor_config.patch(compile_threads=1):
-        losses = _train(torch.compile(DDP(model), backend=inductor), name, slice(rank * per, (rank + 1) * per),
-                        after_loss=_mean_over_ranks, steps=COMPILED_STEPS)
-    what = f"inductor-compiled {name} ddp rank {rank}/{world}"
-    assert_within_torch_error(losses, want, want64, what + " loss curve")
-    params64 = dict(single64.named_parameters())
-    for n, p in single.named_parameters():
-        mine = dict(model.named_parameters())[n].detach()
-        assert_within_torch_error(mine, p.detach(), params64[n].detach(), f"{what} {n}")
-    assert "tritium.relu_fwd" in seen, (what, seen)
-    breaks = dict(torch._dynamo.utils.counters["graph_break"])
-    assert not any("tritium" in k for k in breaks), (what, breaks)
+    for mode in ("ddp", "fsdp"):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        seen.clear()
+        model = _model(name)
+        if mode == "ddp":
+            wrapped = DDP(model)
+        else:
+            for layer in model.layers:
+                fully_shard(layer)
+            wrapped = fully_shard(model)
+        # one compile thread: two ranks share 2 cores, and a pool of compile workers per rank costs more to start
+        # than it saves
+        with inductor_config.patch(compile_threads=1):
+            losses = _train(torch.compile(wrapped, backend=inductor), name, slice(rank * per, (rank + 1) * per),
+                            after_loss=_mean_over_ranks, steps=COMPILED_STEPS)
+        what = f"inductor-compiled {name} {mode} rank {rank}/{world}"
+        assert_within_torch_error(losses, want, want64, what + " loss curve")
+        params64 = dict(single64.named_parameters())
+        for n, p in single.named_parameters():
+            mine = dict(model.named_parameters())[n].detach()
+            mine = mine.full_tensor() if mode == "fsdp" else mine
+            assert_within_torch_error(mine, p.detach(), params64[n].detach(), f"{what} {n}")
+        assert "tritium.relu_fwd" in seen, (what, seen)
+        breaks = dict(torch._dynamo.utils.counters["graph_break"])
+        assert not any("tritium" in k for k in breaks), (what, breaks)
     return "ok"
 
 
-def test_inductor_compiled_ddp_matches_one_process(tmp_path):
-    results = spawn(tmp_path, 2, _check_inductor_ddp, timeout_s=300)   # Inductor's code generation, shared cores
+def test_inductor_compiled_ddp_and_fsdp_match_one_process(tmp_path):
+    results = spawn(tmp_path, 2, _check_inductor, timeout_s=300)   # Inductor's code generation, shared cores
     assert results == ["'ok'"] * 2, "\n".join(results)
 
 
