@@ -175,6 +175,14 @@ loop with its step compiled (`torch.compile(wkv7_reference_step)`, what a user c
 without a compile column predates it).
 """
 
+SCAN_PROSE = """\
+Mamba's selective scan (`tritium.selective_scan`) against mamba_ssm's reference algorithm (`selective_scan_ref`'s
+steps: `tritium.reference.selective_scan`), eager and under `torch.compile`, forward and backward at issue 24's bar
+shape (batch 8, dim 768, length 1024, state 16), float32, with D, z, delta_bias and softplus on as in a Mamba block.
+The peak columns are each side's peak extra memory during the call (the reference materialises the (batch, dim,
+length, state) decay and input tensors; the scan keeps O(batch x dim x state) state and recomputes in the backward).
+"""
+
 GRAPH_PROSE = """\
 Message passing over a CSR graph (`tritium.graph_aggregate`, `tritium.gat_aggregate`): a GCN layer (normalised
 sum aggregation) and a GAT layer (the edge softmax per destination fused with the aggregation), 10,000 nodes with
@@ -553,6 +561,9 @@ KNOWN = [
     ("wkv-fwdbwd-amd-avx512.json", "tritium bench ops --op wkv --headline --mode fwdbwd --json "
                                    "bench/results/wkv-fwdbwd-amd-avx512.json",
      f"RWKV-7's wkv on {MACHINE_KINDS['amd-avx512']}: forward and backward", WKV_PROSE, ops_section),
+    ("selective-scan-amd-avx512.json", "tritium bench ops --op selective_scan --headline --mode fwdbwd --dtype "
+                                       "float32 --json bench/results/selective-scan-amd-avx512.json",
+     f"Mamba's selective scan on {MACHINE_KINDS['amd-avx512']}: forward and backward", SCAN_PROSE, ops_section),
     ("moe-amd-avx512.json", "tritium bench ops --op moe --json bench/results/moe-amd-avx512.json",
      f"Mixture of experts on {MACHINE_KINDS['amd-avx512']}", MOE_PROSE, ops_section),
     ("graph-amd-avx512.json", "tritium bench ops --op gcn_layer --op gat_layer --json "
