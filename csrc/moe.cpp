@@ -5,7 +5,8 @@
 //   rows r = 0..R-1 (R = T k assignments) sorted by expert: tokens[r] the token of row r, weights[r] its routing
 //   weight, offsets (E + 1) the first row of each expert (offsets[E] = R).
 //   forward:  a_r = x[tokens[r]] W13_e^T (2F), h_r = silu(a_r[:F]) * a_r[F:], y[t] = sum_{r: tokens[r] = t}
-//             weights[r] h_r W2_e^T; returns y (T, D) and a (R, 2F) (saved for the backward)
+//             weights[r] h_r W2_e^T; returns y (T, D) and a (R, 2F) (saved for the backward);
+//             moe_experts_infer (no backward to come): y only, a never stored
 //   backward: g_r = dy[tokens[r]] W2_e (F); dweights[r] = g_r . h_r; dh_r = weights[r] g_r;
 //             dW2_e = dy[tok_e]^T (weights h)_e; da = swiglu'(a) dh; dW13_e = da_e^T x[tok_e];
 //             dx[t] = sum_{r: tokens[r] = t} da_r W13_e
@@ -184,14 +185,16 @@ void round_into(const float* acc, int64_t n, T* out) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> moe_experts_fwd(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
-                                                   const at::Tensor& tokens, const at::Tensor& offsets,
-                                                   const at::Tensor& weights) {
-  const char* fn = "moe_experts_fwd";
+// y and, with save_a, the pre-activations a (R, 2F) for the backward (moe_experts_fwd); without (moe_experts_infer:
+// no backward to come) a is (0, 2F): the SwiGLU-epilogue path never writes pre-activations, the path with a SwiGLU
+// pass puts each expert's in a scratch block
+std::tuple<at::Tensor, at::Tensor> experts_forward(const char* fn, const at::Tensor& x, const at::Tensor& w13,
+                                                   const at::Tensor& w2, const at::Tensor& tokens,
+                                                   const at::Tensor& offsets, const at::Tensor& weights, bool save_a) {
   check_args(fn, x, w13, w2, tokens, offsets, weights);
   const int64_t T_ = x.size(0), D = x.size(1), E = w13.size(0), F = w13.size(1) / 2, R = tokens.size(0);
   const auto off = read_offsets(fn, offsets, R);
-  auto a = empty({R, 2 * F}, x.options());
+  auto a = empty({save_a ? R : 0, 2 * F}, x.options());
   auto y = empty({T_, D}, x.options());
   const bool half = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
   auto acc = half ? at::zeros({T_, D}, x.options().dtype(at::kFloat)) : y.zero_();
@@ -209,6 +212,7 @@ std::tuple<at::Tensor, at::Tensor> moe_experts_fwd(const at::Tensor& x, const at
   auto h_buf = empty({most, F}, x.options());
   auto o_buf = empty({most, D}, x.options());
   at::Tensor glu_buf;  // one expert's packed gate/up weights (the SwiGLU-epilogue path)
+  at::Tensor a_buf;    // one expert's pre-activations when a is not returned (the path with a SwiGLU pass)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tritium_moe_experts_fwd", [&] {
     using A = acc_type<scalar_t>;
     for (int64_t e = 0; e < E; ++e) {
@@ -217,7 +221,6 @@ std::tuple<at::Tensor, at::Tensor> moe_experts_fwd(const at::Tensor& x, const at
       const int64_t* tok = tc.const_data_ptr<int64_t>() + r0;
       auto xe = xe_buf.narrow(0, 0, n);
       gather<scalar_t>(xc.const_data_ptr<scalar_t>(), xc.stride(0), T_, tok, n, D, xe.mutable_data_ptr<scalar_t>());
-      auto ae = a.narrow(0, r0, n);
       auto he = h_buf.narrow(0, 0, n);
       if (glu_panels<scalar_t>(n, F, D)) {
         // a and h from one product: SwiGLU in the panels' epilogue, which also stores the pre-activations
@@ -225,9 +228,12 @@ std::tuple<at::Tensor, at::Tensor> moe_experts_fwd(const at::Tensor& x, const at
           if (!glu_buf.defined()) glu_buf = empty({panel::packed_size<A>(2 * F, D)}, x.options());
           pack_glu<A>(w13c[e].const_data_ptr<A>(), F, D, glu_buf.mutable_data_ptr<A>());
           panel_gemm<A, A, true>(xe.const_data_ptr<A>(), D, n, D, glu_buf.const_data_ptr<A>(), 2 * F,
-                                 he.mutable_data_ptr<A>(), F, nullptr, 0, -1, ae.mutable_data_ptr<A>(), 2 * F);
+                                 he.mutable_data_ptr<A>(), F, nullptr, 0, -1,
+                                 save_a ? a.mutable_data_ptr<A>() + r0 * 2 * F : nullptr, 2 * F);
         }
       } else {
+        if (!save_a && !a_buf.defined()) a_buf = empty({most, 2 * F}, x.options());
+        auto ae = save_a ? a.narrow(0, r0, n) : a_buf.narrow(0, 0, n);
         mm_into(xe, w13c[e].t(), ae);
         swiglu_rows<scalar_t>(ae.const_data_ptr<scalar_t>(), n, F, he.mutable_data_ptr<scalar_t>());
       }
@@ -240,6 +246,17 @@ std::tuple<at::Tensor, at::Tensor> moe_experts_fwd(const at::Tensor& x, const at
       round_into<scalar_t>(acc.const_data_ptr<float>(), T_ * D, y.mutable_data_ptr<scalar_t>());
   });
   return {y, a};
+}
+
+std::tuple<at::Tensor, at::Tensor> moe_experts_fwd(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
+                                                   const at::Tensor& tokens, const at::Tensor& offsets,
+                                                   const at::Tensor& weights) {
+  return experts_forward("moe_experts_fwd", x, w13, w2, tokens, offsets, weights, true);
+}
+
+at::Tensor moe_experts_infer(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
+                             const at::Tensor& tokens, const at::Tensor& offsets, const at::Tensor& weights) {
+  return std::get<0>(experts_forward("moe_experts_infer", x, w13, w2, tokens, offsets, weights, false));
 }
 
 // Per row of one expert, from g = dy W2_e (n, F, overwritten by weights * h) and a (n, 2F):
@@ -362,6 +379,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_bwd(
 TORCH_LIBRARY_IMPL(tritium, CPU, m) {
   m.impl("moe_experts_fwd", &moe_experts_fwd);
   m.impl("moe_experts_bwd", &moe_experts_bwd);
+  m.impl("moe_experts_infer", &moe_experts_infer);
 }
 
 }  // namespace tritium

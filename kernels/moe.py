@@ -216,6 +216,12 @@ def moe_experts_fwd(x, w13, w2, tokens, offsets, weights):
     return acc.to(x.dtype), a
 
 
+def moe_experts_infer(x, w13, w2, tokens, offsets, weights):
+    """moe_experts_fwd's y alone (no backward to come). The down product reads the pre-activations a, so they are
+    computed and written all the same; only the op's result leaves them out."""
+    return moe_experts_fwd(x, w13, w2, tokens, offsets, weights)[0]
+
+
 def moe_experts_bwd(dy, x, w13, w2, tokens, offsets, weights, a, need_dx):
     """dx (T, D) (empty when not need_dx), dw13 (E, 2F, D), dw2 (E, D, F), dweights (R,), in x's dtype."""
     T, D = x.shape

@@ -100,6 +100,39 @@ def test_cpp_paths(dtype):
     check_moe(torch.ops.tritium, dtype, 600, 70, 96, 3, 2, "one")
 
 
+@pytest.mark.parametrize("impl_name,impl,dtype", CASES, ids=IDS)
+@pytest.mark.parametrize("F_", (11, 96))
+def test_infer(impl_name, impl, dtype, F_):
+    """moe_experts_infer (no backward to come): moe_experts_fwd's y bit for bit, without a; ffn 96 on the C++ float
+    panels is the SwiGLU-epilogue path (which then writes no pre-activations), 11 the path with a SwiGLU pass;
+    150 tokens put 64 rows or more on each expert (the panels)."""
+    (x, w13, w2, weights, _), tokens, offsets = _inputs(dtype, 150, 19, F_, 2, 1)
+    y, _ = impl.moe_experts_fwd(x, w13, w2, tokens, offsets, weights)
+    y0 = impl.moe_experts_infer(x, w13, w2, tokens, offsets, weights)
+    torch.testing.assert_close(y0, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("grad", (False, True))
+def test_public_moe_picks_infer(grad, monkeypatch):
+    """tritium.moe takes moe_experts_infer exactly when no backward can follow (no grad mode, or nothing requiring
+    grad), and the same output either way."""
+    import importlib
+
+    ops_moe = importlib.import_module("tritium.ops.moe")   # the module (tritium.ops.moe is also the function)
+
+    gen = torch.Generator().manual_seed(1)
+    x, rw = torch.randn(70, 16, generator=gen), torch.randn(4, 16, generator=gen)
+    w13, w2 = torch.randn(4, 64, 16, generator=gen) / 4, torch.randn(4, 16, 32, generator=gen) / 6
+    want = ops_moe.moe(x, rw, w13, w2, 2).output
+    calls = []
+    real = ops_moe.moe_experts_infer
+    monkeypatch.setattr(ops_moe, "moe_experts_infer", lambda *a: calls.append(1) or real(*a))
+    with torch.set_grad_enabled(grad):
+        got = ops_moe.moe(x, rw, w13.requires_grad_(grad), w2, 2).output
+    assert len(calls) == (0 if grad else 1)
+    torch.testing.assert_close(got.detach(), want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("impl_name,impl", [("triton", triton_moe), ("cpp", torch.ops.tritium)])
 def test_one_token_one_expert(impl_name, impl):
     """A single token routed to a single expert of one, dim and ffn 1."""

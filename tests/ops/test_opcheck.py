@@ -752,6 +752,12 @@ def _():
              o2, g(14, dtype=torch.float64))]
 
 
+@sample("moe_experts_infer")
+def _():
+    t1, o1 = _moe_rows([[0, 1], [2, 0], [1, 2], [0, 2], [1, 0], [2, 1], [0, 1]])
+    return [(r(7, 5), r(3, 8, 5), r(3, 5, 4), t1, o1, r(14))]
+
+
 @sample("moe_experts_bwd")
 def _():
     t1, o1 = _moe_rows([[0, 1], [2, 0], [1, 2], [0, 2], [1, 0], [2, 1], [0, 1]])

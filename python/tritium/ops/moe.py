@@ -17,7 +17,9 @@ dropped token). The experts run as one op over the grouped rows, ``moe_experts_f
 GEMM over its contiguous rows (gathered from x), SwiGLU, the down GEMM, and the weighted scatter-add back into
 token order; it returns y and the gate/up pre-activations (rows, 2F) for the backward, ``moe_experts_bwd``,
 which gives dx, dw13, dw2 and the routing weights' gradient (autograd carries that one on through the top-k
-and the scores to x and W_r). CPU: csrc/moe.cpp; GPU: kernels/moe.py (grouped GEMMs over the sorted rows).
+and the scores to x and W_r). Without a backward to come (no grad mode, or nothing requiring grad) the experts
+are ``moe_experts_infer``, the same forward returning y alone: the pre-activations are not kept (on CPU's
+SwiGLU-epilogue path never written). CPU: csrc/moe.cpp; GPU: kernels/moe.py (grouped GEMMs over the sorted rows).
 
 The kernels take x, w13, w2 of one floating dtype on one device; anything else (mixed dtypes, empty x,
 TRITIUM_BACKEND=reference) goes to ``tritium.reference.moe``, the eager loop over experts.
@@ -75,6 +77,17 @@ def _backward(ctx, dy, _da):
 moe_experts_fwd = define_op(
     "moe_experts_fwd(Tensor x, Tensor w13, Tensor w2, Tensor tokens, Tensor offsets, Tensor weights)"
     " -> (Tensor, Tensor)", _fake_fwd, "moe:moe_experts_fwd", backward=_backward, setup_context=_setup)
+
+
+# the forward alone, for a call with no backward to come: y only (a separate op, so moe_experts_fwd's schema stays
+# as older builds of the extension register it)
+def _fake_infer(x, w13, w2, tokens, offsets, weights):
+    return x.new_empty(x.shape)
+
+
+moe_experts_infer = define_op(
+    "moe_experts_infer(Tensor x, Tensor w13, Tensor w2, Tensor tokens, Tensor offsets, Tensor weights) -> Tensor",
+    _fake_infer, "moe:moe_experts_infer")
 
 
 # ---- validation ----
@@ -139,7 +152,10 @@ def moe(x: Tensor, router_weight: Tensor, w13: Tensor, w2: Tensor, top_k: int, s
     aux, z = reference.moe_losses(logits, scores, topi, E, aux_loss_coef, z_loss_coef)
     order, tokens, offsets = group_by_expert(topi, E)
     weights = topw.reshape(-1)[order].to(x.dtype)
-    y, _ = moe_experts_fwd(x2.contiguous(), w13, w2, tokens, offsets, weights)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x2, w13, w2, weights)):
+        y, _ = moe_experts_fwd(x2.contiguous(), w13, w2, tokens, offsets, weights)
+    else:   # no backward to come: the pre-activations are not kept
+        y = moe_experts_infer(x2.contiguous(), w13, w2, tokens, offsets, weights)
     return MoEOutput(y.view(x.shape), aux, z)
 
 
