@@ -1,5 +1,9 @@
 // tritium::linear_small's CPU kernel (python/tritium/ops/linear.py): y = x @ w^T through rowgemm (rowgemm.h),
 // which explains why it beats BLAS on the serving path's shapes.
+#include <cstdlib>
+#include <map>
+#include <mutex>
+
 #include "blas.h"
 #include "cpu.h"
 #include "panel.h"
@@ -8,7 +12,121 @@
 
 namespace tritium {
 
-bool panel_mm_out(const at::Tensor& a, const at::Tensor& b, at::Tensor& y, const void* c, int64_t ldc) {
+namespace {
+
+// The cache of packed frozen weights. A frozen weight (LoRA's base layer) is read by two products per training
+// step, the forward (its panels of w^T) and the input gradient (its panels of w), and packing it for each call
+// allocates and writes a copy as large as the weight. The cache keeps each packing until the weight changes:
+// an entry is keyed on the storage (held weakly: a freed weight's entry is dropped, never matched by a new tensor
+// at the same address), its data pointer, sizes, strides, dtype and layout, and holds the version counter the
+// weight had when packed; any in-place change through the tensor or a view of it (merge(), unmerge(),
+// load_state_dict's copy_, an optimizer's step) bumps that counter and the next call repacks. Like autograd's
+// saved tensors, a write through .data (a fresh version counter) is not seen: write frozen weights in place
+// under torch.no_grad() instead. Inference tensors (no version counter) are never cached. Least recently used
+// entries go first past the limit (TRITIUM_PACK_CACHE_MB, default 1024; 0 turns the cache off).
+class PackCache {
+ public:
+  static PackCache& get() {
+    static PackCache* cache = new PackCache();  // leaked: no destruction-order trouble at exit
+    return *cache;
+  }
+
+  // b's panels (panel::pack of b's columns when rows_of_b, else pack_cols), cached; undefined if b can't be
+  template <typename A>
+  at::Tensor panels(const at::Tensor& b, bool rows_of_b) {
+    if (limit_ == 0 || b.is_inference() || !b.has_storage()) return at::Tensor();
+    const int64_t K = b.size(0), N = b.size(1);
+    const auto* storage = b.storage().unsafeGetStorageImpl();
+    const uint32_t version = b.unsafeGetTensorImpl()->version_counter().current_version();
+    const Key key{b.const_data_ptr(), rows_of_b};
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = map_.find(key);
+      if (it != map_.end()) {
+        Entry& e = it->second;
+        const auto alive = e.storage.lock();
+        if (alive.get() == storage && e.version == version && e.dtype == b.scalar_type() &&
+            e.sizes == b.sizes().vec() && e.strides == b.strides().vec()) {
+          e.tick = ++tick_;
+          ++hits_;
+          return e.packed;
+        }
+        drop(it);
+      }
+      ++misses_;
+    }
+    at::Tensor packed = at::empty({panel::packed_size<A>(N, K)}, b.options().requires_grad(false));
+    if (rows_of_b)
+      panel::pack<A>(b.const_data_ptr<A>(), K, N, K, packed.mutable_data_ptr<A>());
+    else
+      panel::pack_cols<A>(b.const_data_ptr<A>(), N, K, N, packed.mutable_data_ptr<A>());
+    const size_t nbytes = packed.nbytes();
+    std::lock_guard<std::mutex> lock(mu_);
+    if (nbytes > limit_) return packed;  // larger than the whole cache: used once
+    for (auto it = map_.begin(); it != map_.end();) {  // the entries of freed weights
+      auto next = std::next(it);
+      if (it->second.storage.expired()) drop(it);
+      it = next;
+    }
+    while (bytes_ + nbytes > limit_ && !map_.empty()) {
+      auto lru = map_.begin();
+      for (auto it = map_.begin(); it != map_.end(); ++it)
+        if (it->second.tick < lru->second.tick) lru = it;
+      drop(lru);
+    }
+    auto found = map_.find(key);  // another thread's packing of the same weight: keep the newer
+    if (found != map_.end()) drop(found);
+    map_.emplace(key, Entry{c10::weak_intrusive_ptr<c10::StorageImpl>(b.storage().getWeakStorageImpl()), version,
+                            b.scalar_type(), b.sizes().vec(), b.strides().vec(), packed, ++tick_});
+    bytes_ += nbytes;
+    return packed;
+  }
+
+  std::vector<int64_t> stats() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return {int64_t(map_.size()), int64_t(bytes_), int64_t(limit_), hits_, misses_};
+  }
+  void clear() {
+    std::lock_guard<std::mutex> lock(mu_);
+    map_.clear();
+    bytes_ = 0;
+  }
+  void set_limit(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    limit_ = bytes;
+    while (bytes_ > limit_ && !map_.empty()) drop(map_.begin());
+  }
+
+ private:
+  PackCache() {
+    const char* env = std::getenv("TRITIUM_PACK_CACHE_MB");
+    limit_ = size_t(env ? std::max(0L, std::atol(env)) : 1024L) << 20;
+  }
+  using Key = std::pair<const void*, bool>;
+  struct Entry {
+    c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+    uint32_t version;
+    at::ScalarType dtype;
+    std::vector<int64_t> sizes, strides;
+    at::Tensor packed;
+    uint64_t tick;
+  };
+  void drop(std::map<Key, Entry>::iterator it) {
+    bytes_ -= it->second.packed.nbytes();
+    map_.erase(it);
+  }
+
+  std::mutex mu_;
+  std::map<Key, Entry> map_;
+  size_t bytes_ = 0, limit_ = 0;
+  int64_t hits_ = 0, misses_ = 0;
+  uint64_t tick_ = 0;
+};
+
+}  // namespace
+
+bool panel_mm_out(const at::Tensor& a, const at::Tensor& b, at::Tensor& y, const void* c, int64_t ldc, bool frozen,
+                  const at::Tensor* a2, const at::Tensor* b2) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   // float/double with many rows: pack b once (a few MB, amortised over the rows) and run panel_gemm, whose
   // register-tiled outer products keep every accumulator in registers; b is the weight as torch stores it, either
@@ -18,15 +136,39 @@ bool panel_mm_out(const at::Tensor& a, const at::Tensor& b, at::Tensor& y, const
   if (!((a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble) && M >= kPanelRows && K > 0 && N > 0 &&
         (rows_of_b || cols_of_b)))
     return false;
+  // the second product's b2 (R, N), packed per call (R is small): the same two layouts
+  const int64_t R = b2 ? b2->size(0) : 0;
+  const bool rows_of_b2 = b2 && b2->stride(0) == 1 && b2->stride(1) == R;
+  if (b2 && !(a2 && a2->size(0) == M && a2->size(1) == R && b2->size(1) == N &&
+              a2->scalar_type() == a.scalar_type() && b2->scalar_type() == a.scalar_type() &&
+              (rows_of_b2 || (b2->stride(1) == 1 && b2->stride(0) == N))))
+    return false;
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "tritium_panel_mm_out", [&] {
-    std::vector<scalar_t> packed(panel::packed_size<scalar_t>(N, K));
-    if (rows_of_b)
-      panel::pack<scalar_t>(b.const_data_ptr<scalar_t>(), K, N, K, packed.data());
-    else
-      panel::pack_cols<scalar_t>(b.const_data_ptr<scalar_t>(), N, K, N, packed.data());
+    const at::Tensor cached = frozen ? PackCache::get().panels<scalar_t>(b, rows_of_b) : at::Tensor();
+    std::vector<scalar_t> own;
+    if (!cached.defined()) {
+      own.resize(panel::packed_size<scalar_t>(N, K));
+      if (rows_of_b)
+        panel::pack<scalar_t>(b.const_data_ptr<scalar_t>(), K, N, K, own.data());
+      else
+        panel::pack_cols<scalar_t>(b.const_data_ptr<scalar_t>(), N, K, N, own.data());
+    }
+    const scalar_t* packed = cached.defined() ? cached.const_data_ptr<scalar_t>() : own.data();
     const auto ac = a.stride(1) == 1 ? a : a.contiguous();
-    panel_gemm<scalar_t>(ac.const_data_ptr<scalar_t>(), ac.stride(0), M, K, packed.data(), N,
-                         y.mutable_data_ptr<scalar_t>(), y.stride(0), static_cast<const scalar_t*>(c), ldc);
+    std::vector<scalar_t> packed2;
+    at::Tensor a2c;
+    if (R > 0) {
+      packed2.resize(panel::packed_size<scalar_t>(N, R));
+      if (rows_of_b2)
+        panel::pack<scalar_t>(b2->const_data_ptr<scalar_t>(), R, N, R, packed2.data());
+      else
+        panel::pack_cols<scalar_t>(b2->const_data_ptr<scalar_t>(), N, R, N, packed2.data());
+      a2c = a2->stride(1) == 1 ? *a2 : a2->contiguous();
+    }
+    panel_gemm<scalar_t, scalar_t>(ac.const_data_ptr<scalar_t>(), ac.stride(0), M, K, packed, N,
+                         y.mutable_data_ptr<scalar_t>(), y.stride(0), static_cast<const scalar_t*>(c), ldc, -1,
+                         nullptr, 0, R > 0 ? a2c.const_data_ptr<scalar_t>() : nullptr, R > 0 ? a2c.stride(0) : 0,
+                         R > 0 ? packed2.data() : nullptr, R);
   });
   return true;
 }
@@ -251,6 +393,15 @@ at::Tensor linear_packed_swiglu(const at::Tensor& x, const at::Tensor& packed, i
 }
 
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tritium_runtime, m) {
+  m.def("pack_cache_stats() -> int[]", [] { return PackCache::get().stats(); });
+  m.def("pack_cache_clear() -> ()", [] { PackCache::get().clear(); });
+  m.def("set_pack_cache_limit(int bytes) -> ()", [](int64_t bytes) {
+    TORCH_CHECK(bytes >= 0, "set_pack_cache_limit: bytes must be >= 0, got ", bytes);
+    PackCache::get().set_limit(size_t(bytes));
+  });
+}
 
 TORCH_LIBRARY_IMPL(tritium, CPU, m) {
   m.impl("pack_linear", &pack_linear);

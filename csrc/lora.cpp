@@ -5,13 +5,17 @@
 //   backward: gs = s dy B (M, R);  dx = dy W + (gs A) * m;  dA = gs^T (x * m) (R, K);  dB = dy^T xs (N, R)
 //
 // The products are ATen's GEMMs (oneDNN for 16-bit, BLAS) and, for float32 from kPanelRows rows, tritium's panel
-// GEMM (panel_mm_out, tritium.linear's: beats BLAS at these shapes), into outputs from tritium's pool. The
+// GEMM (panel_mm_out, tritium.linear's: beats BLAS at these shapes; the base weight's two packings, for the
+// forward and for dx, kept between calls by the cache of packed frozen weights), into outputs from tritium's pool. The
 // low-rank term never takes a pass of its own over the (M, N) output:
 // - 16-bit from kCatRows rows: one GEMM on concatenated operands, [x | xs] (M, K + R) @ [W | B]^T, accumulated in
 //   float32 and rounded once (oneDNN's 16-bit GEMM with beta = 1 computes into a temporary and adds: a pass more);
-// - float32 / float64, and 16-bit below kCatRows rows: the low-rank product added into y by a second GEMM with
+// - float32 from kPanelRows rows: the low-rank product joins the base product's register tiles (panel_mm_out's
+//   second operand pair: xs with B's panels), no pass of its own;
+// - float64, and the rest below those row counts: the low-rank product added into y by a second GEMM with
 //   beta = 1 (c = y), no copy of x or of W.
-// The backward's dx gets its low-rank term the same way (beta = 1: a K = R product into the (M, K) gradient).
+// The backward's dx gets its low-rank term the same way (float32 without dropout: gs with A's panels in dx's
+// tiles; else beta = 1, a K = R product into the (M, K) gradient).
 #include "panel.h"
 #include "pool.h"
 #include "vec.h"
@@ -40,6 +44,10 @@ void check_args(const char* fn, const at::Tensor& x, const at::Tensor& w, const 
                 ": mask must be like x ", x.sizes(), " ", x.scalar_type(), ", got ", mask->sizes(), " ",
                 mask->scalar_type());
 }
+
+// The base weight's panels may come from the cache of packed frozen weights (panel_mm_out): a weight that needs no
+// gradient, packed in place (a non-contiguous one is copied first: a new tensor on every call, nothing to reuse)
+bool frozen(const at::Tensor& weight) { return !weight.requires_grad() && weight.is_contiguous(); }
 
 at::Tensor masked(const at::Tensor& x, const c10::optional<at::Tensor>& mask) {
   return mask.has_value() ? x * *mask : x;
@@ -72,11 +80,11 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd(const at::Tensor& x, const at
     return {y, xs};
   }
   const auto bc = bias.has_value() ? bias->contiguous() : at::Tensor();
-  if (x.scalar_type() == at::kFloat &&
-      panel_mm_out(x, weight.contiguous().t(), y, bias.has_value() ? bc.const_data_ptr() : nullptr, 0)) {
-    if (R > 0 && !panel_mm_out(xs, lora_B.contiguous().t(), y, y.const_data_ptr(), N)) y.addmm_(xs, lora_B.t());
+  const auto bt = lora_B.contiguous().t();
+  if (x.scalar_type() == at::kFloat && panel_mm_out(x, weight.contiguous().t(), y,
+                                                    bias.has_value() ? bc.const_data_ptr() : nullptr, 0,
+                                                    frozen(weight), &xs, &bt))
     return {y, xs};
-  }
   if (bias.has_value())
     at::addmm_out(y, *bias, x, weight.t());
   else
@@ -107,7 +115,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd(const at::Tensor&
   if (M == 0 || K == 0) return {dx, dA, dB};
   if (N == 0) {
     dx.zero_();
-  } else if (!(x.scalar_type() == at::kFloat && panel_mm_out(dy, weight.contiguous(), dx, nullptr, 0))) {
+  } else if (!mask.has_value() && x.scalar_type() == at::kFloat) {
+    const auto ac = lora_A.contiguous();
+    if (panel_mm_out(dy, weight.contiguous(), dx, nullptr, 0, frozen(weight), &gs, &ac)) return {dx, dA, dB};
+    at::mm_out(dx, dy, weight);
+  } else if (!(x.scalar_type() == at::kFloat && panel_mm_out(dy, weight.contiguous(), dx, nullptr, 0,
+                                                             frozen(weight)))) {
     at::mm_out(dx, dy, weight);  // (the panels: dy @ W on W's column panels)
   }
   if (mask.has_value())

@@ -147,13 +147,16 @@ struct Reg {
 };
 #endif
 
-// y[i][0:ncols] = sum_k x[i][k] * b[k][0:ncols] (+ c[i][0:ncols]) for i < MR. PF: prefetch the panel stream.
+// y[i][0:ncols] = sum_k x[i][k] * b[k][0:ncols] (+ sum_k x2[i][k] * b2[k][0:ncols] for k < K2) (+ c[i][0:ncols])
+// for i < MR. PF: prefetch the panel stream. The second product (x2, b2: a second operand pair with its own short
+// reduction, e.g. LoRA's rank-r term) joins the same accumulators: no pass of its own over y.
 // GLU: the panel's first half columns are gates and its second half the matching up projections (pack_glu's
 // interleaved weights): y[i][0:ncols] = silu(gate) * up, ncols <= width / 2 outputs (no c); with pre, the
 // pre-activations too: gate at pre[i][0:ncols], up at pre[i][up_off:up_off + ncols] (row stride ldpre).
 template <typename A, int MR, bool PF, bool GLU = false>
 inline void tile(const A* x, int64_t ldx, const A* b, int64_t K, A* y, int64_t ldy, int64_t ncols, const A* c,
-                 int64_t ldc, A* pre = nullptr, int64_t ldpre = 0, int64_t up_off = 0) {
+                 int64_t ldc, A* pre = nullptr, int64_t ldpre = 0, int64_t up_off = 0, const A* x2 = nullptr,
+                 int64_t ldx2 = 0, const A* b2 = nullptr, int64_t K2 = 0) {
   using Vec = Vectorized<A>;
   using R = Reg<A>;
   constexpr int NV = kNV;
@@ -186,6 +189,15 @@ inline void tile(const A* x, int64_t ldx, const A* b, int64_t K, A* y, int64_t l
         part[i] = acc[i];
         acc[i] = R::zero();
       }
+  }
+  for (int64_t k = 0; k < K2; ++k) {
+    const A* bk = b2 + k * NP;
+    typename R::V bv[NV];
+    for (int j = 0; j < NV; ++j) bv[j] = R::load(bk + j * V);
+    for (int i = 0; i < MR; ++i) {
+      const auto a = R::set1(x2[i * ldx2 + k]);
+      for (int j = 0; j < NV; ++j) acc[NV * i + j] = R::fma(a, bv[j], acc[NV * i + j]);
+    }
   }
   if constexpr (GLU) {
     constexpr int H = NV / 2;  // gate vectors, then as many up vectors
@@ -224,15 +236,18 @@ inline void tile(const A* x, int64_t ldx, const A* b, int64_t K, A* y, int64_t l
 
 template <typename A, bool PF, bool GLU = false>
 inline void tile_rows(int mr, const A* x, int64_t ldx, const A* b, int64_t K, A* y, int64_t ldy, int64_t ncols,
-                      const A* c, int64_t ldc, A* pre = nullptr, int64_t ldpre = 0, int64_t up_off = 0) {
+                      const A* c, int64_t ldc, A* pre = nullptr, int64_t ldpre = 0, int64_t up_off = 0,
+                      const A* x2 = nullptr, int64_t ldx2 = 0, const A* b2 = nullptr, int64_t K2 = 0) {
+#define TRITIUM_TILE(R_) tile<A, R_, PF, GLU>(x, ldx, b, K, y, ldy, ncols, c, ldc, pre, ldpre, up_off, x2, ldx2, b2, K2)
   switch (mr) {
-    case 6: tile<A, 6, PF, GLU>(x, ldx, b, K, y, ldy, ncols, c, ldc, pre, ldpre, up_off); break;
-    case 5: tile<A, 5, PF, GLU>(x, ldx, b, K, y, ldy, ncols, c, ldc, pre, ldpre, up_off); break;
-    case 4: tile<A, 4, PF, GLU>(x, ldx, b, K, y, ldy, ncols, c, ldc, pre, ldpre, up_off); break;
-    case 3: tile<A, 3, PF, GLU>(x, ldx, b, K, y, ldy, ncols, c, ldc, pre, ldpre, up_off); break;
-    case 2: tile<A, 2, PF, GLU>(x, ldx, b, K, y, ldy, ncols, c, ldc, pre, ldpre, up_off); break;
-    default: tile<A, 1, PF, GLU>(x, ldx, b, K, y, ldy, ncols, c, ldc, pre, ldpre, up_off); break;
+    case 6: TRITIUM_TILE(6); break;
+    case 5: TRITIUM_TILE(5); break;
+    case 4: TRITIUM_TILE(4); break;
+    case 3: TRITIUM_TILE(3); break;
+    case 2: TRITIUM_TILE(2); break;
+    default: TRITIUM_TILE(1); break;
   }
+#undef TRITIUM_TILE
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -361,9 +376,12 @@ TRITIUM_BF16_DOT __attribute__((noinline)) void tile_rows_bf16(int mr, const c10
 // GLU (float/double): packed holds pack_glu's interleaved [gate | up] panels of N = 2F rows; y gets the F columns
 // silu(x @ gate^T) * (x @ up^T) (no c): SwiGLU in the product's epilogue. pre (GLU only; null or (M, 2F) with row
 // stride ldpre): also the pre-activations [x @ gate^T, x @ up^T] in the usual (gate, then up) column order.
+// x2, packed2, K2 (float/double, not GLU; null or x2 (M, K2) with row stride ldx2 and packed2 a w2 (N, K2) packed
+// by panel::pack): y also gets x2 @ w2^T, in the same register tiles (a second, short reduction).
 template <typename X, typename A, bool GLU = false>
 void panel_gemm(const X* x, int64_t ldx, int64_t M, int64_t K, const X* packed, int64_t N, A* y, int64_t ldy,
-                const A* c = nullptr, int64_t ldc = 0, int64_t pstride = -1, A* pre = nullptr, int64_t ldpre = 0) {
+                const A* c = nullptr, int64_t ldc = 0, int64_t pstride = -1, A* pre = nullptr, int64_t ldpre = 0,
+                const X* x2 = nullptr, int64_t ldx2 = 0, const X* packed2 = nullptr, int64_t K2 = 0) {
   // X = A (float, double: panel::pack's panels) or X = bfloat16, A = float (panel::pack_bf16's pair panels, on a
   // CPU with AVX512-BF16: the caller checks panel::has_bf16_dot)
   constexpr bool bf16 = std::is_same_v<X, c10::BFloat16>;
@@ -379,7 +397,8 @@ void panel_gemm(const X* x, int64_t ldx, int64_t M, int64_t K, const X* packed, 
       const int64_t ps = pstride < 0 ? K * NP : pstride;
       for (int64_t k0 = 0; k0 < K; k0 += panel::kKBlock) {
         const int64_t kk = std::min(panel::kKBlock, K - k0);
-        panel_gemm<X, A>(x + k0, ldx, M, kk, packed + k0 * NP, N, y, ldy, k0 == 0 ? c : y, k0 == 0 ? ldc : ldy, ps);
+        panel_gemm<X, A>(x + k0, ldx, M, kk, packed + k0 * NP, N, y, ldy, k0 == 0 ? c : y, k0 == 0 ? ldc : ldy, ps,
+                         nullptr, 0, x2, ldx2, k0 == 0 ? packed2 : nullptr, k0 == 0 ? K2 : 0);
       }
       return;
     }
@@ -416,10 +435,15 @@ void panel_gemm(const X* x, int64_t ldx, int64_t M, int64_t K, const X* packed, 
 #endif
         } else {
           A* pm = GLU && pre ? pre + m0 * ldpre + p * NY : nullptr;
+          const X* x2m = packed2 ? x2 + m0 * ldx2 : nullptr;
+          const X* b2p = packed2 ? packed2 + p * K2 * NP : nullptr;
+          const int64_t k2 = packed2 ? K2 : 0;
           if (m0 == r0)
-            panel::tile_rows<A, true, GLU>(mr, xm, ldx, b, K, ym, ldy, ncols, cm, ldc, pm, ldpre, N / 2);
+            panel::tile_rows<A, true, GLU>(mr, xm, ldx, b, K, ym, ldy, ncols, cm, ldc, pm, ldpre, N / 2, x2m, ldx2,
+                                           b2p, k2);
           else
-            panel::tile_rows<A, false, GLU>(mr, xm, ldx, b, K, ym, ldy, ncols, cm, ldc, pm, ldpre, N / 2);
+            panel::tile_rows<A, false, GLU>(mr, xm, ldx, b, K, ym, ldy, ncols, cm, ldc, pm, ldpre, N / 2, x2m, ldx2,
+                                            b2p, k2);
         }
       }
     }
@@ -529,8 +553,14 @@ void panel_gemm_tn(const A* a, int64_t lda, const A* b, int64_t ldb, int64_t M, 
 // y (M, N) = a (M, K) @ b (K, N) [+ c] on the float/double panels (panel_gemm) when a has kPanelRows rows or more
 // and b is a weight as torch stores it: w.t() for a contiguous w (N, K) (a forward), or contiguous (K, N) (w itself
 // in an input gradient); c: null, a bias (ldc 0) or y itself (ldc = y's row stride: beta = 1). Returns false,
-// having written nothing, where the panels do not apply (the caller's BLAS then). Defined in csrc/linear.cpp.
+// having written nothing, where the panels do not apply (the caller's BLAS then). frozen: b is a view of a frozen
+// weight (one that needs no gradient and is read by call after call: LoRA's base), so its panels may come from
+// the cache of packed frozen weights (csrc/linear.cpp: keyed on the weight's storage, layout and version
+// counter, so an in-place change such as merge() or load_state_dict repacks it). Defined in csrc/linear.cpp.
 constexpr int64_t kPanelRows = 64;
-bool panel_mm_out(const at::Tensor& a, const at::Tensor& b, at::Tensor& y, const void* c, int64_t ldc);
+// a2, b2 (both or neither; a2 (M, R), b2 (R, N) with b's layout): y also gets a2 @ b2 in the same register tiles
+// (LoRA's rank-r term), where the panels apply.
+bool panel_mm_out(const at::Tensor& a, const at::Tensor& b, at::Tensor& y, const void* c, int64_t ldc,
+                  bool frozen = false, const at::Tensor* a2 = nullptr, const at::Tensor* b2 = nullptr);
 
 }  // namespace tritium

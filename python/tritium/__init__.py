@@ -45,11 +45,23 @@ def empty_cache() -> None:
 
     Large CPU outputs (2 MiB and up) of tritium kernels come from a pool of freed blocks on huge pages, so a
     loop does not pay the OS's zeroing of fresh pages on every call. The pool keeps at most 2 GiB of free
-    blocks by default; ``TRITIUM_CPU_POOL_MB`` sets that limit (0 turns the pool off).
+    blocks by default; ``TRITIUM_CPU_POOL_MB`` sets that limit (0 turns the pool off). Also drops the cache of
+    packed frozen weights (pack_cache_stats).
     """
     import torch
 
     torch.ops.tritium_runtime.empty_cache()
+    torch.ops.tritium_runtime.pack_cache_clear()
+
+
+def pack_cache_stats() -> dict:
+    """The cache of packed frozen weights (csrc/linear.cpp): LoRA's float32 base weights keep their GEMM panels
+    between calls until the weight changes in place (its version counter; a write through ``.data`` is not seen,
+    as autograd does not see it). ``TRITIUM_PACK_CACHE_MB`` sets the limit (default 1024; 0 turns it off)."""
+    import torch
+
+    entries, nbytes, limit, hits, misses = torch.ops.tritium_runtime.pack_cache_stats()
+    return {"entries": entries, "bytes": nbytes, "limit_bytes": limit, "hits": hits, "misses": misses}
 
 
 def pool_stats() -> dict:

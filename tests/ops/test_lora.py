@@ -45,6 +45,25 @@ def test_values_and_grads(dtype, r, shape, bias):
         assert_within_torch_error(o, t, ref, name)
 
 
+def test_long_reductions():
+    """float32 on the panels with reductions past 4096 (in 4099 for y, out 4101 for dx): the base product runs in
+    blocks of the reduction and the rank-r term joins the first block's register tiles."""
+    w, b, a, bb = _layer(5, torch.float32, True, 4099, 4101)
+    x, dy = torch.randn(70, 4099), torch.randn(70, 4101)
+
+    def fn(x_, a_, b_, tri=False):
+        f = tritium.lora_linear if tri else reference.lora_linear
+        return f(x_, w.to(x_.dtype), b.to(x_.dtype), a_, b_, 2.0)
+
+    xl, al, bl = (t.clone().requires_grad_() for t in (x, a, bb))
+    y = fn(xl, al, bl, tri=True)
+    grads = torch.autograd.grad(y, (xl, al, bl), dy)
+    (ty, tg), (ry, rg) = torch_and_ref(fn, [x, a, bb], dy, torch.float32)
+    assert_within_torch_error(y, ty, ry, "y")
+    for name, o, t, ref in zip(("dx", "dA", "dB"), grads, tg, rg):
+        assert_within_torch_error(o, t, ref, name)
+
+
 def test_dropout_fixed_mask():
     """With p > 0 while training: the mask is reference.lora_dropout_mask's draw from torch's generator (the same
     seed gives the reference's result and gradients), x * mask / (1 - p) feeds the adapter only (the base term sees
@@ -237,6 +256,100 @@ def test_module(dtype):
     rs = tritium.nn.LoRALinear(IN, OUT, r=4, lora_alpha=16, use_rslora=True)
     assert rs.scaling == 8.0
     assert set(rs.state_dict()) == {"weight", "bias", "lora_A", "lora_B"}
+
+
+# ---- the cache of packed frozen weights (csrc/linear.cpp) ----
+@pytest.fixture
+def pack_cache():
+    """An empty cache of packed frozen weights with a 1 GiB limit, emptied again afterwards; yields its stats with
+    hits and misses counted from here (the process's counters are cumulative)."""
+    limit = tritium.pack_cache_stats()["limit_bytes"]
+    torch.ops.tritium_runtime.set_pack_cache_limit(1 << 30)
+    torch.ops.tritium_runtime.pack_cache_clear()
+    base = tritium.pack_cache_stats()
+
+    def stats():
+        now = tritium.pack_cache_stats()
+        return {**now, "hits": now["hits"] - base["hits"], "misses": now["misses"] - base["misses"]}
+    yield stats
+    torch.ops.tritium_runtime.set_pack_cache_limit(limit)
+    torch.ops.tritium_runtime.pack_cache_clear()
+
+
+def _step(layer, x, dy):
+    """y and (dx, dA, dB) of one forward and backward of the layer."""
+    xl = x.clone().requires_grad_()
+    y = layer(xl)
+    return [y.detach(), *torch.autograd.grad(y, (xl, layer.lora_A, layer.lora_B), dy)]
+
+
+def _uncached(layer, x, dy):
+    """_step with the cache off: the base weight packed afresh for both of its products."""
+    limit = tritium.pack_cache_stats()["limit_bytes"]
+    torch.ops.tritium_runtime.set_pack_cache_limit(0)
+    try:
+        return _step(layer, x, dy)
+    finally:
+        torch.ops.tritium_runtime.set_pack_cache_limit(limit)
+
+
+def _same(got, want):
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_pack_cache_reuse_and_invalidation(pack_cache):
+    """A float32 LoRALinear on the panels (70 rows) packs its frozen base weight once for the forward and once for
+    dx, then reuses both; every in-place change of the weight (merge / unmerge, an in-place op under no_grad,
+    load_state_dict) and a new tensor put in its place repack it: results always equal those of a run with the
+    cache off, bit for bit, and differ from the stale weight's."""
+    layer = tritium.nn.LoRALinear(IN, OUT, r=4, lora_alpha=8)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x, dy = torch.randn(70, IN), torch.randn(70, OUT)
+    first = _step(layer, x, dy)
+    assert pack_cache()["misses"] == 2 and pack_cache()["entries"] == 2
+    _same(_step(layer, x, dy), first)
+    assert pack_cache()["hits"] == 2 and pack_cache()["misses"] == 2
+    _same(first, _uncached(layer, x, dy))
+
+    def changed(what):
+        got = _step(layer, x, dy)
+        _same(got, _uncached(layer, x, dy))
+        assert not torch.equal(got[0], first[0]) and not torch.equal(got[1], first[1]), what
+        return got
+
+    layer.merge()
+    layer.merged = False          # the merged weight through the LoRA op (as if the adapter were still separate)
+    changed("merge")
+    layer.merged = True
+    layer.unmerge()
+    _same(_step(layer, x, dy)[:1], _uncached(layer, x, dy)[:1])
+    with torch.no_grad():
+        layer.weight.mul_(2.0)
+    changed("in-place mul_")
+    sd = {k: v.clone() for k, v in layer.state_dict().items()}
+    sd["weight"] = torch.randn(OUT, IN)
+    layer.load_state_dict(sd)
+    changed("load_state_dict")
+    layer.weight = torch.nn.Parameter(torch.randn(OUT, IN), requires_grad=False)
+    changed("a new weight tensor")
+    assert pack_cache()["entries"] <= 2 * 5
+
+
+def test_pack_cache_skips_trainable_and_respects_limit(pack_cache):
+    """A base weight that requires grad (the op called directly) is never cached; a cache limit below one packing
+    keeps nothing (each call packs its own)."""
+    w, b, a, bb = _layer(3)
+    x = torch.randn(70, IN)
+    torch.ops.tritium.lora_linear_fwd(x, w.requires_grad_(), b, a, bb, None, 1.0)
+    assert pack_cache()["entries"] == 0 and pack_cache()["misses"] == 0
+    torch.ops.tritium_runtime.set_pack_cache_limit(64)
+    y, _ = torch.ops.tritium.lora_linear_fwd(x, w.detach(), b, a, bb, None, 1.0)
+    assert pack_cache()["entries"] == 0 and pack_cache()["misses"] == 1
+    torch.ops.tritium_runtime.set_pack_cache_limit(0)
+    torch.testing.assert_close(torch.ops.tritium.lora_linear_fwd(x, w.detach(), b, a, bb, None, 1.0)[0], y,
+                               rtol=0, atol=0)
 
 
 # ---- torch.library.opcheck of the two ops (the samples tests/ops/test_opcheck.py's SAMPLES needs) ----
