@@ -51,7 +51,8 @@ def empty_cache() -> None:
     import torch
 
     torch.ops.tritium_runtime.empty_cache()
-    torch.ops.tritium_runtime.pack_cache_clear()
+    if hasattr(torch.ops.tritium_runtime, "pack_cache_clear"):   # absent from builds made before the cache
+        torch.ops.tritium_runtime.pack_cache_clear()
 
 
 def pack_cache_stats() -> dict:

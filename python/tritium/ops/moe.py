@@ -26,6 +26,7 @@ TRITIUM_BACKEND=reference) goes to ``tritium.reference.moe``, the eager loop ove
 """
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import List, NamedTuple
 
@@ -90,6 +91,17 @@ moe_experts_infer = define_op(
     _fake_infer, "moe:moe_experts_infer")
 
 
+@functools.lru_cache(maxsize=None)
+def _infer_registered(device_type: str) -> bool:
+    """True when moe_experts_infer has a kernel for the device (a C++ extension built before the op has none: the
+    forward then takes moe_experts_fwd and drops the pre-activations)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("tritium::moe_experts_infer", device_type.upper())
+
+
+def _infer_ok(x: Tensor) -> bool:
+    return _infer_registered(x.device.type)
+
+
 # ---- validation ----
 def _shape(t) -> str:
     return str(tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__
@@ -152,7 +164,7 @@ def moe(x: Tensor, router_weight: Tensor, w13: Tensor, w2: Tensor, top_k: int, s
     aux, z = reference.moe_losses(logits, scores, topi, E, aux_loss_coef, z_loss_coef)
     order, tokens, offsets = group_by_expert(topi, E)
     weights = topw.reshape(-1)[order].to(x.dtype)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x2, w13, w2, weights)):
+    if (torch.is_grad_enabled() and any(t.requires_grad for t in (x2, w13, w2, weights))) or not _infer_ok(x2):
         y, _ = moe_experts_fwd(x2.contiguous(), w13, w2, tokens, offsets, weights)
     else:   # no backward to come: the pre-activations are not kept
         y = moe_experts_infer(x2.contiguous(), w13, w2, tokens, offsets, weights)
