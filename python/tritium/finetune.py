@@ -217,16 +217,16 @@ def optimizer(params: Sequence[torch.Tensor], cfg: FinetuneConfig, total: int):
     return opt, tritium.optim.warmup_cosine(opt, total, max(1, int(total * cfg.warmup)))
 
 
-def training_batches(encoded: list, tok, cfg: FinetuneConfig, total: int):
+def training_batches(encoded: list, tok, cfg: FinetuneConfig, total: int, device="cpu"):
     """(step, ids, labels) for steps 1..total: the batches of ``batches`` in one seeded order, epoch after
-    epoch."""
+    epoch, on device (the model's)."""
     rng = random.Random(cfg.seed)
     pad = tok.eos_id if tok.eos_id is not None else 0
     step = 0
     while True:
         for ids, labels in batches(encoded, cfg.batch_size, rng, pad):
             step += 1
-            yield step, ids, labels
+            yield step, ids.to(device), labels.to(device)
             if step >= total:
                 return
 
@@ -240,7 +240,7 @@ def finetune(model, tok, examples: Sequence[dict], cfg: FinetuneConfig,
     model.pack_for_inference(False)
     model.train()
     losses: List[float] = []
-    for step, ids, labels in training_batches(encoded, tok, cfg, total):
+    for step, ids, labels in training_batches(encoded, tok, cfg, total, model.device):
         t0 = time.perf_counter()
         loss = sft_loss(model, ids, labels)
         loss.backward()

@@ -16,6 +16,7 @@ from typing import List, Optional
 
 from .errors import ArgumentParser, UsageError, comma_list, number, validated
 from .generate import _parse_dtype
+from .launch import add_launch_arguments, launch
 
 BUILTIN = "dates"
 # the Hugging Face names of a Llama layer's projections (tritium.finetune.PROJECTIONS; that module imports torch,
@@ -56,6 +57,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--shard", default="ddp", choices=("ddp", "fsdp"),
                    help="under torchrun: ddp (each rank holds the whole model; DDP over the adapters) or fsdp "
                    "(FSDP2's fully_shard per decoder block: the frozen weights sharded too)")
+    add_launch_arguments(p)
     p.add_argument("--out", required=True, metavar="DIR",
                    help="where the adapter goes (adapter_config.json + adapter_model.safetensors, PEFT's format)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the run's figures to this file")
@@ -79,21 +81,19 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _run(args) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:   # under torchrun: data-parallel (tritium.distributed.finetune_ddp or finetune_fsdp)
-        import datetime
-
         import torch.distributed as dist
 
         if not args.threads:   # the ranks share this machine's cores
             args.threads = max(1, (os.cpu_count() or 1) // world)
-        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
+        device = launch(args, distributed=True)   # NCCL with a GPU per rank, gloo on the CPU
         try:
-            return _run_ranks(args, dist.get_rank(), world)
+            return _run_ranks(args, dist.get_rank(), world, device)
         finally:
             dist.destroy_process_group()
-    return _run_ranks(args, 0, 1)
+    return _run_ranks(args, 0, 1, launch(args, distributed=False))
 
 
-def _run_ranks(args, rank: int, world: int) -> int:
+def _run_ranks(args, rank: int, world: int, device) -> int:
     import torch
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -114,7 +114,7 @@ def _run_ranks(args, rank: int, world: int) -> int:
     if args.eval is not None:
         held = ft.read_jsonl(args.eval)[:args.eval_size]
     console = Console(stderr=True, quiet=rank > 0)   # rank 0 reports
-    model, tok = load_with_progress(args.model, args.dtype, console, "float")
+    model, tok = load_with_progress(args.model, args.dtype, console, "float", device=device)
     console.print(f"[dim]{model.load_note} | {len(train)} training examples[/dim]")
     result = {"model": args.model or "SmolLM2-135M-Instruct (embedded)", "dtype": str(model.dtype).split(".")[-1],
               "data": args.data, "train_examples": len(train), "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,

@@ -8,6 +8,7 @@ import sys
 from typing import List, Optional
 
 from .errors import ArgumentParser, UsageError, number, validated
+from .launch import add_launch_arguments, launch
 
 
 def _parse_dtype(text: str):
@@ -82,9 +83,9 @@ def default_dtype_name() -> str:
     return "bfloat16" if cpu_has_bf16_dot() else "float32"
 
 
-def load_from_args(args):
+def load_from_args(args, device="cpu"):
     """The model of a command's --model/--dtype/--weights/--int8-activations/--threads arguments: torch's thread
-    count set, the model loaded with a progress bar. Returns (console for stderr, model, tokenizer)."""
+    count set, the model loaded on device with a progress bar. Returns (console for stderr, model, tokenizer)."""
     import torch
     from rich.console import Console
 
@@ -92,14 +93,14 @@ def load_from_args(args):
         torch.set_num_threads(args.threads)
     console = Console(stderr=True)
     model, tok = load_with_progress(args.model, args.dtype, console, args.weights, int8_act_mode(args),
-                                    getattr(args, "adapter", None))
+                                    getattr(args, "adapter", None), device=device)
     return console, model, tok
 
 
 def load_with_progress(path: Optional[str], dtype_name: Optional[str], console, weights: str = "native",
-                       int8_act: int = 0, adapter: Optional[str] = None):
-    """tritium.models.load with a rich progress bar over the tensors being read; dtype_name None: the default
-    (default_dtype_name). Records on the model what it loaded (model.load_note: the dtype, and why when it was
+                       int8_act: int = 0, adapter: Optional[str] = None, device="cpu"):
+    """tritium.models.load (on device) with a rich progress bar over the tensors being read; dtype_name None: the
+    default (default_dtype_name). Records on the model what it loaded (model.load_note: the dtype, and why when it was
     chosen here, and the weights), the resident memory after the load and what the load added to it
     (model.resident_after_load, model.resident_load_delta), for the caller to print: nothing is printed here
     but the transient progress bar, so a failure (raised; tritium.cli.errors reports it) is the only line."""
@@ -122,7 +123,7 @@ def load_with_progress(path: Optional[str], dtype_name: Optional[str], console, 
 
         before = resident_bytes()
         model, tok = tritium.models.load(path, dtype, progress=cb, weights=weights, int8_act=int8_act,
-                                         adapter=adapter)
+                                         adapter=adapter, device=device)
     model.resident_after_load = resident_bytes()
     model.resident_load_delta = model.resident_after_load - before
     why = ""
@@ -168,6 +169,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                    "N` (each rank holds its shard of the weights: float by default, or --weights native, int8, int4 "
                    "kept quantized; rank 0 prints)")
     add_model_arguments(p)
+    add_launch_arguments(p)
     args = p.parse_args(argv)
     if args.tp > 1 and args.weights is None:   # --tp's default: float weights (--weights shards quantized ones)
         args.weights = "float"
@@ -183,7 +185,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _main_tp(args, prompt)
     from tritium.inference.engine import Engine
 
-    console, model, tok = load_from_args(args)
+    console, model, tok = load_from_args(args, launch(args, distributed=False))
     if not args.raw and tok.chat_template:
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
     engine = Engine(model, tok, max_batch=max(1, args.num_beams))
@@ -205,9 +207,8 @@ TP_TIMEOUT_S = 300   # a collective that waits longer (a rank died or raised out
 
 def _main_tp(args, prompt: str) -> int:
     """generate on `args.tp` tensor-parallel ranks (tritium.distributed.shard_llama / TPEngine) under torchrun:
-    every rank loads the model, keeps its shard and runs the same engine; rank 0 streams the text and reports."""
-    import datetime
-
+    every rank loads the model on its device (--device / --backend: tritium.distributed.init_distributed), keeps
+    its shard and runs the same engine; rank 0 streams the text and reports."""
     import torch.distributed as dist
 
     from tritium.distributed import TPEngine, count_comm, shard_llama
@@ -218,10 +219,10 @@ def _main_tp(args, prompt: str) -> int:
                          f"(WORLD_SIZE is {world})")
     if not args.threads:   # the ranks share this machine's cores
         args.threads = max(1, (os.cpu_count() or 1) // world)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=TP_TIMEOUT_S))
+    device = launch(args, distributed=True, timeout_s=TP_TIMEOUT_S)
     try:
         rank = dist.get_rank()
-        console, model, tok = load_from_args(args)
+        console, model, tok = load_from_args(args, device)
         note = model.load_note
         model = shard_llama(model)
         if not args.raw and tok.chat_template:
@@ -239,7 +240,8 @@ def _main_tp(args, prompt: str) -> int:
         if rank == 0:
             sys.stdout.write("\n")
             tokens = engine.stats["prefill_tokens"] + engine.stats["decode_tokens"]
-            console.print(f"[dim]{note} | tensor-parallel on {world} ranks (each: {model.config.n_heads} heads, "
+            console.print(f"[dim]{note} | tensor-parallel on {world} ranks ({dist.get_backend()}, "
+                          f"{device.type}; each: {model.config.n_heads} heads, "
                           f"{model.config.n_kv_heads} KV heads, {model.config.vocab_size} vocabulary rows, weights "
                           f"{model.weight_mode}) | "
                           f"collectives {st.total_bytes / max(tokens, 1):.0f} B/token/rank[/dim]")

@@ -9,6 +9,7 @@ from typing import List, Optional
 
 from .errors import ArgumentParser, UsageError, number, validated
 from .generate import _parse_dtype, check_model_arguments, load_from_args
+from .launch import add_launch_arguments, launch
 
 
 def served_name(path: Optional[str]) -> str:
@@ -52,6 +53,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="tensor-parallel ranks: run under `torchrun --nproc-per-node N -m tritium serve ... --tp N` "
                    "(rank 0 serves HTTP, the others follow its steps; float weights by default, or --weights native, "
                    "int8, int4 kept quantized in the shards)")
+    add_launch_arguments(p)
     args = p.parse_args(argv)
     if args.tp > 1 and args.weights is None:   # --tp's default: float weights (--weights shards quantized ones)
         args.weights = "float"
@@ -62,7 +64,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if args.tp > 1:
         return _main_tp(args)
-    console, model, tok = load_from_args(args)
+    console, model, tok = load_from_args(args, launch(args, distributed=False))
     name = args.served_model_name or served_name(args.model)
     engine = Engine(model, tok, max_batch=args.max_batch, prefix_caching=not args.no_prefix_caching)
     app = create_app(engine, name, api_key=args.api_key, max_queue=args.max_queue, engine_thread=False)
@@ -90,9 +92,8 @@ def _serve(app, worker, args, console, note: str, name: str) -> int:
 
 def _main_tp(args) -> int:
     """serve on args.tp tensor-parallel ranks under torchrun: every rank loads the model, keeps its shard and runs a
-    TPEngine; rank 0 serves HTTP (tritium.serve.tp.TPLeaderWorker), the others follow its steps."""
-    import datetime
-
+    TPEngine on its device (--device / --backend: tritium.distributed.init_distributed); rank 0 serves HTTP
+    (tritium.serve.tp.TPLeaderWorker), the others follow its steps."""
     import torch.distributed as dist
 
     from tritium.distributed import TPEngine, shard_llama
@@ -107,12 +108,13 @@ def _main_tp(args) -> int:
                          f"(WORLD_SIZE is {world})")
     if not args.threads:   # the ranks share this machine's cores
         args.threads = max(1, (os.cpu_count() or 1) // world)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=TP_TIMEOUT_S))
+    device = launch(args, distributed=True, timeout_s=TP_TIMEOUT_S)
     try:
-        console, model, tok = load_from_args(args)
+        console, model, tok = load_from_args(args, device)
         vocab = model.config.vocab_size
         shard = shard_llama(model)
-        note = f"{model.load_note} | tensor-parallel on {world} ranks (shard weights: {shard.weight_mode})"
+        note = (f"{model.load_note} | tensor-parallel on {world} ranks ({dist.get_backend()}, {device.type}; shard "
+                f"weights: {shard.weight_mode})")
         engine = TPEngine(shard, tok, max_batch=args.max_batch, prefix_caching=not args.no_prefix_caching)
         if dist.get_rank() != 0:
             follow(engine)

@@ -15,7 +15,6 @@ each rank's slice of the batch (torch's SyncBatchNorm runs on CUDA only).
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import os
 import sys
@@ -27,6 +26,8 @@ import torch.distributed as dist
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .errors import UsageError
+    from .launch import add_launch_arguments, launch
     from .train import RECIPES, Recipe, accuracy, digits
     from tritium.models.classic import DIGITS, BasicBlock, Block, build
     from tritium.optim import AdamW, warmup_cosine
@@ -36,22 +37,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--shard", default="ddp", choices=("ddp", "fsdp"))
     p.add_argument("--epochs", type=int, default=None, help="default: tritium train's recipe")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default=None, help="gloo (CPU, the default) or nccl (one GPU per rank)")
     p.add_argument("--compile", action="store_true", help="torch.compile the wrapped model (DDP or fully_shard)")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile's backend with --compile (default inductor; aot_eager traces without code "
                    "generation)")
+    add_launch_arguments(p)   # --device, --backend: nccl with a GPU per rank, gloo on the CPU
     args = p.parse_args(argv)
 
-    backend = args.backend or "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=300))
+    try:
+        device = launch(args, distributed=True)
+    except UsageError as e:   # NCCL asked for on the CPU, a GPU this rank does not have
+        p.error(str(e))
+    backend = dist.get_backend()
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
-        device = torch.device("cpu")
-        if backend == "nccl":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-            torch.cuda.set_device(device)
-        else:
+        if device.type == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         recipe = RECIPES[args.model]
         if args.epochs is not None:

@@ -73,6 +73,7 @@ def _finetune_dist(fn: str, shard: str, model, tok, examples, cfg, on_step, grou
     # the same adapters on every rank (seeded; DDP broadcasts rank 0's anyway)
     encoded, total, opt, sched = prepare(fn, model, tok, examples, cfg)
     model.pack_for_inference(False)
+    device = model.device   # where the batches go (the rank's GPU under NCCL)
     wrapper = _SFTLossSum(model)
     if shard == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -99,15 +100,15 @@ def _finetune_dist(fn: str, shard: str, model, tok, examples, cfg, on_step, grou
         # FSDP2 warns that a block returns a view (the norm kernel's 2-D output seen as (batch, seq, dim)): an
         # in-place op on it would skip its hook, and nothing modifies a block's outputs in place
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-        _train_steps(step_module, encoded, tok, cfg, total, opt, sched, rank, world, group, on_step, losses)
+        _train_steps(step_module, encoded, tok, cfg, total, opt, sched, rank, world, group, on_step, losses, device)
     for unit in units:   # the whole weights back on every rank (plain tensors) for saving and serving
         unit.unshard()
     model.eval()
     return losses
 
 
-def _train_steps(step_module, encoded, tok, cfg, total, opt, sched, rank, world, group, on_step, losses):
-    for step, ids, labels in training_batches(encoded, tok, cfg, total):
+def _train_steps(step_module, encoded, tok, cfg, total, opt, sched, rank, world, group, on_step, losses, device):
+    for step, ids, labels in training_batches(encoded, tok, cfg, total, device):
         t0 = time.perf_counter()
         n_tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())   # the whole batch's, as one process's mean
         mine = slice(rank * len(ids) // world, (rank + 1) * len(ids) // world)
