@@ -80,8 +80,8 @@ row alone): that last ratio is the kernels' own share of the lead.
 
 ZOO_MODELS_PROSE = """\
 One training step of each of issue 26's zoo models on its recipe's data, the tritium model against its
-plain-PyTorch twin with the same weights: the Siamese CNN on 64 same-class digit pairs (`tritium.info_nce`), the
-DCGAN-style GAN's discriminator then generator step
+plain-PyTorch twin with the same weights: the Siamese CNN on 64 same-class digit pairs (`tritium.info_nce`,
+`tritium.max_pool2d`), the DCGAN-style GAN's discriminator then generator step
 (`tritium.binary_cross_entropy_with_logits`), GCN and GAT full-batch on the block-model graph
 (`tritium.graph_aggregate`, `tritium.gat_aggregate`), KAN (`tritium.kan_spline`), WaveNet (`tritium.wavenet_gate`),
 the DDPM U-Net (`tritium.group_norm` with SiLU), the RealNVP flow and the GRU seq2seq with attention. The tritium

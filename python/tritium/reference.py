@@ -860,6 +860,10 @@ def kan_spline(x: Tensor, grid: Tensor, weight: Tensor, spline_order: int = 3) -
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
+# ---- 2-D max pooling (ops/pooling.py): torch's own ----
+max_pool2d = F.max_pool2d
+
+
 # ---- WaveNet's gated activation (ops/wavenet.py) ----
 def wavenet_gate(h: Tensor, cond: Optional[Tensor] = None) -> Tensor:
     """tanh(a) * sigmoid(g) over the two channel halves of h (batch, 2C, T), cond added to h first."""

@@ -413,6 +413,17 @@ def _():
     return [(r(2, 3, 9), r(2, 6, 9), None), (r(2, 3, 9), r(2, 6, 9), r(2, 6, 9))]
 
 
+@sample("max_pool2d_fwd")
+def _():
+    return [(g(6, 8, 8), 2, 2), (g(3, 7, 9), 3, 2), (r(2, 5, 5, dtype=torch.float64), 5, 5)]
+
+
+@sample("max_pool2d_bwd")
+def _():
+    idx = torch.ops.tritium.max_pool2d_fwd(r(6, 7, 9), 3, 2)[1]
+    return [(r(6, 2, 4), idx, 3, 2, 7, 9)]
+
+
 @sample("lora_linear_fwd")
 def _():
     return [(g(6, 5), r(7, 5), r(7), g(2, 5), g(7, 2), None, 1.5),

@@ -10,10 +10,11 @@ convolution and its BatchNorm kernel is the inference one, tritium.batch_norm_ac
 convolutions, which impl="tritium" computes as im2col GEMMs (``_conv_gemm``, ``_conv_transpose_gemm``: oneDNN's
 backward is slow there), and its small-map stages, which it runs channels last (torch's BatchNorm is faster so).
 
-- ``Siamese``: a small CNN embedding an image to a unit vector, trained with one of tritium's metric-learning
-  losses (``loss="triplet"``: tritium.triplet_margin_loss on random (anchor, positive, negative) triplets;
-  ``"contrastive"``: tritium.contrastive_loss on same/different pairs; ``"info_nce"``: tritium.info_nce on pairs
-  of same-class images, the other pairs of the batch as negatives). Its quality figure is 1-nearest-neighbour
+- ``Siamese``: a small CNN embedding an image to a unit vector (impl="tritium" pools with tritium.max_pool2d: torch's
+  channels-first max pooling over small maps is a large share of the step), trained with one of tritium's
+  metric-learning losses (``loss="triplet"``: tritium.triplet_margin_loss on random (anchor, positive, negative)
+  triplets; ``"contrastive"``: tritium.contrastive_loss on same/different pairs; ``"info_nce"``: tritium.info_nce on
+  pairs of same-class images, the other pairs of the batch as negatives). Its quality figure is 1-nearest-neighbour
   retrieval accuracy of held-out digits against the training embeddings (``retrieval_accuracy``).
 - ``GAN``: DCGAN-style generator (latent -> linear -> BN -> ReLU -> 2x2 -> transposed convs -> tanh 8x8) and
   discriminator (strided convs, BN, LeakyReLU(0.2) -> linear logit), trained with the non-saturating loss on
@@ -55,6 +56,7 @@ def _torch_table() -> SimpleNamespace:
     from .. import reference  # torch ops only: the losses torch has no function for, written out
 
     return SimpleNamespace(leaky_relu=F.leaky_relu, bce_with_logits=F.binary_cross_entropy_with_logits,
+                           max_pool2d=F.max_pool2d,
                            triplet_margin_loss=F.triplet_margin_loss, contrastive_loss=reference.contrastive_loss,
                            info_nce=reference.info_nce, elu=F.elu,
                            aggregate=lambda x, g, w, reduce="sum": reference.graph_aggregate(
@@ -67,6 +69,7 @@ def _tritium_table() -> SimpleNamespace:
     import tritium
 
     return SimpleNamespace(leaky_relu=tritium.leaky_relu, bce_with_logits=tritium.binary_cross_entropy_with_logits,
+                           max_pool2d=tritium.max_pool2d,
                            triplet_margin_loss=tritium.triplet_margin_loss,
                            contrastive_loss=tritium.contrastive_loss, info_nce=tritium.info_nce, elu=tritium.elu,
                            aggregate=lambda x, g, w, reduce="sum": tritium.graph_aggregate(
@@ -112,7 +115,10 @@ class Siamese(_ZooImpl):
 
     def forward(self, x: Tensor) -> Tensor:  # (B, 1, S, S) -> (B, embed_dim), unit rows
         x = self.ops.relu(self.conv1(x))
-        x = F.max_pool2d(self.ops.relu(self.conv2(x)), 2)
+        if self.impl == "tritium":  # relu(max) = max(relu), gradients too (a window's maximum <= 0 passes none):
+            x = self.ops.relu(self.ops.max_pool2d(self.conv2(x), 2))  # the ReLU on a quarter of the elements
+        else:
+            x = F.max_pool2d(self.ops.relu(self.conv2(x)), 2)
         x = self.fc2(self.ops.relu(self.fc1(x.flatten(1))))
         return F.normalize(x, dim=-1)
 

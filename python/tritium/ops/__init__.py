@@ -70,6 +70,9 @@ __all__ += _kan.__all__
 from . import wavenet as _wavenet  # noqa: E402
 from .wavenet import *  # noqa: F401,F403,E402
 __all__ += _wavenet.__all__
+from . import pooling as _pooling  # noqa: E402
+from .pooling import *  # noqa: F401,F403,E402
+__all__ += _pooling.__all__
 from . import graph as _graph  # noqa: E402
 from .graph import *  # noqa: F401,F403,E402
 __all__ += _graph.__all__
