@@ -102,7 +102,9 @@ configuration (batch 16, context 128 bytes, about 2M parameters): the tritium mo
 plain-PyTorch twin with the same weights (mamba_ssm's reference scan and conv; the naive RWKV-7 recurrence, a loop
 over time; the xLSTM cell's step-by-step recurrence), and for Mamba the twin with the reference scan's loop over
 `unbind()` slices (indexing the (batch, dim, L, N) tensor costs autograd a zero tensor of its full size per step,
-O(L^2)). One round each.
+O(L^2)). One round each. The decode table: one greedy generation at batch 1 per tritium LM, the per-token time at
+positions 64, 512 and 2048 (each the median of 32 steps) and the last over the first (issue 24: flat, ~1.0), with
+a Llama of about the same size on a contiguous KV cache (tritium.models.eager.EagerLlama) as the contrast.
 """
 
 TRAIN_LM_PROSE = """\
@@ -384,6 +386,15 @@ def quant_section(data: dict) -> list:
 
 
 def models_section(data: dict) -> list:
+    decode = [r for r in data["rows"] if r["mode"] == "decode"]  # the LMs' per-token generation cost by position
+    if decode:
+        data = dict(data, rows=[r for r in data["rows"] if r["mode"] != "decode"])
+        pos = list(decode[0]["per_token_ms"])
+        body = [[r["model"], r["impl"]] + [f"{r['per_token_ms'][p]:.2f}" for p in pos] + [f"{r['flat_ratio']:.2f}"]
+                for r in decode]
+        extra = ["", *table(["model", "implementation"] + [f"ms/token at {p}" for p in pos] + ["last / first"],
+                            body, 2)]
+        return (models_section(data) if data["rows"] else []) + extra
     if all("spread" in r for r in data["rows"]):  # alternating rounds (the zoo's steps of a few ms): their spread
         body = [[r["model"], r["impl"], r["mode"], f"{r['ms']:.2f}", f"{r['tritium_speedup']:.2f}",
                  f"{r['spread']:.1%}"] for r in data["rows"]]

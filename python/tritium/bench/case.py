@@ -47,3 +47,16 @@ def elems(shape: Shape) -> int:
 
 def esize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+_COMPILED_STEPS: dict = {}
+
+
+def compiled_step(step: Callable) -> Callable:
+    """torch.compile(step, dynamic=False), made once per step function and reused: a reference's time-loop body
+    compiled, the fwdbwd compile baseline (OpCase.compiled_fwdbwd) where compiling the whole loop cannot work
+    (torch.compile unrolls every step, and at lengths in the thousands Inductor fails on the backward of that graph).
+    One compiled function per step, so its cache (and the harness's torch._dynamo.reset) applies."""
+    if step not in _COMPILED_STEPS:
+        _COMPILED_STEPS[step] = torch.compile(step, dynamic=False)
+    return _COMPILED_STEPS[step]

@@ -10,6 +10,12 @@
   ``tritium train``'s default configuration (tritium.cli.train_lm: batch 16, context 128, about 2M parameters),
   the tritium model vs its plain-PyTorch twin (mamba_ssm's reference scan and conv; the naive RWKV-7 recurrence;
   the mLSTM recurrence step by step).
+- mamba, rwkv, xlstm also get a decode row (issue 24's "generation per-token cost flat in sequence length"): one
+  greedy generation at batch 1 of the same tritium model from a 1-token prompt (prefill, then step per token), each
+  step timed alone; the row's per-token time at positions 64, 512 and 2048 (each the median of the 32 steps from
+  there) and ``flat_ratio``, the last position's over the first's (~1.0: flat). A Llama of about the same size
+  (tritium.models.eager.EagerLlama, contiguous KV cache) decodes the same way as the contrast, its cost growing with
+  the cache.
 - siamese, gan (issue 26's zoo, tritium.models.zoo): one training step (forward, backward, optimizer step) at the
   recipe's batch of 64 digits (8x8): the Siamese CNN on 64 same-class pairs (2 x 64 images, InfoNCE, AdamW),
   the GAN's discriminator then generator step (non-saturating BCE, Adam); the tritium model vs its twin.
@@ -64,6 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rounds over the implementations in turn, the order alternating (each impl: the median "
                         "of its rounds; the speedup: the median of the rounds' ratios; default: 3; the zoo: 24)")
     p.add_argument("--small", action="store_true", help="a quarter of the batch (a quick look)")
+    p.add_argument("--no-decode", action="store_true",
+                   help="skip the LMs' decode rows (per-token generation time at positions 64, 512, 2048)")
     p.add_argument("--json", help="write machine info and every figure to this path")
 
 
@@ -199,6 +207,67 @@ def _lm_cases(name: str, small: bool, device) -> Dict[str, Callable[[], object]]
         opt, _ = make_optimizer(model, recipe)
         cases[side] = lambda m=model, o=opt: train_step(m, o, x, y)
     return cases
+
+
+DECODE_POSITIONS, DECODE_WINDOW = (64, 512, 2048), 32
+
+
+def decode_per_token(start: Callable[[], Tuple[Tensor, object]], step: Callable[[Tensor, object, int], Tensor],
+                     positions=DECODE_POSITIONS, window: int = DECODE_WINDOW,
+                     clock: Callable[[], float] = time.perf_counter) -> Dict[int, float]:
+    """Seconds per generated token at each of positions, from one greedy generation: start() -> (logits (1, vocab)
+    of the prompt's last position, state), step(token (1,), state, position) -> the next logits; each step timed
+    alone, a position's figure the median of the window steps from there (its first step feeds token position+1)."""
+    steps = max(positions) + window
+    times = []
+    with torch.no_grad():
+        logits, state = start()
+        for pos in range(steps):
+            token = logits.argmax(-1)
+            t0 = clock()
+            logits = step(token, state, pos + 1)
+            times.append(clock() - t0)
+    return {p: statistics.median(times[p:p + window]) for p in positions}
+
+
+def _decode_cases(name: str, device, positions=DECODE_POSITIONS, window: int = DECODE_WINDOW,
+                  size: str = "small") -> Dict[str, Tuple[Callable, Callable]]:
+    """(start, step) for decode_per_token: the tritium LM ``name`` (tritium.cli.train_lm.build) through its
+    prefill/step, and with ``name`` "llama" an EagerLlama of about the byte LMs' size with a contiguous KV cache."""
+    from ..cli.train_lm import SIZES, build
+
+    prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
+    torch.manual_seed(0)
+    if name != "llama":
+        model = build(name, "tritium", 128, size).to(device).eval()
+        return lambda: model.prefill(prompt, last_only=True), lambda tok, state, pos: model.step(tok, state)
+    from ..models.eager import EagerKVCache, EagerLlama
+    from ..models.llama import LlamaConfig
+
+    dim, layers, heads = SIZES[size]["gpt"]
+    c = LlamaConfig(dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=heads, head_dim=dim // heads,
+                    ffn_dim=dim * 8 // 3, vocab_size=256, max_seq_len=max(positions) + window + 1)
+    model = EagerLlama(c).to(device).eval()
+
+    def start():
+        cache = EagerKVCache(c, 1, c.max_seq_len, model.lm_head.weight.dtype, device)
+        return model(prompt, cache, 0, logits_to_keep=1)[:, -1], cache
+
+    return start, lambda tok, cache, pos: model(tok[:, None], cache, pos)[:, -1]
+
+
+def decode_rows(names, device, positions=DECODE_POSITIONS, window: int = DECODE_WINDOW, size: str = "small",
+                llama: bool = True) -> List[dict]:
+    """A decode row per LM of names (and the Llama contrast): per-token ms at positions and flat_ratio."""
+    rows = []
+    for name in list(names) + (["llama"] if llama else []):
+        per = decode_per_token(*_decode_cases(name, device, positions, window, size), positions, window)
+        first, last = per[positions[0]], per[positions[-1]]
+        rows.append({"model": name, "impl": "tritium" if name != "llama" else "eager (KV cache)", "mode": "decode",
+                     "ms": round(first * 1e3, 4), "tritium_speedup": None,
+                     "per_token_ms": {str(p): round(t * 1e3, 4) for p, t in per.items()},
+                     "flat_ratio": round(last / first, 3)})
+    return rows
 
 
 def _gnn_cases(name: str, small: bool, device) -> Dict[str, Callable[[], object]]:
@@ -398,11 +467,18 @@ def run(args) -> List[dict]:
                 q = statistics.quantiles(per[impl], n=4) if len(per[impl]) > 1 else [t, t, t]
                 row["rounds"], row["spread"] = len(per[impl]), round((q[2] - q[0]) / 2 / t, 4)
             rows.append(row)
+    lms = [n for n in chosen if n in LMS]
+    if lms and not args.no_decode:
+        rows += decode_rows(lms, device)
     table = Table(title=f"tritium bench models ({device}, forward+backward)")
     for col in ("model", "impl", "ms", "tritium speedup vs this"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["model"], r["impl"], f"{r['ms']:.1f}", f"{r['tritium_speedup']:.2f}x")
+        if r["mode"] == "decode":  # per-token ms at each position; the speedup column: last over first
+            table.add_row(r["model"], f"{r['impl']} decode", " / ".join(f"{t:.2f}" for t in r["per_token_ms"].values()),
+                          f"flat ratio {r['flat_ratio']:.2f}")
+        else:
+            table.add_row(r["model"], r["impl"], f"{r['ms']:.1f}", f"{r['tritium_speedup']:.2f}x")
     Console().print(table)
     if args.json:
         write_json(args.json, machine_info(device), rows, {"suite": "models"})

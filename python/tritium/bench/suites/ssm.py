@@ -1,12 +1,15 @@
 """Benchmarks of Mamba's selective scan against mamba_ssm's reference algorithm (tritium.reference.selective_scan:
 selective_scan_ref's steps, the (batch, dim, L, N) decay and input tensors then a loop over time) eager and
-compiled. Shapes are (batch, dim, L, N); B and C per step (batch, N, L); D, z, delta_bias and softplus on, as in a
+compiled (forward: torch.compile of the whole reference; forward and backward: its loop with the step compiled,
+_compiled_steps). Shapes are (batch, dim, L, N); B and C per step (batch, N, L); D, z, delta_bias and softplus on, as in a
 Mamba block. The headline shape is issue 24's bar: batch 8, dim 768, L 1024, N 16."""
 import torch
+import torch.nn.functional as F
 
 import tritium
 from tritium import reference
-from tritium.bench.case import OpCase, esize
+from tritium._dtypes import acc_dtype
+from tritium.bench.case import OpCase, compiled_step, esize
 
 
 def _scan_inputs(shape, dtype, device):
@@ -28,6 +31,32 @@ def _tritium_scan(u, delta, A, B, C, D, z, bias):
 
 def _eager_scan(u, delta, A, B, C, D, z, bias):
     return reference.selective_scan(u, delta, A, B, C, D, z, bias, delta_softplus=True)
+
+
+def _scan_step(x, dA, dBu, c):
+    """One step of reference.selective_scan's loop: x (batch, dim, N) -> (the new x, y (batch, dim))."""
+    x = dA * x + dBu
+    return x, (x * c).sum(-1)
+
+
+def _compiled_steps(u, delta, A, B, C, D, z, bias):
+    """reference.selective_scan (B, C per step, D, z, delta_bias, softplus on) with its loop's body (_scan_step)
+    under torch.compile: the fwdbwd compile baseline. torch.compile of the whole reference unrolls its length-long
+    loop, and compiling the backward of that graph takes very long or fails (wkv's did, with a RecursionError);
+    compiling the loop's body is what a user does instead. The rest is the reference's eager code."""
+    acc = acc_dtype(u.dtype)
+    u32, delta = u.to(acc), F.softplus(delta.to(acc) + bias[:, None].to(acc))
+    deltaA = torch.exp(delta[..., None] * A.to(acc)[None, :, None, :])                  # (batch, dim, L, N)
+    deltaB_u = (delta * u32)[..., None] * B.to(acc)[:, None].transpose(2, 3)            # (batch, dim, L, N)
+    Cv = C.to(acc)[:, None]                                                             # (batch, 1, N, L)
+    x = u32.new_zeros(u.shape[0], A.shape[0], A.shape[1])
+    step = compiled_step(_scan_step)
+    ys = []
+    for i in range(u.shape[2]):
+        x, y = step(x, deltaA[:, :, i], deltaB_u[:, :, i], Cv[..., i])
+        ys.append(y)
+    out = (torch.stack(ys, 2) + u32 * D.to(acc)[:, None]) * F.silu(z.to(acc))
+    return out.to(u.dtype)
 
 
 def _bytes_fwd(s, d):  # read u, delta, z, B, C; write out
@@ -55,6 +84,7 @@ CASES = [
     OpCase("selective_scan", _scan_inputs, _tritium_scan, _eager_scan, _bytes_fwd, _bytes_fwdbwd,
            flops_fwd=_flops_fwd, flops_fwdbwd=_flops_fwdbwd,
            shapes=((8, 768, 1024, 16), (1, 1536, 2048, 16), (8, 768, 128, 64)),
-           dtypes=(torch.float32, torch.bfloat16), track_memory=True,
-           note="vs mamba_ssm's selective_scan_ref algorithm (tritium.reference.selective_scan)"),
+           dtypes=(torch.float32, torch.bfloat16), track_memory=True, compiled_fwdbwd=_compiled_steps,
+           note="vs mamba_ssm's selective_scan_ref algorithm (tritium.reference.selective_scan); fwdbwd's "
+                "compile baseline compiles the loop's step"),
 ]

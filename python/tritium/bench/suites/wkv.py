@@ -6,7 +6,7 @@ of size 64."""
 import torch
 
 import tritium
-from tritium.bench.case import OpCase, esize
+from tritium.bench.case import OpCase, compiled_step, esize
 from tritium.ops.wkv import wkv7_reference, wkv7_reference_step
 
 
@@ -30,18 +30,13 @@ def _eager(r, w, k, v, a, b):
     return wkv7_reference(r, w, k, v, a, b)[0]
 
 
-_STEP = []
-
-
 def _compiled_steps(r, w, k, v, a, b):
     """wkv7_reference's loop with its step (wkv7_reference_step) under torch.compile: the fwdbwd compile baseline.
     torch.compile of the whole loop unrolls all its steps, and at length 1024 Inductor fails on the backward of that
     graph (a RecursionError after many minutes); compiling the loop's body is what a user does instead."""
     B, T, H, K = r.shape
     S = r.new_zeros(B, H, K, v.shape[-1])
-    if not _STEP:  # one compiled function, so its cache (and the harness's torch._dynamo.reset) applies
-        _STEP.append(torch.compile(wkv7_reference_step, dynamic=False))
-    step = _STEP[0]
+    step = compiled_step(wkv7_reference_step)
     outs = []
     for t in range(T):
         S, o = step(S, *(x[:, t] for x in (r, w, k, v, a, b)), K ** -0.5)
