@@ -1,8 +1,8 @@
 """Benchmarks of Mamba's selective scan against mamba_ssm's reference algorithm (tritium.reference.selective_scan:
 selective_scan_ref's steps, the (batch, dim, L, N) decay and input tensors then a loop over time) eager and
 compiled (forward: torch.compile of the whole reference; forward and backward: its loop with the step compiled,
-_compiled_steps). Shapes are (batch, dim, L, N); B and C per step (batch, N, L); D, z, delta_bias and softplus on, as in a
-Mamba block. The headline shape is issue 24's bar: batch 8, dim 768, L 1024, N 16."""
+_compiled_steps). Shapes are (batch, dim, L, N); B and C per step (batch, N, L); D, z, delta_bias and softplus on,
+as in a Mamba block. The headline shape is issue 24's bar: batch 8, dim 768, L 1024, N 16."""
 import torch
 import torch.nn.functional as F
 
