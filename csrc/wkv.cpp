@@ -316,13 +316,18 @@ void wkv_fwd_group(const Wkv<T>& s, int64_t bi, int64_t h0, int64_t G, T* out, a
   using A = acc_type<T>;
   using Vec = Vectorized<A>;
   constexpr int64_t W = Vec::size();
-  const int64_t K = s.K, V = s.V, VP = s.VP, KP = s.KP, RS = 5 * KP + VP;  // RS: a step's rows in the block
-  const int64_t TB = std::min(kBlock, s.L), HS = K * VP + VP + KP;         // HS: a head's state, sa and c
+  const int64_t K = s.K, V = s.V, VP = s.VP, KP = s.KP;
+  // Rows already in A with no padding to add (float32 and float64 at K and V multiples of the vector width) are
+  // read where they are: the block holds only exp(w). Otherwise it holds r, exp(w), k, a, b, v per step and head.
+  const bool direct = std::is_same_v<T, A> && K == KP && V == VP;
+  const int64_t RS = direct ? KP : 5 * KP + VP, EO = direct ? 0 : KP;  // RS: a step's rows in the block, EO: exp(w)'s
+  const int64_t TB = std::min(kBlock, s.L), HS = K * VP + VP + KP;     // HS: a head's state, sa and c
   buf.assign(G * HS + VP + 6 * KP + G * (TB + 1) * RS + G * TB * VP, A(0));
   A *hs = buf.data(), *san = hs + G * HS, *an = san + VP, *cn = an + KP, *rr = cn + KP, *kk = rr + KP;
   A *bb = kk + KP, *blk = bb + KP, *ob = blk + G * (TB + 1) * RS;
   // steps [t0, t0 + n) of the group's heads into the block (and a of step t0 + n, the last step's next a^T S,
-  // where there is one): head g's step j at blk + (g (TB + 1) + j) RS
+  // where there is one): head g's step j at blk + (g (TB + 1) + j) RS. Read in place, the rows are asked for into
+  // L2 here, a block's worth ahead of their use.
   auto gather = [&](int64_t t0, int64_t n) {
     for (int64_t j = 0; j <= n; ++j) {
       const int64_t t = t0 + j;
@@ -330,6 +335,16 @@ void wkv_fwd_group(const Wkv<T>& s, int64_t bi, int64_t h0, int64_t G, T* out, a
       for (int64_t g = 0; g < G; ++g) {
         A* row = blk + (g * (TB + 1) + j) * RS;
         const int64_t h = h0 + g;
+        if (direct) {
+          if (j == n) continue;
+          if constexpr (std::is_same_v<T, A>) {
+            const A* w = s.w.at(bi, t, h);
+            for (int64_t i = 0; i < KP; i += W) Vec::loadu(w + i).exp().store(row + i);
+          }
+          for (const Seq4<T>* q : {&s.r, &s.k, &s.a, &s.b}) prefetch_l2(q->at(bi, t, h), K * sizeof(T));
+          prefetch_l2(s.v.at(bi, t, h), V * sizeof(T));
+          continue;
+        }
         Wkv<T>::load(s.a.at(bi, t, h), row + 3 * KP, K, KP);
         if (j == n) continue;
         Wkv<T>::load(s.r.at(bi, t, h), row, K, KP);
@@ -340,6 +355,13 @@ void wkv_fwd_group(const Wkv<T>& s, int64_t bi, int64_t h0, int64_t G, T* out, a
         Wkv<T>::load(s.v.at(bi, t, h), row + 5 * KP, V, VP);
       }
     }
+  };
+  // an input row of head h at step t0 + j: in place, or its copy at offset off of the block's row
+  auto in = [&](const Seq4<T>& q, int64_t off, const A* hb, int64_t j, int64_t t, int64_t h) -> const A* {
+    if constexpr (std::is_same_v<T, A>) {
+      if (direct) return q.at(bi, t, h);
+    }
+    return hb + j * RS + off;
   };
   for (int64_t g = 0; g < G; ++g) {
     const int64_t item = bi * s.H + h0 + g;
@@ -354,7 +376,8 @@ void wkv_fwd_group(const Wkv<T>& s, int64_t bi, int64_t h0, int64_t G, T* out, a
       const int64_t item = bi * s.H + h0 + g;
       A *S = hs + g * HS, *sa = S + K * VP, *c = sa + VP;
       const A* hb = blk + g * (TB + 1) * RS;
-      if (t0 == 0) state_t_vec(S, hb + 3 * KP, sa, K, VP);
+      const int64_t h = h0 + g;
+      if (t0 == 0) state_t_vec(S, in(s.a, 3 * KP, hb, 0, 0, h), sa, K, VP);
       // the true state of the scaled one into dst (K, V)
       auto save = [&](A* dst) {
         for (int64_t i = 0; i < K; ++i)
@@ -362,7 +385,8 @@ void wkv_fwd_group(const Wkv<T>& s, int64_t bi, int64_t h0, int64_t G, T* out, a
       };
       for (int64_t j = 0; j < n; ++j) {
         const int64_t t = t0 + j;
-        const A *r = hb + j * RS, *e = r + KP, *k = e + KP, *b = k + 2 * KP, *v = b + KP;
+        const A *r = in(s.r, 0, hb, j, t, h), *e = hb + j * RS + EO, *k = in(s.k, 2 * KP, hb, j, t, h);
+        const A *b = in(s.b, 4 * KP, hb, j, t, h), *v = in(s.v, 5 * KP, hb, j, t, h);
         const bool more = t + 1 < s.L;
         // cn = c exp(w); renormalise when any row's falls below the floor (a NaN scale goes the plain way too)
         bool renorm = false;
@@ -383,7 +407,7 @@ void wkv_fwd_group(const Wkv<T>& s, int64_t bi, int64_t h0, int64_t G, T* out, a
         }
         for (int64_t i = 0; i < KP; i += W) (sc * Vec::loadu(c + i) * Vec::loadu(r + i)).store(rr + i);
         if (more) {
-          const A* a1 = hb + (j + 1) * RS + 3 * KP;
+          const A* a1 = in(s.a, 3 * KP, hb, j + 1, t + 1, h);
           for (int64_t i = 0; i < KP; i += W) (Vec::loadu(c + i) * Vec::loadu(a1 + i)).store(an + i);
         }
         step(S, S, renorm ? cn : nullptr, rr, renorm ? k : kk, renorm ? b : bb, more ? an : nullptr, v, sa,
