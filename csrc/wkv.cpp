@@ -307,7 +307,8 @@ constexpr double kMinScale = 1.0 / (1 << 20);
 // input, so the reads stream (one head alone would walk rows H apart, a stride the hardware prefetchers do not
 // follow, touching a new page every step); then each head runs the block's steps with its state in L1, and the
 // block's outputs go back to their rows together. The block (r, exp(w), k, a, b, v per step and head: about 24 KB a
-// head at K = V = 64) and the group's states stay in L2.
+// head at K = V = 64; only exp(w) where the rows are read in place, the others asked for into L2 as it is filled)
+// and the group's states stay in L2.
 constexpr int64_t kBlock = 16;
 
 template <typename T>
