@@ -34,6 +34,8 @@ class OpCase:
     # fwdbwd's compile baseline where torch.compile(eager) cannot compile its backward (a loop too long to unroll):
     # a callable holding the compiled parts a user would compile instead (say the loop's body); None: compile eager
     compiled_fwdbwd: Optional[Callable] = None
+    # the same for fwd where even the forward's compile of eager takes minutes; None: compile eager
+    compiled_fwd: Optional[Callable] = None
     note: str = ""
     tags: Sequence[str] = field(default_factory=tuple)
 

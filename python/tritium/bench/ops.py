@@ -203,7 +203,7 @@ def run(args) -> List[dict]:
             impls = [("eager", case.eager), ("tritium", case.tritium)]
             if not args.no_compile:
                 torch._dynamo.reset()
-                own = case.compiled_fwdbwd if mode == "fwdbwd" else None
+                own = case.compiled_fwdbwd if mode == "fwdbwd" else case.compiled_fwd
                 impls.insert(1, ("compile", own or torch.compile(case.eager, dynamic=False)))
             # rounds over the sides in turn, each side's figure the median of its rounds: a slow spell of a shared
             # machine then lands on every side instead of on whichever ran during it
