@@ -45,7 +45,9 @@ def _compiled_steps(u, delta, A, B, C, D, z, bias):
     under torch.compile: the compile baseline, forward and forward+backward. torch.compile of the whole reference
     unrolls its length-long loop: the forward's compile takes minutes, and compiling the backward of that graph
     takes very long or fails (wkv's did, with a RecursionError); compiling the loop's body is what a user does
-    instead. The rest is the reference's eager code."""
+    instead. The loop walks unbind()'s slices, not the reference's indexing, whose backward builds a zero tensor of
+    the whole (batch, dim, L, N) per step (O(L^2) memory traffic, the reference's eager cost but no compiled
+    baseline's). The rest is the reference's eager code."""
     acc = acc_dtype(u.dtype)
     u32, delta = u.to(acc), F.softplus(delta.to(acc) + bias[:, None].to(acc))
     deltaA = torch.exp(delta[..., None] * A.to(acc)[None, :, None, :])                  # (batch, dim, L, N)
@@ -54,8 +56,8 @@ def _compiled_steps(u, delta, A, B, C, D, z, bias):
     x = u32.new_zeros(u.shape[0], A.shape[0], A.shape[1])
     step = compiled_step(_scan_step)
     ys = []
-    for i in range(u.shape[2]):
-        x, y = step(x, deltaA[:, :, i], deltaB_u[:, :, i], Cv[..., i])
+    for dA, dBu, c in zip(deltaA.unbind(2), deltaB_u.unbind(2), Cv.unbind(3)):
+        x, y = step(x, dA, dBu, c)
         ys.append(y)
     out = (torch.stack(ys, 2) + u32 * D.to(acc)[:, None]) * F.silu(z.to(acc))
     return out.to(u.dtype)
