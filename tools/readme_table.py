@@ -180,9 +180,9 @@ without a compile column predates it).
 SCAN_PROSE = """\
 Mamba's selective scan (`tritium.selective_scan`) against mamba_ssm's reference algorithm (`selective_scan_ref`'s
 steps: `tritium.reference.selective_scan`), eager and under `torch.compile` (the reference's loop, over unbind()'s
-slices, with its step compiled: compiling the whole length-long loop takes minutes for the forward alone, and for wkv's loop of the same
-kind the backward's compile failed), forward and backward at issue 24's bar shape (batch 8, dim 768, length 1024,
-state 16), float32, with D, z, delta_bias and softplus on as in a Mamba block.
+slices, with its step compiled: compiling the whole length-long loop takes minutes for the forward alone, and
+for wkv's loop of the same kind the backward's compile failed), forward and backward at issue 24's bar shape
+(batch 8, dim 768, length 1024, state 16), float32, with D, z, delta_bias and softplus on as in a Mamba block.
 The peak columns are each side's peak extra memory during the call (the reference materialises the (batch, dim,
 length, state) decay and input tensors; the scan keeps O(batch x dim x state) state and recomputes in the backward).
 """
