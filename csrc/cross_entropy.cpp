@@ -10,16 +10,26 @@
 // accumulation dtype (no softmax is kept; the backward rounds once to the input dtype while scaling rows by the
 // upstream gradient). Ignored rows give loss 0 and gradient 0.
 // Three passes per row (max; sum of exp kept in a buffer; gradient): one read of the row from memory, one write.
+//
+// cross_entropy_z_fwd adds two options (Liger-Kernel's LigerCrossEntropyLoss lse_square_scale and softcap):
+// with softcap c > 0 every logit is read as y = c tanh(x / c) (never stored: tanh is monotonic, so the row max is
+// c tanh(max x / c), and pass 3 recomputes tanh); with z_loss z > 0 each non-ignored row adds z lse^2 (lse of the
+// capped logits), not weighted by the class weights and, with `mean`, divided by the number of non-ignored rows.
+// Gradient: d/dy of the above (the cross-entropy's plus 2 z lse p_j), times dy/dx = 1 - (y / c)^2.
 #include "pool.h"
 #include "vec.h"
 
 namespace tritium {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& x, const at::Tensor& target,
-                                                                 const c10::optional<at::Tensor>& weight,
-                                                                 int64_t ignore_index, double label_smoothing,
-                                                                 bool mean, bool need_grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_z_fwd(const at::Tensor& x, const at::Tensor& target,
+                                                                   const c10::optional<at::Tensor>& weight,
+                                                                   int64_t ignore_index, double label_smoothing,
+                                                                   bool mean, bool need_grad, double z_loss,
+                                                                   double softcap) {
+  TORCH_CHECK(z_loss >= 0, "z_loss must be >= 0, got ", z_loss);
+  TORCH_CHECK(softcap >= 0, "softcap must be > 0 (or 0: off), got ", softcap);
+  const bool ext = z_loss != 0 || softcap != 0;  // else the plain cross-entropy below, unchanged
   check_rows(x, "input");
   const int64_t M = x.size(0), C = x.size(1);
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -34,9 +44,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tenso
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* wp = weight.has_value() ? weight->const_data_ptr<scalar_t>() : nullptr;
     // targets are validated (as torch's nll_loss does) and the total weight summed before any row is touched
-    double tw = 0, wsum = 0;
-    for_valid_targets(target, M, C, ignore_index,
-                      [&](int64_t t) { tw += wp ? static_cast<double>(static_cast<acc_t>(wp[t])) : 1.0; });
+    double tw = 0, wsum = 0, nvalid = 0;
+    for_valid_targets(target, M, C, ignore_index, [&](int64_t t) {
+      tw += wp ? static_cast<double>(static_cast<acc_t>(wp[t])) : 1.0;
+      nvalid += 1;
+    });
     const int64_t* tp = target.const_data_ptr<int64_t>();
     const int64_t st = target.stride(0), sx = x.stride(0);
     if (wp) {
@@ -50,6 +62,68 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tenso
     const acc_t inv = mean ? static_cast<acc_t>(1.0 / tw) : acc_t(1);  // inf when every row is ignored
     acc_t* lp = loss.mutable_data_ptr<acc_t>();
     acc_t* gp = need_grad ? grad.mutable_data_ptr<acc_t>() : nullptr;
+    const acc_t zl = static_cast<acc_t>(z_loss), cap = static_cast<acc_t>(softcap);
+    const acc_t icap = cap != 0 ? acc_t(1) / cap : acc_t(0);
+    const acc_t invz = mean ? static_cast<acc_t>(1.0 / nvalid) : acc_t(1);  // z-loss's 'mean': per non-ignored row
+    // one non-ignored row with the options (see the top of the file): y = cap(x), the same three passes on y
+    const Vec vcap(cap), vicap(icap);
+    auto capv = [&](Vec v) { return cap != 0 ? vcap * (v * vicap).tanh() : v; };
+    auto caps = [&](acc_t v) { return cap != 0 ? cap * std::tanh(v * icap) : v; };
+    auto ext_row = [&](const scalar_t* xr, int64_t t, acc_t* gr, acc_t* lr) {
+      acc_t* buf = gr;
+      const acc_t m = caps(row_max_acc(xr, C));
+      const Vec vm(m);
+      Vec s0(0), q0(0);
+      int64_t i = 0;
+      for (; i + K <= C; i += K) {
+        Vec v = capv(IO::load(xr + i)), e = (v - vm).exp();
+        s0 = s0 + e;
+        if (buf) e.store(buf + i);
+        if (eps != 0) q0 = wp ? at::vec::fmadd(v, IO::load(wp + i), q0) : q0 + v;
+      }
+      acc_t s = hsum(s0), q = hsum(q0);
+      for (; i < C; ++i) {
+        const acc_t v = caps(static_cast<acc_t>(xr[i])), e = std::exp(v - m);
+        s += e;
+        if (buf) buf[i] = e;
+        if (eps != 0) q += wp ? v * static_cast<acc_t>(wp[i]) : v;
+      }
+      const acc_t lse = m + std::log(s);
+      const acc_t wt = wp ? static_cast<acc_t>(wp[t]) : acc_t(1);
+      const acc_t yt = caps(static_cast<acc_t>(xr[t]));
+      acc_t l = (1 - eps) * wt * (lse - yt);
+      if (eps != 0) l += b * (W * lse - q);
+      *lr = l * inv + zl * lse * lse * invz;
+      if (!gr) return;
+      // dL/dy_j = p_j (a inv + 2 z lse invz) - b w_j inv - [j == t] (1 - eps) w_t inv, times 1 - tanh(x_j / c)^2
+      const acc_t a = (1 - eps) * wt + b * W, ap = a * inv + 2 * zl * lse * invz, pa = ap / s, bi = b * inv;
+      const Vec vpa(pa), vb(bi), one(1);
+      for (i = 0; i + K <= C; i += K) {
+        Vec g = Vec::loadu(buf + i) * vpa;
+        if (eps != 0) g = wp ? at::vec::fnmadd(vb, IO::load(wp + i), g) : g - vb;
+        if (cap != 0) {
+          const Vec th = (IO::load(xr + i) * vicap).tanh();
+          g = g * (one - th * th);
+        }
+        g.store(gr + i);
+      }
+      for (; i < C; ++i) {
+        acc_t g = buf[i] * pa;
+        if (eps != 0) g -= bi * (wp ? static_cast<acc_t>(wp[i]) : acc_t(1));
+        if (cap != 0) {
+          const acc_t th = std::tanh(static_cast<acc_t>(xr[i]) * icap);
+          g *= 1 - th * th;
+        }
+        gr[i] = g;
+      }
+      acc_t gt = std::exp(yt - lse) * ap - (1 - eps) * wt * inv;
+      if (eps != 0) gt -= bi * wt;
+      if (cap != 0) {
+        const acc_t th = std::tanh(static_cast<acc_t>(xr[t]) * icap);
+        gt *= 1 - th * th;
+      }
+      gr[t] = gt;
+    };
     at::parallel_for(0, M, row_grain(C), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t t = tp[r * st];
@@ -61,6 +135,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tenso
         }
         const scalar_t* xr = xp + r * sx;
         acc_t* buf = gr;
+        if (ext) {
+          ext_row(xr, t, gr, lp + r);
+          continue;
+        }
         const acc_t m = row_max_acc(xr, C);
         const Vec vm(m);
         // pass 2: sum exp(x - m) (kept in buf for the gradient) and, with smoothing, sum w_c x_c
@@ -120,6 +198,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tenso
   return {loss, grad, total};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& x, const at::Tensor& target,
+                                                                 const c10::optional<at::Tensor>& weight,
+                                                                 int64_t ignore_index, double label_smoothing,
+                                                                 bool mean, bool need_grad) {
+  return cross_entropy_z_fwd(x, target, weight, ignore_index, label_smoothing, mean, need_grad, 0.0, 0.0);
+}
+
 // dx[r, :] = grad[r, :] * dloss[r], rounded to `dtype`  (grad (M, C) in the accumulation type from the forward;
 // dloss (M,) in the accumulation type, any stride)
 at::Tensor cross_entropy_bwd(const at::Tensor& grad, const at::Tensor& dloss, at::ScalarType dtype) {
@@ -159,6 +244,7 @@ at::Tensor cross_entropy_bwd(const at::Tensor& grad, const at::Tensor& dloss, at
 TORCH_LIBRARY_IMPL(tritium, CPU, m) {
   m.impl("cross_entropy_fwd", &cross_entropy_fwd);
   m.impl("cross_entropy_bwd", &cross_entropy_bwd);
+  m.impl("cross_entropy_z_fwd", &cross_entropy_z_fwd);
 }
 
 }  // namespace tritium

@@ -7,6 +7,10 @@ Per row of C logits x, target t, class weights w (1 without), W = sum_c w_c, smo
 Ignored rows (t == ignore_index) give loss 0 and a zero gradient row. With MEAN, losses and gradients are divided
 by the total weight (sum of w_t over non-ignored rows; an ignored row's loss is 0 * (1/total): NaN in the mean over
 zero rows, as torch). Gradient rows are float32 (rounded once, in the backward, to the input dtype).
+Options (cross_entropy_z_fwd; Liger-Kernel's lse_square_scale and softcap): SOFTCAP reads every logit as
+y = c tanh(x / c) (recomputed where needed, never stored), Z_LOSS adds z lse^2 to each non-ignored row (lse of y; with
+MEAN divided by the number of non-ignored rows, no class weight); the gradient row is then
+d/dy_j = the above with a -> a + 2 z lse (per the row's divisors), times dy/dx = 1 - (y / c)^2.
 Traffic: forward reads MC (twice when a row does not fit one block, the second time mostly from L2), writes MC
 (gradient) + 4M; backward reads MC + 4M, writes MC.
 """
@@ -18,14 +22,27 @@ from ._utils import row_block, row_warps
 
 
 @triton.jit
+def _tanh(x):
+    # tanh with exp (no libdevice under the interpreter): -expm1(-2|x|) / (2 + expm1(-2|x|)), expm1 by Kahan's
+    # correction so it stays accurate near 0
+    a = -2.0 * tl.abs(x)
+    e = tl.exp(a)
+    em1 = tl.where(e == 1.0, a, (e - 1.0) * (a / tl.log(e)))
+    t = -em1 / (2.0 + em1)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
 def _ce_fwd_kernel(
-    X, T, W, TOTAL, LOSS, GRAD, stride_x, stride_t, C, ignore_index, eps,
+    X, T, W, TOTAL, LOSS, GRAD, stride_x, stride_t, C, ignore_index, eps, COUNT, z_loss, cap,
     HAS_W: tl.constexpr,        # class weights
     MEAN: tl.constexpr,         # divide by the total weight (reduction='mean')
     SMOOTH: tl.constexpr,       # label smoothing: needs sum_c w_c x_c and sum_c w_c
     NEED_GRAD: tl.constexpr,    # write the gradient rows (skipped under no_grad)
     BLOCK_N: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,  # the row fits one block: keep it in registers for the gradient pass
+    Z_LOSS: tl.constexpr = False,   # add z_loss lse^2 (COUNT: the number of non-ignored rows, its 'mean' divisor)
+    SOFTCAP: tl.constexpr = False,  # logits read as cap tanh(x / cap)
 ):
     row = tl.program_id(0).to(tl.int64)
     X += row * stride_x
@@ -33,7 +50,11 @@ def _ce_fwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     if SINGLE_BLOCK:
         mask = cols < C
-        x = tl.where(mask, tl.load(X + cols, mask=mask, other=0.0).to(tl.float32), float("-inf"))
+        x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+        if SOFTCAP:
+            th = _tanh(x / cap)
+            x = cap * th
+        x = tl.where(mask, x, float("-inf"))
         m = tl.max(x, axis=0)
         e = tl.exp(x - m)
         lse = m + tl.log(tl.sum(e, axis=0))
@@ -52,7 +73,10 @@ def _ce_fwd_kernel(
         for off in range(0, C, BLOCK_N):
             c = off + cols
             mask = c < C
-            x = tl.where(mask, tl.load(X + c, mask=mask, other=0.0).to(tl.float32), float("-inf"))
+            x = tl.load(X + c, mask=mask, other=0.0).to(tl.float32)
+            if SOFTCAP:
+                x = cap * _tanh(x / cap)
+            x = tl.where(mask, x, float("-inf"))
             m_new = tl.maximum(m_l, x)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane with only -inf so far keeps sum 0
             s_l = s_l * tl.exp(m_l - m_safe) + tl.exp(x - m_safe)
@@ -76,6 +100,9 @@ def _ce_fwd_kernel(
     tl.device_assert(~valid | ((t >= 0) & (t < C)), "target out of bounds")
     t = tl.where(valid, t, 0)
     xt = tl.load(X + t).to(tl.float32)
+    if SOFTCAP:
+        tht = _tanh(xt / cap)
+        xt = cap * tht
     if HAS_W:
         wt = tl.load(W + t).to(tl.float32)
     else:
@@ -91,26 +118,46 @@ def _ce_fwd_kernel(
         a = (1.0 - eps) * wt + b * wsum
     else:
         a = wt
-    tl.store(LOSS + row, tl.where(valid, loss, 0.0) * inv)
+    if Z_LOSS:
+        invz = 1.0
+        if MEAN:
+            invz = 1.0 / tl.load(COUNT)
+        tl.store(LOSS + row, tl.where(valid, loss * inv + z_loss * lse * lse * invz, 0.0 * inv))
+        zg = 2.0 * z_loss * lse * invz  # the z-loss's gradient is zg p_j
+    else:
+        tl.store(LOSS + row, tl.where(valid, loss, 0.0) * inv)
     if NEED_GRAD:
         if SINGLE_BLOCK:
             g = tl.exp(x - lse) * a - tl.where(cols == t, (1.0 - eps) * wt, 0.0)
             if SMOOTH:
                 g -= b * w
-            g = tl.where(valid, g * inv, 0.0)
+            g = g * inv
+            if Z_LOSS:
+                g += tl.exp(x - lse) * zg
+            if SOFTCAP:
+                g = g * (1.0 - th * th)
+            g = tl.where(valid, g, 0.0)
             tl.store(GRAD + cols, g, mask=mask)
         else:
             for off in range(0, C, BLOCK_N):
                 c = off + cols
                 mask = c < C
                 x = tl.load(X + c, mask=mask, other=0.0).to(tl.float32)
+                if SOFTCAP:
+                    th = _tanh(x / cap)
+                    x = cap * th
                 g = tl.exp(x - lse) * a - tl.where(c == t, (1.0 - eps) * wt, 0.0)
                 if SMOOTH:
                     if HAS_W:
                         g -= b * tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
                     else:
                         g -= b
-                g = tl.where(valid, g * inv, 0.0)
+                g = g * inv
+                if Z_LOSS:
+                    g += tl.exp(x - lse) * zg
+                if SOFTCAP:
+                    g = g * (1.0 - th * th)
+                g = tl.where(valid, g, 0.0)
                 tl.store(GRAD + c, g, mask=mask)
 
 
@@ -131,21 +178,31 @@ def cross_entropy_fwd(x, target, weight, ignore_index, label_smoothing, mean, ne
     int64, weight (C,) or None -> loss (M,) float32, grad (M, C) float32 (or (0,) when not needed),
     total_weight () float32 (sum of w_t over non-ignored rows: the 'mean' divisor).
     Reads MC elements (+C weights), writes 4MC + 4M bytes."""
+    return cross_entropy_z_fwd(x, target, weight, ignore_index, label_smoothing, mean, need_grad, 0.0, 0.0)
+
+
+def cross_entropy_z_fwd(x, target, weight, ignore_index, label_smoothing, mean, need_grad, z_loss, softcap):
+    """cross_entropy_fwd with the options (see the module docstring): z_loss >= 0, softcap >= 0 (0: off). Reads
+    and writes as cross_entropy_fwd."""
+    if z_loss < 0 or softcap < 0:
+        raise ValueError(f"cross_entropy_z_fwd: z_loss and softcap must be >= 0, got {z_loss}, {softcap}")
     M, C = x.shape
     loss = torch.empty((M,), device=x.device, dtype=torch.float32)
     grad = torch.empty((M, C) if need_grad else (0,), device=x.device, dtype=torch.float32)
     valid = target != ignore_index
+    count = valid.sum(dtype=torch.float32) if z_loss != 0.0 or weight is None else None
     if weight is not None:  # torch ops, no host sync: out-of-range targets are clamped here and caught in-kernel
         total = torch.where(valid, weight.float()[target.clamp(0, C - 1)], 0.0).sum()
     else:
-        total = valid.sum(dtype=torch.float32)
+        total = count
     block, single = row_block(C, x.element_size())
     if M > 0:
         _ce_fwd_kernel[(M,)](
             x, target, weight, total, loss, grad, x.stride(0), target.stride(0), C, ignore_index,
-            float(label_smoothing), HAS_W=weight is not None, MEAN=bool(mean), SMOOTH=label_smoothing != 0.0,
-            NEED_GRAD=bool(need_grad),
+            float(label_smoothing), count, float(z_loss), float(softcap), HAS_W=weight is not None,
+            MEAN=bool(mean), SMOOTH=label_smoothing != 0.0, NEED_GRAD=bool(need_grad),
             BLOCK_N=block, SINGLE_BLOCK=single, num_warps=row_warps(block),
+            Z_LOSS=z_loss != 0.0, SOFTCAP=softcap != 0.0,
         )
     return loss, grad, total
 

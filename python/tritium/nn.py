@@ -2,12 +2,13 @@
 ``extra_repr`` and isinstance checks are the torch module's; and ``patch(model)`` to swap them in place."""
 from __future__ import annotations
 
-from typing import Dict, List, Tuple, Type
+from typing import Dict, List, Optional, Tuple, Type
 
 import torch
 from torch import Tensor
 
 from . import ops
+from .ops.cross_entropy import check_z_loss_softcap
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -170,9 +171,17 @@ class Softmin(torch.nn.Softmin):
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """torch's module; keyword-only z_loss and softcap as tritium.cross_entropy's (off by default)."""
+
+    def __init__(self, *args, z_loss: float = 0.0, softcap: Optional[float] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        check_z_loss_softcap("CrossEntropyLoss", z_loss, softcap)
+        self.z_loss, self.softcap = z_loss, softcap
+
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return ops.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
-                                 reduction=self.reduction, label_smoothing=self.label_smoothing)
+                                 reduction=self.reduction, label_smoothing=self.label_smoothing,
+                                 z_loss=getattr(self, "z_loss", 0.0), softcap=getattr(self, "softcap", None))
 
 
 class FusedLinearCrossEntropyLoss(torch.nn.Module):

@@ -336,8 +336,34 @@ def geglu(gate: Tensor, up: Optional[Tensor] = None, approximate: str = "none") 
 softmax = F.softmax
 log_softmax = F.log_softmax
 softmin = F.softmin
-cross_entropy = F.cross_entropy
 kl_div = F.kl_div
+
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, size_average=None,
+                  ignore_index: int = -100, reduce=None, reduction: str = "mean", label_smoothing: float = 0.0,
+                  *, z_loss: float = 0.0, softcap: Optional[float] = None) -> Tensor:
+    """torch's cross_entropy; with softcap c the logits are c * tanh(logits / c) first, with z_loss w the loss adds
+    w * logsumexp(logits)^2 per row (0 for an ignored row, no class weight), whose 'mean' divides by the number of
+    non-ignored rows (tritium.cross_entropy's docstring; Liger-Kernel's lse_square_scale and softcap)."""
+    if size_average is not None or reduce is not None:
+        reduction = F._Reduction.legacy_get_string(size_average, reduce)
+    if softcap is not None:
+        input = softcap * torch.tanh(input / softcap)
+    ce = F.cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=reduction,
+                         label_smoothing=label_smoothing)
+    if not z_loss:
+        return ce
+    lse = torch.logsumexp(input, 0 if input.dim() == 1 else 1)
+    z = z_loss * lse * lse
+    if target.dtype.is_floating_point:  # class probabilities: every row counts
+        count = z.numel()
+    else:
+        valid = target != ignore_index
+        z = torch.where(valid, z, 0.0)
+        count = valid.sum()
+    if reduction == "none":
+        return ce + z
+    return ce + (z.sum() / count if reduction == "mean" else z.sum())
 
 
 def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,

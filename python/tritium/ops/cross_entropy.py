@@ -67,6 +67,22 @@ cross_entropy_fwd = define_op(
     backward=_ce_backward, setup_context=_ce_setup)
 
 
+def _fake_ce_z_fwd(x, target, weight, ignore_index, label_smoothing, mean, need_grad, z_loss, softcap):
+    return _fake_ce_fwd(x, target, weight, ignore_index, label_smoothing, mean, need_grad)
+
+
+def _ce_z_backward(ctx, dloss, dgrad, dtotal):
+    return _ce_backward(ctx, dloss, dgrad, dtotal) + (None, None)
+
+
+# cross_entropy_fwd with the z-loss and logit soft-capping options (softcap 0: off): a new op rather than two more
+# arguments of cross_entropy_fwd, so an extension built before it still registers against the old schema
+cross_entropy_z_fwd = define_op(
+    "cross_entropy_z_fwd(Tensor x, Tensor target, Tensor? weight, int ignore_index, float label_smoothing,"
+    " bool mean, bool need_grad, float z_loss, float softcap) -> (Tensor, Tensor, Tensor)", _fake_ce_z_fwd,
+    "cross_entropy:cross_entropy_z_fwd", backward=_ce_z_backward, setup_context=_ce_setup)
+
+
 # ---- fused linear + cross-entropy: the chunk loop, shared by the CPU and CUDA keys (its per-chunk work is
 # a matmul and the cross_entropy_fwd op, each dispatched to its own kernel) ----
 def default_chunk_size(tokens: int, hidden: int, vocab: int, dtype: Optional[torch.dtype] = None,
@@ -325,18 +341,46 @@ def _class_rows(input: Tensor) -> Tensor:
     return input.movedim(1, -1).reshape(-1, c)
 
 
+def check_z_loss_softcap(fn: str, z_loss, softcap) -> None:
+    """ValueError naming the argument unless z_loss is a finite number >= 0 and softcap None or a finite number > 0."""
+    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or not math.isfinite(z_loss) or z_loss < 0:
+        raise ValueError(f"{fn}: z_loss must be a finite number >= 0 (0: off), got {z_loss!r}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                or not math.isfinite(softcap) or softcap <= 0):
+        raise ValueError(f"{fn}: softcap must be None (off) or a finite number > 0, got {softcap!r}")
+
+
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, size_average=None,
                   ignore_index: int = -100, reduce=None, reduction: str = "mean",
-                  label_smoothing: float = 0.0) -> Tensor:
+                  label_smoothing: float = 0.0, *, z_loss: float = 0.0, softcap: Optional[float] = None) -> Tensor:
     """Drop-in for ``torch.nn.functional.cross_entropy`` (class dim 1, or 0 for an unbatched input; class-index
-    or class-probability targets; weight, ignore_index, reduction, label_smoothing as torch)."""
+    or class-probability targets; weight, ignore_index, reduction, label_smoothing as torch).
+
+    Two options, off by default (then the result is torch's): ``softcap`` c > 0 reads the logits as
+    c * tanh(logits / c) before everything else (Gemma 2's logit soft-capping); ``z_loss`` w > 0 adds PaLM's
+    auxiliary loss w * lse^2 per row, lse the logsumexp of the (capped) logits. The z-loss of an ignored row is 0;
+    it is not multiplied by the class weights; 'mean' divides the z-loss sum by the number of non-ignored rows
+    (the number of rows for class-probability targets) and the cross-entropy by torch's divisor (the summed weight
+    of the non-ignored targets), 'sum' adds both sums, 'none' both per row. This matches Liger-Kernel's
+    ``LigerCrossEntropyLoss(lse_square_scale=z_loss, softcap=softcap)``. Class-index targets run both in the
+    fused kernel (the capped logits are never materialised); class-probability targets run tritium.reference."""
     if size_average is not None or reduce is not None:
         reduction = F._Reduction.legacy_get_string(size_average, reduce)
+    check_z_loss_softcap("cross_entropy", z_loss, softcap)
+    extra = z_loss != 0 or softcap is not None
+    if extra and not _index_kernel_ok(input, target, weight, reduction, label_smoothing):
+        return reference.cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=reduction,
+                                       label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
     if _index_kernel_ok(input, target, weight, reduction, label_smoothing):
         x2 = _class_rows(input)
         need_grad = torch.is_grad_enabled() and input.requires_grad
-        per_row, _, _ = cross_entropy_fwd(x2, target.reshape(-1), weight, ignore_index, float(label_smoothing),
-                                          reduction == "mean", need_grad)
+        if extra:
+            per_row, _, _ = cross_entropy_z_fwd(x2, target.reshape(-1), weight, ignore_index, float(label_smoothing),
+                                                reduction == "mean", need_grad, float(z_loss),
+                                                float(softcap or 0.0))
+        else:
+            per_row, _, _ = cross_entropy_fwd(x2, target.reshape(-1), weight, ignore_index,
+                                              float(label_smoothing), reduction == "mean", need_grad)
         if reduction == "none":
             return per_row.to(input.dtype).view(target.shape)
         return per_row.sum().to(input.dtype)  # 'mean': the rows are already divided by the total weight
