@@ -15,7 +15,8 @@
 // with softcap c > 0 every logit is read as y = c tanh(x / c) (never stored: tanh is monotonic, so the row max is
 // c tanh(max x / c), and pass 3 recomputes tanh); with z_loss z > 0 each non-ignored row adds z lse^2 (lse of the
 // capped logits), not weighted by the class weights and, with `mean`, divided by the number of non-ignored rows.
-// Gradient: d/dy of the above (the cross-entropy's plus 2 z lse p_j), times dy/dx = 1 - (y / c)^2.
+// Gradient: d/dy of the above (the cross-entropy's plus 2 z lse p_j), times dy/dx = 1 - (y / c)^2 (computed as
+// 4 e / (1 + e)^2, e = exp(-2 |x| / c), which does not cancel near saturation).
 #include "pool.h"
 #include "vec.h"
 
@@ -69,6 +70,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_z_fwd(const at::Ten
     const Vec vcap(cap), vicap(icap);
     auto capv = [&](Vec v) { return cap != 0 ? vcap * (v * vicap).tanh() : v; };
     auto caps = [&](acc_t v) { return cap != 0 ? cap * std::tanh(v * icap) : v; };
+    // dy/dx = 1 - tanh^2(x / c) = 4 e / (1 + e)^2 with e = exp(-2 |x| / c): no cancellation where tanh is near +-1
+    auto sech2v = [&](Vec v) {
+      const Vec e = (v * vicap).abs() * Vec(-2), ee = e.exp(), d = Vec(1) + ee;
+      return Vec(4) * ee / (d * d);
+    };
+    auto sech2s = [&](acc_t v) {
+      const acc_t e = std::exp(-2 * std::abs(v * icap)), d = 1 + e;
+      return 4 * e / (d * d);
+    };
     auto ext_row = [&](const scalar_t* xr, int64_t t, acc_t* gr, acc_t* lr) {
       acc_t* buf = gr;
       const acc_t m = caps(row_max_acc(xr, C));
@@ -97,31 +107,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_z_fwd(const at::Ten
       if (!gr) return;
       // dL/dy_j = p_j (a inv + 2 z lse invz) - b w_j inv - [j == t] (1 - eps) w_t inv, times 1 - tanh(x_j / c)^2
       const acc_t a = (1 - eps) * wt + b * W, ap = a * inv + 2 * zl * lse * invz, pa = ap / s, bi = b * inv;
-      const Vec vpa(pa), vb(bi), one(1);
+      const Vec vpa(pa), vb(bi);
       for (i = 0; i + K <= C; i += K) {
         Vec g = Vec::loadu(buf + i) * vpa;
         if (eps != 0) g = wp ? at::vec::fnmadd(vb, IO::load(wp + i), g) : g - vb;
-        if (cap != 0) {
-          const Vec th = (IO::load(xr + i) * vicap).tanh();
-          g = g * (one - th * th);
-        }
+        if (cap != 0) g = g * sech2v(IO::load(xr + i));
         g.store(gr + i);
       }
       for (; i < C; ++i) {
         acc_t g = buf[i] * pa;
         if (eps != 0) g -= bi * (wp ? static_cast<acc_t>(wp[i]) : acc_t(1));
-        if (cap != 0) {
-          const acc_t th = std::tanh(static_cast<acc_t>(xr[i]) * icap);
-          g *= 1 - th * th;
-        }
+        if (cap != 0) g *= sech2s(static_cast<acc_t>(xr[i]));
         gr[i] = g;
       }
       acc_t gt = std::exp(yt - lse) * ap - (1 - eps) * wt * inv;
       if (eps != 0) gt -= bi * wt;
-      if (cap != 0) {
-        const acc_t th = std::tanh(static_cast<acc_t>(xr[t]) * icap);
-        gt *= 1 - th * th;
-      }
+      if (cap != 0) gt *= sech2s(static_cast<acc_t>(xr[t]));
       gr[t] = gt;
     };
     at::parallel_for(0, M, row_grain(C), [&](int64_t begin, int64_t end) {

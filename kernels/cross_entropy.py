@@ -10,7 +10,7 @@ zero rows, as torch). Gradient rows are float32 (rounded once, in the backward, 
 Options (cross_entropy_z_fwd; Liger-Kernel's lse_square_scale and softcap): SOFTCAP reads every logit as
 y = c tanh(x / c) (recomputed where needed, never stored), Z_LOSS adds z lse^2 to each non-ignored row (lse of y; with
 MEAN divided by the number of non-ignored rows, no class weight); the gradient row is then
-d/dy_j = the above with a -> a + 2 z lse (per the row's divisors), times dy/dx = 1 - (y / c)^2.
+d/dy_j = the above with a -> a + 2 z lse (per the row's divisors), times dy/dx = 1 - (y / c)^2 (as 4 e / (1 + e)^2, e = exp(-2|x| / c): no cancellation).
 Traffic: forward reads MC (twice when a row does not fit one block, the second time mostly from L2), writes MC
 (gradient) + 4M; backward reads MC + 4M, writes MC.
 """
@@ -22,14 +22,17 @@ from ._utils import row_block, row_warps
 
 
 @triton.jit
-def _tanh(x):
-    # tanh with exp (no libdevice under the interpreter): -expm1(-2|x|) / (2 + expm1(-2|x|)), expm1 by Kahan's
-    # correction so it stays accurate near 0
-    a = -2.0 * tl.abs(x)
+def _tanh_sech2(x):
+    # (tanh x, 1 - tanh^2 x) with exp (no libdevice under the interpreter): with e = exp(-2|x|),
+    # tanh |x| = -expm1(-2|x|) / (2 + expm1(-2|x|)) (expm1 by Kahan's correction, accurate near 0; -1 once e
+    # underflows) and 1 - tanh^2 = 4 e / (1 + e)^2, which does not cancel where tanh is near +-1
+    # computed in float64 and rounded once: in float32 this formula is ~5 ulp off, which the cap c multiplies into
+    # the logits (float64 is half-rate on sm_80/sm_90, and the kernel is memory-bound)
+    a = -2.0 * tl.abs(x.to(tl.float64))
     e = tl.exp(a)
-    em1 = tl.where(e == 1.0, a, (e - 1.0) * (a / tl.log(e)))
+    em1 = tl.where(e == 1.0, a, tl.where(e == 0.0, -1.0, (e - 1.0) * (a / tl.log(e))))
     t = -em1 / (2.0 + em1)
-    return tl.where(x < 0, -t, t)
+    return tl.where(x < 0, -t, t).to(tl.float32), (4.0 * e / ((1.0 + e) * (1.0 + e))).to(tl.float32)
 
 
 @triton.jit
@@ -52,7 +55,7 @@ def _ce_fwd_kernel(
         mask = cols < C
         x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
         if SOFTCAP:
-            th = _tanh(x / cap)
+            th, sech2 = _tanh_sech2(x / cap)
             x = cap * th
         x = tl.where(mask, x, float("-inf"))
         m = tl.max(x, axis=0)
@@ -75,7 +78,8 @@ def _ce_fwd_kernel(
             mask = c < C
             x = tl.load(X + c, mask=mask, other=0.0).to(tl.float32)
             if SOFTCAP:
-                x = cap * _tanh(x / cap)
+                th, _ = _tanh_sech2(x / cap)
+                x = cap * th
             x = tl.where(mask, x, float("-inf"))
             m_new = tl.maximum(m_l, x)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane with only -inf so far keeps sum 0
@@ -101,7 +105,7 @@ def _ce_fwd_kernel(
     t = tl.where(valid, t, 0)
     xt = tl.load(X + t).to(tl.float32)
     if SOFTCAP:
-        tht = _tanh(xt / cap)
+        tht, _ = _tanh_sech2(xt / cap)
         xt = cap * tht
     if HAS_W:
         wt = tl.load(W + t).to(tl.float32)
@@ -135,7 +139,7 @@ def _ce_fwd_kernel(
             if Z_LOSS:
                 g += tl.exp(x - lse) * zg
             if SOFTCAP:
-                g = g * (1.0 - th * th)
+                g = g * sech2
             g = tl.where(valid, g, 0.0)
             tl.store(GRAD + cols, g, mask=mask)
         else:
@@ -144,7 +148,7 @@ def _ce_fwd_kernel(
                 mask = c < C
                 x = tl.load(X + c, mask=mask, other=0.0).to(tl.float32)
                 if SOFTCAP:
-                    th = _tanh(x / cap)
+                    th, sech2 = _tanh_sech2(x / cap)
                     x = cap * th
                 g = tl.exp(x - lse) * a - tl.where(c == t, (1.0 - eps) * wt, 0.0)
                 if SMOOTH:
@@ -156,7 +160,7 @@ def _ce_fwd_kernel(
                 if Z_LOSS:
                     g += tl.exp(x - lse) * zg
                 if SOFTCAP:
-                    g = g * (1.0 - th * th)
+                    g = g * sech2
                 g = tl.where(valid, g, 0.0)
                 tl.store(GRAD + c, g, mask=mask)
 
@@ -196,6 +200,8 @@ def cross_entropy_z_fwd(x, target, weight, ignore_index, label_smoothing, mean, 
     else:
         total = count
     block, single = row_block(C, x.element_size())
+    if softcap != 0.0 and not single:
+        block //= 2  # the float64 tanh's registers: at the full looped block sm_90 spills
     if M > 0:
         _ce_fwd_kernel[(M,)](
             x, target, weight, total, loss, grad, x.stride(0), target.stride(0), C, ignore_index,
