@@ -10,7 +10,8 @@ zero rows, as torch). Gradient rows are float32 (rounded once, in the backward, 
 Options (cross_entropy_z_fwd; Liger-Kernel's lse_square_scale and softcap): SOFTCAP reads every logit as
 y = c tanh(x / c) (recomputed where needed, never stored), Z_LOSS adds z lse^2 to each non-ignored row (lse of y; with
 MEAN divided by the number of non-ignored rows, no class weight); the gradient row is then
-d/dy_j = the above with a -> a + 2 z lse (per the row's divisors), times dy/dx = 1 - (y / c)^2 (as 4 e / (1 + e)^2, e = exp(-2|x| / c): no cancellation).
+d/dy_j = the above with a -> a + 2 z lse (per the row's divisors), times dy/dx = 1 - (y / c)^2
+(as 4 e / (1 + e)^2, e = exp(-2|x| / c): no cancellation).
 Traffic: forward reads MC (twice when a row does not fit one block, the second time mostly from L2), writes MC
 (gradient) + 4M; backward reads MC + 4M, writes MC.
 """
