@@ -171,6 +171,14 @@ def _():
     return [(g(4, 5), t, None, -100, 0.0, True, True), (r(4, 5), t, r(5), -100, 0.1, False, False)]
 
 
+@sample("cross_entropy_z_fwd")
+def _():
+    t = torch.tensor([1, 0, 4, -100])
+    return [(g(4, 5), t, None, -100, 0.0, True, True, 1e-3, 3.0),
+            (r(4, 5), t, r(5), -100, 0.1, False, False, 0.01, 0.0),
+            (g(4, 5), t, r(5), -100, 0.0, False, True, 0.0, 2.0)]
+
+
 @sample("cross_entropy_bwd")
 def _():
     return [(r(4, 5), r(4), torch.float32), (r(4, 5), r(4), torch.bfloat16)]
