@@ -186,7 +186,7 @@ def test_serve_tp_quantized_weights_under_torchrun(tmp_path):
             if m:
                 break
         assert m, "".join(lines)
-        assert "(shard weights: q4/32 q8/32" in " ".join("".join(lines).split()), "".join(lines)
+        assert "; shard weights: q4/32 q8/32" in " ".join("".join(lines).split()), "".join(lines)
         url = m.group(1)
         name = httpx.get(url + "/v1/models", timeout=60).json()["data"][0]["id"]
         r = httpx.post(url + "/v1/completions", timeout=120, json={
