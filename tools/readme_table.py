@@ -577,7 +577,7 @@ KNOWN = [
     ("selective-scan-amd-avx512.json", "tritium bench ops --op selective_scan --headline --mode fwdbwd --dtype "
                                        "float32 --json bench/results/selective-scan-amd-avx512.json",
      f"Mamba's selective scan on {MACHINE_KINDS['amd-avx512']}: forward and backward", SCAN_PROSE, ops_section),
-    ("moe-amd-avx512.json", "tritium bench ops --op moe --json bench/results/moe-amd-avx512.json",
+    ("moe-amd-avx512.json", "tritium bench ops --op moe --rounds 3 --json bench/results/moe-amd-avx512.json",
      f"Mixture of experts on {MACHINE_KINDS['amd-avx512']}", MOE_PROSE, ops_section),
     ("graph-amd-avx512.json", "tritium bench ops --op gcn_layer --op gat_layer --json "
                               "bench/results/graph-amd-avx512.json",
