@@ -228,13 +228,13 @@ def _check_all(rank, world, mode):
     return "ok"
 
 
-def _check_compiled(rank, world):
-    """torch.compile over the DDP-wrapped and over the fully_shard-ed transformer encoder (tritium's attention op
-    traced through its fake kernel): COMPILED_STEPS of AdamW give the one process's eager loss curve and parameters
-    within the tolerance rule. The backend is aot_eager: Dynamo and AOTAutograd trace every step (what a graph
-    break or a missing fake kernel would break) without Inductor's code generation, which takes minutes per rank
-    on CI's 2 cores. (At these sizes the MLP's layers route to torch's own ops under Dynamo: no tritium op to trace.)"""
+def _compiled_matches_one_process(rank, world, name, backend_name, units, what, op_seen):
+    """torch.compile with backend_name over the DDP-wrapped and over the fully_shard-ed model `name` (each module in
+    its attribute `units` one FSDP2 unit): COMPILED_STEPS of AdamW give the one process's eager loss curve and
+    parameters within the tolerance rule; op_seen(ops of every graph Dynamo captured) holds, and no graph break
+    comes from tritium (what breaks a graph is DDP / FSDP2's own code)."""
     from torch._dynamo.backends.registry import lookup_backend
+    from torch._inductor import config as inductor_config
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -242,9 +242,9 @@ def _check_compiled(rank, world):
 
     def backend(gm, inputs):
         seen.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        return lookup_backend("aot_eager")(gm, inputs)
+        return lookup_backend(backend_name)(gm, inputs)
 
-    name, per = "transformer", BATCH // world
+    per = BATCH // world
     single = _model(name)
     want = _train(single, name, steps=COMPILED_STEPS)
     single64 = _model(name).double()
@@ -257,75 +257,43 @@ def _check_compiled(rank, world):
         if mode == "ddp":
             wrapped = DDP(model)
         else:
-            for block in model.blocks:
-                fully_shard(block)
+            for unit in getattr(model, units):
+                fully_shard(unit)
             wrapped = fully_shard(model)
-        losses = _train(torch.compile(wrapped, backend=backend), name, slice(rank * per, (rank + 1) * per),
-                        after_loss=_mean_over_ranks, steps=COMPILED_STEPS)
-        what = f"compiled {name} {mode} rank {rank}/{world}"
-        assert_within_torch_error(losses, want, want64, what + " loss curve")
+        # one compile thread: two ranks share 2 cores, and a pool of Inductor's compile workers per rank costs more
+        # to start than it saves (aot_eager compiles nothing)
+        with inductor_config.patch(compile_threads=1):
+            losses = _train(torch.compile(wrapped, backend=backend), name, slice(rank * per, (rank + 1) * per),
+                            after_loss=_mean_over_ranks, steps=COMPILED_STEPS)
+        label = f"{what} {name} {mode} rank {rank}/{world}"
+        assert_within_torch_error(losses, want, want64, label + " loss curve")
         params64 = dict(single64.named_parameters())
         for n, p in single.named_parameters():
             mine = dict(model.named_parameters())[n].detach()
             mine = mine.full_tensor() if mode == "fsdp" else mine
-            assert_within_torch_error(mine, p.detach(), params64[n].detach(), f"{what} {n}")
-        # Dynamo's graphs hold tritium's op; what broke a graph is DDP / FSDP2's own code, not tritium's
-        assert any(t.startswith("tritium.") for t in seen), (what, seen)
+            assert_within_torch_error(mine, p.detach(), params64[n].detach(), f"{label} {n}")
+        assert op_seen(seen), (label, seen)
         breaks = dict(torch._dynamo.utils.counters["graph_break"])
-        assert not any("tritium" in k for k in breaks), (what, breaks)
+        assert not any("tritium" in k for k in breaks), (label, breaks)
     return "ok"
+
+
+def _check_compiled(rank, world):
+    """The transformer encoder (tritium's attention op traced through its fake kernel) under aot_eager: Dynamo and
+    AOTAutograd trace every step (what a graph break or a missing fake kernel would break) without Inductor's code
+    generation, which takes minutes per rank on CI's 2 cores. (At these sizes the MLP's layers route to torch's own
+    ops under Dynamo: no tritium op to trace.)"""
+    return _compiled_matches_one_process(rank, world, "transformer", "aot_eager", "blocks", "compiled",
+                                         lambda seen: any(t.startswith("tritium.") for t in seen))
 
 
 def _check_inductor(rank, world):
-    """torch.compile with Inductor (the default backend: its generated code runs every step, forward and backward)
-    over the DDP-wrapped and over the fully_shard-ed MLP, tritium's relu op in the graph as an extern kernel:
-    COMPILED_STEPS of AdamW give the one process's eager loss curve and parameters within the tolerance rule. The
-    MLP is the smallest classic model with a tritium op in its graph (its linear layers route to torch's at these
-    sizes), which keeps Inductor's code generation short on CI's 2 cores (the encoder's takes several times
-    longer)."""
-    from torch._dynamo.backends.registry import lookup_backend
-    from torch._inductor import config as inductor_config
-    from torch.distributed.fsdp import fully_shard
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    seen = set()   # the ops of every graph Dynamo handed to Inductor
-
-    def inductor(gm, inputs):
-        seen.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        return lookup_backend("inductor")(gm, inputs)
-
-    name, per = "mlp", BATCH // world
-    single = _model(name)
-    want = _train(single, name, steps=COMPILED_STEPS)
-    single64 = _model(name).double()
-    want64 = _train(single64, name, dtype=torch.float64, steps=COMPILED_STEPS)
-    for mode in ("ddp", "fsdp"):
-        torch._dynamo.reset()
-        torch._dynamo.utils.counters.clear()
-        seen.clear()
-        model = _model(name)
-        if mode == "ddp":
-            wrapped = DDP(model)
-        else:
-            for layer in model.layers:
-                fully_shard(layer)
-            wrapped = fully_shard(model)
-        # one compile thread: two ranks share 2 cores, and a pool of compile workers per rank costs more to start
-        # than it saves
-        with inductor_config.patch(compile_threads=1):
-            losses = _train(torch.compile(wrapped, backend=inductor), name, slice(rank * per, (rank + 1) * per),
-                            after_loss=_mean_over_ranks, steps=COMPILED_STEPS)
-        what = f"inductor-compiled {name} {mode} rank {rank}/{world}"
-        assert_within_torch_error(losses, want, want64, what + " loss curve")
-        params64 = dict(single64.named_parameters())
-        for n, p in single.named_parameters():
-            mine = dict(model.named_parameters())[n].detach()
-            mine = mine.full_tensor() if mode == "fsdp" else mine
-            assert_within_torch_error(mine, p.detach(), params64[n].detach(), f"{what} {n}")
-        assert "tritium.relu_fwd" in seen, (what, seen)
-        breaks = dict(torch._dynamo.utils.counters["graph_break"])
-        assert not any("tritium" in k for k in breaks), (what, breaks)
-    return "ok"
+    """The MLP under Inductor (the default backend: its generated code runs every step, forward and backward),
+    tritium's relu op in the graph as an extern kernel. The MLP is the smallest classic model with a tritium op in
+    its graph (its linear layers route to torch's at these sizes), which keeps Inductor's code generation short on
+    CI's 2 cores (the encoder's takes several times longer)."""
+    return _compiled_matches_one_process(rank, world, "mlp", "inductor", "layers", "inductor-compiled",
+                                         lambda seen: "tritium.relu_fwd" in seen)
 
 
 def test_inductor_compiled_ddp_and_fsdp_match_one_process(tmp_path):
