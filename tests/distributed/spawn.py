@@ -3,9 +3,14 @@
 failure shows where every unfinished rank was (its Python stacks, dumped just before the bound)."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import faulthandler
 import os
+import re
+import signal
+import subprocess
+import sys
 import time
 import traceback
 
@@ -64,3 +69,52 @@ def _where(tmp_path, world) -> str:
         else:
             out.append(f"rank {r} unfinished, its stacks:\n" + (stacks.read_text()[-6000:] if stacks.exists() else ""))
     return "\n".join(out)
+
+
+def cli_env():
+    """The environment a `python -m tritium` / torchrun child of a test needs (this process's import path, wide
+    report lines) and the torchrun next to this interpreter."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), COLUMNS="300")
+    return env, os.path.join(os.path.dirname(sys.executable), "torchrun")
+
+
+def one_and_tp2(args, env=None, timeout=300):
+    """`python -m tritium *args` in one process and `torchrun --nproc-per-node 2 -m tritium *args --tp 2` (env:
+    cli_env()'s by default): both finished processes, after asserting that both succeeded."""
+    default_env, torchrun = cli_env()
+    env = default_env if env is None else env
+    one = subprocess.run([sys.executable, "-m", "tritium", *args], capture_output=True, text=True, env=env,
+                         timeout=timeout)
+    two = subprocess.run([torchrun, "--nproc-per-node", "2", "-m", "tritium", *args, "--tp", "2"],
+                         capture_output=True, text=True, env=env, timeout=timeout)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr, two.stderr)
+    return one, two
+
+
+@contextlib.contextmanager
+def torchrun_serve(flags, env=None):
+    """`torchrun --nproc-per-node 2 -m tritium serve --tp 2 --port 0 *flags` in its own process group; yields (the
+    server's base URL, the lines it printed up to announcing it). On exit: Ctrl-C to torchrun and its ranks, then
+    SIGKILL if they linger."""
+    default_env, torchrun = cli_env()
+    env = default_env if env is None else env
+    p = subprocess.Popen([torchrun, "--nproc-per-node", "2", "-m", "tritium", "serve", "--tp", "2", "--port", "0",
+                          *flags, "--log-level", "warning"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                         start_new_session=True)
+    try:
+        lines, m = [], None
+        for line in p.stdout:
+            lines.append(line)
+            m = re.search(r"on (http://127\.0\.0\.1:(\d+))/v1", line)
+            if m:
+                break
+        assert m, "".join(lines)
+        yield m.group(1), "".join(lines)
+    finally:
+        os.killpg(p.pid, signal.SIGINT)
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from tests.distributed.spawn import spawn
+from tests.distributed.spawn import cli_env, one_and_tp2, spawn, torchrun_serve
 from tests.util import assert_within_torch_error, need_default_model
 from tritium.distributed import (TPEngine, count_comm, gather_vocab, shard_from_state_dict, shard_llama, tp_shards,
                                  vocab_parallel_cross_entropy, vocab_parallel_sample)
@@ -458,14 +458,12 @@ def test_generate_tp_under_torchrun(smollm2_reference):
     """`torchrun --nproc-per-node 2 -m tritium generate ... --tp 2` streams the same greedy tokens as one process
     (the reference's prompt is the same chat-templated question)."""
     import subprocess
-    import sys
 
     import tritium.models
 
     _, tok = tritium.models.load(weights="native")
     ref = torch.load(smollm2_reference[0] / "reference.pt")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env, torchrun = cli_env()
     out = subprocess.run([torchrun, "--nproc-per-node", "2", "-m", "tritium", "generate",
                           "What is the capital of France?", "--tp", "2", "--max-new-tokens", "12", "--dtype",
                           "float32"], capture_output=True, text=True, env=env, timeout=300)
@@ -478,20 +476,12 @@ def test_generate_tp_under_torchrun(smollm2_reference):
     sampling = ["What is the capital of France?", "--max-new-tokens", "12", "--dtype", "float32", "--weights",
                 "float", "--temperature", "0.8", "--top-k", "40", "--top-p", "0.9", "--min-p", "0.02",
                 "--repetition-penalty", "1.2", "--seed", "3"]
-    one = subprocess.run([sys.executable, "-m", "tritium", "generate", *sampling], capture_output=True, text=True,
-                         env=env, timeout=300)
-    two = subprocess.run([torchrun, "--nproc-per-node", "2", "-m", "tritium", "generate", *sampling, "--tp", "2"],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert one.returncode == 0 and two.returncode == 0, (one.stderr, two.stderr)
+    one, two = one_and_tp2(["generate", *sampling], env)
     assert two.stdout == one.stdout and one.stdout.strip(), (two.stdout, one.stdout)
     # beam search: the same text as one process
     beams = ["What is the capital of France?", "--max-new-tokens", "8", "--dtype", "float32", "--weights", "float",
              "--num-beams", "3"]
-    one = subprocess.run([sys.executable, "-m", "tritium", "generate", *beams], capture_output=True, text=True,
-                         env=env, timeout=300)
-    two = subprocess.run([torchrun, "--nproc-per-node", "2", "-m", "tritium", "generate", *beams, "--tp", "2"],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert one.returncode == 0 and two.returncode == 0, (one.stderr, two.stderr)
+    one, two = one_and_tp2(["generate", *beams], env)
     assert two.stdout == one.stdout and one.stdout.strip(), (two.stdout, one.stdout)
 
 
@@ -499,32 +489,13 @@ def test_generate_tp_under_torchrun(smollm2_reference):
 def test_serve_tp_over_http_under_torchrun(smollm2_reference):
     """`torchrun --nproc-per-node 2 -m tritium serve --tp 2 --port 0`: rank 0 answers the OpenAI API over HTTP (a
     greedy chat completion: the reference's tokens, as one process gives them) while rank 1 follows its steps."""
-    import re
-    import signal
-    import subprocess
-    import sys
-
     httpx = pytest.importorskip("httpx")
     import tritium.models
 
     _, tok = tritium.models.load(weights="native")
     toks = torch.load(smollm2_reference[0] / "reference.pt")["tokens"]
     want = tok.decode(toks[:next((i for i, t in enumerate(toks) if t in set(tok.stop_ids)), len(toks))])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), COLUMNS="300")
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    p = subprocess.Popen([torchrun, "--nproc-per-node", "2", "-m", "tritium", "serve", "--tp", "2", "--port", "0",
-                          "--dtype", "float32", "--max-batch", "2", "--log-level", "warning"],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                         start_new_session=True)
-    try:
-        lines, m = [], None
-        for line in p.stdout:
-            lines.append(line)
-            m = re.search(r"on (http://127\.0\.0\.1:(\d+))/v1", line)
-            if m:
-                break
-        assert m, "".join(lines)
-        url = m.group(1)
+    with torchrun_serve(["--dtype", "float32", "--max-batch", "2"]) as (url, _):
         assert httpx.get(url + "/health", timeout=60).json() == {"status": "ok"}
         name = httpx.get(url + "/v1/models", timeout=60).json()["data"][0]["id"]
         r = httpx.post(url + "/v1/chat/completions", timeout=300, json={
@@ -532,13 +503,6 @@ def test_serve_tp_over_http_under_torchrun(smollm2_reference):
             "max_tokens": 12, "temperature": 0})
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"]["content"].strip() == want.strip(), (r.json(), want)
-    finally:   # Ctrl-C to torchrun and its ranks (one process group), then SIGKILL if they linger
-        os.killpg(p.pid, signal.SIGINT)
-        try:
-            p.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
 
 
 def test_bench_dist_tp_bytes_match_analytic():

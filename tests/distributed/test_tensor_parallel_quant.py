@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.distributed.spawn import spawn
+from tests.distributed.spawn import cli_env, one_and_tp2, spawn, torchrun_serve
 from tests.distributed.test_tensor_parallel import _record
 from tests.util import need_default_model
 from tritium.distributed import TPEngine, gather_vocab, shard_llama
@@ -121,33 +121,19 @@ def test_embedded_gguf_shards_stay_quantized():
                     f"{n}'s slices on {world} ranks do not put back the model's quantized weight"
 
 
-def _torchrun_cli(tmp_path):
-    import os
-    import sys
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), COLUMNS="300")
-    return env, os.path.join(os.path.dirname(sys.executable), "torchrun")
-
-
 @pytest.mark.parametrize("weights", ["native", "int4"])
 def test_generate_tp_quantized_weights_under_torchrun(tmp_path, weights):
     """`torchrun --nproc-per-node 2 -m tritium generate ... --tp 2 --weights native|int4` on a tiny GGUF (stored
     Q8_0 / Q4_0 for native; float, quantized at load for int4): each rank's shard stays quantized (the shard's
     weight mode on rank 0's report) and the greedy text is one process's with the same weights (two-term int8
     activations, the CLI's default for quantized weights)."""
-    import subprocess
-    import sys
 
     from tests.models.checkpoints import write_tiny_gguf
 
     path = write_tiny_gguf(tmp_path / "tiny.gguf", quantized=weights == "native")
-    env, torchrun = _torchrun_cli(tmp_path)
     flags = ["generate", "hello there", "--raw", "--model", path, "--weights", weights, "--max-new-tokens", "12",
              "--dtype", "float32"]
-    one = subprocess.run([sys.executable, "-m", "tritium", *flags], capture_output=True, text=True, env=env,
-                         timeout=300)
-    two = subprocess.run([torchrun, "--nproc-per-node", "2", "-m", "tritium", *flags, "--tp", "2"],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert one.returncode == 0 and two.returncode == 0, (one.stderr, two.stderr)
+    one, two = one_and_tp2(flags)
     assert two.stdout == one.stdout and one.stdout.strip(), (two.stdout, one.stdout)
     report = " ".join(two.stderr.split())
     want = "q4/32 q8/32" if weights == "native" else "q4/32"
@@ -158,9 +144,6 @@ def test_serve_tp_quantized_weights_under_torchrun(tmp_path):
     """`torchrun --nproc-per-node 2 -m tritium serve --tp 2 --weights native` on a tiny GGUF stored quantized
     (Q8_0 / Q4_0): rank 0 answers a greedy /v1/completions with the text one process's `tritium generate` gives
     with the same weights, while rank 1 follows its steps on its quantized shard."""
-    import os
-    import re
-    import signal
     import subprocess
     import sys
 
@@ -169,34 +152,15 @@ def test_serve_tp_quantized_weights_under_torchrun(tmp_path):
     from tests.models.checkpoints import write_tiny_gguf
 
     path = write_tiny_gguf(tmp_path / "tiny.gguf", quantized=True)
-    env, torchrun = _torchrun_cli(tmp_path)
+    env, _ = cli_env()
     model_flags = ["--model", path, "--weights", "native", "--dtype", "float32"]
     one = subprocess.run([sys.executable, "-m", "tritium", "generate", "hello there", "--raw", "--max-new-tokens",
                           "12", *model_flags], capture_output=True, text=True, env=env, timeout=300)
     assert one.returncode == 0 and one.stdout.strip(), one.stderr
-    p = subprocess.Popen([torchrun, "--nproc-per-node", "2", "-m", "tritium", "serve", "--tp", "2", "--port", "0",
-                          *model_flags, "--max-batch", "2", "--log-level", "warning"],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                         start_new_session=True)
-    try:
-        lines, m = [], None
-        for line in p.stdout:
-            lines.append(line)
-            m = re.search(r"on (http://127\.0\.0\.1:(\d+))/v1", line)
-            if m:
-                break
-        assert m, "".join(lines)
-        assert "; shard weights: q4/32 q8/32" in " ".join("".join(lines).split()), "".join(lines)
-        url = m.group(1)
+    with torchrun_serve([*model_flags, "--max-batch", "2"], env) as (url, startup):
+        assert "; shard weights: q4/32 q8/32" in " ".join(startup.split()), startup
         name = httpx.get(url + "/v1/models", timeout=60).json()["data"][0]["id"]
         r = httpx.post(url + "/v1/completions", timeout=120, json={
             "model": name, "prompt": "hello there", "max_tokens": 12, "temperature": 0})
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == one.stdout[:-1], (r.json(), one.stdout)   # generate adds "\n"
-    finally:   # Ctrl-C to torchrun and its ranks (one process group), then SIGKILL if they linger
-        os.killpg(p.pid, signal.SIGINT)
-        try:
-            p.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
