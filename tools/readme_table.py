@@ -184,7 +184,11 @@ slices, with its step compiled: compiling the whole length-long loop takes minut
 for wkv's loop of the same kind the backward's compile failed), forward and backward at issue 24's bar shape
 (batch 8, dim 768, length 1024, state 16), float32, with D, z, delta_bias and softplus on as in a Mamba block.
 The peak columns are each side's peak extra memory during the call (the reference materialises the (batch, dim,
-length, state) decay and input tensors; the scan keeps O(batch x dim x state) state and recomputes in the backward).
+length, state) decay and input tensors; the scan keeps O(batch x dim x state) state and recomputes in the backward;
+a 0 means the call's tensors fit in memory the process already held, its resident set did not grow). One eager
+call takes minutes (the reference's backward of its per-step indexing builds a zero tensor of the whole (batch,
+dim, length, state) array at every step), so each side is timed by one call after a warm-up call (`--min-time
+0.01`).
 """
 
 GRAPH_PROSE = """\
@@ -575,7 +579,7 @@ KNOWN = [
                                    "bench/results/wkv-fwdbwd-amd-avx512.json",
      f"RWKV-7's wkv on {MACHINE_KINDS['amd-avx512']}: forward and backward", WKV_PROSE, ops_section),
     ("selective-scan-amd-avx512.json", "tritium bench ops --op selective_scan --headline --mode fwdbwd --dtype "
-                                       "float32 --json bench/results/selective-scan-amd-avx512.json",
+                                       "float32 --min-time 0.01 --json bench/results/selective-scan-amd-avx512.json",
      f"Mamba's selective scan on {MACHINE_KINDS['amd-avx512']}: forward and backward", SCAN_PROSE, ops_section),
     ("moe-amd-avx512.json", "tritium bench ops --op moe --rounds 3 --json bench/results/moe-amd-avx512.json",
      f"Mixture of experts on {MACHINE_KINDS['amd-avx512']}", MOE_PROSE, ops_section),
