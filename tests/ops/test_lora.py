@@ -198,9 +198,10 @@ def _bad_cases():
     f = tritium.lora_linear
     qw = tritium.ops.quant.QuantizedWeight.quantize(torch.randn(OUT, 64), "int8")
     return [
-        ("int8 weight", lambda: f(x, w.to(torch.int8), b, a, bb, 1.0), NotImplementedError,
-         r"lora_linear: weight: a quantized \(int8/int4\) base weight is not supported yet, got a torch.int8 tensor"),
-        ("QuantizedWeight", lambda: f(x, qw, b, a, bb, 1.0), NotImplementedError, "weight: a quantized"),
+        ("int8 weight", lambda: f(x, w.to(torch.int8), b, a, bb, 1.0), TypeError,
+         r"lora_linear: weight must be a floating-point tensor or a quantized weight, got a torch.int8 tensor"),
+        ("QuantizedWeight x width", lambda: f(x, qw, b, a, bb, 1.0), ValueError,
+         r"quantized_linear: x must be \(\*, in_features\) = \(\*, 64\), got shape \(4, 45\)"),
         ("x not a tensor", lambda: f([1.0], w, b, a, bb, 1.0), TypeError, "x must be a Tensor"),
         ("x integer", lambda: f(x.long(), w, b, a, bb, 1.0), TypeError, "x must be a floating-point tensor"),
         ("x width", lambda: f(torch.randn(4, IN + 1), w, b, a, bb, 1.0), ValueError,

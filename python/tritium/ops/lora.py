@@ -13,12 +13,14 @@ output, on GPU (kernels/lora.py) it is the matmul's epilogue.
 
 The kernels take x, weight, bias, lora_A and lora_B of one floating dtype on one device, a base weight and bias
 that need no gradient; anything else (mixed dtypes, as PEFT's float32 adapters on a bfloat16 base; a trainable base;
-empty x; TRITIUM_BACKEND=reference) goes explicitly to ``tritium.reference``. Quantized (int8/int4) base weights
-are not supported yet.
+empty x; TRITIUM_BACKEND=reference) goes explicitly to ``tritium.reference``.
 
-QLoRA: an NF4 base (``weight`` a tritium.ops.nf4.NF4Weight, bitsandbytes' layout) takes ``_qlora``: the base
-product is the nf4_linear op (W dequantised in the kernel, dx = dy W), the adapter ATen's products, added into the
-base output by one addmm (beta = 1), the gradients of x, A and B by autograd.
+A quantized frozen base takes ``_on_frozen_base``, one path for every kind (``FROZEN_BASES``): an NF4 weight
+(tritium.ops.nf4.NF4Weight, bitsandbytes' layout: QLoRA) through the nf4_linear op, an int8/int4 one
+(tritium.ops.quant.QuantizedWeight) through the quantized linear op with float activations (quantized_linear);
+both read the stored bytes in the kernel and give dx = dy W. The adapter is ATen's products, added into the base
+output by one addmm (beta = 1), the gradients of x, A and B by autograd. ``quantize_frozen`` makes such a base
+from a float weight.
 """
 from __future__ import annotations
 
@@ -72,28 +74,71 @@ def _shape(t) -> str:
     return str(tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__
 
 
-def _qlora(fn: str, x, weight, bias, lora_A, lora_B, scaling, dropout_p, training) -> Tensor:
-    """lora_linear on an NF4 base (module docstring): nf4_linear(x, W, bias) + s (drop(x) A^T) B^T, the adapter in
-    its own dtype (x cast to lora_A's first, as PEFT's), the sum in x's dtype."""
-    from .nf4 import nf4_linear
+def _frozen_bases() -> dict:
+    """The quantized frozen bases lora_linear takes, by the weight's type: the base product (x, weight, bias) ->
+    x W^T + bias, differentiable in x (and bias), the weight frozen."""
+    from .nf4 import NF4Weight, nf4_linear
+    from .quant import QuantizedWeight, quantized_linear
 
-    out_f, in_f = weight.shape
+    return {NF4Weight: nf4_linear, QuantizedWeight: quantized_linear}
+
+
+FROZEN_BASES = ("nf4", "int8", "int4")   # quantize_frozen's kinds
+
+
+def frozen_linear(x: Tensor, weight, bias: Optional[Tensor] = None) -> Tensor:
+    """x W^T + bias for a quantized frozen base (an NF4Weight or QuantizedWeight: its linear op) or a float weight
+    (torch): the base layer alone, e.g. a projection whose adapters are not there."""
+    base = _frozen_bases().get(type(weight))
+    return torch.nn.functional.linear(x, weight, bias) if base is None else base(x, weight, bias)
+
+
+def quantize_frozen(fn: str, weight: Tensor, quantize: str, blocksize: int = 64, double_quant: bool = False,
+                    group_size: Optional[int] = None):
+    """A float base weight (out, in) quantized for LoRA on a frozen base: "nf4" an NF4Weight (tritium.quantize_nf4:
+    blocksize, double_quant), "int8" a QuantizedWeight per output channel (group_size None) or per group, "int4"
+    one per group of group_size (default 32) (QuantizedWeight.quantize). ValueError naming ``fn`` for a kind not
+    in FROZEN_BASES or a group_size that is not a positive multiple of 32 dividing in_features."""
+    from .nf4 import quantize_nf4
+    from .quant import BLOCK, QuantizedWeight
+
+    if quantize not in FROZEN_BASES:
+        raise ValueError(f"{fn}: quantize must be one of {FROZEN_BASES}, got {quantize!r}")
+    if quantize == "nf4":
+        return quantize_nf4(weight, blocksize, double_quant)
+    in_f = weight.shape[-1]
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0 or group_size % BLOCK:
+            raise ValueError(f"{fn}: group_size must be a positive multiple of {BLOCK} (or None), got {group_size!r}")
+        if in_f % group_size:
+            raise ValueError(f"{fn}: group_size {group_size} does not divide in_features {in_f} (each row must be "
+                             f"whole groups)")
+    elif quantize == "int4" and in_f % BLOCK:
+        raise ValueError(f"{fn}: int4 groups {BLOCK} elements by default, which does not divide in_features {in_f}; "
+                         f"int8 (per channel) takes any in_features")
+    return QuantizedWeight.quantize(weight.detach(), quantize, group_size)
+
+
+def _on_frozen_base(fn: str, base, x, weight, bias, lora_A, lora_B, scaling, dropout_p, training) -> Tensor:
+    """lora_linear on a quantized frozen base (module docstring): base(x, W, bias) + s (drop(x) A^T) B^T, the
+    adapter in its own dtype (x cast to lora_A's first, as PEFT's), the sum in x's dtype."""
     for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B)):
         if not isinstance(t, Tensor) or not t.is_floating_point():
             raise TypeError(f"{fn}: {name} must be a floating-point tensor, got "
                             f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}")
-    if lora_A.dim() != 2 or lora_A.shape[1] != in_f or lora_A.shape[0] < 1:
-        raise ValueError(f"{fn}: lora_A must be (r, in_features) = (r >= 1, {in_f}), got shape {_shape(lora_A)}")
-    r = lora_A.shape[0]
-    if lora_B.dim() != 2 or tuple(lora_B.shape) != (out_f, r):
-        raise ValueError(f"{fn}: lora_B must be (out_features, r) = ({out_f}, {r}), got shape {_shape(lora_B)}")
     if lora_B.dtype != lora_A.dtype:
         raise TypeError(f"{fn}: lora_B must have lora_A's dtype {lora_A.dtype}, got {lora_B.dtype}")
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
         raise TypeError(f"{fn}: scaling must be a real number, got {type(scaling).__name__}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p!r}")
-    y = nf4_linear(x, weight, bias)            # checks x and bias against the weight
+    y = base(x, weight, bias)            # checks the weight, and x and bias against it
+    in_f, out_f = x.shape[-1], y.shape[-1]
+    if lora_A.dim() != 2 or lora_A.shape[1] != in_f or lora_A.shape[0] < 1:
+        raise ValueError(f"{fn}: lora_A must be (r, in_features) = (r >= 1, {in_f}), got shape {_shape(lora_A)}")
+    r = lora_A.shape[0]
+    if lora_B.dim() != 2 or tuple(lora_B.shape) != (out_f, r):
+        raise ValueError(f"{fn}: lora_B must be (out_features, r) = ({out_f}, {r}), got shape {_shape(lora_B)}")
     s = float(scaling)
     xa = x
     if training and dropout_p > 0.0:
@@ -107,13 +152,10 @@ def _qlora(fn: str, x, weight, bias, lora_A, lora_B, scaling, dropout_p, trainin
 
 
 def _check(fn: str, x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
-    from .quant import QuantizedWeight
-
-    if isinstance(weight, QuantizedWeight) or (isinstance(weight, Tensor) and not weight.is_floating_point()):
-        what = repr(weight) if isinstance(weight, QuantizedWeight) else f"a {weight.dtype} tensor"
-        raise NotImplementedError(f"{fn}: weight: a quantized (int8/int4) base weight is not supported yet, got "
-                                  f"{what}; pass the float (float32/bfloat16/float16) weight or an NF4 one "
-                                  f"(tritium.quantize_nf4)")
+    if isinstance(weight, Tensor) and not weight.is_floating_point():
+        raise TypeError(f"{fn}: weight must be a floating-point tensor or a quantized weight, got a {weight.dtype} "
+                        f"tensor; pass the float (float32/bfloat16/float16) weight, an NF4 one "
+                        f"(tritium.quantize_nf4) or an int8/int4 one (tritium.ops.quant.QuantizedWeight.quantize)")
     for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{fn}: {name} must be a Tensor, got {type(t).__name__}")
@@ -144,13 +186,13 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     adapter; scaling: alpha / r (PEFT's); dropout_p: the dropout on the adapter's input, applied while training
     (the mask drawn from torch's generator by reference.lora_dropout_mask). Differentiable w.r.t. x, lora_A and
     lora_B through the fused kernels; a weight or bias that requires grad goes to tritium.reference (which
-    differentiates everything). An NF4 base (tritium.quantize_nf4: QLoRA) goes through nf4_linear; int8/int4
-base weights raise NotImplementedError."""
+    differentiates everything). A quantized frozen base (module docstring) goes through its own linear op: an NF4
+    weight (tritium.quantize_nf4: QLoRA) through nf4_linear, an int8/int4 tritium.ops.quant.QuantizedWeight through
+    the quantized linear op with float activations."""
     fn = "lora_linear"
-    from .nf4 import NF4Weight
-
-    if isinstance(weight, NF4Weight):
-        return _qlora(fn, x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
+    base = _frozen_bases().get(type(weight))
+    if base is not None:
+        return _on_frozen_base(fn, base, x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
     _check(fn, x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     present = [bias] if bias is not None else []
     frozen = not (torch.is_grad_enabled() and any(t.requires_grad for t in (weight, *present)))

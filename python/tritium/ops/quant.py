@@ -244,6 +244,38 @@ class QuantizedWeight:
                 f"{self.scales.dtype} scales{', mins' if self.has_mins else ''}, {self.nbytes / 2**20:.2f} MiB)")
 
 
+def quantized_linear(x: Tensor, weight: QuantizedWeight, bias: Optional[Tensor] = None) -> Tensor:
+    """x (*, k) @ W^T + bias -> (*, n) in x's dtype with float activations (int8_act 0: the accuracy of a float
+    matmul of the dequantised weight), differentiable w.r.t. x (quant_linear_dx) and bias; the weight is frozen.
+    The base product of LoRA on an int8/int4 base (tritium.ops.lora). x: float32, bfloat16 or float16 on the
+    weight's device; float64 x, an empty x and TRITIUM_BACKEND=reference multiply the dequantised weight
+    (exact in float32) with torch instead."""
+    fn = "quantized_linear"
+    if not isinstance(weight, QuantizedWeight):
+        raise TypeError(f"{fn}: weight must be a QuantizedWeight (QuantizedWeight.quantize), got "
+                        f"{type(weight).__name__}")
+    n, k = weight.n, weight.k
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"{fn}: x must be a floating-point tensor, got "
+                        f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"{fn}: x must be (*, in_features) = (*, {k}), got shape {tuple(x.shape)}")
+    if x.device != weight.device:
+        raise ValueError(f"{fn}: x is on {x.device} but weight on {weight.device}")
+    if bias is not None:
+        if not isinstance(bias, Tensor) or tuple(bias.shape) != (n,):
+            raise ValueError(f"{fn}: bias must be (out_features,) = ({n},) or None, got "
+                             f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"{fn}: bias must have x's dtype {x.dtype}, got {bias.dtype}")
+    from .._backend import use_reference
+
+    if x.dtype == torch.float64 or x.numel() == 0 or use_reference() or x.device.type not in ("cpu", "cuda"):
+        return torch.nn.functional.linear(x, weight.dequantize(torch.float32).to(x.dtype), bias)
+    y = weight.linear(x, 0)
+    return y if bias is None else y + bias
+
+
 def cat_logical(parts: List[Tuple[Tensor, Tensor, Optional[Tensor], int, int]]):
     """Logical weights stacked along n (a fused QKV or gate/up projection); None when their formats differ."""
     bits, group = parts[0][3], parts[0][4]
