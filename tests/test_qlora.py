@@ -93,8 +93,8 @@ def test_compile_fullgraph():
 
 def test_errors():
     model = torch.nn.Sequential(torch.nn.Linear(100, 64))
-    with pytest.raises(ValueError, match="quantize must be None or 'nf4', got 'int4'"):
-        tritium.lora.apply(model, r=4, quantize="int4")
+    with pytest.raises(ValueError, match="quantize must be None, 'nf4', 'int8' or 'int4', got 'fp8'"):
+        tritium.lora.apply(model, r=4, quantize="fp8")
     with pytest.raises(ValueError, match=r"in_features a multiple of blocksize 64; these layers are not: 0 \(100\)"):
         tritium.lora.apply(model, r=4, quantize="nf4")
     with pytest.raises(ValueError, match="blocksize must be one of"):

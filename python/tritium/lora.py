@@ -99,7 +99,7 @@ def _replace(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
 
 def apply(model: torch.nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.05, targets: Targets = None,
           use_rslora: bool = False, quantize: Optional[str] = None, blocksize: int = 64,
-          double_quant: bool = False) -> torch.nn.Module:
+          double_quant: bool = False, group_size: Optional[int] = None) -> torch.nn.Module:
     """Replace, in place, each torch.nn.Linear of ``model`` whose qualified name matches ``targets`` (PEFT's
     target_modules rule, module docstring) with a LoRALinear of rank ``r``, scaling ``alpha / r`` (``alpha /
     sqrt(r)`` with use_rslora) and ``dropout`` on the adapter's input, sharing the layer's weight and bias; freeze
@@ -108,22 +108,22 @@ def apply(model: torch.nn.Module, r: int = 16, alpha: float = 32, dropout: float
     ``quantize="nf4"`` (QLoRA): each adapted layer's base weight is quantized to NF4 in bitsandbytes' layout
     (``blocksize`` elements per absmax, ``double_quant`` for bitsandbytes' compress_statistics; tritium.quantize_nf4,
     LoRALinear.quantize_base) and multiplied dequantised in the kernel; the layer's in_features must be a multiple
-    of the blocksize."""
+    of the blocksize. ``quantize="int8"`` (per output channel, or per group of ``group_size``) or ``"int4"`` (per
+    group of ``group_size``, default 32): the base weight a tritium.ops.quant.QuantizedWeight (docs/quantization.md)
+    multiplied by the quantized linear op; group_size must divide every chosen layer's in_features. A layer that
+    does not fit raises ValueError naming it and its in_features before any layer is changed."""
     _check_lora_args("apply", r, dropout)
-    if quantize not in (None, "nf4"):
-        raise ValueError(f"apply: quantize must be None or 'nf4', got {quantize!r}")
+    if quantize not in (None, "nf4", "int8", "int4"):
+        raise ValueError(f"apply: quantize must be None, 'nf4', 'int8' or 'int4', got {quantize!r}")
     if not (targets is None or isinstance(targets, str)):
         targets = list(targets)
         if not all(isinstance(t, str) for t in targets):
             raise TypeError(f"apply: targets must be None, a regular expression or a list of module names, got "
                             f"{targets!r}")
-    if quantize is not None:
-        from .ops.nf4 import BLOCKSIZES
-
-        if blocksize not in BLOCKSIZES:
-            raise ValueError(f"apply: blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+    unit = _base_unit(quantize, blocksize, group_size)
     if _fused(model):
-        return _apply_fused(model, r, alpha, dropout, targets, use_rslora, quantize, blocksize, double_quant)
+        return _apply_fused(model, r, alpha, dropout, targets, use_rslora, quantize, blocksize, double_quant,
+                            group_size)
     linear = [name for name, m in model.named_modules()
               if name and isinstance(m, torch.nn.Linear) and not isinstance(m, LoRALinear)]
     chosen = [name for name in linear if _matches(name, targets)]
@@ -131,26 +131,53 @@ def apply(model: torch.nn.Module, r: int = 16, alpha: float = 32, dropout: float
         shown = ", ".join(linear[:8]) + (", ..." if len(linear) > 8 else "")
         raise ValueError(f"apply: targets {targets!r} match no torch.nn.Linear module of the model (its linear "
                          f"layers not yet adapted: {shown or 'none'})")
-    if quantize is not None:
-        odd = [f"{n} ({model.get_submodule(n).in_features})" for n in chosen
-               if model.get_submodule(n).in_features % blocksize]
-        if odd:
-            raise ValueError(f"apply: quantize='nf4' needs in_features a multiple of blocksize {blocksize}; these "
-                             f"layers are not: {', '.join(odd[:8])}")
+    _check_units(quantize, unit, [(n, model.get_submodule(n).in_features) for n in chosen], "layers")
     for name in chosen:
         layer = LoRALinear.from_linear(model.get_submodule(name), r, alpha, dropout, use_rslora)
         if quantize is not None:
-            layer.quantize_base(quantize, blocksize, double_quant)
+            layer.quantize_base(quantize, blocksize, double_quant, group_size)
         _replace(model, name, layer)
     _freeze(model)
     return model
 
 
+def _base_unit(quantize: Optional[str], blocksize: int, group_size: Optional[int]):
+    """apply's checks of the quantized base's arguments. Returns what every chosen layer's in_features must be a
+    multiple of, as (argument name, value), or None (a float base, or int8 per channel: any in_features)."""
+    if quantize == "nf4":
+        from .ops.nf4 import BLOCKSIZES
+
+        if isinstance(blocksize, bool) or blocksize not in BLOCKSIZES:
+            raise ValueError(f"apply: blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+        return "blocksize", blocksize
+    if quantize in ("int8", "int4"):
+        from .ops.quant import BLOCK
+
+        if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
+                                       or group_size <= 0 or group_size % BLOCK):
+            raise ValueError(f"apply: group_size must be a positive multiple of {BLOCK} (or None), got "
+                             f"{group_size!r}")
+        if group_size is None:
+            return ("group_size", BLOCK) if quantize == "int4" else None
+        return "group_size", group_size
+    return None
+
+
+def _check_units(quantize: Optional[str], unit, layers, what: str) -> None:
+    """ValueError listing the (name, in_features) layers whose in_features is not a multiple of unit."""
+    if unit is None:
+        return
+    odd = [f"{name} ({k})" for name, k in layers if k % unit[1]]
+    if odd:
+        raise ValueError(f"apply: quantize={quantize!r} needs in_features a multiple of {unit[0]} {unit[1]}; these "
+                         f"{what} are not: {', '.join(odd[:8])}{', ...' if len(odd) > 8 else ''}")
+
+
 def _apply_fused(model: torch.nn.Module, r: int, alpha: float, dropout: float, targets: Targets,
                  use_rslora: bool, quantize: Optional[str] = None, blocksize: int = 64,
-                 double_quant: bool = False) -> torch.nn.Module:
+                 double_quant: bool = False, group_size: Optional[int] = None) -> torch.nn.Module:
     """apply for a model with fused projections: targets matched against the Hugging Face layer names; with
-    quantize="nf4" each adapted projection's whole weight becomes NF4 (Linear.quantize_base)."""
+    quantize each adapted projection's whole weight becomes a quantized frozen base (Linear.quantize_base)."""
     projections = model.hf_projections()
     todo = [(lin, names, sizes, [_matches(n, targets) for n in names])
             for lin, names, sizes in projections if lin.lora is None]
@@ -160,15 +187,12 @@ def _apply_fused(model: torch.nn.Module, r: int, alpha: float, dropout: float, t
         shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
         raise ValueError(f"apply: targets {targets!r} match no projection of the model (its layers not yet "
                          f"adapted: {shown or 'none'})")
-    if quantize is not None:
-        odd = [f"{names[0]} ({lin.in_features})" for lin, names, _, _ in todo if lin.in_features % blocksize]
-        if odd:
-            raise ValueError(f"apply: quantize='nf4' needs in_features a multiple of blocksize {blocksize}; these "
-                             f"projections are not: {', '.join(odd[:8])}")
+    _check_units(quantize, _base_unit(quantize, blocksize, group_size),
+                 [(names[0], lin.in_features) for lin, names, _, _ in todo], "projections")
     for lin, _, sizes, chosen in todo:
         lin.add_lora(sizes, chosen, r, alpha, dropout, use_rslora)
         if quantize is not None:
-            lin.quantize_base(blocksize, double_quant)
+            lin.quantize_base(blocksize, double_quant, quantize=quantize, group_size=group_size)
     _freeze(model)
     return model
 

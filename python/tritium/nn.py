@@ -726,10 +726,11 @@ class LoRALinear(torch.nn.Linear):
     @torch.no_grad()
     def merge(self) -> None:
         """weight += scaling B A; forward is then the plain linear layer (no adapter term) until unmerge()."""
-        if self.nf4_meta is not None:
-            raise NotImplementedError("LoRALinear.merge: the base weight is NF4 (quantize_base); merging would "
-                                      "requantize it: keep the adapter separate, or merge into a float copy of "
-                                      "nf4_weight().dequantize()")
+        if self.base_kind is not None:
+            kind = "NF4" if self.base_kind == "nf4" else self.base_kind
+            raise NotImplementedError(f"LoRALinear.merge: the base weight is {kind} (quantize_base); "
+                                      f"merging would requantize it: keep the adapter separate, or "
+                                      f"dequantize_base() first to merge into the float copy of its values")
         if not self.merged:
             self.weight.add_(self.delta_weight())
             self.merged = True
@@ -741,50 +742,92 @@ class LoRALinear(torch.nn.Linear):
             self.weight.sub_(self.delta_weight())
             self.merged = False
 
-    nf4_meta = None  # (shape, blocksize, dtype) once quantize_base made the base NF4 (QLoRA)
+    nf4_meta = None    # (shape, blocksize, dtype) once quantize_base made the base NF4 (QLoRA)
+    quant_dtype = None  # the float weight's dtype once quantize_base made the base int8/int4 (weight_quant)
 
     @torch.no_grad()
-    def quantize_base(self, quantize: str = "nf4", blocksize: int = 64, double_quant: bool = False) -> "LoRALinear":
-        """QLoRA: the frozen base weight replaced by its NF4 quantisation (tritium.quantize_nf4, bitsandbytes'
-        layout; buffers ``weight_nf4``, ``weight_absmax`` and with double_quant ``weight_absmax2``,
-        ``weight_offset``); ``weight`` becomes None and forward multiplies the NF4 weight dequantised in the kernel.
-        An NF4 base cannot be merged into. Returns self."""
-        if quantize != "nf4":
-            raise ValueError(f"LoRALinear.quantize_base: quantize must be 'nf4', got {quantize!r}")
+    def quantize_base(self, quantize: str = "nf4", blocksize: int = 64, double_quant: bool = False,
+                      group_size: Optional[int] = None) -> "LoRALinear":
+        """The frozen base weight replaced by a quantized one (tritium.ops.lora.quantize_frozen), multiplied from
+        its stored bytes in the kernel; ``weight`` becomes None. "nf4" (QLoRA): bitsandbytes' layout, buffers
+        ``weight_nf4``, ``weight_absmax`` and with double_quant ``weight_absmax2``, ``weight_offset``. "int8" (per
+        output channel, or per group of group_size) and "int4" (per group of group_size, default 32):
+        a tritium.nn.QuantizedLinear ``weight_quant`` (no bias) holding the QuantizedWeight, whose state_dict
+        entries (``weight_quant.qdata``, ...) carry the format. A quantized base cannot be merged into
+        (dequantize_base() first). Returns self."""
+        fn = "LoRALinear.quantize_base"
         if self.merged:
-            raise RuntimeError("LoRALinear.quantize_base: unmerge() first (the base would hold the adapter)")
-        if self.nf4_meta is not None:
+            raise RuntimeError(f"{fn}: unmerge() first (the base would hold the adapter)")
+        if self.base_kind is not None:
+            if self.base_kind != quantize:
+                raise ValueError(f"{fn}: the base is already {self.base_kind}; dequantize_base() first to make it "
+                                 f"{quantize!r}")
             return self
-        q = ops.quantize_nf4(self.weight, blocksize, double_quant)
-        self.register_buffer("weight_nf4", q.data)
-        self.register_buffer("weight_absmax", q.absmax)
-        if q.double_quant:
-            self.register_buffer("weight_absmax2", q.absmax2)
-            self.register_buffer("weight_offset", q.offset)
-        self.nf4_meta = (q.shape, q.blocksize, q.dtype)
+        q = ops.lora.quantize_frozen(fn, self.weight, quantize, blocksize, double_quant, group_size)
+        if quantize == "nf4":
+            self.register_buffer("weight_nf4", q.data)
+            self.register_buffer("weight_absmax", q.absmax)
+            if q.double_quant:
+                self.register_buffer("weight_absmax2", q.absmax2)
+                self.register_buffer("weight_offset", q.offset)
+            self.nf4_meta = (q.shape, q.blocksize, q.dtype)
+        else:
+            self.weight_quant = QuantizedLinear(q, None)
+            self.quant_dtype = self.weight.dtype
         self.weight = None
         return self
 
+    @property
+    def base_kind(self) -> Optional[str]:
+        """None for a float base, else the quantized base's kind: "nf4", "int8" or "int4"."""
+        if self.nf4_meta is not None:
+            return "nf4"
+        return None if self.quant_dtype is None else f"int{self.weight_quant.weight.bits}"
+
+    def frozen_base(self):
+        """The quantized base (quantize_base): an NF4Weight or a QuantizedWeight; None for a float base."""
+        return self.nf4_weight() if self.nf4_meta is not None else (
+            None if self.quant_dtype is None else self.weight_quant.weight)
+
     def nf4_weight(self):
-        """The NF4Weight of a quantized base (quantize_base), or None."""
+        """The NF4Weight of an NF4 base (quantize_base("nf4")), or None."""
         if self.nf4_meta is None:
             return None
         shape, blocksize, dtype = self.nf4_meta
         dq = hasattr(self, "weight_absmax2")
         return ops.nf4.NF4Weight(self.weight_nf4, self.weight_absmax, shape, blocksize, dtype,
-                             self.weight_absmax2 if dq else None, self.weight_offset if dq else None)
+                                 self.weight_absmax2 if dq else None, self.weight_offset if dq else None)
+
+    @torch.no_grad()
+    def dequantize_base(self) -> "LoRALinear":
+        """A quantized base (quantize_base) back to a float ``weight`` holding its dequantised values, in the dtype
+        it was quantized from (frozen): what the adapter then merges into to be served. Returns self."""
+        base = self.frozen_base()
+        if base is None:
+            return self
+        dtype = self.nf4_meta[2] if self.nf4_meta is not None else self.quant_dtype
+        self.weight = torch.nn.Parameter(base.dequantize(dtype), requires_grad=False)
+        if self.nf4_meta is not None:
+            for name in ("weight_nf4", "weight_absmax", "weight_absmax2", "weight_offset"):
+                if hasattr(self, name):
+                    delattr(self, name)
+            del self.nf4_meta
+        else:
+            del self.weight_quant
+            del self.quant_dtype
+        return self
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return ops.linear(x, self.weight, self.bias)
-        weight = self.weight if self.nf4_meta is None else self.nf4_weight()
+        weight = self.weight if self.base_kind is None else self.frozen_base()
         return ops.lora_linear(x, weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.lora_dropout,
                                self.training)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}"
                 f"{', use_rslora=True' if self.use_rslora else ''}{', merged' if self.merged else ''}"
-                f"{', base=nf4' if self.nf4_meta is not None else ''}")
+                f"{f', base={self.base_kind}' if self.base_kind is not None else ''}")
 
 
 # ---- mixture of experts ----

@@ -248,7 +248,13 @@ class Linear(nn.Module):
         self.quant: Optional[nn.Module] = None   # set_quantized: the weight stored quantized instead
         self._serve_fn = None                    # serve()'s product, built on first use
         self.lora: Optional[LoRAParts] = None    # add_lora: adapters trained on the frozen weight
-        self.nf4 = None                          # quantize_base (QLoRA): the frozen weight as a tritium NF4Weight
+        self.qbase = None     # quantize_base: the frozen weight quantized (NF4Weight: QLoRA, or QuantizedWeight)
+        self.qbase_dtype: Optional[torch.dtype] = None   # the float weight's dtype (dequantize_base's)
+
+    @property
+    def nf4(self):
+        """The NF4 base (quantize_base("nf4")), or None."""
+        return self.qbase if isinstance(self.qbase, tritium.ops.nf4.NF4Weight) else None
 
     def reset_serving(self) -> None:
         """Drop serve()'s callable (built again on next use) and bump tritium.nn.serving_version, which drops
@@ -276,12 +282,12 @@ class Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """The plain forward (autograd): torch's matmul, the quantized layer, or with adapters (add_lora) one
         tritium.lora_linear call."""
-        base = self.weight if self.nf4 is None else self.nf4
+        base = self.weight if self.qbase is None else self.qbase
         if self.lora is not None and not self.lora.merged:
             A, B = self.lora.stacked()
             y = tritium.lora_linear(x, base, None, A, B, self.lora.scaling, self.lora.lora_dropout, self.training)
-        elif self.nf4 is not None:
-            y = tritium.nf4_linear(x, self.nf4)
+        elif self.qbase is not None:
+            y = tritium.ops.lora.frozen_linear(x, self.qbase)
         else:
             y = self.quant(x) if self.quant is not None else torch.matmul(x, self.weight.t())
         return tritium.swiglu(y) if self.swiglu else y
@@ -302,27 +308,33 @@ class Linear(nn.Module):
         self.reset_serving()
         return self.lora
 
-    def quantize_base(self, blocksize: int = 64, double_quant: bool = False) -> None:
-        """QLoRA: the frozen float weight replaced by its NF4 quantisation (tritium.quantize_nf4, bitsandbytes'
-        layout), multiplied dequantised in the kernel by the plain forward; dequantize_base() goes back."""
-        if self.nf4 is None:
+    def quantize_base(self, blocksize: int = 64, double_quant: bool = False, *, quantize: str = "nf4",
+                      group_size: Optional[int] = None) -> None:
+        """The frozen float weight replaced by a quantized one for LoRA training (tritium.ops.lora.quantize_frozen):
+        "nf4" (QLoRA; bitsandbytes' layout, blocksize, double_quant), "int8" (per channel or per group_size) or
+        "int4" (per group_size, default 32), multiplied from its stored bytes by the plain forward;
+        dequantize_base() goes back."""
+        if self.qbase is None:
             if self.weight is None:
                 raise NotImplementedError("quantize_base: the projection is already stored quantized")
-            self.nf4 = tritium.quantize_nf4(self.weight.detach(), blocksize, double_quant)
+            self.qbase = tritium.ops.lora.quantize_frozen("quantize_base", self.weight.detach(), quantize,
+                                                          blocksize, double_quant, group_size)
+            self.qbase_dtype = self.weight.dtype
             self.weight = None
             self.reset_serving()
 
     def dequantize_base(self) -> None:
-        """The NF4 base (quantize_base) back to a float weight (its dequantised values), e.g. to merge the trained
-        adapters into it and serve."""
-        if self.nf4 is not None:
-            self.weight = nn.Parameter(self.nf4.dequantize(), requires_grad=False)
-            self.nf4 = None
+        """The quantized base (quantize_base) back to a float weight (its dequantised values, in the weight's
+        former dtype), e.g. to merge the trained adapters into it and serve."""
+        if self.qbase is not None:
+            self.weight = nn.Parameter(self.qbase.dequantize(self.qbase_dtype), requires_grad=False)
+            self.qbase = self.qbase_dtype = None
             self.reset_serving()
 
     def _check_servable(self) -> None:
-        if self.nf4 is not None:
-            raise ValueError("the serving path does not take an NF4 base: dequantize_base() it (and merge the "
+        if self.qbase is not None:
+            kind = "an NF4" if self.nf4 is not None else "a quantized (int8/int4)"
+            raise ValueError(f"the serving path does not take {kind} base: dequantize_base() it (and merge the "
                              "adapters) first")
         if self.lora is not None and not self.lora.merged:
             raise ValueError("the serving path does not apply LoRA adapters: merge them into the weights first "
@@ -333,8 +345,9 @@ class Linear(nn.Module):
         """weight += scaling B A (merge) or -= it (merge=False, undoing a merge): merged, the plain and serving
         forwards are the plain projection's, without the adapters' cost."""
         lora = self.lora
-        if lora is not None and lora.merged != merge and self.nf4 is not None:
-            raise ValueError("merge_lora: the base is NF4 (QLoRA); dequantize_base() first to merge into float")
+        if lora is not None and lora.merged != merge and self.qbase is not None:
+            raise ValueError("merge_lora: the base is quantized (quantize_base); dequantize_base() first to merge "
+                             "into float")
         if lora is not None and lora.merged != merge:
             delta = lora.delta_weight(self.weight.dtype)
             self.weight.add_(delta if merge else -delta)
