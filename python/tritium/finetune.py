@@ -10,8 +10,10 @@ Data: JSON Lines, one example per line, in either of TRL's two shapes:
 Training: ``tritium.lora.apply`` puts adapters on the chosen projections (the base frozen), the loss is
 ``tritium.fused_linear_cross_entropy`` on the final hidden states and the (frozen, tied) LM head, so no (tokens,
 vocab) logits are held, and ``tritium.optim.AdamW`` steps the adapters (float32 master weights for bfloat16).
-QLoRA (``qlora=True``): the adapted projections' frozen weights are held in NF4 (bitsandbytes' layout) and
-multiplied dequantised in the kernel; ``dequantize_bases`` turns them back into float weights to merge and serve.
+QLoRA (``qlora=True``, or ``base="nf4"``): the adapted projections' frozen weights are held in NF4 (bitsandbytes'
+layout) and multiplied dequantised in the kernel; ``base="int8"`` or ``"int4"`` holds them as tritium's int8/int4
+quantized weights (docs/quantization.md) instead. ``dequantize_bases`` turns them back into float weights to merge
+and serve.
 
 ``dates_task`` generates the data set the command ships with: dates written out in words, to be rewritten as
 ISO 8601 (``March 4, 2023`` -> ``2023-03-04``). Its answers are checkable, so ``exact_match`` measures what a
@@ -189,7 +191,15 @@ class FinetuneConfig:
     max_len: int = 512
     warmup: float = 0.05                  # fraction of the steps
     seed: int = 0
-    qlora: bool = False                   # the adapted projections' frozen weights in NF4 (QLoRA)
+    qlora: bool = False                   # the adapted projections' frozen weights in NF4 (QLoRA): base="nf4"
+    base: Optional[str] = None            # the adapted projections' frozen weights: None (float), nf4, int8, int4
+    group_size: Optional[int] = None      # int4 / int8 groups (None: int4 32, int8 per channel)
+
+    def quantize(self) -> Optional[str]:
+        """The frozen base's kind (tritium.lora.apply's quantize): base, or "nf4" for qlora."""
+        if self.qlora and self.base not in (None, "nf4"):
+            raise ValueError(f"FinetuneConfig: qlora=True means base='nf4', got base={self.base!r}")
+        return "nf4" if self.qlora else self.base
 
 
 def prepare(fn: str, model, tok, examples: Sequence[dict], cfg: FinetuneConfig):
@@ -200,7 +210,7 @@ def prepare(fn: str, model, tok, examples: Sequence[dict], cfg: FinetuneConfig):
     torch.manual_seed(cfg.seed)
     if not tritium.lora._adapters(model):
         tritium.lora.apply(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets,
-                           quantize="nf4" if cfg.qlora else None)
+                           quantize=cfg.quantize(), group_size=cfg.group_size)
     params = [p for p in model.parameters() if p.requires_grad]
     encoded = [encode(ex, tok, cfg.max_len) for ex in examples]
     encoded = [e for e in encoded if any(t != IGNORE_INDEX for t in e[1][1:])]
@@ -255,10 +265,13 @@ def finetune(model, tok, examples: Sequence[dict], cfg: FinetuneConfig,
 
 
 def dequantize_bases(model) -> None:
-    """QLoRA's NF4 bases back to float weights (their dequantised values), so the adapters can be merged into them
-    and the model served."""
-    for lin, _, _ in model.hf_projections():
+    """Quantized frozen bases (QLoRA's NF4, int8, int4) back to float weights (their dequantised values), so the
+    adapters can be merged into them and the model served: a model's fused projections (hf_projections) and its
+    LoRALinear layers."""
+    for lin, _, _ in (model.hf_projections() if tritium.lora._fused(model) else ()):
         lin.dequantize_base()
+    for m in tritium.lora.lora_modules(model).values():
+        m.dequantize_base()
 
 
 def exact_match(model, tok, examples: Sequence[dict], max_new_tokens: int = 24) -> Tuple[float, List[str]]:

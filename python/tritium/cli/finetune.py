@@ -3,6 +3,7 @@ Lines file of chat or prompt/completion examples (default: the built-in date-rew
 saves the adapter in PEFT's format and reports exact-match accuracy on held-out examples before and after.
 
     tritium finetune --out adapter/                        # the built-in task, a few minutes on 2 cores
+    tritium finetune --base int4 --out adapter/            # the frozen projections held in int4 while training
     tritium finetune --data train.jsonl --eval test.jsonl --epochs 2 --lora-r 8 --out adapter/
     tritium generate --adapter adapter/ "Write March 4, 2023 in ISO 8601 format."
 
@@ -47,7 +48,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help=f"comma-separated layers to adapt ({','.join(PROJECTIONS)}; default: all of them)")
     p.add_argument("--qlora", action="store_true",
                    help="QLoRA: the adapted projections' frozen weights held in NF4 (bitsandbytes' layout) while "
-                   "training; merged back into float weights for the evaluation")
+                   "training; merged back into float weights for the evaluation (the same as --base nf4)")
+    p.add_argument("--base", default=None, choices=("float", "nf4", "int8", "int4"),
+                   help="how the adapted projections' frozen weights are held while training: float (the "
+                   "default), nf4 (QLoRA), int8 (per output channel, or per --group-size) or int4 (per group of "
+                   "--group-size, default 32); dequantised and merged for the evaluation")
+    p.add_argument("--group-size", type=number(int, 1), default=None,
+                   help="--base int4 / int8: elements per scale, a multiple of 32 dividing the projections' "
+                   "in_features (default: 32 for int4, a whole row for int8)")
     p.add_argument("--epochs", type=number(float, 0, low_open=True), default=1.0)
     p.add_argument("--lr", type=number(float, 0, low_open=True), default=2e-3)
     p.add_argument("--batch-size", type=number(int, 1), default=16)
@@ -62,9 +70,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="where the adapter goes (adapter_config.json + adapter_model.safetensors, PEFT's format)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the run's figures to this file")
     args = p.parse_args(argv)
-    if args.shard == "fsdp" and args.qlora:
-        raise UsageError("--shard fsdp shards the frozen weights as parameters; --qlora holds them in NF4: use "
-                         "--shard ddp with --qlora")
+    if args.qlora and args.base not in (None, "nf4"):
+        raise UsageError(f"--qlora means --base nf4; it conflicts with --base {args.base}")
+    args.base = "nf4" if args.qlora else (None if args.base == "float" else args.base)
+    if args.group_size is not None and args.base not in ("int8", "int4"):
+        raise UsageError(f"--group-size sets the groups of --base int8 or int4, got --base {args.base or 'float'}")
+    if args.group_size is not None and args.group_size % 32:
+        raise UsageError(f"--group-size must be a multiple of 32, got {args.group_size}")
+    if args.shard == "fsdp" and args.base is not None:
+        flag = "--qlora" if args.qlora else f"--base {args.base}"
+        raise UsageError(f"--shard fsdp shards the frozen weights as parameters; {flag} holds them quantized "
+                         f"(NF4/int8/int4): use --shard ddp with {flag}")
     if args.lora_dropout >= 1:
         raise UsageError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
     if args.data != BUILTIN and not os.path.isfile(args.data):
@@ -118,7 +134,8 @@ def _run_ranks(args, rank: int, world: int, device) -> int:
     console.print(f"[dim]{model.load_note} | {len(train)} training examples[/dim]")
     result = {"model": args.model or "SmolLM2-135M-Instruct (embedded)", "dtype": str(model.dtype).split(".")[-1],
               "data": args.data, "train_examples": len(train), "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
-              "targets": args.targets, "qlora": args.qlora, "epochs": args.epochs, "lr": args.lr,
+              "targets": args.targets, "qlora": args.base == "nf4", "base": args.base or "float",
+              "group_size": args.group_size, "epochs": args.epochs, "lr": args.lr,
               "batch_size": args.batch_size, "ranks": world, "shard": args.shard if world > 1 else None}
     if held:
         before, _ = ft.exact_match(model, tok, held)
@@ -126,7 +143,7 @@ def _run_ranks(args, rank: int, world: int, device) -> int:
         console.print(f"exact match on {len(held)} held-out examples before: {before:.1%}")
     cfg = ft.FinetuneConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=args.targets,
                             epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_len=args.max_len,
-                            seed=args.seed, qlora=args.qlora)
+                            seed=args.seed, base=args.base, group_size=args.group_size)
     stats = {"tokens": 0, "seconds": 0.0}
     with Progress(TextColumn("[bold]fine-tuning"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),

@@ -66,9 +66,9 @@ def _finetune_dist(fn: str, shard: str, model, tok, examples, cfg, on_step, grou
     if not dist.is_initialized():
         raise RuntimeError(f"{fn}: torch.distributed is not initialized (call init_process_group first, "
                            "e.g. under torchrun)")
-    if shard == "fsdp" and cfg.qlora:
-        raise NotImplementedError(f"{fn}: QLoRA's NF4 base weights are not parameters FSDP2 can shard; "
-                                  "use finetune_ddp for qlora")
+    if shard == "fsdp" and cfg.quantize() is not None:
+        raise NotImplementedError(f"{fn}: QLoRA's NF4 (and int8/int4) base weights are not parameters FSDP2 can "
+                                  "shard; use finetune_ddp for qlora or a quantized base")
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     # the same adapters on every rank (seeded; DDP broadcasts rank 0's anyway)
     encoded, total, opt, sched = prepare(fn, model, tok, examples, cfg)
