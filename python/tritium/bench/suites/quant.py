@@ -8,10 +8,16 @@ bfloat16 x on 4-bit weights with two terms take the avx512_bf16 set's exact pair
 quant.activation_terms). The rows at 1 and 16 tokens say what a batch-16 decode step costs over batch 1 product by
 product (docs/quantization.md "What the modes cost at batch"). The baseline is what a user writes without the op:
 the weight dequantised by torch ops (scales * q + mins, as reference.quant_weight) then F.linear.
+
+``lora_linear_int4``, shape = tokens x in x out x r (the QLoRA row's shape, bench/suites/nf4.py): tritium.lora_linear
+on an int4 base (groups of 32, float16 scales and mins: quantize_'s int4) against PEFT's LoRA layer on a torch
+Linear holding the dequantised weight in x's dtype (no int4 LoRA layer exists to compare with: this is what a
+float base costs), gradients of x, lora_A and lora_B.
 """
 import torch
 import torch.nn.functional as F
 
+import tritium
 from tritium.bench.case import OpCase, esize
 from tritium.ops.quant import BLOCK, QuantizedWeight, quant_linear
 
@@ -62,6 +68,61 @@ def _flops(s, d):
     return 2.0 * M * K * N
 
 
+ALPHA = 32.0
+_LORA_LAYERS = {}
+
+
+def _lora_args(shape, dtype, device):
+    M, K, N, r = shape
+    w = _weight(N, K, 4, device)[0]
+    x = torch.randn(M, K, dtype=dtype, device=device)
+    b = torch.randn(N, device=device).to(dtype)
+    a = (torch.randn(r, K, device=device) / K ** 0.5).to(dtype)
+    bb = (torch.randn(N, r, device=device) * 0.1).to(dtype)
+    return x, w.qdata, w.scales, w.mins, b, a, bb
+
+
+def _lora_tritium(x, qd, scales, mins, b, a, bb):
+    w = QuantizedWeight(qd, scales, mins, 4, BLOCK, b.shape[0], x.shape[1])
+    return tritium.lora_linear(x, w, b, a, bb, ALPHA / a.shape[0])
+
+
+def _lora_peft(x, qd, scales, mins, b, a, bb):
+    """PEFT's LoRA layer on a torch Linear holding the dequantised weight (one module per shape and dtype)."""
+    from peft import LoraConfig
+    from peft.tuners.lora import Linear as LoraLinear
+
+    n, k, r = b.shape[0], x.shape[1], a.shape[0]
+    key = (n, k, r, x.dtype, x.device)
+    layer = _LORA_LAYERS.get(key)
+    if layer is None:
+        base = torch.nn.Linear(k, n, device=x.device, dtype=x.dtype)
+        with torch.no_grad():
+            base.weight.copy_(QuantizedWeight(qd, scales, mins, 4, BLOCK, n, k).dequantize(x.dtype))
+            base.bias.copy_(b)
+        base.requires_grad_(False)
+        layer = LoraLinear(base, "default", LoraConfig(r=r, lora_alpha=ALPHA, lora_dropout=0.0), r=r,
+                           lora_alpha=ALPHA).to(x.dtype)
+        _LORA_LAYERS[key] = layer
+    return torch.func.functional_call(layer, {"lora_A.default.weight": a, "lora_B.default.weight": bb}, (x,),
+                                      strict=False)
+
+
+def _lora_bytes(fwdbwd):
+    def f(s, d):   # x read, the int4 weight (+ scales and mins) read, y written; the backward reads dy, writes dx
+        M, K, N, r = s
+        w = N * K / 2 + N * K / BLOCK * 4
+        return (2 * M * K + M * N + 2 * w) * esize(d) if fwdbwd else (M * K + M * N) * esize(d) + w
+    return f
+
+
+def _lora_flops(fwdbwd):
+    def f(s, d):
+        M, K, N, r = s
+        return (2 if fwdbwd else 1) * 2.0 * M * K * N + (3 if fwdbwd else 1) * 2.0 * M * r * (K + N)
+    return f
+
+
 CASES = [
     OpCase("quant_linear", _args, _tritium, _eager, _bytes, flops_fwd=_flops,
            shapes=tuple((m, 576, n, bits, act) for m in (16, 1) for n, bits in ((3072, 4), (49152, 8))
@@ -69,4 +130,9 @@ CASES = [
            dtypes=(torch.bfloat16, torch.float32),
            note="shape = tokens x in x out x bits x int8_act; SmolLM2-135M's gate/up (Q4_1) and LM head (Q8_0); "
                 "eager: the weight dequantised by torch ops, then F.linear; forward only (frozen weight)"),
+    OpCase("lora_linear_int4", _lora_args, _lora_tritium, _lora_peft, _lora_bytes(False), _lora_bytes(True),
+           flops_fwd=_lora_flops(False), flops_fwdbwd=_lora_flops(True), shapes=((8192, 576, 1536, 16),),
+           grad_args=(0, 5, 6),
+           note="shape = tokens x in x out x r; int4 base in groups of 32 (float16 scales and mins), alpha 32, bias, "
+                "no dropout; eager: PEFT's LoRA Linear on a torch Linear holding the dequantised weight"),
 ]
