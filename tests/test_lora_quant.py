@@ -288,7 +288,7 @@ def test_transformers_llama_int8_matches_peft():
     pm = peft_model(base)
     copy_adapters(pm, ours)
     names = sorted(tritium.lora.lora_modules(ours))
-    lp, gp = logits_and_grads(pm, ids(), names)
+    lp, gp = logits_and_grads(pm.base_model.model, ids(), names)
     lo, go = logits_and_grads(ours, ids(), names)
     torch.testing.assert_close(lo, lp, rtol=1e-5, atol=1e-5)
     for name in names:
