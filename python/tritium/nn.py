@@ -186,21 +186,27 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
 
 class FusedLinearCrossEntropyLoss(torch.nn.Module):
     """The LM head's loss without the logits: forward(hidden, weight, target, bias=None) =
-    cross_entropy(linear(hidden, weight, bias), target), computed chunk by chunk of tokens (torch has no twin)."""
+    cross_entropy(linear(hidden, weight, bias), target), computed chunk by chunk of tokens (torch has no twin);
+    z_loss and softcap as in CrossEntropyLoss (off by default)."""
 
     def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                 chunk_size=None):
+                 chunk_size=None, *, z_loss: float = 0.0, softcap=None):
         super().__init__()
+        check_z_loss_softcap("FusedLinearCrossEntropyLoss", z_loss, softcap)
         self.ignore_index, self.reduction = ignore_index, reduction
         self.label_smoothing, self.chunk_size = label_smoothing, chunk_size
+        self.z_loss, self.softcap = z_loss, softcap
 
     def forward(self, hidden: Tensor, weight: Tensor, target: Tensor, bias=None) -> Tensor:
         return ops.fused_linear_cross_entropy(hidden, weight, target, bias, self.ignore_index, self.reduction,
-                                              self.label_smoothing, self.chunk_size)
+                                              self.label_smoothing, self.chunk_size, z_loss=self.z_loss,
+                                              softcap=self.softcap)
 
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-                f"label_smoothing={self.label_smoothing}, chunk_size={self.chunk_size}")
+                f"label_smoothing={self.label_smoothing}, chunk_size={self.chunk_size}"
+                + (f", z_loss={self.z_loss}" if self.z_loss else "")
+                + (f", softcap={self.softcap}" if self.softcap is not None else ""))
 
 
 PATCH_TABLE.update({torch.nn.Softmax: Softmax, torch.nn.LogSoftmax: LogSoftmax, torch.nn.Softmin: Softmin,

@@ -368,12 +368,14 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
 
 def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
                                ignore_index: int = -100, reduction: str = "mean",
-                               label_smoothing: float = 0.0, chunk_size: Optional[int] = None) -> Tensor:
-    """The unfused LM head + loss: cross_entropy(linear(hidden, weight, bias), target) (chunk_size unused)."""
+                               label_smoothing: float = 0.0, chunk_size: Optional[int] = None, *,
+                               z_loss: float = 0.0, softcap: Optional[float] = None) -> Tensor:
+    """The unfused LM head + loss: cross_entropy(linear(hidden, weight, bias), target) (chunk_size unused), with
+    cross_entropy's z_loss and softcap options."""
     logits = F.linear(hidden, weight, bias)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=ignore_index,
-                           reduction=reduction, label_smoothing=label_smoothing).reshape(
-        target.shape if reduction == "none" else ())
+    return cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=ignore_index,
+                         reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+                         softcap=softcap).reshape(target.shape if reduction == "none" else ())
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0,

@@ -1,6 +1,7 @@
-"""cross_entropy's z-loss and logit soft-capping options (z_loss=, softcap=): values and gradients against the
-float64 reference at odd shapes and every CPU dtype, with weights, smoothing and ignore_index; the reduction rule
-(Liger-Kernel's), defaults unchanged bit for bit, bad values, the module, gradcheck and torch.compile."""
+"""cross_entropy's and fused_linear_cross_entropy's z-loss and logit soft-capping options (z_loss=, softcap=):
+values and gradients against the float64 reference at odd shapes and every CPU dtype, with weights, smoothing and
+ignore_index; the reduction rule (Liger-Kernel's), defaults unchanged bit for bit, bad values, the modules,
+gradcheck and torch.compile."""
 import math
 
 import pytest
@@ -9,24 +10,11 @@ import torch.nn.functional as F
 
 import tritium
 from tritium import reference
-from tests.util import CPU_DTYPES, assert_within_torch_error, leaf
+from tests.ops.test_cross_entropy import _compare
+from tests.util import CPU_DTYPES
 
 REDUCTIONS = ["mean", "sum", "none"]
 OPTIONS = [(0.0, 7.0), (1e-2, None), (2e-2, 30.0)]  # (z_loss, softcap)
-
-
-def _compare(ours, theirs, x, dtype):
-    """ours vs theirs (in dtype) vs theirs in float64: the value and the gradient of x."""
-    res = {}
-    g = None
-    for name, fn, d in (("ours", ours, dtype), ("torch", theirs, dtype), ("ref", theirs, torch.float64)):
-        xi = leaf(x.to(dtype), d)
-        y = fn(xi, d)
-        if g is None:
-            g = torch.randn(y.shape, dtype=torch.float64).to(dtype)
-        res[name] = (y.detach(), torch.autograd.grad(y, xi, g.to(y.dtype))[0])
-    assert_within_torch_error(res["ours"][0], res["torch"][0], res["ref"][0].double(), "value")
-    assert_within_torch_error(res["ours"][1], res["torch"][1], res["ref"][1].double(), "grad")
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
@@ -42,13 +30,13 @@ def test_index_targets_match_reference(dtype, reduction, weighted, smoothing, sh
     t = torch.randint(0, c, tshape)
     if t.dim():
         t.view(-1)[1] = -100
-    w = torch.rand(c) + 0.5 if weighted else None
+    args = [x, torch.rand(c) + 0.5] if weighted else [x]
 
     def run(f):
-        return lambda xi, d: f(xi, t, None if w is None else w.to(d), reduction=reduction,
-                               label_smoothing=smoothing, z_loss=z_loss, softcap=softcap)
+        return lambda x_, *w: f(x_, t, w[0] if w else None, reduction=reduction, label_smoothing=smoothing,
+                                z_loss=z_loss, softcap=softcap)
 
-    _compare(run(tritium.cross_entropy), run(reference.cross_entropy), x, dtype)
+    _compare(run(tritium.cross_entropy), run(reference.cross_entropy), args, dtype)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -145,3 +133,61 @@ def test_torch_compile_fullgraph():
     y = torch.compile(f, fullgraph=True)(x, t)
     torch.testing.assert_close(y, f(x, t))
     torch.testing.assert_close(torch.autograd.grad(y, x)[0], torch.autograd.grad(f(x, t), x)[0])
+
+
+# ---- the same options in the fused LM-head loss ----
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("z_loss,softcap", OPTIONS, ids=["cap", "z", "z+cap"])
+@pytest.mark.parametrize("bias,smoothing,chunk,seq", [(False, 0.0, None, 11), (True, 0.1, 5, 11),
+                                                      (True, 0.0, 64, 40)], ids=["22rows", "chunk5", "120rows"])
+def test_fused_linear_matches_reference(dtype, reduction, z_loss, softcap, bias, smoothing, chunk, seq):
+    """Loss and the gradients of hidden, weight and bias against reference.fused_linear_cross_entropy with the
+    options (120 rows: the CPU float packed-weight path), logits large enough that the cap bends them."""
+    h, w, b = torch.randn(3 if seq == 40 else 2, seq, 16), torch.randn(37, 16), torch.randn(37)
+    t = torch.randint(0, 37, h.shape[:2])
+    t[0, ::3] = -100
+
+    def run(f, **kw):
+        return lambda h_, w_, *b_: f(h_, w_, t, b_[0] if b_ else None, reduction=reduction,
+                                     label_smoothing=smoothing, z_loss=z_loss, softcap=softcap, **kw)
+
+    args = [h, w, b] if bias else [h, w]
+    _compare(run(tritium.fused_linear_cross_entropy, chunk_size=chunk), run(reference.fused_linear_cross_entropy),
+             args, dtype, grad_idx=tuple(range(len(args))))
+
+
+def test_fused_linear_defaults_and_module():
+    """No options: bit for bit the call without them; the module passes its options; bad values name the argument."""
+    h, w, t = torch.randn(6, 8), torch.randn(10, 8) * 3, torch.tensor([1, -100, 3, 4, 9, 0])
+    assert torch.equal(tritium.fused_linear_cross_entropy(h, w, t, z_loss=0.0, softcap=None),
+                       tritium.fused_linear_cross_entropy(h, w, t))
+    m = tritium.nn.FusedLinearCrossEntropyLoss(label_smoothing=0.1, chunk_size=4, z_loss=1e-3, softcap=5.0)
+    assert "z_loss=0.001" in repr(m) and "softcap=5.0" in repr(m)
+    torch.testing.assert_close(m(h, w, t), reference.fused_linear_cross_entropy(
+        h, w, t, label_smoothing=0.1, z_loss=1e-3, softcap=5.0))
+    for kw, name in (({"z_loss": -1.0}, "z_loss"), ({"softcap": 0.0}, "softcap")):
+        with pytest.raises(ValueError, match=f"fused_linear_cross_entropy: {name} must be"):
+            tritium.fused_linear_cross_entropy(h, w, t, **kw)
+        with pytest.raises(ValueError, match=f"FusedLinearCrossEntropyLoss: {name} must be"):
+            tritium.nn.FusedLinearCrossEntropyLoss(**kw)
+
+
+def test_fused_linear_gradcheck_and_compile():
+    h = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([1, -100, 3, 4, 8, 0, 2])
+    for red in REDUCTIONS:
+        assert torch.autograd.gradcheck(lambda h_, w_, b_: tritium.fused_linear_cross_entropy(
+            h_, w_, t, b_, reduction=red, chunk_size=3, z_loss=0.05, softcap=2.0), (h, w, b))
+    torch._dynamo.reset()
+
+    def f(h_, w_):
+        return tritium.fused_linear_cross_entropy(h_, w_, t, z_loss=1e-2, softcap=4.0)
+
+    hf, wf = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    y = torch.compile(f, fullgraph=True)(hf, wf)
+    torch.testing.assert_close(y, f(hf, wf))
+    for a, e in zip(torch.autograd.grad(y, (hf, wf)), torch.autograd.grad(f(hf, wf), (hf, wf))):
+        torch.testing.assert_close(a, e)

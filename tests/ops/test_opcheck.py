@@ -188,18 +188,21 @@ def _():
 def _():
     t = torch.tensor([1, 0, 4, -100, 2])
     return [(g(5, 6), g(7, 6), t, g(7), -100, 0.0, 2, True, True), (r(5, 6), r(7, 6), t, None, -100, 0.1, 3, False,
-                                                                    False)]
+                                                                    False),
+            (g(5, 6), g(7, 6), t, g(7), -100, 0.0, 2, True, True, 1e-3, 5.0)]   # z-loss and softcap
 
 
 @sample("fused_linear_cross_entropy_rows")
 def _():
-    return [(g(5, 6), g(7, 6), torch.tensor([1, 0, 4, -100, 2]), g(7), -100, 0.0, 2)]
+    return [(g(5, 6), g(7, 6), torch.tensor([1, 0, 4, -100, 2]), g(7), -100, 0.0, 2),
+            (g(5, 6), g(7, 6), torch.tensor([1, 0, 4, -100, 2]), g(7), -100, 0.0, 2, 0.0, 3.0)]
 
 
 @sample("fused_linear_cross_entropy_bwd")
 def _():
     t = torch.tensor([1, 0, 4, -100, 2])
-    return [(r(5, 6), r(7, 6), t, r(7), r(5), -100, 0.0, 2), (r(5, 6), r(7, 6), t, None, r(5), -100, 0.0, 5)]
+    return [(r(5, 6), r(7, 6), t, r(7), r(5), -100, 0.0, 2), (r(5, 6), r(7, 6), t, None, r(5), -100, 0.0, 5),
+            (r(5, 6), r(7, 6), t, r(7), r(5), -100, 0.1, 2, 1e-2, 4.0)]
 
 
 @sample("kl_div_fwd")

@@ -119,10 +119,12 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _flce_loop(hidden, weight, target, bias, ignore_index, label_smoothing, chunk, need_grad, row_scale):
-    """Per chunk of tokens: logits = hidden @ weight.T + bias; per-row loss and (need_grad) its gradient rows,
-    scaled by row_scale[rows] when given; grad_hidden rows, and grad_weight / grad_bias accumulated in the
-    accumulation dtype. Returns (loss per row (T,), grad_hidden, grad_weight, grad_bias)."""
+def _flce_loop(hidden, weight, target, bias, ignore_index, label_smoothing, chunk, need_grad, row_scale,
+               z_loss=0.0, softcap=0.0):
+    """Per chunk of tokens: logits = hidden @ weight.T + bias; per-row loss (with cross_entropy's z_loss and
+    softcap options: softcap 0 is off) and (need_grad) its gradient rows, scaled by row_scale[rows] when given;
+    grad_hidden rows, and grad_weight / grad_bias accumulated in the accumulation dtype. Returns (loss per row
+    (T,), grad_hidden, grad_weight, grad_bias)."""
     T = hidden.shape[0]
     adt = acc_dtype(hidden.dtype)
     loss = hidden.new_empty((T,), dtype=adt)
@@ -133,7 +135,7 @@ def _flce_loop(hidden, weight, target, bias, ignore_index, label_smoothing, chun
         stop = min(T, start + chunk)
         loss[start:stop] = head.chunk(hidden[start:stop], target[start:stop], ignore_index, label_smoothing,
                                       gh[start:stop] if need_grad else None, gw, gb,
-                                      None if row_scale is None else row_scale[start:stop])
+                                      None if row_scale is None else row_scale[start:stop], z_loss, softcap)
     cast = lambda t: t.to(hidden.dtype) if t.numel() else t  # noqa: E731
     return loss, gh, cast(gw), cast(gb)
 
@@ -178,10 +180,11 @@ class LMHead:
         self.weight = weight if not self.widen or (need_grad and self.packed_t is None) else None
         self.bias = bias
 
-    def chunk(self, h, t, ignore_index, label_smoothing, gh_out, gw, gb, row_scale):
-        """The per-row loss of the chunk h (rows, H), t (rows,), in the accumulation dtype. With need_grad: its
-        gradient rows (scaled by row_scale when given) times W into gh_out, and their products with h added into gw
-        and the row sums into gb (when there is a bias)."""
+    def chunk(self, h, t, ignore_index, label_smoothing, gh_out, gw, gb, row_scale, z_loss=0.0, softcap=0.0):
+        """The per-row loss of the chunk h (rows, H), t (rows,), in the accumulation dtype (z_loss / softcap:
+        cross_entropy's options, softcap 0 off). With need_grad: its gradient rows (scaled by row_scale when given)
+        times W into gh_out, and their products with h added into gw and the row sums into gb (when there is a
+        bias)."""
         weight, bias = self.weight, self.bias
         if self.widen:
             h = h.float()
@@ -189,7 +192,12 @@ class LMHead:
             logits = linear_packed(h, self.packed, self.vocab, bias)
         else:
             logits = torch.addmm(bias, h, weight.t()) if bias is not None else torch.mm(h, weight.t())
-        rows_loss, g, _ = cross_entropy_fwd(logits, t, None, ignore_index, label_smoothing, False, self.need_grad)
+        if z_loss or softcap:
+            rows_loss, g, _ = cross_entropy_z_fwd(logits, t, None, ignore_index, label_smoothing, False,
+                                                  self.need_grad, z_loss, softcap)
+        else:
+            rows_loss, g, _ = cross_entropy_fwd(logits, t, None, ignore_index, label_smoothing, False,
+                                                self.need_grad)
         del logits
         if not self.need_grad:
             return rows_loss
@@ -217,7 +225,8 @@ class LMHead:
         return rows_loss
 
 
-def _fake_flce(hidden, weight, target, bias, ignore_index, label_smoothing, chunk, mean, need_grad):
+def _fake_flce(hidden, weight, target, bias, ignore_index, label_smoothing, chunk, mean, need_grad, z_loss=0.0,
+               softcap=0.0):
     adt = acc_dtype(hidden.dtype)
     none = (0,)  # a gradient not computed: an empty tensor of its own (outputs never alias)
     return (hidden.new_empty((), dtype=adt), hidden.new_empty((), dtype=adt),
@@ -226,11 +235,12 @@ def _fake_flce(hidden, weight, target, bias, ignore_index, label_smoothing, chun
             weight.new_empty((weight.shape[0],) if need_grad and bias is not None else none))
 
 
-def _flce_impl(hidden, weight, target, bias, ignore_index, label_smoothing, chunk, mean, need_grad):
+def _flce_impl(hidden, weight, target, bias, ignore_index, label_smoothing, chunk, mean, need_grad, z_loss=0.0,
+               softcap=0.0):
     """(the loss: sum of the rows, or 'mean': divided by the non-ignored count (NaN for none, as torch), that
     count, and the gradients of the loss: zero, not NaN, when every row is ignored)."""
     loss, gh, gw, gb = _flce_loop(hidden, weight, target, bias, ignore_index, label_smoothing, chunk, need_grad,
-                                  None)
+                                  None, z_loss, softcap)
     total = (target != ignore_index).sum().to(loss.dtype)
     loss = loss.sum()
     if mean:
@@ -242,28 +252,34 @@ def _flce_impl(hidden, weight, target, bias, ignore_index, label_smoothing, chun
     return loss, total, gh, gw, gb
 
 
-def _fake_flce_rows(hidden, weight, target, bias, ignore_index, label_smoothing, chunk):
+def _fake_flce_rows(hidden, weight, target, bias, ignore_index, label_smoothing, chunk, z_loss=0.0, softcap=0.0):
     return hidden.new_empty((hidden.shape[0],), dtype=acc_dtype(hidden.dtype))
 
 
-def _flce_rows_impl(hidden, weight, target, bias, ignore_index, label_smoothing, chunk):
-    return _flce_loop(hidden, weight, target, bias, ignore_index, label_smoothing, chunk, False, None)[0]
+def _flce_rows_impl(hidden, weight, target, bias, ignore_index, label_smoothing, chunk, z_loss=0.0, softcap=0.0):
+    return _flce_loop(hidden, weight, target, bias, ignore_index, label_smoothing, chunk, False, None, z_loss,
+                      softcap)[0]
 
 
-def _fake_flce_bwd(hidden, weight, target, bias, dloss, ignore_index, label_smoothing, chunk):
+def _fake_flce_bwd(hidden, weight, target, bias, dloss, ignore_index, label_smoothing, chunk, z_loss=0.0,
+                   softcap=0.0):
     return (hidden.new_empty(hidden.shape), weight.new_empty(weight.shape),
             weight.new_empty((weight.shape[0],) if bias is not None else (0,)))
 
 
-def _flce_bwd_impl(hidden, weight, target, bias, dloss, ignore_index, label_smoothing, chunk):
-    _, gh, gw, gb = _flce_loop(hidden, weight, target, bias, ignore_index, label_smoothing, chunk, True, dloss)
+def _flce_bwd_impl(hidden, weight, target, bias, dloss, ignore_index, label_smoothing, chunk, z_loss=0.0,
+                   softcap=0.0):
+    _, gh, gw, gb = _flce_loop(hidden, weight, target, bias, ignore_index, label_smoothing, chunk, True, dloss,
+                               z_loss, softcap)
     return gh, gw, gb
 
 
 _FLCE_ARGS = "int ignore_index, float label_smoothing, int chunk"
+# cross_entropy's z_loss and softcap (0: off), last and defaulted so calls without them keep their meaning
+_FLCE_OPTIONS = "float z_loss=0.0, float softcap=0.0"
 flce_bwd = define_op(
     f"fused_linear_cross_entropy_bwd(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, Tensor dloss, "
-    f"{_FLCE_ARGS}) -> (Tensor, Tensor, Tensor)", _fake_flce_bwd, composite=_flce_bwd_impl)
+    f"{_FLCE_ARGS}, {_FLCE_OPTIONS}) -> (Tensor, Tensor, Tensor)", _fake_flce_bwd, composite=_flce_bwd_impl)
 
 
 def saved_grads_setup(ctx, inputs, output):
@@ -288,13 +304,13 @@ def saved_grads_backward(n_inputs: int):
 
 flce_fwd = define_op(
     f"fused_linear_cross_entropy_fwd(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, {_FLCE_ARGS},"
-    f" bool mean, bool need_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)", _fake_flce, composite=_flce_impl,
-    backward=saved_grads_backward(9), setup_context=saved_grads_setup)
+    f" bool mean, bool need_grad, {_FLCE_OPTIONS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)", _fake_flce,
+    composite=_flce_impl, backward=saved_grads_backward(11), setup_context=saved_grads_setup)
 
 
 def _flce_rows_setup(ctx, inputs, output):
-    hidden, weight, target, bias, ii, ls, chunk = inputs
-    ctx.args = (ii, ls, chunk)
+    hidden, weight, target, bias, *args = inputs
+    ctx.args = tuple(args)
     ctx.has_bias = bias is not None
     ctx.save_for_backward(hidden, weight, target, bias)
 
@@ -302,12 +318,12 @@ def _flce_rows_setup(ctx, inputs, output):
 def _flce_rows_backward(ctx, dloss):
     hidden, weight, target, bias = ctx.saved_tensors
     gh, gw, gb = flce_bwd(hidden, weight, target, bias, dloss.contiguous(), *ctx.args)
-    return gh, gw, None, (gb if ctx.has_bias else None), None, None, None
+    return (gh, gw, None, (gb if ctx.has_bias else None)) + (None,) * len(ctx.args)
 
 
 flce_rows = define_op(
-    f"fused_linear_cross_entropy_rows(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, {_FLCE_ARGS})"
-    f" -> Tensor", _fake_flce_rows, composite=_flce_rows_impl, backward=_flce_rows_backward,
+    f"fused_linear_cross_entropy_rows(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, {_FLCE_ARGS}, "
+    f"{_FLCE_OPTIONS}) -> Tensor", _fake_flce_rows, composite=_flce_rows_impl, backward=_flce_rows_backward,
     setup_context=_flce_rows_setup)
 
 
@@ -419,13 +435,15 @@ def _prob_cross_entropy(input, target, weight, reduction, label_smoothing):
 
 def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
                                ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                               chunk_size: Optional[int] = None) -> Tensor:
+                               chunk_size: Optional[int] = None, *, z_loss: float = 0.0,
+                               softcap: Optional[float] = None) -> Tensor:
     """cross_entropy(linear(hidden, weight, bias), target) without materialising the logits.
 
     hidden (..., H), weight (V, H), bias (V,) or None, target (...) int64 class indices -> the loss ('mean',
     'sum': a scalar; 'none': target's shape), in hidden's dtype. Tokens are processed chunk_size at a time
     (default: see default_chunk_size); peak extra memory is about two (chunk, V) blocks plus a float32 (V, H)
-    gradient accumulator."""
+    gradient accumulator. z_loss and softcap are cross_entropy's options (off by default; the z-loss's 'mean'
+    divides by the non-ignored count, as the cross-entropy's does here), computed in the same per-chunk kernel."""
     if hidden.dim() == 0 or hidden.shape[-1] != weight.shape[-1] or weight.dim() != 2:
         raise ValueError(f"fused_linear_cross_entropy: hidden (..., H) and weight (V, H) must agree on H, got "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
@@ -436,22 +454,23 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, b
         raise ValueError(f"{reduction} is not a valid value for reduction")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"fused_linear_cross_entropy: chunk_size must be positive, got {chunk_size}")
+    check_z_loss_softcap("fused_linear_cross_entropy", z_loss, softcap)
     ok = (kernel_ok(hidden, weight, *([bias] if bias is not None else [])) and target.dtype == torch.int64
           and target.device == hidden.device and weight.shape[0] > 0
           and (bias is None or bias.shape == weight.shape[:1]) and 0.0 <= label_smoothing <= 1.0)
     if not ok:
         return reference.fused_linear_cross_entropy(hidden, weight, target, bias, ignore_index, reduction,
-                                                    label_smoothing)
+                                                    label_smoothing, z_loss=z_loss, softcap=softcap)
     H, V = hidden.shape[-1], weight.shape[0]
     h2 = rows(hidden, H)
     t = target.reshape(-1)
     chunk = chunk_size or default_chunk_size(h2.shape[0], H, V, h2.dtype, h2.device)
-    ls = float(label_smoothing)
+    ls, options = float(label_smoothing), (float(z_loss), float(softcap or 0.0))
     if reduction == "none":
-        return flce_rows(h2, weight, t, bias, ignore_index, ls, chunk).to(hidden.dtype).view(target.shape)
+        return flce_rows(h2, weight, t, bias, ignore_index, ls, chunk, *options).to(hidden.dtype).view(target.shape)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
                                              or (bias is not None and bias.requires_grad))
-    loss = flce_fwd(h2, weight, t, bias, ignore_index, ls, chunk, reduction == "mean", need_grad)[0]
+    loss = flce_fwd(h2, weight, t, bias, ignore_index, ls, chunk, reduction == "mean", need_grad, *options)[0]
     return loss.to(hidden.dtype)
 
 
