@@ -9,7 +9,8 @@ gradient from a 0-d or per-element upstream gradient. ``w`` is a weight of the i
 (the last dim), ``p`` a per-column parameter (pos_weight, the quantiles), ``a`` / ``b`` the scalar ones (margin,
 beta, delta, alpha, gamma). For a loss of d = x - y only (``diff``), the target's gradient is -dx.
 
-The row losses (triplet, cosine embedding, contrastive, multi-margin) are one row kernel (C++):
+The row losses (triplet, cosine embedding, contrastive, multi-margin) are one row kernel (C++; Triton:
+kernels/losses_rows.py):
 ``tritium::loss_rows`` writes each row's loss and its statistics (distances, dot products: (N, 3) in the
 accumulation dtype), which autograd saves; ``tritium::loss_rows_bwd`` reads them (recomputing them only when not
 given) and writes the gradient rows times the rows' upstream gradient, in the inputs' dtype. multilabel_soft_margin_loss
@@ -313,7 +314,7 @@ def quantile_loss(input: Tensor, target: Tensor, quantiles: Sequence[float], red
     return reference.quantile_loss(input, target, qs, reduction) if out is None else out
 
 
-# ---- the row losses: one forward op and one backward op (C++; on CUDA the public functions run torch's) ----
+# ---- the row losses: one forward op and one backward op (C++ on CPU, Triton on CUDA: kernels/losses_rows.py) ----
 def _fake_loss_rows(loss, x1, x2, x3, y, w, a, b, c):
     adt = acc_dtype(x1.dtype)
     return x1.new_empty((x1.shape[0],), dtype=adt), x1.new_empty((x1.shape[0], 3), dtype=adt)
@@ -327,7 +328,7 @@ def _fake_loss_rows_bwd(loss, dloss, x1, x2, x3, y, w, a, b, c, need1, need2, ne
 loss_rows_bwd = define_op(
     "loss_rows_bwd(int loss, Tensor dloss, Tensor x1, Tensor? x2, Tensor? x3, Tensor? y, Tensor? w, float a, float b,"
     " float c, bool need1, bool need2, bool need3, Tensor? stats=None) -> (Tensor, Tensor, Tensor)",
-    _fake_loss_rows_bwd, None)
+    _fake_loss_rows_bwd, "losses_rows:loss_rows_bwd")
 
 
 def _rows_setup(ctx, inputs, output):
@@ -354,13 +355,13 @@ def _rows_backward(ctx, dloss, _dstats):
 
 loss_rows = define_op(
     "loss_rows(int loss, Tensor x1, Tensor? x2, Tensor? x3, Tensor? y, Tensor? w, float a, float b, float c)"
-    " -> (Tensor, Tensor)", _fake_loss_rows, None, backward=_rows_backward, setup_context=_rows_setup)
+    " -> (Tensor, Tensor)", _fake_loss_rows, "losses_rows:loss_rows", backward=_rows_backward,
+    setup_context=_rows_setup)
 
 
 def _rows_ok(*ts: Tensor) -> bool:
-    """The row kernel takes CPU tensors of one floating dtype, 2-D and of one shape."""
-    return (kernel_ok(*ts) and ts[0].device.type == "cpu" and ts[0].dim() == 2
-            and all(t.shape == ts[0].shape for t in ts))
+    """The row kernels take tensors of one floating dtype and device (kernel_ok), 2-D and of one shape."""
+    return kernel_ok(*ts) and ts[0].dim() == 2 and all(t.shape == ts[0].shape for t in ts)
 
 
 def _row_call(loss, x1, x2, x3, y, w, a, b, c, reduction, dtype):
@@ -416,7 +417,8 @@ def multi_margin_loss(input: Tensor, target: Tensor, p: int = 1, margin: float =
           and isinstance(margin, (int, float)) and isinstance(input, Tensor) and isinstance(target, Tensor)
           and input.dim() in (1, 2) and target.dtype == torch.int64 and target.device == input.device
           and target.shape == input.shape[:-1]
-          and input.dtype in (torch.float32, torch.float64))  # torch has no 16-bit CPU kernel: its error stands
+          # torch has no 16-bit CPU kernel: its error stands (its CUDA kernel takes 16-bit inputs, as the Triton one)
+          and (input.dtype in (torch.float32, torch.float64) or input.device.type == "cuda"))
     if ok:
         x2 = input.unsqueeze(0) if input.dim() == 1 else input
         w = _column_vector(weight, x2, False)
