@@ -286,7 +286,7 @@ def test_multi_margin_target_out_of_range():
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16), ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("n", (1, 7, 133))
 def test_nce_blocks(dtype, n):
-    """info_nce's block statistics (C++) against their torch implementation (the CUDA side) in float64: row
+    """info_nce's block statistics (C++) against their torch form (ops/losses.py, the specification) in float64: row
     log-sum-exp with and without the negatives' block, the online column statistics across two blocks, and the
     block gradient with and without the column term and the diagonal. A bfloat16 block (the similarities of a
     bfloat16 matmul) is read in float32, the statistics' dtype, and its gradient written in bfloat16 (one rounding)."""
@@ -318,7 +318,7 @@ def test_nce_blocks(dtype, n):
                                  *(None if c is None else c.to(adt) for c in col), diag)
         assert ours.dtype == dtype
         torch.testing.assert_close(ours.double(), _nce_block_bwd_torch(s1, lse_row, wq, *col, diag), **btol)
-        # the torch implementation (the CUDA side) takes the block in dtype as the kernel does
+        # the torch form takes the block in dtype as the kernel does
         theirs = _nce_block_bwd_torch(s1.to(dtype), lse_row.to(adt), wq.to(adt),
                                       *(None if c is None else c.to(adt) for c in col), diag)
         assert theirs.dtype == dtype

@@ -9,7 +9,9 @@ its kernels and optionally its autograd formula. Where each device's kernel come
   CPU-only start never imports triton); or ``cuda=<callable>``, an implementation in torch ops (what cuBLAS
   already does well); or ``cuda=None``, no CUDA kernel (a CPU-only op);
 - ``composite=<callable>``: one Python implementation, a composition of other ops, registered for both CPU
-  and CUDA (each op it calls dispatches to its own kernel).
+  and CUDA (each op it calls dispatches to its own kernel);
+- ``cpu=<callable>``: a composition of other ops registered for CPU only, beside a Triton ``cuda`` kernel (an op
+  whose CPU form is BLAS calls around C++ kernels, and whose GPU form is one fused Triton kernel).
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ def define_op(
     cuda: Union[str, Callable, None] = None,
     *,
     composite: Optional[Callable] = None,
+    cpu: Optional[Callable] = None,
     backward: Optional[Callable] = None,
     setup_context: Optional[Callable] = None,
 ):
@@ -50,12 +53,16 @@ def define_op(
 
     cuda: "module:function" inside tritium.kernels (a Triton launcher called with the op's arguments), a
     callable (a torch implementation), or None (no CUDA kernel). composite: a callable registered for CPU and
-    CUDA instead (then cuda must be None). Without composite the CPU kernel is the C++ one. backward /
-    setup_context: torch.library.register_autograd's; without them the op has no autograd formula.
+    CUDA instead (then cuda must be None). cpu: a callable registered for CPU instead of a C++ kernel. Without
+    composite or cpu the CPU kernel is the C++ one. backward / setup_context: torch.library.register_autograd's;
+    without them the op has no autograd formula.
     """
     if composite is not None and cuda is not None:
         raise ValueError(f"define_op({schema!r}): a composite op has one implementation for every device; "
                          f"got cuda={cuda!r} too")
+    if composite is not None and cpu is not None:
+        raise ValueError(f"define_op({schema!r}): a composite op has one implementation for every device; "
+                         f"got cpu={cpu!r} too")
     name = schema.split("(", 1)[0]
     qualname = f"{NAMESPACE}::{name}"
     _lib.define(schema)
@@ -65,6 +72,8 @@ def define_op(
             _lib.impl(name, composite, key)
     elif cuda is not None:
         _lib.impl(name, _triton_launcher(cuda) if isinstance(cuda, str) else cuda, "CUDA")
+    if cpu is not None:
+        _lib.impl(name, cpu, "CPU")
     if backward is not None:
         torch.library.register_autograd(qualname, backward, setup_context=setup_context, lib=_lib)
     return getattr(torch.ops.tritium, name)

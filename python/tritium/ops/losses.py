@@ -17,7 +17,9 @@ given) and writes the gradient rows times the rows' upstream gradient, in the in
 is the elementwise bce_with_logits with a per-column weight, divided by the number of classes.
 
 ``info_nce`` computes the (N, N) similarities in blocks of rows (never the whole matrix): the forward keeps each
-row's and each column's log-sum-exp, the backward recomputes the blocks.
+row's and each column's log-sum-exp, the backward recomputes the blocks. On CPU the blocks are BLAS products and
+C++ statistics (nce_block_fwd / nce_block_bwd); on CUDA one Triton kernel per direction (kernels/losses_nce.py)
+with an online log-sum-exp over the tiles of a row block, flash-attention style.
 
 Whatever the kernels do not cover (a dtype, a device, shapes that need broadcasting, a target or weight that
 requires grad where only the input's gradient is implemented, legacy size_average / reduce arguments, invalid
@@ -450,7 +452,7 @@ def contrastive_loss(input1: Tensor, input2: Tensor, target: Tensor, margin: flo
     return reference.contrastive_loss(input1, input2, target, margin, eps, reduction)
 
 
-# ---- InfoNCE in row blocks (composite ops: the blocks' matmuls dispatch to BLAS / cuBLAS) ----
+# ---- InfoNCE in row blocks (CPU: BLAS products and C++ statistics per block; CUDA: kernels/losses_nce.py) ----
 def default_block_rows(n_cols: int) -> int:
     """Query rows per block: a block of similarities of about 2M float32 (8 MiB), at least 16 rows."""
     return max(16, (1 << 21) // max(n_cols, 1))
@@ -543,8 +545,9 @@ def _fake_nce_fwd(q, k, neg, inv_t, symmetric, block):
             q.new_empty((n if symmetric else 0,), dtype=adt))
 
 
-# The blocks' elementwise statistics: C++ on CPU (csrc/losses.cpp: one pass per statistic with a fast exp),
-# the same math in torch ops on CUDA (cuda=<callable>).
+# The blocks' elementwise statistics of the CPU path: C++ (csrc/losses.cpp: one pass per statistic with a fast
+# exp); the same math in torch ops here, the specification tests/kernels/test_losses.py holds the C++ kernels to
+# (CUDA runs the fused Triton kernels instead: info_nce_fwd / info_nce_bwd).
 def _nce_block_fwd_torch(s, sn, m_col, e_col, symmetric):
     s, sn = _acc(s), _acc(sn)  # a 16-bit block is read in the accumulation dtype, the statistics' dtype
     full = s if sn is None else torch.cat([s, sn], 1)
@@ -582,9 +585,9 @@ def _fake_nce_block_bwd(s, lse_row, wq, lse_col, wk, diag):
 
 
 nce_block_fwd = define_op("nce_block_fwd(Tensor s, Tensor? sn, Tensor m_col, Tensor e_col, bool symmetric)"
-                          " -> (Tensor, Tensor, Tensor)", _fake_nce_block_fwd, _nce_block_fwd_torch)
+                          " -> (Tensor, Tensor, Tensor)", _fake_nce_block_fwd)
 nce_block_bwd = define_op("nce_block_bwd(Tensor s, Tensor lse_row, Tensor wq, Tensor? lse_col, Tensor? wk, int diag)"
-                          " -> Tensor", _fake_nce_block_bwd, _nce_block_bwd_torch)
+                          " -> Tensor", _fake_nce_block_bwd)
 
 
 def _nce_fwd_impl(q, k, neg, inv_t, symmetric, block):
@@ -668,7 +671,8 @@ def _nce_bwd_impl(dloss, q, k, neg, lse_row, lse_col, inv_t, symmetric, block):
 
 info_nce_bwd = define_op(
     "info_nce_bwd(Tensor dloss, Tensor q, Tensor k, Tensor? neg, Tensor lse_row, Tensor lse_col, float inv_t,"
-    " bool symmetric, int block) -> (Tensor, Tensor, Tensor)", _fake_nce_bwd, composite=_nce_bwd_impl)
+    " bool symmetric, int block) -> (Tensor, Tensor, Tensor)", _fake_nce_bwd, "losses_nce:info_nce_bwd",
+    cpu=_nce_bwd_impl)
 
 
 def _nce_setup(ctx, inputs, output):
@@ -689,8 +693,8 @@ def _nce_backward(ctx, dloss, _dlse_row, _dlse_col):
 
 info_nce_fwd = define_op(
     "info_nce_fwd(Tensor q, Tensor k, Tensor? neg, float inv_t, bool symmetric, int block)"
-    " -> (Tensor, Tensor, Tensor)", _fake_nce_fwd, composite=_nce_fwd_impl, backward=_nce_backward,
-    setup_context=_nce_setup)
+    " -> (Tensor, Tensor, Tensor)", _fake_nce_fwd, "losses_nce:info_nce_fwd", cpu=_nce_fwd_impl,
+    backward=_nce_backward, setup_context=_nce_setup)
 
 
 def info_nce(query: Tensor, key: Tensor, temperature: float = 0.1, symmetric: bool = True,
@@ -705,7 +709,8 @@ def info_nce(query: Tensor, key: Tensor, temperature: float = 0.1, symmetric: bo
     The (N, N) similarities are computed block_size query rows at a time (default: default_block_rows) and never
     held whole: the forward keeps each row's and each column's log-sum-exp, the backward recomputes the blocks.
     Peak extra memory is about two (block_size, N) float32 blocks (bfloat16 blocks on a CPU that multiplies
-    bfloat16 natively), plus float32 copies of 16-bit inputs where it does not."""
+    bfloat16 natively), plus float32 copies of 16-bit inputs where it does not. On CUDA the Triton kernels keep
+    the similarities as register tiles (block_size is not used) and need only O(N) extra memory."""
     if not (isinstance(query, Tensor) and isinstance(key, Tensor) and query.dim() == 2 and query.shape == key.shape):
         raise ValueError(f"info_nce: query and key must be (N, D) of one shape, got "
                          f"{tuple(getattr(query, 'shape', ()))} and {tuple(getattr(key, 'shape', ()))}")
