@@ -50,6 +50,24 @@ def _tanh_sech2(x):
 
 
 @triton.jit
+def _grad_block(x, sech2, w, c, t, lse, a, wt, eps, b, inv, zg, valid, SMOOTH: tl.constexpr, Z_LOSS: tl.constexpr,
+                SOFTCAP: tl.constexpr):
+    """The gradient at the columns c of a row (module docstring), shared by the register-resident row and the looped
+    one: x the (capped) logits, sech2 the cap's derivative there (SOFTCAP), w the class weights (SMOOTH; 1 without),
+    zg the z-loss's factor (Z_LOSS); 0 in an ignored row."""
+    p = tl.exp(x - lse)
+    g = p * a - tl.where(c == t, (1.0 - eps) * wt, 0.0)
+    if SMOOTH:
+        g -= b * w
+    g = g * inv
+    if Z_LOSS:
+        g += p * zg
+    if SOFTCAP:
+        g = g * sech2
+    return tl.where(valid, g, 0.0)
+
+
+@triton.jit
 def _ce_fwd_kernel(
     X, T, W, TOTAL, LOSS, GRAD, stride_x, stride_t, C, ignore_index, eps, COUNT, z_loss, cap,
     HAS_W: tl.constexpr,        # class weights
@@ -146,15 +164,8 @@ def _ce_fwd_kernel(
         tl.store(LOSS + row, tl.where(valid, loss, 0.0) * inv)
     if NEED_GRAD:
         if SINGLE_BLOCK:
-            g = tl.exp(x - lse) * a - tl.where(cols == t, (1.0 - eps) * wt, 0.0)
-            if SMOOTH:
-                g -= b * w
-            g = g * inv
-            if Z_LOSS:
-                g += tl.exp(x - lse) * zg
-            if SOFTCAP:
-                g = g * sech2
-            g = tl.where(valid, g, 0.0)
+            g = _grad_block(x, sech2 if SOFTCAP else 1.0, w if SMOOTH else 1.0, cols, t, lse, a, wt, eps, b, inv,
+                            zg if Z_LOSS else 0.0, valid, SMOOTH, Z_LOSS, SOFTCAP)
             tl.store(GRAD + cols, g, mask=mask)
         else:
             for off in range(0, C, BLOCK_N):
@@ -162,20 +173,12 @@ def _ce_fwd_kernel(
                 mask = c < C
                 x = tl.load(X + c, mask=mask, other=0.0).to(tl.float32)
                 if SOFTCAP:
-                    th, sech2 = _tanh_sech2(x / cap)
+                    th, sc = _tanh_sech2(x / cap)
                     x = cap * th
-                g = tl.exp(x - lse) * a - tl.where(c == t, (1.0 - eps) * wt, 0.0)
-                if SMOOTH:
-                    if HAS_W:
-                        g -= b * tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
-                    else:
-                        g -= b
-                g = g * inv
-                if Z_LOSS:
-                    g += tl.exp(x - lse) * zg
-                if SOFTCAP:
-                    g = g * sech2
-                g = tl.where(valid, g, 0.0)
+                if SMOOTH and HAS_W:
+                    wc = tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+                g = _grad_block(x, sc if SOFTCAP else 1.0, wc if SMOOTH and HAS_W else 1.0, c, t, lse, a, wt, eps, b,
+                                inv, zg if Z_LOSS else 0.0, valid, SMOOTH, Z_LOSS, SOFTCAP)
                 tl.store(GRAD + c, g, mask=mask)
 
 
