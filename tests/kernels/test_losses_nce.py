@@ -24,6 +24,15 @@ def _interpreter_bf16_dot():
         yield
 
 
+def test_registered_for_cuda():
+    """info_nce's ops run these launchers on CUDA and the blocked BLAS + C++ composite on CPU."""
+    import tritium  # noqa: F401  (registers the ops)
+
+    for op in ("info_nce_fwd", "info_nce_bwd"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tritium::{op}", "CUDA"), op
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tritium::{op}", "CPU"), op
+
+
 def _unit_rows(n, d, dtype):
     return F.normalize(torch.randn(n, d, dtype=torch.float64), dim=-1).to(dtype)
 

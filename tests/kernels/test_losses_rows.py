@@ -20,6 +20,15 @@ def test_ids_match_the_ops_table():
             losses_rows.MULTI_MARGIN) == (ROW_TRIPLET, ROW_TRIPLET_SWAP, ROW_COSINE, ROW_CONTRASTIVE, ROW_MULTI_MARGIN)
 
 
+def test_registered_for_cuda():
+    """The row ops' CUDA kernels are these launchers (the public functions send CUDA calls to the ops)."""
+    import tritium  # noqa: F401  (registers the ops)
+
+    for op in ("loss_rows", "loss_rows_bwd"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tritium::{op}", "CUDA"), op
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tritium::{op}", "CPU"), op
+
+
 def _inputs(loss, n, d, dtype):
     x1 = torch.randn(n, d, dtype=torch.float64).to(dtype)
     x2 = (x1.double() + torch.randn(n, d, dtype=torch.float64) * 0.7).to(dtype)
