@@ -178,17 +178,21 @@ def _grads(KIND: tl.constexpr, u, v, z, s0, s1, s2, k0, k1, k2, b, c, P_MODE: tl
 @triton.jit
 def _margin_row(U, T, W, G, D, a, gs, HAS_W: tl.constexpr, P2: tl.constexpr, GRAD: tl.constexpr,
                 BLOCK: tl.constexpr):
-    """multi_margin's row: its loss, and with GRAD its gradient row (gs times) stored into G."""
+    """multi_margin's row: its loss, and with GRAD its gradient row (gs times) stored into G. A target out of
+    range (an error in the C++ kernel; a device assert in debug builds here) makes the row's loss and gradient NaN,
+    where a GPU kernel cannot raise without a host sync."""
     t = tl.load(T)
-    tl.device_assert((t >= 0) & (t < D), "target out of range")
-    t = tl.where((t >= 0) & (t < D), t, 0)
+    ok = (t >= 0) & (t < D)
+    tl.device_assert(ok, "target out of range")
+    t = tl.where(ok, t, 0)
+    nan_if_bad = tl.where(ok, 1.0, float("nan"))
     if HAS_W:
         wt = tl.load(W + t).to(tl.float32)
     else:
         wt = 1.0
     inv = 1.0 / D
     base = a - tl.load(U + t).to(tl.float32)
-    k = gs * wt * inv
+    k = gs * wt * inv * nan_if_bad
     offs = tl.arange(0, BLOCK)
     tot = tl.zeros([BLOCK], dtype=tl.float32)
     gsum = tl.zeros([BLOCK], dtype=tl.float32)
@@ -211,7 +215,7 @@ def _margin_row(U, T, W, G, D, a, gs, HAS_W: tl.constexpr, P2: tl.constexpr, GRA
             tl.store(G + cols, gv.to(G.dtype.element_ty), mask=mask & (cols != t))
     if GRAD:
         tl.store(G + t, (-tl.sum(gsum, axis=0)).to(G.dtype.element_ty))
-    return tl.sum(tot, axis=0) * wt * inv
+    return tl.sum(tot, axis=0) * wt * inv * nan_if_bad
 
 
 @triton.jit

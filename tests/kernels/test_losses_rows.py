@@ -109,6 +109,21 @@ def test_rows_strided():
         assert torch.equal(a, b)
 
 
+def test_multi_margin_target_out_of_range():
+    """A target out of range gives that row a NaN loss and gradient row (the C++ kernel raises; a GPU kernel cannot
+    without a host sync); the other rows are unaffected."""
+    x, y = torch.randn(3, 5), torch.tensor([0, 5, 1])
+    good = torch.tensor([0, 2, 1])
+    out = losses_rows.loss_rows(ROW_MULTI_MARGIN, x, None, None, y, None, 1.0, 1.0, 0.0)[0]
+    want = losses_rows.loss_rows(ROW_MULTI_MARGIN, x, None, None, good, None, 1.0, 1.0, 0.0)[0]
+    assert torch.isnan(out[1]) and torch.equal(out[[0, 2]], want[[0, 2]])
+    dl = torch.ones(3)
+    g = losses_rows.loss_rows_bwd(ROW_MULTI_MARGIN, dl, x, None, None, y, None, 1.0, 1.0, 0.0, True, False, False)[0]
+    g_good = losses_rows.loss_rows_bwd(ROW_MULTI_MARGIN, dl, x, None, None, good, None, 1.0, 1.0, 0.0, True, False,
+                                       False)[0]
+    assert torch.isnan(g[1]).all() and torch.equal(g[[0, 2]], g_good[[0, 2]])
+
+
 def test_bad_arguments():
     x = torch.randn(3, 5)
     with pytest.raises(ValueError, match="multi_margin takes p = 1 or 2"):
