@@ -74,9 +74,79 @@ def define_op(
         _lib.impl(name, _triton_launcher(cuda) if isinstance(cuda, str) else cuda, "CUDA")
     if cpu is not None:
         _lib.impl(name, cpu, "CPU")
+    op = getattr(torch.ops.tritium, name)
     if backward is not None:
         torch.library.register_autograd(qualname, backward, setup_context=setup_context, lib=_lib)
-    return getattr(torch.ops.tritium, name)
+        lean = _lean_function(op, backward, setup_context)
+        if lean is not None:
+            _LEAN[op] = lean
+    return op
+
+
+# ---- the eager autograd path call_op takes ----
+# register_autograd's wrapper (torch/_library/autograd.py) is Python the dispatcher calls at the Autograd key: per
+# call it builds a metadata object, applies a generated autograd.Function through autograd.Function.apply's Python,
+# redispatches the op below Autograd, fills the schema's defaults and trims needs_input_grad in backward. For the
+# small calls of small models that is a large share of a call's cost. call_op applies instead, per op with a
+# backward, an autograd.Function of its own whose forward is the op below Autograd and whose setup_context and
+# backward are the very functions given to define_op: the same kernels, saved tensors and formulas, so the same
+# values and gradients. The op stays what direct calls (torch.ops.tritium.x(...)), opcheck and torch.compile's
+# graphs see.
+_LEAN: dict = {}
+
+
+# autograd.Function.apply's C++ half. The Python classmethod in front of it binds the arguments to forward's
+# signature through inspect (every call, for a Function with setup_context; a lean forward takes *inputs, so there
+# is nothing to bind), unwraps torch.func's dead wrappers and sends torch.func transforms elsewhere (call_op takes
+# the op itself under those).
+_apply_c = torch._C._FunctionBase.__dict__["apply"]
+
+
+class _Lean:
+    """An op's autograd.Function (fn), its C++ apply bound to it, and what call_op needs to call it as the wrapper
+    calls the formulas: every schema argument given (the defaults of those left out), since setup_context reads them
+    by position."""
+
+    __slots__ = ("fn", "apply", "n", "defaults")
+
+    def __init__(self, fn, n, defaults):
+        self.fn, self.apply, self.n, self.defaults = fn, _apply_c.__get__(None, fn), n, defaults
+
+
+def _no_context(ctx, inputs, output):
+    pass
+
+
+def _lean_function(op, backward: Callable, setup_context: Optional[Callable]) -> Optional[_Lean]:
+    """The op's _Lean, or None where the wrapper does more than apply the formulas: keyword-only arguments (its
+    setup_context takes them apart), tensor lists (the wrapper flattens them for autograd.Function), a mutated
+    argument (register_autograd refuses those)."""
+    overload = op.default
+    schema = overload._schema
+    args = schema.arguments
+    if (any(a.kwarg_only or a.alias_info is not None or isinstance(a.type, torch.ListType) and
+            a.type.getElementType().isSubtypeOf(torch.OptionalType.ofTensor()) for a in args)
+            or any(isinstance(r.type, torch.ListType) for r in schema.returns)):
+        return None
+
+    def forward(*inputs):
+        with torch._C._AutoDispatchBelowAutograd():
+            return overload(*inputs)
+
+    def backward_fn(ctx, *grads):
+        # as the wrapper's: a single gradient may come bare; the backward may leave out trailing Nones
+        result = backward(ctx, *grads)
+        if not isinstance(result, tuple):
+            result = (result,)
+        return result + (None,) * (len(ctx.needs_input_grad) - len(result))
+
+    fn = type(f"Lean_{op._qualified_op_name.replace('::', '_')}", (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        "setup_context": staticmethod(setup_context or _no_context),
+        "backward": staticmethod(backward_fn),
+    })
+    defaults = tuple(a.default_value if a.has_default_value() else None for a in args)
+    return _Lean(fn, len(args), defaults)
 
 
 # ---- the checks and layouts every family's public functions share ----
@@ -101,7 +171,7 @@ def kernel_ok(x: Tensor, *others: Tensor) -> bool:
 # Below ROUTE_BELOW[op] elements of the input, on CPU, these public functions call torch's own op (their
 # tritium.reference form) instead of the kernel, where torch finishes first (bench/results/routes.json, recorded with
 # the routes off). Below ROUTE_DEFAULT that is every one of them: a custom op called from Python pays its dispatch,
-# the autograd wrapper and the argument checks, about 10 us. The larger entries are kernels that lose to torch's own
+# its autograd node and the argument checks. The larger entries are kernels that lose to torch's own
 # at in-cache sizes on the machines measured (the Intel (AMX) kind: float32 layer_norm and relu forwards, gelu,
 # softmax), until their tensors outgrow what torch's allocator recycles. TRITIUM_ROUTES=off /
 # tritium.set_routes(False) turns the routes off (the kernel tests do); `tritium info` lists them.
@@ -149,13 +219,21 @@ register_cpu_path("routes", _route_path)
 
 
 def call_op(op, *args):
-    """op(*args) (an op define_op registered with an autograd formula). A call that records no backward (grad mode
-    off, or no tensor argument requiring grad) goes below the Autograd key: register_autograd's wrapper, Python that
-    would only find there is nothing to record, costs ~10 us a call. While torch.compile traces, the op itself (the
-    graph records it as written)."""
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
-            isinstance(a, Tensor) and a.requires_grad for a in args)):
+    """op(*args) for an op define_op registered with an autograd formula, at the least per-call cost with the same
+    semantics. A call that records a backward (grad mode on, a tensor argument requiring grad) applies the op's
+    lean autograd.Function (_lean_function: the op below Autograd, define_op's setup_context and backward) instead
+    of going through register_autograd's Python wrapper. A call that records none goes below the Autograd key: the
+    wrapper would only find there is nothing to record. While torch.compile traces, and under torch.func's
+    transforms, the op itself (the graph records it as written)."""
+    if torch.compiler.is_compiling():
         return op(*args)
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        lean = _LEAN.get(op)
+        if lean is None or torch._C._are_functorch_transforms_active():
+            return op(*args)
+        if len(args) < lean.n:
+            args = args + lean.defaults[len(args):]
+        return lean.apply(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
 
