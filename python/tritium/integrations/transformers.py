@@ -55,7 +55,7 @@ from transformers.utils import can_return_tuple
 
 from .. import ops
 from .._backend import use_reference
-from ..ops._library import kernel_ok
+from ..ops._library import call_op, kernel_ok
 from ..ops.attention import _sdpa_mask, _tensors_ok, flash_attn_fwd
 from ..ops.cross_entropy import default_chunk_size, flce_fwd
 from ..ops.linear import linear_small, small_rows_ok
@@ -234,7 +234,7 @@ def tritium_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value
         return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                      sliding_window=sliding_window, softcap=softcap, **kwargs)
     scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
-    out, _ = flash_attn_fwd(query, key, value, mask, scale, 0, -1, -1, float(softcap or 0.0))
+    out, _ = call_op(flash_attn_fwd, query, key, value, mask, scale, 0, -1, -1, float(softcap or 0.0))
     return out.transpose(1, 2), None
 
 
@@ -260,7 +260,7 @@ def causal_lm_loss(hidden: Tensor, lm_head: torch.nn.Linear, labels: Optional[Te
         need_grad = torch.is_grad_enabled() and (h2.requires_grad or weight.requires_grad
                                                  or (bias is not None and bias.requires_grad))
         chunk = default_chunk_size(h2.shape[0], H, weight.shape[0], h2.dtype, h2.device)
-        loss = flce_fwd(h2, weight, target, bias, ignore_index, 0.0, chunk, mean, need_grad)[0].float()
+        loss = call_op(flce_fwd, h2, weight, target, bias, ignore_index, 0.0, chunk, mean, need_grad)[0].float()
     else:
         logits = F.linear(h2, weight, bias).float()
         loss = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="mean" if mean else "sum")

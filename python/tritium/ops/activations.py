@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ._library import acc_dtype, define_op, kernel_ok, routed, rows, unit_last
+from ._library import acc_dtype, call_op, define_op, kernel_ok, routed, rows, unit_last
 
 # SELU's constants (torch's)
 SELU_ALPHA = 1.6732632423543772848170429916717
@@ -275,7 +275,7 @@ def _unary(name: str, x: Tensor, params, inplace: bool, ref: Callable[[], Tensor
             return ref()
         fwd_(x2, a, b, c)
         return x
-    return fwd(_as_rows(x), a, b, c).view(x.shape)
+    return call_op(fwd, _as_rows(x), a, b, c).view(x.shape)
 
 
 # ---- public API: drop-ins for torch.nn.functional ----
@@ -365,7 +365,7 @@ def swish(input: Tensor, beta: Union[float, Tensor] = 1.0) -> Tensor:
         if not (kernel_ok(input, beta) and beta.numel() == 1 and input.dim() > 0 and beta.dim() <= input.dim()):
             return reference.swish(input, beta)
         n = input.shape[-1]
-        return swish_beta_fwd(rows(input, n), beta.reshape(1)).view(input.shape)
+        return call_op(swish_beta_fwd, rows(input, n), beta.reshape(1)).view(input.shape)
     return _unary("swish", input, (beta, 0, 0), False, lambda: reference.swish(input, beta))
 
 
@@ -376,13 +376,13 @@ def prelu(input: Tensor, weight: Tensor) -> Tensor:
         return reference.prelu(input, weight)
     C = weight.numel()
     if C == 1:
-        return prelu_fwd(_as_rows(input), weight, True).view(input.shape)
+        return call_op(prelu_fwd, _as_rows(input), weight, True).view(input.shape)
     if input.dim() < 2 or input.shape[1] != C or not input.is_contiguous():
         return reference.prelu(input, weight)  # torch's error for a channel mismatch; strided channels
     inner = input[0, 0].numel()
     if inner == 1:  # channels last: one slope per column
-        return prelu_fwd(input.view(-1, C), weight, False).view(input.shape)
-    return prelu_fwd(input.view(-1, inner), weight, True).view(input.shape)
+        return call_op(prelu_fwd, input.view(-1, C), weight, False).view(input.shape)
+    return call_op(prelu_fwd, input.view(-1, inner), weight, True).view(input.shape)
 
 
 def batch_norm_act(input: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor] = None,
@@ -428,7 +428,7 @@ def batch_norm_act(input: Tensor, running_mean: Tensor, running_var: Tensor, wei
     if bias is not None:
         shift = shift + bias.to(acc)
     act = -1 if activation is None else ACT_NAMES.index(activation)
-    y = batch_norm_act_fwd(x2, scale.contiguous(), shift.contiguous(), r2, per_row, act, 0.0, 0.0, 0.0)
+    y = call_op(batch_norm_act_fwd, x2, scale.contiguous(), shift.contiguous(), r2, per_row, act, 0.0, 0.0, 0.0)
     if back is not None:
         n, _, h, w = back
         return y.view(n, h, w, C).permute(0, 3, 1, 2)
@@ -442,7 +442,7 @@ def dyt(x: Tensor, alpha: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     if not (kernel_ok(x, alpha, weight, bias) and n > 0 and alpha.numel() == 1
             and tuple(weight.shape) == (n,) and tuple(bias.shape) == (n,)):
         return reference.dyt(x, alpha, weight, bias)
-    y = dyt_fwd(rows(x, n), alpha.reshape(1), weight, bias)
+    y = call_op(dyt_fwd, rows(x, n), alpha.reshape(1), weight, bias)
     return y.view(x.shape)
 
 
@@ -452,12 +452,12 @@ def _gated(name: str, gate: Tensor, up: Optional[Tensor], ref: Callable[[], Tens
         if not kernel_ok(gate) or gate.dim() == 0 or gate.shape[-1] % 2:
             return ref()
         h = gate.shape[-1] // 2
-        y = fwd(rows(gate, 2 * h), None, LAYOUT_GATE_UP)
+        y = call_op(fwd, rows(gate, 2 * h), None, LAYOUT_GATE_UP)
         return y.view(gate.shape[:-1] + (h,))
     if not kernel_ok(gate, up) or gate.shape != up.shape or gate.dim() == 0:
         return ref()  # broadcasting and mixed dtypes: torch's semantics
     n = gate.shape[-1]
-    return fwd(rows(gate, n), rows(up, n), LAYOUT_SEPARATE).view(gate.shape)
+    return call_op(fwd, rows(gate, n), rows(up, n), LAYOUT_SEPARATE).view(gate.shape)
 
 
 def swiglu(gate: Tensor, up: Optional[Tensor] = None) -> Tensor:
@@ -485,11 +485,11 @@ def glu(input: Tensor, dim: int = -1) -> Tensor:
         return reference.glu(input, dim)  # torch's error
     out_shape = input.shape[:d] + (n // 2,) + input.shape[d + 1:]
     if d == input.dim() - 1:
-        return fwd(rows(input, n), None, LAYOUT_UP_GATE).view(out_shape)
+        return call_op(fwd, rows(input, n), None, LAYOUT_UP_GATE).view(out_shape)
     if not input.is_contiguous():
         return reference.glu(input, dim)
     inner = n * input[(0,) * (d + 1)].numel()  # the halves are contiguous blocks of each outer row
-    return fwd(input.view(-1, inner), None, LAYOUT_UP_GATE).view(out_shape)
+    return call_op(fwd, input.view(-1, inner), None, LAYOUT_UP_GATE).view(out_shape)
 
 
 __all__: List[str] = [

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ._library import acc_dtype, define_op, kernel_ok, unit_last
+from ._library import acc_dtype, call_op, define_op, kernel_ok, unit_last
 
 
 # ---- fake kernels ----
@@ -114,7 +114,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         return reference.scaled_dot_product_attention(*args, **kwargs)
     q, k, v = (unit_last(t if t.dim() == 4 else t.unsqueeze(0)) for t in (query, key, value))
     sc = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    out, _ = flash_attn_fwd(q, k, v, mask, sc, 0, -1, 0 if is_causal else -1, 0.0)
+    out, _ = call_op(flash_attn_fwd, q, k, v, mask, sc, 0, -1, 0 if is_causal else -1, 0.0)
     return out if query.dim() == 4 else out.squeeze(0)
 
 
@@ -159,8 +159,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
     if not _tensors_ok(q, k, v):
         out, lse = reference.flash_attention(q, k, v, causal, sc, (left, right), softcap, True)
     else:
-        out, lse = flash_attn_fwd(unit_last(q), unit_last(k), unit_last(v), None, sc, k.shape[2] - L, left,
-                                  right, float(softcap or 0.0))
+        out, lse = call_op(flash_attn_fwd, unit_last(q), unit_last(k), unit_last(v), None, sc, k.shape[2] - L, left,
+                           right, float(softcap or 0.0))
     return (out, lse) if return_lse else out
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ._library import define_op, kernel_ok, unit_last
+from ._library import call_op, define_op, kernel_ok, unit_last
 
 MAX_WIDTH = 8  # the widths the kernels take (causal-conv1d's CUDA kernels: 2..4; Mamba uses 4)
 ACTIVATIONS = (None, "silu", "swish")
@@ -144,8 +144,8 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, init
     if not kernel_ok(x, weight, *present) or W > MAX_WIDTH:
         return reference.causal_conv1d(x, weight, bias, initial_states, return_final_states, final_states_out,
                                        activation)
-    out = causal_conv1d_fwd(unit_last(x), weight.contiguous(), None if bias is None else bias.contiguous(),
-                            None if initial_states is None else unit_last(initial_states), activation is not None)
+    out = call_op(causal_conv1d_fwd, unit_last(x), weight.contiguous(), None if bias is None else bias.contiguous(),
+                  None if initial_states is None else unit_last(initial_states), activation is not None)
     if not return_final_states:
         return out
     final = _final_states(x, initial_states, W - 1)

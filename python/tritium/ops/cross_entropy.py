@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .. import reference
 from ..utils import cpu_has, cpu_has_bf16_dot, register_cpu_path
-from ._library import acc_dtype, define_op, kernel_ok, rows
+from ._library import acc_dtype, call_op, define_op, kernel_ok, rows
 from .softmax import log_softmax
 from .linear import linear_packed, mm_acc_, pack_linear
 
@@ -193,11 +193,11 @@ class LMHead:
         else:
             logits = torch.addmm(bias, h, weight.t()) if bias is not None else torch.mm(h, weight.t())
         if z_loss or softcap:
-            rows_loss, g, _ = cross_entropy_z_fwd(logits, t, None, ignore_index, label_smoothing, False,
-                                                  self.need_grad, z_loss, softcap)
+            rows_loss, g, _ = call_op(cross_entropy_z_fwd, logits, t, None, ignore_index, label_smoothing, False,
+                                      self.need_grad, z_loss, softcap)
         else:
-            rows_loss, g, _ = cross_entropy_fwd(logits, t, None, ignore_index, label_smoothing, False,
-                                                self.need_grad)
+            rows_loss, g, _ = call_op(cross_entropy_fwd, logits, t, None, ignore_index, label_smoothing, False,
+                                      self.need_grad)
         del logits
         if not self.need_grad:
             return rows_loss
@@ -391,12 +391,12 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         x2 = _class_rows(input)
         need_grad = torch.is_grad_enabled() and input.requires_grad
         if extra:
-            per_row, _, _ = cross_entropy_z_fwd(x2, target.reshape(-1), weight, ignore_index, float(label_smoothing),
-                                                reduction == "mean", need_grad, float(z_loss),
-                                                float(softcap or 0.0))
+            per_row, _, _ = call_op(cross_entropy_z_fwd, x2, target.reshape(-1), weight, ignore_index,
+                                    float(label_smoothing), reduction == "mean", need_grad, float(z_loss),
+                                    float(softcap or 0.0))
         else:
-            per_row, _, _ = cross_entropy_fwd(x2, target.reshape(-1), weight, ignore_index,
-                                              float(label_smoothing), reduction == "mean", need_grad)
+            per_row, _, _ = call_op(cross_entropy_fwd, x2, target.reshape(-1), weight, ignore_index,
+                                    float(label_smoothing), reduction == "mean", need_grad)
         if reduction == "none":
             return per_row.to(input.dtype).view(target.shape)
         return per_row.sum().to(input.dtype)  # 'mean': the rows are already divided by the total weight
@@ -467,10 +467,12 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, b
     chunk = chunk_size or default_chunk_size(h2.shape[0], H, V, h2.dtype, h2.device)
     ls, options = float(label_smoothing), (float(z_loss), float(softcap or 0.0))
     if reduction == "none":
-        return flce_rows(h2, weight, t, bias, ignore_index, ls, chunk, *options).to(hidden.dtype).view(target.shape)
+        return call_op(flce_rows, h2, weight, t, bias, ignore_index, ls, chunk, *options).to(hidden.dtype).view(
+            target.shape)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
                                              or (bias is not None and bias.requires_grad))
-    loss = flce_fwd(h2, weight, t, bias, ignore_index, ls, chunk, reduction == "mean", need_grad, *options)[0]
+    loss = call_op(flce_fwd, h2, weight, t, bias, ignore_index, ls, chunk, reduction == "mean", need_grad,
+                   *options)[0]
     return loss.to(hidden.dtype)
 
 
@@ -558,14 +560,14 @@ def kl_div(input: Tensor, target: Tensor, size_average=None, reduce=None, reduct
             stacklevel=2,
         )
     if reduction == "none":
-        return kl_div_fwd(input.contiguous(), target.contiguous(), bool(log_target), False, 1.0)
+        return call_op(kl_div_fwd, input.contiguous(), target.contiguous(), bool(log_target), False, 1.0)
     if reduction == "mean":
         scale = 1.0 / input.numel()
     elif reduction == "batchmean" and input.dim() != 0:
         scale = 1.0 / input.shape[0]
     else:
         scale = 1.0
-    return kl_div_fwd(input.contiguous(), target.contiguous(), bool(log_target), True, scale)
+    return call_op(kl_div_fwd, input.contiguous(), target.contiguous(), bool(log_target), True, scale)
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0,
@@ -598,11 +600,11 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperatur
     s2, u2 = rows(student_logits, c), rows(teacher_logits.detach(), c)
     kl_weight = alpha * temperature ** 2 / s2.shape[0]
     if target is None:
-        kl_rows, _ = distill_fwd(s2, u2, 1.0 / temperature, need_grad)
+        kl_rows, _ = call_op(distill_fwd, s2, u2, 1.0 / temperature, need_grad)
         return (kl_rows.sum() * kl_weight).to(student_logits.dtype)
     # the rows hold both terms, weighted (the cross-entropy's mean divisor is counted by the kernel)
-    loss_rows, _ = distill_fwd(s2, u2, 1.0 / temperature, need_grad, target.reshape(-1), ignore_index, kl_weight,
-                               1.0 - alpha)
+    loss_rows, _ = call_op(distill_fwd, s2, u2, 1.0 / temperature, need_grad, target.reshape(-1), ignore_index,
+                           kl_weight, 1.0 - alpha)
     return loss_rows.sum().to(student_logits.dtype)
 
 

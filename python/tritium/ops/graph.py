@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ._library import acc_dtype, define_op, kernel_ok
+from ._library import acc_dtype, call_op, define_op, kernel_ok
 
 AGGS = ("sum", "mean", "max")
 AGG_IDS = {name: i for i, name in enumerate(AGGS)}   # csrc/graph.cpp's and kernels/graph.py's ids
@@ -257,7 +257,7 @@ def graph_aggregate(x: Tensor, rowptr, col: Optional[Tensor] = None, weight: Opt
     if not (kernel_ok(x, *([] if weight is None else [weight])) and rowptr.device == x.device):
         return reference.graph_aggregate(x, rowptr, col, weight, reduce)
     w = None if weight is None else weight.contiguous()
-    return graph_agg(x.contiguous(), rowptr, col, w, cp, cd, cq, AGG_IDS[reduce])[0]
+    return call_op(graph_agg, x.contiguous(), rowptr, col, w, cp, cd, cq, AGG_IDS[reduce])[0]
 
 
 def gat_aggregate(x: Tensor, a_src: Tensor, a_dst: Tensor, rowptr, col: Optional[Tensor] = None,
@@ -281,7 +281,7 @@ def gat_aggregate(x: Tensor, a_src: Tensor, a_dst: Tensor, rowptr, col: Optional
         raise ValueError(f"{fn}: a_dst must have shape (num_dst, heads) = {(nd, H)}, got {tuple(a_dst.shape)}")
     if not (kernel_ok(x, a_src, a_dst) and rowptr.device == x.device):
         return reference.gat_aggregate(x, a_src, a_dst, rowptr, col, negative_slope)
-    return gat_fwd(x.contiguous(), a_src.contiguous(), a_dst.contiguous(), rowptr, col, cp, cd, cq,
+    return call_op(gat_fwd, x.contiguous(), a_src.contiguous(), a_dst.contiguous(), rowptr, col, cp, cd, cq,
                    float(negative_slope))[0]
 
 

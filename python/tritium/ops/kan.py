@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ._library import define_op, kernel_ok
+from ._library import call_op, define_op, kernel_ok
 
 MAX_ORDER = 7  # the kernels' bound on the spline order (csrc/kan.cpp kMaxOrder)
 
@@ -92,7 +92,7 @@ def kan_spline(x: Tensor, grid: Tensor, weight: Tensor, spline_order: int = 3) -
             (x.device.type == "cuda" and grid.dtype == torch.float64):
         return reference.kan_spline(x, grid, weight, spline_order)
     x2 = x.reshape(-1, n_in)
-    y = kan_spline_fwd(x2, grid, weight.permute(1, 2, 0).contiguous(), int(spline_order))
+    y = call_op(kan_spline_fwd, x2, grid, weight.permute(1, 2, 0).contiguous(), int(spline_order))
     return y.view(*x.shape[:-1], n_out)
 
 

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ._library import define_op, kernel_ok, unit_last
+from ._library import call_op, define_op, kernel_ok, unit_last
 
 
 # ---- fake kernels: shapes only ----
@@ -203,7 +203,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     if training and dropout_p > 0.0:
         mask = reference.lora_dropout_mask(x, dropout_p).reshape(-1, x.shape[-1])
         s /= 1.0 - dropout_p
-    y, _ = lora_linear_fwd(unit_last(x.reshape(-1, x.shape[-1])), weight, bias, lora_A, lora_B, mask, s)
+    y, _ = call_op(lora_linear_fwd, unit_last(x.reshape(-1, x.shape[-1])), weight, bias, lora_A, lora_B, mask, s)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 

@@ -732,7 +732,7 @@ def info_nce(query: Tensor, key: Tensor, temperature: float = 0.1, symmetric: bo
         negatives = F.normalize(negatives, dim=-1) if negatives is not None else None
     n = query.shape[0]
     block = block_size or default_block_rows(n + (negatives.shape[0] if negatives is not None else 0))
-    loss = info_nce_fwd(query, key, negatives, 1.0 / temperature, bool(symmetric), int(block))[0]
+    loss = call_op(info_nce_fwd, query, key, negatives, 1.0 / temperature, bool(symmetric), int(block))[0]
     if reduction == "none":
         return loss.to(query.dtype)
     total = loss.sum()

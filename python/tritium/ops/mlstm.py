@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._library import acc_dtype, define_op, kernel_ok
+from ._library import acc_dtype, call_op, define_op, kernel_ok
 
 State = Tuple[Tensor, Tensor, Tensor]
 
@@ -180,8 +180,8 @@ def mlstm(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, scale: Optional
             x.device != q.device for x in initial_state)):
         return mlstm_reference(q, k, v, i, f, scale, eps, initial_state, output_final_state)
     C0, n0, m0 = (None, None, None) if initial_state is None else _acc_state(initial_state, q)
-    h, Cs, ns, ms = mlstm_fwd(q.contiguous(), k.contiguous(), v.contiguous(), i.contiguous(), f.contiguous(), scale,
-                              float(eps), C0, n0, m0, mlstm_chunk(q.shape[2], q.device.type))
+    h, Cs, ns, ms = call_op(mlstm_fwd, q.contiguous(), k.contiguous(), v.contiguous(), i.contiguous(), f.contiguous(),
+                            scale, float(eps), C0, n0, m0, mlstm_chunk(q.shape[2], q.device.type))
     return h, ((Cs[:, :, -1], ns[:, :, -1], ms[:, :, -1]) if output_final_state else None)
 
 

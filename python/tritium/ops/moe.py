@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ._library import define_op, kernel_ok
+from ._library import call_op, define_op, kernel_ok
 from .activations import swiglu
 
 SCORES = ("softmax", "sigmoid")
@@ -165,7 +165,7 @@ def moe(x: Tensor, router_weight: Tensor, w13: Tensor, w2: Tensor, top_k: int, s
     order, tokens, offsets = group_by_expert(topi, E)
     weights = topw.reshape(-1)[order].to(x.dtype)
     if (torch.is_grad_enabled() and any(t.requires_grad for t in (x2, w13, w2, weights))) or not _infer_ok(x2):
-        y, _ = moe_experts_fwd(x2.contiguous(), w13, w2, tokens, offsets, weights)
+        y, _ = call_op(moe_experts_fwd, x2.contiguous(), w13, w2, tokens, offsets, weights)
     else:   # no backward to come: the pre-activations are not kept
         y = moe_experts_infer(x2.contiguous(), w13, w2, tokens, offsets, weights)
     return MoEOutput(y.view(x.shape), aux, z)

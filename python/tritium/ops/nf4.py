@@ -34,7 +34,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._library import define_op, unit_last
+from ._library import call_op, define_op, unit_last
 
 # bitsandbytes' NF4 code (bitsandbytes/functional.py get_4bit_type("nf4")): the quantiles of a standard normal
 # scaled to [-1, 1], with an exact 0; as float32 values
@@ -291,8 +291,8 @@ def nf4_linear(x: Tensor, weight: NF4Weight, bias: Optional[Tensor] = None) -> T
     if x.dtype == torch.float64 or x.numel() == 0 or use_reference() or x.device.type not in ("cpu", "cuda"):
         w = dequantize_nf4_reference(weight).to(x.dtype)
         return torch.nn.functional.linear(x, w, bias)
-    y = nf4_linear_fwd(unit_last(x.reshape(-1, k)), weight.data.view(-1), weight.absmax_f32(), bias, n, k,
-                       weight.blocksize)
+    y = call_op(nf4_linear_fwd, unit_last(x.reshape(-1, k)), weight.data.view(-1), weight.absmax_f32(), bias, n, k,
+                weight.blocksize)
     return y.view(*x.shape[:-1], n)
 
 

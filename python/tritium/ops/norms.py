@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import routes_on
-from ._library import acc_dtype, define_op, kernel_ok, routed, rows, unit_last
+from ._library import acc_dtype, call_op, define_op, kernel_ok, routed, rows, unit_last
 
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -181,7 +181,7 @@ def rms_norm(input: Tensor, normalized_shape: _ShapeT, weight: Optional[Tensor] 
     if eps is None:  # torch's default: the eps of the computation dtype (float32 for 16-bit inputs)
         eps = torch.finfo(acc_dtype(input.dtype)).eps
     n = math.prod(shape)
-    y, _ = rms_norm_fwd(rows(input, n), _flat(weight), eps)
+    y, _ = call_op(rms_norm_fwd, rows(input, n), _flat(weight), eps)
     return y.view(input.shape)
 
 
@@ -193,7 +193,7 @@ def layer_norm(input: Tensor, normalized_shape: _ShapeT, weight: Optional[Tensor
     if not _norm_ok("layer_norm", input, shape, weight, bias):
         return reference.layer_norm(input, list(shape), weight, bias, eps)
     n = math.prod(shape)
-    y, _, _ = layer_norm_fwd(rows(input, n), _flat(weight), _flat(bias), eps)
+    y, _, _ = call_op(layer_norm_fwd, rows(input, n), _flat(weight), _flat(bias), eps)
     return y.view(input.shape)
 
 
@@ -211,7 +211,7 @@ def fused_add_rms_norm(input: Tensor, residual: Tensor, weight: Optional[Tensor]
         return reference.fused_add_rms_norm(input, residual, weight, eps)
     if eps is None:  # torch's default: the eps of the computation dtype (float32 for 16-bit inputs)
         eps = torch.finfo(acc_dtype(input.dtype)).eps
-    y, h, _ = fused_add_rms_norm_fwd(rows(input, n), rows(residual, n), weight, eps)
+    y, h, _ = call_op(fused_add_rms_norm_fwd, rows(input, n), rows(residual, n), weight, eps)
     return y.view(input.shape), h.view(input.shape)
 
 
@@ -250,7 +250,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     d = c // num_groups
     s = input.numel() // (n * c)
     x = rows(input, d * s).view(n * num_groups, d, s)
-    y, _, _ = group_norm_fwd(x, weight, bias, num_groups, eps, activation == "silu")
+    y, _, _ = call_op(group_norm_fwd, x, weight, bias, num_groups, eps, activation == "silu")
     return y.view(input.shape)
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ._library import define_op, kernel_ok
+from ._library import call_op, define_op, kernel_ok
 
 
 def _fake_fwd(x, kh, kw):
@@ -82,7 +82,7 @@ def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, c
                                     return_indices=return_indices)
     kh, kw = win
     H, W = input.shape[-2:]
-    y, _ = max_pool2d_fwd(input.reshape(-1, H, W), kh, kw)
+    y, _ = call_op(max_pool2d_fwd, input.reshape(-1, H, W), kh, kw)
     return y.view(*input.shape[:-2], H // kh, W // kw)
 
 

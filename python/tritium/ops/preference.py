@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ._library import acc_dtype, define_op, kernel_ok, unit_last
+from ._library import acc_dtype, call_op, define_op, kernel_ok, unit_last
 from .cross_entropy import (LMHead, default_chunk_size, flce_accumulators, flce_rows, fused_linear_cross_entropy,
                             saved_grads_backward, saved_grads_setup)
 
@@ -190,8 +190,8 @@ def _ref_token_logps(name, target, ignore_index, paired, ref_hidden, ref_weight,
     with torch.no_grad():
         if not kernel_ok(ref_hidden, ref_weight, *([ref_bias] if ref_bias is not None else [])):
             return reference.fused_linear_grpo_logps(ref_hidden, ref_weight, target, ref_bias, ignore_index)
-        rows = flce_rows(unit_last(ref_hidden).reshape(-1, ref_hidden.shape[2]), ref_weight, target.reshape(-1),
-                         ref_bias, ignore_index, 0.0, _chunk(ref_hidden, ref_weight, chunk_size))
+        rows = call_op(flce_rows, unit_last(ref_hidden).reshape(-1, ref_hidden.shape[2]), ref_weight,
+                       target.reshape(-1), ref_bias, ignore_index, 0.0, _chunk(ref_hidden, ref_weight, chunk_size))
         return -rows.view(target.shape)
 
 
@@ -232,8 +232,8 @@ def _run(name: str, kind: str, params, hidden, weight, target, bias, ref, labels
     if kernel_ok(hidden, weight, *([bias] if bias is not None else [])):
         need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
                                                  or (bias is not None and bias.requires_grad))
-        loss, logps = seq_loss(unit_last(hidden), weight, target, bias, ref, labels, kl, kind, params,
-                               ignore_index, _chunk(hidden, weight, chunk_size), need_grad)[:2]
+        loss, logps = call_op(seq_loss, unit_last(hidden), weight, target, bias, ref, labels, kl, kind, params,
+                              ignore_index, _chunk(hidden, weight, chunk_size), need_grad)[:2]
     else:
         loss, logps = reference.sequence_loss(kind, hidden, weight, target, bias, ref, labels, kl, params,
                                               ignore_index)
@@ -392,8 +392,8 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, target: Tensor, advan
     adt = acc_dtype(hidden.dtype)
     mask = target != ignore_index
     if kernel_ok(hidden, weight, *([bias] if bias is not None else [])):
-        rows = flce_rows(unit_last(hidden).reshape(-1, hidden.shape[2]), weight, target.reshape(-1), bias,
-                         ignore_index, 0.0, _chunk(hidden, weight, chunk_size))
+        rows = call_op(flce_rows, unit_last(hidden).reshape(-1, hidden.shape[2]), weight, target.reshape(-1), bias,
+                       ignore_index, 0.0, _chunk(hidden, weight, chunk_size))
         logps = -rows.view(N, T)
     else:
         logps = reference.fused_linear_grpo_logps(hidden, weight, target, bias, ignore_index)

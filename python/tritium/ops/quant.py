@@ -29,7 +29,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._library import define_op
+from ._library import call_op, define_op
 
 QUANT_BITS = (4, 8)
 BLOCK = 32          # activations are quantized per 32 elements; rows are padded to a multiple of 32
@@ -206,15 +206,15 @@ class QuantizedWeight:
         quant_linear_dx; the weight is frozen). int8_act: 0 float activations, 1 or 2 int8 terms (quant_linear)."""
         int8_act = int(int8_act)
         if x.dim() == 2 and x.shape[1] == self.k:   # the serving path's case: no reshapes
-            return quant_linear(x, self.qdata, self.scales, self._mins_or_none, self.bits, self.group, self.n,
-                                self.k, int8_act)
+            return call_op(quant_linear, x, self.qdata, self.scales, self._mins_or_none, self.bits, self.group, self.n,
+                           self.k, int8_act)
         if x.shape[-1] != self.k:
             raise ValueError(f"quantized linear: x must end in k = {self.k}, got {tuple(x.shape)}")
         if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise TypeError(f"quantized linear: x must be float32, bfloat16 or float16, got {x.dtype}")
         lead = x.shape[:-1]
-        y = quant_linear(x.reshape(-1, self.k), self.qdata, self.scales, self._mins(), self.bits, self.group,
-                         self.n, self.k, int8_act)
+        y = call_op(quant_linear, x.reshape(-1, self.k), self.qdata, self.scales, self._mins(), self.bits, self.group,
+                    self.n, self.k, int8_act)
         return y.view(*lead, self.n)
 
     def decode_plan(self, int8_act: int = 0) -> tuple:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ._library import define_op, kernel_ok, unit_last
+from ._library import call_op, define_op, kernel_ok, unit_last
 
 
 def _fake_rope(q, k, cos, sin, positions, interleaved, inverse):
@@ -32,7 +32,7 @@ def _rope_backward(ctx, dq, dk):
     interleaved, inverse = ctx.flags
     dq = torch.zeros(ctx.q_shape, dtype=ctx.q_dtype, device=cos.device) if dq is None else dq
     dk = torch.zeros(ctx.k_shape, dtype=ctx.k_dtype, device=cos.device) if dk is None else dk
-    gq, gk = rope_fwd(unit_last(dq), unit_last(dk), cos, sin, positions, interleaved, not inverse)
+    gq, gk = call_op(rope_fwd, unit_last(dq), unit_last(dk), cos, sin, positions, interleaved, not inverse)
     return gq, gk, None, None, None, None, None
 
 
@@ -92,7 +92,7 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Optional[Ten
     q3 = unit_last(q.reshape((-1,) + q.shape[-2:]))
     k3 = unit_last(k.reshape((-1,) + k.shape[-2:]))
     pos = positions.reshape(-1).to(torch.int64).contiguous()
-    qo, ko = rope_fwd(q3, k3, cos.contiguous(), sin.contiguous(), pos, bool(interleaved), False)
+    qo, ko = call_op(rope_fwd, q3, k3, cos.contiguous(), sin.contiguous(), pos, bool(interleaved), False)
     return qo.view(q.shape), ko.view(k.shape)
 
 

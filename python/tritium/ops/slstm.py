@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._library import acc_dtype, define_op, kernel_ok
+from ._library import acc_dtype, call_op, define_op, kernel_ok
 
 State = Tuple[Tensor, Tensor, Tensor, Tensor]
 
@@ -139,7 +139,7 @@ def slstm(wx: Tensor, R: Tensor, initial_state: Optional[State] = None, output_f
         return slstm_reference(wx, R, initial_state, output_final_state)
     acc = acc_dtype(wx.dtype)
     init = (None,) * 4 if initial_state is None else tuple(x.to(acc).contiguous() for x in initial_state)
-    y, states, _ = slstm_fwd(wx.contiguous(), R.to(acc).contiguous(), *init)
+    y, states, _ = call_op(slstm_fwd, wx.contiguous(), R.to(acc).contiguous(), *init)
     return y, (tuple(states[:, -1, j] for j in range(4)) if output_final_state else None)
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ._library import acc_dtype, define_op, kernel_ok, unit_last
+from ._library import acc_dtype, call_op, define_op, kernel_ok, unit_last
 
 
 def scan_chunk(N: int) -> int:
@@ -161,9 +161,9 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
             and B.dim() >= 3 and C.dim() >= 3 and B.dim() == C.dim() and (B.dim() == 3 or B.shape[1] == C.shape[1])):
         return reference.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     acc = acc_dtype(u.dtype)
-    out, states = selective_scan_fwd(unit_last(u), unit_last(delta), _acc(A, acc), _groups4(B, acc), _groups4(C, acc),
-                                     _acc(D, acc), None if z is None else unit_last(z), _acc(delta_bias, acc),
-                                     bool(delta_softplus), scan_chunk(A.shape[1]))
+    out, states = call_op(selective_scan_fwd, unit_last(u), unit_last(delta), _acc(A, acc), _groups4(B, acc),
+                          _groups4(C, acc), _acc(D, acc), None if z is None else unit_last(z), _acc(delta_bias, acc),
+                          bool(delta_softplus), scan_chunk(A.shape[1]))
     return (out, states[:, :, -1]) if return_last_state else out
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from ._library import define_op, kernel_ok
+from ._library import call_op, define_op, kernel_ok
 
 
 def _fake_fwd(h, cond):
@@ -75,7 +75,7 @@ def wavenet_gate(h: Tensor, cond: Optional[Tensor] = None) -> Tensor:
         return reference.wavenet_gate(h, cond)
     if cond is not None and cond.shape[2] != h.shape[2]:
         cond = cond.expand(h.shape)  # the expand's backward sums the gradient over time
-    return wavenet_gate_fwd(h.contiguous(), None if cond is None else cond.contiguous())
+    return call_op(wavenet_gate_fwd, h.contiguous(), None if cond is None else cond.contiguous())
 
 
 def wavenet_residual_skip(x: Tensor, h: Tensor, w_res: Tensor, b_res: Optional[Tensor], w_skip: Tensor,

@@ -30,7 +30,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._library import acc_dtype, define_op, kernel_ok, unit_last
+from ._library import acc_dtype, call_op, define_op, kernel_ok, unit_last
 
 
 def wkv_chunk(K: int, V: int) -> int:
@@ -226,8 +226,8 @@ def wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, scale
         return wkv7_reference(r, w, k, v, a, b, scale, initial_state, output_final_state)
     acc = acc_dtype(r.dtype)
     h0 = None if initial_state is None else initial_state.to(acc).contiguous()
-    o, states = wkv7_fwd(unit_last(r), unit_last(w), unit_last(k), unit_last(v), unit_last(a), unit_last(b), scale,
-                         h0, _saved_chunk(K, v.shape[-1], r.shape[1], (r, w, k, v, a, b, initial_state)))
+    o, states = call_op(wkv7_fwd, unit_last(r), unit_last(w), unit_last(k), unit_last(v), unit_last(a), unit_last(b),
+                        scale, h0, _saved_chunk(K, v.shape[-1], r.shape[1], (r, w, k, v, a, b, initial_state)))
     return o, (states[:, :, -1] if output_final_state else None)
 
 
@@ -263,8 +263,8 @@ def wkv6(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, scale: Optional[
         return wkv6_reference(r, k, v, w, u, scale, initial_state, output_final_state)
     acc = acc_dtype(r.dtype)
     h0 = None if initial_state is None else initial_state.to(acc).contiguous()
-    o, states = wkv6_fwd(unit_last(r), unit_last(k), unit_last(v), unit_last(w), u.to(acc).contiguous(), scale, h0,
-                         _saved_chunk(K, v.shape[-1], r.shape[1], (r, k, v, w, u, initial_state)))
+    o, states = call_op(wkv6_fwd, unit_last(r), unit_last(k), unit_last(v), unit_last(w), u.to(acc).contiguous(),
+                        scale, h0, _saved_chunk(K, v.shape[-1], r.shape[1], (r, k, v, w, u, initial_state)))
     return o, (states[:, :, -1] if output_final_state else None)
 
 
