@@ -202,6 +202,29 @@ def test_bf16_rows_against_float64(isa, bits, group, mins, sdt, k, rows):
                                   f"{isa} {bits}-bit group {group} int8_act {a}, {rows}x{n}x{k}")
 
 
+@pytest.mark.parametrize("bits,group,mins,sdt,k", [(4, 32, True, torch.float16, 200),
+                                                   (4, 32, False, torch.float16, 200),
+                                                   (8, 32, False, torch.float16, 200),
+                                                   (4, 64, True, torch.float32, 250)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 16, 17, 33])
+def test_int8_rows_of_a_batched_decode_step_against_float64(isa, bits, group, mins, sdt, k, dtype, rows):
+    """One and two int8 terms at a batched decode step's row counts (the VNNI kernels' passes of 16 and 8 rows,
+    then 4, 2, 1; two terms double the int8 rows), odd N (a partial last tile) and K (zero padding): against a
+    float64 product of the activations the kernel takes (activation_terms) and the dequantised weight, within 2x
+    torch's error."""
+    n = 45
+    q, s, m = logical(n, k, bits, group, mins, sdt, seed=rows + 40)
+    w = QuantizedWeight.from_logical(q, s, m, bits, group)
+    wf = reference.quant_weight(q, s, m, bits, group)
+    x = (torch.randn(rows, k, generator=torch.Generator().manual_seed(rows + 41)) * 2).to(dtype)
+    for a in (1, 2):
+        used = activation_terms(a, rows, dtype, bits, group)
+        xq = reference.quantize_int8_act(x, used) if used else x.double()
+        assert_within_torch_error(w.linear(x, int8_act=a), (xq.float() @ wf.t()).to(dtype), xq @ wf.double().t(),
+                                  f"{isa} {bits}-bit group {group} int8_act {a} {dtype}, {rows}x{n}x{k}")
+
+
 def test_two_int8_terms_are_near_float():
     """Two int8 terms leave about 1/254 of one term's activation error: with an outlier channel setting each
     block's scale, one term's product error is orders of magnitude above float32's, two terms' near it."""
