@@ -714,18 +714,6 @@ inline void bn_rows(const T* xr, const T* rr, const acc_type<T>* sp, const acc_t
   }
 }
 
-template <typename T>
-inline void store_n(T* p, const typename VecIO<T>::Vec& v, int64_t n) {
-  using IO = VecIO<T>;
-  if (n == IO::kSize) {
-    IO::store(p, v);
-  } else {
-    T b[IO::kSize];
-    IO::store(b, v);
-    std::copy(b, b + n, p);
-  }
-}
-
 void check_bn(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
               const c10::optional<at::Tensor>& res, bool per_row) {
   check_rows(x, "input");
@@ -756,12 +744,16 @@ at::Tensor bn_act_fwd(const at::Tensor& x, const at::Tensor& scale, const at::Te
     const A* tp = shift.const_data_ptr<A>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     const int64_t sx = x.stride(0), sr = rp ? res->stride(0) : 0;
+    const bool nt = stream_outputs((rp ? 3 : 2) * M * N * x.element_size());
     with_act(act, [&](auto op) {
       using Op = decltype(op);
       for_chunks(M, N, [&](int64_t r, int64_t c0, int64_t c1) {
         scalar_t* yr = yp + r * N;
         bn_rows<scalar_t>(xp + r * sx, rp ? rp + r * sr : nullptr, sp, tp, per_row, r % C, c0, c1,
-                          [&](int64_t i, int64_t n, const V&, const V& z) { store_n(yr + i, Op::fwd(z, p), n); });
+                          [&](int64_t i, int64_t n, const V&, const V& z) {
+                            store_out(yr + i, Op::fwd(z, p), n, nt);
+                          });
+        if (nt) stream_fence();
       });
     });
   });
@@ -795,6 +787,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd(
     scalar_t* dzp = rp ? dz.mutable_data_ptr<scalar_t>() : nullptr;
     A* pp = need_affine ? part.mutable_data_ptr<A>() : nullptr;
     const int64_t sx = x.stride(0), sr = rp ? res->stride(0) : 0, sdy = dy.stride(0);
+    const bool nt = stream_outputs((rp ? 5 : 3) * M * N * x.element_size());
     with_act(act, [&](auto op) {
       using Op = decltype(op);
       for_chunks(M, N, [&](int64_t r, int64_t c0, int64_t c1) {
@@ -816,8 +809,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd(
                             // the padded lanes: dy = 0 there, so dz = 0 (f'(z) finite at z = shift)
                             const V g = Op::bwd(d, z, p);
                             const V s = per_row ? V(sp[ch]) : (n == K ? V::loadu(sp + i) : V::loadu(sp + i, n));
-                            store_n(dxp + r * N + i, g * s, n);
-                            if (dzp) store_n(dzp + r * N + i, g, n);
+                            store_out(dxp + r * N + i, g * s, n, nt);
+                            if (dzp) store_out(dzp + r * N + i, g, n, nt);
                             if (!px) return;
                             const V gx = V::set(V(0), g * xv, n), gz = V::set(V(0), g, n);
                             if (per_row) {
@@ -834,6 +827,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd(
           px[ch] += hsum(acc_x);
           pz[ch] += hsum(acc_z);
         }
+        if (nt) stream_fence();
       });
     });
   });
@@ -846,6 +840,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd(
   return {dx, dz, dscale, dshift};
 }
 }  // namespace
+
+// The streaming-store threshold of vec.h (stream_outputs): set_stream_bytes(b) -> the previous one.
+TORCH_LIBRARY_FRAGMENT(tritium_runtime, m) {
+  m.def("set_stream_bytes(int bytes) -> int", [](int64_t bytes) {
+    TORCH_CHECK(bytes >= 0, "set_stream_bytes: bytes must be >= 0, got ", bytes);
+    return stream_threshold().exchange(bytes);
+  });
+}
 
 TORCH_LIBRARY_IMPL(tritium, CPU, m) {
   m.impl("batch_norm_act_fwd", &bn_act_fwd);

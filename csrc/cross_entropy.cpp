@@ -225,6 +225,8 @@ at::Tensor cross_entropy_bwd(const at::Tensor& grad, const at::Tensor& dloss, at
     const acc_t* dp = dloss.const_data_ptr<acc_t>();
     scalar_t* xp = dx.mutable_data_ptr<scalar_t>();
     const int64_t sg = grad.stride(0), sd = dloss.stride(0);
+    // streamed around the cache when the rows outgrow it (the gradient of a vocabulary-wide loss)
+    const bool nt = stream_outputs(M * C * (grad.element_size() + dx.element_size()));
     at::parallel_for(0, M, row_grain(C), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const acc_t d = dp[r * sd];
@@ -232,9 +234,10 @@ at::Tensor cross_entropy_bwd(const at::Tensor& grad, const at::Tensor& dloss, at
         const acc_t* gr = gp + r * sg;
         scalar_t* xr = xp + r * C;
         int64_t i = 0;
-        for (; i + K <= C; i += K) IO::store(xr + i, Vec::loadu(gr + i) * vd);
+        for (; i + K <= C; i += K) store_out(xr + i, Vec::loadu(gr + i) * vd, K, nt);
         for (; i < C; ++i) xr[i] = static_cast<scalar_t>(gr[i] * d);
       }
+      if (nt) stream_fence();
     });
   });
   return dx;

@@ -162,17 +162,34 @@ std::tuple<at::Tensor, at::Tensor> kl_div_bwd(const at::Tensor& grad, const at::
 }
 
 // One row of distill_fwd (the formulas above): the row's KL and, with kCE, its cross-entropy lse(s) - s_t (ce is
-// left alone otherwise). With gr, the row's gradient wk k (p - q), plus wc (softmax(s) - onehot(t)) with kCE: the
-// first pass keeps exp(a - max a) in gr and exp(b - max b), exp(s - max s) in the task's scratch rows (eb, ec:
-// L2-resident for a vocabulary-wide row), so the second pass computes no exp.
-template <bool kCE, typename scalar_t>
+// left alone otherwise). Two passes over the row after its maxima: sums of exp (fexp), then, with gr, the
+// gradient row wk k (p - q), plus wc (softmax(s) - onehot(t)) with kCE, from the first pass's exp(a - max a) and
+// exp(b - max b) kept in the task's scratch rows (L2-resident for a vocabulary-wide row; exp(s - max s) in a
+// third one when kPow is 0), so the second computes no exp; it is streamed around the cache when `nt`.
+// kPow: the temperature 1 / k when it is 1 or 2, where exp(s - max s) = exp(k (s - max s))^kPow, the student's exp
+// at temperature T raised to T (k = 1 / 2 and a = k s - k max s are exact, so this only rounds once more);
+// 0: its own exp.
+template <bool kCE, int kPow, typename scalar_t>
 void distill_row(const scalar_t* sr, const scalar_t* ur, int64_t C, acc_type<scalar_t> k, acc_type<scalar_t> wk,
-                 acc_type<scalar_t> wc, int64_t t, acc_type<scalar_t>* gr, acc_type<scalar_t>* ebuf,
-                 acc_type<scalar_t>* cbuf, acc_type<scalar_t>& kl, acc_type<scalar_t>& ce) {
+                 acc_type<scalar_t> wc, int64_t t, acc_type<scalar_t>* gr, acc_type<scalar_t>* scratch, bool nt,
+                 acc_type<scalar_t>& kl, acc_type<scalar_t>& ce) {
   using acc_t = acc_type<scalar_t>;
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   constexpr int64_t K = IO::kSize;
+  acc_t* abuf = scratch;
+  acc_t* bbuf = gr ? scratch + C : nullptr;
+  acc_t* cbuf = gr ? scratch + 2 * C : nullptr;
+  auto cexp = [](const Vec& x, const Vec& ea, const Vec& vms) {
+    if constexpr (kPow == 1) return ea;
+    if constexpr (kPow == 2) return ea * ea;
+    return fexp(x - vms);
+  };
+  auto cexp_s = [](acc_t x, acc_t ea, acc_t ms) {
+    if constexpr (kPow == 1) return ea;
+    if constexpr (kPow == 2) return ea * ea;
+    return std::exp(x - ms);
+  };
   const acc_t ms = row_max_acc(sr, C);
   const acc_t ma = k * ms, mb = k * row_max_acc(ur, C);
   const Vec vk(k), vma(ma), vmb(mb), vms(ms), zero(0);
@@ -181,18 +198,18 @@ void distill_row(const scalar_t* sr, const scalar_t* ur, int64_t C, acc_type<sca
   for (; i + K <= C; i += K) {
     const Vec x = IO::load(sr + i);
     const Vec a = at::vec::fmsub(x, vk, vma), b = at::vec::fmsub(IO::load(ur + i), vk, vmb);
-    const Vec ea = a.exp(), eb = b.exp();
+    const Vec ea = fexp(a), eb = fexp(b);
     sa = sa + ea;
     sb = sb + eb;
     A = A + Vec::blendv(eb * (b - a), zero, eb == zero);
     if (gr) {
-      ea.store(gr + i);
-      eb.store(ebuf + i);
+      ea.store(abuf + i);
+      eb.store(bbuf + i);
     }
     if constexpr (kCE) {
-      const Vec ec = (x - vms).exp();
+      const Vec ec = cexp(x, ea, vms);
       sc = sc + ec;
-      if (gr) ec.store(cbuf + i);
+      if (kPow == 0 && gr) ec.store(cbuf + i);
     }
   }
   acc_t Sa = hsum(sa), Sb = hsum(sb), Sc = hsum(sc), As = hsum(A);
@@ -204,13 +221,13 @@ void distill_row(const scalar_t* sr, const scalar_t* ur, int64_t C, acc_type<sca
     Sb += eb;
     As += eb == acc_t(0) ? acc_t(0) : eb * (b - a);
     if (gr) {
-      gr[i] = ea;
-      ebuf[i] = eb;
+      abuf[i] = ea;
+      bbuf[i] = eb;
     }
     if constexpr (kCE) {
-      const acc_t ec = std::exp(x - ms);
+      const acc_t ec = cexp_s(x, ea, ms);
       Sc += ec;
-      if (gr) cbuf[i] = ec;
+      if (kPow == 0 && gr) cbuf[i] = ec;
     }
   }
   // As is relative to the two shifts: sum q (b' - a') with b' = b - mb, a' = a - ma
@@ -220,15 +237,18 @@ void distill_row(const scalar_t* sr, const scalar_t* ur, int64_t C, acc_type<sca
   const acc_t ka = wk * k / Sa, kb = wk * k / Sb, kc = wc / Sc;
   const Vec vka(ka), vkb(kb), vkc(kc);
   for (i = 0; i + K <= C; i += K) {
-    Vec g = Vec::loadu(gr + i) * vka - Vec::loadu(ebuf + i) * vkb;
-    if constexpr (kCE) g = at::vec::fmadd(Vec::loadu(cbuf + i), vkc, g);
-    g.store(gr + i);
+    const Vec ea = Vec::loadu(abuf + i);
+    Vec g = ea * vka - Vec::loadu(bbuf + i) * vkb;
+    if constexpr (kCE && kPow == 0) g = at::vec::fmadd(Vec::loadu(cbuf + i), vkc, g);
+    if constexpr (kCE && kPow != 0) g = at::vec::fmadd(cexp(ea, ea, vms), vkc, g);
+    store_out(gr + i, g, K, nt);
   }
   for (; i < C; ++i) {
-    acc_t g = gr[i] * ka - ebuf[i] * kb;
-    if constexpr (kCE) g += cbuf[i] * kc;
+    acc_t g = abuf[i] * ka - bbuf[i] * kb;
+    if constexpr (kCE) g += (kPow == 0 ? cbuf[i] : cexp_s(abuf[i], abuf[i], ms)) * kc;  // cbuf: kPow 0 only
     gr[i] = g;
   }
+  if (nt) stream_fence();  // the streamed row is in memory before the target's entry is read back
   if constexpr (kCE) gr[t] -= wc;
 }
 
@@ -260,10 +280,11 @@ std::tuple<at::Tensor, at::Tensor> distill_fwd(const at::Tensor& s, const at::Te
     const acc_t wc = tp ? static_cast<acc_t>(ce_weight / static_cast<double>(n_valid)) : acc_t(0);
     acc_t* lp = loss.mutable_data_ptr<acc_t>();
     acc_t* gp = need_grad ? grad.mutable_data_ptr<acc_t>() : nullptr;
+    // the gradient rows are streamed when the logits and they outgrow the cache
+    const bool nt = need_grad && stream_outputs(M * C * (2 * s.element_size() + grad.element_size()));
+    const int pw = inv_temp == 1.0 ? 1 : inv_temp == 0.5 ? 2 : 0;  // kPow of distill_row
     at::parallel_for(0, M, row_grain(2 * C), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> scratch(need_grad ? 2 * C : 0);  // the task's eb and ec rows
-      acc_t* ebuf = scratch.data();
-      acc_t* cbuf = need_grad ? ebuf + C : nullptr;
+      std::vector<acc_t> scratch(need_grad ? 3 * C : 0);  // the task's exp rows (distill_row)
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* sr = sp + r * ss;
         const scalar_t* ur = up + r * su;
@@ -271,10 +292,12 @@ std::tuple<at::Tensor, at::Tensor> distill_fwd(const at::Tensor& s, const at::Te
         const int64_t t = tp ? tp[r * st] : ignore_index;
         acc_t kl, ce = 0;
         if (tp && t != ignore_index) {
-          distill_row<true>(sr, ur, C, k, wk, wc, t, gr, ebuf, cbuf, kl, ce);
+          auto row = pw == 1 ? &distill_row<true, 1, scalar_t>
+                     : pw == 2 ? &distill_row<true, 2, scalar_t> : &distill_row<true, 0, scalar_t>;
+          row(sr, ur, C, k, wk, wc, t, gr, scratch.data(), nt, kl, ce);
           lp[r] = wk * kl + wc * ce;
         } else {
-          distill_row<false>(sr, ur, C, k, wk, wc, t, gr, ebuf, cbuf, kl, ce);
+          distill_row<false, 0, scalar_t>(sr, ur, C, k, wk, wc, t, gr, scratch.data(), nt, kl, ce);
           lp[r] = tp ? wk * kl + acc_t(0) * wc : wk * kl;  // an ignored row: 0 / n_valid (NaN for 0 rows)
         }
       }

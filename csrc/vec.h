@@ -2,6 +2,8 @@
 // (float for float/bfloat16/half, double for double), and the row-parallel loop every row kernel uses.
 #pragma once
 #include <cstring>
+#include <atomic>
+#include <cstdio>
 #include <ATen/ATen.h>
 #include <torch/library.h>
 #include <ATen/OpMathType.h>
@@ -120,6 +122,101 @@ inline void prefetch_l2(const void* p, int64_t bytes) {
   (void)p;
   (void)bytes;
 #endif
+}
+
+// Non-temporal (streaming) stores for outputs too large to stay in the cache: written around the cache, they
+// skip the read-for-ownership of every output line (a plain store first reads the line from memory) and do not
+// evict the inputs. Only where the kernel's working set exceeds the last-level cache (stream_outputs): an
+// output that fits there is better left in it for its consumer.
+// The last-level cache's size from Linux's sysfs (sysconf's figure can be far off inside a VM); 32 MiB, a server
+// part's L3, where it is unknown.
+inline int64_t llc_bytes() {
+  static const int64_t bytes = [] {
+    int64_t best = 0;
+    for (int i = 0; i < 8; ++i) {
+      char path[96];
+      std::snprintf(path, sizeof(path), "/sys/devices/system/cpu/cpu0/cache/index%d/size", i);
+      FILE* f = std::fopen(path, "r");
+      if (!f) break;
+      long v = 0;
+      char unit = 0;
+      if (std::fscanf(f, "%ld%c", &v, &unit) >= 1) {
+        const int64_t b = unit == 'M' ? int64_t(v) << 20 : unit == 'K' ? int64_t(v) << 10 : int64_t(v);
+        best = std::max(best, b);
+      }
+      std::fclose(f);
+    }
+    return best > 0 ? best : int64_t(32) << 20;
+  }();
+  return bytes;
+}
+
+// The working-set size above which kernels stream their outputs: the last-level cache's
+// (tritium_runtime::set_stream_bytes changes it, so the tests reach both paths at small shapes).
+inline std::atomic<int64_t>& stream_threshold() {
+  static std::atomic<int64_t> bytes{llc_bytes()};
+  return bytes;
+}
+
+// Whether a kernel touching `bytes` of inputs and outputs in one call should stream its outputs.
+inline bool stream_outputs(int64_t bytes) { return bytes > stream_threshold().load(std::memory_order_relaxed); }
+
+// p is aligned for stream_store<T> (one vector of the accumulation type stored as T: K * sizeof(T) bytes).
+template <typename T>
+inline bool stream_aligned(const T* p) {
+  return reinterpret_cast<uintptr_t>(p) % (VecIO<T>::kSize * sizeof(T)) == 0;
+}
+
+// One accumulation-type vector stored as T at p (stream_aligned) around the cache; a plain store without x86
+// vectors. A kernel that streams calls stream_fence() at the end of each task, before other threads read.
+template <typename T>
+inline void stream_store(T* p, const Vectorized<acc_type<T>>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_stream_ps(p, v);
+  } else if constexpr (std::is_same_v<T, double>) {
+    _mm512_stream_pd(p, v);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_bf16(static_cast<__m512>(v)));
+  } else {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_fp16(static_cast<__m512>(v)));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_stream_ps(p, v);
+  } else if constexpr (std::is_same_v<T, double>) {
+    _mm256_stream_pd(p, v);
+  } else {  // the 8 floats rounded into the low half of a 16-lane vector: 16 bytes
+    const __m256i h = at::vec::convert_from_float<T>(v, v);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(h));
+  }
+#else
+  VecIO<T>::store(p, v);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+// One vector's n (<= K) elements stored as T at p: streamed when `stream` and p is aligned for it, else a plain
+// store (through a buffer for a partial vector).
+template <typename T>
+inline void store_out(T* p, const Vectorized<acc_type<T>>& v, int64_t n, bool stream) {
+  using IO = VecIO<T>;
+  if (n == IO::kSize) {
+    if (stream && stream_aligned(p)) {
+      stream_store(p, v);
+    } else {
+      IO::store(p, v);
+    }
+  } else {
+    T b[IO::kSize];
+    IO::store(b, v);
+    std::copy(b, b + n, p);
+  }
 }
 
 // Fast float math for the elementwise kernels. Float vectors (also the accumulation type of bfloat16/half) get

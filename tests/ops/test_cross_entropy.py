@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import tritium
-from tests.util import CPU_DTYPES, assert_within_torch_error, leaf
+from tests.util import CPU_DTYPES, assert_within_torch_error, leaf, streamed_stores
 from tritium.utils import cpu_has_bf16_dot
 
 REDUCTIONS = ["mean", "sum", "none"]
@@ -368,6 +368,25 @@ def test_distillation_loss(dtype, shape, with_target, alpha):
     names = _graph_names(y.grad_fn)
     assert y.dtype == dtype and "distill_fwd" in names  # the fused kernel ran
     assert "cross_entropy_fwd" not in names  # and the hard-label term with it, not a cross_entropy of its own
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(5, 37), (3, 4, 200), (2, 4100)], ids=["5x37", "3d", "2x4100"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 3.0])
+@pytest.mark.parametrize("streamed", [False, True], ids=["stored", "streamed"])
+def test_distillation_loss_temperatures(dtype, shape, temperature, streamed):
+    """The kernel's three forms of the student's exp at temperature 1 (T = 1: the same exp; T = 2: the square of
+    the exp at T; other T: its own exp), with the gradient rows and the backward's rows stored plainly or
+    streamed around the cache (the large-tensor path, taken here at small shapes): values and gradient within
+    2x torch's error, with and without a target."""
+    from tritium import reference
+    s, te = torch.randn(shape, dtype=torch.float64) * 3, torch.randn(shape, dtype=torch.float64) * 3
+    for t in (None, torch.randint(0, shape[-1], shape[:-1])):
+        if t is not None:
+            t.view(-1)[::3] = -100
+        with streamed_stores(streamed):
+            _compare(lambda a, b: tritium.distillation_loss(a, b, temperature, 0.4, t),
+                     lambda a, b: reference.distillation_loss(a, b, temperature, 0.4, t), [s, te], dtype)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
