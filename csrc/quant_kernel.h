@@ -982,10 +982,13 @@ static void tile_rows(int terms, const TileArgs<S>& a, int64_t M, const void* x,
   }
 #endif
 #if QK_ISA >= 2
-  // int8 activations in 512-bit registers: 8 rows per pass over the weights (the 8 weight groups, 8 accumulators
-  // and each row's two dot chains fit the 32 registers), so a block's nibbles are split once per 8 rows
-  if (int8_act)
+  // int8 activations in 512-bit registers: 16 rows per pass over the weights (a batched decode step's), then 8, so
+  // a block's nibbles are split and its groups loaded once per pass; the 8 weight groups and 8 accumulators fit the
+  // 32 registers, and at 16 the compiler keeps all but a few accumulators in them too
+  if (int8_act) {
+    while (M - m >= 16) run(std::integral_constant<int, 16>{});
     while (M - m >= 8) run(std::integral_constant<int, 8>{});
+  }
 #endif
   while (M - m >= 4) run(std::integral_constant<int, 4>{});
   if (M - m == 3) run(std::integral_constant<int, 3>{});
