@@ -191,6 +191,19 @@ dim, length, state) array at every step), so each side is timed by one call afte
 0.01`).
 """
 
+ROWS_PROSE = """\
+The headline rows of `batch_norm_act` and `distillation_loss` (issue 18's rows that were behind torch.compile or
+below 2x eager in `ops-headline-amd-avx512.json`) re-recorded after their CPU kernels changed: outputs larger than
+the last-level cache written with streaming stores, and distillation's exponentials by ATen's `exp_u20`, with one exp
+per class saved at temperature 1 or 2. Five rounds over eager, compile and tritium in turn, each side the median.
+"""
+
+LORA_INT4_PROSE = """\
+`lora_linear` on an int4 base (group 32: the frozen weight read as 4-bit blocks in the kernel, dx by the quantized
+op's input gradient) against PEFT's LoRA layer on a `torch.nn.Linear` holding the dequantised float weight (there is
+no int4 LoRA layer to compare with on CPU; the baseline holds 8x (float32) or 4x (bfloat16) the base's bytes).
+"""
+
 GRAPH_PROSE = """\
 Message passing over a CSR graph (`tritium.graph_aggregate`, `tritium.gat_aggregate`): a GCN layer (normalised
 sum aggregation) and a GAT layer (the edge softmax per destination fused with the aggregation), 10,000 nodes with
@@ -581,6 +594,12 @@ KNOWN = [
     ("selective-scan-amd-avx512.json", "tritium bench ops --op selective_scan --headline --mode fwdbwd --dtype "
                                        "float32 --min-time 0.01 --json bench/results/selective-scan-amd-avx512.json",
      f"Mamba's selective scan on {MACHINE_KINDS['amd-avx512']}: forward and backward", SCAN_PROSE, ops_section),
+    ("ops-rows-amd-avx512.json", "tritium bench ops --op batch_norm_act --op distillation_loss --headline --rounds 5 "
+                                 "--json bench/results/ops-rows-amd-avx512.json",
+     f"Re-recorded headline rows on {MACHINE_KINDS['amd-avx512']}", ROWS_PROSE, ops_section),
+    ("lora-int4-amd-avx512.json", "tritium bench ops --op lora_linear_int4 --rounds 3 --json "
+                                  "bench/results/lora-int4-amd-avx512.json",
+     f"LoRA on an int4 base on {MACHINE_KINDS['amd-avx512']}", LORA_INT4_PROSE, ops_section),
     ("moe-amd-avx512.json", "tritium bench ops --op moe --rounds 3 --json bench/results/moe-amd-avx512.json",
      f"Mixture of experts on {MACHINE_KINDS['amd-avx512']}", MOE_PROSE, ops_section),
     ("graph-amd-avx512.json", "tritium bench ops --op gcn_layer --op gat_layer --json "
