@@ -18,7 +18,7 @@ import tritium
 from tritium import finetune as ft
 from tritium.models import LlamaConfig, build
 from tritium.nn import LoRALinear
-from tests.util import assert_within_torch_error, need
+from tests.util import assert_lora_layer_grads, need
 
 # (mode, group_size, in_features): per-channel int8 at an odd width, and each group size the formats take
 FORMATS = [("int8", None, 45), ("int8", 64, 192), ("int4", 32, 96), ("int4", 64, 192), ("int4", 128, 384)]
@@ -62,25 +62,7 @@ def test_gradients(fmt, rows, bias, dropout, dtype):
     torch.testing.assert_close(layer.frozen_base().dequantize(torch.float32).double(), w64, rtol=0, atol=0)
     x = torch.randn(rows, k, dtype=torch.float64).to(dtype)
     dy = torch.randn(rows, n, dtype=torch.float64).to(dtype)
-    torch.manual_seed(7)
-    xl = x.clone().requires_grad_(True)
-    y = layer(xl)
-    dx, da, db = torch.autograd.grad(y, (xl, layer.lora_A, layer.lora_B), dy)
-    torch.manual_seed(7)
-    mask = tritium.reference.lora_dropout_mask(x, dropout) if dropout else torch.ones_like(x)
-    s = layer.scaling / (1 - dropout)
-
-    def run(d):
-        xi = x.to(d).requires_grad_(True)
-        a = layer.lora_A.detach().to(d).requires_grad_(True)
-        b = layer.lora_B.detach().to(d).requires_grad_(True)
-        bias_ = None if layer.bias is None else layer.bias.to(d)
-        out = F.linear(xi, w64.to(d), bias_) + s * F.linear(F.linear(xi * mask.to(d), a), b)
-        return (out.detach(), *torch.autograd.grad(out, (xi, a, b), dy.to(d)))
-
-    theirs, ref = run(dtype), run(torch.float64)
-    for name, ours, t, rf in zip(("y", "dx", "dA", "dB"), (y, dx, da, db), theirs, ref):
-        assert_within_torch_error(ours.detach(), t, rf, f"{name} {mode}/{group} {rows} rows {dtype}")
+    assert_lora_layer_grads(layer, w64, x, dy, dropout, f"{mode}/{group} {rows} rows {dtype}")
 
 
 def test_dropout_draws_the_seeded_mask():

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import tritium
 from tritium.nn import LoRALinear
 from tritium.ops.nf4 import dequantize_nf4_reference
-from tests.util import assert_within_torch_error, need
+from tests.util import assert_lora_layer_grads, need
 
 
 def _layer(k, n, r, dtype, bias=True, dropout=0.0, dq=False, seed=0):
@@ -32,25 +32,7 @@ def test_gradients(dtype, m, bias, dropout, dq):
     w64 = dequantize_nf4_reference(layer.nf4_weight())
     x = torch.randn(m, k, dtype=torch.float64).to(dtype)
     dy = torch.randn(m, n, dtype=torch.float64).to(dtype)
-    torch.manual_seed(7)
-    xl = x.clone().requires_grad_(True)
-    y = layer(xl)
-    dx, da, db = torch.autograd.grad(y, (xl, layer.lora_A, layer.lora_B), dy)
-    torch.manual_seed(7)
-    mask = tritium.reference.lora_dropout_mask(x, dropout) if dropout else torch.ones_like(x)
-    s = layer.scaling / (1 - dropout)
-
-    def run(d):
-        xi = x.to(d).requires_grad_(True)
-        a = layer.lora_A.detach().to(d).requires_grad_(True)
-        b = layer.lora_B.detach().to(d).requires_grad_(True)
-        bias_ = None if layer.bias is None else layer.bias.to(d)
-        out = F.linear(xi, w64.to(d), bias_) + s * F.linear(F.linear(xi * mask.to(d), a), b)
-        return (out.detach(), *torch.autograd.grad(out, (xi, a, b), dy.to(d)))
-
-    theirs, ref = run(dtype), run(torch.float64)
-    for name, ours, t, rf in zip(("y", "dx", "dA", "dB"), (y, dx, da, db), theirs, ref):
-        assert_within_torch_error(ours.detach(), t, rf, f"{name} {m} rows {dtype}")
+    assert_lora_layer_grads(layer, w64, x, dy, dropout, f"{m} rows {dtype}")
 
 
 def test_apply_and_train():

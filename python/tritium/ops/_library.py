@@ -167,6 +167,25 @@ def kernel_ok(x: Tensor, *others: Tensor) -> bool:
     )
 
 
+def check_linear_input(fn: str, x, bias, n: int, k: int, device) -> None:
+    """The checks of a product x (*, k) @ W^T + bias with a frozen (out n, in k) weight on `device` that is not a
+    tensor (NF4, int8/int4): x a floating-point tensor of k columns on the weight's device, bias None or (n,) in x's
+    dtype. TypeError / ValueError naming fn and the argument."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"{fn}: x must be a floating-point tensor, got "
+                        f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"{fn}: x must be (*, in_features) = (*, {k}), got shape {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{fn}: x is on {x.device} but weight on {device}")
+    if bias is not None:
+        if not isinstance(bias, Tensor) or tuple(bias.shape) != (n,):
+            raise ValueError(f"{fn}: bias must be (out_features,) = ({n},) or None, got "
+                             f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"{fn}: bias must have x's dtype {x.dtype}, got {bias.dtype}")
+
+
 # ---- routes to torch's own ops ----
 # Below ROUTE_BELOW[op] elements of the input, on CPU, these public functions call torch's own op (their
 # tritium.reference form) instead of the kernel, where torch finishes first (bench/results/routes.json, recorded with

@@ -34,7 +34,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._library import call_op, define_op, unit_last
+from ._library import call_op, check_linear_input, define_op, unit_last
 
 # bitsandbytes' NF4 code (bitsandbytes/functional.py get_4bit_type("nf4")): the quantiles of a standard normal
 # scaled to [-1, 1], with an exact 0; as float32 values
@@ -273,19 +273,7 @@ def nf4_linear(x: Tensor, weight: NF4Weight, bias: Optional[Tensor] = None) -> T
     x: float32, bfloat16 or float16 (float64 goes through the float64 dequantised weight)."""
     fn = "nf4_linear"
     n, k = _check_weight(fn, weight)
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise TypeError(f"{fn}: x must be a floating-point tensor, got "
-                        f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
-    if x.dim() < 1 or x.shape[-1] != k:
-        raise ValueError(f"{fn}: x must be (*, in_features) = (*, {k}), got shape {tuple(x.shape)}")
-    if x.device != weight.device:
-        raise ValueError(f"{fn}: x is on {x.device} but weight on {weight.device}")
-    if bias is not None:
-        if not isinstance(bias, Tensor) or tuple(bias.shape) != (n,):
-            raise ValueError(f"{fn}: bias must be (out_features,) = ({n},) or None, got "
-                             f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"{fn}: bias must have x's dtype {x.dtype}, got {bias.dtype}")
+    check_linear_input(fn, x, bias, n, k, weight.device)
     from .._backend import use_reference
 
     if x.dtype == torch.float64 or x.numel() == 0 or use_reference() or x.device.type not in ("cpu", "cuda"):

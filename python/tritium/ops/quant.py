@@ -29,7 +29,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._library import call_op, define_op
+from ._library import call_op, check_linear_input, define_op
 
 QUANT_BITS = (4, 8)
 BLOCK = 32          # activations are quantized per 32 elements; rows are padded to a multiple of 32
@@ -255,19 +255,7 @@ def quantized_linear(x: Tensor, weight: QuantizedWeight, bias: Optional[Tensor] 
         raise TypeError(f"{fn}: weight must be a QuantizedWeight (QuantizedWeight.quantize), got "
                         f"{type(weight).__name__}")
     n, k = weight.n, weight.k
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise TypeError(f"{fn}: x must be a floating-point tensor, got "
-                        f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
-    if x.dim() < 1 or x.shape[-1] != k:
-        raise ValueError(f"{fn}: x must be (*, in_features) = (*, {k}), got shape {tuple(x.shape)}")
-    if x.device != weight.device:
-        raise ValueError(f"{fn}: x is on {x.device} but weight on {weight.device}")
-    if bias is not None:
-        if not isinstance(bias, Tensor) or tuple(bias.shape) != (n,):
-            raise ValueError(f"{fn}: bias must be (out_features,) = ({n},) or None, got "
-                             f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"{fn}: bias must have x's dtype {x.dtype}, got {bias.dtype}")
+    check_linear_input(fn, x, bias, n, k, weight.device)
     from .._backend import use_reference
 
     if x.dtype == torch.float64 or x.numel() == 0 or use_reference() or x.device.type not in ("cpu", "cuda"):
