@@ -218,6 +218,24 @@ ROW_CASES = [("triplet-p2", ROW_TRIPLET, 1.0, 2.0, 1e-6), ("triplet-p1", ROW_TRI
              ("multi-margin-p2", ROW_MULTI_MARGIN, 0.7, 2.0, 0.0)]
 
 
+def row_inputs(loss, n, d, dtype):
+    """(x1, x2, x3, y, w) of a row loss on n rows of d: x2 near x1, x3 for the triplets, labels for cosine
+    (1, -1 and 0), contrastive (0/1) and multi-margin (class indices, with class weights; no x2)."""
+    x1 = torch.randn(n, d, dtype=torch.float64).to(dtype)
+    x2 = (x1.double() + torch.randn(n, d, dtype=torch.float64) * 0.7).to(dtype)
+    x3 = torch.randn(n, d, dtype=torch.float64).to(dtype) if loss in (ROW_TRIPLET, ROW_TRIPLET_SWAP) else None
+    y = w = None
+    if loss == ROW_COSINE:
+        y = torch.tensor([1.0, -1.0, 1.0, -1.0, 0.0]).repeat(n // 5 + 1)[:n].to(dtype)
+    elif loss == ROW_CONTRASTIVE:
+        y = _bits((n,)).to(dtype)
+    elif loss == ROW_MULTI_MARGIN:
+        y = torch.randint(0, d, (n,))
+        w = (torch.rand(d) + 0.5).to(dtype)
+        x2 = None
+    return x1, x2, x3, y, w
+
+
 # torch has no 16-bit CPU multi_margin_loss to measure its error against (the public function sends those calls
 # to torch, which raises): the row kernel's multi-margin is checked in float32 and float64
 ROW_PARAMS = [(dt,) + case for case in ROW_CASES for dt in CPU_DTYPES
@@ -230,18 +248,7 @@ def test_rows(dtype, what, loss, a, b, c, d):
     """Per-row losses and every input's gradient rows (from an upstream gradient per row) against torch in dtype
     and in float64."""
     n = 37
-    x1 = torch.randn(n, d, dtype=torch.float64).to(dtype)
-    x2 = (x1.double() + torch.randn(n, d, dtype=torch.float64) * 0.7).to(dtype)
-    x3 = torch.randn(n, d, dtype=torch.float64).to(dtype) if loss in (ROW_TRIPLET, ROW_TRIPLET_SWAP) else None
-    y = w = None
-    if loss == ROW_COSINE:
-        y = torch.tensor([1.0, -1.0, 1.0, -1.0, 0.0] * 8)[:n].to(dtype)
-    elif loss == ROW_CONTRASTIVE:
-        y = _bits((n,)).to(dtype)
-    elif loss == ROW_MULTI_MARGIN:
-        y = torch.randint(0, d, (n,))
-        w = (torch.rand(d) + 0.5).to(dtype)
-        x2 = None
+    x1, x2, x3, y, w = row_inputs(loss, n, d, dtype)
     ins = [t for t in (x1, x2, x3) if t is not None]
     adt = torch.float64 if dtype == torch.float64 else torch.float32
     dloss = torch.randn(n, dtype=torch.float64).to(dtype)

@@ -7,7 +7,7 @@ import torch
 
 from tritium.kernels import losses_rows
 from tritium.ops.losses import ROW_CONTRASTIVE, ROW_COSINE, ROW_MULTI_MARGIN, ROW_TRIPLET, ROW_TRIPLET_SWAP
-from tests.kernels.test_losses import ROW_CASES, _bits, _row_ref
+from tests.kernels.test_losses import ROW_CASES, _row_ref, row_inputs
 from tests.util import KERNEL_DTYPES, assert_within_torch_error, check_gpu_compile, leaf, on_device
 
 triton_rows = on_device(losses_rows)
@@ -27,22 +27,6 @@ def test_registered_for_cuda():
     for op in ("loss_rows", "loss_rows_bwd"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tritium::{op}", "CUDA"), op
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tritium::{op}", "CPU"), op
-
-
-def _inputs(loss, n, d, dtype):
-    x1 = torch.randn(n, d, dtype=torch.float64).to(dtype)
-    x2 = (x1.double() + torch.randn(n, d, dtype=torch.float64) * 0.7).to(dtype)
-    x3 = torch.randn(n, d, dtype=torch.float64).to(dtype) if loss in (ROW_TRIPLET, ROW_TRIPLET_SWAP) else None
-    y = w = None
-    if loss == ROW_COSINE:
-        y = torch.tensor([1.0, -1.0, 1.0, -1.0, 0.0]).repeat(n // 5 + 1)[:n].to(dtype)
-    elif loss == ROW_CONTRASTIVE:
-        y = _bits((n,)).to(dtype)
-    elif loss == ROW_MULTI_MARGIN:
-        y = torch.randint(0, d, (n,))
-        w = (torch.rand(d) + 0.5).to(dtype)
-        x2 = None
-    return x1, x2, x3, y, w
 
 
 def _torch(loss, ins, y, w, a, b, c, dloss, dt, via=None):
@@ -66,7 +50,7 @@ def test_rows(dtype, what, loss, a, b, c):
     against torch in dtype and in float64; the backward from the forward's statistics gives the bits of its own
     recompute; one gradient asked for writes only that one."""
     for n, d in SHAPES:
-        x1, x2, x3, y, w = _inputs(loss, n, d, dtype)
+        x1, x2, x3, y, w = row_inputs(loss, n, d, dtype)
         ins = [t for t in (x1, x2, x3) if t is not None]
         dloss = torch.randn(n, dtype=torch.float64).to(dtype)
         out, stats = triton_rows.loss_rows(loss, x1, x2, x3, y, w, a, b, c)
@@ -143,7 +127,7 @@ def test_gpu_compile():
         for dtype in (torch.float32, torch.bfloat16):
             for n, d in ((8192, 1024), (2, 3000)):
                 for _, loss, a, b, c in ROW_CASES:
-                    x1, x2, x3, y, w = _inputs(loss, n, d, dtype)
+                    x1, x2, x3, y, w = row_inputs(loss, n, d, dtype)
                     out, stats = losses_rows.loss_rows(loss, x1, x2, x3, y, w, a, b, c)
                     dl = torch.ones(n)
                     losses_rows.loss_rows_bwd(loss, dl, x1, x2, x3, y, w, a, b, c, True, True, True, stats)
