@@ -18,7 +18,7 @@ import tritium
 from tritium import finetune as ft
 from tritium.models import LlamaConfig, build
 from tritium.nn import LoRALinear
-from tests.util import assert_lora_layer_grads, need
+from tests.util import assert_lora_layer_grads, assert_matches_peft_layer, need
 
 # (mode, group_size, in_features): per-channel int8 at an odd width, and each group size the formats take
 FORMATS = [("int8", None, 45), ("int8", 64, 192), ("int4", 32, 96), ("int4", 64, 192), ("int4", 128, 384)]
@@ -241,18 +241,7 @@ def test_matches_peft_on_dequantised_base():
                                                                        lora_dropout=0.0))
     plora = pm.base_model.model[0]
     torch.nn.init.normal_(plora.lora_B["default"].weight, std=0.1)
-    with torch.no_grad():
-        layer.lora_A.copy_(plora.lora_A["default"].weight)
-        layer.lora_B.copy_(plora.lora_B["default"].weight)
-    x = torch.randn(2, 9, k)
-    dy = torch.randn(2, 9, n)
-    yp = pm(x)
-    gp = torch.autograd.grad(yp, (plora.lora_A["default"].weight, plora.lora_B["default"].weight), dy)
-    yo = ours(x)
-    go = torch.autograd.grad(yo, (layer.lora_A, layer.lora_B), dy)
-    torch.testing.assert_close(yo, yp, rtol=1e-5, atol=1e-5)
-    for a, b in zip(go, gp):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert_matches_peft_layer(ours, layer, pm, plora, k, n)
 
 
 def test_transformers_llama_int8_matches_peft():

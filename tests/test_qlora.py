@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import tritium
 from tritium.nn import LoRALinear
 from tritium.ops.nf4 import dequantize_nf4_reference
-from tests.util import assert_lora_layer_grads, need
+from tests.util import assert_lora_layer_grads, assert_matches_peft_layer, need
 
 
 def _layer(k, n, r, dtype, bias=True, dropout=0.0, dq=False, seed=0):
@@ -113,15 +113,4 @@ def test_matches_peft_on_bitsandbytes():
     layer = ours[0]
     assert torch.equal(layer.weight_nf4, l4.weight.data)
     assert torch.equal(layer.weight_absmax, l4.weight.quant_state.absmax)
-    with torch.no_grad():
-        layer.lora_A.copy_(plora.lora_A["default"].weight)
-        layer.lora_B.copy_(plora.lora_B["default"].weight)
-    x = torch.randn(2, 9, k)
-    dy = torch.randn(2, 9, n)
-    yp = pm(x)
-    gp = torch.autograd.grad(yp, (plora.lora_A["default"].weight, plora.lora_B["default"].weight), dy)
-    yo = ours(x)
-    go = torch.autograd.grad(yo, (layer.lora_A, layer.lora_B), dy)
-    torch.testing.assert_close(yo, yp, rtol=1e-5, atol=1e-5)
-    for a, b in zip(go, gp):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert_matches_peft_layer(ours, layer, pm, plora, k, n)

@@ -477,3 +477,20 @@ def assert_lora_layer_grads(layer, w64: torch.Tensor, x: torch.Tensor, dy: torch
     theirs, ref = run(dtype), run(torch.float64)
     for name, ours, t, rf in zip(("y", "dx", "dA", "dB"), (y, dx, da, db), theirs, ref):
         assert_within_torch_error(ours.detach(), t, rf, f"{name} {what}")
+
+
+def assert_matches_peft_layer(ours, layer, pm, plora, k: int, n: int) -> None:
+    """ours (a model whose LoRALinear `layer` sits on a frozen base) and PEFT's model pm (its LoRA layer plora, on
+    the same base weight dequantised) give the same outputs and adapter gradients once layer takes plora's A and B."""
+    with torch.no_grad():
+        layer.lora_A.copy_(plora.lora_A["default"].weight)
+        layer.lora_B.copy_(plora.lora_B["default"].weight)
+    x = torch.randn(2, 9, k)
+    dy = torch.randn(2, 9, n)
+    yp = pm(x)
+    gp = torch.autograd.grad(yp, (plora.lora_A["default"].weight, plora.lora_B["default"].weight), dy)
+    yo = ours(x)
+    go = torch.autograd.grad(yo, (layer.lora_A, layer.lora_B), dy)
+    torch.testing.assert_close(yo, yp, rtol=1e-5, atol=1e-5)
+    for a, b in zip(go, gp):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
