@@ -151,3 +151,20 @@ def test_decode_through_the_cache_equals_dense(block_size):
         ref = torch.nn.functional.scaled_dot_product_attention(
             q[sid][:, None], k.transpose(0, 1), v.transpose(0, 1), enable_gqa=True)[:, 0]
         torch.testing.assert_close(out[sid], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_block_tables_and_append_slots():
+    """A step's tables: each sequence's blocks, zero padded to the longest (or a given width); a width narrower
+    than a table is an error. append's slots: every sequence's new slots, in the order of the ids."""
+    cache = PagedKVCache(num_layers=1, num_blocks=8, block_size=2, num_kv_heads=1, head_dim=2)
+    cache.allocate("a", 5)   # blocks 0, 1, 2
+    cache.allocate("b", 1)   # block 3
+    t = cache.block_tables(["a", "b"])
+    assert t.dtype == torch.int32 and t.tolist() == [[0, 1, 2], [3, 0, 0]]
+    assert cache.block_tables(["b"], width=4).tolist() == [[3, 0, 0, 0]]
+    assert cache.block_tables([]).shape == (0, 1)
+    with pytest.raises(ValueError, match="width 2"):
+        cache.block_tables(["a"], width=2)
+    slots = cache.append(["b", "a"])   # b's second slot in block 3; a's sixth in block 2
+    assert slots.dtype == torch.int64 and slots.tolist() == [7, 5]
+    assert cache.append([]).tolist() == []

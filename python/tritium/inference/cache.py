@@ -297,8 +297,10 @@ class PagedKVCache:
         if need > self.num_free_blocks:
             raise CacheFullError(f"KV cache full: appending {num_tokens} token(s) to {len(ids)} sequence(s) needs "
                                  f"{need} blocks, {self.num_free_blocks} free of {self.num_blocks}")
-        slots = [self._grow(s, num_tokens) for s in ids]
-        return torch.cat(slots) if slots else torch.empty(0, dtype=torch.int64, device=self.device)
+        slots: List[int] = []
+        for s in ids:   # one tensor for all of them (a decode step appends to every running sequence)
+            slots += self._grow_slots(s, num_tokens)
+        return torch.tensor(slots, dtype=torch.int64, device=self.device)
 
     def fork(self, parent: Hashable, child: Hashable) -> None:
         """child starts as a copy of parent, sharing all of its blocks (no block is copied until a write)."""
@@ -323,11 +325,11 @@ class PagedKVCache:
         read since they lie past the sequence's length)."""
         tables = [self._get(s).blocks for s in seq_ids]
         w = max([len(t) for t in tables] + [1]) if width is None else width
-        out = torch.zeros((len(tables), w), dtype=torch.int32)
-        for i, t in enumerate(tables):
-            if t:
-                out[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        return out.to(self.device)
+        if any(len(t) > w for t in tables):
+            raise ValueError(f"block_tables: width {w} is less than the longest table ({max(map(len, tables))})")
+        # padded in Python and made one tensor: per-row tensor copies cost more than a decode step's kernels
+        rows = [t + [0] * (w - len(t)) for t in tables]
+        return torch.tensor(rows, dtype=torch.int32, device=self.device).view(len(tables), w)
 
     def slots(self, seq_id: Hashable, num_tokens: Optional[int] = None) -> Tensor:
         """int64 (num_tokens,) slots of the sequence's first num_tokens tokens (None: all of them), in order: where
@@ -396,6 +398,10 @@ class PagedKVCache:
 
     def _grow(self, seq_id: Hashable, n: int) -> Tensor:
         """Append n slots to seq_id; the caller has checked that enough blocks are free."""
+        return torch.tensor(self._grow_slots(seq_id, n), dtype=torch.int64, device=self.device)
+
+    def _grow_slots(self, seq_id: Hashable, n: int) -> List[int]:
+        """_grow's slots as a list."""
         s = self._seqs[seq_id]
         bs = self.block_size
         used = s.length % bs
@@ -412,7 +418,7 @@ class PagedKVCache:
                 s.blocks.append(self.allocator.allocate())
             slots.append(s.blocks[i // bs] * bs + i % bs)
         s.length += n
-        return torch.tensor(slots, dtype=torch.int64, device=self.device)
+        return slots
 
     def __repr__(self) -> str:
         pool = self.k_pools[0] if self.k_pools else None
