@@ -26,8 +26,9 @@
   batch 64 (--small: 16); the fused kan_spline vs the twin's efficient-kan basis recursion.
 - wavenet: one training step (next-sample cross-entropy over 256 mu-law classes, Adam) of the recipe's WaveNet
   (2 stacks of dilations 1..32, 32 residual / 32 gate / 64 skip channels) on 16 windows of 256 samples (--small: 4).
-- gan, ddpm, flow, seq2seq: the tritium model steps with tritium.optim.AdamW (Adam: weight_decay 0), as its recipe
-  does (tritium.cli.train.adamw_for), the twin with torch.optim's; the other zoo rows use torch.optim's on both sides.
+- siamese, gan, wavenet, ddpm, flow, seq2seq: the tritium model steps with tritium.optim.AdamW (Adam: weight_decay
+  0), as its recipe does (tritium.cli.train.adamw_for), the twin with torch.optim's; the other zoo rows use
+  torch.optim's on both sides.
 - ddpm, flow, seq2seq (issue 26, tritium.models.diffusion / flow / seq2seq): one training step of each recipe
   (tritium.cli.train_gen) vs its twin: the U-Net's noise-prediction MSE on 128 digits at random timesteps
   (GroupNorm + SiLU fused; the convolutions are torch's in both), RealNVP's NLL on 256 two-moons points, the
@@ -290,6 +291,7 @@ def _gnn_cases(name: str, small: bool, device) -> Dict[str, Callable[[], object]
 
 
 def _kan_wavenet_cases(name: str, small: bool, device) -> Dict[str, Callable[[], object]]:
+    from ..cli.train import adamw_for
     from ..models.zoo import KAN, WaveNet, kan_step, wavenet_step
 
     gen = torch.Generator().manual_seed(0)
@@ -308,7 +310,7 @@ def _kan_wavenet_cases(name: str, small: bool, device) -> Dict[str, Callable[[],
             cases[side] = lambda m=model, o=opt: kan_step(m, o, x, y)
         else:
             model = WaveNet(impl=impl).to(device)
-            opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+            opt = adamw_for(impl)(model.parameters(), lr=3e-3, weight_decay=0.0)
             cases[side] = lambda m=model, o=opt: wavenet_step(m, o, c)
     return cases
 
@@ -331,7 +333,7 @@ def _zoo_cases(name: str, small: bool, device) -> Dict[str, Callable[[], object]
         torch.manual_seed(0)
         if name == "siamese":
             model = Siamese(loss="info_nce", impl=impl).to(device)
-            opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+            opt = adamw_for(impl)(model.parameters(), lr=2e-3, weight_decay=1e-4)
             cases[side] = lambda m=model, o=opt: siamese_step(m, o, a, b, c)
         else:
             gan = GAN(impl=impl).to(device)

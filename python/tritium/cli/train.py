@@ -60,8 +60,10 @@ def digits(seed: int = 0, test_fraction: float = 0.2) -> Tuple[Tensor, Tensor, T
     return x[idx_train], y[idx_train], x[idx_test], y[idx_test]
 
 
-def make_optimizer(model: nn.Module, recipe: Recipe, total_steps: int):
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+def make_optimizer(model: nn.Module, recipe: Recipe, total_steps: int, optimizer=torch.optim.AdamW):
+    """``optimizer`` (an AdamW class: torch's, or adamw_for(impl) in the zoo recipes) at the recipe's learning rate
+    and weight decay, with warm-up + cosine."""
+    opt = optimizer(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     warmup = max(1, total_steps // 20)
     return opt, warmup_cosine(opt, total_steps, warmup)
 
@@ -163,7 +165,7 @@ def train_siamese(impl: str = "tritium", loss: str = "info_nce", epochs: Optiona
     steps = steps or _steps("siamese", epochs, len(y_train))
     torch.manual_seed(seed)
     model = Siamese(loss=loss, impl=impl)
-    opt, sched = make_optimizer(model, recipe, steps)
+    opt, sched = make_optimizer(model, recipe, steps, adamw_for(impl))
     gen = torch.Generator().manual_seed(seed)
     model.train()
     t0 = time.perf_counter()
@@ -320,7 +322,7 @@ def train_wavenet(impl: str = "tritium", steps: Optional[int] = None, seed: int 
     test_c = mu_law_encode(sine_waves(test_waves, 1024, seed + 1000))
     torch.manual_seed(seed)
     model = WaveNet(impl=impl)
-    opt, sched = make_optimizer(model, recipe, steps)
+    opt, sched = make_optimizer(model, recipe, steps, adamw_for(impl))
     gen = torch.Generator().manual_seed(seed)
     model.train()
     t0 = time.perf_counter()

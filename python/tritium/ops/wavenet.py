@@ -107,11 +107,13 @@ def wavenet_residual_skip(x: Tensor, h: Tensor, w_res: Tensor, b_res: Optional[T
     b = None if b_res is None and b_skip is None else torch.cat([
         b_res if b_res is not None else w_res.new_zeros(R), b_skip if b_skip is not None else w_skip.new_zeros(
             w_skip.shape[0])])
+    # split, not two slices: its backward writes the two gradients into one tensor (two slices' would each fill a
+    # zero tensor of the projections' size, copy into it, and add the two)
     if channels_last:
-        out = F.linear(z, w, b)                   # both 1x1 projections in one GEMM
-        return x + out[..., :R], out[..., R:]
-    out = F.conv1d(z, w.unsqueeze(-1), b)
-    return x + out[:, :R], out[:, R:]
+        res, skip = F.linear(z, w, b).split([R, w.shape[0] - R], -1)   # both 1x1 projections in one GEMM
+    else:
+        res, skip = F.conv1d(z, w.unsqueeze(-1), b).split([R, w.shape[0] - R], 1)
+    return x + res, skip
 
 
 __all__: List[str] = ["wavenet_gate", "wavenet_residual_skip"]
