@@ -29,6 +29,10 @@ from .._dtypes import SUPPORTED_DTYPES, acc_dtype  # noqa: F401  (the ops import
 NAMESPACE = "tritium"
 _lib = torch.library.Library(NAMESPACE, "DEF")
 
+# The CPU device, for the per-call device tests of kernel_ok and routed: a comparison with it costs next to nothing,
+# where reading a tensor's device.type builds a string per call (some microseconds right after a backward pass)
+CPU = torch.device("cpu")
+
 
 def _triton_launcher(spec: str) -> Callable:
     module_name, fn_name = spec.split(":")
@@ -156,15 +160,11 @@ def kernel_ok(x: Tensor, *others: Tensor) -> bool:
     (Triton; float64 excluded, the Triton kernels accumulate in float32), and every other tensor has x's dtype
     and device (a caller leaves out optional tensors that are None). Everything a family needs beyond this
     (shapes, dims, arguments) is checked next to the call; what no check admits goes to tritium.reference."""
-    return (
-        not use_reference()
-        and isinstance(x, Tensor)
-        and x.dtype in SUPPORTED_DTYPES
-        and x.device.type in ("cpu", "cuda")
-        and (x.device.type == "cpu" or x.dtype != torch.float64)
-        and x.numel() > 0
-        and all(isinstance(t, Tensor) and t.dtype == x.dtype and t.device == x.device for t in others)
-    )
+    if use_reference() or not isinstance(x, Tensor) or x.dtype not in SUPPORTED_DTYPES or x.numel() == 0:
+        return False
+    device = x.device
+    return ((device == CPU or (x.is_cuda and x.dtype != torch.float64))
+            and all(isinstance(t, Tensor) and t.dtype == x.dtype and t.device == device for t in others))
 
 
 def check_linear_input(fn: str, x, bias, n: int, k: int, device) -> None:
@@ -217,7 +217,7 @@ def routed(op: str, x: Tensor, size: Optional[int] = None) -> bool:
     """True when this call of the public function `op` goes to torch's own op: routes on, x a CPU tensor with
     fewer elements (or `size`, where the op's cost is not its input's size) than route_below(op). The first route
     of each op is logged (logger "tritium", DEBUG)."""
-    if not routes_on() or x.device.type != "cpu" or (x.numel() if size is None else size) >= route_below(op):
+    if not routes_on() or x.device != CPU or (x.numel() if size is None else size) >= route_below(op):
         return False
     if op not in _routed_once and not torch.compiler.is_compiling():  # (a traced graph logs nothing)
         _routed_once.add(op)
