@@ -500,6 +500,23 @@ def test_routes_of_calls_with_a_gradient(routes_on, name):
     assert _tritium_ops(ours, small, torch.randn(ROUTE_DEFAULT - 1)) == set()  # below the house default: torch's
 
 
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("name", ("mse_loss", "huber_loss", "smooth_l1_loss"))
+def test_16bit_calls_with_a_gradient_route_at_the_house_default(routes_on, name, dtype):
+    """A 16-bit call that records a backward routes below the house default only (torch's 16-bit loss converts
+    through float32 op by op): from ROUTE_DEFAULT elements it takes the kernel, below it torch's loss."""
+    from tritium.ops._library import ROUTE_BELOW, ROUTE_DEFAULT
+
+    assert ROUTE_BELOW[f"{name} (grad)"] > ROUTE_DEFAULT
+    ours = getattr(tritium, name)
+    x = torch.randn(ROUTE_DEFAULT, dtype=dtype, requires_grad=True)
+    assert _tritium_ops(ours, x, torch.randn(ROUTE_DEFAULT, dtype=dtype)) != set()
+    small = torch.randn(ROUTE_DEFAULT - 1, dtype=dtype, requires_grad=True)
+    assert _tritium_ops(ours, small, torch.randn(ROUTE_DEFAULT - 1, dtype=dtype)) == set()
+    x32 = torch.randn(ROUTE_DEFAULT, requires_grad=True)                     # float32: the gradient route stands
+    assert _tritium_ops(ours, x32, torch.randn(ROUTE_DEFAULT)) == set()
+
+
 def test_triplet_routes_small_calls_with_a_gradient(routes_on):
     """triplet_margin_loss with a gradient to record goes to torch's below ROUTE_BELOW["triplet_margin_loss
     (grad)"] elements (bit for bit, values and the three gradients) and to the kernel from there on."""

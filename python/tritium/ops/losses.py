@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .. import reference
 from ..utils import cpu_has, cpu_has_bf16_dot, register_cpu_path
-from ._library import acc_dtype, call_op, define_op, kernel_ok, routed, unit_last
+from ._library import acc_dtype, call_op, define_op, kernel_ok, route_below, routed, unit_last
 from .linear import linear_packed, mm_acc_, pack_linear
 
 
@@ -124,6 +124,7 @@ def _column_vector(t: Optional[Tensor], x: Tensor, full_ok: bool):
 
 # the losses torch has no op for: their torch form (reference.py) is a chain of ops, slower at every size
 _NO_TORCH_OP = ("sigmoid_focal_loss", "quantile_loss")
+_HALF = (torch.bfloat16, torch.float16)
 
 
 def _routed(name: str, input: Tensor, *others: Tensor) -> bool:
@@ -131,11 +132,17 @@ def _routed(name: str, input: Tensor, *others: Tensor) -> bool:
     `input`: below ROUTE_BELOW["<name> (grad)"] elements when the call records a backward through input or any of
     `others` (the cheapest formulas: there the loss op's autograd wrapper and its Python backward cost more than
     torch's whole loss and gradient), below the house default otherwise (a call without gradients: the kernel wins
-    from there)."""
+    from there). A 16-bit call with a gradient routes below the smaller of the two sizes: torch's 16-bit losses
+    and their gradients convert every element to float32 and back, op by op, so the kernel's one pass each way
+    wins from the house default on."""
     if name in _NO_TORCH_OP:
         return False
-    grad = torch.is_grad_enabled() and (input.requires_grad or any(t.requires_grad for t in others))
-    return routed(f"{name} (grad)" if grad else name, input)
+    if not (torch.is_grad_enabled() and (input.requires_grad or any(t.requires_grad for t in others))):
+        return routed(name, input)
+    op = f"{name} (grad)"
+    if input.dtype in _HALF and route_below(op) > route_below(name):
+        op = name
+    return routed(op, input)
 
 
 def _pointwise(name: str, input: Tensor, target: Tensor, reduction: str, weight: Optional[Tensor] = None,
