@@ -500,6 +500,37 @@ def test_routes_of_calls_with_a_gradient(routes_on, name):
     assert _tritium_ops(ours, small, torch.randn(ROUTE_DEFAULT - 1)) == set()  # below the house default: torch's
 
 
+@pytest.mark.parametrize("reduction", ("mean", "sum", "none"))
+@pytest.mark.parametrize("name,kwargs", [("mse_loss", {}), ("l1_loss", {}), ("huber_loss", {"delta": 0.7}),
+                                         ("smooth_l1_loss", {"beta": 0.6}), ("smooth_l1_loss", {"beta": 0.0})])
+def test_routed_difference_losses_are_torch_bit_for_bit(routes_on, name, kwargs, reduction):
+    """A routed call of a difference loss (torch's ATen op called directly, ops/losses.py's _torch_loss) gives
+    F.<name>'s values and gradients bit for bit, with and without a gradient to record, at an odd shape; a
+    __torch_function__ subclass still reaches torch's function (its override sees F.<name>)."""
+    ours, theirs = getattr(tritium, name), getattr(F, name)
+    x, y = torch.randn(7, 123, dtype=torch.float64).float(), torch.randn(7, 123)
+    assert _tritium_ops(lambda a, b: ours(a, b, reduction=reduction, **kwargs), x, y) == set()
+    with torch.no_grad():
+        assert torch.equal(ours(x, y, reduction=reduction, **kwargs), theirs(x, y, reduction=reduction, **kwargs))
+    xg, yg = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    got, want = ours(xg, yg, reduction=reduction, **kwargs), theirs(xg, yg, reduction=reduction, **kwargs)
+    assert torch.equal(got, want)
+    dy = torch.randn_like(got)
+    for g, w in zip(torch.autograd.grad(got, (xg, yg), dy), torch.autograd.grad(want, (xg, yg), dy)):
+        assert torch.equal(g, w)
+
+    seen = []
+
+    class Traced(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    ours(x.as_subclass(Traced), y, reduction=reduction, **kwargs)
+    assert theirs in seen
+
+
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
 @pytest.mark.parametrize("name", ("mse_loss", "huber_loss", "smooth_l1_loss"))
 def test_16bit_calls_with_a_gradient_route_at_the_house_default(routes_on, name, dtype):

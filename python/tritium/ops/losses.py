@@ -33,6 +33,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.overrides import has_torch_function_variadic
 
 from .. import reference
 from ..utils import cpu_has, cpu_has_bf16_dot, register_cpu_path
@@ -145,14 +146,40 @@ def _routed(name: str, input: Tensor, *others: Tensor) -> bool:
     return routed(op, input)
 
 
+# torch's ATen op of each difference loss, f(input, target, reduction enum, a), as F.<name> calls it at its end
+# (smooth_l1 with beta = 0 is l1, as there)
+_ATEN_LOSS = {
+    "mse_loss": lambda x, y, r, a: torch._C._nn.mse_loss(x, y, r),
+    "l1_loss": lambda x, y, r, a: torch._C._nn.l1_loss(x, y, r),
+    "huber_loss": lambda x, y, r, a: torch._C._nn.huber_loss(x, y, r, a),
+    "smooth_l1_loss": lambda x, y, r, a: (torch._C._nn.l1_loss(x, y, r) if a == 0
+                                          else torch._C._nn.smooth_l1_loss(x, y, r, a)),
+}
+_REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}  # torch's _Reduction.get_enum
+
+
+def _torch_loss(name: str, input: Tensor, target: Tensor, reduction: str, a: float):
+    """A routed call of a difference loss (its caller has sent legacy arguments and weights to torch's function)
+    straight to torch's ATen op, or None where F.<name>'s Python does something for it. With a target of the
+    input's shape and no __torch_function__ override, F's remaining work is a broadcast of two equal shapes (two
+    expand views, and a backward node for each) before that op: skipped, the same kernel gives the same values
+    and gradients for less per-call cost."""
+    op, r = _ATEN_LOSS.get(name), _REDUCTION_ENUM.get(reduction)
+    if op is None or r is None or target.shape != input.shape or has_torch_function_variadic(input, target):
+        return None
+    return op(input, target, r, a)
+
+
 def _pointwise(name: str, input: Tensor, target: Tensor, reduction: str, weight: Optional[Tensor] = None,
                p: Optional[Tensor] = None, a: float = 0.0, b: float = 0.0, scale: Optional[float] = None):
-    """The kernel call of a pointwise loss, or None when the kernels do not cover it or the call is routed to
-    torch's own loss (_routed; the caller runs torch). scale: the reduced sum's factor (default: 1 / numel for
-    'mean', 1 for 'sum')."""
+    """The kernel call of a pointwise loss; for a call routed to torch's own loss (_routed), torch's ATen op where
+    _torch_loss can call it; None when the kernels do not cover the call or the route needs torch's function (the
+    caller runs torch). scale: the reduced sum's factor (default: 1 / numel for 'mean', 1 for 'sum')."""
     # the route first: a routed call pays the fewest checks on its way to torch's loss
-    if not (isinstance(input, Tensor) and isinstance(target, Tensor)) or _routed(name, input, target):
+    if not (isinstance(input, Tensor) and isinstance(target, Tensor)):
         return None
+    if _routed(name, input, target):
+        return _torch_loss(name, input, target, reduction, a)
     if not (kernel_ok(input, target) and target.shape == input.shape and reduction in _REDUCTIONS):
         return None
     if target.requires_grad and not ELEMENTWISE[LOSS_IDS[name]].diff:
