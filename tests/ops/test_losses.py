@@ -531,6 +531,16 @@ def test_routed_difference_losses_are_torch_bit_for_bit(routes_on, name, kwargs,
     assert theirs in seen
 
 
+def test_routed_difference_loss_compiles_fullgraph(routes_on):
+    """torch.compile(fullgraph=True) traces a routed call (torch's ATen op called directly): no graph break, torch's
+    values and gradient."""
+    x, y = torch.randn(7, 33, requires_grad=True), torch.randn(7, 33)
+    f = torch.compile(lambda a, b: tritium.huber_loss(a, b, delta=0.5), fullgraph=True)
+    got, want = f(x, y), F.huber_loss(x, y, delta=0.5)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, x)[0], torch.autograd.grad(want, x)[0])
+
+
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
 @pytest.mark.parametrize("name", ("mse_loss", "huber_loss", "smooth_l1_loss"))
 def test_16bit_calls_with_a_gradient_route_at_the_house_default(routes_on, name, dtype):
