@@ -32,21 +32,30 @@ def _tritium(x, w, b, a, bb):
     return tritium.lora_linear(x, w, b, a, bb, ALPHA / a.shape[0])
 
 
-def _peft(x, w, b, a, bb):
-    """PEFT's LoRA Linear layer (one module per shape, dtype and device) called on these tensors."""
+def peft_lora_call(cache: dict, key, make_base, x, a, bb, params=None):
+    """PEFT's LoRA Linear layer (peft.tuners.lora.Linear: r = lora_A's rows, lora_alpha ALPHA, no dropout, adapters
+    in x's dtype) around the base layer ``make_base()`` returns, built once per ``key`` in ``cache``, called on x
+    through torch.func.functional_call with the adapter weights a (r, in) and bb (out, r) and ``params`` (the base
+    layer's tensors by name, for a base that takes them per call). The baseline of every LoRA row: on a float base
+    (here), on bitsandbytes' NF4 Linear4bit (suites/nf4.py) and on the dequantised int4 weight (suites/quant.py)."""
     from peft import LoraConfig
     from peft.tuners.lora import Linear as LoraLinear
 
-    key = (tuple(w.shape), a.shape[0], w.dtype, w.device)
-    layer = _LAYERS.get(key)
+    layer = cache.get(key)
     if layer is None:
-        base = torch.nn.Linear(w.shape[1], w.shape[0], device=w.device, dtype=w.dtype)
-        config = LoraConfig(r=a.shape[0], lora_alpha=ALPHA, lora_dropout=0.0)
-        layer = LoraLinear(base, "default", config, r=a.shape[0], lora_alpha=ALPHA).to(w.dtype)
-        _LAYERS[key] = layer
-    params = {"base_layer.weight": w, "base_layer.bias": b, "lora_A.default.weight": a,
-              "lora_B.default.weight": bb}
-    return torch.func.functional_call(layer, params, (x,))
+        r = a.shape[0]
+        layer = LoraLinear(make_base(), "default", LoraConfig(r=r, lora_alpha=ALPHA, lora_dropout=0.0), r=r,
+                           lora_alpha=ALPHA).to(x.dtype)
+        cache[key] = layer
+    tensors = {"lora_A.default.weight": a, "lora_B.default.weight": bb, **(params or {})}
+    return torch.func.functional_call(layer, tensors, (x,), strict=False)
+
+
+def _peft(x, w, b, a, bb):
+    """PEFT's LoRA Linear layer on a torch Linear, its weight and bias passed in per call."""
+    return peft_lora_call(_LAYERS, (tuple(w.shape), a.shape[0], w.dtype, w.device),
+                          lambda: torch.nn.Linear(w.shape[1], w.shape[0], device=w.device, dtype=w.dtype), x, a, bb,
+                          {"base_layer.weight": w, "base_layer.bias": b})
 
 
 def _flops(fwdbwd):

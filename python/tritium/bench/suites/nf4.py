@@ -14,10 +14,10 @@ import torch.nn.functional as F
 
 import tritium
 from tritium.bench.case import OpCase, esize
+from tritium.bench.suites.lora import ALPHA, peft_lora_call
 from tritium.ops.nf4 import NF4_CODE_VALUES, NF4Weight
 
 BS = 64
-ALPHA = 32.0
 _LAYERS = {}
 
 
@@ -75,25 +75,20 @@ def _qlora_tritium(x, qd, absmax, b, a, bb):
 
 def _qlora_peft(x, qd, absmax, b, a, bb):
     """PEFT's LoRA layer on bitsandbytes' Linear4bit holding these NF4 bytes (one module per shape and dtype)."""
-    import bitsandbytes as bnb
-    from peft import LoraConfig
-    from peft.tuners.lora import Linear as LoraLinear
+    n, k = b.shape[0], x.shape[1]
 
-    n, k, r = b.shape[0], x.shape[1], a.shape[0]
-    key = (n, k, r, x.dtype, x.device)
-    layer = _LAYERS.get(key)
-    if layer is None:
+    def base():
+        import bitsandbytes as bnb
+
         l4 = bnb.nn.Linear4bit(k, n, bias=True, compute_dtype=x.dtype, quant_type="nf4", device=x.device)
         w = NF4Weight(qd, absmax, (n, k), BS, x.dtype).dequantize()
         l4.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", blocksize=BS,
                                       compress_statistics=False).to(x.device)
         l4.bias = torch.nn.Parameter(b.detach().clone(), requires_grad=False)
         assert torch.equal(l4.weight.data.view(-1), qd), "bitsandbytes quantised other bytes"
-        layer = LoraLinear(l4, "default", LoraConfig(r=r, lora_alpha=ALPHA, lora_dropout=0.0), r=r,
-                           lora_alpha=ALPHA).to(x.dtype)
-        _LAYERS[key] = layer
-    return torch.func.functional_call(layer, {"lora_A.default.weight": a, "lora_B.default.weight": bb}, (x,),
-                                      strict=False)
+        return l4
+
+    return peft_lora_call(_LAYERS, (n, k, a.shape[0], x.dtype, x.device), base, x, a, bb)
 
 
 def _qlora_flops(fwdbwd):

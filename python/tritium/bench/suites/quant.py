@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import tritium
 from tritium.bench.case import OpCase, esize
+from tritium.bench.suites.lora import ALPHA, peft_lora_call
 from tritium.ops.quant import BLOCK, QuantizedWeight, quant_linear
 
 _WEIGHTS = {}
@@ -68,7 +69,6 @@ def _flops(s, d):
     return 2.0 * M * K * N
 
 
-ALPHA = 32.0
 _LORA_LAYERS = {}
 
 
@@ -89,23 +89,16 @@ def _lora_tritium(x, qd, scales, mins, b, a, bb):
 
 def _lora_peft(x, qd, scales, mins, b, a, bb):
     """PEFT's LoRA layer on a torch Linear holding the dequantised weight (one module per shape and dtype)."""
-    from peft import LoraConfig
-    from peft.tuners.lora import Linear as LoraLinear
+    n, k = b.shape[0], x.shape[1]
 
-    n, k, r = b.shape[0], x.shape[1], a.shape[0]
-    key = (n, k, r, x.dtype, x.device)
-    layer = _LORA_LAYERS.get(key)
-    if layer is None:
-        base = torch.nn.Linear(k, n, device=x.device, dtype=x.dtype)
+    def base():
+        lin = torch.nn.Linear(k, n, device=x.device, dtype=x.dtype)
         with torch.no_grad():
-            base.weight.copy_(QuantizedWeight(qd, scales, mins, 4, BLOCK, n, k).dequantize(x.dtype))
-            base.bias.copy_(b)
-        base.requires_grad_(False)
-        layer = LoraLinear(base, "default", LoraConfig(r=r, lora_alpha=ALPHA, lora_dropout=0.0), r=r,
-                           lora_alpha=ALPHA).to(x.dtype)
-        _LORA_LAYERS[key] = layer
-    return torch.func.functional_call(layer, {"lora_A.default.weight": a, "lora_B.default.weight": bb}, (x,),
-                                      strict=False)
+            lin.weight.copy_(QuantizedWeight(qd, scales, mins, 4, BLOCK, n, k).dequantize(x.dtype))
+            lin.bias.copy_(b)
+        return lin.requires_grad_(False)
+
+    return peft_lora_call(_LORA_LAYERS, (n, k, a.shape[0], x.dtype, x.device), base, x, a, bb)
 
 
 def _lora_bytes(fwdbwd):
