@@ -17,6 +17,7 @@
 #include <string>
 
 #include "cpu.h"
+#include "panel.h"
 #include "pool.h"
 #include "vec.h"
 
@@ -435,7 +436,9 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qdata, const at::
     // would widen every weight once per 4 rows. Two int8 terms exist to approach float accuracy at decode's
     // weight-streaming cost; with this many rows the product is compute-bound, and the GEMM on float
     // activations is both faster than two integer passes and exact
-    at::mm_out(y, xc, dequantize_t(qdata, scales, mins, bits, group, n, k, x.scalar_type()));
+    // (float32: tritium's panel GEMM where W^T's rows are dense, as tritium.linear's and the NF4 forward's)
+    const auto wt = dequantize_t(qdata, scales, mins, bits, group, n, k, x.scalar_type());
+    if (!(x.scalar_type() == at::kFloat && panel_mm_out(xc, wt, y, nullptr, 0))) at::mm_out(y, xc, wt);
     return y;
   }
   const Tiles w(qdata, scales, mins, group);
@@ -511,16 +514,21 @@ at::Tensor quant_dequantize(const at::Tensor& qdata, const at::Tensor& scales, c
   return dtype == at::kFloat ? w : w.to(dtype);
 }
 
-// dy (M, N) @ W (N, K): the input gradient, through the float32 weight (a training step's product; the weight is
-// dequantised per call into W^T (dequantize_t), then one GEMM).
+// dy (M, N) @ W (N, K): the input gradient (a training step's product: compute-bound), the weight dequantised per
+// call into W^T (dequantize_t) in dy's dtype for 16-bit dy (a 16-bit GEMM, as the float model's own input gradient;
+// widening dy to float32 for an SGEMM costs more than the product), else float32 (tritium's panel GEMM where W^T's
+// rows are dense, else BLAS), then one GEMM.
 at::Tensor quant_linear_dx(const at::Tensor& dy, const at::Tensor& qdata, const at::Tensor& scales,
                            const c10::optional<at::Tensor>& mins, int64_t bits, int64_t group, int64_t n, int64_t k) {
   check_packed("quant_linear_dx", qdata, scales, mins, bits, group, n, k);
   TORCH_CHECK(dy.dim() == 2 && dy.size(1) == n, "quant_linear_dx: dy must be (M, ", n, "), got ", dy.sizes());
-  const auto wt = dequantize_t(qdata, scales, mins, bits, group, n, k);
-  auto out = empty({dy.size(0), k}, dy.options().dtype(at::kFloat));
-  at::mm_out(out, dy.to(at::kFloat), wt.t());
-  return dy.scalar_type() == at::kFloat ? out : out.to(dy.scalar_type());
+  const auto st = dy.scalar_type();
+  const auto ct = st == at::kBFloat16 || st == at::kHalf ? st : at::kFloat;
+  const auto wt = dequantize_t(qdata, scales, mins, bits, group, n, k, ct);
+  auto out = empty({dy.size(0), k}, dy.options().dtype(ct));
+  const auto dyc = dy.to(ct);
+  if (!(ct == at::kFloat && panel_mm_out(dyc, wt.t(), out, nullptr, 0))) at::mm_out(out, dyc, wt.t());
+  return st == ct ? out : out.to(st);
 }
 
 }  // namespace

@@ -90,7 +90,7 @@ def test_dequantize_is_the_logical_weight(bits, group, mins, sdt, k):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m_rows", [1, 5, 37, 400])   # 37: one GEMM (16-bit: its own), 400: past the AMX-BF16 tiles
 def test_linear_float_activations(isa, bits, group, mins, sdt, k, dtype, m_rows):
-    n = 37
+    n = 48 if m_rows == 400 else 37   # 48: whole tiles of 16 rows, float32's GEMM on tritium's panels
     q, s, m = logical(n, k, bits, group, mins, sdt, seed=m_rows)
     w = QuantizedWeight.from_logical(q, s, m, bits, group)
     x = torch.randn(m_rows, k, generator=torch.Generator().manual_seed(1)).to(dtype)
@@ -253,16 +253,21 @@ def test_int8_activation_quantization_rounds_half_to_even():
 
 
 @pytest.mark.parametrize("bits,group,mins,sdt,k", FORMATS[:3])
-def test_input_gradient(bits, group, mins, sdt, k):
-    q, s, m = logical(29, k, bits, group, mins, sdt)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lead,n", [((2, 3), 29), ((70,), 48)])   # 70 x 48: float32's GEMM on tritium's panels
+def test_input_gradient(bits, group, mins, sdt, k, dtype, lead, n):
+    """dy @ W (quant_linear_dx): 16-bit dy multiplied in its dtype on the weight dequantised in it, float32 on the
+    float32 weight; within 2x torch's error (its product on the dequantised weight in dtype) of float64."""
+    q, s, m = logical(n, k, bits, group, mins, sdt)
     w = QuantizedWeight.from_logical(q, s, m, bits, group)
-    x = torch.randn(2, 3, k, requires_grad=True)
-    dy = torch.randn(2, 3, 29)
+    x = torch.randn(*lead, k).to(dtype).requires_grad_(True)
+    dy = torch.randn(*lead, n).to(dtype)
     (w.linear(x) * dy).sum().backward()
     wf = reference.quant_weight(q, s, m, bits, group).double()
     ref = dy.double() @ wf
-    torch_out = dy @ wf.float()
-    assert_within_torch_error(x.grad, torch_out, ref, "input gradient")
+    torch_out = dy @ wf.to(dtype)
+    assert x.grad.dtype == dtype
+    assert_within_torch_error(x.grad, torch_out, ref, f"input gradient {dtype}")
 
 
 def test_zero_and_empty_rows():
