@@ -13,6 +13,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import tritium
 from tritium import finetune as ft
@@ -49,12 +50,15 @@ def _dequantized64(layer) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
-@pytest.mark.parametrize("rows,bias,dropout", [(1, True, 0.0), (7, False, 0.0), (129, True, 0.0), (40, True, 0.25)],
-                         ids=["1-bias", "7-nobias", "129-bias", "40-dropout"])
+@pytest.mark.parametrize("rows,bias,dropout", [(1, True, 0.0), (7, False, 0.0), (129, True, 0.0), (40, True, 0.25),
+                                               (391, True, 0.0)],
+                         ids=["1-bias", "7-nobias", "129-bias", "40-dropout", "391-bias"])
 @pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
 def test_gradients(fmt, rows, bias, dropout, dtype):
     """y, dx, dA, dB within 2x torch's own error (the same computation in dtype on the dequantised base) of the
-    float64 reference; with dropout the mask is the seeded one the layer draws (reference.lora_dropout_mask)."""
+    float64 reference; with dropout the mask is the seeded one the layer draws (reference.lora_dropout_mask). The
+    row counts lie on both sides of every gemm_rows (32; 384 for bfloat16 on 4-bit tiles): the quantized product
+    below, the fused ops on the dequantised weight from there (test_dequantised_route)."""
     mode, group, k = fmt
     n, r = 37, 5
     layer = _layer(k, n, r, dtype, mode, group, bias, dropout)
@@ -63,6 +67,43 @@ def test_gradients(fmt, rows, bias, dropout, dtype):
     x = torch.randn(rows, k, dtype=torch.float64).to(dtype)
     dy = torch.randn(rows, n, dtype=torch.float64).to(dtype)
     assert_lora_layer_grads(layer, w64, x, dy, dropout, f"{mode}/{group} {rows} rows {dtype}")
+
+
+class _Ops(TorchDispatchMode):
+    """The names of the ops dispatched inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("mode", ("int8", "int4", "nf4"))
+def test_dequantised_route(mode, dtype):
+    """A layer on a quantized base runs the base's quantized product below the weight's gemm_rows and the fused ops
+    on the weight dequantised per call (forward and backward) from there. Both paths' values and gradients are held
+    to the float64 reference by test_gradients (and test_qlora.py's); here only which ops run."""
+    k, n, r = 128, 37, 4
+    if mode == "nf4":
+        torch.manual_seed(0)
+        layer = LoRALinear(k, n, r=r, lora_alpha=2 * r, dtype=dtype).quantize_base("nf4")
+    else:
+        layer = _layer(k, n, r, dtype, mode, 64 if mode == "int4" else None)
+    torch.nn.init.normal_(layer.lora_B, std=0.1)
+    edge = layer.frozen_base().gemm_rows(dtype)
+    for rows, fused in ((edge - 1, False), (edge, True)):
+        x = torch.randn(rows, k, dtype=dtype, requires_grad=True)
+        with _Ops() as ops:
+            y = layer(x)
+            y.backward(torch.randn_like(y))
+        assert ("tritium::lora_dequant_fwd" in ops.seen) == fused, (rows, sorted(ops.seen))
+        assert ("tritium::lora_dequant_bwd" in ops.seen) == fused, (rows, sorted(ops.seen))
+        base = "tritium::nf4_linear_fwd" if mode == "nf4" else "tritium::quant_linear"
+        assert (base in ops.seen) != fused, (rows, sorted(ops.seen))
 
 
 def test_dropout_draws_the_seeded_mask():
@@ -152,9 +193,11 @@ def test_merge_raises_and_dequantize_base_serves(mode, group):
     assert bf.weight.dtype == torch.bfloat16
 
 
-def test_compile_fullgraph():
+@pytest.mark.parametrize("rows", (6, 40), ids=["quantized", "dequantised"])
+def test_compile_fullgraph(rows):
+    """Below and from gemm_rows (32 here): the quantized product and the dequantised route both trace whole."""
     layer = _layer(192, 37, 4, torch.float32, "int4", 64)
-    x = torch.randn(6, 192, requires_grad=True)
+    x = torch.randn(rows, 192, requires_grad=True)
 
     def step(x):
         return layer(x).square().sum()

@@ -447,6 +447,31 @@ def _():
             (r(6, 7), r(6, 5), r(7, 5), r(2, 5), r(7, 2), (r(6, 5) > 0).float(), r(6, 2), 1.5, False)]
 
 
+def _dequant_bases():
+    """The frozen bases of the dequantised route (lora.py: q0, q1, q2, meta): NF4 (K = 2 blocks of 64) and int4
+    with mins, int8 per channel, N = 19, K = 128."""
+    from tritium.ops.quant import QuantizedWeight
+
+    w = torch.randn(19, 128)
+    out = [tritium.quantize_nf4(w, 64).lora_parts()]
+    out += [QuantizedWeight.quantize(w, mode, 32 if mode == "int4" else None).lora_parts() for mode in ("int4", "int8")]
+    return [(q0, q1, q2, [code, *meta]) for (q0, q1, q2, meta), code in zip(out, (0, 1, 1))]
+
+
+@sample("lora_dequant_fwd")
+def _():
+    return [(g(6, 128), *b, r(19), g(2, 128), g(19, 2), None, 1.5) for b in _dequant_bases()] + [
+        (g(6, 128, dtype=torch.bfloat16), *_dequant_bases()[1], None, g(1, 128, dtype=torch.bfloat16),
+         g(19, 1, dtype=torch.bfloat16), (r(6, 128) > 0).bfloat16(), 2.0)]
+
+
+@sample("lora_dequant_bwd")
+def _():
+    return [(r(6, 19), r(6, 128), *b, r(2, 128), r(19, 2), None, r(6, 2), 1.5, True) for b in _dequant_bases()] + [
+        (r(6, 19), r(6, 128), *_dequant_bases()[0], r(2, 128), r(19, 2), (r(6, 128) > 0).float(), r(6, 2), 1.5,
+         False)]
+
+
 def _scan_inputs(grad: bool):
     """u, delta, A, B (2 groups), C, D, z, delta_bias of a small Mamba scan (delta positive, A negative)."""
     f = g if grad else r

@@ -141,6 +141,17 @@ class NF4Weight:
         return (f"NF4Weight(shape={tuple(self.shape)}, blocksize={self.blocksize}, double_quant={self.double_quant}, "
                 f"dtype={self.dtype}, device={self.device})")
 
+    def gemm_rows(self, dtype: torch.dtype) -> int:
+        """The row count of x from which nf4_linear dequantises the weight once and runs one GEMM (DECODE_ROWS:
+        below it the kernel decodes in registers)."""
+        return DECODE_ROWS
+
+    def lora_parts(self) -> Tuple[Tensor, Tensor, Optional[Tensor], List[int]]:
+        """The packed bytes, the float32 absmax, no third tensor and the ints (n, k, blocksize) nf4_dequantize
+        takes: the frozen base of tritium.ops.lora's dequantised route (a 2-D weight of whole blocks a row)."""
+        n, k = self.shape
+        return self.data.view(-1), self.absmax_f32(), None, [n, k, self.blocksize]
+
     @classmethod
     def from_bnb(cls, data: Tensor, quant_state) -> "NF4Weight":
         """From bitsandbytes' quantize_4bit(..., quant_type="nf4") result (packed bytes and its QuantState)."""
@@ -267,13 +278,18 @@ def nf4_dequantize(weight: NF4Weight, dtype: Optional[torch.dtype] = None) -> Te
     return dequantize_nf4_reference(weight).float().to(dtype)
 
 
+def check_nf4_linear(x, weight, bias) -> Tuple[int, int]:
+    """nf4_linear's argument checks (errors name it); returns the weight's (n, k)."""
+    n, k = _check_weight("nf4_linear", weight)
+    check_linear_input("nf4_linear", x, bias, n, k, weight.device)
+    return n, k
+
+
 def nf4_linear(x: Tensor, weight: NF4Weight, bias: Optional[Tensor] = None) -> Tensor:
     """x (*, in) @ W^T + bias -> (*, out) in x's dtype, W the NF4 weight dequantised in the kernel (its float32
     values, products and sums in float32). Differentiable w.r.t. x (dx = dy W) and bias; the NF4 base is frozen.
     x: float32, bfloat16 or float16 (float64 goes through the float64 dequantised weight)."""
-    fn = "nf4_linear"
-    n, k = _check_weight(fn, weight)
-    check_linear_input(fn, x, bias, n, k, weight.device)
+    n, k = check_nf4_linear(x, weight, bias)
     from .._backend import use_reference
 
     if x.dtype == torch.float64 or x.numel() == 0 or use_reference() or x.device.type not in ("cpu", "cuda"):

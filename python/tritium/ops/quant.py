@@ -36,6 +36,14 @@ BLOCK = 32          # activations are quantized per 32 elements; rows are padded
 FLOAT_ROWS = 32     # from this many rows of x, int8_act 2 runs on float activations (csrc/quant.cpp: kGemmRows)
 FLOAT_ROWS_16 = 128  # the same for bfloat16 / float16 x on the CPU (kGemmRows16)
 BF16_TILE_ROWS = 8  # from this many bfloat16 rows, AMX-BF16 tiles where bf16_tiles holds (kAmxRows)
+BF16_GEMM_ROWS = 384  # ... up to this many: from it one GEMM on the dequantised weight again (kBf16TileRows)
+
+
+@torch.compiler.assume_constant_result
+def _quant_isa() -> str:
+    """The CPU kernel set in use (csrc/quant.cpp quant_isa); a constant to torch.compile (a traced graph keeps the
+    path chosen when it was traced, as it keeps the shapes')."""
+    return torch.ops.tritium_runtime.quant_isa("")
 
 
 def bf16_tiles(dtype: torch.dtype, bits: int, group: int, int8_act: int) -> bool:
@@ -48,7 +56,7 @@ def bf16_tiles(dtype: torch.dtype, bits: int, group: int, int8_act: int) -> bool
 
     if dtype != torch.bfloat16 or bits not in QUANT_BITS or group == 16:
         return False
-    isa = torch.ops.tritium_runtime.quant_isa("")
+    isa = _quant_isa()
     if isa == "avx512_bf16":
         return bits == 4 and int8_act != 1
     return isa == "amx_int8" and cpu_has("amx_bf16") and (bits == 4 or int8_act != 1)
@@ -217,6 +225,17 @@ class QuantizedWeight:
                     self.n, self.k, int8_act)
         return y.view(*lead, self.n)
 
+    def gemm_rows(self, dtype: torch.dtype) -> int:
+        """The row count of x (of dtype) from which linear(x, 0) dequantises the weight once and runs one GEMM
+        (csrc/quant.cpp: kGemmRows, or kBf16TileRows where bfloat16 x takes the exact tiles): below it the tile
+        kernels read the stored bytes."""
+        return BF16_GEMM_ROWS if bf16_tiles(dtype, self.bits, self.group, 0) else FLOAT_ROWS
+
+    def lora_parts(self) -> Tuple[Tensor, Tensor, Optional[Tensor], List[int]]:
+        """The packed tensors and the ints (bits, group, n, k) quant_dequantize takes: the frozen base of
+        tritium.ops.lora's dequantised route."""
+        return self.qdata, self.scales, self._mins(), [self.bits, self.group, self.n, self.k]
+
     def decode_plan(self, int8_act: int = 0) -> tuple:
         """How serve_decode (tritium.ops.serve) computes x @ W^T: (kind, three tensors, five ints)."""
         from .serve import KIND
@@ -244,18 +263,23 @@ class QuantizedWeight:
                 f"{self.scales.dtype} scales{', mins' if self.has_mins else ''}, {self.nbytes / 2**20:.2f} MiB)")
 
 
+def check_quantized_linear(x, weight, bias) -> Tuple[int, int]:
+    """quantized_linear's argument checks (errors name it); returns the weight's (n, k)."""
+    fn = "quantized_linear"
+    if not isinstance(weight, QuantizedWeight):
+        raise TypeError(f"{fn}: weight must be a QuantizedWeight (QuantizedWeight.quantize), got "
+                        f"{type(weight).__name__}")
+    check_linear_input(fn, x, bias, weight.n, weight.k, weight.device)
+    return weight.n, weight.k
+
+
 def quantized_linear(x: Tensor, weight: QuantizedWeight, bias: Optional[Tensor] = None) -> Tensor:
     """x (*, k) @ W^T + bias -> (*, n) in x's dtype with float activations (int8_act 0: the accuracy of a float
     matmul of the dequantised weight), differentiable w.r.t. x (quant_linear_dx) and bias; the weight is frozen.
     The base product of LoRA on an int8/int4 base (tritium.ops.lora). x: float32, bfloat16 or float16 on the
     weight's device; float64 x, an empty x and TRITIUM_BACKEND=reference multiply the dequantised weight
     (exact in float32) with torch instead."""
-    fn = "quantized_linear"
-    if not isinstance(weight, QuantizedWeight):
-        raise TypeError(f"{fn}: weight must be a QuantizedWeight (QuantizedWeight.quantize), got "
-                        f"{type(weight).__name__}")
-    n, k = weight.n, weight.k
-    check_linear_input(fn, x, bias, n, k, weight.device)
+    n, k = check_quantized_linear(x, weight, bias)
     from .._backend import use_reference
 
     if x.dtype == torch.float64 or x.numel() == 0 or use_reference() or x.device.type not in ("cpu", "cuda"):
