@@ -6,14 +6,21 @@
 // x (B, I); knots t (I, NK) per input feature (NK = grid_size + 2k + 1, non-decreasing); weight_t (I, NB, O) with
 // NB = NK - 1 - k bases of order k (the (out, in, NB) spline weight permuted so a basis row is contiguous over out).
 // B_c is the Cox-de Boor recursion exactly as efficient-kan evaluates it (order 0: t_c <= x < t_{c+1}; order d:
-// (x - t_c) / (t_{c+d} - t_c) B_{c,d-1} + (t_{c+d+1} - x) / (t_{c+d+1} - t_{c+1}) B_{c+1,d-1}), but only on the
-// k + 1 bases j - k .. j that can be nonzero in x's knot span [t_j, t_{j+1}): the (B, I, NB) basis tensor is
-// never formed. The weight product then reads k + 1 contiguous rows of O weights per (b, i) instead of NB: a
-// sparse-times-dense product whose FLOPs are (k + 1) / NB of the dense GEMM on the materialised bases.
+// (x - t_c) / (t_{c+d} - t_c) B_{c,d-1} + (t_{c+d+1} - x) / (t_{c+d+1} - t_{c+1}) B_{c+1,d-1}), evaluated in the
+// accumulation type on the k + 1 bases j - k .. j that can be nonzero in x's knot span [t_j, t_{j+1}).
 //
-// Backward: dx[b, i] = sum_c B'_c(x) <dy[b, :], W[i, c, :]> with B'_{c,k} = k (B_{c,k-1} / (t_{c+k} - t_c)
-// - B_{c+1,k-1} / (t_{c+k+1} - t_{c+1})); dW[i, c, :] = sum_b B_c(x[b, i]) dy[b, :]. Both recompute the bases.
-// Accumulation in float for 16-bit inputs (the weights and dy converted once), double for double.
+// The product is a GEMM: a block of rows' bases P (rows, NB, I) times the weight permuted to (NB, I, O), viewed as
+// (NB * I, O), by ATen's matrix product (MKL / oneDNN). A block is at most kBlockElems basis values, so the whole
+// basis tensor is never held. The k + 1 nonzero bases of NB make this (NB / (k + 1)) times the multiply-adds of a
+// sparse product, but at the GEMM's rate, which a scalar-times-row loop over the k + 1 weight rows of every (b, i)
+// is far from. The bases are evaluated densely (all NB, by the full recursion) a vector of features at a time,
+// which is why P's features are its fastest dimension: a span search and k + 1 bases per (b, i) in scalar code
+// took as long as the GEMM.
+//
+// Backward, per block: dW (NB * I, O) += P^T dy (accumulated in float for 16-bit inputs, then rounded once);
+// dx[b, i] = sum_c B'_c(x) G[b, c, i] with G = dy W^T (a GEMM) and
+// B'_{c,k} = k (B_{c,k-1} / (t_{c+k} - t_c) - B_{c+1,k-1} / (t_{c+k+1} - t_{c+1})). The products run in x's dtype
+// (float16 in float: ATen has no fast float16 GEMM on CPU) and float64 stays float64.
 #include "pool.h"
 #include "vec.h"
 
@@ -22,95 +29,9 @@ namespace {
 
 constexpr int64_t kMaxOrder = 7;
 
-// Items (rows or features) per task so that a task does at least ~32K multiply-adds: below that, one thread
-// finishes before a parallel region would have started its second.
-inline int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item)); }
-
-// x's knot span j (t_j <= x < t_{j+1}, -1 when x is outside [t_0, t_{NK-1}): all bases zero) and the order-k bases
-// N[s] = B_{j-k+s,k}(x), s = 0..k (zero for indices outside [0, NK-1-k)). With dN, also their derivatives.
-template <typename A>
-inline int64_t spline_bases(A x, const A* t, const A* r, int64_t NK, int64_t k, A* N, A* dN) {
-  const int64_t spans = NK - 1;
-  if (!(x >= t[0] && x < t[spans])) return -1;
-  int64_t j = 0;  // the largest j with t_j <= x (a few knots: a linear scan)
-  while (j + 1 < spans && t[j + 1] <= x) ++j;
-  // slot s holds index j - k + s of the current order; slot k + 1 is index j + 1, zero at every order below k
-  // (its support starts at t_{j+1} > x)
-  for (int64_t s = 0; s <= k + 1; ++s) N[s] = A(0);
-  N[k] = A(1);
-  for (int64_t d = 1; d <= k; ++d) {
-    if (d == k && dN != nullptr) {  // the derivative from the order k - 1 bases
-      for (int64_t s = 0; s <= k; ++s) {
-        const int64_t c = j - k + s;
-        if (c < 0 || c >= spans - k) {
-          dN[s] = A(0);
-          continue;
-        }
-        const A a = N[s] == A(0) ? A(0) : N[s] * r[(k - 1) * NK + c];
-        const A b = N[s + 1] == A(0) ? A(0) : N[s + 1] * r[(k - 1) * NK + c + 1];
-        dN[s] = A(k) * (a - b);
-      }
-    }
-    const int64_t valid = spans - d;  // order d has indices 0 .. valid - 1
-    for (int64_t s = k - d; s <= k; ++s) {  // in place upward: slot s + 1 still holds order d - 1
-      const int64_t c = j - k + s;
-      if (c < 0 || c >= valid) {
-        N[s] = A(0);
-        continue;
-      }
-      N[s] = (x - t[c]) * r[(d - 1) * NK + c] * N[s] + (t[c + d + 1] - x) * r[(d - 1) * NK + c + 1] * N[s + 1];
-    }
-  }
-  if (k == 0 && dN != nullptr) dN[0] = A(0);
-  return j;
-}
-
-// acc[0, n) += sum_s a[s] rows[s][0, n) over m rows (one pass over acc for all k + 1 bases)
-template <typename A>
-inline void axpy_rows(A* acc, const A* a, const A* const* rows, int64_t m, int64_t n) {
-  using V = Vectorized<A>;
-  constexpr int64_t K = V::size();
-  int64_t o = 0;
-  for (; o + K <= n; o += K) {
-    V v = V::loadu(acc + o);
-    for (int64_t s = 0; s < m; ++s) v = at::vec::fmadd(V(a[s]), V::loadu(rows[s] + o), v);
-    v.store(acc + o);
-  }
-  for (; o < n; ++o) {
-    A v = acc[o];
-    for (int64_t s = 0; s < m; ++s) v += a[s] * rows[s][o];
-    acc[o] = v;
-  }
-}
-
-template <typename A>
-inline A dot(const A* a, const A* b, int64_t n) {
-  using V = Vectorized<A>;
-  constexpr int64_t K = V::size();
-  V v(A(0));
-  int64_t o = 0;
-  for (; o + K <= n; o += K) v = at::vec::fmadd(V::loadu(a + o), V::loadu(b + o), v);
-  A r = at::vec::vec_reduce_all<A>([](V& p, V& q) { return p + q; }, v);
-  for (; o < n; ++o) r += a[o] * b[o];
-  return r;
-}
-
-// The knots in the accumulation type and, per feature, the reciprocals of the knot differences the recursion
-// divides by: r[i][(d - 1) * NK + c] = 1 / (t[i][c + d] - t[i][c]) for d = 1..k and c + d < NK (a multiply per
-// term instead of a division: the divisions were the bases' critical path).
-template <typename A>
-std::pair<at::Tensor, at::Tensor> knot_tables(const at::Tensor& grid, int64_t k) {
-  const at::Tensor t = grid.to(c10::CppTypeToScalarType<A>::value).contiguous();
-  const int64_t I = t.size(0), NK = t.size(1);
-  at::Tensor r = at::zeros({I, std::max<int64_t>(k, 1) * NK}, t.options());
-  const A* tp = t.const_data_ptr<A>();
-  A* rp = r.mutable_data_ptr<A>();
-  for (int64_t i = 0; i < I; ++i)
-    for (int64_t d = 1; d <= k; ++d)
-      for (int64_t c = 0; c + d < NK; ++c)
-        rp[i * k * NK + (d - 1) * NK + c] = A(1) / (tp[i * NK + c + d] - tp[i * NK + c]);
-  return {t, r};
-}
+// The most basis values a block of rows holds at once (16 MiB in float32): whole batches of a KAN layer fit in one
+// block, and a block larger than this would only trade cache for fewer GEMM calls.
+constexpr int64_t kBlockElems = int64_t(1) << 22;
 
 void check_args(const at::Tensor& x, const at::Tensor& grid, const at::Tensor& weight_t, int64_t order) {
   TORCH_CHECK(x.dim() == 2, "kan_spline: x must be (batch, in), got ", x.dim(), "-D");
@@ -126,43 +47,134 @@ void check_args(const at::Tensor& x, const at::Tensor& grid, const at::Tensor& w
   TORCH_CHECK(grid.is_floating_point(), "kan_spline: grid must be floating point");
 }
 
+// The dtype the block products run in: x's, but float for float16.
+inline at::ScalarType gemm_type(at::ScalarType t) { return t == at::kHalf ? at::kFloat : t; }
+
+// Rows of a block: as many as keep its bases within kBlockElems (at least one).
+inline int64_t block_rows(int64_t rows, int64_t width) {
+  return std::max<int64_t>(1, std::min<int64_t>(rows, kBlockElems / std::max<int64_t>(1, width)));
+}
+
+// The knots feature-minor for the vector recursion: tT (NK, I) = t^T and rT (max(k, 1), NK, I) with
+// rT[d - 1][c][i] = 1 / (t_i[c + d] - t_i[c]), 0 where that interval is empty (its basis of order d - 1 is zero, and
+// the scalar recursion skips it: 0 * inf would be NaN).
+template <typename A>
+std::pair<at::Tensor, at::Tensor> knot_tables_t(const at::Tensor& grid, int64_t k) {
+  const at::Tensor tT = grid.to(c10::CppTypeToScalarType<A>::value).t().contiguous();
+  const int64_t NK = tT.size(0), I = tT.size(1);
+  at::Tensor rT = at::zeros({std::max<int64_t>(k, 1), NK, I}, tT.options());
+  const A* tp = tT.const_data_ptr<A>();
+  A* rp = rT.mutable_data_ptr<A>();
+  for (int64_t d = 1; d <= k; ++d)
+    for (int64_t c = 0; c + d < NK; ++c)
+      for (int64_t i = 0; i < I; ++i) {
+        const A w = tp[(c + d) * I + i] - tp[c * I + i];
+        rp[((d - 1) * NK + c) * I + i] = w == A(0) ? A(0) : A(1) / w;
+      }
+  return {tT, rT};
+}
+
+// The order-k bases of n <= V features i0 .. i0 + n of row b, densely: Bv[c] for c = 0 .. NB - 1 (zero outside
+// [t_0, t_{NK-1}), NaN included), and with dBv their derivatives. Bv holds NK - 1 vectors (the order-0 indicators).
+template <typename T, typename A>
+inline void bases_vec(const T* xrow, int64_t sx1, int64_t i0, int64_t n, const A* tT, const A* rT, int64_t I,
+                      int64_t NK, int64_t k, Vectorized<A>* Bv, Vectorized<A>* dBv) {
+  using V = Vectorized<A>;
+  A buf[V::size()];
+  for (int64_t l = 0; l < n; ++l) buf[l] = static_cast<A>(xrow[(i0 + l) * sx1]);
+  for (int64_t l = n; l < V::size(); ++l) buf[l] = A(0);
+  const V x = V::loadu(buf);
+  const V one(A(1)), zero(A(0));
+  auto t = [&](int64_t c) { return V::loadu(tT + c * I + i0, n); };
+  auto r = [&](int64_t d, int64_t c) { return V::loadu(rT + ((d - 1) * NK + c) * I + i0, n); };
+  const V inside = (x >= t(0)) & (x < t(NK - 1));
+  V lo = t(0);
+  for (int64_t c = 0; c + 1 < NK; ++c) {
+    const V hi = t(c + 1);
+    Bv[c] = V::blendv(zero, one, (x >= lo) & (x < hi));
+    lo = hi;
+  }
+  for (int64_t d = 1; d <= k; ++d) {
+    const int64_t count = NK - 1 - d;  // order d has bases 0 .. count - 1
+    if (d == k && dBv != nullptr)
+      for (int64_t c = 0; c < count; ++c) dBv[c] = V(A(k)) * (Bv[c] * r(k, c) - Bv[c + 1] * r(k, c + 1));
+    for (int64_t c = 0; c < count; ++c)  // upward in place: Bv[c + 1] still holds order d - 1
+      Bv[c] = (x - t(c)) * r(d, c) * Bv[c] + (t(c + d + 1) - x) * r(d, c + 1) * Bv[c + 1];
+  }
+  const int64_t NB = NK - 1 - k;
+  for (int64_t c = 0; c < NB; ++c) Bv[c] = V::blendv(zero, Bv[c], inside);
+  if (dBv != nullptr) {
+    if (k == 0)
+      for (int64_t c = 0; c < NB; ++c) dBv[c] = zero;
+    for (int64_t c = 0; c < NB; ++c) dBv[c] = V::blendv(zero, dBv[c], inside);
+  }
+}
+
+// Rows per parallel task of a per-row loop over I features: at least ~4K features a task.
+inline int64_t row_grain(int64_t I) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(1, I)); }
+
+// P[r, c, i] = B_c(x[b0 + r, i]) for the rows b0 .. b0 + P.size(0) of x; P (rows, NB * I) of type P_t.
+template <typename T, typename P_t>
+void fill_bases(const at::Tensor& x, int64_t b0, const at::Tensor& tT, const at::Tensor& rT, int64_t k,
+                at::Tensor& P) {
+  using A = acc_type<T>;
+  using V = Vectorized<A>;
+  const int64_t rows = P.size(0), I = x.size(1), NK = tT.size(0), NB = NK - 1 - k;
+  const T* xp = x.const_data_ptr<T>();
+  const int64_t sx0 = x.stride(0), sx1 = x.stride(1);
+  const A* tp = tT.const_data_ptr<A>();
+  const A* rp = rT.const_data_ptr<A>();
+  P_t* pp = P.mutable_data_ptr<P_t>();
+  at::parallel_for(0, rows, row_grain(I), [&](int64_t r0, int64_t r1) {
+    std::vector<V> Bv(NK - 1);
+    A out[V::size()];
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t i0 = 0; i0 < I; i0 += V::size()) {
+        const int64_t n = std::min<int64_t>(V::size(), I - i0);
+        bases_vec<T, A>(xp + (b0 + r) * sx0, sx1, i0, n, tp, rp, I, NK, k, Bv.data(), nullptr);
+        for (int64_t c = 0; c < NB; ++c) {
+          P_t* dst = pp + (r * NB + c) * I + i0;
+          if constexpr (std::is_same_v<P_t, A>) {
+            Bv[c].store(dst, n);
+          } else {
+            Bv[c].store(out);
+            for (int64_t l = 0; l < n; ++l) dst[l] = static_cast<P_t>(out[l]);
+          }
+        }
+      }
+    }
+  });
+}
+
+// weight_t (I, NB, O) as the (NB * I, O) matrix the blocks multiply, in type gt (a copy: a permute)
+inline at::Tensor gemm_weight(const at::Tensor& weight_t, at::ScalarType gt) {
+  const int64_t I = weight_t.size(0), NB = weight_t.size(1), O = weight_t.size(2);
+  return weight_t.permute({1, 0, 2}).to(gt).contiguous().view({NB * I, O});
+}
+
 template <typename T>
 void fwd_impl(const at::Tensor& x, const at::Tensor& grid, const at::Tensor& weight_t, int64_t k, at::Tensor& y) {
   using A = acc_type<T>;
-  const int64_t Bn = x.size(0), I = x.size(1), NK = grid.size(1), NB = NK - 1 - k, O = weight_t.size(2);
-  const auto acc_kind = c10::CppTypeToScalarType<A>::value;
-  at::Tensor t, r;
-  std::tie(t, r) = knot_tables<A>(grid, k);
-  const at::Tensor w = weight_t.to(acc_kind).contiguous();  // a copy for 16-bit weights only
-  const A* tp = t.const_data_ptr<A>();
-  const A* rp = r.const_data_ptr<A>();
-  const A* wp = w.const_data_ptr<A>();
-  const T* xp = x.const_data_ptr<T>();
-  const int64_t sx0 = x.stride(0), sx1 = x.stride(1);
-  T* yp = y.mutable_data_ptr<T>();
-  at::parallel_for(0, Bn, grain(I * (k + 1) * O),
-                   [&](int64_t b0, int64_t b1) {
-    std::vector<A> acc(O);
-    A N[kMaxOrder + 2], a[kMaxOrder + 1];
-    const A* rows[kMaxOrder + 1];
-    for (int64_t b = b0; b < b1; ++b) {
-      std::fill(acc.begin(), acc.end(), A(0));
-      for (int64_t i = 0; i < I; ++i) {
-        const int64_t j = spline_bases<A>(static_cast<A>(xp[b * sx0 + i * sx1]), tp + i * NK, rp + i * k * NK, NK, k,
-                                          N, nullptr);
-        if (j < 0) continue;
-        int64_t m = 0;
-        for (int64_t s = 0; s <= k; ++s) {
-          const int64_t c = j - k + s;
-          if (c < 0 || c >= NB) continue;
-          a[m] = N[s];
-          rows[m++] = wp + (i * NB + c) * O;
-        }
-        axpy_rows<A>(acc.data(), a, rows, m, O);
-      }
-      for (int64_t o = 0; o < O; ++o) yp[b * O + o] = static_cast<T>(acc[o]);
+  const int64_t Bn = x.size(0), I = x.size(1), NK = grid.size(1), NB = NK - 1 - k;
+  const at::ScalarType gt = gemm_type(x.scalar_type());
+  at::Tensor tT, rT;
+  std::tie(tT, rT) = knot_tables_t<A>(grid, k);
+  const at::Tensor w = gemm_weight(weight_t, gt);
+  // the products write y's rows in place, or a float block result rounded into them (float16)
+  const bool direct = gt == x.scalar_type();
+  const int64_t rows = block_rows(Bn, I * NB);
+  for (int64_t b0 = 0; b0 < Bn; b0 += rows) {
+    const int64_t n = std::min(rows, Bn - b0);
+    at::Tensor P = at::empty({n, NB * I}, x.options().dtype(gt));
+    if (direct) {
+      fill_bases<T, T>(x, b0, tT, rT, k, P);
+      at::Tensor out = y.narrow(0, b0, n);
+      at::mm_out(out, P, w);
+    } else {
+      fill_bases<T, float>(x, b0, tT, rT, k, P);
+      y.narrow(0, b0, n).copy_(at::mm(P, w));
     }
-  });
+  }
 }
 
 at::Tensor kan_spline_fwd(const at::Tensor& x, const at::Tensor& grid, const at::Tensor& weight_t, int64_t order) {
@@ -177,64 +189,51 @@ template <typename T>
 void bwd_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& grid, const at::Tensor& weight_t,
               int64_t k, at::Tensor* dx, at::Tensor* dw) {
   using A = acc_type<T>;
+  using V = Vectorized<A>;
   const int64_t Bn = x.size(0), I = x.size(1), NK = grid.size(1), NB = NK - 1 - k, O = weight_t.size(2);
   const auto acc_kind = c10::CppTypeToScalarType<A>::value;
-  at::Tensor t, r;
-  std::tie(t, r) = knot_tables<A>(grid, k);
-  const at::Tensor g = dy.to(acc_kind).contiguous();
-  const A* tp = t.const_data_ptr<A>();
-  const A* rp = r.const_data_ptr<A>();
-  const A* gp = g.const_data_ptr<A>();
+  const at::ScalarType gt = gemm_type(x.scalar_type());
+  at::Tensor tT, rT;
+  std::tie(tT, rT) = knot_tables_t<A>(grid, k);
+  const A* tp = tT.const_data_ptr<A>();
+  const A* rp = rT.const_data_ptr<A>();
   const T* xp = x.const_data_ptr<T>();
   const int64_t sx0 = x.stride(0), sx1 = x.stride(1);
-  if (dx != nullptr) {
-    const at::Tensor w = weight_t.to(acc_kind).contiguous();
-    const A* wp = w.const_data_ptr<A>();
-    T* dxp = dx->mutable_data_ptr<T>();
-    at::parallel_for(0, Bn, grain(I * (k + 1) * O),
-                     [&](int64_t b0, int64_t b1) {
-      A N[kMaxOrder + 2], dN[kMaxOrder + 1];
-      for (int64_t b = b0; b < b1; ++b) {
-        for (int64_t i = 0; i < I; ++i) {
-          const int64_t j =
-              spline_bases<A>(static_cast<A>(xp[b * sx0 + i * sx1]), tp + i * NK, rp + i * k * NK, NK, k, N, dN);
-          A acc = A(0);
-          if (j >= 0) {
-            for (int64_t s = 0; s <= k; ++s) {
-              const int64_t c = j - k + s;
-              if (c < 0 || c >= NB || dN[s] == A(0)) continue;
-              acc += dN[s] * dot<A>(gp + b * O, wp + (i * NB + c) * O, O);
-            }
+  // dW in the accumulation type over the blocks (one rounding to x's dtype at the end)
+  at::Tensor acc = dw != nullptr ? at::zeros({NB * I, O}, dy.options().dtype(acc_kind)) : at::Tensor();
+  const at::Tensor w = dx != nullptr ? gemm_weight(weight_t, gt) : at::Tensor();
+  const int64_t rows = block_rows(Bn, I * NB);
+  for (int64_t b0 = 0; b0 < Bn; b0 += rows) {
+    const int64_t n = std::min(rows, Bn - b0);
+    if (dw != nullptr) {
+      at::Tensor P = at::empty({n, NB * I}, x.options().dtype(acc_kind));
+      fill_bases<T, A>(x, b0, tT, rT, k, P);
+      acc.addmm_(P.t(), dy.narrow(0, b0, n).to(acc_kind));
+    }
+    if (dx != nullptr) {
+      const at::Tensor G = at::mm(dy.narrow(0, b0, n).to(gt), w.t()).to(acc_kind);  // (n, NB * I)
+      const A* gp = G.const_data_ptr<A>();
+      T* dxp = dx->mutable_data_ptr<T>();
+      at::parallel_for(0, n, row_grain(I), [&](int64_t r0, int64_t r1) {
+        std::vector<V> Bv(NK - 1), dBv(NK - 1);
+        A out[V::size()];
+        for (int64_t rr = r0; rr < r1; ++rr) {
+          const int64_t b = b0 + rr;
+          for (int64_t i0 = 0; i0 < I; i0 += V::size()) {
+            const int64_t m = std::min<int64_t>(V::size(), I - i0);
+            bases_vec<T, A>(xp + b * sx0, sx1, i0, m, tp, rp, I, NK, k, Bv.data(), dBv.data());
+            V s_acc(A(0));
+            for (int64_t c = 0; c < NB; ++c) s_acc = s_acc + dBv[c] * V::loadu(gp + (rr * NB + c) * I + i0, m);
+            s_acc.store(out);
+            for (int64_t l = 0; l < m; ++l) dxp[b * I + i0 + l] = static_cast<T>(out[l]);
           }
-          dxp[b * I + i] = static_cast<T>(acc);
         }
-      }
-    });
+      });
+    }
   }
   if (dw != nullptr) {
-    // each task owns a range of input features (its rows of dW: no races); the batch in the outer loop so that a
-    // dy row is read once per task
-    at::Tensor acc = at::zeros({I, NB, O}, dy.options().dtype(acc_kind));
-    A* ap = acc.mutable_data_ptr<A>();
-    at::parallel_for(0, I, grain(Bn * (k + 1) * O), [&](int64_t i0, int64_t i1) {
-      A N[kMaxOrder + 2];
-      for (int64_t b = 0; b < Bn; ++b) {
-        const A* grow = gp + b * O;
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t j = spline_bases<A>(static_cast<A>(xp[b * sx0 + i * sx1]), tp + i * NK, rp + i * k * NK, NK,
-                                            k, N, nullptr);
-          if (j < 0) continue;
-          for (int64_t s = 0; s <= k; ++s) {
-            const int64_t c = j - k + s;
-            if (c < 0 || c >= NB || N[s] == A(0)) continue;
-            A* row = ap + (i * NB + c) * O;
-            const A* src[1] = {grow};
-            axpy_rows<A>(row, &N[s], src, 1, O);
-          }
-        }
-      }
-    });
-    *dw = std::is_same_v<A, T> ? acc : acc.to(x.scalar_type());
+    const at::Tensor d = acc.view({NB, I, O}).permute({1, 0, 2});
+    *dw = (std::is_same_v<A, T> ? d : d.to(x.scalar_type())).contiguous();
   }
 }
 

@@ -14,14 +14,20 @@ def _grid(n_in, grid_size=4, order=3, dtype=torch.float32):
     return g.expand(n_in, -1).contiguous().to(dtype)
 
 
+# (leading dims, in, out, grid size, order); the last case's rows span more than one of the CPU kernels' blocks of
+# bases (csrc/kan.cpp kBlockElems = 2**22 basis values: 2341 rows at 256 inputs of 7 bases)
+SHAPES = [((3, 11), 7, 13, 4, 3), ((5,), 3, 1, 2, 1), ((2400,), 256, 5, 4, 3)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}->{s[2]}-g{s[3]}k{s[4]}")
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES + (torch.float64,), ids=lambda d: str(d)[6:])
-def test_values_and_grads(dtype):
+def test_values_and_grads(dtype, shape):
     torch.manual_seed(0)
-    I, O, G, k = 7, 13, 4, 3
+    lead, I, O, G, k = shape
     grid = _grid(I, G, k)
-    x = (torch.rand(3, 11, I, dtype=torch.float64) * 2.4 - 1.2).to(dtype)
+    x = (torch.rand(*lead, I, dtype=torch.float64) * 2.4 - 1.2).to(dtype)
     w = (torch.randn(O, I, G + k, dtype=torch.float64) * 0.3).to(dtype)
-    dy = torch.randn(3, 11, O, dtype=torch.float64).to(dtype)
+    dy = torch.randn(*lead, O, dtype=torch.float64).to(dtype)
     xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
     y = tritium.kan_spline(xi, grid, wi, k)
     gx, gw = torch.autograd.grad(y, (xi, wi), dy)

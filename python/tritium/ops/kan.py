@@ -85,7 +85,8 @@ def _check(x, grid, weight, spline_order) -> None:
 def kan_spline(x: Tensor, grid: Tensor, weight: Tensor, spline_order: int = 3) -> Tensor:
     """The spline term of a KAN layer: (..., in) -> (..., out), y = sum_{i,c} B_c(x_i) weight[o, i, c] with the
     order-``spline_order`` B-spline bases on each feature's knots grid[i] (efficient-kan's ``b_splines`` followed
-    by its linear map, without the (batch, in, bases) basis tensor). Differentiable in x and weight."""
+    by its linear map, without holding the whole (batch, in, bases) basis tensor: the CPU kernels take it a block
+    of rows at a time into a GEMM, the GPU kernels keep it in registers). Differentiable in x and weight."""
     _check(x, grid, weight, spline_order)
     n_in, n_out = x.shape[-1], weight.shape[0]
     if not kernel_ok(x, weight) or grid.requires_grad or x.numel() == 0 or n_out == 0 or \
