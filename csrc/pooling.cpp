@@ -8,6 +8,12 @@
 //   backward: dx is dy at each window's idx and zero elsewhere (the windows do not overlap).
 // Forward reads x once and writes y and idx (1 byte each); backward reads dy and idx and writes dx once.
 // Comparisons are in the input's dtype widened to float (exact): 16-bit values are never rounded.
+// Windows two columns wide (kw = 2, the common 2x2 pooling) take a vector path: each window row's 2 K input
+// columns load as two vectors, deinterleave into the K windows' left and right columns, and the maximum and its
+// offset follow by compares and blends (the window's rows combined in order by the scalar loop's rule, which
+// gives the same element: the first maximum, or the last NaN); the backward interleaves each window row's
+// gradient back from dy blended by idx, writing every element of the window rows once (no zeroing pass), where
+// a row holds a vector of windows or more. Other windows take the scalar loop per window.
 #include <cmath>
 #include <limits>
 
@@ -16,6 +22,116 @@
 
 namespace tritium {
 namespace {
+
+// n (<= 2 K) elements from p as two accumulation-type vectors (lanes past n are zero).
+template <typename T>
+inline std::pair<Vectorized<acc_type<T>>, Vectorized<acc_type<T>>> load2_n(const T* p, int64_t n) {
+  using V = Vectorized<acc_type<T>>;
+  constexpr int64_t K = V::size();
+  if (n == 2 * K) return load2(p);
+  if constexpr (std::is_same_v<T, acc_type<T>>) {
+    return {V::loadu(p, std::min(n, K)), n > K ? V::loadu(p + K, n - K) : V(0)};
+  } else {
+    auto [a, b] = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p, n));
+    return {a, b};
+  }
+}
+
+// n (<= K) window offsets held as accumulation-type values (exact integers) stored as bytes.
+template <typename V>
+inline void store_offsets(uint8_t* p, const V& v, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<V, Vectorized<float>>) {
+    _mm512_mask_cvtepi32_storeu_epi8(p, static_cast<__mmask16>((1u << n) - 1), _mm512_cvttps_epi32(v));
+    return;
+  }
+#endif
+  alignas(64) typename V::value_type b[V::size()];
+  v.store(b);
+  for (int64_t k = 0; k < n; ++k) p[k] = static_cast<uint8_t>(b[k]);
+}
+
+// Output rows [r0, r1) of 2-column windows (kw = 2): y and idx as the scalar loop writes them.
+template <typename scalar_t>
+void fwd_rows_w2(const scalar_t* xp, scalar_t* yp, uint8_t* ip, int64_t r0, int64_t r1, int64_t H, int64_t W,
+                 int64_t Ho, int64_t Wo, int64_t kh) {
+  using A = acc_type<scalar_t>;
+  using V = Vectorized<A>;
+  constexpr int64_t K = V::size();
+  int64_t plane = r0 / Ho, i = r0 % Ho;  // r's plane and row in it, advanced with r
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* row = xp + plane * H * W + i * kh * W;
+    if (++i == Ho) {
+      i = 0;
+      ++plane;
+    }
+    for (int64_t j = 0; j < Wo; j += K) {  // K windows: input columns [2 j, 2 j + 2 K)
+      const int64_t n = std::min(K, Wo - j);
+      V m, best;
+      for (int64_t a = 0; a < kh; ++a) {
+        const auto [v0, v1] = load2_n(row + a * W + 2 * j, 2 * n);
+        const auto [left, right] = at::vec::deinterleave2(v0, v1);
+        const V pick = (right > left) | right.isnan();  // within the row: the right one if greater or NaN
+        const V pm = V::blendv(left, right, pick);
+        const V pi = V::blendv(V(A(2 * a)), V(A(2 * a + 1)), pick);
+        if (a == 0) {
+          m = pm;
+          best = pi;
+        } else {  // rows in order, by the same rule: a later row wins if greater or NaN
+          const V take = (pm > m) | pm.isnan();
+          m = V::blendv(m, pm, take);
+          best = V::blendv(best, pi, take);
+        }
+      }
+      if constexpr (std::is_same_v<scalar_t, A>) {
+        m.store(yp + r * Wo + j, n);
+      } else {
+        store_out(yp + r * Wo + j, m, n, false);
+      }
+      store_offsets(ip + r * Wo + j, best, n);
+    }
+  }
+}
+
+// Output rows [r0, r1) of the backward of 2-column windows: the kh input rows under each output row, written
+// whole (their trailing odd column zeroed), and a plane's trailing rows zeroed with its last output row. Taken for
+// rows of a vector of windows or more (shorter rows cost less by the scalar scatter into a zeroed plane).
+template <typename scalar_t>
+void bwd_rows_w2(const scalar_t* dyp, const uint8_t* ip, scalar_t* dxp, int64_t r0, int64_t r1, int64_t H,
+                 int64_t W, int64_t Ho, int64_t Wo, int64_t kh) {
+  using A = acc_type<scalar_t>;
+  using V = Vectorized<A>;
+  constexpr int64_t K = V::size();
+  for (int64_t r = r0; r < r1; ++r) {
+    scalar_t* plane = dxp + (r / Ho) * H * W;
+    scalar_t* rows = plane + (r % Ho) * kh * W;
+    for (int64_t j = 0; j < Wo; j += K) {
+      const int64_t n = std::min(K, Wo - j);
+      const V d = load2_n(dyp + r * Wo + j, n).first;
+      alignas(64) A b[K] = {};
+      for (int64_t k = 0; k < n; ++k) b[k] = static_cast<A>(ip[r * Wo + j + k]);
+      const V off = V::loadu(b);
+      for (int64_t a = 0; a < kh; ++a) {
+        const V left = V::blendv(V(0), d, off == V(A(2 * a)));
+        const V right = V::blendv(V(0), d, off == V(A(2 * a + 1)));
+        const auto [lo, hi] = at::vec::interleave2(left, right);
+        scalar_t* out = rows + a * W + 2 * j;
+        if (n == K) {
+          store2(out, lo, hi);
+        } else {
+          store_out(out, lo, std::min(2 * n, K), false);
+          if (2 * n > K) store_out(out + K, hi, 2 * n - K, false);
+        }
+      }
+    }
+    if (W % 2) {
+      for (int64_t a = 0; a < kh; ++a) rows[a * W + W - 1] = scalar_t(0);
+    }
+    if (r % Ho == Ho - 1 && H > Ho * kh) {  // all-zero bits: +0.0 in every dtype
+      std::memset(static_cast<void*>(plane + Ho * kh * W), 0, sizeof(scalar_t) * (H - Ho * kh) * W);
+    }
+  }
+}
 
 void check_x(const at::Tensor& x, int64_t kh, int64_t kw) {
   TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "max_pool2d: x must be a contiguous (planes, H, W) tensor, got ",
@@ -36,6 +152,10 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_fwd(const at::Tensor& x, int64_t k
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     uint8_t* ip = idx.mutable_data_ptr<uint8_t>();
     at::parallel_for(0, P * Ho, row_grain(kh * W), [&](int64_t r0, int64_t r1) {
+      if (kw == 2) {
+        fwd_rows_w2(xp, yp, ip, r0, r1, H, W, Ho, Wo, kh);
+        return;
+      }
       for (int64_t r = r0; r < r1; ++r) {  // r: one output row (plane r / Ho, row r % Ho)
         const scalar_t* row = xp + (r / Ho) * H * W + (r % Ho) * kh * W;
         scalar_t* yo = yp + r * Wo;
@@ -76,6 +196,12 @@ at::Tensor max_pool2d_bwd(const at::Tensor& dy, const at::Tensor& idx, int64_t k
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     const uint8_t* ip = idx.const_data_ptr<uint8_t>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+    if (kw == 2 && Wo >= VecIO<scalar_t>::kSize && dy.numel() > 0) {
+      at::parallel_for(0, P * Ho, row_grain(kh * W), [&](int64_t r0, int64_t r1) {
+        bwd_rows_w2(dyp, ip, dxp, r0, r1, H, W, Ho, Wo, kh);
+      });
+      return;
+    }
     at::parallel_for(0, P, row_grain(H * W), [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         scalar_t* plane = dxp + p * H * W;

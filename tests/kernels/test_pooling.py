@@ -8,12 +8,17 @@ import torch.nn.functional as F
 
 import tritium  # noqa: F401  (loads the C++ kernels)
 from tritium.kernels import pooling
-from tests.util import check_gpu_compile, impl_cases, on_device
+from tests.util import CPU_DTYPES, check_gpu_compile, impl_cases, on_device
 
 triton_pooling = on_device(pooling)
 CASES, IDS = impl_cases(triton_pooling)
 # (planes, H, W, kh, kw)
 SHAPES = [(1, 1, 1, 1, 1), (3, 8, 8, 2, 2), (5, 7, 9, 2, 3), (2, 5, 123, 3, 2), (4, 17, 17, 17, 1), (2, 16, 16, 16, 16)]
+# The C++ vector path of 2-column windows (kw = 2): (planes, H, W, kh) with one window per row, rows shorter than a
+# vector (the zoo's 8x8 maps), 16 and 32 windows (whole 8- and 16-lane float vectors, two and one 8-lane double),
+# a whole vector and one window more, odd widths (a trailing column) and trailing rows, kh of 1 to 4.
+SHAPES_W2 = [(3, 2, 2, 2), (7, 8, 8, 2), (2, 6, 32, 2), (2, 4, 64, 1), (1, 5, 34, 3), (3, 9, 67, 2), (2, 11, 130, 4),
+             (4, 3, 17, 1)]
 
 
 def _torch(x, kh, kw, dy):
@@ -39,6 +44,32 @@ def test_kernel(impl_name, impl, dtype, P, H, W, kh, kw, values):
     ty, tdx = _torch(x, kh, kw, dy)
     assert torch.equal(y, ty)
     assert torch.equal(impl.max_pool2d_bwd(dy, idx, kh, kw, H, W), tdx)
+
+
+def _values(kind, shape, dtype):
+    if kind == "ties":  # few distinct values: most windows hold their maximum more than once
+        return torch.randint(-2, 3, shape).to(dtype)
+    x = torch.randn(shape, dtype=torch.float64)
+    if kind == "nan":  # NaN (some windows two or more: the last takes the gradient) and infinities
+        u = torch.rand(shape)
+        x[u < 0.15] = float("nan")
+        x[(u >= 0.15) & (u < 0.2)] = float("inf")
+        x[(u >= 0.2) & (u < 0.25)] = float("-inf")
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("P,H,W,kh", SHAPES_W2)
+@pytest.mark.parametrize("values", ["randn", "ties", "nan"])
+def test_cpp_two_columns(dtype, P, H, W, kh, values):
+    """The vector path of kw = 2 against torch: the same values, and each window's gradient on the same element."""
+    torch.manual_seed(P * H + W + kh)
+    x = _values(values, (P, H, W), dtype)
+    y, idx = torch.ops.tritium.max_pool2d_fwd(x, kh, 2)
+    dy = torch.randn(y.shape, dtype=torch.float64).to(dtype)
+    ty, tdx = _torch(x, kh, 2, dy)
+    torch.testing.assert_close(y, ty, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(torch.ops.tritium.max_pool2d_bwd(dy, idx, kh, 2, H, W), tdx)
 
 
 @pytest.mark.parametrize("impl_name,impl", [("triton", triton_pooling), ("cpp", torch.ops.tritium)])
