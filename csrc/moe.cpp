@@ -13,13 +13,19 @@
 //
 // Each expert's rows are contiguous, so its products are three GEMMs on a gathered (n_e, D) block: ATen's
 // (oneDNN for 16-bit, BLAS) and, for float32/float64 from kPanelRows rows, tritium's panel GEMM (panel_mm_out,
-// tritium.linear's) and its weight-gradient form (panel_gemm_tn, the threads splitting the gradient's rows),
-// each threaded inside. The forward's gate/up product, where F is a whole number of half panels, runs on
-// panels packed for SwiGLU in the epilogue (panel_gemm<..., GLU>), which writes both a and h: no pass of its own. The elementwise parts
-// (gather, SwiGLU and its backward, the weighted scatter into token order) are at::parallel_for over the expert's
-// rows. A token has k rows in k different experts, so the scatter of one expert's rows never has two rows on
-// one token: no atomics. The combine accumulates into y itself (float32/float64) or into a float32 (T, D)
-// buffer rounded once at the end (16-bit): no (R, D) copy of the expert outputs is kept.
+// tritium.linear's) and its weight-gradient form (panel_gemm_tn, the threads splitting the gradient's rows).
+// The forward's gate/up product, where F is a whole number of half panels, runs on panels packed for SwiGLU in
+// the epilogue (panel_gemm<..., GLU>), which writes both a and h: no pass of its own. The elementwise parts
+// (gather, SwiGLU and its backward) run over the expert's rows.
+//
+// The threads (expert_schedule): when the experts' rows split evenly between them, each thread runs whole experts,
+// every product of an expert on that one thread (an expert's GEMMs then run at one core's full rate, with no
+// synchronisation inside them); otherwise (a few experts hold most rows) the experts run one after another with
+// every thread inside each product. Either way each expert writes its rows' outputs (the down product's, the
+// input gradient's) into its own rows of an (R, D) block, and one pass per token then sums its k rows (weighted in
+// the forward) in the accumulation type and rounds once (combine): no atomics, no float32 (T, D) accumulator.
+#include <ATen/ThreadLocalState.h>
+
 #include "panel.h"
 #include "pool.h"
 #include "vec.h"
@@ -59,15 +65,76 @@ std::vector<int64_t> read_offsets(const char* fn, const at::Tensor& offsets, int
   return off;
 }
 
-// out (n, D) = x[tok[i]] rows (tokens checked in range)
+// The rows of each token: rows[first[t] .. first[t + 1]) are token t's rows in increasing order (so in expert
+// order). Checks every token in [0, T) before any kernel reads x through it.
+struct TokenRows {
+  std::vector<int64_t> first, rows;
+};
+
+TokenRows rows_by_token(const char* fn, const int64_t* tok, int64_t R, int64_t T_) {
+  TokenRows tr{std::vector<int64_t>(T_ + 1, 0), std::vector<int64_t>(R)};
+  for (int64_t r = 0; r < R; ++r) {
+    TORCH_CHECK(tok[r] >= 0 && tok[r] < T_, fn, ": tokens must be in [0, ", T_, "), got ", tok[r]);
+    ++tr.first[tok[r] + 1];
+  }
+  for (int64_t t = 0; t < T_; ++t) tr.first[t + 1] += tr.first[t];
+  std::vector<int64_t> next(tr.first.begin(), tr.first.end() - 1);
+  for (int64_t r = 0; r < R; ++r) tr.rows[next[tok[r]]++] = r;
+  return tr;
+}
+
+// Which experts each thread runs whole (expert_schedule): the busiest thread's rows at most this many times an even
+// share of all rows, else the experts run one at a time with the threads inside each product.
+constexpr double kExpertSlack = 1.15;
+
+// The experts with rows dealt to the threads, largest first, each to the thread with the fewest rows so far; empty
+// (one expert at a time) on one thread, inside a parallel region, with fewer experts with rows than threads, or
+// where the deal leaves a thread more than kExpertSlack times its share.
+std::vector<std::vector<int64_t>> expert_schedule(const std::vector<int64_t>& off) {
+  const int64_t nt = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t E = static_cast<int64_t>(off.size()) - 1;
+  std::vector<int64_t> busy;
+  for (int64_t e = 0; e < E; ++e)
+    if (off[e + 1] > off[e]) busy.push_back(e);
+  if (nt <= 1 || static_cast<int64_t>(busy.size()) < nt) return {};
+  std::stable_sort(busy.begin(), busy.end(),
+                   [&](int64_t a, int64_t b) { return off[a + 1] - off[a] > off[b + 1] - off[b]; });
+  std::vector<std::vector<int64_t>> plan(nt);
+  std::vector<int64_t> load(nt, 0);
+  for (const int64_t e : busy) {
+    const int64_t t = std::min_element(load.begin(), load.end()) - load.begin();
+    plan[t].push_back(e);
+    load[t] += off[e + 1] - off[e];
+  }
+  const int64_t most = *std::max_element(load.begin(), load.end());
+  if (static_cast<double>(most) * nt > kExpertSlack * static_cast<double>(off[E])) return {};
+  return plan;
+}
+
+// body(e, slot) for every expert with rows: by the schedule, slot = the thread's index (its scratch buffers), or
+// one after another in slot 0
+template <typename Fn>
+void for_experts(const std::vector<int64_t>& off, const std::vector<std::vector<int64_t>>& plan, const Fn& body) {
+  if (plan.empty()) {
+    for (int64_t e = 0; e + 1 < static_cast<int64_t>(off.size()); ++e)
+      if (off[e + 1] > off[e]) body(e, int64_t(0));
+    return;
+  }
+  // the caller's thread-local state (the dispatch below autograd this kernel runs in) on every thread, for the
+  // ATen GEMMs the other threads call
+  const at::ThreadLocalState state;
+  at::parallel_for(0, static_cast<int64_t>(plan.size()), 1, [&](int64_t t0, int64_t t1) {
+    at::ThreadLocalStateGuard guard(state);
+    for (int64_t t = t0; t < t1; ++t)
+      for (const int64_t e : plan[t]) body(e, t);
+  });
+}
+
+// out (n, D) = x[tok[i]] rows (tokens checked by rows_by_token)
 template <typename T>
-void gather(const T* x, int64_t ldx, int64_t T_, const int64_t* tok, int64_t n, int64_t D, T* out) {
+void gather(const T* x, int64_t ldx, const int64_t* tok, int64_t n, int64_t D, T* out) {
   at::parallel_for(0, n, 64, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t t = tok[i];
-      TORCH_CHECK(t >= 0 && t < T_, "moe: tokens must be in [0, ", T_, "), got ", t);
-      std::memcpy(out + i * D, x + t * ldx, D * sizeof(T));
-    }
+    for (int64_t i = i0; i < i1; ++i) std::memcpy(out + i * D, x + tok[i] * ldx, D * sizeof(T));
   });
 }
 
@@ -159,29 +226,36 @@ void swiglu_rows(const T* a, int64_t n, int64_t F, T* h) {
   });
 }
 
-// acc[tok[i]] += w[i] * o[i] (acc rows of the accumulation type; distinct tokens within the call)
-template <typename T, typename A>
-void scatter_add(const T* o, int64_t n, int64_t D, const int64_t* tok, const T* w, A* acc) {
+// out[t] (D) = sum of w[r] o[r] over token t's rows r (w null: 1), in increasing r, in the accumulation type,
+// rounded once; 0 for a token without rows
+template <typename T>
+void combine(const T* o, int64_t D, const TokenRows& tr, const T* w, int64_t T_, T* out) {
+  using A = acc_type<T>;
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
-  at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      A* dst = acc + tok[i] * D;
-      const T* src = o + i * D;
-      const A wi = w == nullptr ? A(1) : static_cast<A>(w[i]);
-      const V wv(wi);
+  at::parallel_for(0, T_, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t* rows = tr.rows.data() + tr.first[t];
+      const int64_t cnt = tr.first[t + 1] - tr.first[t];
+      T* dst = out + t * D;
       int64_t j = 0;
-      for (; j + L <= D; j += L) (V::loadu(dst + j) + wv * VecIO<T>::load(src + j)).store(dst + j);
-      for (; j < D; ++j) dst[j] += wi * static_cast<A>(src[j]);
+      for (; j + L <= D; j += L) {
+        V s(A(0));
+        for (int64_t i = 0; i < cnt; ++i) {
+          const int64_t r = rows[i];
+          s = s + V(w == nullptr ? A(1) : static_cast<A>(w[r])) * VecIO<T>::load(o + r * D + j);
+        }
+        VecIO<T>::store(dst + j, s);
+      }
+      for (; j < D; ++j) {
+        A s = A(0);
+        for (int64_t i = 0; i < cnt; ++i) {
+          const int64_t r = rows[i];
+          s += (w == nullptr ? A(1) : static_cast<A>(w[r])) * static_cast<A>(o[r * D + j]);
+        }
+        dst[j] = static_cast<T>(s);
+      }
     }
-  });
-}
-
-// 16-bit: the float32 accumulator rounded into out; float/double: out is the accumulator itself
-template <typename T>
-void round_into(const float* acc, int64_t n, T* out) {
-  at::parallel_for(0, n, 1 << 16, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) out[i] = static_cast<T>(acc[i]);
   });
 }
 
@@ -194,56 +268,66 @@ std::tuple<at::Tensor, at::Tensor> experts_forward(const char* fn, const at::Ten
   check_args(fn, x, w13, w2, tokens, offsets, weights);
   const int64_t T_ = x.size(0), D = x.size(1), E = w13.size(0), F = w13.size(1) / 2, R = tokens.size(0);
   const auto off = read_offsets(fn, offsets, R);
+  const auto tc = tokens.contiguous();
+  const auto tr = rows_by_token(fn, tc.const_data_ptr<int64_t>(), R, T_);
   auto a = empty({save_a ? R : 0, 2 * F}, x.options());
   auto y = empty({T_, D}, x.options());
-  const bool half = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
-  auto acc = half ? at::zeros({T_, D}, x.options().dtype(at::kFloat)) : y.zero_();
   if (R == 0 || D == 0) {
-    if (half) y.zero_();
+    y.zero_();
     return {y, a};
   }
   const auto xc = x.stride(1) == 1 ? x : x.contiguous();
-  const auto tc = tokens.contiguous();
   const auto wc = weights.contiguous();
   const auto w13c = w13.contiguous(), w2c = w2.contiguous();
-  int64_t most = 0;
-  for (int64_t e = 0; e < E; ++e) most = std::max(most, off[e + 1] - off[e]);
-  auto xe_buf = empty({most, D}, x.options());
-  auto h_buf = empty({most, F}, x.options());
-  auto o_buf = empty({most, D}, x.options());
-  at::Tensor glu_buf;  // one expert's packed gate/up weights (the SwiGLU-epilogue path)
-  at::Tensor a_buf;    // one expert's pre-activations when a is not returned (the path with a SwiGLU pass)
+  const auto plan = expert_schedule(off);
+  const int64_t slots = plan.empty() ? 1 : static_cast<int64_t>(plan.size());
+  int64_t most = 0, glu_size = 0;
+  bool any_glu = false, any_pass = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tritium_moe_glu", [&] {
+    glu_size = panel::packed_size<acc_type<scalar_t>>(2 * F, D);
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t n = off[e + 1] - off[e];
+      most = std::max(most, n);
+      if (n == 0) continue;
+      (glu_panels<scalar_t>(n, F, D) ? any_glu : any_pass) = true;
+    }
+  });
+  // each slot's scratch: the gathered rows, h, the packed gate/up weights (SwiGLU-epilogue path), the
+  // pre-activations when a is not returned (the path with a SwiGLU pass)
+  std::vector<at::Tensor> xe_buf(slots), h_buf(slots), glu_buf(slots), a_buf(slots);
+  for (int64_t s = 0; s < slots; ++s) {
+    xe_buf[s] = empty({most, D}, x.options());
+    h_buf[s] = empty({most, F}, x.options());
+    if (any_glu) glu_buf[s] = empty({glu_size}, x.options());
+    if (any_pass && !save_a) a_buf[s] = empty({most, 2 * F}, x.options());
+  }
+  auto o = empty({R, D}, x.options());  // each row's down-product output, summed per token by combine
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tritium_moe_experts_fwd", [&] {
     using A = acc_type<scalar_t>;
-    for (int64_t e = 0; e < E; ++e) {
+    for_experts(off, plan, [&](int64_t e, int64_t s) {
       const int64_t r0 = off[e], n = off[e + 1] - r0;
-      if (n == 0) continue;
       const int64_t* tok = tc.const_data_ptr<int64_t>() + r0;
-      auto xe = xe_buf.narrow(0, 0, n);
-      gather<scalar_t>(xc.const_data_ptr<scalar_t>(), xc.stride(0), T_, tok, n, D, xe.mutable_data_ptr<scalar_t>());
-      auto he = h_buf.narrow(0, 0, n);
+      auto xe = xe_buf[s].narrow(0, 0, n);
+      gather<scalar_t>(xc.const_data_ptr<scalar_t>(), xc.stride(0), tok, n, D, xe.mutable_data_ptr<scalar_t>());
+      auto he = h_buf[s].narrow(0, 0, n);
       if (glu_panels<scalar_t>(n, F, D)) {
         // a and h from one product: SwiGLU in the panels' epilogue, which also stores the pre-activations
         if constexpr (std::is_same_v<scalar_t, A>) {
-          if (!glu_buf.defined()) glu_buf = empty({panel::packed_size<A>(2 * F, D)}, x.options());
-          pack_glu<A>(w13c[e].const_data_ptr<A>(), F, D, glu_buf.mutable_data_ptr<A>());
-          panel_gemm<A, A, true>(xe.const_data_ptr<A>(), D, n, D, glu_buf.const_data_ptr<A>(), 2 * F,
+          pack_glu<A>(w13c[e].const_data_ptr<A>(), F, D, glu_buf[s].mutable_data_ptr<A>());
+          panel_gemm<A, A, true>(xe.const_data_ptr<A>(), D, n, D, glu_buf[s].const_data_ptr<A>(), 2 * F,
                                  he.mutable_data_ptr<A>(), F, nullptr, 0, -1,
                                  save_a ? a.mutable_data_ptr<A>() + r0 * 2 * F : nullptr, 2 * F);
         }
       } else {
-        if (!save_a && !a_buf.defined()) a_buf = empty({most, 2 * F}, x.options());
-        auto ae = save_a ? a.narrow(0, r0, n) : a_buf.narrow(0, 0, n);
+        auto ae = save_a ? a.narrow(0, r0, n) : a_buf[s].narrow(0, 0, n);
         mm_into(xe, w13c[e].t(), ae);
         swiglu_rows<scalar_t>(ae.const_data_ptr<scalar_t>(), n, F, he.mutable_data_ptr<scalar_t>());
       }
-      auto oe = o_buf.narrow(0, 0, n);
+      auto oe = o.narrow(0, r0, n);
       mm_into(he, w2c[e].t(), oe);
-      scatter_add<scalar_t, A>(oe.const_data_ptr<scalar_t>(), n, D, tok, wc.const_data_ptr<scalar_t>() + r0,
-                               acc.mutable_data_ptr<A>());
-    }
-    if constexpr (!std::is_same_v<scalar_t, A>)
-      round_into<scalar_t>(acc.const_data_ptr<float>(), T_ * D, y.mutable_data_ptr<scalar_t>());
+    });
+    combine<scalar_t>(o.const_data_ptr<scalar_t>(), D, tr, wc.const_data_ptr<scalar_t>(), T_,
+                      y.mutable_data_ptr<scalar_t>());
   });
   return {y, a};
 }
@@ -316,60 +400,65 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_bwd(
   TORCH_CHECK(a.dim() == 2 && a.size(0) == R && a.size(1) == 2 * F && a.scalar_type() == x.scalar_type(), fn,
               ": a must be (", R, ", ", 2 * F, ") of x's dtype, got ", a.sizes(), " ", a.scalar_type());
   const auto off = read_offsets(fn, offsets, R);
+  const auto tc = tokens.contiguous();
+  const auto tr = rows_by_token(fn, tc.const_data_ptr<int64_t>(), R, T_);
   auto dw13 = empty({E, 2 * F, D}, x.options());
   auto dw2 = empty({E, D, F}, x.options());
   auto dweights = at::empty({R}, x.options());
   auto dx = need_dx ? empty({T_, D}, x.options()) : at::empty({0}, x.options());
-  const bool half = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
-  at::Tensor acc;
-  if (need_dx) acc = half ? at::zeros({T_, D}, x.options().dtype(at::kFloat)) : dx.zero_();
+  if (R == 0 || D == 0 || F == 0) {  // no products: every gradient is zero
+    for (auto* t : {&dw13, &dw2, &dweights, &dx}) t->zero_();
+    return {dx, dw13, dw2, dweights};
+  }
+  for (int64_t e = 0; e < E; ++e)
+    if (off[e + 1] == off[e]) {
+      dw13[e].zero_();
+      dw2[e].zero_();
+    }
   const auto xc = x.stride(1) == 1 ? x : x.contiguous();
   const auto dyc = dy.stride(1) == 1 ? dy : dy.contiguous();
-  const auto tc = tokens.contiguous();
   const auto wc = weights.contiguous();
   const auto ac = a.contiguous();
   const auto w13c = w13.contiguous(), w2c = w2.contiguous();
+  const auto plan = expert_schedule(off);
+  const int64_t slots = plan.empty() ? 1 : static_cast<int64_t>(plan.size());
   int64_t most = 0;
   for (int64_t e = 0; e < E; ++e) most = std::max(most, off[e + 1] - off[e]);
-  auto xe_buf = empty({most, D}, x.options());
-  auto dye_buf = empty({most, D}, x.options());
-  auto g_buf = empty({most, F}, x.options());
-  auto da_buf = empty({most, 2 * F}, x.options());
-  auto dxe_buf = empty({most, D}, x.options());
+  // each slot's scratch: the gathered rows of x and dy, g = dy W2_e, da
+  std::vector<at::Tensor> xe_buf(slots), dye_buf(slots), g_buf(slots), da_buf(slots);
+  for (int64_t s = 0; s < slots; ++s) {
+    xe_buf[s] = empty({most, D}, x.options());
+    dye_buf[s] = empty({most, D}, x.options());
+    g_buf[s] = empty({most, F}, x.options());
+    da_buf[s] = empty({most, 2 * F}, x.options());
+  }
+  // each row's input gradient da_r W13_e, summed per token by combine
+  auto dxr = need_dx ? empty({R, D}, x.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tritium_moe_experts_bwd", [&] {
-    using A = acc_type<scalar_t>;
-    for (int64_t e = 0; e < E; ++e) {
+    for_experts(off, plan, [&](int64_t e, int64_t s) {
       const int64_t r0 = off[e], n = off[e + 1] - r0;
-      if (n == 0 || D == 0 || F == 0) {
-        dw13[e].zero_();
-        dw2[e].zero_();
-        if (n > 0) dweights.narrow(0, r0, n).zero_();
-        continue;
-      }
       const int64_t* tok = tc.const_data_ptr<int64_t>() + r0;
-      auto dye = dye_buf.narrow(0, 0, n);
-      gather<scalar_t>(dyc.const_data_ptr<scalar_t>(), dyc.stride(0), T_, tok, n, D,
-                       dye.mutable_data_ptr<scalar_t>());
-      auto g = g_buf.narrow(0, 0, n);
+      auto dye = dye_buf[s].narrow(0, 0, n);
+      gather<scalar_t>(dyc.const_data_ptr<scalar_t>(), dyc.stride(0), tok, n, D, dye.mutable_data_ptr<scalar_t>());
+      auto g = g_buf[s].narrow(0, 0, n);
       mm_into(dye, w2c[e], g);  // dy W2_e (n, F)
-      auto dae = da_buf.narrow(0, 0, n);
+      auto dae = da_buf[s].narrow(0, 0, n);
       swiglu_bwd_rows<scalar_t>(g.mutable_data_ptr<scalar_t>(), ac.const_data_ptr<scalar_t>() + r0 * 2 * F,
                                 wc.const_data_ptr<scalar_t>() + r0, n, F, dae.mutable_data_ptr<scalar_t>(),
                                 dweights.mutable_data_ptr<scalar_t>() + r0);
       auto dw2e = dw2[e];
       mm_tn_into(dye, g, dw2e);  // dy^T (weights h) (D, F)
-      auto xe = xe_buf.narrow(0, 0, n);
-      gather<scalar_t>(xc.const_data_ptr<scalar_t>(), xc.stride(0), T_, tok, n, D, xe.mutable_data_ptr<scalar_t>());
+      auto xe = xe_buf[s].narrow(0, 0, n);
+      gather<scalar_t>(xc.const_data_ptr<scalar_t>(), xc.stride(0), tok, n, D, xe.mutable_data_ptr<scalar_t>());
       auto dw13e = dw13[e];
       mm_tn_into(dae, xe, dw13e);  // da^T x (2F, D)
       if (need_dx) {
-        auto dxe = dxe_buf.narrow(0, 0, n);
+        auto dxe = dxr.narrow(0, r0, n);
         mm_into(dae, w13c[e], dxe);  // da W13_e (n, D)
-        scatter_add<scalar_t, A>(dxe.const_data_ptr<scalar_t>(), n, D, tok, nullptr, acc.mutable_data_ptr<A>());
       }
-    }
-    if constexpr (!std::is_same_v<scalar_t, A>)
-      if (need_dx) round_into<scalar_t>(acc.const_data_ptr<float>(), T_ * D, dx.mutable_data_ptr<scalar_t>());
+    });
+    if (need_dx)
+      combine<scalar_t>(dxr.const_data_ptr<scalar_t>(), D, tr, nullptr, T_, dx.mutable_data_ptr<scalar_t>());
   });
   return {dx, dw13, dw2, dweights};
 }

@@ -100,6 +100,46 @@ def test_cpp_paths(dtype):
     check_moe(torch.ops.tritium, dtype, 600, 70, 96, 3, 2, "one")
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("threads", (1, 2))
+@pytest.mark.parametrize("kind,F_,E,k", [("random", 96, 4, 2), ("random", 37, 5, 2), ("one", 37, 4, 1)])
+def test_cpp_expert_schedule(dtype, threads, kind, F_, E, k):
+    """The C++ kernel's two schedules: on two threads, experts whose rows split evenly (random routing) run whole on
+    one thread each (every product of an expert on that thread, the per-row outputs summed per token afterwards);
+    one expert holding every row (kind "one", k = 1), or one thread, runs the experts one at a time with the threads
+    inside each product. Both within twice the eager loop's error, forward and every gradient; the forward without
+    a backward (moe_experts_infer) gives the same y bit for bit."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_moe(torch.ops.tritium, dtype, 301, 70, F_, E, k, kind)
+        (x, w13, w2, weights, _), tokens, offsets = _inputs(dtype, 301, 70, F_, E, k, kind)
+        y, _ = torch.ops.tritium.moe_experts_fwd(x, w13, w2, tokens, offsets, weights)
+        y0 = torch.ops.tritium.moe_experts_infer(x, w13, w2, tokens, offsets, weights)
+        torch.testing.assert_close(y0, y, rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=lambda d: str(d)[6:])
+def test_cpp_tokens_without_rows(dtype):
+    """Rows for only some tokens (a direct call of the op): the others get y = 0 and dx = 0, the rest match the
+    eager loop; rows of one token in two experts are summed."""
+    (x, w13, w2, weights, dy), _, _ = _inputs(dtype, 9, 19, 11, 2, 1)
+    tokens = torch.tensor([0, 2, 5, 2, 3, 5, 7])
+    offsets = torch.tensor([0, 3, 7])
+    weights = weights.new_ones(7) * 0.5
+    y, a = torch.ops.tritium.moe_experts_fwd(x, w13, w2, tokens, offsets, weights)
+    dx, dw13, dw2, dweights = torch.ops.tritium.moe_experts_bwd(dy, x, w13, w2, tokens, offsets, weights, a, True)
+    fn = experts_ref(tokens, offsets)
+    (ty, tg), (ry, rg) = torch_and_ref(fn, [x, w13, w2, weights], dy, dtype)
+    assert_within_torch_error(y, ty, ry, "y")
+    for name, o, t, r in zip(("dx", "dw13", "dw2", "dweights"), (dx, dw13, dw2, dweights), tg, rg):
+        assert_within_torch_error(o, t, r, name)
+    idle = [1, 4, 6, 8]
+    assert (y[idle] == 0).all() and (dx[idle] == 0).all()
+
+
 @pytest.mark.parametrize("impl_name,impl,dtype", CASES, ids=IDS)
 @pytest.mark.parametrize("F_", (11, 96))
 def test_infer(impl_name, impl, dtype, F_):
