@@ -39,7 +39,14 @@ BF16_TILE_ROWS = 8  # from this many bfloat16 rows, AMX-BF16 tiles where bf16_ti
 BF16_GEMM_ROWS = 384  # ... up to this many: from it one GEMM on the dequantised weight again (kBf16TileRows)
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """torch.compiler.assume_constant_result's effect (torch._dynamo.decorators sets this one attribute) without its
+    import of torch._dynamo, which brings triton with it: `import tritium` stays light (tests/models/test_imports)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def _quant_isa() -> str:
     """The CPU kernel set in use (csrc/quant.cpp quant_isa); a constant to torch.compile (a traced graph keeps the
     path chosen when it was traced, as it keeps the shapes')."""
