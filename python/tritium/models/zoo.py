@@ -1,7 +1,7 @@
 """More of the architecture zoo on tritium ops (issue 26): a Siamese / contrastive embedding network and a
 DCGAN-style GAN, both on scikit-learn's 8x8 digits; GCN and GAT node classifiers on a stochastic block model graph;
 a Kolmogorov-Arnold network (efficient-kan's KANLinear on the fused tritium.kan_spline); WaveNet (gated residual
-units on tritium.wavenet_residual_skip) on generated waveforms.
+units on the fused tritium.wavenet_gate) on generated waveforms.
 
 As in tritium.models.classic, every model takes ``impl="tritium"`` (linear layers are tritium.nn.Linear, the
 activations and losses tritium's) or ``impl="torch"`` (the plain-PyTorch twin: the same module tree on torch ops,
@@ -645,19 +645,21 @@ def _causal_conv2_last(x: Tensor, weight: Tensor, bias: Optional[Tensor], d: int
     (B, T, O), h[t] = W_0 x[t - d] + W_1 x[t] + b as one GEMM over [x shifted by d | x] (B, T, 2R). On CPU
     oneDNN's dilated convolution (its backward above all) is several times slower than this GEMM."""
     T = x.shape[1]
-    stacked = torch.cat([F.pad(x, (0, 0, d, 0))[:, :T], x], 2)
-    return F.linear(stacked, torch.cat([weight[:, :, 0], weight[:, :, 1]], 1), bias)
+    k = min(d, T)  # the shifted copy: k rows of zeros, then x's first T - k rows
+    stacked = torch.cat([F.pad(x[:, :T - k], (0, 0, k, 0)), x], 2)
+    return F.linear(stacked, weight.transpose(1, 2).reshape(weight.shape[0], -1), bias)  # [W_0 | W_1]
 
 
 class WaveNet(_ZooImpl):
     """WaveNet over mu-law classes: embedding (classes -> residual channels) -> causal conv (width 2) -> ``stacks``
     stacks of ``layers`` gated residual units with dilations 1, 2, ..., 2^(layers-1) -> ReLU(sum of skips) -> 1x1
     -> ReLU -> 1x1 -> (B, classes, T) logits of the next sample. A unit: h = dilated causal conv(x) (width 2,
-    2 * gate channels), z = tanh(h_a) * sigmoid(h_b), x += 1x1_res(z), skip += 1x1_skip(z). impl="tritium": the
-    fused gate kernel and both 1x1 projections in one GEMM (tritium.wavenet_residual_skip); impl="torch": the unit
+    2 * gate channels), z = tanh(h_a) * sigmoid(h_b), x += 1x1_res(z), skip += 1x1_skip(z). impl="torch": the unit
     as plain torch ops (separate tanh, sigmoid, product and 1x1 convolutions) and nn.Conv1d's dilated
-    convolutions; impl="tritium" runs channels last, every convolution a GEMM over the rows (the width-2 dilated ones
-    over the input stacked with its shifted copy, ``_causal_conv2_last``: the same weights and state_dict)."""
+    convolutions. impl="tritium" (the same weights and state_dict) runs channels last, every convolution a GEMM over
+    the rows (the width-2 dilated ones over the input stacked with its shifted copy, ``_causal_conv2_last``), the
+    gate on the fused tritium.wavenet_gate kernel, all units' skip projections as one GEMM, and in ``loss`` the
+    output layer fused with the cross-entropy (tritium.fused_linear_cross_entropy)."""
 
     def __init__(self, classes: int = 256, residual: int = 32, gate: int = 32, skip: int = 64, layers: int = 6,
                  stacks: int = 2, impl: str = "tritium"):
@@ -677,8 +679,9 @@ class WaveNet(_ZooImpl):
         return 2 + sum(self.dilations)
 
     def forward(self, c: Tensor) -> Tensor:  # (B, T) int64 classes -> (B, classes, T) logits of c[:, t + 1]
-        if self.impl == "tritium":
-            return self._forward_channels_last(c)
+        if self.impl == "tritium":  # the logits returned as (B, classes, T) views of the (B, T, classes) product
+            y = self._hidden_channels_last(c)
+            return F.linear(y, self.out2.weight.squeeze(-1), self.out2.bias).transpose(1, 2)
         x = self.embed(c).transpose(1, 2)
         x = self.causal(F.pad(x, (1, 0)))
         skips = None
@@ -690,24 +693,39 @@ class WaveNet(_ZooImpl):
             skips = s if skips is None else skips + s
         return self.out2(self.ops.relu(self.out1(self.ops.relu(skips))))
 
-    def _forward_channels_last(self, c: Tensor) -> Tensor:
-        """The same network in (B, T, channels) layout: every convolution a GEMM over the rows (the 1x1 ones
-        F.linear on the squeezed weights, the width-2 ones _causal_conv2_last), the units on
-        tritium.wavenet_residual_skip; the logits returned as (B, classes, T) views."""
+    def _hidden_channels_last(self, c: Tensor) -> Tensor:
+        """impl="tritium": the network up to the output layer's input, (B, T, skip) after out1's ReLU, channels
+        last: every convolution a GEMM over the rows (the 1x1 ones F.linear on the squeezed weights, the width-2
+        ones _causal_conv2_last), each unit's gate tritium.wavenet_gate. The skip projections of all units are
+        one GEMM: sum_i W_i z_i + b_i = [W_1 .. W_n] [z_1; ..; z_n] + sum_i b_i over the gates' outputs side by
+        side (one product of reduction n C instead of n products of C and n - 1 additions, and as much in the
+        backward); the last unit's residual output feeds nothing, so it is not computed."""
         import tritium
 
         x = _causal_conv2_last(self.embed(c), self.causal.weight, self.causal.bias, 1)
-        skips = None
-        for d, dil, res, skip in zip(self.dilations, self.dilated, self.res, self.skip):
+        zs = []
+        for i, (d, dil, res) in enumerate(zip(self.dilations, self.dilated, self.res)):
             h = _causal_conv2_last(x, dil.weight, dil.bias, d)
-            x, s = tritium.wavenet_residual_skip(x, h, res.weight, res.bias, skip.weight, skip.bias,
-                                                 channels_last=True)
-            skips = s if skips is None else skips + s
-        y = self.ops.relu(F.linear(self.ops.relu(skips), self.out1.weight.squeeze(-1), self.out1.bias))
-        return F.linear(y, self.out2.weight.squeeze(-1), self.out2.bias).transpose(1, 2)
+            B, T, C2 = h.shape
+            z = tritium.wavenet_gate(h.reshape(B * T, C2, 1)).view(B, T, C2 // 2)  # channels last, T = 1
+            zs.append(z)
+            if i + 1 < len(self.dilations):
+                x = x + F.linear(z, res.weight.squeeze(-1), res.bias)
+        w_skip = torch.cat([s.weight.squeeze(-1) for s in self.skip], 1)
+        b_skip = torch.stack([s.bias for s in self.skip]).sum(0)
+        skips = F.linear(torch.cat(zs, -1), w_skip, b_skip)
+        return self.ops.relu(F.linear(self.ops.relu(skips), self.out1.weight.squeeze(-1), self.out1.bias))
 
     def loss(self, c: Tensor) -> Tensor:
-        """Next-sample cross-entropy over a batch of class sequences (B, T + 1): predict c[:, 1:] from c[:, :-1]."""
+        """Next-sample cross-entropy over a batch of class sequences (B, T + 1): predict c[:, 1:] from c[:, :-1].
+        impl="tritium": the output layer and the loss as tritium.fused_linear_cross_entropy (the (B T, classes)
+        logits never held)."""
+        if self.impl == "tritium":
+            import tritium
+
+            y = self._hidden_channels_last(c[:, :-1])
+            return tritium.fused_linear_cross_entropy(y.reshape(-1, y.shape[-1]), self.out2.weight.squeeze(-1),
+                                                      c[:, 1:].reshape(-1), self.out2.bias)
         logits = self(c[:, :-1])
         return self.ops.cross_entropy(logits.transpose(1, 2).reshape(-1, self.classes), c[:, 1:].reshape(-1))
 
