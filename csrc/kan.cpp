@@ -19,8 +19,9 @@
 //
 // Backward, per block: dW (NB * I, O) += P^T dy (accumulated in float for 16-bit inputs, then rounded once);
 // dx[b, i] = sum_c B'_c(x) G[b, c, i] with G = dy W^T (a GEMM) and
-// B'_{c,k} = k (B_{c,k-1} / (t_{c+k} - t_c) - B_{c+1,k-1} / (t_{c+k+1} - t_{c+1})). The products run in x's dtype
-// (float16 in float: ATen has no fast float16 GEMM on CPU) and float64 stays float64.
+// B'_{c,k} = k (B_{c,k-1} / (t_{c+k} - t_c) - B_{c+1,k-1} / (t_{c+k+1} - t_{c+1})). G comes first (it needs no
+// bases), then one pass evaluates each block's bases once with their derivatives and writes P and dx together. The
+// products run in x's dtype (float16 in float: ATen has no fast float16 GEMM on CPU) and float64 stays float64.
 #include "pool.h"
 #include "vec.h"
 
@@ -205,14 +206,15 @@ void bwd_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& grid,
   const int64_t rows = block_rows(Bn, I * NB);
   for (int64_t b0 = 0; b0 < Bn; b0 += rows) {
     const int64_t n = std::min(rows, Bn - b0);
-    if (dw != nullptr) {
-      at::Tensor P = at::empty({n, NB * I}, x.options().dtype(acc_kind));
+    at::Tensor P = dw != nullptr ? at::empty({n, NB * I}, x.options().dtype(acc_kind)) : at::Tensor();
+    if (dx == nullptr) {
       fill_bases<T, A>(x, b0, tT, rT, k, P);
-      acc.addmm_(P.t(), dy.narrow(0, b0, n).to(acc_kind));
-    }
-    if (dx != nullptr) {
+    } else {
+      // G = dy W^T does not depend on the bases: one pass after it evaluates each vector of bases once, with
+      // their derivatives, writing P's block (when dW is asked for too) and dx together
       const at::Tensor G = at::mm(dy.narrow(0, b0, n).to(gt), w.t()).to(acc_kind);  // (n, NB * I)
       const A* gp = G.const_data_ptr<A>();
+      A* pp = dw != nullptr ? P.mutable_data_ptr<A>() : nullptr;
       T* dxp = dx->mutable_data_ptr<T>();
       at::parallel_for(0, n, row_grain(I), [&](int64_t r0, int64_t r1) {
         std::vector<V> Bv(NK - 1), dBv(NK - 1);
@@ -223,13 +225,17 @@ void bwd_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& grid,
             const int64_t m = std::min<int64_t>(V::size(), I - i0);
             bases_vec<T, A>(xp + b * sx0, sx1, i0, m, tp, rp, I, NK, k, Bv.data(), dBv.data());
             V s_acc(A(0));
-            for (int64_t c = 0; c < NB; ++c) s_acc = s_acc + dBv[c] * V::loadu(gp + (rr * NB + c) * I + i0, m);
+            for (int64_t c = 0; c < NB; ++c) {
+              s_acc = s_acc + dBv[c] * V::loadu(gp + (rr * NB + c) * I + i0, m);
+              if (pp != nullptr) Bv[c].store(pp + (rr * NB + c) * I + i0, m);
+            }
             s_acc.store(out);
             for (int64_t l = 0; l < m; ++l) dxp[b * I + i0 + l] = static_cast<T>(out[l]);
           }
         }
       });
     }
+    if (dw != nullptr) acc.addmm_(P.t(), dy.narrow(0, b0, n).to(acc_kind));
   }
   if (dw != nullptr) {
     const at::Tensor d = acc.view({NB, I, O}).permute({1, 0, 2});
