@@ -578,6 +578,34 @@ def test_triplet_routes_small_calls_with_a_gradient(routes_on):
     assert _tritium_ops(lambda a, p: ours(a, p, big[2]), big[0], big[1]) != set()
 
 
+@pytest.mark.parametrize("negatives", (0, 1))
+def test_info_nce_routes_by_its_similarities(routes_on, negatives):
+    """info_nce goes to torch's formula (tritium.reference) below ROUTE_BELOW["info_nce"] similarities N x (N + M),
+    bit for bit (the loss and every gradient), and to the blocked op from there on."""
+    from tritium.ops._library import ROUTE_BELOW
+
+    limit = ROUTE_BELOW["info_nce"]
+    n = 64 if negatives else 256
+    m = limit // n - n if negatives else 0   # n (n + m) == limit: the first size on the op
+
+    def leaves(rows, extra):
+        gen = torch.Generator().manual_seed(rows + extra)
+        return [torch.randn(r, 5, generator=gen, requires_grad=True) for r in (rows, rows, extra) if r]
+
+    def ours(q, k, *neg):
+        return tritium.info_nce(q, k, 0.3, negatives=neg[0] if neg else None)
+
+    small = leaves(n - 1, m + 1 if negatives else 0)  # (n - 1) (n + m) < limit
+    assert _tritium_ops(ours, *small) == set()
+    got = ours(*small)
+    want = reference.info_nce(small[0], small[1], 0.3, negatives=small[2] if negatives else None)
+    assert torch.equal(got, want)
+    for g, w in zip(torch.autograd.grad(got, small), torch.autograd.grad(want, small)):
+        assert torch.equal(g, w)
+    big = leaves(n, m)
+    assert _tritium_ops(ours, *big) >= {"tritium::info_nce_fwd", "tritium::info_nce_bwd"}
+
+
 def test_losses_without_a_torch_op_are_not_routed(routes_on):
     """sigmoid_focal_loss and quantile_loss have no torch op (their torch form is a chain of ops, slower at every
     size): even a small call with a gradient takes the kernel."""

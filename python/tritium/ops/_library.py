@@ -204,7 +204,10 @@ ROUTE_BELOW = {"relu": 1 << 23, "gelu": 1 << 23, "layer_norm": 1 << 23,
                # loss op's autograd wrapper and Python backward cost more than torch's whole formula and gradient
                "mse_loss (grad)": 1 << 19, "huber_loss (grad)": 1 << 20, "smooth_l1_loss (grad)": 1 << 20,
                # triplet_margin_loss (its three gradient rows) likewise below the crossover measured on these CPUs
-               "triplet_margin_loss (grad)": 1 << 14}
+               "triplet_margin_loss (grad)": 1 << 14,
+               # info_nce: its size is the similarities N x (N + M); below it the blocked op's fixed cost (its Python
+               # driver and the keys' packing, each way) exceeds torch's whole formula (one block of logits)
+               "info_nce": 1 << 16}
 _routed_once: set = set()
 _log = logging.getLogger("tritium")
 

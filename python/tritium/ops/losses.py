@@ -744,7 +744,8 @@ def info_nce(query: Tensor, key: Tensor, temperature: float = 0.1, symmetric: bo
     held whole: the forward keeps each row's and each column's log-sum-exp, the backward recomputes the blocks.
     Peak extra memory is about two (block_size, N) float32 blocks (bfloat16 blocks on a CPU that multiplies
     bfloat16 natively), plus float32 copies of 16-bit inputs where it does not. On CUDA the Triton kernels keep
-    the similarities as register tiles (block_size is not used) and need only O(N) extra memory."""
+    the similarities as register tiles (block_size is not used) and need only O(N) extra memory. A CPU call of fewer
+    than ROUTE_BELOW["info_nce"] similarities N x (N + M) runs torch's formula (tritium.reference.info_nce)."""
     if not (isinstance(query, Tensor) and isinstance(key, Tensor) and query.dim() == 2 and query.shape == key.shape):
         raise ValueError(f"info_nce: query and key must be (N, D) of one shape, got "
                          f"{tuple(getattr(query, 'shape', ()))} and {tuple(getattr(key, 'shape', ()))}")
@@ -759,12 +760,12 @@ def info_nce(query: Tensor, key: Tensor, temperature: float = 0.1, symmetric: bo
     if block_size is not None and block_size < 1:
         raise ValueError(f"info_nce: block_size must be positive, got {block_size}")
     ok = kernel_ok(query, key, *([negatives] if negatives is not None else [])) and query.shape[1] > 0
-    if not ok:
+    n = query.shape[0]
+    if not ok or routed("info_nce", query, n * (n + (negatives.shape[0] if negatives is not None else 0))):
         return reference.info_nce(query, key, temperature, symmetric, negatives, normalize, reduction)
     if normalize:
         query, key = F.normalize(query, dim=-1), F.normalize(key, dim=-1)
         negatives = F.normalize(negatives, dim=-1) if negatives is not None else None
-    n = query.shape[0]
     block = block_size or default_block_rows(n + (negatives.shape[0] if negatives is not None else 0))
     loss = call_op(info_nce_fwd, query, key, negatives, 1.0 / temperature, bool(symmetric), int(block))[0]
     if reduction == "none":
