@@ -218,6 +218,28 @@ def test_fused_linear_cross_entropy_16bit_ways(monkeypatch, widen, dtype):
         _compare(ours, theirs, args, dtype, grad_idx=tuple(range(len(args))))
 
 
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("chunk", [5, 64], ids=["chunks", "one-chunk"])
+def test_fused_linear_cross_entropy_frozen_head(dtype, bias, chunk):
+    """A frozen LM head (weight and bias need no gradient, as under LoRA): the loss and grad_hidden within 2x
+    torch's own error of float64 (the forward computes no weight gradient), and no gradient reaches the weight or
+    bias."""
+    h, w, b = torch.randn(3, 40, 16), torch.randn(37, 16) / 4, torch.randn(37)
+    t = torch.randint(0, 37, h.shape[:2])
+    t[0, ::3] = -100
+    t_holder[0] = t
+    ours, theirs = _flce_pair(bias, "mean", 0.1, chunk)
+    _compare(ours, theirs, [h, w, b] if bias else [h, w], dtype, grad_idx=(0,))
+    hi, wi, bi = leaf(h, dtype), w.to(dtype), b.to(dtype)
+    tritium.fused_linear_cross_entropy(hi, wi, t, bi if bias else None, chunk_size=chunk).backward()
+    assert hi.grad is not None and wi.grad is None and bi.grad is None
+    outs = torch.ops.tritium.fused_linear_cross_entropy_fwd(hi.detach().flatten(0, 1), wi, t.flatten(),
+                                                            bi if bias else None, -100, 0.0, chunk, True, True,
+                                                            0.0, 0.0, False)
+    assert outs[2].shape == hi.flatten(0, 1).shape and outs[3].numel() == 0 and outs[4].numel() == 0
+
+
 def _chunked_lm_loss(h, w, t, chunk=1024):
     """linear + cross_entropy ('mean') and its gradients, computed chunk by chunk with autograd (a float64
     reference that fits in memory at LM-head sizes)."""

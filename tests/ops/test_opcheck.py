@@ -189,7 +189,8 @@ def _():
     t = torch.tensor([1, 0, 4, -100, 2])
     return [(g(5, 6), g(7, 6), t, g(7), -100, 0.0, 2, True, True), (r(5, 6), r(7, 6), t, None, -100, 0.1, 3, False,
                                                                     False),
-            (g(5, 6), g(7, 6), t, g(7), -100, 0.0, 2, True, True, 1e-3, 5.0)]   # z-loss and softcap
+            (g(5, 6), g(7, 6), t, g(7), -100, 0.0, 2, True, True, 1e-3, 5.0),   # z-loss and softcap
+            (g(5, 6), r(7, 6), t, r(7), -100, 0.0, 2, True, True, 0.0, 0.0, False)]   # a frozen head: no grad_weight
 
 
 @sample("fused_linear_cross_entropy_rows")

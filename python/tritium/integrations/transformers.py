@@ -257,10 +257,11 @@ def causal_lm_loss(hidden: Tensor, lm_head: torch.nn.Linear, labels: Optional[Te
     weight, bias = lm_head.weight, lm_head.bias
     mean = num_items_in_batch is None
     if kernel_ok(h2, weight, *([bias] if bias is not None else [])):
-        need_grad = torch.is_grad_enabled() and (h2.requires_grad or weight.requires_grad
-                                                 or (bias is not None and bias.requires_grad))
+        weight_grad = weight.requires_grad or (bias is not None and bias.requires_grad)   # False: a frozen head
+        need_grad = torch.is_grad_enabled() and (h2.requires_grad or weight_grad)
         chunk = default_chunk_size(h2.shape[0], H, weight.shape[0], h2.dtype, h2.device)
-        loss = call_op(flce_fwd, h2, weight, target, bias, ignore_index, 0.0, chunk, mean, need_grad)[0].float()
+        loss = call_op(flce_fwd, h2, weight, target, bias, ignore_index, 0.0, chunk, mean, need_grad, 0.0, 0.0,
+                       weight_grad)[0].float()
     else:
         logits = F.linear(h2, weight, bias).float()
         loss = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="mean" if mean else "sum")

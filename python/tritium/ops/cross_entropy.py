@@ -120,17 +120,17 @@ def _next_pow2(n: int) -> int:
 
 
 def _flce_loop(hidden, weight, target, bias, ignore_index, label_smoothing, chunk, need_grad, row_scale,
-               z_loss=0.0, softcap=0.0):
+               z_loss=0.0, softcap=0.0, weight_grad=True):
     """Per chunk of tokens: logits = hidden @ weight.T + bias; per-row loss (with cross_entropy's z_loss and
     softcap options: softcap 0 is off) and (need_grad) its gradient rows, scaled by row_scale[rows] when given;
-    grad_hidden rows, and grad_weight / grad_bias accumulated in the accumulation dtype. Returns (loss per row
-    (T,), grad_hidden, grad_weight, grad_bias)."""
+    grad_hidden rows, and (need_grad and weight_grad) grad_weight / grad_bias accumulated in the accumulation dtype.
+    Returns (loss per row (T,), grad_hidden, grad_weight, grad_bias); a gradient not computed is an empty tensor."""
     T = hidden.shape[0]
     adt = acc_dtype(hidden.dtype)
     loss = hidden.new_empty((T,), dtype=adt)
     gh = torch.empty_like(hidden) if need_grad else hidden.new_empty((0,))
-    gw, gb = flce_accumulators(weight, bias, hidden.dtype, need_grad)
-    head = LMHead(weight, bias, hidden.dtype, min(chunk, T), need_grad)
+    gw, gb = flce_accumulators(weight, bias, hidden.dtype, need_grad and weight_grad)
+    head = LMHead(weight, bias, hidden.dtype, min(chunk, T), need_grad, weight_grad)
     for start in range(0, T, chunk):
         stop = min(T, start + chunk)
         loss[start:stop] = head.chunk(hidden[start:stop], target[start:stop], ignore_index, label_smoothing,
@@ -152,7 +152,8 @@ def flce_accumulators(weight, bias, dtype, need_grad):
 class LMHead:
     """The LM head's per-chunk work shared by fused_linear_cross_entropy and the fused preference losses
     (ops/preference.py): logits of a chunk of tokens, their per-row cross-entropy and, when a gradient is needed,
-    the chunk's grad_hidden rows and its grad_weight / grad_bias added into caller-owned sums.
+    the chunk's grad_hidden rows and (weight_grad: unless the weight and bias are frozen, as under LoRA) its
+    grad_weight / grad_bias added into caller-owned sums.
 
     CPU float: the weight is packed once into column panels for every chunk's logits (linear_packed), where BLAS
     would repack the whole (V, H) weight on each chunk's call. The packed copy costs the weight's size once more,
@@ -164,8 +165,8 @@ class LMHead:
     chunk's rows on the way in (the logits and gradient rows stay float32, more exact than eager's 16-bit ones);
     grad_hidden is rounded to the input dtype once, at the end of each chunk."""
 
-    def __init__(self, weight, bias, dtype, chunk, need_grad):
-        self.need_grad, self.vocab = need_grad, weight.shape[0]
+    def __init__(self, weight, bias, dtype, chunk, need_grad, weight_grad=True):
+        self.need_grad, self.weight_grad, self.vocab = need_grad, need_grad and weight_grad, weight.shape[0]
         self.packed = self.packed_t = None
         self.widen = False
         if weight.device.type == "cpu" and weight.is_contiguous() and chunk >= 64 and weight.shape[1] > 0:
@@ -183,8 +184,8 @@ class LMHead:
     def chunk(self, h, t, ignore_index, label_smoothing, gh_out, gw, gb, row_scale, z_loss=0.0, softcap=0.0):
         """The per-row loss of the chunk h (rows, H), t (rows,), in the accumulation dtype (z_loss / softcap:
         cross_entropy's options, softcap 0 off). With need_grad: its gradient rows (scaled by row_scale when given)
-        times W into gh_out, and their products with h added into gw and the row sums into gb (when there is a
-        bias)."""
+        times W into gh_out, and (weight_grad) their products with h added into gw and the row sums into gb (when
+        there is a bias)."""
         weight, bias = self.weight, self.bias
         if self.widen:
             h = h.float()
@@ -214,6 +215,8 @@ class LMHead:
             gh_out.copy_(torch.mm(g, weight))
         else:
             torch.mm(g, weight, out=gh_out)
+        if not self.weight_grad:
+            return rows_loss
         if gw.dtype == g.dtype:
             gw.addmm_(g.t(), h)
         elif gw.device.type == "cpu":  # 16-bit: each chunk's product added into the float32 sum in one pass
@@ -226,28 +229,31 @@ class LMHead:
 
 
 def _fake_flce(hidden, weight, target, bias, ignore_index, label_smoothing, chunk, mean, need_grad, z_loss=0.0,
-               softcap=0.0):
+               softcap=0.0, weight_grad=True):
     adt = acc_dtype(hidden.dtype)
     none = (0,)  # a gradient not computed: an empty tensor of its own (outputs never alias)
+    wg = need_grad and weight_grad
     return (hidden.new_empty((), dtype=adt), hidden.new_empty((), dtype=adt),
             hidden.new_empty(hidden.shape if need_grad else none),
-            weight.new_empty(weight.shape if need_grad else none),
-            weight.new_empty((weight.shape[0],) if need_grad and bias is not None else none))
+            weight.new_empty(weight.shape if wg else none),
+            weight.new_empty((weight.shape[0],) if wg and bias is not None else none))
 
 
 def _flce_impl(hidden, weight, target, bias, ignore_index, label_smoothing, chunk, mean, need_grad, z_loss=0.0,
-               softcap=0.0):
+               softcap=0.0, weight_grad=True):
     """(the loss: sum of the rows, or 'mean': divided by the non-ignored count (NaN for none, as torch), that
-    count, and the gradients of the loss: zero, not NaN, when every row is ignored)."""
+    count, and the gradients of the loss: zero, not NaN, when every row is ignored; weight_grad False: no
+    gradients of the weight and bias, empty tensors in their place)."""
     loss, gh, gw, gb = _flce_loop(hidden, weight, target, bias, ignore_index, label_smoothing, chunk, need_grad,
-                                  None, z_loss, softcap)
+                                  None, z_loss, softcap, weight_grad)
     total = (target != ignore_index).sum().to(loss.dtype)
     loss = loss.sum()
     if mean:
         loss = loss / total
         if need_grad:
             inv = torch.where(total > 0, 1.0 / total, 0.0)
-            gh, gw = gh * inv.to(gh.dtype), gw * inv.to(gw.dtype)
+            gh = gh * inv.to(gh.dtype)
+            gw = gw * inv.to(gw.dtype) if gw.numel() else gw
             gb = gb * inv.to(gb.dtype) if gb.numel() else gb
     return loss, total, gh, gw, gb
 
@@ -292,20 +298,24 @@ def saved_grads_setup(ctx, inputs, output):
 
 
 def saved_grads_backward(n_inputs: int):
-    """The backward of such an op with n_inputs inputs: the saved gradients scaled by the loss's gradient."""
+    """The backward of such an op with n_inputs inputs: the saved gradients scaled by the loss's gradient (None
+    for the weight's and bias's when the forward computed none: a frozen LM head)."""
     def backward(ctx, dloss, *_):
         if dloss is None:
             return (None,) * n_inputs
         gh, gw, gb = ctx.saved_tensors
         g = dloss.to(gh.dtype)
-        return (gh * g, gw * g, None, gb * g if ctx.has_bias else None) + (None,) * (n_inputs - 4)
+        return (gh * g, gw * g if gw.numel() else None, None,
+                gb * g if ctx.has_bias and gb.numel() else None) + (None,) * (n_inputs - 4)
     return backward
 
 
+# need_grad: the gradients are computed in the forward; weight_grad (last and defaulted, as _FLCE_OPTIONS) False
+# leaves out the weight's and bias's (a frozen LM head: LoRA), whose (V, H) sum costs as much as the logits
 flce_fwd = define_op(
     f"fused_linear_cross_entropy_fwd(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, {_FLCE_ARGS},"
-    f" bool mean, bool need_grad, {_FLCE_OPTIONS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)", _fake_flce,
-    composite=_flce_impl, backward=saved_grads_backward(11), setup_context=saved_grads_setup)
+    f" bool mean, bool need_grad, {_FLCE_OPTIONS}, bool weight_grad=True) -> (Tensor, Tensor, Tensor, Tensor,"
+    f" Tensor)", _fake_flce, composite=_flce_impl, backward=saved_grads_backward(12), setup_context=saved_grads_setup)
 
 
 def _flce_rows_setup(ctx, inputs, output):
@@ -469,10 +479,10 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, b
     if reduction == "none":
         return call_op(flce_rows, h2, weight, t, bias, ignore_index, ls, chunk, *options).to(hidden.dtype).view(
             target.shape)
-    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
-                                             or (bias is not None and bias.requires_grad))
+    weight_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight_grad)
     loss = call_op(flce_fwd, h2, weight, t, bias, ignore_index, ls, chunk, reduction == "mean", need_grad,
-                   *options)[0]
+                   *options, weight_grad)[0]
     return loss.to(hidden.dtype)
 
 
