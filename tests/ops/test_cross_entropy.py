@@ -240,6 +240,35 @@ def test_fused_linear_cross_entropy_frozen_head(dtype, bias, chunk):
     assert outs[2].shape == hi.flatten(0, 1).shape and outs[3].numel() == 0 and outs[4].numel() == 0
 
 
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kept", ["few", "none", "all"])
+def test_fused_linear_cross_entropy_ignored_rows(dtype, reduction, kept):
+    """Rows whose target is ignore_index are left out of the CPU products (most of an SFT batch: its prompts and
+    padding): with 9 of 101 rows labelled, with none and with every one, the value and the gradients of hidden,
+    weight and bias within 2x torch's own error of float64 (the ignored rows' exactly zero), over several
+    chunks."""
+    h, w, b = torch.randn(101, 24), torch.randn(53, 24) / 4, torch.randn(53)
+    t = torch.randint(0, 53, (101,))
+    if kept != "all":
+        labelled = torch.zeros(101, dtype=torch.bool)
+        labelled[[3, 4, 5, 40, 41, 77, 78, 99, 100]] = kept == "few"
+        t[~labelled] = -100
+    t_holder[0] = t
+    ours, theirs = _flce_pair(True, reduction, 0.1, 4)
+    if kept == "none" and reduction == "mean":   # 0 / 0: NaN in both, as torch; the gradients are zero
+        hi = leaf(h, dtype)
+        loss = ours(hi, w.to(dtype), b.to(dtype))
+        assert loss.isnan() and theirs(h, w, b).isnan()
+        loss.backward()
+        assert hi.grad.eq(0).all()
+        return
+    _compare(ours, theirs, [h, w, b], dtype, grad_idx=(0, 1, 2))
+    hi = leaf(h, dtype)
+    ours(hi, w.to(dtype), b.to(dtype)).sum().backward()
+    assert hi.grad[t == -100].eq(0).all()
+
+
 def _chunked_lm_loss(h, w, t, chunk=1024):
     """linear + cross_entropy ('mean') and its gradients, computed chunk by chunk with autograd (a float64
     reference that fits in memory at LM-head sizes)."""

@@ -124,8 +124,24 @@ def _flce_loop(hidden, weight, target, bias, ignore_index, label_smoothing, chun
     """Per chunk of tokens: logits = hidden @ weight.T + bias; per-row loss (with cross_entropy's z_loss and
     softcap options: softcap 0 is off) and (need_grad) its gradient rows, scaled by row_scale[rows] when given;
     grad_hidden rows, and (need_grad and weight_grad) grad_weight / grad_bias accumulated in the accumulation dtype.
-    Returns (loss per row (T,), grad_hidden, grad_weight, grad_bias); a gradient not computed is an empty tensor."""
+    Returns (loss per row (T,), grad_hidden, grad_weight, grad_bias); a gradient not computed is an empty tensor.
+
+    On the CPU the rows whose target is ignore_index (an SFT batch's prompt and padding: most of its tokens) are
+    left out of the products: their loss and gradient rows are exactly zero, so the chunks run on the other rows
+    only and the results are scattered back (finding them reads the targets, which on the CPU waits for nothing;
+    on a GPU it would synchronise, so there every row goes through the chunks)."""
     T = hidden.shape[0]
+    if hidden.device.type == "cpu" and T > 0:
+        keep = (target != ignore_index).nonzero().squeeze(1)
+        if keep.numel() < T:
+            loss, gh, gw, gb = _flce_loop(hidden.index_select(0, keep), weight, target.index_select(0, keep), bias,
+                                          ignore_index, label_smoothing, chunk, need_grad,
+                                          None if row_scale is None else row_scale.index_select(0, keep), z_loss,
+                                          softcap, weight_grad)
+            loss = loss.new_zeros((T,)).index_copy_(0, keep, loss)
+            if need_grad:
+                gh = hidden.new_zeros(hidden.shape).index_copy_(0, keep, gh)
+            return loss, gh, gw, gb
     adt = acc_dtype(hidden.dtype)
     loss = hidden.new_empty((T,), dtype=adt)
     gh = torch.empty_like(hidden) if need_grad else hidden.new_empty((0,))
