@@ -658,8 +658,7 @@ class WaveNet(_ZooImpl):
     as plain torch ops (separate tanh, sigmoid, product and 1x1 convolutions) and nn.Conv1d's dilated
     convolutions. impl="tritium" (the same weights and state_dict) runs channels last, every convolution a GEMM over
     the rows (the width-2 dilated ones over the input stacked with its shifted copy, ``_causal_conv2_last``), the
-    gate on the fused tritium.wavenet_gate kernel, all units' skip projections as one GEMM, and in ``loss`` the
-    output layer fused with the cross-entropy (tritium.fused_linear_cross_entropy)."""
+    gate on the fused tritium.wavenet_gate kernel, and all units' skip projections as one GEMM."""
 
     def __init__(self, classes: int = 256, residual: int = 32, gate: int = 32, skip: int = 64, layers: int = 6,
                  stacks: int = 2, impl: str = "tritium"):
@@ -717,15 +716,7 @@ class WaveNet(_ZooImpl):
         return self.ops.relu(F.linear(self.ops.relu(skips), self.out1.weight.squeeze(-1), self.out1.bias))
 
     def loss(self, c: Tensor) -> Tensor:
-        """Next-sample cross-entropy over a batch of class sequences (B, T + 1): predict c[:, 1:] from c[:, :-1].
-        impl="tritium": the output layer and the loss as tritium.fused_linear_cross_entropy (the (B T, classes)
-        logits never held)."""
-        if self.impl == "tritium":
-            import tritium
-
-            y = self._hidden_channels_last(c[:, :-1])
-            return tritium.fused_linear_cross_entropy(y.reshape(-1, y.shape[-1]), self.out2.weight.squeeze(-1),
-                                                      c[:, 1:].reshape(-1), self.out2.bias)
+        """Next-sample cross-entropy over a batch of class sequences (B, T + 1): predict c[:, 1:] from c[:, :-1]."""
         logits = self(c[:, :-1])
         return self.ops.cross_entropy(logits.transpose(1, 2).reshape(-1, self.classes), c[:, 1:].reshape(-1))
 
