@@ -57,7 +57,7 @@ from .. import ops
 from .._backend import use_reference
 from ..ops._library import call_op, kernel_ok
 from ..ops.attention import _sdpa_mask, _tensors_ok, flash_attn_fwd
-from ..ops.cross_entropy import default_chunk_size, flce_fwd
+from ..ops.cross_entropy import default_chunk_size, flce_fwd, lm_head_grads
 from ..ops.linear import linear_small, small_rows_ok
 
 ATTN_IMPLEMENTATION = "tritium"
@@ -257,8 +257,7 @@ def causal_lm_loss(hidden: Tensor, lm_head: torch.nn.Linear, labels: Optional[Te
     weight, bias = lm_head.weight, lm_head.bias
     mean = num_items_in_batch is None
     if kernel_ok(h2, weight, *([bias] if bias is not None else [])):
-        weight_grad = weight.requires_grad or (bias is not None and bias.requires_grad)   # False: a frozen head
-        need_grad = torch.is_grad_enabled() and (h2.requires_grad or weight_grad)
+        need_grad, weight_grad = lm_head_grads(h2, weight, bias)   # weight_grad False: a frozen head
         chunk = default_chunk_size(h2.shape[0], H, weight.shape[0], h2.dtype, h2.device)
         loss = call_op(flce_fwd, h2, weight, target, bias, ignore_index, 0.0, chunk, mean, need_grad, 0.0, 0.0,
                        weight_grad)[0].float()

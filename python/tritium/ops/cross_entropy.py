@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -326,6 +326,13 @@ def saved_grads_backward(n_inputs: int):
     return backward
 
 
+def lm_head_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tuple[bool, bool]:
+    """(need_grad, weight_grad) of an LM-head loss op that computes its gradients in the forward: need_grad when
+    autograd will ask for any of hidden's, the weight's or the bias's; weight_grad False for a frozen head (LoRA)."""
+    weight_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
+    return torch.is_grad_enabled() and (hidden.requires_grad or weight_grad), weight_grad
+
+
 # need_grad: the gradients are computed in the forward; weight_grad (last and defaulted, as _FLCE_OPTIONS) False
 # leaves out the weight's and bias's (a frozen LM head: LoRA), whose (V, H) sum costs as much as the logits
 flce_fwd = define_op(
@@ -495,8 +502,7 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, b
     if reduction == "none":
         return call_op(flce_rows, h2, weight, t, bias, ignore_index, ls, chunk, *options).to(hidden.dtype).view(
             target.shape)
-    weight_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
-    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight_grad)
+    need_grad, weight_grad = lm_head_grads(hidden, weight, bias)
     loss = call_op(flce_fwd, h2, weight, t, bias, ignore_index, ls, chunk, reduction == "mean", need_grad,
                    *options, weight_grad)[0]
     return loss.to(hidden.dtype)

@@ -30,7 +30,7 @@ from torch import Tensor
 from .. import reference
 from ._library import acc_dtype, call_op, define_op, kernel_ok, unit_last
 from .cross_entropy import (LMHead, default_chunk_size, flce_accumulators, flce_rows, fused_linear_cross_entropy,
-                            saved_grads_backward, saved_grads_setup)
+                            lm_head_grads, saved_grads_backward, saved_grads_setup)
 
 
 # ---- the op: fused sequence losses ----
@@ -230,8 +230,7 @@ def _run(name: str, kind: str, params, hidden, weight, target, bias, ref, labels
     kl = torch.as_tensor(kl, dtype=adt, device=hidden.device) if kl is not None else hidden.new_zeros((), dtype=adt)
     labels = labels if labels is not None else hidden.new_empty((0,), dtype=adt)
     if kernel_ok(hidden, weight, *([bias] if bias is not None else [])):
-        need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
-                                                 or (bias is not None and bias.requires_grad))
+        need_grad = lm_head_grads(hidden, weight, bias)[0]
         loss, logps = call_op(seq_loss, unit_last(hidden), weight, target, bias, ref, labels, kl, kind, params,
                               ignore_index, _chunk(hidden, weight, chunk_size), need_grad)[:2]
     else:
