@@ -8,8 +8,9 @@
 // GEMM (panel_mm_out, tritium.linear's: beats BLAS at these shapes; the base weight's two packings, for the
 // forward and for dx, kept between calls by the cache of packed frozen weights), into outputs from tritium's pool. The
 // low-rank term never takes a pass of its own over the (M, N) output:
-// - 16-bit from kCatRows rows: one GEMM on concatenated operands, [x | xs] (M, K + R) @ [W | B]^T, accumulated in
-//   float32 and rounded once (oneDNN's 16-bit GEMM with beta = 1 computes into a temporary and adds: a pass more);
+// - 16-bit from kCatRows rows: one GEMM on concatenated operands, [x | xs | 1] @ [W | B | bias]^T (zero columns
+//   pad the reduction to a multiple of 8), accumulated in float32 and rounded once (oneDNN's 16-bit GEMM with
+//   beta = 1 computes into a temporary and adds: a pass more);
 // - float32 from kPanelRows rows: the low-rank product joins the base product's register tiles (panel_mm_out's
 //   second operand pair: xs with B's panels), no pass of its own;
 // - float64, and the rest below those row counts: the low-rank product added into y by a second GEMM with
@@ -69,14 +70,30 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd(const at::Tensor& x, const at
   if (M == 0 || N == 0) return {y, xs};
   const bool half = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
   if (half && M >= kCatRows) {
-    auto xc = empty({M, K + R}, x.options());
-    xc.narrow(1, 0, K).copy_(x);
-    xc.narrow(1, K, R).copy_(xs);
-    const auto wc = at::cat({weight, lora_B}, 1);
-    if (bias.has_value())
-      at::addmm_out(y, *bias, xc, wc.t());
-    else
-      at::mm_out(y, xc, wc.t());
+    // [x | xs | 1 | 0 ...] (M, Kc) @ [W | B | bias | 0 ...]^T: the bias is one more reduction column (its product
+    // with 1 is exact, added in the GEMM's float32 accumulator), and Kc rounds K + R (+ 1) up to a multiple of 8
+    // with zero columns: oneDNN's 16-bit GEMM is faster on such a K than on K + R + 1, and than with a bias
+    // epilogue (addmm). The rows are packed in one parallel pass.
+    const int64_t Kb = K + R + (bias.has_value() ? 1 : 0), Kc = (Kb + 7) / 8 * 8;
+    auto xc = empty({M, Kc}, x.options());
+    const auto xx = x.contiguous();
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "lora_linear_fwd_pack", [&] {
+      const scalar_t* xp = xx.const_data_ptr<scalar_t>();
+      const scalar_t* sp = xs.const_data_ptr<scalar_t>();
+      scalar_t* cp = xc.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, M, row_grain(Kc), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          scalar_t* row = cp + r * Kc;
+          std::memcpy(row, xp + r * K, K * sizeof(scalar_t));
+          std::memcpy(row + K, sp + r * R, R * sizeof(scalar_t));
+          for (int64_t c = K + R; c < Kc; ++c) row[c] = scalar_t(c < Kb ? 1.f : 0.f);
+        }
+      });
+    });
+    std::vector<at::Tensor> parts{weight, lora_B};
+    if (bias.has_value()) parts.push_back(bias->unsqueeze(1));
+    if (Kc > Kb) parts.push_back(at::zeros({N, Kc - Kb}, x.options()));
+    at::mm_out(y, xc, at::cat(parts, 1).t());
     return {y, xs};
   }
   const auto bc = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -109,7 +126,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd(const at::Tensor&
   auto dA = at::empty({R, K}, x.options());
   auto dB = at::empty({N, R}, x.options());
   at::mm_out(dA, gs.t(), masked(x, mask));
-  at::mm_out(dB, dy.t(), xs);
+  if (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf)
+    dB.copy_(at::mm(xs.t(), dy).t());  // dB^T = xs^T dy: oneDNN's 16-bit GEMM is slower on dy^T's orientation
+  else
+    at::mm_out(dB, dy.t(), xs);
   if (!need_dx) return {at::empty({0}, x.options()), dA, dB};
   auto dx = empty({M, K}, x.options());
   if (M == 0 || K == 0) return {dx, dA, dB};
