@@ -60,19 +60,25 @@ def mlstm_reference(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, scale
     logf = F.logsigmoid(f)
     outs = []
     for t in range(T):
-        lf, it = logf[:, :, t], i[:, :, t]
-        m_new = torch.maximum(lf + m, it).detach()
-        fg, ig = torch.exp(lf + m - m_new), torch.exp(it - m_new)
-        kt, vt, qt = k[:, :, t], v[:, :, t], q[:, :, t] * scale
-        C = fg[..., None, None] * C + ig[..., None, None] * (kt[..., :, None] * vt[..., None, :])
-        n = fg[..., None] * n + ig[..., None] * kt
-        num = (qt[..., :, None] * C).sum(-2)
-        den = (qt * n).sum(-1)
-        outs.append(num / (torch.maximum(den.abs(), torch.exp(-m_new)) + eps)[..., None])
-        m = m_new
+        C, n, m, h_t = mlstm_reference_step(C, n, m, q[:, :, t] * scale, k[:, :, t], v[:, :, t], logf[:, :, t],
+                                            i[:, :, t], eps)
+        outs.append(h_t)
     h = torch.stack(outs, 2) if outs else v.new_empty(B, H, 0, DV)
     acc = acc_dtype(q.dtype)
     return h, ((C.to(acc), n.to(acc), m.to(acc)) if output_final_state else None)
+
+
+def mlstm_reference_step(C: Tensor, n: Tensor, m: Tensor, qt: Tensor, kt: Tensor, vt: Tensor, lf: Tensor, it: Tensor,
+                         eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One step of mlstm_reference's recurrence: the state (C, n, m) after step t and its output h_t, from the scaled
+    query qt, kt, vt (B, H, D), the log forget gate lf and the input gate it (B, H)."""
+    m_new = torch.maximum(lf + m, it).detach()
+    fg, ig = torch.exp(lf + m - m_new), torch.exp(it - m_new)
+    C = fg[..., None, None] * C + ig[..., None, None] * (kt[..., :, None] * vt[..., None, :])
+    n = fg[..., None] * n + ig[..., None] * kt
+    num = (qt[..., :, None] * C).sum(-2)
+    den = (qt * n).sum(-1)
+    return C, n, m_new, num / (torch.maximum(den.abs(), torch.exp(-m_new)) + eps)[..., None]
 
 
 # ---- fake kernels: shapes only ----
