@@ -727,6 +727,8 @@ def _():
     target[:, :2] = -100
     return [(r(4, 5, 8), r(11, 8), target, r(11), r(4), torch.empty(0), torch.zeros(()), "dpo_sigmoid", [0.1, 0.0],
              -100, 3, True),
+            (r(4, 5, 8), r(11, 8), target, r(11), r(4), torch.empty(0), torch.zeros(()), "dpo_sigmoid", [0.1, 0.0],
+             -100, 3, True, False),  # a frozen LM head: no weight or bias gradient
             (r(4, 5, 8), r(11, 8), target, None, r(4), torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.tensor(0.2), "kto",
              [0.1, 1.0, 1.0], -100, 4, False)]
 

@@ -189,6 +189,28 @@ def test_dpo_reference_model_inputs():
             torch.testing.assert_close(x, y)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_frozen_head(dtype):
+    """A frozen LM head (LoRA): no weight or bias gradient is computed, and the loss and hidden's gradient are the
+    same bits as with a trainable head."""
+    h, w, b, t = _inputs()
+    ref, _ = _ref_logps(t)
+
+    def run(frozen):
+        hh = h.to(dtype, copy=True).requires_grad_()
+        ww, bb = (x.to(dtype, copy=True).requires_grad_(not frozen) for x in (w, b))
+        out = tritium.fused_linear_dpo_loss(hh, ww, t, bb, ref_chosen_logps=ref[:B], ref_rejected_logps=ref[B:],
+                                            beta=0.5, chunk_size=3)
+        out.loss.backward()
+        return out.loss, hh.grad, ww.grad, bb.grad
+
+    loss, gh, gw, gb = run(False)
+    loss_f, gh_f, gw_f, gb_f = run(True)
+    assert gw is not None and gb is not None and gw_f is None and gb_f is None
+    torch.testing.assert_close(loss_f, loss, rtol=0, atol=0)
+    torch.testing.assert_close(gh_f, gh, rtol=0, atol=0)
+
+
 # ---- CPO, SimPO, ORPO ----
 def _nll(logits, t):
     """The chosen sequences' NLL as TRL's CPO/ORPO concatenated_forward computes it (its nested

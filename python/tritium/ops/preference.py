@@ -35,42 +35,58 @@ from .cross_entropy import (LMHead, default_chunk_size, flce_accumulators, flce_
 
 # ---- the op: fused sequence losses ----
 def _fake_seq_loss(hidden, weight, target, bias, ref_logps, labels, kl, kind, params, ignore_index, chunk,
-                   need_grad):
+                   need_grad, weight_grad=True):
     adt = acc_dtype(hidden.dtype)
     none = (0,)
+    wg = need_grad and weight_grad
     return (hidden.new_empty((), dtype=adt), hidden.new_empty((hidden.shape[0],), dtype=adt),
             hidden.new_empty(hidden.shape if need_grad else none),
-            weight.new_empty(weight.shape if need_grad else none),
-            weight.new_empty((weight.shape[0],) if need_grad and bias is not None else none))
+            weight.new_empty(weight.shape if wg else none),
+            weight.new_empty((weight.shape[0],) if wg and bias is not None else none))
 
 
 def _seq_loss_impl(hidden, weight, target, bias, ref_logps, labels, kl, kind, params, ignore_index, chunk,
-                   need_grad):
+                   need_grad, weight_grad=True):
     """(the loss, the summed log-probabilities per sequence (N,), and the loss's gradients of hidden, weight and
-    bias): see the module docstring."""
+    bias; weight_grad False: none for the weight and bias, a frozen LM head): see the module docstring.
+
+    On the CPU each sequence's tokens whose target is ignore_index (its prompt and padding) are left out of the
+    products, as in fused_linear_cross_entropy (_flce_loop): their log-probability terms and gradient rows are
+    exactly zero."""
     fn, paired, _ = reference.SEQUENCE_LOSSES[kind]
     N, T = target.shape
     adt = acc_dtype(hidden.dtype)
-    n = (target != ignore_index).sum(1).to(adt)
+    valid = target != ignore_index
+    n = valid.sum(1).to(adt)
     ctx = reference.sequence_loss_ctx(n, paired, kl)
     groups = [(i, i + N // 2) for i in range(N // 2)] if paired else [(i,) for i in range(N)]
     logps = hidden.new_empty((N,), dtype=adt)
     gh = torch.empty_like(hidden) if need_grad else hidden.new_empty((0,))
-    gw, gb = flce_accumulators(weight, bias, hidden.dtype, need_grad)
+    wg = need_grad and weight_grad
+    gw, gb = flce_accumulators(weight, bias, hidden.dtype, wg)
     # one (grad_weight, grad_bias) sum per sequence of a group, reused by every group
-    sums = [flce_accumulators(weight, bias, hidden.dtype, need_grad) for _ in groups[0]] if groups else []
-    head = LMHead(weight, bias, hidden.dtype, min(chunk, T), need_grad)
+    sums = [flce_accumulators(weight, bias, hidden.dtype, wg) for _ in groups[0]] if groups else []
+    head = LMHead(weight, bias, hidden.dtype, min(chunk, T), need_grad, weight_grad)
     loss = hidden.new_zeros((), dtype=adt)
+    skip = hidden.device.type == "cpu"  # finding the kept rows reads the targets: a host sync on a GPU
     for group in groups:
         for (sw, sb), s in zip(sums, group):
-            if need_grad:
+            if wg:
                 sw.zero_()
                 sb.zero_()
+            h, t, g = hidden[s], target[s], gh[s] if need_grad else None
+            keep = valid[s].nonzero().squeeze(1) if skip else None
+            compact = keep is not None and keep.numel() < T
+            if compact:
+                h, t = h.index_select(0, keep), t.index_select(0, keep)
+                g = h.new_empty(h.shape) if need_grad else None
             nll = hidden.new_zeros((), dtype=adt)
-            for start in range(0, T, chunk):
-                stop = min(T, start + chunk)
-                nll += head.chunk(hidden[s, start:stop], target[s, start:stop], ignore_index, 0.0,
-                                  gh[s, start:stop] if need_grad else None, sw, sb, None).sum()
+            for start in range(0, h.shape[0], chunk):
+                stop = min(h.shape[0], start + chunk)
+                nll += head.chunk(h[start:stop], t[start:stop], ignore_index, 0.0,
+                                  g[start:stop] if need_grad else None, sw, sb, None).sum()
+            if need_grad and compact:
+                gh[s].zero_().index_copy_(0, keep, g)
             logps[s] = -nll
         idx = list(group)
         value, _, _, dlp = fn(logps[idx], n[idx], ref_logps[idx], labels[idx] if labels.numel() else labels, ctx,
@@ -81,9 +97,10 @@ def _seq_loss_impl(hidden, weight, target, bias, ref_logps, labels, kl, kind, pa
         for (sw, sb), s, d in zip(sums, group, (dlp / len(groups)).unbind(0)):
             scale = -d  # log-probability = -NLL: d loss / d logits = -d * (the NLL's gradient rows)
             gh[s].mul_(scale.to(gh.dtype))
-            gw.addcmul_(sw, scale)
-            if bias is not None:
-                gb.addcmul_(sb, scale)
+            if wg:
+                gw.addcmul_(sw, scale)
+                if bias is not None:
+                    gb.addcmul_(sb, scale)
     del sums, head  # the per-sequence sums and packed weights go before grad_weight's cast allocates its copy
     cast = lambda t: t.to(hidden.dtype) if t.numel() else t  # noqa: E731
     return loss, logps, gh, cast(gw), cast(gb)
@@ -91,9 +108,9 @@ def _seq_loss_impl(hidden, weight, target, bias, ref_logps, labels, kl, kind, pa
 
 seq_loss = define_op(
     "fused_linear_sequence_loss(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, Tensor ref_logps,"
-    " Tensor labels, Tensor kl, str kind, float[] params, int ignore_index, int chunk, bool need_grad)"
-    " -> (Tensor, Tensor, Tensor, Tensor, Tensor)", _fake_seq_loss, composite=_seq_loss_impl,
-    backward=saved_grads_backward(12), setup_context=saved_grads_setup)
+    " Tensor labels, Tensor kl, str kind, float[] params, int ignore_index, int chunk, bool need_grad,"
+    " bool weight_grad=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor)", _fake_seq_loss, composite=_seq_loss_impl,
+    backward=saved_grads_backward(13), setup_context=saved_grads_setup)
 
 
 # ---- validation and the shared parts ----
@@ -230,9 +247,9 @@ def _run(name: str, kind: str, params, hidden, weight, target, bias, ref, labels
     kl = torch.as_tensor(kl, dtype=adt, device=hidden.device) if kl is not None else hidden.new_zeros((), dtype=adt)
     labels = labels if labels is not None else hidden.new_empty((0,), dtype=adt)
     if kernel_ok(hidden, weight, *([bias] if bias is not None else [])):
-        need_grad = lm_head_grads(hidden, weight, bias)[0]
+        need_grad, weight_grad = lm_head_grads(hidden, weight, bias)
         loss, logps = call_op(seq_loss, unit_last(hidden), weight, target, bias, ref, labels, kl, kind, params,
-                              ignore_index, _chunk(hidden, weight, chunk_size), need_grad)[:2]
+                              ignore_index, _chunk(hidden, weight, chunk_size), need_grad, weight_grad)[:2]
     else:
         loss, logps = reference.sequence_loss(kind, hidden, weight, target, bias, ref, labels, kl, params,
                                               ignore_index)

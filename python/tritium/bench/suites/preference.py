@@ -3,7 +3,8 @@
 The baseline is what a TRL user's DPO step computes after the model's last hidden states: the LM head's logits
 (2B, T, V), TRL's selective_log_softmax of the target tokens (trl.trainer.utils), the masked sums per sequence
 and the sigmoid loss of DPOTrainer._compute_loss, with precomputed reference log-probabilities. Compute-bound:
-2 N T H V FLOPs forward, 6 N T H V forward + backward (the LM head's three matmuls); peak memory tracked.
+2 N T H V FLOPs forward, 6 N T H V forward + backward (the LM head's three matmuls; 4 N T H V with the head
+frozen, as under LoRA: no weight gradient); peak memory tracked.
 """
 import torch
 import torch.nn.functional as F
@@ -53,4 +54,10 @@ CASES = [
            flops_fwdbwd=_flops(3), shapes=((4, 1024, 576, 49152),), dtypes=(torch.float32, torch.bfloat16),
            grad_args=(0, 1), track_memory=True,
            note="shape = pairs x tokens x hidden x vocab; eager: TRL's DPO sigmoid loss on materialised logits"),
+    # LoRA / QLoRA DPO: the LM head frozen, so neither side computes its (V, H) weight gradient
+    OpCase("fused_linear_dpo_loss_frozen_head", _dpo_inputs, _tritium_dpo, _trl_dpo, _bytes, _bytes,
+           flops_fwd=_flops(1), flops_fwdbwd=_flops(2), shapes=((4, 1024, 576, 49152),),
+           dtypes=(torch.float32, torch.bfloat16), grad_args=(0,), track_memory=True,
+           note="shape = pairs x tokens x hidden x vocab; the LM head frozen (LoRA); eager: TRL's DPO sigmoid loss "
+                "on materialised logits"),
 ]
