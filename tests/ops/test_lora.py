@@ -135,6 +135,27 @@ def test_compile_fullgraph():
         torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x))
 
 
+@pytest.mark.parametrize("rows,out_f,r", [(64, 37, 16), (65, 38, 17), (129, 1, 64), (3, 33, 65), (130, 200, 5)],
+                         ids=("1tile", "tile+1", "2tiles+1-r64", "r65", "odd"))
+def test_bf16_adapter_grads(rows, out_f, r):
+    """The bfloat16 backward's adapter products (gs = s dy B, dB = dy^T xs, dA = gs^T x; csrc/lora.cpp's one pass
+    over dy in 64-row tiles on AVX512-BF16 up to r = 64, ATen's GEMMs past it or without the instruction) against
+    float64 at row counts around the tiles, odd row and column counts, and dy with a row stride past its width.
+    The scale is a power of two (alpha / r = 32 / 16): gs is then rounded to bfloat16 once in every path (torch's
+    own (dy @ B) * s too), so dA's error is its product's and not a double rounding's luck."""
+    w, _, a, bb = _layer(r, torch.bfloat16, False, IN, out_f)
+    x = torch.randn(rows, IN).to(torch.bfloat16)
+    dy = torch.randn(rows, out_f + 7).to(torch.bfloat16)[:, 3:3 + out_f]
+    s = 2.0
+    _, xs = torch.ops.tritium.lora_linear_fwd(x, w, None, a, bb, None, s)
+    _, dA, dB = torch.ops.tritium.lora_linear_bwd(dy, x, w, a, bb, None, xs, s, True)
+    d = [t.double() for t in (dy, bb, xs, x)]
+    gs = s * d[0] @ d[1]
+    gs_t = (dy @ bb) * s
+    assert_within_torch_error(dB, (dy.t() @ xs), d[0].t() @ d[2], "dB")
+    assert_within_torch_error(dA, gs_t.t() @ x, gs.t() @ d[3], "dA")
+
+
 def test_non_contiguous():
     """x as a slice of a wider tensor and transposed, a transposed weight and adapters, an expanded output
     gradient: values and gradients equal the reference's."""
