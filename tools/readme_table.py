@@ -572,7 +572,7 @@ KNOWN = [
     ("losses.json", "tritium bench ops --op mse_loss --op huber_loss --op binary_cross_entropy_with_logits --op "
                     "sigmoid_focal_loss --op triplet_margin_loss --op info_nce --rounds 3 --json "
                     "bench/results/losses.json", "Losses", LOSSES_PROSE, ops_section),
-    ("optim.json", "taskset -c 1 tritium bench optim --json bench/results/optim.json", "Optimizers", OPTIM_PROSE,
+    ("optim.json", "tritium bench optim --rounds 15 --json bench/results/optim.json", "Optimizers", OPTIM_PROSE,
      optim_section),
     ("finetune-amd-avx512.json", "tritium bench finetune --json bench/results/finetune-amd-avx512.json",
      f"LoRA fine-tuning on {MACHINE_KINDS['amd-avx512']}", FINETUNE_PROSE, hf_section),
