@@ -1,6 +1,6 @@
 """Run-time CPU dispatch (csrc/cpu.h): what tritium detects matches what the CPU reports, TRITIUM_CPU_DISABLE hides a
 feature so the path of a lesser CPU runs (and a machine without AMX never selects it), `tritium info` names each
-family's path, and the bfloat16 attention and info_nce are right on every path this machine can take."""
+family's path, and the bfloat16 attention, info_nce and LoRA backward are right on every path this machine can take."""
 import json
 import os
 import subprocess
@@ -196,3 +196,38 @@ def test_info_prints_the_paths():
     from tritium.bench.common import cpu_model
     assert kind == tritium.utils.machine_kind(cpu_model())
     assert kind.endswith("-amx") == HAS_AMX
+
+
+_LORA = """
+torch.manual_seed(0)
+x = torch.randn(131, 45, dtype=torch.bfloat16)
+w, a, b = (torch.randn(*s, dtype=torch.bfloat16) / 7 for s in ((37, 45), (16, 45), (37, 16)))
+dy = torch.randn(131, 37, dtype=torch.bfloat16)
+y, xs = torch.ops.tritium.lora_linear_fwd(x, w, None, a, b, None, 2.0)
+dx, da, db = torch.ops.tritium.lora_linear_bwd(dy, x, w, a, b, None, xs, 2.0, True)
+from tritium.utils import cpu_paths
+print(json.dumps({"path": cpu_paths()["lora_linear.bfloat16.backward"], "xs": xs.float().tolist(),
+                  "grads": [t.float().tolist() for t in (dx, da, db)]}))
+"""
+
+
+@pytest.mark.parametrize("disable", ["", "avx512_bf16"])
+def test_bfloat16_lora_backward_on_each_path(disable):
+    """lora_linear's bfloat16 backward (r = 16, 131 rows: two tiles and a part) on the path this machine takes with
+    `disable` hidden (the one pass over dy for gs and dB on AVX512-BF16; ATen's GEMMs without it): dx, dA and dB
+    against float64 given the forward's xs, within 2x torch's own bfloat16 error; the path named as taken."""
+    got = _in_subprocess(_LORA, disable)
+    fused = HAS_BF16_DOT and not disable
+    assert got["path"].startswith("gs and dB in one pass") == fused, got["path"]
+    torch.manual_seed(0)
+    x = torch.randn(131, 45, dtype=torch.bfloat16)
+    w, a, b = (torch.randn(*s, dtype=torch.bfloat16) / 7 for s in ((37, 45), (16, 45), (37, 16)))
+    dy = torch.randn(131, 37, dtype=torch.bfloat16)
+    xs = torch.tensor(got["xs"]).to(torch.bfloat16)
+    d = [t.double() for t in (dy, x, w, a, b, xs)]
+    gs = 2.0 * d[0] @ d[4]
+    refs = (d[0] @ d[2] + gs @ d[3], gs.t() @ d[1], d[0].t() @ d[5])
+    gs16 = (dy @ b) * 2.0
+    theirs = (dy @ w + gs16 @ a, gs16.t() @ x, dy.t() @ xs)
+    for name, g, tg, rg in zip(("dx", "dA", "dB"), got["grads"], theirs, refs):
+        assert_within_torch_error(torch.tensor(g).to(torch.bfloat16), tg, rg, f"{name} on {got['path']}")
