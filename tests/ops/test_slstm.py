@@ -26,11 +26,14 @@ def _acc(dtype):
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 7, 3, 5), (1, 129, 2, 17)], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 7, 3, 5), (1, 129, 2, 17), (2, 9, 2, 64), (1, 5, 1, 33),
+                                   (1, 3, 1, 130)], ids=str)
 @pytest.mark.parametrize("has_h0", [False, True], ids=["zero-state", "h0"])
 def test_values_and_gradients(dtype, shape, has_h0):
     """h, the final state and the gradient of wx, R and the initial state's h, c, n (through the outputs and the
-    final state) within 2x the reference's own error in dtype (R and the state float32 for 16-bit inputs)."""
+    final state) within 2x the reference's own error in dtype (R and the state float32 for 16-bit inputs). Head
+    sizes: one vector or less, a partial last vector (5, 17, 33), whole vectors (64: the register-blocked products
+    at the widest), and 130 (past the registers: the products' memory-accumulator path)."""
     B, T, H, Dh = shape
     D = H * Dh
     wx, R = make_inputs(B, T, H, Dh, dtype)
