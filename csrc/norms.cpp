@@ -73,9 +73,10 @@ std::pair<double, double> row_moments(const A* x, int64_t n, A c) {
   return {s, q};
 }
 
-// y = (x - mean) * rstd (* w) (+ b); x, w, b in the accumulation type, y in T.
+// y = (x - mean) * rstd (* w) (+ b); x, w, b in the accumulation type, y in T; stream: y written around the cache
+// (stream_outputs: the caller fences at the end of its task)
 template <bool HAS_W, bool HAS_B, typename T, typename A>
-void row_normalize(const A* x, T* y, const A* w, const A* b, int64_t n, A mean, A rstd) {
+void row_normalize(const A* x, T* y, const A* w, const A* b, int64_t n, A mean, A rstd, bool stream = false) {
   using Vec = Vectorized<A>;
   constexpr int64_t K = Vec::size();
   const Vec vm(mean), vr(rstd);
@@ -86,7 +87,11 @@ void row_normalize(const A* x, T* y, const A* w, const A* b, int64_t n, A mean, 
     return v;
   };
   int64_t i = 0;
-  for (; i + 2 * K <= n; i += 2 * K) store2(y + i, one(i), one(i + K));
+  if (stream) {
+    for (; i + K <= n; i += K) store_out(y + i, one(i), K, true);
+  } else {
+    for (; i + 2 * K <= n; i += 2 * K) store2(y + i, one(i), one(i + K));
+  }
   for (; i < n; ++i) {
     A v = (x[i] - mean) * rstd;
     if constexpr (HAS_W) v *= w[i];
@@ -96,11 +101,11 @@ void row_normalize(const A* x, T* y, const A* w, const A* b, int64_t n, A mean, 
 }
 
 template <typename T, typename A>
-void row_normalize_any(const A* x, T* y, const A* w, const A* b, int64_t n, A mean, A rstd) {
-  if (w && b) return row_normalize<true, true>(x, y, w, b, n, mean, rstd);
-  if (w) return row_normalize<true, false>(x, y, w, b, n, mean, rstd);
-  if (b) return row_normalize<false, true>(x, y, w, b, n, mean, rstd);
-  return row_normalize<false, false>(x, y, w, b, n, mean, rstd);
+void row_normalize_any(const A* x, T* y, const A* w, const A* b, int64_t n, A mean, A rstd, bool stream = false) {
+  if (w && b) return row_normalize<true, true>(x, y, w, b, n, mean, rstd, stream);
+  if (w) return row_normalize<true, false>(x, y, w, b, n, mean, rstd, stream);
+  if (b) return row_normalize<false, true>(x, y, w, b, n, mean, rstd, stream);
+  return row_normalize<false, false>(x, y, w, b, n, mean, rstd, stream);
 }
 
 // h = x + r, rounded to T as the unfused add would round it.
@@ -149,6 +154,9 @@ std::vector<at::Tensor> norm_fwd(const at::Tensor& x, const c10::optional<at::Te
     A* rstd_p = rstd.mutable_data_ptr<A>();
     A* mean_p = centered ? mean.mutable_data_ptr<A>() : nullptr;
     const int64_t sx = x.stride(0), sr = rp ? residual->stride(0) : 0;
+    // y around the cache when the call's rows outgrow it (the written lines are not read again here; h, the
+    // fused add's sum, is: it stays in the cache)
+    const bool nt = stream_outputs((rp ? 4 : 2) * M * N * x.element_size());
     at::parallel_for(0, M, row_grain(N), [&](int64_t begin, int64_t end) {
       std::vector<A> wbuf, bbuf, xbuf;
       const A* wf = wp ? as_acc(wp, N, wbuf) : nullptr;
@@ -179,8 +187,9 @@ std::vector<at::Tensor> norm_fwd(const at::Tensor& x, const c10::optional<at::Te
         const A rs = A(1) / std::sqrt(var + static_cast<A>(eps));
         rstd_p[r] = rs;
         if (centered) mean_p[r] = mu;
-        row_normalize_any(xf, yp + r * N, wf, bf, N, mu, rs);
+        row_normalize_any(xf, yp + r * N, wf, bf, N, mu, rs, nt);
       }
+      if (nt) stream_fence();
     });
   });
   if (centered) return {y, mean, rstd};

@@ -1,4 +1,5 @@
-"""The public norm ops as drop-ins: torch's results, errors, autograd, compile, edge cases, modules, patch."""
+"""The public norm ops as drop-ins: torch's results (outputs cached or streamed), errors, autograd, compile, edge
+cases, modules, patch."""
 import zlib
 
 import pytest
@@ -9,7 +10,7 @@ from hypothesis import strategies as st
 from torch.testing._internal.common_methods_invocations import op_db
 
 import tritium
-from tests.util import CPU_DTYPES, KERNEL_DTYPES, assert_within_torch_error, leaf
+from tests.util import CPU_DTYPES, KERNEL_DTYPES, assert_within_torch_error, leaf, streamed_stores
 
 
 def _same_as_torch(ours_fn, torch_fn, args, dtype):
@@ -50,6 +51,21 @@ def test_layer_norm_matches_torch(dtype, shape, normalized):
                    lambda *a: F.layer_norm(a[0], nshape, a[1], a[2]), [x, w, b], dtype)
     _same_as_torch(lambda x_: tritium.layer_norm(x_, normalized, eps=1e-2),
                    lambda x_: F.layer_norm(x_, nshape, eps=1e-2), [x], dtype)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("streamed", [False, True], ids=["cached", "streamed"])
+def test_forward_with_streamed_outputs(dtype, streamed):
+    """The forwards write y around the cache when the call outgrows it (vec.h's stream_outputs; here at any size):
+    the same values and gradients either way, at a row width with a partial last vector."""
+    x, r, w, b = torch.randn(5, 3, 67) + 1, torch.randn(5, 3, 67), torch.randn(67), torch.randn(67)
+    with streamed_stores(streamed):
+        _same_as_torch(lambda x_, w_: tritium.rms_norm(x_, (67,), w_),
+                       lambda x_, w_: F.rms_norm(x_, (67,), w_), [x, w], dtype)
+        _same_as_torch(lambda x_, w_, b_: tritium.layer_norm(x_, (67,), w_, b_),
+                       lambda x_, w_, b_: F.layer_norm(x_, (67,), w_, b_), [x, w, b], dtype)
+        _same_as_torch(lambda x_, r_, w_: sum(tritium.fused_add_rms_norm(x_, r_, w_, 1e-6)),
+                       lambda x_, r_, w_: F.rms_norm(x_ + r_, (67,), w_, 1e-6) + (x_ + r_), [x, r, w], dtype)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
