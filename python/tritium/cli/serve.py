@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 from typing import List, Optional
 
@@ -77,13 +78,23 @@ def _serve(app, worker, args, console, note: str, name: str) -> int:
 
     console.print(f"[dim]{note}[/dim]")
     # the engine on this thread (the one that loaded the model: tritium.serve.worker says why), uvicorn beside it
-    with BackgroundServer(app, host=args.host, port=args.port, log_level=args.log_level) as srv:
-        console.print(f"serving [bold]{name}[/bold] on {srv.url}/v1 "
-                      f"(prefix caching {'off' if args.no_prefix_caching else 'on'}; Ctrl-C stops)")
-        try:
-            worker.run()
-        except KeyboardInterrupt:
-            pass
+    # Ctrl-C asks the loop to stop (a KeyboardInterrupt raised wherever the engine thread happens to be could leave
+    # a lock it holds taken, and the shutdown would wait for it forever); a second one interrupts as usual
+    def on_sigint(signum, frame):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        worker.request_stop()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        with BackgroundServer(app, host=args.host, port=args.port, log_level=args.log_level) as srv:
+            console.print(f"serving [bold]{name}[/bold] on {srv.url}/v1 "
+                          f"(prefix caching {'off' if args.no_prefix_caching else 'on'}; Ctrl-C stops)")
+            try:
+                worker.run()
+            except KeyboardInterrupt:
+                pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
     if worker.error:
         console.print(f"[red]the engine failed:[/red] {worker.error}")
         return 1

@@ -69,6 +69,11 @@ class EngineWorker:
         raised (error says why). KeyboardInterrupt propagates."""
         self._run()
 
+    def request_stop(self) -> None:
+        """End the loop within its 0.5 s poll, taking no lock but the event's own: safe from a signal handler, which
+        may run while this thread holds the inbox's lock (stop() would wait for that lock forever)."""
+        self._stop.set()
+
     def stop(self) -> None:
         """End the loop after the current step; joins the worker's own thread if it has one."""
         self._stop.set()
