@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "pool.h"
@@ -29,18 +30,10 @@ inline void axpy_(A alpha, const A* x, A* y, int64_t np) {
   for (int64_t j = 0; j < np; j += Vec::size()) at::vec::fmadd(av, Vec::loadu(x + j), Vec::loadu(y + j)).store(y + j);
 }
 
-template <typename A>
-inline A dot_(const A* a, const A* b, int64_t np) {
-  using Vec = Vectorized<A>;
-  Vec acc(0);
-  for (int64_t j = 0; j < np; j += Vec::size()) acc = at::vec::fmadd(Vec::loadu(a + j), Vec::loadu(b + j), acc);
-  return hsum(acc);
-}
-
 // raw[g][0, DP) = x[g][0, DP) + sum_k h[k] Rb[g][k][0, DP) for the four gates (x's gate rows ldx apart; Rb's rows
-// padded to DP = NV vectors; x may be raw itself): G gates at a
-// time, their G NV accumulators in registers across the Dh steps of k (one broadcast of h[k] and G NV fused
-// multiply-adds per step, no store of the accumulator in between)
+// padded to DP = NV vectors; x may be raw itself): G gates at a time, their G NV accumulators in registers across
+// the Dh steps of k (one broadcast of h[k] and G NV fused multiply-adds per step, no store of the accumulator in
+// between)
 template <typename A, int NV>
 inline void gates_matvec(const A* Rb, int64_t Dh, int64_t DP, const A* h, const A* x, int64_t ldx, A* raw) {
   using Vec = Vectorized<A>;
@@ -62,23 +55,33 @@ inline void gates_matvec(const A* Rb, int64_t Dh, int64_t DP, const A* h, const 
   }
 }
 
+// f(std::integral_constant<int, NV>) for NV = nv in 1 .. 8 (the vector counts the register-blocked products are
+// instantiated for); false for a wider row, which the caller handles with its accumulators in memory
+template <typename F>
+bool with_vectors(int64_t nv, F&& f) {
+  switch (nv) {
+    case 1: f(std::integral_constant<int, 1>{}); return true;
+    case 2: f(std::integral_constant<int, 2>{}); return true;
+    case 3: f(std::integral_constant<int, 3>{}); return true;
+    case 4: f(std::integral_constant<int, 4>{}); return true;
+    case 5: f(std::integral_constant<int, 5>{}); return true;
+    case 6: f(std::integral_constant<int, 6>{}); return true;
+    case 7: f(std::integral_constant<int, 7>{}); return true;
+    case 8: f(std::integral_constant<int, 8>{}); return true;
+    default: return false;
+  }
+}
+
 template <typename A>
 void gates_matvec_any(const A* Rb, int64_t Dh, int64_t DP, const A* h, const A* x, int64_t ldx, A* raw) {
-  switch (DP / Vectorized<A>::size()) {
-    case 1: return gates_matvec<A, 1>(Rb, Dh, DP, h, x, ldx, raw);
-    case 2: return gates_matvec<A, 2>(Rb, Dh, DP, h, x, ldx, raw);
-    case 3: return gates_matvec<A, 3>(Rb, Dh, DP, h, x, ldx, raw);
-    case 4: return gates_matvec<A, 4>(Rb, Dh, DP, h, x, ldx, raw);
-    case 5: return gates_matvec<A, 5>(Rb, Dh, DP, h, x, ldx, raw);
-    case 6: return gates_matvec<A, 6>(Rb, Dh, DP, h, x, ldx, raw);
-    case 7: return gates_matvec<A, 7>(Rb, Dh, DP, h, x, ldx, raw);
-    case 8: return gates_matvec<A, 8>(Rb, Dh, DP, h, x, ldx, raw);
-    default:  // a wide head: the accumulator row in memory, one row of R at a time
-      if (x != raw)
-        for (int64_t g = 0; g < 4; ++g) std::copy(x + g * ldx, x + g * ldx + DP, raw + g * DP);
-      for (int64_t g = 0; g < 4; ++g)
-        for (int64_t k = 0; k < Dh; ++k) axpy_(h[k], Rb + (g * Dh + k) * DP, raw + g * DP, DP);
-  }
+  if (with_vectors(DP / Vectorized<A>::size(),
+                   [&](auto nv) { gates_matvec<A, decltype(nv)::value>(Rb, Dh, DP, h, x, ldx, raw); }))
+    return;
+  // a wide head: the accumulator row in memory, one row of R at a time
+  if (x != raw)
+    for (int64_t g = 0; g < 4; ++g) std::copy(x + g * ldx, x + g * ldx + DP, raw + g * DP);
+  for (int64_t g = 0; g < 4; ++g)
+    for (int64_t k = 0; k < Dh; ++k) axpy_(h[k], Rb + (g * Dh + k) * DP, raw + g * DP, DP);
 }
 
 // out[0, DP) = sum over the rows i < rows of coef(i) RbT[i][0, DP), coef(i) = draw[(i / Dh) DP + i % Dh] (the
@@ -111,20 +114,12 @@ inline void rows_matvec(const A* RbT, int64_t Dh, int64_t DP, const A* draw, A* 
 
 template <typename A>
 void rows_matvec_any(const A* RbT, int64_t Dh, int64_t DP, const A* draw, A* out) {
-  switch (DP / Vectorized<A>::size()) {
-    case 1: return rows_matvec<A, 1>(RbT, Dh, DP, draw, out);
-    case 2: return rows_matvec<A, 2>(RbT, Dh, DP, draw, out);
-    case 3: return rows_matvec<A, 3>(RbT, Dh, DP, draw, out);
-    case 4: return rows_matvec<A, 4>(RbT, Dh, DP, draw, out);
-    case 5: return rows_matvec<A, 5>(RbT, Dh, DP, draw, out);
-    case 6: return rows_matvec<A, 6>(RbT, Dh, DP, draw, out);
-    case 7: return rows_matvec<A, 7>(RbT, Dh, DP, draw, out);
-    case 8: return rows_matvec<A, 8>(RbT, Dh, DP, draw, out);
-    default:
-      std::fill(out, out + DP, A(0));
-      for (int64_t g = 0; g < 4; ++g)
-        for (int64_t j = 0; j < Dh; ++j) axpy_(draw[g * DP + j], RbT + (g * Dh + j) * DP, out, DP);
-  }
+  if (with_vectors(DP / Vectorized<A>::size(),
+                   [&](auto nv) { rows_matvec<A, decltype(nv)::value>(RbT, Dh, DP, draw, out); }))
+    return;
+  std::fill(out, out + DP, A(0));
+  for (int64_t g = 0; g < 4; ++g)
+    for (int64_t j = 0; j < Dh; ++j) axpy_(draw[g * DP + j], RbT + (g * Dh + j) * DP, out, DP);
 }
 
 void check_slstm(const at::Tensor& wx, const at::Tensor& R) {
@@ -199,15 +194,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> slstm_fwd(
         load_init(h0, c0, n0, m0, bi * D + hd * Dh, Dh, h.data(), c.data(), n.data(), m.data());
         for (int64_t t = 0; t < L; ++t) {
           const T* x = wxp + (bi * L + t) * 4 * D;
-          if constexpr (std::is_same_v<T, A>) {
-            if (DP == Dh) {  // x's gate rows are whole vectors: read in place
-              // (the cast only spells T = A: this branch is not discarded, the dispatch's lambda is no template)
-              gates_matvec_any(Rb.data(), Dh, DP, h.data(), reinterpret_cast<const A*>(x + hd * Dh), D, raw.data());
-            } else {
-              for (int64_t g = 0; g < 4; ++g)
-                std::copy(x + g * D + hd * Dh, x + g * D + hd * Dh + Dh, raw.data() + g * DP);
-              gates_matvec_any(Rb.data(), Dh, DP, h.data(), raw.data(), DP, raw.data());
-            }
+          if (std::is_same_v<T, A> && DP == Dh) {  // x's gate rows are whole vectors of A: read in place
+            // (the cast only spells T = A: this branch is not discarded, the dispatch's lambda is no template)
+            gates_matvec_any(Rb.data(), Dh, DP, h.data(), reinterpret_cast<const A*>(x + hd * Dh), D, raw.data());
           } else {
             for (int64_t g = 0; g < 4; ++g) to_acc(x + g * D + hd * Dh, raw.data() + g * DP, Dh);
             gates_matvec_any(Rb.data(), Dh, DP, h.data(), raw.data(), DP, raw.data());
@@ -289,7 +278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> slstm_bwd
       // padded to DP: the padding lanes of every input are 0 (the initial state's too), so those of draw and dh
       // are 0 and RbT's padding columns add nothing
       std::vector<A> RbT(4 * Dh * DP, A(0)), draw(4 * DP, A(0)), dh(DP), dc(DP), dn(DP), dya(DP, A(0));
-      std::vector<A> ih(DP), ic(DP), in_(DP), im(DP), zpad(DP, A(0));
+      std::vector<A> ih(DP), ic(DP), in_(DP), im(DP);
       const Vec one(A(1));
       for (int64_t item = begin; item < end; ++item) {
         const int64_t bi = item / H, hd = item % H, off = bi * D + hd * Dh;
