@@ -54,7 +54,9 @@ Each op case at its headline shape (the first in its declaration), float32 and b
 forward+backward. `attention_causal` compares tritium's attention with the naive path (matmul, mask, softmax,
 matmul); `attention_causal_vs_sdpa` with torch's own fused `scaled_dot_product_attention`.
 `paged_attention_decode_vs_contiguous` compares paged decode attention with SDPA over a contiguous cache.
-Rows with a peak-memory column measured one call's extra resident memory (eager / tritium).
+Rows with a peak-memory column measured one call's extra resident memory (eager / tritium), with freed memory
+returned to the OS and tritium's output pool off during that call. Timed with glibc keeping freed memory
+(`--malloc retain`, the default), so no side pays the OS's zeroing of fresh pages for its outputs each call.
 """
 
 GENERATE_PROSE = """\
@@ -181,30 +183,28 @@ without a compile column predates it).
 
 SCAN_PROSE = """\
 Mamba's selective scan (`tritium.selective_scan`) against mamba_ssm's reference algorithm (`selective_scan_ref`'s
-steps: `tritium.reference.selective_scan`), eager and under `torch.compile` (the reference's loop, over unbind()'s
-slices, with its step compiled: compiling the whole length-long loop takes minutes for the forward alone, and
-for wkv's loop of the same kind the backward's compile failed), forward and backward at issue 24's bar shape
-(batch 8, dim 768, length 1024, state 16), float32, with D, z, delta_bias and softplus on as in a Mamba block.
-The peak columns are each side's peak extra memory during the call (the reference materialises the (batch, dim,
-length, state) decay and input tensors; the scan keeps O(batch x dim x state) state and recomputes in the backward;
-a 0 means the call's tensors fit in memory the process already held, its resident set did not grow). One eager
-call takes minutes (the reference's backward of its per-step indexing builds a zero tensor of the whole (batch,
-dim, length, state) array at every step), so each side is timed by one call after a warm-up call (`--min-time
-0.01`).
+steps: `tritium.reference.selective_scan`), its loop walking unbind()'s slices (the reference's own indexing
+builds a zero tensor of the whole (batch, dim, length, state) array at every step of the backward: 384 s a call),
+eager and under `torch.compile` (that loop with its step compiled: compiling the whole length-long loop takes
+minutes for the forward alone, and for wkv's loop of the same kind the backward's compile failed), forward and
+backward at issue 24's bar shape (batch 8, dim 768, length 1024, state 16), with D, z, delta_bias and softplus on
+as in a Mamba block. The peak columns are each side's peak extra memory during the call (the reference
+materialises the (batch, dim, length, state) decay and input tensors; the scan keeps O(batch x dim x state) state
+and recomputes in the backward).
 """
 
 NORMS_PROSE = """\
 RMSNorm, LayerNorm and the fused residual add + RMSNorm at their headline shape, five rounds over eager, compile and
-tritium in turn. The forwards write y with streaming stores when the call outgrows the last-level cache. Under
-glibc's default settings, freed blocks of these sizes (32-64 MB) go back to the OS, so eager's and torch.compile's
-outputs and temporaries are fresh pages every call, zeroed by the OS on first touch; tritium's outputs come from its
-output pool. The next table is the same run with glibc keeping freed memory: the baselines' fairer view.
+tritium in turn, glibc keeping freed memory (`--malloc retain`, every suite's default). The forwards write y with
+streaming stores when the call outgrows the last-level cache.
 """
 
-NORMS_WARM_PROSE = """\
-The previous table's run with `MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=8000000000`: glibc keeps
-freed memory, so no side pays page faults for its outputs. Eager and torch.compile are 1.7-6x faster than under the
-default settings; the bfloat16 forwards of `rms_norm` and `fused_add_rms_norm` are behind torch.compile here.
+NORMS_DEFAULT_MALLOC_PROSE = """\
+The previous table's cases under glibc's settings as a process starts (`--malloc default`): freed blocks of these
+sizes (32-64 MB) go back to the OS, so eager's and torch.compile's outputs and temporaries are fresh pages every
+call, zeroed by the OS on first touch, while tritium's outputs come from its output pool. What a short script sees;
+a long process whose heap has grown serves them from the heap instead (the previous table), so ratios measured this
+way depend on what ran before. That is why every suite times with glibc keeping freed memory.
 """
 
 ROWS_PROSE = """\
@@ -607,16 +607,17 @@ KNOWN = [
     ("wkv-fwdbwd-amd-avx512.json", "tritium bench ops --op wkv --headline --mode fwdbwd --json "
                                    "bench/results/wkv-fwdbwd-amd-avx512.json",
      f"RWKV-7's wkv on {MACHINE_KINDS['amd-avx512']}: forward and backward", WKV_PROSE, ops_section),
-    ("selective-scan-amd-avx512.json", "tritium bench ops --op selective_scan --headline --mode fwdbwd --dtype "
-                                       "float32 --min-time 0.01 --json bench/results/selective-scan-amd-avx512.json",
+    ("selective-scan-amd-avx512.json", "tritium bench ops --op selective_scan --headline --mode fwdbwd --rounds 3 "
+                                       "--json bench/results/selective-scan-amd-avx512.json",
      f"Mamba's selective scan on {MACHINE_KINDS['amd-avx512']}: forward and backward", SCAN_PROSE, ops_section),
     ("norms-amd-avx512.json", "tritium bench ops --op rms_norm --op layer_norm --op fused_add_rms_norm --headline "
                               "--rounds 5 --json bench/results/norms-amd-avx512.json",
      f"Norms on {MACHINE_KINDS['amd-avx512']}", NORMS_PROSE, ops_section),
-    ("norms-warm-malloc-amd-avx512.json", "MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=8000000000 tritium "
-                                          "bench ops --op rms_norm --op layer_norm --op fused_add_rms_norm --headline "
-                                          "--rounds 5 --json bench/results/norms-warm-malloc-amd-avx512.json",
-     f"Norms on {MACHINE_KINDS['amd-avx512']}, glibc keeping freed memory", NORMS_WARM_PROSE, ops_section),
+    ("norms-default-malloc-amd-avx512.json", "tritium bench ops --op rms_norm --op layer_norm --op fused_add_rms_norm "
+                                             "--headline --rounds 5 --malloc default --json "
+                                             "bench/results/norms-default-malloc-amd-avx512.json",
+     f"Norms on {MACHINE_KINDS['amd-avx512']}, glibc's default malloc settings", NORMS_DEFAULT_MALLOC_PROSE,
+     ops_section),
     ("ops-rows-amd-avx512.json", "tritium bench ops --op batch_norm_act --op distillation_loss --headline --rounds 5 "
                                  "--json bench/results/ops-rows-amd-avx512.json",
      f"Re-recorded headline rows on {MACHINE_KINDS['amd-avx512']}", ROWS_PROSE, ops_section),

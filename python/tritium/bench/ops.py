@@ -19,7 +19,8 @@ from typing import List
 import torch
 
 from .case import OpCase
-from .common import copy_bandwidth, dtype_name, geomean, machine_info, parse_dtype, time_fn, write_json
+from .common import (copy_bandwidth, dtype_name, geomean, machine_info, parse_dtype, released_memory, time_fn,
+                     write_json)
 
 
 # The short summary (`tritium bench ops --quick`, run by `make demo`): (op, dtype, mode) at the op's headline
@@ -31,6 +32,11 @@ QUICK = (
     ("cross_entropy", "float32", "fwdbwd"),
     ("attention_causal_vs_sdpa", "bfloat16", "fwd"),
 )
+
+
+# `--against`: tritium's own time, not a speedup, is what says whether a kernel regressed (the baselines' times
+# move with torch's version and the allocator's state); slower by more than this factor is marked
+REGRESSION = 1.15
 
 
 def _shape(text: str) -> str:
@@ -63,6 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "rounds (default 1)")
     p.add_argument("--json", help="write machine info, versions and every figure to this path")
     p.add_argument("--plot", help="write a PNG of the speedups to this path")
+    p.add_argument("--against", metavar="JSON",
+                   help="a recording of this suite (e.g. bench/results/ops-headline-<kind>.json): print tritium's "
+                        "time in each row both runs share, then and now, marking rows more than "
+                        f"{100 * (REGRESSION - 1):.0f}%% slower now")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
 
 
@@ -148,7 +158,8 @@ def _status_kib(field: str) -> int:
 def peak_extra_bytes(fn, device: str = "cpu"):
     """Peak memory one call of fn adds above what was in use before it (OpCase.track_memory). CPU: the
     resident-set high-water mark, reset through /proc/self/clear_refs (Linux), minus the resident set before the
-    call; CUDA: the caching allocator's peak. None where neither is available."""
+    call, with freed memory returned to the OS and tritium's output pool off (released_memory); CUDA: the caching
+    allocator's peak. None where neither is available."""
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -158,12 +169,13 @@ def peak_extra_bytes(fn, device: str = "cpu"):
         torch.cuda.synchronize()
         return float(torch.cuda.max_memory_allocated() - before)
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = _status_kib("VmRSS")
-        out = fn()
-        peak = _status_kib("VmHWM")
-        del out
+        with released_memory():
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            before = _status_kib("VmRSS")
+            out = fn()
+            peak = _status_kib("VmHWM")
+            del out
     except OSError:
         return None
     return float(peak - before) * 1024
@@ -264,6 +276,11 @@ def run(args) -> List[dict]:
     console.print(f"geomean speedup vs eager {geomean([r['speedup_eager'] for r in rows]):.2f}x"
                   + ("" if args.no_compile else
                      f", vs torch.compile {geomean([r['speedup_compile'] for r in rows]):.2f}x"))
+    if args.against:
+        regressed = compare(rows, args.against)
+        for line in regressed:
+            console.print(line, highlight=False)
+        console.print(f"{len(regressed)} rows more than {100 * (REGRESSION - 1):.0f}% slower than in {args.against}")
     if args.json:
         write_json(args.json, machine_info(device), rows, {"suite": "ops", "rounds": args.rounds})
         console.print(f"wrote {args.json}")
@@ -271,6 +288,22 @@ def run(args) -> List[dict]:
         plot(rows, args.plot)
         console.print(f"wrote {args.plot}")
     return rows
+
+
+def compare(rows: List[dict], path: str) -> List[str]:
+    """One line per row of `rows` whose tritium time is more than REGRESSION times the time of the same (op, shape,
+    dtype, mode) in the recording at `path`."""
+    import json
+
+    with open(path) as f:
+        then = {(r["op"], tuple(r["shape"]), r["dtype"], r["mode"]): r["tritium_ms"] for r in json.load(f)["rows"]}
+    out = []
+    for r in rows:
+        old = then.get((r["op"], tuple(r["shape"]), r["dtype"], r["mode"]))
+        if old is not None and r["tritium_ms"] > REGRESSION * old:
+            out.append(f"slower than recorded: {r['op']} {'x'.join(map(str, r['shape']))} {r['dtype']} {r['mode']}: "
+                       f"tritium {r['tritium_ms']:.3f} ms, was {old:.3f} ms ({r['tritium_ms'] / old:.2f}x)")
+    return out
 
 
 def _marked(speedup) -> str:
