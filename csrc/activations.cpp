@@ -35,14 +35,30 @@ void for_chunks(int64_t M, int64_t N, const F& f) {
 }
 
 // out[j][i] = fn(in[0][i], ...) for i in [0, n): whole vectors, then the tail through zero-padded buffers so
-// every functor only needs its vector form.
+// every functor only needs its vector form. With `stream` (the call's working set outgrows the last-level cache:
+// stream_outputs) the whole vectors are written around the cache (vec.h store_out) and the chunk ends with a fence.
 template <typename T, int NI, int NO, typename F>
-inline void map_vec(const T* const (&in)[NI], T* const (&out)[NO], int64_t n, const F& fn) {
+inline void map_vec(const T* const (&in)[NI], T* const (&out)[NO], int64_t n, const F& fn, bool stream = false) {
   using IO = VecIO<T>;
   using Vec = typename IO::Vec;
   constexpr int64_t K = IO::kSize;
   Vec vi[NI], vo[NO];
   int64_t i = 0;
+  if (stream) {
+    for (; i + 2 * K <= n; i += 2 * K) {
+      Vec vi2[NI], vo2[NO];
+      for (int j = 0; j < NI; ++j) {
+        vi[j] = IO::load(in[j] + i);
+        vi2[j] = IO::load(in[j] + i + K);
+      }
+      fn(vi, vo);
+      fn(vi2, vo2);
+      for (int j = 0; j < NO; ++j) {
+        store_out(out[j] + i, vo[j], K, true);
+        store_out(out[j] + i + K, vo2[j], K, true);
+      }
+    }
+  }
   // two vectors per iteration: their (long, transcendental) dependency chains interleave
   for (; i + 2 * K <= n; i += 2 * K) {
     Vec vi2[NI], vo2[NO];
@@ -75,6 +91,7 @@ inline void map_vec(const T* const (&in)[NI], T* const (&out)[NO], int64_t n, co
       for (int64_t k = 0; k < rest; ++k) out[j][i + k] = buf[j][k];
     }
   }
+  if (stream) stream_fence();
 }
 
 template <typename V>
@@ -266,10 +283,12 @@ at::Tensor unary_fwd(const at::Tensor& x, double a, double b, double c) {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     const int64_t sx = x.stride(0);
+    const bool nt = stream_outputs(2 * M * N * x.element_size());
     for_chunks(M, N, [&](int64_t r, int64_t c0, int64_t c1) {
       const scalar_t* const in[1] = {xp + r * sx + c0};
       scalar_t* const out[1] = {yp + r * N + c0};
-      map_vec<scalar_t, 1, 1>(in, out, c1 - c0, [&](const V (&v)[1], V (&o)[1]) { o[0] = Op::fwd(v[0], p); });
+      map_vec<scalar_t, 1, 1>(
+          in, out, c1 - c0, [&](const V (&v)[1], V (&o)[1]) { o[0] = Op::fwd(v[0], p); }, nt);
     });
   });
   return y;
@@ -307,11 +326,12 @@ at::Tensor unary_bwd(const at::Tensor& dy, const at::Tensor& x, double a, double
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
     const int64_t sdy = dy.stride(0), sx = x.stride(0);
+    const bool nt = stream_outputs(3 * M * N * x.element_size());
     for_chunks(M, N, [&](int64_t r, int64_t c0, int64_t c1) {
       const scalar_t* const in[2] = {dyp + r * sdy + c0, xp + r * sx + c0};
       scalar_t* const out[1] = {dxp + r * N + c0};
-      map_vec<scalar_t, 2, 1>(in, out, c1 - c0,
-                              [&](const V (&v)[2], V (&o)[1]) { o[0] = Op::bwd(v[0], v[1], p); });
+      map_vec<scalar_t, 2, 1>(
+          in, out, c1 - c0, [&](const V (&v)[2], V (&o)[1]) { o[0] = Op::bwd(v[0], v[1], p); }, nt);
     });
   });
   return dx;
@@ -351,11 +371,12 @@ at::Tensor gated_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& up, i
     const scalar_t* gp = x.const_data_ptr<scalar_t>() + g.goff;
     const scalar_t* up_ = (layout == 0 ? up->const_data_ptr<scalar_t>() : x.const_data_ptr<scalar_t>()) + g.uoff;
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    const bool nt = stream_outputs(3 * g.M * g.H * x.element_size());
     for_chunks(g.M, g.H, [&](int64_t r, int64_t c0, int64_t c1) {
       const scalar_t* const in[2] = {gp + r * g.sg + c0, up_ + r * g.su + c0};
       scalar_t* const out[1] = {yp + r * g.H + c0};
-      map_vec<scalar_t, 2, 1>(in, out, c1 - c0,
-                              [&](const V (&v)[2], V (&o)[1]) { o[0] = Op::fwd(v[0], p) * v[1]; });
+      map_vec<scalar_t, 2, 1>(
+          in, out, c1 - c0, [&](const V (&v)[2], V (&o)[1]) { o[0] = Op::fwd(v[0], p) * v[1]; }, nt);
     });
   });
   return y;
@@ -378,15 +399,19 @@ std::tuple<at::Tensor, at::Tensor> gated_bwd(const at::Tensor& dy, const at::Ten
     scalar_t* dgp = dx.mutable_data_ptr<scalar_t>() + g.goff;
     scalar_t* dup_ = (layout == 0 ? dup.mutable_data_ptr<scalar_t>() : dx.mutable_data_ptr<scalar_t>()) + g.uoff;
     const int64_t sdx = dx.size(1), sdup = layout == 0 ? g.H : sdx, sdy = dy.stride(0);
+    const bool nt = stream_outputs(5 * g.M * g.H * x.element_size());
     for_chunks(g.M, g.H, [&](int64_t r, int64_t c0, int64_t c1) {
       const scalar_t* const in[3] = {dyp + r * sdy + c0, gp + r * g.sg + c0, up_ + r * g.su + c0};
       scalar_t* const out[2] = {dgp + r * sdx + c0, dup_ + r * sdup + c0};
-      map_vec<scalar_t, 3, 2>(in, out, c1 - c0, [&](const V (&v)[3], V (&o)[2]) {
-        V f, df;
-        Op::both(v[1], p, f, df);
-        o[0] = v[0] * v[2] * df;
-        o[1] = v[0] * f;
-      });
+      map_vec<scalar_t, 3, 2>(
+          in, out, c1 - c0,
+          [&](const V (&v)[3], V (&o)[2]) {
+            V f, df;
+            Op::both(v[1], p, f, df);
+            o[0] = v[0] * v[2] * df;
+            o[1] = v[0] * f;
+          },
+          nt);
     });
   });
   return {dx, dup};
@@ -410,11 +435,13 @@ at::Tensor dyt_fwd(const at::Tensor& x, const at::Tensor& alpha, const at::Tenso
     const scalar_t* bp = bias.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     const int64_t sx = x.stride(0);
+    const bool nt = stream_outputs(2 * M * N * x.element_size());
     for_chunks(M, N, [&](int64_t r, int64_t c0, int64_t c1) {
       const scalar_t* const in[3] = {xp + r * sx + c0, wp + c0, bp + c0};
       scalar_t* const out[1] = {yp + r * N + c0};
-      map_vec<scalar_t, 3, 1>(in, out, c1 - c0,
-                              [&](const V (&v)[3], V (&o)[1]) { o[0] = at::vec::fmadd(v[1], ftanh(va * v[0]), v[2]); });
+      map_vec<scalar_t, 3, 1>(
+          in, out, c1 - c0,
+          [&](const V (&v)[3], V (&o)[1]) { o[0] = at::vec::fmadd(v[1], ftanh(va * v[0]), v[2]); }, nt);
     });
   });
   return y;

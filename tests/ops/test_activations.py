@@ -71,6 +71,30 @@ def test_drop_in(name, fn, twin, dtype):
         _check(fn, twin, x, f"{name} {layout}")
 
 
+# one activation per kernel shape (unary, gated in each layout) for the streamed-store path
+STREAMED = [d for d in DROP_INS if d[0] in ("relu", "gelu", "sigmoid", "glu", "swiglu", "geglu_tanh")] + [
+    ("swiglu_separate", lambda x: tritium.swiglu(*x.chunk(2, -1)), lambda x: F.silu(x.chunk(2, -1)[0]) *
+     x.chunk(2, -1)[1]),
+    ("dyt", lambda x: tritium.dyt(x, torch.tensor([0.7], dtype=x.dtype), torch.linspace(-1, 1, x.shape[-1],
+                                                                                        dtype=x.dtype),
+                                  torch.linspace(0, 1, x.shape[-1], dtype=x.dtype)),
+     lambda x: torch.linspace(-1, 1, x.shape[-1], dtype=x.dtype) * torch.tanh(0.7 * x)
+     + torch.linspace(0, 1, x.shape[-1], dtype=x.dtype)),
+]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("name,fn,twin", STREAMED, ids=[d[0] for d in STREAMED])
+def test_streamed_outputs(name, fn, twin, dtype):
+    """Outputs written around the cache (vec.h stream_outputs; here at any size): rows whose starts are aligned for
+    a streamed vector (width 128) and rows that are not, with a partial last vector (width 134: gated halves of 67),
+    and a strided input; values and gradients as torch's."""
+    base = torch.randn(5, 3, 268, dtype=torch.float64) * 3
+    with streamed_stores():
+        for what, x in (("aligned", base[..., :128]), ("odd", base[..., :134]), ("contig", base[..., :134].clone())):
+            _check(fn, twin, x.to(dtype), f"{name} {what}")
+
+
 @pytest.mark.parametrize("name,fn,twin", [d for d in DROP_INS if not d[0].startswith(("glu", "swiglu", "geglu"))],
                          ids=[i for i in IDS if not i.startswith(("glu", "swiglu", "geglu"))])
 def test_edge_shapes(name, fn, twin):
