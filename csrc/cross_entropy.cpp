@@ -86,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_z_fwd(const at::Ten
       Vec s0(0), q0(0);
       int64_t i = 0;
       for (; i + K <= C; i += K) {
-        Vec v = capv(IO::load(xr + i)), e = (v - vm).exp();
+        Vec v = capv(IO::load(xr + i)), e = fexp(v - vm);
         s0 = s0 + e;
         if (buf) e.store(buf + i);
         if (eps != 0) q0 = wp ? at::vec::fmadd(v, IO::load(wp + i), q0) : q0 + v;
@@ -125,51 +125,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_z_fwd(const at::Ten
       if (cap != 0) gt *= sech2s(static_cast<acc_t>(xr[t]));
       gr[t] = gt;
     };
+    // the gradient rows streamed around the cache when they outgrow it: exp(x - m) then goes to a row buffer that
+    // stays in L2 and each gradient line is written once; otherwise the row of grad is that buffer
+    const bool nt = gp && !ext && stream_outputs(M * C * (x.element_size() + sizeof(acc_t)));
     at::parallel_for(0, M, row_grain(C), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> tmp(nt ? C : 0);
       for (int64_t r = begin; r < end; ++r) {
         const int64_t t = tp[r * st];
-        acc_t* gr = gp ? gp + r * C : nullptr;  // also the buffer of exp(x - m)
+        acc_t* gr = gp ? gp + r * C : nullptr;
         if (t == ignore_index) {
           lp[r] = mean ? acc_t(0) * inv : acc_t(0);  // NaN in the mean over zero rows
           if (gr) std::fill(gr, gr + C, acc_t(0));
           continue;
         }
         const scalar_t* xr = xp + r * sx;
-        acc_t* buf = gr;
+        acc_t* buf = nt ? tmp.data() : gr;
         if (ext) {
           ext_row(xr, t, gr, lp + r);
           continue;
         }
         const acc_t m = row_max_acc(xr, C);
         const Vec vm(m);
-        // pass 2: sum exp(x - m) (kept in buf for the gradient) and, with smoothing, sum w_c x_c
-        Vec s0(0), s1(0), q0(0);
-        int64_t i = 0;
-        for (; i + 2 * K <= C; i += 2 * K) {
-          Vec v0 = IO::load(xr + i), v1 = IO::load(xr + i + K);
-          Vec e0 = (v0 - vm).exp(), e1 = (v1 - vm).exp();
-          s0 = s0 + e0;
-          s1 = s1 + e1;
-          if (buf) {
-            e0.store(buf + i);
-            e1.store(buf + i + K);
+        // pass 2: sum exp(x - m) (kept in buf for the gradient) and, with smoothing, sum w_c x_c. exp by vec.h's
+        // exp20, unguarded when the row max is finite (then no argument is NaN), else fexp keeps NaN NaN. The loop
+        // is instantiated for each, so no test sits inside it.
+        auto pass2 = [&](auto ex) {
+          Vec s0(0), s1(0), q0(0);
+          int64_t j = 0;
+          for (; j + 2 * K <= C; j += 2 * K) {
+            Vec v0 = IO::load(xr + j), v1 = IO::load(xr + j + K);
+            Vec e0 = ex(v0 - vm), e1 = ex(v1 - vm);
+            s0 = s0 + e0;
+            s1 = s1 + e1;
+            if (buf) {
+              e0.store(buf + j);
+              e1.store(buf + j + K);
+            }
+            if (eps != 0) q0 = wp ? at::vec::fmadd(v0, IO::load(wp + j), at::vec::fmadd(v1, IO::load(wp + j + K), q0))
+                                  : q0 + v0 + v1;
           }
-          if (eps != 0) q0 = wp ? at::vec::fmadd(v0, IO::load(wp + i), at::vec::fmadd(v1, IO::load(wp + i + K), q0))
-                                : q0 + v0 + v1;
-        }
-        for (; i + K <= C; i += K) {
-          Vec v = IO::load(xr + i), e = (v - vm).exp();
-          s0 = s0 + e;
-          if (buf) e.store(buf + i);
-          if (eps != 0) q0 = wp ? at::vec::fmadd(v, IO::load(wp + i), q0) : q0 + v;
-        }
-        acc_t s = hsum(s0 + s1), q = hsum(q0);
-        for (; i < C; ++i) {
-          const acc_t v = static_cast<acc_t>(xr[i]), e = std::exp(v - m);
-          s += e;
-          if (buf) buf[i] = e;
-          if (eps != 0) q += wp ? v * static_cast<acc_t>(wp[i]) : v;
-        }
+          for (; j + K <= C; j += K) {
+            Vec v = IO::load(xr + j), e = ex(v - vm);
+            s0 = s0 + e;
+            if (buf) e.store(buf + j);
+            if (eps != 0) q0 = wp ? at::vec::fmadd(v, IO::load(wp + j), q0) : q0 + v;
+          }
+          acc_t sum = hsum(s0 + s1), qs = hsum(q0);
+          for (; j < C; ++j) {
+            const acc_t v = static_cast<acc_t>(xr[j]), e = std::exp(v - m);
+            sum += e;
+            if (buf) buf[j] = e;
+            if (eps != 0) qs += wp ? v * static_cast<acc_t>(wp[j]) : v;
+          }
+          return std::make_pair(sum, qs);
+        };
+        const auto [s, q] = std::isfinite(m) ? pass2([](const Vec& v) { return fexp_finite(v); })
+                                             : pass2([](const Vec& v) { return fexp(v); });
         const acc_t lse = m + std::log(s);
         const acc_t wt = wp ? static_cast<acc_t>(wp[t]) : acc_t(1);
         const acc_t xt = static_cast<acc_t>(xr[t]);
@@ -180,11 +191,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_z_fwd(const at::Ten
         // pass 3: grad_j = (e_j / s * a - b w_j) * inv, then the target's own term
         const acc_t a = (1 - eps) * wt + b * W, pa = a / s * inv, bi = b * inv;
         const Vec vpa(pa), vb(bi);
-        for (i = 0; i + K <= C; i += K) {
+        int64_t i = 0;
+        for (; i + K <= C; i += K) {
           Vec g = Vec::loadu(buf + i) * vpa;
           if (eps != 0) g = wp ? at::vec::fnmadd(vb, IO::load(wp + i), g) : g - vb;
-          g.store(gr + i);
+          store_out(gr + i, g, K, nt);
         }
+        if (nt) stream_fence();  // the streamed lines land before the plain stores below touch them
         for (; i < C; ++i) {
           acc_t g = buf[i] * pa;
           if (eps != 0) g -= bi * (wp ? static_cast<acc_t>(wp[i]) : acc_t(1));

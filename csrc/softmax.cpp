@@ -42,50 +42,58 @@ acc_type<T> row_max(const T* x, int64_t n, acc_type<T> scale) {
   return m;
 }
 
-// One row, inner == 1. buf: n accumulation-type elements (may alias y when T is the accumulation type).
+// One row, inner == 1. buf: n accumulation-type elements (may alias y when T is the accumulation type and the
+// output is not streamed). `stream`: y is written around the cache (vec.h store_out; the caller fences).
 template <typename T>
-void softmax_row(const T* x, T* y, acc_type<T>* buf, int64_t n, acc_type<T> scale, bool log) {
+void softmax_row(const T* x, T* y, acc_type<T>* buf, int64_t n, acc_type<T> scale, bool log, bool stream) {
   using IO = VecIO<T>;
   using Vec = typename IO::Vec;
   using acc_t = acc_type<T>;
   constexpr int64_t K = IO::kSize;
   const acc_t m = row_max(x, n, scale);
   const Vec vs(scale), vm(m);
-  // pass 2: e = exp(scale * x - m), summed (and kept in buf for softmax)
-  Vec s0(0), s1(0);
-  int64_t i = 0;
-  for (; i + 2 * K <= n; i += 2 * K) {
-    Vec e0 = at::vec::fmsub(IO::load(x + i), vs, vm).exp();
-    Vec e1 = at::vec::fmsub(IO::load(x + i + K), vs, vm).exp();
-    s0 = s0 + e0;
-    s1 = s1 + e1;
-    if (!log) {
-      e0.store(buf + i);
-      e1.store(buf + i + K);
+  // pass 2: e = exp(scale * x - m) (vec.h exp20), summed (and kept in buf for softmax). With a finite row max no
+  // argument is NaN (a NaN in the row makes m NaN), so exp needs no guard (fexp_finite); else fexp keeps NaN NaN.
+  // The loop is instantiated for each, so no test sits inside it.
+  auto pass2 = [&](auto ex) {
+    Vec s0(0), s1(0);
+    int64_t j = 0;
+    for (; j + 2 * K <= n; j += 2 * K) {
+      Vec e0 = ex(at::vec::fmsub(IO::load(x + j), vs, vm));
+      Vec e1 = ex(at::vec::fmsub(IO::load(x + j + K), vs, vm));
+      s0 = s0 + e0;
+      s1 = s1 + e1;
+      if (!log) {
+        e0.store(buf + j);
+        e1.store(buf + j + K);
+      }
     }
-  }
-  for (; i + K <= n; i += K) {
-    Vec e = at::vec::fmsub(IO::load(x + i), vs, vm).exp();
-    s0 = s0 + e;
-    if (!log) e.store(buf + i);
-  }
-  acc_t s = hsum(s0 + s1);
-  for (; i < n; ++i) {
-    acc_t e = std::exp(static_cast<acc_t>(x[i]) * scale - m);
-    s += e;
-    if (!log) buf[i] = e;
-  }
+    for (; j + K <= n; j += K) {
+      Vec e = ex(at::vec::fmsub(IO::load(x + j), vs, vm));
+      s0 = s0 + e;
+      if (!log) e.store(buf + j);
+    }
+    acc_t sum = hsum(s0 + s1);
+    for (; j < n; ++j) {
+      acc_t e = std::exp(static_cast<acc_t>(x[j]) * scale - m);
+      sum += e;
+      if (!log) buf[j] = e;
+    }
+    return sum;
+  };
+  const acc_t s = std::isfinite(m) ? pass2([](const Vec& v) { return fexp_finite(v); })
+                                   : pass2([](const Vec& v) { return fexp(v); });
   // pass 3: normalise
-  i = 0;
+  int64_t i = 0;
   if (log) {
     const acc_t ls = std::log(s);
     const Vec vls(ls);
-    for (; i + K <= n; i += K) IO::store(y + i, at::vec::fmsub(IO::load(x + i), vs, vm) - vls);
+    for (; i + K <= n; i += K) store_out(y + i, at::vec::fmsub(IO::load(x + i), vs, vm) - vls, K, stream);
     for (; i < n; ++i) y[i] = static_cast<T>((static_cast<acc_t>(x[i]) * scale - m) - ls);
   } else {
     const acc_t r = acc_t(1) / s;
     const Vec vr(r);
-    for (; i + K <= n; i += K) IO::store(y + i, Vec::loadu(buf + i) * vr);
+    for (; i + K <= n; i += K) store_out(y + i, Vec::loadu(buf + i) * vr, K, stream);
     for (; i < n; ++i) y[i] = static_cast<T>(buf[i] * r);
   }
 }
@@ -111,7 +119,7 @@ void softmax_inner(const T* x, T* y, int64_t n, int64_t inner, int64_t w, acc_ty
     const T* xj = x + j * inner;
     int64_t i = 0;
     for (; i + K <= w; i += K)
-      (Vec::loadu(s + i) + at::vec::fmsub(IO::load(xj + i), vs, Vec::loadu(m + i)).exp()).store(s + i);
+      (Vec::loadu(s + i) + fexp(at::vec::fmsub(IO::load(xj + i), vs, Vec::loadu(m + i)))).store(s + i);
     for (; i < w; ++i) s[i] += std::exp(static_cast<acc_t>(xj[i]) * scale - m[i]);
   }
   for (int64_t i = 0; i < w; ++i) s[i] = log ? std::log(s[i]) : acc_t(1) / s[i];
@@ -121,7 +129,7 @@ void softmax_inner(const T* x, T* y, int64_t n, int64_t inner, int64_t w, acc_ty
     int64_t i = 0;
     for (; i + K <= w; i += K) {
       Vec z = at::vec::fmsub(IO::load(xj + i), vs, Vec::loadu(m + i));
-      IO::store(yj + i, log ? z - Vec::loadu(s + i) : z.exp() * Vec::loadu(s + i));
+      IO::store(yj + i, log ? z - Vec::loadu(s + i) : fexp(z) * Vec::loadu(s + i));
     }
     for (; i < w; ++i) {
       acc_t z = static_cast<acc_t>(xj[i]) * scale - m[i];
@@ -152,17 +160,18 @@ at::Tensor softmax_fwd(const at::Tensor& x, double scale, bool log) {
     const acc_t sc = static_cast<acc_t>(scale);
     const int64_t sx = x.stride(0);
     if (inner == 1) {
+      // streamed, y is written once, from a row buffer that stays in L2; else float rows keep e in y itself
+      const bool nt = stream_outputs(2 * y.numel() * x.element_size());
+      const bool in_y = std::is_same_v<acc_t, scalar_t> && !nt;
       at::parallel_for(0, outer, row_grain(N), [&](int64_t begin, int64_t end) {
         std::vector<acc_t> tmp;
-        if constexpr (!std::is_same_v<acc_t, scalar_t>) {
-          if (!log) tmp.resize(N);
-        }
+        if (!log && !in_y) tmp.resize(N);
         for (int64_t r = begin; r < end; ++r) {
           scalar_t* yr = yp + r * N;
-          acc_t* buf;
-          if constexpr (std::is_same_v<acc_t, scalar_t>) buf = reinterpret_cast<acc_t*>(yr); else buf = tmp.data();
-          softmax_row(xp + r * sx, yr, buf, N, sc, log);
+          acc_t* buf = in_y ? reinterpret_cast<acc_t*>(yr) : tmp.data();
+          softmax_row(xp + r * sx, yr, buf, N, sc, log, nt);
         }
+        if (nt) stream_fence();
       });
     } else {
       const int64_t nb = (inner + kInnerBlock - 1) / kInnerBlock;
@@ -197,9 +206,10 @@ at::Tensor softmax_bwd(const at::Tensor& dy, const at::Tensor& y, double scale, 
     const Vec vsc(sc);
     const int64_t sdy = dy.stride(0), sy = y.stride(0);
     // the per-element gradient given the row's reduction c (sum(dy*y) or sum(dy))
-    auto grad_v = [&](Vec d, Vec yv, Vec c) { return log ? (d - yv.exp() * c) * vsc : yv * (d - c) * vsc; };
+    auto grad_v = [&](Vec d, Vec yv, Vec c) { return log ? (d - fexp(yv) * c) * vsc : yv * (d - c) * vsc; };
     auto grad_s = [&](acc_t d, acc_t yv, acc_t c) { return log ? (d - std::exp(yv) * c) * sc : yv * (d - c) * sc; };
     if (inner == 1) {
+      const bool nt = stream_outputs(3 * dx.numel() * y.element_size());
       at::parallel_for(0, outer, row_grain(N), [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const scalar_t* dyr = dyp + r * sdy;
@@ -227,10 +237,11 @@ at::Tensor softmax_bwd(const at::Tensor& dy, const at::Tensor& y, double scale, 
             c += log ? d : d * static_cast<acc_t>(yr[i]);
           }
           const Vec vc(c);
-          for (i = 0; i + K <= N; i += K) IO::store(dxr + i, grad_v(IO::load(dyr + i), IO::load(yr + i), vc));
+          for (i = 0; i + K <= N; i += K) store_out(dxr + i, grad_v(IO::load(dyr + i), IO::load(yr + i), vc), K, nt);
           for (; i < N; ++i)
             dxr[i] = static_cast<scalar_t>(grad_s(static_cast<acc_t>(dyr[i]), static_cast<acc_t>(yr[i]), c));
         }
+        if (nt) stream_fence();
       });
     } else {
       const int64_t nb = (inner + kInnerBlock - 1) / kInnerBlock;

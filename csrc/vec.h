@@ -223,12 +223,71 @@ inline void store_out(T* p, const Vectorized<acc_type<T>>& v, int64_t n, bool st
 // cheaper formulas whose error stays within a few float ulp; double vectors use ATen's (Sleef) functions.
 // NaN propagates through all of them as through torch's.
 
-// exp by ATen's exp_u20 (a degree-5 polynomial, fewer operations than Sleef's u10 exp; relative error ~1e-6 at
-// worst, a few 1e-7 typically). Its range clamp would turn NaN finite, so NaN lanes pass through.
+// exp by ATen's exp_u20 algorithm (a degree-5 polynomial, fewer operations than Sleef's u10 exp; relative error
+// ~1e-6 at worst, a few 1e-7 typically), the same operations as ATen's vec512_float.h / vec256_float.h so the same
+// results, but always inlined: ATen's member is large enough that the compiler calls it out of line, once per
+// vector, which cost a softmax row as much as the polynomial itself. NaN arguments come out finite (the range
+// clamp): fexp below guards them; exp20 is for arguments known not to be NaN.
+__attribute__((always_inline)) inline Vectorized<float> exp20(const Vectorized<float>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 x = v;
+  const __m512 lo = _mm512_castsi512_ps(_mm512_set1_epi32(0xc2aeac50));  // ln(FLT_MIN)
+  const __m512 hi = _mm512_castsi512_ps(_mm512_set1_epi32(0x42b17218));  // ln(FLT_MAX)
+  const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OS);
+  const __m512 src = _mm512_max_ps(_mm512_min_ps(x, hi), lo);
+  // n = floor(x log2(e) + 1/2), r = x - n ln(2), exp(x) = 2^n exp(r)
+  const __m512 fx = _mm512_cvtepi32_ps(_mm512_cvt_roundps_epi32(
+      _mm512_fmadd_ps(src, _mm512_castsi512_ps(_mm512_set1_epi32(0x3fb8aa3b)), _mm512_set1_ps(0.5f)),
+      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+  const __m512 r = _mm512_fnmadd_ps(fx, _mm512_castsi512_ps(_mm512_set1_epi32(0x3f317218)), src);
+  __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(0.00828929059f), _mm512_set1_ps(0.0418978221f));
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.166676521f));
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.499991506f));
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.999999701f));
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.f));
+  // 2^(n-1) by the exponent bits (times 2 below: n - 1 keeps n = 128 representable), 0 below ln(FLT_MIN)
+  __m512i e = _mm512_cvtps_epi32(_mm512_sub_ps(fx, _mm512_set1_ps(1.f)));
+  e = _mm512_slli_epi32(_mm512_add_epi32(e, _mm512_set1_epi32(127)), 23);
+  const __m512 pow2 = _mm512_mask_blend_ps(under, _mm512_castsi512_ps(e), _mm512_setzero_ps());
+  return _mm512_mul_ps(_mm512_mul_ps(p, pow2), _mm512_set1_ps(2.f));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 x = v;
+  const __m256 lo = _mm256_castsi256_ps(_mm256_set1_epi32(0xc2aeac50));
+  const __m256 hi = _mm256_castsi256_ps(_mm256_set1_epi32(0x42b17218));
+  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OS);
+  const __m256 src = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+  const __m256 fx = _mm256_floor_ps(
+      _mm256_fmadd_ps(src, _mm256_castsi256_ps(_mm256_set1_epi32(0x3fb8aa3b)), _mm256_set1_ps(0.5f)));
+  const __m256 r = _mm256_fnmadd_ps(fx, _mm256_castsi256_ps(_mm256_set1_epi32(0x3f317218)), src);
+  __m256 p = _mm256_fmadd_ps(r, _mm256_set1_ps(0.00828929059f), _mm256_set1_ps(0.0418978221f));
+  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(0.166676521f));
+  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(0.499991506f));
+  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(0.999999701f));
+  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(1.f));
+  __m256i e = _mm256_cvtps_epi32(_mm256_sub_ps(fx, _mm256_set1_ps(1.f)));
+  e = _mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23);
+  const __m256 pow2 = _mm256_blendv_ps(_mm256_castsi256_ps(e), _mm256_setzero_ps(), under);
+  return _mm256_mul_ps(_mm256_mul_ps(p, pow2), _mm256_set1_ps(2.f));
+#else
+  return v.exp_u20();
+#endif
+}
+
+// exp20 with NaN lanes passed through (as torch's exp); double vectors use ATen's (Sleef) exp.
 template <typename V>
-inline V fexp(const V& x) {
+__attribute__((always_inline)) inline V fexp(const V& x) {
   if constexpr (std::is_same_v<typename V::value_type, float>) {
-    return V::blendv(x.exp_u20(), x, x.isnan());
+    return V::blendv(exp20(x), x, x.isnan());
+  } else {
+    return x.exp();
+  }
+}
+
+// exp of arguments known not to be NaN (a row's finite max subtracted from its elements): exp20 for float vectors.
+template <typename V>
+__attribute__((always_inline)) inline V fexp_finite(const V& x) {
+  if constexpr (std::is_same_v<typename V::value_type, float>) {
+    return exp20(x);
   } else {
     return x.exp();
   }

@@ -51,6 +51,25 @@ def test_index_targets_match_torch(dtype, reduction, weighted, smoothing, shape)
         _compare(lambda x_: tritium.cross_entropy(x_, t, **kw), lambda x_: F.cross_entropy(x_, t, **kw), [x], dtype)
 
 
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("weighted,smoothing", [(False, 0.0), (True, 0.15)], ids=["plain", "weight-smoothing"])
+@pytest.mark.parametrize("classes", [64, 67], ids=["aligned", "odd"])
+def test_streamed_gradient_rows(dtype, weighted, smoothing, classes):
+    """The forward's gradient rows written around the cache (vec.h stream_outputs; here at any size) from a row
+    buffer, the target's entry and a partial last vector after the fence: rows whose starts are aligned for a
+    streamed vector and rows that are not, ignored rows among them."""
+    x, t, w = torch.randn(7, classes) * 3, torch.randint(0, classes, (7,)), torch.rand(classes) + 0.5
+    t[2] = -100
+    kw = dict(label_smoothing=smoothing)
+    with streamed_stores():
+        if weighted:
+            _compare(lambda x_, w_: tritium.cross_entropy(x_, t, w_, **kw),
+                     lambda x_, w_: F.cross_entropy(x_, t, w_, **kw), [x, w], dtype)
+        else:
+            _compare(lambda x_: tritium.cross_entropy(x_, t, **kw), lambda x_: F.cross_entropy(x_, t, **kw), [x],
+                     dtype)
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
 @pytest.mark.parametrize("weighted", [False, True])

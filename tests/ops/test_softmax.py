@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tritium
-from tests.util import CPU_DTYPES, assert_within_torch_error, leaf
+from tests.util import CPU_DTYPES, assert_within_torch_error, leaf, streamed_stores
 
 FNS = [(tritium.softmax, F.softmax), (tritium.log_softmax, F.log_softmax), (tritium.softmin, F.softmin)]
 FN_IDS = ["softmax", "log_softmax", "softmin"]
@@ -30,6 +30,19 @@ def _same_as_torch(ours, theirs, x, dtype):
 def test_matches_torch(dtype, fns, shape, dim):
     ours, theirs = fns
     _same_as_torch(lambda x: ours(x, dim), lambda x: theirs(x, dim), torch.randn(shape) * 3, dtype)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("fns", FNS, ids=FN_IDS)
+@pytest.mark.parametrize("width", [64, 67], ids=["aligned", "odd"])
+def test_streamed_outputs(dtype, fns, width):
+    """Rows over the last dim written around the cache (vec.h stream_outputs; here at any size), forward and
+    backward: rows whose starts are aligned for a streamed vector and rows that are not, with a partial last
+    vector (NaN and infinities: test_extremes_match_torch)."""
+    ours, theirs = fns
+    x = torch.randn(6, width) * 3
+    with streamed_stores():
+        _same_as_torch(lambda x_: ours(x_, -1), lambda x_: theirs(x_, -1), x, dtype)
 
 
 @pytest.mark.parametrize("fns", FNS, ids=FN_IDS)
@@ -67,14 +80,16 @@ def test_gradcheck_float64():
             assert torch.autograd.gradcheck(lambda x_: f(x_, dim), (x,))
 
 
-def test_extremes_match_torch():
+@pytest.mark.parametrize("streamed", [False, True], ids=["cached", "streamed"])
+def test_extremes_match_torch(streamed):
     x = torch.randn(5, 70000)
     x[0] = float("-inf")
     x[1, :69000] = float("-inf")
     x[2] *= 1e4
     x[3, 7] = float("nan")
-    for ours, theirs in FNS:
-        torch.testing.assert_close(ours(x, -1), theirs(x, -1), equal_nan=True)
+    with streamed_stores(streamed):
+        for ours, theirs in FNS:
+            torch.testing.assert_close(ours(x, -1), theirs(x, -1), equal_nan=True)
 
 
 @pytest.mark.parametrize("case", ["empty", "zero_d", "empty_dim", "non_contig", "expanded", "int_dtype_arg"])
