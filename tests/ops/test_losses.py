@@ -10,7 +10,7 @@ from torch.testing._internal.common_methods_invocations import op_db
 
 import tritium
 from tritium import reference
-from tests.util import assert_within_torch_error, leaf
+from tests.util import assert_within_torch_error, leaf, streamed_stores
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -51,12 +51,19 @@ def _call(fn, floats, others, dtype, kw):
     return args, fn(*args, *rest, **kw)
 
 
+@pytest.mark.parametrize("streamed", [False, True], ids=["cached", "streamed"])
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16), ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("name", list(DROPINS))
-def test_dropin(name, reduction, dtype):
+def test_dropin(name, reduction, dtype, streamed):
     """tritium's function against torch's in dtype and in float64 (inputs rounded to dtype): the value and the
-    gradient of every floating input."""
+    gradient of every floating input; `streamed`: outputs and gradients written around the cache as large calls
+    write them (vec.h stream_outputs, here at any size)."""
+    with streamed_stores(streamed):
+        _dropin(name, reduction, dtype)
+
+
+def _dropin(name, reduction, dtype):
     make, twin, kw = DROPINS[name]
     if name == "multi_margin_loss" and dtype == torch.bfloat16:  # torch has no 16-bit CPU kernel: its error stands
         x, t = torch.randn(3, 5, dtype=dtype), torch.tensor([0, 4, 1])
