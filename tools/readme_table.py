@@ -56,7 +56,11 @@ matmul); `attention_causal_vs_sdpa` with torch's own fused `scaled_dot_product_a
 `paged_attention_decode_vs_contiguous` compares paged decode attention with SDPA over a contiguous cache.
 Rows with a peak-memory column measured one call's extra resident memory (eager / tritium), with freed memory
 returned to the OS and tritium's output pool off during that call. Timed with glibc keeping freed memory
-(`--malloc retain`, the default), so no side pays the OS's zeroing of fresh pages for its outputs each call.
+(`--malloc retain`, the default since 2026-12-06), so no side pays the OS's zeroing of fresh pages for its outputs
+each call. Runs recorded before (the machine line says so) were timed under glibc's defaults, where the eager and
+compiled sides of large memory-bound rows paid those page faults and tritium's pooled outputs did not: their
+ratios for such rows measured the allocator as much as the kernels (relu float32 forward 8.0x eager in the AMD
+EPYC's 2026-12-03 run, 0.98x in a retained-memory run of the same kernels).
 """
 
 GENERATE_PROSE = """\
@@ -207,6 +211,14 @@ a long process whose heap has grown serves them from the heap instead (the previ
 way depend on what ran before. That is why every suite times with glibc keeping freed memory.
 """
 
+ELEMENTWISE_PROSE = """\
+The headline's elementwise activations, softmaxes and elementwise losses again, three rounds over eager, compile
+and tritium in turn, each side the median: the headline run takes one round, and on this VM a single round of a
+memory-bound row moves by tens of percent between runs. Their outputs and gradients are written with streaming
+stores when the call outgrows the last-level cache (float and double for the losses). The 16-bit rows bound by
+arithmetic rather than memory (gelu's forward, sigmoid's backward) are behind eager here.
+"""
+
 ROWS_PROSE = """\
 The headline rows of `batch_norm_act` and `distillation_loss` (issue 18's rows that were behind torch.compile or
 below 2x eager in `ops-headline-amd-avx512.json`) re-recorded after their CPU kernels changed: outputs larger than
@@ -338,7 +350,15 @@ def machine_line(data: dict, command: str) -> str:
     feats = f", CPU features {m['cpu_features']}" if m.get("cpu_features") else ""
     return (f"Recorded {m['time']} on {m['cpu']}{gpu}{feats} ({m['cores']} cores, {m.get('torch_threads', '?')} torch "
             f"threads, torch {m['torch']}, triton {m.get('triton') or '-'}, measured copy bandwidth "
-            f"{m['copy_bandwidth_GBps']:.2f} GB/s); `{command}`.")
+            f"{m['copy_bandwidth_GBps']:.2f} GB/s; {malloc_words(m)}); `{command}`.")
+
+
+def malloc_words(m: dict) -> str:
+    """How glibc treated freed memory during the run (tritium bench --malloc; files from before it: the defaults)."""
+    if m.get("malloc") == "retain":
+        return "glibc keeping freed memory"
+    return ("glibc's default malloc settings: the baselines' large outputs may be fresh pages each call, which "
+            "inflates memory-bound ratios")
 
 
 def table(header, rows, left: int) -> list:
@@ -618,6 +638,11 @@ KNOWN = [
                                              "bench/results/norms-default-malloc-amd-avx512.json",
      f"Norms on {MACHINE_KINDS['amd-avx512']}, glibc's default malloc settings", NORMS_DEFAULT_MALLOC_PROSE,
      ops_section),
+    ("ops-elementwise-amd-avx512.json", "tritium bench ops --headline --op relu --op leaky_relu --op sigmoid --op "
+                                        "gelu --op swiglu --op geglu --op softmax --op log_softmax --op mse_loss "
+                                        "--op huber_loss --rounds 3 --json "
+                                        "bench/results/ops-elementwise-amd-avx512.json",
+     f"Elementwise and softmax rows on {MACHINE_KINDS['amd-avx512']}, three rounds", ELEMENTWISE_PROSE, ops_section),
     ("ops-rows-amd-avx512.json", "tritium bench ops --op batch_norm_act --op distillation_loss --headline --rounds 5 "
                                  "--json bench/results/ops-rows-amd-avx512.json",
      f"Re-recorded headline rows on {MACHINE_KINDS['amd-avx512']}", ROWS_PROSE, ops_section),
@@ -693,9 +718,10 @@ def readme_summary() -> str:
         m, rows = ops["machine"], ops["rows"]
         behind = sum(1 for r in rows if min(r["speedup_eager"], r.get("speedup_compile") or math.inf) < 1)
         lines.append(f"- Ops on {label} ({len(rows)} headline rows, {m['cpu']}, {m['cores']} cores, "
-                     f"{m['time'][:10]}): geomean {geomean([r['speedup_eager'] for r in rows]):.2f}x eager PyTorch "
-                     f"and {geomean([r['speedup_compile'] for r in rows]):.2f}x torch.compile; {behind} rows behind "
-                     "one of them.")
+                     f"{m['time'][:10]}, {malloc_words(m).split(':')[0]}): geomean "
+                     f"{geomean([r['speedup_eager'] for r in rows]):.2f}x eager PyTorch and "
+                     f"{geomean([r['speedup_compile'] for r in rows]):.2f}x torch.compile; {behind} rows behind one of "
+                     "them.")
         if (RESULTS / f"{ops_file(kind)[:-5]}.png").exists():
             plots.append((label, f"bench/results/{ops_file(kind)[:-5]}.png"))
     for kind in MACHINE_KINDS:
