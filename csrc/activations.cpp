@@ -44,21 +44,6 @@ inline void map_vec(const T* const (&in)[NI], T* const (&out)[NO], int64_t n, co
   constexpr int64_t K = IO::kSize;
   Vec vi[NI], vo[NO];
   int64_t i = 0;
-  if (stream) {
-    for (; i + 2 * K <= n; i += 2 * K) {
-      Vec vi2[NI], vo2[NO];
-      for (int j = 0; j < NI; ++j) {
-        vi[j] = IO::load(in[j] + i);
-        vi2[j] = IO::load(in[j] + i + K);
-      }
-      fn(vi, vo);
-      fn(vi2, vo2);
-      for (int j = 0; j < NO; ++j) {
-        store_out(out[j] + i, vo[j], K, true);
-        store_out(out[j] + i + K, vo2[j], K, true);
-      }
-    }
-  }
   // two vectors per iteration: their (long, transcendental) dependency chains interleave
   for (; i + 2 * K <= n; i += 2 * K) {
     Vec vi2[NI], vo2[NO];
@@ -69,14 +54,14 @@ inline void map_vec(const T* const (&in)[NI], T* const (&out)[NO], int64_t n, co
     fn(vi, vo);
     fn(vi2, vo2);
     for (int j = 0; j < NO; ++j) {
-      IO::store(out[j] + i, vo[j]);
-      IO::store(out[j] + i + K, vo2[j]);
+      store_out(out[j] + i, vo[j], K, stream);
+      store_out(out[j] + i + K, vo2[j], K, stream);
     }
   }
   for (; i + K <= n; i += K) {
     for (int j = 0; j < NI; ++j) vi[j] = IO::load(in[j] + i);
     fn(vi, vo);
-    for (int j = 0; j < NO; ++j) IO::store(out[j] + i, vo[j]);
+    for (int j = 0; j < NO; ++j) store_out(out[j] + i, vo[j], K, stream);
   }
   if (i < n) {
     const int64_t rest = n - i;
