@@ -273,11 +273,13 @@ __attribute__((always_inline)) inline Vectorized<float> exp20(const Vectorized<f
 #endif
 }
 
-// exp20 with NaN lanes passed through (as torch's exp); double vectors use ATen's (Sleef) exp.
+// ATen's exp_u20 with NaN lanes passed through (as torch's exp); double vectors use ATen's (Sleef) exp. (Not exp20:
+// inlined into callers whose float arithmetic the compiler may then contract differently, which moved info_nce's
+// block statistics past their test's tolerance; the rows that gained from exp20 call fexp_finite.)
 template <typename V>
-__attribute__((always_inline)) inline V fexp(const V& x) {
+inline V fexp(const V& x) {
   if constexpr (std::is_same_v<typename V::value_type, float>) {
-    return V::blendv(exp20(x), x, x.isnan());
+    return V::blendv(x.exp_u20(), x, x.isnan());
   } else {
     return x.exp();
   }
