@@ -35,16 +35,22 @@ def _mallopt(param: int, value: int) -> bool:
         return False
 
 
+def _apply(mode: str) -> bool:
+    """Set both thresholds for `mode`: retain, the largest; default, glibc's initial ones (fixed rather than
+    dynamic once set). False where mallopt is unavailable."""
+    value = _RETAIN if mode == "retain" else 128 << 10
+    return _mallopt(_M_MMAP_THRESHOLD, value) and _mallopt(_M_TRIM_THRESHOLD, value)
+
+
 def set_malloc(mode: str) -> str:
     """Put glibc's malloc in one of MALLOC_MODES for the rest of the process; returns the mode in effect ("default"
     where mallopt is unavailable). Recorded by machine_info()."""
     if mode not in MALLOC_MODES:
         raise ValueError(f"malloc mode: expected one of {', '.join(MALLOC_MODES)}, got {mode!r}")
-    if mode == "retain" and _mallopt(_M_MMAP_THRESHOLD, _RETAIN) and _mallopt(_M_TRIM_THRESHOLD, _RETAIN):
+    if mode == "retain" and _apply("retain"):
         _malloc["mode"] = "retain"
-    elif _malloc["mode"] == "retain":   # back from retain: glibc's initial thresholds, fixed rather than dynamic
-        _mallopt(_M_MMAP_THRESHOLD, 128 << 10)
-        _mallopt(_M_TRIM_THRESHOLD, 128 << 10)
+    elif mode == "default" and _malloc["mode"] == "retain":   # never touched otherwise: glibc as it starts
+        _apply("default")
         _malloc["mode"] = "default"
     return _malloc["mode"]
 
@@ -56,7 +62,7 @@ def released_memory():
     mode and the pool's limit on exit."""
     import tritium
 
-    mode, limit = _malloc["mode"], tritium.pool_stats()["limit_bytes"]
+    limit = tritium.pool_stats()["limit_bytes"]
     tritium.set_pool_limit(0)
     _mallopt(_M_MMAP_THRESHOLD, 64 << 10)
     _mallopt(_M_TRIM_THRESHOLD, 0)
@@ -68,8 +74,7 @@ def released_memory():
         yield
     finally:
         tritium.set_pool_limit(limit)
-        _malloc["mode"] = "retain"   # the thresholds were changed: set_malloc re-applies either mode
-        set_malloc(mode)
+        _apply(_malloc["mode"])
 
 
 def cpu_model() -> str:
