@@ -146,10 +146,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_z_fwd(const at::Ten
         }
         const acc_t m = row_max_acc(xr, C);
         const Vec vm(m);
-        // pass 2: sum exp(x - m) (kept in buf for the gradient) and, with smoothing, sum w_c x_c. exp by vec.h's
-        // exp20, unguarded when the row max is finite (then no argument is NaN), else fexp keeps NaN NaN. The loop
-        // is instantiated for each, so no test sits inside it.
-        auto pass2 = [&](auto ex) {
+        // pass 2: sum exp(x - m) (kept in buf for the gradient) and, with smoothing, sum w_c x_c; the exp by vec.h
+        // with_row_exp
+        const auto [s, q] = with_row_exp<Vec>(m, [&](auto ex) {
           Vec s0(0), s1(0), q0(0);
           int64_t j = 0;
           for (; j + 2 * K <= C; j += 2 * K) {
@@ -178,9 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_z_fwd(const at::Ten
             if (eps != 0) qs += wp ? v * static_cast<acc_t>(wp[j]) : v;
           }
           return std::make_pair(sum, qs);
-        };
-        const auto [s, q] = std::isfinite(m) ? pass2([](const Vec& v) { return fexp_finite(v); })
-                                             : pass2([](const Vec& v) { return fexp(v); });
+        });
         const acc_t lse = m + std::log(s);
         const acc_t wt = wp ? static_cast<acc_t>(wp[t]) : acc_t(1);
         const acc_t xt = static_cast<acc_t>(xr[t]);

@@ -52,10 +52,8 @@ void softmax_row(const T* x, T* y, acc_type<T>* buf, int64_t n, acc_type<T> scal
   constexpr int64_t K = IO::kSize;
   const acc_t m = row_max(x, n, scale);
   const Vec vs(scale), vm(m);
-  // pass 2: e = exp(scale * x - m) (vec.h exp20), summed (and kept in buf for softmax). With a finite row max no
-  // argument is NaN (a NaN in the row makes m NaN), so exp needs no guard (fexp_finite); else fexp keeps NaN NaN.
-  // The loop is instantiated for each, so no test sits inside it.
-  auto pass2 = [&](auto ex) {
+  // pass 2: e = exp(scale * x - m), summed (and kept in buf for softmax); the exp by vec.h with_row_exp
+  const acc_t s = with_row_exp<Vec>(m, [&](auto ex) {
     Vec s0(0), s1(0);
     int64_t j = 0;
     for (; j + 2 * K <= n; j += 2 * K) {
@@ -80,9 +78,7 @@ void softmax_row(const T* x, T* y, acc_type<T>* buf, int64_t n, acc_type<T> scal
       if (!log) buf[j] = e;
     }
     return sum;
-  };
-  const acc_t s = std::isfinite(m) ? pass2([](const Vec& v) { return fexp_finite(v); })
-                                   : pass2([](const Vec& v) { return fexp(v); });
+  });
   // pass 3: normalise
   int64_t i = 0;
   if (log) {
