@@ -62,11 +62,12 @@ inline V sign(const V& d) {
   return d.gt(V(0)) - d.lt(V(0));
 }
 
-// log1p(e) for e in [0, 1] (NaN passes): for float, 2 atanh(s) with s = e / (2 + e) in [0, 1/3], its series
-// s (1 + s^2/3 + ... + s^12/13) (the first term left out is below 2^-24 of the sum), a third of the operations of
-// Sleef's log1p; s keeps e's relative precision, so tiny e (softplus of a large margin) stay exact. Double: Sleef's.
+// c + log1p(e) for e in [0, 1] (NaN passes): for float, log1p(e) = 2 atanh(s) with s = e / (2 + e) in [0, 1/3],
+// its series s (1 + s^2/3 + ... + s^12/13) (the first term left out is below 2^-24 of the sum), a third of the
+// operations of Sleef's log1p; s keeps e's relative precision, so tiny e (softplus of a large margin) stay exact;
+// the last product and c's addition are one fmadd. Double: Sleef's.
 template <typename V>
-inline V log1p_unit(const V& e) {
+inline V add_log1p_unit(const V& c, const V& e) {
   if constexpr (std::is_same_v<typename V::value_type, float>) {
     const V s = e * frcp(V(2) + e), z = s * s;
     V p = at::vec::fmadd(z, V(1.f / 13), V(1.f / 11));
@@ -75,20 +76,23 @@ inline V log1p_unit(const V& e) {
     p = at::vec::fmadd(z, p, V(1.f / 5));
     p = at::vec::fmadd(z, p, V(1.f / 3));
     p = at::vec::fmadd(z, p, V(1));
-    return (s + s) * p;
+    return at::vec::fmadd(s + s, p, c);
   } else {
-    return e.log1p();
+    return c + e.log1p();
   }
 }
 
 // max(z, 0) + log1p(exp(-|z|)): log(1 + exp(z)) without overflow
 template <typename V>
 inline V softplus(const V& z) {
-  return at::vec::maximum(z, V(0)) + log1p_unit(fexp(z.abs().neg()));
+  return add_log1p_unit(at::vec::maximum(z, V(0)), fexp(z.abs().neg()));
 }
 
 // The value l(x, y) and derivative dl/dx of loss L at x, y; p is the per-column parameter (pos_weight, quantile;
-// 1 when absent), a and b the scalar parameters (gamma: b as a scalar, for focal's branches). The caller uses one or both (the unused one is dead code).
+// 1 when absent), a and b the scalar parameters (gamma: b as a scalar, for focal's branches). The caller uses one or
+// both (the unused one is dead code). A product added to another term is written as an explicit fmadd / fmsub:
+// the compiler's own fusing depends on what else the caller computes, and loss_fwd_grad's dx (value and derivative
+// together) must have the bits of loss_bwd's (derivative only).
 template <int64_t L, typename V>
 inline void point(const V& x, const V& y, const V& p, const V& a, const V& b, double gamma, V& val, V& der) {
   const V zero(0), one(1);
@@ -118,7 +122,7 @@ inline void point(const V& x, const V& y, const V& p, const V& a, const V& b, do
   } else if constexpr (L == BCE_LOGITS) {
     const V lw = at::vec::fmadd(p - one, y, one);
     val = at::vec::fmadd(one - y, x, lw * softplus(x.neg()));
-    der = lw * fsigmoid(x) - p * y;
+    der = at::vec::fmsub(lw, fsigmoid(x), p * y);  // one fused form in every pass (loss_fwd_grad's, loss_bwd's)
   } else if constexpr (L == SOFT_MARGIN) {
     const V z = (y * x).neg();
     val = softplus(z);
@@ -136,8 +140,8 @@ inline void point(const V& x, const V& y, const V& p, const V& a, const V& b, do
     // softplus(-x) = max(-x, 0) + log1p(e)
     const V e = fexp(x.abs().neg()), r = one / (one + e);
     const V s = where(x >= zero, r, e * r);
-    const V ce = at::vec::fmadd(one - y, x, at::vec::maximum(x.neg(), zero) + log1p_unit(e));
-    const V q = one - (s * y + (one - s) * (one - y));
+    const V ce = at::vec::fmadd(one - y, x, add_log1p_unit(at::vec::maximum(x.neg(), zero), e));
+    const V q = one - at::vec::fmadd(s, y, (one - s) * (one - y));
     V mod, dmod;                     // q^g and g q^(g-1)
     if (gamma == 0) {
       mod = one, dmod = zero;  // torch's pow backward gives 0 for the exponent 0
@@ -148,9 +152,9 @@ inline void point(const V& x, const V& y, const V& p, const V& a, const V& b, do
     } else {
       mod = q.pow(b), dmod = b * q.pow(b - one);
     }
-    const V at = where(a >= zero, a * y + (one - a) * (one - y), one);
+    const V at = where(a >= zero, at::vec::fmadd(a, y, (one - a) * (one - y)), one);
     val = at * ce * mod;
-    der = at * ((s - y) * mod - ce * dmod * s * (one - s) * (y + y - one));
+    der = at * at::vec::fmsub(s - y, mod, ce * dmod * s * (one - s) * (y + y - one));
   } else if constexpr (L == QUANTILE) {
     const V e = y - x, ge = e >= zero;
     val = where(ge, p * e, (p - one) * e);
@@ -230,40 +234,51 @@ inline void for_points(const Inputs<T>& in, int64_t begin, int64_t end, double a
   });
 }
 
+// The derivative sink of a sum that writes no gradient: sum_points' default, optimised away with the derivative.
+struct NoDerivative {
+  template <typename V>
+  void operator()(int64_t, int64_t, const V&) const {}
+};
+
 // The sum of the (weighted) pointwise loss over [begin, end), in four vector chains (one chain would bind the loop to
-// the add's latency). Without a weight or a per-column vector (the common call) it is one straight loop over whole
-// vectors, four at a time, and a masked tail: no per-vector tests of the optional inputs, the fewest instructions
-// per element, so that a read-and-reduce pass runs at the memory's read rate on both cores; else for_points.
-template <int64_t L, typename T>
-inline acc_type<T> sum_points(const Inputs<T>& in, int64_t begin, int64_t end, double a, double b) {
+// the add's latency); der(i, count, w dl/dx) receives each vector's derivative (loss_fwd_grad's one pass). Without a
+// weight or a per-column vector (the common call) it is one straight loop over whole vectors, four at a time, and a
+// masked tail: no per-vector tests of the optional inputs, the fewest instructions per element, so that a
+// read-and-reduce pass runs at the memory's read rate on both cores; else for_points.
+template <int64_t L, typename T, typename D = NoDerivative>
+inline acc_type<T> sum_points(const Inputs<T>& in, int64_t begin, int64_t end, double a, double b,
+                              const D& der_out = {}) {
   using LV = Lanes<T>;
   using Vec = typename LV::Vec;
   constexpr int64_t K = LV::K;
   Vec s0(0), s1(0), s2(0), s3(0);
   if (!in.w && !in.p) {
     const Vec va(a), vb(b), one(1);
-    const auto term = [&](const Vec& x, const Vec& y) {
-      Vec val, der;  // der: unused here (dead code)
-      point<L>(x, y, one, va, vb, b, val, der);
-      return val;
-    };
     const T* x = in.x;
     const T* y = in.y;
+    const auto term = [&](int64_t i, int64_t count, const Vec& xv, const Vec& yv) {
+      Vec val, der;
+      point<L>(xv, yv, one, va, vb, b, val, der);
+      der_out(i, count, der);
+      return val;
+    };
+    const auto whole = [&](int64_t i) { return term(i, K, LV::IO::load(x + i), LV::IO::load(y + i)); };
     int64_t i = begin;
     for (; i + 4 * K <= end; i += 4 * K) {
-      s0 = s0 + term(LV::IO::load(x + i), LV::IO::load(y + i));
-      s1 = s1 + term(LV::IO::load(x + i + K), LV::IO::load(y + i + K));
-      s2 = s2 + term(LV::IO::load(x + i + 2 * K), LV::IO::load(y + i + 2 * K));
-      s3 = s3 + term(LV::IO::load(x + i + 3 * K), LV::IO::load(y + i + 3 * K));
+      s0 = s0 + whole(i);
+      s1 = s1 + whole(i + K);
+      s2 = s2 + whole(i + 2 * K);
+      s3 = s3 + whole(i + 3 * K);
     }
     for (; i < end; i += K) {
       const int64_t count = std::min(K, end - i);
-      const Vec v = term(LV::load(x + i, count), LV::load(y + i, count));
+      const Vec v = term(i, count, LV::load(x + i, count), LV::load(y + i, count));
       s0 = s0 + (count == K ? v : Vec::set(Vec(0), v, count));  // the padding's loss is not always 0
     }
   } else {
-    for_points<L>(in, begin, end, a, b, [&](int64_t, int64_t count, const Vec& val, const Vec&) {
+    for_points<L>(in, begin, end, a, b, [&](int64_t i, int64_t count, const Vec& val, const Vec& der) {
       s0 = s0 + (count == K ? val : Vec::set(Vec(0), val, count));
+      der_out(i, count, der);
     });
   }
   return hsum((s0 + s1) + (s2 + s3));
@@ -319,9 +334,13 @@ bool stream_losses(int64_t elements) {
   return sizeof(T) >= 4 && stream_outputs(elements * int64_t(sizeof(T)));
 }
 
+// loss_fwd's kernel; with `dx` (reduce only) the same pass also writes dx = scale w dl/dx, loss_bwd's result for an
+// upstream gradient of 1 (the same formulas; the last bits may differ where the compiler fuses a product into an
+// addition differently in the two passes)
 template <int64_t L>
 at::Tensor fwd_impl(const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& w,
-                    const std::optional<at::Tensor>& p, double a, double b, double scale, bool reduce) {
+                    const std::optional<at::Tensor>& p, double a, double b, double scale, bool reduce,
+                    at::Tensor* dx = nullptr) {
   at::Tensor out = reduce ? tritium::empty({}, x.options()) : tritium::empty(x.sizes(), x.options());
   TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_loss_fwd", [&] {
     using LV = Lanes<scalar_t>;
@@ -341,15 +360,28 @@ at::Tensor fwd_impl(const at::Tensor& x, const at::Tensor& y, const std::optiona
     }
     // blocks of kBlock elements summed in the accumulation type, blocks in double; the block boundaries do not
     // depend on the thread count, so neither does the result (up to the order of the last double additions)
-    const double total = at::parallel_reduce(
-        0, (in.n + kBlock - 1) / kBlock, 8, 0.0,
-        [&](int64_t b0, int64_t b1, double acc) {
-          for (int64_t blk = b0; blk < b1; ++blk) {
-            acc += static_cast<double>(sum_points<L>(in, blk * kBlock, std::min(in.n, (blk + 1) * kBlock), a, b));
-          }
-          return acc;
-        },
-        std::plus<double>());
+    const auto blocks = [&](const auto& der_out, bool fence) {
+      return at::parallel_reduce(
+          0, (in.n + kBlock - 1) / kBlock, 8, 0.0,
+          [&](int64_t b0, int64_t b1, double acc) {
+            for (int64_t blk = b0; blk < b1; ++blk) {
+              acc += static_cast<double>(
+                  sum_points<L>(in, blk * kBlock, std::min(in.n, (blk + 1) * kBlock), a, b, der_out));
+            }
+            if (fence) stream_fence();
+            return acc;
+          },
+          std::plus<double>());
+    };
+    double total;
+    if (dx == nullptr) {
+      total = blocks(NoDerivative{}, false);
+    } else {
+      scalar_t* dp = dx->mutable_data_ptr<scalar_t>();
+      const Vec vs(static_cast<acc_type<scalar_t>>(scale));
+      const bool nt = stream_losses<scalar_t>(3 * in.n);  // x, y in; dx out
+      total = blocks([&](int64_t i, int64_t count, const Vec& der) { LV::store(dp + i, der * vs, count, nt); }, nt);
+    }
     out.fill_(total * scale);
   });
   return out;
@@ -393,6 +425,18 @@ at::Tensor loss_fwd(int64_t loss, const at::Tensor& x, const at::Tensor& y, cons
   check_inputs(loss, x, y, w, p);
   return by_id(loss, std::make_integer_sequence<int64_t, NUM_LOSSES>{},
                [&](auto L) { return fwd_impl<decltype(L)::value>(x, y, w, p, a, b, scale, reduce); });
+}
+
+// loss_fwd(..., reduce=true) and loss_bwd(1, ...) in one pass: the loss and dx = scale w dl/dx
+std::tuple<at::Tensor, at::Tensor> loss_fwd_grad(int64_t loss, const at::Tensor& x, const at::Tensor& y,
+                                                 const std::optional<at::Tensor>& w,
+                                                 const std::optional<at::Tensor>& p, double a, double b,
+                                                 double scale) {
+  check_inputs(loss, x, y, w, p);
+  at::Tensor dx = tritium::empty(x.sizes(), x.options());
+  at::Tensor out = by_id(loss, std::make_integer_sequence<int64_t, NUM_LOSSES>{},
+                         [&](auto L) { return fwd_impl<decltype(L)::value>(x, y, w, p, a, b, scale, true, &dx); });
+  return {out, dx};
 }
 
 at::Tensor loss_bwd(int64_t loss, const at::Tensor& g, const at::Tensor& x, const at::Tensor& y,
@@ -872,6 +916,7 @@ at::Tensor nce_block_bwd(const at::Tensor& s, const at::Tensor& lse_row, const a
 
 TORCH_LIBRARY_IMPL(tritium, CPU, m) {
   m.impl("loss_fwd", &loss_fwd);
+  m.impl("loss_fwd_grad", &loss_fwd_grad);
   m.impl("loss_bwd", &loss_bwd);
   m.impl("loss_rows", &loss_rows);
   m.impl("loss_rows_bwd", &loss_rows_bwd);

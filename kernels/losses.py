@@ -1,7 +1,8 @@
 """The elementwise losses: one table of pointwise formulas (value and derivative together in ``_point``, selected
 by the constexpr loss id, the index in tritium.ops.losses.ELEMENTWISE; csrc/losses.cpp has the same formulas),
 one forward kernel that writes the weighted pointwise loss or reduces it in the same pass (one float32 partial
-sum per program, summed and scaled after the launch without a sync), and one backward kernel.
+sum per program, summed and scaled after the launch without a sync) and, for loss_fwd_grad, also writes the input's
+gradient for an upstream gradient of 1, and one backward kernel.
 
 With d = x - y, p the per-column parameter (pos_weight, the quantile; 1 when absent), a / b the scalars:
   0 mse d^2 | 1 l1 |d| | 2 smooth_l1 (a = beta) | 3 huber (a = delta) | 4 bce | 5 bce_with_logits (p = pos_weight)
@@ -124,16 +125,18 @@ def _load_point(LOSS: tl.constexpr, X, Y, W, P, offs, mask, C, a, b, W_MODE: tl.
 
 
 @triton.jit
-def _loss_fwd_kernel(X, Y, W, P, OUT, N, C, a, b, SCALE, LOSS: tl.constexpr, W_MODE: tl.constexpr,
-                     HAS_P: tl.constexpr, REDUCE: tl.constexpr, BLOCK: tl.constexpr):
+def _loss_fwd_kernel(X, Y, W, P, OUT, DX, N, C, a, b, SCALE, LOSS: tl.constexpr, W_MODE: tl.constexpr,
+                     HAS_P: tl.constexpr, REDUCE: tl.constexpr, GRAD: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
-    val, _ = _load_point(LOSS, X, Y, W, P, offs, mask, C, a, b, W_MODE, HAS_P)
+    val, der = _load_point(LOSS, X, Y, W, P, offs, mask, C, a, b, W_MODE, HAS_P)
     if REDUCE:
         tl.store(OUT + pid, tl.sum(tl.where(mask, val, 0.0), axis=0) * SCALE)
     else:
         tl.store(OUT + offs, val.to(OUT.dtype.element_ty), mask=mask)
+    if GRAD:  # loss_fwd_grad: dx for an upstream gradient of 1, in the same pass
+        tl.store(DX + offs, (der * SCALE).to(DX.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -160,18 +163,28 @@ def loss_fwd(loss, x, y, w, p, a, b, scale, reduce):
     """Pointwise loss `loss` (w l(x, y); x.shape, x.dtype) or, with reduce, its sum times scale (0-d, x.dtype).
     x, y contiguous, same shape and dtype; w None, of x's shape or (C,); p None or (C,), C = x's last dim.
     Reads 2-3N elements, writes N (or a float per program)."""
+    return _forward(loss, x, y, w, p, a, b, scale, reduce, None)
+
+
+def loss_fwd_grad(loss, x, y, w, p, a, b, scale):
+    """(loss_fwd(..., reduce=True), loss_bwd(1, ...)) in one pass: reads 2-3N elements, writes N."""
+    dx = torch.empty_like(x)
+    return _forward(loss, x, y, w, p, a, b, scale, True, dx), dx
+
+
+def _forward(loss, x, y, w, p, a, b, scale, reduce, dx):
     n = x.numel()
     w_mode, has_p, c = _modes(x, w, p)
     grid = (triton.cdiv(n, BLOCK),)
-    args = dict(LOSS=int(loss), W_MODE=w_mode, HAS_P=has_p, BLOCK=BLOCK, num_warps=WARPS)
+    args = dict(LOSS=int(loss), W_MODE=w_mode, HAS_P=has_p, GRAD=dx is not None, BLOCK=BLOCK, num_warps=WARPS)
     if not reduce:
         out = torch.empty_like(x)
         if n:
-            _loss_fwd_kernel[grid](x, y, w, p, out, n, c, float(a), float(b), 1.0, REDUCE=False, **args)
+            _loss_fwd_kernel[grid](x, y, w, p, out, dx, n, c, float(a), float(b), 1.0, REDUCE=False, **args)
         return out
     part = torch.zeros(max(grid[0], 1), device=x.device, dtype=torch.float32)
     if n:
-        _loss_fwd_kernel[grid](x, y, w, p, part, n, c, float(a), float(b), float(scale), REDUCE=True, **args)
+        _loss_fwd_kernel[grid](x, y, w, p, part, dx, n, c, float(a), float(b), float(scale), REDUCE=True, **args)
     return part.sum().to(x.dtype)
 
 

@@ -117,6 +117,29 @@ def test_elementwise(impl_name, impl, dtype, name):
         assert_within_torch_error(dxs, mine[1], ref[1], f"{name} {kind} dx of the mean")
 
 
+@pytest.mark.parametrize("impl_name,impl,dtype", CASES, ids=IDS)
+@pytest.mark.parametrize("name", list(SPEC))
+def test_fwd_grad_is_fwd_and_bwd_of_one(impl_name, impl, dtype, name):
+    """loss_fwd_grad's one pass gives loss_bwd's dx for an upstream gradient of 1 bit for bit (a backward through a
+    retained graph, or gradcheck's second one, computes it with loss_bwd: the two must agree), and loss_fwd's
+    reduced loss to its last bits (the compiler may fuse the sum's additions differently), for every loss and weight
+    kind, at a size whose blocks end in a partial vector."""
+    shape = (5, 781) if impl_name == "cpp" else (3, 781)
+    kinds = ("none", "full", "col") if name in WEIGHTED else ("none",)
+    lid = LOSS_IDS[name]
+    one = torch.tensor(1.0, dtype=dtype)
+    for kind in kinds:
+        _, x, y, w, p, a, b = _case(name, shape, dtype, kind)
+        for scale in (1.0, 1.0 / x.numel()):
+            s, dx = impl.loss_fwd_grad(lid, x, y, w, p, a, b, scale)
+            assert s.shape == () and s.dtype == dtype and dx.dtype == dtype and dx.shape == x.shape
+            s_ref = impl.loss_fwd(lid, x, y, w, p, a, b, scale, True)
+            dx_ref = impl.loss_bwd(lid, one, x, y, w, p, a, b, scale)
+            ulps = 4 * torch.finfo(dtype).eps
+            torch.testing.assert_close(s, s_ref, rtol=ulps, atol=0, msg=f"{name} {kind} {scale} loss")
+            assert torch.equal(dx, dx_ref), (name, kind, scale)
+
+
 @pytest.mark.parametrize("impl_name,impl", [("triton", triton_losses), ("cpp", cpp)])
 def test_empty(impl_name, impl):
     """An empty input: an empty pointwise loss and gradient, a zero sum (the public functions send empty inputs
@@ -349,6 +372,7 @@ def test_gpu_compile():
                 for wt in kinds:
                     triton_losses.loss_fwd(lid, x, y, wt, p, a, b, 1.0, False)
                     triton_losses.loss_fwd(lid, x, y, wt, p, a, b, 0.5, True)
+                    triton_losses.loss_fwd_grad(lid, x, y, wt, p, a, b, 0.5)
                     triton_losses.loss_bwd(lid, torch.ones_like(x), x, y, wt, p, a, b, 1.0)
                     triton_losses.loss_bwd(lid, torch.tensor(1.0, dtype=dtype), x, y, wt, p, a, b, 0.5)
 

@@ -10,6 +10,8 @@ from torch.testing._internal.common_methods_invocations import op_db
 
 import tritium
 from tritium import reference
+from tritium.ops import losses as losses_module
+from tritium.ops.losses import LOSS_IDS
 from tests.util import assert_within_torch_error, leaf, streamed_stores
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -86,6 +88,63 @@ def _dropin(name, reduction, dtype):
     assert_within_torch_error(out.detach(), res[dtype][0], res[torch.float64][0], f"{name} value")
     for k, g in enumerate(grads):
         assert_within_torch_error(g, res[dtype][1][k], res[torch.float64][1][k], f"{name} grad {k}")
+
+
+ONE_PASS = [name for name in DROPINS if name in LOSS_IDS]  # the elementwise table's drop-ins
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16), ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("reduction", ("mean", "sum"))
+@pytest.mark.parametrize("name", ONE_PASS)
+def test_backward_of_the_loss_itself(monkeypatch, name, reduction, dtype):
+    """loss.backward() (an upstream gradient of 1): the gradient is the dx the forward wrote in its pass
+    (loss_fwd_grad), with no second pass (loss_bwd is not called), within torch's error; further backwards through
+    the retained graph, and a scaled loss's, compute their own (the first one's .grad, which they add to, is the
+    forward's dx itself)."""
+    calls = []
+    real = losses_module.loss_bwd
+    monkeypatch.setattr(losses_module, "loss_bwd", lambda *a: calls.append(1) or real(*a))
+    make, twin, kw = DROPINS[name]
+    floats, others = make((5, 7, 123))
+    floats = [t.to(dtype).double() for t in floats]
+    others = [o.to(dtype).double() for o in others]
+    kw = dict(kw, reduction=reduction)
+    args, loss = _call(getattr(tritium, name), floats, others, dtype, kw)
+    assert "loss_fwd_grad" in type(loss.grad_fn).__name__
+    loss.backward(retain_graph=True)
+    assert calls == []
+    grads = [a.grad.clone() for a in args]
+    res = {}
+    for dt in (dtype, torch.float64):
+        a, o = _call(twin, floats, others, dt, kw)
+        res[dt] = torch.autograd.grad(o, a)
+    for k, g in enumerate(grads):
+        assert_within_torch_error(g, res[dtype][k], res[torch.float64][k], f"{name} grad {k}")
+    loss.backward(retain_graph=True)
+    loss.backward(retain_graph=True)
+    assert calls == [1, 1]
+    (2 * loss).backward()
+    assert calls == [1, 1, 1]
+    for a, g in zip(args, grads):
+        torch.testing.assert_close(a.grad, 5 * g)
+
+
+def test_only_a_reduced_loss_that_will_be_differentiated_writes_dx(monkeypatch):
+    """The forward writes dx only for a reduced loss with an input that requires grad, in grad mode: not under
+    no_grad, not for inputs that need no gradient, not for reduction='none' (whose upstream gradient is per
+    element)."""
+    calls = []
+    real = losses_module.loss_fwd_grad
+    monkeypatch.setattr(losses_module, "loss_fwd_grad", lambda *a: calls.append(1) or real(*a))
+    x, y = torch.randn(8, 33), torch.randn(8, 33)
+    tritium.mse_loss(x, y)
+    tritium.mse_loss(x.requires_grad_(True), y, reduction="none")
+    with torch.no_grad():
+        tritium.mse_loss(x, y)
+    assert calls == []
+    tritium.mse_loss(x, y)
+    tritium.mse_loss(y, x, reduction="sum")
+    assert calls == [1, 1]
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

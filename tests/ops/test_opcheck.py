@@ -238,6 +238,15 @@ def _():
             (LOSS_IDS["sigmoid_focal_loss"], g(2, 3, 5), torch.rand(2, 3, 5).round(), None, None, 0.25, 2.0, 1.0, True)]
 
 
+@sample("loss_fwd_grad")
+def _():
+    from tritium.ops.losses import LOSS_IDS
+    return [(LOSS_IDS["mse_loss"], g(3, 5), g(3, 5), None, None, 0.0, 0.0, 0.2),
+            (LOSS_IDS["binary_cross_entropy_with_logits"], g(3, 5), torch.rand(3, 5), torch.rand(5), torch.rand(5), 0.0,
+             0.0, 1.0),
+            (LOSS_IDS["sigmoid_focal_loss"], g(2, 3, 5), torch.rand(2, 3, 5).round(), None, None, 0.25, 2.0, 1.0)]
+
+
 @sample("loss_bwd")
 def _():
     from tritium.ops.losses import LOSS_IDS

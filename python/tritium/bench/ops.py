@@ -138,7 +138,8 @@ def _runner(fn, args, mode, grad_idx):
     out = fn(*args)
     outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,))
             if isinstance(o, torch.Tensor) and o.requires_grad]
-    grads = [torch.randn_like(o) for o in outs]
+    # a scalar (a loss) gets loss.backward()'s upstream gradient, 1; other outputs a random one
+    grads = [torch.ones_like(o) if o.dim() == 0 else torch.randn_like(o) for o in outs]
 
     def run():
         o = fn(*args)

@@ -2,10 +2,13 @@
 contrastive, InfoNCE).
 
 One table drives the elementwise losses: ``ELEMENTWISE`` lists each pointwise formula once (its id is its index,
-the same in csrc/losses.cpp and kernels/losses.py). Two ops serve every row of it:
+the same in csrc/losses.cpp and kernels/losses.py). Three ops serve every row of it:
 ``tritium::loss_fwd(loss, x, y, w, p, a, b, scale, reduce)`` computes the (weighted) pointwise loss and, for
 'mean' / 'sum', its reduction in the same pass (no per-element intermediate), and ``tritium::loss_bwd`` the input's
-gradient from a 0-d or per-element upstream gradient. ``w`` is a weight of the input's shape or one per column
+gradient from a 0-d or per-element upstream gradient. On the CPU a reduced loss that will be differentiated runs
+``tritium::loss_fwd_grad`` instead, which writes the input's gradient for an upstream gradient of 1 in the pass that
+computes the loss; ``loss.backward()`` then hands it on without reading x and y again (any other upstream gradient
+runs loss_bwd). ``w`` is a weight of the input's shape or one per column
 (the last dim), ``p`` a per-column parameter (pos_weight, the quantiles), ``a`` / ``b`` the scalar ones (margin,
 beta, delta, alpha, gamma). For a loss of d = x - y only (``diff``), the target's gradient is -dx.
 
@@ -108,6 +111,52 @@ loss_fwd = define_op("loss_fwd(int loss, Tensor x, Tensor y, Tensor? w, Tensor? 
                      setup_context=_loss_setup)
 
 
+def _fake_loss_fwd_grad(loss, x, y, w, p, a, b, scale):
+    return x.new_empty(()), x.new_empty(x.shape)
+
+
+def _loss_grad_setup(ctx, inputs, output):
+    loss, x, y, w, p, a, b, scale = inputs
+    ctx.set_materialize_grads(False)  # dx is an output no loss depends on: no zero tensor for its gradient
+    ctx.args = (loss, a, b, scale)
+    ctx.save_for_backward(x, y, w, p)
+    # not a saved tensor: the backward that hands dx on takes it away (the gradient's only holder, so autograd
+    # accumulates it without a copy, and a second backward through a retained graph computes its own);
+    # detached, so the node does not hold its own output (no reference cycle)
+    ctx.dx = output[1].detach()
+
+
+def _is_one(g: Tensor) -> bool:
+    """Whether the upstream gradient is the 0-d 1 of a plain loss.backward(), read where reading it costs nothing
+    and means something: a real CPU tensor in eager autograd (not while torch.compile or a torch.func transform
+    traces, where g has no value, nor on a GPU, where reading it would wait for the device)."""
+    return (type(g) is Tensor and g.dim() == 0 and g.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active() and bool(g == 1))
+
+
+def _loss_grad_backward(ctx, g, _ddx):
+    x, y, w, p = ctx.saved_tensors
+    loss, a, b, scale = ctx.args
+    dx, ctx.dx = ctx.dx, None
+    need_x, need_y = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    if ctx.needs_input_grad[3] or ctx.needs_input_grad[4] or (need_y and not ELEMENTWISE[loss].diff):
+        raise NotImplementedError(f"tritium::loss_fwd_grad ({ELEMENTWISE[loss].name}) differentiates the input "
+                                  f"only (and the target of a function of input - target)")
+    if g is None:
+        return None
+    if dx is None or not _is_one(g):  # the forward's dx is for g = 1, once: other backwards compute their own
+        dx = loss_bwd(loss, g, x, y, w, p, a, b, scale)
+    return None, (dx if need_x else None), (dx.neg() if need_y else None), None, None, None, None, None
+
+
+# loss_fwd(..., reduce=True) that also returns dx = loss_bwd(1, ...), from the same pass over x and y: the eager
+# CPU path of a reduced loss that will be differentiated (see _pointwise). The first backward hands that dx on as
+# the gradient when the upstream gradient is 1 (loss.backward() on the loss itself); any other computes its own.
+loss_fwd_grad = define_op("loss_fwd_grad(int loss, Tensor x, Tensor y, Tensor? w, Tensor? p, float a, float b,"
+                          " float scale) -> (Tensor, Tensor)", _fake_loss_fwd_grad, "losses:loss_fwd_grad",
+                          backward=_loss_grad_backward, setup_context=_loss_grad_setup)
+
+
 def _column_vector(t: Optional[Tensor], x: Tensor, full_ok: bool):
     """t as the kernels take it: None; itself when it has x's shape (full_ok) or is (C,) (C = x's last dim);
     expanded to (C,) from one element. False when the kernels do not cover it (a broadcast needing expansion,
@@ -190,8 +239,13 @@ def _pointwise(name: str, input: Tensor, target: Tensor, reduction: str, weight:
     reduce = reduction != "none"
     if scale is None:
         scale = 1.0 / input.numel() if reduction == "mean" else 1.0
-    return call_op(loss_fwd, LOSS_IDS[name], input.contiguous(), target.contiguous(), w, pv, float(a), float(b), scale,
-                   reduce)
+    args = (LOSS_IDS[name], input.contiguous(), target.contiguous(), w, pv, float(a), float(b), scale)
+    if (reduce and input.device.type == "cpu" and torch.is_grad_enabled()
+            and (input.requires_grad or target.requires_grad) and not torch.compiler.is_compiling()):
+        # the backward will read x and y again to write dx: write it now, in the pass that reads them for the
+        # loss (a loss is the last op of a forward, so dx lives from here to the backward that follows)
+        return call_op(loss_fwd_grad, *args)[0]
+    return call_op(loss_fwd, *args, reduce)
 
 
 def _legacy(size_average, reduce) -> bool:

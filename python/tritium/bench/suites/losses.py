@@ -2,11 +2,13 @@
 (triplet) and the blocked InfoNCE.
 
 Bytes: an elementwise loss's forward reads input and target (2N) and reduces in the same pass; forward + backward
-also reads both again and writes the input's gradient (5N). Triplet reads three (N, D) inputs (forward), and
-forward + backward also writes three gradient rows and scales them once (the rows in float32: counted as the
-input dtype, the minimum an implementation must move). InfoNCE is compute-bound: 2 N^2 D FLOPs for the
-similarities forward, 6 N^2 D forward + backward (eager's three matmuls; the blocked backward recomputes the
-similarities, a fourth), and it tracks peak memory (eager holds the (N, N) logits and their softmax).
+also writes the input's gradient (3N: what an implementation must move; tritium's forward writes it in the pass
+that reads input and target when a gradient will follow, and the backward of loss.backward() hands it on).
+Triplet reads three (N, D) inputs (forward), and forward + backward also writes three gradient rows and scales them
+once (the rows in float32: counted as the input dtype, the minimum an implementation must move). InfoNCE is
+compute-bound: 2 N^2 D FLOPs for the similarities forward, 6 N^2 D forward + backward (eager's three matmuls; the
+blocked backward recomputes the similarities, a fourth), and it tracks peak memory (eager holds the (N, N) logits
+and their softmax).
 """
 import torch
 
@@ -48,16 +50,16 @@ _NOTE_EW = "shape = rows x cols; reduction='mean'; gradient of the input"
 
 CASES = [
     OpCase("mse_loss", _x_y, lambda x, y: tritium.mse_loss(x, y), lambda x, y: F.mse_loss(x, y), _per_elem(2),
-           _per_elem(5), shapes=_EW_SHAPES, grad_args=(0,), note=_NOTE_EW),
+           _per_elem(3), shapes=_EW_SHAPES, grad_args=(0,), note=_NOTE_EW),
     OpCase("huber_loss", _x_y, lambda x, y: tritium.huber_loss(x, y, delta=0.5),
-           lambda x, y: F.huber_loss(x, y, delta=0.5), _per_elem(2), _per_elem(5), shapes=_EW_SHAPES,
+           lambda x, y: F.huber_loss(x, y, delta=0.5), _per_elem(2), _per_elem(3), shapes=_EW_SHAPES,
            grad_args=(0,), note=_NOTE_EW + "; delta = 0.5"),
     OpCase("binary_cross_entropy_with_logits", _logits_bits,
            lambda x, t: tritium.binary_cross_entropy_with_logits(x, t),
-           lambda x, t: F.binary_cross_entropy_with_logits(x, t), _per_elem(2), _per_elem(5), shapes=_EW_SHAPES,
+           lambda x, t: F.binary_cross_entropy_with_logits(x, t), _per_elem(2), _per_elem(3), shapes=_EW_SHAPES,
            grad_args=(0,), note=_NOTE_EW),
     OpCase("sigmoid_focal_loss", _logits_bits, lambda x, t: tritium.sigmoid_focal_loss(x, t, reduction="mean"),
-           lambda x, t: reference.sigmoid_focal_loss(x, t, reduction="mean"), _per_elem(2), _per_elem(5),
+           lambda x, t: reference.sigmoid_focal_loss(x, t, reduction="mean"), _per_elem(2), _per_elem(3),
            shapes=_EW_SHAPES, grad_args=(0,),
            note=_NOTE_EW + "; alpha 0.25, gamma 2; eager: torchvision's formula in torch ops"),
     OpCase("triplet_margin_loss", _triplet, lambda a, p, n: tritium.triplet_margin_loss(a, p, n),
