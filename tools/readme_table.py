@@ -147,7 +147,9 @@ Issue 21's losses at its bar shapes (the first shape of each: 8192 x 4096 for th
 for the triplet loss, N = 8192 x dim 512 for InfoNCE) and smaller ones, against torch's own loss (torchvision's
 formula in torch ops for the sigmoid focal loss; the (N, N) logits materialised for InfoNCE), eager and under
 torch.compile. The bar: the elementwise and triplet rows at their bar shapes at least 2x eager and 1.0x compile;
-InfoNCE at least 1.5x eager with at most an eighth of eager's peak extra memory (**peak MiB e / t**).
+InfoNCE at least 1.5x eager with at most an eighth of eager's peak extra memory (**peak MiB e / t**). Forward +
+backward is `loss.backward()` (an upstream gradient of 1): tritium's elementwise losses write the input's gradient
+in the forward's pass over input and target, and the backward hands it on.
 """
 
 ROUTES_PROSE = """\
