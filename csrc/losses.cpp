@@ -712,6 +712,17 @@ std::tuple<at::Tensor, at::Tensor> loss_rows(int64_t loss, const at::Tensor& x1,
   return {out, stats};
 }
 
+// loss_rows_bwd's gradient tensors: (rows, cols) in the inputs' dtype for the inputs asked for (need: x1, x2, x3;
+// present), else empty, after the check of the upstream gradient dloss ((rows,) in the accumulation dtype)
+void row_grads(const char* op, const at::Tensor& dloss, const at::Tensor& x1, const std::optional<at::Tensor>& x2,
+               const std::optional<at::Tensor>& x3, bool need1, bool need2, bool need3, at::Tensor* g) {
+  const auto adt = x1.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(dloss.dim() == 1 && dloss.size(0) == x1.size(0) && dloss.scalar_type() == adt, op,
+              ": dloss must be (rows,) in the accumulation dtype");
+  const bool need[3] = {need1, need2 && x2.has_value(), need3 && x3.has_value()};
+  for (int k = 0; k < 3; ++k) g[k] = need[k] ? tritium::empty(x1.sizes(), x1.options()) : at::empty({0}, x1.options());
+}
+
 // the gradients of sum_r dloss[r] loss_r for the inputs asked for (need: x1, x2, x3), in the inputs' dtype (an
 // input not asked for, or absent: an empty tensor); the rows' statistics are loss_rows' stats when given (not
 // multi_margin's: it has none), else recomputed
@@ -721,21 +732,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_rows_bwd(
     double a, double b, double c, bool need1, bool need2, bool need3, const std::optional<at::Tensor>& stats) {
   check_row_inputs(loss, x1, x2, x3, y, w, b);
   const auto adt = x1.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(dloss.dim() == 1 && dloss.size(0) == x1.size(0) && dloss.scalar_type() == adt,
-              "loss_rows_bwd: dloss must be (rows,) in the accumulation dtype");
   TORCH_CHECK(!stats.has_value() || (stats->sizes() == at::IntArrayRef{x1.size(0), 3} && stats->is_contiguous() &&
                                      stats->scalar_type() == adt),
               "loss_rows_bwd: stats must be loss_rows' contiguous (rows, 3) statistics in the accumulation dtype");
   const at::Tensor st = stats.has_value() && loss != MULTI_MARGIN ? *stats : at::Tensor();
-  const bool need[3] = {need1, need2 && x2.has_value(), need3 && x3.has_value()};
   at::Tensor g[3];
-  for (int k = 0; k < 3; ++k) g[k] = need[k] ? tritium::empty(x1.sizes(), x1.options()) : at::empty({0}, x1.options());
+  row_grads("loss_rows_bwd", dloss, x1, x2, x3, need1, need2, need3, g);
   at::Tensor none;
   TRITIUM_DISPATCH_FLOATING(x1.scalar_type(), "tritium_loss_rows_bwd", [&] {
     rows_impl<scalar_t>(loss, x1, x2 ? *x2 : none, x3 ? *x3 : none, y ? *y : none, w ? *w : none, a, b, c, none,
                         none, st, dloss, g);
   });
   return {g[0], g[1], g[2]};
+}
+
+// loss_rows and loss_rows_bwd(dloss) in one pass over the rows: the row losses, their statistics and the gradients
+// (the same loop, so the same bits as the two calls)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_rows_grad(
+    int64_t loss, const at::Tensor& dloss, const at::Tensor& x1, const std::optional<at::Tensor>& x2,
+    const std::optional<at::Tensor>& x3, const std::optional<at::Tensor>& y, const std::optional<at::Tensor>& w,
+    double a, double b, double c, bool need1, bool need2, bool need3) {
+  check_row_inputs(loss, x1, x2, x3, y, w, b);
+  const auto adt = x1.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = tritium::empty({x1.size(0)}, x1.options().dtype(adt));
+  at::Tensor stats = tritium::empty({x1.size(0), 3}, x1.options().dtype(adt));
+  at::Tensor g[3];
+  row_grads("loss_rows_grad", dloss, x1, x2, x3, need1, need2, need3, g);
+  const at::Tensor none;
+  TRITIUM_DISPATCH_FLOATING(x1.scalar_type(), "tritium_loss_rows_grad", [&] {
+    rows_impl<scalar_t>(loss, x1, x2 ? *x2 : none, x3 ? *x3 : none, y ? *y : none, w ? *w : none, a, b, c, out,
+                        stats, none, dloss, g);
+  });
+  return {out, stats, g[0], g[1], g[2]};
 }
 
 // ---- info_nce's row-block statistics (the blocks' matmuls are BLAS calls in python/tritium/ops/losses.py) ----
@@ -920,6 +948,7 @@ TORCH_LIBRARY_IMPL(tritium, CPU, m) {
   m.impl("loss_bwd", &loss_bwd);
   m.impl("loss_rows", &loss_rows);
   m.impl("loss_rows_bwd", &loss_rows_bwd);
+  m.impl("loss_rows_grad", &loss_rows_grad);
   m.impl("nce_block_fwd", &nce_block_fwd);
   m.impl("nce_block_bwd", &nce_block_bwd);
 }

@@ -338,3 +338,11 @@ def loss_rows_bwd(loss, dloss, x1, x2, x3, y, w, a, b, c, need1, need2, need3, s
             dloss.stride(0), s1, s2, s3, sy, d, float(a), float(b), float(c), HAS_STATS=has_stats,
             NEED0=need[0], NEED1=need[1], NEED2=need[2], **flags)
     return tuple(gs)
+
+
+def loss_rows_grad(loss, dloss, x1, x2, x3, y, w, a, b, c, need1, need2, need3):
+    """loss_rows and loss_rows_bwd(dloss) together: (per-row loss, statistics, three gradients). Two launches (the
+    forward's statistics feed the backward's): the one-pass form is the C++ kernel's; the public functions call this
+    op on the CPU only."""
+    out, stats = loss_rows(loss, x1, x2, x3, y, w, a, b, c)
+    return (out, stats) + loss_rows_bwd(loss, dloss, x1, x2, x3, y, w, a, b, c, need1, need2, need3, stats)

@@ -282,6 +282,10 @@ def test_rows(dtype, what, loss, a, b, c, d):
     recomputed = cpp.loss_rows_bwd(loss, dloss.to(adt), x1, x2, x3, y, w, a, b, c, True, True, True)[:len(ins)]
     for got, want in zip(grads, recomputed):
         assert torch.equal(got, want)
+    # loss_rows_grad's one pass: the same loop as the two calls, so the same bits
+    fused = cpp.loss_rows_grad(loss, dloss.to(adt), x1, x2, x3, y, w, a, b, c, True, True, True)
+    assert torch.equal(fused[0], out) and torch.equal(fused[1], stats)
+    assert all(torch.equal(got, want) for got, want in zip(fused[2:], grads))
     res = {}
     for dt in (dtype, torch.float64):
         leaves = [leaf(t, dt) for t in ins]

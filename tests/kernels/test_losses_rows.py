@@ -61,6 +61,10 @@ def test_rows(dtype, what, loss, a, b, c):
                                                True)[:len(ins)]
         for got, want in zip(grads, recomputed):
             assert torch.equal(got, want)
+        # loss_rows_grad: the two launches' results
+        fused = triton_rows.loss_rows_grad(loss, dloss.float(), x1, x2, x3, y, w, a, b, c, True, True, True)
+        assert torch.equal(fused[0], out) and torch.equal(fused[1], stats)
+        assert all(torch.equal(got, want) for got, want in zip(fused[2:], grads))
         via = torch.float32 if loss == ROW_MULTI_MARGIN and dtype != torch.float32 else None
         mine = _torch(loss, ins, y, w, a, b, c, dloss, dtype, via)
         ref = _torch(loss, ins, y, w, a, b, c, dloss, torch.float64)

@@ -263,6 +263,17 @@ def _():
             (ROW_MULTI_MARGIN, g(4, 6), None, None, torch.tensor([0, 5, 2, 2]), torch.rand(6), 1.0, 2.0, 0.0)]
 
 
+@sample("loss_rows_grad")
+def _():
+    from tritium.ops.losses import ROW_COSINE, ROW_MULTI_MARGIN, ROW_TRIPLET
+    return [(ROW_TRIPLET, torch.full((4,), 0.25), g(4, 6), g(4, 6), g(4, 6), None, None, 1.0, 2.0, 1e-6, True, True,
+             True),
+            (ROW_COSINE, torch.ones(4), g(4, 6), r(4, 6), None, torch.tensor([1.0, -1.0, 1.0, 0.0]), None, 0.1, 0.0,
+             0.0, True, False, False),
+            (ROW_MULTI_MARGIN, torch.rand(4), g(4, 6), None, None, torch.tensor([0, 5, 2, 2]), torch.rand(6), 1.0, 2.0,
+             0.0, True, False, False)]
+
+
 @sample("loss_rows_bwd")
 def _():
     from tritium.ops.losses import ROW_COSINE, ROW_MULTI_MARGIN, ROW_TRIPLET, ROW_TRIPLET_SWAP, loss_rows

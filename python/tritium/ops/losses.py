@@ -13,11 +13,12 @@ runs loss_bwd). ``w`` is a weight of the input's shape or one per column
 beta, delta, alpha, gamma). For a loss of d = x - y only (``diff``), the target's gradient is -dx.
 
 The row losses (triplet, cosine embedding, contrastive, multi-margin) are one row kernel (C++; Triton:
-kernels/losses_rows.py):
-``tritium::loss_rows`` writes each row's loss and its statistics (distances, dot products: (N, 3) in the
-accumulation dtype), which autograd saves; ``tritium::loss_rows_bwd`` reads them (recomputing them only when not
-given) and writes the gradient rows times the rows' upstream gradient, in the inputs' dtype. multilabel_soft_margin_loss
-is the elementwise bce_with_logits with a per-column weight, divided by the number of classes.
+kernels/losses_rows.py): ``tritium::loss_rows`` writes each row's loss and its statistics (distances, dot products:
+(N, 3) in the accumulation dtype), which autograd saves; ``tritium::loss_rows_bwd`` reads them (recomputing them only
+when not given) and writes the gradient rows times the rows' upstream gradient, in the inputs' dtype. On the CPU a
+reduced row loss that will be differentiated runs ``tritium::loss_rows_grad``, both in one pass, for the upstream
+gradient its reduction passes back from ``loss.backward()``. multilabel_soft_margin_loss is the elementwise
+bce_with_logits with a per-column weight, divided by the number of classes.
 
 ``info_nce`` computes the (N, N) similarities in blocks of rows (never the whole matrix): the forward keeps each
 row's and each column's log-sum-exp, the backward recomputes the blocks. On CPU the blocks are BLAS products and
@@ -126,12 +127,22 @@ def _loss_grad_setup(ctx, inputs, output):
     ctx.dx = output[1].detach()
 
 
-def _is_one(g: Tensor) -> bool:
-    """Whether the upstream gradient is the 0-d 1 of a plain loss.backward(), read where reading it costs nothing
-    and means something: a real CPU tensor in eager autograd (not while torch.compile or a torch.func transform
-    traces, where g has no value, nor on a GPU, where reading it would wait for the device)."""
-    return (type(g) is Tensor and g.dim() == 0 and g.device.type == "cpu" and not torch.compiler.is_compiling()
-            and not torch._C._are_functorch_transforms_active() and bool(g == 1))
+def _records_backward(needs: Sequence[bool]) -> bool:
+    """Whether an eager call records a backward for an input (needs: each input's requires_grad): grad mode on, not
+    while torch.compile traces (its graph differentiates the ops as written)."""
+    return torch.is_grad_enabled() and any(needs) and not torch.compiler.is_compiling()
+
+
+def _known_upstream(g: Tensor, guess: Tensor) -> bool:
+    """Whether the upstream gradient g equals the one a forward computed its gradients for, read where reading it
+    costs nothing and means something: a real CPU tensor in eager autograd (not while torch.compile or a torch.func
+    transform traces, where g has no value, nor on a GPU, where reading it would wait for the device)."""
+    return (type(g) is Tensor and g.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active() and g.shape == guess.shape
+            and g.dtype == guess.dtype and torch.equal(g, guess))
+
+
+_ONE = torch.ones(())
 
 
 def _loss_grad_backward(ctx, g, _ddx):
@@ -144,7 +155,7 @@ def _loss_grad_backward(ctx, g, _ddx):
                                   f"only (and the target of a function of input - target)")
     if g is None:
         return None
-    if dx is None or not _is_one(g):  # the forward's dx is for g = 1, once: other backwards compute their own
+    if dx is None or not _known_upstream(g, _ONE.to(g.dtype)):  # dx is for g = 1, once: others compute their own
         dx = loss_bwd(loss, g, x, y, w, p, a, b, scale)
     return None, (dx if need_x else None), (dx.neg() if need_y else None), None, None, None, None, None
 
@@ -240,8 +251,7 @@ def _pointwise(name: str, input: Tensor, target: Tensor, reduction: str, weight:
     if scale is None:
         scale = 1.0 / input.numel() if reduction == "mean" else 1.0
     args = (LOSS_IDS[name], input.contiguous(), target.contiguous(), w, pv, float(a), float(b), scale)
-    if (reduce and input.device.type == "cpu" and torch.is_grad_enabled()
-            and (input.requires_grad or target.requires_grad) and not torch.compiler.is_compiling()):
+    if reduce and input.device.type == "cpu" and _records_backward((input.requires_grad, target.requires_grad)):
         # the backward will read x and y again to write dx: write it now, in the pass that reads them for the
         # loss (a loss is the last op of a forward, so dx lives from here to the backward that follows)
         return call_op(loss_fwd_grad, *args)[0]
@@ -449,14 +459,63 @@ loss_rows = define_op(
     setup_context=_rows_setup)
 
 
+def _fake_loss_rows_grad(loss, dloss, x1, x2, x3, y, w, a, b, c, need1, need2, need3):
+    return (_fake_loss_rows(loss, x1, x2, x3, y, w, a, b, c)
+            + _fake_loss_rows_bwd(loss, dloss, x1, x2, x3, y, w, a, b, c, need1, need2, need3))
+
+
+def _rows_grad_setup(ctx, inputs, output):
+    loss, dloss, x1, x2, x3, y, w, a, b, c = inputs[:10]
+    ctx.args = (loss, a, b, c)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x1, x2, x3, y, w, output[1])
+    ctx.guess = dloss
+    # as loss_fwd_grad's dx: held outside the saved tensors, handed on by the first backward that can use them
+    ctx.grads = tuple(g.detach() for g in output[2:])
+
+
+def _rows_grad_backward(ctx, dloss, _dstats, *_dgrads):
+    if any(ctx.needs_input_grad[5:7]):
+        raise NotImplementedError("tritium::loss_rows_grad differentiates x1, x2 and x3 only (the public functions "
+                                  "send a label or weight that requires grad to torch)")
+    grads, ctx.grads = ctx.grads, None
+    if dloss is None:
+        return None
+    x1, x2, x3, y, w, stats = ctx.saved_tensors
+    loss, a, b, c = ctx.args
+    need = ctx.needs_input_grad[2:5]
+    if grads is None or not _known_upstream(dloss, ctx.guess):
+        grads = loss_rows_bwd(loss, dloss, x1, x2, x3, y, w, a, b, c, *need, stats)
+    return (None, None) + tuple(g if nd else None for g, nd in zip(grads, need)) + (None,) * 8
+
+
+# loss_rows with the gradient rows for an upstream gradient guessed in the forward (dloss: the gradient a 'mean' or
+# 'sum' reduction passes back from loss.backward()), from the same pass over the rows: the eager CPU path of a
+# reduced row loss that will be differentiated (_row_call). The first backward whose upstream gradient is the
+# guess hands those gradients on; any other computes its own (loss_rows_bwd from the saved statistics).
+loss_rows_grad = define_op(
+    "loss_rows_grad(int loss, Tensor dloss, Tensor x1, Tensor? x2, Tensor? x3, Tensor? y, Tensor? w, float a,"
+    " float b, float c, bool need1, bool need2, bool need3) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _fake_loss_rows_grad, "losses_rows:loss_rows_grad", backward=_rows_grad_backward, setup_context=_rows_grad_setup)
+
+
 def _rows_ok(*ts: Tensor) -> bool:
     """The row kernels take tensors of one floating dtype and device (kernel_ok), 2-D and of one shape."""
     return kernel_ok(*ts) and ts[0].dim() == 2 and all(t.shape == ts[0].shape for t in ts)
 
 
 def _row_call(loss, x1, x2, x3, y, w, a, b, c, reduction, dtype):
-    per_row = call_op(loss_rows, loss, unit_last(x1), None if x2 is None else unit_last(x2),
-                      None if x3 is None else unit_last(x3), y, w, float(a), float(b), float(c))[0]
+    xs = [None if t is None else unit_last(t) for t in (x1, x2, x3)]
+    args = (*xs, y, w, float(a), float(b), float(c))
+    need = [t is not None and t.requires_grad for t in (x1, x2, x3)]
+    if reduction != "none" and x1.device.type == "cpu" and _records_backward(need):
+        # the backward would read the rows again: write the gradient rows now, for the upstream gradient the
+        # reduction of loss.backward() will pass (torch's mean backward: 1 / rows, as computed here)
+        one = torch.ones((), dtype=acc_dtype(x1.dtype))
+        guess = (one.div(x1.shape[0]) if reduction == "mean" else one).expand(x1.shape[0])
+        per_row = call_op(loss_rows_grad, loss, guess, *args, *need)[0]
+    else:
+        per_row = call_op(loss_rows, loss, *args)[0]
     if reduction == "none":
         return per_row.to(dtype)
     return (per_row.mean() if reduction == "mean" else per_row.sum()).to(dtype)
@@ -467,7 +526,8 @@ def triplet_margin_loss(anchor: Tensor, positive: Tensor, negative: Tensor, marg
                         reduction: str = "mean") -> Tensor:
     """Drop-in for ``torch.nn.functional.triplet_margin_loss``: max(d(a, p) - d(a, n) + margin, 0) with
     d(u, v) = ||u - v + eps||_p (swap: the smaller of d(a, n) and d(p, n)): one row kernel pass for the
-    distances and the loss, one (recomputing the distances) for the three gradient rows."""
+    distances and the loss, one for the three gradient rows (on the CPU, for a reduced loss that will be
+    differentiated, the same pass)."""
     ok = (not _legacy(size_average, reduce) and reduction in _REDUCTIONS and isinstance(margin, (int, float))
           and margin > 0 and isinstance(p, (int, float)) and p > 0 and all(isinstance(t, Tensor) for t in
                                                                             (anchor, positive, negative))
