@@ -411,6 +411,25 @@ def test_info_nce(symmetric, with_negatives, normalize):
         torch.testing.assert_close(ours, theirs)
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16), ids=lambda d: str(d)[6:])
+def test_info_nce_normalisation(dtype):
+    """info_nce's normalisation (unit_rows): F.normalize(x, dim=-1)'s values bit for bit, and its gradient within
+    torch's error, with a row whose norm is below eps (the clamp passes no gradient) and a zero row."""
+    from tritium.ops.losses import _normalize
+    x = torch.randn(9, 3, 37, dtype=torch.float64)
+    x[1, 0] *= 1e-14
+    x[4, 2] = 0
+    x = x.to(dtype)
+    xi = leaf(x)
+    y = _normalize(xi)
+    assert torch.equal(y, F.normalize(x, dim=-1))
+    dy = torch.randn(x.shape, dtype=torch.float64).to(dtype)
+    mine = torch.autograd.grad(y, xi, dy)[0]
+    theirs = {dt: torch.autograd.grad(F.normalize(xr := leaf(x, dt), dim=-1), xr, dy.to(dt))[0]
+              for dt in (dtype, torch.float64)}
+    assert_within_torch_error(mine, theirs[dtype], theirs[torch.float64], "unit_rows grad")
+
+
 @pytest.mark.parametrize("with_negatives", (False, True), ids=("pairs", "negatives"))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=lambda d: str(d)[6:])
 def test_info_nce_dtypes(dtype, with_negatives):

@@ -298,6 +298,14 @@ def _():
     return [(r(3, 6), r(3), r(3), r(6), r(6), 2), (r(3, 6), r(3), r(3), None, None, -1)]
 
 
+@sample("unit_rows")
+def _():
+    small = g(3, 5)
+    with torch.no_grad():
+        small[1] *= 1e-14  # a row whose norm is below eps: the clamp's branch
+    return [(g(4, 7), 1e-12), (small, 1e-12), (g(2, 3, 5), 0.5)]
+
+
 @sample("info_nce_fwd")
 def _():
     return [(g(6, 4), g(6, 4), None, 5.0, True, 4), (g(6, 4), g(6, 4), g(3, 4), 2.0, False, 16)]

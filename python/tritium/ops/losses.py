@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import has_torch_function_variadic
 
@@ -845,6 +844,44 @@ info_nce_fwd = define_op(
     backward=_nce_backward, setup_context=_nce_setup)
 
 
+# ---- info_nce's normalisation: F.normalize(x, dim=-1)'s values with a lean backward ----
+def _unit_rows_impl(x, eps):
+    norm = x.norm(2, -1, keepdim=True)  # F.normalize's own operations, so the same values
+    return x / norm.clamp_min(eps).expand_as(x), norm
+
+
+def _fake_unit_rows(x, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape[:-1] + (1,))
+
+
+def _unit_rows_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
+    ctx.eps = inputs[1]
+    ctx.save_for_backward(output[0], output[1])
+
+
+def _unit_rows_backward(ctx, g, _dnorm):
+    """d/dx of y = x / max(|x|, eps): (g - (g . y) y) / |x|, and g / eps where the norm is below eps (its clamp
+    passes no gradient there). One tensor of x's size (torch's autograd of F.normalize builds four or five): the
+    row dot products come from a batched matmul, the rest is in place."""
+    if g is None:
+        return None, None
+    y, norm = ctx.saved_tensors
+    dot = torch.einsum("nd,nd->n", g.reshape(-1, g.shape[-1]), y.reshape(-1, y.shape[-1])).reshape(norm.shape)
+    dot = dot.masked_fill_(norm < ctx.eps, 0)
+    return torch.addcmul(g, y, dot, value=-1).div_(norm.clamp_min(ctx.eps)), None
+
+
+unit_rows = define_op("unit_rows(Tensor x, float eps) -> (Tensor, Tensor)", _fake_unit_rows,
+                      composite=_unit_rows_impl, backward=_unit_rows_backward, setup_context=_unit_rows_setup)
+
+
+def _normalize(x: Tensor) -> Tensor:
+    """F.normalize(x, dim=-1) (eps 1e-12) through unit_rows: the same values, a backward that allocates only its
+    result (autograd through F.normalize holds several x-sized temporaries at once: most of info_nce's peak)."""
+    return call_op(unit_rows, x, 1e-12)[0]
+
+
 def info_nce(query: Tensor, key: Tensor, temperature: float = 0.1, symmetric: bool = True,
              negatives: Optional[Tensor] = None, normalize: bool = True, reduction: str = "mean",
              block_size: Optional[int] = None) -> Tensor:
@@ -878,8 +915,8 @@ def info_nce(query: Tensor, key: Tensor, temperature: float = 0.1, symmetric: bo
     if not ok or routed("info_nce", query, n * (n + (negatives.shape[0] if negatives is not None else 0))):
         return reference.info_nce(query, key, temperature, symmetric, negatives, normalize, reduction)
     if normalize:
-        query, key = F.normalize(query, dim=-1), F.normalize(key, dim=-1)
-        negatives = F.normalize(negatives, dim=-1) if negatives is not None else None
+        query, key = _normalize(query), _normalize(key)
+        negatives = _normalize(negatives) if negatives is not None else None
     block = block_size or default_block_rows(n + (negatives.shape[0] if negatives is not None else 0))
     loss = call_op(info_nce_fwd, query, key, negatives, 1.0 / temperature, bool(symmetric), int(block))[0]
     if reduction == "none":
