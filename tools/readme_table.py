@@ -217,8 +217,10 @@ ELEMENTWISE_PROSE = """\
 The headline's elementwise activations, softmaxes and elementwise losses again, three rounds over eager, compile
 and tritium in turn, each side the median: the headline run takes one round, and on this VM a single round of a
 memory-bound row moves by tens of percent between runs. Their outputs and gradients are written with streaming
-stores when the call outgrows the last-level cache (float and double for the losses). The 16-bit rows bound by
-arithmetic rather than memory (gelu's forward, sigmoid's backward) are behind eager here.
+stores when the call outgrows the last-level cache (float and double for the losses); the losses' forward +
+backward is the one pass of `loss.backward()` (the forward writes the gradient). The 16-bit rows bound by
+arithmetic rather than memory (gelu's forward and forward + backward, sigmoid's forward + backward) are behind eager
+here.
 """
 
 ROWS_PROSE = """\
