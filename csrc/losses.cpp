@@ -335,8 +335,8 @@ bool stream_losses(int64_t elements) {
 }
 
 // loss_fwd's kernel; with `dx` (reduce only) the same pass also writes dx = scale w dl/dx, loss_bwd's result for an
-// upstream gradient of 1 (the same formulas; the last bits may differ where the compiler fuses a product into an
-// addition differently in the two passes)
+// upstream gradient of 1 bit for bit (point's explicit fmadds); the reduced loss may differ from loss_fwd's without
+// dx in its last bits (the compiler may fuse the sum's additions differently)
 template <int64_t L>
 at::Tensor fwd_impl(const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& w,
                     const std::optional<at::Tensor>& p, double a, double b, double scale, bool reduce,

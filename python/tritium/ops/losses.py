@@ -120,10 +120,7 @@ def _loss_grad_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # dx is an output no loss depends on: no zero tensor for its gradient
     ctx.args = (loss, a, b, scale)
     ctx.save_for_backward(x, y, w, p)
-    # not a saved tensor: the backward that hands dx on takes it away (the gradient's only holder, so autograd
-    # accumulates it without a copy, and a second backward through a retained graph computes its own);
-    # detached, so the node does not hold its own output (no reference cycle)
-    ctx.dx = output[1].detach()
+    _hold_gradients(ctx, output[1:], x.new_ones(()))  # dx, for loss.backward()'s upstream gradient of 1
 
 
 def _records_backward(needs: Sequence[bool]) -> bool:
@@ -141,21 +138,32 @@ def _known_upstream(g: Tensor, guess: Tensor) -> bool:
             and g.dtype == guess.dtype and torch.equal(g, guess))
 
 
-_ONE = torch.ones(())
+def _hold_gradients(ctx, grads: Sequence[Tensor], guess: Tensor) -> None:
+    """Keep the gradients a forward computed for the upstream gradient `guess`, for _take_gradients. Not as saved
+    tensors: the backward that hands them on takes them away (their only holder, so autograd accumulates them
+    without a copy, and a second backward through a retained graph computes its own); detached, so the node does not
+    hold its own outputs (no reference cycle)."""
+    ctx.held = (tuple(t.detach() for t in grads), guess)
+
+
+def _take_gradients(ctx, upstream: Optional[Tensor]) -> Optional[tuple]:
+    """The gradients _hold_gradients kept, when the upstream gradient is the guessed one; None otherwise and in
+    every later backward (the caller computes its own)."""
+    held, ctx.held = ctx.held, None
+    return held[0] if held is not None and upstream is not None and _known_upstream(upstream, held[1]) else None
 
 
 def _loss_grad_backward(ctx, g, _ddx):
     x, y, w, p = ctx.saved_tensors
     loss, a, b, scale = ctx.args
-    dx, ctx.dx = ctx.dx, None
+    held = _take_gradients(ctx, g)
     need_x, need_y = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     if ctx.needs_input_grad[3] or ctx.needs_input_grad[4] or (need_y and not ELEMENTWISE[loss].diff):
         raise NotImplementedError(f"tritium::loss_fwd_grad ({ELEMENTWISE[loss].name}) differentiates the input "
                                   f"only (and the target of a function of input - target)")
     if g is None:
         return None
-    if dx is None or not _known_upstream(g, _ONE.to(g.dtype)):  # dx is for g = 1, once: others compute their own
-        dx = loss_bwd(loss, g, x, y, w, p, a, b, scale)
+    dx = held[0] if held else loss_bwd(loss, g, x, y, w, p, a, b, scale)
     return None, (dx if need_x else None), (dx.neg() if need_y else None), None, None, None, None, None
 
 
@@ -468,22 +476,20 @@ def _rows_grad_setup(ctx, inputs, output):
     ctx.args = (loss, a, b, c)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x1, x2, x3, y, w, output[1])
-    ctx.guess = dloss
-    # as loss_fwd_grad's dx: held outside the saved tensors, handed on by the first backward that can use them
-    ctx.grads = tuple(g.detach() for g in output[2:])
+    _hold_gradients(ctx, output[2:], dloss)
 
 
 def _rows_grad_backward(ctx, dloss, _dstats, *_dgrads):
     if any(ctx.needs_input_grad[5:7]):
         raise NotImplementedError("tritium::loss_rows_grad differentiates x1, x2 and x3 only (the public functions "
                                   "send a label or weight that requires grad to torch)")
-    grads, ctx.grads = ctx.grads, None
+    grads = _take_gradients(ctx, dloss)
     if dloss is None:
         return None
     x1, x2, x3, y, w, stats = ctx.saved_tensors
     loss, a, b, c = ctx.args
     need = ctx.needs_input_grad[2:5]
-    if grads is None or not _known_upstream(dloss, ctx.guess):
+    if grads is None:
         grads = loss_rows_bwd(loss, dloss, x1, x2, x3, y, w, a, b, c, *need, stats)
     return (None, None) + tuple(g if nd else None for g, nd in zip(grads, need)) + (None,) * 8
 
