@@ -321,6 +321,23 @@ inline V frcp(const V& d) {
   return V(1) / d;
 }
 
+// True when every lane of u is <= c (false where a lane is NaN): the test for a path that holds on a bounded range.
+template <typename V>
+inline bool all_le(const V& u, typename V::value_type c) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<V, Vectorized<float>>)
+    return _mm512_cmp_ps_mask(u, _mm512_set1_ps(c), _CMP_LE_OQ) == 0xffff;
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<V, Vectorized<float>>)
+    return _mm256_movemask_ps(_mm256_cmp_ps(u, _mm256_set1_ps(c), _CMP_LE_OQ)) == 0xff;
+#endif
+  typename V::value_type b[V::size()];
+  u.store(b);
+  for (int i = 0; i < V::size(); ++i)
+    if (!(b[i] <= c)) return false;
+  return true;
+}
+
 // sigmoid(x) = 1 / (1 + exp(-x)) with fexp; saturates to exactly 0 and 1 as torch's does.
 template <typename V>
 inline V fsigmoid(const V& x) {
