@@ -110,26 +110,38 @@ inline V phi_fast(const V& x, V& e) {
   }
 }
 
-// Phi(x) - 1/2 = x P(x^2) for |x| <= 3, P of degree 9 (a Chebyshev fit of erf(x / sqrt(2)) / 2x; evaluated in
-// float32: |error| < 5e-7 on Phi), and the pdf Phi'(x) = Q(x^2) with Q = sum (2k + 1) p_k u^k, the derivative of the
-// same polynomial (|error| < 4e-6 on GELU's derivative). Both are far below half an ulp of a 16-bit result (2^-9
-// relative for bfloat16, 2^-12 for float16), so the 16-bit GELU uses them for vectors whose lanes all lie in |x| <= 3
-// (erf's exp and reciprocal cost three times the polynomial); float32 and float64 keep the erfc form above.
+// 16-bit forms. A gate g (the normal CDF Phi of GELU, the sigmoid of SiLU and sigmoid itself) is 1/2 + x P(x^2) on
+// a bounded range x^2 <= u_max: degree-9 Chebyshev fits of (g(x) - 1/2) / x, evaluated in float32 to within 1e-6 of
+// g (4e-5 relative, where the sigmoid is small). Phi's derivative, the pdf, is the same polynomial's (4e-6); the
+// sigmoid's is s (1 - s) of the polynomial's s. That is far below half an ulp of a 16-bit result (2^-9 relative
+// for bfloat16, 2^-12 for float16), so the 16-bit activations use them for vectors whose lanes all lie in range
+// (about ten fused multiply-adds, where erfc or the sigmoid take an exponential, a reciprocal and their fix-ups);
+// other vectors, NaN and inf included, take the full forms. float32 and float64 keep the full forms.
+constexpr float kPhiUMax = 9.f, kSigmoidUMax = 16.f;
+constexpr float kPhiP[10] = {-1.52848671e-11f, 9.63236713e-10f, -2.93980396e-08f, 5.9483574e-07f, -9.16321096e-06f,
+                             0.000114722163f,  -0.00118623488f, 0.00997263659f,   -0.0664900318f, 0.398942232f};
+// the pdf: sum (2k + 1) p_k u^k, the derivative of x P(x^2)
+constexpr float kPdfP[10] = {-2.90412472e-10f, 1.6375024e-08f, -4.40970581e-07f, 7.73286501e-06f, -0.000100795318f,
+                             0.00103249948f,   -0.00830364414f, 0.049863182f,    -0.199470103f,   0.398942232f};
+constexpr float kSigmoidP[10] = {-8.79556736e-13f, 8.11263279e-11f, -3.35065242e-09f, 8.3122913e-08f,
+                                 -1.42001102e-06f, 1.85236768e-05f, -0.000203923104f, 0.00207383954f,
+                                 -0.0208273157f,   0.249998927f};
+
+// P(u) by Horner's rule, coefficients highest degree first
 template <typename V>
-inline V phi_poly(const V& u) {
-  V r(-1.52848671e-11f);
-  for (float c : {9.63236713e-10f, -2.93980396e-08f, 5.9483574e-07f, -9.16321096e-06f, 0.000114722163f,
-                  -0.00118623488f, 0.00997263659f, -0.0664900318f, 0.398942232f})
-    r = at::vec::fmadd(r, u, V(c));
+inline V horner(const V& u, const float (&c)[10]) {
+  V r(c[0]);
+  for (int i = 1; i < 10; ++i) r = at::vec::fmadd(r, u, V(c[i]));
   return r;
 }
+
+// g(x) = 1/2 + x P(x^2) into g, with u = x^2; false (g untouched) when a lane lies out of range
 template <typename V>
-inline V pdf_poly(const V& u) {
-  V r(-2.90412472e-10f);
-  for (float c : {1.6375024e-08f, -4.40970581e-07f, 7.73286501e-06f, -0.000100795318f, 0.00103249948f,
-                  -0.00830364414f, 0.049863182f, -0.199470103f, 0.398942232f})
-    r = at::vec::fmadd(r, u, V(c));
-  return r;
+inline bool gate16(const V& x, float u_max, const float (&p)[10], V& u, V& g) {
+  u = x * x;
+  if (!all_le(u, u_max)) return false;
+  g = at::vec::fmadd(x, horner(u, p), V(0.5f));
+  return true;
 }
 
 template <typename V>
@@ -167,6 +179,15 @@ struct Sigmoid {
     f = sigmoid(x);
     df = f * (V(1) - f);
   }
+  template <typename V> static V fwd16(const V& x, const Prm<V>& p) {
+    V u, s;
+    return gate16(x, kSigmoidUMax, kSigmoidP, u, s) ? s : fwd(x, p);
+  }
+  template <typename V> static void both16(const V& x, const Prm<V>& p, V& f, V& df) {
+    V u;
+    if (!gate16(x, kSigmoidUMax, kSigmoidP, u, f)) return both(x, p, f, df);
+    df = f * (V(1) - f);
+  }
 };
 struct Tanh {
   template <typename V> static V fwd(const V& x, const Prm<V>&) { return ftanh(x); }
@@ -200,17 +221,15 @@ struct Gelu {  // x * Phi(x), Phi the normal CDF; f' = Phi + x pdf
     both(x, p, f, df);
     return dy * df;
   }
-  // 16-bit storage: the polynomial forms when every lane has |x| <= 3 (NaN and inf lanes take the forms above)
   template <typename V> static V fwd16(const V& x, const Prm<V>& p) {
-    const V u = x * x;
-    return all_le(u, 9.f) ? at::vec::fmadd(u, phi_poly(u), x * V(0.5f)) : fwd(x, p);
+    V u, g;
+    return gate16(x, kPhiUMax, kPhiP, u, g) ? x * g : fwd(x, p);
   }
   template <typename V> static void both16(const V& x, const Prm<V>& p, V& f, V& df) {
-    const V u = x * x;
-    if (!all_le(u, 9.f)) return both(x, p, f, df);
-    const V cdf = at::vec::fmadd(x, phi_poly(u), V(0.5f));
-    f = x * cdf;
-    df = at::vec::fmadd(x, pdf_poly(u), cdf);
+    V u, g;
+    if (!gate16(x, kPhiUMax, kPhiP, u, g)) return both(x, p, f, df);
+    f = x * g;
+    df = at::vec::fmadd(x, horner(u, kPdfP), g);
   }
 };
 struct GeluTanh {  // 0.5 x (1 + tanh(u)) = x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3): one exp, no tanh;
@@ -243,6 +262,16 @@ struct Silu {  // x * sigmoid(x)
     V f, df;
     both(x, p, f, df);
     return dy * df;
+  }
+  template <typename V> static V fwd16(const V& x, const Prm<V>& p) {
+    V u, s;
+    return gate16(x, kSigmoidUMax, kSigmoidP, u, s) ? x * s : fwd(x, p);
+  }
+  template <typename V> static void both16(const V& x, const Prm<V>& p, V& f, V& df) {
+    V u, s;
+    if (!gate16(x, kSigmoidUMax, kSigmoidP, u, s)) return both(x, p, f, df);
+    f = x * s;
+    df = s * (V(1) + x * (V(1) - s));
   }
 };
 struct Mish {  // x * tanh(softplus(x)), with one exp: tanh(log1p(e)) = n / (n + 2), n = e (e + 2), e = exp(x)

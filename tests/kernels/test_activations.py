@@ -122,29 +122,49 @@ def _ulp(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.exp2(e - (fi.bits - 1 - (8 if dtype == torch.bfloat16 else 5)))
 
 
+def _gelu64(x):
+    phi = 0.5 * (1 + torch.erf(x / 2 ** 0.5))
+    return x * phi, phi + x * torch.exp(-x * x / 2) / (2 * torch.pi) ** 0.5
+
+
+def _sigmoid64(x):
+    s = torch.sigmoid(x)
+    return s, s * (1 - s)
+
+
+def _silu64(x):
+    s = torch.sigmoid(x)
+    return x * s, s + x * s * (1 - s)
+
+
+# activation -> (its gated unit, float64 (f, f'), the range |x| <= r of the polynomial forms)
+POLY16 = {"gelu": ("geglu", _gelu64, 3.0), "sigmoid": ("glu", _sigmoid64, 4.0), "silu": ("swiglu", _silu64, 4.0)}
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gelu_16bit_forms(dtype):
-    """The 16-bit GELU (C++) takes a polynomial form for vectors whose lanes all lie in |x| <= 3: every value of the
-    dtype in [-3.5, 3.5] in ascending order (so most vectors lie wholly inside, a few straddle +-3 and take the erfc
-    form), forward, gradient and GeGLU, within one ulp of the float64 value and equal to its rounding in >= 99% of
-    the points."""
+@pytest.mark.parametrize("act", list(POLY16))
+def test_16bit_polynomial_forms(dtype, act):
+    """The 16-bit GELU, sigmoid and SiLU (C++) take polynomial forms for vectors whose lanes all lie in range: every
+    value of the dtype in [-r - 1/2, r + 1/2] in ascending order (so most vectors lie wholly inside, a few straddle
+    +-r and take the full forms), forward, gradient and the gated unit, within one ulp of the float64 value (plus
+    the polynomials' own float32 error) and equal to its rounding in >= 99% of the points."""
+    gated, f64, r = POLY16[act]
     grid = torch.arange(-(2 ** 15), 2 ** 15, dtype=torch.int32).to(torch.int16).view(dtype).double()
-    x64 = grid[grid.isfinite() & (grid.abs() <= 3.5)].sort().values
+    x64 = grid[grid.isfinite() & (grid.abs() <= r + 0.5)].sort().values
     x = x64.to(dtype).view(1, -1)
     dy = torch.linspace(-2, 2, x.numel(), dtype=torch.float64).to(dtype).view(1, -1)
-    phi = 0.5 * (1 + torch.erf(x64 / 2 ** 0.5))
-    pdf = torch.exp(-x64 * x64 / 2) / (2 * torch.pi) ** 0.5
-    up, d64 = dy.double().flatten(), phi + x64 * pdf
-    dgate, dup = cpp.geglu_bwd(dy, x, dy, 0)
-    # (output, float64 value, the factor multiplying GELU or its derivative)
-    cases = {"gelu y": (cpp.gelu_fwd(x, 0, 0, 0), x64 * phi, 1.0),
-             "gelu dx": (cpp.gelu_bwd(dy, x, 0, 0, 0), up * d64, up.abs()),
-             "geglu y": (cpp.geglu_fwd(x, dy, 0), x64 * phi * up, up.abs()),
-             "geglu dgate": (dgate, up * up * d64, up * up), "geglu dup": (dup, up * x64 * phi, up.abs())}
+    up = dy.double().flatten()
+    f, d = f64(x64)
+    dgate, dup = getattr(cpp, f"{gated}_bwd")(dy, x, dy, 0)
+    # (output, float64 value, the factor multiplying f or f')
+    cases = {"y": (getattr(cpp, f"{act}_fwd")(x, 0, 0, 0), f, 1.0),
+             "dx": (getattr(cpp, f"{act}_bwd")(dy, x, 0, 0, 0), up * d, up.abs()),
+             f"{gated} y": (getattr(cpp, f"{gated}_fwd")(x, dy, 0), f * up, up.abs()),
+             f"{gated} dgate": (dgate, up * up * d, up * up), f"{gated} dup": (dup, up * f, up.abs())}
     for what, (out, ref, scale) in cases.items():
         out = out.double().flatten()
-        # one ulp, plus the float32 polynomials' own error (1e-6 on GELU, 4e-6 on its derivative: where the
-        # derivative crosses zero, near x = -0.75, that is more than a 16-bit ulp of the tiny result)
+        # one ulp, plus the float32 polynomials' own error (1e-6 on f, 4e-6 on f': where f' crosses zero, GELU's
+        # near x = -0.75, that is more than a 16-bit ulp of the tiny result)
         err = (out - ref).abs() - 1e-5 * scale
         assert (err <= _ulp(ref, dtype)).all(), f"{what}: worst error {(err / _ulp(ref, dtype)).max():.2f} ulp"
         exact = (out == ref.to(dtype).double()).double().mean().item()

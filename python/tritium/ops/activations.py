@@ -109,6 +109,18 @@ def _fake_prelu_bwd(dy, x, weight, per_row, need_dw):
     return x.new_empty(x.shape), x.new_empty((weight.numel() if need_dw else 0,))
 
 
+# Activations whose derivative is a function of their output, with torch's backward from it (dy y (1 - y),
+# dy (1 - y^2)). A 16-bit input on the CPU saves the output and takes that backward: there recomputing f from x
+# costs more vector work than the bytes the backward reads (the conversions of two 16-bit inputs and the
+# exponential), while the output's backward reads the same bytes and does three products. Its error is torch's own
+# (the 2x rule's reference point); float32 and float64, bound by memory either way, recompute from x.
+FROM_OUTPUT = {"sigmoid": torch.ops.aten.sigmoid_backward, "tanh": torch.ops.aten.tanh_backward}
+
+
+def _from_output(name: str, x: Tensor) -> bool:
+    return name in FROM_OUTPUT and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+
+
 # ---- the elementwise ops, one loop over the table ----
 def _define_activation(act: Activation):
     bwd = define_op(f"{act.name}_bwd(Tensor dy, Tensor x, float a, float b, float c) -> Tensor", _fake_bwd,
@@ -116,12 +128,15 @@ def _define_activation(act: Activation):
 
     def setup(ctx, inputs, output):
         x, a, b, c = inputs
-        ctx.save_for_backward(x)
+        ctx.from_output = _from_output(act.name, x)
+        ctx.save_for_backward(output if ctx.from_output else x)
         ctx.params = (a, b, c)
 
     def backward(ctx, dy):
-        (x,) = ctx.saved_tensors
-        return bwd(unit_last(dy), x, *ctx.params), None, None, None
+        (saved,) = ctx.saved_tensors
+        if ctx.from_output:
+            return FROM_OUTPUT[act.name](dy, saved), None, None, None
+        return bwd(unit_last(dy), saved, *ctx.params), None, None, None
 
     fwd = define_op(f"{act.name}_fwd(Tensor x, float a, float b, float c) -> Tensor", _fake_fwd,
                     f"activations:{act.name}_fwd", backward=backward, setup_context=setup)
