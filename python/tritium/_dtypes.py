@@ -5,6 +5,7 @@ A leaf module (imports only torch) so that both the ops and ``tritium.reference`
 import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+HALF_DTYPES = (torch.bfloat16, torch.float16)  # the 16-bit ones
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -22,11 +22,11 @@ from typing import Any, Dict, List
 import torch
 from torch import Tensor
 
+from ._dtypes import HALF_DTYPES
 from .ops import optim as _ops
 
 __all__ = ["AdamW", "SGD", "warmup_cosine"]
 
-_HALF = (torch.bfloat16, torch.float16)
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "master_param")
 
 
@@ -80,7 +80,7 @@ class _Fused(torch.optim.Optimizer):
             if not keep:
                 continue
             for p, pid in zip(group["params"], saved_group["params"]):
-                if p.dtype not in _HALF or pid not in saved:
+                if p.dtype not in HALF_DTYPES or pid not in saved:
                     continue
                 st = self.state[p]
                 for key, value in saved[pid].items():
@@ -167,7 +167,7 @@ class AdamW(_Fused):
             amsgrad, master = group["amsgrad"], group["master_weights"]
             beta1, beta2 = group["betas"]
             for bucket in self._buckets(group):
-                use_master = master and bucket[0].dtype in _HALF
+                use_master = master and bucket[0].dtype in HALF_DTYPES
                 params, grads, m, v, vmax, steps, p16 = [], [], [], [], [], [], []
                 for p in bucket:
                     st = self.state[p]
@@ -223,7 +223,7 @@ class SGD(_Fused):
         for group in self.param_groups:
             momentum, master = group["momentum"], group["master_weights"]
             for bucket in self._buckets(group):
-                use_master = master and bucket[0].dtype in _HALF
+                use_master = master and bucket[0].dtype in HALF_DTYPES
                 # params whose momentum buffer exists, and those starting one this step (torch.optim sets a new
                 # buffer to the gradient): at most two calls, the second only on a param's first step
                 parts: List[List[Any]] = [[[], [], [], []], [[], [], [], []]]  # [old, new] x (params, grads, bufs, p16)

@@ -118,8 +118,7 @@ def test_special_points(impl_name, impl, act, params, twin):
 def _ulp(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The spacing of dtype's values at each |v| (float64), subnormal spacing at the bottom."""
     fi = torch.finfo(dtype)
-    e = torch.floor(torch.log2(v.abs().clamp_min(fi.tiny)))
-    return torch.exp2(e - (fi.bits - 1 - (8 if dtype == torch.bfloat16 else 5)))
+    return torch.exp2(torch.floor(torch.log2(v.abs().clamp_min(fi.tiny)))) * fi.eps
 
 
 def _gelu64(x):

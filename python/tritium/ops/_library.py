@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .._backend import routes_on, use_reference
 from ..utils import register_cpu_path
-from .._dtypes import SUPPORTED_DTYPES, acc_dtype  # noqa: F401  (the ops import both from here)
+from .._dtypes import HALF_DTYPES, SUPPORTED_DTYPES, acc_dtype  # noqa: F401  (the ops import them from here)
 
 NAMESPACE = "tritium"
 _lib = torch.library.Library(NAMESPACE, "DEF")

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ._library import acc_dtype, call_op, define_op, kernel_ok, routed, rows, unit_last
+from ._library import HALF_DTYPES, acc_dtype, call_op, define_op, kernel_ok, routed, rows, unit_last
 
 # SELU's constants (torch's)
 SELU_ALPHA = 1.6732632423543772848170429916717
@@ -118,7 +118,7 @@ FROM_OUTPUT = {"sigmoid": torch.ops.aten.sigmoid_backward, "tanh": torch.ops.ate
 
 
 def _from_output(name: str, x: Tensor) -> bool:
-    return name in FROM_OUTPUT and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+    return name in FROM_OUTPUT and x.device.type == "cpu" and x.dtype in HALF_DTYPES
 
 
 # ---- the elementwise ops, one loop over the table ----

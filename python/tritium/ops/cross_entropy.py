@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .. import reference
 from ..utils import cpu_has, cpu_has_bf16_dot, register_cpu_path
-from ._library import acc_dtype, call_op, define_op, kernel_ok, rows
+from ._library import HALF_DTYPES, acc_dtype, call_op, define_op, kernel_ok, rows
 from .softmax import log_softmax
 from .linear import linear_packed, mm_acc_, pack_linear
 
@@ -186,7 +186,7 @@ class LMHead:
         self.packed = self.packed_t = None
         self.widen = False
         if weight.device.type == "cpu" and weight.is_contiguous() and chunk >= 64 and weight.shape[1] > 0:
-            if dtype in (torch.bfloat16, torch.float16) and _widen_16bit():
+            if dtype in HALF_DTYPES and _widen_16bit():
                 self.widen = True
                 weight, bias = weight.float(), bias.float() if bias is not None else None
             if dtype in (torch.float32, torch.float64) or self.widen:

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .._backend import routes_on, use_reference
 from ..utils import register_cpu_path
-from ._library import define_op, route_below
+from ._library import HALF_DTYPES, define_op, route_below
 
 # Row counts up to which linear_small is the faster way on CPU (None: any; see the module docstring).
 MAX_ROWS = {torch.float32: None, torch.float64: 3, torch.bfloat16: 1, torch.float16: 1}
@@ -280,7 +280,7 @@ def _onednn_linear_ok(weight: Tensor) -> bool:
     torch exposes them only as private ops (``torch.ops.mkldnn._reorder_linear_weight`` packs a weight once,
     ``torch.ops.mkldnn._linear_pointwise`` multiplies by the packed copy; torch.compile's CPU inductor uses the
     same pair): this module is the one place tritium calls them, so a torch that renames them breaks one file."""
-    if not (weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16)
+    if not (weight.device.type == "cpu" and weight.dtype in HALF_DTYPES
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
             and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return False

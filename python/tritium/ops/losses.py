@@ -40,7 +40,7 @@ from torch.overrides import has_torch_function_variadic
 
 from .. import reference
 from ..utils import cpu_has, cpu_has_bf16_dot, register_cpu_path
-from ._library import acc_dtype, call_op, define_op, kernel_ok, route_below, routed, unit_last
+from ._library import HALF_DTYPES, acc_dtype, call_op, define_op, kernel_ok, route_below, routed, unit_last
 from .linear import linear_packed, mm_acc_, pack_linear
 
 
@@ -192,7 +192,6 @@ def _column_vector(t: Optional[Tensor], x: Tensor, full_ok: bool):
 
 # the losses torch has no op for: their torch form (reference.py) is a chain of ops, slower at every size
 _NO_TORCH_OP = ("sigmoid_focal_loss", "quantile_loss")
-_HALF = (torch.bfloat16, torch.float16)
 
 
 def _routed(name: str, input: Tensor, *others: Tensor) -> bool:
@@ -208,7 +207,7 @@ def _routed(name: str, input: Tensor, *others: Tensor) -> bool:
     if not (torch.is_grad_enabled() and (input.requires_grad or any(t.requires_grad for t in others))):
         return routed(name, input)
     op = f"{name} (grad)"
-    if input.dtype in _HALF and route_below(op) > route_below(name):
+    if input.dtype in HALF_DTYPES and route_below(op) > route_below(name):
         op = name
     return routed(op, input)
 

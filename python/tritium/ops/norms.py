@@ -16,9 +16,8 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import routes_on
-from ._library import acc_dtype, call_op, define_op, kernel_ok, routed, rows, unit_last
+from ._library import HALF_DTYPES, acc_dtype, call_op, define_op, kernel_ok, routed, rows, unit_last
 
-_HALF = (torch.bfloat16, torch.float16)
 
 _ShapeT = Union[int, Sequence[int], torch.Size]
 
@@ -241,7 +240,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     if activation not in GROUP_NORM_ACTIVATIONS:
         raise ValueError(f"group_norm: activation must be None or 'silu', got {activation!r}")
     if not _group_norm_ok(input, num_groups, weight, bias) or (
-            activation is None and input.dtype in _HALF and input.device.type == "cpu" and routes_on()):
+            activation is None and input.dtype in HALF_DTYPES and input.device.type == "cpu" and routes_on()):
         # 16-bit GroupNorm alone on CPU goes to torch's own kernel (a route, like ROUTE_BELOW's, off with
         # TRITIUM_ROUTES=off): it matches tritium's forward and is faster forward+backward
         # (bench/results/norms-group-amd-avx512.json); fused with SiLU tritium's pass is ahead

@@ -19,9 +19,8 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import use_reference
-from ._library import SUPPORTED_DTYPES, define_op
+from ._library import HALF_DTYPES, SUPPORTED_DTYPES, define_op
 
-_HALF = (torch.bfloat16, torch.float16)
 
 
 def _fake_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, params16, lr_tensor, lr, beta1,
@@ -72,7 +71,7 @@ def _covered(params: List[Tensor], grads: List[Tensor], same_layout: List[List[T
     if dev.type not in ("cpu", "cuda") or dt not in SUPPORTED_DTYPES or (dev.type == "cuda" and dt == torch.float64):
         return False
     if params16:
-        if dt != torch.float32 or g0.dtype not in _HALF:
+        if dt != torch.float32 or g0.dtype not in HALF_DTYPES:
             return False
     elif g0.dtype != dt:
         return False

@@ -29,7 +29,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._library import call_op, check_linear_input, define_op
+from ._library import HALF_DTYPES, call_op, check_linear_input, define_op
 
 QUANT_BITS = (4, 8)
 BLOCK = 32          # activations are quantized per 32 elements; rows are padded to a multiple of 32
@@ -77,7 +77,7 @@ def activation_terms(int8_act: int, rows: int, dtype: Optional[torch.dtype] = No
     16-bit x keeps two terms up to FLOAT_ROWS_16 rows."""
     if dtype is not None and rows >= BF16_TILE_ROWS and bf16_tiles(dtype, bits, group, int8_act):
         return 0
-    float_rows = FLOAT_ROWS_16 if dtype in (torch.bfloat16, torch.float16) else FLOAT_ROWS
+    float_rows = FLOAT_ROWS_16 if dtype in HALF_DTYPES else FLOAT_ROWS
     return 0 if int8_act == 2 and rows >= float_rows else int8_act
 
 
