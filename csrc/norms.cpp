@@ -353,6 +353,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& 
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) over the block;  dw_c = sum_{n,s} dz * xhat;  db_c = sum dz
 // The block sums come from per-channel sums (sum_s dz, sum_s dz * (x - mean)), which are also the (n, c) terms of
 // dw and db: they go to an (N, C) buffer summed over N at the end, so no per-thread partial rows are needed.
+// Unlike the row norms' 16-bit rows, a block is not prefetched ahead: a block is tens of KiB, and its hundreds of
+// prefetches issued at once stalled the passes (timed slower in both dtypes, both directions). Where x and the
+// output outgrow the last-level cache, y and dx are stored around it (stream_outputs).
 // ---------------------------------------------------------------------------------------------------------
 inline void check_blocks(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 3, name, " must be 3-D (N * groups, channels per group, spatial), got ", t.dim(), "-D");
@@ -412,7 +415,7 @@ std::pair<double, double> block_moments(const T* x, int64_t n, A c) {
 
 // y[0, S) = act((x - mean) * scale + shift) for one channel of a block.
 template <bool SILU, typename T, typename A>
-void channel_normalize(const T* x, T* y, int64_t S, A mean, A scale, A shift) {
+void channel_normalize(const T* x, T* y, int64_t S, A mean, A scale, A shift, bool stream = false) {
   using Vec = Vectorized<A>;
   constexpr int64_t K = Vec::size();
   const Vec vm(mean), vs(scale), vb(shift);
@@ -422,6 +425,13 @@ void channel_normalize(const T* x, T* y, int64_t S, A mean, A scale, A shift) {
     return z;
   };
   int64_t i = 0;
+  if (stream && stream_aligned(y)) {
+    for (; i + 2 * K <= S; i += 2 * K) {
+      auto [a, b] = load2(x + i);
+      stream_store(y + i, act(a));
+      stream_store(y + i + K, act(b));
+    }
+  }
   for (; i + 2 * K <= S; i += 2 * K) {
     auto [a, b] = load2(x + i);
     store2(y + i, act(a), act(b));
@@ -568,6 +578,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(const at::Tensor& 
     A* rstd_p = rstd.mutable_data_ptr<A>();
     const int64_t sx = x.stride(0), C = G * D;
     const bool flat = flat_blocks<A>(S);
+    // y written around the cache where x and y outgrow it (stream_outputs)
+    const bool nt = stream_outputs(2 * R * M * x.element_size());
     [[maybe_unused]] const bool bf16_ins = cpu::features().avx512_bf16;
     std::vector<A> wexp, bexp;
     if (flat) {
@@ -581,8 +593,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(const at::Tensor& 
       const A* bf = bp ? as_acc(bp, C, bbuf) : nullptr;
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* xr = xp + r * sx;
-        // the next block streams into L2 while this one's later passes run on L1 (memory would idle there)
-        if (r + 1 < end) prefetch_l2(xr + sx, M * int64_t(sizeof(scalar_t)));
         // the variance about the block's mean, as the layer norm takes it (no cancellation)
         const A c = static_cast<A>(block_moments<true>(xr, M, A(0)).first / M);
         auto [s, q] = block_moments<false>(xr, M, c);
@@ -628,13 +638,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(const at::Tensor& 
           }
 #endif
           if (silu) {
-
-            channel_normalize<true>(xr + j * S, yr + j * S, S, mu, scale, shift);
+            channel_normalize<true>(xr + j * S, yr + j * S, S, mu, scale, shift, nt);
           } else {
-            channel_normalize<false>(xr + j * S, yr + j * S, S, mu, scale, shift);
+            channel_normalize<false>(xr + j * S, yr + j * S, S, mu, scale, shift, nt);
           }
         }
       }
+      if (nt) stream_fence();
     });
   });
   return {y, mean, rstd};
@@ -693,12 +703,20 @@ std::pair<A, A> channel_grad_sums(const T* dy, const T* x, A* dz_out, int64_t S,
 
 // Pass 2 over one channel: dx = dz * p + (x - mean) * q + o; dz is dy (T) or the SiLU pass's float buffer.
 template <typename T, typename Z, typename A>
-void channel_dx(const Z* dz, const T* x, T* dx, int64_t S, A mean, A p, A q, A o) {
+void channel_dx(const Z* dz, const T* x, T* dx, int64_t S, A mean, A p, A q, A o, bool stream = false) {
   using Vec = Vectorized<A>;
   constexpr int64_t K = Vec::size();
   const Vec vm(mean), vp(p), vq(q), vo(o);
   auto one = [&](const Vec& d, const Vec& xv) { return at::vec::fmadd(d, vp, at::vec::fmadd(xv - vm, vq, vo)); };
   int64_t i = 0;
+  if (stream && stream_aligned(dx)) {
+    for (; i + 2 * K <= S; i += 2 * K) {
+      auto [d0, d1] = load2(dz + i);
+      auto [x0, x1] = load2(x + i);
+      stream_store(dx + i, one(d0, x0));
+      stream_store(dx + i + K, one(d1, x1));
+    }
+  }
   for (; i + 2 * K <= S; i += 2 * K) {
     auto [d0, d1] = load2(dz + i);
     auto [x0, x1] = load2(x + i);
@@ -793,6 +811,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
     A* dbp = need_db ? db_part.mutable_data_ptr<A>() : nullptr;
     const int64_t sdy = dy.stride(0), sx = x.stride(0);
     const bool flat = flat_blocks<A>(S);
+    const bool nt = stream_outputs(3 * R * M * x.element_size());  // dx around the cache, as the forward's y
     std::vector<A> wexp, bexp;
     if (flat) {
       std::vector<A> wbuf, bbuf;
@@ -806,10 +825,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* dyr = dyp + r * sdy;
         const scalar_t* xr = xp + r * sx;
-        if (r + 1 < end) {  // as in the forward
-          prefetch_l2(dyr + sdy, M * int64_t(sizeof(scalar_t)));
-          prefetch_l2(xr + sx, M * int64_t(sizeof(scalar_t)));
-        }
         const A mu = mp[r], rs = rp[r];
         const int64_t n = r / G, ch0 = (r % G) * D;
         scalar_t* dxr = dxp + r * M;
@@ -865,12 +880,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
         for (int64_t j = 0; j < D; ++j) {
           const A p = wf ? rs * wf[ch0 + j] : rs;
           if (silu) {
-            channel_dx(dzbuf.data() + j * S, xr + j * S, dxr + j * S, S, mu, p, q, o);
+            channel_dx(dzbuf.data() + j * S, xr + j * S, dxr + j * S, S, mu, p, q, o, nt);
           } else {
-            channel_dx(dyr + j * S, xr + j * S, dxr + j * S, S, mu, p, q, o);
+            channel_dx(dyr + j * S, xr + j * S, dxr + j * S, S, mu, p, q, o, nt);
           }
         }
       }
+      if (nt) stream_fence();
     });
   });
   auto finish = [&](const at::Tensor& part) { return part.sum(0).to(x.scalar_type()); };

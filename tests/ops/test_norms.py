@@ -56,8 +56,9 @@ def test_layer_norm_matches_torch(dtype, shape, normalized):
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("streamed", [False, True], ids=["cached", "streamed"])
 def test_forward_with_streamed_outputs(dtype, streamed):
-    """The forwards write y around the cache when the call outgrows it (vec.h's stream_outputs; here at any size):
-    the same values and gradients either way, at a row width with a partial last vector."""
+    """The forwards (and group_norm's backward) write their outputs around the cache when the call outgrows it
+    (vec.h's stream_outputs; here at any size): the same values and gradients either way, at a row width with a
+    partial last vector."""
     x, r, w, b = torch.randn(5, 3, 67) + 1, torch.randn(5, 3, 67), torch.randn(67), torch.randn(67)
     with streamed_stores(streamed):
         _same_as_torch(lambda x_, w_: tritium.rms_norm(x_, (67,), w_),
@@ -66,6 +67,14 @@ def test_forward_with_streamed_outputs(dtype, streamed):
                        lambda x_, w_, b_: F.layer_norm(x_, (67,), w_, b_), [x, w, b], dtype)
         _same_as_torch(lambda x_, r_, w_: sum(tritium.fused_add_rms_norm(x_, r_, w_, 1e-6)),
                        lambda x_, r_, w_: F.rms_norm(x_ + r_, (67,), w_, 1e-6) + (x_ + r_), [x, r, w], dtype)
+        # group_norm's y and dx likewise, per channel: spatial sizes of whole vectors (aligned channel rows,
+        # streamed) and with a partial last vector (rows left unaligned: plain stores)
+        for shape in ((3, 8, 8, 8), (2, 6, 7, 9)):
+            c = shape[1]
+            xg, wg, bg = torch.randn(shape) * 2 + 3, torch.randn(c), torch.randn(c)
+            for act, fn in ((None, lambda v: v), ("silu", F.silu)):
+                _same_as_torch(lambda x_, w_, b_, a=act: tritium.group_norm(x_, 2, w_, b_, activation=a),
+                               lambda x_, w_, b_, f=fn: f(F.group_norm(x_, 2, w_, b_)), [xg, wg, bg], dtype)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
