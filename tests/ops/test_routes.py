@@ -81,6 +81,7 @@ def test_the_table(routes_on):
     assert ROUTE_DEFAULT == 1 << 16 and route_below("rms_norm") == route_below("hardswish") == 1 << 16
     assert route_below("relu") == route_below("gelu") == route_below("layer_norm") == 1 << 23
     assert route_below("softmax") == route_below("log_softmax") == route_below("softmin") == 1 << 22
+    assert route_below("group_norm") == 1 << 19 and route_below("group_norm (grad)") == 1 << 20
     assert routed("relu", torch.empty(2048, 4095)) and not routed("relu", torch.empty(2048, 4096))
 
 
@@ -105,7 +106,8 @@ def test_info_lists_the_routes(routes_on):
         "torch's own op below 65536 elements (the activations, softmax, norms and torch's losses); relu below "
         "8388608, gelu below 8388608, layer_norm below 8388608, softmax below 4194304, log_softmax below 4194304, "
         "softmin below 4194304, linear below 67108864, mse_loss (grad) below 524288, huber_loss (grad) below "
-        "1048576, smooth_l1_loss (grad) below 1048576, triplet_margin_loss (grad) below 16384, info_nce below 65536")
+        "1048576, smooth_l1_loss (grad) below 1048576, triplet_margin_loss (grad) below 16384, group_norm below 524288, group_norm (grad) below 1048576, info_nce "
+        "below 65536")
     tritium.set_routes(False)
     assert cpu_paths()["routes"] == "the kernels (routes off: TRITIUM_ROUTES=off)"
 
@@ -128,13 +130,24 @@ def test_routes_trace_under_compile(small_limits):
         torch.testing.assert_close(f(x), want, rtol=1e-5, atol=1e-5)
 
 
-def test_16bit_group_norm_without_activation_goes_to_torch(routes_on):
-    """Every size of a 16-bit group_norm without an activation runs torch's own kernel on CPU (as fast forward,
-    faster backward); with SiLU fused, and in float32, the kernel runs; routes off, the kernel runs too."""
-    x = torch.randn(4, 8, 4096, dtype=torch.bfloat16, requires_grad=True)   # above the size routes (ROUTE_DEFAULT)
+def test_group_norm_routes_by_size_and_by_gradient(routes_on):
+    """group_norm goes to torch's GroupNorm below ROUTE_BELOW["group_norm"] elements, and below the larger
+    ROUTE_BELOW["group_norm (grad)"] when the call records a backward; from there the kernel runs, 16-bit and
+    without an activation too; routes off, every size reaches the kernel."""
+    fwd, grad = route_below("group_norm"), route_below("group_norm (grad)")
+    assert fwd < grad
+    between = torch.randn(1, 8, fwd // 8, dtype=torch.bfloat16)                 # fwd elements: the forward's kernel
     w, b = torch.randn(8, dtype=torch.bfloat16), torch.randn(8, dtype=torch.bfloat16)
-    assert not _tritium_ops(lambda: tritium.group_norm(x, 4, w, b))
-    assert "tritium::group_norm_fwd" in _tritium_ops(lambda: tritium.group_norm(x, 4, w, b, activation="silu"))
-    assert "tritium::group_norm_fwd" in _tritium_ops(lambda: tritium.group_norm(x.float(), 4, w.float(), b.float()))
+    assert _tritium_ops(lambda: tritium.group_norm(between, 4, w, b)) == {"tritium::group_norm_fwd"}
+    x = between.clone().requires_grad_(True)                                    # with a gradient: torch's
+    assert _tritium_ops(lambda: tritium.group_norm(x, 4, w, b)) == set()
+    y = torch.randn(1, 8, grad // 8, dtype=torch.bfloat16, requires_grad=True)  # from the (grad) size: the kernels
+    assert _tritium_ops(lambda: tritium.group_norm(y, 4, w, b)) == {"tritium::group_norm_fwd",
+                                                                    "tritium::group_norm_bwd"}
+    small = between[:, :, :-1]                                                  # below the forward's size: torch's
+    assert _tritium_ops(lambda: tritium.group_norm(small, 4, w, b)) == set()
+    got, want = tritium.group_norm(x, 4, w, b), F.group_norm(x, 4, w, b)
+    assert torch.equal(got, want)
+    assert torch.equal(*(torch.autograd.grad(o.sum(), x)[0] for o in (got, want)))
     tritium.set_routes(False)
-    assert "tritium::group_norm_fwd" in _tritium_ops(lambda: tritium.group_norm(x, 4, w, b))
+    assert _tritium_ops(lambda: tritium.group_norm(small, 4, w, b)) == {"tritium::group_norm_fwd"}

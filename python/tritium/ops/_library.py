@@ -205,6 +205,10 @@ ROUTE_BELOW = {"relu": 1 << 23, "gelu": 1 << 23, "layer_norm": 1 << 23,
                "mse_loss (grad)": 1 << 19, "huber_loss (grad)": 1 << 20, "smooth_l1_loss (grad)": 1 << 20,
                # triplet_margin_loss (its three gradient rows) likewise below the crossover measured on these CPUs
                "triplet_margin_loss (grad)": 1 << 14,
+               # group_norm: the op's autograd node, its backward's Python and the weight / bias reductions cost
+               # some tens of microseconds a call more than torch's GroupNorm, which its passes win back from
+               # about half a million elements forward, a million forward + backward (AMD EPYC, both dtypes)
+               "group_norm": 1 << 19, "group_norm (grad)": 1 << 20,
                # info_nce: its size is the similarities N x (N + M); below it the blocked op's fixed cost (its Python
                # driver and the keys' packing, each way) exceeds torch's whole formula (one block of logits)
                "info_nce": 1 << 16}
@@ -214,6 +218,16 @@ _log = logging.getLogger("tritium")
 
 def route_below(op: str) -> int:
     return ROUTE_BELOW.get(op, ROUTE_DEFAULT)
+
+
+def grad_route(op: str, *tensors) -> str:
+    """The route name of this call of `op`: "<op> (grad)" when the call records a backward through any of tensors
+    and ROUTE_BELOW has that entry (the size from which the kernel's forward + backward wins), else op."""
+    name = f"{op} (grad)"
+    if name in ROUTE_BELOW and torch.is_grad_enabled() and any(
+            isinstance(t, Tensor) and t.requires_grad for t in tensors):
+        return name
+    return op
 
 
 def routed(op: str, x: Tensor, size: Optional[int] = None) -> bool:

@@ -40,7 +40,7 @@ from torch.overrides import has_torch_function_variadic
 
 from .. import reference
 from ..utils import cpu_has, cpu_has_bf16_dot, register_cpu_path
-from ._library import HALF_DTYPES, acc_dtype, call_op, define_op, kernel_ok, route_below, routed, unit_last
+from ._library import HALF_DTYPES, acc_dtype, call_op, define_op, grad_route, kernel_ok, route_below, routed, unit_last
 from .linear import linear_packed, mm_acc_, pack_linear
 
 
@@ -204,9 +204,7 @@ def _routed(name: str, input: Tensor, *others: Tensor) -> bool:
     wins from the house default on."""
     if name in _NO_TORCH_OP:
         return False
-    if not (torch.is_grad_enabled() and (input.requires_grad or any(t.requires_grad for t in others))):
-        return routed(name, input)
-    op = f"{name} (grad)"
+    op = grad_route(name, input, *others)
     if input.dtype in HALF_DTYPES and route_below(op) > route_below(name):
         op = name
     return routed(op, input)

@@ -15,8 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._backend import routes_on
-from ._library import HALF_DTYPES, acc_dtype, call_op, define_op, kernel_ok, routed, rows, unit_last
+from ._library import acc_dtype, call_op, define_op, grad_route, kernel_ok, routed, rows, unit_last
 
 
 _ShapeT = Union[int, Sequence[int], torch.Size]
@@ -223,7 +222,7 @@ def _group_norm_ok(x: Tensor, num_groups, weight: Optional[Tensor], bias: Option
     batch (torch's _verify_batch_size), no route to torch's own op. Everything else goes to the reference, which
     raises torch's errors."""
     given = [p for p in (weight, bias) if p is not None]
-    if not (kernel_ok(x, *given) and x.dim() >= 2 and not routed("group_norm", x)):
+    if not (kernel_ok(x, *given) and x.dim() >= 2 and not routed(grad_route("group_norm", x, *given), x)):
         return False
     c = x.shape[1]
     return (type(num_groups) is int and num_groups > 0 and c % num_groups == 0
@@ -239,11 +238,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     (the U-Net block's GroupNorm + SiLU)."""
     if activation not in GROUP_NORM_ACTIVATIONS:
         raise ValueError(f"group_norm: activation must be None or 'silu', got {activation!r}")
-    if not _group_norm_ok(input, num_groups, weight, bias) or (
-            activation is None and input.dtype in HALF_DTYPES and input.device.type == "cpu" and routes_on()):
-        # 16-bit GroupNorm alone on CPU goes to torch's own kernel (a route, like ROUTE_BELOW's, off with
-        # TRITIUM_ROUTES=off): it matches tritium's forward and is faster forward+backward
-        # (bench/results/norms-group-amd-avx512.json); fused with SiLU tritium's pass is ahead
+    if not _group_norm_ok(input, num_groups, weight, bias):
         return reference.group_norm(input, num_groups, weight, bias, eps, activation)
     n, c = input.shape[:2]
     d = c // num_groups
