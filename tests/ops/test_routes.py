@@ -106,8 +106,8 @@ def test_info_lists_the_routes(routes_on):
         "torch's own op below 65536 elements (the activations, softmax, norms and torch's losses); relu below "
         "8388608, gelu below 8388608, layer_norm below 8388608, softmax below 4194304, log_softmax below 4194304, "
         "softmin below 4194304, linear below 67108864, mse_loss (grad) below 524288, huber_loss (grad) below "
-        "1048576, smooth_l1_loss (grad) below 1048576, triplet_margin_loss (grad) below 16384, group_norm below 524288, group_norm (grad) below 1048576, info_nce "
-        "below 65536")
+        "1048576, smooth_l1_loss (grad) below 1048576, triplet_margin_loss (grad) below 16384, group_norm below "
+        "524288, group_norm (grad) below 1048576, info_nce below 65536")
     tritium.set_routes(False)
     assert cpu_paths()["routes"] == "the kernels (routes off: TRITIUM_ROUTES=off)"
 
