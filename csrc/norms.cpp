@@ -108,6 +108,65 @@ void row_normalize_any(const A* x, T* y, const A* w, const A* b, int64_t n, A me
   return row_normalize<false, false>(x, y, w, b, n, mean, rstd, stream);
 }
 
+#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
+// row_normalize for bfloat16 y on a CPU with AVX512-BF16 (called only where cpu::features().avx512_bf16 holds):
+// two vectors rounded by one vcvtne2ps2bf16 (round to nearest even, as torch's) instead of ATen's integer rounding
+// sequence, which otherwise bounds a 16-bit row's normalize pass; streamed where `stream` and the row is aligned
+// for it. The intrinsics sit in this function's own body (its target attribute), not in a lambda.
+template <bool HAS_W, bool HAS_B>
+TRITIUM_BF16_DOT void row_normalize_bf16ins(const float* x, c10::BFloat16* y, const float* w, const float* b,
+                                            int64_t n, float mean, float rstd, bool stream) {
+  constexpr int64_t K = 16;
+  const __m512 vm = _mm512_set1_ps(mean), vr = _mm512_set1_ps(rstd);
+  const bool nt = stream && reinterpret_cast<uintptr_t>(y) % 64 == 0;
+  int64_t i = 0;
+  for (; i + 2 * K <= n; i += 2 * K) {
+    __m512 lo = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), vm), vr);
+    __m512 hi = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i + K), vm), vr);
+    if constexpr (HAS_W) {
+      lo = _mm512_mul_ps(lo, _mm512_loadu_ps(w + i));
+      hi = _mm512_mul_ps(hi, _mm512_loadu_ps(w + i + K));
+    }
+    if constexpr (HAS_B) {
+      lo = _mm512_add_ps(lo, _mm512_loadu_ps(b + i));
+      hi = _mm512_add_ps(hi, _mm512_loadu_ps(b + i + K));
+    }
+    const __m512i o = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+    if (nt) {
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(y + i), o);
+    } else {
+      _mm512_storeu_si512(static_cast<void*>(y + i), o);
+    }
+  }
+  for (; i < n; ++i) {
+    float v = (x[i] - mean) * rstd;
+    if constexpr (HAS_W) v *= w[i];
+    if constexpr (HAS_B) v += b[i];
+    y[i] = static_cast<c10::BFloat16>(v);
+  }
+}
+
+inline void row_normalize_bf16ins_any(const float* x, c10::BFloat16* y, const float* w, const float* b, int64_t n,
+                                      float mean, float rstd, bool stream) {
+  if (w && b) return row_normalize_bf16ins<true, true>(x, y, w, b, n, mean, rstd, stream);
+  if (w) return row_normalize_bf16ins<true, false>(x, y, w, b, n, mean, rstd, stream);
+  if (b) return row_normalize_bf16ins<false, true>(x, y, w, b, n, mean, rstd, stream);
+  return row_normalize_bf16ins<false, false>(x, y, w, b, n, mean, rstd, stream);
+}
+#endif
+
+// row_normalize_any, through row_normalize_bf16ins for bfloat16 where the CPU has AVX512-BF16 (bf16_ins).
+template <typename T, typename A>
+inline void row_normalize_out(const A* x, T* y, const A* w, const A* b, int64_t n, A mean, A rstd, bool stream,
+                              [[maybe_unused]] bool bf16_ins) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (bf16_ins) return row_normalize_bf16ins_any(x, y, w, b, n, mean, rstd, stream);
+  }
+#endif
+  row_normalize_any(x, y, w, b, n, mean, rstd, stream);
+}
+
 // h = x + r, rounded to T as the unfused add would round it.
 template <typename T>
 void row_add(const T* x, const T* r, T* h, int64_t n) {
@@ -157,6 +216,7 @@ std::vector<at::Tensor> norm_fwd(const at::Tensor& x, const c10::optional<at::Te
     // y around the cache when the call's rows outgrow it (the written lines are not read again here; h, the
     // fused add's sum, is: it stays in the cache)
     const bool nt = stream_outputs((rp ? 4 : 2) * M * N * x.element_size());
+    [[maybe_unused]] const bool bf16_ins = cpu::features().avx512_bf16;
     at::parallel_for(0, M, row_grain(N), [&](int64_t begin, int64_t end) {
       std::vector<A> wbuf, bbuf, xbuf;
       const A* wf = wp ? as_acc(wp, N, wbuf) : nullptr;
@@ -187,7 +247,7 @@ std::vector<at::Tensor> norm_fwd(const at::Tensor& x, const c10::optional<at::Te
         const A rs = A(1) / std::sqrt(var + static_cast<A>(eps));
         rstd_p[r] = rs;
         if (centered) mean_p[r] = mu;
-        row_normalize_any(xf, yp + r * N, wf, bf, N, mu, rs, nt);
+        row_normalize_out(xf, yp + r * N, wf, bf, N, mu, rs, nt, bf16_ins);
       }
       if (nt) stream_fence();
     });
@@ -234,7 +294,11 @@ std::vector<at::Tensor> norm_bwd(const at::Tensor& dy, const at::Tensor& x, cons
   const bool centered = mean.has_value();
   need_dw = need_dw && weight.has_value();
   auto dx = empty({M, N}, x.options());
-  const int64_t T = at::get_num_threads();
+  const int64_t grain = row_grain(N);
+  // One partial row per thread; one in all where parallel_for runs the rows inline on the calling thread (its
+  // condition), and that row is then dw / db itself: no reduction, which costs more than a small call's rows.
+  const bool inline_rows = !(M > grain && M > 1 && !at::in_parallel_region() && at::get_num_threads() > 1);
+  const int64_t T = inline_rows ? 1 : at::get_num_threads();
   auto acc_opts = x.options().dtype(acc_dtype(x.scalar_type()));
   auto dw_part = need_dw ? at::zeros({T, N}, acc_opts) : at::Tensor();
   auto db_part = need_db ? at::zeros({T, N}, acc_opts) : at::Tensor();
@@ -252,8 +316,8 @@ std::vector<at::Tensor> norm_bwd(const at::Tensor& dy, const at::Tensor& x, cons
     A* dwp = need_dw ? dw_part.mutable_data_ptr<A>() : nullptr;
     A* dbp = need_db ? db_part.mutable_data_ptr<A>() : nullptr;
     const int64_t sdy = dy.stride(0), sx = x.stride(0), sgr = grp ? grad_residual->stride(0) : 0;
-    at::parallel_for(0, M, row_grain(N), [&](int64_t begin, int64_t end) {
-      const int64_t tid = at::get_thread_num();
+    at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+      const int64_t tid = inline_rows ? 0 : at::get_thread_num();
       A* dw_t = dwp ? dwp + tid * N : nullptr;
       A* db_t = dbp ? dbp + tid * N : nullptr;
       std::vector<A> wbuf, dybuf, xbuf, ones;
@@ -324,7 +388,7 @@ std::vector<at::Tensor> norm_bwd(const at::Tensor& dy, const at::Tensor& x, cons
       }
     });
   });
-  auto finish = [&](const at::Tensor& part) { return part.sum(0).to(x.scalar_type()); };
+  auto finish = [&](const at::Tensor& part) { return (T == 1 ? part.view({N}) : part.sum(0)).to(x.scalar_type()); };
   at::Tensor dw = need_dw ? finish(dw_part) : at::empty({0}, x.options());
   at::Tensor db = need_db ? finish(db_part) : at::empty({0}, x.options());
   return {dx, dw, db};
@@ -425,16 +489,17 @@ void channel_normalize(const T* x, T* y, int64_t S, A mean, A scale, A shift, bo
     return z;
   };
   int64_t i = 0;
-  if (stream && stream_aligned(y)) {
+  if (stream) {
     for (; i + 2 * K <= S; i += 2 * K) {
       auto [a, b] = load2(x + i);
-      stream_store(y + i, act(a));
-      stream_store(y + i + K, act(b));
+      store_out(y + i, act(a), K, true);
+      store_out(y + i + K, act(b), K, true);
     }
-  }
-  for (; i + 2 * K <= S; i += 2 * K) {
-    auto [a, b] = load2(x + i);
-    store2(y + i, act(a), act(b));
+  } else {
+    for (; i + 2 * K <= S; i += 2 * K) {
+      auto [a, b] = load2(x + i);
+      store2(y + i, act(a), act(b));
+    }
   }
   for (; i < S; ++i) {
     A z = (static_cast<A>(x[i]) - mean) * scale + shift;
@@ -709,18 +774,19 @@ void channel_dx(const Z* dz, const T* x, T* dx, int64_t S, A mean, A p, A q, A o
   const Vec vm(mean), vp(p), vq(q), vo(o);
   auto one = [&](const Vec& d, const Vec& xv) { return at::vec::fmadd(d, vp, at::vec::fmadd(xv - vm, vq, vo)); };
   int64_t i = 0;
-  if (stream && stream_aligned(dx)) {
+  if (stream) {
     for (; i + 2 * K <= S; i += 2 * K) {
       auto [d0, d1] = load2(dz + i);
       auto [x0, x1] = load2(x + i);
-      stream_store(dx + i, one(d0, x0));
-      stream_store(dx + i + K, one(d1, x1));
+      store_out(dx + i, one(d0, x0), K, true);
+      store_out(dx + i + K, one(d1, x1), K, true);
     }
-  }
-  for (; i + 2 * K <= S; i += 2 * K) {
-    auto [d0, d1] = load2(dz + i);
-    auto [x0, x1] = load2(x + i);
-    store2(dx + i, one(d0, x0), one(d1, x1));
+  } else {
+    for (; i + 2 * K <= S; i += 2 * K) {
+      auto [d0, d1] = load2(dz + i);
+      auto [x0, x1] = load2(x + i);
+      store2(dx + i, one(d0, x0), one(d1, x1));
+    }
   }
   for (; i < S; ++i) dx[i] = static_cast<T>(static_cast<A>(dz[i]) * p + ((static_cast<A>(x[i]) - mean) * q + o));
 }

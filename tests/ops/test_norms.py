@@ -58,15 +58,16 @@ def test_layer_norm_matches_torch(dtype, shape, normalized):
 def test_forward_with_streamed_outputs(dtype, streamed):
     """The forwards (and group_norm's backward) write their outputs around the cache when the call outgrows it
     (vec.h's stream_outputs; here at any size): the same values and gradients either way, at a row width with a
-    partial last vector."""
-    x, r, w, b = torch.randn(5, 3, 67) + 1, torch.randn(5, 3, 67), torch.randn(67), torch.randn(67)
+    partial last vector (only the first row aligned for streaming) and at one of whole vectors (every row)."""
     with streamed_stores(streamed):
-        _same_as_torch(lambda x_, w_: tritium.rms_norm(x_, (67,), w_),
-                       lambda x_, w_: F.rms_norm(x_, (67,), w_), [x, w], dtype)
-        _same_as_torch(lambda x_, w_, b_: tritium.layer_norm(x_, (67,), w_, b_),
-                       lambda x_, w_, b_: F.layer_norm(x_, (67,), w_, b_), [x, w, b], dtype)
-        _same_as_torch(lambda x_, r_, w_: sum(tritium.fused_add_rms_norm(x_, r_, w_, 1e-6)),
-                       lambda x_, r_, w_: F.rms_norm(x_ + r_, (67,), w_, 1e-6) + (x_ + r_), [x, r, w], dtype)
+        for n in (67, 64):
+            x, r, w, b = torch.randn(5, 3, n) + 1, torch.randn(5, 3, n), torch.randn(n), torch.randn(n)
+            _same_as_torch(lambda x_, w_: tritium.rms_norm(x_, (n,), w_),
+                           lambda x_, w_: F.rms_norm(x_, (n,), w_), [x, w], dtype)
+            _same_as_torch(lambda x_, w_, b_: tritium.layer_norm(x_, (n,), w_, b_),
+                           lambda x_, w_, b_: F.layer_norm(x_, (n,), w_, b_), [x, w, b], dtype)
+            _same_as_torch(lambda x_, r_, w_: sum(tritium.fused_add_rms_norm(x_, r_, w_, 1e-6)),
+                           lambda x_, r_, w_: F.rms_norm(x_ + r_, (n,), w_, 1e-6) + (x_ + r_), [x, r, w], dtype)
         # group_norm's y and dx likewise, per channel: spatial sizes of whole vectors (aligned channel rows,
         # streamed) and with a partial last vector (rows left unaligned: plain stores)
         for shape in ((3, 8, 8, 8), (2, 6, 7, 9)):

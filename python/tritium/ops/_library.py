@@ -286,5 +286,12 @@ def unit_last(t: Tensor) -> Tensor:
 
 
 def rows(t: Tensor, n: int) -> Tensor:
-    """View t as (rows, n) with a unit column stride; copies only when no such view exists."""
-    return unit_last(t.reshape(-1, n))
+    """View t as (rows, n) with a unit column stride; copies only when no such view exists. A t that is (rows, n)
+    already comes back itself: a view would add a node to the autograd graph of every call."""
+    return unit_last(t if t.dim() == 2 and t.shape[1] == n else t.reshape(-1, n))
+
+
+def shaped(t: Tensor, shape) -> Tensor:
+    """t viewed as `shape` (a kernel's (rows, n) output as its input's shape); t itself when it has that shape
+    already, for rows()' reason."""
+    return t if t.shape == shape else t.view(shape)

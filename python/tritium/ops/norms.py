@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ._library import acc_dtype, call_op, define_op, grad_route, kernel_ok, routed, rows, unit_last
+from ._library import acc_dtype, call_op, define_op, grad_route, kernel_ok, routed, rows, shaped, unit_last
 
 
 _ShapeT = Union[int, Sequence[int], torch.Size]
@@ -71,12 +71,23 @@ group_norm_bwd = define_op(
 
 
 # ---- autograd formulas ----
+# The statistics (mean, rstd) are outputs for the backward, not for the result: non-differentiable (the formulas
+# take no gradient through them), and with no zero gradients materialised for them (one allocation per output and
+# call): a gradient that reaches no output comes as None.
+def _stats_only(ctx, *stats):
+    ctx.mark_non_differentiable(*stats)
+    ctx.set_materialize_grads(False)
+
+
 def _rms_setup(ctx, inputs, output):
     x, weight, _ = inputs
+    _stats_only(ctx, output[1])
     ctx.save_for_backward(x, weight, output[1])
 
 
 def _rms_backward(ctx, dy, _drstd):
+    if dy is None:  # (an undefined gradient, as gradcheck passes one)
+        return None, None, None
     x, weight, rstd = ctx.saved_tensors
     need_dw = ctx.needs_input_grad[1]
     dx, dw = rms_norm_bwd(unit_last(dy), x, weight, rstd, None, need_dw)
@@ -85,22 +96,30 @@ def _rms_backward(ctx, dy, _drstd):
 
 def _add_rms_setup(ctx, inputs, output):
     _, _, weight, _ = inputs
+    _stats_only(ctx, output[2])
     ctx.save_for_backward(output[1], weight, output[2])
 
 
 def _add_rms_backward(ctx, dy, dh, _drstd):
     h, weight, rstd = ctx.saved_tensors
+    if dy is None:  # only h reached the loss (or neither: dh None too): dh is the gradient of input and residual
+        return dh, dh, None, None
+    if dh is not None:
+        dh = unit_last(dh)
     need_dw = ctx.needs_input_grad[2]
-    dx, dw = rms_norm_bwd(unit_last(dy), h, weight, rstd, unit_last(dh), need_dw)
+    dx, dw = rms_norm_bwd(unit_last(dy), h, weight, rstd, dh, need_dw)
     return dx, dx, (dw if need_dw else None), None
 
 
 def _ln_setup(ctx, inputs, output):
     x, weight, _, _ = inputs
+    _stats_only(ctx, output[1], output[2])
     ctx.save_for_backward(x, weight, output[1], output[2])
 
 
 def _ln_backward(ctx, dy, _dmean, _drstd):
+    if dy is None:
+        return None, None, None, None
     x, weight, mean, rstd = ctx.saved_tensors
     need_dw, need_db = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     dx, dw, db = layer_norm_bwd(unit_last(dy), x, weight, mean, rstd, need_dw, need_db)
@@ -109,6 +128,7 @@ def _ln_backward(ctx, dy, _dmean, _drstd):
 
 def _gn_setup(ctx, inputs, output):
     x, weight, bias, num_groups, _, silu = inputs
+    _stats_only(ctx, output[1], output[2])
     ctx.save_for_backward(x, weight, bias, output[1], output[2])
     ctx.args = (num_groups, silu)
 
@@ -124,6 +144,8 @@ def _blocks(t: Tensor) -> Tensor:
 
 
 def _gn_backward(ctx, dy, _dmean, _drstd):
+    if dy is None:
+        return None, None, None, None, None, None
     x, weight, bias, mean, rstd = ctx.saved_tensors
     need_dw, need_db = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     dx, dw, db = group_norm_bwd(_blocks(dy), x, weight, bias, mean, rstd, *ctx.args, need_dw, need_db)
@@ -157,15 +179,18 @@ def _as_shape(normalized_shape: _ShapeT) -> tuple:
 def _norm_ok(op: str, x: Tensor, shape: tuple, *params: Optional[Tensor]) -> bool:
     """True when the kernels cover this call of `op` (kernel_ok, x ends in `shape`, the parameters that are given
     have that shape, no route to torch's own op); everything else goes to the reference (torch), which also
-    raises torch's own errors for invalid arguments."""
+    raises torch's own errors for invalid arguments. The route is asked first: it is the cheapest check, and a
+    routed call (a small one) is where the checks' time is a visible share of the call's."""
+    if not isinstance(x, Tensor) or routed(op, x):
+        return False
     given = [p for p in params if p is not None]
     nd = len(shape)
     return (kernel_ok(x, *given) and 0 < nd <= x.dim() and tuple(x.shape[x.dim() - nd:]) == shape
-            and all(tuple(p.shape) == shape for p in given) and not routed(op, x))
+            and all(tuple(p.shape) == shape for p in given))
 
 
 def _flat(p: Optional[Tensor]) -> Optional[Tensor]:
-    return None if p is None else p.reshape(-1)
+    return p if p is None or p.dim() == 1 else p.reshape(-1)
 
 
 def rms_norm(input: Tensor, normalized_shape: _ShapeT, weight: Optional[Tensor] = None,
@@ -180,7 +205,7 @@ def rms_norm(input: Tensor, normalized_shape: _ShapeT, weight: Optional[Tensor] 
         eps = torch.finfo(acc_dtype(input.dtype)).eps
     n = math.prod(shape)
     y, _ = call_op(rms_norm_fwd, rows(input, n), _flat(weight), eps)
-    return y.view(input.shape)
+    return shaped(y, input.shape)
 
 
 def layer_norm(input: Tensor, normalized_shape: _ShapeT, weight: Optional[Tensor] = None,
@@ -192,7 +217,7 @@ def layer_norm(input: Tensor, normalized_shape: _ShapeT, weight: Optional[Tensor
         return reference.layer_norm(input, list(shape), weight, bias, eps)
     n = math.prod(shape)
     y, _, _ = call_op(layer_norm_fwd, rows(input, n), _flat(weight), _flat(bias), eps)
-    return y.view(input.shape)
+    return shaped(y, input.shape)
 
 
 def fused_add_rms_norm(input: Tensor, residual: Tensor, weight: Optional[Tensor] = None,
@@ -210,7 +235,7 @@ def fused_add_rms_norm(input: Tensor, residual: Tensor, weight: Optional[Tensor]
     if eps is None:  # torch's default: the eps of the computation dtype (float32 for 16-bit inputs)
         eps = torch.finfo(acc_dtype(input.dtype)).eps
     y, h, _ = call_op(fused_add_rms_norm_fwd, rows(input, n), rows(residual, n), weight, eps)
-    return y.view(input.shape), h.view(input.shape)
+    return shaped(y, input.shape), shaped(h, input.shape)
 
 
 GROUP_NORM_ACTIVATIONS = (None, "silu")
@@ -245,7 +270,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     s = input.numel() // (n * c)
     x = rows(input, d * s).view(n * num_groups, d, s)
     y, _, _ = call_op(group_norm_fwd, x, weight, bias, num_groups, eps, activation == "silu")
-    return y.view(input.shape)
+    return shaped(y, input.shape)
 
 
 __all__: List[str] = ["rms_norm", "layer_norm", "fused_add_rms_norm", "group_norm"]
