@@ -11,9 +11,11 @@
 // Windows two columns wide (kw = 2, the common 2x2 pooling) take a vector path: each window row's 2 K input
 // columns load as two vectors, deinterleave into the K windows' left and right columns, and the maximum and its
 // offset follow by compares and blends (the window's rows combined in order by the scalar loop's rule, which
-// gives the same element: the first maximum, or the last NaN); the backward interleaves each window row's
-// gradient back from dy blended by idx, writing every element of the window rows once (no zeroing pass), where
-// a row holds a vector of windows or more. Other windows take the scalar loop per window.
+// gives the same element: the first maximum, or the last NaN); rows shorter than a vector (1, 2, 4 or 8 windows,
+// as the zoo's 8x8 maps) fill the vectors with several output rows on AVX-512 (fwd_rows_w2_packed). The backward
+// interleaves each window row's gradient back from dy blended by idx, writing every element of the window rows
+// once (no zeroing pass), where a row holds a vector of windows or more. Other windows take the scalar loop per
+// window.
 #include <cmath>
 #include <limits>
 
@@ -51,6 +53,84 @@ inline void store_offsets(uint8_t* p, const V& v, int64_t n) {
   for (int64_t k = 0; k < n; ++k) p[k] = static_cast<uint8_t>(b[k]);
 }
 
+// Window row a of K windows (v0, v1: their 2 K input elements in order) folded into the running maximum m and its
+// offset best: within the row the right element if greater or NaN, then rows in order by the same rule (a later
+// row wins if greater or NaN), which gives the scalar loop's element.
+template <typename V>
+inline void fold_window_row(const V& v0, const V& v1, int64_t a, V& m, V& best) {
+  using A = typename V::value_type;
+  const auto [left, right] = at::vec::deinterleave2(v0, v1);
+  const V pick = (right > left) | right.isnan();
+  const V pm = V::blendv(left, right, pick);
+  const V pi = V::blendv(V(A(2 * a)), V(A(2 * a + 1)), pick);
+  if (a == 0) {
+    m = pm;
+    best = pi;
+  } else {
+    const V take = (pm > m) | pm.isnan();
+    m = V::blendv(m, pm, take);
+    best = V::blendv(best, pi, take);
+  }
+}
+
+template <typename scalar_t>
+inline void store_windows(scalar_t* y, uint8_t* idx, const Vectorized<acc_type<scalar_t>>& m,
+                          const Vectorized<acc_type<scalar_t>>& best, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
+    m.store(y, n);
+  } else {
+    store_out(y, m, n, false);
+  }
+  store_offsets(idx, best, n);
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// n (<= 16) elements at p into the lanes [lane, lane + n) of v (float lanes; 16-bit T widened exactly), the other
+// lanes kept: a masked load from p - lane, whose masked-off lanes are never read.
+template <typename T>
+inline __m512 load_run(__m512 v, const T* p, int64_t lane, int64_t n) {
+  const __mmask16 k = static_cast<__mmask16>(((1u << n) - 1) << lane);
+  const T* base = reinterpret_cast<const T*>(reinterpret_cast<uintptr_t>(p) - lane * sizeof(T));
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_mask_loadu_ps(v, k, base);
+  } else {
+    const __m256i h = _mm256_maskz_loadu_epi16(k, base);
+    const __m512 f = std::is_same_v<T, c10::BFloat16>
+                         ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+                         : _mm512_cvtph_ps(h);
+    return _mm512_mask_mov_ps(v, k, f);
+  }
+}
+
+// Rows of 2-column windows shorter than a vector, several output rows to a vector: where a window row's run of
+// L = 2 Wo input elements divides the 16 float lanes, v0 and v1 each hold 16 / L runs (of consecutive output rows,
+// each from its own row pointer, so planes and trailing rows need nothing special), which deinterleave into 16
+// windows of 32 / L output rows, contiguous in y and idx. Output rows [r0, r1): the groups of 32 / L rows; returns
+// the first row left for the per-row loop.
+template <typename scalar_t>
+int64_t fwd_rows_w2_packed(const scalar_t* xp, scalar_t* yp, uint8_t* ip, int64_t r0, int64_t r1, int64_t H,
+                           int64_t W, int64_t Ho, int64_t Wo, int64_t kh) {
+  using V = Vectorized<float>;
+  const int64_t L = 2 * Wo, per = 16 / L, m_rows = 2 * per;  // runs per vector, output rows per step
+  const scalar_t* rows[32];
+  int64_t r = r0;
+  for (; r + m_rows <= r1; r += m_rows) {
+    for (int64_t q = 0; q < m_rows; ++q) rows[q] = xp + ((r + q) / Ho) * H * W + ((r + q) % Ho) * kh * W;
+    V m, best;
+    for (int64_t a = 0; a < kh; ++a) {
+      __m512 v0 = _mm512_setzero_ps(), v1 = _mm512_setzero_ps();
+      for (int64_t q = 0; q < per; ++q) {
+        v0 = load_run(v0, rows[q] + a * W, q * L, L);
+        v1 = load_run(v1, rows[per + q] + a * W, q * L, L);
+      }
+      fold_window_row(V(v0), V(v1), a, m, best);
+    }
+    store_windows(yp + r * Wo, ip + r * Wo, m, best, 16);
+  }
+  return r;
+}
+#endif
+
 // Output rows [r0, r1) of 2-column windows (kw = 2): y and idx as the scalar loop writes them.
 template <typename scalar_t>
 void fwd_rows_w2(const scalar_t* xp, scalar_t* yp, uint8_t* ip, int64_t r0, int64_t r1, int64_t H, int64_t W,
@@ -58,6 +138,11 @@ void fwd_rows_w2(const scalar_t* xp, scalar_t* yp, uint8_t* ip, int64_t r0, int6
   using A = acc_type<scalar_t>;
   using V = Vectorized<A>;
   constexpr int64_t K = V::size();
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<A, float>) {
+    if (Wo < 16 && 16 % (2 * Wo) == 0) r0 = fwd_rows_w2_packed(xp, yp, ip, r0, r1, H, W, Ho, Wo, kh);
+  }
+#endif
   int64_t plane = r0 / Ho, i = r0 % Ho;  // r's plane and row in it, advanced with r
   for (int64_t r = r0; r < r1; ++r) {
     const scalar_t* row = xp + plane * H * W + i * kh * W;
@@ -70,25 +155,9 @@ void fwd_rows_w2(const scalar_t* xp, scalar_t* yp, uint8_t* ip, int64_t r0, int6
       V m, best;
       for (int64_t a = 0; a < kh; ++a) {
         const auto [v0, v1] = load2_n(row + a * W + 2 * j, 2 * n);
-        const auto [left, right] = at::vec::deinterleave2(v0, v1);
-        const V pick = (right > left) | right.isnan();  // within the row: the right one if greater or NaN
-        const V pm = V::blendv(left, right, pick);
-        const V pi = V::blendv(V(A(2 * a)), V(A(2 * a + 1)), pick);
-        if (a == 0) {
-          m = pm;
-          best = pi;
-        } else {  // rows in order, by the same rule: a later row wins if greater or NaN
-          const V take = (pm > m) | pm.isnan();
-          m = V::blendv(m, pm, take);
-          best = V::blendv(best, pi, take);
-        }
+        fold_window_row(v0, v1, a, m, best);
       }
-      if constexpr (std::is_same_v<scalar_t, A>) {
-        m.store(yp + r * Wo + j, n);
-      } else {
-        store_out(yp + r * Wo + j, m, n, false);
-      }
-      store_offsets(ip + r * Wo + j, best, n);
+      store_windows(yp + r * Wo + j, ip + r * Wo + j, m, best, n);
     }
   }
 }

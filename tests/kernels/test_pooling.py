@@ -16,9 +16,11 @@ CASES, IDS = impl_cases(triton_pooling)
 SHAPES = [(1, 1, 1, 1, 1), (3, 8, 8, 2, 2), (5, 7, 9, 2, 3), (2, 5, 123, 3, 2), (4, 17, 17, 17, 1), (2, 16, 16, 16, 16)]
 # The C++ vector path of 2-column windows (kw = 2): (planes, H, W, kh) with one window per row, rows shorter than a
 # vector (the zoo's 8x8 maps), 16 and 32 windows (whole 8- and 16-lane float vectors, two and one 8-lane double),
-# a whole vector and one window more, odd widths (a trailing column) and trailing rows, kh of 1 to 4.
+# a whole vector and one window more, odd widths (a trailing column) and trailing rows, kh of 1 to 4; rows of 1, 2,
+# 4 and 8 windows, which the AVX-512 build packs several to a vector (16 / (2 Wo) rows: plane ends and trailing rows
+# inside a vector, a count of rows that leaves some to the per-row loop).
 SHAPES_W2 = [(3, 2, 2, 2), (7, 8, 8, 2), (2, 6, 32, 2), (2, 4, 64, 1), (1, 5, 34, 3), (3, 9, 67, 2), (2, 11, 130, 4),
-             (4, 3, 17, 1)]
+             (4, 3, 17, 1), (5, 4, 4, 2), (3, 7, 8, 2), (7, 5, 16, 1), (20, 2, 3, 2), (3, 9, 4, 3)]
 
 
 def _torch(x, kh, kw, dy):
