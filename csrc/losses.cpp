@@ -517,8 +517,8 @@ void rows_impl(int64_t loss, const at::Tensor& x1, const at::Tensor& x2, const a
   for (int k = 0; k < 3; ++k) gp[k] = g[k].defined() && g[k].numel() ? g[k].mutable_data_ptr<T>() : nullptr;
   const Vec veps(static_cast<A>(c));
   // float / double gradients around the cache where the rows and the gradients outgrow it (vec.h stream_outputs):
-  // each gradient row is written once and read by none of this call's work. Not 16-bit ones: there a vector is
-  // half a line, and streamed half lines timed slower than plain stores (triplet, AMD EPYC).
+  // each gradient row is written once and read by none of this call's work. Not 16-bit ones: streamed, they timed
+  // no faster than plain stores, half lines or whole (triplet, AMD EPYC).
   int64_t streams = (p1 != nullptr) + (p2 != nullptr) + (p3 != nullptr);
   for (int k = 0; k < 3; ++k) streams += gp[k] != nullptr;
   const bool nt = LV::kWide && dl && stream_outputs(streams * N * D * int64_t(sizeof(T)));
@@ -534,6 +534,9 @@ void rows_impl(int64_t loss, const at::Tensor& x1, const at::Tensor& x2, const a
       auto ld = [&](const T* q, int64_t i, int64_t count) { return LV::load(q + i, count); };
       auto st = [&](T* q, int64_t i, int64_t count, const Vec& val) {  // a gradient not asked for: skipped
         if (q) LV::store(q + i, val, count, nt);
+      };
+      auto st2 = [&](T* q, int64_t i, const Vec& lo, const Vec& hi) {  // 2 K elements, one conversion (16-bit)
+        if (q) store2(q + i, lo, hi);
       };
       if (loss == TRIPLET || loss == TRIPLET_SWAP) {  // u anchor, v positive, z negative; a margin, b p, c eps
         auto dist = [&](const T* q0, const T* q1) {
@@ -584,14 +587,32 @@ void rows_impl(int64_t loss, const at::Tensor& x1, const at::Tensor& x2, const a
         if (lp) lp[r] = vv < A(0) ? A(0) : vv;
         if (!dl) continue;
         const Vec act(vv >= A(0) ? gs : A(0));
-        for (int64_t i = 0; i < D; i += LV::K) {
-          const int64_t n = std::min(LV::K, D - i);
+        const auto grads = [&](int64_t i, int64_t n, Vec* o) {  // the three gradients' vectors at i
           const Vec xa = ld(u, i, n), xp = ld(v, i, n), xn = ld(z, i, n);
           const Vec gap = norm_grad(xa - xp + veps, dap, b);
           const Vec gneg = use_pn ? norm_grad(xp - xn + veps, dpn, b) : norm_grad(xa - xn + veps, dan, b);
-          st(g0, i, n, act * (use_pn ? gap : gap - gneg));
-          st(g1, i, n, act * (use_pn ? gap.neg() - gneg : gap.neg()));
-          st(g2, i, n, act * gneg);
+          o[0] = act * (use_pn ? gap : gap - gneg);
+          o[1] = act * (use_pn ? gap.neg() - gneg : gap.neg());
+          o[2] = act * gneg;
+        };
+        int64_t i = 0;
+        if constexpr (!LV::kWide) {  // 16-bit: two vectors rounded and stored together
+          for (; i + 2 * LV::K <= D; i += 2 * LV::K) {
+            Vec lo[3], hi[3];
+            grads(i, LV::K, lo);
+            grads(i + LV::K, LV::K, hi);
+            st2(g0, i, lo[0], hi[0]);
+            st2(g1, i, lo[1], hi[1]);
+            st2(g2, i, lo[2], hi[2]);
+          }
+        }
+        for (; i < D; i += LV::K) {
+          const int64_t n = std::min(LV::K, D - i);
+          Vec o[3];
+          grads(i, n, o);
+          st(g0, i, n, o[0]);
+          st(g1, i, n, o[1]);
+          st(g2, i, n, o[2]);
         }
       } else if (loss == COSINE) {  // u, v; a margin; label y in {1, -1} (others: 0)
         const T* yv = y.const_data_ptr<T>();
