@@ -961,6 +961,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
   return {dx, dw, db};
 }
 
+// `tritium info`: how the forwards round a bfloat16 output (the row norms' normalize pass, group_norm's)
+const bool kPathsReported = cpu::register_paths([] {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
+  const bool ins = cpu::features().avx512_bf16;
+#else
+  const bool ins = false;
+#endif
+  return std::vector<std::pair<std::string, std::string>>{
+      {"norms.bfloat16_output", ins ? "vcvtne2ps2bf16, two vectors a store (AVX512-BF16)"
+                                    : "ATen's integer rounding, a vector at a time"}};
+});
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tritium, CPU, m) {

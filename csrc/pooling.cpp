@@ -14,11 +14,12 @@
 // gives the same element: the first maximum, or the last NaN); rows shorter than a vector (1, 2, 4 or 8 windows,
 // as the zoo's 8x8 maps) fill the vectors with several output rows on AVX-512 (fwd_rows_w2_packed). The backward
 // interleaves each window row's gradient back from dy blended by idx, writing every element of the window rows
-// once (no zeroing pass), where a row holds a vector of windows or more. Other windows take the scalar loop per
-// window.
+// once (no zeroing pass), where a row holds a vector of windows or more or the packed path takes it
+// (bwd_rows_w2_packed). Other windows take the scalar loop per window.
 #include <cmath>
 #include <limits>
 
+#include "cpu.h"
 #include "pool.h"
 #include "vec.h"
 
@@ -131,6 +132,17 @@ int64_t fwd_rows_w2_packed(const scalar_t* xp, scalar_t* yp, uint8_t* ip, int64_
 }
 #endif
 
+// Whether rows of Wo 2-column windows take the packed paths (the AVX-512 build, float lanes)
+template <typename scalar_t>
+constexpr bool packed_rows(int64_t Wo) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return std::is_same_v<acc_type<scalar_t>, float> && Wo < 16 && 16 % (2 * Wo) == 0;
+#else
+  static_cast<void>(Wo);
+  return false;
+#endif
+}
+
 // Output rows [r0, r1) of 2-column windows (kw = 2): y and idx as the scalar loop writes them.
 template <typename scalar_t>
 void fwd_rows_w2(const scalar_t* xp, scalar_t* yp, uint8_t* ip, int64_t r0, int64_t r1, int64_t H, int64_t W,
@@ -140,7 +152,7 @@ void fwd_rows_w2(const scalar_t* xp, scalar_t* yp, uint8_t* ip, int64_t r0, int6
   constexpr int64_t K = V::size();
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<A, float>) {
-    if (Wo < 16 && 16 % (2 * Wo) == 0) r0 = fwd_rows_w2_packed(xp, yp, ip, r0, r1, H, W, Ho, Wo, kh);
+    if (packed_rows<scalar_t>(Wo)) r0 = fwd_rows_w2_packed(xp, yp, ip, r0, r1, H, W, Ho, Wo, kh);
   }
 #endif
   int64_t plane = r0 / Ho, i = r0 % Ho;  // r's plane and row in it, advanced with r
@@ -162,15 +174,82 @@ void fwd_rows_w2(const scalar_t* xp, scalar_t* yp, uint8_t* ip, int64_t r0, int6
   }
 }
 
+// The parts of output row r's input rows that no window covers, zeroed: the trailing odd column of its kh rows,
+// and its plane's trailing rows with the plane's last output row (all-zero bits: +0.0 in every dtype).
+template <typename scalar_t>
+inline void zero_uncovered(scalar_t* dxp, int64_t r, int64_t H, int64_t W, int64_t Ho, int64_t kh) {
+  scalar_t* plane = dxp + (r / Ho) * H * W;
+  scalar_t* rows = plane + (r % Ho) * kh * W;
+  if (W % 2) {
+    for (int64_t a = 0; a < kh; ++a) rows[a * W + W - 1] = scalar_t(0);
+  }
+  if (r % Ho == Ho - 1 && H > Ho * kh) {
+    std::memset(static_cast<void*>(plane + Ho * kh * W), 0, sizeof(scalar_t) * (H - Ho * kh) * W);
+  }
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// Lanes [lane, lane + n) of v stored as T at p (p[k] = v[lane + k]): a masked store to p - lane, whose masked-off
+// lanes are never written. 16-bit values narrow exactly (they are dy's values or zero).
+template <typename T>
+inline void store_run(T* p, int64_t lane, int64_t n, __m512 v) {
+  const __mmask16 k = static_cast<__mmask16>(((1u << n) - 1) << lane);
+  T* base = reinterpret_cast<T*>(reinterpret_cast<uintptr_t>(p) - lane * sizeof(T));
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_mask_storeu_ps(base, k, v);
+  } else {
+    const __m256i h = std::is_same_v<T, c10::BFloat16>
+                          ? _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16))
+                          : _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_mask_storeu_epi16(base, k, h);
+  }
+}
+
+// The backward of fwd_rows_w2_packed's rows: 16 windows' dy and offsets, each window row's gradient interleaved
+// back into 2 x 16 lanes that hold the input runs of 32 / L output rows, stored run by run at each row's pointer
+// (every covered element written once); returns the first row left for bwd_rows_w2.
+template <typename scalar_t>
+int64_t bwd_rows_w2_packed(const scalar_t* dyp, const uint8_t* ip, scalar_t* dxp, int64_t r0, int64_t r1,
+                           int64_t H, int64_t W, int64_t Ho, int64_t Wo, int64_t kh) {
+  using V = Vectorized<float>;
+  const int64_t L = 2 * Wo, per = 16 / L, m_rows = 2 * per;
+  scalar_t* rows[32];
+  int64_t r = r0;
+  for (; r + m_rows <= r1; r += m_rows) {
+    for (int64_t q = 0; q < m_rows; ++q) rows[q] = dxp + ((r + q) / Ho) * H * W + ((r + q) % Ho) * kh * W;
+    const V d(load_run(_mm512_setzero_ps(), dyp + r * Wo, 0, 16));
+    const V off(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(ip + r * Wo)))));
+    for (int64_t a = 0; a < kh; ++a) {
+      const V left = V::blendv(V(0), d, off == V(float(2 * a)));
+      const V right = V::blendv(V(0), d, off == V(float(2 * a + 1)));
+      const auto [lo, hi] = at::vec::interleave2(left, right);
+      for (int64_t q = 0; q < per; ++q) {
+        store_run(rows[q] + a * W, q * L, L, lo);
+        store_run(rows[per + q] + a * W, q * L, L, hi);
+      }
+    }
+    for (int64_t q = 0; q < m_rows; ++q) zero_uncovered(dxp, r + q, H, W, Ho, kh);
+  }
+  return r;
+}
+#endif
+
 // Output rows [r0, r1) of the backward of 2-column windows: the kh input rows under each output row, written
 // whole (their trailing odd column zeroed), and a plane's trailing rows zeroed with its last output row. Taken for
-// rows of a vector of windows or more (shorter rows cost less by the scalar scatter into a zeroed plane).
+// rows of a vector of windows or more, or of the packed paths' lengths (other short rows cost less by the scalar
+// scatter into a zeroed plane).
 template <typename scalar_t>
 void bwd_rows_w2(const scalar_t* dyp, const uint8_t* ip, scalar_t* dxp, int64_t r0, int64_t r1, int64_t H,
                  int64_t W, int64_t Ho, int64_t Wo, int64_t kh) {
   using A = acc_type<scalar_t>;
   using V = Vectorized<A>;
   constexpr int64_t K = V::size();
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<A, float>) {
+    if (packed_rows<scalar_t>(Wo)) r0 = bwd_rows_w2_packed(dyp, ip, dxp, r0, r1, H, W, Ho, Wo, kh);
+  }
+#endif
   for (int64_t r = r0; r < r1; ++r) {
     scalar_t* plane = dxp + (r / Ho) * H * W;
     scalar_t* rows = plane + (r % Ho) * kh * W;
@@ -193,12 +272,7 @@ void bwd_rows_w2(const scalar_t* dyp, const uint8_t* ip, scalar_t* dxp, int64_t 
         }
       }
     }
-    if (W % 2) {
-      for (int64_t a = 0; a < kh; ++a) rows[a * W + W - 1] = scalar_t(0);
-    }
-    if (r % Ho == Ho - 1 && H > Ho * kh) {  // all-zero bits: +0.0 in every dtype
-      std::memset(static_cast<void*>(plane + Ho * kh * W), 0, sizeof(scalar_t) * (H - Ho * kh) * W);
-    }
+    zero_uncovered(dxp, r, H, W, Ho, kh);
   }
 }
 
@@ -265,7 +339,7 @@ at::Tensor max_pool2d_bwd(const at::Tensor& dy, const at::Tensor& idx, int64_t k
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     const uint8_t* ip = idx.const_data_ptr<uint8_t>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-    if (kw == 2 && Wo >= VecIO<scalar_t>::kSize && dy.numel() > 0) {
+    if (kw == 2 && (Wo >= VecIO<scalar_t>::kSize || packed_rows<scalar_t>(Wo)) && dy.numel() > 0) {
       at::parallel_for(0, P * Ho, row_grain(kh * W), [&](int64_t r0, int64_t r1) {
         bwd_rows_w2(dyp, ip, dxp, r0, r1, H, W, Ho, Wo, kh);
       });
@@ -289,6 +363,16 @@ at::Tensor max_pool2d_bwd(const at::Tensor& dy, const at::Tensor& idx, int64_t k
   });
   return dx;
 }
+
+// `tritium info`: the forward's path for 2x2-style windows (kw = 2) on rows shorter than a vector
+const bool kPathsReported = cpu::register_paths([] {
+#if defined(CPU_CAPABILITY_AVX512)
+  const char* small = "rows of 1, 2, 4 or 8 windows packed several to a vector (AVX-512)";
+#else
+  const char* small = "a vector pass per row (lanes past the row unused)";
+#endif
+  return std::vector<std::pair<std::string, std::string>>{{"max_pool2d.short_rows", small}};
+});
 
 }  // namespace
 

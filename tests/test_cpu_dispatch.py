@@ -50,8 +50,11 @@ def test_features_match_cpuinfo():
 
 def test_paths_name_every_family():
     paths = cpu_paths()
-    for case in ("attention.float32", "attention.bfloat16", "attention.float16", "quant_linear"):
+    for case in ("attention.float32", "attention.bfloat16", "attention.float16", "quant_linear",
+                 "norms.bfloat16_output", "max_pool2d.short_rows"):
         assert paths.get(case), f"{case} missing from {paths}"
+    assert ("AVX512-BF16" in paths["norms.bfloat16_output"]) == HAS_BF16_DOT
+    assert ("AVX-512" in paths["max_pool2d.short_rows"]) == (tritium._kernels.WIDTH == "avx512")
     assert paths["attention.float32"] == "panels"
     bf16 = paths["attention.bfloat16"]
     if HAS_AMX:
@@ -76,6 +79,7 @@ def test_disabled_features_are_never_selected():
     assert not {"avx512", "avx512_vnni", "avx512_bf16", "avx512_fp16"} & set(feats)
     assert paths["quant_linear"] == ("avx2" if "avx2" in feats else "none")
     assert "AVX512-BF16" not in paths["attention.bfloat16"]
+    assert "AVX512-BF16" not in paths["norms.bfloat16_output"] and "AVX-512" not in paths["max_pool2d.short_rows"]
     feats, paths = _in_subprocess(code, "all")
     assert feats == [] and paths["quant_linear"] == "none"
 
