@@ -231,6 +231,13 @@ the last-level cache written with streaming stores, and distillation's exponenti
 per class saved at temperature 1 or 2. Five rounds over eager, compile and tritium in turn, each side the median.
 """
 
+POOLING_PROSE = """\
+2x2 max pooling at stride 2 (`tritium.max_pool2d`) on channels-first maps against `F.max_pool2d` and torch.compile
+of it: the Siamese CNN's (128, 32, 8, 8) map (the headline shape) and a larger CNN's (32, 64, 56, 56). Rows of 1, 2,
+4 or 8 windows (the 8x8 maps) are packed several to a vector on the AVX-512 build, forward and backward. Five rounds
+over eager, compile and tritium in turn, each side the median.
+"""
+
 LORA_INT4_PROSE = """\
 `lora_linear` on an int4 base (group 32: the frozen weight read as 4-bit blocks in the kernel, dx by the quantized
 op's input gradient) against PEFT's LoRA layer on a `torch.nn.Linear` holding the dequantised float weight (there is
@@ -651,6 +658,9 @@ KNOWN = [
     ("ops-rows-amd-avx512.json", "tritium bench ops --op batch_norm_act --op distillation_loss --headline --rounds 5 "
                                  "--json bench/results/ops-rows-amd-avx512.json",
      f"Re-recorded headline rows on {MACHINE_KINDS['amd-avx512']}", ROWS_PROSE, ops_section),
+    ("pooling-amd-avx512.json", "tritium bench ops --op max_pool2d --rounds 5 --json "
+                                "bench/results/pooling-amd-avx512.json",
+     f"Max pooling on {MACHINE_KINDS['amd-avx512']}", POOLING_PROSE, ops_section),
     ("lora-int4-amd-avx512.json", "tritium bench ops --op lora_linear_int4 --rounds 3 --json "
                                   "bench/results/lora-int4-amd-avx512.json",
      f"LoRA on an int4 base on {MACHINE_KINDS['amd-avx512']}", LORA_INT4_PROSE, ops_section),
