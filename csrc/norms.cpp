@@ -100,14 +100,6 @@ void row_normalize(const A* x, T* y, const A* w, const A* b, int64_t n, A mean, 
   }
 }
 
-template <typename T, typename A>
-void row_normalize_any(const A* x, T* y, const A* w, const A* b, int64_t n, A mean, A rstd, bool stream = false) {
-  if (w && b) return row_normalize<true, true>(x, y, w, b, n, mean, rstd, stream);
-  if (w) return row_normalize<true, false>(x, y, w, b, n, mean, rstd, stream);
-  if (b) return row_normalize<false, true>(x, y, w, b, n, mean, rstd, stream);
-  return row_normalize<false, false>(x, y, w, b, n, mean, rstd, stream);
-}
-
 #if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
 // row_normalize for bfloat16 y on a CPU with AVX512-BF16 (called only where cpu::features().avx512_bf16 holds):
 // two vectors rounded by one vcvtne2ps2bf16 (round to nearest even, as torch's) instead of ATen's integer rounding
@@ -145,26 +137,28 @@ TRITIUM_BF16_DOT void row_normalize_bf16ins(const float* x, c10::BFloat16* y, co
     y[i] = static_cast<c10::BFloat16>(v);
   }
 }
-
-inline void row_normalize_bf16ins_any(const float* x, c10::BFloat16* y, const float* w, const float* b, int64_t n,
-                                      float mean, float rstd, bool stream) {
-  if (w && b) return row_normalize_bf16ins<true, true>(x, y, w, b, n, mean, rstd, stream);
-  if (w) return row_normalize_bf16ins<true, false>(x, y, w, b, n, mean, rstd, stream);
-  if (b) return row_normalize_bf16ins<false, true>(x, y, w, b, n, mean, rstd, stream);
-  return row_normalize_bf16ins<false, false>(x, y, w, b, n, mean, rstd, stream);
-}
 #endif
 
-// row_normalize_any, through row_normalize_bf16ins for bfloat16 where the CPU has AVX512-BF16 (bf16_ins).
-template <typename T, typename A>
-inline void row_normalize_out(const A* x, T* y, const A* w, const A* b, int64_t n, A mean, A rstd, bool stream,
-                              [[maybe_unused]] bool bf16_ins) {
+// row_normalize, or row_normalize_bf16ins for bfloat16 y where the CPU has AVX512-BF16 (bf16_ins)
+template <bool HAS_W, bool HAS_B, typename T, typename A>
+inline void row_normalize_pick(const A* x, T* y, const A* w, const A* b, int64_t n, A mean, A rstd, bool stream,
+                               [[maybe_unused]] bool bf16_ins) {
 #if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (bf16_ins) return row_normalize_bf16ins_any(x, y, w, b, n, mean, rstd, stream);
+    if (bf16_ins) return row_normalize_bf16ins<HAS_W, HAS_B>(x, y, w, b, n, mean, rstd, stream);
   }
 #endif
-  row_normalize_any(x, y, w, b, n, mean, rstd, stream);
+  row_normalize<HAS_W, HAS_B>(x, y, w, b, n, mean, rstd, stream);
+}
+
+// One row's normalize pass, the weight and bias terms compiled in where they are given.
+template <typename T, typename A>
+inline void row_normalize_out(const A* x, T* y, const A* w, const A* b, int64_t n, A mean, A rstd, bool stream,
+                              bool bf16_ins) {
+  if (w && b) return row_normalize_pick<true, true>(x, y, w, b, n, mean, rstd, stream, bf16_ins);
+  if (w) return row_normalize_pick<true, false>(x, y, w, b, n, mean, rstd, stream, bf16_ins);
+  if (b) return row_normalize_pick<false, true>(x, y, w, b, n, mean, rstd, stream, bf16_ins);
+  return row_normalize_pick<false, false>(x, y, w, b, n, mean, rstd, stream, bf16_ins);
 }
 
 // h = x + r, rounded to T as the unfused add would round it.
@@ -294,14 +288,11 @@ std::vector<at::Tensor> norm_bwd(const at::Tensor& dy, const at::Tensor& x, cons
   const bool centered = mean.has_value();
   need_dw = need_dw && weight.has_value();
   auto dx = empty({M, N}, x.options());
-  const int64_t grain = row_grain(N);
-  // One partial row per thread; one in all where parallel_for runs the rows inline on the calling thread (its
-  // condition), and that row is then dw / db itself: no reduction, which costs more than a small call's rows.
-  const bool inline_rows = !(M > grain && M > 1 && !at::in_parallel_region() && at::get_num_threads() > 1);
-  const int64_t T = inline_rows ? 1 : at::get_num_threads();
+  const int64_t T = at::get_num_threads();
   auto acc_opts = x.options().dtype(acc_dtype(x.scalar_type()));
   auto dw_part = need_dw ? at::zeros({T, N}, acc_opts) : at::Tensor();
   auto db_part = need_db ? at::zeros({T, N}, acc_opts) : at::Tensor();
+  std::atomic<bool> spread{false};  // a thread other than the caller's ran rows
   TRITIUM_DISPATCH_FLOATING(x.scalar_type(), "tritium_norm_bwd", [&] {
     using A = acc_type<scalar_t>;
     using Vec = Vectorized<A>;
@@ -316,8 +307,9 @@ std::vector<at::Tensor> norm_bwd(const at::Tensor& dy, const at::Tensor& x, cons
     A* dwp = need_dw ? dw_part.mutable_data_ptr<A>() : nullptr;
     A* dbp = need_db ? db_part.mutable_data_ptr<A>() : nullptr;
     const int64_t sdy = dy.stride(0), sx = x.stride(0), sgr = grp ? grad_residual->stride(0) : 0;
-    at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
-      const int64_t tid = inline_rows ? 0 : at::get_thread_num();
+    at::parallel_for(0, M, row_grain(N), [&](int64_t begin, int64_t end) {
+      const int64_t tid = at::get_thread_num();
+      if (tid != 0) spread.store(true, std::memory_order_relaxed);
       A* dw_t = dwp ? dwp + tid * N : nullptr;
       A* db_t = dbp ? dbp + tid * N : nullptr;
       std::vector<A> wbuf, dybuf, xbuf, ones;
@@ -388,7 +380,11 @@ std::vector<at::Tensor> norm_bwd(const at::Tensor& dy, const at::Tensor& x, cons
       }
     });
   });
-  auto finish = [&](const at::Tensor& part) { return (T == 1 ? part.view({N}) : part.sum(0)).to(x.scalar_type()); };
+  // one partial row per thread; where only the calling thread's row was written (rows run inline: a small call),
+  // that row is dw / db itself, without the reduction, which costs more than a small call's rows
+  auto finish = [&](const at::Tensor& part) {
+    return (spread.load() ? part.sum(0) : part.select(0, 0)).to(x.scalar_type());
+  };
   at::Tensor dw = need_dw ? finish(dw_part) : at::empty({0}, x.options());
   at::Tensor db = need_db ? finish(db_part) : at::empty({0}, x.options());
   return {dx, dw, db};

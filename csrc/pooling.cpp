@@ -54,6 +54,11 @@ inline void store_offsets(uint8_t* p, const V& v, int64_t n) {
   for (int64_t k = 0; k < n; ++k) p[k] = static_cast<uint8_t>(b[k]);
 }
 
+// The offset in x (and dx) of output row r's first input row: its plane r / Ho, its window row r % Ho.
+inline int64_t window_rows(int64_t r, int64_t H, int64_t W, int64_t Ho, int64_t kh) {
+  return (r / Ho) * H * W + (r % Ho) * kh * W;
+}
+
 // Window row a of K windows (v0, v1: their 2 K input elements in order) folded into the running maximum m and its
 // offset best: within the row the right element if greater or NaN, then rows in order by the same rule (a later
 // row wins if greater or NaN), which gives the scalar loop's element.
@@ -116,7 +121,7 @@ int64_t fwd_rows_w2_packed(const scalar_t* xp, scalar_t* yp, uint8_t* ip, int64_
   const scalar_t* rows[32];
   int64_t r = r0;
   for (; r + m_rows <= r1; r += m_rows) {
-    for (int64_t q = 0; q < m_rows; ++q) rows[q] = xp + ((r + q) / Ho) * H * W + ((r + q) % Ho) * kh * W;
+    for (int64_t q = 0; q < m_rows; ++q) rows[q] = xp + window_rows(r + q, H, W, Ho, kh);
     V m, best;
     for (int64_t a = 0; a < kh; ++a) {
       __m512 v0 = _mm512_setzero_ps(), v1 = _mm512_setzero_ps();
@@ -178,13 +183,12 @@ void fwd_rows_w2(const scalar_t* xp, scalar_t* yp, uint8_t* ip, int64_t r0, int6
 // and its plane's trailing rows with the plane's last output row (all-zero bits: +0.0 in every dtype).
 template <typename scalar_t>
 inline void zero_uncovered(scalar_t* dxp, int64_t r, int64_t H, int64_t W, int64_t Ho, int64_t kh) {
-  scalar_t* plane = dxp + (r / Ho) * H * W;
-  scalar_t* rows = plane + (r % Ho) * kh * W;
+  scalar_t* rows = dxp + window_rows(r, H, W, Ho, kh);
   if (W % 2) {
     for (int64_t a = 0; a < kh; ++a) rows[a * W + W - 1] = scalar_t(0);
   }
   if (r % Ho == Ho - 1 && H > Ho * kh) {
-    std::memset(static_cast<void*>(plane + Ho * kh * W), 0, sizeof(scalar_t) * (H - Ho * kh) * W);
+    std::memset(static_cast<void*>(rows + kh * W), 0, sizeof(scalar_t) * (H - Ho * kh) * W);  // past the last window
   }
 }
 
@@ -216,7 +220,7 @@ int64_t bwd_rows_w2_packed(const scalar_t* dyp, const uint8_t* ip, scalar_t* dxp
   scalar_t* rows[32];
   int64_t r = r0;
   for (; r + m_rows <= r1; r += m_rows) {
-    for (int64_t q = 0; q < m_rows; ++q) rows[q] = dxp + ((r + q) / Ho) * H * W + ((r + q) % Ho) * kh * W;
+    for (int64_t q = 0; q < m_rows; ++q) rows[q] = dxp + window_rows(r + q, H, W, Ho, kh);
     const V d(load_run(_mm512_setzero_ps(), dyp + r * Wo, 0, 16));
     const V off(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
         _mm_loadu_si128(reinterpret_cast<const __m128i*>(ip + r * Wo)))));
@@ -251,8 +255,7 @@ void bwd_rows_w2(const scalar_t* dyp, const uint8_t* ip, scalar_t* dxp, int64_t 
   }
 #endif
   for (int64_t r = r0; r < r1; ++r) {
-    scalar_t* plane = dxp + (r / Ho) * H * W;
-    scalar_t* rows = plane + (r % Ho) * kh * W;
+    scalar_t* rows = dxp + window_rows(r, H, W, Ho, kh);
     for (int64_t j = 0; j < Wo; j += K) {
       const int64_t n = std::min(K, Wo - j);
       const V d = load2_n(dyp + r * Wo + j, n).first;
@@ -300,7 +303,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_fwd(const at::Tensor& x, int64_t k
         return;
       }
       for (int64_t r = r0; r < r1; ++r) {  // r: one output row (plane r / Ho, row r % Ho)
-        const scalar_t* row = xp + (r / Ho) * H * W + (r % Ho) * kh * W;
+        const scalar_t* row = xp + window_rows(r, H, W, Ho, kh);
         scalar_t* yo = yp + r * Wo;
         uint8_t* io = ip + r * Wo;
         for (int64_t j = 0; j < Wo; ++j) {
@@ -364,7 +367,7 @@ at::Tensor max_pool2d_bwd(const at::Tensor& dy, const at::Tensor& idx, int64_t k
   return dx;
 }
 
-// `tritium info`: the forward's path for 2x2-style windows (kw = 2) on rows shorter than a vector
+// `tritium info`: the path of 2-column windows (kw = 2) on rows shorter than a vector, forward and backward
 const bool kPathsReported = cpu::register_paths([] {
 #if defined(CPU_CAPABILITY_AVX512)
   const char* small = "rows of 1, 2, 4 or 8 windows packed several to a vector (AVX-512)";
