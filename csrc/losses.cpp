@@ -800,6 +800,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_rows
 // blocks' matmuls round them as eager's 16-bit matmul does: read in the accumulation dtype A). Returns the rows'
 // log-sum-exp over [s | sn] (B,), and (symmetric) the running column max and exp-sum over the rows seen so far
 // updated with this block: m' = max(m, max_i s_ij), e' = e exp(m - m') + sum_i exp(s_ij - m'); all in A.
+// offset c (the caller's bound on |s|, at most kNceOffsetMax: see nce_fixed_rows): one exp per element, one pass
+// over the block instead of four, no maxima: lse_i = c + log sum_j exp(s_ij - c), m' = c,
+// e' = e exp(m - c) + sum_i exp(s_ij - c).
 template <typename T>
 acc_type<T> row_lse(const T* x, int64_t n, acc_type<T> m) {
   using IO = VecIO<T>;
@@ -822,9 +825,49 @@ void check_nce_block(const at::Tensor& s, const char* op) {
               op, ": s must be a contiguous (B, N) float32/float64/bfloat16/float16 block");
 }
 
+// The fixed-offset statistics: with |s| <= c <= kNceOffsetMax every s - c lies in [-2c, 0], so exp(s - c) is
+// a normal float (>= e^-64) and no sum can overflow; the inputs are then finite (NaN-free), so the inlined exp.
+constexpr double kNceOffsetMax = 32.0;
+
+template <typename T, bool COLS>
+void nce_fixed_rows(const T* sp, const T* np, int64_t N, int64_t M, int64_t b0, int64_t b1, acc_type<T> c,
+                    acc_type<T>* lp, acc_type<T>* cs) {
+  using IO = VecIO<T>;
+  using V = typename IO::Vec;
+  using A = acc_type<T>;
+  constexpr int64_t K = IO::kSize;
+  const V vc(c);
+  // rows two at a time: each column sum is loaded and stored once per pair
+  for (int64_t r = b0; r < b1; r += 2) {
+    const int64_t nr = std::min<int64_t>(2, b1 - r);
+    const T* row0 = sp + r * N;
+    const T* row1 = row0 + (nr == 2 ? N : 0);
+    V acc0(0), acc1(0);
+    int64_t j = 0;
+    for (; j + K <= N; j += K) {
+      const V e0 = fexp_finite(IO::load(row0 + j) - vc);
+      const V e1 = nr == 2 ? fexp_finite(IO::load(row1 + j) - vc) : V(0);
+      acc0 = acc0 + e0;
+      acc1 = acc1 + e1;
+      if constexpr (COLS) (V::loadu(cs + j) + e0 + e1).store(cs + j);
+    }
+    A sum0 = hsum(acc0), sum1 = hsum(acc1);
+    for (; j < N; ++j) {
+      const A e0 = std::exp(static_cast<A>(row0[j]) - c), e1 = nr == 2 ? std::exp(static_cast<A>(row1[j]) - c) : A(0);
+      sum0 += e0;
+      sum1 += e1;
+      if constexpr (COLS) cs[j] += e0 + e1;
+    }
+    for (int64_t i = 0; i < nr; ++i) {
+      const A sum = (i == 0 ? sum0 : sum1) + (np ? row_lse(np + (r + i) * M, M, c) : A(0));
+      lp[r + i] = c + std::log(sum);
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_block_fwd(const at::Tensor& s, const std::optional<at::Tensor>& sn,
                                                              const at::Tensor& m_col, const at::Tensor& e_col,
-                                                             bool symmetric) {
+                                                             bool symmetric, std::optional<double> offset) {
   check_nce_block(s, "nce_block_fwd");
   const auto adt = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t B = s.size(0), N = s.size(1), M = sn ? sn->size(1) : 0;
@@ -841,6 +884,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_block_fwd(const at::Tensor& s
   at::Tensor lse = at::empty({B}, aopt);
   at::Tensor m_new = symmetric ? at::empty({N}, aopt) : at::empty({0}, aopt);
   at::Tensor e_new = symmetric ? at::empty({N}, aopt) : at::empty({0}, aopt);
+  if (offset) {
+    TORCH_CHECK(*offset >= 0 && *offset <= kNceOffsetMax, "nce_block_fwd: offset must be in [0, ", kNceOffsetMax,
+                "], got ", *offset);
+    // one column-sum row per thread (zeros for a thread that runs no rows), summed into e' after the pass
+    const int64_t nt = symmetric ? at::get_num_threads() : 0;
+    at::Tensor part = at::zeros({nt, N}, aopt);
+    TRITIUM_DISPATCH_FLOATING(s.scalar_type(), "tritium_nce_block_fwd_fixed", [&] {
+      using T = scalar_t;
+      using A = acc_type<T>;
+      const A c = static_cast<A>(*offset);
+      const T* sp = s.const_data_ptr<T>();
+      const T* np = sn ? sn->const_data_ptr<T>() : nullptr;
+      A* lp = lse.mutable_data_ptr<A>();
+      A* pp = part.mutable_data_ptr<A>();
+      at::parallel_for(0, B, row_grain(N + M), [&](int64_t b0, int64_t b1) {
+        if (symmetric) {
+          nce_fixed_rows<T, true>(sp, np, N, M, b0, b1, c, lp, pp + at::get_thread_num() * N);
+        } else {
+          nce_fixed_rows<T, false>(sp, np, N, M, b0, b1, c, lp, nullptr);
+        }
+      });
+      if (!symmetric) return;
+      const A* mo = m_col.const_data_ptr<A>();
+      const A* eo = e_col.const_data_ptr<A>();
+      A* mn = m_new.mutable_data_ptr<A>();
+      A* en = e_new.mutable_data_ptr<A>();
+      for (int64_t j = 0; j < N; ++j) {
+        A e = eo[j] == A(0) ? A(0) : mo[j] == c ? eo[j] : eo[j] * std::exp(mo[j] - c);
+        for (int64_t t = 0; t < nt; ++t) e += pp[t * N + j];
+        mn[j] = c;
+        en[j] = e;
+      }
+    });
+    return {lse, m_new, e_new};
+  }
   TRITIUM_DISPATCH_FLOATING(s.scalar_type(), "tritium_nce_block_fwd", [&] {
     using T = scalar_t;
     using IO = VecIO<T>;
@@ -907,8 +985,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_block_fwd(const at::Tensor& s
 // + wk_j exp(s_ij - lse_col_j) (the second term when lse_col is given), minus wq_i + wk_j on the positives'
 // diagonal j = diag + i (diag < 0: none, e.g. for the negatives' block). Computed in the accumulation dtype A (the
 // dtype of lse_row, wq, lse_col, wk) and written in s's dtype (a 16-bit ds goes into 16-bit matmuls as is).
+// offset c (as nce_block_fwd's, with the column term): one exp per element, ds_ij = exp(s_ij - c) (a_i + b_j) with
+// a_i = wq_i exp(c - lse_row_i), b_j = wk_j exp(c - lse_col_j) (each lse >= -c, so the factors stay below e^64).
 at::Tensor nce_block_bwd(const at::Tensor& s, const at::Tensor& lse_row, const at::Tensor& wq,
-                         const std::optional<at::Tensor>& lse_col, const std::optional<at::Tensor>& wk, int64_t diag) {
+                         const std::optional<at::Tensor>& lse_col, const std::optional<at::Tensor>& wk, int64_t diag,
+                         std::optional<double> offset) {
   check_nce_block(s, "nce_block_bwd");
   const auto adt = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t B = s.size(0), N = s.size(1);
@@ -922,6 +1003,11 @@ at::Tensor nce_block_bwd(const at::Tensor& s, const at::Tensor& lse_row, const a
                 "nce_block_bwd: lse_col and wk must be contiguous (N,) in s's accumulation dtype");
   }
   at::Tensor ds = at::empty({B, N}, s.options());
+  TORCH_CHECK(!offset || (*offset >= 0 && *offset <= kNceOffsetMax), "nce_block_bwd: offset must be in [0, ",
+              kNceOffsetMax, "], got ", offset.value_or(0));
+  // the column factors b_j of the fixed-offset form (computed once per block, N exps)
+  const bool fixed = offset && lse_col;
+  at::Tensor bcol = fixed ? at::exp(-(*lse_col - *offset)).mul_(*wk) : at::Tensor();
   TRITIUM_DISPATCH_FLOATING(s.scalar_type(), "tritium_nce_block_bwd", [&] {
     using T = scalar_t;
     using IO = VecIO<T>;
@@ -948,7 +1034,14 @@ at::Tensor nce_block_bwd(const at::Tensor& s, const at::Tensor& lse_row, const a
           dval = std::exp(x - lr[r]) * wqp[r] + (lc ? std::exp(x - lc[d]) * wkp[d] : A(0)) - (wqp[r] + (wkp ? wkp[d] : A(0)));
         }
         int64_t j = 0;
-        if (lc) {
+        if (fixed) {
+          const A c = static_cast<A>(*offset), a = wqp[r] * std::exp(c - lr[r]);
+          const A* bp = bcol.const_data_ptr<A>();
+          const V vc(c), va(a);
+          for (; j + K <= N; j += K)
+            IO::store(out + j, fexp_finite(IO::load(row + j) - vc) * (va + V::loadu(bp + j)));
+          for (; j < N; ++j) out[j] = static_cast<T>(std::exp(static_cast<A>(row[j]) - c) * (a + bp[j]));
+        } else if (lc) {
           for (; j + K <= N; j += K) {
             const V x = IO::load(row + j);
             IO::store(out + j, fexp(x - vl) * vw + fexp(x - V::loadu(lc + j)) * V::loadu(wkp + j));

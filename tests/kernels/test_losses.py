@@ -1,6 +1,8 @@
 """Loss kernels, Triton (interpreter) and C++, against torch and a float64 reference: every row of the
 elementwise table (values, the reduction in the same pass, the input's gradient from a per-element and a 0-d
 upstream gradient, full and per-column weights, per-column parameters) and the row kernel's losses."""
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -332,24 +334,38 @@ def test_nce_blocks(dtype, n):
     m0, e0 = torch.full((n,), float("-inf"), dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     # float32: the kernels' exp is ATen's exp_u20 (relative error up to ~1e-6, vec.h's fexp)
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
-    for neg in (None, sn):
+    # offset: the fixed-offset form (one exp per element about a bound on |s|, here the blocks' own; the
+    # columns' running max is then the offset itself), and the running maxima's form
+    bound = max(float(t.abs().max()) for t in (s1, s2, sn))
+    for neg, offset in itertools.product((None, sn), (None, bound)):
         state = {"cpp": (m0.to(adt), e0.to(adt)), "ref": (m0, e0)}
         for blk in (s1, s2):
             ours = cpp.nce_block_fwd(blk.to(dtype), None if neg is None else neg[:blk.shape[0]].to(dtype),
-                                     *state["cpp"], True)
+                                     *state["cpp"], True, offset)
             assert all(t.dtype == adt for t in ours)
-            ref = _nce_block_fwd_torch(blk, None if neg is None else neg[:blk.shape[0]], *state["ref"], True)
+            ref = _nce_block_fwd_torch(blk, None if neg is None else neg[:blk.shape[0]], *state["ref"], True, offset)
             state = {"cpp": ours[1:], "ref": ref[1:]}
             torch.testing.assert_close(ours[0].double(), ref[0], **tol)
+            if offset is not None:
+                assert torch.equal(ours[1], torch.full_like(ours[1], offset))
             lse_ours = (state["cpp"][0] + state["cpp"][1].log()).double()
             torch.testing.assert_close(lse_ours, state["ref"][0] + state["ref"][1].log(), **tol)
+        # the row statistics alone (not symmetric)
+        ours = cpp.nce_block_fwd(s1.to(dtype), None if neg is None else neg[:5].to(dtype), m0[:0].to(adt),
+                                 e0[:0].to(adt), False, offset)
+        ref = _nce_block_fwd_torch(s1, None if neg is None else neg[:5], m0[:0], e0[:0], False, offset)
+        torch.testing.assert_close(ours[0].double(), ref[0], **tol)
+    with pytest.raises(RuntimeError, match="offset must be in"):
+        cpp.nce_block_fwd(s1.to(dtype), None, m0.to(adt), e0.to(adt), True, 33.0)
     lse_row, wq = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
     lse_col, wk = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
     # the gradient: float32 within exp's error; bfloat16 within one rounding of it
     btol = dict(rtol=2 ** -8, atol=1e-5) if dtype == torch.bfloat16 else tol
-    for col, diag in (((lse_col, wk), 2), ((None, None), -1), ((lse_col, wk), 0)):
+    cases = (((lse_col, wk), 2, None), ((None, None), -1, None), ((lse_col, wk), 0, None), ((lse_col, wk), 2, bound),
+             ((None, None), -1, bound), ((lse_col, wk), 0, bound))
+    for col, diag, offset in cases:
         ours = cpp.nce_block_bwd(s1.to(dtype), lse_row.to(adt), wq.to(adt),
-                                 *(None if c is None else c.to(adt) for c in col), diag)
+                                 *(None if c is None else c.to(adt) for c in col), diag, offset)
         assert ours.dtype == dtype
         torch.testing.assert_close(ours.double(), _nce_block_bwd_torch(s1, lse_row, wq, *col, diag), **btol)
         # the torch form takes the block in dtype as the kernel does

@@ -411,6 +411,26 @@ def test_info_nce(symmetric, with_negatives, normalize):
         torch.testing.assert_close(ours, theirs)
 
 
+def test_info_nce_offset():
+    """The block statistics take exp(s - c) about a bound c on |s| (one exp per element) only where c is at most
+    NCE_OFFSET_MAX: unit rows at T = 0.07, not at T = 0.01 nor for long rows; non-finite rows take the maxima's
+    path, whose loss is NaN as torch's."""
+    from tritium.ops.losses import NCE_OFFSET_MAX, _nce_offset
+    q, k = F.normalize(torch.randn(40, 8), dim=1), F.normalize(torch.randn(40, 8), dim=1)
+    c = _nce_offset(q, k, None, 1 / 0.07)
+    assert c is not None and 1 / 0.07 <= c <= NCE_OFFSET_MAX
+    assert _nce_offset(q, k, 3 * k, 1 / 0.07) is None  # the negatives' norms count
+    assert _nce_offset(q, k, None, 1 / 0.01) is None
+    assert _nce_offset(100 * q, k, None, 1.0) is None
+    bad = q.clone()
+    bad[3, 1] = float("nan")
+    assert _nce_offset(bad, k, None, 1.0) is None
+    for nan_in in (bad, k):
+        ours = tritium.info_nce(nan_in, k if nan_in is bad else bad, 0.07, normalize=False, reduction="none")
+        theirs = reference.info_nce(nan_in, k if nan_in is bad else bad, 0.07, normalize=False, reduction="none")
+        torch.testing.assert_close(ours, theirs, equal_nan=True)
+
+
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16), ids=lambda d: str(d)[6:])
 def test_info_nce_normalisation(dtype):
     """info_nce's normalisation (unit_rows): F.normalize(x, dim=-1)'s values bit for bit, and its gradient within

@@ -290,12 +290,14 @@ def _():
 
 @sample("nce_block_fwd")
 def _():
-    return [(r(3, 6), r(3, 2), r(6), torch.rand(6), True), (r(3, 6), None, r(0), r(0), False)]
+    return [(r(3, 6), r(3, 2), r(6), torch.rand(6), True), (r(3, 6), None, r(0), r(0), False),
+            (r(3, 6), r(3, 2), r(6), torch.rand(6), True, 8.0)]
 
 
 @sample("nce_block_bwd")
 def _():
-    return [(r(3, 6), r(3), r(3), r(6), r(6), 2), (r(3, 6), r(3), r(3), None, None, -1)]
+    return [(r(3, 6), r(3), r(3), r(6), r(6), 2), (r(3, 6), r(3), r(3), None, None, -1),
+            (r(3, 6), r(3), r(3), r(6), r(6), 2, 8.0)]
 
 
 @sample("unit_rows")

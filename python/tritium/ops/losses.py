@@ -31,6 +31,7 @@ arguments) goes explicitly to ``tritium.reference``, i.e. torch itself, so resul
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -604,8 +605,11 @@ def contrastive_loss(input1: Tensor, input2: Tensor, target: Tensor, margin: flo
 
 # ---- InfoNCE in row blocks (CPU: BLAS products and C++ statistics per block; CUDA: kernels/losses_nce.py) ----
 def default_block_rows(n_cols: int) -> int:
-    """Query rows per block: a block of similarities of about 2M float32 (8 MiB), at least 16 rows."""
-    return max(16, (1 << 21) // max(n_cols, 1))
+    """Query rows per block: a block of about 4M similarities (16 MiB in float32), at least 16 rows. Blocks of
+    512 rows at N = 8192 ran the products faster than 256 (the key gradient's product, whose reduction is the
+    block's rows, most: about 115 -> 145 GFLOP/s in float32; see bench/results/losses.json) at a peak still within
+    the memory bar."""
+    return max(16, (1 << 22) // max(n_cols, 1))
 
 
 def _acc(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -698,25 +702,28 @@ def _fake_nce_fwd(q, k, neg, inv_t, symmetric, block):
 # The blocks' elementwise statistics of the CPU path: C++ (csrc/losses.cpp: one pass per statistic with a fast
 # exp); the same math in torch ops here, the specification tests/kernels/test_losses.py holds the C++ kernels to
 # (CUDA runs the fused Triton kernels instead: info_nce_fwd / info_nce_bwd).
-def _nce_block_fwd_torch(s, sn, m_col, e_col, symmetric):
+def _nce_block_fwd_torch(s, sn, m_col, e_col, symmetric, offset=None):
     s, sn = _acc(s), _acc(sn)  # a 16-bit block is read in the accumulation dtype, the statistics' dtype
     full = s if sn is None else torch.cat([s, sn], 1)
     lse = torch.logsumexp(full, 1)
     if not symmetric:
         return lse, s.new_empty((0,)), s.new_empty((0,))
+    if offset is not None:  # the columns' sums taken about the fixed offset instead of their running max
+        m_new = torch.full_like(m_col, offset)
+        return lse, m_new, torch.where(e_col == 0, 0.0, e_col * torch.exp(m_col - m_new)) + torch.exp(s - offset).sum(0)
     m_new = torch.maximum(m_col, s.amax(0))
     m_safe = torch.where(torch.isinf(m_new), 0.0, m_new)
     e_new = torch.where(e_col == 0, 0.0, e_col * torch.exp(m_col - m_safe)) + torch.exp(s - m_safe).sum(0)
     return lse, m_safe, e_new
 
 
-def _fake_nce_block_fwd(s, sn, m_col, e_col, symmetric):
+def _fake_nce_block_fwd(s, sn, m_col, e_col, symmetric, offset=None):
     n = s.shape[1] if symmetric else 0
     adt = acc_dtype(s.dtype)
     return s.new_empty((s.shape[0],), dtype=adt), s.new_empty((n,), dtype=adt), s.new_empty((n,), dtype=adt)
 
 
-def _nce_block_bwd_torch(s, lse_row, wq, lse_col, wk, diag):
+def _nce_block_bwd_torch(s, lse_row, wq, lse_col, wk, diag, offset=None):
     dtype, s = s.dtype, _acc(s)  # computed in the accumulation dtype, written in the block's (one rounding)
     ds = torch.exp(s - lse_row[:, None]) * wq[:, None]
     if lse_col is not None:
@@ -730,14 +737,29 @@ def _nce_block_bwd_torch(s, lse_row, wq, lse_col, wk, diag):
     return ds.to(dtype)
 
 
-def _fake_nce_block_bwd(s, lse_row, wq, lse_col, wk, diag):
+def _fake_nce_block_bwd(s, lse_row, wq, lse_col, wk, diag, offset=None):
     return s.new_empty(s.shape)
 
 
-nce_block_fwd = define_op("nce_block_fwd(Tensor s, Tensor? sn, Tensor m_col, Tensor e_col, bool symmetric)"
-                          " -> (Tensor, Tensor, Tensor)", _fake_nce_block_fwd)
-nce_block_bwd = define_op("nce_block_bwd(Tensor s, Tensor lse_row, Tensor wq, Tensor? lse_col, Tensor? wk, int diag)"
-                          " -> Tensor", _fake_nce_block_bwd)
+nce_block_fwd = define_op("nce_block_fwd(Tensor s, Tensor? sn, Tensor m_col, Tensor e_col, bool symmetric,"
+                          " float? offset=None) -> (Tensor, Tensor, Tensor)", _fake_nce_block_fwd)
+nce_block_bwd = define_op("nce_block_bwd(Tensor s, Tensor lse_row, Tensor wq, Tensor? lse_col, Tensor? wk, int diag,"
+                          " float? offset=None) -> Tensor", _fake_nce_block_bwd)
+
+NCE_OFFSET_MAX = 32.0  # csrc/losses.cpp's kNceOffsetMax
+
+
+def _nce_offset(q: Tensor, k: Tensor, neg: Optional[Tensor], inv_t: float) -> Optional[float]:
+    """A bound c on every |similarity| (max |q_i| times max |k_j|, |n_j|, over T), when it is at most
+    NCE_OFFSET_MAX: the block statistics then take exp(s - c) once per element (no maxima, one pass; see
+    nce_block_fwd), e.g. unit rows at T >= 1/32. None otherwise, and for non-finite rows (their statistics take
+    the maxima's path, which propagates NaN as torch does). One host sync (a CPU path)."""
+    def top(t):
+        return torch.linalg.vector_norm(t, dim=1, dtype=acc_dtype(t.dtype)).amax() if t.shape[0] else t.new_zeros(())
+    norms = torch.stack([top(q), torch.maximum(top(k), top(neg)) if neg is not None else top(k)]).double()
+    # bfloat16 similarities round up by at most a relative 2**-8: the 1.01 keeps the bound a bound
+    c = float(norms.prod()) * inv_t * 1.01
+    return c if math.isfinite(c) and c <= NCE_OFFSET_MAX else None
 
 
 def _nce_fwd_impl(q, k, neg, inv_t, symmetric, block):
@@ -752,11 +774,12 @@ def _nce_fwd_impl(q, k, neg, inv_t, symmetric, block):
     m_col = lse_row.new_full((n,), float("-inf")) if symmetric else lse_row.new_empty((0,))
     e_col = lse_row.new_zeros((n,)) if symmetric else lse_row.new_empty((0,))
     pk, pn = _Products(ka, inv_t, native, round16), _Products(na, inv_t, native, round16)
+    offset = _nce_offset(q, k, neg, inv_t)
     for i0 in range(0, n, block):
         i1 = min(n, i0 + block)
         s = pk.sim(qa[i0:i1])
         sn = pn.sim(qa[i0:i1]) if na is not None else None
-        lse_row[i0:i1], m_col, e_col = nce_block_fwd(s, sn, m_col, e_col, symmetric)
+        lse_row[i0:i1], m_col, e_col = nce_block_fwd(s, sn, m_col, e_col, symmetric, offset)
         del s, sn
         # the positives' similarities in the accumulation dtype, a block at a time (no float copy of q and k)
         diag[i0:i1] = (_acc(q[i0:i1]) * _acc(k[i0:i1])).sum(1)
@@ -791,11 +814,12 @@ def _nce_bwd_impl(dloss, q, k, neg, lse_row, lse_col, inv_t, symmetric, block):
     ds_in = (lambda t: t.to(torch.bfloat16)) if native else (lambda t: t)  # noqa: E731
     acc_ = mm_acc_ if native else (lambda c, a, b: c.addmm_(a, b))  # noqa: E731
     pk, pn = _Products(ka, inv_t, native, round16, True), _Products(na, inv_t, native, round16, True)
+    offset = _nce_offset(q, k, neg, inv_t)
     for i0 in range(0, n, block):
         i1 = min(n, i0 + block)
         qb, wb, lb = qa[i0:i1], w[i0:i1], lse_row[i0:i1]
         s = pk.sim(qb)
-        ds = ds_in(nce_block_bwd(s, lb, wb, lse_col if symmetric else None, w if symmetric else None, i0))
+        ds = ds_in(nce_block_bwd(s, lb, wb, lse_col if symmetric else None, w if symmetric else None, i0, offset))
         del s
         if pk.panels:
             dq[i0:i1] = pk.mm(ds)
