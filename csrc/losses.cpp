@@ -586,33 +586,50 @@ void rows_impl(int64_t loss, const at::Tensor& x1, const at::Tensor& x2, const a
         const A vv = dap - (use_pn ? dpn : dan) + static_cast<A>(a);
         if (lp) lp[r] = vv < A(0) ? A(0) : vv;
         if (!dl) continue;
-        const Vec act(vv >= A(0) ? gs : A(0));
-        const auto grads = [&](int64_t i, int64_t n, Vec* o) {  // the three gradients' vectors at i
-          const Vec xa = ld(u, i, n), xp = ld(v, i, n), xn = ld(z, i, n);
-          const Vec gap = norm_grad(xa - xp + veps, dap, b);
-          const Vec gneg = use_pn ? norm_grad(xp - xn + veps, dpn, b) : norm_grad(xa - xn + veps, dan, b);
-          o[0] = act * (use_pn ? gap : gap - gneg);
-          o[1] = act * (use_pn ? gap.neg() - gneg : gap.neg());
-          o[2] = act * gneg;
-        };
-        int64_t i = 0;
-        if constexpr (!LV::kWide) {  // 16-bit: two vectors rounded and stored together
-          for (; i + 2 * LV::K <= D; i += 2 * LV::K) {
-            Vec lo[3], hi[3];
-            grads(i, LV::K, lo);
-            grads(i + LV::K, LV::K, hi);
-            st2(g0, i, lo[0], hi[0]);
-            st2(g1, i, lo[1], hi[1]);
-            st2(g2, i, lo[2], hi[2]);
+        const A act = vv >= A(0) ? gs : A(0);
+        const A dneg = use_pn ? dpn : dan;
+        // the three gradients' vectors at i from gap = d dap / d(a - p) and gneg = d dneg / d(x - n), x = p (the
+        // swapped negative) or a, each scaled by act
+        const auto grad_rows = [&](const auto& gap_gneg) {
+          const auto grads = [&](int64_t i, int64_t n, Vec* o) {
+            const Vec xa = ld(u, i, n), xp = ld(v, i, n), xn = ld(z, i, n);
+            const auto [gap, gneg] = gap_gneg(xa, xp, xn);
+            o[0] = use_pn ? gap : gap - gneg;
+            o[1] = use_pn ? gap.neg() - gneg : gap.neg();
+            o[2] = gneg;
+          };
+          int64_t i = 0;
+          if constexpr (!LV::kWide) {  // 16-bit: two vectors rounded and stored together
+            for (; i + 2 * LV::K <= D; i += 2 * LV::K) {
+              Vec lo[3], hi[3];
+              grads(i, LV::K, lo);
+              grads(i + LV::K, LV::K, hi);
+              st2(g0, i, lo[0], hi[0]);
+              st2(g1, i, lo[1], hi[1]);
+              st2(g2, i, lo[2], hi[2]);
+            }
           }
-        }
-        for (; i < D; i += LV::K) {
-          const int64_t n = std::min(LV::K, D - i);
-          Vec o[3];
-          grads(i, n, o);
-          st(g0, i, n, o[0]);
-          st(g1, i, n, o[1]);
-          st(g2, i, n, o[2]);
+          for (; i < D; i += LV::K) {
+            const int64_t n = std::min(LV::K, D - i);
+            Vec o[3];
+            grads(i, n, o);
+            st(g0, i, n, o[0]);
+            st(g1, i, n, o[1]);
+            st(g2, i, n, o[2]);
+          }
+        };
+        if (b == 2) {  // d||t||_2 / dt = t / ||t|| (0 at ||t|| = 0): one multiply by a factor set per row
+          const auto scale = [&](A d) { return Vec(d == A(0) ? A(0) : act / d); };
+          const Vec ka = scale(dap), kn = scale(dneg);
+          grad_rows([&](const Vec& xa, const Vec& xp, const Vec& xn) {
+            return std::pair<Vec, Vec>{(xa - xp + veps) * ka, ((use_pn ? xp : xa) - xn + veps) * kn};
+          });
+        } else {
+          const Vec vact(act);
+          grad_rows([&](const Vec& xa, const Vec& xp, const Vec& xn) {
+            return std::pair<Vec, Vec>{vact * norm_grad(xa - xp + veps, dap, b),
+                                       vact * norm_grad((use_pn ? xp : xa) - xn + veps, dneg, b)};
+          });
         }
       } else if (loss == COSINE) {  // u, v; a margin; label y in {1, -1} (others: 0)
         const T* yv = y.const_data_ptr<T>();
