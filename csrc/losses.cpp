@@ -94,7 +94,7 @@ inline V softplus(const V& z) {
 // the compiler's own fusing depends on what else the caller computes, and loss_fwd_grad's dx (value and derivative
 // together) must have the bits of loss_bwd's (derivative only).
 template <int64_t L, typename V>
-inline void point(const V& x, const V& y, const V& p, const V& a, const V& b, double gamma, V& val, V& der) {
+__attribute__((always_inline)) inline void point(const V& x, const V& y, const V& p, const V& a, const V& b, double gamma, V& val, V& der) {
   const V zero(0), one(1);
   if constexpr (L == MSE) {
     const V d = x - y;
