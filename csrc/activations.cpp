@@ -163,10 +163,10 @@ struct LeakyRelu {  // a: negative_slope; the slope applies at x = 0
 };
 struct Elu {  // a: alpha * scale, b: scale, c: input_scale (elu, selu and celu)
   template <typename V> static V fwd(const V& x, const Prm<V>& p) {
-    return sel(x >= V(0), x * p.b, (x * p.c).expm1() * p.a);
+    return sel(x >= V(0), x * p.b, fexpm1(x * p.c) * p.a);
   }
   template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>& p) {
-    return sel(x > V(0), dy * p.b, dy * p.c * p.a * (x * p.c).exp());  // NaN -> NaN, as torch
+    return sel(x > V(0), dy * p.b, dy * p.c * p.a * fexp(x * p.c));  // NaN -> NaN, as torch
   }
 };
 struct Sigmoid {
@@ -199,10 +199,11 @@ struct Tanh {
 struct Softplus {  // a: beta, b: threshold; linear above the threshold
   template <typename V> static V fwd(const V& x, const Prm<V>& p) {
     V z = x * p.a;
-    return sel(z > p.b, x, z.exp().log1p() / p.a);
+    // log1p(exp(z)) = max(z, 0) + log1p(exp(-|z|)) (NaN through the maximum)
+    return sel(z > p.b, x, add_log1p_unit(at::vec::maximum(z, V(0)), fexp(z.abs().neg())) / p.a);
   }
   template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>& p) {
-    V z = x * p.a, e = z.exp();
+    V z = x * p.a, e = fexp(z);
     return sel(z > p.b, dy, dy * e / (e + V(1)));
   }
 };
@@ -280,18 +281,18 @@ struct Mish {  // x * tanh(softplus(x)), with one exp: tanh(log1p(e)) = n / (n +
     V n = e * (e + V(2));
     return sel(x > V(20), V(1), n / (n + V(2)));
   }
-  template <typename V> static V fwd(const V& x, const Prm<V>&) { return x * tsp(x, x.exp()); }
+  template <typename V> static V fwd(const V& x, const Prm<V>&) { return x * tsp(x, fexp(x)); }
   template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>&) {
-    V e = x.exp(), t = tsp(x, e), s = sel(x > V(20), V(1), e / (V(1) + e));
+    V e = fexp(x), t = tsp(x, e), s = sel(x > V(20), V(1), e / (V(1) + e));
     return dy * (t + x * s * (V(1) - t * t));
   }
 };
 struct LogSigmoid {  // min(x, 0) - log1p(exp(-|x|))
   template <typename V> static V fwd(const V& x, const Prm<V>&) {
-    return at::vec::minimum(x, V(0)) - x.abs().neg().exp().log1p();
+    return V(0) - add_log1p_unit(at::vec::maximum(x.neg(), V(0)), fexp(x.abs().neg()));
   }
   template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>&) {
-    V z = x.abs().neg().exp(), neg = x < V(0);
+    V z = fexp(x.abs().neg()), neg = x < V(0);
     return dy * (sel(neg, V(1), V(0)) - sel(neg, V(1), V(-1)) * z / (V(1) + z));
   }
 };

@@ -62,26 +62,6 @@ inline V sign(const V& d) {
   return d.gt(V(0)) - d.lt(V(0));
 }
 
-// c + log1p(e) for e in [0, 1] (NaN passes): for float, log1p(e) = 2 atanh(s) with s = e / (2 + e) in [0, 1/3],
-// its series s (1 + s^2/3 + ... + s^12/13) (the first term left out is below 2^-24 of the sum), a third of the
-// operations of Sleef's log1p; s keeps e's relative precision, so tiny e (softplus of a large margin) stay exact;
-// the last product and c's addition are one fmadd. Double: Sleef's.
-template <typename V>
-inline V add_log1p_unit(const V& c, const V& e) {
-  if constexpr (std::is_same_v<typename V::value_type, float>) {
-    const V s = e * frcp(V(2) + e), z = s * s;
-    V p = at::vec::fmadd(z, V(1.f / 13), V(1.f / 11));
-    p = at::vec::fmadd(z, p, V(1.f / 9));
-    p = at::vec::fmadd(z, p, V(1.f / 7));
-    p = at::vec::fmadd(z, p, V(1.f / 5));
-    p = at::vec::fmadd(z, p, V(1.f / 3));
-    p = at::vec::fmadd(z, p, V(1));
-    return at::vec::fmadd(s + s, p, c);
-  } else {
-    return c + e.log1p();
-  }
-}
-
 // max(z, 0) + log1p(exp(-|z|)): log(1 + exp(z)) without overflow
 template <typename V>
 inline V softplus(const V& z) {

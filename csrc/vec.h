@@ -273,14 +273,14 @@ __attribute__((always_inline)) inline Vectorized<float> exp20(const Vectorized<f
 #endif
 }
 
-// ATen's exp_u20 with NaN lanes passed through (as torch's exp); double vectors use ATen's (Sleef) exp. Not exp20:
-// with exp20 here, info_nce's block statistics moved past their test's tolerance (3e-6 against 1e-6; the cause was
-// not isolated, the compiler contracting the inlined arithmetic differently is the suspicion), and the activations
-// did not gain from it; the rows that gained call fexp_finite.
+// exp20 with NaN lanes passed through (as torch's exp), inlined: ATen's exp_u20 member is called out of line, once
+// per vector (a loss's pointwise formula spent as much on the call as on the polynomial); double vectors use ATen's
+// (Sleef) exp. The info_nce statistics' tolerance problem an earlier inlined form showed did not recur (the kernel
+// tests pass on both builds).
 template <typename V>
-inline V fexp(const V& x) {
+__attribute__((always_inline)) inline V fexp(const V& x) {
   if constexpr (std::is_same_v<typename V::value_type, float>) {
-    return V::blendv(x.exp_u20(), x, x.isnan());
+    return V::blendv(exp20(x), x, x.isnan());
   } else {
     return x.exp();
   }
@@ -336,6 +336,46 @@ inline bool all_le(const V& u, typename V::value_type c) {
   for (int i = 0; i < V::size(); ++i)
     if (!(b[i] <= c)) return false;
   return true;
+}
+
+// c + log1p(e) for e in [0, 1] (NaN passes): for float, log1p(e) = 2 atanh(s) with s = e / (2 + e) in [0, 1/3],
+// its series s (1 + s^2/3 + ... + s^12/13) (the first term left out is below 2^-24 of the sum), a third of the
+// operations of Sleef's log1p; s keeps e's relative precision, so tiny e (softplus of a large margin) stay exact;
+// the last product and c's addition are one fmadd. Double: Sleef's.
+template <typename V>
+__attribute__((always_inline)) inline V add_log1p_unit(const V& c, const V& e) {
+  if constexpr (std::is_same_v<typename V::value_type, float>) {
+    const V s = e * frcp(V(2) + e), z = s * s;
+    V p = at::vec::fmadd(z, V(1.f / 13), V(1.f / 11));
+    p = at::vec::fmadd(z, p, V(1.f / 9));
+    p = at::vec::fmadd(z, p, V(1.f / 7));
+    p = at::vec::fmadd(z, p, V(1.f / 5));
+    p = at::vec::fmadd(z, p, V(1.f / 3));
+    p = at::vec::fmadd(z, p, V(1));
+    return at::vec::fmadd(s + s, p, c);
+  } else {
+    return c + e.log1p();
+  }
+}
+
+// expm1 for float vectors, inlined: |x| < 1/2 the Taylor series to x^8 / 8! (the first term left out is below
+// 2^-25 of the result), else exp(x) - 1 by exp20 (|expm1(x)| >= 0.39 there: the subtraction costs under 1.5
+// bits); NaN takes the series, so stays NaN. Above ln(FLT_MAX) it is finite where Sleef's is inf (ELU uses it for
+// x < 0 only). Double: Sleef's expm1.
+template <typename V>
+__attribute__((always_inline)) inline V fexpm1(const V& x) {
+  if constexpr (std::is_same_v<typename V::value_type, float>) {
+    V p = at::vec::fmadd(x, V(1.f / 40320), V(1.f / 5040));
+    p = at::vec::fmadd(x, p, V(1.f / 720));
+    p = at::vec::fmadd(x, p, V(1.f / 120));
+    p = at::vec::fmadd(x, p, V(1.f / 24));
+    p = at::vec::fmadd(x, p, V(1.f / 6));
+    p = at::vec::fmadd(x, p, V(0.5f));
+    const V series = at::vec::fmadd(x * x, p, x);
+    return V::blendv(series, exp20(x) - V(1), x.abs() >= V(0.5f));
+  } else {
+    return x.expm1();
+  }
 }
 
 // sigmoid(x) = 1 / (1 + exp(-x)) with fexp; saturates to exactly 0 and 1 as torch's does.

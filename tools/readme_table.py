@@ -238,6 +238,14 @@ of it: the Siamese CNN's (128, 32, 8, 8) map (the headline shape) and a larger C
 over eager, compile and tritium in turn, each side the median.
 """
 
+ACTIVATIONS_PROSE = """\
+The activations with an exponential or a logarithm in them that the headline does not list (`elu`, `selu`, `celu`
+at alpha 0.5, `softplus`, `logsigmoid`) and `hardswish`, at the headline's 8192 x 4096, against `torch.nn.functional`
+and torch.compile of it. Their exp, expm1 and log1p are tritium's own inlined float forms (vec.h: ATen's exp_u20
+algorithm, a Taylor series for expm1 near 0, log1p by atanh's series), not Sleef's calls. Three rounds over eager,
+compile and tritium in turn, each side the median.
+"""
+
 LORA_INT4_PROSE = """\
 `lora_linear` on an int4 base (group 32: the frozen weight read as 4-bit blocks in the kernel, dx by the quantized
 op's input gradient) against PEFT's LoRA layer on a `torch.nn.Linear` holding the dequantised float weight (there is
@@ -661,6 +669,9 @@ KNOWN = [
     ("pooling-amd-avx512.json", "tritium bench ops --op max_pool2d --rounds 5 --json "
                                 "bench/results/pooling-amd-avx512.json",
      f"Max pooling on {MACHINE_KINDS['amd-avx512']}", POOLING_PROSE, ops_section),
+    ("activations-amd-avx512.json", "tritium bench ops --op elu --op selu --op celu --op softplus --op logsigmoid "
+                                    "--op hardswish --rounds 3 --json bench/results/activations-amd-avx512.json",
+     f"More activations on {MACHINE_KINDS['amd-avx512']}", ACTIVATIONS_PROSE, ops_section),
     ("lora-int4-amd-avx512.json", "tritium bench ops --op lora_linear_int4 --rounds 3 --json "
                                   "bench/results/lora-int4-amd-avx512.json",
      f"LoRA on an int4 base on {MACHINE_KINDS['amd-avx512']}", LORA_INT4_PROSE, ops_section),
