@@ -298,7 +298,7 @@ struct LogSigmoid {  // min(x, 0) - log1p(exp(-|x|))
 };
 struct Hardswish {  // x * relu6(x + 3) / 6
   template <typename V> static V fwd(const V& x, const Prm<V>&) {
-    return x * at::vec::minimum(at::vec::maximum(x + V(3), V(0)), V(6)) / V(6);
+    return x * at::vec::minimum(at::vec::maximum(x + V(3), V(0)), V(6)) * V(1.0 / 6);  // no vector division
   }
   template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>&) {
     return sel(x <= V(-3), V(0), sel(x >= V(3), dy, dy * (x / V(3) + V(0.5))));  // torch: 0 at -3, dy at 3, NaN
