@@ -38,7 +38,7 @@ void for_chunks(int64_t M, int64_t N, const F& f) {
 // every functor only needs its vector form. With `stream` (the call's working set outgrows the last-level cache:
 // stream_outputs) the whole vectors are written around the cache (vec.h store_out) and the chunk ends with a fence.
 template <typename T, int NI, int NO, typename F>
-inline void map_vec(const T* const (&in)[NI], T* const (&out)[NO], int64_t n, const F& fn, bool stream = false) {
+inline void map_vec_plain(const T* const (&in)[NI], T* const (&out)[NO], int64_t n, const F& fn, bool stream) {
   using IO = VecIO<T>;
   using Vec = typename IO::Vec;
   constexpr int64_t K = IO::kSize;
@@ -77,6 +77,46 @@ inline void map_vec(const T* const (&in)[NI], T* const (&out)[NO], int64_t n, co
     }
   }
   if (stream) stream_fence();
+}
+
+#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
+// map_vec_plain for bfloat16 on a CPU with AVX512-BF16: the same loop, each output's two vectors rounded and
+// stored by store2_bf16ins (fn inlines here: its default target is a subset of this function's); the tail (under
+// two vectors) through map_vec_plain.
+template <int NI, int NO, typename F>
+TRITIUM_BF16_DOT void map_vec_bf16ins(const c10::BFloat16* const (&in)[NI], c10::BFloat16* const (&out)[NO],
+                                      int64_t n, const F& fn, bool stream) {
+  using IO = VecIO<c10::BFloat16>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t K = IO::kSize;
+  int64_t i = 0;
+  for (; i + 2 * K <= n; i += 2 * K) {
+    Vec vi[NI], vi2[NI], vo[NO], vo2[NO];
+    for (int j = 0; j < NI; ++j) {
+      vi[j] = IO::load(in[j] + i);
+      vi2[j] = IO::load(in[j] + i + K);
+    }
+    fn(vi, vo);
+    fn(vi2, vo2);
+    for (int j = 0; j < NO; ++j) store2_bf16ins(out[j] + i, vo[j], vo2[j], stream);
+  }
+  const c10::BFloat16* rin[NI];
+  c10::BFloat16* rout[NO];
+  for (int j = 0; j < NI; ++j) rin[j] = in[j] + i;
+  for (int j = 0; j < NO; ++j) rout[j] = out[j] + i;
+  map_vec_plain<c10::BFloat16, NI, NO>(rin, rout, n - i, fn, stream);  // ends with the fence when streaming
+}
+#endif
+
+// map_vec_plain, or for bfloat16 on a CPU with AVX512-BF16 map_vec_bf16ins
+template <typename T, int NI, int NO, typename F>
+inline void map_vec(const T* const (&in)[NI], T* const (&out)[NO], int64_t n, const F& fn, bool stream = false) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (cpu::features().avx512_bf16) return map_vec_bf16ins<NI, NO>(in, out, n, fn, stream);
+  }
+#endif
+  map_vec_plain<T, NI, NO>(in, out, n, fn, stream);
 }
 
 template <typename V>
@@ -126,14 +166,6 @@ constexpr float kPdfP[10] = {-2.90412472e-10f, 1.6375024e-08f, -4.40970581e-07f,
 constexpr float kSigmoidP[10] = {-8.79556736e-13f, 8.11263279e-11f, -3.35065242e-09f, 8.3122913e-08f,
                                  -1.42001102e-06f, 1.85236768e-05f, -0.000203923104f, 0.00207383954f,
                                  -0.0208273157f,   0.249998927f};
-
-// P(u) by Horner's rule, coefficients highest degree first
-template <typename V>
-inline V horner(const V& u, const float (&c)[10]) {
-  V r(c[0]);
-  for (int i = 1; i < 10; ++i) r = at::vec::fmadd(r, u, V(c[i]));
-  return r;
-}
 
 // g(x) = 1/2 + x P(x^2) into g, with u = x^2; false (g untouched) when a lane lies out of range
 template <typename V>
@@ -939,6 +971,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd(
   }
   return {dx, dz, dscale, dshift};
 }
+
+// `tritium info`: how the elementwise activations round a bfloat16 output
+const bool kPathsReported = cpu::register_paths([] {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
+  const bool ins = cpu::features().avx512_bf16;
+#else
+  const bool ins = false;
+#endif
+  return std::vector<std::pair<std::string, std::string>>{
+      {"activations.bfloat16_output", ins ? "vcvtne2ps2bf16, two vectors a store (AVX512-BF16)"
+                                          : "ATen's integer rounding, a vector at a time"}};
+});
 }  // namespace
 
 // The streaming-store threshold of vec.h (stream_outputs): set_stream_bytes(b) -> the previous one.

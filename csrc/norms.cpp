@@ -110,7 +110,6 @@ TRITIUM_BF16_DOT void row_normalize_bf16ins(const float* x, c10::BFloat16* y, co
                                             int64_t n, float mean, float rstd, bool stream) {
   constexpr int64_t K = 16;
   const __m512 vm = _mm512_set1_ps(mean), vr = _mm512_set1_ps(rstd);
-  const bool nt = stream && reinterpret_cast<uintptr_t>(y) % 64 == 0;
   int64_t i = 0;
   for (; i + 2 * K <= n; i += 2 * K) {
     __m512 lo = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), vm), vr);
@@ -123,12 +122,7 @@ TRITIUM_BF16_DOT void row_normalize_bf16ins(const float* x, c10::BFloat16* y, co
       lo = _mm512_add_ps(lo, _mm512_loadu_ps(b + i));
       hi = _mm512_add_ps(hi, _mm512_loadu_ps(b + i + K));
     }
-    const __m512i o = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
-    if (nt) {
-      _mm512_stream_si512(reinterpret_cast<__m512i*>(y + i), o);
-    } else {
-      _mm512_storeu_si512(static_cast<void*>(y + i), o);
-    }
+    store2_bf16ins(y + i, lo, hi, stream);
   }
   for (; i < n; ++i) {
     float v = (x[i] - mean) * rstd;
@@ -572,7 +566,7 @@ TRITIUM_BF16_DOT void channel_normalize_bf16ins(const c10::BFloat16* x, c10::BFl
     auto [a, b] = load2(x + i);
     __m512 za = _mm512_fmadd_ps(_mm512_sub_ps(a, vm), vs, vb), zb = _mm512_fmadd_ps(_mm512_sub_ps(b, vm), vs, vb);
     if constexpr (SILU) za = silu16(za), zb = silu16(zb);
-    _mm512_storeu_si512(static_cast<void*>(y + i), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(zb, za)));
+    store2_bf16ins(y + i, za, zb, false);
   }
   channel_normalize16_tail<SILU>(x, y, i, S, mean, scale, shift);
 }

@@ -12,6 +12,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include "cpu.h"
 
 namespace tritium {
 
@@ -219,6 +220,29 @@ inline void store_out(T* p, const Vectorized<acc_type<T>>& v, int64_t n, bool st
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
+// 32 bfloat16 at p from two float vectors (a's lanes first), rounded by one vcvtne2ps2bf16 (round to nearest even
+// with NaN kept NaN, as torch's conversion) where VecIO's store takes ATen's integer rounding sequence per vector
+// (about eight instructions, a third of a cheap activation's work); streamed when `stream` and p is 64-byte
+// aligned. The instruction flushes subnormal floats to zero, torch keeps them (bfloat16 has the float's exponent
+// range): a pair holding a subnormal lane (vfpclassps, rare) takes ATen's rounding. For TRITIUM_BF16_DOT functions
+// only (the caller checked features().avx512_bf16): the intrinsic needs the target, and GCC inlines a function
+// only into callers whose target includes its own.
+TRITIUM_BF16_DOT __attribute__((always_inline)) inline void store2_bf16ins(c10::BFloat16* p, __m512 a, __m512 b,
+                                                                          bool stream) {
+  constexpr int kSubnormal = 0x20;  // vfpclassps's category bit
+  const __m512i o = (_mm512_fpclass_ps_mask(a, kSubnormal) | _mm512_fpclass_ps_mask(b, kSubnormal))
+                        ? _mm512_inserti64x4(_mm512_castsi256_si512(at::vec::cvtfp32_bf16(a)),
+                                             at::vec::cvtfp32_bf16(b), 1)
+                        : reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));
+  if (stream && reinterpret_cast<uintptr_t>(p) % 64 == 0) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), o);
+  } else {
+    _mm512_storeu_si512(static_cast<void*>(p), o);
+  }
+}
+#endif
+
 // Fast float math for the elementwise kernels. Float vectors (also the accumulation type of bfloat16/half) get
 // cheaper formulas whose error stays within a few float ulp; double vectors use ATen's (Sleef) functions.
 // NaN propagates through all of them as through torch's.
@@ -338,6 +362,15 @@ inline bool all_le(const V& u, typename V::value_type c) {
   return true;
 }
 
+// P(u) by Horner's rule, coefficients highest degree first: N - 1 fused multiply-adds (the loop unrolls: N and
+// the coefficients are compile-time constants), the one form of every polynomial of the vector math
+template <typename V, size_t N>
+__attribute__((always_inline)) inline V horner(const V& u, const float (&c)[N]) {
+  V r(c[0]);
+  for (size_t i = 1; i < N; ++i) r = at::vec::fmadd(r, u, V(c[i]));
+  return r;
+}
+
 // c + log1p(e) for e in [0, 1] (NaN passes): for float, log1p(e) = 2 atanh(s) with s = e / (2 + e) in [0, 1/3],
 // its series s (1 + s^2/3 + ... + s^12/13) (the first term left out is below 2^-24 of the sum), a third of the
 // operations of Sleef's log1p; s keeps e's relative precision, so tiny e (softplus of a large margin) stay exact;
@@ -345,34 +378,44 @@ inline bool all_le(const V& u, typename V::value_type c) {
 template <typename V>
 __attribute__((always_inline)) inline V add_log1p_unit(const V& c, const V& e) {
   if constexpr (std::is_same_v<typename V::value_type, float>) {
-    const V s = e * frcp(V(2) + e), z = s * s;
-    V p = at::vec::fmadd(z, V(1.f / 13), V(1.f / 11));
-    p = at::vec::fmadd(z, p, V(1.f / 9));
-    p = at::vec::fmadd(z, p, V(1.f / 7));
-    p = at::vec::fmadd(z, p, V(1.f / 5));
-    p = at::vec::fmadd(z, p, V(1.f / 3));
-    p = at::vec::fmadd(z, p, V(1));
+    constexpr float kP[] = {1.f / 13, 1.f / 11, 1.f / 9, 1.f / 7, 1.f / 5, 1.f / 3, 1.f};
+    const V s = e * frcp(V(2) + e);
+    const V p = horner(s * s, kP);
     return at::vec::fmadd(s + s, p, c);
   } else {
     return c + e.log1p();
   }
 }
 
-// expm1 for float vectors, inlined: |x| < 1/2 the Taylor series to x^8 / 8! (the first term left out is below
-// 2^-25 of the result), else exp(x) - 1 by exp20 (|expm1(x)| >= 0.39 there: the subtraction costs under 1.5
-// bits); NaN takes the series, so stays NaN. Above ln(FLT_MAX) it is finite where Sleef's is inf (ELU uses it for
-// x < 0 only). Double: Sleef's expm1.
+// expm1 for float vectors, inlined. AVX-512: one range reduction, x = n ln(2) + r with |r| <= ln(2) / 2 (ln(2) in
+// two parts: r is exact to the float's last bits for every n), expm1(r) = r + r^2 P(r) with P the Taylor series to
+// r^7 / 7! (the first term left out is below 2^-26 of the result), then expm1(x) = 2^n expm1(r) + (2^n - 1),
+// evaluated as 2 (2^(n-1) expm1(r) + (2^(n-1) - 1/2)) so n = 128 stays finite where the result is (scalef: exact
+// powers of two, 0 below 2^-149). n = 0 (|x| <= 0.34) is the series itself, so small x keep their relative
+// precision; elsewhere |expm1(x)| > 0.29 and the last addition costs no bits. -1 below x = -104, inf above
+// ln(FLT_MAX); NaN passes (min / max return their second operand on NaN). About sixteen operations. Elsewhere:
+// |x| < 1/2 the series to x^8 / 8!, else exp20(x) - 1 (|expm1(x)| >= 0.39 there: the subtraction costs under 1.5
+// bits); NaN takes the series. Double: Sleef's expm1.
 template <typename V>
 __attribute__((always_inline)) inline V fexpm1(const V& x) {
   if constexpr (std::is_same_v<typename V::value_type, float>) {
-    V p = at::vec::fmadd(x, V(1.f / 40320), V(1.f / 5040));
-    p = at::vec::fmadd(x, p, V(1.f / 720));
-    p = at::vec::fmadd(x, p, V(1.f / 120));
-    p = at::vec::fmadd(x, p, V(1.f / 24));
-    p = at::vec::fmadd(x, p, V(1.f / 6));
-    p = at::vec::fmadd(x, p, V(0.5f));
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-104.f), _mm512_min_ps(_mm512_set1_ps(89.f), x));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), xc);  // ln(2)'s high part: n * it is exact
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.4286068202862268e-6f), r);
+    constexpr float kR[] = {1.f / 5040, 1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f};
+    const __m512 em = _mm512_fmadd_ps(_mm512_mul_ps(r, r), horner(V(r), kR), r);
+    const __m512 h = _mm512_scalef_ps(_mm512_set1_ps(1.f), _mm512_sub_ps(n, _mm512_set1_ps(1.f)));  // 2^(n-1)
+    const __m512 y = _mm512_fmadd_ps(h, em, _mm512_sub_ps(h, _mm512_set1_ps(0.5f)));
+    return _mm512_add_ps(y, y);
+#else
+    constexpr float kP[] = {1.f / 40320, 1.f / 5040, 1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f};
+    const V p = horner(x, kP);
     const V series = at::vec::fmadd(x * x, p, x);
     return V::blendv(series, exp20(x) - V(1), x.abs() >= V(0.5f));
+#endif
   } else {
     return x.expm1();
   }
@@ -392,15 +435,12 @@ inline V ftanh(const V& x) {
   if constexpr (std::is_same_v<typename V::value_type, float>) {
     const V c(7.90531110763549805f);
     const V xc = at::vec::clamp(x, c.neg(), c), x2 = xc * xc;
-    V p = at::vec::fmadd(x2, V(-2.76076847742355e-16f), V(2.00018790482477e-13f));
-    p = at::vec::fmadd(x2, p, V(-8.60467152213735e-11f));
-    p = at::vec::fmadd(x2, p, V(5.12229709037114e-08f));
-    p = at::vec::fmadd(x2, p, V(1.48572235717979e-05f));
-    p = at::vec::fmadd(x2, p, V(6.37261928875436e-04f));
-    p = at::vec::fmadd(x2, p, V(4.89352455891786e-03f));
-    V q = at::vec::fmadd(x2, V(1.19825839466702e-06f), V(1.18534705686654e-04f));
-    q = at::vec::fmadd(x2, q, V(2.26843463243900e-03f));
-    q = at::vec::fmadd(x2, q, V(4.89352518554385e-03f));
+    constexpr float kP[] = {-2.76076847742355e-16f, 2.00018790482477e-13f, -8.60467152213735e-11f,
+                            5.12229709037114e-08f,  1.48572235717979e-05f, 6.37261928875436e-04f,
+                            4.89352455891786e-03f};
+    constexpr float kQ[] = {1.19825839466702e-06f, 1.18534705686654e-04f, 2.26843463243900e-03f,
+                            4.89352518554385e-03f};
+    const V p = horner(x2, kP), q = horner(x2, kQ);
     return V::blendv(xc * p / q, x, x.abs() < V(0.0004f));
   } else {
     return x.tanh();

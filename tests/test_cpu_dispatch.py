@@ -51,9 +51,10 @@ def test_features_match_cpuinfo():
 def test_paths_name_every_family():
     paths = cpu_paths()
     for case in ("attention.float32", "attention.bfloat16", "attention.float16", "quant_linear",
-                 "norms.bfloat16_output", "max_pool2d.short_rows"):
+                 "norms.bfloat16_output", "activations.bfloat16_output", "max_pool2d.short_rows"):
         assert paths.get(case), f"{case} missing from {paths}"
-    assert ("AVX512-BF16" in paths["norms.bfloat16_output"]) == HAS_BF16_DOT
+    for case in ("norms.bfloat16_output", "activations.bfloat16_output"):
+        assert ("AVX512-BF16" in paths[case]) == HAS_BF16_DOT
     assert ("AVX-512" in paths["max_pool2d.short_rows"]) == (tritium._kernels.WIDTH == "avx512")
     assert paths["attention.float32"] == "panels"
     bf16 = paths["attention.bfloat16"]
@@ -80,6 +81,7 @@ def test_disabled_features_are_never_selected():
     assert paths["quant_linear"] == ("avx2" if "avx2" in feats else "none")
     assert "AVX512-BF16" not in paths["attention.bfloat16"]
     assert "AVX512-BF16" not in paths["norms.bfloat16_output"] and "AVX-512" not in paths["max_pool2d.short_rows"]
+    assert "AVX512-BF16" not in paths["activations.bfloat16_output"]
     feats, paths = _in_subprocess(code, "all")
     assert feats == [] and paths["quant_linear"] == "none"
 

@@ -140,6 +140,24 @@ def _silu64(x):
 POLY16 = {"gelu": ("geglu", _gelu64, 3.0), "sigmoid": ("glu", _sigmoid64, 4.0), "silu": ("swiglu", _silu64, 4.0)}
 
 
+def test_bfloat16_subnormal_outputs():
+    """bfloat16 keeps float32's subnormals and torch's rounding does not flush them; the CPU's one-instruction
+    conversion (vcvtne2ps2bf16, used where it has AVX512-BF16) does, so the kernels fall back for those vectors.
+    Whole vectors of subnormal results (64 elements: the two-vector loop runs) must come out as torch's, for the
+    activations and for a norm whose tiny weight makes its outputs subnormal."""
+    tiny = torch.linspace(-2e-38, 2e-38, 64, dtype=torch.float32).to(torch.bfloat16).view(1, -1)
+    assert (tiny.float().abs() < torch.finfo(torch.float32).tiny).float().mean() > 0.5
+    for name, f in (("relu", F.relu), ("leaky_relu", F.leaky_relu), ("elu", F.elu), ("silu", F.silu)):
+        params = {"elu": (1.0, 1.0, 1.0), "leaky_relu": (0.01, 0, 0)}.get(name, (0, 0, 0))
+        out = getattr(cpp, f"{name}_fwd")(tiny, *params)
+        assert torch.equal(out, f(tiny)), f"{name}: subnormal results differ from torch's"
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    w = torch.full((256,), 1e-38, dtype=torch.bfloat16)
+    y = cpp.layer_norm_fwd(x, w, None, 1e-5)[0]
+    ref = F.layer_norm(x.double(), (256,), w.double(), None, 1e-5)
+    assert (y != 0).sum() > 900 and ((y.double() - ref).abs() <= 2.0 ** -133).all(), "layer_norm: flushed outputs"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("act", list(POLY16))
 def test_16bit_polynomial_forms(dtype, act):
