@@ -147,7 +147,8 @@ Issue 21's losses at its bar shapes (the first shape of each: 8192 x 4096 for th
 for the triplet loss, N = 8192 x dim 512 for InfoNCE) and smaller ones, against torch's own loss (torchvision's
 formula in torch ops for the sigmoid focal loss; the (N, N) logits materialised for InfoNCE), eager and under
 torch.compile. The bar: the elementwise and triplet rows at their bar shapes at least 2x eager and 1.0x compile;
-InfoNCE at least 1.5x eager with at most an eighth of eager's peak extra memory (**peak MiB e / t**). Forward +
+InfoNCE at least 1.5x eager with at most an eighth of eager's peak extra memory (**peak MiB e / t**: the resident
+set's rise in one call, the least of three calls, so one-time costs such as oneDNN's JIT code count once). Forward +
 backward is `loss.backward()` (an upstream gradient of 1): tritium's elementwise losses write the input's gradient
 in the forward's pass over input and target, and the backward hands it on.
 """
@@ -242,8 +243,9 @@ ACTIVATIONS_PROSE = """\
 The activations with an exponential or a logarithm in them that the headline does not list (`elu`, `selu`, `celu`
 at alpha 0.5, `softplus`, `logsigmoid`) and `hardswish`, at the headline's 8192 x 4096, against `torch.nn.functional`
 and torch.compile of it. Their exp, expm1 and log1p are tritium's own inlined float forms (vec.h: ATen's exp_u20
-algorithm, a Taylor series for expm1 near 0, log1p by atanh's series), not Sleef's calls. Three rounds over eager,
-compile and tritium in turn, each side the median.
+algorithm; expm1 by one range reduction, 2^n expm1(r) + 2^n - 1, on AVX-512; log1p by atanh's series), not Sleef's
+calls, and bfloat16 outputs are rounded two vectors a time by vcvtne2ps2bf16 where the CPU has AVX512-BF16. Three
+rounds over eager, compile and tritium in turn, each side the median.
 """
 
 LORA_INT4_PROSE = """\

@@ -156,11 +156,19 @@ def _status_kib(field: str) -> int:
     raise OSError(f"no {field} in /proc/self/status")
 
 
-def peak_extra_bytes(fn, device: str = "cpu"):
-    """Peak memory one call of fn adds above what was in use before it (OpCase.track_memory). CPU: the
-    resident-set high-water mark, reset through /proc/self/clear_refs (Linux), minus the resident set before the
-    call, with freed memory returned to the OS and tritium's output pool off (released_memory); CUDA: the caching
-    allocator's peak. None where neither is available."""
+def peak_extra_bytes(fn, device: str = "cpu", calls: int = 3):
+    """Peak memory one call of fn adds above what was in use before it (OpCase.track_memory), the least over
+    `calls` calls: a first call also pays one-time costs that are no call's working memory (oneDNN's primitives
+    and their JIT code, a thread's first arena: 10-50 MiB measured on the CPU), and the resident set's mark moves
+    with what earlier cases left in the heap. CPU: the resident-set high-water mark, reset through
+    /proc/self/clear_refs (Linux), minus the resident set before the call, with freed memory returned to the OS and
+    tritium's output pool off (released_memory); CUDA: the caching allocator's peak. None where neither is
+    available."""
+    peaks = [_peak_extra_once(fn, device) for _ in range(calls)]
+    return None if None in peaks else min(peaks)
+
+
+def _peak_extra_once(fn, device: str):
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
