@@ -113,7 +113,7 @@ template <typename T, int NI, int NO, typename F>
 inline void map_vec(const T* const (&in)[NI], T* const (&out)[NO], int64_t n, const F& fn, bool stream = false) {
 #if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (cpu::features().avx512_bf16) return map_vec_bf16ins<NI, NO>(in, out, n, fn, stream);
+    if (bf16ins<T>()) return map_vec_bf16ins<NI, NO>(in, out, n, fn, stream);
   }
 #endif
   map_vec_plain<T, NI, NO>(in, out, n, fn, stream);
@@ -974,11 +974,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd(
 
 // `tritium info`: how the elementwise activations round a bfloat16 output
 const bool kPathsReported = cpu::register_paths([] {
-#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
-  const bool ins = cpu::features().avx512_bf16;
-#else
-  const bool ins = false;
-#endif
+  const bool ins = bf16ins<c10::BFloat16>();
   return std::vector<std::pair<std::string, std::string>>{
       {"activations.bfloat16_output", ins ? "vcvtne2ps2bf16, two vectors a store (AVX512-BF16)"
                                           : "ATen's integer rounding, a vector at a time"}};

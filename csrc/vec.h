@@ -220,6 +220,17 @@ inline void store_out(T* p, const Vectorized<acc_type<T>>& v, int64_t n, bool st
   }
 }
 
+// Whether T outputs are rounded by vcvtne2ps2bf16 (store2_bf16ins): bfloat16 on a CPU with AVX512-BF16, in the
+// AVX-512 build.
+template <typename T>
+inline bool bf16ins() {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
+  return std::is_same_v<T, c10::BFloat16> && cpu::features().avx512_bf16;
+#else
+  return false;
+#endif
+}
+
 #if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
 // 32 bfloat16 at p from two float vectors (a's lanes first), rounded by one vcvtne2ps2bf16 (round to nearest even
 // with NaN kept NaN, as torch's conversion) where VecIO's store takes ATen's integer rounding sequence per vector
@@ -240,6 +251,15 @@ TRITIUM_BF16_DOT __attribute__((always_inline)) inline void store2_bf16ins(c10::
   } else {
     _mm512_storeu_si512(static_cast<void*>(p), o);
   }
+}
+
+// y[i, i + 16) = f(i) for i = 0, 16, ... over the whole pairs of vectors of [0, n), stored by store2_bf16ins; returns
+// where it stopped (the caller's own loop takes the rest). f (a lambda of the default target) inlines here.
+template <typename F>
+TRITIUM_BF16_DOT inline int64_t store_pairs_bf16ins(c10::BFloat16* y, int64_t n, bool stream, const F& f) {
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) store2_bf16ins(y + i, f(i), f(i + 16), stream);
+  return i;
 }
 #endif
 

@@ -51,9 +51,10 @@ def test_features_match_cpuinfo():
 def test_paths_name_every_family():
     paths = cpu_paths()
     for case in ("attention.float32", "attention.bfloat16", "attention.float16", "quant_linear",
-                 "norms.bfloat16_output", "activations.bfloat16_output", "max_pool2d.short_rows"):
+                 "norms.bfloat16_output", "activations.bfloat16_output", "softmax.bfloat16_output",
+                 "max_pool2d.short_rows"):
         assert paths.get(case), f"{case} missing from {paths}"
-    for case in ("norms.bfloat16_output", "activations.bfloat16_output"):
+    for case in ("norms.bfloat16_output", "activations.bfloat16_output", "softmax.bfloat16_output"):
         assert ("AVX512-BF16" in paths[case]) == HAS_BF16_DOT
     assert ("AVX-512" in paths["max_pool2d.short_rows"]) == (tritium._kernels.WIDTH == "avx512")
     assert paths["attention.float32"] == "panels"
@@ -82,6 +83,7 @@ def test_disabled_features_are_never_selected():
     assert "AVX512-BF16" not in paths["attention.bfloat16"]
     assert "AVX512-BF16" not in paths["norms.bfloat16_output"] and "AVX-512" not in paths["max_pool2d.short_rows"]
     assert "AVX512-BF16" not in paths["activations.bfloat16_output"]
+    assert "AVX512-BF16" not in paths["softmax.bfloat16_output"]
     feats, paths = _in_subprocess(code, "all")
     assert feats == [] and paths["quant_linear"] == "none"
 
@@ -237,3 +239,26 @@ def test_bfloat16_lora_backward_on_each_path(disable):
     theirs = (dy @ w + gs16 @ a, gs16.t() @ x, dy.t() @ xs)
     for name, g, tg, rg in zip(("dx", "dA", "dB"), got["grads"], theirs, refs):
         assert_within_torch_error(torch.tensor(g).to(torch.bfloat16), tg, rg, f"{name} on {got['path']}")
+
+
+@pytest.mark.skipif(not HAS_BF16_DOT, reason="no AVX512-BF16 on this CPU: one bfloat16 rounding path only")
+def test_bfloat16_outputs_round_alike_on_both_paths():
+    """The one-instruction bfloat16 rounding (vcvtne2ps2bf16, AVX512-BF16) gives torch's integer rounding's bits
+    exactly, subnormal results included (the instruction would flush them: those vectors fall back): the same
+    calls with AVX512-BF16 hidden return the same tensors."""
+    code = """
+torch.manual_seed(0)
+tritium.set_routes(False)
+x = (torch.randn(8, 4099) * 4).to(torch.bfloat16)
+x[3, 100] = -200  # probabilities that underflow to subnormals and zero
+tiny = torch.linspace(-2e-38, 2e-38, 8 * 4099).to(torch.bfloat16).view(8, 4099)
+w = torch.full((4099,), 1e-38, dtype=torch.bfloat16)
+outs = [tritium.softmax(x, -1), tritium.log_softmax(x, -1), tritium.silu(x), tritium.elu(tiny), tritium.silu(tiny),
+        tritium.rms_norm(x, (4099,), w), tritium.layer_norm(x, (4099,))]
+print(json.dumps([o.view(torch.int16).flatten().tolist() for o in outs]))
+"""
+    fast, plain = _in_subprocess(code), _in_subprocess(code, "avx512_bf16")
+    names = ["softmax", "log_softmax", "silu", "elu (subnormal)", "silu (subnormal)", "rms_norm (subnormal)",
+             "layer_norm"]
+    for name, a, b in zip(names, fast, plain):
+        assert a == b, f"{name}: the two roundings differ"
