@@ -231,8 +231,7 @@ struct Tanh {
 struct Softplus {  // a: beta, b: threshold; linear above the threshold
   template <typename V> static V fwd(const V& x, const Prm<V>& p) {
     V z = x * p.a;
-    // log1p(exp(z)) = max(z, 0) + log1p(exp(-|z|)) (NaN through the maximum)
-    return sel(z > p.b, x, add_log1p_unit(at::vec::maximum(z, V(0)), fexp(z.abs().neg())) / p.a);
+    return sel(z > p.b, x, softplus(z) / p.a);
   }
   template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>& p) {
     V z = x * p.a, e = fexp(z);
@@ -321,7 +320,7 @@ struct Mish {  // x * tanh(softplus(x)), with one exp: tanh(log1p(e)) = n / (n +
 };
 struct LogSigmoid {  // min(x, 0) - log1p(exp(-|x|))
   template <typename V> static V fwd(const V& x, const Prm<V>&) {
-    return V(0) - add_log1p_unit(at::vec::maximum(x.neg(), V(0)), fexp(x.abs().neg()));
+    return V(0) - softplus(x.neg());
   }
   template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>&) {
     V z = fexp(x.abs().neg()), neg = x < V(0);
@@ -974,10 +973,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd(
 
 // `tritium info`: how the elementwise activations round a bfloat16 output
 const bool kPathsReported = cpu::register_paths([] {
-  const bool ins = bf16ins<c10::BFloat16>();
-  return std::vector<std::pair<std::string, std::string>>{
-      {"activations.bfloat16_output", ins ? "vcvtne2ps2bf16, two vectors a store (AVX512-BF16)"
-                                          : "ATen's integer rounding, a vector at a time"}};
+  return std::vector<std::pair<std::string, std::string>>{{"activations.bfloat16_output", bf16_output_path()}};
 });
 }  // namespace
 

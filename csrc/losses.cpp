@@ -62,12 +62,6 @@ inline V sign(const V& d) {
   return d.gt(V(0)) - d.lt(V(0));
 }
 
-// max(z, 0) + log1p(exp(-|z|)): log(1 + exp(z)) without overflow
-template <typename V>
-inline V softplus(const V& z) {
-  return add_log1p_unit(at::vec::maximum(z, V(0)), fexp(z.abs().neg()));
-}
-
 // The value l(x, y) and derivative dl/dx of loss L at x, y; p is the per-column parameter (pos_weight, quantile;
 // 1 when absent), a and b the scalar parameters (gamma: b as a scalar, for focal's branches). The caller uses one or
 // both (the unused one is dead code). A product added to another term is written as an explicit fmadd / fmsub:

@@ -953,14 +953,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
 
 // `tritium info`: how the forwards round a bfloat16 output (the row norms' normalize pass, group_norm's)
 const bool kPathsReported = cpu::register_paths([] {
-#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
-  const bool ins = cpu::features().avx512_bf16;
-#else
-  const bool ins = false;
-#endif
-  return std::vector<std::pair<std::string, std::string>>{
-      {"norms.bfloat16_output", ins ? "vcvtne2ps2bf16, two vectors a store (AVX512-BF16)"
-                                    : "ATen's integer rounding, a vector at a time"}};
+  return std::vector<std::pair<std::string, std::string>>{{"norms.bfloat16_output", bf16_output_path()}};
 });
 
 }  // namespace

@@ -291,9 +291,7 @@ at::Tensor softmax_bwd(const at::Tensor& dy, const at::Tensor& y, double scale, 
 
 // `tritium info`: how the softmaxes round a bfloat16 output
 const bool kPathsReported = cpu::register_paths([] {
-  return std::vector<std::pair<std::string, std::string>>{
-      {"softmax.bfloat16_output", bf16ins<c10::BFloat16>() ? "vcvtne2ps2bf16, two vectors a store (AVX512-BF16)"
-                                                           : "ATen's integer rounding, a vector at a time"}};
+  return std::vector<std::pair<std::string, std::string>>{{"softmax.bfloat16_output", bf16_output_path()}};
 });
 }  // namespace
 

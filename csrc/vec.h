@@ -231,6 +231,12 @@ inline bool bf16ins() {
 #endif
 }
 
+// `tritium info`'s line for a family whose bfloat16 outputs go through store2_bf16ins where bf16ins holds
+inline const char* bf16_output_path() {
+  return bf16ins<c10::BFloat16>() ? "vcvtne2ps2bf16, two vectors a store (AVX512-BF16)"
+                                  : "ATen's integer rounding, a vector at a time";
+}
+
 #if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
 // 32 bfloat16 at p from two float vectors (a's lanes first), rounded by one vcvtne2ps2bf16 (round to nearest even
 // with NaN kept NaN, as torch's conversion) where VecIO's store takes ATen's integer rounding sequence per vector
@@ -405,6 +411,12 @@ __attribute__((always_inline)) inline V add_log1p_unit(const V& c, const V& e) {
   } else {
     return c + e.log1p();
   }
+}
+
+// max(z, 0) + log1p(exp(-|z|)): log(1 + exp(z)) without overflow (NaN through the maximum)
+template <typename V>
+__attribute__((always_inline)) inline V softplus(const V& z) {
+  return add_log1p_unit(at::vec::maximum(z, V(0)), fexp(z.abs().neg()));
 }
 
 // expm1 for float vectors, inlined. AVX-512: one range reduction, x = n ln(2) + r with |r| <= ln(2) / 2 (ln(2) in
