@@ -37,8 +37,10 @@ void for_chunks(int64_t M, int64_t N, const F& f) {
 // out[j][i] = fn(in[0][i], ...) for i in [0, n): whole vectors, then the tail through zero-padded buffers so
 // every functor only needs its vector form. With `stream` (the call's working set outgrows the last-level cache:
 // stream_outputs) the whole vectors are written around the cache (vec.h store_out) and the chunk ends with a fence.
+// Flattened: fn (an op's lambda) and everything it calls are inlined, not called once per vector.
 template <typename T, int NI, int NO, typename F>
-inline void map_vec_plain(const T* const (&in)[NI], T* const (&out)[NO], int64_t n, const F& fn, bool stream) {
+__attribute__((flatten)) inline void map_vec_plain(const T* const (&in)[NI], T* const (&out)[NO], int64_t n,
+                                                   const F& fn, bool stream) {
   using IO = VecIO<T>;
   using Vec = typename IO::Vec;
   constexpr int64_t K = IO::kSize;
@@ -84,8 +86,9 @@ inline void map_vec_plain(const T* const (&in)[NI], T* const (&out)[NO], int64_t
 // stored by store2_bf16ins (fn inlines here: its default target is a subset of this function's); the tail (under
 // two vectors) through map_vec_plain.
 template <int NI, int NO, typename F>
-TRITIUM_BF16_DOT void map_vec_bf16ins(const c10::BFloat16* const (&in)[NI], c10::BFloat16* const (&out)[NO],
-                                      int64_t n, const F& fn, bool stream) {
+TRITIUM_BF16_DOT __attribute__((flatten)) void map_vec_bf16ins(const c10::BFloat16* const (&in)[NI],
+                                                               c10::BFloat16* const (&out)[NO], int64_t n, const F& fn,
+                                                               bool stream) {
   using IO = VecIO<c10::BFloat16>;
   using Vec = typename IO::Vec;
   constexpr int64_t K = IO::kSize;
@@ -125,7 +128,7 @@ struct Prm {
 };
 
 template <typename V>
-inline V sel(const V& mask, const V& if_true, const V& if_false) {
+TRITIUM_INLINE V sel(const V& mask, const V& if_true, const V& if_false) {
   return V::blendv(if_false, if_true, mask);
 }
 
@@ -134,7 +137,7 @@ inline V sel(const V& mask, const V& if_true, const V& if_false) {
 // cancelling in 1 + erf: with z = |x| / sqrt(2), t = 1 / (1 + p z), q = t P(t) exp(-z^2) / 2, Phi is q for
 // x < 0 and 1 - q otherwise. e = exp(-z^2) = exp(-x^2 / 2) is returned too: the GELU derivative's pdf reuses it.
 template <typename V>
-inline V phi_fast(const V& x, V& e) {
+TRITIUM_INLINE V phi_fast(const V& x, V& e) {
   if constexpr (std::is_same_v<typename V::value_type, float>) {
     const V p(0.3275911f), p1(0.254829592f), p2(-0.284496736f), p3(1.421413741f), p4(-1.453152027f),
         p5(1.061405429f);
@@ -169,15 +172,27 @@ constexpr float kSigmoidP[10] = {-8.79556736e-13f, 8.11263279e-11f, -3.35065242e
 
 // g(x) = 1/2 + x P(x^2) into g, with u = x^2; false (g untouched) when a lane lies out of range
 template <typename V>
-inline bool gate16(const V& x, float u_max, const float (&p)[10], V& u, V& g) {
+TRITIUM_INLINE bool gate16(const V& x, float u_max, const float (&p)[10], V& u, V& g) {
   u = x * x;
   if (!all_le(u, u_max)) return false;
   g = at::vec::fmadd(x, horner(u, p), V(0.5f));
   return true;
 }
 
+// The full forms behind gate16's range test, kept out of line (noinline holds inside map_vec's flatten): a vector
+// with a lane out of range is rare, and inlined its exp and reciprocal crowd the polynomial's registers (AVX2's 16
+// ymm registers spilled: bfloat16 silu 6% slower).
+template <typename Op, typename V>
+__attribute__((noinline)) V fwd_full(const V& x, const Prm<V>& p) {
+  return Op::fwd(x, p);
+}
+template <typename Op, typename V>
+__attribute__((noinline)) void both_full(const V& x, const Prm<V>& p, V& f, V& df) {
+  Op::both(x, p, f, df);
+}
+
 template <typename V>
-inline V sigmoid(const V& x) {
+TRITIUM_INLINE V sigmoid(const V& x) {
   return fsigmoid(x);
 }
 
@@ -186,158 +201,162 @@ inline V sigmoid(const V& x) {
 // both(x) -> (f, f') for the gated units, sharing the transcendental between value and derivative.
 // ---------------------------------------------------------------------------------------------------------
 struct Relu {  // x <= 0 -> 0 (NaN stays NaN); gradient 0 at x = 0, dy at NaN (torch: threshold_backward on y)
-  template <typename V> static V fwd(const V& x, const Prm<V>&) { return sel(x <= V(0), V(0), x); }
-  template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>&) { return sel(x <= V(0), V(0), dy); }
+  template <typename V> TRITIUM_INLINE static V fwd(const V& x, const Prm<V>&) { return sel(x <= V(0), V(0), x); }
+  template <typename V> TRITIUM_INLINE static V bwd(const V& dy, const V& x, const Prm<V>&) {
+    return sel(x <= V(0), V(0), dy);
+  }
 };
 struct LeakyRelu {  // a: negative_slope; the slope applies at x = 0
-  template <typename V> static V fwd(const V& x, const Prm<V>& p) { return sel(x > V(0), x, x * p.a); }
-  template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>& p) { return sel(x > V(0), dy, dy * p.a); }
+  template <typename V> TRITIUM_INLINE static V fwd(const V& x, const Prm<V>& p) { return sel(x > V(0), x, x * p.a); }
+  template <typename V> TRITIUM_INLINE static V bwd(const V& dy, const V& x, const Prm<V>& p) {
+    return sel(x > V(0), dy, dy * p.a);
+  }
 };
 struct Elu {  // a: alpha * scale, b: scale, c: input_scale (elu, selu and celu)
-  template <typename V> static V fwd(const V& x, const Prm<V>& p) {
+  template <typename V> TRITIUM_INLINE static V fwd(const V& x, const Prm<V>& p) {
     return sel(x >= V(0), x * p.b, fexpm1(x * p.c) * p.a);
   }
-  template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>& p) {
+  template <typename V> TRITIUM_INLINE static V bwd(const V& dy, const V& x, const Prm<V>& p) {
     return sel(x > V(0), dy * p.b, dy * p.c * p.a * fexp(x * p.c));  // NaN -> NaN, as torch
   }
 };
 struct Sigmoid {
-  template <typename V> static V fwd(const V& x, const Prm<V>&) { return sigmoid(x); }
-  template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>&) {
+  template <typename V> TRITIUM_INLINE static V fwd(const V& x, const Prm<V>&) { return sigmoid(x); }
+  template <typename V> TRITIUM_INLINE static V bwd(const V& dy, const V& x, const Prm<V>&) {
     V s = sigmoid(x);
     return dy * s * (V(1) - s);
   }
-  template <typename V> static void both(const V& x, const Prm<V>&, V& f, V& df) {
+  template <typename V> TRITIUM_INLINE static void both(const V& x, const Prm<V>&, V& f, V& df) {
     f = sigmoid(x);
     df = f * (V(1) - f);
   }
-  template <typename V> static V fwd16(const V& x, const Prm<V>& p) {
+  template <typename V> TRITIUM_INLINE static V fwd16(const V& x, const Prm<V>& p) {
     V u, s;
-    return gate16(x, kSigmoidUMax, kSigmoidP, u, s) ? s : fwd(x, p);
+    return gate16(x, kSigmoidUMax, kSigmoidP, u, s) ? s : fwd_full<Sigmoid>(x, p);
   }
-  template <typename V> static void both16(const V& x, const Prm<V>& p, V& f, V& df) {
+  template <typename V> TRITIUM_INLINE static void both16(const V& x, const Prm<V>& p, V& f, V& df) {
     V u;
-    if (!gate16(x, kSigmoidUMax, kSigmoidP, u, f)) return both(x, p, f, df);
+    if (!gate16(x, kSigmoidUMax, kSigmoidP, u, f)) return both_full<Sigmoid>(x, p, f, df);
     df = f * (V(1) - f);
   }
 };
 struct Tanh {
-  template <typename V> static V fwd(const V& x, const Prm<V>&) { return ftanh(x); }
-  template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>&) {
+  template <typename V> TRITIUM_INLINE static V fwd(const V& x, const Prm<V>&) { return ftanh(x); }
+  template <typename V> TRITIUM_INLINE static V bwd(const V& dy, const V& x, const Prm<V>&) {
     V t = ftanh(x);
     return dy * (V(1) - t * t);
   }
 };
 struct Softplus {  // a: beta, b: threshold; linear above the threshold
-  template <typename V> static V fwd(const V& x, const Prm<V>& p) {
+  template <typename V> TRITIUM_INLINE static V fwd(const V& x, const Prm<V>& p) {
     V z = x * p.a;
     return sel(z > p.b, x, softplus(z) / p.a);
   }
-  template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>& p) {
+  template <typename V> TRITIUM_INLINE static V bwd(const V& dy, const V& x, const Prm<V>& p) {
     V z = x * p.a, e = fexp(z);
     return sel(z > p.b, dy, dy * e / (e + V(1)));
   }
 };
 struct Gelu {  // x * Phi(x), Phi the normal CDF; f' = Phi + x pdf
-  template <typename V> static void both(const V& x, const Prm<V>&, V& f, V& df) {
+  template <typename V> TRITIUM_INLINE static void both(const V& x, const Prm<V>&, V& f, V& df) {
     V e, cdf = phi_fast(x, e);
     f = x * cdf;
     df = at::vec::fmadd(x * V(0.5 * M_2_SQRTPI * M_SQRT1_2), e, cdf);
   }
-  template <typename V> static V fwd(const V& x, const Prm<V>&) {
+  template <typename V> TRITIUM_INLINE static V fwd(const V& x, const Prm<V>&) {
     V e;
     return x * phi_fast(x, e);
   }
-  template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>& p) {
+  template <typename V> TRITIUM_INLINE static V bwd(const V& dy, const V& x, const Prm<V>& p) {
     V f, df;
     both(x, p, f, df);
     return dy * df;
   }
-  template <typename V> static V fwd16(const V& x, const Prm<V>& p) {
+  template <typename V> TRITIUM_INLINE static V fwd16(const V& x, const Prm<V>& p) {
     V u, g;
-    return gate16(x, kPhiUMax, kPhiP, u, g) ? x * g : fwd(x, p);
+    return gate16(x, kPhiUMax, kPhiP, u, g) ? x * g : fwd_full<Gelu>(x, p);
   }
-  template <typename V> static void both16(const V& x, const Prm<V>& p, V& f, V& df) {
+  template <typename V> TRITIUM_INLINE static void both16(const V& x, const Prm<V>& p, V& f, V& df) {
     V u, g;
-    if (!gate16(x, kPhiUMax, kPhiP, u, g)) return both(x, p, f, df);
+    if (!gate16(x, kPhiUMax, kPhiP, u, g)) return both_full<Gelu>(x, p, f, df);
     f = x * g;
     df = at::vec::fmadd(x, horner(u, kPdfP), g);
   }
 };
 struct GeluTanh {  // 0.5 x (1 + tanh(u)) = x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3): one exp, no tanh;
   // the derivative uses 1 - tanh(u)^2 = 4 s (1 - s) with s = sigmoid(2u)
-  template <typename V> static void both(const V& x, const Prm<V>&, V& f, V& df) {
+  template <typename V> TRITIUM_INLINE static void both(const V& x, const Prm<V>&, V& f, V& df) {
     const V kBeta(M_SQRT2 * M_2_SQRTPI * 0.5), kKappa(0.044715);
     V x2 = x * x;
     V s = sigmoid(V(2) * kBeta * (x + kKappa * x2 * x));
     f = x * s;
     df = s + V(2) * x * s * (V(1) - s) * kBeta * (V(1) + V(3) * kKappa * x2);
   }
-  template <typename V> static V fwd(const V& x, const Prm<V>&) {
+  template <typename V> TRITIUM_INLINE static V fwd(const V& x, const Prm<V>&) {
     const V kBeta(M_SQRT2 * M_2_SQRTPI * 0.5), kKappa(0.044715);
     return x * sigmoid(V(2) * kBeta * (x + kKappa * x * x * x));
   }
-  template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>& p) {
+  template <typename V> TRITIUM_INLINE static V bwd(const V& dy, const V& x, const Prm<V>& p) {
     V f, df;
     both(x, p, f, df);
     return dy * df;
   }
 };
 struct Silu {  // x * sigmoid(x)
-  template <typename V> static void both(const V& x, const Prm<V>&, V& f, V& df) {
+  template <typename V> TRITIUM_INLINE static void both(const V& x, const Prm<V>&, V& f, V& df) {
     V s = sigmoid(x);
     f = x * s;
     df = s * (V(1) + x * (V(1) - s));
   }
-  template <typename V> static V fwd(const V& x, const Prm<V>&) { return x / (V(1) + fexp(x.neg())); }
-  template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>& p) {
+  template <typename V> TRITIUM_INLINE static V fwd(const V& x, const Prm<V>&) { return x / (V(1) + fexp(x.neg())); }
+  template <typename V> TRITIUM_INLINE static V bwd(const V& dy, const V& x, const Prm<V>& p) {
     V f, df;
     both(x, p, f, df);
     return dy * df;
   }
-  template <typename V> static V fwd16(const V& x, const Prm<V>& p) {
+  template <typename V> TRITIUM_INLINE static V fwd16(const V& x, const Prm<V>& p) {
     V u, s;
-    return gate16(x, kSigmoidUMax, kSigmoidP, u, s) ? x * s : fwd(x, p);
+    return gate16(x, kSigmoidUMax, kSigmoidP, u, s) ? x * s : fwd_full<Silu>(x, p);
   }
-  template <typename V> static void both16(const V& x, const Prm<V>& p, V& f, V& df) {
+  template <typename V> TRITIUM_INLINE static void both16(const V& x, const Prm<V>& p, V& f, V& df) {
     V u, s;
-    if (!gate16(x, kSigmoidUMax, kSigmoidP, u, s)) return both(x, p, f, df);
+    if (!gate16(x, kSigmoidUMax, kSigmoidP, u, s)) return both_full<Silu>(x, p, f, df);
     f = x * s;
     df = s * (V(1) + x * (V(1) - s));
   }
 };
 struct Mish {  // x * tanh(softplus(x)), with one exp: tanh(log1p(e)) = n / (n + 2), n = e (e + 2), e = exp(x)
   // (exact algebra; above x = 20 the ratio is 1 in every dtype, and n would overflow). sigmoid(x) = e / (1 + e).
-  template <typename V> static V tsp(const V& x, const V& e) {
+  template <typename V> TRITIUM_INLINE static V tsp(const V& x, const V& e) {
     V n = e * (e + V(2));
     return sel(x > V(20), V(1), n / (n + V(2)));
   }
-  template <typename V> static V fwd(const V& x, const Prm<V>&) { return x * tsp(x, fexp(x)); }
-  template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>&) {
+  template <typename V> TRITIUM_INLINE static V fwd(const V& x, const Prm<V>&) { return x * tsp(x, fexp(x)); }
+  template <typename V> TRITIUM_INLINE static V bwd(const V& dy, const V& x, const Prm<V>&) {
     V e = fexp(x), t = tsp(x, e), s = sel(x > V(20), V(1), e / (V(1) + e));
     return dy * (t + x * s * (V(1) - t * t));
   }
 };
 struct LogSigmoid {  // min(x, 0) - log1p(exp(-|x|))
-  template <typename V> static V fwd(const V& x, const Prm<V>&) {
+  template <typename V> TRITIUM_INLINE static V fwd(const V& x, const Prm<V>&) {
     return V(0) - softplus(x.neg());
   }
-  template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>&) {
+  template <typename V> TRITIUM_INLINE static V bwd(const V& dy, const V& x, const Prm<V>&) {
     V z = fexp(x.abs().neg()), neg = x < V(0);
     return dy * (sel(neg, V(1), V(0)) - sel(neg, V(1), V(-1)) * z / (V(1) + z));
   }
 };
 struct Hardswish {  // x * relu6(x + 3) / 6
-  template <typename V> static V fwd(const V& x, const Prm<V>&) {
+  template <typename V> TRITIUM_INLINE static V fwd(const V& x, const Prm<V>&) {
     return x * at::vec::minimum(at::vec::maximum(x + V(3), V(0)), V(6)) * V(1.0 / 6);  // no vector division
   }
-  template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>&) {
+  template <typename V> TRITIUM_INLINE static V bwd(const V& dy, const V& x, const Prm<V>&) {
     return sel(x <= V(-3), V(0), sel(x >= V(3), dy, dy * (x / V(3) + V(0.5))));  // torch: 0 at -3, dy at 3, NaN
   }
 };
 struct Swish {  // a: beta; x * sigmoid(beta * x)
-  template <typename V> static V fwd(const V& x, const Prm<V>& p) { return x * sigmoid(x * p.a); }
-  template <typename V> static V bwd(const V& dy, const V& x, const Prm<V>& p) {
+  template <typename V> TRITIUM_INLINE static V fwd(const V& x, const Prm<V>& p) { return x * sigmoid(x * p.a); }
+  template <typename V> TRITIUM_INLINE static V bwd(const V& dy, const V& x, const Prm<V>& p) {
     V s = sigmoid(x * p.a);
     return dy * (s + p.a * x * s * (V(1) - s));
   }
@@ -352,17 +371,17 @@ Prm<V> prm(double a, double b, double c) {
 // The activation of storage type T: an op's fwd16 / both16 (a cheaper form accurate to well under a 16-bit ulp)
 // where T is 16-bit and the op has one, else fwd / both; bwd is dy * f' from either.
 template <typename T, typename Op, typename V>
-inline V act_fwd(const V& x, const Prm<V>& p) {
+TRITIUM_INLINE V act_fwd(const V& x, const Prm<V>& p) {
   if constexpr (sizeof(T) == 2 && requires { Op::fwd16(x, p); }) return Op::fwd16(x, p);
   else return Op::fwd(x, p);
 }
 template <typename T, typename Op, typename V>
-inline void act_both(const V& x, const Prm<V>& p, V& f, V& df) {
+TRITIUM_INLINE void act_both(const V& x, const Prm<V>& p, V& f, V& df) {
   if constexpr (sizeof(T) == 2 && requires { Op::both16(x, p, f, df); }) Op::both16(x, p, f, df);
   else Op::both(x, p, f, df);
 }
 template <typename T, typename Op, typename V>
-inline V act_bwd(const V& dy, const V& x, const Prm<V>& p) {
+TRITIUM_INLINE V act_bwd(const V& dy, const V& x, const Prm<V>& p) {
   if constexpr (sizeof(T) == 2 && requires(V f) { Op::both16(x, p, f, f); }) {
     V f, df;
     Op::both16(x, p, f, df);
@@ -799,8 +818,8 @@ namespace {
 // backward (z recomputed): dz = dy f'(z); dx = dz scale[c]; dres = dz; dscale[c] = sum dz x, dshift[c] = sum dz.
 // ---------------------------------------------------------------------------------------------------------
 struct Identity {
-  template <typename V> static V fwd(const V& x, const Prm<V>&) { return x; }
-  template <typename V> static V bwd(const V& dy, const V&, const Prm<V>&) { return dy; }
+  template <typename V> TRITIUM_INLINE static V fwd(const V& x, const Prm<V>&) { return x; }
+  template <typename V> TRITIUM_INLINE static V bwd(const V& dy, const V&, const Prm<V>&) { return dy; }
 };
 
 template <typename F>

@@ -68,15 +68,15 @@ A exp_sum_store(A* x, T* p, int64_t n, A m, A post = A(1)) {
   Vec acc0(0), acc1(0);
   int64_t i = 0;
   for (; i + 2 * K <= n; i += 2 * K) {
-    const Vec e0 = fexp_finite(at::vec::fmsub(Vec::loadu(x + i), vp, vm));
-    const Vec e1 = fexp_finite(at::vec::fmsub(Vec::loadu(x + i + K), vp, vm));
+    const Vec e0 = fexp(at::vec::fmsub(Vec::loadu(x + i), vp, vm));
+    const Vec e1 = fexp(at::vec::fmsub(Vec::loadu(x + i + K), vp, vm));
     store2<T>(p + i, e0, e1);
     acc0 = acc0 + e0;
     acc1 = acc1 + e1;
   }
   for (; i < n; i += K) {  // the rest a vector at a time, the last one partial (a causal row's end is anywhere)
     const int64_t c = std::min(K, n - i);
-    const Vec e = Vec::set(Vec(0), fexp_finite(at::vec::fmsub(Vec::loadu(x + i, c), vp, vm)), c);
+    const Vec e = Vec::set(Vec(0), fexp(at::vec::fmsub(Vec::loadu(x + i, c), vp, vm)), c);
     if constexpr (std::is_same_v<T, A>) {
       e.store(p + i, c);
     } else {
@@ -98,8 +98,8 @@ TRITIUM_BF16_DOT float exp_sum_store_bf16(float* x, c10::BFloat16* p, int64_t n,
   Vec acc0(0), acc1(0);
   int64_t i = 0;
   for (; i + 2 * K <= n; i += 2 * K) {
-    const Vec e0 = fexp_finite(at::vec::fmsub(Vec::loadu(x + i), vp, vm));
-    const Vec e1 = fexp_finite(at::vec::fmsub(Vec::loadu(x + i + K), vp, vm));
+    const Vec e0 = fexp(at::vec::fmsub(Vec::loadu(x + i), vp, vm));
+    const Vec e1 = fexp(at::vec::fmsub(Vec::loadu(x + i + K), vp, vm));
     _mm512_storeu_si512(static_cast<void*>(p + i), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
     acc0 = acc0 + e0;
     acc1 = acc1 + e1;

@@ -146,14 +146,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_z_fwd(const at::Ten
         }
         const acc_t m = row_max_acc(xr, C);
         const Vec vm(m);
-        // pass 2: sum exp(x - m) (kept in buf for the gradient) and, with smoothing, sum w_c x_c; the exp by vec.h
-        // with_row_exp
-        const auto [s, q] = with_row_exp<Vec>(m, [&](auto ex) {
+        // pass 2: sum exp(x - m) (kept in buf for the gradient) and, with smoothing, sum w_c x_c
+        const auto [s, q] = [&] {
           Vec s0(0), s1(0), q0(0);
           int64_t j = 0;
           for (; j + 2 * K <= C; j += 2 * K) {
             Vec v0 = IO::load(xr + j), v1 = IO::load(xr + j + K);
-            Vec e0 = ex(v0 - vm), e1 = ex(v1 - vm);
+            Vec e0 = fexp(v0 - vm), e1 = fexp(v1 - vm);
             s0 = s0 + e0;
             s1 = s1 + e1;
             if (buf) {
@@ -164,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_z_fwd(const at::Ten
                                   : q0 + v0 + v1;
           }
           for (; j + K <= C; j += K) {
-            Vec v = IO::load(xr + j), e = ex(v - vm);
+            Vec v = IO::load(xr + j), e = fexp(v - vm);
             s0 = s0 + e;
             if (buf) e.store(buf + j);
             if (eps != 0) q0 = wp ? at::vec::fmadd(v, IO::load(wp + j), q0) : q0 + v;
@@ -177,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_z_fwd(const at::Ten
             if (eps != 0) qs += wp ? v * static_cast<acc_t>(wp[j]) : v;
           }
           return std::make_pair(sum, qs);
-        });
+        }();
         const acc_t lse = m + std::log(s);
         const acc_t wt = wp ? static_cast<acc_t>(wp[t]) : acc_t(1);
         const acc_t xt = static_cast<acc_t>(xr[t]);

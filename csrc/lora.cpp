@@ -120,7 +120,7 @@ constexpr int64_t kFusedRank = 64;
 constexpr int64_t kTileRows = 64;
 
 template <int RV, int MR, bool TAIL>
-TRITIUM_BF16_DOT __attribute__((always_inline)) inline void gs_step(__m512 (*acc)[RV], const c10::BFloat16* dy,
+TRITIUM_BF16_DOT TRITIUM_INLINE void gs_step(__m512 (*acc)[RV], const c10::BFloat16* dy,
                                                                     int64_t ldd, const c10::BFloat16* bp,
                                                                     int64_t k2) {
   __m512bh b[RV];

@@ -52,13 +52,13 @@ enum Loss : int64_t {
 };
 
 template <typename V>
-inline V where(const V& mask, const V& a, const V& b) {
+TRITIUM_INLINE V where(const V& mask, const V& a, const V& b) {
   return V::blendv(b, a, mask);
 }
 
 // (d > 0) - (d < 0): 0 at 0 and at NaN, as torch's sign / sgn
 template <typename V>
-inline V sign(const V& d) {
+TRITIUM_INLINE V sign(const V& d) {
   return d.gt(V(0)) - d.lt(V(0));
 }
 
@@ -68,7 +68,7 @@ inline V sign(const V& d) {
 // the compiler's own fusing depends on what else the caller computes, and loss_fwd_grad's dx (value and derivative
 // together) must have the bits of loss_bwd's (derivative only).
 template <int64_t L, typename V>
-__attribute__((always_inline)) inline void point(const V& x, const V& y, const V& p, const V& a, const V& b, double gamma, V& val, V& der) {
+TRITIUM_INLINE void point(const V& x, const V& y, const V& p, const V& a, const V& b, double gamma, V& val, V& der) {
   const V zero(0), one(1);
   if constexpr (L == MSE) {
     const V d = x - y;
@@ -145,7 +145,7 @@ struct Lanes {
   using Vec = typename IO::Vec;
   static constexpr int64_t K = IO::kSize;
   static constexpr bool kWide = std::is_same_v<T, typename IO::acc_t>;  // float / double: no conversion
-  static inline Vec load(const T* p, int64_t count) {
+  TRITIUM_INLINE static Vec load(const T* p, int64_t count) {
     if (count == K) return IO::load(p);
     if constexpr (kWide) return Vec::loadu(p, count);
     T buf[K] = {};
@@ -153,7 +153,7 @@ struct Lanes {
     return IO::load(buf);
   }
   // `stream`: whole vectors go around the cache where aligned (vec.h store_out; the caller fences)
-  static inline void store(T* p, const Vec& v, int64_t count, bool stream = false) {
+  TRITIUM_INLINE static void store(T* p, const Vec& v, int64_t count, bool stream = false) {
     if (count == K) return store_out(p, v, K, stream);
     if constexpr (kWide) return v.store(p, count);
     T buf[K];
@@ -230,13 +230,15 @@ inline acc_type<T> sum_points(const Inputs<T>& in, int64_t begin, int64_t end, d
     const Vec va(a), vb(b), one(1);
     const T* x = in.x;
     const T* y = in.y;
-    const auto term = [&](int64_t i, int64_t count, const Vec& xv, const Vec& yv) {
+    const auto term = [&](int64_t i, int64_t count, const Vec& xv, const Vec& yv) __attribute__((always_inline)) {
       Vec val, der;
       point<L>(xv, yv, one, va, vb, b, val, der);
       der_out(i, count, der);
       return val;
     };
-    const auto whole = [&](int64_t i) { return term(i, K, LV::IO::load(x + i), LV::IO::load(y + i)); };
+    const auto whole = [&](int64_t i) __attribute__((always_inline)) {
+      return term(i, K, LV::IO::load(x + i), LV::IO::load(y + i));
+    };
     int64_t i = begin;
     for (; i + 4 * K <= end; i += 4 * K) {
       s0 = s0 + whole(i);
@@ -449,7 +451,7 @@ inline typename V::value_type row_sum(int64_t D, const F& f) {
 
 // |v|^p summed for the p-norm (p = 1, 2 directly; else through pow)
 template <typename V>
-inline V norm_term(const V& v, double p) {
+TRITIUM_INLINE V norm_term(const V& v, double p) {
   if (p == 2) return v * v;
   if (p == 1) return v.abs();
   return v.abs().pow(V(p));
@@ -462,7 +464,7 @@ inline A norm_root(A s, double p) {
 
 // d||v||_p / dv given the norm n: sign(v) |v|^(p-1) / n^(p-1); 0 where n == 0 (torch's norm backward)
 template <typename V>
-inline V norm_grad(const V& v, typename V::value_type n, double p) {
+TRITIUM_INLINE V norm_grad(const V& v, typename V::value_type n, double p) {
   using A = typename V::value_type;
   if (n == A(0)) return V(0);
   if (p == 2) return v * V(A(1) / n);
@@ -836,8 +838,8 @@ void nce_fixed_rows(const T* sp, const T* np, int64_t N, int64_t M, int64_t b0, 
     V acc0(0), acc1(0);
     int64_t j = 0;
     for (; j + K <= N; j += K) {
-      const V e0 = fexp_finite(IO::load(row0 + j) - vc);
-      const V e1 = nr == 2 ? fexp_finite(IO::load(row1 + j) - vc) : V(0);
+      const V e0 = fexp(IO::load(row0 + j) - vc);
+      const V e1 = nr == 2 ? fexp(IO::load(row1 + j) - vc) : V(0);
       acc0 = acc0 + e0;
       acc1 = acc1 + e1;
       if constexpr (COLS) (V::loadu(cs + j) + e0 + e1).store(cs + j);
@@ -1030,7 +1032,7 @@ at::Tensor nce_block_bwd(const at::Tensor& s, const at::Tensor& lse_row, const a
           const A* bp = bcol.const_data_ptr<A>();
           const V vc(c), va(a);
           for (; j + K <= N; j += K)
-            IO::store(out + j, fexp_finite(IO::load(row + j) - vc) * (va + V::loadu(bp + j)));
+            IO::store(out + j, fexp(IO::load(row + j) - vc) * (va + V::loadu(bp + j)));
           for (; j < N; ++j) out[j] = static_cast<T>(std::exp(static_cast<A>(row[j]) - c) * (a + bp[j]));
         } else if (lc) {
           for (; j + K <= N; j += K) {

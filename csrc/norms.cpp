@@ -499,31 +499,14 @@ void channel_normalize(const T* x, T* y, int64_t S, A mean, A scale, A shift, bo
 }
 
 #if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
-// A 16-bit forward's normalize pass is bound by its arithmetic, not by memory: per vector, torch's exp_u20 (about
-// twenty instructions), the reciprocal's Newton step and the software rounding to bfloat16 (an integer sequence)
-// cost several times the load and store. A 16-bit result needs none of that precision: exp as 2^n * 2^f with a
-// degree-5 polynomial for 2^f on [-1/2, 1/2] (relative error under 1e-6) and vscalefps (0 and inf at the ends, NaN
-// through), the reciprocal's 14-bit estimate alone (both far below a float16's half ulp, 2^-11), and on a CPU with
-// AVX512-BF16 the rounding to bfloat16 in one instruction (vcvtne2ps2bf16: round to nearest even, as torch's).
-inline __m512 exp16(__m512 x) {
-  // the clamp keeps f = t - n finite at t = +-inf (2^128 is inf, 2^-150 rounds to 0); NaN passes (min/max return
-  // their second operand on NaN)
-  __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  t = _mm512_max_ps(_mm512_set1_ps(-150.f), _mm512_min_ps(_mm512_set1_ps(128.f), t));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_fmadd_ps(f, _mm512_set1_ps(1.3333558146428443e-3f), _mm512_set1_ps(9.6181291076284772e-3f));
-  p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(5.5504108664821580e-2f));
-  p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(2.4022650695910071e-1f));
-  p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(6.9314718055994531e-1f));
-  p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
-// silu(z) = z * sigmoid(z) to 16-bit precision (exp16 and the reciprocal estimate; sigmoid(+inf) = 1 exactly,
-// sigmoid(-inf) = 0)
+// A 16-bit forward's normalize pass is bound by its arithmetic, not by memory: per vector, the exp, the reciprocal's
+// Newton step and the software rounding to bfloat16 (an integer sequence) cost several times the load and store. A
+// 16-bit result needs less: vec.h's exp_float (about twelve operations on AVX-512), the reciprocal's 14-bit estimate
+// alone (far below a float16's half ulp, 2^-11), and on a CPU with AVX512-BF16 the rounding to bfloat16 in one
+// instruction (vcvtne2ps2bf16: round to nearest even, as torch's).
+// silu(z) = z * sigmoid(z) to 16-bit precision (the reciprocal estimate; sigmoid(+inf) = 1 exactly, sigmoid(-inf) = 0)
 inline __m512 silu16(__m512 z) {
-  const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), z));
+  const __m512 e = exp_float(Vectorized<float>(_mm512_sub_ps(_mm512_setzero_ps(), z)));
   return _mm512_mul_ps(z, _mm512_rcp14_ps(_mm512_add_ps(_mm512_set1_ps(1.f), e)));
 }
 
@@ -718,10 +701,10 @@ std::pair<A, A> channel_grad_sums(const T* dy, const T* x, A* dz_out, int64_t S,
     if constexpr (SILU) {
       const Vec z = at::vec::fmadd(xc, vs, vb);
 #if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
-      // 16-bit: the gradient goes out in 16 bits, so sigmoid to silu16's precision (exp16, the estimate)
+      // 16-bit: the gradient goes out in 16 bits, so sigmoid to silu16's precision (the reciprocal estimate)
       Vec sg;
       if constexpr (!std::is_same_v<T, A>) {
-        sg = _mm512_rcp14_ps(_mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), z))));
+        sg = _mm512_rcp14_ps(_mm512_add_ps(_mm512_set1_ps(1.f), exp_float(z.neg())));
       } else {
         sg = fsigmoid(z);
       }

@@ -304,7 +304,7 @@ inline void pack_cols_bf16(const c10::BFloat16* v, int64_t ldv, int64_t K, int64
 // acc[4 i + j] += pair of x row i at k (TAIL: x[k] with a zero: x[k + 1] is not read, it may lie past the row)
 // times the 4 vectors of the panel's pair row bk
 template <int MR, bool TAIL>
-TRITIUM_BF16_DOT __attribute__((always_inline)) inline void dot_step(__m512* acc, const c10::BFloat16* bk,
+TRITIUM_BF16_DOT TRITIUM_INLINE void dot_step(__m512* acc, const c10::BFloat16* bk,
                                                                      const c10::BFloat16* x, int64_t ldx, int64_t k) {
   const __m512bh b0 = (__m512bh)_mm512_loadu_si512(bk), b1 = (__m512bh)_mm512_loadu_si512(bk + 32);
   const __m512bh b2 = (__m512bh)_mm512_loadu_si512(bk + 64), b3 = (__m512bh)_mm512_loadu_si512(bk + 96);

@@ -306,9 +306,10 @@ constexpr int64_t kPrefetchAhead = 4096;
 
 // The 8 weight groups of one block of a tile: raw bytes for 8-bit, nibbles split for 4-bit (groups 4..7 are the
 // high nibbles of the 4 loaded groups). The block kPrefetchAhead bytes on is prefetched (prefetches do not fault:
-// past the end of the weight they are dropped).
+// past the end of the weight they are dropped). Always inlined: called out of line (as the compiler chose for the
+// 4-bit form) its 8 registers went through memory once per block.
 template <int BITS>
-static inline void load_block(const uint8_t* p, VI (&w)[8]) {
+__attribute__((always_inline)) static inline void load_block(const uint8_t* p, VI (&w)[8]) {
   constexpr int64_t BB = 16 * 32 * BITS / 8;
   for (int64_t off = 0; off < BB; off += 64) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchAhead + off),
                                                           _MM_HINT_T0);

@@ -136,7 +136,7 @@ void sample_row(const T* x, int64_t V, const float* prm, float u, const int64_t*
   // 2. raw log-sum-exp
   Vec vs(0);
   const Vec vrm(rmax);
-  for (i = 0; i + K <= V; i += K) vs = vs + fexp_finite(Vec::loadu(zp + i) - vrm);
+  for (i = 0; i + K <= V; i += K) vs = vs + fexp(Vec::loadu(zp + i) - vrm);
   float rsum = hsum(vs);
   for (; i < V; ++i) rsum += std::exp(zp[i] - rmax);
   const float raw_lse = rmax + std::log(rsum);
@@ -188,7 +188,7 @@ void sample_row(const T* x, int64_t V, const float* prm, float u, const int64_t*
     }
     if (std::isfinite(zmax)) {
       const Vec vz(zmax);
-      for (i = 0; i + K <= V; i += K) fexp_finite(Vec::loadu(zp + i) - vz).store(zp + i);
+      for (i = 0; i + K <= V; i += K) fexp(Vec::loadu(zp + i) - vz).store(zp + i);
       for (; i < V; ++i) zp[i] = std::exp(zp[i] - zmax);
       // 5. cuts
       float cut = 0.f;

@@ -52,13 +52,13 @@ void softmax_row(const T* x, T* y, acc_type<T>* buf, int64_t n, acc_type<T> scal
   constexpr int64_t K = IO::kSize;
   const acc_t m = row_max(x, n, scale);
   const Vec vs(scale), vm(m);
-  // pass 2: e = exp(scale * x - m), summed (and kept in buf for softmax); the exp by vec.h with_row_exp
-  const acc_t s = with_row_exp<Vec>(m, [&](auto ex) {
+  // pass 2: e = exp(scale * x - m), summed (and kept in buf for softmax)
+  const acc_t s = [&] {
     Vec s0(0), s1(0);
     int64_t j = 0;
     for (; j + 2 * K <= n; j += 2 * K) {
-      Vec e0 = ex(at::vec::fmsub(IO::load(x + j), vs, vm));
-      Vec e1 = ex(at::vec::fmsub(IO::load(x + j + K), vs, vm));
+      Vec e0 = fexp(at::vec::fmsub(IO::load(x + j), vs, vm));
+      Vec e1 = fexp(at::vec::fmsub(IO::load(x + j + K), vs, vm));
       s0 = s0 + e0;
       s1 = s1 + e1;
       if (!log) {
@@ -67,7 +67,7 @@ void softmax_row(const T* x, T* y, acc_type<T>* buf, int64_t n, acc_type<T> scal
       }
     }
     for (; j + K <= n; j += K) {
-      Vec e = ex(at::vec::fmsub(IO::load(x + j), vs, vm));
+      Vec e = fexp(at::vec::fmsub(IO::load(x + j), vs, vm));
       s0 = s0 + e;
       if (!log) e.store(buf + j);
     }
@@ -78,7 +78,7 @@ void softmax_row(const T* x, T* y, acc_type<T>* buf, int64_t n, acc_type<T> scal
       if (!log) buf[j] = e;
     }
     return sum;
-  });
+  }();
   // pass 3: normalise (bfloat16 on a CPU with AVX512-BF16: two vectors a store, rounded by one instruction)
   int64_t i = 0;
   [[maybe_unused]] const bool ins = bf16ins<T>();

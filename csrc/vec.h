@@ -18,6 +18,11 @@ namespace tritium {
 
 using at::vec::Vectorized;
 
+// Per-vector helpers (the math below, the activations' and losses' formulas) are always inlined: left to itself the
+// compiler calls the larger ones out of line, once per vector (the argument through memory, and no overlap between
+// a loop's independent vectors), which cost a compute-bound loop such as a bfloat16 softmax row a third of its time.
+#define TRITIUM_INLINE __attribute__((always_inline)) inline
+
 template <typename T>
 struct VecIO {
   using acc_t = at::opmath_type<T>;  // float for 16-bit inputs, the type itself otherwise
@@ -61,7 +66,7 @@ using acc_type = typename VecIO<T>::acc_t;
 
 // Store 2 * kSize elements from two accumulation-type vectors (one full-width conversion for 16-bit types).
 template <typename T>
-inline void store2(T* p, const Vectorized<acc_type<T>>& a, const Vectorized<acc_type<T>>& b) {
+TRITIUM_INLINE void store2(T* p, const Vectorized<acc_type<T>>& a, const Vectorized<acc_type<T>>& b) {
   if constexpr (std::is_same_v<T, acc_type<T>>) {
     a.store(p);
     b.store(p + Vectorized<T>::size());
@@ -171,7 +176,7 @@ inline bool stream_aligned(const T* p) {
 // One accumulation-type vector stored as T at p (stream_aligned) around the cache; a plain store without x86
 // vectors. A kernel that streams calls stream_fence() at the end of each task, before other threads read.
 template <typename T>
-inline void stream_store(T* p, const Vectorized<acc_type<T>>& v) {
+TRITIUM_INLINE void stream_store(T* p, const Vectorized<acc_type<T>>& v) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, float>) {
     _mm512_stream_ps(p, v);
@@ -205,7 +210,7 @@ inline void stream_fence() {
 // One vector's n (<= K) elements stored as T at p: streamed when `stream` and p is aligned for it, else a plain
 // store (through a buffer for a partial vector).
 template <typename T>
-inline void store_out(T* p, const Vectorized<acc_type<T>>& v, int64_t n, bool stream) {
+TRITIUM_INLINE void store_out(T* p, const Vectorized<acc_type<T>>& v, int64_t n, bool stream) {
   using IO = VecIO<T>;
   if (n == IO::kSize) {
     if (stream && stream_aligned(p)) {
@@ -245,7 +250,7 @@ inline const char* bf16_output_path() {
 // range): a pair holding a subnormal lane (vfpclassps, rare) takes ATen's rounding. For TRITIUM_BF16_DOT functions
 // only (the caller checked features().avx512_bf16): the intrinsic needs the target, and GCC inlines a function
 // only into callers whose target includes its own.
-TRITIUM_BF16_DOT __attribute__((always_inline)) inline void store2_bf16ins(c10::BFloat16* p, __m512 a, __m512 b,
+TRITIUM_BF16_DOT TRITIUM_INLINE void store2_bf16ins(c10::BFloat16* p, __m512 a, __m512 b,
                                                                           bool stream) {
   constexpr int kSubnormal = 0x20;  // vfpclassps's category bit
   const __m512i o = (_mm512_fpclass_ps_mask(a, kSubnormal) | _mm512_fpclass_ps_mask(b, kSubnormal))
@@ -273,85 +278,67 @@ TRITIUM_BF16_DOT inline int64_t store_pairs_bf16ins(c10::BFloat16* y, int64_t n,
 // cheaper formulas whose error stays within a few float ulp; double vectors use ATen's (Sleef) functions.
 // NaN propagates through all of them as through torch's.
 
-// exp by ATen's exp_u20 algorithm (a degree-5 polynomial, fewer operations than Sleef's u10 exp; relative error
-// ~1e-6 at worst, a few 1e-7 typically), the same operations as ATen's vec512_float.h / vec256_float.h so the same
-// results, but always inlined: ATen's member is large enough that the compiler calls it out of line, once per
-// vector, which cost a softmax row as much as the polynomial itself. NaN arguments come out finite (the range
-// clamp): fexp below guards them; exp20 is for arguments known not to be NaN.
-__attribute__((always_inline)) inline Vectorized<float> exp20(const Vectorized<float>& v) {
+// P(u) by Horner's rule, coefficients highest degree first: N - 1 fused multiply-adds (the loop unrolls: N and
+// the coefficients are compile-time constants), the one form of every polynomial of the vector math
+template <typename V, size_t N>
+TRITIUM_INLINE V horner(const V& u, const float (&c)[N]) {
+  V r(c[0]);
+  for (size_t i = 1; i < N; ++i) r = at::vec::fmadd(r, u, V(c[i]));
+  return r;
+}
+
+// exp for float vectors, inlined (ATen's exp_u20 member is large enough that the compiler calls it out of line, once
+// per vector, which cost a softmax row as much as the polynomial itself). x = n ln(2) + r with n = round(x log2(e))
+// and |r| <= ln(2) / 2 (ln(2) in two parts: n times the high part is exact), exp(r) by a degree-6 minimax polynomial
+// (relative error 2e-9, 1/32 of a float ulp), then 2^n exp(r) in one rounding: results near FLT_MAX stay finite and
+// those below FLT_MIN come out subnormal, as torch's (AVX-512: vscalefps; AVX2: n added to the exponent bits where
+// every lane's result is normal, else times 2^a then 2^b, a + b = n, both normal powers, the first product exact).
+// Clamping x to [-104, 89] keeps n finite: exp(-104) rounds to 0 and 89 overflows to inf as they should. At most ~1
+// ulp from float64 (torch's Sleef exp: 1 ulp); NaN passes (min / max return their second operand on NaN, the rest
+// keeps it). About twelve operations on AVX-512, fifteen on AVX2 (ATen's exp_u20, ~1e-6 relative error and results
+// below FLT_MIN flushed, took twenty).
+TRITIUM_INLINE Vectorized<float> exp_float(const Vectorized<float>& v) {
+  constexpr float kE[] = {1.3836845755577087e-3f, 8.374815806746483e-3f, 4.166822507977486e-2f, 1.6666419804096222e-1f,
+                          4.9999991059303284e-1f, 1.f, 1.f};
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m512 x = v;
-  const __m512 lo = _mm512_castsi512_ps(_mm512_set1_epi32(0xc2aeac50));  // ln(FLT_MIN)
-  const __m512 hi = _mm512_castsi512_ps(_mm512_set1_epi32(0x42b17218));  // ln(FLT_MAX)
-  const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OS);
-  const __m512 src = _mm512_max_ps(_mm512_min_ps(x, hi), lo);
-  // n = floor(x log2(e) + 1/2), r = x - n ln(2), exp(x) = 2^n exp(r)
-  const __m512 fx = _mm512_cvtepi32_ps(_mm512_cvt_roundps_epi32(
-      _mm512_fmadd_ps(src, _mm512_castsi512_ps(_mm512_set1_epi32(0x3fb8aa3b)), _mm512_set1_ps(0.5f)),
-      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
-  const __m512 r = _mm512_fnmadd_ps(fx, _mm512_castsi512_ps(_mm512_set1_epi32(0x3f317218)), src);
-  __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(0.00828929059f), _mm512_set1_ps(0.0418978221f));
-  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.166676521f));
-  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.499991506f));
-  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.999999701f));
-  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.f));
-  // 2^(n-1) by the exponent bits (times 2 below: n - 1 keeps n = 128 representable), 0 below ln(FLT_MIN)
-  __m512i e = _mm512_cvtps_epi32(_mm512_sub_ps(fx, _mm512_set1_ps(1.f)));
-  e = _mm512_slli_epi32(_mm512_add_epi32(e, _mm512_set1_epi32(127)), 23);
-  const __m512 pow2 = _mm512_mask_blend_ps(under, _mm512_castsi512_ps(e), _mm512_setzero_ps());
-  return _mm512_mul_ps(_mm512_mul_ps(p, pow2), _mm512_set1_ps(2.f));
+  const __m512 x = _mm512_max_ps(_mm512_set1_ps(-104.f), _mm512_min_ps(_mm512_set1_ps(89.f), v));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.4286068202862268e-6f), r);
+  return _mm512_scalef_ps(horner(Vectorized<float>(r), kE), n);
 #elif defined(CPU_CAPABILITY_AVX2)
-  const __m256 x = v;
-  const __m256 lo = _mm256_castsi256_ps(_mm256_set1_epi32(0xc2aeac50));
-  const __m256 hi = _mm256_castsi256_ps(_mm256_set1_epi32(0x42b17218));
-  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OS);
-  const __m256 src = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
-  const __m256 fx = _mm256_floor_ps(
-      _mm256_fmadd_ps(src, _mm256_castsi256_ps(_mm256_set1_epi32(0x3fb8aa3b)), _mm256_set1_ps(0.5f)));
-  const __m256 r = _mm256_fnmadd_ps(fx, _mm256_castsi256_ps(_mm256_set1_epi32(0x3f317218)), src);
-  __m256 p = _mm256_fmadd_ps(r, _mm256_set1_ps(0.00828929059f), _mm256_set1_ps(0.0418978221f));
-  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(0.166676521f));
-  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(0.499991506f));
-  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(0.999999701f));
-  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(1.f));
-  __m256i e = _mm256_cvtps_epi32(_mm256_sub_ps(fx, _mm256_set1_ps(1.f)));
-  e = _mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23);
-  const __m256 pow2 = _mm256_blendv_ps(_mm256_castsi256_ps(e), _mm256_setzero_ps(), under);
-  return _mm256_mul_ps(_mm256_mul_ps(p, pow2), _mm256_set1_ps(2.f));
+  // |x| <= 87 in every lane (the common case: normal results, n in [-126, 126]): 2^n added into exp(r)'s exponent
+  // bits. Else (NaN too) the clamp, and 2^n as two normal powers.
+  const __m256 ax = _mm256_andnot_ps(_mm256_set1_ps(-0.f), v);
+  const bool wide = _mm256_movemask_ps(_mm256_cmp_ps(ax, _mm256_set1_ps(87.f), _CMP_NLE_UQ)) != 0;
+  const __m256 x = wide ? _mm256_max_ps(_mm256_set1_ps(-104.f), _mm256_min_ps(_mm256_set1_ps(89.f), v)) : __m256(v);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.4286068202862268e-6f), r);
+  const __m256 p = horner(Vectorized<float>(r), kE);
+  const __m256i ni = _mm256_cvtps_epi32(n);
+  if (!wide) return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(ni, 23)));
+  // n in [-150, 128] (NaN: any, p is NaN): a = floor(n / 2), b = n - a, both in [-75, 64]; p 2^a is exact
+  const __m256i na = _mm256_srai_epi32(ni, 1), nb = _mm256_sub_epi32(ni, na);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 pa = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(na, bias), 23));
+  const __m256 pb = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(nb, bias), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(p, pa), pb);
 #else
   return v.exp_u20();
 #endif
 }
 
-// exp20 with NaN lanes passed through (as torch's exp), inlined: ATen's exp_u20 member is called out of line, once
-// per vector (a loss's pointwise formula spent as much on the call as on the polynomial); double vectors use ATen's
-// (Sleef) exp. The info_nce statistics' tolerance problem an earlier inlined form showed did not recur (the kernel
-// tests pass on both builds).
+// exp with NaN lanes passed through (as torch's exp): exp_float for float vectors, ATen's (Sleef) exp for double.
 template <typename V>
-__attribute__((always_inline)) inline V fexp(const V& x) {
+TRITIUM_INLINE V fexp(const V& x) {
   if constexpr (std::is_same_v<typename V::value_type, float>) {
-    return V::blendv(exp20(x), x, x.isnan());
+    return exp_float(x);
   } else {
     return x.exp();
   }
-}
-
-// exp of arguments known not to be NaN (a row's finite max subtracted from its elements): exp20 for float vectors.
-template <typename V>
-__attribute__((always_inline)) inline V fexp_finite(const V& x) {
-  if constexpr (std::is_same_v<typename V::value_type, float>) {
-    return exp20(x);
-  } else {
-    return x.exp();
-  }
-}
-
-// f(exp), exp the vector exp for the arguments x - m of a row whose max is m: fexp_finite when m is finite (then no
-// argument is NaN: a NaN in the row makes its max NaN), else fexp, which keeps NaN NaN. f is instantiated for each,
-// so no test sits inside its loops.
-template <typename V, typename F>
-inline auto with_row_exp(typename V::value_type m, F&& f) {
-  return std::isfinite(m) ? f([](const V& v) { return fexp_finite(v); }) : f([](const V& v) { return fexp(v); });
 }
 
 // 1 / d for float vectors. AVX-512: the 14-bit hardware estimate and one Newton step, within an ulp or two of the
@@ -360,7 +347,7 @@ inline auto with_row_exp(typename V::value_type m, F&& f) {
 // or 0 stands. Elsewhere the division: AVX2's 12-bit estimate after one step misses 1 / 1 = 1 (sigmoid(inf) would
 // not be exactly 1, and inf * (1 - s) not NaN as torch's) and flushes results below 2^-126 to zero.
 template <typename V>
-inline V frcp(const V& d) {
+TRITIUM_INLINE V frcp(const V& d) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<V, Vectorized<float>>) {
     const __m512 r0 = _mm512_rcp14_ps(d);
@@ -388,21 +375,12 @@ inline bool all_le(const V& u, typename V::value_type c) {
   return true;
 }
 
-// P(u) by Horner's rule, coefficients highest degree first: N - 1 fused multiply-adds (the loop unrolls: N and
-// the coefficients are compile-time constants), the one form of every polynomial of the vector math
-template <typename V, size_t N>
-__attribute__((always_inline)) inline V horner(const V& u, const float (&c)[N]) {
-  V r(c[0]);
-  for (size_t i = 1; i < N; ++i) r = at::vec::fmadd(r, u, V(c[i]));
-  return r;
-}
-
 // c + log1p(e) for e in [0, 1] (NaN passes): for float, log1p(e) = 2 atanh(s) with s = e / (2 + e) in [0, 1/3],
 // its series s (1 + s^2/3 + ... + s^12/13) (the first term left out is below 2^-24 of the sum), a third of the
 // operations of Sleef's log1p; s keeps e's relative precision, so tiny e (softplus of a large margin) stay exact;
 // the last product and c's addition are one fmadd. Double: Sleef's.
 template <typename V>
-__attribute__((always_inline)) inline V add_log1p_unit(const V& c, const V& e) {
+TRITIUM_INLINE V add_log1p_unit(const V& c, const V& e) {
   if constexpr (std::is_same_v<typename V::value_type, float>) {
     constexpr float kP[] = {1.f / 13, 1.f / 11, 1.f / 9, 1.f / 7, 1.f / 5, 1.f / 3, 1.f};
     const V s = e * frcp(V(2) + e);
@@ -415,7 +393,7 @@ __attribute__((always_inline)) inline V add_log1p_unit(const V& c, const V& e) {
 
 // max(z, 0) + log1p(exp(-|z|)): log(1 + exp(z)) without overflow (NaN through the maximum)
 template <typename V>
-__attribute__((always_inline)) inline V softplus(const V& z) {
+TRITIUM_INLINE V softplus(const V& z) {
   return add_log1p_unit(at::vec::maximum(z, V(0)), fexp(z.abs().neg()));
 }
 
@@ -426,10 +404,10 @@ __attribute__((always_inline)) inline V softplus(const V& z) {
 // powers of two, 0 below 2^-149). n = 0 (|x| <= 0.34) is the series itself, so small x keep their relative
 // precision; elsewhere |expm1(x)| > 0.29 and the last addition costs no bits. -1 below x = -104, inf above
 // ln(FLT_MAX); NaN passes (min / max return their second operand on NaN). About sixteen operations. Elsewhere:
-// |x| < 1/2 the series to x^8 / 8!, else exp20(x) - 1 (|expm1(x)| >= 0.39 there: the subtraction costs under 1.5
+// |x| < 1/2 the series to x^8 / 8!, else exp_float(x) - 1 (|expm1(x)| >= 0.39 there: the subtraction costs under 1.5
 // bits); NaN takes the series. Double: Sleef's expm1.
 template <typename V>
-__attribute__((always_inline)) inline V fexpm1(const V& x) {
+TRITIUM_INLINE V fexpm1(const V& x) {
   if constexpr (std::is_same_v<typename V::value_type, float>) {
 #if defined(CPU_CAPABILITY_AVX512)
     const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-104.f), _mm512_min_ps(_mm512_set1_ps(89.f), x));
@@ -446,7 +424,7 @@ __attribute__((always_inline)) inline V fexpm1(const V& x) {
     constexpr float kP[] = {1.f / 40320, 1.f / 5040, 1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f};
     const V p = horner(x, kP);
     const V series = at::vec::fmadd(x * x, p, x);
-    return V::blendv(series, exp20(x) - V(1), x.abs() >= V(0.5f));
+    return V::blendv(series, exp_float(x) - V(1), x.abs() >= V(0.5f));
 #endif
   } else {
     return x.expm1();
@@ -455,7 +433,7 @@ __attribute__((always_inline)) inline V fexpm1(const V& x) {
 
 // sigmoid(x) = 1 / (1 + exp(-x)) with fexp; saturates to exactly 0 and 1 as torch's does.
 template <typename V>
-inline V fsigmoid(const V& x) {
+TRITIUM_INLINE V fsigmoid(const V& x) {
   return frcp(V(1) + fexp(x.neg()));
 }
 
@@ -463,7 +441,7 @@ inline V fsigmoid(const V& x) {
 // (outside, tanh is +-1 in float), x itself below |x| = 4e-4; max error 4e-7 against float64 (Sleef's u10 tanh,
 // which torch uses, spends far more operations on accuracy float does not need here). NaN stays NaN through the clamp.
 template <typename V>
-inline V ftanh(const V& x) {
+TRITIUM_INLINE V ftanh(const V& x) {
   if constexpr (std::is_same_v<typename V::value_type, float>) {
     const V c(7.90531110763549805f);
     const V xc = at::vec::clamp(x, c.neg(), c), x2 = xc * xc;

@@ -69,6 +69,26 @@ def test_extreme_values(impl_name, impl, n):
             torch.testing.assert_close(y, ref, equal_nan=True, rtol=1e-5, atol=1e-6)
 
 
+def test_exp_to_the_subnormal_range():
+    """The C++ kernels' vector exp (vec.h exp_float, every float exp of the CPU kernels) over its whole range, seen
+    through softmax rows [0, x, -inf, ...]: the second output is exp(x) / (1 + exp(x)), exactly the exp's own value
+    where 1 + exp(x) rounds to 1. Within 2x torch's worst error in float32 ulp (subnormal spacing at the bottom), and
+    no result below FLT_MIN flushed to zero as ATen's exp_u20 does (torch keeps them)."""
+    x = torch.linspace(-103.9, 0, 100001)
+    rows = torch.full((x.numel(), 32), float("-inf"))
+    rows[:, 0] = 0
+    rows[:, 1] = x
+    ref = torch.softmax(rows.double(), -1)[:, 1]
+    fi = torch.finfo(torch.float32)
+    ulp = torch.exp2(torch.floor(torch.log2(ref.clamp_min(fi.tiny)))) * fi.eps
+    ours = cpp.softmax_fwd(rows.unsqueeze(-1), 1.0, False).squeeze(-1)[:, 1]
+    theirs = torch.softmax(rows, -1)[:, 1]
+    bound = 2 * ((theirs.double() - ref).abs() / ulp).max()
+    err = (ours.double() - ref).abs() / ulp
+    assert err.max() <= bound, f"worst error {err.max():.2f} ulp at x = {x[err.argmax()]:.4f} (bound {bound:.2f})"
+    assert (ours[ref > 2 ** -150] != 0).all(), "subnormal results flushed to zero"
+
+
 @pytest.mark.parametrize("impl_name,impl", [("triton", triton_softmax), ("cpp", cpp)])
 def test_strided_rows_and_grads(impl_name, impl):
     """Rows with a stride larger than the row are read in place; so is a grad with an outer stride."""
