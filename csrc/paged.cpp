@@ -111,7 +111,7 @@ inline void group_step(const acc_type<T>* qg, const T* const* krow, const T* con
     // online softmax: m' = max(m, max_j s), rescale by exp(m - m'), p_j = exp(s_j - m')
     const acc_t mx = std::max(ml[2 * g], hmax(sv));
     const acc_t alpha = std::exp(ml[2 * g] - mx);  // exp(-inf) = 0 on the first step
-    const Vec pv = (sv - Vec(mx)).exp();
+    const Vec pv = fexp(sv - Vec(mx));
     pv.store(pbuf[g]);
     ml[2 * g] = mx;
     ml[2 * g + 1] = ml[2 * g + 1] * alpha + hsum(pv);
