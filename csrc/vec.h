@@ -250,8 +250,7 @@ inline const char* bf16_output_path() {
 // range): a pair holding a subnormal lane (vfpclassps, rare) takes ATen's rounding. For TRITIUM_BF16_DOT functions
 // only (the caller checked features().avx512_bf16): the intrinsic needs the target, and GCC inlines a function
 // only into callers whose target includes its own.
-TRITIUM_BF16_DOT TRITIUM_INLINE void store2_bf16ins(c10::BFloat16* p, __m512 a, __m512 b,
-                                                                          bool stream) {
+TRITIUM_BF16_DOT TRITIUM_INLINE void store2_bf16ins(c10::BFloat16* p, __m512 a, __m512 b, bool stream) {
   constexpr int kSubnormal = 0x20;  // vfpclassps's category bit
   const __m512i o = (_mm512_fpclass_ps_mask(a, kSubnormal) | _mm512_fpclass_ps_mask(b, kSubnormal))
                         ? _mm512_inserti64x4(_mm512_castsi256_si512(at::vec::cvtfp32_bf16(a)),
