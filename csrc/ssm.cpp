@@ -76,7 +76,7 @@ struct Scan {
     for (int64_t j = 0; j < k; ++j) {
       V x = V::loadu(pre + j * W) + bv;
       x.store(pre + j * W);
-      if (softplus) x = V::blendv(x.exp().log1p(), x, x > V(A_t(20)));
+      if (softplus) x = V::blendv(tritium::softplus(x), x, x > V(A_t(20)));
       x.store(dt + j * W);
     }
   }
