@@ -368,6 +368,8 @@ def machine_line(data: dict, command: str) -> str:
     m = data.get("machine")
     if not m:
         return f"Machine not recorded in this file (an older run); `{command}` records it."
+    if (data.get("rounds") or 1) > 1 and "--rounds" not in command:  # the command that reproduces this file
+        command = command.replace(" --json", f" --rounds {data['rounds']} --json", 1)
     gpu = f", {m['gpu']}" if m.get("gpu") else ""
     feats = f", CPU features {m['cpu_features']}" if m.get("cpu_features") else ""
     return (f"Recorded {m['time']} on {m['cpu']}{gpu}{feats} ({m['cores']} cores, {m.get('torch_threads', '?')} torch "
