@@ -37,9 +37,9 @@ namespace {
 constexpr int64_t kBlock = 4096;  // elements per accumulation block of the sum (and per parallel task unit)
 
 template <typename V>
-inline V kl_vec(const V& x, const V& t, bool log_target) {
-  if (log_target) return t.exp() * (t - x);
-  const V xlogy = V::blendv(t * t.log(), V(0), t == V(0));
+TRITIUM_INLINE V kl_vec(const V& x, const V& t, bool log_target) {
+  if (log_target) return fexp(t) * (t - x);
+  const V xlogy = V::blendv(t * flog(t), V(0), t == V(0));
   return at::vec::fnmadd(t, x, xlogy);
 }
 
@@ -129,13 +129,13 @@ std::tuple<at::Tensor, at::Tensor> kl_div_bwd(const at::Tensor& grad, const at::
     auto vec_step = [&](int64_t i) {
       const Vec x = IO::load(xp + i), t = IO::load(tp + i), g = scalar_grad ? Vec(g0) : IO::load(gp + i);
       if (log_target) {
-        const Vec e = t.exp(), ge = g * e;
+        const Vec e = fexp(t), ge = g * e;
         if (dxp) IO::store(dxp + i, ge.neg());
         if (dtp) IO::store(dtp + i, ge * (t - x + Vec(1)));
       } else {
         if (dxp) IO::store(dxp + i, (g * t).neg());
         if (dtp) {
-          const Vec lt = Vec::blendv(t.log(), Vec(0), t == Vec(0));
+          const Vec lt = Vec::blendv(flog(t), Vec(0), t == Vec(0));
           IO::store(dtp + i, g * (lt + t / t - x));
         }
       }

@@ -91,7 +91,7 @@ TRITIUM_INLINE void point(const V& x, const V& y, const V& p, const V& a, const 
     der = where(d < a.neg(), a.neg(), where(d > a, a, d));
   } else if constexpr (L == BCE) {
     const V lo(-100);
-    val = (y - one) * at::vec::maximum(x.neg().log1p(), lo) - y * at::vec::maximum(x.log(), lo);
+    val = (y - one) * at::vec::maximum(flog1p(x.neg()), lo) - y * at::vec::maximum(flog(x), lo);
     der = (x - y) / at::vec::maximum((one - x) * x, V(1e-12));
   } else if constexpr (L == BCE_LOGITS) {
     const V lw = at::vec::fmadd(p - one, y, one);
