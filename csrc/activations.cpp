@@ -191,11 +191,6 @@ __attribute__((noinline)) void both_full(const V& x, const Prm<V>& p, V& f, V& d
   Op::both(x, p, f, df);
 }
 
-template <typename V>
-TRITIUM_INLINE V sigmoid(const V& x) {
-  return fsigmoid(x);
-}
-
 // ---------------------------------------------------------------------------------------------------------
 // The activations. fwd(x) = f(x); bwd(dy, x) = dy * f'(x), as torch computes them. Gate functors also give
 // both(x) -> (f, f') for the gated units, sharing the transcendental between value and derivative.
@@ -221,13 +216,13 @@ struct Elu {  // a: alpha * scale, b: scale, c: input_scale (elu, selu and celu)
   }
 };
 struct Sigmoid {
-  template <typename V> TRITIUM_INLINE static V fwd(const V& x, const Prm<V>&) { return sigmoid(x); }
+  template <typename V> TRITIUM_INLINE static V fwd(const V& x, const Prm<V>&) { return fsigmoid(x); }
   template <typename V> TRITIUM_INLINE static V bwd(const V& dy, const V& x, const Prm<V>&) {
-    V s = sigmoid(x);
+    V s = fsigmoid(x);
     return dy * s * (V(1) - s);
   }
   template <typename V> TRITIUM_INLINE static void both(const V& x, const Prm<V>&, V& f, V& df) {
-    f = sigmoid(x);
+    f = fsigmoid(x);
     df = f * (V(1) - f);
   }
   template <typename V> TRITIUM_INLINE static V fwd16(const V& x, const Prm<V>& p) {
@@ -288,13 +283,13 @@ struct GeluTanh {  // 0.5 x (1 + tanh(u)) = x sigmoid(2u), u = sqrt(2/pi) (x + 0
   template <typename V> TRITIUM_INLINE static void both(const V& x, const Prm<V>&, V& f, V& df) {
     const V kBeta(M_SQRT2 * M_2_SQRTPI * 0.5), kKappa(0.044715);
     V x2 = x * x;
-    V s = sigmoid(V(2) * kBeta * (x + kKappa * x2 * x));
+    V s = fsigmoid(V(2) * kBeta * (x + kKappa * x2 * x));
     f = x * s;
     df = s + V(2) * x * s * (V(1) - s) * kBeta * (V(1) + V(3) * kKappa * x2);
   }
   template <typename V> TRITIUM_INLINE static V fwd(const V& x, const Prm<V>&) {
     const V kBeta(M_SQRT2 * M_2_SQRTPI * 0.5), kKappa(0.044715);
-    return x * sigmoid(V(2) * kBeta * (x + kKappa * x * x * x));
+    return x * fsigmoid(V(2) * kBeta * (x + kKappa * x * x * x));
   }
   template <typename V> TRITIUM_INLINE static V bwd(const V& dy, const V& x, const Prm<V>& p) {
     V f, df;
@@ -304,7 +299,7 @@ struct GeluTanh {  // 0.5 x (1 + tanh(u)) = x sigmoid(2u), u = sqrt(2/pi) (x + 0
 };
 struct Silu {  // x * sigmoid(x)
   template <typename V> TRITIUM_INLINE static void both(const V& x, const Prm<V>&, V& f, V& df) {
-    V s = sigmoid(x);
+    V s = fsigmoid(x);
     f = x * s;
     df = s * (V(1) + x * (V(1) - s));
   }
@@ -355,9 +350,9 @@ struct Hardswish {  // x * relu6(x + 3) / 6
   }
 };
 struct Swish {  // a: beta; x * sigmoid(beta * x)
-  template <typename V> TRITIUM_INLINE static V fwd(const V& x, const Prm<V>& p) { return x * sigmoid(x * p.a); }
+  template <typename V> TRITIUM_INLINE static V fwd(const V& x, const Prm<V>& p) { return x * fsigmoid(x * p.a); }
   template <typename V> TRITIUM_INLINE static V bwd(const V& dy, const V& x, const Prm<V>& p) {
-    V s = sigmoid(x * p.a);
+    V s = fsigmoid(x * p.a);
     return dy * (s + p.a * x * s * (V(1) - s));
   }
 };

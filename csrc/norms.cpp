@@ -506,7 +506,7 @@ void channel_normalize(const T* x, T* y, int64_t S, A mean, A scale, A shift, bo
 // instruction (vcvtne2ps2bf16: round to nearest even, as torch's).
 // silu(z) = z * sigmoid(z) to 16-bit precision (the reciprocal estimate; sigmoid(+inf) = 1 exactly, sigmoid(-inf) = 0)
 inline __m512 silu16(__m512 z) {
-  const __m512 e = exp_float(Vectorized<float>(_mm512_sub_ps(_mm512_setzero_ps(), z)));
+  const __m512 e = exp_float(Vectorized<float>(z).neg());
   return _mm512_mul_ps(z, _mm512_rcp14_ps(_mm512_add_ps(_mm512_set1_ps(1.f), e)));
 }
 

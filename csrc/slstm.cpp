@@ -204,22 +204,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> slstm_fwd(
           A* st = sp + (bi * L + t) * 4 * D + hd * Dh;
           A* ga = gp + (bi * L + t) * 5 * D + hd * Dh;
           T* yo = yp + (bi * L + t) * D + hd * Dh;
-          // the gates on vectors (ATen's exp, log1p and tanh: the scalar formulas' accuracy), five transcendentals
-          // an element: e^-|f| gives both logsigmoid(f) and sigmoid(-f), and of ig = e^(i - m_t) and
+          // the gates on vectors (vec.h's inlined exp, sigmoid and log1p of [0, 1]; ATen's tanh), five
+          // transcendentals an element: e^-|f| gives both logsigmoid(f) and sigmoid(-f), and of ig = e^(i - m_t) and
           // fg = e^(logsigmoid(f) + m_{t-1} - m_t) one is e^0 = 1 (m_t is the larger exponent), the other e^-|i - lf - m|
           for (int64_t j = 0; j < DP; j += W) {
             const int64_t cnt = std::min<int64_t>(W, Dh - j);
             const Vec iv = Vec::loadu(raw.data() + j), fv = Vec::loadu(raw.data() + DP + j);
             const Vec z = Vec::loadu(raw.data() + 2 * DP + j).tanh();
-            const Vec o = one / (one + Vec::loadu(raw.data() + 3 * DP + j).neg().exp());
-            const Vec ef = fv.abs().neg().exp();  // e^-|f|
-            const Vec lf = at::vec::minimum(fv, zero) - ef.log1p();
+            const Vec o = fsigmoid(Vec::loadu(raw.data() + 3 * DP + j));
+            const Vec ef = fexp(fv.abs().neg());  // e^-|f|
+            const Vec lf = at::vec::minimum(fv, zero) - add_log1p_unit(zero, ef);
             const Vec sf = Vec::blendv(ef, one, fv < zero) / (one + ef);  // sigmoid(-f)
             const Vec mp = Vec::loadu(m.data() + j);
             const Vec lm = lf + mp;
             const Vec mn = at::vec::maximum(iv, lm);
             const Vec i_wins = iv >= lm;  // m_t = i: ig = 1 (also at m_{t-1} = -inf); else fg = 1
-            const Vec e = (iv - lm).abs().neg().exp();
+            const Vec e = fexp((iv - lm).abs().neg());
             const Vec ig = Vec::blendv(e, one, i_wins), fg = Vec::blendv(one, e, i_wins);
             const Vec cv = fg * Vec::loadu(c.data() + j) + ig * z;
             const Vec nv = fg * Vec::loadu(n.data() + j) + ig;

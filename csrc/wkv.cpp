@@ -174,7 +174,7 @@ inline void step(const A* Sp, A* Sn, const A* d, const A* rr, const A* kk, const
 template <typename A>
 inline void exp_inplace(A* e, int64_t npad) {
   using Vec = Vectorized<A>;
-  for (int64_t i = 0; i < npad; i += Vec::size()) Vec::loadu(e + i).exp().store(e + i);
+  for (int64_t i = 0; i < npad; i += Vec::size()) fexp(Vec::loadu(e + i)).store(e + i);
 }
 
 // the per-step vectors of one (batch, head) in A: r, exp(w), k, a, b (KP each), v (VP)
@@ -340,7 +340,7 @@ void wkv_fwd_group(const Wkv<T>& s, int64_t bi, int64_t h0, int64_t G, T* out, a
           if (j == n) continue;
           if constexpr (std::is_same_v<T, A>) {
             const A* w = s.w.at(bi, t, h);
-            for (int64_t i = 0; i < KP; i += W) Vec::loadu(w + i).exp().store(row + i);
+            for (int64_t i = 0; i < KP; i += W) fexp(Vec::loadu(w + i)).store(row + i);
           }
           for (const Seq4<T>* q : {&s.r, &s.k, &s.a, &s.b}) prefetch_l2(q->at(bi, t, h), K * sizeof(T));
           prefetch_l2(s.v.at(bi, t, h), V * sizeof(T));
