@@ -226,10 +226,12 @@ bound by arithmetic rather than memory here: they take a degree-9 polynomial for
 """
 
 ROWS_PROSE = """\
-The headline rows of `batch_norm_act` and `distillation_loss` (issue 18's rows that were behind torch.compile or
-below 2x eager in `ops-headline-amd-avx512.json`) re-recorded after their CPU kernels changed: outputs larger than
-the last-level cache written with streaming stores, and distillation's exponentials by ATen's `exp_u20`, with one exp
-per class saved at temperature 1 or 2. Five rounds over eager, compile and tritium in turn, each side the median.
+The headline rows of `batch_norm_act`, `distillation_loss`, `kl_div` and `cross_entropy_zloss_softcap` re-recorded
+after their CPU kernels changed (issue 18's rows that were behind torch.compile or below 2x eager in
+`ops-headline-amd-avx512.json`, or bound by a transcendental called out of line): outputs larger than the last-level
+cache written with streaming stores; the exponentials by vec.h's inlined `exp_float`, with one exp per class saved at
+temperature 1 or 2; kl_div's log by the inlined `flog`; the soft cap's tanh by `ftanh`. Five rounds over eager,
+compile and tritium in turn, each side the median.
 """
 
 POOLING_PROSE = """\
@@ -667,8 +669,9 @@ KNOWN = [
                                         "--op huber_loss --rounds 5 --json "
                                         "bench/results/ops-elementwise-amd-avx512.json",
      f"Elementwise and softmax rows on {MACHINE_KINDS['amd-avx512']}, five rounds", ELEMENTWISE_PROSE, ops_section),
-    ("ops-rows-amd-avx512.json", "tritium bench ops --op batch_norm_act --op distillation_loss --headline --rounds 5 "
-                                 "--json bench/results/ops-rows-amd-avx512.json",
+    ("ops-rows-amd-avx512.json", "tritium bench ops --op batch_norm_act --op distillation_loss --op kl_div --op "
+                                 "cross_entropy_zloss_softcap --headline --rounds 5 --json "
+                                 "bench/results/ops-rows-amd-avx512.json",
      f"Re-recorded headline rows on {MACHINE_KINDS['amd-avx512']}", ROWS_PROSE, ops_section),
     ("pooling-amd-avx512.json", "tritium bench ops --op max_pool2d --rounds 5 --json "
                                 "bench/results/pooling-amd-avx512.json",
