@@ -363,26 +363,29 @@ TRITIUM_INLINE V frcp(const V& d) {
 // float64 as torch's. AVX-512: m and e by vgetmantps / vgetexpps (subnormals exact; negative and NaN inputs give
 // NaN; 0 and +inf take e = -inf / +inf itself). AVX2: m and e from the bits where every lane is a positive normal
 // float or zero (0 -> -inf by a blend), else ATen's log for the vector. Double: ATen's.
+// log(1 + f) + e ln(2) for float f in [sqrt(1/2) - 1, sqrt(2) - 1] (flog's reduced argument, flog1p's small one)
+template <typename V>
+TRITIUM_INLINE V log1p_reduced(const V& f, const V& e) {
+  constexpr float kL[] = {7.0376836292e-2f,  -1.1514610310e-1f, 1.1676998740e-1f,
+                          -1.2420140846e-1f, 1.4249322787e-1f,  -1.6668057665e-1f,
+                          2.0000714765e-1f,  -2.4999993993e-1f, 3.3333331174e-1f};
+  const V z = f * f;
+  V y = f * z * horner(f, kL);
+  y = at::vec::fmadd(e, V(-2.12194440e-4f), y);
+  y = at::vec::fnmadd(V(0.5f), z, y);
+  return at::vec::fmadd(e, V(0.693359375f), f + y);
+}
+
 template <typename V>
 TRITIUM_INLINE V flog(const V& x) {
   if constexpr (std::is_same_v<typename V::value_type, float>) {
-    constexpr float kL[] = {7.0376836292e-2f,  -1.1514610310e-1f, 1.1676998740e-1f,
-                            -1.2420140846e-1f, 1.4249322787e-1f,  -1.6668057665e-1f,
-                            2.0000714765e-1f,  -2.4999993993e-1f, 3.3333331174e-1f};
-    const auto tail = [&](const V& f, const V& e) {  // log(1 + f) + e ln(2)
-      const V z = f * f;
-      V y = f * z * horner(f, kL);
-      y = at::vec::fmadd(e, V(-2.12194440e-4f), y);
-      y = at::vec::fnmadd(V(0.5f), z, y);
-      return at::vec::fmadd(e, V(0.693359375f), f + y);
-    };
 #if defined(CPU_CAPABILITY_AVX512)
     __m512 m = _mm512_getmant_ps(x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_nan);
     __m512 e = _mm512_getexp_ps(x);
     const __mmask16 hi = _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.41421356f), _CMP_GT_OQ);
     m = _mm512_mask_mul_ps(m, hi, m, _mm512_set1_ps(0.5f));
     e = _mm512_mask_add_ps(e, hi, e, _mm512_set1_ps(1.f));
-    const __m512 r = tail(V(_mm512_sub_ps(m, _mm512_set1_ps(1.f))), V(e));
+    const __m512 r = log1p_reduced(V(_mm512_sub_ps(m, _mm512_set1_ps(1.f))), V(e));
     return _mm512_mask_mov_ps(r, _mm512_fpclass_ps_mask(x, 0x0e), e);  // +-0 -> -inf, +inf -> +inf
 #elif defined(CPU_CAPABILITY_AVX2)
     const __m256 ok = _mm256_or_ps(
@@ -397,7 +400,7 @@ TRITIUM_INLINE V flog(const V& x) {
     const __m256 hi = _mm256_cmp_ps(m, _mm256_set1_ps(1.41421356f), _CMP_GT_OQ);
     m = _mm256_blendv_ps(m, _mm256_mul_ps(m, _mm256_set1_ps(0.5f)), hi);
     e = _mm256_add_ps(e, _mm256_and_ps(hi, _mm256_set1_ps(1.f)));
-    const __m256 r = tail(V(_mm256_sub_ps(m, _mm256_set1_ps(1.f))), V(e));
+    const __m256 r = log1p_reduced(V(_mm256_sub_ps(m, _mm256_set1_ps(1.f))), V(e));
     return _mm256_blendv_ps(r, _mm256_set1_ps(-std::numeric_limits<float>::infinity()),
                             _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_EQ_OQ));
 #else
@@ -408,16 +411,18 @@ TRITIUM_INLINE V flog(const V& x) {
   }
 }
 
-// log(1 + u) for float vectors by flog: w = 1 + u rounded, log1p(u) = log(w) - ((w - 1) - u) / w (the rounding of w
-// corrected to first order, so tiny u give u exactly); w = 0 (-inf) and w = inf (inf) are log(w) itself, u < -1 and
-// NaN give NaN through flog. Double: ATen's.
+// log(1 + u) for float vectors: for u in [sqrt(1/2) - 1, sqrt(2) - 1] flog's polynomial on u itself (no rounding
+// of 1 + u: small u keep their relative precision), elsewhere by flog: w = 1 + u rounded, log(w) - ((w - 1) - u) / w
+// (w's rounding corrected to first order); w = 0 (-inf) and w = inf (inf) are log(w) itself, u < -1 and NaN give
+// NaN. Double: ATen's.
 template <typename V>
 TRITIUM_INLINE V flog1p(const V& u) {
   if constexpr (std::is_same_v<typename V::value_type, float>) {
     const V w = u + V(1);
     const V lw = flog(w);
     const V r = lw - ((w - V(1)) - u) * frcp(w);
-    return V::blendv(r, lw, (w == V(0)) | (w == V(std::numeric_limits<float>::infinity())));
+    const V wide = V::blendv(r, lw, (w == V(0)) | (w == V(std::numeric_limits<float>::infinity())));
+    return V::blendv(wide, log1p_reduced(u, V(0)), (u >= V(-0.29289322f)) & (u <= V(0.41421356f)));
   } else {
     return u.log1p();
   }
