@@ -357,12 +357,6 @@ TRITIUM_INLINE V frcp(const V& d) {
   return V(1) / d;
 }
 
-// Natural log for float vectors, inlined (ATen's Sleef log is called out of line once per vector). x = m 2^e with m
-// in [sqrt(1/2), sqrt(2)), f = m - 1 (exact), log(1 + f) = f - f^2 / 2 + f^3 P(f) with Cephes' degree-8 P (relative
-// error below 1e-7 on that range), e ln(2) in two parts (e times the high part is exact) added last. Within ~1 ulp of
-// float64 as torch's. AVX-512: m and e by vgetmantps / vgetexpps (subnormals exact; negative and NaN inputs give
-// NaN; 0 and +inf take e = -inf / +inf itself). AVX2: m and e from the bits where every lane is a positive normal
-// float or zero (0 -> -inf by a blend), else ATen's log for the vector. Double: ATen's.
 // log(1 + f) + e ln(2) for float f in [sqrt(1/2) - 1, sqrt(2) - 1] (flog's reduced argument, flog1p's small one)
 template <typename V>
 TRITIUM_INLINE V log1p_reduced(const V& f, const V& e) {
@@ -376,6 +370,12 @@ TRITIUM_INLINE V log1p_reduced(const V& f, const V& e) {
   return at::vec::fmadd(e, V(0.693359375f), f + y);
 }
 
+// Natural log for float vectors, inlined (ATen's Sleef log is called out of line once per vector). x = m 2^e with m
+// in [sqrt(1/2), sqrt(2)), f = m - 1 (exact), log(1 + f) = f - f^2 / 2 + f^3 P(f) with Cephes' degree-8 P (relative
+// error below 1e-7 on that range), e ln(2) in two parts (e times the high part is exact) added last. Within ~1 ulp of
+// float64 as torch's. AVX-512: m and e by vgetmantps / vgetexpps (subnormals exact; negative and NaN inputs give
+// NaN; 0 and +inf take e = -inf / +inf itself). AVX2: m and e from the bits where every lane is a positive normal
+// float or zero (0 -> -inf by a blend), else ATen's log for the vector. Double: ATen's.
 template <typename V>
 TRITIUM_INLINE V flog(const V& x) {
   if constexpr (std::is_same_v<typename V::value_type, float>) {
