@@ -99,7 +99,7 @@ def _kan_dx_kernel(DY, X, T, W, DX, Bn, I, NK, NB, O, stride_xb, stride_xi,
 
 
 @triton.jit
-def _kan_dw_kernel(DY, X, T, DW, Bn, I, NK, NB, O, stride_xb, stride_xi,
+def _kan_dw_kernel(DY, X, T, DW, Bn, I, NK, NB, O, stride_xb, stride_xi, stride_wi, stride_wc, stride_wo,
                    K: tl.constexpr, NBP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr):
     i = tl.program_id(0)
     po = tl.program_id(1)
@@ -115,7 +115,8 @@ def _kan_dw_kernel(DY, X, T, DW, Bn, I, NK, NB, O, stride_xb, stride_xi,
         dy = tl.load(DY + rows[:, None].to(tl.int64) * O + cols[None, :],
                      mask=rmask[:, None] & (cols[None, :] < O), other=0.0).to(tl.float32)
         acc += tl.dot(tl.trans(b), dy, input_precision="ieee")
-    tl.store(DW + (i * NB + c[:, None]).to(tl.int64) * O + cols[None, :], acc.to(DW.dtype.element_ty),
+    tl.store(DW + i.to(tl.int64) * stride_wi + c[:, None].to(tl.int64) * stride_wc
+             + cols[None, :].to(tl.int64) * stride_wo, acc.to(DW.dtype.element_ty),
              mask=(c[:, None] < NB) & (cols[None, :] < O))
 
 
@@ -129,7 +130,9 @@ def _block_o(O):
 
 def kan_spline_fwd(x, grid, weight_t, order):
     """y (B, O) = sum_{i,c} B_c(x[:, i]; grid[i]) weight_t[i, c, :] for x (B, I), grid (I, NK) knots, weight_t
-    (I, NK - 1 - order, O) contiguous. Reads x, the knots and W per row block; writes y."""
+    (I, NK - 1 - order, O) (made contiguous: a copy of the small weight where tritium.kan_spline passes the weight's
+    permuted view). Reads x, the knots and W per row block; writes y."""
+    weight_t = weight_t.contiguous()
     Bn, I = x.shape
     NK = grid.shape[1]
     NB, O = weight_t.shape[1], weight_t.shape[2]
@@ -144,7 +147,8 @@ def kan_spline_fwd(x, grid, weight_t, order):
 
 
 def kan_spline_bwd(dy, x, grid, weight_t, order, need_dx, need_dw):
-    """(dx (B, I) or empty, dW (I, NB, O) or empty) for the forward above and dy (B, O) contiguous."""
+    """(dx (B, I) or empty, dW (I, NB, O) or empty) for the forward above and dy (B, O) contiguous; dW in
+    weight_t's layout where that is dense, else contiguous (empty_like's rule, as the C++ kernel's)."""
     Bn, I = x.shape
     NK = grid.shape[1]
     NB, O = weight_t.shape[1], weight_t.shape[2]
@@ -152,15 +156,16 @@ def kan_spline_bwd(dy, x, grid, weight_t, order, need_dx, need_dw):
     dy = dy.contiguous()
     BLOCK_O = _block_o(O)
     dx = torch.empty((Bn, I) if need_dx else (0,), device=x.device, dtype=x.dtype)
-    dw = torch.empty((I, NB, O) if need_dw else (0,), device=x.device, dtype=x.dtype)
+    dw = torch.empty_like(weight_t) if need_dw else torch.empty((0,), device=x.device, dtype=x.dtype)
     if need_dx and Bn > 0 and I > 0:
         BLOCK_B = 32
+        weight_t = weight_t.contiguous()
         _kan_dx_kernel[(triton.cdiv(Bn, BLOCK_B), I)](
             dy, x, grid, weight_t, dx, Bn, I, NK, NB, O, x.stride(0), x.stride(1), K=order, NBP=_nbp(NK),
             BLOCK_B=BLOCK_B, BLOCK_O=BLOCK_O, num_warps=4)
     if need_dw and I > 0 and O > 0:
         BLOCK_B, BLOCK_O = 32, min(BLOCK_O, 32)  # the (NBP, BLOCK_O) accumulator and two basis tiles: 64 spills
         _kan_dw_kernel[(I, triton.cdiv(O, BLOCK_O))](
-            dy, x, grid, dw, Bn, I, NK, NB, O, x.stride(0), x.stride(1), K=order, NBP=_nbp(NK),
+            dy, x, grid, dw, Bn, I, NK, NB, O, x.stride(0), x.stride(1), *dw.stride(), K=order, NBP=_nbp(NK),
             BLOCK_B=BLOCK_B, BLOCK_O=BLOCK_O, num_warps=4)
     return dx, dw

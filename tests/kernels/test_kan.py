@@ -1,7 +1,7 @@
 """KAN spline kernels (forward and backward), Triton (interpreter) and C++, against the float64 reference
 (efficient-kan's b_splines then the linear map, tritium.reference.kan_spline): odd batch, feature and output counts,
 spline orders 0 to 3 (and 5), uniform and non-uniform knots, inputs inside and outside the grid, every gradient,
-every dtype, strided x, and the GPU compile check."""
+every dtype, strided x, the weight as its permuted view (dW in its layout) and contiguous, and the GPU compile check."""
 import pytest
 import torch
 
@@ -27,7 +27,9 @@ def _grid(n_in, grid_size, order, uniform=True):
     return g.float()
 
 
-def check(impl, dtype, B, I, O, G, k, uniform=True, x_strided=False):
+def check(impl, dtype, B, I, O, G, k, uniform=True, x_strided=False, weight_view=True):
+    """weight_view: weight_t is the (out, in, bases) weight's permuted view, as tritium.kan_spline passes it (dW
+    must come back in that layout); else a contiguous (in, bases, out) copy."""
     torch.manual_seed(B * 7 + I)
     grid = _grid(I, G, k, uniform)
     lo, hi = grid[:, 0].min().item(), grid[:, -1].max().item()
@@ -35,9 +37,10 @@ def check(impl, dtype, B, I, O, G, k, uniform=True, x_strided=False):
     w = (torch.randn(O, I, G + k, dtype=torch.float64) / (I * (k + 1)) ** 0.5).to(dtype)
     dy = torch.randn(B, O, dtype=torch.float64).to(dtype)
     xk = torch.stack([x, x], -1)[..., 0] if x_strided else x  # column stride 2
-    wt = w.permute(1, 2, 0).contiguous()
+    wt = w.permute(1, 2, 0) if weight_view else w.permute(1, 2, 0).contiguous()
     y = impl.kan_spline_fwd(xk, grid, wt, k)
     dx, dwt = impl.kan_spline_bwd(dy, xk, grid, wt, k, True, True)
+    assert dwt.stride() == torch.empty_like(wt).stride()
 
     def fn(x_, w_):
         return reference.kan_spline(x_, grid.to(x_.dtype) if x_.dtype == torch.float64 else grid, w_, k)
@@ -63,8 +66,8 @@ def test_kernel(impl_name, impl, dtype, B, I, O, G, k):
                                                    ("cpp", torch.ops.tritium, torch.float32),
                                                    ("cpp", torch.ops.tritium, torch.float64)],
                          ids=["triton-float32", "cpp-float32", "cpp-float64"])
-def test_nonuniform_knots_and_strided_x(impl_name, impl, dtype):
-    check(impl, dtype, 45, 6, 11, 5, 3, uniform=False, x_strided=True)
+def test_nonuniform_knots_strided_x_contiguous_weight(impl_name, impl, dtype):
+    check(impl, dtype, 45, 6, 11, 5, 3, uniform=False, x_strided=True, weight_view=False)
 
 
 @pytest.mark.parametrize("impl_name,impl", [("triton", triton_kan), ("cpp", torch.ops.tritium)])

@@ -4,7 +4,9 @@ basis evaluation fused into the spline-weight product, forward and backward).
 y[..., o] = sum_i sum_c B_c(x[..., i]; grid[i]) weight[o, i, c]: grid (in, grid_size + 2 order + 1) knots per input
 feature (efficient-kan's extended grid, uniform or as ``update_grid`` left it), weight (out, in, grid_size + order)
 (efficient-kan's ``scaled_spline_weight``). The kernels take the weight permuted to (in, bases, out), a basis row
-contiguous over the outputs; that permute is a torch op, so the weight's gradient flows back through it.
+along the outputs: a view (a torch op, so the weight's gradient flows back through it) whose copy for the products
+the kernels make themselves, and whose gradient they return in the same layout, so it becomes the weight's
+``.grad`` without a copy.
 
 The knots are a constant (efficient-kan's ``grid`` buffer): when grid requires grad, or the call is outside the
 kernels (dtype, device, empty input), it goes to ``tritium.reference.kan_spline``.
@@ -27,8 +29,9 @@ def _fake_fwd(x, grid, weight_t, order):
 
 
 def _fake_bwd(dy, x, grid, weight_t, order, need_dx, need_dw):
+    # dW in weight_t's layout where that is dense, else contiguous (empty_like's rule, as the kernels)
     return (x.new_empty(x.shape if need_dx else (0,)),
-            x.new_empty(weight_t.shape if need_dw else (0,)))
+            torch.empty_like(weight_t) if need_dw else x.new_empty((0,)))
 
 
 kan_spline_bwd = define_op(
@@ -93,7 +96,7 @@ def kan_spline(x: Tensor, grid: Tensor, weight: Tensor, spline_order: int = 3) -
             (x.device.type == "cuda" and grid.dtype == torch.float64):
         return reference.kan_spline(x, grid, weight, spline_order)
     x2 = x.reshape(-1, n_in)
-    y = call_op(kan_spline_fwd, x2, grid, weight.permute(1, 2, 0).contiguous(), int(spline_order))
+    y = call_op(kan_spline_fwd, x2, grid, weight.permute(1, 2, 0), int(spline_order))
     return y.view(*x.shape[:-1], n_out)
 
 
