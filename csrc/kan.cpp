@@ -76,16 +76,26 @@ std::pair<at::Tensor, at::Tensor> knot_tables_t(const at::Tensor& grid, int64_t 
   return {tT, rT};
 }
 
+// x[i0 .. i0 + n) of one row in the accumulation type, zeros past n: a vector load where the row is contiguous (a
+// buffer filled element by element, which the compiler makes a rep movs, then loaded as a vector stalls on the
+// store forwarding: a sixth of the forward's basis pass)
+template <typename T, typename A>
+inline Vectorized<A> x_vec(const T* xrow, int64_t sx1, int64_t i0, int64_t n) {
+  using V = Vectorized<A>;
+  if (sx1 == 1 && n == V::size()) return VecIO<T>::load(xrow + i0);
+  A buf[V::size()];
+  for (int64_t l = 0; l < n; ++l) buf[l] = static_cast<A>(xrow[(i0 + l) * sx1]);
+  for (int64_t l = n; l < V::size(); ++l) buf[l] = A(0);
+  return V::loadu(buf);
+}
+
 // The order-k bases of n <= V features i0 .. i0 + n of row b, densely: Bv[c] for c = 0 .. NB - 1 (zero outside
 // [t_0, t_{NK-1}), NaN included), and with dBv their derivatives. Bv holds NK - 1 vectors (the order-0 indicators).
 template <typename T, typename A>
 inline void bases_vec(const T* xrow, int64_t sx1, int64_t i0, int64_t n, const A* tT, const A* rT, int64_t I,
                       int64_t NK, int64_t k, Vectorized<A>* Bv, Vectorized<A>* dBv) {
   using V = Vectorized<A>;
-  A buf[V::size()];
-  for (int64_t l = 0; l < n; ++l) buf[l] = static_cast<A>(xrow[(i0 + l) * sx1]);
-  for (int64_t l = n; l < V::size(); ++l) buf[l] = A(0);
-  const V x = V::loadu(buf);
+  const V x = x_vec<T, A>(xrow, sx1, i0, n);
   const V one(A(1)), zero(A(0));
   auto t = [&](int64_t c) { return V::loadu(tT + c * I + i0, n); };
   auto r = [&](int64_t d, int64_t c) { return V::loadu(rT + ((d - 1) * NK + c) * I + i0, n); };
@@ -212,6 +222,49 @@ inline at::Tensor gemm_weight(const at::Tensor& weight_t, at::ScalarType gt) {
   return g;
 }
 
+// Outputs up to this many: a forward whose products run in float or double sums y straight from the basis vectors
+// (few_outputs_fwd) instead of a GEMM. A classifier head's handful of columns (MKL's sgemm at 8-10 columns takes
+// longer than at 16) costs that GEMM twice the direct sums; from 16 columns, and with bfloat16's dot products, the
+// GEMM wins (bench/results/).
+constexpr int64_t kFewOutputs = 12;
+
+// y for O <= kFewOutputs: each row's O sums accumulated from its basis vectors (a vector accumulator per output,
+// reduced once per row) against the weight laid out (O, NB, I) with the features fastest; no block of bases.
+template <typename T>
+void few_outputs_fwd(const at::Tensor& x, const at::Tensor& tT, const at::Tensor& rT, int64_t k,
+                     const at::Tensor& weight_t, at::Tensor& y) {
+  using A = acc_type<T>;
+  using V = Vectorized<A>;
+  const int64_t Bn = x.size(0), I = x.size(1), NK = tT.size(0), NB = NK - 1 - k, O = weight_t.size(2);
+  // features padded to whole vectors with zero weights: the padded lanes' bases (of x = 0) then add nothing
+  const int64_t Ip = (I + V::size() - 1) / V::size() * V::size();
+  at::Tensor wd = at::zeros({O, NB, Ip}, tT.options());
+  wd.narrow(2, 0, I).copy_(weight_t.permute({2, 1, 0}));
+  const A* wp = wd.const_data_ptr<A>();
+  const T* xp = x.const_data_ptr<T>();
+  const int64_t sx0 = x.stride(0), sx1 = x.stride(1);
+  const A* tp = tT.const_data_ptr<A>();
+  const A* rp = rT.const_data_ptr<A>();
+  T* yp = y.mutable_data_ptr<T>();
+  at::parallel_for(0, Bn, row_grain(I), [&](int64_t r0, int64_t r1) {
+    std::vector<V> Bv(NK - 1), acc(O);
+    for (int64_t r = r0; r < r1; ++r) {
+      std::fill(acc.begin(), acc.end(), V(A(0)));
+      for (int64_t i0 = 0; i0 < I; i0 += V::size()) {
+        bases_vec<T, A>(xp + r * sx0, sx1, i0, std::min<int64_t>(V::size(), I - i0), tp, rp, I, NK, k, Bv.data(),
+                        nullptr);
+        for (int64_t o = 0; o < O; ++o) {
+          const A* wo = wp + o * NB * Ip + i0;
+          V a = acc[o];
+          for (int64_t c = 0; c < NB; ++c) a = at::vec::fmadd(Bv[c], V::loadu(wo + c * Ip), a);
+          acc[o] = a;
+        }
+      }
+      for (int64_t o = 0; o < O; ++o) yp[r * O + o] = static_cast<T>(hsum(acc[o]));
+    }
+  });
+}
+
 template <typename T>
 void fwd_impl(const at::Tensor& x, const at::Tensor& grid, const at::Tensor& weight_t, int64_t k, at::Tensor& y) {
   using A = acc_type<T>;
@@ -219,6 +272,7 @@ void fwd_impl(const at::Tensor& x, const at::Tensor& grid, const at::Tensor& wei
   const at::ScalarType gt = gemm_type(x.scalar_type());
   at::Tensor tT, rT;
   std::tie(tT, rT) = knot_tables_t<A>(grid, k);
+  if (weight_t.size(2) <= kFewOutputs && gt != at::kBFloat16) return few_outputs_fwd<T>(x, tT, rT, k, weight_t, y);
   const at::Tensor w = gemm_weight(weight_t, gt);
   // the products write y's rows in place, or a float block result rounded into them (float16)
   const bool direct = gt == x.scalar_type();

@@ -14,9 +14,10 @@ def _grid(n_in, grid_size=4, order=3, dtype=torch.float32):
     return g.expand(n_in, -1).contiguous().to(dtype)
 
 
-# (leading dims, in, out, grid size, order); the last case's rows span more than one of the CPU kernels' blocks of
-# bases (csrc/kan.cpp kBlockElems = 2**22 basis values: 2341 rows at 256 inputs of 7 bases)
-SHAPES = [((3, 11), 7, 13, 4, 3), ((5,), 3, 1, 2, 1), ((2400,), 256, 5, 4, 3)]
+# (leading dims, in, out, grid size, order); the second takes the CPU forward's few-outputs path outside bfloat16
+# (csrc/kan.cpp kFewOutputs = 12), the others the GEMM's, the last with rows spanning more than one of its blocks of
+# bases (kBlockElems = 2**22 basis values: 2341 rows at 256 inputs of 7 bases)
+SHAPES = [((3, 11), 7, 13, 4, 3), ((5,), 3, 1, 2, 1), ((2400,), 256, 40, 4, 3)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}->{s[2]}-g{s[3]}k{s[4]}")
