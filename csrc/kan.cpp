@@ -16,7 +16,8 @@
 // sparse product, but at the GEMM's rate, which a scalar-times-row loop over the k + 1 weight rows of every (b, i)
 // is far from. The bases are evaluated densely (all NB, by the full recursion) a vector of features at a time,
 // which is why P's features are its fastest dimension: a span search and k + 1 bases per (b, i) in scalar code
-// took as long as the GEMM.
+// took as long as the GEMM. The exception is a forward of a few outputs in float / double (kFewOutputs): there
+// each row's outputs are summed straight from the basis vectors, with no block and no GEMM.
 //
 // Backward, per block: dW (NB * I, O) += P^T dy (accumulated in float for 16-bit inputs, then rounded once);
 // dx[b, i] = sum_c B'_c(x) G[b, c, i] with G = dy W^T (a GEMM) and
@@ -166,25 +167,31 @@ inline bool oin_layout(const at::Tensor& weight_t) {
 
 constexpr int64_t kTile = 16;  // the 16 x 16 tiles of the weight transposes (at::vec::transpose_mxn's register tile)
 
+// f(o0, mo, k0, mk) over the tiles of a (O, K) matrix, the tile rows of O split between the threads
+template <typename F>
+void for_each_tile(int64_t O, int64_t K, const F& f) {
+  at::parallel_for(0, (O + kTile - 1) / kTile, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t ob = b0; ob < b1; ++ob) {
+      const int64_t o0 = ob * kTile;
+      for (int64_t k0 = 0; k0 < K; k0 += kTile) f(o0, std::min(kTile, O - o0), k0, std::min(kTile, K - k0));
+    }
+  });
+}
+
+// The GEMM matrix's row (c * I + i) of column k = i * NB + c of the (O, I * NB) weight
+inline int64_t gemm_row(int64_t k, int64_t I, int64_t NB) { return (k % NB) * I + k / NB; }
+
 // g (NB * I, O) with row c * I + i = w[:, i, c], for w (O, I, NB) contiguous: w viewed as (O, K = I * NB) is
-// transposed in tiles, and each transposed row k = i * NB + c goes to its row c * I + i. ATen's copy of this
-// permute gathers element by element at a stride of K: a third of the forward's time outside its product.
+// transposed in tiles, and each transposed row k goes to its row gemm_row(k). ATen's copy of this permute gathers
+// element by element at a stride of K: a third of the forward's time outside its product.
 template <typename T>
 void oin_to_gemm(const T* w, T* g, int64_t O, int64_t I, int64_t NB) {
   const int64_t K = I * NB;
-  at::parallel_for(0, (O + kTile - 1) / kTile, 4, [&](int64_t b0, int64_t b1) {
+  for_each_tile(O, K, [&](int64_t o0, int64_t mo, int64_t k0, int64_t mk) {
     T tile[kTile * kTile];
-    for (int64_t ob = b0; ob < b1; ++ob) {
-      const int64_t o0 = ob * kTile, mo = std::min(kTile, O - o0);
-      for (int64_t k0 = 0; k0 < K; k0 += kTile) {
-        const int64_t mk = std::min(kTile, K - k0);
-        at::vec::transpose_mxn<T>(w + o0 * K + k0, K, tile, kTile, int(mo), int(mk));  // tile[kk][oo]
-        for (int64_t kk = 0; kk < mk; ++kk) {
-          const int64_t i = (k0 + kk) / NB, c = k0 + kk - i * NB;
-          std::memcpy(g + (c * I + i) * O + o0, tile + kk * kTile, mo * sizeof(T));
-        }
-      }
-    }
+    at::vec::transpose_mxn<T>(w + o0 * K + k0, K, tile, kTile, int(mo), int(mk));  // tile[kk][oo]
+    for (int64_t kk = 0; kk < mk; ++kk)
+      std::memcpy(g + gemm_row(k0 + kk, I, NB) * O + o0, tile + kk * kTile, mo * sizeof(T));
   });
 }
 
@@ -192,21 +199,13 @@ void oin_to_gemm(const T* w, T* g, int64_t O, int64_t I, int64_t NB) {
 template <typename T, typename A>
 void gemm_to_oin(const A* g, T* w, int64_t O, int64_t I, int64_t NB) {
   const int64_t K = I * NB;
-  at::parallel_for(0, (O + kTile - 1) / kTile, 4, [&](int64_t b0, int64_t b1) {
+  for_each_tile(O, K, [&](int64_t o0, int64_t mo, int64_t k0, int64_t mk) {
     A tile[kTile * kTile], tr[kTile * kTile];
-    for (int64_t ob = b0; ob < b1; ++ob) {
-      const int64_t o0 = ob * kTile, mo = std::min(kTile, O - o0);
-      for (int64_t k0 = 0; k0 < K; k0 += kTile) {
-        const int64_t mk = std::min(kTile, K - k0);
-        for (int64_t kk = 0; kk < mk; ++kk) {
-          const int64_t i = (k0 + kk) / NB, c = k0 + kk - i * NB;
-          std::memcpy(tile + kk * kTile, g + (c * I + i) * O + o0, mo * sizeof(A));
-        }
-        at::vec::transpose_mxn<A>(tile, kTile, tr, kTile, int(mk), int(mo));  // tr[oo][kk]
-        for (int64_t oo = 0; oo < mo; ++oo)
-          for (int64_t kk = 0; kk < mk; ++kk) w[(o0 + oo) * K + k0 + kk] = static_cast<T>(tr[oo * kTile + kk]);
-      }
-    }
+    for (int64_t kk = 0; kk < mk; ++kk)
+      std::memcpy(tile + kk * kTile, g + gemm_row(k0 + kk, I, NB) * O + o0, mo * sizeof(A));
+    at::vec::transpose_mxn<A>(tile, kTile, tr, kTile, int(mk), int(mo));  // tr[oo][kk]
+    for (int64_t oo = 0; oo < mo; ++oo)
+      for (int64_t kk = 0; kk < mk; ++kk) w[(o0 + oo) * K + k0 + kk] = static_cast<T>(tr[oo * kTile + kk]);
   });
 }
 

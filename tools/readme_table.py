@@ -268,8 +268,8 @@ The Kolmogorov-Arnold layer's B-spline basis fused with the spline-weight produc
 WaveNet's gated activation with its residual / skip split (`tritium.wavenet_gate`), against the eager torch
 formulations (efficient-kan's basis then a matmul; tanh * sigmoid then the 1x1 products) and their
 `torch.compile`. The CPU spline forward multiplies a block of bases by the weight in a GEMM, except for a handful of
-outputs in float32 (the 4096 x 64 x 10 classifier head: at most 12 outputs), where it sums each row's outputs
-straight from the basis vectors: a GEMM that narrow takes longer than one of 16 columns.
+outputs outside bfloat16 (the 4096 x 64 x 10 classifier head: at most 12 outputs), where it sums each row's outputs
+straight from the basis vectors: a float32 GEMM that narrow takes longer than one of 16 columns.
 """
 
 LINEAR_PROSE = """\
