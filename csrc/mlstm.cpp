@@ -19,6 +19,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "panel.h"
 #include "vec.h"
 
 namespace tritium {
@@ -40,8 +41,8 @@ inline void axpy(A alpha, const A* x, A* y, int64_t np) {
   for (int64_t j = 0; j < np; j += Vec::size()) at::vec::fmadd(av, Vec::loadu(x + j), Vec::loadu(y + j)).store(y + j);
 }
 
-// a . b[0, n) accumulated in double (four chains): the scores q . k feed the normaliser den, whose cancellation
-// (q . k of either sign) the output's 1 / den amplifies
+// a . b[0, n) accumulated in double (four chains): the state's term g n . q of the normaliser den, whose
+// cancellation (terms of either sign) the output's 1 / den amplifies
 template <typename A>
 inline double dot_wide(const A* a, const A* b, int64_t n) {
   double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
@@ -75,8 +76,8 @@ inline A log_sigmoid(A x) {
 }
 
 // The chunk's arithmetic type: double for float32 input (the chunkwise sums order the terms differently from the
-// recurrence, and the output's 1 / den amplifies their rounding where den cancels), float for 16-bit input, double
-// for double. The saved states stay in the accumulation type (float32; float64 for float64 input).
+// recurrence, and the output's 1 / den amplifies their rounding where den cancels), float for 16-bit input (den
+// still summed in double), double for double. The saved states stay in the accumulation type (float32; float64 for float64 input).
 template <typename T>
 using work_t = std::conditional_t<std::is_same_v<T, float>, double, acc_type<T>>;
 
@@ -98,24 +99,46 @@ struct Mlstm {
   A scale, eps;
   const T *q, *k, *v, *i, *f;  // contiguous (B, H, T, DK|DV) and (B, H, T)
 
-  // One chunk's inputs and recomputed forward quantities (rows padded to DKP / DVP with zeros).
+  // One chunk's inputs and recomputed forward quantities (rows padded to DKP / DVP with zeros), and the packed
+  // operands of its products, which run as register-tile GEMMs (panel.h): Sp the state's column panels, Kp the
+  // panels of K^T, Vp the column panels of V, Kt (DK, C) the gated K^T of the move to the chunk's end.
   struct Buf {
     std::vector<A> mem;
-    A *Q, *K, *V, *F, *I, *mt, *g, *E, *P, *num, *den, *z, *Di, *Ni, *w;
+    A *Q, *K, *V, *F, *I, *mt, *g, *E, *P, *num, *den, *z, *Di, *Ni, *w, *Sp, *Kp, *Vp, *Kt;
+    std::vector<double> dg;  // the state's share of den, in double
     A G, mnew;
   };
+  static constexpr int64_t NP = panel::width<A>();
+  static int64_t up(int64_t x) { return (x + NP - 1) / NP * NP; }
 
   void alloc(Buf& b) const {
-    const int64_t n = C * (2 * DKP + 3 * DVP + 8) + 2 * C * C;
+    const int64_t n = C * (2 * DKP + 3 * DVP + 8) + 2 * C * C + up(DVP) * DK + up(C) * DK + up(DVP) * C + DK * C;
     b.mem.assign(n, A(0));
     A* p = b.mem.data();
     auto take = [&](int64_t m) { A* r = p; p += m; return r; };
     b.Q = take(C * DKP), b.K = take(C * DKP), b.V = take(C * DVP), b.num = take(C * DVP), b.Ni = take(C * DVP);
     b.F = take(C), b.I = take(C), b.mt = take(C), b.g = take(C), b.den = take(C), b.z = take(C), b.Di = take(C);
     b.w = take(C), b.E = take(C * C), b.P = take(C * C);
+    b.Sp = take(up(DVP) * DK), b.Kp = take(up(C) * DK), b.Vp = take(up(DVP) * C), b.Kt = take(DK * C);
+    b.dg.assign(C, 0.0);
   }
 
-  // the chunk [t0, t0 + n) of item (batch * H + head) from the state (S (DK, DVP), nv (DKP), m) before it
+  // y (rows, ncols of ldy) [= c +] x (rows, K of ldx) @ the column panels bp (panel stride ps), by tiles of kMR
+  // rows; kmax(m0, mr): the reduction length for the tile of rows [m0, m0 + mr), cols(m0, mr): its columns
+  template <typename KF, typename CF>
+  static void gemm(int64_t rows, const A* x, int64_t ldx, const A* bp, int64_t ps, A* y, int64_t ldy, const A* c,
+                   KF kmax, CF cols) {
+    for (int64_t m0 = 0; m0 < rows; m0 += panel::kMR) {
+      const int mr = static_cast<int>(std::min<int64_t>(panel::kMR, rows - m0));
+      const int64_t K = kmax(m0, mr), nc = cols(m0, mr);
+      for (int64_t p = 0; p * NP < nc; ++p)
+        panel::tile_rows<A, false>(mr, x + m0 * ldx, ldx, bp + p * ps, K, y + m0 * ldy + p * NP, ldy,
+                                   std::min(NP, nc - p * NP), c ? c + m0 * ldy + p * NP : nullptr, ldy);
+    }
+  }
+
+  // the chunk [t0, t0 + n) of item (batch * H + head) from the state (S (DK, DVP), nv (DKP), m) before it:
+  // Ni = diag(g) Q S, P = E o tril(Q K^T), num = Ni + P V as GEMMs; den's sums in double
   void chunk(Buf& b, int64_t item, int64_t t0, int64_t n, const A* S, const A* nv, A m) const {
     const int64_t base = item * L + t0;
     for (int64_t j = 0; j < n; ++j) {
@@ -127,34 +150,36 @@ struct Mlstm {
       b.F[j] = (j ? b.F[j - 1] : A(0)) + log_sigmoid(static_cast<A>(f[base + j]));
       b.I[j] = static_cast<A>(i[base + j]);
     }
+    double* dg = b.dg.data();
     for (int64_t t = 0; t < n; ++t) {
       A* Et = b.E + t * C;
       A mx = b.F[t] + m;
       for (int64_t s = 0; s <= t; ++s) Et[s] = b.F[t] - b.F[s] + b.I[s], mx = std::max(mx, Et[s]);
       b.mt[t] = mx;
-      const A g = std::exp(b.F[t] + m - mx);
-      b.g[t] = g;
-      const A* qt = b.Q + t * DKP;
-      A* nt = b.num + t * DVP;
-      A* ni = b.Ni + t * DVP;
-      std::fill(ni, ni + DVP, A(0));
-      for (int64_t d = 0; d < DK; ++d) axpy(g * qt[d], S + d * DVP, ni, DVP);
-      const double di = double(g) * dot_wide(qt, nv, DK);
-      b.Di[t] = static_cast<A>(di);
-      std::copy(ni, ni + DVP, nt);
-      double den = di;
+      b.g[t] = std::exp(b.F[t] + m - mx);
       exp_shifted(Et, t + 1, mx);
-      for (int64_t s = 0; s <= t; ++s) {
-        const A e = Et[s];
-        const double pd = double(e) * dot_wide(qt, b.K + s * DKP, DK);
-        const A p = static_cast<A>(pd);
-        b.P[t * C + s] = p;
-        den += pd;
-        axpy(p, b.V + s * DVP, nt, DVP);
-      }
-      b.den[t] = static_cast<A>(den);
-      b.z[t] = std::max(std::abs(b.den[t]), std::exp(-mx)) + eps;
+      dg[t] = double(b.g[t]) * dot_wide(b.Q + t * DKP, nv, DK);
+      b.Di[t] = static_cast<A>(dg[t]);
     }
+    auto all = [](int64_t K) { return [K](int64_t, int64_t) { return K; }; };
+    auto tril = [n](int64_t m0, int64_t mr) { return std::min(n, m0 + mr); };  // columns s <= t of rows < m0 + mr
+    panel::pack_cols<A>(S, DVP, DK, DV, b.Sp);
+    gemm(n, b.Q, DKP, b.Sp, DK * NP, b.Ni, DVP, nullptr, all(DK), all(DV));
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t j = 0; j < DVP; ++j) b.Ni[t * DVP + j] *= b.g[t];
+    panel::pack<A>(b.K, DKP, n, DK, b.Kp);
+    gemm(n, b.Q, DKP, b.Kp, DK * NP, b.P, C, nullptr, all(DK), tril);
+    for (int64_t t = 0; t < n; ++t) {
+      A* Pt = b.P + t * C;
+      const A* Et = b.E + t * C;
+      double den = dg[t];
+      for (int64_t s = 0; s <= t; ++s) Pt[s] *= Et[s], den += Pt[s];
+      std::fill(Pt + t + 1, Pt + C, A(0));
+      b.den[t] = static_cast<A>(den);
+      b.z[t] = std::max(std::abs(b.den[t]), std::exp(-b.mt[t])) + eps;
+    }
+    panel::pack_cols<A>(b.V, DVP, n, DV, b.Vp);
+    gemm(n, b.P, C, b.Vp, n * NP, b.num, DVP, b.Ni, tril, all(DV));
     // the move to the chunk's end: G for the state before, w_s for step s
     const A FL = b.F[n - 1];
     A mnew = FL + m;
@@ -163,13 +188,14 @@ struct Mlstm {
     for (int64_t s = 0; s < n; ++s) b.w[s] = std::exp(FL - b.F[s] + b.I[s] - mnew);
   }
 
-  // S, nv <- the state at the chunk's end (after chunk())
+  // S, nv <- the state at the chunk's end (after chunk(), whose V panels it reuses): S <- G S + (w o K)^T V
   void advance(const Buf& b, int64_t n, A* S, A* nv) const {
-    for (int64_t d = 0; d < DK; ++d) {
-      A* row = S + d * DVP;
-      for (int64_t j = 0; j < DVP; ++j) row[j] *= b.G;
-      for (int64_t s = 0; s < n; ++s) axpy(b.w[s] * b.K[s * DKP + d], b.V + s * DVP, row, DVP);
-    }
+    at::vec::transpose_mxn<A>(b.K, DKP, b.Kt, C, static_cast<int>(n), static_cast<int>(DK));
+    for (int64_t d = 0; d < DK; ++d)
+      for (int64_t s = 0; s < n; ++s) b.Kt[d * C + s] *= b.w[s];
+    for (int64_t j = 0; j < DK * DVP; ++j) S[j] *= b.G;
+    auto kn = [n](int64_t, int64_t) { return n; };
+    gemm(DK, b.Kt, C, b.Vp, n * NP, S, DVP, S, kn, [this](int64_t, int64_t) { return DV; });
     for (int64_t d = 0; d < DKP; ++d) nv[d] *= b.G;
     for (int64_t s = 0; s < n; ++s) axpy(b.w[s], b.K + s * DKP, nv, DKP);
   }

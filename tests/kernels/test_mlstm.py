@@ -43,6 +43,7 @@ SHAPES = [
     (1, 1, 129, 17, 16, 16, True, True),     # 9 chunks, the last of one step
     (1, 2, 40, 64, 64, 32, True, True),      # xLSTM-size heads
     (1, 1, 20, 130, 20, 16, True, True),     # three key blocks (the Triton kernels' BLOCK_K = 64), the last partial
+    (1, 1, 50, 9, 40, 64, True, True),       # one partial chunk wider than a score panel, a partial value panel
 ]
 SHAPE_IDS = [f"B{s[0]}-H{s[1]}-T{s[2]}-DK{s[3]}-DV{s[4]}-chunk{s[5]}" + ("-h0" if s[6] else "")
              + ("-dT" if s[7] else "") for s in SHAPES]
