@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "panel.h"
@@ -124,17 +125,37 @@ struct Mlstm {
   }
 
   // y (rows, ncols of ldy) [= c +] x (rows, K of ldx) @ the column panels bp (panel stride ps), by tiles of kMR
-  // rows; kmax(m0, mr): the reduction length for the tile of rows [m0, m0 + mr), cols(m0, mr): its columns
+  // rows; kr(m0, mr): the reduction's range {k0, k1} for the tile of rows [m0, m0 + mr) (x's columns and the panels'
+  // rows outside it are zeros of a triangular factor), cols(m0, mr): its columns
   template <typename KF, typename CF>
   static void gemm(int64_t rows, const A* x, int64_t ldx, const A* bp, int64_t ps, A* y, int64_t ldy, const A* c,
-                   KF kmax, CF cols) {
+                   KF kr, CF cols) {
     for (int64_t m0 = 0; m0 < rows; m0 += panel::kMR) {
       const int mr = static_cast<int>(std::min<int64_t>(panel::kMR, rows - m0));
-      const int64_t K = kmax(m0, mr), nc = cols(m0, mr);
+      const auto [k0, k1] = kr(m0, mr);
+      const int64_t nc = cols(m0, mr);
       for (int64_t p = 0; p * NP < nc; ++p)
-        panel::tile_rows<A, false>(mr, x + m0 * ldx, ldx, bp + p * ps, K, y + m0 * ldy + p * NP, ldy,
-                                   std::min(NP, nc - p * NP), c ? c + m0 * ldy + p * NP : nullptr, ldy);
+        panel::tile_rows<A, false>(mr, x + m0 * ldx + k0, ldx, bp + p * ps + k0 * NP, k1 - k0,
+                                   y + m0 * ldy + p * NP, ldy, std::min(NP, nc - p * NP),
+                                   c ? c + m0 * ldy + p * NP : nullptr, ldy);
     }
+  }
+  // the usual ranges: everything, the lower triangle's columns/reduction (s <= t: up to the tile's last row), the
+  // upper triangle's reduction (t >= s: from the tile's first row)
+  static auto all(int64_t K) {
+    return [K](int64_t, int64_t) { return std::pair<int64_t, int64_t>(0, K); };
+  }
+  static auto upto(int64_t n) {
+    return [n](int64_t m0, int64_t mr) { return std::pair<int64_t, int64_t>(0, std::min(n, m0 + mr)); };
+  }
+  static auto from(int64_t n) {
+    return [n](int64_t m0, int64_t) { return std::pair<int64_t, int64_t>(m0, n); };
+  }
+  static auto ncols(int64_t N) {
+    return [N](int64_t, int64_t) { return N; };
+  }
+  static auto tril_cols(int64_t n) {
+    return [n](int64_t m0, int64_t mr) { return std::min(n, m0 + mr); };
   }
 
   // the chunk [t0, t0 + n) of item (batch * H + head) from the state (S (DK, DVP), nv (DKP), m) before it:
@@ -161,14 +182,12 @@ struct Mlstm {
       dg[t] = double(b.g[t]) * dot_wide(b.Q + t * DKP, nv, DK);
       b.Di[t] = static_cast<A>(dg[t]);
     }
-    auto all = [](int64_t K) { return [K](int64_t, int64_t) { return K; }; };
-    auto tril = [n](int64_t m0, int64_t mr) { return std::min(n, m0 + mr); };  // columns s <= t of rows < m0 + mr
     panel::pack_cols<A>(S, DVP, DK, DV, b.Sp);
-    gemm(n, b.Q, DKP, b.Sp, DK * NP, b.Ni, DVP, nullptr, all(DK), all(DV));
+    gemm(n, b.Q, DKP, b.Sp, DK * NP, b.Ni, DVP, nullptr, all(DK), ncols(DV));
     for (int64_t t = 0; t < n; ++t)
       for (int64_t j = 0; j < DVP; ++j) b.Ni[t * DVP + j] *= b.g[t];
     panel::pack<A>(b.K, DKP, n, DK, b.Kp);
-    gemm(n, b.Q, DKP, b.Kp, DK * NP, b.P, C, nullptr, all(DK), tril);
+    gemm(n, b.Q, DKP, b.Kp, DK * NP, b.P, C, nullptr, all(DK), tril_cols(n));
     for (int64_t t = 0; t < n; ++t) {
       A* Pt = b.P + t * C;
       const A* Et = b.E + t * C;
@@ -179,7 +198,7 @@ struct Mlstm {
       b.z[t] = std::max(std::abs(b.den[t]), std::exp(-b.mt[t])) + eps;
     }
     panel::pack_cols<A>(b.V, DVP, n, DV, b.Vp);
-    gemm(n, b.P, C, b.Vp, n * NP, b.num, DVP, b.Ni, tril, all(DV));
+    gemm(n, b.P, C, b.Vp, n * NP, b.num, DVP, b.Ni, upto(n), ncols(DV));
     // the move to the chunk's end: G for the state before, w_s for step s
     const A FL = b.F[n - 1];
     A mnew = FL + m;
@@ -194,8 +213,7 @@ struct Mlstm {
     for (int64_t d = 0; d < DK; ++d)
       for (int64_t s = 0; s < n; ++s) b.Kt[d * C + s] *= b.w[s];
     for (int64_t j = 0; j < DK * DVP; ++j) S[j] *= b.G;
-    auto kn = [n](int64_t, int64_t) { return n; };
-    gemm(DK, b.Kt, C, b.Vp, n * NP, S, DVP, S, kn, [this](int64_t, int64_t) { return DV; });
+    gemm(DK, b.Kt, C, b.Vp, n * NP, S, DVP, S, all(n), ncols(DV));
     for (int64_t d = 0; d < DKP; ++d) nv[d] *= b.G;
     for (int64_t s = 0; s < n; ++s) axpy(b.w[s], b.K + s * DKP, nv, DKP);
   }
@@ -343,6 +361,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     using T = scalar_t;
     using A = work_t<T>;
     using S_ = acc_type<T>;
+    using M = Mlstm<T>;
+    constexpr int64_t NP = M::NP;
     const auto s = make_mlstm<T>(q, k, v, i, f, scale, eps, chunk);
     const int64_t DKP = s.DKP, DVP = s.DVP, C = chunk;
     const T* dhp = dh.const_data_ptr<T>();
@@ -355,7 +375,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       typename Mlstm<T>::Buf b;
       s.alloc(b);
       std::vector<A> S(DK * DVP), nv(DKP), dC(DK * DVP), dn(DKP), dCa(DK * DVP), dna(DKP);
-      std::vector<A> dQ(C * DKP), dK(C * DKP), dV(C * DVP), dnum(C * DVP), dden(C), dF(C), dI(C), tmp(DKP), dhb(DVP);
+      std::vector<A> dQ(C * DKP), dK(C * DKP), dV(C * DVP), dnum(C * DVP), dden(C), dF(C), dI(C), dhb(DVP);
+      // the GEMMs' operands: dP (C, C), a transpose Tr (max(C, DK), C), X (C, DKP), Kw = diag(w) K, and panels
+      std::vector<A> dP(C * C), Tr(std::max(C, DK) * C), X(C * DKP), Kw(C * DKP);
+      std::vector<A> Vt(M::up(C) * DV), Kc(M::up(DK) * C), Qc(M::up(DK) * C), Nc(M::up(DV) * C);
+      std::vector<A> St(M::up(DK) * DV), Cc(M::up(DV) * DK);
       for (int64_t item = begin; item < end; ++item) {
         std::fill(dC.begin(), dC.end(), A(0));
         std::fill(dn.begin(), dn.end(), A(0));
@@ -368,12 +392,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           std::copy(np + (item * (nc + 1) + c) * DK, np + (item * (nc + 1) + c) * DK + DK, nv.begin());
           const A m = mp[item * (nc + 1) + c];
           s.chunk(b, item, t0, n, S.data(), nv.data(), m);
-          std::fill(dQ.begin(), dQ.end(), A(0));
-          std::fill(dK.begin(), dK.end(), A(0));
-          std::fill(dV.begin(), dV.end(), A(0));
           std::fill(dF.begin(), dF.end(), A(0));
           std::fill(dI.begin(), dI.end(), A(0));
-          std::fill(dCa.begin(), dCa.end(), A(0));
           std::fill(dna.begin(), dna.end(), A(0));
           // the output's adjoint: h = num / z, z = max(|den|, e^{-m_t}) + eps
           for (int64_t t = 0; t < n; ++t) {
@@ -385,43 +405,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             const A dz = -dotv(dhb.data(), b.num + t * DVP, DVP) / (z * z);
             dden[t] = std::abs(den) >= std::exp(-b.mt[t]) ? (den >= 0 ? dz : -dz) : A(0);
           }
-          // within the chunk
+          // within the chunk, as GEMMs on packed panels (as the forward): dP = dnum V^T + dden (s <= t),
+          // dS = dP o E, dD = dP o P; dQ = dS K, dK = dS^T Q, dV = P^T dnum
+          panel::pack<A>(b.V, DVP, n, DV, Vt.data());
+          M::gemm(n, dnum.data(), DVP, Vt.data(), DV * NP, dP.data(), C, nullptr, M::all(DV), M::tril_cols(n));
           for (int64_t t = 0; t < n; ++t) {
-            const A* dnt_ = dnum.data() + t * DVP;
-            const A* Qt = b.Q + t * DKP;
+            A* dPt = dP.data() + t * C;
+            const A* Pt = b.P + t * C;
+            const A* Et = b.E + t * C;
+            A row = 0;
             for (int64_t s_ = 0; s_ <= t; ++s_) {
-              const A dP = dotv(dnt_, b.V + s_ * DVP, DVP) + dden[t];
-              const A p = b.P[t * C + s_];
-              const A dS = dP * b.E[t * C + s_];
-              axpy(dS, b.K + s_ * DKP, dQ.data() + t * DKP, DKP);
-              axpy(dS, Qt, dK.data() + s_ * DKP, DKP);
-              axpy(p, dnt_, dV.data() + s_ * DVP, DVP);
-              const A dD = dP * p;
-              dI[s_] += dD, dF[t] += dD, dF[s_] -= dD;
+              const A dp = dPt[s_] + dden[t], dD = dp * Pt[s_];
+              dI[s_] += dD, dF[s_] -= dD, row += dD;
+              dPt[s_] = dp * Et[s_];
             }
-            // the state before the chunk: g_t (C^T q_t, n . q_t)
-            const A g = b.g[t];
-            A* dQt = dQ.data() + t * DKP;
-            for (int64_t d = 0; d < DK; ++d) dQt[d] += g * (dotv(S.data() + d * DVP, dnt_, DVP) + dden[t] * nv[d]);
-            dF[t] += dotv(dnt_, b.Ni + t * DVP, DVP) + dden[t] * b.Di[t];
-            for (int64_t d = 0; d < DK; ++d) axpy(g * Qt[d], dnt_, dCa.data() + d * DVP, DVP);
-            axpy(g * dden[t], Qt, dna.data(), DKP);
+            dF[t] += row;
+            std::fill(dPt + t + 1, dPt + n, A(0));
           }
-          // the move to the chunk's end: C' = G C + sum_s w_s k_s v_s^T, n' = G n + sum_s w_s k_s
+          panel::pack_cols<A>(b.K, DKP, n, DK, Kc.data());
+          M::gemm(n, dP.data(), C, Kc.data(), n * NP, dQ.data(), DKP, nullptr, M::upto(n), M::ncols(DK));
+          at::vec::transpose_mxn<A>(dP.data(), C, Tr.data(), C, static_cast<int>(n), static_cast<int>(n));
+          panel::pack_cols<A>(b.Q, DKP, n, DK, Qc.data());
+          M::gemm(n, Tr.data(), C, Qc.data(), n * NP, dK.data(), DKP, nullptr, M::from(n), M::ncols(DK));
+          at::vec::transpose_mxn<A>(b.P, C, Tr.data(), C, static_cast<int>(n), static_cast<int>(n));
+          panel::pack_cols<A>(dnum.data(), DVP, n, DV, Nc.data());
+          M::gemm(n, Tr.data(), C, Nc.data(), n * NP, dV.data(), DVP, nullptr, M::from(n), M::ncols(DV));
+          // the state before the chunk: dQ_t += g_t (S dnum_t + dden_t n), dF_t += dnum_t . Ni_t + dden_t Di_t,
+          // dCa = (diag(g) Q)^T dnum, dna = sum_t g_t dden_t q_t
+          panel::pack<A>(S.data(), DVP, DK, DV, St.data());
+          M::gemm(n, dnum.data(), DVP, St.data(), DV * NP, X.data(), DKP, nullptr, M::all(DV), M::ncols(DK));
+          for (int64_t t = 0; t < n; ++t) {
+            const A g = b.g[t], dd = dden[t];
+            A* dQt = dQ.data() + t * DKP;
+            const A* Xt = X.data() + t * DKP;
+            for (int64_t d = 0; d < DK; ++d) dQt[d] += g * (Xt[d] + dd * nv[d]);
+            dF[t] += dotv(dnum.data() + t * DVP, b.Ni + t * DVP, DVP) + dd * b.Di[t];
+            axpy(g * dd, b.Q + t * DKP, dna.data(), DKP);
+          }
+          at::vec::transpose_mxn<A>(b.Q, DKP, Tr.data(), C, static_cast<int>(n), static_cast<int>(DK));
+          for (int64_t d = 0; d < DK; ++d)
+            for (int64_t t = 0; t < n; ++t) Tr[d * C + t] *= b.g[t];
+          M::gemm(DK, Tr.data(), C, Nc.data(), n * NP, dCa.data(), DVP, nullptr, M::all(n), M::ncols(DV));
+          // the move to the chunk's end: C' = G C + sum_s w_s k_s v_s^T, n' = G n + sum_s w_s k_s; with
+          // X_s = dC v_s: da_s = w_s k_s . (X_s + dn), dk_s += w_s (X_s + dn), dV += diag(w) K dC
           A cc = dotv(dn.data(), nv.data(), DKP);
           for (int64_t d = 0; d < DK; ++d) cc += dotv(dC.data() + d * DVP, S.data() + d * DVP, DVP);
           A dFL = b.G * cc;
+          panel::pack<A>(dC.data(), DVP, DK, DV, St.data());
+          M::gemm(n, b.V, DVP, St.data(), DV * NP, X.data(), DKP, nullptr, M::all(DV), M::ncols(DK));
           for (int64_t s_ = 0; s_ < n; ++s_) {
             const A* Ks = b.K + s_ * DKP;
-            const A* Vs = b.V + s_ * DVP;
-            std::fill(tmp.begin(), tmp.end(), A(0));
-            for (int64_t d = 0; d < DK; ++d) tmp[d] = dotv(dC.data() + d * DVP, Vs, DVP);
+            A* Xs = X.data() + s_ * DKP;
             const A w = b.w[s_];
-            const A da = w * (dotv(Ks, tmp.data(), DKP) + dotv(dn.data(), Ks, DKP));
-            for (int64_t d = 0; d < DKP; ++d) dK[s_ * DKP + d] += w * (tmp[d] + dn[d]);
-            for (int64_t d = 0; d < DK; ++d) axpy(w * Ks[d], dC.data() + d * DVP, dV.data() + s_ * DVP, DVP);
+            for (int64_t d = 0; d < DKP; ++d) Xs[d] += dn[d];
+            const A da = w * dotv(Ks, Xs, DKP);
+            for (int64_t d = 0; d < DKP; ++d) dK[s_ * DKP + d] += w * Xs[d];
+            for (int64_t d = 0; d < DKP; ++d) Kw[s_ * DKP + d] = w * Ks[d];
             dI[s_] += da, dFL += da, dF[s_] -= da;
           }
+          panel::pack_cols<A>(dC.data(), DVP, DK, DV, Cc.data());
+          M::gemm(n, Kw.data(), DKP, Cc.data(), DK * NP, dV.data(), DVP, dV.data(), M::all(DK), M::ncols(DV));
           dF[n - 1] += dFL;
           for (int64_t j = 0; j < DK * DVP; ++j) dC[j] = b.G * dC[j] + dCa[j];
           for (int64_t j = 0; j < DKP; ++j) dn[j] = b.G * dn[j] + dna[j];
