@@ -47,9 +47,10 @@ SHAPES = [
 ]
 SHAPE_IDS = [f"B{s[0]}-H{s[1]}-T{s[2]}-DK{s[3]}-DV{s[4]}-chunk{s[5]}" + ("-h0" if s[6] else "")
              + ("-dT" if s[7] else "") for s in SHAPES]
+# The Triton kernels run chunks of 16 (mlstm_chunk on CUDA): the 64-step chunk is the C++ kernels' alone
 MLSTM_CASES = [pytest.param(*case, shape, id=f"{sid}-{cid}") for shape, sid in zip(SHAPES, SHAPE_IDS)
-               for case, cid in zip(CASES, IDS) if not (case[0] == "triton" and shape[2] > 100
-                                                        and case[2] != torch.float32)]
+               for case, cid in zip(CASES, IDS) if not (case[0] == "triton" and (
+                   (shape[2] > 100 and case[2] != torch.float32) or shape[5] > 32))]
 
 
 @pytest.mark.parametrize("impl_name,impl,dtype,shape", MLSTM_CASES)
