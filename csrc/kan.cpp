@@ -11,8 +11,10 @@
 // accumulation type on the k + 1 bases j - k .. j that can be nonzero in x's knot span [t_j, t_{j+1}).
 //
 // The product is a GEMM: a block of rows' bases P (rows, NB, I) times the weight permuted to (NB, I, O), viewed as
-// (NB * I, O), by ATen's matrix product (MKL / oneDNN). A block is at most kBlockElems basis values, so the whole
-// basis tensor is never held. The k + 1 nonzero bases of NB make this (NB / (k + 1)) times the multiply-adds of a
+// (NB * I, O). In float / double that matrix is packed once into column panels and each L2-sized block of bases
+// (kPanelBlockBytes) goes straight into tritium's panel GEMM (csrc/panel.h); in 16-bit types the blocks of at most
+// kBlockElems basis values go to ATen's matrix product. Either way the whole basis tensor is never held.
+// The k + 1 nonzero bases of NB make this (NB / (k + 1)) times the multiply-adds of a
 // sparse product, but at the GEMM's rate, which a scalar-times-row loop over the k + 1 weight rows of every (b, i)
 // is far from. The bases are evaluated densely (all NB, by the full recursion) a vector of features at a time,
 // which is why P's features are its fastest dimension: a span search and k + 1 bases per (b, i) in scalar code
@@ -24,6 +26,7 @@
 // B'_{c,k} = k (B_{c,k-1} / (t_{c+k} - t_c) - B_{c+1,k-1} / (t_{c+k+1} - t_{c+1})). G comes first (it needs no
 // bases), then one pass evaluates each block's bases once with their derivatives and writes P and dx together. The
 // products run in x's dtype (float16 in float: ATen has no fast float16 GEMM on CPU) and float64 stays float64.
+#include "panel.h"
 #include "pool.h"
 #include "vec.h"
 
@@ -35,6 +38,8 @@ constexpr int64_t kMaxOrder = 7;
 // The most basis values a block of rows holds at once (16 MiB in float32): whole batches of a KAN layer fit in one
 // block, and a block larger than this would only trade cache for fewer GEMM calls.
 constexpr int64_t kBlockElems = int64_t(1) << 22;
+// The bases a float / double block holds for the panel GEMM: L2-sized
+constexpr int64_t kPanelBlockBytes = 512 * 1024;
 
 void check_args(const at::Tensor& x, const at::Tensor& grid, const at::Tensor& weight_t, int64_t order) {
   TORCH_CHECK(x.dim() == 2, "kan_spline: x must be (batch, in), got ", x.dim(), "-D");
@@ -273,6 +278,23 @@ void fwd_impl(const at::Tensor& x, const at::Tensor& grid, const at::Tensor& wei
   std::tie(tT, rT) = knot_tables_t<A>(grid, k);
   if (weight_t.size(2) <= kFewOutputs && gt != at::kBFloat16) return few_outputs_fwd<T>(x, tT, rT, k, weight_t, y);
   const at::Tensor w = gemm_weight(weight_t, gt);
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    // float / double: the (NB * I, O) matrix packed once into column panels; then per block of rows that stays in
+    // L2 (kPanelBlockBytes of bases) the bases and the panel GEMM into y's rows (no large block of bases streamed
+    // to memory and back, no packing per product)
+    const int64_t K = NB * I, O = w.size(1);
+    std::vector<T> packed(panel::packed_size<T>(O, K));
+    panel::pack_cols<T>(w.const_data_ptr<T>(), O, K, O, packed.data());
+    const int64_t rows = std::max<int64_t>(panel::kMR, kPanelBlockBytes / int64_t(sizeof(T)) / K);
+    at::Tensor P = at::empty({std::min(rows, Bn), K}, x.options());
+    for (int64_t b0 = 0; b0 < Bn; b0 += rows) {
+      const int64_t n = std::min(rows, Bn - b0);
+      at::Tensor Pn = P.narrow(0, 0, n);
+      fill_bases<T, T>(x, b0, tT, rT, k, Pn);
+      panel_gemm<T, T>(Pn.const_data_ptr<T>(), K, n, K, packed.data(), O, y.mutable_data_ptr<T>() + b0 * O, O);
+    }
+    return;
+  }
   // the products write y's rows in place, or a float block result rounded into them (float16)
   const bool direct = gt == x.scalar_type();
   const int64_t rows = block_rows(Bn, I * NB);
