@@ -267,8 +267,9 @@ KAN_WAVENET_PROSE = """\
 The Kolmogorov-Arnold layer's B-spline basis fused with the spline-weight product (`tritium.kan_spline`) and
 WaveNet's gated activation with its residual / skip split (`tritium.wavenet_gate`), against the eager torch
 formulations (efficient-kan's basis then a matmul; tanh * sigmoid then the 1x1 products) and their
-`torch.compile`. The CPU spline forward multiplies a block of bases by the weight in a GEMM, except for a handful of
-outputs outside bfloat16 (the 4096 x 64 x 10 classifier head: at most 12 outputs), where it sums each row's outputs
+`torch.compile`. The CPU spline forward multiplies a block of bases by the weight in a GEMM (float32: L2-sized
+blocks into tritium's panel GEMM on the weight packed once; bfloat16: oneDNN's), except for a handful of outputs
+outside bfloat16 (the 4096 x 64 x 10 classifier head: at most 12 outputs), where it sums each row's outputs
 straight from the basis vectors: a float32 GEMM that narrow takes longer than one of 16 columns.
 """
 
