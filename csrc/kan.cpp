@@ -13,10 +13,9 @@
 // The product is a GEMM: a block of rows' bases P (rows, NB, I) times the weight permuted to (NB, I, O), viewed as
 // (NB * I, O). In float / double that matrix is packed once into column panels and each L2-sized block of bases
 // (kPanelBlockBytes) goes straight into tritium's panel GEMM (csrc/panel.h); in 16-bit types the blocks of at most
-// kBlockElems basis values go to ATen's matrix product. Either way the whole basis tensor is never held.
-// The k + 1 nonzero bases of NB make this (NB / (k + 1)) times the multiply-adds of a
-// sparse product, but at the GEMM's rate, which a scalar-times-row loop over the k + 1 weight rows of every (b, i)
-// is far from. The bases are evaluated densely (all NB, by the full recursion) a vector of features at a time,
+// kBlockElems basis values go to ATen's matrix product. Either way the whole basis tensor is never held. The k + 1
+// nonzero bases of NB make this (NB / (k + 1)) times the multiply-adds of a sparse product, but at the GEMM's rate,
+// which a scalar-times-row loop over the k + 1 weight rows of every (b, i) is far from. The bases are evaluated densely (all NB, by the full recursion) a vector of features at a time,
 // which is why P's features are its fastest dimension: a span search and k + 1 bases per (b, i) in scalar code
 // took as long as the GEMM. The exception is a forward of a few outputs in float / double (kFewOutputs): there
 // each row's outputs are summed straight from the basis vectors, with no block and no GEMM.

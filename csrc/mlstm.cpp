@@ -78,7 +78,8 @@ inline A log_sigmoid(A x) {
 
 // The chunk's arithmetic type: double for float32 input (the chunkwise sums order the terms differently from the
 // recurrence, and the output's 1 / den amplifies their rounding where den cancels), float for 16-bit input (den
-// still summed in double), double for double. The saved states stay in the accumulation type (float32; float64 for float64 input).
+// still summed in double), double for double. The saved states stay in the accumulation type (float32; float64
+// for float64 input).
 template <typename T>
 using work_t = std::conditional_t<std::is_same_v<T, float>, double, acc_type<T>>;
 
