@@ -974,34 +974,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_block_fwd(const at::Tensor& s
   return {lse, m_new, e_new};
 }
 
-// nce_block_bwd: the gradient of the block's similarities, ds_ij = wq_i exp(s_ij - lse_row_i)
+// nce_block_bwd_: the gradient of the block's similarities, ds_ij = wq_i exp(s_ij - lse_row_i)
 // + wk_j exp(s_ij - lse_col_j) (the second term when lse_col is given), minus wq_i + wk_j on the positives'
 // diagonal j = diag + i (diag < 0: none, e.g. for the negatives' block). Computed in the accumulation dtype A (the
 // dtype of lse_row, wq, lse_col, wk) and written in s's dtype (a 16-bit ds goes into 16-bit matmuls as is).
 // offset c (as nce_block_fwd's, with the column term): one exp per element, ds_ij = exp(s_ij - c) (a_i + b_j) with
 // a_i = wq_i exp(c - lse_row_i), b_j = wk_j exp(c - lse_col_j) (each lse >= -c, so the factors stay below e^64).
-at::Tensor nce_block_bwd(const at::Tensor& s, const at::Tensor& lse_row, const at::Tensor& wq,
-                         const std::optional<at::Tensor>& lse_col, const std::optional<at::Tensor>& wk, int64_t diag,
-                         std::optional<double> offset) {
-  check_nce_block(s, "nce_block_bwd");
+// Written over s (the backward's loop then holds one block instead of two): each element is read before it is
+// written, the diagonal's element before its row.
+void nce_block_bwd_(const at::Tensor& s, const at::Tensor& lse_row, const at::Tensor& wq,
+                    const std::optional<at::Tensor>& lse_col, const std::optional<at::Tensor>& wk, int64_t diag,
+                    std::optional<double> offset) {
+  check_nce_block(s, "nce_block_bwd_");
   const auto adt = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t B = s.size(0), N = s.size(1);
   TORCH_CHECK(lse_row.sizes() == at::IntArrayRef{B} && wq.sizes() == at::IntArrayRef{B} && lse_row.is_contiguous() &&
               wq.is_contiguous() && lse_row.scalar_type() == adt && wq.scalar_type() == adt,
-              "nce_block_bwd: lse_row and wq must be contiguous (B,) in s's accumulation dtype");
-  TORCH_CHECK(lse_col.has_value() == wk.has_value(), "nce_block_bwd: lse_col and wk come together");
+              "nce_block_bwd_: lse_row and wq must be contiguous (B,) in s's accumulation dtype");
+  TORCH_CHECK(lse_col.has_value() == wk.has_value(), "nce_block_bwd_: lse_col and wk come together");
   if (lse_col) {
     TORCH_CHECK(lse_col->sizes() == at::IntArrayRef{N} && wk->sizes() == at::IntArrayRef{N} && lse_col->is_contiguous() &&
                 wk->is_contiguous() && lse_col->scalar_type() == adt && wk->scalar_type() == adt,
-                "nce_block_bwd: lse_col and wk must be contiguous (N,) in s's accumulation dtype");
+                "nce_block_bwd_: lse_col and wk must be contiguous (N,) in s's accumulation dtype");
   }
-  at::Tensor ds = at::empty({B, N}, s.options());
-  TORCH_CHECK(!offset || (*offset >= 0 && *offset <= kNceOffsetMax), "nce_block_bwd: offset must be in [0, ",
+  TORCH_CHECK(!offset || (*offset >= 0 && *offset <= kNceOffsetMax), "nce_block_bwd_: offset must be in [0, ",
               kNceOffsetMax, "], got ", offset.value_or(0));
   // the column factors b_j of the fixed-offset form (computed once per block, N exps)
   const bool fixed = offset && lse_col;
   at::Tensor bcol = fixed ? at::exp(-(*lse_col - *offset)).mul_(*wk) : at::Tensor();
-  TRITIUM_DISPATCH_FLOATING(s.scalar_type(), "tritium_nce_block_bwd", [&] {
+  TRITIUM_DISPATCH_FLOATING(s.scalar_type(), "tritium_nce_block_bwd_", [&] {
     using T = scalar_t;
     using IO = VecIO<T>;
     using A = acc_type<T>;
@@ -1012,7 +1013,7 @@ at::Tensor nce_block_bwd(const at::Tensor& s, const at::Tensor& lse_row, const a
     const A* wqp = wq.const_data_ptr<A>();
     const A* lc = lse_col ? lse_col->const_data_ptr<A>() : nullptr;
     const A* wkp = wk ? wk->const_data_ptr<A>() : nullptr;
-    T* dp = ds.mutable_data_ptr<T>();
+    T* dp = s.mutable_data_ptr<T>();
     at::parallel_for(0, B, row_grain(N), [&](int64_t b0, int64_t b1) {
       for (int64_t r = b0; r < b1; ++r) {
         const T* row = sp + r * N;
@@ -1051,7 +1052,6 @@ at::Tensor nce_block_bwd(const at::Tensor& s, const at::Tensor& lse_row, const a
       }
     });
   });
-  return ds;
 }
 
 }  // namespace
@@ -1064,7 +1064,7 @@ TORCH_LIBRARY_IMPL(tritium, CPU, m) {
   m.impl("loss_rows_bwd", &loss_rows_bwd);
   m.impl("loss_rows_grad", &loss_rows_grad);
   m.impl("nce_block_fwd", &nce_block_fwd);
-  m.impl("nce_block_bwd", &nce_block_bwd);
+  m.impl("nce_block_bwd_", &nce_block_bwd_);
 }
 
 }  // namespace tritium

@@ -294,7 +294,7 @@ def _():
             (r(3, 6), r(3, 2), r(6), torch.rand(6), True, 8.0)]
 
 
-@sample("nce_block_bwd")
+@sample("nce_block_bwd_")
 def _():
     return [(r(3, 6), r(3), r(3), r(6), r(6), 2), (r(3, 6), r(3), r(3), None, None, -1),
             (r(3, 6), r(3), r(3), r(6), r(6), 2, 8.0)]

@@ -22,7 +22,7 @@ bce_with_logits with a per-column weight, divided by the number of classes.
 
 ``info_nce`` computes the (N, N) similarities in blocks of rows (never the whole matrix): the forward keeps each
 row's and each column's log-sum-exp, the backward recomputes the blocks. On CPU the blocks are BLAS products and
-C++ statistics (nce_block_fwd / nce_block_bwd); on CUDA one Triton kernel per direction (kernels/losses_nce.py)
+C++ statistics (nce_block_fwd / nce_block_bwd_); on CUDA one Triton kernel per direction (kernels/losses_nce.py)
 with an online log-sum-exp over the tiles of a row block, flash-attention style.
 
 Whatever the kernels do not cover (a dtype, a device, shapes that need broadcasting, a target or weight that
@@ -605,11 +605,10 @@ def contrastive_loss(input1: Tensor, input2: Tensor, target: Tensor, margin: flo
 
 # ---- InfoNCE in row blocks (CPU: BLAS products and C++ statistics per block; CUDA: kernels/losses_nce.py) ----
 def default_block_rows(n_cols: int) -> int:
-    """Query rows per block: a block of about 4M similarities (16 MiB in float32), at least 16 rows. Blocks of
-    512 rows at N = 8192 ran the products faster than 256 (the key gradient's product, whose reduction is the
-    block's rows, most: about 115 -> 145 GFLOP/s in float32; see bench/results/losses.json) at a peak still within
-    the memory bar."""
-    return max(16, (1 << 22) // max(n_cols, 1))
+    """Query rows per block: a block of about 2M similarities (8 MiB in float32), at least 16 rows. At N = 8192
+    (256 rows) the forward + backward took 1% longer than with 512-row blocks, float32 and bfloat16 alike (AMD EPYC,
+    AVX512-BF16), for 8 MiB (float32) / 4 MiB (bfloat16) less at its peak."""
+    return max(16, (1 << 21) // max(n_cols, 1))
 
 
 def _acc(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -738,13 +737,14 @@ def _nce_block_bwd_torch(s, lse_row, wq, lse_col, wk, diag, offset=None):
 
 
 def _fake_nce_block_bwd(s, lse_row, wq, lse_col, wk, diag, offset=None):
-    return s.new_empty(s.shape)
+    return None
 
 
 nce_block_fwd = define_op("nce_block_fwd(Tensor s, Tensor? sn, Tensor m_col, Tensor e_col, bool symmetric,"
                           " float? offset=None) -> (Tensor, Tensor, Tensor)", _fake_nce_block_fwd)
-nce_block_bwd = define_op("nce_block_bwd(Tensor s, Tensor lse_row, Tensor wq, Tensor? lse_col, Tensor? wk, int diag,"
-                          " float? offset=None) -> Tensor", _fake_nce_block_bwd)
+# the score gradient written over the block s: the backward's loop then holds one block instead of two
+nce_block_bwd_ = define_op("nce_block_bwd_(Tensor(a!) s, Tensor lse_row, Tensor wq, Tensor? lse_col, Tensor? wk,"
+                           " int diag, float? offset=None) -> ()", _fake_nce_block_bwd)
 
 NCE_OFFSET_MAX = 32.0  # csrc/losses.cpp's kNceOffsetMax
 
@@ -754,8 +754,12 @@ def _nce_offset(q: Tensor, k: Tensor, neg: Optional[Tensor], inv_t: float) -> Op
     NCE_OFFSET_MAX: the block statistics then take exp(s - c) once per element (no maxima, one pass; see
     nce_block_fwd), e.g. unit rows at T >= 1/32. None otherwise, and for non-finite rows (their statistics take
     the maxima's path, which propagates NaN as torch does). One host sync (a CPU path)."""
-    def top(t):
-        return torch.linalg.vector_norm(t, dim=1, dtype=acc_dtype(t.dtype)).amax() if t.shape[0] else t.new_zeros(())
+    def top(t):  # the largest row norm, in row chunks (a 16-bit t is read in float32 a chunk at a time, not whole)
+        if not t.shape[0]:
+            return t.new_zeros(())
+        step = max(1, (1 << 18) // max(t.shape[1], 1))
+        return torch.stack([torch.linalg.vector_norm(t[i:i + step], dim=1, dtype=acc_dtype(t.dtype)).amax()
+                            for i in range(0, t.shape[0], step)]).amax()
     norms = torch.stack([top(q), torch.maximum(top(k), top(neg)) if neg is not None else top(k)]).double()
     # bfloat16 similarities round up by at most a relative 2**-8: the 1.01 keeps the bound a bound
     c = float(norms.prod()) * inv_t * 1.01
@@ -793,6 +797,13 @@ def _nce_fwd_impl(q, k, neg, inv_t, symmetric, block):
     return loss, lse_row, lse_col
 
 
+def _mm_acc_rows(c: Tensor, a: Tensor, b: Tensor, rows: int = 2048) -> None:
+    """mm_acc_(c, a, b) a chunk of c's rows at a time: its 16-bit product buffer (oneDNN's product, then added into
+    c) is then one chunk's, not all of c's (the key gradient: (N, D), beside the backward's other buffers)."""
+    for i in range(0, c.shape[0], rows):
+        mm_acc_(c[i:i + rows], a[i:i + rows], b)
+
+
 def _fake_nce_bwd(dloss, q, k, neg, lse_row, lse_col, inv_t, symmetric, block):
     return q.new_empty(q.shape), k.new_empty(k.shape), q.new_empty(neg.shape if neg is not None else (0,))
 
@@ -806,36 +817,48 @@ def _nce_bwd_impl(dloss, q, k, neg, lse_row, lse_col, inv_t, symmetric, block):
     adt = acc_dtype(q.dtype)
     n = q.shape[0]
     w = (dloss.to(adt) * (0.5 if symmetric else 1.0)).contiguous()
-    dq = q.new_empty(q.shape, dtype=adt)
+    # a block's query gradient is complete after its products: summed in the accumulation dtype (dq_blk) and written
+    # scaled in q's dtype at once, so a 16-bit q's float32 gradient is never held whole (the keys' is: every block
+    # adds to all of it)
+    dq = q.new_empty(q.shape)
+    dq_blk = q.new_empty((min(block, n), q.shape[1]), dtype=adt) if dq.dtype != adt else None
     dk = k.new_zeros(k.shape, dtype=adt)
     dn = neg.new_zeros(neg.shape, dtype=adt) if neg is not None else None
     # the score gradients enter the products in the operands' dtype (bfloat16 on the native path, as eager's
     # bfloat16 backward; the products are still summed in float32)
     ds_in = (lambda t: t.to(torch.bfloat16)) if native else (lambda t: t)  # noqa: E731
-    acc_ = mm_acc_ if native else (lambda c, a, b: c.addmm_(a, b))  # noqa: E731
+    acc_ = _mm_acc_rows if native else (lambda c, a, b: c.addmm_(a, b))  # noqa: E731
     pk, pn = _Products(ka, inv_t, native, round16, True), _Products(na, inv_t, native, round16, True)
     offset = _nce_offset(q, k, neg, inv_t)
     for i0 in range(0, n, block):
         i1 = min(n, i0 + block)
         qb, wb, lb = qa[i0:i1], w[i0:i1], lse_row[i0:i1]
+        dqb = dq[i0:i1] if dq_blk is None else dq_blk[:i1 - i0]
         s = pk.sim(qb)
-        ds = ds_in(nce_block_bwd(s, lb, wb, lse_col if symmetric else None, w if symmetric else None, i0, offset))
+        nce_block_bwd_(s, lb, wb, lse_col if symmetric else None, w if symmetric else None, i0, offset)
+        ds = ds_in(s)
         del s
         if pk.panels:
-            dq[i0:i1] = pk.mm(ds)
+            dqb.copy_(pk.mm(ds))
         else:
-            _mm32(ds, ka, out=dq[i0:i1])
+            _mm32(ds, ka, out=dqb)
         acc_(dk, ds.t(), qb)
         del ds
         if na is not None:
-            dsn = ds_in(nce_block_bwd(pn.sim(qb), lb, wb, None, None, -1))
+            sn = pn.sim(qb)
+            nce_block_bwd_(sn, lb, wb, None, None, -1)
+            dsn = ds_in(sn)
+            del sn
             if pn.panels:
-                dq[i0:i1] += pn.mm(dsn)
+                dqb += pn.mm(dsn)
             else:
-                acc_(dq[i0:i1], dsn, na)
+                acc_(dqb, dsn, na)
             acc_(dn, dsn.t(), qb)
             del dsn
-    dq.mul_(inv_t)
+        if dq_blk is not None:
+            dq[i0:i1] = dqb.mul_(inv_t)
+    if dq_blk is None:
+        dq.mul_(inv_t)
     dk.mul_(inv_t)
     if dn is not None:
         dn.mul_(inv_t)
@@ -920,8 +943,9 @@ def info_nce(query: Tensor, key: Tensor, temperature: float = 0.1, symmetric: bo
 
     The (N, N) similarities are computed block_size query rows at a time (default: default_block_rows) and never
     held whole: the forward keeps each row's and each column's log-sum-exp, the backward recomputes the blocks.
-    Peak extra memory is about two (block_size, N) float32 blocks (bfloat16 blocks on a CPU that multiplies
-    bfloat16 natively), plus float32 copies of 16-bit inputs where it does not. On CUDA the Triton kernels keep
+    Peak extra memory (CPU) is the normalised inputs (saved for the backward), one (block_size, N) block (float32;
+    bfloat16 on a CPU that multiplies bfloat16 natively, else float32 copies of 16-bit inputs too) and the keys'
+    gradient summed in float32 (N, D) beside the query gradient in the inputs' dtype. On CUDA the Triton kernels keep
     the similarities as register tiles (block_size is not used) and need only O(N) extra memory. A CPU call of fewer
     than ROUTE_BELOW["info_nce"] similarities N x (N + M) runs torch's formula (tritium.reference.info_nce)."""
     if not (isinstance(query, Tensor) and isinstance(key, Tensor) and query.dim() == 2 and query.shape == key.shape):
