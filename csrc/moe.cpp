@@ -143,27 +143,14 @@ void mm_into(const at::Tensor& a, const at::Tensor& b, at::Tensor& y) {
   if (!panel_mm_out(a, b, y, nullptr, 0)) at::mm_out(y, a, b);
 }
 
-// y (P, Q) = a (n, P)^T @ b (n, Q) for contiguous a, b, y: panel_gemm_tn for float/double with many rows. The
-// threads split y's rows (each a block of a's columns over the whole reduction), not the reduction as
-// panel_gemm_tn itself would: an expert's weight gradient is large against its rows, and a split reduction
-// would need a zeroed (P, Q) partial per extra thread and a pass adding them up.
+// y (P, Q) = a (n, P)^T @ b (n, Q) for contiguous a, b, y: panel_gemm_tn_rows for float/double with many rows (the
+// threads split y's rows: an expert's weight gradient is large against its rows).
 void mm_tn_into(const at::Tensor& a, const at::Tensor& b, at::Tensor& y) {
   const int64_t n = a.size(0), P = a.size(1), Q = b.size(1);
   if ((a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble) && n >= 2 * kTnChunk && P > 0 && Q > 0) {
     AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "tritium_moe_tn", [&] {
-      const scalar_t* ap = a.const_data_ptr<scalar_t>();
-      const scalar_t* bp = b.const_data_ptr<scalar_t>();
-      scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-      // blocks of whole register tiles (kMR rows of y), at most one per thread
-      const int64_t tiles = (P + panel::kMR - 1) / panel::kMR;
-      const int64_t nt = std::min<int64_t>(at::in_parallel_region() ? 1 : at::get_num_threads(), tiles);
-      at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; ++t) {
-          const int64_t r0 = std::min(P, tiles * t / nt * panel::kMR);
-          const int64_t r1 = std::min(P, tiles * (t + 1) / nt * panel::kMR);
-          if (r1 > r0) panel_gemm_tn<scalar_t>(ap + r0, P, bp, Q, n, r1 - r0, Q, yp + r0 * Q, Q, nullptr);
-        }
-      });
+      panel_gemm_tn_rows<scalar_t>(a.const_data_ptr<scalar_t>(), P, b.const_data_ptr<scalar_t>(), Q, n, P, Q,
+                                   y.mutable_data_ptr<scalar_t>(), Q, false);
     });
     return;
   }

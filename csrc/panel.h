@@ -480,12 +480,12 @@ void panel_gemm(const X* x, int64_t ldx, int64_t M, int64_t K, const X* packed, 
 // x), then the forward's register tiles accumulate into y (c = y after the first chunk). The threads split
 // the reduction, each packing only its own rows of a and b; each thread but the first sums into its own (R, C)
 // partial, added into y at the end. colsum (null or R): a's column sums (the bias gradient), from the transposed
-// blocks. Float/double (A); R, C > 0.
+// blocks. accumulate: y += a^T b (the first chunk's tiles add into y too). Float/double (A); R, C > 0.
 constexpr int64_t kTnChunk = 256, kTnRows = 192;
 
 template <typename A>
 void panel_gemm_tn(const A* a, int64_t lda, const A* b, int64_t ldb, int64_t M, int64_t R, int64_t C, A* y,
-                   int64_t ldy, A* colsum) {
+                   int64_t ldy, A* colsum, bool accumulate = false) {
   constexpr int64_t NP = panel::width<A>(), KC = kTnChunk, RB = kTnRows;
   const int64_t panels = (C + NP - 1) / NP;
   const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::in_parallel_region() ? 1 : at::get_num_threads(),
@@ -496,6 +496,7 @@ void panel_gemm_tn(const A* a, int64_t lda, const A* b, int64_t ldb, int64_t M, 
     const int64_t mb = M * t / nt, me = M * (t + 1) / nt;
     A* yt = t == 0 ? y : part.data() + (t - 1) * R * C;
     const int64_t ld = t == 0 ? ldy : C;
+    const bool add0 = accumulate && t == 0;  // the first chunk adds into yt (y's own sums), not over it
     auto pb = std::make_unique<A[]>(panels * KC * NP);
     auto at_ = std::make_unique<A[]>(RB * KC);
     for (int64_t m0 = mb; m0 < me; m0 += KC) {
@@ -517,13 +518,13 @@ void panel_gemm_tn(const A* a, int64_t lda, const A* b, int64_t ldb, int64_t M, 
             const int mr = static_cast<int>(std::min<int64_t>(panel::kMR, rr - i));
             A* yi = yt + (r0 + i) * ld + p * NP;
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-            if (m0 != mb)  // the tile's partial sums (L3), read by its epilogue: fetched while it computes
+            if (m0 != mb || add0)  // the tile's partial sums (L3), read by its epilogue: fetched while it computes
               for (int r = 0; r < mr; ++r)
                 for (int64_t off = 0; off < int64_t(sizeof(A)) * ncols; off += 64)
                   _mm_prefetch(reinterpret_cast<const char*>(yi + r * ld) + off, _MM_HINT_T0);
 #endif
-            panel::tile_rows<A, false>(mr, at_.get() + i * KC, KC, bp, kk, yi, ld, ncols, m0 == mb ? nullptr : yi,
-                                       ld);
+            panel::tile_rows<A, false>(mr, at_.get() + i * KC, KC, bp, kk, yi, ld, ncols,
+                                       m0 == mb && !add0 ? nullptr : yi, ld);
           }
         }
       }
@@ -548,6 +549,25 @@ void panel_gemm_tn(const A* a, int64_t lda, const A* b, int64_t ldb, int64_t M, 
       for (int64_t t = 0; t < nt; ++t) s += sums[t * R + r];
       colsum[r] = s;
     }
+}
+
+// panel_gemm_tn with the threads splitting y's rows (blocks of whole register tiles, at most one per thread), each
+// over the whole reduction, instead of splitting the reduction: for a product large against its reduction (an
+// expert's weight gradient, a block's key gradient in info_nce), where split sums would take a zeroed (R, C) partial
+// per extra thread and a pass adding them up. accumulate: y += a^T b.
+template <typename A>
+void panel_gemm_tn_rows(const A* a, int64_t lda, const A* b, int64_t ldb, int64_t M, int64_t R, int64_t C, A* y,
+                        int64_t ldy, bool accumulate) {
+  const int64_t tiles = (R + panel::kMR - 1) / panel::kMR;
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::in_parallel_region() ? 1 : at::get_num_threads(),
+                                                            tiles));
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = std::min(R, tiles * t / nt * panel::kMR);
+      const int64_t r1 = std::min(R, tiles * (t + 1) / nt * panel::kMR);
+      if (r1 > r0) panel_gemm_tn<A>(a + r0, lda, b, ldb, M, r1 - r0, C, y + r0 * ldy, ldy, nullptr, accumulate);
+    }
+  });
 }
 
 // y (M, N) = a (M, K) @ b (K, N) [+ c] on the float/double panels (panel_gemm) when a has kPanelRows rows or more

@@ -106,13 +106,16 @@ def test_linear_wgrad_matches_reference(dtype, m, n, k, strided, bias):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("layout", ["a.t()", "b.t()", "rows"])
-def test_mm_acc_adds_the_product(dtype, layout):
-    """mm_acc_ (the chunked cross-entropy's weight gradient): c += a @ b, for 16-bit a, b into a float32 c (the
-    product rounded to the input dtype as torch's matmul rounds it, then added in float32), float/double
-    c.addmm_; either operand may be a transpose; called twice it adds twice."""
+@pytest.mark.parametrize("m", [37, 203])
+def test_mm_acc_adds_the_product(dtype, layout, m):
+    """mm_acc_ (the chunked cross-entropy's weight gradient, info_nce's key gradient): c += a @ b, for 16-bit a, b
+    into a float32 c (the product rounded to the input dtype as torch's matmul rounds it, then added in float32);
+    float/double on the panels from 64 rows (a transposed a through panel_gemm_tn_rows, its threads splitting c's
+    rows: 203 leaves a partial register tile), else c.addmm_; either operand may be a transpose; called twice it
+    adds twice."""
     from tritium.ops.linear import mm_acc_
 
-    m, k, n = 37, 300, 29
+    k, n = 300, 29
     a64, b64 = torch.randn(m, k, dtype=torch.float64), torch.randn(k, n, dtype=torch.float64)
     a, b = a64.to(dtype), b64.to(dtype)
     if layout == "a.t()":
