@@ -741,22 +741,28 @@ static void bf16_dot_rows(const TileArgs<S>& a, const __m512i* wp, const uint16_
   for (int m = 0; m < MT; ++m) tot[m] = _mm512_setzero_ps();
   GroupScales<S> g(a);
   for (int64_t b = 0; b < a.nb; ++b) {
-    __m512 acc[MT];
+    // two chains per row (even and odd pairs), summed at the block's end: with one, MT = 8 dependent chains of
+    // vdpbf16ps ran at the instruction's latency (4.5 G/s on the AMD EPYC measured), with two at 6.5 G/s
+    __m512 acc[MT], acc2[MT];
 #pragma GCC unroll 8
-    for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+    for (int m = 0; m < MT; ++m) acc[m] = acc2[m] = _mm512_setzero_ps();
     const __m512i* w = wp + b * P;
     // each row's block as 16 int32 pairs, addressed from one pointer per row (the broadcasts then take an
     // immediate offset: no address arithmetic between the products, which would bound the loop by instructions)
     const int32_t* xr[MT];
 #pragma GCC unroll 8
     for (int m = 0; m < MT; ++m) xr[m] = reinterpret_cast<const int32_t*>(xb + m * xs + 32 * b);
-#pragma GCC unroll 32
-    for (int p = 0; p < P; ++p) {
-      const __m512bh wv = reinterpret_cast<__m512bh>(w[p]);
+#pragma GCC unroll 16
+    for (int p = 0; p < P; p += 2) {
+      const __m512bh w0 = reinterpret_cast<__m512bh>(w[p]), w1 = reinterpret_cast<__m512bh>(w[p + 1]);
 #pragma GCC unroll 8
-      for (int m = 0; m < MT; ++m)
-        acc[m] = _mm512_dpbf16_ps(acc[m], reinterpret_cast<__m512bh>(_mm512_set1_epi32(xr[m][p & 15])), wv);
+      for (int m = 0; m < MT; ++m) {
+        acc[m] = _mm512_dpbf16_ps(acc[m], reinterpret_cast<__m512bh>(_mm512_set1_epi32(xr[m][p & 15])), w0);
+        acc2[m] = _mm512_dpbf16_ps(acc2[m], reinterpret_cast<__m512bh>(_mm512_set1_epi32(xr[m][(p + 1) & 15])), w1);
+      }
     }
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m) acc[m] = _mm512_add_ps(acc[m], acc2[m]);
     g.next_block();
     // d C + (mn - (Z + OFF) d) sum(x): C = sum x (Z + q), q - OFF the symmetric weight
     const VF mn = vf_fma(g.d, shift, MINS ? g.mn : vf_zero());
