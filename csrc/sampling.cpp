@@ -143,7 +143,8 @@ void sample_row(const T* x, int64_t V, const float* prm, float u, const int64_t*
   // 3. penalties, bias
   const float temperature = prm[0], top_p = prm[2], min_p = prm[3], rep = prm[4], pres = prm[5], freq = prm[6];
   const int64_t top_k = static_cast<int64_t>(prm[1]);
-  if (L > 0 && (rep != 1.f || pres != 0.f || freq != 0.f)) {
+  const bool penalized = L > 0 && (rep != 1.f || pres != 0.f || freq != 0.f);
+  if (penalized) {
     toks.clear();
     for (int64_t j = 0; j < L; ++j)
       if (hist[j] >= 0 && hist[j] < V) toks.push_back(hist[j]);
@@ -161,16 +162,23 @@ void sample_row(const T* x, int64_t V, const float* prm, float u, const int64_t*
     if (bidx[j] >= 0 && bidx[j] < V) zp[bidx[j]] += bval[j];
   int64_t token = -1;
   if (temperature == 0.f) {  // greedy
-    Vec m(-inf);
-    for (i = 0; i + K <= V; i += K) m = at::vec::maximum(m, Vec::loadu(zp + i));
-    float best = hmax(m);
-    for (; i < V; ++i) best = std::isnan(zp[i]) ? zp[i] : std::max(best, zp[i]);
-    if (std::isfinite(best))
-      for (i = 0; i < V; ++i)
-        if (zp[i] == best) {
-          token = i;
-          break;
-        }
+    // the raw maximum, unless penalties or a bias moved the logits
+    float best = rmax;
+    if (penalized || NB > 0) {
+      Vec m(-inf);
+      for (i = 0; i + K <= V; i += K) m = at::vec::maximum(m, Vec::loadu(zp + i));
+      best = hmax(m);
+      for (; i < V; ++i) best = std::isnan(zp[i]) ? zp[i] : std::max(best, zp[i]);
+    }
+    if (std::isfinite(best)) {  // its first index, a vector of compares at a time
+      const Vec vb(best);
+      for (i = 0; token < 0 && i + K <= V; i += K) {
+        const int eq = ~(Vec::loadu(zp + i) == vb).zero_mask() & ((1 << K) - 1);
+        if (eq) token = i + __builtin_ctz(static_cast<unsigned>(eq));
+      }
+      for (; token < 0 && i < V; ++i)
+        if (zp[i] == best) token = i;
+    }
   } else {
     // 4. e = exp(z / T - max)
     const float invT = 1.f / temperature;

@@ -81,6 +81,8 @@ def test_triton_float16():
 def test_greedy_is_argmax(impl):
     logits = torch.randn(5, 781)
     logits[2, 100] = logits[2, 200] = logits[2].max() + 1  # ties: the first maximal index, as torch.argmax
+    logits[3, 35] = logits[3, 33] = logits[3].max() + 1     # ... within one vector of compares
+    logits[4, 779] = logits[4, 770] = logits[4].max() + 1   # ... in the partial last vector (781 = 48 * 16 + 13)
     table = torch.tensor([[0.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0]]).repeat(5, 1)
     tokens, logprobs = impl.sample_fwd(logits, torch.rand(5), table, None, None, None)
     assert tokens.tolist() == torch.argmax(logits, -1).tolist()
