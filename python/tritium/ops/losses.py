@@ -827,9 +827,9 @@ def _nce_bwd_impl(dloss, q, k, neg, lse_row, lse_col, inv_t, symmetric, block):
     # the score gradients enter the products in the operands' dtype (bfloat16 on the native path, as eager's
     # bfloat16 backward; the products are still summed in float32)
     ds_in = (lambda t: t.to(torch.bfloat16)) if native else (lambda t: t)  # noqa: E731
-    # float: mm_acc_'s panels where this CPU's products run on them (pk.panels), else BLAS's addmm_
-    acc_ = _mm_acc_rows if native else mm_acc_ if _panels(ka) else (lambda c, a, b: c.addmm_(a, b))  # noqa: E731
     pk, pn = _Products(ka, inv_t, native, round16, True), _Products(na, inv_t, native, round16, True)
+    # float: mm_acc_'s panels where this CPU's products run on them (pk.panels), else BLAS's addmm_
+    acc_ = _mm_acc_rows if native else mm_acc_ if pk.panels else (lambda c, a, b: c.addmm_(a, b))  # noqa: E731
     offset = _nce_offset(q, k, neg, inv_t)
     for i0 in range(0, n, block):
         i1 = min(n, i0 + block)
@@ -856,10 +856,9 @@ def _nce_bwd_impl(dloss, q, k, neg, lse_row, lse_col, inv_t, symmetric, block):
                 acc_(dqb, dsn, na)
             acc_(dn, dsn.t(), qb)
             del dsn
+        dqb.mul_(inv_t)
         if dq_blk is not None:
-            dq[i0:i1] = dqb.mul_(inv_t)
-    if dq_blk is None:
-        dq.mul_(inv_t)
+            dq[i0:i1] = dqb
     dk.mul_(inv_t)
     if dn is not None:
         dn.mul_(inv_t)
